@@ -1,0 +1,599 @@
+//! [`SimFs`]: an in-memory, fault-injecting file system for crash tests.
+//!
+//! It keeps, for every file, the bytes the process sees and the bytes that are durable, and for
+//! every directory, the entries the process sees and the durable ones. `sync_data` and `sync_dir`
+//! make them equal. [`SimFs::crash`] then throws away what a crash may throw away:
+//! - [`CrashMode::KeepUnsynced`]: a `kill -9`; the page cache survives, nothing is lost.
+//! - [`CrashMode::LoseUnsynced`]: a power loss; every unsynced write and directory change is gone.
+//! - [`CrashMode::Random`]: per file, unsynced appended bytes survive whole, not at all, or as a torn
+//!   prefix; per directory, unsynced entry changes survive all together or not at all (so a rename
+//!   stays atomic).
+//!
+//! Each mount carries a generation; a crash starts a new generation, and every handle or mount of an
+//! older one fails from then on, so a store that was "killed" cannot touch the disk it left behind.
+//! Faults on demand: failing syncs, a space limit (`ENOSPC` after a partial write), flipped bits.
+
+use super::{DirEntry, Fs, FsFile, OpenMode};
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// What a simulated crash does to data that was written but not synced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashMode {
+    /// A process kill: unsynced data survives (it was in the page cache).
+    KeepUnsynced,
+    /// A power loss: unsynced data and directory changes are lost.
+    LoseUnsynced,
+    /// Anything between: per file kept, lost or torn; per directory kept or lost.
+    Random,
+}
+
+/// An in-memory file system that can crash. Cloning gives another handle to the same mount.
+#[derive(Debug, Clone)]
+pub struct SimFs {
+    state: Arc<Mutex<SimState>>,
+    generation: u64,
+}
+
+#[derive(Debug)]
+struct SimState {
+    generation: u64,
+    inodes: HashMap<u64, Inode>,
+    next_inode: u64,
+    rng_state: u64,
+    syncs_to_fail: u64,
+    space_bytes_max: Option<u64>,
+    sync_count: u64,
+}
+
+#[derive(Debug, Clone)]
+enum Inode {
+    Dir { entries: BTreeMap<String, u64>, durable_entries: BTreeMap<String, u64> },
+    File { data: Vec<u8>, durable: Vec<u8> },
+}
+
+const ROOT_INODE: u64 = 0;
+
+fn crashed_error() -> io::Error {
+    io::Error::other("simulated crash: this handle belongs to a file system generation that crashed")
+}
+
+fn not_found(path: &Path) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, format!("{} not found", path.display()))
+}
+
+/// Splits a path into its normal components; `..` and prefixes are not used by the store.
+fn components(path: &Path) -> io::Result<Vec<String>> {
+    let mut parts = Vec::new();
+    for component in path.components() {
+        match component {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(name) => match name.to_str() {
+                Some(name) => parts.push(name.to_owned()),
+                None => return Err(io::Error::other("non-UTF-8 path in SimFs")),
+            },
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(io::Error::other("SimFs paths must be plain absolute paths"));
+            }
+        }
+    }
+    Ok(parts)
+}
+
+impl SimState {
+    fn next_random(&mut self) -> u64 {
+        // splitmix64: deterministic per seed, good enough to pick crash outcomes.
+        self.rng_state = self.rng_state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng_state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn lookup(&self, path: &Path) -> io::Result<u64> {
+        let mut inode = ROOT_INODE;
+        for name in components(path)? {
+            match self.inodes.get(&inode) {
+                Some(Inode::Dir { entries, .. }) => {
+                    inode = *entries.get(&name).ok_or_else(|| not_found(path))?;
+                }
+                _ => return Err(not_found(path)),
+            }
+        }
+        Ok(inode)
+    }
+
+    fn parent_and_name(&self, path: &Path) -> io::Result<(u64, String)> {
+        let mut parts = components(path)?;
+        let name = parts.pop().ok_or_else(|| io::Error::other("path has no file name"))?;
+        let parent_path: PathBuf = std::iter::once("/".to_owned()).chain(parts).collect();
+        let parent = self.lookup(&parent_path)?;
+        match self.inodes.get(&parent) {
+            Some(Inode::Dir { .. }) => Ok((parent, name)),
+            _ => Err(not_found(&parent_path)),
+        }
+    }
+
+    fn entries_mut(&mut self, dir: u64) -> io::Result<&mut BTreeMap<String, u64>> {
+        match self.inodes.get_mut(&dir) {
+            Some(Inode::Dir { entries, .. }) => Ok(entries),
+            _ => Err(io::Error::other("not a directory")),
+        }
+    }
+
+    fn total_file_bytes(&self) -> u64 {
+        self.inodes
+            .values()
+            .map(|inode| match inode {
+                Inode::File { data, .. } => data.len() as u64,
+                Inode::Dir { .. } => 0,
+            })
+            .sum()
+    }
+
+    fn allocate(&mut self, inode: Inode) -> u64 {
+        let number = self.next_inode;
+        self.next_inode += 1;
+        self.inodes.insert(number, inode);
+        number
+    }
+
+    fn take_sync_failure(&mut self) -> io::Result<()> {
+        self.sync_count += 1;
+        if self.syncs_to_fail > 0 {
+            self.syncs_to_fail -= 1;
+            return Err(io::Error::other("simulated fsync failure (EIO)"));
+        }
+        Ok(())
+    }
+
+    /// Drops inodes no longer reachable from the root after a crash rewound directories.
+    fn collect_garbage(&mut self) {
+        let mut reachable = std::collections::HashSet::new();
+        let mut stack = vec![ROOT_INODE];
+        while let Some(inode) = stack.pop() {
+            if !reachable.insert(inode) {
+                continue;
+            }
+            if let Some(Inode::Dir { entries, .. }) = self.inodes.get(&inode) {
+                stack.extend(entries.values().copied());
+            }
+        }
+        self.inodes.retain(|number, _| reachable.contains(number));
+    }
+}
+
+impl SimFs {
+    /// A new, empty file system. `seed` makes [`CrashMode::Random`] outcomes reproducible.
+    pub fn new(seed: u64) -> Self {
+        let mut inodes = HashMap::new();
+        inodes.insert(ROOT_INODE, Inode::Dir { entries: BTreeMap::new(), durable_entries: BTreeMap::new() });
+        SimFs {
+            state: Arc::new(Mutex::new(SimState {
+                generation: 0,
+                inodes,
+                next_inode: ROOT_INODE + 1,
+                rng_state: seed,
+                syncs_to_fail: 0,
+                space_bytes_max: None,
+                sync_count: 0,
+            })),
+            generation: 0,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SimState> {
+        // A panic while holding the lock only happens in a failing test; keep going with the data.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn live(&self) -> io::Result<MutexGuard<'_, SimState>> {
+        let state = self.lock();
+        if state.generation != self.generation {
+            return Err(crashed_error());
+        }
+        Ok(state)
+    }
+
+    /// This mount as the store's file-system handle.
+    pub fn shared(&self) -> Arc<dyn Fs> {
+        Arc::new(self.clone())
+    }
+
+    /// Simulates a crash. Every mount and handle from before fails from now on; use
+    /// [`SimFs::remount`] to get the file system as it is after the crash.
+    pub fn crash(&self, mode: CrashMode) {
+        let mut state = self.lock();
+        state.generation += 1;
+        let numbers: Vec<u64> = state.inodes.keys().copied().collect();
+        for number in numbers {
+            let roll = state.next_random();
+            let roll_len = state.next_random();
+            let Some(inode) = state.inodes.get_mut(&number) else {
+                continue;
+            };
+            match inode {
+                Inode::Dir { entries, durable_entries } => {
+                    let keep = match mode {
+                        CrashMode::KeepUnsynced => true,
+                        CrashMode::LoseUnsynced => false,
+                        CrashMode::Random => roll % 2 == 0,
+                    };
+                    if keep {
+                        *durable_entries = entries.clone();
+                    } else {
+                        *entries = durable_entries.clone();
+                    }
+                }
+                Inode::File { data, durable } => {
+                    match mode {
+                        CrashMode::KeepUnsynced => {}
+                        CrashMode::LoseUnsynced => *data = durable.clone(),
+                        CrashMode::Random => {
+                            if data.starts_with(durable) {
+                                // An append-only change: keep a prefix of the unsynced tail, from
+                                // nothing to all of it (a torn write is a prefix that stops mid-record).
+                                let extra = (data.len() - durable.len()) as u64;
+                                let kept = durable.len() + (roll_len % (extra + 1)) as usize;
+                                data.truncate(kept);
+                            } else if roll % 2 == 0 {
+                                *data = durable.clone();
+                            }
+                        }
+                    }
+                    *durable = data.clone();
+                }
+            }
+        }
+        state.collect_garbage();
+    }
+
+    /// A mount of the file system as it is now (after a crash: the surviving state).
+    pub fn remount(&self) -> SimFs {
+        let generation = self.lock().generation;
+        SimFs { state: Arc::clone(&self.state), generation }
+    }
+
+    /// Makes the next `count` syncs (file or directory) fail with an I/O error.
+    pub fn fail_next_syncs(&self, count: u64) {
+        self.lock().syncs_to_fail = count;
+    }
+
+    /// Limits the total bytes of all files; a write past it is cut short and fails with
+    /// `StorageFull` (`ENOSPC`). `None` removes the limit.
+    pub fn set_space_bytes_max(&self, space_bytes_max: Option<u64>) {
+        self.lock().space_bytes_max = space_bytes_max;
+    }
+
+    /// Total bytes held by all files (what counts against the space limit).
+    pub fn used_bytes(&self) -> u64 {
+        self.lock().total_file_bytes()
+    }
+
+    /// How many file and directory syncs were requested so far.
+    pub fn sync_count(&self) -> u64 {
+        self.lock().sync_count
+    }
+
+    /// Flips one bit of a file, in both its visible and its durable contents (a media error).
+    pub fn flip_bit(&self, path: &Path, offset: u64, bit: u8) -> io::Result<()> {
+        let mut state = self.lock();
+        let number = state.lookup(path)?;
+        match state.inodes.get_mut(&number) {
+            Some(Inode::File { data, durable }) => {
+                let index = usize::try_from(offset).map_err(io::Error::other)?;
+                let mask = 1u8 << (bit % 8);
+                let byte =
+                    data.get_mut(index).ok_or_else(|| io::Error::other("flip_bit offset past the end of the file"))?;
+                *byte ^= mask;
+                if let Some(byte) = durable.get_mut(index) {
+                    *byte ^= mask;
+                }
+                Ok(())
+            }
+            _ => Err(not_found(path)),
+        }
+    }
+
+    /// The visible contents of a file (for test assertions).
+    pub fn read_file(&self, path: &Path) -> io::Result<Vec<u8>> {
+        let state = self.lock();
+        let number = state.lookup(path)?;
+        match state.inodes.get(&number) {
+            Some(Inode::File { data, .. }) => Ok(data.clone()),
+            _ => Err(not_found(path)),
+        }
+    }
+
+    /// Appends bytes to a file, durably (for tests that simulate a torn or garbage tail).
+    pub fn append_durable(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+        let mut state = self.lock();
+        let number = state.lookup(path)?;
+        match state.inodes.get_mut(&number) {
+            Some(Inode::File { data, durable }) => {
+                data.extend_from_slice(bytes);
+                *durable = data.clone();
+                Ok(())
+            }
+            _ => Err(not_found(path)),
+        }
+    }
+
+    /// Every file path below `path`, sorted (for test assertions).
+    pub fn list_files(&self, path: &Path) -> io::Result<Vec<PathBuf>> {
+        let state = self.lock();
+        let mut found = Vec::new();
+        let mut stack = vec![(path.to_path_buf(), state.lookup(path)?)];
+        while let Some((dir_path, number)) = stack.pop() {
+            match state.inodes.get(&number) {
+                Some(Inode::Dir { entries, .. }) => {
+                    for (name, child) in entries {
+                        stack.push((dir_path.join(name), *child));
+                    }
+                }
+                Some(Inode::File { .. }) => found.push(dir_path),
+                None => {}
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
+}
+
+impl Fs for SimFs {
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        let mut state = self.live()?;
+        let mut current = ROOT_INODE;
+        for name in components(path)? {
+            let existing = match state.inodes.get(&current) {
+                Some(Inode::Dir { entries, .. }) => entries.get(&name).copied(),
+                _ => return Err(io::Error::other("a path component is not a directory")),
+            };
+            current = match existing {
+                Some(child) => child,
+                None => {
+                    let child =
+                        state.allocate(Inode::Dir { entries: BTreeMap::new(), durable_entries: BTreeMap::new() });
+                    state.entries_mut(current)?.insert(name, child);
+                    child
+                }
+            };
+        }
+        Ok(())
+    }
+
+    fn read_dir(&self, path: &Path) -> io::Result<Vec<DirEntry>> {
+        let state = self.live()?;
+        let number = state.lookup(path)?;
+        match state.inodes.get(&number) {
+            Some(Inode::Dir { entries, .. }) => Ok(entries
+                .iter()
+                .map(|(name, child)| DirEntry {
+                    name: name.clone(),
+                    is_dir: matches!(state.inodes.get(child), Some(Inode::Dir { .. })),
+                })
+                .collect()),
+            _ => Err(io::Error::other("not a directory")),
+        }
+    }
+
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn FsFile>> {
+        let mut state = self.live()?;
+        let inode = match (state.lookup(path), mode) {
+            (Ok(number), OpenMode::Existing) => match state.inodes.get(&number) {
+                Some(Inode::File { .. }) => number,
+                _ => return Err(io::Error::other("not a file")),
+            },
+            (Ok(_), OpenMode::CreateNew) => {
+                return Err(io::Error::new(io::ErrorKind::AlreadyExists, "file exists"));
+            }
+            (Err(error), OpenMode::Existing) => return Err(error),
+            (Err(_), OpenMode::CreateNew) => {
+                let (parent, name) = state.parent_and_name(path)?;
+                let number = state.allocate(Inode::File { data: Vec::new(), durable: Vec::new() });
+                state.entries_mut(parent)?.insert(name, number);
+                number
+            }
+        };
+        Ok(Arc::new(SimFile { fs: self.clone(), inode }))
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        let mut state = self.live()?;
+        let (parent, name) = state.parent_and_name(path)?;
+        state.entries_mut(parent)?.remove(&name).map(|_| ()).ok_or_else(|| not_found(path))
+    }
+
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        // Unlinking the top entry is enough: nothing below it is reachable any more, and a crash
+        // before the parent is synced brings the whole tree back, as on a real file system.
+        self.remove_file(path)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut state = self.live()?;
+        let (from_parent, from_name) = state.parent_and_name(from)?;
+        let (to_parent, to_name) = state.parent_and_name(to)?;
+        let number = state.entries_mut(from_parent)?.remove(&from_name).ok_or_else(|| not_found(from))?;
+        state.entries_mut(to_parent)?.insert(to_name, number);
+        Ok(())
+    }
+
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        let mut state = self.live()?;
+        state.take_sync_failure()?;
+        let number = state.lookup(path)?;
+        match state.inodes.get_mut(&number) {
+            Some(Inode::Dir { entries, durable_entries }) => {
+                *durable_entries = entries.clone();
+                Ok(())
+            }
+            _ => Err(io::Error::other("not a directory")),
+        }
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        self.live().is_ok_and(|state| state.lookup(path).is_ok())
+    }
+}
+
+#[derive(Debug)]
+struct SimFile {
+    fs: SimFs,
+    inode: u64,
+}
+
+impl SimFile {
+    fn with_data<T>(
+        &self,
+        action: impl FnOnce(&mut SimState, &mut Vec<u8>, &mut Vec<u8>) -> io::Result<T>,
+    ) -> io::Result<T> {
+        let mut state = self.fs.live()?;
+        // Take the file out while acting on it so the closure can still read the whole state.
+        let Some(Inode::File { mut data, mut durable }) = state.inodes.remove(&self.inode) else {
+            return Err(io::Error::other("file no longer exists"));
+        };
+        let result = action(&mut state, &mut data, &mut durable);
+        state.inodes.insert(self.inode, Inode::File { data, durable });
+        result
+    }
+}
+
+impl FsFile for SimFile {
+    fn len(&self) -> io::Result<u64> {
+        self.with_data(|_, data, _| Ok(data.len() as u64))
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.with_data(|_, data, _| {
+            let start = usize::try_from(offset).map_err(io::Error::other)?;
+            let end = start.saturating_add(buf.len());
+            let source =
+                data.get(start..end).ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "read past end"))?;
+            buf.copy_from_slice(source);
+            Ok(())
+        })
+    }
+
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.with_data(|state, data, _| {
+            let start = usize::try_from(offset).map_err(io::Error::other)?;
+            let end = start + buf.len();
+            let growth = end.saturating_sub(data.len()) as u64;
+            // `data` is taken out of the inode table, so the total excludes this file's bytes.
+            let used = state.total_file_bytes() + data.len() as u64;
+            let (writable, full) = match state.space_bytes_max {
+                Some(max) if used + growth > max => {
+                    let room = max.saturating_sub(used);
+                    let room = usize::try_from(room).unwrap_or(usize::MAX);
+                    let allowed_end = (data.len() + room).max(start.min(data.len()));
+                    (allowed_end.saturating_sub(start).min(buf.len()), true)
+                }
+                _ => (buf.len(), false),
+            };
+            if data.len() < start + writable {
+                data.resize(start + writable, 0);
+            }
+            data[start..start + writable].copy_from_slice(&buf[..writable]);
+            if full {
+                return Err(io::Error::new(io::ErrorKind::StorageFull, "simulated ENOSPC: no space left on device"));
+            }
+            Ok(())
+        })
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.with_data(|_, data, _| {
+            data.resize(usize::try_from(len).map_err(io::Error::other)?, 0);
+            Ok(())
+        })
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.with_data(|state, data, durable| {
+            state.take_sync_failure()?;
+            durable.clone_from(data);
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(fs: &SimFs, path: &str, bytes: &[u8]) -> Arc<dyn FsFile> {
+        let file = fs.open(Path::new(path), OpenMode::CreateNew).unwrap();
+        file.write_all_at(bytes, 0).unwrap();
+        file
+    }
+
+    #[test]
+    fn power_loss_drops_unsynced_files_and_bytes() {
+        let fs = SimFs::new(1);
+        fs.create_dir_all(Path::new("/d")).unwrap();
+        fs.sync_dir(Path::new("/")).unwrap();
+        let synced = write(&fs, "/d/a", b"hello");
+        synced.sync_data().unwrap();
+        fs.sync_dir(Path::new("/d")).unwrap();
+        synced.write_all_at(b" world", 5).unwrap();
+        write(&fs, "/d/b", b"never synced");
+        fs.crash(CrashMode::LoseUnsynced);
+        assert!(synced.len().is_err(), "old handles die with the crash");
+        let after = fs.remount();
+        assert_eq!(after.read_file(Path::new("/d/a")).unwrap(), b"hello");
+        assert!(!after.exists(Path::new("/d/b")));
+    }
+
+    #[test]
+    fn kill_keeps_unsynced_data() {
+        let fs = SimFs::new(1);
+        fs.create_dir_all(Path::new("/d")).unwrap();
+        write(&fs, "/d/a", b"cached");
+        fs.crash(CrashMode::KeepUnsynced);
+        assert_eq!(fs.remount().read_file(Path::new("/d/a")).unwrap(), b"cached");
+    }
+
+    #[test]
+    fn space_limit_cuts_the_write_short() {
+        let fs = SimFs::new(1);
+        fs.create_dir_all(Path::new("/d")).unwrap();
+        fs.set_space_bytes_max(Some(4));
+        let file = fs.open(Path::new("/d/a"), OpenMode::CreateNew).unwrap();
+        let error = file.write_all_at(b"123456", 0).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::StorageFull);
+        assert_eq!(fs.read_file(Path::new("/d/a")).unwrap(), b"1234");
+    }
+
+    #[test]
+    fn failed_sync_keeps_data_undurable() {
+        let fs = SimFs::new(1);
+        fs.create_dir_all(Path::new("/d")).unwrap();
+        fs.sync_dir(Path::new("/")).unwrap();
+        let file = write(&fs, "/d/a", b"x");
+        fs.sync_dir(Path::new("/d")).unwrap();
+        fs.fail_next_syncs(1);
+        assert!(file.sync_data().is_err());
+        fs.crash(CrashMode::LoseUnsynced);
+        assert_eq!(fs.remount().read_file(Path::new("/d/a")).unwrap(), b"");
+    }
+
+    #[test]
+    fn rename_is_atomic_per_directory() {
+        for seed in 0..20 {
+            let fs = SimFs::new(seed);
+            fs.create_dir_all(Path::new("/d")).unwrap();
+            fs.sync_dir(Path::new("/")).unwrap();
+            write(&fs, "/d/old", b"x").sync_data().unwrap();
+            fs.sync_dir(Path::new("/d")).unwrap();
+            fs.rename(Path::new("/d/old"), Path::new("/d/new")).unwrap();
+            fs.crash(CrashMode::Random);
+            let after = fs.remount();
+            let old = after.exists(Path::new("/d/old"));
+            let new = after.exists(Path::new("/d/new"));
+            assert!(old != new, "exactly one name survives (seed {seed})");
+        }
+    }
+}

@@ -1,0 +1,439 @@
+//! [`Store`]: the public face of the message log. It owns the writer thread and the state shared
+//! with callers (per-queue seq counters, open segment handles for reads, the fatal flag).
+//!
+//! Callers encode their record (and its payload checksum) on their own thread, take the next seq
+//! under the queue's small lock, and hand the record to the group-commit writer over a bounded
+//! channel; the writer does all file I/O. Reads go straight to the segment files with `pread`.
+
+use crate::error::{Result, StoreError};
+use crate::format::{self, BODY_BYTES_MAX, META_BYTES_MAX, RECORD_BYTES_MAX, RECORD_HEADER_BYTES, RecordKind};
+use crate::fs::Fs;
+use crate::recovery;
+use crate::ticket::{self, Completer, Ticket};
+use crate::writer::{self, Op};
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::thread::JoinHandle;
+
+/// Identifies a queue's log inside one store. Allocated by [`Store::create_queue`] and never
+/// reused in the same data directory, so a stale ack record can never hit a new queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueId(pub u64);
+
+impl fmt::Display for QueueId {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "{}", self.0)
+    }
+}
+
+/// Where a message record lives; enough to read it back with one `pread`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageLocation {
+    /// The segment file (per queue).
+    pub segment_id: u64,
+    /// Byte offset of the record in the segment.
+    pub offset: u64,
+    /// Length of the whole record.
+    pub record_bytes: u32,
+}
+
+/// What a completed append reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendReceipt {
+    /// The message's seq in its queue (strictly increasing in append order, starting at 1).
+    pub seq: u64,
+    /// Where it was written.
+    pub location: MessageLocation,
+}
+
+/// A message read back from a segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Its seq in the queue.
+    pub seq: u64,
+    /// The timestamp given at append.
+    pub timestamp_ms: u64,
+    /// The caller's metadata bytes (routing information, encoded properties).
+    pub meta: Vec<u8>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// Tuning and limits. The defaults suit a broker; tests shrink the sizes to exercise rollover.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// A queue's segment is sealed and a new one started once the next record would pass this
+    /// size (a single larger record still fits in an empty segment).
+    pub segment_bytes_max: u64,
+    /// The same for ack-log segments.
+    pub ack_segment_bytes_max: u64,
+    /// The writer stops gathering a batch once it holds this many bytes of records.
+    pub batch_bytes_max: usize,
+    /// Operations that may wait for the writer; beyond this, callers block (back-pressure).
+    pub pending_ops_max: usize,
+    /// Removals not explicitly synced are made durable at most this long after they were written.
+    pub ack_sync_interval_ms: u64,
+    /// Most queues one store holds.
+    pub queue_count_max: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            segment_bytes_max: 32 * 1024 * 1024,
+            ack_segment_bytes_max: 8 * 1024 * 1024,
+            batch_bytes_max: 16 * 1024 * 1024,
+            pending_ops_max: 65_536,
+            ack_sync_interval_ms: 200,
+            queue_count_max: 100_000,
+        }
+    }
+}
+
+/// Largest segment file recovery will read into memory; bigger files are refused as not ours.
+pub const SEGMENT_FILE_BYTES_LIMIT: u64 = 1024 * 1024 * 1024;
+
+impl StoreConfig {
+    fn validate(&self) -> Result<()> {
+        let floor = (format::FILE_HEADER_BYTES + RECORD_HEADER_BYTES) as u64;
+        if self.segment_bytes_max < floor || self.segment_bytes_max > SEGMENT_FILE_BYTES_LIMIT {
+            return Err(StoreError::Config(format!(
+                "segment_bytes_max must be between {floor} and {SEGMENT_FILE_BYTES_LIMIT}"
+            )));
+        }
+        if self.ack_segment_bytes_max < floor || self.ack_segment_bytes_max > SEGMENT_FILE_BYTES_LIMIT {
+            return Err(StoreError::Config(format!(
+                "ack_segment_bytes_max must be between {floor} and {SEGMENT_FILE_BYTES_LIMIT}"
+            )));
+        }
+        if self.pending_ops_max == 0 || self.batch_bytes_max == 0 || self.queue_count_max == 0 {
+            return Err(StoreError::Config(
+                "pending_ops_max, batch_bytes_max and queue_count_max must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A live message found by recovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecoveredMessage {
+    /// Its seq.
+    pub seq: u64,
+    /// The timestamp given at append.
+    pub timestamp_ms: u64,
+    /// How many times it was delivered, as last recorded durably (0 if never).
+    pub delivery_count: u32,
+    /// Where to read it.
+    pub location: MessageLocation,
+}
+
+/// One problem recovery found and handled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecoveryIssue {
+    /// Bytes that failed their checksum or structure checks; skipped, never returned.
+    Corruption {
+        /// The file.
+        path: PathBuf,
+        /// Where the bad bytes start.
+        offset: u64,
+        /// How many bytes were skipped.
+        bytes: u64,
+    },
+    /// An incomplete write at the end of a file (a torn tail); cut off.
+    TruncatedTail {
+        /// The file.
+        path: PathBuf,
+        /// The new end of the file.
+        offset: u64,
+        /// How many bytes were cut.
+        bytes: u64,
+    },
+    /// A whole file that could not be used (bad header); left in place, ignored.
+    UnreadableFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What [`Store::open`] found on disk.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Live messages per queue, in seq (= append) order. Every queue in the store is listed, empty
+    /// ones too.
+    pub queues: std::collections::BTreeMap<QueueId, Vec<RecoveredMessage>>,
+    /// Problems found and handled (also logged).
+    pub issues: Vec<RecoveryIssue>,
+}
+
+/// Counters for benchmarks and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Batches the writer processed.
+    pub batches: u64,
+    /// Records appended (messages).
+    pub appends: u64,
+    /// `fdatasync` calls on data files (segments and ack log).
+    pub data_syncs: u64,
+    /// Message segments deleted because every record in them was removed.
+    pub segments_deleted: u64,
+    /// Ack-log segments deleted because no live segment needs them.
+    pub ack_segments_deleted: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub batches: AtomicU64,
+    pub appends: AtomicU64,
+    pub data_syncs: AtomicU64,
+    pub segments_deleted: AtomicU64,
+    pub ack_segments_deleted: AtomicU64,
+}
+
+/// Per-queue state shared with callers: the seq counter (under its lock, so seqs reach the writer
+/// in order) and the salt new records are sealed with.
+#[derive(Debug)]
+pub(crate) struct QueueHandle {
+    pub next_seq: Mutex<u64>,
+    pub salt: u32,
+}
+
+/// State shared between callers and the writer thread.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub queues: RwLock<HashMap<QueueId, Arc<QueueHandle>>>,
+    /// Open segment files by (queue, segment id), for reads.
+    pub segment_files: RwLock<HashMap<(QueueId, u64), (Arc<dyn crate::fs::FsFile>, u32)>>,
+    /// Set once by the first fatal error; every later operation fails with it.
+    pub fatal: OnceLock<Arc<str>>,
+    pub counters: Counters,
+}
+
+impl Shared {
+    pub fn check_fatal(&self) -> Result<()> {
+        match self.fatal.get() {
+            Some(reason) => Err(StoreError::Fatal { reason: Arc::clone(reason) }),
+            None => Ok(()),
+        }
+    }
+
+    /// Records a fatal error (the first one wins) and returns the error to hand out.
+    pub fn set_fatal(&self, reason: String) -> StoreError {
+        let reason = Arc::clone(self.fatal.get_or_init(|| {
+            tracing::error!(%reason, "store stopped: durability can no longer be guaranteed");
+            Arc::from(reason.as_str())
+        }));
+        StoreError::Fatal { reason }
+    }
+}
+
+/// The message store of one data directory. Cheap to clone; the writer thread stops when the last
+/// clone is dropped or [`Store::close`] is called.
+#[derive(Debug, Clone)]
+pub struct Store {
+    inner: Arc<StoreInner>,
+}
+
+#[derive(Debug)]
+struct StoreInner {
+    shared: Arc<Shared>,
+    sender: SyncSender<Op>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    dir: PathBuf,
+}
+
+impl Drop for StoreInner {
+    fn drop(&mut self) {
+        let (completer, ticket) = ticket::ticket();
+        if self.sender.send(Op::Close(completer)).is_ok() {
+            let _ = ticket.wait();
+        }
+        let handle = self.writer.lock().ok().and_then(|mut guard| guard.take());
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`, recovering whatever is there: torn tails are cut,
+    /// damaged records reported and skipped, fully removed segments deleted.
+    pub fn open(fs: Arc<dyn Fs>, dir: impl Into<PathBuf>, config: StoreConfig) -> Result<(Store, Recovered)> {
+        config.validate()?;
+        let dir = dir.into();
+        let shared = Arc::new(Shared {
+            queues: RwLock::new(HashMap::new()),
+            segment_files: RwLock::new(HashMap::new()),
+            fatal: OnceLock::new(),
+            counters: Counters::default(),
+        });
+        let (state, recovered) = recovery::recover(fs, &dir, config.clone(), Arc::clone(&shared))?;
+        let (sender, receiver) = std::sync::mpsc::sync_channel(config.pending_ops_max);
+        let writer = std::thread::Builder::new()
+            .name("wharf-store-writer".into())
+            .spawn(move || writer::run(state, receiver))
+            .map_err(|error| StoreError::io("starting the writer thread", error))?;
+        let store = Store { inner: Arc::new(StoreInner { shared, sender, writer: Mutex::new(Some(writer)), dir }) };
+        Ok((store, recovered))
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    fn submit<T>(&self, make: impl FnOnce(Completer<T>) -> Op) -> Result<Ticket<T>> {
+        self.inner.shared.check_fatal()?;
+        let (completer, ticket) = ticket::ticket();
+        self.inner.sender.send(make(completer)).map_err(|_| StoreError::Closed)?;
+        Ok(ticket)
+    }
+
+    /// Creates a new, empty queue log. The ticket resolves once the queue's directory and first
+    /// segment are durable.
+    pub fn create_queue(&self) -> Result<Ticket<QueueId>> {
+        self.submit(Op::CreateQueue)
+    }
+
+    /// Deletes a queue and all its messages. The ticket resolves once the deletion is durable.
+    pub fn delete_queue(&self, queue: QueueId) -> Result<Ticket<()>> {
+        self.submit(|done| Op::DeleteQueue { queue, done })
+    }
+
+    /// The queues the store holds.
+    pub fn queue_ids(&self) -> Vec<QueueId> {
+        let queues = self.inner.shared.queues.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut ids: Vec<QueueId> = queues.keys().copied().collect();
+        ids.sort();
+        ids
+    }
+
+    /// Appends a message to a queue. The ticket resolves when the record is written and
+    /// `fdatasync`ed (the moment a publisher confirm may be sent), or with the error that kept it
+    /// from being durable. Seqs are assigned in call order per queue.
+    pub fn append(&self, queue: QueueId, timestamp_ms: u64, meta: &[u8], body: &[u8]) -> Result<Ticket<AppendReceipt>> {
+        if meta.len() > META_BYTES_MAX {
+            return Err(StoreError::TooLarge {
+                what: "message meta",
+                bytes: meta.len() as u64,
+                limit_bytes: META_BYTES_MAX as u64,
+            });
+        }
+        if body.len() > BODY_BYTES_MAX {
+            return Err(StoreError::TooLarge {
+                what: "message body",
+                bytes: body.len() as u64,
+                limit_bytes: BODY_BYTES_MAX as u64,
+            });
+        }
+        self.inner.shared.check_fatal()?;
+        let handle = self.queue_handle(queue)?;
+        // The payload checksum, the expensive part, is computed outside the queue lock.
+        let mut record = Vec::with_capacity(RECORD_HEADER_BYTES + meta.len() + body.len());
+        format::encode_record(
+            &mut record,
+            handle.salt,
+            RecordKind::Message,
+            meta.len() as u32,
+            0,
+            timestamp_ms,
+            &[meta, body],
+        );
+        debug_assert!(record.len() <= RECORD_BYTES_MAX);
+        let (completer, ticket) = ticket::ticket();
+        let mut next_seq = handle.next_seq.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let seq = *next_seq;
+        format::set_record_word_a(&mut record, handle.salt, seq);
+        self.inner.sender.send(Op::Append { queue, seq, record, done: completer }).map_err(|_| StoreError::Closed)?;
+        *next_seq += 1;
+        Ok(ticket)
+    }
+
+    /// Records that a message left its queue (ack, reject, expiry, dead-lettering). The ticket
+    /// resolves when the removal is written; it becomes durable lazily (within
+    /// `ack_sync_interval_ms`) or at the next [`Store::sync`]. Removing a message that is not
+    /// live is a no-op.
+    pub fn remove(&self, queue: QueueId, seq: u64) -> Result<Ticket<()>> {
+        self.submit(|done| Op::Ack { queue, seq, delivery_count: None, done })
+    }
+
+    /// Records a message's delivery count durably-lazily, like [`Store::remove`]. Recovery returns
+    /// the highest count recorded for each live message.
+    pub fn set_delivery_count(&self, queue: QueueId, seq: u64, delivery_count: u32) -> Result<Ticket<()>> {
+        self.submit(|done| Op::Ack { queue, seq, delivery_count: Some(delivery_count), done })
+    }
+
+    /// Resolves once everything submitted before it, removals and delivery counts included, is
+    /// durable. Transactions call this before `Tx.CommitOk`.
+    pub fn sync(&self) -> Result<Ticket<()>> {
+        self.submit(Op::Sync)
+    }
+
+    /// Reads a message back, verifying its checksums.
+    pub fn read(&self, queue: QueueId, location: &MessageLocation) -> Result<StoredMessage> {
+        self.inner.shared.check_fatal()?;
+        let (file, salt) = {
+            let files = self.inner.shared.segment_files.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let (file, salt) = files.get(&(queue, location.segment_id)).ok_or(StoreError::UnknownQueue(queue.0))?;
+            (Arc::clone(file), *salt)
+        };
+        let path = || writer::segment_path(&self.inner.dir, queue, location.segment_id);
+        let record_bytes = location.record_bytes as usize;
+        if !(RECORD_HEADER_BYTES..=RECORD_BYTES_MAX).contains(&record_bytes) {
+            return Err(StoreError::Corrupt {
+                path: path(),
+                offset: location.offset,
+                reason: format!("record length {record_bytes} out of range"),
+            });
+        }
+        let mut bytes = vec![0u8; record_bytes];
+        file.read_exact_at(&mut bytes, location.offset)
+            .map_err(|error| StoreError::io(format!("reading {}", path().display()), error))?;
+        let corrupt =
+            |reason: &str| StoreError::Corrupt { path: path(), offset: location.offset, reason: reason.to_owned() };
+        let header =
+            format::decode_header(&bytes, salt, RECORD_BYTES_MAX).map_err(|_| corrupt("record header check failed"))?;
+        if header.kind != RecordKind::Message || header.record_bytes as usize != record_bytes {
+            return Err(corrupt("not the message record expected at this location"));
+        }
+        let meta_bytes = header.aux as usize;
+        if meta_bytes > record_bytes - RECORD_HEADER_BYTES {
+            return Err(corrupt("meta length exceeds the record"));
+        }
+        if !format::payload_matches(&header, &bytes[RECORD_HEADER_BYTES..]) {
+            return Err(corrupt("payload checksum mismatch"));
+        }
+        let body = bytes.split_off(RECORD_HEADER_BYTES + meta_bytes);
+        let meta = bytes.split_off(RECORD_HEADER_BYTES);
+        Ok(StoredMessage { seq: header.a, timestamp_ms: header.b, meta, body })
+    }
+
+    /// Counters since open.
+    pub fn stats(&self) -> StoreStats {
+        let counters = &self.inner.shared.counters;
+        StoreStats {
+            batches: counters.batches.load(Ordering::Relaxed),
+            appends: counters.appends.load(Ordering::Relaxed),
+            data_syncs: counters.data_syncs.load(Ordering::Relaxed),
+            segments_deleted: counters.segments_deleted.load(Ordering::Relaxed),
+            ack_segments_deleted: counters.ack_segments_deleted.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Makes pending removals durable and stops the writer. Other clones fail with `Closed` after.
+    pub fn close(self) -> Result<()> {
+        let ticket = self.submit(Op::Close)?;
+        ticket.wait()
+    }
+
+    fn queue_handle(&self, queue: QueueId) -> Result<Arc<QueueHandle>> {
+        let queues = self.inner.shared.queues.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        queues.get(&queue).cloned().ok_or(StoreError::UnknownQueue(queue.0))
+    }
+}

@@ -1,0 +1,841 @@
+//! The group-commit writer: one std thread per store that does every write, sync and deletion.
+//!
+//! A batch is whatever arrived while the previous batch was being synced (adaptive, no timer):
+//! the writer blocks for the first operation, drains everything else already queued (up to
+//! `batch_bytes_max`), then
+//! 1. writes each dirtied segment's new records with one positional write,
+//! 2. `fdatasync`s every file and directory the batch dirtied, then completes the appends,
+//! 3. writes removals and delivery counts to the ack log (only after the appends they refer to are
+//!    durable, so a durable ack can never point at a message that a crash could still take away
+//!    and whose seq could then be reused),
+//! 4. syncs the ack log when someone asked (`Store::sync`), when the lazy interval ran out, or when
+//!    a fully removed segment is waiting to be deleted,
+//! 5. deletes fully removed segments, syncs their directory, then deletes ack-log segments that no
+//!    remaining segment needs.
+//!
+//! A failed write is undone (the file is truncated back) and fails only its own operations; a
+//! failed sync, or an undo that fails, is fatal: the store stops and every later operation fails.
+
+use crate::error::{Result, StoreError};
+use crate::format::{self, ACK_MAGIC, FILE_HEADER_BYTES, FileHeader, RecordKind, SEGMENT_MAGIC};
+use crate::fs::{Fs, FsFile, OpenMode};
+use crate::live_set::LiveSet;
+use crate::store::{AppendReceipt, MessageLocation, QueueHandle, QueueId, Shared, StoreConfig};
+use crate::ticket::Completer;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// An operation sent to the writer thread.
+#[derive(Debug)]
+pub(crate) enum Op {
+    Append {
+        queue: QueueId,
+        seq: u64,
+        record: Vec<u8>,
+        done: Completer<AppendReceipt>,
+    },
+    Ack {
+        queue: QueueId,
+        seq: u64,
+        /// `None` for a removal, `Some(count)` for a delivery count.
+        delivery_count: Option<u32>,
+        done: Completer<()>,
+    },
+    Sync(Completer<()>),
+    CreateQueue(Completer<QueueId>),
+    DeleteQueue {
+        queue: QueueId,
+        done: Completer<()>,
+    },
+    Close(Completer<()>),
+}
+
+impl Op {
+    fn fail(self, error: StoreError) {
+        match self {
+            Op::Append { done, .. } => done.complete(Err(error)),
+            Op::Ack { done, .. } | Op::DeleteQueue { done, .. } | Op::Sync(done) | Op::Close(done) => {
+                done.complete(Err(error))
+            }
+            Op::CreateQueue(done) => done.complete(Err(error)),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Op::Append { record, .. } => record.len(),
+            _ => format::RECORD_HEADER_BYTES,
+        }
+    }
+}
+
+pub(crate) fn queues_dir(dir: &Path) -> PathBuf {
+    dir.join("queues")
+}
+
+pub(crate) fn acks_dir(dir: &Path) -> PathBuf {
+    dir.join("acks")
+}
+
+pub(crate) fn queue_dir_name(queue: QueueId) -> String {
+    format!("q-{:016x}", queue.0)
+}
+
+pub(crate) fn segment_file_name(segment_id: u64) -> String {
+    format!("{segment_id:020}.seg")
+}
+
+pub(crate) fn ack_file_name(segment_id: u64) -> String {
+    format!("{segment_id:020}.ack")
+}
+
+pub(crate) fn segment_path(dir: &Path, queue: QueueId, segment_id: u64) -> PathBuf {
+    queues_dir(dir).join(queue_dir_name(queue)).join(segment_file_name(segment_id))
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
+}
+
+/// A fresh random salt for a new file's record checksums.
+pub(crate) fn random_salt() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    hasher.finish() as u32
+}
+
+/// One segment of a queue's log.
+#[derive(Debug)]
+pub(crate) struct Segment {
+    pub id: u64,
+    pub base_seq: u64,
+    pub salt: u32,
+    pub file: Arc<dyn FsFile>,
+    /// Bytes written and accepted (header included); the next record goes here.
+    pub len: u64,
+    /// Live seqs, as offsets from `base_seq`.
+    pub live: LiveSet,
+    /// Ack-log segments holding records about this segment's messages.
+    pub ack_refs: BTreeSet<u64>,
+}
+
+impl Segment {
+    fn has_records(&self) -> bool {
+        self.len > FILE_HEADER_BYTES as u64
+    }
+}
+
+/// One queue's log: its segments keyed by base seq (ascending, like their ids).
+#[derive(Debug)]
+pub(crate) struct QueueLog {
+    pub dir: PathBuf,
+    pub salt: u32,
+    pub segments: BTreeMap<u64, Segment>,
+    /// Base seq of the segment new records go to (always the last one).
+    pub active_base: u64,
+    pub next_segment_id: u64,
+    /// Highest seq handed to the writer so far; seqs must arrive in increasing order.
+    pub last_seq: u64,
+}
+
+impl QueueLog {
+    /// The segment that holds `seq` if it is live.
+    fn live_segment_mut(&mut self, seq: u64) -> Option<&mut Segment> {
+        let (_, segment) = self.segments.range_mut(..=seq).next_back()?;
+        segment.live.contains(seq - segment.base_seq).then_some(segment)
+    }
+}
+
+/// One ack-log segment.
+#[derive(Debug)]
+pub(crate) struct AckSegment {
+    pub file: Arc<dyn FsFile>,
+    pub salt: u32,
+    pub len: u64,
+    /// How many message segments still reference records in this file.
+    pub ref_count: u64,
+}
+
+/// The ack log: removals and delivery counts for every queue.
+#[derive(Debug)]
+pub(crate) struct AckLog {
+    pub dir: PathBuf,
+    pub segments: BTreeMap<u64, AckSegment>,
+    pub active: u64,
+    /// When the first unsynced record was written.
+    pub dirty_since: Option<Instant>,
+    /// Segments with written, unsynced records.
+    pub unsynced: BTreeSet<u64>,
+    /// A segment was created and the directory not yet synced.
+    pub dir_dirty: bool,
+}
+
+/// Everything the writer thread owns.
+#[derive(Debug)]
+pub(crate) struct WriterState {
+    pub fs: Arc<dyn Fs>,
+    pub dir: PathBuf,
+    pub config: StoreConfig,
+    pub shared: Arc<Shared>,
+    pub queues: HashMap<QueueId, QueueLog>,
+    pub acks: AckLog,
+    pub next_queue_id: u64,
+    /// Sealed segments whose messages are all removed, waiting for their removals to be durable.
+    pub deletion_candidates: BTreeSet<(QueueId, u64)>,
+}
+
+/// An append that has a place in this batch's writes.
+struct PlannedAppend {
+    queue: QueueId,
+    seq: u64,
+    segment_base: u64,
+    location: MessageLocation,
+    done: Completer<AppendReceipt>,
+    write_index: usize,
+}
+
+/// The new bytes for one segment in this batch.
+struct PlannedWrite {
+    queue: QueueId,
+    segment_base: u64,
+    start: u64,
+    bytes: Vec<u8>,
+    error: Option<StoreError>,
+}
+
+/// The writer thread's loop. Returns when the store is closed or every handle is gone.
+pub(crate) fn run(mut state: WriterState, receiver: Receiver<Op>) {
+    let mut batch: Vec<Op> = Vec::new();
+    let ack_sync_interval = Duration::from_millis(state.config.ack_sync_interval_ms);
+    loop {
+        let first = match state.acks.dirty_since {
+            Some(since) => {
+                let wait = (since + ack_sync_interval).saturating_duration_since(Instant::now());
+                match receiver.recv_timeout(wait) {
+                    Ok(op) => Some(op),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            None => match receiver.recv() {
+                Ok(op) => Some(op),
+                Err(_) => break,
+            },
+        };
+        let mut batch_bytes = 0;
+        if let Some(op) = first {
+            batch_bytes += op.bytes();
+            batch.push(op);
+        }
+        while batch_bytes < state.config.batch_bytes_max {
+            match receiver.try_recv() {
+                Ok(op) => {
+                    batch_bytes += op.bytes();
+                    batch.push(op);
+                }
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        if state.process(&mut batch) {
+            return;
+        }
+    }
+    if let Err(error) = state.sync_acks() {
+        tracing::error!(%error, "could not sync the ack log while shutting down");
+    }
+}
+
+impl WriterState {
+    fn fatal(&self, reason: String) -> StoreError {
+        self.shared.set_fatal(reason)
+    }
+
+    /// Handles one batch. Returns true when the store was closed.
+    fn process(&mut self, batch: &mut Vec<Op>) -> bool {
+        self.shared.counters.batches.fetch_add(1, Ordering::Relaxed);
+        let mut io_ops = Vec::new();
+        let mut closed = false;
+        for op in batch.drain(..) {
+            if closed {
+                op.fail(StoreError::Closed);
+                continue;
+            }
+            match op {
+                Op::Append { .. } | Op::Ack { .. } | Op::Sync(_) => io_ops.push(op),
+                Op::CreateQueue(done) => {
+                    self.run_io(&mut io_ops);
+                    done.complete(self.shared.check_fatal().and_then(|()| self.create_queue()));
+                }
+                Op::DeleteQueue { queue, done } => {
+                    self.run_io(&mut io_ops);
+                    done.complete(self.shared.check_fatal().and_then(|()| self.delete_queue(queue)));
+                }
+                Op::Close(done) => {
+                    self.run_io(&mut io_ops);
+                    done.complete(self.shared.check_fatal().and_then(|()| self.sync_acks()));
+                    closed = true;
+                }
+            }
+        }
+        self.run_io(&mut io_ops);
+        closed
+    }
+
+    /// Writes, syncs and completes appends, acks and sync requests; then deletes what became dead.
+    fn run_io(&mut self, ops: &mut Vec<Op>) {
+        if let Err(error) = self.shared.check_fatal() {
+            for op in ops.drain(..) {
+                op.fail(error.clone());
+            }
+            return;
+        }
+        let mut appends = Vec::new();
+        let mut writes: Vec<PlannedWrite> = Vec::new();
+        let mut acks = Vec::new();
+        let mut sync_requests = Vec::new();
+        let mut dirty_dirs: BTreeSet<PathBuf> = BTreeSet::new();
+        for op in ops.drain(..) {
+            match op {
+                Op::Append { queue, seq, record, done } => {
+                    self.plan_append(queue, seq, record, done, &mut appends, &mut writes, &mut dirty_dirs)
+                }
+                Op::Ack { queue, seq, delivery_count, done } => acks.push((queue, seq, delivery_count, done)),
+                Op::Sync(done) => sync_requests.push(done),
+                other => other.fail(StoreError::Closed),
+            }
+        }
+
+        if let Err(fatal) = self.write_and_sync_appends(&mut writes, &dirty_dirs) {
+            for append in appends {
+                append.done.complete(Err(fatal.clone()));
+            }
+            for (_, _, _, done) in acks {
+                done.complete(Err(fatal.clone()));
+            }
+            for done in sync_requests {
+                done.complete(Err(fatal.clone()));
+            }
+            return;
+        }
+        for append in appends {
+            if let Some(error) = &writes[append.write_index].error {
+                append.done.complete(Err(error.clone()));
+                continue;
+            }
+            if let Some(segment) =
+                self.queues.get_mut(&append.queue).and_then(|log| log.segments.get_mut(&append.segment_base))
+            {
+                segment.live.insert(append.seq - segment.base_seq);
+            }
+            self.shared.counters.appends.fetch_add(1, Ordering::Relaxed);
+            append.done.complete(Ok(AppendReceipt { seq: append.seq, location: append.location }));
+        }
+
+        let ack_results = self.write_acks(acks);
+        let deadline_passed = self
+            .acks
+            .dirty_since
+            .is_some_and(|since| since.elapsed() >= Duration::from_millis(self.config.ack_sync_interval_ms));
+        let wants_sync = !sync_requests.is_empty() || deadline_passed || !self.deletion_candidates.is_empty();
+        let sync_result = if wants_sync { self.sync_acks() } else { Ok(()) };
+        for (done, result) in ack_results {
+            done.complete(result.and(sync_result.clone()));
+        }
+        for done in sync_requests {
+            done.complete(sync_result.clone());
+        }
+        if sync_result.is_ok() && self.acks.dirty_since.is_none() && !self.deletion_candidates.is_empty() {
+            if let Err(error) = self.delete_dead_segments() {
+                tracing::error!(%error, "deleting fully removed segments failed");
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn plan_append(
+        &mut self,
+        queue: QueueId,
+        seq: u64,
+        record: Vec<u8>,
+        done: Completer<AppendReceipt>,
+        appends: &mut Vec<PlannedAppend>,
+        writes: &mut Vec<PlannedWrite>,
+        dirty_dirs: &mut BTreeSet<PathBuf>,
+    ) {
+        let segment_bytes_max = self.config.segment_bytes_max;
+        let Some(log) = self.queues.get_mut(&queue) else {
+            done.complete(Err(StoreError::UnknownQueue(queue.0)));
+            return;
+        };
+        if seq <= log.last_seq {
+            // Seqs are taken under the queue lock and sent in order; anything else is a bug.
+            done.complete(Err(StoreError::Config(format!(
+                "seq {seq} arrived after {} for queue {queue}",
+                log.last_seq
+            ))));
+            return;
+        }
+        log.last_seq = seq;
+        let pending_in_active = writes
+            .iter()
+            .rev()
+            .find(|write| write.queue == queue && write.segment_base == log.active_base)
+            .map_or(0, |write| write.bytes.len() as u64);
+        let Some(active) = log.segments.get(&log.active_base) else {
+            done.complete(Err(self.shared.set_fatal(format!("queue {queue} lost its active segment"))));
+            return;
+        };
+        let projected = active.len + pending_in_active + record.len() as u64;
+        if projected > segment_bytes_max && (active.has_records() || pending_in_active > 0) {
+            let segment_id = log.next_segment_id;
+            match create_file(
+                self.fs.as_ref(),
+                &log.dir.join(segment_file_name(segment_id)),
+                SEGMENT_MAGIC,
+                segment_id,
+                queue.0,
+                seq,
+                log.salt,
+            ) {
+                Ok(file) => {
+                    log.next_segment_id += 1;
+                    let sealed_base = log.active_base;
+                    log.segments.insert(
+                        seq,
+                        Segment {
+                            id: segment_id,
+                            base_seq: seq,
+                            salt: log.salt,
+                            file: Arc::clone(&file),
+                            len: FILE_HEADER_BYTES as u64,
+                            live: LiveSet::default(),
+                            ack_refs: BTreeSet::new(),
+                        },
+                    );
+                    log.active_base = seq;
+                    dirty_dirs.insert(log.dir.clone());
+                    self.shared
+                        .segment_files
+                        .write()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .insert((queue, segment_id), (file, log.salt));
+                    if log.segments.get(&sealed_base).is_some_and(|sealed| sealed.live.count() == 0) {
+                        self.deletion_candidates.insert((queue, sealed_base));
+                    }
+                }
+                Err(error) => {
+                    done.complete(Err(error));
+                    return;
+                }
+            }
+        }
+        let Some(active) = log.segments.get(&log.active_base) else {
+            return;
+        };
+        let write_index =
+            match writes.iter().rposition(|write| write.queue == queue && write.segment_base == log.active_base) {
+                Some(index) => index,
+                None => {
+                    writes.push(PlannedWrite {
+                        queue,
+                        segment_base: log.active_base,
+                        start: active.len,
+                        bytes: Vec::new(),
+                        error: None,
+                    });
+                    writes.len() - 1
+                }
+            };
+        let write = &mut writes[write_index];
+        let location = MessageLocation {
+            segment_id: active.id,
+            offset: write.start + write.bytes.len() as u64,
+            record_bytes: record.len() as u32,
+        };
+        write.bytes.extend_from_slice(&record);
+        appends.push(PlannedAppend { queue, seq, segment_base: log.active_base, location, done, write_index });
+    }
+
+    /// Performs the planned writes, then syncs every dirtied file and directory. A failed write
+    /// is truncated away and recorded on its `PlannedWrite`; a failed sync or undo is fatal.
+    fn write_and_sync_appends(&mut self, writes: &mut [PlannedWrite], dirty_dirs: &BTreeSet<PathBuf>) -> Result<()> {
+        let mut to_sync: Vec<Arc<dyn FsFile>> = Vec::new();
+        for write in writes.iter_mut() {
+            let Some(log) = self.queues.get_mut(&write.queue) else {
+                continue;
+            };
+            let Some(segment) = log.segments.get_mut(&write.segment_base) else {
+                continue;
+            };
+            to_sync.push(Arc::clone(&segment.file));
+            match segment.file.write_all_at(&write.bytes, write.start) {
+                Ok(()) => segment.len = write.start + write.bytes.len() as u64,
+                Err(error) => {
+                    let path = log.dir.join(segment_file_name(segment.id));
+                    if let Err(undo) = segment.file.set_len(write.start) {
+                        return Err(self.fatal(format!(
+                            "could not truncate {} after a failed write ({error}): {undo}",
+                            path.display()
+                        )));
+                    }
+                    tracing::warn!(path = %path.display(), %error, "append failed and was undone");
+                    write.error = Some(StoreError::io(format!("appending to {}", path.display()), error));
+                }
+            }
+        }
+        for file in &to_sync {
+            if let Err(error) = file.sync_data() {
+                return Err(self.fatal(format!("fdatasync of a queue segment failed: {error}")));
+            }
+            self.shared.counters.data_syncs.fetch_add(1, Ordering::Relaxed);
+        }
+        for dir in dirty_dirs {
+            if let Err(error) = self.fs.sync_dir(dir) {
+                return Err(self.fatal(format!("fsync of directory {} failed: {error}", dir.display())));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes removal and delivery-count records for live messages, applying removals to the
+    /// in-memory live sets (undone if the write fails). Returns each ack's result so far.
+    fn write_acks(
+        &mut self,
+        acks: Vec<(QueueId, u64, Option<u32>, Completer<()>)>,
+    ) -> Vec<(Completer<()>, Result<()>)> {
+        let mut results = Vec::with_capacity(acks.len());
+        if acks.is_empty() {
+            return results;
+        }
+        if let Err(error) = self.roll_ack_segment_if_full() {
+            for (_, _, _, done) in acks {
+                results.push((done, Err(error.clone())));
+            }
+            return results;
+        }
+        let active_id = self.acks.active;
+        let Some(active) = self.acks.segments.get(&active_id) else {
+            let error = self.fatal("the ack log lost its active segment".into());
+            return acks.into_iter().map(|(_, _, _, done)| (done, Err(error.clone()))).collect();
+        };
+        let salt = active.salt;
+        let mut bytes = Vec::with_capacity(acks.len() * format::RECORD_HEADER_BYTES);
+        let mut removed: Vec<(QueueId, u64, u64)> = Vec::new();
+        let mut new_refs = 0u64;
+        let mut written = Vec::new();
+        for (queue, seq, delivery_count, done) in acks {
+            let Some(log) = self.queues.get_mut(&queue) else {
+                results.push((done, Err(StoreError::UnknownQueue(queue.0))));
+                continue;
+            };
+            let active_base = log.active_base;
+            let Some(segment) = log.live_segment_mut(seq) else {
+                // Not live: already removed, never written, or its append failed. Nothing to record.
+                results.push((done, Ok(())));
+                continue;
+            };
+            match delivery_count {
+                None => {
+                    format::encode_record(&mut bytes, salt, RecordKind::Removal, 0, queue.0, seq, &[]);
+                    segment.live.remove(seq - segment.base_seq);
+                    removed.push((queue, segment.base_seq, seq));
+                    if segment.live.count() == 0 && segment.base_seq != active_base {
+                        self.deletion_candidates.insert((queue, segment.base_seq));
+                    }
+                }
+                Some(count) => {
+                    format::encode_record(&mut bytes, salt, RecordKind::DeliveryCount, count, queue.0, seq, &[]);
+                }
+            }
+            if segment.ack_refs.insert(active_id) {
+                new_refs += 1;
+            }
+            written.push(done);
+        }
+        if let Some(active) = self.acks.segments.get_mut(&active_id) {
+            active.ref_count += new_refs;
+        }
+        if written.is_empty() {
+            return results;
+        }
+        let start = self.acks.segments.get(&active_id).map_or(0, |segment| segment.len);
+        let file = self.acks.segments.get(&active_id).map(|segment| Arc::clone(&segment.file));
+        let outcome = match file {
+            Some(file) => match file.write_all_at(&bytes, start) {
+                Ok(()) => Ok(()),
+                Err(error) => {
+                    let path = self.acks.dir.join(ack_file_name(active_id));
+                    if let Err(undo) = file.set_len(start) {
+                        Err(self.fatal(format!(
+                            "could not truncate {} after a failed write ({error}): {undo}",
+                            path.display()
+                        )))
+                    } else {
+                        Err(StoreError::io(format!("appending to {}", path.display()), error))
+                    }
+                }
+            },
+            None => Err(self.fatal("the ack log lost its active segment".into())),
+        };
+        match outcome {
+            Ok(()) => {
+                if let Some(active) = self.acks.segments.get_mut(&active_id) {
+                    active.len = start + bytes.len() as u64;
+                }
+                self.acks.unsynced.insert(active_id);
+                self.acks.dirty_since.get_or_insert_with(Instant::now);
+                results.extend(written.into_iter().map(|done| (done, Ok(()))));
+            }
+            Err(error) => {
+                // The removals did not happen: make those messages live again.
+                for (queue, base, seq) in removed {
+                    if let Some(segment) = self.queues.get_mut(&queue).and_then(|log| log.segments.get_mut(&base)) {
+                        segment.live.insert(seq - base);
+                        self.deletion_candidates.remove(&(queue, base));
+                    }
+                }
+                results.extend(written.into_iter().map(|done| (done, Err(error.clone()))));
+            }
+        }
+        results
+    }
+
+    fn roll_ack_segment_if_full(&mut self) -> Result<()> {
+        let active_len = self.acks.segments.get(&self.acks.active).map_or(0, |segment| segment.len);
+        if active_len < self.config.ack_segment_bytes_max {
+            return Ok(());
+        }
+        let id = self.acks.active + 1;
+        let salt = random_salt();
+        let file = create_file(self.fs.as_ref(), &self.acks.dir.join(ack_file_name(id)), ACK_MAGIC, id, 0, 0, salt)?;
+        let sealed = self.acks.active;
+        self.acks.segments.insert(id, AckSegment { file, salt, len: FILE_HEADER_BYTES as u64, ref_count: 0 });
+        self.acks.active = id;
+        self.acks.unsynced.insert(id);
+        self.acks.dir_dirty = true;
+        self.acks.dirty_since.get_or_insert_with(Instant::now);
+        if self.acks.segments.get(&sealed).is_some_and(|segment| segment.ref_count == 0) {
+            self.delete_ack_segments(&[sealed])?;
+        }
+        Ok(())
+    }
+
+    /// Makes every written ack-log record durable.
+    pub(crate) fn sync_acks(&mut self) -> Result<()> {
+        for id in std::mem::take(&mut self.acks.unsynced) {
+            if let Some(segment) = self.acks.segments.get(&id) {
+                if let Err(error) = segment.file.sync_data() {
+                    return Err(self.fatal(format!("fdatasync of ack-log segment {id} failed: {error}")));
+                }
+                self.shared.counters.data_syncs.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if self.acks.dir_dirty {
+            if let Err(error) = self.fs.sync_dir(&self.acks.dir) {
+                return Err(self.fatal(format!("fsync of directory {} failed: {error}", self.acks.dir.display())));
+            }
+            self.acks.dir_dirty = false;
+        }
+        self.acks.dirty_since = None;
+        Ok(())
+    }
+
+    /// Deletes sealed segments with no live message (their removals are durable by now), then
+    /// the ack-log segments nothing needs any more.
+    fn delete_dead_segments(&mut self) -> Result<()> {
+        let candidates = std::mem::take(&mut self.deletion_candidates);
+        let mut dirs = BTreeSet::new();
+        let mut released_refs = Vec::new();
+        for (queue, base) in candidates {
+            let Some(log) = self.queues.get_mut(&queue) else {
+                continue;
+            };
+            let dead =
+                log.active_base != base && log.segments.get(&base).is_some_and(|segment| segment.live.count() == 0);
+            if !dead {
+                continue;
+            }
+            let Some(segment) = log.segments.remove(&base) else {
+                continue;
+            };
+            let path = log.dir.join(segment_file_name(segment.id));
+            if let Err(error) = self.fs.remove_file(&path) {
+                return Err(self.fatal(format!("could not delete {}: {error}", path.display())));
+            }
+            self.shared
+                .segment_files
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .remove(&(queue, segment.id));
+            self.shared.counters.segments_deleted.fetch_add(1, Ordering::Relaxed);
+            dirs.insert(log.dir.clone());
+            released_refs.extend(segment.ack_refs);
+        }
+        for dir in &dirs {
+            if let Err(error) = self.fs.sync_dir(dir) {
+                return Err(self.fatal(format!("fsync of directory {} failed: {error}", dir.display())));
+            }
+        }
+        self.release_ack_refs(released_refs)
+    }
+
+    /// Drops references to ack-log segments and deletes those left with none (never the active
+    /// one). Must only run once the deletions that released the references are durable.
+    fn release_ack_refs(&mut self, released: Vec<u64>) -> Result<()> {
+        let mut dead = Vec::new();
+        for id in released {
+            if let Some(segment) = self.acks.segments.get_mut(&id) {
+                segment.ref_count = segment.ref_count.saturating_sub(1);
+                if segment.ref_count == 0 && id != self.acks.active {
+                    dead.push(id);
+                }
+            }
+        }
+        self.delete_ack_segments(&dead)
+    }
+
+    fn delete_ack_segments(&mut self, ids: &[u64]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        for id in ids {
+            if self.acks.segments.remove(id).is_none() {
+                continue;
+            }
+            self.acks.unsynced.remove(id);
+            let path = self.acks.dir.join(ack_file_name(*id));
+            if let Err(error) = self.fs.remove_file(&path) {
+                return Err(self.fatal(format!("could not delete {}: {error}", path.display())));
+            }
+            self.shared.counters.ack_segments_deleted.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Err(error) = self.fs.sync_dir(&self.acks.dir) {
+            return Err(self.fatal(format!("fsync of directory {} failed: {error}", self.acks.dir.display())));
+        }
+        self.acks.dir_dirty = false;
+        Ok(())
+    }
+
+    fn create_queue(&mut self) -> Result<QueueId> {
+        if self.queues.len() >= self.config.queue_count_max {
+            return Err(StoreError::QueueLimit { limit: self.config.queue_count_max });
+        }
+        let queue = QueueId(self.next_queue_id);
+        self.next_queue_id += 1;
+        let queues_dir = queues_dir(&self.dir);
+        let dir = queues_dir.join(queue_dir_name(queue));
+        let salt = random_salt();
+        let created = self
+            .fs
+            .create_dir_all(&dir)
+            .map_err(|error| StoreError::io(format!("creating {}", dir.display()), error))
+            .and_then(|()| {
+                create_file(self.fs.as_ref(), &dir.join(segment_file_name(1)), SEGMENT_MAGIC, 1, queue.0, 1, salt)
+            });
+        let file = match created {
+            Ok(file) => file,
+            Err(error) => {
+                // Best effort: a leftover empty directory is also cleaned up by recovery.
+                let _ = self.fs.remove_dir_all(&dir);
+                return Err(error);
+            }
+        };
+        if let Err(error) = file.sync_data() {
+            return Err(self.fatal(format!("fdatasync of a new segment failed: {error}")));
+        }
+        for path in [&dir, &queues_dir] {
+            if let Err(error) = self.fs.sync_dir(path) {
+                return Err(self.fatal(format!("fsync of directory {} failed: {error}", path.display())));
+            }
+        }
+        self.queues.insert(
+            queue,
+            QueueLog {
+                dir,
+                salt,
+                segments: BTreeMap::from([(
+                    1,
+                    Segment {
+                        id: 1,
+                        base_seq: 1,
+                        salt,
+                        file: Arc::clone(&file),
+                        len: FILE_HEADER_BYTES as u64,
+                        live: LiveSet::default(),
+                        ack_refs: BTreeSet::new(),
+                    },
+                )]),
+                active_base: 1,
+                next_segment_id: 2,
+                last_seq: 0,
+            },
+        );
+        self.shared
+            .segment_files
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert((queue, 1), (file, salt));
+        self.shared
+            .queues
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(queue, Arc::new(QueueHandle { next_seq: Mutex::new(1), salt }));
+        Ok(queue)
+    }
+
+    fn delete_queue(&mut self, queue: QueueId) -> Result<()> {
+        let Some(log) = self.queues.remove(&queue) else {
+            return Err(StoreError::UnknownQueue(queue.0));
+        };
+        self.shared.queues.write().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&queue);
+        self.shared
+            .segment_files
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .retain(|(owner, _), _| *owner != queue);
+        self.deletion_candidates.retain(|(owner, _)| *owner != queue);
+        // Renaming first makes the deletion atomic: recovery finishes whatever `.deleted`
+        // directory it finds, and never resurrects half a queue.
+        let queues_dir = queues_dir(&self.dir);
+        let doomed = queues_dir.join(format!("{}.deleted", queue_dir_name(queue)));
+        if let Err(error) = self.fs.rename(&log.dir, &doomed) {
+            return Err(self.fatal(format!("could not rename {} for deletion: {error}", log.dir.display())));
+        }
+        if let Err(error) = self.fs.sync_dir(&queues_dir) {
+            return Err(self.fatal(format!("fsync of directory {} failed: {error}", queues_dir.display())));
+        }
+        if let Err(error) = self.fs.remove_dir_all(&doomed) {
+            tracing::warn!(path = %doomed.display(), %error, "could not remove a deleted queue's files; recovery will retry");
+        } else if let Err(error) = self.fs.sync_dir(&queues_dir) {
+            return Err(self.fatal(format!("fsync of directory {} failed: {error}", queues_dir.display())));
+        }
+        let released: Vec<u64> = log.segments.into_values().flat_map(|segment| segment.ack_refs).collect();
+        self.release_ack_refs(released)
+    }
+}
+
+/// Creates a store file with its header written (not yet synced).
+pub(crate) fn create_file(
+    fs: &dyn Fs,
+    path: &Path,
+    magic: [u8; 8],
+    file_id: u64,
+    queue_id: u64,
+    base_seq: u64,
+    salt: u32,
+) -> Result<Arc<dyn FsFile>> {
+    let file = fs
+        .open(path, OpenMode::CreateNew)
+        .map_err(|error| StoreError::io(format!("creating {}", path.display()), error))?;
+    let header = FileHeader { magic, file_id, queue_id, base_seq, created_ms: now_ms(), salt };
+    if let Err(error) = file.write_all_at(&header.encode(), 0) {
+        let _ = fs.remove_file(path);
+        return Err(StoreError::io(format!("writing the header of {}", path.display()), error));
+    }
+    Ok(file)
+}
