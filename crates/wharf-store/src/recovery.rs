@@ -137,15 +137,26 @@ fn scan_file(
     let mut len = file_len;
     if scan.valid_end < file_len {
         let cut = file_len - scan.valid_end;
-        if is_last {
+        let tail = &bytes[scan.valid_end as usize..];
+        // A torn write leaves a prefix of the records being written: a partial header, or an
+        // intact header whose record runs past the end. Any segment can end that way (a segment
+        // is sealed before the batch that filled it is synced); only the unsynced tail is lost.
+        let torn = tail.len() < RECORD_HEADER_BYTES
+            || format::decode_header(tail, header.salt, record_bytes_max)
+                .is_ok_and(|frame| frame.record_bytes as usize > tail.len());
+        if torn {
             tracing::warn!(path = %path.display(), offset = scan.valid_end, bytes = cut, "torn tail truncated");
+            issues.push(RecoveryIssue::TruncatedTail { path: path.to_path_buf(), offset: scan.valid_end, bytes: cut });
+        } else {
+            tracing::error!(path = %path.display(), offset = scan.valid_end, bytes = cut, "corrupt records at the end of a file");
+            issues.push(RecoveryIssue::Corruption { path: path.to_path_buf(), offset: scan.valid_end, bytes: cut });
+        }
+        // The newest file must end cleanly because it is appended to; an older one is only cut
+        // when the damage is a torn write, so real corruption stays on disk for inspection.
+        if torn || is_last {
             file.set_len(scan.valid_end).map_err(io_error(format!("truncating {}", path.display())))?;
             file.sync_data().map_err(io_error(format!("syncing {}", path.display())))?;
             len = scan.valid_end;
-            issues.push(RecoveryIssue::TruncatedTail { path: path.to_path_buf(), offset: scan.valid_end, bytes: cut });
-        } else {
-            tracing::error!(path = %path.display(), offset = scan.valid_end, bytes = cut, "corrupt end of a sealed segment skipped");
-            issues.push(RecoveryIssue::Corruption { path: path.to_path_buf(), offset: scan.valid_end, bytes: cut });
         }
     }
     Ok(Some(ScannedFile { header, file, bytes, len, records: scan.records }))
@@ -481,6 +492,15 @@ pub(crate) fn recover(
     }
     fs.sync_dir(&acks_dir).map_err(io_error(format!("syncing {}", acks_dir.display())))?;
 
+    let reservation = writer::read_queue_id_reservation(fs.as_ref(), dir);
+    if reservation.is_none() && fs.exists(&dir.join(writer::QUEUE_IDS_FILE)) {
+        recovered.issues.push(RecoveryIssue::UnreadableFile {
+            path: dir.join(writer::QUEUE_IDS_FILE),
+            reason: "queue-id reservation damaged; continuing above the highest id on disk".into(),
+        });
+    }
+    // Skip whatever the last reservation covered: some of those ids may have been handed out.
+    let next_queue_id = (max_queue_id + 1).max(reservation.unwrap_or(0));
     let state = WriterState {
         fs,
         dir: dir.to_path_buf(),
@@ -488,7 +508,8 @@ pub(crate) fn recover(
         shared,
         queues,
         acks,
-        next_queue_id: max_queue_id + 1,
+        next_queue_id,
+        queue_ids_reserved_until: next_queue_id,
         deletion_candidates: BTreeSet::new(),
     };
     Ok((state, recovered))

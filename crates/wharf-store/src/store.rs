@@ -50,6 +50,24 @@ pub struct AppendReceipt {
     pub location: MessageLocation,
 }
 
+/// An append on its way to disk: its seq is known at once (so the message can be delivered, and
+/// even removed, before it is durable), its ticket resolves once it is durable.
+#[derive(Debug)]
+#[must_use = "the ticket says when the message is durable"]
+pub struct PendingAppend {
+    /// The message's seq in its queue.
+    pub seq: u64,
+    /// Resolves when the record is written and synced.
+    pub ticket: Ticket<AppendReceipt>,
+}
+
+impl PendingAppend {
+    /// Blocks until the append is durable.
+    pub fn wait(self) -> Result<AppendReceipt> {
+        self.ticket.wait()
+    }
+}
+
 /// A message read back from a segment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
@@ -181,6 +199,9 @@ pub struct StoreStats {
     pub appends: u64,
     /// `fdatasync` calls on data files (segments and ack log).
     pub data_syncs: u64,
+    /// Completed syncs of the ack log: every removal or delivery count written before one of
+    /// these is durable.
+    pub ack_log_syncs: u64,
     /// Message segments deleted because every record in them was removed.
     pub segments_deleted: u64,
     /// Ack-log segments deleted because no live segment needs them.
@@ -192,6 +213,7 @@ pub(crate) struct Counters {
     pub batches: AtomicU64,
     pub appends: AtomicU64,
     pub data_syncs: AtomicU64,
+    pub ack_log_syncs: AtomicU64,
     pub segments_deleted: AtomicU64,
     pub ack_segments_deleted: AtomicU64,
 }
@@ -317,7 +339,7 @@ impl Store {
     /// Appends a message to a queue. The ticket resolves when the record is written and
     /// `fdatasync`ed (the moment a publisher confirm may be sent), or with the error that kept it
     /// from being durable. Seqs are assigned in call order per queue.
-    pub fn append(&self, queue: QueueId, timestamp_ms: u64, meta: &[u8], body: &[u8]) -> Result<Ticket<AppendReceipt>> {
+    pub fn append(&self, queue: QueueId, timestamp_ms: u64, meta: &[u8], body: &[u8]) -> Result<PendingAppend> {
         if meta.len() > META_BYTES_MAX {
             return Err(StoreError::TooLarge {
                 what: "message meta",
@@ -352,7 +374,7 @@ impl Store {
         format::set_record_word_a(&mut record, handle.salt, seq);
         self.inner.sender.send(Op::Append { queue, seq, record, done: completer }).map_err(|_| StoreError::Closed)?;
         *next_seq += 1;
-        Ok(ticket)
+        Ok(PendingAppend { seq, ticket })
     }
 
     /// Records that a message left its queue (ack, reject, expiry, dead-lettering). The ticket
@@ -421,6 +443,7 @@ impl Store {
             batches: counters.batches.load(Ordering::Relaxed),
             appends: counters.appends.load(Ordering::Relaxed),
             data_syncs: counters.data_syncs.load(Ordering::Relaxed),
+            ack_log_syncs: counters.ack_log_syncs.load(Ordering::Relaxed),
             segments_deleted: counters.segments_deleted.load(Ordering::Relaxed),
             ack_segments_deleted: counters.ack_segments_deleted.load(Ordering::Relaxed),
         }

@@ -185,6 +185,9 @@ pub(crate) struct WriterState {
     pub queues: HashMap<QueueId, QueueLog>,
     pub acks: AckLog,
     pub next_queue_id: u64,
+    /// Ids below this may have been handed out before; recorded durably in `queue-ids` before
+    /// any id at or above the previous value is used, so ids are never reused after a restart.
+    pub queue_ids_reserved_until: u64,
     /// Sealed segments whose messages are all removed, waiting for their removals to be durable.
     pub deletion_candidates: BTreeSet<(QueueId, u64)>,
 }
@@ -642,6 +645,7 @@ impl WriterState {
             self.acks.dir_dirty = false;
         }
         self.acks.dirty_since = None;
+        self.shared.counters.ack_log_syncs.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
@@ -724,6 +728,11 @@ impl WriterState {
     fn create_queue(&mut self) -> Result<QueueId> {
         if self.queues.len() >= self.config.queue_count_max {
             return Err(StoreError::QueueLimit { limit: self.config.queue_count_max });
+        }
+        if self.next_queue_id >= self.queue_ids_reserved_until {
+            let reserve_until = self.next_queue_id + QUEUE_ID_RESERVATION_BLOCK;
+            write_queue_id_reservation(self.fs.as_ref(), &self.dir, reserve_until, &self.shared)?;
+            self.queue_ids_reserved_until = reserve_until;
         }
         let queue = QueueId(self.next_queue_id);
         self.next_queue_id += 1;
@@ -817,6 +826,52 @@ impl WriterState {
         let released: Vec<u64> = log.segments.into_values().flat_map(|segment| segment.ack_refs).collect();
         self.release_ack_refs(released)
     }
+}
+
+/// How many queue ids one durable reservation covers (one small file write per this many queues).
+const QUEUE_ID_RESERVATION_BLOCK: u64 = 64;
+pub(crate) const QUEUE_IDS_FILE: &str = "queue-ids";
+const QUEUE_IDS_TMP_FILE: &str = "queue-ids.tmp";
+const QUEUE_IDS_FILE_BYTES: usize = 12;
+
+/// Durably records that queue ids below `reserve_until` may be in use: write a temporary file,
+/// sync it, rename it over the old one, sync the directory. Failing before the rename leaves the
+/// old reservation in force (an ordinary error); failing after it is fatal.
+fn write_queue_id_reservation(fs: &dyn Fs, dir: &Path, reserve_until: u64, shared: &Shared) -> Result<()> {
+    let tmp = dir.join(QUEUE_IDS_TMP_FILE);
+    if fs.exists(&tmp) {
+        fs.remove_file(&tmp).map_err(|error| StoreError::io(format!("removing {}", tmp.display()), error))?;
+    }
+    let mut bytes = reserve_until.to_le_bytes().to_vec();
+    bytes.extend_from_slice(&crc32c::crc32c(&bytes).to_le_bytes());
+    let written = fs.open(&tmp, OpenMode::CreateNew).and_then(|file| {
+        file.write_all_at(&bytes, 0)?;
+        file.sync_data()
+    });
+    if let Err(error) = written {
+        let _ = fs.remove_file(&tmp);
+        return Err(StoreError::io(format!("writing {}", tmp.display()), error));
+    }
+    let target = dir.join(QUEUE_IDS_FILE);
+    if let Err(error) = fs.rename(&tmp, &target).and_then(|()| fs.sync_dir(dir)) {
+        return Err(shared.set_fatal(format!("could not replace {}: {error}", target.display())));
+    }
+    Ok(())
+}
+
+/// Reads the queue-id reservation; `None` if it is missing or damaged (recovery then relies on
+/// the ids it finds on disk).
+pub(crate) fn read_queue_id_reservation(fs: &dyn Fs, dir: &Path) -> Option<u64> {
+    let file = fs.open(&dir.join(QUEUE_IDS_FILE), OpenMode::Existing).ok()?;
+    let mut bytes = [0u8; QUEUE_IDS_FILE_BYTES];
+    file.read_exact_at(&mut bytes, 0).ok()?;
+    let (value, crc) = bytes.split_at(8);
+    if crc32c::crc32c(value).to_le_bytes() != crc {
+        return None;
+    }
+    let mut word = [0u8; 8];
+    word.copy_from_slice(value);
+    Some(u64::from_le_bytes(word))
 }
 
 /// Creates a store file with its header written (not yet synced).

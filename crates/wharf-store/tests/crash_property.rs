@@ -1,0 +1,356 @@
+//! The store's central promise, checked over random histories on the fault-injecting file system:
+//! random appends (waited for or left in flight), removals, delivery counts, syncs, failing syncs,
+//! a full disk and crashes of every kind, across several queues. After every recovery:
+//! - every append whose ticket succeeded is present, unless its removal was requested (after a
+//!   power loss that drops everything unsynced: unless its removal was *synced*);
+//! - nothing appears that was never appended, nor an append that failed for lack of space, and
+//!   every message comes back byte for byte in the queue it was appended to;
+//! - each queue's messages come back in append order;
+//! - delivery counts never go backwards, never fall below a synced count, never exceed what was set.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use proptest::prelude::*;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use wharf_store::{CrashMode, PendingAppend, QueueId, SimFs, Store, StoreConfig, StoreError, Ticket};
+
+const QUEUES: usize = 3;
+const DATA_DIR: &str = "/data";
+
+#[derive(Debug, Clone)]
+enum Action {
+    Append { queue: usize, body_bytes: usize, wait: bool },
+    Remove { queue: usize, pick: usize },
+    CountDelivery { queue: usize, pick: usize },
+    Sync,
+    FailNextSync,
+    FillDisk { room_bytes: u64 },
+    FreeDisk,
+    Crash(CrashMode),
+}
+
+fn action() -> impl Strategy<Value = Action> {
+    prop_oneof![
+        30 => (0..QUEUES, 0usize..300, any::<bool>())
+            .prop_map(|(queue, body_bytes, wait)| Action::Append { queue, body_bytes, wait }),
+        14 => (0..QUEUES, any::<usize>()).prop_map(|(queue, pick)| Action::Remove { queue, pick }),
+        8 => (0..QUEUES, any::<usize>()).prop_map(|(queue, pick)| Action::CountDelivery { queue, pick }),
+        6 => Just(Action::Sync),
+        1 => Just(Action::FailNextSync),
+        1 => (0u64..2_000).prop_map(|room_bytes| Action::FillDisk { room_bytes }),
+        2 => Just(Action::FreeDisk),
+        6 => prop_oneof![
+            Just(CrashMode::KeepUnsynced),
+            Just(CrashMode::LoseUnsynced),
+            Just(CrashMode::Random),
+        ]
+        .prop_map(Action::Crash),
+    ]
+}
+
+/// What the test knows about one appended message.
+#[derive(Debug)]
+struct Expected {
+    queue: usize,
+    body: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Model {
+    expected: HashMap<u64, Expected>,
+    /// Appends whose ticket succeeded (or that a recovery returned: recovery makes them durable).
+    confirmed: HashSet<u64>,
+    /// Appends that failed for lack of space: their bytes were undone, they must never appear.
+    failed_for_space: HashSet<u64>,
+    removal_requested: HashSet<u64>,
+    removal_synced: HashSet<u64>,
+    /// Per queue, messages believed live, in append order: (id, seq).
+    live: Vec<BTreeMap<u64, u64>>,
+    count_set_max: HashMap<u64, u32>,
+    count_synced: HashMap<u64, u32>,
+    count_seen: HashMap<u64, u32>,
+    /// Removals and counts written but not known durable, with the store's ack-log sync count
+    /// read once their ticket resolved: any later ack-log sync made them durable.
+    unsynced_removals: Vec<(u64, u64)>,
+    unsynced_counts: Vec<(u64, u32, u64)>,
+    next_id: u64,
+}
+
+fn body_for(id: u64, bytes: usize) -> Vec<u8> {
+    let mut body = id.to_le_bytes().to_vec();
+    body.extend((0..bytes).map(|index| (id as usize).wrapping_mul(31).wrapping_add(index) as u8));
+    body
+}
+
+/// An ack the store accepted.
+struct AckWritten {
+    syncs: u64,
+    maybe_synced: bool,
+}
+
+struct Harness {
+    sim: SimFs,
+    config: StoreConfig,
+    store: Option<Store>,
+    queue_ids: Vec<QueueId>,
+    in_flight: Vec<(u64, PendingAppend)>,
+    model: Model,
+}
+
+impl Harness {
+    fn new(seed: u64, config: StoreConfig) -> Self {
+        let sim = SimFs::new(seed);
+        let (store, recovered) = Store::open(sim.shared(), DATA_DIR, config.clone()).unwrap();
+        assert!(recovered.queues.is_empty());
+        let queue_ids = (0..QUEUES).map(|_| store.create_queue().unwrap().wait().unwrap()).collect();
+        Harness {
+            sim,
+            config,
+            store: Some(store),
+            queue_ids,
+            in_flight: Vec::new(),
+            model: Model { live: vec![BTreeMap::new(); QUEUES], ..Model::default() },
+        }
+    }
+
+    fn store(&self) -> &Store {
+        self.store.as_ref().unwrap()
+    }
+
+    fn settle(&mut self, id: u64, result: Result<wharf_store::AppendReceipt, StoreError>) {
+        match result {
+            Ok(_) => {
+                self.model.confirmed.insert(id);
+            }
+            Err(StoreError::NoSpace { .. }) => {
+                self.model.failed_for_space.insert(id);
+                let queue = self.model.expected[&id].queue;
+                self.model.live[queue].remove(&id);
+            }
+            Err(_) => {}
+        }
+    }
+
+    fn settle_in_flight(&mut self) {
+        for (id, pending) in std::mem::take(&mut self.in_flight) {
+            let result = pending.wait();
+            self.settle(id, result);
+        }
+    }
+
+    fn pick(&self, queue: usize, pick: usize) -> Option<(u64, u64)> {
+        let live = &self.model.live[queue];
+        if live.is_empty() {
+            return None;
+        }
+        live.iter().nth(pick % live.len()).map(|(id, seq)| (*id, *seq))
+    }
+
+    /// Waits for an ack ticket. `None`: the ack failed and nothing was recorded. Otherwise the
+    /// ack-log sync count read once it resolved (any later sync made the ack durable), and whether
+    /// a sync ran between submit and resolve, which may or may not have covered it. A fatal failure
+    /// may come after the record was written, so it counts as written, never to be synced.
+    fn finish_ack(&mut self, syncs_before: u64, ticket: Result<Ticket<()>, StoreError>) -> Option<AckWritten> {
+        match ticket.and_then(|ticket| ticket.wait()) {
+            Ok(()) => {}
+            Err(error) if error.is_fatal() => return Some(AckWritten { syncs: u64::MAX, maybe_synced: false }),
+            Err(_) => return None,
+        }
+        let syncs = self.store().stats().ack_log_syncs;
+        Some(AckWritten { syncs, maybe_synced: syncs != syncs_before })
+    }
+
+    fn run(&mut self, action: Action) {
+        match action {
+            Action::Append { queue, body_bytes, wait } => {
+                let id = self.model.next_id;
+                self.model.next_id += 1;
+                let body = body_for(id, body_bytes);
+                let meta = (queue as u64).to_le_bytes();
+                let Ok(pending) = self.store().append(self.queue_ids[queue], id, &meta, &body) else {
+                    return;
+                };
+                self.model.expected.insert(id, Expected { queue, body });
+                self.model.live[queue].insert(id, pending.seq);
+                if wait {
+                    let result = pending.wait();
+                    self.settle(id, result);
+                } else {
+                    self.in_flight.push((id, pending));
+                }
+            }
+            Action::Remove { queue, pick } => {
+                let Some((id, seq)) = self.pick(queue, pick) else { return };
+                let syncs_before = self.store().stats().ack_log_syncs;
+                let ticket = self.store().remove(self.queue_ids[queue], seq);
+                let Some(written) = self.finish_ack(syncs_before, ticket) else { return };
+                self.model.removal_requested.insert(id);
+                self.model.live[queue].remove(&id);
+                // Removals excuse a missing message, so "maybe synced" counts as synced.
+                if written.maybe_synced {
+                    self.model.removal_synced.insert(id);
+                } else {
+                    self.model.unsynced_removals.push((id, written.syncs));
+                }
+            }
+            Action::CountDelivery { queue, pick } => {
+                let Some((id, seq)) = self.pick(queue, pick) else { return };
+                let count = self.model.count_set_max.get(&id).copied().unwrap_or(0) + 1;
+                let syncs_before = self.store().stats().ack_log_syncs;
+                let ticket = self.store().set_delivery_count(self.queue_ids[queue], seq, count);
+                // Set before waiting: a failed count may still have reached the disk.
+                self.model.count_set_max.insert(id, count);
+                let Some(written) = self.finish_ack(syncs_before, ticket) else { return };
+                // Counts are asserted from below, so "maybe synced" counts as not synced yet.
+                self.model.unsynced_counts.push((id, count, written.syncs));
+            }
+            Action::Sync => {
+                self.settle_in_flight();
+                let synced = self.store().sync().and_then(|ticket| ticket.wait());
+                if synced.is_ok() {
+                    self.mark_synced_acks(u64::MAX);
+                }
+            }
+            Action::FailNextSync => self.sim.fail_next_syncs(1),
+            Action::FillDisk { room_bytes } => self.sim.set_space_bytes_max(Some(self.sim.used_bytes() + room_bytes)),
+            Action::FreeDisk => self.sim.set_space_bytes_max(None),
+            Action::Crash(mode) => self.crash_and_check(mode),
+        }
+    }
+
+    /// Everything acked before a sync count below `syncs_now` is durable.
+    fn mark_synced_acks(&mut self, syncs_now: u64) {
+        let model = &mut self.model;
+        model.unsynced_removals.retain(|(id, syncs)| {
+            let durable = syncs_now > *syncs;
+            if durable {
+                model.removal_synced.insert(*id);
+            }
+            !durable
+        });
+        model.unsynced_counts.retain(|(id, count, syncs)| {
+            let durable = syncs_now > *syncs;
+            if durable {
+                let synced = model.count_synced.entry(*id).or_insert(0);
+                *synced = (*synced).max(*count);
+            }
+            !durable
+        });
+    }
+
+    fn crash_and_check(&mut self, mode: CrashMode) {
+        self.sim.crash(mode);
+        // Read after the crash: no sync can succeed any more, so the count is final.
+        let syncs_at_crash = self.store().stats().ack_log_syncs;
+        self.mark_synced_acks(syncs_at_crash);
+        self.sim.fail_next_syncs(0);
+        self.sim.set_space_bytes_max(None);
+        // The old store can no longer touch the disk; let it fail everything and stop.
+        drop(self.store.take());
+        self.settle_in_flight();
+        let (store, recovered) = Store::open(self.sim.remount().shared(), DATA_DIR, self.config.clone())
+            .expect("recovery must succeed after any crash");
+        self.check(mode, &store, &recovered);
+        self.store = Some(store);
+    }
+
+    fn check(&mut self, mode: CrashMode, store: &Store, recovered: &wharf_store::Recovered) {
+        let model = &mut self.model;
+        assert!(
+            recovered.issues.iter().all(|issue| !matches!(issue, wharf_store::RecoveryIssue::Corruption { .. })),
+            "no corruption without bit flips: {:?}",
+            recovered.issues
+        );
+        let mut present: HashSet<u64> = HashSet::new();
+        for (queue, queue_id) in self.queue_ids.iter().enumerate() {
+            let messages = recovered.queues.get(queue_id).expect("every queue survives");
+            let mut previous: Option<(u64, u64)> = None;
+            let mut live = BTreeMap::new();
+            for message in messages {
+                let stored = store.read(*queue_id, &message.location).expect("a recovered message reads back");
+                assert_eq!(stored.seq, message.seq);
+                let id = u64::from_le_bytes(stored.body[..8].try_into().unwrap());
+                let expected = model.expected.get(&id).unwrap_or_else(|| panic!("message {id} was never appended"));
+                assert!(!model.failed_for_space.contains(&id), "append {id} failed for space yet came back");
+                assert_eq!(expected.queue, queue, "message {id} came back in another queue");
+                assert_eq!(stored.body, expected.body, "message {id} came back changed");
+                assert_eq!(stored.meta, (queue as u64).to_le_bytes());
+                assert_eq!(stored.timestamp_ms, id);
+                if let Some((previous_id, previous_seq)) = previous {
+                    assert!(previous_id < id && previous_seq < message.seq, "queue {queue} out of order");
+                }
+                previous = Some((id, message.seq));
+                let count = message.delivery_count;
+                assert!(count >= model.count_synced.get(&id).copied().unwrap_or(0), "synced count of {id} lost");
+                assert!(count >= model.count_seen.get(&id).copied().unwrap_or(0), "count of {id} went backwards");
+                assert!(count <= model.count_set_max.get(&id).copied().unwrap_or(0), "count of {id} never set");
+                model.count_seen.insert(id, count);
+                present.insert(id);
+                live.insert(id, message.seq);
+            }
+            model.live[queue] = live;
+        }
+        for id in &model.confirmed {
+            let may_be_gone = match mode {
+                CrashMode::LoseUnsynced => model.removal_synced.contains(id),
+                _ => model.removal_requested.contains(id),
+            };
+            assert!(present.contains(id) || may_be_gone, "confirmed message {id} lost ({mode:?})");
+        }
+        // What recovery returned is durable now; what it did not return is gone for good.
+        for id in &present {
+            model.confirmed.insert(*id);
+            model.removal_requested.remove(id);
+            model.removal_synced.remove(id);
+        }
+        let gone: Vec<u64> = model.expected.keys().filter(|id| !present.contains(id)).copied().collect();
+        for id in gone {
+            model.confirmed.remove(&id);
+            model.removal_requested.insert(id);
+            model.removal_synced.insert(id);
+        }
+        model.unsynced_removals.clear();
+        model.unsynced_counts.clear();
+        for (id, count) in &model.count_seen {
+            let synced = model.count_synced.entry(*id).or_insert(0);
+            *synced = (*synced).max(*count);
+        }
+    }
+}
+
+fn config(segment_bytes_max: u64, ack_segment_bytes_max: u64) -> StoreConfig {
+    StoreConfig {
+        segment_bytes_max,
+        ack_segment_bytes_max,
+        // Only explicit syncs and deletions make acks durable here, so the model knows which are.
+        ack_sync_interval_ms: 3_600_000,
+        ..StoreConfig::default()
+    }
+}
+
+fn cases() -> u32 {
+    std::env::var("WHARF_PROPTEST_CASES").ok().and_then(|cases| cases.parse().ok()).unwrap_or(1_000)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: cases(),
+        max_shrink_iters: 2_000,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn recovery_keeps_every_promise(
+        seed in any::<u64>(),
+        segment_bytes_max in 400u64..3_000,
+        ack_segment_bytes_max in 200u64..1_000,
+        actions in proptest::collection::vec(action(), 1..120),
+    ) {
+        let mut harness = Harness::new(seed, config(segment_bytes_max, ack_segment_bytes_max));
+        for action in actions {
+            harness.run(action);
+        }
+        harness.crash_and_check(CrashMode::Random);
+        harness.crash_and_check(CrashMode::LoseUnsynced);
+    }
+}
