@@ -169,12 +169,8 @@ impl MetaStore {
     ) -> Result<(MetaStore, BTreeMap<Vec<u8>, Vec<u8>>, Vec<RecoveryIssue>)> {
         let dir = dir.into();
         let mut issues = Vec::new();
-        if !fs.exists(&dir) {
-            fs.create_dir_all(&dir).map_err(|error| StoreError::io(format!("creating {}", dir.display()), error))?;
-            if let Some(parent) = dir.parent() {
-                fs.sync_dir(parent).map_err(|error| StoreError::io(format!("syncing {}", parent.display()), error))?;
-            }
-        }
+        crate::fs::create_dir_durable(fs.as_ref(), &dir)
+            .map_err(|error| StoreError::io(format!("creating {}", dir.display()), error))?;
         let log_path = dir.join(LOG_NAME);
         let tmp_path = dir.join(TMP_NAME);
         if fs.exists(&tmp_path) {

@@ -50,16 +50,9 @@ fn io_error(context: String) -> impl FnOnce(std::io::Error) -> StoreError {
     move |error| StoreError::io(context, error)
 }
 
-/// Creates a directory and makes its entry durable in the parent.
+/// Creates a directory (and missing ancestors) durably.
 fn ensure_dir(fs: &dyn Fs, path: &Path) -> Result<()> {
-    if fs.exists(path) {
-        return Ok(());
-    }
-    fs.create_dir_all(path).map_err(io_error(format!("creating {}", path.display())))?;
-    if let Some(parent) = path.parent() {
-        fs.sync_dir(parent).map_err(io_error(format!("syncing {}", parent.display())))?;
-    }
-    Ok(())
+    crate::fs::create_dir_durable(fs, path).map_err(io_error(format!("creating {}", path.display())))
 }
 
 /// Lists `dir` for files named `<decimal id>.<extension>`, sorted by id.

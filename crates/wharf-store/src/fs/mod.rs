@@ -74,6 +74,31 @@ pub trait FsFile: Send + Sync + fmt::Debug {
     fn sync_data(&self) -> io::Result<()>;
 }
 
+/// Creates `path` and any missing ancestors, and makes each new directory entry durable by
+/// syncing its parent, top down (a new directory is only reachable after a crash if every new
+/// level above it was synced into its own parent).
+pub(crate) fn create_dir_durable(fs: &dyn Fs, path: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut current = Some(path);
+    while let Some(dir) = current {
+        if fs.exists(dir) {
+            break;
+        }
+        missing.push(dir);
+        current = dir.parent();
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    fs.create_dir_all(path)?;
+    for dir in missing.iter().rev() {
+        if let Some(parent) = dir.parent() {
+            fs.sync_dir(if parent.as_os_str().is_empty() { Path::new(".") } else { parent })?;
+        }
+    }
+    Ok(())
+}
+
 /// Reads a whole file into memory. Used for recovery scans, whose files are bounded by the
 /// segment size limit checked by the caller.
 pub(crate) fn read_all(file: &dyn FsFile, len: u64) -> io::Result<Vec<u8>> {

@@ -44,6 +44,7 @@ struct SimState {
     next_inode: u64,
     rng_state: u64,
     syncs_to_fail: u64,
+    syncs_before_failing: u64,
     space_bytes_max: Option<u64>,
     sync_count: u64,
 }
@@ -142,6 +143,10 @@ impl SimState {
 
     fn take_sync_failure(&mut self) -> io::Result<()> {
         self.sync_count += 1;
+        if self.syncs_before_failing > 0 {
+            self.syncs_before_failing -= 1;
+            return Ok(());
+        }
         if self.syncs_to_fail > 0 {
             self.syncs_to_fail -= 1;
             return Err(io::Error::other("simulated fsync failure (EIO)"));
@@ -177,6 +182,7 @@ impl SimFs {
                 next_inode: ROOT_INODE + 1,
                 rng_state: seed,
                 syncs_to_fail: 0,
+                syncs_before_failing: 0,
                 space_bytes_max: None,
                 sync_count: 0,
             })),
@@ -258,7 +264,14 @@ impl SimFs {
 
     /// Makes the next `count` syncs (file or directory) fail with an I/O error.
     pub fn fail_next_syncs(&self, count: u64) {
-        self.lock().syncs_to_fail = count;
+        self.fail_syncs_after(0, count);
+    }
+
+    /// Lets `successful` more syncs succeed, then makes the `count` after them fail.
+    pub fn fail_syncs_after(&self, successful: u64, count: u64) {
+        let mut state = self.lock();
+        state.syncs_before_failing = successful;
+        state.syncs_to_fail = count;
     }
 
     /// Limits the total bytes of all files; a write past it is cut short and fails with
