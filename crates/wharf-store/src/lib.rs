@@ -34,7 +34,9 @@ mod writer;
 
 pub use error::{Result, StoreError};
 pub use fs::{CrashMode, DirEntry, Fs, FsFile, OpenMode, RealFs, SimFs};
-pub use meta::{META_ENTRIES_MAX, META_KEY_BYTES_MAX, META_VALUE_BYTES_MAX, MetaChange, MetaStore};
+pub use meta::{
+    Definitions, META_ENTRIES_MAX, META_KEY_BYTES_MAX, META_VALUE_BYTES_MAX, MetaChange, MetaRecovered, MetaStore,
+};
 pub use store::{
     AppendReceipt, MessageLocation, PendingAppend, QueueId, Recovered, RecoveredMessage, RecoveryIssue,
     SEGMENT_FILE_BYTES_LIMIT, Store, StoreConfig, StoreStats, StoredMessage,

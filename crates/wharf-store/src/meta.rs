@@ -33,6 +33,18 @@ const CHANGE_PUT: u8 = 1;
 const CHANGE_DELETE: u8 = 2;
 const CHANGE_HEADER_BYTES: usize = 9;
 
+/// The definitions map: opaque keys to opaque values.
+pub type Definitions = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// What [`MetaStore::open`] found.
+#[derive(Debug, Default)]
+pub struct MetaRecovered {
+    /// The map as of the last complete batch.
+    pub entries: Definitions,
+    /// Damage found and handled (a damaged batch is skipped whole, a torn one cut off).
+    pub issues: Vec<RecoveryIssue>,
+}
+
 /// One change in a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MetaChange {
@@ -163,10 +175,7 @@ fn write_log(fs: &dyn Fs, path: &Path, entries: &BTreeMap<Vec<u8>, Vec<u8>>) -> 
 impl MetaStore {
     /// Opens (or creates) the definitions log in `dir`; returns the store, the current map and
     /// any damage found (damaged batches are skipped whole, a torn tail is cut).
-    pub fn open(
-        fs: Arc<dyn Fs>,
-        dir: impl Into<PathBuf>,
-    ) -> Result<(MetaStore, BTreeMap<Vec<u8>, Vec<u8>>, Vec<RecoveryIssue>)> {
+    pub fn open(fs: Arc<dyn Fs>, dir: impl Into<PathBuf>) -> Result<(MetaStore, MetaRecovered)> {
         let dir = dir.into();
         let mut issues = Vec::new();
         crate::fs::create_dir_durable(fs.as_ref(), &dir)
@@ -185,7 +194,7 @@ impl MetaStore {
                 .open(&log_path, OpenMode::Existing)
                 .map_err(|error| StoreError::io(format!("opening {}", log_path.display()), error))?;
             let file_len =
-                file.len().map_err(|error| StoreError::io(format!("reading {}", log_path.display()), error))?;
+                file.size_bytes().map_err(|error| StoreError::io(format!("reading {}", log_path.display()), error))?;
             if file_len > crate::store::SEGMENT_FILE_BYTES_LIMIT {
                 return Err(StoreError::TooLarge {
                     what: "definitions log",
@@ -233,7 +242,7 @@ impl MetaStore {
             file.sync_data().map_err(|error| StoreError::io(format!("syncing {}", log_path.display()), error))?;
             (file, header.salt, scan.valid_end)
         } else {
-            let (_, _, _) = write_log(fs.as_ref(), &tmp_path, &entries)?;
+            write_log(fs.as_ref(), &tmp_path, &entries)?;
             fs.rename(&tmp_path, &log_path)
                 .map_err(|error| StoreError::io(format!("creating {}", log_path.display()), error))?;
             fs.sync_dir(&dir).map_err(|error| StoreError::io(format!("syncing {}", dir.display()), error))?;
@@ -257,7 +266,7 @@ impl MetaStore {
                 fatal: None,
             })),
         };
-        Ok((store, entries, issues))
+        Ok((store, MetaRecovered { entries, issues }))
     }
 
     /// Inserts or replaces one key, durably.

@@ -92,7 +92,7 @@ fn scan_file(
     issues: &mut Vec<RecoveryIssue>,
 ) -> Result<Option<ScannedFile>> {
     let file = fs.open(path, OpenMode::Existing).map_err(io_error(format!("opening {}", path.display())))?;
-    let file_len = file.len().map_err(io_error(format!("reading the length of {}", path.display())))?;
+    let file_len = file.size_bytes().map_err(io_error(format!("reading the length of {}", path.display())))?;
     if file_len > SEGMENT_FILE_BYTES_LIMIT {
         issues.push(RecoveryIssue::UnreadableFile {
             path: path.to_path_buf(),

@@ -226,12 +226,15 @@ pub(crate) struct QueueHandle {
     pub salt: u32,
 }
 
+/// Open segment files by (queue, segment id), with the salt their records are sealed with.
+pub(crate) type SegmentFiles = HashMap<(QueueId, u64), (Arc<dyn crate::fs::FsFile>, u32)>;
+
 /// State shared between callers and the writer thread.
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub queues: RwLock<HashMap<QueueId, Arc<QueueHandle>>>,
     /// Open segment files by (queue, segment id), for reads.
-    pub segment_files: RwLock<HashMap<(QueueId, u64), (Arc<dyn crate::fs::FsFile>, u32)>>,
+    pub segment_files: RwLock<SegmentFiles>,
     /// Set once by the first fatal error; every later operation fails with it.
     pub fatal: OnceLock<Arc<str>>,
     pub counters: Counters,

@@ -9,7 +9,8 @@ use wharf_store::{CrashMode, MetaChange, MetaStore, RecoveryIssue, SimFs, StoreE
 const DIR: &str = "/data/meta";
 
 fn open(sim: &SimFs) -> (MetaStore, BTreeMap<Vec<u8>, Vec<u8>>, Vec<RecoveryIssue>) {
-    MetaStore::open(sim.remount().shared(), DIR).unwrap()
+    let (meta, recovered) = MetaStore::open(sim.remount().shared(), DIR).unwrap();
+    (meta, recovered.entries, recovered.issues)
 }
 
 fn put(key: &str, value: &str) -> MetaChange {
@@ -49,14 +50,15 @@ fn a_torn_batch_is_dropped_whole() {
     drop(meta);
     // Keep only part of the last batch, as a crash in the middle of its write would.
     let torn = SimFs::new(3);
-    let (_, _, _) = MetaStore::open(torn.shared(), DIR).unwrap();
+    let _ = MetaStore::open(torn.shared(), DIR).unwrap();
     wharf_store::Fs::remove_file(&torn, &log).unwrap();
     let file = wharf_store::Fs::open(&torn, &log, wharf_store::OpenMode::CreateNew).unwrap();
     let cut = before.len() + (after.len() - before.len()) / 2;
     file.write_all_at(&after[..cut], 0).unwrap();
     file.sync_data().unwrap();
 
-    let (_, entries, issues) = MetaStore::open(torn.remount().shared(), DIR).unwrap();
+    let (_, recovered) = MetaStore::open(torn.remount().shared(), DIR).unwrap();
+    let (entries, issues) = (recovered.entries, recovered.issues);
     assert_eq!(entries, map(&[("kept", "1")]));
     assert!(matches!(&issues[..], [RecoveryIssue::TruncatedTail { offset, .. }] if *offset == before.len() as u64));
 }

@@ -62,7 +62,7 @@ pub trait Fs: Send + Sync + fmt::Debug {
 /// An open file. All methods take `&self` so one handle can serve the writer thread and readers.
 pub trait FsFile: Send + Sync + fmt::Debug {
     /// The file's current length in bytes.
-    fn len(&self) -> io::Result<u64>;
+    fn size_bytes(&self) -> io::Result<u64>;
     /// Fills `buf` from `offset`; fails with `UnexpectedEof` if the file is shorter.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Writes all of `buf` at `offset`, extending the file if needed. On error, a prefix of `buf`

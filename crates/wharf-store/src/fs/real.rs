@@ -74,7 +74,7 @@ impl Fs for RealFs {
 }
 
 impl FsFile for RealFile {
-    fn len(&self) -> io::Result<u64> {
+    fn size_bytes(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
     }
 

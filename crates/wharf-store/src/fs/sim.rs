@@ -475,7 +475,7 @@ impl SimFile {
 }
 
 impl FsFile for SimFile {
-    fn len(&self) -> io::Result<u64> {
+    fn size_bytes(&self) -> io::Result<u64> {
         self.with_data(|_, data, _| Ok(data.len() as u64))
     }
 
@@ -554,7 +554,7 @@ mod tests {
         synced.write_all_at(b" world", 5).unwrap();
         write(&fs, "/d/b", b"never synced");
         fs.crash(CrashMode::LoseUnsynced);
-        assert!(synced.len().is_err(), "old handles die with the crash");
+        assert!(synced.size_bytes().is_err(), "old handles die with the crash");
         let after = fs.remount();
         assert_eq!(after.read_file(Path::new("/d/a")).unwrap(), b"hello");
         assert!(!after.exists(Path::new("/d/b")));
