@@ -248,7 +248,9 @@ pub(crate) fn run(mut state: WriterState, receiver: Receiver<Op>) {
             return;
         }
     }
-    if let Err(error) = state.sync_acks() {
+    if state.shared.check_fatal().is_ok()
+        && let Err(error) = state.sync_acks()
+    {
         tracing::error!(%error, "could not sync the ack log while shutting down");
     }
 }

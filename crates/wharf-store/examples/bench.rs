@@ -1,0 +1,229 @@
+//! The store's benchmark: what the disk can do, and what the store makes of it, in one run on the
+//! same disk. `cargo run --release -p wharf-store --example bench -- [--dir DIR] [--quick]`
+//!
+//! Prints progress, then one JSON line with `fsync_loop_per_s` (write 1 KiB + fdatasync in a loop,
+//! the naive one-sync-per-message limit), `synced_seq_mb_per_s` (1 MiB writes each fdatasynced,
+//! the disk's synced bandwidth), `appends_per_s_{1,8,64}` (durable 1 KiB appends to one queue by
+//! that many concurrent appenders, each waiting for its confirm), `appends_per_s_64_queues` (64
+//! appenders on 64 queues), `large_batch_mb_per_s` (64 appenders of 64 KiB records) and
+//! `recovery_1m_s` (opening a store that holds 1,000,000 live 100-byte messages).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use wharf_store::{QueueId, RealFs, Store, StoreConfig};
+
+struct Options {
+    dir: PathBuf,
+    phase: Duration,
+    recovery_messages: u64,
+}
+
+fn options() -> Options {
+    let mut dir = PathBuf::from("wharf-bench-data");
+    let mut quick = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--dir" => dir = PathBuf::from(args.next().expect("--dir needs a path")),
+            "--quick" => quick = true,
+            other => {
+                eprintln!("unknown argument {other:?}; usage: bench [--dir DIR] [--quick]");
+                std::process::exit(2);
+            }
+        }
+    }
+    Options {
+        dir,
+        phase: if quick { Duration::from_millis(300) } else { Duration::from_secs(3) },
+        recovery_messages: if quick { 20_000 } else { 1_000_000 },
+    }
+}
+
+fn fsync_loop_per_s(dir: &Path, phase: Duration) -> f64 {
+    let path = dir.join("fsync-loop");
+    let file = OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
+    let record = [0x5Au8; 1024];
+    let start = Instant::now();
+    let mut writes = 0u64;
+    while start.elapsed() < phase {
+        file.write_all_at(&record, writes * 1024).unwrap();
+        file.sync_data().unwrap();
+        writes += 1;
+    }
+    let rate = writes as f64 / start.elapsed().as_secs_f64();
+    std::fs::remove_file(&path).unwrap();
+    rate
+}
+
+fn synced_seq_mb_per_s(dir: &Path, phase: Duration) -> f64 {
+    let path = dir.join("seq-write");
+    let file = OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
+    let chunk = vec![0xA5u8; 1024 * 1024];
+    let start = Instant::now();
+    let mut chunks = 0u64;
+    while start.elapsed() < phase || chunks < 8 {
+        file.write_all_at(&chunk, chunks * chunk.len() as u64).unwrap();
+        file.sync_data().unwrap();
+        chunks += 1;
+    }
+    let rate = chunks as f64 / start.elapsed().as_secs_f64();
+    std::fs::remove_file(&path).unwrap();
+    rate * 1.048_576
+}
+
+fn fresh_store(dir: &Path, name: &str) -> (Store, PathBuf) {
+    let path = dir.join(name);
+    let _ = std::fs::remove_dir_all(&path);
+    let (store, _) = Store::open(RealFs::shared(), &path, StoreConfig::default()).unwrap();
+    (store, path)
+}
+
+/// `appenders` threads append `record_bytes` bodies, each waiting for its confirm before the next.
+/// Returns (appends per second, batches per second).
+fn append_rate(dir: &Path, appenders: usize, queues: usize, record_bytes: usize, phase: Duration) -> (f64, f64) {
+    let (store, path) = fresh_store(dir, &format!("appends-{appenders}-{queues}-{record_bytes}"));
+    let queue_ids: Vec<QueueId> = (0..queues).map(|_| store.create_queue().unwrap().wait().unwrap()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let batches_before = store.stats().batches;
+    let start = Instant::now();
+    let threads: Vec<_> = (0..appenders)
+        .map(|index| {
+            let (store, stop, done) = (store.clone(), Arc::clone(&stop), Arc::clone(&done));
+            let queue = queue_ids[index % queue_ids.len()];
+            std::thread::spawn(move || {
+                let body = vec![index as u8; record_bytes];
+                while !stop.load(Ordering::Relaxed) {
+                    store.append(queue, 0, b"", &body).unwrap().wait().unwrap();
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(phase);
+    stop.store(true, Ordering::Relaxed);
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let batches = store.stats().batches - batches_before;
+    drop(store);
+    std::fs::remove_dir_all(path).unwrap();
+    (done.load(Ordering::Relaxed) as f64 / elapsed, batches as f64 / elapsed)
+}
+
+/// CPU seconds (user + system) this process has used so far, from `/proc/self/stat`.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |index: usize| fields.get(index).and_then(|field| field.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// One submitting thread keeps `in_flight` appends outstanding, replacing each as it completes:
+/// the load 64 publishers multiplexed on an async runtime present, without 64 OS threads to wake.
+fn in_flight_rate(dir: &Path, in_flight: usize, phase: Duration) -> f64 {
+    let (store, path) = fresh_store(dir, &format!("in-flight-{in_flight}"));
+    let queue = store.create_queue().unwrap().wait().unwrap();
+    let body = vec![1u8; 1024];
+    let mut window = std::collections::VecDeque::with_capacity(in_flight);
+    let start = Instant::now();
+    let mut done = 0u64;
+    while start.elapsed() < phase {
+        while window.len() < in_flight {
+            window.push_back(store.append(queue, 0, b"", &body).unwrap());
+        }
+        if let Some(oldest) = window.pop_front() {
+            oldest.wait().unwrap();
+            done += 1;
+        }
+    }
+    let rate = done as f64 / start.elapsed().as_secs_f64();
+    for pending in window {
+        pending.wait().unwrap();
+    }
+    drop(store);
+    std::fs::remove_dir_all(path).unwrap();
+    rate
+}
+
+/// Fills a store with `messages` live 100-byte messages, closes it, and times the reopen.
+fn recovery_seconds(dir: &Path, messages: u64) -> f64 {
+    let (store, path) = fresh_store(dir, "recovery");
+    let queue = store.create_queue().unwrap().wait().unwrap();
+    let body = [7u8; 100];
+    let window = 10_000;
+    let mut written = 0;
+    while written < messages {
+        let count = window.min(messages - written);
+        let pending: Vec<_> = (0..count).map(|_| store.append(queue, 0, b"", &body).unwrap()).collect();
+        for append in pending {
+            append.wait().unwrap();
+        }
+        written += count;
+    }
+    store.close().unwrap();
+    let start = Instant::now();
+    let (store, recovered) = Store::open(RealFs::shared(), &path, StoreConfig::default()).unwrap();
+    let elapsed = start.elapsed().as_secs_f64();
+    assert_eq!(recovered.queues[&queue].len() as u64, messages, "every message recovered");
+    drop(store);
+    std::fs::remove_dir_all(path).unwrap();
+    elapsed
+}
+
+fn main() {
+    let options = options();
+    std::fs::create_dir_all(&options.dir).unwrap();
+    let dir = options.dir.as_path();
+    println!("wharf-store bench in {} (phase {:?})", dir.display(), options.phase);
+
+    let fsync_loop = fsync_loop_per_s(dir, options.phase);
+    println!("write 1 KiB + fdatasync loop:        {fsync_loop:>10.0} /s");
+    let seq = synced_seq_mb_per_s(dir, options.phase);
+    println!("1 MiB writes, each fdatasynced:      {seq:>10.1} MB/s");
+
+    let mut appends = Vec::new();
+    for appenders in [1, 8, 64] {
+        let cpu_before = cpu_seconds();
+        let (rate, batches) = append_rate(dir, appenders, 1, 1024, options.phase);
+        let cpu = (cpu_seconds() - cpu_before) / options.phase.as_secs_f64();
+        println!(
+            "{appenders:>2} appender threads, 1 queue, 1 KiB: {rate:>10.0} appends/s ({:.1} per batch, {:.1}x the sync loop, {:.0}% CPU)",
+            rate / batches.max(1.0),
+            rate / fsync_loop,
+            cpu * 100.0
+        );
+        appends.push(rate);
+    }
+    let cpu_before = cpu_seconds();
+    let in_flight = in_flight_rate(dir, 64, options.phase);
+    let cpu = (cpu_seconds() - cpu_before) / options.phase.as_secs_f64();
+    println!(
+        "64 in flight from one thread, 1 KiB:  {in_flight:>10.0} appends/s ({:.1}x the sync loop, {:.0}% CPU)",
+        in_flight / fsync_loop,
+        cpu * 100.0
+    );
+    let (spread, _) = append_rate(dir, 64, 64, 1024, options.phase);
+    println!("64 appenders, 64 queues, 1 KiB:      {spread:>10.0} appends/s");
+    let (large, _) = append_rate(dir, 64, 1, 64 * 1024, options.phase);
+    let large_mb = large * 64.0 * 1024.0 / 1e6;
+    println!(
+        "64 appenders, 1 queue, 64 KiB:       {large_mb:>10.1} MB/s ({:.0}% of synced sequential)",
+        100.0 * large_mb / seq
+    );
+    let recovery = recovery_seconds(dir, options.recovery_messages);
+    println!("recovery of {} live messages:  {recovery:>10.3} s", options.recovery_messages);
+
+    println!(
+        "{{\"fsync_loop_per_s\":{fsync_loop:.0},\"synced_seq_mb_per_s\":{seq:.1},\"appends_per_s_1\":{:.0},\"appends_per_s_8\":{:.0},\"appends_per_s_64\":{:.0},\"appends_per_s_64_in_flight\":{in_flight:.0},\"appends_per_s_64_queues\":{spread:.0},\"large_batch_mb_per_s\":{large_mb:.1},\"recovery_1m_s\":{recovery:.3},\"recovery_messages\":{}}}",
+        appends[0], appends[1], appends[2], options.recovery_messages
+    );
+}
