@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace. Installs and starts whatever the tests need itself, so it
+# passes on a fresh Debian machine that has only the Rust toolchain.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# The crash property test's case count (the issue asks for at least 1,000 in CI).
+export WHARF_PROPTEST_CASES="${WHARF_PROPTEST_CASES:-1000}"
+
+cargo test --workspace --all-targets --locked
+# Doc tests (not part of --all-targets).
+cargo test --workspace --doc --locked
