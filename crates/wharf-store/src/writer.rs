@@ -211,9 +211,15 @@ struct PlannedWrite {
     error: Option<StoreError>,
 }
 
+/// How many times in a row the gatherer yields without anything arriving before it gives up.
+const GATHER_IDLE_YIELDS_MAX: u32 = 8;
+/// The longest a batch waits for late arrivals: well under one `fdatasync`.
+const GATHER_TIME_MAX: Duration = Duration::from_micros(100);
+
 /// The writer thread's loop. Returns when the store is closed or every handle is gone.
 pub(crate) fn run(mut state: WriterState, receiver: Receiver<Op>) {
     let mut batch: Vec<Op> = Vec::new();
+    let mut last_batch_len = 0;
     let ack_sync_interval = Duration::from_millis(state.config.ack_sync_interval_ms);
     loop {
         let first = match state.acks.dirty_since {
@@ -235,15 +241,30 @@ pub(crate) fn run(mut state: WriterState, receiver: Receiver<Op>) {
             batch_bytes += op.bytes();
             batch.push(op);
         }
+        // Gather: take what is queued; while fewer operations are here than the last batch
+        // completed, and they keep arriving, yield briefly so the callers just woken by that
+        // batch can resubmit into this one instead of splitting into two small batches.
+        let gather_started = Instant::now();
+        let mut idle_yields = 0;
         while batch_bytes < state.config.batch_bytes_max {
             match receiver.try_recv() {
                 Ok(op) => {
                     batch_bytes += op.bytes();
                     batch.push(op);
+                    idle_yields = 0;
+                }
+                Err(TryRecvError::Empty)
+                    if batch.len() < last_batch_len
+                        && idle_yields < GATHER_IDLE_YIELDS_MAX
+                        && gather_started.elapsed() < GATHER_TIME_MAX =>
+                {
+                    idle_yields += 1;
+                    std::thread::yield_now();
                 }
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
+        last_batch_len = batch.len();
         if state.process(&mut batch) {
             return;
         }
