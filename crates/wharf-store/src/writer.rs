@@ -375,10 +375,12 @@ impl WriterState {
         for done in sync_requests {
             done.complete(sync_result.clone());
         }
-        if sync_result.is_ok() && self.acks.dirty_since.is_none() && !self.deletion_candidates.is_empty() {
-            if let Err(error) = self.delete_dead_segments() {
-                tracing::error!(%error, "deleting fully removed segments failed");
-            }
+        if sync_result.is_ok()
+            && self.acks.dirty_since.is_none()
+            && !self.deletion_candidates.is_empty()
+            && let Err(error) = self.delete_dead_segments()
+        {
+            tracing::error!(%error, "deleting fully removed segments failed");
         }
     }
 

@@ -225,7 +225,7 @@ impl SimFs {
                     let keep = match mode {
                         CrashMode::KeepUnsynced => true,
                         CrashMode::LoseUnsynced => false,
-                        CrashMode::Random => roll % 2 == 0,
+                        CrashMode::Random => roll.is_multiple_of(2),
                     };
                     if keep {
                         *durable_entries = entries.clone();
@@ -244,7 +244,7 @@ impl SimFs {
                                 let extra = (data.len() - durable.len()) as u64;
                                 let kept = durable.len() + (roll_len % (extra + 1)) as usize;
                                 data.truncate(kept);
-                            } else if roll % 2 == 0 {
+                            } else if roll.is_multiple_of(2) {
                                 *data = durable.clone();
                             }
                         }
