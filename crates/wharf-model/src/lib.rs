@@ -1,0 +1,23 @@
+//! `wharf-model`: the broker's semantics without I/O.
+//!
+//! It owns what AMQP means: vhosts with their exchanges, queues and bindings; RabbitMQ's rules for
+//! declaring, comparing, deleting and binding them; routing through direct, fanout, topic and
+//! headers exchanges (and exchange-to-exchange bindings); queues of ready and unacknowledged
+//! messages; consumers, prefetch, deliveries, acknowledgements and requeues. It does no I/O and
+//! reads no clock: the runtime (`wharf-broker`) feeds it operations and carries out the
+//! [`Effects`] they return, so its behaviour can be tested exhaustively and deterministically.
+
+pub mod broker;
+pub mod error;
+pub mod exchange;
+pub mod message;
+pub mod queue;
+pub mod topic;
+pub mod vhost;
+
+pub use broker::{BrokerModel, DeletedQueue, Delivery, Effects, Removed};
+pub use error::{ModelError, Result, Scope};
+pub use exchange::{Binding, Destination, Exchange, ExchangeKind};
+pub use message::Message;
+pub use queue::{ChannelKey, ConnectionId, Entry, Queue};
+pub use vhost::{Declared, ExchangeDeclare, QueueDeclare, VirtualHost};

@@ -1,0 +1,312 @@
+//! Consumers, prefetch, acknowledgements, requeues and channel loss, and a property test that no
+//! sequence of operations loses or duplicates a message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use wharf_model::{BrokerModel, ChannelKey, ConnectionId, Effects, Message, QueueDeclare};
+use wharf_wire::protocol::BasicProperties;
+use wharf_wire::reply_code;
+use wharf_wire::types::FieldTable;
+
+fn key(connection: u64, channel: u16) -> ChannelKey {
+    ChannelKey { connection: ConnectionId(connection), channel }
+}
+
+fn message(body: &str) -> Arc<Message> {
+    Arc::new(Message {
+        exchange: String::new(),
+        routing_key: "q".into(),
+        properties: BasicProperties::default(),
+        raw_properties: Bytes::new(),
+        body: Bytes::from(body.to_owned()),
+    })
+}
+
+fn broker_with_queue(name: &str) -> BrokerModel {
+    let mut broker = BrokerModel::new(7);
+    let none = FieldTable::default();
+    broker
+        .vhost_mut("/")
+        .unwrap()
+        .declare_queue(&QueueDeclare {
+            name,
+            passive: false,
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            arguments: &none,
+            connection: ConnectionId(1),
+        })
+        .unwrap();
+    broker
+}
+
+fn bodies(effects: &Effects) -> Vec<String> {
+    effects.deliveries.iter().map(|delivery| String::from_utf8(delivery.message.body.to_vec()).unwrap()).collect()
+}
+
+#[test]
+fn prefetch_limits_each_consumer_and_acks_make_room() {
+    let mut broker = broker_with_queue("q");
+    let channel = key(1, 1);
+    broker.open_channel(channel, "/").unwrap();
+    broker.qos(channel, 2, false).unwrap();
+    for index in 0..5 {
+        broker.enqueue("/", "q", message(&format!("m{index}")), None);
+    }
+    let (tag, effects) = broker.consume(channel, "q", "", false, false).unwrap();
+    assert!(tag.starts_with("amq.ctag-"));
+    assert_eq!(bodies(&effects), vec!["m0", "m1"], "prefetch 2");
+    let effects = broker.ack(channel, 1, false).unwrap();
+    assert_eq!(bodies(&effects), vec!["m2"]);
+    assert_eq!(effects.removed.len(), 1);
+    let effects = broker.ack(channel, 3, true).unwrap();
+    assert_eq!(bodies(&effects), vec!["m3", "m4"], "multiple ack frees two");
+    assert_eq!(broker.ack(channel, 99, false).unwrap_err().code, reply_code::PRECONDITION_FAILED);
+}
+
+#[test]
+fn global_prefetch_is_shared_by_the_channel_and_dispatch_is_round_robin() {
+    let mut broker = broker_with_queue("q");
+    let channel = key(1, 1);
+    broker.open_channel(channel, "/").unwrap();
+    broker.qos(channel, 3, true).unwrap();
+    broker.consume(channel, "q", "a", false, false).unwrap();
+    broker.consume(channel, "q", "b", false, false).unwrap();
+    let mut effects = Effects::default();
+    for index in 0..6 {
+        let more = broker.enqueue("/", "q", message(&format!("m{index}")), None);
+        effects.deliveries.extend(more.deliveries);
+    }
+    let tags: Vec<&str> = effects.deliveries.iter().map(|d| d.consumer_tag.as_deref().unwrap()).collect();
+    assert_eq!(tags, vec!["a", "b", "a"], "three in flight across the channel, alternating");
+}
+
+#[test]
+fn nack_requeues_in_place_marked_redelivered_and_reject_discards() {
+    let mut broker = broker_with_queue("q");
+    let channel = key(1, 1);
+    broker.open_channel(channel, "/").unwrap();
+    for index in 0..3 {
+        broker.enqueue("/", "q", message(&format!("m{index}")), None);
+    }
+    let (first, _) = broker.get(channel, "q", false).unwrap();
+    let first = first.unwrap();
+    assert!(!first.redelivered);
+    assert_eq!(first.message_count, 2);
+    broker.reject(channel, first.delivery_tag, false, true).unwrap();
+    let (again, _) = broker.get(channel, "q", false).unwrap();
+    let again = again.unwrap();
+    assert_eq!(again.message.body, "m0", "requeued at its original place, ahead of m1");
+    assert!(again.redelivered);
+    assert_eq!(again.delivery_count, 2);
+    let effects = broker.reject(channel, again.delivery_tag, false, false).unwrap();
+    assert_eq!(effects.removed.len(), 1, "rejected without requeue: gone");
+    assert_eq!(broker.queue_entries("/", "q").len(), 2);
+}
+
+#[test]
+fn a_dead_channel_gives_its_messages_to_another_consumer_as_redeliveries() {
+    let mut broker = broker_with_queue("q");
+    let (dying, alive) = (key(1, 1), key(2, 1));
+    broker.open_channel(dying, "/").unwrap();
+    broker.open_channel(alive, "/").unwrap();
+    broker.qos(alive, 1, false).unwrap();
+    broker.enqueue("/", "q", message("m0"), None);
+    broker.enqueue("/", "q", message("m1"), None);
+    let (_, effects) = broker.consume(dying, "q", "d", false, false).unwrap();
+    assert_eq!(effects.deliveries.len(), 2);
+    let (_, effects) = broker.consume(alive, "q", "a", false, false).unwrap();
+    assert!(effects.deliveries.is_empty());
+    let effects = broker.close_connection(ConnectionId(1));
+    assert_eq!(bodies(&effects), vec!["m0"], "prefetch 1 on the surviving consumer");
+    assert!(effects.deliveries[0].redelivered);
+    let effects = broker.ack(alive, 1, false).unwrap();
+    assert_eq!(bodies(&effects), vec!["m1"]);
+    assert!(effects.deliveries[0].redelivered);
+}
+
+#[test]
+fn consumer_errors() {
+    let mut broker = broker_with_queue("q");
+    let channel = key(1, 1);
+    broker.open_channel(channel, "/").unwrap();
+    assert_eq!(broker.consume(channel, "missing", "", false, false).unwrap_err().code, reply_code::NOT_FOUND);
+    broker.consume(channel, "q", "tag", false, true).unwrap();
+    let reused = broker.consume(channel, "q", "tag", false, false).unwrap_err();
+    assert_eq!(reused.code, reply_code::ACCESS_REFUSED, "exclusive consumer holds the queue");
+    broker.cancel(channel, "tag").unwrap();
+    broker.consume(channel, "q", "tag", false, false).unwrap();
+    assert_eq!(broker.consume(channel, "q", "tag", false, false).unwrap_err().code, reply_code::NOT_ALLOWED);
+    assert_eq!(broker.recover(channel, false).unwrap_err().code, reply_code::NOT_IMPLEMENTED);
+}
+
+#[test]
+fn auto_delete_queues_go_with_their_last_consumer_and_exclusive_ones_with_their_connection() {
+    let mut broker = BrokerModel::new(1);
+    let none = FieldTable::default();
+    let channel = key(1, 1);
+    broker.open_channel(channel, "/").unwrap();
+    for (name, exclusive, auto_delete) in [("auto", false, true), ("mine", true, false)] {
+        broker
+            .vhost_mut("/")
+            .unwrap()
+            .declare_queue(&QueueDeclare {
+                name,
+                passive: false,
+                durable: false,
+                exclusive,
+                auto_delete,
+                arguments: &none,
+                connection: ConnectionId(1),
+            })
+            .unwrap();
+    }
+    broker.enqueue("/", "auto", message("x"), Some(9));
+    broker.consume(channel, "auto", "c", false, false).unwrap();
+    let effects = broker.cancel(channel, "c").unwrap();
+    assert_eq!(effects.deleted_queues.len(), 1);
+    assert_eq!(effects.removed.len(), 1, "its messages leave with it");
+    let effects = broker.close_connection(ConnectionId(1));
+    assert_eq!(effects.deleted_queues.iter().map(|queue| queue.name.as_str()).collect::<Vec<_>>(), vec!["mine"]);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Publish,
+    Consume { channel: u16, prefetch: u16 },
+    Cancel { channel: u16 },
+    Get { channel: u16 },
+    Ack { channel: u16, pick: usize, multiple: bool },
+    Nack { channel: u16, pick: usize, requeue: bool },
+    CloseChannel { channel: u16 },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => Just(Op::Publish),
+        1 => (1u16..4, 0u16..4).prop_map(|(channel, prefetch)| Op::Consume { channel, prefetch }),
+        1 => (1u16..4).prop_map(|channel| Op::Cancel { channel }),
+        1 => (1u16..4).prop_map(|channel| Op::Get { channel }),
+        3 => (1u16..4, any::<usize>(), any::<bool>()).prop_map(|(channel, pick, multiple)| Op::Ack { channel, pick, multiple }),
+        2 => (1u16..4, any::<usize>(), any::<bool>()).prop_map(|(channel, pick, requeue)| Op::Nack { channel, pick, requeue }),
+        1 => (1u16..4).prop_map(|channel| Op::CloseChannel { channel }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Every published message is, at every moment, in exactly one place: ready, unacknowledged
+    /// on exactly one channel, or removed exactly once. Prefetch limits are never exceeded.
+    #[test]
+    fn no_message_is_lost_or_duplicated(ops in proptest::collection::vec(op(), 1..150)) {
+        let mut broker = broker_with_queue("q");
+        let mut published = 0u64;
+        let mut removed: BTreeMap<u64, u32> = BTreeMap::new();
+        // delivery tag -> message number, per channel
+        let mut outstanding: BTreeMap<u16, BTreeMap<u64, u64>> = BTreeMap::new();
+        // channel -> (consumer generation, prefetch); deliveries to the current consumer are
+        // counted against its prefetch.
+        let mut prefetch: BTreeMap<u16, (u64, u16)> = BTreeMap::new();
+        let mut generation = 0u64;
+        let mut by_consumer: BTreeMap<u16, BTreeMap<u64, u64>> = BTreeMap::new();
+        let number = |message: &Message| String::from_utf8(message.body.to_vec()).unwrap().parse::<u64>().unwrap();
+        let apply = |effects: Effects,
+                     outstanding: &mut BTreeMap<u16, BTreeMap<u64, u64>>,
+                     removed: &mut BTreeMap<u64, u32>,
+                     by_consumer: &mut BTreeMap<u16, BTreeMap<u64, u64>>,
+                     prefetch: &BTreeMap<u16, (u64, u16)>| {
+            for delivery in effects.deliveries {
+                let channel = delivery.channel.channel;
+                outstanding.entry(channel).or_default().insert(delivery.delivery_tag, number(&delivery.message));
+                if let Some((current, _)) = prefetch.get(&channel) {
+                    by_consumer.entry(channel).or_default().insert(delivery.delivery_tag, *current);
+                }
+            }
+            for gone in effects.removed {
+                *removed.entry(gone.store_seq.unwrap()).or_default() += 1;
+            }
+        };
+        for channel in 1..4 {
+            broker.open_channel(key(1, channel), "/").unwrap();
+        }
+        for op in ops {
+            match op {
+                Op::Publish => {
+                    let effects = broker.enqueue("/", "q", message(&published.to_string()), Some(published));
+                    published += 1;
+                    apply(effects, &mut outstanding, &mut removed, &mut by_consumer, &prefetch);
+                }
+                Op::Consume { channel, prefetch: limit } => {
+                    if prefetch.contains_key(&channel) { continue; }
+                    broker.qos(key(1, channel), limit, false).unwrap();
+                    generation += 1;
+                    prefetch.insert(channel, (generation, limit));
+                    if let Ok((_, effects)) = broker.consume(key(1, channel), "q", "c", false, false) {
+                        apply(effects, &mut outstanding, &mut removed, &mut by_consumer, &prefetch);
+                    }
+                }
+                Op::Cancel { channel } => {
+                    if let Ok(effects) = broker.cancel(key(1, channel), "c") {
+                        prefetch.remove(&channel);
+                        apply(effects, &mut outstanding, &mut removed, &mut by_consumer, &prefetch);
+                    }
+                }
+                Op::Get { channel } => {
+                    if let Ok((Some(delivery), effects)) = broker.get(key(1, channel), "q", false) {
+                        outstanding.entry(channel).or_default().insert(delivery.delivery_tag, number(&delivery.message));
+                        apply(effects, &mut outstanding, &mut removed, &mut by_consumer, &prefetch);
+                    }
+                }
+                Op::Ack { channel, pick, multiple } => {
+                    let tags: Vec<u64> = outstanding.get(&channel).map(|tags| tags.keys().copied().collect()).unwrap_or_default();
+                    if tags.is_empty() || !broker.channel_open(key(1, channel)) { continue; }
+                    let tag = tags[pick % tags.len()];
+                    let effects = broker.ack(key(1, channel), tag, multiple).unwrap();
+                    let acked: Vec<u64> = outstanding[&channel].range(..=if multiple { tag } else { 0 }).map(|(t, _)| *t).chain(std::iter::once(tag)).collect();
+                    for acked_tag in acked {
+                        outstanding.get_mut(&channel).unwrap().remove(&acked_tag);
+                        by_consumer.entry(channel).or_default().remove(&acked_tag);
+                    }
+                    apply(effects, &mut outstanding, &mut removed, &mut by_consumer, &prefetch);
+                }
+                Op::Nack { channel, pick, requeue } => {
+                    let tags: Vec<u64> = outstanding.get(&channel).map(|tags| tags.keys().copied().collect()).unwrap_or_default();
+                    if tags.is_empty() || !broker.channel_open(key(1, channel)) { continue; }
+                    let tag = tags[pick % tags.len()];
+                    outstanding.get_mut(&channel).unwrap().remove(&tag);
+                    by_consumer.entry(channel).or_default().remove(&tag);
+                    let effects = broker.reject(key(1, channel), tag, false, requeue).unwrap();
+                    apply(effects, &mut outstanding, &mut removed, &mut by_consumer, &prefetch);
+                }
+                Op::CloseChannel { channel } => {
+                    let effects = broker.close_channel(key(1, channel));
+                    outstanding.remove(&channel);
+                    by_consumer.remove(&channel);
+                    prefetch.remove(&channel);
+                    apply(effects, &mut outstanding, &mut removed, &mut by_consumer, &prefetch);
+                    broker.open_channel(key(1, channel), "/").unwrap();
+                }
+            }
+            // Conservation: every message is in exactly one place.
+            let in_queue: Vec<u64> = broker.queue_entries("/", "q").iter().map(|entry| entry.store_seq.unwrap()).collect();
+            let mut seen: BTreeMap<u64, u32> = BTreeMap::new();
+            for seq in in_queue { *seen.entry(seq).or_default() += 1; }
+            for (seq, count) in &removed { *seen.entry(*seq).or_default() += count; }
+            prop_assert_eq!(seen.len() as u64, published, "every message accounted for");
+            prop_assert!(seen.values().all(|count| *count == 1), "no message in two places: {:?}", seen);
+            // Unacked deliveries the client holds are exactly the queue's unacked entries.
+            let held: usize = outstanding.values().map(|tags| tags.len()).sum();
+            let unacked = broker.vhost("/").unwrap().queue("q").unwrap().unacked_count();
+            prop_assert_eq!(held, unacked);
+            for (channel, (current, limit)) in &prefetch {
+                let in_flight = by_consumer.get(channel).map_or(0, |tags| tags.values().filter(|g| *g == current).count());
+                prop_assert!(*limit == 0 || in_flight <= *limit as usize, "consumer on channel {} holds {} > prefetch {}", channel, in_flight, limit);
+            }
+        }
+    }
+}
