@@ -74,6 +74,13 @@ pub enum StoreError {
         limit: usize,
     },
 
+    /// Another process has the data directory open.
+    #[error("the data directory is in use by another process (lock held on {path})")]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+    },
+
     /// The store was closed; no more operations are accepted.
     #[error("the store is closed")]
     Closed,

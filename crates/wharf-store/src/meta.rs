@@ -24,6 +24,9 @@ pub const META_KEY_BYTES_MAX: usize = 4 * 1024;
 pub const META_VALUE_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Most entries the map may hold.
 pub const META_ENTRIES_MAX: usize = 1_000_000;
+/// Most bytes of live definitions. With compaction at twice the live size, the log stays far
+/// below the size recovery reads (`SEGMENT_FILE_BYTES_LIMIT`).
+pub const META_LIVE_BYTES_MAX: u64 = 256 * 1024 * 1024;
 /// The log is compacted once it is this much larger than the live data.
 const COMPACTION_SLACK_BYTES: u64 = 1024 * 1024;
 
@@ -337,6 +340,20 @@ impl MetaStore {
                 what: "definitions map (entries)",
                 bytes: (inner.entries.len() + new_keys) as u64,
                 limit_bytes: META_ENTRIES_MAX as u64,
+            });
+        }
+        let added_bytes: u64 = changes
+            .iter()
+            .map(|change| match change {
+                MetaChange::Put { key, value } => entry_bytes(key, value),
+                MetaChange::Delete { .. } => 0,
+            })
+            .sum();
+        if inner.live_bytes + added_bytes > META_LIVE_BYTES_MAX {
+            return Err(StoreError::TooLarge {
+                what: "definitions (live bytes)",
+                bytes: inner.live_bytes + added_bytes,
+                limit_bytes: META_LIVE_BYTES_MAX,
             });
         }
         let mut record = Vec::with_capacity(RECORD_HEADER_BYTES + payload.len());

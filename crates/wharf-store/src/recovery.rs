@@ -46,6 +46,13 @@ struct ScannedFile {
     records: Vec<format::ScannedRecord>,
 }
 
+fn id_exhausted(path: &Path) -> StoreError {
+    StoreError::Format {
+        path: path.to_path_buf(),
+        reason: "file or queue ids exhausted (a stray file named with the largest id?)".into(),
+    }
+}
+
 fn io_error(context: String) -> impl FnOnce(std::io::Error) -> StoreError {
     move |error| StoreError::io(context, error)
 }
@@ -94,11 +101,12 @@ fn scan_file(
     let file = fs.open(path, OpenMode::Existing).map_err(io_error(format!("opening {}", path.display())))?;
     let file_len = file.size_bytes().map_err(io_error(format!("reading the length of {}", path.display())))?;
     if file_len > SEGMENT_FILE_BYTES_LIMIT {
-        issues.push(RecoveryIssue::UnreadableFile {
-            path: path.to_path_buf(),
-            reason: format!("{file_len} bytes, over the {SEGMENT_FILE_BYTES_LIMIT}-byte limit for a segment"),
+        // Never skipped: ignoring an ack-log segment would bring back removed messages.
+        return Err(StoreError::TooLarge {
+            what: "store file (see SEGMENT_FILE_BYTES_LIMIT)",
+            bytes: file_len,
+            limit_bytes: SEGMENT_FILE_BYTES_LIMIT,
         });
-        return Ok(None);
     }
     let bytes =
         crate::fs::read_all(file.as_ref(), file_len).map_err(io_error(format!("reading {}", path.display())))?;
@@ -254,9 +262,10 @@ fn scan_queue(fs: &dyn Fs, queue: QueueId, dir: PathBuf, issues: &mut Vec<Recove
         );
     }
     let active_base = segments.keys().next_back().copied().unwrap_or(0);
+    let next_segment_id = last_id.checked_add(1).ok_or_else(|| id_exhausted(&dir))?;
     Ok(Some(QueueScan {
         needs_new_segment: last_usable_id != Some(last_id),
-        log: QueueLog { dir, salt, segments, active_base, next_segment_id: last_id + 1, last_seq: max_seq },
+        log: QueueLog { dir, salt, segments, active_base, next_segment_id, last_seq: max_seq },
         messages,
         max_seq,
     }))
@@ -375,16 +384,13 @@ pub(crate) fn recover(
             .filter(|(base, segment)| (**base != active_base || scan.needs_new_segment) && segment.live.count() == 0)
             .map(|(base, _)| *base)
             .collect();
-        for base in &dead {
-            if let Some(segment) = log.segments.remove(base) {
-                let path = log.dir.join(writer::segment_file_name(segment.id));
-                fs.remove_file(&path).map_err(io_error(format!("removing {}", path.display())))?;
-                scan.messages.remove(base);
-            }
-        }
         let next_seq = scan.max_seq.max(max_acked_seq.get(&queue).copied().unwrap_or(0)) + 1;
-        if scan.needs_new_segment || log.segments.is_empty() {
+        // The replacement active segment is made durable before anything is deleted: at every
+        // moment the queue has a durable segment, so a crash in between can never leave an empty
+        // directory that the next recovery would take for a torn creation.
+        if scan.needs_new_segment || log.segments.len() == dead.len() {
             let id = log.next_segment_id;
+            log.next_segment_id = id.checked_add(1).ok_or_else(|| id_exhausted(&log.dir))?;
             let file = writer::create_file(
                 fs.as_ref(),
                 &log.dir.join(writer::segment_file_name(id)),
@@ -395,7 +401,7 @@ pub(crate) fn recover(
                 log.salt,
             )?;
             sync(&file, "a new queue segment")?;
-            log.next_segment_id += 1;
+            fs.sync_dir(&log.dir).map_err(io_error(format!("syncing {}", log.dir.display())))?;
             log.segments.insert(
                 next_seq,
                 Segment {
@@ -410,7 +416,14 @@ pub(crate) fn recover(
             );
             log.active_base = next_seq;
         }
-        if !dead.is_empty() || scan.needs_new_segment {
+        for base in &dead {
+            if let Some(segment) = log.segments.remove(base) {
+                let path = log.dir.join(writer::segment_file_name(segment.id));
+                fs.remove_file(&path).map_err(io_error(format!("removing {}", path.display())))?;
+                scan.messages.remove(base);
+            }
+        }
+        if !dead.is_empty() {
             fs.sync_dir(&log.dir).map_err(io_error(format!("syncing {}", log.dir.display())))?;
         }
         if let Some(active) = log.segments.get(&log.active_base) {
@@ -463,7 +476,7 @@ pub(crate) fn recover(
     match usable_last {
         Some(id) => acks.active = id,
         None => {
-            let id = last_ack_id + 1;
+            let id = last_ack_id.checked_add(1).ok_or_else(|| id_exhausted(&acks_dir))?;
             let salt = writer::random_salt();
             let file =
                 writer::create_file(fs.as_ref(), &acks_dir.join(writer::ack_file_name(id)), ACK_MAGIC, id, 0, 0, salt)?;
@@ -493,7 +506,8 @@ pub(crate) fn recover(
         });
     }
     // Skip whatever the last reservation covered: some of those ids may have been handed out.
-    let next_queue_id = (max_queue_id + 1).max(reservation.unwrap_or(0));
+    let next_queue_id =
+        max_queue_id.checked_add(1).ok_or_else(|| id_exhausted(&queues_dir))?.max(reservation.unwrap_or(0));
     let state = WriterState {
         fs,
         dir: dir.to_path_buf(),

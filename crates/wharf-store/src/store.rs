@@ -93,6 +93,9 @@ pub struct StoreConfig {
     pub batch_bytes_max: usize,
     /// Operations that may wait for the writer; beyond this, callers block (back-pressure).
     pub pending_ops_max: usize,
+    /// Bytes of appends that may wait for the writer; beyond this, appenders block until the
+    /// writer catches up (a single append larger than this still goes through alone).
+    pub pending_bytes_max: u64,
     /// Removals not explicitly synced are made durable at most this long after they were written.
     pub ack_sync_interval_ms: u64,
     /// Most queues one store holds.
@@ -106,27 +109,34 @@ impl Default for StoreConfig {
             ack_segment_bytes_max: 8 * 1024 * 1024,
             batch_bytes_max: 16 * 1024 * 1024,
             pending_ops_max: 65_536,
+            pending_bytes_max: 256 * 1024 * 1024,
             ack_sync_interval_ms: 200,
             queue_count_max: 100_000,
         }
     }
 }
 
-/// Largest segment file recovery will read into memory; bigger files are refused as not ours.
+/// Largest segment file recovery will read into memory; a bigger file stops the open (it was not
+/// written by this store, and skipping it could bring back removed messages).
 pub const SEGMENT_FILE_BYTES_LIMIT: u64 = 1024 * 1024 * 1024;
+/// Largest `batch_bytes_max` accepted.
+pub const BATCH_BYTES_LIMIT: usize = 256 * 1024 * 1024;
 
 impl StoreConfig {
+    /// Checks the limits, including that no file can grow past what recovery reads: a segment
+    /// may exceed `segment_bytes_max` by one record, an ack-log segment by one batch.
     fn validate(&self) -> Result<()> {
         let floor = (format::FILE_HEADER_BYTES + RECORD_HEADER_BYTES) as u64;
-        if self.segment_bytes_max < floor || self.segment_bytes_max > SEGMENT_FILE_BYTES_LIMIT {
-            return Err(StoreError::Config(format!(
-                "segment_bytes_max must be between {floor} and {SEGMENT_FILE_BYTES_LIMIT}"
-            )));
+        let segment_ceiling = SEGMENT_FILE_BYTES_LIMIT - RECORD_BYTES_MAX as u64;
+        if self.segment_bytes_max < floor || self.segment_bytes_max > segment_ceiling {
+            return Err(StoreError::Config(format!("segment_bytes_max must be between {floor} and {segment_ceiling}")));
         }
-        if self.ack_segment_bytes_max < floor || self.ack_segment_bytes_max > SEGMENT_FILE_BYTES_LIMIT {
-            return Err(StoreError::Config(format!(
-                "ack_segment_bytes_max must be between {floor} and {SEGMENT_FILE_BYTES_LIMIT}"
-            )));
+        if self.batch_bytes_max > BATCH_BYTES_LIMIT {
+            return Err(StoreError::Config(format!("batch_bytes_max must be at most {BATCH_BYTES_LIMIT}")));
+        }
+        let ack_ceiling = SEGMENT_FILE_BYTES_LIMIT - BATCH_BYTES_LIMIT as u64;
+        if self.ack_segment_bytes_max < floor || self.ack_segment_bytes_max > ack_ceiling {
+            return Err(StoreError::Config(format!("ack_segment_bytes_max must be between {floor} and {ack_ceiling}")));
         }
         if self.pending_ops_max == 0 || self.batch_bytes_max == 0 || self.queue_count_max == 0 {
             return Err(StoreError::Config(
@@ -237,10 +247,40 @@ pub(crate) struct Shared {
     pub segment_files: RwLock<SegmentFiles>,
     /// Set once by the first fatal error; every later operation fails with it.
     pub fatal: OnceLock<Arc<str>>,
+    /// Bytes of appends handed to the writer and not yet processed.
+    pub pending_bytes: Mutex<u64>,
+    /// Signalled when the writer releases pending bytes, or stops.
+    pub pending_room: std::sync::Condvar,
+    /// The writer thread has stopped; nobody will release pending bytes any more.
+    pub writer_stopped: std::sync::atomic::AtomicBool,
     pub counters: Counters,
 }
 
 impl Shared {
+    /// Waits until `bytes` more append bytes fit in the budget, then takes them.
+    pub fn reserve_pending(&self, bytes: u64, max: u64) -> Result<()> {
+        let mut pending = self.pending_bytes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        while *pending > 0 && *pending + bytes > max {
+            if self.writer_stopped.load(Ordering::Acquire) {
+                return Err(StoreError::Closed);
+            }
+            self.check_fatal()?;
+            pending = self.pending_room.wait(pending).unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        *pending += bytes;
+        Ok(())
+    }
+
+    /// Gives back append bytes the writer has processed.
+    pub fn release_pending(&self, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        let mut pending = self.pending_bytes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *pending = pending.saturating_sub(bytes);
+        self.pending_room.notify_all();
+    }
+
     pub fn check_fatal(&self) -> Result<()> {
         match self.fatal.get() {
             Some(reason) => Err(StoreError::Fatal { reason: Arc::clone(reason) }),
@@ -271,6 +311,9 @@ struct StoreInner {
     sender: SyncSender<Op>,
     writer: Mutex<Option<JoinHandle<()>>>,
     dir: PathBuf,
+    pending_bytes_max: u64,
+    /// Held for the store's lifetime: the data directory's `LOCK` file.
+    _lock: Box<dyn std::any::Any + Send + Sync>,
 }
 
 impl Drop for StoreInner {
@@ -292,10 +335,23 @@ impl Store {
     pub fn open(fs: Arc<dyn Fs>, dir: impl Into<PathBuf>, config: StoreConfig) -> Result<(Store, Recovered)> {
         config.validate()?;
         let dir = dir.into();
+        crate::fs::create_dir_durable(fs.as_ref(), &dir)
+            .map_err(|error| StoreError::io(format!("creating {}", dir.display()), error))?;
+        let lock_path = dir.join("LOCK");
+        let lock = fs.lock_exclusive(&lock_path).map_err(|error| {
+            if error.kind() == std::io::ErrorKind::WouldBlock {
+                StoreError::Locked { path: lock_path.clone() }
+            } else {
+                StoreError::io(format!("locking {}", lock_path.display()), error)
+            }
+        })?;
         let shared = Arc::new(Shared {
             queues: RwLock::new(HashMap::new()),
             segment_files: RwLock::new(HashMap::new()),
             fatal: OnceLock::new(),
+            pending_bytes: Mutex::new(0),
+            pending_room: std::sync::Condvar::new(),
+            writer_stopped: std::sync::atomic::AtomicBool::new(false),
             counters: Counters::default(),
         });
         let (state, recovered) = recovery::recover(fs, &dir, config.clone(), Arc::clone(&shared))?;
@@ -304,7 +360,16 @@ impl Store {
             .name("wharf-store-writer".into())
             .spawn(move || writer::run(state, receiver))
             .map_err(|error| StoreError::io("starting the writer thread", error))?;
-        let store = Store { inner: Arc::new(StoreInner { shared, sender, writer: Mutex::new(Some(writer)), dir }) };
+        let store = Store {
+            inner: Arc::new(StoreInner {
+                shared,
+                sender,
+                writer: Mutex::new(Some(writer)),
+                dir,
+                pending_bytes_max: config.pending_bytes_max,
+                _lock: lock,
+            }),
+        };
         Ok((store, recovered))
     }
 
@@ -372,6 +437,8 @@ impl Store {
         );
         debug_assert!(record.len() <= RECORD_BYTES_MAX);
         let (completer, ticket) = ticket::ticket();
+        let record_bytes = record.len() as u64;
+        self.inner.shared.reserve_pending(record_bytes, self.inner.pending_bytes_max)?;
         let mut next_seq = handle.next_seq.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let seq = *next_seq;
         format::set_record_word_a(&mut record, handle.salt, seq);

@@ -222,7 +222,9 @@ pub(crate) fn run(mut state: WriterState, receiver: Receiver<Op>) {
     let mut last_batch_len = 0;
     let ack_sync_interval = Duration::from_millis(state.config.ack_sync_interval_ms);
     loop {
-        let first = match state.acks.dirty_since {
+        // After a fatal error nothing will ever be synced again: wait for work, not for a timer.
+        let lazy_deadline = state.acks.dirty_since.filter(|_| state.shared.check_fatal().is_ok());
+        let first = match lazy_deadline {
             Some(since) => {
                 let wait = (since + ack_sync_interval).saturating_duration_since(Instant::now());
                 match receiver.recv_timeout(wait) {
@@ -265,15 +267,29 @@ pub(crate) fn run(mut state: WriterState, receiver: Receiver<Op>) {
             }
         }
         last_batch_len = batch.len();
-        if state.process(&mut batch) {
+        let append_bytes: u64 =
+            batch.iter().map(|op| if let Op::Append { record, .. } = op { record.len() as u64 } else { 0 }).sum();
+        let closed = state.process(&mut batch);
+        state.shared.release_pending(append_bytes);
+        if closed {
+            stop_writer(&state);
             return;
         }
     }
+    // Every handle is gone without a close: make the last removals durable anyway.
     if state.shared.check_fatal().is_ok()
         && let Err(error) = state.sync_acks()
     {
         tracing::error!(%error, "could not sync the ack log while shutting down");
     }
+    stop_writer(&state);
+}
+
+/// Marks the writer stopped and wakes appenders waiting for room, so none waits forever.
+fn stop_writer(state: &WriterState) {
+    state.shared.writer_stopped.store(true, Ordering::Release);
+    let _guard = state.shared.pending_bytes.lock();
+    state.shared.pending_room.notify_all();
 }
 
 impl WriterState {
@@ -540,7 +556,7 @@ impl WriterState {
         if acks.is_empty() {
             return results;
         }
-        if let Err(error) = self.roll_ack_segment_if_full() {
+        if let Err(error) = self.roll_ack_segment_if_full((acks.len() * format::RECORD_HEADER_BYTES) as u64) {
             for (_, _, _, done) in acks {
                 results.push((done, Err(error.clone())));
             }
@@ -633,12 +649,18 @@ impl WriterState {
         results
     }
 
-    fn roll_ack_segment_if_full(&mut self) -> Result<()> {
+    /// Starts a new ack-log segment if `incoming_bytes` would take the active one past its limit
+    /// (an empty segment takes any batch; `StoreConfig::validate` keeps that under the file limit).
+    fn roll_ack_segment_if_full(&mut self, incoming_bytes: u64) -> Result<()> {
         let active_len = self.acks.segments.get(&self.acks.active).map_or(0, |segment| segment.len);
-        if active_len < self.config.ack_segment_bytes_max {
+        if active_len <= FILE_HEADER_BYTES as u64 || active_len + incoming_bytes <= self.config.ack_segment_bytes_max {
             return Ok(());
         }
-        let id = self.acks.active + 1;
+        let id = self
+            .acks
+            .active
+            .checked_add(1)
+            .ok_or_else(|| StoreError::Config("ack-log segment ids exhausted".into()))?;
         let salt = random_salt();
         let file = create_file(self.fs.as_ref(), &self.acks.dir.join(ack_file_name(id)), ACK_MAGIC, id, 0, 0, salt)?;
         let sealed = self.acks.active;
@@ -732,6 +754,11 @@ impl WriterState {
         if ids.is_empty() {
             return Ok(());
         }
+        // The directory sync below also makes new segments' entries durable; their contents
+        // (at least the header) must be durable first, or a crash leaves an empty, unreadable file.
+        if self.acks.dir_dirty {
+            self.sync_acks()?;
+        }
         for id in ids {
             if self.acks.segments.remove(id).is_none() {
                 continue;
@@ -760,9 +787,17 @@ impl WriterState {
             self.queue_ids_reserved_until = reserve_until;
         }
         let queue = QueueId(self.next_queue_id);
-        self.next_queue_id += 1;
+        self.next_queue_id =
+            self.next_queue_id.checked_add(1).ok_or_else(|| StoreError::Config("queue ids exhausted".into()))?;
         let queues_dir = queues_dir(&self.dir);
         let dir = queues_dir.join(queue_dir_name(queue));
+        if self.fs.exists(&dir) {
+            // Only possible with files this store did not write; never touch them.
+            return Err(StoreError::Format {
+                path: dir,
+                reason: "a queue directory with a fresh id already exists".into(),
+            });
+        }
         let salt = random_salt();
         let created = self
             .fs

@@ -57,6 +57,10 @@ pub trait Fs: Send + Sync + fmt::Debug {
     fn sync_dir(&self, path: &Path) -> io::Result<()>;
     /// True if the path exists.
     fn exists(&self, path: &Path) -> bool;
+    /// Takes an exclusive lock on `path` (creating the file) for as long as the returned guard
+    /// lives, so two processes never open the same data directory; fails with `WouldBlock` if
+    /// another holder has it.
+    fn lock_exclusive(&self, path: &Path) -> io::Result<Box<dyn std::any::Any + Send + Sync>>;
 }
 
 /// An open file. All methods take `&self` so one handle can serve the writer thread and readers.

@@ -14,7 +14,7 @@
 //! Faults on demand: failing syncs, a space limit (`ENOSPC` after a partial write), flipped bits.
 
 use super::{DirEntry, Fs, FsFile, OpenMode};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -40,11 +40,14 @@ pub struct SimFs {
 #[derive(Debug)]
 struct SimState {
     generation: u64,
-    inodes: HashMap<u64, Inode>,
+    /// Ordered, so a crash visits inodes in the same order every time and a seed reproduces it.
+    inodes: BTreeMap<u64, Inode>,
     next_inode: u64,
     rng_state: u64,
     syncs_to_fail: u64,
     syncs_before_failing: u64,
+    /// Mutating operations left before a scheduled crash, and its mode.
+    crash_after: Option<(u64, CrashMode)>,
     space_bytes_max: Option<u64>,
     sync_count: u64,
 }
@@ -154,64 +157,9 @@ impl SimState {
         Ok(())
     }
 
-    /// Drops inodes no longer reachable from the root after a crash rewound directories.
-    fn collect_garbage(&mut self) {
-        let mut reachable = std::collections::HashSet::new();
-        let mut stack = vec![ROOT_INODE];
-        while let Some(inode) = stack.pop() {
-            if !reachable.insert(inode) {
-                continue;
-            }
-            if let Some(Inode::Dir { entries, .. }) = self.inodes.get(&inode) {
-                stack.extend(entries.values().copied());
-            }
-        }
-        self.inodes.retain(|number, _| reachable.contains(number));
-    }
-}
-
-impl SimFs {
-    /// A new, empty file system. `seed` makes [`CrashMode::Random`] outcomes reproducible.
-    pub fn new(seed: u64) -> Self {
-        let mut inodes = HashMap::new();
-        inodes.insert(ROOT_INODE, Inode::Dir { entries: BTreeMap::new(), durable_entries: BTreeMap::new() });
-        SimFs {
-            state: Arc::new(Mutex::new(SimState {
-                generation: 0,
-                inodes,
-                next_inode: ROOT_INODE + 1,
-                rng_state: seed,
-                syncs_to_fail: 0,
-                syncs_before_failing: 0,
-                space_bytes_max: None,
-                sync_count: 0,
-            })),
-            generation: 0,
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, SimState> {
-        // A panic while holding the lock only happens in a failing test; keep going with the data.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn live(&self) -> io::Result<MutexGuard<'_, SimState>> {
-        let state = self.lock();
-        if state.generation != self.generation {
-            return Err(crashed_error());
-        }
-        Ok(state)
-    }
-
-    /// This mount as the store's file-system handle.
-    pub fn shared(&self) -> Arc<dyn Fs> {
-        Arc::new(self.clone())
-    }
-
-    /// Simulates a crash. Every mount and handle from before fails from now on; use
-    /// [`SimFs::remount`] to get the file system as it is after the crash.
-    pub fn crash(&self, mode: CrashMode) {
-        let mut state = self.lock();
+    fn crash_now(&mut self, mode: CrashMode) {
+        let state = self;
+        state.crash_after = None;
         state.generation += 1;
         let numbers: Vec<u64> = state.inodes.keys().copied().collect();
         for number in numbers {
@@ -254,6 +202,100 @@ impl SimFs {
             }
         }
         state.collect_garbage();
+    }
+
+    /// Counts a mutating operation toward a scheduled crash; true if the crash happened now.
+    fn tick(&mut self) -> bool {
+        match &mut self.crash_after {
+            Some((0, mode)) => {
+                let mode = *mode;
+                self.crash_now(mode);
+                true
+            }
+            Some((left, _)) => {
+                *left -= 1;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Drops inodes no longer reachable from the root after a crash rewound directories.
+    fn collect_garbage(&mut self) {
+        let mut reachable = std::collections::HashSet::new();
+        let mut stack = vec![ROOT_INODE];
+        while let Some(inode) = stack.pop() {
+            if !reachable.insert(inode) {
+                continue;
+            }
+            if let Some(Inode::Dir { entries, .. }) = self.inodes.get(&inode) {
+                stack.extend(entries.values().copied());
+            }
+        }
+        self.inodes.retain(|number, _| reachable.contains(number));
+    }
+}
+
+impl SimFs {
+    /// A new, empty file system. `seed` makes [`CrashMode::Random`] outcomes reproducible.
+    pub fn new(seed: u64) -> Self {
+        let mut inodes = BTreeMap::new();
+        inodes.insert(ROOT_INODE, Inode::Dir { entries: BTreeMap::new(), durable_entries: BTreeMap::new() });
+        SimFs {
+            state: Arc::new(Mutex::new(SimState {
+                generation: 0,
+                inodes,
+                next_inode: ROOT_INODE + 1,
+                rng_state: seed,
+                syncs_to_fail: 0,
+                syncs_before_failing: 0,
+                crash_after: None,
+                space_bytes_max: None,
+                sync_count: 0,
+            })),
+            generation: 0,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SimState> {
+        // A panic while holding the lock only happens in a failing test; keep going with the data.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn live(&self) -> io::Result<MutexGuard<'_, SimState>> {
+        let state = self.lock();
+        if state.generation != self.generation {
+            return Err(crashed_error());
+        }
+        Ok(state)
+    }
+
+    /// Like `live`, for an operation that changes something: it counts toward a scheduled crash.
+    fn mutating(&self) -> io::Result<MutexGuard<'_, SimState>> {
+        let mut state = self.live()?;
+        if state.tick() {
+            return Err(crashed_error());
+        }
+        Ok(state)
+    }
+
+    /// This mount as the store's file-system handle.
+    pub fn shared(&self) -> Arc<dyn Fs> {
+        Arc::new(self.clone())
+    }
+
+    /// Simulates a crash. Every mount and handle from before fails from now on; use
+    /// [`SimFs::remount`] to get the file system as it is after the crash.
+    pub fn crash(&self, mode: CrashMode) {
+        self.lock().crash_now(mode);
+    }
+
+    /// Schedules a crash: after `operations` more mutating operations (writes, truncations,
+    /// syncs, creations, removals, renames) through any mount, the file system crashes in `mode`
+    /// and that operation and every later one through the old mounts fail. For crashing in the
+    /// middle of something, such as recovery.
+    pub fn crash_after_operations(&self, operations: u64, mode: CrashMode) {
+        self.lock().crash_after = Some((operations, mode));
     }
 
     /// A mount of the file system as it is now (after a crash: the surviving state).
@@ -357,7 +399,7 @@ impl SimFs {
 
 impl Fs for SimFs {
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
-        let mut state = self.live()?;
+        let mut state = self.mutating()?;
         let mut current = ROOT_INODE;
         for name in components(path)? {
             let existing = match state.inodes.get(&current) {
@@ -393,7 +435,7 @@ impl Fs for SimFs {
     }
 
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn FsFile>> {
-        let mut state = self.live()?;
+        let mut state = self.mutating()?;
         let inode = match (state.lookup(path), mode) {
             (Ok(number), OpenMode::Existing) => match state.inodes.get(&number) {
                 Some(Inode::File { .. }) => number,
@@ -414,7 +456,7 @@ impl Fs for SimFs {
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
-        let mut state = self.live()?;
+        let mut state = self.mutating()?;
         let (parent, name) = state.parent_and_name(path)?;
         state.entries_mut(parent)?.remove(&name).map(|_| ()).ok_or_else(|| not_found(path))
     }
@@ -426,7 +468,7 @@ impl Fs for SimFs {
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        let mut state = self.live()?;
+        let mut state = self.mutating()?;
         let (from_parent, from_name) = state.parent_and_name(from)?;
         let (to_parent, to_name) = state.parent_and_name(to)?;
         let number = state.entries_mut(from_parent)?.remove(&from_name).ok_or_else(|| not_found(from))?;
@@ -435,7 +477,7 @@ impl Fs for SimFs {
     }
 
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
-        let mut state = self.live()?;
+        let mut state = self.mutating()?;
         state.take_sync_failure()?;
         let number = state.lookup(path)?;
         match state.inodes.get_mut(&number) {
@@ -450,6 +492,11 @@ impl Fs for SimFs {
     fn exists(&self, path: &Path) -> bool {
         self.live().is_ok_and(|state| state.lookup(path).is_ok())
     }
+
+    fn lock_exclusive(&self, _path: &Path) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {
+        // One process by construction: tests decide which store instance is alive.
+        Ok(Box::new(()))
+    }
 }
 
 #[derive(Debug)]
@@ -461,9 +508,10 @@ struct SimFile {
 impl SimFile {
     fn with_data<T>(
         &self,
+        mutating: bool,
         action: impl FnOnce(&mut SimState, &mut Vec<u8>, &mut Vec<u8>) -> io::Result<T>,
     ) -> io::Result<T> {
-        let mut state = self.fs.live()?;
+        let mut state = if mutating { self.fs.mutating()? } else { self.fs.live()? };
         // Take the file out while acting on it so the closure can still read the whole state.
         let Some(Inode::File { mut data, mut durable }) = state.inodes.remove(&self.inode) else {
             return Err(io::Error::other("file no longer exists"));
@@ -476,11 +524,11 @@ impl SimFile {
 
 impl FsFile for SimFile {
     fn size_bytes(&self) -> io::Result<u64> {
-        self.with_data(|_, data, _| Ok(data.len() as u64))
+        self.with_data(false, |_, data, _| Ok(data.len() as u64))
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.with_data(|_, data, _| {
+        self.with_data(false, |_, data, _| {
             let start = usize::try_from(offset).map_err(io::Error::other)?;
             let end = start.saturating_add(buf.len());
             let source =
@@ -491,7 +539,7 @@ impl FsFile for SimFile {
     }
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.with_data(|state, data, _| {
+        self.with_data(true, |state, data, _| {
             let start = usize::try_from(offset).map_err(io::Error::other)?;
             let end = start + buf.len();
             let growth = end.saturating_sub(data.len()) as u64;
@@ -518,14 +566,14 @@ impl FsFile for SimFile {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.with_data(|_, data, _| {
+        self.with_data(true, |_, data, _| {
             data.resize(usize::try_from(len).map_err(io::Error::other)?, 0);
             Ok(())
         })
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        self.with_data(|state, data, durable| {
+        self.with_data(true, |state, data, durable| {
             state.take_sync_failure()?;
             durable.clone_from(data);
             Ok(())
