@@ -147,7 +147,7 @@ fn apply_to_map(entries: &mut BTreeMap<Vec<u8>, Vec<u8>>, live_bytes: &mut u64, 
 
 /// Writes a fresh log holding `entries` to `path` and syncs it (no rename).
 fn write_log(fs: &dyn Fs, path: &Path, entries: &BTreeMap<Vec<u8>, Vec<u8>>) -> Result<(Arc<dyn FsFile>, u32, u64)> {
-    if fs.exists(path) {
+    if fs.exists(path).map_err(|error| StoreError::io(format!("checking {}", path.display()), error))? {
         fs.remove_file(path).map_err(|error| StoreError::io(format!("removing {}", path.display()), error))?;
     }
     let salt = crate::writer::random_salt();
@@ -185,14 +185,17 @@ impl MetaStore {
             .map_err(|error| StoreError::io(format!("creating {}", dir.display()), error))?;
         let log_path = dir.join(LOG_NAME);
         let tmp_path = dir.join(TMP_NAME);
-        if fs.exists(&tmp_path) {
+        let exists = |path: &Path| {
+            fs.exists(path).map_err(|error| StoreError::io(format!("checking {}", path.display()), error))
+        };
+        if exists(&tmp_path)? {
             // A compaction that did not reach its rename: the old log is still the truth.
             fs.remove_file(&tmp_path)
                 .map_err(|error| StoreError::io(format!("removing {}", tmp_path.display()), error))?;
         }
         let mut entries = BTreeMap::new();
         let mut live_bytes = 0;
-        let (file, salt, len) = if fs.exists(&log_path) {
+        let (file, salt, len) = if exists(&log_path)? {
             let file = fs
                 .open(&log_path, OpenMode::Existing)
                 .map_err(|error| StoreError::io(format!("opening {}", log_path.display()), error))?;

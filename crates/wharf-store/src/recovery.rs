@@ -498,13 +498,17 @@ pub(crate) fn recover(
     }
     fs.sync_dir(&acks_dir).map_err(io_error(format!("syncing {}", acks_dir.display())))?;
 
-    let reservation = writer::read_queue_id_reservation(fs.as_ref(), dir);
-    if reservation.is_none() && fs.exists(&dir.join(writer::QUEUE_IDS_FILE)) {
-        recovered.issues.push(RecoveryIssue::UnreadableFile {
-            path: dir.join(writer::QUEUE_IDS_FILE),
-            reason: "queue-id reservation damaged; continuing above the highest id on disk".into(),
-        });
-    }
+    let reservation = match writer::read_queue_id_reservation(fs.as_ref(), dir)? {
+        writer::Reservation::Below(below) => Some(below),
+        writer::Reservation::Missing => None,
+        writer::Reservation::Damaged => {
+            recovered.issues.push(RecoveryIssue::UnreadableFile {
+                path: dir.join(writer::QUEUE_IDS_FILE),
+                reason: "queue-id reservation damaged; continuing above the highest id on disk".into(),
+            });
+            None
+        }
+    };
     // Skip whatever the last reservation covered: some of those ids may have been handed out.
     let next_queue_id =
         max_queue_id.checked_add(1).ok_or_else(|| id_exhausted(&queues_dir))?.max(reservation.unwrap_or(0));

@@ -791,7 +791,7 @@ impl WriterState {
             self.next_queue_id.checked_add(1).ok_or_else(|| StoreError::Config("queue ids exhausted".into()))?;
         let queues_dir = queues_dir(&self.dir);
         let dir = queues_dir.join(queue_dir_name(queue));
-        if self.fs.exists(&dir) {
+        if self.fs.exists(&dir).map_err(|error| StoreError::io(format!("checking {}", dir.display()), error))? {
             // Only possible with files this store did not write; never touch them.
             return Err(StoreError::Format {
                 path: dir,
@@ -899,7 +899,7 @@ const QUEUE_IDS_FILE_BYTES: usize = 12;
 /// old reservation in force (an ordinary error); failing after it is fatal.
 fn write_queue_id_reservation(fs: &dyn Fs, dir: &Path, reserve_until: u64, shared: &Shared) -> Result<()> {
     let tmp = dir.join(QUEUE_IDS_TMP_FILE);
-    if fs.exists(&tmp) {
+    if fs.exists(&tmp).map_err(|error| StoreError::io(format!("checking {}", tmp.display()), error))? {
         fs.remove_file(&tmp).map_err(|error| StoreError::io(format!("removing {}", tmp.display()), error))?;
     }
     let mut bytes = reserve_until.to_le_bytes().to_vec();
@@ -919,19 +919,38 @@ fn write_queue_id_reservation(fs: &dyn Fs, dir: &Path, reserve_until: u64, share
     Ok(())
 }
 
-/// Reads the queue-id reservation; `None` if it is missing or damaged (recovery then relies on
-/// the ids it finds on disk).
-pub(crate) fn read_queue_id_reservation(fs: &dyn Fs, dir: &Path) -> Option<u64> {
-    let file = fs.open(&dir.join(QUEUE_IDS_FILE), OpenMode::Existing).ok()?;
+/// What the queue-id reservation file holds.
+pub(crate) enum Reservation {
+    /// No file (a store that never created a queue).
+    Missing,
+    /// The file is there but short or failing its checksum.
+    Damaged,
+    /// Ids below this may have been handed out.
+    Below(u64),
+}
+
+/// Reads the queue-id reservation. I/O errors are errors: guessing "no reservation" could hand
+/// out an id again.
+pub(crate) fn read_queue_id_reservation(fs: &dyn Fs, dir: &Path) -> Result<Reservation> {
+    let path = dir.join(QUEUE_IDS_FILE);
+    let file = match fs.open(&path, OpenMode::Existing) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Reservation::Missing),
+        Err(error) => return Err(StoreError::io(format!("opening {}", path.display()), error)),
+    };
     let mut bytes = [0u8; QUEUE_IDS_FILE_BYTES];
-    file.read_exact_at(&mut bytes, 0).ok()?;
+    match file.read_exact_at(&mut bytes, 0) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Reservation::Damaged),
+        Err(error) => return Err(StoreError::io(format!("reading {}", path.display()), error)),
+    }
     let (value, crc) = bytes.split_at(8);
     if crc32c::crc32c(value).to_le_bytes() != crc {
-        return None;
+        return Ok(Reservation::Damaged);
     }
     let mut word = [0u8; 8];
     word.copy_from_slice(value);
-    Some(u64::from_le_bytes(word))
+    Ok(Reservation::Below(u64::from_le_bytes(word)))
 }
 
 /// Creates a store file with its header written (not yet synced).

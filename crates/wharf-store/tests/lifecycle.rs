@@ -285,3 +285,39 @@ fn a_message_can_be_removed_before_its_append_is_durable() {
     let (_, recovered) = Store::open(sim.remount().shared(), DIR, StoreConfig::default()).unwrap();
     assert!(recovered.queues[&queue].is_empty());
 }
+
+#[test]
+fn a_data_directory_is_opened_by_one_store_at_a_time() {
+    let temp = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(RealFs::shared(), temp.path(), StoreConfig::default()).unwrap();
+    let error = Store::open(RealFs::shared(), temp.path(), StoreConfig::default()).unwrap_err();
+    assert!(matches!(error, StoreError::Locked { .. }), "{error:?}");
+    assert!(error.to_string().contains("in use by another process"), "{error}");
+    store.close().unwrap();
+    Store::open(RealFs::shared(), temp.path(), StoreConfig::default()).expect("the lock goes with the store");
+}
+
+#[test]
+fn appenders_wait_for_room_in_the_byte_budget_and_all_complete() {
+    let sim = SimFs::new(12);
+    // Room for about two 1 KiB records at a time.
+    let config = StoreConfig { pending_bytes_max: 2_500, ..StoreConfig::default() };
+    let (store, _) = Store::open(sim.shared(), DIR, config).unwrap();
+    let queue = store.create_queue().unwrap().wait().unwrap();
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for _ in 0..50 {
+                    store.append(queue, 1, b"", &[7u8; 1024]).unwrap().wait().unwrap();
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    assert_eq!(store.stats().appends, 200);
+    // A record larger than the whole budget still goes through on its own.
+    store.append(queue, 1, b"", &[1u8; 10_000]).unwrap().wait().unwrap();
+}

@@ -55,8 +55,8 @@ pub trait Fs: Send + Sync + fmt::Debug {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Makes the directory's entries (creations, removals, renames) durable.
     fn sync_dir(&self, path: &Path) -> io::Result<()>;
-    /// True if the path exists.
-    fn exists(&self, path: &Path) -> bool;
+    /// Whether the path exists; an error when that cannot be known (never guessed as "no").
+    fn exists(&self, path: &Path) -> io::Result<bool>;
     /// Takes an exclusive lock on `path` (creating the file) for as long as the returned guard
     /// lives, so two processes never open the same data directory; fails with `WouldBlock` if
     /// another holder has it.
@@ -85,7 +85,7 @@ pub(crate) fn create_dir_durable(fs: &dyn Fs, path: &Path) -> io::Result<()> {
     let mut missing = Vec::new();
     let mut current = Some(path);
     while let Some(dir) = current {
-        if fs.exists(dir) {
+        if fs.exists(dir)? {
             break;
         }
         missing.push(dir);

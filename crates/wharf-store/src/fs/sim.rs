@@ -298,6 +298,11 @@ impl SimFs {
         self.lock().crash_after = Some((operations, mode));
     }
 
+    /// Cancels a crash scheduled by [`SimFs::crash_after_operations`] that has not happened yet.
+    pub fn cancel_scheduled_crash(&self) {
+        self.lock().crash_after = None;
+    }
+
     /// A mount of the file system as it is now (after a crash: the surviving state).
     pub fn remount(&self) -> SimFs {
         let generation = self.lock().generation;
@@ -489,8 +494,8 @@ impl Fs for SimFs {
         }
     }
 
-    fn exists(&self, path: &Path) -> bool {
-        self.live().is_ok_and(|state| state.lookup(path).is_ok())
+    fn exists(&self, path: &Path) -> io::Result<bool> {
+        Ok(self.live()?.lookup(path).is_ok())
     }
 
     fn lock_exclusive(&self, _path: &Path) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {
@@ -605,7 +610,7 @@ mod tests {
         assert!(synced.size_bytes().is_err(), "old handles die with the crash");
         let after = fs.remount();
         assert_eq!(after.read_file(Path::new("/d/a")).unwrap(), b"hello");
-        assert!(!after.exists(Path::new("/d/b")));
+        assert!(!after.exists(Path::new("/d/b")).unwrap());
     }
 
     #[test]
@@ -652,8 +657,8 @@ mod tests {
             fs.rename(Path::new("/d/old"), Path::new("/d/new")).unwrap();
             fs.crash(CrashMode::Random);
             let after = fs.remount();
-            let old = after.exists(Path::new("/d/old"));
-            let new = after.exists(Path::new("/d/new"));
+            let old = after.exists(Path::new("/d/old")).unwrap();
+            let new = after.exists(Path::new("/d/new")).unwrap();
             assert!(old != new, "exactly one name survives (seed {seed})");
         }
     }
