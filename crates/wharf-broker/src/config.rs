@@ -1,0 +1,78 @@
+//! [`BrokerConfig`]: everything the runtime needs to know, with RabbitMQ-like defaults. The binary
+//! fills it from flags, `WHARF_*` variables and a TOML file; tests build it directly.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use wharf_store::StoreConfig;
+
+/// A user who may connect.
+#[derive(Clone, PartialEq, Eq)]
+pub struct User {
+    /// Login name.
+    pub name: String,
+    /// Password (compared in constant time; never logged).
+    pub password: String,
+    /// Accepted only from loopback addresses (RabbitMQ's rule for `guest`).
+    pub loopback_only: bool,
+}
+
+impl std::fmt::Debug for User {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("User")
+            .field("name", &self.name)
+            .field("loopback_only", &self.loopback_only)
+            .finish_non_exhaustive()
+    }
+}
+
+impl User {
+    /// RabbitMQ's default user: `guest`/`guest`, loopback only.
+    pub fn guest() -> Self {
+        User { name: "guest".into(), password: "guest".into(), loopback_only: true }
+    }
+}
+
+/// The broker's configuration.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Where to accept AMQP connections (port 5672 by default; 0 picks a free port).
+    pub amqp_listen: SocketAddr,
+    /// The data directory (message logs, definitions).
+    pub data_dir: PathBuf,
+    /// Who may connect.
+    pub users: Vec<User>,
+    /// Largest frame the server accepts and offers in `connection.tune`.
+    pub frame_max: u32,
+    /// Most channels per connection offered in `connection.tune`.
+    pub channel_max: u16,
+    /// Heartbeat interval offered in `connection.tune`, in seconds (0 disables).
+    pub heartbeat_s: u16,
+    /// Largest message body accepted; a larger one closes the channel with 406.
+    pub message_bytes_max: u64,
+    /// Most client connections at once; more are refused.
+    pub connections_max: usize,
+    /// How long the server waits for the handshake to finish, in milliseconds.
+    pub handshake_timeout_ms: u64,
+    /// Storage tuning.
+    pub store: StoreConfig,
+}
+
+impl BrokerConfig {
+    /// Defaults for a data directory: port 5672 on all interfaces, `guest`/`guest` from
+    /// loopback, frame_max 128 KiB, 2047 channels, 60 s heartbeats, 128 MiB messages.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        BrokerConfig {
+            amqp_listen: SocketAddr::from(([0, 0, 0, 0], 5672)),
+            data_dir: data_dir.into(),
+            users: vec![User::guest()],
+            frame_max: wharf_wire::frame::FRAME_MAX_LIMIT,
+            channel_max: 2047,
+            heartbeat_s: 60,
+            message_bytes_max: 128 * 1024 * 1024,
+            connections_max: 10_000,
+            handshake_timeout_ms: 10_000,
+            store: StoreConfig::default(),
+        }
+    }
+}

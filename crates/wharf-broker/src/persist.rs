@@ -1,0 +1,152 @@
+//! How the runtime stores things through `wharf-store`: a message's routing information and
+//! properties as the store record's meta, and durable definitions (exchanges, queues, bindings)
+//! as keys and JSON values in the definitions log.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use wharf_model::{Binding, Destination, Exchange, Message, Queue};
+use wharf_wire::frame::decode_properties;
+use wharf_wire::types::FieldTable;
+
+/// Version byte at the start of a message's meta.
+const MESSAGE_META_VERSION: u8 = 1;
+
+/// Encodes what a stored message needs besides its body: exchange, routing key, raw properties.
+pub(crate) fn encode_message_meta(message: &Message) -> Vec<u8> {
+    let mut meta =
+        Vec::with_capacity(3 + message.exchange.len() + message.routing_key.len() + message.raw_properties.len());
+    meta.push(MESSAGE_META_VERSION);
+    // Exchange names and routing keys are AMQP short strings: at most 255 bytes.
+    meta.push(message.exchange.len().min(255) as u8);
+    meta.extend_from_slice(&message.exchange.as_bytes()[..message.exchange.len().min(255)]);
+    meta.push(message.routing_key.len().min(255) as u8);
+    meta.extend_from_slice(&message.routing_key.as_bytes()[..message.routing_key.len().min(255)]);
+    meta.extend_from_slice(&message.raw_properties);
+    meta
+}
+
+/// Rebuilds a message from its stored meta and body; `None` if the meta is not ours.
+pub(crate) fn decode_message(meta: &[u8], body: Vec<u8>) -> Option<Message> {
+    let (&version, rest) = meta.split_first()?;
+    if version != MESSAGE_META_VERSION {
+        return None;
+    }
+    let (&exchange_len, rest) = rest.split_first()?;
+    let exchange = rest.get(..exchange_len as usize)?;
+    let rest = &rest[exchange_len as usize..];
+    let (&key_len, rest) = rest.split_first()?;
+    let routing_key = rest.get(..key_len as usize)?;
+    let raw_properties = &rest[key_len as usize..];
+    Some(Message {
+        exchange: String::from_utf8(exchange.to_vec()).ok()?,
+        routing_key: String::from_utf8(routing_key.to_vec()).ok()?,
+        properties: decode_properties(raw_properties)?,
+        raw_properties: Bytes::copy_from_slice(raw_properties),
+        body: Bytes::from(body),
+    })
+}
+
+/// A durable exchange as stored.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct StoredExchange {
+    pub kind: String,
+    pub auto_delete: bool,
+    pub internal: bool,
+    pub arguments: FieldTable,
+}
+
+/// A durable queue as stored, with the store's log id for its messages.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct StoredQueue {
+    pub auto_delete: bool,
+    pub arguments: FieldTable,
+    pub store_queue: u64,
+}
+
+/// A durable binding as stored (the key says what it binds).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct StoredBinding {
+    pub source: String,
+    pub destination_is_queue: bool,
+    pub destination: String,
+    pub routing_key: String,
+    pub arguments: FieldTable,
+}
+
+pub(crate) fn exchange_key(vhost: &str, name: &str) -> Vec<u8> {
+    format!("exchange\0{vhost}\0{name}").into_bytes()
+}
+
+pub(crate) fn queue_key(vhost: &str, name: &str) -> Vec<u8> {
+    format!("queue\0{vhost}\0{name}").into_bytes()
+}
+
+/// A binding's key holds everything that makes it unique, arguments included.
+pub(crate) fn binding_key(vhost: &str, stored: &StoredBinding) -> Vec<u8> {
+    let arguments = serde_json::to_string(&stored.arguments).unwrap_or_default();
+    format!(
+        "binding\0{vhost}\0{}\0{}\0{}\0{}\0{arguments}",
+        stored.source,
+        if stored.destination_is_queue { "q" } else { "e" },
+        stored.destination,
+        stored.routing_key
+    )
+    .into_bytes()
+}
+
+pub(crate) fn stored_exchange(exchange: &Exchange) -> StoredExchange {
+    StoredExchange {
+        kind: exchange.kind.as_str().to_owned(),
+        auto_delete: exchange.auto_delete,
+        internal: exchange.internal,
+        arguments: exchange.arguments.clone(),
+    }
+}
+
+pub(crate) fn stored_queue(queue: &Queue, store_queue: u64) -> StoredQueue {
+    StoredQueue { auto_delete: queue.auto_delete, arguments: queue.arguments.clone(), store_queue }
+}
+
+pub(crate) fn stored_binding(source: &str, binding: &Binding) -> StoredBinding {
+    let (destination_is_queue, destination) = match &binding.destination {
+        Destination::Queue(name) => (true, name.clone()),
+        Destination::Exchange(name) => (false, name.clone()),
+    };
+    StoredBinding {
+        source: source.to_owned(),
+        destination_is_queue,
+        destination,
+        routing_key: binding.routing_key.clone(),
+        arguments: binding.arguments.clone(),
+    }
+}
+
+/// Splits a definitions key into its kind, vhost and the rest.
+pub(crate) fn split_key(key: &[u8]) -> Option<(&str, &str, &str)> {
+    let text = std::str::from_utf8(key).ok()?;
+    let mut parts = text.splitn(3, '\0');
+    Some((parts.next()?, parts.next()?, parts.next()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wharf_wire::frame::encode_properties;
+    use wharf_wire::protocol::BasicProperties;
+
+    #[test]
+    fn message_meta_round_trips() {
+        let properties = BasicProperties::default().with_delivery_mode(2).with_message_id("id-1".into());
+        let message = Message {
+            exchange: "orders".into(),
+            routing_key: "order.received".into(),
+            raw_properties: encode_properties(&properties),
+            properties,
+            body: Bytes::from_static(b"{}"),
+        };
+        let meta = encode_message_meta(&message);
+        assert_eq!(decode_message(&meta, b"{}".to_vec()).unwrap(), message);
+        assert!(decode_message(&[9, 0, 0], Vec::new()).is_none(), "unknown version");
+        assert!(decode_message(&[1, 200], Vec::new()).is_none(), "truncated");
+    }
+}

@@ -1,0 +1,107 @@
+//! [`Broker`]: starts the runtime (recovery, listener, accept loop) and stops it cleanly: stop
+//! accepting, close every connection with 320 CONNECTION_FORCED, make the last removals durable.
+
+use crate::config::BrokerConfig;
+use crate::connection;
+use crate::core::Core;
+use crate::error::BrokerError;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// How long shutdown waits for connections to finish their close handshake.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// A running broker.
+#[derive(Debug)]
+pub struct Broker {
+    core: Arc<Core>,
+    local_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    accept: tokio::task::JoinHandle<JoinSet<()>>,
+}
+
+impl Broker {
+    /// Recovers the data directory, binds the listener and starts accepting connections.
+    pub async fn start(config: BrokerConfig) -> Result<Broker, BrokerError> {
+        let address = config.amqp_listen;
+        let core = tokio::task::spawn_blocking(move || Core::open(config))
+            .await
+            .map_err(|error| BrokerError::Startup(error.to_string()))??;
+        let core = Arc::new(core);
+        let listener = TcpListener::bind(address).await.map_err(|source| BrokerError::Listen { address, source })?;
+        let local_addr = listener.local_addr().map_err(|source| BrokerError::Listen { address, source })?;
+        tracing::info!(%local_addr, "accepting AMQP connections");
+        let (shutdown, shutdown_receiver) = watch::channel(false);
+        let accept = tokio::spawn(accept_loop(listener, Arc::clone(&core), shutdown_receiver));
+        Ok(Broker { core, local_addr, shutdown, accept })
+    }
+
+    /// Where the broker accepts connections (useful when listening on port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Open client connections.
+    pub fn connection_count(&self) -> usize {
+        self.core.connection_count()
+    }
+
+    /// Resolves when the store has failed and the broker must stop (the reason).
+    pub async fn fatal_error(&self) -> String {
+        let mut fatal = self.core.fatal.subscribe();
+        loop {
+            if let Some(reason) = fatal.borrow().clone() {
+                return reason;
+            }
+            if fatal.changed().await.is_err() {
+                return "broker stopped".into();
+            }
+        }
+    }
+
+    /// Stops accepting, closes every connection with 320 CONNECTION_FORCED, waits (bounded) for
+    /// them to finish, and closes the store so pending removals are durable.
+    pub async fn shutdown(self) {
+        self.shutdown.send_replace(true);
+        if let Ok(mut connections) = self.accept.await {
+            let drained =
+                tokio::time::timeout(SHUTDOWN_GRACE, async { while connections.join_next().await.is_some() {} });
+            if drained.await.is_err() {
+                tracing::warn!("connections still open after the shutdown grace period; aborting them");
+            }
+        }
+        let core = self.core;
+        let closed = tokio::task::spawn_blocking(move || core.store.clone().close()).await;
+        match closed {
+            Ok(Ok(())) => tracing::info!("store closed"),
+            Ok(Err(error)) => tracing::error!(%error, "closing the store failed"),
+            Err(error) => tracing::error!(%error, "closing the store failed"),
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, core: Arc<Core>, mut shutdown: watch::Receiver<bool>) -> JoinSet<()> {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((socket, peer)) => {
+                    connections.spawn(connection::serve(Arc::clone(&core), socket, peer, shutdown.clone()));
+                }
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = shutdown.changed() => break,
+        }
+        // Reap finished connection tasks so the set does not grow without bound.
+        while connections.try_join_next().is_some() {}
+    }
+    connections
+}

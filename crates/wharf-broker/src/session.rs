@@ -1,0 +1,954 @@
+//! The channels of one connection: every channel-level method, message assembly from content
+//! frames, publishing through the store, publisher confirms, and transactions.
+//!
+//! Publisher confirms: each publish on a confirm-mode channel gets the next tag and the store
+//! tickets of its durable copies; a per-channel task awaits the tickets in order and only then
+//! sends `basic.ack` (or `basic.nack` if the store failed). So a confirm always means every
+//! persistent copy in a durable queue was `fdatasync`ed. `tx.commit` likewise answers only once
+//! the transaction's appends are synced and its acknowledgements made durable (`Store::sync`).
+
+use crate::connection::{Stop, method_frame, truncate};
+use crate::core::{Core, Outbound};
+use crate::persist;
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::mpsc;
+use wharf_model::{ChannelKey, ConnectionId, Destination, ExchangeDeclare, Message, ModelError, QueueDeclare, Scope};
+use wharf_store::{AppendReceipt, QueueId, Ticket};
+use wharf_wire::protocol::{AMQPClass, access, basic, channel, confirm, exchange, queue, tx};
+use wharf_wire::reply_code;
+use wharf_wire::{ContentHeader, Frame};
+
+/// Reply code and text of a `basic.return` for an unroutable mandatory message.
+const NO_ROUTE: (u16, &str) = (312, "NO_ROUTE");
+
+/// A publish waiting for its content.
+#[derive(Debug)]
+enum Content {
+    Header(basic::Publish),
+    Body { publish: basic::Publish, header: Box<ContentHeader>, chunks: Vec<Bytes>, received: u64 },
+}
+
+/// A confirm waiting for the store.
+struct PendingConfirm {
+    tag: u64,
+    tickets: Vec<Ticket<AppendReceipt>>,
+    failed: bool,
+}
+
+struct Confirms {
+    last_tag: u64,
+    sender: mpsc::UnboundedSender<PendingConfirm>,
+    /// Set when the channel closes, so late confirms are not sent on a closed channel.
+    closed: Arc<AtomicBool>,
+}
+
+/// Something a transaction applies at commit.
+#[derive(Debug)]
+enum TxOp {
+    Publish(Box<(basic::Publish, Message)>),
+    Ack { delivery_tag: u64, multiple: bool },
+    Reject { delivery_tag: u64, multiple: bool, requeue: bool },
+}
+
+#[derive(Default)]
+struct ChannelState {
+    /// `channel.close` was sent; frames are dropped until `close-ok`.
+    closing: bool,
+    content: Option<Content>,
+    confirms: Option<Confirms>,
+    tx: Option<Vec<TxOp>>,
+    /// For methods that name the queue `""`: the last queue declared on this channel.
+    last_queue: String,
+}
+
+/// All channels of a connection.
+pub(crate) struct Session {
+    core: Arc<Core>,
+    connection: ConnectionId,
+    vhost: String,
+    channel_max: u16,
+    outbound: mpsc::UnboundedSender<Outbound>,
+    channels: HashMap<u16, ChannelState>,
+}
+
+type MethodResult = Result<(), ModelError>;
+
+fn connection_error(code: u16, label: &str, text: impl std::fmt::Display) -> ModelError {
+    ModelError { code, text: format!("{label} - {text}"), scope: Scope::Connection }
+}
+
+/// Runs blocking storage work (definitions, queue logs) without stalling the runtime's other tasks.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(work)
+}
+
+fn internal(error: &wharf_store::StoreError) -> ModelError {
+    connection_error(reply_code::INTERNAL_ERROR, "INTERNAL_ERROR", error)
+}
+
+impl Session {
+    pub fn new(
+        core: Arc<Core>,
+        connection: ConnectionId,
+        vhost: String,
+        channel_max: u16,
+        outbound: mpsc::UnboundedSender<Outbound>,
+    ) -> Self {
+        Session { core, connection, vhost, channel_max, outbound, channels: HashMap::new() }
+    }
+
+    fn key(&self, channel: u16) -> ChannelKey {
+        ChannelKey { connection: self.connection, channel }
+    }
+
+    fn send(&self, channel: u16, method: AMQPClass) {
+        let _ = self.outbound.send(Outbound::Frames(method_frame(channel, &method)));
+    }
+
+    /// Closes every channel (connection gone): unacked messages go back to their queues,
+    /// exclusive queues are deleted.
+    pub fn close_all(&mut self) {
+        for state in self.channels.values() {
+            if let Some(confirms) = &state.confirms {
+                confirms.closed.store(true, Ordering::Relaxed);
+            }
+        }
+        self.channels.clear();
+        let effects = self.core.model().close_connection(self.connection);
+        blocking(|| self.core.apply(effects));
+    }
+
+    /// Handles one frame after the handshake.
+    pub async fn handle(&mut self, frame: Frame) -> Result<(), Stop> {
+        match frame {
+            Frame::Heartbeat => Ok(()),
+            Frame::Method { channel: 0, method } => self.connection_method(*method),
+            Frame::Method { channel, method } => self.channel_method(channel, *method).await,
+            Frame::Header { channel, header } => self.content_header(channel, header),
+            Frame::Body { channel, payload } => self.content_body(channel, payload).await,
+        }
+    }
+
+    fn connection_method(&mut self, method: AMQPClass) -> Result<(), Stop> {
+        use wharf_wire::protocol::connection::AMQPMethod as Connection;
+        let ids = (method.get_amqp_class_id(), method.get_amqp_method_id());
+        match method {
+            AMQPClass::Connection(Connection::Close(close)) => {
+                tracing::debug!(code = close.reply_code, text = %close.reply_text, "client closes the connection");
+                Err(Stop::ClientClosed)
+            }
+            AMQPClass::Connection(Connection::CloseOk(_) | Connection::Blocked(_) | Connection::Unblocked(_)) => Ok(()),
+            AMQPClass::Connection(Connection::UpdateSecret(_)) => {
+                Err(Stop::Error(ModelError::not_implemented("connection.update-secret"), ids.0, ids.1))
+            }
+            _ => Err(Stop::Error(
+                connection_error(
+                    reply_code::CHANNEL_ERROR,
+                    "CHANNEL_ERROR",
+                    "only connection methods are allowed on channel 0",
+                ),
+                ids.0,
+                ids.1,
+            )),
+        }
+    }
+
+    /// Closes one channel with an error: `channel.close` to the client, its unacked messages back
+    /// to their queues, and everything on it ignored until `close-ok`.
+    fn channel_error(&mut self, channel: u16, error: &ModelError, class_id: u16, method_id: u16) {
+        tracing::debug!(channel, %error, "channel error");
+        self.send(
+            channel,
+            AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+                reply_code: error.code,
+                reply_text: truncate(&error.text).into(),
+                class_id,
+                method_id,
+            })),
+        );
+        if let Some(state) = self.channels.get_mut(&channel) {
+            state.closing = true;
+            state.content = None;
+            state.tx = None;
+            if let Some(confirms) = state.confirms.take() {
+                confirms.closed.store(true, Ordering::Relaxed);
+            }
+        }
+        let effects = self.core.model().close_channel(self.key(channel));
+        blocking(|| self.core.apply(effects));
+    }
+
+    fn fail(&mut self, channel: u16, error: ModelError, ids: (u16, u16)) -> Result<(), Stop> {
+        match error.scope {
+            Scope::Channel => {
+                self.channel_error(channel, &error, ids.0, ids.1);
+                Ok(())
+            }
+            Scope::Connection => Err(Stop::Error(error, ids.0, ids.1)),
+        }
+    }
+
+    async fn channel_method(&mut self, channel: u16, method: AMQPClass) -> Result<(), Stop> {
+        let ids = (method.get_amqp_class_id(), method.get_amqp_method_id());
+        let Some(state) = self.channels.get_mut(&channel) else {
+            if let AMQPClass::Channel(channel::AMQPMethod::Open(_)) = method {
+                return self.open_channel(channel).map_err(|error| Stop::Error(error, ids.0, ids.1));
+            }
+            let error = connection_error(
+                reply_code::CHANNEL_ERROR,
+                "CHANNEL_ERROR",
+                format!("expected 'channel.open' on channel {channel}"),
+            );
+            return Err(Stop::Error(error, ids.0, ids.1));
+        };
+        if state.closing {
+            match method {
+                AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {
+                    self.channels.remove(&channel);
+                }
+                AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
+                    self.send(channel, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})));
+                    self.channels.remove(&channel);
+                }
+                _ => {}
+            }
+            return Ok(());
+        }
+        if state.content.is_some() {
+            let error = connection_error(
+                reply_code::UNEXPECTED_FRAME,
+                "UNEXPECTED_FRAME",
+                format!("expected content header or body on channel {channel}, got a method"),
+            );
+            return Err(Stop::Error(error, ids.0, ids.1));
+        }
+        let outcome = match method {
+            AMQPClass::Channel(method) => self.channel_class(channel, method),
+            AMQPClass::Access(access::AMQPMethod::Request(_)) => {
+                self.send(channel, AMQPClass::Access(access::AMQPMethod::RequestOk(access::RequestOk {})));
+                Ok(())
+            }
+            AMQPClass::Exchange(method) => blocking(|| self.exchange_class(channel, method)),
+            AMQPClass::Queue(method) => blocking(|| self.queue_class(channel, method)),
+            AMQPClass::Basic(method) => self.basic_class(channel, method).await,
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(select)) => self.confirm_select(channel, select),
+            AMQPClass::Tx(method) => self.tx_class(channel, method).await,
+            _ => Err(ModelError::command_invalid(format!("method {}.{} is not valid from a client", ids.0, ids.1))),
+        };
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(error) => self.fail(channel, error, ids),
+        }
+    }
+
+    fn open_channel(&mut self, channel: u16) -> MethodResult {
+        if channel > self.channel_max {
+            return Err(ModelError::not_allowed(format!(
+                "channel {channel} is above the negotiated channel_max {}",
+                self.channel_max
+            )));
+        }
+        self.core.model().open_channel(self.key(channel), &self.vhost)?;
+        self.channels.insert(channel, ChannelState::default());
+        self.send(channel, AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})));
+        Ok(())
+    }
+
+    fn channel_class(&mut self, channel: u16, method: channel::AMQPMethod) -> MethodResult {
+        match method {
+            channel::AMQPMethod::Open(_) => Err(connection_error(
+                reply_code::CHANNEL_ERROR,
+                "CHANNEL_ERROR",
+                format!("channel {channel} is already open"),
+            )),
+            channel::AMQPMethod::Close(_) => {
+                if let Some(state) = self.channels.remove(&channel)
+                    && let Some(confirms) = state.confirms
+                {
+                    confirms.closed.store(true, Ordering::Relaxed);
+                }
+                let effects = self.core.model().close_channel(self.key(channel));
+                blocking(|| self.core.apply(effects));
+                self.send(channel, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})));
+                Ok(())
+            }
+            channel::AMQPMethod::CloseOk(_) => Ok(()),
+            channel::AMQPMethod::Flow(flow) if flow.active => {
+                self.send(channel, AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk { active: true })));
+                Ok(())
+            }
+            channel::AMQPMethod::Flow(_) => Err(ModelError::not_implemented("channel.flow with active=false")),
+            _ => Err(ModelError::command_invalid("this channel method is not valid from a client")),
+        }
+    }
+
+    fn queue_name(&self, channel: u16, name: &str) -> String {
+        if name.is_empty() {
+            self.channels.get(&channel).map(|state| state.last_queue.clone()).unwrap_or_default()
+        } else {
+            name.to_owned()
+        }
+    }
+
+    fn persist_binding(
+        &self,
+        source: &str,
+        destination: &Destination,
+        routing_key: &str,
+        arguments: &wharf_wire::types::FieldTable,
+        add: bool,
+    ) -> MethodResult {
+        let model = self.core.model();
+        let Some(vhost) = model.vhost(&self.vhost) else { return Ok(()) };
+        let source_durable = vhost.exchange(source).is_some_and(|exchange| exchange.durable);
+        let destination_durable = match destination {
+            Destination::Queue(name) => {
+                vhost.queue(name).is_some_and(|queue| queue.durable && queue.exclusive_owner.is_none())
+            }
+            Destination::Exchange(name) => vhost.exchange(name).is_some_and(|exchange| exchange.durable),
+        };
+        drop(model);
+        if !(source_durable && destination_durable) {
+            return Ok(());
+        }
+        let binding = wharf_model::Binding {
+            destination: destination.clone(),
+            routing_key: routing_key.to_owned(),
+            arguments: arguments.clone(),
+        };
+        let stored = persist::stored_binding(source, &binding);
+        let key = persist::binding_key(&self.vhost, &stored);
+        let result = if add {
+            let value = serde_json::to_vec(&stored).unwrap_or_default();
+            self.core.meta.put(&key, &value)
+        } else {
+            self.core.meta.delete(&key)
+        };
+        result.map_err(|error| {
+            self.core.store_failed(&error);
+            match error {
+                wharf_store::StoreError::TooLarge { .. } => {
+                    ModelError::precondition_failed("binding arguments are too large to store durably")
+                }
+                other => internal(&other),
+            }
+        })
+    }
+
+    fn exchange_class(&mut self, channel: u16, method: exchange::AMQPMethod) -> MethodResult {
+        match method {
+            exchange::AMQPMethod::Declare(declare) => {
+                let declared = self.core.model().vhost_mut(&self.vhost).ok_or_else(missing_vhost)?.declare_exchange(
+                    &ExchangeDeclare {
+                        name: declare.exchange.as_str(),
+                        kind: declare.kind.as_str(),
+                        passive: declare.passive,
+                        durable: declare.durable,
+                        auto_delete: declare.auto_delete,
+                        internal: declare.internal,
+                        arguments: &declare.arguments,
+                    },
+                )?;
+                if declared.created && declare.durable {
+                    let model = self.core.model();
+                    let stored = model
+                        .vhost(&self.vhost)
+                        .and_then(|vhost| vhost.exchange(&declared.name))
+                        .map(persist::stored_exchange);
+                    drop(model);
+                    if let Some(stored) = stored {
+                        let value = serde_json::to_vec(&stored).unwrap_or_default();
+                        self.core.meta.put(&persist::exchange_key(&self.vhost, &declared.name), &value).map_err(
+                            |error| {
+                                self.core.store_failed(&error);
+                                internal(&error)
+                            },
+                        )?;
+                    }
+                }
+                if !declare.nowait {
+                    self.send(channel, AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {})));
+                }
+                Ok(())
+            }
+            exchange::AMQPMethod::Delete(delete) => {
+                let removed = self
+                    .core
+                    .model()
+                    .vhost_mut(&self.vhost)
+                    .ok_or_else(missing_vhost)?
+                    .delete_exchange(delete.exchange.as_str(), delete.if_unused)?;
+                if removed.is_some_and(|exchange| exchange.durable) {
+                    self.core.forget_exchange(&self.vhost, delete.exchange.as_str()).map_err(|error| {
+                        self.core.store_failed(&error);
+                        internal(&error)
+                    })?;
+                }
+                if !delete.nowait {
+                    self.send(channel, AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})));
+                }
+                Ok(())
+            }
+            exchange::AMQPMethod::Bind(bind) => {
+                let destination = Destination::Exchange(bind.destination.as_str().to_owned());
+                let added = self.core.model().vhost_mut(&self.vhost).ok_or_else(missing_vhost)?.bind(
+                    bind.source.as_str(),
+                    destination.clone(),
+                    bind.routing_key.as_str(),
+                    &bind.arguments,
+                    self.connection,
+                )?;
+                if added {
+                    self.persist_binding(
+                        bind.source.as_str(),
+                        &destination,
+                        bind.routing_key.as_str(),
+                        &bind.arguments,
+                        true,
+                    )?;
+                }
+                if !bind.nowait {
+                    self.send(channel, AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})));
+                }
+                Ok(())
+            }
+            exchange::AMQPMethod::Unbind(unbind) => {
+                let destination = Destination::Exchange(unbind.destination.as_str().to_owned());
+                // Decide durability before the binding (and maybe an auto-delete exchange) goes.
+                self.persist_binding(
+                    unbind.source.as_str(),
+                    &destination,
+                    unbind.routing_key.as_str(),
+                    &unbind.arguments,
+                    false,
+                )?;
+                self.core.model().vhost_mut(&self.vhost).ok_or_else(missing_vhost)?.unbind(
+                    unbind.source.as_str(),
+                    &destination,
+                    unbind.routing_key.as_str(),
+                    &unbind.arguments,
+                    self.connection,
+                )?;
+                if !unbind.nowait {
+                    self.send(channel, AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})));
+                }
+                Ok(())
+            }
+            _ => Err(ModelError::command_invalid("this exchange method is not valid from a client")),
+        }
+    }
+
+    fn queue_class(&mut self, channel: u16, method: queue::AMQPMethod) -> MethodResult {
+        match method {
+            queue::AMQPMethod::Declare(declare) => {
+                let name = declare.queue.as_str().to_owned();
+                let declared = self.core.model().vhost_mut(&self.vhost).ok_or_else(missing_vhost)?.declare_queue(
+                    &QueueDeclare {
+                        name: &name,
+                        passive: declare.passive,
+                        durable: declare.durable,
+                        exclusive: declare.exclusive,
+                        auto_delete: declare.auto_delete,
+                        arguments: &declare.arguments,
+                        connection: self.connection,
+                    },
+                )?;
+                if declared.created && declare.durable && !declare.exclusive {
+                    self.make_durable(&declared.name)?;
+                }
+                let (message_count, consumer_count) = {
+                    let model = self.core.model();
+                    let queue = model.vhost(&self.vhost).and_then(|vhost| vhost.queue(&declared.name));
+                    queue.map_or((0, 0), |queue| (queue.ready_count() as u32, queue.consumer_count() as u32))
+                };
+                if let Some(state) = self.channels.get_mut(&channel) {
+                    state.last_queue = declared.name.clone();
+                }
+                if !declare.nowait {
+                    self.send(
+                        channel,
+                        AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                            queue: declared.name.as_str().into(),
+                            message_count,
+                            consumer_count,
+                        })),
+                    );
+                }
+                Ok(())
+            }
+            queue::AMQPMethod::Bind(bind) => {
+                let queue_name = self.queue_name(channel, bind.queue.as_str());
+                let destination = Destination::Queue(queue_name);
+                let added = self.core.model().vhost_mut(&self.vhost).ok_or_else(missing_vhost)?.bind(
+                    bind.exchange.as_str(),
+                    destination.clone(),
+                    bind.routing_key.as_str(),
+                    &bind.arguments,
+                    self.connection,
+                )?;
+                if added {
+                    self.persist_binding(
+                        bind.exchange.as_str(),
+                        &destination,
+                        bind.routing_key.as_str(),
+                        &bind.arguments,
+                        true,
+                    )?;
+                }
+                if !bind.nowait {
+                    self.send(channel, AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})));
+                }
+                Ok(())
+            }
+            queue::AMQPMethod::Unbind(unbind) => {
+                let destination = Destination::Queue(self.queue_name(channel, unbind.queue.as_str()));
+                self.persist_binding(
+                    unbind.exchange.as_str(),
+                    &destination,
+                    unbind.routing_key.as_str(),
+                    &unbind.arguments,
+                    false,
+                )?;
+                self.core.model().vhost_mut(&self.vhost).ok_or_else(missing_vhost)?.unbind(
+                    unbind.exchange.as_str(),
+                    &destination,
+                    unbind.routing_key.as_str(),
+                    &unbind.arguments,
+                    self.connection,
+                )?;
+                self.send(channel, AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})));
+                Ok(())
+            }
+            queue::AMQPMethod::Purge(purge) => {
+                let name = self.queue_name(channel, purge.queue.as_str());
+                let (count, effects) = self.core.model().purge(self.key(channel), &name)?;
+                self.core.apply(effects);
+                if !purge.nowait {
+                    self.send(
+                        channel,
+                        AMQPClass::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk { message_count: count })),
+                    );
+                }
+                Ok(())
+            }
+            queue::AMQPMethod::Delete(delete) => {
+                let name = self.queue_name(channel, delete.queue.as_str());
+                let (count, effects) =
+                    self.core.model().delete_queue(self.key(channel), &name, delete.if_unused, delete.if_empty)?;
+                self.core.apply(effects);
+                if !delete.nowait {
+                    self.send(
+                        channel,
+                        AMQPClass::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk { message_count: count })),
+                    );
+                }
+                Ok(())
+            }
+            _ => Err(ModelError::command_invalid("this queue method is not valid from a client")),
+        }
+    }
+
+    /// Gives a newly declared durable queue its log in the store and records its definition.
+    fn make_durable(&self, name: &str) -> MethodResult {
+        let store_queue = self.core.store.create_queue().and_then(|ticket| ticket.wait()).map_err(|error| {
+            self.core.store_failed(&error);
+            internal(&error)
+        })?;
+        let stored = {
+            let mut model = self.core.model();
+            let queue = model.vhost_mut(&self.vhost).and_then(|vhost| vhost.queue_mut(name));
+            queue.map(|queue| {
+                queue.store_queue = Some(store_queue.0);
+                persist::stored_queue(queue, store_queue.0)
+            })
+        };
+        if let Some(stored) = stored {
+            let value = serde_json::to_vec(&stored).unwrap_or_default();
+            self.core.meta.put(&persist::queue_key(&self.vhost, name), &value).map_err(|error| {
+                self.core.store_failed(&error);
+                internal(&error)
+            })?;
+        }
+        Ok(())
+    }
+
+    async fn basic_class(&mut self, channel: u16, method: basic::AMQPMethod) -> MethodResult {
+        let key = self.key(channel);
+        match method {
+            basic::AMQPMethod::Qos(qos) => {
+                let effects = self.core.model().qos(key, qos.prefetch_count, qos.global)?;
+                self.send(channel, AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})));
+                self.core.apply(effects);
+                Ok(())
+            }
+            basic::AMQPMethod::Consume(consume) => {
+                let queue_name = self.queue_name(channel, consume.queue.as_str());
+                let (tag, effects) = self.core.model().consume(
+                    key,
+                    &queue_name,
+                    consume.consumer_tag.as_str(),
+                    consume.no_ack,
+                    consume.exclusive,
+                )?;
+                if !consume.nowait {
+                    self.send(
+                        channel,
+                        AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk { consumer_tag: tag.into() })),
+                    );
+                }
+                self.core.apply(effects);
+                Ok(())
+            }
+            basic::AMQPMethod::Cancel(cancel) => {
+                let effects = self.core.model().cancel(key, cancel.consumer_tag.as_str())?;
+                if !cancel.nowait {
+                    self.send(
+                        channel,
+                        AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
+                            consumer_tag: cancel.consumer_tag,
+                        })),
+                    );
+                }
+                blocking(|| self.core.apply(effects));
+                Ok(())
+            }
+            basic::AMQPMethod::Publish(publish) => {
+                if publish.immediate {
+                    return Err(ModelError::not_implemented("immediate=true"));
+                }
+                if let Some(state) = self.channels.get_mut(&channel) {
+                    state.content = Some(Content::Header(publish));
+                }
+                Ok(())
+            }
+            basic::AMQPMethod::Get(get) => {
+                let queue_name = self.queue_name(channel, get.queue.as_str());
+                let (delivery, effects) = self.core.model().get(key, &queue_name, get.no_ack)?;
+                match delivery {
+                    Some(delivery) => {
+                        let _ = self.outbound.send(Outbound::Deliver(delivery));
+                    }
+                    None => self.send(channel, AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {}))),
+                }
+                self.core.apply(effects);
+                Ok(())
+            }
+            basic::AMQPMethod::Ack(ack) => {
+                self.settle(channel, TxOp::Ack { delivery_tag: ack.delivery_tag, multiple: ack.multiple })
+            }
+            basic::AMQPMethod::Reject(reject) => self.settle(
+                channel,
+                TxOp::Reject { delivery_tag: reject.delivery_tag, multiple: false, requeue: reject.requeue },
+            ),
+            basic::AMQPMethod::Nack(nack) => self.settle(
+                channel,
+                TxOp::Reject { delivery_tag: nack.delivery_tag, multiple: nack.multiple, requeue: nack.requeue },
+            ),
+            basic::AMQPMethod::Recover(recover) => {
+                let effects = self.core.model().recover(key, recover.requeue)?;
+                self.send(channel, AMQPClass::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})));
+                self.core.apply(effects);
+                Ok(())
+            }
+            basic::AMQPMethod::RecoverAsync(recover) => {
+                let effects = self.core.model().recover(key, recover.requeue)?;
+                self.core.apply(effects);
+                Ok(())
+            }
+            _ => Err(ModelError::command_invalid("this basic method is not valid from a client")),
+        }
+    }
+
+    /// An acknowledgement: applied now, or at commit in a transaction.
+    fn settle(&mut self, channel: u16, op: TxOp) -> MethodResult {
+        if let Some(buffer) = self.channels.get_mut(&channel).and_then(|state| state.tx.as_mut()) {
+            buffer.push(op);
+            return Ok(());
+        }
+        self.apply_settle(channel, op)
+    }
+
+    fn apply_settle(&mut self, channel: u16, op: TxOp) -> MethodResult {
+        let key = self.key(channel);
+        let effects = match op {
+            TxOp::Ack { delivery_tag, multiple } => self.core.model().ack(key, delivery_tag, multiple)?,
+            TxOp::Reject { delivery_tag, multiple, requeue } => {
+                self.core.model().reject(key, delivery_tag, multiple, requeue)?
+            }
+            TxOp::Publish(_) => return Ok(()),
+        };
+        self.core.apply(effects);
+        Ok(())
+    }
+
+    fn confirm_select(&mut self, channel: u16, select: confirm::Select) -> MethodResult {
+        let Some(state) = self.channels.get_mut(&channel) else { return Ok(()) };
+        if state.tx.is_some() {
+            return Err(ModelError::precondition_failed("cannot switch from tx to confirm mode"));
+        }
+        if state.confirms.is_none() {
+            let (sender, receiver) = mpsc::unbounded_channel();
+            let closed = Arc::new(AtomicBool::new(false));
+            tokio::spawn(confirm_loop(
+                receiver,
+                self.outbound.clone(),
+                channel,
+                Arc::clone(&self.core),
+                Arc::clone(&closed),
+            ));
+            state.confirms = Some(Confirms { last_tag: 0, sender, closed });
+        }
+        if !select.nowait {
+            self.send(channel, AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})));
+        }
+        Ok(())
+    }
+
+    async fn tx_class(&mut self, channel: u16, method: tx::AMQPMethod) -> MethodResult {
+        let Some(state) = self.channels.get_mut(&channel) else { return Ok(()) };
+        match method {
+            tx::AMQPMethod::Select(_) => {
+                if state.confirms.is_some() {
+                    return Err(ModelError::precondition_failed("cannot switch from confirm to tx mode"));
+                }
+                state.tx.get_or_insert_with(Vec::new);
+                self.send(channel, AMQPClass::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})));
+                Ok(())
+            }
+            tx::AMQPMethod::Commit(_) => {
+                let Some(ops) = state.tx.replace(Vec::new()) else {
+                    return Err(ModelError::precondition_failed("channel is not transactional"));
+                };
+                let mut tickets = Vec::new();
+                for op in ops {
+                    match op {
+                        TxOp::Publish(publish) => {
+                            let (publish, message) = *publish;
+                            let (published, _) = self.publish_now(channel, &publish, message)?;
+                            tickets.extend(published);
+                        }
+                        settle => self.apply_settle(channel, settle)?,
+                    }
+                }
+                // Every append of the transaction synced, and its acks made durable.
+                let sync = self.core.store.sync().map_err(|error| {
+                    self.core.store_failed(&error);
+                    internal(&error)
+                })?;
+                for ticket in tickets {
+                    ticket.await.map_err(|error| {
+                        self.core.store_failed(&error);
+                        internal(&error)
+                    })?;
+                }
+                sync.await.map_err(|error| {
+                    self.core.store_failed(&error);
+                    internal(&error)
+                })?;
+                self.send(channel, AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})));
+                Ok(())
+            }
+            tx::AMQPMethod::Rollback(_) => {
+                if state.tx.replace(Vec::new()).is_none() {
+                    return Err(ModelError::precondition_failed("channel is not transactional"));
+                }
+                self.send(channel, AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})));
+                Ok(())
+            }
+            _ => Err(ModelError::command_invalid("this tx method is not valid from a client")),
+        }
+    }
+
+    fn content_header(&mut self, channel: u16, header: Box<ContentHeader>) -> Result<(), Stop> {
+        let message_bytes_max = self.core.config.message_bytes_max;
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return Err(unexpected_content(channel));
+        };
+        if state.closing {
+            return Ok(());
+        }
+        let Some(Content::Header(publish)) = state.content.take() else {
+            return Err(unexpected_content(channel));
+        };
+        if header.class_id != 60 {
+            return Err(unexpected_content(channel));
+        }
+        if header.body_size > message_bytes_max {
+            let error = ModelError::precondition_failed(format!(
+                "message size {} is larger than configured max size {message_bytes_max}",
+                header.body_size
+            ));
+            self.channel_error(channel, &error, 60, 40);
+            return Ok(());
+        }
+        if header.body_size == 0 {
+            let message = message_from(&publish, &header, Bytes::new());
+            return self.complete(channel, publish, message);
+        }
+        state.content = Some(Content::Body { publish, header, chunks: Vec::new(), received: 0 });
+        Ok(())
+    }
+
+    async fn content_body(&mut self, channel: u16, payload: Bytes) -> Result<(), Stop> {
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return Err(unexpected_content(channel));
+        };
+        if state.closing {
+            return Ok(());
+        }
+        let Some(Content::Body { publish, header, mut chunks, received }) = state.content.take() else {
+            return Err(unexpected_content(channel));
+        };
+        let received = received + payload.len() as u64;
+        if received > header.body_size {
+            let error = connection_error(
+                reply_code::FRAME_ERROR,
+                "FRAME_ERROR",
+                format!("body frames exceed the announced body size {}", header.body_size),
+            );
+            return Err(Stop::Error(error, 60, 40));
+        }
+        chunks.push(payload);
+        if received < header.body_size {
+            state.content = Some(Content::Body { publish, header, chunks, received });
+            return Ok(());
+        }
+        let body = if chunks.len() == 1 {
+            chunks.pop().unwrap_or_default()
+        } else {
+            let mut joined = BytesMut::with_capacity(received as usize);
+            for chunk in &chunks {
+                joined.extend_from_slice(chunk);
+            }
+            joined.freeze()
+        };
+        let message = message_from(&publish, &header, body);
+        self.complete(channel, publish, message)
+    }
+
+    /// A whole message arrived: publish it now, or keep it for the transaction's commit.
+    fn complete(&mut self, channel: u16, publish: basic::Publish, message: Message) -> Result<(), Stop> {
+        if let Some(buffer) = self.channels.get_mut(&channel).and_then(|state| state.tx.as_mut()) {
+            buffer.push(TxOp::Publish(Box::new((publish, message))));
+            return Ok(());
+        }
+        match self.publish_now(channel, &publish, message) {
+            Ok((tickets, failed)) => {
+                if let Some(confirms) = self.channels.get_mut(&channel).and_then(|state| state.confirms.as_mut()) {
+                    confirms.last_tag += 1;
+                    let _ = confirms.sender.send(PendingConfirm { tag: confirms.last_tag, tickets, failed });
+                }
+                Ok(())
+            }
+            Err(error) => self.fail(channel, error, (60, 40)),
+        }
+    }
+
+    /// Routes a message and puts it in every queue it reaches, appending it to the store for each
+    /// durable queue when it is persistent. Returns the store tickets to wait on before
+    /// confirming, and whether a store append failed.
+    fn publish_now(
+        &mut self,
+        channel: u16,
+        publish: &basic::Publish,
+        message: Message,
+    ) -> Result<(Vec<Ticket<AppendReceipt>>, bool), ModelError> {
+        let message = Arc::new(message);
+        let mut tickets = Vec::new();
+        let mut failed = false;
+        let mut model = self.core.model();
+        let vhost = model.vhost(&self.vhost).ok_or_else(missing_vhost)?;
+        let queues = vhost.route(publish.exchange.as_str(), publish.routing_key.as_str(), message.headers())?;
+        let mut meta = None;
+        for queue_name in &queues {
+            let Some(queue) = model.vhost(&self.vhost).and_then(|vhost| vhost.queue(queue_name)) else { continue };
+            let store_seq = match queue.store_queue.filter(|_| queue.durable && message.persistent()) {
+                Some(store_queue) => {
+                    let meta = meta.get_or_insert_with(|| persist::encode_message_meta(&message));
+                    match self.core.store.append(QueueId(store_queue), self.core.now_ms(), meta, &message.body) {
+                        Ok(pending) => {
+                            tickets.push(pending.ticket);
+                            Some(pending.seq)
+                        }
+                        Err(error) => {
+                            self.core.store_failed(&error);
+                            failed = true;
+                            continue;
+                        }
+                    }
+                }
+                None => None,
+            };
+            let effects = model.enqueue(&self.vhost, queue_name, Arc::clone(&message), store_seq);
+            self.core.apply(effects);
+        }
+        drop(model);
+        if queues.is_empty() && publish.mandatory {
+            let _ = self.outbound.send(Outbound::Return {
+                channel,
+                reply_code: NO_ROUTE.0,
+                reply_text: NO_ROUTE.1,
+                message: Arc::clone(&message),
+            });
+        }
+        Ok((tickets, failed))
+    }
+}
+
+fn message_from(publish: &basic::Publish, header: &ContentHeader, body: Bytes) -> Message {
+    Message {
+        exchange: publish.exchange.as_str().to_owned(),
+        routing_key: publish.routing_key.as_str().to_owned(),
+        properties: header.properties.clone(),
+        raw_properties: header.raw_properties.clone(),
+        body,
+    }
+}
+
+fn missing_vhost() -> ModelError {
+    ModelError::not_allowed("vhost no longer exists")
+}
+
+fn unexpected_content(channel: u16) -> Stop {
+    let error = connection_error(
+        reply_code::UNEXPECTED_FRAME,
+        "UNEXPECTED_FRAME",
+        format!("content frame on channel {channel} without a publish in progress"),
+    );
+    Stop::Error(error, 60, 40)
+}
+
+/// Sends each confirm once the store has synced every durable copy of its message, in order.
+async fn confirm_loop(
+    mut pending: mpsc::UnboundedReceiver<PendingConfirm>,
+    outbound: mpsc::UnboundedSender<Outbound>,
+    channel: u16,
+    core: Arc<Core>,
+    closed: Arc<AtomicBool>,
+) {
+    while let Some(confirm) = pending.recv().await {
+        let mut ok = !confirm.failed;
+        for ticket in confirm.tickets {
+            if let Err(error) = ticket.await {
+                core.store_failed(&error);
+                ok = false;
+            }
+        }
+        if closed.load(Ordering::Relaxed) {
+            continue;
+        }
+        let method = if ok {
+            AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack { delivery_tag: confirm.tag, multiple: false }))
+        } else {
+            AMQPClass::Basic(basic::AMQPMethod::Nack(basic::Nack {
+                delivery_tag: confirm.tag,
+                multiple: false,
+                requeue: false,
+            }))
+        };
+        let _ = outbound.send(Outbound::Frames(method_frame(channel, &method)));
+    }
+}

@@ -1,0 +1,116 @@
+//! The connection's writer task: turns [`Outbound`] items into frames, batches them into as few
+//! socket writes as possible, and sends heartbeats when the connection is otherwise quiet.
+
+use crate::core::Outbound;
+use bytes::BytesMut;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::mpsc;
+use wharf_wire::frame::{encode_body, encode_content_header, encode_heartbeat, encode_method};
+use wharf_wire::protocol::{AMQPClass, basic};
+
+/// A socket write is flushed once this much is buffered, even if more items are waiting.
+const WRITE_BATCH_BYTES_MAX: usize = 256 * 1024;
+
+/// Settings the connection task updates after tuning.
+#[derive(Debug)]
+pub(crate) struct WriterSettings {
+    /// The negotiated frame_max, for splitting bodies.
+    pub frame_max: AtomicU32,
+    /// Heartbeat interval in seconds (0: none); a heartbeat goes out after half of it idle.
+    pub heartbeat_s: AtomicU32,
+}
+
+fn encode(buffer: &mut BytesMut, item: Outbound, frame_max: u32) {
+    match item {
+        Outbound::Frames(bytes) => buffer.extend_from_slice(&bytes),
+        Outbound::Deliver(delivery) => {
+            let channel = delivery.channel.channel;
+            let message = &delivery.message;
+            let method = match &delivery.consumer_tag {
+                Some(tag) => AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
+                    consumer_tag: tag.as_str().into(),
+                    delivery_tag: delivery.delivery_tag,
+                    redelivered: delivery.redelivered,
+                    exchange: message.exchange.as_str().into(),
+                    routing_key: message.routing_key.as_str().into(),
+                })),
+                None => AMQPClass::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
+                    delivery_tag: delivery.delivery_tag,
+                    redelivered: delivery.redelivered,
+                    exchange: message.exchange.as_str().into(),
+                    routing_key: message.routing_key.as_str().into(),
+                    message_count: delivery.message_count,
+                })),
+            };
+            // Names and keys came in as short strings, so the method always encodes.
+            if encode_method(buffer, channel, &method).is_ok() {
+                encode_content_header(buffer, channel, message.body.len() as u64, &message.raw_properties);
+                encode_body(buffer, channel, &message.body, frame_max);
+            }
+        }
+        Outbound::Return { channel, reply_code, reply_text, message } => {
+            let method = AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                reply_code,
+                reply_text: reply_text.into(),
+                exchange: message.exchange.as_str().into(),
+                routing_key: message.routing_key.as_str().into(),
+            }));
+            if encode_method(buffer, channel, &method).is_ok() {
+                encode_content_header(buffer, channel, message.body.len() as u64, &message.raw_properties);
+                encode_body(buffer, channel, &message.body, frame_max);
+            }
+        }
+        Outbound::CancelConsumer { channel, consumer_tag } => {
+            let method = AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+                consumer_tag: consumer_tag.into(),
+                nowait: true,
+            }));
+            let _ = encode_method(buffer, channel, &method);
+        }
+    }
+}
+
+/// Runs until every sender is gone (the connection ended) or the socket fails.
+pub(crate) async fn run(
+    mut socket: OwnedWriteHalf,
+    mut outbound: mpsc::UnboundedReceiver<Outbound>,
+    settings: Arc<WriterSettings>,
+) {
+    let mut buffer = BytesMut::with_capacity(64 * 1024);
+    loop {
+        let heartbeat_s = settings.heartbeat_s.load(Ordering::Relaxed);
+        let idle = if heartbeat_s == 0 {
+            Duration::from_secs(3600)
+        } else {
+            Duration::from_millis(u64::from(heartbeat_s) * 500)
+        };
+        let first = tokio::select! {
+            item = outbound.recv() => match item {
+                Some(item) => Some(item),
+                None => break,
+            },
+            () = tokio::time::sleep(idle) => None,
+        };
+        let frame_max = settings.frame_max.load(Ordering::Relaxed);
+        match first {
+            Some(item) => encode(&mut buffer, item, frame_max),
+            None if heartbeat_s > 0 => encode_heartbeat(&mut buffer),
+            None => continue,
+        }
+        while buffer.len() < WRITE_BATCH_BYTES_MAX {
+            match outbound.try_recv() {
+                Ok(item) => encode(&mut buffer, item, frame_max),
+                Err(_) => break,
+            }
+        }
+        if socket.write_all(&buffer).await.is_err() {
+            return;
+        }
+        buffer.clear();
+    }
+    let _ = socket.shutdown().await;
+}
