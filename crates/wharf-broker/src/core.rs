@@ -50,6 +50,9 @@ pub(crate) struct Core {
     pub fatal: watch::Sender<Option<String>>,
 }
 
+/// Written by a clean shutdown after the store is closed; removed at start.
+pub(crate) const CLEAN_STOP_MARKER: &str = "clean-stop";
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64)
 }
@@ -65,6 +68,14 @@ impl Core {
         let (store, recovered) = Store::open(wharf_store::RealFs::shared(), &config.data_dir, config.store.clone())?;
         for issue in &recovered.issues {
             tracing::warn!(?issue, "store recovery");
+        }
+        // Delivery counts are recorded lazily; only a clean stop makes them all durable. After any
+        // other stop every recovered message is marked redelivered, so a message a consumer may
+        // already have seen is never presented as new.
+        let marker = config.data_dir.join(CLEAN_STOP_MARKER);
+        let clean_stop = marker.exists();
+        if clean_stop && let Err(error) = std::fs::remove_file(&marker) {
+            tracing::warn!(%error, "could not remove the clean-stop marker");
         }
         let seed = now_ms() ^ u64::from(std::process::id()).rotate_left(32);
         let mut model = BrokerModel::new(seed);
@@ -108,6 +119,7 @@ impl Core {
                                                 Arc::new(decoded),
                                                 Some(message.seq),
                                                 message.delivery_count,
+                                                !clean_stop,
                                             );
                                             restored_messages += 1;
                                         }
@@ -211,6 +223,13 @@ impl Core {
     /// messages from the store (lazily durable), forgets deleted queues.
     pub fn apply(&self, effects: Effects) {
         for delivery in effects.deliveries {
+            if let Some((queue, seq)) = delivery.store {
+                // Lazily durable, like removals; see `CLEAN_STOP_MARKER` for what a crash does.
+                match self.store.set_delivery_count(QueueId(queue), seq, delivery.delivery_count) {
+                    Ok(_) | Err(StoreError::UnknownQueue(_)) => {}
+                    Err(error) => self.store_failed(&error),
+                }
+            }
             let connection = delivery.channel.connection;
             if let Some(outbound) = self.outbound(connection) {
                 // A closed connection's channels are closed in the model right after; its

@@ -19,3 +19,5 @@ mod writer;
 pub use config::{BrokerConfig, User};
 pub use error::BrokerError;
 pub use server::Broker;
+/// The largest `frame_max` the broker negotiates.
+pub use wharf_wire::frame::FRAME_MAX_LIMIT;

@@ -75,9 +75,16 @@ impl Broker {
             }
         }
         let core = self.core;
+        let data_dir = core.config.data_dir.clone();
         let closed = tokio::task::spawn_blocking(move || core.store.clone().close()).await;
         match closed {
-            Ok(Ok(())) => tracing::info!("store closed"),
+            Ok(Ok(())) => {
+                tracing::info!("store closed");
+                let marker = data_dir.join(crate::core::CLEAN_STOP_MARKER);
+                if let Err(error) = std::fs::write(&marker, b"") {
+                    tracing::warn!(%error, "could not write the clean-stop marker");
+                }
+            }
             Ok(Err(error)) => tracing::error!(%error, "closing the store failed"),
             Err(error) => tracing::error!(%error, "closing the store failed"),
         }

@@ -39,6 +39,8 @@ pub struct Delivery {
     pub message_count: u32,
     /// How many times it has now been delivered.
     pub delivery_count: u32,
+    /// The store's queue id and seq for it, when it is stored (to record the delivery count).
+    pub store: Option<(u64, u64)>,
 }
 
 /// A message that left its queue for good: the runtime removes it from the store.
@@ -428,6 +430,7 @@ impl BrokerModel {
                 message: Arc::clone(&entry.message),
                 message_count: queue.ready.len() as u32,
                 delivery_count: entry.delivery_count,
+                store: queue.store_queue.zip(entry.store_seq),
             });
             if consumer.no_ack {
                 effects.removed.push(Removed {
@@ -476,6 +479,7 @@ impl BrokerModel {
             message: Arc::clone(&entry.message),
             message_count: queue.ready.len() as u32,
             delivery_count: entry.delivery_count,
+            store: queue.store_queue.zip(entry.store_seq),
         };
         let mut effects = Effects::default();
         if no_ack {

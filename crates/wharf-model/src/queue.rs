@@ -89,15 +89,24 @@ impl Queue {
 
     /// Adds a message at the tail. Returns its position.
     pub fn enqueue(&mut self, message: Arc<Message>, store_seq: Option<u64>) -> u64 {
-        self.enqueue_recovered(message, store_seq, 0)
+        self.enqueue_recovered(message, store_seq, 0, false)
     }
 
-    /// Adds a message found by recovery, with its delivery count (a delivered message is marked
-    /// redelivered).
-    pub fn enqueue_recovered(&mut self, message: Arc<Message>, store_seq: Option<u64>, delivery_count: u32) -> u64 {
+    /// Adds a message found by recovery, with its delivery count. `redelivered` marks a message
+    /// that may have been delivered before (after an unclean stop the runtime marks all of them).
+    pub fn enqueue_recovered(
+        &mut self,
+        message: Arc<Message>,
+        store_seq: Option<u64>,
+        delivery_count: u32,
+        redelivered: bool,
+    ) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
-        self.ready.insert(id, Entry { id, message, store_seq, redelivered: delivery_count > 0, delivery_count });
+        self.ready.insert(
+            id,
+            Entry { id, message, store_seq, redelivered: redelivered || delivery_count > 0, delivery_count },
+        );
         id
     }
 

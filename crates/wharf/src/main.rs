@@ -1,0 +1,167 @@
+//! `wharf`: the broker's binary. The only crate that reads the environment, parses flags and
+//! configuration files, installs logging and handles signals.
+//!
+//! `wharf serve` starts the broker with zero configuration (port 5672, data in `./wharf-data`,
+//! `guest`/`guest` from loopback). Every setting can come from a flag, a `WHARF_*` variable or the
+//! TOML file named by `--config`; flags win over variables, variables over the file, the file over
+//! the defaults.
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use wharf_broker::{Broker, BrokerConfig, User};
+
+#[derive(Debug, Parser)]
+#[command(name = "wharf", version, about = "A durable AMQP 0-9-1 message broker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the broker.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "WHARF_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address for AMQP connections [default: 0.0.0.0:5672].
+    #[arg(long, env = "WHARF_AMQP_LISTEN")]
+    amqp_listen: Option<SocketAddr>,
+    /// Data directory [default: ./wharf-data].
+    #[arg(long, env = "WHARF_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Heartbeat interval offered to clients, in seconds (0 disables) [default: 60].
+    #[arg(long, env = "WHARF_HEARTBEAT_S")]
+    heartbeat_s: Option<u16>,
+    /// Largest frame accepted, in bytes (4096 to 131072) [default: 131072].
+    #[arg(long, env = "WHARF_FRAME_MAX")]
+    frame_max: Option<u32>,
+    /// Largest message body accepted, in bytes [default: 134217728].
+    #[arg(long, env = "WHARF_MESSAGE_BYTES_MAX")]
+    message_bytes_max: Option<u64>,
+    /// Most client connections at once [default: 10000].
+    #[arg(long, env = "WHARF_CONNECTIONS_MAX")]
+    connections_max: Option<usize>,
+    /// Log filter (tracing syntax) [default: info].
+    #[arg(long, env = "WHARF_LOG", default_value = "info")]
+    log: String,
+}
+
+/// The TOML file's shape; every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    amqp_listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    heartbeat_s: Option<u16>,
+    frame_max: Option<u32>,
+    message_bytes_max: Option<u64>,
+    connections_max: Option<usize>,
+    users: Option<Vec<FileUser>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUser {
+    name: String,
+    password: String,
+    #[serde(default)]
+    loopback_only: bool,
+}
+
+fn read_file_config(path: &Path) -> Result<FileConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading configuration file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("configuration file {} is not valid", path.display()))
+}
+
+/// Merges flags and variables (already merged by clap) over the file over the defaults, and checks
+/// the result.
+fn broker_config(args: &ServeArgs) -> Result<BrokerConfig> {
+    let file = match &args.config {
+        Some(path) => read_file_config(path)?,
+        None => FileConfig::default(),
+    };
+    let data_dir = args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("wharf-data"));
+    let mut config = BrokerConfig::new(data_dir);
+    if let Some(address) = args.amqp_listen.or(file.amqp_listen) {
+        config.amqp_listen = address;
+    }
+    if let Some(heartbeat_s) = args.heartbeat_s.or(file.heartbeat_s) {
+        config.heartbeat_s = heartbeat_s;
+    }
+    if let Some(frame_max) = args.frame_max.or(file.frame_max) {
+        if !(4096..=wharf_broker::FRAME_MAX_LIMIT).contains(&frame_max) {
+            bail!("frame_max must be between 4096 and {} bytes, got {frame_max}", wharf_broker::FRAME_MAX_LIMIT);
+        }
+        config.frame_max = frame_max;
+    }
+    if let Some(message_bytes_max) = args.message_bytes_max.or(file.message_bytes_max) {
+        let limit = wharf_store::format::BODY_BYTES_MAX as u64;
+        if message_bytes_max == 0 || message_bytes_max > limit {
+            bail!("message_bytes_max must be between 1 and {limit} bytes, got {message_bytes_max}");
+        }
+        config.message_bytes_max = message_bytes_max;
+    }
+    if let Some(connections_max) = args.connections_max.or(file.connections_max) {
+        if connections_max == 0 {
+            bail!("connections_max must be at least 1");
+        }
+        config.connections_max = connections_max;
+    }
+    if let Some(users) = file.users {
+        if users.is_empty() {
+            bail!("the configuration file lists no users; nobody could connect");
+        }
+        config.users = users
+            .into_iter()
+            .map(|user| User { name: user.name, password: user.password, loopback_only: user.loopback_only })
+            .collect();
+    }
+    Ok(config)
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let config = broker_config(&args)?;
+    tracing::info!(data_dir = %config.data_dir.display(), listen = %config.amqp_listen, "starting wharf");
+    let broker = Broker::start(config).await.context("starting the broker")?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let outcome = tokio::select! {
+        _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT received; shutting down"); Ok(()) }
+        _ = terminate.recv() => { tracing::info!("SIGTERM received; shutting down"); Ok(()) }
+        reason = broker.fatal_error() => Err(anyhow::anyhow!("storage failed: {reason}")),
+    };
+    broker.shutdown().await;
+    outcome
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let Command::Serve(args) = cli.command;
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("wharf: cannot start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("wharf: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
