@@ -3,7 +3,8 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use wharf_store::StoreConfig;
+use std::sync::Arc;
+use wharf_store::{Fs, RealFs, StoreConfig};
 
 /// A user who may connect.
 #[derive(Clone, PartialEq, Eq)]
@@ -56,6 +57,9 @@ pub struct BrokerConfig {
     pub handshake_timeout_ms: u64,
     /// Storage tuning.
     pub store: StoreConfig,
+    /// The file system the data directory lives on: the real one, or a fault-injecting one in
+    /// tests.
+    pub fs: Arc<dyn Fs>,
 }
 
 impl BrokerConfig {
@@ -73,6 +77,7 @@ impl BrokerConfig {
             connections_max: 10_000,
             handshake_timeout_ms: 10_000,
             store: StoreConfig::default(),
+            fs: RealFs::shared(),
         }
     }
 }

@@ -61,11 +61,12 @@ impl Core {
     /// Opens the store and the definitions log and rebuilds the broker from them. Blocking (file
     /// I/O): run it off the async runtime's workers.
     pub fn open(config: BrokerConfig) -> Result<Core, BrokerError> {
-        let (meta, definitions) = MetaStore::open(wharf_store::RealFs::shared(), config.data_dir.join("meta"))?;
+        let fs = Arc::clone(&config.fs);
+        let (meta, definitions) = MetaStore::open(Arc::clone(&fs), config.data_dir.join("meta"))?;
         for issue in &definitions.issues {
             tracing::error!(?issue, "damage found in the definitions log");
         }
-        let (store, recovered) = Store::open(wharf_store::RealFs::shared(), &config.data_dir, config.store.clone())?;
+        let (store, recovered) = Store::open(Arc::clone(&fs), &config.data_dir, config.store.clone())?;
         for issue in &recovered.issues {
             tracing::warn!(?issue, "store recovery");
         }
@@ -73,9 +74,12 @@ impl Core {
         // other stop every recovered message is marked redelivered, so a message a consumer may
         // already have seen is never presented as new.
         let marker = config.data_dir.join(CLEAN_STOP_MARKER);
-        let clean_stop = marker.exists();
-        if clean_stop && let Err(error) = std::fs::remove_file(&marker) {
-            tracing::warn!(%error, "could not remove the clean-stop marker");
+        let clean_stop = fs.exists(&marker).unwrap_or(false);
+        if clean_stop {
+            // Must be gone before anything else happens: a crash from here on is unclean.
+            fs.remove_file(&marker)
+                .and_then(|()| fs.sync_dir(&config.data_dir))
+                .map_err(|error| wharf_store::StoreError::Io { context: "removing the clean-stop marker".into(), source: Arc::new(error) })?;
         }
         let seed = now_ms() ^ u64::from(std::process::id()).rotate_left(32);
         let mut model = BrokerModel::new(seed);

@@ -75,13 +75,16 @@ impl Broker {
             }
         }
         let core = self.core;
-        let data_dir = core.config.data_dir.clone();
+        let fs = std::sync::Arc::clone(&core.config.fs);
+        let marker = core.config.data_dir.join(crate::core::CLEAN_STOP_MARKER);
         let closed = tokio::task::spawn_blocking(move || core.store.clone().close()).await;
         match closed {
             Ok(Ok(())) => {
                 tracing::info!("store closed");
-                let marker = data_dir.join(crate::core::CLEAN_STOP_MARKER);
-                if let Err(error) = std::fs::write(&marker, b"") {
+                let written = fs.open(&marker, wharf_store::OpenMode::CreateNew).and_then(|file| file.sync_data());
+                if let Err(error) = written
+                    && error.kind() != std::io::ErrorKind::AlreadyExists
+                {
                     tracing::warn!(%error, "could not write the clean-stop marker");
                 }
             }
