@@ -56,3 +56,11 @@ impl TestBroker {
         }
     }
 }
+
+/// The AMQP reply code carried by a lapin error, if it is a protocol error.
+pub fn reply_code(error: &lapin::Error) -> Option<u16> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
+        _ => None,
+    }
+}
