@@ -245,39 +245,46 @@ impl Connection {
     }
 
     async fn authenticate(&mut self, start_ok: &connection::StartOk) -> Result<String, Ending> {
-        let mechanism = start_ok.mechanism.as_str();
-        let refused = |text: String| (reply_code::ACCESS_REFUSED, text);
-        let outcome = match sasl::parse_response(mechanism, start_ok.response.as_bytes()) {
-            Ok(Some(credentials)) => {
-                let user = self.core.config.users.iter().find(|user| user.name == credentials.username);
-                match user {
-                    Some(user) if constant_time_equal(user.password.as_bytes(), credentials.password.as_bytes()) => {
-                        if user.loopback_only && !self.peer.ip().is_loopback() {
-                            Err(refused(format!(
-                                "ACCESS_REFUSED - user '{}' can only connect via localhost",
-                                user.name
-                            )))
-                        } else {
-                            Ok(user.name.clone())
-                        }
-                    }
-                    _ => Err(refused(format!(
-                        "ACCESS_REFUSED - Login was refused using authentication mechanism {mechanism}"
-                    ))),
-                }
-            }
-            Ok(None) => Err(refused(format!("ACCESS_REFUSED - unsupported authentication mechanism {mechanism}"))),
-            Err(error) => Err(refused(format!("ACCESS_REFUSED - {error}"))),
-        };
+        let outcome = authorize(
+            &self.core.config.users,
+            start_ok.mechanism.as_str(),
+            start_ok.response.as_bytes(),
+            self.peer.ip(),
+        );
         match outcome {
             Ok(user) => Ok(user),
-            Err((code, text)) => {
+            Err(text) => {
                 tracing::warn!(peer = %self.peer, reason = %text, "authentication failed");
                 // authentication_failure_close: say why, then close without waiting long.
-                self.send(0, &connection_close(code, &text, 10, 11));
-                Err(Ending::ServerClosed(code, text))
+                self.send(0, &connection_close(reply_code::ACCESS_REFUSED, &text, 10, 11));
+                Err(Ending::ServerClosed(reply_code::ACCESS_REFUSED, text))
             }
         }
+    }
+}
+
+/// Decides a login: the user name, or the 403 reply text RabbitMQ would give.
+fn authorize(
+    users: &[crate::config::User],
+    mechanism: &str,
+    response: &[u8],
+    peer: std::net::IpAddr,
+) -> Result<String, String> {
+    let credentials = match sasl::parse_response(mechanism, response) {
+        Ok(Some(credentials)) => credentials,
+        Ok(None) => return Err(format!("ACCESS_REFUSED - unsupported authentication mechanism {mechanism}")),
+        Err(error) => return Err(format!("ACCESS_REFUSED - {error}")),
+    };
+    let user = users.iter().find(|user| user.name == credentials.username);
+    match user {
+        Some(user) if constant_time_equal(user.password.as_bytes(), credentials.password.as_bytes()) => {
+            if user.loopback_only && !peer.is_loopback() {
+                Err(format!("ACCESS_REFUSED - user '{}' can only connect via localhost", user.name))
+            } else {
+                Ok(user.name.clone())
+            }
+        }
+        _ => Err(format!("ACCESS_REFUSED - Login was refused using authentication mechanism {mechanism}")),
     }
 }
 
@@ -392,4 +399,32 @@ pub(crate) enum Stop {
     ClientClosed,
     /// A connection-level error, with the class and method that caused it.
     Error(ModelError, u16, u16),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::User;
+
+    #[test]
+    fn guest_only_from_loopback_and_passwords_must_match() {
+        let users = vec![User::guest(), User { name: "app".into(), password: "pw".into(), loopback_only: false }];
+        let loopback: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        let remote: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(authorize(&users, "PLAIN", b"\0guest\0guest", loopback), Ok("guest".into()));
+        let refused = authorize(&users, "PLAIN", b"\0guest\0guest", remote).unwrap_err();
+        assert_eq!(refused, "ACCESS_REFUSED - user 'guest' can only connect via localhost");
+        assert_eq!(authorize(&users, "PLAIN", b"\0app\0pw", remote), Ok("app".into()));
+        assert!(authorize(&users, "PLAIN", b"\0app\0wrong", remote).unwrap_err().contains("Login was refused"));
+        assert!(authorize(&users, "PLAIN", b"\0ap\0pw", remote).is_err(), "a prefix of a name is not the name");
+        assert!(authorize(&users, "CRAM-MD5", b"", loopback).unwrap_err().contains("unsupported"));
+    }
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(constant_time_equal(b"secret", b"secret"));
+        assert!(!constant_time_equal(b"secret", b"secre"));
+        assert!(!constant_time_equal(b"secret", b"secreT"));
+        assert!(!constant_time_equal(b"", b"x"));
+    }
 }

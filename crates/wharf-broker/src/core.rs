@@ -77,9 +77,12 @@ impl Core {
         let clean_stop = fs.exists(&marker).unwrap_or(false);
         if clean_stop {
             // Must be gone before anything else happens: a crash from here on is unclean.
-            fs.remove_file(&marker)
-                .and_then(|()| fs.sync_dir(&config.data_dir))
-                .map_err(|error| wharf_store::StoreError::Io { context: "removing the clean-stop marker".into(), source: Arc::new(error) })?;
+            fs.remove_file(&marker).and_then(|()| fs.sync_dir(&config.data_dir)).map_err(|error| {
+                wharf_store::StoreError::Io {
+                    context: "removing the clean-stop marker".into(),
+                    source: Arc::new(error),
+                }
+            })?;
         }
         let seed = now_ms() ^ u64::from(std::process::id()).rotate_left(32);
         let mut model = BrokerModel::new(seed);

@@ -27,7 +27,13 @@ async fn connect(broker: &Broker) -> Connection {
 
 async fn publish(channel: &Channel, body: &str) -> Confirmation {
     channel
-        .basic_publish("".into(), "q".into(), BasicPublishOptions::default(), body.as_bytes(), BasicProperties::default().with_delivery_mode(2))
+        .basic_publish(
+            "".into(),
+            "q".into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            BasicProperties::default().with_delivery_mode(2),
+        )
         .await
         .unwrap()
         .await
@@ -94,14 +100,29 @@ async fn transactions_commit_together_or_roll_back() {
     channel.tx_select().await.unwrap();
     for body in ["a", "b"] {
         channel
-            .basic_publish("".into(), "q".into(), BasicPublishOptions::default(), body.as_bytes(), BasicProperties::default().with_delivery_mode(2))
+            .basic_publish(
+                "".into(),
+                "q".into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
             .await
             .unwrap();
     }
-    assert!(observer.basic_get("q".into(), BasicGetOptions::default()).await.unwrap().is_none(), "nothing before commit");
+    assert!(
+        observer.basic_get("q".into(), BasicGetOptions::default()).await.unwrap().is_none(),
+        "nothing before commit"
+    );
     channel.tx_rollback().await.unwrap();
     channel
-        .basic_publish("".into(), "q".into(), BasicPublishOptions::default(), b"c", BasicProperties::default().with_delivery_mode(2))
+        .basic_publish(
+            "".into(),
+            "q".into(),
+            BasicPublishOptions::default(),
+            b"c",
+            BasicProperties::default().with_delivery_mode(2),
+        )
         .await
         .unwrap();
     channel.tx_commit().await.unwrap();

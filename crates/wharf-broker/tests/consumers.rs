@@ -16,7 +16,13 @@ async fn queue_with(channel: &Channel, name: &str, messages: usize) {
     channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     for index in 0..messages {
         channel
-            .basic_publish("".into(), name.into(), BasicPublishOptions::default(), format!("m{index}").as_bytes(), BasicProperties::default())
+            .basic_publish(
+                "".into(),
+                name.into(),
+                BasicPublishOptions::default(),
+                format!("m{index}").as_bytes(),
+                BasicProperties::default(),
+            )
             .await
             .unwrap()
             .await
@@ -38,8 +44,14 @@ async fn prefetch_bounds_unacked_deliveries_and_dispatch_is_fair() {
     let fast = connection.create_channel().await.unwrap();
     slow.basic_qos(1, BasicQosOptions::default()).await.unwrap();
     fast.basic_qos(1, BasicQosOptions::default()).await.unwrap();
-    let mut slow_consumer = slow.basic_consume("work".into(), "slow".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
-    let mut fast_consumer = fast.basic_consume("work".into(), "fast".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
+    let mut slow_consumer = slow
+        .basic_consume("work".into(), "slow".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let mut fast_consumer = fast
+        .basic_consume("work".into(), "fast".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
     // The slow consumer holds its one message unacked; the fast one gets everything else.
     let held = slow_consumer.next().await.unwrap().unwrap();
     let mut fast_bodies = Vec::new();
@@ -93,15 +105,19 @@ async fn a_dying_consumer_connection_gives_its_messages_back_as_redelivered() {
     {
         let doomed = broker.connect().await;
         let doomed_channel = doomed.create_channel().await.unwrap();
-        let mut consumer =
-            doomed_channel.basic_consume("q".into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
+        let mut consumer = doomed_channel
+            .basic_consume("q".into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .unwrap();
         for _ in 0..3 {
             consumer.next().await.unwrap().unwrap();
         }
         doomed.close(200, "gone without acking".into()).await.unwrap();
     }
-    let mut consumer =
-        channel.basic_consume("q".into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
+    let mut consumer = channel
+        .basic_consume("q".into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
     for expected in ["m0", "m1", "m2"] {
         let delivery = consumer.next().await.unwrap().unwrap();
         assert_eq!(delivery.data, expected.as_bytes());
@@ -154,7 +170,13 @@ async fn unroutable_mandatory_messages_are_returned() {
     }
     // Without `mandatory` the message is dropped silently (and still confirmed).
     let confirm = channel
-        .basic_publish("amq.direct".into(), "nobody-listens".into(), BasicPublishOptions::default(), b"x", BasicProperties::default())
+        .basic_publish(
+            "amq.direct".into(),
+            "nobody-listens".into(),
+            BasicPublishOptions::default(),
+            b"x",
+            BasicProperties::default(),
+        )
         .await
         .unwrap()
         .await

@@ -15,7 +15,12 @@ async fn publish(channel: &Channel, exchange: &str, key: &str, body: &str, heade
     if let Some(headers) = headers {
         properties = properties.with_headers(headers);
     }
-    channel.basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), body.as_bytes(), properties).await.unwrap().await.unwrap();
+    channel
+        .basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), body.as_bytes(), properties)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
 }
 
 async fn drain(channel: &Channel, queue: &str) -> Vec<String> {
@@ -32,15 +37,28 @@ async fn every_exchange_type_routes() {
     let connection = broker.connect().await;
     let channel = connection.create_channel().await.unwrap();
     channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
-    for (name, kind) in [("d", ExchangeKind::Direct), ("f", ExchangeKind::Fanout), ("t", ExchangeKind::Topic), ("h", ExchangeKind::Headers)] {
-        channel.exchange_declare(name.into(), kind, ExchangeDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    for (name, kind) in [
+        ("d", ExchangeKind::Direct),
+        ("f", ExchangeKind::Fanout),
+        ("t", ExchangeKind::Topic),
+        ("h", ExchangeKind::Headers),
+    ] {
+        channel
+            .exchange_declare(name.into(), kind, ExchangeDeclareOptions::default(), FieldTable::default())
+            .await
+            .unwrap();
     }
     for queue in ["q1", "q2"] {
         channel.queue_declare(queue.into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
     }
     let bind = |queue: &'static str, exchange: &'static str, key: &'static str, arguments: FieldTable| {
         let channel = channel.clone();
-        async move { channel.queue_bind(queue.into(), exchange.into(), key.into(), QueueBindOptions::default(), arguments).await.unwrap() }
+        async move {
+            channel
+                .queue_bind(queue.into(), exchange.into(), key.into(), QueueBindOptions::default(), arguments)
+                .await
+                .unwrap()
+        }
     };
     bind("q1", "d", "red", FieldTable::default()).await;
     bind("q1", "f", "", FieldTable::default()).await;
@@ -64,10 +82,16 @@ async fn every_exchange_type_routes() {
     assert_eq!(drain(&channel, "q2").await, vec!["fanout", "topic-hit", "default"]);
 
     // Exchange-to-exchange: t -> d (topic binding), d routes on to q1.
-    channel.exchange_bind("d".into(), "t".into(), "red".into(), ExchangeBindOptions::default(), FieldTable::default()).await.unwrap();
+    channel
+        .exchange_bind("d".into(), "t".into(), "red".into(), ExchangeBindOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
     publish(&channel, "t", "red", "through-two-exchanges", None).await;
     assert_eq!(drain(&channel, "q1").await, vec!["through-two-exchanges"]);
-    channel.exchange_unbind("d".into(), "t".into(), "red".into(), ExchangeUnbindOptions::default(), FieldTable::default()).await.unwrap();
+    channel
+        .exchange_unbind("d".into(), "t".into(), "red".into(), ExchangeUnbindOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
     publish(&channel, "t", "red", "unbound", None).await;
     assert!(drain(&channel, "q1").await.is_empty());
     broker.stop().await;
@@ -82,26 +106,44 @@ async fn declare_errors_close_the_channel_with_rabbitmq_codes() {
 
     let channel = connection.create_channel().await.unwrap();
     let error = channel
-        .queue_declare("missing".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            "missing".into(),
+            QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
         .await
         .unwrap_err();
     assert_eq!(reply_code(&error), Some(404), "{error}");
 
     let channel = connection.create_channel().await.unwrap();
-    let error = channel.queue_declare("durable-q".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap_err();
+    let error = channel
+        .queue_declare("durable-q".into(), QueueDeclareOptions::default(), FieldTable::default())
+        .await
+        .unwrap_err();
     assert_eq!(reply_code(&error), Some(406), "{error}");
     assert!(error.to_string().contains("inequivalent arg 'durable'"), "{error}");
 
     let channel = connection.create_channel().await.unwrap();
     let error = channel
-        .exchange_declare("amq.custom".into(), ExchangeKind::Direct, ExchangeDeclareOptions::default(), FieldTable::default())
+        .exchange_declare(
+            "amq.custom".into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .unwrap_err();
     assert_eq!(reply_code(&error), Some(403), "{error}");
 
     let channel = connection.create_channel().await.unwrap();
     let error = channel
-        .queue_bind("durable-q".into(), "no-such-exchange".into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+        .queue_bind(
+            "durable-q".into(),
+            "no-such-exchange".into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .unwrap_err();
     assert_eq!(reply_code(&error), Some(404), "{error}");
@@ -109,7 +151,14 @@ async fn declare_errors_close_the_channel_with_rabbitmq_codes() {
     // Another connection's exclusive queue.
     let owner = broker.connect().await;
     let owner_channel = owner.create_channel().await.unwrap();
-    owner_channel.queue_declare("mine".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default()).await.unwrap();
+    owner_channel
+        .queue_declare(
+            "mine".into(),
+            QueueDeclareOptions { exclusive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
     let channel = connection.create_channel().await.unwrap();
     let error = channel
         .basic_consume("mine".into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
@@ -118,13 +167,18 @@ async fn declare_errors_close_the_channel_with_rabbitmq_codes() {
     assert_eq!(reply_code(&error), Some(405), "{error}");
 
     // The connection, and its other channels, are unaffected by all of the above.
-    let declared = setup.queue_declare("durable-q".into(), QueueDeclareOptions::durable(), FieldTable::default()).await.unwrap();
+    let declared =
+        setup.queue_declare("durable-q".into(), QueueDeclareOptions::durable(), FieldTable::default()).await.unwrap();
     assert_eq!(declared.message_count(), 0);
     owner.close(200, "bye".into()).await.unwrap();
     // The exclusive queue went with its connection.
     let channel = connection.create_channel().await.unwrap();
     let error = channel
-        .queue_declare("mine".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            "mine".into(),
+            QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
         .await
         .unwrap_err();
     assert_eq!(reply_code(&error), Some(404), "{error}");
@@ -136,18 +190,30 @@ async fn server_named_queues_purge_and_conditional_delete() {
     let broker = TestBroker::start().await;
     let connection = broker.connect().await;
     let channel = connection.create_channel().await.unwrap();
-    let queue = channel.queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default()).await.unwrap();
+    let queue = channel
+        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap();
     let name = queue.name().as_str().to_owned();
     assert!(name.starts_with("amq.gen-"), "{name}");
     channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     for _ in 0..3 {
         publish(&channel, "", &name, "x", None).await;
     }
-    let error = channel.queue_delete(name.as_str().into(), QueueDeleteOptions { if_empty: true, ..Default::default() }).await.unwrap_err();
+    let error = channel
+        .queue_delete(name.as_str().into(), QueueDeleteOptions { if_empty: true, ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(reply_code(&error), Some(406), "{error}");
     let channel = connection.create_channel().await.unwrap();
     assert_eq!(channel.queue_purge(name.as_str().into(), QueuePurgeOptions::default()).await.unwrap(), 3);
-    assert_eq!(channel.queue_delete(name.as_str().into(), QueueDeleteOptions { if_empty: true, ..Default::default() }).await.unwrap(), 0);
+    assert_eq!(
+        channel
+            .queue_delete(name.as_str().into(), QueueDeleteOptions { if_empty: true, ..Default::default() })
+            .await
+            .unwrap(),
+        0
+    );
     broker.stop().await;
 }
 
@@ -162,7 +228,13 @@ async fn transient_queues_and_messages_do_not_survive_a_restart_durable_ones_do(
         channel.queue_declare("transient".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
         for (body, mode) in [("persistent", 2), ("transient-message", 1)] {
             channel
-                .basic_publish("".into(), "kept".into(), BasicPublishOptions::default(), body.as_bytes(), BasicProperties::default().with_delivery_mode(mode))
+                .basic_publish(
+                    "".into(),
+                    "kept".into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    BasicProperties::default().with_delivery_mode(mode),
+                )
                 .await
                 .unwrap()
                 .await
@@ -175,7 +247,11 @@ async fn transient_queues_and_messages_do_not_survive_a_restart_durable_ones_do(
     let channel = connection.create_channel().await.unwrap();
     assert_eq!(drain(&channel, "kept").await, vec!["persistent"]);
     let error = channel
-        .queue_declare("transient".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            "transient".into(),
+            QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
         .await
         .unwrap_err();
     assert_eq!(reply_code(&error), Some(404));

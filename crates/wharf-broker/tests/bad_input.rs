@@ -1,0 +1,346 @@
+//! Bad input over a raw socket: each gets the protocol's proper error, closes only what it must,
+//! and leaves other connections and stored messages alone. Also heartbeats: a silent peer is
+//! closed by the server.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use bytes::{BufMut, BytesMut};
+use common::TestBroker;
+use lapin::BasicProperties;
+use lapin::options::*;
+use lapin::types::FieldTable;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use wharf_wire::frame::{self, FRAME_MIN_SIZE, encode_body, encode_content_header, encode_method, encode_properties};
+use wharf_wire::protocol::{AMQPClass, BasicProperties as Properties, basic, channel, connection};
+use wharf_wire::{Frame, FrameDecoder};
+
+/// A hand-driven AMQP client, for sending what no well-behaved client would.
+struct Raw {
+    socket: TcpStream,
+    buffer: BytesMut,
+    decoder: FrameDecoder,
+}
+
+/// A safety net so a broken server fails the test instead of hanging it; never a timing claim.
+const HANG_GUARD: Duration = Duration::from_secs(30);
+
+impl Raw {
+    async fn connect(broker: &TestBroker) -> Raw {
+        let address = broker.broker.as_ref().unwrap().local_addr();
+        let socket = TcpStream::connect(address).await.unwrap();
+        Raw { socket, buffer: BytesMut::new(), decoder: FrameDecoder::new(frame::FRAME_MAX_LIMIT) }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.socket.write_all(bytes).await.unwrap();
+    }
+
+    async fn send_method(&mut self, channel: u16, method: AMQPClass) {
+        let mut buffer = BytesMut::new();
+        encode_method(&mut buffer, channel, &method).unwrap();
+        self.send(&buffer).await;
+    }
+
+    /// The next frame, or `None` once the server has closed the socket.
+    async fn next(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(frame) = self.decoder.decode(&mut self.buffer).unwrap() {
+                return Some(frame);
+            }
+            let read =
+                tokio::time::timeout(HANG_GUARD, self.socket.read_buf(&mut self.buffer)).await.expect("server hung");
+            if read.unwrap_or(0) == 0 {
+                return None;
+            }
+        }
+    }
+
+    async fn next_method(&mut self) -> Option<AMQPClass> {
+        loop {
+            match self.next().await? {
+                Frame::Method { method, .. } => return Some(*method),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Runs the handshake as `user`; returns the `connection.close` if the server refused.
+    async fn handshake(&mut self, user: &str, password: &str, heartbeat: u16) -> Option<connection::Close> {
+        self.send(&frame::PROTOCOL_HEADER).await;
+        assert!(matches!(self.next_method().await, Some(AMQPClass::Connection(connection::AMQPMethod::Start(_)))));
+        self.send_method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
+                client_properties: FieldTable::default(),
+                mechanism: "PLAIN".into(),
+                response: format!("\0{user}\0{password}").into(),
+                locale: "en_US".into(),
+            })),
+        )
+        .await;
+        match self.next_method().await {
+            Some(AMQPClass::Connection(connection::AMQPMethod::Tune(_))) => {}
+            Some(AMQPClass::Connection(connection::AMQPMethod::Close(close))) => return Some(close),
+            other => panic!("unexpected {other:?}"),
+        }
+        self.send_method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
+                channel_max: 16,
+                frame_max: FRAME_MIN_SIZE,
+                heartbeat,
+            })),
+        )
+        .await;
+        self.decoder.set_frame_max(FRAME_MIN_SIZE);
+        self.send_method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open { virtual_host: "/".into() })),
+        )
+        .await;
+        match self.next_method().await {
+            Some(AMQPClass::Connection(connection::AMQPMethod::OpenOk(_))) => None,
+            Some(AMQPClass::Connection(connection::AMQPMethod::Close(close))) => Some(close),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    async fn open_channel(&mut self, channel: u16) {
+        self.send_method(channel, AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))).await;
+        assert!(matches!(self.next_method().await, Some(AMQPClass::Channel(channel::AMQPMethod::OpenOk(_)))));
+    }
+
+    /// Expects `connection.close` with `code`, answers close-ok, and expects the socket to end.
+    async fn expect_connection_close(&mut self, code: u16) -> String {
+        let text = loop {
+            match self.next_method().await {
+                Some(AMQPClass::Connection(connection::AMQPMethod::Close(close))) => {
+                    assert_eq!(close.reply_code, code, "{}", close.reply_text);
+                    break close.reply_text.as_str().to_owned();
+                }
+                Some(_) => continue,
+                None => panic!("socket closed without connection.close {code}"),
+            }
+        };
+        self.send_method(0, AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {}))).await;
+        assert!(self.next().await.is_none(), "the server closes the socket after close-ok");
+        text
+    }
+
+    async fn expect_channel_close(&mut self, code: u16) -> String {
+        loop {
+            match self.next_method().await {
+                Some(AMQPClass::Channel(channel::AMQPMethod::Close(close))) => {
+                    assert_eq!(close.reply_code, code, "{}", close.reply_text);
+                    return close.reply_text.as_str().to_owned();
+                }
+                Some(_) => continue,
+                None => panic!("socket closed instead of channel.close {code}"),
+            }
+        }
+    }
+}
+
+fn publish_frames(channel: u16, body: &[u8], immediate: bool) -> BytesMut {
+    let mut buffer = BytesMut::new();
+    let method = AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+        exchange: "".into(),
+        routing_key: "q".into(),
+        mandatory: false,
+        immediate,
+    }));
+    encode_method(&mut buffer, channel, &method).unwrap();
+    encode_content_header(&mut buffer, channel, body.len() as u64, &encode_properties(&Properties::default()));
+    encode_body(&mut buffer, channel, body, FRAME_MIN_SIZE);
+    buffer
+}
+
+/// A healthy client with a stored message, to show bad input elsewhere does not touch it.
+async fn bystander(broker: &TestBroker) -> lapin::Connection {
+    let connection = broker.connect().await;
+    let channel = connection.create_channel().await.unwrap();
+    channel.queue_declare("q".into(), QueueDeclareOptions::durable(), FieldTable::default()).await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    channel
+        .basic_publish(
+            "".into(),
+            "q".into(),
+            BasicPublishOptions::default(),
+            b"precious",
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    connection
+}
+
+async fn bystander_still_fine(connection: &lapin::Connection) {
+    let channel = connection.create_channel().await.unwrap();
+    let declared = channel
+        .queue_declare("q".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap();
+    assert!(declared.message_count() >= 1, "the stored message is still there");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_protocol_header_gets_ours_back_and_a_close() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::connect(&broker).await;
+    raw.send(b"GET / HTTP/1.1\r\n\r\n").await;
+    let mut reply = Vec::new();
+    tokio::time::timeout(HANG_GUARD, raw.socket.read_to_end(&mut reply)).await.unwrap().unwrap();
+    assert_eq!(reply, frame::PROTOCOL_HEADER);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_passwords_and_unknown_users_are_refused_with_403() {
+    let broker = TestBroker::start().await;
+    for (user, password) in [("guest", "wrong"), ("nobody", "guest")] {
+        let mut raw = Raw::connect(&broker).await;
+        let close = raw.handshake(user, password, 0).await.expect("refused");
+        assert_eq!(close.reply_code, 403, "{}", close.reply_text);
+        assert!(close.reply_text.as_str().contains("ACCESS_REFUSED"));
+    }
+    broker.stop().await;
+}
+
+/// (Refusing `guest` from a non-loopback address is unit-tested in `connection.rs`: tests only
+/// reach the server over loopback.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_users_and_guest_from_loopback_are_accepted() {
+    let broker = TestBroker::start_with(|config| {
+        config.users.push(wharf_broker::User { name: "app".into(), password: "pw".into(), loopback_only: false });
+    })
+    .await;
+    let mut raw = Raw::connect(&broker).await;
+    assert!(raw.handshake("app", "pw", 0).await.is_none());
+    let mut raw = Raw::connect(&broker).await;
+    assert!(raw.handshake("guest", "guest", 0).await.is_none(), "guest from loopback is accepted");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_frame_closes_the_connection_with_501_and_nothing_else() {
+    let broker = TestBroker::start().await;
+    let bystander = bystander(&broker).await;
+    let mut raw = Raw::connect(&broker).await;
+    assert!(raw.handshake("guest", "guest", 0).await.is_none());
+    raw.open_channel(1).await;
+    // A body frame announcing 1 GiB: refused from its header.
+    let mut frame = BytesMut::new();
+    frame.put_u8(3);
+    frame.put_u16(1);
+    frame.put_u32(1 << 30);
+    raw.send(&frame).await;
+    let text = raw.expect_connection_close(501).await;
+    assert!(text.contains("frame_max"), "{text}");
+    bystander_still_fine(&bystander).await;
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_methods_get_540_and_malformed_ones_502() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::connect(&broker).await;
+    assert!(raw.handshake("guest", "guest", 0).await.is_none());
+    // basic.999
+    raw.send(&[1, 0, 1, 0, 0, 0, 4, 0, 60, 3, 231, 0xCE]).await;
+    raw.expect_connection_close(540).await;
+
+    let mut raw = Raw::connect(&broker).await;
+    assert!(raw.handshake("guest", "guest", 0).await.is_none());
+    raw.open_channel(1).await;
+    // basic.publish with its arguments cut short.
+    raw.send(&[1, 0, 1, 0, 0, 0, 6, 0, 60, 0, 40, 0, 0, 0xCE]).await;
+    raw.expect_connection_close(502).await;
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_order_frames_get_505_and_unopened_channels_504() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::connect(&broker).await;
+    assert!(raw.handshake("guest", "guest", 0).await.is_none());
+    raw.open_channel(1).await;
+    // A body frame with no publish before it.
+    let mut buffer = BytesMut::new();
+    encode_body(&mut buffer, 1, b"stray", FRAME_MIN_SIZE);
+    raw.send(&buffer).await;
+    raw.expect_connection_close(505).await;
+
+    let mut raw = Raw::connect(&broker).await;
+    assert!(raw.handshake("guest", "guest", 0).await.is_none());
+    raw.send_method(7, AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos { prefetch_count: 1, global: false }))).await;
+    raw.expect_connection_close(504).await;
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn immediate_publishes_get_540_like_rabbitmq() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::connect(&broker).await;
+    assert!(raw.handshake("guest", "guest", 0).await.is_none());
+    raw.open_channel(1).await;
+    raw.send(&publish_frames(1, b"now!", true)).await;
+    let text = raw.expect_connection_close(540).await;
+    assert!(text.contains("immediate"), "{text}");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_limit_closes_the_channel_with_406_naming_the_limit() {
+    let broker = TestBroker::start_with(|config| config.message_bytes_max = 1_000).await;
+    let bystander = bystander(&broker).await;
+    let mut raw = Raw::connect(&broker).await;
+    assert!(raw.handshake("guest", "guest", 0).await.is_none());
+    raw.open_channel(1).await;
+    raw.send(&publish_frames(1, &[0u8; 5_000], false)).await;
+    let text = raw.expect_channel_close(406).await;
+    assert!(text.contains("larger than configured max size 1000"), "{text}");
+    // The connection lives on: another channel works.
+    raw.open_channel(2).await;
+    bystander_still_fine(&bystander).await;
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_delivery_tag_closes_the_channel_with_406() {
+    let broker = TestBroker::start().await;
+    let connection = broker.connect().await;
+    let channel = connection.create_channel().await.unwrap();
+    channel.basic_ack(42, BasicAckOptions::default()).await.unwrap();
+    // The error arrives asynchronously as channel.close; the next call on the channel sees it.
+    let error =
+        channel.queue_declare("x".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap_err();
+    assert!(
+        error.to_string().contains("unknown delivery tag 42") || common::reply_code(&error) == Some(406),
+        "{error}"
+    );
+    let other = connection.create_channel().await.unwrap();
+    other.queue_declare("x".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_is_closed_after_two_missed_heartbeats() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::connect(&broker).await;
+    assert!(raw.handshake("guest", "guest", 1).await.is_none());
+    // Say nothing. The server sends its own heartbeats, then gives up on us and closes.
+    let mut heartbeats = 0;
+    while let Some(frame) = raw.next().await {
+        if frame == Frame::Heartbeat {
+            heartbeats += 1;
+        }
+    }
+    assert!(heartbeats >= 1, "the server sent heartbeats while waiting");
+    assert_eq!(broker.broker.as_ref().unwrap().connection_count(), 0);
+    broker.stop().await;
+}
