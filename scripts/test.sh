@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace. Installs and starts whatever the tests need itself, so it
-# passes on a fresh Debian machine that has only the Rust toolchain.
+# Runs every test of the workspace, then the stock-client compatibility suites (Python's pika,
+# Node's amqplib) against the built binary. Installs and starts whatever the tests need itself,
+# so it passes on a fresh Debian machine that has only the Rust toolchain, Python and Node.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,3 +11,7 @@ export WHARF_PROPTEST_CASES="${WHARF_PROPTEST_CASES:-1000}"
 cargo test --workspace --all-targets --locked
 # Doc tests (not part of --all-targets).
 cargo test --workspace --doc --locked
+
+cargo build -p wharf --locked
+target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+compat/run.sh "$target_dir/debug/wharf"
