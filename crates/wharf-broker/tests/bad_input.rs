@@ -313,18 +313,16 @@ async fn a_body_over_the_limit_closes_the_channel_with_406_naming_the_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_delivery_tag_closes_the_channel_with_406() {
     let broker = TestBroker::start().await;
-    let connection = broker.connect().await;
-    let channel = connection.create_channel().await.unwrap();
-    channel.basic_ack(42, BasicAckOptions::default()).await.unwrap();
-    // The error arrives asynchronously as channel.close; the next call on the channel sees it.
-    let error =
-        channel.queue_declare("x".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap_err();
-    assert!(
-        error.to_string().contains("unknown delivery tag 42") || common::reply_code(&error) == Some(406),
-        "{error}"
-    );
-    let other = connection.create_channel().await.unwrap();
-    other.queue_declare("x".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    let mut raw = Raw::connect(&broker).await;
+    assert!(raw.handshake("guest", "guest", 0).await.is_none());
+    raw.open_channel(1).await;
+    raw.send_method(1, AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack { delivery_tag: 42, multiple: false })))
+        .await;
+    let text = raw.expect_channel_close(406).await;
+    assert!(text.contains("unknown delivery tag 42"), "{text}");
+    // Only the channel closed: after close-ok the same number opens again.
+    raw.send_method(1, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {}))).await;
+    raw.open_channel(1).await;
     broker.stop().await;
 }
 
