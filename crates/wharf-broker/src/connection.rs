@@ -304,13 +304,12 @@ pub(crate) async fn serve(core: Arc<Core>, socket: TcpStream, peer: SocketAddr, 
     let (outbound, outbound_receiver) = mpsc::unbounded_channel();
     let settings =
         Arc::new(WriterSettings { frame_max: AtomicU32::new(FRAME_MIN_SIZE), heartbeat_s: AtomicU32::new(0) });
-    let writer = tokio::spawn(writer::run(writer_half, outbound_receiver, Arc::clone(&settings)));
     let Some(id) = core.register(ConnectionHandle { outbound: outbound.clone() }) else {
         tracing::warn!(%peer, limit = core.config.connections_max, "connection refused: too many connections");
-        drop(outbound);
-        let _ = writer.await;
         return;
     };
+    let writer =
+        tokio::spawn(writer::run(writer_half, outbound_receiver, Arc::clone(&settings), Arc::clone(&core), id));
     let mut connection = Connection {
         core: Arc::clone(&core),
         peer,

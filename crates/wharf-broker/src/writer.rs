@@ -1,7 +1,7 @@
 //! The connection's writer task: turns [`Outbound`] items into frames, batches them into as few
 //! socket writes as possible, and sends heartbeats when the connection is otherwise quiet.
 
-use crate::core::Outbound;
+use crate::core::{Core, Outbound};
 use bytes::BytesMut;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc;
+use wharf_model::ConnectionId;
 use wharf_wire::frame::{encode_body, encode_content_header, encode_heartbeat, encode_method};
 use wharf_wire::protocol::{AMQPClass, basic};
 
@@ -24,10 +25,12 @@ pub(crate) struct WriterSettings {
     pub heartbeat_s: AtomicU32,
 }
 
-fn encode(buffer: &mut BytesMut, item: Outbound, frame_max: u32) {
+/// Encodes one item; returns the delivery bytes it carried (what the model counts as pending).
+fn encode(buffer: &mut BytesMut, item: Outbound, frame_max: u32) -> u64 {
     match item {
         Outbound::Frames(bytes) => buffer.extend_from_slice(&bytes),
         Outbound::Deliver(delivery) => {
+            let weight = wharf_model::broker::delivery_bytes(&delivery.message);
             let channel = delivery.channel.channel;
             let message = &delivery.message;
             let method = match &delivery.consumer_tag {
@@ -51,6 +54,7 @@ fn encode(buffer: &mut BytesMut, item: Outbound, frame_max: u32) {
                 encode_content_header(buffer, channel, message.body.len() as u64, &message.raw_properties);
                 encode_body(buffer, channel, &message.body, frame_max);
             }
+            return weight;
         }
         Outbound::Return { channel, reply_code, reply_text, message } => {
             let method = AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
@@ -72,13 +76,17 @@ fn encode(buffer: &mut BytesMut, item: Outbound, frame_max: u32) {
             let _ = encode_method(buffer, channel, &method);
         }
     }
+    0
 }
 
-/// Runs until every sender is gone (the connection ended) or the socket fails.
+/// Runs until every sender is gone (the connection ended) or the socket fails. After each write it
+/// tells the model how many delivery bytes left, which lets dispatching to a slow reader resume.
 pub(crate) async fn run(
     mut socket: OwnedWriteHalf,
     mut outbound: mpsc::UnboundedReceiver<Outbound>,
     settings: Arc<WriterSettings>,
+    core: Arc<Core>,
+    connection: ConnectionId,
 ) {
     let mut buffer = BytesMut::with_capacity(64 * 1024);
     loop {
@@ -96,14 +104,17 @@ pub(crate) async fn run(
             () = tokio::time::sleep(idle) => None,
         };
         let frame_max = settings.frame_max.load(Ordering::Relaxed);
-        match first {
+        let mut delivered_bytes = match first {
             Some(item) => encode(&mut buffer, item, frame_max),
-            None if heartbeat_s > 0 => encode_heartbeat(&mut buffer),
+            None if heartbeat_s > 0 => {
+                encode_heartbeat(&mut buffer);
+                0
+            }
             None => continue,
-        }
+        };
         while buffer.len() < WRITE_BATCH_BYTES_MAX {
             match outbound.try_recv() {
-                Ok(item) => encode(&mut buffer, item, frame_max),
+                Ok(item) => delivered_bytes += encode(&mut buffer, item, frame_max),
                 Err(_) => break,
             }
         }
@@ -111,6 +122,10 @@ pub(crate) async fn run(
             return;
         }
         buffer.clear();
+        if delivered_bytes > 0 {
+            let effects = core.model().written(connection, delivered_bytes);
+            core.apply(effects);
+        }
     }
     let _ = socket.shutdown().await;
 }

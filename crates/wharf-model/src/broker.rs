@@ -19,6 +19,11 @@ pub const CONSUMERS_PER_CHANNEL_MAX: usize = 10_000;
 /// Most unacknowledged deliveries on one channel (beyond it nothing more is delivered there,
 /// whatever the prefetch settings: a client that never acks cannot pin unbounded memory).
 pub const UNACKED_PER_CHANNEL_MAX: usize = 1_000_000;
+/// Most message bytes handed to one connection and not yet written to its socket. Beyond it
+/// nothing more is dispatched to that connection (no-ack consumers included) until the runtime
+/// reports the bytes written: a consumer that reads slowly cannot make the broker buffer without
+/// bound.
+pub const CONNECTION_PENDING_BYTES_MAX: u64 = 16 * 1024 * 1024;
 
 /// One delivery to send: `basic.deliver` (consumer) or `basic.get-ok` (no consumer tag).
 #[derive(Debug, Clone)]
@@ -129,6 +134,13 @@ pub struct BrokerModel {
     vhosts: BTreeMap<String, VirtualHost>,
     channels: HashMap<ChannelKey, Channel>,
     seed: u64,
+    /// Message bytes dispatched to each connection and not yet reported written.
+    pending_bytes: HashMap<ConnectionId, u64>,
+}
+
+/// What a delivery weighs against `CONNECTION_PENDING_BYTES_MAX`.
+pub fn delivery_bytes(message: &Message) -> u64 {
+    (message.body.len() + message.raw_properties.len()) as u64
 }
 
 fn channel_not_open(key: ChannelKey) -> ModelError {
@@ -138,7 +150,8 @@ fn channel_not_open(key: ChannelKey) -> ModelError {
 impl BrokerModel {
     /// A broker with the default vhost `/`. `seed` makes generated names unique across restarts.
     pub fn new(seed: u64) -> Self {
-        let mut model = BrokerModel { vhosts: BTreeMap::new(), channels: HashMap::new(), seed };
+        let mut model =
+            BrokerModel { vhosts: BTreeMap::new(), channels: HashMap::new(), seed, pending_bytes: HashMap::new() };
         model.add_vhost("/");
         model
     }
@@ -227,8 +240,33 @@ impl BrokerModel {
         effects
     }
 
+    /// The runtime wrote `bytes` of deliveries to a connection's socket. If that makes room below
+    /// the limit, dispatching to the connection resumes.
+    pub fn written(&mut self, connection: ConnectionId, bytes: u64) -> Effects {
+        let Some(pending) = self.pending_bytes.get_mut(&connection) else { return Effects::default() };
+        let was_full = *pending >= CONNECTION_PENDING_BYTES_MAX;
+        *pending = pending.saturating_sub(bytes);
+        if !was_full || *pending >= CONNECTION_PENDING_BYTES_MAX {
+            return Effects::default();
+        }
+        let mut queues = BTreeSet::new();
+        for (key, channel) in &self.channels {
+            if key.connection == connection {
+                for consumer in channel.consumers.values() {
+                    queues.insert((channel.vhost.clone(), consumer.queue.clone()));
+                }
+            }
+        }
+        let mut effects = Effects::default();
+        for (vhost, queue) in queues {
+            effects.merge(self.dispatch(&vhost, &queue));
+        }
+        effects
+    }
+
     /// Closes every channel of a connection and deletes the queues it owned exclusively.
     pub fn close_connection(&mut self, connection: ConnectionId) -> Effects {
+        self.pending_bytes.remove(&connection);
         let mut effects = Effects::default();
         let keys: Vec<ChannelKey> = self.channels.keys().filter(|key| key.connection == connection).copied().collect();
         for key in keys {
@@ -407,7 +445,9 @@ impl BrokerModel {
                 let channel_room =
                     channel.prefetch_channel == 0 || channel.consumer_unacked < u32::from(channel.prefetch_channel);
                 let bounded = channel.unacked.len() < UNACKED_PER_CHANNEL_MAX;
-                if consumer.no_ack || (consumer_room && channel_room && bounded) {
+                let socket_room =
+                    self.pending_bytes.get(&key.connection).copied().unwrap_or(0) < CONNECTION_PENDING_BYTES_MAX;
+                if socket_room && (consumer.no_ack || (consumer_room && channel_room && bounded)) {
                     chosen = Some(index);
                     break;
                 }
@@ -419,6 +459,7 @@ impl BrokerModel {
             let Some(consumer) = channel.consumers.get_mut(&tag) else { break };
             let Some((_, mut entry)) = queue.ready.pop_first() else { break };
             entry.delivery_count += 1;
+            *self.pending_bytes.entry(key.connection).or_insert(0) += delivery_bytes(&entry.message);
             let delivery_tag = channel.next_delivery_tag;
             channel.next_delivery_tag += 1;
             effects.deliveries.push(Delivery {
@@ -468,6 +509,7 @@ impl BrokerModel {
         }
         let Some((_, mut entry)) = queue.ready.pop_first() else { return Ok((None, Effects::default())) };
         entry.delivery_count += 1;
+        *self.pending_bytes.entry(key.connection).or_insert(0) += delivery_bytes(&entry.message);
         let delivery_tag = channel.next_delivery_tag;
         channel.next_delivery_tag += 1;
         let delivery = Delivery {

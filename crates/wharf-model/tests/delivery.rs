@@ -174,6 +174,29 @@ fn auto_delete_queues_go_with_their_last_consumer_and_exclusive_ones_with_their_
     assert_eq!(effects.deleted_queues.iter().map(|queue| queue.name.as_str()).collect::<Vec<_>>(), vec!["mine"]);
 }
 
+#[test]
+fn a_slow_reader_gets_no_more_than_the_connection_byte_limit_until_bytes_are_written() {
+    let mut broker = broker_with_queue("q");
+    let channel = key(1, 1);
+    broker.open_channel(channel, "/").unwrap();
+    let body = "x".repeat(1024 * 1024);
+    for _ in 0..40 {
+        broker.enqueue("/", "q", message(&body), None);
+    }
+    // A no-ack consumer has no prefetch limit; only the connection's byte budget holds it back.
+    let (_, effects) = broker.consume(channel, "q", "c", true, false).unwrap();
+    let limit = wharf_model::broker::CONNECTION_PENDING_BYTES_MAX;
+    let delivered: u64 =
+        effects.deliveries.iter().map(|delivery| wharf_model::broker::delivery_bytes(&delivery.message)).sum();
+    assert!(delivered >= limit && delivered < limit + 2 * 1024 * 1024, "{delivered}");
+    assert!(broker.enqueue("/", "q", message("more"), None).deliveries.is_empty(), "paused");
+    // The runtime wrote half of it to the socket: dispatching resumes up to the limit again.
+    let resumed = broker.written(ConnectionId(1), delivered / 2);
+    assert!(!resumed.deliveries.is_empty());
+    let remaining = broker.vhost("/").unwrap().queue("q").unwrap().ready_count();
+    assert!(remaining > 0, "still bounded: {remaining} left waiting");
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Publish,
