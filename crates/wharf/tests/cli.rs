@@ -1,0 +1,117 @@
+//! The binary's interface: SIGTERM closes client connections with 320 CONNECTION_FORCED and exits
+//! cleanly, keeping confirmed messages; bad settings are refused with a message naming them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+async fn start(data_dir: &Path, address: SocketAddr) -> (Child, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["serve", "--amqp-listen", &address.to_string()])
+        .env("WHARF_DATA_DIR", data_dir)
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    loop {
+        let line = lines.next_line().await.unwrap().expect("wharf exited before it was ready");
+        if line.contains("accepting AMQP connections") {
+            break;
+        }
+    }
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = sender.send(line);
+        }
+    });
+    (child, receiver)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_connections_with_320_and_keeps_confirmed_messages() {
+    let temp = tempfile::tempdir().unwrap();
+    let data_dir = temp.path().join("data");
+    let address = free_port();
+    let (mut wharf, mut log) = start(&data_dir, address).await;
+    let connection =
+        Connection::connect(&format!("amqp://guest:guest@{address}/%2f"), ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel.queue_declare("kept".into(), QueueDeclareOptions::durable(), FieldTable::default()).await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    channel
+        .basic_publish("".into(), "kept".into(), BasicPublishOptions::default(), b"safe", BasicProperties::default().with_delivery_mode(2))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let pid = wharf.id().unwrap().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
+    assert!(status.success());
+    let exit = wharf.wait().await.unwrap();
+    assert!(exit.success(), "a clean stop exits 0: {exit:?}");
+    let mut lines = Vec::new();
+    while let Some(line) = log.recv().await {
+        lines.push(line);
+    }
+    assert!(
+        lines.iter().any(|line| line.contains("connection closed by server") && line.contains("code=320")),
+        "{lines:#?}"
+    );
+    assert!(lines.iter().any(|line| line.contains("store closed")), "{lines:#?}");
+
+    let address = free_port();
+    let (mut wharf, _log) = start(&data_dir, address).await;
+    let connection =
+        Connection::connect(&format!("amqp://guest:guest@{address}/%2f"), ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let message = channel.basic_get("kept".into(), BasicGetOptions::default()).await.unwrap().unwrap();
+    assert_eq!(message.delivery.data, b"safe");
+    assert!(!message.delivery.redelivered, "after a clean stop, a never-delivered message is not marked redelivered");
+    wharf.start_kill().unwrap();
+    wharf.wait().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_settings_are_refused_with_a_message_naming_them() {
+    let temp = tempfile::tempdir().unwrap();
+    let config = temp.path().join("wharf.toml");
+    std::fs::write(&config, "frame_max = 100\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("WHARF_DATA_DIR", temp.path().join("data"))
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("frame_max must be between 4096"), "{stderr}");
+
+    std::fs::write(&config, "no_such_setting = 1\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_wharf")).args(["serve", "--config"]).arg(&config).output().await.unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no_such_setting"), "{stderr}");
+
+    let output = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["serve", "--amqp-listen", "not-an-address"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--amqp-listen"));
+}
