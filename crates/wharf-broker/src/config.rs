@@ -43,6 +43,8 @@ pub struct BrokerConfig {
     pub data_dir: PathBuf,
     /// Who may connect.
     pub users: Vec<User>,
+    /// The virtual hosts (besides any found in the stored definitions); `/` is always there.
+    pub vhosts: Vec<String>,
     /// Largest frame the server accepts and offers in `connection.tune`.
     pub frame_max: u32,
     /// Most channels per connection offered in `connection.tune`.
@@ -70,6 +72,7 @@ impl BrokerConfig {
             amqp_listen: SocketAddr::from(([0, 0, 0, 0], 5672)),
             data_dir: data_dir.into(),
             users: vec![User::guest()],
+            vhosts: vec!["/".into()],
             frame_max: wharf_wire::frame::FRAME_MAX_LIMIT,
             channel_max: 2047,
             heartbeat_s: 60,

@@ -86,6 +86,9 @@ impl Core {
         }
         let seed = now_ms() ^ u64::from(std::process::id()).rotate_left(32);
         let mut model = BrokerModel::new(seed);
+        for vhost in &config.vhosts {
+            model.add_vhost(vhost);
+        }
         let mut bindings = Vec::new();
         let mut used_store_queues = HashMap::new();
         let mut restored_messages = 0usize;

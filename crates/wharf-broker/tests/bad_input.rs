@@ -69,6 +69,16 @@ impl Raw {
 
     /// Runs the handshake as `user`; returns the `connection.close` if the server refused.
     async fn handshake(&mut self, user: &str, password: &str, heartbeat: u16) -> Option<connection::Close> {
+        self.handshake_to("/", user, password, heartbeat).await
+    }
+
+    async fn handshake_to(
+        &mut self,
+        vhost: &str,
+        user: &str,
+        password: &str,
+        heartbeat: u16,
+    ) -> Option<connection::Close> {
         self.send(&frame::PROTOCOL_HEADER).await;
         assert!(matches!(self.next_method().await, Some(AMQPClass::Connection(connection::AMQPMethod::Start(_)))));
         self.send_method(
@@ -98,7 +108,7 @@ impl Raw {
         self.decoder.set_frame_max(FRAME_MIN_SIZE);
         self.send_method(
             0,
-            AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open { virtual_host: "/".into() })),
+            AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open { virtual_host: vhost.into() })),
         )
         .await;
         match self.next_method().await {
@@ -340,5 +350,17 @@ async fn a_silent_peer_is_closed_after_two_missed_heartbeats() {
     }
     assert!(heartbeats >= 1, "the server sent heartbeats while waiting");
     assert_eq!(broker.broker.as_ref().unwrap().connection_count(), 0);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_vhost_is_refused_with_530_and_configured_ones_open() {
+    let broker = TestBroker::start_with(|config| config.vhosts.push("staging".into())).await;
+    let mut raw = Raw::connect(&broker).await;
+    let close = raw.handshake_to("nope", "guest", "guest", 0).await.expect("refused");
+    assert_eq!(close.reply_code, 530, "{}", close.reply_text);
+    assert!(close.reply_text.as_str().contains("vhost 'nope' not found"));
+    let mut raw = Raw::connect(&broker).await;
+    assert!(raw.handshake_to("staging", "guest", "guest", 0).await.is_none());
     broker.stop().await;
 }

@@ -86,6 +86,14 @@ async fn nack_requeues_as_redelivered_reject_discards_and_ack_multiple_settles_m
         assert_eq!(message.delivery.data, expected.as_bytes());
         last = Some(message);
     }
+    // One nack with `multiple` and `requeue` puts m1..m3 back, in order, marked redelivered.
+    last.take().unwrap().delivery.nack(BasicNackOptions { multiple: true, requeue: true }).await.unwrap();
+    for expected in ["m1", "m2", "m3"] {
+        let message = get(&channel, "q").await.unwrap();
+        assert_eq!(message.delivery.data, expected.as_bytes());
+        assert!(message.delivery.redelivered);
+        last = Some(message);
+    }
     // One ack with `multiple` settles m1..m3.
     last.unwrap().delivery.ack(BasicAckOptions { multiple: true }).await.unwrap();
     let remaining = get(&channel, "q").await.unwrap();

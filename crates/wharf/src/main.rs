@@ -65,6 +65,7 @@ struct FileConfig {
     message_bytes_max: Option<u64>,
     connections_max: Option<usize>,
     users: Option<Vec<FileUser>>,
+    vhosts: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,6 +116,14 @@ fn broker_config(args: &ServeArgs) -> Result<BrokerConfig> {
             bail!("connections_max must be at least 1");
         }
         config.connections_max = connections_max;
+    }
+    if let Some(vhosts) = file.vhosts {
+        for vhost in &vhosts {
+            if vhost.is_empty() || vhost.len() > 255 || vhost.chars().any(char::is_control) {
+                bail!("vhost name {vhost:?} is not valid (1 to 255 bytes, no control characters)");
+            }
+        }
+        config.vhosts.extend(vhosts);
     }
     if let Some(users) = file.users {
         if users.is_empty() {

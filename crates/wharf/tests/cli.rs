@@ -46,13 +46,20 @@ async fn sigterm_closes_connections_with_320_and_keeps_confirmed_messages() {
     let data_dir = temp.path().join("data");
     let address = free_port();
     let (mut wharf, mut log) = start(&data_dir, address).await;
-    let connection =
-        Connection::connect(&format!("amqp://guest:guest@{address}/%2f"), ConnectionProperties::default()).await.unwrap();
+    let connection = Connection::connect(&format!("amqp://guest:guest@{address}/%2f"), ConnectionProperties::default())
+        .await
+        .unwrap();
     let channel = connection.create_channel().await.unwrap();
     channel.queue_declare("kept".into(), QueueDeclareOptions::durable(), FieldTable::default()).await.unwrap();
     channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     channel
-        .basic_publish("".into(), "kept".into(), BasicPublishOptions::default(), b"safe", BasicProperties::default().with_delivery_mode(2))
+        .basic_publish(
+            "".into(),
+            "kept".into(),
+            BasicPublishOptions::default(),
+            b"safe",
+            BasicProperties::default().with_delivery_mode(2),
+        )
         .await
         .unwrap()
         .await
@@ -75,8 +82,9 @@ async fn sigterm_closes_connections_with_320_and_keeps_confirmed_messages() {
 
     let address = free_port();
     let (mut wharf, _log) = start(&data_dir, address).await;
-    let connection =
-        Connection::connect(&format!("amqp://guest:guest@{address}/%2f"), ConnectionProperties::default()).await.unwrap();
+    let connection = Connection::connect(&format!("amqp://guest:guest@{address}/%2f"), ConnectionProperties::default())
+        .await
+        .unwrap();
     let channel = connection.create_channel().await.unwrap();
     let message = channel.basic_get("kept".into(), BasicGetOptions::default()).await.unwrap().unwrap();
     assert_eq!(message.delivery.data, b"safe");
@@ -102,7 +110,8 @@ async fn bad_settings_are_refused_with_a_message_naming_them() {
     assert!(stderr.contains("frame_max must be between 4096"), "{stderr}");
 
     std::fs::write(&config, "no_such_setting = 1\n").unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_wharf")).args(["serve", "--config"]).arg(&config).output().await.unwrap();
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_wharf")).args(["serve", "--config"]).arg(&config).output().await.unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("no_such_setting"), "{stderr}");
