@@ -356,6 +356,8 @@ async fn run_frames(connection: &mut Connection, session: &mut Session, mut shut
                 Ok(Some(frame)) => match session.handle(frame).await {
                     Ok(()) => {}
                     Err(Stop::ClientClosed) => {
+                        // Release everything first, so nothing follows the close-ok.
+                        session.close_all();
                         connection
                             .send(0, &AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})));
                         return Ending::ClientClosed;

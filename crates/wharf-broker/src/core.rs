@@ -45,6 +45,10 @@ pub(crate) struct Core {
     pub store: Store,
     pub meta: MetaStore,
     connections: Mutex<HashMap<ConnectionId, ConnectionHandle>>,
+    /// Held across a definition change in the model and its write to the definitions log, so
+    /// the log always describes what the model holds (no declare-ok before the definition is
+    /// durable; no binding written after its queue was forgotten).
+    definitions: Mutex<()>,
     next_connection: AtomicU64,
     /// Set when the store reports a fatal error: the broker must stop.
     pub fatal: watch::Sender<Option<String>>,
@@ -185,9 +189,15 @@ impl Core {
             store,
             meta,
             connections: Mutex::new(HashMap::new()),
+            definitions: Mutex::new(()),
             next_connection: AtomicU64::new(1),
             fatal,
         })
+    }
+
+    /// The definitions lock (see the field). Take it before the model lock, never after.
+    pub fn definitions(&self) -> MutexGuard<'_, ()> {
+        self.definitions.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The model, locked. Never hold the guard across an `.await`.
@@ -233,13 +243,8 @@ impl Core {
     /// messages from the store (lazily durable), forgets deleted queues.
     pub fn apply(&self, effects: Effects) {
         for delivery in effects.deliveries {
-            if let Some((queue, seq)) = delivery.store {
-                // Lazily durable, like removals; see `CLEAN_STOP_MARKER` for what a crash does.
-                match self.store.set_delivery_count(QueueId(queue), seq, delivery.delivery_count) {
-                    Ok(_) | Err(StoreError::UnknownQueue(_)) => {}
-                    Err(error) => self.store_failed(&error),
-                }
-            }
+            // Lazily durable, like removals; see `CLEAN_STOP_MARKER` for what a crash does.
+            self.record_delivery(&delivery);
             let connection = delivery.channel.connection;
             if let Some(outbound) = self.outbound(connection) {
                 // A closed connection's channels are closed in the model right after; its
@@ -261,15 +266,27 @@ impl Core {
                 }
             }
         }
-        for deleted in effects.deleted_queues {
-            if deleted.durable {
-                self.forget_queue(&deleted.vhost, &deleted.name, deleted.store_queue);
+        let durable_queues: Vec<_> = effects.deleted_queues.into_iter().filter(|deleted| deleted.durable).collect();
+        let durable_exchanges: Vec<_> =
+            effects.deleted_exchanges.into_iter().filter(|(_, exchange)| exchange.durable).collect();
+        if durable_queues.is_empty() && durable_exchanges.is_empty() {
+            return;
+        }
+        let _definitions = self.definitions();
+        for deleted in durable_queues {
+            self.forget_queue(&deleted.vhost, &deleted.name, deleted.store_queue);
+        }
+        for (vhost, exchange) in durable_exchanges {
+            if let Err(error) = self.forget_exchange(&vhost, &exchange.name) {
+                tracing::error!(exchange = %exchange.name, %error, "could not remove an exchange definition");
+                self.store_failed(&error);
             }
         }
     }
 
     /// Removes a durable queue's definition (and its bindings' definitions), then its log. The
     /// definition goes first: a crash in between leaves an orphaned log, deleted at startup.
+    /// The caller holds the definitions lock.
     pub fn forget_queue(&self, vhost: &str, name: &str, store_queue: Option<u64>) {
         let mut keys = vec![persist::queue_key(vhost, name)];
         keys.extend(self.binding_keys_to(vhost, &Destination::Queue(name.to_owned())));
@@ -309,12 +326,23 @@ impl Core {
             .collect()
     }
 
-    /// Removes a durable exchange's definition and every stored binding from or to it.
+    /// Removes a durable exchange's definition and every stored binding from or to it. The caller
+    /// holds the definitions lock.
     pub fn forget_exchange(&self, vhost: &str, name: &str) -> Result<(), StoreError> {
         let mut keys = vec![persist::exchange_key(vhost, name)];
         keys.extend(self.binding_keys_to(vhost, &Destination::Exchange(name.to_owned())));
         let changes: Vec<_> = keys.into_iter().map(|key| wharf_store::MetaChange::Delete { key }).collect();
         self.meta.apply(&changes)
+    }
+
+    /// Records a delivery's count in the store (lazily durable, like removals).
+    pub fn record_delivery(&self, delivery: &Delivery) {
+        if let Some((queue, seq)) = delivery.store {
+            match self.store.set_delivery_count(QueueId(queue), seq, delivery.delivery_count) {
+                Ok(_) | Err(StoreError::UnknownQueue(_)) => {}
+                Err(error) => self.store_failed(&error),
+            }
+        }
     }
 
     pub fn now_ms(&self) -> u64 {

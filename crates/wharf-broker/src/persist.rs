@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use wharf_model::{Binding, Destination, Exchange, Message, Queue};
+use wharf_model::{Binding, Destination, Exchange, Message};
 use wharf_wire::frame::decode_properties;
 use wharf_wire::types::FieldTable;
 
@@ -81,9 +81,17 @@ pub(crate) fn queue_key(vhost: &str, name: &str) -> Vec<u8> {
     format!("queue\0{vhost}\0{name}").into_bytes()
 }
 
-/// A binding's key holds everything that makes it unique, arguments included.
+/// Arguments longer than this are named in a binding's key by length and checksum instead of
+/// spelled out, so every key stays well under the definitions log's key limit.
+const BINDING_KEY_ARGUMENTS_BYTES_MAX: usize = 2048;
+
+/// A binding's key holds everything that makes it unique, arguments included (long arguments by
+/// length and CRC32C; the value always holds them whole).
 pub(crate) fn binding_key(vhost: &str, stored: &StoredBinding) -> Vec<u8> {
-    let arguments = serde_json::to_string(&stored.arguments).unwrap_or_default();
+    let mut arguments = serde_json::to_string(&stored.arguments).unwrap_or_default();
+    if arguments.len() > BINDING_KEY_ARGUMENTS_BYTES_MAX {
+        arguments = format!("#{}:{:08x}", arguments.len(), crc32c::crc32c(arguments.as_bytes()));
+    }
     format!(
         "binding\0{vhost}\0{}\0{}\0{}\0{}\0{arguments}",
         stored.source,
@@ -101,10 +109,6 @@ pub(crate) fn stored_exchange(exchange: &Exchange) -> StoredExchange {
         internal: exchange.internal,
         arguments: exchange.arguments.clone(),
     }
-}
-
-pub(crate) fn stored_queue(queue: &Queue, store_queue: u64) -> StoredQueue {
-    StoredQueue { auto_delete: queue.auto_delete, arguments: queue.arguments.clone(), store_queue }
 }
 
 pub(crate) fn stored_binding(source: &str, binding: &Binding) -> StoredBinding {

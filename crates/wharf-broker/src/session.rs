@@ -21,6 +21,9 @@ use wharf_wire::protocol::{AMQPClass, access, basic, channel, confirm, exchange,
 use wharf_wire::reply_code;
 use wharf_wire::{ContentHeader, Frame};
 
+/// Most publishes and acknowledgements one transaction may hold before its commit.
+const TX_OPS_MAX: usize = 65_536;
+
 /// Reply code and text of a `basic.return` for an unroutable mandatory message.
 const NO_ROUTE: (u16, &str) = (312, "NO_ROUTE");
 
@@ -160,15 +163,7 @@ impl Session {
     /// to their queues, and everything on it ignored until `close-ok`.
     fn channel_error(&mut self, channel: u16, error: &ModelError, class_id: u16, method_id: u16) {
         tracing::debug!(channel, %error, "channel error");
-        self.send(
-            channel,
-            AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
-                reply_code: error.code,
-                reply_text: truncate(&error.text).into(),
-                class_id,
-                method_id,
-            })),
-        );
+        // Close it in the model first, so no delivery or confirm can follow the channel.close.
         if let Some(state) = self.channels.get_mut(&channel) {
             state.closing = true;
             state.content = None;
@@ -178,6 +173,15 @@ impl Session {
             }
         }
         let effects = self.core.model().close_channel(self.key(channel));
+        self.send(
+            channel,
+            AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+                reply_code: error.code,
+                reply_text: truncate(&error.text).into(),
+                class_id,
+                method_id,
+            })),
+        );
         blocking(|| self.core.apply(effects));
     }
 
@@ -293,56 +297,76 @@ impl Session {
         }
     }
 
-    fn persist_binding(
+    /// `queue.bind`/`exchange.bind` (`add`) and their unbinds: the model change and the
+    /// definition write happen together under the definitions lock; a failed write undoes the
+    /// model change. Exchanges that auto-delete as a result are forgotten too.
+    fn bind_or_unbind(
         &self,
         source: &str,
-        destination: &Destination,
+        destination: Destination,
         routing_key: &str,
         arguments: &wharf_wire::types::FieldTable,
         add: bool,
     ) -> MethodResult {
-        let model = self.core.model();
-        let Some(vhost) = model.vhost(&self.vhost) else { return Ok(()) };
-        let source_durable = vhost.exchange(source).is_some_and(|exchange| exchange.durable);
-        let destination_durable = match destination {
-            Destination::Queue(name) => {
-                vhost.queue(name).is_some_and(|queue| queue.durable && queue.exclusive_owner.is_none())
-            }
-            Destination::Exchange(name) => vhost.exchange(name).is_some_and(|exchange| exchange.durable),
-        };
-        drop(model);
-        if !(source_durable && destination_durable) {
-            return Ok(());
-        }
+        let _definitions = self.core.definitions();
         let binding = wharf_model::Binding {
             destination: destination.clone(),
             routing_key: routing_key.to_owned(),
             arguments: arguments.clone(),
         };
         let stored = persist::stored_binding(source, &binding);
-        let key = persist::binding_key(&self.vhost, &stored);
-        let result = if add {
-            let value = serde_json::to_vec(&stored).unwrap_or_default();
-            self.core.meta.put(&key, &value)
-        } else {
-            self.core.meta.delete(&key)
+        let value = serde_json::to_vec(&stored).unwrap_or_default();
+        if add && value.len() > wharf_store::META_VALUE_BYTES_MAX {
+            return Err(ModelError::precondition_failed("binding arguments are too large to store durably"));
+        }
+        let (changed, durable, auto_deleted) = {
+            let mut model = self.core.model();
+            let vhost = model.vhost_mut(&self.vhost).ok_or_else(missing_vhost)?;
+            let durable = vhost.exchange(source).is_some_and(|exchange| exchange.durable)
+                && match &destination {
+                    Destination::Queue(name) => {
+                        vhost.queue(name).is_some_and(|queue| queue.durable && queue.exclusive_owner.is_none())
+                    }
+                    Destination::Exchange(name) => vhost.exchange(name).is_some_and(|exchange| exchange.durable),
+                };
+            let changed = if add {
+                vhost.bind(source, destination.clone(), routing_key, arguments, self.connection)?
+            } else {
+                vhost.unbind(source, &destination, routing_key, arguments, self.connection)?
+            };
+            (changed, durable, vhost.take_auto_deleted())
         };
-        result.map_err(|error| {
-            self.core.store_failed(&error);
-            match error {
-                wharf_store::StoreError::TooLarge { .. } => {
-                    ModelError::precondition_failed("binding arguments are too large to store durably")
+        let key = persist::binding_key(&self.vhost, &stored);
+        if changed && durable {
+            let written = if add { self.core.meta.put(&key, &value) } else { self.core.meta.delete(&key) };
+            if let Err(error) = written {
+                if add {
+                    let mut model = self.core.model();
+                    if let Some(vhost) = model.vhost_mut(&self.vhost) {
+                        let _ = vhost.unbind(source, &destination, routing_key, arguments, self.connection);
+                    }
                 }
-                other => internal(&other),
+                self.core.store_failed(&error);
+                return Err(internal(&error));
             }
-        })
+        }
+        for exchange in auto_deleted.iter().filter(|exchange| exchange.durable) {
+            self.core.forget_exchange(&self.vhost, &exchange.name).map_err(|error| {
+                self.core.store_failed(&error);
+                internal(&error)
+            })?;
+        }
+        Ok(())
     }
 
     fn exchange_class(&mut self, channel: u16, method: exchange::AMQPMethod) -> MethodResult {
         match method {
             exchange::AMQPMethod::Declare(declare) => {
-                let declared = self.core.model().vhost_mut(&self.vhost).ok_or_else(missing_vhost)?.declare_exchange(
-                    &ExchangeDeclare {
+                let _definitions = self.core.definitions();
+                let (declared, stored) = {
+                    let mut model = self.core.model();
+                    let vhost = model.vhost_mut(&self.vhost).ok_or_else(missing_vhost)?;
+                    let declared = vhost.declare_exchange(&ExchangeDeclare {
                         name: declare.exchange.as_str(),
                         kind: declare.kind.as_str(),
                         passive: declare.passive,
@@ -350,23 +374,22 @@ impl Session {
                         auto_delete: declare.auto_delete,
                         internal: declare.internal,
                         arguments: &declare.arguments,
-                    },
-                )?;
-                if declared.created && declare.durable {
-                    let model = self.core.model();
-                    let stored = model
-                        .vhost(&self.vhost)
-                        .and_then(|vhost| vhost.exchange(&declared.name))
-                        .map(persist::stored_exchange);
-                    drop(model);
-                    if let Some(stored) = stored {
-                        let value = serde_json::to_vec(&stored).unwrap_or_default();
-                        self.core.meta.put(&persist::exchange_key(&self.vhost, &declared.name), &value).map_err(
-                            |error| {
-                                self.core.store_failed(&error);
-                                internal(&error)
-                            },
-                        )?;
+                    })?;
+                    let stored = (declared.created && declare.durable)
+                        .then(|| vhost.exchange(&declared.name).map(persist::stored_exchange))
+                        .flatten();
+                    (declared, stored)
+                };
+                if let Some(stored) = stored {
+                    let value = serde_json::to_vec(&stored).unwrap_or_default();
+                    if let Err(error) = self.core.meta.put(&persist::exchange_key(&self.vhost, &declared.name), &value)
+                    {
+                        // Undo: the exchange must not exist without its definition.
+                        if let Some(vhost) = self.core.model().vhost_mut(&self.vhost) {
+                            let _ = vhost.delete_exchange(&declared.name, false);
+                        }
+                        self.core.store_failed(&error);
+                        return Err(internal(&error));
                     }
                 }
                 if !declare.nowait {
@@ -375,14 +398,15 @@ impl Session {
                 Ok(())
             }
             exchange::AMQPMethod::Delete(delete) => {
-                let removed = self
-                    .core
-                    .model()
-                    .vhost_mut(&self.vhost)
-                    .ok_or_else(missing_vhost)?
-                    .delete_exchange(delete.exchange.as_str(), delete.if_unused)?;
-                if removed.is_some_and(|exchange| exchange.durable) {
-                    self.core.forget_exchange(&self.vhost, delete.exchange.as_str()).map_err(|error| {
+                let _definitions = self.core.definitions();
+                let (removed, auto_deleted) = {
+                    let mut model = self.core.model();
+                    let vhost = model.vhost_mut(&self.vhost).ok_or_else(missing_vhost)?;
+                    let removed = vhost.delete_exchange(delete.exchange.as_str(), delete.if_unused)?;
+                    (removed, vhost.take_auto_deleted())
+                };
+                for exchange in removed.iter().chain(auto_deleted.iter()).filter(|exchange| exchange.durable) {
+                    self.core.forget_exchange(&self.vhost, &exchange.name).map_err(|error| {
                         self.core.store_failed(&error);
                         internal(&error)
                     })?;
@@ -394,22 +418,13 @@ impl Session {
             }
             exchange::AMQPMethod::Bind(bind) => {
                 let destination = Destination::Exchange(bind.destination.as_str().to_owned());
-                let added = self.core.model().vhost_mut(&self.vhost).ok_or_else(missing_vhost)?.bind(
+                self.bind_or_unbind(
                     bind.source.as_str(),
-                    destination.clone(),
+                    destination,
                     bind.routing_key.as_str(),
                     &bind.arguments,
-                    self.connection,
+                    true,
                 )?;
-                if added {
-                    self.persist_binding(
-                        bind.source.as_str(),
-                        &destination,
-                        bind.routing_key.as_str(),
-                        &bind.arguments,
-                        true,
-                    )?;
-                }
                 if !bind.nowait {
                     self.send(channel, AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})));
                 }
@@ -417,20 +432,12 @@ impl Session {
             }
             exchange::AMQPMethod::Unbind(unbind) => {
                 let destination = Destination::Exchange(unbind.destination.as_str().to_owned());
-                // Decide durability before the binding (and maybe an auto-delete exchange) goes.
-                self.persist_binding(
+                self.bind_or_unbind(
                     unbind.source.as_str(),
-                    &destination,
+                    destination,
                     unbind.routing_key.as_str(),
                     &unbind.arguments,
                     false,
-                )?;
-                self.core.model().vhost_mut(&self.vhost).ok_or_else(missing_vhost)?.unbind(
-                    unbind.source.as_str(),
-                    &destination,
-                    unbind.routing_key.as_str(),
-                    &unbind.arguments,
-                    self.connection,
                 )?;
                 if !unbind.nowait {
                     self.send(channel, AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})));
@@ -444,34 +451,20 @@ impl Session {
     fn queue_class(&mut self, channel: u16, method: queue::AMQPMethod) -> MethodResult {
         match method {
             queue::AMQPMethod::Declare(declare) => {
-                let name = declare.queue.as_str().to_owned();
-                let declared = self.core.model().vhost_mut(&self.vhost).ok_or_else(missing_vhost)?.declare_queue(
-                    &QueueDeclare {
-                        name: &name,
-                        passive: declare.passive,
-                        durable: declare.durable,
-                        exclusive: declare.exclusive,
-                        auto_delete: declare.auto_delete,
-                        arguments: &declare.arguments,
-                        connection: self.connection,
-                    },
-                )?;
-                if declared.created && declare.durable && !declare.exclusive {
-                    self.make_durable(&declared.name)?;
-                }
+                let declared = self.declare_queue(&declare)?;
                 let (message_count, consumer_count) = {
                     let model = self.core.model();
-                    let queue = model.vhost(&self.vhost).and_then(|vhost| vhost.queue(&declared.name));
+                    let queue = model.vhost(&self.vhost).and_then(|vhost| vhost.queue(&declared));
                     queue.map_or((0, 0), |queue| (queue.ready_count() as u32, queue.consumer_count() as u32))
                 };
                 if let Some(state) = self.channels.get_mut(&channel) {
-                    state.last_queue = declared.name.clone();
+                    state.last_queue = declared.clone();
                 }
                 if !declare.nowait {
                     self.send(
                         channel,
                         AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
-                            queue: declared.name.as_str().into(),
+                            queue: declared.as_str().into(),
                             message_count,
                             consumer_count,
                         })),
@@ -480,24 +473,14 @@ impl Session {
                 Ok(())
             }
             queue::AMQPMethod::Bind(bind) => {
-                let queue_name = self.queue_name(channel, bind.queue.as_str());
-                let destination = Destination::Queue(queue_name);
-                let added = self.core.model().vhost_mut(&self.vhost).ok_or_else(missing_vhost)?.bind(
+                let destination = Destination::Queue(self.queue_name(channel, bind.queue.as_str()));
+                self.bind_or_unbind(
                     bind.exchange.as_str(),
-                    destination.clone(),
+                    destination,
                     bind.routing_key.as_str(),
                     &bind.arguments,
-                    self.connection,
+                    true,
                 )?;
-                if added {
-                    self.persist_binding(
-                        bind.exchange.as_str(),
-                        &destination,
-                        bind.routing_key.as_str(),
-                        &bind.arguments,
-                        true,
-                    )?;
-                }
                 if !bind.nowait {
                     self.send(channel, AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})));
                 }
@@ -505,19 +488,12 @@ impl Session {
             }
             queue::AMQPMethod::Unbind(unbind) => {
                 let destination = Destination::Queue(self.queue_name(channel, unbind.queue.as_str()));
-                self.persist_binding(
+                self.bind_or_unbind(
                     unbind.exchange.as_str(),
-                    &destination,
+                    destination,
                     unbind.routing_key.as_str(),
                     &unbind.arguments,
                     false,
-                )?;
-                self.core.model().vhost_mut(&self.vhost).ok_or_else(missing_vhost)?.unbind(
-                    unbind.exchange.as_str(),
-                    &destination,
-                    unbind.routing_key.as_str(),
-                    &unbind.arguments,
-                    self.connection,
                 )?;
                 self.send(channel, AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})));
                 Ok(())
@@ -551,28 +527,63 @@ impl Session {
         }
     }
 
-    /// Gives a newly declared durable queue its log in the store and records its definition.
-    fn make_durable(&self, name: &str) -> MethodResult {
-        let store_queue = self.core.store.create_queue().and_then(|ticket| ticket.wait()).map_err(|error| {
-            self.core.store_failed(&error);
-            internal(&error)
-        })?;
-        let stored = {
+    /// `queue.declare`. A new durable queue gets its store log and its durable definition
+    /// *before* it appears in the model, all under the definitions lock: nothing can be published
+    /// into it, and no declare-ok can be sent for it, before it is fully durable.
+    fn declare_queue(&self, declare: &queue::Declare) -> Result<String, ModelError> {
+        let _definitions = self.core.definitions();
+        let connection = self.connection;
+        let mut name = declare.queue.as_str().to_owned();
+        let server_named = name.is_empty() && !declare.passive;
+        let creates_durable = {
             let mut model = self.core.model();
-            let queue = model.vhost_mut(&self.vhost).and_then(|vhost| vhost.queue_mut(name));
-            queue.map(|queue| {
-                queue.store_queue = Some(store_queue.0);
-                persist::stored_queue(queue, store_queue.0)
-            })
+            let vhost = model.vhost_mut(&self.vhost).ok_or_else(missing_vhost)?;
+            if server_named {
+                name = vhost.generate_queue_name();
+            }
+            declare.durable && !declare.exclusive && !declare.passive && vhost.queue(&name).is_none()
         };
-        if let Some(stored) = stored {
-            let value = serde_json::to_vec(&stored).unwrap_or_default();
-            self.core.meta.put(&persist::queue_key(&self.vhost, name), &value).map_err(|error| {
+        let mut store_queue = None;
+        if creates_durable {
+            let id = self.core.store.create_queue().and_then(|ticket| ticket.wait()).map_err(|error| {
                 self.core.store_failed(&error);
                 internal(&error)
             })?;
+            let stored = persist::StoredQueue {
+                auto_delete: declare.auto_delete,
+                arguments: declare.arguments.clone(),
+                store_queue: id.0,
+            };
+            let value = serde_json::to_vec(&stored).unwrap_or_default();
+            if let Err(error) = self.core.meta.put(&persist::queue_key(&self.vhost, &name), &value) {
+                let _ = self.core.store.delete_queue(id);
+                self.core.store_failed(&error);
+                return Err(internal(&error));
+            }
+            store_queue = Some(id.0);
         }
-        Ok(())
+        let declared =
+            self.core.model().vhost_mut(&self.vhost).ok_or_else(missing_vhost)?.declare_queue(&QueueDeclare {
+                name: &name,
+                passive: declare.passive,
+                durable: declare.durable,
+                exclusive: declare.exclusive,
+                auto_delete: declare.auto_delete,
+                arguments: &declare.arguments,
+                connection,
+                server_named,
+                store_queue,
+            });
+        match declared {
+            Ok(declared) => Ok(declared.name),
+            Err(error) => {
+                if let Some(id) = store_queue {
+                    // Refused (a bad name, a limit): take back the log and the definition.
+                    self.core.forget_queue(&self.vhost, &name, Some(id));
+                }
+                Err(error)
+            }
+        }
     }
 
     async fn basic_class(&mut self, channel: u16, method: basic::AMQPMethod) -> MethodResult {
@@ -586,19 +597,23 @@ impl Session {
             }
             basic::AMQPMethod::Consume(consume) => {
                 let queue_name = self.queue_name(channel, consume.queue.as_str());
-                let (tag, effects) = self.core.model().consume(
+                let mut model = self.core.model();
+                let (tag, effects) = model.consume(
                     key,
                     &queue_name,
                     consume.consumer_tag.as_str(),
                     consume.no_ack,
                     consume.exclusive,
                 )?;
+                // Sent while the model is still locked: no other connection's publish can
+                // dispatch to the new consumer (and get a deliver out) before this consume-ok.
                 if !consume.nowait {
                     self.send(
                         channel,
                         AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk { consumer_tag: tag.into() })),
                     );
                 }
+                drop(model);
                 self.core.apply(effects);
                 Ok(())
             }
@@ -629,6 +644,7 @@ impl Session {
                 let (delivery, effects) = self.core.model().get(key, &queue_name, get.no_ack)?;
                 match delivery {
                     Some(delivery) => {
+                        self.core.record_delivery(&delivery);
                         let _ = self.outbound.send(Outbound::Deliver(delivery));
                     }
                     None => self.send(channel, AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {}))),
@@ -665,6 +681,11 @@ impl Session {
     /// An acknowledgement: applied now, or at commit in a transaction.
     fn settle(&mut self, channel: u16, op: TxOp) -> MethodResult {
         if let Some(buffer) = self.channels.get_mut(&channel).and_then(|state| state.tx.as_mut()) {
+            if buffer.len() >= TX_OPS_MAX {
+                return Err(ModelError::precondition_failed(format!(
+                    "a transaction holds at most {TX_OPS_MAX} operations"
+                )));
+            }
             buffer.push(op);
             return Ok(());
         }
@@ -722,6 +743,29 @@ impl Session {
                 let Some(ops) = state.tx.replace(Vec::new()) else {
                     return Err(ModelError::precondition_failed("channel is not transactional"));
                 };
+                // All or nothing: every publish must route and every ack must name a delivery
+                // before any of them takes effect.
+                {
+                    let model = self.core.model();
+                    let vhost = model.vhost(&self.vhost).ok_or_else(missing_vhost)?;
+                    let mut settles = Vec::new();
+                    for op in &ops {
+                        match op {
+                            TxOp::Publish(publish) => {
+                                let (publish, message) = publish.as_ref();
+                                vhost.route(
+                                    publish.exchange.as_str(),
+                                    publish.routing_key.as_str(),
+                                    message.headers(),
+                                )?;
+                            }
+                            TxOp::Ack { delivery_tag, multiple } | TxOp::Reject { delivery_tag, multiple, .. } => {
+                                settles.push((*delivery_tag, *multiple));
+                            }
+                        }
+                    }
+                    model.validate_settles(self.key(channel), &settles)?;
+                }
                 let mut tickets = Vec::new();
                 for op in ops {
                     match op {
@@ -802,6 +846,11 @@ impl Session {
         let Some(Content::Body { publish, header, mut chunks, received }) = state.content.take() else {
             return Err(unexpected_content(channel));
         };
+        if payload.is_empty() {
+            // Legal but empty: keeping it would let a peer grow `chunks` forever.
+            state.content = Some(Content::Body { publish, header, chunks, received });
+            return Ok(());
+        }
         let received = received + payload.len() as u64;
         if received > header.body_size {
             let error = connection_error(
@@ -832,10 +881,18 @@ impl Session {
     /// A whole message arrived: publish it now, or keep it for the transaction's commit.
     fn complete(&mut self, channel: u16, publish: basic::Publish, message: Message) -> Result<(), Stop> {
         if let Some(buffer) = self.channels.get_mut(&channel).and_then(|state| state.tx.as_mut()) {
+            if buffer.len() >= TX_OPS_MAX {
+                let error =
+                    ModelError::precondition_failed(format!("a transaction holds at most {TX_OPS_MAX} operations"));
+                return self.fail(channel, error, (60, 40));
+            }
             buffer.push(TxOp::Publish(Box::new((publish, message))));
             return Ok(());
         }
-        match self.publish_now(channel, &publish, message) {
+        // Appending may wait for the store's back-pressure: let the runtime move other tasks off
+        // this worker meanwhile.
+        let published = blocking(|| self.publish_now(channel, &publish, message));
+        match published {
             Ok((tickets, failed)) => {
                 if let Some(confirms) = self.channels.get_mut(&channel).and_then(|state| state.confirms.as_mut()) {
                     confirms.last_tag += 1;

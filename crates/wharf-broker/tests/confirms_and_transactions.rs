@@ -157,3 +157,38 @@ async fn transactions_commit_together_or_roll_back() {
     assert!(bodies(&channel).await.is_empty());
     broker.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_cannot_apply_fully_applies_nothing() {
+    let fs = SimFs::new(4);
+    let broker = start_on(&fs).await;
+    let connection = connect(&broker).await;
+    let observer = connection.create_channel().await.unwrap();
+    observer.queue_declare("q".into(), QueueDeclareOptions::durable(), FieldTable::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel.tx_select().await.unwrap();
+    channel
+        .basic_publish(
+            "".into(),
+            "q".into(),
+            BasicPublishOptions::default(),
+            b"first",
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap();
+    channel
+        .basic_publish(
+            "no-such-exchange".into(),
+            "q".into(),
+            BasicPublishOptions::default(),
+            b"second",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    let error = channel.tx_commit().await.unwrap_err();
+    assert_eq!(common::reply_code(&error), Some(404), "{error}");
+    assert!(observer.basic_get("q".into(), BasicGetOptions::default()).await.unwrap().is_none(), "nothing was applied");
+    broker.shutdown().await;
+}

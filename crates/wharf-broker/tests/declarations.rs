@@ -257,3 +257,62 @@ async fn transient_queues_and_messages_do_not_survive_a_restart_durable_ones_do(
     assert_eq!(reply_code(&error), Some(404));
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_deleted_durable_exchanges_stay_deleted_and_large_bindings_persist() {
+    let mut broker = TestBroker::start().await;
+    let mut big = FieldTable::default();
+    big.insert("x-match".into(), AMQPValue::LongString("any".into()));
+    big.insert("padding".into(), AMQPValue::LongString("p".repeat(5_000).into()));
+    {
+        let connection = broker.connect().await;
+        let channel = connection.create_channel().await.unwrap();
+        channel.queue_declare("dq".into(), QueueDeclareOptions::durable(), FieldTable::default()).await.unwrap();
+        let durable_auto_delete = ExchangeDeclareOptions { durable: true, auto_delete: true, ..Default::default() };
+        channel
+            .exchange_declare("fleeting".into(), ExchangeKind::Fanout, durable_auto_delete, FieldTable::default())
+            .await
+            .unwrap();
+        channel
+            .queue_bind("dq".into(), "fleeting".into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+            .await
+            .unwrap();
+        // Its last binding goes: the exchange auto-deletes, and must not come back after a restart.
+        channel.queue_unbind("dq".into(), "fleeting".into(), "".into(), FieldTable::default()).await.unwrap();
+        // A headers binding with arguments far larger than a definitions key.
+        channel
+            .exchange_declare(
+                "hx".into(),
+                ExchangeKind::Headers,
+                ExchangeDeclareOptions { durable: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind("dq".into(), "hx".into(), "".into(), QueueBindOptions::default(), big.clone())
+            .await
+            .unwrap();
+        connection.close(200, "bye".into()).await.unwrap();
+    }
+    broker.restart().await;
+    let connection = broker.connect().await;
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let mut headers = FieldTable::default();
+    headers.insert("padding".into(), AMQPValue::LongString("p".repeat(5_000).into()));
+    publish(&channel, "hx", "", "matched", Some(headers)).await;
+    assert_eq!(drain(&channel, "dq").await, vec!["matched"], "the large binding survived the restart");
+    channel.queue_unbind("dq".into(), "hx".into(), "".into(), big).await.unwrap();
+    let error = channel
+        .exchange_declare(
+            "fleeting".into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(reply_code(&error), Some(404), "{error}");
+    broker.stop().await;
+}

@@ -8,6 +8,7 @@
 //! together. `0` means no limit. Dispatch is round-robin over consumers that have room.
 
 use crate::error::{ModelError, Result};
+use crate::exchange::Exchange;
 use crate::message::Message;
 use crate::queue::{ChannelKey, ConnectionId, Entry};
 use crate::vhost::VirtualHost;
@@ -85,6 +86,8 @@ pub struct Effects {
     pub cancelled: Vec<(ChannelKey, String)>,
     /// Queues deleted as a side effect.
     pub deleted_queues: Vec<DeletedQueue>,
+    /// Exchanges auto-deleted as a side effect, as (vhost, exchange).
+    pub deleted_exchanges: Vec<(String, Exchange)>,
 }
 
 impl Effects {
@@ -93,6 +96,7 @@ impl Effects {
         self.removed.extend(other.removed);
         self.cancelled.extend(other.cancelled);
         self.deleted_queues.extend(other.deleted_queues);
+        self.deleted_exchanges.extend(other.deleted_exchanges);
     }
 }
 
@@ -113,6 +117,8 @@ struct Outstanding {
     entry_id: u64,
     /// The consumer (tag and instance) it was delivered to; `None` for `basic.get`.
     consumer: Option<(String, u64)>,
+    /// Its queue was deleted: settling it only frees the slot.
+    gone: bool,
 }
 
 #[derive(Debug)]
@@ -388,15 +394,24 @@ impl BrokerModel {
         let mut effects = Effects::default();
         let Some(vhost) = self.vhosts.get_mut(vhost_name) else { return effects };
         let Some(mut queue) = vhost.remove_queue(queue_name) else { return effects };
+        for exchange in vhost.take_auto_deleted() {
+            effects.deleted_exchanges.push((vhost_name.to_owned(), exchange));
+        }
         for (key, tag) in std::mem::take(&mut queue.consumers) {
             if let Some(channel) = self.channels.get_mut(&key) {
                 channel.consumers.remove(&tag);
             }
             effects.cancelled.push((key, tag));
         }
-        // Outstanding deliveries from this queue can no longer be acked into it.
+        // Outstanding deliveries from this queue stay until the client settles them (an ack of
+        // one is accepted quietly, as RabbitMQ does, and frees its prefetch slot), but they no
+        // longer point at any queue: a new queue of the same name must never see them.
         for channel in self.channels.values_mut().filter(|channel| channel.vhost == vhost_name) {
-            channel.unacked.retain(|_, outstanding| outstanding.queue != queue_name);
+            for outstanding in channel.unacked.values_mut() {
+                if outstanding.queue == queue_name {
+                    outstanding.gone = true;
+                }
+            }
         }
         for entry in queue.take_all() {
             effects.removed.push(Removed {
@@ -486,7 +501,12 @@ impl BrokerModel {
                 let instance = consumer.instance;
                 channel.unacked.insert(
                     delivery_tag,
-                    Outstanding { queue: queue_name.to_owned(), entry_id: entry.id, consumer: Some((tag, instance)) },
+                    Outstanding {
+                        queue: queue_name.to_owned(),
+                        entry_id: entry.id,
+                        consumer: Some((tag, instance)),
+                        gone: false,
+                    },
                 );
                 queue.unacked.insert(entry.id, entry);
             }
@@ -532,9 +552,10 @@ impl BrokerModel {
                 store_seq: entry.store_seq,
             });
         } else {
-            channel
-                .unacked
-                .insert(delivery_tag, Outstanding { queue: queue_name.to_owned(), entry_id: entry.id, consumer: None });
+            channel.unacked.insert(
+                delivery_tag,
+                Outstanding { queue: queue_name.to_owned(), entry_id: entry.id, consumer: None, gone: false },
+            );
             queue.unacked.insert(entry.id, entry);
         }
         Ok((Some(delivery), effects))
@@ -588,12 +609,31 @@ impl BrokerModel {
         effects
     }
 
+    /// Checks that a sequence of settlements (delivery tag, `multiple`) would all succeed, without
+    /// changing anything: a transaction validates its acks before applying any of them.
+    pub fn validate_settles(&self, key: ChannelKey, settles: &[(u64, bool)]) -> Result<()> {
+        let channel = self.channels.get(&key).ok_or_else(|| channel_not_open(key))?;
+        let mut open: BTreeSet<u64> = channel.unacked.keys().copied().collect();
+        for &(delivery_tag, multiple) in settles {
+            if multiple {
+                let upper = if delivery_tag == 0 { u64::MAX } else { delivery_tag };
+                if delivery_tag != 0 && open.range(..=upper).next().is_none() {
+                    return Err(ModelError::precondition_failed(format!("unknown delivery tag {delivery_tag}")));
+                }
+                open = open.split_off(&upper.saturating_add(1));
+            } else if !open.remove(&delivery_tag) {
+                return Err(ModelError::precondition_failed(format!("unknown delivery tag {delivery_tag}")));
+            }
+        }
+        Ok(())
+    }
+
     /// `basic.ack`.
     pub fn ack(&mut self, key: ChannelKey, delivery_tag: u64, multiple: bool) -> Result<Effects> {
         let vhost = self.channel_vhost(key)?;
         let taken = self.take_outstanding(key, delivery_tag, multiple)?;
         let mut effects = Effects::default();
-        for outstanding in taken {
+        for outstanding in taken.into_iter().filter(|outstanding| !outstanding.gone) {
             if let Some(queue) = self.vhosts.get_mut(&vhost).and_then(|vhost| vhost.queue_mut(&outstanding.queue))
                 && let Some(entry) = queue.unacked.remove(&outstanding.entry_id)
             {
@@ -616,7 +656,7 @@ impl BrokerModel {
         let taken = self.take_outstanding(key, delivery_tag, multiple)?;
         let mut effects = Effects::default();
         let mut touched = BTreeSet::new();
-        for outstanding in taken {
+        for outstanding in taken.into_iter().filter(|outstanding| !outstanding.gone) {
             let Some(queue) = self.vhosts.get_mut(&vhost).and_then(|vhost| vhost.queue_mut(&outstanding.queue)) else {
                 continue;
             };

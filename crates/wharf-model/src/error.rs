@@ -57,9 +57,9 @@ impl ModelError {
     pub fn not_allowed(detail: impl std::fmt::Display) -> Self {
         error(reply_code::NOT_ALLOWED, "NOT_ALLOWED", Scope::Connection, detail)
     }
-    /// 506 on the channel.
+    /// 506 on the connection (a connection-level code in the spec and in RabbitMQ).
     pub fn resource_error(detail: impl std::fmt::Display) -> Self {
-        error(reply_code::RESOURCE_ERROR, "RESOURCE_ERROR", Scope::Channel, detail)
+        error(reply_code::RESOURCE_ERROR, "RESOURCE_ERROR", Scope::Connection, detail)
     }
 }
 

@@ -21,6 +21,8 @@ fn queue<'a>(name: &'a str, arguments: &'a FieldTable) -> QueueDeclare<'a> {
         auto_delete: false,
         arguments,
         connection: OWNER,
+        store_queue: None,
+        server_named: false,
     }
 }
 

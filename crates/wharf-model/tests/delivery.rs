@@ -39,6 +39,8 @@ fn broker_with_queue(name: &str) -> BrokerModel {
             auto_delete: false,
             arguments: &none,
             connection: ConnectionId(1),
+            store_queue: None,
+            server_named: false,
         })
         .unwrap();
     broker
@@ -162,6 +164,8 @@ fn auto_delete_queues_go_with_their_last_consumer_and_exclusive_ones_with_their_
                 auto_delete,
                 arguments: &none,
                 connection: ConnectionId(1),
+                store_queue: None,
+                server_named: false,
             })
             .unwrap();
     }
@@ -332,4 +336,57 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn deleting_a_queue_frees_prefetch_and_late_acks_of_its_deliveries_are_accepted() {
+    let mut broker = BrokerModel::new(1);
+    let none = FieldTable::default();
+    let channel = key(1, 1);
+    broker.open_channel(channel, "/").unwrap();
+    for name in ["q1", "q2"] {
+        broker
+            .vhost_mut("/")
+            .unwrap()
+            .declare_queue(&QueueDeclare {
+                name,
+                passive: false,
+                durable: false,
+                exclusive: false,
+                auto_delete: false,
+                arguments: &none,
+                connection: ConnectionId(1),
+                store_queue: None,
+                server_named: false,
+            })
+            .unwrap();
+    }
+    broker.qos(channel, 1, true).unwrap();
+    broker.enqueue("/", "q1", message("from q1"), None);
+    let (_, effects) = broker.consume(channel, "q1", "c1", false, false).unwrap();
+    assert_eq!(effects.deliveries.len(), 1);
+    broker.consume(channel, "q2", "c2", false, false).unwrap();
+    broker.delete_queue(channel, "q1", false, false).unwrap();
+    // A queue of the same name again: the old delivery must never touch it.
+    broker
+        .vhost_mut("/")
+        .unwrap()
+        .declare_queue(&QueueDeclare {
+            name: "q1",
+            passive: false,
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            arguments: &none,
+            connection: ConnectionId(1),
+            store_queue: None,
+            server_named: false,
+        })
+        .unwrap();
+    broker.enqueue("/", "q1", message("new q1"), None);
+    // The late ack is accepted and frees the channel's one prefetch slot for q2.
+    broker.enqueue("/", "q2", message("from q2"), None);
+    let effects = broker.ack(channel, 1, false).unwrap();
+    assert_eq!(bodies(&effects), vec!["from q2"]);
+    assert_eq!(broker.vhost("/").unwrap().queue("q1").unwrap().ready_count(), 1, "the new q1 is untouched");
 }
