@@ -3,7 +3,7 @@
 //! `session.rs`, with heartbeat supervision and both close handshakes. Errors are answered with the
 //! reply code the spec and RabbitMQ use, closing only the channel when that is enough.
 
-use crate::core::{ConnectionHandle, Core, Outbound};
+use crate::core::{BACKLOG_BYTES_MAX, Backlog, ConnectionHandle, Core, Outbound, Outbox};
 use crate::session::Session;
 use crate::writer::{self, WriterSettings};
 use bytes::{Bytes, BytesMut};
@@ -106,7 +106,7 @@ struct Connection {
     reader: OwnedReadHalf,
     buffer: BytesMut,
     decoder: FrameDecoder,
-    outbound: mpsc::UnboundedSender<Outbound>,
+    outbound: Outbox,
     settings: Arc<WriterSettings>,
 }
 
@@ -301,15 +301,23 @@ fn constant_time_equal(left: &[u8], right: &[u8]) -> bool {
 pub(crate) async fn serve(core: Arc<Core>, socket: TcpStream, peer: SocketAddr, shutdown: watch::Receiver<bool>) {
     let _ = socket.set_nodelay(true);
     let (reader, writer_half) = socket.into_split();
-    let (outbound, outbound_receiver) = mpsc::unbounded_channel();
+    let (sender, outbound_receiver) = mpsc::unbounded_channel();
+    let backlog = Arc::new(Backlog::default());
+    let outbound = Outbox { sender, backlog: Arc::clone(&backlog) };
     let settings =
         Arc::new(WriterSettings { frame_max: AtomicU32::new(FRAME_MIN_SIZE), heartbeat_s: AtomicU32::new(0) });
     let Some(id) = core.register(ConnectionHandle { outbound: outbound.clone() }) else {
         tracing::warn!(%peer, limit = core.config.connections_max, "connection refused: too many connections");
         return;
     };
-    let writer =
-        tokio::spawn(writer::run(writer_half, outbound_receiver, Arc::clone(&settings), Arc::clone(&core), id));
+    let writer = tokio::spawn(writer::run(
+        writer_half,
+        outbound_receiver,
+        Arc::clone(&settings),
+        Arc::clone(&core),
+        id,
+        backlog,
+    ));
     let mut connection = Connection {
         core: Arc::clone(&core),
         peer,
@@ -369,6 +377,23 @@ async fn run_frames(connection: &mut Connection, session: &mut Session, mut shut
                 },
                 Ok(None) => break,
                 Err(error) => return connection.close_for_wire_error(&error).await,
+            }
+        }
+        // Back-pressure: while the writer is far behind (a client that sends but does not read),
+        // stop reading this socket until it catches up.
+        let backlog = Arc::clone(&connection.outbound.backlog);
+        while backlog.bytes.load(Ordering::Relaxed) > BACKLOG_BYTES_MAX {
+            let drained = backlog.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            if backlog.bytes.load(Ordering::Relaxed) <= BACKLOG_BYTES_MAX {
+                break;
+            }
+            tokio::select! {
+                () = drained => {}
+                _ = shutdown.changed() => {
+                    return connection.close_connection(reply_code::CONNECTION_FORCED, "CONNECTION_FORCED - broker shutting down", 0, 0).await;
+                }
             }
         }
         let heartbeat_s = connection.settings.heartbeat_s.load(Ordering::Relaxed);

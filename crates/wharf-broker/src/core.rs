@@ -31,10 +31,50 @@ pub(crate) enum Outbound {
     Return { channel: u16, reply_code: u16, reply_text: &'static str, message: Arc<wharf_model::Message> },
 }
 
+impl Outbound {
+    /// Roughly what the item will occupy on the wire, for the connection's backlog.
+    pub fn size_bytes(&self) -> u64 {
+        match self {
+            Outbound::Frames(bytes) => bytes.len() as u64,
+            Outbound::Deliver(delivery) => 64 + wharf_model::broker::delivery_bytes(&delivery.message),
+            Outbound::CancelConsumer { consumer_tag, .. } => 32 + consumer_tag.len() as u64,
+            Outbound::Return { message, .. } => 64 + wharf_model::broker::delivery_bytes(message),
+        }
+    }
+}
+
+/// Most bytes waiting for a connection's writer before the server stops reading that
+/// connection's socket: a client that sends (publishes that produce returns and confirms) but
+/// never reads cannot make the server buffer without bound.
+pub(crate) const BACKLOG_BYTES_MAX: u64 = 64 * 1024 * 1024;
+
+/// Bytes handed to a connection's writer and not yet written.
+#[derive(Debug, Default)]
+pub(crate) struct Backlog {
+    pub bytes: AtomicU64,
+    /// Signalled whenever the writer wrote something.
+    pub drained: tokio::sync::Notify,
+}
+
+/// The sending side of a connection's writer queue, counting what it holds.
+#[derive(Debug, Clone)]
+pub(crate) struct Outbox {
+    pub sender: mpsc::UnboundedSender<Outbound>,
+    pub backlog: Arc<Backlog>,
+}
+
+impl Outbox {
+    /// Queues an item for the writer; fails only once the writer is gone.
+    pub fn send(&self, item: Outbound) -> Result<(), mpsc::error::SendError<Outbound>> {
+        self.backlog.bytes.fetch_add(item.size_bytes(), Ordering::Relaxed);
+        self.sender.send(item)
+    }
+}
+
 /// How the core reaches a connection.
 #[derive(Debug, Clone)]
 pub(crate) struct ConnectionHandle {
-    pub outbound: mpsc::UnboundedSender<Outbound>,
+    pub outbound: Outbox,
 }
 
 /// The shared state.
@@ -223,7 +263,7 @@ impl Core {
         self.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len()
     }
 
-    fn outbound(&self, id: ConnectionId) -> Option<mpsc::UnboundedSender<Outbound>> {
+    fn outbound(&self, id: ConnectionId) -> Option<Outbox> {
         self.connections
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

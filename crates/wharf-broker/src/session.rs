@@ -8,7 +8,7 @@
 //! the transaction's appends are synced and its acknowledgements made durable (`Store::sync`).
 
 use crate::connection::{Stop, method_frame, truncate};
-use crate::core::{Core, Outbound};
+use crate::core::{Core, Outbound, Outbox};
 use crate::persist;
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
@@ -73,7 +73,7 @@ pub(crate) struct Session {
     connection: ConnectionId,
     vhost: String,
     channel_max: u16,
-    outbound: mpsc::UnboundedSender<Outbound>,
+    outbound: Outbox,
     channels: HashMap<u16, ChannelState>,
 }
 
@@ -93,13 +93,7 @@ fn internal(error: &wharf_store::StoreError) -> ModelError {
 }
 
 impl Session {
-    pub fn new(
-        core: Arc<Core>,
-        connection: ConnectionId,
-        vhost: String,
-        channel_max: u16,
-        outbound: mpsc::UnboundedSender<Outbound>,
-    ) -> Self {
+    pub fn new(core: Arc<Core>, connection: ConnectionId, vhost: String, channel_max: u16, outbound: Outbox) -> Self {
         Session { core, connection, vhost, channel_max, outbound, channels: HashMap::new() }
     }
 
@@ -981,7 +975,7 @@ fn unexpected_content(channel: u16) -> Stop {
 /// Sends each confirm once the store has synced every durable copy of its message, in order.
 async fn confirm_loop(
     mut pending: mpsc::UnboundedReceiver<PendingConfirm>,
-    outbound: mpsc::UnboundedSender<Outbound>,
+    outbound: Outbox,
     channel: u16,
     core: Arc<Core>,
     closed: Arc<AtomicBool>,

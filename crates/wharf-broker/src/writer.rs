@@ -1,7 +1,7 @@
 //! The connection's writer task: turns [`Outbound`] items into frames, batches them into as few
 //! socket writes as possible, and sends heartbeats when the connection is otherwise quiet.
 
-use crate::core::{Core, Outbound};
+use crate::core::{Backlog, Core, Outbound};
 use bytes::BytesMut;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -87,6 +87,7 @@ pub(crate) async fn run(
     settings: Arc<WriterSettings>,
     core: Arc<Core>,
     connection: ConnectionId,
+    backlog: Arc<Backlog>,
 ) {
     let mut buffer = BytesMut::with_capacity(64 * 1024);
     loop {
@@ -104,6 +105,7 @@ pub(crate) async fn run(
             () = tokio::time::sleep(idle) => None,
         };
         let frame_max = settings.frame_max.load(Ordering::Relaxed);
+        let mut queued_bytes = first.as_ref().map_or(0, Outbound::size_bytes);
         let mut delivered_bytes = match first {
             Some(item) => encode(&mut buffer, item, frame_max),
             None if heartbeat_s > 0 => {
@@ -114,7 +116,10 @@ pub(crate) async fn run(
         };
         while buffer.len() < WRITE_BATCH_BYTES_MAX {
             match outbound.try_recv() {
-                Ok(item) => delivered_bytes += encode(&mut buffer, item, frame_max),
+                Ok(item) => {
+                    queued_bytes += item.size_bytes();
+                    delivered_bytes += encode(&mut buffer, item, frame_max);
+                }
                 Err(_) => break,
             }
         }
@@ -122,6 +127,8 @@ pub(crate) async fn run(
             return;
         }
         buffer.clear();
+        backlog.bytes.fetch_sub(queued_bytes, Ordering::Relaxed);
+        backlog.drained.notify_waiters();
         if delivered_bytes > 0 {
             let effects = core.model().written(connection, delivered_bytes);
             core.apply(effects);
