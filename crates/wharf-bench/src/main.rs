@@ -1,0 +1,381 @@
+//! `wharf-bench`: a load generator for any AMQP 0-9-1 broker (Wharf, RabbitMQ, …), built on lapin.
+//!
+//! N producers and M consumers, one connection each. Producers publish with publisher confirms and
+//! keep at most `--confirm-window` messages unconfirmed; consumers use `--prefetch` and ack every
+//! k-th delivery with `multiple`. Every message carries its producer, sequence number and send
+//! time, so the run measures end-to-end and publish→confirm latency and checks correctness as it
+//! goes: every confirmed message must be consumed (a run with missing messages fails), duplicates
+//! are counted. Progress is printed once a second; the run ends with one JSON line.
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use futures_lite::StreamExt;
+use hdrhistogram::Histogram;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Bytes at the start of every body: producer id, sequence number, send time (ns).
+const BODY_HEADER_BYTES: usize = 20;
+/// How long the run waits, after the producers stop, for consumers to receive what was confirmed.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "wharf-bench", about = "Load generator for AMQP 0-9-1 brokers")]
+struct Options {
+    /// Broker URL.
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    url: String,
+    /// Producers (one connection each).
+    #[arg(long, default_value_t = 1)]
+    producers: usize,
+    /// Consumers (one connection each).
+    #[arg(long, default_value_t = 1)]
+    consumers: usize,
+    /// Message body size in bytes (at least 20).
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Send transient messages instead of persistent ones.
+    #[arg(long)]
+    transient: bool,
+    /// Most unconfirmed messages per producer.
+    #[arg(long, default_value_t = 1000)]
+    confirm_window: usize,
+    /// Consumer prefetch.
+    #[arg(long, default_value_t = 1000)]
+    prefetch: u16,
+    /// Ack every k-th delivery (with `multiple`).
+    #[arg(long, default_value_t = 1)]
+    ack_every: u64,
+    /// Queue type argument (`classic` or `quorum`, RabbitMQ's `x-queue-type`); empty for none.
+    #[arg(long, default_value = "")]
+    queue_type: String,
+    /// Fan-out: a topic exchange routing each message to this many queues (0: one queue).
+    #[arg(long, default_value_t = 0)]
+    fanout: usize,
+    /// Messages per second for the whole run (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// How long producers publish, in seconds.
+    #[arg(long, default_value_t = 10)]
+    duration_s: u64,
+    /// Stop after this many messages per producer (0: use the duration).
+    #[arg(long, default_value_t = 0)]
+    messages: u64,
+    /// Name prefix for the queues and exchange (so parallel runs do not meet).
+    #[arg(long, default_value = "wharf-bench")]
+    name: String,
+    /// A few seconds, for CI: 2 s of publishing unless --messages is given.
+    #[arg(long)]
+    quick: bool,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_nanos() as u64)
+}
+
+/// Everything the producers and consumers record.
+struct Stats {
+    published: AtomicU64,
+    confirmed: AtomicU64,
+    nacked: AtomicU64,
+    consumed: AtomicU64,
+    duplicates: AtomicU64,
+    /// Per (producer, queue): sequence numbers seen, for duplicates and missing.
+    seen: Mutex<HashMap<(u32, String), Vec<u64>>>,
+    /// Per producer: confirmed sequence numbers.
+    confirmed_seqs: Mutex<HashMap<u32, Vec<u64>>>,
+    end_to_end_us: Mutex<Histogram<u64>>,
+    confirm_us: Mutex<Histogram<u64>>,
+    producers_done: AtomicBool,
+}
+
+fn histogram() -> Result<Histogram<u64>> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).context("creating a latency histogram")
+}
+
+async fn connect(url: &str) -> Result<Connection> {
+    Connection::connect(url, ConnectionProperties::default()).await.with_context(|| format!("connecting to {url}"))
+}
+
+fn queue_names(options: &Options) -> Vec<String> {
+    if options.fanout == 0 {
+        vec![format!("{}.q", options.name)]
+    } else {
+        (0..options.fanout).map(|index| format!("{}.q{index}", options.name)).collect()
+    }
+}
+
+async fn setup(options: &Options) -> Result<()> {
+    let connection = connect(&options.url).await?;
+    let channel = connection.create_channel().await?;
+    let mut arguments = FieldTable::default();
+    if !options.queue_type.is_empty() {
+        arguments.insert("x-queue-type".into(), AMQPValue::LongString(options.queue_type.as_str().into()));
+    }
+    for queue in queue_names(options) {
+        // Start from empty: a leftover queue from an earlier run would skew the counts.
+        let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+        channel.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), arguments.clone()).await?;
+        if options.fanout > 0 {
+            let exchange = format!("{}.x", options.name);
+            channel
+                .exchange_declare(
+                    exchange.as_str().into(),
+                    ExchangeKind::Topic,
+                    ExchangeDeclareOptions { durable: true, ..Default::default() },
+                    FieldTable::default(),
+                )
+                .await?;
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    "order.received".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+    }
+    connection.close(200, "setup done".into()).await?;
+    Ok(())
+}
+
+async fn produce(options: Arc<Options>, producer: u32, stats: Arc<Stats>, deadline: Instant) -> Result<()> {
+    let connection = connect(&options.url).await?;
+    let channel = connection.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    let (exchange, routing_key) = if options.fanout > 0 {
+        (format!("{}.x", options.name), "order.received".to_owned())
+    } else {
+        (String::new(), format!("{}.q", options.name))
+    };
+    let properties = BasicProperties::default().with_delivery_mode(if options.transient { 1 } else { 2 });
+    let per_producer_rate = options.rate as f64 / options.producers as f64;
+    let started = Instant::now();
+    let mut in_flight = VecDeque::new();
+    let mut seq = 0u64;
+    let mut body = vec![0u8; options.size.max(BODY_HEADER_BYTES)];
+    body[..4].copy_from_slice(&producer.to_le_bytes());
+    loop {
+        let more = Instant::now() < deadline && (options.messages == 0 || seq < options.messages);
+        if more && in_flight.len() < options.confirm_window {
+            if per_producer_rate > 0.0 {
+                let due = started + Duration::from_secs_f64(seq as f64 / per_producer_rate);
+                tokio::time::sleep_until(due.into()).await;
+            }
+            body[4..12].copy_from_slice(&seq.to_le_bytes());
+            body[12..20].copy_from_slice(&now_ns().to_le_bytes());
+            let sent = Instant::now();
+            let confirm = channel
+                .basic_publish(
+                    exchange.as_str().into(),
+                    routing_key.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    properties.clone(),
+                )
+                .await?;
+            stats.published.fetch_add(1, Ordering::Relaxed);
+            in_flight.push_back((seq, sent, confirm));
+            seq += 1;
+            continue;
+        }
+        let Some((confirmed_seq, sent, confirm)) = in_flight.pop_front() else { break };
+        let confirmation = confirm.await?;
+        let latency_us = sent.elapsed().as_micros() as u64;
+        if let Ok(mut histogram) = stats.confirm_us.lock() {
+            let _ = histogram.record(latency_us.max(1));
+        }
+        if confirmation.is_ack() {
+            stats.confirmed.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut confirmed) = stats.confirmed_seqs.lock() {
+                confirmed.entry(producer).or_default().push(confirmed_seq);
+            }
+        } else {
+            stats.nacked.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    connection.close(200, "producer done".into()).await?;
+    Ok(())
+}
+
+async fn consume(options: Arc<Options>, queue: String, stats: Arc<Stats>, stop: Arc<AtomicBool>) -> Result<()> {
+    let connection = connect(&options.url).await?;
+    let channel = connection.create_channel().await?;
+    channel.basic_qos(options.prefetch, BasicQosOptions::default()).await?;
+    let mut consumer = channel
+        .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
+    let mut unacked = 0u64;
+    loop {
+        let next = tokio::select! {
+            next = consumer.next() => next,
+            () = tokio::time::sleep(Duration::from_millis(200)) => {
+                if stop.load(Ordering::Relaxed) { break; }
+                continue;
+            }
+        };
+        let Some(delivery) = next else { break };
+        let delivery = delivery?;
+        let data = &delivery.data;
+        if data.len() >= BODY_HEADER_BYTES {
+            let producer = u32::from_le_bytes(data[..4].try_into().unwrap_or_default());
+            let seq = u64::from_le_bytes(data[4..12].try_into().unwrap_or_default());
+            let sent_ns = u64::from_le_bytes(data[12..20].try_into().unwrap_or_default());
+            let latency_us = now_ns().saturating_sub(sent_ns) / 1_000;
+            if let Ok(mut histogram) = stats.end_to_end_us.lock() {
+                let _ = histogram.record(latency_us.max(1));
+            }
+            if let Ok(mut seen) = stats.seen.lock() {
+                seen.entry((producer, queue.clone())).or_default().push(seq);
+            }
+        }
+        stats.consumed.fetch_add(1, Ordering::Relaxed);
+        unacked += 1;
+        if unacked >= options.ack_every {
+            delivery.ack(BasicAckOptions { multiple: true }).await?;
+            unacked = 0;
+        }
+    }
+    connection.close(200, "consumer done".into()).await?;
+    Ok(())
+}
+
+fn percentiles(histogram: &Histogram<u64>) -> String {
+    let at = |quantile: f64| histogram.value_at_quantile(quantile);
+    format!(
+        "{{\"p50\":{},\"p90\":{},\"p99\":{},\"p99_9\":{},\"max\":{}}}",
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        at(0.999),
+        histogram.max()
+    )
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<()> {
+    let mut options = Options::parse();
+    if options.quick && options.messages == 0 {
+        options.duration_s = 2;
+    }
+    if options.size < BODY_HEADER_BYTES {
+        bail!("--size must be at least {BODY_HEADER_BYTES} bytes (the body carries producer, sequence and send time)");
+    }
+    if options.producers == 0 || options.ack_every == 0 || options.confirm_window == 0 {
+        bail!("--producers, --ack-every and --confirm-window must be at least 1");
+    }
+    let options = Arc::new(options);
+    setup(&options).await?;
+    let stats = Arc::new(Stats {
+        published: AtomicU64::new(0),
+        confirmed: AtomicU64::new(0),
+        nacked: AtomicU64::new(0),
+        consumed: AtomicU64::new(0),
+        duplicates: AtomicU64::new(0),
+        seen: Mutex::new(HashMap::new()),
+        confirmed_seqs: Mutex::new(HashMap::new()),
+        end_to_end_us: Mutex::new(histogram()?),
+        confirm_us: Mutex::new(histogram()?),
+        producers_done: AtomicBool::new(false),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let queues = queue_names(&options);
+    let mut consumers = Vec::new();
+    for queue in &queues {
+        for _ in 0..options.consumers {
+            consumers.push(tokio::spawn(consume(
+                Arc::clone(&options),
+                queue.clone(),
+                Arc::clone(&stats),
+                Arc::clone(&stop),
+            )));
+        }
+    }
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(options.duration_s);
+    let producers: Vec<_> = (0..options.producers as u32)
+        .map(|producer| tokio::spawn(produce(Arc::clone(&options), producer, Arc::clone(&stats), deadline)))
+        .collect();
+    let progress = {
+        let stats = Arc::clone(&stats);
+        tokio::spawn(async move {
+            let mut last = (0, 0);
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let confirmed = stats.confirmed.load(Ordering::Relaxed);
+                let consumed = stats.consumed.load(Ordering::Relaxed);
+                eprintln!(
+                    "{:>5.1}s confirmed {confirmed:>9} (+{:>7}/s) consumed {consumed:>9} (+{:>7}/s)",
+                    started.elapsed().as_secs_f64(),
+                    confirmed - last.0,
+                    consumed - last.1
+                );
+                last = (confirmed, consumed);
+            }
+        })
+    };
+    for producer in producers {
+        producer.await??;
+    }
+    let publish_elapsed = started.elapsed();
+    stats.producers_done.store(true, Ordering::Relaxed);
+    // Wait for the consumers to receive everything confirmed (each message once per queue).
+    let expected = stats.confirmed.load(Ordering::Relaxed) * queues.len() as u64;
+    let drain_deadline = Instant::now() + DRAIN_TIMEOUT;
+    while stats.consumed.load(Ordering::Relaxed) < expected && Instant::now() < drain_deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for consumer in consumers {
+        consumer.await??;
+    }
+    progress.abort();
+
+    let mut missing = 0u64;
+    {
+        let confirmed = stats.confirmed_seqs.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let mut seen = stats.seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        for queue in &queues {
+            for (producer, seqs) in confirmed.iter() {
+                let received = seen.entry((*producer, queue.clone())).or_default();
+                received.sort_unstable();
+                let before = received.len();
+                received.dedup();
+                stats.duplicates.fetch_add((before - received.len()) as u64, Ordering::Relaxed);
+                missing += seqs.iter().filter(|seq| received.binary_search(seq).is_err()).count() as u64;
+            }
+        }
+    }
+    let confirmed = stats.confirmed.load(Ordering::Relaxed);
+    let consumed = stats.consumed.load(Ordering::Relaxed);
+    let throughput = confirmed as f64 / publish_elapsed.as_secs_f64();
+    let end_to_end = stats.end_to_end_us.lock().map(|histogram| percentiles(&histogram)).unwrap_or_default();
+    let confirm = stats.confirm_us.lock().map(|histogram| percentiles(&histogram)).unwrap_or_default();
+    println!(
+        "{{\"producers\":{},\"consumers\":{},\"size\":{},\"persistent\":{},\"fanout\":{},\"published\":{},\"confirmed\":{},\"nacked\":{},\"consumed\":{},\"duplicates\":{},\"missing\":{missing},\"seconds\":{:.3},\"msgs_per_s\":{throughput:.0},\"mb_per_s\":{:.2},\"end_to_end_us\":{end_to_end},\"confirm_us\":{confirm}}}",
+        options.producers,
+        options.consumers,
+        options.size,
+        !options.transient,
+        options.fanout,
+        stats.published.load(Ordering::Relaxed),
+        confirmed,
+        stats.nacked.load(Ordering::Relaxed),
+        consumed,
+        stats.duplicates.load(Ordering::Relaxed),
+        elapsed.as_secs_f64(),
+        throughput * options.size as f64 / 1e6,
+    );
+    if missing > 0 {
+        bail!("{missing} confirmed messages were never consumed");
+    }
+    Ok(())
+}
