@@ -12,8 +12,7 @@ use crate::core::{Core, Outbound, Outbox};
 use crate::persist;
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use wharf_model::{ChannelKey, ConnectionId, Destination, ExchangeDeclare, Message, ModelError, QueueDeclare, Scope};
 use wharf_store::{AppendReceipt, QueueId, Ticket};
@@ -44,8 +43,10 @@ struct PendingConfirm {
 struct Confirms {
     last_tag: u64,
     sender: mpsc::UnboundedSender<PendingConfirm>,
-    /// Set when the channel closes, so late confirms are not sent on a closed channel.
-    closed: Arc<AtomicBool>,
+    /// Set when the channel closes, so late confirms are not sent on a closed channel. A mutex,
+    /// not an atomic: the confirm task checks it and queues its frame under the lock, so a
+    /// confirm is either queued before the channel's close-ok or not at all.
+    closed: Arc<Mutex<bool>>,
 }
 
 /// Something a transaction applies at commit.
@@ -110,7 +111,7 @@ impl Session {
     pub fn close_all(&mut self) {
         for state in self.channels.values() {
             if let Some(confirms) = &state.confirms {
-                confirms.closed.store(true, Ordering::Relaxed);
+                close_confirms(&confirms.closed);
             }
         }
         self.channels.clear();
@@ -163,7 +164,7 @@ impl Session {
             state.content = None;
             state.tx = None;
             if let Some(confirms) = state.confirms.take() {
-                confirms.closed.store(true, Ordering::Relaxed);
+                close_confirms(&confirms.closed);
             }
         }
         let effects = self.core.model().close_channel(self.key(channel));
@@ -266,7 +267,7 @@ impl Session {
                 if let Some(state) = self.channels.remove(&channel)
                     && let Some(confirms) = state.confirms
                 {
-                    confirms.closed.store(true, Ordering::Relaxed);
+                    close_confirms(&confirms.closed);
                 }
                 let effects = self.core.model().close_channel(self.key(channel));
                 blocking(|| self.core.apply(effects));
@@ -706,7 +707,7 @@ impl Session {
         }
         if state.confirms.is_none() {
             let (sender, receiver) = mpsc::unbounded_channel();
-            let closed = Arc::new(AtomicBool::new(false));
+            let closed = Arc::new(Mutex::new(false));
             tokio::spawn(confirm_loop(
                 receiver,
                 self.outbound.clone(),
@@ -972,13 +973,18 @@ fn unexpected_content(channel: u16) -> Stop {
     Stop::Error(error, 60, 40)
 }
 
+/// Marks a channel's confirms closed; returns once no confirm can be queued any more.
+fn close_confirms(closed: &Mutex<bool>) {
+    *closed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = true;
+}
+
 /// Sends each confirm once the store has synced every durable copy of its message, in order.
 async fn confirm_loop(
     mut pending: mpsc::UnboundedReceiver<PendingConfirm>,
     outbound: Outbox,
     channel: u16,
     core: Arc<Core>,
-    closed: Arc<AtomicBool>,
+    closed: Arc<Mutex<bool>>,
 ) {
     while let Some(confirm) = pending.recv().await {
         let mut ok = !confirm.failed;
@@ -988,7 +994,8 @@ async fn confirm_loop(
                 ok = false;
             }
         }
-        if closed.load(Ordering::Relaxed) {
+        let closed = closed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if *closed {
             continue;
         }
         let method = if ok {
