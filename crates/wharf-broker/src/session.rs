@@ -979,6 +979,9 @@ fn close_confirms(closed: &Mutex<bool>) {
 }
 
 /// Sends each confirm once the store has synced every durable copy of its message, in order.
+/// Consecutive successes are sent as one `basic.ack` with `multiple` once nothing more is waiting
+/// (a batch the store synced together is usually confirmed in one frame); a failure flushes the
+/// run, then gets its own `basic.nack`.
 async fn confirm_loop(
     mut pending: mpsc::UnboundedReceiver<PendingConfirm>,
     outbound: Outbox,
@@ -986,7 +989,35 @@ async fn confirm_loop(
     core: Arc<Core>,
     closed: Arc<Mutex<bool>>,
 ) {
-    while let Some(confirm) = pending.recv().await {
+    // The highest tag of a run of confirmed messages not yet acknowledged to the client.
+    let mut run_end: Option<u64> = None;
+    let send = |method: AMQPClass| {
+        let closed = closed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !*closed {
+            let _ = outbound.send(Outbound::Frames(method_frame(channel, &method)));
+        }
+    };
+    let ack = |tag: u64| AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack { delivery_tag: tag, multiple: true }));
+    loop {
+        let confirm = if let Some(tag) = run_end {
+            match pending.try_recv() {
+                Ok(confirm) => confirm,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    send(ack(tag));
+                    run_end = None;
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    send(ack(tag));
+                    return;
+                }
+            }
+        } else {
+            match pending.recv().await {
+                Some(confirm) => confirm,
+                None => return,
+            }
+        };
         let mut ok = !confirm.failed;
         for ticket in confirm.tickets {
             if let Err(error) = ticket.await {
@@ -994,19 +1025,17 @@ async fn confirm_loop(
                 ok = false;
             }
         }
-        let closed = closed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if *closed {
-            continue;
-        }
-        let method = if ok {
-            AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack { delivery_tag: confirm.tag, multiple: false }))
+        if ok {
+            run_end = Some(confirm.tag);
         } else {
-            AMQPClass::Basic(basic::AMQPMethod::Nack(basic::Nack {
+            if let Some(tag) = run_end.take() {
+                send(ack(tag));
+            }
+            send(AMQPClass::Basic(basic::AMQPMethod::Nack(basic::Nack {
                 delivery_tag: confirm.tag,
                 multiple: false,
                 requeue: false,
-            }))
-        };
-        let _ = outbound.send(Outbound::Frames(method_frame(channel, &method)));
+            })));
+        }
     }
 }
