@@ -79,9 +79,13 @@ async fn each_service_receives_each_order_once() {
     declare_topology(&channel).await;
     publish_orders(&channel, 0..50).await;
     let expected: Vec<String> = (0..50).map(|order| format!("order-{order}")).collect();
+    // Kept until the connection closes: lapin closes a dropped channel in the background, which
+    // would race the connection's own close below.
+    let mut consumer_channels = Vec::new();
     for service in SERVICES {
         let consumer_channel = connection.create_channel().await.unwrap();
         assert_eq!(consume(&consumer_channel, service, 50).await, expected, "{service}");
+        consumer_channels.push(consumer_channel);
     }
     // Nothing left: every queue is empty once acked.
     for service in SERVICES {

@@ -226,22 +226,31 @@ impl BrokerModel {
     /// messages are dispatched to other consumers.
     pub fn close_channel(&mut self, key: ChannelKey) -> Effects {
         let Some(channel) = self.channels.remove(&key) else { return Effects::default() };
+        self.release_channels(vec![(key, channel)])
+    }
+
+    /// Gives back what closed channels held: unacknowledged messages to their queues (marked
+    /// redelivered), consumers detached; then dispatches the freed messages. The channels are
+    /// already out of the model, so nothing is dispatched back to them.
+    fn release_channels(&mut self, closed: Vec<(ChannelKey, Channel)>) -> Effects {
         let mut effects = Effects::default();
         let mut touched = BTreeSet::new();
-        for outstanding in channel.unacked.into_values() {
-            if let Some(queue) =
-                self.vhosts.get_mut(&channel.vhost).and_then(|vhost| vhost.queue_mut(&outstanding.queue))
-            {
-                queue.requeue(outstanding.entry_id);
-                touched.insert(outstanding.queue);
+        for (key, channel) in closed {
+            for outstanding in channel.unacked.into_values().filter(|outstanding| !outstanding.gone) {
+                if let Some(queue) =
+                    self.vhosts.get_mut(&channel.vhost).and_then(|vhost| vhost.queue_mut(&outstanding.queue))
+                {
+                    queue.requeue(outstanding.entry_id);
+                    touched.insert((channel.vhost.clone(), outstanding.queue));
+                }
+            }
+            for (tag, consumer) in channel.consumers {
+                self.detach_consumer(&channel.vhost, &consumer.queue, key, &tag, &mut effects);
+                touched.insert((channel.vhost.clone(), consumer.queue));
             }
         }
-        for (tag, consumer) in channel.consumers {
-            self.detach_consumer(&channel.vhost, &consumer.queue, key, &tag, &mut effects);
-            touched.insert(consumer.queue);
-        }
-        for queue in touched {
-            effects.merge(self.dispatch(&channel.vhost, &queue));
+        for (vhost, queue) in touched {
+            effects.merge(self.dispatch(&vhost, &queue));
         }
         effects
     }
@@ -273,11 +282,12 @@ impl BrokerModel {
     /// Closes every channel of a connection and deletes the queues it owned exclusively.
     pub fn close_connection(&mut self, connection: ConnectionId) -> Effects {
         self.pending_bytes.remove(&connection);
-        let mut effects = Effects::default();
+        // Every channel of the connection leaves the model before anything is requeued, so a
+        // message freed by one of them is never dispatched to another of the same dying connection.
         let keys: Vec<ChannelKey> = self.channels.keys().filter(|key| key.connection == connection).copied().collect();
-        for key in keys {
-            effects.merge(self.close_channel(key));
-        }
+        let closed: Vec<(ChannelKey, Channel)> =
+            keys.into_iter().filter_map(|key| self.channels.remove(&key).map(|channel| (key, channel))).collect();
+        let mut effects = self.release_channels(closed);
         let vhost_names: Vec<String> = self.vhosts.keys().cloned().collect();
         for vhost in vhost_names {
             let owned: Vec<String> = self.vhosts[&vhost]

@@ -390,3 +390,18 @@ fn deleting_a_queue_frees_prefetch_and_late_acks_of_its_deliveries_are_accepted(
     assert_eq!(bodies(&effects), vec!["from q2"]);
     assert_eq!(broker.vhost("/").unwrap().queue("q1").unwrap().ready_count(), 1, "the new q1 is untouched");
 }
+
+#[test]
+fn a_closing_connection_never_gets_its_own_freed_messages_back() {
+    let mut broker = broker_with_queue("q");
+    let (first, second) = (key(1, 1), key(1, 2));
+    broker.open_channel(first, "/").unwrap();
+    broker.open_channel(second, "/").unwrap();
+    broker.enqueue("/", "q", message("m0"), None);
+    let (message_held, _) = broker.get(first, "q", false).unwrap();
+    assert!(message_held.is_some());
+    broker.consume(second, "q", "c", false, false).unwrap();
+    let effects = broker.close_connection(ConnectionId(1));
+    assert!(effects.deliveries.is_empty(), "nothing goes to the dying connection's other channel");
+    assert_eq!(broker.vhost("/").unwrap().queue("q").unwrap().ready_count(), 1, "m0 waits, redelivered, for others");
+}
