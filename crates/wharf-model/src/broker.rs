@@ -10,7 +10,7 @@
 use crate::error::{ModelError, Result};
 use crate::exchange::Exchange;
 use crate::message::Message;
-use crate::queue::{ChannelKey, ConnectionId, Entry};
+use crate::queue::{ChannelKey, ConnectionId, Entry, Queue};
 use crate::vhost::VirtualHost;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -60,6 +60,45 @@ pub struct Removed {
     pub store_queue: Option<u64>,
     /// The store's seq for it.
     pub store_seq: Option<u64>,
+}
+
+impl Removed {
+    fn of(vhost: &str, queue: &Queue, entry: &Entry) -> Removed {
+        Removed {
+            vhost: vhost.to_owned(),
+            queue: queue.name.clone(),
+            store_queue: queue.store_queue,
+            store_seq: entry.store_seq,
+        }
+    }
+}
+
+/// Takes the head of a queue's ready messages for a delivery on `channel`: counts the delivery,
+/// charges the connection's pending bytes and assigns the channel's next delivery tag.
+fn take_for_delivery(
+    queue: &mut Queue,
+    channel: &mut Channel,
+    pending_bytes: &mut HashMap<ConnectionId, u64>,
+    key: ChannelKey,
+    consumer_tag: Option<String>,
+) -> Option<(Entry, Delivery)> {
+    let (_, mut entry) = queue.ready.pop_first()?;
+    entry.delivery_count += 1;
+    *pending_bytes.entry(key.connection).or_insert(0) += delivery_bytes(&entry.message);
+    let delivery_tag = channel.next_delivery_tag;
+    channel.next_delivery_tag += 1;
+    let delivery = Delivery {
+        channel: key,
+        consumer_tag,
+        delivery_tag,
+        redelivered: entry.redelivered,
+        queue: queue.name.clone(),
+        message: Arc::clone(&entry.message),
+        message_count: queue.ready.len() as u32,
+        delivery_count: entry.delivery_count,
+        store: queue.store_queue.zip(entry.store_seq),
+    };
+    Some((entry, delivery))
 }
 
 /// A queue that was deleted as a side effect (auto-delete, exclusive owner gone).
@@ -424,12 +463,7 @@ impl BrokerModel {
             }
         }
         for entry in queue.take_all() {
-            effects.removed.push(Removed {
-                vhost: vhost_name.to_owned(),
-                queue: queue_name.to_owned(),
-                store_queue: queue.store_queue,
-                store_seq: entry.store_seq,
-            });
+            effects.removed.push(Removed::of(vhost_name, &queue, &entry));
         }
         effects.deleted_queues.push(DeletedQueue {
             vhost: vhost_name.to_owned(),
@@ -481,30 +515,19 @@ impl BrokerModel {
             queue.next_consumer = (index + 1) % count;
             let (key, tag) = queue.consumers[index].clone();
             let Some(channel) = self.channels.get_mut(&key) else { break };
+            if !channel.consumers.contains_key(&tag) {
+                break;
+            }
+            let Some((entry, delivery)) =
+                take_for_delivery(queue, channel, &mut self.pending_bytes, key, Some(tag.clone()))
+            else {
+                break;
+            };
+            let delivery_tag = delivery.delivery_tag;
+            effects.deliveries.push(delivery);
             let Some(consumer) = channel.consumers.get_mut(&tag) else { break };
-            let Some((_, mut entry)) = queue.ready.pop_first() else { break };
-            entry.delivery_count += 1;
-            *self.pending_bytes.entry(key.connection).or_insert(0) += delivery_bytes(&entry.message);
-            let delivery_tag = channel.next_delivery_tag;
-            channel.next_delivery_tag += 1;
-            effects.deliveries.push(Delivery {
-                channel: key,
-                consumer_tag: Some(tag.clone()),
-                delivery_tag,
-                redelivered: entry.redelivered,
-                queue: queue_name.to_owned(),
-                message: Arc::clone(&entry.message),
-                message_count: queue.ready.len() as u32,
-                delivery_count: entry.delivery_count,
-                store: queue.store_queue.zip(entry.store_seq),
-            });
             if consumer.no_ack {
-                effects.removed.push(Removed {
-                    vhost: vhost_name.to_owned(),
-                    queue: queue_name.to_owned(),
-                    store_queue: queue.store_queue,
-                    store_seq: entry.store_seq,
-                });
+                effects.removed.push(Removed::of(vhost_name, queue, &entry));
             } else {
                 consumer.unacked += 1;
                 channel.consumer_unacked += 1;
@@ -537,33 +560,15 @@ impl BrokerModel {
                 key.channel
             )));
         }
-        let Some((_, mut entry)) = queue.ready.pop_first() else { return Ok((None, Effects::default())) };
-        entry.delivery_count += 1;
-        *self.pending_bytes.entry(key.connection).or_insert(0) += delivery_bytes(&entry.message);
-        let delivery_tag = channel.next_delivery_tag;
-        channel.next_delivery_tag += 1;
-        let delivery = Delivery {
-            channel: key,
-            consumer_tag: None,
-            delivery_tag,
-            redelivered: entry.redelivered,
-            queue: queue_name.to_owned(),
-            message: Arc::clone(&entry.message),
-            message_count: queue.ready.len() as u32,
-            delivery_count: entry.delivery_count,
-            store: queue.store_queue.zip(entry.store_seq),
+        let Some((entry, delivery)) = take_for_delivery(queue, channel, &mut self.pending_bytes, key, None) else {
+            return Ok((None, Effects::default()));
         };
         let mut effects = Effects::default();
         if no_ack {
-            effects.removed.push(Removed {
-                vhost: vhost_name.clone(),
-                queue: queue_name.to_owned(),
-                store_queue: queue.store_queue,
-                store_seq: entry.store_seq,
-            });
+            effects.removed.push(Removed::of(&vhost_name, queue, &entry));
         } else {
             channel.unacked.insert(
-                delivery_tag,
+                delivery.delivery_tag,
                 Outstanding { queue: queue_name.to_owned(), entry_id: entry.id, consumer: None, gone: false },
             );
             queue.unacked.insert(entry.id, entry);
@@ -647,12 +652,7 @@ impl BrokerModel {
             if let Some(queue) = self.vhosts.get_mut(&vhost).and_then(|vhost| vhost.queue_mut(&outstanding.queue))
                 && let Some(entry) = queue.unacked.remove(&outstanding.entry_id)
             {
-                effects.removed.push(Removed {
-                    vhost: vhost.clone(),
-                    queue: outstanding.queue.clone(),
-                    store_queue: queue.store_queue,
-                    store_seq: entry.store_seq,
-                });
+                effects.removed.push(Removed::of(&vhost, queue, &entry));
             }
         }
         effects.merge(self.redispatch_channel(key, &BTreeSet::new()));
@@ -674,12 +674,7 @@ impl BrokerModel {
                 queue.requeue(outstanding.entry_id);
                 touched.insert(outstanding.queue);
             } else if let Some(entry) = queue.unacked.remove(&outstanding.entry_id) {
-                effects.removed.push(Removed {
-                    vhost: vhost.clone(),
-                    queue: outstanding.queue,
-                    store_queue: queue.store_queue,
-                    store_seq: entry.store_seq,
-                });
+                effects.removed.push(Removed::of(&vhost, queue, &entry));
             }
         }
         effects.merge(self.redispatch_channel(key, &touched));
@@ -704,12 +699,7 @@ impl BrokerModel {
         let purged = queue.take_ready();
         let mut effects = Effects::default();
         for entry in &purged {
-            effects.removed.push(Removed {
-                vhost: vhost_name.clone(),
-                queue: queue_name.to_owned(),
-                store_queue: queue.store_queue,
-                store_seq: entry.store_seq,
-            });
+            effects.removed.push(Removed::of(&vhost_name, queue, entry));
         }
         Ok((purged.len() as u32, effects))
     }
