@@ -25,8 +25,8 @@ fn message(body: &str) -> Arc<Message> {
     })
 }
 
-fn broker_with_queue(name: &str) -> BrokerModel {
-    let mut broker = BrokerModel::new(7);
+/// Declares a queue on connection 1 (the model's rules apply; panics if refused).
+fn declare(broker: &mut BrokerModel, name: &str, durable: bool, exclusive: bool, auto_delete: bool) {
     let none = FieldTable::default();
     broker
         .vhost_mut("/")
@@ -34,15 +34,20 @@ fn broker_with_queue(name: &str) -> BrokerModel {
         .declare_queue(&QueueDeclare {
             name,
             passive: false,
-            durable: true,
-            exclusive: false,
-            auto_delete: false,
+            durable,
+            exclusive,
+            auto_delete,
             arguments: &none,
             connection: ConnectionId(1),
             store_queue: None,
             server_named: false,
         })
         .unwrap();
+}
+
+fn broker_with_queue(name: &str) -> BrokerModel {
+    let mut broker = BrokerModel::new(7);
+    declare(&mut broker, name, true, false, false);
     broker
 }
 
@@ -149,25 +154,10 @@ fn consumer_errors() {
 #[test]
 fn auto_delete_queues_go_with_their_last_consumer_and_exclusive_ones_with_their_connection() {
     let mut broker = BrokerModel::new(1);
-    let none = FieldTable::default();
     let channel = key(1, 1);
     broker.open_channel(channel, "/").unwrap();
     for (name, exclusive, auto_delete) in [("auto", false, true), ("mine", true, false)] {
-        broker
-            .vhost_mut("/")
-            .unwrap()
-            .declare_queue(&QueueDeclare {
-                name,
-                passive: false,
-                durable: false,
-                exclusive,
-                auto_delete,
-                arguments: &none,
-                connection: ConnectionId(1),
-                store_queue: None,
-                server_named: false,
-            })
-            .unwrap();
+        declare(&mut broker, name, false, exclusive, auto_delete);
     }
     broker.enqueue("/", "auto", message("x"), Some(9));
     broker.consume(channel, "auto", "c", false, false).unwrap();
@@ -341,25 +331,10 @@ proptest! {
 #[test]
 fn deleting_a_queue_frees_prefetch_and_late_acks_of_its_deliveries_are_accepted() {
     let mut broker = BrokerModel::new(1);
-    let none = FieldTable::default();
     let channel = key(1, 1);
     broker.open_channel(channel, "/").unwrap();
     for name in ["q1", "q2"] {
-        broker
-            .vhost_mut("/")
-            .unwrap()
-            .declare_queue(&QueueDeclare {
-                name,
-                passive: false,
-                durable: false,
-                exclusive: false,
-                auto_delete: false,
-                arguments: &none,
-                connection: ConnectionId(1),
-                store_queue: None,
-                server_named: false,
-            })
-            .unwrap();
+        declare(&mut broker, name, false, false, false);
     }
     broker.qos(channel, 1, true).unwrap();
     broker.enqueue("/", "q1", message("from q1"), None);
@@ -368,21 +343,7 @@ fn deleting_a_queue_frees_prefetch_and_late_acks_of_its_deliveries_are_accepted(
     broker.consume(channel, "q2", "c2", false, false).unwrap();
     broker.delete_queue(channel, "q1", false, false).unwrap();
     // A queue of the same name again: the old delivery must never touch it.
-    broker
-        .vhost_mut("/")
-        .unwrap()
-        .declare_queue(&QueueDeclare {
-            name: "q1",
-            passive: false,
-            durable: false,
-            exclusive: false,
-            auto_delete: false,
-            arguments: &none,
-            connection: ConnectionId(1),
-            store_queue: None,
-            server_named: false,
-        })
-        .unwrap();
+    declare(&mut broker, "q1", false, false, false);
     broker.enqueue("/", "q1", message("new q1"), None);
     // The late ack is accepted and frees the channel's one prefetch slot for q2.
     broker.enqueue("/", "q2", message("from q2"), None);
