@@ -279,10 +279,27 @@ impl Core {
         }
     }
 
-    /// Carries out what the model decided: sends deliveries and server-side cancels, removes
-    /// messages from the store (lazily durable), forgets deleted queues.
-    pub fn apply(&self, effects: Effects) {
-        for delivery in effects.deliveries {
+    /// Runs a model operation and carries out its effects. Deliveries and server cancels are
+    /// queued to their connections *before* the model lock is released: two tasks dispatching to
+    /// the same channel then queue their deliveries in the order the model assigned their tags
+    /// (queue order), never the other way round. The rest (store removals, forgetting deleted
+    /// definitions, which may block) happens after.
+    pub fn act<T>(
+        &self,
+        operation: impl FnOnce(&mut BrokerModel) -> wharf_model::Result<(T, Effects)>,
+    ) -> wharf_model::Result<T> {
+        let mut model = self.model();
+        let (value, mut effects) = operation(&mut model)?;
+        self.send(&mut effects);
+        drop(model);
+        self.apply(effects);
+        Ok(value)
+    }
+
+    /// Queues deliveries and server-side cancels to their connections (non-blocking). Call it
+    /// while holding the model lock, so sends keep the model's order.
+    pub fn send(&self, effects: &mut Effects) {
+        for delivery in effects.deliveries.drain(..) {
             // Lazily durable, like removals; see `CLEAN_STOP_MARKER` for what a crash does.
             self.record_delivery(&delivery);
             let connection = delivery.channel.connection;
@@ -292,11 +309,18 @@ impl Core {
                 let _ = outbound.send(Outbound::Deliver(delivery));
             }
         }
-        for (ChannelKey { connection, channel }, consumer_tag) in effects.cancelled {
+        for (ChannelKey { connection, channel }, consumer_tag) in effects.cancelled.drain(..) {
             if let Some(outbound) = self.outbound(connection) {
                 let _ = outbound.send(Outbound::CancelConsumer { channel, consumer_tag });
             }
         }
+    }
+
+    /// Carries out what the model decided. Anything `send` has not already queued is queued now
+    /// (only safe under the model lock; `act` sends first), then store removals, then forgetting
+    /// durable queues and exchanges the model deleted.
+    pub fn apply(&self, mut effects: Effects) {
+        self.send(&mut effects);
         for removed in effects.removed {
             if let (Some(queue), Some(seq)) = (removed.store_queue, removed.store_seq) {
                 match self.store.remove(QueueId(queue), seq) {

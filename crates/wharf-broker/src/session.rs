@@ -115,8 +115,8 @@ impl Session {
             }
         }
         self.channels.clear();
-        let effects = self.core.model().close_connection(self.connection);
-        blocking(|| self.core.apply(effects));
+        let connection = self.connection;
+        let _ = blocking(|| self.core.act(|model| Ok(((), model.close_connection(connection)))));
     }
 
     /// Handles one frame after the handshake.
@@ -167,7 +167,11 @@ impl Session {
                 close_confirms(&confirms.closed);
             }
         }
-        let effects = self.core.model().close_channel(self.key(channel));
+        let key = self.key(channel);
+        let mut model = self.core.model();
+        let mut effects = model.close_channel(key);
+        self.core.send(&mut effects);
+        drop(model);
         self.send(
             channel,
             AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
@@ -269,8 +273,8 @@ impl Session {
                 {
                     close_confirms(&confirms.closed);
                 }
-                let effects = self.core.model().close_channel(self.key(channel));
-                blocking(|| self.core.apply(effects));
+                let key = self.key(channel);
+                let _ = blocking(|| self.core.act(|model| Ok(((), model.close_channel(key)))));
                 self.send(channel, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})));
                 Ok(())
             }
@@ -495,8 +499,8 @@ impl Session {
             }
             queue::AMQPMethod::Purge(purge) => {
                 let name = self.queue_name(channel, purge.queue.as_str());
-                let (count, effects) = self.core.model().purge(self.key(channel), &name)?;
-                self.core.apply(effects);
+                let key = self.key(channel);
+                let count = self.core.act(|model| model.purge(key, &name))?;
                 if !purge.nowait {
                     self.send(
                         channel,
@@ -507,9 +511,8 @@ impl Session {
             }
             queue::AMQPMethod::Delete(delete) => {
                 let name = self.queue_name(channel, delete.queue.as_str());
-                let (count, effects) =
-                    self.core.model().delete_queue(self.key(channel), &name, delete.if_unused, delete.if_empty)?;
-                self.core.apply(effects);
+                let key = self.key(channel);
+                let count = self.core.act(|model| model.delete_queue(key, &name, delete.if_unused, delete.if_empty))?;
                 if !delete.nowait {
                     self.send(
                         channel,
@@ -585,15 +588,14 @@ impl Session {
         let key = self.key(channel);
         match method {
             basic::AMQPMethod::Qos(qos) => {
-                let effects = self.core.model().qos(key, qos.prefetch_count, qos.global)?;
                 self.send(channel, AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})));
-                self.core.apply(effects);
+                self.core.act(|model| Ok(((), model.qos(key, qos.prefetch_count, qos.global)?)))?;
                 Ok(())
             }
             basic::AMQPMethod::Consume(consume) => {
                 let queue_name = self.queue_name(channel, consume.queue.as_str());
                 let mut model = self.core.model();
-                let (tag, effects) = model.consume(
+                let (tag, mut effects) = model.consume(
                     key,
                     &queue_name,
                     consume.consumer_tag.as_str(),
@@ -608,12 +610,16 @@ impl Session {
                         AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk { consumer_tag: tag.into() })),
                     );
                 }
+                self.core.send(&mut effects);
                 drop(model);
                 self.core.apply(effects);
                 Ok(())
             }
             basic::AMQPMethod::Cancel(cancel) => {
-                let effects = self.core.model().cancel(key, cancel.consumer_tag.as_str())?;
+                let mut model = self.core.model();
+                let mut effects = model.cancel(key, cancel.consumer_tag.as_str())?;
+                self.core.send(&mut effects);
+                drop(model);
                 if !cancel.nowait {
                     self.send(
                         channel,
@@ -636,16 +642,23 @@ impl Session {
             }
             basic::AMQPMethod::Get(get) => {
                 let queue_name = self.queue_name(channel, get.queue.as_str());
-                let (delivery, effects) = self.core.model().get(key, &queue_name, get.no_ack)?;
-                match delivery {
-                    Some(delivery) => {
-                        self.core.record_delivery(&delivery);
-                        let _ = self.outbound.send(Outbound::Deliver(delivery));
+                // Answered under the model lock, like every delivery, so the get-ok keeps its
+                // tag's place among deliveries to this channel.
+                let outbound = self.outbound.clone();
+                self.core.act(|model| {
+                    let (delivery, effects) = model.get(key, &queue_name, get.no_ack)?;
+                    match delivery {
+                        Some(delivery) => {
+                            self.core.record_delivery(&delivery);
+                            let _ = outbound.send(Outbound::Deliver(delivery));
+                        }
+                        None => {
+                            let method = AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {}));
+                            let _ = outbound.send(Outbound::Frames(method_frame(channel, &method)));
+                        }
                     }
-                    None => self.send(channel, AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {}))),
-                }
-                self.core.apply(effects);
-                Ok(())
+                    Ok(((), effects))
+                })
             }
             basic::AMQPMethod::Ack(ack) => {
                 self.settle(channel, TxOp::Ack { delivery_tag: ack.delivery_tag, multiple: ack.multiple })
@@ -659,14 +672,12 @@ impl Session {
                 TxOp::Reject { delivery_tag: nack.delivery_tag, multiple: nack.multiple, requeue: nack.requeue },
             ),
             basic::AMQPMethod::Recover(recover) => {
-                let effects = self.core.model().recover(key, recover.requeue)?;
                 self.send(channel, AMQPClass::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})));
-                self.core.apply(effects);
+                self.core.act(|model| Ok(((), model.recover(key, recover.requeue)?)))?;
                 Ok(())
             }
             basic::AMQPMethod::RecoverAsync(recover) => {
-                let effects = self.core.model().recover(key, recover.requeue)?;
-                self.core.apply(effects);
+                self.core.act(|model| Ok(((), model.recover(key, recover.requeue)?)))?;
                 Ok(())
             }
             _ => Err(ModelError::command_invalid("this basic method is not valid from a client")),
@@ -689,15 +700,15 @@ impl Session {
 
     fn apply_settle(&mut self, channel: u16, op: TxOp) -> MethodResult {
         let key = self.key(channel);
-        let effects = match op {
-            TxOp::Ack { delivery_tag, multiple } => self.core.model().ack(key, delivery_tag, multiple)?,
-            TxOp::Reject { delivery_tag, multiple, requeue } => {
-                self.core.model().reject(key, delivery_tag, multiple, requeue)?
+        match op {
+            TxOp::Ack { delivery_tag, multiple } => {
+                self.core.act(|model| Ok(((), model.ack(key, delivery_tag, multiple)?)))
             }
-            TxOp::Publish(_) => return Ok(()),
-        };
-        self.core.apply(effects);
-        Ok(())
+            TxOp::Reject { delivery_tag, multiple, requeue } => {
+                self.core.act(|model| Ok(((), model.reject(key, delivery_tag, multiple, requeue)?)))
+            }
+            TxOp::Publish(_) => Ok(()),
+        }
     }
 
     fn confirm_select(&mut self, channel: u16, select: confirm::Select) -> MethodResult {
@@ -915,6 +926,8 @@ impl Session {
         let vhost = model.vhost(&self.vhost).ok_or_else(missing_vhost)?;
         let queues = vhost.route(publish.exchange.as_str(), publish.routing_key.as_str(), message.headers())?;
         let mut meta = None;
+        // Deliveries go out under the model lock; anything else waits until it is released.
+        let mut later = Vec::new();
         for queue_name in &queues {
             let Some(queue) = model.vhost(&self.vhost).and_then(|vhost| vhost.queue(queue_name)) else { continue };
             let store_seq = match queue.store_queue.filter(|_| queue.durable && message.persistent()) {
@@ -934,10 +947,14 @@ impl Session {
                 }
                 None => None,
             };
-            let effects = model.enqueue(&self.vhost, queue_name, Arc::clone(&message), store_seq);
-            self.core.apply(effects);
+            let mut effects = model.enqueue(&self.vhost, queue_name, Arc::clone(&message), store_seq);
+            self.core.send(&mut effects);
+            later.push(effects);
         }
         drop(model);
+        for effects in later {
+            self.core.apply(effects);
+        }
         if queues.is_empty() && publish.mandatory {
             let _ = self.outbound.send(Outbound::Return {
                 channel,

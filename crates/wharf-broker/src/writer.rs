@@ -130,8 +130,7 @@ pub(crate) async fn run(
         backlog.bytes.fetch_sub(queued_bytes, Ordering::Relaxed);
         backlog.drained.notify_waiters();
         if delivered_bytes > 0 {
-            let effects = core.model().written(connection, delivered_bytes);
-            core.apply(effects);
+            let _ = core.act(|model| Ok(((), model.written(connection, delivered_bytes))));
         }
     }
     let _ = socket.shutdown().await;
