@@ -1,19 +1,28 @@
 //! [`BrokerModel`]: the whole broker's state machine: vhosts, channels, consumers, prefetch,
 //! deliveries and acknowledgements. Every operation returns the [`Effects`] the runtime must carry
 //! out (deliveries to send, messages to remove from the store, consumers cancelled by the server,
-//! queues deleted). No I/O and no clock, so it can be driven exhaustively by tests.
+//! queues deleted, messages to transfer into other queues). No I/O and no clock: the runtime
+//! tells it the time (`set_now`) and fires its timers (`tick`), so it can be driven exhaustively
+//! and deterministically by tests.
+//!
+//! Time-driven behaviour (message TTL, `x-expires`, leases, retry backoff, delayed messages) runs
+//! on one ordered set of timers; a timer only says "look at this thing at this time", and what
+//! it finds then decides (a stale timer does nothing).
 //!
 //! Prefetch follows RabbitMQ: `basic.qos` with `global = false` limits each consumer created
 //! afterwards on the channel; with `global = true` it limits all consumers of the channel
 //! together. `0` means no limit. Dispatch is round-robin over consumers that have room.
 
+use crate::deadletter::{self, AutoDeadLetterQueue, DeathReason, Transfer, TransferTarget};
 use crate::error::{ModelError, Result};
-use crate::exchange::Exchange;
+use crate::exchange::{Exchange, ExchangeKind};
 use crate::message::Message;
 use crate::queue::{ChannelKey, ConnectionId, Entry, Queue};
-use crate::vhost::VirtualHost;
+use crate::settings::Overflow;
+use crate::vhost::{DelayedEntry, VirtualHost};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use wharf_wire::types::AMQPValue;
 
 /// Most consumers on one channel.
 pub const CONSUMERS_PER_CHANNEL_MAX: usize = 10_000;
@@ -25,6 +34,62 @@ pub const UNACKED_PER_CHANNEL_MAX: usize = 1_000_000;
 /// reports the bytes written: a consumer that reads slowly cannot make the broker buffer without
 /// bound.
 pub const CONNECTION_PENDING_BYTES_MAX: u64 = 16 * 1024 * 1024;
+/// Most expired-lease delivery tags a channel remembers (so a late ack of one is ignored rather
+/// than refused); beyond it the oldest are forgotten and a late ack of those is a 406 again.
+pub const EXPIRED_TAGS_PER_CHANNEL_MAX: usize = 100_000;
+
+/// What the model counts (for logs, metrics and tests).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    /// Messages dead-lettered (any reason).
+    pub dead_lettered: u64,
+    /// Messages whose TTL ran out.
+    pub expired: u64,
+    /// Messages dropped or dead-lettered by `drop-head`.
+    pub dropped_by_length: u64,
+    /// Publishes refused by `reject-publish` / `reject-publish-dlx`.
+    pub rejected_by_length: u64,
+    /// Publishes dropped as duplicates (queue or exchange de-duplication).
+    pub duplicates_dropped: u64,
+    /// Deliveries whose lease (`x-consumer-timeout`) ran out.
+    pub leases_expired: u64,
+    /// Acks, nacks and rejects of deliveries whose lease had run out, ignored.
+    pub late_settles_ignored: u64,
+    /// Delayed messages released to their exchange's bindings.
+    pub delayed_released: u64,
+}
+
+/// Whether a queue takes a published message (checked before the runtime stores it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Take it; `dedup_key` is the key to record in the queue's key log, if it de-duplicates.
+    Accept {
+        /// The de-duplication key.
+        dedup_key: Option<Vec<u8>>,
+    },
+    /// Seen within the de-duplication window: confirm, but do not enqueue.
+    Duplicate,
+    /// Refused by `x-overflow`: nack the publisher; dead-letter it if `dead_letter`.
+    Refused {
+        /// `reject-publish-dlx`.
+        dead_letter: bool,
+    },
+}
+
+/// Something to look at when its time comes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    /// A queue's earliest message expiry.
+    Expiry { vhost: String, queue: String },
+    /// A queue's `x-expires`.
+    QueueExpires { vhost: String, queue: String },
+    /// A delivery's lease.
+    Lease { channel: ChannelKey, delivery_tag: u64 },
+    /// The end of a message's retry backoff.
+    Backoff { vhost: String, queue: String, id: u64 },
+    /// A delayed-message exchange's earliest due message.
+    Delayed { vhost: String, exchange: String },
+}
 
 /// One delivery to send: `basic.deliver` (consumer) or `basic.get-ok` (no consumer tag).
 #[derive(Debug, Clone)]
@@ -73,8 +138,9 @@ impl Removed {
     }
 }
 
-/// Takes the head of a queue's ready messages for a delivery on `channel`: counts the delivery,
-/// charges the connection's pending bytes and assigns the channel's next delivery tag.
+/// Takes the next deliverable message of a queue for a delivery on `channel`: counts the
+/// delivery (a redelivery carries `x-delivery-count`, the deliveries before it), charges the
+/// connection's pending bytes and assigns the channel's next delivery tag.
 fn take_for_delivery(
     queue: &mut Queue,
     channel: &mut Channel,
@@ -82,9 +148,15 @@ fn take_for_delivery(
     key: ChannelKey,
     consumer_tag: Option<String>,
 ) -> Option<(Entry, Delivery)> {
-    let (_, mut entry) = queue.ready.pop_first()?;
+    let id = queue.next_deliverable()?;
+    let mut entry = queue.take_ready(id)?;
+    let message = if entry.delivery_count > 0 {
+        Arc::new(entry.message.with_header("x-delivery-count", AMQPValue::LongLongInt(i64::from(entry.delivery_count))))
+    } else {
+        Arc::clone(&entry.message)
+    };
     entry.delivery_count += 1;
-    *pending_bytes.entry(key.connection).or_insert(0) += delivery_bytes(&entry.message);
+    *pending_bytes.entry(key.connection).or_insert(0) += delivery_bytes(&message);
     let delivery_tag = channel.next_delivery_tag;
     channel.next_delivery_tag += 1;
     let delivery = Delivery {
@@ -93,8 +165,8 @@ fn take_for_delivery(
         delivery_tag,
         redelivered: entry.redelivered,
         queue: queue.name.clone(),
-        message: Arc::clone(&entry.message),
-        message_count: queue.ready.len() as u32,
+        message,
+        message_count: queue.ready_count() as u32,
         delivery_count: entry.delivery_count,
         store: queue.store_queue.zip(entry.store_seq),
     };
@@ -112,6 +184,8 @@ pub struct DeletedQueue {
     pub durable: bool,
     /// Its store log, to delete.
     pub store_queue: Option<u64>,
+    /// Its de-duplication key log, to delete.
+    pub dedup_store_queue: Option<u64>,
 }
 
 /// What the runtime must do after an operation.
@@ -127,6 +201,8 @@ pub struct Effects {
     pub deleted_queues: Vec<DeletedQueue>,
     /// Exchanges auto-deleted as a side effect, as (vhost, exchange).
     pub deleted_exchanges: Vec<(String, Exchange)>,
+    /// Messages to move into other queues (dead letters, due delayed messages).
+    pub transfers: Vec<Transfer>,
 }
 
 impl Effects {
@@ -136,6 +212,7 @@ impl Effects {
         self.cancelled.extend(other.cancelled);
         self.deleted_queues.extend(other.deleted_queues);
         self.deleted_exchanges.extend(other.deleted_exchanges);
+        self.transfers.extend(other.transfers);
     }
 }
 
@@ -171,6 +248,8 @@ struct Channel {
     consumer_unacked: u32,
     generated_tags: u64,
     consumer_instances: u64,
+    /// Delivery tags whose lease ran out (their message was requeued); settling one is ignored.
+    expired_tags: BTreeSet<u64>,
 }
 
 /// The broker's state.
@@ -181,6 +260,10 @@ pub struct BrokerModel {
     seed: u64,
     /// Message bytes dispatched to each connection and not yet reported written.
     pending_bytes: HashMap<ConnectionId, u64>,
+    /// The time as the runtime last reported it (ms since the epoch; never goes back).
+    now_ms: u64,
+    timers: BTreeSet<(u64, Timer)>,
+    counters: Counters,
 }
 
 /// What a delivery weighs against `CONNECTION_PENDING_BYTES_MAX`.
@@ -195,8 +278,15 @@ fn channel_not_open(key: ChannelKey) -> ModelError {
 impl BrokerModel {
     /// A broker with the default vhost `/`. `seed` makes generated names unique across restarts.
     pub fn new(seed: u64) -> Self {
-        let mut model =
-            BrokerModel { vhosts: BTreeMap::new(), channels: HashMap::new(), seed, pending_bytes: HashMap::new() };
+        let mut model = BrokerModel {
+            vhosts: BTreeMap::new(),
+            channels: HashMap::new(),
+            seed,
+            pending_bytes: HashMap::new(),
+            now_ms: 0,
+            timers: BTreeSet::new(),
+            counters: Counters::default(),
+        };
         model.add_vhost("/");
         model
     }
@@ -250,6 +340,7 @@ impl BrokerModel {
                 consumer_unacked: 0,
                 generated_tags: 0,
                 consumer_instances: 0,
+                expired_tags: BTreeSet::new(),
             },
         );
         Ok(())
@@ -276,12 +367,8 @@ impl BrokerModel {
         let mut touched = BTreeSet::new();
         for (key, channel) in closed {
             for outstanding in channel.unacked.into_values().filter(|outstanding| !outstanding.gone) {
-                if let Some(queue) =
-                    self.vhosts.get_mut(&channel.vhost).and_then(|vhost| vhost.queue_mut(&outstanding.queue))
-                {
-                    queue.requeue(outstanding.entry_id);
-                    touched.insert((channel.vhost.clone(), outstanding.queue));
-                }
+                self.return_delivery(&channel.vhost, &outstanding.queue, outstanding.entry_id, false, &mut effects);
+                touched.insert((channel.vhost.clone(), outstanding.queue));
             }
             for (tag, consumer) in channel.consumers {
                 self.detach_consumer(&channel.vhost, &consumer.queue, key, &tag, &mut effects);
@@ -405,6 +492,7 @@ impl BrokerModel {
         if let Some(queue) = self.vhosts.get_mut(&vhost_name).and_then(|vhost| vhost.queue_mut(queue_name)) {
             queue.consumers.push((key, tag.clone()));
             queue.had_consumer = true;
+            queue.last_used_ms = self.now_ms;
             if exclusive {
                 queue.exclusive_consumer = Some((key, tag.clone()));
             }
@@ -435,6 +523,8 @@ impl BrokerModel {
         }
         if queue.auto_delete && queue.had_consumer && queue.consumers.is_empty() {
             effects.merge(self.remove_queue(vhost, queue_name));
+        } else if queue.consumers.is_empty() {
+            self.touch_queue(vhost, queue_name);
         }
     }
 
@@ -470,30 +560,397 @@ impl BrokerModel {
             name: queue_name.to_owned(),
             durable: queue.durable,
             store_queue: queue.store_queue,
+            dedup_store_queue: queue.dedup_store_queue,
+        });
+        // A later queue of the same name numbers its entries from 1 again: this queue's timers
+        // must not touch it.
+        self.timers.retain(|(_, timer)| match timer {
+            Timer::Expiry { vhost, queue } | Timer::QueueExpires { vhost, queue } | Timer::Backoff { vhost, queue, .. } => {
+                !(vhost == vhost_name && queue == queue_name)
+            }
+            _ => true,
         });
         effects
     }
 
-    /// Puts a routed message in a queue and dispatches. `store_seq` is set when the store holds it.
+    /// Puts a routed message in a queue (admitted by `admit`) and dispatches. `store_seq` is set
+    /// when the store holds it. With `drop-head`, the oldest ready messages beyond the queue's
+    /// length limits leave (dead-lettered if the queue has a dead-letter exchange).
     pub fn enqueue(&mut self, vhost: &str, queue_name: &str, message: Arc<Message>, store_seq: Option<u64>) -> Effects {
-        match self.vhosts.get_mut(vhost).and_then(|vhost| vhost.queue_mut(queue_name)) {
-            Some(queue) => {
-                queue.enqueue(message, store_seq);
-                self.dispatch(vhost, queue_name)
+        let now_ms = self.now_ms;
+        let mut effects = Effects::default();
+        let Some(queue) = self.vhosts.get_mut(vhost).and_then(|vhost| vhost.queue_mut(queue_name)) else {
+            return effects;
+        };
+        let entry = queue.new_entry(message, store_seq, now_ms, 0, false);
+        queue.insert_new(entry);
+        if queue.settings.overflow == Overflow::DropHead {
+            while queue.over_limits() {
+                let Some(entry) = queue.oldest_ready().and_then(|id| queue.remove_ready(id)) else { break };
+                self.counters.dropped_by_length += 1;
+                let source = Removed::of(vhost, queue, &entry);
+                dead_letter(
+                    vhost,
+                    queue,
+                    &entry.message,
+                    entry.delivery_count,
+                    Some(source),
+                    DeathReason::MaxLen,
+                    now_ms,
+                    &mut effects,
+                    &mut self.counters,
+                );
             }
-            None => Effects::default(),
+        }
+        effects.merge(self.dispatch(vhost, queue_name));
+        effects
+    }
+
+    /// Whether `queue_name` takes `message`: not if its key was seen within the queue's
+    /// de-duplication window (the key is remembered when it is taken), not if `x-overflow`
+    /// refuses publishes beyond the queue's length limits.
+    pub fn admit(&mut self, vhost: &str, queue_name: &str, message: &Message) -> Admission {
+        let now_ms = self.now_ms;
+        let Some(queue) = self.vhosts.get_mut(vhost).and_then(|vhost| vhost.queue_mut(queue_name)) else {
+            return Admission::Accept { dedup_key: None };
+        };
+        let mut dedup_key = None;
+        if let Some(index) = queue.dedup.as_mut()
+            && let Some(key) = index.key_of(message)
+        {
+            index.expire(now_ms);
+            if index.contains(&key) {
+                self.counters.duplicates_dropped += 1;
+                return Admission::Duplicate;
+            }
+            dedup_key = Some(key);
+        }
+        if queue.settings.overflow != Overflow::DropHead && queue.would_overflow(message.body_bytes()) {
+            self.counters.rejected_by_length += 1;
+            return Admission::Refused { dead_letter: queue.settings.overflow == Overflow::RejectPublishDlx };
+        }
+        if let (Some(index), Some(key)) = (queue.dedup.as_mut(), dedup_key.as_ref()) {
+            index.check_and_insert(key, now_ms);
+        }
+        Admission::Accept { dedup_key }
+    }
+
+    /// Whether a publish to `exchange` goes on: not if its key was seen within the exchange's
+    /// de-duplication window.
+    pub fn admit_to_exchange(&mut self, vhost: &str, exchange: &str, message: &Message) -> Admission {
+        let now_ms = self.now_ms;
+        let Some(index) = self.vhosts.get_mut(vhost).and_then(|vhost| vhost.exchange_dedup.get_mut(exchange)) else {
+            return Admission::Accept { dedup_key: None };
+        };
+        let Some(key) = index.key_of(message) else { return Admission::Accept { dedup_key: None } };
+        if index.check_and_insert(&key, now_ms) {
+            self.counters.duplicates_dropped += 1;
+            return Admission::Duplicate;
+        }
+        Admission::Accept { dedup_key: Some(key) }
+    }
+
+    /// A publish `reject-publish-dlx` refused: dead-letter it (reason `maxlen`).
+    pub fn dead_letter_refused(&mut self, vhost: &str, queue_name: &str, message: &Message) -> Effects {
+        let now_ms = self.now_ms;
+        let mut effects = Effects::default();
+        if let Some(queue) = self.vhosts.get(vhost).and_then(|vhost| vhost.queue(queue_name)) {
+            dead_letter(vhost, queue, message, 0, None, DeathReason::MaxLen, now_ms, &mut effects, &mut self.counters);
+        }
+        effects
+    }
+
+    /// Holds a message published to a delayed-message exchange until `due_ms`; `store_seq` is
+    /// its place in the exchange's log.
+    pub fn hold_delayed(&mut self, vhost: &str, exchange: &str, message: Arc<Message>, store_seq: Option<u64>, due_ms: u64) {
+        let Some(hold) = self.vhosts.get_mut(vhost).and_then(|vhost| vhost.delayed.get_mut(exchange)) else { return };
+        let id = hold.next_id;
+        hold.next_id += 1;
+        hold.due.insert((due_ms, id), DelayedEntry { message, store_seq });
+        if hold.timer_ms.is_none_or(|armed| due_ms < armed) {
+            hold.timer_ms = Some(due_ms);
+            self.timers.insert((due_ms, Timer::Delayed { vhost: vhost.to_owned(), exchange: exchange.to_owned() }));
+        }
+    }
+
+    /// Marks a queue used now (declared, read): its `x-expires` countdown starts again.
+    pub fn touch_queue(&mut self, vhost: &str, queue_name: &str) {
+        let now_ms = self.now_ms;
+        let Some(queue) = self.vhosts.get_mut(vhost).and_then(|vhost| vhost.queue_mut(queue_name)) else { return };
+        queue.last_used_ms = now_ms;
+        if let Some(expires_ms) = queue.settings.expires_ms {
+            self.timers.insert((
+                now_ms.saturating_add(expires_ms),
+                Timer::QueueExpires { vhost: vhost.to_owned(), queue: queue_name.to_owned() },
+            ));
+        }
+    }
+
+    /// Tells the model the time (ms since the epoch); it never goes back.
+    pub fn set_now(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+    }
+
+    /// The time the model was last told.
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+
+    /// What the model counted.
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// When the next timer is due, if any (the runtime calls `tick` then).
+    pub fn next_timer_ms(&self) -> Option<u64> {
+        self.timers.first().map(|(at, _)| *at)
+    }
+
+    /// Fires every timer due by now: expires messages and unused queues, ends leases and
+    /// backoffs, releases delayed messages.
+    pub fn tick(&mut self) -> Effects {
+        let mut effects = Effects::default();
+        while self.timers.first().is_some_and(|(at, _)| *at <= self.now_ms) {
+            let Some((_, timer)) = self.timers.pop_first() else { break };
+            match timer {
+                Timer::Expiry { vhost, queue } => {
+                    if let Some(found) = self.vhosts.get_mut(&vhost).and_then(|found| found.queue_mut(&queue)) {
+                        found.expiry_timer_ms = None;
+                    }
+                    effects.merge(self.dispatch(&vhost, &queue));
+                }
+                Timer::QueueExpires { vhost, queue } => self.check_queue_expires(&vhost, &queue, &mut effects),
+                Timer::Lease { channel, delivery_tag } => self.expire_lease(channel, delivery_tag, &mut effects),
+                Timer::Backoff { vhost, queue, id } => {
+                    if self.vhosts.get_mut(&vhost).and_then(|found| found.queue_mut(&queue)).is_some_and(|q| q.wake(id)) {
+                        effects.merge(self.dispatch(&vhost, &queue));
+                    }
+                }
+                Timer::Delayed { vhost, exchange } => self.release_delayed(&vhost, &exchange, &mut effects),
+            }
+        }
+        effects
+    }
+
+    fn check_queue_expires(&mut self, vhost: &str, queue_name: &str, effects: &mut Effects) {
+        let now_ms = self.now_ms;
+        let Some(queue) = self.vhosts.get(vhost).and_then(|vhost| vhost.queue(queue_name)) else { return };
+        let Some(expires_ms) = queue.settings.expires_ms else { return };
+        if !queue.consumers.is_empty() {
+            return;
+        }
+        if queue.last_used_ms.saturating_add(expires_ms) <= now_ms {
+            effects.merge(self.remove_queue(vhost, queue_name));
+        }
+    }
+
+    fn expire_lease(&mut self, key: ChannelKey, delivery_tag: u64, effects: &mut Effects) {
+        let Some(channel) = self.channels.get_mut(&key) else { return };
+        if !channel.unacked.contains_key(&delivery_tag) {
+            return;
+        }
+        let vhost = channel.vhost.clone();
+        channel.expired_tags.insert(delivery_tag);
+        while channel.expired_tags.len() > EXPIRED_TAGS_PER_CHANNEL_MAX {
+            channel.expired_tags.pop_first();
+        }
+        let Ok(taken) = self.take_outstanding(key, delivery_tag, false) else { return };
+        self.counters.leases_expired += 1;
+        let mut touched = BTreeSet::new();
+        for outstanding in taken.into_iter().filter(|outstanding| !outstanding.gone) {
+            self.return_delivery(&vhost, &outstanding.queue, outstanding.entry_id, false, effects);
+            touched.insert(outstanding.queue);
+        }
+        effects.merge(self.redispatch_channel(key, &touched));
+    }
+
+    fn release_delayed(&mut self, vhost_name: &str, exchange_name: &str, effects: &mut Effects) {
+        let now_ms = self.now_ms;
+        let Some(vhost) = self.vhosts.get_mut(vhost_name) else { return };
+        let store_queue = vhost.exchange(exchange_name).and_then(|exchange| exchange.store_queue);
+        let Some(hold) = vhost.delayed.get_mut(exchange_name) else { return };
+        hold.timer_ms = None;
+        while let Some((&(due_ms, _), _)) = hold.due.first_key_value() {
+            if due_ms > now_ms {
+                hold.timer_ms = Some(due_ms);
+                self.timers.insert((due_ms, Timer::Delayed { vhost: vhost_name.to_owned(), exchange: exchange_name.to_owned() }));
+                break;
+            }
+            let Some((_, entry)) = hold.due.pop_first() else { break };
+            self.counters.delayed_released += 1;
+            effects.transfers.push(Transfer {
+                vhost: vhost_name.to_owned(),
+                target: TransferTarget::Exchange {
+                    exchange: exchange_name.to_owned(),
+                    routing_keys: vec![entry.message.routing_key.clone()],
+                    fallback: None,
+                },
+                message: entry.message,
+                source: Some(Removed {
+                    vhost: vhost_name.to_owned(),
+                    queue: exchange_name.to_owned(),
+                    store_queue,
+                    store_seq: entry.store_seq,
+                }),
+                reason: None,
+            });
+        }
+    }
+
+    /// A delivery came back unsettled: by `nack`/`reject` with requeue (`explicit`), its channel
+    /// closing, or its lease running out. Over the delivery limit it is dead-lettered; after an
+    /// explicit requeue on a queue with `x-retry-backoff` it waits its step; otherwise it goes
+    /// back to its place.
+    fn return_delivery(&mut self, vhost: &str, queue_name: &str, entry_id: u64, explicit: bool, effects: &mut Effects) {
+        let now_ms = self.now_ms;
+        let Some(queue) = self.vhosts.get_mut(vhost).and_then(|vhost| vhost.queue_mut(queue_name)) else { return };
+        let Some(count) = queue.unacked.get(&entry_id).map(|entry| entry.delivery_count) else { return };
+        if queue.settings.delivery_limit.is_some_and(|limit| count >= limit) {
+            if let Some(entry) = queue.remove_unacked(entry_id) {
+                let source = Removed::of(vhost, queue, &entry);
+                dead_letter(
+                    vhost,
+                    queue,
+                    &entry.message,
+                    entry.delivery_count,
+                    Some(source),
+                    DeathReason::DeliveryLimit,
+                    now_ms,
+                    effects,
+                    &mut self.counters,
+                );
+            }
+            return;
+        }
+        let Some(mut entry) = queue.unacked.remove(&entry_id) else { return };
+        entry.redelivered = true;
+        match queue.settings.backoff_ms(count).filter(|wait_ms| explicit && *wait_ms > 0) {
+            Some(wait_ms) => {
+                queue.hold_for_backoff(entry);
+                self.timers.insert((
+                    now_ms.saturating_add(wait_ms),
+                    Timer::Backoff { vhost: vhost.to_owned(), queue: queue_name.to_owned(), id: entry_id },
+                ));
+            }
+            None => queue.return_ready(entry),
+        }
+    }
+
+    /// After recovery: messages already delivered as often as their queue's limit allows are
+    /// dead-lettered; messages delivered before, in queues with a retry backoff, wait their step
+    /// again (the time they had already waited is not known); expiries and `x-expires` are armed.
+    pub fn after_recovery(&mut self) -> Effects {
+        let now_ms = self.now_ms;
+        let mut effects = Effects::default();
+        let names: Vec<(String, String)> = self
+            .vhosts
+            .iter()
+            .flat_map(|(vhost, found)| found.queues().map(move |queue| (vhost.clone(), queue.name.clone())))
+            .collect();
+        for (vhost, queue_name) in names {
+            let Some(queue) = self.vhosts.get_mut(&vhost).and_then(|found| found.queue_mut(&queue_name)) else {
+                continue;
+            };
+            let limit = queue.settings.delivery_limit;
+            let exhausted: Vec<u64> = queue
+                .ready
+                .values()
+                .filter(|entry| limit.is_some_and(|limit| entry.delivery_count >= limit))
+                .map(|entry| entry.id)
+                .collect();
+            for id in exhausted {
+                if let Some(entry) = queue.remove_ready(id) {
+                    let source = Removed::of(&vhost, queue, &entry);
+                    dead_letter(
+                        &vhost,
+                        queue,
+                        &entry.message,
+                        entry.delivery_count,
+                        Some(source),
+                        DeathReason::DeliveryLimit,
+                        now_ms,
+                        &mut effects,
+                        &mut self.counters,
+                    );
+                }
+            }
+            if !queue.settings.retry_backoff_ms.is_empty() {
+                let retried: Vec<(u64, u32)> = queue
+                    .ready
+                    .values()
+                    .filter(|entry| entry.delivery_count > 0)
+                    .map(|entry| (entry.id, entry.delivery_count))
+                    .collect();
+                for (id, count) in retried {
+                    let Some(wait_ms) = queue.settings.backoff_ms(count).filter(|wait_ms| *wait_ms > 0) else { continue };
+                    if !queue.is_deliverable(id) {
+                        continue;
+                    }
+                    if let Some(entry) = queue.take_ready(id) {
+                        queue.hold_for_backoff(entry);
+                        self.timers.insert((
+                            now_ms.saturating_add(wait_ms),
+                            Timer::Backoff { vhost: vhost.clone(), queue: queue_name.clone(), id },
+                        ));
+                    }
+                }
+            }
+            self.touch_queue(&vhost, &queue_name);
+            effects.merge(self.dispatch(&vhost, &queue_name));
+        }
+        effects
+    }
+
+    /// Expires a queue's ready messages whose time has come and arms the timer for the next.
+    fn expire_due(&mut self, vhost: &str, queue_name: &str, effects: &mut Effects) {
+        let now_ms = self.now_ms;
+        let Some(queue) = self.vhosts.get_mut(vhost).and_then(|found| found.queue_mut(queue_name)) else { return };
+        while let Some(&(at, id)) = queue.expiry.first() {
+            if at > now_ms {
+                break;
+            }
+            let Some(entry) = queue.remove_ready(id) else {
+                queue.expiry.remove(&(at, id));
+                continue;
+            };
+            self.counters.expired += 1;
+            let source = Removed::of(vhost, queue, &entry);
+            dead_letter(
+                vhost,
+                queue,
+                &entry.message,
+                entry.delivery_count,
+                Some(source),
+                DeathReason::Expired,
+                now_ms,
+                effects,
+                &mut self.counters,
+            );
+        }
+        if let Some(&(at, _)) = queue.expiry.first()
+            && queue.expiry_timer_ms.is_none_or(|armed| at < armed)
+        {
+            queue.expiry_timer_ms = Some(at);
+            self.timers.insert((at, Timer::Expiry { vhost: vhost.to_owned(), queue: queue_name.to_owned() }));
         }
     }
 
     /// Delivers ready messages of a queue to consumers with room, round-robin.
     pub fn dispatch(&mut self, vhost_name: &str, queue_name: &str) -> Effects {
         let mut effects = Effects::default();
+        self.expire_due(vhost_name, queue_name, &mut effects);
+        let now_ms = self.now_ms;
         let Some(queue) = self.vhosts.get_mut(vhost_name).and_then(|vhost| vhost.queue_mut(queue_name)) else {
             return effects;
         };
-        while !queue.ready.is_empty() && !queue.consumers.is_empty() {
-            // Find the next consumer with room, starting after the last one served.
-            let count = queue.consumers.len();
+        let lease_ms = queue.settings.consumer_timeout_ms;
+        while queue.next_deliverable().is_some() && !queue.consumers.is_empty() {
+            // Find the next consumer with room, starting after the last one served. With a
+            // single active consumer only the first (the oldest) is ever served.
+            let count = if queue.settings.single_active_consumer { 1 } else { queue.consumers.len() };
+            if queue.next_consumer >= count {
+                queue.next_consumer = 0;
+            }
             let mut chosen = None;
             for step in 0..count {
                 let index = (queue.next_consumer + step) % count;
@@ -527,6 +984,7 @@ impl BrokerModel {
             effects.deliveries.push(delivery);
             let Some(consumer) = channel.consumers.get_mut(&tag) else { break };
             if consumer.no_ack {
+                queue.release_key(&entry);
                 effects.removed.push(Removed::of(vhost_name, queue, &entry));
             } else {
                 consumer.unacked += 1;
@@ -542,6 +1000,9 @@ impl BrokerModel {
                     },
                 );
                 queue.unacked.insert(entry.id, entry);
+                if let Some(lease_ms) = lease_ms {
+                    self.timers.insert((now_ms.saturating_add(lease_ms), Timer::Lease { channel: key, delivery_tag }));
+                }
             }
         }
         effects
@@ -552,7 +1013,16 @@ impl BrokerModel {
         let vhost_name = self.channel_vhost(key)?;
         let vhost = self.vhosts.get_mut(&vhost_name).ok_or_else(|| channel_not_open(key))?;
         vhost.usable_queue(queue_name, key.connection)?;
-        let Some(queue) = vhost.queue_mut(queue_name) else { return Ok((None, Effects::default())) };
+        if vhost.queue(queue_name).is_none() {
+            return Ok((None, Effects::default()));
+        }
+        self.touch_queue(&vhost_name, queue_name);
+        let mut effects = Effects::default();
+        self.expire_due(&vhost_name, queue_name, &mut effects);
+        let now_ms = self.now_ms;
+        let Some(queue) = self.vhosts.get_mut(&vhost_name).and_then(|vhost| vhost.queue_mut(queue_name)) else {
+            return Ok((None, effects));
+        };
         let channel = self.channels.get_mut(&key).ok_or_else(|| channel_not_open(key))?;
         if !no_ack && channel.unacked.len() >= UNACKED_PER_CHANNEL_MAX {
             return Err(ModelError::resource_error(format!(
@@ -561,16 +1031,22 @@ impl BrokerModel {
             )));
         }
         let Some((entry, delivery)) = take_for_delivery(queue, channel, &mut self.pending_bytes, key, None) else {
-            return Ok((None, Effects::default()));
+            return Ok((None, effects));
         };
-        let mut effects = Effects::default();
         if no_ack {
+            queue.release_key(&entry);
             effects.removed.push(Removed::of(&vhost_name, queue, &entry));
         } else {
             channel.unacked.insert(
                 delivery.delivery_tag,
                 Outstanding { queue: queue_name.to_owned(), entry_id: entry.id, consumer: None, gone: false },
             );
+            if let Some(lease_ms) = queue.settings.consumer_timeout_ms {
+                self.timers.insert((
+                    now_ms.saturating_add(lease_ms),
+                    Timer::Lease { channel: key, delivery_tag: delivery.delivery_tag },
+                ));
+            }
             queue.unacked.insert(entry.id, entry);
         }
         Ok((Some(delivery), effects))
@@ -580,17 +1056,27 @@ impl BrokerModel {
     /// with tag 0 and `multiple`). An unknown tag is 406, as in RabbitMQ.
     fn take_outstanding(&mut self, key: ChannelKey, delivery_tag: u64, multiple: bool) -> Result<Vec<Outstanding>> {
         let channel = self.channels.get_mut(&key).ok_or_else(|| channel_not_open(key))?;
+        // Tags whose lease ran out were settled by the broker already: settling them again is
+        // ignored and counted, not refused.
         let tags: Vec<u64> = if multiple {
             let upper = if delivery_tag == 0 { u64::MAX } else { delivery_tag };
-            if delivery_tag != 0
-                && !channel.unacked.contains_key(&delivery_tag)
-                && channel.unacked.range(..=upper).next().is_none()
-            {
+            let late = channel.expired_tags.range(..=upper).count();
+            if delivery_tag != 0 && channel.unacked.range(..=upper).next().is_none() && late == 0 {
                 return Err(ModelError::precondition_failed(format!("unknown delivery tag {delivery_tag}")));
+            }
+            if late > 0 {
+                self.counters.late_settles_ignored += late as u64;
+                channel.expired_tags = match upper.checked_add(1) {
+                    Some(above) => channel.expired_tags.split_off(&above),
+                    None => BTreeSet::new(),
+                };
             }
             channel.unacked.range(..=upper).map(|(tag, _)| *tag).collect()
         } else if channel.unacked.contains_key(&delivery_tag) {
             vec![delivery_tag]
+        } else if channel.expired_tags.remove(&delivery_tag) {
+            self.counters.late_settles_ignored += 1;
+            Vec::new()
         } else {
             return Err(ModelError::precondition_failed(format!("unknown delivery tag {delivery_tag}")));
         };
@@ -628,7 +1114,7 @@ impl BrokerModel {
     /// changing anything: a transaction validates its acks before applying any of them.
     pub fn validate_settles(&self, key: ChannelKey, settles: &[(u64, bool)]) -> Result<()> {
         let channel = self.channels.get(&key).ok_or_else(|| channel_not_open(key))?;
-        let mut open: BTreeSet<u64> = channel.unacked.keys().copied().collect();
+        let mut open: BTreeSet<u64> = channel.unacked.keys().chain(channel.expired_tags.iter()).copied().collect();
         for &(delivery_tag, multiple) in settles {
             if multiple {
                 let upper = if delivery_tag == 0 { u64::MAX } else { delivery_tag };
@@ -650,7 +1136,7 @@ impl BrokerModel {
         let mut effects = Effects::default();
         for outstanding in taken.into_iter().filter(|outstanding| !outstanding.gone) {
             if let Some(queue) = self.vhosts.get_mut(&vhost).and_then(|vhost| vhost.queue_mut(&outstanding.queue))
-                && let Some(entry) = queue.unacked.remove(&outstanding.entry_id)
+                && let Some(entry) = queue.remove_unacked(outstanding.entry_id)
             {
                 effects.removed.push(Removed::of(&vhost, queue, &entry));
             }
@@ -659,22 +1145,39 @@ impl BrokerModel {
         Ok(effects)
     }
 
-    /// `basic.nack` and `basic.reject`: back to the queue (redelivered) with `requeue`, else the
-    /// message leaves (dead-lettering arrives with the delivery-guarantees work).
+    /// `basic.nack` and `basic.reject`: with `requeue` back to the queue (redelivered; after the
+    /// queue's retry backoff step, if it has one; dead-lettered once over the delivery limit),
+    /// else the message leaves, dead-lettered if the queue has a dead-letter exchange.
     pub fn reject(&mut self, key: ChannelKey, delivery_tag: u64, multiple: bool, requeue: bool) -> Result<Effects> {
         let vhost = self.channel_vhost(key)?;
         let taken = self.take_outstanding(key, delivery_tag, multiple)?;
+        let now_ms = self.now_ms;
         let mut effects = Effects::default();
         let mut touched = BTreeSet::new();
         for outstanding in taken.into_iter().filter(|outstanding| !outstanding.gone) {
+            if requeue {
+                self.return_delivery(&vhost, &outstanding.queue, outstanding.entry_id, true, &mut effects);
+                touched.insert(outstanding.queue);
+                continue;
+            }
             let Some(queue) = self.vhosts.get_mut(&vhost).and_then(|vhost| vhost.queue_mut(&outstanding.queue)) else {
                 continue;
             };
-            if requeue {
-                queue.requeue(outstanding.entry_id);
+            if let Some(entry) = queue.remove_unacked(outstanding.entry_id) {
+                let source = Removed::of(&vhost, queue, &entry);
+                dead_letter(
+                    &vhost,
+                    queue,
+                    &entry.message,
+                    entry.delivery_count,
+                    Some(source),
+                    DeathReason::Rejected,
+                    now_ms,
+                    &mut effects,
+                    &mut self.counters,
+                );
+                // With `x-ordered-by` the next message of the key may be deliverable now.
                 touched.insert(outstanding.queue);
-            } else if let Some(entry) = queue.unacked.remove(&outstanding.entry_id) {
-                effects.removed.push(Removed::of(&vhost, queue, &entry));
             }
         }
         effects.merge(self.redispatch_channel(key, &touched));
@@ -696,7 +1199,7 @@ impl BrokerModel {
         let vhost = self.vhosts.get_mut(&vhost_name).ok_or_else(|| channel_not_open(key))?;
         vhost.usable_queue(queue_name, key.connection)?;
         let Some(queue) = vhost.queue_mut(queue_name) else { return Ok((0, Effects::default())) };
-        let purged = queue.take_ready();
+        let purged = queue.take_ready_all();
         let mut effects = Effects::default();
         for entry in &purged {
             effects.removed.push(Removed::of(&vhost_name, queue, entry));
@@ -731,12 +1234,69 @@ impl BrokerModel {
         Ok((count, self.remove_queue(&vhost_name, queue_name)))
     }
 
-    /// The entries of a queue, ready and unacknowledged (for inspection and tests).
+    /// The entries of a queue, ready, waiting and unacknowledged (for inspection and tests).
     pub fn queue_entries(&self, vhost: &str, queue: &str) -> Vec<Entry> {
+        self.vhosts.get(vhost).and_then(|vhost| vhost.queue(queue)).map(|queue| queue.entries().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Messages a delayed-message exchange holds, with their due times (for inspection and tests).
+    pub fn delayed_messages(&self, vhost: &str, exchange: &str) -> Vec<(u64, Arc<Message>)> {
         self.vhosts
             .get(vhost)
-            .and_then(|vhost| vhost.queue(queue))
-            .map(|queue| queue.ready.values().chain(queue.unacked.values()).cloned().collect())
+            .and_then(|vhost| vhost.delayed.get(exchange))
+            .map(|hold| hold.due.iter().map(|((due_ms, _), entry)| (*due_ms, Arc::clone(&entry.message))).collect())
             .unwrap_or_default()
     }
+
+    /// True if `exchange` is a delayed-message exchange.
+    pub fn is_delayed_exchange(&self, vhost: &str, exchange: &str) -> bool {
+        self.vhosts
+            .get(vhost)
+            .and_then(|vhost| vhost.exchange(exchange))
+            .is_some_and(|exchange| exchange.kind == ExchangeKind::DelayedMessage)
+    }
+}
+
+/// Sends a message that leaves `queue` for `reason` to the queue's dead-letter exchange, or, for
+/// an exhausted delivery limit without one, to the queue's automatic dead-letter queue (a message
+/// over its delivery limit is never dropped). Otherwise the message is just removed.
+#[allow(clippy::too_many_arguments)]
+fn dead_letter(
+    vhost: &str,
+    queue: &Queue,
+    message: &Message,
+    delivery_count: u32,
+    source: Option<Removed>,
+    reason: DeathReason,
+    now_ms: u64,
+    effects: &mut Effects,
+    counters: &mut Counters,
+) {
+    let auto = AutoDeadLetterQueue { name: deadletter::auto_dead_letter_queue_name(&queue.name), durable: queue.durable };
+    let (exchange, routing_key, target) = match (&queue.settings.dead_letter_exchange, reason) {
+        (Some(exchange), _) => {
+            let routing_key =
+                queue.settings.dead_letter_routing_key.clone().unwrap_or_else(|| message.routing_key.clone());
+            let target = TransferTarget::Exchange {
+                exchange: exchange.clone(),
+                routing_keys: vec![routing_key.clone()],
+                fallback: (reason == DeathReason::DeliveryLimit).then(|| auto.clone()),
+            };
+            (exchange.clone(), routing_key, target)
+        }
+        (None, DeathReason::DeliveryLimit) => (String::new(), auto.name.clone(), TransferTarget::Queue(auto)),
+        (None, _) => {
+            effects.removed.extend(source);
+            return;
+        }
+    };
+    counters.dead_lettered += 1;
+    let moved = deadletter::dead_lettered(message, &queue.name, reason, now_ms, delivery_count, &exchange, &routing_key);
+    effects.transfers.push(Transfer {
+        vhost: vhost.to_owned(),
+        message: Arc::new(moved),
+        target,
+        source,
+        reason: Some(reason),
+    });
 }

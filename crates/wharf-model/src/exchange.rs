@@ -2,6 +2,7 @@
 //! against a message, and the checks on names that apply to exchanges and queues alike.
 
 use crate::error::{ModelError, Result};
+use crate::settings::ExchangeSettings;
 use crate::topic;
 use wharf_wire::types::{AMQPValue, FieldTable};
 
@@ -19,6 +20,9 @@ pub enum ExchangeKind {
     Topic,
     /// Message headers against binding arguments (`x-match` all/any).
     Headers,
+    /// Holds messages for their `x-delay` header, then routes as its `x-delayed-type` (as
+    /// RabbitMQ's delayed-message plugin, but stored durably in the log).
+    DelayedMessage,
 }
 
 impl ExchangeKind {
@@ -30,6 +34,7 @@ impl ExchangeKind {
             "fanout" => Ok(ExchangeKind::Fanout),
             "topic" => Ok(ExchangeKind::Topic),
             "headers" => Ok(ExchangeKind::Headers),
+            "x-delayed-message" => Ok(ExchangeKind::DelayedMessage),
             other => Err(ModelError::command_invalid(format!("unknown exchange type '{other}'"))),
         }
     }
@@ -41,6 +46,7 @@ impl ExchangeKind {
             ExchangeKind::Fanout => "fanout",
             ExchangeKind::Topic => "topic",
             ExchangeKind::Headers => "headers",
+            ExchangeKind::DelayedMessage => "x-delayed-message",
         }
     }
 }
@@ -60,6 +66,37 @@ pub struct Exchange {
     pub internal: bool,
     /// Declared arguments, kept and compared on redeclare.
     pub arguments: FieldTable,
+    /// Effective settings (arguments merged with the policy).
+    pub settings: ExchangeSettings,
+    /// The store's id for a delayed-message exchange's log of waiting messages.
+    pub store_queue: Option<u64>,
+    /// The store's id for the exchange's de-duplication key log, if it de-duplicates.
+    pub dedup_store_queue: Option<u64>,
+}
+
+impl Exchange {
+    /// A new exchange with default settings and no store logs.
+    pub fn new(name: &str, kind: ExchangeKind, durable: bool, auto_delete: bool, internal: bool) -> Exchange {
+        Exchange {
+            name: name.to_owned(),
+            kind,
+            durable,
+            auto_delete,
+            internal,
+            arguments: FieldTable::default(),
+            settings: ExchangeSettings::default(),
+            store_queue: None,
+            dedup_store_queue: None,
+        }
+    }
+
+    /// How it matches bindings: its kind, or for a delayed-message exchange its delayed type.
+    pub fn routing_kind(&self) -> ExchangeKind {
+        match self.kind {
+            ExchangeKind::DelayedMessage => self.settings.delayed_type.unwrap_or(ExchangeKind::Direct),
+            kind => kind,
+        }
+    }
 }
 
 /// Where a binding leads.
@@ -91,6 +128,8 @@ impl Binding {
             ExchangeKind::Fanout => true,
             ExchangeKind::Topic => topic::matches(&self.routing_key, routing_key),
             ExchangeKind::Headers => headers_match(&self.arguments, headers),
+            // Never asked: routing goes through `Exchange::routing_kind`.
+            ExchangeKind::DelayedMessage => false,
         }
     }
 }

@@ -3,19 +3,28 @@
 //! It owns what AMQP means: vhosts with their exchanges, queues and bindings; RabbitMQ's rules for
 //! declaring, comparing, deleting and binding them; routing through direct, fanout, topic and
 //! headers exchanges (and exchange-to-exchange bindings); queues of ready and unacknowledged
-//! messages; consumers, prefetch, deliveries, acknowledgements and requeues. It does no I/O and
-//! reads no clock: the runtime (`wharf-broker`) feeds it operations and carries out the
+//! messages; consumers, prefetch, deliveries, acknowledgements and requeues; and the delivery
+//! guarantees beyond RabbitMQ (dead-lettering, delivery limits, leases, retry backoff, delayed
+//! messages, TTLs and length limits, de-duplication, per-key ordering, policies). It does no I/O
+//! and reads no clock (the runtime tells it the time): the runtime (`wharf-broker`) feeds it operations and carries out the
 //! [`Effects`] they return, so its behaviour can be tested exhaustively and deterministically.
 
 pub mod broker;
+pub mod deadletter;
+pub mod dedup;
 pub mod error;
 pub mod exchange;
 pub mod message;
+pub mod policy;
 pub mod queue;
+pub mod settings;
 pub mod topic;
 pub mod vhost;
 
-pub use broker::{BrokerModel, DeletedQueue, Delivery, Effects, Removed};
+pub use broker::{Admission, BrokerModel, Counters, DeletedQueue, Delivery, Effects, Removed};
+pub use deadletter::{AutoDeadLetterQueue, DeathReason, Transfer, TransferTarget};
+pub use policy::{ApplyTo, Policy};
+pub use settings::{ExchangeSettings, Overflow, QueueSettings};
 pub use error::{ModelError, Result, Scope};
 pub use exchange::{Binding, Destination, Exchange, ExchangeKind};
 pub use message::Message;

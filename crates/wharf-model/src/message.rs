@@ -35,3 +35,42 @@ impl Message {
         self.body.len() as u64
     }
 }
+
+/// Longest header value used as an ordering or de-duplication key; longer values are not keys.
+pub const KEY_BYTES_MAX: usize = 1024;
+
+impl Message {
+    /// The per-message TTL from the `expiration` property (a decimal number of milliseconds, as
+    /// RabbitMQ reads it); `None` when absent or not a number.
+    pub fn expiration_ms(&self) -> Option<u64> {
+        self.properties.expiration().as_ref().and_then(|text| text.as_str().trim().parse::<u64>().ok())
+    }
+
+    /// A header's value as text (strings as they are, integers in decimal), for ordering and
+    /// de-duplication keys; `None` when absent, of another type, or longer than `KEY_BYTES_MAX`.
+    pub fn header_text(&self, name: &str) -> Option<String> {
+        let value = self.headers()?.inner().get(name)?;
+        let text = crate::settings::text(value).or_else(|| crate::settings::integer(value).map(|n| n.to_string()))?;
+        (text.len() <= KEY_BYTES_MAX).then_some(text)
+    }
+
+    /// The same message with its properties replaced (re-encoded for the wire).
+    pub fn with_properties(&self, properties: BasicProperties) -> Message {
+        Message {
+            exchange: self.exchange.clone(),
+            routing_key: self.routing_key.clone(),
+            raw_properties: wharf_wire::frame::encode_properties(&properties),
+            properties,
+            body: self.body.clone(),
+        }
+    }
+
+    /// The same message with one header set.
+    pub fn with_header(&self, name: &str, value: wharf_wire::types::AMQPValue) -> Message {
+        let mut headers = self.headers().cloned().unwrap_or_default();
+        if let Ok(name) = wharf_wire::types::ShortString::try_new(name) {
+            headers.insert(name, value);
+        }
+        self.with_properties(self.properties.clone().with_headers(headers))
+    }
+}

@@ -1,9 +1,17 @@
-//! [`Queue`]: one queue's definition and its messages: ready (ordered by arrival, so a requeued
-//! message goes back to its original place) and unacknowledged, plus the consumers attached to it
-//! in round-robin order.
+//! [`Queue`]: one queue's definition, settings and messages, plus the consumers attached to it in
+//! round-robin order.
+//!
+//! A message is in exactly one of three places: `ready` (ordered by arrival, so a requeued message
+//! goes back to its original place), `waiting` (requeued by its consumer and held for the
+//! `x-retry-backoff` step) or `unacked`. With `x-ordered-by`, only the oldest message of each key
+//! (its *holder*) can be delivered; the others wait in `ready` behind it until the holder leaves
+//! the queue for good, so one key's messages go out one at a time, in publish order, whatever
+//! happens to the holder (redelivery, backoff, lease expiry).
 
+use crate::dedup::DedupIndex;
 use crate::message::Message;
-use std::collections::{BTreeMap, HashMap};
+use crate::settings::QueueSettings;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use wharf_wire::types::FieldTable;
 
@@ -33,6 +41,24 @@ pub struct Entry {
     pub redelivered: bool,
     /// How many times it was delivered.
     pub delivery_count: u32,
+    /// When it entered the queue (ms since the epoch).
+    pub enqueued_ms: u64,
+    /// When it expires (`x-message-ttl` or its `expiration`), if ever.
+    pub expires_at_ms: Option<u64>,
+    /// Its `x-ordered-by` key.
+    pub order_key: Option<Arc<str>>,
+}
+
+/// Per-key ordering state (`x-ordered-by`).
+#[derive(Debug, Default)]
+pub(crate) struct Ordering {
+    /// Ready entries that may be delivered: unkeyed ones and ready key holders.
+    deliverable: BTreeSet<u64>,
+    /// The entry holding each key (ready, waiting or unacknowledged).
+    holders: HashMap<Arc<str>, u64>,
+    /// Entries waiting behind each key's holder, oldest first (ids of entries that left the
+    /// queue meanwhile are skipped when the next holder is chosen).
+    blocked: HashMap<Arc<str>, VecDeque<u64>>,
 }
 
 /// A queue.
@@ -48,12 +74,27 @@ pub struct Queue {
     pub auto_delete: bool,
     /// Declared arguments.
     pub arguments: FieldTable,
+    /// Effective settings (arguments merged with the policy).
+    pub settings: QueueSettings,
     /// The store's id for this queue's log, once the runtime created it.
     pub store_queue: Option<u64>,
+    /// The store's id for this queue's de-duplication key log, if it de-duplicates.
+    pub dedup_store_queue: Option<u64>,
     pub(crate) ready: BTreeMap<u64, Entry>,
+    pub(crate) waiting: BTreeMap<u64, Entry>,
     pub(crate) unacked: HashMap<u64, Entry>,
+    /// Body bytes of ready and waiting messages.
+    pub(crate) held_bytes: u64,
+    /// (expiry, id) of ready messages that expire.
+    pub(crate) expiry: BTreeSet<(u64, u64)>,
+    /// The earliest expiry a timer is set for.
+    pub(crate) expiry_timer_ms: Option<u64>,
+    pub(crate) ordering: Option<Ordering>,
+    pub(crate) dedup: Option<DedupIndex>,
+    /// Last time it was used (declared, consumed from, read with `basic.get`), for `x-expires`.
+    pub(crate) last_used_ms: u64,
     pub(crate) next_id: u64,
-    /// Consumers in round-robin order.
+    /// Consumers in round-robin order (with single active consumer, the first is the active one).
     pub(crate) consumers: Vec<(ChannelKey, String)>,
     pub(crate) next_consumer: usize,
     pub(crate) had_consumer: bool,
@@ -69,16 +110,28 @@ impl Queue {
         exclusive_owner: Option<ConnectionId>,
         auto_delete: bool,
         arguments: FieldTable,
+        settings: QueueSettings,
     ) -> Self {
+        let ordering = settings.ordered_by.as_ref().map(|_| Ordering::default());
+        let dedup = settings.deduplication.as_ref().map(|dedup| DedupIndex::new(dedup.clone()));
         Queue {
             name,
             durable,
             exclusive_owner,
             auto_delete,
             arguments,
+            settings,
             store_queue: None,
+            dedup_store_queue: None,
             ready: BTreeMap::new(),
+            waiting: BTreeMap::new(),
             unacked: HashMap::new(),
+            held_bytes: 0,
+            expiry: BTreeSet::new(),
+            expiry_timer_ms: None,
+            ordering,
+            dedup,
+            last_used_ms: 0,
             next_id: 1,
             consumers: Vec::new(),
             next_consumer: 0,
@@ -87,32 +140,170 @@ impl Queue {
         }
     }
 
-    /// Adds a message at the tail. Returns its position.
-    pub fn enqueue(&mut self, message: Arc<Message>, store_seq: Option<u64>) -> u64 {
-        self.enqueue_recovered(message, store_seq, 0, false)
+    /// Builds an entry for a message arriving now (or recovered, with the time it was stored).
+    pub(crate) fn new_entry(
+        &mut self,
+        message: Arc<Message>,
+        store_seq: Option<u64>,
+        enqueued_ms: u64,
+        delivery_count: u32,
+        redelivered: bool,
+    ) -> Entry {
+        let id = self.next_id;
+        self.next_id += 1;
+        let per_message = message.expiration_ms();
+        let ttl = match (self.settings.message_ttl_ms, per_message) {
+            (Some(queue), Some(message)) => Some(queue.min(message)),
+            (queue, message) => queue.or(message),
+        };
+        let order_key = self.settings.ordered_by.as_deref().and_then(|header| message.header_text(header)).map(Arc::from);
+        Entry {
+            id,
+            message,
+            store_seq,
+            redelivered: redelivered || delivery_count > 0,
+            delivery_count,
+            enqueued_ms,
+            expires_at_ms: ttl.map(|ttl| enqueued_ms.saturating_add(ttl)),
+            order_key,
+        }
     }
 
-    /// Adds a message found by recovery, with its delivery count. `redelivered` marks a message
-    /// that may have been delivered before (after an unclean stop the runtime marks all of them).
+    /// Adds a new entry at the tail (behind its key's holder, with `x-ordered-by`).
+    pub(crate) fn insert_new(&mut self, entry: Entry) {
+        let id = entry.id;
+        if let (Some(ordering), Some(key)) = (self.ordering.as_mut(), entry.order_key.as_ref()) {
+            if ordering.holders.contains_key(key) {
+                ordering.blocked.entry(Arc::clone(key)).or_default().push_back(id);
+                self.insert_ready(entry, false);
+                return;
+            }
+            ordering.holders.insert(Arc::clone(key), id);
+        }
+        self.insert_ready(entry, true);
+    }
+
+    fn insert_ready(&mut self, entry: Entry, deliverable: bool) {
+        self.held_bytes += entry.message.body_bytes();
+        if let Some(at) = entry.expires_at_ms {
+            self.expiry.insert((at, entry.id));
+        }
+        if deliverable && let Some(ordering) = self.ordering.as_mut() {
+            ordering.deliverable.insert(entry.id);
+        }
+        self.ready.insert(entry.id, entry);
+    }
+
+    /// Puts an entry that holds its key (or has none) back among the ready ones, in its place.
+    pub(crate) fn return_ready(&mut self, entry: Entry) {
+        self.insert_ready(entry, true);
+    }
+
+    /// The ready message to deliver next, if any.
+    pub(crate) fn next_deliverable(&self) -> Option<u64> {
+        match &self.ordering {
+            Some(ordering) => ordering.deliverable.first().copied(),
+            None => self.ready.keys().next().copied(),
+        }
+    }
+
+    /// True if a ready entry may be delivered now (it holds its key, or has none).
+    pub(crate) fn is_deliverable(&self, id: u64) -> bool {
+        match &self.ordering {
+            Some(ordering) => ordering.deliverable.contains(&id),
+            None => self.ready.contains_key(&id),
+        }
+    }
+
+    /// Takes a ready entry out for delivery (it keeps holding its key).
+    pub(crate) fn take_ready(&mut self, id: u64) -> Option<Entry> {
+        let entry = self.ready.remove(&id)?;
+        self.held_bytes = self.held_bytes.saturating_sub(entry.message.body_bytes());
+        if let Some(at) = entry.expires_at_ms {
+            self.expiry.remove(&(at, id));
+        }
+        if let Some(ordering) = self.ordering.as_mut() {
+            ordering.deliverable.remove(&id);
+        }
+        Some(entry)
+    }
+
+    /// Takes a ready entry out of the queue for good (expired, dropped, purged).
+    pub(crate) fn remove_ready(&mut self, id: u64) -> Option<Entry> {
+        let entry = self.take_ready(id)?;
+        self.release_key(&entry);
+        Some(entry)
+    }
+
+    /// Takes an unacknowledged entry out of the queue for good (acked, rejected, dead-lettered).
+    pub(crate) fn remove_unacked(&mut self, id: u64) -> Option<Entry> {
+        let entry = self.unacked.remove(&id)?;
+        self.release_key(&entry);
+        Some(entry)
+    }
+
+    /// Moves an unacknowledged entry to `waiting` (retry backoff); it keeps holding its key.
+    pub(crate) fn hold_for_backoff(&mut self, entry: Entry) {
+        self.held_bytes += entry.message.body_bytes();
+        self.waiting.insert(entry.id, entry);
+    }
+
+    /// Ends an entry's backoff: back among the ready ones, in its place.
+    pub(crate) fn wake(&mut self, id: u64) -> bool {
+        let Some(entry) = self.waiting.remove(&id) else { return false };
+        self.held_bytes = self.held_bytes.saturating_sub(entry.message.body_bytes());
+        self.return_ready(entry);
+        true
+    }
+
+    /// An entry left for good: the next entry of its key (if any) becomes deliverable.
+    pub(crate) fn release_key(&mut self, entry: &Entry) {
+        let (Some(ordering), Some(key)) = (self.ordering.as_mut(), entry.order_key.as_ref()) else { return };
+        if ordering.holders.get(key) != Some(&entry.id) {
+            return;
+        }
+        ordering.holders.remove(key);
+        let Some(blocked) = ordering.blocked.get_mut(key) else { return };
+        while let Some(next) = blocked.pop_front() {
+            if self.ready.contains_key(&next) {
+                ordering.holders.insert(Arc::clone(key), next);
+                ordering.deliverable.insert(next);
+                break;
+            }
+        }
+        if blocked.is_empty() {
+            ordering.blocked.remove(key);
+        }
+    }
+
+    /// Adds a message found by recovery, with its delivery count and the time it was stored.
+    /// `redelivered` marks a message that may have been delivered before (after an unclean stop
+    /// the runtime marks all of them).
     pub fn enqueue_recovered(
         &mut self,
         message: Arc<Message>,
         store_seq: Option<u64>,
+        stored_ms: u64,
         delivery_count: u32,
         redelivered: bool,
     ) -> u64 {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.ready.insert(
-            id,
-            Entry { id, message, store_seq, redelivered: redelivered || delivery_count > 0, delivery_count },
-        );
+        let entry = self.new_entry(message, store_seq, stored_ms, delivery_count, redelivered);
+        let id = entry.id;
+        self.insert_new(entry);
         id
     }
 
-    /// Messages ready for delivery.
+    /// Remembers a de-duplication key found by recovery (seen at `seen_ms`).
+    pub fn restore_dedup_key(&mut self, key: &[u8], seen_ms: u64) {
+        if let Some(dedup) = self.dedup.as_mut() {
+            dedup.restore(key, seen_ms);
+        }
+    }
+
+    /// Messages ready for delivery (including those waiting out a retry backoff or queued behind
+    /// their key): what `queue.declare-ok` reports.
     pub fn ready_count(&self) -> usize {
-        self.ready.len()
+        self.ready.len() + self.waiting.len()
     }
 
     /// Messages delivered and not yet acknowledged.
@@ -125,23 +316,46 @@ impl Queue {
         self.consumers.len()
     }
 
-    /// Puts an unacknowledged message back in its place, marked redelivered.
-    pub(crate) fn requeue(&mut self, id: u64) {
-        if let Some(mut entry) = self.unacked.remove(&id) {
-            entry.redelivered = true;
-            self.ready.insert(id, entry);
+    /// True if one more message of `body_bytes` would go over `x-max-length` or
+    /// `x-max-length-bytes`.
+    pub(crate) fn would_overflow(&self, body_bytes: u64) -> bool {
+        self.settings.max_length.is_some_and(|max| self.ready_count() as u64 >= max)
+            || self.settings.max_length_bytes.is_some_and(|max| self.held_bytes + body_bytes > max)
+    }
+
+    /// True if the queue holds more than its length limits allow.
+    pub(crate) fn over_limits(&self) -> bool {
+        self.settings.max_length.is_some_and(|max| self.ready_count() as u64 > max)
+            || self.settings.max_length_bytes.is_some_and(|max| self.held_bytes > max)
+    }
+
+    /// The oldest ready message (for `drop-head`).
+    pub(crate) fn oldest_ready(&self) -> Option<u64> {
+        self.ready.keys().next().copied()
+    }
+
+    /// Removes every ready and waiting message (purge); returns them.
+    pub(crate) fn take_ready_all(&mut self) -> Vec<Entry> {
+        let ids: Vec<u64> = self.ready.keys().copied().collect();
+        let mut taken: Vec<Entry> = ids.into_iter().filter_map(|id| self.remove_ready(id)).collect();
+        let waiting = std::mem::take(&mut self.waiting);
+        for entry in waiting.into_values() {
+            self.held_bytes = self.held_bytes.saturating_sub(entry.message.body_bytes());
+            self.release_key(&entry);
+            taken.push(entry);
         }
+        taken
     }
 
-    /// Removes every ready message (purge); returns them.
-    pub(crate) fn take_ready(&mut self) -> Vec<Entry> {
-        std::mem::take(&mut self.ready).into_values().collect()
-    }
-
-    /// Removes every message, ready and unacknowledged (delete); returns them.
+    /// Removes every message, ready, waiting and unacknowledged (delete); returns them.
     pub(crate) fn take_all(&mut self) -> Vec<Entry> {
-        let mut all = self.take_ready();
+        let mut all = self.take_ready_all();
         all.extend(self.unacked.drain().map(|(_, entry)| entry));
         all
+    }
+
+    /// Every entry (ready, waiting, unacknowledged), for inspection.
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.ready.values().chain(self.waiting.values()).chain(self.unacked.values())
     }
 }

@@ -3,8 +3,13 @@
 
 use crate::error::{ModelError, Result};
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind, check_name};
+use crate::dedup::DedupIndex;
+use crate::message::Message;
+use crate::policy::{self, Policy};
 use crate::queue::{ConnectionId, Queue};
-use std::collections::{BTreeMap, BTreeSet};
+use crate::settings::{ExchangeSettings, QueueSettings, effective_arguments};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use wharf_wire::types::FieldTable;
 
 /// Most queues one vhost holds.
@@ -31,6 +36,10 @@ pub struct ExchangeDeclare<'a> {
     pub internal: bool,
     /// Arguments.
     pub arguments: &'a FieldTable,
+    /// The store log prepared for a new delayed-message exchange's waiting messages.
+    pub store_queue: Option<u64>,
+    /// The store log prepared for a new exchange's de-duplication keys.
+    pub dedup_store_queue: Option<u64>,
 }
 
 /// The arguments of `queue.declare`.
@@ -56,6 +65,8 @@ pub struct QueueDeclare<'a> {
     /// The store log prepared for it, if it is created now (durable queues get theirs before they
     /// become visible, so nothing is ever accepted into a durable queue without a log).
     pub store_queue: Option<u64>,
+    /// The store log prepared for its de-duplication keys, if it is created now and de-duplicates.
+    pub dedup_store_queue: Option<u64>,
 }
 
 /// What a declare did.
@@ -79,6 +90,28 @@ pub struct VirtualHost {
     name_seed: u64,
     /// Exchanges removed by auto-delete since the last `take_auto_deleted`.
     auto_deleted: Vec<Exchange>,
+    /// Policies, in no particular order (`policy::select` picks).
+    policies: Vec<Policy>,
+    /// De-duplication indexes of exchanges that de-duplicate.
+    pub(crate) exchange_dedup: HashMap<String, DedupIndex>,
+    /// Messages waiting in delayed-message exchanges.
+    pub(crate) delayed: HashMap<String, DelayedHold>,
+}
+
+/// A delayed message waiting in its exchange.
+#[derive(Debug, Clone)]
+pub(crate) struct DelayedEntry {
+    pub message: Arc<Message>,
+    pub store_seq: Option<u64>,
+}
+
+/// The messages one delayed-message exchange holds, by due time.
+#[derive(Debug, Default)]
+pub(crate) struct DelayedHold {
+    pub due: BTreeMap<(u64, u64), DelayedEntry>,
+    pub next_id: u64,
+    /// The earliest due time a timer is set for.
+    pub timer_ms: Option<u64>,
 }
 
 fn inequivalent(what: &str, argument: &str, name: &str, vhost: &str, received: String, current: String) -> ModelError {
@@ -99,6 +132,9 @@ impl VirtualHost {
             generated_names: 0,
             name_seed,
             auto_deleted: Vec::new(),
+            policies: Vec::new(),
+            exchange_dedup: HashMap::new(),
+            delayed: HashMap::new(),
         };
         for (name, kind) in [
             ("", ExchangeKind::Direct),
@@ -108,17 +144,7 @@ impl VirtualHost {
             ("amq.headers", ExchangeKind::Headers),
             ("amq.match", ExchangeKind::Headers),
         ] {
-            vhost.exchanges.insert(
-                name.to_owned(),
-                Exchange {
-                    name: name.to_owned(),
-                    kind,
-                    durable: true,
-                    auto_delete: false,
-                    internal: false,
-                    arguments: FieldTable::default(),
-                },
-            );
+            vhost.exchanges.insert(name.to_owned(), Exchange::new(name, kind, true, false, false));
         }
         vhost
     }
@@ -213,17 +239,13 @@ impl VirtualHost {
         if self.exchanges.len() >= EXCHANGES_MAX {
             return Err(ModelError::resource_error(format!("vhost '{}' holds {EXCHANGES_MAX} exchanges", self.name)));
         }
-        self.exchanges.insert(
-            declare.name.to_owned(),
-            Exchange {
-                name: declare.name.to_owned(),
-                kind,
-                durable: declare.durable,
-                auto_delete: declare.auto_delete,
-                internal: declare.internal,
-                arguments: declare.arguments.clone(),
-            },
-        );
+        let settings = self.exchange_settings(declare.name, kind, declare.arguments)?;
+        let mut exchange = Exchange::new(declare.name, kind, declare.durable, declare.auto_delete, declare.internal);
+        exchange.arguments = declare.arguments.clone();
+        exchange.settings = settings;
+        exchange.store_queue = declare.store_queue;
+        exchange.dedup_store_queue = declare.dedup_store_queue;
+        self.restore_exchange(exchange);
         Ok(Declared { name: declare.name.to_owned(), created: true })
     }
 
@@ -242,6 +264,8 @@ impl VirtualHost {
         self.bindings.remove(name);
         let destination = Destination::Exchange(name.to_owned());
         self.remove_bindings_to(&destination);
+        self.exchange_dedup.remove(name);
+        self.delayed.remove(name);
         Ok(self.exchanges.remove(name))
     }
 
@@ -265,6 +289,8 @@ impl VirtualHost {
             && self.bindings.get(name).is_none_or(|list| list.is_empty())
             && let Some(exchange) = self.exchanges.remove(name)
         {
+            self.exchange_dedup.remove(name);
+            self.delayed.remove(name);
             self.auto_deleted.push(exchange);
             self.remove_bindings_to(&Destination::Exchange(name.to_owned()));
         }
@@ -323,10 +349,12 @@ impl VirtualHost {
         if self.queues.len() >= QUEUES_MAX {
             return Err(ModelError::resource_error(format!("vhost '{}' holds {QUEUES_MAX} queues", self.name)));
         }
+        let settings = self.queue_settings(&name, declare.arguments)?;
         let owner = declare.exclusive.then_some(declare.connection);
         let mut queue =
-            Queue::new(name.clone(), declare.durable, owner, declare.auto_delete, declare.arguments.clone());
+            Queue::new(name.clone(), declare.durable, owner, declare.auto_delete, declare.arguments.clone(), settings);
         queue.store_queue = declare.store_queue;
+        queue.dedup_store_queue = declare.dedup_store_queue;
         self.queues.insert(name.clone(), queue);
         Ok(Declared { name, created: true })
     }
@@ -342,9 +370,52 @@ impl VirtualHost {
         self.queues.insert(queue.name.clone(), queue);
     }
 
-    /// Adds an exchange recovered from durable definitions.
+    /// Adds an exchange (recovered from durable definitions, or just declared), with the state
+    /// its settings need.
     pub fn restore_exchange(&mut self, exchange: Exchange) {
+        self.exchange_dedup.remove(&exchange.name);
+        self.delayed.remove(&exchange.name);
+        if let Some(dedup) = &exchange.settings.deduplication {
+            self.exchange_dedup.insert(exchange.name.clone(), DedupIndex::new(dedup.clone()));
+        }
+        if exchange.kind == ExchangeKind::DelayedMessage {
+            self.delayed.insert(exchange.name.clone(), DelayedHold::default());
+        }
         self.exchanges.insert(exchange.name.clone(), exchange);
+    }
+
+    /// Replaces the vhost's policies. They apply to queues and exchanges declared from now on
+    /// (the runtime sets them at start, before definitions are restored).
+    pub fn set_policies(&mut self, policies: Vec<Policy>) {
+        self.policies = policies;
+    }
+
+    /// The vhost's policies.
+    pub fn policies(&self) -> &[Policy] {
+        &self.policies
+    }
+
+    /// The settings a queue named `name` declared with `arguments` gets (its arguments merged
+    /// with the policy that applies), or 406 naming a bad argument.
+    pub fn queue_settings(&self, name: &str, arguments: &FieldTable) -> Result<QueueSettings> {
+        QueueSettings::parse(&effective_arguments(arguments, policy::select(&self.policies, name, true)))
+    }
+
+    /// The settings an exchange gets, or 406 naming a bad argument.
+    pub fn exchange_settings(&self, name: &str, kind: ExchangeKind, arguments: &FieldTable) -> Result<ExchangeSettings> {
+        ExchangeSettings::parse(kind, &effective_arguments(arguments, policy::select(&self.policies, name, false)))
+    }
+
+    /// Remembers a de-duplication key of an exchange found by recovery.
+    pub fn restore_exchange_dedup_key(&mut self, exchange: &str, key: &[u8], seen_ms: u64) {
+        if let Some(index) = self.exchange_dedup.get_mut(exchange) {
+            index.restore(key, seen_ms);
+        }
+    }
+
+    /// Messages waiting in a delayed-message exchange.
+    pub fn delayed_count(&self, exchange: &str) -> usize {
+        self.delayed.get(exchange).map_or(0, |hold| hold.due.len())
     }
 
     /// Fails with 405 if `queue` is exclusive to another connection.
@@ -474,7 +545,7 @@ impl VirtualHost {
         let mut pending = vec![start];
         while let Some(current) = pending.pop() {
             for binding in self.bindings.get(&current.name).into_iter().flatten() {
-                if !binding.matches(current.kind, routing_key, headers) {
+                if !binding.matches(current.routing_kind(), routing_key, headers) {
                     continue;
                 }
                 match &binding.destination {

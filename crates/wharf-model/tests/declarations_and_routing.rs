@@ -9,7 +9,17 @@ const OWNER: ConnectionId = ConnectionId(1);
 const OTHER: ConnectionId = ConnectionId(2);
 
 fn exchange<'a>(name: &'a str, kind: &'a str, arguments: &'a FieldTable) -> ExchangeDeclare<'a> {
-    ExchangeDeclare { name, kind, passive: false, durable: true, auto_delete: false, internal: false, arguments }
+    ExchangeDeclare {
+        name,
+        kind,
+        passive: false,
+        durable: true,
+        auto_delete: false,
+        internal: false,
+        arguments,
+        store_queue: None,
+        dedup_store_queue: None,
+    }
 }
 
 fn queue<'a>(name: &'a str, arguments: &'a FieldTable) -> QueueDeclare<'a> {
@@ -22,6 +32,7 @@ fn queue<'a>(name: &'a str, arguments: &'a FieldTable) -> QueueDeclare<'a> {
         arguments,
         connection: OWNER,
         store_queue: None,
+        dedup_store_queue: None,
         server_named: false,
     }
 }

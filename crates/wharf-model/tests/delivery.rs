@@ -40,6 +40,7 @@ fn declare(broker: &mut BrokerModel, name: &str, durable: bool, exclusive: bool,
             arguments: &none,
             connection: ConnectionId(1),
             store_queue: None,
+            dedup_store_queue: None,
             server_named: false,
         })
         .unwrap();
