@@ -62,6 +62,8 @@ pub struct BrokerConfig {
     /// The file system the data directory lives on: the real one, or a fault-injecting one in
     /// tests.
     pub fs: Arc<dyn Fs>,
+    /// Policies, as (vhost, policy): queue and exchange arguments applied by name pattern.
+    pub policies: Vec<(String, wharf_model::Policy)>,
 }
 
 impl BrokerConfig {
@@ -81,6 +83,7 @@ impl BrokerConfig {
             handshake_timeout_ms: 10_000,
             store: StoreConfig::default(),
             fs: RealFs::shared(),
+            policies: Vec::new(),
         }
     }
 }

@@ -9,14 +9,15 @@
 use crate::config::BrokerConfig;
 use crate::error::BrokerError;
 use crate::persist::{self, StoredBinding, StoredExchange, StoredQueue};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{mpsc, watch};
 use wharf_model::{
-    BrokerModel, ChannelKey, ConnectionId, Delivery, Destination, Effects, Exchange, ExchangeKind, Queue,
+    Admission, AutoDeadLetterQueue, BrokerModel, ChannelKey, ConnectionId, Delivery, Destination, Effects, Exchange,
+    ExchangeKind, Message, ModelError, Queue, QueueDeclare, Removed, Transfer, TransferTarget,
 };
-use wharf_store::{MetaStore, QueueId, Store, StoreError};
+use wharf_store::{AppendReceipt, MetaStore, QueueId, Store, StoreError, Ticket};
 
 /// What a connection's writer task is asked to send.
 #[derive(Debug)]
@@ -92,6 +93,116 @@ pub(crate) struct Core {
     next_connection: AtomicU64,
     /// Set when the store reports a fatal error: the broker must stop.
     pub fatal: watch::Sender<Option<String>>,
+    /// De-duplication key logs: their window and the records to remove once it has passed.
+    dedup_logs: DedupLogs,
+}
+
+/// A live record read back at start: (seq, stored at ms, meta, body, delivery count).
+type LogRecord = (u64, u64, Vec<u8>, Vec<u8>, u32);
+
+/// De-duplication key logs by store queue id.
+pub(crate) type DedupLogs = Arc<Mutex<HashMap<u64, DedupLog>>>;
+
+/// One de-duplication key log: the keys' window and (first seen, seq) of its records, oldest
+/// first.
+#[derive(Debug, Default)]
+pub(crate) struct DedupLog {
+    ttl_ms: u64,
+    records: VecDeque<(u64, u64)>,
+}
+
+/// A durable queue or exchange gets at most this many key records before the oldest are removed
+/// early (the in-memory index is bounded the same way).
+const DEDUP_LOG_RECORDS_MAX: usize = wharf_model::dedup::DEDUP_KEYS_MAX;
+
+/// What a publish or a transfer waits on before it counts as durable: store appends, or a chain
+/// (the appends, then the de-duplication keys they admitted).
+#[derive(Debug)]
+pub(crate) enum Durable {
+    Append(Ticket<AppendReceipt>),
+    Chain(tokio::sync::oneshot::Receiver<Result<(), StoreError>>),
+}
+
+impl Durable {
+    pub async fn wait(self) -> Result<(), StoreError> {
+        match self {
+            Durable::Append(ticket) => ticket.await.map(|_| ()),
+            Durable::Chain(receiver) => receiver.await.unwrap_or(Err(StoreError::Closed)),
+        }
+    }
+}
+
+/// What putting one message into queues produced.
+#[derive(Debug, Default)]
+pub(crate) struct Placed {
+    /// Store appends of the copies.
+    pub tickets: Vec<Ticket<AppendReceipt>>,
+    /// De-duplication keys to record (log, key) once the copies are durable.
+    pub dedup_records: Vec<(u64, Vec<u8>)>,
+    /// A queue refused it (`x-overflow` reject-publish): the publisher gets a nack.
+    pub refused: bool,
+    /// A store append failed: the publisher gets a nack.
+    pub failed: bool,
+    /// Effects to carry out once the model lock is released.
+    pub later: Vec<Effects>,
+}
+
+/// A queue declaration, from a client or from the broker itself (automatic dead-letter queues).
+#[derive(Debug, Clone)]
+pub(crate) struct QueueRequest<'a> {
+    pub vhost: &'a str,
+    pub name: String,
+    pub passive: bool,
+    pub durable: bool,
+    pub exclusive: bool,
+    pub auto_delete: bool,
+    pub arguments: &'a wharf_wire::types::FieldTable,
+    pub connection: ConnectionId,
+    pub server_named: bool,
+}
+
+fn internal_error(error: &StoreError) -> ModelError {
+    ModelError {
+        code: wharf_wire::reply_code::INTERNAL_ERROR,
+        text: format!("INTERNAL_ERROR - {error}"),
+        scope: wharf_model::Scope::Connection,
+    }
+}
+
+/// The `x-delay` header of a message published to a delayed-message exchange, in ms (capped as
+/// every duration argument is).
+pub(crate) fn delay_ms(message: &Message) -> Option<u64> {
+    let value = message.headers()?.inner().get("x-delay")?;
+    let number = match value {
+        wharf_wire::types::AMQPValue::ShortShortInt(v) => i128::from(*v),
+        wharf_wire::types::AMQPValue::ShortShortUInt(v) => i128::from(*v),
+        wharf_wire::types::AMQPValue::ShortInt(v) => i128::from(*v),
+        wharf_wire::types::AMQPValue::ShortUInt(v) => i128::from(*v),
+        wharf_wire::types::AMQPValue::LongInt(v) => i128::from(*v),
+        wharf_wire::types::AMQPValue::LongUInt(v) => i128::from(*v),
+        wharf_wire::types::AMQPValue::LongLongInt(v) => i128::from(*v),
+        wharf_wire::types::AMQPValue::LongString(text) => std::str::from_utf8(text.as_bytes()).ok()?.trim().parse().ok()?,
+        _ => return None,
+    };
+    (number > 0).then(|| number.min(i128::from(wharf_model::settings::DURATION_MS_MAX)) as u64)
+}
+
+/// Runs `work` now if no async runtime is around, else as a task.
+fn spawn_or_run(work: impl std::future::Future<Output = ()> + Send + 'static) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            handle.spawn(work);
+        }
+        Err(_) => futures_executor_block_on(work),
+    }
+}
+
+/// A minimal blocking executor for the rare case without a runtime (startup code paths).
+fn futures_executor_block_on(work: impl std::future::Future<Output = ()>) {
+    match tokio::runtime::Builder::new_current_thread().build() {
+        Ok(runtime) => runtime.block_on(work),
+        Err(error) => tracing::error!(%error, "could not run deferred store work"),
+    }
 }
 
 /// Written by a clean shutdown after the store is closed; removed at start.
@@ -104,7 +215,7 @@ fn now_ms() -> u64 {
 impl Core {
     /// Opens the store and the definitions log and rebuilds the broker from them. Blocking (file
     /// I/O): run it off the async runtime's workers.
-    pub fn open(config: BrokerConfig) -> Result<Core, BrokerError> {
+    pub fn open(config: BrokerConfig) -> Result<(Core, Effects), BrokerError> {
         let fs = Arc::clone(&config.fs);
         let (meta, definitions) = MetaStore::open(Arc::clone(&fs), config.data_dir.join("meta"))?;
         for issue in &definitions.issues {
@@ -130,64 +241,149 @@ impl Core {
         }
         let seed = now_ms() ^ u64::from(std::process::id()).rotate_left(32);
         let mut model = BrokerModel::new(seed);
-        for vhost in &config.vhosts {
-            model.add_vhost(vhost);
+        model.set_now(now_ms());
+        let add_vhost = |model: &mut BrokerModel, name: &str| {
+            if model.vhost(name).is_none() {
+                model.add_vhost(name);
+                let policies: Vec<_> = config
+                    .policies
+                    .iter()
+                    .filter(|(vhost, _)| vhost == name)
+                    .map(|(_, policy)| policy.clone())
+                    .collect();
+                if let Some(vhost) = model.vhost_mut(name) {
+                    vhost.set_policies(policies);
+                }
+            }
+        };
+        add_vhost(&mut model, "/");
+        if let Some(vhost) = model.vhost_mut("/") {
+            let policies: Vec<_> =
+                config.policies.iter().filter(|(vhost, _)| vhost == "/").map(|(_, policy)| policy.clone()).collect();
+            vhost.set_policies(policies);
         }
+        for vhost in &config.vhosts {
+            add_vhost(&mut model, vhost);
+        }
+        let dedup_logs: DedupLogs = Arc::default();
         let mut bindings = Vec::new();
         let mut used_store_queues = HashMap::new();
         let mut restored_messages = 0usize;
+        // Reads every live record of a store log: (seq, stored at, meta, body).
+        let read_log = |store_queue: QueueId, owner: &str| -> Vec<LogRecord> {
+            let mut records = Vec::new();
+            for message in recovered.queues.get(&store_queue).into_iter().flatten() {
+                match store.read(store_queue, &message.location) {
+                    Ok(stored) => records.push((message.seq, message.timestamp_ms, stored.meta, stored.body, message.delivery_count)),
+                    Err(error) => tracing::error!(owner, seq = message.seq, %error, "stored record unreadable"),
+                }
+            }
+            records
+        };
+        let now = now_ms();
+        // Loads a de-duplication key log; expired keys are removed from the store.
+        let load_dedup_log = |log: u64, ttl_ms: u64, owner: &str, remember: &mut dyn FnMut(&[u8], u64)| {
+            let mut live = VecDeque::new();
+            for (seq, seen_ms, meta, key, _) in read_log(QueueId(log), owner) {
+                if !persist::is_dedup_key(&meta) {
+                    tracing::error!(owner, seq, "a record in a de-duplication log is not a key");
+                    continue;
+                }
+                if seen_ms.saturating_add(ttl_ms) <= now {
+                    let _ = store.remove(QueueId(log), seq);
+                    continue;
+                }
+                remember(&key, seen_ms);
+                live.push_back((seen_ms, seq));
+            }
+            live.make_contiguous().sort_unstable();
+            dedup_logs
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .insert(log, DedupLog { ttl_ms, records: live });
+        };
         for (key, value) in &definitions.entries {
             let Some((kind, vhost_name, rest)) = persist::split_key(key) else {
                 tracing::warn!("unreadable definitions key skipped");
                 continue;
             };
-            model.add_vhost(vhost_name);
-            let Some(vhost) = model.vhost_mut(vhost_name) else { continue };
+            add_vhost(&mut model, vhost_name);
             match kind {
                 "exchange" => match serde_json::from_slice::<StoredExchange>(value) {
                     Ok(stored) => match ExchangeKind::parse(&stored.kind) {
-                        Ok(kind) => vhost.restore_exchange(Exchange {
-                            name: rest.to_owned(),
-                            kind,
-                            durable: true,
-                            auto_delete: stored.auto_delete,
-                            internal: stored.internal,
-                            arguments: stored.arguments,
-                        }),
+                        Ok(kind) => {
+                            let Some(vhost) = model.vhost_mut(vhost_name) else { continue };
+                            let mut exchange = Exchange::new(rest, kind, true, stored.auto_delete, stored.internal);
+                            exchange.settings =
+                                vhost.exchange_settings(rest, kind, &stored.arguments).unwrap_or_else(|error| {
+                                    tracing::error!(exchange = rest, %error, "stored exchange arguments no longer valid; using defaults");
+                                    wharf_model::ExchangeSettings::default()
+                                });
+                            exchange.arguments = stored.arguments;
+                            exchange.store_queue = stored.store_queue;
+                            exchange.dedup_store_queue = stored.dedup_store_queue;
+                            let dedup_ttl = exchange.settings.deduplication.as_ref().map(|dedup| dedup.ttl_ms);
+                            vhost.restore_exchange(exchange);
+                            if let (Some(log), Some(ttl_ms)) = (stored.dedup_store_queue, dedup_ttl) {
+                                used_store_queues.insert(QueueId(log), ());
+                                load_dedup_log(log, ttl_ms, rest, &mut |key, seen_ms| {
+                                    vhost.restore_exchange_dedup_key(rest, key, seen_ms)
+                                });
+                            }
+                            if let Some(log) = stored.store_queue {
+                                used_store_queues.insert(QueueId(log), ());
+                                for (seq, stored_ms, meta, body, _) in read_log(QueueId(log), rest) {
+                                    match persist::decode_message(&meta, body) {
+                                        Some(message) => {
+                                            let due_ms = stored_ms.saturating_add(delay_ms(&message).unwrap_or(0));
+                                            model.hold_delayed(vhost_name, rest, Arc::new(message), Some(seq), due_ms);
+                                            restored_messages += 1;
+                                        }
+                                        None => tracing::error!(exchange = rest, seq, "stored delayed message unreadable"),
+                                    }
+                                }
+                            }
+                        }
                         Err(error) => tracing::error!(exchange = rest, %error, "stored exchange skipped"),
                     },
                     Err(error) => tracing::error!(exchange = rest, %error, "stored exchange unreadable"),
                 },
                 "queue" => match serde_json::from_slice::<StoredQueue>(value) {
                     Ok(stored) => {
-                        let mut queue = Queue::new(rest.to_owned(), true, None, stored.auto_delete, stored.arguments);
+                        let Some(vhost) = model.vhost_mut(vhost_name) else { continue };
+                        let settings = vhost.queue_settings(rest, &stored.arguments).unwrap_or_else(|error| {
+                            tracing::error!(queue = rest, %error, "stored queue arguments no longer valid; using defaults");
+                            wharf_model::QueueSettings::default()
+                        });
+                        let dedup_ttl = settings.deduplication.as_ref().map(|dedup| dedup.ttl_ms);
+                        let mut queue =
+                            Queue::new(rest.to_owned(), true, None, stored.auto_delete, stored.arguments, settings);
                         queue.store_queue = Some(stored.store_queue);
+                        queue.dedup_store_queue = stored.dedup_store_queue;
                         let store_queue = QueueId(stored.store_queue);
                         used_store_queues.insert(store_queue, ());
-                        for message in recovered.queues.get(&store_queue).into_iter().flatten() {
-                            match store.read(store_queue, &message.location) {
-                                Ok(stored_message) => {
-                                    match persist::decode_message(&stored_message.meta, stored_message.body) {
-                                        Some(decoded) => {
-                                            queue.enqueue_recovered(
-                                                Arc::new(decoded),
-                                                Some(message.seq),
-                                                message.delivery_count,
-                                                !clean_stop,
-                                            );
-                                            restored_messages += 1;
-                                        }
-                                        None => tracing::error!(
-                                            queue = rest,
-                                            seq = message.seq,
-                                            "stored message unreadable"
-                                        ),
-                                    }
+                        for (seq, stored_ms, meta, body, delivery_count) in read_log(store_queue, rest) {
+                            match persist::decode_message(&meta, body) {
+                                Some(decoded) => {
+                                    queue.enqueue_recovered(
+                                        Arc::new(decoded),
+                                        Some(seq),
+                                        stored_ms,
+                                        delivery_count,
+                                        !clean_stop,
+                                    );
+                                    restored_messages += 1;
                                 }
-                                Err(error) => {
-                                    tracing::error!(queue = rest, seq = message.seq, %error, "stored message unreadable")
-                                }
+                                None => tracing::error!(queue = rest, seq, "stored message unreadable"),
                             }
+                        }
+                        if let (Some(log), Some(ttl_ms)) = (stored.dedup_store_queue, dedup_ttl) {
+                            used_store_queues.insert(QueueId(log), ());
+                            load_dedup_log(log, ttl_ms, rest, &mut |key, seen_ms| queue.restore_dedup_key(key, seen_ms));
+                        } else if let Some(log) = stored.dedup_store_queue {
+                            // De-duplication was switched off (by a policy): the log stays with
+                            // the queue's definition, unread, in case it is switched on again.
+                            used_store_queues.insert(QueueId(log), ());
                         }
                         vhost.restore_queue(queue);
                     }
@@ -222,8 +418,11 @@ impl Core {
             }
         }
         tracing::info!(messages = restored_messages, "broker state recovered");
+        // Delivery limits exhausted before the stop, backoffs, expiries: carried out once the
+        // broker runs.
+        let startup = model.after_recovery();
         let (fatal, _) = watch::channel(None);
-        Ok(Core {
+        let core = Core {
             config,
             model: Mutex::new(model),
             store,
@@ -232,7 +431,9 @@ impl Core {
             definitions: Mutex::new(()),
             next_connection: AtomicU64::new(1),
             fatal,
-        })
+            dedup_logs,
+        };
+        Ok((core, startup))
     }
 
     /// The definitions lock (see the field). Take it before the model lock, never after.
@@ -242,7 +443,9 @@ impl Core {
 
     /// The model, locked. Never hold the guard across an `.await`.
     pub fn model(&self) -> MutexGuard<'_, BrokerModel> {
-        self.model.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        let mut model = self.model.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        model.set_now(now_ms());
+        model
     }
 
     pub fn register(&self, handle: ConnectionHandle) -> Option<ConnectionId> {
@@ -317,41 +520,419 @@ impl Core {
     }
 
     /// Carries out what the model decided. Anything `send` has not already queued is queued now
-    /// (only safe under the model lock; `act` sends first), then store removals, then forgetting
-    /// durable queues and exchanges the model deleted.
+    /// (only safe under the model lock; `act` sends first), then store removals, then transfers
+    /// (dead letters, due delayed messages), then forgetting durable queues and exchanges the
+    /// model deleted.
     pub fn apply(&self, mut effects: Effects) {
         self.send(&mut effects);
-        for removed in effects.removed {
-            if let (Some(queue), Some(seq)) = (removed.store_queue, removed.store_seq) {
-                match self.store.remove(QueueId(queue), seq) {
-                    Ok(_) => {}
-                    Err(StoreError::UnknownQueue(_)) => {}
-                    Err(error) => self.store_failed(&error),
-                }
-            }
+        for removed in &effects.removed {
+            self.remove_stored(removed);
         }
+        let transfers = std::mem::take(&mut effects.transfers);
         let durable_queues: Vec<_> = effects.deleted_queues.into_iter().filter(|deleted| deleted.durable).collect();
         let durable_exchanges: Vec<_> =
             effects.deleted_exchanges.into_iter().filter(|(_, exchange)| exchange.durable).collect();
-        if durable_queues.is_empty() && durable_exchanges.is_empty() {
-            return;
+        if !durable_queues.is_empty() || !durable_exchanges.is_empty() {
+            let _definitions = self.definitions();
+            for deleted in durable_queues {
+                self.forget_queue(&deleted.vhost, &deleted.name, deleted.store_queue, deleted.dedup_store_queue);
+            }
+            for (vhost, exchange) in durable_exchanges {
+                if let Err(error) = self.forget_exchange(&vhost, &exchange) {
+                    tracing::error!(exchange = %exchange.name, %error, "could not remove an exchange definition");
+                    self.store_failed(&error);
+                }
+            }
         }
-        let _definitions = self.definitions();
-        for deleted in durable_queues {
-            self.forget_queue(&deleted.vhost, &deleted.name, deleted.store_queue);
+        if !transfers.is_empty() {
+            self.transfer(transfers);
         }
-        for (vhost, exchange) in durable_exchanges {
-            if let Err(error) = self.forget_exchange(&vhost, &exchange.name) {
-                tracing::error!(exchange = %exchange.name, %error, "could not remove an exchange definition");
-                self.store_failed(&error);
+    }
+
+    fn remove_stored(&self, removed: &Removed) {
+        if let (Some(queue), Some(seq)) = (removed.store_queue, removed.store_seq) {
+            match self.store.remove(QueueId(queue), seq) {
+                Ok(_) | Err(StoreError::UnknownQueue(_)) => {}
+                Err(error) => self.store_failed(&error),
             }
         }
     }
 
-    /// Removes a durable queue's definition (and its bindings' definitions), then its log. The
+    /// Puts a message into `queues` (already routed), appending it to the store for each durable
+    /// queue when it is persistent. Each queue admits it first: a de-duplicating queue that saw
+    /// its key skips it; with `may_refuse`, a queue whose `x-overflow` refuses publishes beyond
+    /// its limits refuses it (transfers are never refused). Deliveries go out under the lock.
+    pub fn place(
+        &self,
+        model: &mut BrokerModel,
+        vhost: &str,
+        queues: &[String],
+        message: &Arc<Message>,
+        may_refuse: bool,
+        placed: &mut Placed,
+    ) {
+        let mut meta = None;
+        for queue_name in queues {
+            let dedup_key = match model.admit(vhost, queue_name, message, may_refuse) {
+                Admission::Duplicate => continue,
+                Admission::Refused { dead_letter } => {
+                    placed.refused = true;
+                    if dead_letter {
+                        placed.later.push(model.dead_letter_refused(vhost, queue_name, message));
+                    }
+                    continue;
+                }
+                Admission::Accept { dedup_key } => dedup_key,
+            };
+            let Some(queue) = model.vhost(vhost).and_then(|found| found.queue(queue_name)) else { continue };
+            let stored = queue.durable && message.persistent();
+            let store_seq = match queue.store_queue.filter(|_| stored) {
+                Some(store_queue) => {
+                    let meta = meta.get_or_insert_with(|| persist::encode_message_meta(message));
+                    match self.store.append(QueueId(store_queue), now_ms(), meta, &message.body) {
+                        Ok(pending) => {
+                            placed.tickets.push(pending.ticket);
+                            Some(pending.seq)
+                        }
+                        Err(error) => {
+                            self.store_failed(&error);
+                            placed.failed = true;
+                            continue;
+                        }
+                    }
+                }
+                None => None,
+            };
+            if let (Some(key), Some(log)) = (dedup_key, queue.dedup_store_queue.filter(|_| stored)) {
+                placed.dedup_records.push((log, key));
+            }
+            let mut effects = model.enqueue(vhost, queue_name, Arc::clone(message), store_seq);
+            self.send(&mut effects);
+            placed.later.push(effects);
+        }
+    }
+
+    /// What the publisher (or a transfer) waits on: the appends; when de-duplication keys were
+    /// admitted, a chain that appends each key only after every copy is durable (so a key that
+    /// survives a crash always stands for a message that survived it) and resolves once the keys
+    /// are durable too.
+    pub fn durable(&self, placed: &mut Placed) -> Vec<Durable> {
+        let tickets = std::mem::take(&mut placed.tickets);
+        let records = std::mem::take(&mut placed.dedup_records);
+        if records.is_empty() {
+            return tickets.into_iter().map(Durable::Append).collect();
+        }
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let store = self.store.clone();
+        let logs = Arc::clone(&self.dedup_logs);
+        spawn_or_run(async move {
+            for ticket in tickets {
+                if let Err(error) = ticket.await {
+                    let _ = sender.send(Err(error));
+                    return;
+                }
+            }
+            let seen_ms = now_ms();
+            let mut pending = Vec::new();
+            for (log, key) in records {
+                let appended = tokio::task::block_in_place(|| store.append(QueueId(log), seen_ms, &persist::dedup_key_meta(), &key));
+                match appended {
+                    Ok(append) => {
+                        if let Some(dedup_log) =
+                            logs.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get_mut(&log)
+                        {
+                            dedup_log.records.push_back((seen_ms, append.seq));
+                        }
+                        pending.push(append.ticket);
+                    }
+                    // The queue was deleted meanwhile: its keys went with it.
+                    Err(StoreError::UnknownQueue(_)) => {}
+                    Err(error) => {
+                        let _ = sender.send(Err(error));
+                        return;
+                    }
+                }
+            }
+            for ticket in pending {
+                if let Err(error) = ticket.await {
+                    let _ = sender.send(Err(error));
+                    return;
+                }
+            }
+            let _ = sender.send(Ok(()));
+        });
+        vec![Durable::Chain(receiver)]
+    }
+
+    /// Moves messages into other queues (dead letters, due delayed messages): routes each one,
+    /// creates the source's automatic dead-letter queue on first use, puts the copies in, and
+    /// removes the original from the store only once every copy is durable. Transfers caused by
+    /// these (a full dead-letter queue dropping its head into its own dead-letter exchange) are
+    /// carried out in the same loop, not by recursion.
+    pub fn transfer(&self, transfers: Vec<Transfer>) {
+        let mut pending: VecDeque<Transfer> = transfers.into();
+        while let Some(transfer) = pending.pop_front() {
+            let (mut targets, missing) = self.transfer_targets(&transfer);
+            if let Some(auto) = missing {
+                match self.ensure_auto_dead_letter_queue(&transfer.vhost, &auto) {
+                    Ok(()) => targets = vec![auto.name.clone()],
+                    Err(error) => {
+                        // The original stays where it is (in the store; it comes back after a
+                        // restart): never dropped.
+                        tracing::error!(queue = %auto.name, %error, "could not create an automatic dead-letter queue");
+                        continue;
+                    }
+                }
+            }
+            if targets.is_empty() {
+                tracing::debug!(vhost = %transfer.vhost, "a dead letter reached no queue and was dropped");
+                if let Some(source) = &transfer.source {
+                    self.remove_stored(source);
+                }
+                continue;
+            }
+            let mut placed = Placed::default();
+            {
+                let mut model = self.model();
+                self.place(&mut model, &transfer.vhost, &targets, &transfer.message, false, &mut placed);
+            }
+            for mut effects in std::mem::take(&mut placed.later) {
+                pending.extend(std::mem::take(&mut effects.transfers));
+                self.apply(effects);
+            }
+            let durable = self.durable(&mut placed);
+            let failed = placed.failed;
+            if let Some(source) = transfer.source {
+                if failed {
+                    continue;
+                }
+                if durable.is_empty() {
+                    self.remove_stored(&source);
+                } else {
+                    let store = self.store.clone();
+                    spawn_or_run(async move {
+                        for copy in durable {
+                            if copy.wait().await.is_err() {
+                                return;
+                            }
+                        }
+                        if let (Some(queue), Some(seq)) = (source.store_queue, source.store_seq) {
+                            match store.remove(QueueId(queue), seq) {
+                                Ok(_) | Err(StoreError::UnknownQueue(_)) => {}
+                                Err(error) => tracing::error!(%error, "could not remove a transferred message"),
+                            }
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    /// The queues a transfer reaches, and the automatic dead-letter queue to create first when
+    /// it must go there and does not exist yet.
+    fn transfer_targets(&self, transfer: &Transfer) -> (Vec<String>, Option<AutoDeadLetterQueue>) {
+        let model = self.model();
+        let Some(vhost) = model.vhost(&transfer.vhost) else { return (Vec::new(), None) };
+        let auto_queue = |auto: &AutoDeadLetterQueue| match vhost.queue(&auto.name) {
+            Some(_) => (vec![auto.name.clone()], None),
+            None => (Vec::new(), Some(auto.clone())),
+        };
+        match &transfer.target {
+            TransferTarget::Exchange { exchange, routing_keys, fallback } => {
+                let mut queues = BTreeSet::new();
+                for routing_key in routing_keys {
+                    if let Ok(found) = vhost.route_from(exchange, routing_key, transfer.message.headers()) {
+                        queues.extend(found);
+                    }
+                }
+                if transfer.reason.is_some() {
+                    queues.retain(|queue| !wharf_model::deadletter::closes_cycle(&transfer.message, queue));
+                }
+                match (queues.is_empty(), fallback) {
+                    (true, Some(auto)) => auto_queue(auto),
+                    _ => (queues.into_iter().collect(), None),
+                }
+            }
+            TransferTarget::Queue(auto) => auto_queue(auto),
+        }
+    }
+
+    /// Creates `<queue>.dlq` (durable if its source is; no delivery limit of its own, so dead
+    /// letters stay there until someone looks) unless it exists.
+    fn ensure_auto_dead_letter_queue(&self, vhost: &str, auto: &AutoDeadLetterQueue) -> Result<(), ModelError> {
+        let mut arguments = wharf_wire::types::FieldTable::default();
+        arguments.insert("x-delivery-limit".into(), wharf_wire::types::AMQPValue::LongInt(-1));
+        let request = QueueRequest {
+            vhost,
+            name: auto.name.clone(),
+            passive: false,
+            durable: auto.durable,
+            exclusive: false,
+            auto_delete: false,
+            arguments: &arguments,
+            connection: ConnectionId(0),
+            server_named: false,
+        };
+        match self.declare_queue(request) {
+            Ok(_) => Ok(()),
+            // Declared meanwhile, by someone else, with other arguments: use it as it is.
+            Err(_) if self.model().vhost(vhost).is_some_and(|found| found.queue(&auto.name).is_some()) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// `queue.declare`. A new durable queue gets its store log(s) and its durable definition
+    /// *before* it appears in the model, all under the definitions lock: nothing can be published
+    /// into it, and no declare-ok can be sent for it, before it is fully durable. Bad arguments
+    /// are refused (406) before anything is created. Returns the queue's name.
+    pub fn declare_queue(&self, request: QueueRequest<'_>) -> Result<String, ModelError> {
+        let _definitions = self.definitions();
+        let mut name = request.name.clone();
+        let server_named = request.server_named;
+        let (creates_durable, deduplicates) = {
+            let mut model = self.model();
+            let vhost = model.vhost_mut(request.vhost).ok_or_else(|| ModelError::not_allowed("vhost no longer exists"))?;
+            if server_named {
+                name = vhost.generate_queue_name();
+            }
+            let creates = !request.passive && vhost.queue(&name).is_none();
+            let settings = if creates { Some(vhost.queue_settings(&name, request.arguments)?) } else { None };
+            let deduplicates = settings.is_some_and(|settings| settings.deduplication.is_some());
+            (creates && request.durable && !request.exclusive, deduplicates)
+        };
+        let mut store_queue = None;
+        let mut dedup_store_queue = None;
+        if creates_durable {
+            let create = || {
+                self.store.create_queue().and_then(|ticket| ticket.wait()).map_err(|error| {
+                    self.store_failed(&error);
+                    internal_error(&error)
+                })
+            };
+            let id = create()?;
+            let dedup_id = if deduplicates {
+                match create() {
+                    Ok(dedup_id) => Some(dedup_id),
+                    Err(error) => {
+                        let _ = self.store.delete_queue(id);
+                        return Err(error);
+                    }
+                }
+            } else {
+                None
+            };
+            let stored = persist::StoredQueue {
+                auto_delete: request.auto_delete,
+                arguments: request.arguments.clone(),
+                store_queue: id.0,
+                dedup_store_queue: dedup_id.map(|dedup_id| dedup_id.0),
+            };
+            let value = serde_json::to_vec(&stored).unwrap_or_default();
+            if let Err(error) = self.meta.put(&persist::queue_key(request.vhost, &name), &value) {
+                let _ = self.store.delete_queue(id);
+                if let Some(dedup_id) = dedup_id {
+                    let _ = self.store.delete_queue(dedup_id);
+                }
+                self.store_failed(&error);
+                return Err(internal_error(&error));
+            }
+            store_queue = Some(id.0);
+            dedup_store_queue = dedup_id.map(|dedup_id| dedup_id.0);
+        }
+        let mut model = self.model();
+        let declared = model
+            .vhost_mut(request.vhost)
+            .ok_or_else(|| ModelError::not_allowed("vhost no longer exists"))?
+            .declare_queue(&QueueDeclare {
+                name: &name,
+                passive: request.passive,
+                durable: request.durable,
+                exclusive: request.exclusive,
+                auto_delete: request.auto_delete,
+                arguments: request.arguments,
+                connection: request.connection,
+                server_named,
+                store_queue,
+                dedup_store_queue,
+            });
+        match declared {
+            Ok(declared) => {
+                if let Some(ttl_ms) = model
+                    .vhost(request.vhost)
+                    .and_then(|vhost| vhost.queue(&declared.name))
+                    .and_then(|queue| queue.settings.deduplication.as_ref().map(|dedup| dedup.ttl_ms))
+                    && let Some(log) = dedup_store_queue
+                {
+                    self.register_dedup_log(log, ttl_ms);
+                }
+                if !request.passive {
+                    model.touch_queue(request.vhost, &declared.name);
+                }
+                Ok(declared.name)
+            }
+            Err(error) => {
+                drop(model);
+                if let Some(id) = store_queue {
+                    // Refused (a bad name, a limit): take back the log and the definition.
+                    self.forget_queue(request.vhost, &name, Some(id), dedup_store_queue);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Starts tracking a de-duplication key log's records for expiry.
+    pub fn register_dedup_log(&self, log: u64, ttl_ms: u64) {
+        self.dedup_logs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(log, DedupLog { ttl_ms, records: VecDeque::new() });
+    }
+
+    /// Removes de-duplication key records whose window has passed (and the oldest beyond the
+    /// bound), so key logs stay proportional to the window.
+    pub fn trim_dedup_logs(&self) {
+        let now = now_ms();
+        let mut removals = Vec::new();
+        {
+            let mut logs = self.dedup_logs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            for (log, dedup_log) in logs.iter_mut() {
+                while let Some(&(seen_ms, seq)) = dedup_log.records.front() {
+                    if seen_ms.saturating_add(dedup_log.ttl_ms) > now && dedup_log.records.len() <= DEDUP_LOG_RECORDS_MAX {
+                        break;
+                    }
+                    dedup_log.records.pop_front();
+                    removals.push((*log, seq));
+                }
+            }
+        }
+        for (log, seq) in removals {
+            match self.store.remove(QueueId(log), seq) {
+                Ok(_) | Err(StoreError::UnknownQueue(_)) => {}
+                Err(error) => self.store_failed(&error),
+            }
+        }
+    }
+
+    /// Fires the model's due timers and carries out what they caused.
+    pub fn tick(&self) {
+        let _ = self.act(|model| Ok(((), model.tick())));
+    }
+
+    /// When the model's next timer is due (ms since the epoch).
+    pub fn next_timer_ms(&self) -> Option<u64> {
+        self.model.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).next_timer_ms()
+    }
+
+    /// What the model counted.
+    pub fn counters(&self) -> wharf_model::Counters {
+        self.model().counters()
+    }
+
+    /// Removes a durable queue's definition (and its bindings' definitions), then its logs. The
     /// definition goes first: a crash in between leaves an orphaned log, deleted at startup.
     /// The caller holds the definitions lock.
-    pub fn forget_queue(&self, vhost: &str, name: &str, store_queue: Option<u64>) {
+    pub fn forget_queue(&self, vhost: &str, name: &str, store_queue: Option<u64>, dedup_store_queue: Option<u64>) {
         let mut keys = vec![persist::queue_key(vhost, name)];
         keys.extend(self.binding_keys_to(vhost, &Destination::Queue(name.to_owned())));
         let changes: Vec<_> = keys.into_iter().map(|key| wharf_store::MetaChange::Delete { key }).collect();
@@ -360,7 +941,8 @@ impl Core {
             self.store_failed(&error);
             return;
         }
-        if let Some(queue) = store_queue {
+        for queue in store_queue.into_iter().chain(dedup_store_queue) {
+            self.dedup_logs.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&queue);
             match self.store.delete_queue(QueueId(queue)) {
                 Ok(_) | Err(StoreError::UnknownQueue(_)) => {}
                 Err(error) => self.store_failed(&error),
@@ -390,13 +972,21 @@ impl Core {
             .collect()
     }
 
-    /// Removes a durable exchange's definition and every stored binding from or to it. The caller
-    /// holds the definitions lock.
-    pub fn forget_exchange(&self, vhost: &str, name: &str) -> Result<(), StoreError> {
-        let mut keys = vec![persist::exchange_key(vhost, name)];
-        keys.extend(self.binding_keys_to(vhost, &Destination::Exchange(name.to_owned())));
+    /// Removes a durable exchange's definition and every stored binding from or to it, then its
+    /// logs (delayed messages, de-duplication keys). The caller holds the definitions lock.
+    pub fn forget_exchange(&self, vhost: &str, exchange: &Exchange) -> Result<(), StoreError> {
+        let mut keys = vec![persist::exchange_key(vhost, &exchange.name)];
+        keys.extend(self.binding_keys_to(vhost, &Destination::Exchange(exchange.name.clone())));
         let changes: Vec<_> = keys.into_iter().map(|key| wharf_store::MetaChange::Delete { key }).collect();
-        self.meta.apply(&changes)
+        self.meta.apply(&changes)?;
+        for log in exchange.store_queue.into_iter().chain(exchange.dedup_store_queue) {
+            self.dedup_logs.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&log);
+            match self.store.delete_queue(QueueId(log)) {
+                Ok(_) | Err(StoreError::UnknownQueue(_)) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
     }
 
     /// Records a delivery's count in the store (lazily durable, like removals).

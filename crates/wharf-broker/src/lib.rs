@@ -18,6 +18,25 @@ mod writer;
 
 pub use config::{BrokerConfig, User};
 pub use error::BrokerError;
+pub use persist::json_to_amqp;
 pub use server::Broker;
+pub use wharf_model::{ApplyTo, Counters, Policy};
+
+/// A policy from JSON (a configuration file): `definition` is an object of RabbitMQ-style keys
+/// without `x-` (`{"delivery-limit": 5, "dead-letter-exchange": "dlx"}`). Refused with the reason
+/// when the pattern, a key or a value is bad.
+pub fn policy_from_json(
+    name: &str,
+    pattern: &str,
+    apply_to: &str,
+    priority: i64,
+    definition: &serde_json::Value,
+) -> Result<Policy, String> {
+    let apply_to = ApplyTo::parse(apply_to).map_err(|error| error.text)?;
+    let Some(wharf_wire::types::AMQPValue::FieldTable(table)) = persist::json_to_amqp(definition) else {
+        return Err(format!("policy '{name}': the definition must be an object of keys and values"));
+    };
+    Policy::new(name, pattern, apply_to, priority, table).map_err(|error| error.text)
+}
 /// The largest `frame_max` the broker negotiates.
 pub use wharf_wire::frame::FRAME_MAX_LIMIT;

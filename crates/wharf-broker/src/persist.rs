@@ -46,21 +46,43 @@ pub(crate) fn decode_message(meta: &[u8], body: Vec<u8>) -> Option<Message> {
     })
 }
 
-/// A durable exchange as stored.
+/// Version byte at the start of a de-duplication key record's meta (the body is the key; the
+/// record's timestamp is when the key was first seen).
+const DEDUP_KEY_META_VERSION: u8 = 0x20;
+
+/// The meta of a de-duplication key record.
+pub(crate) fn dedup_key_meta() -> [u8; 1] {
+    [DEDUP_KEY_META_VERSION]
+}
+
+/// True if a record's meta says it is a de-duplication key.
+pub(crate) fn is_dedup_key(meta: &[u8]) -> bool {
+    meta == [DEDUP_KEY_META_VERSION]
+}
+
+/// A durable exchange as stored, with the store's logs it owns (a delayed-message exchange's
+/// waiting messages; de-duplication keys).
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct StoredExchange {
     pub kind: String,
     pub auto_delete: bool,
     pub internal: bool,
     pub arguments: FieldTable,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_queue: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup_store_queue: Option<u64>,
 }
 
-/// A durable queue as stored, with the store's log id for its messages.
+/// A durable queue as stored, with the store's log id for its messages (and for its
+/// de-duplication keys, if it de-duplicates).
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct StoredQueue {
     pub auto_delete: bool,
     pub arguments: FieldTable,
     pub store_queue: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup_store_queue: Option<u64>,
 }
 
 /// A durable binding as stored (the key says what it binds).
@@ -108,7 +130,31 @@ pub(crate) fn stored_exchange(exchange: &Exchange) -> StoredExchange {
         auto_delete: exchange.auto_delete,
         internal: exchange.internal,
         arguments: exchange.arguments.clone(),
+        store_queue: exchange.store_queue,
+        dedup_store_queue: exchange.dedup_store_queue,
     }
+}
+
+/// A JSON value (from a configuration file) as an AMQP argument value: numbers become signed
+/// 64-bit integers, strings long strings, arrays field arrays, objects field tables.
+pub fn json_to_amqp(value: &serde_json::Value) -> Option<wharf_wire::types::AMQPValue> {
+    use wharf_wire::types::{AMQPValue, FieldArray, LongString, ShortString};
+    Some(match value {
+        serde_json::Value::Bool(flag) => AMQPValue::Boolean(*flag),
+        serde_json::Value::Number(number) => AMQPValue::LongLongInt(number.as_i64()?),
+        serde_json::Value::String(text) => AMQPValue::LongString(LongString::from(text.as_bytes().to_vec())),
+        serde_json::Value::Array(items) => {
+            AMQPValue::FieldArray(FieldArray::from(items.iter().map(json_to_amqp).collect::<Option<Vec<_>>>()?))
+        }
+        serde_json::Value::Object(map) => {
+            let mut table = FieldTable::default();
+            for (key, item) in map {
+                table.insert(ShortString::try_new(key.as_str()).ok()?, json_to_amqp(item)?);
+            }
+            AMQPValue::FieldTable(table)
+        }
+        serde_json::Value::Null => AMQPValue::Void,
+    })
 }
 
 pub(crate) fn stored_binding(source: &str, binding: &Binding) -> StoredBinding {

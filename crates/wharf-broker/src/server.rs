@@ -22,22 +22,41 @@ pub struct Broker {
     local_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     accept: tokio::task::JoinHandle<JoinSet<()>>,
+    timers: tokio::task::JoinHandle<()>,
 }
+
+/// The longest the timer task sleeps: an operation that sets an earlier timer than the one it
+/// sleeps towards is noticed at most this late.
+const TIMER_POLL_MS: u64 = 20;
+/// How often de-duplication key logs are trimmed.
+const DEDUP_TRIM_INTERVAL_MS: u64 = 1000;
 
 impl Broker {
     /// Recovers the data directory, binds the listener and starts accepting connections.
     pub async fn start(config: BrokerConfig) -> Result<Broker, BrokerError> {
         let address = config.amqp_listen;
-        let core = tokio::task::spawn_blocking(move || Core::open(config))
+        let (core, startup) = tokio::task::spawn_blocking(move || Core::open(config))
             .await
             .map_err(|error| BrokerError::Startup(error.to_string()))??;
         let core = Arc::new(core);
+        {
+            let core = Arc::clone(&core);
+            tokio::task::spawn_blocking(move || core.apply(startup))
+                .await
+                .map_err(|error| BrokerError::Startup(error.to_string()))?;
+        }
+        let timers = tokio::spawn(run_timers(Arc::clone(&core)));
         let listener = TcpListener::bind(address).await.map_err(|source| BrokerError::Listen { address, source })?;
         let local_addr = listener.local_addr().map_err(|source| BrokerError::Listen { address, source })?;
         tracing::info!(%local_addr, "accepting AMQP connections");
         let (shutdown, shutdown_receiver) = watch::channel(false);
         let accept = tokio::spawn(accept_loop(listener, Arc::clone(&core), shutdown_receiver));
-        Ok(Broker { core, local_addr, shutdown, accept })
+        Ok(Broker { core, local_addr, shutdown, accept, timers })
+    }
+
+    /// What the broker counted (dead letters, expiries, duplicates dropped, leases expired, …).
+    pub fn counters(&self) -> wharf_model::Counters {
+        self.core.counters()
     }
 
     /// Where the broker accepts connections (useful when listening on port 0).
@@ -74,6 +93,8 @@ impl Broker {
                 tracing::warn!("connections still open after the shutdown grace period; aborting them");
             }
         }
+        self.timers.abort();
+        let _ = self.timers.await;
         let core = self.core;
         let fs = std::sync::Arc::clone(&core.config.fs);
         let marker = core.config.data_dir.join(crate::core::CLEAN_STOP_MARKER);
@@ -90,6 +111,41 @@ impl Broker {
             }
             Ok(Err(error)) => tracing::error!(%error, "closing the store failed"),
             Err(error) => tracing::error!(%error, "closing the store failed"),
+        }
+    }
+}
+
+/// Fires the model's timers (TTLs, leases, backoffs, delayed messages, `x-expires`) when they
+/// are due, and trims de-duplication key logs. Timer work that blocks (store removals, creating an
+/// automatic dead-letter queue) runs off the async workers.
+async fn run_timers(core: Arc<Core>) {
+    let mut last_trim_ms = 0;
+    loop {
+        let now = core.now_ms();
+        let wait_ms = core.next_timer_ms().map_or(TIMER_POLL_MS, |at| at.saturating_sub(now).min(TIMER_POLL_MS));
+        if wait_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+        }
+        let now = core.now_ms();
+        let trim = now.saturating_sub(last_trim_ms) >= DEDUP_TRIM_INTERVAL_MS;
+        if trim {
+            last_trim_ms = now;
+        }
+        let due = core.next_timer_ms().is_some_and(|at| at <= now);
+        if due || trim {
+            let core = Arc::clone(&core);
+            let worked = tokio::task::spawn_blocking(move || {
+                if due {
+                    core.tick();
+                }
+                if trim {
+                    core.trim_dedup_logs();
+                }
+            })
+            .await;
+            if worked.is_err() {
+                tracing::error!("the timer task failed");
+            }
         }
     }
 }

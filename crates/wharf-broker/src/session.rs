@@ -8,14 +8,14 @@
 //! the transaction's appends are synced and its acknowledgements made durable (`Store::sync`).
 
 use crate::connection::{Stop, method_frame, truncate};
-use crate::core::{Core, Outbound, Outbox};
+use crate::core::{Core, Durable, Outbound, Outbox, Placed, QueueRequest};
 use crate::persist;
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
-use wharf_model::{ChannelKey, ConnectionId, Destination, ExchangeDeclare, Message, ModelError, QueueDeclare, Scope};
-use wharf_store::{AppendReceipt, QueueId, Ticket};
+use wharf_model::{Admission, ChannelKey, ConnectionId, Destination, ExchangeDeclare, ExchangeKind, Message, ModelError, Scope};
+use wharf_store::QueueId;
 use wharf_wire::protocol::{AMQPClass, access, basic, channel, confirm, exchange, queue, tx};
 use wharf_wire::reply_code;
 use wharf_wire::{ContentHeader, Frame};
@@ -36,7 +36,7 @@ enum Content {
 /// A confirm waiting for the store.
 struct PendingConfirm {
     tag: u64,
-    tickets: Vec<Ticket<AppendReceipt>>,
+    tickets: Vec<Durable>,
     failed: bool,
 }
 
@@ -350,7 +350,7 @@ impl Session {
             }
         }
         for exchange in auto_deleted.iter().filter(|exchange| exchange.durable) {
-            self.core.forget_exchange(&self.vhost, &exchange.name).map_err(|error| {
+            self.core.forget_exchange(&self.vhost, exchange).map_err(|error| {
                 self.core.store_failed(&error);
                 internal(&error)
             })?;
@@ -362,22 +362,69 @@ impl Session {
         match method {
             exchange::AMQPMethod::Declare(declare) => {
                 let _definitions = self.core.definitions();
-                let (declared, stored) = {
+                let name = declare.exchange.as_str();
+                // A new durable exchange that holds delayed messages or de-duplicates gets its
+                // store logs before it becomes visible (bad arguments are refused first).
+                let needs = {
+                    let model = self.core.model();
+                    let vhost = model.vhost(&self.vhost).ok_or_else(missing_vhost)?;
+                    if declare.passive || !declare.durable || vhost.exchange(name).is_some() || name.is_empty() {
+                        None
+                    } else {
+                        let kind = ExchangeKind::parse(declare.kind.as_str())?;
+                        let settings = vhost.exchange_settings(name, kind, &declare.arguments)?;
+                        Some((kind == ExchangeKind::DelayedMessage, settings.deduplication.map(|dedup| dedup.ttl_ms)))
+                    }
+                };
+                let mut logs = Vec::new();
+                let (delayed, dedup_ttl) = needs.unwrap_or((false, None));
+                for wanted in [delayed, dedup_ttl.is_some()] {
+                    if !wanted {
+                        logs.push(None);
+                        continue;
+                    }
+                    match self.core.store.create_queue().and_then(|ticket| ticket.wait()) {
+                        Ok(id) => logs.push(Some(id.0)),
+                        Err(error) => {
+                            for id in logs.iter().flatten() {
+                                let _ = self.core.store.delete_queue(QueueId(*id));
+                            }
+                            self.core.store_failed(&error);
+                            return Err(internal(&error));
+                        }
+                    }
+                }
+                let (store_queue, dedup_store_queue) = (logs[0], logs[1]);
+                let declared = {
                     let mut model = self.core.model();
                     let vhost = model.vhost_mut(&self.vhost).ok_or_else(missing_vhost)?;
-                    let declared = vhost.declare_exchange(&ExchangeDeclare {
-                        name: declare.exchange.as_str(),
-                        kind: declare.kind.as_str(),
-                        passive: declare.passive,
-                        durable: declare.durable,
-                        auto_delete: declare.auto_delete,
-                        internal: declare.internal,
-                        arguments: &declare.arguments,
-                    })?;
-                    let stored = (declared.created && declare.durable)
-                        .then(|| vhost.exchange(&declared.name).map(persist::stored_exchange))
-                        .flatten();
-                    (declared, stored)
+                    vhost
+                        .declare_exchange(&ExchangeDeclare {
+                            name,
+                            kind: declare.kind.as_str(),
+                            passive: declare.passive,
+                            durable: declare.durable,
+                            auto_delete: declare.auto_delete,
+                            internal: declare.internal,
+                            arguments: &declare.arguments,
+                            store_queue,
+                            dedup_store_queue,
+                        })
+                        .map(|declared| {
+                            let stored = (declared.created && declare.durable)
+                                .then(|| vhost.exchange(&declared.name).map(persist::stored_exchange))
+                                .flatten();
+                            (declared, stored)
+                        })
+                };
+                let (declared, stored) = match declared {
+                    Ok(declared) => declared,
+                    Err(error) => {
+                        for id in [store_queue, dedup_store_queue].into_iter().flatten() {
+                            let _ = self.core.store.delete_queue(QueueId(id));
+                        }
+                        return Err(error);
+                    }
                 };
                 if let Some(stored) = stored {
                     let value = serde_json::to_vec(&stored).unwrap_or_default();
@@ -387,8 +434,14 @@ impl Session {
                         if let Some(vhost) = self.core.model().vhost_mut(&self.vhost) {
                             let _ = vhost.delete_exchange(&declared.name, false);
                         }
+                        for id in [store_queue, dedup_store_queue].into_iter().flatten() {
+                            let _ = self.core.store.delete_queue(QueueId(id));
+                        }
                         self.core.store_failed(&error);
                         return Err(internal(&error));
+                    }
+                    if let (Some(log), Some(ttl_ms)) = (dedup_store_queue, dedup_ttl) {
+                        self.core.register_dedup_log(log, ttl_ms);
                     }
                 }
                 if !declare.nowait {
@@ -405,7 +458,7 @@ impl Session {
                     (removed, vhost.take_auto_deleted())
                 };
                 for exchange in removed.iter().chain(auto_deleted.iter()).filter(|exchange| exchange.durable) {
-                    self.core.forget_exchange(&self.vhost, &exchange.name).map_err(|error| {
+                    self.core.forget_exchange(&self.vhost, exchange).map_err(|error| {
                         self.core.store_failed(&error);
                         internal(&error)
                     })?;
@@ -525,63 +578,21 @@ impl Session {
         }
     }
 
-    /// `queue.declare`. A new durable queue gets its store log and its durable definition
-    /// *before* it appears in the model, all under the definitions lock: nothing can be published
-    /// into it, and no declare-ok can be sent for it, before it is fully durable.
+    /// `queue.declare` (see `Core::declare_queue`).
     fn declare_queue(&self, declare: &queue::Declare) -> Result<String, ModelError> {
-        let _definitions = self.core.definitions();
-        let connection = self.connection;
-        let mut name = declare.queue.as_str().to_owned();
+        let name = declare.queue.as_str().to_owned();
         let server_named = name.is_empty() && !declare.passive;
-        let creates_durable = {
-            let mut model = self.core.model();
-            let vhost = model.vhost_mut(&self.vhost).ok_or_else(missing_vhost)?;
-            if server_named {
-                name = vhost.generate_queue_name();
-            }
-            declare.durable && !declare.exclusive && !declare.passive && vhost.queue(&name).is_none()
-        };
-        let mut store_queue = None;
-        if creates_durable {
-            let id = self.core.store.create_queue().and_then(|ticket| ticket.wait()).map_err(|error| {
-                self.core.store_failed(&error);
-                internal(&error)
-            })?;
-            let stored = persist::StoredQueue {
-                auto_delete: declare.auto_delete,
-                arguments: declare.arguments.clone(),
-                store_queue: id.0,
-            };
-            let value = serde_json::to_vec(&stored).unwrap_or_default();
-            if let Err(error) = self.core.meta.put(&persist::queue_key(&self.vhost, &name), &value) {
-                let _ = self.core.store.delete_queue(id);
-                self.core.store_failed(&error);
-                return Err(internal(&error));
-            }
-            store_queue = Some(id.0);
-        }
-        let declared =
-            self.core.model().vhost_mut(&self.vhost).ok_or_else(missing_vhost)?.declare_queue(&QueueDeclare {
-                name: &name,
-                passive: declare.passive,
-                durable: declare.durable,
-                exclusive: declare.exclusive,
-                auto_delete: declare.auto_delete,
-                arguments: &declare.arguments,
-                connection,
-                server_named,
-                store_queue,
-            });
-        match declared {
-            Ok(declared) => Ok(declared.name),
-            Err(error) => {
-                if let Some(id) = store_queue {
-                    // Refused (a bad name, a limit): take back the log and the definition.
-                    self.core.forget_queue(&self.vhost, &name, Some(id));
-                }
-                Err(error)
-            }
-        }
+        self.core.declare_queue(QueueRequest {
+            vhost: &self.vhost,
+            name,
+            passive: declare.passive,
+            durable: declare.durable,
+            exclusive: declare.exclusive,
+            auto_delete: declare.auto_delete,
+            arguments: &declare.arguments,
+            connection: self.connection,
+            server_named,
+        })
     }
 
     async fn basic_class(&mut self, channel: u16, method: basic::AMQPMethod) -> MethodResult {
@@ -789,7 +800,7 @@ impl Session {
                     internal(&error)
                 })?;
                 for ticket in tickets {
-                    ticket.await.map_err(|error| {
+                    ticket.wait().await.map_err(|error| {
                         self.core.store_failed(&error);
                         internal(&error)
                     })?;
@@ -911,49 +922,67 @@ impl Session {
     }
 
     /// Routes a message and puts it in every queue it reaches, appending it to the store for each
-    /// durable queue when it is persistent. Returns the store tickets to wait on before
-    /// confirming, and whether a store append failed.
+    /// durable queue when it is persistent. A publish to a de-duplicating exchange whose key was
+    /// seen goes nowhere (and is confirmed); one to a delayed-message exchange with a positive
+    /// `x-delay` is held (in the exchange's log when durable) until it is due. Returns what to
+    /// wait on before confirming, and whether the publisher gets a nack (a store append failed,
+    /// or a queue refused it by `x-overflow`).
     fn publish_now(
         &mut self,
         channel: u16,
         publish: &basic::Publish,
         message: Message,
-    ) -> Result<(Vec<Ticket<AppendReceipt>>, bool), ModelError> {
+    ) -> Result<(Vec<Durable>, bool), ModelError> {
         let message = Arc::new(message);
-        let mut tickets = Vec::new();
-        let mut failed = false;
-        let mut model = self.core.model();
+        let core = Arc::clone(&self.core);
+        let exchange_name = publish.exchange.as_str();
+        let mut placed = Placed::default();
+        let mut model = core.model();
         let vhost = model.vhost(&self.vhost).ok_or_else(missing_vhost)?;
-        let queues = vhost.route(publish.exchange.as_str(), publish.routing_key.as_str(), message.headers())?;
-        let mut meta = None;
-        // Deliveries go out under the model lock; anything else waits until it is released.
-        let mut later = Vec::new();
-        for queue_name in &queues {
-            let Some(queue) = model.vhost(&self.vhost).and_then(|vhost| vhost.queue(queue_name)) else { continue };
-            let store_seq = match queue.store_queue.filter(|_| queue.durable && message.persistent()) {
-                Some(store_queue) => {
-                    let meta = meta.get_or_insert_with(|| persist::encode_message_meta(&message));
-                    match self.core.store.append(QueueId(store_queue), self.core.now_ms(), meta, &message.body) {
-                        Ok(pending) => {
-                            tickets.push(pending.ticket);
-                            Some(pending.seq)
-                        }
-                        Err(error) => {
-                            self.core.store_failed(&error);
-                            failed = true;
-                            continue;
-                        }
+        let queues = vhost.route(exchange_name, publish.routing_key.as_str(), message.headers())?;
+        let exchange = vhost
+            .exchange(exchange_name)
+            .map(|exchange| (exchange.durable, exchange.store_queue, exchange.dedup_store_queue, exchange.kind));
+        let stored = |durable: bool| durable && message.persistent();
+        match model.admit_to_exchange(&self.vhost, exchange_name, &message) {
+            Admission::Duplicate => return Ok((Vec::new(), false)),
+            Admission::Accept { dedup_key: Some(key) } => {
+                if let Some((durable, _, Some(log), _)) = exchange
+                    && stored(durable)
+                {
+                    placed.dedup_records.push((log, key));
+                }
+            }
+            _ => {}
+        }
+        let delay = match exchange {
+            Some((_, _, _, ExchangeKind::DelayedMessage)) => crate::core::delay_ms(&message),
+            _ => None,
+        };
+        if let (Some(delay_ms), Some((durable, store_queue, _, _))) = (delay, exchange) {
+            let mut store_seq = None;
+            if let Some(log) = store_queue.filter(|_| stored(durable)) {
+                let meta = persist::encode_message_meta(&message);
+                match core.store.append(QueueId(log), core.now_ms(), &meta, &message.body) {
+                    Ok(pending) => {
+                        placed.tickets.push(pending.ticket);
+                        store_seq = Some(pending.seq);
+                    }
+                    Err(error) => {
+                        core.store_failed(&error);
+                        return Ok((Vec::new(), true));
                     }
                 }
-                None => None,
-            };
-            let mut effects = model.enqueue(&self.vhost, queue_name, Arc::clone(&message), store_seq);
-            self.core.send(&mut effects);
-            later.push(effects);
+            }
+            let due_ms = model.now_ms().saturating_add(delay_ms);
+            model.hold_delayed(&self.vhost, exchange_name, Arc::clone(&message), store_seq, due_ms);
+            drop(model);
+            return Ok((core.durable(&mut placed), false));
         }
+        core.place(&mut model, &self.vhost, &queues, &message, true, &mut placed);
         drop(model);
-        for effects in later {
-            self.core.apply(effects);
+        for effects in std::mem::take(&mut placed.later) {
+            core.apply(effects);
         }
         if queues.is_empty() && publish.mandatory {
             let _ = self.outbound.send(Outbound::Return {
@@ -963,7 +992,8 @@ impl Session {
                 message: Arc::clone(&message),
             });
         }
-        Ok((tickets, failed))
+        let nack = placed.failed || placed.refused;
+        Ok((core.durable(&mut placed), nack))
     }
 }
 
@@ -1037,7 +1067,7 @@ async fn confirm_loop(
         };
         let mut ok = !confirm.failed;
         for ticket in confirm.tickets {
-            if let Err(error) = ticket.await {
+            if let Err(error) = ticket.wait().await {
                 core.store_failed(&error);
                 ok = false;
             }

@@ -608,8 +608,9 @@ impl BrokerModel {
 
     /// Whether `queue_name` takes `message`: not if its key was seen within the queue's
     /// de-duplication window (the key is remembered when it is taken), not if `x-overflow`
-    /// refuses publishes beyond the queue's length limits.
-    pub fn admit(&mut self, vhost: &str, queue_name: &str, message: &Message) -> Admission {
+    /// refuses publishes beyond the queue's length limits (only with `may_refuse`: transfers such
+    /// as dead letters are never refused).
+    pub fn admit(&mut self, vhost: &str, queue_name: &str, message: &Message, may_refuse: bool) -> Admission {
         let now_ms = self.now_ms;
         let Some(queue) = self.vhosts.get_mut(vhost).and_then(|vhost| vhost.queue_mut(queue_name)) else {
             return Admission::Accept { dedup_key: None };
@@ -625,7 +626,7 @@ impl BrokerModel {
             }
             dedup_key = Some(key);
         }
-        if queue.settings.overflow != Overflow::DropHead && queue.would_overflow(message.body_bytes()) {
+        if may_refuse && queue.settings.overflow != Overflow::DropHead && queue.would_overflow(message.body_bytes()) {
             self.counters.rejected_by_length += 1;
             return Admission::Refused { dead_letter: queue.settings.overflow == Overflow::RejectPublishDlx };
         }

@@ -530,13 +530,19 @@ impl VirtualHost {
     /// an internal one. Follows exchange-to-exchange bindings (each exchange visited once, so
     /// cycles end); every queue appears once.
     pub fn route(&self, exchange: &str, routing_key: &str, headers: Option<&FieldTable>) -> Result<Vec<String>> {
-        let start = self.exchanges.get(exchange).ok_or_else(|| self.no_exchange(exchange))?;
-        if start.internal {
+        if self.exchanges.get(exchange).is_some_and(|start| start.internal) {
             return Err(ModelError::access_refused(format!(
                 "cannot publish to internal exchange '{exchange}' in vhost '{}'",
                 self.name
             )));
         }
+        self.route_from(exchange, routing_key, headers)
+    }
+
+    /// Routing as `route`, for the broker's own publishes (dead letters, due delayed messages),
+    /// which may go through internal exchanges.
+    pub fn route_from(&self, exchange: &str, routing_key: &str, headers: Option<&FieldTable>) -> Result<Vec<String>> {
+        let start = self.exchanges.get(exchange).ok_or_else(|| self.no_exchange(exchange))?;
         if exchange.is_empty() {
             return Ok(self.queues.contains_key(routing_key).then(|| routing_key.to_owned()).into_iter().collect());
         }
