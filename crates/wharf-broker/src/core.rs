@@ -24,8 +24,11 @@ use wharf_store::{AppendReceipt, MetaStore, QueueId, Store, StoreError, Ticket};
 pub(crate) enum Outbound {
     /// Encoded frames, sent as they are.
     Frames(bytes::Bytes),
-    /// A delivery to encode (`basic.deliver` or `basic.get-ok`, header, body).
-    Deliver(Delivery),
+    /// A delivery to encode (`basic.deliver` or `basic.get-ok`, header, body), and for a
+    /// redelivery the store's ticket for its delivery count: the writer sends it only once the
+    /// count is written, so a consumer that crashes on a message cannot outrun its count even if
+    /// the broker is killed at that moment.
+    Deliver(Delivery, Option<Ticket<()>>),
     /// `basic.cancel` from the server (the queue went away).
     CancelConsumer { channel: u16, consumer_tag: String },
     /// `basic.return` of an unroutable mandatory message, with its content.
@@ -37,7 +40,7 @@ impl Outbound {
     pub fn size_bytes(&self) -> u64 {
         match self {
             Outbound::Frames(bytes) => bytes.len() as u64,
-            Outbound::Deliver(delivery) => 64 + wharf_model::broker::delivery_bytes(&delivery.message),
+            Outbound::Deliver(delivery, _) => 64 + wharf_model::broker::delivery_bytes(&delivery.message),
             Outbound::CancelConsumer { consumer_tag, .. } => 32 + consumer_tag.len() as u64,
             Outbound::Return { message, .. } => 64 + wharf_model::broker::delivery_bytes(message),
         }
@@ -503,13 +506,12 @@ impl Core {
     /// while holding the model lock, so sends keep the model's order.
     pub fn send(&self, effects: &mut Effects) {
         for delivery in effects.deliveries.drain(..) {
-            // Lazily durable, like removals; see `CLEAN_STOP_MARKER` for what a crash does.
-            self.record_delivery(&delivery);
+            let recorded = self.record_delivery(&delivery);
             let connection = delivery.channel.connection;
             if let Some(outbound) = self.outbound(connection) {
                 // A closed connection's channels are closed in the model right after; its
                 // unacked deliveries are requeued there, so a failed send loses nothing.
-                let _ = outbound.send(Outbound::Deliver(delivery));
+                let _ = outbound.send(Outbound::Deliver(delivery, recorded));
             }
         }
         for (ChannelKey { connection, channel }, consumer_tag) in effects.cancelled.drain(..) {
@@ -989,12 +991,20 @@ impl Core {
         Ok(())
     }
 
-    /// Records a delivery's count in the store (lazily durable, like removals).
-    pub fn record_delivery(&self, delivery: &Delivery) {
-        if let Some((queue, seq)) = delivery.store {
-            match self.store.set_delivery_count(QueueId(queue), seq, delivery.delivery_count) {
-                Ok(_) | Err(StoreError::UnknownQueue(_)) => {}
-                Err(error) => self.store_failed(&error),
+    /// Records a delivery's count in the store (synced lazily, like removals; see
+    /// `CLEAN_STOP_MARKER` for what a crash does). For a redelivery it returns the ticket that
+    /// resolves once the count is written: the delivery waits for it, so after `kill -9` the count
+    /// of any message a consumer saw again is on file. (A first delivery does not wait: it keeps
+    /// the hot path free of store round trips, and losing its count costs at most one extra
+    /// delivery.)
+    pub fn record_delivery(&self, delivery: &Delivery) -> Option<Ticket<()>> {
+        let (queue, seq) = delivery.store?;
+        match self.store.set_delivery_count(QueueId(queue), seq, delivery.delivery_count) {
+            Ok(ticket) => (delivery.delivery_count > 1).then_some(ticket),
+            Err(StoreError::UnknownQueue(_)) => None,
+            Err(error) => {
+                self.store_failed(&error);
+                None
             }
         }
     }

@@ -660,8 +660,8 @@ impl Session {
                     let (delivery, effects) = model.get(key, &queue_name, get.no_ack)?;
                     match delivery {
                         Some(delivery) => {
-                            self.core.record_delivery(&delivery);
-                            let _ = outbound.send(Outbound::Deliver(delivery));
+                            let recorded = self.core.record_delivery(&delivery);
+                            let _ = outbound.send(Outbound::Deliver(delivery, recorded));
                         }
                         None => {
                             let method = AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {}));

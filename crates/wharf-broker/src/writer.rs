@@ -10,6 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc;
 use wharf_model::ConnectionId;
+use wharf_store::Ticket;
 use wharf_wire::frame::{encode_body, encode_content_header, encode_heartbeat, encode_method};
 use wharf_wire::protocol::{AMQPClass, basic};
 
@@ -26,10 +27,13 @@ pub(crate) struct WriterSettings {
 }
 
 /// Encodes one item; returns the delivery bytes it carried (what the model counts as pending).
-fn encode(buffer: &mut BytesMut, item: Outbound, frame_max: u32) -> u64 {
+/// A redelivery's delivery-count ticket joins `recorded`: the batch is written only once they all
+/// resolved.
+fn encode(buffer: &mut BytesMut, item: Outbound, frame_max: u32, recorded: &mut Vec<Ticket<()>>) -> u64 {
     match item {
         Outbound::Frames(bytes) => buffer.extend_from_slice(&bytes),
-        Outbound::Deliver(delivery) => {
+        Outbound::Deliver(delivery, ticket) => {
+            recorded.extend(ticket);
             let weight = wharf_model::broker::delivery_bytes(&delivery.message);
             let channel = delivery.channel.channel;
             let message = &delivery.message;
@@ -90,6 +94,7 @@ pub(crate) async fn run(
     backlog: Arc<Backlog>,
 ) {
     let mut buffer = BytesMut::with_capacity(64 * 1024);
+    let mut recorded = Vec::new();
     loop {
         let heartbeat_s = settings.heartbeat_s.load(Ordering::Relaxed);
         let idle = if heartbeat_s == 0 {
@@ -107,7 +112,7 @@ pub(crate) async fn run(
         let frame_max = settings.frame_max.load(Ordering::Relaxed);
         let mut queued_bytes = first.as_ref().map_or(0, Outbound::size_bytes);
         let mut delivered_bytes = match first {
-            Some(item) => encode(&mut buffer, item, frame_max),
+            Some(item) => encode(&mut buffer, item, frame_max, &mut recorded),
             None if heartbeat_s > 0 => {
                 encode_heartbeat(&mut buffer);
                 0
@@ -118,10 +123,14 @@ pub(crate) async fn run(
             match outbound.try_recv() {
                 Ok(item) => {
                     queued_bytes += item.size_bytes();
-                    delivered_bytes += encode(&mut buffer, item, frame_max);
+                    delivered_bytes += encode(&mut buffer, item, frame_max, &mut recorded);
                 }
                 Err(_) => break,
             }
+        }
+        for ticket in recorded.drain(..) {
+            // A failure is the store's to report (it stops the broker); the delivery still goes.
+            let _ = ticket.await;
         }
         if socket.write_all(&buffer).await.is_err() {
             return;

@@ -64,3 +64,185 @@ pub fn reply_code(error: &lapin::Error) -> Option<u16> {
         _ => None,
     }
 }
+
+/// A broker on the fault-injecting file system that can be crashed and restarted in-process:
+/// `crash` drops everything the chosen crash mode drops (`KeepUnsynced` is `kill -9`: what was
+/// written survives; `LoseUnsynced` is a power loss), then a new broker recovers what is left.
+pub struct CrashableBroker {
+    pub fs: wharf_store::SimFs,
+    pub broker: Option<Broker>,
+    configure: std::sync::Arc<dyn Fn(&mut BrokerConfig) + Send + Sync>,
+}
+
+impl CrashableBroker {
+    pub async fn start(seed: u64, configure: impl Fn(&mut BrokerConfig) + Send + Sync + 'static) -> CrashableBroker {
+        let fs = wharf_store::SimFs::new(seed);
+        let configure: std::sync::Arc<dyn Fn(&mut BrokerConfig) + Send + Sync> = std::sync::Arc::new(configure);
+        let broker = Self::boot(&fs, &configure).await;
+        CrashableBroker { fs, broker: Some(broker), configure }
+    }
+
+    async fn boot(
+        fs: &wharf_store::SimFs,
+        configure: &std::sync::Arc<dyn Fn(&mut BrokerConfig) + Send + Sync>,
+    ) -> Broker {
+        let mut config = BrokerConfig::new("/data");
+        config.amqp_listen = "127.0.0.1:0".parse().unwrap();
+        config.fs = fs.shared();
+        configure(&mut config);
+        Broker::start(config).await.unwrap()
+    }
+
+    pub fn broker(&self) -> &Broker {
+        self.broker.as_ref().unwrap()
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.broker().local_addr())
+    }
+
+    pub async fn connect(&self) -> Connection {
+        Connection::connect(&self.url(), ConnectionProperties::default()).await.unwrap()
+    }
+
+    /// Crashes the broker (nothing more reaches the disk) and starts a new one on what survived.
+    pub async fn crash(&mut self, mode: wharf_store::CrashMode) {
+        self.fs.crash(mode);
+        if let Some(broker) = self.broker.take() {
+            broker.shutdown().await;
+        }
+        self.fs = self.fs.remount();
+        self.broker = Some(Self::boot(&self.fs, &self.configure).await);
+    }
+
+    /// Stops the broker cleanly and starts it again.
+    pub async fn restart(&mut self) {
+        if let Some(broker) = self.broker.take() {
+            broker.shutdown().await;
+        }
+        self.broker = Some(Self::boot(&self.fs, &self.configure).await);
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(broker) = self.broker.take() {
+            broker.shutdown().await;
+        }
+    }
+}
+
+/// A header's value as text (long or short string), for assertions.
+pub fn header_text(headers: &lapin::types::FieldTable, name: &str) -> Option<String> {
+    match headers.inner().get(name)? {
+        lapin::types::AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
+        lapin::types::AMQPValue::ShortString(text) => Some(text.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// A header's value as an integer of any width, for assertions.
+pub fn header_integer(headers: &lapin::types::FieldTable, name: &str) -> Option<i64> {
+    use lapin::types::AMQPValue;
+    Some(match headers.inner().get(name)? {
+        AMQPValue::ShortShortInt(v) => i64::from(*v),
+        AMQPValue::ShortShortUInt(v) => i64::from(*v),
+        AMQPValue::ShortInt(v) => i64::from(*v),
+        AMQPValue::ShortUInt(v) => i64::from(*v),
+        AMQPValue::LongInt(v) => i64::from(*v),
+        AMQPValue::LongUInt(v) => i64::from(*v),
+        AMQPValue::LongLongInt(v) => *v,
+        _ => return None,
+    })
+}
+
+/// The `x-death` entries of a message (newest first), each as a field table.
+pub fn x_death(properties: &lapin::BasicProperties) -> Vec<lapin::types::FieldTable> {
+    let Some(headers) = properties.headers() else { return Vec::new() };
+    match headers.inner().get("x-death") {
+        Some(lapin::types::AMQPValue::FieldArray(array)) => array
+            .as_slice()
+            .iter()
+            .filter_map(|value| match value {
+                lapin::types::AMQPValue::FieldTable(table) => Some(table.clone()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Arguments for a declaration, from (name, value) pairs.
+pub fn arguments(pairs: &[(&str, lapin::types::AMQPValue)]) -> lapin::types::FieldTable {
+    let mut table = lapin::types::FieldTable::default();
+    for (name, value) in pairs {
+        table.insert((*name).into(), value.clone());
+    }
+    table
+}
+
+/// The longest a test waits for something the broker must do (far above any expected time, so
+/// a broken broker fails the test instead of hanging it).
+pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Starts a consumer (manual acks) on `queue`.
+pub async fn consumer(channel: &lapin::Channel, queue: &str) -> lapin::Consumer {
+    channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap()
+}
+
+/// The consumer's next delivery (panics after `PATIENCE`).
+pub async fn next(consumer: &mut lapin::Consumer) -> lapin::message::Delivery {
+    use futures_lite::StreamExt;
+    tokio::time::timeout(PATIENCE, consumer.next())
+        .await
+        .expect("no delivery in time")
+        .expect("consumer ended")
+        .expect("delivery error")
+}
+
+/// True if the consumer gets no delivery within `window` (for "not before its time" checks).
+pub async fn nothing_within(consumer: &mut lapin::Consumer, window: std::time::Duration) -> bool {
+    use futures_lite::StreamExt;
+    tokio::time::timeout(window, consumer.next()).await.is_err()
+}
+
+/// Publishes a persistent message on a confirm-mode channel and returns whether it was acked.
+pub async fn publish_confirmed(
+    channel: &lapin::Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+) -> bool {
+    channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            lapin::options::BasicPublishOptions::default(),
+            body,
+            properties.with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .is_ack()
+}
+
+/// A confirm-mode channel.
+pub async fn confirm_channel(connection: &Connection) -> lapin::Channel {
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.unwrap();
+    channel
+}
+
+/// Declares a durable queue with arguments.
+pub async fn durable_queue(channel: &lapin::Channel, name: &str, arguments: lapin::types::FieldTable) {
+    channel.queue_declare(name.into(), lapin::options::QueueDeclareOptions::durable(), arguments).await.unwrap();
+}
