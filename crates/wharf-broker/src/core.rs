@@ -68,10 +68,10 @@ pub(crate) struct Outbox {
 }
 
 impl Outbox {
-    /// Queues an item for the writer; fails only once the writer is gone.
-    pub fn send(&self, item: Outbound) -> Result<(), mpsc::error::SendError<Outbound>> {
+    /// Queues an item for the writer; false only once the writer is gone.
+    pub fn send(&self, item: Outbound) -> bool {
         self.backlog.bytes.fetch_add(item.size_bytes(), Ordering::Relaxed);
-        self.sender.send(item)
+        self.sender.send(item).is_ok()
     }
 }
 
