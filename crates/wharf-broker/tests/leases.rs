@@ -1,0 +1,93 @@
+//! Leases (`x-consumer-timeout`): when a delivery's lease runs out only that message is requeued
+//! (its delivery counted), the channel stays open, and a late ack of the old delivery tag is
+//! ignored and counted, not a channel error. Leases apply again after a crash.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use lapin::BasicProperties;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable};
+use wharf_store::CrashMode;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_requeues_only_that_message_and_a_late_ack_is_ignored() {
+    let broker = TestBroker::start().await;
+    let connection = broker.connect().await;
+    let channel = confirm_channel(&connection).await;
+    durable_queue(&channel, "work", arguments(&[("x-consumer-timeout", AMQPValue::LongInt(300))])).await;
+    for body in ["slow", "fast"] {
+        assert!(publish_confirmed(&channel, "", "work", body.as_bytes(), BasicProperties::default()).await);
+    }
+    channel.basic_qos(10, BasicQosOptions::default()).await.unwrap();
+    let mut work = consumer(&channel, "work").await;
+    let slow = next(&mut work).await;
+    let fast = next(&mut work).await;
+    assert_eq!(slow.data, b"slow");
+    fast.ack(BasicAckOptions::default()).await.unwrap();
+    // The slow one's lease runs out: it comes back, on the same (still open) channel.
+    let again = next(&mut work).await;
+    assert_eq!(again.data, b"slow");
+    assert!(again.redelivered);
+    assert_eq!(header_integer(again.properties.headers().as_ref().unwrap(), "x-delivery-count"), Some(1));
+    assert_ne!(again.delivery_tag, slow.delivery_tag);
+    // The worker finally acks the old delivery: ignored, counted, no channel error.
+    slow.ack(BasicAckOptions::default()).await.unwrap();
+    again.ack(BasicAckOptions::default()).await.unwrap();
+    let declared = channel
+        .queue_declare("work".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .expect("the channel is still open");
+    assert_eq!(declared.message_count(), 0);
+    let counters = broker.broker.as_ref().unwrap().counters();
+    assert_eq!(counters.leases_expired, 1);
+    assert_eq!(counters.late_settles_ignored, 1);
+    assert!(channel.status().connected());
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_delivery_tag_is_still_refused() {
+    let broker = TestBroker::start().await;
+    let connection = broker.connect().await;
+    let channel = connection.create_channel().await.unwrap();
+    durable_queue(&channel, "work", arguments(&[("x-consumer-timeout", AMQPValue::LongInt(60_000))])).await;
+    channel.basic_ack(999, BasicAckOptions::default()).await.unwrap();
+    // The 406 closes the channel; the next call on it fails.
+    let error = channel
+        .queue_declare("work".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap_err();
+    assert!(!channel.status().connected(), "{error}");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_apply_again_after_a_crash() {
+    let mut broker = CrashableBroker::start(31, |_| {}).await;
+    {
+        let connection = broker.connect().await;
+        let channel = confirm_channel(&connection).await;
+        durable_queue(&channel, "work", arguments(&[("x-consumer-timeout", AMQPValue::LongInt(200))])).await;
+        assert!(publish_confirmed(&channel, "", "work", b"job", BasicProperties::default()).await);
+        let mut work = consumer(&channel, "work").await;
+        let held = next(&mut work).await;
+        assert!(!held.redelivered);
+        // Killed while the consumer holds it.
+        broker.crash(CrashMode::KeepUnsynced).await;
+    }
+    let connection = broker.connect().await;
+    let channel = connection.create_channel().await.unwrap();
+    let mut work = consumer(&channel, "work").await;
+    let after_crash = next(&mut work).await;
+    assert!(after_crash.redelivered);
+    // Not acked: the lease runs out and it comes back once more.
+    let after_lease = next(&mut work).await;
+    assert_eq!(after_lease.data, b"job");
+    assert_eq!(header_integer(after_lease.properties.headers().as_ref().unwrap(), "x-delivery-count"), Some(2));
+    after_lease.ack(BasicAckOptions::default()).await.unwrap();
+    drop(after_crash);
+    assert_eq!(broker.broker().counters().leases_expired, 1);
+    broker.stop().await;
+}
