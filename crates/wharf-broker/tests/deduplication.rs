@@ -1,0 +1,140 @@
+//! Broker-side de-duplication (`x-deduplication`, `-ttl`, `-header`) on queues and exchanges: a
+//! publish whose key was seen within the window is confirmed but not enqueued again, and counted;
+//! the key outlives the message; keys survive a power loss right after the confirm and a restart,
+//! and expire after the window.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, ExchangeKind};
+use std::time::Duration;
+use wharf_store::CrashMode;
+
+fn with_id(id: &str) -> BasicProperties {
+    BasicProperties::default().with_message_id(id.into())
+}
+
+async fn count(channel: &lapin::Channel, queue: &str) -> u32 {
+    channel
+        .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap()
+        .message_count()
+}
+
+fn dedup(extra: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut pairs = vec![("x-deduplication", AMQPValue::Boolean(true))];
+    pairs.extend(extra.iter().cloned());
+    arguments(&pairs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_is_confirmed_but_not_enqueued_even_after_the_first_was_acked() {
+    let broker = TestBroker::start().await;
+    let connection = broker.connect().await;
+    let channel = confirm_channel(&connection).await;
+    durable_queue(&channel, "orders", dedup(&[])).await;
+    assert!(publish_confirmed(&channel, "", "orders", b"first", with_id("order-1")).await);
+    assert!(publish_confirmed(&channel, "", "orders", b"again", with_id("order-1")).await, "a duplicate is confirmed");
+    assert!(publish_confirmed(&channel, "", "orders", b"other", with_id("order-2")).await);
+    // Without a message id there is nothing to de-duplicate by.
+    assert!(publish_confirmed(&channel, "", "orders", b"anonymous", BasicProperties::default()).await);
+    assert!(publish_confirmed(&channel, "", "orders", b"anonymous", BasicProperties::default()).await);
+    assert_eq!(count(&channel, "orders").await, 4);
+    while let Some(message) = channel.basic_get("orders".into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+        assert_ne!(message.delivery.data, b"again");
+    }
+    // The key outlives the message: a relay re-sending after the ack is still caught.
+    assert!(publish_confirmed(&channel, "", "orders", b"late copy", with_id("order-1")).await);
+    assert_eq!(count(&channel, "orders").await, 0);
+    assert_eq!(broker.broker.as_ref().unwrap().counters().duplicates_dropped, 2);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_can_be_the_key_and_keys_expire_after_the_window() {
+    let broker = TestBroker::start().await;
+    let connection = broker.connect().await;
+    let channel = confirm_channel(&connection).await;
+    let header = AMQPValue::LongString(LongString::from(b"order-id".to_vec()));
+    durable_queue(
+        &channel,
+        "orders",
+        dedup(&[("x-deduplication-header", header), ("x-deduplication-ttl", AMQPValue::LongInt(300))]),
+    )
+    .await;
+    let keyed = |key: i64| BasicProperties::default().with_headers(arguments(&[("order-id", AMQPValue::LongLongInt(key))]));
+    assert!(publish_confirmed(&channel, "", "orders", b"a", keyed(7)).await);
+    assert!(publish_confirmed(&channel, "", "orders", b"b", keyed(7)).await);
+    assert_eq!(count(&channel, "orders").await, 1);
+    // The window is 300 ms: once it has passed the key is new again.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert!(publish_confirmed(&channel, "", "orders", b"c", keyed(7)).await);
+    assert_eq!(count(&channel, "orders").await, 2);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_de_duplicates_before_routing() {
+    let broker = TestBroker::start().await;
+    let connection = broker.connect().await;
+    let channel = confirm_channel(&connection).await;
+    channel
+        .exchange_declare(
+            "events".into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions { durable: true, ..Default::default() },
+            dedup(&[]),
+        )
+        .await
+        .unwrap();
+    for queue in ["email", "payment"] {
+        durable_queue(&channel, queue, FieldTable::default()).await;
+        channel.queue_bind(queue.into(), "events".into(), "".into(), QueueBindOptions::default(), FieldTable::default()).await.unwrap();
+    }
+    for _ in 0..3 {
+        assert!(publish_confirmed(&channel, "events", "", b"OrderReceived", with_id("order-5")).await);
+    }
+    assert_eq!(count(&channel, "email").await, 1);
+    assert_eq!(count(&channel, "payment").await, 1);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_survive_a_power_loss_right_after_the_confirm() {
+    let mut broker = CrashableBroker::start(71, |_| {}).await;
+    {
+        let connection = broker.connect().await;
+        let channel = confirm_channel(&connection).await;
+        durable_queue(&channel, "orders", dedup(&[])).await;
+        channel
+            .exchange_declare(
+                "events".into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions { durable: true, ..Default::default() },
+                dedup(&[]),
+            )
+            .await
+            .unwrap();
+        durable_queue(&channel, "fanned", FieldTable::default()).await;
+        channel.queue_bind("fanned".into(), "events".into(), "".into(), QueueBindOptions::default(), FieldTable::default()).await.unwrap();
+        assert!(publish_confirmed(&channel, "", "orders", b"charge", with_id("order-9")).await);
+        assert!(publish_confirmed(&channel, "events", "", b"event", with_id("event-9")).await);
+        broker.crash(CrashMode::LoseUnsynced).await;
+    }
+    for round in 0..2 {
+        let connection = broker.connect().await;
+        let channel = confirm_channel(&connection).await;
+        // The publisher never saw... or did see the confirm; it re-sends either way.
+        assert!(publish_confirmed(&channel, "", "orders", b"charge", with_id("order-9")).await);
+        assert!(publish_confirmed(&channel, "events", "", b"event", with_id("event-9")).await);
+        assert_eq!(count(&channel, "orders").await, 1, "round {round}");
+        assert_eq!(count(&channel, "fanned").await, 1, "round {round}");
+        connection.close(200, "bye".into()).await.unwrap();
+        broker.restart().await;
+    }
+    broker.stop().await;
+}
