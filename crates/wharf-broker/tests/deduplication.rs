@@ -128,7 +128,7 @@ async fn keys_survive_a_power_loss_right_after_the_confirm() {
     for round in 0..2 {
         let connection = broker.connect().await;
         let channel = confirm_channel(&connection).await;
-        // The publisher never saw... or did see the confirm; it re-sends either way.
+        // A relay that restarted re-sends what it is not sure about.
         assert!(publish_confirmed(&channel, "", "orders", b"charge", with_id("order-9")).await);
         assert!(publish_confirmed(&channel, "events", "", b"event", with_id("event-9")).await);
         assert_eq!(count(&channel, "orders").await, 1, "round {round}");
