@@ -184,7 +184,9 @@ pub(crate) fn delay_ms(message: &Message) -> Option<u64> {
         wharf_wire::types::AMQPValue::LongInt(v) => i128::from(*v),
         wharf_wire::types::AMQPValue::LongUInt(v) => i128::from(*v),
         wharf_wire::types::AMQPValue::LongLongInt(v) => i128::from(*v),
-        wharf_wire::types::AMQPValue::LongString(text) => std::str::from_utf8(text.as_bytes()).ok()?.trim().parse().ok()?,
+        wharf_wire::types::AMQPValue::LongString(text) => {
+            std::str::from_utf8(text.as_bytes()).ok()?.trim().parse().ok()?
+        }
         _ => return None,
     };
     (number > 0).then(|| number.min(i128::from(wharf_model::settings::DURATION_MS_MAX)) as u64)
@@ -277,7 +279,13 @@ impl Core {
             let mut records = Vec::new();
             for message in recovered.queues.get(&store_queue).into_iter().flatten() {
                 match store.read(store_queue, &message.location) {
-                    Ok(stored) => records.push((message.seq, message.timestamp_ms, stored.meta, stored.body, message.delivery_count)),
+                    Ok(stored) => records.push((
+                        message.seq,
+                        message.timestamp_ms,
+                        stored.meta,
+                        stored.body,
+                        message.delivery_count,
+                    )),
                     Err(error) => tracing::error!(owner, seq = message.seq, %error, "stored record unreadable"),
                 }
             }
@@ -342,7 +350,9 @@ impl Core {
                                             model.hold_delayed(vhost_name, rest, Arc::new(message), Some(seq), due_ms);
                                             restored_messages += 1;
                                         }
-                                        None => tracing::error!(exchange = rest, seq, "stored delayed message unreadable"),
+                                        None => {
+                                            tracing::error!(exchange = rest, seq, "stored delayed message unreadable")
+                                        }
                                     }
                                 }
                             }
@@ -382,7 +392,9 @@ impl Core {
                         }
                         if let (Some(log), Some(ttl_ms)) = (stored.dedup_store_queue, dedup_ttl) {
                             used_store_queues.insert(QueueId(log), ());
-                            load_dedup_log(log, ttl_ms, rest, &mut |key, seen_ms| queue.restore_dedup_key(key, seen_ms));
+                            load_dedup_log(log, ttl_ms, rest, &mut |key, seen_ms| {
+                                queue.restore_dedup_key(key, seen_ms)
+                            });
                         } else if let Some(log) = stored.dedup_store_queue {
                             // De-duplication was switched off (by a policy): the log stays with
                             // the queue's definition, unread, in case it is switched on again.
@@ -637,7 +649,9 @@ impl Core {
             let seen_ms = now_ms();
             let mut pending = Vec::new();
             for (log, key) in records {
-                let appended = tokio::task::block_in_place(|| store.append(QueueId(log), seen_ms, &persist::dedup_key_meta(), &key));
+                let appended = tokio::task::block_in_place(|| {
+                    store.append(QueueId(log), seen_ms, &persist::dedup_key_meta(), &key)
+                });
                 match appended {
                     Ok(append) => {
                         if let Some(dedup_log) =
@@ -793,7 +807,8 @@ impl Core {
         let server_named = request.server_named;
         let (creates_durable, deduplicates) = {
             let mut model = self.model();
-            let vhost = model.vhost_mut(request.vhost).ok_or_else(|| ModelError::not_allowed("vhost no longer exists"))?;
+            let vhost =
+                model.vhost_mut(request.vhost).ok_or_else(|| ModelError::not_allowed("vhost no longer exists"))?;
             if server_named {
                 name = vhost.generate_queue_name();
             }
@@ -900,7 +915,9 @@ impl Core {
             let mut logs = self.dedup_logs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             for (log, dedup_log) in logs.iter_mut() {
                 while let Some(&(seen_ms, seq)) = dedup_log.records.front() {
-                    if seen_ms.saturating_add(dedup_log.ttl_ms) > now && dedup_log.records.len() <= DEDUP_LOG_RECORDS_MAX {
+                    if seen_ms.saturating_add(dedup_log.ttl_ms) > now
+                        && dedup_log.records.len() <= DEDUP_LOG_RECORDS_MAX
+                    {
                         break;
                     }
                     dedup_log.records.pop_front();

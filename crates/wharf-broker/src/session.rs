@@ -14,7 +14,9 @@ use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
-use wharf_model::{Admission, ChannelKey, ConnectionId, Destination, ExchangeDeclare, ExchangeKind, Message, ModelError, Scope};
+use wharf_model::{
+    Admission, ChannelKey, ConnectionId, Destination, ExchangeDeclare, ExchangeKind, Message, ModelError, Scope,
+};
 use wharf_store::QueueId;
 use wharf_wire::protocol::{AMQPClass, access, basic, channel, confirm, exchange, queue, tx};
 use wharf_wire::reply_code;

@@ -28,7 +28,13 @@ async fn declare_work_and_dead(channel: &lapin::Channel, routing_key: Option<&st
         .unwrap();
     durable_queue(channel, "dead", FieldTable::default()).await;
     channel
-        .queue_bind("dead".into(), "dlx".into(), routing_key.unwrap_or("work").into(), QueueBindOptions::default(), FieldTable::default())
+        .queue_bind(
+            "dead".into(),
+            "dlx".into(),
+            routing_key.unwrap_or("work").into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     let mut pairs = vec![("x-dead-letter-exchange", text("dlx"))];
@@ -112,7 +118,12 @@ async fn a_message_dead_lettered_twice_from_the_same_queue_counts_up_in_one_entr
     let channel = confirm_channel(&connection).await;
     for name in ["to-retry", "to-work"] {
         channel
-            .exchange_declare(name.into(), lapin::ExchangeKind::Fanout, ExchangeDeclareOptions::default(), FieldTable::default())
+            .exchange_declare(
+                name.into(),
+                lapin::ExchangeKind::Fanout,
+                ExchangeDeclareOptions::default(),
+                FieldTable::default(),
+            )
             .await
             .unwrap();
     }
@@ -123,8 +134,14 @@ async fn a_message_dead_lettered_twice_from_the_same_queue_counts_up_in_one_entr
         arguments(&[("x-dead-letter-exchange", text("to-work")), ("x-message-ttl", AMQPValue::LongInt(1))]),
     )
     .await;
-    channel.queue_bind("retry".into(), "to-retry".into(), "".into(), QueueBindOptions::default(), FieldTable::default()).await.unwrap();
-    channel.queue_bind("work".into(), "to-work".into(), "".into(), QueueBindOptions::default(), FieldTable::default()).await.unwrap();
+    channel
+        .queue_bind("retry".into(), "to-retry".into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    channel
+        .queue_bind("work".into(), "to-work".into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
     assert!(publish_confirmed(&channel, "", "work", b"job", BasicProperties::default()).await);
     let mut work = consumer(&channel, "work").await;
     for attempt in 1..=3 {
@@ -151,7 +168,10 @@ async fn a_crash_while_dead_lettering_loses_nothing() {
         declare_work_and_dead(&channel, None).await;
         let count = 200;
         for index in 0..count {
-            assert!(publish_confirmed(&channel, "", "work", format!("m{index}").as_bytes(), BasicProperties::default()).await);
+            assert!(
+                publish_confirmed(&channel, "", "work", format!("m{index}").as_bytes(), BasicProperties::default())
+                    .await
+            );
         }
         channel.basic_qos(count as u16, BasicQosOptions::default()).await.unwrap();
         let mut work = consumer(&channel, "work").await;

@@ -66,7 +66,8 @@ async fn a_header_can_be_the_key_and_keys_expire_after_the_window() {
         dedup(&[("x-deduplication-header", header), ("x-deduplication-ttl", AMQPValue::LongInt(300))]),
     )
     .await;
-    let keyed = |key: i64| BasicProperties::default().with_headers(arguments(&[("order-id", AMQPValue::LongLongInt(key))]));
+    let keyed =
+        |key: i64| BasicProperties::default().with_headers(arguments(&[("order-id", AMQPValue::LongLongInt(key))]));
     assert!(publish_confirmed(&channel, "", "orders", b"a", keyed(7)).await);
     assert!(publish_confirmed(&channel, "", "orders", b"b", keyed(7)).await);
     assert_eq!(count(&channel, "orders").await, 1);
@@ -93,7 +94,10 @@ async fn an_exchange_de_duplicates_before_routing() {
         .unwrap();
     for queue in ["email", "payment"] {
         durable_queue(&channel, queue, FieldTable::default()).await;
-        channel.queue_bind(queue.into(), "events".into(), "".into(), QueueBindOptions::default(), FieldTable::default()).await.unwrap();
+        channel
+            .queue_bind(queue.into(), "events".into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+            .await
+            .unwrap();
     }
     for _ in 0..3 {
         assert!(publish_confirmed(&channel, "events", "", b"OrderReceived", with_id("order-5")).await);
@@ -120,7 +124,10 @@ async fn keys_survive_a_power_loss_right_after_the_confirm() {
             .await
             .unwrap();
         durable_queue(&channel, "fanned", FieldTable::default()).await;
-        channel.queue_bind("fanned".into(), "events".into(), "".into(), QueueBindOptions::default(), FieldTable::default()).await.unwrap();
+        channel
+            .queue_bind("fanned".into(), "events".into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+            .await
+            .unwrap();
         assert!(publish_confirmed(&channel, "", "orders", b"charge", with_id("order-9")).await);
         assert!(publish_confirmed(&channel, "events", "", b"event", with_id("event-9")).await);
         broker.crash(CrashMode::LoseUnsynced).await;

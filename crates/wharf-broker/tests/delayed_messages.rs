@@ -25,7 +25,10 @@ async fn declare_delayed(channel: &lapin::Channel) {
         .await
         .unwrap();
     durable_queue(channel, "q", FieldTable::default()).await;
-    channel.queue_bind("q".into(), "later".into(), "k".into(), QueueBindOptions::default(), FieldTable::default()).await.unwrap();
+    channel
+        .queue_bind("q".into(), "later".into(), "k".into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
 }
 
 fn delayed(ms: i64) -> BasicProperties {
@@ -46,7 +49,11 @@ async fn delayed_messages_are_routed_when_due_in_due_order() {
     for (body, delay_ms) in [("now", 0), ("soon", 250), ("late", 500)] {
         let delivery = next(&mut q).await;
         assert_eq!(String::from_utf8_lossy(&delivery.data), body);
-        assert!(published_at.elapsed() >= Duration::from_millis(delay_ms), "{body} came {:?} after publishing", published_at.elapsed());
+        assert!(
+            published_at.elapsed() >= Duration::from_millis(delay_ms),
+            "{body} came {:?} after publishing",
+            published_at.elapsed()
+        );
         assert_eq!(delivery.exchange.as_str(), "later");
         assert_eq!(delivery.routing_key.as_str(), "k");
         delivery.ack(BasicAckOptions::default()).await.unwrap();
@@ -113,7 +120,11 @@ async fn a_delayed_message_confirmed_before_a_power_loss_is_delivered_after_it_n
     let mut q = consumer(&channel, "q").await;
     let delivery = next(&mut q).await;
     assert_eq!(delivery.data, b"reminder");
-    assert!(published_at.elapsed() >= Duration::from_millis(1500), "delivered {:?} after publishing", published_at.elapsed());
+    assert!(
+        published_at.elapsed() >= Duration::from_millis(1500),
+        "delivered {:?} after publishing",
+        published_at.elapsed()
+    );
     delivery.ack(BasicAckOptions::default()).await.unwrap();
     broker.stop().await;
 }

@@ -31,7 +31,8 @@ async fn a_consumer_that_dies_25_times_across_3_crashes_sends_the_message_to_the
         if let Some(message) = &got {
             delivered += 1;
             assert_eq!(message.delivery.data, b"charge order 7");
-            let previous = message.delivery.properties.headers().as_ref().and_then(|h| header_integer(h, "x-delivery-count"));
+            let previous =
+                message.delivery.properties.headers().as_ref().and_then(|h| header_integer(h, "x-delivery-count"));
             if attempt == 1 {
                 assert_eq!(previous, None, "a first delivery has no x-delivery-count");
                 assert!(!message.delivery.redelivered);
@@ -74,7 +75,11 @@ async fn a_consumer_that_dies_25_times_across_3_crashes_sends_the_message_to_the
     let connection = broker.connect().await;
     let channel = connection.create_channel().await.unwrap();
     channel
-        .queue_declare("payments.dlq".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            "payments.dlq".into(),
+            QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     broker.stop().await;
@@ -86,11 +91,19 @@ async fn nacks_count_too_and_the_limit_goes_through_the_dead_letter_exchange_whe
     let connection = broker.connect().await;
     let channel = confirm_channel(&connection).await;
     channel
-        .exchange_declare("dlx".into(), lapin::ExchangeKind::Fanout, ExchangeDeclareOptions::default(), FieldTable::default())
+        .exchange_declare(
+            "dlx".into(),
+            lapin::ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     durable_queue(&channel, "parked", FieldTable::default()).await;
-    channel.queue_bind("parked".into(), "dlx".into(), "".into(), QueueBindOptions::default(), FieldTable::default()).await.unwrap();
+    channel
+        .queue_bind("parked".into(), "dlx".into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
     let text = |value: &str| AMQPValue::LongString(LongString::from(value.as_bytes().to_vec()));
     durable_queue(
         &channel,

@@ -36,7 +36,11 @@ async fn an_expired_lease_requeues_only_that_message_and_a_late_ack_is_ignored()
     slow.ack(BasicAckOptions::default()).await.unwrap();
     again.ack(BasicAckOptions::default()).await.unwrap();
     let declared = channel
-        .queue_declare("work".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            "work".into(),
+            QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
         .await
         .expect("the channel is still open");
     assert_eq!(declared.message_count(), 0);
@@ -56,7 +60,11 @@ async fn an_unknown_delivery_tag_is_still_refused() {
     channel.basic_ack(999, BasicAckOptions::default()).await.unwrap();
     // The 406 closes the channel; the next call on it fails.
     let error = channel
-        .queue_declare("work".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            "work".into(),
+            QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
         .await
         .unwrap_err();
     assert!(!channel.status().connected(), "{error}");

@@ -39,7 +39,9 @@ async fn a_single_active_consumer_gets_everything_until_it_goes() {
     let mut first = consumer(&first_channel, "work").await;
     let mut second = consumer(&second_channel, "work").await;
     for index in 0..4 {
-        assert!(publish_confirmed(&channel, "", "work", format!("m{index}").as_bytes(), BasicProperties::default()).await);
+        assert!(
+            publish_confirmed(&channel, "", "work", format!("m{index}").as_bytes(), BasicProperties::default()).await
+        );
     }
     for index in 0..4 {
         let delivery = next(&mut first).await;

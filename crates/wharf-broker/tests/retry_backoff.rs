@@ -92,7 +92,11 @@ async fn a_waiting_message_survives_a_crash_and_waits_its_step_again() {
     let delivery = next(&mut work).await;
     assert_eq!(delivery.data, b"retry me");
     assert!(delivery.redelivered);
-    assert!(restarted_at.elapsed() >= Duration::from_millis(700), "redelivered {:?} after the restart", restarted_at.elapsed());
+    assert!(
+        restarted_at.elapsed() >= Duration::from_millis(700),
+        "redelivered {:?} after the restart",
+        restarted_at.elapsed()
+    );
     delivery.ack(BasicAckOptions::default()).await.unwrap();
     broker.stop().await;
 }

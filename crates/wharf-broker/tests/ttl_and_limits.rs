@@ -20,11 +20,19 @@ fn text(value: &str) -> AMQPValue {
 /// A fanout dead-letter exchange `dlx` into the queue `dead`.
 async fn declare_dead(channel: &lapin::Channel) {
     channel
-        .exchange_declare("dlx".into(), ExchangeKind::Fanout, ExchangeDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
+        .exchange_declare(
+            "dlx".into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions { durable: true, ..Default::default() },
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     durable_queue(channel, "dead", FieldTable::default()).await;
-    channel.queue_bind("dead".into(), "dlx".into(), "".into(), QueueBindOptions::default(), FieldTable::default()).await.unwrap();
+    channel
+        .queue_bind("dead".into(), "dlx".into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
 }
 
 async fn count(channel: &lapin::Channel, queue: &str) -> u32 {
@@ -48,7 +56,10 @@ async fn expired_messages_are_dead_lettered_with_their_original_expiration() {
     )
     .await;
     let published_at = Instant::now();
-    assert!(publish_confirmed(&channel, "", "work", b"short", BasicProperties::default().with_expiration("150".into())).await);
+    assert!(
+        publish_confirmed(&channel, "", "work", b"short", BasicProperties::default().with_expiration("150".into()))
+            .await
+    );
     assert!(publish_confirmed(&channel, "", "work", b"long", BasicProperties::default()).await);
     let mut dead = consumer(&channel, "dead").await;
     let expired = next(&mut dead).await;
@@ -120,7 +131,11 @@ async fn an_unused_queue_expires_and_a_used_one_does_not() {
     // The queue with a consumer is in use: still there.
     let probe = connection.create_channel().await.unwrap();
     probe
-        .queue_declare("watched".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            "watched".into(),
+            QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     broker.stop().await;
@@ -132,7 +147,12 @@ async fn drop_head_dead_letters_the_oldest_beyond_the_limits() {
     let connection = broker.connect().await;
     let channel = confirm_channel(&connection).await;
     declare_dead(&channel).await;
-    durable_queue(&channel, "work", arguments(&[("x-max-length", AMQPValue::LongInt(2)), ("x-dead-letter-exchange", text("dlx"))])).await;
+    durable_queue(
+        &channel,
+        "work",
+        arguments(&[("x-max-length", AMQPValue::LongInt(2)), ("x-dead-letter-exchange", text("dlx"))]),
+    )
+    .await;
     durable_queue(&channel, "bytes", arguments(&[("x-max-length-bytes", AMQPValue::LongInt(10))])).await;
     for body in ["m1", "m2", "m3"] {
         assert!(publish_confirmed(&channel, "", "work", body.as_bytes(), BasicProperties::default()).await);
@@ -174,7 +194,10 @@ async fn reject_publish_nacks_and_reject_publish_dlx_also_dead_letters() {
     .await;
     for queue in ["strict", "strict-dlx"] {
         assert!(publish_confirmed(&channel, "", queue, b"first", BasicProperties::default()).await);
-        assert!(!publish_confirmed(&channel, "", queue, b"second", BasicProperties::default()).await, "{queue}: nacked");
+        assert!(
+            !publish_confirmed(&channel, "", queue, b"second", BasicProperties::default()).await,
+            "{queue}: nacked"
+        );
         assert_eq!(count(&channel, queue).await, 1);
     }
     let mut dead = consumer(&channel, "dead").await;

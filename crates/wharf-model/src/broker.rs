@@ -565,9 +565,9 @@ impl BrokerModel {
         // A later queue of the same name numbers its entries from 1 again: this queue's timers
         // must not touch it.
         self.timers.retain(|(_, timer)| match timer {
-            Timer::Expiry { vhost, queue } | Timer::QueueExpires { vhost, queue } | Timer::Backoff { vhost, queue, .. } => {
-                !(vhost == vhost_name && queue == queue_name)
-            }
+            Timer::Expiry { vhost, queue }
+            | Timer::QueueExpires { vhost, queue }
+            | Timer::Backoff { vhost, queue, .. } => !(vhost == vhost_name && queue == queue_name),
             _ => true,
         });
         effects
@@ -663,7 +663,14 @@ impl BrokerModel {
 
     /// Holds a message published to a delayed-message exchange until `due_ms`; `store_seq` is
     /// its place in the exchange's log.
-    pub fn hold_delayed(&mut self, vhost: &str, exchange: &str, message: Arc<Message>, store_seq: Option<u64>, due_ms: u64) {
+    pub fn hold_delayed(
+        &mut self,
+        vhost: &str,
+        exchange: &str,
+        message: Arc<Message>,
+        store_seq: Option<u64>,
+        due_ms: u64,
+    ) {
         let Some(hold) = self.vhosts.get_mut(vhost).and_then(|vhost| vhost.delayed.get_mut(exchange)) else { return };
         let id = hold.next_id;
         hold.next_id += 1;
@@ -723,7 +730,8 @@ impl BrokerModel {
                 Timer::QueueExpires { vhost, queue } => self.check_queue_expires(&vhost, &queue, &mut effects),
                 Timer::Lease { channel, delivery_tag } => self.expire_lease(channel, delivery_tag, &mut effects),
                 Timer::Backoff { vhost, queue, id } => {
-                    if self.vhosts.get_mut(&vhost).and_then(|found| found.queue_mut(&queue)).is_some_and(|q| q.wake(id)) {
+                    if self.vhosts.get_mut(&vhost).and_then(|found| found.queue_mut(&queue)).is_some_and(|q| q.wake(id))
+                    {
                         effects.merge(self.dispatch(&vhost, &queue));
                     }
                 }
@@ -774,7 +782,10 @@ impl BrokerModel {
         while let Some((&(due_ms, _), _)) = hold.due.first_key_value() {
             if due_ms > now_ms {
                 hold.timer_ms = Some(due_ms);
-                self.timers.insert((due_ms, Timer::Delayed { vhost: vhost_name.to_owned(), exchange: exchange_name.to_owned() }));
+                self.timers.insert((
+                    due_ms,
+                    Timer::Delayed { vhost: vhost_name.to_owned(), exchange: exchange_name.to_owned() },
+                ));
                 break;
             }
             let Some((_, entry)) = hold.due.pop_first() else { break };
@@ -883,7 +894,9 @@ impl BrokerModel {
                     .map(|entry| (entry.id, entry.delivery_count))
                     .collect();
                 for (id, count) in retried {
-                    let Some(wait_ms) = queue.settings.backoff_ms(count).filter(|wait_ms| *wait_ms > 0) else { continue };
+                    let Some(wait_ms) = queue.settings.backoff_ms(count).filter(|wait_ms| *wait_ms > 0) else {
+                        continue;
+                    };
                     if !queue.is_deliverable(id) {
                         continue;
                     }
@@ -1237,7 +1250,11 @@ impl BrokerModel {
 
     /// The entries of a queue, ready, waiting and unacknowledged (for inspection and tests).
     pub fn queue_entries(&self, vhost: &str, queue: &str) -> Vec<Entry> {
-        self.vhosts.get(vhost).and_then(|vhost| vhost.queue(queue)).map(|queue| queue.entries().cloned().collect()).unwrap_or_default()
+        self.vhosts
+            .get(vhost)
+            .and_then(|vhost| vhost.queue(queue))
+            .map(|queue| queue.entries().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Messages a delayed-message exchange holds, with their due times (for inspection and tests).
@@ -1273,7 +1290,8 @@ fn dead_letter(
     effects: &mut Effects,
     counters: &mut Counters,
 ) {
-    let auto = AutoDeadLetterQueue { name: deadletter::auto_dead_letter_queue_name(&queue.name), durable: queue.durable };
+    let auto =
+        AutoDeadLetterQueue { name: deadletter::auto_dead_letter_queue_name(&queue.name), durable: queue.durable };
     let (exchange, routing_key, target) = match (&queue.settings.dead_letter_exchange, reason) {
         (Some(exchange), _) => {
             let routing_key =
@@ -1292,7 +1310,8 @@ fn dead_letter(
         }
     };
     counters.dead_lettered += 1;
-    let moved = deadletter::dead_lettered(message, &queue.name, reason, now_ms, delivery_count, &exchange, &routing_key);
+    let moved =
+        deadletter::dead_lettered(message, &queue.name, reason, now_ms, delivery_count, &exchange, &routing_key);
     effects.transfers.push(Transfer {
         vhost: vhost.to_owned(),
         message: Arc::new(moved),

@@ -133,10 +133,7 @@ pub fn dead_lettered(
     entry.insert(key("queue"), long_string(queue));
     entry.insert(key("time"), AMQPValue::Timestamp(now_ms / 1000));
     entry.insert(key("exchange"), long_string(&message.exchange));
-    entry.insert(
-        key("routing-keys"),
-        AMQPValue::FieldArray(FieldArray::from(vec![long_string(&message.routing_key)])),
-    );
+    entry.insert(key("routing-keys"), AMQPValue::FieldArray(FieldArray::from(vec![long_string(&message.routing_key)])));
     if let Some(expiration) = &original_expiration {
         entry.insert(key("original-expiration"), long_string(expiration.as_str()));
     }

@@ -23,10 +23,10 @@ pub mod vhost;
 
 pub use broker::{Admission, BrokerModel, Counters, DeletedQueue, Delivery, Effects, Removed};
 pub use deadletter::{AutoDeadLetterQueue, DeathReason, Transfer, TransferTarget};
-pub use policy::{ApplyTo, Policy};
-pub use settings::{ExchangeSettings, Overflow, QueueSettings};
 pub use error::{ModelError, Result, Scope};
 pub use exchange::{Binding, Destination, Exchange, ExchangeKind};
 pub use message::Message;
+pub use policy::{ApplyTo, Policy};
 pub use queue::{ChannelKey, ConnectionId, Entry, Queue};
+pub use settings::{ExchangeSettings, Overflow, QueueSettings};
 pub use vhost::{Declared, ExchangeDeclare, QueueDeclare, VirtualHost};

@@ -156,7 +156,8 @@ impl Queue {
             (Some(queue), Some(message)) => Some(queue.min(message)),
             (queue, message) => queue.or(message),
         };
-        let order_key = self.settings.ordered_by.as_deref().and_then(|header| message.header_text(header)).map(Arc::from);
+        let order_key =
+            self.settings.ordered_by.as_deref().and_then(|header| message.header_text(header)).map(Arc::from);
         Entry {
             id,
             message,

@@ -162,7 +162,10 @@ fn name(argument: &str, value: &AMQPValue, allow_empty: bool) -> Result<String> 
         Some(name) if name.len() <= HEADER_NAME_BYTES_MAX && (allow_empty || !name.is_empty()) => Ok(name),
         _ => Err(refuse(
             argument,
-            &format!("must be a {}string of at most {HEADER_NAME_BYTES_MAX} bytes", if allow_empty { "" } else { "non-empty " }),
+            &format!(
+                "must be a {}string of at most {HEADER_NAME_BYTES_MAX} bytes",
+                if allow_empty { "" } else { "non-empty " }
+            ),
             value,
         )),
     }
@@ -201,7 +204,9 @@ impl QueueSettings {
                     settings.delivery_limit = match integer(value) {
                         Some(-1) => None,
                         Some(limit) if (1..=i128::from(i32::MAX)).contains(&limit) => Some(limit as u32),
-                        _ => return Err(refuse(key, "must be -1 (no limit) or an integer from 1 to 2147483647", value)),
+                        _ => {
+                            return Err(refuse(key, "must be -1 (no limit) or an integer from 1 to 2147483647", value));
+                        }
                     }
                 }
                 "x-message-ttl" => settings.message_ttl_ms = Some(integer_in(key, value, 0, DURATION_MS_MAX.into())?),
@@ -256,9 +261,8 @@ impl QueueSettings {
 }
 
 fn backoff(key: &str, value: &AMQPValue) -> Result<Vec<u64>> {
-    let allowed = format!(
-        "must be a list of 1 to {RETRY_BACKOFF_STEPS_MAX} integers from 0 to {DURATION_MS_MAX} (milliseconds)"
-    );
+    let allowed =
+        format!("must be a list of 1 to {RETRY_BACKOFF_STEPS_MAX} integers from 0 to {DURATION_MS_MAX} (milliseconds)");
     let AMQPValue::FieldArray(steps) = value else { return Err(refuse(key, &allowed, value)) };
     let steps = steps.as_slice();
     if steps.is_empty() || steps.len() > RETRY_BACKOFF_STEPS_MAX {
@@ -332,7 +336,10 @@ mod tests {
             ("x-delivery-limit", AMQPValue::LongInt(-1)),
             ("x-message-ttl", AMQPValue::LongLongInt(1000)),
             ("x-overflow", AMQPValue::LongString("reject-publish".into())),
-            ("x-retry-backoff", AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::ShortInt(10), AMQPValue::LongInt(50)]))),
+            (
+                "x-retry-backoff",
+                AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::ShortInt(10), AMQPValue::LongInt(50)])),
+            ),
             ("x-deduplication", AMQPValue::Boolean(true)),
             ("x-unknown", AMQPValue::Boolean(true)),
         ]))

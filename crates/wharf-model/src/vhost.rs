@@ -1,9 +1,9 @@
 //! [`VirtualHost`]: a namespace of exchanges, queues and bindings, with RabbitMQ's rules for
 //! declaring, comparing on redeclare, deleting, binding and routing.
 
+use crate::dedup::DedupIndex;
 use crate::error::{ModelError, Result};
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind, check_name};
-use crate::dedup::DedupIndex;
 use crate::message::Message;
 use crate::policy::{self, Policy};
 use crate::queue::{ConnectionId, Queue};
@@ -402,7 +402,12 @@ impl VirtualHost {
     }
 
     /// The settings an exchange gets, or 406 naming a bad argument.
-    pub fn exchange_settings(&self, name: &str, kind: ExchangeKind, arguments: &FieldTable) -> Result<ExchangeSettings> {
+    pub fn exchange_settings(
+        &self,
+        name: &str,
+        kind: ExchangeKind,
+        arguments: &FieldTable,
+    ) -> Result<ExchangeSettings> {
         ExchangeSettings::parse(kind, &effective_arguments(arguments, policy::select(&self.policies, name, false)))
     }
 

@@ -49,6 +49,11 @@ struct ServeArgs {
     /// Most client connections at once [default: 10000].
     #[arg(long, env = "WHARF_CONNECTIONS_MAX")]
     connections_max: Option<usize>,
+    /// A policy, as JSON: {"name": "retry", "pattern": "^orders\\.", "apply_to": "queues",
+    /// "priority": 0, "vhost": "/", "definition": {"delivery-limit": 5}}. Repeatable; a policy
+    /// here replaces one of the same name and vhost from the configuration file.
+    #[arg(long = "policy", value_name = "JSON")]
+    policies: Vec<String>,
     /// Log filter (tracing syntax) [default: info].
     #[arg(long, env = "WHARF_LOG", default_value = "info")]
     log: String,
@@ -66,6 +71,31 @@ struct FileConfig {
     connections_max: Option<usize>,
     users: Option<Vec<FileUser>>,
     vhosts: Option<Vec<String>>,
+    policies: Option<Vec<FilePolicy>>,
+}
+
+/// A policy, as RabbitMQ's `set_policy` takes it: the definition's keys are the `x-` arguments
+/// without `x-` (`delivery-limit`, `dead-letter-exchange`, `message-ttl`, ...).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePolicy {
+    name: String,
+    pattern: String,
+    definition: serde_json::Value,
+    #[serde(default = "default_vhost")]
+    vhost: String,
+    #[serde(default = "default_apply_to")]
+    apply_to: String,
+    #[serde(default)]
+    priority: i64,
+}
+
+fn default_vhost() -> String {
+    "/".into()
+}
+
+fn default_apply_to() -> String {
+    "all".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,6 +154,24 @@ fn broker_config(args: &ServeArgs) -> Result<BrokerConfig> {
             }
         }
         config.vhosts.extend(vhosts);
+    }
+    let mut policies = file.policies.unwrap_or_default();
+    for text in &args.policies {
+        let policy: FilePolicy =
+            serde_json::from_str(text).with_context(|| format!("--policy {text}: not a policy in JSON"))?;
+        policies.retain(|existing| !(existing.name == policy.name && existing.vhost == policy.vhost));
+        policies.push(policy);
+    }
+    for policy in policies {
+        let checked = wharf_broker::policy_from_json(
+            &policy.name,
+            &policy.pattern,
+            &policy.apply_to,
+            policy.priority,
+            &policy.definition,
+        )
+        .map_err(|reason| anyhow::anyhow!("policy '{}' is not valid: {reason}", policy.name))?;
+        config.policies.push((policy.vhost, checked));
     }
     if let Some(users) = file.users {
         if users.is_empty() {

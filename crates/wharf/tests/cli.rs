@@ -16,8 +16,17 @@ fn free_port() -> SocketAddr {
 }
 
 async fn start(data_dir: &Path, address: SocketAddr) -> (Child, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    start_with(data_dir, address, &[]).await
+}
+
+async fn start_with(
+    data_dir: &Path,
+    address: SocketAddr,
+    extra: &[&std::ffi::OsStr],
+) -> (Child, tokio::sync::mpsc::UnboundedReceiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
         .args(["serve", "--amqp-listen", &address.to_string()])
+        .args(extra)
         .env("WHARF_DATA_DIR", data_dir)
         .env("NO_COLOR", "1")
         .stderr(Stdio::piped())
@@ -123,4 +132,57 @@ async fn bad_settings_are_refused_with_a_message_naming_them() {
         .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--amqp-listen"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_come_from_the_configuration_file_and_the_command_line() {
+    let temp = tempfile::tempdir().unwrap();
+    let config = temp.path().join("wharf.toml");
+    std::fs::write(
+        &config,
+        "[[policies]]\nname = \"one-try\"\npattern = \"^fragile$\"\napply_to = \"queues\"\ndefinition = { delivery-limit = 1 }\n",
+    )
+    .unwrap();
+    let flag = r#"{"name": "two-tries", "pattern": "^sturdy$", "definition": {"delivery-limit": 2}}"#;
+    let address = free_port();
+    let extra = [
+        std::ffi::OsStr::new("--config"),
+        config.as_os_str(),
+        std::ffi::OsStr::new("--policy"),
+        std::ffi::OsStr::new(flag),
+    ];
+    let (mut wharf, _log) = start_with(&temp.path().join("data"), address, &extra).await;
+    let connection = Connection::connect(&format!("amqp://guest:guest@{address}/%2f"), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    for (queue, allowed) in [("fragile", 1), ("sturdy", 2)] {
+        channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), FieldTable::default()).await.unwrap();
+        channel
+            .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), b"job", BasicProperties::default())
+            .await
+            .unwrap();
+        let mut deliveries = 0;
+        while let Some(message) = channel.basic_get(queue.into(), BasicGetOptions::default()).await.unwrap() {
+            deliveries += 1;
+            message.nack(BasicNackOptions { multiple: false, requeue: true }).await.unwrap();
+            assert!(deliveries <= 20);
+        }
+        assert_eq!(deliveries, allowed, "{queue}");
+    }
+    wharf.start_kill().unwrap();
+    wharf.wait().await.unwrap();
+
+    std::fs::write(&config, "[[policies]]\nname = \"broken\"\npattern = \".*\"\ndefinition = { delivery-limt = 1 }\n")
+        .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("WHARF_DATA_DIR", temp.path().join("data"))
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("policy 'broken'") && stderr.contains("delivery-limt"), "{stderr}");
 }
