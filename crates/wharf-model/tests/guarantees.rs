@@ -87,3 +87,342 @@ fn ordered_keys_go_one_at_a_time_across_backoff() {
     let effects = broker.ack(one, 4, false).unwrap();
     assert_eq!(bodies(&effects), ["A2"]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The property test: one queue against a reference model written as plainly as possible.
+// ---------------------------------------------------------------------------------------------
+
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Publish { order_key: Option<u8>, ttl_ms: Option<u16> },
+    Get,
+    Ack(usize),
+    Nack { pick: usize, requeue: bool },
+    CloseChannel,
+    Advance(u16),
+    Crash,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (prop::option::of(0u8..3), prop::option::of(1u16..400)).prop_map(|(order_key, ttl_ms)| Op::Publish { order_key, ttl_ms }),
+        4 => Just(Op::Get),
+        2 => any::<usize>().prop_map(Op::Ack),
+        3 => (any::<usize>(), any::<bool>()).prop_map(|(pick, requeue)| Op::Nack { pick, requeue }),
+        1 => Just(Op::CloseChannel),
+        2 => (1u16..300).prop_map(Op::Advance),
+        1 => Just(Op::Crash),
+    ]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Ready,
+    Unacked,
+    Waiting(u64),
+}
+
+#[derive(Debug, Clone)]
+struct RefMessage {
+    id: u64,
+    order_key: Option<u8>,
+    count: u32,
+    expires_at: Option<u64>,
+    state: State,
+}
+
+/// What happened to a message that left the queue: `None` acked or dropped, `Some(reason)`
+/// dead-lettered.
+type Outcome = (u64, Option<&'static str>);
+
+#[derive(Debug)]
+struct Reference {
+    now: u64,
+    limit: u32,
+    backoff: Vec<u64>,
+    dead_letter_exchange: bool,
+    ordered: bool,
+    messages: Vec<RefMessage>,
+}
+
+impl Reference {
+    fn leave(&mut self, id: u64, reason: &'static str, outcomes: &mut Vec<Outcome>) {
+        self.messages.retain(|message| message.id != id);
+        let dead_lettered = self.dead_letter_exchange || reason == "delivery_limit";
+        outcomes.push((id, dead_lettered.then_some(reason)));
+    }
+
+    fn expire(&mut self, outcomes: &mut Vec<Outcome>) {
+        let now = self.now;
+        let expired: Vec<u64> = self
+            .messages
+            .iter()
+            .filter(|message| message.state == State::Ready && message.expires_at.is_some_and(|at| at <= now))
+            .map(|message| message.id)
+            .collect();
+        for id in expired {
+            self.leave(id, "expired", outcomes);
+        }
+    }
+
+    fn wake(&mut self) {
+        for message in &mut self.messages {
+            if let State::Waiting(until) = message.state
+                && until <= self.now
+            {
+                message.state = State::Ready;
+            }
+        }
+    }
+
+    /// Deliverable: ready, and (ordered) no older message of its key is still in the queue.
+    fn deliverable(&self, index: usize) -> bool {
+        let message = &self.messages[index];
+        message.state == State::Ready
+            && (!self.ordered
+                || message.order_key.is_none()
+                || !self.messages[..index].iter().any(|older| older.order_key == message.order_key))
+    }
+
+    fn get(&mut self, outcomes: &mut Vec<Outcome>) -> Option<u64> {
+        self.expire(outcomes);
+        let index = (0..self.messages.len()).find(|&index| self.deliverable(index))?;
+        let message = &mut self.messages[index];
+        message.count += 1;
+        message.state = State::Unacked;
+        Some(message.id)
+    }
+
+    fn step(&self, count: u32) -> u64 {
+        match self.backoff.len() {
+            0 => 0,
+            len => self.backoff[((count.max(1) - 1) as usize).min(len - 1)],
+        }
+    }
+
+    fn give_back(&mut self, id: u64, explicit: bool, outcomes: &mut Vec<Outcome>) {
+        let Some(count) = self.messages.iter().find(|message| message.id == id).map(|message| message.count) else {
+            return;
+        };
+        if count >= self.limit {
+            self.leave(id, "delivery_limit", outcomes);
+            return;
+        }
+        let wait = if explicit { self.step(count) } else { 0 };
+        let message = self.messages.iter_mut().find(|message| message.id == id).unwrap();
+        message.state = if wait > 0 { State::Waiting(self.now + wait) } else { State::Ready };
+    }
+
+    fn crash(&mut self, outcomes: &mut Vec<Outcome>) {
+        for message in &mut self.messages {
+            message.state = State::Ready;
+        }
+        let exhausted: Vec<u64> =
+            self.messages.iter().filter(|message| message.count >= self.limit).map(|message| message.id).collect();
+        for id in exhausted {
+            self.leave(id, "delivery_limit", outcomes);
+        }
+        if !self.backoff.is_empty() {
+            for index in 0..self.messages.len() {
+                let count = self.messages[index].count;
+                let wait = self.step(count);
+                if count > 0 && wait > 0 && self.deliverable(index) {
+                    self.messages[index].state = State::Waiting(self.now + wait);
+                }
+            }
+        }
+        self.expire(outcomes);
+    }
+}
+
+fn outcomes_of(effects: &Effects) -> Vec<Outcome> {
+    let mut outcomes: Vec<Outcome> = effects.removed.iter().map(|removed| (removed.store_seq.unwrap(), None)).collect();
+    for transfer in &effects.transfers {
+        let source = transfer.source.as_ref().unwrap().store_seq.unwrap();
+        outcomes.push((source, transfer.reason.map(|reason| reason.as_str())));
+    }
+    outcomes
+}
+
+struct Harness {
+    broker: BrokerModel,
+    arguments: FieldTable,
+    channel: ChannelKey,
+    next_channel: u16,
+    /// Delivery tags on the current channel, with the message id.
+    outstanding: Vec<(u64, u64)>,
+}
+
+impl Harness {
+    fn new(arguments: FieldTable, now: u64) -> Harness {
+        let mut broker = BrokerModel::new(3);
+        broker.set_now(now);
+        declare(&mut broker, "q", arguments.clone());
+        let channel = key(1, 1);
+        broker.open_channel(channel, "/").unwrap();
+        Harness { broker, arguments, channel, next_channel: 2, outstanding: Vec::new() }
+    }
+
+    fn reopen(&mut self) {
+        self.channel = key(1, self.next_channel);
+        self.next_channel += 1;
+        self.broker.open_channel(self.channel, "/").unwrap();
+        self.outstanding.clear();
+    }
+
+    fn crash(&mut self, now: u64) -> Effects {
+        let mut entries = self.broker.queue_entries("/", "q");
+        entries.sort_by_key(|entry| entry.store_seq);
+        let mut broker = BrokerModel::new(4);
+        broker.set_now(now);
+        declare(&mut broker, "q", self.arguments.clone());
+        let queue = broker.vhost_mut("/").unwrap().queue_mut("q").unwrap();
+        for entry in entries {
+            queue.enqueue_recovered(
+                Arc::clone(&entry.message),
+                entry.store_seq,
+                entry.enqueued_ms,
+                entry.delivery_count,
+                true,
+            );
+        }
+        let effects = broker.after_recovery();
+        self.broker = broker;
+        self.reopen();
+        effects
+    }
+}
+
+fn sorted(mut outcomes: Vec<Outcome>) -> Vec<Outcome> {
+    outcomes.sort();
+    outcomes
+}
+
+/// Cases per run: 500 in CI; `WHARF_PROPTEST_CASES` for longer runs.
+fn cases() -> u32 {
+    std::env::var("WHARF_PROPTEST_CASES").ok().and_then(|cases| cases.parse().ok()).unwrap_or(500)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+
+    #[test]
+    fn a_queue_behaves_like_the_reference_model(
+        limit in 1u32..4,
+        backoff in prop::collection::vec(prop_oneof![Just(0u64), Just(50u64), Just(200u64)], 0..3),
+        dead_letter_exchange in any::<bool>(),
+        ordered in any::<bool>(),
+        ops in prop::collection::vec(op(), 1..70),
+    ) {
+        let mut pairs = vec![("x-delivery-limit", AMQPValue::LongInt(limit as i32))];
+        if !backoff.is_empty() {
+            let steps = backoff.iter().map(|ms| AMQPValue::LongLongInt(*ms as i64)).collect::<Vec<_>>();
+            pairs.push(("x-retry-backoff", AMQPValue::FieldArray(FieldArray::from(steps))));
+        }
+        if dead_letter_exchange {
+            pairs.push(("x-dead-letter-exchange", AMQPValue::LongString(LongString::from(b"dlx".to_vec()))));
+        }
+        if ordered {
+            pairs.push(("x-ordered-by", AMQPValue::LongString(LongString::from(b"k".to_vec()))));
+        }
+        let mut now = 1_000_000u64;
+        let mut harness = Harness::new(table(pairs), now);
+        let mut reference = Reference { now, limit, backoff, dead_letter_exchange, ordered, messages: Vec::new() };
+        let mut next_id = 1u64;
+        for op in ops {
+            let mut expected = Vec::new();
+            let actual: Effects;
+            match op {
+                Op::Publish { order_key, ttl_ms } => {
+                    let id = next_id;
+                    next_id += 1;
+                    let mut properties = BasicProperties::default();
+                    if let Some(order_key) = order_key {
+                        let mut headers = FieldTable::default();
+                        headers.insert("k".into(), AMQPValue::LongString(LongString::from(vec![b'a' + order_key])));
+                        properties = properties.with_headers(headers);
+                    }
+                    if let Some(ttl_ms) = ttl_ms {
+                        properties = properties.with_expiration(ttl_ms.to_string().into());
+                    }
+                    let message = message_with(&id.to_string(), properties);
+                    actual = harness.broker.enqueue("/", "q", message, Some(id));
+                    reference.messages.push(RefMessage {
+                        id,
+                        order_key,
+                        count: 0,
+                        expires_at: ttl_ms.map(|ttl| now + u64::from(ttl)),
+                        state: State::Ready,
+                    });
+                    // An enqueue may expire messages already due (it dispatches).
+                    reference.expire(&mut expected);
+                }
+                Op::Get => {
+                    let (delivery, effects) = harness.broker.get(harness.channel, "q", false).unwrap();
+                    let got = delivery.map(|delivery| {
+                        let id: u64 = String::from_utf8(delivery.message.body.to_vec()).unwrap().parse().unwrap();
+                        harness.outstanding.push((delivery.delivery_tag, id));
+                        id
+                    });
+                    prop_assert_eq!(got, reference.get(&mut expected), "get");
+                    actual = effects;
+                }
+                Op::Ack(pick) | Op::Nack { pick, .. } if harness.outstanding.is_empty() => {
+                    let _ = pick;
+                    continue;
+                }
+                Op::Ack(pick) => {
+                    let (tag, id) = harness.outstanding.remove(pick % harness.outstanding.len());
+                    actual = harness.broker.ack(harness.channel, tag, false).unwrap();
+                    reference.messages.retain(|message| message.id != id);
+                    expected.push((id, None));
+                }
+                Op::Nack { pick, requeue } => {
+                    let (tag, id) = harness.outstanding.remove(pick % harness.outstanding.len());
+                    actual = harness.broker.reject(harness.channel, tag, false, requeue).unwrap();
+                    if requeue {
+                        reference.give_back(id, true, &mut expected);
+                    } else {
+                        reference.leave(id, "rejected", &mut expected);
+                    }
+                    // The queue is dispatched again: whatever is due expires (a requeued message
+                    // past its TTL too, as RabbitMQ).
+                    reference.expire(&mut expected);
+                }
+                Op::CloseChannel => {
+                    actual = harness.broker.close_channel(harness.channel);
+                    for (_, id) in std::mem::take(&mut harness.outstanding) {
+                        reference.give_back(id, false, &mut expected);
+                    }
+                    reference.expire(&mut expected);
+                    harness.reopen();
+                }
+                Op::Advance(ms) => {
+                    now += u64::from(ms);
+                    reference.now = now;
+                    harness.broker.set_now(now);
+                    actual = harness.broker.tick();
+                    reference.wake();
+                    reference.expire(&mut expected);
+                }
+                Op::Crash => {
+                    actual = harness.crash(now);
+                    reference.crash(&mut expected);
+                }
+            }
+            prop_assert!(actual.deliveries.is_empty(), "no consumers: nothing is pushed");
+            prop_assert_eq!(sorted(outcomes_of(&actual)), sorted(expected), "outcomes after {:?}", op);
+            let mut in_model: Vec<(u64, u32)> = harness
+                .broker
+                .queue_entries("/", "q")
+                .iter()
+                .map(|entry| (entry.store_seq.unwrap(), entry.delivery_count))
+                .collect();
+            in_model.sort();
+            let in_reference: Vec<(u64, u32)> = reference.messages.iter().map(|message| (message.id, message.count)).collect();
+            prop_assert_eq!(in_model, in_reference, "contents after {:?}", op);
+        }
+    }
+}
