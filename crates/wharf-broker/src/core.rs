@@ -192,6 +192,17 @@ pub(crate) fn delay_ms(message: &Message) -> Option<u64> {
     (number > 0).then(|| number.min(i128::from(wharf_model::settings::DURATION_MS_MAX)) as u64)
 }
 
+/// Runs blocking work (definitions, store round trips) without stalling the async workers: on a
+/// multi-threaded runtime the worker hands its other tasks off first; elsewhere it just runs.
+fn off_the_workers<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
 /// Runs `work` now if no async runtime is around, else as a task.
 fn spawn_or_run(work: impl std::future::Future<Output = ()> + Send + 'static) {
     match tokio::runtime::Handle::try_current() {
@@ -547,19 +558,21 @@ impl Core {
         let durable_exchanges: Vec<_> =
             effects.deleted_exchanges.into_iter().filter(|(_, exchange)| exchange.durable).collect();
         if !durable_queues.is_empty() || !durable_exchanges.is_empty() {
-            let _definitions = self.definitions();
-            for deleted in durable_queues {
-                self.forget_queue(&deleted.vhost, &deleted.name, deleted.store_queue, deleted.dedup_store_queue);
-            }
-            for (vhost, exchange) in durable_exchanges {
-                if let Err(error) = self.forget_exchange(&vhost, &exchange) {
-                    tracing::error!(exchange = %exchange.name, %error, "could not remove an exchange definition");
-                    self.store_failed(&error);
+            off_the_workers(|| {
+                let _definitions = self.definitions();
+                for deleted in durable_queues {
+                    self.forget_queue(&deleted.vhost, &deleted.name, deleted.store_queue, deleted.dedup_store_queue);
                 }
-            }
+                for (vhost, exchange) in durable_exchanges {
+                    if let Err(error) = self.forget_exchange(&vhost, &exchange) {
+                        tracing::error!(exchange = %exchange.name, %error, "could not remove an exchange definition");
+                        self.store_failed(&error);
+                    }
+                }
+            });
         }
         if !transfers.is_empty() {
-            self.transfer(transfers);
+            off_the_workers(|| self.transfer(transfers));
         }
     }
 
