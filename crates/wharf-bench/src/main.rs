@@ -72,6 +72,15 @@ struct Options {
     /// A few seconds, for CI: 2 s of publishing unless --messages is given.
     #[arg(long)]
     quick: bool,
+    /// `all`: publish and consume at once (the default). `publish`: only publish, building a
+    /// backlog (no consumers, no check). `drain`: only consume an existing backlog of `--expect`
+    /// messages (checks each was received once). `probe`: wait until the broker accepts a
+    /// connection and serves a message from the queue; prints when (for restart timing).
+    #[arg(long, default_value = "all", value_parser = ["all", "publish", "drain", "probe"])]
+    phase: String,
+    /// For `--phase drain`: how many messages the backlog holds.
+    #[arg(long, default_value_t = 0)]
+    expect: u64,
 }
 
 fn now_ns() -> u64 {
@@ -259,6 +268,110 @@ fn percentiles(histogram: &Histogram<u64>) -> String {
     )
 }
 
+fn epoch_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+/// Waits (up to two minutes) until the broker accepts a connection and `basic.get` returns a
+/// message from the queue, then prints the wall-clock time of that moment. The message is not
+/// acknowledged: it goes back when the probe disconnects.
+async fn probe(options: &Options) -> Result<()> {
+    let queue = queue_names(options).remove(0);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if Instant::now() > deadline {
+            bail!("the broker did not serve a message from {queue} within two minutes");
+        }
+        let Ok(connection) = Connection::connect(&options.url, ConnectionProperties::default()).await else {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        };
+        let Ok(channel) = connection.create_channel().await else { continue };
+        loop {
+            match channel.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false }).await {
+                Ok(Some(_)) => {
+                    println!("{{\"first_message_epoch_ms\":{}}}", epoch_ms());
+                    let _ = connection.close(200, "probe done".into()).await;
+                    return Ok(());
+                }
+                // Not declared yet (recovery still running) or empty: ask again.
+                Ok(None) => tokio::time::sleep(Duration::from_millis(5)).await,
+                Err(_) => break,
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Consumes an existing backlog of `--expect` messages with `--consumers` consumers and reports
+/// the drain rate; fails unless every message (by producer and sequence) arrived.
+async fn drain(options: Arc<Options>) -> Result<()> {
+    if options.expect == 0 {
+        bail!("--phase drain needs --expect (the number of messages in the backlog)");
+    }
+    let stats = Arc::new(Stats {
+        published: AtomicU64::new(0),
+        confirmed: AtomicU64::new(0),
+        nacked: AtomicU64::new(0),
+        consumed: AtomicU64::new(0),
+        duplicates: AtomicU64::new(0),
+        seen: Mutex::new(HashMap::new()),
+        confirmed_seqs: Mutex::new(HashMap::new()),
+        end_to_end_us: Mutex::new(histogram()?),
+        confirm_us: Mutex::new(histogram()?),
+        producers_done: AtomicBool::new(true),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut consumers = Vec::new();
+    for queue in queue_names(&options) {
+        for _ in 0..options.consumers.max(1) {
+            consumers.push(tokio::spawn(consume(
+                Arc::clone(&options),
+                queue.clone(),
+                Arc::clone(&stats),
+                Arc::clone(&stop),
+            )));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    while stats.consumed.load(Ordering::Relaxed) < options.expect && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for consumer in consumers {
+        consumer.await??;
+    }
+    let mut unique = 0u64;
+    {
+        let mut seen = stats.seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        for received in seen.values_mut() {
+            received.sort_unstable();
+            let before = received.len();
+            received.dedup();
+            stats.duplicates.fetch_add((before - received.len()) as u64, Ordering::Relaxed);
+            unique += received.len() as u64;
+        }
+    }
+    let consumed = stats.consumed.load(Ordering::Relaxed);
+    let missing = options.expect.saturating_sub(unique);
+    println!(
+        "{{\"phase\":\"drain\",\"expected\":{},\"consumed\":{consumed},\"duplicates\":{},\"missing\":{missing},\"seconds\":{:.3},\"msgs_per_s\":{:.0}}}",
+        options.expect,
+        stats.duplicates.load(Ordering::Relaxed),
+        elapsed.as_secs_f64(),
+        consumed as f64 / elapsed.as_secs_f64(),
+    );
+    if missing > 0 {
+        bail!("{missing} messages of the backlog were never consumed");
+    }
+    Ok(())
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
     let mut options = Options::parse();
@@ -272,6 +385,11 @@ async fn main() -> Result<()> {
         bail!("--producers, --ack-every and --confirm-window must be at least 1");
     }
     let options = Arc::new(options);
+    match options.phase.as_str() {
+        "probe" => return probe(&options).await,
+        "drain" => return drain(Arc::clone(&options)).await,
+        _ => {}
+    }
     setup(&options).await?;
     let stats = Arc::new(Stats {
         published: AtomicU64::new(0),
@@ -287,9 +405,10 @@ async fn main() -> Result<()> {
     });
     let stop = Arc::new(AtomicBool::new(false));
     let queues = queue_names(&options);
+    let publish_only = options.phase == "publish";
     let mut consumers = Vec::new();
     for queue in &queues {
-        for _ in 0..options.consumers {
+        for _ in 0..if publish_only { 0 } else { options.consumers } {
             consumers.push(tokio::spawn(consume(
                 Arc::clone(&options),
                 queue.clone(),
@@ -327,7 +446,7 @@ async fn main() -> Result<()> {
     let publish_elapsed = started.elapsed();
     stats.producers_done.store(true, Ordering::Relaxed);
     // Wait for the consumers to receive everything confirmed (each message once per queue).
-    let expected = stats.confirmed.load(Ordering::Relaxed) * queues.len() as u64;
+    let expected = if publish_only { 0 } else { stats.confirmed.load(Ordering::Relaxed) * queues.len() as u64 };
     let drain_deadline = Instant::now() + DRAIN_TIMEOUT;
     while stats.consumed.load(Ordering::Relaxed) < expected && Instant::now() < drain_deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -340,7 +459,7 @@ async fn main() -> Result<()> {
     progress.abort();
 
     let mut missing = 0u64;
-    {
+    if !publish_only {
         let confirmed = stats.confirmed_seqs.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
         let mut seen = stats.seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
         for queue in &queues {

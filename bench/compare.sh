@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# Wharf and RabbitMQ (Debian's rabbitmq-server) side by side on this machine: the scenarios of the
+# performance issue, every round running each scenario against Wharf, a RabbitMQ classic queue and a
+# RabbitMQ quorum queue in turn (so the machine's drift hits all alike), sampling each broker's CPU
+# time and RSS; then a table of medians with Wharf's ratios (bench/summarize.py).
+#
+#   S1  1 producer, 1 consumer, persistent 1 KiB, confirm window 1000, prefetch 1000, durable queue
+#   S2  the same with 4 producers and 4 consumers
+#   S3  fan-out: 1 producer -> a topic exchange -> 3 durable queues, a consumer each
+#   S4  a fixed 2,000 msgs/s: latency percentiles
+#   S5  backlog: publish S5_MESSAGES persistent messages with no consumer, RSS, restart the broker,
+#       time until the queue serves again, drain it
+#
+# Settings (environment): ROUNDS (3), DURATION_S (10, per S1-S4 run), S5_MESSAGES (1000000),
+# SCENARIOS ("S1 S2 S3 S4 S5"), OUT (results file; default in a temporary directory).
+# Usage: bench/compare.sh   (installs rabbitmq-server with apt-get if it is missing; run as root)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-3}
+DURATION_S=${DURATION_S:-10}
+S5_MESSAGES=${S5_MESSAGES:-1000000}
+SCENARIOS=${SCENARIOS:-"S1 S2 S3 S4 S5"}
+
+rabbit_server=/usr/lib/rabbitmq/bin/rabbitmq-server
+if [ ! -x "$rabbit_server" ]; then
+  echo "installing rabbitmq-server from Debian" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y rabbitmq-server >/dev/null \
+    || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y rabbitmq-server >/dev/null; }
+fi
+cargo build --release --locked -p wharf -p wharf-bench
+target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+wharf="$target_dir/release/wharf"
+bench="$target_dir/release/wharf-bench"
+work=$(mktemp -d "${TMPDIR:-/tmp}/wharf-compare.XXXXXX")
+results="${OUT:-$work/results.jsonl}"
+: >"$results"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'; }
+wait_port() {
+  for _ in $(seq 1 1200); do
+    python3 -c "import socket; socket.create_connection(('127.0.0.1', $1), 0.2).close()" 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "nothing listens on port $1" >&2
+  return 1
+}
+sample() { python3 bench/proctree.py "$1"; }
+
+# start_wharf DIR -> sets wharf_pid, wharf_url
+start_wharf() {
+  local port
+  port=$(free_port)
+  "$wharf" serve --amqp-listen "127.0.0.1:$port" --data-dir "$1" --log warn 2>>"$work/wharf.log" &
+  wharf_pid=$!
+  wharf_url="amqp://guest:guest@127.0.0.1:$port/%2f"
+  wharf_port=$port
+  wait_port "$port"
+}
+stop_wharf() { kill -TERM "$wharf_pid" 2>/dev/null || true; wait "$wharf_pid" 2>/dev/null || true; }
+
+# launch_rabbit DIR PORT -> sets rabbit_pid, rabbit_url (a fresh node unless DIR holds one); does
+# not wait for it to listen.
+launch_rabbit() {
+  local dir=$1 port=$2 dist
+  dist=$(free_port)
+  mkdir -p "$dir"
+  printf 'listeners.tcp.default = 127.0.0.1:%s\nloopback_users = none\n' "$port" >"$dir/rabbitmq.conf"
+  echo "[]." >"$dir/enabled_plugins"
+  HOME="$dir" RABBITMQ_NODENAME="wharfcompare@localhost" RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
+    RABBITMQ_NODE_PORT="$port" RABBITMQ_DIST_PORT="$dist" RABBITMQ_MNESIA_BASE="$dir/mnesia" \
+    RABBITMQ_LOG_BASE="$dir/log" RABBITMQ_CONFIG_FILE="$dir/rabbitmq" \
+    RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" RABBITMQ_PID_FILE="$dir/pid" \
+    "$rabbit_server" >>"$dir/out.log" 2>&1 &
+  rabbit_pid=$!
+  rabbit_port=$port
+  rabbit_url="amqp://guest:guest@127.0.0.1:$port/%2f"
+}
+start_rabbit() { launch_rabbit "$1" "$(free_port)"; wait_port "$rabbit_port"; }
+stop_rabbit() {
+  pkill -TERM -P "$rabbit_pid" beam.smp 2>/dev/null || true
+  wait "$rabbit_pid" 2>/dev/null || true
+}
+cleanup() {
+  [ -n "${wharf_pid:-}" ] && stop_wharf
+  [ -n "${rabbit_pid:-}" ] && stop_rabbit
+  return 0
+}
+trap cleanup EXIT
+
+# record SCENARIO TARGET ROUND BENCH_JSON BEFORE_JSON AFTER_JSON: one result line.
+record() {
+  python3 - "$@" >>"$results" <<'PY'
+import json, sys
+scenario, target, round_, run, before, after = sys.argv[1:7]
+run, before, after = json.loads(run), json.loads(before), json.loads(after)
+messages = max(run.get("confirmed", 0), 1)
+print(json.dumps({
+    "scenario": scenario, "target": target, "round": int(round_),
+    "msgs_per_s": run.get("msgs_per_s"), "missing": run.get("missing", 0),
+    "e2e_p50_ms": run["end_to_end_us"]["p50"] / 1000, "e2e_p99_ms": run["end_to_end_us"]["p99"] / 1000,
+    "confirm_p99_ms": run["confirm_us"]["p99"] / 1000,
+    "cpu_us_per_msg": (after["cpu_s"] - before["cpu_s"]) * 1e6 / messages,
+    "broker_cpu_s": after["cpu_s"] - before["cpu_s"], "rss_mib": after["rss_mib"],
+}))
+PY
+}
+
+scenario_args() {
+  case $1 in
+    S1) echo "--producers 1 --consumers 1 --duration-s $DURATION_S" ;;
+    S2) echo "--producers 4 --consumers 4 --duration-s $DURATION_S" ;;
+    S3) echo "--producers 1 --consumers 1 --fanout 3 --duration-s $DURATION_S" ;;
+    S4) echo "--producers 1 --consumers 1 --rate 2000 --duration-s $DURATION_S" ;;
+  esac
+}
+
+run_one() { # SCENARIO TARGET ROUND URL PID
+  local scenario=$1 target=$2 round=$3 url=$4 pid=$5 type_args="" before after run
+  [ "$target" != wharf ] && type_args="--queue-type $target"
+  before=$(sample "$pid")
+  # shellcheck disable=SC2046
+  run=$("$bench" --url "$url" --name "$scenario-$target-$round" $type_args $(scenario_args "$scenario") 2>>"$work/bench.log" | tail -1)
+  after=$(sample "$pid")
+  record "$scenario" "$target" "$round" "$run" "$before" "$after"
+  echo "round $round $scenario $target: $(echo "$run" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["msgs_per_s"], "msgs/s, e2e p99", r["end_to_end_us"]["p99"]/1000, "ms")')" >&2
+}
+
+run_backlog() { # TARGET ROUND
+  local target=$1 round=$2 dir="$work/s5-$1-$2" type_args="" url pid restart_ms first after publish drain
+  [ "$target" != wharf ] && type_args="--queue-type $target"
+  if [ "$target" = wharf ]; then start_wharf "$dir"; url=$wharf_url; pid=$wharf_pid; else start_rabbit "$dir"; url=$rabbit_url; pid=$rabbit_pid; fi
+  # shellcheck disable=SC2086
+  publish=$("$bench" --url "$url" --name s5 --phase publish --producers 4 --messages $((S5_MESSAGES / 4)) \
+    --duration-s 3600 $type_args 2>>"$work/bench.log" | tail -1)
+  after=$(sample "$pid")
+  # Restart over the same data and time how long until the queue serves a message again.
+  if [ "$target" = wharf ]; then
+    stop_wharf
+    restart_ms=$(date +%s%3N)
+    "$wharf" serve --amqp-listen "127.0.0.1:$wharf_port" --data-dir "$dir" --log warn 2>>"$work/wharf.log" &
+    wharf_pid=$!
+  else
+    stop_rabbit
+    restart_ms=$(date +%s%3N)
+    launch_rabbit "$dir" "$rabbit_port"
+  fi
+  first=$("$bench" --url "$url" --name s5 --phase probe 2>>"$work/bench.log" | tail -1)
+  drain=$("$bench" --url "$url" --name s5 --phase drain --expect "$S5_MESSAGES" --consumers 1 2>>"$work/bench.log" | tail -1)
+  if [ "$target" = wharf ]; then stop_wharf; else stop_rabbit; fi
+  python3 - "$target" "$round" "$publish" "$after" "$restart_ms" "$first" "$drain" >>"$results" <<'PY'
+import json, sys
+target, round_, publish, after, restart_ms, first, drain = sys.argv[1:8]
+publish, after, first, drain = json.loads(publish), json.loads(after), json.loads(first), json.loads(drain)
+print(json.dumps({
+    "scenario": "S5", "target": target, "round": int(round_),
+    "publish_msgs_per_s": publish["msgs_per_s"], "rss_mib": after["rss_mib"],
+    "serving_after_s": (first["first_message_epoch_ms"] - int(restart_ms)) / 1000,
+    "drain_msgs_per_s": drain["msgs_per_s"], "missing": drain["missing"],
+}))
+PY
+  echo "round $round S5 $target: $(tail -1 "$results")" >&2
+  rm -rf "$dir"
+}
+
+echo "results: $results (logs in $work)" >&2
+for round in $(seq 1 "$ROUNDS"); do
+  if echo "$SCENARIOS" | grep -qE 'S[1-4]'; then
+    start_wharf "$work/wharf-$round"
+    start_rabbit "$work/rabbit-$round"
+    for scenario in S1 S2 S3 S4; do
+      echo "$SCENARIOS" | grep -qw "$scenario" || continue
+      run_one "$scenario" wharf "$round" "$wharf_url" "$wharf_pid"
+      run_one "$scenario" classic "$round" "$rabbit_url" "$rabbit_pid"
+      run_one "$scenario" quorum "$round" "$rabbit_url" "$rabbit_pid"
+    done
+    stop_wharf
+    stop_rabbit
+    unset wharf_pid rabbit_pid
+    rm -rf "$work/wharf-$round" "$work/rabbit-$round"
+  fi
+  if echo "$SCENARIOS" | grep -qw S5; then
+    for target in wharf classic quorum; do
+      run_backlog "$target" "$round"
+    done
+    unset wharf_pid rabbit_pid
+  fi
+done
+
+echo >&2
+echo "Machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); $(uname -r);" \
+  "RabbitMQ $(dpkg-query -W -f '${Version}' rabbitmq-server 2>/dev/null || echo '?');" \
+  "Erlang $(dpkg-query -W -f '${Version}' erlang-base 2>/dev/null || echo '?'); Wharf $(git rev-parse --short HEAD)"
+python3 bench/summarize.py "$results"

@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Reads the JSON lines bench/compare.sh wrote (one per scenario, target and round) and prints a
+Markdown table of medians per figure, with Wharf's ratio to RabbitMQ classic and quorum."""
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+# (scenario, metric, label, higher is better)
+FIGURES = [
+    ("S1", "msgs_per_s", "S1 throughput (msgs/s)", True),
+    ("S1", "cpu_us_per_msg", "S1 broker CPU per message (µs)", False),
+    ("S1", "e2e_p99_ms", "S1 end-to-end p99 (ms)", False),
+    ("S2", "msgs_per_s", "S2 throughput (msgs/s)", True),
+    ("S2", "cpu_us_per_msg", "S2 broker CPU per message (µs)", False),
+    ("S3", "msgs_per_s", "S3 fan-out publishes (msgs/s)", True),
+    ("S3", "cpu_us_per_msg", "S3 broker CPU per publish (µs)", False),
+    ("S4", "e2e_p50_ms", "S4 end-to-end p50 at 2,000/s (ms)", False),
+    ("S4", "e2e_p99_ms", "S4 end-to-end p99 at 2,000/s (ms)", False),
+    ("S5", "publish_msgs_per_s", "S5 backlog publish (msgs/s)", True),
+    ("S5", "rss_mib", "S5 RSS with the backlog (MiB)", False),
+    ("S5", "serving_after_s", "S5 serving again after restart (s)", False),
+    ("S5", "drain_msgs_per_s", "S5 drain after restart (msgs/s)", True),
+]
+TARGETS = ["wharf", "classic", "quorum"]
+
+
+def main(path):
+    values = defaultdict(list)
+    failures = []
+    with open(path) as results:
+        for line in results:
+            row = json.loads(line)
+            if row.get("missing", 0):
+                failures.append(row)
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key not in ("round",):
+                    values[(row["scenario"], key, row["target"])].append(value)
+    print("| figure | Wharf | RabbitMQ classic | RabbitMQ quorum | Wharf ÷ classic | Wharf ÷ quorum |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for scenario, metric, label, _higher in FIGURES:
+        medians = {}
+        for target in TARGETS:
+            samples = values.get((scenario, metric, target))
+            medians[target] = statistics.median(samples) if samples else None
+        if all(value is None for value in medians.values()):
+            continue
+
+        def show(value):
+            if value is None:
+                return "–"
+            return f"{value:,.0f}" if value >= 100 else f"{value:,.2f}"
+
+        def ratio(base):
+            if medians["wharf"] is None or not medians[base]:
+                return "–"
+            return f"{medians['wharf'] / medians[base]:.2f}×"
+
+        print(f"| {label} | {show(medians['wharf'])} | {show(medians['classic'])} | {show(medians['quorum'])} | {ratio('classic')} | {ratio('quorum')} |")
+    rounds = max((len(samples) for samples in values.values()), default=0)
+    print(f"\nMedians of up to {rounds} rounds. Runs with missing messages: {len(failures)}.")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
