@@ -124,6 +124,7 @@ const DEDUP_LOG_RECORDS_MAX: usize = wharf_model::dedup::DEDUP_KEYS_MAX;
 pub(crate) enum Durable {
     Append(Ticket<AppendReceipt>),
     Chain(tokio::sync::oneshot::Receiver<Result<(), StoreError>>),
+    Sync(Ticket<()>),
 }
 
 impl Durable {
@@ -131,6 +132,7 @@ impl Durable {
         match self {
             Durable::Append(ticket) => ticket.await.map(|_| ()),
             Durable::Chain(receiver) => receiver.await.unwrap_or(Err(StoreError::Closed)),
+            Durable::Sync(ticket) => ticket.await,
         }
     }
 }
@@ -144,6 +146,9 @@ pub(crate) struct Placed {
     pub dedup_records: Vec<(u64, Vec<u8>)>,
     /// A queue refused it (`x-overflow` reject-publish): the publisher gets a nack.
     pub refused: bool,
+    /// A queue (or the exchange) dropped it as a duplicate: the confirm waits until what the
+    /// store holds is durable, so a duplicate is never confirmed before its original.
+    pub duplicate: bool,
     /// A store append failed: the publisher gets a nack.
     pub failed: bool,
     /// Effects to carry out once the model lock is released.
@@ -586,22 +591,26 @@ impl Core {
     }
 
     /// Puts a message into `queues` (already routed), appending it to the store for each durable
-    /// queue when it is persistent. Each queue admits it first: a de-duplicating queue that saw
-    /// its key skips it; with `may_refuse`, a queue whose `x-overflow` refuses publishes beyond
-    /// its limits refuses it (transfers are never refused). Deliveries go out under the lock.
+    /// queue when it is persistent. For a publish (`from_publisher`), each queue admits it first:
+    /// a de-duplicating queue that saw its key skips it, a queue whose `x-overflow` refuses
+    /// publishes beyond its limits refuses it; the key is remembered only once the message is in.
+    /// Deliveries go out under the lock.
     pub fn place(
         &self,
         model: &mut BrokerModel,
         vhost: &str,
         queues: &[String],
         message: &Arc<Message>,
-        may_refuse: bool,
+        from_publisher: bool,
         placed: &mut Placed,
     ) {
         let mut meta = None;
         for queue_name in queues {
-            let dedup_key = match model.admit(vhost, queue_name, message, may_refuse) {
-                Admission::Duplicate => continue,
+            let dedup_key = match model.admit(vhost, queue_name, message, from_publisher) {
+                Admission::Duplicate => {
+                    placed.duplicate = true;
+                    continue;
+                }
                 Admission::Refused { dead_letter } => {
                     placed.refused = true;
                     if dead_letter {
@@ -630,8 +639,12 @@ impl Core {
                 }
                 None => None,
             };
-            if let (Some(key), Some(log)) = (dedup_key, queue.dedup_store_queue.filter(|_| stored)) {
-                placed.dedup_records.push((log, key));
+            let log = queue.dedup_store_queue.filter(|_| stored);
+            if let Some(key) = dedup_key {
+                model.remember_key(vhost, queue_name, &key);
+                if let Some(log) = log {
+                    placed.dedup_records.push((log, key));
+                }
             }
             let mut effects = model.enqueue(vhost, queue_name, Arc::clone(message), store_seq);
             self.send(&mut effects);
@@ -646,8 +659,20 @@ impl Core {
     pub fn durable(&self, placed: &mut Placed) -> Vec<Durable> {
         let tickets = std::mem::take(&mut placed.tickets);
         let records = std::mem::take(&mut placed.dedup_records);
+        let mut barrier = Vec::new();
+        if std::mem::take(&mut placed.duplicate) {
+            // Everything submitted before this sync (the original's appends included) is durable
+            // when it resolves.
+            match self.store.sync() {
+                Ok(ticket) => barrier.push(Durable::Sync(ticket)),
+                Err(error) => {
+                    self.store_failed(&error);
+                    placed.failed = true;
+                }
+            }
+        }
         if records.is_empty() {
-            return tickets.into_iter().map(Durable::Append).collect();
+            return tickets.into_iter().map(Durable::Append).chain(barrier).collect();
         }
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let store = self.store.clone();
@@ -690,7 +715,9 @@ impl Core {
             }
             let _ = sender.send(Ok(()));
         });
-        vec![Durable::Chain(receiver)]
+        let mut durable = vec![Durable::Chain(receiver)];
+        durable.extend(barrier);
+        durable
     }
 
     /// Moves messages into other queues (dead letters, due delayed messages): routes each one,

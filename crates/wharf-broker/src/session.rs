@@ -946,17 +946,28 @@ impl Session {
             .exchange(exchange_name)
             .map(|exchange| (exchange.durable, exchange.store_queue, exchange.dedup_store_queue, exchange.kind));
         let stored = |durable: bool| durable && message.persistent();
-        match model.admit_to_exchange(&self.vhost, exchange_name, &message) {
-            Admission::Duplicate => return Ok((Vec::new(), false)),
-            Admission::Accept { dedup_key: Some(key) } => {
+        let exchange_key = match model.admit_to_exchange(&self.vhost, exchange_name, &message) {
+            Admission::Duplicate => {
+                placed.duplicate = true;
+                drop(model);
+                let durable = core.durable(&mut placed);
+                return Ok((durable, placed.failed));
+            }
+            Admission::Accept { dedup_key } => dedup_key,
+            Admission::Refused { .. } => None,
+        };
+        // The exchange remembers a key only once the publish went through whole; its key
+        // record goes to the exchange's log (after the copies are durable).
+        let remember = |model: &mut wharf_model::BrokerModel, placed: &mut Placed| {
+            if let Some(key) = &exchange_key {
+                model.remember_exchange_key(&self.vhost, exchange_name, key);
                 if let Some((durable, _, Some(log), _)) = exchange
                     && stored(durable)
                 {
-                    placed.dedup_records.push((log, key));
+                    placed.dedup_records.push((log, key.clone()));
                 }
             }
-            _ => {}
-        }
+        };
         let delay = match exchange {
             Some((_, _, _, ExchangeKind::DelayedMessage)) => crate::core::delay_ms(&message),
             _ => None,
@@ -976,12 +987,16 @@ impl Session {
                     }
                 }
             }
+            remember(&mut model, &mut placed);
             let due_ms = model.now_ms().saturating_add(delay_ms);
             model.hold_delayed(&self.vhost, exchange_name, Arc::clone(&message), store_seq, due_ms);
             drop(model);
             return Ok((core.durable(&mut placed), false));
         }
         core.place(&mut model, &self.vhost, &queues, &message, true, &mut placed);
+        if !placed.refused && !placed.failed {
+            remember(&mut model, &mut placed);
+        }
         drop(model);
         for effects in std::mem::take(&mut placed.later) {
             core.apply(effects);
@@ -994,8 +1009,8 @@ impl Session {
                 message: Arc::clone(&message),
             });
         }
-        let nack = placed.failed || placed.refused;
-        Ok((core.durable(&mut placed), nack))
+        let durable = core.durable(&mut placed);
+        Ok((durable, placed.failed || placed.refused))
     }
 }
 

@@ -178,7 +178,9 @@ async fn a_crash_while_dead_lettering_loses_nothing() {
         for _ in 0..count {
             next(&mut work).await.reject(BasicRejectOptions { requeue: false }).await.unwrap();
         }
-        // The rejections were sent; the broker dies while moving them.
+        // A round trip: the broker has taken every rejection in (the moves are under way) when
+        // it dies.
+        channel.basic_qos(1, BasicQosOptions::default()).await.unwrap();
         broker.crash(mode).await;
 
         let connection = broker.connect().await;

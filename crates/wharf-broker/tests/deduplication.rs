@@ -145,3 +145,64 @@ async fn keys_survive_a_power_loss_right_after_the_confirm() {
     }
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_publish_leaves_no_key_behind() {
+    let broker = TestBroker::start().await;
+    let connection = broker.connect().await;
+    let channel = confirm_channel(&connection).await;
+    let reject = AMQPValue::LongString(LongString::from(b"reject-publish".to_vec()));
+    durable_queue(&channel, "orders", dedup(&[("x-max-length", AMQPValue::LongInt(1)), ("x-overflow", reject)])).await;
+    assert!(publish_confirmed(&channel, "", "orders", b"a", with_id("a")).await);
+    assert!(!publish_confirmed(&channel, "", "orders", b"b", with_id("b")).await, "full: nacked");
+    channel.basic_get("orders".into(), BasicGetOptions { no_ack: true }).await.unwrap().unwrap();
+    // The publisher retries the nacked message: it is new, not a duplicate.
+    assert!(publish_confirmed(&channel, "", "orders", b"b", with_id("b")).await);
+    let retried = channel.basic_get("orders".into(), BasicGetOptions { no_ack: true }).await.unwrap().unwrap();
+    assert_eq!(retried.delivery.data, b"b");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_coming_back_is_not_a_duplicate() {
+    // work (de-duplicating) --rejected--> retry (TTL) --expired--> work: the retry loop must
+    // bring the message back, not drop it as a duplicate of itself.
+    let broker = TestBroker::start().await;
+    let connection = broker.connect().await;
+    let channel = confirm_channel(&connection).await;
+    for name in ["to-retry", "to-work"] {
+        channel
+            .exchange_declare(
+                name.into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+    }
+    let text = |value: &str| AMQPValue::LongString(LongString::from(value.as_bytes().to_vec()));
+    durable_queue(&channel, "work", dedup(&[("x-dead-letter-exchange", text("to-retry"))])).await;
+    durable_queue(
+        &channel,
+        "retry",
+        arguments(&[("x-dead-letter-exchange", text("to-work")), ("x-message-ttl", AMQPValue::LongInt(50))]),
+    )
+    .await;
+    channel
+        .queue_bind("retry".into(), "to-retry".into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    channel
+        .queue_bind("work".into(), "to-work".into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    assert!(publish_confirmed(&channel, "", "work", b"job", with_id("job-1")).await);
+    let mut work = consumer(&channel, "work").await;
+    next(&mut work).await.reject(BasicRejectOptions { requeue: false }).await.unwrap();
+    let back = next(&mut work).await;
+    assert_eq!(back.data, b"job");
+    assert_eq!(back.properties.message_id().as_ref().unwrap().as_str(), "job-1");
+    back.ack(BasicAckOptions::default()).await.unwrap();
+    broker.stop().await;
+}

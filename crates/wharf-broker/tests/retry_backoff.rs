@@ -70,6 +70,7 @@ async fn a_channel_that_closes_requeues_at_once_without_backoff() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_message_survives_a_crash_and_waits_its_step_again() {
     let mut broker = CrashableBroker::start(41, |_| {}).await;
+    let restarted_at;
     {
         let connection = broker.connect().await;
         let channel = confirm_channel(&connection).await;
@@ -83,9 +84,10 @@ async fn a_waiting_message_survives_a_crash_and_waits_its_step_again() {
         // sync interval the delivery count can be lost: the message is then redelivered
         // without waiting — never lost. See docs/durability.md.)
         channel.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+        // Measured from before the crash: the new broker starts the wait during recovery.
+        restarted_at = Instant::now();
         broker.crash(CrashMode::KeepUnsynced).await;
     }
-    let restarted_at = Instant::now();
     let connection = broker.connect().await;
     let channel = connection.create_channel().await.unwrap();
     let mut work = consumer(&channel, "work").await;

@@ -80,16 +80,19 @@ pub enum Admission {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
     /// A queue's earliest message expiry.
-    Expiry { vhost: String, queue: String },
+    Expiry { vhost: String, queue: String, incarnation: u64 },
     /// A queue's `x-expires`.
-    QueueExpires { vhost: String, queue: String },
+    QueueExpires { vhost: String, queue: String, incarnation: u64 },
     /// A delivery's lease.
-    Lease { channel: ChannelKey, delivery_tag: u64 },
+    Lease { channel: ChannelKey, generation: u64, delivery_tag: u64 },
     /// The end of a message's retry backoff.
-    Backoff { vhost: String, queue: String, id: u64 },
+    Backoff { vhost: String, queue: String, incarnation: u64, id: u64 },
     /// A delayed-message exchange's earliest due message.
     Delayed { vhost: String, exchange: String },
 }
+// Queue timers name the queue's incarnation and lease timers the channel's generation: a queue
+// re-created under the same name numbers its entries from 1 again, and a reopened channel its
+// delivery tags, so a timer of the old one must not touch the new one.
 
 /// One delivery to send: `basic.deliver` (consumer) or `basic.get-ok` (no consumer tag).
 #[derive(Debug, Clone)]
@@ -235,6 +238,8 @@ struct Outstanding {
     consumer: Option<(String, u64)>,
     /// Its queue was deleted: settling it only frees the slot.
     gone: bool,
+    /// When its lease runs out (its timer is removed when it is settled).
+    lease_due_ms: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -250,6 +255,8 @@ struct Channel {
     consumer_instances: u64,
     /// Delivery tags whose lease ran out (their message was requeued); settling one is ignored.
     expired_tags: BTreeSet<u64>,
+    /// Distinguishes this opening of the channel from earlier ones with the same number.
+    generation: u64,
 }
 
 /// The broker's state.
@@ -264,6 +271,7 @@ pub struct BrokerModel {
     now_ms: u64,
     timers: BTreeSet<(u64, Timer)>,
     counters: Counters,
+    channel_generations: u64,
 }
 
 /// What a delivery weighs against `CONNECTION_PENDING_BYTES_MAX`.
@@ -286,6 +294,7 @@ impl BrokerModel {
             now_ms: 0,
             timers: BTreeSet::new(),
             counters: Counters::default(),
+            channel_generations: 0,
         };
         model.add_vhost("/");
         model
@@ -328,6 +337,8 @@ impl BrokerModel {
                 scope: crate::error::Scope::Connection,
             });
         }
+        self.channel_generations += 1;
+        let generation = self.channel_generations;
         self.channels.insert(
             key,
             Channel {
@@ -341,6 +352,7 @@ impl BrokerModel {
                 generated_tags: 0,
                 consumer_instances: 0,
                 expired_tags: BTreeSet::new(),
+                generation,
             },
         );
         Ok(())
@@ -366,7 +378,14 @@ impl BrokerModel {
         let mut effects = Effects::default();
         let mut touched = BTreeSet::new();
         for (key, channel) in closed {
-            for outstanding in channel.unacked.into_values().filter(|outstanding| !outstanding.gone) {
+            for (delivery_tag, outstanding) in channel.unacked {
+                if let Some(due_ms) = outstanding.lease_due_ms {
+                    self.timers
+                        .remove(&(due_ms, Timer::Lease { channel: key, generation: channel.generation, delivery_tag }));
+                }
+                if outstanding.gone {
+                    continue;
+                }
                 self.return_delivery(&channel.vhost, &outstanding.queue, outstanding.entry_id, false, &mut effects);
                 touched.insert((channel.vhost.clone(), outstanding.queue));
             }
@@ -562,14 +581,6 @@ impl BrokerModel {
             store_queue: queue.store_queue,
             dedup_store_queue: queue.dedup_store_queue,
         });
-        // A later queue of the same name numbers its entries from 1 again: this queue's timers
-        // must not touch it.
-        self.timers.retain(|(_, timer)| match timer {
-            Timer::Expiry { vhost, queue }
-            | Timer::QueueExpires { vhost, queue }
-            | Timer::Backoff { vhost, queue, .. } => !(vhost == vhost_name && queue == queue_name),
-            _ => true,
-        });
         effects
     }
 
@@ -606,15 +617,20 @@ impl BrokerModel {
         effects
     }
 
-    /// Whether `queue_name` takes `message`: not if its key was seen within the queue's
-    /// de-duplication window (the key is remembered when it is taken), not if `x-overflow`
-    /// refuses publishes beyond the queue's length limits (only with `may_refuse`: transfers such
-    /// as dead letters are never refused).
-    pub fn admit(&mut self, vhost: &str, queue_name: &str, message: &Message, may_refuse: bool) -> Admission {
+    /// Whether `queue_name` takes a published `message`: not if its key was seen within the
+    /// queue's de-duplication window, not if `x-overflow` refuses publishes beyond the queue's
+    /// length limits. Only checks: the runtime calls `remember_key` once the message is in (a
+    /// refused or failed publish must not leave its key behind). Transfers (dead letters, due
+    /// delayed messages: `from_publisher` false) are neither de-duplicated nor refused: a copy
+    /// of a message the queue once held is not a duplicate publish.
+    pub fn admit(&mut self, vhost: &str, queue_name: &str, message: &Message, from_publisher: bool) -> Admission {
         let now_ms = self.now_ms;
         let Some(queue) = self.vhosts.get_mut(vhost).and_then(|vhost| vhost.queue_mut(queue_name)) else {
             return Admission::Accept { dedup_key: None };
         };
+        if !from_publisher {
+            return Admission::Accept { dedup_key: None };
+        }
         let mut dedup_key = None;
         if let Some(index) = queue.dedup.as_mut()
             && let Some(key) = index.key_of(message)
@@ -626,29 +642,48 @@ impl BrokerModel {
             }
             dedup_key = Some(key);
         }
-        if may_refuse && queue.settings.overflow != Overflow::DropHead && queue.would_overflow(message.body_bytes()) {
+        if queue.settings.overflow != Overflow::DropHead && queue.would_overflow(message.body_bytes()) {
             self.counters.rejected_by_length += 1;
             return Admission::Refused { dead_letter: queue.settings.overflow == Overflow::RejectPublishDlx };
-        }
-        if let (Some(index), Some(key)) = (queue.dedup.as_mut(), dedup_key.as_ref()) {
-            index.check_and_insert(key, now_ms);
         }
         Admission::Accept { dedup_key }
     }
 
+    /// Remembers a de-duplication key a queue admitted (the message is in).
+    pub fn remember_key(&mut self, vhost: &str, queue_name: &str, key: &[u8]) {
+        let now_ms = self.now_ms;
+        if let Some(index) = self
+            .vhosts
+            .get_mut(vhost)
+            .and_then(|vhost| vhost.queue_mut(queue_name))
+            .and_then(|queue| queue.dedup.as_mut())
+        {
+            index.check_and_insert(key, now_ms);
+        }
+    }
+
     /// Whether a publish to `exchange` goes on: not if its key was seen within the exchange's
-    /// de-duplication window.
+    /// de-duplication window. Only checks; see `remember_exchange_key`.
     pub fn admit_to_exchange(&mut self, vhost: &str, exchange: &str, message: &Message) -> Admission {
         let now_ms = self.now_ms;
         let Some(index) = self.vhosts.get_mut(vhost).and_then(|vhost| vhost.exchange_dedup.get_mut(exchange)) else {
             return Admission::Accept { dedup_key: None };
         };
         let Some(key) = index.key_of(message) else { return Admission::Accept { dedup_key: None } };
-        if index.check_and_insert(&key, now_ms) {
+        index.expire(now_ms);
+        if index.contains(&key) {
             self.counters.duplicates_dropped += 1;
             return Admission::Duplicate;
         }
         Admission::Accept { dedup_key: Some(key) }
+    }
+
+    /// Remembers a de-duplication key an exchange admitted (the publish went through whole).
+    pub fn remember_exchange_key(&mut self, vhost: &str, exchange: &str, key: &[u8]) {
+        let now_ms = self.now_ms;
+        if let Some(index) = self.vhosts.get_mut(vhost).and_then(|vhost| vhost.exchange_dedup.get_mut(exchange)) {
+            index.check_and_insert(key, now_ms);
+        }
     }
 
     /// A publish `reject-publish-dlx` refused: dead-letter it (reason `maxlen`).
@@ -686,10 +721,19 @@ impl BrokerModel {
         let now_ms = self.now_ms;
         let Some(queue) = self.vhosts.get_mut(vhost).and_then(|vhost| vhost.queue_mut(queue_name)) else { return };
         queue.last_used_ms = now_ms;
-        if let Some(expires_ms) = queue.settings.expires_ms {
+        // One timer per queue: when it fires it re-arms itself if the queue was used meanwhile.
+        if let Some(expires_ms) = queue.settings.expires_ms
+            && queue.expires_timer_ms.is_none()
+        {
+            let due_ms = now_ms.saturating_add(expires_ms);
+            queue.expires_timer_ms = Some(due_ms);
             self.timers.insert((
-                now_ms.saturating_add(expires_ms),
-                Timer::QueueExpires { vhost: vhost.to_owned(), queue: queue_name.to_owned() },
+                due_ms,
+                Timer::QueueExpires {
+                    vhost: vhost.to_owned(),
+                    queue: queue_name.to_owned(),
+                    incarnation: queue.incarnation,
+                },
             ));
         }
     }
@@ -721,17 +765,23 @@ impl BrokerModel {
         while self.timers.first().is_some_and(|(at, _)| *at <= self.now_ms) {
             let Some((_, timer)) = self.timers.pop_first() else { break };
             match timer {
-                Timer::Expiry { vhost, queue } => {
-                    if let Some(found) = self.vhosts.get_mut(&vhost).and_then(|found| found.queue_mut(&queue)) {
-                        found.expiry_timer_ms = None;
-                    }
+                Timer::Expiry { vhost, queue, incarnation } => {
+                    let Some(found) = self.live_queue(&vhost, &queue, incarnation) else { continue };
+                    found.expiry_timer_ms = None;
                     effects.merge(self.dispatch(&vhost, &queue));
                 }
-                Timer::QueueExpires { vhost, queue } => self.check_queue_expires(&vhost, &queue, &mut effects),
-                Timer::Lease { channel, delivery_tag } => self.expire_lease(channel, delivery_tag, &mut effects),
-                Timer::Backoff { vhost, queue, id } => {
-                    if self.vhosts.get_mut(&vhost).and_then(|found| found.queue_mut(&queue)).is_some_and(|q| q.wake(id))
-                    {
+                Timer::QueueExpires { vhost, queue, incarnation } => {
+                    let Some(found) = self.live_queue(&vhost, &queue, incarnation) else { continue };
+                    found.expires_timer_ms = None;
+                    self.check_queue_expires(&vhost, &queue, &mut effects);
+                }
+                Timer::Lease { channel, generation, delivery_tag } => {
+                    if self.channels.get(&channel).is_some_and(|found| found.generation == generation) {
+                        self.expire_lease(channel, delivery_tag, &mut effects);
+                    }
+                }
+                Timer::Backoff { vhost, queue, incarnation, id } => {
+                    if self.live_queue(&vhost, &queue, incarnation).is_some_and(|found| found.wake(id)) {
                         effects.merge(self.dispatch(&vhost, &queue));
                     }
                 }
@@ -741,15 +791,35 @@ impl BrokerModel {
         effects
     }
 
+    /// The queue, if it is still the incarnation a timer was set for.
+    fn live_queue(&mut self, vhost: &str, queue_name: &str, incarnation: u64) -> Option<&mut Queue> {
+        self.vhosts
+            .get_mut(vhost)
+            .and_then(|found| found.queue_mut(queue_name))
+            .filter(|queue| queue.incarnation == incarnation)
+    }
+
+    /// `x-expires`: deletes the queue if it has had no consumer and no use for that long; if it
+    /// was used meanwhile, arms the timer again (a queue with consumers is armed again when the
+    /// last one goes).
     fn check_queue_expires(&mut self, vhost: &str, queue_name: &str, effects: &mut Effects) {
         let now_ms = self.now_ms;
-        let Some(queue) = self.vhosts.get(vhost).and_then(|vhost| vhost.queue(queue_name)) else { return };
+        let Some(queue) = self.vhosts.get_mut(vhost).and_then(|vhost| vhost.queue_mut(queue_name)) else { return };
         let Some(expires_ms) = queue.settings.expires_ms else { return };
         if !queue.consumers.is_empty() {
             return;
         }
-        if queue.last_used_ms.saturating_add(expires_ms) <= now_ms {
+        let due_ms = queue.last_used_ms.saturating_add(expires_ms);
+        if due_ms <= now_ms {
             effects.merge(self.remove_queue(vhost, queue_name));
+        } else {
+            queue.expires_timer_ms = Some(due_ms);
+            let timer = Timer::QueueExpires {
+                vhost: vhost.to_owned(),
+                queue: queue_name.to_owned(),
+                incarnation: queue.incarnation,
+            };
+            self.timers.insert((due_ms, timer));
         }
     }
 
@@ -841,7 +911,12 @@ impl BrokerModel {
                 queue.hold_for_backoff(entry);
                 self.timers.insert((
                     now_ms.saturating_add(wait_ms),
-                    Timer::Backoff { vhost: vhost.to_owned(), queue: queue_name.to_owned(), id: entry_id },
+                    Timer::Backoff {
+                        vhost: vhost.to_owned(),
+                        queue: queue_name.to_owned(),
+                        incarnation: queue.incarnation,
+                        id: entry_id,
+                    },
                 ));
             }
             None => queue.return_ready(entry),
@@ -904,7 +979,12 @@ impl BrokerModel {
                         queue.hold_for_backoff(entry);
                         self.timers.insert((
                             now_ms.saturating_add(wait_ms),
-                            Timer::Backoff { vhost: vhost.clone(), queue: queue_name.clone(), id },
+                            Timer::Backoff {
+                                vhost: vhost.clone(),
+                                queue: queue_name.clone(),
+                                incarnation: queue.incarnation,
+                                id,
+                            },
                         ));
                     }
                 }
@@ -916,11 +996,14 @@ impl BrokerModel {
     }
 
     /// Expires a queue's ready messages whose time has come and arms the timer for the next.
-    fn expire_due(&mut self, vhost: &str, queue_name: &str, effects: &mut Effects) {
+    /// `inclusive`: also those due exactly now. Dispatching expires what is overdue first, then
+    /// delivers, then expires what is due now: as in RabbitMQ, a message with TTL 0 reaches a
+    /// consumer that can take it at once, and is dropped otherwise.
+    fn expire_due(&mut self, vhost: &str, queue_name: &str, inclusive: bool, effects: &mut Effects) {
         let now_ms = self.now_ms;
         let Some(queue) = self.vhosts.get_mut(vhost).and_then(|found| found.queue_mut(queue_name)) else { return };
         while let Some(&(at, id)) = queue.expiry.first() {
-            if at > now_ms {
+            if at > now_ms || (at == now_ms && !inclusive) {
                 break;
             }
             let Some(entry) = queue.remove_ready(id) else {
@@ -945,14 +1028,16 @@ impl BrokerModel {
             && queue.expiry_timer_ms.is_none_or(|armed| at < armed)
         {
             queue.expiry_timer_ms = Some(at);
-            self.timers.insert((at, Timer::Expiry { vhost: vhost.to_owned(), queue: queue_name.to_owned() }));
+            let timer =
+                Timer::Expiry { vhost: vhost.to_owned(), queue: queue_name.to_owned(), incarnation: queue.incarnation };
+            self.timers.insert((at, timer));
         }
     }
 
     /// Delivers ready messages of a queue to consumers with room, round-robin.
     pub fn dispatch(&mut self, vhost_name: &str, queue_name: &str) -> Effects {
         let mut effects = Effects::default();
-        self.expire_due(vhost_name, queue_name, &mut effects);
+        self.expire_due(vhost_name, queue_name, false, &mut effects);
         let now_ms = self.now_ms;
         let Some(queue) = self.vhosts.get_mut(vhost_name).and_then(|vhost| vhost.queue_mut(queue_name)) else {
             return effects;
@@ -1004,6 +1089,7 @@ impl BrokerModel {
                 consumer.unacked += 1;
                 channel.consumer_unacked += 1;
                 let instance = consumer.instance;
+                let lease_due_ms = lease_ms.map(|lease_ms| now_ms.saturating_add(lease_ms));
                 channel.unacked.insert(
                     delivery_tag,
                     Outstanding {
@@ -1011,14 +1097,17 @@ impl BrokerModel {
                         entry_id: entry.id,
                         consumer: Some((tag, instance)),
                         gone: false,
+                        lease_due_ms,
                     },
                 );
                 queue.unacked.insert(entry.id, entry);
-                if let Some(lease_ms) = lease_ms {
-                    self.timers.insert((now_ms.saturating_add(lease_ms), Timer::Lease { channel: key, delivery_tag }));
+                if let Some(due_ms) = lease_due_ms {
+                    let generation = channel.generation;
+                    self.timers.insert((due_ms, Timer::Lease { channel: key, generation, delivery_tag }));
                 }
             }
         }
+        self.expire_due(vhost_name, queue_name, true, &mut effects);
         effects
     }
 
@@ -1032,7 +1121,7 @@ impl BrokerModel {
         }
         self.touch_queue(&vhost_name, queue_name);
         let mut effects = Effects::default();
-        self.expire_due(&vhost_name, queue_name, &mut effects);
+        self.expire_due(&vhost_name, queue_name, true, &mut effects);
         let now_ms = self.now_ms;
         let Some(queue) = self.vhosts.get_mut(&vhost_name).and_then(|vhost| vhost.queue_mut(queue_name)) else {
             return Ok((None, effects));
@@ -1051,15 +1140,21 @@ impl BrokerModel {
             queue.release_key(&entry);
             effects.removed.push(Removed::of(&vhost_name, queue, &entry));
         } else {
+            let lease_due_ms = queue.settings.consumer_timeout_ms.map(|lease_ms| now_ms.saturating_add(lease_ms));
             channel.unacked.insert(
                 delivery.delivery_tag,
-                Outstanding { queue: queue_name.to_owned(), entry_id: entry.id, consumer: None, gone: false },
+                Outstanding {
+                    queue: queue_name.to_owned(),
+                    entry_id: entry.id,
+                    consumer: None,
+                    gone: false,
+                    lease_due_ms,
+                },
             );
-            if let Some(lease_ms) = queue.settings.consumer_timeout_ms {
-                self.timers.insert((
-                    now_ms.saturating_add(lease_ms),
-                    Timer::Lease { channel: key, delivery_tag: delivery.delivery_tag },
-                ));
+            if let Some(due_ms) = lease_due_ms {
+                let timer =
+                    Timer::Lease { channel: key, generation: channel.generation, delivery_tag: delivery.delivery_tag };
+                self.timers.insert((due_ms, timer));
             }
             queue.unacked.insert(entry.id, entry);
         }
@@ -1097,6 +1192,10 @@ impl BrokerModel {
         let mut taken = Vec::with_capacity(tags.len());
         for tag in tags {
             if let Some(outstanding) = channel.unacked.remove(&tag) {
+                if let Some(due_ms) = outstanding.lease_due_ms {
+                    let timer = Timer::Lease { channel: key, generation: channel.generation, delivery_tag: tag };
+                    self.timers.remove(&(due_ms, timer));
+                }
                 if let Some((consumer_tag, instance)) = &outstanding.consumer {
                     channel.consumer_unacked = channel.consumer_unacked.saturating_sub(1);
                     if let Some(consumer) =

@@ -127,7 +127,9 @@ pub fn dead_lettered(
         },
         None => FieldTable::default(),
     };
-    let count = entry.inner().get("count").and_then(crate::settings::integer).unwrap_or(0) as i64 + 1;
+    // The header may come from a client: never trust it to leave room for one more.
+    let previous = entry.inner().get("count").and_then(crate::settings::integer).unwrap_or(0);
+    let count = i64::try_from(previous).unwrap_or(i64::MAX).saturating_add(1);
     entry.insert(key("count"), AMQPValue::LongLongInt(count));
     entry.insert(key("reason"), long_string(reason.as_str()));
     entry.insert(key("queue"), long_string(queue));

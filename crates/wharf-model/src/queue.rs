@@ -56,9 +56,11 @@ pub(crate) struct Ordering {
     deliverable: BTreeSet<u64>,
     /// The entry holding each key (ready, waiting or unacknowledged).
     holders: HashMap<Arc<str>, u64>,
-    /// Entries waiting behind each key's holder, oldest first (ids of entries that left the
-    /// queue meanwhile are skipped when the next holder is chosen).
-    blocked: HashMap<Arc<str>, VecDeque<u64>>,
+    /// Entries waiting behind each key's holder, oldest first, with how many of those ids
+    /// belong to entries that left the queue meanwhile (skipped when the next holder is chosen,
+    /// and swept out once they are half the list, so a key whose holder hangs cannot make the
+    /// list outgrow the queue).
+    blocked: HashMap<Arc<str>, (VecDeque<u64>, usize)>,
 }
 
 /// A queue.
@@ -89,6 +91,10 @@ pub struct Queue {
     pub(crate) expiry: BTreeSet<(u64, u64)>,
     /// The earliest expiry a timer is set for.
     pub(crate) expiry_timer_ms: Option<u64>,
+    /// When the `x-expires` timer is set for, if one is.
+    pub(crate) expires_timer_ms: Option<u64>,
+    /// Distinguishes this queue from earlier ones of the same name (for its timers).
+    pub(crate) incarnation: u64,
     pub(crate) ordering: Option<Ordering>,
     pub(crate) dedup: Option<DedupIndex>,
     /// Last time it was used (declared, consumed from, read with `basic.get`), for `x-expires`.
@@ -129,6 +135,8 @@ impl Queue {
             held_bytes: 0,
             expiry: BTreeSet::new(),
             expiry_timer_ms: None,
+            expires_timer_ms: None,
+            incarnation: 0,
             ordering,
             dedup,
             last_used_ms: 0,
@@ -175,7 +183,7 @@ impl Queue {
         let id = entry.id;
         if let (Some(ordering), Some(key)) = (self.ordering.as_mut(), entry.order_key.as_ref()) {
             if ordering.holders.contains_key(key) {
-                ordering.blocked.entry(Arc::clone(key)).or_default().push_back(id);
+                ordering.blocked.entry(Arc::clone(key)).or_default().0.push_back(id);
                 self.insert_ready(entry, false);
                 return;
             }
@@ -261,16 +269,25 @@ impl Queue {
     pub(crate) fn release_key(&mut self, entry: &Entry) {
         let (Some(ordering), Some(key)) = (self.ordering.as_mut(), entry.order_key.as_ref()) else { return };
         if ordering.holders.get(key) != Some(&entry.id) {
+            // One of the entries waiting behind the holder left (expired, dropped, purged).
+            if let Some((blocked, stale)) = ordering.blocked.get_mut(key) {
+                *stale += 1;
+                if *stale * 2 > blocked.len() {
+                    blocked.retain(|id| self.ready.contains_key(id) && *id != entry.id);
+                    *stale = 0;
+                }
+            }
             return;
         }
         ordering.holders.remove(key);
-        let Some(blocked) = ordering.blocked.get_mut(key) else { return };
+        let Some((blocked, stale)) = ordering.blocked.get_mut(key) else { return };
         while let Some(next) = blocked.pop_front() {
             if self.ready.contains_key(&next) {
                 ordering.holders.insert(Arc::clone(key), next);
                 ordering.deliverable.insert(next);
                 break;
             }
+            *stale = stale.saturating_sub(1);
         }
         if blocked.is_empty() {
             ordering.blocked.remove(key);

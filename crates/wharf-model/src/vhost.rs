@@ -96,6 +96,8 @@ pub struct VirtualHost {
     pub(crate) exchange_dedup: HashMap<String, DedupIndex>,
     /// Messages waiting in delayed-message exchanges.
     pub(crate) delayed: HashMap<String, DelayedHold>,
+    /// Queues created so far (each gets the next number as its incarnation).
+    queue_incarnations: u64,
 }
 
 /// A delayed message waiting in its exchange.
@@ -135,6 +137,7 @@ impl VirtualHost {
             policies: Vec::new(),
             exchange_dedup: HashMap::new(),
             delayed: HashMap::new(),
+            queue_incarnations: 0,
         };
         for (name, kind) in [
             ("", ExchangeKind::Direct),
@@ -355,7 +358,7 @@ impl VirtualHost {
             Queue::new(name.clone(), declare.durable, owner, declare.auto_delete, declare.arguments.clone(), settings);
         queue.store_queue = declare.store_queue;
         queue.dedup_store_queue = declare.dedup_store_queue;
-        self.queues.insert(name.clone(), queue);
+        self.restore_queue(queue);
         Ok(Declared { name, created: true })
     }
 
@@ -366,7 +369,9 @@ impl VirtualHost {
     }
 
     /// Adds a queue recovered from durable definitions (no checks: it was valid when declared).
-    pub fn restore_queue(&mut self, queue: Queue) {
+    pub fn restore_queue(&mut self, mut queue: Queue) {
+        self.queue_incarnations += 1;
+        queue.incarnation = self.queue_incarnations;
         self.queues.insert(queue.name.clone(), queue);
     }
 

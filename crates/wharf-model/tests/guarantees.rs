@@ -107,7 +107,8 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (prop::option::of(0u8..3), prop::option::of(1u16..400)).prop_map(|(order_key, ttl_ms)| Op::Publish { order_key, ttl_ms }),
+        4 => (prop::option::of(0u8..3), prop::option::of(prop_oneof![Just(0u16), 1u16..400]))
+            .prop_map(|(order_key, ttl_ms)| Op::Publish { order_key, ttl_ms }),
         4 => Just(Op::Get),
         2 => any::<usize>().prop_map(Op::Ack),
         3 => (any::<usize>(), any::<bool>()).prop_map(|(pick, requeue)| Op::Nack { pick, requeue }),
@@ -246,13 +247,21 @@ fn outcomes_of(effects: &Effects) -> Vec<Outcome> {
     outcomes
 }
 
+/// A delivery the harness holds: its tag, message, lease due time, and whether the lease ran out.
+#[derive(Debug, Clone)]
+struct Held {
+    tag: u64,
+    id: u64,
+    lease_due: Option<u64>,
+    expired: bool,
+}
+
 struct Harness {
     broker: BrokerModel,
     arguments: FieldTable,
     channel: ChannelKey,
-    next_channel: u16,
-    /// Delivery tags on the current channel, with the message id.
-    outstanding: Vec<(u64, u64)>,
+    /// Deliveries on the current channel.
+    outstanding: Vec<Held>,
 }
 
 impl Harness {
@@ -262,12 +271,12 @@ impl Harness {
         declare(&mut broker, "q", arguments.clone());
         let channel = key(1, 1);
         broker.open_channel(channel, "/").unwrap();
-        Harness { broker, arguments, channel, next_channel: 2, outstanding: Vec::new() }
+        Harness { broker, arguments, channel, outstanding: Vec::new() }
     }
 
+    /// Opens the channel again with the same number (as clients reuse channel numbers): timers of
+    /// the old one must not touch the new one's deliveries.
     fn reopen(&mut self) {
-        self.channel = key(1, self.next_channel);
-        self.next_channel += 1;
         self.broker.open_channel(self.channel, "/").unwrap();
         self.outstanding.clear();
     }
@@ -314,9 +323,13 @@ proptest! {
         backoff in prop::collection::vec(prop_oneof![Just(0u64), Just(50u64), Just(200u64)], 0..3),
         dead_letter_exchange in any::<bool>(),
         ordered in any::<bool>(),
+        lease_ms in prop::option::of(prop_oneof![Just(100u64), Just(250u64)]),
         ops in prop::collection::vec(op(), 1..70),
     ) {
         let mut pairs = vec![("x-delivery-limit", AMQPValue::LongInt(limit as i32))];
+        if let Some(lease_ms) = lease_ms {
+            pairs.push(("x-consumer-timeout", AMQPValue::LongLongInt(lease_ms as i64)));
+        }
         if !backoff.is_empty() {
             let steps = backoff.iter().map(|ms| AMQPValue::LongLongInt(*ms as i64)).collect::<Vec<_>>();
             pairs.push(("x-retry-backoff", AMQPValue::FieldArray(FieldArray::from(steps))));
@@ -363,7 +376,8 @@ proptest! {
                     let (delivery, effects) = harness.broker.get(harness.channel, "q", false).unwrap();
                     let got = delivery.map(|delivery| {
                         let id: u64 = String::from_utf8(delivery.message.body.to_vec()).unwrap().parse().unwrap();
-                        harness.outstanding.push((delivery.delivery_tag, id));
+                        let lease_due = lease_ms.map(|lease| now + lease);
+                        harness.outstanding.push(Held { tag: delivery.delivery_tag, id, lease_due, expired: false });
                         id
                     });
                     prop_assert_eq!(got, reference.get(&mut expected), "get");
@@ -374,15 +388,21 @@ proptest! {
                     continue;
                 }
                 Op::Ack(pick) => {
-                    let (tag, id) = harness.outstanding.remove(pick % harness.outstanding.len());
-                    actual = harness.broker.ack(harness.channel, tag, false).unwrap();
-                    reference.messages.retain(|message| message.id != id);
-                    expected.push((id, None));
+                    let held = harness.outstanding.remove(pick % harness.outstanding.len());
+                    actual = harness.broker.ack(harness.channel, held.tag, false).unwrap();
+                    // A late ack of a delivery whose lease ran out is ignored.
+                    if !held.expired {
+                        reference.messages.retain(|message| message.id != held.id);
+                        expected.push((held.id, None));
+                    }
                 }
                 Op::Nack { pick, requeue } => {
-                    let (tag, id) = harness.outstanding.remove(pick % harness.outstanding.len());
-                    actual = harness.broker.reject(harness.channel, tag, false, requeue).unwrap();
-                    if requeue {
+                    let held = harness.outstanding.remove(pick % harness.outstanding.len());
+                    actual = harness.broker.reject(harness.channel, held.tag, false, requeue).unwrap();
+                    let id = held.id;
+                    if held.expired {
+                        // Ignored, like a late ack.
+                    } else if requeue {
                         reference.give_back(id, true, &mut expected);
                     } else {
                         reference.leave(id, "rejected", &mut expected);
@@ -393,8 +413,10 @@ proptest! {
                 }
                 Op::CloseChannel => {
                     actual = harness.broker.close_channel(harness.channel);
-                    for (_, id) in std::mem::take(&mut harness.outstanding) {
-                        reference.give_back(id, false, &mut expected);
+                    for held in std::mem::take(&mut harness.outstanding) {
+                        if !held.expired {
+                            reference.give_back(held.id, false, &mut expected);
+                        }
                     }
                     reference.expire(&mut expected);
                     harness.reopen();
@@ -404,6 +426,13 @@ proptest! {
                     reference.now = now;
                     harness.broker.set_now(now);
                     actual = harness.broker.tick();
+                    // Leases that ran out give their message back (delivery limit applies).
+                    for held in harness.outstanding.iter_mut() {
+                        if !held.expired && held.lease_due.is_some_and(|due| due <= now) {
+                            held.expired = true;
+                            reference.give_back(held.id, false, &mut expected);
+                        }
+                    }
                     reference.wake();
                     reference.expire(&mut expected);
                 }
