@@ -216,11 +216,16 @@ const GATHER_IDLE_YIELDS_MAX: u32 = 8;
 /// The longest a batch waits for late arrivals: well under one `fdatasync`.
 const GATHER_TIME_MAX: Duration = Duration::from_micros(100);
 
+/// The group commit delay ends early after this long without a new operation.
+const GROUP_COMMIT_IDLE_GAP: Duration = Duration::from_micros(150);
+
 /// The writer thread's loop. Returns when the store is closed or every handle is gone.
 pub(crate) fn run(mut state: WriterState, receiver: Receiver<Op>) {
     let mut batch: Vec<Op> = Vec::new();
     let mut last_batch_len = 0;
+    let mut last_appends = 0;
     let ack_sync_interval = Duration::from_millis(state.config.ack_sync_interval_ms);
+    let group_commit_delay = Duration::from_micros(state.config.group_commit_delay_us);
     loop {
         // After a fatal error nothing will ever be synced again: wait for work, not for a timer.
         let lazy_deadline = state.acks.dirty_since.filter(|_| state.shared.check_fatal().is_ok());
@@ -239,8 +244,10 @@ pub(crate) fn run(mut state: WriterState, receiver: Receiver<Op>) {
             },
         };
         let mut batch_bytes = 0;
+        let mut appends_in_batch = 0;
         if let Some(op) = first {
             batch_bytes += op.bytes();
+            appends_in_batch += usize::from(matches!(op, Op::Append { .. }));
             batch.push(op);
         }
         // Gather: take what is queued; while fewer operations are here than the last batch
@@ -252,6 +259,7 @@ pub(crate) fn run(mut state: WriterState, receiver: Receiver<Op>) {
             match receiver.try_recv() {
                 Ok(op) => {
                     batch_bytes += op.bytes();
+                    appends_in_batch += usize::from(matches!(op, Op::Append { .. }));
                     batch.push(op);
                     idle_yields = 0;
                 }
@@ -266,6 +274,27 @@ pub(crate) fn run(mut state: WriterState, receiver: Receiver<Op>) {
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
+        // Group commit delay: under pipelined load, wait a little longer for more appends to
+        // share this batch's sync (see `StoreConfig::group_commit_delay_us`).
+        if appends_in_batch > 0 && last_appends >= 2 && !group_commit_delay.is_zero() {
+            while batch_bytes < state.config.batch_bytes_max {
+                let waited = gather_started.elapsed();
+                if waited >= group_commit_delay {
+                    break;
+                }
+                // Only while appends keep arriving: a quiet gap means every waiting appender is
+                // in (closed-loop callers), and waiting longer would only add latency.
+                match receiver.recv_timeout((group_commit_delay - waited).min(GROUP_COMMIT_IDLE_GAP)) {
+                    Ok(op) => {
+                        batch_bytes += op.bytes();
+                        appends_in_batch += usize::from(matches!(op, Op::Append { .. }));
+                        batch.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        last_appends = appends_in_batch;
         last_batch_len = batch.len();
         let append_bytes: u64 =
             batch.iter().map(|op| if let Op::Append { record, .. } = op { record.len() as u64 } else { 0 }).sum();

@@ -126,6 +126,15 @@ async fn bad_settings_are_refused_with_a_message_naming_them() {
     assert!(stderr.contains("no_such_setting"), "{stderr}");
 
     let output = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["serve", "--group-commit-delay-us", "5000000"])
+        .env("WHARF_DATA_DIR", temp.path().join("data"))
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("group_commit_delay_us must be at most"));
+
+    let output = Command::new(env!("CARGO_BIN_EXE_wharf"))
         .args(["serve", "--amqp-listen", "not-an-address"])
         .output()
         .await
