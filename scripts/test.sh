@@ -8,6 +8,11 @@ cd "$(dirname "$0")/.."
 # The crash property test's case count (the issue asks for at least 1,000 in CI).
 export WHARF_PROPTEST_CASES="${WHARF_PROPTEST_CASES:-1000}"
 
+# A throwaway PostgreSQL for the SDK's tests (installed from Debian if missing), stopped on exit.
+pg_dir=$(mktemp -d "${TMPDIR:-/tmp}/wharf-postgres.XXXXXX")
+trap 'scripts/postgres.sh stop "$pg_dir"' EXIT
+eval "$(scripts/postgres.sh start "$pg_dir")"
+
 cargo test --workspace --all-targets --locked
 # Doc tests (not part of --all-targets).
 cargo test --workspace --doc --locked
