@@ -111,6 +111,9 @@ impl TestBroker {
             )
             .await
             .unwrap();
+        // An external broker is shared by the tests (run them with --test-threads=1): start from
+        // an empty queue.
+        let _ = channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await;
         let mut arguments = FieldTable::default();
         if ordered {
             arguments.insert(
