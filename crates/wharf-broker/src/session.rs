@@ -40,6 +40,10 @@ struct PendingConfirm {
     tag: u64,
     tickets: Vec<Durable>,
     failed: bool,
+    /// The `basic.return` of an unroutable mandatory publish: sent right before this publish's
+    /// own (unbatched) ack, so a client can tell which publish came back (RabbitMQ's order:
+    /// return, then ack).
+    returned: Option<Outbound>,
 }
 
 struct Confirms {
@@ -790,8 +794,11 @@ impl Session {
                     match op {
                         TxOp::Publish(publish) => {
                             let (publish, message) = *publish;
-                            let (published, _) = self.publish_now(channel, &publish, message)?;
+                            let (published, _, returned) = self.publish_now(channel, &publish, message)?;
                             tickets.extend(published);
+                            if let Some(returned) = returned {
+                                let _ = self.outbound.send(returned);
+                            }
                         }
                         settle => self.apply_settle(channel, settle)?,
                     }
@@ -912,10 +919,18 @@ impl Session {
         // this worker meanwhile.
         let published = blocking(|| self.publish_now(channel, &publish, message));
         match published {
-            Ok((tickets, failed)) => {
-                if let Some(confirms) = self.channels.get_mut(&channel).and_then(|state| state.confirms.as_mut()) {
-                    confirms.last_tag += 1;
-                    let _ = confirms.sender.send(PendingConfirm { tag: confirms.last_tag, tickets, failed });
+            Ok((tickets, failed, returned)) => {
+                match self.channels.get_mut(&channel).and_then(|state| state.confirms.as_mut()) {
+                    Some(confirms) => {
+                        confirms.last_tag += 1;
+                        let _ =
+                            confirms.sender.send(PendingConfirm { tag: confirms.last_tag, tickets, failed, returned });
+                    }
+                    None => {
+                        if let Some(returned) = returned {
+                            let _ = self.outbound.send(returned);
+                        }
+                    }
                 }
                 Ok(())
             }
@@ -934,7 +949,7 @@ impl Session {
         channel: u16,
         publish: &basic::Publish,
         message: Message,
-    ) -> Result<(Vec<Durable>, bool), ModelError> {
+    ) -> Result<(Vec<Durable>, bool, Option<Outbound>), ModelError> {
         let message = Arc::new(message);
         let core = Arc::clone(&self.core);
         let exchange_name = publish.exchange.as_str();
@@ -951,7 +966,7 @@ impl Session {
                 placed.duplicate = true;
                 drop(model);
                 let durable = core.durable(&mut placed);
-                return Ok((durable, placed.failed));
+                return Ok((durable, placed.failed, None));
             }
             Admission::Accept { dedup_key } => dedup_key,
             Admission::Refused { .. } => None,
@@ -983,7 +998,7 @@ impl Session {
                     }
                     Err(error) => {
                         core.store_failed(&error);
-                        return Ok((Vec::new(), true));
+                        return Ok((Vec::new(), true, None));
                     }
                 }
             }
@@ -991,26 +1006,26 @@ impl Session {
             let due_ms = model.now_ms().saturating_add(delay_ms);
             model.hold_delayed(&self.vhost, exchange_name, Arc::clone(&message), store_seq, due_ms);
             drop(model);
-            return Ok((core.durable(&mut placed), false));
+            return Ok((core.durable(&mut placed), false, None));
         }
         core.place(&mut model, &self.vhost, &queues, &message, true, &mut placed);
-        if !placed.refused && !placed.failed {
+        // Remembered only if the publish reached a queue and went through whole: a message
+        // that was returned unroutable (or refused) must not make its retry a "duplicate".
+        if !queues.is_empty() && !placed.refused && !placed.failed {
             remember(&mut model, &mut placed);
         }
         drop(model);
         for effects in std::mem::take(&mut placed.later) {
             core.apply(effects);
         }
-        if queues.is_empty() && publish.mandatory {
-            let _ = self.outbound.send(Outbound::Return {
-                channel,
-                reply_code: NO_ROUTE.0,
-                reply_text: NO_ROUTE.1,
-                message: Arc::clone(&message),
-            });
-        }
+        let returned = (queues.is_empty() && publish.mandatory).then(|| Outbound::Return {
+            channel,
+            reply_code: NO_ROUTE.0,
+            reply_text: NO_ROUTE.1,
+            message: Arc::clone(&message),
+        });
         let durable = core.durable(&mut placed);
-        Ok((durable, placed.failed || placed.refused))
+        Ok((durable, placed.failed || placed.refused, returned))
     }
 }
 
@@ -1087,6 +1102,25 @@ async fn confirm_loop(
             if let Err(error) = ticket.wait().await {
                 core.store_failed(&error);
                 ok = false;
+            }
+        }
+        if let Some(returned) = confirm.returned {
+            // Acks before it go first, then the return, then its own ack alone.
+            if let Some(tag) = run_end.take() {
+                send(ack(tag));
+            }
+            {
+                let closed = closed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                if !*closed {
+                    let _ = outbound.send(returned);
+                }
+            }
+            if ok {
+                send(AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+                    delivery_tag: confirm.tag,
+                    multiple: false,
+                })));
+                continue;
             }
         }
         if ok {

@@ -127,6 +127,7 @@ pub async fn run_consumer<H: Handler>(
     handler: H,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
+    let shutdown = &mut shutdown;
     if config.concurrency == 0 || config.prefetch == 0 {
         return Err(SdkError::Config("the consumer's concurrency and prefetch must be at least 1".into()));
     }
@@ -136,7 +137,7 @@ pub async fn run_consumer<H: Handler>(
         if *shutdown.borrow() {
             return Ok(());
         }
-        match consume_once(&config, &handler, &mut shutdown).await {
+        match consume_once(&config, &handler, shutdown).await {
             Ok(()) => return Ok(()),
             Err(error) => {
                 failures += 1;
@@ -144,7 +145,7 @@ pub async fn run_consumer<H: Handler>(
                 tracing::warn!(%error, delay_ms, queue = %config.queue, "consumer lost its connection; reconnecting");
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_millis(delay_ms)) => {}
-                    _ = shutdown.changed() => {}
+                    () = crate::relay::stopped(shutdown) => {}
                 }
             }
         }
@@ -168,11 +169,9 @@ async fn consume_once<H: Handler>(
     let mut running = JoinSet::new();
     let outcome = loop {
         tokio::select! {
-            _ = shutdown.changed() => {
-                if *shutdown.borrow() {
-                    let _ = channel.basic_cancel(consumer.tag().as_str().into(), BasicCancelOptions::default()).await;
-                    break Ok(());
-                }
+            () = crate::relay::stopped(shutdown) => {
+                let _ = channel.basic_cancel(consumer.tag().as_str().into(), BasicCancelOptions::default()).await;
+                break Ok(());
             }
             next = consumer.next() => {
                 let delivery = match next {
@@ -183,7 +182,13 @@ async fn consume_once<H: Handler>(
                 let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { break Ok(()) };
                 let handler = Arc::clone(handler);
                 running.spawn(async move {
-                    let outcome = handler.handle(incoming(&delivery)).await;
+                    // A handler that panics has its message requeued (not left unsettled,
+                    // holding a prefetch slot and, on an ordered queue, its key).
+                    let handled = std::panic::AssertUnwindSafe(handler.handle(incoming(&delivery)));
+                    let outcome = futures_lite::FutureExt::catch_unwind(handled).await.unwrap_or_else(|_| {
+                        tracing::error!("a handler panicked; its message is requeued");
+                        Outcome::Retry
+                    });
                     let settled = match outcome {
                         Outcome::Ack => delivery.ack(BasicAckOptions::default()).await,
                         Outcome::Retry => delivery.nack(BasicNackOptions { multiple: false, requeue: true }).await,

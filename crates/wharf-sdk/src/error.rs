@@ -15,6 +15,21 @@ pub enum SdkError {
         /// The message refused.
         message_id: String,
     },
+    /// The broker took the message but no queue received it (no binding matched).
+    #[error("message {message_id} reached no queue (nothing is bound for its routing key)")]
+    Unroutable {
+        /// The message.
+        message_id: String,
+    },
+    /// The broker closed the channel over a publish (an exchange that does not exist, a body over
+    /// its limit, an access it refuses): the reply code and text.
+    #[error("the broker refused a publish: {code} {text}")]
+    Refused {
+        /// AMQP reply code (403, 404, 406, …).
+        code: u16,
+        /// The broker's reply text.
+        text: String,
+    },
     /// An event that can never be published (the reason says why); the relay marks it failed.
     #[error("event {id} cannot be published: {reason}")]
     Invalid {

@@ -87,6 +87,11 @@ impl Event {
         {
             return Err(invalid(format!("the ordering key is longer than {NAME_BYTES_MAX} bytes")));
         }
+        if let Some(content_type) = &self.content_type
+            && content_type.len() > NAME_BYTES_MAX
+        {
+            return Err(invalid(format!("the content type is longer than {NAME_BYTES_MAX} bytes")));
+        }
         if let Some(name) = self.headers.keys().find(|name| name.is_empty() || name.len() > NAME_BYTES_MAX) {
             return Err(invalid(format!("header name '{name}' must be 1 to {NAME_BYTES_MAX} bytes")));
         }

@@ -20,6 +20,41 @@ pub enum Seen {
     Again,
 }
 
+/// A message without an id cannot be de-duplicated: refusing it beats treating every id-less
+/// message as a duplicate of the first.
+fn check_id(message_id: &str) -> Result<()> {
+    if message_id.is_empty() {
+        return Err(crate::SdkError::Invalid {
+            id: String::new(),
+            reason: "a message without a message id cannot go through the inbox".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Deletes old entries every `interval` until `shutdown` turns true (run it next to the
+/// consumer).
+pub async fn purge_periodically<F, Fut>(
+    mut purge: F,
+    interval: std::time::Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64>>,
+{
+    loop {
+        match purge().await {
+            Ok(purged) if purged > 0 => tracing::debug!(purged, "old inbox entries deleted"),
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "purging the inbox failed"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = crate::relay::stopped(&mut shutdown) => return,
+        }
+    }
+}
+
 /// How long inbox entries are kept by default: 7 days.
 pub const INBOX_RETENTION_MS_DEFAULT: i64 = 7 * 24 * 60 * 60 * 1000;
 
@@ -70,6 +105,7 @@ mod postgres {
         /// whether it was new. A concurrent transaction recording the same id waits for the first
         /// one and then sees `Again` (or `First`, if the first rolled back).
         pub async fn handle(&self, tx: &mut Transaction<'_, Postgres>, message_id: &str) -> Result<Seen> {
+            check_id(message_id)?;
             let inserted = sqlx::query(
                 "INSERT INTO wharf_inbox (consumer, message_id, processed_at) VALUES ($1, $2, $3)
                  ON CONFLICT (consumer, message_id) DO NOTHING",
@@ -134,6 +170,7 @@ mod sqlite {
         /// Records `message_id` for this consumer inside the caller's transaction and says
         /// whether it was new.
         pub async fn handle(&self, tx: &mut Transaction<'_, Sqlite>, message_id: &str) -> Result<Seen> {
+            check_id(message_id)?;
             let inserted = sqlx::query(
                 "INSERT INTO wharf_inbox (consumer, message_id, processed_at) VALUES (?, ?, ?)
                  ON CONFLICT (consumer, message_id) DO NOTHING",

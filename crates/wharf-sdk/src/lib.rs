@@ -104,7 +104,7 @@ pub use event::{Event, ORDERING_KEY_HEADER};
 pub use inbox::PgInbox;
 #[cfg(feature = "sqlite")]
 pub use inbox::SqliteInbox;
-pub use inbox::{INBOX_RETENTION_MS_DEFAULT, Seen};
+pub use inbox::{INBOX_RETENTION_MS_DEFAULT, Seen, purge_periodically};
 #[cfg(feature = "postgres")]
 pub use outbox::PgOutbox;
 #[cfg(feature = "sqlite")]

@@ -51,8 +51,13 @@ pub trait OutboxStore: Send + Sync + 'static {
     fn mark_sent(&self, seqs: &[i64], now_ms: i64) -> impl Future<Output = Result<()>> + Send;
     /// Marks a row failed for good, with the reason.
     fn mark_failed(&self, seq: i64, reason: &str) -> impl Future<Output = Result<()>> + Send;
-    /// Gives claimed rows back (their publish did not go through), for another attempt.
-    fn release(&self, seqs: &[i64]) -> impl Future<Output = Result<()>> + Send;
+    /// Gives rows `relay` claimed back (their publish did not go through: the broker was
+    /// unreachable), for another attempt. Rows another relay claimed since are left alone.
+    fn release(&self, relay: &str, seqs: &[i64]) -> impl Future<Output = Result<()>> + Send;
+    /// The broker refused a row (nack, or no queue took it): counts the refusal and gives the
+    /// row back, or marks it failed with `reason` once it was refused `limit` times. Returns true
+    /// if it is now failed.
+    fn refuse(&self, seq: i64, reason: &str, limit: i32) -> impl Future<Output = Result<bool>> + Send;
     /// Deletes rows sent before `sent_before_ms`; returns how many.
     fn purge_sent(&self, sent_before_ms: i64) -> impl Future<Output = Result<u64>> + Send;
     /// Waits until new rows may be there (a notification, or `timeout`).
@@ -110,6 +115,7 @@ mod postgres {
             claimed_by TEXT,
             claimed_until BIGINT,
             attempts INTEGER NOT NULL DEFAULT 0,
+            refusals INTEGER NOT NULL DEFAULT 0,
             sent_at BIGINT,
             failure TEXT)",
         "CREATE INDEX IF NOT EXISTS wharf_outbox_pending ON wharf_outbox (seq) WHERE status = 0",
@@ -260,18 +266,39 @@ mod postgres {
             Ok(())
         }
 
-        async fn release(&self, seqs: &[i64]) -> Result<()> {
+        async fn release(&self, relay: &str, seqs: &[i64]) -> Result<()> {
             if seqs.is_empty() {
                 return Ok(());
             }
             sqlx::query(
-                "UPDATE wharf_outbox SET claimed_by = NULL, claimed_until = NULL WHERE seq = ANY($1) AND status = $2",
+                "UPDATE wharf_outbox SET claimed_by = NULL, claimed_until = NULL
+                 WHERE seq = ANY($1) AND status = $2 AND claimed_by = $3",
             )
             .bind(seqs)
             .bind(PENDING)
+            .bind(relay)
             .execute(&self.pool)
             .await?;
             Ok(())
+        }
+
+        async fn refuse(&self, seq: i64, reason: &str, limit: i32) -> Result<bool> {
+            let row = sqlx::query(
+                "UPDATE wharf_outbox SET refusals = refusals + 1, claimed_by = NULL, claimed_until = NULL,
+                    status = CASE WHEN refusals + 1 >= $1 THEN $2 ELSE status END,
+                    failure = CASE WHEN refusals + 1 >= $1 THEN $3 ELSE failure END
+                 WHERE seq = $4 RETURNING status",
+            )
+            .bind(limit)
+            .bind(FAILED)
+            .bind(reason)
+            .bind(seq)
+            .fetch_optional(&self.pool)
+            .await?;
+            Ok(match row {
+                Some(row) => row.try_get::<i16, _>("status")? == FAILED,
+                None => false,
+            })
         }
 
         async fn purge_sent(&self, sent_before_ms: i64) -> Result<u64> {
@@ -329,6 +356,7 @@ mod sqlite {
             claimed_by TEXT,
             claimed_until INTEGER,
             attempts INTEGER NOT NULL DEFAULT 0,
+            refusals INTEGER NOT NULL DEFAULT 0,
             sent_at INTEGER,
             failure TEXT)",
         "CREATE INDEX IF NOT EXISTS wharf_outbox_pending ON wharf_outbox (seq) WHERE status = 0",
@@ -477,19 +505,40 @@ mod sqlite {
             Ok(())
         }
 
-        async fn release(&self, seqs: &[i64]) -> Result<()> {
+        async fn release(&self, relay: &str, seqs: &[i64]) -> Result<()> {
             for chunk in seqs.chunks(500) {
                 let sql = format!(
-                    "UPDATE wharf_outbox SET claimed_by = NULL, claimed_until = NULL WHERE status = ? AND seq IN ({})",
+                    "UPDATE wharf_outbox SET claimed_by = NULL, claimed_until = NULL
+                     WHERE status = ? AND claimed_by = ? AND seq IN ({})",
                     placeholders(chunk.len())
                 );
-                let mut query = sqlx::query(&sql).bind(PENDING);
+                let mut query = sqlx::query(&sql).bind(PENDING).bind(relay);
                 for seq in chunk {
                     query = query.bind(seq);
                 }
                 query.execute(&self.pool).await?;
             }
             Ok(())
+        }
+
+        async fn refuse(&self, seq: i64, reason: &str, limit: i32) -> Result<bool> {
+            let row = sqlx::query(
+                "UPDATE wharf_outbox SET refusals = refusals + 1, claimed_by = NULL, claimed_until = NULL,
+                    status = CASE WHEN refusals + 1 >= ? THEN ? ELSE status END,
+                    failure = CASE WHEN refusals + 1 >= ? THEN ? ELSE failure END
+                 WHERE seq = ? RETURNING status",
+            )
+            .bind(limit)
+            .bind(FAILED)
+            .bind(limit)
+            .bind(reason)
+            .bind(seq)
+            .fetch_optional(&self.pool)
+            .await?;
+            Ok(match row {
+                Some(row) => row.try_get::<i64, _>("status")? == i64::from(FAILED),
+                None => false,
+            })
         }
 
         async fn purge_sent(&self, sent_before_ms: i64) -> Result<u64> {

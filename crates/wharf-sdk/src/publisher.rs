@@ -11,6 +11,26 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use std::collections::VecDeque;
 use std::time::Duration;
 
+/// The longest wait for a connection, or for one confirm, before the connection counts as lost.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A channel-level refusal from the broker (its reply code and text), if `error` is one.
+fn refusal(error: &lapin::Error) -> Option<(u16, String)> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) if matches!(amqp.get_id(), 403..=406) => {
+            Some((amqp.get_id(), amqp.to_string()))
+        }
+        _ => None,
+    }
+}
+
+fn classify(error: lapin::Error) -> SdkError {
+    match refusal(&error) {
+        Some((code, text)) => SdkError::Refused { code, text },
+        None => SdkError::Amqp(error),
+    }
+}
+
 /// How the publisher connects and paces itself.
 #[derive(Debug, Clone)]
 pub struct PublisherConfig {
@@ -25,9 +45,9 @@ pub struct PublisherConfig {
 }
 
 impl PublisherConfig {
-    /// Defaults: a window of 1,000, 10 reconnection attempts, backing off up to 5 s.
+    /// Defaults: a window of 1,000, 5 reconnection attempts, backing off up to 5 s.
     pub fn new(url: impl Into<String>) -> PublisherConfig {
-        PublisherConfig { url: url.into(), window: 1000, reconnect_attempts_max: 10, reconnect_delay_ms_max: 5000 }
+        PublisherConfig { url: url.into(), window: 1000, reconnect_attempts_max: 5, reconnect_delay_ms_max: 5000 }
     }
 }
 
@@ -54,8 +74,10 @@ pub(crate) fn properties(event: &Event) -> BasicProperties {
         .with_delivery_mode(2)
         .with_message_id(event.id.as_str().into())
         .with_headers(headers);
-    if let Some(content_type) = &event.content_type {
-        properties = properties.with_content_type(content_type.as_str().into());
+    if let Some(content_type) = &event.content_type
+        && let Ok(content_type) = lapin::types::ShortString::try_new(content_type.as_str())
+    {
+        properties = properties.with_content_type(content_type);
     }
     properties
 }
@@ -77,7 +99,12 @@ impl ConfirmedPublisher {
             return Ok(channel.clone());
         }
         self.open = None;
-        let connection = Connection::connect(&self.config.url, ConnectionProperties::default()).await?;
+        let connection = tokio::time::timeout(
+            BROKER_TIMEOUT,
+            Connection::connect(&self.config.url, ConnectionProperties::default()),
+        )
+        .await
+        .map_err(|_| SdkError::Unreachable("connecting timed out".into()))??;
         let channel = connection.create_channel().await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
         self.open = Some((connection, channel.clone()));
@@ -123,11 +150,14 @@ impl ConfirmedPublisher {
         self.publish_all(std::slice::from_ref(event)).await.pop().unwrap_or(Ok(()))
     }
 
-    /// Publishes the events in order, at most `window` unconfirmed at a time, and returns one
-    /// outcome per event: `Ok` once the broker confirmed it, `Nacked` if the broker refused it.
-    /// A connection loss is not an outcome: the publisher reconnects (backing off) and publishes
-    /// again whatever was not yet confirmed, with the same message ids; only when every attempt
-    /// failed do the rest end as `Unreachable`.
+    /// Publishes the events in order (mandatory: a message no queue receives is reported, not
+    /// silently dropped), at most `window` unconfirmed at a time, and returns one outcome per
+    /// event: `Ok` once the broker confirmed it and a queue took it; `Nacked` if the broker
+    /// refused it; `Unroutable` if no queue took it; `Refused` for every event still unconfirmed
+    /// when the broker closed the channel over one of them (the caller cannot know which one: it
+    /// publishes them again one at a time). A connection loss is not an outcome: the publisher
+    /// reconnects (backing off) and publishes again whatever was not yet confirmed, with the same
+    /// message ids; only when every attempt failed do the rest end as `Unreachable`.
     pub async fn publish_all(&mut self, events: &[Event]) -> Vec<Result<()>> {
         let mut outcomes: Vec<Option<Result<()>>> = events.iter().map(|_| None).collect();
         let mut failures = 0u32;
@@ -138,6 +168,13 @@ impl ConfirmedPublisher {
             }
             match self.publish_pending(events, &pending, &mut outcomes).await {
                 Ok(()) => failures = 0,
+                Err(SdkError::Refused { code, text }) => {
+                    self.reset();
+                    for outcome in outcomes.iter_mut().filter(|outcome| outcome.is_none()) {
+                        *outcome = Some(Err(SdkError::Refused { code, text: text.clone() }));
+                    }
+                    break;
+                }
                 Err(error) => {
                     self.reset();
                     failures += 1;
@@ -171,16 +208,26 @@ impl ConfirmedPublisher {
                 settle(events, oldest, confirm, outcomes).await?;
             }
             let event = &events[index];
-            let confirm = channel
+            let published = channel
                 .basic_publish(
                     event.exchange.as_str().into(),
                     event.routing_key.as_str().into(),
-                    BasicPublishOptions::default(),
+                    BasicPublishOptions { mandatory: true, ..Default::default() },
                     &event.body,
                     properties(event),
                 )
-                .await?;
-            in_flight.push_back((index, confirm));
+                .await;
+            match published {
+                Ok(confirm) => in_flight.push_back((index, confirm)),
+                Err(error) => {
+                    // The channel may have been closed over an earlier publish: the reason is in
+                    // the confirms still waiting.
+                    while let Some((earlier, confirm)) = in_flight.pop_front() {
+                        settle(events, earlier, confirm, outcomes).await?;
+                    }
+                    return Err(classify(error));
+                }
+            }
         }
         while let Some((index, confirm)) = in_flight.pop_front() {
             settle(events, index, confirm, outcomes).await?;
@@ -195,11 +242,15 @@ async fn settle(
     confirm: lapin::PublisherConfirm,
     outcomes: &mut [Option<Result<()>>],
 ) -> Result<()> {
-    let confirmation = confirm.await?;
-    outcomes[index] = Some(if confirmation.is_ack() {
-        Ok(())
-    } else {
-        Err(SdkError::Nacked { message_id: events[index].id.clone() })
+    let confirmation = tokio::time::timeout(BROKER_TIMEOUT, confirm)
+        .await
+        .map_err(|_| SdkError::Unreachable("no confirm in time".into()))?
+        .map_err(classify)?;
+    let message_id = events[index].id.clone();
+    outcomes[index] = Some(match confirmation {
+        lapin::Confirmation::Ack(None) => Ok(()),
+        lapin::Confirmation::Ack(Some(_)) => Err(SdkError::Unroutable { message_id }),
+        lapin::Confirmation::Nack(_) | lapin::Confirmation::NotRequested => Err(SdkError::Nacked { message_id }),
     });
     Ok(())
 }

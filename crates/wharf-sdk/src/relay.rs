@@ -31,25 +31,30 @@ pub struct RelayConfig {
     pub poll_interval_ms: u64,
     /// Sent rows are deleted after this long.
     pub retention_ms: i64,
+    /// How often sent rows past their retention are looked for.
+    pub housekeeping_interval_ms: i64,
     /// Largest body the broker takes (the relay marks larger rows failed instead of having the
     /// broker close its channel).
     pub message_bytes_max: usize,
-    /// After this many attempts the broker refused (nacked), a row is marked failed.
-    pub attempts_max: i32,
+    /// After the broker refused a row this many times (nacked it, or no queue took it), the row
+    /// is marked failed.
+    pub refusals_max: i32,
 }
 
 impl RelayConfig {
-    /// Defaults: batches of 500, a 30 s lease, a 1 s poll fallback, sent rows kept 1 hour,
-    /// 128 MiB bodies (the broker's default limit), 100 attempts.
+    /// Defaults: batches of 500, a 60 s lease (longer than the publisher's reconnection attempts
+    /// take), a 1 s poll fallback, sent rows kept 1 hour (looked for every minute), 128 MiB bodies
+    /// (the broker's default limit), 20 refusals.
     pub fn new(url: impl Into<String>) -> RelayConfig {
         RelayConfig {
             publisher: PublisherConfig::new(url),
             batch_size: 500,
-            lease_ms: 30_000,
+            lease_ms: 60_000,
             poll_interval_ms: 1_000,
             retention_ms: 60 * 60 * 1000,
+            housekeeping_interval_ms: 60_000,
             message_bytes_max: 128 * 1024 * 1024,
-            attempts_max: 100,
+            refusals_max: 20,
         }
     }
 }
@@ -90,8 +95,10 @@ impl<S: OutboxStore> Relay<S> {
         &self.store
     }
 
-    /// Runs until `shutdown` turns true: rounds back to back while there is work, waiting for
-    /// work otherwise, backing off on errors (database or broker unreachable).
+    /// Runs until `shutdown` turns true (or its sender is dropped): rounds back to back while
+    /// there is work, waiting for work otherwise, backing off on errors (database or broker
+    /// unreachable). A stop interrupts a round in progress: what it had claimed and not marked
+    /// is published again after its lease.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<()> {
         let mut failures = 0u32;
         let mut last_purge_ms = 0;
@@ -100,7 +107,7 @@ impl<S: OutboxStore> Relay<S> {
                 return Ok(());
             }
             let now = now_ms();
-            if now - last_purge_ms > 60_000 {
+            if now - last_purge_ms >= self.config.housekeeping_interval_ms {
                 last_purge_ms = now;
                 match self.store.purge_sent(now - self.config.retention_ms).await {
                     Ok(purged) if purged > 0 => tracing::debug!(purged, "outbox rows past retention deleted"),
@@ -108,7 +115,11 @@ impl<S: OutboxStore> Relay<S> {
                     Err(error) => tracing::warn!(%error, "purging sent outbox rows failed"),
                 }
             }
-            let wait = match self.round().await {
+            let round = tokio::select! {
+                round = self.round() => round,
+                _ = stopped(&mut shutdown) => return Ok(()),
+            };
+            let wait = match round {
                 Ok(report) if report.sent + report.failed + report.released > 0 => {
                     failures = 0;
                     if report.released > 0 {
@@ -120,9 +131,11 @@ impl<S: OutboxStore> Relay<S> {
                 }
                 Ok(_) => {
                     failures = 0;
+                    let idle = Duration::from_millis(self.config.poll_interval_ms)
+                        .min(Duration::from_millis(self.config.housekeeping_interval_ms.max(1) as u64));
                     tokio::select! {
-                        () = self.store.wait_for_work(Duration::from_millis(self.config.poll_interval_ms)) => {}
-                        _ = shutdown.changed() => {}
+                        () = self.store.wait_for_work(idle) => {}
+                        _ = stopped(&mut shutdown) => return Ok(()),
                     }
                     continue;
                 }
@@ -135,7 +148,7 @@ impl<S: OutboxStore> Relay<S> {
             };
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => {}
+                _ = stopped(&mut shutdown) => return Ok(()),
             }
         }
     }
@@ -167,13 +180,17 @@ impl<S: OutboxStore> Relay<S> {
         let events: Vec<Event> = publishable.iter().map(|row| row.event.clone()).collect();
         let outcomes = self.publisher.publish_all(&events).await;
         let mut sent = Vec::new();
+        let mut suspects = Vec::new();
         for (row, outcome) in publishable.iter().zip(outcomes) {
             match outcome {
                 Ok(()) => sent.push(row.seq),
-                Err(SdkError::Nacked { .. }) if row.attempts >= self.config.attempts_max => {
-                    let reason = format!("the broker refused it {} times", row.attempts);
-                    self.store.mark_failed(row.seq, &reason).await?;
-                    report.failed += 1;
+                Err(SdkError::Refused { .. }) => suspects.push(row),
+                Err(error @ (SdkError::Nacked { .. } | SdkError::Unroutable { .. })) => {
+                    if self.refuse(row, &error.to_string()).await? {
+                        report.failed += 1;
+                    } else {
+                        report.released += 1;
+                    }
                 }
                 Err(error) => {
                     tracing::warn!(id = %row.event.id, %error, "publish did not go through; will retry");
@@ -181,13 +198,47 @@ impl<S: OutboxStore> Relay<S> {
                 }
             }
         }
+        // The broker closed the channel over one of these, not knowing which: one at a time,
+        // the refusal falls on the row that causes it.
+        if !suspects.is_empty() {
+            self.known_exchanges.clear();
+            for row in suspects {
+                match self.publisher.publish(&row.event).await {
+                    Ok(()) => sent.push(row.seq),
+                    Err(SdkError::Refused { code, text }) => {
+                        let reason = format!("the broker refused it: {code} {text}");
+                        tracing::error!(id = %row.event.id, %reason, "outbox event cannot be published; marked failed");
+                        self.store.mark_failed(row.seq, &reason).await?;
+                        report.failed += 1;
+                    }
+                    Err(error @ (SdkError::Nacked { .. } | SdkError::Unroutable { .. })) => {
+                        if self.refuse(row, &error.to_string()).await? {
+                            report.failed += 1;
+                        } else {
+                            report.released += 1;
+                        }
+                    }
+                    Err(_) => given_back.push(row.seq),
+                }
+            }
+        }
         // Marked sent only now that the broker confirmed them. If this fails (or the process
         // dies first), the lease runs out and they are published again: at least once.
         self.store.mark_sent(&sent, now_ms()).await?;
         report.sent = sent.len();
-        self.store.release(&given_back).await?;
-        report.released = given_back.len();
+        self.store.release(&self.id, &given_back).await?;
+        report.released += given_back.len();
         Ok(report)
+    }
+
+    async fn refuse(&self, row: &OutboxRow, reason: &str) -> Result<bool> {
+        let failed = self.store.refuse(row.seq, reason, self.config.refusals_max).await?;
+        if failed {
+            tracing::error!(id = %row.event.id, %reason, "outbox event refused too often; marked failed");
+        } else {
+            tracing::warn!(id = %row.event.id, %reason, "the broker refused an outbox event; will retry");
+        }
+        Ok(failed)
     }
 
     /// Why an event can never be published, if it cannot.
@@ -210,4 +261,9 @@ impl<S: OutboxStore> Relay<S> {
         }
         Ok(None)
     }
+}
+
+/// Resolves once `shutdown` is true or its sender is gone (either way: stop).
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
 }

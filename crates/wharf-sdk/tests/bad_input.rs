@@ -42,8 +42,10 @@ async fn bad_rows_are_marked_failed_with_the_reason_and_block_only_their_own_key
     write(Event::new("no-such-exchange", "x", "lost").with_id("bad-exchange").ordered_by("A")).await;
     write(Event::new("orders", "order.received", "{}").with_id("a-2").ordered_by("A").with_header("order-id", "a-2"))
         .await;
-    // Customer B: a body over the relay's limit, then a good one.
+    // Customer B: a body over the relay's limit, then a good one (also waits behind it).
     write(Event::new("orders", "order.received", vec![b'x'; 5_000]).with_id("too-big").ordered_by("B")).await;
+    write(Event::new("orders", "order.received", "{}").with_id("b-2").ordered_by("B").with_header("order-id", "b-2"))
+        .await;
     // Other customers flow regardless.
     for index in 0..5 {
         let id = format!("c-{index}");
@@ -55,15 +57,20 @@ async fn bad_rows_are_marked_failed_with_the_reason_and_block_only_their_own_key
         )
         .await;
     }
+    // Customer D: routed nowhere (nothing is bound for this key): refused, not counted as sent.
+    write(Event::new("orders", "nothing.is.bound.here", "{}").with_id("unrouted").ordered_by("D")).await;
     let (stop, stopped) = watch::channel(false);
     let mut config = relay_config(&broker.url());
     config.message_bytes_max = 4_096;
+    config.refusals_max = 2;
     let relay = tokio::spawn(shop.relay(config).run(stopped.clone()));
-    let failed = wait_failed(|| async { outbox.failed().await.unwrap() }, 2).await;
+    let failed = wait_failed(|| async { outbox.failed().await.unwrap() }, 3).await;
     assert_eq!(failed[0].0, "bad-exchange");
     assert!(failed[0].1.contains("unknown exchange 'no-such-exchange'"), "{failed:?}");
     assert_eq!(failed[1].0, "too-big");
     assert!(failed[1].1.contains("larger than the broker's limit of 4096 bytes"), "{failed:?}");
+    assert_eq!(failed[2].0, "unrouted");
+    assert!(failed[2].1.contains("reached no queue"), "{failed:?}");
     // The other customers' events went through; A's second event waits behind its failed first.
     let consuming = tokio::spawn(wharf_sdk::run_consumer(
         wharf_sdk::ConsumerConfig::new(broker.url(), "payments"),
@@ -71,7 +78,9 @@ async fn bad_rows_are_marked_failed_with_the_reason_and_block_only_their_own_key
         stopped.clone(),
     ));
     eventually("the other customers' events are consumed", || async { shop.payments().await.len() >= 5 }).await;
-    assert!(!shop.payments().await.iter().any(|(id, _)| id == "a-2"), "a-2 must not overtake its failed predecessor");
+    let paid = shop.payments().await;
+    assert!(!paid.iter().any(|(id, _)| id == "a-2"), "a-2 must not overtake its failed predecessor");
+    assert!(!paid.iter().any(|(id, _)| id == "b-2"), "b-2 must not overtake its failed predecessor");
     // The operator fixes the cause and retries: A's events go, in order.
     {
         use lapin::options::ExchangeDeclareOptions;
@@ -87,6 +96,24 @@ async fn bad_rows_are_marked_failed_with_the_reason_and_block_only_their_own_key
             )
             .await
             .unwrap();
+        channel
+            .queue_declare(
+                "rescued".into(),
+                lapin::options::QueueDeclareOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                "rescued".into(),
+                "no-such-exchange".into(),
+                "".into(),
+                lapin::options::QueueBindOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
         connection.close(200, "done".into()).await.unwrap();
     }
     assert!(outbox.retry_failed("bad-exchange").await.unwrap());
@@ -94,6 +121,16 @@ async fn bad_rows_are_marked_failed_with_the_reason_and_block_only_their_own_key
         shop.payments().await.iter().any(|(id, _)| id == "a-2")
     })
     .await;
+    // The retried event itself reached a queue (publishes are mandatory: an unroutable one would
+    // have been refused, not counted as sent).
+    {
+        let connection =
+            lapin::Connection::connect(&broker.url(), lapin::ConnectionProperties::default()).await.unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let got = channel.basic_get("rescued".into(), lapin::options::BasicGetOptions { no_ack: true }).await.unwrap();
+        assert_eq!(got.expect("the retried event is in the queue").delivery.data, b"lost");
+        connection.close(200, "done".into()).await.unwrap();
+    }
     stop.send(true).unwrap();
     relay.await.unwrap().unwrap();
     consuming.await.unwrap().unwrap();

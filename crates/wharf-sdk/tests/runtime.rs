@@ -154,8 +154,9 @@ async fn sent_rows_and_old_inbox_entries_are_deleted_after_their_retention() {
     }
     let (stop, stopped) = watch::channel(false);
     let mut config = relay_config(&broker.url());
-    // Sent rows are kept 0 ms: the relay's first housekeeping after they are sent deletes them.
+    // Sent rows are kept 0 ms and looked for every 50 ms: the relay's housekeeping deletes them.
     config.retention_ms = 0;
+    config.housekeeping_interval_ms = 50;
     let relay = shop.relay(config);
     let rows = || async {
         use sqlx::Row;

@@ -109,12 +109,24 @@ pub async fn declare_topology(url: &str) -> Result<()> {
     for queue in [PAYMENT_QUEUE, INVENTORY_QUEUE, EMAIL_QUEUE] {
         channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), ordered.clone()).await?;
         channel
-            .queue_bind(queue.into(), ORDERS_EXCHANGE.into(), ORDER_RECEIVED.into(), QueueBindOptions::default(), FieldTable::default())
+            .queue_bind(
+                queue.into(),
+                ORDERS_EXCHANGE.into(),
+                ORDER_RECEIVED.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
     }
     channel.queue_declare(STATUS_QUEUE.into(), QueueDeclareOptions::durable(), ordered).await?;
     channel
-        .queue_bind(STATUS_QUEUE.into(), STATUS_EXCHANGE.into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
+        .queue_bind(
+            STATUS_QUEUE.into(),
+            STATUS_EXCHANGE.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     channel.queue_declare(INVENTORY_DLQ.into(), QueueDeclareOptions::durable(), FieldTable::default()).await?;
     connection.close(200, "topology declared".into()).await?;
@@ -164,7 +176,9 @@ pub async fn count(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, name: &str) -> 
 
 /// Creates the counters table.
 pub async fn create_counters(pool: &SqlitePool) -> Result<()> {
-    sqlx::query("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)").execute(pool).await?;
+    sqlx::query("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        .execute(pool)
+        .await?;
     Ok(())
 }
 

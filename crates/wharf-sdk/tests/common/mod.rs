@@ -344,6 +344,7 @@ pub fn relay_config(url: &str) -> RelayConfig {
     let mut config = RelayConfig::new(url);
     config.poll_interval_ms = 50;
     config.lease_ms = 1_000;
+    config.publisher.reconnect_delay_ms_max = 500;
     config.batch_size = 100;
     config
 }

@@ -8,7 +8,9 @@ use food_delivery::*;
 use sqlx::sqlite::SqlitePool;
 use std::path::PathBuf;
 use tokio::sync::watch;
-use wharf_sdk::{ConsumerConfig, Event, Handler, Incoming, Outcome, Relay, RelayConfig, Seen, SqliteInbox, SqliteOutbox};
+use wharf_sdk::{
+    ConsumerConfig, Event, Handler, Incoming, Outcome, Relay, RelayConfig, Seen, SqliteInbox, SqliteOutbox,
+};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -98,7 +100,11 @@ async fn main() -> Result<()> {
     relay_config.poll_interval_ms = 100;
     relay_config.lease_ms = 5_000;
     let relay = tokio::spawn(Relay::new(SqliteOutbox::new(pool.clone()), relay_config)?.run(stopped.clone()));
-    let consumer = tokio::spawn(wharf_sdk::run_consumer(ConsumerConfig::new(&args.broker_url, EMAIL_QUEUE), Mailer { pool }, stopped));
+    let consumer = tokio::spawn(wharf_sdk::run_consumer(
+        ConsumerConfig::new(&args.broker_url, EMAIL_QUEUE),
+        Mailer { pool },
+        stopped,
+    ));
     terminated().await;
     let _ = stop.send(true);
     relay.await??;

@@ -9,7 +9,9 @@ use food_delivery::*;
 use sqlx::sqlite::SqlitePool;
 use std::path::PathBuf;
 use tokio::sync::watch;
-use wharf_sdk::{ConsumerConfig, Event, Handler, Incoming, Outcome, Relay, RelayConfig, Seen, SqliteInbox, SqliteOutbox};
+use wharf_sdk::{
+    ConsumerConfig, Event, Handler, Incoming, Outcome, Relay, RelayConfig, Seen, SqliteInbox, SqliteOutbox,
+};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -57,11 +59,11 @@ impl Inventory {
                         "INSERT INTO reservations (order_id, sku, quantity) VALUES (?, ?, ?)
                          ON CONFLICT (order_id, sku) DO UPDATE SET quantity = quantity + excluded.quantity",
                     )
-                        .bind(&order.order_id)
-                        .bind(&item.sku)
-                        .bind(i64::from(item.quantity))
-                        .execute(&mut *tx)
-                        .await?;
+                    .bind(&order.order_id)
+                    .bind(&item.sku)
+                    .bind(i64::from(item.quantity))
+                    .execute(&mut *tx)
+                    .await?;
                     sqlx::query(
                         "INSERT INTO stock (sku, reserved) VALUES (?, ?) ON CONFLICT (sku) DO UPDATE SET reserved = reserved + excluded.reserved",
                     )
@@ -73,7 +75,8 @@ impl Inventory {
                 "reserved"
             }
         };
-        let report = StatusReport { order_id: order.order_id.clone(), service: "inventory".into(), status: status.into() };
+        let report =
+            StatusReport { order_id: order.order_id.clone(), service: "inventory".into(), status: status.into() };
         let event = Event::new(STATUS_EXCHANGE, format!("inventory.{status}"), serde_json::to_vec(&report)?)
             .with_id(format!("inventory-{}", order.order_id))
             .ordered_by(&order.order_id);
@@ -102,7 +105,9 @@ async fn main() -> Result<()> {
     init_logging("inventory-service");
     let pool = open_sqlite(&args.database).await?;
     create_counters(&pool).await?;
-    sqlx::query("CREATE TABLE IF NOT EXISTS stock (sku TEXT PRIMARY KEY, reserved INTEGER NOT NULL)").execute(&pool).await?;
+    sqlx::query("CREATE TABLE IF NOT EXISTS stock (sku TEXT PRIMARY KEY, reserved INTEGER NOT NULL)")
+        .execute(&pool)
+        .await?;
     sqlx::query(
         "CREATE TABLE IF NOT EXISTS reservations (order_id TEXT NOT NULL, sku TEXT NOT NULL, quantity INTEGER NOT NULL,
          PRIMARY KEY (order_id, sku))",
@@ -117,8 +122,11 @@ async fn main() -> Result<()> {
     relay_config.poll_interval_ms = 100;
     relay_config.lease_ms = 5_000;
     let relay = tokio::spawn(Relay::new(SqliteOutbox::new(pool.clone()), relay_config)?.run(stopped.clone()));
-    let consumer =
-        tokio::spawn(wharf_sdk::run_consumer(ConsumerConfig::new(&args.broker_url, INVENTORY_QUEUE), Inventory { pool }, stopped));
+    let consumer = tokio::spawn(wharf_sdk::run_consumer(
+        ConsumerConfig::new(&args.broker_url, INVENTORY_QUEUE),
+        Inventory { pool },
+        stopped,
+    ));
     terminated().await;
     let _ = stop.send(true);
     relay.await??;

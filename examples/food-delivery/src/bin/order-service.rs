@@ -20,7 +20,10 @@ use sqlx::{Postgres, Row, Sqlite, Transaction};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use tokio::sync::watch;
-use wharf_sdk::{ConsumerConfig, Event, Handler, Incoming, Outcome, PgInbox, PgOutbox, Relay, RelayConfig, Seen, SqliteInbox, SqliteOutbox};
+use wharf_sdk::{
+    ConsumerConfig, Event, Handler, Incoming, Outcome, PgInbox, PgOutbox, Relay, RelayConfig, Seen, SqliteInbox,
+    SqliteOutbox,
+};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -180,10 +183,21 @@ async fn create_postgres(pool: &PgPool, id: &str, order: &NewOrder, items: &str,
 
 async fn show_order(State(db): State<Db>, Path(id): Path<String>) -> Response {
     let sql = match &db {
-        Db::Sqlite(_) => "SELECT id, customer, restaurant, items, total_cents, payment, stock, email FROM orders WHERE id = ?",
-        Db::Postgres(_) => "SELECT id, customer, restaurant, items, total_cents, payment, stock, email FROM orders WHERE id = $1",
+        Db::Sqlite(_) => {
+            "SELECT id, customer, restaurant, items, total_cents, payment, stock, email FROM orders WHERE id = ?"
+        }
+        Db::Postgres(_) => {
+            "SELECT id, customer, restaurant, items, total_cents, payment, stock, email FROM orders WHERE id = $1"
+        }
     };
-    let render = |id: String, customer: String, restaurant: String, items: String, total: i64, payment: Option<String>, stock: Option<String>, email: Option<String>| {
+    let render = |id: String,
+                  customer: String,
+                  restaurant: String,
+                  items: String,
+                  total: i64,
+                  payment: Option<String>,
+                  stock: Option<String>,
+                  email: Option<String>| {
         let items: serde_json::Value = serde_json::from_str(&items).unwrap_or_default();
         Json(json!({
             "id": id, "customer": customer, "restaurant": restaurant, "items": items, "total_cents": total,
@@ -294,7 +308,9 @@ async fn main() -> Result<()> {
     relay_config.poll_interval_ms = 100;
     relay_config.lease_ms = 5_000;
     let relay = match &db {
-        Db::Sqlite(pool) => tokio::spawn(Relay::new(SqliteOutbox::new(pool.clone()), relay_config)?.run(stopped.clone())),
+        Db::Sqlite(pool) => {
+            tokio::spawn(Relay::new(SqliteOutbox::new(pool.clone()), relay_config)?.run(stopped.clone()))
+        }
         Db::Postgres(pool) => tokio::spawn(Relay::new(PgOutbox::new(pool.clone()), relay_config)?.run(stopped.clone())),
     };
     let reports = tokio::spawn(wharf_sdk::run_consumer(

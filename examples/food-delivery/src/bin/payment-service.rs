@@ -11,7 +11,9 @@ use sqlx::Row;
 use sqlx::sqlite::SqlitePool;
 use std::path::PathBuf;
 use tokio::sync::watch;
-use wharf_sdk::{ConsumerConfig, Event, Handler, Incoming, Outcome, Relay, RelayConfig, Seen, SqliteInbox, SqliteOutbox};
+use wharf_sdk::{
+    ConsumerConfig, Event, Handler, Incoming, Outcome, Relay, RelayConfig, Seen, SqliteInbox, SqliteOutbox,
+};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -46,7 +48,10 @@ impl Provider {
         .bind(now_ms())
         .execute(&self.ledger)
         .await?;
-        let row = sqlx::query("SELECT id FROM charges WHERE idempotency_key = ?").bind(idempotency_key).fetch_one(&self.ledger).await?;
+        let row = sqlx::query("SELECT id FROM charges WHERE idempotency_key = ?")
+            .bind(idempotency_key)
+            .fetch_one(&self.ledger)
+            .await?;
         Ok(row.get("id"))
     }
 }
@@ -83,7 +88,8 @@ impl Payments {
                 .await?;
             "captured"
         };
-        let report = StatusReport { order_id: order.order_id.clone(), service: "payment".into(), status: status.into() };
+        let report =
+            StatusReport { order_id: order.order_id.clone(), service: "payment".into(), status: status.into() };
         let event = Event::new(STATUS_EXCHANGE, format!("payment.{status}"), serde_json::to_vec(&report)?)
             .with_id(format!("payment-{}", order.order_id))
             .ordered_by(&order.order_id);
@@ -137,7 +143,8 @@ async fn main() -> Result<()> {
     relay_config.lease_ms = 5_000;
     let relay = tokio::spawn(Relay::new(SqliteOutbox::new(pool.clone()), relay_config)?.run(stopped.clone()));
     let handler = Payments { pool, provider: Provider { ledger } };
-    let consumer = tokio::spawn(wharf_sdk::run_consumer(ConsumerConfig::new(&args.broker_url, PAYMENT_QUEUE), handler, stopped));
+    let consumer =
+        tokio::spawn(wharf_sdk::run_consumer(ConsumerConfig::new(&args.broker_url, PAYMENT_QUEUE), handler, stopped));
     terminated().await;
     let _ = stop.send(true);
     relay.await??;
