@@ -20,3 +20,8 @@ cargo test --workspace --doc --locked
 cargo build -p wharf --locked
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 compat/run.sh "$target_dir/debug/wharf"
+
+# The reference system under fire: 300 orders while a random process (the broker included) is
+# killed with SIGKILL every 2 s; fails on any order lost, charged, stocked or mailed twice.
+cargo build -p food-delivery --bins --locked
+"$target_dir/debug/chaos" --orders 300 --rate 20 --kill-every-ms 2000 --seed "${WHARF_CHAOS_SEED:-$(date +%s)}"

@@ -16,6 +16,7 @@
 //! This library holds what they share: the topology, the events, database helpers.
 
 pub mod http;
+pub mod services;
 
 use anyhow::{Context, Result};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
@@ -189,7 +190,9 @@ pub fn now_ms() -> i64 {
 
 /// Installs logging (to stderr, `RUST_LOG`-style filter from `WHARF_LOG`, default `info`).
 pub fn init_logging(service: &str) {
-    let filter = std::env::var("WHARF_LOG").unwrap_or_else(|_| "info".into());
+    // lapin reports every connection a killed broker breaks as an error; the services handle
+    // those (reconnect, redelivery), so only its warnings and worse from the SDK are shown.
+    let filter = std::env::var("WHARF_LOG").unwrap_or_else(|_| "info,lapin=off".into());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -207,4 +210,17 @@ pub async fn terminated() {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
     }
+}
+
+/// Deletes inbox entries older than [`wharf_sdk::INBOX_RETENTION_MS_DEFAULT`] once an hour until
+/// `stopped`.
+pub fn spawn_inbox_purger(inbox: wharf_sdk::SqliteInbox, stopped: tokio::sync::watch::Receiver<bool>) {
+    tokio::spawn(wharf_sdk::purge_periodically(
+        move || {
+            let inbox = inbox.clone();
+            async move { inbox.purge(wharf_sdk::INBOX_RETENTION_MS_DEFAULT).await }
+        },
+        Duration::from_secs(3600),
+        stopped,
+    ));
 }
