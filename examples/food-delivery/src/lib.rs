@@ -129,7 +129,11 @@ pub async fn declare_topology(url: &str) -> Result<()> {
             FieldTable::default(),
         )
         .await?;
-    channel.queue_declare(INVENTORY_DLQ.into(), QueueDeclareOptions::durable(), FieldTable::default()).await?;
+    // The dead-letter queue de-duplicates (a relay re-publishing after a crash must not park an
+    // order twice) and has no delivery limit (inspecting it must not move its messages on).
+    let mut parked = dedup.clone();
+    parked.insert("x-delivery-limit".into(), AMQPValue::LongInt(-1));
+    channel.queue_declare(INVENTORY_DLQ.into(), QueueDeclareOptions::durable(), parked).await?;
     connection.close(200, "topology declared".into()).await?;
     Ok(())
 }

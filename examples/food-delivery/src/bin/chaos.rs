@@ -104,17 +104,21 @@ async fn run_broker(data_dir: PathBuf, port: u16, counters_dir: PathBuf) -> Resu
     let temporary = counters_dir.join(format!("broker-{}.tmp", std::process::id()));
     let terminated = terminated();
     tokio::pin!(terminated);
-    loop {
+    let write = |broker: &wharf_broker::Broker| {
         let counters = broker.counters();
         let json = serde_json::json!({ "duplicates_dropped": counters.duplicates_dropped, "dead_lettered": counters.dead_lettered });
         if std::fs::write(&temporary, json.to_string()).is_ok() {
             let _ = std::fs::rename(&temporary, &path);
         }
+    };
+    loop {
+        write(&broker);
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(200)) => {}
             () = &mut terminated => break,
         }
     }
+    write(&broker);
     broker.shutdown().await;
     Ok(())
 }
@@ -126,6 +130,8 @@ struct Managed {
     log: PathBuf,
     child: Option<Child>,
     kills: u32,
+    /// Times it exited without being killed (a crash: reported as a violation).
+    crashes: u32,
 }
 
 impl Managed {
@@ -134,6 +140,8 @@ impl Managed {
         let child = Command::new(std::env::current_exe()?)
             .args(&self.args)
             .env("WHARF_LOG", "warn")
+            // The services read it; the chaos run's databases are the SQLite files it checks.
+            .env_remove("DATABASE_URL")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -170,6 +178,7 @@ impl Managed {
             && let Some(status) = child.try_wait()?
         {
             tracing::warn!(process = self.name, %status, "exited on its own; restarting");
+            self.crashes += 1;
             self.child = None;
         }
         if self.child.is_none() {
@@ -220,8 +229,9 @@ async fn place(http: SocketAddr, order: &Placed, customer: &str) -> Result<()> {
     }
 }
 
-async fn queue_depth(url: &str, queue: &str) -> Result<u32> {
-    let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
+/// Ready messages in a queue; `None` if it does not exist.
+async fn queue_depth(url: &str, queue: &str) -> Result<Option<u32>> {
+    let connection = connect(url).await?;
     let channel = connection.create_channel().await?;
     let declared = channel
         .queue_declare(
@@ -229,9 +239,23 @@ async fn queue_depth(url: &str, queue: &str) -> Result<u32> {
             lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
             lapin::types::FieldTable::default(),
         )
-        .await?;
+        .await;
     let _ = connection.close(200, "checked".into()).await;
-    Ok(declared.message_count())
+    match declared {
+        Ok(declared) => Ok(Some(declared.message_count())),
+        Err(error) if matches!(error.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404) => Ok(None),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Connects to the broker, giving up after 10 s (a stalled broker must not hang the run).
+async fn connect(url: &str) -> Result<lapin::Connection> {
+    Ok(tokio::time::timeout(
+        Duration::from_secs(10),
+        lapin::Connection::connect(url, lapin::ConnectionProperties::default()),
+    )
+    .await
+    .context("connecting to the broker timed out")??)
 }
 
 async fn counter(pool: &sqlx::SqlitePool, name: &str) -> i64 {
@@ -333,13 +357,26 @@ async fn check(dir: &Path, url: &str, placed: &[Placed]) -> Result<Vec<String>> 
         }
     }
 
+    // Each service's effects, counted in the same transaction as the effect: exactly one per
+    // order (a second effect for an order would mean the inbox let a duplicate through).
+    for (name, pool) in [("payment-service", &payments), ("inventory-service", &inventory), ("email-service", &email)] {
+        let effects = counter(pool, "effects").await;
+        if effects != all.len() as i64 {
+            violations.push(format!("{name}: {effects} effects for {} orders", all.len()));
+        }
+    }
     for queue in [PAYMENT_QUEUE, INVENTORY_QUEUE, EMAIL_QUEUE, STATUS_QUEUE] {
-        let depth = queue_depth(url, queue).await?;
+        let depth = queue_depth(url, queue).await?.unwrap_or(0);
         if depth > 0 {
             violations.push(format!("{depth} messages left in {queue}"));
         }
+        // A message that failed 20 times would sit in the queue's automatic dead-letter queue.
+        let parked = queue_depth(url, &format!("{queue}.dlq")).await?.unwrap_or(0);
+        if parked > 0 {
+            violations.push(format!("{parked} messages in {queue}.dlq"));
+        }
     }
-    let parked = queue_depth(url, INVENTORY_DLQ).await?;
+    let parked = queue_depth(url, INVENTORY_DLQ).await?.unwrap_or(0);
     if parked as usize != bad.len() {
         violations.push(format!("{parked} messages in {INVENTORY_DLQ}, {} bad orders", bad.len()));
     }
@@ -351,7 +388,7 @@ async fn check(dir: &Path, url: &str, placed: &[Placed]) -> Result<Vec<String>> 
 async fn check_dead_letters(url: &str, placed: &[Placed]) -> Result<Vec<String>> {
     use futures_lite::StreamExt;
     let bad: BTreeSet<&str> = placed.iter().filter(|order| order.bad).map(|order| order.id.as_str()).collect();
-    let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
+    let connection = connect(url).await?;
     let channel = connection.create_channel().await?;
     channel.basic_qos(1000, lapin::options::BasicQosOptions::default()).await?;
     let mut consumer = channel
@@ -416,7 +453,14 @@ async fn orchestrate(args: RunArgs) -> Result<bool> {
     let url = format!("amqp://guest:guest@127.0.0.1:{broker_port}/%2f");
     let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
     let log = |name: &str| dir.join(format!("{name}.log"));
-    let managed = |name: &'static str, args: Vec<String>| Managed { name, args, log: log(name), child: None, kills: 0 };
+    let managed = |name: &'static str, args: Vec<String>| Managed {
+        name,
+        args,
+        log: log(name),
+        child: None,
+        kills: 0,
+        crashes: 0,
+    };
     let mut processes = vec![
         managed(
             "broker",
@@ -515,6 +559,8 @@ async fn orchestrate(args: RunArgs) -> Result<bool> {
     };
     let started = Instant::now();
     let mut next_kill = Instant::now() + Duration::from_millis(args.kill_every_ms);
+    // Victims in shuffled rounds: every process (the broker too) is killed once per round.
+    let mut victims: Vec<usize> = Vec::new();
     while !placer.is_finished() {
         tokio::time::sleep(Duration::from_millis(50)).await;
         for process in &mut processes {
@@ -522,7 +568,14 @@ async fn orchestrate(args: RunArgs) -> Result<bool> {
         }
         if Instant::now() >= next_kill {
             next_kill += Duration::from_millis(args.kill_every_ms);
-            let victim = random.below(processes.len() as u64) as usize;
+            if victims.is_empty() {
+                victims = (0..processes.len()).collect();
+                for index in (1..victims.len()).rev() {
+                    let other = random.below(index as u64 + 1) as usize;
+                    victims.swap(index, other);
+                }
+            }
+            let Some(victim) = victims.pop() else { continue };
             let process = &mut processes[victim];
             process.kill().await;
             eprintln!(
@@ -550,6 +603,15 @@ async fn orchestrate(args: RunArgs) -> Result<bool> {
             Ok(found) => found,
             Err(error) => vec![format!("checking failed: {error:#}")],
         };
+        if violations.is_empty() {
+            // Quiet means it stays so: anything still in flight (a duplicate on its way) would
+            // show in a second look a moment later.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            violations = match check(&dir, &url, &orders).await {
+                Ok(found) => found,
+                Err(error) => vec![format!("checking failed: {error:#}")],
+            };
+        }
         if violations.is_empty() || Instant::now() > deadline {
             break;
         }
@@ -557,6 +619,17 @@ async fn orchestrate(args: RunArgs) -> Result<bool> {
     }
     if violations.is_empty() {
         violations.extend(check_dead_letters(&url, &orders).await?);
+    }
+    for process in &mut processes {
+        process.stop().await;
+        if process.crashes > 0 {
+            violations.push(format!(
+                "{} exited on its own {} times (see {})",
+                process.name,
+                process.crashes,
+                process.log.display()
+            ));
+        }
     }
 
     // The report.
@@ -590,10 +663,7 @@ async fn orchestrate(args: RunArgs) -> Result<bool> {
         .filter_map(|row| Some(row.get::<i64, _>("sent_at") - placed_at.get(&row.get::<String, _>("order_id"))?))
         .collect();
     latencies.sort_unstable();
-    for process in &mut processes {
-        process.stop().await;
-    }
-    println!("food-delivery chaos run");
+    println!("food-delivery chaos run (seed {})", args.seed);
     println!("  orders: {} ({} with an unknown item)", orders.len(), orders.iter().filter(|order| order.bad).count());
     println!(
         "  kills: {}",

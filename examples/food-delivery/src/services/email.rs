@@ -40,6 +40,7 @@ impl Mailer {
             tx.commit().await?;
             return Ok(());
         }
+        count(&mut tx, "effects").await?;
         let body = format!(
             "Hello {}, {} received your order {} ({} items, {:.2} EUR).",
             order.customer,
@@ -48,17 +49,14 @@ impl Mailer {
             order.items.iter().map(|item| item.quantity).sum::<u32>(),
             order.total_cents as f64 / 100.0
         );
-        sqlx::query(
-            "INSERT INTO mailbox (idempotency_key, order_id, recipient, body, sent_at) VALUES (?, ?, ?, ?, ?)
-             ON CONFLICT (idempotency_key) DO NOTHING",
-        )
-        .bind(format!("confirmation-{}", order.order_id))
-        .bind(&order.order_id)
-        .bind(&order.customer)
-        .bind(body)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query("INSERT INTO mailbox (idempotency_key, order_id, recipient, body, sent_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(format!("confirmation-{}", order.order_id))
+            .bind(&order.order_id)
+            .bind(&order.customer)
+            .bind(body)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
         let report = StatusReport { order_id: order.order_id.clone(), service: "email".into(), status: "sent".into() };
         let event = Event::new(STATUS_EXCHANGE, "email.sent", serde_json::to_vec(&report)?)
             .with_id(format!("email-{}", order.order_id))

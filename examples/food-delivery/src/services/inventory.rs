@@ -41,6 +41,7 @@ impl Inventory {
             tx.commit().await?;
             return Ok(());
         }
+        count(&mut tx, "effects").await?;
         let outbox = SqliteOutbox::new(self.pool.clone());
         let unknown = order.items.iter().find(|item| !CATALOG.contains(&item.sku.as_str()));
         let status = match unknown {

@@ -245,12 +245,16 @@ impl Handler for Reports {
             match &self.db {
                 Db::Sqlite(pool) => {
                     let mut tx = pool.begin().await?;
+                    if message.redelivered {
+                        count(&mut tx, "redeliveries").await?;
+                    }
                     if SqliteInbox::new(pool.clone(), "order-status").handle(&mut tx, &id).await? == Seen::First {
-                        sqlx::query(&format!("UPDATE orders SET {column} = ? WHERE id = ?"))
+                        let updated = sqlx::query(&format!("UPDATE orders SET {column} = ? WHERE id = ?"))
                             .bind(&report.status)
                             .bind(&report.order_id)
                             .execute(&mut *tx)
                             .await?;
+                        anyhow::ensure!(updated.rows_affected() == 1, "no order '{}' to report on", report.order_id);
                     } else {
                         count(&mut tx, "inbox_duplicates").await?;
                     }
@@ -259,11 +263,12 @@ impl Handler for Reports {
                 Db::Postgres(pool) => {
                     let mut tx = pool.begin().await?;
                     if PgInbox::new(pool.clone(), "order-status").handle(&mut tx, &id).await? == Seen::First {
-                        sqlx::query(&format!("UPDATE orders SET {column} = $1 WHERE id = $2"))
+                        let updated = sqlx::query(&format!("UPDATE orders SET {column} = $1 WHERE id = $2"))
                             .bind(&report.status)
                             .bind(&report.order_id)
                             .execute(&mut *tx)
                             .await?;
+                        anyhow::ensure!(updated.rows_affected() == 1, "no order '{}' to report on", report.order_id);
                     }
                     tx.commit().await?;
                 }

@@ -67,6 +67,15 @@ pub struct Payments {
 impl Payments {
     async fn process(&self, message: &Incoming, order: &OrderReceived) -> Result<()> {
         let id = message.message_id.clone().unwrap_or_default();
+        let declined = order.total_cents > DECLINED_ABOVE_CENTS;
+        // The provider is called before our transaction opens (a remote call must not hold the
+        // database's write lock); its idempotency key makes a second call after a crash, or for
+        // a redelivery, return the first charge.
+        let charge = if declined {
+            None
+        } else {
+            Some(self.provider.charge(&format!("order-{}", order.order_id), order.total_cents).await?)
+        };
         let mut tx = self.pool.begin().await?;
         if message.redelivered {
             count(&mut tx, "redeliveries").await?;
@@ -76,20 +85,19 @@ impl Payments {
             tx.commit().await?;
             return Ok(());
         }
-        let status = if order.total_cents > DECLINED_ABOVE_CENTS {
-            "failed"
-        } else {
-            // Outside our transaction, like any remote call; the idempotency key makes a retry
-            // after a crash return the same charge.
-            let charge = self.provider.charge(&format!("order-{}", order.order_id), order.total_cents).await?;
-            sqlx::query("INSERT INTO payments (order_id, charge_id, amount_cents, paid_at) VALUES (?, ?, ?, ?)")
-                .bind(&order.order_id)
-                .bind(charge)
-                .bind(order.total_cents)
-                .bind(now_ms())
-                .execute(&mut *tx)
-                .await?;
-            "captured"
+        count(&mut tx, "effects").await?;
+        let status = match charge {
+            None => "failed",
+            Some(charge) => {
+                sqlx::query("INSERT INTO payments (order_id, charge_id, amount_cents, paid_at) VALUES (?, ?, ?, ?)")
+                    .bind(&order.order_id)
+                    .bind(charge)
+                    .bind(order.total_cents)
+                    .bind(now_ms())
+                    .execute(&mut *tx)
+                    .await?;
+                "captured"
+            }
         };
         let report =
             StatusReport { order_id: order.order_id.clone(), service: "payment".into(), status: status.into() };
