@@ -152,3 +152,46 @@ async fn the_order_api_refuses_bad_orders_and_takes_a_retried_one_once() {
     service.abort();
     broker.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_order_service_keeps_orders_and_their_events_in_postgres_when_given_a_url() {
+    let url = std::env::var("WHARF_TEST_POSTGRES_URL")
+        .expect("WHARF_TEST_POSTGRES_URL is not set: run scripts/test.sh, which starts a throwaway PostgreSQL");
+    let database =
+        format!("food{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    let admin = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {database}")).execute(&admin).await.unwrap();
+    let database_url = format!("{}/{database}", url.rsplit_once('/').unwrap().0);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = wharf_broker::BrokerConfig::new(dir.path().join("broker"));
+    config.amqp_listen = "127.0.0.1:0".parse().unwrap();
+    let broker = wharf_broker::Broker::start(config).await.unwrap();
+    let http_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let args = <order::Args as clap::Parser>::parse_from([
+        "order-service".to_owned(),
+        "--broker-url".into(),
+        format!("amqp://guest:guest@{}/%2f", broker.local_addr()),
+        "--database-url".into(),
+        database_url.clone(),
+        "--http".into(),
+        http_port.to_string(),
+    ]);
+    let service = tokio::spawn(order::run(args));
+    let started = std::time::Instant::now();
+    while tokio::net::TcpStream::connect(http_port).await.is_err() {
+        assert!(started.elapsed().as_secs() < 60, "the order service did not start");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let body = r#"{"id":"pg-1","customer":"ada","restaurant":"r","items":[{"sku":"tiramisu","quantity":1}],"total_cents":100}"#;
+    let (status, text) = food_delivery::http::request(http_port, "POST", "/orders", Some(body.into())).await.unwrap();
+    assert_eq!(status, 201, "{text}");
+    let (status, text) = food_delivery::http::request(http_port, "GET", "/orders/pg-1", None).await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
+    let orders: i64 = sqlx::query("SELECT COUNT(*) FROM orders").fetch_one(&pool).await.unwrap().get(0);
+    let events: i64 = sqlx::query("SELECT COUNT(*) FROM wharf_outbox").fetch_one(&pool).await.unwrap().get(0);
+    assert_eq!((orders, events), (1, 1), "the order and its event, in PostgreSQL");
+    service.abort();
+    pool.close().await;
+    broker.shutdown().await;
+}
