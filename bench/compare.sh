@@ -96,7 +96,7 @@ run, before, after = json.loads(run), json.loads(before), json.loads(after)
 messages = max(run.get("confirmed", 0), 1)
 print(json.dumps({
     "scenario": scenario, "target": target, "round": int(round_),
-    "msgs_per_s": run.get("msgs_per_s"), "missing": run.get("missing", 0),
+    "msgs_per_s": run.get("msgs_per_s"), "e2e_msgs_per_s": run.get("e2e_msgs_per_s"), "missing": run.get("missing", 0),
     "e2e_p50_ms": run["end_to_end_us"]["p50"] / 1000, "e2e_p99_ms": run["end_to_end_us"]["p99"] / 1000,
     "confirm_p99_ms": run["confirm_us"]["p99"] / 1000,
     "cpu_us_per_msg": (after["cpu_s"] - before["cpu_s"]) * 1e6 / messages,

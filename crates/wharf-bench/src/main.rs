@@ -101,6 +101,8 @@ struct Stats {
     end_to_end_us: Mutex<Histogram<u64>>,
     confirm_us: Mutex<Histogram<u64>>,
     producers_done: AtomicBool,
+    /// When the last message was consumed, in ns since the epoch (for the end-to-end rate).
+    last_consumed_ns: AtomicU64,
 }
 
 fn histogram() -> Result<Histogram<u64>> {
@@ -246,6 +248,7 @@ async fn consume(options: Arc<Options>, queue: String, stats: Arc<Stats>, stop: 
             }
         }
         stats.consumed.fetch_add(1, Ordering::Relaxed);
+        stats.last_consumed_ns.fetch_max(now_ns(), Ordering::Relaxed);
         unacked += 1;
         if unacked >= options.ack_every {
             delivery.ack(BasicAckOptions { multiple: true }).await?;
@@ -323,6 +326,7 @@ async fn drain(options: Arc<Options>) -> Result<()> {
         end_to_end_us: Mutex::new(histogram()?),
         confirm_us: Mutex::new(histogram()?),
         producers_done: AtomicBool::new(true),
+        last_consumed_ns: AtomicU64::new(0),
     });
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
@@ -402,6 +406,7 @@ async fn main() -> Result<()> {
         end_to_end_us: Mutex::new(histogram()?),
         confirm_us: Mutex::new(histogram()?),
         producers_done: AtomicBool::new(false),
+        last_consumed_ns: AtomicU64::new(0),
     });
     let stop = Arc::new(AtomicBool::new(false));
     let queues = queue_names(&options);
@@ -418,6 +423,7 @@ async fn main() -> Result<()> {
         }
     }
     let started = Instant::now();
+    let started_ns = now_ns();
     let deadline = started + Duration::from_secs(options.duration_s);
     let producers: Vec<_> = (0..options.producers as u32)
         .map(|producer| tokio::spawn(produce(Arc::clone(&options), producer, Arc::clone(&stats), deadline)))
@@ -476,10 +482,15 @@ async fn main() -> Result<()> {
     let confirmed = stats.confirmed.load(Ordering::Relaxed);
     let consumed = stats.consumed.load(Ordering::Relaxed);
     let throughput = confirmed as f64 / publish_elapsed.as_secs_f64();
+    // Delivered end to end: every copy consumed, over the time until the last one arrived (a
+    // broker that lets publishers run ahead of consumers shows a lower figure here).
+    let consumed_s = (stats.last_consumed_ns.load(Ordering::Relaxed).saturating_sub(started_ns)) as f64 / 1e9;
+    let end_to_end_rate =
+        if consumed_s > 0.0 { consumed as f64 / queues.len().max(1) as f64 / consumed_s } else { 0.0 };
     let end_to_end = stats.end_to_end_us.lock().map(|histogram| percentiles(&histogram)).unwrap_or_default();
     let confirm = stats.confirm_us.lock().map(|histogram| percentiles(&histogram)).unwrap_or_default();
     println!(
-        "{{\"producers\":{},\"consumers\":{},\"size\":{},\"persistent\":{},\"fanout\":{},\"published\":{},\"confirmed\":{},\"nacked\":{},\"consumed\":{},\"duplicates\":{},\"missing\":{missing},\"seconds\":{:.3},\"msgs_per_s\":{throughput:.0},\"mb_per_s\":{:.2},\"end_to_end_us\":{end_to_end},\"confirm_us\":{confirm}}}",
+        "{{\"producers\":{},\"consumers\":{},\"size\":{},\"persistent\":{},\"fanout\":{},\"published\":{},\"confirmed\":{},\"nacked\":{},\"consumed\":{},\"duplicates\":{},\"missing\":{missing},\"seconds\":{:.3},\"msgs_per_s\":{throughput:.0},\"e2e_msgs_per_s\":{end_to_end_rate:.0},\"mb_per_s\":{:.2},\"end_to_end_us\":{end_to_end},\"confirm_us\":{confirm}}}",
         options.producers,
         options.consumers,
         options.size,
