@@ -177,26 +177,6 @@ fn internal_error(error: &StoreError) -> ModelError {
     }
 }
 
-/// The `x-delay` header of a message published to a delayed-message exchange, in ms (capped as
-/// every duration argument is).
-pub(crate) fn delay_ms(message: &Message) -> Option<u64> {
-    let value = message.headers()?.inner().get("x-delay")?;
-    let number = match value {
-        wharf_wire::types::AMQPValue::ShortShortInt(v) => i128::from(*v),
-        wharf_wire::types::AMQPValue::ShortShortUInt(v) => i128::from(*v),
-        wharf_wire::types::AMQPValue::ShortInt(v) => i128::from(*v),
-        wharf_wire::types::AMQPValue::ShortUInt(v) => i128::from(*v),
-        wharf_wire::types::AMQPValue::LongInt(v) => i128::from(*v),
-        wharf_wire::types::AMQPValue::LongUInt(v) => i128::from(*v),
-        wharf_wire::types::AMQPValue::LongLongInt(v) => i128::from(*v),
-        wharf_wire::types::AMQPValue::LongString(text) => {
-            std::str::from_utf8(text.as_bytes()).ok()?.trim().parse().ok()?
-        }
-        _ => return None,
-    };
-    (number > 0).then(|| number.min(i128::from(wharf_model::settings::DURATION_MS_MAX)) as u64)
-}
-
 /// Runs blocking work (definitions, store round trips) without stalling the async workers: on a
 /// multi-threaded runtime the worker hands its other tasks off first; elsewhere it just runs.
 fn off_the_workers<T>(work: impl FnOnce() -> T) -> T {
@@ -362,7 +342,7 @@ impl Core {
                                 for (seq, stored_ms, meta, body, _) in read_log(QueueId(log), rest) {
                                     match persist::decode_message(&meta, body) {
                                         Some(message) => {
-                                            let due_ms = stored_ms.saturating_add(delay_ms(&message).unwrap_or(0));
+                                            let due_ms = stored_ms.saturating_add(message.delay_ms().unwrap_or(0));
                                             model.hold_delayed(vhost_name, rest, Arc::new(message), Some(seq), due_ms);
                                             restored_messages += 1;
                                         }

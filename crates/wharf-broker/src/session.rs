@@ -987,7 +987,7 @@ impl Session {
             }
         };
         let delay = match exchange {
-            Some((_, _, _, ExchangeKind::DelayedMessage)) => crate::core::delay_ms(&message),
+            Some((_, _, _, ExchangeKind::DelayedMessage)) => message.delay_ms(),
             _ => None,
         };
         if let (Some(delay_ms), Some((durable, store_queue, _, _))) = (delay, exchange) {

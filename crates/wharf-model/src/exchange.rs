@@ -172,17 +172,10 @@ fn headers_match(arguments: &FieldTable, headers: Option<&FieldTable>) -> bool {
 /// same number or text in different AMQP types.
 fn values_equal(left: &AMQPValue, right: &AMQPValue) -> bool {
     fn as_integer(value: &AMQPValue) -> Option<i128> {
-        Some(match value {
-            AMQPValue::ShortShortInt(v) => i128::from(*v),
-            AMQPValue::ShortShortUInt(v) => i128::from(*v),
-            AMQPValue::ShortInt(v) => i128::from(*v),
-            AMQPValue::ShortUInt(v) => i128::from(*v),
-            AMQPValue::LongInt(v) => i128::from(*v),
-            AMQPValue::LongUInt(v) => i128::from(*v),
-            AMQPValue::LongLongInt(v) => i128::from(*v),
-            AMQPValue::Timestamp(v) => i128::from(*v),
-            _ => return None,
-        })
+        match value {
+            AMQPValue::Timestamp(v) => Some(i128::from(*v)),
+            other => crate::settings::integer(other),
+        }
     }
     fn as_text(value: &AMQPValue) -> Option<Vec<u8>> {
         match value {

@@ -46,6 +46,15 @@ impl Message {
         self.properties.expiration().as_ref().and_then(|text| text.as_str().trim().parse::<u64>().ok())
     }
 
+    /// The `x-delay` header (for a delayed-message exchange), in ms: an integer of any width or
+    /// a decimal string, capped as every duration argument is; `None` unless positive.
+    pub fn delay_ms(&self) -> Option<u64> {
+        let value = self.headers()?.inner().get("x-delay")?;
+        let number = crate::settings::integer(value)
+            .or_else(|| crate::settings::text(value).and_then(|text| text.trim().parse().ok()))?;
+        (number > 0).then(|| number.min(i128::from(crate::settings::DURATION_MS_MAX)) as u64)
+    }
+
     /// A header's value as text (strings as they are, integers in decimal), for ordering and
     /// de-duplication keys; `None` when absent, of another type, or longer than `KEY_BYTES_MAX`.
     pub fn header_text(&self, name: &str) -> Option<String> {

@@ -228,3 +228,51 @@ pub fn spawn_inbox_purger(inbox: wharf_sdk::SqliteInbox, stopped: tokio::sync::w
         stopped,
     ));
 }
+
+/// Opens the transaction a service handles a message in, through its inbox: `None` if this
+/// consumer handled the message before (the duplicate is counted and committed, and the message
+/// should be acknowledged); otherwise the open transaction, with the effect counted in it.
+pub async fn begin_first(
+    pool: &sqlx::SqlitePool,
+    consumer: &str,
+    message: &wharf_sdk::Incoming,
+) -> Result<Option<sqlx::Transaction<'static, sqlx::Sqlite>>> {
+    let id = message.message_id.clone().unwrap_or_default();
+    let mut tx = pool.begin().await?;
+    if message.redelivered {
+        count(&mut tx, "redeliveries").await?;
+    }
+    if wharf_sdk::SqliteInbox::new(pool.clone(), consumer).handle(&mut tx, &id).await? == wharf_sdk::Seen::Again {
+        count(&mut tx, "inbox_duplicates").await?;
+        tx.commit().await?;
+        return Ok(None);
+    }
+    count(&mut tx, "effects").await?;
+    Ok(Some(tx))
+}
+
+/// Runs a consuming service until SIGTERM/SIGINT: the topology, its outbox's relay, its inbox's
+/// purger and its consumer; then stops them gracefully.
+pub async fn serve<H: wharf_sdk::Handler>(
+    consumer: &str,
+    broker_url: &str,
+    queue: &str,
+    pool: SqlitePool,
+    handler: H,
+) -> Result<()> {
+    declare_topology_when_up(broker_url).await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut relay_config = wharf_sdk::RelayConfig::new(broker_url);
+    relay_config.poll_interval_ms = 100;
+    relay_config.lease_ms = 5_000;
+    let relay = wharf_sdk::Relay::new(wharf_sdk::SqliteOutbox::new(pool.clone()), relay_config)?;
+    let relay = tokio::spawn(relay.run(stopped.clone()));
+    spawn_inbox_purger(wharf_sdk::SqliteInbox::new(pool, consumer), stopped.clone());
+    let consuming =
+        tokio::spawn(wharf_sdk::run_consumer(wharf_sdk::ConsumerConfig::new(broker_url, queue), handler, stopped));
+    terminated().await;
+    let _ = stop.send(true);
+    relay.await??;
+    consuming.await??;
+    Ok(())
+}

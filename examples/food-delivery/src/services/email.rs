@@ -7,10 +7,7 @@ use anyhow::Result;
 use clap::Parser;
 use sqlx::sqlite::SqlitePool;
 use std::path::PathBuf;
-use tokio::sync::watch;
-use wharf_sdk::{
-    ConsumerConfig, Event, Handler, Incoming, Outcome, Relay, RelayConfig, Seen, SqliteInbox, SqliteOutbox,
-};
+use wharf_sdk::{Event, Handler, Incoming, Outcome, SqliteInbox, SqliteOutbox};
 
 #[derive(Debug, Parser)]
 pub struct Args {
@@ -30,17 +27,7 @@ pub struct Mailer {
 
 impl Mailer {
     async fn process(&self, message: &Incoming, order: &OrderReceived) -> Result<()> {
-        let id = message.message_id.clone().unwrap_or_default();
-        let mut tx = self.pool.begin().await?;
-        if message.redelivered {
-            count(&mut tx, "redeliveries").await?;
-        }
-        if SqliteInbox::new(self.pool.clone(), "email-service").handle(&mut tx, &id).await? == Seen::Again {
-            count(&mut tx, "inbox_duplicates").await?;
-            tx.commit().await?;
-            return Ok(());
-        }
-        count(&mut tx, "effects").await?;
+        let Some(mut tx) = begin_first(&self.pool, "email-service", message).await? else { return Ok(()) };
         let body = format!(
             "Hello {}, {} received your order {} ({} items, {:.2} EUR).",
             order.customer,
@@ -100,21 +87,5 @@ pub async fn run(args: Args) -> Result<()> {
     init_logging("email-service");
     let handler = open(&args.database).await?;
     let pool = handler.pool.clone();
-    declare_topology_when_up(&args.broker_url).await?;
-    let (stop, stopped) = watch::channel(false);
-    let mut relay_config = RelayConfig::new(&args.broker_url);
-    relay_config.poll_interval_ms = 100;
-    relay_config.lease_ms = 5_000;
-    let relay = tokio::spawn(Relay::new(SqliteOutbox::new(pool.clone()), relay_config)?.run(stopped.clone()));
-    let consumer = tokio::spawn(wharf_sdk::run_consumer(
-        ConsumerConfig::new(&args.broker_url, EMAIL_QUEUE),
-        handler,
-        stopped.clone(),
-    ));
-    spawn_inbox_purger(SqliteInbox::new(pool.clone(), "email-service"), stopped);
-    terminated().await;
-    let _ = stop.send(true);
-    relay.await??;
-    consumer.await??;
-    Ok(())
+    serve("email-service", &args.broker_url, EMAIL_QUEUE, pool, handler).await
 }

@@ -8,10 +8,7 @@ use anyhow::Result;
 use clap::Parser;
 use sqlx::sqlite::SqlitePool;
 use std::path::PathBuf;
-use tokio::sync::watch;
-use wharf_sdk::{
-    ConsumerConfig, Event, Handler, Incoming, Outcome, Relay, RelayConfig, Seen, SqliteInbox, SqliteOutbox,
-};
+use wharf_sdk::{Event, Handler, Incoming, Outcome, SqliteInbox, SqliteOutbox};
 
 #[derive(Debug, Parser)]
 pub struct Args {
@@ -31,17 +28,7 @@ pub struct Inventory {
 
 impl Inventory {
     async fn process(&self, message: &Incoming, order: &OrderReceived) -> Result<()> {
-        let id = message.message_id.clone().unwrap_or_default();
-        let mut tx = self.pool.begin().await?;
-        if message.redelivered {
-            count(&mut tx, "redeliveries").await?;
-        }
-        if SqliteInbox::new(self.pool.clone(), "inventory-service").handle(&mut tx, &id).await? == Seen::Again {
-            count(&mut tx, "inbox_duplicates").await?;
-            tx.commit().await?;
-            return Ok(());
-        }
-        count(&mut tx, "effects").await?;
+        let Some(mut tx) = begin_first(&self.pool, "inventory-service", message).await? else { return Ok(()) };
         let outbox = SqliteOutbox::new(self.pool.clone());
         let unknown = order.items.iter().find(|item| !CATALOG.contains(&item.sku.as_str()));
         let status = match unknown {
@@ -125,21 +112,5 @@ pub async fn run(args: Args) -> Result<()> {
     init_logging("inventory-service");
     let handler = open(&args.database).await?;
     let pool = handler.pool.clone();
-    declare_topology_when_up(&args.broker_url).await?;
-    let (stop, stopped) = watch::channel(false);
-    let mut relay_config = RelayConfig::new(&args.broker_url);
-    relay_config.poll_interval_ms = 100;
-    relay_config.lease_ms = 5_000;
-    let relay = tokio::spawn(Relay::new(SqliteOutbox::new(pool.clone()), relay_config)?.run(stopped.clone()));
-    let consumer = tokio::spawn(wharf_sdk::run_consumer(
-        ConsumerConfig::new(&args.broker_url, INVENTORY_QUEUE),
-        handler,
-        stopped.clone(),
-    ));
-    spawn_inbox_purger(SqliteInbox::new(pool.clone(), "inventory-service"), stopped);
-    terminated().await;
-    let _ = stop.send(true);
-    relay.await??;
-    consumer.await??;
-    Ok(())
+    serve("inventory-service", &args.broker_url, INVENTORY_QUEUE, pool, handler).await
 }

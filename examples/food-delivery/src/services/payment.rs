@@ -10,10 +10,7 @@ use clap::Parser;
 use sqlx::Row;
 use sqlx::sqlite::SqlitePool;
 use std::path::PathBuf;
-use tokio::sync::watch;
-use wharf_sdk::{
-    ConsumerConfig, Event, Handler, Incoming, Outcome, Relay, RelayConfig, Seen, SqliteInbox, SqliteOutbox,
-};
+use wharf_sdk::{Event, Handler, Incoming, Outcome, SqliteInbox, SqliteOutbox};
 
 #[derive(Debug, Parser)]
 pub struct Args {
@@ -66,7 +63,6 @@ pub struct Payments {
 
 impl Payments {
     async fn process(&self, message: &Incoming, order: &OrderReceived) -> Result<()> {
-        let id = message.message_id.clone().unwrap_or_default();
         let declined = order.total_cents > DECLINED_ABOVE_CENTS;
         // The provider is called before our transaction opens (a remote call must not hold the
         // database's write lock); its idempotency key makes a second call after a crash, or for
@@ -76,16 +72,7 @@ impl Payments {
         } else {
             Some(self.provider.charge(&format!("order-{}", order.order_id), order.total_cents).await?)
         };
-        let mut tx = self.pool.begin().await?;
-        if message.redelivered {
-            count(&mut tx, "redeliveries").await?;
-        }
-        if SqliteInbox::new(self.pool.clone(), "payment-service").handle(&mut tx, &id).await? == Seen::Again {
-            count(&mut tx, "inbox_duplicates").await?;
-            tx.commit().await?;
-            return Ok(());
-        }
-        count(&mut tx, "effects").await?;
+        let Some(mut tx) = begin_first(&self.pool, "payment-service", message).await? else { return Ok(()) };
         let status = match charge {
             None => "failed",
             Some(charge) => {
@@ -153,18 +140,5 @@ pub async fn run(args: Args) -> Result<()> {
     init_logging("payment-service");
     let handler = open(&args.database, &args.provider).await?;
     let pool = handler.pool.clone();
-    declare_topology_when_up(&args.broker_url).await?;
-    let (stop, stopped) = watch::channel(false);
-    let mut relay_config = RelayConfig::new(&args.broker_url);
-    relay_config.poll_interval_ms = 100;
-    relay_config.lease_ms = 5_000;
-    let relay = tokio::spawn(Relay::new(SqliteOutbox::new(pool.clone()), relay_config)?.run(stopped.clone()));
-    spawn_inbox_purger(SqliteInbox::new(pool.clone(), "payment-service"), stopped.clone());
-    let consumer =
-        tokio::spawn(wharf_sdk::run_consumer(ConsumerConfig::new(&args.broker_url, PAYMENT_QUEUE), handler, stopped));
-    terminated().await;
-    let _ = stop.send(true);
-    relay.await??;
-    consumer.await??;
-    Ok(())
+    serve("payment-service", &args.broker_url, PAYMENT_QUEUE, pool, handler).await
 }
