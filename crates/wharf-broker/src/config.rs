@@ -64,7 +64,15 @@ pub struct BrokerConfig {
     pub fs: Arc<dyn Fs>,
     /// Policies, as (vhost, policy): queue and exchange arguments applied by name pattern.
     pub policies: Vec<(String, wharf_model::Policy)>,
+    /// Body bytes of queued messages a durable queue keeps in memory; beyond it, the bodies of
+    /// further persistent messages are dropped from memory once written and read back from the
+    /// store when they are delivered (a backlog costs disk, not memory).
+    pub queue_body_memory_bytes_max: u64,
 }
+
+/// Default for [`BrokerConfig::queue_body_memory_bytes_max`]: enough for a consumer that is a
+/// few seconds behind at full speed to be served from memory.
+pub const QUEUE_BODY_MEMORY_BYTES_MAX_DEFAULT: u64 = 8 * 1024 * 1024;
 
 impl BrokerConfig {
     /// Defaults for a data directory: port 5672 on all interfaces, `guest`/`guest` from
@@ -84,6 +92,7 @@ impl BrokerConfig {
             store: StoreConfig::default(),
             fs: RealFs::shared(),
             policies: Vec::new(),
+            queue_body_memory_bytes_max: QUEUE_BODY_MEMORY_BYTES_MAX_DEFAULT,
         }
     }
 }

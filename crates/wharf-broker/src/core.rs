@@ -10,14 +10,14 @@ use crate::config::BrokerConfig;
 use crate::error::BrokerError;
 use crate::persist::{self, StoredBinding, StoredExchange, StoredQueue};
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{mpsc, watch};
 use wharf_model::{
     Admission, AutoDeadLetterQueue, BrokerModel, ChannelKey, ConnectionId, Delivery, Destination, Effects, Exchange,
-    ExchangeKind, Message, ModelError, Queue, QueueDeclare, Removed, Transfer, TransferTarget,
+    ExchangeKind, Message, ModelError, PagedBody, Queue, QueueDeclare, Removed, Transfer, TransferTarget,
 };
-use wharf_store::{AppendReceipt, MetaStore, QueueId, Store, StoreError, Ticket};
+use wharf_store::{AppendReceipt, MessageLocation, MetaStore, QueueId, Store, StoreError, Ticket};
 
 /// What a connection's writer task is asked to send.
 #[derive(Debug)]
@@ -98,10 +98,74 @@ pub(crate) struct Core {
     pub fatal: watch::Sender<Option<String>>,
     /// De-duplication key logs: their window and the records to remove once it has passed.
     dedup_logs: DedupLogs,
+    /// Bodies to drop from memory now that their records are written.
+    pager: Arc<Pager>,
 }
 
-/// A live record read back at start: (seq, stored at ms, meta, body, delivery count).
-type LogRecord = (u64, u64, Vec<u8>, Vec<u8>, u32);
+/// Paging out: a durable queue holding more than `queue_body_memory_bytes_max` of bodies in
+/// memory appends further persistent messages with an observer; when the store has written the
+/// record, the observer (on the store's writer thread, so it only queues the request here) says
+/// where, and the next time anyone takes the model lock the entry's body is dropped. Until then
+/// the body stays in memory: it can be delivered before it is written.
+#[derive(Debug, Default)]
+pub(crate) struct Pager {
+    waiting: AtomicBool,
+    written: Mutex<Vec<PageOut>>,
+}
+
+/// One body to drop: which entry (and which record, so a stale request cannot touch another
+/// message), and where the record is.
+#[derive(Debug)]
+struct PageOut {
+    vhost: String,
+    queue: String,
+    entry_id: u64,
+    store_seq: u64,
+    paged: PagedBody,
+}
+
+impl Pager {
+    fn push(&self, page_out: PageOut) {
+        self.written.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(page_out);
+        self.waiting.store(true, Ordering::Release);
+    }
+
+    /// Applies every page-out waiting (under the model lock).
+    fn apply(&self, model: &mut BrokerModel) {
+        if !self.waiting.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let written = std::mem::take(&mut *self.written.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        for page_out in written {
+            model.page_out(&page_out.vhost, &page_out.queue, page_out.entry_id, page_out.store_seq, page_out.paged);
+        }
+    }
+}
+
+/// Where a paged body's record is, for the store.
+pub(crate) fn paged_location(paged: &PagedBody) -> (QueueId, MessageLocation) {
+    (
+        QueueId(paged.store_queue),
+        MessageLocation { segment_id: paged.segment_id, offset: paged.offset, record_bytes: paged.record_bytes },
+    )
+}
+
+/// Reads a paged-out body back from the store (one `pread`, normally from the page cache).
+pub(crate) fn read_paged_body(store: &Store, paged: &PagedBody) -> Result<bytes::Bytes, StoreError> {
+    let (queue, location) = paged_location(paged);
+    let stored = store.read(queue, &location)?;
+    if stored.body.len() as u64 != paged.body_bytes {
+        return Err(StoreError::Corrupt {
+            path: store.dir().to_path_buf(),
+            offset: location.offset,
+            reason: format!("paged body is {} bytes, expected {}", stored.body.len(), paged.body_bytes),
+        });
+    }
+    Ok(bytes::Bytes::from(stored.body))
+}
+
+/// A live record read back at start: (seq, stored at ms, meta, body, delivery count, where).
+type LogRecord = (u64, u64, Vec<u8>, Vec<u8>, u32, MessageLocation);
 
 /// De-duplication key logs by store queue id.
 pub(crate) type DedupLogs = Arc<Mutex<HashMap<u64, DedupLog>>>;
@@ -188,6 +252,32 @@ fn off_the_workers<T>(work: impl FnOnce() -> T) -> T {
     }
 }
 
+/// The live records of one store log, read one at a time; unreadable ones are reported and
+/// skipped.
+fn read_records<'a>(
+    store: &'a Store,
+    recovered: &'a wharf_store::Recovered,
+    store_queue: QueueId,
+    owner: String,
+) -> impl Iterator<Item = LogRecord> + 'a {
+    recovered.queues.get(&store_queue).into_iter().flatten().filter_map(move |message| {
+        match store.read(store_queue, &message.location) {
+            Ok(stored) => Some((
+                message.seq,
+                message.timestamp_ms,
+                stored.meta,
+                stored.body,
+                message.delivery_count,
+                message.location,
+            )),
+            Err(error) => {
+                tracing::error!(owner, seq = message.seq, %error, "stored record unreadable");
+                None
+            }
+        }
+    })
+}
+
 /// Runs `work` now if no async runtime is around, else as a task.
 fn spawn_or_run(work: impl std::future::Future<Output = ()> + Send + 'static) {
     match tokio::runtime::Handle::try_current() {
@@ -270,28 +360,16 @@ impl Core {
         let mut bindings = Vec::new();
         let mut used_store_queues = HashMap::new();
         let mut restored_messages = 0usize;
-        // Reads every live record of a store log: (seq, stored at, meta, body).
-        let read_log = |store_queue: QueueId, owner: &str| -> Vec<LogRecord> {
-            let mut records = Vec::new();
-            for message in recovered.queues.get(&store_queue).into_iter().flatten() {
-                match store.read(store_queue, &message.location) {
-                    Ok(stored) => records.push((
-                        message.seq,
-                        message.timestamp_ms,
-                        stored.meta,
-                        stored.body,
-                        message.delivery_count,
-                    )),
-                    Err(error) => tracing::error!(owner, seq = message.seq, %error, "stored record unreadable"),
-                }
-            }
-            records
-        };
+        let mut paged_at_start = 0u64;
+        // Reads every live record of a store log, one at a time (a queue's backlog is never
+        // all in memory at once).
+        let read_log =
+            |store_queue: QueueId, owner: &str| read_records(&store, &recovered, store_queue, owner.to_owned());
         let now = now_ms();
         // Loads a de-duplication key log; expired keys are removed from the store.
         let load_dedup_log = |log: u64, ttl_ms: u64, owner: &str, remember: &mut dyn FnMut(&[u8], u64)| {
             let mut live = VecDeque::new();
-            for (seq, seen_ms, meta, key, _) in read_log(QueueId(log), owner) {
+            for (seq, seen_ms, meta, key, _, _) in read_log(QueueId(log), owner) {
                 if !persist::is_dedup_key(&meta) {
                     tracing::error!(owner, seq, "a record in a de-duplication log is not a key");
                     continue;
@@ -339,7 +417,7 @@ impl Core {
                             }
                             if let Some(log) = stored.store_queue {
                                 used_store_queues.insert(QueueId(log), ());
-                                for (seq, stored_ms, meta, body, _) in read_log(QueueId(log), rest) {
+                                for (seq, stored_ms, meta, body, _, _) in read_log(QueueId(log), rest) {
                                     match persist::decode_message(&meta, body) {
                                         Some(message) => {
                                             let due_ms = stored_ms.saturating_add(message.delay_ms().unwrap_or(0));
@@ -371,9 +449,21 @@ impl Core {
                         queue.dedup_store_queue = stored.dedup_store_queue;
                         let store_queue = QueueId(stored.store_queue);
                         used_store_queues.insert(store_queue, ());
-                        for (seq, stored_ms, meta, body, delivery_count) in read_log(store_queue, rest) {
+                        for (seq, stored_ms, meta, body, delivery_count, location) in read_log(store_queue, rest) {
                             match persist::decode_message(&meta, body) {
-                                Some(decoded) => {
+                                Some(mut decoded) => {
+                                    // Beyond the queue's memory budget the body stays on disk.
+                                    if queue.resident_bytes() >= config.queue_body_memory_bytes_max {
+                                        decoded.paged = Some(PagedBody {
+                                            store_queue: stored.store_queue,
+                                            segment_id: location.segment_id,
+                                            offset: location.offset,
+                                            record_bytes: location.record_bytes,
+                                            body_bytes: decoded.body.len() as u64,
+                                        });
+                                        decoded.body = bytes::Bytes::new();
+                                        paged_at_start += 1;
+                                    }
                                     queue.enqueue_recovered(
                                         Arc::new(decoded),
                                         Some(seq),
@@ -428,7 +518,8 @@ impl Core {
                 store.delete_queue(*queue)?.wait()?;
             }
         }
-        tracing::info!(messages = restored_messages, "broker state recovered");
+        tracing::info!(messages = restored_messages, paged_out = paged_at_start, "broker state recovered");
+        model.count_paged_out(paged_at_start);
         // Delivery limits exhausted before the stop, backoffs, expiries: carried out once the
         // broker runs.
         let startup = model.after_recovery();
@@ -443,6 +534,7 @@ impl Core {
             next_connection: AtomicU64::new(1),
             fatal,
             dedup_logs,
+            pager: Arc::default(),
         };
         Ok((core, startup))
     }
@@ -454,8 +546,15 @@ impl Core {
 
     /// The model, locked. Never hold the guard across an `.await`.
     pub fn model(&self) -> MutexGuard<'_, BrokerModel> {
-        let mut model = self.model.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut model = self.lock_model();
         model.set_now(now_ms());
+        model
+    }
+
+    /// The model lock; whoever takes it first applies the page-outs that are waiting.
+    fn lock_model(&self) -> MutexGuard<'_, BrokerModel> {
+        let mut model = self.model.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.pager.apply(&mut model);
         model
     }
 
@@ -584,6 +683,13 @@ impl Core {
         from_publisher: bool,
         placed: &mut Placed,
     ) {
+        if message.paged.is_some() {
+            // Callers read a paged body back first (`transfer`); storing the empty body would
+            // lose the message.
+            tracing::error!(vhost, "a message without its body in memory cannot be placed");
+            placed.failed = true;
+            return;
+        }
         let mut meta = None;
         for queue_name in queues {
             let dedup_key = match model.admit(vhost, queue_name, message, from_publisher) {
@@ -605,7 +711,40 @@ impl Core {
             let store_seq = match queue.store_queue.filter(|_| stored) {
                 Some(store_queue) => {
                     let meta = meta.get_or_insert_with(|| persist::encode_message_meta(message));
-                    match self.store.append(QueueId(store_queue), now_ms(), meta, &message.body) {
+                    let appended = if queue.resident_bytes() >= self.config.queue_body_memory_bytes_max {
+                        // `next_entry_id` is the id `enqueue` below gives it (same lock).
+                        let page_out = (vhost.to_owned(), queue_name.clone(), queue.next_entry_id());
+                        let body_bytes = message.body_bytes();
+                        let pager = Arc::clone(&self.pager);
+                        self.store.append_observed(
+                            QueueId(store_queue),
+                            now_ms(),
+                            meta,
+                            &message.body,
+                            Box::new(move |result| {
+                                if let Ok(receipt) = result {
+                                    let (vhost, queue, entry_id) = page_out;
+                                    let location = receipt.location;
+                                    pager.push(PageOut {
+                                        vhost,
+                                        queue,
+                                        entry_id,
+                                        store_seq: receipt.seq,
+                                        paged: PagedBody {
+                                            store_queue,
+                                            segment_id: location.segment_id,
+                                            offset: location.offset,
+                                            record_bytes: location.record_bytes,
+                                            body_bytes,
+                                        },
+                                    });
+                                }
+                            }),
+                        )
+                    } else {
+                        self.store.append(QueueId(store_queue), now_ms(), meta, &message.body)
+                    };
+                    match appended {
                         Ok(pending) => {
                             placed.tickets.push(pending.ticket);
                             Some(pending.seq)
@@ -707,7 +846,18 @@ impl Core {
     /// carried out in the same loop, not by recursion.
     pub fn transfer(&self, transfers: Vec<Transfer>) {
         let mut pending: VecDeque<Transfer> = transfers.into();
-        while let Some(transfer) = pending.pop_front() {
+        while let Some(mut transfer) = pending.pop_front() {
+            if let Some(paged) = transfer.message.paged {
+                // The source's record is live until the copies are durable, so it can be read.
+                match read_paged_body(&self.store, &paged) {
+                    Ok(body) => transfer.message = Arc::new(transfer.message.with_body(body)),
+                    Err(error) => {
+                        tracing::error!(vhost = %transfer.vhost, %error, "a paged-out message could not be read back to move it; it stays where it is");
+                        self.store_failed(&error);
+                        continue;
+                    }
+                }
+            }
             let (mut targets, missing) = self.transfer_targets(&transfer);
             if let Some(auto) = missing {
                 match self.ensure_auto_dead_letter_queue(&transfer.vhost, &auto) {
@@ -960,7 +1110,7 @@ impl Core {
 
     /// When the model's next timer is due (ms since the epoch).
     pub fn next_timer_ms(&self) -> Option<u64> {
-        self.model.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).next_timer_ms()
+        self.lock_model().next_timer_ms()
     }
 
     /// What the model counted.

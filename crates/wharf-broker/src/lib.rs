@@ -16,7 +16,7 @@ mod server;
 mod session;
 mod writer;
 
-pub use config::{BrokerConfig, User};
+pub use config::{BrokerConfig, QUEUE_BODY_MEMORY_BYTES_MAX_DEFAULT, User};
 pub use error::BrokerError;
 pub use persist::json_to_amqp;
 pub use server::Broker;

@@ -43,6 +43,7 @@ pub(crate) fn decode_message(meta: &[u8], body: Vec<u8>) -> Option<Message> {
         properties: decode_properties(raw_properties)?,
         raw_properties: Bytes::copy_from_slice(raw_properties),
         body: Bytes::from(body),
+        paged: None,
     })
 }
 
@@ -193,6 +194,7 @@ mod tests {
             raw_properties: encode_properties(&properties),
             properties,
             body: Bytes::from_static(b"{}"),
+            paged: None,
         };
         let meta = encode_message_meta(&message);
         assert_eq!(decode_message(&meta, b"{}".to_vec()).unwrap(), message);

@@ -1040,6 +1040,7 @@ fn message_from(publish: &basic::Publish, header: &ContentHeader, body: Bytes) -
         // Copied out of the connection's read buffer (see `content_body`).
         raw_properties: Bytes::copy_from_slice(&header.raw_properties),
         body,
+        paged: None,
     }
 }
 

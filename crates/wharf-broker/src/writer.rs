@@ -26,10 +26,22 @@ pub(crate) struct WriterSettings {
     pub heartbeat_s: AtomicU32,
 }
 
+/// A paged-out body could not be read back: the connection is closed (its deliveries are
+/// requeued) rather than a message sent without its body.
+#[derive(Debug)]
+struct Unreadable;
+
 /// Encodes one item; returns the delivery bytes it carried (what the model counts as pending).
 /// A redelivery's delivery-count ticket joins `recorded`: the batch is written only once they all
-/// resolved.
-fn encode(buffer: &mut BytesMut, item: Outbound, frame_max: u32, recorded: &mut Vec<Ticket<()>>) -> u64 {
+/// resolved. A paged-out body is read back from the store here, on the connection's own task
+/// (normally a page-cache read), so the model lock is never held for it.
+fn encode(
+    buffer: &mut BytesMut,
+    item: Outbound,
+    frame_max: u32,
+    recorded: &mut Vec<Ticket<()>>,
+    store: &wharf_store::Store,
+) -> Result<u64, Unreadable> {
     match item {
         Outbound::Frames(bytes) => buffer.extend_from_slice(&bytes),
         Outbound::Deliver(delivery, ticket) => {
@@ -37,6 +49,18 @@ fn encode(buffer: &mut BytesMut, item: Outbound, frame_max: u32, recorded: &mut 
             let weight = wharf_model::broker::delivery_bytes(&delivery.message);
             let channel = delivery.channel.channel;
             let message = &delivery.message;
+            let body = match &message.paged {
+                None => message.body.clone(),
+                Some(paged) => match crate::core::read_paged_body(store, paged) {
+                    Ok(body) => body,
+                    // Its queue was deleted meanwhile, and its messages with it.
+                    Err(wharf_store::StoreError::UnknownQueue(_)) => return Ok(weight),
+                    Err(error) => {
+                        tracing::error!(queue = %delivery.queue, %error, "a paged-out message could not be read back; closing the connection");
+                        return Err(Unreadable);
+                    }
+                },
+            };
             let method = match &delivery.consumer_tag {
                 Some(tag) => AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
                     consumer_tag: tag.as_str().into(),
@@ -55,10 +79,10 @@ fn encode(buffer: &mut BytesMut, item: Outbound, frame_max: u32, recorded: &mut 
             };
             // Names and keys came in as short strings, so the method always encodes.
             if encode_method(buffer, channel, &method).is_ok() {
-                encode_content_header(buffer, channel, message.body.len() as u64, &message.raw_properties);
-                encode_body(buffer, channel, &message.body, frame_max);
+                encode_content_header(buffer, channel, body.len() as u64, &message.raw_properties);
+                encode_body(buffer, channel, &body, frame_max);
             }
-            return weight;
+            return Ok(weight);
         }
         Outbound::Return { channel, reply_code, reply_text, message } => {
             let method = AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
@@ -80,7 +104,7 @@ fn encode(buffer: &mut BytesMut, item: Outbound, frame_max: u32, recorded: &mut 
             let _ = encode_method(buffer, channel, &method);
         }
     }
-    0
+    Ok(0)
 }
 
 /// Runs until every sender is gone (the connection ended) or the socket fails. After each write it
@@ -111,19 +135,26 @@ pub(crate) async fn run(
         };
         let frame_max = settings.frame_max.load(Ordering::Relaxed);
         let mut queued_bytes = first.as_ref().map_or(0, Outbound::size_bytes);
-        let mut delivered_bytes = match first {
-            Some(item) => encode(&mut buffer, item, frame_max, &mut recorded),
+        let encoded = match first {
+            Some(item) => encode(&mut buffer, item, frame_max, &mut recorded, &core.store),
             None if heartbeat_s > 0 => {
                 encode_heartbeat(&mut buffer);
-                0
+                Ok(0)
             }
             None => continue,
         };
+        let Ok(mut delivered_bytes) = encoded else { break };
         while buffer.len() < WRITE_BATCH_BYTES_MAX {
             match outbound.try_recv() {
                 Ok(item) => {
                     queued_bytes += item.size_bytes();
-                    delivered_bytes += encode(&mut buffer, item, frame_max, &mut recorded);
+                    match encode(&mut buffer, item, frame_max, &mut recorded, &core.store) {
+                        Ok(weight) => delivered_bytes += weight,
+                        Err(Unreadable) => {
+                            let _ = socket.shutdown().await;
+                            return;
+                        }
+                    }
                 }
                 Err(_) => break,
             }

@@ -16,7 +16,7 @@
 use crate::deadletter::{self, AutoDeadLetterQueue, DeathReason, Transfer, TransferTarget};
 use crate::error::{ModelError, Result};
 use crate::exchange::{Exchange, ExchangeKind};
-use crate::message::Message;
+use crate::message::{Message, PagedBody};
 use crate::queue::{ChannelKey, ConnectionId, Entry, Queue};
 use crate::settings::Overflow;
 use crate::vhost::{DelayedEntry, VirtualHost};
@@ -57,6 +57,9 @@ pub struct Counters {
     pub late_settles_ignored: u64,
     /// Delayed messages released to their exchange's bindings.
     pub delayed_released: u64,
+    /// Queued messages whose bodies were dropped from memory (read back from the store when
+    /// delivered or moved), at run time and at recovery.
+    pub paged_out: u64,
 }
 
 /// Whether a queue takes a published message (checked before the runtime stores it).
@@ -276,7 +279,7 @@ pub struct BrokerModel {
 
 /// What a delivery weighs against `CONNECTION_PENDING_BYTES_MAX`.
 pub fn delivery_bytes(message: &Message) -> u64 {
-    (message.body.len() + message.raw_properties.len()) as u64
+    message.body_bytes() + message.raw_properties.len() as u64
 }
 
 fn channel_not_open(key: ChannelKey) -> ModelError {
@@ -746,6 +749,24 @@ impl BrokerModel {
     /// The time the model was last told.
     pub fn now_ms(&self) -> u64 {
         self.now_ms
+    }
+
+    /// Drops a queued message's body from memory (see [`Queue::page_out`]); counted.
+    pub fn page_out(&mut self, vhost: &str, queue: &str, entry_id: u64, store_seq: u64, paged: PagedBody) -> bool {
+        let paged_out = self
+            .vhosts
+            .get_mut(vhost)
+            .and_then(|found| found.queue_mut(queue))
+            .is_some_and(|found| found.page_out(entry_id, store_seq, paged));
+        if paged_out {
+            self.counters.paged_out += 1;
+        }
+        paged_out
+    }
+
+    /// Counts bodies recovery left on disk.
+    pub fn count_paged_out(&mut self, count: u64) {
+        self.counters.paged_out += count;
     }
 
     /// What the model counted.

@@ -239,6 +239,7 @@ mod tests {
             raw_properties: wharf_wire::frame::encode_properties(&properties),
             properties,
             body: Bytes::from_static(b"{}"),
+            paged: None,
         }
     }
 

@@ -15,8 +15,29 @@ pub struct Message {
     pub properties: BasicProperties,
     /// The properties exactly as received, delivered unchanged.
     pub raw_properties: Bytes,
-    /// The body.
+    /// The body; empty when the body is paged out to the store (see `paged`).
     pub body: Bytes,
+    /// Set when the body is not held in memory: where the store keeps it. The runtime reads it
+    /// back to deliver or move the message.
+    pub paged: Option<PagedBody>,
+}
+
+/// Where the store keeps a paged-out body: one queue's record of the message. The model does
+/// not read it; it carries it to the runtime, which reads the record back (one `pread`) to
+/// deliver or move the message. Valid while that record is live, which it is for as long as the
+/// entry that was paged is in its queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagedBody {
+    /// The store's queue log holding the record.
+    pub store_queue: u64,
+    /// The record's segment in that log.
+    pub segment_id: u64,
+    /// The record's byte offset in the segment.
+    pub offset: u64,
+    /// The record's length.
+    pub record_bytes: u32,
+    /// The body's length (what limits and accounting use while it is not in memory).
+    pub body_bytes: u64,
 }
 
 impl Message {
@@ -30,9 +51,33 @@ impl Message {
         self.properties.headers().as_ref()
     }
 
-    /// Body size in bytes.
+    /// Body size in bytes (whether it is held in memory or paged out).
     pub fn body_bytes(&self) -> u64 {
-        self.body.len() as u64
+        match &self.paged {
+            Some(paged) => paged.body_bytes,
+            None => self.body.len() as u64,
+        }
+    }
+
+    /// The same message with its body dropped from memory; `paged` says where to read it.
+    pub fn paged_out(&self, paged: PagedBody) -> Message {
+        Message { body: Bytes::new(), paged: Some(paged), ..self.clone_without_body() }
+    }
+
+    /// The same message with its body back in memory.
+    pub fn with_body(&self, body: Bytes) -> Message {
+        Message { body, paged: None, ..self.clone_without_body() }
+    }
+
+    fn clone_without_body(&self) -> Message {
+        Message {
+            exchange: self.exchange.clone(),
+            routing_key: self.routing_key.clone(),
+            properties: self.properties.clone(),
+            raw_properties: self.raw_properties.clone(),
+            body: Bytes::new(),
+            paged: None,
+        }
     }
 }
 
@@ -71,6 +116,7 @@ impl Message {
             raw_properties: wharf_wire::frame::encode_properties(&properties),
             properties,
             body: self.body.clone(),
+            paged: self.paged,
         }
     }
 

@@ -87,6 +87,8 @@ pub struct Queue {
     pub(crate) unacked: HashMap<u64, Entry>,
     /// Body bytes of ready and waiting messages.
     pub(crate) held_bytes: u64,
+    /// The part of `held_bytes` whose bodies are in memory (not paged out to the store).
+    pub(crate) resident_bytes: u64,
     /// (expiry, id) of ready messages that expire.
     pub(crate) expiry: BTreeSet<(u64, u64)>,
     /// The earliest expiry a timer is set for.
@@ -133,6 +135,7 @@ impl Queue {
             waiting: BTreeMap::new(),
             unacked: HashMap::new(),
             held_bytes: 0,
+            resident_bytes: 0,
             expiry: BTreeSet::new(),
             expiry_timer_ms: None,
             expires_timer_ms: None,
@@ -192,8 +195,24 @@ impl Queue {
         self.insert_ready(entry, true);
     }
 
-    fn insert_ready(&mut self, entry: Entry, deliverable: bool) {
+    /// Counts an entry that became ready or waiting.
+    fn hold(&mut self, entry: &Entry) {
         self.held_bytes += entry.message.body_bytes();
+        if entry.message.paged.is_none() {
+            self.resident_bytes += entry.message.body_bytes();
+        }
+    }
+
+    /// Stops counting an entry that is no longer ready or waiting.
+    fn unhold(&mut self, entry: &Entry) {
+        self.held_bytes = self.held_bytes.saturating_sub(entry.message.body_bytes());
+        if entry.message.paged.is_none() {
+            self.resident_bytes = self.resident_bytes.saturating_sub(entry.message.body_bytes());
+        }
+    }
+
+    fn insert_ready(&mut self, entry: Entry, deliverable: bool) {
+        self.hold(&entry);
         if let Some(at) = entry.expires_at_ms {
             self.expiry.insert((at, entry.id));
         }
@@ -227,7 +246,7 @@ impl Queue {
     /// Takes a ready entry out for delivery (it keeps holding its key).
     pub(crate) fn take_ready(&mut self, id: u64) -> Option<Entry> {
         let entry = self.ready.remove(&id)?;
-        self.held_bytes = self.held_bytes.saturating_sub(entry.message.body_bytes());
+        self.unhold(&entry);
         if let Some(at) = entry.expires_at_ms {
             self.expiry.remove(&(at, id));
         }
@@ -253,14 +272,14 @@ impl Queue {
 
     /// Moves an unacknowledged entry to `waiting` (retry backoff); it keeps holding its key.
     pub(crate) fn hold_for_backoff(&mut self, entry: Entry) {
-        self.held_bytes += entry.message.body_bytes();
+        self.hold(&entry);
         self.waiting.insert(entry.id, entry);
     }
 
     /// Ends an entry's backoff: back among the ready ones, in its place.
     pub(crate) fn wake(&mut self, id: u64) -> bool {
         let Some(entry) = self.waiting.remove(&id) else { return false };
-        self.held_bytes = self.held_bytes.saturating_sub(entry.message.body_bytes());
+        self.unhold(&entry);
         self.return_ready(entry);
         true
     }
@@ -329,6 +348,39 @@ impl Queue {
         self.unacked.len()
     }
 
+    /// Body bytes of ready and waiting messages held in memory (not paged out).
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident_bytes
+    }
+
+    /// The id the next message enqueued will get.
+    pub fn next_entry_id(&self) -> u64 {
+        self.next_id
+    }
+
+    /// Drops a ready or waiting entry's body from memory (the store holds it; `paged` says
+    /// where). Only the entry `id` that is stored under `store_seq` is touched, so a request
+    /// about an entry that left meanwhile (or a re-created queue's entry with the same id) does
+    /// nothing. Returns true if the body was dropped.
+    pub fn page_out(&mut self, id: u64, store_seq: u64, paged: crate::message::PagedBody) -> bool {
+        let entry = match self.ready.get_mut(&id) {
+            Some(entry) => entry,
+            None => match self.waiting.get_mut(&id) {
+                Some(entry) => entry,
+                None => return false,
+            },
+        };
+        if entry.store_seq != Some(store_seq)
+            || entry.message.paged.is_some()
+            || paged.body_bytes != entry.message.body_bytes()
+        {
+            return false;
+        }
+        entry.message = Arc::new(entry.message.paged_out(paged));
+        self.resident_bytes = self.resident_bytes.saturating_sub(paged.body_bytes);
+        true
+    }
+
     /// Consumers attached.
     pub fn consumer_count(&self) -> usize {
         self.consumers.len()
@@ -358,7 +410,7 @@ impl Queue {
         let mut taken: Vec<Entry> = ids.into_iter().filter_map(|id| self.remove_ready(id)).collect();
         let waiting = std::mem::take(&mut self.waiting);
         for entry in waiting.into_values() {
-            self.held_bytes = self.held_bytes.saturating_sub(entry.message.body_bytes());
+            self.unhold(&entry);
             self.release_key(&entry);
             taken.push(entry);
         }

@@ -22,6 +22,7 @@ fn message(body: &str) -> Arc<Message> {
         properties: BasicProperties::default(),
         raw_properties: Bytes::new(),
         body: Bytes::from(body.to_owned()),
+        paged: None,
     })
 }
 
@@ -366,4 +367,36 @@ fn a_closing_connection_never_gets_its_own_freed_messages_back() {
     let effects = broker.close_connection(ConnectionId(1));
     assert!(effects.deliveries.is_empty(), "nothing goes to the dying connection's other channel");
     assert_eq!(broker.vhost("/").unwrap().queue("q").unwrap().ready_count(), 1, "m0 waits, redelivered, for others");
+}
+
+#[test]
+fn paging_out_drops_only_the_named_ready_body_and_keeps_its_size_for_limits() {
+    use wharf_model::PagedBody;
+    let mut broker = broker_with_queue("q");
+    for (seq, body) in [(1, "first"), (2, "second!")] {
+        broker.enqueue("/", "q", message(body), Some(seq));
+    }
+    let queue = broker.vhost("/").unwrap().queue("q").unwrap();
+    assert_eq!(queue.resident_bytes(), 12);
+    let paged = |body_bytes| PagedBody { store_queue: 9, segment_id: 1, offset: 64, record_bytes: 90, body_bytes };
+    assert!(!broker.page_out("/", "q", 2, 1, paged(7)), "entry 2 is not stored under seq 1");
+    assert!(!broker.page_out("/", "q", 3, 3, paged(7)), "no entry 3");
+    assert!(!broker.page_out("/", "q", 2, 2, paged(6)), "a size that does not match is refused");
+    assert!(broker.page_out("/", "q", 2, 2, paged(7)));
+    assert!(!broker.page_out("/", "q", 2, 2, paged(7)), "already paged");
+    assert_eq!(broker.counters().paged_out, 1);
+    let queue = broker.vhost("/").unwrap().queue("q").unwrap();
+    assert_eq!(queue.resident_bytes(), 5, "only the first body is still in memory");
+
+    // Delivered, the paged entry carries where to read its body; its weight is the real size.
+    broker.open_channel(key(1, 1), "/").unwrap();
+    let (_, effects) = broker.consume(key(1, 1), "q", "c", false, false).unwrap();
+    assert_eq!(effects.deliveries.len(), 2);
+    let delivery = &effects.deliveries[1];
+    assert!(delivery.message.body.is_empty());
+    assert_eq!(delivery.message.paged, Some(paged(7)));
+    assert_eq!(delivery.message.body_bytes(), 7);
+    assert_eq!(wharf_model::broker::delivery_bytes(&delivery.message), 7);
+    // An unacknowledged entry is not ready: a late page-out of it does nothing.
+    assert!(!broker.page_out("/", "q", 1, 1, paged(5)));
 }

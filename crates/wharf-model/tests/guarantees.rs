@@ -21,6 +21,7 @@ fn message_with(body: &str, properties: BasicProperties) -> Arc<Message> {
         raw_properties: wharf_wire::frame::encode_properties(&properties),
         properties,
         body: Bytes::from(body.to_owned()),
+        paged: None,
     })
 }
 

@@ -41,4 +41,4 @@ pub use store::{
     AppendReceipt, MessageLocation, PendingAppend, QueueId, Recovered, RecoveredMessage, RecoveryIssue,
     SEGMENT_FILE_BYTES_LIMIT, Store, StoreConfig, StoreStats, StoredMessage,
 };
-pub use ticket::{Ticket, TicketFuture};
+pub use ticket::{Observer, Ticket, TicketFuture};

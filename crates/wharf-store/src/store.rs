@@ -414,6 +414,31 @@ impl Store {
     /// `fdatasync`ed (the moment a publisher confirm may be sent), or with the error that kept it
     /// from being durable. Seqs are assigned in call order per queue.
     pub fn append(&self, queue: QueueId, timestamp_ms: u64, meta: &[u8], body: &[u8]) -> Result<PendingAppend> {
+        self.append_with(queue, timestamp_ms, meta, body, None)
+    }
+
+    /// Like [`Store::append`], and `observer` is also given the result, on the writer thread,
+    /// just before the ticket resolves (or `Closed` if the writer goes away first). It must not
+    /// block. The broker uses it to learn where a record went without a task per append.
+    pub fn append_observed(
+        &self,
+        queue: QueueId,
+        timestamp_ms: u64,
+        meta: &[u8],
+        body: &[u8],
+        observer: crate::ticket::Observer<AppendReceipt>,
+    ) -> Result<PendingAppend> {
+        self.append_with(queue, timestamp_ms, meta, body, Some(observer))
+    }
+
+    fn append_with(
+        &self,
+        queue: QueueId,
+        timestamp_ms: u64,
+        meta: &[u8],
+        body: &[u8],
+        observer: Option<crate::ticket::Observer<AppendReceipt>>,
+    ) -> Result<PendingAppend> {
         if meta.len() > META_BYTES_MAX {
             return Err(StoreError::TooLarge {
                 what: "message meta",
@@ -442,7 +467,10 @@ impl Store {
             &[meta, body],
         );
         debug_assert!(record.len() <= RECORD_BYTES_MAX);
-        let (completer, ticket) = ticket::ticket();
+        let (completer, ticket) = match observer {
+            Some(observer) => ticket::observed_ticket(observer),
+            None => ticket::ticket(),
+        };
         let record_bytes = record.len() as u64;
         self.inner.shared.reserve_pending(record_bytes, self.inner.pending_bytes_max)?;
         let mut next_seq = handle.next_seq.lock().unwrap_or_else(|poisoned| poisoned.into_inner());

@@ -17,21 +17,51 @@ pub struct Ticket<T> {
     receiver: oneshot::Receiver<Result<T>>,
 }
 
+/// Called on the writer thread with an operation's result, just before its ticket resolves.
+pub type Observer<T> = Box<dyn FnOnce(&Result<T>) + Send>;
+
 /// The sending half, held by the writer thread until the operation is complete.
-#[derive(Debug)]
 pub(crate) struct Completer<T> {
-    sender: oneshot::Sender<Result<T>>,
+    sender: Option<oneshot::Sender<Result<T>>>,
+    observer: Option<Observer<T>>,
+}
+
+impl<T> std::fmt::Debug for Completer<T> {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("Completer").field("observed", &self.observer.is_some()).finish_non_exhaustive()
+    }
 }
 
 pub(crate) fn ticket<T>() -> (Completer<T>, Ticket<T>) {
     let (sender, receiver) = oneshot::channel();
-    (Completer { sender }, Ticket { receiver })
+    (Completer { sender: Some(sender), observer: None }, Ticket { receiver })
+}
+
+/// A ticket whose result is also handed to `observer` (on the writer thread, so it must not
+/// block).
+pub(crate) fn observed_ticket<T>(observer: Observer<T>) -> (Completer<T>, Ticket<T>) {
+    let (sender, receiver) = oneshot::channel();
+    (Completer { sender: Some(sender), observer: Some(observer) }, Ticket { receiver })
 }
 
 impl<T> Completer<T> {
     /// Resolves the ticket. A caller that dropped its ticket does not care; that is not an error.
-    pub(crate) fn complete(self, result: Result<T>) {
-        let _ = self.sender.send(result);
+    pub(crate) fn complete(mut self, result: Result<T>) {
+        if let Some(observer) = self.observer.take() {
+            observer(&result);
+        }
+        if let Some(sender) = self.sender.take() {
+            let _ = sender.send(result);
+        }
+    }
+}
+
+impl<T> Drop for Completer<T> {
+    fn drop(&mut self) {
+        // A completer dropped without an answer (the writer went away) tells its observer too.
+        if let Some(observer) = self.observer.take() {
+            observer(&Err(StoreError::Closed));
+        }
     }
 }
 
@@ -111,6 +141,23 @@ mod tests {
         let finisher = std::thread::spawn(move || completer.complete(Ok(9)));
         assert_eq!(block_on(pending.into_future()).unwrap(), 9);
         finisher.join().unwrap();
+    }
+
+    #[test]
+    fn an_observer_sees_the_result_once() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = Arc::clone(&seen);
+        let (completer, pending) = super::observed_ticket::<u32>(Box::new(move |result| {
+            record.lock().unwrap().push(result.as_ref().ok().copied())
+        }));
+        completer.complete(Ok(5));
+        assert_eq!(pending.wait().unwrap(), 5);
+        let record = Arc::clone(&seen);
+        let (completer, _pending) = super::observed_ticket::<u32>(Box::new(move |result| {
+            record.lock().unwrap().push(result.as_ref().ok().copied())
+        }));
+        drop(completer);
+        assert_eq!(*seen.lock().unwrap(), vec![Some(5), None]);
     }
 
     #[test]

@@ -53,6 +53,10 @@ struct ServeArgs {
     /// microseconds (0 disables; larger favours throughput over confirm latency) [default: 1000].
     #[arg(long, env = "WHARF_GROUP_COMMIT_DELAY_US")]
     group_commit_delay_us: Option<u64>,
+    /// Body bytes of queued messages each durable queue keeps in memory; further persistent
+    /// messages are read back from disk when delivered [default: 8388608 (8 MiB)].
+    #[arg(long, env = "WHARF_QUEUE_BODY_MEMORY_BYTES_MAX")]
+    queue_body_memory_bytes_max: Option<u64>,
     /// A policy, as JSON: {"name": "retry", "pattern": "^orders\\.", "apply_to": "queues",
     /// "priority": 0, "vhost": "/", "definition": {"delivery-limit": 5}}. Repeatable; a policy
     /// here replaces one of the same name and vhost from the configuration file.
@@ -74,6 +78,7 @@ struct FileConfig {
     message_bytes_max: Option<u64>,
     connections_max: Option<usize>,
     group_commit_delay_us: Option<u64>,
+    queue_body_memory_bytes_max: Option<u64>,
     users: Option<Vec<FileUser>>,
     vhosts: Option<Vec<String>>,
     policies: Option<Vec<FilePolicy>>,
@@ -165,6 +170,9 @@ fn broker_config(args: &ServeArgs) -> Result<BrokerConfig> {
             bail!("group_commit_delay_us must be at most 100000 (0.1 s), got {delay_us}");
         }
         config.store.group_commit_delay_us = delay_us;
+    }
+    if let Some(bytes) = args.queue_body_memory_bytes_max.or(file.queue_body_memory_bytes_max) {
+        config.queue_body_memory_bytes_max = bytes;
     }
     let mut policies = file.policies.unwrap_or_default();
     for text in &args.policies {
