@@ -451,26 +451,29 @@ impl Core {
                         used_store_queues.insert(store_queue, ());
                         for (seq, stored_ms, meta, body, delivery_count, location) in read_log(store_queue, rest) {
                             match persist::decode_message(&meta, body) {
-                                Some(mut decoded) => {
-                                    // Beyond the queue's memory budget the body stays on disk.
-                                    if queue.resident_bytes() >= config.queue_body_memory_bytes_max {
-                                        decoded.paged = Some(PagedBody {
-                                            store_queue: stored.store_queue,
-                                            segment_id: location.segment_id,
-                                            offset: location.offset,
-                                            record_bytes: location.record_bytes,
-                                            body_bytes: decoded.body.len() as u64,
-                                        });
-                                        decoded.body = bytes::Bytes::new();
-                                        paged_at_start += 1;
-                                    }
-                                    queue.enqueue_recovered(
+                                Some(decoded) => {
+                                    let page = queue.resident_bytes() >= config.queue_body_memory_bytes_max;
+                                    let body_bytes = decoded.body_bytes();
+                                    let id = queue.enqueue_recovered(
                                         Arc::new(decoded),
                                         Some(seq),
                                         stored_ms,
                                         delivery_count,
                                         !clean_stop,
                                     );
+                                    // Beyond the queue's memory budget the body stays on disk
+                                    // (paged once enqueued: its TTL and key come from the
+                                    // whole message).
+                                    let paged = PagedBody {
+                                        store_queue: stored.store_queue,
+                                        segment_id: location.segment_id,
+                                        offset: location.offset,
+                                        record_bytes: location.record_bytes,
+                                        body_bytes,
+                                    };
+                                    if page && queue.page_out(id, seq, paged) {
+                                        paged_at_start += 1;
+                                    }
                                     restored_messages += 1;
                                 }
                                 None => tracing::error!(queue = rest, seq, "stored message unreadable"),

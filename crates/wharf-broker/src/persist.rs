@@ -40,7 +40,7 @@ pub(crate) fn decode_message(meta: &[u8], body: Vec<u8>) -> Option<Message> {
     Some(Message {
         exchange: String::from_utf8(exchange.to_vec()).ok()?,
         routing_key: String::from_utf8(routing_key.to_vec()).ok()?,
-        properties: decode_properties(raw_properties)?,
+        properties: std::sync::Arc::new(decode_properties(raw_properties)?),
         raw_properties: Bytes::copy_from_slice(raw_properties),
         body: Bytes::from(body),
         paged: None,
@@ -192,7 +192,7 @@ mod tests {
             exchange: "orders".into(),
             routing_key: "order.received".into(),
             raw_properties: encode_properties(&properties),
-            properties,
+            properties: properties.into(),
             body: Bytes::from_static(b"{}"),
             paged: None,
         };

@@ -1036,7 +1036,7 @@ fn message_from(publish: &basic::Publish, header: &ContentHeader, body: Bytes) -
     Message {
         exchange: publish.exchange.as_str().to_owned(),
         routing_key: publish.routing_key.as_str().to_owned(),
-        properties: header.properties.clone(),
+        properties: Arc::new(header.properties.clone()),
         // Copied out of the connection's read buffer (see `content_body`).
         raw_properties: Bytes::copy_from_slice(&header.raw_properties),
         body,

@@ -23,11 +23,30 @@ fn body(index: usize) -> Vec<u8> {
     body
 }
 
+/// Properties that must survive paging: an id, a content type and a header.
+fn properties(index: usize) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert("order".into(), AMQPValue::LongLongInt(index as i64));
+    BasicProperties::default()
+        .with_message_id(format!("id-{index}").into())
+        .with_content_type("text/plain".into())
+        .with_headers(headers)
+}
+
+/// The delivery is message `index`, body and properties.
+fn assert_message(data: &[u8], delivered: &BasicProperties, index: usize) {
+    assert_eq!(data, body(index), "body of message {index}");
+    assert_eq!(delivered.message_id().as_ref().map(|id| id.as_str().to_owned()), Some(format!("id-{index}")));
+    assert_eq!(delivered.content_type().as_ref().map(|kind| kind.as_str()), Some("text/plain"));
+    let order = delivered.headers().as_ref().and_then(|headers| header_integer(headers, "order"));
+    assert_eq!(order, Some(index as i64), "headers of message {index}");
+}
+
 async fn publish_all(broker: &CrashableBroker, queue: &str, count: usize) {
     let connection = broker.connect().await;
     let channel = confirm_channel(&connection).await;
     for index in 0..count {
-        assert!(publish_confirmed(&channel, "", queue, &body(index), BasicProperties::default()).await);
+        assert!(publish_confirmed(&channel, "", queue, &body(index), properties(index)).await);
     }
     connection.close(200, "bye".into()).await.unwrap();
 }
@@ -49,7 +68,7 @@ async fn a_backlog_beyond_the_budget_is_paged_and_delivered_intact_in_order() {
     let mut deliveries = consumer(&channel, "backlog").await;
     for index in 0..200 {
         let delivery = next(&mut deliveries).await;
-        assert_eq!(delivery.data, body(index), "message {index}");
+        assert_message(&delivery.data, &delivery.properties, index);
         assert!(!delivery.redelivered);
         delivery.ack(BasicAckOptions::default()).await.unwrap();
     }
@@ -69,13 +88,14 @@ async fn a_paged_message_requeued_and_fetched_again_keeps_its_body() {
     // Take the four resident ones off the head, then the first paged one, and requeue it.
     for index in 0..4 {
         let got = channel.basic_get("retry".into(), BasicGetOptions { no_ack: true }).await.unwrap().unwrap();
-        assert_eq!(got.delivery.data, body(index));
+        assert_message(&got.delivery.data, &got.delivery.properties, index);
     }
     let got = channel.basic_get("retry".into(), BasicGetOptions { no_ack: false }).await.unwrap().unwrap();
-    assert_eq!(got.delivery.data, body(4));
+    assert_message(&got.delivery.data, &got.delivery.properties, 4);
     got.delivery.nack(BasicNackOptions { requeue: true, multiple: false }).await.unwrap();
     let again = channel.basic_get("retry".into(), BasicGetOptions { no_ack: false }).await.unwrap().unwrap();
-    assert_eq!(again.delivery.data, body(4), "the redelivery reads the body back again");
+    // The redelivery reads the body back again, and its added x-delivery-count keeps the rest.
+    assert_message(&again.delivery.data, &again.delivery.properties, 4);
     assert!(again.delivery.redelivered);
     let count =
         again.delivery.properties.headers().as_ref().and_then(|headers| header_integer(headers, "x-delivery-count"));
@@ -83,7 +103,7 @@ async fn a_paged_message_requeued_and_fetched_again_keeps_its_body() {
     again.delivery.ack(BasicAckOptions::default()).await.unwrap();
     for index in 5..10 {
         let got = channel.basic_get("retry".into(), BasicGetOptions { no_ack: true }).await.unwrap().unwrap();
-        assert_eq!(got.delivery.data, body(index));
+        assert_message(&got.delivery.data, &got.delivery.properties, index);
     }
     connection.close(200, "bye".into()).await.unwrap();
     broker.stop().await;
@@ -111,7 +131,7 @@ async fn paged_messages_are_dead_lettered_with_their_bodies_when_rejected_or_exp
     assert_eq!(paged_before, 4);
     for index in 0..8 {
         let got = channel.basic_get("rejecting".into(), BasicGetOptions { no_ack: false }).await.unwrap().unwrap();
-        assert_eq!(got.delivery.data, body(index));
+        assert_message(&got.delivery.data, &got.delivery.properties, index);
         got.delivery.reject(BasicRejectOptions { requeue: false }).await.unwrap();
     }
     // Expired while waiting: nobody consumes this queue; the TTL moves all of them.
@@ -121,7 +141,7 @@ async fn paged_messages_are_dead_lettered_with_their_bodies_when_rejected_or_exp
     let mut dead = consumer(&channel, "dead").await;
     for index in (0..8).chain(0..8) {
         let delivery = next(&mut dead).await;
-        assert_eq!(delivery.data, body(index), "dead letter {index}");
+        assert_message(&delivery.data, &delivery.properties, index);
         let reason = x_death(&delivery.properties).first().and_then(|death| header_text(death, "reason")).unwrap();
         assert!(reason == "rejected" || reason == "expired", "{reason}");
         delivery.ack(BasicAckOptions::default()).await.unwrap();
@@ -148,7 +168,7 @@ async fn after_a_crash_recovery_leaves_the_backlog_on_disk_and_serves_it_intact(
     let mut deliveries = consumer(&channel, "kept").await;
     for index in 0..50 {
         let delivery = next(&mut deliveries).await;
-        assert_eq!(delivery.data, body(index), "message {index}");
+        assert_message(&delivery.data, &delivery.properties, index);
         delivery.ack(BasicAckOptions::default()).await.unwrap();
     }
     connection.close(200, "bye".into()).await.unwrap();
@@ -177,13 +197,13 @@ async fn with_no_budget_every_copy_of_a_fanned_out_message_is_paged_and_intact()
             .unwrap();
     }
     for index in 0..20 {
-        assert!(publish_confirmed(&channel, "events", "", &body(index), BasicProperties::default()).await);
+        assert!(publish_confirmed(&channel, "events", "", &body(index), properties(index)).await);
     }
     assert_eq!(broker.broker().counters().paged_out, 40);
     for queue in ["first", "second"] {
         for index in 0..20 {
             let got = channel.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.unwrap().unwrap();
-            assert_eq!(got.delivery.data, body(index), "{queue} {index}");
+            assert_message(&got.delivery.data, &got.delivery.properties, index);
         }
     }
     // Transient messages are never paged: nothing on disk to read them back from.

@@ -106,8 +106,8 @@ pub fn dead_lettered(
     exchange: &str,
     routing_key: &str,
 ) -> Message {
-    let mut properties = message.properties.clone();
-    let mut headers = message.headers().cloned().unwrap_or_default();
+    let mut properties = message.full_properties().into_owned();
+    let mut headers = properties.headers().clone().unwrap_or_default();
     let original_expiration = properties.expiration().clone();
     let mut deaths: Vec<AMQPValue> = match headers.inner().get("x-death") {
         Some(AMQPValue::FieldArray(array)) => array.as_slice().to_vec(),
@@ -237,7 +237,7 @@ mod tests {
             exchange: "orders".into(),
             routing_key: "order.received".into(),
             raw_properties: wharf_wire::frame::encode_properties(&properties),
-            properties,
+            properties: properties.into(),
             body: Bytes::from_static(b"{}"),
             paged: None,
         }

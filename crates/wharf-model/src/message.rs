@@ -1,8 +1,16 @@
 //! [`Message`]: what a publisher sent, shared (`Arc`) by every queue it was routed to.
 
 use bytes::Bytes;
+use std::borrow::Cow;
+use std::sync::{Arc, OnceLock};
 use wharf_wire::protocol::BasicProperties;
 use wharf_wire::types::FieldTable;
+
+/// The empty properties every paged-out message shares (no allocation per message).
+fn no_properties() -> Arc<BasicProperties> {
+    static EMPTY: OnceLock<Arc<BasicProperties>> = OnceLock::new();
+    Arc::clone(EMPTY.get_or_init(|| Arc::new(BasicProperties::default())))
+}
 
 /// A published message.
 #[derive(Debug, Clone, PartialEq)]
@@ -11,8 +19,11 @@ pub struct Message {
     pub exchange: String,
     /// Its routing key.
     pub routing_key: String,
-    /// Parsed properties (for routing on headers, persistence, ids).
-    pub properties: BasicProperties,
+    /// Parsed properties (for routing on headers, persistence, ids). Empty for a paged-out
+    /// message, which keeps only `raw_properties`: what is read from the parsed properties
+    /// (TTL, keys, headers for routing) is taken before a message is paged out, and changes
+    /// (`with_header`, dead-lettering) go through [`Message::full_properties`].
+    pub properties: Arc<BasicProperties>,
     /// The properties exactly as received, delivered unchanged.
     pub raw_properties: Bytes,
     /// The body; empty when the body is paged out to the store (see `paged`).
@@ -43,12 +54,19 @@ pub struct PagedBody {
 impl Message {
     /// `delivery_mode = 2`: the publisher asked for it to survive a restart (in durable queues).
     pub fn persistent(&self) -> bool {
+        debug_assert!(!self.properties_elided(), "a paged-out message's properties are read with full_properties");
         self.properties.delivery_mode() == &Some(2)
     }
 
     /// The message headers, if any.
     pub fn headers(&self) -> Option<&FieldTable> {
+        debug_assert!(!self.properties_elided(), "a paged-out message's properties are read with full_properties");
         self.properties.headers().as_ref()
+    }
+
+    /// True for a paged-out message that keeps only its raw properties.
+    fn properties_elided(&self) -> bool {
+        self.paged.is_some() && Arc::ptr_eq(&self.properties, &no_properties())
     }
 
     /// Body size in bytes (whether it is held in memory or paged out).
@@ -59,25 +77,43 @@ impl Message {
         }
     }
 
-    /// The same message with its body dropped from memory; `paged` says where to read it.
+    /// The same message as little as possible in memory: no body (`paged` says where to read
+    /// it) and no parsed properties (the raw ones stay, to deliver and to parse again).
     pub fn paged_out(&self, paged: PagedBody) -> Message {
-        Message { body: Bytes::new(), paged: Some(paged), ..self.clone_without_body() }
-    }
-
-    /// The same message with its body back in memory.
-    pub fn with_body(&self, body: Bytes) -> Message {
-        Message { body, paged: None, ..self.clone_without_body() }
-    }
-
-    fn clone_without_body(&self) -> Message {
         Message {
             exchange: self.exchange.clone(),
             routing_key: self.routing_key.clone(),
-            properties: self.properties.clone(),
+            properties: no_properties(),
             raw_properties: self.raw_properties.clone(),
             body: Bytes::new(),
+            paged: Some(paged),
+        }
+    }
+
+    /// The same message with its body (read back from the store) and its parsed properties in
+    /// memory again.
+    pub fn with_body(&self, body: Bytes) -> Message {
+        Message {
+            exchange: self.exchange.clone(),
+            routing_key: self.routing_key.clone(),
+            properties: match self.full_properties() {
+                Cow::Borrowed(_) => Arc::clone(&self.properties),
+                Cow::Owned(properties) => Arc::new(properties),
+            },
+            raw_properties: self.raw_properties.clone(),
+            body,
             paged: None,
         }
+    }
+
+    /// The parsed properties, parsed again from the raw ones for a paged-out message.
+    pub fn full_properties(&self) -> Cow<'_, BasicProperties> {
+        if self.paged.is_some()
+            && let Some(properties) = wharf_wire::frame::decode_properties(&self.raw_properties)
+        {
+            return Cow::Owned(properties);
+        }
+        Cow::Borrowed(&self.properties)
     }
 }
 
@@ -88,6 +124,7 @@ impl Message {
     /// The per-message TTL from the `expiration` property (a decimal number of milliseconds, as
     /// RabbitMQ reads it); `None` when absent or not a number.
     pub fn expiration_ms(&self) -> Option<u64> {
+        debug_assert!(!self.properties_elided(), "a paged-out message's properties are read with full_properties");
         self.properties.expiration().as_ref().and_then(|text| text.as_str().trim().parse::<u64>().ok())
     }
 
@@ -114,7 +151,7 @@ impl Message {
             exchange: self.exchange.clone(),
             routing_key: self.routing_key.clone(),
             raw_properties: wharf_wire::frame::encode_properties(&properties),
-            properties,
+            properties: Arc::new(properties),
             body: self.body.clone(),
             paged: self.paged,
         }
@@ -122,10 +159,11 @@ impl Message {
 
     /// The same message with one header set.
     pub fn with_header(&self, name: &str, value: wharf_wire::types::AMQPValue) -> Message {
-        let mut headers = self.headers().cloned().unwrap_or_default();
+        let properties = self.full_properties().into_owned();
+        let mut headers = properties.headers().clone().unwrap_or_default();
         if let Ok(name) = wharf_wire::types::ShortString::try_new(name) {
             headers.insert(name, value);
         }
-        self.with_properties(self.properties.clone().with_headers(headers))
+        self.with_properties(properties.with_headers(headers))
     }
 }

@@ -19,7 +19,7 @@ fn message(body: &str) -> Arc<Message> {
     Arc::new(Message {
         exchange: String::new(),
         routing_key: "q".into(),
-        properties: BasicProperties::default(),
+        properties: BasicProperties::default().into(),
         raw_properties: Bytes::new(),
         body: Bytes::from(body.to_owned()),
         paged: None,

@@ -19,7 +19,7 @@ fn message_with(body: &str, properties: BasicProperties) -> Arc<Message> {
         exchange: String::new(),
         routing_key: "q".into(),
         raw_properties: wharf_wire::frame::encode_properties(&properties),
-        properties,
+        properties: properties.into(),
         body: Bytes::from(body.to_owned()),
         paged: None,
     })
