@@ -540,6 +540,14 @@ impl Store {
         Ok(StoredMessage { seq: header.a, timestamp_ms: header.b, meta, body })
     }
 
+    /// True when appends are waiting for room (the writer is behind by `pending_bytes_max`): the
+    /// next append may block until it catches up. Callers on an async runtime move such an
+    /// append off their worker; otherwise an append only queues work and returns.
+    pub fn under_back_pressure(&self) -> bool {
+        let pending = *self.inner.shared.pending_bytes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        pending.saturating_mul(2) >= self.inner.pending_bytes_max
+    }
+
     /// Counters since open.
     pub fn stats(&self) -> StoreStats {
         let counters = &self.inner.shared.counters;
