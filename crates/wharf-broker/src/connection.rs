@@ -414,6 +414,9 @@ async fn run_frames(connection: &mut Connection, session: &mut Session, mut shut
             _ = fatal.changed() => {
                 return connection.close_connection(reply_code::INTERNAL_ERROR, "INTERNAL_ERROR - the broker's storage failed", 0, 0).await;
             }
+            () = backlog.writer_failed.notified() => {
+                return connection.close_connection(reply_code::INTERNAL_ERROR, "INTERNAL_ERROR - a stored message could not be read back", 0, 0).await;
+            }
         }
     }
 }

@@ -27,8 +27,9 @@ pub(crate) enum Outbound {
     /// A delivery to encode (`basic.deliver` or `basic.get-ok`, header, body), and for a
     /// redelivery the store's ticket for its delivery count: the writer sends it only once the
     /// count is written, so a consumer that crashes on a message cannot outrun its count even if
-    /// the broker is killed at that moment.
-    Deliver(Delivery, Option<Ticket<()>>),
+    /// the broker is killed at that moment. The third field is a paged-out no-ack delivery's
+    /// store removal, made by the writer once it has read the body (see `Core::send`).
+    Deliver(Delivery, Option<Ticket<()>>, Option<(u64, u64)>),
     /// `basic.cancel` from the server (the queue went away).
     CancelConsumer { channel: u16, consumer_tag: String },
     /// `basic.return` of an unroutable mandatory message, with its content.
@@ -40,7 +41,7 @@ impl Outbound {
     pub fn size_bytes(&self) -> u64 {
         match self {
             Outbound::Frames(bytes) => bytes.len() as u64,
-            Outbound::Deliver(delivery, _) => 64 + wharf_model::broker::delivery_bytes(&delivery.message),
+            Outbound::Deliver(delivery, _, _) => 64 + wharf_model::broker::delivery_bytes(&delivery.message),
             Outbound::CancelConsumer { consumer_tag, .. } => 32 + consumer_tag.len() as u64,
             Outbound::Return { message, .. } => 64 + wharf_model::broker::delivery_bytes(message),
         }
@@ -58,6 +59,9 @@ pub(crate) struct Backlog {
     pub bytes: AtomicU64,
     /// Signalled whenever the writer wrote something.
     pub drained: tokio::sync::Notify,
+    /// Signalled once when the writer could not read a paged-out body back: the connection must
+    /// close.
+    pub writer_failed: tokio::sync::Notify,
 }
 
 /// The sending side of a connection's writer queue, counting what it holds.
@@ -142,6 +146,31 @@ impl Pager {
     }
 }
 
+/// Takes out of `effects.removed` the removals of paged-out messages delivered without
+/// acknowledgement (the model removes those as it dispatches them): their records must stay
+/// until the connection's writer has read the bodies back, so the writer makes the removal. Its
+/// segment could otherwise be deleted first and the message lost.
+pub(crate) fn take_paged_removals(effects: &mut Effects) -> std::collections::HashSet<(u64, u64)> {
+    let mut deferred = std::collections::HashSet::new();
+    if effects.removed.is_empty() || !effects.deliveries.iter().any(|delivery| delivery.message.paged.is_some()) {
+        return deferred;
+    }
+    let paged: std::collections::HashSet<(u64, u64)> = effects
+        .deliveries
+        .iter()
+        .filter(|delivery| delivery.message.paged.is_some())
+        .filter_map(|delivery| delivery.store)
+        .collect();
+    effects.removed.retain(|removed| match (removed.store_queue, removed.store_seq) {
+        (Some(queue), Some(seq)) if paged.contains(&(queue, seq)) => {
+            deferred.insert((queue, seq));
+            false
+        }
+        _ => true,
+    });
+    deferred
+}
+
 /// Where a paged body's record is, for the store.
 pub(crate) fn paged_location(paged: &PagedBody) -> (QueueId, MessageLocation) {
     (
@@ -163,9 +192,6 @@ pub(crate) fn read_paged_body(store: &Store, paged: &PagedBody) -> Result<bytes:
     }
     Ok(bytes::Bytes::from(stored.body))
 }
-
-/// A live record read back at start: (seq, stored at ms, meta, body, delivery count, where).
-type LogRecord = (u64, u64, Vec<u8>, Vec<u8>, u32, MessageLocation);
 
 /// De-duplication key logs by store queue id.
 pub(crate) type DedupLogs = Arc<Mutex<HashMap<u64, DedupLog>>>;
@@ -252,30 +278,24 @@ fn off_the_workers<T>(work: impl FnOnce() -> T) -> T {
     }
 }
 
-/// The live records of one store log, read one at a time; unreadable ones are reported and
-/// skipped.
-fn read_records<'a>(
-    store: &'a Store,
-    recovered: &'a wharf_store::Recovered,
+/// What recovery does with each live record: (the recovered message, its meta, its body).
+type RecordVisitor<'a> = dyn FnMut(&wharf_store::RecoveredMessage, &[u8], &[u8]) + 'a;
+
+/// Hands every live record of a store log to `visit`, reading the log sequentially in chunks;
+/// unreadable records are reported and skipped.
+fn read_records(
+    store: &Store,
+    recovered: &wharf_store::Recovered,
     store_queue: QueueId,
-    owner: String,
-) -> impl Iterator<Item = LogRecord> + 'a {
-    recovered.queues.get(&store_queue).into_iter().flatten().filter_map(move |message| {
-        match store.read(store_queue, &message.location) {
-            Ok(stored) => Some((
-                message.seq,
-                message.timestamp_ms,
-                stored.meta,
-                stored.body,
-                message.delivery_count,
-                message.location,
-            )),
-            Err(error) => {
-                tracing::error!(owner, seq = message.seq, %error, "stored record unreadable");
-                None
-            }
-        }
-    })
+    owner: &str,
+    visit: &mut RecordVisitor<'_>,
+) {
+    let Some(messages) = recovered.queues.get(&store_queue) else { return };
+    let locations: Vec<MessageLocation> = messages.iter().map(|message| message.location).collect();
+    store.read_each(store_queue, &locations, &mut |index, result| match result {
+        Ok(record) => visit(&messages[index], record.meta, record.body),
+        Err(error) => tracing::error!(owner, seq = messages[index].seq, %error, "stored record unreadable"),
+    });
 }
 
 /// Runs `work` now if no async runtime is around, else as a task.
@@ -361,26 +381,28 @@ impl Core {
         let mut used_store_queues = HashMap::new();
         let mut restored_messages = 0usize;
         let mut paged_at_start = 0u64;
-        // Reads every live record of a store log, one at a time (a queue's backlog is never
-        // all in memory at once).
-        let read_log =
-            |store_queue: QueueId, owner: &str| read_records(&store, &recovered, store_queue, owner.to_owned());
+        // Reads every live record of a store log, sequentially (a queue's backlog is never all
+        // in memory at once).
+        let read_log = |store_queue: QueueId, owner: &str, visit: &mut RecordVisitor<'_>| {
+            read_records(&store, &recovered, store_queue, owner, visit)
+        };
         let now = now_ms();
         // Loads a de-duplication key log; expired keys are removed from the store.
         let load_dedup_log = |log: u64, ttl_ms: u64, owner: &str, remember: &mut dyn FnMut(&[u8], u64)| {
             let mut live = VecDeque::new();
-            for (seq, seen_ms, meta, key, _, _) in read_log(QueueId(log), owner) {
-                if !persist::is_dedup_key(&meta) {
+            read_log(QueueId(log), owner, &mut |message, meta, key| {
+                let (seq, seen_ms) = (message.seq, message.timestamp_ms);
+                if !persist::is_dedup_key(meta) {
                     tracing::error!(owner, seq, "a record in a de-duplication log is not a key");
-                    continue;
+                    return;
                 }
                 if seen_ms.saturating_add(ttl_ms) <= now {
                     let _ = store.remove(QueueId(log), seq);
-                    continue;
+                    return;
                 }
-                remember(&key, seen_ms);
+                remember(key, seen_ms);
                 live.push_back((seen_ms, seq));
-            }
+            });
             live.make_contiguous().sort_unstable();
             dedup_logs
                 .lock()
@@ -417,8 +439,9 @@ impl Core {
                             }
                             if let Some(log) = stored.store_queue {
                                 used_store_queues.insert(QueueId(log), ());
-                                for (seq, stored_ms, meta, body, _, _) in read_log(QueueId(log), rest) {
-                                    match persist::decode_message(&meta, body) {
+                                read_log(QueueId(log), rest, &mut |stored_message, meta, body| {
+                                    let (seq, stored_ms) = (stored_message.seq, stored_message.timestamp_ms);
+                                    match persist::decode_message(meta, bytes::Bytes::copy_from_slice(body)) {
                                         Some(message) => {
                                             let due_ms = stored_ms.saturating_add(message.delay_ms().unwrap_or(0));
                                             model.hold_delayed(vhost_name, rest, Arc::new(message), Some(seq), due_ms);
@@ -428,7 +451,7 @@ impl Core {
                                             tracing::error!(exchange = rest, seq, "stored delayed message unreadable")
                                         }
                                     }
-                                }
+                                });
                             }
                         }
                         Err(error) => tracing::error!(exchange = rest, %error, "stored exchange skipped"),
@@ -449,28 +472,35 @@ impl Core {
                         queue.dedup_store_queue = stored.dedup_store_queue;
                         let store_queue = QueueId(stored.store_queue);
                         used_store_queues.insert(store_queue, ());
-                        for (seq, stored_ms, meta, body, delivery_count, location) in read_log(store_queue, rest) {
-                            match persist::decode_message(&meta, body) {
-                                Some(decoded) => {
-                                    let page = queue.resident_bytes() >= config.queue_body_memory_bytes_max;
-                                    let body_bytes = decoded.body_bytes();
+                        read_log(store_queue, rest, &mut |recovered_message, meta, body| {
+                            let seq = recovered_message.seq;
+                            let location = recovered_message.location;
+                            // Beyond the queue's memory budget the body stays on disk: it is not
+                            // even copied out of the read buffer.
+                            let page = queue.resident_bytes() >= config.queue_body_memory_bytes_max;
+                            let paged = PagedBody {
+                                store_queue: stored.store_queue,
+                                segment_id: location.segment_id,
+                                offset: location.offset,
+                                record_bytes: location.record_bytes,
+                                body_bytes: body.len() as u64,
+                            };
+                            let in_memory =
+                                if page { bytes::Bytes::new() } else { bytes::Bytes::copy_from_slice(body) };
+                            match persist::decode_message(meta, in_memory) {
+                                Some(mut decoded) => {
+                                    if page {
+                                        decoded.paged = Some(paged);
+                                    }
                                     let id = queue.enqueue_recovered(
                                         Arc::new(decoded),
                                         Some(seq),
-                                        stored_ms,
-                                        delivery_count,
+                                        recovered_message.timestamp_ms,
+                                        recovered_message.delivery_count,
                                         !clean_stop,
                                     );
-                                    // Beyond the queue's memory budget the body stays on disk
-                                    // (paged once enqueued: its TTL and key come from the
-                                    // whole message).
-                                    let paged = PagedBody {
-                                        store_queue: stored.store_queue,
-                                        segment_id: location.segment_id,
-                                        offset: location.offset,
-                                        record_bytes: location.record_bytes,
-                                        body_bytes,
-                                    };
+                                    // Enqueued whole (its TTL and key come from its properties),
+                                    // then reduced to what a paged-out message keeps.
                                     if page && queue.page_out(id, seq, paged) {
                                         paged_at_start += 1;
                                     }
@@ -478,7 +508,7 @@ impl Core {
                                 }
                                 None => tracing::error!(queue = rest, seq, "stored message unreadable"),
                             }
-                        }
+                        });
                         if let (Some(log), Some(ttl_ms)) = (stored.dedup_store_queue, dedup_ttl) {
                             used_store_queues.insert(QueueId(log), ());
                             load_dedup_log(log, ttl_ms, rest, &mut |key, seen_ms| {
@@ -615,13 +645,23 @@ impl Core {
     /// Queues deliveries and server-side cancels to their connections (non-blocking). Call it
     /// while holding the model lock, so sends keep the model's order.
     pub fn send(&self, effects: &mut Effects) {
+        let deferred = take_paged_removals(effects);
         for delivery in effects.deliveries.drain(..) {
             let recorded = self.record_delivery(&delivery);
+            let remove_after_read = delivery.store.filter(|key| deferred.contains(key));
             let connection = delivery.channel.connection;
-            if let Some(outbound) = self.outbound(connection) {
+            match self.outbound(connection) {
                 // A closed connection's channels are closed in the model right after; its
                 // unacked deliveries are requeued there, so a failed send loses nothing.
-                let _ = outbound.send(Outbound::Deliver(delivery, recorded));
+                Some(outbound) => {
+                    let _ = outbound.send(Outbound::Deliver(delivery, recorded, remove_after_read));
+                }
+                // A no-ack delivery to a connection that is gone left the model already.
+                None => {
+                    if let Some((queue, seq)) = remove_after_read {
+                        self.remove_stored_record(queue, seq);
+                    }
+                }
             }
         }
         for (ChannelKey { connection, channel }, consumer_tag) in effects.cancelled.drain(..) {
@@ -665,10 +705,15 @@ impl Core {
 
     fn remove_stored(&self, removed: &Removed) {
         if let (Some(queue), Some(seq)) = (removed.store_queue, removed.store_seq) {
-            match self.store.remove(QueueId(queue), seq) {
-                Ok(_) | Err(StoreError::UnknownQueue(_)) => {}
-                Err(error) => self.store_failed(&error),
-            }
+            self.remove_stored_record(queue, seq);
+        }
+    }
+
+    /// Records a message's removal in the store (a deleted queue's records went with it).
+    pub fn remove_stored_record(&self, queue: u64, seq: u64) {
+        match self.store.remove(QueueId(queue), seq) {
+            Ok(_) | Err(StoreError::UnknownQueue(_)) => {}
+            Err(error) => self.store_failed(&error),
         }
     }
 

@@ -26,7 +26,7 @@ pub(crate) fn encode_message_meta(message: &Message) -> Vec<u8> {
 }
 
 /// Rebuilds a message from its stored meta and body; `None` if the meta is not ours.
-pub(crate) fn decode_message(meta: &[u8], body: Vec<u8>) -> Option<Message> {
+pub(crate) fn decode_message(meta: &[u8], body: Bytes) -> Option<Message> {
     let (&version, rest) = meta.split_first()?;
     if version != MESSAGE_META_VERSION {
         return None;
@@ -42,7 +42,7 @@ pub(crate) fn decode_message(meta: &[u8], body: Vec<u8>) -> Option<Message> {
         routing_key: String::from_utf8(routing_key.to_vec()).ok()?,
         properties: std::sync::Arc::new(decode_properties(raw_properties)?),
         raw_properties: Bytes::copy_from_slice(raw_properties),
-        body: Bytes::from(body),
+        body,
         paged: None,
     })
 }
@@ -197,8 +197,8 @@ mod tests {
             paged: None,
         };
         let meta = encode_message_meta(&message);
-        assert_eq!(decode_message(&meta, b"{}".to_vec()).unwrap(), message);
-        assert!(decode_message(&[9, 0, 0], Vec::new()).is_none(), "unknown version");
-        assert!(decode_message(&[1, 200], Vec::new()).is_none(), "truncated");
+        assert_eq!(decode_message(&meta, Bytes::from_static(b"{}")).unwrap(), message);
+        assert!(decode_message(&[9, 0, 0], Bytes::new()).is_none(), "unknown version");
+        assert!(decode_message(&[1, 200], Bytes::new()).is_none(), "truncated");
     }
 }

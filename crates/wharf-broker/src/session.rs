@@ -663,11 +663,16 @@ impl Session {
                 // tag's place among deliveries to this channel.
                 let outbound = self.outbound.clone();
                 self.core.act(|model| {
-                    let (delivery, effects) = model.get(key, &queue_name, get.no_ack)?;
+                    let (delivery, mut effects) = model.get(key, &queue_name, get.no_ack)?;
                     match delivery {
                         Some(delivery) => {
                             let recorded = self.core.record_delivery(&delivery);
-                            let _ = outbound.send(Outbound::Deliver(delivery, recorded));
+                            // A paged-out no-ack get is removed from the store once read back.
+                            effects.deliveries.push(delivery);
+                            let deferred = crate::core::take_paged_removals(&mut effects);
+                            let Some(delivery) = effects.deliveries.pop() else { return Ok(((), effects)) };
+                            let remove_after_read = delivery.store.filter(|key| deferred.contains(key));
+                            let _ = outbound.send(Outbound::Deliver(delivery, recorded, remove_after_read));
                         }
                         None => {
                             let method = AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {}));

@@ -26,41 +26,60 @@ pub(crate) struct WriterSettings {
     pub heartbeat_s: AtomicU32,
 }
 
-/// A paged-out body could not be read back: the connection is closed (its deliveries are
-/// requeued) rather than a message sent without its body.
+/// A paged-out body could not be read back (a damaged record, a failing disk): the connection is
+/// closed, so its unacknowledged deliveries are requeued, rather than a message sent without its
+/// body.
 #[derive(Debug)]
 struct Unreadable;
 
 /// Encodes one item; returns the delivery bytes it carried (what the model counts as pending).
 /// A redelivery's delivery-count ticket joins `recorded`: the batch is written only once they all
 /// resolved. A paged-out body is read back from the store here, on the connection's own task
-/// (normally a page-cache read), so the model lock is never held for it.
+/// (normally a page-cache read), so the model lock is never held for it; a paged-out no-ack
+/// delivery's removal is made once its body is in the buffer.
 fn encode(
     buffer: &mut BytesMut,
     item: Outbound,
     frame_max: u32,
     recorded: &mut Vec<Ticket<()>>,
-    store: &wharf_store::Store,
+    core: &Core,
 ) -> Result<u64, Unreadable> {
     match item {
         Outbound::Frames(bytes) => buffer.extend_from_slice(&bytes),
-        Outbound::Deliver(delivery, ticket) => {
+        Outbound::Deliver(delivery, ticket, remove_after_read) => {
             recorded.extend(ticket);
             let weight = wharf_model::broker::delivery_bytes(&delivery.message);
             let channel = delivery.channel.channel;
             let message = &delivery.message;
             let body = match &message.paged {
                 None => message.body.clone(),
-                Some(paged) => match crate::core::read_paged_body(store, paged) {
+                Some(paged) => match crate::core::read_paged_body(&core.store, paged) {
                     Ok(body) => body,
-                    // Its queue was deleted meanwhile, and its messages with it.
-                    Err(wharf_store::StoreError::UnknownQueue(_)) => return Ok(weight),
+                    Err(wharf_store::StoreError::UnknownQueue(_)) => {
+                        // Its queue was deleted meanwhile, and its messages with it: nothing to
+                        // send. A `basic.get` still gets its answer; a consumer's slot is freed
+                        // (a requeue, so that were the queue somehow still there, the message
+                        // would stay in it).
+                        if delivery.consumer_tag.is_none() {
+                            let empty = AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {}));
+                            let _ = encode_method(buffer, channel, &empty);
+                        }
+                        if remove_after_read.is_none() {
+                            let key = delivery.channel;
+                            let tag = delivery.delivery_tag;
+                            let _ = core.act(|model| Ok(((), model.reject(key, tag, false, true)?)));
+                        }
+                        return Ok(weight);
+                    }
                     Err(error) => {
                         tracing::error!(queue = %delivery.queue, %error, "a paged-out message could not be read back; closing the connection");
                         return Err(Unreadable);
                     }
                 },
             };
+            if let Some((queue, seq)) = remove_after_read {
+                core.remove_stored_record(queue, seq);
+            }
             let method = match &delivery.consumer_tag {
                 Some(tag) => AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
                     consumer_tag: tag.as_str().into(),
@@ -119,6 +138,8 @@ pub(crate) async fn run(
 ) {
     let mut buffer = BytesMut::with_capacity(64 * 1024);
     let mut recorded = Vec::new();
+    // A body could not be read back: only control frames go out any more.
+    let mut failed = false;
     loop {
         let heartbeat_s = settings.heartbeat_s.load(Ordering::Relaxed);
         let idle = if heartbeat_s == 0 {
@@ -136,28 +157,39 @@ pub(crate) async fn run(
         let frame_max = settings.frame_max.load(Ordering::Relaxed);
         let mut queued_bytes = first.as_ref().map_or(0, Outbound::size_bytes);
         let encoded = match first {
-            Some(item) => encode(&mut buffer, item, frame_max, &mut recorded, &core.store),
+            Some(item) if failed && matches!(item, Outbound::Deliver(..)) => Ok(0),
+            Some(item) => encode(&mut buffer, item, frame_max, &mut recorded, &core),
             None if heartbeat_s > 0 => {
                 encode_heartbeat(&mut buffer);
                 Ok(0)
             }
             None => continue,
         };
-        let Ok(mut delivered_bytes) = encoded else { break };
+        let mut delivered_bytes = 0;
+        let mut unreadable = encoded.is_err();
+        if let Ok(weight) = encoded {
+            delivered_bytes += weight;
+        }
         while buffer.len() < WRITE_BATCH_BYTES_MAX {
             match outbound.try_recv() {
                 Ok(item) => {
                     queued_bytes += item.size_bytes();
-                    match encode(&mut buffer, item, frame_max, &mut recorded, &core.store) {
+                    if (failed || unreadable) && matches!(item, Outbound::Deliver(..)) {
+                        continue;
+                    }
+                    match encode(&mut buffer, item, frame_max, &mut recorded, &core) {
                         Ok(weight) => delivered_bytes += weight,
-                        Err(Unreadable) => {
-                            let _ = socket.shutdown().await;
-                            return;
-                        }
+                        Err(Unreadable) => unreadable = true,
                     }
                 }
                 Err(_) => break,
             }
+        }
+        if unreadable && !failed {
+            // From here on deliveries are dropped (they stay unacknowledged in the model, and are
+            // requeued when the connection closes); the reader closes the connection.
+            failed = true;
+            backlog.writer_failed.notify_one();
         }
         for ticket in recorded.drain(..) {
             // A failure is the store's to report (it stops the broker); the delivery still goes.

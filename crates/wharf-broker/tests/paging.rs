@@ -225,3 +225,37 @@ async fn with_no_budget_every_copy_of_a_fanned_out_message_is_paged_and_intact()
     connection.close(200, "bye".into()).await.unwrap();
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_ack_consumers_and_gets_receive_every_paged_body_while_segments_are_deleted_behind_them() {
+    // Small segments, so draining deletes segments while deliveries are still being written.
+    let broker = CrashableBroker::start(6, |config| {
+        config.queue_body_memory_bytes_max = 0;
+        config.store.segment_bytes_max = 16 * 1024;
+    })
+    .await;
+    let connection = broker.connect().await;
+    let channel = connection.create_channel().await.unwrap();
+    durable_queue(&channel, "firehose", FieldTable::default()).await;
+    publish_all(&broker, "firehose", 300).await;
+    assert_eq!(broker.broker().counters().paged_out, 300);
+    for index in 0..50 {
+        let got = channel.basic_get("firehose".into(), BasicGetOptions { no_ack: true }).await.unwrap().unwrap();
+        assert_message(&got.delivery.data, &got.delivery.properties, index);
+    }
+    let mut deliveries = channel
+        .basic_consume(
+            "firehose".into(),
+            "".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for index in 50..300 {
+        let delivery = next(&mut deliveries).await;
+        assert_message(&delivery.data, &delivery.properties, index);
+    }
+    connection.close(200, "bye".into()).await.unwrap();
+    broker.stop().await;
+}

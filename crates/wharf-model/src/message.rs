@@ -65,7 +65,7 @@ impl Message {
     }
 
     /// True for a paged-out message that keeps only its raw properties.
-    fn properties_elided(&self) -> bool {
+    pub fn properties_elided(&self) -> bool {
         self.paged.is_some() && Arc::ptr_eq(&self.properties, &no_properties())
     }
 

@@ -359,10 +359,14 @@ impl Queue {
     }
 
     /// Drops a ready or waiting entry's body from memory (the store holds it; `paged` says
-    /// where). Only the entry `id` that is stored under `store_seq` is touched, so a request
-    /// about an entry that left meanwhile (or a re-created queue's entry with the same id) does
-    /// nothing. Returns true if the body was dropped.
+    /// where). Only the entry `id` that is stored under `store_seq` in this queue's own log is
+    /// touched, so a request about an entry that left meanwhile, or about an entry of an earlier
+    /// queue of the same name (whose ids and seqs also started at 1), does nothing. Returns true
+    /// if the body was dropped.
     pub fn page_out(&mut self, id: u64, store_seq: u64, paged: crate::message::PagedBody) -> bool {
+        if self.store_queue != Some(paged.store_queue) {
+            return false;
+        }
         let entry = match self.ready.get_mut(&id) {
             Some(entry) => entry,
             None => match self.waiting.get_mut(&id) {
@@ -370,14 +374,16 @@ impl Queue {
                 None => return false,
             },
         };
-        if entry.store_seq != Some(store_seq)
-            || entry.message.paged.is_some()
-            || paged.body_bytes != entry.message.body_bytes()
-        {
+        if entry.store_seq != Some(store_seq) || paged.body_bytes != entry.message.body_bytes() {
             return false;
         }
+        match entry.message.paged {
+            None => self.resident_bytes = self.resident_bytes.saturating_sub(paged.body_bytes),
+            // Enqueued without its body (recovery) but with its parsed properties: drop those.
+            Some(already) if already == paged && !entry.message.properties_elided() => {}
+            Some(_) => return false,
+        }
         entry.message = Arc::new(entry.message.paged_out(paged));
-        self.resident_bytes = self.resident_bytes.saturating_sub(paged.body_bytes);
         true
     }
 

@@ -373,6 +373,7 @@ fn a_closing_connection_never_gets_its_own_freed_messages_back() {
 fn paging_out_drops_only_the_named_ready_body_and_keeps_its_size_for_limits() {
     use wharf_model::PagedBody;
     let mut broker = broker_with_queue("q");
+    broker.vhost_mut("/").unwrap().queue_mut("q").unwrap().store_queue = Some(9);
     for (seq, body) in [(1, "first"), (2, "second!")] {
         broker.enqueue("/", "q", message(body), Some(seq));
     }
@@ -382,6 +383,8 @@ fn paging_out_drops_only_the_named_ready_body_and_keeps_its_size_for_limits() {
     assert!(!broker.page_out("/", "q", 2, 1, paged(7)), "entry 2 is not stored under seq 1");
     assert!(!broker.page_out("/", "q", 3, 3, paged(7)), "no entry 3");
     assert!(!broker.page_out("/", "q", 2, 2, paged(6)), "a size that does not match is refused");
+    let other_log = PagedBody { store_queue: 8, ..paged(7) };
+    assert!(!broker.page_out("/", "q", 2, 2, other_log), "a record of another log (an earlier queue) is refused");
     assert!(broker.page_out("/", "q", 2, 2, paged(7)));
     assert!(!broker.page_out("/", "q", 2, 2, paged(7)), "already paged");
     assert_eq!(broker.counters().paged_out, 1);

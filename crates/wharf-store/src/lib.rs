@@ -38,7 +38,7 @@ pub use meta::{
     Definitions, META_ENTRIES_MAX, META_KEY_BYTES_MAX, META_VALUE_BYTES_MAX, MetaChange, MetaRecovered, MetaStore,
 };
 pub use store::{
-    AppendReceipt, MessageLocation, PendingAppend, QueueId, Recovered, RecoveredMessage, RecoveryIssue,
+    AppendReceipt, MessageLocation, PendingAppend, QueueId, RecordView, Recovered, RecoveredMessage, RecoveryIssue,
     SEGMENT_FILE_BYTES_LIMIT, Store, StoreConfig, StoreStats, StoredMessage,
 };
 pub use ticket::{Observer, Ticket, TicketFuture};

@@ -210,3 +210,22 @@ fn a_crash_mid_write_never_surfaces_as_corruption() {
         );
     }
 }
+
+#[test]
+fn read_each_reports_a_damaged_record_and_returns_its_neighbours() {
+    let sim = SimFs::new(4);
+    let (store, _) = open(&sim);
+    let queue = store.create_queue().unwrap().wait().unwrap();
+    let receipts: Vec<_> =
+        (0..3u8).map(|index| store.append(queue, 1, b"m", &[index; 20]).unwrap().wait().unwrap()).collect();
+    let damaged = receipts[1].location;
+    sim.flip_bit(&segment_path(queue, damaged.segment_id), damaged.offset + RECORD_HEADER_BYTES as u64 + 3, 0).unwrap();
+    let locations: Vec<_> = receipts.iter().map(|receipt| receipt.location).collect();
+    let mut outcomes = Vec::new();
+    store.read_each(queue, &locations, &mut |index, record| {
+        outcomes.push((index, record.map(|record| record.body.to_vec()).map_err(|error| error.to_string())))
+    });
+    assert_eq!(outcomes[0], (0, Ok(vec![0; 20])));
+    assert!(outcomes[1].1.as_ref().is_err_and(|error| error.contains("checksum")), "{outcomes:?}");
+    assert_eq!(outcomes[2], (2, Ok(vec![2; 20])));
+}

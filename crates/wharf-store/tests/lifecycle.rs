@@ -321,3 +321,27 @@ fn appenders_wait_for_room_in_the_byte_budget_and_all_complete() {
     // A record larger than the whole budget still goes through on its own.
     store.append(queue, 1, b"", &[1u8; 10_000]).unwrap().wait().unwrap();
 }
+
+#[test]
+fn read_each_returns_what_read_returns_across_segments_in_one_pass() {
+    let sim = SimFs::new(9);
+    let (store, _) = Store::open(sim.shared(), DIR, small_segments()).unwrap();
+    let queue = store.create_queue().unwrap().wait().unwrap();
+    let receipts: Vec<_> = (0..60u8)
+        .map(|index| store.append(queue, u64::from(index), &[index; 3], &[index; 50]).unwrap().wait().unwrap())
+        .collect();
+    assert!(receipts.last().unwrap().location.segment_id > 3, "the test needs several segments");
+    // Every other record, as recovery would ask after removals.
+    let wanted: Vec<_> = receipts.iter().step_by(2).map(|receipt| receipt.location).collect();
+    let mut seen = Vec::new();
+    store.read_each(queue, &wanted, &mut |index, record| {
+        let record = record.unwrap();
+        let single = store.read(queue, &wanted[index]).unwrap();
+        assert_eq!(
+            (record.timestamp_ms, record.meta, record.body),
+            (single.timestamp_ms, &single.meta[..], &single.body[..])
+        );
+        seen.push(index);
+    });
+    assert_eq!(seen, (0..wanted.len()).collect::<Vec<_>>());
+}
