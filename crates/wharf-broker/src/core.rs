@@ -472,22 +472,35 @@ impl Core {
                         queue.dedup_store_queue = stored.dedup_store_queue;
                         let store_queue = QueueId(stored.store_queue);
                         used_store_queues.insert(store_queue, ());
-                        read_log(store_queue, rest, &mut |recovered_message, meta, body| {
+                        // The store's scan kept every record's meta: only the bodies that stay
+                        // in memory are read again (beyond the queue's budget, none).
+                        for recovered_message in recovered.queues.get(&store_queue).into_iter().flatten() {
                             let seq = recovered_message.seq;
                             let location = recovered_message.location;
-                            // Beyond the queue's memory budget the body stays on disk: it is not
-                            // even copied out of the read buffer.
                             let page = queue.resident_bytes() >= config.queue_body_memory_bytes_max;
+                            let (meta, in_memory) = match recovered.meta(store_queue, recovered_message) {
+                                Some(meta) if page => (std::borrow::Cow::Borrowed(meta), None),
+                                _ => match store.read(store_queue, &location) {
+                                    Ok(stored) => (std::borrow::Cow::Owned(stored.meta), Some(stored.body)),
+                                    Err(error) => {
+                                        tracing::error!(queue = rest, seq, %error, "stored record unreadable");
+                                        continue;
+                                    }
+                                },
+                            };
+                            let body_bytes = match &in_memory {
+                                Some(body) => body.len() as u64,
+                                None => recovered_message.body_bytes(),
+                            };
                             let paged = PagedBody {
                                 store_queue: stored.store_queue,
                                 segment_id: location.segment_id,
                                 offset: location.offset,
                                 record_bytes: location.record_bytes,
-                                body_bytes: body.len() as u64,
+                                body_bytes,
                             };
-                            let in_memory =
-                                if page { bytes::Bytes::new() } else { bytes::Bytes::copy_from_slice(body) };
-                            match persist::decode_message(meta, in_memory) {
+                            let body = in_memory.map(bytes::Bytes::from).unwrap_or_default();
+                            match persist::decode_message(&meta, body) {
                                 Some(mut decoded) => {
                                     if page {
                                         decoded.paged = Some(paged);
@@ -508,7 +521,7 @@ impl Core {
                                 }
                                 None => tracing::error!(queue = rest, seq, "stored message unreadable"),
                             }
-                        });
+                        }
                         if let (Some(log), Some(ttl_ms)) = (stored.dedup_store_queue, dedup_ttl) {
                             used_store_queues.insert(QueueId(log), ());
                             load_dedup_log(log, ttl_ms, rest, &mut |key, seen_ms| {

@@ -175,6 +175,8 @@ pub struct RecoveredMessage {
     pub delivery_count: u32,
     /// Where to read it.
     pub location: MessageLocation,
+    /// Where its meta is in its queue's arena (see [`Recovered::meta`]): (offset, length).
+    pub(crate) meta_at: (usize, usize),
 }
 
 /// One problem recovery found and handled.
@@ -215,6 +217,25 @@ pub struct Recovered {
     pub queues: std::collections::BTreeMap<QueueId, Vec<RecoveredMessage>>,
     /// Problems found and handled (also logged).
     pub issues: Vec<RecoveryIssue>,
+    /// The meta bytes of every message record scanned, per queue: recovery reads each segment
+    /// once, so a caller rebuilding its state needs to read back only the bodies it keeps.
+    pub(crate) metas: std::collections::BTreeMap<QueueId, Vec<u8>>,
+}
+
+impl RecoveredMessage {
+    /// The length of its body.
+    pub fn body_bytes(&self) -> u64 {
+        (self.location.record_bytes as usize).saturating_sub(RECORD_HEADER_BYTES + self.meta_at.1) as u64
+    }
+}
+
+impl Recovered {
+    /// A recovered message's meta bytes (checked with its record at recovery), without reading
+    /// the record again.
+    pub fn meta(&self, queue: QueueId, message: &RecoveredMessage) -> Option<&[u8]> {
+        let (offset, len) = message.meta_at;
+        self.metas.get(&queue)?.get(offset..offset.checked_add(len)?)
+    }
 }
 
 /// Counters for benchmarks and tests.

@@ -345,3 +345,28 @@ fn read_each_returns_what_read_returns_across_segments_in_one_pass() {
     });
     assert_eq!(seen, (0..wanted.len()).collect::<Vec<_>>());
 }
+
+#[test]
+fn recovery_hands_back_each_live_message_meta_and_body_length_without_a_second_read() {
+    let sim = SimFs::new(10);
+    let (store, _) = Store::open(sim.shared(), DIR, small_segments()).unwrap();
+    let queue = store.create_queue().unwrap().wait().unwrap();
+    let receipts: Vec<_> = (0..40u8)
+        .map(|index| {
+            let meta = vec![index; usize::from(index % 7)];
+            store.append(queue, 1, &meta, &vec![index; usize::from(index) + 10]).unwrap().wait().unwrap()
+        })
+        .collect();
+    for receipt in receipts.iter().step_by(3) {
+        store.remove(queue, receipt.seq).unwrap().wait().unwrap();
+    }
+    store.close().unwrap();
+    let (store, recovered) = Store::open(sim.remount().shared(), DIR, small_segments()).unwrap();
+    let live = &recovered.queues[&queue];
+    assert_eq!(live.len(), 40 - 14);
+    for message in live {
+        let stored = store.read(queue, &message.location).unwrap();
+        assert_eq!(recovered.meta(queue, message), Some(&stored.meta[..]), "seq {}", message.seq);
+        assert_eq!(message.body_bytes(), stored.body.len() as u64, "seq {}", message.seq);
+    }
+}
