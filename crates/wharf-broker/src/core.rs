@@ -501,22 +501,26 @@ impl Core {
                             };
                             let body = in_memory.map(bytes::Bytes::from).unwrap_or_default();
                             match persist::decode_message(&meta, body) {
-                                Some(mut decoded) => {
-                                    if page {
-                                        decoded.paged = Some(paged);
-                                    }
-                                    let id = queue.enqueue_recovered(
+                                Some(decoded) if page => {
+                                    queue.enqueue_recovered_paged(
+                                        &decoded,
+                                        paged,
+                                        seq,
+                                        recovered_message.timestamp_ms,
+                                        recovered_message.delivery_count,
+                                        !clean_stop,
+                                    );
+                                    paged_at_start += 1;
+                                    restored_messages += 1;
+                                }
+                                Some(decoded) => {
+                                    queue.enqueue_recovered(
                                         Arc::new(decoded),
                                         Some(seq),
                                         recovered_message.timestamp_ms,
                                         recovered_message.delivery_count,
                                         !clean_stop,
                                     );
-                                    // Enqueued whole (its TTL and key come from its properties),
-                                    // then reduced to what a paged-out message keeps.
-                                    if page && queue.page_out(id, seq, paged) {
-                                        paged_at_start += 1;
-                                    }
                                     restored_messages += 1;
                                 }
                                 None => tracing::error!(queue = rest, seq, "stored message unreadable"),

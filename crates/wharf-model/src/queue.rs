@@ -160,15 +160,29 @@ impl Queue {
         delivery_count: u32,
         redelivered: bool,
     ) -> Entry {
+        let whole = Arc::clone(&message);
+        self.new_entry_of(&whole, message, store_seq, enqueued_ms, delivery_count, redelivered)
+    }
+
+    /// An entry holding `stored`, with its TTL and ordering key taken from `whole` (the same
+    /// message with its parsed properties, when `stored` is a paged-out stand-in).
+    fn new_entry_of(
+        &mut self,
+        whole: &Message,
+        message: Arc<Message>,
+        store_seq: Option<u64>,
+        enqueued_ms: u64,
+        delivery_count: u32,
+        redelivered: bool,
+    ) -> Entry {
         let id = self.next_id;
         self.next_id += 1;
-        let per_message = message.expiration_ms();
+        let per_message = whole.expiration_ms();
         let ttl = match (self.settings.message_ttl_ms, per_message) {
             (Some(queue), Some(message)) => Some(queue.min(message)),
             (queue, message) => queue.or(message),
         };
-        let order_key =
-            self.settings.ordered_by.as_deref().and_then(|header| message.header_text(header)).map(Arc::from);
+        let order_key = self.settings.ordered_by.as_deref().and_then(|header| whole.header_text(header)).map(Arc::from);
         Entry {
             id,
             message,
@@ -330,6 +344,25 @@ impl Queue {
         id
     }
 
+    /// Like [`Queue::enqueue_recovered`] for a message whose body stays on disk: `whole` (its
+    /// parsed properties, no body) gives its TTL and ordering key; the queue keeps only the
+    /// paged-out stand-in. Counted as held, not resident. Returns the entry id.
+    pub fn enqueue_recovered_paged(
+        &mut self,
+        whole: &Message,
+        paged: crate::message::PagedBody,
+        store_seq: u64,
+        stored_ms: u64,
+        delivery_count: u32,
+        redelivered: bool,
+    ) -> u64 {
+        let stand_in = Arc::new(whole.paged_out(paged));
+        let entry = self.new_entry_of(whole, stand_in, Some(store_seq), stored_ms, delivery_count, redelivered);
+        let id = entry.id;
+        self.insert_new(entry);
+        id
+    }
+
     /// Remembers a de-duplication key found by recovery (seen at `seen_ms`).
     pub fn restore_dedup_key(&mut self, key: &[u8], seen_ms: u64) {
         if let Some(dedup) = self.dedup.as_mut() {
@@ -377,12 +410,10 @@ impl Queue {
         if entry.store_seq != Some(store_seq) || paged.body_bytes != entry.message.body_bytes() {
             return false;
         }
-        match entry.message.paged {
-            None => self.resident_bytes = self.resident_bytes.saturating_sub(paged.body_bytes),
-            // Enqueued without its body (recovery) but with its parsed properties: drop those.
-            Some(already) if already == paged && !entry.message.properties_elided() => {}
-            Some(_) => return false,
+        if entry.message.paged.is_some() {
+            return false;
         }
+        self.resident_bytes = self.resident_bytes.saturating_sub(paged.body_bytes);
         entry.message = Arc::new(entry.message.paged_out(paged));
         true
     }
