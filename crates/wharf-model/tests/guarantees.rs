@@ -97,13 +97,22 @@ use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Publish { order_key: Option<u8>, ttl_ms: Option<u16> },
+    Publish {
+        order_key: Option<u8>,
+        ttl_ms: Option<u16>,
+    },
     Get,
     Ack(usize),
-    Nack { pick: usize, requeue: bool },
+    Nack {
+        pick: usize,
+        requeue: bool,
+    },
     CloseChannel,
     Advance(u16),
     Crash,
+    /// The runtime drops a queued message's body from memory (it is read back from the store
+    /// when needed): nothing observable may change.
+    PageOut(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -116,6 +125,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::CloseChannel),
         2 => (1u16..300).prop_map(Op::Advance),
         1 => Just(Op::Crash),
+        2 => any::<usize>().prop_map(Op::PageOut),
     ]
 }
 
@@ -242,6 +252,9 @@ impl Reference {
 fn outcomes_of(effects: &Effects) -> Vec<Outcome> {
     let mut outcomes: Vec<Outcome> = effects.removed.iter().map(|removed| (removed.store_seq.unwrap(), None)).collect();
     for transfer in &effects.transfers {
+        // A dead letter, paged or not, carries its x-death (re-parsed for a paged-out one).
+        let properties = transfer.message.full_properties();
+        assert!(properties.headers().as_ref().is_some_and(|headers| headers.contains_key("x-death")));
         let source = transfer.source.as_ref().unwrap().store_seq.unwrap();
         outcomes.push((source, transfer.reason.map(|reason| reason.as_str())));
     }
@@ -263,6 +276,16 @@ struct Harness {
     channel: ChannelKey,
     /// Deliveries on the current channel.
     outstanding: Vec<Held>,
+    /// Every message published, by id (= store seq): what the store would give back.
+    originals: std::collections::HashMap<u64, Arc<Message>>,
+}
+
+/// The store log id the harness's queue pretends to have (paged bodies point into it).
+const STORE_QUEUE: u64 = 1;
+
+/// Where the harness pretends message `id`'s record is.
+fn paged_body(id: u64, body_bytes: u64) -> wharf_model::PagedBody {
+    wharf_model::PagedBody { store_queue: STORE_QUEUE, segment_id: 1, offset: id * 100, record_bytes: 90, body_bytes }
 }
 
 impl Harness {
@@ -270,9 +293,10 @@ impl Harness {
         let mut broker = BrokerModel::new(3);
         broker.set_now(now);
         declare(&mut broker, "q", arguments.clone());
+        broker.vhost_mut("/").unwrap().queue_mut("q").unwrap().store_queue = Some(STORE_QUEUE);
         let channel = key(1, 1);
         broker.open_channel(channel, "/").unwrap();
-        Harness { broker, arguments, channel, outstanding: Vec::new() }
+        Harness { broker, arguments, channel, outstanding: Vec::new(), originals: Default::default() }
     }
 
     /// Opens the channel again with the same number (as clients reuse channel numbers): timers of
@@ -289,14 +313,20 @@ impl Harness {
         broker.set_now(now);
         declare(&mut broker, "q", self.arguments.clone());
         let queue = broker.vhost_mut("/").unwrap().queue_mut("q").unwrap();
+        queue.store_queue = Some(STORE_QUEUE);
         for entry in entries {
-            queue.enqueue_recovered(
-                Arc::clone(&entry.message),
-                entry.store_seq,
-                entry.enqueued_ms,
-                entry.delivery_count,
-                true,
-            );
+            // As the runtime recovers: the whole message from the store, its body left there
+            // for what was paged out before the crash.
+            let id = entry.store_seq.unwrap();
+            let whole = Arc::clone(&self.originals[&id]);
+            match entry.message.paged {
+                Some(paged) => {
+                    queue.enqueue_recovered_paged(&whole, paged, id, entry.enqueued_ms, entry.delivery_count, true);
+                }
+                None => {
+                    queue.enqueue_recovered(whole, Some(id), entry.enqueued_ms, entry.delivery_count, true);
+                }
+            }
         }
         let effects = broker.after_recovery();
         self.broker = broker;
@@ -362,6 +392,7 @@ proptest! {
                         properties = properties.with_expiration(ttl_ms.to_string().into());
                     }
                     let message = message_with(&id.to_string(), properties);
+                    harness.originals.insert(id, Arc::clone(&message));
                     actual = harness.broker.enqueue("/", "q", message, Some(id));
                     reference.messages.push(RefMessage {
                         id,
@@ -376,7 +407,17 @@ proptest! {
                 Op::Get => {
                     let (delivery, effects) = harness.broker.get(harness.channel, "q", false).unwrap();
                     let got = delivery.map(|delivery| {
-                        let id: u64 = String::from_utf8(delivery.message.body.to_vec()).unwrap().parse().unwrap();
+                        let (_, id) = delivery.store.unwrap();
+                        match delivery.message.paged {
+                            // A paged-out delivery names its record, and keeps its properties.
+                            Some(paged) => {
+                                assert_eq!(paged, paged_body(id, harness.originals[&id].body_bytes()));
+                                let properties = delivery.message.full_properties();
+                                let original = &harness.originals[&id].properties;
+                                assert_eq!(properties.expiration(), original.expiration());
+                            }
+                            None => assert_eq!(delivery.message.body, harness.originals[&id].body),
+                        }
                         let lease_due = lease_ms.map(|lease| now + lease);
                         harness.outstanding.push(Held { tag: delivery.delivery_tag, id, lease_due, expired: false });
                         id
@@ -440,6 +481,18 @@ proptest! {
                 Op::Crash => {
                     actual = harness.crash(now);
                     reference.crash(&mut expected);
+                }
+                Op::PageOut(pick) => {
+                    let entries = harness.broker.queue_entries("/", "q");
+                    if entries.is_empty() {
+                        continue;
+                    }
+                    let entry = &entries[pick % entries.len()];
+                    let id = entry.store_seq.unwrap();
+                    let paged = paged_body(id, harness.originals[&id].body_bytes());
+                    // Refused for an entry that is delivered or already paged; either way no effect.
+                    harness.broker.page_out("/", "q", entry.id, id, paged);
+                    actual = Effects::default();
                 }
             }
             prop_assert!(actual.deliveries.is_empty(), "no consumers: nothing is pushed");
