@@ -503,7 +503,7 @@ impl Core {
                             match persist::decode_message(&meta, body) {
                                 Some(decoded) if page => {
                                     queue.enqueue_recovered_paged(
-                                        &decoded,
+                                        decoded,
                                         paged,
                                         seq,
                                         recovered_message.timestamp_ms,

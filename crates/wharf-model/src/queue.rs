@@ -160,16 +160,27 @@ impl Queue {
         delivery_count: u32,
         redelivered: bool,
     ) -> Entry {
-        let whole = Arc::clone(&message);
-        self.new_entry_of(&whole, message, store_seq, enqueued_ms, delivery_count, redelivered)
+        let (ttl_ms, order_key) = self.ttl_and_key(&message);
+        self.entry_with(message, ttl_ms, order_key, store_seq, enqueued_ms, delivery_count, redelivered)
     }
 
-    /// An entry holding `stored`, with its TTL and ordering key taken from `whole` (the same
-    /// message with its parsed properties, when `stored` is a paged-out stand-in).
-    fn new_entry_of(
+    /// A message's TTL here (the queue's or its own, whichever is shorter) and its ordering key.
+    fn ttl_and_key(&self, message: &Message) -> (Option<u64>, Option<Arc<str>>) {
+        let ttl_ms = match (self.settings.message_ttl_ms, message.expiration_ms()) {
+            (Some(queue), Some(message)) => Some(queue.min(message)),
+            (queue, message) => queue.or(message),
+        };
+        let order_key =
+            self.settings.ordered_by.as_deref().and_then(|header| message.header_text(header)).map(Arc::from);
+        (ttl_ms, order_key)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn entry_with(
         &mut self,
-        whole: &Message,
         message: Arc<Message>,
+        ttl_ms: Option<u64>,
+        order_key: Option<Arc<str>>,
         store_seq: Option<u64>,
         enqueued_ms: u64,
         delivery_count: u32,
@@ -177,12 +188,6 @@ impl Queue {
     ) -> Entry {
         let id = self.next_id;
         self.next_id += 1;
-        let per_message = whole.expiration_ms();
-        let ttl = match (self.settings.message_ttl_ms, per_message) {
-            (Some(queue), Some(message)) => Some(queue.min(message)),
-            (queue, message) => queue.or(message),
-        };
-        let order_key = self.settings.ordered_by.as_deref().and_then(|header| whole.header_text(header)).map(Arc::from);
         Entry {
             id,
             message,
@@ -190,7 +195,7 @@ impl Queue {
             redelivered: redelivered || delivery_count > 0,
             delivery_count,
             enqueued_ms,
-            expires_at_ms: ttl.map(|ttl| enqueued_ms.saturating_add(ttl)),
+            expires_at_ms: ttl_ms.map(|ttl| enqueued_ms.saturating_add(ttl)),
             order_key,
         }
     }
@@ -349,15 +354,17 @@ impl Queue {
     /// paged-out stand-in. Counted as held, not resident. Returns the entry id.
     pub fn enqueue_recovered_paged(
         &mut self,
-        whole: &Message,
+        whole: Message,
         paged: crate::message::PagedBody,
         store_seq: u64,
         stored_ms: u64,
         delivery_count: u32,
         redelivered: bool,
     ) -> u64 {
-        let stand_in = Arc::new(whole.paged_out(paged));
-        let entry = self.new_entry_of(whole, stand_in, Some(store_seq), stored_ms, delivery_count, redelivered);
+        let (ttl_ms, order_key) = self.ttl_and_key(&whole);
+        let stand_in = Arc::new(whole.into_paged_out(paged));
+        let entry =
+            self.entry_with(stand_in, ttl_ms, order_key, Some(store_seq), stored_ms, delivery_count, redelivered);
         let id = entry.id;
         self.insert_new(entry);
         id

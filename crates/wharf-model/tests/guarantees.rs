@@ -321,7 +321,14 @@ impl Harness {
             let whole = Arc::clone(&self.originals[&id]);
             match entry.message.paged {
                 Some(paged) => {
-                    queue.enqueue_recovered_paged(&whole, paged, id, entry.enqueued_ms, entry.delivery_count, true);
+                    queue.enqueue_recovered_paged(
+                        (*whole).clone(),
+                        paged,
+                        id,
+                        entry.enqueued_ms,
+                        entry.delivery_count,
+                        true,
+                    );
                 }
                 None => {
                     queue.enqueue_recovered(whole, Some(id), entry.enqueued_ms, entry.delivery_count, true);
