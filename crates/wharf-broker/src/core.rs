@@ -671,7 +671,11 @@ impl Core {
                 // A closed connection's channels are closed in the model right after; its
                 // unacked deliveries are requeued there, so a failed send loses nothing.
                 Some(outbound) => {
-                    let _ = outbound.send(Outbound::Deliver(delivery, recorded, remove_after_read));
+                    if !outbound.send(Outbound::Deliver(delivery, recorded, remove_after_read))
+                        && let Some((queue, seq)) = remove_after_read
+                    {
+                        self.remove_stored_record(queue, seq);
+                    }
                 }
                 // A no-ack delivery to a connection that is gone left the model already.
                 None => {

@@ -672,7 +672,11 @@ impl Session {
                             let deferred = crate::core::take_paged_removals(&mut effects);
                             let Some(delivery) = effects.deliveries.pop() else { return Ok(((), effects)) };
                             let remove_after_read = delivery.store.filter(|key| deferred.contains(key));
-                            let _ = outbound.send(Outbound::Deliver(delivery, recorded, remove_after_read));
+                            if !outbound.send(Outbound::Deliver(delivery, recorded, remove_after_read))
+                                && let Some((queue, seq)) = remove_after_read
+                            {
+                                self.core.remove_stored_record(queue, seq);
+                            }
                         }
                         None => {
                             let method = AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {}));

@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc;
 use wharf_model::ConnectionId;
-use wharf_store::Ticket;
+use wharf_store::{QueueId, Ticket};
 use wharf_wire::frame::{encode_body, encode_content_header, encode_heartbeat, encode_method};
 use wharf_wire::protocol::{AMQPClass, basic};
 
@@ -55,7 +55,7 @@ fn encode(
                 None => message.body.clone(),
                 Some(paged) => match crate::core::read_paged_body(&core.store, paged) {
                     Ok(body) => body,
-                    Err(wharf_store::StoreError::UnknownQueue(_)) => {
+                    Err(wharf_store::StoreError::UnknownQueue(queue)) if !core.store.has_queue(QueueId(queue)) => {
                         // Its queue was deleted meanwhile, and its messages with it: nothing to
                         // send. A `basic.get` still gets its answer; a consumer's slot is freed
                         // (a requeue, so that were the queue somehow still there, the message
@@ -126,6 +126,15 @@ fn encode(
     Ok(0)
 }
 
+/// A delivery that will never be written. An acknowledged-mode one stays unacknowledged in the
+/// model (requeued when the connection closes); a paged-out no-ack one already left the model, so
+/// its record is removed too, as it would have been once sent (no-ack is at most once).
+fn drop_unsent(core: &Core, item: Outbound) {
+    if let Outbound::Deliver(_, _, Some((queue, seq))) = item {
+        core.remove_stored_record(queue, seq);
+    }
+}
+
 /// Runs until every sender is gone (the connection ended) or the socket fails. After each write it
 /// tells the model how many delivery bytes left, which lets dispatching to a slow reader resume.
 pub(crate) async fn run(
@@ -157,7 +166,10 @@ pub(crate) async fn run(
         let frame_max = settings.frame_max.load(Ordering::Relaxed);
         let mut queued_bytes = first.as_ref().map_or(0, Outbound::size_bytes);
         let encoded = match first {
-            Some(item) if failed && matches!(item, Outbound::Deliver(..)) => Ok(0),
+            Some(item) if failed && matches!(item, Outbound::Deliver(..)) => {
+                drop_unsent(&core, item);
+                Ok(0)
+            }
             Some(item) => encode(&mut buffer, item, frame_max, &mut recorded, &core),
             None if heartbeat_s > 0 => {
                 encode_heartbeat(&mut buffer);
@@ -175,6 +187,7 @@ pub(crate) async fn run(
                 Ok(item) => {
                     queued_bytes += item.size_bytes();
                     if (failed || unreadable) && matches!(item, Outbound::Deliver(..)) {
+                        drop_unsent(&core, item);
                         continue;
                     }
                     match encode(&mut buffer, item, frame_max, &mut recorded, &core) {
@@ -186,8 +199,8 @@ pub(crate) async fn run(
             }
         }
         if unreadable && !failed {
-            // From here on deliveries are dropped (they stay unacknowledged in the model, and are
-            // requeued when the connection closes); the reader closes the connection.
+            // From here on deliveries are dropped (see `drop_unsent`); the reader closes the
+            // connection.
             failed = true;
             backlog.writer_failed.notify_one();
         }
@@ -196,6 +209,10 @@ pub(crate) async fn run(
             let _ = ticket.await;
         }
         if socket.write_all(&buffer).await.is_err() {
+            outbound.close();
+            while let Ok(item) = outbound.try_recv() {
+                drop_unsent(&core, item);
+            }
             return;
         }
         buffer.clear();
