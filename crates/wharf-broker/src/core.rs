@@ -150,7 +150,7 @@ impl Pager {
 /// acknowledgement (the model removes those as it dispatches them): their records must stay
 /// until the connection's writer has read the bodies back, so the writer makes the removal. Its
 /// segment could otherwise be deleted first and the message lost.
-pub(crate) fn take_paged_removals(effects: &mut Effects) -> std::collections::HashSet<(u64, u64)> {
+fn take_paged_removals(effects: &mut Effects) -> std::collections::HashSet<(u64, u64)> {
     let mut deferred = std::collections::HashSet::new();
     if effects.removed.is_empty() || !effects.deliveries.iter().any(|delivery| delivery.message.paged.is_some()) {
         return deferred;

@@ -665,19 +665,8 @@ impl Session {
                 self.core.act(|model| {
                     let (delivery, mut effects) = model.get(key, &queue_name, get.no_ack)?;
                     match delivery {
-                        Some(delivery) => {
-                            let recorded = self.core.record_delivery(&delivery);
-                            // A paged-out no-ack get is removed from the store once read back.
-                            effects.deliveries.push(delivery);
-                            let deferred = crate::core::take_paged_removals(&mut effects);
-                            let Some(delivery) = effects.deliveries.pop() else { return Ok(((), effects)) };
-                            let remove_after_read = delivery.store.filter(|key| deferred.contains(key));
-                            if !outbound.send(Outbound::Deliver(delivery, recorded, remove_after_read))
-                                && let Some((queue, seq)) = remove_after_read
-                            {
-                                self.core.remove_stored_record(queue, seq);
-                            }
-                        }
+                        // `act` sends it with the rest of the effects, still under the lock.
+                        Some(delivery) => effects.deliveries.push(delivery),
                         None => {
                             let method = AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {}));
                             let _ = outbound.send(Outbound::Frames(method_frame(channel, &method)));

@@ -65,7 +65,7 @@ impl Message {
     }
 
     /// True for a paged-out message that keeps only its raw properties.
-    pub fn properties_elided(&self) -> bool {
+    fn properties_elided(&self) -> bool {
         self.paged.is_some() && Arc::ptr_eq(&self.properties, &no_properties())
     }
 
@@ -80,14 +80,7 @@ impl Message {
     /// The same message as little as possible in memory: no body (`paged` says where to read
     /// it) and no parsed properties (the raw ones stay, to deliver and to parse again).
     pub fn paged_out(&self, paged: PagedBody) -> Message {
-        Message {
-            exchange: self.exchange.clone(),
-            routing_key: self.routing_key.clone(),
-            properties: no_properties(),
-            raw_properties: self.raw_properties.clone(),
-            body: Bytes::new(),
-            paged: Some(paged),
-        }
+        self.clone().into_paged_out(paged)
     }
 
     /// Like [`Message::paged_out`], reusing this message's allocations.

@@ -25,7 +25,7 @@ use crate::ticket::Completer;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -220,12 +220,45 @@ const GATHER_TIME_MAX: Duration = Duration::from_micros(100);
 const GROUP_COMMIT_IDLE_GAP: Duration = Duration::from_micros(150);
 
 /// The writer thread's loop. Returns when the store is closed or every handle is gone.
+/// The batch being gathered, with the running totals the gathering decides on.
+#[derive(Default)]
+struct Gathered {
+    ops: Vec<Op>,
+    bytes: usize,
+    appends: usize,
+    append_bytes: u64,
+}
+
+impl Gathered {
+    fn push(&mut self, op: Op) {
+        self.bytes += op.bytes();
+        if let Op::Append { record, .. } = &op {
+            self.appends += 1;
+            self.append_bytes += record.len() as u64;
+        }
+        self.ops.push(op);
+    }
+
+    /// Takes whatever is queued now, up to `bytes_max`; returns how many operations it took.
+    fn take_queued(&mut self, receiver: &Receiver<Op>, bytes_max: usize) -> usize {
+        let before = self.ops.len();
+        while self.bytes < bytes_max {
+            match receiver.try_recv() {
+                Ok(op) => self.push(op),
+                Err(_) => break,
+            }
+        }
+        self.ops.len() - before
+    }
+}
+
 pub(crate) fn run(mut state: WriterState, receiver: Receiver<Op>) {
-    let mut batch: Vec<Op> = Vec::new();
+    let mut batch = Gathered::default();
     let mut last_batch_len = 0;
     let mut last_appends = 0;
     let ack_sync_interval = Duration::from_millis(state.config.ack_sync_interval_ms);
     let group_commit_delay = Duration::from_micros(state.config.group_commit_delay_us);
+    let bytes_max = state.config.batch_bytes_max;
     loop {
         // After a fatal error nothing will ever be synced again: wait for work, not for a timer.
         let lazy_deadline = state.acks.dirty_since.filter(|_| state.shared.check_fatal().is_ok());
@@ -243,11 +276,10 @@ pub(crate) fn run(mut state: WriterState, receiver: Receiver<Op>) {
                 Err(_) => break,
             },
         };
-        let mut batch_bytes = 0;
-        let mut appends_in_batch = 0;
+        batch.bytes = 0;
+        batch.appends = 0;
+        batch.append_bytes = 0;
         if let Some(op) = first {
-            batch_bytes += op.bytes();
-            appends_in_batch += usize::from(matches!(op, Op::Append { .. }));
             batch.push(op);
         }
         // Gather: take what is queued; while fewer operations are here than the last batch
@@ -255,29 +287,23 @@ pub(crate) fn run(mut state: WriterState, receiver: Receiver<Op>) {
         // batch can resubmit into this one instead of splitting into two small batches.
         let gather_started = Instant::now();
         let mut idle_yields = 0;
-        while batch_bytes < state.config.batch_bytes_max {
-            match receiver.try_recv() {
-                Ok(op) => {
-                    batch_bytes += op.bytes();
-                    appends_in_batch += usize::from(matches!(op, Op::Append { .. }));
-                    batch.push(op);
-                    idle_yields = 0;
-                }
-                Err(TryRecvError::Empty)
-                    if batch.len() < last_batch_len
-                        && idle_yields < GATHER_IDLE_YIELDS_MAX
-                        && gather_started.elapsed() < GATHER_TIME_MAX =>
-                {
-                    idle_yields += 1;
-                    std::thread::yield_now();
-                }
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+        while batch.bytes < bytes_max {
+            if batch.take_queued(&receiver, bytes_max) > 0 {
+                idle_yields = 0;
+            } else if batch.ops.len() < last_batch_len
+                && idle_yields < GATHER_IDLE_YIELDS_MAX
+                && gather_started.elapsed() < GATHER_TIME_MAX
+            {
+                idle_yields += 1;
+                std::thread::yield_now();
+            } else {
+                break;
             }
         }
         // Group commit delay: under pipelined load, wait a little longer for more appends to
         // share this batch's sync (see `StoreConfig::group_commit_delay_us`).
-        if appends_in_batch > 0 && last_appends >= 2 && !group_commit_delay.is_zero() {
-            while batch_bytes < state.config.batch_bytes_max {
+        if batch.appends > 0 && last_appends >= 2 && !group_commit_delay.is_zero() {
+            while batch.bytes < bytes_max {
                 let waited = gather_started.elapsed();
                 if waited >= group_commit_delay {
                     break;
@@ -287,28 +313,15 @@ pub(crate) fn run(mut state: WriterState, receiver: Receiver<Op>) {
                 // (rather than blocking in `recv`) means arrivals do not wake this thread one by
                 // one: each wake-up is a futex call for the sender and a context switch here.
                 std::thread::sleep((group_commit_delay - waited).min(GROUP_COMMIT_IDLE_GAP));
-                let before = batch.len();
-                while batch_bytes < state.config.batch_bytes_max {
-                    match receiver.try_recv() {
-                        Ok(op) => {
-                            batch_bytes += op.bytes();
-                            appends_in_batch += usize::from(matches!(op, Op::Append { .. }));
-                            batch.push(op);
-                        }
-                        Err(_) => break,
-                    }
-                }
-                if batch.len() == before {
+                if batch.take_queued(&receiver, bytes_max) == 0 {
                     break;
                 }
             }
         }
-        last_appends = appends_in_batch;
-        last_batch_len = batch.len();
-        let append_bytes: u64 =
-            batch.iter().map(|op| if let Op::Append { record, .. } = op { record.len() as u64 } else { 0 }).sum();
-        let closed = state.process(&mut batch);
-        state.shared.release_pending(append_bytes);
+        last_appends = batch.appends;
+        last_batch_len = batch.ops.len();
+        let closed = state.process(&mut batch.ops);
+        state.shared.release_pending(batch.append_bytes);
         if closed {
             stop_writer(&state);
             return;
