@@ -960,12 +960,13 @@ impl BrokerModel {
                 continue;
             };
             let limit = queue.settings.delivery_limit;
-            let exhausted: Vec<u64> = queue
+            let mut exhausted: Vec<u64> = queue
                 .ready
-                .values()
-                .filter(|entry| limit.is_some_and(|limit| entry.delivery_count >= limit))
-                .map(|entry| entry.id)
+                .delivery_counts()
+                .filter(|(_, delivery_count)| limit.is_some_and(|limit| *delivery_count >= limit))
+                .map(|(id, _)| id)
                 .collect();
+            exhausted.sort_unstable();
             for id in exhausted {
                 if let Some(entry) = queue.remove_ready(id) {
                     let source = Removed::of(&vhost, queue, &entry);
@@ -983,12 +984,9 @@ impl BrokerModel {
                 }
             }
             if !queue.settings.retry_backoff_ms.is_empty() {
-                let retried: Vec<(u64, u32)> = queue
-                    .ready
-                    .values()
-                    .filter(|entry| entry.delivery_count > 0)
-                    .map(|entry| (entry.id, entry.delivery_count))
-                    .collect();
+                let mut retried: Vec<(u64, u32)> =
+                    queue.ready.delivery_counts().filter(|(_, delivery_count)| *delivery_count > 0).collect();
+                retried.sort_unstable();
                 for (id, count) in retried {
                     let Some(wait_ms) = queue.settings.backoff_ms(count).filter(|wait_ms| *wait_ms > 0) else {
                         continue;
@@ -1373,7 +1371,7 @@ impl BrokerModel {
         self.vhosts
             .get(vhost)
             .and_then(|vhost| vhost.queue(queue))
-            .map(|queue| queue.entries().cloned().collect())
+            .map(|queue| queue.entries().collect())
             .unwrap_or_default()
     }
 

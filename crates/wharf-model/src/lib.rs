@@ -17,6 +17,7 @@ pub mod exchange;
 pub mod message;
 pub mod policy;
 pub mod queue;
+mod ready;
 pub mod settings;
 pub mod topic;
 pub mod vhost;

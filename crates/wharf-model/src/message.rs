@@ -83,6 +83,23 @@ impl Message {
         self.clone().into_paged_out(paged)
     }
 
+    /// A paged-out stand-in made from its parts (what [`Message::into_paged_out`] returns).
+    pub(crate) fn paged_stand_in(
+        exchange: String,
+        routing_key: String,
+        raw_properties: Bytes,
+        paged: PagedBody,
+    ) -> Message {
+        Message {
+            exchange,
+            routing_key,
+            properties: no_properties(),
+            raw_properties,
+            body: Bytes::new(),
+            paged: Some(paged),
+        }
+    }
+
     /// Like [`Message::paged_out`], reusing this message's allocations.
     pub fn into_paged_out(self, paged: PagedBody) -> Message {
         Message {

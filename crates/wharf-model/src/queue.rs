@@ -10,6 +10,7 @@
 
 use crate::dedup::DedupIndex;
 use crate::message::Message;
+use crate::ready::ReadyList;
 use crate::settings::QueueSettings;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -82,7 +83,7 @@ pub struct Queue {
     pub store_queue: Option<u64>,
     /// The store's id for this queue's de-duplication key log, if it de-duplicates.
     pub dedup_store_queue: Option<u64>,
-    pub(crate) ready: BTreeMap<u64, Entry>,
+    pub(crate) ready: ReadyList,
     pub(crate) waiting: BTreeMap<u64, Entry>,
     pub(crate) unacked: HashMap<u64, Entry>,
     /// Body bytes of ready and waiting messages.
@@ -131,7 +132,7 @@ impl Queue {
             settings,
             store_queue: None,
             dedup_store_queue: None,
-            ready: BTreeMap::new(),
+            ready: ReadyList::default(),
             waiting: BTreeMap::new(),
             unacked: HashMap::new(),
             held_bytes: 0,
@@ -238,7 +239,7 @@ impl Queue {
         if deliverable && let Some(ordering) = self.ordering.as_mut() {
             ordering.deliverable.insert(entry.id);
         }
-        self.ready.insert(entry.id, entry);
+        self.ready.insert(entry);
     }
 
     /// Puts an entry that holds its key (or has none) back among the ready ones, in its place.
@@ -250,7 +251,7 @@ impl Queue {
     pub(crate) fn next_deliverable(&self) -> Option<u64> {
         match &self.ordering {
             Some(ordering) => ordering.deliverable.first().copied(),
-            None => self.ready.keys().next().copied(),
+            None => self.ready.first_id(),
         }
     }
 
@@ -258,13 +259,13 @@ impl Queue {
     pub(crate) fn is_deliverable(&self, id: u64) -> bool {
         match &self.ordering {
             Some(ordering) => ordering.deliverable.contains(&id),
-            None => self.ready.contains_key(&id),
+            None => self.ready.contains(id),
         }
     }
 
     /// Takes a ready entry out for delivery (it keeps holding its key).
     pub(crate) fn take_ready(&mut self, id: u64) -> Option<Entry> {
-        let entry = self.ready.remove(&id)?;
+        let entry = self.ready.remove(id)?;
         self.unhold(&entry);
         if let Some(at) = entry.expires_at_ms {
             self.expiry.remove(&(at, id));
@@ -311,7 +312,7 @@ impl Queue {
             if let Some((blocked, stale)) = ordering.blocked.get_mut(key) {
                 *stale += 1;
                 if *stale * 2 > blocked.len() {
-                    blocked.retain(|id| self.ready.contains_key(id) && *id != entry.id);
+                    blocked.retain(|id| self.ready.contains(*id) && *id != entry.id);
                     *stale = 0;
                 }
             }
@@ -320,7 +321,7 @@ impl Queue {
         ordering.holders.remove(key);
         let Some((blocked, stale)) = ordering.blocked.get_mut(key) else { return };
         while let Some(next) = blocked.pop_front() {
-            if self.ready.contains_key(&next) {
+            if self.ready.contains(next) {
                 ordering.holders.insert(Arc::clone(key), next);
                 ordering.deliverable.insert(next);
                 break;
@@ -407,22 +408,26 @@ impl Queue {
         if self.store_queue != Some(paged.store_queue) {
             return false;
         }
-        let entry = match self.ready.get_mut(&id) {
-            Some(entry) => entry,
-            None => match self.waiting.get_mut(&id) {
-                Some(entry) => entry,
-                None => return false,
-            },
+        let pageable = |entry: &Entry| {
+            entry.store_seq == Some(store_seq)
+                && paged.body_bytes == entry.message.body_bytes()
+                && entry.message.paged.is_none()
         };
-        if entry.store_seq != Some(store_seq) || paged.body_bytes != entry.message.body_bytes() {
-            return false;
+        let paged_out = if self.ready.contains(id) {
+            self.ready.page_out(id, paged, pageable)
+        } else {
+            match self.waiting.get_mut(&id) {
+                Some(entry) if pageable(entry) => {
+                    entry.message = Arc::new(entry.message.paged_out(paged));
+                    true
+                }
+                _ => false,
+            }
+        };
+        if paged_out {
+            self.resident_bytes = self.resident_bytes.saturating_sub(paged.body_bytes);
         }
-        if entry.message.paged.is_some() {
-            return false;
-        }
-        self.resident_bytes = self.resident_bytes.saturating_sub(paged.body_bytes);
-        entry.message = Arc::new(entry.message.paged_out(paged));
-        true
+        paged_out
     }
 
     /// Consumers attached.
@@ -445,12 +450,12 @@ impl Queue {
 
     /// The oldest ready message (for `drop-head`).
     pub(crate) fn oldest_ready(&self) -> Option<u64> {
-        self.ready.keys().next().copied()
+        self.ready.first_id()
     }
 
     /// Removes every ready and waiting message (purge); returns them.
     pub(crate) fn take_ready_all(&mut self) -> Vec<Entry> {
-        let ids: Vec<u64> = self.ready.keys().copied().collect();
+        let ids = self.ready.ids();
         let mut taken: Vec<Entry> = ids.into_iter().filter_map(|id| self.remove_ready(id)).collect();
         let waiting = std::mem::take(&mut self.waiting);
         for entry in waiting.into_values() {
@@ -469,7 +474,7 @@ impl Queue {
     }
 
     /// Every entry (ready, waiting, unacknowledged), for inspection.
-    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
-        self.ready.values().chain(self.waiting.values()).chain(self.unacked.values())
+    pub fn entries(&self) -> impl Iterator<Item = Entry> + '_ {
+        self.ready.entries().chain(self.waiting.values().cloned()).chain(self.unacked.values().cloned())
     }
 }

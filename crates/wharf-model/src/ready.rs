@@ -1,0 +1,315 @@
+//! [`ReadyList`]: a queue's ready messages in arrival order, with the paged-out ones packed small.
+//!
+//! A backlog of a million persistent messages is mostly paged out: its bodies are on disk only.
+//! Kept as ordinary entries (a `BTreeMap` node slot, an `Arc<Message>` shell, its routing key and
+//! raw properties as separate allocations), each of them still cost ~500 bytes of memory. So a
+//! paged entry that holds no ordering key is kept instead as one flat [`PackedEntry`] (~100
+//! bytes: its place, where its record is, its counters and one allocation holding its exchange,
+//! routing key and raw properties) in a `VecDeque` sorted by id. It becomes an ordinary
+//! [`Entry`] again, with the same paged-out stand-in message it had, when it is taken out.
+//!
+//! The ready messages are the union of the map and the packed list; both are ordered by id and
+//! ids are unique across them, so the first ready message is the smaller of their two fronts.
+//! Page-outs arrive in id order (a queue's appends complete in order), so a packed entry is
+//! almost always pushed at the back; a requeued one goes back to its place near the front.
+
+use crate::message::{Message, PagedBody};
+use crate::queue::Entry;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+/// Longest exchange name or routing key packed (one length byte each); anything longer stays an
+/// ordinary entry.
+const PACKED_NAME_BYTES_MAX: usize = u8::MAX as usize;
+
+/// A paged-out ready entry without an ordering key, packed flat.
+#[derive(Debug, Clone)]
+struct PackedEntry {
+    id: u64,
+    store_seq: u64,
+    paged: PagedBody,
+    enqueued_ms: u64,
+    expires_at_ms: Option<u64>,
+    delivery_count: u32,
+    redelivered: bool,
+    /// `[exchange length][exchange][routing key length][routing key][raw properties]`.
+    envelope: Box<[u8]>,
+}
+
+impl PackedEntry {
+    /// Packs `entry` if it is paged out, has no ordering key and its names fit.
+    fn pack(entry: &Entry) -> Option<PackedEntry> {
+        let message = &entry.message;
+        let paged = message.paged?;
+        if entry.order_key.is_some()
+            || message.exchange.len() > PACKED_NAME_BYTES_MAX
+            || message.routing_key.len() > PACKED_NAME_BYTES_MAX
+        {
+            return None;
+        }
+        Some(PackedEntry {
+            id: entry.id,
+            store_seq: entry.store_seq?,
+            paged,
+            enqueued_ms: entry.enqueued_ms,
+            expires_at_ms: entry.expires_at_ms,
+            delivery_count: entry.delivery_count,
+            redelivered: entry.redelivered,
+            envelope: envelope(message),
+        })
+    }
+
+    /// The ordinary entry again, with the paged-out stand-in it was packed from.
+    fn unpack(&self) -> Entry {
+        let exchange_end = 1 + usize::from(self.envelope[0]);
+        let routing_key_end = exchange_end + 1 + usize::from(self.envelope[exchange_end]);
+        let message = Message::paged_stand_in(
+            String::from_utf8_lossy(&self.envelope[1..exchange_end]).into_owned(),
+            String::from_utf8_lossy(&self.envelope[exchange_end + 1..routing_key_end]).into_owned(),
+            bytes::Bytes::copy_from_slice(&self.envelope[routing_key_end..]),
+            self.paged,
+        );
+        Entry {
+            id: self.id,
+            message: Arc::new(message),
+            store_seq: Some(self.store_seq),
+            redelivered: self.redelivered,
+            delivery_count: self.delivery_count,
+            enqueued_ms: self.enqueued_ms,
+            expires_at_ms: self.expires_at_ms,
+            order_key: None,
+        }
+    }
+}
+
+/// Exchange, routing key and raw properties in one allocation (the names fit one length byte).
+fn envelope(message: &Message) -> Box<[u8]> {
+    let mut packed =
+        Vec::with_capacity(2 + message.exchange.len() + message.routing_key.len() + message.raw_properties.len());
+    packed.push(message.exchange.len() as u8);
+    packed.extend_from_slice(message.exchange.as_bytes());
+    packed.push(message.routing_key.len() as u8);
+    packed.extend_from_slice(message.routing_key.as_bytes());
+    packed.extend_from_slice(&message.raw_properties);
+    packed.into_boxed_slice()
+}
+
+/// A queue's ready entries, ordered by id.
+#[derive(Debug, Default)]
+pub(crate) struct ReadyList {
+    /// Entries kept whole: those in memory, and paged ones that cannot be packed.
+    whole: BTreeMap<u64, Entry>,
+    /// Packed paged-out entries, ascending by id.
+    packed: VecDeque<PackedEntry>,
+}
+
+impl ReadyList {
+    /// Adds an entry (packed if it is paged out and can be).
+    pub(crate) fn insert(&mut self, entry: Entry) {
+        match PackedEntry::pack(&entry) {
+            Some(packed) => self.insert_packed(packed),
+            None => {
+                self.whole.insert(entry.id, entry);
+            }
+        }
+    }
+
+    fn insert_packed(&mut self, packed: PackedEntry) {
+        if self.packed.back().is_none_or(|last| last.id < packed.id) {
+            self.packed.push_back(packed);
+        } else {
+            let at = self.packed.partition_point(|other| other.id < packed.id);
+            self.packed.insert(at, packed);
+        }
+    }
+
+    /// Where `id` is in the packed list, if it is there.
+    fn packed_index(&self, id: u64) -> Option<usize> {
+        if self.packed.front().is_some_and(|first| first.id == id) {
+            return Some(0);
+        }
+        self.packed.binary_search_by_key(&id, |packed| packed.id).ok()
+    }
+
+    /// The first (oldest) ready entry's id.
+    pub(crate) fn first_id(&self) -> Option<u64> {
+        let whole = self.whole.keys().next().copied();
+        let packed = self.packed.front().map(|packed| packed.id);
+        match (whole, packed) {
+            (Some(whole), Some(packed)) => Some(whole.min(packed)),
+            (whole, packed) => whole.or(packed),
+        }
+    }
+
+    pub(crate) fn contains(&self, id: u64) -> bool {
+        self.whole.contains_key(&id) || self.packed_index(id).is_some()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.whole.len() + self.packed.len()
+    }
+
+    /// Takes an entry out (unpacked).
+    pub(crate) fn remove(&mut self, id: u64) -> Option<Entry> {
+        if let Some(entry) = self.whole.remove(&id) {
+            return Some(entry);
+        }
+        let index = self.packed_index(id)?;
+        self.packed.remove(index).map(|packed| packed.unpack())
+    }
+
+    /// Replaces a whole entry's message with its paged-out stand-in, packing the entry if it can
+    /// be. `check` decides whether this entry may be paged out; returns whether it was.
+    pub(crate) fn page_out(&mut self, id: u64, paged: PagedBody, check: impl FnOnce(&Entry) -> bool) -> bool {
+        let Some(entry) = self.whole.get_mut(&id) else { return false };
+        if !check(entry) {
+            return false;
+        }
+        entry.message = Arc::new(entry.message.paged_out(paged));
+        if let Some(packed) = PackedEntry::pack(entry) {
+            self.whole.remove(&id);
+            self.insert_packed(packed);
+        }
+        true
+    }
+
+    /// Every id, ascending.
+    pub(crate) fn ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.whole.keys().copied().chain(self.packed.iter().map(|packed| packed.id)).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Every entry's id and delivery count, in no particular order.
+    pub(crate) fn delivery_counts(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.whole
+            .values()
+            .map(|entry| (entry.id, entry.delivery_count))
+            .chain(self.packed.iter().map(|packed| (packed.id, packed.delivery_count)))
+    }
+
+    /// Every entry (packed ones unpacked), in no particular order.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = Entry> + '_ {
+        self.whole.values().cloned().chain(self.packed.iter().map(PackedEntry::unpack))
+    }
+
+    /// How many entries are packed (for tests of the representation).
+    #[cfg(test)]
+    fn packed_len(&self) -> usize {
+        self.packed.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn entry(id: u64, paged: bool) -> Entry {
+        let message = Message {
+            exchange: "orders".to_owned(),
+            routing_key: format!("order.{id}"),
+            properties: Arc::new(wharf_wire::protocol::BasicProperties::default()),
+            raw_properties: Bytes::from_static(&[0x10, 0x00, 0x02]),
+            body: Bytes::from(vec![7u8; 10]),
+            paged: None,
+        };
+        let message = if paged {
+            message.into_paged_out(PagedBody {
+                store_queue: 3,
+                segment_id: id / 4,
+                offset: id * 64,
+                record_bytes: 64,
+                body_bytes: 10,
+            })
+        } else {
+            message
+        };
+        Entry {
+            id,
+            message: Arc::new(message),
+            store_seq: Some(id + 100),
+            redelivered: id % 2 == 0,
+            delivery_count: (id % 3) as u32,
+            enqueued_ms: 1_000 + id,
+            expires_at_ms: (id % 5 == 0).then_some(9_000 + id),
+            order_key: None,
+        }
+    }
+
+    fn same(left: &Entry, right: &Entry) -> bool {
+        left.id == right.id
+            && left.message == right.message
+            && left.store_seq == right.store_seq
+            && left.redelivered == right.redelivered
+            && left.delivery_count == right.delivery_count
+            && left.enqueued_ms == right.enqueued_ms
+            && left.expires_at_ms == right.expires_at_ms
+            && left.order_key == right.order_key
+    }
+
+    #[test]
+    fn a_packed_entry_comes_back_as_it_went_in() {
+        let mut ready = ReadyList::default();
+        for id in 1..=20 {
+            ready.insert(entry(id, id % 4 != 0));
+        }
+        assert_eq!(ready.packed_len(), 15);
+        assert_eq!(ready.len(), 20);
+        for id in 1..=20 {
+            let taken = ready.remove(id).expect("present");
+            assert!(same(&taken, &entry(id, id % 4 != 0)), "entry {id} changed: {taken:?}");
+        }
+        assert_eq!(ready.len(), 0);
+        assert_eq!(ready.first_id(), None);
+    }
+
+    #[test]
+    fn order_is_by_id_across_whole_and_packed_entries() {
+        let mut ready = ReadyList::default();
+        for id in [5, 9, 2, 7, 1, 8] {
+            ready.insert(entry(id, id % 2 == 1));
+        }
+        // A requeued packed entry goes back to its place, not to the end.
+        ready.insert(entry(3, true));
+        assert_eq!(ready.ids(), vec![1, 2, 3, 5, 7, 8, 9]);
+        let mut order = Vec::new();
+        while let Some(id) = ready.first_id() {
+            assert!(ready.contains(id));
+            ready.remove(id);
+            assert!(!ready.contains(id));
+            order.push(id);
+        }
+        assert_eq!(order, vec![1, 2, 3, 5, 7, 8, 9]);
+    }
+
+    #[test]
+    fn paging_out_packs_a_whole_entry_unless_it_holds_a_key_or_a_long_name() {
+        let mut ready = ReadyList::default();
+        let location = PagedBody { store_queue: 3, segment_id: 0, offset: 0, record_bytes: 64, body_bytes: 10 };
+        ready.insert(entry(1, false));
+        let mut keyed = entry(2, false);
+        keyed.order_key = Some(Arc::from("customer-1"));
+        ready.insert(keyed);
+        let mut long = entry(3, false);
+        Arc::make_mut(&mut long.message).routing_key = "k".repeat(300);
+        ready.insert(long);
+
+        assert!(!ready.page_out(1, location, |_| false), "the check refuses");
+        for id in 1..=3 {
+            assert!(ready.page_out(id, location, |_| true));
+        }
+        assert!(!ready.page_out(4, location, |_| true), "no such entry");
+        assert_eq!(ready.packed_len(), 1);
+        let mut counts: Vec<(u64, u32)> = ready.delivery_counts().collect();
+        counts.sort_unstable();
+        assert_eq!(counts, vec![(1, 1), (2, 2), (3, 0)]);
+        assert_eq!(ready.entries().count(), 3);
+        for id in 1..=3 {
+            let taken = ready.remove(id).expect("present");
+            assert_eq!(taken.message.paged, Some(location));
+            assert!(taken.message.body.is_empty());
+        }
+        assert_eq!(ready.delivery_counts().count(), 0);
+    }
+}
