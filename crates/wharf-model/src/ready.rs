@@ -229,10 +229,10 @@ mod tests {
             id,
             message: Arc::new(message),
             store_seq: Some(id + 100),
-            redelivered: id % 2 == 0,
+            redelivered: id.is_multiple_of(2),
             delivery_count: (id % 3) as u32,
             enqueued_ms: 1_000 + id,
-            expires_at_ms: (id % 5 == 0).then_some(9_000 + id),
+            expires_at_ms: id.is_multiple_of(5).then_some(9_000 + id),
             order_key: None,
         }
     }
