@@ -15,6 +15,8 @@ use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -22,6 +24,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// Bytes at the start of every body: producer id, sequence number, send time (ns).
 const BODY_HEADER_BYTES: usize = 20;
 /// How long the run waits, after the producers stop, for consumers to receive what was confirmed.
+/// Acks written ahead of the consumer before it waits for the oldest to be written.
+const ACKS_PENDING_MAX: usize = 1024;
+
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Parser)]
@@ -157,6 +162,43 @@ async fn setup(options: &Options) -> Result<()> {
     Ok(())
 }
 
+/// A lapin call started at once and finished later. lapin resolves a publish or an ack only once
+/// its I/O thread has written the frames, so a client that awaits each in turn pays a thread
+/// round trip per message and, on a small machine, becomes the bound instead of the broker.
+/// Polling the call once queues its frames right away (in call order: delivery tags and frames
+/// follow the order of the calls), and the outcome is collected later.
+enum Pipelined<T> {
+    Pending(Pin<Box<dyn Future<Output = lapin::Result<T>> + Send>>),
+    Done(lapin::Result<T>),
+}
+
+impl<T: Send + 'static> Pipelined<T> {
+    async fn start(call: impl Future<Output = lapin::Result<T>> + Send + 'static) -> Self {
+        let mut call: Pin<Box<dyn Future<Output = lapin::Result<T>> + Send>> = Box::pin(call);
+        match futures_lite::future::poll_once(&mut call).await {
+            Some(outcome) => Pipelined::Done(outcome),
+            None => Pipelined::Pending(call),
+        }
+    }
+
+    async fn finish(self) -> lapin::Result<T> {
+        match self {
+            Pipelined::Pending(call) => call.await,
+            Pipelined::Done(outcome) => outcome,
+        }
+    }
+}
+
+/// Runs a producer or consumer, saying at once on stderr why it failed (its result is only looked
+/// at when the run ends).
+async fn reported(role: &'static str, work: impl Future<Output = Result<()>>) -> Result<()> {
+    let outcome = work.await;
+    if let Err(error) = &outcome {
+        eprintln!("{role} failed: {error:#}");
+    }
+    outcome
+}
+
 async fn produce(options: Arc<Options>, producer: u32, stats: Arc<Stats>, deadline: Instant) -> Result<()> {
     let connection = connect(&options.url).await?;
     let channel = connection.create_channel().await?;
@@ -180,24 +222,24 @@ async fn produce(options: Arc<Options>, producer: u32, stats: Arc<Stats>, deadli
                 let due = started + Duration::from_secs_f64(seq as f64 / per_producer_rate);
                 tokio::time::sleep_until(due.into()).await;
             }
-            body[4..12].copy_from_slice(&seq.to_le_bytes());
-            body[12..20].copy_from_slice(&now_ns().to_le_bytes());
+            let mut message = body.clone();
+            message[4..12].copy_from_slice(&seq.to_le_bytes());
+            message[12..20].copy_from_slice(&now_ns().to_le_bytes());
             let sent = Instant::now();
-            let confirm = channel
-                .basic_publish(
-                    exchange.as_str().into(),
-                    routing_key.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    properties.clone(),
-                )
-                .await?;
+            let publish = {
+                let (channel, exchange, routing_key, properties) =
+                    (channel.clone(), exchange.as_str().into(), routing_key.as_str().into(), properties.clone());
+                async move {
+                    channel.basic_publish(exchange, routing_key, BasicPublishOptions::default(), &message, properties).await
+                }
+            };
+            in_flight.push_back((seq, sent, Pipelined::start(publish).await));
             stats.published.fetch_add(1, Ordering::Relaxed);
-            in_flight.push_back((seq, sent, confirm));
             seq += 1;
             continue;
         }
-        let Some((confirmed_seq, sent, confirm)) = in_flight.pop_front() else { break };
+        let Some((confirmed_seq, sent, publish)) = in_flight.pop_front() else { break };
+        let confirm = publish.finish().await?;
         let confirmation = confirm.await?;
         let latency_us = sent.elapsed().as_micros() as u64;
         if let Ok(mut histogram) = stats.confirm_us.lock() {
@@ -224,6 +266,7 @@ async fn consume(options: Arc<Options>, queue: String, stats: Arc<Stats>, stop: 
         .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await?;
     let mut unacked = 0u64;
+    let mut acks: VecDeque<Pipelined<()>> = VecDeque::new();
     loop {
         let next = tokio::select! {
             next = consumer.next() => next,
@@ -251,9 +294,39 @@ async fn consume(options: Arc<Options>, queue: String, stats: Arc<Stats>, stop: 
         stats.last_consumed_ns.fetch_max(now_ns(), Ordering::Relaxed);
         unacked += 1;
         if unacked >= options.ack_every {
-            delivery.ack(BasicAckOptions { multiple: true }).await?;
+            // The channel's own basic.ack queues its frame when first polled, so acks go out in
+            // order (lapin's `Acker` goes through a task per call and may reorder them, which a
+            // broker rejects for `multiple` acks).
+            let (channel, delivery_tag) = (channel.clone(), delivery.delivery_tag);
+            acks.push_back(
+                Pipelined::start(async move { channel.basic_ack(delivery_tag, BasicAckOptions { multiple: true }).await })
+                    .await,
+            );
             unacked = 0;
+            // Acks are written in order: the front is done before those behind it.
+            while let Some(front) = acks.pop_front() {
+                match front {
+                    Pipelined::Done(result) => {
+                        result?;
+                    }
+                    pending if acks.len() >= ACKS_PENDING_MAX => {
+                        pending.finish().await?;
+                    }
+                    Pipelined::Pending(mut future) => match futures_lite::future::poll_once(&mut future).await {
+                        Some(result) => {
+                            result?;
+                        }
+                        None => {
+                            acks.push_front(Pipelined::Pending(future));
+                            break;
+                        }
+                    },
+                }
+            }
         }
+    }
+    for ack in acks {
+        ack.finish().await?;
     }
     connection.close(200, "consumer done".into()).await?;
     Ok(())
@@ -333,12 +406,12 @@ async fn drain(options: Arc<Options>) -> Result<()> {
     let mut consumers = Vec::new();
     for queue in queue_names(&options) {
         for _ in 0..options.consumers.max(1) {
-            consumers.push(tokio::spawn(consume(
+            consumers.push(tokio::spawn(reported("consumer", consume(
                 Arc::clone(&options),
                 queue.clone(),
                 Arc::clone(&stats),
                 Arc::clone(&stop),
-            )));
+            ))));
         }
     }
     let deadline = Instant::now() + Duration::from_secs(3600);
@@ -414,19 +487,19 @@ async fn main() -> Result<()> {
     let mut consumers = Vec::new();
     for queue in &queues {
         for _ in 0..if publish_only { 0 } else { options.consumers } {
-            consumers.push(tokio::spawn(consume(
+            consumers.push(tokio::spawn(reported("consumer", consume(
                 Arc::clone(&options),
                 queue.clone(),
                 Arc::clone(&stats),
                 Arc::clone(&stop),
-            )));
+            ))));
         }
     }
     let started = Instant::now();
     let started_ns = now_ns();
     let deadline = started + Duration::from_secs(options.duration_s);
     let producers: Vec<_> = (0..options.producers as u32)
-        .map(|producer| tokio::spawn(produce(Arc::clone(&options), producer, Arc::clone(&stats), deadline)))
+        .map(|producer| tokio::spawn(reported("producer", produce(Arc::clone(&options), producer, Arc::clone(&stats), deadline))))
         .collect();
     let progress = {
         let stats = Arc::clone(&stats);
