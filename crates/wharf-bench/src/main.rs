@@ -13,7 +13,7 @@ use futures_lite::StreamExt;
 use hdrhistogram::Histogram;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
@@ -181,6 +181,24 @@ impl<T: Send + 'static> Pipelined<T> {
         }
     }
 
+    /// Polls a pending call once; true once it is done.
+    async fn poll_now(&mut self) -> bool {
+        if let Pipelined::Pending(call) = self
+            && let Some(outcome) = futures_lite::future::poll_once(call).await
+        {
+            *self = Pipelined::Done(outcome);
+        }
+        matches!(self, Pipelined::Done(_))
+    }
+
+    /// Waits until the call is done (its outcome is kept for `finish`).
+    async fn wait(&mut self) {
+        if let Pipelined::Pending(call) = self {
+            let outcome = call.await;
+            *self = Pipelined::Done(outcome);
+        }
+    }
+
     async fn finish(self) -> lapin::Result<T> {
         match self {
             Pipelined::Pending(call) => call.await,
@@ -211,36 +229,12 @@ async fn produce(options: Arc<Options>, producer: u32, stats: Arc<Stats>, deadli
     let properties = BasicProperties::default().with_delivery_mode(if options.transient { 1 } else { 2 });
     let per_producer_rate = options.rate as f64 / options.producers as f64;
     let started = Instant::now();
-    let mut in_flight = VecDeque::new();
+    let mut in_flight: VecDeque<(u64, Instant, Pipelined<Confirmation>)> = VecDeque::new();
     let mut seq = 0u64;
     let mut body = vec![0u8; options.size.max(BODY_HEADER_BYTES)];
     body[..4].copy_from_slice(&producer.to_le_bytes());
-    loop {
-        let more = Instant::now() < deadline && (options.messages == 0 || seq < options.messages);
-        if more && in_flight.len() < options.confirm_window {
-            if per_producer_rate > 0.0 {
-                let due = started + Duration::from_secs_f64(seq as f64 / per_producer_rate);
-                tokio::time::sleep_until(due.into()).await;
-            }
-            let mut message = body.clone();
-            message[4..12].copy_from_slice(&seq.to_le_bytes());
-            message[12..20].copy_from_slice(&now_ns().to_le_bytes());
-            let sent = Instant::now();
-            let publish = {
-                let (channel, exchange, routing_key, properties) =
-                    (channel.clone(), exchange.as_str().into(), routing_key.as_str().into(), properties.clone());
-                async move {
-                    channel.basic_publish(exchange, routing_key, BasicPublishOptions::default(), &message, properties).await
-                }
-            };
-            in_flight.push_back((seq, sent, Pipelined::start(publish).await));
-            stats.published.fetch_add(1, Ordering::Relaxed);
-            seq += 1;
-            continue;
-        }
-        let Some((confirmed_seq, sent, publish)) = in_flight.pop_front() else { break };
-        let confirm = publish.finish().await?;
-        let confirmation = confirm.await?;
+    let settle = |(confirmed_seq, sent, confirmation): (u64, Instant, lapin::Result<Confirmation>)| -> Result<()> {
+        let confirmation = confirmation?;
         let latency_us = sent.elapsed().as_micros() as u64;
         if let Ok(mut histogram) = stats.confirm_us.lock() {
             let _ = histogram.record(latency_us.max(1));
@@ -253,6 +247,53 @@ async fn produce(options: Arc<Options>, producer: u32, stats: Arc<Stats>, deadli
         } else {
             stats.nacked.fetch_add(1, Ordering::Relaxed);
         }
+        Ok(())
+    };
+    loop {
+        // Confirms that have arrived are counted now, so that their latency is measured when
+        // they arrive rather than when the window fills.
+        while let Some((_, _, call)) = in_flight.front_mut()
+            && call.poll_now().await
+        {
+            if let Some((confirmed_seq, sent, call)) = in_flight.pop_front() {
+                settle((confirmed_seq, sent, call.finish().await))?;
+            }
+        }
+        let more = Instant::now() < deadline && (options.messages == 0 || seq < options.messages);
+        if more && in_flight.len() < options.confirm_window {
+            if per_producer_rate > 0.0 {
+                let due = started + Duration::from_secs_f64(seq as f64 / per_producer_rate);
+                if let Some((_, _, call)) = in_flight.front_mut() {
+                    // Wait for the next send time, or for the oldest confirm if it comes first.
+                    tokio::select! {
+                        () = tokio::time::sleep_until(due.into()) => {}
+                        () = call.wait() => continue,
+                    }
+                } else {
+                    tokio::time::sleep_until(due.into()).await;
+                }
+            }
+            let mut message = body.clone();
+            message[4..12].copy_from_slice(&seq.to_le_bytes());
+            message[12..20].copy_from_slice(&now_ns().to_le_bytes());
+            let sent = Instant::now();
+            let publish = {
+                let (channel, exchange, routing_key, properties) =
+                    (channel.clone(), exchange.as_str().into(), routing_key.as_str().into(), properties.clone());
+                async move {
+                    channel
+                        .basic_publish(exchange, routing_key, BasicPublishOptions::default(), &message, properties)
+                        .await?
+                        .await
+                }
+            };
+            in_flight.push_back((seq, sent, Pipelined::start(publish).await));
+            stats.published.fetch_add(1, Ordering::Relaxed);
+            seq += 1;
+            continue;
+        }
+        let Some((confirmed_seq, sent, call)) = in_flight.pop_front() else { break };
+        settle((confirmed_seq, sent, call.finish().await))?;
     }
     connection.close(200, "producer done".into()).await?;
     Ok(())
@@ -299,8 +340,10 @@ async fn consume(options: Arc<Options>, queue: String, stats: Arc<Stats>, stop: 
             // broker rejects for `multiple` acks).
             let (channel, delivery_tag) = (channel.clone(), delivery.delivery_tag);
             acks.push_back(
-                Pipelined::start(async move { channel.basic_ack(delivery_tag, BasicAckOptions { multiple: true }).await })
-                    .await,
+                Pipelined::start(
+                    async move { channel.basic_ack(delivery_tag, BasicAckOptions { multiple: true }).await },
+                )
+                .await,
             );
             unacked = 0;
             // Acks are written in order: the front is done before those behind it.
@@ -406,12 +449,10 @@ async fn drain(options: Arc<Options>) -> Result<()> {
     let mut consumers = Vec::new();
     for queue in queue_names(&options) {
         for _ in 0..options.consumers.max(1) {
-            consumers.push(tokio::spawn(reported("consumer", consume(
-                Arc::clone(&options),
-                queue.clone(),
-                Arc::clone(&stats),
-                Arc::clone(&stop),
-            ))));
+            consumers.push(tokio::spawn(reported(
+                "consumer",
+                consume(Arc::clone(&options), queue.clone(), Arc::clone(&stats), Arc::clone(&stop)),
+            )));
         }
     }
     let deadline = Instant::now() + Duration::from_secs(3600);
@@ -487,19 +528,19 @@ async fn main() -> Result<()> {
     let mut consumers = Vec::new();
     for queue in &queues {
         for _ in 0..if publish_only { 0 } else { options.consumers } {
-            consumers.push(tokio::spawn(reported("consumer", consume(
-                Arc::clone(&options),
-                queue.clone(),
-                Arc::clone(&stats),
-                Arc::clone(&stop),
-            ))));
+            consumers.push(tokio::spawn(reported(
+                "consumer",
+                consume(Arc::clone(&options), queue.clone(), Arc::clone(&stats), Arc::clone(&stop)),
+            )));
         }
     }
     let started = Instant::now();
     let started_ns = now_ns();
     let deadline = started + Duration::from_secs(options.duration_s);
     let producers: Vec<_> = (0..options.producers as u32)
-        .map(|producer| tokio::spawn(reported("producer", produce(Arc::clone(&options), producer, Arc::clone(&stats), deadline))))
+        .map(|producer| {
+            tokio::spawn(reported("producer", produce(Arc::clone(&options), producer, Arc::clone(&stats), deadline)))
+        })
         .collect();
     let progress = {
         let stats = Arc::clone(&stats);
