@@ -23,10 +23,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Bytes at the start of every body: producer id, sequence number, send time (ns).
 const BODY_HEADER_BYTES: usize = 20;
-/// How long the run waits, after the producers stop, for consumers to receive what was confirmed.
 /// Acks written ahead of the consumer before it waits for the oldest to be written.
 const ACKS_PENDING_MAX: usize = 1024;
-
+/// How long the run waits, after the producers stop, for consumers to receive what was confirmed.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Parser)]
@@ -281,10 +280,13 @@ async fn produce(options: Arc<Options>, producer: u32, stats: Arc<Stats>, deadli
                 let (channel, exchange, routing_key, properties) =
                     (channel.clone(), exchange.as_str().into(), routing_key.as_str().into(), properties.clone());
                 async move {
-                    channel
+                    let confirm = channel
                         .basic_publish(exchange, routing_key, BasicPublishOptions::default(), &message, properties)
-                        .await?
-                        .await
+                        .await?;
+                    // Written (lapin copied it into frames): only the confirm is awaited now, so
+                    // the window does not hold a copy of every body in flight.
+                    drop(message);
+                    confirm.await
                 }
             };
             in_flight.push_back((seq, sent, Pipelined::start(publish).await));

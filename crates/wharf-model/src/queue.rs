@@ -473,8 +473,8 @@ impl Queue {
         all
     }
 
-    /// Every entry (ready, waiting, unacknowledged), for inspection.
+    /// Every entry (ready ones first, in order; then waiting, then unacknowledged), for inspection.
     pub fn entries(&self) -> impl Iterator<Item = Entry> + '_ {
-        self.ready.entries().chain(self.waiting.values().cloned()).chain(self.unacked.values().cloned())
+        self.ready.entries().into_iter().chain(self.waiting.values().cloned()).chain(self.unacked.values().cloned())
     }
 }

@@ -12,6 +12,10 @@
 //! ids are unique across them, so the first ready message is the smaller of their two fronts.
 //! Page-outs arrive in id order (a queue's appends complete in order), so a packed entry is
 //! almost always pushed at the back; a requeued one goes back to its place near the front.
+//! Taking an entry from the middle (a per-message TTL that expires out of order, a delivery
+//! limit after recovery) leaves a tombstone rather than shifting up to a million entries under
+//! the model lock; tombstones are swept out once they are half the list, and never stay at the
+//! front.
 
 use crate::message::{Message, PagedBody};
 use crate::queue::Entry;
@@ -32,6 +36,8 @@ struct PackedEntry {
     expires_at_ms: Option<u64>,
     delivery_count: u32,
     redelivered: bool,
+    /// Taken out of the list (a tombstone, skipped by every reader).
+    removed: bool,
     /// `[exchange length][exchange][routing key length][routing key][raw properties]`.
     envelope: Box<[u8]>,
 }
@@ -55,6 +61,7 @@ impl PackedEntry {
             expires_at_ms: entry.expires_at_ms,
             delivery_count: entry.delivery_count,
             redelivered: entry.redelivered,
+            removed: false,
             envelope: envelope(message),
         })
     }
@@ -99,8 +106,10 @@ fn envelope(message: &Message) -> Box<[u8]> {
 pub(crate) struct ReadyList {
     /// Entries kept whole: those in memory, and paged ones that cannot be packed.
     whole: BTreeMap<u64, Entry>,
-    /// Packed paged-out entries, ascending by id.
+    /// Packed paged-out entries, ascending by id (tombstones included; never one at the front).
     packed: VecDeque<PackedEntry>,
+    /// Tombstones in `packed`.
+    tombstones: usize,
 }
 
 impl ReadyList {
@@ -117,18 +126,57 @@ impl ReadyList {
     fn insert_packed(&mut self, packed: PackedEntry) {
         if self.packed.back().is_none_or(|last| last.id < packed.id) {
             self.packed.push_back(packed);
-        } else {
-            let at = self.packed.partition_point(|other| other.id < packed.id);
-            self.packed.insert(at, packed);
+            return;
+        }
+        let at = self.packed.partition_point(|other| other.id < packed.id);
+        match self.packed.get_mut(at) {
+            // The entry comes back to where it was taken from: its tombstone is still there.
+            Some(tombstone) if tombstone.id == packed.id => {
+                *tombstone = packed;
+                self.tombstones -= 1;
+            }
+            _ => self.packed.insert(at, packed),
         }
     }
 
-    /// Where `id` is in the packed list, if it is there.
+    /// Where `id` is in the packed list, if it is there (and not a tombstone).
     fn packed_index(&self, id: u64) -> Option<usize> {
-        if self.packed.front().is_some_and(|first| first.id == id) {
-            return Some(0);
+        let index = if self.packed.front().is_some_and(|first| first.id == id) {
+            0
+        } else {
+            self.packed.binary_search_by_key(&id, |packed| packed.id).ok()?
+        };
+        (!self.packed[index].removed).then_some(index)
+    }
+
+    /// Takes the packed entry at `index` out: the front and the back are popped, anything else
+    /// becomes a tombstone.
+    fn take_packed(&mut self, index: usize) -> Option<Entry> {
+        let entry = if index == 0 {
+            let entry = self.packed.pop_front()?.unpack();
+            while self.packed.front().is_some_and(|first| first.removed) {
+                self.packed.pop_front();
+                self.tombstones -= 1;
+            }
+            entry
+        } else if index + 1 == self.packed.len() {
+            self.packed.pop_back()?.unpack()
+        } else {
+            let packed = self.packed.get_mut(index)?;
+            packed.removed = true;
+            self.tombstones += 1;
+            packed.unpack()
+        };
+        if self.tombstones * 2 > self.packed.len() {
+            self.packed.retain(|packed| !packed.removed);
+            self.tombstones = 0;
         }
-        self.packed.binary_search_by_key(&id, |packed| packed.id).ok()
+        Some(entry)
+    }
+
+    /// The packed entries that are in the list (not tombstones).
+    fn live_packed(&self) -> impl Iterator<Item = &PackedEntry> {
+        self.packed.iter().filter(|packed| !packed.removed)
     }
 
     /// The first (oldest) ready entry's id.
@@ -146,7 +194,7 @@ impl ReadyList {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.whole.len() + self.packed.len()
+        self.whole.len() + self.packed.len() - self.tombstones
     }
 
     /// Takes an entry out (unpacked).
@@ -155,7 +203,7 @@ impl ReadyList {
             return Some(entry);
         }
         let index = self.packed_index(id)?;
-        self.packed.remove(index).map(|packed| packed.unpack())
+        self.take_packed(index)
     }
 
     /// Replaces a whole entry's message with its paged-out stand-in, packing the entry if it can
@@ -175,7 +223,7 @@ impl ReadyList {
 
     /// Every id, ascending.
     pub(crate) fn ids(&self) -> Vec<u64> {
-        let mut ids: Vec<u64> = self.whole.keys().copied().chain(self.packed.iter().map(|packed| packed.id)).collect();
+        let mut ids: Vec<u64> = self.whole.keys().copied().chain(self.live_packed().map(|packed| packed.id)).collect();
         ids.sort_unstable();
         ids
     }
@@ -185,18 +233,21 @@ impl ReadyList {
         self.whole
             .values()
             .map(|entry| (entry.id, entry.delivery_count))
-            .chain(self.packed.iter().map(|packed| (packed.id, packed.delivery_count)))
+            .chain(self.live_packed().map(|packed| (packed.id, packed.delivery_count)))
     }
 
-    /// Every entry (packed ones unpacked), in no particular order.
-    pub(crate) fn entries(&self) -> impl Iterator<Item = Entry> + '_ {
-        self.whole.values().cloned().chain(self.packed.iter().map(PackedEntry::unpack))
+    /// Every entry (packed ones unpacked), ascending by id.
+    pub(crate) fn entries(&self) -> Vec<Entry> {
+        let mut entries: Vec<Entry> =
+            self.whole.values().cloned().chain(self.live_packed().map(PackedEntry::unpack)).collect();
+        entries.sort_unstable_by_key(|entry| entry.id);
+        entries
     }
 
     /// How many entries are packed (for tests of the representation).
     #[cfg(test)]
     fn packed_len(&self) -> usize {
-        self.packed.len()
+        self.packed.len() - self.tombstones
     }
 }
 
@@ -284,6 +335,51 @@ mod tests {
     }
 
     #[test]
+    fn taking_from_the_middle_leaves_tombstones_that_readers_skip_and_requeues_revive() {
+        let mut ready = ReadyList::default();
+        for id in 1..=10 {
+            ready.insert(entry(id, true));
+        }
+        for id in [4, 5, 7] {
+            assert!(same(&ready.remove(id).expect("present"), &entry(id, true)));
+            assert!(!ready.contains(id));
+            assert!(ready.remove(id).is_none(), "a tombstone is not taken twice");
+        }
+        assert_eq!(ready.len(), 7);
+        assert_eq!(ready.ids(), vec![1, 2, 3, 6, 8, 9, 10]);
+        assert_eq!(ready.delivery_counts().count(), 7);
+        assert_eq!(ready.entries().iter().map(|entry| entry.id).collect::<Vec<_>>(), vec![1, 2, 3, 6, 8, 9, 10]);
+        // A requeue brings an entry back in its tombstone's place.
+        ready.insert(entry(5, true));
+        assert_eq!(ready.ids(), vec![1, 2, 3, 5, 6, 8, 9, 10]);
+        // Draining from the front never stops at a tombstone, and the count stays right.
+        let mut order = Vec::new();
+        while let Some(id) = ready.first_id() {
+            assert!(same(&ready.remove(id).expect("present"), &entry(id, true)));
+            order.push(id);
+            assert_eq!(ready.len(), 8 - order.len());
+        }
+        assert_eq!(order, vec![1, 2, 3, 5, 6, 8, 9, 10]);
+        assert_eq!(ready.tombstones, 0);
+        assert!(ready.packed.is_empty());
+    }
+
+    #[test]
+    fn tombstones_are_swept_once_they_are_half_the_list() {
+        let mut ready = ReadyList::default();
+        for id in 1..=100 {
+            ready.insert(entry(id, true));
+        }
+        for id in 2..100 {
+            assert!(ready.remove(id).is_some());
+            assert!(ready.tombstones * 2 <= ready.packed.len());
+        }
+        assert_eq!(ready.len(), 2);
+        assert!(ready.packed.len() < 100, "swept at least once");
+        assert_eq!(ready.ids(), vec![1, 100]);
+    }
+
+    #[test]
     fn paging_out_packs_a_whole_entry_unless_it_holds_a_key_or_a_long_name() {
         let mut ready = ReadyList::default();
         let location = PagedBody { store_queue: 3, segment_id: 0, offset: 0, record_bytes: 64, body_bytes: 10 };
@@ -304,7 +400,7 @@ mod tests {
         let mut counts: Vec<(u64, u32)> = ready.delivery_counts().collect();
         counts.sort_unstable();
         assert_eq!(counts, vec![(1, 1), (2, 2), (3, 0)]);
-        assert_eq!(ready.entries().count(), 3);
+        assert_eq!(ready.entries().len(), 3);
         for id in 1..=3 {
             let taken = ready.remove(id).expect("present");
             assert_eq!(taken.message.paged, Some(location));
