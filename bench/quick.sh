@@ -19,3 +19,9 @@ done
 url="amqp://guest:guest@127.0.0.1:$port/%2f"
 "$target_dir/release/wharf-bench" --url "$url" --quick
 "$target_dir/release/wharf-bench" --url "$url" --quick --producers 2 --consumers 2 --fanout 3 --name fanout
+# Acks with `multiple` every 10th message, and a fixed rate (S4's mode): both pipelined paths.
+"$target_dir/release/wharf-bench" --url "$url" --quick --ack-every 10 --name batched
+"$target_dir/release/wharf-bench" --url "$url" --quick --rate 500 --name fixed-rate
+# S5's phases: a backlog published with no consumer, then drained (fails unless all arrive).
+"$target_dir/release/wharf-bench" --url "$url" --name backlog --phase publish --producers 2 --messages 2000
+"$target_dir/release/wharf-bench" --url "$url" --name backlog --phase drain --expect 4000
