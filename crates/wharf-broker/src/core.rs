@@ -397,7 +397,7 @@ impl Core {
                     return;
                 }
                 if seen_ms.saturating_add(ttl_ms) <= now {
-                    let _ = store.remove(QueueId(log), seq);
+                    let _ = store.remove_unawaited(QueueId(log), seq);
                     return;
                 }
                 remember(key, seen_ms);
@@ -732,8 +732,8 @@ impl Core {
 
     /// Records a message's removal in the store (a deleted queue's records went with it).
     pub fn remove_stored_record(&self, queue: u64, seq: u64) {
-        match self.store.remove(QueueId(queue), seq) {
-            Ok(_) | Err(StoreError::UnknownQueue(_)) => {}
+        match self.store.remove_unawaited(QueueId(queue), seq) {
+            Ok(()) | Err(StoreError::UnknownQueue(_)) => {}
             Err(error) => self.store_failed(&error),
         }
     }
@@ -972,8 +972,8 @@ impl Core {
                             }
                         }
                         if let (Some(queue), Some(seq)) = (source.store_queue, source.store_seq) {
-                            match store.remove(QueueId(queue), seq) {
-                                Ok(_) | Err(StoreError::UnknownQueue(_)) => {}
+                            match store.remove_unawaited(QueueId(queue), seq) {
+                                Ok(()) | Err(StoreError::UnknownQueue(_)) => {}
                                 Err(error) => tracing::error!(%error, "could not remove a transferred message"),
                             }
                         }
@@ -1165,8 +1165,8 @@ impl Core {
             }
         }
         for (log, seq) in removals {
-            match self.store.remove(QueueId(log), seq) {
-                Ok(_) | Err(StoreError::UnknownQueue(_)) => {}
+            match self.store.remove_unawaited(QueueId(log), seq) {
+                Ok(()) | Err(StoreError::UnknownQueue(_)) => {}
                 Err(error) => self.store_failed(&error),
             }
         }

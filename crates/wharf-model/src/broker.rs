@@ -1186,7 +1186,9 @@ impl BrokerModel {
         let channel = self.channels.get_mut(&key).ok_or_else(|| channel_not_open(key))?;
         // Tags whose lease ran out were settled by the broker already: settling them again is
         // ignored and counted, not refused.
-        let tags: Vec<u64> = if multiple {
+        // The tags settled here are the unacked ones up to `upper` (multiple) or `delivery_tag`
+        // alone; taken straight out of the map, without collecting them first (once per ack).
+        let (lowest, upper) = if multiple {
             let upper = if delivery_tag == 0 { u64::MAX } else { delivery_tag };
             let late = channel.expired_tags.range(..=upper).count();
             if delivery_tag != 0 && channel.unacked.range(..=upper).next().is_none() && late == 0 {
@@ -1199,32 +1201,32 @@ impl BrokerModel {
                     None => BTreeSet::new(),
                 };
             }
-            channel.unacked.range(..=upper).map(|(tag, _)| *tag).collect()
+            (0, upper)
         } else if channel.unacked.contains_key(&delivery_tag) {
-            vec![delivery_tag]
+            (delivery_tag, delivery_tag)
         } else if channel.expired_tags.remove(&delivery_tag) {
             self.counters.late_settles_ignored += 1;
-            Vec::new()
+            return Ok(Vec::new());
         } else {
             return Err(ModelError::precondition_failed(format!("unknown delivery tag {delivery_tag}")));
         };
-        let mut taken = Vec::with_capacity(tags.len());
-        for tag in tags {
-            if let Some(outstanding) = channel.unacked.remove(&tag) {
-                if let Some(due_ms) = outstanding.lease_due_ms {
-                    let timer = Timer::Lease { channel: key, generation: channel.generation, delivery_tag: tag };
-                    self.timers.remove(&(due_ms, timer));
-                }
-                if let Some((consumer_tag, instance)) = &outstanding.consumer {
-                    channel.consumer_unacked = channel.consumer_unacked.saturating_sub(1);
-                    if let Some(consumer) =
-                        channel.consumers.get_mut(consumer_tag).filter(|consumer| consumer.instance == *instance)
-                    {
-                        consumer.unacked = consumer.unacked.saturating_sub(1);
-                    }
-                }
-                taken.push(outstanding);
+        let mut taken = Vec::new();
+        loop {
+            let next = channel.unacked.range(lowest..=upper).next().map(|(tag, _)| *tag);
+            let Some((tag, outstanding)) = next.and_then(|tag| channel.unacked.remove_entry(&tag)) else { break };
+            if let Some(due_ms) = outstanding.lease_due_ms {
+                let timer = Timer::Lease { channel: key, generation: channel.generation, delivery_tag: tag };
+                self.timers.remove(&(due_ms, timer));
             }
+            if let Some((consumer_tag, instance)) = &outstanding.consumer {
+                channel.consumer_unacked = channel.consumer_unacked.saturating_sub(1);
+                if let Some(consumer) =
+                    channel.consumers.get_mut(consumer_tag).filter(|consumer| consumer.instance == *instance)
+                {
+                    consumer.unacked = consumer.unacked.saturating_sub(1);
+                }
+            }
+            taken.push(outstanding);
         }
         Ok(taken)
     }

@@ -526,6 +526,14 @@ impl Store {
         self.submit(|done| Op::Ack { queue, seq, delivery_count: None, done })
     }
 
+    /// Like [`Store::remove`] for a caller that never waits for the removal (the broker, for
+    /// every ack): no ticket is made, which saves an allocation and its wake-up per message.
+    pub fn remove_unawaited(&self, queue: QueueId, seq: u64) -> Result<()> {
+        self.inner.shared.check_fatal()?;
+        let done = ticket::unawaited();
+        self.inner.sender.send(Op::Ack { queue, seq, delivery_count: None, done }).map_err(|_| StoreError::Closed)
+    }
+
     /// Records a message's delivery count durably-lazily, like [`Store::remove`]. Recovery returns
     /// the highest count recorded for each live message.
     pub fn set_delivery_count(&self, queue: QueueId, seq: u64, delivery_count: u32) -> Result<Ticket<()>> {

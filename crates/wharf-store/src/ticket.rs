@@ -37,6 +37,11 @@ pub(crate) fn ticket<T>() -> (Completer<T>, Ticket<T>) {
     (Completer { sender: Some(sender), observer: None }, Ticket { receiver })
 }
 
+/// A completer nobody waits on: completing it does nothing (no channel is allocated).
+pub(crate) fn unawaited<T>() -> Completer<T> {
+    Completer { sender: None, observer: None }
+}
+
 /// A ticket whose result is also handed to `observer` (on the writer thread, so it must not
 /// block).
 pub(crate) fn observed_ticket<T>(observer: Observer<T>) -> (Completer<T>, Ticket<T>) {
