@@ -348,24 +348,14 @@ async fn consume(options: Arc<Options>, queue: String, stats: Arc<Stats>, stop: 
                 .await,
             );
             unacked = 0;
-            // Acks are written in order: the front is done before those behind it.
-            while let Some(front) = acks.pop_front() {
-                match front {
-                    Pipelined::Done(result) => {
-                        result?;
-                    }
-                    pending if acks.len() >= ACKS_PENDING_MAX => {
-                        pending.finish().await?;
-                    }
-                    Pipelined::Pending(mut future) => match futures_lite::future::poll_once(&mut future).await {
-                        Some(result) => {
-                            result?;
-                        }
-                        None => {
-                            acks.push_front(Pipelined::Pending(future));
-                            break;
-                        }
-                    },
+            // Acks are written in order: the front is done before those behind it. Collect what
+            // is done; wait for the front only when too many are pending.
+            while let Some(front) = acks.front_mut() {
+                if !front.poll_now().await && acks.len() <= ACKS_PENDING_MAX {
+                    break;
+                }
+                if let Some(ack) = acks.pop_front() {
+                    ack.finish().await?;
                 }
             }
         }

@@ -102,14 +102,7 @@ impl Message {
 
     /// Like [`Message::paged_out`], reusing this message's allocations.
     pub fn into_paged_out(self, paged: PagedBody) -> Message {
-        Message {
-            exchange: self.exchange,
-            routing_key: self.routing_key,
-            properties: no_properties(),
-            raw_properties: self.raw_properties,
-            body: Bytes::new(),
-            paged: Some(paged),
-        }
+        Message::paged_stand_in(self.exchange, self.routing_key, self.raw_properties, paged)
     }
 
     /// The same message with its body (read back from the store) and its parsed properties in

@@ -413,17 +413,14 @@ impl Queue {
                 && paged.body_bytes == entry.message.body_bytes()
                 && entry.message.paged.is_none()
         };
-        let paged_out = if self.ready.contains(id) {
-            self.ready.page_out(id, paged, pageable)
-        } else {
-            match self.waiting.get_mut(&id) {
+        let paged_out = self.ready.page_out(id, paged, pageable)
+            || match self.waiting.get_mut(&id) {
                 Some(entry) if pageable(entry) => {
                     entry.message = Arc::new(entry.message.paged_out(paged));
                     true
                 }
                 _ => false,
-            }
-        };
+            };
         if paged_out {
             self.resident_bytes = self.resident_bytes.saturating_sub(paged.body_bytes);
         }

@@ -300,6 +300,12 @@ mod tests {
     }
 
     #[test]
+    fn a_packed_entry_stays_small() {
+        // What the module doc and the paging design note promise (one allocation aside).
+        assert!(std::mem::size_of::<PackedEntry>() <= 112, "{} bytes", std::mem::size_of::<PackedEntry>());
+    }
+
+    #[test]
     fn a_packed_entry_comes_back_as_it_went_in() {
         let mut ready = ReadyList::default();
         for id in 1..=20 {

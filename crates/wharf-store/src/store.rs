@@ -434,12 +434,12 @@ impl Store {
         self.submit(|done| Op::DeleteQueue { queue, done })
     }
 
-    /// The queues the store holds.
     /// True while the queue's log exists (created and not deleted).
     pub fn has_queue(&self, queue: QueueId) -> bool {
         self.inner.shared.queues.read().unwrap_or_else(|poisoned| poisoned.into_inner()).contains_key(&queue)
     }
 
+    /// The queues the store holds.
     pub fn queue_ids(&self) -> Vec<QueueId> {
         let queues = self.inner.shared.queues.read().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut ids: Vec<QueueId> = queues.keys().copied().collect();

@@ -219,7 +219,6 @@ const GATHER_TIME_MAX: Duration = Duration::from_micros(100);
 /// The group commit delay ends early after this long without a new operation.
 const GROUP_COMMIT_IDLE_GAP: Duration = Duration::from_micros(150);
 
-/// The writer thread's loop. Returns when the store is closed or every handle is gone.
 /// The batch being gathered, with the running totals the gathering decides on.
 #[derive(Default)]
 struct Gathered {
@@ -252,6 +251,7 @@ impl Gathered {
     }
 }
 
+/// The writer thread's loop. Returns when the store is closed or every handle is gone.
 pub(crate) fn run(mut state: WriterState, receiver: Receiver<Op>) {
     let mut batch = Gathered::default();
     let mut last_batch_len = 0;

@@ -323,7 +323,7 @@ fn appenders_wait_for_room_in_the_byte_budget_and_all_complete() {
 }
 
 #[test]
-fn read_each_returns_what_read_returns_across_segments_in_one_pass() {
+fn read_each_returns_what_read_returns_across_segments() {
     let sim = SimFs::new(9);
     let (store, _) = Store::open(sim.shared(), DIR, small_segments()).unwrap();
     let queue = store.create_queue().unwrap().wait().unwrap();
@@ -347,7 +347,7 @@ fn read_each_returns_what_read_returns_across_segments_in_one_pass() {
 }
 
 #[test]
-fn recovery_hands_back_each_live_message_meta_and_body_length_without_a_second_read() {
+fn recovery_hands_back_each_live_message_meta_and_body_length() {
     let sim = SimFs::new(10);
     let (store, _) = Store::open(sim.shared(), DIR, small_segments()).unwrap();
     let queue = store.create_queue().unwrap().wait().unwrap();
