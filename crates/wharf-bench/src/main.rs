@@ -9,7 +9,6 @@
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use futures_lite::StreamExt;
 use hdrhistogram::Histogram;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
@@ -301,46 +300,87 @@ async fn produce(options: Arc<Options>, producer: u32, stats: Arc<Stats>, deadli
     Ok(())
 }
 
+/// Records one delivery: its end-to-end latency (send time to now) and its sequence number.
+fn record_delivery(stats: &Stats, queue: &str, data: &[u8]) {
+    if data.len() >= BODY_HEADER_BYTES {
+        let producer = u32::from_le_bytes(data[..4].try_into().unwrap_or_default());
+        let seq = u64::from_le_bytes(data[4..12].try_into().unwrap_or_default());
+        let sent_ns = u64::from_le_bytes(data[12..20].try_into().unwrap_or_default());
+        let latency_us = now_ns().saturating_sub(sent_ns) / 1_000;
+        if let Ok(mut histogram) = stats.end_to_end_us.lock() {
+            let _ = histogram.record(latency_us.max(1));
+        }
+        if let Ok(mut seen) = stats.seen.lock() {
+            seen.entry((producer, queue.to_owned())).or_default().push(seq);
+        }
+    }
+    stats.consumed.fetch_add(1, Ordering::Relaxed);
+    stats.last_consumed_ns.fetch_max(now_ns(), Ordering::Relaxed);
+}
+
+/// What the consumer's callback passes on to the task that acks.
+enum Received {
+    Delivery { delivery_tag: u64 },
+    Cancelled,
+    Failed(lapin::Error),
+}
+
+/// Consumes through lapin's callback API (`Consumer::set_delegate`) rather than its stream.
+///
+/// Why: lapin reads and parses frames on its own I/O thread. Its stream hands each delivery to
+/// the consuming task through a channel, and waking that task on another thread added 0.24-0.37 ms
+/// at p99 to every end-to-end latency (measured by packet capture, `docs/benchmarks.md`), the
+/// same for every broker. The callback runs on the I/O thread as soon as the delivery is parsed,
+/// which is where a callback-style consumer (the Java client's `handleDelivery`, pika's
+/// `on_message_callback`) sees it, so the latency is taken there. Acks still go from one task
+/// in delivery order, as the broker requires for `multiple` acks.
 async fn consume(options: Arc<Options>, queue: String, stats: Arc<Stats>, stop: Arc<AtomicBool>) -> Result<()> {
     let connection = connect(&options.url).await?;
     let channel = connection.create_channel().await?;
     channel.basic_qos(options.prefetch, BasicQosOptions::default()).await?;
-    let mut consumer = channel
+    let consumer = channel
         .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await?;
+    // Unbounded is safe: the prefetch bounds how many deliveries are ever unacked.
+    let (received_in, mut received_out) = tokio::sync::mpsc::unbounded_channel();
+    {
+        let stats = Arc::clone(&stats);
+        let queue = queue.clone();
+        consumer.set_delegate(move |delivery: lapin::message::DeliveryResult| {
+            // This body runs on lapin's I/O thread; only the empty future below is spawned.
+            let received = match delivery {
+                Ok(Some(delivery)) => {
+                    record_delivery(&stats, &queue, &delivery.data);
+                    Received::Delivery { delivery_tag: delivery.delivery_tag }
+                }
+                Ok(None) => Received::Cancelled,
+                Err(error) => Received::Failed(error),
+            };
+            let _ = received_in.send(received);
+            async {}
+        });
+    }
     let mut unacked = 0u64;
     let mut acks: VecDeque<Pipelined<()>> = VecDeque::new();
     loop {
-        let next = tokio::select! {
-            next = consumer.next() => next,
+        let received = tokio::select! {
+            received = received_out.recv() => received,
             () = tokio::time::sleep(Duration::from_millis(200)) => {
                 if stop.load(Ordering::Relaxed) { break; }
                 continue;
             }
         };
-        let Some(delivery) = next else { break };
-        let delivery = delivery?;
-        let data = &delivery.data;
-        if data.len() >= BODY_HEADER_BYTES {
-            let producer = u32::from_le_bytes(data[..4].try_into().unwrap_or_default());
-            let seq = u64::from_le_bytes(data[4..12].try_into().unwrap_or_default());
-            let sent_ns = u64::from_le_bytes(data[12..20].try_into().unwrap_or_default());
-            let latency_us = now_ns().saturating_sub(sent_ns) / 1_000;
-            if let Ok(mut histogram) = stats.end_to_end_us.lock() {
-                let _ = histogram.record(latency_us.max(1));
-            }
-            if let Ok(mut seen) = stats.seen.lock() {
-                seen.entry((producer, queue.clone())).or_default().push(seq);
-            }
-        }
-        stats.consumed.fetch_add(1, Ordering::Relaxed);
-        stats.last_consumed_ns.fetch_max(now_ns(), Ordering::Relaxed);
+        let delivery_tag = match received {
+            Some(Received::Delivery { delivery_tag }) => delivery_tag,
+            Some(Received::Cancelled) | None => break,
+            Some(Received::Failed(error)) => return Err(error.into()),
+        };
         unacked += 1;
         if unacked >= options.ack_every {
             // The channel's own basic.ack queues its frame when first polled, so acks go out in
             // order (lapin's `Acker` goes through a task per call and may reorder them, which a
             // broker rejects for `multiple` acks).
-            let (channel, delivery_tag) = (channel.clone(), delivery.delivery_tag);
+            let channel = channel.clone();
             acks.push_back(
                 Pipelined::start(
                     async move { channel.basic_ack(delivery_tag, BasicAckOptions { multiple: true }).await },
