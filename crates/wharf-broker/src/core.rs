@@ -1255,8 +1255,13 @@ impl Core {
     /// delivery.)
     pub fn record_delivery(&self, delivery: &Delivery) -> Option<Ticket<()>> {
         let (queue, seq) = delivery.store?;
-        match self.store.set_delivery_count(QueueId(queue), seq, delivery.delivery_count) {
-            Ok(ticket) => (delivery.delivery_count > 1).then_some(ticket),
+        let recorded = if delivery.delivery_count > 1 {
+            self.store.set_delivery_count(QueueId(queue), seq, delivery.delivery_count).map(Some)
+        } else {
+            self.store.set_delivery_count_unawaited(QueueId(queue), seq, delivery.delivery_count).map(|()| None)
+        };
+        match recorded {
+            Ok(ticket) => ticket,
             Err(StoreError::UnknownQueue(_)) => None,
             Err(error) => {
                 self.store_failed(&error);

@@ -150,7 +150,7 @@ impl Removed {
 fn take_for_delivery(
     queue: &mut Queue,
     channel: &mut Channel,
-    pending_bytes: &mut HashMap<ConnectionId, u64>,
+    pending_bytes: &mut foldhash::HashMap<ConnectionId, u64>,
     key: ChannelKey,
     consumer_tag: Option<String>,
 ) -> Option<(Entry, Delivery)> {
@@ -266,10 +266,10 @@ struct Channel {
 #[derive(Debug)]
 pub struct BrokerModel {
     vhosts: BTreeMap<String, VirtualHost>,
-    channels: HashMap<ChannelKey, Channel>,
+    channels: foldhash::HashMap<ChannelKey, Channel>,
     seed: u64,
     /// Message bytes dispatched to each connection and not yet reported written.
-    pending_bytes: HashMap<ConnectionId, u64>,
+    pending_bytes: foldhash::HashMap<ConnectionId, u64>,
     /// The time as the runtime last reported it (ms since the epoch; never goes back).
     now_ms: u64,
     timers: BTreeSet<(u64, Timer)>,
@@ -291,9 +291,9 @@ impl BrokerModel {
     pub fn new(seed: u64) -> Self {
         let mut model = BrokerModel {
             vhosts: BTreeMap::new(),
-            channels: HashMap::new(),
+            channels: foldhash::HashMap::default(),
             seed,
-            pending_bytes: HashMap::new(),
+            pending_bytes: foldhash::HashMap::default(),
             now_ms: 0,
             timers: BTreeSet::new(),
             counters: Counters::default(),

@@ -85,7 +85,7 @@ pub struct Queue {
     pub dedup_store_queue: Option<u64>,
     pub(crate) ready: ReadyList,
     pub(crate) waiting: BTreeMap<u64, Entry>,
-    pub(crate) unacked: HashMap<u64, Entry>,
+    pub(crate) unacked: foldhash::HashMap<u64, Entry>,
     /// Body bytes of ready and waiting messages.
     pub(crate) held_bytes: u64,
     /// The part of `held_bytes` whose bodies are in memory (not paged out to the store).
@@ -134,7 +134,7 @@ impl Queue {
             dedup_store_queue: None,
             ready: ReadyList::default(),
             waiting: BTreeMap::new(),
-            unacked: HashMap::new(),
+            unacked: foldhash::HashMap::default(),
             held_bytes: 0,
             resident_bytes: 0,
             expiry: BTreeSet::new(),

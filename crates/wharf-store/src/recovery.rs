@@ -343,7 +343,7 @@ pub(crate) fn recover(
     let ack_files = numbered_files(fs.as_ref(), &acks_dir, "ack", &mut issues)?;
     let last_ack_id = ack_files.last().map_or(0, |(id, _)| *id);
     let mut ack_segments = BTreeMap::new();
-    let mut delivery_counts: HashMap<(QueueId, u64), u32> = HashMap::new();
+    let mut delivery_counts: foldhash::HashMap<(QueueId, u64), u32> = foldhash::HashMap::default();
     let mut max_acked_seq: HashMap<QueueId, u64> = HashMap::new();
     for (id, path) in &ack_files {
         let Some(scanned) =
@@ -401,7 +401,7 @@ pub(crate) fn recover(
     }
 
     // 5: delete what is dead; create missing active segments.
-    let mut queues = HashMap::new();
+    let mut queues = foldhash::HashMap::default();
     let mut recovered = Recovered { issues, ..Recovered::default() };
     for (queue, mut scan) in scans {
         let log = &mut scan.log;

@@ -11,7 +11,6 @@ use crate::fs::Fs;
 use crate::recovery;
 use crate::ticket::{self, Completer, Ticket};
 use crate::writer::{self, Op};
-use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -275,12 +274,12 @@ pub(crate) struct QueueHandle {
 }
 
 /// Open segment files by (queue, segment id), with the salt their records are sealed with.
-pub(crate) type SegmentFiles = HashMap<(QueueId, u64), (Arc<dyn crate::fs::FsFile>, u32)>;
+pub(crate) type SegmentFiles = foldhash::HashMap<(QueueId, u64), (Arc<dyn crate::fs::FsFile>, u32)>;
 
 /// State shared between callers and the writer thread.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub queues: RwLock<HashMap<QueueId, Arc<QueueHandle>>>,
+    pub queues: RwLock<foldhash::HashMap<QueueId, Arc<QueueHandle>>>,
     /// Open segment files by (queue, segment id), for reads.
     pub segment_files: RwLock<SegmentFiles>,
     /// Set once by the first fatal error; every later operation fails with it.
@@ -384,8 +383,8 @@ impl Store {
             }
         })?;
         let shared = Arc::new(Shared {
-            queues: RwLock::new(HashMap::new()),
-            segment_files: RwLock::new(HashMap::new()),
+            queues: RwLock::new(foldhash::HashMap::default()),
+            segment_files: RwLock::new(foldhash::HashMap::default()),
             fatal: OnceLock::new(),
             pending_bytes: Mutex::new(0),
             pending_room: std::sync::Condvar::new(),
@@ -538,6 +537,17 @@ impl Store {
     /// the highest count recorded for each live message.
     pub fn set_delivery_count(&self, queue: QueueId, seq: u64, delivery_count: u32) -> Result<Ticket<()>> {
         self.submit(|done| Op::Ack { queue, seq, delivery_count: Some(delivery_count), done })
+    }
+
+    /// Like [`Store::set_delivery_count`] for a caller that never waits for it (the broker, for
+    /// every first delivery): no ticket is made.
+    pub fn set_delivery_count_unawaited(&self, queue: QueueId, seq: u64, delivery_count: u32) -> Result<()> {
+        self.inner.shared.check_fatal()?;
+        let done = ticket::unawaited();
+        self.inner
+            .sender
+            .send(Op::Ack { queue, seq, delivery_count: Some(delivery_count), done })
+            .map_err(|_| StoreError::Closed)
     }
 
     /// Resolves once everything submitted before it, removals and delivery counts included, is

@@ -22,7 +22,7 @@ use crate::fs::{Fs, FsFile, OpenMode};
 use crate::live_set::LiveSet;
 use crate::store::{AppendReceipt, MessageLocation, QueueHandle, QueueId, Shared, StoreConfig};
 use crate::ticket::Completer;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -182,7 +182,7 @@ pub(crate) struct WriterState {
     pub dir: PathBuf,
     pub config: StoreConfig,
     pub shared: Arc<Shared>,
-    pub queues: HashMap<QueueId, QueueLog>,
+    pub queues: foldhash::HashMap<QueueId, QueueLog>,
     pub acks: AckLog,
     pub next_queue_id: u64,
     /// Ids below this may have been handed out before; recorded durably in `queue-ids` before

@@ -188,6 +188,27 @@ fn delivery_counts_survive_restarts_and_only_grow() {
 }
 
 #[test]
+fn unawaited_removals_and_delivery_counts_are_recorded_like_awaited_ones() {
+    let sim = SimFs::new(6);
+    let (store, _) = Store::open(sim.shared(), DIR, small_segments()).unwrap();
+    let queue = store.create_queue().unwrap().wait().unwrap();
+    let removed = store.append(queue, 1, b"", b"removed").unwrap().wait().unwrap();
+    let counted = store.append(queue, 1, b"", b"counted").unwrap().wait().unwrap();
+    store.remove_unawaited(queue, removed.seq).unwrap();
+    store.set_delivery_count_unawaited(queue, counted.seq, 1).unwrap();
+    // A sync covers everything submitted before it, unawaited operations included.
+    store.sync().unwrap().wait().unwrap();
+    sim.crash(CrashMode::LoseUnsynced);
+    drop(store);
+
+    let (store, recovered) = Store::open(sim.remount().shared(), DIR, small_segments()).unwrap();
+    let counts: Vec<(u64, u32)> =
+        recovered.queues[&queue].iter().map(|message| (message.seq, message.delivery_count)).collect();
+    assert_eq!(counts, vec![(counted.seq, 1)]);
+    assert_eq!(bodies(&store, queue, &recovered), vec![b"counted".to_vec()]);
+}
+
+#[test]
 fn deleted_queues_are_gone_and_their_ids_never_come_back() {
     let sim = SimFs::new(6);
     let (store, _) = Store::open(sim.shared(), DIR, StoreConfig::default()).unwrap();
