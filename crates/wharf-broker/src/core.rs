@@ -10,14 +10,17 @@ use crate::config::BrokerConfig;
 use crate::error::BrokerError;
 use crate::persist::{self, StoredBinding, StoredExchange, StoredQueue};
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use tokio::sync::{mpsc, watch};
 use wharf_model::{
     Admission, AutoDeadLetterQueue, BrokerModel, ChannelKey, ConnectionId, Delivery, Destination, Effects, Exchange,
     ExchangeKind, Message, ModelError, PagedBody, Queue, QueueDeclare, Removed, Transfer, TransferTarget,
 };
-use wharf_store::{AppendReceipt, MessageLocation, MetaStore, QueueId, Store, StoreError, Ticket};
+use wharf_store::{AppendReceipt, MessageLocation, MetaStore, QueueId, Store, StoreError, Ticket, TicketFuture};
 
 /// What a connection's writer task is asked to send.
 #[derive(Debug)]
@@ -212,18 +215,39 @@ const DEDUP_LOG_RECORDS_MAX: usize = wharf_model::dedup::DEDUP_KEYS_MAX;
 /// (the appends, then the de-duplication keys they admitted).
 #[derive(Debug)]
 pub(crate) enum Durable {
-    Append(Ticket<AppendReceipt>),
+    Append(TicketFuture<AppendReceipt>),
     Chain(tokio::sync::oneshot::Receiver<Result<(), StoreError>>),
-    Sync(Ticket<()>),
+    Sync(TicketFuture<()>),
+    /// Resolved: the outcome is kept, so polling again hands it out again.
+    Done(Result<(), StoreError>),
 }
 
 impl Durable {
-    pub async fn wait(self) -> Result<(), StoreError> {
-        match self {
-            Durable::Append(ticket) => ticket.await.map(|_| ()),
-            Durable::Chain(receiver) => receiver.await.unwrap_or(Err(StoreError::Closed)),
-            Durable::Sync(ticket) => ticket.await,
-        }
+    pub fn append(ticket: Ticket<AppendReceipt>) -> Self {
+        Durable::Append(ticket.into_future())
+    }
+
+    pub fn sync(ticket: Ticket<()>) -> Self {
+        Durable::Sync(ticket.into_future())
+    }
+
+    /// Polls without giving the outcome away: a confirm queue polls a ticket once with its task's
+    /// waker (so the store's completion wakes the task) and the task collects it later.
+    pub fn poll_durable(&mut self, context: &mut Context<'_>) -> Poll<Result<(), StoreError>> {
+        let outcome = match self {
+            Durable::Append(ticket) => std::task::ready!(Pin::new(ticket).poll(context)).map(|_| ()),
+            Durable::Chain(receiver) => {
+                std::task::ready!(Pin::new(receiver).poll(context)).unwrap_or(Err(StoreError::Closed))
+            }
+            Durable::Sync(ticket) => std::task::ready!(Pin::new(ticket).poll(context)),
+            Durable::Done(outcome) => return Poll::Ready(outcome.clone()),
+        };
+        *self = Durable::Done(outcome.clone());
+        Poll::Ready(outcome)
+    }
+
+    pub async fn wait(mut self) -> Result<(), StoreError> {
+        std::future::poll_fn(|context| self.poll_durable(context)).await
     }
 }
 
@@ -852,7 +876,7 @@ impl Core {
             // Everything submitted before this sync (the original's appends included) is durable
             // when it resolves.
             match self.store.sync() {
-                Ok(ticket) => barrier.push(Durable::Sync(ticket)),
+                Ok(ticket) => barrier.push(Durable::sync(ticket)),
                 Err(error) => {
                     self.store_failed(&error);
                     placed.failed = true;
@@ -860,7 +884,7 @@ impl Core {
             }
         }
         if records.is_empty() {
-            return tickets.into_iter().map(Durable::Append).chain(barrier).collect();
+            return tickets.into_iter().map(Durable::append).chain(barrier).collect();
         }
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let store = self.store.clone();
