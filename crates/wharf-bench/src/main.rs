@@ -9,6 +9,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use futures_lite::StreamExt;
 use hdrhistogram::Histogram;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
@@ -325,15 +326,42 @@ enum Received {
     Failed(lapin::Error),
 }
 
-/// Consumes through lapin's callback API (`Consumer::set_delegate`) rather than its stream.
+/// Where a consumer's deliveries come from.
+enum Deliveries {
+    /// lapin's stream, polled by the consumer task.
+    Stream(lapin::Consumer),
+    /// lapin's callback, which records each delivery on lapin's I/O thread and passes it on.
+    Callback(tokio::sync::mpsc::UnboundedReceiver<Received>),
+}
+
+impl Deliveries {
+    async fn next(&mut self, stats: &Stats, queue: &str) -> Option<Received> {
+        match self {
+            Deliveries::Stream(consumer) => Some(match consumer.next().await? {
+                Ok(delivery) => {
+                    record_delivery(stats, queue, &delivery.data);
+                    Received::Delivery { delivery_tag: delivery.delivery_tag }
+                }
+                Err(error) => Received::Failed(error),
+            }),
+            Deliveries::Callback(received) => received.recv().await,
+        }
+    }
+}
+
+/// Consumes, acking every `--ack-every`-th delivery with `multiple`, from one task in delivery
+/// order, as the broker requires for `multiple` acks.
 ///
-/// Why: lapin reads and parses frames on its own I/O thread. Its stream hands each delivery to
-/// the consuming task through a channel, and waking that task on another thread added 0.24-0.37 ms
-/// at p99 to every end-to-end latency (measured by packet capture, `docs/benchmarks.md`), the
-/// same for every broker. The callback runs on the I/O thread as soon as the delivery is parsed,
-/// which is where a callback-style consumer (the Java client's `handleDelivery`, pika's
-/// `on_message_callback`) sees it, so the latency is taken there. Acks still go from one task
-/// in delivery order, as the broker requires for `multiple` acks.
+/// In the fixed-rate (latency) mode deliveries come through lapin's callback API
+/// (`Consumer::set_delegate`) rather than its stream. lapin reads and parses frames on its own I/O
+/// thread; its stream hands each delivery to the consuming task through a channel, and waking
+/// that task on another thread added 0.24-0.37 ms at p99 to every end-to-end latency (measured by
+/// packet capture, `docs/benchmarks.md`), the same for every broker. The callback runs on the I/O
+/// thread as soon as the delivery is parsed, which is where a callback-style consumer (the Java
+/// client's `handleDelivery`, pika's `on_message_callback`) sees it, so the latency is taken
+/// there. At full speed the stream is used: lapin spawns a task per callback, which cost the
+/// client ~15% more CPU per message with three consumers (S3), and the client's CPU is what
+/// bounds throughput on a small machine.
 async fn consume(options: Arc<Options>, queue: String, stats: Arc<Stats>, stop: Arc<AtomicBool>) -> Result<()> {
     let connection = connect(&options.url).await?;
     let channel = connection.create_channel().await?;
@@ -341,9 +369,11 @@ async fn consume(options: Arc<Options>, queue: String, stats: Arc<Stats>, stop: 
     let consumer = channel
         .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await?;
-    // Unbounded is safe: the prefetch bounds how many deliveries are ever unacked.
-    let (received_in, mut received_out) = tokio::sync::mpsc::unbounded_channel();
-    {
+    let mut deliveries = if options.rate == 0 {
+        Deliveries::Stream(consumer)
+    } else {
+        // Unbounded is safe: the prefetch bounds how many deliveries are ever unacked.
+        let (received_in, received_out) = tokio::sync::mpsc::unbounded_channel();
         let stats = Arc::clone(&stats);
         let queue = queue.clone();
         consumer.set_delegate(move |delivery: lapin::message::DeliveryResult| {
@@ -359,12 +389,13 @@ async fn consume(options: Arc<Options>, queue: String, stats: Arc<Stats>, stop: 
             let _ = received_in.send(received);
             async {}
         });
-    }
+        Deliveries::Callback(received_out)
+    };
     let mut unacked = 0u64;
     let mut acks: VecDeque<Pipelined<()>> = VecDeque::new();
     loop {
         let received = tokio::select! {
-            received = received_out.recv() => received,
+            received = deliveries.next(&stats, &queue) => received,
             () = tokio::time::sleep(Duration::from_millis(200)) => {
                 if stop.load(Ordering::Relaxed) { break; }
                 continue;
