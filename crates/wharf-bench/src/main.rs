@@ -330,8 +330,9 @@ enum Received {
 enum Deliveries {
     /// lapin's stream, polled by the consumer task.
     Stream(lapin::Consumer),
-    /// lapin's callback, which records each delivery on lapin's I/O thread and passes it on.
-    Callback(tokio::sync::mpsc::UnboundedReceiver<Received>),
+    /// lapin's callback, which records each delivery on lapin's I/O thread and passes it on. The
+    /// consumer is held here because dropping it cancels the subscription.
+    Callback { _subscription: lapin::Consumer, received: tokio::sync::mpsc::UnboundedReceiver<Received> },
 }
 
 impl Deliveries {
@@ -344,7 +345,7 @@ impl Deliveries {
                 }
                 Err(error) => Received::Failed(error),
             }),
-            Deliveries::Callback(received) => received.recv().await,
+            Deliveries::Callback { received, .. } => received.recv().await,
         }
     }
 }
@@ -389,7 +390,7 @@ async fn consume(options: Arc<Options>, queue: String, stats: Arc<Stats>, stop: 
             let _ = received_in.send(received);
             async {}
         });
-        Deliveries::Callback(received_out)
+        Deliveries::Callback { _subscription: consumer, received: received_out }
     };
     let mut unacked = 0u64;
     let mut acks: VecDeque<Pipelined<()>> = VecDeque::new();
