@@ -422,6 +422,12 @@ impl Store {
         Ok(ticket)
     }
 
+    /// Like `submit` for a caller that never waits: no ticket (and no channel for one) is made.
+    fn submit_unawaited(&self, make: impl FnOnce(Completer<()>) -> Op) -> Result<()> {
+        self.inner.shared.check_fatal()?;
+        self.inner.sender.send(make(ticket::unawaited())).map_err(|_| StoreError::Closed)
+    }
+
     /// Creates a new, empty queue log. The ticket resolves once the queue's directory and first
     /// segment are durable.
     pub fn create_queue(&self) -> Result<Ticket<QueueId>> {
@@ -528,9 +534,7 @@ impl Store {
     /// Like [`Store::remove`] for a caller that never waits for the removal (the broker, for
     /// every ack): no ticket is made, which saves an allocation and its wake-up per message.
     pub fn remove_unawaited(&self, queue: QueueId, seq: u64) -> Result<()> {
-        self.inner.shared.check_fatal()?;
-        let done = ticket::unawaited();
-        self.inner.sender.send(Op::Ack { queue, seq, delivery_count: None, done }).map_err(|_| StoreError::Closed)
+        self.submit_unawaited(|done| Op::Ack { queue, seq, delivery_count: None, done })
     }
 
     /// Records a message's delivery count durably-lazily, like [`Store::remove`]. Recovery returns
@@ -542,12 +546,7 @@ impl Store {
     /// Like [`Store::set_delivery_count`] for a caller that never waits for it (the broker, for
     /// every first delivery): no ticket is made.
     pub fn set_delivery_count_unawaited(&self, queue: QueueId, seq: u64, delivery_count: u32) -> Result<()> {
-        self.inner.shared.check_fatal()?;
-        let done = ticket::unawaited();
-        self.inner
-            .sender
-            .send(Op::Ack { queue, seq, delivery_count: Some(delivery_count), done })
-            .map_err(|_| StoreError::Closed)
+        self.submit_unawaited(|done| Op::Ack { queue, seq, delivery_count: Some(delivery_count), done })
     }
 
     /// Resolves once everything submitted before it, removals and delivery counts included, is

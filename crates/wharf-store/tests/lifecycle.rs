@@ -19,6 +19,18 @@ fn bodies(store: &Store, queue: QueueId, recovered: &wharf_store::Recovered) -> 
     recovered.queues[&queue].iter().map(|message| store.read(queue, &message.location).unwrap().body).collect()
 }
 
+/// Each recovered message of `queue` as (seq, delivery count).
+fn counts(recovered: &wharf_store::Recovered, queue: QueueId) -> Vec<(u64, u32)> {
+    recovered.queues[&queue].iter().map(|message| (message.seq, message.delivery_count)).collect()
+}
+
+/// Crashes, losing whatever was not synced, and opens the store again.
+fn crash_and_reopen(sim: &SimFs, store: Store, config: StoreConfig) -> (Store, wharf_store::Recovered) {
+    sim.crash(CrashMode::LoseUnsynced);
+    drop(store);
+    Store::open(sim.remount().shared(), DIR, config).unwrap()
+}
+
 #[test]
 fn concurrent_appenders_on_the_real_file_system_keep_everything_in_order() {
     let temp = tempfile::tempdir().unwrap();
@@ -134,9 +146,7 @@ fn removals_become_durable_lazily_on_their_own() {
     while store.stats().ack_log_syncs == syncs_before {
         std::thread::yield_now();
     }
-    sim.crash(CrashMode::LoseUnsynced);
-    drop(store);
-    let (_, recovered) = Store::open(sim.remount().shared(), DIR, config).unwrap();
+    let (_, recovered) = crash_and_reopen(&sim, store, config);
     assert!(recovered.queues[&queue].is_empty());
 }
 
@@ -148,9 +158,7 @@ fn an_unsynced_removal_lost_in_a_crash_means_a_redelivery_not_a_loss() {
     let queue = store.create_queue().unwrap().wait().unwrap();
     let receipt = store.append(queue, 1, b"", b"comes back").unwrap().wait().unwrap();
     store.remove(queue, receipt.seq).unwrap().wait().unwrap();
-    sim.crash(CrashMode::LoseUnsynced);
-    drop(store);
-    let (store, recovered) = Store::open(sim.remount().shared(), DIR, config).unwrap();
+    let (store, recovered) = crash_and_reopen(&sim, store, config);
     assert_eq!(bodies(&store, queue, &recovered), vec![b"comes back".to_vec()]);
 }
 
@@ -167,13 +175,9 @@ fn delivery_counts_survive_restarts_and_only_grow() {
     // A stale, lower count written later does not lower the recorded one.
     store.set_delivery_count(queue, first.seq, 2).unwrap().wait().unwrap();
     store.sync().unwrap().wait().unwrap();
-    sim.crash(CrashMode::LoseUnsynced);
-    drop(store);
 
-    let (store, recovered) = Store::open(sim.remount().shared(), DIR, small_segments()).unwrap();
-    let counts: Vec<(u64, u32)> =
-        recovered.queues[&queue].iter().map(|message| (message.seq, message.delivery_count)).collect();
-    assert_eq!(counts, vec![(first.seq, 3), (second.seq, 0)]);
+    let (store, recovered) = crash_and_reopen(&sim, store, small_segments());
+    assert_eq!(counts(&recovered, queue), vec![(first.seq, 3), (second.seq, 0)]);
     // Many restarts later (a crash loop), the count keeps climbing from where it was.
     drop(store);
     let mut count = 3;
@@ -198,13 +202,9 @@ fn unawaited_removals_and_delivery_counts_are_recorded_like_awaited_ones() {
     store.set_delivery_count_unawaited(queue, counted.seq, 1).unwrap();
     // A sync covers everything submitted before it, unawaited operations included.
     store.sync().unwrap().wait().unwrap();
-    sim.crash(CrashMode::LoseUnsynced);
-    drop(store);
 
-    let (store, recovered) = Store::open(sim.remount().shared(), DIR, small_segments()).unwrap();
-    let counts: Vec<(u64, u32)> =
-        recovered.queues[&queue].iter().map(|message| (message.seq, message.delivery_count)).collect();
-    assert_eq!(counts, vec![(counted.seq, 1)]);
+    let (store, recovered) = crash_and_reopen(&sim, store, small_segments());
+    assert_eq!(counts(&recovered, queue), vec![(counted.seq, 1)]);
     assert_eq!(bodies(&store, queue, &recovered), vec![b"counted".to_vec()]);
 }
 
@@ -221,10 +221,8 @@ fn deleted_queues_are_gone_and_their_ids_never_come_back() {
     assert!(matches!(store.append(doomed, 1, b"", b"x"), Err(StoreError::UnknownQueue(_))));
     assert!(matches!(store.delete_queue(doomed).unwrap().wait(), Err(StoreError::UnknownQueue(_))));
     assert_eq!(store.queue_ids(), vec![kept]);
-    sim.crash(CrashMode::LoseUnsynced);
-    drop(store);
 
-    let (store, recovered) = Store::open(sim.remount().shared(), DIR, StoreConfig::default()).unwrap();
+    let (store, recovered) = crash_and_reopen(&sim, store, StoreConfig::default());
     assert_eq!(recovered.queues.keys().copied().collect::<Vec<_>>(), vec![kept]);
     assert_eq!(bodies(&store, kept, &recovered), vec![b"kept".to_vec()]);
     let fresh = store.create_queue().unwrap().wait().unwrap();
@@ -301,9 +299,7 @@ fn a_message_can_be_removed_before_its_append_is_durable() {
     pending.wait().unwrap();
     removal.wait().unwrap();
     store.sync().unwrap().wait().unwrap();
-    sim.crash(CrashMode::LoseUnsynced);
-    drop(store);
-    let (_, recovered) = Store::open(sim.remount().shared(), DIR, StoreConfig::default()).unwrap();
+    let (_, recovered) = crash_and_reopen(&sim, store, StoreConfig::default());
     assert!(recovered.queues[&queue].is_empty());
 }
 
