@@ -12,6 +12,9 @@ export WHARF_PROPTEST_CASES="${WHARF_PROPTEST_CASES:-1000}"
 pg_dir=$(mktemp -d "${TMPDIR:-/tmp}/wharf-postgres.XXXXXX")
 trap 'scripts/postgres.sh stop "$pg_dir"' EXIT
 eval "$(scripts/postgres.sh start "$pg_dir")"
+# Without a URL the PostgreSQL tests skip (so a bare `cargo test --workspace` works); here they
+# must run, so a missing URL fails them instead.
+export WHARF_TEST_POSTGRES_REQUIRED=1
 
 cargo test --workspace --all-targets --locked
 # Doc tests (not part of --all-targets).

@@ -1,6 +1,7 @@
 //! [`BrokerConfig`]: everything the runtime needs to know, with RabbitMQ-like defaults. The binary
 //! fills it from flags, `WHARF_*` variables and a TOML file; tests build it directly.
 
+use crate::clock::{Clock, SystemClock};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -68,6 +69,9 @@ pub struct BrokerConfig {
     /// further persistent messages are dropped from memory once written and read back from the
     /// store when they are delivered (a backlog costs disk, not memory).
     pub queue_body_memory_bytes_max: u64,
+    /// Where time comes from: the system's clock, or a [`ManualClock`](crate::ManualClock) in
+    /// tests (see `clock.rs`).
+    pub clock: Arc<dyn Clock>,
 }
 
 /// Default for [`BrokerConfig::queue_body_memory_bytes_max`]: enough for a consumer that is a
@@ -93,6 +97,7 @@ impl BrokerConfig {
             fs: RealFs::shared(),
             policies: Vec::new(),
             queue_body_memory_bytes_max: QUEUE_BODY_MEMORY_BYTES_MAX_DEFAULT,
+            clock: Arc::new(SystemClock),
         }
     }
 }

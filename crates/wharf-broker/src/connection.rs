@@ -3,7 +3,8 @@
 //! `session.rs`, with heartbeat supervision and both close handshakes. Errors are answered with the
 //! reply code the spec and RabbitMQ use, closing only the channel when that is enough.
 
-use crate::core::{BACKLOG_BYTES_MAX, Backlog, ConnectionHandle, Core, Outbound, Outbox};
+use crate::core::{Core, blocking};
+use crate::outbound::{BACKLOG_BYTES_MAX, Backlog, Outbound, Outbox};
 use crate::session::Session;
 use crate::writer::{self, WriterSettings};
 use bytes::{Bytes, BytesMut};
@@ -231,7 +232,7 @@ impl Connection {
             _ => return Err(self.unexpected("connection.open").await),
         };
         let vhost = open.virtual_host.as_str().to_owned();
-        if self.core.model().vhost(&vhost).is_none() {
+        if self.core.lock_model().vhost(&vhost).is_none() {
             let text = format!("NOT_ALLOWED - vhost '{vhost}' not found");
             return Err(self.close_connection(reply_code::NOT_ALLOWED, &text, 10, 40).await);
         }
@@ -306,18 +307,11 @@ pub(crate) async fn serve(core: Arc<Core>, socket: TcpStream, peer: SocketAddr, 
     let outbound = Outbox { sender, backlog: Arc::clone(&backlog) };
     let settings =
         Arc::new(WriterSettings { frame_max: AtomicU32::new(FRAME_MIN_SIZE), heartbeat_s: AtomicU32::new(0) });
-    let Some(id) = core.register(ConnectionHandle { outbound: outbound.clone() }) else {
+    let Some(id) = core.connections.register(outbound.clone()) else {
         tracing::warn!(%peer, limit = core.config.connections_max, "connection refused: too many connections");
         return;
     };
-    let writer = tokio::spawn(writer::run(
-        writer_half,
-        outbound_receiver,
-        Arc::clone(&settings),
-        Arc::clone(&core),
-        id,
-        backlog,
-    ));
+    let writer = tokio::spawn(writer::run(writer_half, outbound_receiver, Arc::clone(&settings), backlog));
     let mut connection = Connection {
         core: Arc::clone(&core),
         peer,
@@ -348,7 +342,7 @@ pub(crate) async fn serve(core: Arc<Core>, socket: TcpStream, peer: SocketAddr, 
         Ending::SocketLost(reason) => tracing::info!(%peer, connection = id.0, %reason, "connection lost"),
         Ending::HeartbeatMissed => tracing::info!(%peer, connection = id.0, "connection closed: missed heartbeats"),
     }
-    core.unregister(id);
+    core.connections.unregister(id);
     drop(connection);
     drop(outbound);
     let _ = writer.await;
@@ -417,7 +411,22 @@ async fn run_frames(connection: &mut Connection, session: &mut Session, mut shut
             () = backlog.writer_failed.notified() => {
                 return connection.close_connection(reply_code::INTERNAL_ERROR, "INTERNAL_ERROR - a stored message could not be read back", 0, 0).await;
             }
+            () = backlog.reports.ready.notified() => act_on_writer_reports(&connection.core, session, &backlog),
         }
+    }
+}
+
+/// Tells the model what the connection's writer reported: delivery bytes written (so dispatching
+/// to a connection that had too much pending resumes) and consumer deliveries it could not send
+/// (their slots are freed).
+fn act_on_writer_reports(core: &Core, session: &Session, backlog: &Backlog) {
+    let (written_bytes, unsent) = backlog.reports.take();
+    let connection = session.connection();
+    if written_bytes > 0 {
+        let _ = core.act(|model| Ok(((), model.written(connection, written_bytes))));
+    }
+    for (channel, delivery_tag) in unsent {
+        let _ = blocking(|| core.act(|model| Ok(((), model.reject(channel, delivery_tag, false, true)?))));
     }
 }
 

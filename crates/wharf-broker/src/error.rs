@@ -15,6 +15,9 @@ pub enum BrokerError {
         #[source]
         source: std::io::Error,
     },
+    /// The async runtime cannot run the broker.
+    #[error("{0}")]
+    Runtime(String),
     /// A blocking startup task failed to run.
     #[error("startup task failed: {0}")]
     Startup(String),

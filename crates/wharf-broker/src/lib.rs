@@ -7,15 +7,24 @@
 //! `tx.commit-ok` only after the store reports the covering `fdatasync`. Durable definitions live in
 //! the store's definitions log and are rebuilt, with every stored message, at start.
 
+mod clock;
 mod config;
+mod confirms;
 mod connection;
 mod core;
+mod dedup_logs;
+mod definitions;
 mod error;
+mod outbound;
+mod pager;
 mod persist;
+mod publish;
+mod recovery;
 mod server;
 mod session;
 mod writer;
 
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{BrokerConfig, QUEUE_BODY_MEMORY_BYTES_MAX_DEFAULT, User};
 pub use error::BrokerError;
 pub use persist::json_to_amqp;

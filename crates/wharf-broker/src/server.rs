@@ -33,7 +33,17 @@ const DEDUP_TRIM_INTERVAL_MS: u64 = 1000;
 
 impl Broker {
     /// Recovers the data directory, binds the listener and starts accepting connections.
+    ///
+    /// Needs tokio's multi-threaded runtime: the broker runs work that may block (definition
+    /// writes, store round trips) in place on a worker after handing the worker's other tasks
+    /// elsewhere, which a current-thread runtime cannot do. It refuses to start on one.
     pub async fn start(config: BrokerConfig) -> Result<Broker, BrokerError> {
+        let flavor = tokio::runtime::Handle::current().runtime_flavor();
+        if flavor != tokio::runtime::RuntimeFlavor::MultiThread {
+            return Err(BrokerError::Runtime(format!(
+                "the broker needs tokio's multi-threaded runtime, not {flavor:?} (e.g. #[tokio::main], or #[tokio::test(flavor = \"multi_thread\")])"
+            )));
+        }
         let address = config.amqp_listen;
         let (core, startup) = tokio::task::spawn_blocking(move || Core::open(config))
             .await
@@ -59,6 +69,22 @@ impl Broker {
         self.core.counters()
     }
 
+    /// Fires every timer due at the clock's current time (TTLs, leases, backoffs, delayed
+    /// messages, `x-expires`) and trims de-duplication logs, and returns once that is done. The
+    /// broker does this by itself as time passes; with a [`ManualClock`](crate::ManualClock) a
+    /// test calls it after advancing the clock, to know the broker has acted on the new time.
+    pub async fn fire_due_timers(&self) {
+        let core = Arc::clone(&self.core);
+        let fired = tokio::task::spawn_blocking(move || {
+            core.tick();
+            core.trim_dedup_logs();
+        })
+        .await;
+        if fired.is_err() {
+            tracing::error!("firing due timers failed");
+        }
+    }
+
     /// Where the broker accepts connections (useful when listening on port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -66,7 +92,7 @@ impl Broker {
 
     /// Open client connections.
     pub fn connection_count(&self) -> usize {
-        self.core.connection_count()
+        self.core.connections.count()
     }
 
     /// Resolves when the store has failed and the broker must stop (the reason).
@@ -97,7 +123,7 @@ impl Broker {
         let _ = self.timers.await;
         let core = self.core;
         let fs = std::sync::Arc::clone(&core.config.fs);
-        let marker = core.config.data_dir.join(crate::core::CLEAN_STOP_MARKER);
+        let marker = core.config.data_dir.join(crate::recovery::CLEAN_STOP_MARKER);
         let closed = tokio::task::spawn_blocking(move || core.store.clone().close()).await;
         match closed {
             Ok(Ok(())) => {

@@ -1,7 +1,10 @@
-//! The connection's writer task: turns [`Outbound`] items into frames, batches them into as few
-//! socket writes as possible, and sends heartbeats when the connection is otherwise quiet.
+//! The connection's writer task, a sink: turns [`Outbound`] items into frames, batches them into
+//! as few socket writes as possible, and sends heartbeats when the connection is otherwise quiet.
+//! It never takes the model lock and decides nothing about messages: what it learns (delivery
+//! bytes written, deliveries it could not send) goes to its connection's [`WriterReports`].
 
-use crate::core::{Backlog, Core, Outbound};
+use crate::outbound::{Backlog, Outbound, OutboundDelivery, WriterReports};
+use crate::pager::{DeliveryBody, PagedReadFailure};
 use bytes::BytesMut;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -9,8 +12,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc;
-use wharf_model::ConnectionId;
-use wharf_store::{QueueId, Ticket};
+use wharf_store::Ticket;
 use wharf_wire::frame::{encode_body, encode_content_header, encode_heartbeat, encode_method};
 use wharf_wire::protocol::{AMQPClass, basic};
 
@@ -34,52 +36,49 @@ struct Unreadable;
 
 /// Encodes one item; returns the delivery bytes it carried (what the model counts as pending).
 /// A redelivery's delivery-count ticket joins `recorded`: the batch is written only once they all
-/// resolved. A paged-out body is read back from the store here, on the connection's own task
-/// (normally a page-cache read), so the model lock is never held for it; a paged-out no-ack
-/// delivery's removal is made once its body is in the buffer.
+/// resolved. A paged-out body is read here, as decided when the delivery was queued (see
+/// `pager`), on the connection's own task, so the model lock is never held for it.
 fn encode(
     buffer: &mut BytesMut,
     item: Outbound,
     frame_max: u32,
     recorded: &mut Vec<Ticket<()>>,
-    core: &Core,
+    reports: &WriterReports,
 ) -> Result<u64, Unreadable> {
     match item {
         Outbound::Frames(bytes) => buffer.extend_from_slice(&bytes),
-        Outbound::Deliver(delivery, ticket, remove_after_read) => {
-            recorded.extend(ticket);
+        Outbound::Deliver(OutboundDelivery { delivery, count_recorded, body }) => {
+            recorded.extend(count_recorded);
             let weight = wharf_model::broker::delivery_bytes(&delivery.message);
             let channel = delivery.channel.channel;
             let message = &delivery.message;
-            let body = match &message.paged {
-                None => message.body.clone(),
-                Some(paged) => match crate::core::read_paged_body(&core.store, paged) {
-                    Ok(body) => body,
-                    Err(wharf_store::StoreError::UnknownQueue(queue)) if !core.store.has_queue(QueueId(queue)) => {
-                        // Its queue was deleted meanwhile, and its messages with it: nothing to
-                        // send. A `basic.get` still gets its answer; a consumer's slot is freed
-                        // (a requeue, so that were the queue somehow still there, the message
-                        // would stay in it).
-                        if delivery.consumer_tag.is_none() {
-                            let empty = AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {}));
-                            let _ = encode_method(buffer, channel, &empty);
+            let body = match body {
+                DeliveryBody::Resident => message.body.clone(),
+                DeliveryBody::Paged(read) => {
+                    let left_the_model = read.left_the_model();
+                    match read.read() {
+                        Ok(body) => body,
+                        Err(PagedReadFailure::QueueGone) => {
+                            // Its queue was deleted meanwhile, and its messages with it: nothing
+                            // to send. A `basic.get` still gets its answer; a consumer's slot is
+                            // freed by its connection (a requeue, so that were the queue somehow
+                            // still there, the message would stay in it).
+                            if delivery.consumer_tag.is_none() {
+                                let empty = AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {}));
+                                let _ = encode_method(buffer, channel, &empty);
+                            }
+                            if !left_the_model {
+                                reports.unsent(delivery.channel, delivery.delivery_tag);
+                            }
+                            return Ok(weight);
                         }
-                        if remove_after_read.is_none() {
-                            let key = delivery.channel;
-                            let tag = delivery.delivery_tag;
-                            let _ = core.act(|model| Ok(((), model.reject(key, tag, false, true)?)));
+                        Err(PagedReadFailure::Unreadable(error)) => {
+                            tracing::error!(queue = %delivery.queue, %error, "a paged-out message could not be read back; closing the connection");
+                            return Err(Unreadable);
                         }
-                        return Ok(weight);
                     }
-                    Err(error) => {
-                        tracing::error!(queue = %delivery.queue, %error, "a paged-out message could not be read back; closing the connection");
-                        return Err(Unreadable);
-                    }
-                },
+                }
             };
-            if let Some((queue, seq)) = remove_after_read {
-                core.remove_stored_record(queue, seq);
-            }
             let method = match &delivery.consumer_tag {
                 Some(tag) => AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
                     consumer_tag: tag.as_str().into(),
@@ -128,21 +127,20 @@ fn encode(
 
 /// A delivery that will never be written. An acknowledged-mode one stays unacknowledged in the
 /// model (requeued when the connection closes); a paged-out no-ack one already left the model, so
-/// its record is removed too, as it would have been once sent (no-ack is at most once).
-fn drop_unsent(core: &Core, item: Outbound) {
-    if let Outbound::Deliver(_, _, Some((queue, seq))) = item {
-        core.remove_stored_record(queue, seq);
+/// its record is removed too (see `DeliveryBody::drop_unsent`).
+fn drop_unsent(item: Outbound) {
+    if let Outbound::Deliver(outbound) = item {
+        outbound.body.drop_unsent();
     }
 }
 
 /// Runs until every sender is gone (the connection ended) or the socket fails. After each write it
-/// tells the model how many delivery bytes left, which lets dispatching to a slow reader resume.
+/// reports how many delivery bytes left (see `WriterReports::written`), which lets dispatching to
+/// a slow reader resume.
 pub(crate) async fn run(
     mut socket: OwnedWriteHalf,
     mut outbound: mpsc::UnboundedReceiver<Outbound>,
     settings: Arc<WriterSettings>,
-    core: Arc<Core>,
-    connection: ConnectionId,
     backlog: Arc<Backlog>,
 ) {
     let mut buffer = BytesMut::with_capacity(64 * 1024);
@@ -167,10 +165,10 @@ pub(crate) async fn run(
         let mut queued_bytes = first.as_ref().map_or(0, Outbound::size_bytes);
         let encoded = match first {
             Some(item) if failed && matches!(item, Outbound::Deliver(..)) => {
-                drop_unsent(&core, item);
+                drop_unsent(item);
                 Ok(0)
             }
-            Some(item) => encode(&mut buffer, item, frame_max, &mut recorded, &core),
+            Some(item) => encode(&mut buffer, item, frame_max, &mut recorded, &backlog.reports),
             None if heartbeat_s > 0 => {
                 encode_heartbeat(&mut buffer);
                 Ok(0)
@@ -187,10 +185,10 @@ pub(crate) async fn run(
                 Ok(item) => {
                     queued_bytes += item.size_bytes();
                     if (failed || unreadable) && matches!(item, Outbound::Deliver(..)) {
-                        drop_unsent(&core, item);
+                        drop_unsent(item);
                         continue;
                     }
-                    match encode(&mut buffer, item, frame_max, &mut recorded, &core) {
+                    match encode(&mut buffer, item, frame_max, &mut recorded, &backlog.reports) {
                         Ok(weight) => delivered_bytes += weight,
                         Err(Unreadable) => unreadable = true,
                     }
@@ -211,7 +209,7 @@ pub(crate) async fn run(
         if socket.write_all(&buffer).await.is_err() {
             outbound.close();
             while let Ok(item) = outbound.try_recv() {
-                drop_unsent(&core, item);
+                drop_unsent(item);
             }
             return;
         }
@@ -219,7 +217,7 @@ pub(crate) async fn run(
         backlog.bytes.fetch_sub(queued_bytes, Ordering::Relaxed);
         backlog.drained.notify_waiters();
         if delivered_bytes > 0 {
-            let _ = core.act(|model| Ok(((), model.written(connection, delivered_bytes))));
+            backlog.reports.written(delivered_bytes);
         }
     }
     let _ = socket.shutdown().await;

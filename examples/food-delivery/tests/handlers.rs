@@ -155,8 +155,15 @@ async fn the_order_api_refuses_bad_orders_and_takes_a_retried_one_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_order_service_keeps_orders_and_their_events_in_postgres_when_given_a_url() {
-    let url = std::env::var("WHARF_TEST_POSTGRES_URL")
-        .expect("WHARF_TEST_POSTGRES_URL is not set: run scripts/test.sh, which starts a throwaway PostgreSQL");
+    // Skips without a database URL, unless scripts/test.sh (which starts one) asked for it.
+    let Ok(url) = std::env::var("WHARF_TEST_POSTGRES_URL") else {
+        assert!(
+            std::env::var_os("WHARF_TEST_POSTGRES_REQUIRED").is_none(),
+            "WHARF_TEST_POSTGRES_REQUIRED is set but WHARF_TEST_POSTGRES_URL is not"
+        );
+        eprintln!("skipped: WHARF_TEST_POSTGRES_URL is not set (scripts/test.sh starts a throwaway PostgreSQL)");
+        return;
+    };
     let database =
         format!("food{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
     let admin = sqlx::PgPool::connect(&url).await.unwrap();

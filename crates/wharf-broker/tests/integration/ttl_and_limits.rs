@@ -2,9 +2,8 @@
 //! dead-lettered with reason `expired`, also when they expired while the broker was down),
 //! `x-expires` on unused queues, `x-max-length` / `x-max-length-bytes` with `drop-head`,
 //! `reject-publish` and `reject-publish-dlx`.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use lapin::options::*;

@@ -2,9 +2,8 @@
 //! time (even across broker crashes) exhausts it; `x-delivery-count` on redeliveries; an exhausted
 //! message goes to the dead-letter exchange, or without one to the queue's automatic `<queue>.dlq`,
 //! never dropped.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use lapin::BasicProperties;

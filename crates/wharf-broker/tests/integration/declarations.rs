@@ -1,9 +1,8 @@
 //! Exchanges and queues with a stock client: routing through every exchange type and
 //! exchange-to-exchange bindings, queue declare variants, and their errors with RabbitMQ's codes
 //! (a channel error closes only that channel).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::{TestBroker, reply_code};
 use lapin::options::*;

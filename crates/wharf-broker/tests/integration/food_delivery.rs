@@ -1,9 +1,8 @@
 //! The food-delivery shape end to end with a stock client: a topic exchange `orders` fanned out
 //! to `email`, `inventory` and `payment`; confirmed persistent publishes; acked consumes; and the
 //! same after a restart.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::TestBroker;
 use futures_lite::StreamExt;

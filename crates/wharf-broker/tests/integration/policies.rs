@@ -2,9 +2,8 @@
 //! `set_policy`), a queue's own arguments winning over them, bad policies refused with the reason,
 //! policies applying to queues recovered after a crash; and bad `x-` arguments refused at declare
 //! time with 406 naming the argument.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use lapin::BasicProperties;

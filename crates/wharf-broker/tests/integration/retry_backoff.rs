@@ -2,9 +2,8 @@
 //! the step for that attempt (the last step repeating), while other messages keep flowing; a
 //! waiting message is durable and, after a crash, waits its step again before it is redelivered.
 //! Time checks here are lower bounds ("not before its time"), which no slow machine can break.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use lapin::BasicProperties;

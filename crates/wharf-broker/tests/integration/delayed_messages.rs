@@ -2,9 +2,8 @@
 //! `x-delay` header holds a message back, it is routed by the `x-delayed-type` when due, the
 //! waiting messages are stored in the log (a confirmed delayed message survives a power loss and
 //! is delivered after the restart, not before its time), and thousands can wait at once.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use lapin::options::*;

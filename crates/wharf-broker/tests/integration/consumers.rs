@@ -1,9 +1,8 @@
 //! Consumers with a stock client: prefetch and fair dispatch, ack/nack/reject with `multiple` and
 //! `requeue`, redelivery marked `redelivered` when a consumer's channel or connection dies,
 //! `basic.get`, and `mandatory` returns.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::TestBroker;
 use futures_lite::StreamExt;

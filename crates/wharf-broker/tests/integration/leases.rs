@@ -1,9 +1,8 @@
 //! Leases (`x-consumer-timeout`): when a delivery's lease runs out only that message is requeued
 //! (its delivery counted), the channel stays open, and a late ack of the old delivery tag is
 //! ignored and counted, not a channel error. Leases apply again after a crash.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use lapin::BasicProperties;

@@ -2,9 +2,8 @@
 //! bodies on disk only and reads them back to deliver or move them. Every path a paged message
 //! can take (delivery, redelivery, `basic.get`, dead-lettering by reject and by TTL, a restart
 //! after a crash, fan-out to several queues) must hand out exactly the bytes that were published.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use lapin::BasicProperties;

@@ -2,9 +2,8 @@
 //! over when it goes), and `x-ordered-by`: messages with the same key go out one at a time in
 //! publish order, also while the key's head is nacked with backoff or after a crash, while other
 //! keys flow in parallel to every consumer.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use lapin::BasicProperties;

@@ -2,9 +2,8 @@
 //! publish whose key was seen within the window is confirmed but not enqueued again, and counted;
 //! the key outlives the message; keys survive a power loss right after the confirm and a restart,
 //! and expire after the window.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use lapin::options::*;

@@ -1,9 +1,8 @@
 //! Bad input over a raw socket: each gets the protocol's proper error, closes only what it must,
 //! and leaves other connections and stored messages alone. Also heartbeats: a silent peer is
 //! closed by the server.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use bytes::{BufMut, BytesMut};
 use common::TestBroker;

@@ -2,9 +2,8 @@
 //! never sent before the message is on disk (a power loss right after the confirm keeps it), a
 //! failed fsync nacks and stops the broker, and a transaction's publishes and acks take effect
 //! together at commit, or not at all.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use lapin::options::*;
 use lapin::types::FieldTable;

@@ -1,9 +1,8 @@
 //! Dead-lettering: `x-dead-letter-exchange` and `x-dead-letter-routing-key`, the `x-death` header
 //! in RabbitMQ's format, and a crash in the middle of moving messages to the dead-letter queue
 //! (never lost; at worst in both queues).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use lapin::BasicProperties;

@@ -1,0 +1,373 @@
+//! Durable definitions: the only writer of the definitions log. Every declare, delete, bind and
+//! unbind of a durable exchange or queue goes through here: the store logs it needs are created
+//! first, the definition is written with the model change under the definitions lock, and a
+//! failure undoes what was done.
+
+use crate::core::Core;
+use crate::persist::{self, StoredBinding};
+use wharf_model::{ConnectionId, Destination, Exchange, ExchangeDeclare, ExchangeKind, ModelError, QueueDeclare};
+use wharf_store::{QueueId, StoreError};
+use wharf_wire::protocol::exchange;
+
+/// A queue declaration, from a client or from the broker itself (automatic dead-letter queues).
+#[derive(Debug, Clone)]
+pub(crate) struct QueueRequest<'a> {
+    pub vhost: &'a str,
+    pub name: String,
+    pub passive: bool,
+    pub durable: bool,
+    pub exclusive: bool,
+    pub auto_delete: bool,
+    pub arguments: &'a wharf_wire::types::FieldTable,
+    pub connection: ConnectionId,
+    pub server_named: bool,
+}
+
+pub(crate) fn internal_error(error: &StoreError) -> ModelError {
+    ModelError {
+        code: wharf_wire::reply_code::INTERNAL_ERROR,
+        text: format!("INTERNAL_ERROR - {error}"),
+        scope: wharf_model::Scope::Connection,
+    }
+}
+
+impl Core {
+    /// `queue.declare`. A new durable queue gets its store log(s) and its durable definition
+    /// *before* it appears in the model, all under the definitions lock: nothing can be published
+    /// into it, and no declare-ok can be sent for it, before it is fully durable. Bad arguments
+    /// are refused (406) before anything is created. Returns the queue's name.
+    pub fn declare_queue(&self, request: QueueRequest<'_>) -> Result<String, ModelError> {
+        let _definitions = self.definitions();
+        let mut name = request.name.clone();
+        let server_named = request.server_named;
+        let (creates_durable, deduplicates) = {
+            let mut model = self.lock_model();
+            let vhost =
+                model.vhost_mut(request.vhost).ok_or_else(|| ModelError::not_allowed("vhost no longer exists"))?;
+            if server_named {
+                name = vhost.generate_queue_name();
+            }
+            let creates = !request.passive && vhost.queue(&name).is_none();
+            let settings = if creates { Some(vhost.queue_settings(&name, request.arguments)?) } else { None };
+            let deduplicates = settings.is_some_and(|settings| settings.deduplication.is_some());
+            (creates && request.durable && !request.exclusive, deduplicates)
+        };
+        let mut store_queue = None;
+        let mut dedup_store_queue = None;
+        if creates_durable {
+            let create = || {
+                self.store.create_queue().and_then(|ticket| ticket.wait()).map_err(|error| {
+                    self.store_failed(&error);
+                    internal_error(&error)
+                })
+            };
+            let id = create()?;
+            let dedup_id = if deduplicates {
+                match create() {
+                    Ok(dedup_id) => Some(dedup_id),
+                    Err(error) => {
+                        let _ = self.store.delete_queue(id);
+                        return Err(error);
+                    }
+                }
+            } else {
+                None
+            };
+            let stored = persist::StoredQueue {
+                auto_delete: request.auto_delete,
+                arguments: request.arguments.clone(),
+                store_queue: id.0,
+                dedup_store_queue: dedup_id.map(|dedup_id| dedup_id.0),
+            };
+            let value = serde_json::to_vec(&stored).unwrap_or_default();
+            if let Err(error) = self.meta.put(&persist::queue_key(request.vhost, &name), &value) {
+                let _ = self.store.delete_queue(id);
+                if let Some(dedup_id) = dedup_id {
+                    let _ = self.store.delete_queue(dedup_id);
+                }
+                self.store_failed(&error);
+                return Err(internal_error(&error));
+            }
+            store_queue = Some(id.0);
+            dedup_store_queue = dedup_id.map(|dedup_id| dedup_id.0);
+        }
+        let mut model = self.lock_model();
+        let declared = model
+            .vhost_mut(request.vhost)
+            .ok_or_else(|| ModelError::not_allowed("vhost no longer exists"))?
+            .declare_queue(&QueueDeclare {
+                name: &name,
+                passive: request.passive,
+                durable: request.durable,
+                exclusive: request.exclusive,
+                auto_delete: request.auto_delete,
+                arguments: request.arguments,
+                connection: request.connection,
+                server_named,
+                store_queue,
+                dedup_store_queue,
+            });
+        match declared {
+            Ok(declared) => {
+                if let Some(ttl_ms) = model
+                    .vhost(request.vhost)
+                    .and_then(|vhost| vhost.queue(&declared.name))
+                    .and_then(|queue| queue.settings.deduplication.as_ref().map(|dedup| dedup.ttl_ms))
+                    && let Some(log) = dedup_store_queue
+                {
+                    self.dedup_logs.register(log, ttl_ms);
+                }
+                if !request.passive {
+                    model.touch_queue(request.vhost, &declared.name);
+                }
+                Ok(declared.name)
+            }
+            Err(error) => {
+                drop(model);
+                if let Some(id) = store_queue {
+                    // Refused (a bad name, a limit): take back the log and the definition.
+                    self.forget_queue(request.vhost, &name, Some(id), dedup_store_queue);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Removes a durable queue's definition (and its bindings' definitions), then its logs. The
+    /// definition goes first: a crash in between leaves an orphaned log, deleted at startup.
+    /// The caller holds the definitions lock.
+    pub fn forget_queue(&self, vhost: &str, name: &str, store_queue: Option<u64>, dedup_store_queue: Option<u64>) {
+        let mut keys = vec![persist::queue_key(vhost, name)];
+        keys.extend(self.binding_keys_to(vhost, &Destination::Queue(name.to_owned())));
+        let changes: Vec<_> = keys.into_iter().map(|key| wharf_store::MetaChange::Delete { key }).collect();
+        if let Err(error) = self.meta.apply(&changes) {
+            tracing::error!(queue = name, %error, "could not remove a queue definition");
+            self.store_failed(&error);
+            return;
+        }
+        for queue in store_queue.into_iter().chain(dedup_store_queue) {
+            self.dedup_logs.forget(queue);
+            match self.store.delete_queue(QueueId(queue)) {
+                Ok(_) | Err(StoreError::UnknownQueue(_)) => {}
+                Err(error) => self.store_failed(&error),
+            }
+        }
+    }
+
+    /// Definition keys of stored bindings leading to `destination` (read from the log's map).
+    fn binding_keys_to(&self, vhost: &str, destination: &Destination) -> Vec<Vec<u8>> {
+        let (is_queue, name) = match destination {
+            Destination::Queue(name) => (true, name),
+            Destination::Exchange(name) => (false, name),
+        };
+        self.meta
+            .entries()
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let (kind, key_vhost, _) = persist::split_key(&key)?;
+                if kind != "binding" || key_vhost != vhost {
+                    return None;
+                }
+                let stored: StoredBinding = serde_json::from_slice(&value).ok()?;
+                let matches = (stored.destination_is_queue == is_queue && &stored.destination == name)
+                    || (!is_queue && &stored.source == name);
+                matches.then_some(key)
+            })
+            .collect()
+    }
+
+    /// Removes a durable exchange's definition and every stored binding from or to it, then its
+    /// logs (delayed messages, de-duplication keys). The caller holds the definitions lock.
+    pub fn forget_exchange(&self, vhost: &str, exchange: &Exchange) -> Result<(), StoreError> {
+        let mut keys = vec![persist::exchange_key(vhost, &exchange.name)];
+        keys.extend(self.binding_keys_to(vhost, &Destination::Exchange(exchange.name.clone())));
+        let changes: Vec<_> = keys.into_iter().map(|key| wharf_store::MetaChange::Delete { key }).collect();
+        self.meta.apply(&changes)?;
+        for log in exchange.store_queue.into_iter().chain(exchange.dedup_store_queue) {
+            self.dedup_logs.forget(log);
+            match self.store.delete_queue(QueueId(log)) {
+                Ok(_) | Err(StoreError::UnknownQueue(_)) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
+    }
+
+    /// `queue.bind`/`exchange.bind` (`add`) and their unbinds: the model change and the
+    /// definition write happen together under the definitions lock; a failed write undoes the
+    /// model change. Exchanges that auto-delete as a result are forgotten too.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind_or_unbind(
+        &self,
+        vhost_name: &str,
+        connection: ConnectionId,
+        source: &str,
+        destination: Destination,
+        routing_key: &str,
+        arguments: &wharf_wire::types::FieldTable,
+        add: bool,
+    ) -> Result<(), ModelError> {
+        let _definitions = self.definitions();
+        let binding = wharf_model::Binding {
+            destination: destination.clone(),
+            routing_key: routing_key.to_owned(),
+            arguments: arguments.clone(),
+        };
+        let stored = persist::stored_binding(source, &binding);
+        let value = serde_json::to_vec(&stored).unwrap_or_default();
+        if add && value.len() > wharf_store::META_VALUE_BYTES_MAX {
+            return Err(ModelError::precondition_failed("binding arguments are too large to store durably"));
+        }
+        let (changed, durable, auto_deleted) = {
+            let mut model = self.lock_model();
+            let vhost = model.vhost_mut(vhost_name).ok_or_else(missing_vhost)?;
+            let durable = vhost.exchange(source).is_some_and(|exchange| exchange.durable)
+                && match &destination {
+                    Destination::Queue(name) => {
+                        vhost.queue(name).is_some_and(|queue| queue.durable && queue.exclusive_owner.is_none())
+                    }
+                    Destination::Exchange(name) => vhost.exchange(name).is_some_and(|exchange| exchange.durable),
+                };
+            let changed = if add {
+                vhost.bind(source, destination.clone(), routing_key, arguments, connection)?
+            } else {
+                vhost.unbind(source, &destination, routing_key, arguments, connection)?
+            };
+            (changed, durable, vhost.take_auto_deleted())
+        };
+        let key = persist::binding_key(vhost_name, &stored);
+        if changed && durable {
+            let written = if add { self.meta.put(&key, &value) } else { self.meta.delete(&key) };
+            if let Err(error) = written {
+                if add {
+                    let mut model = self.lock_model();
+                    if let Some(vhost) = model.vhost_mut(vhost_name) {
+                        let _ = vhost.unbind(source, &destination, routing_key, arguments, connection);
+                    }
+                }
+                self.store_failed(&error);
+                return Err(internal_error(&error));
+            }
+        }
+        for exchange in auto_deleted.iter().filter(|exchange| exchange.durable) {
+            self.forget_exchange(vhost_name, exchange).map_err(|error| {
+                self.store_failed(&error);
+                internal_error(&error)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// `exchange.declare`. A new durable exchange that holds delayed messages or de-duplicates
+    /// gets its store logs before it becomes visible, and its definition is written before the
+    /// declare-ok; bad arguments are refused before anything is created; a failed write undoes
+    /// the declaration.
+    pub fn declare_exchange(&self, vhost_name: &str, declare: &exchange::Declare) -> Result<(), ModelError> {
+        let _definitions = self.definitions();
+        let name = declare.exchange.as_str();
+        // A new durable exchange that holds delayed messages or de-duplicates gets its
+        // store logs before it becomes visible (bad arguments are refused first).
+        let needs = {
+            let model = self.lock_model();
+            let vhost = model.vhost(vhost_name).ok_or_else(missing_vhost)?;
+            if declare.passive || !declare.durable || vhost.exchange(name).is_some() || name.is_empty() {
+                None
+            } else {
+                let kind = ExchangeKind::parse(declare.kind.as_str())?;
+                let settings = vhost.exchange_settings(name, kind, &declare.arguments)?;
+                Some((kind == ExchangeKind::DelayedMessage, settings.deduplication.map(|dedup| dedup.ttl_ms)))
+            }
+        };
+        let mut logs = Vec::new();
+        let (delayed, dedup_ttl) = needs.unwrap_or((false, None));
+        for wanted in [delayed, dedup_ttl.is_some()] {
+            if !wanted {
+                logs.push(None);
+                continue;
+            }
+            match self.store.create_queue().and_then(|ticket| ticket.wait()) {
+                Ok(id) => logs.push(Some(id.0)),
+                Err(error) => {
+                    for id in logs.iter().flatten() {
+                        let _ = self.store.delete_queue(QueueId(*id));
+                    }
+                    self.store_failed(&error);
+                    return Err(internal_error(&error));
+                }
+            }
+        }
+        let (store_queue, dedup_store_queue) = (logs[0], logs[1]);
+        let declared = {
+            let mut model = self.lock_model();
+            let vhost = model.vhost_mut(vhost_name).ok_or_else(missing_vhost)?;
+            vhost
+                .declare_exchange(&ExchangeDeclare {
+                    name,
+                    kind: declare.kind.as_str(),
+                    passive: declare.passive,
+                    durable: declare.durable,
+                    auto_delete: declare.auto_delete,
+                    internal: declare.internal,
+                    arguments: &declare.arguments,
+                    store_queue,
+                    dedup_store_queue,
+                })
+                .map(|declared| {
+                    let stored = (declared.created && declare.durable)
+                        .then(|| vhost.exchange(&declared.name).map(persist::stored_exchange))
+                        .flatten();
+                    (declared, stored)
+                })
+        };
+        let (declared, stored) = match declared {
+            Ok(declared) => declared,
+            Err(error) => {
+                for id in [store_queue, dedup_store_queue].into_iter().flatten() {
+                    let _ = self.store.delete_queue(QueueId(id));
+                }
+                return Err(error);
+            }
+        };
+        if let Some(stored) = stored {
+            let value = serde_json::to_vec(&stored).unwrap_or_default();
+            if let Err(error) = self.meta.put(&persist::exchange_key(vhost_name, &declared.name), &value) {
+                // Undo: the exchange must not exist without its definition.
+                if let Some(vhost) = self.lock_model().vhost_mut(vhost_name) {
+                    let _ = vhost.delete_exchange(&declared.name, false);
+                }
+                for id in [store_queue, dedup_store_queue].into_iter().flatten() {
+                    let _ = self.store.delete_queue(QueueId(id));
+                }
+                self.store_failed(&error);
+                return Err(internal_error(&error));
+            }
+            if let (Some(log), Some(ttl_ms)) = (dedup_store_queue, dedup_ttl) {
+                self.dedup_logs.register(log, ttl_ms);
+            }
+        }
+        Ok(())
+    }
+
+    /// `exchange.delete`: the exchange and every exchange that auto-deletes as a result leave the
+    /// model, then their definitions, bindings and logs are forgotten.
+    pub fn delete_exchange(&self, vhost_name: &str, name: &str, if_unused: bool) -> Result<(), ModelError> {
+        let _definitions = self.definitions();
+        let (removed, auto_deleted) = {
+            let mut model = self.lock_model();
+            let vhost = model.vhost_mut(vhost_name).ok_or_else(missing_vhost)?;
+            let removed = vhost.delete_exchange(name, if_unused)?;
+            (removed, vhost.take_auto_deleted())
+        };
+        for exchange in removed.iter().chain(auto_deleted.iter()).filter(|exchange| exchange.durable) {
+            self.forget_exchange(vhost_name, exchange).map_err(|error| {
+                self.store_failed(&error);
+                internal_error(&error)
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn missing_vhost() -> ModelError {
+    ModelError::not_allowed("vhost no longer exists")
+}

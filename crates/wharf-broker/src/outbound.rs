@@ -1,0 +1,182 @@
+//! Frames going out: what a connection's writer is asked to send ([`Outbound`]), the queue that
+//! carries it there and counts what it holds ([`Outbox`], [`Backlog`]), what the writer reports
+//! back to its connection ([`WriterReports`]), and the registry of open connections the core
+//! sends deliveries through ([`Connections`]).
+//!
+//! Everything the writer needs is decided before an item reaches it; the writer only encodes and
+//! writes. What it learns while writing (delivery bytes written, deliveries it could not send) it
+//! leaves in its connection's [`WriterReports`], and the connection's own task tells the model.
+
+use crate::pager::DeliveryBody;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+use wharf_model::{ChannelKey, ConnectionId, Delivery};
+use wharf_store::Ticket;
+
+/// What a connection's writer task is asked to send.
+#[derive(Debug)]
+pub(crate) enum Outbound {
+    /// Encoded frames, sent as they are.
+    Frames(bytes::Bytes),
+    /// A delivery to encode (`basic.deliver` or `basic.get-ok`, header, body).
+    Deliver(OutboundDelivery),
+    /// `basic.cancel` from the server (the queue went away).
+    CancelConsumer { channel: u16, consumer_tag: String },
+    /// `basic.return` of an unroutable mandatory message, with its content.
+    Return { channel: u16, reply_code: u16, reply_text: &'static str, message: Arc<wharf_model::Message> },
+}
+
+/// A delivery on its way to the socket, with everything decided about it.
+#[derive(Debug)]
+pub(crate) struct OutboundDelivery {
+    pub delivery: Delivery,
+    /// For a redelivery, the store's ticket for its delivery count: the writer sends it only
+    /// once the count is written, so a consumer that crashes on a message cannot outrun its count
+    /// even if the broker is killed at that moment.
+    pub count_recorded: Option<Ticket<()>>,
+    /// Where the body comes from: memory, or a read of its record (see `pager`).
+    pub body: DeliveryBody,
+}
+
+impl Outbound {
+    /// Roughly what the item will occupy on the wire, for the connection's backlog.
+    pub fn size_bytes(&self) -> u64 {
+        match self {
+            Outbound::Frames(bytes) => bytes.len() as u64,
+            Outbound::Deliver(outbound) => 64 + wharf_model::broker::delivery_bytes(&outbound.delivery.message),
+            Outbound::CancelConsumer { consumer_tag, .. } => 32 + consumer_tag.len() as u64,
+            Outbound::Return { message, .. } => 64 + wharf_model::broker::delivery_bytes(message),
+        }
+    }
+}
+
+/// Most bytes waiting for a connection's writer before the server stops reading that
+/// connection's socket: a client that sends (publishes that produce returns and confirms) but
+/// never reads cannot make the server buffer without bound.
+pub(crate) const BACKLOG_BYTES_MAX: u64 = 64 * 1024 * 1024;
+
+/// Delivery bytes the writer lets pile up before asking its connection to tell the model they
+/// were written. The model stops dispatching to a connection once `CONNECTION_PENDING_BYTES_MAX`
+/// (16 MiB) is pending; reporting in steps well below that keeps dispatching going (a connection
+/// that is paused has at least 16 MiB written and unreported, so a report is always due), and
+/// saves taking the model lock after every socket write.
+pub(crate) const WRITTEN_REPORT_BYTES: u64 = 1024 * 1024;
+
+/// Bytes handed to a connection's writer and not yet written, and what the writer reports back.
+#[derive(Debug, Default)]
+pub(crate) struct Backlog {
+    pub bytes: AtomicU64,
+    /// Signalled whenever the writer wrote something.
+    pub drained: tokio::sync::Notify,
+    /// Signalled once when the writer could not read a paged-out body back: the connection must
+    /// close.
+    pub writer_failed: tokio::sync::Notify,
+    /// What the writer learnt that the model must hear (see [`WriterReports`]).
+    pub reports: WriterReports,
+}
+
+/// The writer's mailbox to its connection's task: delivery bytes written and deliveries that
+/// could not be sent. `ready` is signalled when there is something to act on.
+#[derive(Debug, Default)]
+pub(crate) struct WriterReports {
+    /// Delivery bytes written since the last report to the model.
+    written_bytes: AtomicU64,
+    /// Consumer deliveries not sent because their queue and its records are gone: each frees its
+    /// channel's slot (by a requeue, a no-op for a message whose queue was deleted).
+    unsent: Mutex<Vec<(ChannelKey, u64)>>,
+    pub ready: tokio::sync::Notify,
+}
+
+impl WriterReports {
+    /// The writer wrote `bytes` of deliveries.
+    pub fn written(&self, bytes: u64) {
+        let before = self.written_bytes.fetch_add(bytes, Ordering::AcqRel);
+        if before < WRITTEN_REPORT_BYTES && before + bytes >= WRITTEN_REPORT_BYTES {
+            self.ready.notify_one();
+        }
+    }
+
+    /// A consumer delivery was not sent (its queue's records are gone).
+    pub fn unsent(&self, channel: ChannelKey, delivery_tag: u64) {
+        self.unsent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push((channel, delivery_tag));
+        self.ready.notify_one();
+    }
+
+    /// Takes what is to be reported: written bytes once they reach [`WRITTEN_REPORT_BYTES`]
+    /// (none before), and the unsent deliveries.
+    pub fn take(&self) -> (u64, Vec<(ChannelKey, u64)>) {
+        let written = if self.written_bytes.load(Ordering::Acquire) >= WRITTEN_REPORT_BYTES {
+            self.written_bytes.swap(0, Ordering::AcqRel)
+        } else {
+            0
+        };
+        let unsent = std::mem::take(&mut *self.unsent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        (written, unsent)
+    }
+}
+
+/// The sending side of a connection's writer queue, counting what it holds.
+#[derive(Debug, Clone)]
+pub(crate) struct Outbox {
+    pub sender: mpsc::UnboundedSender<Outbound>,
+    pub backlog: Arc<Backlog>,
+}
+
+impl Outbox {
+    /// Queues an item for the writer; gives it back once the writer is gone.
+    pub fn send(&self, item: Outbound) -> Result<(), Box<Outbound>> {
+        // Counted before it is queued: the writer subtracts it once written, possibly before
+        // `send` returns.
+        let size_bytes = item.size_bytes();
+        self.backlog.bytes.fetch_add(size_bytes, Ordering::Relaxed);
+        self.sender.send(item).map_err(|unsent| {
+            self.backlog.bytes.fetch_sub(size_bytes, Ordering::Relaxed);
+            Box::new(unsent.0)
+        })
+    }
+}
+
+/// The open connections, by id: how the core reaches a connection to deliver to it.
+#[derive(Debug)]
+pub(crate) struct Connections {
+    open: Mutex<HashMap<ConnectionId, Outbox>>,
+    next_id: AtomicU64,
+    /// Most connections at once (the configuration's `connections_max`).
+    connections_max: usize,
+}
+
+impl Connections {
+    pub fn new(connections_max: usize) -> Self {
+        Connections { open: Mutex::new(HashMap::new()), next_id: AtomicU64::new(1), connections_max }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionId, Outbox>> {
+        self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers a connection's outbox and gives it an id; `None` when `connections_max` are open.
+    pub fn register(&self, outbox: Outbox) -> Option<ConnectionId> {
+        let mut open = self.lock();
+        if open.len() >= self.connections_max {
+            return None;
+        }
+        let id = ConnectionId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        open.insert(id, outbox);
+        Some(id)
+    }
+
+    pub fn unregister(&self, id: ConnectionId) {
+        self.lock().remove(&id);
+    }
+
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// The outbox of an open connection.
+    pub fn outbox(&self, id: ConnectionId) -> Option<Outbox> {
+        self.lock().get(&id).cloned()
+    }
+}

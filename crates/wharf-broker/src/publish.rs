@@ -1,0 +1,474 @@
+//! Publishing: the only path by which a message reaches the store. Routing a publish (delayed
+//! exchanges included), admitting it to each queue, appending persistent copies, enqueueing them,
+//! and what the publisher waits on ([`Durable`]) before its confirm; also transfers (dead letters
+//! and due delayed messages), which put copies into queues the same way.
+
+use crate::confirms::Durable;
+use crate::core::{Core, blocking};
+use crate::definitions::QueueRequest;
+use crate::outbound::Outbound;
+use crate::pager::PageOut;
+use crate::persist;
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
+use wharf_model::{
+    Admission, AutoDeadLetterQueue, BrokerModel, ConnectionId, Effects, Message, ModelError, Transfer, TransferTarget,
+};
+use wharf_model::{ExchangeKind, PagedBody};
+use wharf_store::{AppendReceipt, QueueId, StoreError, Ticket};
+
+/// Reply code and text of a `basic.return` for an unroutable mandatory message.
+const NO_ROUTE: (u16, &str) = (312, "NO_ROUTE");
+
+/// A publish from a client, as the channel received it.
+#[derive(Debug)]
+pub(crate) struct PublishRequest<'a> {
+    pub vhost: &'a str,
+    pub channel: u16,
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub mandatory: bool,
+}
+
+/// What a publish produced, for its confirm.
+#[derive(Debug)]
+pub(crate) struct Published {
+    /// What to wait on before the publish counts as durable.
+    pub durable: Vec<Durable>,
+    /// The publisher gets a nack: a store append failed, or a queue refused the message
+    /// (`x-overflow` reject-publish).
+    pub nack: bool,
+    /// The `basic.return` of an unroutable mandatory publish.
+    pub returned: Option<Outbound>,
+}
+
+/// What putting one message into queues produced.
+#[derive(Debug, Default)]
+pub(crate) struct Placed {
+    /// Store appends of the copies.
+    pub tickets: Vec<Ticket<AppendReceipt>>,
+    /// De-duplication keys to record (log, key) once the copies are durable.
+    pub dedup_records: Vec<(u64, Vec<u8>)>,
+    /// A queue refused it (`x-overflow` reject-publish): the publisher gets a nack.
+    pub refused: bool,
+    /// A queue (or the exchange) dropped it as a duplicate: the confirm waits until what the
+    /// store holds is durable, so a duplicate is never confirmed before its original.
+    pub duplicate: bool,
+    /// A store append failed: the publisher gets a nack.
+    pub failed: bool,
+    /// Effects to carry out once the model lock is released.
+    pub later: Vec<Effects>,
+}
+
+impl Core {
+    /// queue when it is persistent. For a publish (`from_publisher`), each queue admits it first:
+    /// a de-duplicating queue that saw its key skips it, a queue whose `x-overflow` refuses
+    /// publishes beyond its limits refuses it; the key is remembered only once the message is in.
+    /// Deliveries go out under the lock.
+    pub fn place(
+        &self,
+        model: &mut BrokerModel,
+        vhost: &str,
+        queues: &[String],
+        message: &Arc<Message>,
+        from_publisher: bool,
+        placed: &mut Placed,
+    ) {
+        if message.paged.is_some() {
+            // Callers read a paged body back first (`transfer`); storing the empty body would
+            // lose the message.
+            tracing::error!(vhost, "a message without its body in memory cannot be placed");
+            placed.failed = true;
+            return;
+        }
+        let mut meta = None;
+        for queue_name in queues {
+            let dedup_key = match model.admit(vhost, queue_name, message, from_publisher) {
+                Admission::Duplicate => {
+                    placed.duplicate = true;
+                    continue;
+                }
+                Admission::Refused { dead_letter } => {
+                    placed.refused = true;
+                    if dead_letter {
+                        placed.later.push(model.dead_letter_refused(vhost, queue_name, message));
+                    }
+                    continue;
+                }
+                Admission::Accept { dedup_key } => dedup_key,
+            };
+            let Some(queue) = model.vhost(vhost).and_then(|found| found.queue(queue_name)) else { continue };
+            let stored = queue.durable && message.persistent();
+            let store_seq = match queue.store_queue.filter(|_| stored) {
+                Some(store_queue) => {
+                    // `next_entry_id` is the id `enqueue` below gives it (same lock).
+                    let page_out =
+                        (queue.resident_bytes() >= self.config.queue_body_memory_bytes_max).then(|| PageOutTarget {
+                            vhost: vhost.to_owned(),
+                            queue: queue_name.clone(),
+                            entry_id: queue.next_entry_id(),
+                        });
+                    match self.append_copy(store_queue, message, &mut meta, page_out, placed) {
+                        Some(seq) => Some(seq),
+                        None => continue,
+                    }
+                }
+                None => None,
+            };
+            let log = queue.dedup_store_queue.filter(|_| stored);
+            if let Some(key) = dedup_key {
+                model.remember_key(vhost, queue_name, &key);
+                if let Some(log) = log {
+                    placed.dedup_records.push((log, key));
+                }
+            }
+            let mut effects = model.enqueue(vhost, queue_name, Arc::clone(message), store_seq);
+            self.send(&mut effects);
+            placed.later.push(effects);
+        }
+    }
+
+    /// Appends one persistent copy of `message` to a store log (a queue's, or a delayed-message
+    /// exchange's); its ticket joins `placed`. With `page_out`, the copy's body is dropped from
+    /// memory once its record is written (see `Pager`). `meta` is encoded once per message and
+    /// shared by its copies. On a store failure the publisher gets a nack, and `None` is returned.
+    fn append_copy(
+        &self,
+        log: u64,
+        message: &Message,
+        meta: &mut Option<Vec<u8>>,
+        page_out: Option<PageOutTarget>,
+        placed: &mut Placed,
+    ) -> Option<u64> {
+        let meta = meta.get_or_insert_with(|| persist::encode_message_meta(message));
+        let now_ms = self.now_ms();
+        let appended = match page_out {
+            Some(target) => {
+                let body_bytes = message.body_bytes();
+                let pager = Arc::clone(&self.pager);
+                self.store.append_observed(
+                    QueueId(log),
+                    now_ms,
+                    meta,
+                    &message.body,
+                    Box::new(move |result| {
+                        if let Ok(receipt) = result {
+                            let location = receipt.location;
+                            pager.push(PageOut {
+                                vhost: target.vhost,
+                                queue: target.queue,
+                                entry_id: target.entry_id,
+                                store_seq: receipt.seq,
+                                paged: PagedBody {
+                                    store_queue: log,
+                                    segment_id: location.segment_id,
+                                    offset: location.offset,
+                                    record_bytes: location.record_bytes,
+                                    body_bytes,
+                                },
+                            });
+                        }
+                    }),
+                )
+            }
+            None => self.store.append(QueueId(log), now_ms, meta, &message.body),
+        };
+        match appended {
+            Ok(pending) => {
+                placed.tickets.push(pending.ticket);
+                Some(pending.seq)
+            }
+            Err(error) => {
+                self.store_failed(&error);
+                placed.failed = true;
+                None
+            }
+        }
+    }
+
+    /// What the publisher (or a transfer) waits on: the appends; when de-duplication keys were
+    /// admitted, a chain that appends each key only after every copy is durable (so a key that
+    /// survives a crash always stands for a message that survived it) and resolves once the keys
+    /// are durable too.
+    pub fn durable(&self, placed: &mut Placed) -> Vec<Durable> {
+        let tickets = std::mem::take(&mut placed.tickets);
+        let records = std::mem::take(&mut placed.dedup_records);
+        let mut barrier = Vec::new();
+        if std::mem::take(&mut placed.duplicate) {
+            // Everything submitted before this sync (the original's appends included) is durable
+            // when it resolves.
+            match self.store.sync() {
+                Ok(ticket) => barrier.push(Durable::sync(ticket)),
+                Err(error) => {
+                    self.store_failed(&error);
+                    placed.failed = true;
+                }
+            }
+        }
+        if records.is_empty() {
+            return tickets.into_iter().map(Durable::append).chain(barrier).collect();
+        }
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let store = self.store.clone();
+        let logs = Arc::clone(&self.dedup_logs);
+        let clock = Arc::clone(&self.clock);
+        tokio::spawn(async move {
+            for ticket in tickets {
+                if let Err(error) = ticket.await {
+                    let _ = sender.send(Err(error));
+                    return;
+                }
+            }
+            let seen_ms = clock.now_ms();
+            let mut pending = Vec::new();
+            for (log, key) in records {
+                let appended = blocking(|| store.append(QueueId(log), seen_ms, &persist::dedup_key_meta(), &key));
+                match appended {
+                    Ok(append) => {
+                        logs.record(log, seen_ms, append.seq);
+                        pending.push(append.ticket);
+                    }
+                    // The queue was deleted meanwhile: its keys went with it.
+                    Err(StoreError::UnknownQueue(_)) => {}
+                    Err(error) => {
+                        let _ = sender.send(Err(error));
+                        return;
+                    }
+                }
+            }
+            for ticket in pending {
+                if let Err(error) = ticket.await {
+                    let _ = sender.send(Err(error));
+                    return;
+                }
+            }
+            let _ = sender.send(Ok(()));
+        });
+        let mut durable = vec![Durable::Chain(receiver)];
+        durable.extend(barrier);
+        durable
+    }
+
+    /// Moves messages into other queues (dead letters, due delayed messages): routes each one,
+    /// creates the source's automatic dead-letter queue on first use, puts the copies in, and
+    /// removes the original from the store only once every copy is durable. Transfers caused by
+    /// these (a full dead-letter queue dropping its head into its own dead-letter exchange) are
+    /// carried out in the same loop, not by recursion.
+    pub fn transfer(&self, transfers: Vec<Transfer>) {
+        let mut pending: VecDeque<Transfer> = transfers.into();
+        while let Some(mut transfer) = pending.pop_front() {
+            if let Some(paged) = transfer.message.paged {
+                // The source's record is live until the copies are durable, so it can be read.
+                match crate::pager::read_paged_body(&self.store, &paged) {
+                    Ok(body) => transfer.message = Arc::new(transfer.message.with_body(body)),
+                    Err(error) => {
+                        tracing::error!(vhost = %transfer.vhost, %error, "a paged-out message could not be read back to move it; it stays where it is");
+                        self.store_failed(&error);
+                        continue;
+                    }
+                }
+            }
+            let (mut targets, missing) = self.transfer_targets(&transfer);
+            if let Some(auto) = missing {
+                match self.ensure_auto_dead_letter_queue(&transfer.vhost, &auto) {
+                    Ok(()) => targets = vec![auto.name.clone()],
+                    Err(error) => {
+                        // The original stays where it is (in the store; it comes back after a
+                        // restart): never dropped.
+                        tracing::error!(queue = %auto.name, %error, "could not create an automatic dead-letter queue");
+                        continue;
+                    }
+                }
+            }
+            if targets.is_empty() {
+                tracing::debug!(vhost = %transfer.vhost, "a dead letter reached no queue and was dropped");
+                if let Some(source) = &transfer.source {
+                    self.remove_stored(source);
+                }
+                continue;
+            }
+            let mut placed = Placed::default();
+            {
+                let mut model = self.lock_model();
+                self.place(&mut model, &transfer.vhost, &targets, &transfer.message, false, &mut placed);
+            }
+            for mut effects in std::mem::take(&mut placed.later) {
+                pending.extend(std::mem::take(&mut effects.transfers));
+                self.apply(effects);
+            }
+            let durable = self.durable(&mut placed);
+            let failed = placed.failed;
+            if let Some(source) = transfer.source {
+                if failed {
+                    continue;
+                }
+                if durable.is_empty() {
+                    self.remove_stored(&source);
+                } else {
+                    let store = self.store.clone();
+                    tokio::spawn(async move {
+                        for copy in durable {
+                            if copy.wait().await.is_err() {
+                                return;
+                            }
+                        }
+                        if let (Some(queue), Some(seq)) = (source.store_queue, source.store_seq) {
+                            match store.remove_unawaited(QueueId(queue), seq) {
+                                Ok(()) | Err(StoreError::UnknownQueue(_)) => {}
+                                Err(error) => tracing::error!(%error, "could not remove a transferred message"),
+                            }
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    /// The queues a transfer reaches, and the automatic dead-letter queue to create first when
+    /// it must go there and does not exist yet.
+    fn transfer_targets(&self, transfer: &Transfer) -> (Vec<String>, Option<AutoDeadLetterQueue>) {
+        let model = self.lock_model();
+        let Some(vhost) = model.vhost(&transfer.vhost) else { return (Vec::new(), None) };
+        let auto_queue = |auto: &AutoDeadLetterQueue| match vhost.queue(&auto.name) {
+            Some(_) => (vec![auto.name.clone()], None),
+            None => (Vec::new(), Some(auto.clone())),
+        };
+        match &transfer.target {
+            TransferTarget::Exchange { exchange, routing_keys, fallback } => {
+                let mut queues: BTreeSet<String> = BTreeSet::new();
+                for routing_key in routing_keys {
+                    if let Ok(found) = vhost.route_from(exchange, routing_key, transfer.message.headers()) {
+                        queues.extend(found);
+                    }
+                }
+                if transfer.reason.is_some() {
+                    queues.retain(|queue| !wharf_model::deadletter::closes_cycle(&transfer.message, queue));
+                }
+                match (queues.is_empty(), fallback) {
+                    (true, Some(auto)) => auto_queue(auto),
+                    _ => (queues.into_iter().collect(), None),
+                }
+            }
+            TransferTarget::Queue(auto) => auto_queue(auto),
+        }
+    }
+
+    /// Creates `<queue>.dlq` (durable if its source is; no delivery limit of its own, so dead
+    /// letters stay there until someone looks) unless it exists.
+    fn ensure_auto_dead_letter_queue(&self, vhost: &str, auto: &AutoDeadLetterQueue) -> Result<(), ModelError> {
+        let mut arguments = wharf_wire::types::FieldTable::default();
+        arguments.insert("x-delivery-limit".into(), wharf_wire::types::AMQPValue::LongInt(-1));
+        let request = QueueRequest {
+            vhost,
+            name: auto.name.clone(),
+            passive: false,
+            durable: auto.durable,
+            exclusive: false,
+            auto_delete: false,
+            arguments: &arguments,
+            connection: ConnectionId(0),
+            server_named: false,
+        };
+        match self.declare_queue(request) {
+            Ok(_) => Ok(()),
+            // Declared meanwhile, by someone else, with other arguments: use it as it is.
+            Err(_) if self.lock_model().vhost(vhost).is_some_and(|found| found.queue(&auto.name).is_some()) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Routes a client's publish and puts it in every queue it reaches, appending it to the store
+    /// for each durable queue when it is persistent. A publish to a de-duplicating exchange whose
+    /// key was seen goes nowhere (and is confirmed); one to a delayed-message exchange with a
+    /// positive `x-delay` is held (in the exchange's log when durable) until it is due.
+    pub fn publish(&self, request: &PublishRequest<'_>, message: Message) -> Result<Published, ModelError> {
+        let message = Arc::new(message);
+        let vhost_name = request.vhost;
+        let exchange_name = request.exchange;
+        let mut placed = Placed::default();
+        let mut model = self.lock_model();
+        let vhost = model.vhost(vhost_name).ok_or_else(|| ModelError::not_allowed("vhost no longer exists"))?;
+        let queues = vhost.route(exchange_name, request.routing_key, message.headers())?;
+        let exchange = vhost.exchange(exchange_name).map(|exchange| ExchangeLogs {
+            durable: exchange.durable,
+            delayed_log: exchange.store_queue,
+            dedup_log: exchange.dedup_store_queue,
+            kind: exchange.kind,
+        });
+        let stored = |durable: bool| durable && message.persistent();
+        let exchange_key = match model.admit_to_exchange(vhost_name, exchange_name, &message) {
+            Admission::Duplicate => {
+                placed.duplicate = true;
+                drop(model);
+                let durable = self.durable(&mut placed);
+                return Ok(Published { durable, nack: placed.failed, returned: None });
+            }
+            Admission::Accept { dedup_key } => dedup_key,
+            Admission::Refused { .. } => None,
+        };
+        // The exchange remembers a key only once the publish went through whole; its key
+        // record goes to the exchange's log (after the copies are durable).
+        let remember = |model: &mut BrokerModel, placed: &mut Placed| {
+            if let Some(key) = &exchange_key {
+                model.remember_exchange_key(vhost_name, exchange_name, key);
+                if let Some(ExchangeLogs { durable, dedup_log: Some(log), .. }) = exchange
+                    && stored(durable)
+                {
+                    placed.dedup_records.push((log, key.clone()));
+                }
+            }
+        };
+        let delay = exchange.filter(|logs| logs.kind == ExchangeKind::DelayedMessage).and_then(|_| message.delay_ms());
+        if let (Some(delay_ms), Some(logs)) = (delay, exchange) {
+            let mut store_seq = None;
+            if let Some(log) = logs.delayed_log.filter(|_| stored(logs.durable)) {
+                match self.append_copy(log, &message, &mut None, None, &mut placed) {
+                    Some(seq) => store_seq = Some(seq),
+                    None => return Ok(Published { durable: Vec::new(), nack: true, returned: None }),
+                }
+            }
+            remember(&mut model, &mut placed);
+            let due_ms = model.now_ms().saturating_add(delay_ms);
+            model.hold_delayed(vhost_name, exchange_name, Arc::clone(&message), store_seq, due_ms);
+            drop(model);
+            return Ok(Published { durable: self.durable(&mut placed), nack: false, returned: None });
+        }
+        self.place(&mut model, vhost_name, &queues, &message, true, &mut placed);
+        // Remembered only if the publish reached a queue and went through whole: a message
+        // that was returned unroutable (or refused) must not make its retry a "duplicate".
+        if !queues.is_empty() && !placed.refused && !placed.failed {
+            remember(&mut model, &mut placed);
+        }
+        drop(model);
+        for effects in std::mem::take(&mut placed.later) {
+            self.apply(effects);
+        }
+        let returned = (queues.is_empty() && request.mandatory).then(|| Outbound::Return {
+            channel: request.channel,
+            reply_code: NO_ROUTE.0,
+            reply_text: NO_ROUTE.1,
+            message: Arc::clone(&message),
+        });
+        let durable = self.durable(&mut placed);
+        Ok(Published { durable, nack: placed.failed || placed.refused, returned })
+    }
+}
+
+/// The queue entry whose body is dropped once its record is written.
+#[derive(Debug)]
+struct PageOutTarget {
+    vhost: String,
+    queue: String,
+    entry_id: u64,
+}
+
+/// What routing needs to know of the exchange a publish names.
+#[derive(Debug, Clone, Copy)]
+struct ExchangeLogs {
+    durable: bool,
+    /// A delayed-message exchange's log of waiting messages.
+    delayed_log: Option<u64>,
+    /// A de-duplicating exchange's log of seen keys.
+    dedup_log: Option<u64>,
+    kind: ExchangeKind,
+}

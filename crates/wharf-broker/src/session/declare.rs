@@ -1,0 +1,160 @@
+//! `exchange.*` and `queue.*` methods: answered here, carried out by the definitions module
+//! (durable definitions) and the model.
+
+use super::{MethodResult, Session};
+use crate::definitions::QueueRequest;
+use wharf_model::{Destination, ModelError};
+use wharf_wire::protocol::{AMQPClass, exchange, queue};
+
+impl Session {
+    pub(super) fn exchange_class(&mut self, channel: u16, method: exchange::AMQPMethod) -> MethodResult {
+        match method {
+            exchange::AMQPMethod::Declare(declare) => {
+                self.core.declare_exchange(&self.vhost, &declare)?;
+                if !declare.nowait {
+                    self.send(channel, AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {})));
+                }
+                Ok(())
+            }
+            exchange::AMQPMethod::Delete(delete) => {
+                self.core.delete_exchange(&self.vhost, delete.exchange.as_str(), delete.if_unused)?;
+                if !delete.nowait {
+                    self.send(channel, AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})));
+                }
+                Ok(())
+            }
+            exchange::AMQPMethod::Bind(bind) => {
+                let destination = Destination::Exchange(bind.destination.as_str().to_owned());
+                self.core.bind_or_unbind(
+                    &self.vhost,
+                    self.connection,
+                    bind.source.as_str(),
+                    destination,
+                    bind.routing_key.as_str(),
+                    &bind.arguments,
+                    true,
+                )?;
+                if !bind.nowait {
+                    self.send(channel, AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})));
+                }
+                Ok(())
+            }
+            exchange::AMQPMethod::Unbind(unbind) => {
+                let destination = Destination::Exchange(unbind.destination.as_str().to_owned());
+                self.core.bind_or_unbind(
+                    &self.vhost,
+                    self.connection,
+                    unbind.source.as_str(),
+                    destination,
+                    unbind.routing_key.as_str(),
+                    &unbind.arguments,
+                    false,
+                )?;
+                if !unbind.nowait {
+                    self.send(channel, AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})));
+                }
+                Ok(())
+            }
+            _ => Err(ModelError::command_invalid("this exchange method is not valid from a client")),
+        }
+    }
+
+    pub(super) fn queue_class(&mut self, channel: u16, method: queue::AMQPMethod) -> MethodResult {
+        match method {
+            queue::AMQPMethod::Declare(declare) => {
+                let declared = self.declare_queue(&declare)?;
+                let (message_count, consumer_count) = {
+                    let model = self.core.lock_model();
+                    let queue = model.vhost(&self.vhost).and_then(|vhost| vhost.queue(&declared));
+                    queue.map_or((0, 0), |queue| (queue.ready_count() as u32, queue.consumer_count() as u32))
+                };
+                if let Some(state) = self.channels.get_mut(&channel) {
+                    state.last_queue = declared.clone();
+                }
+                if !declare.nowait {
+                    self.send(
+                        channel,
+                        AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                            queue: declared.as_str().into(),
+                            message_count,
+                            consumer_count,
+                        })),
+                    );
+                }
+                Ok(())
+            }
+            queue::AMQPMethod::Bind(bind) => {
+                let destination = Destination::Queue(self.queue_name(channel, bind.queue.as_str()));
+                self.core.bind_or_unbind(
+                    &self.vhost,
+                    self.connection,
+                    bind.exchange.as_str(),
+                    destination,
+                    bind.routing_key.as_str(),
+                    &bind.arguments,
+                    true,
+                )?;
+                if !bind.nowait {
+                    self.send(channel, AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})));
+                }
+                Ok(())
+            }
+            queue::AMQPMethod::Unbind(unbind) => {
+                let destination = Destination::Queue(self.queue_name(channel, unbind.queue.as_str()));
+                self.core.bind_or_unbind(
+                    &self.vhost,
+                    self.connection,
+                    unbind.exchange.as_str(),
+                    destination,
+                    unbind.routing_key.as_str(),
+                    &unbind.arguments,
+                    false,
+                )?;
+                self.send(channel, AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})));
+                Ok(())
+            }
+            queue::AMQPMethod::Purge(purge) => {
+                let name = self.queue_name(channel, purge.queue.as_str());
+                let key = self.key(channel);
+                let count = self.core.act(|model| model.purge(key, &name))?;
+                if !purge.nowait {
+                    self.send(
+                        channel,
+                        AMQPClass::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk { message_count: count })),
+                    );
+                }
+                Ok(())
+            }
+            queue::AMQPMethod::Delete(delete) => {
+                let name = self.queue_name(channel, delete.queue.as_str());
+                let key = self.key(channel);
+                let count = self.core.act(|model| model.delete_queue(key, &name, delete.if_unused, delete.if_empty))?;
+                if !delete.nowait {
+                    self.send(
+                        channel,
+                        AMQPClass::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk { message_count: count })),
+                    );
+                }
+                Ok(())
+            }
+            _ => Err(ModelError::command_invalid("this queue method is not valid from a client")),
+        }
+    }
+
+    /// `queue.declare` (see `Core::declare_queue`).
+    pub(super) fn declare_queue(&self, declare: &queue::Declare) -> Result<String, ModelError> {
+        let name = declare.queue.as_str().to_owned();
+        let server_named = name.is_empty() && !declare.passive;
+        self.core.declare_queue(QueueRequest {
+            vhost: &self.vhost,
+            name,
+            passive: declare.passive,
+            durable: declare.durable,
+            exclusive: declare.exclusive,
+            auto_delete: declare.auto_delete,
+            arguments: &declare.arguments,
+            connection: self.connection,
+            server_named,
+        })
+    }
+}

@@ -1,0 +1,271 @@
+//! The channels of one connection: every channel-level method, message assembly from content
+//! frames, publishing through the store, publisher confirms, and transactions.
+//!
+//! Publisher confirms: each publish on a confirm-mode channel gets the next tag and the store
+//! tickets of its durable copies; a per-channel task awaits the tickets in order and only then
+//! sends `basic.ack` (or `basic.nack` if the store failed). So a confirm always means every
+//! persistent copy in a durable queue was `fdatasync`ed. `tx.commit` likewise answers only once
+//! the transaction's appends are synced and its acknowledgements made durable (`Store::sync`).
+
+mod basic;
+mod content;
+mod declare;
+mod tx;
+
+use crate::confirms::{Confirms, close_confirms};
+use crate::connection::{Stop, method_frame, truncate};
+use crate::core::Core;
+use crate::outbound::{Outbound, Outbox};
+use content::Content;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tx::TxOp;
+use wharf_model::{ChannelKey, ConnectionId, ModelError, Scope};
+use wharf_wire::Frame;
+use wharf_wire::protocol::{AMQPClass, access, channel, confirm};
+use wharf_wire::reply_code;
+
+#[derive(Default)]
+struct ChannelState {
+    /// `channel.close` was sent; frames are dropped until `close-ok`.
+    closing: bool,
+    content: Option<Content>,
+    confirms: Option<Confirms>,
+    tx: Option<Vec<TxOp>>,
+    /// For methods that name the queue `""`: the last queue declared on this channel.
+    last_queue: String,
+}
+
+/// All channels of a connection.
+pub(crate) struct Session {
+    core: Arc<Core>,
+    connection: ConnectionId,
+    vhost: String,
+    channel_max: u16,
+    outbound: Outbox,
+    channels: HashMap<u16, ChannelState>,
+}
+
+pub(super) type MethodResult = Result<(), ModelError>;
+
+pub(super) fn connection_error(code: u16, label: &str, text: impl std::fmt::Display) -> ModelError {
+    ModelError { code, text: format!("{label} - {text}"), scope: Scope::Connection }
+}
+
+/// Runs blocking storage work (definitions, queue logs) without stalling the runtime's other tasks.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(work)
+}
+
+impl Session {
+    pub fn new(core: Arc<Core>, connection: ConnectionId, vhost: String, channel_max: u16, outbound: Outbox) -> Self {
+        Session { core, connection, vhost, channel_max, outbound, channels: HashMap::new() }
+    }
+
+    /// The connection these channels belong to.
+    pub fn connection(&self) -> ConnectionId {
+        self.connection
+    }
+
+    fn key(&self, channel: u16) -> ChannelKey {
+        ChannelKey { connection: self.connection, channel }
+    }
+
+    fn send(&self, channel: u16, method: AMQPClass) {
+        let _ = self.outbound.send(Outbound::Frames(method_frame(channel, &method)));
+    }
+
+    /// Closes every channel (connection gone): unacked messages go back to their queues,
+    /// exclusive queues are deleted.
+    pub fn close_all(&mut self) {
+        for state in self.channels.values() {
+            if let Some(confirms) = &state.confirms {
+                close_confirms(&confirms.closed);
+            }
+        }
+        self.channels.clear();
+        let connection = self.connection;
+        let _ = blocking(|| self.core.act(|model| Ok(((), model.close_connection(connection)))));
+    }
+
+    /// Handles one frame after the handshake.
+    pub async fn handle(&mut self, frame: Frame) -> Result<(), Stop> {
+        match frame {
+            Frame::Heartbeat => Ok(()),
+            Frame::Method { channel: 0, method } => self.connection_method(*method),
+            Frame::Method { channel, method } => self.channel_method(channel, *method).await,
+            Frame::Header { channel, header } => self.content_header(channel, header),
+            Frame::Body { channel, payload } => self.content_body(channel, payload).await,
+        }
+    }
+
+    fn connection_method(&mut self, method: AMQPClass) -> Result<(), Stop> {
+        use wharf_wire::protocol::connection::AMQPMethod as Connection;
+        let ids = (method.get_amqp_class_id(), method.get_amqp_method_id());
+        match method {
+            AMQPClass::Connection(Connection::Close(close)) => {
+                tracing::debug!(code = close.reply_code, text = %close.reply_text, "client closes the connection");
+                Err(Stop::ClientClosed)
+            }
+            AMQPClass::Connection(Connection::CloseOk(_) | Connection::Blocked(_) | Connection::Unblocked(_)) => Ok(()),
+            AMQPClass::Connection(Connection::UpdateSecret(_)) => {
+                Err(Stop::Error(ModelError::not_implemented("connection.update-secret"), ids.0, ids.1))
+            }
+            _ => Err(Stop::Error(
+                connection_error(
+                    reply_code::CHANNEL_ERROR,
+                    "CHANNEL_ERROR",
+                    "only connection methods are allowed on channel 0",
+                ),
+                ids.0,
+                ids.1,
+            )),
+        }
+    }
+
+    /// Closes one channel with an error: `channel.close` to the client, its unacked messages back
+    /// to their queues, and everything on it ignored until `close-ok`.
+    fn channel_error(&mut self, channel: u16, error: &ModelError, class_id: u16, method_id: u16) {
+        tracing::debug!(channel, %error, "channel error");
+        // Close it in the model first, so no delivery or confirm can follow the channel.close.
+        if let Some(state) = self.channels.get_mut(&channel) {
+            state.closing = true;
+            state.content = None;
+            state.tx = None;
+            if let Some(confirms) = state.confirms.take() {
+                close_confirms(&confirms.closed);
+            }
+        }
+        let key = self.key(channel);
+        let mut model = self.core.lock_model();
+        let mut effects = model.close_channel(key);
+        self.core.send(&mut effects);
+        drop(model);
+        self.send(
+            channel,
+            AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+                reply_code: error.code,
+                reply_text: truncate(&error.text).into(),
+                class_id,
+                method_id,
+            })),
+        );
+        blocking(|| self.core.apply(effects));
+    }
+
+    fn fail(&mut self, channel: u16, error: ModelError, ids: (u16, u16)) -> Result<(), Stop> {
+        match error.scope {
+            Scope::Channel => {
+                self.channel_error(channel, &error, ids.0, ids.1);
+                Ok(())
+            }
+            Scope::Connection => Err(Stop::Error(error, ids.0, ids.1)),
+        }
+    }
+
+    async fn channel_method(&mut self, channel: u16, method: AMQPClass) -> Result<(), Stop> {
+        let ids = (method.get_amqp_class_id(), method.get_amqp_method_id());
+        let Some(state) = self.channels.get_mut(&channel) else {
+            if let AMQPClass::Channel(channel::AMQPMethod::Open(_)) = method {
+                return self.open_channel(channel).map_err(|error| Stop::Error(error, ids.0, ids.1));
+            }
+            let error = connection_error(
+                reply_code::CHANNEL_ERROR,
+                "CHANNEL_ERROR",
+                format!("expected 'channel.open' on channel {channel}"),
+            );
+            return Err(Stop::Error(error, ids.0, ids.1));
+        };
+        if state.closing {
+            match method {
+                AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {
+                    self.channels.remove(&channel);
+                }
+                AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
+                    self.send(channel, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})));
+                    self.channels.remove(&channel);
+                }
+                _ => {}
+            }
+            return Ok(());
+        }
+        if state.content.is_some() {
+            let error = connection_error(
+                reply_code::UNEXPECTED_FRAME,
+                "UNEXPECTED_FRAME",
+                format!("expected content header or body on channel {channel}, got a method"),
+            );
+            return Err(Stop::Error(error, ids.0, ids.1));
+        }
+        let outcome = match method {
+            AMQPClass::Channel(method) => self.channel_class(channel, method),
+            AMQPClass::Access(access::AMQPMethod::Request(_)) => {
+                self.send(channel, AMQPClass::Access(access::AMQPMethod::RequestOk(access::RequestOk {})));
+                Ok(())
+            }
+            AMQPClass::Exchange(method) => blocking(|| self.exchange_class(channel, method)),
+            AMQPClass::Queue(method) => blocking(|| self.queue_class(channel, method)),
+            AMQPClass::Basic(method) => self.basic_class(channel, method).await,
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(select)) => self.confirm_select(channel, select),
+            AMQPClass::Tx(method) => self.tx_class(channel, method).await,
+            _ => Err(ModelError::command_invalid(format!("method {}.{} is not valid from a client", ids.0, ids.1))),
+        };
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(error) => self.fail(channel, error, ids),
+        }
+    }
+
+    fn open_channel(&mut self, channel: u16) -> MethodResult {
+        if channel > self.channel_max {
+            return Err(ModelError::not_allowed(format!(
+                "channel {channel} is above the negotiated channel_max {}",
+                self.channel_max
+            )));
+        }
+        self.core.lock_model().open_channel(self.key(channel), &self.vhost)?;
+        self.channels.insert(channel, ChannelState::default());
+        self.send(channel, AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})));
+        Ok(())
+    }
+
+    fn channel_class(&mut self, channel: u16, method: channel::AMQPMethod) -> MethodResult {
+        match method {
+            channel::AMQPMethod::Open(_) => Err(connection_error(
+                reply_code::CHANNEL_ERROR,
+                "CHANNEL_ERROR",
+                format!("channel {channel} is already open"),
+            )),
+            channel::AMQPMethod::Close(_) => {
+                if let Some(state) = self.channels.remove(&channel)
+                    && let Some(confirms) = state.confirms
+                {
+                    close_confirms(&confirms.closed);
+                }
+                let key = self.key(channel);
+                let _ = blocking(|| self.core.act(|model| Ok(((), model.close_channel(key)))));
+                self.send(channel, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})));
+                Ok(())
+            }
+            channel::AMQPMethod::CloseOk(_) => Ok(()),
+            channel::AMQPMethod::Flow(flow) if flow.active => {
+                self.send(channel, AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk { active: true })));
+                Ok(())
+            }
+            channel::AMQPMethod::Flow(_) => Err(ModelError::not_implemented("channel.flow with active=false")),
+            _ => Err(ModelError::command_invalid("this channel method is not valid from a client")),
+        }
+    }
+
+    fn queue_name(&self, channel: u16, name: &str) -> String {
+        if name.is_empty() {
+            self.channels.get(&channel).map(|state| state.last_queue.clone()).unwrap_or_default()
+        } else {
+            name.to_owned()
+        }
+    }
+}
+
+pub(super) fn missing_vhost() -> ModelError {
+    ModelError::not_allowed("vhost no longer exists")
+}

@@ -1,0 +1,101 @@
+//! Transactions (`tx.*`): publishes and acknowledgements buffered until `tx.commit`, then applied
+//! all or nothing, and `commit-ok` sent only once every append is synced and every
+//! acknowledgement durable.
+
+use super::{MethodResult, Session, missing_vhost};
+use wharf_model::{Message, ModelError};
+use wharf_wire::protocol::{AMQPClass, basic, tx};
+
+/// Most publishes and acknowledgements one transaction may hold before its commit.
+pub(super) const TX_OPS_MAX: usize = 65_536;
+
+/// Something a transaction applies at commit.
+#[derive(Debug)]
+pub(super) enum TxOp {
+    Publish(Box<(basic::Publish, Message)>),
+    Ack { delivery_tag: u64, multiple: bool },
+    Reject { delivery_tag: u64, multiple: bool, requeue: bool },
+}
+
+impl Session {
+    pub(super) async fn tx_class(&mut self, channel: u16, method: tx::AMQPMethod) -> MethodResult {
+        let Some(state) = self.channels.get_mut(&channel) else { return Ok(()) };
+        match method {
+            tx::AMQPMethod::Select(_) => {
+                if state.confirms.is_some() {
+                    return Err(ModelError::precondition_failed("cannot switch from confirm to tx mode"));
+                }
+                state.tx.get_or_insert_with(Vec::new);
+                self.send(channel, AMQPClass::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})));
+                Ok(())
+            }
+            tx::AMQPMethod::Commit(_) => {
+                let Some(ops) = state.tx.replace(Vec::new()) else {
+                    return Err(ModelError::precondition_failed("channel is not transactional"));
+                };
+                // All or nothing: every publish must route and every ack must name a delivery
+                // before any of them takes effect.
+                {
+                    let model = self.core.lock_model();
+                    let vhost = model.vhost(&self.vhost).ok_or_else(missing_vhost)?;
+                    let mut settles = Vec::new();
+                    for op in &ops {
+                        match op {
+                            TxOp::Publish(publish) => {
+                                let (publish, message) = publish.as_ref();
+                                vhost.route(
+                                    publish.exchange.as_str(),
+                                    publish.routing_key.as_str(),
+                                    message.headers(),
+                                )?;
+                            }
+                            TxOp::Ack { delivery_tag, multiple } | TxOp::Reject { delivery_tag, multiple, .. } => {
+                                settles.push((*delivery_tag, *multiple));
+                            }
+                        }
+                    }
+                    model.validate_settles(self.key(channel), &settles)?;
+                }
+                let mut tickets = Vec::new();
+                for op in ops {
+                    match op {
+                        TxOp::Publish(publish) => {
+                            let (publish, message) = *publish;
+                            let published = self.publish(channel, &publish, message)?;
+                            tickets.extend(published.durable);
+                            if let Some(returned) = published.returned {
+                                let _ = self.outbound.send(returned);
+                            }
+                        }
+                        settle => self.apply_settle(channel, settle)?,
+                    }
+                }
+                // Every append of the transaction synced, and its acks made durable.
+                let sync = self.core.store.sync().map_err(|error| {
+                    self.core.store_failed(&error);
+                    crate::definitions::internal_error(&error)
+                })?;
+                for ticket in tickets {
+                    ticket.wait().await.map_err(|error| {
+                        self.core.store_failed(&error);
+                        crate::definitions::internal_error(&error)
+                    })?;
+                }
+                sync.await.map_err(|error| {
+                    self.core.store_failed(&error);
+                    crate::definitions::internal_error(&error)
+                })?;
+                self.send(channel, AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})));
+                Ok(())
+            }
+            tx::AMQPMethod::Rollback(_) => {
+                if state.tx.replace(Vec::new()).is_none() {
+                    return Err(ModelError::precondition_failed("channel is not transactional"));
+                }
+                self.send(channel, AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})));
+                Ok(())
+            }
+            _ => Err(ModelError::command_invalid("this tx method is not valid from a client")),
+        }
+    }
+}

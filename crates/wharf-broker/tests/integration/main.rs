@@ -1,0 +1,23 @@
+//! The broker's integration tests: the real broker on 127.0.0.1:0 driven by stock clients (lapin,
+//! raw sockets), one module per feature area. One test binary, not one per area: each binary
+//! links the whole broker and lapin, and fifteen links cost more build time on two cores than
+//! every test in them takes to run.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+mod bad_input;
+mod confirms_and_transactions;
+mod consumers;
+mod dead_lettering;
+mod declarations;
+mod deduplication;
+mod delayed_messages;
+mod delivery_limit;
+mod food_delivery;
+mod leases;
+mod ordering;
+mod paging;
+mod policies;
+mod retry_backoff;
+mod ttl_and_limits;
