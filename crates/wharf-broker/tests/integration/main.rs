@@ -21,3 +21,4 @@ mod paging;
 mod policies;
 mod retry_backoff;
 mod ttl_and_limits;
+mod virtual_time;
