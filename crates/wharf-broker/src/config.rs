@@ -101,3 +101,77 @@ impl BrokerConfig {
         }
     }
 }
+
+/// Longest group-commit delay accepted, in microseconds (0.1 s): a longer one would only add
+/// latency to every confirm.
+pub const GROUP_COMMIT_DELAY_US_MAX: u64 = 100_000;
+
+/// Smallest `frame_max` accepted (AMQP 0-9-1's minimum frame size).
+pub const FRAME_MAX_MIN: u32 = 4096;
+
+/// A setting that cannot work, named, with what is allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl BrokerConfig {
+    /// Checks every setting; the binary and `Broker::start` both refuse a configuration that
+    /// fails, with a message naming the setting and what is allowed.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let refuse = |text: String| Err(ConfigError(text));
+        let frame_max_limit = wharf_wire::frame::FRAME_MAX_LIMIT;
+        if !(FRAME_MAX_MIN..=frame_max_limit).contains(&self.frame_max) {
+            return refuse(format!(
+                "frame_max must be between {FRAME_MAX_MIN} and {frame_max_limit} bytes, got {}",
+                self.frame_max
+            ));
+        }
+        let body_limit = wharf_store::format::BODY_BYTES_MAX as u64;
+        if self.message_bytes_max == 0 || self.message_bytes_max > body_limit {
+            return refuse(format!(
+                "message_bytes_max must be between 1 and {body_limit} bytes, got {}",
+                self.message_bytes_max
+            ));
+        }
+        if self.connections_max == 0 {
+            return refuse("connections_max must be at least 1".into());
+        }
+        for vhost in &self.vhosts {
+            if vhost.is_empty() || vhost.len() > 255 || vhost.chars().any(char::is_control) {
+                return refuse(format!("vhost name {vhost:?} is not valid (1 to 255 bytes, no control characters)"));
+            }
+        }
+        if self.store.group_commit_delay_us > GROUP_COMMIT_DELAY_US_MAX {
+            return refuse(format!(
+                "group_commit_delay_us must be at most {GROUP_COMMIT_DELAY_US_MAX} (0.1 s), got {}",
+                self.store.group_commit_delay_us
+            ));
+        }
+        if self.users.is_empty() {
+            return refuse("the configuration lists no users; nobody could connect".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_valid_and_each_bad_setting_is_named() {
+        let defaults = BrokerConfig::new("/data");
+        assert_eq!(defaults.validate(), Ok(()));
+        let refused = |change: &dyn Fn(&mut BrokerConfig)| {
+            let mut config = BrokerConfig::new("/data");
+            change(&mut config);
+            config.validate().unwrap_err().0
+        };
+        assert!(refused(&|config| config.frame_max = 100).starts_with("frame_max must be between 4096"));
+        assert!(refused(&|config| config.message_bytes_max = 0).starts_with("message_bytes_max"));
+        assert!(refused(&|config| config.connections_max = 0).starts_with("connections_max"));
+        assert!(refused(&|config| config.vhosts.push(String::new())).starts_with("vhost name"));
+        assert!(refused(&|config| config.store.group_commit_delay_us = 200_000).starts_with("group_commit_delay_us"));
+        assert!(refused(&|config| config.users.clear()).contains("no users"));
+    }
+}

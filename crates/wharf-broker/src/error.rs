@@ -15,6 +15,9 @@ pub enum BrokerError {
         #[source]
         source: std::io::Error,
     },
+    /// A setting cannot work.
+    #[error("configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
     /// The async runtime cannot run the broker.
     #[error("{0}")]
     Runtime(String),

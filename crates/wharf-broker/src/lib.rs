@@ -25,7 +25,9 @@ mod session;
 mod writer;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use config::{BrokerConfig, QUEUE_BODY_MEMORY_BYTES_MAX_DEFAULT, User};
+pub use config::{
+    BrokerConfig, ConfigError, FRAME_MAX_MIN, GROUP_COMMIT_DELAY_US_MAX, QUEUE_BODY_MEMORY_BYTES_MAX_DEFAULT, User,
+};
 pub use error::BrokerError;
 pub use persist::json_to_amqp;
 pub use server::Broker;

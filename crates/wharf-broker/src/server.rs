@@ -44,6 +44,7 @@ impl Broker {
                 "the broker needs tokio's multi-threaded runtime, not {flavor:?} (e.g. #[tokio::main], or #[tokio::test(flavor = \"multi_thread\")])"
             )));
         }
+        config.validate()?;
         let address = config.amqp_listen;
         let (core, startup) = tokio::task::spawn_blocking(move || Core::open(config))
             .await

@@ -139,36 +139,18 @@ fn broker_config(args: &ServeArgs) -> Result<BrokerConfig> {
         config.heartbeat_s = heartbeat_s;
     }
     if let Some(frame_max) = args.frame_max.or(file.frame_max) {
-        if !(4096..=wharf_broker::FRAME_MAX_LIMIT).contains(&frame_max) {
-            bail!("frame_max must be between 4096 and {} bytes, got {frame_max}", wharf_broker::FRAME_MAX_LIMIT);
-        }
         config.frame_max = frame_max;
     }
     if let Some(message_bytes_max) = args.message_bytes_max.or(file.message_bytes_max) {
-        let limit = wharf_store::format::BODY_BYTES_MAX as u64;
-        if message_bytes_max == 0 || message_bytes_max > limit {
-            bail!("message_bytes_max must be between 1 and {limit} bytes, got {message_bytes_max}");
-        }
         config.message_bytes_max = message_bytes_max;
     }
     if let Some(connections_max) = args.connections_max.or(file.connections_max) {
-        if connections_max == 0 {
-            bail!("connections_max must be at least 1");
-        }
         config.connections_max = connections_max;
     }
     if let Some(vhosts) = file.vhosts {
-        for vhost in &vhosts {
-            if vhost.is_empty() || vhost.len() > 255 || vhost.chars().any(char::is_control) {
-                bail!("vhost name {vhost:?} is not valid (1 to 255 bytes, no control characters)");
-            }
-        }
         config.vhosts.extend(vhosts);
     }
     if let Some(delay_us) = args.group_commit_delay_us.or(file.group_commit_delay_us) {
-        if delay_us > 100_000 {
-            bail!("group_commit_delay_us must be at most 100000 (0.1 s), got {delay_us}");
-        }
         config.store.group_commit_delay_us = delay_us;
     }
     if let Some(bytes) = args.queue_body_memory_bytes_max.or(file.queue_body_memory_bytes_max) {
@@ -201,6 +183,8 @@ fn broker_config(args: &ServeArgs) -> Result<BrokerConfig> {
             .map(|user| User { name: user.name, password: user.password, loopback_only: user.loopback_only })
             .collect();
     }
+    // Every setting is checked by the broker's own rules (the same ones `Broker::start` applies).
+    config.validate()?;
     Ok(config)
 }
 
