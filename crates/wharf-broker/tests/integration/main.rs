@@ -12,6 +12,7 @@ mod consumers;
 mod dead_lettering;
 mod declarations;
 mod deduplication;
+mod definitions_format;
 mod delayed_messages;
 mod delivery_limit;
 mod food_delivery;
