@@ -4,7 +4,7 @@
 //! failure undoes what was done.
 
 use crate::core::Core;
-use crate::persist::{self, StoredBinding};
+use crate::definition_format::{self, Definition, StoredBinding, StoredExchange, StoredQueue};
 use wharf_model::{ConnectionId, Destination, Exchange, ExchangeDeclare, ExchangeKind, ModelError, QueueDeclare};
 use wharf_store::{QueueId, StoreError};
 use wharf_wire::protocol::exchange;
@@ -73,14 +73,14 @@ impl Core {
             } else {
                 None
             };
-            let stored = persist::StoredQueue {
+            let stored = StoredQueue {
                 auto_delete: request.auto_delete,
                 arguments: request.arguments.clone(),
                 store_queue: id.0,
                 dedup_store_queue: dedup_id.map(|dedup_id| dedup_id.0),
             };
-            let value = serde_json::to_vec(&stored).unwrap_or_default();
-            if let Err(error) = self.meta.put(&persist::queue_key(request.vhost, &name), &value) {
+            let value = definition_format::encode_queue(&stored);
+            if let Err(error) = self.meta.put(&definition_format::queue_key(request.vhost, &name), &value) {
                 let _ = self.store.delete_queue(id);
                 if let Some(dedup_id) = dedup_id {
                     let _ = self.store.delete_queue(dedup_id);
@@ -137,7 +137,7 @@ impl Core {
     /// definition goes first: a crash in between leaves an orphaned log, deleted at startup.
     /// The caller holds the definitions lock.
     pub fn forget_queue(&self, vhost: &str, name: &str, store_queue: Option<u64>, dedup_store_queue: Option<u64>) {
-        let mut keys = vec![persist::queue_key(vhost, name)];
+        let mut keys = vec![definition_format::queue_key(vhost, name)];
         keys.extend(self.binding_keys_to(vhost, &Destination::Queue(name.to_owned())));
         let changes: Vec<_> = keys.into_iter().map(|key| wharf_store::MetaChange::Delete { key }).collect();
         if let Err(error) = self.meta.apply(&changes) {
@@ -156,21 +156,20 @@ impl Core {
 
     /// Definition keys of stored bindings leading to `destination` (read from the log's map).
     fn binding_keys_to(&self, vhost: &str, destination: &Destination) -> Vec<Vec<u8>> {
-        let (is_queue, name) = match destination {
-            Destination::Queue(name) => (true, name),
-            Destination::Exchange(name) => (false, name),
-        };
         self.meta
             .entries()
             .into_iter()
             .filter_map(|(key, value)| {
-                let (kind, key_vhost, _) = persist::split_key(&key)?;
+                let (kind, key_vhost, _) = definition_format::split_key(&key)?;
                 if kind != "binding" || key_vhost != vhost {
                     return None;
                 }
-                let stored: StoredBinding = serde_json::from_slice(&value).ok()?;
-                let matches = (stored.destination_is_queue == is_queue && &stored.destination == name)
-                    || (!is_queue && &stored.source == name);
+                let Ok(Definition::Binding { stored, .. }) = definition_format::decode(&key, &value) else {
+                    return None;
+                };
+                // A binding leads to the destination, or (for an exchange) leaves from it.
+                let matches = &stored.destination == destination
+                    || matches!(destination, Destination::Exchange(name) if &stored.source == name);
                 matches.then_some(key)
             })
             .collect()
@@ -179,7 +178,7 @@ impl Core {
     /// Removes a durable exchange's definition and every stored binding from or to it, then its
     /// logs (delayed messages, de-duplication keys). The caller holds the definitions lock.
     pub fn forget_exchange(&self, vhost: &str, exchange: &Exchange) -> Result<(), StoreError> {
-        let mut keys = vec![persist::exchange_key(vhost, &exchange.name)];
+        let mut keys = vec![definition_format::exchange_key(vhost, &exchange.name)];
         keys.extend(self.binding_keys_to(vhost, &Destination::Exchange(exchange.name.clone())));
         let changes: Vec<_> = keys.into_iter().map(|key| wharf_store::MetaChange::Delete { key }).collect();
         self.meta.apply(&changes)?;
@@ -213,8 +212,8 @@ impl Core {
             routing_key: routing_key.to_owned(),
             arguments: arguments.clone(),
         };
-        let stored = persist::stored_binding(source, &binding);
-        let value = serde_json::to_vec(&stored).unwrap_or_default();
+        let stored = StoredBinding::of(source, &binding);
+        let value = definition_format::encode_binding(&stored);
         if add && value.len() > wharf_store::META_VALUE_BYTES_MAX {
             return Err(ModelError::precondition_failed("binding arguments are too large to store durably"));
         }
@@ -235,7 +234,7 @@ impl Core {
             };
             (changed, durable, vhost.take_auto_deleted())
         };
-        let key = persist::binding_key(vhost_name, &stored);
+        let key = definition_format::binding_key(vhost_name, &stored);
         if changed && durable {
             let written = if add { self.meta.put(&key, &value) } else { self.meta.delete(&key) };
             if let Err(error) = written {
@@ -314,7 +313,7 @@ impl Core {
                 })
                 .map(|declared| {
                     let stored = (declared.created && declare.durable)
-                        .then(|| vhost.exchange(&declared.name).map(persist::stored_exchange))
+                        .then(|| vhost.exchange(&declared.name).map(StoredExchange::of))
                         .flatten();
                     (declared, stored)
                 })
@@ -329,8 +328,8 @@ impl Core {
             }
         };
         if let Some(stored) = stored {
-            let value = serde_json::to_vec(&stored).unwrap_or_default();
-            if let Err(error) = self.meta.put(&persist::exchange_key(vhost_name, &declared.name), &value) {
+            let value = definition_format::encode_exchange(&stored);
+            if let Err(error) = self.meta.put(&definition_format::exchange_key(vhost_name, &declared.name), &value) {
                 // Undo: the exchange must not exist without its definition.
                 if let Some(vhost) = self.lock_model().vhost_mut(vhost_name) {
                     let _ = vhost.delete_exchange(&declared.name, false);

@@ -13,6 +13,7 @@ mod confirms;
 mod connection;
 mod core;
 mod dedup_logs;
+mod definition_format;
 mod definitions;
 mod error;
 mod outbound;

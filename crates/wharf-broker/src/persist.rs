@@ -1,10 +1,10 @@
-//! How the runtime stores things through `wharf-store`: a message's routing information and
-//! properties as the store record's meta, and durable definitions (exchanges, queues, bindings)
-//! as keys and JSON values in the definitions log.
+//! How the runtime stores messages through `wharf-store`: a message's routing information and
+//! properties as the store record's meta, and de-duplication key records; also JSON policy
+//! definitions (from configuration files) as AMQP values. Durable definitions have a module of
+//! their own (`definition_format`).
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
-use wharf_model::{Binding, Destination, Exchange, Message};
+use wharf_model::Message;
 use wharf_wire::frame::decode_properties;
 use wharf_wire::types::FieldTable;
 
@@ -61,81 +61,6 @@ pub(crate) fn is_dedup_key(meta: &[u8]) -> bool {
     meta == [DEDUP_KEY_META_VERSION]
 }
 
-/// A durable exchange as stored, with the store's logs it owns (a delayed-message exchange's
-/// waiting messages; de-duplication keys).
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct StoredExchange {
-    pub kind: String,
-    pub auto_delete: bool,
-    pub internal: bool,
-    pub arguments: FieldTable,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub store_queue: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dedup_store_queue: Option<u64>,
-}
-
-/// A durable queue as stored, with the store's log id for its messages (and for its
-/// de-duplication keys, if it de-duplicates).
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct StoredQueue {
-    pub auto_delete: bool,
-    pub arguments: FieldTable,
-    pub store_queue: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dedup_store_queue: Option<u64>,
-}
-
-/// A durable binding as stored (the key says what it binds).
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct StoredBinding {
-    pub source: String,
-    pub destination_is_queue: bool,
-    pub destination: String,
-    pub routing_key: String,
-    pub arguments: FieldTable,
-}
-
-pub(crate) fn exchange_key(vhost: &str, name: &str) -> Vec<u8> {
-    format!("exchange\0{vhost}\0{name}").into_bytes()
-}
-
-pub(crate) fn queue_key(vhost: &str, name: &str) -> Vec<u8> {
-    format!("queue\0{vhost}\0{name}").into_bytes()
-}
-
-/// Arguments longer than this are named in a binding's key by length and checksum instead of
-/// spelled out, so every key stays well under the definitions log's key limit.
-const BINDING_KEY_ARGUMENTS_BYTES_MAX: usize = 2048;
-
-/// A binding's key holds everything that makes it unique, arguments included (long arguments by
-/// length and CRC32C; the value always holds them whole).
-pub(crate) fn binding_key(vhost: &str, stored: &StoredBinding) -> Vec<u8> {
-    let mut arguments = serde_json::to_string(&stored.arguments).unwrap_or_default();
-    if arguments.len() > BINDING_KEY_ARGUMENTS_BYTES_MAX {
-        arguments = format!("#{}:{:08x}", arguments.len(), crc32c::crc32c(arguments.as_bytes()));
-    }
-    format!(
-        "binding\0{vhost}\0{}\0{}\0{}\0{}\0{arguments}",
-        stored.source,
-        if stored.destination_is_queue { "q" } else { "e" },
-        stored.destination,
-        stored.routing_key
-    )
-    .into_bytes()
-}
-
-pub(crate) fn stored_exchange(exchange: &Exchange) -> StoredExchange {
-    StoredExchange {
-        kind: exchange.kind.as_str().to_owned(),
-        auto_delete: exchange.auto_delete,
-        internal: exchange.internal,
-        arguments: exchange.arguments.clone(),
-        store_queue: exchange.store_queue,
-        dedup_store_queue: exchange.dedup_store_queue,
-    }
-}
-
 /// A JSON value (from a configuration file) as an AMQP argument value: numbers become signed
 /// 64-bit integers, strings long strings, arrays field arrays, objects field tables.
 pub fn json_to_amqp(value: &serde_json::Value) -> Option<wharf_wire::types::AMQPValue> {
@@ -156,27 +81,6 @@ pub fn json_to_amqp(value: &serde_json::Value) -> Option<wharf_wire::types::AMQP
         }
         serde_json::Value::Null => AMQPValue::Void,
     })
-}
-
-pub(crate) fn stored_binding(source: &str, binding: &Binding) -> StoredBinding {
-    let (destination_is_queue, destination) = match &binding.destination {
-        Destination::Queue(name) => (true, name.clone()),
-        Destination::Exchange(name) => (false, name.clone()),
-    };
-    StoredBinding {
-        source: source.to_owned(),
-        destination_is_queue,
-        destination,
-        routing_key: binding.routing_key.clone(),
-        arguments: binding.arguments.clone(),
-    }
-}
-
-/// Splits a definitions key into its kind, vhost and the rest.
-pub(crate) fn split_key(key: &[u8]) -> Option<(&str, &str, &str)> {
-    let text = std::str::from_utf8(key).ok()?;
-    let mut parts = text.splitn(3, '\0');
-    Some((parts.next()?, parts.next()?, parts.next()?))
 }
 
 #[cfg(test)]

@@ -15,11 +15,12 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::BrokerConfig;
 use crate::core::{Core, CoreParts};
 use crate::dedup_logs::DedupLogs;
+use crate::definition_format::{self, Definition, StoredBinding, StoredExchange, StoredQueue};
 use crate::error::BrokerError;
-use crate::persist::{self, StoredBinding, StoredExchange, StoredQueue};
+use crate::persist;
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use wharf_model::{BrokerModel, ConnectionId, Destination, Effects, Exchange, ExchangeKind, PagedBody, Queue};
+use wharf_model::{BrokerModel, ConnectionId, Effects, Exchange, ExchangeKind, PagedBody, Queue};
 use wharf_store::{MessageLocation, MetaStore, QueueId, Recovered, RecoveredMessage, Store, StoreError};
 
 /// Written by a clean shutdown after the store is closed; removed at start.
@@ -91,7 +92,17 @@ fn open_storage(config: &BrokerConfig) -> Result<Storage, BrokerError> {
             source: Arc::new(error),
         })?;
     }
-    let definitions = definitions.entries.into_iter().collect();
+    // Definitions written before the current format are rewritten first (one atomic batch).
+    let migration = definition_format::migrate(&definitions.entries).map_err(|error| {
+        BrokerError::Startup(format!("the definitions log cannot be read by this version of Wharf: {error}"))
+    })?;
+    let definitions = if migration.is_empty() {
+        definitions.entries.into_iter().collect()
+    } else {
+        tracing::info!(changes = migration.len(), "migrating definitions to the current format");
+        meta.apply(&migration)?;
+        meta.entries().into_iter().collect()
+    };
     Ok(Storage { meta, definitions, store, recovered, clean_stop })
 }
 
@@ -191,25 +202,21 @@ fn restore_definition(
     key: &[u8],
     value: &[u8],
 ) {
-    let Some((kind, vhost_name, name)) = persist::split_key(key) else {
-        tracing::warn!("unreadable definitions key skipped");
-        return;
+    // The vhost exists even if the definition in it turns out unreadable.
+    if let Some((_, vhost, _)) = definition_format::split_key(key) {
+        ensure_vhost(config, model, vhost);
+    }
+    let definition = match definition_format::decode(key, value) {
+        Ok(definition) => definition,
+        Err(error) => {
+            tracing::error!(key = %String::from_utf8_lossy(key), %error, "stored definition unreadable");
+            return;
+        }
     };
-    ensure_vhost(config, model, vhost_name);
-    match kind {
-        "exchange" => match serde_json::from_slice::<StoredExchange>(value) {
-            Ok(stored) => restore_exchange(sources, model, tally, vhost_name, name, stored),
-            Err(error) => tracing::error!(exchange = name, %error, "stored exchange unreadable"),
-        },
-        "queue" => match serde_json::from_slice::<StoredQueue>(value) {
-            Ok(stored) => restore_queue(sources, model, tally, vhost_name, name, stored),
-            Err(error) => tracing::error!(queue = name, %error, "stored queue unreadable"),
-        },
-        "binding" => match serde_json::from_slice::<StoredBinding>(value) {
-            Ok(stored) => tally.bindings.push((vhost_name.to_owned(), stored)),
-            Err(error) => tracing::error!(%error, "stored binding unreadable"),
-        },
-        other => tracing::warn!(kind = other, "unknown definition kind skipped"),
+    match definition {
+        Definition::Exchange { vhost, name, stored } => restore_exchange(sources, model, tally, &vhost, &name, stored),
+        Definition::Queue { vhost, name, stored } => restore_queue(sources, model, tally, &vhost, &name, stored),
+        Definition::Binding { vhost, stored } => tally.bindings.push((vhost, stored)),
     }
 }
 
@@ -344,13 +351,8 @@ fn restore_queue_messages(sources: &Sources<'_>, tally: &mut Tally, queue: &mut 
 fn restore_bindings(model: &mut BrokerModel, bindings: Vec<(String, StoredBinding)>) {
     for (vhost_name, stored) in bindings {
         let Some(vhost) = model.vhost_mut(&vhost_name) else { continue };
-        let destination = if stored.destination_is_queue {
-            Destination::Queue(stored.destination)
-        } else {
-            Destination::Exchange(stored.destination)
-        };
         if let Err(error) =
-            vhost.bind(&stored.source, destination, &stored.routing_key, &stored.arguments, ConnectionId(0))
+            vhost.bind(&stored.source, stored.destination, &stored.routing_key, &stored.arguments, ConnectionId(0))
         {
             tracing::error!(%error, "stored binding no longer applies");
         }

@@ -12,6 +12,9 @@ use crate::error::WireError;
 use crate::methods;
 use amq_protocol::frame::WriteContext;
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic, gen_class, parse_class};
+use amq_protocol::types::FieldTable;
+use amq_protocol::types::generation::gen_field_table;
+use amq_protocol::types::parsing::parse_field_table;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// What a client sends first.
@@ -228,6 +231,26 @@ pub fn encode_properties(properties: &BasicProperties) -> Bytes {
         Err(_) => Vec::from([0u8, 0u8]),
     };
     Bytes::from(out)
+}
+
+/// Encodes a field table as AMQP 0-9-1 puts it on the wire (a 32-bit length, then each entry as
+/// a short-string name and a tagged value, RabbitMQ's dialect of the tags). Used beyond the wire
+/// where a table must be stored in a format that does not move with a library's internals: the
+/// wire format is fixed by the protocol. `None` only for a table no peer could have sent (a
+/// value over its protocol limit).
+pub fn encode_field_table(table: &FieldTable) -> Option<Vec<u8>> {
+    match gen_field_table(table)(WriteContext::from(Vec::with_capacity(64))) {
+        Ok(context) => Some(context.write),
+        Err(_) => None,
+    }
+}
+
+/// Decodes what [`encode_field_table`] wrote; `None` unless `bytes` is exactly one table.
+pub fn decode_field_table(bytes: &[u8]) -> Option<FieldTable> {
+    match parse_field_table(bytes) {
+        Ok(([], table)) => Some(table),
+        _ => None,
+    }
 }
 
 fn put_frame_header(out: &mut BytesMut, frame_type: u8, channel: u16, size: usize) {

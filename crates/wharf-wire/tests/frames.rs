@@ -227,3 +227,28 @@ proptest! {
         prop_assert_eq!(encode_properties(&decoded), raw);
     }
 }
+
+#[test]
+fn a_field_table_encodes_as_on_the_wire_and_decodes_back() {
+    use wharf_wire::frame::{decode_field_table, encode_field_table};
+    use wharf_wire::types::{AMQPValue, FieldArray, FieldTable, LongString};
+    let mut inner = FieldTable::default();
+    inner.insert("depth".into(), AMQPValue::LongInt(2));
+    let mut table = FieldTable::default();
+    table.insert("x-max-length".into(), AMQPValue::LongLongInt(1000));
+    table.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(LongString::from(&b"dlx"[..])));
+    table.insert(
+        "x-steps".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::LongInt(5), AMQPValue::Boolean(true)])),
+    );
+    table.insert("nested".into(), AMQPValue::FieldTable(inner));
+    let bytes = encode_field_table(&table).unwrap();
+    // The wire form: a 32-bit length of what follows, then the entries.
+    assert_eq!(u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize, bytes.len() - 4);
+    assert_eq!(decode_field_table(&bytes), Some(table));
+    assert_eq!(encode_field_table(&FieldTable::default()).unwrap(), vec![0, 0, 0, 0]);
+    assert_eq!(decode_field_table(&bytes[..bytes.len() - 1]), None, "truncated");
+    let mut trailing = bytes.clone();
+    trailing.push(0);
+    assert_eq!(decode_field_table(&trailing), None, "trailing bytes");
+}
