@@ -2,8 +2,8 @@
 //! per-channel confirm queue and task that send `basic.ack`/`basic.nack` in order once the store
 //! reports the covering `fdatasync`.
 
-use crate::connection::method_frame;
 use crate::core::Core;
+use crate::outbound::method_frame;
 use crate::outbound::{Outbound, Outbox};
 use std::collections::VecDeque;
 use std::future::{Future, IntoFuture};

@@ -5,9 +5,10 @@
 
 use crate::core::{Core, blocking};
 use crate::outbound::{BACKLOG_BYTES_MAX, Backlog, Outbound, Outbox};
-use crate::session::Session;
+use crate::outbound::{method_frame, truncate};
+use crate::session::{Session, Stop};
 use crate::writer::{self, WriterSettings};
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -16,8 +17,8 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{mpsc, watch};
-use wharf_model::ModelError;
-use wharf_wire::frame::{FRAME_MIN_SIZE, decode_protocol_header, encode_method, encode_protocol_header};
+use wharf_wire::frame::{FRAME_MIN_SIZE, decode_protocol_header, encode_protocol_header};
+use wharf_wire::methods::MethodId;
 use wharf_wire::protocol::{AMQPClass, connection};
 use wharf_wire::types::{AMQPValue, FieldTable, LongString, ShortString};
 use wharf_wire::{Frame, FrameDecoder, WireError, reply_code, sasl};
@@ -40,31 +41,13 @@ pub(crate) enum Ending {
     HeartbeatMissed,
 }
 
-pub(crate) fn method_frame(channel: u16, method: &AMQPClass) -> Bytes {
-    let mut buffer = BytesMut::with_capacity(64);
-    if encode_method(&mut buffer, channel, method).is_err() {
-        // Only over-long strings fail to encode; the replies built here never carry one.
-        tracing::error!(?method, "could not encode a method");
-    }
-    buffer.freeze()
-}
-
-fn connection_close(code: u16, text: &str, class_id: u16, method_id: u16) -> AMQPClass {
+fn connection_close(code: u16, text: &str, cause: MethodId) -> AMQPClass {
     AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
         reply_code: code,
         reply_text: ShortString::from(truncate(text)),
-        class_id,
-        method_id,
+        class_id: cause.class_id,
+        method_id: cause.method_id,
     }))
-}
-
-/// Reply texts are short strings: cut at 255 bytes, on a character boundary.
-pub(crate) fn truncate(text: &str) -> String {
-    let mut end = text.len().min(255);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
 }
 
 fn server_properties() -> FieldTable {
@@ -130,12 +113,12 @@ impl Connection {
 
     async fn close_for_wire_error(&mut self, error: &WireError) -> Ending {
         tracing::warn!(peer = %self.peer, %error, "protocol error");
-        self.close_connection(error.reply_code(), &error.to_string(), 0, 0).await
+        self.close_connection(error.reply_code(), &error.to_string(), MethodId::NONE).await
     }
 
     /// Sends `connection.close` and waits (bounded) for `close-ok`, ignoring anything else.
-    async fn close_connection(&mut self, code: u16, text: &str, class_id: u16, method_id: u16) -> Ending {
-        self.send(0, &connection_close(code, text, class_id, method_id));
+    async fn close_connection(&mut self, code: u16, text: &str, cause: MethodId) -> Ending {
+        self.send(0, &connection_close(code, text, cause));
         let deadline = tokio::time::Instant::now() + CLOSE_OK_TIMEOUT;
         loop {
             match self.decoder.decode(&mut self.buffer) {
@@ -213,7 +196,7 @@ impl Connection {
             0 => config.frame_max,
             requested if requested < FRAME_MIN_SIZE => {
                 let text = format!("frame_max {requested} is below the minimum {FRAME_MIN_SIZE}");
-                return Err(self.close_connection(reply_code::NOT_ALLOWED, &text, 10, 31).await);
+                return Err(self.close_connection(reply_code::NOT_ALLOWED, &text, MethodId::CONNECTION_TUNE_OK).await);
             }
             requested => requested.min(config.frame_max),
         };
@@ -234,7 +217,7 @@ impl Connection {
         let vhost = open.virtual_host.as_str().to_owned();
         if self.core.lock_model().vhost(&vhost).is_none() {
             let text = format!("NOT_ALLOWED - vhost '{vhost}' not found");
-            return Err(self.close_connection(reply_code::NOT_ALLOWED, &text, 10, 40).await);
+            return Err(self.close_connection(reply_code::NOT_ALLOWED, &text, MethodId::CONNECTION_OPEN).await);
         }
         self.send(0, &AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})));
         Ok((user, vhost, channel_max))
@@ -242,7 +225,7 @@ impl Connection {
 
     async fn unexpected(&mut self, expected: &str) -> Ending {
         let text = format!("UNEXPECTED_FRAME - expected {expected}");
-        self.close_connection(reply_code::UNEXPECTED_FRAME, &text, 0, 0).await
+        self.close_connection(reply_code::UNEXPECTED_FRAME, &text, MethodId::NONE).await
     }
 
     async fn authenticate(&mut self, start_ok: &connection::StartOk) -> Result<String, Ending> {
@@ -257,7 +240,7 @@ impl Connection {
             Err(text) => {
                 tracing::warn!(peer = %self.peer, reason = %text, "authentication failed");
                 // authentication_failure_close: say why, then close without waiting long.
-                self.send(0, &connection_close(reply_code::ACCESS_REFUSED, &text, 10, 11));
+                self.send(0, &connection_close(reply_code::ACCESS_REFUSED, &text, MethodId::CONNECTION_START_OK));
                 Err(Ending::ServerClosed(reply_code::ACCESS_REFUSED, text))
             }
         }
@@ -364,9 +347,9 @@ async fn run_frames(connection: &mut Connection, session: &mut Session, mut shut
                             .send(0, &AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})));
                         return Ending::ClientClosed;
                     }
-                    Err(Stop::Error(error, class_id, method_id)) => {
-                        tracing::warn!(peer = %connection.peer, %error, "connection error");
-                        return connection.close_connection(error.code, &error.text, class_id, method_id).await;
+                    Err(Stop::Error { error, cause }) => {
+                        tracing::warn!(peer = %connection.peer, %error, %cause, "connection error");
+                        return connection.close_connection(error.code, &error.text, cause).await;
                     }
                 },
                 Ok(None) => break,
@@ -386,7 +369,7 @@ async fn run_frames(connection: &mut Connection, session: &mut Session, mut shut
             tokio::select! {
                 () = drained => {}
                 _ = shutdown.changed() => {
-                    return connection.close_connection(reply_code::CONNECTION_FORCED, "CONNECTION_FORCED - broker shutting down", 0, 0).await;
+                    return connection.close_connection(reply_code::CONNECTION_FORCED, "CONNECTION_FORCED - broker shutting down", MethodId::NONE).await;
                 }
             }
         }
@@ -403,13 +386,13 @@ async fn run_frames(connection: &mut Connection, session: &mut Session, mut shut
                 Err(_) => return Ending::HeartbeatMissed,
             },
             _ = shutdown.changed() => {
-                return connection.close_connection(reply_code::CONNECTION_FORCED, "CONNECTION_FORCED - broker shutting down", 0, 0).await;
+                return connection.close_connection(reply_code::CONNECTION_FORCED, "CONNECTION_FORCED - broker shutting down", MethodId::NONE).await;
             }
             _ = fatal.changed() => {
-                return connection.close_connection(reply_code::INTERNAL_ERROR, "INTERNAL_ERROR - the broker's storage failed", 0, 0).await;
+                return connection.close_connection(reply_code::INTERNAL_ERROR, "INTERNAL_ERROR - the broker's storage failed", MethodId::NONE).await;
             }
             () = backlog.writer_failed.notified() => {
-                return connection.close_connection(reply_code::INTERNAL_ERROR, "INTERNAL_ERROR - a stored message could not be read back", 0, 0).await;
+                return connection.close_connection(reply_code::INTERNAL_ERROR, "INTERNAL_ERROR - a stored message could not be read back", MethodId::NONE).await;
             }
             () = backlog.reports.ready.notified() => act_on_writer_reports(&connection.core, session, &backlog),
         }
@@ -428,15 +411,6 @@ fn act_on_writer_reports(core: &Core, session: &Session, backlog: &Backlog) {
     for (channel, delivery_tag) in unsent {
         let _ = blocking(|| core.act(|model| Ok(((), model.reject(channel, delivery_tag, false, true)?))));
     }
-}
-
-/// Why the session stopped the connection.
-#[derive(Debug)]
-pub(crate) enum Stop {
-    /// `connection.close` from the client.
-    ClientClosed,
-    /// A connection-level error, with the class and method that caused it.
-    Error(ModelError, u16, u16),
 }
 
 #[cfg(test)]

@@ -8,12 +8,15 @@
 //! leaves in its connection's [`WriterReports`], and the connection's own task tells the model.
 
 use crate::pager::DeliveryBody;
+use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use wharf_model::{ChannelKey, ConnectionId, Delivery};
 use wharf_store::Ticket;
+use wharf_wire::frame::encode_method;
+use wharf_wire::protocol::AMQPClass;
 
 /// What a connection's writer task is asked to send.
 #[derive(Debug)]
@@ -179,4 +182,23 @@ impl Connections {
     pub fn outbox(&self, id: ConnectionId) -> Option<Outbox> {
         self.lock().get(&id).cloned()
     }
+}
+
+/// Encodes one method frame (a reply the server builds itself).
+pub(crate) fn method_frame(channel: u16, method: &AMQPClass) -> Bytes {
+    let mut buffer = BytesMut::with_capacity(64);
+    if encode_method(&mut buffer, channel, method).is_err() {
+        // Only over-long strings fail to encode; the replies built here never carry one.
+        tracing::error!(?method, "could not encode a method");
+    }
+    buffer.freeze()
+}
+
+/// Reply texts are short strings: cut at 255 bytes, on a character boundary.
+pub(crate) fn truncate(text: &str) -> String {
+    let mut end = text.len().min(255);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }

@@ -2,6 +2,46 @@
 //! unknown method (540 NOT_IMPLEMENTED) from a malformed known one (502 SYNTAX_ERROR), and to name
 //! methods in errors and logs.
 
+use amq_protocol::protocol::AMQPClass;
+
+/// The class id of `basic` (publishes, deliveries, content headers).
+pub const BASIC_CLASS_ID: u16 = 60;
+
+/// Which method something was about, as `connection.close` and `channel.close` name it (the
+/// class and method ids of the method that caused the close, or zeros for none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MethodId {
+    pub class_id: u16,
+    pub method_id: u16,
+}
+
+impl MethodId {
+    /// No method: a close not caused by one (a frame error, a shutdown).
+    pub const NONE: MethodId = MethodId { class_id: 0, method_id: 0 };
+    /// `connection.start-ok` (credentials).
+    pub const CONNECTION_START_OK: MethodId = MethodId { class_id: 10, method_id: 11 };
+    /// `connection.tune-ok`.
+    pub const CONNECTION_TUNE_OK: MethodId = MethodId { class_id: 10, method_id: 31 };
+    /// `connection.open` (the vhost).
+    pub const CONNECTION_OPEN: MethodId = MethodId { class_id: 10, method_id: 40 };
+    /// `basic.publish`, which content frames belong to.
+    pub const BASIC_PUBLISH: MethodId = MethodId { class_id: BASIC_CLASS_ID, method_id: 40 };
+
+    /// The ids of a decoded method.
+    pub fn of(method: &AMQPClass) -> MethodId {
+        MethodId { class_id: method.get_amqp_class_id(), method_id: method.get_amqp_method_id() }
+    }
+}
+
+impl std::fmt::Display for MethodId {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match name(self.class_id, self.method_id) {
+            Some(name) => formatter.write_str(name),
+            None => write!(formatter, "{}.{}", self.class_id, self.method_id),
+        }
+    }
+}
+
 /// The `class.method` name of a known method, or `None`.
 pub fn name(class_id: u16, method_id: u16) -> Option<&'static str> {
     Some(match (class_id, method_id) {

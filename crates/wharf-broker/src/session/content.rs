@@ -2,14 +2,15 @@
 //! against `message_bytes_max` and the announced size, then is published (or buffered by a
 //! transaction).
 
+use super::Stop;
 use super::tx::{TX_OPS_MAX, TxOp};
 use super::{Session, connection_error};
 use crate::confirms::PendingConfirm;
-use crate::connection::Stop;
 use crate::publish::{PublishRequest, Published};
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 use wharf_model::{Message, ModelError};
+use wharf_wire::methods::{BASIC_CLASS_ID, MethodId};
 use wharf_wire::protocol::basic;
 use wharf_wire::{ContentHeader, reply_code};
 
@@ -32,7 +33,7 @@ impl Session {
         let Some(Content::Header(publish)) = state.content.take() else {
             return Err(unexpected_content(channel));
         };
-        if header.class_id != 60 {
+        if header.class_id != BASIC_CLASS_ID {
             return Err(unexpected_content(channel));
         }
         if header.body_size > message_bytes_max {
@@ -40,7 +41,7 @@ impl Session {
                 "message size {} is larger than configured max size {message_bytes_max}",
                 header.body_size
             ));
-            self.channel_error(channel, &error, 60, 40);
+            self.channel_error(channel, &error, MethodId::BASIC_PUBLISH);
             return Ok(());
         }
         if header.body_size == 0 {
@@ -73,7 +74,7 @@ impl Session {
                 "FRAME_ERROR",
                 format!("body frames exceed the announced body size {}", header.body_size),
             );
-            return Err(Stop::Error(error, 60, 40));
+            return Err(Stop::Error { error, cause: MethodId::BASIC_PUBLISH });
         }
         chunks.push(payload);
         if received < header.body_size {
@@ -102,7 +103,7 @@ impl Session {
             if buffer.len() >= TX_OPS_MAX {
                 let error =
                     ModelError::precondition_failed(format!("a transaction holds at most {TX_OPS_MAX} operations"));
-                return self.fail(channel, error, (60, 40));
+                return self.fail(channel, error, MethodId::BASIC_PUBLISH);
             }
             buffer.push(TxOp::Publish(Box::new((publish, message))));
             return Ok(());
@@ -136,7 +137,7 @@ impl Session {
                 }
                 Ok(())
             }
-            Err(error) => self.fail(channel, error, (60, 40)),
+            Err(error) => self.fail(channel, error, MethodId::BASIC_PUBLISH),
         }
     }
 
@@ -176,5 +177,5 @@ fn unexpected_content(channel: u16) -> Stop {
         "UNEXPECTED_FRAME",
         format!("content frame on channel {channel} without a publish in progress"),
     );
-    Stop::Error(error, 60, 40)
+    Stop::Error { error, cause: MethodId::BASIC_PUBLISH }
 }

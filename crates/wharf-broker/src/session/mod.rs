@@ -13,15 +13,16 @@ mod declare;
 mod tx;
 
 use crate::confirms::{Confirms, close_confirms};
-use crate::connection::{Stop, method_frame, truncate};
 use crate::core::Core;
 use crate::outbound::{Outbound, Outbox};
+use crate::outbound::{method_frame, truncate};
 use content::Content;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tx::TxOp;
 use wharf_model::{ChannelKey, ConnectionId, ModelError, Scope};
 use wharf_wire::Frame;
+use wharf_wire::methods::MethodId;
 use wharf_wire::protocol::{AMQPClass, access, channel, confirm};
 use wharf_wire::reply_code;
 
@@ -101,7 +102,7 @@ impl Session {
 
     fn connection_method(&mut self, method: AMQPClass) -> Result<(), Stop> {
         use wharf_wire::protocol::connection::AMQPMethod as Connection;
-        let ids = (method.get_amqp_class_id(), method.get_amqp_method_id());
+        let cause = MethodId::of(&method);
         match method {
             AMQPClass::Connection(Connection::Close(close)) => {
                 tracing::debug!(code = close.reply_code, text = %close.reply_text, "client closes the connection");
@@ -109,23 +110,22 @@ impl Session {
             }
             AMQPClass::Connection(Connection::CloseOk(_) | Connection::Blocked(_) | Connection::Unblocked(_)) => Ok(()),
             AMQPClass::Connection(Connection::UpdateSecret(_)) => {
-                Err(Stop::Error(ModelError::not_implemented("connection.update-secret"), ids.0, ids.1))
+                Err(Stop::Error { error: ModelError::not_implemented("connection.update-secret"), cause })
             }
-            _ => Err(Stop::Error(
-                connection_error(
+            _ => Err(Stop::Error {
+                error: connection_error(
                     reply_code::CHANNEL_ERROR,
                     "CHANNEL_ERROR",
                     "only connection methods are allowed on channel 0",
                 ),
-                ids.0,
-                ids.1,
-            )),
+                cause,
+            }),
         }
     }
 
     /// Closes one channel with an error: `channel.close` to the client, its unacked messages back
     /// to their queues, and everything on it ignored until `close-ok`.
-    fn channel_error(&mut self, channel: u16, error: &ModelError, class_id: u16, method_id: u16) {
+    fn channel_error(&mut self, channel: u16, error: &ModelError, cause: MethodId) {
         tracing::debug!(channel, %error, "channel error");
         // Close it in the model first, so no delivery or confirm can follow the channel.close.
         if let Some(state) = self.channels.get_mut(&channel) {
@@ -146,35 +146,35 @@ impl Session {
             AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
                 reply_code: error.code,
                 reply_text: truncate(&error.text).into(),
-                class_id,
-                method_id,
+                class_id: cause.class_id,
+                method_id: cause.method_id,
             })),
         );
         blocking(|| self.core.apply(effects));
     }
 
-    fn fail(&mut self, channel: u16, error: ModelError, ids: (u16, u16)) -> Result<(), Stop> {
+    fn fail(&mut self, channel: u16, error: ModelError, cause: MethodId) -> Result<(), Stop> {
         match error.scope {
             Scope::Channel => {
-                self.channel_error(channel, &error, ids.0, ids.1);
+                self.channel_error(channel, &error, cause);
                 Ok(())
             }
-            Scope::Connection => Err(Stop::Error(error, ids.0, ids.1)),
+            Scope::Connection => Err(Stop::Error { error, cause }),
         }
     }
 
     async fn channel_method(&mut self, channel: u16, method: AMQPClass) -> Result<(), Stop> {
-        let ids = (method.get_amqp_class_id(), method.get_amqp_method_id());
+        let cause = MethodId::of(&method);
         let Some(state) = self.channels.get_mut(&channel) else {
             if let AMQPClass::Channel(channel::AMQPMethod::Open(_)) = method {
-                return self.open_channel(channel).map_err(|error| Stop::Error(error, ids.0, ids.1));
+                return self.open_channel(channel).map_err(|error| Stop::Error { error, cause });
             }
             let error = connection_error(
                 reply_code::CHANNEL_ERROR,
                 "CHANNEL_ERROR",
                 format!("expected 'channel.open' on channel {channel}"),
             );
-            return Err(Stop::Error(error, ids.0, ids.1));
+            return Err(Stop::Error { error, cause });
         };
         if state.closing {
             match method {
@@ -195,7 +195,7 @@ impl Session {
                 "UNEXPECTED_FRAME",
                 format!("expected content header or body on channel {channel}, got a method"),
             );
-            return Err(Stop::Error(error, ids.0, ids.1));
+            return Err(Stop::Error { error, cause });
         }
         let outcome = match method {
             AMQPClass::Channel(method) => self.channel_class(channel, method),
@@ -208,11 +208,11 @@ impl Session {
             AMQPClass::Basic(method) => self.basic_class(channel, method).await,
             AMQPClass::Confirm(confirm::AMQPMethod::Select(select)) => self.confirm_select(channel, select),
             AMQPClass::Tx(method) => self.tx_class(channel, method).await,
-            _ => Err(ModelError::command_invalid(format!("method {}.{} is not valid from a client", ids.0, ids.1))),
+            _ => Err(ModelError::command_invalid(format!("method {cause} is not valid from a client"))),
         };
         match outcome {
             Ok(()) => Ok(()),
-            Err(error) => self.fail(channel, error, ids),
+            Err(error) => self.fail(channel, error, cause),
         }
     }
 
@@ -268,4 +268,13 @@ impl Session {
 
 pub(super) fn missing_vhost() -> ModelError {
     ModelError::not_allowed("vhost no longer exists")
+}
+
+/// Why the session stopped the connection.
+#[derive(Debug)]
+pub(crate) enum Stop {
+    /// `connection.close` from the client.
+    ClientClosed,
+    /// A connection-level error, and the method that caused it.
+    Error { error: ModelError, cause: MethodId },
 }
