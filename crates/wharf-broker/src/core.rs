@@ -216,7 +216,7 @@ impl Core {
     }
 
     /// Records a delivery's count in the store (synced lazily, like removals; see
-    /// `CLEAN_STOP_MARKER` for what a crash does). For a redelivery it returns the ticket that
+    /// `Recovered::clean_stop` for what a crash does). For a redelivery it returns the ticket that
     /// resolves once the count is written: the delivery waits for it, so after `kill -9` the count
     /// of any message a consumer saw again is on file. (A first delivery does not wait: it keeps
     /// the hot path free of store round trips, and losing its count costs at most one extra

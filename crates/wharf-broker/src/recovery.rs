@@ -23,9 +23,6 @@ use std::sync::Arc;
 use wharf_model::{BrokerModel, ConnectionId, Effects, Exchange, ExchangeKind, PagedBody, Queue};
 use wharf_store::{MessageLocation, MetaStore, QueueId, Recovered, RecoveredMessage, Store, StoreError};
 
-/// Written by a clean shutdown after the store is closed; removed at start.
-pub(crate) const CLEAN_STOP_MARKER: &str = "clean-stop";
-
 /// What recovery does with each live record: (the recovered message, its meta, its body).
 type RecordVisitor<'a> = dyn FnMut(&RecoveredMessage, &[u8], &[u8]) + 'a;
 
@@ -69,7 +66,7 @@ struct Storage {
     clean_stop: bool,
 }
 
-/// Step 1: opens the definitions log and the store, and consumes the clean-stop marker.
+/// Step 1: opens the definitions log (migrating old definitions) and the store.
 fn open_storage(config: &BrokerConfig) -> Result<Storage, BrokerError> {
     let fs = Arc::clone(&config.fs);
     let (meta, definitions) = MetaStore::open(Arc::clone(&fs), config.data_dir.join("meta"))?;
@@ -83,15 +80,7 @@ fn open_storage(config: &BrokerConfig) -> Result<Storage, BrokerError> {
     // Delivery counts are recorded lazily; only a clean stop makes them all durable. After any
     // other stop every recovered message is marked redelivered, so a message a consumer may
     // already have seen is never presented as new.
-    let marker = config.data_dir.join(CLEAN_STOP_MARKER);
-    let clean_stop = fs.exists(&marker).unwrap_or(false);
-    if clean_stop {
-        // Must be gone before anything else happens: a crash from here on is unclean.
-        fs.remove_file(&marker).and_then(|()| fs.sync_dir(&config.data_dir)).map_err(|error| StoreError::Io {
-            context: "removing the clean-stop marker".into(),
-            source: Arc::new(error),
-        })?;
-    }
+    let clean_stop = recovered.clean_stop;
     // Definitions written before the current format are rewritten first (one atomic batch).
     let migration = definition_format::migrate(&definitions.entries).map_err(|error| {
         BrokerError::Startup(format!("the definitions log cannot be read by this version of Wharf: {error}"))

@@ -123,19 +123,10 @@ impl Broker {
         self.timers.abort();
         let _ = self.timers.await;
         let core = self.core;
-        let fs = std::sync::Arc::clone(&core.config.fs);
-        let marker = core.config.data_dir.join(crate::recovery::CLEAN_STOP_MARKER);
+        // Closing the store makes the last removals durable and leaves its clean-stop marker.
         let closed = tokio::task::spawn_blocking(move || core.store.clone().close()).await;
         match closed {
-            Ok(Ok(())) => {
-                tracing::info!("store closed");
-                let written = fs.open(&marker, wharf_store::OpenMode::CreateNew).and_then(|file| file.sync_data());
-                if let Err(error) = written
-                    && error.kind() != std::io::ErrorKind::AlreadyExists
-                {
-                    tracing::warn!(%error, "could not write the clean-stop marker");
-                }
-            }
+            Ok(Ok(())) => tracing::info!("store closed"),
             Ok(Err(error)) => tracing::error!(%error, "closing the store failed"),
             Err(error) => tracing::error!(%error, "closing the store failed"),
         }

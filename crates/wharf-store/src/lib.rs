@@ -38,7 +38,7 @@ pub use meta::{
     Definitions, META_ENTRIES_MAX, META_KEY_BYTES_MAX, META_VALUE_BYTES_MAX, MetaChange, MetaRecovered, MetaStore,
 };
 pub use store::{
-    AppendReceipt, MessageLocation, PendingAppend, QueueId, RecordView, Recovered, RecoveredMessage, RecoveryIssue,
-    SEGMENT_FILE_BYTES_LIMIT, Store, StoreConfig, StoreStats, StoredMessage,
+    AppendReceipt, CLEAN_STOP_MARKER, MessageLocation, PendingAppend, QueueId, RecordView, Recovered, RecoveredMessage,
+    RecoveryIssue, SEGMENT_FILE_BYTES_LIMIT, Store, StoreConfig, StoreStats, StoredMessage,
 };
 pub use ticket::{Observer, Ticket, TicketFuture};

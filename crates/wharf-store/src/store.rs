@@ -7,7 +7,7 @@
 
 use crate::error::{Result, StoreError};
 use crate::format::{self, BODY_BYTES_MAX, META_BYTES_MAX, RECORD_BYTES_MAX, RECORD_HEADER_BYTES, RecordKind};
-use crate::fs::Fs;
+use crate::fs::{Fs, OpenMode};
 use crate::recovery;
 use crate::ticket::{self, Completer, Ticket};
 use crate::writer::{self, Op};
@@ -216,6 +216,10 @@ pub struct Recovered {
     pub queues: std::collections::BTreeMap<QueueId, Vec<RecoveredMessage>>,
     /// Problems found and handled (also logged).
     pub issues: Vec<RecoveryIssue>,
+    /// The last stop was clean ([`Store::close`] succeeded): every removal and delivery count
+    /// written before it is on disk. After any other stop, lazily synced delivery counts may be
+    /// missing, so a caller must treat every recovered message as possibly delivered.
+    pub clean_stop: bool,
     /// The meta bytes of every message record scanned, per queue: recovery reads each segment
     /// once, so a caller rebuilding its state needs to read back only the bodies it keeps.
     pub(crate) metas: std::collections::BTreeMap<QueueId, Vec<u8>>,
@@ -349,6 +353,8 @@ struct StoreInner {
     writer: Mutex<Option<JoinHandle<()>>>,
     dir: PathBuf,
     pending_bytes_max: u64,
+    /// For writing the clean-stop marker at close.
+    fs: Arc<dyn Fs>,
     /// Held for the store's lifetime: the data directory's `LOCK` file.
     _lock: Box<dyn std::any::Any + Send + Sync>,
 }
@@ -364,6 +370,22 @@ impl Drop for StoreInner {
             let _ = handle.join();
         }
     }
+}
+
+/// The file a clean close leaves in the data directory; [`Store::open`] takes it away before
+/// anything else, so a crash at any later moment counts as unclean.
+pub const CLEAN_STOP_MARKER: &str = "clean-stop";
+
+/// Whether the marker was there; removed (durably) if so.
+fn take_clean_stop_marker(fs: &dyn Fs, dir: &Path) -> Result<bool> {
+    let marker = dir.join(CLEAN_STOP_MARKER);
+    let clean_stop = fs.exists(&marker).unwrap_or(false);
+    if clean_stop {
+        fs.remove_file(&marker)
+            .and_then(|()| fs.sync_dir(dir))
+            .map_err(|error| StoreError::io("removing the clean-stop marker", error))?;
+    }
+    Ok(clean_stop)
 }
 
 impl Store {
@@ -382,6 +404,7 @@ impl Store {
                 StoreError::io(format!("locking {}", lock_path.display()), error)
             }
         })?;
+        let clean_stop = take_clean_stop_marker(fs.as_ref(), &dir)?;
         let shared = Arc::new(Shared {
             queues: RwLock::new(foldhash::HashMap::default()),
             segment_files: RwLock::new(foldhash::HashMap::default()),
@@ -391,7 +414,8 @@ impl Store {
             writer_stopped: std::sync::atomic::AtomicBool::new(false),
             counters: Counters::default(),
         });
-        let (state, recovered) = recovery::recover(fs, &dir, config.clone(), Arc::clone(&shared))?;
+        let (state, mut recovered) = recovery::recover(Arc::clone(&fs), &dir, config.clone(), Arc::clone(&shared))?;
+        recovered.clean_stop = clean_stop;
         let (sender, receiver) = std::sync::mpsc::sync_channel(config.pending_ops_max);
         let writer = std::thread::Builder::new()
             .name("wharf-store-writer".into())
@@ -404,6 +428,7 @@ impl Store {
                 writer: Mutex::new(Some(writer)),
                 dir,
                 pending_bytes_max: config.pending_bytes_max,
+                fs,
                 _lock: lock,
             }),
         };
@@ -710,9 +735,20 @@ impl Store {
     }
 
     /// Makes pending removals durable and stops the writer. Other clones fail with `Closed` after.
+    /// Makes every removal and delivery count durable, stops the writer, and leaves the
+    /// clean-stop marker for the next [`Store::open`] (see [`Recovered::clean_stop`]).
     pub fn close(self) -> Result<()> {
         let ticket = self.submit(Op::Close)?;
-        ticket.wait()
+        ticket.wait()?;
+        let marker = self.inner.dir.join(CLEAN_STOP_MARKER);
+        let written = self.inner.fs.open(&marker, OpenMode::CreateNew).and_then(|file| file.sync_data());
+        match written {
+            // A marker lost to a crash right after only makes the next start treat messages as
+            // possibly delivered, which is the safe side.
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(error) => Err(StoreError::io("writing the clean-stop marker", error)),
+        }
     }
 
     fn queue_handle(&self, queue: QueueId) -> Result<Arc<QueueHandle>> {

@@ -387,3 +387,23 @@ fn recovery_hands_back_each_live_message_meta_and_body_length() {
         assert_eq!(message.body_bytes(), stored.body.len() as u64, "seq {}", message.seq);
     }
 }
+
+#[test]
+fn only_a_close_leaves_a_clean_stop_and_the_next_open_consumes_it() {
+    let sim = SimFs::new(7);
+    let (store, recovered) = Store::open(sim.shared(), DIR, StoreConfig::default()).unwrap();
+    assert!(!recovered.clean_stop, "a new store has no clean stop behind it");
+    store.close().unwrap();
+    assert!(sim.shared().exists(&Path::new(DIR).join(wharf_store::CLEAN_STOP_MARKER)).unwrap());
+    let (store, recovered) = Store::open(sim.shared(), DIR, StoreConfig::default()).unwrap();
+    assert!(recovered.clean_stop, "closed cleanly");
+    // Gone once opened (durably, even through a power loss): a crash from here on is not clean.
+    sim.crash(CrashMode::LoseUnsynced);
+    drop(store);
+    let sim = sim.remount();
+    let (store, recovered) = Store::open(sim.shared(), DIR, StoreConfig::default()).unwrap();
+    assert!(!recovered.clean_stop, "a crash after a clean start is not a clean stop");
+    drop(store);
+    let (_store, recovered) = Store::open(sim.shared(), DIR, StoreConfig::default()).unwrap();
+    assert!(!recovered.clean_stop, "dropped without close");
+}
