@@ -17,7 +17,7 @@ use crate::deadletter::{self, AutoDeadLetterQueue, DeathReason, Transfer, Transf
 use crate::error::{ModelError, Result};
 use crate::exchange::{Exchange, ExchangeKind};
 use crate::message::{Message, PagedBody};
-use crate::queue::{ChannelKey, ConnectionId, Entry, Queue};
+use crate::queue::{ChannelKey, ConnectionId, DedupLookup, Entry, Queue, Returned, Unused};
 use crate::settings::Overflow;
 use crate::vhost::{DelayedEntry, VirtualHost};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -134,34 +134,34 @@ pub struct Removed {
 }
 
 impl Removed {
-    fn of(vhost: &str, queue: &Queue, entry: &Entry) -> Removed {
-        Removed {
-            vhost: vhost.to_owned(),
-            queue: queue.name.clone(),
-            store_queue: queue.store_queue,
-            store_seq: entry.store_seq,
-        }
+    /// The message stored under `store_seq` in `queue`'s log left it.
+    fn of(vhost: &str, queue: &Queue, store_seq: Option<u64>) -> Removed {
+        Removed { vhost: vhost.to_owned(), queue: queue.name.clone(), store_queue: queue.store_queue, store_seq }
     }
 }
 
-/// Takes the next deliverable message of a queue for a delivery on `channel`: counts the
-/// delivery (a redelivery carries `x-delivery-count`, the deliveries before it), charges the
-/// connection's pending bytes and assigns the channel's next delivery tag.
+/// Takes the next deliverable message of a queue for a delivery on `channel` (kept as
+/// unacknowledged if `acknowledged`; gone for good otherwise): the queue counts the delivery (a
+/// redelivery carries `x-delivery-count`, the deliveries before it); the connection is charged
+/// its pending bytes and the channel's next delivery tag assigned. Returns the entry's id and
+/// store seq with the delivery.
 fn take_for_delivery(
     queue: &mut Queue,
     channel: &mut Channel,
     pending_bytes: &mut foldhash::HashMap<ConnectionId, u64>,
     key: ChannelKey,
     consumer_tag: Option<String>,
-) -> Option<(Entry, Delivery)> {
-    let id = queue.next_deliverable()?;
-    let mut entry = queue.take_ready(id)?;
-    let message = if entry.delivery_count > 0 {
-        Arc::new(entry.message.with_header("x-delivery-count", AMQPValue::LongLongInt(i64::from(entry.delivery_count))))
+    acknowledged: bool,
+) -> Option<(u64, Option<u64>, Delivery)> {
+    let delivered = queue.deliver_next(acknowledged)?;
+    let deliveries_before = delivered.delivery_count - 1;
+    let message = if deliveries_before > 0 {
+        Arc::new(
+            delivered.message.with_header("x-delivery-count", AMQPValue::LongLongInt(i64::from(deliveries_before))),
+        )
     } else {
-        Arc::clone(&entry.message)
+        delivered.message
     };
-    entry.delivery_count += 1;
     *pending_bytes.entry(key.connection).or_insert(0) += delivery_bytes(&message);
     let delivery_tag = channel.next_delivery_tag;
     channel.next_delivery_tag += 1;
@@ -169,14 +169,14 @@ fn take_for_delivery(
         channel: key,
         consumer_tag,
         delivery_tag,
-        redelivered: entry.redelivered,
+        redelivered: delivered.redelivered,
         queue: queue.name.clone(),
         message,
         message_count: queue.ready_count() as u32,
-        delivery_count: entry.delivery_count,
-        store: queue.store_queue.zip(entry.store_seq),
+        delivery_count: delivered.delivery_count,
+        store: queue.store_queue.zip(delivered.store_seq),
     };
-    Some((entry, delivery))
+    Some((delivered.id, delivered.store_seq, delivery))
 }
 
 /// A queue that was deleted as a side effect (auto-delete, exclusive owner gone).
@@ -479,7 +479,7 @@ impl BrokerModel {
         let vhost_name = self.channel_vhost(key)?;
         let vhost = self.vhosts.get(&vhost_name).ok_or_else(|| channel_not_open(key))?;
         let queue = vhost.usable_queue(queue_name, key.connection)?;
-        if queue.exclusive_consumer.is_some() || (exclusive && queue.consumer_count() > 0) {
+        if queue.has_exclusive_consumer() || (exclusive && queue.consumer_count() > 0) {
             return Err(ModelError::access_refused(format!(
                 "queue '{queue_name}' in vhost '{vhost_name}' in exclusive use"
             )));
@@ -512,12 +512,7 @@ impl BrokerModel {
             },
         );
         if let Some(queue) = self.vhosts.get_mut(&vhost_name).and_then(|vhost| vhost.queue_mut(queue_name)) {
-            queue.consumers.push((key, tag.clone()));
-            queue.had_consumer = true;
-            queue.last_used_ms = self.now_ms;
-            if exclusive {
-                queue.exclusive_consumer = Some((key, tag.clone()));
-            }
+            queue.attach_consumer(key, &tag, exclusive, self.now_ms);
         }
         let effects = self.dispatch(&vhost_name, queue_name);
         Ok((tag, effects))
@@ -536,16 +531,10 @@ impl BrokerModel {
 
     fn detach_consumer(&mut self, vhost: &str, queue_name: &str, key: ChannelKey, tag: &str, effects: &mut Effects) {
         let Some(queue) = self.vhosts.get_mut(vhost).and_then(|vhost| vhost.queue_mut(queue_name)) else { return };
-        queue.consumers.retain(|(owner, consumer_tag)| !(*owner == key && consumer_tag == tag));
-        if queue.exclusive_consumer.as_ref().is_some_and(|(owner, consumer_tag)| *owner == key && consumer_tag == tag) {
-            queue.exclusive_consumer = None;
-        }
-        if queue.next_consumer >= queue.consumers.len() {
-            queue.next_consumer = 0;
-        }
-        if queue.auto_delete && queue.had_consumer && queue.consumers.is_empty() {
+        queue.detach_consumer(key, tag);
+        if queue.auto_delete_due() {
             effects.merge(self.remove_queue(vhost, queue_name));
-        } else if queue.consumers.is_empty() {
+        } else if queue.consumer_count() == 0 {
             self.touch_queue(vhost, queue_name);
         }
     }
@@ -558,7 +547,7 @@ impl BrokerModel {
         for exchange in vhost.take_auto_deleted() {
             effects.deleted_exchanges.push((vhost_name.to_owned(), exchange));
         }
-        for (key, tag) in std::mem::take(&mut queue.consumers) {
+        for (key, tag) in queue.take_consumers() {
             if let Some(channel) = self.channels.get_mut(&key) {
                 channel.consumers.remove(&tag);
             }
@@ -575,7 +564,7 @@ impl BrokerModel {
             }
         }
         for entry in queue.take_all() {
-            effects.removed.push(Removed::of(vhost_name, &queue, &entry));
+            effects.removed.push(Removed::of(vhost_name, &queue, entry.store_seq));
         }
         effects.deleted_queues.push(DeletedQueue {
             vhost: vhost_name.to_owned(),
@@ -596,25 +585,21 @@ impl BrokerModel {
         let Some(queue) = self.vhosts.get_mut(vhost).and_then(|vhost| vhost.queue_mut(queue_name)) else {
             return effects;
         };
-        let entry = queue.new_entry(message, store_seq, now_ms, 0, false);
-        queue.insert_new(entry);
-        if queue.settings.overflow == Overflow::DropHead {
-            while queue.over_limits() {
-                let Some(entry) = queue.oldest_ready().and_then(|id| queue.remove_ready(id)) else { break };
-                self.counters.dropped_by_length += 1;
-                let source = Removed::of(vhost, queue, &entry);
-                dead_letter(
-                    vhost,
-                    queue,
-                    &entry.message,
-                    entry.delivery_count,
-                    Some(source),
-                    DeathReason::MaxLen,
-                    now_ms,
-                    &mut effects,
-                    &mut self.counters,
-                );
-            }
+        queue.enqueue(message, store_seq, now_ms);
+        while let Some(entry) = queue.drop_head_over_limits() {
+            self.counters.dropped_by_length += 1;
+            let source = Removed::of(vhost, queue, entry.store_seq);
+            dead_letter(
+                vhost,
+                queue,
+                &entry.message,
+                entry.delivery_count,
+                Some(source),
+                DeathReason::MaxLen,
+                now_ms,
+                &mut effects,
+                &mut self.counters,
+            );
         }
         effects.merge(self.dispatch(vhost, queue_name));
         effects
@@ -634,17 +619,14 @@ impl BrokerModel {
         if !from_publisher {
             return Admission::Accept { dedup_key: None };
         }
-        let mut dedup_key = None;
-        if let Some(index) = queue.dedup.as_mut()
-            && let Some(key) = index.key_of(message)
-        {
-            index.expire(now_ms);
-            if index.contains(&key) {
+        let dedup_key = match queue.dedup_lookup(message, now_ms) {
+            DedupLookup::Seen => {
                 self.counters.duplicates_dropped += 1;
                 return Admission::Duplicate;
             }
-            dedup_key = Some(key);
-        }
+            DedupLookup::New(key) => Some(key),
+            DedupLookup::Unkeyed => None,
+        };
         if queue.settings.overflow != Overflow::DropHead && queue.would_overflow(message.body_bytes()) {
             self.counters.rejected_by_length += 1;
             return Admission::Refused { dead_letter: queue.settings.overflow == Overflow::RejectPublishDlx };
@@ -655,13 +637,8 @@ impl BrokerModel {
     /// Remembers a de-duplication key a queue admitted (the message is in).
     pub fn remember_key(&mut self, vhost: &str, queue_name: &str, key: &[u8]) {
         let now_ms = self.now_ms;
-        if let Some(index) = self
-            .vhosts
-            .get_mut(vhost)
-            .and_then(|vhost| vhost.queue_mut(queue_name))
-            .and_then(|queue| queue.dedup.as_mut())
-        {
-            index.check_and_insert(key, now_ms);
+        if let Some(queue) = self.vhosts.get_mut(vhost).and_then(|vhost| vhost.queue_mut(queue_name)) {
+            queue.remember_dedup_key(key, now_ms);
         }
     }
 
@@ -723,19 +700,13 @@ impl BrokerModel {
     pub fn touch_queue(&mut self, vhost: &str, queue_name: &str) {
         let now_ms = self.now_ms;
         let Some(queue) = self.vhosts.get_mut(vhost).and_then(|vhost| vhost.queue_mut(queue_name)) else { return };
-        queue.last_used_ms = now_ms;
-        // One timer per queue: when it fires it re-arms itself if the queue was used meanwhile.
-        if let Some(expires_ms) = queue.settings.expires_ms
-            && queue.expires_timer_ms.is_none()
-        {
-            let due_ms = now_ms.saturating_add(expires_ms);
-            queue.expires_timer_ms = Some(due_ms);
+        if let Some(due_ms) = queue.touch(now_ms) {
             self.timers.insert((
                 due_ms,
                 Timer::QueueExpires {
                     vhost: vhost.to_owned(),
                     queue: queue_name.to_owned(),
-                    incarnation: queue.incarnation,
+                    incarnation: queue.incarnation(),
                 },
             ));
         }
@@ -788,13 +759,19 @@ impl BrokerModel {
             match timer {
                 Timer::Expiry { vhost, queue, incarnation } => {
                     let Some(found) = self.live_queue(&vhost, &queue, incarnation) else { continue };
-                    found.expiry_timer_ms = None;
+                    found.expiry_timer_fired();
                     effects.merge(self.dispatch(&vhost, &queue));
                 }
                 Timer::QueueExpires { vhost, queue, incarnation } => {
+                    let now_ms = self.now_ms;
                     let Some(found) = self.live_queue(&vhost, &queue, incarnation) else { continue };
-                    found.expires_timer_ms = None;
-                    self.check_queue_expires(&vhost, &queue, &mut effects);
+                    match found.expires_timer_fired(now_ms) {
+                        Unused::Keep => {}
+                        Unused::Delete => effects.merge(self.remove_queue(&vhost, &queue)),
+                        Unused::ArmAgain { due_ms } => {
+                            self.timers.insert((due_ms, Timer::QueueExpires { vhost, queue, incarnation }));
+                        }
+                    }
                 }
                 Timer::Lease { channel, generation, delivery_tag } => {
                     if self.channels.get(&channel).is_some_and(|found| found.generation == generation) {
@@ -817,31 +794,7 @@ impl BrokerModel {
         self.vhosts
             .get_mut(vhost)
             .and_then(|found| found.queue_mut(queue_name))
-            .filter(|queue| queue.incarnation == incarnation)
-    }
-
-    /// `x-expires`: deletes the queue if it has had no consumer and no use for that long; if it
-    /// was used meanwhile, arms the timer again (a queue with consumers is armed again when the
-    /// last one goes).
-    fn check_queue_expires(&mut self, vhost: &str, queue_name: &str, effects: &mut Effects) {
-        let now_ms = self.now_ms;
-        let Some(queue) = self.vhosts.get_mut(vhost).and_then(|vhost| vhost.queue_mut(queue_name)) else { return };
-        let Some(expires_ms) = queue.settings.expires_ms else { return };
-        if !queue.consumers.is_empty() {
-            return;
-        }
-        let due_ms = queue.last_used_ms.saturating_add(expires_ms);
-        if due_ms <= now_ms {
-            effects.merge(self.remove_queue(vhost, queue_name));
-        } else {
-            queue.expires_timer_ms = Some(due_ms);
-            let timer = Timer::QueueExpires {
-                vhost: vhost.to_owned(),
-                queue: queue_name.to_owned(),
-                incarnation: queue.incarnation,
-            };
-            self.timers.insert((due_ms, timer));
-        }
+            .filter(|queue| queue.incarnation() == incarnation)
     }
 
     fn expire_lease(&mut self, key: ChannelKey, delivery_tag: u64, effects: &mut Effects) {
@@ -907,10 +860,9 @@ impl BrokerModel {
     fn return_delivery(&mut self, vhost: &str, queue_name: &str, entry_id: u64, explicit: bool, effects: &mut Effects) {
         let now_ms = self.now_ms;
         let Some(queue) = self.vhosts.get_mut(vhost).and_then(|vhost| vhost.queue_mut(queue_name)) else { return };
-        let Some(count) = queue.unacked.get(&entry_id).map(|entry| entry.delivery_count) else { return };
-        if queue.settings.delivery_limit.is_some_and(|limit| count >= limit) {
-            if let Some(entry) = queue.remove_unacked(entry_id) {
-                let source = Removed::of(vhost, queue, &entry);
+        match queue.return_unacked(entry_id, explicit) {
+            Some(Returned::OverLimit(entry)) => {
+                let source = Removed::of(vhost, queue, entry.store_seq);
                 dead_letter(
                     vhost,
                     queue,
@@ -923,24 +875,18 @@ impl BrokerModel {
                     &mut self.counters,
                 );
             }
-            return;
-        }
-        let Some(mut entry) = queue.unacked.remove(&entry_id) else { return };
-        entry.redelivered = true;
-        match queue.settings.backoff_ms(count).filter(|wait_ms| explicit && *wait_ms > 0) {
-            Some(wait_ms) => {
-                queue.hold_for_backoff(entry);
+            Some(Returned::Backoff { wait_ms }) => {
                 self.timers.insert((
                     now_ms.saturating_add(wait_ms),
                     Timer::Backoff {
                         vhost: vhost.to_owned(),
                         queue: queue_name.to_owned(),
-                        incarnation: queue.incarnation,
+                        incarnation: queue.incarnation(),
                         id: entry_id,
                     },
                 ));
             }
-            None => queue.return_ready(entry),
+            Some(Returned::Ready) | None => {}
         }
     }
 
@@ -959,54 +905,28 @@ impl BrokerModel {
             let Some(queue) = self.vhosts.get_mut(&vhost).and_then(|found| found.queue_mut(&queue_name)) else {
                 continue;
             };
-            let limit = queue.settings.delivery_limit;
-            let mut exhausted: Vec<u64> = queue
-                .ready
-                .delivery_counts()
-                .filter(|(_, delivery_count)| limit.is_some_and(|limit| *delivery_count >= limit))
-                .map(|(id, _)| id)
-                .collect();
-            exhausted.sort_unstable();
-            for id in exhausted {
-                if let Some(entry) = queue.remove_ready(id) {
-                    let source = Removed::of(&vhost, queue, &entry);
-                    dead_letter(
-                        &vhost,
-                        queue,
-                        &entry.message,
-                        entry.delivery_count,
-                        Some(source),
-                        DeathReason::DeliveryLimit,
-                        now_ms,
-                        &mut effects,
-                        &mut self.counters,
-                    );
-                }
+            for entry in queue.remove_exhausted() {
+                let source = Removed::of(&vhost, queue, entry.store_seq);
+                dead_letter(
+                    &vhost,
+                    queue,
+                    &entry.message,
+                    entry.delivery_count,
+                    Some(source),
+                    DeathReason::DeliveryLimit,
+                    now_ms,
+                    &mut effects,
+                    &mut self.counters,
+                );
             }
-            if !queue.settings.retry_backoff_ms.is_empty() {
-                let mut retried: Vec<(u64, u32)> =
-                    queue.ready.delivery_counts().filter(|(_, delivery_count)| *delivery_count > 0).collect();
-                retried.sort_unstable();
-                for (id, count) in retried {
-                    let Some(wait_ms) = queue.settings.backoff_ms(count).filter(|wait_ms| *wait_ms > 0) else {
-                        continue;
-                    };
-                    if !queue.is_deliverable(id) {
-                        continue;
-                    }
-                    if let Some(entry) = queue.take_ready(id) {
-                        queue.hold_for_backoff(entry);
-                        self.timers.insert((
-                            now_ms.saturating_add(wait_ms),
-                            Timer::Backoff {
-                                vhost: vhost.clone(),
-                                queue: queue_name.clone(),
-                                incarnation: queue.incarnation,
-                                id,
-                            },
-                        ));
-                    }
-                }
+            for (id, wait_ms) in queue.hold_retried_for_backoff() {
+                let timer = Timer::Backoff {
+                    vhost: vhost.clone(),
+                    queue: queue_name.clone(),
+                    incarnation: queue.incarnation(),
+                    id,
+                };
+                self.timers.insert((now_ms.saturating_add(wait_ms), timer));
             }
             self.touch_queue(&vhost, &queue_name);
             effects.merge(self.dispatch(&vhost, &queue_name));
@@ -1021,16 +941,9 @@ impl BrokerModel {
     fn expire_due(&mut self, vhost: &str, queue_name: &str, inclusive: bool, effects: &mut Effects) {
         let now_ms = self.now_ms;
         let Some(queue) = self.vhosts.get_mut(vhost).and_then(|found| found.queue_mut(queue_name)) else { return };
-        while let Some(&(at, id)) = queue.expiry.first() {
-            if at > now_ms || (at == now_ms && !inclusive) {
-                break;
-            }
-            let Some(entry) = queue.remove_ready(id) else {
-                queue.expiry.remove(&(at, id));
-                continue;
-            };
+        while let Some(entry) = queue.pop_expired(now_ms, inclusive) {
             self.counters.expired += 1;
-            let source = Removed::of(vhost, queue, &entry);
+            let source = Removed::of(vhost, queue, entry.store_seq);
             dead_letter(
                 vhost,
                 queue,
@@ -1043,12 +956,12 @@ impl BrokerModel {
                 &mut self.counters,
             );
         }
-        if let Some(&(at, _)) = queue.expiry.first()
-            && queue.expiry_timer_ms.is_none_or(|armed| at < armed)
-        {
-            queue.expiry_timer_ms = Some(at);
-            let timer =
-                Timer::Expiry { vhost: vhost.to_owned(), queue: queue_name.to_owned(), incarnation: queue.incarnation };
+        if let Some(at) = queue.arm_expiry_timer() {
+            let timer = Timer::Expiry {
+                vhost: vhost.to_owned(),
+                queue: queue_name.to_owned(),
+                incarnation: queue.incarnation(),
+            };
             self.timers.insert((at, timer));
         }
     }
@@ -1062,49 +975,36 @@ impl BrokerModel {
             return effects;
         };
         let lease_ms = queue.settings.consumer_timeout_ms;
-        while queue.next_deliverable().is_some() && !queue.consumers.is_empty() {
-            // Find the next consumer with room, starting after the last one served. With a
-            // single active consumer only the first (the oldest) is ever served.
-            let count = if queue.settings.single_active_consumer { 1 } else { queue.consumers.len() };
-            if queue.next_consumer >= count {
-                queue.next_consumer = 0;
-            }
-            let mut chosen = None;
-            for step in 0..count {
-                let index = (queue.next_consumer + step) % count;
-                let (key, tag) = &queue.consumers[index];
-                let Some(channel) = self.channels.get(key) else { continue };
-                let Some(consumer) = channel.consumers.get(tag) else { continue };
+        while queue.has_deliverable() && queue.consumer_count() > 0 {
+            let channels = &self.channels;
+            let pending_bytes = &self.pending_bytes;
+            let has_room = |key: &ChannelKey, tag: &str| {
+                let Some(channel) = channels.get(key) else { return false };
+                let Some(consumer) = channel.consumers.get(tag) else { return false };
                 let consumer_room = consumer.prefetch == 0 || consumer.unacked < u32::from(consumer.prefetch);
                 let channel_room =
                     channel.prefetch_channel == 0 || channel.consumer_unacked < u32::from(channel.prefetch_channel);
                 let bounded = channel.unacked.len() < UNACKED_PER_CHANNEL_MAX;
                 let socket_room =
-                    self.pending_bytes.get(&key.connection).copied().unwrap_or(0) < CONNECTION_PENDING_BYTES_MAX;
-                if socket_room && (consumer.no_ack || (consumer_room && channel_room && bounded)) {
-                    chosen = Some(index);
-                    break;
-                }
-            }
-            let Some(index) = chosen else { break };
-            queue.next_consumer = (index + 1) % count;
-            let (key, tag) = queue.consumers[index].clone();
+                    pending_bytes.get(&key.connection).copied().unwrap_or(0) < CONNECTION_PENDING_BYTES_MAX;
+                socket_room && (consumer.no_ack || (consumer_room && channel_room && bounded))
+            };
+            let Some((key, tag)) = queue.next_consumer_with_room(has_room) else { break };
             let Some(channel) = self.channels.get_mut(&key) else { break };
-            if !channel.consumers.contains_key(&tag) {
-                break;
-            }
-            let Some((entry, delivery)) =
-                take_for_delivery(queue, channel, &mut self.pending_bytes, key, Some(tag.clone()))
+            // The consumer is looked up before its message is taken, so a message is never taken
+            // for a consumer that is not there to count it.
+            let Some(no_ack) = channel.consumers.get(&tag).map(|consumer| consumer.no_ack) else { break };
+            let Some((entry_id, store_seq, delivery)) =
+                take_for_delivery(queue, channel, &mut self.pending_bytes, key, Some(tag.clone()), !no_ack)
             else {
                 break;
             };
             let delivery_tag = delivery.delivery_tag;
             effects.deliveries.push(delivery);
-            let Some(consumer) = channel.consumers.get_mut(&tag) else { break };
-            if consumer.no_ack {
-                queue.release_key(&entry);
-                effects.removed.push(Removed::of(vhost_name, queue, &entry));
+            if no_ack {
+                effects.removed.push(Removed::of(vhost_name, queue, store_seq));
             } else {
+                let Some(consumer) = channel.consumers.get_mut(&tag) else { break };
                 consumer.unacked += 1;
                 channel.consumer_unacked += 1;
                 let instance = consumer.instance;
@@ -1113,13 +1013,12 @@ impl BrokerModel {
                     delivery_tag,
                     Outstanding {
                         queue: queue_name.to_owned(),
-                        entry_id: entry.id,
+                        entry_id,
                         consumer: Some((tag, instance)),
                         gone: false,
                         lease_due_ms,
                     },
                 );
-                queue.unacked.insert(entry.id, entry);
                 if let Some(due_ms) = lease_due_ms {
                     let generation = channel.generation;
                     self.timers.insert((due_ms, Timer::Lease { channel: key, generation, delivery_tag }));
@@ -1152,30 +1051,24 @@ impl BrokerModel {
                 key.channel
             )));
         }
-        let Some((entry, delivery)) = take_for_delivery(queue, channel, &mut self.pending_bytes, key, None) else {
+        let Some((entry_id, store_seq, delivery)) =
+            take_for_delivery(queue, channel, &mut self.pending_bytes, key, None, !no_ack)
+        else {
             return Ok((None, effects));
         };
         if no_ack {
-            queue.release_key(&entry);
-            effects.removed.push(Removed::of(&vhost_name, queue, &entry));
+            effects.removed.push(Removed::of(&vhost_name, queue, store_seq));
         } else {
             let lease_due_ms = queue.settings.consumer_timeout_ms.map(|lease_ms| now_ms.saturating_add(lease_ms));
             channel.unacked.insert(
                 delivery.delivery_tag,
-                Outstanding {
-                    queue: queue_name.to_owned(),
-                    entry_id: entry.id,
-                    consumer: None,
-                    gone: false,
-                    lease_due_ms,
-                },
+                Outstanding { queue: queue_name.to_owned(), entry_id, consumer: None, gone: false, lease_due_ms },
             );
             if let Some(due_ms) = lease_due_ms {
                 let timer =
                     Timer::Lease { channel: key, generation: channel.generation, delivery_tag: delivery.delivery_tag };
                 self.timers.insert((due_ms, timer));
             }
-            queue.unacked.insert(entry.id, entry);
         }
         Ok((Some(delivery), effects))
     }
@@ -1272,7 +1165,7 @@ impl BrokerModel {
             if let Some(queue) = self.vhosts.get_mut(&vhost).and_then(|vhost| vhost.queue_mut(&outstanding.queue))
                 && let Some(entry) = queue.remove_unacked(outstanding.entry_id)
             {
-                effects.removed.push(Removed::of(&vhost, queue, &entry));
+                effects.removed.push(Removed::of(&vhost, queue, entry.store_seq));
             }
         }
         effects.merge(self.redispatch_channel(key, &BTreeSet::new()));
@@ -1298,7 +1191,7 @@ impl BrokerModel {
                 continue;
             };
             if let Some(entry) = queue.remove_unacked(outstanding.entry_id) {
-                let source = Removed::of(&vhost, queue, &entry);
+                let source = Removed::of(&vhost, queue, entry.store_seq);
                 dead_letter(
                     &vhost,
                     queue,
@@ -1336,7 +1229,7 @@ impl BrokerModel {
         let purged = queue.take_ready_all();
         let mut effects = Effects::default();
         for entry in &purged {
-            effects.removed.push(Removed::of(&vhost_name, queue, entry));
+            effects.removed.push(Removed::of(&vhost_name, queue, entry.store_seq));
         }
         Ok((purged.len() as u32, effects))
     }

@@ -371,7 +371,7 @@ impl VirtualHost {
     /// Adds a queue recovered from durable definitions (no checks: it was valid when declared).
     pub fn restore_queue(&mut self, mut queue: Queue) {
         self.queue_incarnations += 1;
-        queue.incarnation = self.queue_incarnations;
+        queue.set_incarnation(self.queue_incarnations);
         self.queues.insert(queue.name.clone(), queue);
     }
 
