@@ -21,6 +21,7 @@ use std::sync::Arc;
 use wharf_wire::types::FieldTable;
 
 mod consumers;
+mod invariants;
 
 pub(crate) use consumers::Unused;
 
@@ -508,7 +509,11 @@ impl Queue {
     /// Removes every message, ready, waiting and unacknowledged (delete); returns them.
     pub(crate) fn take_all(&mut self) -> Vec<Entry> {
         let mut all = self.take_ready_all();
-        all.extend(self.unacked.drain().map(|(_, entry)| entry));
+        let unacked: Vec<Entry> = self.unacked.drain().map(|(_, entry)| entry).collect();
+        for entry in unacked {
+            self.release_key(&entry);
+            all.push(entry);
+        }
         all
     }
 

@@ -17,12 +17,14 @@
 //! consumers; `deliver` hands ready messages to consumers and answers `basic.get`; `settle`
 //! takes acknowledgements, rejections and recoveries; `timers` runs everything that happens at a
 //! time; `admission` decides whether a publish goes in and puts it in; `queues` purges, deletes,
-//! recovers and inspects whole queues. Where a message is inside its queue is the queue's own
+//! recovers and inspects whole queues; `invariants` checks, for the tests, that all of their
+//! structures agree. Where a message is inside its queue is the queue's own
 //! business ([`Queue`]'s methods): the broker only asks it to move messages.
 
 mod admission;
 mod channels;
 mod deliver;
+mod invariants;
 mod queues;
 mod settle;
 mod timers;
