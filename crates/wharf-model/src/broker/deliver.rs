@@ -2,7 +2,7 @@
 //! per-channel and per-connection bounds) and answering `basic.get`. Every delivery is made
 //! here, so what a delivery carries and what it counts against are decided in one place.
 
-use super::channels::{Channel, Outstanding};
+use super::channels::Outstanding;
 use super::timers::Timer;
 use super::{
     BrokerModel, CONNECTION_PENDING_BYTES_MAX, Delivery, Effects, Removed, UNACKED_PER_CHANNEL_MAX, channel_not_open,
@@ -39,20 +39,24 @@ impl BrokerModel {
             };
             let Some((key, tag)) = queue.next_consumer_with_room(has_room) else { break };
             let Some(channel) = self.channels.get_mut(&key) else { break };
-            // The consumer is looked up before its message is taken, so a message is never taken
-            // for a consumer that is not there to count it.
-            let Some(no_ack) = channel.consumers.get(&tag).map(|consumer| consumer.no_ack) else { break };
-            let Some((entry_id, store_seq, delivery)) =
-                take_for_delivery(queue, channel, &mut self.pending_bytes, key, Some(tag.clone()), !no_ack)
-            else {
+            // The consumer is found before its message is taken, so a message is never taken for
+            // a consumer that is not there to count it.
+            let Some(consumer) = channel.consumers.get_mut(&tag) else { break };
+            let Some((entry_id, store_seq, delivery)) = take_for_delivery(
+                queue,
+                &mut channel.next_delivery_tag,
+                &mut self.pending_bytes,
+                key,
+                Some(tag.clone()),
+                !consumer.no_ack,
+            ) else {
                 break;
             };
             let delivery_tag = delivery.delivery_tag;
             effects.deliveries.push(delivery);
-            if no_ack {
+            if consumer.no_ack {
                 effects.removed.push(Removed::of(vhost_name, queue, store_seq));
             } else {
-                let Some(consumer) = channel.consumers.get_mut(&tag) else { break };
                 consumer.unacked += 1;
                 channel.consumer_unacked += 1;
                 let instance = consumer.instance;
@@ -100,7 +104,7 @@ impl BrokerModel {
             )));
         }
         let Some((entry_id, store_seq, delivery)) =
-            take_for_delivery(queue, channel, &mut self.pending_bytes, key, None, !no_ack)
+            take_for_delivery(queue, &mut channel.next_delivery_tag, &mut self.pending_bytes, key, None, !no_ack)
         else {
             return Ok((None, effects));
         };
@@ -122,14 +126,14 @@ impl BrokerModel {
     }
 }
 
-/// Takes the next deliverable message of a queue for a delivery on `channel` (kept as
+/// Takes the next deliverable message of a queue for a delivery on channel `key` (kept as
 /// unacknowledged if `acknowledged`; gone for good otherwise): the queue counts the delivery (a
 /// redelivery carries `x-delivery-count`, the deliveries before it); the connection is charged
 /// its pending bytes and the channel's next delivery tag assigned. Returns the entry's id and
 /// store seq with the delivery.
 fn take_for_delivery(
     queue: &mut Queue,
-    channel: &mut Channel,
+    next_delivery_tag: &mut u64,
     pending_bytes: &mut foldhash::HashMap<ConnectionId, u64>,
     key: ChannelKey,
     consumer_tag: Option<String>,
@@ -145,8 +149,8 @@ fn take_for_delivery(
         delivered.message
     };
     *pending_bytes.entry(key.connection).or_insert(0) += delivery_bytes(&message);
-    let delivery_tag = channel.next_delivery_tag;
-    channel.next_delivery_tag += 1;
+    let delivery_tag = *next_delivery_tag;
+    *next_delivery_tag += 1;
     let delivery = Delivery {
         channel: key,
         consumer_tag,
