@@ -7,14 +7,23 @@
 //! (its *holder*) can be delivered; the others wait in `ready` behind it until the holder leaves
 //! the queue for good, so one key's messages go out one at a time, in publish order, whatever
 //! happens to the holder (redelivery, backoff, lease expiry).
+//!
+//! That bookkeeping (the three places, the byte counters, the expiry index, the key holders) is
+//! kept here and nowhere else: the broker moves a message only through the named operations
+//! below, each of which leaves it in exactly one place with every counter and index agreeing.
 
 use crate::dedup::DedupIndex;
 use crate::message::Message;
 use crate::ready::ReadyList;
-use crate::settings::QueueSettings;
+use crate::settings::{Overflow, QueueSettings};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use wharf_wire::types::FieldTable;
+
+mod consumers;
+mod invariants;
+
+pub(crate) use consumers::Unused;
 
 /// Identifies a connection within the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -52,7 +61,7 @@ pub struct Entry {
 
 /// Per-key ordering state (`x-ordered-by`).
 #[derive(Debug, Default)]
-pub(crate) struct Ordering {
+struct Ordering {
     /// Ready entries that may be delivered: unkeyed ones and ready key holders.
     deliverable: BTreeSet<u64>,
     /// The entry holding each key (ready, waiting or unacknowledged).
@@ -83,32 +92,32 @@ pub struct Queue {
     pub store_queue: Option<u64>,
     /// The store's id for this queue's de-duplication key log, if it de-duplicates.
     pub dedup_store_queue: Option<u64>,
-    pub(crate) ready: ReadyList,
-    pub(crate) waiting: BTreeMap<u64, Entry>,
-    pub(crate) unacked: foldhash::HashMap<u64, Entry>,
+    ready: ReadyList,
+    waiting: BTreeMap<u64, Entry>,
+    unacked: foldhash::HashMap<u64, Entry>,
     /// Body bytes of ready and waiting messages.
-    pub(crate) held_bytes: u64,
+    held_bytes: u64,
     /// The part of `held_bytes` whose bodies are in memory (not paged out to the store).
-    pub(crate) resident_bytes: u64,
+    resident_bytes: u64,
     /// (expiry, id) of ready messages that expire.
-    pub(crate) expiry: BTreeSet<(u64, u64)>,
+    expiry: BTreeSet<(u64, u64)>,
     /// The earliest expiry a timer is set for.
-    pub(crate) expiry_timer_ms: Option<u64>,
+    expiry_timer_ms: Option<u64>,
     /// When the `x-expires` timer is set for, if one is.
-    pub(crate) expires_timer_ms: Option<u64>,
+    expires_timer_ms: Option<u64>,
     /// Distinguishes this queue from earlier ones of the same name (for its timers).
-    pub(crate) incarnation: u64,
-    pub(crate) ordering: Option<Ordering>,
-    pub(crate) dedup: Option<DedupIndex>,
+    incarnation: u64,
+    ordering: Option<Ordering>,
+    dedup: Option<DedupIndex>,
     /// Last time it was used (declared, consumed from, read with `basic.get`), for `x-expires`.
-    pub(crate) last_used_ms: u64,
-    pub(crate) next_id: u64,
+    last_used_ms: u64,
+    next_id: u64,
     /// Consumers in round-robin order (with single active consumer, the first is the active one).
-    pub(crate) consumers: Vec<(ChannelKey, String)>,
-    pub(crate) next_consumer: usize,
-    pub(crate) had_consumer: bool,
+    consumers: Vec<(ChannelKey, String)>,
+    next_consumer: usize,
+    had_consumer: bool,
     /// The consumer holding exclusive access, if any.
-    pub(crate) exclusive_consumer: Option<(ChannelKey, String)>,
+    exclusive_consumer: Option<(ChannelKey, String)>,
 }
 
 impl Queue {
@@ -152,8 +161,12 @@ impl Queue {
         }
     }
 
+    // Entries in and out. The private helpers below each move an entry one step; the
+    // `pub(crate)` operations further down combine them so that every operation the broker
+    // calls leaves each entry in exactly one place, with the counters and indexes that follow.
+
     /// Builds an entry for a message arriving now (or recovered, with the time it was stored).
-    pub(crate) fn new_entry(
+    fn new_entry(
         &mut self,
         message: Arc<Message>,
         store_seq: Option<u64>,
@@ -202,7 +215,7 @@ impl Queue {
     }
 
     /// Adds a new entry at the tail (behind its key's holder, with `x-ordered-by`).
-    pub(crate) fn insert_new(&mut self, entry: Entry) {
+    fn insert_new(&mut self, entry: Entry) {
         let id = entry.id;
         if let (Some(ordering), Some(key)) = (self.ordering.as_mut(), entry.order_key.as_ref()) {
             if ordering.holders.contains_key(key) {
@@ -243,12 +256,12 @@ impl Queue {
     }
 
     /// Puts an entry that holds its key (or has none) back among the ready ones, in its place.
-    pub(crate) fn return_ready(&mut self, entry: Entry) {
+    fn return_ready(&mut self, entry: Entry) {
         self.insert_ready(entry, true);
     }
 
     /// The ready message to deliver next, if any.
-    pub(crate) fn next_deliverable(&self) -> Option<u64> {
+    fn next_deliverable(&self) -> Option<u64> {
         match &self.ordering {
             Some(ordering) => ordering.deliverable.first().copied(),
             None => self.ready.first_id(),
@@ -256,15 +269,15 @@ impl Queue {
     }
 
     /// True if a ready entry may be delivered now (it holds its key, or has none).
-    pub(crate) fn is_deliverable(&self, id: u64) -> bool {
+    fn is_deliverable(&self, id: u64) -> bool {
         match &self.ordering {
             Some(ordering) => ordering.deliverable.contains(&id),
             None => self.ready.contains(id),
         }
     }
 
-    /// Takes a ready entry out for delivery (it keeps holding its key).
-    pub(crate) fn take_ready(&mut self, id: u64) -> Option<Entry> {
+    /// Takes a ready entry out (it keeps holding its key): the caller puts it in another place.
+    fn take_ready(&mut self, id: u64) -> Option<Entry> {
         let entry = self.ready.remove(id)?;
         self.unhold(&entry);
         if let Some(at) = entry.expires_at_ms {
@@ -277,35 +290,21 @@ impl Queue {
     }
 
     /// Takes a ready entry out of the queue for good (expired, dropped, purged).
-    pub(crate) fn remove_ready(&mut self, id: u64) -> Option<Entry> {
+    fn remove_ready(&mut self, id: u64) -> Option<Entry> {
         let entry = self.take_ready(id)?;
         self.release_key(&entry);
         Some(entry)
     }
 
-    /// Takes an unacknowledged entry out of the queue for good (acked, rejected, dead-lettered).
-    pub(crate) fn remove_unacked(&mut self, id: u64) -> Option<Entry> {
-        let entry = self.unacked.remove(&id)?;
-        self.release_key(&entry);
-        Some(entry)
-    }
-
-    /// Moves an unacknowledged entry to `waiting` (retry backoff); it keeps holding its key.
-    pub(crate) fn hold_for_backoff(&mut self, entry: Entry) {
+    /// Moves an entry taken out of `ready` or `unacked` to `waiting` (retry backoff); it keeps
+    /// holding its key.
+    fn hold_for_backoff(&mut self, entry: Entry) {
         self.hold(&entry);
         self.waiting.insert(entry.id, entry);
     }
 
-    /// Ends an entry's backoff: back among the ready ones, in its place.
-    pub(crate) fn wake(&mut self, id: u64) -> bool {
-        let Some(entry) = self.waiting.remove(&id) else { return false };
-        self.unhold(&entry);
-        self.return_ready(entry);
-        true
-    }
-
     /// An entry left for good: the next entry of its key (if any) becomes deliverable.
-    pub(crate) fn release_key(&mut self, entry: &Entry) {
+    fn release_key(&mut self, entry: &Entry) {
         let (Some(ordering), Some(key)) = (self.ordering.as_mut(), entry.order_key.as_ref()) else { return };
         if ordering.holders.get(key) != Some(&entry.id) {
             // One of the entries waiting behind the holder left (expired, dropped, purged).
@@ -331,6 +330,191 @@ impl Queue {
         if blocked.is_empty() {
             ordering.blocked.remove(key);
         }
+    }
+
+    /// Adds a message published now at the tail (behind its key's holder, with `x-ordered-by`);
+    /// its TTL counts from `now_ms`.
+    pub(crate) fn enqueue(&mut self, message: Arc<Message>, store_seq: Option<u64>, now_ms: u64) {
+        let entry = self.new_entry(message, store_seq, now_ms, 0, false);
+        self.insert_new(entry);
+    }
+
+    /// With `x-overflow: drop-head`, while the queue holds more than its length limits allow,
+    /// takes its oldest ready entry out for good, for the broker to drop or dead-letter. `None`
+    /// once it is within its limits, or if it does not drop its head.
+    pub(crate) fn drop_head_over_limits(&mut self) -> Option<Entry> {
+        if self.settings.overflow != Overflow::DropHead || !self.over_limits() {
+            return None;
+        }
+        let id = self.oldest_ready()?;
+        self.remove_ready(id)
+    }
+
+    /// True if a ready message may be delivered now.
+    pub(crate) fn has_deliverable(&self) -> bool {
+        self.next_deliverable().is_some()
+    }
+
+    /// Takes the next deliverable message for a delivery and counts the delivery. With
+    /// `acknowledged` its entry stays in the queue as unacknowledged (still holding its key)
+    /// until it is settled; without (no-ack) it leaves the queue for good, so the next message
+    /// of its key becomes deliverable. `None` if nothing is deliverable.
+    pub(crate) fn deliver_next(&mut self, acknowledged: bool) -> Option<Delivered> {
+        let id = self.next_deliverable()?;
+        let mut entry = self.take_ready(id)?;
+        entry.delivery_count += 1;
+        let delivered = Delivered {
+            id,
+            message: Arc::clone(&entry.message),
+            store_seq: entry.store_seq,
+            redelivered: entry.redelivered,
+            delivery_count: entry.delivery_count,
+        };
+        if acknowledged {
+            self.unacked.insert(id, entry);
+        } else {
+            self.release_key(&entry);
+        }
+        Some(delivered)
+    }
+
+    /// Takes an unacknowledged entry out of the queue for good (acked, rejected, dead-lettered).
+    pub(crate) fn remove_unacked(&mut self, id: u64) -> Option<Entry> {
+        let entry = self.unacked.remove(&id)?;
+        self.release_key(&entry);
+        Some(entry)
+    }
+
+    /// An unacknowledged entry came back unsettled: by `nack`/`reject` with requeue
+    /// (`explicit`), its channel closing, or its lease running out. Delivered as often as the
+    /// delivery limit allows, it leaves for good (to be dead-lettered); after an explicit requeue
+    /// on a queue with `x-retry-backoff` it waits its step; otherwise it goes back to its place,
+    /// marked redelivered. `None` if the queue holds no such unacknowledged entry.
+    pub(crate) fn return_unacked(&mut self, id: u64, explicit: bool) -> Option<Returned> {
+        let count = self.unacked.get(&id)?.delivery_count;
+        if self.settings.delivery_limit.is_some_and(|limit| count >= limit) {
+            return self.remove_unacked(id).map(Returned::OverLimit);
+        }
+        let mut entry = self.unacked.remove(&id)?;
+        entry.redelivered = true;
+        match self.settings.backoff_ms(count).filter(|wait_ms| explicit && *wait_ms > 0) {
+            Some(wait_ms) => {
+                self.hold_for_backoff(entry);
+                Some(Returned::Backoff { wait_ms })
+            }
+            None => {
+                self.return_ready(entry);
+                Some(Returned::Ready)
+            }
+        }
+    }
+
+    /// Ends an entry's backoff: back among the ready ones, in its place. False if it is not
+    /// waiting (a stale timer).
+    pub(crate) fn wake(&mut self, id: u64) -> bool {
+        let Some(entry) = self.waiting.remove(&id) else { return false };
+        self.unhold(&entry);
+        self.return_ready(entry);
+        true
+    }
+
+    /// Takes out for good the ready entry that expires first, if it is due by `now_ms`
+    /// (`inclusive`: also if it is due exactly at `now_ms`), for the broker to drop or
+    /// dead-letter. Called until `None`.
+    pub(crate) fn pop_expired(&mut self, now_ms: u64, inclusive: bool) -> Option<Entry> {
+        while let Some(&(at, id)) = self.expiry.first() {
+            if at > now_ms || (at == now_ms && !inclusive) {
+                return None;
+            }
+            match self.remove_ready(id) {
+                Some(entry) => return Some(entry),
+                // Not ready any more: an index entry left behind, dropped so it cannot block the
+                // ones after it.
+                None => {
+                    self.expiry.remove(&(at, id));
+                }
+            }
+        }
+        None
+    }
+
+    /// The earliest expiry, if a timer must be armed for it (none is armed, or the armed one is
+    /// later); it is then recorded as armed.
+    pub(crate) fn arm_expiry_timer(&mut self) -> Option<u64> {
+        let &(at, _) = self.expiry.first()?;
+        if self.expiry_timer_ms.is_some_and(|armed| at >= armed) {
+            return None;
+        }
+        self.expiry_timer_ms = Some(at);
+        Some(at)
+    }
+
+    /// The expiry timer fired: none is armed any more (the dispatch that follows arms the next).
+    pub(crate) fn expiry_timer_fired(&mut self) {
+        self.expiry_timer_ms = None;
+    }
+
+    /// After recovery: takes out for good, oldest first, the ready entries already delivered as
+    /// often as the delivery limit allows, for the broker to dead-letter (a message over its
+    /// delivery limit is never delivered again, even across a restart).
+    pub(crate) fn remove_exhausted(&mut self) -> Vec<Entry> {
+        let limit = self.settings.delivery_limit;
+        let mut exhausted: Vec<u64> = self
+            .ready
+            .delivery_counts()
+            .filter(|(_, delivery_count)| limit.is_some_and(|limit| *delivery_count >= limit))
+            .map(|(id, _)| id)
+            .collect();
+        exhausted.sort_unstable();
+        exhausted.into_iter().filter_map(|id| self.remove_ready(id)).collect()
+    }
+
+    /// After recovery, with `x-retry-backoff`: every deliverable entry delivered before waits
+    /// its backoff step again (how long it had already waited is not known). Returns each moved
+    /// entry's id and wait, oldest first, for the broker to arm their timers.
+    pub(crate) fn hold_retried_for_backoff(&mut self) -> Vec<(u64, u64)> {
+        if self.settings.retry_backoff_ms.is_empty() {
+            return Vec::new();
+        }
+        let mut retried: Vec<(u64, u32)> =
+            self.ready.delivery_counts().filter(|(_, delivery_count)| *delivery_count > 0).collect();
+        retried.sort_unstable();
+        let mut held = Vec::new();
+        for (id, count) in retried {
+            let Some(wait_ms) = self.settings.backoff_ms(count).filter(|wait_ms| *wait_ms > 0) else { continue };
+            if !self.is_deliverable(id) {
+                continue;
+            }
+            if let Some(entry) = self.take_ready(id) {
+                self.hold_for_backoff(entry);
+                held.push((id, wait_ms));
+            }
+        }
+        held
+    }
+
+    /// Removes every ready and waiting message (purge); returns them.
+    pub(crate) fn take_ready_all(&mut self) -> Vec<Entry> {
+        let ids = self.ready.ids();
+        let mut taken: Vec<Entry> = ids.into_iter().filter_map(|id| self.remove_ready(id)).collect();
+        let waiting = std::mem::take(&mut self.waiting);
+        for entry in waiting.into_values() {
+            self.unhold(&entry);
+            self.release_key(&entry);
+            taken.push(entry);
+        }
+        taken
+    }
+
+    /// Removes every message, ready, waiting and unacknowledged (delete); returns them.
+    pub(crate) fn take_all(&mut self) -> Vec<Entry> {
+        let mut all = self.take_ready_all();
+        let unacked: Vec<Entry> = self.unacked.drain().map(|(_, entry)| entry).collect();
+        for entry in unacked {
+            self.release_key(&entry);
+            all.push(entry);
+        }
+        all
     }
 
     /// Adds a message found by recovery, with its delivery count and the time it was stored.
@@ -440,38 +624,89 @@ impl Queue {
     }
 
     /// True if the queue holds more than its length limits allow.
-    pub(crate) fn over_limits(&self) -> bool {
+    fn over_limits(&self) -> bool {
         self.settings.max_length.is_some_and(|max| self.ready_count() as u64 > max)
             || self.settings.max_length_bytes.is_some_and(|max| self.held_bytes > max)
     }
 
     /// The oldest ready message (for `drop-head`).
-    pub(crate) fn oldest_ready(&self) -> Option<u64> {
+    fn oldest_ready(&self) -> Option<u64> {
         self.ready.first_id()
-    }
-
-    /// Removes every ready and waiting message (purge); returns them.
-    pub(crate) fn take_ready_all(&mut self) -> Vec<Entry> {
-        let ids = self.ready.ids();
-        let mut taken: Vec<Entry> = ids.into_iter().filter_map(|id| self.remove_ready(id)).collect();
-        let waiting = std::mem::take(&mut self.waiting);
-        for entry in waiting.into_values() {
-            self.unhold(&entry);
-            self.release_key(&entry);
-            taken.push(entry);
-        }
-        taken
-    }
-
-    /// Removes every message, ready, waiting and unacknowledged (delete); returns them.
-    pub(crate) fn take_all(&mut self) -> Vec<Entry> {
-        let mut all = self.take_ready_all();
-        all.extend(self.unacked.drain().map(|(_, entry)| entry));
-        all
     }
 
     /// Every entry (ready ones first, in order; then waiting, then unacknowledged), for inspection.
     pub fn entries(&self) -> impl Iterator<Item = Entry> + '_ {
         self.ready.entries().into_iter().chain(self.waiting.values().cloned()).chain(self.unacked.values().cloned())
     }
+}
+
+/// The queue's identity among those of its name, and its side of admitting a publish.
+impl Queue {
+    /// Which queue this is among those of its name (timers name it, so a timer of an earlier
+    /// queue of the same name leaves this one alone).
+    pub(crate) fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// Numbers the queue among those of its name; its vhost does it once, when it adds it.
+    pub(crate) fn set_incarnation(&mut self, incarnation: u64) {
+        self.incarnation = incarnation;
+    }
+
+    /// Looks a published message up in the queue's de-duplication window (forgetting the keys
+    /// that fell out of it first). Only looks: see [`Queue::remember_dedup_key`].
+    pub(crate) fn dedup_lookup(&mut self, message: &Message, now_ms: u64) -> DedupLookup {
+        let Some(index) = self.dedup.as_mut() else { return DedupLookup::Unkeyed };
+        let Some(key) = index.key_of(message) else { return DedupLookup::Unkeyed };
+        index.expire(now_ms);
+        if index.contains(&key) { DedupLookup::Seen } else { DedupLookup::New(key) }
+    }
+
+    /// Remembers the de-duplication key of a message the queue took, seen at `now_ms`.
+    pub(crate) fn remember_dedup_key(&mut self, key: &[u8], now_ms: u64) {
+        if let Some(index) = self.dedup.as_mut() {
+            index.check_and_insert(key, now_ms);
+        }
+    }
+}
+
+/// What a delivery took from its queue: the entry itself stayed behind as unacknowledged, or
+/// (no-ack) left the queue for good.
+#[derive(Debug)]
+pub(crate) struct Delivered {
+    /// The entry's id (unacknowledged entries are settled by it).
+    pub(crate) id: u64,
+    /// The message as stored (without `x-delivery-count`).
+    pub(crate) message: Arc<Message>,
+    /// Where the store keeps it.
+    pub(crate) store_seq: Option<u64>,
+    /// Delivered before.
+    pub(crate) redelivered: bool,
+    /// Deliveries so far, this one included.
+    pub(crate) delivery_count: u32,
+}
+
+/// Where an unacknowledged entry that came back unsettled went.
+#[derive(Debug)]
+pub(crate) enum Returned {
+    /// Over its delivery limit: out of the queue for good, to be dead-lettered.
+    OverLimit(Entry),
+    /// Waiting out its retry backoff step for `wait_ms`.
+    Backoff {
+        /// How long it waits.
+        wait_ms: u64,
+    },
+    /// Ready again, in its place.
+    Ready,
+}
+
+/// A publish looked up in a queue's de-duplication window.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum DedupLookup {
+    /// The queue does not de-duplicate, or the message has no key.
+    Unkeyed,
+    /// Its key was seen within the window: a duplicate.
+    Seen,
+    /// A key not seen within the window (to remember once the message is in).
+    New(Vec<u8>),
 }

@@ -244,6 +244,40 @@ impl ReadyList {
         entries
     }
 
+    /// Panics, naming the broken invariant, unless the list is as the module doc describes: each
+    /// whole entry filed under its own id, the packed list ascending by id with no tombstone at
+    /// its front, its tombstone count right and at most half of it, and no id both whole and
+    /// packed. Part of [`crate::queue::Queue::check_invariants`].
+    pub(crate) fn check_invariants(&self, queue: &str) {
+        for (id, entry) in &self.whole {
+            assert_eq!(
+                *id, entry.id,
+                "invariant broken in queue '{queue}': ready entry {} filed under id {id}",
+                entry.id
+            );
+        }
+        let ascending = self.packed.iter().zip(self.packed.iter().skip(1)).all(|(first, next)| first.id < next.id);
+        assert!(ascending, "invariant broken in queue '{queue}': packed ready entries are not in ascending id order");
+        assert!(
+            self.packed.front().is_none_or(|first| !first.removed),
+            "invariant broken in queue '{queue}': a tombstone is at the front of the packed ready entries"
+        );
+        let tombstones = self.packed.iter().filter(|packed| packed.removed).count();
+        assert_eq!(
+            tombstones, self.tombstones,
+            "invariant broken in queue '{queue}': the packed list holds {tombstones} tombstones but counts {}",
+            self.tombstones
+        );
+        assert!(
+            tombstones * 2 <= self.packed.len(),
+            "invariant broken in queue '{queue}': {tombstones} of {} packed ready entries are tombstones (not swept)",
+            self.packed.len()
+        );
+        if let Some(twice) = self.live_packed().find(|packed| self.whole.contains_key(&packed.id)) {
+            panic!("invariant broken in queue '{queue}': ready entry {} is both whole and packed", twice.id);
+        }
+    }
+
     /// How many entries are packed (for tests of the representation).
     #[cfg(test)]
     fn packed_len(&self) -> usize {

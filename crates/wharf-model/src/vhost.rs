@@ -371,7 +371,7 @@ impl VirtualHost {
     /// Adds a queue recovered from durable definitions (no checks: it was valid when declared).
     pub fn restore_queue(&mut self, mut queue: Queue) {
         self.queue_incarnations += 1;
-        queue.incarnation = self.queue_incarnations;
+        queue.set_incarnation(self.queue_incarnations);
         self.queues.insert(queue.name.clone(), queue);
     }
 
@@ -451,6 +451,82 @@ impl VirtualHost {
         let queue = self.queues.remove(name)?;
         self.remove_bindings_to(&Destination::Queue(name.to_owned()));
         Some(queue)
+    }
+
+    /// Panics, naming the broken invariant, unless every queue passes
+    /// [`Queue::check_invariants`] and the vhost agrees with itself: queues and exchanges filed
+    /// under their own names, each queue numbered once among the incarnations given out, every
+    /// binding list non-empty and free of duplicates, from an exchange that exists to a queue or
+    /// exchange that exists, and de-duplication indexes and delayed holds only for exchanges that
+    /// have them. A test assertion, like the queue's (see `queue/invariants.rs` for why it is
+    /// always compiled).
+    #[doc(hidden)]
+    pub fn check_invariants(&self) {
+        let vhost = self.name.as_str();
+        let mut incarnations = BTreeSet::new();
+        for (name, queue) in &self.queues {
+            assert_eq!(
+                name, &queue.name,
+                "invariant broken in vhost '{vhost}': queue '{}' filed as '{name}'",
+                queue.name
+            );
+            queue.check_invariants();
+            let incarnation = queue.incarnation();
+            assert!(
+                (1..=self.queue_incarnations).contains(&incarnation) && incarnations.insert(incarnation),
+                "invariant broken in vhost '{vhost}': queue '{name}' has incarnation {incarnation}, not a fresh one of the {} given out",
+                self.queue_incarnations
+            );
+        }
+        for (name, exchange) in &self.exchanges {
+            assert_eq!(
+                name, &exchange.name,
+                "invariant broken in vhost '{vhost}': exchange '{}' filed as '{name}'",
+                exchange.name
+            );
+        }
+        for (source, list) in &self.bindings {
+            assert!(
+                self.exchanges.contains_key(source),
+                "invariant broken in vhost '{vhost}': bindings from exchange '{source}', which does not exist"
+            );
+            assert!(
+                !list.is_empty(),
+                "invariant broken in vhost '{vhost}': an empty binding list is kept for '{source}'"
+            );
+            for (index, binding) in list.iter().enumerate() {
+                let exists = match &binding.destination {
+                    Destination::Queue(queue) => self.queues.contains_key(queue),
+                    Destination::Exchange(exchange) => self.exchanges.contains_key(exchange),
+                };
+                assert!(
+                    exists,
+                    "invariant broken in vhost '{vhost}': exchange '{source}' is bound to {:?}, which does not exist",
+                    binding.destination
+                );
+                let twice = list[..index].iter().any(|earlier| {
+                    earlier.destination == binding.destination
+                        && earlier.routing_key == binding.routing_key
+                        && earlier.arguments == binding.arguments
+                });
+                assert!(
+                    !twice,
+                    "invariant broken in vhost '{vhost}': exchange '{source}' has a binding twice: {binding:?}"
+                );
+            }
+        }
+        for exchange in self.exchange_dedup.keys() {
+            assert!(
+                self.exchanges.get(exchange).is_some_and(|found| found.settings.deduplication.is_some()),
+                "invariant broken in vhost '{vhost}': a de-duplication index for '{exchange}', which does not de-duplicate"
+            );
+        }
+        for exchange in self.delayed.keys() {
+            assert!(
+                self.exchanges.get(exchange).is_some_and(|found| found.kind == ExchangeKind::DelayedMessage),
+                "invariant broken in vhost '{vhost}': a delayed hold for '{exchange}', which is not a delayed-message exchange"
+            );
+        }
     }
 
     /// `queue.bind` and `exchange.bind`. Binding twice is a no-op. Returns true if added.

@@ -1,7 +1,11 @@
-//! Declarations with RabbitMQ's rules and errors, and routing through every exchange type.
+//! Declarations with RabbitMQ's rules and errors, and routing through every exchange type. Every
+//! operation goes through `support::CheckedVhost`, which checks the vhost's invariants after it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use wharf_model::{ConnectionId, Destination, ExchangeDeclare, QueueDeclare, VirtualHost};
+mod support;
+
+use support::CheckedVhost;
+use wharf_model::{ConnectionId, Destination, ExchangeDeclare, QueueDeclare};
 use wharf_wire::reply_code;
 use wharf_wire::types::{AMQPValue, FieldTable, ShortString};
 
@@ -37,14 +41,14 @@ fn queue<'a>(name: &'a str, arguments: &'a FieldTable) -> QueueDeclare<'a> {
     }
 }
 
-fn bind(vhost: &mut VirtualHost, source: &str, queue: &str, key: &str) {
+fn bind(vhost: &mut CheckedVhost, source: &str, queue: &str, key: &str) {
     vhost.bind(source, Destination::Queue(queue.into()), key, &FieldTable::default(), OWNER).unwrap();
 }
 
 #[test]
 fn the_food_delivery_fan_out_routes_each_order_to_each_service_once() {
     let none = FieldTable::default();
-    let mut vhost = VirtualHost::new("/", 1);
+    let mut vhost = CheckedVhost::new("/", 1);
     vhost.declare_exchange(&exchange("orders", "topic", &none)).unwrap();
     for service in ["email", "inventory", "payment"] {
         vhost.declare_queue(&queue(service, &none)).unwrap();
@@ -59,7 +63,7 @@ fn the_food_delivery_fan_out_routes_each_order_to_each_service_once() {
 #[test]
 fn every_exchange_type_routes_as_rabbitmq_does() {
     let none = FieldTable::default();
-    let mut vhost = VirtualHost::new("/", 1);
+    let mut vhost = CheckedVhost::new("/", 1);
     for name in ["a", "b", "c"] {
         vhost.declare_queue(&queue(name, &none)).unwrap();
     }
@@ -93,7 +97,7 @@ fn every_exchange_type_routes_as_rabbitmq_does() {
 #[test]
 fn exchange_to_exchange_bindings_route_and_cycles_end() {
     let none = FieldTable::default();
-    let mut vhost = VirtualHost::new("/", 1);
+    let mut vhost = CheckedVhost::new("/", 1);
     vhost.declare_exchange(&exchange("front", "fanout", &none)).unwrap();
     vhost.declare_exchange(&exchange("back", "direct", &none)).unwrap();
     vhost.declare_queue(&queue("q", &none)).unwrap();
@@ -107,7 +111,7 @@ fn exchange_to_exchange_bindings_route_and_cycles_end() {
 #[test]
 fn declare_errors_carry_rabbitmq_codes() {
     let none = FieldTable::default();
-    let mut vhost = VirtualHost::new("/", 1);
+    let mut vhost = CheckedVhost::new("/", 1);
     let passive = ExchangeDeclare { passive: true, ..exchange("missing", "direct", &none) };
     assert_eq!(vhost.declare_exchange(&passive).unwrap_err().code, reply_code::NOT_FOUND);
     assert_eq!(
@@ -141,7 +145,7 @@ fn declare_errors_carry_rabbitmq_codes() {
 #[test]
 fn exclusive_queues_belong_to_their_connection() {
     let none = FieldTable::default();
-    let mut vhost = VirtualHost::new("/", 1);
+    let mut vhost = CheckedVhost::new("/", 1);
     let exclusive = QueueDeclare { exclusive: true, ..queue("mine", &none) };
     vhost.declare_queue(&exclusive).unwrap();
     let from_other = QueueDeclare { connection: OTHER, ..exclusive.clone() };
@@ -155,7 +159,7 @@ fn exclusive_queues_belong_to_their_connection() {
 #[test]
 fn server_named_queues_are_unique() {
     let none = FieldTable::default();
-    let mut vhost = VirtualHost::new("/", 0xABCD);
+    let mut vhost = CheckedVhost::new("/", 0xABCD);
     let first = vhost.declare_queue(&queue("", &none)).unwrap();
     let second = vhost.declare_queue(&queue("", &none)).unwrap();
     assert!(first.name.starts_with("amq.gen-"));
@@ -167,7 +171,7 @@ fn server_named_queues_are_unique() {
 #[test]
 fn publishing_to_missing_or_internal_exchanges_is_refused() {
     let none = FieldTable::default();
-    let mut vhost = VirtualHost::new("/", 1);
+    let mut vhost = CheckedVhost::new("/", 1);
     assert_eq!(vhost.route("missing", "k", None).unwrap_err().code, reply_code::NOT_FOUND);
     let internal = ExchangeDeclare { internal: true, ..exchange("inner", "fanout", &none) };
     vhost.declare_exchange(&internal).unwrap();
@@ -177,7 +181,7 @@ fn publishing_to_missing_or_internal_exchanges_is_refused() {
 #[test]
 fn deleting_exchanges_and_queues_cleans_bindings_and_auto_deletes() {
     let none = FieldTable::default();
-    let mut vhost = VirtualHost::new("/", 1);
+    let mut vhost = CheckedVhost::new("/", 1);
     let auto = ExchangeDeclare { auto_delete: true, ..exchange("auto", "fanout", &none) };
     vhost.declare_exchange(&auto).unwrap();
     vhost.declare_queue(&queue("q", &none)).unwrap();

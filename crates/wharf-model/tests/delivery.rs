@@ -1,12 +1,16 @@
 //! Consumers, prefetch, acknowledgements, requeues and channel loss, and a property test that no
-//! sequence of operations loses or duplicates a message.
+//! sequence of operations loses or duplicates a message. Every operation goes through
+//! `support::CheckedBroker`, which checks the model's own invariants after it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
 
 use bytes::Bytes;
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use wharf_model::{BrokerModel, ChannelKey, ConnectionId, Effects, Message, QueueDeclare};
+use support::CheckedBroker;
+use wharf_model::{ChannelKey, ConnectionId, Effects, Message, QueueDeclare};
 use wharf_wire::protocol::BasicProperties;
 use wharf_wire::reply_code;
 use wharf_wire::types::FieldTable;
@@ -27,7 +31,7 @@ fn message(body: &str) -> Arc<Message> {
 }
 
 /// Declares a queue on connection 1 (the model's rules apply; panics if refused).
-fn declare(broker: &mut BrokerModel, name: &str, durable: bool, exclusive: bool, auto_delete: bool) {
+fn declare(broker: &mut CheckedBroker, name: &str, durable: bool, exclusive: bool, auto_delete: bool) {
     let none = FieldTable::default();
     broker
         .vhost_mut("/")
@@ -47,8 +51,8 @@ fn declare(broker: &mut BrokerModel, name: &str, durable: bool, exclusive: bool,
         .unwrap();
 }
 
-fn broker_with_queue(name: &str) -> BrokerModel {
-    let mut broker = BrokerModel::new(7);
+fn broker_with_queue(name: &str) -> CheckedBroker {
+    let mut broker = CheckedBroker::new(7);
     declare(&mut broker, name, true, false, false);
     broker
 }
@@ -155,7 +159,7 @@ fn consumer_errors() {
 
 #[test]
 fn auto_delete_queues_go_with_their_last_consumer_and_exclusive_ones_with_their_connection() {
-    let mut broker = BrokerModel::new(1);
+    let mut broker = CheckedBroker::new(1);
     let channel = key(1, 1);
     broker.open_channel(channel, "/").unwrap();
     for (name, exclusive, auto_delete) in [("auto", false, true), ("mine", true, false)] {
@@ -332,7 +336,7 @@ proptest! {
 
 #[test]
 fn deleting_a_queue_frees_prefetch_and_late_acks_of_its_deliveries_are_accepted() {
-    let mut broker = BrokerModel::new(1);
+    let mut broker = CheckedBroker::new(1);
     let channel = key(1, 1);
     broker.open_channel(channel, "/").unwrap();
     for name in ["q1", "q2"] {

@@ -1,11 +1,15 @@
 //! The delivery guarantees in the model, driven with explicit time: dead-lettering, delivery
 //! limits, leases, retry backoff, TTLs, length limits, de-duplication, per-key ordering and
 //! delayed messages; and a property test comparing a queue with a simple reference model under
-//! random publish / deliver / ack / nack / expire / crash sequences.
+//! random publish / deliver / ack / nack / expire / crash sequences. Every operation goes through
+//! `support::CheckedBroker`, which checks the model's own invariants after it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
 
 use bytes::Bytes;
 use std::sync::Arc;
+use support::CheckedBroker;
 use wharf_model::{BrokerModel, ChannelKey, ConnectionId, Effects, Message, QueueDeclare};
 use wharf_wire::protocol::BasicProperties;
 use wharf_wire::types::{AMQPValue, FieldArray, FieldTable, LongString};
@@ -39,7 +43,7 @@ fn table(pairs: Vec<(&str, AMQPValue)>) -> FieldTable {
     table
 }
 
-fn declare(broker: &mut BrokerModel, name: &str, arguments: FieldTable) {
+fn declare(broker: &mut CheckedBroker, name: &str, arguments: FieldTable) {
     broker
         .vhost_mut("/")
         .unwrap()
@@ -64,7 +68,7 @@ fn bodies(effects: &Effects) -> Vec<String> {
 
 #[test]
 fn ordered_keys_go_one_at_a_time_across_backoff() {
-    let mut broker = BrokerModel::new(1);
+    let mut broker = CheckedBroker::new(1);
     broker.set_now(1_000);
     let ordered_by = AMQPValue::LongString(LongString::from(b"k".to_vec()));
     let backoff = AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::LongInt(300)]));
@@ -271,7 +275,7 @@ struct Held {
 }
 
 struct Harness {
-    broker: BrokerModel,
+    broker: CheckedBroker,
     arguments: FieldTable,
     channel: ChannelKey,
     /// Deliveries on the current channel.
@@ -290,7 +294,7 @@ fn paged_body(id: u64, body_bytes: u64) -> wharf_model::PagedBody {
 
 impl Harness {
     fn new(arguments: FieldTable, now: u64) -> Harness {
-        let mut broker = BrokerModel::new(3);
+        let mut broker = CheckedBroker::new(3);
         broker.set_now(now);
         declare(&mut broker, "q", arguments.clone());
         broker.vhost_mut("/").unwrap().queue_mut("q").unwrap().store_queue = Some(STORE_QUEUE);
@@ -309,33 +313,35 @@ impl Harness {
     fn crash(&mut self, now: u64) -> Effects {
         let mut entries = self.broker.queue_entries("/", "q");
         entries.sort_by_key(|entry| entry.store_seq);
-        let mut broker = BrokerModel::new(4);
+        let mut broker = CheckedBroker::new(4);
         broker.set_now(now);
         declare(&mut broker, "q", self.arguments.clone());
-        let queue = broker.vhost_mut("/").unwrap().queue_mut("q").unwrap();
-        queue.store_queue = Some(STORE_QUEUE);
-        for entry in entries {
-            // As the runtime recovers: the whole message from the store, its body left there
-            // for what was paged out before the crash.
-            let id = entry.store_seq.unwrap();
-            let whole = Arc::clone(&self.originals[&id]);
-            match entry.message.paged {
-                Some(paged) => {
-                    queue.enqueue_recovered_paged(
-                        (*whole).clone(),
-                        paged,
-                        id,
-                        entry.enqueued_ms,
-                        entry.delivery_count,
-                        true,
-                    );
-                }
-                None => {
-                    queue.enqueue_recovered(whole, Some(id), entry.enqueued_ms, entry.delivery_count, true);
+        let originals = &self.originals;
+        let effects = broker.recover_with(|model: &mut BrokerModel| {
+            let queue = model.vhost_mut("/").unwrap().queue_mut("q").unwrap();
+            queue.store_queue = Some(STORE_QUEUE);
+            for entry in entries {
+                // As the runtime recovers: the whole message from the store, its body left there
+                // for what was paged out before the crash.
+                let id = entry.store_seq.unwrap();
+                let whole = Arc::clone(&originals[&id]);
+                match entry.message.paged {
+                    Some(paged) => {
+                        queue.enqueue_recovered_paged(
+                            (*whole).clone(),
+                            paged,
+                            id,
+                            entry.enqueued_ms,
+                            entry.delivery_count,
+                            true,
+                        );
+                    }
+                    None => {
+                        queue.enqueue_recovered(whole, Some(id), entry.enqueued_ms, entry.delivery_count, true);
+                    }
                 }
             }
-        }
-        let effects = broker.after_recovery();
+        });
         self.broker = broker;
         self.reopen();
         effects

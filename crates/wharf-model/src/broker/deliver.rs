@@ -1,0 +1,166 @@
+//! Delivery: handing ready messages to consumers with room (round-robin, prefetch, the
+//! per-channel and per-connection bounds) and answering `basic.get`. Every delivery is made
+//! here, so what a delivery carries and what it counts against are decided in one place.
+
+use super::channels::Outstanding;
+use super::timers::Timer;
+use super::{
+    BrokerModel, CONNECTION_PENDING_BYTES_MAX, Delivery, Effects, Removed, UNACKED_PER_CHANNEL_MAX, channel_not_open,
+    delivery_bytes,
+};
+use crate::error::{ModelError, Result};
+use crate::queue::{ChannelKey, ConnectionId, Queue};
+use std::sync::Arc;
+use wharf_wire::types::AMQPValue;
+
+impl BrokerModel {
+    /// Delivers ready messages of a queue to consumers with room, round-robin.
+    pub fn dispatch(&mut self, vhost_name: &str, queue_name: &str) -> Effects {
+        let mut effects = Effects::default();
+        self.expire_due(vhost_name, queue_name, false, &mut effects);
+        let now_ms = self.now_ms;
+        let Some(queue) = self.vhosts.get_mut(vhost_name).and_then(|vhost| vhost.queue_mut(queue_name)) else {
+            return effects;
+        };
+        let lease_ms = queue.settings.consumer_timeout_ms;
+        while queue.has_deliverable() && queue.consumer_count() > 0 {
+            let channels = &self.channels;
+            let pending_bytes = &self.pending_bytes;
+            let has_room = |key: &ChannelKey, tag: &str| {
+                let Some(channel) = channels.get(key) else { return false };
+                let Some(consumer) = channel.consumers.get(tag) else { return false };
+                let consumer_room = consumer.prefetch == 0 || consumer.unacked < u32::from(consumer.prefetch);
+                let channel_room =
+                    channel.prefetch_channel == 0 || channel.consumer_unacked < u32::from(channel.prefetch_channel);
+                let bounded = channel.unacked.len() < UNACKED_PER_CHANNEL_MAX;
+                let socket_room =
+                    pending_bytes.get(&key.connection).copied().unwrap_or(0) < CONNECTION_PENDING_BYTES_MAX;
+                socket_room && (consumer.no_ack || (consumer_room && channel_room && bounded))
+            };
+            let Some((key, tag)) = queue.next_consumer_with_room(has_room) else { break };
+            let Some(channel) = self.channels.get_mut(&key) else { break };
+            // The consumer is found before its message is taken, so a message is never taken for
+            // a consumer that is not there to count it.
+            let Some(consumer) = channel.consumers.get_mut(&tag) else { break };
+            let Some((entry_id, store_seq, delivery)) = take_for_delivery(
+                queue,
+                &mut channel.next_delivery_tag,
+                &mut self.pending_bytes,
+                key,
+                Some(tag.clone()),
+                !consumer.no_ack,
+            ) else {
+                break;
+            };
+            let delivery_tag = delivery.delivery_tag;
+            effects.deliveries.push(delivery);
+            if consumer.no_ack {
+                effects.removed.push(Removed::of(vhost_name, queue, store_seq));
+            } else {
+                consumer.unacked += 1;
+                channel.consumer_unacked += 1;
+                let instance = consumer.instance;
+                let lease_due_ms = lease_ms.map(|lease_ms| now_ms.saturating_add(lease_ms));
+                channel.unacked.insert(
+                    delivery_tag,
+                    Outstanding {
+                        queue: queue_name.to_owned(),
+                        entry_id,
+                        consumer: Some((tag, instance)),
+                        gone: false,
+                        lease_due_ms,
+                    },
+                );
+                if let Some(due_ms) = lease_due_ms {
+                    let generation = channel.generation;
+                    self.timers.insert((due_ms, Timer::Lease { channel: key, generation, delivery_tag }));
+                }
+            }
+        }
+        self.expire_due(vhost_name, queue_name, true, &mut effects);
+        effects
+    }
+
+    /// `basic.get`: one message or `None` (get-empty).
+    pub fn get(&mut self, key: ChannelKey, queue_name: &str, no_ack: bool) -> Result<(Option<Delivery>, Effects)> {
+        let vhost_name = self.channel_vhost(key)?;
+        let vhost = self.vhosts.get_mut(&vhost_name).ok_or_else(|| channel_not_open(key))?;
+        vhost.usable_queue(queue_name, key.connection)?;
+        if vhost.queue(queue_name).is_none() {
+            return Ok((None, Effects::default()));
+        }
+        self.touch_queue(&vhost_name, queue_name);
+        let mut effects = Effects::default();
+        self.expire_due(&vhost_name, queue_name, true, &mut effects);
+        let now_ms = self.now_ms;
+        let Some(queue) = self.vhosts.get_mut(&vhost_name).and_then(|vhost| vhost.queue_mut(queue_name)) else {
+            return Ok((None, effects));
+        };
+        let channel = self.channels.get_mut(&key).ok_or_else(|| channel_not_open(key))?;
+        if !no_ack && channel.unacked.len() >= UNACKED_PER_CHANNEL_MAX {
+            return Err(ModelError::resource_error(format!(
+                "channel {} holds {UNACKED_PER_CHANNEL_MAX} unacknowledged messages",
+                key.channel
+            )));
+        }
+        let Some((entry_id, store_seq, delivery)) =
+            take_for_delivery(queue, &mut channel.next_delivery_tag, &mut self.pending_bytes, key, None, !no_ack)
+        else {
+            return Ok((None, effects));
+        };
+        if no_ack {
+            effects.removed.push(Removed::of(&vhost_name, queue, store_seq));
+        } else {
+            let lease_due_ms = queue.settings.consumer_timeout_ms.map(|lease_ms| now_ms.saturating_add(lease_ms));
+            channel.unacked.insert(
+                delivery.delivery_tag,
+                Outstanding { queue: queue_name.to_owned(), entry_id, consumer: None, gone: false, lease_due_ms },
+            );
+            if let Some(due_ms) = lease_due_ms {
+                let timer =
+                    Timer::Lease { channel: key, generation: channel.generation, delivery_tag: delivery.delivery_tag };
+                self.timers.insert((due_ms, timer));
+            }
+        }
+        Ok((Some(delivery), effects))
+    }
+}
+
+/// Takes the next deliverable message of a queue for a delivery on channel `key` (kept as
+/// unacknowledged if `acknowledged`; gone for good otherwise): the queue counts the delivery (a
+/// redelivery carries `x-delivery-count`, the deliveries before it); the connection is charged
+/// its pending bytes and the channel's next delivery tag assigned. Returns the entry's id and
+/// store seq with the delivery.
+fn take_for_delivery(
+    queue: &mut Queue,
+    next_delivery_tag: &mut u64,
+    pending_bytes: &mut foldhash::HashMap<ConnectionId, u64>,
+    key: ChannelKey,
+    consumer_tag: Option<String>,
+    acknowledged: bool,
+) -> Option<(u64, Option<u64>, Delivery)> {
+    let delivered = queue.deliver_next(acknowledged)?;
+    let deliveries_before = delivered.delivery_count - 1;
+    let message = if deliveries_before > 0 {
+        Arc::new(
+            delivered.message.with_header("x-delivery-count", AMQPValue::LongLongInt(i64::from(deliveries_before))),
+        )
+    } else {
+        delivered.message
+    };
+    *pending_bytes.entry(key.connection).or_insert(0) += delivery_bytes(&message);
+    let delivery_tag = *next_delivery_tag;
+    *next_delivery_tag += 1;
+    let delivery = Delivery {
+        channel: key,
+        consumer_tag,
+        delivery_tag,
+        redelivered: delivered.redelivered,
+        queue: queue.name.clone(),
+        message,
+        message_count: queue.ready_count() as u32,
+        delivery_count: delivered.delivery_count,
+        store: queue.store_queue.zip(delivered.store_seq),
+    };
+    Some((delivered.id, delivered.store_seq, delivery))
+}

@@ -1,0 +1,281 @@
+//! [`BrokerModel`]: the whole broker's state machine: vhosts, channels, consumers, prefetch,
+//! deliveries and acknowledgements. Every operation returns the [`Effects`] the runtime must carry
+//! out (deliveries to send, messages to remove from the store, consumers cancelled by the server,
+//! queues deleted, messages to transfer into other queues). No I/O and no clock: the runtime
+//! tells it the time (`set_now`) and fires its timers (`tick`), so it can be driven exhaustively
+//! and deterministically by tests.
+//!
+//! Time-driven behaviour (message TTL, `x-expires`, leases, retry backoff, delayed messages) runs
+//! on one ordered set of timers; a timer only says "look at this thing at this time", and what
+//! it finds then decides (a stale timer does nothing).
+//!
+//! Prefetch follows RabbitMQ: `basic.qos` with `global = false` limits each consumer created
+//! afterwards on the channel; with `global = true` it limits all consumers of the channel
+//! together. `0` means no limit. Dispatch is round-robin over consumers that have room.
+//!
+//! The model is split by job: `channels` opens and closes channels and connections and attaches
+//! consumers; `deliver` hands ready messages to consumers and answers `basic.get`; `settle`
+//! takes acknowledgements, rejections and recoveries; `timers` runs everything that happens at a
+//! time; `admission` decides whether a publish goes in and puts it in; `queues` purges, deletes,
+//! recovers and inspects whole queues; `invariants` checks, for the tests, that all of their
+//! structures agree. Where a message is inside its queue is the queue's own
+//! business ([`Queue`]'s methods): the broker only asks it to move messages.
+
+mod admission;
+mod channels;
+mod deliver;
+mod invariants;
+mod queues;
+mod settle;
+mod timers;
+
+pub use admission::Admission;
+
+use crate::deadletter::{self, AutoDeadLetterQueue, DeathReason, Transfer, TransferTarget};
+use crate::error::ModelError;
+use crate::exchange::Exchange;
+use crate::message::Message;
+use crate::queue::{ChannelKey, ConnectionId, Queue};
+use crate::vhost::VirtualHost;
+use channels::Channel;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use timers::Timer;
+
+/// Most consumers on one channel.
+pub const CONSUMERS_PER_CHANNEL_MAX: usize = 10_000;
+/// Most unacknowledged deliveries on one channel (beyond it nothing more is delivered there,
+/// whatever the prefetch settings: a client that never acks cannot pin unbounded memory).
+pub const UNACKED_PER_CHANNEL_MAX: usize = 1_000_000;
+/// Most message bytes handed to one connection and not yet written to its socket. Beyond it
+/// nothing more is dispatched to that connection (no-ack consumers included) until the runtime
+/// reports the bytes written: a consumer that reads slowly cannot make the broker buffer without
+/// bound.
+pub const CONNECTION_PENDING_BYTES_MAX: u64 = 16 * 1024 * 1024;
+/// Most expired-lease delivery tags a channel remembers (so a late ack of one is ignored rather
+/// than refused); beyond it the oldest are forgotten and a late ack of those is a 406 again.
+pub const EXPIRED_TAGS_PER_CHANNEL_MAX: usize = 100_000;
+
+/// What the model counts (for logs, metrics and tests).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    /// Messages dead-lettered (any reason).
+    pub dead_lettered: u64,
+    /// Messages whose TTL ran out.
+    pub expired: u64,
+    /// Messages dropped or dead-lettered by `drop-head`.
+    pub dropped_by_length: u64,
+    /// Publishes refused by `reject-publish` / `reject-publish-dlx`.
+    pub rejected_by_length: u64,
+    /// Publishes dropped as duplicates (queue or exchange de-duplication).
+    pub duplicates_dropped: u64,
+    /// Deliveries whose lease (`x-consumer-timeout`) ran out.
+    pub leases_expired: u64,
+    /// Acks, nacks and rejects of deliveries whose lease had run out, ignored.
+    pub late_settles_ignored: u64,
+    /// Delayed messages released to their exchange's bindings.
+    pub delayed_released: u64,
+    /// Queued messages whose bodies were dropped from memory (read back from the store when
+    /// delivered or moved), at run time and at recovery.
+    pub paged_out: u64,
+}
+
+/// One delivery to send: `basic.deliver` (consumer) or `basic.get-ok` (no consumer tag).
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The channel to send on.
+    pub channel: ChannelKey,
+    /// The consumer, or `None` for `basic.get`.
+    pub consumer_tag: Option<String>,
+    /// The channel's delivery tag.
+    pub delivery_tag: u64,
+    /// Delivered before.
+    pub redelivered: bool,
+    /// The queue it came from.
+    pub queue: String,
+    /// The message.
+    pub message: Arc<Message>,
+    /// Messages left ready in the queue (for `basic.get-ok`).
+    pub message_count: u32,
+    /// How many times it has now been delivered.
+    pub delivery_count: u32,
+    /// The store's queue id and seq for it, when it is stored (to record the delivery count).
+    pub store: Option<(u64, u64)>,
+}
+
+/// A message that left its queue for good: the runtime removes it from the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removed {
+    /// The vhost.
+    pub vhost: String,
+    /// The queue.
+    pub queue: String,
+    /// The store's queue id.
+    pub store_queue: Option<u64>,
+    /// The store's seq for it.
+    pub store_seq: Option<u64>,
+}
+
+impl Removed {
+    /// The message stored under `store_seq` in `queue`'s log left it.
+    fn of(vhost: &str, queue: &Queue, store_seq: Option<u64>) -> Removed {
+        Removed { vhost: vhost.to_owned(), queue: queue.name.clone(), store_queue: queue.store_queue, store_seq }
+    }
+}
+
+/// A queue that was deleted as a side effect (auto-delete, exclusive owner gone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeletedQueue {
+    /// The vhost.
+    pub vhost: String,
+    /// The queue's name.
+    pub name: String,
+    /// It was durable (its definition must be removed).
+    pub durable: bool,
+    /// Its store log, to delete.
+    pub store_queue: Option<u64>,
+    /// Its de-duplication key log, to delete.
+    pub dedup_store_queue: Option<u64>,
+}
+
+/// What the runtime must do after an operation.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// Deliveries to send, in order.
+    pub deliveries: Vec<Delivery>,
+    /// Messages to remove from the store.
+    pub removed: Vec<Removed>,
+    /// Consumers the server cancelled (`basic.cancel` to send, for clients that accept it).
+    pub cancelled: Vec<(ChannelKey, String)>,
+    /// Queues deleted as a side effect.
+    pub deleted_queues: Vec<DeletedQueue>,
+    /// Exchanges auto-deleted as a side effect, as (vhost, exchange).
+    pub deleted_exchanges: Vec<(String, Exchange)>,
+    /// Messages to move into other queues (dead letters, due delayed messages).
+    pub transfers: Vec<Transfer>,
+}
+
+impl Effects {
+    fn merge(&mut self, other: Effects) {
+        self.deliveries.extend(other.deliveries);
+        self.removed.extend(other.removed);
+        self.cancelled.extend(other.cancelled);
+        self.deleted_queues.extend(other.deleted_queues);
+        self.deleted_exchanges.extend(other.deleted_exchanges);
+        self.transfers.extend(other.transfers);
+    }
+}
+
+/// The broker's state.
+#[derive(Debug)]
+pub struct BrokerModel {
+    vhosts: BTreeMap<String, VirtualHost>,
+    channels: foldhash::HashMap<ChannelKey, Channel>,
+    seed: u64,
+    /// Message bytes dispatched to each connection and not yet reported written.
+    pending_bytes: foldhash::HashMap<ConnectionId, u64>,
+    /// The time as the runtime last reported it (ms since the epoch; never goes back).
+    now_ms: u64,
+    timers: BTreeSet<(u64, Timer)>,
+    counters: Counters,
+    channel_generations: u64,
+}
+
+/// What a delivery weighs against `CONNECTION_PENDING_BYTES_MAX`.
+pub fn delivery_bytes(message: &Message) -> u64 {
+    message.body_bytes() + message.raw_properties.len() as u64
+}
+
+fn channel_not_open(key: ChannelKey) -> ModelError {
+    ModelError::command_invalid(format!("channel {} is not open", key.channel))
+}
+
+impl BrokerModel {
+    /// A broker with the default vhost `/`. `seed` makes generated names unique across restarts.
+    pub fn new(seed: u64) -> Self {
+        let mut model = BrokerModel {
+            vhosts: BTreeMap::new(),
+            channels: foldhash::HashMap::default(),
+            seed,
+            pending_bytes: foldhash::HashMap::default(),
+            now_ms: 0,
+            timers: BTreeSet::new(),
+            counters: Counters::default(),
+            channel_generations: 0,
+        };
+        model.add_vhost("/");
+        model
+    }
+
+    /// Adds a vhost (no-op if it exists).
+    pub fn add_vhost(&mut self, name: &str) {
+        let seed = self.seed ^ (self.vhosts.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.vhosts.entry(name.to_owned()).or_insert_with(|| VirtualHost::new(name, seed));
+    }
+
+    /// A vhost.
+    pub fn vhost(&self, name: &str) -> Option<&VirtualHost> {
+        self.vhosts.get(name)
+    }
+
+    /// A vhost, mutable (declarations, bindings, routing).
+    pub fn vhost_mut(&mut self, name: &str) -> Option<&mut VirtualHost> {
+        self.vhosts.get_mut(name)
+    }
+
+    /// All vhosts.
+    pub fn vhosts(&self) -> impl Iterator<Item = &VirtualHost> {
+        self.vhosts.values()
+    }
+
+    /// What the model counted.
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+}
+
+/// Sends a message that leaves `queue` for `reason` to the queue's dead-letter exchange, or, for
+/// an exhausted delivery limit without one, to the queue's automatic dead-letter queue (a message
+/// over its delivery limit is never dropped). Otherwise the message is just removed.
+#[allow(clippy::too_many_arguments)]
+fn dead_letter(
+    vhost: &str,
+    queue: &Queue,
+    message: &Message,
+    delivery_count: u32,
+    source: Option<Removed>,
+    reason: DeathReason,
+    now_ms: u64,
+    effects: &mut Effects,
+    counters: &mut Counters,
+) {
+    let auto =
+        AutoDeadLetterQueue { name: deadletter::auto_dead_letter_queue_name(&queue.name), durable: queue.durable };
+    let (exchange, routing_key, target) = match (&queue.settings.dead_letter_exchange, reason) {
+        (Some(exchange), _) => {
+            let routing_key =
+                queue.settings.dead_letter_routing_key.clone().unwrap_or_else(|| message.routing_key.clone());
+            let target = TransferTarget::Exchange {
+                exchange: exchange.clone(),
+                routing_keys: vec![routing_key.clone()],
+                fallback: (reason == DeathReason::DeliveryLimit).then(|| auto.clone()),
+            };
+            (exchange.clone(), routing_key, target)
+        }
+        (None, DeathReason::DeliveryLimit) => (String::new(), auto.name.clone(), TransferTarget::Queue(auto)),
+        (None, _) => {
+            effects.removed.extend(source);
+            return;
+        }
+    };
+    counters.dead_lettered += 1;
+    let moved =
+        deadletter::dead_lettered(message, &queue.name, reason, now_ms, delivery_count, &exchange, &routing_key);
+    effects.transfers.push(Transfer {
+        vhost: vhost.to_owned(),
+        message: Arc::new(moved),
+        target,
+        source,
+        reason: Some(reason),
+    });
+}
