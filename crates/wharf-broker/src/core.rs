@@ -20,7 +20,7 @@ use crate::pager::{self, Pager};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::watch;
 use wharf_model::{BrokerModel, ChannelKey, Delivery, Effects, Removed};
-use wharf_store::{MetaStore, QueueId, Store, StoreError, Ticket};
+use wharf_store::{LogId, MetaStore, Store, StoreError, Ticket};
 
 /// The shared state.
 #[derive(Debug)]
@@ -194,8 +194,8 @@ impl Core {
 
     /// Records a message's removal in the store (a deleted queue's records went with it).
     pub fn remove_stored_record(&self, queue: u64, seq: u64) {
-        match self.store.remove_unawaited(QueueId(queue), seq) {
-            Ok(()) | Err(StoreError::UnknownQueue(_)) => {}
+        match self.store.remove_unawaited(LogId(queue), seq) {
+            Ok(()) | Err(StoreError::UnknownLog(_)) => {}
             Err(error) => self.store_failed(&error),
         }
     }
@@ -224,13 +224,13 @@ impl Core {
     pub fn record_delivery(&self, delivery: &Delivery) -> Option<Ticket<()>> {
         let (queue, seq) = delivery.store?;
         let recorded = if delivery.delivery_count > 1 {
-            self.store.set_delivery_count(QueueId(queue), seq, delivery.delivery_count).map(Some)
+            self.store.set_delivery_count(LogId(queue), seq, delivery.delivery_count).map(Some)
         } else {
-            self.store.set_delivery_count_unawaited(QueueId(queue), seq, delivery.delivery_count).map(|()| None)
+            self.store.set_delivery_count_unawaited(LogId(queue), seq, delivery.delivery_count).map(|()| None)
         };
         match recorded {
             Ok(ticket) => ticket,
-            Err(StoreError::UnknownQueue(_)) => None,
+            Err(StoreError::UnknownLog(_)) => None,
             Err(error) => {
                 self.store_failed(&error);
                 None

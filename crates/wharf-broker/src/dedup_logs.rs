@@ -6,7 +6,7 @@
 use crate::core::Core;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
-use wharf_store::{QueueId, StoreError};
+use wharf_store::{LogId, StoreError};
 
 /// A durable queue or exchange gets at most this many key records before the oldest are removed
 /// early (the in-memory index is bounded the same way).
@@ -77,8 +77,8 @@ impl Core {
     /// bound) from the store.
     pub fn trim_dedup_logs(&self) {
         for (log, seq) in self.dedup_logs.take_expired(self.now_ms()) {
-            match self.store.remove_unawaited(QueueId(log), seq) {
-                Ok(()) | Err(StoreError::UnknownQueue(_)) => {}
+            match self.store.remove_unawaited(LogId(log), seq) {
+                Ok(()) | Err(StoreError::UnknownLog(_)) => {}
                 Err(error) => self.store_failed(&error),
             }
         }

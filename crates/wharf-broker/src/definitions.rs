@@ -6,7 +6,7 @@
 use crate::core::Core;
 use crate::definition_format::{self, Definition, StoredBinding, StoredExchange, StoredQueue};
 use wharf_model::{ConnectionId, Destination, Exchange, ExchangeDeclare, ExchangeKind, ModelError, QueueDeclare};
-use wharf_store::{QueueId, StoreError};
+use wharf_store::{LogId, StoreError};
 use wharf_wire::protocol::exchange;
 
 /// A queue declaration, from a client or from the broker itself (automatic dead-letter queues).
@@ -56,7 +56,7 @@ impl Core {
         let mut dedup_store_queue = None;
         if creates_durable {
             let create = || {
-                self.store.create_queue().and_then(|ticket| ticket.wait()).map_err(|error| {
+                self.store.create_log().and_then(|ticket| ticket.wait()).map_err(|error| {
                     self.store_failed(&error);
                     internal_error(&error)
                 })
@@ -66,7 +66,7 @@ impl Core {
                 match create() {
                     Ok(dedup_id) => Some(dedup_id),
                     Err(error) => {
-                        let _ = self.store.delete_queue(id);
+                        let _ = self.store.delete_log(id);
                         return Err(error);
                     }
                 }
@@ -81,9 +81,9 @@ impl Core {
             };
             let value = definition_format::encode_queue(&stored);
             if let Err(error) = self.meta.put(&definition_format::queue_key(request.vhost, &name), &value) {
-                let _ = self.store.delete_queue(id);
+                let _ = self.store.delete_log(id);
                 if let Some(dedup_id) = dedup_id {
-                    let _ = self.store.delete_queue(dedup_id);
+                    let _ = self.store.delete_log(dedup_id);
                 }
                 self.store_failed(&error);
                 return Err(internal_error(&error));
@@ -147,8 +147,8 @@ impl Core {
         }
         for queue in store_queue.into_iter().chain(dedup_store_queue) {
             self.dedup_logs.forget(queue);
-            match self.store.delete_queue(QueueId(queue)) {
-                Ok(_) | Err(StoreError::UnknownQueue(_)) => {}
+            match self.store.delete_log(LogId(queue)) {
+                Ok(_) | Err(StoreError::UnknownLog(_)) => {}
                 Err(error) => self.store_failed(&error),
             }
         }
@@ -184,8 +184,8 @@ impl Core {
         self.meta.apply(&changes)?;
         for log in exchange.store_queue.into_iter().chain(exchange.dedup_store_queue) {
             self.dedup_logs.forget(log);
-            match self.store.delete_queue(QueueId(log)) {
-                Ok(_) | Err(StoreError::UnknownQueue(_)) => {}
+            match self.store.delete_log(LogId(log)) {
+                Ok(_) | Err(StoreError::UnknownLog(_)) => {}
                 Err(error) => return Err(error),
             }
         }
@@ -284,11 +284,11 @@ impl Core {
                 logs.push(None);
                 continue;
             }
-            match self.store.create_queue().and_then(|ticket| ticket.wait()) {
+            match self.store.create_log().and_then(|ticket| ticket.wait()) {
                 Ok(id) => logs.push(Some(id.0)),
                 Err(error) => {
                     for id in logs.iter().flatten() {
-                        let _ = self.store.delete_queue(QueueId(*id));
+                        let _ = self.store.delete_log(LogId(*id));
                     }
                     self.store_failed(&error);
                     return Err(internal_error(&error));
@@ -322,7 +322,7 @@ impl Core {
             Ok(declared) => declared,
             Err(error) => {
                 for id in [store_queue, dedup_store_queue].into_iter().flatten() {
-                    let _ = self.store.delete_queue(QueueId(id));
+                    let _ = self.store.delete_log(LogId(id));
                 }
                 return Err(error);
             }
@@ -335,7 +335,7 @@ impl Core {
                     let _ = vhost.delete_exchange(&declared.name, false);
                 }
                 for id in [store_queue, dedup_store_queue].into_iter().flatten() {
-                    let _ = self.store.delete_queue(QueueId(id));
+                    let _ = self.store.delete_log(LogId(id));
                 }
                 self.store_failed(&error);
                 return Err(internal_error(&error));

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use wharf_model::{BrokerModel, Delivery, Effects, PagedBody};
-use wharf_store::{MessageLocation, QueueId, Store, StoreError};
+use wharf_store::{LogId, MessageLocation, Store, StoreError};
 
 /// Paging out: a durable queue holding more than `queue_body_memory_bytes_max` of bodies in
 /// memory appends further persistent messages with an observer; when the store has written the
@@ -78,9 +78,9 @@ pub(crate) fn take_paged_removals(effects: &mut Effects) -> HashSet<(u64, u64)> 
 }
 
 /// Where a paged body's record is, for the store.
-pub(crate) fn paged_location(paged: &PagedBody) -> (QueueId, MessageLocation) {
+pub(crate) fn paged_location(paged: &PagedBody) -> (LogId, MessageLocation) {
     (
-        QueueId(paged.store_queue),
+        LogId(paged.store_queue),
         MessageLocation { segment_id: paged.segment_id, offset: paged.offset, record_bytes: paged.record_bytes },
     )
 }
@@ -160,9 +160,7 @@ impl PagedRead {
                 self.remove_record();
                 Ok(body)
             }
-            Err(StoreError::UnknownQueue(queue)) if !self.store.has_queue(QueueId(queue)) => {
-                Err(PagedReadFailure::QueueGone)
-            }
+            Err(StoreError::UnknownLog(queue)) if !self.store.has_log(LogId(queue)) => Err(PagedReadFailure::QueueGone),
             Err(error) => Err(PagedReadFailure::Unreadable(error)),
         }
     }
@@ -174,8 +172,8 @@ impl PagedRead {
 
     fn remove_record(&self) {
         if let Some((queue, seq)) = self.remove_after_read {
-            match self.store.remove_unawaited(QueueId(queue), seq) {
-                Ok(()) | Err(StoreError::UnknownQueue(_)) => {}
+            match self.store.remove_unawaited(LogId(queue), seq) {
+                Ok(()) | Err(StoreError::UnknownLog(_)) => {}
                 // Only a store that already failed refuses a removal; that failure stops the
                 // broker through the operation that met it (every append's ticket reports it).
                 Err(error) => tracing::error!(queue, seq, %error, "could not remove a delivered paged message"),

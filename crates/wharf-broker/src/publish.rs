@@ -15,7 +15,7 @@ use wharf_model::{
     Admission, AutoDeadLetterQueue, BrokerModel, ConnectionId, Effects, Message, ModelError, Transfer, TransferTarget,
 };
 use wharf_model::{ExchangeKind, PagedBody};
-use wharf_store::{AppendReceipt, QueueId, StoreError, Ticket};
+use wharf_store::{AppendReceipt, LogId, StoreError, Ticket};
 
 /// Reply code and text of a `basic.return` for an unroutable mandatory message.
 const NO_ROUTE: (u16, &str) = (312, "NO_ROUTE");
@@ -147,7 +147,7 @@ impl Core {
                 let body_bytes = message.body_bytes();
                 let pager = Arc::clone(&self.pager);
                 self.store.append_observed(
-                    QueueId(log),
+                    LogId(log),
                     now_ms,
                     meta,
                     &message.body,
@@ -171,7 +171,7 @@ impl Core {
                     }),
                 )
             }
-            None => self.store.append(QueueId(log), now_ms, meta, &message.body),
+            None => self.store.append(LogId(log), now_ms, meta, &message.body),
         };
         match appended {
             Ok(pending) => {
@@ -222,14 +222,14 @@ impl Core {
             let seen_ms = clock.now_ms();
             let mut pending = Vec::new();
             for (log, key) in records {
-                let appended = blocking(|| store.append(QueueId(log), seen_ms, &persist::dedup_key_meta(), &key));
+                let appended = blocking(|| store.append(LogId(log), seen_ms, &persist::dedup_key_meta(), &key));
                 match appended {
                     Ok(append) => {
                         logs.record(log, seen_ms, append.seq);
                         pending.push(append.ticket);
                     }
                     // The queue was deleted meanwhile: its keys went with it.
-                    Err(StoreError::UnknownQueue(_)) => {}
+                    Err(StoreError::UnknownLog(_)) => {}
                     Err(error) => {
                         let _ = sender.send(Err(error));
                         return;
@@ -313,8 +313,8 @@ impl Core {
                             }
                         }
                         if let (Some(queue), Some(seq)) = (source.store_queue, source.store_seq) {
-                            match store.remove_unawaited(QueueId(queue), seq) {
-                                Ok(()) | Err(StoreError::UnknownQueue(_)) => {}
+                            match store.remove_unawaited(LogId(queue), seq) {
+                                Ok(()) | Err(StoreError::UnknownLog(_)) => {}
                                 Err(error) => tracing::error!(%error, "could not remove a transferred message"),
                             }
                         }

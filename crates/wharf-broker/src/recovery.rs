@@ -21,7 +21,7 @@ use crate::persist;
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use wharf_model::{BrokerModel, ConnectionId, Effects, Exchange, ExchangeKind, PagedBody, Queue};
-use wharf_store::{MessageLocation, MetaStore, QueueId, Recovered, RecoveredMessage, Store, StoreError};
+use wharf_store::{LogId, MessageLocation, MetaStore, Recovered, RecoveredMessage, Store, StoreError};
 
 /// What recovery does with each live record: (the recovered message, its meta, its body).
 type RecordVisitor<'a> = dyn FnMut(&RecoveredMessage, &[u8], &[u8]) + 'a;
@@ -141,7 +141,7 @@ struct Sources<'a> {
 #[derive(Default)]
 struct Tally {
     /// Store logs a definition points at (the rest are orphans).
-    used_logs: HashSet<QueueId>,
+    used_logs: HashSet<LogId>,
     /// Bindings, restored once every exchange and queue exists: (vhost, binding).
     bindings: Vec<(String, StoredBinding)>,
     messages: usize,
@@ -152,7 +152,7 @@ impl Sources<'_> {
     /// Hands every live record of a store log to `visit`, reading the log sequentially in chunks
     /// (a queue's backlog is never all in memory at once); unreadable records are reported and
     /// skipped.
-    fn read_log(&self, log: QueueId, owner: &str, visit: &mut RecordVisitor<'_>) {
+    fn read_log(&self, log: LogId, owner: &str, visit: &mut RecordVisitor<'_>) {
         let Some(messages) = self.recovered.queues.get(&log) else { return };
         let locations: Vec<MessageLocation> = messages.iter().map(|message| message.location).collect();
         self.store.read_each(log, &locations, &mut |index, result| match result {
@@ -165,14 +165,14 @@ impl Sources<'_> {
     /// tracked for expiry; expired ones are removed from the store.
     fn load_dedup_log(&self, log: u64, ttl_ms: u64, owner: &str, remember: &mut dyn FnMut(&[u8], u64)) {
         let mut live = VecDeque::new();
-        self.read_log(QueueId(log), owner, &mut |message, meta, key| {
+        self.read_log(LogId(log), owner, &mut |message, meta, key| {
             let (seq, seen_ms) = (message.seq, message.timestamp_ms);
             if !persist::is_dedup_key(meta) {
                 tracing::error!(owner, seq, "a record in a de-duplication log is not a key");
                 return;
             }
             if seen_ms.saturating_add(ttl_ms) <= self.now_ms {
-                let _ = self.store.remove_unawaited(QueueId(log), seq);
+                let _ = self.store.remove_unawaited(LogId(log), seq);
                 return;
             }
             remember(key, seen_ms);
@@ -237,14 +237,14 @@ fn restore_exchange(
     let dedup_ttl_ms = exchange.settings.deduplication.as_ref().map(|dedup| dedup.ttl_ms);
     vhost.restore_exchange(exchange);
     if let (Some(log), Some(ttl_ms)) = (stored.dedup_store_queue, dedup_ttl_ms) {
-        tally.used_logs.insert(QueueId(log));
+        tally.used_logs.insert(LogId(log));
         sources.load_dedup_log(log, ttl_ms, name, &mut |key, seen_ms| {
             vhost.restore_exchange_dedup_key(name, key, seen_ms)
         });
     }
     if let Some(log) = stored.store_queue {
-        tally.used_logs.insert(QueueId(log));
-        sources.read_log(QueueId(log), name, &mut |stored_message, meta, body| {
+        tally.used_logs.insert(LogId(log));
+        sources.read_log(LogId(log), name, &mut |stored_message, meta, body| {
             let (seq, stored_ms) = (stored_message.seq, stored_message.timestamp_ms);
             match persist::decode_message(meta, bytes::Bytes::copy_from_slice(body)) {
                 Some(message) => {
@@ -276,12 +276,12 @@ fn restore_queue(
     let mut queue = Queue::new(name.to_owned(), true, None, stored.auto_delete, stored.arguments, settings);
     queue.store_queue = Some(stored.store_queue);
     queue.dedup_store_queue = stored.dedup_store_queue;
-    tally.used_logs.insert(QueueId(stored.store_queue));
+    tally.used_logs.insert(LogId(stored.store_queue));
     restore_queue_messages(sources, tally, &mut queue, stored.store_queue);
     if let Some(log) = stored.dedup_store_queue {
         // With de-duplication switched off (by a policy) the log stays with the queue's
         // definition, unread, in case it is switched on again.
-        tally.used_logs.insert(QueueId(log));
+        tally.used_logs.insert(LogId(log));
         if let Some(ttl_ms) = dedup_ttl_ms {
             sources.load_dedup_log(log, ttl_ms, name, &mut |key, seen_ms| queue.restore_dedup_key(key, seen_ms));
         }
@@ -292,7 +292,7 @@ fn restore_queue(
 /// A queue's live messages, in order. The store's scan kept every record's meta: only the bodies
 /// that stay in memory are read again (beyond the queue's budget, none).
 fn restore_queue_messages(sources: &Sources<'_>, tally: &mut Tally, queue: &mut Queue, log: u64) {
-    let log_id = QueueId(log);
+    let log_id = LogId(log);
     let redelivered = !sources.clean_stop;
     for recovered_message in sources.recovered.queues.get(&log_id).into_iter().flatten() {
         let seq = recovered_message.seq;
@@ -350,11 +350,11 @@ fn restore_bindings(model: &mut BrokerModel, bindings: Vec<(String, StoredBindin
 
 /// Step 5: store logs no definition points at: a crash between creating the log and recording
 /// the queue, or between deleting the definition and the log.
-fn delete_orphaned_logs(store: &Store, recovered: &Recovered, used_logs: &HashSet<QueueId>) -> Result<(), StoreError> {
+fn delete_orphaned_logs(store: &Store, recovered: &Recovered, used_logs: &HashSet<LogId>) -> Result<(), StoreError> {
     for log in recovered.queues.keys() {
         if !used_logs.contains(log) {
             tracing::info!(store_queue = log.0, "deleting an orphaned queue log");
-            store.delete_queue(*log)?.wait()?;
+            store.delete_log(*log)?.wait()?;
         }
     }
     Ok(())

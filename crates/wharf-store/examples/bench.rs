@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use wharf_store::{QueueId, RealFs, Store, StoreConfig};
+use wharf_store::{LogId, RealFs, Store, StoreConfig};
 
 struct Options {
     dir: PathBuf,
@@ -87,7 +87,7 @@ fn fresh_store(dir: &Path, name: &str) -> (Store, PathBuf) {
 /// Returns (appends per second, batches per second).
 fn append_rate(dir: &Path, appenders: usize, queues: usize, record_bytes: usize, phase: Duration) -> (f64, f64) {
     let (store, path) = fresh_store(dir, &format!("appends-{appenders}-{queues}-{record_bytes}"));
-    let queue_ids: Vec<QueueId> = (0..queues).map(|_| store.create_queue().unwrap().wait().unwrap()).collect();
+    let queue_ids: Vec<LogId> = (0..queues).map(|_| store.create_log().unwrap().wait().unwrap()).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let batches_before = store.stats().batches;
@@ -132,7 +132,7 @@ fn cpu_seconds() -> f64 {
 /// the load 64 publishers multiplexed on an async runtime present, without 64 OS threads to wake.
 fn in_flight_rate(dir: &Path, in_flight: usize, phase: Duration) -> f64 {
     let (store, path) = fresh_store(dir, &format!("in-flight-{in_flight}"));
-    let queue = store.create_queue().unwrap().wait().unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
     let body = vec![1u8; 1024];
     let mut window = std::collections::VecDeque::with_capacity(in_flight);
     let start = Instant::now();
@@ -158,7 +158,7 @@ fn in_flight_rate(dir: &Path, in_flight: usize, phase: Duration) -> f64 {
 /// Fills a store with `messages` live 100-byte messages, closes it, and times the reopen.
 fn recovery_seconds(dir: &Path, messages: u64) -> f64 {
     let (store, path) = fresh_store(dir, "recovery");
-    let queue = store.create_queue().unwrap().wait().unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
     let body = [7u8; 100];
     let window = 10_000;
     let mut written = 0;

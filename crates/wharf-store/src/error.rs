@@ -65,7 +65,7 @@ pub enum StoreError {
 
     /// The queue does not exist in this store (never created, or deleted).
     #[error("queue {0} does not exist in the store")]
-    UnknownQueue(u64),
+    UnknownLog(u64),
 
     /// The store already holds its maximum number of queues.
     #[error("the store already holds {limit} queues, its configured maximum")]

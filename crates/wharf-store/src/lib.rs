@@ -14,7 +14,7 @@
 //! use wharf_store::{SimFs, Store, StoreConfig};
 //! let fs = SimFs::new(7);
 //! let (store, _recovered) = Store::open(fs.shared(), "/data", StoreConfig::default())?;
-//! let queue = store.create_queue()?.wait()?;
+//! let queue = store.create_log()?.wait()?;
 //! let receipt = store.append(queue, 0, b"routing", b"hello")?.wait()?; // durable now
 //! assert_eq!(store.read(queue, &receipt.location)?.body, b"hello");
 //! store.remove(queue, receipt.seq)?.wait()?;
@@ -38,7 +38,7 @@ pub use meta::{
     Definitions, META_ENTRIES_MAX, META_KEY_BYTES_MAX, META_VALUE_BYTES_MAX, MetaChange, MetaRecovered, MetaStore,
 };
 pub use store::{
-    AppendReceipt, CLEAN_STOP_MARKER, MessageLocation, PendingAppend, QueueId, RecordView, Recovered, RecoveredMessage,
+    AppendReceipt, CLEAN_STOP_MARKER, LogId, MessageLocation, PendingAppend, RecordView, Recovered, RecoveredMessage,
     RecoveryIssue, SEGMENT_FILE_BYTES_LIMIT, Store, StoreConfig, StoreStats, StoredMessage,
 };
 pub use ticket::{Observer, Ticket, TicketFuture};

@@ -21,8 +21,8 @@ use crate::format::{
 use crate::fs::{Fs, FsFile, OpenMode};
 use crate::live_set::LiveSet;
 use crate::store::{
-    MessageLocation, QueueHandle, QueueId, Recovered, RecoveredMessage, RecoveryIssue, SEGMENT_FILE_BYTES_LIMIT,
-    Shared, StoreConfig,
+    LogId, MessageLocation, QueueHandle, Recovered, RecoveredMessage, RecoveryIssue, SEGMENT_FILE_BYTES_LIMIT, Shared,
+    StoreConfig,
 };
 use crate::writer::{self, AckLog, AckSegment, QueueLog, Segment, WriterState};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -176,7 +176,7 @@ fn scan_file(
 }
 
 /// Parses `q-<16 hex digits>` (and the `.deleted` form).
-fn parse_queue_dir(name: &str) -> Option<(QueueId, bool)> {
+fn parse_queue_dir(name: &str) -> Option<(LogId, bool)> {
     let (stem, deleted) = match name.strip_suffix(".deleted") {
         Some(stem) => (stem, true),
         None => (name, false),
@@ -185,7 +185,7 @@ fn parse_queue_dir(name: &str) -> Option<(QueueId, bool)> {
     if hex.len() != 16 {
         return None;
     }
-    u64::from_str_radix(hex, 16).ok().map(|id| (QueueId(id), deleted))
+    u64::from_str_radix(hex, 16).ok().map(|id| (LogId(id), deleted))
 }
 
 struct QueueScan {
@@ -200,7 +200,7 @@ struct QueueScan {
 
 fn scan_queue(
     fs: &dyn Fs,
-    queue: QueueId,
+    queue: LogId,
     dir: PathBuf,
     issues: &mut Vec<RecoveryIssue>,
     buffer: &mut Vec<u8>,
@@ -314,7 +314,7 @@ pub(crate) fn recover(
     let mut buffer = Vec::new();
 
     // 1 and 2: queues and their segments.
-    let mut scans: HashMap<QueueId, QueueScan> = HashMap::new();
+    let mut scans: HashMap<LogId, QueueScan> = HashMap::new();
     let entries = fs.read_dir(&queues_dir).map_err(io_error(format!("listing {}", queues_dir.display())))?;
     for entry in entries {
         let path = queues_dir.join(&entry.name);
@@ -343,8 +343,8 @@ pub(crate) fn recover(
     let ack_files = numbered_files(fs.as_ref(), &acks_dir, "ack", &mut issues)?;
     let last_ack_id = ack_files.last().map_or(0, |(id, _)| *id);
     let mut ack_segments = BTreeMap::new();
-    let mut delivery_counts: foldhash::HashMap<(QueueId, u64), u32> = foldhash::HashMap::default();
-    let mut max_acked_seq: HashMap<QueueId, u64> = HashMap::new();
+    let mut delivery_counts: foldhash::HashMap<(LogId, u64), u32> = foldhash::HashMap::default();
+    let mut max_acked_seq: HashMap<LogId, u64> = HashMap::new();
     for (id, path) in &ack_files {
         let Some(scanned) =
             scan_file(fs.as_ref(), path, ACK_MAGIC, RECORD_HEADER_BYTES, *id == last_ack_id, &mut issues, &mut buffer)?
@@ -353,7 +353,7 @@ pub(crate) fn recover(
         };
         for record in &scanned.records {
             let header = record.header;
-            let (queue, seq) = (QueueId(header.a), header.b);
+            let (queue, seq) = (LogId(header.a), header.b);
             if !matches!(header.kind, RecordKind::Removal | RecordKind::DeliveryCount) {
                 issues.push(RecoveryIssue::Corruption {
                     path: path.clone(),

@@ -18,12 +18,14 @@ use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 
-/// Identifies a queue's log inside one store. Allocated by [`Store::create_queue`] and never
-/// reused in the same data directory, so a stale ack record can never hit a new queue.
+/// Identifies a log inside one store: an ordered series of records that one owner appends to and
+/// removes from (a queue's messages, a delayed-message exchange's waiting messages, a
+/// de-duplication key log). Allocated by [`Store::create_log`] and never reused in the same data
+/// directory, so a stale ack record can never hit a new log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct QueueId(pub u64);
+pub struct LogId(pub u64);
 
-impl fmt::Display for QueueId {
+impl fmt::Display for LogId {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(formatter, "{}", self.0)
     }
@@ -213,7 +215,7 @@ pub enum RecoveryIssue {
 pub struct Recovered {
     /// Live messages per queue, in seq (= append) order. Every queue in the store is listed, empty
     /// ones too.
-    pub queues: std::collections::BTreeMap<QueueId, Vec<RecoveredMessage>>,
+    pub queues: std::collections::BTreeMap<LogId, Vec<RecoveredMessage>>,
     /// Problems found and handled (also logged).
     pub issues: Vec<RecoveryIssue>,
     /// The last stop was clean ([`Store::close`] succeeded): every removal and delivery count
@@ -222,7 +224,7 @@ pub struct Recovered {
     pub clean_stop: bool,
     /// The meta bytes of every message record scanned, per queue: recovery reads each segment
     /// once, so a caller rebuilding its state needs to read back only the bodies it keeps.
-    pub(crate) metas: std::collections::BTreeMap<QueueId, Vec<u8>>,
+    pub(crate) metas: std::collections::BTreeMap<LogId, Vec<u8>>,
 }
 
 impl RecoveredMessage {
@@ -235,7 +237,7 @@ impl RecoveredMessage {
 impl Recovered {
     /// A recovered message's meta bytes (checked with its record at recovery), without reading
     /// the record again.
-    pub fn meta(&self, queue: QueueId, message: &RecoveredMessage) -> Option<&[u8]> {
+    pub fn meta(&self, queue: LogId, message: &RecoveredMessage) -> Option<&[u8]> {
         let (offset, len) = message.meta_at;
         self.metas.get(&queue)?.get(offset..offset.checked_add(len)?)
     }
@@ -278,12 +280,12 @@ pub(crate) struct QueueHandle {
 }
 
 /// Open segment files by (queue, segment id), with the salt their records are sealed with.
-pub(crate) type SegmentFiles = foldhash::HashMap<(QueueId, u64), (Arc<dyn crate::fs::FsFile>, u32)>;
+pub(crate) type SegmentFiles = foldhash::HashMap<(LogId, u64), (Arc<dyn crate::fs::FsFile>, u32)>;
 
 /// State shared between callers and the writer thread.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub queues: RwLock<foldhash::HashMap<QueueId, Arc<QueueHandle>>>,
+    pub queues: RwLock<foldhash::HashMap<LogId, Arc<QueueHandle>>>,
     /// Open segment files by (queue, segment id), for reads.
     pub segment_files: RwLock<SegmentFiles>,
     /// Set once by the first fatal error; every later operation fails with it.
@@ -381,9 +383,10 @@ fn take_clean_stop_marker(fs: &dyn Fs, dir: &Path) -> Result<bool> {
     let marker = dir.join(CLEAN_STOP_MARKER);
     let clean_stop = fs.exists(&marker).unwrap_or(false);
     if clean_stop {
-        fs.remove_file(&marker)
-            .and_then(|()| fs.sync_dir(dir))
-            .map_err(|error| StoreError::io("removing the clean-stop marker", error))?;
+        fs.remove_file(&marker).map_err(|error| StoreError::io("removing the clean-stop marker", error))?;
+        fs.sync_dir(dir).map_err(|error| {
+            StoreError::io("syncing the data directory after removing the clean-stop marker", error)
+        })?;
     }
     Ok(clean_stop)
 }
@@ -455,24 +458,24 @@ impl Store {
 
     /// Creates a new, empty queue log. The ticket resolves once the queue's directory and first
     /// segment are durable.
-    pub fn create_queue(&self) -> Result<Ticket<QueueId>> {
+    pub fn create_log(&self) -> Result<Ticket<LogId>> {
         self.submit(Op::CreateQueue)
     }
 
     /// Deletes a queue and all its messages. The ticket resolves once the deletion is durable.
-    pub fn delete_queue(&self, queue: QueueId) -> Result<Ticket<()>> {
+    pub fn delete_log(&self, queue: LogId) -> Result<Ticket<()>> {
         self.submit(|done| Op::DeleteQueue { queue, done })
     }
 
     /// True while the queue's log exists (created and not deleted).
-    pub fn has_queue(&self, queue: QueueId) -> bool {
+    pub fn has_log(&self, queue: LogId) -> bool {
         self.inner.shared.queues.read().unwrap_or_else(|poisoned| poisoned.into_inner()).contains_key(&queue)
     }
 
     /// The queues the store holds.
-    pub fn queue_ids(&self) -> Vec<QueueId> {
+    pub fn log_ids(&self) -> Vec<LogId> {
         let queues = self.inner.shared.queues.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut ids: Vec<QueueId> = queues.keys().copied().collect();
+        let mut ids: Vec<LogId> = queues.keys().copied().collect();
         ids.sort();
         ids
     }
@@ -480,7 +483,7 @@ impl Store {
     /// Appends a message to a queue. The ticket resolves when the record is written and
     /// `fdatasync`ed (the moment a publisher confirm may be sent), or with the error that kept it
     /// from being durable. Seqs are assigned in call order per queue.
-    pub fn append(&self, queue: QueueId, timestamp_ms: u64, meta: &[u8], body: &[u8]) -> Result<PendingAppend> {
+    pub fn append(&self, queue: LogId, timestamp_ms: u64, meta: &[u8], body: &[u8]) -> Result<PendingAppend> {
         self.append_with(queue, timestamp_ms, meta, body, None)
     }
 
@@ -489,7 +492,7 @@ impl Store {
     /// block. The broker uses it to learn where a record went without a task per append.
     pub fn append_observed(
         &self,
-        queue: QueueId,
+        queue: LogId,
         timestamp_ms: u64,
         meta: &[u8],
         body: &[u8],
@@ -500,7 +503,7 @@ impl Store {
 
     fn append_with(
         &self,
-        queue: QueueId,
+        queue: LogId,
         timestamp_ms: u64,
         meta: &[u8],
         body: &[u8],
@@ -552,25 +555,25 @@ impl Store {
     /// resolves when the removal is written; it becomes durable lazily (within
     /// `ack_sync_interval_ms`) or at the next [`Store::sync`]. Removing a message that is not
     /// live is a no-op.
-    pub fn remove(&self, queue: QueueId, seq: u64) -> Result<Ticket<()>> {
+    pub fn remove(&self, queue: LogId, seq: u64) -> Result<Ticket<()>> {
         self.submit(|done| Op::Ack { queue, seq, delivery_count: None, done })
     }
 
     /// Like [`Store::remove`] for a caller that never waits for the removal (the broker, for
     /// every ack): no ticket is made, which saves an allocation and its wake-up per message.
-    pub fn remove_unawaited(&self, queue: QueueId, seq: u64) -> Result<()> {
+    pub fn remove_unawaited(&self, queue: LogId, seq: u64) -> Result<()> {
         self.submit_unawaited(|done| Op::Ack { queue, seq, delivery_count: None, done })
     }
 
     /// Records a message's delivery count durably-lazily, like [`Store::remove`]. Recovery returns
     /// the highest count recorded for each live message.
-    pub fn set_delivery_count(&self, queue: QueueId, seq: u64, delivery_count: u32) -> Result<Ticket<()>> {
+    pub fn set_delivery_count(&self, queue: LogId, seq: u64, delivery_count: u32) -> Result<Ticket<()>> {
         self.submit(|done| Op::Ack { queue, seq, delivery_count: Some(delivery_count), done })
     }
 
     /// Like [`Store::set_delivery_count`] for a caller that never waits for it (the broker, for
     /// every first delivery): no ticket is made.
-    pub fn set_delivery_count_unawaited(&self, queue: QueueId, seq: u64, delivery_count: u32) -> Result<()> {
+    pub fn set_delivery_count_unawaited(&self, queue: LogId, seq: u64, delivery_count: u32) -> Result<()> {
         self.submit_unawaited(|done| Op::Ack { queue, seq, delivery_count: Some(delivery_count), done })
     }
 
@@ -581,7 +584,7 @@ impl Store {
     }
 
     /// Reads a message back, verifying its checksums.
-    pub fn read(&self, queue: QueueId, location: &MessageLocation) -> Result<StoredMessage> {
+    pub fn read(&self, queue: LogId, location: &MessageLocation) -> Result<StoredMessage> {
         self.inner.shared.check_fatal()?;
         let (file, salt) = self.segment_file(queue, location.segment_id)?;
         let record_bytes = self.check_record_length(queue, location)?;
@@ -604,7 +607,7 @@ impl Store {
     /// `pread` each, so reading a whole backlog back (at start) costs a sequential pass.
     pub fn read_each(
         &self,
-        queue: QueueId,
+        queue: LogId,
         locations: &[MessageLocation],
         visit: &mut dyn FnMut(usize, Result<RecordView<'_>>),
     ) {
@@ -665,13 +668,13 @@ impl Store {
     }
 
     /// The open file of one segment, and the salt its records are sealed with.
-    fn segment_file(&self, queue: QueueId, segment_id: u64) -> Result<(Arc<dyn crate::fs::FsFile>, u32)> {
+    fn segment_file(&self, queue: LogId, segment_id: u64) -> Result<(Arc<dyn crate::fs::FsFile>, u32)> {
         let files = self.inner.shared.segment_files.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (file, salt) = files.get(&(queue, segment_id)).ok_or(StoreError::UnknownQueue(queue.0))?;
+        let (file, salt) = files.get(&(queue, segment_id)).ok_or(StoreError::UnknownLog(queue.0))?;
         Ok((Arc::clone(file), *salt))
     }
 
-    fn check_record_length(&self, queue: QueueId, location: &MessageLocation) -> Result<usize> {
+    fn check_record_length(&self, queue: LogId, location: &MessageLocation) -> Result<usize> {
         let record_bytes = location.record_bytes as usize;
         if !(RECORD_HEADER_BYTES..=RECORD_BYTES_MAX).contains(&record_bytes) {
             return Err(StoreError::Corrupt {
@@ -687,7 +690,7 @@ impl Store {
     /// Returns (seq, stored at ms, meta length).
     fn check_record(
         &self,
-        queue: QueueId,
+        queue: LogId,
         location: &MessageLocation,
         bytes: &[u8],
         salt: u32,
@@ -751,8 +754,8 @@ impl Store {
         }
     }
 
-    fn queue_handle(&self, queue: QueueId) -> Result<Arc<QueueHandle>> {
+    fn queue_handle(&self, queue: LogId) -> Result<Arc<QueueHandle>> {
         let queues = self.inner.shared.queues.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-        queues.get(&queue).cloned().ok_or(StoreError::UnknownQueue(queue.0))
+        queues.get(&queue).cloned().ok_or(StoreError::UnknownLog(queue.0))
     }
 }

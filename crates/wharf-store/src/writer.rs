@@ -20,7 +20,7 @@ use crate::error::{Result, StoreError};
 use crate::format::{self, ACK_MAGIC, FILE_HEADER_BYTES, FileHeader, RecordKind, SEGMENT_MAGIC};
 use crate::fs::{Fs, FsFile, OpenMode};
 use crate::live_set::LiveSet;
-use crate::store::{AppendReceipt, MessageLocation, QueueHandle, QueueId, Shared, StoreConfig};
+use crate::store::{AppendReceipt, LogId, MessageLocation, QueueHandle, Shared, StoreConfig};
 use crate::ticket::Completer;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -33,22 +33,22 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 #[derive(Debug)]
 pub(crate) enum Op {
     Append {
-        queue: QueueId,
+        queue: LogId,
         seq: u64,
         record: Vec<u8>,
         done: Completer<AppendReceipt>,
     },
     Ack {
-        queue: QueueId,
+        queue: LogId,
         seq: u64,
         /// `None` for a removal, `Some(count)` for a delivery count.
         delivery_count: Option<u32>,
         done: Completer<()>,
     },
     Sync(Completer<()>),
-    CreateQueue(Completer<QueueId>),
+    CreateQueue(Completer<LogId>),
     DeleteQueue {
-        queue: QueueId,
+        queue: LogId,
         done: Completer<()>,
     },
     Close(Completer<()>),
@@ -81,7 +81,7 @@ pub(crate) fn acks_dir(dir: &Path) -> PathBuf {
     dir.join("acks")
 }
 
-pub(crate) fn queue_dir_name(queue: QueueId) -> String {
+pub(crate) fn queue_dir_name(queue: LogId) -> String {
     format!("q-{:016x}", queue.0)
 }
 
@@ -93,7 +93,7 @@ pub(crate) fn ack_file_name(segment_id: u64) -> String {
     format!("{segment_id:020}.ack")
 }
 
-pub(crate) fn segment_path(dir: &Path, queue: QueueId, segment_id: u64) -> PathBuf {
+pub(crate) fn segment_path(dir: &Path, queue: LogId, segment_id: u64) -> PathBuf {
     queues_dir(dir).join(queue_dir_name(queue)).join(segment_file_name(segment_id))
 }
 
@@ -182,19 +182,19 @@ pub(crate) struct WriterState {
     pub dir: PathBuf,
     pub config: StoreConfig,
     pub shared: Arc<Shared>,
-    pub queues: foldhash::HashMap<QueueId, QueueLog>,
+    pub queues: foldhash::HashMap<LogId, QueueLog>,
     pub acks: AckLog,
     pub next_queue_id: u64,
     /// Ids below this may have been handed out before; recorded durably in `queue-ids` before
     /// any id at or above the previous value is used, so ids are never reused after a restart.
     pub queue_ids_reserved_until: u64,
     /// Sealed segments whose messages are all removed, waiting for their removals to be durable.
-    pub deletion_candidates: BTreeSet<(QueueId, u64)>,
+    pub deletion_candidates: BTreeSet<(LogId, u64)>,
 }
 
 /// An append that has a place in this batch's writes.
 struct PlannedAppend {
-    queue: QueueId,
+    queue: LogId,
     seq: u64,
     segment_base: u64,
     location: MessageLocation,
@@ -204,7 +204,7 @@ struct PlannedAppend {
 
 /// The new bytes for one segment in this batch.
 struct PlannedWrite {
-    queue: QueueId,
+    queue: LogId,
     segment_base: u64,
     start: u64,
     bytes: Vec<u8>,
@@ -362,11 +362,11 @@ impl WriterState {
                 Op::Append { .. } | Op::Ack { .. } | Op::Sync(_) => io_ops.push(op),
                 Op::CreateQueue(done) => {
                     self.run_io(&mut io_ops);
-                    done.complete(self.shared.check_fatal().and_then(|()| self.create_queue()));
+                    done.complete(self.shared.check_fatal().and_then(|()| self.create_log()));
                 }
                 Op::DeleteQueue { queue, done } => {
                     self.run_io(&mut io_ops);
-                    done.complete(self.shared.check_fatal().and_then(|()| self.delete_queue(queue)));
+                    done.complete(self.shared.check_fatal().and_then(|()| self.delete_log(queue)));
                 }
                 Op::Close(done) => {
                     self.run_io(&mut io_ops);
@@ -454,7 +454,7 @@ impl WriterState {
     #[allow(clippy::too_many_arguments)]
     fn plan_append(
         &mut self,
-        queue: QueueId,
+        queue: LogId,
         seq: u64,
         record: Vec<u8>,
         done: Completer<AppendReceipt>,
@@ -464,7 +464,7 @@ impl WriterState {
     ) {
         let segment_bytes_max = self.config.segment_bytes_max;
         let Some(log) = self.queues.get_mut(&queue) else {
-            done.complete(Err(StoreError::UnknownQueue(queue.0)));
+            done.complete(Err(StoreError::UnknownLog(queue.0)));
             return;
         };
         if seq <= log.last_seq {
@@ -599,10 +599,7 @@ impl WriterState {
 
     /// Writes removal and delivery-count records for live messages, applying removals to the
     /// in-memory live sets (undone if the write fails). Returns each ack's result so far.
-    fn write_acks(
-        &mut self,
-        acks: Vec<(QueueId, u64, Option<u32>, Completer<()>)>,
-    ) -> Vec<(Completer<()>, Result<()>)> {
+    fn write_acks(&mut self, acks: Vec<(LogId, u64, Option<u32>, Completer<()>)>) -> Vec<(Completer<()>, Result<()>)> {
         let mut results = Vec::with_capacity(acks.len());
         if acks.is_empty() {
             return results;
@@ -620,12 +617,12 @@ impl WriterState {
         };
         let salt = active.salt;
         let mut bytes = Vec::with_capacity(acks.len() * format::RECORD_HEADER_BYTES);
-        let mut removed: Vec<(QueueId, u64, u64)> = Vec::new();
+        let mut removed: Vec<(LogId, u64, u64)> = Vec::new();
         let mut new_refs = 0u64;
         let mut written = Vec::new();
         for (queue, seq, delivery_count, done) in acks {
             let Some(log) = self.queues.get_mut(&queue) else {
-                results.push((done, Err(StoreError::UnknownQueue(queue.0))));
+                results.push((done, Err(StoreError::UnknownLog(queue.0))));
                 continue;
             };
             let active_base = log.active_base;
@@ -828,7 +825,7 @@ impl WriterState {
         Ok(())
     }
 
-    fn create_queue(&mut self) -> Result<QueueId> {
+    fn create_log(&mut self) -> Result<LogId> {
         if self.queues.len() >= self.config.queue_count_max {
             return Err(StoreError::QueueLimit { limit: self.config.queue_count_max });
         }
@@ -837,7 +834,7 @@ impl WriterState {
             write_queue_id_reservation(self.fs.as_ref(), &self.dir, reserve_until, &self.shared)?;
             self.queue_ids_reserved_until = reserve_until;
         }
-        let queue = QueueId(self.next_queue_id);
+        let queue = LogId(self.next_queue_id);
         self.next_queue_id =
             self.next_queue_id.checked_add(1).ok_or_else(|| StoreError::Config("queue ids exhausted".into()))?;
         let queues_dir = queues_dir(&self.dir);
@@ -908,9 +905,9 @@ impl WriterState {
         Ok(queue)
     }
 
-    fn delete_queue(&mut self, queue: QueueId) -> Result<()> {
+    fn delete_log(&mut self, queue: LogId) -> Result<()> {
         let Some(log) = self.queues.remove(&queue) else {
-            return Err(StoreError::UnknownQueue(queue.0));
+            return Err(StoreError::UnknownLog(queue.0));
         };
         self.shared.queues.write().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&queue);
         self.shared

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use wharf_store::{
-    AppendReceipt, CrashMode, QueueId, RealFs, RecoveryIssue, SimFs, Store, StoreConfig, format::RECORD_HEADER_BYTES,
+    AppendReceipt, CrashMode, LogId, RealFs, RecoveryIssue, SimFs, Store, StoreConfig, format::RECORD_HEADER_BYTES,
 };
 
 const DIR: &str = "/data";
@@ -15,9 +15,9 @@ fn open(sim: &SimFs) -> (Store, wharf_store::Recovered) {
 }
 
 /// A store with one queue holding three durable messages; the store is closed.
-fn three_messages(sim: &SimFs) -> (QueueId, Vec<AppendReceipt>) {
+fn three_messages(sim: &SimFs) -> (LogId, Vec<AppendReceipt>) {
     let (store, _) = open(sim);
-    let queue = store.create_queue().unwrap().wait().unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
     let receipts = [&b"first body"[..], b"second body, the one that gets damaged", b"third body"]
         .iter()
         .map(|body| store.append(queue, 1, b"meta", body).unwrap().wait().unwrap())
@@ -26,11 +26,11 @@ fn three_messages(sim: &SimFs) -> (QueueId, Vec<AppendReceipt>) {
     (queue, receipts)
 }
 
-fn segment_path(queue: QueueId, segment_id: u64) -> PathBuf {
+fn segment_path(queue: LogId, segment_id: u64) -> PathBuf {
     Path::new(DIR).join("queues").join(format!("q-{:016x}", queue.0)).join(format!("{segment_id:020}.seg"))
 }
 
-fn bodies(store: &Store, queue: QueueId, recovered: &wharf_store::Recovered) -> Vec<Vec<u8>> {
+fn bodies(store: &Store, queue: LogId, recovered: &wharf_store::Recovered) -> Vec<Vec<u8>> {
     recovered.queues[&queue].iter().map(|message| store.read(queue, &message.location).unwrap().body).collect()
 }
 
@@ -68,7 +68,7 @@ fn a_flipped_bit_anywhere_in_a_middle_record_is_reported_and_skipped() {
 fn reading_a_damaged_record_is_an_error_not_a_message() {
     let sim = SimFs::new(2);
     let (store, _) = open(&sim);
-    let queue = store.create_queue().unwrap().wait().unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
     let receipt = store.append(queue, 1, b"m", b"payload").unwrap().wait().unwrap();
     let path = segment_path(queue, receipt.location.segment_id);
     sim.flip_bit(&path, receipt.location.offset + RECORD_HEADER_BYTES as u64 + 3, 0).unwrap();
@@ -118,7 +118,7 @@ fn a_torn_partial_header_is_truncated() {
 fn a_damaged_ack_record_is_reported_and_its_message_comes_back() {
     let sim = SimFs::new(5);
     let (store, _) = open(&sim);
-    let queue = store.create_queue().unwrap().wait().unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
     let kept = store.append(queue, 1, b"", b"kept").unwrap().wait().unwrap();
     let acked = store.append(queue, 1, b"", b"acked").unwrap().wait().unwrap();
     store.remove(queue, kept.seq).unwrap().wait().unwrap();
@@ -144,7 +144,7 @@ fn a_damaged_segment_header_makes_only_that_segment_unreadable() {
     let sim = SimFs::new(6);
     let config = StoreConfig { segment_bytes_max: 200, ..StoreConfig::default() };
     let (store, _) = Store::open(sim.shared(), DIR, config.clone()).unwrap();
-    let queue = store.create_queue().unwrap().wait().unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
     let receipts: Vec<_> =
         (0..6u8).map(|index| store.append(queue, 1, b"", &[index; 50]).unwrap().wait().unwrap()).collect();
     store.close().unwrap();
@@ -171,7 +171,7 @@ fn corruption_is_detected_on_the_real_file_system_too() {
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path().join("data");
     let (store, _) = Store::open(RealFs::shared(), &dir, StoreConfig::default()).unwrap();
-    let queue = store.create_queue().unwrap().wait().unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
     let receipts: Vec<_> =
         (0..3u8).map(|index| store.append(queue, 1, b"", &[index; 100]).unwrap().wait().unwrap()).collect();
     store.close().unwrap();
@@ -197,7 +197,7 @@ fn a_crash_mid_write_never_surfaces_as_corruption() {
     for seed in 0..200 {
         let sim = SimFs::new(seed);
         let (store, _) = open(&sim);
-        let queue = store.create_queue().unwrap().wait().unwrap();
+        let queue = store.create_log().unwrap().wait().unwrap();
         let pending: Vec<_> = (0..20u8).map(|index| store.append(queue, 1, b"", &[index; 300]).unwrap()).collect();
         sim.crash(CrashMode::Random);
         drop(store);
@@ -215,7 +215,7 @@ fn a_crash_mid_write_never_surfaces_as_corruption() {
 fn read_each_reports_a_damaged_record_and_returns_its_neighbours() {
     let sim = SimFs::new(4);
     let (store, _) = open(&sim);
-    let queue = store.create_queue().unwrap().wait().unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
     let receipts: Vec<_> =
         (0..3u8).map(|index| store.append(queue, 1, b"m", &[index; 20]).unwrap().wait().unwrap()).collect();
     let damaged = receipts[1].location;

@@ -15,7 +15,7 @@
 
 use proptest::prelude::*;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use wharf_store::{CrashMode, PendingAppend, QueueId, SimFs, Store, StoreConfig, StoreError, Ticket};
+use wharf_store::{CrashMode, LogId, PendingAppend, SimFs, Store, StoreConfig, StoreError, Ticket};
 
 const QUEUES: usize = 3;
 const DATA_DIR: &str = "/data";
@@ -87,7 +87,7 @@ struct Model {
     /// Queue slots whose deletion failed midway: the queue may or may not exist.
     uncertain_slots: HashSet<usize>,
     /// Every queue id ever deleted, never to be seen or handed out again.
-    deleted_ids: HashSet<QueueId>,
+    deleted_ids: HashSet<LogId>,
     next_id: u64,
 }
 
@@ -108,7 +108,7 @@ struct Harness {
     sim: SimFs,
     config: StoreConfig,
     store: Option<Store>,
-    queue_ids: Vec<QueueId>,
+    queue_ids: Vec<LogId>,
     in_flight: Vec<(u64, PendingAppend)>,
     model: Model,
 }
@@ -118,7 +118,7 @@ impl Harness {
         let sim = SimFs::new(seed);
         let (store, recovered) = Store::open(sim.shared(), DATA_DIR, config.clone()).unwrap();
         assert!(recovered.queues.is_empty());
-        let queue_ids = (0..QUEUES).map(|_| store.create_queue().unwrap().wait().unwrap()).collect();
+        let queue_ids = (0..QUEUES).map(|_| store.create_log().unwrap().wait().unwrap()).collect();
         Harness {
             sim,
             config,
@@ -239,20 +239,18 @@ impl Harness {
     fn recreate(&mut self, slot: usize) {
         self.settle_in_flight();
         let old = self.queue_ids[slot];
-        let deleted = self.store().delete_queue(old).and_then(|ticket| ticket.wait());
+        let deleted = self.store().delete_log(old).and_then(|ticket| ticket.wait());
         match deleted {
             Ok(()) => self.forget_slot(slot, old),
             // Already deleted by an earlier recreate whose creation step failed.
-            Err(StoreError::UnknownQueue(_)) if self.model.uncertain_slots.contains(&slot) => {
-                self.forget_slot(slot, old)
-            }
+            Err(StoreError::UnknownLog(_)) if self.model.uncertain_slots.contains(&slot) => self.forget_slot(slot, old),
             Err(error) if error.is_fatal() => {
                 self.model.uncertain_slots.insert(slot);
                 return;
             }
             Err(error) => panic!("deleting queue {old}: {error}"),
         }
-        match self.store().create_queue().and_then(|ticket| ticket.wait()) {
+        match self.store().create_log().and_then(|ticket| ticket.wait()) {
             Ok(new) => self.adopt(slot, new),
             // The slot stays empty; the check after the next crash fills it.
             Err(_) => {
@@ -262,7 +260,7 @@ impl Harness {
     }
 
     /// The slot's queue is gone: its messages can never come back.
-    fn forget_slot(&mut self, slot: usize, old: QueueId) {
+    fn forget_slot(&mut self, slot: usize, old: LogId) {
         self.model.deleted_ids.insert(old);
         let ids: Vec<u64> =
             self.model.expected.iter().filter(|(_, expected)| expected.queue == slot).map(|(id, _)| *id).collect();
@@ -274,7 +272,7 @@ impl Harness {
         self.model.uncertain_slots.remove(&slot);
     }
 
-    fn adopt(&mut self, slot: usize, new: QueueId) {
+    fn adopt(&mut self, slot: usize, new: LogId) {
         assert!(!self.model.deleted_ids.contains(&new), "queue id {new} handed out again");
         assert!(!self.queue_ids.contains(&new), "queue id {new} already in use");
         self.queue_ids[slot] = new;
@@ -353,7 +351,7 @@ impl Harness {
                 );
                 // Its interrupted deletion went through: a fresh queue takes the slot.
                 self.forget_slot(slot, queue_id);
-                let new = store.create_queue().unwrap().wait().unwrap();
+                let new = store.create_log().unwrap().wait().unwrap();
                 self.adopt(slot, new);
                 self.model.live[slot].clear();
                 continue;

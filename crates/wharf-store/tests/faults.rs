@@ -26,7 +26,7 @@ fn live_bodies(sim: &SimFs) -> Vec<Vec<u8>> {
 fn a_failed_fsync_is_fatal_and_no_completion_of_that_batch_reports_success() {
     let sim = SimFs::new(1);
     let (store, _) = open(&sim);
-    let queue = store.create_queue().unwrap().wait().unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
     store.append(queue, 1, b"", b"durable before").unwrap().wait().unwrap();
 
     sim.fail_next_syncs(1);
@@ -54,7 +54,7 @@ fn a_failed_fsync_is_fatal_and_no_completion_of_that_batch_reports_success() {
 fn a_failed_ack_log_sync_is_fatal_too() {
     let sim = SimFs::new(2);
     let (store, _) = open(&sim);
-    let queue = store.create_queue().unwrap().wait().unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
     let receipt = store.append(queue, 1, b"", b"x").unwrap().wait().unwrap();
     store.remove(queue, receipt.seq).unwrap().wait().unwrap();
     sim.fail_next_syncs(1);
@@ -67,7 +67,7 @@ fn a_failed_ack_log_sync_is_fatal_too() {
 fn a_full_disk_fails_the_append_clearly_and_keeps_what_was_durable() {
     let sim = SimFs::new(3);
     let (store, _) = open(&sim);
-    let queue = store.create_queue().unwrap().wait().unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
     for index in 0..10u8 {
         store.append(queue, 1, b"", &[index; 100]).unwrap().wait().unwrap();
     }
@@ -95,7 +95,7 @@ fn a_full_disk_fails_the_append_clearly_and_keeps_what_was_durable() {
 fn a_full_disk_fails_a_removal_without_losing_the_message() {
     let sim = SimFs::new(4);
     let (store, _) = open(&sim);
-    let queue = store.create_queue().unwrap().wait().unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
     let receipt = store.append(queue, 1, b"", b"stays").unwrap().wait().unwrap();
     sim.set_space_bytes_max(Some(sim.used_bytes() + 10));
     let error = store.remove(queue, receipt.seq).unwrap().wait().unwrap_err();
@@ -114,7 +114,7 @@ fn a_full_disk_while_rolling_to_a_new_segment_fails_cleanly() {
     let sim = SimFs::new(5);
     let config = StoreConfig { segment_bytes_max: 300, ..StoreConfig::default() };
     let (store, _) = Store::open(sim.shared(), DIR, config.clone()).unwrap();
-    let queue = store.create_queue().unwrap().wait().unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
     store.append(queue, 1, b"", &[1; 150]).unwrap().wait().unwrap();
     // The next append needs a new segment: not even its header fits.
     sim.set_space_bytes_max(Some(sim.used_bytes() + 20));
@@ -134,7 +134,7 @@ fn a_full_disk_while_rolling_to_a_new_segment_fails_cleanly() {
 fn failing_syncs_during_recovery_refuse_to_open() {
     let sim = SimFs::new(6);
     let (store, _) = open(&sim);
-    let queue = store.create_queue().unwrap().wait().unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
     store.append(queue, 1, b"", b"x").unwrap().wait().unwrap();
     store.close().unwrap();
     sim.fail_next_syncs(1);

@@ -7,7 +7,7 @@ use std::future::{Future, IntoFuture};
 use std::path::Path;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
-use wharf_store::{CrashMode, QueueId, RealFs, SimFs, Store, StoreConfig, StoreError};
+use wharf_store::{CrashMode, LogId, RealFs, SimFs, Store, StoreConfig, StoreError};
 
 const DIR: &str = "/data";
 
@@ -15,12 +15,12 @@ fn small_segments() -> StoreConfig {
     StoreConfig { segment_bytes_max: 1_000, ack_segment_bytes_max: 400, ..StoreConfig::default() }
 }
 
-fn bodies(store: &Store, queue: QueueId, recovered: &wharf_store::Recovered) -> Vec<Vec<u8>> {
+fn bodies(store: &Store, queue: LogId, recovered: &wharf_store::Recovered) -> Vec<Vec<u8>> {
     recovered.queues[&queue].iter().map(|message| store.read(queue, &message.location).unwrap().body).collect()
 }
 
 /// Each recovered message of `queue` as (seq, delivery count).
-fn counts(recovered: &wharf_store::Recovered, queue: QueueId) -> Vec<(u64, u32)> {
+fn counts(recovered: &wharf_store::Recovered, queue: LogId) -> Vec<(u64, u32)> {
     recovered.queues[&queue].iter().map(|message| (message.seq, message.delivery_count)).collect()
 }
 
@@ -37,7 +37,7 @@ fn concurrent_appenders_on_the_real_file_system_keep_everything_in_order() {
     let dir = temp.path().join("data");
     let (store, recovered) = Store::open(RealFs::shared(), &dir, StoreConfig::default()).unwrap();
     assert!(recovered.queues.is_empty() && recovered.issues.is_empty());
-    let queues: Vec<QueueId> = (0..4).map(|_| store.create_queue().unwrap().wait().unwrap()).collect();
+    let queues: Vec<LogId> = (0..4).map(|_| store.create_log().unwrap().wait().unwrap()).collect();
     let threads: Vec<_> = (0..8u32)
         .map(|thread| {
             let store = store.clone();
@@ -98,7 +98,7 @@ fn tickets_can_be_awaited() {
     let sim = SimFs::new(1);
     let (store, _) = Store::open(sim.shared(), DIR, StoreConfig::default()).unwrap();
     let receipt = block_on(async {
-        let queue = store.create_queue()?.await?;
+        let queue = store.create_log()?.await?;
         let receipt = store.append(queue, 5, b"meta", b"body")?.ticket.await?;
         store.remove(queue, receipt.seq)?.await?;
         store.sync()?.into_future().await?;
@@ -112,7 +112,7 @@ fn tickets_can_be_awaited() {
 fn fully_removed_segments_and_unneeded_ack_segments_are_deleted() {
     let sim = SimFs::new(2);
     let (store, _) = Store::open(sim.shared(), DIR, small_segments()).unwrap();
-    let queue = store.create_queue().unwrap().wait().unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
     let receipts: Vec<_> =
         (0..100u8).map(|index| store.append(queue, 1, b"", &[index; 60]).unwrap().wait().unwrap()).collect();
     let segments_used = receipts.last().unwrap().location.segment_id;
@@ -138,7 +138,7 @@ fn removals_become_durable_lazily_on_their_own() {
     let sim = SimFs::new(3);
     let config = StoreConfig { ack_sync_interval_ms: 20, ..StoreConfig::default() };
     let (store, _) = Store::open(sim.shared(), DIR, config.clone()).unwrap();
-    let queue = store.create_queue().unwrap().wait().unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
     let receipt = store.append(queue, 1, b"", b"acked").unwrap().wait().unwrap();
     let syncs_before = store.stats().ack_log_syncs;
     store.remove(queue, receipt.seq).unwrap().wait().unwrap();
@@ -155,7 +155,7 @@ fn an_unsynced_removal_lost_in_a_crash_means_a_redelivery_not_a_loss() {
     let sim = SimFs::new(4);
     let config = StoreConfig { ack_sync_interval_ms: 3_600_000, ..StoreConfig::default() };
     let (store, _) = Store::open(sim.shared(), DIR, config.clone()).unwrap();
-    let queue = store.create_queue().unwrap().wait().unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
     let receipt = store.append(queue, 1, b"", b"comes back").unwrap().wait().unwrap();
     store.remove(queue, receipt.seq).unwrap().wait().unwrap();
     let (store, recovered) = crash_and_reopen(&sim, store, config);
@@ -166,7 +166,7 @@ fn an_unsynced_removal_lost_in_a_crash_means_a_redelivery_not_a_loss() {
 fn delivery_counts_survive_restarts_and_only_grow() {
     let sim = SimFs::new(5);
     let (store, _) = Store::open(sim.shared(), DIR, small_segments()).unwrap();
-    let queue = store.create_queue().unwrap().wait().unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
     let first = store.append(queue, 1, b"", b"a").unwrap().wait().unwrap();
     let second = store.append(queue, 1, b"", b"b").unwrap().wait().unwrap();
     for count in 1..=3 {
@@ -195,7 +195,7 @@ fn delivery_counts_survive_restarts_and_only_grow() {
 fn unawaited_removals_and_delivery_counts_are_recorded_like_awaited_ones() {
     let sim = SimFs::new(6);
     let (store, _) = Store::open(sim.shared(), DIR, small_segments()).unwrap();
-    let queue = store.create_queue().unwrap().wait().unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
     let removed = store.append(queue, 1, b"", b"removed").unwrap().wait().unwrap();
     let counted = store.append(queue, 1, b"", b"counted").unwrap().wait().unwrap();
     store.remove_unawaited(queue, removed.seq).unwrap();
@@ -212,20 +212,20 @@ fn unawaited_removals_and_delivery_counts_are_recorded_like_awaited_ones() {
 fn deleted_queues_are_gone_and_their_ids_never_come_back() {
     let sim = SimFs::new(6);
     let (store, _) = Store::open(sim.shared(), DIR, StoreConfig::default()).unwrap();
-    let kept = store.create_queue().unwrap().wait().unwrap();
-    let doomed = store.create_queue().unwrap().wait().unwrap();
+    let kept = store.create_log().unwrap().wait().unwrap();
+    let doomed = store.create_log().unwrap().wait().unwrap();
     store.append(kept, 1, b"", b"kept").unwrap().wait().unwrap();
     let receipt = store.append(doomed, 1, b"", b"doomed").unwrap().wait().unwrap();
     store.remove(doomed, receipt.seq).unwrap().wait().unwrap();
-    store.delete_queue(doomed).unwrap().wait().unwrap();
-    assert!(matches!(store.append(doomed, 1, b"", b"x"), Err(StoreError::UnknownQueue(_))));
-    assert!(matches!(store.delete_queue(doomed).unwrap().wait(), Err(StoreError::UnknownQueue(_))));
-    assert_eq!(store.queue_ids(), vec![kept]);
+    store.delete_log(doomed).unwrap().wait().unwrap();
+    assert!(matches!(store.append(doomed, 1, b"", b"x"), Err(StoreError::UnknownLog(_))));
+    assert!(matches!(store.delete_log(doomed).unwrap().wait(), Err(StoreError::UnknownLog(_))));
+    assert_eq!(store.log_ids(), vec![kept]);
 
     let (store, recovered) = crash_and_reopen(&sim, store, StoreConfig::default());
     assert_eq!(recovered.queues.keys().copied().collect::<Vec<_>>(), vec![kept]);
     assert_eq!(bodies(&store, kept, &recovered), vec![b"kept".to_vec()]);
-    let fresh = store.create_queue().unwrap().wait().unwrap();
+    let fresh = store.create_log().unwrap().wait().unwrap();
     assert!(fresh.0 > doomed.0, "ids are never reused, even the highest deleted one after a restart");
 }
 
@@ -233,7 +233,7 @@ fn deleted_queues_are_gone_and_their_ids_never_come_back() {
 fn an_interrupted_queue_deletion_is_finished_by_recovery() {
     let sim = SimFs::new(7);
     let (store, _) = Store::open(sim.shared(), DIR, StoreConfig::default()).unwrap();
-    let queue = store.create_queue().unwrap().wait().unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
     store.append(queue, 1, b"", b"x").unwrap().wait().unwrap();
     store.close().unwrap();
     // The state a crash right after the deletion's rename leaves behind.
@@ -253,17 +253,17 @@ fn limits_are_enforced_with_clear_errors() {
     let sim = SimFs::new(8);
     let config = StoreConfig { queue_count_max: 2, ..StoreConfig::default() };
     let (store, _) = Store::open(sim.shared(), DIR, config).unwrap();
-    let queue = store.create_queue().unwrap().wait().unwrap();
-    store.create_queue().unwrap().wait().unwrap();
-    let error = store.create_queue().unwrap().wait().unwrap_err();
+    let queue = store.create_log().unwrap().wait().unwrap();
+    store.create_log().unwrap().wait().unwrap();
+    let error = store.create_log().unwrap().wait().unwrap_err();
     assert!(matches!(error, StoreError::QueueLimit { limit: 2 }), "{error:?}");
 
     let huge_meta = vec![0u8; wharf_store::format::META_BYTES_MAX + 1];
     let error = store.append(queue, 1, &huge_meta, b"").unwrap_err();
     assert!(error.to_string().contains("message meta"), "{error}");
-    let error = store.append(QueueId(999), 1, b"", b"").unwrap_err();
-    assert!(matches!(error, StoreError::UnknownQueue(999)));
-    assert!(matches!(store.remove(QueueId(999), 1).unwrap().wait(), Err(StoreError::UnknownQueue(999))));
+    let error = store.append(LogId(999), 1, b"", b"").unwrap_err();
+    assert!(matches!(error, StoreError::UnknownLog(999)));
+    assert!(matches!(store.remove(LogId(999), 1).unwrap().wait(), Err(StoreError::UnknownLog(999))));
     // Removing what is not live is a harmless no-op (acks may be repeated).
     store.remove(queue, 12_345).unwrap().wait().unwrap();
 
@@ -282,7 +282,7 @@ fn a_closed_store_refuses_work() {
     let sim = SimFs::new(10);
     let (store, _) = Store::open(sim.shared(), DIR, StoreConfig::default()).unwrap();
     let other = store.clone();
-    let queue = store.create_queue().unwrap().wait().unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
     store.close().unwrap();
     let outcome = other.append(queue, 1, b"", b"x").and_then(|pending| pending.wait());
     assert!(matches!(outcome, Err(StoreError::Closed)), "{outcome:?}");
@@ -293,7 +293,7 @@ fn a_message_can_be_removed_before_its_append_is_durable() {
     // A broker may deliver before the sync and get the ack back quickly; the removal must apply.
     let sim = SimFs::new(11);
     let (store, _) = Store::open(sim.shared(), DIR, StoreConfig::default()).unwrap();
-    let queue = store.create_queue().unwrap().wait().unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
     let pending = store.append(queue, 1, b"", b"quick").unwrap();
     let removal = store.remove(queue, pending.seq).unwrap();
     pending.wait().unwrap();
@@ -320,7 +320,7 @@ fn appenders_wait_for_room_in_the_byte_budget_and_all_complete() {
     // Room for about two 1 KiB records at a time.
     let config = StoreConfig { pending_bytes_max: 2_500, ..StoreConfig::default() };
     let (store, _) = Store::open(sim.shared(), DIR, config).unwrap();
-    let queue = store.create_queue().unwrap().wait().unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
     let threads: Vec<_> = (0..4)
         .map(|_| {
             let store = store.clone();
@@ -343,7 +343,7 @@ fn appenders_wait_for_room_in_the_byte_budget_and_all_complete() {
 fn read_each_returns_what_read_returns_across_segments() {
     let sim = SimFs::new(9);
     let (store, _) = Store::open(sim.shared(), DIR, small_segments()).unwrap();
-    let queue = store.create_queue().unwrap().wait().unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
     let receipts: Vec<_> = (0..60u8)
         .map(|index| store.append(queue, u64::from(index), &[index; 3], &[index; 50]).unwrap().wait().unwrap())
         .collect();
@@ -367,7 +367,7 @@ fn read_each_returns_what_read_returns_across_segments() {
 fn recovery_hands_back_each_live_message_meta_and_body_length() {
     let sim = SimFs::new(10);
     let (store, _) = Store::open(sim.shared(), DIR, small_segments()).unwrap();
-    let queue = store.create_queue().unwrap().wait().unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
     let receipts: Vec<_> = (0..40u8)
         .map(|index| {
             let meta = vec![index; usize::from(index % 7)];
