@@ -19,7 +19,7 @@ use crate::outbound::{Connections, Outbound, OutboundDelivery};
 use crate::pager::{self, Pager};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::watch;
-use wharf_model::{BrokerModel, ChannelKey, Delivery, Effects, Removed};
+use wharf_model::{BrokerModel, ChannelKey, Delivery, Effects, Removed, StoredAt};
 use wharf_store::{LogId, MetaStore, Store, StoreError, Ticket};
 
 /// The shared state.
@@ -127,10 +127,9 @@ impl Core {
     /// is decided here, before the writer gets it: its delivery count's ticket, and for a paged
     /// body the read (and for a no-ack one the removal after the read) the writer carries out.
     pub fn send(&self, effects: &mut Effects) {
-        let mut remove_after_read = pager::take_paged_removals(effects);
         for delivery in effects.deliveries.drain(..) {
             let count_recorded = self.record_delivery(&delivery);
-            let body = pager::delivery_body(&self.store, &delivery, &mut remove_after_read);
+            let body = pager::delivery_body(&self.store, &delivery);
             let connection = delivery.channel.connection;
             let outbound = OutboundDelivery { delivery, count_recorded, body };
             // A closed connection's channels are closed in the model right after; its unacked
@@ -187,14 +186,14 @@ impl Core {
     }
 
     pub fn remove_stored(&self, removed: &Removed) {
-        if let (Some(queue), Some(seq)) = (removed.store_queue, removed.store_seq) {
-            self.remove_stored_record(queue, seq);
+        if let Some(stored) = removed.stored {
+            self.remove_stored_record(stored);
         }
     }
 
     /// Records a message's removal in the store (a deleted queue's records went with it).
-    pub fn remove_stored_record(&self, queue: u64, seq: u64) {
-        match self.store.remove_unawaited(LogId(queue), seq) {
+    pub fn remove_stored_record(&self, stored: StoredAt) {
+        match self.store.remove_unawaited(LogId(stored.log), stored.seq) {
             Ok(()) | Err(StoreError::UnknownLog(_)) => {}
             Err(error) => self.store_failed(&error),
         }
@@ -222,11 +221,11 @@ impl Core {
     /// the hot path free of store round trips, and losing its count costs at most one extra
     /// delivery.)
     pub fn record_delivery(&self, delivery: &Delivery) -> Option<Ticket<()>> {
-        let (queue, seq) = delivery.store?;
+        let StoredAt { log, seq } = delivery.store?;
         let recorded = if delivery.delivery_count > 1 {
-            self.store.set_delivery_count(LogId(queue), seq, delivery.delivery_count).map(Some)
+            self.store.set_delivery_count(LogId(log), seq, delivery.delivery_count).map(Some)
         } else {
-            self.store.set_delivery_count_unawaited(LogId(queue), seq, delivery.delivery_count).map(|()| None)
+            self.store.set_delivery_count_unawaited(LogId(log), seq, delivery.delivery_count).map(|()| None)
         };
         match recorded {
             Ok(ticket) => ticket,

@@ -1,15 +1,14 @@
 //! Paging: dropping the bodies of a durable queue's backlog from memory once their records are
 //! written, and reading them back from the store to deliver or move them.
 //!
-//! A paged delivery's read is decided here, under the model lock, when the delivery is queued to
-//! its connection ([`delivery_body`]): which record, and for a no-ack delivery that the record is
+//! A paged delivery's read is decided under the model lock, when the delivery is queued to its
+//! connection ([`delivery_body`]): which record, and (as the model said) whether the record is
 //! removed once read. The connection's writer carries the read out ([`PagedRead::read`]) on its
 //! own task, so the model lock is never held for a `pread`.
 
-use std::collections::HashSet;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use wharf_model::{BrokerModel, Delivery, Effects, PagedBody};
+use wharf_model::{BrokerModel, Delivery, PagedBody, StoredAt};
 use wharf_store::{LogId, MessageLocation, Store, StoreError};
 
 /// Paging out: a durable queue holding more than `queue_body_memory_bytes_max` of bodies in
@@ -52,31 +51,6 @@ impl Pager {
     }
 }
 
-/// Takes out of `effects.removed` the removals of paged-out messages delivered without
-/// acknowledgement (the model removes those as it dispatches them): their records must stay
-/// until the connection's writer has read the bodies back, so the removal follows the read. Its
-/// segment could otherwise be deleted first and the message lost.
-pub(crate) fn take_paged_removals(effects: &mut Effects) -> HashSet<(u64, u64)> {
-    let mut deferred = HashSet::new();
-    if effects.removed.is_empty() || !effects.deliveries.iter().any(|delivery| delivery.message.paged.is_some()) {
-        return deferred;
-    }
-    let paged: HashSet<(u64, u64)> = effects
-        .deliveries
-        .iter()
-        .filter(|delivery| delivery.message.paged.is_some())
-        .filter_map(|delivery| delivery.store)
-        .collect();
-    effects.removed.retain(|removed| match (removed.store_queue, removed.store_seq) {
-        (Some(queue), Some(seq)) if paged.contains(&(queue, seq)) => {
-            deferred.insert((queue, seq));
-            false
-        }
-        _ => true,
-    });
-    deferred
-}
-
 /// Where a paged body's record is, for the store.
 pub(crate) fn paged_location(paged: &PagedBody) -> (LogId, MessageLocation) {
     (
@@ -115,7 +89,7 @@ pub(crate) struct PagedRead {
     paged: PagedBody,
     /// A no-ack delivery left the model when it was dispatched: its record is removed once read
     /// (or once it is certain it will never be read).
-    remove_after_read: Option<(u64, u64)>,
+    remove_after_read: Option<StoredAt>,
 }
 
 /// Why a paged body could not be read.
@@ -128,15 +102,15 @@ pub(crate) enum PagedReadFailure {
     Unreadable(StoreError),
 }
 
-/// Decides where a delivery's body comes from; a paged no-ack delivery's removal (taken out of
-/// the effects by [`take_paged_removals`]) moves into its read.
-pub(crate) fn delivery_body(store: &Store, delivery: &Delivery, removals: &mut HashSet<(u64, u64)>) -> DeliveryBody {
+/// Where a delivery's body comes from; for a paged no-ack delivery the model said its record is
+/// removed once read (`Delivery::remove_record_after_read`), and the read carries that out.
+pub(crate) fn delivery_body(store: &Store, delivery: &Delivery) -> DeliveryBody {
     match delivery.message.paged {
         None => DeliveryBody::Resident,
         Some(paged) => DeliveryBody::Paged(PagedRead {
             store: store.clone(),
             paged,
-            remove_after_read: delivery.store.filter(|key| removals.remove(key)),
+            remove_after_read: delivery.store.filter(|_| delivery.remove_record_after_read),
         }),
     }
 }
@@ -171,12 +145,12 @@ impl PagedRead {
     }
 
     fn remove_record(&self) {
-        if let Some((queue, seq)) = self.remove_after_read {
-            match self.store.remove_unawaited(LogId(queue), seq) {
+        if let Some(StoredAt { log, seq }) = self.remove_after_read {
+            match self.store.remove_unawaited(LogId(log), seq) {
                 Ok(()) | Err(StoreError::UnknownLog(_)) => {}
                 // Only a store that already failed refuses a removal; that failure stops the
                 // broker through the operation that met it (every append's ticket reports it).
-                Err(error) => tracing::error!(queue, seq, %error, "could not remove a delivered paged message"),
+                Err(error) => tracing::error!(log, seq, %error, "could not remove a delivered paged message"),
             }
         }
     }

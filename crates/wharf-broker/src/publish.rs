@@ -312,8 +312,8 @@ impl Core {
                                 return;
                             }
                         }
-                        if let (Some(queue), Some(seq)) = (source.store_queue, source.store_seq) {
-                            match store.remove_unawaited(LogId(queue), seq) {
+                        if let Some(stored) = source.stored {
+                            match store.remove_unawaited(LogId(stored.log), stored.seq) {
                                 Ok(()) | Err(StoreError::UnknownLog(_)) => {}
                                 Err(error) => tracing::error!(%error, "could not remove a transferred message"),
                             }

@@ -44,7 +44,9 @@ fn declare(broker: &mut CheckedBroker, name: &str, durable: bool, exclusive: boo
             auto_delete,
             arguments: &none,
             connection: ConnectionId(1),
-            store_queue: None,
+            // A durable queue has a store log (the tests enqueue with store seqs, and removals
+            // name where the message was stored).
+            store_queue: durable.then_some(1),
             dedup_store_queue: None,
             server_named: false,
         })
@@ -251,7 +253,7 @@ proptest! {
                 }
             }
             for gone in effects.removed {
-                *removed.entry(gone.store_seq.unwrap()).or_default() += 1;
+                *removed.entry(gone.stored.unwrap().seq).or_default() += 1;
             }
         };
         for channel in 1..4 {
@@ -406,4 +408,24 @@ fn paging_out_drops_only_the_named_ready_body_and_keeps_its_size_for_limits() {
     assert_eq!(wharf_model::broker::delivery_bytes(&delivery.message), 7);
     // An unacknowledged entry is not ready: a late page-out of it does nothing.
     assert!(!broker.page_out("/", "q", 1, 1, paged(5)));
+}
+
+#[test]
+fn a_no_ack_delivery_of_a_paged_message_is_removed_after_its_read_and_a_resident_one_at_once() {
+    use wharf_model::{PagedBody, StoredAt};
+    let mut broker = broker_with_queue("q");
+    broker.vhost_mut("/").unwrap().queue_mut("q").unwrap().store_queue = Some(9);
+    broker.enqueue("/", "q", message("resident"), Some(1));
+    broker.enqueue("/", "q", message("paged"), Some(2));
+    let paged = PagedBody { store_queue: 9, segment_id: 1, offset: 64, record_bytes: 90, body_bytes: 5 };
+    assert!(broker.page_out("/", "q", 2, 2, paged));
+    broker.open_channel(key(1, 1), "/").unwrap();
+    let (_, effects) = broker.consume(key(1, 1), "q", "c", true, false).unwrap();
+    assert_eq!(effects.deliveries.len(), 2);
+    let (resident, paged) = (&effects.deliveries[0], &effects.deliveries[1]);
+    assert!(!resident.remove_record_after_read, "a body in memory needs no read");
+    assert!(paged.remove_record_after_read, "the record must outlive the read of its body");
+    assert_eq!(paged.store, Some(StoredAt { log: 9, seq: 2 }));
+    let removed: Vec<_> = effects.removed.iter().map(|removed| removed.stored).collect();
+    assert_eq!(removed, vec![Some(StoredAt { log: 9, seq: 1 })], "only the resident one is removed at once");
 }

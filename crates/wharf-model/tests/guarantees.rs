@@ -254,12 +254,21 @@ impl Reference {
 }
 
 fn outcomes_of(effects: &Effects) -> Vec<Outcome> {
-    let mut outcomes: Vec<Outcome> = effects.removed.iter().map(|removed| (removed.store_seq.unwrap(), None)).collect();
+    let mut outcomes: Vec<Outcome> =
+        effects.removed.iter().map(|removed| (removed.stored.unwrap().seq, None)).collect();
+    // A no-ack delivery of a paged message is removed once its body is read: a removal too.
+    outcomes.extend(
+        effects
+            .deliveries
+            .iter()
+            .filter(|delivery| delivery.remove_record_after_read)
+            .map(|delivery| (delivery.store.unwrap().seq, None)),
+    );
     for transfer in &effects.transfers {
         // A dead letter, paged or not, carries its x-death (re-parsed for a paged-out one).
         let properties = transfer.message.full_properties();
         assert!(properties.headers().as_ref().is_some_and(|headers| headers.contains_key("x-death")));
-        let source = transfer.source.as_ref().unwrap().store_seq.unwrap();
+        let source = transfer.source.as_ref().unwrap().stored.unwrap().seq;
         outcomes.push((source, transfer.reason.map(|reason| reason.as_str())));
     }
     outcomes
@@ -420,7 +429,7 @@ proptest! {
                 Op::Get => {
                     let (delivery, effects) = harness.broker.get(harness.channel, "q", false).unwrap();
                     let got = delivery.map(|delivery| {
-                        let (_, id) = delivery.store.unwrap();
+                        let id = delivery.store.unwrap().seq;
                         match delivery.message.paged {
                             // A paged-out delivery names its record, and keeps its properties.
                             Some(paged) => {

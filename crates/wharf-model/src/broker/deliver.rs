@@ -5,8 +5,8 @@
 use super::channels::Outstanding;
 use super::timers::Timer;
 use super::{
-    BrokerModel, CONNECTION_PENDING_BYTES_MAX, Delivery, Effects, Removed, UNACKED_PER_CHANNEL_MAX, channel_not_open,
-    delivery_bytes,
+    BrokerModel, CONNECTION_PENDING_BYTES_MAX, Delivery, Effects, Removed, StoredAt, UNACKED_PER_CHANNEL_MAX,
+    channel_not_open, delivery_bytes,
 };
 use crate::error::{ModelError, Result};
 use crate::queue::{ChannelKey, ConnectionId, Queue};
@@ -52,11 +52,13 @@ impl BrokerModel {
             ) else {
                 break;
             };
+            let mut delivery = delivery;
             let delivery_tag = delivery.delivery_tag;
-            effects.deliveries.push(delivery);
             if consumer.no_ack {
-                effects.removed.push(Removed::of(vhost_name, queue, store_seq));
-            } else {
+                remove_no_ack(vhost_name, queue, store_seq, &mut delivery, &mut effects);
+            }
+            effects.deliveries.push(delivery);
+            if !consumer.no_ack {
                 consumer.unacked += 1;
                 channel.consumer_unacked += 1;
                 let instance = consumer.instance;
@@ -103,13 +105,13 @@ impl BrokerModel {
                 key.channel
             )));
         }
-        let Some((entry_id, store_seq, delivery)) =
+        let Some((entry_id, store_seq, mut delivery)) =
             take_for_delivery(queue, &mut channel.next_delivery_tag, &mut self.pending_bytes, key, None, !no_ack)
         else {
             return Ok((None, effects));
         };
         if no_ack {
-            effects.removed.push(Removed::of(&vhost_name, queue, store_seq));
+            remove_no_ack(&vhost_name, queue, store_seq, &mut delivery, &mut effects);
         } else {
             let lease_due_ms = queue.settings.consumer_timeout_ms.map(|lease_ms| now_ms.saturating_add(lease_ms));
             channel.unacked.insert(
@@ -123,6 +125,17 @@ impl BrokerModel {
             }
         }
         Ok((Some(delivery), effects))
+    }
+}
+
+/// A no-ack delivery takes its message out of the queue for good: a message in memory is removed
+/// from the store at once; a paged-out one once its body was read for the delivery (the delivery
+/// says so), so its record cannot be deleted before the read.
+fn remove_no_ack(vhost: &str, queue: &Queue, store_seq: Option<u64>, delivery: &mut Delivery, effects: &mut Effects) {
+    if delivery.message.paged.is_some() && delivery.store.is_some() {
+        delivery.remove_record_after_read = true;
+    } else {
+        effects.removed.push(Removed::of(vhost, queue, store_seq));
     }
 }
 
@@ -160,7 +173,8 @@ fn take_for_delivery(
         message,
         message_count: queue.ready_count() as u32,
         delivery_count: delivered.delivery_count,
-        store: queue.store_queue.zip(delivered.store_seq),
+        store: queue.store_queue.zip(delivered.store_seq).map(|(log, seq)| StoredAt { log, seq }),
+        remove_record_after_read: false,
     };
     Some((delivered.id, delivered.store_seq, delivery))
 }

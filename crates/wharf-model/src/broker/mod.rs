@@ -99,8 +99,22 @@ pub struct Delivery {
     pub message_count: u32,
     /// How many times it has now been delivered.
     pub delivery_count: u32,
-    /// The store's queue id and seq for it, when it is stored (to record the delivery count).
-    pub store: Option<(u64, u64)>,
+    /// Where the store holds it, when it is stored (to record the delivery count).
+    pub store: Option<StoredAt>,
+    /// A no-ack delivery of a paged-out message: it left the queue with this delivery, but its
+    /// record must outlive the read of its body, so the runtime removes the record once it has
+    /// read the body (or knows it never will), not at once. (A no-ack delivery of a message in
+    /// memory is in `Effects::removed` like any other removal.)
+    pub remove_record_after_read: bool,
+}
+
+/// Where a message is stored: the store log and the message's seq in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StoredAt {
+    /// The store log (a queue's, or a delayed-message exchange's).
+    pub log: u64,
+    /// The message's seq in that log.
+    pub seq: u64,
 }
 
 /// A message that left its queue for good: the runtime removes it from the store.
@@ -110,16 +124,15 @@ pub struct Removed {
     pub vhost: String,
     /// The queue.
     pub queue: String,
-    /// The store's queue id.
-    pub store_queue: Option<u64>,
-    /// The store's seq for it.
-    pub store_seq: Option<u64>,
+    /// Where the store holds it, if it is stored.
+    pub stored: Option<StoredAt>,
 }
 
 impl Removed {
     /// The message stored under `store_seq` in `queue`'s log left it.
     fn of(vhost: &str, queue: &Queue, store_seq: Option<u64>) -> Removed {
-        Removed { vhost: vhost.to_owned(), queue: queue.name.clone(), store_queue: queue.store_queue, store_seq }
+        let stored = queue.store_queue.zip(store_seq).map(|(log, seq)| StoredAt { log, seq });
+        Removed { vhost: vhost.to_owned(), queue: queue.name.clone(), stored }
     }
 }
 

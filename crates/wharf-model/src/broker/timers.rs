@@ -2,7 +2,7 @@
 //! messages) and what each does when it fires. The model reads no clock: the runtime reports
 //! the time (`set_now`) and calls `tick` when `next_timer_ms` is due.
 
-use super::{BrokerModel, EXPIRED_TAGS_PER_CHANNEL_MAX, Effects, Removed, dead_letter};
+use super::{BrokerModel, EXPIRED_TAGS_PER_CHANNEL_MAX, Effects, Removed, StoredAt, dead_letter};
 use crate::deadletter::{DeathReason, Transfer, TransferTarget};
 use crate::queue::{ChannelKey, Queue, Unused};
 use std::collections::BTreeSet;
@@ -184,8 +184,7 @@ impl BrokerModel {
                 source: Some(Removed {
                     vhost: vhost_name.to_owned(),
                     queue: exchange_name.to_owned(),
-                    store_queue,
-                    store_seq: entry.store_seq,
+                    stored: store_queue.zip(entry.store_seq).map(|(log, seq)| StoredAt { log, seq }),
                 }),
                 reason: None,
             });
