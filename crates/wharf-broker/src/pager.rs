@@ -8,7 +8,7 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use wharf_model::{BrokerModel, Delivery, PagedBody, StoredAt};
+use wharf_model::{Body, BrokerModel, Delivery, PagedBody, StoredAt};
 use wharf_store::{LogId, MessageLocation, Store, StoreError};
 
 /// Paging out: a durable queue holding more than `queue_body_memory_bytes_max` of bodies in
@@ -77,7 +77,7 @@ pub(crate) fn read_paged_body(store: &Store, paged: &PagedBody) -> Result<bytes:
 #[derive(Debug)]
 pub(crate) enum DeliveryBody {
     /// The message's own bytes, in memory.
-    Resident,
+    Resident(bytes::Bytes),
     /// A read of the message's record (its body was paged out).
     Paged(PagedRead),
 }
@@ -105,11 +105,11 @@ pub(crate) enum PagedReadFailure {
 /// Where a delivery's body comes from; for a paged no-ack delivery the model said its record is
 /// removed once read (`Delivery::remove_record_after_read`), and the read carries that out.
 pub(crate) fn delivery_body(store: &Store, delivery: &Delivery) -> DeliveryBody {
-    match delivery.message.paged {
-        None => DeliveryBody::Resident,
-        Some(paged) => DeliveryBody::Paged(PagedRead {
+    match &delivery.message.body {
+        Body::Resident { bytes, .. } => DeliveryBody::Resident(bytes.clone()),
+        Body::Paged(paged) => DeliveryBody::Paged(PagedRead {
             store: store.clone(),
-            paged,
+            paged: *paged,
             remove_after_read: delivery.store.filter(|_| delivery.remove_record_after_read),
         }),
     }

@@ -37,14 +37,13 @@ pub(crate) fn decode_message(meta: &[u8], body: Bytes) -> Option<Message> {
     let (&key_len, rest) = rest.split_first()?;
     let routing_key = rest.get(..key_len as usize)?;
     let raw_properties = &rest[key_len as usize..];
-    Some(Message {
-        exchange: String::from_utf8(exchange.to_vec()).ok()?,
-        routing_key: String::from_utf8(routing_key.to_vec()).ok()?,
-        properties: std::sync::Arc::new(decode_properties(raw_properties)?),
-        raw_properties: Bytes::copy_from_slice(raw_properties),
+    Some(Message::new(
+        String::from_utf8(exchange.to_vec()).ok()?,
+        String::from_utf8(routing_key.to_vec()).ok()?,
+        std::sync::Arc::new(decode_properties(raw_properties)?),
+        Bytes::copy_from_slice(raw_properties),
         body,
-        paged: None,
-    })
+    ))
 }
 
 /// Version byte at the start of a de-duplication key record's meta (the body is the key; the
@@ -92,14 +91,13 @@ mod tests {
     #[test]
     fn message_meta_round_trips() {
         let properties = BasicProperties::default().with_delivery_mode(2).with_message_id("id-1".into());
-        let message = Message {
-            exchange: "orders".into(),
-            routing_key: "order.received".into(),
-            raw_properties: encode_properties(&properties),
-            properties: properties.into(),
-            body: Bytes::from_static(b"{}"),
-            paged: None,
-        };
+        let message = Message::new(
+            "orders".into(),
+            "order.received".into(),
+            std::sync::Arc::new(properties.clone()),
+            encode_properties(&properties),
+            Bytes::from_static(b"{}"),
+        );
         let meta = encode_message_meta(&message);
         assert_eq!(decode_message(&meta, Bytes::from_static(b"{}")).unwrap(), message);
         assert!(decode_message(&[9, 0, 0], Bytes::new()).is_none(), "unknown version");

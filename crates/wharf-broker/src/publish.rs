@@ -74,7 +74,7 @@ impl Core {
         from_publisher: bool,
         placed: &mut Placed,
     ) {
-        if message.paged.is_some() {
+        if message.paged().is_some() {
             // Callers read a paged body back first (`transfer`); storing the empty body would
             // lose the message.
             tracing::error!(vhost, "a message without its body in memory cannot be placed");
@@ -140,6 +140,12 @@ impl Core {
         page_out: Option<PageOutTarget>,
         placed: &mut Placed,
     ) -> Option<u64> {
+        let Some(body) = message.bytes_in_memory() else {
+            // `place` and `publish` only store messages whose body is in memory.
+            tracing::error!(log, "a message without its body in memory cannot be stored");
+            placed.failed = true;
+            return None;
+        };
         let meta = meta.get_or_insert_with(|| persist::encode_message_meta(message));
         let now_ms = self.now_ms();
         let appended = match page_out {
@@ -150,7 +156,7 @@ impl Core {
                     LogId(log),
                     now_ms,
                     meta,
-                    &message.body,
+                    body,
                     Box::new(move |result| {
                         if let Ok(receipt) = result {
                             let location = receipt.location;
@@ -171,7 +177,7 @@ impl Core {
                     }),
                 )
             }
-            None => self.store.append(LogId(log), now_ms, meta, &message.body),
+            None => self.store.append(LogId(log), now_ms, meta, body),
         };
         match appended {
             Ok(pending) => {
@@ -257,7 +263,7 @@ impl Core {
     pub fn transfer(&self, transfers: Vec<Transfer>) {
         let mut pending: VecDeque<Transfer> = transfers.into();
         while let Some(mut transfer) = pending.pop_front() {
-            if let Some(paged) = transfer.message.paged {
+            if let Some(paged) = transfer.message.paged() {
                 // The source's record is live until the copies are durable, so it can be read.
                 match crate::pager::read_paged_body(&self.store, &paged) {
                     Ok(body) => transfer.message = Arc::new(transfer.message.with_body(body)),

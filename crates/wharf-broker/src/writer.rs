@@ -53,7 +53,7 @@ fn encode(
             let channel = delivery.channel.channel;
             let message = &delivery.message;
             let body = match body {
-                DeliveryBody::Resident => message.body.clone(),
+                DeliveryBody::Resident(bytes) => bytes,
                 DeliveryBody::Paged(read) => {
                     let left_the_model = read.left_the_model();
                     match read.read() {
@@ -109,9 +109,11 @@ fn encode(
                 exchange: message.exchange.as_str().into(),
                 routing_key: message.routing_key.as_str().into(),
             }));
+            // A returned publish was never stored, so its body is in memory.
+            let body = message.bytes_in_memory().cloned().unwrap_or_default();
             if encode_method(buffer, channel, &method).is_ok() {
-                encode_content_header(buffer, channel, message.body.len() as u64, &message.raw_properties);
-                encode_body(buffer, channel, &message.body, frame_max);
+                encode_content_header(buffer, channel, body.len() as u64, &message.raw_properties);
+                encode_body(buffer, channel, &body, frame_max);
             }
         }
         Outbound::CancelConsumer { channel, consumer_tag } => {

@@ -233,14 +233,13 @@ mod tests {
     use wharf_wire::protocol::BasicProperties;
 
     fn message(properties: BasicProperties) -> Message {
-        Message {
-            exchange: "orders".into(),
-            routing_key: "order.received".into(),
-            raw_properties: wharf_wire::frame::encode_properties(&properties),
-            properties: properties.into(),
-            body: Bytes::from_static(b"{}"),
-            paged: None,
-        }
+        Message::new(
+            "orders".into(),
+            "order.received".into(),
+            std::sync::Arc::new(properties.clone()),
+            wharf_wire::frame::encode_properties(&properties),
+            Bytes::from_static(b"{}"),
+        )
     }
 
     fn death(message: &Message, index: usize) -> FieldTable {
@@ -259,8 +258,8 @@ mod tests {
         let once = dead_lettered(&original, "email", DeathReason::Expired, 7_000, 0, "dlx", "dead");
         assert_eq!(once.exchange, "dlx");
         assert_eq!(once.routing_key, "dead");
-        assert!(once.properties.expiration().is_none());
-        assert_eq!(once.properties.message_id().as_ref().unwrap().as_str(), "m");
+        assert!(once.full_properties().expiration().is_none());
+        assert_eq!(once.message_id(), Some("m"));
         let entry = death(&once, 0);
         assert_eq!(entry.inner().get("count"), Some(&AMQPValue::LongLongInt(1)));
         assert_eq!(entry.inner().get("time"), Some(&AMQPValue::Timestamp(7)));

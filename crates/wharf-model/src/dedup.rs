@@ -35,7 +35,7 @@ impl DedupIndex {
     pub fn key_of(&self, message: &Message) -> Option<Vec<u8>> {
         match &self.settings.header {
             Some(header) => message.header_text(header).map(String::into_bytes),
-            None => message.properties.message_id().as_ref().map(|id| id.as_str().as_bytes().to_vec()),
+            None => message.message_id().map(|id| id.as_bytes().to_vec()),
         }
     }
 

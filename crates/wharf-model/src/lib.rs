@@ -26,7 +26,7 @@ pub use broker::{Admission, BrokerModel, Counters, DeletedQueue, Delivery, Effec
 pub use deadletter::{AutoDeadLetterQueue, DeathReason, Transfer, TransferTarget};
 pub use error::{ModelError, Result, Scope};
 pub use exchange::{Binding, Destination, Exchange, ExchangeKind};
-pub use message::{Message, PagedBody};
+pub use message::{Body, Message, PagedBody};
 pub use policy::{ApplyTo, Policy};
 pub use queue::{ChannelKey, ConnectionId, Entry, Queue};
 pub use settings::{ExchangeSettings, Overflow, QueueSettings};

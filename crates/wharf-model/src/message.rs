@@ -6,10 +6,11 @@ use std::sync::{Arc, OnceLock};
 use wharf_wire::protocol::BasicProperties;
 use wharf_wire::types::FieldTable;
 
-/// The empty properties every paged-out message shares (no allocation per message).
-fn no_properties() -> Arc<BasicProperties> {
-    static EMPTY: OnceLock<Arc<BasicProperties>> = OnceLock::new();
-    Arc::clone(EMPTY.get_or_init(|| Arc::new(BasicProperties::default())))
+/// The empty properties a paged-out message answers with if asked for its parsed ones (which
+/// callers must not do: they use [`Message::full_properties`]).
+fn no_properties() -> &'static BasicProperties {
+    static EMPTY: OnceLock<BasicProperties> = OnceLock::new();
+    EMPTY.get_or_init(BasicProperties::default)
 }
 
 /// A published message.
@@ -19,18 +20,28 @@ pub struct Message {
     pub exchange: String,
     /// Its routing key.
     pub routing_key: String,
-    /// Parsed properties (for routing on headers, persistence, ids). Empty for a paged-out
-    /// message, which keeps only `raw_properties`: what is read from the parsed properties
-    /// (TTL, keys, headers for routing) is taken before a message is paged out, and changes
-    /// (`with_header`, dead-lettering) go through [`Message::full_properties`].
-    pub properties: Arc<BasicProperties>,
     /// The properties exactly as received, delivered unchanged.
     pub raw_properties: Bytes,
-    /// The body; empty when the body is paged out to the store (see `paged`).
-    pub body: Bytes,
-    /// Set when the body is not held in memory: where the store keeps it. The runtime reads it
-    /// back to deliver or move the message.
-    pub paged: Option<PagedBody>,
+    /// The body and the parsed properties in memory, or where the store keeps the body.
+    pub body: Body,
+}
+
+/// Where a message's body is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Body {
+    /// In memory, with the parsed properties (for routing on headers, persistence, ids).
+    Resident {
+        /// Parsed properties. Changes (`with_header`, dead-lettering) go through
+        /// [`Message::full_properties`] and [`Message::with_properties`].
+        properties: Arc<BasicProperties>,
+        /// The body's bytes.
+        bytes: Bytes,
+    },
+    /// Paged out: neither the body nor the parsed properties are in memory (what is read from
+    /// the parsed properties, such as TTL, keys and headers for routing, is taken before a
+    /// message is paged out; [`Message::full_properties`] parses the raw ones again). The runtime
+    /// reads the body back to deliver or move the message.
+    Paged(PagedBody),
 }
 
 /// Where the store keeps a paged-out body: one queue's record of the message. The model does
@@ -39,7 +50,7 @@ pub struct Message {
 /// entry that was paged is in its queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PagedBody {
-    /// The store's queue log holding the record.
+    /// The store log holding the record.
     pub store_queue: u64,
     /// The record's segment in that log.
     pub segment_id: u64,
@@ -52,28 +63,64 @@ pub struct PagedBody {
 }
 
 impl Message {
+    /// A message with its body in memory.
+    pub fn new(
+        exchange: String,
+        routing_key: String,
+        properties: Arc<BasicProperties>,
+        raw_properties: Bytes,
+        bytes: Bytes,
+    ) -> Message {
+        Message { exchange, routing_key, raw_properties, body: Body::Resident { properties, bytes } }
+    }
+
+    /// The parsed properties of a resident message (see [`no_properties`] for a paged one).
+    fn parsed(&self) -> &BasicProperties {
+        match &self.body {
+            Body::Resident { properties, .. } => properties,
+            Body::Paged(_) => {
+                debug_assert!(false, "a paged-out message's properties are read with full_properties");
+                no_properties()
+            }
+        }
+    }
+
     /// `delivery_mode = 2`: the publisher asked for it to survive a restart (in durable queues).
     pub fn persistent(&self) -> bool {
-        debug_assert!(!self.properties_elided(), "a paged-out message's properties are read with full_properties");
-        self.properties.delivery_mode() == &Some(2)
+        self.parsed().delivery_mode() == &Some(2)
+    }
+
+    /// The `message-id` property, if any.
+    pub fn message_id(&self) -> Option<&str> {
+        self.parsed().message_id().as_ref().map(|id| id.as_str())
     }
 
     /// The message headers, if any.
     pub fn headers(&self) -> Option<&FieldTable> {
-        debug_assert!(!self.properties_elided(), "a paged-out message's properties are read with full_properties");
-        self.properties.headers().as_ref()
+        self.parsed().headers().as_ref()
     }
 
-    /// True for a paged-out message that keeps only its raw properties.
-    fn properties_elided(&self) -> bool {
-        self.paged.is_some() && Arc::ptr_eq(&self.properties, &no_properties())
+    /// Where the store keeps the body, if it is paged out.
+    pub fn paged(&self) -> Option<PagedBody> {
+        match &self.body {
+            Body::Resident { .. } => None,
+            Body::Paged(paged) => Some(*paged),
+        }
+    }
+
+    /// The body's bytes, if they are in memory.
+    pub fn bytes_in_memory(&self) -> Option<&Bytes> {
+        match &self.body {
+            Body::Resident { bytes, .. } => Some(bytes),
+            Body::Paged(_) => None,
+        }
     }
 
     /// Body size in bytes (whether it is held in memory or paged out).
     pub fn body_bytes(&self) -> u64 {
-        match &self.paged {
-            Some(paged) => paged.body_bytes,
-            None => self.body.len() as u64,
+        match &self.body {
+            Body::Resident { bytes, .. } => bytes.len() as u64,
+            Body::Paged(paged) => paged.body_bytes,
         }
     }
 
@@ -83,52 +130,39 @@ impl Message {
         self.clone().into_paged_out(paged)
     }
 
-    /// A paged-out stand-in made from its parts (what [`Message::into_paged_out`] returns).
-    pub(crate) fn paged_stand_in(
+    /// A paged-out message made from its parts (what [`Message::into_paged_out`] returns).
+    pub(crate) fn paged_from_parts(
         exchange: String,
         routing_key: String,
         raw_properties: Bytes,
         paged: PagedBody,
     ) -> Message {
-        Message {
-            exchange,
-            routing_key,
-            properties: no_properties(),
-            raw_properties,
-            body: Bytes::new(),
-            paged: Some(paged),
-        }
+        Message { exchange, routing_key, raw_properties, body: Body::Paged(paged) }
     }
 
     /// Like [`Message::paged_out`], reusing this message's allocations.
     pub fn into_paged_out(self, paged: PagedBody) -> Message {
-        Message::paged_stand_in(self.exchange, self.routing_key, self.raw_properties, paged)
+        Message::paged_from_parts(self.exchange, self.routing_key, self.raw_properties, paged)
     }
 
     /// The same message with its body (read back from the store) and its parsed properties in
     /// memory again.
-    pub fn with_body(&self, body: Bytes) -> Message {
-        Message {
-            exchange: self.exchange.clone(),
-            routing_key: self.routing_key.clone(),
-            properties: match self.full_properties() {
-                Cow::Borrowed(_) => Arc::clone(&self.properties),
-                Cow::Owned(properties) => Arc::new(properties),
-            },
-            raw_properties: self.raw_properties.clone(),
-            body,
-            paged: None,
-        }
+    pub fn with_body(&self, bytes: Bytes) -> Message {
+        let properties = match (&self.body, self.full_properties()) {
+            (Body::Resident { properties, .. }, Cow::Borrowed(_)) => Arc::clone(properties),
+            (_, properties) => Arc::new(properties.into_owned()),
+        };
+        Message::new(self.exchange.clone(), self.routing_key.clone(), properties, self.raw_properties.clone(), bytes)
     }
 
     /// The parsed properties, parsed again from the raw ones for a paged-out message.
     pub fn full_properties(&self) -> Cow<'_, BasicProperties> {
-        if self.paged.is_some()
-            && let Some(properties) = wharf_wire::frame::decode_properties(&self.raw_properties)
-        {
-            return Cow::Owned(properties);
+        match &self.body {
+            Body::Resident { properties, .. } => Cow::Borrowed(properties),
+            Body::Paged(_) => Cow::Owned(
+                wharf_wire::frame::decode_properties(&self.raw_properties).unwrap_or_else(|| no_properties().clone()),
+            ),
         }
-        Cow::Borrowed(&self.properties)
     }
 }
 
@@ -139,8 +173,7 @@ impl Message {
     /// The per-message TTL from the `expiration` property (a decimal number of milliseconds, as
     /// RabbitMQ reads it); `None` when absent or not a number.
     pub fn expiration_ms(&self) -> Option<u64> {
-        debug_assert!(!self.properties_elided(), "a paged-out message's properties are read with full_properties");
-        self.properties.expiration().as_ref().and_then(|text| text.as_str().trim().parse::<u64>().ok())
+        self.parsed().expiration().as_ref().and_then(|text| text.as_str().trim().parse::<u64>().ok())
     }
 
     /// The `x-delay` header (for a delayed-message exchange), in ms: an integer of any width or
@@ -161,15 +194,14 @@ impl Message {
     }
 
     /// The same message with its properties replaced (re-encoded for the wire).
+    /// A paged-out message stays paged out (its new raw properties are parsed again on demand).
     pub fn with_properties(&self, properties: BasicProperties) -> Message {
-        Message {
-            exchange: self.exchange.clone(),
-            routing_key: self.routing_key.clone(),
-            raw_properties: wharf_wire::frame::encode_properties(&properties),
-            properties: Arc::new(properties),
-            body: self.body.clone(),
-            paged: self.paged,
-        }
+        let raw_properties = wharf_wire::frame::encode_properties(&properties);
+        let body = match &self.body {
+            Body::Resident { bytes, .. } => Body::Resident { properties: Arc::new(properties), bytes: bytes.clone() },
+            Body::Paged(paged) => Body::Paged(*paged),
+        };
+        Message { exchange: self.exchange.clone(), routing_key: self.routing_key.clone(), raw_properties, body }
     }
 
     /// The same message with one header set.

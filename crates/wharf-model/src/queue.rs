@@ -231,7 +231,7 @@ impl Queue {
     /// Counts an entry that became ready or waiting.
     fn hold(&mut self, entry: &Entry) {
         self.held_bytes += entry.message.body_bytes();
-        if entry.message.paged.is_none() {
+        if entry.message.paged().is_none() {
             self.resident_bytes += entry.message.body_bytes();
         }
     }
@@ -239,7 +239,7 @@ impl Queue {
     /// Stops counting an entry that is no longer ready or waiting.
     fn unhold(&mut self, entry: &Entry) {
         self.held_bytes = self.held_bytes.saturating_sub(entry.message.body_bytes());
-        if entry.message.paged.is_none() {
+        if entry.message.paged().is_none() {
             self.resident_bytes = self.resident_bytes.saturating_sub(entry.message.body_bytes());
         }
     }
@@ -595,7 +595,7 @@ impl Queue {
         let pageable = |entry: &Entry| {
             entry.store_seq == Some(store_seq)
                 && paged.body_bytes == entry.message.body_bytes()
-                && entry.message.paged.is_none()
+                && entry.message.paged().is_none()
         };
         let paged_out = self.ready.page_out(id, paged, pageable)
             || match self.waiting.get_mut(&id) {

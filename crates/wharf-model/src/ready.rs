@@ -46,7 +46,7 @@ impl PackedEntry {
     /// Packs `entry` if it is paged out, has no ordering key and its names fit.
     fn pack(entry: &Entry) -> Option<PackedEntry> {
         let message = &entry.message;
-        let paged = message.paged?;
+        let paged = message.paged()?;
         if entry.order_key.is_some()
             || message.exchange.len() > PACKED_NAME_BYTES_MAX
             || message.routing_key.len() > PACKED_NAME_BYTES_MAX
@@ -70,7 +70,7 @@ impl PackedEntry {
     fn unpack(&self) -> Entry {
         let exchange_end = 1 + usize::from(self.envelope[0]);
         let routing_key_end = exchange_end + 1 + usize::from(self.envelope[exchange_end]);
-        let message = Message::paged_stand_in(
+        let message = Message::paged_from_parts(
             String::from_utf8_lossy(&self.envelope[1..exchange_end]).into_owned(),
             String::from_utf8_lossy(&self.envelope[exchange_end + 1..routing_key_end]).into_owned(),
             bytes::Bytes::copy_from_slice(&self.envelope[routing_key_end..]),
@@ -291,14 +291,13 @@ mod tests {
     use bytes::Bytes;
 
     fn entry(id: u64, paged: bool) -> Entry {
-        let message = Message {
-            exchange: "orders".to_owned(),
-            routing_key: format!("order.{id}"),
-            properties: Arc::new(wharf_wire::protocol::BasicProperties::default()),
-            raw_properties: Bytes::from_static(&[0x10, 0x00, 0x02]),
-            body: Bytes::from(vec![7u8; 10]),
-            paged: None,
-        };
+        let message = Message::new(
+            "orders".to_owned(),
+            format!("order.{id}"),
+            Arc::new(wharf_wire::protocol::BasicProperties::default()),
+            Bytes::from_static(&[0x10, 0x00, 0x02]),
+            Bytes::from(vec![7u8; 10]),
+        );
         let message = if paged {
             message.into_paged_out(PagedBody {
                 store_queue: 3,
@@ -443,8 +442,8 @@ mod tests {
         assert_eq!(ready.entries().len(), 3);
         for id in 1..=3 {
             let taken = ready.remove(id).expect("present");
-            assert_eq!(taken.message.paged, Some(location));
-            assert!(taken.message.body.is_empty());
+            assert_eq!(taken.message.paged(), Some(location));
+            assert!(taken.message.bytes_in_memory().is_none());
         }
         assert_eq!(ready.delivery_counts().count(), 0);
     }

@@ -20,14 +20,13 @@ fn key(connection: u64, channel: u16) -> ChannelKey {
 }
 
 fn message(body: &str) -> Arc<Message> {
-    Arc::new(Message {
-        exchange: String::new(),
-        routing_key: "q".into(),
-        properties: BasicProperties::default().into(),
-        raw_properties: Bytes::new(),
-        body: Bytes::from(body.to_owned()),
-        paged: None,
-    })
+    Arc::new(Message::new(
+        String::new(),
+        "q".into(),
+        std::sync::Arc::new(BasicProperties::default()),
+        Bytes::new(),
+        Bytes::from(body.to_owned()),
+    ))
 }
 
 /// Declares a queue on connection 1 (the model's rules apply; panics if refused).
@@ -60,7 +59,11 @@ fn broker_with_queue(name: &str) -> CheckedBroker {
 }
 
 fn bodies(effects: &Effects) -> Vec<String> {
-    effects.deliveries.iter().map(|delivery| String::from_utf8(delivery.message.body.to_vec()).unwrap()).collect()
+    effects
+        .deliveries
+        .iter()
+        .map(|delivery| String::from_utf8(delivery.message.bytes_in_memory().unwrap().to_vec()).unwrap())
+        .collect()
 }
 
 #[test]
@@ -115,7 +118,7 @@ fn nack_requeues_in_place_marked_redelivered_and_reject_discards() {
     broker.reject(channel, first.delivery_tag, false, true).unwrap();
     let (again, _) = broker.get(channel, "q", false).unwrap();
     let again = again.unwrap();
-    assert_eq!(again.message.body, "m0", "requeued at its original place, ahead of m1");
+    assert_eq!(again.message.bytes_in_memory().unwrap(), "m0", "requeued at its original place, ahead of m1");
     assert!(again.redelivered);
     assert_eq!(again.delivery_count, 2);
     let effects = broker.reject(channel, again.delivery_tag, false, false).unwrap();
@@ -239,7 +242,7 @@ proptest! {
         let mut prefetch: BTreeMap<u16, (u64, u16)> = BTreeMap::new();
         let mut generation = 0u64;
         let mut by_consumer: BTreeMap<u16, BTreeMap<u64, u64>> = BTreeMap::new();
-        let number = |message: &Message| String::from_utf8(message.body.to_vec()).unwrap().parse::<u64>().unwrap();
+        let number = |message: &Message| String::from_utf8(message.bytes_in_memory().unwrap().to_vec()).unwrap().parse::<u64>().unwrap();
         let apply = |effects: Effects,
                      outstanding: &mut BTreeMap<u16, BTreeMap<u64, u64>>,
                      removed: &mut BTreeMap<u64, u32>,
@@ -402,8 +405,8 @@ fn paging_out_drops_only_the_named_ready_body_and_keeps_its_size_for_limits() {
     let (_, effects) = broker.consume(key(1, 1), "q", "c", false, false).unwrap();
     assert_eq!(effects.deliveries.len(), 2);
     let delivery = &effects.deliveries[1];
-    assert!(delivery.message.body.is_empty());
-    assert_eq!(delivery.message.paged, Some(paged(7)));
+    assert!(delivery.message.bytes_in_memory().is_none());
+    assert_eq!(delivery.message.paged(), Some(paged(7)));
     assert_eq!(delivery.message.body_bytes(), 7);
     assert_eq!(wharf_model::broker::delivery_bytes(&delivery.message), 7);
     // An unacknowledged entry is not ready: a late page-out of it does nothing.

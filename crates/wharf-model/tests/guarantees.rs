@@ -19,14 +19,13 @@ fn key(connection: u64, channel: u16) -> ChannelKey {
 }
 
 fn message_with(body: &str, properties: BasicProperties) -> Arc<Message> {
-    Arc::new(Message {
-        exchange: String::new(),
-        routing_key: "q".into(),
-        raw_properties: wharf_wire::frame::encode_properties(&properties),
-        properties: properties.into(),
-        body: Bytes::from(body.to_owned()),
-        paged: None,
-    })
+    Arc::new(Message::new(
+        String::new(),
+        "q".into(),
+        std::sync::Arc::new(properties.clone()),
+        wharf_wire::frame::encode_properties(&properties),
+        Bytes::from(body.to_owned()),
+    ))
 }
 
 fn keyed(body: &str, order_key: &str) -> Arc<Message> {
@@ -63,7 +62,11 @@ fn declare(broker: &mut CheckedBroker, name: &str, arguments: FieldTable) {
 }
 
 fn bodies(effects: &Effects) -> Vec<String> {
-    effects.deliveries.iter().map(|delivery| String::from_utf8(delivery.message.body.to_vec()).unwrap()).collect()
+    effects
+        .deliveries
+        .iter()
+        .map(|delivery| String::from_utf8(delivery.message.bytes_in_memory().unwrap().to_vec()).unwrap())
+        .collect()
 }
 
 #[test]
@@ -334,7 +337,7 @@ impl Harness {
                 // for what was paged out before the crash.
                 let id = entry.store_seq.unwrap();
                 let whole = Arc::clone(&originals[&id]);
-                match entry.message.paged {
+                match entry.message.paged() {
                     Some(paged) => {
                         queue.enqueue_recovered_paged(
                             (*whole).clone(),
@@ -430,15 +433,15 @@ proptest! {
                     let (delivery, effects) = harness.broker.get(harness.channel, "q", false).unwrap();
                     let got = delivery.map(|delivery| {
                         let id = delivery.store.unwrap().seq;
-                        match delivery.message.paged {
+                        match delivery.message.paged() {
                             // A paged-out delivery names its record, and keeps its properties.
                             Some(paged) => {
                                 assert_eq!(paged, paged_body(id, harness.originals[&id].body_bytes()));
                                 let properties = delivery.message.full_properties();
-                                let original = &harness.originals[&id].properties;
+                                let original = harness.originals[&id].full_properties();
                                 assert_eq!(properties.expiration(), original.expiration());
                             }
-                            None => assert_eq!(delivery.message.body, harness.originals[&id].body),
+                            None => assert_eq!(delivery.message.bytes_in_memory(), harness.originals[&id].bytes_in_memory()),
                         }
                         let lease_due = lease_ms.map(|lease| now + lease);
                         harness.outstanding.push(Held { tag: delivery.delivery_tag, id, lease_due, expired: false });

@@ -160,15 +160,14 @@ impl Session {
 }
 
 fn message_from(publish: &basic::Publish, header: &ContentHeader, body: Bytes) -> Message {
-    Message {
-        exchange: publish.exchange.as_str().to_owned(),
-        routing_key: publish.routing_key.as_str().to_owned(),
-        properties: Arc::new(header.properties.clone()),
+    Message::new(
+        publish.exchange.as_str().to_owned(),
+        publish.routing_key.as_str().to_owned(),
+        Arc::new(header.properties.clone()),
         // Copied out of the connection's read buffer (see `content_body`).
-        raw_properties: Bytes::copy_from_slice(&header.raw_properties),
+        Bytes::copy_from_slice(&header.raw_properties),
         body,
-        paged: None,
-    }
+    )
 }
 
 fn unexpected_content(channel: u16) -> Stop {

@@ -132,7 +132,7 @@ impl BrokerModel {
 /// from the store at once; a paged-out one once its body was read for the delivery (the delivery
 /// says so), so its record cannot be deleted before the read.
 fn remove_no_ack(vhost: &str, queue: &Queue, store_seq: Option<u64>, delivery: &mut Delivery, effects: &mut Effects) {
-    if delivery.message.paged.is_some() && delivery.store.is_some() {
+    if delivery.message.paged().is_some() && delivery.store.is_some() {
         delivery.remove_record_after_read = true;
     } else {
         effects.removed.push(Removed::of(vhost, queue, store_seq));

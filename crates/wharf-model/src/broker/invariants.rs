@@ -210,14 +210,13 @@ mod tests {
     const CHANNEL: ChannelKey = ChannelKey { connection: ConnectionId(1), channel: 1 };
 
     fn message(body: &str) -> Arc<Message> {
-        Arc::new(Message {
-            exchange: String::new(),
-            routing_key: "q".into(),
-            properties: BasicProperties::default().into(),
-            raw_properties: Bytes::new(),
-            body: Bytes::from(body.to_owned()),
-            paged: None,
-        })
+        Arc::new(Message::new(
+            String::new(),
+            "q".into(),
+            std::sync::Arc::new(BasicProperties::default()),
+            Bytes::new(),
+            Bytes::from(body.to_owned()),
+        ))
     }
 
     /// A broker with a queue `q`, a consumer on it holding one delivery, and a message fetched

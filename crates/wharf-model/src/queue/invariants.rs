@@ -62,7 +62,7 @@ impl Queue {
         let held = ready.iter().chain(self.waiting.values());
         let (held_bytes, resident_bytes) = held.fold((0, 0), |(held_bytes, resident_bytes), entry| {
             let body_bytes = entry.message.body_bytes();
-            let resident = if entry.message.paged.is_none() { body_bytes } else { 0 };
+            let resident = if entry.message.paged().is_none() { body_bytes } else { 0 };
             (held_bytes + body_bytes, resident_bytes + resident)
         });
         assert_eq!(
@@ -235,14 +235,13 @@ mod tests {
         let mut headers = FieldTable::default();
         headers.insert("k".into(), AMQPValue::LongString(LongString::from(order_key.as_bytes().to_vec())));
         let properties = BasicProperties::default().with_headers(headers).with_expiration("60000".into());
-        Arc::new(Message {
-            exchange: String::new(),
-            routing_key: "orders".into(),
-            raw_properties: wharf_wire::frame::encode_properties(&properties),
-            properties: Arc::new(properties),
-            body: Bytes::from(body.to_owned()),
-            paged: None,
-        })
+        Arc::new(Message::new(
+            String::new(),
+            "orders".into(),
+            std::sync::Arc::new(properties.clone()),
+            wharf_wire::frame::encode_properties(&properties),
+            Bytes::from(body.to_owned()),
+        ))
     }
 
     /// A queue that has been through every move: delivered, requeued, held for backoff, woken.
