@@ -228,12 +228,6 @@ pub async fn next(consumer: &mut lapin::Consumer) -> lapin::message::Delivery {
         .expect("delivery error")
 }
 
-/// True if the consumer gets no delivery within `window` (for "not before its time" checks).
-pub async fn nothing_within(consumer: &mut lapin::Consumer, window: std::time::Duration) -> bool {
-    use futures_lite::StreamExt;
-    tokio::time::timeout(window, consumer.next()).await.is_err()
-}
-
 /// The number of ready messages in `queue` (waiting out a backoff or behind their key included),
 /// by a passive declare, which does not count as use of the queue (`x-expires` is unaffected).
 pub async fn message_count(channel: &lapin::Channel, queue: &str) -> u32 {
