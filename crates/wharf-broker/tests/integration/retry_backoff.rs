@@ -38,6 +38,9 @@ async fn each_requeue_waits_its_step_and_other_messages_keep_flowing() {
             assert_eq!(other.data, b"other");
             other.ack(BasicAckOptions::default()).await.unwrap();
         }
+        // The nack has no reply: a round trip makes sure it was handled (its step started) before
+        // the clock moves.
+        assert_eq!(message_count(&channel, "work").await, 1, "attempt {attempt}: waiting");
         advance(broker.broker(), &clock, step_ms - 1).await;
         assert!(nothing_received(&channel, "work", &mut work).await, "attempt {attempt}: back before its step");
         assert_eq!(message_count(&channel, "work").await, 1, "attempt {attempt}: still waiting");
