@@ -1,7 +1,8 @@
 //! Broker-side de-duplication (`x-deduplication`, `-ttl`, `-header`) on queues and exchanges: a
 //! publish whose key was seen within the window is confirmed but not enqueued again, and counted;
 //! the key outlives the message; keys survive a power loss right after the confirm and a restart,
-//! and expire after the window.
+//! and expire after the window (crossed on the test's [`ManualClock`], checked one millisecond
+//! before and at its end).
 
 use crate::common;
 
@@ -9,7 +10,8 @@ use common::*;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, ExchangeKind};
-use std::time::Duration;
+use std::sync::Arc;
+use wharf_broker::ManualClock;
 use wharf_store::CrashMode;
 
 fn with_id(id: &str) -> BasicProperties {
@@ -55,14 +57,16 @@ async fn a_duplicate_is_confirmed_but_not_enqueued_even_after_the_first_was_acke
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_header_can_be_the_key_and_keys_expire_after_the_window() {
-    let broker = TestBroker::start().await;
+    const WINDOW_MS: u64 = 600_000;
+    let clock = Arc::new(ManualClock::starting_now());
+    let broker = TestBroker::start_on(&clock).await;
     let connection = broker.connect().await;
     let channel = confirm_channel(&connection).await;
     let header = AMQPValue::LongString(LongString::from(b"order-id".to_vec()));
     durable_queue(
         &channel,
         "orders",
-        dedup(&[("x-deduplication-header", header), ("x-deduplication-ttl", AMQPValue::LongInt(300))]),
+        dedup(&[("x-deduplication-header", header), ("x-deduplication-ttl", AMQPValue::LongInt(WINDOW_MS as i32))]),
     )
     .await;
     let keyed =
@@ -70,10 +74,16 @@ async fn a_header_can_be_the_key_and_keys_expire_after_the_window() {
     assert!(publish_confirmed(&channel, "", "orders", b"a", keyed(7)).await);
     assert!(publish_confirmed(&channel, "", "orders", b"b", keyed(7)).await);
     assert_eq!(count(&channel, "orders").await, 1);
-    // The window is 300 ms: once it has passed the key is new again.
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    // The window runs from when the key was first seen: its last millisecond still catches a
+    // copy (a copy does not extend it).
+    advance(broker.broker(), &clock, WINDOW_MS - 1).await;
+    assert!(publish_confirmed(&channel, "", "orders", b"b again", keyed(7)).await);
+    assert_eq!(count(&channel, "orders").await, 1, "a copy one millisecond before the window ends is dropped");
+    // Once the window has passed the key is new again.
+    advance(broker.broker(), &clock, 1).await;
     assert!(publish_confirmed(&channel, "", "orders", b"c", keyed(7)).await);
     assert_eq!(count(&channel, "orders").await, 2);
+    assert_eq!(broker.broker().counters().duplicates_dropped, 2);
     broker.stop().await;
 }
 
@@ -166,7 +176,9 @@ async fn a_refused_publish_leaves_no_key_behind() {
 async fn a_dead_letter_coming_back_is_not_a_duplicate() {
     // work (de-duplicating) --rejected--> retry (TTL) --expired--> work: the retry loop must
     // bring the message back, not drop it as a duplicate of itself.
-    let broker = TestBroker::start().await;
+    const RETRY_MS: u64 = 60_000;
+    let clock = Arc::new(ManualClock::starting_now());
+    let broker = TestBroker::start_on(&clock).await;
     let connection = broker.connect().await;
     let channel = confirm_channel(&connection).await;
     for name in ["to-retry", "to-work"] {
@@ -182,10 +194,15 @@ async fn a_dead_letter_coming_back_is_not_a_duplicate() {
     }
     let text = |value: &str| AMQPValue::LongString(LongString::from(value.as_bytes().to_vec()));
     durable_queue(&channel, "work", dedup(&[("x-dead-letter-exchange", text("to-retry"))])).await;
+    // A minute in the retry queue: well within the 24-hour default window, so the key is still
+    // remembered when the message comes back.
     durable_queue(
         &channel,
         "retry",
-        arguments(&[("x-dead-letter-exchange", text("to-work")), ("x-message-ttl", AMQPValue::LongInt(50))]),
+        arguments(&[
+            ("x-dead-letter-exchange", text("to-work")),
+            ("x-message-ttl", AMQPValue::LongInt(RETRY_MS as i32)),
+        ]),
     )
     .await;
     channel
@@ -199,6 +216,10 @@ async fn a_dead_letter_coming_back_is_not_a_duplicate() {
     assert!(publish_confirmed(&channel, "", "work", b"job", with_id("job-1")).await);
     let mut work = consumer(&channel, "work").await;
     next(&mut work).await.reject(BasicRejectOptions { requeue: false }).await.unwrap();
+    // The round trip makes sure the reject was handled (the message is in "retry") before the
+    // clock moves.
+    assert_eq!(count(&channel, "retry").await, 1);
+    advance(broker.broker(), &clock, RETRY_MS).await;
     let back = next(&mut work).await;
     assert_eq!(back.data, b"job");
     assert_eq!(back.properties.message_id().as_ref().unwrap().as_str(), "job-1");

@@ -1,7 +1,8 @@
 //! TTLs and length limits: per-message `expiration` and `x-message-ttl` (expired messages are
 //! dead-lettered with reason `expired`, also when they expired while the broker was down),
 //! `x-expires` on unused queues, `x-max-length` / `x-max-length-bytes` with `drop-head`,
-//! `reject-publish` and `reject-publish-dlx`.
+//! `reject-publish` and `reject-publish-dlx`. Time is the test's [`ManualClock`]: each deadline is
+//! checked one millisecond before and at the deadline, and a broker that is down lets it pass.
 
 use crate::common;
 
@@ -9,7 +10,8 @@ use common::*;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, ExchangeKind};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use wharf_broker::ManualClock;
 use wharf_store::CrashMode;
 
 fn text(value: &str) -> AMQPValue {
@@ -44,39 +46,46 @@ async fn count(channel: &lapin::Channel, queue: &str) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_messages_are_dead_lettered_with_their_original_expiration() {
-    let broker = TestBroker::start().await;
+    const EXPIRATION_MS: u64 = 30_000;
+    let clock = Arc::new(ManualClock::starting_now());
+    let broker = TestBroker::start_on(&clock).await;
     let connection = broker.connect().await;
     let channel = confirm_channel(&connection).await;
     declare_dead(&channel).await;
+    // The queue's own TTL (an hour) is far beyond the message's: only the message's applies here.
     durable_queue(
         &channel,
         "work",
-        arguments(&[("x-message-ttl", AMQPValue::LongInt(60_000)), ("x-dead-letter-exchange", text("dlx"))]),
+        arguments(&[("x-message-ttl", AMQPValue::LongInt(3_600_000)), ("x-dead-letter-exchange", text("dlx"))]),
     )
     .await;
-    let published_at = Instant::now();
-    assert!(
-        publish_confirmed(&channel, "", "work", b"short", BasicProperties::default().with_expiration("150".into()))
-            .await
-    );
+    let short = BasicProperties::default().with_expiration(EXPIRATION_MS.to_string().into());
+    assert!(publish_confirmed(&channel, "", "work", b"short", short).await);
     assert!(publish_confirmed(&channel, "", "work", b"long", BasicProperties::default()).await);
+
+    advance(broker.broker(), &clock, EXPIRATION_MS - 1).await;
+    assert_eq!(count(&channel, "work").await, 2, "one millisecond before its expiration both are there");
+    assert_eq!(count(&channel, "dead").await, 0);
+
+    advance(broker.broker(), &clock, 1).await;
     let mut dead = consumer(&channel, "dead").await;
     let expired = next(&mut dead).await;
-    assert!(published_at.elapsed() >= Duration::from_millis(150));
     assert_eq!(expired.data, b"short");
     assert!(expired.properties.expiration().is_none(), "the copy does not expire again");
     let death = &x_death(&expired.properties)[0];
     assert_eq!(header_text(death, "reason").as_deref(), Some("expired"));
-    assert_eq!(header_text(death, "original-expiration").as_deref(), Some("150"));
+    assert_eq!(header_text(death, "original-expiration").as_deref(), Some("30000"));
     assert_eq!(count(&channel, "work").await, 1, "the other message is still there");
-    assert_eq!(broker.broker.as_ref().unwrap().counters().expired, 1);
+    assert_eq!(broker.broker().counters().expired, 1);
     broker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_expired_while_the_broker_was_down_is_never_delivered() {
-    let mut broker = CrashableBroker::start(61, |_| {}).await;
-    let published_at;
+    const TTL_MS: u64 = 300_000;
+    // The clock lives here, not in the broker: it goes on across the crashes.
+    let clock = Arc::new(ManualClock::starting_now());
+    let mut broker = CrashableBroker::start(61, on_clock(&clock)).await;
     {
         let connection = broker.connect().await;
         let channel = confirm_channel(&connection).await;
@@ -84,15 +93,22 @@ async fn a_message_that_expired_while_the_broker_was_down_is_never_delivered() {
         durable_queue(
             &channel,
             "work",
-            arguments(&[("x-message-ttl", AMQPValue::LongInt(300)), ("x-dead-letter-exchange", text("dlx"))]),
+            arguments(&[("x-message-ttl", AMQPValue::LongInt(TTL_MS as i32)), ("x-dead-letter-exchange", text("dlx"))]),
         )
         .await;
-        published_at = tokio::time::Instant::now();
         assert!(publish_confirmed(&channel, "", "work", b"stale", BasicProperties::default()).await);
-        broker.crash(CrashMode::LoseUnsynced).await;
+        // Down for all but the last millisecond of its TTL: it is recovered, still due later.
+        broker.crash_for(CrashMode::LoseUnsynced, &clock, TTL_MS - 1).await;
     }
-    // Let its time run out (the broker measures from when it was published, not from restart).
-    tokio::time::sleep_until(published_at + Duration::from_millis(350)).await;
+    {
+        let connection = broker.connect().await;
+        let channel = connection.create_channel().await.unwrap();
+        assert_eq!(count(&channel, "work").await, 1, "one millisecond before its TTL it is still there");
+        assert_eq!(count(&channel, "dead").await, 0);
+        // Down for one more millisecond: only a millisecond after this broker started, but the
+        // broker measures from when the message was published, not from its restart.
+        broker.crash_for(CrashMode::LoseUnsynced, &clock, 1).await;
+    }
     let connection = broker.connect().await;
     let channel = connection.create_channel().await.unwrap();
     let got = channel.basic_get("work".into(), BasicGetOptions { no_ack: true }).await.unwrap();
@@ -106,37 +122,41 @@ async fn a_message_that_expired_while_the_broker_was_down_is_never_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unused_queue_expires_and_a_used_one_does_not() {
-    let broker = TestBroker::start().await;
+    const EXPIRES_MS: u64 = 1_800_000;
+    let clock = Arc::new(ManualClock::starting_now());
+    let broker = TestBroker::start_on(&clock).await;
     let connection = broker.connect().await;
     let channel = connection.create_channel().await.unwrap();
-    let expires = arguments(&[("x-expires", AMQPValue::LongInt(200))]);
+    let expires = arguments(&[("x-expires", AMQPValue::LongInt(EXPIRES_MS as i32))]);
     channel.queue_declare("temp".into(), QueueDeclareOptions::default(), expires.clone()).await.unwrap();
     channel.queue_declare("watched".into(), QueueDeclareOptions::default(), expires).await.unwrap();
     let _watching = consumer(&channel, "watched").await;
-    let started = Instant::now();
-    loop {
-        let probe = connection.create_channel().await.unwrap();
-        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-        match probe.queue_declare("temp".into(), passive, FieldTable::default()).await {
-            Ok(_) => assert!(started.elapsed() < PATIENCE, "the unused queue never expired"),
-            Err(error) => {
-                assert_eq!(reply_code(&error), Some(404));
-                assert!(started.elapsed() >= Duration::from_millis(200), "expired early");
-                break;
+    // A passive declare does not count as use, so probing does not move the deadline; a failed
+    // one closes its channel, so each probe gets its own.
+    let exists = |queue: &'static str| {
+        let connection = &connection;
+        async move {
+            let probe = connection.create_channel().await.unwrap();
+            let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+            match probe.queue_declare(queue.into(), passive, FieldTable::default()).await {
+                Ok(_) => true,
+                Err(error) => {
+                    assert_eq!(reply_code(&error), Some(404), "{error}");
+                    false
+                }
             }
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    // The queue with a consumer is in use: still there.
-    let probe = connection.create_channel().await.unwrap();
-    probe
-        .queue_declare(
-            "watched".into(),
-            QueueDeclareOptions { passive: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    };
+
+    advance(broker.broker(), &clock, EXPIRES_MS - 1).await;
+    assert!(exists("temp").await, "expired early");
+
+    advance(broker.broker(), &clock, 1).await;
+    assert!(!exists("temp").await, "the unused queue did not expire at its deadline");
+    // The queue with a consumer is in use: still there at the deadline, and long after it.
+    assert!(exists("watched").await);
+    advance(broker.broker(), &clock, 10 * EXPIRES_MS).await;
+    assert!(exists("watched").await);
     broker.stop().await;
 }
 

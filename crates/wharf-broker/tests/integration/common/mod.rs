@@ -1,10 +1,11 @@
 //! Helpers for the broker's integration tests: a real broker on 127.0.0.1:0 over a temporary data
-//! directory, and lapin clients connected to it.
+//! directory, lapin clients connected to it, and a manual clock for the time-driven features.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use lapin::{Connection, ConnectionProperties};
 use std::path::{Path, PathBuf};
-use wharf_broker::{Broker, BrokerConfig};
+use std::sync::Arc;
+use wharf_broker::{Broker, BrokerConfig, ManualClock};
 
 /// A broker and the directory it keeps its data in.
 pub struct TestBroker {
@@ -27,6 +28,11 @@ impl TestBroker {
         TestBroker { broker: Some(broker), data_dir, _temp: Some(temp) }
     }
 
+    /// A broker whose time moves only when the test advances `clock` (see [`advance`]).
+    pub async fn start_on(clock: &Arc<ManualClock>) -> TestBroker {
+        TestBroker::start_with(on_clock(clock)).await
+    }
+
     pub async fn start_with(configure: impl FnOnce(&mut BrokerConfig)) -> TestBroker {
         let temp = tempfile::tempdir().unwrap();
         let data_dir = temp.path().join("data");
@@ -36,8 +42,12 @@ impl TestBroker {
         TestBroker { broker: Some(broker), data_dir, _temp: Some(temp) }
     }
 
+    pub fn broker(&self) -> &Broker {
+        self.broker.as_ref().unwrap()
+    }
+
     pub fn url(&self) -> String {
-        format!("amqp://guest:guest@{}/%2f", self.broker.as_ref().unwrap().local_addr())
+        format!("amqp://guest:guest@{}/%2f", self.broker().local_addr())
     }
 
     pub async fn connect(&self) -> Connection {
@@ -107,12 +117,24 @@ impl CrashableBroker {
 
     /// Crashes the broker (nothing more reaches the disk) and starts a new one on what survived.
     pub async fn crash(&mut self, mode: wharf_store::CrashMode) {
+        self.crash_down(mode).await;
+        self.broker = Some(Self::boot(&self.fs, &self.configure).await);
+    }
+
+    /// Like [`CrashableBroker::crash`], with `down_ms` passing on `clock` while no broker runs
+    /// (the broker must be on that clock): what falls due meanwhile is the new broker's to find.
+    pub async fn crash_for(&mut self, mode: wharf_store::CrashMode, clock: &ManualClock, down_ms: u64) {
+        self.crash_down(mode).await;
+        clock.advance(down_ms);
+        self.broker = Some(Self::boot(&self.fs, &self.configure).await);
+    }
+
+    async fn crash_down(&mut self, mode: wharf_store::CrashMode) {
         self.fs.crash(mode);
         if let Some(broker) = self.broker.take() {
             broker.shutdown().await;
         }
         self.fs = self.fs.remount();
-        self.broker = Some(Self::boot(&self.fs, &self.configure).await);
     }
 
     /// Stops the broker cleanly and starts it again.
@@ -206,10 +228,36 @@ pub async fn next(consumer: &mut lapin::Consumer) -> lapin::message::Delivery {
         .expect("delivery error")
 }
 
-/// True if the consumer gets no delivery within `window` (for "not before its time" checks).
-pub async fn nothing_within(consumer: &mut lapin::Consumer, window: std::time::Duration) -> bool {
+/// The number of ready messages in `queue` (waiting out a backoff or behind their key included),
+/// by a passive declare, which does not count as use of the queue (`x-expires` is unaffected).
+pub async fn message_count(channel: &lapin::Channel, queue: &str) -> u32 {
+    let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+    channel.queue_declare(queue.into(), passive, lapin::types::FieldTable::default()).await.unwrap().message_count()
+}
+
+/// True if the broker has sent `consumer` nothing so far, found without waiting: a round trip on
+/// `channel` (a passive declare of `queue`) comes back after anything the broker had queued to the
+/// connection before (one writer per connection, in order), and lapin hands a delivery to its
+/// consumer before it reads the next frame. So `channel` must be on the consumer's connection.
+pub async fn nothing_received(channel: &lapin::Channel, queue: &str, consumer: &mut lapin::Consumer) -> bool {
     use futures_lite::StreamExt;
-    tokio::time::timeout(window, consumer.next()).await.is_err()
+    message_count(channel, queue).await;
+    futures_lite::future::poll_once(consumer.next()).await.is_none()
+}
+
+/// A configure closure that puts `clock` into the broker's configuration: for
+/// `TestBroker::start_with` and for `CrashableBroker::start`, where every broker after a crash or
+/// restart gets the same clock, so time goes on across them.
+pub fn on_clock(clock: &Arc<ManualClock>) -> impl Fn(&mut BrokerConfig) + Send + Sync + 'static {
+    let clock = Arc::clone(clock);
+    move |config| config.clock = Arc::clone(&clock) as Arc<dyn wharf_broker::Clock>
+}
+
+/// Moves `clock` forward by `duration_ms` and returns once `broker` has fired every timer due by
+/// then (a delivery that causes is already queued to its connection).
+pub async fn advance(broker: &Broker, clock: &ManualClock, duration_ms: u64) {
+    clock.advance(duration_ms);
+    broker.fire_due_timers().await;
 }
 
 /// Publishes a persistent message on a confirm-mode channel and returns whether it was acked.
