@@ -12,17 +12,32 @@
 #       time until the queue serves again, drain it
 #
 # Settings (environment): ROUNDS (3), DURATION_S (10, per S1-S4 run), S5_MESSAGES (1000000),
-# SCENARIOS ("S1 S2 S3 S4 S5"), OUT (results file; default in a temporary directory).
-# Usage: bench/compare.sh   (installs rabbitmq-server with apt-get if it is missing; run as root)
+# SCENARIOS ("S1 S2 S3 S4 S5"), OUT (results file; default in a temporary directory),
+# TARGETS ("wharf classic quorum"; add "baseline" to compare with another Wharf build),
+# WHARF_BASELINE (the other build's `wharf` binary, for the "baseline" target: a before/after
+# pair measured in one run, e.g. TARGETS="wharf baseline" SCENARIOS="S1 S4").
+# Usage: bench/compare.sh   (installs rabbitmq-server with apt-get if it is missing and a RabbitMQ
+# target is asked for; run as root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 DURATION_S=${DURATION_S:-10}
 S5_MESSAGES=${S5_MESSAGES:-1000000}
 SCENARIOS=${SCENARIOS:-"S1 S2 S3 S4 S5"}
+TARGETS=${TARGETS:-"wharf classic quorum"}
+wants() { echo "$TARGETS" | grep -qw "$1"; }
+wants_rabbit() { wants classic || wants quorum; }
+if wants baseline && [ ! -x "${WHARF_BASELINE:-}" ]; then
+  echo "TARGETS names baseline: set WHARF_BASELINE to the other build's wharf binary" >&2
+  exit 2
+fi
+if wants baseline && echo "$SCENARIOS" | grep -qw S5; then
+  echo "the baseline target runs S1-S4 only" >&2
+  exit 2
+fi
 
 rabbit_server=/usr/lib/rabbitmq/bin/rabbitmq-server
-if [ ! -x "$rabbit_server" ]; then
+if wants_rabbit && [ ! -x "$rabbit_server" ]; then
   echo "installing rabbitmq-server from Debian" >&2
   DEBIAN_FRONTEND=noninteractive apt-get install -y rabbitmq-server >/dev/null \
     || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y rabbitmq-server >/dev/null; }
@@ -58,6 +73,17 @@ start_wharf() {
 }
 stop_wharf() { kill -TERM "$wharf_pid" 2>/dev/null || true; wait "$wharf_pid" 2>/dev/null || true; }
 
+# start_baseline DIR -> sets baseline_pid, baseline_url (the other Wharf build)
+start_baseline() {
+  local port
+  port=$(free_port)
+  "$WHARF_BASELINE" serve --amqp-listen "127.0.0.1:$port" --data-dir "$1" --log warn 2>>"$work/baseline.log" &
+  baseline_pid=$!
+  baseline_url="amqp://guest:guest@127.0.0.1:$port/%2f"
+  wait_port "$port"
+}
+stop_baseline() { kill -TERM "$baseline_pid" 2>/dev/null || true; wait "$baseline_pid" 2>/dev/null || true; }
+
 # launch_rabbit DIR PORT -> sets rabbit_pid, rabbit_url (a fresh node unless DIR holds one); does
 # not wait for it to listen.
 launch_rabbit() {
@@ -82,6 +108,7 @@ stop_rabbit() {
 }
 cleanup() {
   [ -n "${wharf_pid:-}" ] && stop_wharf
+  [ -n "${baseline_pid:-}" ] && stop_baseline
   [ -n "${rabbit_pid:-}" ] && stop_rabbit
   return 0
 }
@@ -116,7 +143,7 @@ scenario_args() {
 
 run_one() { # SCENARIO TARGET ROUND URL PID
   local scenario=$1 target=$2 round=$3 url=$4 pid=$5 type_args="" before after run
-  [ "$target" != wharf ] && type_args="--queue-type $target"
+  case $target in classic | quorum) type_args="--queue-type $target" ;; esac
   before=$(sample "$pid")
   # shellcheck disable=SC2046
   run=$("$bench" --url "$url" --name "$scenario-$target-$round" $type_args $(scenario_args "$scenario") 2>>"$work/bench.log" | tail -1)
@@ -165,22 +192,31 @@ PY
 echo "results: $results (logs in $work)" >&2
 for round in $(seq 1 "$ROUNDS"); do
   if echo "$SCENARIOS" | grep -qE 'S[1-4]'; then
-    start_wharf "$work/wharf-$round"
-    start_rabbit "$work/rabbit-$round"
+    wants wharf && start_wharf "$work/wharf-$round"
+    wants baseline && start_baseline "$work/baseline-$round"
+    wants_rabbit && start_rabbit "$work/rabbit-$round"
     for scenario in S1 S2 S3 S4; do
       echo "$SCENARIOS" | grep -qw "$scenario" || continue
-      run_one "$scenario" wharf "$round" "$wharf_url" "$wharf_pid"
-      run_one "$scenario" classic "$round" "$rabbit_url" "$rabbit_pid"
-      run_one "$scenario" quorum "$round" "$rabbit_url" "$rabbit_pid"
+      # The two Wharf builds take turns going first, so neither always meets a warmer machine.
+      if [ $((round % 2)) -eq 0 ] && wants baseline; then
+        run_one "$scenario" baseline "$round" "$baseline_url" "$baseline_pid"
+        wants wharf && run_one "$scenario" wharf "$round" "$wharf_url" "$wharf_pid"
+      else
+        wants wharf && run_one "$scenario" wharf "$round" "$wharf_url" "$wharf_pid"
+        wants baseline && run_one "$scenario" baseline "$round" "$baseline_url" "$baseline_pid"
+      fi
+      wants classic && run_one "$scenario" classic "$round" "$rabbit_url" "$rabbit_pid"
+      wants quorum && run_one "$scenario" quorum "$round" "$rabbit_url" "$rabbit_pid"
     done
-    stop_wharf
-    stop_rabbit
-    unset wharf_pid rabbit_pid
-    rm -rf "$work/wharf-$round" "$work/rabbit-$round"
+    wants wharf && stop_wharf
+    wants baseline && stop_baseline
+    wants_rabbit && stop_rabbit
+    unset wharf_pid rabbit_pid baseline_pid
+    rm -rf "$work/wharf-$round" "$work/baseline-$round" "$work/rabbit-$round"
   fi
   if echo "$SCENARIOS" | grep -qw S5; then
     for target in wharf classic quorum; do
-      run_backlog "$target" "$round"
+      wants "$target" && run_backlog "$target" "$round"
     done
     unset wharf_pid rabbit_pid
   fi
@@ -189,5 +225,6 @@ done
 echo >&2
 echo "Machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); $(uname -r);" \
   "RabbitMQ $(dpkg-query -W -f '${Version}' rabbitmq-server 2>/dev/null || echo '?');" \
-  "Erlang $(dpkg-query -W -f '${Version}' erlang-base 2>/dev/null || echo '?'); Wharf $(git rev-parse --short HEAD)"
+  "Erlang $(dpkg-query -W -f '${Version}' erlang-base 2>/dev/null || echo '?'); Wharf $(git rev-parse --short HEAD)" \
+  "${WHARF_BASELINE:+(baseline: $WHARF_BASELINE)}"
 python3 bench/summarize.py "$results"

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Reads the JSON lines bench/compare.sh wrote (one per scenario, target and round) and prints a
-Markdown table of medians per figure, with Wharf's ratio to RabbitMQ classic and quorum."""
+Markdown table of medians per figure, with Wharf's ratio to RabbitMQ classic and quorum, and when
+the run had a "baseline" target (another Wharf build), a before/after table of the two builds."""
 import json
 import statistics
 import sys
@@ -60,6 +61,17 @@ def main(path):
             return f"{medians['wharf'] / medians[base]:.2f}×"
 
         print(f"| {label} | {show(medians['wharf'])} | {show(medians['classic'])} | {show(medians['quorum'])} | {ratio('classic')} | {ratio('quorum')} |")
+    if any(target == "baseline" for (_, _, target) in values):
+        print("\n| figure | Wharf | Wharf baseline | Wharf ÷ baseline |")
+        print("| --- | ---: | ---: | ---: |")
+        for scenario, metric, label, _higher in FIGURES:
+            current = values.get((scenario, metric, "wharf"))
+            baseline = values.get((scenario, metric, "baseline"))
+            if not current or not baseline:
+                continue
+            now, before = statistics.median(current), statistics.median(baseline)
+            change = f"{now / before:.2f}×" if before else "–"
+            print(f"| {label} | {now:,.2f} | {before:,.2f} | {change} |")
     rounds = max((len(samples) for samples in values.values()), default=0)
     print(f"\nMedians of up to {rounds} rounds. Runs with missing messages: {len(failures)}.")
     return 1 if failures else 0
