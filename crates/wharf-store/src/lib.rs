@@ -25,6 +25,7 @@
 mod error;
 pub mod format;
 mod fs;
+mod layout;
 mod live_set;
 mod meta;
 mod recovery;

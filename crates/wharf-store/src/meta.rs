@@ -150,8 +150,8 @@ fn write_log(fs: &dyn Fs, path: &Path, entries: &BTreeMap<Vec<u8>, Vec<u8>>) -> 
     if fs.exists(path).map_err(|error| StoreError::io(format!("checking {}", path.display()), error))? {
         fs.remove_file(path).map_err(|error| StoreError::io(format!("removing {}", path.display()), error))?;
     }
-    let salt = crate::writer::random_salt();
-    let file = crate::writer::create_file(fs, path, META_MAGIC, 1, 0, 0, salt)?;
+    let salt = crate::layout::random_salt();
+    let file = crate::layout::create_file(fs, path, META_MAGIC, 1, 0, 0, salt)?;
     let mut bytes = Vec::new();
     let mut chunk = Vec::new();
     let chunk_bytes_max = META_RECORD_BYTES_MAX - RECORD_HEADER_BYTES;

@@ -19,12 +19,13 @@ use crate::format::{
     self, ACK_MAGIC, FILE_HEADER_BYTES, FileHeader, RECORD_BYTES_MAX, RECORD_HEADER_BYTES, RecordKind, SEGMENT_MAGIC,
 };
 use crate::fs::{Fs, FsFile, OpenMode};
+use crate::layout;
 use crate::live_set::LiveSet;
 use crate::store::{
     LogId, MessageLocation, QueueHandle, Recovered, RecoveredMessage, RecoveryIssue, SEGMENT_FILE_BYTES_LIMIT, Shared,
     StoreConfig,
 };
-use crate::writer::{self, AckLog, AckSegment, QueueLog, Segment, WriterState};
+use crate::writer::{AckLog, AckSegment, QueueLog, Segment, WriterState};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -219,7 +220,7 @@ fn scan_queue(
     let mut last_seq = 0u64;
     let mut max_seq = 0u64;
     let mut last_usable_id = None;
-    let mut salt = writer::random_salt();
+    let mut salt = layout::random_salt();
     for (id, path) in &files {
         let Some(scanned) = scan_file(fs, path, SEGMENT_MAGIC, RECORD_BYTES_MAX, *id == last_id, issues, buffer)?
         else {
@@ -304,8 +305,8 @@ pub(crate) fn recover(
     config: StoreConfig,
     shared: Arc<Shared>,
 ) -> Result<(WriterState, Recovered)> {
-    let queues_dir = writer::queues_dir(dir);
-    let acks_dir = writer::acks_dir(dir);
+    let queues_dir = layout::queues_dir(dir);
+    let acks_dir = layout::acks_dir(dir);
     for path in [dir, &queues_dir, &acks_dir] {
         ensure_dir(fs.as_ref(), path)?;
     }
@@ -419,9 +420,9 @@ pub(crate) fn recover(
         if scan.needs_new_segment || log.segments.len() == dead.len() {
             let id = log.next_segment_id;
             log.next_segment_id = id.checked_add(1).ok_or_else(|| id_exhausted(&log.dir))?;
-            let file = writer::create_file(
+            let file = layout::create_file(
                 fs.as_ref(),
-                &log.dir.join(writer::segment_file_name(id)),
+                &log.dir.join(layout::segment_file_name(id)),
                 SEGMENT_MAGIC,
                 id,
                 queue.0,
@@ -446,7 +447,7 @@ pub(crate) fn recover(
         }
         for base in &dead {
             if let Some(segment) = log.segments.remove(base) {
-                let path = log.dir.join(writer::segment_file_name(segment.id));
+                let path = log.dir.join(layout::segment_file_name(segment.id));
                 fs.remove_file(&path).map_err(io_error(format!("removing {}", path.display())))?;
                 scan.messages.remove(base);
             }
@@ -507,9 +508,9 @@ pub(crate) fn recover(
         Some(id) => acks.active = id,
         None => {
             let id = last_ack_id.checked_add(1).ok_or_else(|| id_exhausted(&acks_dir))?;
-            let salt = writer::random_salt();
+            let salt = layout::random_salt();
             let file =
-                writer::create_file(fs.as_ref(), &acks_dir.join(writer::ack_file_name(id)), ACK_MAGIC, id, 0, 0, salt)?;
+                layout::create_file(fs.as_ref(), &acks_dir.join(layout::ack_file_name(id)), ACK_MAGIC, id, 0, 0, salt)?;
             sync(&file, "a new ack-log segment")?;
             acks.segments.insert(id, AckSegment { file, salt, len: FILE_HEADER_BYTES as u64, ref_count: 0 });
             acks.active = id;
@@ -523,17 +524,17 @@ pub(crate) fn recover(
         .collect();
     for id in &dead_acks {
         acks.segments.remove(id);
-        let path = acks_dir.join(writer::ack_file_name(*id));
+        let path = acks_dir.join(layout::ack_file_name(*id));
         fs.remove_file(&path).map_err(io_error(format!("removing {}", path.display())))?;
     }
     fs.sync_dir(&acks_dir).map_err(io_error(format!("syncing {}", acks_dir.display())))?;
 
-    let reservation = match writer::read_queue_id_reservation(fs.as_ref(), dir)? {
-        writer::Reservation::Below(below) => Some(below),
-        writer::Reservation::Missing => None,
-        writer::Reservation::Damaged => {
+    let reservation = match layout::read_queue_id_reservation(fs.as_ref(), dir)? {
+        layout::Reservation::Below(below) => Some(below),
+        layout::Reservation::Missing => None,
+        layout::Reservation::Damaged => {
             recovered.issues.push(RecoveryIssue::UnreadableFile {
-                path: dir.join(writer::QUEUE_IDS_FILE),
+                path: dir.join(layout::QUEUE_IDS_FILE),
                 reason: "queue-id reservation damaged; continuing above the highest id on disk".into(),
             });
             None

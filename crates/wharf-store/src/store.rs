@@ -8,6 +8,7 @@
 use crate::error::{Result, StoreError};
 use crate::format::{self, BODY_BYTES_MAX, META_BYTES_MAX, RECORD_BYTES_MAX, RECORD_HEADER_BYTES, RecordKind};
 use crate::fs::{Fs, OpenMode};
+use crate::layout;
 use crate::recovery;
 use crate::ticket::{self, Completer, Ticket};
 use crate::writer::{self, Op};
@@ -591,7 +592,7 @@ impl Store {
         let mut bytes = vec![0u8; record_bytes];
         file.read_exact_at(&mut bytes, location.offset).map_err(|error| {
             StoreError::io(
-                format!("reading {}", writer::segment_path(&self.inner.dir, queue, location.segment_id).display()),
+                format!("reading {}", layout::segment_path(&self.inner.dir, queue, location.segment_id).display()),
                 error,
             )
         })?;
@@ -642,7 +643,7 @@ impl Store {
                         StoreError::io(
                             format!(
                                 "reading {}",
-                                writer::segment_path(&self.inner.dir, queue, location.segment_id).display()
+                                layout::segment_path(&self.inner.dir, queue, location.segment_id).display()
                             ),
                             error,
                         )
@@ -678,7 +679,7 @@ impl Store {
         let record_bytes = location.record_bytes as usize;
         if !(RECORD_HEADER_BYTES..=RECORD_BYTES_MAX).contains(&record_bytes) {
             return Err(StoreError::Corrupt {
-                path: writer::segment_path(&self.inner.dir, queue, location.segment_id),
+                path: layout::segment_path(&self.inner.dir, queue, location.segment_id),
                 offset: location.offset,
                 reason: format!("record length {record_bytes} out of range"),
             });
@@ -696,7 +697,7 @@ impl Store {
         salt: u32,
     ) -> Result<(u64, u64, usize)> {
         let corrupt = |reason: &str| StoreError::Corrupt {
-            path: writer::segment_path(&self.inner.dir, queue, location.segment_id),
+            path: layout::segment_path(&self.inner.dir, queue, location.segment_id),
             offset: location.offset,
             reason: reason.to_owned(),
         };
