@@ -4,7 +4,7 @@
 //! reply code the spec and RabbitMQ use, closing only the channel when that is enough.
 
 use crate::core::{Core, blocking};
-use crate::outbound::{BACKLOG_BYTES_MAX, Backlog, Outbound, Outbox};
+use crate::outbound::{BACKLOG_BYTES_MAX, Backlog, Outbound, Outbox, Reports};
 use crate::outbound::{method_frame, truncate};
 use crate::session::{Session, Stop};
 use crate::writer::{self, WriterSettings};
@@ -403,7 +403,7 @@ async fn run_frames(connection: &mut Connection, session: &mut Session, mut shut
 /// to a connection that had too much pending resumes) and consumer deliveries it could not send
 /// (their slots are freed).
 fn act_on_writer_reports(core: &Core, session: &Session, backlog: &Backlog) {
-    let (written_bytes, unsent) = backlog.reports.take();
+    let Reports { written_bytes, unsent } = backlog.reports.take();
     let connection = session.connection();
     if written_bytes > 0 {
         let _ = core.act(|model| Ok(((), model.written(connection, written_bytes))));

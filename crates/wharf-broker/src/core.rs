@@ -19,7 +19,7 @@ use crate::outbound::{Connections, Outbound, OutboundDelivery};
 use crate::pager::{self, Pager};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::watch;
-use wharf_model::{BrokerModel, ChannelKey, Delivery, Effects, Removed, StoredAt};
+use wharf_model::{BrokerModel, CancelledConsumer, ChannelKey, DeletedExchange, Delivery, Effects, Removed, StoredAt};
 use wharf_store::{LogId, MetaStore, Store, StoreError, Ticket};
 
 /// The shared state.
@@ -146,7 +146,9 @@ impl Core {
                 None => outbound.body.drop_unsent(),
             }
         }
-        for (ChannelKey { connection, channel }, consumer_tag) in effects.cancelled.drain(..) {
+        for CancelledConsumer { channel: ChannelKey { connection, channel }, consumer_tag } in
+            effects.cancelled.drain(..)
+        {
             if let Some(outbox) = self.connections.outbox(connection) {
                 let _ = outbox.send(Outbound::CancelConsumer { channel, consumer_tag });
             }
@@ -165,14 +167,14 @@ impl Core {
         let transfers = std::mem::take(&mut effects.transfers);
         let durable_queues: Vec<_> = effects.deleted_queues.into_iter().filter(|deleted| deleted.durable).collect();
         let durable_exchanges: Vec<_> =
-            effects.deleted_exchanges.into_iter().filter(|(_, exchange)| exchange.durable).collect();
+            effects.deleted_exchanges.into_iter().filter(|deleted| deleted.exchange.durable).collect();
         if !durable_queues.is_empty() || !durable_exchanges.is_empty() {
             blocking(|| {
                 let _definitions = self.definitions();
                 for deleted in durable_queues {
                     self.forget_queue(&deleted.vhost, &deleted.name, deleted.store_queue, deleted.dedup_store_queue);
                 }
-                for (vhost, exchange) in durable_exchanges {
+                for DeletedExchange { vhost, exchange } in durable_exchanges {
                     if let Err(error) = self.forget_exchange(&vhost, &exchange) {
                         tracing::error!(exchange = %exchange.name, %error, "could not remove an exchange definition");
                         self.store_failed(&error);
@@ -196,6 +198,17 @@ impl Core {
         match self.store.remove_unawaited(LogId(stored.log), stored.seq) {
             Ok(()) | Err(StoreError::UnknownLog(_)) => {}
             Err(error) => self.store_failed(&error),
+        }
+    }
+
+    /// Removes de-duplication key records whose window has passed (and the oldest beyond the
+    /// bound) from the store.
+    pub fn trim_dedup_logs(&self) {
+        for (log, seq) in self.dedup_logs.take_expired(self.now_ms()) {
+            match self.store.remove_unawaited(LogId(log), seq) {
+                Ok(()) | Err(StoreError::UnknownLog(_)) => {}
+                Err(error) => self.store_failed(&error),
+            }
         }
     }
 

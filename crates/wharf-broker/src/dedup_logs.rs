@@ -3,10 +3,8 @@
 //! written, so records are removed once their window has passed (or the log is over its bound),
 //! and key logs stay proportional to the window.
 
-use crate::core::Core;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
-use wharf_store::{LogId, StoreError};
 
 /// A durable queue or exchange gets at most this many key records before the oldest are removed
 /// early (the in-memory index is bounded the same way).
@@ -69,19 +67,6 @@ impl DedupLogs {
             }
         }
         expired
-    }
-}
-
-impl Core {
-    /// Removes de-duplication key records whose window has passed (and the oldest beyond the
-    /// bound) from the store.
-    pub fn trim_dedup_logs(&self) {
-        for (log, seq) in self.dedup_logs.take_expired(self.now_ms()) {
-            match self.store.remove_unawaited(LogId(log), seq) {
-                Ok(()) | Err(StoreError::UnknownLog(_)) => {}
-                Err(error) => self.store_failed(&error),
-            }
-        }
     }
 }
 

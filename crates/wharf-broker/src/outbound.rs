@@ -109,15 +109,24 @@ impl WriterReports {
 
     /// Takes what is to be reported: written bytes once they reach [`WRITTEN_REPORT_BYTES`]
     /// (none before), and the unsent deliveries.
-    pub fn take(&self) -> (u64, Vec<(ChannelKey, u64)>) {
+    pub fn take(&self) -> Reports {
         let written = if self.written_bytes.load(Ordering::Acquire) >= WRITTEN_REPORT_BYTES {
             self.written_bytes.swap(0, Ordering::AcqRel)
         } else {
             0
         };
         let unsent = std::mem::take(&mut *self.unsent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
-        (written, unsent)
+        Reports { written_bytes: written, unsent }
     }
+}
+
+/// What the writer reported, for the model.
+#[derive(Debug, Default)]
+pub(crate) struct Reports {
+    /// Delivery bytes written.
+    pub written_bytes: u64,
+    /// Consumer deliveries not sent, as (channel, delivery tag).
+    pub unsent: Vec<(ChannelKey, u64)>,
 }
 
 /// The sending side of a connection's writer queue, counting what it holds.

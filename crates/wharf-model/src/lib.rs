@@ -22,7 +22,10 @@ pub mod settings;
 pub mod topic;
 pub mod vhost;
 
-pub use broker::{Admission, BrokerModel, Counters, DeletedQueue, Delivery, Effects, Removed, StoredAt};
+pub use broker::{
+    Admission, BrokerModel, CancelledConsumer, Counters, DeletedExchange, DeletedQueue, Delivery, Effects, Removed,
+    StoredAt,
+};
 pub use deadletter::{AutoDeadLetterQueue, DeathReason, Transfer, TransferTarget};
 pub use error::{ModelError, Result, Scope};
 pub use exchange::{Binding, Destination, Exchange, ExchangeKind};

@@ -136,6 +136,24 @@ impl Removed {
     }
 }
 
+/// A consumer the server cancelled (its queue went away).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CancelledConsumer {
+    /// The consumer's channel.
+    pub channel: ChannelKey,
+    /// Its tag.
+    pub consumer_tag: String,
+}
+
+/// An exchange that auto-deleted as a side effect (its last binding went).
+#[derive(Debug, Clone)]
+pub struct DeletedExchange {
+    /// Its vhost.
+    pub vhost: String,
+    /// The exchange as it was.
+    pub exchange: Exchange,
+}
+
 /// A queue that was deleted as a side effect (auto-delete, exclusive owner gone).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeletedQueue {
@@ -159,11 +177,11 @@ pub struct Effects {
     /// Messages to remove from the store.
     pub removed: Vec<Removed>,
     /// Consumers the server cancelled (`basic.cancel` to send, for clients that accept it).
-    pub cancelled: Vec<(ChannelKey, String)>,
+    pub cancelled: Vec<CancelledConsumer>,
     /// Queues deleted as a side effect.
     pub deleted_queues: Vec<DeletedQueue>,
-    /// Exchanges auto-deleted as a side effect, as (vhost, exchange).
-    pub deleted_exchanges: Vec<(String, Exchange)>,
+    /// Exchanges auto-deleted as a side effect.
+    pub deleted_exchanges: Vec<DeletedExchange>,
     /// Messages to move into other queues (dead letters, due delayed messages).
     pub transfers: Vec<Transfer>,
 }

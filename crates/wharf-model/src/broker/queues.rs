@@ -3,7 +3,9 @@
 //! inspection.
 
 use super::timers::Timer;
-use super::{BrokerModel, DeletedQueue, Effects, Removed, channel_not_open, dead_letter};
+use super::{
+    BrokerModel, CancelledConsumer, DeletedExchange, DeletedQueue, Effects, Removed, channel_not_open, dead_letter,
+};
 use crate::deadletter::DeathReason;
 use crate::error::{ModelError, Result};
 use crate::exchange::ExchangeKind;
@@ -59,13 +61,13 @@ impl BrokerModel {
         let Some(vhost) = self.vhosts.get_mut(vhost_name) else { return effects };
         let Some(mut queue) = vhost.remove_queue(queue_name) else { return effects };
         for exchange in vhost.take_auto_deleted() {
-            effects.deleted_exchanges.push((vhost_name.to_owned(), exchange));
+            effects.deleted_exchanges.push(DeletedExchange { vhost: vhost_name.to_owned(), exchange });
         }
         for (key, tag) in queue.take_consumers() {
             if let Some(channel) = self.channels.get_mut(&key) {
                 channel.consumers.remove(&tag);
             }
-            effects.cancelled.push((key, tag));
+            effects.cancelled.push(CancelledConsumer { channel: key, consumer_tag: tag });
         }
         // Outstanding deliveries from this queue stay until the client settles them (an ack of
         // one is accepted quietly, as RabbitMQ does, and frees its prefetch slot), but they no
