@@ -172,7 +172,7 @@ impl Core {
             blocking(|| {
                 let _definitions = self.definitions();
                 for deleted in durable_queues {
-                    self.forget_queue(&deleted.vhost, &deleted.name, deleted.store_queue, deleted.dedup_store_queue);
+                    self.forget_queue(&deleted.vhost, &deleted.name, deleted.store_log, deleted.dedup_log);
                 }
                 for DeletedExchange { vhost, exchange } in durable_exchanges {
                     if let Err(error) = self.forget_exchange(&vhost, &exchange) {

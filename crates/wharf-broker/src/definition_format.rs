@@ -36,9 +36,9 @@ pub(crate) struct StoredExchange {
     pub internal: bool,
     pub arguments: FieldTable,
     /// A delayed-message exchange's log of waiting messages.
-    pub store_queue: Option<u64>,
+    pub store_log: Option<u64>,
     /// A de-duplicating exchange's log of seen keys.
-    pub dedup_store_queue: Option<u64>,
+    pub dedup_log: Option<u64>,
 }
 
 /// A durable queue as stored, with its message log (and key log, if it de-duplicates).
@@ -46,8 +46,8 @@ pub(crate) struct StoredExchange {
 pub(crate) struct StoredQueue {
     pub auto_delete: bool,
     pub arguments: FieldTable,
-    pub store_queue: u64,
-    pub dedup_store_queue: Option<u64>,
+    pub store_log: u64,
+    pub dedup_log: Option<u64>,
 }
 
 /// A durable binding as stored.
@@ -67,8 +67,8 @@ impl StoredExchange {
             auto_delete: exchange.auto_delete,
             internal: exchange.internal,
             arguments: exchange.arguments.clone(),
-            store_queue: exchange.store_queue,
-            dedup_store_queue: exchange.dedup_store_queue,
+            store_log: exchange.store_log,
+            dedup_log: exchange.dedup_log,
         }
     }
 }
@@ -245,8 +245,8 @@ pub(crate) fn encode_exchange(stored: &StoredExchange) -> Vec<u8> {
     writer.short_string(&stored.kind);
     writer.flags(&[stored.auto_delete, stored.internal]);
     writer.table(&stored.arguments);
-    writer.optional_u64(stored.store_queue);
-    writer.optional_u64(stored.dedup_store_queue);
+    writer.optional_u64(stored.store_log);
+    writer.optional_u64(stored.dedup_log);
     writer.0
 }
 
@@ -254,8 +254,8 @@ pub(crate) fn encode_queue(stored: &StoredQueue) -> Vec<u8> {
     let mut writer = Writer::new(QUEUE_TAG);
     writer.flags(&[stored.auto_delete]);
     writer.table(&stored.arguments);
-    writer.u64(stored.store_queue);
-    writer.optional_u64(stored.dedup_store_queue);
+    writer.u64(stored.store_log);
+    writer.optional_u64(stored.dedup_log);
     writer.0
 }
 
@@ -289,8 +289,8 @@ pub(crate) fn decode(key: &[u8], value: &[u8]) -> Result<Definition, FormatError
                 auto_delete: flags & 1 != 0,
                 internal: flags & 2 != 0,
                 arguments: reader.table("arguments")?,
-                store_queue: reader.optional_u64("delayed log")?,
-                dedup_store_queue: reader.optional_u64("de-duplication log")?,
+                store_log: reader.optional_u64("delayed log")?,
+                dedup_log: reader.optional_u64("de-duplication log")?,
             };
             Definition::Exchange { vhost, name, stored }
         }
@@ -299,8 +299,8 @@ pub(crate) fn decode(key: &[u8], value: &[u8]) -> Result<Definition, FormatError
             let stored = StoredQueue {
                 auto_delete: flags & 1 != 0,
                 arguments: reader.table("arguments")?,
-                store_queue: reader.u64("message log")?,
-                dedup_store_queue: reader.optional_u64("de-duplication log")?,
+                store_log: reader.u64("message log")?,
+                dedup_log: reader.optional_u64("de-duplication log")?,
             };
             Definition::Queue { vhost, name, stored }
         }
@@ -334,19 +334,20 @@ mod legacy {
         pub auto_delete: bool,
         pub internal: bool,
         pub arguments: FieldTable,
-        #[serde(default)]
-        pub store_queue: Option<u64>,
-        #[serde(default)]
-        pub dedup_store_queue: Option<u64>,
+        #[serde(default, rename = "store_queue")]
+        pub store_log: Option<u64>,
+        #[serde(default, rename = "dedup_store_queue")]
+        pub dedup_log: Option<u64>,
     }
 
     #[derive(Deserialize)]
     pub(super) struct Queue {
         pub auto_delete: bool,
         pub arguments: FieldTable,
-        pub store_queue: u64,
-        #[serde(default)]
-        pub dedup_store_queue: Option<u64>,
+        #[serde(rename = "store_queue")]
+        pub store_log: u64,
+        #[serde(default, rename = "dedup_store_queue")]
+        pub dedup_log: Option<u64>,
     }
 
     #[derive(Deserialize)]
@@ -377,8 +378,8 @@ fn decode_legacy(key: &[u8], value: &[u8]) -> Result<Definition, FormatError> {
                 auto_delete: old.auto_delete,
                 internal: old.internal,
                 arguments: old.arguments,
-                store_queue: old.store_queue,
-                dedup_store_queue: old.dedup_store_queue,
+                store_log: old.store_log,
+                dedup_log: old.dedup_log,
             };
             Definition::Exchange { vhost, name, stored }
         }
@@ -387,8 +388,8 @@ fn decode_legacy(key: &[u8], value: &[u8]) -> Result<Definition, FormatError> {
             let stored = StoredQueue {
                 auto_delete: old.auto_delete,
                 arguments: old.arguments,
-                store_queue: old.store_queue,
-                dedup_store_queue: old.dedup_store_queue,
+                store_log: old.store_log,
+                dedup_log: old.dedup_log,
             };
             Definition::Queue { vhost, name, stored }
         }
@@ -480,8 +481,8 @@ mod tests {
                     auto_delete: false,
                     internal: true,
                     arguments: arguments(),
-                    store_queue: Some(7),
-                    dedup_store_queue: Some(8),
+                    store_log: Some(7),
+                    dedup_log: Some(8),
                 },
             },
             Definition::Exchange {
@@ -492,19 +493,14 @@ mod tests {
                     auto_delete: true,
                     internal: false,
                     arguments: FieldTable::default(),
-                    store_queue: None,
-                    dedup_store_queue: None,
+                    store_log: None,
+                    dedup_log: None,
                 },
             },
             Definition::Queue {
                 vhost: "/".into(),
                 name: "orders.email".into(),
-                stored: StoredQueue {
-                    auto_delete: false,
-                    arguments: arguments(),
-                    store_queue: 1,
-                    dedup_store_queue: Some(2),
-                },
+                stored: StoredQueue { auto_delete: false, arguments: arguments(), store_log: 1, dedup_log: Some(2) },
             },
             Definition::Binding {
                 vhost: "/".into(),
@@ -602,12 +598,7 @@ mod tests {
         let queue = Definition::Queue {
             vhost: "/".into(),
             name: "work".into(),
-            stored: StoredQueue {
-                auto_delete: false,
-                arguments: delivery_limit,
-                store_queue: 3,
-                dedup_store_queue: None,
-            },
+            stored: StoredQueue { auto_delete: false, arguments: delivery_limit, store_log: 3, dedup_log: None },
         };
         let binding = Definition::Binding {
             vhost: "/".into(),

@@ -52,8 +52,8 @@ impl Core {
             let deduplicates = settings.is_some_and(|settings| settings.deduplication.is_some());
             (creates && request.durable && !request.exclusive, deduplicates)
         };
-        let mut store_queue = None;
-        let mut dedup_store_queue = None;
+        let mut store_log = None;
+        let mut dedup_log = None;
         if creates_durable {
             let create = || {
                 self.store.create_log().and_then(|ticket| ticket.wait()).map_err(|error| {
@@ -76,8 +76,8 @@ impl Core {
             let stored = StoredQueue {
                 auto_delete: request.auto_delete,
                 arguments: request.arguments.clone(),
-                store_queue: id.0,
-                dedup_store_queue: dedup_id.map(|dedup_id| dedup_id.0),
+                store_log: id.0,
+                dedup_log: dedup_id.map(|dedup_id| dedup_id.0),
             };
             let value = definition_format::encode_queue(&stored);
             if let Err(error) = self.meta.put(&definition_format::queue_key(request.vhost, &name), &value) {
@@ -88,8 +88,8 @@ impl Core {
                 self.store_failed(&error);
                 return Err(internal_error(&error));
             }
-            store_queue = Some(id.0);
-            dedup_store_queue = dedup_id.map(|dedup_id| dedup_id.0);
+            store_log = Some(id.0);
+            dedup_log = dedup_id.map(|dedup_id| dedup_id.0);
         }
         let mut model = self.lock_model();
         let declared = model
@@ -104,8 +104,8 @@ impl Core {
                 arguments: request.arguments,
                 connection: request.connection,
                 server_named,
-                store_queue,
-                dedup_store_queue,
+                store_log,
+                dedup_log,
             });
         match declared {
             Ok(declared) => {
@@ -113,7 +113,7 @@ impl Core {
                     .vhost(request.vhost)
                     .and_then(|vhost| vhost.queue(&declared.name))
                     .and_then(|queue| queue.settings.deduplication.as_ref().map(|dedup| dedup.ttl_ms))
-                    && let Some(log) = dedup_store_queue
+                    && let Some(log) = dedup_log
                 {
                     self.dedup_logs.register(log, ttl_ms);
                 }
@@ -124,9 +124,9 @@ impl Core {
             }
             Err(error) => {
                 drop(model);
-                if let Some(id) = store_queue {
+                if let Some(id) = store_log {
                     // Refused (a bad name, a limit): take back the log and the definition.
-                    self.forget_queue(request.vhost, &name, Some(id), dedup_store_queue);
+                    self.forget_queue(request.vhost, &name, Some(id), dedup_log);
                 }
                 Err(error)
             }
@@ -136,7 +136,7 @@ impl Core {
     /// Removes a durable queue's definition (and its bindings' definitions), then its logs. The
     /// definition goes first: a crash in between leaves an orphaned log, deleted at startup.
     /// The caller holds the definitions lock.
-    pub fn forget_queue(&self, vhost: &str, name: &str, store_queue: Option<u64>, dedup_store_queue: Option<u64>) {
+    pub fn forget_queue(&self, vhost: &str, name: &str, store_log: Option<u64>, dedup_log: Option<u64>) {
         let mut keys = vec![definition_format::queue_key(vhost, name)];
         keys.extend(self.binding_keys_to(vhost, &Destination::Queue(name.to_owned())));
         let changes: Vec<_> = keys.into_iter().map(|key| wharf_store::MetaChange::Delete { key }).collect();
@@ -145,7 +145,7 @@ impl Core {
             self.store_failed(&error);
             return;
         }
-        for queue in store_queue.into_iter().chain(dedup_store_queue) {
+        for queue in store_log.into_iter().chain(dedup_log) {
             self.dedup_logs.forget(queue);
             match self.store.delete_log(LogId(queue)) {
                 Ok(_) | Err(StoreError::UnknownLog(_)) => {}
@@ -182,7 +182,7 @@ impl Core {
         keys.extend(self.binding_keys_to(vhost, &Destination::Exchange(exchange.name.clone())));
         let changes: Vec<_> = keys.into_iter().map(|key| wharf_store::MetaChange::Delete { key }).collect();
         self.meta.apply(&changes)?;
-        for log in exchange.store_queue.into_iter().chain(exchange.dedup_store_queue) {
+        for log in exchange.store_log.into_iter().chain(exchange.dedup_log) {
             self.dedup_logs.forget(log);
             match self.store.delete_log(LogId(log)) {
                 Ok(_) | Err(StoreError::UnknownLog(_)) => {}
@@ -295,7 +295,7 @@ impl Core {
                 }
             }
         }
-        let (store_queue, dedup_store_queue) = (logs[0], logs[1]);
+        let (store_log, dedup_log) = (logs[0], logs[1]);
         let declared = {
             let mut model = self.lock_model();
             let vhost = model.vhost_mut(vhost_name).ok_or_else(missing_vhost)?;
@@ -308,8 +308,8 @@ impl Core {
                     auto_delete: declare.auto_delete,
                     internal: declare.internal,
                     arguments: &declare.arguments,
-                    store_queue,
-                    dedup_store_queue,
+                    store_log,
+                    dedup_log,
                 })
                 .map(|declared| {
                     let stored = (declared.created && declare.durable)
@@ -321,7 +321,7 @@ impl Core {
         let (declared, stored) = match declared {
             Ok(declared) => declared,
             Err(error) => {
-                for id in [store_queue, dedup_store_queue].into_iter().flatten() {
+                for id in [store_log, dedup_log].into_iter().flatten() {
                     let _ = self.store.delete_log(LogId(id));
                 }
                 return Err(error);
@@ -334,13 +334,13 @@ impl Core {
                 if let Some(vhost) = self.lock_model().vhost_mut(vhost_name) {
                     let _ = vhost.delete_exchange(&declared.name, false);
                 }
-                for id in [store_queue, dedup_store_queue].into_iter().flatten() {
+                for id in [store_log, dedup_log].into_iter().flatten() {
                     let _ = self.store.delete_log(LogId(id));
                 }
                 self.store_failed(&error);
                 return Err(internal_error(&error));
             }
-            if let (Some(log), Some(ttl_ms)) = (dedup_store_queue, dedup_ttl) {
+            if let (Some(log), Some(ttl_ms)) = (dedup_log, dedup_ttl) {
                 self.dedup_logs.register(log, ttl_ms);
             }
         }

@@ -54,7 +54,7 @@ impl Pager {
 /// Where a paged body's record is, for the store.
 pub(crate) fn paged_location(paged: &PagedBody) -> (LogId, MessageLocation) {
     (
-        LogId(paged.store_queue),
+        LogId(paged.store_log),
         MessageLocation { segment_id: paged.segment_id, offset: paged.offset, record_bytes: paged.record_bytes },
     )
 }

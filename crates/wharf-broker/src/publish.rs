@@ -99,8 +99,8 @@ impl Core {
             };
             let Some(queue) = model.vhost(vhost).and_then(|found| found.queue(queue_name)) else { continue };
             let stored = queue.durable && message.persistent();
-            let store_seq = match queue.store_queue.filter(|_| stored) {
-                Some(store_queue) => {
+            let store_seq = match queue.store_log.filter(|_| stored) {
+                Some(store_log) => {
                     // `next_entry_id` is the id `enqueue` below gives it (same lock).
                     let page_out =
                         (queue.resident_bytes() >= self.config.queue_body_memory_bytes_max).then(|| PageOutTarget {
@@ -108,14 +108,14 @@ impl Core {
                             queue: queue_name.clone(),
                             entry_id: queue.next_entry_id(),
                         });
-                    match self.append_copy(store_queue, message, &mut meta, page_out, placed) {
+                    match self.append_copy(store_log, message, &mut meta, page_out, placed) {
                         Some(seq) => Some(seq),
                         None => continue,
                     }
                 }
                 None => None,
             };
-            let log = queue.dedup_store_queue.filter(|_| stored);
+            let log = queue.dedup_log.filter(|_| stored);
             if let Some(key) = dedup_key {
                 model.remember_key(vhost, queue_name, &key);
                 if let Some(log) = log {
@@ -166,7 +166,7 @@ impl Core {
                                 entry_id: target.entry_id,
                                 store_seq: receipt.seq,
                                 paged: PagedBody {
-                                    store_queue: log,
+                                    store_log: log,
                                     segment_id: location.segment_id,
                                     offset: location.offset,
                                     record_bytes: location.record_bytes,
@@ -397,8 +397,8 @@ impl Core {
         let queues = vhost.route(exchange_name, request.routing_key, message.headers())?;
         let exchange = vhost.exchange(exchange_name).map(|exchange| ExchangeLogs {
             durable: exchange.durable,
-            delayed_log: exchange.store_queue,
-            dedup_log: exchange.dedup_store_queue,
+            delayed_log: exchange.store_log,
+            dedup_log: exchange.dedup_log,
             kind: exchange.kind,
         });
         let stored = |durable: bool| durable && message.persistent();

@@ -232,17 +232,17 @@ fn restore_exchange(
         wharf_model::ExchangeSettings::default()
     });
     exchange.arguments = stored.arguments;
-    exchange.store_queue = stored.store_queue;
-    exchange.dedup_store_queue = stored.dedup_store_queue;
+    exchange.store_log = stored.store_log;
+    exchange.dedup_log = stored.dedup_log;
     let dedup_ttl_ms = exchange.settings.deduplication.as_ref().map(|dedup| dedup.ttl_ms);
     vhost.restore_exchange(exchange);
-    if let (Some(log), Some(ttl_ms)) = (stored.dedup_store_queue, dedup_ttl_ms) {
+    if let (Some(log), Some(ttl_ms)) = (stored.dedup_log, dedup_ttl_ms) {
         tally.used_logs.insert(LogId(log));
         sources.load_dedup_log(log, ttl_ms, name, &mut |key, seen_ms| {
             vhost.restore_exchange_dedup_key(name, key, seen_ms)
         });
     }
-    if let Some(log) = stored.store_queue {
+    if let Some(log) = stored.store_log {
         tally.used_logs.insert(LogId(log));
         sources.read_log(LogId(log), name, &mut |stored_message, meta, body| {
             let (seq, stored_ms) = (stored_message.seq, stored_message.timestamp_ms);
@@ -274,11 +274,11 @@ fn restore_queue(
     });
     let dedup_ttl_ms = settings.deduplication.as_ref().map(|dedup| dedup.ttl_ms);
     let mut queue = Queue::new(name.to_owned(), true, None, stored.auto_delete, stored.arguments, settings);
-    queue.store_queue = Some(stored.store_queue);
-    queue.dedup_store_queue = stored.dedup_store_queue;
-    tally.used_logs.insert(LogId(stored.store_queue));
-    restore_queue_messages(sources, tally, &mut queue, stored.store_queue);
-    if let Some(log) = stored.dedup_store_queue {
+    queue.store_log = Some(stored.store_log);
+    queue.dedup_log = stored.dedup_log;
+    tally.used_logs.insert(LogId(stored.store_log));
+    restore_queue_messages(sources, tally, &mut queue, stored.store_log);
+    if let Some(log) = stored.dedup_log {
         // With de-duplication switched off (by a policy) the log stays with the queue's
         // definition, unread, in case it is switched on again.
         tally.used_logs.insert(LogId(log));
@@ -313,7 +313,7 @@ fn restore_queue_messages(sources: &Sources<'_>, tally: &mut Tally, queue: &mut 
             None => recovered_message.body_bytes(),
         };
         let paged = PagedBody {
-            store_queue: log,
+            store_log: log,
             segment_id: location.segment_id,
             offset: location.offset,
             record_bytes: location.record_bytes,
@@ -353,7 +353,7 @@ fn restore_bindings(model: &mut BrokerModel, bindings: Vec<(String, StoredBindin
 fn delete_orphaned_logs(store: &Store, recovered: &Recovered, used_logs: &HashSet<LogId>) -> Result<(), StoreError> {
     for log in recovered.queues.keys() {
         if !used_logs.contains(log) {
-            tracing::info!(store_queue = log.0, "deleting an orphaned queue log");
+            tracing::info!(store_log = log.0, "deleting an orphaned queue log");
             store.delete_log(*log)?.wait()?;
         }
     }

@@ -69,9 +69,9 @@ pub struct Exchange {
     /// Effective settings (arguments merged with the policy).
     pub settings: ExchangeSettings,
     /// The store's id for a delayed-message exchange's log of waiting messages.
-    pub store_queue: Option<u64>,
+    pub store_log: Option<u64>,
     /// The store's id for the exchange's de-duplication key log, if it de-duplicates.
-    pub dedup_store_queue: Option<u64>,
+    pub dedup_log: Option<u64>,
 }
 
 impl Exchange {
@@ -85,8 +85,8 @@ impl Exchange {
             internal,
             arguments: FieldTable::default(),
             settings: ExchangeSettings::default(),
-            store_queue: None,
-            dedup_store_queue: None,
+            store_log: None,
+            dedup_log: None,
         }
     }
 

@@ -51,7 +51,7 @@ pub enum Body {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PagedBody {
     /// The store log holding the record.
-    pub store_queue: u64,
+    pub store_log: u64,
     /// The record's segment in that log.
     pub segment_id: u64,
     /// The record's byte offset in the segment.

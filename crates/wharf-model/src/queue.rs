@@ -89,9 +89,9 @@ pub struct Queue {
     /// Effective settings (arguments merged with the policy).
     pub settings: QueueSettings,
     /// The store's id for this queue's log, once the runtime created it.
-    pub store_queue: Option<u64>,
+    pub store_log: Option<u64>,
     /// The store's id for this queue's de-duplication key log, if it de-duplicates.
-    pub dedup_store_queue: Option<u64>,
+    pub dedup_log: Option<u64>,
     ready: ReadyList,
     waiting: BTreeMap<u64, Entry>,
     unacked: foldhash::HashMap<u64, Entry>,
@@ -139,8 +139,8 @@ impl Queue {
             auto_delete,
             arguments,
             settings,
-            store_queue: None,
-            dedup_store_queue: None,
+            store_log: None,
+            dedup_log: None,
             ready: ReadyList::default(),
             waiting: BTreeMap::new(),
             unacked: foldhash::HashMap::default(),
@@ -589,7 +589,7 @@ impl Queue {
     /// queue of the same name (whose ids and seqs also started at 1), does nothing. Returns true
     /// if the body was dropped.
     pub fn page_out(&mut self, id: u64, store_seq: u64, paged: crate::message::PagedBody) -> bool {
-        if self.store_queue != Some(paged.store_queue) {
+        if self.store_log != Some(paged.store_log) {
             return false;
         }
         let pageable = |entry: &Entry| {

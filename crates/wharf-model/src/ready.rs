@@ -300,7 +300,7 @@ mod tests {
         );
         let message = if paged {
             message.into_paged_out(PagedBody {
-                store_queue: 3,
+                store_log: 3,
                 segment_id: id / 4,
                 offset: id * 64,
                 record_bytes: 64,
@@ -421,7 +421,7 @@ mod tests {
     #[test]
     fn paging_out_packs_a_whole_entry_unless_it_holds_a_key_or_a_long_name() {
         let mut ready = ReadyList::default();
-        let location = PagedBody { store_queue: 3, segment_id: 0, offset: 0, record_bytes: 64, body_bytes: 10 };
+        let location = PagedBody { store_log: 3, segment_id: 0, offset: 0, record_bytes: 64, body_bytes: 10 };
         ready.insert(entry(1, false));
         let mut keyed = entry(2, false);
         keyed.order_key = Some(Arc::from("customer-1"));

@@ -37,9 +37,9 @@ pub struct ExchangeDeclare<'a> {
     /// Arguments.
     pub arguments: &'a FieldTable,
     /// The store log prepared for a new delayed-message exchange's waiting messages.
-    pub store_queue: Option<u64>,
+    pub store_log: Option<u64>,
     /// The store log prepared for a new exchange's de-duplication keys.
-    pub dedup_store_queue: Option<u64>,
+    pub dedup_log: Option<u64>,
 }
 
 /// The arguments of `queue.declare`.
@@ -64,9 +64,9 @@ pub struct QueueDeclare<'a> {
     pub server_named: bool,
     /// The store log prepared for it, if it is created now (durable queues get theirs before they
     /// become visible, so nothing is ever accepted into a durable queue without a log).
-    pub store_queue: Option<u64>,
+    pub store_log: Option<u64>,
     /// The store log prepared for its de-duplication keys, if it is created now and de-duplicates.
-    pub dedup_store_queue: Option<u64>,
+    pub dedup_log: Option<u64>,
 }
 
 /// What a declare did.
@@ -246,8 +246,8 @@ impl VirtualHost {
         let mut exchange = Exchange::new(declare.name, kind, declare.durable, declare.auto_delete, declare.internal);
         exchange.arguments = declare.arguments.clone();
         exchange.settings = settings;
-        exchange.store_queue = declare.store_queue;
-        exchange.dedup_store_queue = declare.dedup_store_queue;
+        exchange.store_log = declare.store_log;
+        exchange.dedup_log = declare.dedup_log;
         self.restore_exchange(exchange);
         Ok(Declared { name: declare.name.to_owned(), created: true })
     }
@@ -356,8 +356,8 @@ impl VirtualHost {
         let owner = declare.exclusive.then_some(declare.connection);
         let mut queue =
             Queue::new(name.clone(), declare.durable, owner, declare.auto_delete, declare.arguments.clone(), settings);
-        queue.store_queue = declare.store_queue;
-        queue.dedup_store_queue = declare.dedup_store_queue;
+        queue.store_log = declare.store_log;
+        queue.dedup_log = declare.dedup_log;
         self.restore_queue(queue);
         Ok(Declared { name, created: true })
     }

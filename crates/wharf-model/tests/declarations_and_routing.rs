@@ -21,8 +21,8 @@ fn exchange<'a>(name: &'a str, kind: &'a str, arguments: &'a FieldTable) -> Exch
         auto_delete: false,
         internal: false,
         arguments,
-        store_queue: None,
-        dedup_store_queue: None,
+        store_log: None,
+        dedup_log: None,
     }
 }
 
@@ -35,8 +35,8 @@ fn queue<'a>(name: &'a str, arguments: &'a FieldTable) -> QueueDeclare<'a> {
         auto_delete: false,
         arguments,
         connection: OWNER,
-        store_queue: None,
-        dedup_store_queue: None,
+        store_log: None,
+        dedup_log: None,
         server_named: false,
     }
 }

@@ -45,8 +45,8 @@ fn declare(broker: &mut CheckedBroker, name: &str, durable: bool, exclusive: boo
             connection: ConnectionId(1),
             // A durable queue has a store log (the tests enqueue with store seqs, and removals
             // name where the message was stored).
-            store_queue: durable.then_some(1),
-            dedup_store_queue: None,
+            store_log: durable.then_some(1),
+            dedup_log: None,
             server_named: false,
         })
         .unwrap();
@@ -382,17 +382,17 @@ fn a_closing_connection_never_gets_its_own_freed_messages_back() {
 fn paging_out_drops_only_the_named_ready_body_and_keeps_its_size_for_limits() {
     use wharf_model::PagedBody;
     let mut broker = broker_with_queue("q");
-    broker.vhost_mut("/").unwrap().queue_mut("q").unwrap().store_queue = Some(9);
+    broker.vhost_mut("/").unwrap().queue_mut("q").unwrap().store_log = Some(9);
     for (seq, body) in [(1, "first"), (2, "second!")] {
         broker.enqueue("/", "q", message(body), Some(seq));
     }
     let queue = broker.vhost("/").unwrap().queue("q").unwrap();
     assert_eq!(queue.resident_bytes(), 12);
-    let paged = |body_bytes| PagedBody { store_queue: 9, segment_id: 1, offset: 64, record_bytes: 90, body_bytes };
+    let paged = |body_bytes| PagedBody { store_log: 9, segment_id: 1, offset: 64, record_bytes: 90, body_bytes };
     assert!(!broker.page_out("/", "q", 2, 1, paged(7)), "entry 2 is not stored under seq 1");
     assert!(!broker.page_out("/", "q", 3, 3, paged(7)), "no entry 3");
     assert!(!broker.page_out("/", "q", 2, 2, paged(6)), "a size that does not match is refused");
-    let other_log = PagedBody { store_queue: 8, ..paged(7) };
+    let other_log = PagedBody { store_log: 8, ..paged(7) };
     assert!(!broker.page_out("/", "q", 2, 2, other_log), "a record of another log (an earlier queue) is refused");
     assert!(broker.page_out("/", "q", 2, 2, paged(7)));
     assert!(!broker.page_out("/", "q", 2, 2, paged(7)), "already paged");
@@ -417,10 +417,10 @@ fn paging_out_drops_only_the_named_ready_body_and_keeps_its_size_for_limits() {
 fn a_no_ack_delivery_of_a_paged_message_is_removed_after_its_read_and_a_resident_one_at_once() {
     use wharf_model::{PagedBody, StoredAt};
     let mut broker = broker_with_queue("q");
-    broker.vhost_mut("/").unwrap().queue_mut("q").unwrap().store_queue = Some(9);
+    broker.vhost_mut("/").unwrap().queue_mut("q").unwrap().store_log = Some(9);
     broker.enqueue("/", "q", message("resident"), Some(1));
     broker.enqueue("/", "q", message("paged"), Some(2));
-    let paged = PagedBody { store_queue: 9, segment_id: 1, offset: 64, record_bytes: 90, body_bytes: 5 };
+    let paged = PagedBody { store_log: 9, segment_id: 1, offset: 64, record_bytes: 90, body_bytes: 5 };
     assert!(broker.page_out("/", "q", 2, 2, paged));
     broker.open_channel(key(1, 1), "/").unwrap();
     let (_, effects) = broker.consume(key(1, 1), "q", "c", true, false).unwrap();

@@ -54,8 +54,8 @@ fn declare(broker: &mut CheckedBroker, name: &str, arguments: FieldTable) {
             auto_delete: false,
             arguments: &arguments,
             connection: ConnectionId(1),
-            store_queue: None,
-            dedup_store_queue: None,
+            store_log: None,
+            dedup_log: None,
             server_named: false,
         })
         .unwrap();
@@ -301,7 +301,7 @@ const STORE_QUEUE: u64 = 1;
 
 /// Where the harness pretends message `id`'s record is.
 fn paged_body(id: u64, body_bytes: u64) -> wharf_model::PagedBody {
-    wharf_model::PagedBody { store_queue: STORE_QUEUE, segment_id: 1, offset: id * 100, record_bytes: 90, body_bytes }
+    wharf_model::PagedBody { store_log: STORE_QUEUE, segment_id: 1, offset: id * 100, record_bytes: 90, body_bytes }
 }
 
 impl Harness {
@@ -309,7 +309,7 @@ impl Harness {
         let mut broker = CheckedBroker::new(3);
         broker.set_now(now);
         declare(&mut broker, "q", arguments.clone());
-        broker.vhost_mut("/").unwrap().queue_mut("q").unwrap().store_queue = Some(STORE_QUEUE);
+        broker.vhost_mut("/").unwrap().queue_mut("q").unwrap().store_log = Some(STORE_QUEUE);
         let channel = key(1, 1);
         broker.open_channel(channel, "/").unwrap();
         Harness { broker, arguments, channel, outstanding: Vec::new(), originals: Default::default() }
@@ -331,7 +331,7 @@ impl Harness {
         let originals = &self.originals;
         let effects = broker.recover_with(|model: &mut BrokerModel| {
             let queue = model.vhost_mut("/").unwrap().queue_mut("q").unwrap();
-            queue.store_queue = Some(STORE_QUEUE);
+            queue.store_log = Some(STORE_QUEUE);
             for entry in entries {
                 // As the runtime recovers: the whole message from the store, its body left there
                 // for what was paged out before the crash.

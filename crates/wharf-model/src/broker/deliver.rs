@@ -173,7 +173,7 @@ fn take_for_delivery(
         message,
         message_count: queue.ready_count() as u32,
         delivery_count: delivered.delivery_count,
-        store: queue.store_queue.zip(delivered.store_seq).map(|(log, seq)| StoredAt { log, seq }),
+        store: queue.store_log.zip(delivered.store_seq).map(|(log, seq)| StoredAt { log, seq }),
         remove_record_after_read: false,
     };
     Some((delivered.id, delivered.store_seq, delivery))

@@ -233,8 +233,8 @@ mod tests {
             arguments: &arguments,
             connection: ConnectionId(1),
             server_named: false,
-            store_queue: None,
-            dedup_store_queue: None,
+            store_log: None,
+            dedup_log: None,
         };
         broker.vhost_mut("/").unwrap().declare_queue(&declare).unwrap();
         broker.open_channel(CHANNEL, "/").unwrap();

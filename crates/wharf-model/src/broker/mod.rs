@@ -131,7 +131,7 @@ pub struct Removed {
 impl Removed {
     /// The message stored under `store_seq` in `queue`'s log left it.
     fn of(vhost: &str, queue: &Queue, store_seq: Option<u64>) -> Removed {
-        let stored = queue.store_queue.zip(store_seq).map(|(log, seq)| StoredAt { log, seq });
+        let stored = queue.store_log.zip(store_seq).map(|(log, seq)| StoredAt { log, seq });
         Removed { vhost: vhost.to_owned(), queue: queue.name.clone(), stored }
     }
 }
@@ -164,9 +164,9 @@ pub struct DeletedQueue {
     /// It was durable (its definition must be removed).
     pub durable: bool,
     /// Its store log, to delete.
-    pub store_queue: Option<u64>,
+    pub store_log: Option<u64>,
     /// Its de-duplication key log, to delete.
-    pub dedup_store_queue: Option<u64>,
+    pub dedup_log: Option<u64>,
 }
 
 /// What the runtime must do after an operation.

@@ -86,8 +86,8 @@ impl BrokerModel {
             vhost: vhost_name.to_owned(),
             name: queue_name.to_owned(),
             durable: queue.durable,
-            store_queue: queue.store_queue,
-            dedup_store_queue: queue.dedup_store_queue,
+            store_log: queue.store_log,
+            dedup_log: queue.dedup_log,
         });
         effects
     }

@@ -159,7 +159,7 @@ impl BrokerModel {
     fn release_delayed(&mut self, vhost_name: &str, exchange_name: &str, effects: &mut Effects) {
         let now_ms = self.now_ms;
         let Some(vhost) = self.vhosts.get_mut(vhost_name) else { return };
-        let store_queue = vhost.exchange(exchange_name).and_then(|exchange| exchange.store_queue);
+        let store_log = vhost.exchange(exchange_name).and_then(|exchange| exchange.store_log);
         let Some(hold) = vhost.delayed.get_mut(exchange_name) else { return };
         hold.timer_ms = None;
         while let Some((&(due_ms, _), _)) = hold.due.first_key_value() {
@@ -184,7 +184,7 @@ impl BrokerModel {
                 source: Some(Removed {
                     vhost: vhost_name.to_owned(),
                     queue: exchange_name.to_owned(),
-                    stored: store_queue.zip(entry.store_seq).map(|(log, seq)| StoredAt { log, seq }),
+                    stored: store_log.zip(entry.store_seq).map(|(log, seq)| StoredAt { log, seq }),
                 }),
                 reason: None,
             });
