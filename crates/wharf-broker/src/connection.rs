@@ -4,7 +4,7 @@
 //! reply code the spec and RabbitMQ use, closing only the channel when that is enough.
 
 use crate::core::{Core, blocking};
-use crate::outbound::{BACKLOG_BYTES_MAX, Backlog, Outbound, Outbox, Reports};
+use crate::outbound::{BACKLOG_BYTES_MAX, Backlog, Outbound, Outbox, Reports, UnsentDelivery};
 use crate::outbound::{method_frame, truncate};
 use crate::session::{Session, Stop};
 use crate::writer::{self, WriterSettings};
@@ -408,7 +408,7 @@ fn act_on_writer_reports(core: &Core, session: &Session, backlog: &Backlog) {
     if written_bytes > 0 {
         let _ = core.act(|model| Ok(((), model.written(connection, written_bytes))));
     }
-    for (channel, delivery_tag) in unsent {
+    for UnsentDelivery { channel, delivery_tag } in unsent {
         let _ = blocking(|| core.act(|model| Ok(((), model.reject(channel, delivery_tag, false, true)?))));
     }
 }

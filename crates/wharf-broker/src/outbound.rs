@@ -88,7 +88,7 @@ pub(crate) struct WriterReports {
     written_bytes: AtomicU64,
     /// Consumer deliveries not sent because their queue and its records are gone: each frees its
     /// channel's slot (by a requeue, a no-op for a message whose queue was deleted).
-    unsent: Mutex<Vec<(ChannelKey, u64)>>,
+    unsent: Mutex<Vec<UnsentDelivery>>,
     pub ready: tokio::sync::Notify,
 }
 
@@ -103,7 +103,7 @@ impl WriterReports {
 
     /// A consumer delivery was not sent (its queue's records are gone).
     pub fn unsent(&self, channel: ChannelKey, delivery_tag: u64) {
-        self.unsent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push((channel, delivery_tag));
+        self.unsent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(UnsentDelivery { channel, delivery_tag });
         self.ready.notify_one();
     }
 
@@ -125,8 +125,15 @@ impl WriterReports {
 pub(crate) struct Reports {
     /// Delivery bytes written.
     pub written_bytes: u64,
-    /// Consumer deliveries not sent, as (channel, delivery tag).
-    pub unsent: Vec<(ChannelKey, u64)>,
+    /// Consumer deliveries not sent.
+    pub unsent: Vec<UnsentDelivery>,
+}
+
+/// A consumer delivery the writer did not send.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct UnsentDelivery {
+    pub channel: ChannelKey,
+    pub delivery_tag: u64,
 }
 
 /// The sending side of a connection's writer queue, counting what it holds.

@@ -30,6 +30,14 @@ pub(crate) struct PublishRequest<'a> {
     pub mandatory: bool,
 }
 
+/// A de-duplication key to record in a key log once the copies it admitted are durable.
+#[derive(Debug)]
+pub(crate) struct DedupRecord {
+    /// The key log (a queue's or an exchange's).
+    pub log: u64,
+    pub key: Vec<u8>,
+}
+
 /// What a publish produced, for its confirm.
 #[derive(Debug)]
 pub(crate) struct Published {
@@ -48,7 +56,7 @@ pub(crate) struct Placed {
     /// Store appends of the copies.
     pub tickets: Vec<Ticket<AppendReceipt>>,
     /// De-duplication keys to record (log, key) once the copies are durable.
-    pub dedup_records: Vec<(u64, Vec<u8>)>,
+    pub dedup_records: Vec<DedupRecord>,
     /// A queue refused it (`x-overflow` reject-publish): the publisher gets a nack.
     pub refused: bool,
     /// A queue (or the exchange) dropped it as a duplicate: the confirm waits until what the
@@ -119,7 +127,7 @@ impl Core {
             if let Some(key) = dedup_key {
                 model.remember_key(vhost, queue_name, &key);
                 if let Some(log) = log {
-                    placed.dedup_records.push((log, key));
+                    placed.dedup_records.push(DedupRecord { log, key });
                 }
             }
             let mut effects = model.enqueue(vhost, queue_name, Arc::clone(message), store_seq);
@@ -227,7 +235,7 @@ impl Core {
             }
             let seen_ms = clock.now_ms();
             let mut pending = Vec::new();
-            for (log, key) in records {
+            for DedupRecord { log, key } in records {
                 let appended = blocking(|| store.append(LogId(log), seen_ms, &persist::dedup_key_meta(), &key));
                 match appended {
                     Ok(append) => {
@@ -420,7 +428,7 @@ impl Core {
                 if let Some(ExchangeLogs { durable, dedup_log: Some(log), .. }) = exchange
                     && stored(durable)
                 {
-                    placed.dedup_records.push((log, key.clone()));
+                    placed.dedup_records.push(DedupRecord { log, key: key.clone() });
                 }
             }
         };
