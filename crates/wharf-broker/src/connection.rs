@@ -334,11 +334,14 @@ pub(crate) async fn serve(core: Arc<Core>, socket: TcpStream, peer: SocketAddr, 
 /// The frame loop after the handshake.
 async fn run_frames(connection: &mut Connection, session: &mut Session, mut shutdown: watch::Receiver<bool>) -> Ending {
     let mut fatal = connection.core.fatal.subscribe();
+    // When the client last sent anything: heartbeat supervision counts from here, and only a
+    // read moves it (other wake-ups of this loop, such as the writer's reports, must not).
+    let mut last_read = tokio::time::Instant::now();
     loop {
         // Handle every complete frame already buffered before reading more.
         loop {
             match connection.decoder.decode(&mut connection.buffer) {
-                Ok(Some(frame)) => match session.handle(frame).await {
+                Ok(Some(frame)) => match handle_frame(connection, session, frame).await {
                     Ok(()) => {}
                     Err(Stop::ClientClosed) => {
                         // Release everything first, so nothing follows the close-ok.
@@ -380,8 +383,8 @@ async fn run_frames(connection: &mut Connection, session: &mut Session, mut shut
             Duration::from_secs(u64::from(heartbeat_s) * 2)
         };
         tokio::select! {
-            read = tokio::time::timeout(silence_limit, fill(&mut connection.reader, &mut connection.buffer)) => match read {
-                Ok(Ok(())) => {}
+            read = tokio::time::timeout_at(last_read + silence_limit, fill(&mut connection.reader, &mut connection.buffer)) => match read {
+                Ok(Ok(())) => last_read = tokio::time::Instant::now(),
                 Ok(Err(reason)) => return Ending::SocketLost(reason),
                 Err(_) => return Ending::HeartbeatMissed,
             },
@@ -397,6 +400,18 @@ async fn run_frames(connection: &mut Connection, session: &mut Session, mut shut
             () = backlog.reports.ready.notified() => act_on_writer_reports(&connection.core, session, &backlog),
         }
     }
+}
+
+/// Hands one frame to the session. A delivery the writer could not send frees its slot first: the
+/// writer reported it before writing anything queued after it (such as that channel's close-ok),
+/// so a frame that reopens the channel and reuses the delivery tag always comes after the slot is
+/// freed, never before.
+async fn handle_frame(connection: &Connection, session: &mut Session, frame: Frame) -> Result<(), Stop> {
+    let backlog = &connection.outbound.backlog;
+    if backlog.reports.has_unsent() {
+        act_on_writer_reports(&connection.core, session, backlog);
+    }
+    session.handle(frame).await
 }
 
 /// Tells the model what the connection's writer reported: delivery bytes written (so dispatching

@@ -39,7 +39,7 @@ pub(crate) struct Core {
     /// durable; no binding written after its queue was forgotten).
     definitions: Mutex<()>,
     /// Set when the store reports a fatal error: the broker must stop.
-    pub fatal: watch::Sender<Option<String>>,
+    pub fatal: Arc<watch::Sender<Option<String>>>,
     /// De-duplication key logs: their window and the records to remove once it has passed.
     pub dedup_logs: Arc<DedupLogs>,
     /// Bodies to drop from memory now that their records are written.
@@ -52,6 +52,15 @@ pub(crate) struct Core {
 /// insists on (from a blocking thread it just runs the work).
 pub(crate) fn blocking<T>(work: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(work)
+}
+
+/// Reports a store failure that makes durability impossible on `fatal`: the broker stops. (The
+/// free-standing form, for work that carries the sender instead of the whole `Core`.)
+pub(crate) fn store_failed(fatal: &watch::Sender<Option<String>>, error: &StoreError) {
+    if error.is_fatal() {
+        tracing::error!(%error, "the store failed; stopping the broker");
+        fatal.send_replace(Some(error.to_string()));
+    }
 }
 
 /// The state `Core::open` rebuilt, assembled into a `Core`.
@@ -67,6 +76,7 @@ pub(crate) struct CoreParts {
 impl Core {
     pub fn new(parts: CoreParts) -> Core {
         let (fatal, _) = watch::channel(None);
+        let fatal = Arc::new(fatal);
         let connections = Connections::new(parts.config.connections_max);
         Core {
             clock: Arc::clone(&parts.config.clock),
@@ -99,10 +109,7 @@ impl Core {
 
     /// Reports a store failure that makes durability impossible: the broker stops.
     pub fn store_failed(&self, error: &StoreError) {
-        if error.is_fatal() {
-            tracing::error!(%error, "the store failed; stopping the broker");
-            self.fatal.send_replace(Some(error.to_string()));
-        }
+        store_failed(&self.fatal, error);
     }
 
     /// Runs a model operation and carries out its effects. Deliveries and server cancels are
@@ -129,7 +136,7 @@ impl Core {
     pub fn send(&self, effects: &mut Effects) {
         for delivery in effects.deliveries.drain(..) {
             let count_recorded = self.record_delivery(&delivery);
-            let body = pager::delivery_body(&self.store, &delivery);
+            let body = pager::delivery_body(&self.store, &self.fatal, &delivery);
             let connection = delivery.channel.connection;
             let outbound = OutboundDelivery { delivery, count_recorded, body };
             // A closed connection's channels are closed in the model right after; its unacked

@@ -10,7 +10,7 @@
 use crate::pager::DeliveryBody;
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use wharf_model::{ChannelKey, ConnectionId, Delivery};
@@ -89,6 +89,8 @@ pub(crate) struct WriterReports {
     /// Consumer deliveries not sent because their queue and its records are gone: each frees its
     /// channel's slot (by a requeue, a no-op for a message whose queue was deleted).
     unsent: Mutex<Vec<UnsentDelivery>>,
+    /// `unsent` holds something (checked before every frame the connection handles).
+    unsent_waiting: AtomicBool,
     pub ready: tokio::sync::Notify,
 }
 
@@ -103,8 +105,17 @@ impl WriterReports {
 
     /// A consumer delivery was not sent (its queue's records are gone).
     pub fn unsent(&self, channel: ChannelKey, delivery_tag: u64) {
-        self.unsent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(UnsentDelivery { channel, delivery_tag });
+        self.unsent
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(UnsentDelivery { channel, delivery_tag });
+        self.unsent_waiting.store(true, Ordering::Release);
         self.ready.notify_one();
+    }
+
+    /// Whether unsent deliveries wait to be reported.
+    pub fn has_unsent(&self) -> bool {
+        self.unsent_waiting.load(Ordering::Acquire)
     }
 
     /// Takes what is to be reported: written bytes once they reach [`WRITTEN_REPORT_BYTES`]
@@ -115,7 +126,11 @@ impl WriterReports {
         } else {
             0
         };
-        let unsent = std::mem::take(&mut *self.unsent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        let unsent = {
+            let mut unsent = self.unsent.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            self.unsent_waiting.store(false, Ordering::Release);
+            std::mem::take(&mut *unsent)
+        };
         Reports { written_bytes: written, unsent }
     }
 }

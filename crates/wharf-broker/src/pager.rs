@@ -6,8 +6,9 @@
 //! removed once read. The connection's writer carries the read out ([`PagedRead::read`]) on its
 //! own task, so the model lock is never held for a `pread`.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
 use wharf_model::{Body, BrokerModel, Delivery, PagedBody, StoredAt};
 use wharf_store::{LogId, MessageLocation, Store, StoreError};
 
@@ -86,6 +87,8 @@ pub(crate) enum DeliveryBody {
 #[derive(Debug)]
 pub(crate) struct PagedRead {
     store: Store,
+    /// Where a fatal store failure met by the removal is reported (the broker stops).
+    fatal: Arc<watch::Sender<Option<String>>>,
     paged: PagedBody,
     /// A no-ack delivery left the model when it was dispatched: its record is removed once read
     /// (or once it is certain it will never be read).
@@ -104,11 +107,16 @@ pub(crate) enum PagedReadFailure {
 
 /// Where a delivery's body comes from; for a paged no-ack delivery the model said its record is
 /// removed once read (`Delivery::remove_record_after_read`), and the read carries that out.
-pub(crate) fn delivery_body(store: &Store, delivery: &Delivery) -> DeliveryBody {
+pub(crate) fn delivery_body(
+    store: &Store,
+    fatal: &Arc<watch::Sender<Option<String>>>,
+    delivery: &Delivery,
+) -> DeliveryBody {
     match &delivery.message.body {
         Body::Resident { bytes, .. } => DeliveryBody::Resident(bytes.clone()),
         Body::Paged(paged) => DeliveryBody::Paged(PagedRead {
             store: store.clone(),
+            fatal: Arc::clone(fatal),
             paged: *paged,
             remove_after_read: delivery.store.filter(|_| delivery.remove_record_after_read),
         }),
@@ -148,9 +156,7 @@ impl PagedRead {
         if let Some(StoredAt { log, seq }) = self.remove_after_read {
             match self.store.remove_unawaited(LogId(log), seq) {
                 Ok(()) | Err(StoreError::UnknownLog(_)) => {}
-                // Only a store that already failed refuses a removal; that failure stops the
-                // broker through the operation that met it (every append's ticket reports it).
-                Err(error) => tracing::error!(log, seq, %error, "could not remove a delivered paged message"),
+                Err(error) => crate::core::store_failed(&self.fatal, &error),
             }
         }
     }

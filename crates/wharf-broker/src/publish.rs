@@ -274,7 +274,7 @@ impl Core {
             if let Some(paged) = transfer.message.paged() {
                 // The source's record is live until the copies are durable, so it can be read.
                 match crate::pager::read_paged_body(&self.store, &paged) {
-                    Ok(body) => transfer.message = Arc::new(transfer.message.with_body(body)),
+                    Ok(body) => transfer = transfer.with_body(body),
                     Err(error) => {
                         tracing::error!(vhost = %transfer.vhost, %error, "a paged-out message could not be read back to move it; it stays where it is");
                         self.store_failed(&error);

@@ -226,14 +226,16 @@ fn restore_exchange(
         }
     };
     let Some(vhost) = model.vhost_mut(vhost_name) else { return };
-    let mut exchange = Exchange::new(name, kind, true, stored.auto_delete, stored.internal);
-    exchange.settings = vhost.exchange_settings(name, kind, &stored.arguments).unwrap_or_else(|error| {
+    let settings = vhost.exchange_settings(name, kind, &stored.arguments).unwrap_or_else(|error| {
         tracing::error!(exchange = name, %error, "stored exchange arguments no longer valid; using defaults");
         wharf_model::ExchangeSettings::default()
     });
-    exchange.arguments = stored.arguments;
-    exchange.store_log = stored.store_log;
-    exchange.dedup_log = stored.dedup_log;
+    let exchange = Exchange::new(name, kind, true, stored.auto_delete, stored.internal).with_stored(
+        stored.arguments,
+        settings,
+        stored.store_log,
+        stored.dedup_log,
+    );
     let dedup_ttl_ms = exchange.settings.deduplication.as_ref().map(|dedup| dedup.ttl_ms);
     vhost.restore_exchange(exchange);
     if let (Some(log), Some(ttl_ms)) = (stored.dedup_log, dedup_ttl_ms) {
@@ -273,9 +275,8 @@ fn restore_queue(
         wharf_model::QueueSettings::default()
     });
     let dedup_ttl_ms = settings.deduplication.as_ref().map(|dedup| dedup.ttl_ms);
-    let mut queue = Queue::new(name.to_owned(), true, None, stored.auto_delete, stored.arguments, settings);
-    queue.store_log = Some(stored.store_log);
-    queue.dedup_log = stored.dedup_log;
+    let mut queue = Queue::new(name.to_owned(), true, None, stored.auto_delete, stored.arguments, settings)
+        .with_store_logs(Some(stored.store_log), stored.dedup_log);
     tally.used_logs.insert(LogId(stored.store_log));
     restore_queue_messages(sources, tally, &mut queue, stored.store_log);
     if let Some(log) = stored.dedup_log {

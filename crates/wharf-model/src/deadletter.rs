@@ -73,6 +73,14 @@ pub struct Transfer {
     pub reason: Option<DeathReason>,
 }
 
+impl Transfer {
+    /// The same transfer with its message's body in memory again (read back from the store).
+    pub fn with_body(mut self, body: bytes::Bytes) -> Transfer {
+        self.message = Arc::new(self.message.with_body(body));
+        self
+    }
+}
+
 /// The automatic dead-letter queue's name for `queue`, if it fits in a queue name.
 pub fn auto_dead_letter_queue_name(queue: &str) -> String {
     let mut name = queue.to_owned();

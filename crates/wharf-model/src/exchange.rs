@@ -90,6 +90,22 @@ impl Exchange {
         }
     }
 
+    /// The same exchange with its declared arguments, their effective settings, and the store
+    /// logs it owns (declared, or restored from its stored definition).
+    pub fn with_stored(
+        mut self,
+        arguments: FieldTable,
+        settings: ExchangeSettings,
+        store_log: Option<u64>,
+        dedup_log: Option<u64>,
+    ) -> Exchange {
+        self.arguments = arguments;
+        self.settings = settings;
+        self.store_log = store_log;
+        self.dedup_log = dedup_log;
+        self
+    }
+
     /// How it matches bindings: its kind, or for a delayed-message exchange its delayed type.
     pub fn routing_kind(&self) -> ExchangeKind {
         match self.kind {

@@ -121,6 +121,14 @@ pub struct Queue {
 }
 
 impl Queue {
+    /// The same queue with the store logs it owns: its messages', and its de-duplication keys'
+    /// if it de-duplicates (a durable queue's, declared or recovered).
+    pub fn with_store_logs(mut self, store_log: Option<u64>, dedup_log: Option<u64>) -> Self {
+        self.store_log = store_log;
+        self.dedup_log = dedup_log;
+        self
+    }
+
     /// A new, empty queue.
     pub fn new(
         name: String,

@@ -243,11 +243,8 @@ impl VirtualHost {
             return Err(ModelError::resource_error(format!("vhost '{}' holds {EXCHANGES_MAX} exchanges", self.name)));
         }
         let settings = self.exchange_settings(declare.name, kind, declare.arguments)?;
-        let mut exchange = Exchange::new(declare.name, kind, declare.durable, declare.auto_delete, declare.internal);
-        exchange.arguments = declare.arguments.clone();
-        exchange.settings = settings;
-        exchange.store_log = declare.store_log;
-        exchange.dedup_log = declare.dedup_log;
+        let exchange = Exchange::new(declare.name, kind, declare.durable, declare.auto_delete, declare.internal)
+            .with_stored(declare.arguments.clone(), settings, declare.store_log, declare.dedup_log);
         self.restore_exchange(exchange);
         Ok(Declared { name: declare.name.to_owned(), created: true })
     }
@@ -354,10 +351,9 @@ impl VirtualHost {
         }
         let settings = self.queue_settings(&name, declare.arguments)?;
         let owner = declare.exclusive.then_some(declare.connection);
-        let mut queue =
-            Queue::new(name.clone(), declare.durable, owner, declare.auto_delete, declare.arguments.clone(), settings);
-        queue.store_log = declare.store_log;
-        queue.dedup_log = declare.dedup_log;
+        let queue =
+            Queue::new(name.clone(), declare.durable, owner, declare.auto_delete, declare.arguments.clone(), settings)
+                .with_store_logs(declare.store_log, declare.dedup_log);
         self.restore_queue(queue);
         Ok(Declared { name, created: true })
     }

@@ -353,6 +353,68 @@ async fn a_silent_peer_is_closed_after_two_missed_heartbeats() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_sending_is_closed_even_while_deliveries_flow_to_it() {
+    let broker = TestBroker::start().await;
+    let publisher = broker.connect().await;
+    let channel = publisher.create_channel().await.unwrap();
+    channel.queue_declare("flood".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    let mut raw = Raw::connect(&broker).await;
+    assert!(raw.handshake("guest", "guest", 1).await.is_none());
+    raw.open_channel(1).await;
+    raw.send_method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+            queue: "flood".into(),
+            consumer_tag: "raw".into(),
+            no_local: false,
+            no_ack: true,
+            exclusive: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    )
+    .await;
+    // Many megabytes of deliveries keep the broker's side of the connection busy (its writer
+    // reports written bytes every megabyte); the peer reads them all but sends nothing, not even
+    // heartbeats, so two missed heartbeat intervals must still close it.
+    // Confirmed a megabyte at a time, so the queue never holds more than that.
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let flooding = tokio::spawn(async move {
+        let body = vec![7u8; 16 * 1024];
+        loop {
+            let mut confirms = Vec::new();
+            for _ in 0..64 {
+                let options = BasicPublishOptions::default();
+                match channel.basic_publish("".into(), "flood".into(), options, &body, BasicProperties::default()).await
+                {
+                    Ok(confirm) => confirms.push(confirm),
+                    Err(_) => return,
+                }
+            }
+            for confirm in confirms {
+                if confirm.await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let mut body_bytes = 0usize;
+    let closed = tokio::time::timeout(common::PATIENCE, async {
+        while let Some(frame) = raw.next().await {
+            if let Frame::Body { payload, .. } = frame {
+                body_bytes += payload.len();
+            }
+        }
+    })
+    .await;
+    flooding.abort();
+    assert!(closed.is_ok(), "the silent peer was never closed while deliveries flowed");
+    assert!(body_bytes > 1024 * 1024, "deliveries flowed to the peer: {body_bytes} bytes");
+    publisher.close(200, "done".into()).await.ok();
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_vhost_is_refused_with_530_and_configured_ones_open() {
     let broker = TestBroker::start_with(|config| config.vhosts.push("staging".into())).await;
     let mut raw = Raw::connect(&broker).await;
