@@ -54,8 +54,13 @@ pub struct BrokerConfig {
     pub heartbeat_s: u16,
     /// Largest message body accepted; a larger one closes the channel with 406.
     pub message_bytes_max: u64,
-    /// Most client connections at once; more are refused.
+    /// Most logged-in client connections at once; a connection beyond it is refused at
+    /// `connection.open` with 530.
     pub connections_max: usize,
+    /// Most sockets in their handshake (accepted, not yet logged in) at once; more are closed at
+    /// accept. Kept apart from `connections_max`, so sockets that never log in cannot take the
+    /// slots of real clients; each also has `handshake_timeout_ms` to finish.
+    pub handshakes_max: usize,
     /// How long the server waits for the handshake to finish, in milliseconds.
     pub handshake_timeout_ms: u64,
     /// Storage tuning.
@@ -92,6 +97,7 @@ impl BrokerConfig {
             heartbeat_s: 60,
             message_bytes_max: 128 * 1024 * 1024,
             connections_max: 10_000,
+            handshakes_max: 1_024,
             handshake_timeout_ms: 10_000,
             store: StoreConfig::default(),
             fs: RealFs::shared(),
@@ -135,6 +141,12 @@ impl BrokerConfig {
         }
         if self.connections_max == 0 {
             return refuse("connections_max must be at least 1".into());
+        }
+        if self.handshakes_max == 0 {
+            return refuse("handshakes_max must be at least 1".into());
+        }
+        if self.handshake_timeout_ms == 0 {
+            return refuse("handshake_timeout_ms must be at least 1".into());
         }
         for vhost in &self.vhosts {
             if vhost.is_empty() || vhost.len() > 255 || vhost.chars().any(char::is_control) {

@@ -4,7 +4,7 @@
 //! reply code the spec and RabbitMQ use, closing only the channel when that is enough.
 
 use crate::core::{Core, blocking};
-use crate::outbound::{BACKLOG_BYTES_MAX, Backlog, Outbound, Outbox, Reports, UnsentDelivery};
+use crate::outbound::{BACKLOG_BYTES_MAX, Backlog, HandshakeSlot, Outbound, Outbox, Reports, UnsentDelivery};
 use crate::outbound::{method_frame, truncate};
 use crate::session::{Session, Stop};
 use crate::writer::{self, WriterSettings};
@@ -17,6 +17,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{mpsc, watch};
+use wharf_model::ConnectionId;
 use wharf_wire::frame::{FRAME_MIN_SIZE, decode_protocol_header, encode_protocol_header};
 use wharf_wire::methods::MethodId;
 use wharf_wire::protocol::{AMQPClass, connection};
@@ -144,7 +145,7 @@ impl Connection {
     }
 
     /// The handshake. Returns the user name and vhost.
-    async fn handshake(&mut self) -> Result<(String, String, u16), Ending> {
+    async fn handshake(&mut self) -> Result<LoggedIn, Ending> {
         loop {
             match decode_protocol_header(&mut self.buffer) {
                 Ok(Some(())) => break,
@@ -219,8 +220,17 @@ impl Connection {
             let text = format!("NOT_ALLOWED - vhost '{vhost}' not found");
             return Err(self.close_connection(reply_code::NOT_ALLOWED, &text, MethodId::CONNECTION_OPEN).await);
         }
+        // Only a logged-in connection takes one of the `connections_max` slots (a socket still in
+        // its handshake holds a handshake slot instead), so silent sockets cannot lock real
+        // clients out.
+        let Some(id) = self.core.connections.register(self.outbound.clone()) else {
+            let limit = self.core.config.connections_max;
+            tracing::warn!(peer = %self.peer, limit, "connection refused: too many connections");
+            let text = format!("NOT_ALLOWED - connection limit ({limit}) is reached");
+            return Err(self.close_connection(reply_code::NOT_ALLOWED, &text, MethodId::CONNECTION_OPEN).await);
+        };
         self.send(0, &AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})));
-        Ok((user, vhost, channel_max))
+        Ok(LoggedIn { id, user, vhost, channel_max })
     }
 
     async fn unexpected(&mut self, expected: &str) -> Ending {
@@ -281,8 +291,26 @@ fn constant_time_equal(left: &[u8], right: &[u8]) -> bool {
     difference == 0
 }
 
+/// What a finished handshake established.
+#[derive(Debug)]
+struct LoggedIn {
+    /// The connection's id in the registry (it holds a `connections_max` slot from here on).
+    id: ConnectionId,
+    user: String,
+    vhost: String,
+    channel_max: u16,
+}
+
 /// Serves one accepted socket until it closes.
-pub(crate) async fn serve(core: Arc<Core>, socket: TcpStream, peer: SocketAddr, shutdown: watch::Receiver<bool>) {
+/// Until it has logged in, a connection holds `handshake_slot` (taken at accept, bounded by
+/// `handshakes_max` and `handshake_timeout_ms`), not one of the `connections_max` slots.
+pub(crate) async fn serve(
+    core: Arc<Core>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+    handshake_slot: HandshakeSlot,
+) {
     let _ = socket.set_nodelay(true);
     let (reader, writer_half) = socket.into_split();
     let (sender, outbound_receiver) = mpsc::unbounded_channel();
@@ -290,10 +318,6 @@ pub(crate) async fn serve(core: Arc<Core>, socket: TcpStream, peer: SocketAddr, 
     let outbound = Outbox { sender, backlog: Arc::clone(&backlog) };
     let settings =
         Arc::new(WriterSettings { frame_max: AtomicU32::new(FRAME_MIN_SIZE), heartbeat_s: AtomicU32::new(0) });
-    let Some(id) = core.connections.register(outbound.clone()) else {
-        tracing::warn!(%peer, limit = core.config.connections_max, "connection refused: too many connections");
-        return;
-    };
     let writer = tokio::spawn(writer::run(writer_half, outbound_receiver, Arc::clone(&settings), backlog));
     let mut connection = Connection {
         core: Arc::clone(&core),
@@ -306,26 +330,30 @@ pub(crate) async fn serve(core: Arc<Core>, socket: TcpStream, peer: SocketAddr, 
     };
     let timeout = Duration::from_millis(core.config.handshake_timeout_ms);
     let handshake = tokio::time::timeout(timeout, connection.handshake()).await;
-    let ending = match handshake {
-        Err(_) => Ending::SocketLost("handshake timed out".into()),
-        Ok(Err(ending)) => ending,
-        Ok(Ok((user, vhost, channel_max))) => {
+    drop(handshake_slot);
+    let (ending, id) = match handshake {
+        Err(_) => (Ending::SocketLost("handshake timed out".into()), None),
+        Ok(Err(ending)) => (ending, None),
+        Ok(Ok(LoggedIn { id, user, vhost, channel_max })) => {
             tracing::info!(%peer, connection = id.0, %user, %vhost, "connection opened");
             let mut session = Session::new(Arc::clone(&core), id, vhost, channel_max, outbound.clone());
             let ending = run_frames(&mut connection, &mut session, shutdown).await;
             session.close_all();
-            ending
+            (ending, Some(id))
         }
     };
+    let connection_id = id.map(|id| id.0);
     match &ending {
-        Ending::ClientClosed => tracing::info!(%peer, connection = id.0, "connection closed by client"),
+        Ending::ClientClosed => tracing::info!(%peer, ?connection_id, "connection closed by client"),
         Ending::ServerClosed(code, text) => {
-            tracing::info!(%peer, connection = id.0, code, %text, "connection closed by server")
+            tracing::info!(%peer, ?connection_id, code, %text, "connection closed by server")
         }
-        Ending::SocketLost(reason) => tracing::info!(%peer, connection = id.0, %reason, "connection lost"),
-        Ending::HeartbeatMissed => tracing::info!(%peer, connection = id.0, "connection closed: missed heartbeats"),
+        Ending::SocketLost(reason) => tracing::info!(%peer, ?connection_id, %reason, "connection lost"),
+        Ending::HeartbeatMissed => tracing::info!(%peer, ?connection_id, "connection closed: missed heartbeats"),
     }
-    core.connections.unregister(id);
+    if let Some(id) = id {
+        core.connections.unregister(id);
+    }
     drop(connection);
     drop(outbound);
     let _ = writer.await;

@@ -77,7 +77,7 @@ impl Core {
     pub fn new(parts: CoreParts) -> Core {
         let (fatal, _) = watch::channel(None);
         let fatal = Arc::new(fatal);
-        let connections = Connections::new(parts.config.connections_max);
+        let connections = Connections::new(parts.config.connections_max, parts.config.handshakes_max);
         Core {
             clock: Arc::clone(&parts.config.clock),
             config: parts.config,

@@ -440,9 +440,8 @@ pub(crate) fn migrate<'a>(
         let definition = match decode_legacy(key, value) {
             Ok(definition) => definition,
             Err(error) => {
-                // Left as it is: recovery reports it as unreadable. (Recovery then also takes the
-                // logs it names for orphans, as it always did for an unreadable definition; keeping
-                // them is issue #15's to fix.)
+                // Left as it is: recovery reports it as unreadable, and keeps a log it named that
+                // holds messages as an orphaned-log queue.
                 tracing::error!(key = %String::from_utf8_lossy(key), %error, "an old definition could not be migrated");
                 continue;
             }

@@ -10,7 +10,7 @@
 use crate::pager::DeliveryBody;
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use wharf_model::{ChannelKey, ConnectionId, Delivery};
@@ -172,18 +172,50 @@ impl Outbox {
     }
 }
 
-/// The open connections, by id: how the core reaches a connection to deliver to it.
+/// The open connections, by id: how the core reaches a connection to deliver to it; and the count
+/// of sockets still in their handshake, capped apart from logged-in connections.
 #[derive(Debug)]
 pub(crate) struct Connections {
     open: Mutex<HashMap<ConnectionId, Outbox>>,
     next_id: AtomicU64,
-    /// Most connections at once (the configuration's `connections_max`).
+    /// Most logged-in connections at once (the configuration's `connections_max`).
     connections_max: usize,
+    /// Sockets accepted and not yet logged in.
+    handshaking: Arc<AtomicUsize>,
+    /// Most of those at once (the configuration's `handshakes_max`).
+    handshakes_max: usize,
+}
+
+/// A socket's place among those in their handshake, given back when dropped.
+#[derive(Debug)]
+pub(crate) struct HandshakeSlot {
+    handshaking: Arc<AtomicUsize>,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.handshaking.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Connections {
-    pub fn new(connections_max: usize) -> Self {
-        Connections { open: Mutex::new(HashMap::new()), next_id: AtomicU64::new(1), connections_max }
+    pub fn new(connections_max: usize, handshakes_max: usize) -> Self {
+        Connections {
+            open: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            connections_max,
+            handshaking: Arc::new(AtomicUsize::new(0)),
+            handshakes_max,
+        }
+    }
+
+    /// A slot for a socket that starts its handshake; `None` when `handshakes_max` are already
+    /// handshaking.
+    pub fn begin_handshake(&self) -> Option<HandshakeSlot> {
+        let taken = self.handshaking.fetch_update(Ordering::AcqRel, Ordering::Acquire, |count| {
+            (count < self.handshakes_max).then_some(count + 1)
+        });
+        taken.ok().map(|_| HandshakeSlot { handshaking: Arc::clone(&self.handshaking) })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionId, Outbox>> {

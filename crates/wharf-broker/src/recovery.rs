@@ -7,7 +7,11 @@
 //!    and de-duplication keys), queues (with their messages, paged beyond the memory budget, and
 //!    their keys); bindings are kept for step 4.
 //! 4. [`restore_bindings`], once every exchange and queue exists.
-//! 5. [`delete_orphaned_logs`]: store logs no definition points at.
+//! 5. [`keep_or_delete_orphaned_logs`]: store logs no definition points at. An empty one is
+//!    deleted (a crash between creating a log and recording its definition leaves one); one that
+//!    holds messages is never deleted: it becomes the queue `wharf.orphaned-log-<log id>`, said
+//!    loudly in the log and counted (`Counters::orphaned_logs_kept`), so an operator can read,
+//!    move or purge its messages with any client.
 //! 6. The model's own after-recovery work (delivery limits exhausted before the stop, backoffs,
 //!    expiries), returned as effects to carry out once the broker runs.
 
@@ -21,7 +25,8 @@ use crate::persist;
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use wharf_model::{BrokerModel, ConnectionId, Effects, Exchange, ExchangeKind, PagedBody, Queue};
-use wharf_store::{LogId, MessageLocation, MetaStore, Recovered, RecoveredMessage, Store, StoreError};
+use wharf_store::{LogId, MessageLocation, MetaStore, Recovered, RecoveredMessage, Store};
+use wharf_wire::types::FieldTable;
 
 /// What recovery does with each live record: (the recovered message, its meta, its body).
 type RecordVisitor<'a> = dyn FnMut(&RecoveredMessage, &[u8], &[u8]) + 'a;
@@ -46,7 +51,8 @@ impl Core {
             restore_definition(&config, &sources, &mut model, &mut tally, key, value);
         }
         restore_bindings(&mut model, std::mem::take(&mut tally.bindings));
-        delete_orphaned_logs(&storage.store, &storage.recovered, &tally.used_logs)?;
+        let kept = keep_or_delete_orphaned_logs(&config, &sources, &storage.meta, &mut model, &mut tally)?;
+        model.count_orphaned_logs_kept(kept);
         tracing::info!(messages = tally.messages, paged_out = tally.paged, "broker state recovered");
         model.count_paged_out(tally.paged);
         let startup = model.after_recovery();
@@ -349,14 +355,49 @@ fn restore_bindings(model: &mut BrokerModel, bindings: Vec<(String, StoredBindin
     }
 }
 
-/// Step 5: store logs no definition points at: a crash between creating the log and recording
-/// the queue, or between deleting the definition and the log.
-fn delete_orphaned_logs(store: &Store, recovered: &Recovered, used_logs: &HashSet<LogId>) -> Result<(), StoreError> {
-    for log in recovered.queues.keys() {
-        if !used_logs.contains(log) {
-            tracing::info!(store_log = log.0, "deleting an orphaned queue log");
-            store.delete_log(*log)?.wait()?;
+/// The queue an orphaned message log is kept as.
+pub(crate) fn orphaned_log_queue_name(log: LogId) -> String {
+    format!("wharf.orphaned-log-{:016x}", log.0)
+}
+
+/// Step 5: store logs no definition points at: a crash between creating a log and recording its
+/// definition, or between deleting a definition and its log; or a definition that could not be
+/// read. An empty log (or a de-duplication key log, which holds no messages) is deleted; a log
+/// holding messages is kept as a durable queue of its own, with its definition written so it
+/// stays one. Returns how many were kept.
+fn keep_or_delete_orphaned_logs(
+    config: &BrokerConfig,
+    sources: &Sources<'_>,
+    meta: &MetaStore,
+    model: &mut BrokerModel,
+    tally: &mut Tally,
+) -> Result<u64, BrokerError> {
+    let mut kept = 0;
+    for (log, messages) in &sources.recovered.queues {
+        if tally.used_logs.contains(log) {
+            continue;
         }
+        let holds_messages = messages
+            .iter()
+            .any(|message| sources.recovered.meta(*log, message).is_none_or(|meta| !persist::is_dedup_key(meta)));
+        if !holds_messages {
+            tracing::info!(store_log = log.0, "deleting an empty orphaned log");
+            sources.store.delete_log(*log)?.wait()?;
+            continue;
+        }
+        let name = orphaned_log_queue_name(*log);
+        tracing::error!(
+            store_log = log.0,
+            messages = messages.len(),
+            queue = %name,
+            "a store log holding messages belongs to no stored definition; kept as a queue of its own (nothing was deleted): read, move or purge it with any client"
+        );
+        let stored =
+            StoredQueue { auto_delete: false, arguments: FieldTable::default(), store_log: log.0, dedup_log: None };
+        meta.put(&definition_format::queue_key("/", &name), &definition_format::encode_queue(&stored))?;
+        ensure_vhost(config, model, "/");
+        restore_queue(sources, model, tally, "/", &name, stored);
+        kept += 1;
     }
-    Ok(())
+    Ok(kept)
 }

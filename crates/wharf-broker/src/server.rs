@@ -173,9 +173,17 @@ async fn accept_loop(listener: TcpListener, core: Arc<Core>, mut shutdown: watch
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((socket, peer)) => {
-                    connections.spawn(connection::serve(Arc::clone(&core), socket, peer, shutdown.clone()));
-                }
+                // The handshake slot is taken here, in accept order, so the cap applies to sockets
+                // exactly as they arrive.
+                Ok((socket, peer)) => match core.connections.begin_handshake() {
+                    Some(slot) => {
+                        connections.spawn(connection::serve(Arc::clone(&core), socket, peer, shutdown.clone(), slot));
+                    }
+                    None => {
+                        tracing::warn!(%peer, limit = core.config.handshakes_max, "connection refused: too many handshakes in progress");
+                        drop(socket);
+                    }
+                },
                 Err(error) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(%error, "accept failed");

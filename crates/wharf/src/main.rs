@@ -46,9 +46,16 @@ struct ServeArgs {
     /// Largest message body accepted, in bytes [default: 134217728].
     #[arg(long, env = "WHARF_MESSAGE_BYTES_MAX")]
     message_bytes_max: Option<u64>,
-    /// Most client connections at once [default: 10000].
+    /// Most logged-in client connections at once [default: 10000].
     #[arg(long, env = "WHARF_CONNECTIONS_MAX")]
     connections_max: Option<usize>,
+    /// Most sockets still in their handshake (not yet logged in) at once, counted apart from
+    /// logged-in connections [default: 1024].
+    #[arg(long, env = "WHARF_HANDSHAKES_MAX")]
+    handshakes_max: Option<usize>,
+    /// How long a socket has to finish its handshake, in milliseconds [default: 10000].
+    #[arg(long, env = "WHARF_HANDSHAKE_TIMEOUT_MS")]
+    handshake_timeout_ms: Option<u64>,
     /// Under pipelined load, how long a batch of appends waits for more before it is synced, in
     /// microseconds (0 disables; larger favours throughput over confirm latency) [default: 1000].
     #[arg(long, env = "WHARF_GROUP_COMMIT_DELAY_US")]
@@ -77,6 +84,8 @@ struct FileConfig {
     frame_max: Option<u32>,
     message_bytes_max: Option<u64>,
     connections_max: Option<usize>,
+    handshakes_max: Option<usize>,
+    handshake_timeout_ms: Option<u64>,
     group_commit_delay_us: Option<u64>,
     queue_body_memory_bytes_max: Option<u64>,
     users: Option<Vec<FileUser>>,
@@ -146,6 +155,12 @@ fn broker_config(args: &ServeArgs) -> Result<BrokerConfig> {
     }
     if let Some(connections_max) = args.connections_max.or(file.connections_max) {
         config.connections_max = connections_max;
+    }
+    if let Some(handshakes_max) = args.handshakes_max.or(file.handshakes_max) {
+        config.handshakes_max = handshakes_max;
+    }
+    if let Some(handshake_timeout_ms) = args.handshake_timeout_ms.or(file.handshake_timeout_ms) {
+        config.handshake_timeout_ms = handshake_timeout_ms;
     }
     if let Some(vhosts) = file.vhosts {
         config.vhosts.extend(vhosts);

@@ -415,6 +415,49 @@ async fn a_peer_that_stops_sending_is_closed_even_while_deliveries_flow_to_it() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_that_never_log_in_do_not_take_the_slots_of_real_clients() {
+    let broker = TestBroker::start_with(|config| config.connections_max = 2).await;
+    let address = broker.broker.as_ref().unwrap().local_addr();
+    // Five times as many sockets as there are connection slots, none saying a word.
+    let mut silent = Vec::new();
+    for _ in 0..10 {
+        silent.push(TcpStream::connect(address).await.unwrap());
+    }
+    // Real clients still log in, up to the limit, which counts logged-in connections only.
+    let first = broker.connect().await;
+    let second = broker.connect().await;
+    assert!(first.status().connected() && second.status().connected());
+    assert_eq!(broker.broker.as_ref().unwrap().connection_count(), 2);
+    let third = lapin::Connection::connect(&broker.url(), lapin::ConnectionProperties::default()).await;
+    assert!(third.is_err(), "a third logged-in connection is over connections_max");
+    // The refusal names the limit, at connection.open.
+    let mut raw = Raw::connect(&broker).await;
+    let close = raw.handshake("guest", "guest", 0).await.expect("refused");
+    assert_eq!(close.reply_code, 530, "{}", close.reply_text);
+    assert!(close.reply_text.as_str().contains("connection limit (2)"), "{}", close.reply_text);
+    drop(silent);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_beyond_the_handshake_cap_are_closed_at_once() {
+    let broker = TestBroker::start_with(|config| config.handshakes_max = 3).await;
+    let address = broker.broker.as_ref().unwrap().local_addr();
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(TcpStream::connect(address).await.unwrap());
+    }
+    // The fourth finds every handshake slot taken: the server closes it without a word.
+    let mut fourth = TcpStream::connect(address).await.unwrap();
+    let _ = fourth.write_all(&frame::PROTOCOL_HEADER).await;
+    let mut reply = Vec::new();
+    tokio::time::timeout(HANG_GUARD, fourth.read_to_end(&mut reply)).await.unwrap().ok();
+    assert!(reply.is_empty(), "nothing is said to a socket refused at accept");
+    drop(silent);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_vhost_is_refused_with_530_and_configured_ones_open() {
     let broker = TestBroker::start_with(|config| config.vhosts.push("staging".into())).await;
     let mut raw = Raw::connect(&broker).await;

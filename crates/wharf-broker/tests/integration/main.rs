@@ -18,6 +18,7 @@ mod delivery_limit;
 mod food_delivery;
 mod leases;
 mod ordering;
+mod orphaned_logs;
 mod paging;
 mod policies;
 mod retry_backoff;

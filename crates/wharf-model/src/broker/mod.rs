@@ -78,6 +78,9 @@ pub struct Counters {
     /// Queued messages whose bodies were dropped from memory (read back from the store when
     /// delivered or moved), at run time and at recovery.
     pub paged_out: u64,
+    /// Store logs holding messages that no stored definition pointed at, kept at recovery as
+    /// `wharf.orphaned-log-…` queues instead of deleted.
+    pub orphaned_logs_kept: u64,
 }
 
 /// One delivery to send: `basic.deliver` (consumer) or `basic.get-ok` (no consumer tag).

@@ -154,6 +154,11 @@ impl BrokerModel {
         self.counters.paged_out += count;
     }
 
+    /// Counts store logs recovery kept as orphaned-log queues.
+    pub fn count_orphaned_logs_kept(&mut self, count: u64) {
+        self.counters.orphaned_logs_kept += count;
+    }
+
     /// The entries of a queue, ready, waiting and unacknowledged (for inspection and tests).
     pub fn queue_entries(&self, vhost: &str, queue: &str) -> Vec<Entry> {
         self.vhosts
