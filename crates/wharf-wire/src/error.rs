@@ -41,6 +41,15 @@ pub enum WireError {
         /// The channel it arrived on.
         channel: u16,
     },
+    /// A field table (method arguments, message headers) nested deeper than
+    /// `nesting::FIELD_NESTING_DEPTH_MAX` levels: refused before it is parsed.
+    #[error("a field table in the {what} frame on channel {channel} nests deeper than {max} levels", max = crate::nesting::FIELD_NESTING_DEPTH_MAX)]
+    NestedTooDeep {
+        /// Which kind of frame.
+        what: &'static str,
+        /// The channel it arrived on.
+        channel: u16,
+    },
     /// Bad SASL response bytes.
     #[error("malformed {mechanism} authentication response")]
     BadSaslResponse {
@@ -96,7 +105,7 @@ impl WireError {
             | WireError::UnknownFrameType(_)
             | WireError::HeartbeatOnChannel(_) => FRAME_ERROR,
             WireError::UnknownMethod { .. } => NOT_IMPLEMENTED,
-            WireError::Malformed { .. } => SYNTAX_ERROR,
+            WireError::Malformed { .. } | WireError::NestedTooDeep { .. } => SYNTAX_ERROR,
             WireError::BadSaslResponse { .. } => ACCESS_REFUSED,
         }
     }

@@ -10,6 +10,7 @@
 
 use crate::error::WireError;
 use crate::methods;
+use crate::nesting;
 use amq_protocol::frame::WriteContext;
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic, gen_class, parse_class};
 use amq_protocol::types::FieldTable;
@@ -186,6 +187,12 @@ fn decode_method(channel: u16, payload: &[u8]) -> Result<Frame, WireError> {
     if methods::name(class_id, method_id).is_none() {
         return Err(WireError::UnknownMethod { class_id, method_id });
     }
+    let arguments = &payload[4..];
+    if let Some(offset) = nesting::method_table_offset(class_id, method_id, arguments)
+        && nesting::check_table(&arguments[offset..]).is_err()
+    {
+        return Err(WireError::NestedTooDeep { what: "method", channel });
+    }
     match parse_class(payload) {
         Ok(([], method)) => Ok(Frame::Method { channel, method: Box::new(method) }),
         _ => Err(malformed),
@@ -209,12 +216,25 @@ fn decode_content_header(channel: u16, payload: Bytes) -> Result<Frame, WireErro
         payload[11],
     ]);
     let raw_properties = payload.slice(CONTENT_HEADER_FIXED_BYTES..);
+    if headers_too_deep(&raw_properties) {
+        return Err(WireError::NestedTooDeep { what: "content header", channel });
+    }
     let properties = decode_properties(&raw_properties).ok_or(malformed)?;
     Ok(Frame::Header { channel, header: Box::new(ContentHeader { class_id, body_size, properties, raw_properties }) })
 }
 
-/// Parses raw property bytes (flags and fields) as stored or received.
+/// Whether raw properties carry a `headers` table nested deeper than the limit.
+fn headers_too_deep(raw_properties: &[u8]) -> bool {
+    nesting::properties_table_offset(raw_properties)
+        .is_some_and(|offset| nesting::check_table(&raw_properties[offset..]).is_err())
+}
+
+/// Parses raw property bytes (flags and fields) as stored or received; `None` if they do not
+/// parse, or if their headers nest deeper than `nesting::FIELD_NESTING_DEPTH_MAX`.
 pub fn decode_properties(raw: &[u8]) -> Option<BasicProperties> {
+    if headers_too_deep(raw) {
+        return None;
+    }
     match basic::parse_properties(raw) {
         Ok(([], properties)) => Some(properties),
         _ => None,
@@ -245,8 +265,10 @@ pub fn encode_field_table(table: &FieldTable) -> Option<Vec<u8>> {
     }
 }
 
-/// Decodes what [`encode_field_table`] wrote; `None` unless `bytes` is exactly one table.
+/// Decodes what [`encode_field_table`] wrote; `None` unless `bytes` is exactly one table, nested
+/// no deeper than `nesting::FIELD_NESTING_DEPTH_MAX`.
 pub fn decode_field_table(bytes: &[u8]) -> Option<FieldTable> {
+    nesting::check_table(bytes).ok()?;
     match parse_field_table(bytes) {
         Ok(([], table)) => Some(table),
         _ => None,

@@ -9,6 +9,7 @@
 mod error;
 pub mod frame;
 pub mod methods;
+pub mod nesting;
 pub mod sasl;
 
 pub use error::{WireError, reply_code};

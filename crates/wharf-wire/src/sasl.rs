@@ -59,6 +59,9 @@ fn parse_plain(response: &[u8]) -> Result<Credentials, WireError> {
 
 fn parse_amqplain(response: &[u8]) -> Result<Credentials, WireError> {
     let bad = WireError::BadSaslResponse { mechanism: "AMQPLAIN" };
+    if crate::nesting::check_table_entries(response).is_err() {
+        return Err(bad);
+    }
     // The response is a table's contents; give it back the length prefix the parser expects.
     let length = u32::try_from(response.len()).map_err(|_| bad.clone())?;
     let mut framed = length.to_be_bytes().to_vec();
@@ -103,6 +106,24 @@ mod tests {
         let long = [&[0u8][..], &[b'u'; 300], &[0u8], b"p"].concat();
         assert!(parse_response("PLAIN", &long).is_err());
         assert_eq!(parse_response("EXTERNAL", b"").unwrap(), None);
+    }
+
+    #[test]
+    fn an_amqplain_response_nested_too_deep_is_refused_before_it_is_parsed() {
+        // LOGIN = a table nested 5,000 levels deep (the parser would recurse that far).
+        let mut inner: Vec<u8> = 0u32.to_be_bytes().to_vec();
+        for _ in 1..5_000 {
+            let mut entries = vec![1, b'n', b'F'];
+            entries.extend_from_slice(&inner);
+            let mut table = (entries.len() as u32).to_be_bytes().to_vec();
+            table.extend(entries);
+            inner = table;
+        }
+        let mut response = vec![5];
+        response.extend(b"LOGIN");
+        response.push(b'F');
+        response.extend(inner);
+        assert_eq!(parse_response("AMQPLAIN", &response), Err(WireError::BadSaslResponse { mechanism: "AMQPLAIN" }));
     }
 
     #[test]

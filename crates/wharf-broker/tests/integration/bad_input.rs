@@ -78,6 +78,22 @@ impl Raw {
         password: &str,
         heartbeat: u16,
     ) -> Option<connection::Close> {
+        self.handshake_with(vhost, user, password, heartbeat, FRAME_MIN_SIZE).await
+    }
+
+    /// The handshake asking for a larger `frame_max` (for frames bigger than the minimum).
+    async fn handshake_frame_max(&mut self, user: &str, password: &str, frame_max: u32) -> Option<connection::Close> {
+        self.handshake_with("/", user, password, 0, frame_max).await
+    }
+
+    async fn handshake_with(
+        &mut self,
+        vhost: &str,
+        user: &str,
+        password: &str,
+        heartbeat: u16,
+        frame_max: u32,
+    ) -> Option<connection::Close> {
         self.send(&frame::PROTOCOL_HEADER).await;
         assert!(matches!(self.next_method().await, Some(AMQPClass::Connection(connection::AMQPMethod::Start(_)))));
         self.send_method(
@@ -99,12 +115,12 @@ impl Raw {
             0,
             AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
                 channel_max: 16,
-                frame_max: FRAME_MIN_SIZE,
+                frame_max,
                 heartbeat,
             })),
         )
         .await;
-        self.decoder.set_frame_max(FRAME_MIN_SIZE);
+        self.decoder.set_frame_max(frame_max);
         self.send_method(
             0,
             AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open { virtual_host: vhost.into() })),
@@ -454,6 +470,90 @@ async fn sockets_beyond_the_handshake_cap_are_closed_at_once() {
     tokio::time::timeout(HANG_GUARD, fourth.read_to_end(&mut reply)).await.unwrap().ok();
     assert!(reply.is_empty(), "nothing is said to a socket refused at accept");
     drop(silent);
+    broker.stop().await;
+}
+
+/// A field table nested `depth` levels deep (one entry each), built byte by byte: encoding it
+/// with the codec would recurse as deep as the parser does.
+fn nested_table_bytes(depth: usize) -> Vec<u8> {
+    let mut inner: Vec<u8> = 0u32.to_be_bytes().to_vec();
+    for _ in 1..depth {
+        let mut entries = vec![1, b'n', b'F'];
+        entries.extend_from_slice(&inner);
+        let mut table = (entries.len() as u32).to_be_bytes().to_vec();
+        table.extend(entries);
+        inner = table;
+    }
+    inner
+}
+
+/// A frame of `kind` on `channel` around `payload`.
+fn raw_frame(kind: u8, channel: u16, payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![kind];
+    frame.extend(channel.to_be_bytes());
+    frame.extend((payload.len() as u32).to_be_bytes());
+    frame.extend(payload);
+    frame.push(0xCE);
+    frame
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_arguments_and_headers_close_only_their_connection() {
+    // 2,000 levels: about 14 KB, beyond the ~1,400 that used to abort the whole broker.
+    const DEPTH: usize = 2_000;
+    let broker = TestBroker::start().await;
+    let bystander = broker.connect().await;
+    let bystander_channel = bystander.create_channel().await.unwrap();
+    bystander_channel
+        .queue_declare("kept".into(), QueueDeclareOptions::durable(), FieldTable::default())
+        .await
+        .unwrap();
+
+    // queue.declare whose arguments nest too deep.
+    let mut raw = Raw::connect(&broker).await;
+    assert!(raw.handshake_frame_max("guest", "guest", frame::FRAME_MAX_LIMIT).await.is_none());
+    raw.open_channel(1).await;
+    let mut declare = vec![0, 50, 0, 10, 0, 0, 4];
+    declare.extend(b"deep");
+    declare.push(0);
+    declare.extend(nested_table_bytes(DEPTH));
+    raw.send(&raw_frame(1, 1, &declare)).await;
+    let text = raw.expect_connection_close(502).await;
+    assert!(text.contains("nests deeper than 64 levels"), "{text}");
+
+    // A publish whose headers nest too deep.
+    let mut raw = Raw::connect(&broker).await;
+    assert!(raw.handshake_frame_max("guest", "guest", frame::FRAME_MAX_LIMIT).await.is_none());
+    raw.open_channel(1).await;
+    raw.send_method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+            exchange: "".into(),
+            routing_key: "kept".into(),
+            mandatory: false,
+            immediate: false,
+        })),
+    )
+    .await;
+    let mut header = vec![0, 60, 0, 0];
+    header.extend(0u64.to_be_bytes());
+    header.extend([0b0010_0000, 0]);
+    header.extend(nested_table_bytes(DEPTH));
+    raw.send(&raw_frame(2, 1, &header)).await;
+    let text = raw.expect_connection_close(502).await;
+    assert!(text.contains("nests deeper than 64 levels"), "{text}");
+
+    // The broker and its other clients carry on.
+    let declared = bystander_channel
+        .queue_declare(
+            "kept".into(),
+            QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(declared.message_count(), 0, "nothing of the refused publish arrived");
+    bystander.close(200, "done".into()).await.unwrap();
     broker.stop().await;
 }
 
