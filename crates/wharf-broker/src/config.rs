@@ -2,6 +2,7 @@
 //! fills it from flags, `WHARF_*` variables and a TOML file; tests build it directly.
 
 use crate::clock::{Clock, SystemClock};
+use crate::password::PasswordHash;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,8 +13,8 @@ use wharf_store::{Fs, RealFs, StoreConfig};
 pub struct User {
     /// Login name.
     pub name: String,
-    /// Password (compared in constant time; never logged).
-    pub password: String,
+    /// The password, as a salted hash only (see `password.rs`; never logged).
+    pub password: PasswordHash,
     /// Accepted only from loopback addresses (RabbitMQ's rule for `guest`).
     pub loopback_only: bool,
 }
@@ -31,7 +32,12 @@ impl std::fmt::Debug for User {
 impl User {
     /// RabbitMQ's default user: `guest`/`guest`, loopback only.
     pub fn guest() -> Self {
-        User { name: "guest".into(), password: "guest".into(), loopback_only: true }
+        User::with_password("guest", "guest", true)
+    }
+
+    /// A user whose password is given in clear (hashed here; only the hash is kept).
+    pub fn with_password(name: &str, password: &str, loopback_only: bool) -> Self {
+        User { name: name.to_owned(), password: PasswordHash::new(password), loopback_only }
     }
 }
 

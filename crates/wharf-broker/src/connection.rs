@@ -239,12 +239,19 @@ impl Connection {
     }
 
     async fn authenticate(&mut self, start_ok: &connection::StartOk) -> Result<String, Ending> {
-        let outcome = authorize(
-            &self.core.config.users,
-            start_ok.mechanism.as_str(),
-            start_ok.response.as_bytes(),
-            self.peer.ip(),
-        );
+        let address = self.peer.ip();
+        let throttle = &self.core.login_throttle;
+        let outcome = if throttle.is_throttled(address, self.core.now_ms()) {
+            Err("ACCESS_REFUSED - too many failed logins from this address; try again later".to_owned())
+        } else {
+            let outcome =
+                authorize(&self.core.config.users, start_ok.mechanism.as_str(), start_ok.response.as_bytes(), address);
+            match &outcome {
+                Ok(_) => throttle.record_success(address),
+                Err(_) => throttle.record_failure(address, self.core.now_ms()),
+            }
+            outcome
+        };
         match outcome {
             Ok(user) => Ok(user),
             Err(text) => {
@@ -271,7 +278,7 @@ fn authorize(
     };
     let user = users.iter().find(|user| user.name == credentials.username);
     match user {
-        Some(user) if constant_time_equal(user.password.as_bytes(), credentials.password.as_bytes()) => {
+        Some(user) if user.password.verify(credentials.password.as_bytes()) => {
             if user.loopback_only && !peer.is_loopback() {
                 Err(format!("ACCESS_REFUSED - user '{}' can only connect via localhost", user.name))
             } else {
@@ -280,15 +287,6 @@ fn authorize(
         }
         _ => Err(format!("ACCESS_REFUSED - Login was refused using authentication mechanism {mechanism}")),
     }
-}
-
-/// Compares secrets without an early exit, so timing does not reveal how much matched.
-fn constant_time_equal(left: &[u8], right: &[u8]) -> bool {
-    let mut difference = left.len() ^ right.len();
-    for (index, byte) in left.iter().enumerate() {
-        difference |= usize::from(byte ^ right.get(index).copied().unwrap_or(0));
-    }
-    difference == 0
 }
 
 /// What a finished handshake established.
@@ -463,7 +461,7 @@ mod tests {
 
     #[test]
     fn guest_only_from_loopback_and_passwords_must_match() {
-        let users = vec![User::guest(), User { name: "app".into(), password: "pw".into(), loopback_only: false }];
+        let users = vec![User::guest(), User::with_password("app", "pw", false)];
         let loopback: std::net::IpAddr = "127.0.0.1".parse().unwrap();
         let remote: std::net::IpAddr = "10.1.2.3".parse().unwrap();
         assert_eq!(authorize(&users, "PLAIN", b"\0guest\0guest", loopback), Ok("guest".into()));
@@ -473,13 +471,5 @@ mod tests {
         assert!(authorize(&users, "PLAIN", b"\0app\0wrong", remote).unwrap_err().contains("Login was refused"));
         assert!(authorize(&users, "PLAIN", b"\0ap\0pw", remote).is_err(), "a prefix of a name is not the name");
         assert!(authorize(&users, "CRAM-MD5", b"", loopback).unwrap_err().contains("unsupported"));
-    }
-
-    #[test]
-    fn secrets_compare_whole() {
-        assert!(constant_time_equal(b"secret", b"secret"));
-        assert!(!constant_time_equal(b"secret", b"secre"));
-        assert!(!constant_time_equal(b"secret", b"secreT"));
-        assert!(!constant_time_equal(b"", b"x"));
     }
 }

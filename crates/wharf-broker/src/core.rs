@@ -15,6 +15,7 @@
 use crate::clock::Clock;
 use crate::config::BrokerConfig;
 use crate::dedup_logs::DedupLogs;
+use crate::login_throttle::LoginThrottle;
 use crate::outbound::{Connections, Outbound, OutboundDelivery};
 use crate::pager::{self, Pager};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -44,6 +45,8 @@ pub(crate) struct Core {
     pub dedup_logs: Arc<DedupLogs>,
     /// Bodies to drop from memory now that their records are written.
     pub pager: Arc<Pager>,
+    /// Failed logins by source address (refused for a while after too many).
+    pub login_throttle: LoginThrottle,
 }
 
 /// Runs work that may block (definition writes, store round trips) without stalling the other
@@ -89,6 +92,7 @@ impl Core {
             fatal,
             dedup_logs: Arc::new(parts.dedup_logs),
             pager: Arc::default(),
+            login_throttle: LoginThrottle::default(),
         }
     }
 

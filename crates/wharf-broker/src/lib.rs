@@ -16,8 +16,10 @@ mod dedup_logs;
 mod definition_format;
 mod definitions;
 mod error;
+mod login_throttle;
 mod outbound;
 mod pager;
+mod password;
 mod persist;
 mod publish;
 mod recovery;
@@ -30,6 +32,7 @@ pub use config::{
     BrokerConfig, ConfigError, FRAME_MAX_MIN, GROUP_COMMIT_DELAY_US_MAX, QUEUE_BODY_MEMORY_BYTES_MAX_DEFAULT, User,
 };
 pub use error::BrokerError;
+pub use password::{HashingAlgorithm, PasswordError, PasswordHash};
 pub use persist::json_to_amqp;
 pub use server::Broker;
 pub use wharf_model::{ApplyTo, Counters, Policy};

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use wharf_broker::{Broker, BrokerConfig, User};
+use wharf_broker::{Broker, BrokerConfig, PasswordHash, User};
 
 #[derive(Debug, Parser)]
 #[command(name = "wharf", version, about = "A durable AMQP 0-9-1 message broker")]
@@ -121,9 +121,30 @@ fn default_apply_to() -> String {
 #[serde(deny_unknown_fields)]
 struct FileUser {
     name: String,
-    password: String,
+    /// In clear (hashed at start; only the hash is kept in memory).
+    password: Option<String>,
+    /// Or a hash as RabbitMQ exports it (`rabbitmqctl export_definitions`), so the password need
+    /// not be written down at all.
+    password_hash: Option<String>,
+    /// The hash's algorithm, by RabbitMQ's name [default: rabbit_password_hashing_sha256].
+    hashing_algorithm: Option<String>,
     #[serde(default)]
     loopback_only: bool,
+}
+
+impl FileUser {
+    fn into_user(self) -> Result<User> {
+        let password = match (self.password, self.password_hash) {
+            (Some(password), None) => PasswordHash::new(&password),
+            (None, Some(hash)) => {
+                let algorithm = self.hashing_algorithm.as_deref().unwrap_or("rabbit_password_hashing_sha256");
+                PasswordHash::from_rabbitmq(&hash, algorithm)
+                    .map_err(|error| anyhow::anyhow!("user '{}': {error}", self.name))?
+            }
+            _ => bail!("user '{}' needs exactly one of password and password_hash", self.name),
+        };
+        Ok(User { name: self.name, password, loopback_only: self.loopback_only })
+    }
 }
 
 fn read_file_config(path: &Path) -> Result<FileConfig> {
@@ -193,10 +214,7 @@ fn broker_config(args: &ServeArgs) -> Result<BrokerConfig> {
         if users.is_empty() {
             bail!("the configuration file lists no users; nobody could connect");
         }
-        config.users = users
-            .into_iter()
-            .map(|user| User { name: user.name, password: user.password, loopback_only: user.loopback_only })
-            .collect();
+        config.users = users.into_iter().map(FileUser::into_user).collect::<Result<_>>()?;
     }
     // Every setting is checked by the broker's own rules (the same ones `Broker::start` applies).
     config.validate()?;

@@ -195,3 +195,57 @@ async fn policies_come_from_the_configuration_file_and_the_command_line() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("policy 'broken'") && stderr.contains("delivery-limt"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_from_the_file_log_in_with_rabbitmqs_password_hashes_or_a_password() {
+    let temp = tempfile::tempdir().unwrap();
+    let config = temp.path().join("wharf.toml");
+    // `imported` carries RabbitMQ's documented hash of "test12"; `typed` a password in clear.
+    std::fs::write(
+        &config,
+        concat!(
+            "[[users]]\nname = \"imported\"\npassword_hash = \"kI3GCqW5JLMJa4iX1lo7X4D6XbYqlLgxIs30+P6tENUV2POR\"\n",
+            "hashing_algorithm = \"rabbit_password_hashing_sha256\"\n",
+            "[[users]]\nname = \"typed\"\npassword = \"pw\"\n",
+        ),
+    )
+    .unwrap();
+    let address = free_port();
+    let (mut wharf, _log) =
+        start_with(&temp.path().join("data"), address, &[std::ffi::OsStr::new("--config"), config.as_os_str()]).await;
+    let login = |user: &str, password: &str| {
+        let url = format!("amqp://{user}:{password}@{address}/%2f");
+        async move { Connection::connect(&url, ConnectionProperties::default()).await }
+    };
+    assert!(login("imported", "test12").await.is_ok());
+    assert!(login("imported", "test13").await.is_err());
+    assert!(login("typed", "pw").await.is_ok());
+    assert!(login("guest", "guest").await.is_err(), "the file's users replace guest");
+    wharf.start_kill().unwrap();
+    wharf.wait().await.unwrap();
+
+    // A user must give exactly one of password and password_hash, and a hash must be one.
+    for (text, expected) in [
+        (
+            "[[users]]\nname = \"both\"\npassword = \"x\"\npassword_hash = \"kI3GCg==\"\n",
+            "exactly one of password and password_hash",
+        ),
+        ("[[users]]\nname = \"bad\"\npassword_hash = \"kI3GCg==\"\n", "password_hash is not a base64 salt"),
+        (
+            "[[users]]\nname = \"odd\"\npassword_hash = \"kI3GCg==\"\nhashing_algorithm = \"bcrypt\"\n",
+            "unknown hashing_algorithm 'bcrypt'",
+        ),
+    ] {
+        std::fs::write(&config, text).unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_wharf"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("WHARF_DATA_DIR", temp.path().join("data"))
+            .output()
+            .await
+            .unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{stderr}");
+    }
+}

@@ -241,7 +241,7 @@ async fn wrong_passwords_and_unknown_users_are_refused_with_403() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configured_users_and_guest_from_loopback_are_accepted() {
     let broker = TestBroker::start_with(|config| {
-        config.users.push(wharf_broker::User { name: "app".into(), password: "pw".into(), loopback_only: false });
+        config.users.push(wharf_broker::User::with_password("app", "pw", false));
     })
     .await;
     let mut raw = Raw::connect(&broker).await;
@@ -554,6 +554,31 @@ async fn deeply_nested_arguments_and_headers_close_only_their_connection() {
         .unwrap();
     assert_eq!(declared.message_count(), 0, "nothing of the refused publish arrived");
     bystander.close(200, "done".into()).await.unwrap();
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_are_throttled_per_address_until_their_window_passes() {
+    let clock = std::sync::Arc::new(wharf_broker::ManualClock::starting_now());
+    let broker = TestBroker::start_with(common::on_clock(&clock)).await;
+    // Ten wrong passwords from this address are each refused as wrong.
+    for _ in 0..10 {
+        let mut raw = Raw::connect(&broker).await;
+        let close = raw.handshake("guest", "wrong", 0).await.expect("refused");
+        assert_eq!(close.reply_code, 403);
+        assert!(close.reply_text.as_str().contains("Login was refused"), "{}", close.reply_text);
+    }
+    // Then even the right one is refused without being looked at, until the window passes.
+    let mut raw = Raw::connect(&broker).await;
+    let close = raw.handshake("guest", "guest", 0).await.expect("throttled");
+    assert_eq!(close.reply_code, 403);
+    assert!(close.reply_text.as_str().contains("too many failed logins"), "{}", close.reply_text);
+    clock.advance(59_999);
+    let mut raw = Raw::connect(&broker).await;
+    assert!(raw.handshake("guest", "guest", 0).await.is_some(), "still throttled a millisecond before");
+    clock.advance(1);
+    let mut raw = Raw::connect(&broker).await;
+    assert!(raw.handshake("guest", "guest", 0).await.is_none(), "the right password works again");
     broker.stop().await;
 }
 
