@@ -241,14 +241,20 @@ impl Connection {
     async fn authenticate(&mut self, start_ok: &connection::StartOk) -> Result<String, Ending> {
         let address = self.peer.ip();
         let throttle = &self.core.login_throttle;
-        let outcome = if throttle.is_throttled(address, self.core.now_ms()) {
+        let mechanism = start_ok.mechanism.as_str();
+        let response = start_ok.response.as_bytes();
+        // The name tried, for the throttle (an unparsable response fails below anyway).
+        let tried = match sasl::parse_response(mechanism, response) {
+            Ok(Some(credentials)) => credentials.username,
+            _ => String::new(),
+        };
+        let outcome = if throttle.is_throttled(address, &tried, self.core.now_ms()) {
             Err("ACCESS_REFUSED - too many failed logins from this address; try again later".to_owned())
         } else {
-            let outcome =
-                authorize(&self.core.config.users, start_ok.mechanism.as_str(), start_ok.response.as_bytes(), address);
+            let outcome = authorize(&self.core.config.users, mechanism, response, address);
             match &outcome {
-                Ok(_) => throttle.record_success(address),
-                Err(_) => throttle.record_failure(address, self.core.now_ms()),
+                Ok(_) => throttle.record_success(address, &tried),
+                Err(_) => throttle.record_failure(address, &tried, self.core.now_ms()),
             }
             outcome
         };

@@ -224,6 +224,11 @@ fn restore_exchange(
     name: &str,
     stored: StoredExchange,
 ) {
+    // The logs a definition names are its own even when the definition cannot be used now (an
+    // exchange kind no longer known, de-duplication switched off by a policy): never orphans.
+    for log in stored.store_log.into_iter().chain(stored.dedup_log) {
+        tally.used_logs.insert(LogId(log));
+    }
     let kind = match ExchangeKind::parse(&stored.kind) {
         Ok(kind) => kind,
         Err(error) => {
@@ -245,13 +250,11 @@ fn restore_exchange(
     let dedup_ttl_ms = exchange.settings.deduplication.as_ref().map(|dedup| dedup.ttl_ms);
     vhost.restore_exchange(exchange);
     if let (Some(log), Some(ttl_ms)) = (stored.dedup_log, dedup_ttl_ms) {
-        tally.used_logs.insert(LogId(log));
         sources.load_dedup_log(log, ttl_ms, name, &mut |key, seen_ms| {
             vhost.restore_exchange_dedup_key(name, key, seen_ms)
         });
     }
     if let Some(log) = stored.store_log {
-        tally.used_logs.insert(LogId(log));
         sources.read_log(LogId(log), name, &mut |stored_message, meta, body| {
             let (seq, stored_ms) = (stored_message.seq, stored_message.timestamp_ms);
             match persist::decode_message(meta, bytes::Bytes::copy_from_slice(body)) {
@@ -385,7 +388,13 @@ fn keep_or_delete_orphaned_logs(
             sources.store.delete_log(*log)?.wait()?;
             continue;
         }
-        let name = orphaned_log_queue_name(*log);
+        // Never over a queue that exists (a client may have declared one by this name).
+        let base = orphaned_log_queue_name(*log);
+        let taken = |candidate: &str| model.vhost("/").is_some_and(|vhost| vhost.queue(candidate).is_some());
+        let name = (1..)
+            .map(|attempt| if attempt == 1 { base.clone() } else { format!("{base}-{attempt}") })
+            .find(|candidate| !taken(candidate))
+            .unwrap_or(base);
         tracing::error!(
             store_log = log.0,
             messages = messages.len(),

@@ -76,3 +76,37 @@ async fn an_empty_log_without_a_definition_is_deleted_as_before() {
     assert_eq!(broker.counters().orphaned_logs_kept, 0, "nothing to keep in an empty log");
     broker.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphaned_log_never_takes_the_place_of_a_queue_a_client_declared() {
+    let temp = tempfile::tempdir().unwrap();
+    let data_dir = temp.path().join("data");
+    let broker = Broker::start(config(&data_dir)).await.unwrap();
+    let url = format!("amqp://guest:guest@{}/%2f", broker.local_addr());
+    let connection = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await.unwrap();
+    let channel = confirm_channel(&connection).await;
+    // Log 1 is "precious"'s; a client happens to name a queue as its orphan would be named.
+    durable_queue(&channel, "precious", FieldTable::default()).await;
+    let clashing = "wharf.orphaned-log-0000000000000001";
+    durable_queue(&channel, clashing, FieldTable::default()).await;
+    assert!(publish_confirmed(&channel, "", "precious", b"orphaned", BasicProperties::default()).await);
+    assert!(publish_confirmed(&channel, "", clashing, b"theirs", BasicProperties::default()).await);
+    connection.close(200, "done".into()).await.unwrap();
+    broker.shutdown().await;
+    {
+        let (meta, _) = MetaStore::open(RealFs::shared(), data_dir.join("meta")).unwrap();
+        meta.put(b"queue\0/\0precious", &[1, b'Q', 0xff]).unwrap();
+    }
+
+    let broker = Broker::start(config(&data_dir)).await.unwrap();
+    let url = format!("amqp://guest:guest@{}/%2f", broker.local_addr());
+    let connection = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let theirs = channel.basic_get(clashing.into(), BasicGetOptions { no_ack: true }).await.unwrap().unwrap();
+    assert_eq!(theirs.delivery.data, b"theirs", "the client's queue is left as it was");
+    let orphan = format!("{clashing}-2");
+    let kept = channel.basic_get(orphan.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap().unwrap();
+    assert_eq!(kept.delivery.data, b"orphaned");
+    connection.close(200, "done".into()).await.unwrap();
+    broker.shutdown().await;
+}
