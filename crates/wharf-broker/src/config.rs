@@ -67,6 +67,9 @@ pub struct BrokerConfig {
     /// accept. Kept apart from `connections_max`, so sockets that never log in cannot take the
     /// slots of real clients; each also has `handshake_timeout_ms` to finish.
     pub handshakes_max: usize,
+    /// Most of those from one source address (an IPv6 address counts by its /64), so one host
+    /// cannot take every handshake slot.
+    pub handshakes_per_address_max: usize,
     /// How long the server waits for the handshake to finish, in milliseconds.
     pub handshake_timeout_ms: u64,
     /// Storage tuning.
@@ -104,6 +107,7 @@ impl BrokerConfig {
             message_bytes_max: 128 * 1024 * 1024,
             connections_max: 10_000,
             handshakes_max: 1_024,
+            handshakes_per_address_max: 256,
             handshake_timeout_ms: 10_000,
             store: StoreConfig::default(),
             fs: RealFs::shared(),
@@ -150,6 +154,9 @@ impl BrokerConfig {
         }
         if self.handshakes_max == 0 {
             return refuse("handshakes_max must be at least 1".into());
+        }
+        if self.handshakes_per_address_max == 0 {
+            return refuse("handshakes_per_address_max must be at least 1".into());
         }
         if self.handshake_timeout_ms == 0 {
             return refuse("handshake_timeout_ms must be at least 1".into());

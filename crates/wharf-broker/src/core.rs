@@ -80,7 +80,11 @@ impl Core {
     pub fn new(parts: CoreParts) -> Core {
         let (fatal, _) = watch::channel(None);
         let fatal = Arc::new(fatal);
-        let connections = Connections::new(parts.config.connections_max, parts.config.handshakes_max);
+        let connections = Connections::new(
+            parts.config.connections_max,
+            parts.config.handshakes_max,
+            parts.config.handshakes_per_address_max,
+        );
         Core {
             clock: Arc::clone(&parts.config.clock),
             config: parts.config,

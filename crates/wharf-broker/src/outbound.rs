@@ -10,7 +10,8 @@
 use crate::pager::DeliveryBody;
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use wharf_model::{ChannelKey, ConnectionId, Delivery};
@@ -181,41 +182,77 @@ pub(crate) struct Connections {
     /// Most logged-in connections at once (the configuration's `connections_max`).
     connections_max: usize,
     /// Sockets accepted and not yet logged in.
-    handshaking: Arc<AtomicUsize>,
+    handshaking: Arc<Mutex<Handshaking>>,
     /// Most of those at once (the configuration's `handshakes_max`).
     handshakes_max: usize,
+    /// Most of those from one address (`handshakes_per_address_max`), so one host cannot take
+    /// every handshake slot.
+    handshakes_per_address_max: usize,
+}
+
+/// Sockets in their handshake, in all and by source address (an IPv6 address by its /64).
+#[derive(Debug, Default)]
+struct Handshaking {
+    total: usize,
+    by_address: HashMap<IpAddr, usize>,
 }
 
 /// A socket's place among those in their handshake, given back when dropped.
 #[derive(Debug)]
 pub(crate) struct HandshakeSlot {
-    handshaking: Arc<AtomicUsize>,
+    handshaking: Arc<Mutex<Handshaking>>,
+    address: IpAddr,
 }
 
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
-        self.handshaking.fetch_sub(1, Ordering::AcqRel);
+        let mut handshaking = self.handshaking.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        handshaking.total = handshaking.total.saturating_sub(1);
+        if let Some(count) = handshaking.by_address.get_mut(&self.address) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                handshaking.by_address.remove(&self.address);
+            }
+        }
+    }
+}
+
+/// An address as the handshake caps count it: an IPv6 address by its /64, which one host holds.
+fn address_block(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V6(v6) => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            IpAddr::from(octets)
+        }
+        v4 => v4,
     }
 }
 
 impl Connections {
-    pub fn new(connections_max: usize, handshakes_max: usize) -> Self {
+    pub fn new(connections_max: usize, handshakes_max: usize, handshakes_per_address_max: usize) -> Self {
         Connections {
             open: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             connections_max,
-            handshaking: Arc::new(AtomicUsize::new(0)),
+            handshaking: Arc::default(),
             handshakes_max,
+            handshakes_per_address_max,
         }
     }
 
-    /// A slot for a socket that starts its handshake; `None` when `handshakes_max` are already
-    /// handshaking.
-    pub fn begin_handshake(&self) -> Option<HandshakeSlot> {
-        let taken = self.handshaking.fetch_update(Ordering::AcqRel, Ordering::Acquire, |count| {
-            (count < self.handshakes_max).then_some(count + 1)
-        });
-        taken.ok().map(|_| HandshakeSlot { handshaking: Arc::clone(&self.handshaking) })
+    /// A slot for a socket from `address` that starts its handshake; `None` when
+    /// `handshakes_max` sockets, or `handshakes_per_address_max` from that address, already are.
+    pub fn begin_handshake(&self, address: IpAddr) -> Option<HandshakeSlot> {
+        let address = address_block(address);
+        let mut handshaking = self.handshaking.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let from_address = handshaking.by_address.get(&address).copied().unwrap_or(0);
+        if handshaking.total >= self.handshakes_max || from_address >= self.handshakes_per_address_max {
+            return None;
+        }
+        handshaking.total += 1;
+        handshaking.by_address.insert(address, from_address + 1);
+        Some(HandshakeSlot { handshaking: Arc::clone(&self.handshaking), address })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionId, Outbox>> {

@@ -175,12 +175,12 @@ async fn accept_loop(listener: TcpListener, core: Arc<Core>, mut shutdown: watch
             accepted = listener.accept() => match accepted {
                 // The handshake slot is taken here, in accept order, so the cap applies to sockets
                 // exactly as they arrive.
-                Ok((socket, peer)) => match core.connections.begin_handshake() {
+                Ok((socket, peer)) => match core.connections.begin_handshake(peer.ip()) {
                     Some(slot) => {
                         connections.spawn(connection::serve(Arc::clone(&core), socket, peer, shutdown.clone(), slot));
                     }
                     None => {
-                        tracing::warn!(%peer, limit = core.config.handshakes_max, "connection refused: too many handshakes in progress");
+                        tracing::warn!(%peer, "connection refused: too many handshakes in progress (in all, or from this address)");
                         drop(socket);
                     }
                 },

@@ -53,6 +53,9 @@ struct ServeArgs {
     /// logged-in connections [default: 1024].
     #[arg(long, env = "WHARF_HANDSHAKES_MAX")]
     handshakes_max: Option<usize>,
+    /// Most sockets in their handshake from one source address [default: 256].
+    #[arg(long, env = "WHARF_HANDSHAKES_PER_ADDRESS_MAX")]
+    handshakes_per_address_max: Option<usize>,
     /// How long a socket has to finish its handshake, in milliseconds [default: 10000].
     #[arg(long, env = "WHARF_HANDSHAKE_TIMEOUT_MS")]
     handshake_timeout_ms: Option<u64>,
@@ -85,6 +88,7 @@ struct FileConfig {
     message_bytes_max: Option<u64>,
     connections_max: Option<usize>,
     handshakes_max: Option<usize>,
+    handshakes_per_address_max: Option<usize>,
     handshake_timeout_ms: Option<u64>,
     group_commit_delay_us: Option<u64>,
     queue_body_memory_bytes_max: Option<u64>,
@@ -179,6 +183,9 @@ fn broker_config(args: &ServeArgs) -> Result<BrokerConfig> {
     }
     if let Some(handshakes_max) = args.handshakes_max.or(file.handshakes_max) {
         config.handshakes_max = handshakes_max;
+    }
+    if let Some(per_address_max) = args.handshakes_per_address_max.or(file.handshakes_per_address_max) {
+        config.handshakes_per_address_max = per_address_max;
     }
     if let Some(handshake_timeout_ms) = args.handshake_timeout_ms.or(file.handshake_timeout_ms) {
         config.handshake_timeout_ms = handshake_timeout_ms;

@@ -583,6 +583,28 @@ async fn failed_logins_are_throttled_per_address_until_their_window_passes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_more_than_its_share_of_handshake_slots() {
+    let broker = TestBroker::start_with(|config| {
+        config.handshakes_max = 100;
+        config.handshakes_per_address_max = 3;
+    })
+    .await;
+    let address = broker.broker.as_ref().unwrap().local_addr();
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(TcpStream::connect(address).await.unwrap());
+    }
+    // Far below the total cap, but this address has its three: the fourth is closed at once.
+    let mut fourth = TcpStream::connect(address).await.unwrap();
+    let _ = fourth.write_all(&frame::PROTOCOL_HEADER).await;
+    let mut reply = Vec::new();
+    tokio::time::timeout(HANG_GUARD, fourth.read_to_end(&mut reply)).await.unwrap().ok();
+    assert!(reply.is_empty(), "nothing is said to a socket refused at accept");
+    drop(silent);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_vhost_is_refused_with_530_and_configured_ones_open() {
     let broker = TestBroker::start_with(|config| config.vhosts.push("staging".into())).await;
     let mut raw = Raw::connect(&broker).await;
