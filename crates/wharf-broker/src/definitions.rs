@@ -9,6 +9,17 @@ use wharf_model::{ConnectionId, Destination, Exchange, ExchangeDeclare, Exchange
 use wharf_store::{LogId, StoreError};
 use wharf_wire::protocol::exchange;
 
+/// A binding to add or remove: from the exchange `source` to `destination`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BindingChange<'a> {
+    pub vhost: &'a str,
+    pub connection: ConnectionId,
+    pub source: &'a str,
+    pub destination: &'a Destination,
+    pub routing_key: &'a str,
+    pub arguments: &'a wharf_wire::types::FieldTable,
+}
+
 /// A queue declaration, from a client or from the broker itself (automatic dead-letter queues).
 #[derive(Debug, Clone)]
 pub(crate) struct QueueRequest<'a> {
@@ -195,17 +206,8 @@ impl Core {
     /// `queue.bind`/`exchange.bind` (`add`) and their unbinds: the model change and the
     /// definition write happen together under the definitions lock; a failed write undoes the
     /// model change. Exchanges that auto-delete as a result are forgotten too.
-    #[allow(clippy::too_many_arguments)]
-    pub fn bind_or_unbind(
-        &self,
-        vhost_name: &str,
-        connection: ConnectionId,
-        source: &str,
-        destination: Destination,
-        routing_key: &str,
-        arguments: &wharf_wire::types::FieldTable,
-        add: bool,
-    ) -> Result<(), ModelError> {
+    pub fn change_binding(&self, change: &BindingChange<'_>, add: bool) -> Result<(), ModelError> {
+        let BindingChange { vhost: vhost_name, connection, source, destination, routing_key, arguments } = *change;
         let _definitions = self.definitions();
         let binding = wharf_model::Binding {
             destination: destination.clone(),
@@ -221,7 +223,7 @@ impl Core {
             let mut model = self.lock_model();
             let vhost = model.vhost_mut(vhost_name).ok_or_else(missing_vhost)?;
             let durable = vhost.exchange(source).is_some_and(|exchange| exchange.durable)
-                && match &destination {
+                && match destination {
                     Destination::Queue(name) => {
                         vhost.queue(name).is_some_and(|queue| queue.durable && queue.exclusive_owner.is_none())
                     }
@@ -230,7 +232,7 @@ impl Core {
             let changed = if add {
                 vhost.bind(source, destination.clone(), routing_key, arguments, connection)?
             } else {
-                vhost.unbind(source, &destination, routing_key, arguments, connection)?
+                vhost.unbind(source, destination, routing_key, arguments, connection)?
             };
             (changed, durable, vhost.take_auto_deleted())
         };
@@ -241,7 +243,7 @@ impl Core {
                 if add {
                     let mut model = self.lock_model();
                     if let Some(vhost) = model.vhost_mut(vhost_name) {
-                        let _ = vhost.unbind(source, &destination, routing_key, arguments, connection);
+                        let _ = vhost.unbind(source, destination, routing_key, arguments, connection);
                     }
                 }
                 self.store_failed(&error);

@@ -20,6 +20,7 @@ mod login_throttle;
 mod outbound;
 mod pager;
 mod password;
+mod peer_address;
 mod persist;
 mod publish;
 mod recovery;

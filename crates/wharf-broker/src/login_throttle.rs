@@ -7,6 +7,7 @@
 //! clear another's failures; IPv6 addresses count by their /64, which one host can rotate
 //! through. Time is the broker's clock, so tests cross the window by advancing it.
 
+use crate::peer_address::address_block;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -36,14 +37,7 @@ struct Source {
 
 impl Source {
     fn new(address: IpAddr, user: &str) -> Source {
-        let address = match address {
-            IpAddr::V6(v6) => {
-                let mut octets = v6.octets();
-                octets[8..].fill(0);
-                IpAddr::from(octets)
-            }
-            v4 => v4,
-        };
+        let address = address_block(address);
         // Names are AMQP short strings; a longer one cannot log in anyway.
         let user = user.chars().take(255).collect();
         Source { address, user }

@@ -8,6 +8,7 @@
 //! leaves in its connection's [`WriterReports`], and the connection's own task tells the model.
 
 use crate::pager::DeliveryBody;
+use crate::peer_address::address_block;
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -214,18 +215,6 @@ impl Drop for HandshakeSlot {
                 handshaking.by_address.remove(&self.address);
             }
         }
-    }
-}
-
-/// An address as the handshake caps count it: an IPv6 address by its /64, which one host holds.
-fn address_block(address: IpAddr) -> IpAddr {
-    match address {
-        IpAddr::V6(v6) => {
-            let mut octets = v6.octets();
-            octets[8..].fill(0);
-            IpAddr::from(octets)
-        }
-        v4 => v4,
     }
 }
 

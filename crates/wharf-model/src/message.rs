@@ -214,3 +214,14 @@ impl Message {
         self.with_properties(properties.with_headers(headers))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every queued message pays this; `docs/benchmarks.md` states it (168 bytes before `Body`).
+    #[test]
+    fn a_message_takes_128_bytes() {
+        assert_eq!(std::mem::size_of::<Message>(), 128);
+    }
+}

@@ -219,7 +219,7 @@ fn decode_content_header(channel: u16, payload: Bytes) -> Result<Frame, WireErro
     if headers_too_deep(&raw_properties) {
         return Err(WireError::NestedTooDeep { what: "content header", channel });
     }
-    let properties = decode_properties(&raw_properties).ok_or(malformed)?;
+    let properties = parse_properties(&raw_properties).ok_or(malformed)?;
     Ok(Frame::Header { channel, header: Box::new(ContentHeader { class_id, body_size, properties, raw_properties }) })
 }
 
@@ -235,6 +235,11 @@ pub fn decode_properties(raw: &[u8]) -> Option<BasicProperties> {
     if headers_too_deep(raw) {
         return None;
     }
+    parse_properties(raw)
+}
+
+/// Parses raw properties whose headers were already checked for depth.
+fn parse_properties(raw: &[u8]) -> Option<BasicProperties> {
     match basic::parse_properties(raw) {
         Ok(([], properties)) => Some(properties),
         _ => None,

@@ -152,23 +152,24 @@ pub fn properties_table_offset(raw_properties: &[u8]) -> Option<usize> {
     (position < raw_properties.len()).then_some(position)
 }
 
+/// A table holding one entry `"n"` whose value is a table nested `depth - 1` more levels (so
+/// the whole is `depth` tables deep), built without recursion (the codec's encoder recurses).
+#[cfg(test)]
+pub(crate) fn nested_tables(depth: usize) -> Vec<u8> {
+    let mut inner: Vec<u8> = 0u32.to_be_bytes().to_vec();
+    for _ in 1..depth {
+        let mut entries = vec![1, b'n', b'F'];
+        entries.extend_from_slice(&inner);
+        let mut table = (entries.len() as u32).to_be_bytes().to_vec();
+        table.extend(entries);
+        inner = table;
+    }
+    inner
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A table holding one entry `"n"` whose value is a table nested `depth - 1` more levels (so
-    /// the whole is `depth` tables deep), built without recursion.
-    fn nested_tables(depth: usize) -> Vec<u8> {
-        let mut inner: Vec<u8> = 0u32.to_be_bytes().to_vec();
-        for _ in 1..depth {
-            let mut entries = vec![1, b'n', b'F'];
-            entries.extend_from_slice(&inner);
-            let mut table = (entries.len() as u32).to_be_bytes().to_vec();
-            table.extend(entries);
-            inner = table;
-        }
-        inner
-    }
 
     #[test]
     fn tables_up_to_the_limit_pass_and_one_level_more_is_refused() {

@@ -111,18 +111,10 @@ mod tests {
     #[test]
     fn an_amqplain_response_nested_too_deep_is_refused_before_it_is_parsed() {
         // LOGIN = a table nested 5,000 levels deep (the parser would recurse that far).
-        let mut inner: Vec<u8> = 0u32.to_be_bytes().to_vec();
-        for _ in 1..5_000 {
-            let mut entries = vec![1, b'n', b'F'];
-            entries.extend_from_slice(&inner);
-            let mut table = (entries.len() as u32).to_be_bytes().to_vec();
-            table.extend(entries);
-            inner = table;
-        }
         let mut response = vec![5];
         response.extend(b"LOGIN");
         response.push(b'F');
-        response.extend(inner);
+        response.extend(crate::nesting::nested_tables(5_000));
         assert_eq!(parse_response("AMQPLAIN", &response), Err(WireError::BadSaslResponse { mechanism: "AMQPLAIN" }));
     }
 

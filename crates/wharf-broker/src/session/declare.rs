@@ -2,11 +2,23 @@
 //! (durable definitions) and the model.
 
 use super::{MethodResult, Session};
-use crate::definitions::QueueRequest;
+use crate::definitions::{BindingChange, QueueRequest};
 use wharf_model::{Destination, ModelError};
 use wharf_wire::protocol::{AMQPClass, exchange, queue};
+use wharf_wire::types::FieldTable;
 
 impl Session {
+    /// A binding change on this connection's vhost.
+    fn binding_change<'a>(
+        &'a self,
+        source: &'a str,
+        destination: &'a Destination,
+        routing_key: &'a str,
+        arguments: &'a FieldTable,
+    ) -> BindingChange<'a> {
+        BindingChange { vhost: &self.vhost, connection: self.connection, source, destination, routing_key, arguments }
+    }
+
     pub(super) fn exchange_class(&mut self, channel: u16, method: exchange::AMQPMethod) -> MethodResult {
         match method {
             exchange::AMQPMethod::Declare(declare) => {
@@ -25,15 +37,9 @@ impl Session {
             }
             exchange::AMQPMethod::Bind(bind) => {
                 let destination = Destination::Exchange(bind.destination.as_str().to_owned());
-                self.core.bind_or_unbind(
-                    &self.vhost,
-                    self.connection,
-                    bind.source.as_str(),
-                    destination,
-                    bind.routing_key.as_str(),
-                    &bind.arguments,
-                    true,
-                )?;
+                let change =
+                    self.binding_change(bind.source.as_str(), &destination, bind.routing_key.as_str(), &bind.arguments);
+                self.core.change_binding(&change, true)?;
                 if !bind.nowait {
                     self.send(channel, AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})));
                 }
@@ -41,15 +47,13 @@ impl Session {
             }
             exchange::AMQPMethod::Unbind(unbind) => {
                 let destination = Destination::Exchange(unbind.destination.as_str().to_owned());
-                self.core.bind_or_unbind(
-                    &self.vhost,
-                    self.connection,
+                let change = self.binding_change(
                     unbind.source.as_str(),
-                    destination,
+                    &destination,
                     unbind.routing_key.as_str(),
                     &unbind.arguments,
-                    false,
-                )?;
+                );
+                self.core.change_binding(&change, false)?;
                 if !unbind.nowait {
                     self.send(channel, AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})));
                 }
@@ -85,15 +89,13 @@ impl Session {
             }
             queue::AMQPMethod::Bind(bind) => {
                 let destination = Destination::Queue(self.queue_name(channel, bind.queue.as_str()));
-                self.core.bind_or_unbind(
-                    &self.vhost,
-                    self.connection,
+                let change = self.binding_change(
                     bind.exchange.as_str(),
-                    destination,
+                    &destination,
                     bind.routing_key.as_str(),
                     &bind.arguments,
-                    true,
-                )?;
+                );
+                self.core.change_binding(&change, true)?;
                 if !bind.nowait {
                     self.send(channel, AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})));
                 }
@@ -101,15 +103,13 @@ impl Session {
             }
             queue::AMQPMethod::Unbind(unbind) => {
                 let destination = Destination::Queue(self.queue_name(channel, unbind.queue.as_str()));
-                self.core.bind_or_unbind(
-                    &self.vhost,
-                    self.connection,
+                let change = self.binding_change(
                     unbind.exchange.as_str(),
-                    destination,
+                    &destination,
                     unbind.routing_key.as_str(),
                     &unbind.arguments,
-                    false,
-                )?;
+                );
+                self.core.change_binding(&change, false)?;
                 self.send(channel, AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})));
                 Ok(())
             }
