@@ -1,6 +1,7 @@
 //! [`BrokerConfig`]: everything the runtime needs to know, with RabbitMQ-like defaults. The binary
 //! fills it from flags, `WHARF_*` variables and a TOML file; tests build it directly.
 
+use crate::access::{Access, Permission, TopicPermission};
 use crate::clock::{Clock, SystemClock};
 use crate::password::PasswordHash;
 use std::net::SocketAddr;
@@ -17,6 +18,9 @@ pub struct User {
     pub password: PasswordHash,
     /// Accepted only from loopback addresses (RabbitMQ's rule for `guest`).
     pub loopback_only: bool,
+    /// RabbitMQ's user tags (`administrator`, `monitoring`, `management`, `policymaker`, or any
+    /// other), kept for the management interface.
+    pub tags: Vec<String>,
 }
 
 impl std::fmt::Debug for User {
@@ -25,6 +29,7 @@ impl std::fmt::Debug for User {
             .debug_struct("User")
             .field("name", &self.name)
             .field("loopback_only", &self.loopback_only)
+            .field("tags", &self.tags)
             .finish_non_exhaustive()
     }
 }
@@ -37,7 +42,7 @@ impl User {
 
     /// A user whose password is given in clear (hashed here; only the hash is kept).
     pub fn with_password(name: &str, password: &str, loopback_only: bool) -> Self {
-        User { name: name.to_owned(), password: PasswordHash::new(password), loopback_only }
+        User { name: name.to_owned(), password: PasswordHash::new(password), loopback_only, tags: Vec::new() }
     }
 }
 
@@ -50,6 +55,11 @@ pub struct BrokerConfig {
     pub data_dir: PathBuf,
     /// Who may connect.
     pub users: Vec<User>,
+    /// What each user may do in each vhost (see `access.rs`); a user without a permission on a
+    /// vhost cannot open a connection to it. By default `guest` has full access to `/`.
+    pub permissions: Vec<Permission>,
+    /// Which routing keys users may publish and bind with on topic exchanges.
+    pub topic_permissions: Vec<TopicPermission>,
     /// The virtual hosts (besides any found in the stored definitions); `/` is always there.
     pub vhosts: Vec<String>,
     /// Largest frame the server accepts and offers in `connection.tune`.
@@ -93,6 +103,17 @@ pub struct BrokerConfig {
 pub const QUEUE_BODY_MEMORY_BYTES_MAX_DEFAULT: u64 = 8 * 1024 * 1024;
 
 impl BrokerConfig {
+    /// Gives `user` every right on every vhost of this configuration (the rule for users of the
+    /// configuration file that list no permissions, so configurations written before permissions
+    /// existed keep working).
+    pub fn grant_full_access(&mut self, user: &str) {
+        for vhost in self.vhosts.clone() {
+            if !self.permissions.iter().any(|permission| permission.user == user && permission.vhost == vhost) {
+                self.permissions.push(Permission::full(user, &vhost));
+            }
+        }
+    }
+
     /// Defaults for a data directory: port 5672 on all interfaces, `guest`/`guest` from
     /// loopback, frame_max 128 KiB, 2047 channels, 60 s heartbeats, 128 MiB messages.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
@@ -100,6 +121,8 @@ impl BrokerConfig {
             amqp_listen: SocketAddr::from(([0, 0, 0, 0], 5672)),
             data_dir: data_dir.into(),
             users: vec![User::guest()],
+            permissions: vec![Permission::full("guest", "/")],
+            topic_permissions: Vec::new(),
             vhosts: vec!["/".into()],
             frame_max: wharf_wire::frame::FRAME_MAX_LIMIT,
             channel_max: 2047,
@@ -175,6 +198,9 @@ impl BrokerConfig {
         if self.users.is_empty() {
             return refuse("the configuration lists no users; nobody could connect".into());
         }
+        if let Err(error) = Access::new(&self.permissions, &self.topic_permissions) {
+            return refuse(error.to_string());
+        }
         Ok(())
     }
 }
@@ -198,5 +224,7 @@ mod tests {
         assert!(refused(&|config| config.vhosts.push(String::new())).starts_with("vhost name"));
         assert!(refused(&|config| config.store.group_commit_delay_us = 200_000).starts_with("group_commit_delay_us"));
         assert!(refused(&|config| config.users.clear()).contains("no users"));
+        let bad_pattern = refused(&|config| config.permissions[0].write = "(".into());
+        assert!(bad_pattern.starts_with("the write permission of user 'guest' in vhost '/'"), "{bad_pattern}");
     }
 }

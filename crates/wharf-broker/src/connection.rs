@@ -3,6 +3,7 @@
 //! `session.rs`, with heartbeat supervision and both close handshakes. Errors are answered with the
 //! reply code the spec and RabbitMQ use, closing only the channel when that is enough.
 
+use crate::access::VhostGrant;
 use crate::core::{Core, blocking};
 use crate::outbound::{BACKLOG_BYTES_MAX, Backlog, HandshakeSlot, Outbound, Outbox, Reports, UnsentDelivery};
 use crate::outbound::{method_frame, truncate};
@@ -220,6 +221,11 @@ impl Connection {
             let text = format!("NOT_ALLOWED - vhost '{vhost}' not found");
             return Err(self.close_connection(reply_code::NOT_ALLOWED, &text, MethodId::CONNECTION_OPEN).await);
         }
+        let Some(grant) = self.core.access.grant(&user, &vhost) else {
+            tracing::warn!(peer = %self.peer, %user, %vhost, "connection refused: no permissions on the vhost");
+            let text = format!("NOT_ALLOWED - access to vhost '{vhost}' refused for user '{user}'");
+            return Err(self.close_connection(reply_code::NOT_ALLOWED, &text, MethodId::CONNECTION_OPEN).await);
+        };
         // Only a logged-in connection takes one of the `connections_max` slots (a socket still in
         // its handshake holds a handshake slot instead), so silent sockets cannot lock real
         // clients out.
@@ -230,7 +236,7 @@ impl Connection {
             return Err(self.close_connection(reply_code::NOT_ALLOWED, &text, MethodId::CONNECTION_OPEN).await);
         };
         self.send(0, &AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})));
-        Ok(LoggedIn { id, user, vhost, channel_max })
+        Ok(LoggedIn { id, user, vhost, channel_max, grant })
     }
 
     async fn unexpected(&mut self, expected: &str) -> Ending {
@@ -303,6 +309,8 @@ struct LoggedIn {
     user: String,
     vhost: String,
     channel_max: u16,
+    /// What the user may do in the vhost.
+    grant: Arc<VhostGrant>,
 }
 
 /// Serves one accepted socket until it closes.
@@ -338,9 +346,9 @@ pub(crate) async fn serve(
     let (ending, id) = match handshake {
         Err(_) => (Ending::SocketLost("handshake timed out".into()), None),
         Ok(Err(ending)) => (ending, None),
-        Ok(Ok(LoggedIn { id, user, vhost, channel_max })) => {
+        Ok(Ok(LoggedIn { id, user, vhost, channel_max, grant })) => {
             tracing::info!(%peer, connection = id.0, %user, %vhost, "connection opened");
-            let mut session = Session::new(Arc::clone(&core), id, vhost, channel_max, outbound.clone());
+            let mut session = Session::new(Arc::clone(&core), id, grant, vhost, channel_max, outbound.clone());
             let ending = run_frames(&mut connection, &mut session, shutdown).await;
             session.close_all();
             (ending, Some(id))

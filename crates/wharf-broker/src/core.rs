@@ -12,6 +12,7 @@
 //! may block (definition writes, waiting for a store log to be created) runs through
 //! [`blocking`], which hands the worker's other tasks to another worker first.
 
+use crate::access::Access;
 use crate::clock::Clock;
 use crate::config::BrokerConfig;
 use crate::dedup_logs::DedupLogs;
@@ -47,6 +48,8 @@ pub(crate) struct Core {
     pub pager: Arc<Pager>,
     /// Failed logins by source address (refused for a while after too many).
     pub login_throttle: LoginThrottle,
+    /// Who may do what (the configuration's permissions, compiled).
+    pub access: Access,
 }
 
 /// Runs work that may block (definition writes, store round trips) without stalling the other
@@ -85,7 +88,14 @@ impl Core {
             parts.config.handshakes_max,
             parts.config.handshakes_per_address_max,
         );
+        // `Broker::start` validated the permissions; should they fail anyway, nobody gets access
+        // (closed, not open).
+        let access = Access::new(&parts.config.permissions, &parts.config.topic_permissions).unwrap_or_else(|error| {
+            tracing::error!(%error, "permissions cannot be compiled; no user has access");
+            Access::default()
+        });
         Core {
+            access,
             clock: Arc::clone(&parts.config.clock),
             config: parts.config,
             model: Mutex::new(parts.model),

@@ -3,8 +3,10 @@
 //! first, the definition is written with the model change under the definitions lock, and a
 //! failure undoes what was done.
 
+use crate::access::{Resource, Right, VhostGrant};
 use crate::core::Core;
 use crate::definition_format::{self, Definition, StoredBinding, StoredExchange, StoredQueue};
+use crate::persist::text_argument;
 use wharf_model::{ConnectionId, Destination, Exchange, ExchangeDeclare, ExchangeKind, ModelError, QueueDeclare};
 use wharf_store::{LogId, StoreError};
 use wharf_wire::protocol::exchange;
@@ -32,6 +34,9 @@ pub(crate) struct QueueRequest<'a> {
     pub arguments: &'a wharf_wire::types::FieldTable,
     pub connection: ConnectionId,
     pub server_named: bool,
+    /// The declaring user's permissions, checked on the queue's final name (a server-named queue's
+    /// too, as RabbitMQ does); `None` for the broker's own declarations.
+    pub grant: Option<&'a VhostGrant>,
 }
 
 pub(crate) fn internal_error(error: &StoreError) -> ModelError {
@@ -57,6 +62,15 @@ impl Core {
                 model.vhost_mut(request.vhost).ok_or_else(|| ModelError::not_allowed("vhost no longer exists"))?;
             if server_named {
                 name = vhost.generate_queue_name();
+            }
+            if let Some(grant) = request.grant
+                && !request.passive
+            {
+                grant.check(Right::Configure, Resource::Queue, &name)?;
+                if let Some(exchange) = text_argument(request.arguments, "x-dead-letter-exchange") {
+                    grant.check(Right::Read, Resource::Queue, &name)?;
+                    grant.check(Right::Write, Resource::Exchange, &exchange)?;
+                }
             }
             let creates = !request.passive && vhost.queue(&name).is_none();
             let settings = if creates { Some(vhost.queue_settings(&name, request.arguments)?) } else { None };

@@ -7,6 +7,7 @@
 //! `tx.commit-ok` only after the store reports the covering `fdatasync`. Durable definitions live in
 //! the store's definitions log and are rebuilt, with every stored message, at start.
 
+mod access;
 mod clock;
 mod config;
 mod confirms;
@@ -28,6 +29,7 @@ mod server;
 mod session;
 mod writer;
 
+pub use access::{Permission, PermissionError, TopicPermission};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
     BrokerConfig, ConfigError, FRAME_MAX_MIN, GROUP_COMMIT_DELAY_US_MAX, QUEUE_BODY_MEMORY_BYTES_MAX_DEFAULT, User,

@@ -104,3 +104,13 @@ mod tests {
         assert!(decode_message(&[1, 200], Bytes::new()).is_none(), "truncated");
     }
 }
+
+/// A string argument (`x-dead-letter-exchange`, `alternate-exchange`), if the table has one.
+pub(crate) fn text_argument(arguments: &FieldTable, key: &str) -> Option<String> {
+    use wharf_wire::types::AMQPValue;
+    match arguments.inner().get(key)? {
+        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
+        AMQPValue::ShortString(text) => Some(text.as_str().to_owned()),
+        _ => None,
+    }
+}

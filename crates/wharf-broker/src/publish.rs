@@ -382,6 +382,7 @@ impl Core {
             arguments: &arguments,
             connection: ConnectionId(0),
             server_named: false,
+            grant: None,
         };
         match self.declare_queue(request) {
             Ok(_) => Ok(()),

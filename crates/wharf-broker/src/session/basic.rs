@@ -4,6 +4,7 @@
 use super::content::Content;
 use super::tx::{TX_OPS_MAX, TxOp};
 use super::{MethodResult, Session};
+use crate::access::{Resource, Right};
 use crate::confirms::{ConfirmQueue, Confirms, confirm_loop};
 use crate::outbound::Outbound;
 use crate::outbound::method_frame;
@@ -22,6 +23,7 @@ impl Session {
             }
             basic::AMQPMethod::Consume(consume) => {
                 let queue_name = self.queue_name(channel, consume.queue.as_str());
+                self.allow(Right::Read, Resource::Queue, &queue_name)?;
                 let mut model = self.core.lock_model();
                 let (tag, mut effects) = model.consume(
                     key,
@@ -63,13 +65,24 @@ impl Session {
                 if publish.immediate {
                     return Err(ModelError::not_implemented("immediate=true"));
                 }
+                let exchange = publish.exchange.as_str();
+                let cached = self.channels.get(&channel).and_then(|state| state.write_allowed.as_deref());
+                if cached != Some(exchange) {
+                    self.allow(Right::Write, Resource::Exchange, exchange)?;
+                    self.allow_topic(Right::Write, exchange, publish.routing_key.as_str())?;
+                }
+                let cacheable = !self.grant.has_topic_rules(exchange);
                 if let Some(state) = self.channels.get_mut(&channel) {
+                    if cacheable && state.write_allowed.as_deref() != Some(exchange) {
+                        state.write_allowed = Some(exchange.to_owned());
+                    }
                     state.content = Some(Content::Header(publish));
                 }
                 Ok(())
             }
             basic::AMQPMethod::Get(get) => {
                 let queue_name = self.queue_name(channel, get.queue.as_str());
+                self.allow(Right::Read, Resource::Queue, &queue_name)?;
                 // Answered under the model lock, like every delivery, so the get-ok keeps its
                 // tag's place among deliveries to this channel.
                 let outbound = self.outbound.clone();

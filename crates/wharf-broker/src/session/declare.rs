@@ -2,7 +2,9 @@
 //! (durable definitions) and the model.
 
 use super::{MethodResult, Session};
+use crate::access::{Resource, Right};
 use crate::definitions::{BindingChange, QueueRequest};
+use crate::persist::text_argument;
 use wharf_model::{Destination, ModelError};
 use wharf_wire::protocol::{AMQPClass, exchange, queue};
 use wharf_wire::types::FieldTable;
@@ -22,6 +24,14 @@ impl Session {
     pub(super) fn exchange_class(&mut self, channel: u16, method: exchange::AMQPMethod) -> MethodResult {
         match method {
             exchange::AMQPMethod::Declare(declare) => {
+                if !declare.passive {
+                    let name = declare.exchange.as_str();
+                    self.allow(Right::Configure, Resource::Exchange, name)?;
+                    if let Some(alternate) = text_argument(&declare.arguments, "alternate-exchange") {
+                        self.allow(Right::Read, Resource::Exchange, name)?;
+                        self.allow(Right::Write, Resource::Exchange, &alternate)?;
+                    }
+                }
                 self.core.declare_exchange(&self.vhost, &declare)?;
                 if !declare.nowait {
                     self.send(channel, AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {})));
@@ -29,6 +39,7 @@ impl Session {
                 Ok(())
             }
             exchange::AMQPMethod::Delete(delete) => {
+                self.allow(Right::Configure, Resource::Exchange, delete.exchange.as_str())?;
                 self.core.delete_exchange(&self.vhost, delete.exchange.as_str(), delete.if_unused)?;
                 if !delete.nowait {
                     self.send(channel, AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})));
@@ -36,6 +47,12 @@ impl Session {
                 Ok(())
             }
             exchange::AMQPMethod::Bind(bind) => {
+                self.allow_binding(
+                    Resource::Exchange,
+                    bind.destination.as_str(),
+                    bind.source.as_str(),
+                    bind.routing_key.as_str(),
+                )?;
                 let destination = Destination::Exchange(bind.destination.as_str().to_owned());
                 let change =
                     self.binding_change(bind.source.as_str(), &destination, bind.routing_key.as_str(), &bind.arguments);
@@ -46,6 +63,12 @@ impl Session {
                 Ok(())
             }
             exchange::AMQPMethod::Unbind(unbind) => {
+                self.allow_binding(
+                    Resource::Exchange,
+                    unbind.destination.as_str(),
+                    unbind.source.as_str(),
+                    unbind.routing_key.as_str(),
+                )?;
                 let destination = Destination::Exchange(unbind.destination.as_str().to_owned());
                 let change = self.binding_change(
                     unbind.source.as_str(),
@@ -88,7 +111,9 @@ impl Session {
                 Ok(())
             }
             queue::AMQPMethod::Bind(bind) => {
-                let destination = Destination::Queue(self.queue_name(channel, bind.queue.as_str()));
+                let queue_name = self.queue_name(channel, bind.queue.as_str());
+                self.allow_binding(Resource::Queue, &queue_name, bind.exchange.as_str(), bind.routing_key.as_str())?;
+                let destination = Destination::Queue(queue_name);
                 let change = self.binding_change(
                     bind.exchange.as_str(),
                     &destination,
@@ -102,7 +127,14 @@ impl Session {
                 Ok(())
             }
             queue::AMQPMethod::Unbind(unbind) => {
-                let destination = Destination::Queue(self.queue_name(channel, unbind.queue.as_str()));
+                let queue_name = self.queue_name(channel, unbind.queue.as_str());
+                self.allow_binding(
+                    Resource::Queue,
+                    &queue_name,
+                    unbind.exchange.as_str(),
+                    unbind.routing_key.as_str(),
+                )?;
+                let destination = Destination::Queue(queue_name);
                 let change = self.binding_change(
                     unbind.exchange.as_str(),
                     &destination,
@@ -115,6 +147,7 @@ impl Session {
             }
             queue::AMQPMethod::Purge(purge) => {
                 let name = self.queue_name(channel, purge.queue.as_str());
+                self.allow(Right::Read, Resource::Queue, &name)?;
                 let key = self.key(channel);
                 let count = self.core.act(|model| model.purge(key, &name))?;
                 if !purge.nowait {
@@ -127,6 +160,7 @@ impl Session {
             }
             queue::AMQPMethod::Delete(delete) => {
                 let name = self.queue_name(channel, delete.queue.as_str());
+                self.allow(Right::Configure, Resource::Queue, &name)?;
                 let key = self.key(channel);
                 let count = self.core.act(|model| model.delete_queue(key, &name, delete.if_unused, delete.if_empty))?;
                 if !delete.nowait {
@@ -155,6 +189,21 @@ impl Session {
             arguments: &declare.arguments,
             connection: self.connection,
             server_named,
+            grant: Some(&self.grant),
         })
+    }
+
+    /// A binding change needs write on its destination and read on its source, and on a topic
+    /// exchange topic read with the binding key (RabbitMQ's `binding_action`).
+    fn allow_binding(
+        &self,
+        destination_kind: Resource,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+    ) -> MethodResult {
+        self.allow(Right::Write, destination_kind, destination)?;
+        self.allow(Right::Read, Resource::Exchange, source)?;
+        self.allow_topic(Right::Read, source, routing_key)
     }
 }

@@ -12,6 +12,7 @@ mod content;
 mod declare;
 mod tx;
 
+use crate::access::{Resource, Right, VhostGrant};
 use crate::confirms::{Confirms, close_confirms};
 use crate::core::Core;
 use crate::outbound::{Outbound, Outbox};
@@ -20,7 +21,7 @@ use content::Content;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tx::TxOp;
-use wharf_model::{ChannelKey, ConnectionId, ModelError, Scope};
+use wharf_model::{ChannelKey, ConnectionId, ExchangeKind, ModelError, Scope};
 use wharf_wire::Frame;
 use wharf_wire::methods::MethodId;
 use wharf_wire::protocol::{AMQPClass, access, channel, confirm};
@@ -35,12 +36,17 @@ struct ChannelState {
     tx: Option<Vec<TxOp>>,
     /// For methods that name the queue `""`: the last queue declared on this channel.
     last_queue: String,
+    /// The last exchange a publish on this channel was allowed to write to (and that has no
+    /// topic permissions): the next publish to it needs no check (RabbitMQ caches likewise).
+    write_allowed: Option<String>,
 }
 
 /// All channels of a connection.
 pub(crate) struct Session {
     core: Arc<Core>,
     connection: ConnectionId,
+    /// What the user may do in the vhost (checked before every method, as RabbitMQ does).
+    grant: Arc<VhostGrant>,
     vhost: String,
     channel_max: u16,
     outbound: Outbox,
@@ -59,8 +65,34 @@ fn blocking<T>(work: impl FnOnce() -> T) -> T {
 }
 
 impl Session {
-    pub fn new(core: Arc<Core>, connection: ConnectionId, vhost: String, channel_max: u16, outbound: Outbox) -> Self {
-        Session { core, connection, vhost, channel_max, outbound, channels: HashMap::new() }
+    pub fn new(
+        core: Arc<Core>,
+        connection: ConnectionId,
+        grant: Arc<VhostGrant>,
+        vhost: String,
+        channel_max: u16,
+        outbound: Outbox,
+    ) -> Self {
+        Session { core, connection, grant, vhost, channel_max, outbound, channels: HashMap::new() }
+    }
+
+    /// Allows `right` on a resource of this vhost, or refuses with 403 (see `access.rs`).
+    fn allow(&self, right: Right, resource: Resource, name: &str) -> MethodResult {
+        self.grant.check(right, resource, name)
+    }
+
+    /// Allows `right` with `routing_key` if `exchange` is a topic exchange the user has topic
+    /// permissions on; any other exchange needs no topic check.
+    fn allow_topic(&self, right: Right, exchange: &str, routing_key: &str) -> MethodResult {
+        if !self.grant.has_topic_rules(exchange) {
+            return Ok(());
+        }
+        let is_topic = {
+            let model = self.core.lock_model();
+            let found = model.vhost(&self.vhost).and_then(|vhost| vhost.exchange(exchange));
+            found.is_some_and(|found| found.kind == ExchangeKind::Topic)
+        };
+        if is_topic { self.grant.check_topic(right, exchange, routing_key) } else { Ok(()) }
     }
 
     /// The connection these channels belong to.

@@ -242,6 +242,7 @@ async fn wrong_passwords_and_unknown_users_are_refused_with_403() {
 async fn configured_users_and_guest_from_loopback_are_accepted() {
     let broker = TestBroker::start_with(|config| {
         config.users.push(wharf_broker::User::with_password("app", "pw", false));
+        config.grant_full_access("app");
     })
     .await;
     let mut raw = Raw::connect(&broker).await;
@@ -606,7 +607,11 @@ async fn one_address_cannot_take_more_than_its_share_of_handshake_slots() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_vhost_is_refused_with_530_and_configured_ones_open() {
-    let broker = TestBroker::start_with(|config| config.vhosts.push("staging".into())).await;
+    let broker = TestBroker::start_with(|config| {
+        config.vhosts.push("staging".into());
+        config.grant_full_access("guest");
+    })
+    .await;
     let mut raw = Raw::connect(&broker).await;
     let close = raw.handshake_to("nope", "guest", "guest", 0).await.expect("refused");
     assert_eq!(close.reply_code, 530, "{}", close.reply_text);

@@ -105,6 +105,7 @@ async fn populate(url: &str) {
 fn fixture_config(data_dir: &Path) -> BrokerConfig {
     let mut config = common::config(data_dir);
     config.vhosts.push("staging".into());
+    config.grant_full_access("guest");
     config
 }
 

@@ -6,6 +6,7 @@
 
 mod common;
 
+mod authorization;
 mod bad_input;
 mod confirms_and_transactions;
 mod consumers;
