@@ -3,6 +3,7 @@
 
 use crate::access::{Access, Permission, TopicPermission};
 use crate::clock::{Clock, SystemClock};
+use crate::definitions_import::Topology;
 use crate::password::PasswordHash;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -46,6 +47,28 @@ impl User {
     }
 }
 
+/// Limits on one vhost (RabbitMQ's `set_vhost_limits`); `None` is no limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VhostLimits {
+    /// The vhost.
+    pub vhost: String,
+    /// Most client connections to it at once (`max-connections`).
+    pub connections_max: Option<u32>,
+    /// Most queues in it (`max-queues`).
+    pub queues_max: Option<u32>,
+}
+
+/// Limits on one user (RabbitMQ's `set_user_limits`); `None` is no limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserLimits {
+    /// The user.
+    pub user: String,
+    /// Most connections of this user at once (`max-connections`).
+    pub connections_max: Option<u32>,
+    /// Most channels open at once across all of this user's connections (`max-channels`).
+    pub channels_max: Option<u32>,
+}
+
 /// The broker's configuration.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
@@ -60,6 +83,13 @@ pub struct BrokerConfig {
     pub permissions: Vec<Permission>,
     /// Which routing keys users may publish and bind with on topic exchanges.
     pub topic_permissions: Vec<TopicPermission>,
+    /// Limits per vhost (connections, queues).
+    pub vhost_limits: Vec<VhostLimits>,
+    /// Limits per user (connections, channels).
+    pub user_limits: Vec<UserLimits>,
+    /// Exchanges, queues and bindings from a definitions file, declared once the data directory
+    /// is recovered (see `definitions_import.rs`).
+    pub imported_topology: Topology,
     /// The virtual hosts (besides any found in the stored definitions); `/` is always there.
     pub vhosts: Vec<String>,
     /// Largest frame the server accepts and offers in `connection.tune`.
@@ -82,6 +112,10 @@ pub struct BrokerConfig {
     pub handshakes_per_address_max: usize,
     /// How long the server waits for the handshake to finish, in milliseconds.
     pub handshake_timeout_ms: u64,
+    /// How long a consumer may hold a delivery unacknowledged before its lease runs out and the
+    /// message goes back to its queue, for queues that set no `x-consumer-timeout` (by argument
+    /// or policy). RabbitMQ's default, 30 minutes; `None` for no timeout.
+    pub consumer_timeout_ms: Option<u64>,
     /// Storage tuning.
     pub store: StoreConfig,
     /// The file system the data directory lives on: the real one, or a fault-injecting one in
@@ -97,6 +131,9 @@ pub struct BrokerConfig {
     /// tests (see `clock.rs`).
     pub clock: Arc<dyn Clock>,
 }
+
+/// Default for [`BrokerConfig::consumer_timeout_ms`]: RabbitMQ's 30 minutes.
+pub const CONSUMER_TIMEOUT_MS_DEFAULT: u64 = 30 * 60 * 1000;
 
 /// Default for [`BrokerConfig::queue_body_memory_bytes_max`]: enough for a consumer that is a
 /// few seconds behind at full speed to be served from memory.
@@ -123,6 +160,9 @@ impl BrokerConfig {
             users: vec![User::guest()],
             permissions: vec![Permission::full("guest", "/")],
             topic_permissions: Vec::new(),
+            vhost_limits: Vec::new(),
+            user_limits: Vec::new(),
+            imported_topology: Topology::default(),
             vhosts: vec!["/".into()],
             frame_max: wharf_wire::frame::FRAME_MAX_LIMIT,
             channel_max: 2047,
@@ -132,6 +172,7 @@ impl BrokerConfig {
             handshakes_max: 1_024,
             handshakes_per_address_max: 256,
             handshake_timeout_ms: 10_000,
+            consumer_timeout_ms: Some(CONSUMER_TIMEOUT_MS_DEFAULT),
             store: StoreConfig::default(),
             fs: RealFs::shared(),
             policies: Vec::new(),
@@ -180,6 +221,9 @@ impl BrokerConfig {
         }
         if self.handshakes_per_address_max == 0 {
             return refuse("handshakes_per_address_max must be at least 1".into());
+        }
+        if self.consumer_timeout_ms == Some(0) {
+            return refuse("consumer_timeout_ms must be at least 1 (or none, for no timeout)".into());
         }
         if self.handshake_timeout_ms == 0 {
             return refuse("handshake_timeout_ms must be at least 1".into());

@@ -5,6 +5,7 @@
 
 use crate::access::VhostGrant;
 use crate::core::{Core, blocking};
+use crate::limits::ConnectionLease;
 use crate::outbound::{BACKLOG_BYTES_MAX, Backlog, HandshakeSlot, Outbound, Outbox, Reports, UnsentDelivery};
 use crate::outbound::{method_frame, truncate};
 use crate::session::{Session, Stop};
@@ -226,6 +227,13 @@ impl Connection {
             let text = format!("NOT_ALLOWED - access to vhost '{vhost}' refused for user '{user}'");
             return Err(self.close_connection(reply_code::NOT_ALLOWED, &text, MethodId::CONNECTION_OPEN).await);
         };
+        let lease = match self.core.limits.admit_connection(&user, &vhost) {
+            Ok(lease) => lease,
+            Err(text) => {
+                tracing::warn!(peer = %self.peer, %user, %vhost, reason = %text, "connection refused: limit reached");
+                return Err(self.close_connection(reply_code::NOT_ALLOWED, &text, MethodId::CONNECTION_OPEN).await);
+            }
+        };
         // Only a logged-in connection takes one of the `connections_max` slots (a socket still in
         // its handshake holds a handshake slot instead), so silent sockets cannot lock real
         // clients out.
@@ -236,7 +244,7 @@ impl Connection {
             return Err(self.close_connection(reply_code::NOT_ALLOWED, &text, MethodId::CONNECTION_OPEN).await);
         };
         self.send(0, &AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})));
-        Ok(LoggedIn { id, user, vhost, channel_max, grant })
+        Ok(LoggedIn { id, user, vhost, channel_max, grant, lease })
     }
 
     async fn unexpected(&mut self, expected: &str) -> Ending {
@@ -311,6 +319,8 @@ struct LoggedIn {
     channel_max: u16,
     /// What the user may do in the vhost.
     grant: Arc<VhostGrant>,
+    /// Its place in the vhost's and user's connection counts.
+    lease: ConnectionLease,
 }
 
 /// Serves one accepted socket until it closes.
@@ -346,9 +356,9 @@ pub(crate) async fn serve(
     let (ending, id) = match handshake {
         Err(_) => (Ending::SocketLost("handshake timed out".into()), None),
         Ok(Err(ending)) => (ending, None),
-        Ok(Ok(LoggedIn { id, user, vhost, channel_max, grant })) => {
+        Ok(Ok(LoggedIn { id, user, vhost, channel_max, grant, lease })) => {
             tracing::info!(%peer, connection = id.0, %user, %vhost, "connection opened");
-            let mut session = Session::new(Arc::clone(&core), id, grant, vhost, channel_max, outbound.clone());
+            let mut session = Session::new(Arc::clone(&core), id, grant, lease, vhost, channel_max, outbound.clone());
             let ending = run_frames(&mut connection, &mut session, shutdown).await;
             session.close_all();
             (ending, Some(id))

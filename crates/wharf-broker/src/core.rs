@@ -16,6 +16,7 @@ use crate::access::Access;
 use crate::clock::Clock;
 use crate::config::BrokerConfig;
 use crate::dedup_logs::DedupLogs;
+use crate::limits::Limits;
 use crate::login_throttle::LoginThrottle;
 use crate::outbound::{Connections, Outbound, OutboundDelivery};
 use crate::pager::{self, Pager};
@@ -50,6 +51,8 @@ pub(crate) struct Core {
     pub login_throttle: LoginThrottle,
     /// Who may do what (the configuration's permissions, compiled).
     pub access: Access,
+    /// Vhost and user limits, and the counts against them.
+    pub limits: Arc<Limits>,
 }
 
 /// Runs work that may block (definition writes, store round trips) without stalling the other
@@ -94,8 +97,10 @@ impl Core {
             tracing::error!(%error, "permissions cannot be compiled; no user has access");
             Access::default()
         });
+        let limits = Limits::new(&parts.config.vhost_limits, &parts.config.user_limits);
         Core {
             access,
+            limits,
             clock: Arc::clone(&parts.config.clock),
             config: parts.config,
             model: Mutex::new(parts.model),

@@ -73,6 +73,9 @@ impl Core {
                 }
             }
             let creates = !request.passive && vhost.queue(&name).is_none();
+            if creates {
+                self.limits.check_new_queue(request.vhost, &name, vhost.queue_count())?;
+            }
             let settings = if creates { Some(vhost.queue_settings(&name, request.arguments)?) } else { None };
             let deduplicates = settings.is_some_and(|settings| settings.deduplication.is_some());
             (creates && request.durable && !request.exclusive, deduplicates)

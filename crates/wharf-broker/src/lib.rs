@@ -16,7 +16,9 @@ mod core;
 mod dedup_logs;
 mod definition_format;
 mod definitions;
+mod definitions_import;
 mod error;
+mod limits;
 mod login_throttle;
 mod outbound;
 mod pager;
@@ -32,7 +34,11 @@ mod writer;
 pub use access::{Permission, PermissionError, TopicPermission};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
-    BrokerConfig, ConfigError, FRAME_MAX_MIN, GROUP_COMMIT_DELAY_US_MAX, QUEUE_BODY_MEMORY_BYTES_MAX_DEFAULT, User,
+    BrokerConfig, CONSUMER_TIMEOUT_MS_DEFAULT, ConfigError, FRAME_MAX_MIN, GROUP_COMMIT_DELAY_US_MAX,
+    QUEUE_BODY_MEMORY_BYTES_MAX_DEFAULT, User, UserLimits, VhostLimits,
+};
+pub use definitions_import::{
+    DEFINITIONS_BYTES_MAX, Definitions, DefinitionsError, ImportedBinding, ImportedExchange, ImportedQueue, Topology,
 };
 pub use error::BrokerError;
 pub use password::{HashingAlgorithm, PasswordError, PasswordHash};

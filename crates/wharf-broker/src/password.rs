@@ -104,6 +104,12 @@ impl PasswordHash {
         PasswordHash { algorithm, salt, digest: algorithm.digest(&salt, password.as_bytes()) }
     }
 
+    /// No password at all: nothing verifies against it (RabbitMQ's user with an empty
+    /// `password_hash`, which only a certificate login can authenticate).
+    pub fn unusable() -> Self {
+        PasswordHash { algorithm: HashingAlgorithm::Sha256, salt: [0; SALT_BYTES], digest: Vec::new() }
+    }
+
     /// Reads a hash as RabbitMQ exports it (`password_hash`, `hashing_algorithm`).
     pub fn from_rabbitmq(password_hash: &str, hashing_algorithm: &str) -> Result<Self, PasswordError> {
         let algorithm = HashingAlgorithm::parse(hashing_algorithm)?;
@@ -119,6 +125,9 @@ impl PasswordHash {
 
     /// The hash as RabbitMQ exports it: (`password_hash`, `hashing_algorithm`).
     pub fn to_rabbitmq(&self) -> (String, &'static str) {
+        if self.digest.is_empty() {
+            return (String::new(), self.algorithm.name());
+        }
         let mut bytes = self.salt.to_vec();
         bytes.extend_from_slice(&self.digest);
         (STANDARD.encode(bytes), self.algorithm.name())
@@ -126,6 +135,9 @@ impl PasswordHash {
 
     /// Whether `password` is the one hashed, compared in constant time.
     pub fn verify(&self, password: &[u8]) -> bool {
+        if self.digest.is_empty() {
+            return false;
+        }
         constant_time_equal(&self.algorithm.digest(&self.salt, password), &self.digest)
     }
 }

@@ -82,6 +82,16 @@ pub fn json_to_amqp(value: &serde_json::Value) -> Option<wharf_wire::types::AMQP
     })
 }
 
+/// A string argument (`x-dead-letter-exchange`, `alternate-exchange`), if the table has one.
+pub(crate) fn text_argument(arguments: &FieldTable, key: &str) -> Option<String> {
+    use wharf_wire::types::AMQPValue;
+    match arguments.inner().get(key)? {
+        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
+        AMQPValue::ShortString(text) => Some(text.as_str().to_owned()),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,15 +112,5 @@ mod tests {
         assert_eq!(decode_message(&meta, Bytes::from_static(b"{}")).unwrap(), message);
         assert!(decode_message(&[9, 0, 0], Bytes::new()).is_none(), "unknown version");
         assert!(decode_message(&[1, 200], Bytes::new()).is_none(), "truncated");
-    }
-}
-
-/// A string argument (`x-dead-letter-exchange`, `alternate-exchange`), if the table has one.
-pub(crate) fn text_argument(arguments: &FieldTable, key: &str) -> Option<String> {
-    use wharf_wire::types::AMQPValue;
-    match arguments.inner().get(key)? {
-        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
-        AMQPValue::ShortString(text) => Some(text.as_str().to_owned()),
-        _ => None,
     }
 }

@@ -112,6 +112,7 @@ fn new_model(config: &BrokerConfig) -> BrokerModel {
     // `/` may exist before any policy was set on it.
     if let Some(vhost) = model.vhost_mut("/") {
         vhost.set_policies(policies_of(config, "/"));
+        vhost.set_default_consumer_timeout_ms(config.consumer_timeout_ms);
     }
     for vhost in &config.vhosts {
         ensure_vhost(config, &mut model, vhost);
@@ -129,6 +130,7 @@ fn ensure_vhost(config: &BrokerConfig, model: &mut BrokerModel, name: &str) {
         model.add_vhost(name);
         if let Some(vhost) = model.vhost_mut(name) {
             vhost.set_policies(policies_of(config, name));
+            vhost.set_default_consumer_timeout_ms(config.consumer_timeout_ms);
         }
     }
 }

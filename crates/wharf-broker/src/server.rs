@@ -52,9 +52,12 @@ impl Broker {
         let core = Arc::new(core);
         {
             let core = Arc::clone(&core);
-            tokio::task::spawn_blocking(move || core.apply(startup))
-                .await
-                .map_err(|error| BrokerError::Startup(error.to_string()))?;
+            tokio::task::spawn_blocking(move || {
+                core.apply(startup);
+                core.declare_imported_topology();
+            })
+            .await
+            .map_err(|error| BrokerError::Startup(error.to_string()))?;
         }
         let timers = tokio::spawn(run_timers(Arc::clone(&core)));
         let listener = TcpListener::bind(address).await.map_err(|source| BrokerError::Listen { address, source })?;

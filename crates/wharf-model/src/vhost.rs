@@ -92,6 +92,8 @@ pub struct VirtualHost {
     auto_deleted: Vec<Exchange>,
     /// Policies, in no particular order (`policy::select` picks).
     policies: Vec<Policy>,
+    /// The consumer timeout (lease) of queues that set none, by argument or policy.
+    default_consumer_timeout_ms: Option<u64>,
     /// De-duplication indexes of exchanges that de-duplicate.
     pub(crate) exchange_dedup: HashMap<String, DedupIndex>,
     /// Messages waiting in delayed-message exchanges.
@@ -135,6 +137,7 @@ impl VirtualHost {
             name_seed,
             auto_deleted: Vec::new(),
             policies: Vec::new(),
+            default_consumer_timeout_ms: None,
             exchange_dedup: HashMap::new(),
             delayed: HashMap::new(),
             queue_incarnations: 0,
@@ -391,6 +394,18 @@ impl VirtualHost {
         self.policies = policies;
     }
 
+    /// Sets the consumer timeout of queues whose arguments and policies set none (RabbitMQ's
+    /// `consumer_timeout`, 30 minutes by default there and in Wharf's configuration). Applies to
+    /// queues declared from now on.
+    pub fn set_default_consumer_timeout_ms(&mut self, timeout_ms: Option<u64>) {
+        self.default_consumer_timeout_ms = timeout_ms;
+    }
+
+    /// How many queues this vhost holds.
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+
     /// The vhost's policies.
     pub fn policies(&self) -> &[Policy] {
         &self.policies
@@ -399,7 +414,10 @@ impl VirtualHost {
     /// The settings a queue named `name` declared with `arguments` gets (its arguments merged
     /// with the policy that applies), or 406 naming a bad argument.
     pub fn queue_settings(&self, name: &str, arguments: &FieldTable) -> Result<QueueSettings> {
-        QueueSettings::parse(&effective_arguments(arguments, policy::select(&self.policies, name, true)))
+        let mut settings =
+            QueueSettings::parse(&effective_arguments(arguments, policy::select(&self.policies, name, true)))?;
+        settings.consumer_timeout_ms = settings.consumer_timeout_ms.or(self.default_consumer_timeout_ms);
+        Ok(settings)
     }
 
     /// The settings an exchange gets, or 406 naming a bad argument.

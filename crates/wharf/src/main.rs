@@ -11,7 +11,10 @@ use clap::{Parser, Subcommand};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use wharf_broker::{Broker, BrokerConfig, PasswordHash, User};
+use wharf_broker::{
+    Broker, BrokerConfig, DEFINITIONS_BYTES_MAX, Definitions, PasswordHash, Permission, TopicPermission, User,
+    UserLimits, VhostLimits,
+};
 
 #[derive(Debug, Parser)]
 #[command(name = "wharf", version, about = "A durable AMQP 0-9-1 message broker")]
@@ -67,6 +70,19 @@ struct ServeArgs {
     /// messages are read back from disk when delivered [default: 8388608 (8 MiB)].
     #[arg(long, env = "WHARF_QUEUE_BODY_MEMORY_BYTES_MAX")]
     queue_body_memory_bytes_max: Option<u64>,
+    /// A RabbitMQ definitions file (JSON, as `rabbitmqctl export_definitions` writes it) to load at
+    /// start: users, vhosts, permissions, limits, policies, exchanges, queues and bindings.
+    /// Loading is idempotent; users of the configuration file keep working.
+    #[arg(long, env = "WHARF_DEFINITIONS", value_name = "FILE")]
+    definitions: Option<PathBuf>,
+    /// Most channels per connection offered to clients [default: 2047].
+    #[arg(long, env = "WHARF_CHANNEL_MAX")]
+    channel_max: Option<u16>,
+    /// How long a consumer may keep a delivery unacknowledged before it goes back to its queue,
+    /// for queues without their own `x-consumer-timeout`, in milliseconds (0: no timeout)
+    /// [default: 1800000 (30 minutes)].
+    #[arg(long, env = "WHARF_CONSUMER_TIMEOUT_MS")]
+    consumer_timeout_ms: Option<u64>,
     /// A policy, as JSON: {"name": "retry", "pattern": "^orders\\.", "apply_to": "queues",
     /// "priority": 0, "vhost": "/", "definition": {"delivery-limit": 5}}. Repeatable; a policy
     /// here replaces one of the same name and vhost from the configuration file.
@@ -95,6 +111,50 @@ struct FileConfig {
     users: Option<Vec<FileUser>>,
     vhosts: Option<Vec<String>>,
     policies: Option<Vec<FilePolicy>>,
+    definitions: Option<PathBuf>,
+    channel_max: Option<u16>,
+    consumer_timeout_ms: Option<u64>,
+    vhost_limits: Option<Vec<FileVhostLimits>>,
+    user_limits: Option<Vec<FileUserLimits>>,
+}
+
+/// A user's permissions on one vhost (RabbitMQ's `set_permissions`): regular expressions over
+/// the names of exchanges and queues.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePermission {
+    #[serde(default = "default_vhost")]
+    vhost: String,
+    configure: String,
+    write: String,
+    read: String,
+}
+
+/// A user's topic permission (RabbitMQ's `set_topic_permissions`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTopicPermission {
+    #[serde(default = "default_vhost")]
+    vhost: String,
+    exchange: String,
+    write: String,
+    read: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileVhostLimits {
+    vhost: String,
+    connections_max: Option<u32>,
+    queues_max: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUserLimits {
+    user: String,
+    connections_max: Option<u32>,
+    channels_max: Option<u32>,
 }
 
 /// A policy, as RabbitMQ's `set_policy` takes it: the definition's keys are the `x-` arguments
@@ -134,9 +194,40 @@ struct FileUser {
     hashing_algorithm: Option<String>,
     #[serde(default)]
     loopback_only: bool,
+    /// RabbitMQ's user tags (`administrator`, `monitoring`, …).
+    #[serde(default)]
+    tags: Vec<String>,
+    /// Permissions per vhost; a user without any has every right on every vhost (as before
+    /// permissions existed, so older files keep working).
+    permissions: Option<Vec<FilePermission>>,
+    #[serde(default)]
+    topic_permissions: Vec<FileTopicPermission>,
 }
 
 impl FileUser {
+    /// Adds this user's permissions to `config`; false if it lists none.
+    fn add_permissions(&self, config: &mut BrokerConfig) -> bool {
+        for permission in self.permissions.iter().flatten() {
+            config.permissions.push(Permission {
+                user: self.name.clone(),
+                vhost: permission.vhost.clone(),
+                configure: permission.configure.clone(),
+                write: permission.write.clone(),
+                read: permission.read.clone(),
+            });
+        }
+        for topic in &self.topic_permissions {
+            config.topic_permissions.push(TopicPermission {
+                user: self.name.clone(),
+                vhost: topic.vhost.clone(),
+                exchange: topic.exchange.clone(),
+                write: topic.write.clone(),
+                read: topic.read.clone(),
+            });
+        }
+        self.permissions.is_some()
+    }
+
     fn into_user(self) -> Result<User> {
         let password = match (self.password, self.password_hash) {
             (Some(password), None) => PasswordHash::new(&password),
@@ -147,8 +238,34 @@ impl FileUser {
             }
             _ => bail!("user '{}' needs exactly one of password and password_hash", self.name),
         };
-        Ok(User { name: self.name, password, loopback_only: self.loopback_only })
+        Ok(User { name: self.name, password, loopback_only: self.loopback_only, tags: self.tags })
     }
+}
+
+/// Reads and parses a definitions file, logging a warning for everything in it Wharf does not use.
+fn read_definitions(path: &Path) -> Result<Definitions> {
+    let size = std::fs::metadata(path).with_context(|| format!("reading definitions file {}", path.display()))?.len();
+    if size > DEFINITIONS_BYTES_MAX as u64 {
+        bail!("definitions file {} is larger than {DEFINITIONS_BYTES_MAX} bytes", path.display());
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("reading definitions file {}", path.display()))?;
+    let definitions =
+        Definitions::parse(&bytes).with_context(|| format!("definitions file {} is not valid", path.display()))?;
+    for warning in &definitions.warnings {
+        tracing::warn!(file = %path.display(), "definitions file: {warning}");
+    }
+    tracing::info!(
+        file = %path.display(),
+        users = definitions.users.len(),
+        vhosts = definitions.vhosts.len(),
+        permissions = definitions.permissions.len(),
+        policies = definitions.policies.len(),
+        exchanges = definitions.topology.exchanges.len(),
+        queues = definitions.topology.queues.len(),
+        bindings = definitions.topology.bindings.len(),
+        "definitions file read"
+    );
+    Ok(definitions)
 }
 
 fn read_file_config(path: &Path) -> Result<FileConfig> {
@@ -217,11 +334,59 @@ fn broker_config(args: &ServeArgs) -> Result<BrokerConfig> {
         .map_err(|reason| anyhow::anyhow!("policy '{}' is not valid: {reason}", policy.name))?;
         config.policies.push((policy.vhost, checked));
     }
+    if let Some(channel_max) = args.channel_max.or(file.channel_max) {
+        config.channel_max = channel_max;
+    }
+    if let Some(timeout_ms) = args.consumer_timeout_ms.or(file.consumer_timeout_ms) {
+        config.consumer_timeout_ms = (timeout_ms > 0).then_some(timeout_ms);
+    }
+    for limits in file.vhost_limits.into_iter().flatten() {
+        config.vhost_limits.push(VhostLimits {
+            vhost: limits.vhost,
+            connections_max: limits.connections_max,
+            queues_max: limits.queues_max,
+        });
+    }
+    for limits in file.user_limits.into_iter().flatten() {
+        config.user_limits.push(UserLimits {
+            user: limits.user,
+            connections_max: limits.connections_max,
+            channels_max: limits.channels_max,
+        });
+    }
+    // Users of the file without permissions get every right on every vhost (from the file and
+    // from the definitions file), as they had before permissions existed; so does the default
+    // `guest` when nothing names users.
+    let mut full_access = Vec::new();
+    let file_lists_users = file.users.is_some();
     if let Some(users) = file.users {
         if users.is_empty() {
             bail!("the configuration file lists no users; nobody could connect");
         }
-        config.users = users.into_iter().map(FileUser::into_user).collect::<Result<_>>()?;
+        config.permissions.clear();
+        let mut converted = Vec::with_capacity(users.len());
+        for user in users {
+            if !user.add_permissions(&mut config) {
+                full_access.push(user.name.clone());
+            }
+            converted.push(user.into_user()?);
+        }
+        config.users = converted;
+    }
+    if let Some(path) = args.definitions.clone().or(file.definitions) {
+        let definitions = read_definitions(&path)?;
+        // A definitions file that names users replaces the default `guest` (as a locked-down
+        // broker wants), unless the configuration file named users itself.
+        if !file_lists_users && !definitions.users.is_empty() {
+            config.users.clear();
+            config.permissions.clear();
+        }
+        config.import_definitions(definitions);
+    } else if !file_lists_users {
+        full_access.push("guest".to_owned());
+    }
+    for user in full_access {
+        config.grant_full_access(&user);
     }
     // Every setting is checked by the broker's own rules (the same ones `Broker::start` applies).
     config.validate()?;

@@ -35,9 +35,12 @@ async fn start_with(
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    // Every line goes to the receiver, those written while starting too (warnings, say).
     loop {
         let line = lines.next_line().await.unwrap().expect("wharf exited before it was ready");
-        if line.contains("accepting AMQP connections") {
+        let ready = line.contains("accepting AMQP connections");
+        let _ = sender.send(line);
+        if ready {
             break;
         }
     }
@@ -248,4 +251,116 @@ async fn users_from_the_file_log_in_with_rabbitmqs_password_hashes_or_a_password
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(expected), "{stderr}");
     }
+}
+
+/// A RabbitMQ export: a user with RabbitMQ's documented hash of "test12", scoped permissions, a
+/// vhost with a queue limit, a policy with a key Wharf lacks, and a topology.
+const RABBITMQ_EXPORT: &str = r##"{
+  "rabbit_version": "3.10.8", "rabbitmq_version": "3.10.8", "product_name": "RabbitMQ", "product_version": "3.10.8",
+  "users": [{"name": "test", "password_hash": "kI3GCqW5JLMJa4iX1lo7X4D6XbYqlLgxIs30+P6tENUV2POR",
+             "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": ["administrator"], "limits": {}}],
+  "vhosts": [{"name": "orders", "description": "", "tags": [], "metadata": {"description": "", "tags": []}}],
+  "permissions": [{"user": "test", "vhost": "orders", "configure": "^app\\.", "write": ".*", "read": ".*"}],
+  "topic_permissions": [],
+  "parameters": [{"vhost": "orders", "component": "vhost-limits", "name": "limits", "value": {"max-queues": 3}}],
+  "global_parameters": [{"name": "internal_cluster_id", "value": "rabbitmq-cluster-id-x"}],
+  "policies": [{"vhost": "orders", "name": "retry", "pattern": "^app\\.", "apply-to": "queues",
+                "definition": {"delivery-limit": 5, "ha-mode": "all"}, "priority": 0}],
+  "queues": [{"name": "app.q", "vhost": "orders", "durable": true, "auto_delete": false,
+              "arguments": {"x-queue-type": "quorum"}}],
+  "exchanges": [{"name": "app.x", "vhost": "orders", "type": "topic", "durable": true, "auto_delete": false,
+                 "internal": false, "arguments": {}}],
+  "bindings": [{"source": "app.x", "vhost": "orders", "destination": "app.q", "destination_type": "queue",
+                "routing_key": "#", "arguments": {}}]
+}"##;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rabbitmq_definitions_file_loads_at_every_start_beside_the_files_users() {
+    let temp = tempfile::tempdir().unwrap();
+    let definitions = temp.path().join("definitions.json");
+    std::fs::write(&definitions, RABBITMQ_EXPORT).unwrap();
+    // A user of the configuration file, without permissions: every right on every vhost.
+    let config = temp.path().join("wharf.toml");
+    std::fs::write(&config, "[[users]]\nname = \"ops\"\npassword = \"pw\"\n").unwrap();
+    let data_dir = temp.path().join("data");
+    let args = [
+        std::ffi::OsStr::new("--config"),
+        config.as_os_str(),
+        std::ffi::OsStr::new("--definitions"),
+        definitions.as_os_str(),
+    ];
+    let address = free_port();
+    let (mut wharf, mut log) = start_with(&data_dir, address, &args).await;
+    let mut started = Vec::new();
+    while let Ok(line) = log.try_recv() {
+        started.push(line);
+    }
+    let started = started.join("\n");
+    assert!(started.contains("key 'ha-mode' is not used by Wharf"), "{started}");
+    assert!(started.contains("vhosts[].metadata is not used by Wharf"), "{started}");
+    let connect = |user: &str, password: &str, vhost: &str| {
+        let url = format!("amqp://{user}:{password}@{address}/{vhost}");
+        async move { Connection::connect(&url, ConnectionProperties::default()).await }
+    };
+    let test = connect("test", "test12", "orders").await.unwrap();
+    let channel = test.create_channel().await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let confirm = channel
+        .basic_publish(
+            "app.x".into(),
+            "order.1".into(),
+            BasicPublishOptions::default(),
+            b"o",
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+    let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+    let declared = channel.queue_declare("app.q".into(), passive, FieldTable::default()).await.unwrap();
+    assert_eq!(declared.message_count(), 1, "the imported binding routed it");
+    let refused = channel.queue_declare("other.q".into(), QueueDeclareOptions::default(), FieldTable::default()).await;
+    assert!(refused.unwrap_err().to_string().contains("configure access to queue 'other.q'"));
+    assert!(connect("test", "test12", "%2f").await.is_err(), "no permissions on /");
+    assert!(connect("ops", "pw", "orders").await.is_ok() && connect("ops", "pw", "%2f").await.is_ok());
+    assert!(connect("guest", "guest", "%2f").await.is_err());
+    // The vhost's queue limit (3) came from its parameters: app.q and two more.
+    let ops = connect("ops", "pw", "orders").await.unwrap();
+    let channel = ops.create_channel().await.unwrap();
+    for name in ["app.two", "app.three"] {
+        channel.queue_declare(name.into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    }
+    let refused = channel.queue_declare("app.four".into(), QueueDeclareOptions::default(), FieldTable::default()).await;
+    assert!(refused.unwrap_err().to_string().contains("queue limit in vhost 'orders' (3) is reached"));
+    wharf.start_kill().unwrap();
+    wharf.wait().await.unwrap();
+
+    // The same file again: nothing changes, nothing is refused, the message is still there.
+    let (mut wharf, mut log) = start_with(&data_dir, address, &args).await;
+    let test = connect("test", "test12", "orders").await.unwrap();
+    let channel = test.create_channel().await.unwrap();
+    let declared = channel.queue_declare("app.q".into(), passive, FieldTable::default()).await.unwrap();
+    assert_eq!(declared.message_count(), 1);
+    let mut restarted = Vec::new();
+    while let Ok(line) = log.try_recv() {
+        restarted.push(line);
+    }
+    assert!(!restarted.iter().any(|line| line.contains("not declared") || line.contains("not made")), "{restarted:?}");
+    wharf.start_kill().unwrap();
+    wharf.wait().await.unwrap();
+
+    // A file that cannot be used as written stops the start, naming the item.
+    std::fs::write(&definitions, r#"{"permissions": [{"user": "a", "vhost": "/", "configure": "("}]}"#).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["serve", "--definitions"])
+        .arg(&definitions)
+        .env("WHARF_DATA_DIR", &data_dir)
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("permissions[0].write: is missing"), "{stderr}");
 }

@@ -15,6 +15,7 @@ mod tx;
 use crate::access::{Resource, Right, VhostGrant};
 use crate::confirms::{Confirms, close_confirms};
 use crate::core::Core;
+use crate::limits::ConnectionLease;
 use crate::outbound::{Outbound, Outbox};
 use crate::outbound::{method_frame, truncate};
 use content::Content;
@@ -47,6 +48,8 @@ pub(crate) struct Session {
     connection: ConnectionId,
     /// What the user may do in the vhost (checked before every method, as RabbitMQ does).
     grant: Arc<VhostGrant>,
+    /// Counts this connection and its channels against the vhost's and user's limits.
+    lease: ConnectionLease,
     vhost: String,
     channel_max: u16,
     outbound: Outbox,
@@ -69,11 +72,12 @@ impl Session {
         core: Arc<Core>,
         connection: ConnectionId,
         grant: Arc<VhostGrant>,
+        lease: ConnectionLease,
         vhost: String,
         channel_max: u16,
         outbound: Outbox,
     ) -> Self {
-        Session { core, connection, grant, vhost, channel_max, outbound, channels: HashMap::new() }
+        Session { core, connection, grant, lease, vhost, channel_max, outbound, channels: HashMap::new() }
     }
 
     /// Allows `right` on a resource of this vhost, or refuses with 403 (see `access.rs`).
@@ -123,13 +127,16 @@ impl Session {
 
     /// Handles one frame after the handshake.
     pub async fn handle(&mut self, frame: Frame) -> Result<(), Stop> {
-        match frame {
+        let outcome = match frame {
             Frame::Heartbeat => Ok(()),
             Frame::Method { channel: 0, method } => self.connection_method(*method),
             Frame::Method { channel, method } => self.channel_method(channel, *method).await,
             Frame::Header { channel, header } => self.content_header(channel, header),
             Frame::Body { channel, payload } => self.content_body(channel, payload).await,
-        }
+        };
+        // Channels closed by this frame stop counting against the user's limit.
+        self.lease.set_channels(self.channels.len());
+        outcome
     }
 
     fn connection_method(&mut self, method: AMQPClass) -> Result<(), Stop> {
@@ -255,6 +262,7 @@ impl Session {
                 self.channel_max
             )));
         }
+        self.lease.admit_channel(self.channels.len())?;
         self.core.lock_model().open_channel(self.key(channel), &self.vhost)?;
         self.channels.insert(channel, ChannelState::default());
         self.send(channel, AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})));

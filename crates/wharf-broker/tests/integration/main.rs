@@ -18,6 +18,7 @@ mod delayed_messages;
 mod delivery_limit;
 mod food_delivery;
 mod leases;
+mod limits;
 mod ordering;
 mod orphaned_logs;
 mod paging;
