@@ -2,6 +2,7 @@
 //! fills it from flags, `WHARF_*` variables and a TOML file; tests build it directly.
 
 use crate::access::{Access, Permission, TopicPermission};
+use crate::alarms::{DiskSpace, RealDiskSpace, default_disk_free_limit_bytes, default_memory_high_watermark_bytes};
 use crate::clock::{Clock, SystemClock};
 use crate::definitions_import::Topology;
 use crate::password::PasswordHash;
@@ -116,6 +117,15 @@ pub struct BrokerConfig {
     /// message goes back to its queue, for queues that set no `x-consumer-timeout` (by argument
     /// or policy). RabbitMQ's default, 30 minutes; `None` for no timeout.
     pub consumer_timeout_ms: Option<u64>,
+    /// The memory alarm's threshold: above it (message bodies in queues' memory, deliveries not yet
+    /// written, unfinished bodies, transaction buffers), publishers are blocked. RabbitMQ's
+    /// default, 40% of the machine's memory.
+    pub memory_high_watermark_bytes: u64,
+    /// The disk alarm's threshold: with less free space than this on the data directory's file
+    /// system, publishers are blocked. `None`: RabbitMQ's 50 MB plus the largest message accepted.
+    pub disk_free_limit_bytes: Option<u64>,
+    /// Where the disk alarm reads free space from: the real file system, or a figure a test sets.
+    pub disk_space: Arc<dyn DiskSpace>,
     /// Storage tuning.
     pub store: StoreConfig,
     /// The file system the data directory lives on: the real one, or a fault-injecting one in
@@ -140,6 +150,11 @@ pub const CONSUMER_TIMEOUT_MS_DEFAULT: u64 = 30 * 60 * 1000;
 pub const QUEUE_BODY_MEMORY_BYTES_MAX_DEFAULT: u64 = 8 * 1024 * 1024;
 
 impl BrokerConfig {
+    /// The disk alarm's threshold in effect (the configured one, or the default).
+    pub fn disk_free_limit_bytes(&self) -> u64 {
+        self.disk_free_limit_bytes.unwrap_or_else(|| default_disk_free_limit_bytes(self.message_bytes_max))
+    }
+
     /// Gives `user` every right on every vhost of this configuration (the rule for users of the
     /// configuration file that list no permissions, so configurations written before permissions
     /// existed keep working).
@@ -173,6 +188,9 @@ impl BrokerConfig {
             handshakes_per_address_max: 256,
             handshake_timeout_ms: 10_000,
             consumer_timeout_ms: Some(CONSUMER_TIMEOUT_MS_DEFAULT),
+            memory_high_watermark_bytes: default_memory_high_watermark_bytes(),
+            disk_free_limit_bytes: None,
+            disk_space: Arc::new(RealDiskSpace),
             store: StoreConfig::default(),
             fs: RealFs::shared(),
             policies: Vec::new(),

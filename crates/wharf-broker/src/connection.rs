@@ -179,6 +179,7 @@ impl Connection {
             _ => return Err(self.unexpected("connection.start-ok").await),
         };
         let user = self.authenticate(&start_ok).await?;
+        let blocked_capable = announces_capability(&start_ok.client_properties, "connection.blocked");
         let config = self.core.config.clone();
         self.send(
             0,
@@ -244,7 +245,7 @@ impl Connection {
             return Err(self.close_connection(reply_code::NOT_ALLOWED, &text, MethodId::CONNECTION_OPEN).await);
         };
         self.send(0, &AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})));
-        Ok(LoggedIn { id, user, vhost, channel_max, grant, lease })
+        Ok(LoggedIn { id, user, vhost, channel_max, grant, lease, blocked_capable })
     }
 
     async fn unexpected(&mut self, expected: &str) -> Ending {
@@ -321,6 +322,8 @@ struct LoggedIn {
     grant: Arc<VhostGrant>,
     /// Its place in the vhost's and user's connection counts.
     lease: ConnectionLease,
+    /// The client understands `connection.blocked` and `connection.unblocked`.
+    blocked_capable: bool,
 }
 
 /// Serves one accepted socket until it closes.
@@ -356,10 +359,10 @@ pub(crate) async fn serve(
     let (ending, id) = match handshake {
         Err(_) => (Ending::SocketLost("handshake timed out".into()), None),
         Ok(Err(ending)) => (ending, None),
-        Ok(Ok(LoggedIn { id, user, vhost, channel_max, grant, lease })) => {
+        Ok(Ok(LoggedIn { id, user, vhost, channel_max, grant, lease, blocked_capable })) => {
             tracing::info!(%peer, connection = id.0, %user, %vhost, "connection opened");
             let mut session = Session::new(Arc::clone(&core), id, grant, lease, vhost, channel_max, outbound.clone());
-            let ending = run_frames(&mut connection, &mut session, shutdown).await;
+            let ending = run_frames(&mut connection, &mut session, shutdown, blocked_capable).await;
             session.close_all();
             (ending, Some(id))
         }
@@ -382,7 +385,12 @@ pub(crate) async fn serve(
 }
 
 /// The frame loop after the handshake.
-async fn run_frames(connection: &mut Connection, session: &mut Session, mut shutdown: watch::Receiver<bool>) -> Ending {
+async fn run_frames(
+    connection: &mut Connection,
+    session: &mut Session,
+    mut shutdown: watch::Receiver<bool>,
+    blocked_capable: bool,
+) -> Ending {
     let mut fatal = connection.core.fatal.subscribe();
     // When the client last sent anything: heartbeat supervision counts from here, and only a
     // read moves it (other wake-ups of this loop, such as the writer's reports, must not).
@@ -408,6 +416,14 @@ async fn run_frames(connection: &mut Connection, session: &mut Session, mut shut
                 Ok(None) => break,
                 Err(error) => return connection.close_for_wire_error(&error).await,
             }
+        }
+        // A connection that publishes while an alarm is raised is not read from until it clears
+        // (RabbitMQ's flow control); one that only consumes goes on.
+        if session.take_published() && connection.core.alarms.state().any() {
+            if let Some(ending) = wait_out_alarm(connection, blocked_capable, &mut shutdown).await {
+                return ending;
+            }
+            last_read = tokio::time::Instant::now();
         }
         // Back-pressure: while the writer is far behind (a client that sends but does not read),
         // stop reading this socket until it catches up.
@@ -449,6 +465,50 @@ async fn run_frames(connection: &mut Connection, session: &mut Session, mut shut
             }
             () = backlog.reports.ready.notified() => act_on_writer_reports(&connection.core, session, &backlog),
         }
+    }
+}
+
+/// Blocks a publishing connection while an alarm is raised: `connection.blocked` (if the client
+/// announced the capability), no reads until every alarm clears, then `connection.unblocked`.
+/// Returns how the connection ended if the broker stops meanwhile.
+async fn wait_out_alarm(
+    connection: &mut Connection,
+    notify: bool,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Ending> {
+    let mut alarms = connection.core.alarms.subscribe();
+    let state = *alarms.borrow_and_update();
+    if !state.any() {
+        return None;
+    }
+    tracing::info!(peer = %connection.peer, reason = state.reason(), "connection blocked");
+    if notify {
+        let blocked = connection::Blocked { reason: ShortString::from(state.reason()) };
+        connection.send(0, &AMQPClass::Connection(connection::AMQPMethod::Blocked(blocked)));
+    }
+    while alarms.borrow_and_update().any() {
+        tokio::select! {
+            changed = alarms.changed() => if changed.is_err() { break },
+            _ = shutdown.changed() => {
+                let text = "CONNECTION_FORCED - broker shutting down";
+                return Some(connection.close_connection(reply_code::CONNECTION_FORCED, text, MethodId::NONE).await);
+            }
+        }
+    }
+    tracing::info!(peer = %connection.peer, "connection unblocked");
+    if notify {
+        connection.send(0, &AMQPClass::Connection(connection::AMQPMethod::Unblocked(connection::Unblocked {})));
+    }
+    None
+}
+
+/// Whether `client_properties` announce `capability` (under `capabilities`, as `true`).
+fn announces_capability(client_properties: &FieldTable, capability: &str) -> bool {
+    match client_properties.inner().get("capabilities") {
+        Some(AMQPValue::FieldTable(capabilities)) => {
+            matches!(capabilities.inner().get(capability), Some(AMQPValue::Boolean(true)))
+        }
+        _ => false,
     }
 }
 

@@ -13,6 +13,7 @@
 //! [`blocking`], which hands the worker's other tasks to another worker first.
 
 use crate::access::Access;
+use crate::alarms::{AlarmState, Alarms};
 use crate::clock::Clock;
 use crate::config::BrokerConfig;
 use crate::dedup_logs::DedupLogs;
@@ -53,6 +54,8 @@ pub(crate) struct Core {
     pub access: Access,
     /// Vhost and user limits, and the counts against them.
     pub limits: Arc<Limits>,
+    /// The memory and disk alarms.
+    pub alarms: Alarms,
 }
 
 /// Runs work that may block (definition writes, store round trips) without stalling the other
@@ -98,9 +101,16 @@ impl Core {
             Access::default()
         });
         let limits = Limits::new(&parts.config.vhost_limits, &parts.config.user_limits);
+        let alarms = Alarms::new(
+            parts.config.memory_high_watermark_bytes,
+            parts.config.disk_free_limit_bytes(),
+            Arc::clone(&parts.config.disk_space),
+            parts.config.data_dir.clone(),
+        );
         Core {
             access,
             limits,
+            alarms,
             clock: Arc::clone(&parts.config.clock),
             config: parts.config,
             model: Mutex::new(parts.model),
@@ -113,6 +123,12 @@ impl Core {
             pager: Arc::default(),
             login_throttle: LoginThrottle::default(),
         }
+    }
+
+    /// Raises or clears the memory and disk alarms for what the broker holds now.
+    pub fn check_alarms(&self) -> AlarmState {
+        let held_bytes = self.lock_model().held_memory_bytes();
+        self.alarms.check(held_bytes)
     }
 
     /// The definitions lock (see the field). Take it before the model lock, never after.

@@ -8,6 +8,7 @@
 //! the store's definitions log and are rebuilt, with every stored message, at start.
 
 mod access;
+mod alarms;
 mod clock;
 mod config;
 mod confirms;
@@ -32,6 +33,7 @@ mod session;
 mod writer;
 
 pub use access::{Permission, PermissionError, TopicPermission};
+pub use alarms::{AlarmState, DiskSpace, FixedDiskSpace, RealDiskSpace};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
     BrokerConfig, CONSUMER_TIMEOUT_MS_DEFAULT, ConfigError, FRAME_MAX_MIN, GROUP_COMMIT_DELAY_US_MAX,

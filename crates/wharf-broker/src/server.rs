@@ -1,6 +1,7 @@
 //! [`Broker`]: starts the runtime (recovery, listener, accept loop) and stops it cleanly: stop
 //! accepting, close every connection with 320 CONNECTION_FORCED, make the last removals durable.
 
+use crate::alarms::AlarmState;
 use crate::config::BrokerConfig;
 use crate::connection;
 use crate::core::Core;
@@ -30,6 +31,8 @@ pub struct Broker {
 const TIMER_POLL_MS: u64 = 20;
 /// How often de-duplication key logs are trimmed.
 const DEDUP_TRIM_INTERVAL_MS: u64 = 1000;
+/// How often the memory and disk alarms are checked (RabbitMQ checks memory about this often).
+const ALARM_CHECK_INTERVAL_MS: u64 = 1000;
 
 impl Broker {
     /// Recovers the data directory, binds the listener and starts accepting connections.
@@ -89,6 +92,19 @@ impl Broker {
         }
     }
 
+    /// Raises or clears the memory and disk alarms for what the broker holds now and the free
+    /// space now, and returns the state. The broker does this by itself every second; a test
+    /// calls it to know the broker has acted on a change.
+    pub async fn check_alarms(&self) -> AlarmState {
+        let core = Arc::clone(&self.core);
+        tokio::task::spawn_blocking(move || core.check_alarms()).await.unwrap_or_default()
+    }
+
+    /// The alarms raised now.
+    pub fn alarms(&self) -> AlarmState {
+        self.core.alarms.state()
+    }
+
     /// Where the broker accepts connections (useful when listening on port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -141,6 +157,8 @@ impl Broker {
 /// automatic dead-letter queue) runs off the async workers.
 async fn run_timers(core: Arc<Core>) {
     let mut last_trim_ms = 0;
+    // Alarms follow real time, not the broker's clock (a manual clock in tests stands still).
+    let mut last_alarm_check = tokio::time::Instant::now();
     loop {
         let now = core.now_ms();
         let wait_ms = core.next_timer_ms().map_or(TIMER_POLL_MS, |at| at.saturating_sub(now).min(TIMER_POLL_MS));
@@ -151,6 +169,13 @@ async fn run_timers(core: Arc<Core>) {
         let trim = now.saturating_sub(last_trim_ms) >= DEDUP_TRIM_INTERVAL_MS;
         if trim {
             last_trim_ms = now;
+        }
+        if last_alarm_check.elapsed() >= Duration::from_millis(ALARM_CHECK_INTERVAL_MS) {
+            last_alarm_check = tokio::time::Instant::now();
+            let core = Arc::clone(&core);
+            if tokio::task::spawn_blocking(move || core.check_alarms()).await.is_err() {
+                tracing::error!("the alarm check failed");
+            }
         }
         let due = core.next_timer_ms().is_some_and(|at| at <= now);
         if due || trim {

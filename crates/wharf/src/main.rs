@@ -83,6 +83,15 @@ struct ServeArgs {
     /// [default: 1800000 (30 minutes)].
     #[arg(long, env = "WHARF_CONSUMER_TIMEOUT_MS")]
     consumer_timeout_ms: Option<u64>,
+    /// Memory alarm: above this many bytes of messages held in memory (queued bodies, unfinished
+    /// bodies, transaction buffers), publishing connections are blocked [default: 40% of the
+    /// machine's memory].
+    #[arg(long, env = "WHARF_MEMORY_HIGH_WATERMARK_BYTES")]
+    memory_high_watermark_bytes: Option<u64>,
+    /// Disk alarm: with less free space than this on the data directory's file system, publishing
+    /// connections are blocked [default: 50 MB plus --message-bytes-max].
+    #[arg(long, env = "WHARF_DISK_FREE_LIMIT_BYTES")]
+    disk_free_limit_bytes: Option<u64>,
     /// A policy, as JSON: {"name": "retry", "pattern": "^orders\\.", "apply_to": "queues",
     /// "priority": 0, "vhost": "/", "definition": {"delivery-limit": 5}}. Repeatable; a policy
     /// here replaces one of the same name and vhost from the configuration file.
@@ -116,6 +125,8 @@ struct FileConfig {
     consumer_timeout_ms: Option<u64>,
     vhost_limits: Option<Vec<FileVhostLimits>>,
     user_limits: Option<Vec<FileUserLimits>>,
+    memory_high_watermark_bytes: Option<u64>,
+    disk_free_limit_bytes: Option<u64>,
 }
 
 /// A user's permissions on one vhost (RabbitMQ's `set_permissions`): regular expressions over
@@ -333,6 +344,12 @@ fn broker_config(args: &ServeArgs) -> Result<BrokerConfig> {
         )
         .map_err(|reason| anyhow::anyhow!("policy '{}' is not valid: {reason}", policy.name))?;
         config.policies.push((policy.vhost, checked));
+    }
+    if let Some(bytes) = args.memory_high_watermark_bytes.or(file.memory_high_watermark_bytes) {
+        config.memory_high_watermark_bytes = bytes;
+    }
+    if let Some(bytes) = args.disk_free_limit_bytes.or(file.disk_free_limit_bytes) {
+        config.disk_free_limit_bytes = Some(bytes);
     }
     if let Some(channel_max) = args.channel_max.or(file.channel_max) {
         config.channel_max = channel_max;

@@ -65,6 +65,7 @@ impl Session {
                 if publish.immediate {
                     return Err(ModelError::not_implemented("immediate=true"));
                 }
+                self.published = true;
                 let exchange = publish.exchange.as_str();
                 let cached = self.channels.get(&channel).and_then(|state| state.write_allowed.as_deref());
                 if cached != Some(exchange) {

@@ -99,12 +99,15 @@ impl Session {
 
     /// A whole message arrived: publish it now, or keep it for the transaction's commit.
     pub(super) fn complete(&mut self, channel: u16, publish: basic::Publish, message: Message) -> Result<(), Stop> {
-        if let Some(buffer) = self.channels.get_mut(&channel).and_then(|state| state.tx.as_mut()) {
+        if let Some(state) = self.channels.get_mut(&channel)
+            && let Some(buffer) = state.tx.as_mut()
+        {
             if buffer.len() >= TX_OPS_MAX {
                 let error =
                     ModelError::precondition_failed(format!("a transaction holds at most {TX_OPS_MAX} operations"));
                 return self.fail(channel, error, MethodId::BASIC_PUBLISH);
             }
+            state.tx_bytes += message.body_bytes();
             buffer.push(TxOp::Publish(Box::new((publish, message))));
             return Ok(());
         }

@@ -13,6 +13,7 @@ mod declare;
 mod tx;
 
 use crate::access::{Resource, Right, VhostGrant};
+use crate::alarms::SessionMemory;
 use crate::confirms::{Confirms, close_confirms};
 use crate::core::Core;
 use crate::limits::ConnectionLease;
@@ -37,9 +38,22 @@ struct ChannelState {
     tx: Option<Vec<TxOp>>,
     /// For methods that name the queue `""`: the last queue declared on this channel.
     last_queue: String,
+    /// Body bytes of the publishes in `tx` (for the memory alarm).
+    tx_bytes: u64,
     /// The last exchange a publish on this channel was allowed to write to (and that has no
     /// topic permissions): the next publish to it needs no check (RabbitMQ caches likewise).
     write_allowed: Option<String>,
+}
+
+impl ChannelState {
+    /// Message bytes this channel holds: an unfinished body, and a transaction's publishes.
+    fn held_bytes(&self) -> u64 {
+        let unfinished = match &self.content {
+            Some(Content::Body { received, .. }) => *received,
+            _ => 0,
+        };
+        unfinished + self.tx_bytes
+    }
 }
 
 /// All channels of a connection.
@@ -50,6 +64,11 @@ pub(crate) struct Session {
     grant: Arc<VhostGrant>,
     /// Counts this connection and its channels against the vhost's and user's limits.
     lease: ConnectionLease,
+    /// This connection's unfinished bodies and transaction buffers in the memory alarm's account.
+    memory: SessionMemory,
+    /// A `basic.publish` arrived since the connection last asked (a connection that publishes
+    /// while an alarm is raised is blocked).
+    published: bool,
     vhost: String,
     channel_max: u16,
     outbound: Outbox,
@@ -77,7 +96,19 @@ impl Session {
         channel_max: u16,
         outbound: Outbox,
     ) -> Self {
-        Session { core, connection, grant, lease, vhost, channel_max, outbound, channels: HashMap::new() }
+        let memory = core.alarms.session_memory();
+        Session {
+            core,
+            connection,
+            grant,
+            lease,
+            memory,
+            published: false,
+            vhost,
+            channel_max,
+            outbound,
+            channels: HashMap::new(),
+        }
     }
 
     /// Allows `right` on a resource of this vhost, or refuses with 403 (see `access.rs`).
@@ -134,9 +165,17 @@ impl Session {
             Frame::Header { channel, header } => self.content_header(channel, header),
             Frame::Body { channel, payload } => self.content_body(channel, payload).await,
         };
-        // Channels closed by this frame stop counting against the user's limit.
+        // Channels closed by this frame stop counting against the user's limit, and what the
+        // channels hold is counted for the memory alarm.
         self.lease.set_channels(self.channels.len());
+        let held_bytes = self.channels.values().map(ChannelState::held_bytes).sum();
+        self.memory.set(held_bytes);
         outcome
+    }
+
+    /// Whether a `basic.publish` arrived since the last call.
+    pub fn take_published(&mut self) -> bool {
+        std::mem::take(&mut self.published)
     }
 
     fn connection_method(&mut self, method: AMQPClass) -> Result<(), Stop> {
@@ -171,6 +210,7 @@ impl Session {
             state.closing = true;
             state.content = None;
             state.tx = None;
+            state.tx_bytes = 0;
             if let Some(confirms) = state.confirms.take() {
                 close_confirms(&confirms.closed);
             }

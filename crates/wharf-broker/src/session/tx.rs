@@ -33,6 +33,7 @@ impl Session {
                 let Some(ops) = state.tx.replace(Vec::new()) else {
                     return Err(ModelError::precondition_failed("channel is not transactional"));
                 };
+                state.tx_bytes = 0;
                 // All or nothing: every publish must route and every ack must name a delivery
                 // before any of them takes effect.
                 {
@@ -92,6 +93,7 @@ impl Session {
                 if state.tx.replace(Vec::new()).is_none() {
                     return Err(ModelError::precondition_failed("channel is not transactional"));
                 }
+                state.tx_bytes = 0;
                 self.send(channel, AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})));
                 Ok(())
             }

@@ -16,35 +16,43 @@ use wharf_wire::frame::{self, FRAME_MIN_SIZE, encode_body, encode_content_header
 use wharf_wire::protocol::{AMQPClass, BasicProperties as Properties, basic, channel, connection};
 use wharf_wire::{Frame, FrameDecoder};
 
-/// A hand-driven AMQP client, for sending what no well-behaved client would.
-struct Raw {
+/// A hand-driven AMQP client, for sending what no well-behaved client would (and for seeing
+/// exactly which frames the server sends, in order).
+pub(crate) struct Raw {
     socket: TcpStream,
     buffer: BytesMut,
     decoder: FrameDecoder,
+    /// Sent in `connection.start-ok` (capabilities, say).
+    pub(crate) client_properties: FieldTable,
 }
 
 /// A safety net so a broken server fails the test instead of hanging it; never a timing claim.
 const HANG_GUARD: Duration = Duration::from_secs(30);
 
 impl Raw {
-    async fn connect(broker: &TestBroker) -> Raw {
+    pub(crate) async fn connect(broker: &TestBroker) -> Raw {
         let address = broker.broker.as_ref().unwrap().local_addr();
         let socket = TcpStream::connect(address).await.unwrap();
-        Raw { socket, buffer: BytesMut::new(), decoder: FrameDecoder::new(frame::FRAME_MAX_LIMIT) }
+        Raw {
+            socket,
+            buffer: BytesMut::new(),
+            decoder: FrameDecoder::new(frame::FRAME_MAX_LIMIT),
+            client_properties: FieldTable::default(),
+        }
     }
 
-    async fn send(&mut self, bytes: &[u8]) {
+    pub(crate) async fn send(&mut self, bytes: &[u8]) {
         self.socket.write_all(bytes).await.unwrap();
     }
 
-    async fn send_method(&mut self, channel: u16, method: AMQPClass) {
+    pub(crate) async fn send_method(&mut self, channel: u16, method: AMQPClass) {
         let mut buffer = BytesMut::new();
         encode_method(&mut buffer, channel, &method).unwrap();
         self.send(&buffer).await;
     }
 
     /// The next frame, or `None` once the server has closed the socket.
-    async fn next(&mut self) -> Option<Frame> {
+    pub(crate) async fn next(&mut self) -> Option<Frame> {
         loop {
             if let Some(frame) = self.decoder.decode(&mut self.buffer).unwrap() {
                 return Some(frame);
@@ -57,7 +65,7 @@ impl Raw {
         }
     }
 
-    async fn next_method(&mut self) -> Option<AMQPClass> {
+    pub(crate) async fn next_method(&mut self) -> Option<AMQPClass> {
         loop {
             match self.next().await? {
                 Frame::Method { method, .. } => return Some(*method),
@@ -67,11 +75,11 @@ impl Raw {
     }
 
     /// Runs the handshake as `user`; returns the `connection.close` if the server refused.
-    async fn handshake(&mut self, user: &str, password: &str, heartbeat: u16) -> Option<connection::Close> {
+    pub(crate) async fn handshake(&mut self, user: &str, password: &str, heartbeat: u16) -> Option<connection::Close> {
         self.handshake_to("/", user, password, heartbeat).await
     }
 
-    async fn handshake_to(
+    pub(crate) async fn handshake_to(
         &mut self,
         vhost: &str,
         user: &str,
@@ -82,11 +90,16 @@ impl Raw {
     }
 
     /// The handshake asking for a larger `frame_max` (for frames bigger than the minimum).
-    async fn handshake_frame_max(&mut self, user: &str, password: &str, frame_max: u32) -> Option<connection::Close> {
+    pub(crate) async fn handshake_frame_max(
+        &mut self,
+        user: &str,
+        password: &str,
+        frame_max: u32,
+    ) -> Option<connection::Close> {
         self.handshake_with("/", user, password, 0, frame_max).await
     }
 
-    async fn handshake_with(
+    pub(crate) async fn handshake_with(
         &mut self,
         vhost: &str,
         user: &str,
@@ -99,7 +112,7 @@ impl Raw {
         self.send_method(
             0,
             AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
-                client_properties: FieldTable::default(),
+                client_properties: self.client_properties.clone(),
                 mechanism: "PLAIN".into(),
                 response: format!("\0{user}\0{password}").into(),
                 locale: "en_US".into(),
@@ -133,13 +146,13 @@ impl Raw {
         }
     }
 
-    async fn open_channel(&mut self, channel: u16) {
+    pub(crate) async fn open_channel(&mut self, channel: u16) {
         self.send_method(channel, AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))).await;
         assert!(matches!(self.next_method().await, Some(AMQPClass::Channel(channel::AMQPMethod::OpenOk(_)))));
     }
 
     /// Expects `connection.close` with `code`, answers close-ok, and expects the socket to end.
-    async fn expect_connection_close(&mut self, code: u16) -> String {
+    pub(crate) async fn expect_connection_close(&mut self, code: u16) -> String {
         let text = loop {
             match self.next_method().await {
                 Some(AMQPClass::Connection(connection::AMQPMethod::Close(close))) => {
@@ -155,7 +168,7 @@ impl Raw {
         text
     }
 
-    async fn expect_channel_close(&mut self, code: u16) -> String {
+    pub(crate) async fn expect_channel_close(&mut self, code: u16) -> String {
         loop {
             match self.next_method().await {
                 Some(AMQPClass::Channel(channel::AMQPMethod::Close(close))) => {
@@ -169,7 +182,7 @@ impl Raw {
     }
 }
 
-fn publish_frames(channel: u16, body: &[u8], immediate: bool) -> BytesMut {
+pub(crate) fn publish_frames(channel: u16, body: &[u8], immediate: bool) -> BytesMut {
     let mut buffer = BytesMut::new();
     let method = AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
         exchange: "".into(),

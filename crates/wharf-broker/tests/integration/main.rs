@@ -6,6 +6,7 @@
 
 mod common;
 
+mod alarms;
 mod authorization;
 mod bad_input;
 mod confirms_and_transactions;

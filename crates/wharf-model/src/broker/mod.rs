@@ -257,7 +257,15 @@ impl BrokerModel {
         self.vhosts.get_mut(name)
     }
 
-    /// All vhosts.
+    /// Message body bytes queued in memory: bodies not paged out, every transient one among them
+    /// (for the memory alarm). Deliveries on their way to a connection are not counted here: each
+    /// connection's are bounded by `CONNECTION_PENDING_BYTES_MAX`, and the count of them moves
+    /// in steps, so it would hold an alarm up after the memory is gone.
+    pub fn held_memory_bytes(&self) -> u64 {
+        self.vhosts.values().flat_map(|vhost| vhost.queues()).map(|queue| queue.resident_bytes()).sum()
+    }
+
+    /// Every vhost.
     pub fn vhosts(&self) -> impl Iterator<Item = &VirtualHost> {
         self.vhosts.values()
     }
