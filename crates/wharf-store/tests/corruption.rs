@@ -229,3 +229,33 @@ fn read_each_reports_a_damaged_record_and_returns_its_neighbours() {
     assert!(outcomes[1].1.as_ref().is_err_and(|error| error.contains("checksum")), "{outcomes:?}");
     assert_eq!(outcomes[2], (2, Ok(vec![2; 20])));
 }
+
+/// Found by the `store_recovery` fuzz target: a record with intact checksums whose seq lies far
+/// beyond its segment's base sized the segment's live set (one bit per seq) from that seq, and
+/// the allocation aborted the process at start. Such a record is damage, reported and skipped.
+#[test]
+fn a_record_whose_seq_is_far_beyond_its_segment_is_damage_not_an_allocation() {
+    use wharf_store::format::{self, FILE_HEADER_BYTES, FileHeader, RecordKind, SEGMENT_MAGIC, SEGMENT_SEQ_SPAN_MAX};
+    for far in [SEGMENT_SEQ_SPAN_MAX, 1 << 40, u64::MAX - 1] {
+        let sim = SimFs::new(9);
+        let (store, _) = open(&sim);
+        let queue = store.create_log().unwrap().wait().unwrap();
+        let receipt = store.append(queue, 1, b"meta", b"first").unwrap().wait().unwrap();
+        store.close().unwrap();
+        let path = segment_path(queue, receipt.location.segment_id);
+        let file = sim.read_file(&path).unwrap();
+        let header = FileHeader::decode(&file[..FILE_HEADER_BYTES], SEGMENT_MAGIC, &path).unwrap();
+        let mut forged = Vec::new();
+        let seq = header.base_seq.saturating_add(far);
+        format::encode_record(&mut forged, header.salt, RecordKind::Message, 0, seq, 1, &[b"far"]);
+        sim.append_durable(&path, &forged).unwrap();
+
+        let (store, recovered) = open(&sim);
+        assert_eq!(bodies(&store, queue, &recovered), vec![b"first".to_vec()], "seq base + {far}");
+        assert_eq!(
+            recovered.issues,
+            vec![RecoveryIssue::Corruption { path, offset: file.len() as u64, bytes: forged.len() as u64 }],
+            "seq base + {far}"
+        );
+    }
+}
