@@ -49,7 +49,7 @@ trap 'rm -rf "$scratch"' EXIT
 failed=()
 summary=()
 for target in "${targets[@]}"; do
-  mkdir -p "$scratch/$target" "fuzz/artifacts/$target"
+  mkdir -p "$scratch/$target" "fuzz/artifacts/$target" "fuzz/corpus/$target"
   log="$scratch/$target.log"
   echo "== fuzzing $target for ${seconds}s"
   # -timeout: an input that takes 10 s is a hang; -rss_limit_mb: memory past 2 GiB is a finding.

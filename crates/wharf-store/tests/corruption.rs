@@ -259,3 +259,26 @@ fn a_record_whose_seq_is_far_beyond_its_segment_is_damage_not_an_allocation() {
         );
     }
 }
+
+/// Found by the `store_recovery` fuzz target: a queue-id reservation just below `u64::MAX` (intact
+/// checksum) overflowed the next reservation on the writer thread, which then died with every
+/// later operation. Now the ids run out with an error and the store carries on.
+#[test]
+fn a_queue_id_reservation_at_the_end_of_the_ids_runs_out_cleanly() {
+    use wharf_store::{Fs, OpenMode};
+    let sim = SimFs::new(12);
+    let (store, _) = open(&sim);
+    let queue = store.create_log().unwrap().wait().unwrap();
+    store.close().unwrap();
+    let mut reservation = (u64::MAX - 1).to_le_bytes().to_vec();
+    reservation.extend_from_slice(&crc32c::crc32c(&reservation).to_le_bytes());
+    let file = sim.shared().open(&Path::new(DIR).join("queue-ids"), OpenMode::Existing).unwrap();
+    file.write_all_at(&reservation, 0).unwrap();
+    file.sync_data().unwrap();
+
+    let (store, _) = open(&sim);
+    assert_eq!(store.create_log().unwrap().wait().unwrap(), LogId(u64::MAX - 1));
+    assert!(store.create_log().unwrap().wait().is_err(), "the ids are exhausted");
+    store.append(queue, 1, b"", b"still works").unwrap().wait().unwrap();
+    store.close().unwrap();
+}
