@@ -265,7 +265,7 @@ fn a_record_whose_seq_is_far_beyond_its_segment_is_damage_not_an_allocation() {
 /// later operation. Now the ids run out with an error and the store carries on.
 #[test]
 fn a_queue_id_reservation_at_the_end_of_the_ids_runs_out_cleanly() {
-    use wharf_store::{Fs, OpenMode};
+    use wharf_store::OpenMode;
     let sim = SimFs::new(12);
     let (store, _) = open(&sim);
     let queue = store.create_log().unwrap().wait().unwrap();
