@@ -17,6 +17,7 @@
 use crate::error::{Result, StoreError};
 use crate::format::{
     self, ACK_MAGIC, FILE_HEADER_BYTES, FileHeader, RECORD_BYTES_MAX, RECORD_HEADER_BYTES, RecordKind, SEGMENT_MAGIC,
+    SEGMENT_SEQ_SPAN_MAX,
 };
 use crate::fs::{Fs, FsFile, OpenMode};
 use crate::layout;
@@ -246,7 +247,9 @@ fn scan_queue(
             let header_fields = record.header;
             let seq = header_fields.a;
             let meta_fits = header_fields.aux as usize <= header_fields.record_bytes as usize - RECORD_HEADER_BYTES;
-            if header_fields.kind != RecordKind::Message || seq < header.base_seq || seq <= last_seq || !meta_fits {
+            // Checked before the seq sizes the live set (one bit per seq from the base).
+            let within_span = seq >= header.base_seq && seq - header.base_seq < SEGMENT_SEQ_SPAN_MAX;
+            if header_fields.kind != RecordKind::Message || !within_span || seq <= last_seq || !meta_fits {
                 issues.push(RecoveryIssue::Corruption {
                     path: path.clone(),
                     offset: record.offset,

@@ -229,3 +229,56 @@ fn read_each_reports_a_damaged_record_and_returns_its_neighbours() {
     assert!(outcomes[1].1.as_ref().is_err_and(|error| error.contains("checksum")), "{outcomes:?}");
     assert_eq!(outcomes[2], (2, Ok(vec![2; 20])));
 }
+
+/// Found by the `store_recovery` fuzz target: a record with intact checksums whose seq lies far
+/// beyond its segment's base sized the segment's live set (one bit per seq) from that seq, and
+/// the allocation aborted the process at start. Such a record is damage, reported and skipped.
+#[test]
+fn a_record_whose_seq_is_far_beyond_its_segment_is_damage_not_an_allocation() {
+    use wharf_store::format::{self, FILE_HEADER_BYTES, FileHeader, RecordKind, SEGMENT_MAGIC, SEGMENT_SEQ_SPAN_MAX};
+    for far in [SEGMENT_SEQ_SPAN_MAX, 1 << 40, u64::MAX - 1] {
+        let sim = SimFs::new(9);
+        let (store, _) = open(&sim);
+        let queue = store.create_log().unwrap().wait().unwrap();
+        let receipt = store.append(queue, 1, b"meta", b"first").unwrap().wait().unwrap();
+        store.close().unwrap();
+        let path = segment_path(queue, receipt.location.segment_id);
+        let file = sim.read_file(&path).unwrap();
+        let header = FileHeader::decode(&file[..FILE_HEADER_BYTES], SEGMENT_MAGIC, &path).unwrap();
+        let mut forged = Vec::new();
+        let seq = header.base_seq.saturating_add(far);
+        format::encode_record(&mut forged, header.salt, RecordKind::Message, 0, seq, 1, &[b"far"]);
+        sim.append_durable(&path, &forged).unwrap();
+
+        let (store, recovered) = open(&sim);
+        assert_eq!(bodies(&store, queue, &recovered), vec![b"first".to_vec()], "seq base + {far}");
+        assert_eq!(
+            recovered.issues,
+            vec![RecoveryIssue::Corruption { path, offset: file.len() as u64, bytes: forged.len() as u64 }],
+            "seq base + {far}"
+        );
+    }
+}
+
+/// Found by the `store_recovery` fuzz target: a queue-id reservation just below `u64::MAX` (intact
+/// checksum) overflowed the next reservation on the writer thread, which then died with every
+/// later operation. Now the ids run out with an error and the store carries on.
+#[test]
+fn a_queue_id_reservation_at_the_end_of_the_ids_runs_out_cleanly() {
+    use wharf_store::OpenMode;
+    let sim = SimFs::new(12);
+    let (store, _) = open(&sim);
+    let queue = store.create_log().unwrap().wait().unwrap();
+    store.close().unwrap();
+    let mut reservation = (u64::MAX - 1).to_le_bytes().to_vec();
+    reservation.extend_from_slice(&crc32c::crc32c(&reservation).to_le_bytes());
+    let file = sim.shared().open(&Path::new(DIR).join("queue-ids"), OpenMode::Existing).unwrap();
+    file.write_all_at(&reservation, 0).unwrap();
+    file.sync_data().unwrap();
+
+    let (store, _) = open(&sim);
+    assert_eq!(store.create_log().unwrap().wait().unwrap(), LogId(u64::MAX - 1));
+    assert!(store.create_log().unwrap().wait().is_err(), "the ids are exhausted");
+    store.append(queue, 1, b"", b"still works").unwrap().wait().unwrap();
+    store.close().unwrap();
+}

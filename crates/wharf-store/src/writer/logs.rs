@@ -49,7 +49,9 @@ impl WriterState {
             return Err(StoreError::QueueLimit { limit: self.config.queue_count_max });
         }
         if self.next_queue_id >= self.queue_ids_reserved_until {
-            let reserve_until = self.next_queue_id + QUEUE_ID_RESERVATION_BLOCK;
+            // Saturating: a reservation read back from disk may sit just below the last id; then
+            // the ids run out below, with an error, not here.
+            let reserve_until = self.next_queue_id.saturating_add(QUEUE_ID_RESERVATION_BLOCK);
             write_queue_id_reservation(self.fs.as_ref(), &self.dir, reserve_until, &self.shared)?;
             self.queue_ids_reserved_until = reserve_until;
         }

@@ -23,7 +23,7 @@ mod acks;
 mod logs;
 
 use crate::error::{Result, StoreError};
-use crate::format::{self, ACK_MAGIC, FILE_HEADER_BYTES, RecordKind, SEGMENT_MAGIC};
+use crate::format::{self, ACK_MAGIC, FILE_HEADER_BYTES, RecordKind, SEGMENT_MAGIC, SEGMENT_SEQ_SPAN_MAX};
 use crate::fs::{Fs, FsFile};
 use crate::layout::{ack_file_name, create_file, queue_dir_name, queues_dir, random_salt, segment_file_name};
 use crate::live_set::LiveSet;
@@ -181,6 +181,10 @@ struct PlannedWrite {
     bytes: Vec<u8>,
     error: Option<StoreError>,
 }
+
+/// Seqs from a segment's base after which the writer starts a new segment: the format's
+/// [`SEGMENT_SEQ_SPAN_MAX`], small in unit tests so that a few failed appends reach it.
+const SEQ_SPAN_ROLL: u64 = if cfg!(test) { 16 } else { SEGMENT_SEQ_SPAN_MAX };
 
 /// How many times in a row the gatherer yields without anything arriving before it gives up.
 const GATHER_IDLE_YIELDS_MAX: u32 = 8;
@@ -457,7 +461,10 @@ impl WriterState {
             return;
         };
         let projected = active.len + pending_in_active + record.len() as u64;
-        if projected > segment_bytes_max && (active.has_records() || pending_in_active > 0) {
+        // Failed appends leave gaps in the seqs; past the span recovery accepts, a new segment
+        // starts even if the active one is empty.
+        let span_reached = seq.saturating_sub(log.active_base) >= SEQ_SPAN_ROLL;
+        if span_reached || (projected > segment_bytes_max && (active.has_records() || pending_in_active > 0)) {
             let segment_id = log.next_segment_id;
             match create_file(
                 self.fs.as_ref(),
@@ -566,5 +573,45 @@ impl WriterState {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SEQ_SPAN_ROLL;
+    use crate::format::{FILE_HEADER_BYTES, FileHeader, SEGMENT_MAGIC};
+    use crate::{SimFs, Store, StoreConfig};
+    use std::path::Path;
+
+    #[test]
+    fn seqs_lost_to_failed_appends_never_widen_a_segment_past_its_span() {
+        let sim = SimFs::new(11);
+        let (store, _) = Store::open(sim.shared(), "/data", StoreConfig::default()).unwrap();
+        let queue = store.create_log().unwrap().wait().unwrap();
+        store.append(queue, 1, b"", b"first").unwrap().wait().unwrap();
+        // A full disk: every append fails, and each takes a seq.
+        sim.set_space_bytes_max(Some(sim.used_bytes()));
+        for _ in 0..SEQ_SPAN_ROLL {
+            let error = store.append(queue, 1, b"", b"lost").unwrap().wait().unwrap_err();
+            assert!(!error.is_fatal(), "{error:?}");
+        }
+        sim.set_space_bytes_max(None);
+        let receipt = store.append(queue, 1, b"", b"after").unwrap().wait().unwrap();
+        let segment = Path::new("/data/queues")
+            .join(format!("q-{:016x}", queue.0))
+            .join(format!("{:020}.seg", receipt.location.segment_id));
+        let bytes = sim.read_file(&segment).unwrap();
+        let header = FileHeader::decode(&bytes[..FILE_HEADER_BYTES], SEGMENT_MAGIC, &segment).unwrap();
+        assert!(
+            receipt.seq - header.base_seq < SEQ_SPAN_ROLL,
+            "seq {} in a segment based at {}",
+            receipt.seq,
+            header.base_seq
+        );
+        store.close().unwrap();
+        let (store, recovered) = Store::open(sim.shared(), "/data", StoreConfig::default()).unwrap();
+        let bodies: Vec<Vec<u8>> =
+            recovered.queues[&queue].iter().map(|message| store.read(queue, &message.location).unwrap().body).collect();
+        assert_eq!(bodies, vec![b"first".to_vec(), b"after".to_vec()]);
     }
 }
