@@ -25,6 +25,7 @@ options_for() {
   case $1 in
     frame) echo "-max_len=16384" ;;
     store_recovery) echo "-max_len=65536" ;;
+    definitions) echo "-max_len=16384" ;;
     *) echo "-max_len=4096" ;;
   esac
 }

@@ -4,7 +4,7 @@
 //! there after a fix, fails a plain `cargo test` in `fuzz/`.
 
 use std::path::{Path, PathBuf};
-use wharf_fuzz::{frames, seeds, store_image, tables};
+use wharf_fuzz::{definitions, frames, seeds, store_image, tables};
 
 type Check = fn(&[u8]);
 
@@ -14,6 +14,7 @@ fn targets() -> Vec<(&'static str, Vec<seeds::Seed>, Check)> {
         ("field_table", seeds::field_table_seeds(), tables::check_field_table),
         ("sasl", seeds::sasl_seeds(), tables::check_sasl),
         ("store_recovery", seeds::store_seeds(), store_image::check_image),
+        ("definitions", definitions::definitions_seeds(), definitions::check_definitions),
     ]
 }
 
