@@ -7,6 +7,7 @@
 //! `tx.commit-ok` only after the store reports the covering `fdatasync`. Durable definitions live in
 //! the store's definitions log and are rebuilt, with every stored message, at start.
 
+mod cert_name;
 mod clock;
 mod config;
 mod confirms;
@@ -26,11 +27,13 @@ mod publish;
 mod recovery;
 mod server;
 mod session;
+mod tls;
 mod writer;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
-    BrokerConfig, ConfigError, FRAME_MAX_MIN, GROUP_COMMIT_DELAY_US_MAX, QUEUE_BODY_MEMORY_BYTES_MAX_DEFAULT, User,
+    BrokerConfig, ConfigError, FRAME_MAX_MIN, GROUP_COMMIT_DELAY_US_MAX, QUEUE_BODY_MEMORY_BYTES_MAX_DEFAULT,
+    TlsConfig, User,
 };
 pub use error::BrokerError;
 pub use password::{HashingAlgorithm, PasswordError, PasswordHash};
