@@ -154,19 +154,24 @@ pub(crate) async fn serve(
 ) {
     let _ = socket.set_nodelay(true);
     let deadline = tokio::time::Instant::now() + Duration::from_millis(core.config.handshake_timeout_ms);
-    let stream = tokio::select! {
-        accepted = tokio::time::timeout_at(deadline, acceptor.accept(socket)) => match accepted {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => {
-                tracing::info!(%peer, %error, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::info!(%peer, "TLS handshake timed out");
-                return;
-            }
-        },
+    let accept = tokio::time::timeout_at(deadline, acceptor.accept(socket));
+    tokio::pin!(accept);
+    let accepted = tokio::select! {
+        accepted = &mut accept => accepted,
         _ = shutdown.changed() => return,
+    };
+    let stream = match accepted {
+        Ok(Ok(stream)) => stream,
+        failed => {
+            match failed {
+                Ok(Err(error)) => tracing::info!(%peer, %error, "TLS handshake failed"),
+                _ => tracing::info!(%peer, "TLS handshake timed out"),
+            }
+            // The slot is free before the socket closes (it is dropped with `accept`), so a peer
+            // that sees the close can count on the slot being there for its next attempt.
+            drop(handshake_slot);
+            return;
+        }
     };
     // rustls hands over a client certificate only once it verified it against the configured CA
     // (and asks for none without a CA), so a certificate here is a verified one.
