@@ -136,7 +136,7 @@ fn text(tag: u8, contents: &[u8]) -> Result<String, NameError> {
             String::from_utf8(contents.to_vec()).map_err(|_| NameError::NotText)
         }
         TAG_BMP_STRING => {
-            if contents.len() % 2 != 0 {
+            if !contents.len().is_multiple_of(2) {
                 return Err(NameError::NotText);
             }
             let units = contents.chunks_exact(2).map(|pair| u16::from_be_bytes([pair[0], pair[1]]));
