@@ -4,7 +4,7 @@
 //! `wharf serve` starts the broker with zero configuration (port 5672, data in `./wharf-data`,
 //! `guest`/`guest` from loopback). Every setting can come from a flag, a `WHARF_*` variable or the
 //! TOML file named by `--config`; flags win over variables, variables over the file, the file over
-//! the defaults.
+//! the defaults. SIGTERM and SIGINT stop the broker cleanly; SIGHUP reloads its TLS certificates.
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
