@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the stock-client compatibility suites (pika, amqplib) against the built `wharf` binary on a
-# free loopback port with a fresh data directory. Installs the clients itself.
+# free loopback port, and pika against its TLS listener (mutual TLS) on another, with a fresh data
+# directory. Installs the clients itself.
 set -euo pipefail
 wharf_bin=$(realpath "${1:?usage: compat/run.sh PATH_TO_WHARF_BINARY}")
 cd "$(dirname "$0")"
@@ -9,10 +10,36 @@ python3 -m pip install --quiet --disable-pip-version-check pika==1.3.2 2>/dev/nu
   || python3 -m pip install --quiet --disable-pip-version-check pika
 (cd node && npm install --no-audit --no-fund --loglevel=error >/dev/null)
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'; }
+port=$(free_port)
+tls_port=$(free_port)
 data_dir=$(mktemp -d "${TMPDIR:-/tmp}/wharf-compat.XXXXXX")
 log="$data_dir/wharf.log"
-"$wharf_bin" serve --amqp-listen "127.0.0.1:$port" --data-dir "$data_dir/data" --log info 2>"$log" &
+
+# Certificates for the TLS listener: a CA, a server certificate for 127.0.0.1, a client
+# certificate for guest (CN=guest, for SASL EXTERNAL). Made with the openssl CLI, installed from
+# Debian if missing.
+if ! command -v openssl >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y openssl >/dev/null 2>&1 \
+    || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y openssl >/dev/null; }
+fi
+certs="$data_dir/certs"
+mkdir -p "$certs"
+ec_key=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+openssl req -x509 "${ec_key[@]}" -keyout "$certs/ca.key" -out "$certs/ca.pem" -days 2 \
+  -subj "/CN=Wharf compat CA" 2>/dev/null
+issue() { # name, subject, extensions
+  openssl req "${ec_key[@]}" -keyout "$certs/$1.key" -out "$certs/$1.csr" -subj "$2" 2>/dev/null
+  printf '%b' "$3" >"$certs/$1.ext"
+  openssl x509 -req -in "$certs/$1.csr" -CA "$certs/ca.pem" -CAkey "$certs/ca.key" -CAcreateserial \
+    -out "$certs/$1.pem" -days 2 -extfile "$certs/$1.ext" 2>/dev/null
+}
+issue server "/CN=127.0.0.1" "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"
+issue client "/CN=guest" "extendedKeyUsage=clientAuth"
+
+"$wharf_bin" serve --amqp-listen "127.0.0.1:$port" --data-dir "$data_dir/data" --log info \
+  --amqps-listen "127.0.0.1:$tls_port" --tls-cert "$certs/server.pem" --tls-key "$certs/server.key" \
+  --tls-ca-cert "$certs/ca.pem" --tls-verify-peer 2>"$log" &
 wharf_pid=$!
 cleanup() { kill "$wharf_pid" 2>/dev/null || true; wait "$wharf_pid" 2>/dev/null || true; rm -rf "$data_dir"; }
 trap cleanup EXIT
@@ -26,4 +53,5 @@ done
 grep -q "accepting AMQP connections" "$log" || { cat "$log"; echo "wharf did not start"; exit 1; }
 
 python3 python/test_pika.py "$port"
+python3 python/test_pika_tls.py "$tls_port" "$certs"
 node node/test_amqplib.js "$port"

@@ -70,11 +70,47 @@ pub struct UserLimits {
     pub channels_max: Option<u32>,
 }
 
+/// AMQP over TLS (AMQPS): where to listen and with which certificate (see `tls.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// Where to accept AMQPS connections (RabbitMQ's port is 5671; 0 picks a free port).
+    pub amqps_listen: SocketAddr,
+    /// The server's certificate chain, PEM: its own certificate first, then any intermediates.
+    pub cert_path: PathBuf,
+    /// The server certificate's private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key_path: PathBuf,
+    /// CA certificates (PEM) that client certificates are verified against. Without
+    /// `verify_peer`, a client may present a certificate (verified against these, and then
+    /// offered SASL `EXTERNAL`) or none.
+    pub ca_cert_path: Option<PathBuf>,
+    /// Require every client to present a certificate signed by a CA in `ca_cert_path` (mutual
+    /// TLS); a client without one fails the TLS handshake.
+    pub verify_peer: bool,
+}
+
+impl TlsConfig {
+    /// TLS on `amqps_listen` with the server's certificate chain and key; no client certificates.
+    pub fn new(amqps_listen: SocketAddr, cert_path: impl Into<PathBuf>, key_path: impl Into<PathBuf>) -> Self {
+        TlsConfig {
+            amqps_listen,
+            cert_path: cert_path.into(),
+            key_path: key_path.into(),
+            ca_cert_path: None,
+            verify_peer: false,
+        }
+    }
+}
+
 /// The broker's configuration.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
     /// Where to accept AMQP connections (port 5672 by default; 0 picks a free port).
     pub amqp_listen: SocketAddr,
+    /// Whether to accept plain (unencrypted) AMQP on `amqp_listen`. Off, the broker speaks only
+    /// TLS, on `tls`'s listener.
+    pub plain_amqp: bool,
+    /// AMQP over TLS on a listener of its own, if set.
+    pub tls: Option<TlsConfig>,
     /// The data directory (message logs, definitions).
     pub data_dir: PathBuf,
     /// Who may connect.
@@ -171,6 +207,8 @@ impl BrokerConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         BrokerConfig {
             amqp_listen: SocketAddr::from(([0, 0, 0, 0], 5672)),
+            plain_amqp: true,
+            tls: None,
             data_dir: data_dir.into(),
             users: vec![User::guest()],
             permissions: vec![Permission::full("guest", "/")],
@@ -262,6 +300,23 @@ impl BrokerConfig {
         }
         if let Err(error) = Access::new(&self.permissions, &self.topic_permissions) {
             return refuse(error.to_string());
+        }
+        match &self.tls {
+            None if !self.plain_amqp => {
+                return refuse("plain AMQP is off and TLS is not configured: nobody could connect".into());
+            }
+            None => {}
+            // Reads the files, so a missing or unusable one is named at start, not at the first
+            // handshake.
+            Some(tls) => {
+                if self.plain_amqp && tls.amqps_listen == self.amqp_listen && tls.amqps_listen.port() != 0 {
+                    return refuse(format!(
+                        "amqps_listen and amqp_listen are both {}: TLS needs a port of its own",
+                        tls.amqps_listen
+                    ));
+                }
+                crate::tls::server_config(tls)?;
+            }
         }
         Ok(())
     }

@@ -2,6 +2,10 @@
 //! that assembles published messages and hands every method to the channel logic in
 //! `session.rs`, with heartbeat supervision and both close handshakes. Errors are answered with the
 //! reply code the spec and RabbitMQ use, closing only the channel when that is enough.
+//!
+//! It runs over any byte stream: a plain TCP socket's own halves (`TcpStream::into_split`, the
+//! benchmarked path, no locking between reader and writer), or the halves of a TLS stream (see
+//! `tls.rs`). The code is generic over the halves, so neither pays for the other.
 
 use crate::access::VhostGrant;
 use crate::core::{Core, blocking};
@@ -11,13 +15,13 @@ use crate::outbound::{method_frame, truncate};
 use crate::session::{Session, Stop};
 use crate::writer::{self, WriterSettings};
 use bytes::BytesMut;
+use rustls_pki_types::CertificateDer;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{mpsc, watch};
 use wharf_model::ConnectionId;
 use wharf_wire::frame::{FRAME_MIN_SIZE, decode_protocol_header, encode_protocol_header};
@@ -77,7 +81,7 @@ fn server_properties() -> FieldTable {
 }
 
 /// Reads from the socket into `buffer`, failing on end of stream.
-async fn fill(reader: &mut OwnedReadHalf, buffer: &mut BytesMut) -> Result<(), String> {
+async fn fill<R: AsyncRead + Unpin>(reader: &mut R, buffer: &mut BytesMut) -> Result<(), String> {
     buffer.reserve(READ_CHUNK_BYTES);
     match reader.read_buf(buffer).await {
         Ok(0) => Err("connection closed by peer".into()),
@@ -86,18 +90,29 @@ async fn fill(reader: &mut OwnedReadHalf, buffer: &mut BytesMut) -> Result<(), S
     }
 }
 
+/// What the transport established before AMQP began.
+#[derive(Debug)]
+pub(crate) struct Transport {
+    /// When the handshake must be done by (a TLS handshake already spent part of the time).
+    pub deadline: tokio::time::Instant,
+    /// The client's certificate, verified against the configured CA (TLS only): SASL `EXTERNAL`
+    /// is offered, and logs in as its CN, only with one.
+    pub client_certificate: Option<CertificateDer<'static>>,
+}
+
 /// The state of one connection.
-struct Connection {
+struct Connection<R> {
     core: Arc<Core>,
     peer: SocketAddr,
-    reader: OwnedReadHalf,
+    client_certificate: Option<CertificateDer<'static>>,
+    reader: R,
     buffer: BytesMut,
     decoder: FrameDecoder,
     outbound: Outbox,
     settings: Arc<WriterSettings>,
 }
 
-impl Connection {
+impl<R: AsyncRead + Unpin> Connection<R> {
     fn send(&self, channel: u16, method: &AMQPClass) {
         let _ = self.outbound.send(Outbound::Frames(method_frame(channel, method)));
     }
@@ -167,7 +182,10 @@ impl Connection {
                 version_major: 0,
                 version_minor: 9,
                 server_properties: server_properties(),
-                mechanisms: LongString::from(sasl::MECHANISMS),
+                mechanisms: LongString::from(match self.client_certificate {
+                    Some(_) => sasl::MECHANISMS_WITH_EXTERNAL,
+                    None => sasl::MECHANISMS,
+                }),
                 locales: LongString::from("en_US"),
             })),
         );
@@ -257,16 +275,17 @@ impl Connection {
         let address = self.peer.ip();
         let throttle = &self.core.login_throttle;
         let mechanism = start_ok.mechanism.as_str();
-        let response = start_ok.response.as_bytes();
-        // The name tried, for the throttle (an unparsable response fails below anyway).
-        let tried = match sasl::parse_response(mechanism, response) {
-            Ok(Some(credentials)) => credentials.username,
-            _ => String::new(),
+        let claim = claim(mechanism, start_ok.response.as_bytes(), self.client_certificate.as_ref());
+        // The name tried, for the throttle (a refused claim fails below anyway).
+        let tried = match &claim {
+            Ok(Claim::Password(credentials)) => credentials.username.clone(),
+            Ok(Claim::Certificate(name)) => name.clone(),
+            Err(_) => String::new(),
         };
         let outcome = if throttle.is_throttled(address, &tried, self.core.now_ms()) {
             Err("ACCESS_REFUSED - too many failed logins from this address; try again later".to_owned())
         } else {
-            let outcome = authorize(&self.core.config.users, mechanism, response, address);
+            let outcome = claim.and_then(|claim| authorize(&self.core.config.users, mechanism, &claim, address));
             match &outcome {
                 Ok(_) => throttle.record_success(address, &tried),
                 Err(_) => throttle.record_failure(address, &tried, self.core.now_ms()),
@@ -285,21 +304,51 @@ impl Connection {
     }
 }
 
-/// Decides a login: the user name, or the 403 reply text RabbitMQ would give.
+/// Who a client says it is: a name and password from its SASL response, or (`EXTERNAL`) the CN of
+/// its verified certificate.
+#[derive(Debug)]
+enum Claim {
+    Password(sasl::Credentials),
+    Certificate(String),
+}
+
+/// Reads the client's claim, or the 403 reply text RabbitMQ would give. `EXTERNAL` exists only
+/// with a verified client certificate (it is not offered otherwise); its response, at most an
+/// authorization identity, is ignored, as RabbitMQ's `rabbitmq_auth_mechanism_ssl` ignores it.
+fn claim(mechanism: &str, response: &[u8], client_certificate: Option<&CertificateDer<'_>>) -> Result<Claim, String> {
+    if mechanism == sasl::MECHANISM_EXTERNAL
+        && let Some(certificate) = client_certificate
+    {
+        return crate::cert_name::common_name(certificate)
+            .map(Claim::Certificate)
+            .map_err(|error| format!("ACCESS_REFUSED - EXTERNAL: {}", error.reason()));
+    }
+    match sasl::parse_response(mechanism, response) {
+        Ok(Some(credentials)) => Ok(Claim::Password(credentials)),
+        Ok(None) => Err(format!("ACCESS_REFUSED - unsupported authentication mechanism {mechanism}")),
+        Err(error) => Err(format!("ACCESS_REFUSED - {error}")),
+    }
+}
+
+/// Decides a login: the user name, or the 403 reply text RabbitMQ would give. A certificate's
+/// name must be a configured user; its password is not asked for (the CA vouched instead).
 fn authorize(
     users: &[crate::config::User],
     mechanism: &str,
-    response: &[u8],
+    claim: &Claim,
     peer: std::net::IpAddr,
 ) -> Result<String, String> {
-    let credentials = match sasl::parse_response(mechanism, response) {
-        Ok(Some(credentials)) => credentials,
-        Ok(None) => return Err(format!("ACCESS_REFUSED - unsupported authentication mechanism {mechanism}")),
-        Err(error) => return Err(format!("ACCESS_REFUSED - {error}")),
+    let name = match claim {
+        Claim::Password(credentials) => &credentials.username,
+        Claim::Certificate(name) => name,
     };
-    let user = users.iter().find(|user| user.name == credentials.username);
+    let user = users.iter().find(|user| &user.name == name);
+    let admitted = |user: &crate::config::User| match claim {
+        Claim::Password(credentials) => user.password.verify(credentials.password.as_bytes()),
+        Claim::Certificate(_) => true,
+    };
     match user {
-        Some(user) if user.password.verify(credentials.password.as_bytes()) => {
+        Some(user) if admitted(user) => {
             if user.loopback_only && !peer.is_loopback() {
                 Err(format!("ACCESS_REFUSED - user '{}' can only connect via localhost", user.name))
             } else {
@@ -326,10 +375,8 @@ struct LoggedIn {
     blocked_capable: bool,
 }
 
-/// Serves one accepted socket until it closes.
-/// Until it has logged in, a connection holds `handshake_slot` (taken at accept, bounded by
-/// `handshakes_max` and `handshake_timeout_ms`), not one of the `connections_max` slots.
-pub(crate) async fn serve(
+/// Serves one socket accepted on the plain AMQP listener until it closes.
+pub(crate) async fn serve_plain(
     core: Arc<Core>,
     socket: TcpStream,
     peer: SocketAddr,
@@ -337,7 +384,28 @@ pub(crate) async fn serve(
     handshake_slot: HandshakeSlot,
 ) {
     let _ = socket.set_nodelay(true);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(core.config.handshake_timeout_ms);
     let (reader, writer_half) = socket.into_split();
+    let transport = Transport { deadline, client_certificate: None };
+    serve(core, reader, writer_half, peer, shutdown, handshake_slot, transport).await;
+}
+
+/// Serves one connection over a byte stream's halves until it closes.
+/// Until it has logged in, a connection holds `handshake_slot` (taken at accept, bounded by
+/// `handshakes_max`), and must be done by `transport.deadline` (`handshake_timeout_ms` after
+/// accept); it holds none of the `connections_max` slots.
+pub(crate) async fn serve<R, W>(
+    core: Arc<Core>,
+    reader: R,
+    writer_half: W,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+    handshake_slot: HandshakeSlot,
+    transport: Transport,
+) where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let (sender, outbound_receiver) = mpsc::unbounded_channel();
     let backlog = Arc::new(Backlog::default());
     let outbound = Outbox { sender, backlog: Arc::clone(&backlog) };
@@ -347,14 +415,14 @@ pub(crate) async fn serve(
     let mut connection = Connection {
         core: Arc::clone(&core),
         peer,
+        client_certificate: transport.client_certificate,
         reader,
         buffer: BytesMut::with_capacity(READ_CHUNK_BYTES),
         decoder: FrameDecoder::new(FRAME_MIN_SIZE),
         outbound: outbound.clone(),
         settings: Arc::clone(&settings),
     };
-    let timeout = Duration::from_millis(core.config.handshake_timeout_ms);
-    let handshake = tokio::time::timeout(timeout, connection.handshake()).await;
+    let handshake = tokio::time::timeout_at(transport.deadline, connection.handshake()).await;
     drop(handshake_slot);
     let (ending, id) = match handshake {
         Err(_) => (Ending::SocketLost("handshake timed out".into()), None),
@@ -385,8 +453,8 @@ pub(crate) async fn serve(
 }
 
 /// The frame loop after the handshake.
-async fn run_frames(
-    connection: &mut Connection,
+async fn run_frames<R: AsyncRead + Unpin>(
+    connection: &mut Connection<R>,
     session: &mut Session,
     mut shutdown: watch::Receiver<bool>,
     blocked_capable: bool,
@@ -471,8 +539,8 @@ async fn run_frames(
 /// Blocks a publishing connection while an alarm is raised: `connection.blocked` (if the client
 /// announced the capability), no reads until every alarm clears, then `connection.unblocked`.
 /// Returns how the connection ended if the broker stops meanwhile.
-async fn wait_out_alarm(
-    connection: &mut Connection,
+async fn wait_out_alarm<R: AsyncRead + Unpin>(
+    connection: &mut Connection<R>,
     notify: bool,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<Ending> {
@@ -516,7 +584,7 @@ fn announces_capability(client_properties: &FieldTable, capability: &str) -> boo
 /// writer reported it before writing anything queued after it (such as that channel's close-ok),
 /// so a frame that reopens the channel and reuses the delivery tag always comes after the slot is
 /// freed, never before.
-async fn handle_frame(connection: &Connection, session: &mut Session, frame: Frame) -> Result<(), Stop> {
+async fn handle_frame<R>(connection: &Connection<R>, session: &mut Session, frame: Frame) -> Result<(), Stop> {
     let backlog = &connection.outbound.backlog;
     if backlog.reports.has_unsent() {
         act_on_writer_reports(&connection.core, session, backlog);
@@ -543,17 +611,59 @@ mod tests {
     use super::*;
     use crate::config::User;
 
+    /// The whole login decision for a response, as `authenticate` makes it.
+    fn login(
+        users: &[User],
+        mechanism: &str,
+        response: &[u8],
+        certificate: Option<&CertificateDer<'_>>,
+        peer: std::net::IpAddr,
+    ) -> Result<String, String> {
+        claim(mechanism, response, certificate).and_then(|claim| authorize(users, mechanism, &claim, peer))
+    }
+
     #[test]
     fn guest_only_from_loopback_and_passwords_must_match() {
         let users = vec![User::guest(), User::with_password("app", "pw", false)];
         let loopback: std::net::IpAddr = "127.0.0.1".parse().unwrap();
         let remote: std::net::IpAddr = "10.1.2.3".parse().unwrap();
-        assert_eq!(authorize(&users, "PLAIN", b"\0guest\0guest", loopback), Ok("guest".into()));
-        let refused = authorize(&users, "PLAIN", b"\0guest\0guest", remote).unwrap_err();
+        let authorize = |mechanism: &str, response: &[u8], peer| login(&users, mechanism, response, None, peer);
+        assert_eq!(authorize("PLAIN", b"\0guest\0guest", loopback), Ok("guest".into()));
+        let refused = authorize("PLAIN", b"\0guest\0guest", remote).unwrap_err();
         assert_eq!(refused, "ACCESS_REFUSED - user 'guest' can only connect via localhost");
-        assert_eq!(authorize(&users, "PLAIN", b"\0app\0pw", remote), Ok("app".into()));
-        assert!(authorize(&users, "PLAIN", b"\0app\0wrong", remote).unwrap_err().contains("Login was refused"));
-        assert!(authorize(&users, "PLAIN", b"\0ap\0pw", remote).is_err(), "a prefix of a name is not the name");
-        assert!(authorize(&users, "CRAM-MD5", b"", loopback).unwrap_err().contains("unsupported"));
+        assert_eq!(authorize("PLAIN", b"\0app\0pw", remote), Ok("app".into()));
+        assert!(authorize("PLAIN", b"\0app\0wrong", remote).unwrap_err().contains("Login was refused"));
+        assert!(authorize("PLAIN", b"\0ap\0pw", remote).is_err(), "a prefix of a name is not the name");
+        assert!(authorize("CRAM-MD5", b"", loopback).unwrap_err().contains("unsupported"));
+    }
+
+    fn certificate_for(common_name: &str) -> CertificateDer<'static> {
+        let mut params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, common_name);
+        params.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap().der().clone()
+    }
+
+    #[test]
+    fn external_logs_in_as_the_certificates_common_name_if_that_user_exists() {
+        let users = vec![User::guest(), User::with_password("app", "pw", false)];
+        let remote: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+        let app = certificate_for("app");
+        // The password is not asked for, and the response (an authorization identity) is ignored.
+        assert_eq!(login(&users, "EXTERNAL", b"", Some(&app), remote), Ok("app".into()));
+        assert_eq!(login(&users, "EXTERNAL", b"guest", Some(&app), remote), Ok("app".into()));
+        let stranger = certificate_for("stranger");
+        let refused = login(&users, "EXTERNAL", b"", Some(&stranger), remote).unwrap_err();
+        assert_eq!(refused, "ACCESS_REFUSED - Login was refused using authentication mechanism EXTERNAL");
+        let guest = certificate_for("guest");
+        let refused = login(&users, "EXTERNAL", b"", Some(&guest), remote).unwrap_err();
+        assert_eq!(refused, "ACCESS_REFUSED - user 'guest' can only connect via localhost");
+        // Without a verified certificate EXTERNAL is not offered, and not accepted either.
+        let refused = login(&users, "EXTERNAL", b"app", None, remote).unwrap_err();
+        assert_eq!(refused, "ACCESS_REFUSED - unsupported authentication mechanism EXTERNAL");
+        // PLAIN still works on a connection with a certificate, as whoever the password says.
+        assert_eq!(
+            login(&users, "PLAIN", b"\0guest\0guest", Some(&app), "127.0.0.1".parse().unwrap()),
+            Ok("guest".into())
+        );
     }
 }

@@ -9,6 +9,7 @@
 
 mod access;
 mod alarms;
+mod cert_name;
 mod clock;
 mod config;
 mod confirms;
@@ -30,6 +31,7 @@ mod publish;
 mod recovery;
 mod server;
 mod session;
+mod tls;
 mod writer;
 
 pub use access::{Permission, PermissionError, TopicPermission};
@@ -37,7 +39,7 @@ pub use alarms::{AlarmState, DiskSpace, FixedDiskSpace, RealDiskSpace};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
     BrokerConfig, CONSUMER_TIMEOUT_MS_DEFAULT, ConfigError, FRAME_MAX_MIN, GROUP_COMMIT_DELAY_US_MAX,
-    QUEUE_BODY_MEMORY_BYTES_MAX_DEFAULT, User, UserLimits, VhostLimits,
+    QUEUE_BODY_MEMORY_BYTES_MAX_DEFAULT, TlsConfig, User, UserLimits, VhostLimits,
 };
 pub use definitions_import::{
     DEFINITIONS_BYTES_MAX, Definitions, DefinitionsError, ImportedBinding, ImportedExchange, ImportedQueue, Topology,

@@ -1,11 +1,13 @@
-//! [`Broker`]: starts the runtime (recovery, listener, accept loop) and stops it cleanly: stop
+//! [`Broker`]: starts the runtime (recovery, listeners, accept loops) and stops it cleanly: stop
 //! accepting, close every connection with 320 CONNECTION_FORCED, make the last removals durable.
+//! Also puts reloaded TLS certificates in force ([`Broker::reload_tls`]).
 
 use crate::alarms::AlarmState;
 use crate::config::BrokerConfig;
 use crate::connection;
-use crate::core::Core;
+use crate::core::{Core, blocking};
 use crate::error::BrokerError;
+use crate::tls::ServerTls;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,8 +23,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub struct Broker {
     core: Arc<Core>,
     local_addr: SocketAddr,
+    amqps_local_addr: Option<SocketAddr>,
+    tls: Option<Arc<ServerTls>>,
     shutdown: watch::Sender<bool>,
-    accept: tokio::task::JoinHandle<JoinSet<()>>,
+    /// One accept loop per listener (plain AMQP, TLS).
+    accepts: Vec<tokio::task::JoinHandle<JoinSet<()>>>,
     timers: tokio::task::JoinHandle<()>,
 }
 
@@ -48,7 +53,8 @@ impl Broker {
             )));
         }
         config.validate()?;
-        let address = config.amqp_listen;
+        let plain_address = config.plain_amqp.then_some(config.amqp_listen);
+        let tls = config.tls.clone().map(ServerTls::load).transpose()?.map(Arc::new);
         let (core, startup) = tokio::task::spawn_blocking(move || Core::open(config))
             .await
             .map_err(|error| BrokerError::Startup(error.to_string()))??;
@@ -62,13 +68,55 @@ impl Broker {
             .await
             .map_err(|error| BrokerError::Startup(error.to_string()))?;
         }
+        // Every listener is bound before any is announced, so a client that saw one announced can
+        // reach them all.
+        let plain = match plain_address {
+            Some(address) => Some(bind(address).await?),
+            None => None,
+        };
+        let secure = match &tls {
+            Some(tls) => Some(bind(tls.listen_address()).await?),
+            None => None,
+        };
         let timers = tokio::spawn(run_timers(Arc::clone(&core)));
-        let listener = TcpListener::bind(address).await.map_err(|source| BrokerError::Listen { address, source })?;
-        let local_addr = listener.local_addr().map_err(|source| BrokerError::Listen { address, source })?;
-        tracing::info!(%local_addr, "accepting AMQP connections");
         let (shutdown, shutdown_receiver) = watch::channel(false);
-        let accept = tokio::spawn(accept_loop(listener, Arc::clone(&core), shutdown_receiver));
-        Ok(Broker { core, local_addr, shutdown, accept, timers })
+        let mut accepts = Vec::new();
+        let mut local_addr = None;
+        if let Some((listener, address)) = plain {
+            tracing::info!(local_addr = %address, "accepting AMQP connections");
+            local_addr = Some(address);
+            accepts.push(tokio::spawn(accept_loop(listener, Arc::clone(&core), shutdown_receiver.clone(), None)));
+        }
+        let mut amqps_local_addr = None;
+        if let (Some((listener, address)), Some(tls)) = (secure, &tls) {
+            tracing::info!(local_addr = %address, "accepting AMQP connections over TLS");
+            amqps_local_addr = Some(address);
+            let tls = Some(Arc::clone(tls));
+            accepts.push(tokio::spawn(accept_loop(listener, Arc::clone(&core), shutdown_receiver, tls)));
+        }
+        // `validate` made sure at least one listener is configured.
+        let local_addr = local_addr
+            .or(amqps_local_addr)
+            .ok_or_else(|| BrokerError::Startup("no listener: plain AMQP is off and TLS is not configured".into()))?;
+        Ok(Broker { core, local_addr, amqps_local_addr, tls, shutdown, accepts, timers })
+    }
+
+    /// Reads the TLS certificate, key and CA files again and uses them for every TLS handshake
+    /// from now on; open connections keep going on the settings they began with. If the files
+    /// cannot be used, the settings in force stay and the error says why. Without TLS there is
+    /// nothing to reload.
+    pub fn reload_tls(&self) -> Result<(), BrokerError> {
+        let Some(tls) = &self.tls else { return Ok(()) };
+        match blocking(|| tls.reload()) {
+            Ok(()) => {
+                tracing::info!("TLS certificates reloaded");
+                Ok(())
+            }
+            Err(error) => {
+                tracing::error!(%error, "reloading TLS certificates failed; the previous ones stay in force");
+                Err(error.into())
+            }
+        }
     }
 
     /// What the broker counted (dead letters, expiries, duplicates dropped, leases expired, …).
@@ -105,9 +153,15 @@ impl Broker {
         self.core.alarms.state()
     }
 
-    /// Where the broker accepts connections (useful when listening on port 0).
+    /// Where the broker accepts plain AMQP connections (useful when listening on port 0); with
+    /// plain AMQP off, where it accepts TLS ones: the one address every broker has.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where the broker accepts AMQP over TLS, if it does.
+    pub fn amqps_local_addr(&self) -> Option<SocketAddr> {
+        self.amqps_local_addr
     }
 
     /// Open client connections.
@@ -132,12 +186,19 @@ impl Broker {
     /// them to finish, and closes the store so pending removals are durable.
     pub async fn shutdown(self) {
         self.shutdown.send_replace(true);
-        if let Ok(mut connections) = self.accept.await {
-            let drained =
-                tokio::time::timeout(SHUTDOWN_GRACE, async { while connections.join_next().await.is_some() {} });
-            if drained.await.is_err() {
-                tracing::warn!("connections still open after the shutdown grace period; aborting them");
+        let mut open = Vec::new();
+        for accept in self.accepts {
+            if let Ok(connections) = accept.await {
+                open.push(connections);
             }
+        }
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            for connections in &mut open {
+                while connections.join_next().await.is_some() {}
+            }
+        });
+        if drained.await.is_err() {
+            tracing::warn!("connections still open after the shutdown grace period; aborting them");
         }
         self.timers.abort();
         let _ = self.timers.await;
@@ -196,7 +257,19 @@ async fn run_timers(core: Arc<Core>) {
     }
 }
 
-async fn accept_loop(listener: TcpListener, core: Arc<Core>, mut shutdown: watch::Receiver<bool>) -> JoinSet<()> {
+async fn bind(address: SocketAddr) -> Result<(TcpListener, SocketAddr), BrokerError> {
+    let listener = TcpListener::bind(address).await.map_err(|source| BrokerError::Listen { address, source })?;
+    let local_addr = listener.local_addr().map_err(|source| BrokerError::Listen { address, source })?;
+    Ok((listener, local_addr))
+}
+
+/// Accepts sockets on one listener until shutdown; `tls` makes it the TLS listener.
+async fn accept_loop(
+    listener: TcpListener,
+    core: Arc<Core>,
+    mut shutdown: watch::Receiver<bool>,
+    tls: Option<Arc<ServerTls>>,
+) -> JoinSet<()> {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -205,7 +278,12 @@ async fn accept_loop(listener: TcpListener, core: Arc<Core>, mut shutdown: watch
                 // exactly as they arrive.
                 Ok((socket, peer)) => match core.connections.begin_handshake(peer.ip()) {
                     Some(slot) => {
-                        connections.spawn(connection::serve(Arc::clone(&core), socket, peer, shutdown.clone(), slot));
+                        let core = Arc::clone(&core);
+                        match &tls {
+                            None => connections.spawn(connection::serve_plain(core, socket, peer, shutdown.clone(), slot)),
+                            // The settings in force at accept: a reload applies from the next socket.
+                            Some(tls) => connections.spawn(crate::tls::serve(core, socket, peer, shutdown.clone(), slot, tls.acceptor())),
+                        };
                     }
                     None => {
                         tracing::warn!(%peer, "connection refused: too many handshakes in progress (in all, or from this address)");

@@ -9,8 +9,7 @@ use bytes::BytesMut;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use wharf_store::Ticket;
 use wharf_wire::frame::{encode_body, encode_content_header, encode_heartbeat, encode_method};
@@ -139,8 +138,8 @@ fn drop_unsent(item: Outbound) {
 /// Runs until every sender is gone (the connection ended) or the socket fails. After each write it
 /// reports how many delivery bytes left (see `WriterReports::written`), which lets dispatching to
 /// a slow reader resume.
-pub(crate) async fn run(
-    mut socket: OwnedWriteHalf,
+pub(crate) async fn run<W: AsyncWrite + Unpin>(
+    mut socket: W,
     mut outbound: mpsc::UnboundedReceiver<Outbound>,
     settings: Arc<WriterSettings>,
     backlog: Arc<Backlog>,
@@ -208,7 +207,9 @@ pub(crate) async fn run(
             // A failure is the store's to report (it stops the broker); the delivery still goes.
             let _ = ticket.await;
         }
-        if socket.write_all(&buffer).await.is_err() {
+        // The flush is free on a TCP socket; a TLS stream may keep records it could not write yet
+        // until flushed.
+        if socket.write_all(&buffer).await.is_err() || socket.flush().await.is_err() {
             outbound.close();
             while let Ok(item) = outbound.try_recv() {
                 drop_unsent(item);

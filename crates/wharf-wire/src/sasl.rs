@@ -13,6 +13,13 @@ pub const CREDENTIAL_BYTES_MAX: usize = 255;
 /// `connection.start`.
 pub const MECHANISMS: &str = "PLAIN AMQPLAIN";
 
+/// SASL `EXTERNAL`: the identity comes from outside AMQP (a TLS client certificate), not from the
+/// response. The broker handles it; there is nothing in the response to parse.
+pub const MECHANISM_EXTERNAL: &str = "EXTERNAL";
+
+/// [`MECHANISMS`] and `EXTERNAL`, announced to a client that presented a verified certificate.
+pub const MECHANISMS_WITH_EXTERNAL: &str = "PLAIN AMQPLAIN EXTERNAL";
+
 /// A username and password taken from a SASL response.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {

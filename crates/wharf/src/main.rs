@@ -4,7 +4,7 @@
 //! `wharf serve` starts the broker with zero configuration (port 5672, data in `./wharf-data`,
 //! `guest`/`guest` from loopback). Every setting can come from a flag, a `WHARF_*` variable or the
 //! TOML file named by `--config`; flags win over variables, variables over the file, the file over
-//! the defaults.
+//! the defaults. SIGTERM and SIGINT stop the broker cleanly; SIGHUP reloads its TLS certificates.
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -12,8 +12,8 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use wharf_broker::{
-    Broker, BrokerConfig, DEFINITIONS_BYTES_MAX, Definitions, PasswordHash, Permission, TopicPermission, User,
-    UserLimits, VhostLimits,
+    Broker, BrokerConfig, DEFINITIONS_BYTES_MAX, Definitions, PasswordHash, Permission, TlsConfig, TopicPermission,
+    User, UserLimits, VhostLimits,
 };
 
 #[derive(Debug, Parser)]
@@ -34,9 +34,25 @@ struct ServeArgs {
     /// TOML configuration file.
     #[arg(long, env = "WHARF_CONFIG")]
     config: Option<PathBuf>,
-    /// Address for AMQP connections [default: 0.0.0.0:5672].
+    /// Address for plain AMQP connections, or `none` for TLS only [default: 0.0.0.0:5672].
     #[arg(long, env = "WHARF_AMQP_LISTEN")]
-    amqp_listen: Option<SocketAddr>,
+    amqp_listen: Option<Listen>,
+    /// Address for AMQP over TLS (RabbitMQ uses port 5671); needs --tls-cert and --tls-key.
+    #[arg(long, env = "WHARF_AMQPS_LISTEN")]
+    amqps_listen: Option<SocketAddr>,
+    /// The server's certificate chain, PEM (its own certificate first). Reloaded on SIGHUP.
+    #[arg(long, env = "WHARF_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The server certificate's private key, PEM. Reloaded on SIGHUP.
+    #[arg(long, env = "WHARF_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates are verified against; a client with a
+    /// verified certificate may log in with SASL EXTERNAL as its CN. Reloaded on SIGHUP.
+    #[arg(long, env = "WHARF_TLS_CA_CERT")]
+    tls_ca_cert: Option<PathBuf>,
+    /// Require a client certificate signed by a CA in --tls-ca-cert (mutual TLS).
+    #[arg(long, env = "WHARF_TLS_VERIFY_PEER")]
+    tls_verify_peer: bool,
     /// Data directory [default: ./wharf-data].
     #[arg(long, env = "WHARF_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -106,7 +122,12 @@ struct ServeArgs {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
-    amqp_listen: Option<SocketAddr>,
+    amqp_listen: Option<Listen>,
+    amqps_listen: Option<SocketAddr>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca_cert: Option<PathBuf>,
+    tls_verify_peer: Option<bool>,
     data_dir: Option<PathBuf>,
     heartbeat_s: Option<u16>,
     frame_max: Option<u32>,
@@ -166,6 +187,33 @@ struct FileUserLimits {
     user: String,
     connections_max: Option<u32>,
     channels_max: Option<u32>,
+}
+
+/// Where plain AMQP listens: an address, or `none` (TLS only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+enum Listen {
+    At(SocketAddr),
+    Off,
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text == "none" {
+            return Ok(Listen::Off);
+        }
+        text.parse().map(Listen::At).map_err(|_| format!("{text:?} is neither an address (host:port) nor `none`"))
+    }
+}
+
+impl TryFrom<String> for Listen {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        text.parse()
+    }
 }
 
 /// A policy, as RabbitMQ's `set_policy` takes it: the definition's keys are the `x-` arguments
@@ -279,6 +327,26 @@ fn read_definitions(path: &Path) -> Result<Definitions> {
     Ok(definitions)
 }
 
+/// The TLS settings from flags, variables and the file; refused when some are set but TLS could
+/// not run (an address without a certificate, or certificates without an address).
+fn tls_config(args: &ServeArgs, file: &FileConfig) -> Result<Option<TlsConfig>> {
+    let amqps_listen = args.amqps_listen.or(file.amqps_listen);
+    let cert = args.tls_cert.clone().or_else(|| file.tls_cert.clone());
+    let key = args.tls_key.clone().or_else(|| file.tls_key.clone());
+    let ca_cert = args.tls_ca_cert.clone().or_else(|| file.tls_ca_cert.clone());
+    let verify_peer = args.tls_verify_peer || file.tls_verify_peer.unwrap_or(false);
+    let Some(amqps_listen) = amqps_listen else {
+        if cert.is_some() || key.is_some() || ca_cert.is_some() || verify_peer {
+            bail!("TLS settings are given but --amqps-listen (amqps_listen) is not: TLS would not be used");
+        }
+        return Ok(None);
+    };
+    let (Some(cert), Some(key)) = (cert, key) else {
+        bail!("--amqps-listen (amqps_listen) needs --tls-cert and --tls-key (tls_cert, tls_key)");
+    };
+    Ok(Some(TlsConfig { amqps_listen, cert_path: cert, key_path: key, ca_cert_path: ca_cert, verify_peer }))
+}
+
 fn read_file_config(path: &Path) -> Result<FileConfig> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading configuration file {}", path.display()))?;
@@ -292,11 +360,14 @@ fn broker_config(args: &ServeArgs) -> Result<BrokerConfig> {
         Some(path) => read_file_config(path)?,
         None => FileConfig::default(),
     };
-    let data_dir = args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("wharf-data"));
+    let data_dir = args.data_dir.clone().or(file.data_dir.clone()).unwrap_or_else(|| PathBuf::from("wharf-data"));
     let mut config = BrokerConfig::new(data_dir);
-    if let Some(address) = args.amqp_listen.or(file.amqp_listen) {
-        config.amqp_listen = address;
+    match args.amqp_listen.or(file.amqp_listen) {
+        Some(Listen::At(address)) => config.amqp_listen = address,
+        Some(Listen::Off) => config.plain_amqp = false,
+        None => {}
     }
+    config.tls = tls_config(args, &file)?;
     if let Some(heartbeat_s) = args.heartbeat_s.or(file.heartbeat_s) {
         config.heartbeat_s = heartbeat_s;
     }
@@ -412,14 +483,26 @@ fn broker_config(args: &ServeArgs) -> Result<BrokerConfig> {
 
 async fn serve(args: ServeArgs) -> Result<()> {
     let config = broker_config(&args)?;
-    tracing::info!(data_dir = %config.data_dir.display(), listen = %config.amqp_listen, "starting wharf");
+    tracing::info!(data_dir = %config.data_dir.display(), "starting wharf");
     let broker = Broker::start(config).await.context("starting the broker")?;
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    let outcome = tokio::select! {
-        _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT received; shutting down"); Ok(()) }
-        _ = terminate.recv() => { tracing::info!("SIGTERM received; shutting down"); Ok(()) }
-        reason = broker.fatal_error() => Err(anyhow::anyhow!("storage failed: {reason}")),
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let outcome = loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT received; shutting down"); break Ok(()) }
+            _ = terminate.recv() => { tracing::info!("SIGTERM received; shutting down"); break Ok(()) }
+            _ = hangup.recv() => {
+                if broker.amqps_local_addr().is_some() {
+                    tracing::info!("SIGHUP received; reloading TLS certificates");
+                    // A failure is logged by the broker, and the certificates in force stay.
+                    let _ = broker.reload_tls();
+                } else {
+                    tracing::info!("SIGHUP received; TLS is off, nothing to reload");
+                }
+            }
+            reason = broker.fatal_error() => break Err(anyhow::anyhow!("storage failed: {reason}")),
+        }
     };
     broker.shutdown().await;
     outcome

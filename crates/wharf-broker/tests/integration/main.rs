@@ -25,5 +25,6 @@ mod orphaned_logs;
 mod paging;
 mod policies;
 mod retry_backoff;
+mod tls;
 mod ttl_and_limits;
 mod virtual_time;
