@@ -28,7 +28,7 @@ use crate::store::{
 use crate::writer::{AckLog, AckSegment, QueueLog, Segment, WriterState};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// A message record seen during the scan, before the ack log says whether it is still live.
 struct ScannedMessage {
@@ -380,8 +380,16 @@ pub(crate) fn recover(
                 *count = (*count).max(header.aux);
             }
         }
-        ack_segments
-            .insert(*id, AckSegment { file: scanned.file, salt: scanned.header.salt, len: scanned.len, ref_count: 0 });
+        ack_segments.insert(
+            *id,
+            AckSegment {
+                file: scanned.file,
+                salt: scanned.header.salt,
+                len: scanned.len,
+                allocated_end_bytes: scanned.len,
+                ref_count: 0,
+            },
+        );
     }
 
     // 4: make what was read durable.
@@ -479,6 +487,14 @@ pub(crate) fn recover(
                 }
             }
         }
+        let Some(active) = log.segments.get(&log.active_base) else {
+            return Err(StoreError::Format {
+                path: log.dir.clone(),
+                reason: "recovery left a log without a segment".into(),
+            });
+        };
+        let mut tail = crate::space::Tail::new(next_seq, active.id, Arc::clone(&active.file), active.len);
+        tail.next_segment_id = log.next_segment_id;
         {
             let mut files = shared.segment_files.write().unwrap_or_else(|poisoned| poisoned.into_inner());
             for segment in log.segments.values() {
@@ -489,7 +505,7 @@ pub(crate) fn recover(
             .queues
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(queue, Arc::new(QueueHandle { next_seq: Mutex::new(next_seq), salt: log.salt }));
+            .insert(queue, Arc::new(QueueHandle::new(tail, log.salt, log.dir.clone())));
         recovered.queues.insert(queue, live_messages);
         recovered.metas.insert(queue, std::mem::take(&mut scan.metas));
         queues.insert(queue, scan.log);
@@ -512,7 +528,8 @@ pub(crate) fn recover(
             let file =
                 layout::create_file(fs.as_ref(), &acks_dir.join(layout::ack_file_name(id)), ACK_MAGIC, id, 0, 0, salt)?;
             sync(&file, "a new ack-log segment")?;
-            acks.segments.insert(id, AckSegment { file, salt, len: FILE_HEADER_BYTES as u64, ref_count: 0 });
+            let len = FILE_HEADER_BYTES as u64;
+            acks.segments.insert(id, AckSegment { file, salt, len, allocated_end_bytes: len, ref_count: 0 });
             acks.active = id;
         }
     }
