@@ -16,6 +16,7 @@ mod definitions_format;
 mod delayed_messages;
 mod delivery_limit;
 mod food_delivery;
+mod full_disk;
 mod leases;
 mod ordering;
 mod orphaned_logs;
