@@ -111,6 +111,7 @@ impl Core {
     /// message the store cannot take whole goes nowhere and its publisher is nacked, since a copy
     /// delivered from one queue could not be taken back. Deliveries go out under the lock.
     /// `pool` holds space a transaction took ahead.
+    #[allow(clippy::too_many_arguments)]
     pub fn place(
         &self,
         model: &mut BrokerModel,

@@ -425,7 +425,13 @@ pub(crate) fn recover(
         // The replacement active segment is made durable before anything is deleted: at every
         // moment the queue has a durable segment, so a crash in between can never leave an empty
         // directory that the next recovery would take for a torn creation.
-        if scan.needs_new_segment || log.segments.len() == dead.len() {
+        let needs_new_segment = scan.needs_new_segment || log.segments.len() == dead.len();
+        // Out of the map before the replacement goes in: an empty dead segment may have the
+        // replacement's base seq (a segment rolled to and never written), and must not take the
+        // replacement with it when it is deleted.
+        let dead: Vec<(u64, Segment)> =
+            dead.iter().filter_map(|base| log.segments.remove(base).map(|segment| (*base, segment))).collect();
+        if needs_new_segment {
             let id = log.next_segment_id;
             log.next_segment_id = id.checked_add(1).ok_or_else(|| id_exhausted(&log.dir))?;
             let file = layout::create_file(
@@ -453,12 +459,10 @@ pub(crate) fn recover(
             );
             log.active_base = next_seq;
         }
-        for base in &dead {
-            if let Some(segment) = log.segments.remove(base) {
-                let path = log.dir.join(layout::segment_file_name(segment.id));
-                fs.remove_file(&path).map_err(io_error(format!("removing {}", path.display())))?;
-                scan.messages.remove(base);
-            }
+        for (base, segment) in &dead {
+            let path = log.dir.join(layout::segment_file_name(segment.id));
+            fs.remove_file(&path).map_err(io_error(format!("removing {}", path.display())))?;
+            scan.messages.remove(base);
         }
         if !dead.is_empty() {
             fs.sync_dir(&log.dir).map_err(io_error(format!("syncing {}", log.dir.display())))?;

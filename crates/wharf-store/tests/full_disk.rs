@@ -207,3 +207,31 @@ fn without_fallocate_a_write_that_finds_the_disk_full_stops_the_store() {
     assert_eq!(bodies, vec![b"durable before".to_vec()]);
     assert_eq!(recovered.queues[&queue][0].seq, kept.seq);
 }
+
+#[test]
+fn a_crash_after_a_refused_roll_recovers_the_empty_newest_segment() {
+    for mode in [CrashMode::KeepUnsynced, CrashMode::LoseUnsynced, CrashMode::Random] {
+        let sim = SimFs::new(11);
+        let config = StoreConfig { segment_bytes_max: 300, ..StoreConfig::default() };
+        let (store, _) = Store::open(sim.shared(), DIR, config.clone()).unwrap();
+        let queue = store.create_log().unwrap().wait().unwrap();
+        store.append(queue, 1, b"", &[1; 150]).unwrap().wait().unwrap();
+        // The new segment's header fits, the record does not: the roll happens, the append not.
+        sim.set_space_bytes_max(Some(sim.used_bytes() + 100));
+        assert!(matches!(store.append(queue, 1, b"", &[2; 150]), Err(StoreError::NoSpace { .. })));
+        store.sync().unwrap().wait().unwrap();
+        sim.crash(mode);
+        drop(store);
+        sim.set_space_bytes_max(None);
+        let (store, recovered) = Store::open(sim.remount().shared(), DIR, config.clone()).unwrap();
+        assert_eq!(recovered.queues[&queue].len(), 1, "{mode:?}");
+        store.append(queue, 1, b"", &[3; 150]).unwrap().wait().unwrap();
+        drop(store);
+        let (store, recovered) = Store::open(sim.remount().shared(), DIR, config).unwrap();
+        let bodies: Vec<u8> = recovered.queues[&queue]
+            .iter()
+            .map(|message| store.read(queue, &message.location).unwrap().body[0])
+            .collect();
+        assert_eq!(bodies, vec![1, 3], "{mode:?}");
+    }
+}
