@@ -15,7 +15,7 @@ use wharf_model::{
     Admission, AutoDeadLetterQueue, BrokerModel, ConnectionId, Effects, Message, ModelError, Transfer, TransferTarget,
 };
 use wharf_model::{ExchangeKind, PagedBody};
-use wharf_store::{AppendReceipt, LogId, StoreError, Ticket};
+use wharf_store::{AppendReceipt, LogId, SpaceReservation, Store, StoreError, Ticket};
 
 /// Reply code and text of a `basic.return` for an unroutable mandatory message.
 const NO_ROUTE: (u16, &str) = (312, "NO_ROUTE");
@@ -36,6 +36,37 @@ pub(crate) struct DedupRecord {
     /// The key log (a queue's or an exchange's).
     pub log: u64,
     pub key: Vec<u8>,
+    /// Its space, taken with the copies' (so a full disk cannot fail the record once the
+    /// message is in its queues and the publisher waits for it).
+    pub reservation: Option<SpaceReservation>,
+}
+
+/// The size of a de-duplication key's record in its key log.
+fn key_record_bytes(key: &[u8]) -> u64 {
+    Store::record_bytes(persist::dedup_key_meta().len(), key.len())
+}
+
+/// Space a transaction took for its publishes before applying any (see `session/tx.rs`); a
+/// copy takes its reservation from here first.
+#[derive(Debug, Default)]
+pub(crate) struct ReservationPool(pub Vec<SpaceReservation>);
+
+impl ReservationPool {
+    fn take(&mut self, log: LogId, record_bytes: u64) -> Option<SpaceReservation> {
+        let index = self.0.iter().position(|held| held.log() == log && held.record_bytes() >= record_bytes)?;
+        Some(self.0.swap_remove(index))
+    }
+}
+
+/// A queue that admitted a message: what storing its copy takes.
+struct Copy<'a> {
+    queue: &'a String,
+    dedup_key: Option<Vec<u8>>,
+    /// The queue's message log, when the copy is stored.
+    store_log: Option<u64>,
+    /// The queue's key log, when the copy is stored and de-duplicated.
+    key_log: Option<u64>,
+    page_out: Option<PageOutTarget>,
 }
 
 /// What a publish produced, for its confirm.
@@ -46,6 +77,9 @@ pub(crate) struct Published {
     /// The publisher gets a nack: a store append failed, or a queue refused the message
     /// (`x-overflow` reject-publish).
     pub nack: bool,
+    /// The store could not take the message (the cause of a nack that a transaction, which has
+    /// no nacks, must report otherwise).
+    pub failed: bool,
     /// The `basic.return` of an unroutable mandatory publish.
     pub returned: Option<Outbound>,
 }
@@ -69,10 +103,15 @@ pub(crate) struct Placed {
 }
 
 impl Core {
-    /// queue when it is persistent. For a publish (`from_publisher`), each queue admits it first:
-    /// a de-duplicating queue that saw its key skips it, a queue whose `x-overflow` refuses
-    /// publishes beyond its limits refuses it; the key is remembered only once the message is in.
-    /// Deliveries go out under the lock.
+    /// Puts a message into queues: for each durable queue, a persistent copy is appended to the
+    /// store. For a publish (`from_publisher`), each queue admits it first: a de-duplicating
+    /// queue that saw its key skips it, a queue whose `x-overflow` refuses publishes beyond its
+    /// limits refuses it; the key is remembered only once the message is in. Then the space for
+    /// every stored copy (and key record) is taken, all or nothing, before any copy goes in: a
+    /// message the store cannot take whole goes nowhere and its publisher is nacked, since a copy
+    /// delivered from one queue could not be taken back. Deliveries go out under the lock.
+    /// `pool` holds space a transaction took ahead.
+    #[allow(clippy::too_many_arguments)]
     pub fn place(
         &self,
         model: &mut BrokerModel,
@@ -81,15 +120,16 @@ impl Core {
         message: &Arc<Message>,
         from_publisher: bool,
         placed: &mut Placed,
+        pool: &mut ReservationPool,
     ) {
-        if message.paged().is_some() {
+        let Some(body) = message.bytes_in_memory() else {
             // Callers read a paged body back first (`transfer`); storing the empty body would
             // lose the message.
             tracing::error!(vhost, "a message without its body in memory cannot be placed");
             placed.failed = true;
             return;
-        }
-        let mut meta = None;
+        };
+        let mut copies = Vec::with_capacity(queues.len());
         for queue_name in queues {
             let dedup_key = match model.admit(vhost, queue_name, message, from_publisher) {
                 Admission::Duplicate => {
@@ -107,44 +147,79 @@ impl Core {
             };
             let Some(queue) = model.vhost(vhost).and_then(|found| found.queue(queue_name)) else { continue };
             let stored = queue.durable && message.persistent();
-            let store_seq = match queue.store_log.filter(|_| stored) {
-                Some(store_log) => {
-                    // `next_entry_id` is the id `enqueue` below gives it (same lock).
-                    let page_out =
-                        (queue.resident_bytes() >= self.config.queue_body_memory_bytes_max).then(|| PageOutTarget {
-                            vhost: vhost.to_owned(),
-                            queue: queue_name.clone(),
-                            entry_id: queue.next_entry_id(),
-                        });
-                    match self.append_copy(store_log, message, &mut meta, page_out, placed) {
-                        Some(seq) => Some(seq),
-                        None => continue,
+            let store_log = queue.store_log.filter(|_| stored);
+            // `next_entry_id` is the id `enqueue` below gives it (same lock, each queue once).
+            let page_out =
+                store_log.filter(|_| queue.resident_bytes() >= self.config.queue_body_memory_bytes_max).map(|_| {
+                    PageOutTarget {
+                        vhost: vhost.to_owned(),
+                        queue: queue_name.clone(),
+                        entry_id: queue.next_entry_id(),
+                    }
+                });
+            let key_log = queue.dedup_log.filter(|_| stored && dedup_key.is_some());
+            copies.push(Copy { queue: queue_name, dedup_key, store_log, key_log, page_out });
+        }
+        let meta = copies.iter().any(|copy| copy.store_log.is_some()).then(|| persist::encode_message_meta(message));
+        let record_bytes = Store::record_bytes(meta.as_ref().map_or(0, Vec::len), body.len());
+        let mut wanted = Vec::new();
+        let mut held = Vec::new();
+        for copy in &copies {
+            let records = [
+                copy.store_log.map(|log| (LogId(log), record_bytes)),
+                copy.key_log.zip(copy.dedup_key.as_ref()).map(|(log, key)| (LogId(log), key_record_bytes(key))),
+            ];
+            for (log, bytes) in records.into_iter().flatten() {
+                match pool.take(log, bytes) {
+                    Some(reservation) => held.push(Some(reservation)),
+                    None => {
+                        wanted.push((log, bytes));
+                        held.push(None);
                     }
                 }
-                None => None,
-            };
-            let log = queue.dedup_log.filter(|_| stored);
-            if let Some(key) = dedup_key {
-                model.remember_key(vhost, queue_name, &key);
-                if let Some(log) = log {
-                    placed.dedup_records.push(DedupRecord { log, key });
+            }
+        }
+        let mut fresh = match self.store.reserve(&wanted) {
+            Ok(fresh) => fresh.into_iter(),
+            Err(error) => {
+                self.store_failed(&error);
+                placed.failed = true;
+                return;
+            }
+        };
+        let mut reservations = held.into_iter().map(|reservation| reservation.or_else(|| fresh.next()));
+        for copy in copies {
+            let mut store_seq = None;
+            if let (Some(log), Some(meta)) = (copy.store_log, &meta) {
+                let reservation = reservations.next().flatten();
+                match self.append_copy(log, message, meta, reservation, copy.page_out, placed) {
+                    Some(seq) => store_seq = Some(seq),
+                    None => continue,
                 }
             }
-            let mut effects = model.enqueue(vhost, queue_name, Arc::clone(message), store_seq);
+            if let Some(key) = copy.dedup_key {
+                model.remember_key(vhost, copy.queue, &key);
+                if let Some(log) = copy.key_log {
+                    let reservation = reservations.next().flatten();
+                    placed.dedup_records.push(DedupRecord { log, key, reservation });
+                }
+            }
+            let mut effects = model.enqueue(vhost, copy.queue, Arc::clone(message), store_seq);
             self.send(&mut effects);
             placed.later.push(effects);
         }
     }
 
     /// Appends one persistent copy of `message` to a store log (a queue's, or a delayed-message
-    /// exchange's); its ticket joins `placed`. With `page_out`, the copy's body is dropped from
-    /// memory once its record is written (see `Pager`). `meta` is encoded once per message and
-    /// shared by its copies. On a store failure the publisher gets a nack, and `None` is returned.
+    /// exchange's), into `reservation` when it has one; its ticket joins `placed`. With
+    /// `page_out`, the copy's body is dropped from memory once its record is written (see
+    /// `Pager`). On a store failure the publisher gets a nack, and `None` is returned.
     fn append_copy(
         &self,
         log: u64,
         message: &Message,
-        meta: &mut Option<Vec<u8>>,
+        meta: &[u8],
+        reservation: Option<SpaceReservation>,
         page_out: Option<PageOutTarget>,
         placed: &mut Placed,
     ) -> Option<u64> {
@@ -154,38 +229,34 @@ impl Core {
             placed.failed = true;
             return None;
         };
-        let meta = meta.get_or_insert_with(|| persist::encode_message_meta(message));
         let now_ms = self.now_ms();
-        let appended = match page_out {
-            Some(target) => {
-                let body_bytes = message.body_bytes();
-                let pager = Arc::clone(&self.pager);
-                self.store.append_observed(
-                    LogId(log),
-                    now_ms,
-                    meta,
-                    body,
-                    Box::new(move |result| {
-                        if let Ok(receipt) = result {
-                            let location = receipt.location;
-                            pager.push(PageOut {
-                                vhost: target.vhost,
-                                queue: target.queue,
-                                entry_id: target.entry_id,
-                                store_seq: receipt.seq,
-                                paged: PagedBody {
-                                    store_log: log,
-                                    segment_id: location.segment_id,
-                                    offset: location.offset,
-                                    record_bytes: location.record_bytes,
-                                    body_bytes,
-                                },
-                            });
-                        }
-                    }),
-                )
-            }
-            None => self.store.append(LogId(log), now_ms, meta, body),
+        let observer = page_out.map(|target| {
+            let body_bytes = message.body_bytes();
+            let pager = Arc::clone(&self.pager);
+            let observer: wharf_store::Observer<AppendReceipt> = Box::new(move |result| {
+                if let Ok(receipt) = result {
+                    let location = receipt.location;
+                    pager.push(PageOut {
+                        vhost: target.vhost,
+                        queue: target.queue,
+                        entry_id: target.entry_id,
+                        store_seq: receipt.seq,
+                        paged: PagedBody {
+                            store_log: log,
+                            segment_id: location.segment_id,
+                            offset: location.offset,
+                            record_bytes: location.record_bytes,
+                            body_bytes,
+                        },
+                    });
+                }
+            });
+            observer
+        });
+        let appended = match (reservation, observer) {
+            (Some(reservation), observer) => self.store.append_reserved(reservation, now_ms, meta, body, observer),
+            (None, Some(observer)) => self.store.append_observed(LogId(log), now_ms, meta, body, observer),
+            (None, None) => self.store.append(LogId(log), now_ms, meta, body),
         };
         match appended {
             Ok(pending) => {
@@ -235,8 +306,12 @@ impl Core {
             }
             let seen_ms = clock.now_ms();
             let mut pending = Vec::new();
-            for DedupRecord { log, key } in records {
-                let appended = blocking(|| store.append(LogId(log), seen_ms, &persist::dedup_key_meta(), &key));
+            for DedupRecord { log, key, reservation } in records {
+                let meta = persist::dedup_key_meta();
+                let appended = blocking(|| match reservation {
+                    Some(reservation) => store.append_reserved(reservation, seen_ms, &meta, &key, None),
+                    None => store.append(LogId(log), seen_ms, &meta, &key),
+                });
                 match appended {
                     Ok(append) => {
                         logs.record(log, seen_ms, append.seq);
@@ -304,7 +379,8 @@ impl Core {
             let mut placed = Placed::default();
             {
                 let mut model = self.lock_model();
-                self.place(&mut model, &transfer.vhost, &targets, &transfer.message, false, &mut placed);
+                let pool = &mut ReservationPool::default();
+                self.place(&mut model, &transfer.vhost, &targets, &transfer.message, false, &mut placed, pool);
             }
             for mut effects in std::mem::take(&mut placed.later) {
                 pending.extend(std::mem::take(&mut effects.transfers));
@@ -396,7 +472,13 @@ impl Core {
     /// for each durable queue when it is persistent. A publish to a de-duplicating exchange whose
     /// key was seen goes nowhere (and is confirmed); one to a delayed-message exchange with a
     /// positive `x-delay` is held (in the exchange's log when durable) until it is due.
-    pub fn publish(&self, request: &PublishRequest<'_>, message: Message) -> Result<Published, ModelError> {
+    /// `pool` holds space a transaction took ahead for its publishes (empty otherwise).
+    pub fn publish(
+        &self,
+        request: &PublishRequest<'_>,
+        message: Message,
+        pool: &mut ReservationPool,
+    ) -> Result<Published, ModelError> {
         let message = Arc::new(message);
         let vhost_name = request.vhost;
         let exchange_name = request.exchange;
@@ -416,20 +498,34 @@ impl Core {
                 placed.duplicate = true;
                 drop(model);
                 let durable = self.durable(&mut placed);
-                return Ok(Published { durable, nack: placed.failed, returned: None });
+                return Ok(Published { durable, nack: placed.failed, failed: placed.failed, returned: None });
             }
             Admission::Accept { dedup_key } => dedup_key,
             Admission::Refused { .. } => None,
         };
         // The exchange remembers a key only once the publish went through whole; its key
-        // record goes to the exchange's log (after the copies are durable).
-        let remember = |model: &mut BrokerModel, placed: &mut Placed| {
+        // record goes to the exchange's log (after the copies are durable), in space taken now,
+        // before any copy goes in, so that a full disk cannot fail it after the message did.
+        let key_log = exchange.filter(|logs| stored(logs.durable)).and_then(|logs| logs.dedup_log);
+        let mut key_reservation = None;
+        if let (Some(log), Some(key)) = (key_log, &exchange_key) {
+            let bytes = key_record_bytes(key);
+            key_reservation = match pool.take(LogId(log), bytes) {
+                Some(reservation) => Some(reservation),
+                None => match self.store.reserve(&[(LogId(log), bytes)]) {
+                    Ok(mut held) => held.pop(),
+                    Err(error) => {
+                        self.store_failed(&error);
+                        return Ok(Published { durable: Vec::new(), nack: true, failed: true, returned: None });
+                    }
+                },
+            };
+        }
+        let remember = |model: &mut BrokerModel, placed: &mut Placed, reservation: Option<SpaceReservation>| {
             if let Some(key) = &exchange_key {
                 model.remember_exchange_key(vhost_name, exchange_name, key);
-                if let Some(ExchangeLogs { durable, dedup_log: Some(log), .. }) = exchange
-                    && stored(durable)
-                {
-                    placed.dedup_records.push(DedupRecord { log, key: key.clone() });
+                if let Some(log) = key_log {
+                    placed.dedup_records.push(DedupRecord { log, key: key.clone(), reservation });
                 }
             }
         };
@@ -437,22 +533,24 @@ impl Core {
         if let (Some(delay_ms), Some(logs)) = (delay, exchange) {
             let mut store_seq = None;
             if let Some(log) = logs.delayed_log.filter(|_| stored(logs.durable)) {
-                match self.append_copy(log, &message, &mut None, None, &mut placed) {
+                let meta = persist::encode_message_meta(&message);
+                match self.append_copy(log, &message, &meta, None, None, &mut placed) {
                     Some(seq) => store_seq = Some(seq),
-                    None => return Ok(Published { durable: Vec::new(), nack: true, returned: None }),
+                    None => return Ok(Published { durable: Vec::new(), nack: true, failed: true, returned: None }),
                 }
             }
-            remember(&mut model, &mut placed);
+            remember(&mut model, &mut placed, key_reservation);
             let due_ms = model.now_ms().saturating_add(delay_ms);
             model.hold_delayed(vhost_name, exchange_name, Arc::clone(&message), store_seq, due_ms);
             drop(model);
-            return Ok(Published { durable: self.durable(&mut placed), nack: false, returned: None });
+            let durable = self.durable(&mut placed);
+            return Ok(Published { durable, nack: placed.failed, failed: placed.failed, returned: None });
         }
-        self.place(&mut model, vhost_name, &queues, &message, true, &mut placed);
+        self.place(&mut model, vhost_name, &queues, &message, true, &mut placed, pool);
         // Remembered only if the publish reached a queue and went through whole: a message
         // that was returned unroutable (or refused) must not make its retry a "duplicate".
         if !queues.is_empty() && !placed.refused && !placed.failed {
-            remember(&mut model, &mut placed);
+            remember(&mut model, &mut placed, key_reservation);
         }
         drop(model);
         for effects in std::mem::take(&mut placed.later) {
@@ -465,7 +563,7 @@ impl Core {
             message: Arc::clone(&message),
         });
         let durable = self.durable(&mut placed);
-        Ok(Published { durable, nack: placed.failed || placed.refused, returned })
+        Ok(Published { durable, nack: placed.failed || placed.refused, failed: placed.failed, returned })
     }
 }
 

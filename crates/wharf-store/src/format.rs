@@ -44,11 +44,11 @@ pub const RECORD_BYTES_MAX: usize = RECORD_HEADER_BYTES + META_BYTES_MAX + BODY_
 pub const META_RECORD_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Widest span of seqs one segment holds: every message in a segment has a seq below its base
 /// seq plus this. Recovery keeps one bit per seq of this span for each segment, so a seq read back
-/// is checked against it before it sizes anything (a record beyond it is damage); the writer
-/// starts a new segment before it would write one beyond it. Seqs are consecutive except where
-/// an append failed, so only millions of failed appends into one segment reach it; 4 Mi seqs cost
-/// at most 512 KiB of bits per segment.
-pub const SEGMENT_SEQ_SPAN_MAX: u64 = 1 << 22;
+/// is checked against it before it sizes anything (a record beyond it is damage). A segment holds
+/// consecutive seqs (an append refused for lack of space takes none), so even the largest segment
+/// (1 GiB) of the smallest records (40 bytes) stays within it; 32 Mi seqs cost at most 4 MiB of
+/// bits for a segment.
+pub const SEGMENT_SEQ_SPAN_MAX: u64 = 1 << 25;
 
 /// Magic of a queue's message segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"WHARFSEG";

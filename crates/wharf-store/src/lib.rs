@@ -29,6 +29,7 @@ mod layout;
 mod live_set;
 mod meta;
 mod recovery;
+mod space;
 mod store;
 mod ticket;
 mod writer;
@@ -38,6 +39,7 @@ pub use fs::{CrashMode, DirEntry, Fs, FsFile, OpenMode, RealFs, SimFs};
 pub use meta::{
     Definitions, META_ENTRIES_MAX, META_KEY_BYTES_MAX, META_VALUE_BYTES_MAX, MetaChange, MetaRecovered, MetaStore,
 };
+pub use space::SpaceReservation;
 pub use store::{
     AppendReceipt, CLEAN_STOP_MARKER, LogId, MessageLocation, PendingAppend, RecordView, Recovered, RecoveredMessage,
     RecoveryIssue, SEGMENT_FILE_BYTES_LIMIT, Store, StoreConfig, StoreStats, StoredMessage,

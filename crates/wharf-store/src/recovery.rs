@@ -29,7 +29,7 @@ use crate::store::{
 use crate::writer::{AckLog, AckSegment, QueueLog, Segment, WriterState};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// A message record seen during the scan, before the ack log says whether it is still live.
 struct ScannedMessage {
@@ -383,8 +383,16 @@ pub(crate) fn recover(
                 *count = (*count).max(header.aux);
             }
         }
-        ack_segments
-            .insert(*id, AckSegment { file: scanned.file, salt: scanned.header.salt, len: scanned.len, ref_count: 0 });
+        ack_segments.insert(
+            *id,
+            AckSegment {
+                file: scanned.file,
+                salt: scanned.header.salt,
+                len: scanned.len,
+                allocated_end_bytes: scanned.len,
+                ref_count: 0,
+            },
+        );
     }
 
     // 4: make what was read durable.
@@ -420,7 +428,13 @@ pub(crate) fn recover(
         // The replacement active segment is made durable before anything is deleted: at every
         // moment the queue has a durable segment, so a crash in between can never leave an empty
         // directory that the next recovery would take for a torn creation.
-        if scan.needs_new_segment || log.segments.len() == dead.len() {
+        let needs_new_segment = scan.needs_new_segment || log.segments.len() == dead.len();
+        // Out of the map before the replacement goes in: an empty dead segment may have the
+        // replacement's base seq (a segment rolled to and never written), and must not take the
+        // replacement with it when it is deleted.
+        let dead: Vec<(u64, Segment)> =
+            dead.iter().filter_map(|base| log.segments.remove(base).map(|segment| (*base, segment))).collect();
+        if needs_new_segment {
             let id = log.next_segment_id;
             log.next_segment_id = id.checked_add(1).ok_or_else(|| id_exhausted(&log.dir))?;
             let file = layout::create_file(
@@ -448,12 +462,10 @@ pub(crate) fn recover(
             );
             log.active_base = next_seq;
         }
-        for base in &dead {
-            if let Some(segment) = log.segments.remove(base) {
-                let path = log.dir.join(layout::segment_file_name(segment.id));
-                fs.remove_file(&path).map_err(io_error(format!("removing {}", path.display())))?;
-                scan.messages.remove(base);
-            }
+        for (base, segment) in &dead {
+            let path = log.dir.join(layout::segment_file_name(segment.id));
+            fs.remove_file(&path).map_err(io_error(format!("removing {}", path.display())))?;
+            scan.messages.remove(base);
         }
         if !dead.is_empty() {
             fs.sync_dir(&log.dir).map_err(io_error(format!("syncing {}", log.dir.display())))?;
@@ -482,6 +494,14 @@ pub(crate) fn recover(
                 }
             }
         }
+        let Some(active) = log.segments.get(&log.active_base) else {
+            return Err(StoreError::Format {
+                path: log.dir.clone(),
+                reason: "recovery left a log without a segment".into(),
+            });
+        };
+        let mut tail = crate::space::Tail::new(next_seq, active.id, Arc::clone(&active.file), active.len);
+        tail.next_segment_id = log.next_segment_id;
         {
             let mut files = shared.segment_files.write().unwrap_or_else(|poisoned| poisoned.into_inner());
             for segment in log.segments.values() {
@@ -492,7 +512,7 @@ pub(crate) fn recover(
             .queues
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(queue, Arc::new(QueueHandle { next_seq: Mutex::new(next_seq), salt: log.salt }));
+            .insert(queue, Arc::new(QueueHandle::new(tail, log.salt, log.dir.clone())));
         recovered.queues.insert(queue, live_messages);
         recovered.metas.insert(queue, std::mem::take(&mut scan.metas));
         queues.insert(queue, scan.log);
@@ -515,7 +535,8 @@ pub(crate) fn recover(
             let file =
                 layout::create_file(fs.as_ref(), &acks_dir.join(layout::ack_file_name(id)), ACK_MAGIC, id, 0, 0, salt)?;
             sync(&file, "a new ack-log segment")?;
-            acks.segments.insert(id, AckSegment { file, salt, len: FILE_HEADER_BYTES as u64, ref_count: 0 });
+            let len = FILE_HEADER_BYTES as u64;
+            acks.segments.insert(id, AckSegment { file, salt, len, allocated_end_bytes: len, ref_count: 0 });
             acks.active = id;
         }
     }

@@ -6,7 +6,7 @@
 //! channel; the writer does all file I/O. Reads go straight to the segment files with `pread`.
 
 use crate::error::{Result, StoreError};
-use crate::format::{self, BODY_BYTES_MAX, META_BYTES_MAX, RECORD_BYTES_MAX, RECORD_HEADER_BYTES, RecordKind};
+use crate::format::{self, RECORD_BYTES_MAX, RECORD_HEADER_BYTES, RecordKind};
 use crate::fs::{Fs, OpenMode};
 use crate::layout;
 use crate::recovery;
@@ -272,12 +272,24 @@ pub(crate) struct Counters {
     pub ack_segments_deleted: AtomicU64,
 }
 
-/// Per-queue state shared with callers: the seq counter (under its lock, so seqs reach the writer
-/// in order) and the salt new records are sealed with.
+/// Per-queue state shared with callers: the tail (seq counter, where the next record goes, the
+/// space held for it; under its lock, so records reach the writer in order), the salt new
+/// records are sealed with, and the log's directory (where a new segment is created).
 #[derive(Debug)]
 pub(crate) struct QueueHandle {
-    pub next_seq: Mutex<u64>,
+    tail: Mutex<crate::space::Tail>,
     pub salt: u32,
+    pub dir: PathBuf,
+}
+
+impl QueueHandle {
+    pub fn new(tail: crate::space::Tail, salt: u32, dir: PathBuf) -> QueueHandle {
+        QueueHandle { tail: Mutex::new(tail), salt, dir }
+    }
+
+    pub fn lock_tail(&self) -> std::sync::MutexGuard<'_, crate::space::Tail> {
+        self.tail.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 /// Open segment files by (queue, segment id), with the salt their records are sealed with.
@@ -346,18 +358,21 @@ impl Shared {
 /// clone is dropped or [`Store::close`] is called.
 #[derive(Debug, Clone)]
 pub struct Store {
-    inner: Arc<StoreInner>,
+    pub(crate) inner: Arc<StoreInner>,
 }
 
 #[derive(Debug)]
-struct StoreInner {
-    shared: Arc<Shared>,
-    sender: SyncSender<Op>,
+pub(crate) struct StoreInner {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) sender: SyncSender<Op>,
     writer: Mutex<Option<JoinHandle<()>>>,
     dir: PathBuf,
-    pending_bytes_max: u64,
-    /// For writing the clean-stop marker at close.
-    fs: Arc<dyn Fs>,
+    pub(crate) pending_bytes_max: u64,
+    pub(crate) segment_bytes_max: u64,
+    /// A file system said it cannot allocate ahead (warned about once).
+    pub(crate) allocation_unsupported: std::sync::atomic::AtomicBool,
+    /// For creating segments and writing the clean-stop marker at close.
+    pub(crate) fs: Arc<dyn Fs>,
     /// Held for the store's lifetime: the data directory's `LOCK` file.
     _lock: Box<dyn std::any::Any + Send + Sync>,
 }
@@ -432,6 +447,8 @@ impl Store {
                 writer: Mutex::new(Some(writer)),
                 dir,
                 pending_bytes_max: config.pending_bytes_max,
+                segment_bytes_max: config.segment_bytes_max,
+                allocation_unsupported: std::sync::atomic::AtomicBool::new(false),
                 fs,
                 _lock: lock,
             }),
@@ -500,56 +517,6 @@ impl Store {
         observer: crate::ticket::Observer<AppendReceipt>,
     ) -> Result<PendingAppend> {
         self.append_with(queue, timestamp_ms, meta, body, Some(observer))
-    }
-
-    fn append_with(
-        &self,
-        queue: LogId,
-        timestamp_ms: u64,
-        meta: &[u8],
-        body: &[u8],
-        observer: Option<crate::ticket::Observer<AppendReceipt>>,
-    ) -> Result<PendingAppend> {
-        if meta.len() > META_BYTES_MAX {
-            return Err(StoreError::TooLarge {
-                what: "message meta",
-                bytes: meta.len() as u64,
-                limit_bytes: META_BYTES_MAX as u64,
-            });
-        }
-        if body.len() > BODY_BYTES_MAX {
-            return Err(StoreError::TooLarge {
-                what: "message body",
-                bytes: body.len() as u64,
-                limit_bytes: BODY_BYTES_MAX as u64,
-            });
-        }
-        self.inner.shared.check_fatal()?;
-        let handle = self.queue_handle(queue)?;
-        // The payload checksum, the expensive part, is computed outside the queue lock.
-        let mut record = Vec::with_capacity(RECORD_HEADER_BYTES + meta.len() + body.len());
-        format::encode_record(
-            &mut record,
-            handle.salt,
-            RecordKind::Message,
-            meta.len() as u32,
-            0,
-            timestamp_ms,
-            &[meta, body],
-        );
-        debug_assert!(record.len() <= RECORD_BYTES_MAX);
-        let (completer, ticket) = match observer {
-            Some(observer) => ticket::observed_ticket(observer),
-            None => ticket::ticket(),
-        };
-        let record_bytes = record.len() as u64;
-        self.inner.shared.reserve_pending(record_bytes, self.inner.pending_bytes_max)?;
-        let mut next_seq = handle.next_seq.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let seq = *next_seq;
-        format::set_record_word_a(&mut record, handle.salt, seq);
-        self.inner.sender.send(Op::Append { queue, seq, record, done: completer }).map_err(|_| StoreError::Closed)?;
-        *next_seq += 1;
-        Ok(PendingAppend { seq, ticket })
     }
 
     /// Records that a message left its queue (ack, reject, expiry, dead-lettering). The ticket
@@ -755,7 +722,7 @@ impl Store {
         }
     }
 
-    fn queue_handle(&self, queue: LogId) -> Result<Arc<QueueHandle>> {
+    pub(crate) fn queue_handle(&self, queue: LogId) -> Result<Arc<QueueHandle>> {
         let queues = self.inner.shared.queues.read().unwrap_or_else(|poisoned| poisoned.into_inner());
         queues.get(&queue).cloned().ok_or(StoreError::UnknownLog(queue.0))
     }

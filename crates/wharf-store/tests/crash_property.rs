@@ -6,7 +6,9 @@
 //!   power loss that drops everything unsynced: unless its removal may have been synced);
 //! - a removal known to be durable is never undone: its message never comes back;
 //! - a message absent after a recovery never comes back later;
-//! - nothing appears that was never appended, nor an append that failed for lack of space, and
+//! - an append the store accepted never fails for lack of space, however full the disk gets
+//!   (space is taken when the append is submitted: a full disk refuses it there);
+//! - nothing appears that was never appended, nor an append refused for lack of space, and
 //!   every message comes back byte for byte in the queue it was appended to;
 //! - each queue's messages come back in append order; deleted queues stay deleted and their ids
 //!   are never handed out again;
@@ -65,8 +67,8 @@ struct Model {
     expected: HashMap<u64, Expected>,
     /// Appends whose ticket succeeded (or that a recovery returned: recovery makes them durable).
     confirmed: HashSet<u64>,
-    /// Appends that failed for lack of space: their bytes were undone, they must never appear.
-    failed_for_space: HashSet<u64>,
+    /// Appends refused at submission for lack of space: they must never appear.
+    refused_for_space: HashSet<u64>,
     /// Removals written (they may or may not survive a crash).
     removal_requested: HashSet<u64>,
     /// Removals that may have been synced (a sync ran while they were being written).
@@ -138,11 +140,7 @@ impl Harness {
             Ok(_) => {
                 self.model.confirmed.insert(id);
             }
-            Err(StoreError::NoSpace { .. }) => {
-                self.model.failed_for_space.insert(id);
-                let queue = self.model.expected[&id].queue;
-                self.model.live[queue].remove(&id);
-            }
+            Err(StoreError::NoSpace { .. }) => panic!("append {id} was accepted, then failed for lack of space"),
             Err(_) => {}
         }
     }
@@ -183,8 +181,13 @@ impl Harness {
                 self.model.next_id += 1;
                 let body = body_for(id, body_bytes);
                 let meta = (queue as u64).to_le_bytes();
-                let Ok(pending) = self.store().append(self.queue_ids[queue], id, &meta, &body) else {
-                    return;
+                let pending = match self.store().append(self.queue_ids[queue], id, &meta, &body) {
+                    Ok(pending) => pending,
+                    Err(StoreError::NoSpace { .. }) => {
+                        self.model.refused_for_space.insert(id);
+                        return;
+                    }
+                    Err(_) => return,
                 };
                 self.model.expected.insert(id, Expected { queue, body });
                 self.model.live[queue].insert(id, pending.seq);
@@ -363,8 +366,8 @@ impl Harness {
                 let stored = store.read(queue_id, &message.location).expect("a recovered message reads back");
                 assert_eq!(stored.seq, message.seq);
                 let id = u64::from_le_bytes(stored.body[..8].try_into().unwrap());
+                assert!(!model.refused_for_space.contains(&id), "append {id} was refused for space yet came back");
                 let expected = model.expected.get(&id).unwrap_or_else(|| panic!("message {id} was never appended"));
-                assert!(!model.failed_for_space.contains(&id), "append {id} failed for space yet came back");
                 assert!(!model.removal_durable.contains(&id), "message {id} came back after its removal was synced");
                 assert!(!model.gone_forever.contains(&id), "message {id} came back after a recovery without it");
                 assert_eq!(expected.queue, slot, "message {id} came back in another queue");

@@ -1,6 +1,5 @@
 //! Failing hardware: a failed fsync stops the store (nothing in the failed batch reports success,
-//! nothing after it is accepted), and a full disk fails only the appends that did not fit, with a
-//! clear error, losing nothing that was durable before.
+//! nothing after it is accepted). A full disk is in `full_disk.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use wharf_store::{CrashMode, SimFs, Store, StoreConfig, StoreError};
@@ -61,73 +60,6 @@ fn a_failed_ack_log_sync_is_fatal_too() {
     let error = store.sync().unwrap().wait().unwrap_err();
     assert!(error.is_fatal(), "{error}");
     assert!(matches!(store.append(queue, 1, b"", b"y"), Err(StoreError::Fatal { .. })));
-}
-
-#[test]
-fn a_full_disk_fails_the_append_clearly_and_keeps_what_was_durable() {
-    let sim = SimFs::new(3);
-    let (store, _) = open(&sim);
-    let queue = store.create_log().unwrap().wait().unwrap();
-    for index in 0..10u8 {
-        store.append(queue, 1, b"", &[index; 100]).unwrap().wait().unwrap();
-    }
-    sim.set_space_bytes_max(Some(sim.used_bytes() + 50));
-    let error = store.append(queue, 1, b"", &[99; 100]).unwrap().wait().unwrap_err();
-    assert!(matches!(error, StoreError::NoSpace { .. }), "{error:?}");
-    assert!(error.to_string().contains("no space left on device"), "{error}");
-    assert!(!error.is_fatal());
-    // The half-written record was undone: it takes no space and can never be read back.
-    let error = store.append(queue, 1, b"", &[98; 100]).unwrap().wait().unwrap_err();
-    assert!(matches!(error, StoreError::NoSpace { .. }));
-
-    // Space comes back; the store carries on.
-    sim.set_space_bytes_max(None);
-    store.append(queue, 1, b"", b"after").unwrap().wait().unwrap();
-    sim.crash(CrashMode::LoseUnsynced);
-    drop(store);
-
-    let mut expected: Vec<Vec<u8>> = (0..10u8).map(|index| vec![index; 100]).collect();
-    expected.push(b"after".to_vec());
-    assert_eq!(live_bodies(&sim), expected);
-}
-
-#[test]
-fn a_full_disk_fails_a_removal_without_losing_the_message() {
-    let sim = SimFs::new(4);
-    let (store, _) = open(&sim);
-    let queue = store.create_log().unwrap().wait().unwrap();
-    let receipt = store.append(queue, 1, b"", b"stays").unwrap().wait().unwrap();
-    sim.set_space_bytes_max(Some(sim.used_bytes() + 10));
-    let error = store.remove(queue, receipt.seq).unwrap().wait().unwrap_err();
-    assert!(matches!(error, StoreError::NoSpace { .. }), "{error:?}");
-    sim.set_space_bytes_max(None);
-    // The message is still live: a second removal is recorded for real.
-    store.remove(queue, receipt.seq).unwrap().wait().unwrap();
-    store.sync().unwrap().wait().unwrap();
-    sim.crash(CrashMode::LoseUnsynced);
-    drop(store);
-    assert!(live_bodies(&sim).is_empty());
-}
-
-#[test]
-fn a_full_disk_while_rolling_to_a_new_segment_fails_cleanly() {
-    let sim = SimFs::new(5);
-    let config = StoreConfig { segment_bytes_max: 300, ..StoreConfig::default() };
-    let (store, _) = Store::open(sim.shared(), DIR, config.clone()).unwrap();
-    let queue = store.create_log().unwrap().wait().unwrap();
-    store.append(queue, 1, b"", &[1; 150]).unwrap().wait().unwrap();
-    // The next append needs a new segment: not even its header fits.
-    sim.set_space_bytes_max(Some(sim.used_bytes() + 20));
-    let error = store.append(queue, 1, b"", &[2; 150]).unwrap().wait().unwrap_err();
-    assert!(matches!(error, StoreError::NoSpace { .. }), "{error:?}");
-    sim.set_space_bytes_max(None);
-    store.append(queue, 1, b"", &[3; 150]).unwrap().wait().unwrap();
-    sim.crash(CrashMode::LoseUnsynced);
-    drop(store);
-    let (store, recovered) = Store::open(sim.remount().shared(), DIR, config).unwrap();
-    let bodies: Vec<u8> =
-        recovered.queues[&queue].iter().map(|message| store.read(queue, &message.location).unwrap().body[0]).collect();
-    assert_eq!(bodies, vec![1, 3]);
 }
 
 #[test]

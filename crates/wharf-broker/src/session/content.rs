@@ -6,7 +6,7 @@ use super::Stop;
 use super::tx::{TX_OPS_MAX, TxOp};
 use super::{Session, connection_error};
 use crate::confirms::PendingConfirm;
-use crate::publish::{PublishRequest, Published};
+use crate::publish::{PublishRequest, Published, ReservationPool};
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 use wharf_model::{Message, ModelError};
@@ -116,12 +116,12 @@ impl Session {
         // that for every publish cost ~20% more CPU per message and extra latency: each
         // hand-off wakes another thread.)
         let published = if self.core.store.under_back_pressure() {
-            crate::core::blocking(|| self.publish(channel, &publish, message))
+            crate::core::blocking(|| self.publish(channel, &publish, message, &mut ReservationPool::default()))
         } else {
-            self.publish(channel, &publish, message)
+            self.publish(channel, &publish, message, &mut ReservationPool::default())
         };
         match published {
-            Ok(Published { durable, nack, returned }) => {
+            Ok(Published { durable, nack, returned, .. }) => {
                 match self.channels.get_mut(&channel).and_then(|state| state.confirms.as_mut()) {
                     Some(confirms) => {
                         confirms.last_tag += 1;
@@ -144,12 +144,14 @@ impl Session {
         }
     }
 
-    /// Publishes a whole message received on `channel` (see `Core::publish`).
+    /// Publishes a whole message received on `channel` (see `Core::publish`), with the space a
+    /// transaction took ahead in `pool`.
     pub(super) fn publish(
         &self,
         channel: u16,
         publish: &basic::Publish,
         message: Message,
+        pool: &mut ReservationPool,
     ) -> Result<Published, ModelError> {
         let request = PublishRequest {
             vhost: &self.vhost,
@@ -158,7 +160,7 @@ impl Session {
             routing_key: publish.routing_key.as_str(),
             mandatory: publish.mandatory,
         };
-        self.core.publish(&request, message)
+        self.core.publish(&request, message, pool)
     }
 }
 

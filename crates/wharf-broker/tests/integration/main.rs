@@ -18,6 +18,7 @@ mod definitions_format;
 mod delayed_messages;
 mod delivery_limit;
 mod food_delivery;
+mod full_disk;
 mod leases;
 mod limits;
 mod ordering;

@@ -6,8 +6,8 @@
 //! written against the trait so that its crash behaviour is tested by the same code that runs in
 //! production.
 //!
-//! The interface is deliberately small: positional reads and writes, truncation, `fdatasync`, and
-//! directory sync. Directory entries (creations, renames, removals) are durable only after
+//! The interface is deliberately small: positional reads and writes, truncation, `fdatasync`,
+//! allocating space ahead of writes (and giving it back), and directory sync. Directory entries (creations, renames, removals) are durable only after
 //! [`Fs::sync_dir`] on the parent, as on Linux.
 
 mod real;
@@ -76,6 +76,19 @@ pub trait FsFile: Send + Sync + fmt::Debug {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// `fdatasync`: makes the file's data durable.
     fn sync_data(&self) -> io::Result<()>;
+    /// Allocates the blocks for bytes `[offset, offset + len_bytes)` without changing the file's
+    /// length (`fallocate` with `FALLOC_FL_KEEP_SIZE`), so that a later write inside that range
+    /// cannot fail for lack of space. `Unsupported` where the file system cannot promise that.
+    fn allocate(&self, offset: u64, len_bytes: u64) -> io::Result<()> {
+        let _ = (offset, len_bytes);
+        Err(io::Error::new(io::ErrorKind::Unsupported, "this file system cannot allocate ahead"))
+    }
+    /// Gives back blocks allocated in `[offset, offset + len_bytes)`, a range at or past the end
+    /// of the file (a hole punched with the length kept). Best effort: space, not data.
+    fn release_allocation(&self, offset: u64, len_bytes: u64) -> io::Result<()> {
+        let _ = (offset, len_bytes);
+        Ok(())
+    }
 }
 
 /// Creates `path` and any missing ancestors, and makes each new directory entry durable by

@@ -1,4 +1,5 @@
-//! [`RealFs`]: the operating system's file system, via `std::fs` and Unix positional I/O.
+//! [`RealFs`]: the operating system's file system, via `std::fs`, Unix positional I/O and (on Linux)
+//! `fallocate(2)` for space allocated ahead of writes.
 
 use super::{DirEntry, Fs, FsFile, OpenMode};
 use std::fs::{self, File, OpenOptions};
@@ -104,5 +105,41 @@ impl FsFile for RealFile {
 
     fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    #[cfg(target_os = "linux")]
+    fn allocate(&self, offset: u64, len_bytes: u64) -> io::Result<()> {
+        fallocate(&self.file, rustix::fs::FallocateFlags::KEEP_SIZE, offset, len_bytes)
+    }
+
+    #[cfg(target_os = "linux")]
+    fn release_allocation(&self, offset: u64, len_bytes: u64) -> io::Result<()> {
+        let flags = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+        match fallocate(&self.file, flags, offset, len_bytes) {
+            // Only space is at stake: a file system that cannot punch keeps the blocks until the
+            // segment is deleted.
+            Err(error) if error.kind() == io::ErrorKind::Unsupported => Ok(()),
+            other => other,
+        }
+    }
+}
+
+/// `fallocate(2)`, retried on `EINTR`; "not supported" (by the file system or the kernel) comes
+/// back as `ErrorKind::Unsupported`.
+#[cfg(target_os = "linux")]
+fn fallocate(file: &File, flags: rustix::fs::FallocateFlags, offset: u64, len_bytes: u64) -> io::Result<()> {
+    use rustix::io::Errno;
+    if len_bytes == 0 {
+        return Ok(());
+    }
+    loop {
+        match rustix::fs::fallocate(file, flags, offset, len_bytes) {
+            Ok(()) => return Ok(()),
+            Err(Errno::INTR) => continue,
+            Err(errno @ (Errno::OPNOTSUPP | Errno::NOSYS)) => {
+                return Err(io::Error::new(io::ErrorKind::Unsupported, io::Error::from(errno)));
+            }
+            Err(errno) => return Err(io::Error::from(errno)),
+        }
     }
 }

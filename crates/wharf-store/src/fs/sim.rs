@@ -11,7 +11,9 @@
 //!
 //! Each mount carries a generation; a crash starts a new generation, and every handle or mount of an
 //! older one fails from then on, so a store that was "killed" cannot touch the disk it left behind.
-//! Faults on demand: failing syncs, a space limit (`ENOSPC` after a partial write), flipped bits.
+//! Faults on demand: failing syncs, a space limit (`ENOSPC` after a partial write; space allocated
+//! ahead with `FsFile::allocate` counts against it and is then never refused to a write), a file
+//! system without `fallocate`, flipped bits.
 
 use super::{DirEntry, Fs, FsFile, OpenMode};
 use std::collections::BTreeMap;
@@ -50,6 +52,11 @@ struct SimState {
     crash_after: Option<(u64, CrashMode)>,
     space_bytes_max: Option<u64>,
     sync_count: u64,
+    /// Bytes allocated per file inode by `FsFile::allocate` (as with `FALLOC_FL_KEEP_SIZE`): a
+    /// file takes the larger of its length and its allocation from the space limit.
+    allocated: BTreeMap<u64, u64>,
+    /// `FsFile::allocate` fails with `Unsupported`, as on a file system without `fallocate`.
+    allocation_unsupported: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -127,14 +134,35 @@ impl SimState {
         }
     }
 
+    /// What one file takes from the space limit: its length, or its allocation if larger.
+    fn charge(&self, inode: u64, len: usize) -> u64 {
+        (len as u64).max(self.allocated.get(&inode).copied().unwrap_or(0))
+    }
+
+    /// The space taken by every file reachable from the root (a removed file gives its space
+    /// back, as on Linux once its last handle is closed; the store drops its handles on delete).
     fn total_file_bytes(&self) -> u64 {
-        self.inodes
-            .values()
-            .map(|inode| match inode {
-                Inode::File { data, .. } => data.len() as u64,
-                Inode::Dir { .. } => 0,
-            })
-            .sum()
+        let mut total = 0;
+        let mut stack = vec![ROOT_INODE];
+        while let Some(number) = stack.pop() {
+            match self.inodes.get(&number) {
+                Some(Inode::Dir { entries, .. }) => stack.extend(entries.values().copied()),
+                Some(Inode::File { data, .. }) => total += self.charge(number, data.len()),
+                None => {}
+            }
+        }
+        total
+    }
+
+    /// Fails with `StorageFull` unless `growth_bytes` more fit under the space limit, given that
+    /// the file being changed (taken out of the inode table) takes `charge_now` bytes.
+    fn check_room(&self, charge_now: u64, growth_bytes: u64) -> io::Result<()> {
+        match self.space_bytes_max {
+            Some(max) if self.total_file_bytes() + charge_now + growth_bytes > max => {
+                Err(io::Error::new(io::ErrorKind::StorageFull, "simulated ENOSPC: no space left on device"))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn allocate(&mut self, inode: Inode) -> u64 {
@@ -252,6 +280,8 @@ impl SimFs {
                 crash_after: None,
                 space_bytes_max: None,
                 sync_count: 0,
+                allocated: BTreeMap::new(),
+                allocation_unsupported: false,
             })),
             generation: 0,
         }
@@ -327,9 +357,16 @@ impl SimFs {
         self.lock().space_bytes_max = space_bytes_max;
     }
 
-    /// Total bytes held by all files (what counts against the space limit).
+    /// Total bytes held by all files (what counts against the space limit): each file's length,
+    /// or what was allocated for it if that is more.
     pub fn used_bytes(&self) -> u64 {
         self.lock().total_file_bytes()
+    }
+
+    /// With `false`, `FsFile::allocate` fails with `Unsupported`, as on a file system without
+    /// `fallocate` (writes then take their space only when they happen).
+    pub fn set_allocation_supported(&self, supported: bool) {
+        self.lock().allocation_unsupported = !supported;
     }
 
     /// How many file and directory syncs were requested so far.
@@ -544,17 +581,20 @@ impl FsFile for SimFile {
     }
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let inode = self.inode;
         self.with_data(true, |state, data, _| {
             let start = usize::try_from(offset).map_err(io::Error::other)?;
             let end = start + buf.len();
-            let growth = end.saturating_sub(data.len()) as u64;
+            // Bytes up to the file's charge (its length or allocation) are already paid for.
+            let charge_now = state.charge(inode, data.len());
+            let growth = (end as u64).saturating_sub(charge_now);
             // `data` is taken out of the inode table, so the total excludes this file's bytes.
-            let used = state.total_file_bytes() + data.len() as u64;
+            let used = state.total_file_bytes() + charge_now;
             let (writable, full) = match state.space_bytes_max {
                 Some(max) if used + growth > max => {
                     let room = max.saturating_sub(used);
-                    let room = usize::try_from(room).unwrap_or(usize::MAX);
-                    let allowed_end = (data.len() + room).max(start.min(data.len()));
+                    let allowed_end = usize::try_from(charge_now.saturating_add(room)).unwrap_or(usize::MAX);
+                    let allowed_end = allowed_end.max(start.min(data.len()));
                     (allowed_end.saturating_sub(start).min(buf.len()), true)
                 }
                 _ => (buf.len(), false),
@@ -571,8 +611,46 @@ impl FsFile for SimFile {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.with_data(true, |_, data, _| {
+        let inode = self.inode;
+        self.with_data(true, |state, data, _| {
+            let charge_now = state.charge(inode, data.len());
+            state.check_room(charge_now, len.saturating_sub(charge_now))?;
+            if len <= data.len() as u64 {
+                // Shrinking frees every block past the new end, allocated ones included.
+                if let Some(allocated) = state.allocated.get_mut(&inode) {
+                    *allocated = (*allocated).min(len);
+                }
+            }
             data.resize(usize::try_from(len).map_err(io::Error::other)?, 0);
+            Ok(())
+        })
+    }
+
+    fn allocate(&self, offset: u64, len_bytes: u64) -> io::Result<()> {
+        let inode = self.inode;
+        self.with_data(true, |state, data, _| {
+            if state.allocation_unsupported {
+                return Err(io::Error::new(io::ErrorKind::Unsupported, "simulated: fallocate not supported"));
+            }
+            let charge_now = state.charge(inode, data.len());
+            let end = offset.saturating_add(len_bytes);
+            // All or nothing: a refused allocation takes no space.
+            state.check_room(charge_now, end.saturating_sub(charge_now))?;
+            let allocated = state.allocated.entry(inode).or_insert(0);
+            *allocated = (*allocated).max(end);
+            Ok(())
+        })
+    }
+
+    fn release_allocation(&self, offset: u64, len_bytes: u64) -> io::Result<()> {
+        let inode = self.inode;
+        self.with_data(true, |state, data, _| {
+            if let Some(allocated) = state.allocated.get_mut(&inode)
+                && offset >= data.len() as u64
+                && offset.saturating_add(len_bytes) >= *allocated
+            {
+                *allocated = (*allocated).min(offset);
+            }
             Ok(())
         })
     }
@@ -631,6 +709,31 @@ mod tests {
         let error = file.write_all_at(b"123456", 0).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::StorageFull);
         assert_eq!(fs.read_file(Path::new("/d/a")).unwrap(), b"1234");
+    }
+
+    #[test]
+    fn allocated_space_counts_against_the_limit_and_is_never_refused_to_a_write() {
+        let fs = SimFs::new(1);
+        fs.create_dir_all(Path::new("/d")).unwrap();
+        fs.set_space_bytes_max(Some(100));
+        let file = fs.open(Path::new("/d/a"), OpenMode::CreateNew).unwrap();
+        file.allocate(0, 80).unwrap();
+        assert_eq!(fs.used_bytes(), 80);
+        assert_eq!(file.size_bytes().unwrap(), 0, "the length is kept");
+        let other = fs.open(Path::new("/d/b"), OpenMode::CreateNew).unwrap();
+        assert_eq!(other.write_all_at(&[1; 30], 0).unwrap_err().kind(), io::ErrorKind::StorageFull);
+        assert_eq!(file.allocate(80, 30).unwrap_err().kind(), io::ErrorKind::StorageFull);
+        assert_eq!(fs.used_bytes(), 100, "a refused allocation takes nothing");
+        other.set_len(0).unwrap();
+        file.write_all_at(&[2; 80], 0).unwrap();
+        assert_eq!(fs.used_bytes(), 80);
+        file.allocate(80, 20).unwrap();
+        file.release_allocation(80, 20).unwrap();
+        assert_eq!(fs.used_bytes(), 80, "released space is free again");
+        fs.remove_file(Path::new("/d/a")).unwrap();
+        assert_eq!(fs.used_bytes(), 0, "a removed file gives its space back");
+        fs.set_allocation_supported(false);
+        assert_eq!(other.allocate(0, 1).unwrap_err().kind(), io::ErrorKind::Unsupported);
     }
 
     #[test]

@@ -4,6 +4,9 @@
 
 use super::*;
 
+/// Space kept allocated past the ack log's end: about 6,500 removals.
+const ACK_LOG_AHEAD_BYTES: u64 = 256 * 1024;
+
 impl WriterState {
     /// Writes removal and delivery-count records for live messages, applying removals to the
     /// in-memory live sets (undone if the write fails). Returns each ack's result so far.
@@ -90,6 +93,7 @@ impl WriterState {
                 if let Some(active) = self.acks.segments.get_mut(&active_id) {
                     active.len = start + bytes.len() as u64;
                 }
+                self.keep_ack_space_ahead();
                 self.acks.unsynced.insert(active_id);
                 self.acks.dirty_since.get_or_insert_with(Instant::now);
                 results.extend(written.into_iter().map(|done| (done, Ok(()))));
@@ -123,15 +127,38 @@ impl WriterState {
         let salt = random_salt();
         let file = create_file(self.fs.as_ref(), &self.acks.dir.join(ack_file_name(id)), ACK_MAGIC, id, 0, 0, salt)?;
         let sealed = self.acks.active;
-        self.acks.segments.insert(id, AckSegment { file, salt, len: FILE_HEADER_BYTES as u64, ref_count: 0 });
+        let len = FILE_HEADER_BYTES as u64;
+        self.acks.segments.insert(id, AckSegment { file, salt, len, allocated_end_bytes: len, ref_count: 0 });
         self.acks.active = id;
         self.acks.unsynced.insert(id);
         self.acks.dir_dirty = true;
         self.acks.dirty_since.get_or_insert_with(Instant::now);
+        self.keep_ack_space_ahead();
         if self.acks.segments.get(&sealed).is_some_and(|segment| segment.ref_count == 0) {
             self.delete_ack_segments(&[sealed])?;
         }
         Ok(())
+    }
+
+    /// Keeps space allocated past the ack log's end, so that removals can still be written (and
+    /// fully removed segments deleted, which gives space back) after appends have filled the
+    /// disk. Best effort: without the space, an ack-log write fails as it always could (undone;
+    /// the message stays live).
+    pub(super) fn keep_ack_space_ahead(&mut self) {
+        let ack_segment_bytes_max = self.config.ack_segment_bytes_max;
+        let Some(active) = self.acks.segments.get_mut(&self.acks.active) else { return };
+        let wanted_end = (active.len + ACK_LOG_AHEAD_BYTES).min(ack_segment_bytes_max.max(active.len));
+        if active.allocated_end_bytes >= active.len + ACK_LOG_AHEAD_BYTES / 2
+            || wanted_end <= active.allocated_end_bytes
+        {
+            return;
+        }
+        let from = active.allocated_end_bytes.max(active.len);
+        match active.file.allocate(from, wanted_end.saturating_sub(from)) {
+            Ok(()) => active.allocated_end_bytes = wanted_end,
+            Err(error) if error.kind() == std::io::ErrorKind::Unsupported => active.allocated_end_bytes = wanted_end,
+            Err(error) => tracing::debug!(%error, "could not allocate space ahead in the ack log"),
+        }
     }
 
     /// Makes every written ack-log record durable.

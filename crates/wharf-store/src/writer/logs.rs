@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::layout::{QUEUE_ID_RESERVATION_BLOCK, write_queue_id_reservation};
+use crate::store::QueueHandle;
 
 impl WriterState {
     /// Deletes sealed segments with no live message (their removals are durable by now), then
@@ -91,6 +92,8 @@ impl WriterState {
                 return Err(self.fatal(format!("fsync of directory {} failed: {error}", path.display())));
             }
         }
+        let tail = crate::space::Tail::new(1, 1, Arc::clone(&file), FILE_HEADER_BYTES as u64);
+        let handle = Arc::new(QueueHandle::new(tail, salt, dir.clone()));
         self.queues.insert(
             queue,
             QueueLog {
@@ -118,11 +121,7 @@ impl WriterState {
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .insert((queue, 1), (file, salt));
-        self.shared
-            .queues
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(queue, Arc::new(QueueHandle { next_seq: Mutex::new(1), salt }));
+        self.shared.queues.write().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(queue, handle);
         Ok(queue)
     }
 
