@@ -15,7 +15,11 @@
 # SCENARIOS ("S1 S2 S3 S4 S5"), OUT (results file; default in a temporary directory),
 # TARGETS ("wharf classic quorum"; add "baseline" to compare with another Wharf build),
 # WHARF_BASELINE (the other build's `wharf` binary, for the "baseline" target: a before/after
-# pair measured in one run, e.g. TARGETS="wharf baseline" SCENARIOS="S1 S4").
+# pair measured in one run, e.g. TARGETS="wharf baseline" SCENARIOS="S1 S4"),
+# WHARF_ARGS (extra `wharf serve` arguments for the "wharf" target, e.g. "--config FILE"), and
+# WHARF_CREDENTIALS (user:password the benchmark logs in to it with; default guest:guest).
+# bench/authorization.toml is a user with scoped permissions: measure S1 with authorization on by
+#   WHARF_ARGS="--config bench/authorization.toml" WHARF_CREDENTIALS=bench:bench
 # Usage: bench/compare.sh   (installs rabbitmq-server with apt-get if it is missing and a RabbitMQ
 # target is asked for; run as root)
 set -euo pipefail
@@ -65,9 +69,10 @@ sample() { python3 bench/proctree.py "$1"; }
 start_wharf() {
   local port
   port=$(free_port)
-  "$wharf" serve --amqp-listen "127.0.0.1:$port" --data-dir "$1" --log warn 2>>"$work/wharf.log" &
+  # shellcheck disable=SC2086 # WHARF_ARGS is a list of arguments
+  "$wharf" serve --amqp-listen "127.0.0.1:$port" --data-dir "$1" --log warn ${WHARF_ARGS:-} 2>>"$work/wharf.log" &
   wharf_pid=$!
-  wharf_url="amqp://guest:guest@127.0.0.1:$port/%2f"
+  wharf_url="amqp://${WHARF_CREDENTIALS:-guest:guest}@127.0.0.1:$port/%2f"
   wharf_port=$port
   wait_port "$port"
 }
@@ -164,7 +169,7 @@ run_backlog() { # TARGET ROUND
   if [ "$target" = wharf ]; then
     stop_wharf
     restart_ms=$(date +%s%3N)
-    "$wharf" serve --amqp-listen "127.0.0.1:$wharf_port" --data-dir "$dir" --log warn 2>>"$work/wharf.log" &
+    "$wharf" serve --amqp-listen "127.0.0.1:$wharf_port" --data-dir "$dir" --log warn ${WHARF_ARGS:-} 2>>"$work/wharf.log" &
     wharf_pid=$!
   else
     stop_rabbit
