@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the stock-client compatibility suites (pika, amqplib) against the built `wharf` binary on a
 # free loopback port, and pika against its TLS listener (mutual TLS) on another, with a fresh data
-# directory. Installs the clients itself.
+# directory, and pika against a second broker with a 1 MB memory watermark (the memory alarm).
+# Installs the clients itself.
 set -euo pipefail
 wharf_bin=$(realpath "${1:?usage: compat/run.sh PATH_TO_WHARF_BINARY}")
 cd "$(dirname "$0")"
@@ -41,17 +42,32 @@ issue client "/CN=guest" "extendedKeyUsage=clientAuth"
   --amqps-listen "127.0.0.1:$tls_port" --tls-cert "$certs/server.pem" --tls-key "$certs/server.key" \
   --tls-ca-cert "$certs/ca.pem" --tls-verify-peer 2>"$log" &
 wharf_pid=$!
-cleanup() { kill "$wharf_pid" 2>/dev/null || true; wait "$wharf_pid" 2>/dev/null || true; rm -rf "$data_dir"; }
+# A second broker with a 1 MB memory watermark, for the alarm test.
+alarm_port=$(free_port)
+alarm_log="$data_dir/wharf-alarm.log"
+"$wharf_bin" serve --amqp-listen "127.0.0.1:$alarm_port" --data-dir "$data_dir/alarm-data" --log info \
+  --memory-high-watermark-bytes 1000000 2>"$alarm_log" &
+alarm_pid=$!
+cleanup() {
+  kill "$wharf_pid" "$alarm_pid" 2>/dev/null || true
+  wait "$wharf_pid" "$alarm_pid" 2>/dev/null || true
+  rm -rf "$data_dir"
+}
 trap cleanup EXIT
 
-# Wait for the broker's "accepting" log line (bounded, so a broken build fails instead of hanging).
-for _ in $(seq 1 600); do
-  grep -q "accepting AMQP connections" "$log" && break
-  kill -0 "$wharf_pid" 2>/dev/null || { cat "$log"; echo "wharf exited"; exit 1; }
-  sleep 0.1
-done
-grep -q "accepting AMQP connections" "$log" || { cat "$log"; echo "wharf did not start"; exit 1; }
+# Wait for each broker's "accepting" log line (bounded, so a broken build fails instead of hanging).
+wait_ready() { # log, pid
+  for _ in $(seq 1 600); do
+    grep -q "accepting AMQP connections" "$1" && return 0
+    kill -0 "$2" 2>/dev/null || { cat "$1"; echo "wharf exited"; exit 1; }
+    sleep 0.1
+  done
+  cat "$1"; echo "wharf did not start"; exit 1
+}
+wait_ready "$log" "$wharf_pid"
+wait_ready "$alarm_log" "$alarm_pid"
 
 python3 python/test_pika.py "$port"
 python3 python/test_pika_tls.py "$tls_port" "$certs"
 node node/test_amqplib.js "$port"
+python3 python/test_pika_alarm.py "$alarm_port"
