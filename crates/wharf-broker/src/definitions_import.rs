@@ -316,7 +316,10 @@ impl Definitions {
                 }
                 self.user_limits.push(user_limits);
             }
-            self.users.push(User { name, password, loopback_only: false, tags });
+            // RabbitMQ's `loopback_users` default: `guest` logs in from loopback only, wherever it
+            // was defined (exports from RabbitMQ usually carry it).
+            let loopback_only = name == "guest";
+            self.users.push(User { name, password, loopback_only, tags });
         }
         section.warn_unused(&mut self.warnings);
         Ok(())
@@ -657,6 +660,9 @@ mod tests {
         assert_eq!(definitions.users[0].tags, ["administrator"]);
         assert_eq!(definitions.users[1].tags, ["management", "monitoring"]);
         assert!(!definitions.users[1].password.verify(b""), "an empty hash lets no password in");
+        assert!(!definitions.users[0].loopback_only);
+        let guest = br#"{"users": [{"name": "guest", "password_hash": "", "tags": ["administrator"]}]}"#;
+        assert!(Definitions::parse(guest).unwrap().users[0].loopback_only, "guest stays loopback-only");
         assert_eq!(definitions.vhosts, ["/", "orders"]);
         assert_eq!(definitions.permissions[0].configure, "^app\\.");
         assert_eq!(definitions.topic_permissions[0].exchange, "amq.topic");
