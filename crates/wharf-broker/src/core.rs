@@ -211,6 +211,14 @@ impl Core {
             self.remove_stored(removed);
         }
         let transfers = std::mem::take(&mut effects.transfers);
+        let transient_logs: Vec<(String, u64)> = effects
+            .deleted_queues
+            .iter()
+            .filter_map(|deleted| deleted.transient_log.map(|log| (deleted.vhost.clone(), log)))
+            .collect();
+        if !transient_logs.is_empty() {
+            blocking(|| self.forget_transient_logs(&transient_logs));
+        }
         let durable_queues: Vec<_> = effects.deleted_queues.into_iter().filter(|deleted| deleted.durable).collect();
         let durable_exchanges: Vec<_> =
             effects.deleted_exchanges.into_iter().filter(|deleted| deleted.exchange.durable).collect();
@@ -280,7 +288,8 @@ impl Core {
     /// the hot path free of store round trips, and losing its count costs at most one extra
     /// delivery.)
     pub fn record_delivery(&self, delivery: &Delivery) -> Option<Ticket<()>> {
-        let StoredAt { log, seq } = delivery.store?;
+        // A transient record is deleted at restart: its count would never be read.
+        let StoredAt { log, seq } = delivery.store.filter(|_| !delivery.store_transient)?;
         let recorded = if delivery.delivery_count > 1 {
             self.store.set_delivery_count(LogId(log), seq, delivery.delivery_count).map(Some)
         } else {

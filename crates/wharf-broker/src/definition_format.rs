@@ -23,6 +23,10 @@ pub(crate) const DEFINITIONS_FORMAT_VERSION: u8 = 1;
 const EXCHANGE_TAG: u8 = b'E';
 const QUEUE_TAG: u8 = b'Q';
 const BINDING_TAG: u8 = b'B';
+/// A queue's transient log: not a definition to restore but a log to delete at the next start
+/// (transient messages do not survive a restart). Recorded so that recovery never takes it for
+/// an orphaned log and keeps transient messages as `wharf.orphaned-log-…` queues.
+const TRANSIENT_LOG_TAG: u8 = b'T';
 
 /// Arguments longer than this (encoded) are named in a binding's key by length and checksum
 /// instead of spelled out, so every key stays well under the definitions log's key limit.
@@ -88,9 +92,26 @@ impl StoredBinding {
 /// One stored definition, decoded.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Definition {
-    Exchange { vhost: String, name: String, stored: StoredExchange },
-    Queue { vhost: String, name: String, stored: StoredQueue },
-    Binding { vhost: String, stored: StoredBinding },
+    Exchange {
+        vhost: String,
+        name: String,
+        stored: StoredExchange,
+    },
+    Queue {
+        vhost: String,
+        name: String,
+        stored: StoredQueue,
+    },
+    Binding {
+        vhost: String,
+        stored: StoredBinding,
+    },
+    /// The transient log `log` of queue `queue` (which may not be durable).
+    TransientLog {
+        vhost: String,
+        queue: String,
+        log: u64,
+    },
 }
 
 /// Why a stored definition could not be read.
@@ -112,6 +133,12 @@ pub(crate) fn exchange_key(vhost: &str, name: &str) -> Vec<u8> {
 
 pub(crate) fn queue_key(vhost: &str, name: &str) -> Vec<u8> {
     format!("queue\0{vhost}\0{name}").into_bytes()
+}
+
+/// A transient log's key names it by its log id (one queue may have had several, one per
+/// incarnation, and a name may be reused before a deleted one's record is gone).
+pub(crate) fn transient_log_key(vhost: &str, log: u64) -> Vec<u8> {
+    format!("transient-log\0{vhost}\0{log}").into_bytes()
 }
 
 /// A binding's key holds everything that makes it unique, arguments included (as the hex of
@@ -270,6 +297,13 @@ pub(crate) fn encode_binding(stored: &StoredBinding) -> Vec<u8> {
     writer.0
 }
 
+pub(crate) fn encode_transient_log(queue: &str, log: u64) -> Vec<u8> {
+    let mut writer = Writer::new(TRANSIENT_LOG_TAG);
+    writer.short_string(queue);
+    writer.u64(log);
+    writer.0
+}
+
 /// Decodes a stored definition in the current format.
 pub(crate) fn decode(key: &[u8], value: &[u8]) -> Result<Definition, FormatError> {
     let (kind, vhost, name) = split_key(key).ok_or(FormatError::BadKey)?;
@@ -316,6 +350,14 @@ pub(crate) fn decode(key: &[u8], value: &[u8]) -> Result<Definition, FormatError
             let routing_key = reader.short_string("routing key")?;
             let arguments = reader.table("arguments")?;
             Definition::Binding { vhost, stored: StoredBinding { source, destination, routing_key, arguments } }
+        }
+        ("transient-log", TRANSIENT_LOG_TAG) => {
+            let queue = reader.short_string("queue")?;
+            let log = reader.u64("transient log")?;
+            if name != log.to_string() {
+                return Err(FormatError::Damaged("the key's log id and the value's differ"));
+            }
+            Definition::TransientLog { vhost, queue, log }
         }
         _ => return Err(FormatError::Damaged("the key's kind and the value's kind differ")),
     };
@@ -418,6 +460,9 @@ pub(crate) fn encode(definition: &Definition) -> (Vec<u8>, Vec<u8>) {
         Definition::Exchange { vhost, name, stored } => (exchange_key(vhost, name), encode_exchange(stored)),
         Definition::Queue { vhost, name, stored } => (queue_key(vhost, name), encode_queue(stored)),
         Definition::Binding { vhost, stored } => (binding_key(vhost, stored), encode_binding(stored)),
+        Definition::TransientLog { vhost, queue, log } => {
+            (transient_log_key(vhost, *log), encode_transient_log(queue, *log))
+        }
     }
 }
 
@@ -521,6 +566,7 @@ mod tests {
                     arguments: arguments(),
                 },
             },
+            Definition::TransientLog { vhost: "/".into(), queue: "amq.gen-scratch".into(), log: 9 },
         ]
     }
 
@@ -582,6 +628,16 @@ mod tests {
         assert!(decode(&exchange_key, &value).is_err(), "a queue's value under an exchange's key");
         let entries = std::collections::BTreeMap::from([(key.clone(), newer)]);
         assert_eq!(migrate(&entries), Err(FormatError::UnknownVersion(9)), "migration stops at an unknown version");
+    }
+
+    #[test]
+    fn a_transient_log_record_names_its_log_in_key_and_value_alike() {
+        let value = encode_transient_log("scratch", 9);
+        assert!(decode(&transient_log_key("/", 10), &value).is_err(), "a key naming another log is damage");
+        assert_eq!(
+            decode(&transient_log_key("/", 9), &value),
+            Ok(Definition::TransientLog { vhost: "/".into(), queue: "scratch".into(), log: 9 })
+        );
     }
 
     #[test]

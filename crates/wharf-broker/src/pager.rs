@@ -1,12 +1,21 @@
-//! Paging: dropping the bodies of a durable queue's backlog from memory once their records are
-//! written, and reading them back from the store to deliver or move them.
+//! Paging: dropping the bodies of a queue's backlog from memory once their records are written,
+//! and reading them back from the store to deliver or move them.
+//!
+//! Persistent messages of a durable queue are paged from the queue's own message log. Transient
+//! ones (any message of a non-durable queue, and `delivery_mode` 1 ones of a durable queue) are
+//! written, once the queue is over its bound, to its *transient log*: a store log created for it
+//! the first time it needs one ([`Core::create_transient_logs`]), recorded in the definitions log
+//! as transient so that the next start deletes it with its contents instead of keeping it as an
+//! orphan, and deleted with the queue ([`Core::forget_transient_logs`]).
 //!
 //! A paged delivery's read is decided under the model lock, when the delivery is queued to its
 //! connection ([`delivery_body`]): which record, and (as the model said) whether the record is
 //! removed once read. The connection's writer carries the read out ([`PagedRead::read`]) on its
 //! own task, so the model lock is never held for a `pread`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use crate::core::Core;
+use crate::definition_format;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use wharf_model::{Body, BrokerModel, Delivery, PagedBody, StoredAt};
@@ -21,6 +30,8 @@ use wharf_store::{LogId, MessageLocation, Store, StoreError};
 pub(crate) struct Pager {
     waiting: AtomicBool,
     written: Mutex<Vec<PageOut>>,
+    /// Transient records the store failed to write (their bodies stay in memory), to count.
+    failed: AtomicU64,
 }
 
 /// One body to drop: which entry (and which record, so a stale request cannot touch another
@@ -40,10 +51,19 @@ impl Pager {
         self.waiting.store(true, Ordering::Release);
     }
 
+    /// A transient record was not written: its body stays in memory (counted at `apply`).
+    pub fn push_failure(&self) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        self.waiting.store(true, Ordering::Release);
+    }
+
     /// Applies every page-out waiting (under the model lock).
     pub fn apply(&self, model: &mut BrokerModel) {
         if !self.waiting.swap(false, Ordering::AcqRel) {
             return;
+        }
+        for _ in 0..self.failed.swap(0, Ordering::Relaxed) {
+            model.count_transient_page_out_failure();
         }
         let written = std::mem::take(&mut *self.written.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
         for page_out in written {
@@ -157,6 +177,63 @@ impl PagedRead {
             match self.store.remove_unawaited(LogId(log), seq) {
                 Ok(()) | Err(StoreError::UnknownLog(_)) => {}
                 Err(error) => crate::core::store_failed(&self.fatal, &error),
+            }
+        }
+    }
+}
+
+impl Core {
+    /// Creates the transient logs queues asked for (see `Placed::transient_logs_wanted`): each
+    /// log is created, then recorded as transient in the definitions log, and only then given to
+    /// its queue, so no transient record is ever written to a log the next start could take for
+    /// an orphan (a crash before the record leaves an empty log, which recovery deletes). A
+    /// queue gone meanwhile gets none: the log is forgotten again. Blocking (store and
+    /// definitions-log round trips): call it without the model lock, off the async workers. On a
+    /// failure the queue keeps its bodies in memory (it asks once per queue: the memory alarm
+    /// still bounds what it holds).
+    pub fn create_transient_logs(&self, wanted: Vec<(String, String, u64)>) {
+        for (vhost, queue, incarnation) in wanted {
+            let log = match self.store.create_log().and_then(|ticket| ticket.wait()) {
+                Ok(log) => log.0,
+                Err(error) => {
+                    tracing::error!(%vhost, %queue, %error, "could not create a transient log; the queue keeps its bodies in memory");
+                    self.store_failed(&error);
+                    continue;
+                }
+            };
+            let key = definition_format::transient_log_key(&vhost, log);
+            if let Err(error) = self.meta.put(&key, &definition_format::encode_transient_log(&queue, log)) {
+                tracing::error!(%vhost, %queue, %error, "could not record a transient log; the queue keeps its bodies in memory");
+                self.store_failed(&error);
+                let _ = self.store.delete_log(LogId(log));
+                continue;
+            }
+            let attached = self.lock_model().attach_transient_log(&vhost, &queue, incarnation, log);
+            if attached {
+                tracing::debug!(%vhost, %queue, store_log = log, "transient log created");
+            } else {
+                self.forget_transient_logs(&[(vhost, log)]);
+            }
+        }
+    }
+
+    /// Deletes transient logs (of deleted queues) with their contents, then their records in the
+    /// definitions log: a crash in between leaves a record naming a deleted log, which the next
+    /// start drops. Blocking.
+    pub fn forget_transient_logs(&self, logs: &[(String, u64)]) {
+        for (vhost, log) in logs {
+            match self.store.delete_log(LogId(*log)).and_then(|ticket| ticket.wait()) {
+                Ok(()) | Err(StoreError::UnknownLog(_)) => {}
+                Err(error) => {
+                    // The record stays, so the next start deletes the log.
+                    tracing::error!(store_log = log, %error, "could not delete a transient log");
+                    self.store_failed(&error);
+                    continue;
+                }
+            }
+            if let Err(error) = self.meta.delete(&definition_format::transient_log_key(vhost, *log)) {
+                tracing::error!(store_log = log, %error, "could not remove a transient log's record");
+                self.store_failed(&error);
             }
         }
     }

@@ -66,6 +66,9 @@ struct Copy<'a> {
     store_log: Option<u64>,
     /// The queue's key log, when the copy is stored and de-duplicated.
     key_log: Option<u64>,
+    /// The queue's transient log, when the copy is transient and the queue is over its memory
+    /// bound: the body is written there and dropped from memory (see [`Core::append_transient`]).
+    transient_log: Option<u64>,
     page_out: Option<PageOutTarget>,
 }
 
@@ -100,6 +103,9 @@ pub(crate) struct Placed {
     pub failed: bool,
     /// Effects to carry out once the model lock is released.
     pub later: Vec<Effects>,
+    /// Queues over their memory bound that need a transient log: (vhost, queue, incarnation).
+    /// Created once the model lock is released ([`Core::create_transient_logs`]).
+    pub transient_logs_wanted: Vec<(String, String, u64)>,
 }
 
 impl Core {
@@ -148,19 +154,27 @@ impl Core {
             let Some(queue) = model.vhost(vhost).and_then(|found| found.queue(queue_name)) else { continue };
             let stored = queue.durable && message.persistent();
             let store_log = queue.store_log.filter(|_| stored);
+            let over_bound = queue.resident_bytes() >= self.config.queue_body_memory_bytes_max;
+            // A transient copy beyond the bound goes to the queue's transient log; the first one
+            // to find none asks for it (this copy, and those until it exists, stay in memory).
+            let transient_log = queue.transient_log.filter(|_| over_bound && !stored);
+            let wants_transient_log = over_bound && !stored && queue.transient_log.is_none();
             // `next_entry_id` is the id `enqueue` below gives it (same lock, each queue once).
-            let page_out =
-                store_log.filter(|_| queue.resident_bytes() >= self.config.queue_body_memory_bytes_max).map(|_| {
-                    PageOutTarget {
-                        vhost: vhost.to_owned(),
-                        queue: queue_name.clone(),
-                        entry_id: queue.next_entry_id(),
-                    }
-                });
+            let page_out = store_log.or(transient_log).filter(|_| over_bound).map(|_| PageOutTarget {
+                vhost: vhost.to_owned(),
+                queue: queue_name.clone(),
+                entry_id: queue.next_entry_id(),
+            });
             let key_log = queue.dedup_log.filter(|_| stored && dedup_key.is_some());
-            copies.push(Copy { queue: queue_name, dedup_key, store_log, key_log, page_out });
+            if wants_transient_log && let Some(incarnation) = model.wants_transient_log(vhost, queue_name) {
+                placed.transient_logs_wanted.push((vhost.to_owned(), queue_name.clone(), incarnation));
+            }
+            copies.push(Copy { queue: queue_name, dedup_key, store_log, key_log, transient_log, page_out });
         }
-        let meta = copies.iter().any(|copy| copy.store_log.is_some()).then(|| persist::encode_message_meta(message));
+        let meta = copies
+            .iter()
+            .any(|copy| copy.store_log.is_some() || copy.transient_log.is_some())
+            .then(|| persist::encode_message_meta(message));
         let record_bytes = Store::record_bytes(meta.as_ref().map_or(0, Vec::len), body.len());
         let mut wanted = Vec::new();
         let mut held = Vec::new();
@@ -190,12 +204,16 @@ impl Core {
         let mut reservations = held.into_iter().map(|reservation| reservation.or_else(|| fresh.next()));
         for copy in copies {
             let mut store_seq = None;
+            let mut transient_record = false;
             if let (Some(log), Some(meta)) = (copy.store_log, &meta) {
                 let reservation = reservations.next().flatten();
                 match self.append_copy(log, message, meta, reservation, copy.page_out, placed) {
                     Some(seq) => store_seq = Some(seq),
                     None => continue,
                 }
+            } else if let (Some(log), Some(meta), Some(target)) = (copy.transient_log, &meta, copy.page_out) {
+                store_seq = self.append_transient(model, log, message, meta, target);
+                transient_record = store_seq.is_some();
             }
             if let Some(key) = copy.dedup_key {
                 model.remember_key(vhost, copy.queue, &key);
@@ -204,7 +222,7 @@ impl Core {
                     placed.dedup_records.push(DedupRecord { log, key, reservation });
                 }
             }
-            let mut effects = model.enqueue(vhost, copy.queue, Arc::clone(message), store_seq);
+            let mut effects = model.enqueue_stored(vhost, copy.queue, Arc::clone(message), store_seq, transient_record);
             self.send(&mut effects);
             placed.later.push(effects);
         }
@@ -230,29 +248,7 @@ impl Core {
             return None;
         };
         let now_ms = self.now_ms();
-        let observer = page_out.map(|target| {
-            let body_bytes = message.body_bytes();
-            let pager = Arc::clone(&self.pager);
-            let observer: wharf_store::Observer<AppendReceipt> = Box::new(move |result| {
-                if let Ok(receipt) = result {
-                    let location = receipt.location;
-                    pager.push(PageOut {
-                        vhost: target.vhost,
-                        queue: target.queue,
-                        entry_id: target.entry_id,
-                        store_seq: receipt.seq,
-                        paged: PagedBody {
-                            store_log: log,
-                            segment_id: location.segment_id,
-                            offset: location.offset,
-                            record_bytes: location.record_bytes,
-                            body_bytes,
-                        },
-                    });
-                }
-            });
-            observer
-        });
+        let observer = page_out.map(|target| self.page_out_observer(log, message.body_bytes(), target));
         let appended = match (reservation, observer) {
             (Some(reservation), observer) => self.store.append_reserved(reservation, now_ms, meta, body, observer),
             (None, Some(observer)) => self.store.append_observed(LogId(log), now_ms, meta, body, observer),
@@ -266,6 +262,69 @@ impl Core {
             Err(error) => {
                 self.store_failed(&error);
                 placed.failed = true;
+                None
+            }
+        }
+    }
+
+    /// What drops a body from memory once its record in `log` is written (see `Pager`). For a
+    /// transient record that could not be written, the body stays in memory and is counted.
+    fn page_out_observer(
+        &self,
+        log: u64,
+        body_bytes: u64,
+        target: PageOutTarget,
+    ) -> wharf_store::Observer<AppendReceipt> {
+        let pager = Arc::clone(&self.pager);
+        Box::new(move |result| match result {
+            Ok(receipt) => {
+                let location = receipt.location;
+                pager.push(PageOut {
+                    vhost: target.vhost,
+                    queue: target.queue,
+                    entry_id: target.entry_id,
+                    store_seq: receipt.seq,
+                    paged: PagedBody {
+                        store_log: log,
+                        segment_id: location.segment_id,
+                        offset: location.offset,
+                        record_bytes: location.record_bytes,
+                        body_bytes,
+                    },
+                });
+            }
+            Err(_) => pager.push_failure(),
+        })
+    }
+
+    /// Writes a transient copy's body to its queue's transient log, to be dropped from memory
+    /// once written. Nothing waits on the record (no confirm: a transient message promises
+    /// nothing across a crash, and the log is deleted at the next start), and it takes no
+    /// reservation. A record the store refuses (a full disk, a body over the store's limit)
+    /// leaves the body in memory, counted and logged, rather than nacking the publish: memory
+    /// stays guarded by the memory alarm, which counts it, and a full spill disk does not turn
+    /// into refused transient traffic. Returns the record's seq if it was taken.
+    fn append_transient(
+        &self,
+        model: &mut BrokerModel,
+        log: u64,
+        message: &Message,
+        meta: &[u8],
+        target: PageOutTarget,
+    ) -> Option<u64> {
+        let body = message.bytes_in_memory()?;
+        let observer = self.page_out_observer(log, message.body_bytes(), target);
+        match self.store.append_observed(LogId(log), self.now_ms(), meta, body, observer) {
+            // Dropping the ticket leaves the append to complete on its own.
+            Ok(pending) => Some(pending.seq),
+            Err(error) => {
+                model.count_transient_page_out_failure();
+                let failures = model.counters().transient_page_out_failures;
+                // Logged at the 1st, 2nd, 4th, ... failure: a full disk must not flood the log.
+                if failures.is_power_of_two() {
+                    tracing::warn!(store_log = log, failures, %error, "a transient message over its queue's memory bound could not be paged out; kept in memory");
+                }
+                self.store_failed(&error);
                 None
             }
         }
@@ -382,6 +441,7 @@ impl Core {
                 let pool = &mut ReservationPool::default();
                 self.place(&mut model, &transfer.vhost, &targets, &transfer.message, false, &mut placed, pool);
             }
+            self.create_transient_logs(std::mem::take(&mut placed.transient_logs_wanted));
             for mut effects in std::mem::take(&mut placed.later) {
                 pending.extend(std::mem::take(&mut effects.transfers));
                 self.apply(effects);
@@ -555,6 +615,10 @@ impl Core {
         drop(model);
         for effects in std::mem::take(&mut placed.later) {
             self.apply(effects);
+        }
+        if !placed.transient_logs_wanted.is_empty() {
+            let wanted = std::mem::take(&mut placed.transient_logs_wanted);
+            blocking(|| self.create_transient_logs(wanted));
         }
         let returned = (queues.is_empty() && request.mandatory).then(|| Outbound::Return {
             channel: request.channel,

@@ -7,12 +7,15 @@
 //!    and de-duplication keys), queues (with their messages, paged beyond the memory budget, and
 //!    their keys); bindings are kept for step 4.
 //! 4. [`restore_bindings`], once every exchange and queue exists.
-//! 5. [`keep_or_delete_orphaned_logs`]: store logs no definition points at. An empty one is
+//! 5. [`delete_transient_logs`]: every queue's transient log (transient bodies paged out beyond
+//!    the memory bound) is deleted with its contents, then its record: transient messages do not
+//!    survive a restart, and a log so recorded is never taken for an orphan.
+//! 6. [`keep_or_delete_orphaned_logs`]: store logs no definition points at. An empty one is
 //!    deleted (a crash between creating a log and recording its definition leaves one); one that
 //!    holds messages is never deleted: it becomes the queue `wharf.orphaned-log-<log id>`, said
 //!    loudly in the log and counted (`Counters::orphaned_logs_kept`), so an operator can read,
 //!    move or purge its messages with any client.
-//! 6. The model's own after-recovery work (delivery limits exhausted before the stop, backoffs,
+//! 7. The model's own after-recovery work (delivery limits exhausted before the stop, backoffs,
 //!    expiries), returned as effects to carry out once the broker runs.
 
 use crate::clock::{Clock, SystemClock};
@@ -51,6 +54,7 @@ impl Core {
             restore_definition(&config, &sources, &mut model, &mut tally, key, value);
         }
         restore_bindings(&mut model, std::mem::take(&mut tally.bindings));
+        delete_transient_logs(&sources, &storage.meta, std::mem::take(&mut tally.transient_logs))?;
         let kept = keep_or_delete_orphaned_logs(&config, &sources, &storage.meta, &mut model, &mut tally)?;
         model.count_orphaned_logs_kept(kept);
         tracing::info!(messages = tally.messages, paged_out = tally.paged, "broker state recovered");
@@ -152,6 +156,8 @@ struct Tally {
     used_logs: HashSet<LogId>,
     /// Bindings, restored once every exchange and queue exists: (vhost, binding).
     bindings: Vec<(String, StoredBinding)>,
+    /// Transient logs to delete, with the keys of their records: (key, log).
+    transient_logs: Vec<(Vec<u8>, u64)>,
     messages: usize,
     paged: u64,
 }
@@ -199,8 +205,11 @@ fn restore_definition(
     key: &[u8],
     value: &[u8],
 ) {
-    // The vhost exists even if the definition in it turns out unreadable.
-    if let Some((_, vhost, _)) = definition_format::split_key(key) {
+    // The vhost exists even if the definition in it turns out unreadable (a transient log's
+    // record defines nothing in it).
+    if let Some((kind, vhost, _)) = definition_format::split_key(key)
+        && kind != "transient-log"
+    {
         ensure_vhost(config, model, vhost);
     }
     let definition = match definition_format::decode(key, value) {
@@ -214,7 +223,39 @@ fn restore_definition(
         Definition::Exchange { vhost, name, stored } => restore_exchange(sources, model, tally, &vhost, &name, stored),
         Definition::Queue { vhost, name, stored } => restore_queue(sources, model, tally, &vhost, &name, stored),
         Definition::Binding { vhost, stored } => tally.bindings.push((vhost, stored)),
+        Definition::TransientLog { log, .. } => {
+            tally.used_logs.insert(LogId(log));
+            tally.transient_logs.push((key.to_vec(), log));
+        }
     }
+}
+
+/// Step 5: deletes every transient log with its contents, then (once the deletion is durable)
+/// its record; a crash in between leaves the record, and the next start deletes nothing more.
+/// Log ids are never reused, so a record left behind cannot name another queue's log.
+fn delete_transient_logs(
+    sources: &Sources<'_>,
+    meta: &MetaStore,
+    logs: Vec<(Vec<u8>, u64)>,
+) -> Result<(), BrokerError> {
+    if logs.is_empty() {
+        return Ok(());
+    }
+    let mut records = Vec::with_capacity(logs.len());
+    for (key, log) in logs {
+        if sources.store.has_log(LogId(log)) {
+            let messages = sources.recovered.queues.get(&LogId(log)).map_or(0, Vec::len);
+            tracing::info!(
+                store_log = log,
+                messages,
+                "deleting a transient log (transient messages do not survive a restart)"
+            );
+            sources.store.delete_log(LogId(log))?.wait()?;
+        }
+        records.push(wharf_store::MetaChange::Delete { key });
+    }
+    meta.apply(&records)?;
+    Ok(())
 }
 
 /// A durable exchange, its de-duplication keys, and the delayed messages it holds.

@@ -45,8 +45,11 @@ pub struct Entry {
     pub id: u64,
     /// The message.
     pub message: Arc<Message>,
-    /// Where the store keeps it (persistent messages in durable queues), for removal.
+    /// Where the store keeps it (persistent messages in durable queues; transient ones paged
+    /// out beyond the memory bound), for removal.
     pub store_seq: Option<u64>,
+    /// `store_seq` is a record in the queue's transient log, not in its message log.
+    pub transient_record: bool,
     /// Delivered before and not acknowledged.
     pub redelivered: bool,
     /// How many times it was delivered.
@@ -92,6 +95,11 @@ pub struct Queue {
     pub store_log: Option<u64>,
     /// The store's id for this queue's de-duplication key log, if it de-duplicates.
     pub dedup_log: Option<u64>,
+    /// The store's id for this queue's transient log (transient bodies paged out beyond the
+    /// memory bound; deleted with the queue and at every start), once the runtime created it.
+    pub transient_log: Option<u64>,
+    /// The runtime was asked to create the transient log (so it is asked once).
+    transient_log_requested: bool,
     ready: ReadyList,
     waiting: BTreeMap<u64, Entry>,
     unacked: foldhash::HashMap<u64, Entry>,
@@ -149,6 +157,8 @@ impl Queue {
             settings,
             store_log: None,
             dedup_log: None,
+            transient_log: None,
+            transient_log_requested: false,
             ready: ReadyList::default(),
             waiting: BTreeMap::new(),
             unacked: foldhash::HashMap::default(),
@@ -214,6 +224,7 @@ impl Queue {
             id,
             message,
             store_seq,
+            transient_record: false,
             redelivered: redelivered || delivery_count > 0,
             delivery_count,
             enqueued_ms,
@@ -341,9 +352,16 @@ impl Queue {
     }
 
     /// Adds a message published now at the tail (behind its key's holder, with `x-ordered-by`);
-    /// its TTL counts from `now_ms`.
-    pub(crate) fn enqueue(&mut self, message: Arc<Message>, store_seq: Option<u64>, now_ms: u64) {
-        let entry = self.new_entry(message, store_seq, now_ms, 0, false);
+    /// its TTL counts from `now_ms`. `transient_record`: `store_seq` is in the transient log.
+    pub(crate) fn enqueue(
+        &mut self,
+        message: Arc<Message>,
+        store_seq: Option<u64>,
+        transient_record: bool,
+        now_ms: u64,
+    ) {
+        let mut entry = self.new_entry(message, store_seq, now_ms, 0, false);
+        entry.transient_record = transient_record && store_seq.is_some();
         self.insert_new(entry);
     }
 
@@ -375,6 +393,7 @@ impl Queue {
             id,
             message: Arc::clone(&entry.message),
             store_seq: entry.store_seq,
+            transient_record: entry.transient_record,
             redelivered: entry.redelivered,
             delivery_count: entry.delivery_count,
         };
@@ -586,6 +605,21 @@ impl Queue {
         self.resident_bytes
     }
 
+    /// Where the store keeps a record of this queue: `store_seq` in its transient log if
+    /// `transient_record`, else in its message log.
+    pub(crate) fn stored_at(&self, store_seq: Option<u64>, transient_record: bool) -> Option<crate::StoredAt> {
+        let log = if transient_record { self.transient_log } else { self.store_log };
+        log.zip(store_seq).map(|(log, seq)| crate::StoredAt { log, seq })
+    }
+
+    /// True once, for the publish that first finds the queue over its memory bound without a
+    /// transient log: the runtime then creates one (see [`Queue::transient_log`]).
+    pub(crate) fn wants_transient_log(&mut self) -> bool {
+        let wanted = self.transient_log.is_none() && !self.transient_log_requested;
+        self.transient_log_requested |= wanted;
+        wanted
+    }
+
     /// The id the next message enqueued will get.
     pub fn next_entry_id(&self) -> u64 {
         self.next_id
@@ -597,11 +631,13 @@ impl Queue {
     /// queue of the same name (whose ids and seqs also started at 1), does nothing. Returns true
     /// if the body was dropped.
     pub fn page_out(&mut self, id: u64, store_seq: u64, paged: crate::message::PagedBody) -> bool {
-        if self.store_log != Some(paged.store_log) {
+        let transient = self.transient_log == Some(paged.store_log);
+        if self.store_log != Some(paged.store_log) && !transient {
             return false;
         }
         let pageable = |entry: &Entry| {
             entry.store_seq == Some(store_seq)
+                && entry.transient_record == transient
                 && paged.body_bytes == entry.message.body_bytes()
                 && entry.message.paged().is_none()
         };
@@ -688,6 +724,8 @@ pub(crate) struct Delivered {
     pub(crate) message: Arc<Message>,
     /// Where the store keeps it.
     pub(crate) store_seq: Option<u64>,
+    /// `store_seq` is in the queue's transient log.
+    pub(crate) transient_record: bool,
     /// Delivered before.
     pub(crate) redelivered: bool,
     /// Deliveries so far, this one included.

@@ -36,6 +36,8 @@ struct PackedEntry {
     expires_at_ms: Option<u64>,
     delivery_count: u32,
     redelivered: bool,
+    /// `store_seq` is in the queue's transient log.
+    transient_record: bool,
     /// Taken out of the list (a tombstone, skipped by every reader).
     removed: bool,
     /// `[exchange length][exchange][routing key length][routing key][raw properties]`.
@@ -61,6 +63,7 @@ impl PackedEntry {
             expires_at_ms: entry.expires_at_ms,
             delivery_count: entry.delivery_count,
             redelivered: entry.redelivered,
+            transient_record: entry.transient_record,
             removed: false,
             envelope: envelope(message),
         })
@@ -80,6 +83,7 @@ impl PackedEntry {
             id: self.id,
             message: Arc::new(message),
             store_seq: Some(self.store_seq),
+            transient_record: self.transient_record,
             redelivered: self.redelivered,
             delivery_count: self.delivery_count,
             enqueued_ms: self.enqueued_ms,
@@ -313,6 +317,7 @@ mod tests {
             id,
             message: Arc::new(message),
             store_seq: Some(id + 100),
+            transient_record: id.is_multiple_of(3),
             redelivered: id.is_multiple_of(2),
             delivery_count: (id % 3) as u32,
             enqueued_ms: 1_000 + id,
@@ -325,6 +330,7 @@ mod tests {
         left.id == right.id
             && left.message == right.message
             && left.store_seq == right.store_seq
+            && left.transient_record == right.transient_record
             && left.redelivered == right.redelivered
             && left.delivery_count == right.delivery_count
             && left.enqueued_ms == right.enqueued_ms

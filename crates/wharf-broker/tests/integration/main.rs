@@ -27,5 +27,6 @@ mod paging;
 mod policies;
 mod retry_backoff;
 mod tls;
+mod transient_paging;
 mod ttl_and_limits;
 mod virtual_time;

@@ -95,15 +95,28 @@ impl BrokerModel {
     /// when the store holds it. With `drop-head`, the oldest ready messages beyond the queue's
     /// length limits leave (dead-lettered if the queue has a dead-letter exchange).
     pub fn enqueue(&mut self, vhost: &str, queue_name: &str, message: Arc<Message>, store_seq: Option<u64>) -> Effects {
+        self.enqueue_stored(vhost, queue_name, message, store_seq, false)
+    }
+
+    /// Like [`BrokerModel::enqueue`]; with `transient_record`, `store_seq` is a record in the
+    /// queue's transient log (a transient body paged out beyond the memory bound).
+    pub fn enqueue_stored(
+        &mut self,
+        vhost: &str,
+        queue_name: &str,
+        message: Arc<Message>,
+        store_seq: Option<u64>,
+        transient_record: bool,
+    ) -> Effects {
         let now_ms = self.now_ms;
         let mut effects = Effects::default();
         let Some(queue) = self.vhosts.get_mut(vhost).and_then(|vhost| vhost.queue_mut(queue_name)) else {
             return effects;
         };
-        queue.enqueue(message, store_seq, now_ms);
+        queue.enqueue(message, store_seq, transient_record, now_ms);
         while let Some(entry) = queue.drop_head_over_limits() {
             self.counters.dropped_by_length += 1;
-            let source = Removed::of(vhost, queue, entry.store_seq);
+            let source = Removed::of(vhost, queue, &entry);
             dead_letter(
                 vhost,
                 queue,

@@ -5,8 +5,8 @@
 use super::channels::Outstanding;
 use super::timers::Timer;
 use super::{
-    BrokerModel, CONNECTION_PENDING_BYTES_MAX, Delivery, Effects, Removed, StoredAt, UNACKED_PER_CHANNEL_MAX,
-    channel_not_open, delivery_bytes,
+    BrokerModel, CONNECTION_PENDING_BYTES_MAX, Delivery, Effects, Removed, UNACKED_PER_CHANNEL_MAX, channel_not_open,
+    delivery_bytes,
 };
 use crate::error::{ModelError, Result};
 use crate::queue::{ChannelKey, ConnectionId, Queue};
@@ -42,7 +42,7 @@ impl BrokerModel {
             // The consumer is found before its message is taken, so a message is never taken for
             // a consumer that is not there to count it.
             let Some(consumer) = channel.consumers.get_mut(&tag) else { break };
-            let Some((entry_id, store_seq, delivery)) = take_for_delivery(
+            let Some((entry_id, delivery)) = take_for_delivery(
                 queue,
                 &mut channel.next_delivery_tag,
                 &mut self.pending_bytes,
@@ -55,7 +55,7 @@ impl BrokerModel {
             let mut delivery = delivery;
             let delivery_tag = delivery.delivery_tag;
             if consumer.no_ack {
-                remove_no_ack(vhost_name, queue, store_seq, &mut delivery, &mut effects);
+                remove_no_ack(vhost_name, queue, &mut delivery, &mut effects);
             }
             effects.deliveries.push(delivery);
             if !consumer.no_ack {
@@ -105,13 +105,13 @@ impl BrokerModel {
                 key.channel
             )));
         }
-        let Some((entry_id, store_seq, mut delivery)) =
+        let Some((entry_id, mut delivery)) =
             take_for_delivery(queue, &mut channel.next_delivery_tag, &mut self.pending_bytes, key, None, !no_ack)
         else {
             return Ok((None, effects));
         };
         if no_ack {
-            remove_no_ack(&vhost_name, queue, store_seq, &mut delivery, &mut effects);
+            remove_no_ack(&vhost_name, queue, &mut delivery, &mut effects);
         } else {
             let lease_due_ms = queue.settings.consumer_timeout_ms.map(|lease_ms| now_ms.saturating_add(lease_ms));
             channel.unacked.insert(
@@ -131,19 +131,19 @@ impl BrokerModel {
 /// A no-ack delivery takes its message out of the queue for good: a message in memory is removed
 /// from the store at once; a paged-out one once its body was read for the delivery (the delivery
 /// says so), so its record cannot be deleted before the read.
-fn remove_no_ack(vhost: &str, queue: &Queue, store_seq: Option<u64>, delivery: &mut Delivery, effects: &mut Effects) {
+fn remove_no_ack(vhost: &str, queue: &Queue, delivery: &mut Delivery, effects: &mut Effects) {
     if delivery.message.paged().is_some() && delivery.store.is_some() {
         delivery.remove_record_after_read = true;
     } else {
-        effects.removed.push(Removed::of(vhost, queue, store_seq));
+        effects.removed.push(Removed { vhost: vhost.to_owned(), queue: queue.name.clone(), stored: delivery.store });
     }
 }
 
 /// Takes the next deliverable message of a queue for a delivery on channel `key` (kept as
 /// unacknowledged if `acknowledged`; gone for good otherwise): the queue counts the delivery (a
 /// redelivery carries `x-delivery-count`, the deliveries before it); the connection is charged
-/// its pending bytes and the channel's next delivery tag assigned. Returns the entry's id and
-/// store seq with the delivery.
+/// its pending bytes and the channel's next delivery tag assigned. Returns the entry's id with
+/// the delivery.
 fn take_for_delivery(
     queue: &mut Queue,
     next_delivery_tag: &mut u64,
@@ -151,7 +151,7 @@ fn take_for_delivery(
     key: ChannelKey,
     consumer_tag: Option<String>,
     acknowledged: bool,
-) -> Option<(u64, Option<u64>, Delivery)> {
+) -> Option<(u64, Delivery)> {
     let delivered = queue.deliver_next(acknowledged)?;
     let deliveries_before = delivered.delivery_count - 1;
     let message = if deliveries_before > 0 {
@@ -173,8 +173,9 @@ fn take_for_delivery(
         message,
         message_count: queue.ready_count() as u32,
         delivery_count: delivered.delivery_count,
-        store: queue.store_log.zip(delivered.store_seq).map(|(log, seq)| StoredAt { log, seq }),
+        store: queue.stored_at(delivered.store_seq, delivered.transient_record),
         remove_record_after_read: false,
+        store_transient: delivered.transient_record,
     };
-    Some((delivered.id, delivered.store_seq, delivery))
+    Some((delivered.id, delivery))
 }

@@ -81,6 +81,9 @@ pub struct Counters {
     /// Store logs holding messages that no stored definition pointed at, kept at recovery as
     /// `wharf.orphaned-log-…` queues instead of deleted.
     pub orphaned_logs_kept: u64,
+    /// Transient bodies over their queue's memory bound that could not be written to its
+    /// transient log (a full disk, a failing store): kept in memory instead (see `publish.rs`).
+    pub transient_page_out_failures: u64,
 }
 
 /// One delivery to send: `basic.deliver` (consumer) or `basic.get-ok` (no consumer tag).
@@ -109,6 +112,9 @@ pub struct Delivery {
     /// read the body (or knows it never will), not at once. (A no-ack delivery of a message in
     /// memory is in `Effects::removed` like any other removal.)
     pub remove_record_after_read: bool,
+    /// `store` is a record in the queue's transient log: no delivery count is recorded for it
+    /// (transient records are deleted at restart, so the count would never be read).
+    pub store_transient: bool,
 }
 
 /// Where a message is stored: the store log and the message's seq in it.
@@ -132,9 +138,10 @@ pub struct Removed {
 }
 
 impl Removed {
-    /// The message stored under `store_seq` in `queue`'s log left it.
-    fn of(vhost: &str, queue: &Queue, store_seq: Option<u64>) -> Removed {
-        let stored = queue.store_log.zip(store_seq).map(|(log, seq)| StoredAt { log, seq });
+    /// `entry` left `queue` for good: its record (if any) is removed from whichever of the
+    /// queue's logs holds it.
+    fn of(vhost: &str, queue: &Queue, entry: &crate::queue::Entry) -> Removed {
+        let stored = queue.stored_at(entry.store_seq, entry.transient_record);
         Removed { vhost: vhost.to_owned(), queue: queue.name.clone(), stored }
     }
 }
@@ -170,6 +177,8 @@ pub struct DeletedQueue {
     pub store_log: Option<u64>,
     /// Its de-duplication key log, to delete.
     pub dedup_log: Option<u64>,
+    /// Its transient log (bodies of transient messages paged out), to delete.
+    pub transient_log: Option<u64>,
 }
 
 /// What the runtime must do after an operation.

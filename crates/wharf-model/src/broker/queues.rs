@@ -23,7 +23,7 @@ impl BrokerModel {
         let purged = queue.take_ready_all();
         let mut effects = Effects::default();
         for entry in &purged {
-            effects.removed.push(Removed::of(&vhost_name, queue, entry.store_seq));
+            effects.removed.push(Removed::of(&vhost_name, queue, entry));
         }
         Ok((purged.len() as u32, effects))
     }
@@ -80,7 +80,7 @@ impl BrokerModel {
             }
         }
         for entry in queue.take_all() {
-            effects.removed.push(Removed::of(vhost_name, &queue, entry.store_seq));
+            effects.removed.push(Removed::of(vhost_name, &queue, &entry));
         }
         effects.deleted_queues.push(DeletedQueue {
             vhost: vhost_name.to_owned(),
@@ -88,6 +88,7 @@ impl BrokerModel {
             durable: queue.durable,
             store_log: queue.store_log,
             dedup_log: queue.dedup_log,
+            transient_log: queue.transient_log,
         });
         effects
     }
@@ -108,7 +109,7 @@ impl BrokerModel {
                 continue;
             };
             for entry in queue.remove_exhausted() {
-                let source = Removed::of(&vhost, queue, entry.store_seq);
+                let source = Removed::of(&vhost, queue, &entry);
                 dead_letter(
                     &vhost,
                     queue,
@@ -147,6 +148,30 @@ impl BrokerModel {
             self.counters.paged_out += 1;
         }
         paged_out
+    }
+
+    /// For a publish that found `queue` over its memory bound without a transient log: the
+    /// queue's incarnation the first time (the runtime then creates the log and attaches it with
+    /// [`BrokerModel::attach_transient_log`]), `None` after that.
+    pub fn wants_transient_log(&mut self, vhost: &str, queue: &str) -> Option<u64> {
+        let queue = self.vhosts.get_mut(vhost)?.queue_mut(queue)?;
+        queue.wants_transient_log().then(|| queue.incarnation())
+    }
+
+    /// Gives a queue the transient log the runtime created for it. False if the queue is gone
+    /// (or is a later queue of the same name): the runtime then deletes the log.
+    pub fn attach_transient_log(&mut self, vhost: &str, queue: &str, incarnation: u64, log: u64) -> bool {
+        let Some(queue) = self.vhosts.get_mut(vhost).and_then(|found| found.queue_mut(queue)) else { return false };
+        if queue.incarnation() != incarnation || queue.transient_log.is_some() {
+            return false;
+        }
+        queue.transient_log = Some(log);
+        true
+    }
+
+    /// Counts a transient body kept in memory because its transient log could not take it.
+    pub fn count_transient_page_out_failure(&mut self) {
+        self.counters.transient_page_out_failures += 1;
     }
 
     /// Counts bodies recovery left on disk.

@@ -40,7 +40,7 @@ impl BrokerModel {
             if let Some(queue) = self.vhosts.get_mut(&vhost).and_then(|vhost| vhost.queue_mut(&outstanding.queue))
                 && let Some(entry) = queue.remove_unacked(outstanding.entry_id)
             {
-                effects.removed.push(Removed::of(&vhost, queue, entry.store_seq));
+                effects.removed.push(Removed::of(&vhost, queue, &entry));
             }
         }
         effects.merge(self.redispatch_channel(key, &BTreeSet::new()));
@@ -66,7 +66,7 @@ impl BrokerModel {
                 continue;
             };
             if let Some(entry) = queue.remove_unacked(outstanding.entry_id) {
-                let source = Removed::of(&vhost, queue, entry.store_seq);
+                let source = Removed::of(&vhost, queue, &entry);
                 dead_letter(
                     &vhost,
                     queue,
@@ -167,7 +167,7 @@ impl BrokerModel {
         let Some(queue) = self.vhosts.get_mut(vhost).and_then(|vhost| vhost.queue_mut(queue_name)) else { return };
         match queue.return_unacked(entry_id, explicit) {
             Some(Returned::OverLimit(entry)) => {
-                let source = Removed::of(vhost, queue, entry.store_seq);
+                let source = Removed::of(vhost, queue, &entry);
                 dead_letter(
                     vhost,
                     queue,

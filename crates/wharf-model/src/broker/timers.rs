@@ -113,7 +113,7 @@ impl BrokerModel {
         let Some(queue) = self.vhosts.get_mut(vhost).and_then(|found| found.queue_mut(queue_name)) else { return };
         while let Some(entry) = queue.pop_expired(now_ms, inclusive) {
             self.counters.expired += 1;
-            let source = Removed::of(vhost, queue, entry.store_seq);
+            let source = Removed::of(vhost, queue, &entry);
             dead_letter(
                 vhost,
                 queue,

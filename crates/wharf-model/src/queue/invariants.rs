@@ -248,7 +248,7 @@ mod tests {
     fn busy_queue() -> Queue {
         let mut queue = ordered_queue();
         for (index, (body, order_key)) in [("A1", "A"), ("B1", "B"), ("A2", "A"), ("C1", "C")].into_iter().enumerate() {
-            queue.enqueue(keyed(body, order_key), Some(index as u64 + 1), 1_000);
+            queue.enqueue(keyed(body, order_key), Some(index as u64 + 1), false, 1_000);
         }
         let first = queue.deliver_next(true).unwrap();
         queue.deliver_next(true).unwrap();
