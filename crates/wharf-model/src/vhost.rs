@@ -395,10 +395,14 @@ impl VirtualHost {
     }
 
     /// Sets the consumer timeout of queues whose arguments and policies set none (RabbitMQ's
-    /// `consumer_timeout`, 30 minutes by default there and in Wharf's configuration). Applies to
-    /// queues declared from now on.
+    /// `consumer_timeout`, 30 minutes by default there and in Wharf's configuration).
     pub fn set_default_consumer_timeout_ms(&mut self, timeout_ms: Option<u64>) {
         self.default_consumer_timeout_ms = timeout_ms;
+    }
+
+    /// The consumer timeout of queues that set none.
+    pub fn default_consumer_timeout_ms(&self) -> Option<u64> {
+        self.default_consumer_timeout_ms
     }
 
     /// How many queues this vhost holds.
@@ -414,10 +418,7 @@ impl VirtualHost {
     /// The settings a queue named `name` declared with `arguments` gets (its arguments merged
     /// with the policy that applies), or 406 naming a bad argument.
     pub fn queue_settings(&self, name: &str, arguments: &FieldTable) -> Result<QueueSettings> {
-        let mut settings =
-            QueueSettings::parse(&effective_arguments(arguments, policy::select(&self.policies, name, true)))?;
-        settings.consumer_timeout_ms = settings.consumer_timeout_ms.or(self.default_consumer_timeout_ms);
-        Ok(settings)
+        QueueSettings::parse(&effective_arguments(arguments, policy::select(&self.policies, name, true)))
     }
 
     /// The settings an exchange gets, or 406 naming a bad argument.

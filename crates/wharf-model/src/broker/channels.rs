@@ -30,8 +30,12 @@ pub(super) struct Outstanding {
     pub(super) consumer: Option<(String, u64)>,
     /// Its queue was deleted: settling it only frees the slot.
     pub(super) gone: bool,
-    /// When its lease runs out (its timer is removed when it is settled).
+    /// When its lease runs out.
     pub(super) lease_due_ms: Option<u64>,
+    /// The lease is the queue's own (`x-consumer-timeout`): it has a timer of its own, removed when
+    /// it is settled. A lease by the vhost's default timeout has none: one sweep timer serves them
+    /// all (see `timers.rs`), which keeps the default off the per-message path.
+    pub(super) own_lease_timer: bool,
 }
 
 /// An open channel: its deliveries not yet settled, its consumers and their prefetch.
@@ -112,7 +116,7 @@ impl BrokerModel {
         let mut touched = BTreeSet::new();
         for (key, channel) in closed {
             for (delivery_tag, outstanding) in channel.unacked {
-                if let Some(due_ms) = outstanding.lease_due_ms {
+                if let Some(due_ms) = outstanding.lease_due_ms.filter(|_| outstanding.own_lease_timer) {
                     self.timers
                         .remove(&(due_ms, Timer::Lease { channel: key, generation: channel.generation, delivery_tag }));
                 }

@@ -19,10 +19,11 @@ impl BrokerModel {
         let mut effects = Effects::default();
         self.expire_due(vhost_name, queue_name, false, &mut effects);
         let now_ms = self.now_ms;
-        let Some(queue) = self.vhosts.get_mut(vhost_name).and_then(|vhost| vhost.queue_mut(queue_name)) else {
-            return effects;
-        };
-        let lease_ms = queue.settings.consumer_timeout_ms;
+        let Some(vhost) = self.vhosts.get_mut(vhost_name) else { return effects };
+        let default_lease_ms = vhost.default_consumer_timeout_ms();
+        let Some(queue) = vhost.queue_mut(queue_name) else { return effects };
+        let (lease_ms, own_lease_timer) = lease_of(queue, default_lease_ms);
+        let mut default_lease_due_ms = None;
         while queue.has_deliverable() && queue.consumer_count() > 0 {
             let channels = &self.channels;
             let pending_bytes = &self.pending_bytes;
@@ -71,13 +72,21 @@ impl BrokerModel {
                         consumer: Some((tag, instance)),
                         gone: false,
                         lease_due_ms,
+                        own_lease_timer,
                     },
                 );
-                if let Some(due_ms) = lease_due_ms {
-                    let generation = channel.generation;
-                    self.timers.insert((due_ms, Timer::Lease { channel: key, generation, delivery_tag }));
+                match lease_due_ms {
+                    Some(due_ms) if own_lease_timer => {
+                        let generation = channel.generation;
+                        self.timers.insert((due_ms, Timer::Lease { channel: key, generation, delivery_tag }));
+                    }
+                    Some(due_ms) => default_lease_due_ms = default_lease_due_ms.or(Some(due_ms)),
+                    None => {}
                 }
             }
+        }
+        if let Some(due_ms) = default_lease_due_ms {
+            self.arm_default_leases(due_ms);
         }
         self.expire_due(vhost_name, queue_name, true, &mut effects);
         effects
@@ -95,9 +104,9 @@ impl BrokerModel {
         let mut effects = Effects::default();
         self.expire_due(&vhost_name, queue_name, true, &mut effects);
         let now_ms = self.now_ms;
-        let Some(queue) = self.vhosts.get_mut(&vhost_name).and_then(|vhost| vhost.queue_mut(queue_name)) else {
-            return Ok((None, effects));
-        };
+        let Some(vhost) = self.vhosts.get_mut(&vhost_name) else { return Ok((None, effects)) };
+        let default_lease_ms = vhost.default_consumer_timeout_ms();
+        let Some(queue) = vhost.queue_mut(queue_name) else { return Ok((None, effects)) };
         let channel = self.channels.get_mut(&key).ok_or_else(|| channel_not_open(key))?;
         if !no_ack && channel.unacked.len() >= UNACKED_PER_CHANNEL_MAX {
             return Err(ModelError::resource_error(format!(
@@ -113,18 +122,40 @@ impl BrokerModel {
         if no_ack {
             remove_no_ack(&vhost_name, queue, &mut delivery, &mut effects);
         } else {
-            let lease_due_ms = queue.settings.consumer_timeout_ms.map(|lease_ms| now_ms.saturating_add(lease_ms));
-            channel.unacked.insert(
-                delivery.delivery_tag,
-                Outstanding { queue: queue_name.to_owned(), entry_id, consumer: None, gone: false, lease_due_ms },
-            );
-            if let Some(due_ms) = lease_due_ms {
-                let timer =
-                    Timer::Lease { channel: key, generation: channel.generation, delivery_tag: delivery.delivery_tag };
-                self.timers.insert((due_ms, timer));
+            let (lease_ms, own_lease_timer) = lease_of(queue, default_lease_ms);
+            let lease_due_ms = lease_ms.map(|lease_ms| now_ms.saturating_add(lease_ms));
+            let outstanding = Outstanding {
+                queue: queue_name.to_owned(),
+                entry_id,
+                consumer: None,
+                gone: false,
+                lease_due_ms,
+                own_lease_timer,
+            };
+            channel.unacked.insert(delivery.delivery_tag, outstanding);
+            match lease_due_ms {
+                Some(due_ms) if own_lease_timer => {
+                    let timer = Timer::Lease {
+                        channel: key,
+                        generation: channel.generation,
+                        delivery_tag: delivery.delivery_tag,
+                    };
+                    self.timers.insert((due_ms, timer));
+                }
+                Some(due_ms) => self.arm_default_leases(due_ms),
+                None => {}
             }
         }
         Ok((Some(delivery), effects))
+    }
+}
+
+/// A queue's lease: its own `x-consumer-timeout` (with a timer per delivery), or the vhost's
+/// default (served by the sweep timer).
+fn lease_of(queue: &Queue, default_lease_ms: Option<u64>) -> (Option<u64>, bool) {
+    match queue.settings.consumer_timeout_ms {
+        Some(lease_ms) => (Some(lease_ms), true),
+        None => (default_lease_ms, false),
     }
 }
 

@@ -90,12 +90,19 @@ impl BrokerModel {
                 );
             }
             for (delivery_tag, outstanding) in &channel.unacked {
-                if let Some(due_ms) = outstanding.lease_due_ms {
+                if let Some(due_ms) = outstanding.lease_due_ms.filter(|_| outstanding.own_lease_timer) {
                     let timer =
                         Timer::Lease { channel: *key, generation: channel.generation, delivery_tag: *delivery_tag };
                     assert!(
                         self.timers.contains(&(due_ms, timer)),
                         "invariant broken: delivery tag {delivery_tag} on channel {key:?} has a lease due at {due_ms} but no timer for it"
+                    );
+                }
+                if let Some(due_ms) = outstanding.lease_due_ms.filter(|_| !outstanding.own_lease_timer) {
+                    let swept = self.timers.iter().any(|(at, timer)| *timer == Timer::DefaultLeases && *at <= due_ms);
+                    assert!(
+                        swept,
+                        "invariant broken: delivery tag {delivery_tag} on channel {key:?} has a default lease due at {due_ms} but no sweep timer by then"
                     );
                 }
                 if outstanding.gone {

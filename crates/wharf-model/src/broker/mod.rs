@@ -220,6 +220,8 @@ pub struct BrokerModel {
     /// The time as the runtime last reported it (ms since the epoch; never goes back).
     now_ms: u64,
     timers: BTreeSet<(u64, Timer)>,
+    /// When the armed `Timer::DefaultLeases` fires (the earliest one, if several are set).
+    default_leases_armed_ms: Option<u64>,
     counters: Counters,
     channel_generations: u64,
 }
@@ -243,6 +245,7 @@ impl BrokerModel {
             pending_bytes: foldhash::HashMap::default(),
             now_ms: 0,
             timers: BTreeSet::new(),
+            default_leases_armed_ms: None,
             counters: Counters::default(),
             channel_generations: 0,
         };

@@ -134,7 +134,7 @@ impl BrokerModel {
         loop {
             let next = channel.unacked.range(lowest..=upper).next().map(|(tag, _)| *tag);
             let Some((tag, outstanding)) = next.and_then(|tag| channel.unacked.remove_entry(&tag)) else { break };
-            if let Some(due_ms) = outstanding.lease_due_ms {
+            if let Some(due_ms) = outstanding.lease_due_ms.filter(|_| outstanding.own_lease_timer) {
                 let timer = Timer::Lease { channel: key, generation: channel.generation, delivery_tag: tag };
                 self.timers.remove(&(due_ms, timer));
             }

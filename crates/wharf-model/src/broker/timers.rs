@@ -20,6 +20,9 @@ pub(super) enum Timer {
     Backoff { vhost: String, queue: String, incarnation: u64, id: u64 },
     /// A delayed-message exchange's earliest due message.
     Delayed { vhost: String, exchange: String },
+    /// The earliest lease by the default consumer timeout: one timer for all of them, so a
+    /// delivery under the default costs no timer of its own (see `sweep_default_leases`).
+    DefaultLeases,
 }
 // Queue timers name the queue's incarnation and lease timers the channel's generation: a queue
 // re-created under the same name numbers its entries from 1 again, and a reopened channel its
@@ -91,9 +94,52 @@ impl BrokerModel {
                     }
                 }
                 Timer::Delayed { vhost, exchange } => self.release_delayed(&vhost, &exchange, &mut effects),
+                Timer::DefaultLeases => {
+                    if self.default_leases_armed_ms.is_some_and(|armed_ms| armed_ms <= self.now_ms) {
+                        self.default_leases_armed_ms = None;
+                    }
+                    self.sweep_default_leases(&mut effects);
+                }
             }
         }
         effects
+    }
+
+    /// Makes sure the sweep timer fires by `due_ms` (a lease by the default timeout is due then).
+    /// Deliveries under the default come due in the order they were made, so after the first only
+    /// a comparison is needed.
+    pub(super) fn arm_default_leases(&mut self, due_ms: u64) {
+        if self.default_leases_armed_ms.is_none_or(|armed_ms| due_ms < armed_ms) {
+            self.default_leases_armed_ms = Some(due_ms);
+            self.timers.insert((due_ms, Timer::DefaultLeases));
+        }
+    }
+
+    /// Ends every lease by the default timeout that is due, and arms the sweep for the next. A
+    /// channel's default leases come due in delivery-tag order (the same timeout from a clock that
+    /// never goes back), so each channel is read only up to its first lease not yet due; leases of
+    /// a queue's own timeout are skipped (they have their own timers).
+    fn sweep_default_leases(&mut self, effects: &mut Effects) {
+        let now_ms = self.now_ms;
+        let mut due = Vec::new();
+        let mut next_ms: Option<u64> = None;
+        for (key, channel) in &self.channels {
+            for (tag, outstanding) in &channel.unacked {
+                let Some(due_ms) = outstanding.lease_due_ms.filter(|_| !outstanding.own_lease_timer) else { continue };
+                if due_ms <= now_ms {
+                    due.push((*key, *tag));
+                } else {
+                    next_ms = Some(next_ms.map_or(due_ms, |next| next.min(due_ms)));
+                    break;
+                }
+            }
+        }
+        for (key, tag) in due {
+            self.expire_lease(key, tag, effects);
+        }
+        if let Some(next_ms) = next_ms {
+            self.arm_default_leases(next_ms);
+        }
     }
 
     /// The queue, if it is still the incarnation a timer was set for.
