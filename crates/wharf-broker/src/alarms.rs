@@ -35,12 +35,12 @@ impl AlarmState {
         self.memory || self.disk
     }
 
-    /// The reason `connection.blocked` gives, in RabbitMQ's words.
+    /// The reason `connection.blocked` gives, in RabbitMQ's words (`rabbit_reader`).
     pub fn reason(self) -> &'static str {
         match (self.memory, self.disk) {
-            (true, true) => "low on memory and disk space",
+            (true, true) => "low on memory & disk",
             (true, false) => "low on memory",
-            (false, true) => "low on disk space",
+            (false, true) => "low on disk",
             (false, false) => "",
         }
     }
@@ -230,7 +230,7 @@ mod tests {
         drop(session);
         assert!(!alarms.check(100).any(), "a connection's bytes leave with it");
         disk.set(499);
-        assert_eq!(alarms.check(0).reason(), "low on disk space");
+        assert_eq!(alarms.check(0).reason(), "low on disk");
         disk.set(500);
         assert!(!alarms.check(0).any());
     }

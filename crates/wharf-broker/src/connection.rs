@@ -488,7 +488,7 @@ async fn run_frames<R: AsyncRead + Unpin>(
         // A connection that publishes while an alarm is raised is not read from until it clears
         // (RabbitMQ's flow control); one that only consumes goes on.
         if session.take_published() && connection.core.alarms.state().any() {
-            if let Some(ending) = wait_out_alarm(connection, blocked_capable, &mut shutdown).await {
+            if let Some(ending) = wait_out_alarm(connection, session, blocked_capable, &mut shutdown).await {
                 return ending;
             }
             last_read = tokio::time::Instant::now();
@@ -541,6 +541,7 @@ async fn run_frames<R: AsyncRead + Unpin>(
 /// Returns how the connection ended if the broker stops meanwhile.
 async fn wait_out_alarm<R: AsyncRead + Unpin>(
     connection: &mut Connection<R>,
+    session: &mut Session,
     notify: bool,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<Ending> {
@@ -554,6 +555,13 @@ async fn wait_out_alarm<R: AsyncRead + Unpin>(
         let blocked = connection::Blocked { reason: ShortString::from(state.reason()) };
         connection.send(0, &AMQPClass::Connection(connection::AMQPMethod::Blocked(blocked)));
     }
+    // What this connection holds (a transaction's publishes, a body half sent) cannot grow while
+    // it is not read, and only frames it cannot send now could free it: counted, it could hold
+    // the alarm up for ever. It counts again from its next frame.
+    session.leave_memory_account();
+    let mut fatal = connection.core.fatal.subscribe();
+    let backlog = Arc::clone(&connection.outbound.backlog);
+    let outbound = connection.outbound.sender.clone();
     while alarms.borrow_and_update().any() {
         tokio::select! {
             changed = alarms.changed() => if changed.is_err() { break },
@@ -561,6 +569,19 @@ async fn wait_out_alarm<R: AsyncRead + Unpin>(
                 let text = "CONNECTION_FORCED - broker shutting down";
                 return Some(connection.close_connection(reply_code::CONNECTION_FORCED, text, MethodId::NONE).await);
             }
+            _ = fatal.changed() => {
+                let text = "INTERNAL_ERROR - the broker's storage failed";
+                return Some(connection.close_connection(reply_code::INTERNAL_ERROR, text, MethodId::NONE).await);
+            }
+            () = backlog.writer_failed.notified() => {
+                let text = "INTERNAL_ERROR - a stored message could not be read back";
+                return Some(connection.close_connection(reply_code::INTERNAL_ERROR, text, MethodId::NONE).await);
+            }
+            // The writer stopped: the socket is gone (seen when a heartbeat or delivery fails).
+            () = outbound.closed() => return Some(Ending::SocketLost("socket closed while blocked".into())),
+            // Deliveries to this connection's consumers go on while it is blocked: what the writer
+            // reports keeps the model dispatching to it.
+            () = backlog.reports.ready.notified() => act_on_writer_reports(&connection.core, session, &backlog),
         }
     }
     tracing::info!(peer = %connection.peer, "connection unblocked");

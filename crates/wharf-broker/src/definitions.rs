@@ -63,16 +63,18 @@ impl Core {
             if server_named {
                 name = vhost.generate_queue_name();
             }
+            let creates = !request.passive && vhost.queue(&name).is_none();
+            // RabbitMQ's order: configure on the queue for any declare that is not passive; the
+            // dead-letter exchange's rights only for a queue that is new.
             if let Some(grant) = request.grant
                 && !request.passive
             {
                 grant.check(Right::Configure, Resource::Queue, &name)?;
-                if let Some(exchange) = text_argument(request.arguments, "x-dead-letter-exchange") {
+                if creates && let Some(exchange) = text_argument(request.arguments, "x-dead-letter-exchange") {
                     grant.check(Right::Read, Resource::Queue, &name)?;
                     grant.check(Right::Write, Resource::Exchange, &exchange)?;
                 }
             }
-            let creates = !request.passive && vhost.queue(&name).is_none();
             if creates {
                 self.limits.check_new_queue(request.vhost, &name, vhost.queue_count())?;
             }

@@ -104,13 +104,18 @@ impl ConnectionLease {
         let Some(max) = self.limits.users.get(&self.user).and_then(|limits| limits.channels_max) else {
             return Ok(());
         };
-        let counts = self.limits.counts();
-        if counts.user_channels.get(&self.user).copied().unwrap_or(0) >= max {
+        // Checked and taken under one lock, so two connections of the user opening at once cannot
+        // both take the last place (the session's count after the frame corrects a failed open).
+        let mut counts = self.limits.counts();
+        let count = counts.user_channels.entry(self.user.clone()).or_default();
+        if *count >= max {
             return Err(ModelError::not_allowed(format!(
                 "number of channels opened for user '{}' has reached the maximum allowed user limit of ({max})",
                 self.user
             )));
         }
+        *count += 1;
+        self.channels += 1;
         Ok(())
     }
 
@@ -160,7 +165,6 @@ mod tests {
         for open in 0..3 {
             first.admit_channel(open).unwrap();
         }
-        first.set_channels(3);
         let refused = first.admit_channel(3).unwrap_err();
         assert_eq!(refused.code, 530);
         first.set_channels(1);

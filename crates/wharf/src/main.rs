@@ -297,7 +297,10 @@ impl FileUser {
             }
             _ => bail!("user '{}' needs exactly one of password and password_hash", self.name),
         };
-        Ok(User { name: self.name, password, loopback_only: self.loopback_only, tags: self.tags })
+        // RabbitMQ's `loopback_users` default: `guest` logs in from loopback only, wherever it is
+        // defined.
+        let loopback_only = self.loopback_only || self.name == "guest";
+        Ok(User { name: self.name, password, loopback_only, tags: self.tags })
     }
 }
 
@@ -468,6 +471,11 @@ fn broker_config(args: &ServeArgs) -> Result<BrokerConfig> {
         if !file_lists_users && !definitions.users.is_empty() {
             config.users.clear();
             config.permissions.clear();
+        }
+        for user in &definitions.users {
+            if file_lists_users && config.users.iter().any(|existing| existing.name == user.name) {
+                tracing::warn!(user = %user.name, "the definitions file's user replaces the configuration file's");
+            }
         }
         config.import_definitions(definitions);
     } else if !file_lists_users {

@@ -65,13 +65,15 @@ impl Session {
                 if publish.immediate {
                     return Err(ModelError::not_implemented("immediate=true"));
                 }
-                self.published = true;
                 let exchange = publish.exchange.as_str();
                 let cached = self.channels.get(&channel).and_then(|state| state.write_allowed.as_deref());
                 if cached != Some(exchange) {
                     self.allow(Right::Write, Resource::Exchange, exchange)?;
                     self.allow_topic(Right::Write, exchange, publish.routing_key.as_str())?;
                 }
+                // A publish that is let through makes the connection a publisher (blocked while an
+                // alarm is raised); a refused one does not.
+                self.published = true;
                 let cacheable = !self.grant.has_topic_rules(exchange);
                 if let Some(state) = self.channels.get_mut(&channel) {
                     if cacheable && state.write_allowed.as_deref() != Some(exchange) {

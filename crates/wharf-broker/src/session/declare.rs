@@ -27,7 +27,12 @@ impl Session {
                 if !declare.passive {
                     let name = declare.exchange.as_str();
                     self.allow(Right::Configure, Resource::Exchange, name)?;
-                    if let Some(alternate) = text_argument(&declare.arguments, "alternate-exchange") {
+                    // The alternate exchange's rights only for an exchange that is new (RabbitMQ).
+                    let exists = {
+                        let model = self.core.lock_model();
+                        model.vhost(&self.vhost).is_some_and(|vhost| vhost.exchange(name).is_some())
+                    };
+                    if !exists && let Some(alternate) = text_argument(&declare.arguments, "alternate-exchange") {
                         self.allow(Right::Read, Resource::Exchange, name)?;
                         self.allow(Right::Write, Resource::Exchange, &alternate)?;
                     }

@@ -173,6 +173,12 @@ impl Session {
         outcome
     }
 
+    /// Takes this connection's holdings out of the memory account (while it is blocked: see
+    /// `connection.rs`); its next frame counts them again.
+    pub fn leave_memory_account(&mut self) {
+        self.memory.set(0);
+    }
+
     /// Whether a `basic.publish` arrived since the last call.
     pub fn take_published(&mut self) -> bool {
         std::mem::take(&mut self.published)

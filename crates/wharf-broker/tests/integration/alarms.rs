@@ -12,7 +12,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use std::sync::Arc;
 use wharf_broker::{AlarmState, FixedDiskSpace};
 use wharf_wire::frame;
-use wharf_wire::protocol::{AMQPClass, BasicProperties, basic, channel, connection, queue};
+use wharf_wire::protocol::{AMQPClass, BasicProperties, basic, channel, connection, queue, tx};
 
 const BODY_BYTES: usize = 30_000;
 
@@ -115,8 +115,7 @@ async fn the_disk_alarm_blocks_publishers_until_space_comes_back() {
     let mut raw = capable_publisher(&broker).await;
     disk.set(999_999);
     assert_eq!(broker.broker().check_alarms().await, AlarmState { memory: false, disk: true });
-    publisher_is_blocked_until_the_alarm_clears(&broker, &mut raw, "low on disk space", 0, || disk.set(1_000_000))
-        .await;
+    publisher_is_blocked_until_the_alarm_clears(&broker, &mut raw, "low on disk", 0, || disk.set(1_000_000)).await;
     broker.stop().await;
 }
 
@@ -155,5 +154,33 @@ async fn unfinished_bodies_count_against_the_memory_watermark_until_they_finish(
     raw.send(&rest).await;
     handled_so_far(&mut raw, 3).await;
     assert!(!broker.broker().check_alarms().await.memory, "a finished body is no longer counted");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_connections_own_transaction_cannot_hold_the_alarm_up() {
+    let broker = TestBroker::start_with(|config| config.memory_high_watermark_bytes = 2 * BODY_BYTES as u64 + 1).await;
+    let admin = broker.connect().await.create_channel().await.unwrap();
+    admin.queue_declare("q".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    let mut raw = capable_publisher(&broker).await;
+    raw.send_method(1, AMQPClass::Tx(tx::AMQPMethod::Select(tx::Select {}))).await;
+    assert!(matches!(raw.next_method().await, Some(AMQPClass::Tx(tx::AMQPMethod::SelectOk(_)))));
+    // Three uncommitted publishes: 90,000 bytes in the transaction's buffer, over the watermark.
+    for _ in 0..3 {
+        raw.send(&publish_frames(1, &[7; BODY_BYTES], false)).await;
+    }
+    handled_so_far(&mut raw, 2).await;
+    assert!(broker.broker().check_alarms().await.memory, "the transaction's buffer is counted");
+    // The next publish blocks the connection; what it holds can no longer grow, and only frames
+    // it cannot send would free it: it leaves the account, and the alarm clears.
+    raw.send(&publish_frames(1, &[7; 10], false)).await;
+    assert!(matches!(raw.next_method().await, Some(AMQPClass::Connection(connection::AMQPMethod::Blocked(_)))));
+    assert_eq!(broker.broker().check_alarms().await, AlarmState::default());
+    assert!(matches!(raw.next_method().await, Some(AMQPClass::Connection(connection::AMQPMethod::Unblocked(_)))));
+    // Reading resumed: the transaction commits, and the queue has all four.
+    raw.send_method(1, AMQPClass::Tx(tx::AMQPMethod::Commit(tx::Commit {}))).await;
+    assert!(matches!(raw.next_method().await, Some(AMQPClass::Tx(tx::AMQPMethod::CommitOk(_)))));
+    raw.send_method(1, passive_declare()).await;
+    assert_eq!(declare_ok(&mut raw).await, 4);
     broker.stop().await;
 }

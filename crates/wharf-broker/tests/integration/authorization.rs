@@ -465,3 +465,31 @@ async fn a_user_without_permissions_on_a_vhost_cannot_open_it() {
     connect_as(&broker, "ops", "staging").await.unwrap();
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_exchange_needs_write_only_when_the_queue_is_new() {
+    let broker = TestBroker::start_with(|config| {
+        add_user(config, "app");
+        config.permissions.push(Permission {
+            user: "app".into(),
+            vhost: "/".into(),
+            configure: "^app\\.".into(),
+            write: "^app\\.".into(),
+            read: ".*".into(),
+        });
+    })
+    .await;
+    let dead_letter = arguments(&[("x-dead-letter-exchange", AMQPValue::LongString("dead".into()))]);
+    let admin = broker.connect().await.create_channel().await.unwrap();
+    direct_exchange(&admin, "dead").await;
+    admin.queue_declare("app.work".into(), QueueDeclareOptions::default(), dead_letter.clone()).await.unwrap();
+    let connection = connect_as(&broker, "app", "/").await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    // Re-declaring the existing queue, as every worker does at start: allowed, as in RabbitMQ.
+    channel.queue_declare("app.work".into(), QueueDeclareOptions::default(), dead_letter.clone()).await.unwrap();
+    // A new queue naming the same dead-letter exchange needs write on it.
+    let refused =
+        channel.queue_declare("app.other".into(), QueueDeclareOptions::default(), dead_letter).await.unwrap_err();
+    assert!(message_of(&refused).contains("write access to exchange 'dead'"), "{}", message_of(&refused));
+    broker.stop().await;
+}
