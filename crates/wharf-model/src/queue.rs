@@ -103,6 +103,8 @@ pub struct Queue {
     ready: ReadyList,
     waiting: BTreeMap<u64, Entry>,
     unacked: foldhash::HashMap<u64, Entry>,
+    /// Body bytes of the unacknowledged entries held in memory (for the memory alarm).
+    unacked_resident_bytes: u64,
     /// Body bytes of ready and waiting messages.
     held_bytes: u64,
     /// The part of `held_bytes` whose bodies are in memory (not paged out to the store).
@@ -162,6 +164,7 @@ impl Queue {
             ready: ReadyList::default(),
             waiting: BTreeMap::new(),
             unacked: foldhash::HashMap::default(),
+            unacked_resident_bytes: 0,
             held_bytes: 0,
             resident_bytes: 0,
             expiry: BTreeSet::new(),
@@ -398,6 +401,7 @@ impl Queue {
             delivery_count: entry.delivery_count,
         };
         if acknowledged {
+            self.unacked_resident_bytes += resident_body_bytes(&entry);
             self.unacked.insert(id, entry);
         } else {
             self.release_key(&entry);
@@ -408,6 +412,7 @@ impl Queue {
     /// Takes an unacknowledged entry out of the queue for good (acked, rejected, dead-lettered).
     pub(crate) fn remove_unacked(&mut self, id: u64) -> Option<Entry> {
         let entry = self.unacked.remove(&id)?;
+        self.unacked_resident_bytes = self.unacked_resident_bytes.saturating_sub(resident_body_bytes(&entry));
         self.release_key(&entry);
         Some(entry)
     }
@@ -423,6 +428,7 @@ impl Queue {
             return self.remove_unacked(id).map(Returned::OverLimit);
         }
         let mut entry = self.unacked.remove(&id)?;
+        self.unacked_resident_bytes = self.unacked_resident_bytes.saturating_sub(resident_body_bytes(&entry));
         entry.redelivered = true;
         match self.settings.backoff_ms(count).filter(|wait_ms| explicit && *wait_ms > 0) {
             Some(wait_ms) => {
@@ -537,6 +543,7 @@ impl Queue {
     pub(crate) fn take_all(&mut self) -> Vec<Entry> {
         let mut all = self.take_ready_all();
         let unacked: Vec<Entry> = self.unacked.drain().map(|(_, entry)| entry).collect();
+        self.unacked_resident_bytes = 0;
         for entry in unacked {
             self.release_key(&entry);
             all.push(entry);
@@ -603,6 +610,11 @@ impl Queue {
     /// Body bytes of ready and waiting messages held in memory (not paged out).
     pub fn resident_bytes(&self) -> u64 {
         self.resident_bytes
+    }
+
+    /// Body bytes of unacknowledged messages held in memory.
+    pub fn unacked_resident_bytes(&self) -> u64 {
+        self.unacked_resident_bytes
     }
 
     /// Where the store keeps a record of this queue: `store_seq` in its transient log if
@@ -755,4 +767,9 @@ pub(crate) enum DedupLookup {
     Seen,
     /// A key not seen within the window (to remember once the message is in).
     New(Vec<u8>),
+}
+
+/// An entry's body bytes held in memory (none once paged out).
+fn resident_body_bytes(entry: &Entry) -> u64 {
+    if entry.message.paged().is_none() { entry.message.body_bytes() } else { 0 }
 }

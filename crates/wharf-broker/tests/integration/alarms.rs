@@ -184,3 +184,31 @@ async fn a_blocked_connections_own_transaction_cannot_hold_the_alarm_up() {
     assert_eq!(declare_ok(&mut raw).await, 4);
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacknowledged_deliveries_still_count_until_they_are_acked() {
+    let broker = TestBroker::start_with(|config| config.memory_high_watermark_bytes = 2 * BODY_BYTES as u64 + 1).await;
+    let connection = broker.connect().await;
+    let channel = connection.create_channel().await.unwrap();
+    channel.queue_declare("q".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    for _ in 0..3 {
+        let confirm = channel
+            .basic_publish("".into(), "q".into(), BasicPublishOptions::default(), &[7; BODY_BYTES], Default::default())
+            .await
+            .unwrap();
+        confirm.await.unwrap();
+    }
+    let mut deliveries = consumer(&channel, "q").await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(next(&mut deliveries).await);
+    }
+    assert!(broker.broker().check_alarms().await.memory, "delivered but not acked: still in memory");
+    for delivery in held {
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    channel.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    assert!(!broker.broker().check_alarms().await.memory, "acked: gone");
+    broker.stop().await;
+}

@@ -269,12 +269,14 @@ impl BrokerModel {
         self.vhosts.get_mut(name)
     }
 
-    /// Message body bytes queued in memory: bodies not paged out, every transient one among them
-    /// (for the memory alarm). Deliveries on their way to a connection are not counted here: each
+    /// Message body bytes queued in memory, ready or unacknowledged: bodies not paged out, every
+    /// transient one among them (for the memory alarm). A body routed to several queues is shared
+    /// but counted in each (the alarm errs early, never late). Deliveries on their way to a connection are not counted here: each
     /// connection's are bounded by `CONNECTION_PENDING_BYTES_MAX`, and the count of them moves
     /// in steps, so it would hold an alarm up after the memory is gone.
     pub fn held_memory_bytes(&self) -> u64 {
-        self.vhosts.values().flat_map(|vhost| vhost.queues()).map(|queue| queue.resident_bytes()).sum()
+        let queues = self.vhosts.values().flat_map(|vhost| vhost.queues());
+        queues.map(|queue| queue.resident_bytes() + queue.unacked_resident_bytes()).sum()
     }
 
     /// Every vhost.

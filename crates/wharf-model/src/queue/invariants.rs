@@ -76,6 +76,18 @@ impl Queue {
             self.resident_bytes
         );
 
+        let unacked_resident: u64 = self
+            .unacked
+            .values()
+            .filter(|entry| entry.message.paged().is_none())
+            .map(|entry| entry.message.body_bytes())
+            .sum();
+        assert_eq!(
+            self.unacked_resident_bytes, unacked_resident,
+            "invariant broken in queue '{name}': unacked_resident_bytes is {} but its unacknowledged entries hold {unacked_resident} body bytes in memory",
+            self.unacked_resident_bytes
+        );
+
         let expiring: BTreeSet<(u64, u64)> =
             ready.iter().filter_map(|entry| entry.expires_at_ms.map(|at| (at, entry.id))).collect();
         assert!(
@@ -262,6 +274,7 @@ mod tests {
         let mut queue = busy_queue();
         let first = queue.deliver_next(true).unwrap();
         let entry = queue.unacked.remove(&first.id).unwrap();
+        queue.unacked_resident_bytes -= entry.message.body_bytes();
         queue.hold_for_backoff(entry);
         queue.check_invariants();
         assert!(queue.wake(first.id));
