@@ -137,6 +137,11 @@ pub(crate) struct VhostGrant {
 }
 
 impl VhostGrant {
+    /// The user this grant is for.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
     /// Allows `right` on the exchange or queue `name`, or refuses with RabbitMQ's 403.
     pub fn check(&self, right: Right, resource: Resource, name: &str) -> Result<(), ModelError> {
         let pattern = match right {

@@ -44,6 +44,19 @@ impl Session {
             self.channel_error(channel, &error, MethodId::BASIC_PUBLISH);
             return Ok(());
         }
+        // RabbitMQ's validated user id: a message may name only its publisher as `user_id`, unless
+        // the publisher has the `impersonator` tag.
+        if let Some(user_id) = header.properties.user_id()
+            && user_id.as_str() != self.grant.user()
+            && !self.impersonator
+        {
+            let error = ModelError::precondition_failed(format!(
+                "user_id property set to '{user_id}' but authenticated user was '{}'",
+                self.grant.user()
+            ));
+            self.channel_error(channel, &error, MethodId::BASIC_PUBLISH);
+            return Ok(());
+        }
         if header.body_size == 0 {
             let message = message_from(&publish, &header, Bytes::new());
             return self.complete(channel, publish, message);

@@ -66,6 +66,8 @@ pub(crate) struct Session {
     lease: ConnectionLease,
     /// This connection's unfinished bodies and transaction buffers in the memory alarm's account.
     memory: SessionMemory,
+    /// The user has RabbitMQ's `impersonator` tag: it may publish with any `user_id` property.
+    impersonator: bool,
     /// A `basic.publish` arrived since the connection last asked (a connection that publishes
     /// while an alarm is raised is blocked).
     published: bool,
@@ -97,7 +99,13 @@ impl Session {
         outbound: Outbox,
     ) -> Self {
         let memory = core.alarms.session_memory();
+        let impersonator = core
+            .config
+            .users
+            .iter()
+            .any(|user| user.name == grant.user() && user.tags.iter().any(|tag| tag == "impersonator"));
         Session {
+            impersonator,
             core,
             connection,
             grant,

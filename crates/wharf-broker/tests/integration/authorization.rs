@@ -493,3 +493,46 @@ async fn a_dead_letter_exchange_needs_write_only_when_the_queue_is_new() {
     assert!(message_of(&refused).contains("write access to exchange 'dead'"), "{}", message_of(&refused));
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_names_only_its_publisher_as_user_id_unless_it_may_impersonate() {
+    let broker = TestBroker::start_with(|config| {
+        for name in ["app", "relay"] {
+            add_user(config, name);
+            config.permissions.push(Permission::full(name, "/"));
+        }
+        if let Some(relay) = config.users.iter_mut().find(|user| user.name == "relay") {
+            relay.tags.push("impersonator".into());
+        }
+    })
+    .await;
+    let admin = broker.connect().await.create_channel().await.unwrap();
+    admin.queue_declare("inbox".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    let publish_as = |user: &'static str, user_id: &'static str| {
+        let broker = &broker;
+        async move {
+            let connection = connect_as(broker, user, "/").await.unwrap();
+            let channel = connection.create_channel().await.unwrap();
+            channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+            let properties = BasicProperties::default().with_user_id(user_id.into());
+            let outcome = async {
+                channel
+                    .basic_publish("".into(), "inbox".into(), BasicPublishOptions::default(), b"m", properties)
+                    .await?
+                    .await
+            }
+            .await;
+            outcome.map(drop)
+        }
+    };
+    publish_as("app", "app").await.expect("its own name");
+    let refused = publish_as("app", "billing").await.unwrap_err();
+    assert_eq!(reply_code(&refused), Some(406));
+    assert_eq!(
+        message_of(&refused),
+        "PRECONDITION_FAILED - user_id property set to 'billing' but authenticated user was 'app'"
+    );
+    publish_as("relay", "billing").await.expect("an impersonator may name anyone");
+    assert_eq!(message_count(&admin, "inbox").await, 2, "the refused one was not published");
+    broker.stop().await;
+}
