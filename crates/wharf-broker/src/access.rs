@@ -214,6 +214,18 @@ pub struct PermissionError {
     pub reason: String,
 }
 
+impl PermissionError {
+    fn new(what: String, user: &str, vhost: &str, pattern: &str, error: &regex::Error) -> Self {
+        PermissionError {
+            what,
+            user: user.to_owned(),
+            vhost: vhost.to_owned(),
+            pattern: pattern.to_owned(),
+            reason: error.to_string(),
+        }
+    }
+}
+
 impl Access {
     /// Compiles the permissions. A later permission for the same user and vhost replaces an
     /// earlier one, as a later `set_permissions` does.
@@ -221,12 +233,14 @@ impl Access {
         let mut compiled: HashMap<(String, String), VhostGrant> = HashMap::new();
         for permission in permissions {
             let compile = |what: &str, source: &str| {
-                Pattern::compile(source).map_err(|error| PermissionError {
-                    what: format!("the {what} permission"),
-                    user: permission.user.clone(),
-                    vhost: permission.vhost.clone(),
-                    pattern: source.to_owned(),
-                    reason: error.to_string(),
+                Pattern::compile(source).map_err(|error| {
+                    PermissionError::new(
+                        format!("the {what} permission"),
+                        &permission.user,
+                        &permission.vhost,
+                        source,
+                        &error,
+                    )
                 })
             };
             let grant = VhostGrant {
@@ -245,12 +259,9 @@ impl Access {
             let Some(grant) = compiled.get_mut(&key) else { continue };
             let compile = |what: &str, source: &str| {
                 let expanded = source.replace("{username}", &topic.user).replace("{vhost}", &topic.vhost);
-                Pattern::compile(&expanded).map_err(|error| PermissionError {
-                    what: format!("the topic {what} permission on exchange '{}'", topic.exchange),
-                    user: topic.user.clone(),
-                    vhost: topic.vhost.clone(),
-                    pattern: source.to_owned(),
-                    reason: error.to_string(),
+                Pattern::compile(&expanded).map_err(|error| {
+                    let what = format!("the topic {what} permission on exchange '{}'", topic.exchange);
+                    PermissionError::new(what, &topic.user, &topic.vhost, source, &error)
                 })
             };
             let compiled_topic = TopicGrant {

@@ -12,7 +12,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use std::sync::Arc;
 use wharf_broker::{AlarmState, FixedDiskSpace};
 use wharf_wire::frame;
-use wharf_wire::protocol::{AMQPClass, BasicProperties, basic, channel, connection, queue, tx};
+use wharf_wire::protocol::{AMQPClass, BasicProperties, basic, connection, queue, tx};
 
 const BODY_BYTES: usize = 30_000;
 
@@ -119,15 +119,6 @@ async fn the_disk_alarm_blocks_publishers_until_space_comes_back() {
     broker.stop().await;
 }
 
-/// Opens `channel` and waits for open-ok: the server has handled everything sent before.
-async fn handled_so_far(raw: &mut Raw, channel: u16) {
-    raw.send_method(channel, AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))).await;
-    match raw.next_method().await {
-        Some(AMQPClass::Channel(channel::AMQPMethod::OpenOk(_))) => {}
-        other => panic!("expected channel.open-ok, got {other:?}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unfinished_bodies_count_against_the_memory_watermark_until_they_finish() {
     let broker = TestBroker::start_with(|config| config.memory_high_watermark_bytes = 100_000).await;
@@ -146,13 +137,13 @@ async fn unfinished_bodies_count_against_the_memory_watermark_until_they_finish(
     frame::encode_content_header(&mut frames, 1, body.len() as u64, &properties);
     frame::encode_body(&mut frames, 1, &body[..150_000], frame::FRAME_MIN_SIZE);
     raw.send(&frames).await;
-    handled_so_far(&mut raw, 2).await;
+    raw.open_channel(2).await; // open-ok: everything sent before is handled
     assert!(broker.broker().check_alarms().await.memory, "the unfinished body is counted");
     // The rest arrives: the message is complete (and unroutable, so dropped); nothing is held.
     let mut rest = BytesMut::new();
     frame::encode_body(&mut rest, 1, &body[150_000..], frame::FRAME_MIN_SIZE);
     raw.send(&rest).await;
-    handled_so_far(&mut raw, 3).await;
+    raw.open_channel(3).await; // open-ok: everything sent before is handled
     assert!(!broker.broker().check_alarms().await.memory, "a finished body is no longer counted");
     broker.stop().await;
 }
@@ -169,7 +160,7 @@ async fn a_blocked_connections_own_transaction_cannot_hold_the_alarm_up() {
     for _ in 0..3 {
         raw.send(&publish_frames(1, &[7; BODY_BYTES], false)).await;
     }
-    handled_so_far(&mut raw, 2).await;
+    raw.open_channel(2).await; // open-ok: everything sent before is handled
     assert!(broker.broker().check_alarms().await.memory, "the transaction's buffer is counted");
     // The next publish blocks the connection; what it holds can no longer grow, and only frames
     // it cannot send would free it: it leaves the account, and the alarm clears.

@@ -2,7 +2,7 @@
 //! method (each method against users that lack exactly one right), topic permissions, vhost access,
 //! and refusals that change nothing.
 
-use crate::common::{TestBroker, arguments, message_count, reply_code};
+use crate::common::{TestBroker, arguments, connect_as, message_count, message_of, reply_code};
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -253,13 +253,6 @@ async fn assert_unchanged(method: Method, admin: &Channel, names: &Names) {
     let _ = x2;
 }
 
-fn message_of(error: &lapin::Error) -> String {
-    match error.kind() {
-        lapin::ErrorKind::ProtocolError(amqp) => amqp.get_message().to_string(),
-        other => format!("{other:?}"),
-    }
-}
-
 /// A user that has every right but `missing` (whose pattern is empty: RabbitMQ's "nothing").
 fn user_without(missing: Option<Right>) -> (String, Permission) {
     let name = match missing {
@@ -275,11 +268,6 @@ fn user_without(missing: Option<Right>) -> (String, Permission) {
         read: pattern(Right::Read),
     };
     (name, permission)
-}
-
-async fn connect_as(broker: &TestBroker, user: &str, vhost: &str) -> Result<Connection, lapin::Error> {
-    let url = format!("amqp://{user}:pw@{}/{}", broker.broker().local_addr(), vhost.replace('/', "%2f"));
-    Connection::connect(&url, ConnectionProperties::default()).await
 }
 
 fn add_user(config: &mut BrokerConfig, name: &str) {

@@ -3,23 +3,11 @@
 //! default consumer timeout: 30 minutes, as RabbitMQ's, for queues that set none.
 
 use crate::common::*;
+use lapin::BasicProperties;
 use lapin::options::*;
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
 use std::sync::Arc;
 use wharf_broker::{CONSUMER_TIMEOUT_MS_DEFAULT, ManualClock, Permission, User, UserLimits, VhostLimits};
-
-fn message_of(error: &lapin::Error) -> String {
-    match error.kind() {
-        lapin::ErrorKind::ProtocolError(amqp) => amqp.get_message().to_string(),
-        other => format!("{other:?}"),
-    }
-}
-
-async fn connect_as(broker: &TestBroker, user: &str, vhost: &str) -> Result<Connection, lapin::Error> {
-    let url = format!("amqp://{user}:pw@{}/{vhost}", broker.broker().local_addr());
-    Connection::connect(&url, ConnectionProperties::default()).await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_per_vhost_and_per_user_are_limited_and_given_back_on_close() {
@@ -35,7 +23,7 @@ async fn connections_per_vhost_and_per_user_are_limited_and_given_back_on_close(
     })
     .await;
     let alice = connect_as(&broker, "alice", "small").await.unwrap();
-    let refused = connect_as(&broker, "alice", "%2f").await.unwrap_err();
+    let refused = connect_as(&broker, "alice", "/").await.unwrap_err();
     assert_eq!(reply_code(&refused), Some(530));
     assert_eq!(
         message_of(&refused),
@@ -47,7 +35,7 @@ async fn connections_per_vhost_and_per_user_are_limited_and_given_back_on_close(
         message_of(&refused),
         "NOT_ALLOWED - access to vhost 'small' refused for user 'bob': connection limit (2) is reached"
     );
-    connect_as(&broker, "bob", "%2f").await.expect("other vhosts have no limit");
+    connect_as(&broker, "bob", "/").await.expect("other vhosts have no limit");
     alice.close(200, "done".into()).await.unwrap();
     bob.close(200, "done".into()).await.unwrap();
     // Closing gives the places back (the broker forgets a connection once its close is done).
@@ -66,20 +54,20 @@ async fn channels_per_user_count_across_connections_and_queues_per_vhost_are_lim
         config.vhost_limits.push(VhostLimits { vhost: "/".into(), connections_max: None, queues_max: Some(2) });
     })
     .await;
-    let first = connect_as(&broker, "carol", "%2f").await.unwrap();
-    let second = connect_as(&broker, "carol", "%2f").await.unwrap();
+    let first = connect_as(&broker, "carol", "/").await.unwrap();
+    let second = connect_as(&broker, "carol", "/").await.unwrap();
     let one = first.create_channel().await.unwrap();
     let _two = first.create_channel().await.unwrap();
-    let _three = second.create_channel().await.unwrap();
+    let _three = first.create_channel().await.unwrap();
+    // The user's fourth channel, on its other connection: refused (530 closes that connection,
+    // which held no channel, so its end frees nothing).
     let refused = second.create_channel().await.unwrap_err();
     assert_eq!(reply_code(&refused), Some(530));
     assert_eq!(
         message_of(&refused),
         "NOT_ALLOWED - number of channels opened for user 'carol' has reached the maximum allowed user limit of (3)"
     );
-    // A channel the client closes is given back. (The refusal also closed `second`, a
-    // connection error; a closed connection's channels are given back too, unit-tested in
-    // `limits.rs`: here its release would race the next open.)
+    // A channel the client closes is given back: the next open only fits if it was.
     one.close(200, "done".into()).await.unwrap();
     let channel = first.create_channel().await.unwrap();
 

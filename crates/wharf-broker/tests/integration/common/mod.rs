@@ -294,3 +294,17 @@ pub async fn confirm_channel(connection: &Connection) -> lapin::Channel {
 pub async fn durable_queue(channel: &lapin::Channel, name: &str, arguments: lapin::types::FieldTable) {
     channel.queue_declare(name.into(), lapin::options::QueueDeclareOptions::durable(), arguments).await.unwrap();
 }
+
+/// The reply text carried by a lapin error (its debug form if it is not a protocol error).
+pub fn message_of(error: &lapin::Error) -> String {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => amqp.get_message().to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Connects as `user` (password `pw`) to `vhost`.
+pub async fn connect_as(broker: &TestBroker, user: &str, vhost: &str) -> Result<Connection, lapin::Error> {
+    let url = format!("amqp://{user}:pw@{}/{}", broker.broker().local_addr(), vhost.replace('/', "%2f"));
+    Connection::connect(&url, ConnectionProperties::default()).await
+}
