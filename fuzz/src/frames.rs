@@ -3,7 +3,8 @@
 //! - Decoding never panics, and a stream gives the same frames and the same error whether it
 //!   arrives at once or in small pieces (a socket may split it anywhere).
 //! - Each decoded frame consumes exactly its header's size plus the 8 bytes around the payload,
-//!   never more than `frame_max`; "need more bytes" consumes nothing.
+//!   and no payload is longer than `frame_max` (RabbitMQ's allowance); "need more bytes" consumes
+//!   nothing.
 //! - A decoded method re-encodes and decodes to the same method; a content header's raw
 //!   properties parse to the parsed ones, and re-encode to a stable canonical form.
 //! - No table in a decoded method or content header nests deeper than the limit.
@@ -53,7 +54,7 @@ pub fn decode_all(decoder: &FrameDecoder, stream: &[u8], step: usize) -> (Vec<Fr
                 let consumed = before - buffer.len();
                 let declared = declared.expect("a frame decoded from fewer bytes than its header");
                 assert_eq!(consumed, declared + FRAME_OVERHEAD_BYTES, "a frame consumed other than its size");
-                assert!(consumed <= decoder.frame_max() as usize, "a frame over frame_max was accepted");
+                assert!(declared <= decoder.frame_max() as usize, "a payload over frame_max was accepted");
                 if let Frame::Body { payload, .. } = &frame {
                     assert_eq!(payload.len(), declared, "a body frame's payload is not its declared size");
                 }

@@ -163,9 +163,9 @@ impl<R: AsyncRead + Unpin> Connection<R> {
 
     /// The handshake. Returns the user name and vhost.
     async fn handshake(&mut self) -> Result<LoggedIn, Ending> {
-        loop {
+        let version = loop {
             match decode_protocol_header(&mut self.buffer) {
-                Ok(Some(())) => break,
+                Ok(Some(version)) => break version,
                 Ok(None) => fill(&mut self.reader, &mut self.buffer).await.map_err(Ending::SocketLost)?,
                 Err(error) => {
                     // The spec's answer to an unsupported header: our header, then close.
@@ -175,12 +175,13 @@ impl<R: AsyncRead + Unpin> Connection<R> {
                     return Err(Ending::ServerClosed(reply_code::FRAME_ERROR, error.to_string()));
                 }
             }
-        }
+        };
+        let (version_major, version_minor) = version.start_version();
         self.send(
             0,
             &AMQPClass::Connection(connection::AMQPMethod::Start(connection::Start {
-                version_major: 0,
-                version_minor: 9,
+                version_major,
+                version_minor,
                 server_properties: server_properties(),
                 mechanisms: LongString::from(match self.client_certificate {
                     Some(_) => sasl::MECHANISMS_WITH_EXTERNAL,

@@ -8,11 +8,11 @@ pub enum WireError {
     /// and closes the socket (the spec's way of saying which version it speaks).
     #[error("unsupported protocol header {0:?}; this server speaks AMQP 0-9-1")]
     BadProtocolHeader([u8; 8]),
-    /// A frame announced more bytes than the negotiated `frame_max` allows.
-    #[error("frame of {frame_bytes} bytes exceeds frame_max {frame_max}")]
+    /// A frame announced a payload larger than the negotiated `frame_max`.
+    #[error("frame payload of {payload_bytes} bytes exceeds frame_max {frame_max}")]
     FrameTooLarge {
-        /// The whole frame's size as announced.
-        frame_bytes: u64,
+        /// The payload size as announced in the frame header.
+        payload_bytes: u32,
         /// The negotiated maximum.
         frame_max: u32,
     },

@@ -3,7 +3,10 @@
 //!
 //! A frame is `type u8 | channel u16 | size u32 | payload | 0xCE`. The decoder reads the 7-byte
 //! header first and refuses a frame larger than the negotiated `frame_max` *before* buffering its
-//! payload, so a peer cannot make the server allocate more than one frame's worth. Bodies are
+//! payload, so a peer cannot make the server allocate more than one frame's worth. Like RabbitMQ
+//! (whose check has an allowance of one frame's overhead), it accepts a *payload* of up to
+//! `frame_max` bytes: several clients size body frames that way, and refusing them would break
+//! large messages with those clients. Frames this server sends stay within `frame_max` in all. Bodies are
 //! split off the read buffer as `Bytes` without copying. Method and content-header payloads are
 //! parsed by `amq-protocol`; the raw property bytes of a content header are kept alongside the
 //! parsed ones so a message can be stored and delivered without re-encoding them.
@@ -20,6 +23,34 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// What a client sends first.
 pub const PROTOCOL_HEADER: [u8; 8] = *b"AMQP\x00\x00\x09\x01";
+/// The AMQP 0-9 header, which RabbitMQ also accepts (and then speaks 0-9-1, as this server does).
+pub const PROTOCOL_HEADER_0_9: [u8; 8] = *b"AMQP\x01\x01\x00\x09";
+/// The AMQP 0-8 header, which RabbitMQ also accepts.
+pub const PROTOCOL_HEADER_0_8: [u8; 8] = *b"AMQP\x01\x01\x08\x00";
+
+/// The protocol version a client asked for in its header. Every one of them is then spoken as
+/// 0-9-1, which is a superset in everything a client of the older ones sends; only the version in
+/// `connection.start` tells them apart, as in RabbitMQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProtocolVersion {
+    /// `AMQP 0 0 9 1`.
+    Amqp091,
+    /// `AMQP 1 1 0 9`.
+    Amqp09,
+    /// `AMQP 1 1 8 0`.
+    Amqp08,
+}
+
+impl ProtocolVersion {
+    /// The `version_major` and `version_minor` of `connection.start` for this version: 0-9 for
+    /// 0-9-1 too (the 0-9-1 specification says so), 8-0 for 0-8.
+    pub fn start_version(self) -> (u8, u8) {
+        match self {
+            ProtocolVersion::Amqp091 | ProtocolVersion::Amqp09 => (0, 9),
+            ProtocolVersion::Amqp08 => (8, 0),
+        }
+    }
+}
 /// Frame header: type, channel, payload size.
 pub const FRAME_HEADER_BYTES: usize = 7;
 /// Header plus the frame-end octet: what a frame costs beyond its payload.
@@ -91,10 +122,15 @@ impl Frame {
 }
 
 /// Checks the 8-byte protocol header a connection starts with. `Ok(None)` until 8 bytes are here.
-pub fn decode_protocol_header(buffer: &mut BytesMut) -> Result<Option<()>, WireError> {
+pub fn decode_protocol_header(buffer: &mut BytesMut) -> Result<Option<ProtocolVersion>, WireError> {
+    let known = [
+        (PROTOCOL_HEADER, ProtocolVersion::Amqp091),
+        (PROTOCOL_HEADER_0_9, ProtocolVersion::Amqp09),
+        (PROTOCOL_HEADER_0_8, ProtocolVersion::Amqp08),
+    ];
     if buffer.len() < PROTOCOL_HEADER.len() {
         // Fail early on anything that cannot become "AMQP": an HTTP request, TLS, garbage.
-        if !PROTOCOL_HEADER.starts_with(&buffer[..]) && buffer.len() >= 4 {
+        if buffer.len() >= 4 && !known.iter().any(|(header, _)| header.starts_with(&buffer[..])) {
             let mut received = [0u8; 8];
             received[..buffer.len()].copy_from_slice(buffer);
             return Err(WireError::BadProtocolHeader(received));
@@ -103,11 +139,11 @@ pub fn decode_protocol_header(buffer: &mut BytesMut) -> Result<Option<()>, WireE
     }
     let mut received = [0u8; 8];
     received.copy_from_slice(&buffer[..8]);
-    if received != PROTOCOL_HEADER {
+    let Some((_, version)) = known.iter().find(|(header, _)| *header == received) else {
         return Err(WireError::BadProtocolHeader(received));
-    }
+    };
     buffer.advance(8);
-    Ok(Some(()))
+    Ok(Some(*version))
 }
 
 /// Decodes frames from a connection's read buffer.
@@ -123,7 +159,8 @@ impl Default for FrameDecoder {
 }
 
 impl FrameDecoder {
-    /// A decoder accepting frames up to `frame_max` bytes (clamped to at least [`FRAME_MIN_SIZE`]).
+    /// A decoder accepting payloads up to `frame_max` bytes (clamped to at least [`FRAME_MIN_SIZE`]):
+    /// a whole frame may be [`FRAME_OVERHEAD_BYTES`] longer, as RabbitMQ allows.
     pub fn new(frame_max: u32) -> Self {
         FrameDecoder { frame_max: frame_max.max(FRAME_MIN_SIZE) }
     }
@@ -150,11 +187,10 @@ impl FrameDecoder {
         if !matches!(frame_type, FRAME_METHOD | FRAME_HEADER | FRAME_BODY | FRAME_HEARTBEAT) {
             return Err(WireError::UnknownFrameType(frame_type));
         }
-        let frame_bytes = u64::from(size) + FRAME_OVERHEAD_BYTES as u64;
-        if frame_bytes > u64::from(self.frame_max) {
-            return Err(WireError::FrameTooLarge { frame_bytes, frame_max: self.frame_max });
+        if size > self.frame_max {
+            return Err(WireError::FrameTooLarge { payload_bytes: size, frame_max: self.frame_max });
         }
-        let frame_bytes = frame_bytes as usize;
+        let frame_bytes = size as usize + FRAME_OVERHEAD_BYTES;
         if buffer.len() < frame_bytes {
             buffer.reserve(frame_bytes - buffer.len());
             return Ok(None);

@@ -5,8 +5,8 @@
 use bytes::{BufMut, BytesMut};
 use proptest::prelude::*;
 use wharf_wire::frame::{
-    self, FRAME_MIN_SIZE, decode_protocol_header, encode_body, encode_content_header, encode_heartbeat, encode_method,
-    encode_properties,
+    self, FRAME_MIN_SIZE, ProtocolVersion, decode_protocol_header, encode_body, encode_content_header,
+    encode_heartbeat, encode_method, encode_properties,
 };
 use wharf_wire::protocol::{AMQPClass, BasicProperties, basic, queue};
 use wharf_wire::types::{AMQPValue, FieldTable, ShortString};
@@ -89,6 +89,27 @@ fn a_message_round_trips_and_its_body_is_split_by_frame_max() {
 }
 
 #[test]
+fn a_payload_of_exactly_frame_max_is_accepted_and_one_byte_more_is_refused() {
+    // RabbitMQ's check allows a payload of frame_max (8 bytes of allowance for the frame's own
+    // overhead); clients that size body frames that way must not be cut off.
+    let decoder = FrameDecoder::new(FRAME_MIN_SIZE);
+    let body_frame = |payload_bytes: usize| {
+        let mut buffer = BytesMut::new();
+        buffer.put_u8(3);
+        buffer.put_u16(1);
+        buffer.put_u32(payload_bytes as u32);
+        buffer.put_bytes(7, payload_bytes);
+        buffer.put_u8(0xCE);
+        buffer
+    };
+    let mut exact = body_frame(FRAME_MIN_SIZE as usize);
+    let Some(Frame::Body { payload, .. }) = decoder.decode(&mut exact).unwrap() else { panic!("expected a body") };
+    assert_eq!(payload.len(), FRAME_MIN_SIZE as usize);
+    let error = decoder.decode(&mut body_frame(FRAME_MIN_SIZE as usize + 1)).unwrap_err();
+    assert!(matches!(error, WireError::FrameTooLarge { payload_bytes: 4097, frame_max: FRAME_MIN_SIZE }), "{error:?}");
+}
+
+#[test]
 fn an_oversized_frame_is_refused_from_its_header_alone() {
     let decoder = FrameDecoder::new(FRAME_MIN_SIZE);
     let mut buffer = BytesMut::new();
@@ -150,10 +171,17 @@ fn trailing_bytes_after_a_method_are_a_syntax_error() {
 fn the_protocol_header_is_checked() {
     let mut good = BytesMut::from(&frame::PROTOCOL_HEADER[..]);
     good.put_u8(8);
-    assert_eq!(decode_protocol_header(&mut good).unwrap(), Some(()));
+    assert_eq!(decode_protocol_header(&mut good).unwrap(), Some(ProtocolVersion::Amqp091));
     assert_eq!(good.len(), 1, "only the header is consumed");
+    // RabbitMQ's older headers: 0-9 and 0-8, spoken as 0-9-1, with 0-8's version in connection.start.
+    let mut older = BytesMut::from(&b"AMQP\x01\x01\x00\x09AMQP\x01\x01\x08\x00"[..]);
+    assert_eq!(decode_protocol_header(&mut older).unwrap(), Some(ProtocolVersion::Amqp09));
+    assert_eq!(decode_protocol_header(&mut older).unwrap(), Some(ProtocolVersion::Amqp08));
+    assert_eq!(ProtocolVersion::Amqp09.start_version(), (0, 9));
+    assert_eq!(ProtocolVersion::Amqp08.start_version(), (8, 0));
+    assert_eq!(decode_protocol_header(&mut BytesMut::from(&b"AMQP\x01\x01"[..])).unwrap(), None);
     assert_eq!(decode_protocol_header(&mut BytesMut::from(&b"AMQ"[..])).unwrap(), None);
-    for bad in [&b"GET / HTTP/1.1"[..], b"AMQP\x01\x01\x00\x0a", b"\x16\x03\x01\x02\x00"] {
+    for bad in [&b"GET / HTTP/1.1"[..], b"AMQP\x01\x01\x00\x0a", b"AMQP\x00\x00\x09\x02", b"\x16\x03\x01\x02\x00"] {
         let error = decode_protocol_header(&mut BytesMut::from(bad)).unwrap_err();
         assert!(matches!(error, WireError::BadProtocolHeader(_)), "{bad:?}");
     }

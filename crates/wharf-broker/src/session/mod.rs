@@ -201,8 +201,14 @@ impl Session {
                 Err(Stop::ClientClosed)
             }
             AMQPClass::Connection(Connection::CloseOk(_) | Connection::Blocked(_) | Connection::Unblocked(_)) => Ok(()),
-            AMQPClass::Connection(Connection::UpdateSecret(_)) => {
-                Err(Stop::Error { error: ModelError::not_implemented("connection.update-secret"), cause })
+            AMQPClass::Connection(Connection::UpdateSecret(update)) => {
+                // Clients send this to refresh an expiring token (OAuth 2). With passwords there is
+                // nothing that expires: RabbitMQ's internal backend accepts any new secret without
+                // checking it, keeps the user and its permissions, and answers update-secret-ok,
+                // so clients that refresh on a timer keep working. Wharf does the same.
+                tracing::debug!(reason = %update.reason, "connection.update-secret accepted");
+                self.send(0, AMQPClass::Connection(Connection::UpdateSecretOk(Default::default())));
+                Ok(())
             }
             _ => Err(Stop::Error {
                 error: connection_error(
@@ -259,8 +265,16 @@ impl Session {
     async fn channel_method(&mut self, channel: u16, method: AMQPClass) -> Result<(), Stop> {
         let cause = MethodId::of(&method);
         let Some(state) = self.channels.get_mut(&channel) else {
-            if let AMQPClass::Channel(channel::AMQPMethod::Open(_)) = method {
-                return self.open_channel(channel).map_err(|error| Stop::Error { error, cause });
+            match method {
+                AMQPClass::Channel(channel::AMQPMethod::Open(_)) => {
+                    return self.open_channel(channel).map_err(|error| Stop::Error { error, cause });
+                }
+                // When the server closes a channel while the client closes it too, the two closes
+                // cross: we answer the client's close and forget the channel, and then the client
+                // answers ours with close-ok. RabbitMQ ignores that close-ok, so the client can
+                // reopen the channel number at once.
+                AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => return Ok(()),
+                _ => {}
             }
             let error = connection_error(
                 reply_code::CHANNEL_ERROR,
@@ -310,9 +324,12 @@ impl Session {
     }
 
     fn open_channel(&mut self, channel: u16) -> MethodResult {
-        if channel > self.channel_max {
+        // Like RabbitMQ, channel_max bounds how many channels are open at once, not their numbers:
+        // clients that number channels from a counter (and never reuse one) keep working.
+        if self.channel_max != 0 && self.channels.len() >= usize::from(self.channel_max) {
             return Err(ModelError::not_allowed(format!(
-                "channel {channel} is above the negotiated channel_max {}",
+                "number of channels opened ({}) has reached the negotiated channel_max ({})",
+                self.channels.len(),
                 self.channel_max
             )));
         }

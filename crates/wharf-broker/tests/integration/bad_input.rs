@@ -24,6 +24,10 @@ pub(crate) struct Raw {
     decoder: FrameDecoder,
     /// Sent in `connection.start-ok` (capabilities, say).
     pub(crate) client_properties: FieldTable,
+    /// What the handshake sends first (0-9-1's header unless a test asks for an older one).
+    pub(crate) protocol_header: [u8; 8],
+    /// The `connection.start` of the last handshake.
+    pub(crate) start: Option<connection::Start>,
 }
 
 /// A safety net so a broken server fails the test instead of hanging it; never a timing claim.
@@ -38,6 +42,8 @@ impl Raw {
             buffer: BytesMut::new(),
             decoder: FrameDecoder::new(frame::FRAME_MAX_LIMIT),
             client_properties: FieldTable::default(),
+            protocol_header: frame::PROTOCOL_HEADER,
+            start: None,
         }
     }
 
@@ -107,8 +113,12 @@ impl Raw {
         heartbeat: u16,
         frame_max: u32,
     ) -> Option<connection::Close> {
-        self.send(&frame::PROTOCOL_HEADER).await;
-        assert!(matches!(self.next_method().await, Some(AMQPClass::Connection(connection::AMQPMethod::Start(_)))));
+        let header = self.protocol_header;
+        self.send(&header).await;
+        match self.next_method().await {
+            Some(AMQPClass::Connection(connection::AMQPMethod::Start(start))) => self.start = Some(start),
+            other => panic!("expected connection.start, got {other:?}"),
+        }
         self.send_method(
             0,
             AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {

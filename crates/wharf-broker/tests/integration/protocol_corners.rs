@@ -1,0 +1,139 @@
+//! The protocol corners where RabbitMQ's behaviour differs from a strict reading of the
+//! specification and clients rely on RabbitMQ's: older protocol headers, a body frame whose
+//! payload is exactly `frame_max`, `connection.update-secret`, closes that cross, and
+//! `channel_max` counting open channels rather than bounding their numbers.
+
+use crate::bad_input::Raw;
+use crate::common::TestBroker;
+use bytes::{BufMut, BytesMut};
+use wharf_wire::frame::{FRAME_MIN_SIZE, encode_content_header, encode_method, encode_properties};
+use wharf_wire::protocol::{AMQPClass, BasicProperties, basic, channel, connection, queue};
+use wharf_wire::types::FieldTable;
+
+async fn declare(raw: &mut Raw, channel: u16, name: &str) {
+    let declare = queue::Declare {
+        queue: name.into(),
+        passive: false,
+        durable: false,
+        exclusive: false,
+        auto_delete: false,
+        nowait: false,
+        arguments: FieldTable::default(),
+    };
+    raw.send_method(channel, AMQPClass::Queue(queue::AMQPMethod::Declare(declare))).await;
+    assert!(matches!(raw.next_method().await, Some(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_)))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_0_9_and_0_8_protocol_headers_are_accepted_and_spoken_as_0_9_1() {
+    let broker = TestBroker::start().await;
+    for (header, version) in [(*b"AMQP\x01\x01\x00\x09", (0, 9)), (*b"AMQP\x01\x01\x08\x00", (8, 0))] {
+        let mut raw = Raw::connect(&broker).await;
+        raw.protocol_header = header;
+        assert!(raw.handshake("guest", "guest", 0).await.is_none(), "the handshake completes");
+        let start = raw.start.take().unwrap();
+        assert_eq!((start.version_major, start.version_minor), version, "connection.start names the version asked for");
+        raw.open_channel(1).await;
+        declare(&mut raw, 1, "older-header").await;
+    }
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_frame_with_a_payload_of_exactly_frame_max_bytes_is_accepted() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::connect(&broker).await;
+    assert!(raw.handshake_frame_max("guest", "guest", FRAME_MIN_SIZE).await.is_none());
+    raw.open_channel(1).await;
+    declare(&mut raw, 1, "full-frames").await;
+    // Two body frames of frame_max payload bytes each (8 bytes over frame_max in all, as several
+    // clients size them), then basic.get reads the message back whole.
+    let body: Vec<u8> = (0..2 * FRAME_MIN_SIZE).map(|index| index as u8).collect();
+    let mut frames = BytesMut::new();
+    let publish =
+        basic::Publish { exchange: "".into(), routing_key: "full-frames".into(), mandatory: false, immediate: false };
+    encode_method(&mut frames, 1, &AMQPClass::Basic(basic::AMQPMethod::Publish(publish))).unwrap();
+    encode_content_header(&mut frames, 1, body.len() as u64, &encode_properties(&BasicProperties::default()));
+    for chunk in body.chunks(FRAME_MIN_SIZE as usize) {
+        frames.put_u8(3);
+        frames.put_u16(1);
+        frames.put_u32(chunk.len() as u32);
+        frames.put_slice(chunk);
+        frames.put_u8(0xCE);
+    }
+    raw.send(&frames).await;
+    raw.send_method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Get(basic::Get { queue: "full-frames".into(), no_ack: true })),
+    )
+    .await;
+    let mut received = Vec::new();
+    loop {
+        match raw.next().await.expect("connection stays open") {
+            wharf_wire::Frame::Method { method, .. } => match *method {
+                AMQPClass::Basic(basic::AMQPMethod::GetOk(_)) => {}
+                other => panic!("expected basic.get-ok, got {other:?}"),
+            },
+            wharf_wire::Frame::Header { header, .. } => assert_eq!(header.body_size, body.len() as u64),
+            wharf_wire::Frame::Body { payload, .. } => {
+                received.extend_from_slice(&payload);
+                if received.len() == body.len() {
+                    break;
+                }
+            }
+            wharf_wire::Frame::Heartbeat => {}
+        }
+    }
+    assert_eq!(received, body);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_secret_is_answered_and_the_connection_goes_on() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::connect(&broker).await;
+    assert!(raw.handshake("guest", "guest", 0).await.is_none());
+    let update = connection::UpdateSecret { new_secret: "guest".into(), reason: "token refresh".into() };
+    raw.send_method(0, AMQPClass::Connection(connection::AMQPMethod::UpdateSecret(update))).await;
+    assert!(matches!(raw.next_method().await, Some(AMQPClass::Connection(connection::AMQPMethod::UpdateSecretOk(_)))));
+    raw.open_channel(1).await;
+    declare(&mut raw, 1, "after-update-secret").await;
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_closed_by_both_sides_at_once_can_be_reopened_at_once() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::connect(&broker).await;
+    assert!(raw.handshake("guest", "guest", 0).await.is_none());
+    raw.open_channel(1).await;
+    // An unknown delivery tag makes the server close channel 1; the client closes it too before
+    // it has read the server's close, so the two closes cross.
+    let ack = basic::Ack { delivery_tag: 99, multiple: false };
+    raw.send_method(1, AMQPClass::Basic(basic::AMQPMethod::Ack(ack))).await;
+    let close = channel::Close { reply_code: 200, reply_text: "bye".into(), class_id: 0, method_id: 0 };
+    raw.send_method(1, AMQPClass::Channel(channel::AMQPMethod::Close(close))).await;
+    raw.expect_channel_close(406).await;
+    raw.send_method(1, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {}))).await;
+    assert!(matches!(raw.next_method().await, Some(AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)))));
+    // The same number opens again at once: the stray close-ok is not an error.
+    raw.open_channel(1).await;
+    declare(&mut raw, 1, "reopened").await;
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_max_counts_open_channels_and_does_not_bound_their_numbers() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::connect(&broker).await;
+    // The test client asks for channel_max 16.
+    assert!(raw.handshake("guest", "guest", 0).await.is_none());
+    raw.open_channel(2000).await;
+    for number in 1..16 {
+        raw.open_channel(number).await;
+    }
+    raw.send_method(17, AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))).await;
+    let text = raw.expect_connection_close(530).await;
+    assert!(text.contains("channel_max (16)"), "{text}");
+    broker.stop().await;
+}
