@@ -67,6 +67,7 @@ fn server_properties() -> FieldTable {
         "connection.blocked",
         "authentication_failure_close",
         "per_consumer_qos",
+        "consumer_priorities",
     ] {
         capabilities.insert(ShortString::from(capability), AMQPValue::Boolean(true));
     }
@@ -76,8 +77,16 @@ fn server_properties() -> FieldTable {
     properties.insert("version".into(), text(env!("CARGO_PKG_VERSION")));
     properties.insert("platform".into(), text("Rust"));
     properties.insert("information".into(), text("A durable AMQP 0-9-1 broker"));
+    properties.insert("copyright".into(), text("The Wharf developers"));
+    // RabbitMQ names its cluster after its node; clients and tools show it.
+    properties.insert("cluster_name".into(), text(&format!("wharf@{}", host_name())));
     properties.insert("capabilities".into(), AMQPValue::FieldTable(capabilities));
     properties
+}
+
+/// This machine's host name (for `cluster_name`), or "localhost" if it cannot be read.
+fn host_name() -> String {
+    rustix::system::uname().nodename().to_str().map(str::to_owned).unwrap_or_else(|_| "localhost".to_owned())
 }
 
 /// Reads from the socket into `buffer`, failing on end of stream.

@@ -163,7 +163,7 @@ impl Core {
             let page_out = store_log.or(transient_log).filter(|_| over_bound).map(|_| PageOutTarget {
                 vhost: vhost.to_owned(),
                 queue: queue_name.clone(),
-                entry_id: queue.next_entry_id(),
+                entry_id: queue.next_entry_id(message),
             });
             let key_log = queue.dedup_log.filter(|_| stored && dedup_key.is_some());
             if wants_transient_log && let Some(incarnation) = model.wants_transient_log(vhost, queue_name) {

@@ -16,6 +16,7 @@ pub mod error;
 pub mod exchange;
 pub mod message;
 pub mod policy;
+mod priority;
 pub mod queue;
 mod ready;
 pub mod settings;

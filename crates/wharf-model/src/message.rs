@@ -95,6 +95,14 @@ impl Message {
         self.parsed().message_id().as_ref().map(|id| id.as_str())
     }
 
+    /// The `priority` property (0 when absent), parsed again for a paged-out message.
+    pub fn priority(&self) -> u8 {
+        match &self.body {
+            Body::Resident { properties, .. } => properties.priority().unwrap_or(0),
+            Body::Paged(_) => self.full_properties().priority().unwrap_or(0),
+        }
+    }
+
     /// The message headers, if any.
     pub fn headers(&self) -> Option<&FieldTable> {
         self.parsed().headers().as_ref()

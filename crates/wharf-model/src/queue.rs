@@ -14,7 +14,7 @@
 
 use crate::dedup::DedupIndex;
 use crate::message::Message;
-use crate::ready::ReadyList;
+use crate::priority::ReadyLevels;
 use crate::settings::{Overflow, QueueSettings};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -41,7 +41,8 @@ pub struct ChannelKey {
 /// A message in a queue.
 #[derive(Debug, Clone)]
 pub struct Entry {
-    /// Position in the queue (increasing in arrival order).
+    /// Position in the queue: its priority level, then its arrival (`priority.rs`); the smallest
+    /// id is delivered first.
     pub id: u64,
     /// The message.
     pub message: Arc<Message>,
@@ -100,7 +101,10 @@ pub struct Queue {
     pub transient_log: Option<u64>,
     /// The runtime was asked to create the transient log (so it is asked once).
     transient_log_requested: bool,
-    ready: ReadyList,
+    ready: ReadyLevels,
+    /// Its priorities go up to this (`x-max-priority`, fixed at declaration: entry ids encode
+    /// the level, see `priority.rs`).
+    max_priority: Option<u8>,
     waiting: BTreeMap<u64, Entry>,
     unacked: foldhash::HashMap<u64, Entry>,
     /// Body bytes of the unacknowledged entries held in memory (for the memory alarm).
@@ -121,9 +125,12 @@ pub struct Queue {
     dedup: Option<DedupIndex>,
     /// Last time it was used (declared, consumed from, read with `basic.get`), for `x-expires`.
     last_used_ms: u64,
+    /// The arrival number the next entry gets (the low bits of its id).
     next_id: u64,
     /// Consumers in round-robin order (with single active consumer, the first is the active one).
     consumers: Vec<(ChannelKey, String)>,
+    /// Each consumer's `x-priority`, in the order of `consumers`.
+    consumer_priorities: Vec<i32>,
     next_consumer: usize,
     had_consumer: bool,
     /// The consumer holding exclusive access, if any.
@@ -150,6 +157,7 @@ impl Queue {
     ) -> Self {
         let ordering = settings.ordered_by.as_ref().map(|_| Ordering::default());
         let dedup = settings.deduplication.as_ref().map(|dedup| DedupIndex::new(dedup.clone()));
+        let max_priority = settings.max_priority;
         Queue {
             name,
             durable,
@@ -161,7 +169,8 @@ impl Queue {
             dedup_log: None,
             transient_log: None,
             transient_log_requested: false,
-            ready: ReadyList::default(),
+            ready: ReadyLevels::new(max_priority),
+            max_priority,
             waiting: BTreeMap::new(),
             unacked: foldhash::HashMap::default(),
             unacked_resident_bytes: 0,
@@ -176,6 +185,7 @@ impl Queue {
             last_used_ms: 0,
             next_id: 1,
             consumers: Vec::new(),
+            consumer_priorities: Vec::new(),
             next_consumer: 0,
             had_consumer: false,
             exclusive_consumer: None,
@@ -221,7 +231,7 @@ impl Queue {
         delivery_count: u32,
         redelivered: bool,
     ) -> Entry {
-        let id = self.next_id;
+        let id = crate::priority::entry_id(self.max_priority, &message, self.next_id);
         self.next_id += 1;
         Entry {
             id,
@@ -632,9 +642,9 @@ impl Queue {
         wanted
     }
 
-    /// The id the next message enqueued will get.
-    pub fn next_entry_id(&self) -> u64 {
-        self.next_id
+    /// The id `message` gets if it is the next one enqueued.
+    pub fn next_entry_id(&self, message: &Message) -> u64 {
+        crate::priority::entry_id(self.max_priority, message, self.next_id)
     }
 
     /// Drops a ready or waiting entry's body from memory (the store holds it; `paged` says

@@ -73,6 +73,8 @@ pub struct QueueSettings {
     pub single_active_consumer: bool,
     /// `x-ordered-by`: the header whose value orders messages per key.
     pub ordered_by: Option<String>,
+    /// `x-max-priority`: a priority queue with priorities 0 to this (see `priority.rs`).
+    pub max_priority: Option<u8>,
 }
 
 impl Default for QueueSettings {
@@ -90,6 +92,7 @@ impl Default for QueueSettings {
             retry_backoff_ms: Vec::new(),
             deduplication: None,
             single_active_consumer: false,
+            max_priority: None,
             ordered_by: None,
         }
     }
@@ -188,6 +191,19 @@ pub fn effective_arguments(own: &FieldTable, policy: Option<&Policy>) -> FieldTa
     merged
 }
 
+/// A `basic.consume`'s `x-priority` (0 without one): any integer, as RabbitMQ takes it;
+/// anything else is refused with 406. Other consumer arguments are ignored, as RabbitMQ ignores
+/// the ones it does not know.
+pub fn consumer_priority(arguments: &FieldTable) -> Result<i32> {
+    match arguments.inner().get("x-priority") {
+        None => Ok(0),
+        Some(value) => match integer(value) {
+            Some(priority) => Ok(priority.clamp(i128::from(i32::MIN), i128::from(i32::MAX)) as i32),
+            None => Err(refuse("x-priority", "must be an integer", value)),
+        },
+    }
+}
+
 impl QueueSettings {
     /// Parses and checks a queue's effective arguments.
     pub fn parse(arguments: &FieldTable) -> Result<QueueSettings> {
@@ -236,6 +252,14 @@ impl QueueSettings {
                 "x-deduplication-header" => dedup_header = Some(name(key, value, false)?),
                 "x-single-active-consumer" => settings.single_active_consumer = boolean(key, value)?,
                 "x-ordered-by" => settings.ordered_by = Some(name(key, value, false)?),
+                "x-max-priority" => settings.max_priority = Some(integer_in(key, value, 0, 255)? as u8),
+                // RabbitMQ's lazy mode pages a backlog to disk early; Wharf pages every backlog
+                // beyond its memory bound, so both modes mean the same here. Accepted for
+                // declarations written for RabbitMQ; other values are refused as RabbitMQ does.
+                "x-queue-mode" => match text(value).as_deref() {
+                    Some("default" | "lazy") => {}
+                    _ => return Err(refuse(key, "must be 'default' or 'lazy'", value)),
+                },
                 "x-queue-type" => match text(value).as_deref() {
                     // Wharf has one queue implementation, as durable as RabbitMQ's quorum queues;
                     // both names are accepted so RabbitMQ declarations work unchanged.
@@ -342,8 +366,11 @@ mod tests {
             ),
             ("x-deduplication", AMQPValue::Boolean(true)),
             ("x-unknown", AMQPValue::Boolean(true)),
+            ("x-max-priority", AMQPValue::ShortShortUInt(10)),
+            ("x-queue-mode", AMQPValue::LongString("lazy".into())),
         ]))
         .unwrap();
+        assert_eq!(settings.max_priority, Some(10));
         assert_eq!(settings.delivery_limit, None);
         assert_eq!(settings.message_ttl_ms, Some(1000));
         assert_eq!(settings.overflow, Overflow::RejectPublish);
@@ -365,6 +392,9 @@ mod tests {
             ("x-deduplication", AMQPValue::LongInt(1), "must be a boolean"),
             ("x-ordered-by", AMQPValue::LongString("".into()), "x-ordered-by"),
             ("x-queue-type", AMQPValue::LongString("stream".into()), "x-queue-type"),
+            ("x-max-priority", AMQPValue::LongInt(256), "x-max-priority"),
+            ("x-max-priority", AMQPValue::LongInt(-1), "x-max-priority"),
+            ("x-queue-mode", AMQPValue::LongString("fast".into()), "x-queue-mode"),
         ] {
             let error = QueueSettings::parse(&table(vec![(key, value)])).unwrap_err();
             assert_eq!(error.code, 406, "{key}");

@@ -1,7 +1,7 @@
 //! The delivery guarantees in the model, driven with explicit time: dead-lettering, delivery
 //! limits, leases, retry backoff, TTLs, length limits, de-duplication, per-key ordering and
 //! delayed messages; and a property test comparing a queue with a simple reference model under
-//! random publish / deliver / ack / nack / expire / crash sequences. Every operation goes through
+//! random publish / deliver / ack / nack / expire / crash sequences, with and without priorities. Every operation goes through
 //! `support::CheckedBroker`, which checks the model's own invariants after it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -107,6 +107,8 @@ enum Op {
     Publish {
         order_key: Option<u8>,
         ttl_ms: Option<u16>,
+        /// The `priority` property (priority queues deliver the highest first).
+        priority: Option<u8>,
     },
     Get,
     Ack(usize),
@@ -124,8 +126,12 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (prop::option::of(0u8..3), prop::option::of(prop_oneof![Just(0u16), 1u16..400]))
-            .prop_map(|(order_key, ttl_ms)| Op::Publish { order_key, ttl_ms }),
+        4 => (
+            prop::option::of(0u8..3),
+            prop::option::of(prop_oneof![Just(0u16), 1u16..400]),
+            prop::option::of(0u8..6),
+        )
+            .prop_map(|(order_key, ttl_ms, priority)| Op::Publish { order_key, ttl_ms, priority }),
         4 => Just(Op::Get),
         2 => any::<usize>().prop_map(Op::Ack),
         3 => (any::<usize>(), any::<bool>()).prop_map(|(pick, requeue)| Op::Nack { pick, requeue }),
@@ -147,6 +153,9 @@ enum State {
 struct RefMessage {
     id: u64,
     order_key: Option<u8>,
+    /// Its effective priority: 0 without one or in a queue without priorities, at most the
+    /// queue's maximum.
+    priority: u8,
     count: u32,
     expires_at: Option<u64>,
     state: State,
@@ -205,9 +214,11 @@ impl Reference {
                 || !self.messages[..index].iter().any(|older| older.order_key == message.order_key))
     }
 
+    /// The highest priority first; within a priority, the oldest.
     fn get(&mut self, outcomes: &mut Vec<Outcome>) -> Option<u64> {
         self.expire(outcomes);
-        let index = (0..self.messages.len()).find(|&index| self.deliverable(index))?;
+        let deliverable = (0..self.messages.len()).filter(|&index| self.deliverable(index));
+        let index = deliverable.min_by_key(|&index| (std::cmp::Reverse(self.messages[index].priority), index))?;
         let message = &mut self.messages[index];
         message.count += 1;
         message.state = State::Unacked;
@@ -379,6 +390,7 @@ proptest! {
         backoff in prop::collection::vec(prop_oneof![Just(0u64), Just(50u64), Just(200u64)], 0..3),
         dead_letter_exchange in any::<bool>(),
         ordered in any::<bool>(),
+        max_priority in prop::option::of(0u8..4),
         lease_ms in prop::option::of(prop_oneof![Just(100u64), Just(250u64)]),
         ops in prop::collection::vec(op(), 1..70),
     ) {
@@ -396,6 +408,9 @@ proptest! {
         if ordered {
             pairs.push(("x-ordered-by", AMQPValue::LongString(LongString::from(b"k".to_vec()))));
         }
+        if let Some(max_priority) = max_priority {
+            pairs.push(("x-max-priority", AMQPValue::ShortShortUInt(max_priority)));
+        }
         let mut now = 1_000_000u64;
         let mut harness = Harness::new(table(pairs), now);
         let mut reference = Reference { now, limit, backoff, dead_letter_exchange, ordered, messages: Vec::new() };
@@ -404,7 +419,7 @@ proptest! {
             let mut expected = Vec::new();
             let actual: Effects;
             match op {
-                Op::Publish { order_key, ttl_ms } => {
+                Op::Publish { order_key, ttl_ms, priority } => {
                     let id = next_id;
                     next_id += 1;
                     let mut properties = BasicProperties::default();
@@ -416,12 +431,16 @@ proptest! {
                     if let Some(ttl_ms) = ttl_ms {
                         properties = properties.with_expiration(ttl_ms.to_string().into());
                     }
+                    if let Some(priority) = priority {
+                        properties = properties.with_priority(priority);
+                    }
                     let message = message_with(&id.to_string(), properties);
                     harness.originals.insert(id, Arc::clone(&message));
                     actual = harness.broker.enqueue("/", "q", message, Some(id));
                     reference.messages.push(RefMessage {
                         id,
                         order_key,
+                        priority: max_priority.map_or(0, |max| priority.unwrap_or(0).min(max)),
                         count: 0,
                         expires_at: ttl_ms.map(|ttl| now + u64::from(ttl)),
                         state: State::Ready,

@@ -24,13 +24,15 @@ impl Session {
             basic::AMQPMethod::Consume(consume) => {
                 let queue_name = self.queue_name(channel, consume.queue.as_str());
                 self.allow(Right::Read, Resource::Queue, &queue_name)?;
+                let priority = wharf_model::settings::consumer_priority(&consume.arguments)?;
                 let mut model = self.core.lock_model();
-                let (tag, mut effects) = model.consume(
+                let (tag, mut effects) = model.consume_with_priority(
                     key,
                     &queue_name,
                     consume.consumer_tag.as_str(),
                     consume.no_ack,
                     consume.exclusive,
+                    priority,
                 )?;
                 // Sent while the model is still locked: no other connection's publish can
                 // dispatch to the new consumer (and get a deliver out) before this consume-ok.

@@ -25,6 +25,7 @@ mod ordering;
 mod orphaned_logs;
 mod paging;
 mod policies;
+mod priorities;
 mod protocol_corners;
 mod retry_backoff;
 mod tls;

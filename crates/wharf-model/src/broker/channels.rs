@@ -201,7 +201,8 @@ impl BrokerModel {
         Ok(effects)
     }
 
-    /// `basic.consume`. Returns the consumer tag (generated if empty) and the first deliveries.
+    /// `basic.consume` with the default consumer priority. Returns the consumer tag (generated
+    /// if empty) and the first deliveries.
     pub fn consume(
         &mut self,
         key: ChannelKey,
@@ -209,6 +210,20 @@ impl BrokerModel {
         tag: &str,
         no_ack: bool,
         exclusive: bool,
+    ) -> Result<(String, Effects)> {
+        self.consume_with_priority(key, queue_name, tag, no_ack, exclusive, 0)
+    }
+
+    /// `basic.consume` with a consumer priority (its `x-priority` argument, see
+    /// [`crate::settings::consumer_priority`]).
+    pub fn consume_with_priority(
+        &mut self,
+        key: ChannelKey,
+        queue_name: &str,
+        tag: &str,
+        no_ack: bool,
+        exclusive: bool,
+        priority: i32,
     ) -> Result<(String, Effects)> {
         let vhost_name = self.channel_vhost(key)?;
         let vhost = self.vhosts.get(&vhost_name).ok_or_else(|| channel_not_open(key))?;
@@ -246,7 +261,7 @@ impl BrokerModel {
             },
         );
         if let Some(queue) = self.vhosts.get_mut(&vhost_name).and_then(|vhost| vhost.queue_mut(queue_name)) {
-            queue.attach_consumer(key, &tag, exclusive, self.now_ms);
+            queue.attach_consumer(key, &tag, exclusive, priority, self.now_ms);
         }
         let effects = self.dispatch(&vhost_name, queue_name);
         Ok((tag, effects))

@@ -1,5 +1,5 @@
-//! The queue's consumers and its use: the round-robin order dispatch serves them in, exclusive
-//! and single active consumers, auto-delete with the last consumer, and the `x-expires`
+//! The queue's consumers and its use: the round-robin order dispatch serves them in, consumer
+//! priorities (`x-priority`), exclusive and single active consumers, auto-delete with the last consumer, and the `x-expires`
 //! countdown that runs while the queue has none. Kept apart from where the queue's messages are
 //! (`queue.rs`), which none of this touches.
 
@@ -9,8 +9,9 @@ impl Queue {
     /// Attaches a consumer at the end of the round-robin order; it holds the queue alone if
     /// `exclusive`. The queue counts as used at `now_ms` and as having had a consumer (so an
     /// auto-delete queue goes with its last one).
-    pub(crate) fn attach_consumer(&mut self, key: ChannelKey, tag: &str, exclusive: bool, now_ms: u64) {
+    pub(crate) fn attach_consumer(&mut self, key: ChannelKey, tag: &str, exclusive: bool, priority: i32, now_ms: u64) {
         self.consumers.push((key, tag.to_owned()));
+        self.consumer_priorities.push(priority);
         self.had_consumer = true;
         self.last_used_ms = now_ms;
         if exclusive {
@@ -21,7 +22,16 @@ impl Queue {
     /// Detaches a consumer (and its exclusive hold, if it had one); the round-robin position
     /// starts over if it pointed past the end.
     pub(crate) fn detach_consumer(&mut self, key: ChannelKey, tag: &str) {
-        self.consumers.retain(|(owner, consumer_tag)| !(*owner == key && consumer_tag == tag));
+        if let Some(index) =
+            self.consumers.iter().position(|(owner, consumer_tag)| *owner == key && consumer_tag == tag)
+        {
+            self.consumers.remove(index);
+            self.consumer_priorities.remove(index);
+            if index < self.next_consumer {
+                // Keep pointing at the same next consumer.
+                self.next_consumer -= 1;
+            }
+        }
         if self.exclusive_consumer.as_ref().is_some_and(|(owner, consumer_tag)| *owner == key && consumer_tag == tag) {
             self.exclusive_consumer = None;
         }
@@ -35,6 +45,7 @@ impl Queue {
     pub(crate) fn take_consumers(&mut self) -> Vec<(ChannelKey, String)> {
         self.exclusive_consumer = None;
         self.next_consumer = 0;
+        self.consumer_priorities.clear();
         std::mem::take(&mut self.consumers)
     }
 
@@ -49,8 +60,11 @@ impl Queue {
     }
 
     /// The next consumer to serve: round-robin from the one after the last served, the first
-    /// that `has_room` accepts, which then counts as the last served. With a single active
-    /// consumer only the first (the oldest) is ever served.
+    /// that `has_room` accepts, which then counts as the last served. With consumer priorities,
+    /// the highest priority that has a consumer with room is served, round-robin among its
+    /// consumers (RabbitMQ: lower priorities get messages only while the higher ones are
+    /// blocked). With a single active consumer only the first (the oldest) is ever served, as in
+    /// RabbitMQ 3.10, whose single active consumer does not look at priorities.
     pub(crate) fn next_consumer_with_room(
         &mut self,
         mut has_room: impl FnMut(&ChannelKey, &str) -> bool,
@@ -59,6 +73,30 @@ impl Queue {
             if self.settings.single_active_consumer { self.consumers.len().min(1) } else { self.consumers.len() };
         if self.next_consumer >= count {
             self.next_consumer = 0;
+        }
+        let highest = self.consumer_priorities.iter().max().copied().unwrap_or(0);
+        let mixed = count > 1 && self.consumer_priorities.iter().any(|priority| *priority != highest);
+        if mixed {
+            // One pass in round-robin order: the first consumer with room at the highest
+            // priority found (stopping early at the highest there is).
+            let mut best: Option<usize> = None;
+            for step in 0..count {
+                let index = (self.next_consumer + step) % count;
+                let priority = self.consumer_priorities[index];
+                if best.is_some_and(|best| self.consumer_priorities[best] >= priority) {
+                    continue;
+                }
+                let (key, tag) = &self.consumers[index];
+                if has_room(key, tag) {
+                    best = Some(index);
+                    if priority == highest {
+                        break;
+                    }
+                }
+            }
+            let index = best?;
+            self.next_consumer = (index + 1) % count;
+            return Some(self.consumers[index].clone());
         }
         for step in 0..count {
             let index = (self.next_consumer + step) % count;

@@ -27,8 +27,8 @@ impl Queue {
     /// waiting or unacknowledged) under its own id, below the next id to give out; `held_bytes`
     /// and `resident_bytes` are the body bytes of the ready and waiting entries (all of them, and
     /// those in memory); the expiry index lists exactly the ready entries that expire; with
-    /// `x-ordered-by`, each key with entries has one holder (its oldest entry), every other entry
-    /// of the key is ready and queued behind it, and the deliverable set is exactly the ready
+    /// `x-ordered-by`, each key with entries has one holder (its oldest entry, by arrival whatever
+    /// the priorities), every other entry of the key is ready and queued behind it in arrival order, and the deliverable set is exactly the ready
     /// entries that hold their key or have none; and the consumer list is consistent.
     #[doc(hidden)]
     pub fn check_invariants(&self) {
@@ -48,7 +48,7 @@ impl Queue {
                 entry.id
             );
             assert!(
-                id < self.next_id,
+                id & crate::priority::ID_ARRIVAL_MASK < self.next_id,
                 "invariant broken in queue '{name}': entry {id} is not below the next id {}",
                 self.next_id
             );
@@ -112,6 +112,8 @@ impl Queue {
             }
             return;
         };
+        // Per key, by arrival (the low bits of an id; the high ones are the priority level).
+        let arrival = |id: u64| id & crate::priority::ID_ARRIVAL_MASK;
         let mut by_key: HashMap<Arc<str>, BTreeSet<u64>> = HashMap::new();
         for entry in entries {
             if let Some(key) = &entry.order_key {
@@ -123,8 +125,8 @@ impl Queue {
                 panic!("invariant broken in queue '{name}': key '{key}' has entries {ids:?} but no holder");
             };
             assert_eq!(
-                ids.first(),
-                Some(&holder),
+                ids.iter().copied().min_by_key(|id| arrival(*id)),
+                Some(holder),
                 "invariant broken in queue '{name}': key '{key}' is held by entry {holder}, not by its oldest entry (of {ids:?})"
             );
             let behind: BTreeSet<u64> = ordering
@@ -153,7 +155,8 @@ impl Queue {
                 ordering.holders.contains_key(key),
                 "invariant broken in queue '{name}': entries {blocked:?} wait behind key '{key}', which has no holder"
             );
-            let ascending = blocked.iter().zip(blocked.iter().skip(1)).all(|(first, next)| first < next);
+            let ascending =
+                blocked.iter().zip(blocked.iter().skip(1)).all(|(first, next)| arrival(*first) < arrival(*next));
             assert!(
                 ascending,
                 "invariant broken in queue '{name}': the entries behind key '{key}' are out of order: {blocked:?}"
@@ -184,6 +187,11 @@ impl Queue {
             distinct.len(),
             self.consumers.len(),
             "invariant broken in queue '{name}': a consumer is attached twice"
+        );
+        assert_eq!(
+            self.consumer_priorities.len(),
+            self.consumers.len(),
+            "invariant broken in queue '{name}': consumer priorities and consumers differ in number"
         );
         assert!(
             self.next_consumer == 0 || self.next_consumer < self.consumers.len(),
