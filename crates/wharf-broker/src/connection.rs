@@ -68,6 +68,7 @@ fn server_properties() -> FieldTable {
         "authentication_failure_close",
         "per_consumer_qos",
         "consumer_priorities",
+        "direct_reply_to",
     ] {
         capabilities.insert(ShortString::from(capability), AMQPValue::Boolean(true));
     }

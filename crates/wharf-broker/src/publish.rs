@@ -11,6 +11,7 @@ use crate::pager::PageOut;
 use crate::persist;
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
+use wharf_model::broker::DIRECT_REPLY_TO_PREFIX;
 use wharf_model::{
     Admission, AutoDeadLetterQueue, BrokerModel, ConnectionId, Effects, Message, ModelError, Transfer, TransferTarget,
 };
@@ -544,6 +545,23 @@ impl Core {
         let exchange_name = request.exchange;
         let mut placed = Placed::default();
         let mut model = self.lock_model();
+        if exchange_name.is_empty() && request.routing_key.starts_with(DIRECT_REPLY_TO_PREFIX) {
+            // A direct reply: straight to its reply consumer, nothing stored (so nothing for a
+            // confirm to wait on); unroutable if that consumer is gone.
+            let returned = match model.deliver_reply(vhost_name, request.routing_key, Arc::clone(&message)) {
+                Some(mut effects) => {
+                    self.send(&mut effects);
+                    None
+                }
+                None => request.mandatory.then(|| Outbound::Return {
+                    channel: request.channel,
+                    reply_code: NO_ROUTE.0,
+                    reply_text: NO_ROUTE.1,
+                    message,
+                }),
+            };
+            return Ok(Published { durable: Vec::new(), nack: false, failed: false, returned });
+        }
         let vhost = model.vhost(vhost_name).ok_or_else(|| ModelError::not_allowed("vhost no longer exists"))?;
         let queues = vhost.route(exchange_name, request.routing_key, message.headers())?;
         let exchange = vhost.exchange(exchange_name).map(|exchange| ExchangeLogs {

@@ -103,6 +103,11 @@ impl Message {
         }
     }
 
+    /// The `reply_to` property, if any.
+    pub fn reply_to(&self) -> Option<&str> {
+        self.parsed().reply_to().as_ref().map(|reply_to| reply_to.as_str())
+    }
+
     /// The message headers, if any.
     pub fn headers(&self) -> Option<&FieldTable> {
         self.parsed().headers().as_ref()

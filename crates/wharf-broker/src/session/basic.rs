@@ -10,6 +10,7 @@ use crate::outbound::Outbound;
 use crate::outbound::method_frame;
 use std::sync::{Arc, Mutex};
 use wharf_model::ModelError;
+use wharf_model::broker::DIRECT_REPLY_TO;
 use wharf_wire::protocol::{AMQPClass, basic, confirm};
 
 impl Session {
@@ -19,6 +20,15 @@ impl Session {
             basic::AMQPMethod::Qos(qos) => {
                 self.send(channel, AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})));
                 self.core.act(|model| Ok(((), model.qos(key, qos.prefetch_count, qos.global)?)))?;
+                Ok(())
+            }
+            basic::AMQPMethod::Consume(consume) if consume.queue.as_str() == DIRECT_REPLY_TO => {
+                // Direct reply-to: no queue, so no read permission to check (as RabbitMQ).
+                let tag = self.core.lock_model().consume_replies(key, consume.consumer_tag.as_str(), consume.no_ack)?;
+                if !consume.nowait {
+                    let consume_ok = basic::ConsumeOk { consumer_tag: tag.into() };
+                    self.send(channel, AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(consume_ok)));
+                }
                 Ok(())
             }
             basic::AMQPMethod::Consume(consume) => {

@@ -9,6 +9,7 @@ use crate::confirms::PendingConfirm;
 use crate::publish::{PublishRequest, Published, ReservationPool};
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
+use wharf_model::broker::DIRECT_REPLY_TO;
 use wharf_model::{Message, ModelError};
 use wharf_wire::methods::{BASIC_CLASS_ID, MethodId};
 use wharf_wire::protocol::basic;
@@ -112,6 +113,20 @@ impl Session {
 
     /// A whole message arrived: publish it now, or keep it for the transaction's commit.
     pub(super) fn complete(&mut self, channel: u16, publish: basic::Publish, message: Message) -> Result<(), Stop> {
+        // A request asking for a direct reply gets this channel's reply name (406 without a
+        // reply consumer), as RabbitMQ rewrites it when the request is published.
+        let message = if message.reply_to() == Some(DIRECT_REPLY_TO) {
+            let named = self.core.lock_model().reply_to_name(self.key(channel));
+            let name = match named {
+                Ok(name) => name,
+                Err(error) => return self.fail(channel, error, MethodId::BASIC_PUBLISH),
+            };
+            let mut properties = message.full_properties().into_owned();
+            properties = properties.with_reply_to(name.as_str().into());
+            message.with_properties(properties)
+        } else {
+            message
+        };
         if let Some(state) = self.channels.get_mut(&channel)
             && let Some(buffer) = state.tx.as_mut()
         {

@@ -5,6 +5,7 @@ use super::{MethodResult, Session};
 use crate::access::{Resource, Right};
 use crate::definitions::{BindingChange, QueueRequest};
 use crate::persist::text_argument;
+use wharf_model::broker::{DIRECT_REPLY_TO, DIRECT_REPLY_TO_PREFIX};
 use wharf_model::{Destination, ModelError};
 use wharf_wire::protocol::{AMQPClass, exchange, queue};
 use wharf_wire::types::FieldTable;
@@ -93,6 +94,21 @@ impl Session {
 
     pub(super) fn queue_class(&mut self, channel: u16, method: queue::AMQPMethod) -> MethodResult {
         match method {
+            queue::AMQPMethod::Declare(declare) if declare.passive && is_direct_reply_to(declare.queue.as_str()) => {
+                // RabbitMQ answers a passive declare of the direct reply-to pseudo-queue, and of a
+                // reply name whose consumer is there (404 otherwise); nothing is declared.
+                let name = declare.queue.as_str();
+                let exists = name == DIRECT_REPLY_TO || self.core.lock_model().reply_consumer_exists(&self.vhost, name);
+                if !exists {
+                    return Err(ModelError::not_found(format!("no queue '{name}' in vhost '{}'", self.vhost)));
+                }
+                if !declare.nowait {
+                    let declare_ok =
+                        queue::DeclareOk { queue: declare.queue.clone(), message_count: 0, consumer_count: 0 };
+                    self.send(channel, AMQPClass::Queue(queue::AMQPMethod::DeclareOk(declare_ok)));
+                }
+                Ok(())
+            }
             queue::AMQPMethod::Declare(declare) => {
                 let declared = self.declare_queue(&declare)?;
                 let (message_count, consumer_count) = {
@@ -211,4 +227,9 @@ impl Session {
         self.allow(Right::Read, Resource::Exchange, source)?;
         self.allow_topic(Right::Read, source, routing_key)
     }
+}
+
+/// The direct reply-to pseudo-queue or one of its reply names (`wharf_model`'s `direct_reply.rs`).
+pub(super) fn is_direct_reply_to(name: &str) -> bool {
+    name == DIRECT_REPLY_TO || name.starts_with(DIRECT_REPLY_TO_PREFIX)
 }

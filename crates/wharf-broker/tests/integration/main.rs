@@ -17,6 +17,7 @@ mod deduplication;
 mod definitions_format;
 mod delayed_messages;
 mod delivery_limit;
+mod direct_reply_to;
 mod food_delivery;
 mod full_disk;
 mod leases;

@@ -54,6 +54,8 @@ pub(super) struct Channel {
     pub(super) expired_tags: BTreeSet<u64>,
     /// Distinguishes this opening of the channel from earlier ones with the same number.
     pub(super) generation: u64,
+    /// Its direct reply-to consumer (`direct_reply.rs`).
+    pub(super) reply_consumer: Option<super::direct_reply::ReplyConsumer>,
 }
 
 impl BrokerModel {
@@ -90,6 +92,7 @@ impl BrokerModel {
                 consumer_instances: 0,
                 expired_tags: BTreeSet::new(),
                 generation,
+                reply_consumer: None,
             },
         );
         Ok(())
@@ -270,6 +273,9 @@ impl BrokerModel {
     /// `basic.cancel`. Cancelling an unknown tag is a no-op (as RabbitMQ). Unacknowledged
     /// deliveries of the consumer stay unacknowledged on the channel.
     pub fn cancel(&mut self, key: ChannelKey, tag: &str) -> Result<Effects> {
+        if self.cancel_reply_consumer(key, tag) {
+            return Ok(Effects::default());
+        }
         let channel = self.channels.get_mut(&key).ok_or_else(|| channel_not_open(key))?;
         let Some(consumer) = channel.consumers.remove(tag) else { return Ok(Effects::default()) };
         let vhost = channel.vhost.clone();

@@ -24,12 +24,14 @@
 mod admission;
 mod channels;
 mod deliver;
+mod direct_reply;
 mod invariants;
 mod queues;
 mod settle;
 mod timers;
 
 pub use admission::Admission;
+pub use direct_reply::{DIRECT_REPLY_TO, DIRECT_REPLY_TO_PREFIX};
 
 use crate::deadletter::{self, AutoDeadLetterQueue, DeathReason, Transfer, TransferTarget};
 use crate::error::ModelError;
