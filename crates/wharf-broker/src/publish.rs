@@ -564,6 +564,21 @@ impl Core {
         }
         let vhost = model.vhost(vhost_name).ok_or_else(|| ModelError::not_allowed("vhost no longer exists"))?;
         let queues = vhost.route(exchange_name, request.routing_key, message.headers())?;
+        // Sender-selected distribution: BCC routes (above) but no recipient sees it.
+        let message = match message.headers() {
+            Some(headers) if headers.contains_key("BCC") => {
+                let mut properties = message.full_properties().into_owned();
+                if let Some(headers) = properties.headers().clone() {
+                    let mut kept = wharf_wire::types::FieldTable::default();
+                    for (name, value) in headers.inner().iter().filter(|(name, _)| name.as_str() != "BCC") {
+                        kept.insert(name.clone(), value.clone());
+                    }
+                    properties = properties.with_headers(kept);
+                }
+                Arc::new(message.with_properties(properties))
+            }
+            _ => message,
+        };
         let exchange = vhost.exchange(exchange_name).map(|exchange| ExchangeLogs {
             durable: exchange.durable,
             delayed_log: exchange.store_log,

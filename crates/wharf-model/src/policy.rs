@@ -31,6 +31,7 @@ pub const POLICY_KEYS: &[&str] = &[
     "deduplication-header",
     "single-active-consumer",
     "ordered-by",
+    "alternate-exchange",
 ];
 
 /// What a policy applies to.

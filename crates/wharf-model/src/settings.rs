@@ -105,6 +105,9 @@ pub struct ExchangeSettings {
     pub delayed_type: Option<ExchangeKind>,
     /// Broker-side de-duplication of publishes to this exchange.
     pub deduplication: Option<Deduplication>,
+    /// `alternate-exchange` (the argument, or the policy's): where a message this exchange
+    /// routes nowhere goes instead.
+    pub alternate_exchange: Option<String>,
 }
 
 fn refuse(argument: &str, allowed: &str, value: &AMQPValue) -> ModelError {
@@ -324,6 +327,11 @@ impl ExchangeSettings {
                 "x-deduplication" => dedup_enabled = boolean(key, value)?,
                 "x-deduplication-ttl" => dedup_ttl_ms = integer_in(key, value, 1, DURATION_MS_MAX.into())?,
                 "x-deduplication-header" => dedup_header = Some(name(key, value, false)?),
+                // The declared argument (RabbitMQ's name has no `x-`) wins over a policy's.
+                "alternate-exchange" => settings.alternate_exchange = Some(name(key, value, true)?),
+                "x-alternate-exchange" if !arguments.contains_key("alternate-exchange") => {
+                    settings.alternate_exchange = Some(name(key, value, true)?)
+                }
                 _ => {}
             }
         }

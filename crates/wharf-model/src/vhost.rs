@@ -12,6 +12,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use wharf_wire::types::FieldTable;
 
+mod routing;
+
 /// Most queues one vhost holds.
 pub const QUEUES_MAX: usize = 100_000;
 /// Most exchanges one vhost holds.
@@ -160,7 +162,7 @@ impl VirtualHost {
         &self.name
     }
 
-    fn no_exchange(&self, name: &str) -> ModelError {
+    pub(crate) fn no_exchange(&self, name: &str) -> ModelError {
         ModelError::not_found(format!("no exchange '{name}' in vhost '{}'", self.name))
     }
 
@@ -625,50 +627,5 @@ impl VirtualHost {
             self.auto_delete_exchange(source);
         }
         Ok(removed)
-    }
-
-    /// The queues a message published to `exchange` reaches: 404 for a missing exchange, 403 for
-    /// an internal one. Follows exchange-to-exchange bindings (each exchange visited once, so
-    /// cycles end); every queue appears once.
-    pub fn route(&self, exchange: &str, routing_key: &str, headers: Option<&FieldTable>) -> Result<Vec<String>> {
-        if self.exchanges.get(exchange).is_some_and(|start| start.internal) {
-            return Err(ModelError::access_refused(format!(
-                "cannot publish to internal exchange '{exchange}' in vhost '{}'",
-                self.name
-            )));
-        }
-        self.route_from(exchange, routing_key, headers)
-    }
-
-    /// Routing as `route`, for the broker's own publishes (dead letters, due delayed messages),
-    /// which may go through internal exchanges.
-    pub fn route_from(&self, exchange: &str, routing_key: &str, headers: Option<&FieldTable>) -> Result<Vec<String>> {
-        let start = self.exchanges.get(exchange).ok_or_else(|| self.no_exchange(exchange))?;
-        if exchange.is_empty() {
-            return Ok(self.queues.contains_key(routing_key).then(|| routing_key.to_owned()).into_iter().collect());
-        }
-        let mut queues = BTreeSet::new();
-        let mut visited = BTreeSet::from([exchange.to_owned()]);
-        let mut pending = vec![start];
-        while let Some(current) = pending.pop() {
-            for binding in self.bindings.get(&current.name).into_iter().flatten() {
-                if !binding.matches(current.routing_kind(), routing_key, headers) {
-                    continue;
-                }
-                match &binding.destination {
-                    Destination::Queue(queue) => {
-                        queues.insert(queue.clone());
-                    }
-                    Destination::Exchange(next) => {
-                        if visited.insert(next.clone())
-                            && let Some(next) = self.exchanges.get(next)
-                        {
-                            pending.push(next);
-                        }
-                    }
-                }
-            }
-        }
-        Ok(queues.into_iter().collect())
     }
 }

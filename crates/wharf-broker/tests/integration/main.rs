@@ -29,6 +29,7 @@ mod policies;
 mod priorities;
 mod protocol_corners;
 mod retry_backoff;
+mod routing_extensions;
 mod tls;
 mod transient_paging;
 mod ttl_and_limits;
