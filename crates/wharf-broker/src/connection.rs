@@ -18,7 +18,7 @@ use bytes::BytesMut;
 use rustls_pki_types::CertificateDer;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
@@ -209,6 +209,8 @@ impl<R: AsyncRead + Unpin> Connection<R> {
         };
         let user = self.authenticate(&start_ok).await?;
         let blocked_capable = announces_capability(&start_ok.client_properties, "connection.blocked");
+        let cancel_notify = announces_capability(&start_ok.client_properties, "consumer_cancel_notify");
+        self.settings.cancel_notify.store(cancel_notify, Ordering::Relaxed);
         let config = self.core.config.clone();
         self.send(
             0,
@@ -307,8 +309,12 @@ impl<R: AsyncRead + Unpin> Connection<R> {
             Ok(user) => Ok(user),
             Err(text) => {
                 tracing::warn!(peer = %self.peer, reason = %text, "authentication failed");
-                // authentication_failure_close: say why, then close without waiting long.
-                self.send(0, &connection_close(reply_code::ACCESS_REFUSED, &text, MethodId::CONNECTION_START_OK));
+                // A client that announced authentication_failure_close is told why, then closed
+                // without waiting long; any other is just closed, as RabbitMQ does (an older
+                // client may not expect a close during the handshake).
+                if announces_capability(&start_ok.client_properties, "authentication_failure_close") {
+                    self.send(0, &connection_close(reply_code::ACCESS_REFUSED, &text, MethodId::CONNECTION_START_OK));
+                }
                 Err(Ending::ServerClosed(reply_code::ACCESS_REFUSED, text))
             }
         }
@@ -420,8 +426,7 @@ pub(crate) async fn serve<R, W>(
     let (sender, outbound_receiver) = mpsc::unbounded_channel();
     let backlog = Arc::new(Backlog::default());
     let outbound = Outbox { sender, backlog: Arc::clone(&backlog) };
-    let settings =
-        Arc::new(WriterSettings { frame_max: AtomicU32::new(FRAME_MIN_SIZE), heartbeat_s: AtomicU32::new(0) });
+    let settings = Arc::new(WriterSettings::new());
     let writer = tokio::spawn(writer::run(writer_half, outbound_receiver, Arc::clone(&settings), backlog));
     let mut connection = Connection {
         core: Arc::clone(&core),

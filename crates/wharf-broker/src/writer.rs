@@ -7,12 +7,12 @@ use crate::outbound::{Backlog, Outbound, OutboundDelivery, WriterReports};
 use crate::pager::{DeliveryBody, PagedReadFailure};
 use bytes::BytesMut;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use wharf_store::Ticket;
-use wharf_wire::frame::{encode_body, encode_content_header, encode_heartbeat, encode_method};
+use wharf_wire::frame::{FRAME_MIN_SIZE, encode_body, encode_content_header, encode_heartbeat, encode_method};
 use wharf_wire::protocol::{AMQPClass, basic};
 
 /// A socket write is flushed once this much is buffered, even if more items are waiting.
@@ -25,6 +25,20 @@ pub(crate) struct WriterSettings {
     pub frame_max: AtomicU32,
     /// Heartbeat interval in seconds (0: none); a heartbeat goes out after half of it idle.
     pub heartbeat_s: AtomicU32,
+    /// The client announced `consumer_cancel_notify`: a consumer the server cancels (its queue
+    /// was deleted) is told with `basic.cancel`. Without it, as in RabbitMQ, it is not told.
+    pub cancel_notify: AtomicBool,
+}
+
+impl WriterSettings {
+    /// Before the handshake: the smallest frames, no heartbeats, cancel notifications on.
+    pub(crate) fn new() -> Self {
+        WriterSettings {
+            frame_max: AtomicU32::new(FRAME_MIN_SIZE),
+            heartbeat_s: AtomicU32::new(0),
+            cancel_notify: AtomicBool::new(true),
+        }
+    }
 }
 
 /// A paged-out body could not be read back (a damaged record, a failing disk): the connection is
@@ -40,10 +54,11 @@ struct Unreadable;
 fn encode(
     buffer: &mut BytesMut,
     item: Outbound,
-    frame_max: u32,
+    settings: &WriterSettings,
     recorded: &mut Vec<Ticket<()>>,
     reports: &WriterReports,
 ) -> Result<u64, Unreadable> {
+    let frame_max = settings.frame_max.load(Ordering::Relaxed);
     match item {
         Outbound::Frames(bytes) => buffer.extend_from_slice(&bytes),
         Outbound::Deliver(OutboundDelivery { delivery, count_recorded, body }) => {
@@ -115,6 +130,7 @@ fn encode(
                 encode_body(buffer, channel, &body, frame_max);
             }
         }
+        Outbound::CancelConsumer { .. } if !settings.cancel_notify.load(Ordering::Relaxed) => {}
         Outbound::CancelConsumer { channel, consumer_tag } => {
             let method = AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
                 consumer_tag: consumer_tag.into(),
@@ -162,14 +178,13 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
             },
             () = tokio::time::sleep(idle) => None,
         };
-        let frame_max = settings.frame_max.load(Ordering::Relaxed);
         let mut queued_bytes = first.as_ref().map_or(0, Outbound::size_bytes);
         let encoded = match first {
             Some(item) if failed && matches!(item, Outbound::Deliver(..)) => {
                 drop_unsent(item);
                 Ok(0)
             }
-            Some(item) => encode(&mut buffer, item, frame_max, &mut recorded, &backlog.reports),
+            Some(item) => encode(&mut buffer, item, &settings, &mut recorded, &backlog.reports),
             None if heartbeat_s > 0 => {
                 encode_heartbeat(&mut buffer);
                 Ok(0)
@@ -189,7 +204,7 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
                         drop_unsent(item);
                         continue;
                     }
-                    match encode(&mut buffer, item, frame_max, &mut recorded, &backlog.reports) {
+                    match encode(&mut buffer, item, &settings, &mut recorded, &backlog.reports) {
                         Ok(weight) => delivered_bytes += weight,
                         Err(Unreadable) => unreadable = true,
                     }

@@ -8,7 +8,7 @@ use crate::bad_input::{Raw, publish_frames};
 use crate::common::*;
 use bytes::BytesMut;
 use lapin::options::*;
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use std::sync::Arc;
 use wharf_broker::{AlarmState, FixedDiskSpace};
 use wharf_wire::frame;
@@ -19,9 +19,7 @@ const BODY_BYTES: usize = 30_000;
 /// A client that announces `connection.blocked`, logged in, with channel 1 open.
 async fn capable_publisher(broker: &TestBroker) -> Raw {
     let mut raw = Raw::connect(broker).await;
-    let mut capabilities = FieldTable::default();
-    capabilities.insert("connection.blocked".into(), AMQPValue::Boolean(true));
-    raw.client_properties.insert("capabilities".into(), AMQPValue::FieldTable(capabilities));
+    raw.client_properties = crate::bad_input::modern_client_properties(&["connection.blocked"]);
     assert!(raw.handshake("guest", "guest", 0).await.is_none());
     raw.open_channel(1).await;
     raw

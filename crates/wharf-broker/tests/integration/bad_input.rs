@@ -30,6 +30,18 @@ pub(crate) struct Raw {
     pub(crate) start: Option<connection::Start>,
 }
 
+/// The client properties of a modern client: it announces `authentication_failure_close` and
+/// `consumer_cancel_notify`, as pika, lapin and amqplib do (`capabilities` is a table).
+pub(crate) fn modern_client_properties(extra_capabilities: &[&str]) -> FieldTable {
+    let mut capabilities = FieldTable::default();
+    for capability in ["authentication_failure_close", "consumer_cancel_notify"].iter().chain(extra_capabilities) {
+        capabilities.insert((*capability).into(), lapin::types::AMQPValue::Boolean(true));
+    }
+    let mut properties = FieldTable::default();
+    properties.insert("capabilities".into(), lapin::types::AMQPValue::FieldTable(capabilities));
+    properties
+}
+
 /// A safety net so a broken server fails the test instead of hanging it; never a timing claim.
 const HANG_GUARD: Duration = Duration::from_secs(30);
 
@@ -41,7 +53,7 @@ impl Raw {
             socket,
             buffer: BytesMut::new(),
             decoder: FrameDecoder::new(frame::FRAME_MAX_LIMIT),
-            client_properties: FieldTable::default(),
+            client_properties: modern_client_properties(&[]),
             protocol_header: frame::PROTOCOL_HEADER,
             start: None,
         }

@@ -24,7 +24,7 @@ fn body(index: usize) -> Vec<u8> {
 
 /// Message `index`'s priority: 0 to 12 (above the maximum of 9 for some, none for others).
 fn priority_of(index: usize) -> Option<u8> {
-    (index % 5 != 0).then_some(((index * 7) % 13) as u8)
+    (!index.is_multiple_of(5)).then_some(((index * 7) % 13) as u8)
 }
 
 /// The order a priority queue with `x-max-priority: 9` delivers messages 0..count in.

@@ -137,3 +137,63 @@ async fn channel_max_counts_open_channels_and_does_not_bound_their_numbers() {
     assert!(text.contains("channel_max (16)"), "{text}");
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_login_is_explained_only_to_clients_that_announce_authentication_failure_close() {
+    let broker = TestBroker::start().await;
+    let mut modern = Raw::connect(&broker).await;
+    let close = modern.handshake("guest", "wrong", 0).await.expect("refused with a close");
+    assert_eq!(close.reply_code, 403);
+    // Without the capability RabbitMQ closes the socket without a word; so does Wharf.
+    let mut older = Raw::connect(&broker).await;
+    older.client_properties = FieldTable::default();
+    older.send(&older.protocol_header.clone()).await;
+    assert!(matches!(older.next_method().await, Some(AMQPClass::Connection(connection::AMQPMethod::Start(_)))));
+    let start_ok = connection::StartOk {
+        client_properties: FieldTable::default(),
+        mechanism: "PLAIN".into(),
+        response: "\0guest\0wrong".into(),
+        locale: "en_US".into(),
+    };
+    older.send_method(0, AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok))).await;
+    assert!(older.next().await.is_none(), "the socket ends without connection.close");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_queue_cancels_consumers_only_for_clients_that_announce_consumer_cancel_notify() {
+    let broker = TestBroker::start().await;
+    for notify in [true, false] {
+        let mut raw = Raw::connect(&broker).await;
+        if !notify {
+            raw.client_properties = FieldTable::default();
+        }
+        assert!(raw.handshake("guest", "guest", 0).await.is_none());
+        raw.open_channel(1).await;
+        declare(&mut raw, 1, "doomed").await;
+        let consume = basic::Consume {
+            queue: "doomed".into(),
+            consumer_tag: "watcher".into(),
+            no_local: false,
+            no_ack: false,
+            exclusive: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        };
+        raw.send_method(1, AMQPClass::Basic(basic::AMQPMethod::Consume(consume))).await;
+        assert!(matches!(raw.next_method().await, Some(AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(_)))));
+        let delete = queue::Delete { queue: "doomed".into(), if_unused: false, if_empty: false, nowait: false };
+        raw.send_method(1, AMQPClass::Queue(queue::AMQPMethod::Delete(delete))).await;
+        // The cancel (if any) is sent before delete-ok, so the next method tells.
+        match raw.next_method().await {
+            Some(AMQPClass::Basic(basic::AMQPMethod::Cancel(cancel))) => {
+                assert!(notify, "basic.cancel sent to a client that did not ask for it");
+                assert_eq!(cancel.consumer_tag.as_str(), "watcher");
+                assert!(matches!(raw.next_method().await, Some(AMQPClass::Queue(queue::AMQPMethod::DeleteOk(_)))));
+            }
+            Some(AMQPClass::Queue(queue::AMQPMethod::DeleteOk(_))) => assert!(!notify, "no basic.cancel was sent"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    broker.stop().await;
+}

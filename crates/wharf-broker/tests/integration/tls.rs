@@ -19,7 +19,6 @@ use tokio_rustls::client::TlsStream;
 use wharf_broker::{BrokerConfig, TlsConfig, User};
 use wharf_wire::frame::{self, FRAME_MIN_SIZE, encode_method};
 use wharf_wire::protocol::{AMQPClass, channel, connection, queue};
-use wharf_wire::types::FieldTable;
 use wharf_wire::{Frame, FrameDecoder};
 
 /// A safety net so a broken server fails the test instead of hanging it; never a timing claim.
@@ -218,7 +217,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Amqp<S> {
         self.send_method(
             0,
             AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
-                client_properties: FieldTable::default(),
+                client_properties: crate::bad_input::modern_client_properties(&[]),
                 mechanism: mechanism.into(),
                 response: response.to_vec().into(),
                 locale: "en_US".into(),
