@@ -18,25 +18,9 @@ data_dir=$(mktemp -d "${TMPDIR:-/tmp}/wharf-compat.XXXXXX")
 log="$data_dir/wharf.log"
 
 # Certificates for the TLS listener: a CA, a server certificate for 127.0.0.1, a client
-# certificate for guest (CN=guest, for SASL EXTERNAL). Made with the openssl CLI, installed from
-# Debian if missing.
-if ! command -v openssl >/dev/null; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y openssl >/dev/null 2>&1 \
-    || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y openssl >/dev/null; }
-fi
+# certificate for guest (CN=guest, for SASL EXTERNAL).
 certs="$data_dir/certs"
-mkdir -p "$certs"
-ec_key=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
-openssl req -x509 "${ec_key[@]}" -keyout "$certs/ca.key" -out "$certs/ca.pem" -days 2 \
-  -subj "/CN=Wharf compat CA" 2>/dev/null
-issue() { # name, subject, extensions
-  openssl req "${ec_key[@]}" -keyout "$certs/$1.key" -out "$certs/$1.csr" -subj "$2" 2>/dev/null
-  printf '%b' "$3" >"$certs/$1.ext"
-  openssl x509 -req -in "$certs/$1.csr" -CA "$certs/ca.pem" -CAkey "$certs/ca.key" -CAcreateserial \
-    -out "$certs/$1.pem" -days 2 -extfile "$certs/$1.ext" 2>/dev/null
-}
-issue server "/CN=127.0.0.1" "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"
-issue client "/CN=guest" "extendedKeyUsage=clientAuth"
+./make_certs.sh "$certs"
 
 "$wharf_bin" serve --amqp-listen "127.0.0.1:$port" --data-dir "$data_dir/data" --log info \
   --amqps-listen "127.0.0.1:$tls_port" --tls-cert "$certs/server.pem" --tls-key "$certs/server.key" \
