@@ -34,6 +34,9 @@ use wharf_wire::{Frame, FrameDecoder, WireError, reply_code, sasl};
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// How long the server waits for `connection.close-ok` after sending `connection.close`.
 const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest a connection stays open after answering the client's `connection.close` (RabbitMQ's
+/// 30 s, or the heartbeat interval if shorter): see `linger_after_client_close`.
+const CLOSE_LINGER_S_MAX: u64 = 30;
 
 /// Why the frame loop ended.
 #[derive(Debug)]
@@ -169,6 +172,47 @@ impl<R: AsyncRead + Unpin> Connection<R> {
             }
         }
         Ending::ServerClosed(code, text.to_owned())
+    }
+
+    /// After answering a client's `connection.close`: keeps reading until the client closes the
+    /// socket, answering every further `connection.close` with close-ok and dropping any other
+    /// frame, for at most the heartbeat interval (30 s without one, or with a longer one), as
+    /// RabbitMQ does, or until the server stops. Closing at once would break clients that close from several threads at
+    /// once (each sends its own close) or are still writing when they close: their writes would
+    /// fail, and unread bytes make the kernel reset the socket, which can lose the close-ok.
+    async fn linger_after_client_close(&mut self, shutdown: &mut watch::Receiver<bool>) {
+        let heartbeat_s = u64::from(self.settings.heartbeat_s.load(Ordering::Relaxed));
+        let linger_s = if heartbeat_s == 0 { CLOSE_LINGER_S_MAX } else { heartbeat_s.min(CLOSE_LINGER_S_MAX) };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(linger_s);
+        loop {
+            loop {
+                match self.decoder.decode(&mut self.buffer) {
+                    Ok(Some(Frame::Method { channel: 0, method })) => {
+                        if matches!(*method, AMQPClass::Connection(connection::AMQPMethod::Close(_))) {
+                            let close_ok =
+                                AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {}));
+                            self.send(0, &close_ok);
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(_) => return,
+                }
+            }
+            // Keep the buffer from growing while dropping what a client still sends.
+            if self.buffer.len() > READ_CHUNK_BYTES * 64 {
+                return;
+            }
+            tokio::select! {
+                filled = tokio::time::timeout_at(deadline, fill(&mut self.reader, &mut self.buffer)) => {
+                    if !matches!(filled, Ok(Ok(()))) {
+                        return;
+                    }
+                }
+                // The server is stopping: no reason to wait for the client.
+                _ = shutdown.changed() => return,
+            }
+        }
     }
 
     /// The handshake. Returns the user name and vhost.
@@ -490,6 +534,7 @@ async fn run_frames<R: AsyncRead + Unpin>(
                         session.close_all();
                         connection
                             .send(0, &AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})));
+                        connection.linger_after_client_close(&mut shutdown).await;
                         return Ending::ClientClosed;
                     }
                     Err(Stop::Error { error, cause }) => {

@@ -126,6 +126,10 @@ impl Session {
                 TxOp::Reject { delivery_tag: nack.delivery_tag, multiple: nack.multiple, requeue: nack.requeue },
             ),
             basic::AMQPMethod::Recover(recover) => {
+                // Refused before recover-ok is sent, as RabbitMQ (540 only).
+                if !recover.requeue {
+                    return Err(ModelError::not_implemented("requeue=false"));
+                }
                 self.send(channel, AMQPClass::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})));
                 self.core.act(|model| Ok(((), model.recover(key, recover.requeue)?)))?;
                 Ok(())

@@ -269,11 +269,6 @@ impl Session {
                 AMQPClass::Channel(channel::AMQPMethod::Open(_)) => {
                     return self.open_channel(channel).map_err(|error| Stop::Error { error, cause });
                 }
-                // When the server closes a channel while the client closes it too, the two closes
-                // cross: we answer the client's close and forget the channel, and then the client
-                // answers ours with close-ok. RabbitMQ ignores that close-ok, so the client can
-                // reopen the channel number at once.
-                AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => return Ok(()),
                 _ => {}
             }
             let error = connection_error(
@@ -284,13 +279,21 @@ impl Session {
             return Err(Stop::Error { error, cause });
         };
         if state.closing {
+            // The server closed the channel: everything is dropped until the client's close-ok.
+            // If the client closed it too (the two closes crossed), its close is answered and
+            // the channel stays reserved until that close-ok all the same, as in RabbitMQ; a
+            // channel.open on it before then is 504 "second 'channel.open' seen".
             match method {
                 AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {
                     self.channels.remove(&channel);
                 }
                 AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
                     self.send(channel, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})));
-                    self.channels.remove(&channel);
+                }
+                AMQPClass::Channel(channel::AMQPMethod::Open(_)) => {
+                    let error =
+                        connection_error(reply_code::CHANNEL_ERROR, "CHANNEL_ERROR", "second 'channel.open' seen");
+                    return Err(Stop::Error { error, cause });
                 }
                 _ => {}
             }
@@ -358,7 +361,10 @@ impl Session {
                 self.send(channel, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})));
                 Ok(())
             }
-            channel::AMQPMethod::CloseOk(_) => Ok(()),
+            // RabbitMQ: a close-ok for a channel the server did not close is a hard error.
+            channel::AMQPMethod::CloseOk(_) => {
+                Err(connection_error(reply_code::COMMAND_INVALID, "COMMAND_INVALID", "unimplemented method"))
+            }
             channel::AMQPMethod::Flow(flow) if flow.active => {
                 self.send(channel, AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk { active: true })));
                 Ok(())

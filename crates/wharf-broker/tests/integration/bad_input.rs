@@ -63,6 +63,11 @@ impl Raw {
         self.socket.write_all(bytes).await.unwrap();
     }
 
+    /// Closes the client's sending side (the server sees end of stream).
+    pub(crate) async fn shutdown(&mut self) {
+        self.socket.shutdown().await.unwrap();
+    }
+
     pub(crate) async fn send_method(&mut self, channel: u16, method: AMQPClass) {
         let mut buffer = BytesMut::new();
         encode_method(&mut buffer, channel, &method).unwrap();

@@ -119,22 +119,13 @@ async fn misuse_gets_rabbitmq_s_406s() {
     let broker = TestBroker::start().await;
     let connection = broker.connect().await;
     // Asking for a direct reply on a channel without a reply consumer.
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .basic_publish(
-            "".into(),
-            "anywhere".into(),
-            BasicPublishOptions::default(),
-            b"question",
-            BasicProperties::default().with_reply_to(REPLY_TO.into()),
-        )
-        .await
-        .unwrap();
-    let error =
-        channel.queue_declare("after".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap_err();
+    let channel = confirm_channel(&connection).await;
+    let properties = BasicProperties::default().with_reply_to(REPLY_TO.into());
+    let error = publish_refused(&channel, "", "anywhere", b"question", properties).await;
     assert_eq!(reply_code(&error), Some(406));
     assert!(message_of(&error).contains("fast reply consumer does not exist"), "{}", message_of(&error));
-    // A reply consumer that would acknowledge.
+    // A reply consumer that would acknowledge (each case on its own connection).
+    let connection = broker.connect().await;
     let channel = connection.create_channel().await.unwrap();
     let error = channel
         .basic_consume(REPLY_TO.into(), "acking".into(), BasicConsumeOptions::default(), FieldTable::default())
@@ -143,6 +134,7 @@ async fn misuse_gets_rabbitmq_s_406s() {
     assert_eq!(reply_code(&error), Some(406));
     assert!(message_of(&error).contains("reply consumer cannot acknowledge"), "{}", message_of(&error));
     // A second reply consumer on one channel.
+    let connection = broker.connect().await;
     let channel = connection.create_channel().await.unwrap();
     let no_ack = BasicConsumeOptions { no_ack: true, ..Default::default() };
     channel.basic_consume(REPLY_TO.into(), "first".into(), no_ack, FieldTable::default()).await.unwrap();

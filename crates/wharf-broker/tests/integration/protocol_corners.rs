@@ -210,3 +210,76 @@ async fn a_deleted_queue_cancels_consumers_only_for_clients_that_announce_consum
     }
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_client_close_the_connection_answers_every_further_close_and_drops_other_frames() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::connect(&broker).await;
+    assert!(raw.handshake("guest", "guest", 0).await.is_none());
+    raw.open_channel(1).await;
+    let close = || {
+        let close = connection::Close { reply_code: 200, reply_text: "bye".into(), class_id: 0, method_id: 0 };
+        AMQPClass::Connection(connection::AMQPMethod::Close(close))
+    };
+    // Several threads of a client closing at once, and a publish still being written after the
+    // close: every close gets its close-ok, the rest is dropped without an error.
+    raw.send_method(0, close()).await;
+    raw.send(&crate::bad_input::publish_frames(1, b"late", false)).await;
+    raw.send_method(0, close()).await;
+    for _ in 0..2 {
+        assert!(matches!(raw.next_method().await, Some(AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)))));
+    }
+    raw.shutdown().await;
+    assert!(raw.next().await.is_none(), "the server ends once the client has closed its side");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closing_channel_cannot_be_reopened_before_its_close_ok() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::connect(&broker).await;
+    assert!(raw.handshake("guest", "guest", 0).await.is_none());
+    raw.open_channel(1).await;
+    let ack = basic::Ack { delivery_tag: 99, multiple: false };
+    raw.send_method(1, AMQPClass::Basic(basic::AMQPMethod::Ack(ack))).await;
+    raw.expect_channel_close(406).await;
+    raw.send_method(1, AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))).await;
+    let text = raw.expect_connection_close(504).await;
+    assert!(text.contains("second 'channel.open' seen"), "{text}");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_ok_the_server_did_not_ask_for_is_an_error_as_in_rabbitmq() {
+    let broker = TestBroker::start().await;
+    // On a channel that was never opened: 504.
+    let mut raw = Raw::connect(&broker).await;
+    assert!(raw.handshake("guest", "guest", 0).await.is_none());
+    raw.send_method(3, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {}))).await;
+    let text = raw.expect_connection_close(504).await;
+    assert!(text.contains("expected 'channel.open'"), "{text}");
+    // On an open channel the server did not close: 503.
+    let mut raw = Raw::connect(&broker).await;
+    assert!(raw.handshake("guest", "guest", 0).await.is_none());
+    raw.open_channel(1).await;
+    raw.send_method(1, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {}))).await;
+    raw.expect_connection_close(503).await;
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_recover_without_requeue_is_refused_with_540_and_no_recover_ok() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::connect(&broker).await;
+    assert!(raw.handshake("guest", "guest", 0).await.is_none());
+    raw.open_channel(1).await;
+    raw.send_method(1, AMQPClass::Basic(basic::AMQPMethod::Recover(basic::Recover { requeue: false }))).await;
+    match raw.next_method().await {
+        Some(AMQPClass::Connection(connection::AMQPMethod::Close(close))) => {
+            assert_eq!(close.reply_code, 540);
+            assert_eq!(close.reply_text.as_str(), "NOT_IMPLEMENTED - requeue=false");
+        }
+        other => panic!("expected connection.close 540 first, got {other:?}"),
+    }
+    broker.stop().await;
+}

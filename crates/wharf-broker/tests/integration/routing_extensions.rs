@@ -136,18 +136,8 @@ async fn cc_and_bcc_add_recipients_and_bcc_is_not_delivered() {
     // A CC that is not an array is refused with 406.
     let mut headers = FieldTable::default();
     headers.insert("CC".into(), AMQPValue::LongString("copy".into()));
-    channel
-        .basic_publish(
-            "".into(),
-            "to".into(),
-            BasicPublishOptions::default(),
-            b"memo",
-            BasicProperties::default().with_headers(headers),
-        )
-        .await
-        .unwrap();
-    let error =
-        channel.queue_declare("after".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap_err();
+    let channel = confirm_channel(&connection).await;
+    let error = publish_refused(&channel, "", "to", b"memo", BasicProperties::default().with_headers(headers)).await;
     assert_eq!(reply_code(&error), Some(406));
     assert!(message_of(&error).contains("CC"), "{}", message_of(&error));
     connection.close(200, "bye".into()).await.unwrap();

@@ -90,7 +90,7 @@ impl BrokerModel {
     /// RabbitMQ does not implement redelivery to the same consumer (requeue = false): 540.
     pub fn recover(&mut self, key: ChannelKey, requeue: bool) -> Result<Effects> {
         if !requeue {
-            return Err(ModelError::not_implemented("basic.recover with requeue=false"));
+            return Err(ModelError::not_implemented("requeue=false"));
         }
         self.reject(key, 0, true, true)
     }

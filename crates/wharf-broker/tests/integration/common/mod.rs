@@ -308,3 +308,29 @@ pub async fn connect_as(broker: &TestBroker, user: &str, vhost: &str) -> Result<
     let url = format!("amqp://{user}:pw@{}/{}", broker.broker().local_addr(), vhost.replace('/', "%2f"));
     Connection::connect(&url, ConnectionProperties::default()).await
 }
+
+/// Publishes on a channel in confirm mode and waits for the confirm, for a publish the server
+/// refuses by closing the channel: the error carries the channel's close (a later method on the
+/// channel could instead fail on the closed channel before the server's reason arrives).
+pub async fn publish_refused(
+    channel: &lapin::Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+) -> lapin::Error {
+    let outcome = async {
+        channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                lapin::options::BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await?
+            .await
+    }
+    .await;
+    outcome.expect_err("the publish was refused")
+}
