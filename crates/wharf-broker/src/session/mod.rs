@@ -265,11 +265,8 @@ impl Session {
     async fn channel_method(&mut self, channel: u16, method: AMQPClass) -> Result<(), Stop> {
         let cause = MethodId::of(&method);
         let Some(state) = self.channels.get_mut(&channel) else {
-            match method {
-                AMQPClass::Channel(channel::AMQPMethod::Open(_)) => {
-                    return self.open_channel(channel).map_err(|error| Stop::Error { error, cause });
-                }
-                _ => {}
+            if let AMQPClass::Channel(channel::AMQPMethod::Open(_)) = method {
+                return self.open_channel(channel).map_err(|error| Stop::Error { error, cause });
             }
             let error = connection_error(
                 reply_code::CHANNEL_ERROR,
