@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace, then the stock-client compatibility suites (Python's pika,
-# Node's amqplib) against the built binary. Installs and starts whatever the tests need itself,
-# so it passes on a fresh Debian machine that has only the Rust toolchain, Python and Node.
+# Node's amqplib) and the client libraries' own integration suites against the built binary.
+# Installs and starts whatever the tests need itself, so it passes on a fresh Debian machine that
+# has only the Rust toolchain, Python and Node.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +24,9 @@ cargo test --workspace --doc --locked
 cargo build -p wharf --locked
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 compat/run.sh "$target_dir/debug/wharf"
+# The client libraries' own integration suites (compat/README.md): all of them, about 5 minutes
+# with a cold cache (they install pinned releases from PyPI, npm and Debian).
+compat/upstream/run.sh "$target_dir/debug/wharf"
 
 # The reference system under fire: 300 orders while a random process (the broker included) is
 # killed with SIGKILL every 2 s; fails on any order lost, charged, stocked or mailed twice.
