@@ -203,14 +203,15 @@ impl VirtualHost {
     /// `exchange.declare`.
     pub fn declare_exchange(&mut self, declare: &ExchangeDeclare<'_>) -> Result<Declared> {
         check_name("exchange", declare.name)?;
+        // Passive or not, as RabbitMQ (clients probe the default exchange with a passive declare).
+        if declare.name.is_empty() {
+            return Err(ModelError::access_refused("operation not permitted on the default exchange"));
+        }
         if declare.passive {
             return match self.exchanges.contains_key(declare.name) {
                 true => Ok(Declared { name: declare.name.to_owned(), created: false }),
                 false => Err(self.no_exchange(declare.name)),
             };
-        }
-        if declare.name.is_empty() {
-            return Err(ModelError::access_refused("operation not permitted on the default exchange"));
         }
         let kind = ExchangeKind::parse(declare.kind)?;
         if let Some(existing) = self.exchanges.get(declare.name) {
@@ -326,15 +327,17 @@ impl VirtualHost {
             declare.name.to_owned()
         };
         if let Some(existing) = self.queues.get(&name) {
-            self.check_exclusive(existing, declare.connection)?;
+            // RabbitMQ's strict check on redeclare: the owner must be the same, so an exclusive
+            // queue redeclared without `exclusive` (even by its own connection), or the other
+            // way round, is 405, not an inequivalent argument.
+            if existing.exclusive_owner != declare.exclusive.then_some(declare.connection) {
+                return Err(self.locked(existing));
+            }
             let compare = |argument: &str, received: bool, current: bool| {
                 inequivalent("queue", argument, &name, &self.name, received.to_string(), current.to_string())
             };
             if existing.durable != declare.durable {
                 return Err(compare("durable", declare.durable, existing.durable));
-            }
-            if existing.exclusive_owner.is_some() != declare.exclusive {
-                return Err(compare("exclusive", declare.exclusive, existing.exclusive_owner.is_some()));
             }
             if existing.auto_delete != declare.auto_delete {
                 return Err(compare("auto_delete", declare.auto_delete, existing.auto_delete));
@@ -448,12 +451,19 @@ impl VirtualHost {
     /// Fails with 405 if `queue` is exclusive to another connection.
     pub fn check_exclusive(&self, queue: &Queue, connection: ConnectionId) -> Result<()> {
         match queue.exclusive_owner {
-            Some(owner) if owner != connection => Err(ModelError::resource_locked(format!(
-                "cannot obtain exclusive access to locked queue '{}' in vhost '{}'",
-                queue.name, self.name
-            ))),
+            Some(owner) if owner != connection => Err(self.locked(queue)),
             _ => Ok(()),
         }
+    }
+
+    /// RabbitMQ's 405 for a queue another connection holds exclusively, or declared with the
+    /// other `exclusive` value.
+    fn locked(&self, queue: &Queue) -> ModelError {
+        ModelError::resource_locked(format!(
+            "cannot obtain exclusive access to locked queue '{}' in vhost '{}'. It could be originally declared \
+             on another connection or the exclusive property value does not match that of the original declaration.",
+            queue.name, self.name
+        ))
     }
 
     /// A queue that `connection` may use, or 404 / 405.

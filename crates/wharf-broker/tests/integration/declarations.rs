@@ -4,7 +4,7 @@
 
 use crate::common;
 
-use common::{TestBroker, reply_code};
+use common::{TestBroker, message_of, reply_code};
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, ExchangeKind};
@@ -313,5 +313,45 @@ async fn auto_deleted_durable_exchanges_stay_deleted_and_large_bindings_persist(
         .await
         .unwrap_err();
     assert_eq!(reply_code(&error), Some(404), "{error}");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redeclaring_with_the_other_exclusive_value_is_405_even_on_the_owning_connection() {
+    let broker = TestBroker::start().await;
+    let connection = broker.connect().await;
+    let owner = connection.create_channel().await.unwrap();
+    let exclusive = QueueDeclareOptions { exclusive: true, ..Default::default() };
+    owner.queue_declare("mine".into(), exclusive, FieldTable::default()).await.unwrap();
+    owner.queue_declare("shared".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    for (queue, options) in [("mine", QueueDeclareOptions::default()), ("shared", exclusive)] {
+        let channel = connection.create_channel().await.unwrap();
+        let error = channel.queue_declare(queue.into(), options, FieldTable::default()).await.unwrap_err();
+        assert_eq!(reply_code(&error), Some(405), "{queue}: {}", message_of(&error));
+        assert!(
+            message_of(&error).contains("cannot obtain exclusive access to locked queue"),
+            "{}",
+            message_of(&error)
+        );
+    }
+    // The same value again is fine.
+    owner.queue_declare("mine".into(), exclusive, FieldTable::default()).await.unwrap();
+    connection.close(200, "bye".into()).await.unwrap();
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn even_a_passive_declare_of_the_default_exchange_is_refused_with_403() {
+    let broker = TestBroker::start().await;
+    let connection = broker.connect().await;
+    let channel = connection.create_channel().await.unwrap();
+    let passive = ExchangeDeclareOptions { passive: true, ..Default::default() };
+    let error = channel
+        .exchange_declare("".into(), lapin::ExchangeKind::Direct, passive, FieldTable::default())
+        .await
+        .unwrap_err();
+    assert_eq!(reply_code(&error), Some(403));
+    assert_eq!(message_of(&error), "ACCESS_REFUSED - operation not permitted on the default exchange");
+    connection.close(200, "bye".into()).await.unwrap();
     broker.stop().await;
 }
