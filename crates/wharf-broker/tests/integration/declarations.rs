@@ -355,3 +355,28 @@ async fn even_a_passive_declare_of_the_default_exchange_is_refused_with_403() {
     connection.close(200, "bye".into()).await.unwrap();
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_if_empty_counts_ready_messages_only_as_rabbitmq() {
+    let broker = TestBroker::start().await;
+    let connection = broker.connect().await;
+    let channel = connection.create_channel().await.unwrap();
+    channel.queue_declare("drained".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    publish(&channel, "", "drained", "one", None).await;
+    publish(&channel, "", "drained", "two", None).await;
+    let if_empty = QueueDeleteOptions { if_empty: true, ..Default::default() };
+    let error = channel.queue_delete("drained".into(), if_empty).await.unwrap_err();
+    assert_eq!(reply_code(&error), Some(406), "two ready messages: not empty");
+    let channel = connection.create_channel().await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(channel.basic_get("drained".into(), BasicGetOptions::default()).await.unwrap().unwrap());
+    }
+    // Both delivered, neither acked yet: empty, as a client deleting after its gets expects.
+    assert_eq!(channel.queue_delete("drained".into(), if_empty).await.unwrap(), 0);
+    // Acknowledging a delivery of the deleted queue is harmless.
+    held.remove(0).delivery.ack(BasicAckOptions::default()).await.unwrap();
+    channel.queue_declare("after".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    connection.close(200, "bye".into()).await.unwrap();
+    broker.stop().await;
+}

@@ -46,7 +46,10 @@ impl BrokerModel {
                 "queue '{queue_name}' in vhost '{vhost_name}' in use"
             )));
         }
-        if if_empty && queue.ready_count() + queue.unacked_count() > 0 {
+        // "Empty" as RabbitMQ counts it: no ready messages. Unacknowledged deliveries do not
+        // count (clients delete with if-empty right after a get they have not acked yet), and
+        // go with the queue, as in RabbitMQ.
+        if if_empty && queue.ready_count() > 0 {
             return Err(ModelError::precondition_failed(format!(
                 "queue '{queue_name}' in vhost '{vhost_name}' not empty"
             )));
