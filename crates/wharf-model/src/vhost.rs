@@ -599,8 +599,8 @@ impl VirtualHost {
         Ok(true)
     }
 
-    /// `queue.unbind` and `exchange.unbind`. Unbinding what is not bound succeeds. Returns true if
-    /// a binding was removed.
+    /// `queue.unbind` and `exchange.unbind`. Unbinding what is not bound succeeds, also when its
+    /// queue or exchanges are gone. Returns true if a binding was removed.
     pub fn unbind(
         &mut self,
         source: &str,
@@ -612,17 +612,18 @@ impl VirtualHost {
         if source.is_empty() {
             return Err(ModelError::access_refused("operation not permitted on the default exchange"));
         }
+        // Unbinding from a queue or exchange that is gone succeeds: the binding went with it.
+        // RabbitMQ answers 404 once the deletion is done, but deletes an auto-delete queue (and
+        // then its auto-delete exchange) in the background after its last consumer is
+        // cancelled, so a client that cancels and then unbinds (aio-pika's RPC does) gets
+        // unbind-ok there in practice; Wharf deletes at once, so it would answer 404 every time.
         match destination {
             Destination::Queue(queue) => {
-                self.usable_queue(queue, connection)?;
-            }
-            Destination::Exchange(exchange) if !self.exchanges.contains_key(exchange) => {
-                return Err(self.no_exchange(exchange));
+                if let Some(found) = self.queues.get(queue.as_str()) {
+                    self.check_exclusive(found, connection)?;
+                }
             }
             Destination::Exchange(_) => {}
-        }
-        if !self.exchanges.contains_key(source) {
-            return Err(self.no_exchange(source));
         }
         let Some(list) = self.bindings.get_mut(source) else { return Ok(false) };
         let before = list.len();

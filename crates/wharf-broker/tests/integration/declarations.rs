@@ -380,3 +380,49 @@ async fn delete_if_empty_counts_ready_messages_only_as_rabbitmq() {
     connection.close(200, "bye".into()).await.unwrap();
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbinding_after_an_auto_delete_queue_went_with_its_consumer_succeeds() {
+    // aio-pika's RPC closes this way: cancel the only consumer of its auto-delete reply queue
+    // (which deletes the queue, and then its auto-delete exchange), then unbind, then delete.
+    let broker = TestBroker::start().await;
+    let connection = broker.connect().await;
+    let channel = connection.create_channel().await.unwrap();
+    let auto_delete = ExchangeDeclareOptions { auto_delete: true, ..Default::default() };
+    channel
+        .exchange_declare("rpc.dlx".into(), ExchangeKind::Headers, auto_delete, FieldTable::default())
+        .await
+        .unwrap();
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions { auto_delete: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let name = queue.name().as_str().to_owned();
+    channel
+        .queue_bind(
+            name.as_str().into(),
+            "rpc.dlx".into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let consumer = channel
+        .basic_consume(name.as_str().into(), "results".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    channel.basic_cancel(consumer.tag().as_str().into(), BasicCancelOptions::default()).await.unwrap();
+    channel.queue_unbind(name.as_str().into(), "rpc.dlx".into(), "".into(), FieldTable::default()).await.unwrap();
+    assert_eq!(channel.queue_delete(name.as_str().into(), QueueDeleteOptions::default()).await.unwrap(), 0);
+    // The queue did go: a passive declare says so.
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let error = channel.queue_declare(name.as_str().into(), passive, FieldTable::default()).await.unwrap_err();
+    assert_eq!(reply_code(&error), Some(404));
+    connection.close(200, "bye".into()).await.unwrap();
+    broker.stop().await;
+}
