@@ -183,20 +183,23 @@ impl Session {
                 let name = self.queue_name(channel, delete.queue.as_str());
                 self.allow(Right::Configure, Resource::Queue, &name)?;
                 let key = self.key(channel);
-                // delete-ok goes out before the cancels of the queue's consumers (RabbitMQ's
-                // order: py-amqp raises out of queue_delete() if a cancel for its own consumer
-                // comes first), so it is sent under the model lock, before the effects.
+                // delete-ok goes out once the queue is gone (its store logs too), and before the
+                // cancels of its consumers: RabbitMQ's order (py-amqp raises out of
+                // queue_delete() if the cancel of its own consumer comes first).
                 let mut model = self.core.lock_model();
                 let (count, mut effects) = model.delete_queue(key, &name, delete.if_unused, delete.if_empty)?;
+                let mut cancels =
+                    wharf_model::Effects { cancelled: std::mem::take(&mut effects.cancelled), ..Default::default() };
+                self.core.send(&mut effects);
+                drop(model);
+                self.core.apply(effects);
                 if !delete.nowait {
                     self.send(
                         channel,
                         AMQPClass::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk { message_count: count })),
                     );
                 }
-                self.core.send(&mut effects);
-                drop(model);
-                self.core.apply(effects);
+                self.core.send(&mut cancels);
                 Ok(())
             }
             _ => Err(ModelError::command_invalid("this queue method is not valid from a client")),
