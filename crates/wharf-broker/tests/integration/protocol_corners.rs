@@ -10,7 +10,8 @@ use wharf_wire::frame::{FRAME_MIN_SIZE, encode_content_header, encode_method, en
 use wharf_wire::protocol::{AMQPClass, BasicProperties, basic, channel, connection, queue};
 use wharf_wire::types::FieldTable;
 
-async fn declare(raw: &mut Raw, channel: u16, name: &str) {
+/// A plain `queue.declare` of `name`.
+fn declare_method(name: &str) -> AMQPClass {
     let declare = queue::Declare {
         queue: name.into(),
         passive: false,
@@ -20,7 +21,11 @@ async fn declare(raw: &mut Raw, channel: u16, name: &str) {
         nowait: false,
         arguments: FieldTable::default(),
     };
-    raw.send_method(channel, AMQPClass::Queue(queue::AMQPMethod::Declare(declare))).await;
+    AMQPClass::Queue(queue::AMQPMethod::Declare(declare))
+}
+
+async fn declare(raw: &mut Raw, channel: u16, name: &str) {
+    raw.send_method(channel, declare_method(name)).await;
     assert!(matches!(raw.next_method().await, Some(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_)))));
 }
 
@@ -188,16 +193,7 @@ async fn a_deleted_queue_cancels_consumers_only_for_clients_that_announce_consum
         // cancel of its own consumer comes before it), then the cancel if the client asked for
         // it; a declare sent now shows whether one came in between.
         assert!(matches!(raw.next_method().await, Some(AMQPClass::Queue(queue::AMQPMethod::DeleteOk(_)))));
-        let marker = queue::Declare {
-            queue: "marker".into(),
-            passive: false,
-            durable: false,
-            exclusive: false,
-            auto_delete: false,
-            nowait: false,
-            arguments: FieldTable::default(),
-        };
-        raw.send_method(1, AMQPClass::Queue(queue::AMQPMethod::Declare(marker))).await;
+        raw.send_method(1, declare_method("marker")).await;
         match raw.next_method().await {
             Some(AMQPClass::Basic(basic::AMQPMethod::Cancel(cancel))) => {
                 assert!(notify, "basic.cancel sent to a client that did not ask for it");
