@@ -24,14 +24,14 @@ pub mod topic;
 pub mod vhost;
 
 pub use broker::{
-    Admission, BrokerModel, CancelledConsumer, Counters, DeletedExchange, DeletedQueue, Delivery, Effects, Removed,
-    StoredAt,
+    Admission, BrokerModel, CancelledConsumer, ChannelSummary, ConsumerSummary, Counters, DeletedExchange,
+    DeletedQueue, Delivery, Effects, Removed, StoredAt,
 };
 pub use deadletter::{AutoDeadLetterQueue, DeathReason, Transfer, TransferTarget};
 pub use error::{ModelError, Result, Scope};
 pub use exchange::{Binding, Destination, Exchange, ExchangeKind};
 pub use message::{Body, Message, PagedBody};
 pub use policy::{ApplyTo, Policy};
-pub use queue::{ChannelKey, ConnectionId, Entry, Queue};
+pub use queue::{ChannelKey, ConnectionId, Entry, Queue, QueueConsumer};
 pub use settings::{ExchangeSettings, Overflow, QueueSettings};
 pub use vhost::{Declared, ExchangeDeclare, QueueDeclare, VirtualHost};

@@ -21,6 +21,9 @@ use std::sync::Arc;
 use wharf_wire::types::FieldTable;
 
 mod consumers;
+mod inspect;
+
+pub use inspect::QueueConsumer;
 mod invariants;
 
 pub(crate) use consumers::Unused;

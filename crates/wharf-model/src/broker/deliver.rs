@@ -56,6 +56,12 @@ impl BrokerModel {
             let mut delivery = delivery;
             let delivery_tag = delivery.delivery_tag;
             if consumer.no_ack {
+                self.counters.delivered_consume_auto_ack += 1;
+            } else {
+                self.counters.delivered_consume_manual_ack += 1;
+            }
+            self.counters.redelivered += u64::from(delivery.redelivered);
+            if consumer.no_ack {
                 remove_no_ack(vhost_name, queue, &mut delivery, &mut effects);
             }
             effects.deliveries.push(delivery);
@@ -117,8 +123,15 @@ impl BrokerModel {
         let Some((entry_id, mut delivery)) =
             take_for_delivery(queue, &mut channel.next_delivery_tag, &mut self.pending_bytes, key, None, !no_ack)
         else {
+            self.counters.get_empty += 1;
             return Ok((None, effects));
         };
+        if no_ack {
+            self.counters.delivered_get_auto_ack += 1;
+        } else {
+            self.counters.delivered_get_manual_ack += 1;
+        }
+        self.counters.redelivered += u64::from(delivery.redelivered);
         if no_ack {
             remove_no_ack(&vhost_name, queue, &mut delivery, &mut effects);
         } else {

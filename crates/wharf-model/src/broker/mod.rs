@@ -25,6 +25,7 @@ mod admission;
 mod channels;
 mod deliver;
 mod direct_reply;
+mod inspect;
 mod invariants;
 mod queues;
 mod settle;
@@ -32,6 +33,7 @@ mod timers;
 
 pub use admission::Admission;
 pub use direct_reply::{DIRECT_REPLY_TO, DIRECT_REPLY_TO_PREFIX};
+pub use inspect::{ChannelSummary, ConsumerSummary};
 
 use crate::deadletter::{self, AutoDeadLetterQueue, DeathReason, Transfer, TransferTarget};
 use crate::error::ModelError;
@@ -86,6 +88,35 @@ pub struct Counters {
     /// Transient bodies over their queue's memory bound that could not be written to its
     /// transient log (a full disk, a failing store): kept in memory instead (see `publish.rs`).
     pub transient_page_out_failures: u64,
+    /// Messages published by clients (RabbitMQ's `messages_received`), routed or not.
+    pub published: u64,
+    /// Published messages that reached at least one queue (or a delayed exchange's hold).
+    pub routed: u64,
+    /// Published messages that reached no queue and were dropped (not mandatory).
+    pub unroutable_dropped: u64,
+    /// Published messages that reached no queue and were returned (mandatory).
+    pub unroutable_returned: u64,
+    /// Deliveries to consumers that must acknowledge.
+    pub delivered_consume_manual_ack: u64,
+    /// Deliveries to `no-ack` consumers.
+    pub delivered_consume_auto_ack: u64,
+    /// `basic.get`s answered with a message, to be acknowledged.
+    pub delivered_get_manual_ack: u64,
+    /// `basic.get`s answered with a message, `no-ack`.
+    pub delivered_get_auto_ack: u64,
+    /// `basic.get`s answered with get-empty.
+    pub get_empty: u64,
+    /// Deliveries (consumer or get) of messages delivered before.
+    pub redelivered: u64,
+    /// Deliveries acknowledged.
+    pub acknowledged: u64,
+    /// Requeued messages held back for their queue's retry backoff step (`x-retry-backoff`).
+    pub backoff_waits: u64,
+    /// Dead letters by reason (their sum is `dead_lettered`).
+    pub dead_lettered_delivery_limit: u64,
+    pub dead_lettered_expired: u64,
+    pub dead_lettered_maxlen: u64,
+    pub dead_lettered_rejected: u64,
 }
 
 /// One delivery to send: `basic.deliver` (consumer) or `basic.get-ok` (no consumer tag).
@@ -201,7 +232,7 @@ pub struct Effects {
 }
 
 impl Effects {
-    fn merge(&mut self, other: Effects) {
+    pub fn merge(&mut self, other: Effects) {
         self.deliveries.extend(other.deliveries);
         self.removed.extend(other.removed);
         self.cancelled.extend(other.cancelled);
@@ -287,6 +318,17 @@ impl BrokerModel {
     }
 
     /// What the model counted.
+    /// Counts a client's publish: `routed` if it reached a queue (or a delayed hold), else as
+    /// returned (`mandatory`) or dropped.
+    pub fn count_publish(&mut self, routed: bool, mandatory: bool) {
+        self.counters.published += 1;
+        match (routed, mandatory) {
+            (true, _) => self.counters.routed += 1,
+            (false, true) => self.counters.unroutable_returned += 1,
+            (false, false) => self.counters.unroutable_dropped += 1,
+        }
+    }
+
     pub fn counters(&self) -> Counters {
         self.counters
     }
@@ -327,6 +369,12 @@ fn dead_letter(
         }
     };
     counters.dead_lettered += 1;
+    match reason {
+        DeathReason::DeliveryLimit => counters.dead_lettered_delivery_limit += 1,
+        DeathReason::Expired => counters.dead_lettered_expired += 1,
+        DeathReason::MaxLen => counters.dead_lettered_maxlen += 1,
+        DeathReason::Rejected => counters.dead_lettered_rejected += 1,
+    }
     let moved =
         deadletter::dead_lettered(message, &queue.name, reason, now_ms, delivery_count, &exchange, &routing_key);
     effects.transfers.push(Transfer {

@@ -41,6 +41,7 @@ impl BrokerModel {
                 && let Some(entry) = queue.remove_unacked(outstanding.entry_id)
             {
                 effects.removed.push(Removed::of(&vhost, queue, &entry));
+                self.counters.acknowledged += 1;
             }
         }
         effects.merge(self.redispatch_channel(key, &BTreeSet::new()));
@@ -181,6 +182,7 @@ impl BrokerModel {
                 );
             }
             Some(Returned::Backoff { wait_ms }) => {
+                self.counters.backoff_waits += 1;
                 self.timers.insert((
                     now_ms.saturating_add(wait_ms),
                     Timer::Backoff {
