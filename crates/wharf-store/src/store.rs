@@ -262,14 +262,33 @@ pub struct StoreStats {
     pub ack_segments_deleted: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Counters {
+    /// Each `fdatasync` of a data file (segments, ack log), in microseconds.
+    pub sync_latency_us: crate::Histogram,
+    /// Appends each batch made durable (batches with none are not counted).
+    pub batch_appends: crate::Histogram,
     pub batches: AtomicU64,
     pub appends: AtomicU64,
     pub data_syncs: AtomicU64,
     pub ack_log_syncs: AtomicU64,
     pub segments_deleted: AtomicU64,
     pub ack_segments_deleted: AtomicU64,
+}
+
+impl Default for Counters {
+    fn default() -> Counters {
+        Counters {
+            sync_latency_us: crate::Histogram::new(&crate::SYNC_LATENCY_BOUNDS_US),
+            batch_appends: crate::Histogram::new(&crate::BATCH_APPENDS_BOUNDS),
+            batches: AtomicU64::new(0),
+            appends: AtomicU64::new(0),
+            data_syncs: AtomicU64::new(0),
+            ack_log_syncs: AtomicU64::new(0),
+            segments_deleted: AtomicU64::new(0),
+            ack_segments_deleted: AtomicU64::new(0),
+        }
+    }
 }
 
 /// Per-queue state shared with callers: the tail (seq counter, where the next record goes, the
@@ -703,6 +722,16 @@ impl Store {
             segments_deleted: counters.segments_deleted.load(Ordering::Relaxed),
             ack_segments_deleted: counters.ack_segments_deleted.load(Ordering::Relaxed),
         }
+    }
+
+    /// The latency of each `fdatasync` of a data file, in microseconds.
+    pub fn sync_latency_us(&self) -> crate::HistogramSnapshot {
+        self.inner.shared.counters.sync_latency_us.snapshot()
+    }
+
+    /// The appends each batch made durable.
+    pub fn batch_appends(&self) -> crate::HistogramSnapshot {
+        self.inner.shared.counters.batch_appends.snapshot()
     }
 
     /// Makes pending removals durable and stops the writer. Other clones fail with `Closed` after.

@@ -165,9 +165,11 @@ impl WriterState {
     pub(crate) fn sync_acks(&mut self) -> Result<()> {
         for id in std::mem::take(&mut self.acks.unsynced) {
             if let Some(segment) = self.acks.segments.get(&id) {
+                let started = std::time::Instant::now();
                 if let Err(error) = segment.file.sync_data() {
                     return Err(self.fatal(format!("fdatasync of ack-log segment {id} failed: {error}")));
                 }
+                self.shared.counters.sync_latency_us.observe(started.elapsed().as_micros() as u64);
                 self.shared.counters.data_syncs.fetch_add(1, Ordering::Relaxed);
             }
         }

@@ -326,6 +326,9 @@ pub(crate) fn run(mut state: WriterState, receiver: Receiver<Op>) {
         }
         last_appends = batch.appends;
         last_batch_len = batch.ops.len();
+        if batch.appends > 0 {
+            state.shared.counters.batch_appends.observe(batch.appends as u64);
+        }
         let closed = state.process(&mut batch.ops);
         state.shared.release_pending(batch.append_bytes);
         if closed {
@@ -596,9 +599,11 @@ impl WriterState {
             }
         }
         for file in &to_sync {
+            let started = std::time::Instant::now();
             if let Err(error) = file.sync_data() {
                 return Err(self.fatal(format!("fdatasync of a queue segment failed: {error}")));
             }
+            self.shared.counters.sync_latency_us.observe(started.elapsed().as_micros() as u64);
             self.shared.counters.data_syncs.fetch_add(1, Ordering::Relaxed);
         }
         for dir in dirty_dirs {
