@@ -133,6 +133,11 @@ impl Alarms {
         }
     }
 
+    /// The data directory's file system's free space now, if it can be read.
+    pub fn disk_free_bytes(&self) -> Option<u64> {
+        self.disk_space.free_bytes(&self.data_dir)
+    }
+
     /// The alarms raised now.
     pub fn state(&self) -> AlarmState {
         *self.state.borrow()

@@ -37,9 +37,10 @@ impl std::fmt::Debug for User {
 }
 
 impl User {
-    /// RabbitMQ's default user: `guest`/`guest`, loopback only.
+    /// RabbitMQ's default user: `guest`/`guest`, loopback only, tagged `administrator` (so it
+    /// can use the management API, as in RabbitMQ).
     pub fn guest() -> Self {
-        User::with_password("guest", "guest", true)
+        User { tags: vec!["administrator".to_owned()], ..User::with_password("guest", "guest", true) }
     }
 
     /// A user whose password is given in clear (hashed here; only the hash is kept).

@@ -10,6 +10,7 @@
 use crate::access::VhostGrant;
 use crate::core::{Core, blocking};
 use crate::limits::ConnectionLease;
+use crate::manage::{ConnectionFacts, ConnectionInfo};
 use crate::outbound::{BACKLOG_BYTES_MAX, Backlog, HandshakeSlot, Outbound, Outbox, Reports, UnsentDelivery};
 use crate::outbound::{method_frame, truncate};
 use crate::session::{Session, Stop};
@@ -89,16 +90,16 @@ fn server_properties() -> FieldTable {
 }
 
 /// This machine's host name (for `cluster_name`), or "localhost" if it cannot be read.
-fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     rustix::system::uname().nodename().to_str().map(str::to_owned).unwrap_or_else(|_| "localhost".to_owned())
 }
 
-/// Reads from the socket into `buffer`, failing on end of stream.
-async fn fill<R: AsyncRead + Unpin>(reader: &mut R, buffer: &mut BytesMut) -> Result<(), String> {
+/// Reads from the socket into `buffer`, failing on end of stream; returns the bytes read.
+async fn fill<R: AsyncRead + Unpin>(reader: &mut R, buffer: &mut BytesMut) -> Result<usize, String> {
     buffer.reserve(READ_CHUNK_BYTES);
     match reader.read_buf(buffer).await {
         Ok(0) => Err("connection closed by peer".into()),
-        Ok(_) => Ok(()),
+        Ok(read_bytes) => Ok(read_bytes),
         Err(error) => Err(error.to_string()),
     }
 }
@@ -111,12 +112,19 @@ pub(crate) struct Transport {
     /// The client's certificate, verified against the configured CA (TLS only): SASL `EXTERNAL`
     /// is offered, and logs in as its CN, only with one.
     pub client_certificate: Option<CertificateDer<'static>>,
+    /// The listener's address the client connected to (for the connection's name).
+    pub local: SocketAddr,
+    /// The connection runs over TLS.
+    pub tls: bool,
 }
 
 /// The state of one connection.
 struct Connection<R> {
     core: Arc<Core>,
     peer: SocketAddr,
+    /// The listener's address the client connected to.
+    local: SocketAddr,
+    tls: bool,
     client_certificate: Option<CertificateDer<'static>>,
     reader: R,
     buffer: BytesMut,
@@ -167,7 +175,7 @@ impl<R: AsyncRead + Unpin> Connection<R> {
                 Err(_) => break,
             }
             match tokio::time::timeout_at(deadline, fill(&mut self.reader, &mut self.buffer)).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(_)) => {}
                 _ => break,
             }
         }
@@ -205,7 +213,7 @@ impl<R: AsyncRead + Unpin> Connection<R> {
             }
             tokio::select! {
                 filled = tokio::time::timeout_at(deadline, fill(&mut self.reader, &mut self.buffer)) => {
-                    if !matches!(filled, Ok(Ok(()))) {
+                    if !matches!(filled, Ok(Ok(_))) {
                         return;
                     }
                 }
@@ -220,7 +228,9 @@ impl<R: AsyncRead + Unpin> Connection<R> {
         let version = loop {
             match decode_protocol_header(&mut self.buffer) {
                 Ok(Some(version)) => break version,
-                Ok(None) => fill(&mut self.reader, &mut self.buffer).await.map_err(Ending::SocketLost)?,
+                Ok(None) => {
+                    fill(&mut self.reader, &mut self.buffer).await.map_err(Ending::SocketLost)?;
+                }
                 Err(error) => {
                     // The spec's answer to an unsupported header: our header, then close.
                     let mut reply = BytesMut::new();
@@ -313,14 +323,28 @@ impl<R: AsyncRead + Unpin> Connection<R> {
         // Only a logged-in connection takes one of the `connections_max` slots (a socket still in
         // its handshake holds a handshake slot instead), so silent sockets cannot lock real
         // clients out.
-        let Some(id) = self.core.connections.register(self.outbound.clone()) else {
+        let info = Arc::new(ConnectionInfo::new(ConnectionFacts {
+            peer: self.peer,
+            local: self.local,
+            tls: self.tls,
+            user: user.clone(),
+            vhost: vhost.clone(),
+            client_properties: start_ok.client_properties.clone(),
+            auth_mechanism: start_ok.mechanism.to_string(),
+            frame_max,
+            channel_max,
+            heartbeat_s: tune_ok.heartbeat,
+            connected_at_ms: self.core.now_ms(),
+        }));
+        let Some(id) = self.core.connections.register(self.outbound.clone(), Arc::clone(&info)) else {
             let limit = self.core.config.connections_max;
             tracing::warn!(peer = %self.peer, limit, "connection refused: too many connections");
             let text = format!("NOT_ALLOWED - connection limit ({limit}) is reached");
             return Err(self.close_connection(reply_code::NOT_ALLOWED, &text, MethodId::CONNECTION_OPEN).await);
         };
+        crate::core::Churn::count(&self.core.churn.connections_opened, 1);
         self.send(0, &AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})));
-        Ok(LoggedIn { id, user, vhost, channel_max, grant, lease, blocked_capable })
+        Ok(LoggedIn { id, user, vhost, channel_max, grant, lease, blocked_capable, info })
     }
 
     async fn unexpected(&mut self, expected: &str) -> Ending {
@@ -434,6 +458,8 @@ struct LoggedIn {
     lease: ConnectionLease,
     /// The client understands `connection.blocked` and `connection.unblocked`.
     blocked_capable: bool,
+    /// What the management interface shows of it (and how it asks to close it).
+    info: Arc<ConnectionInfo>,
 }
 
 /// Serves one socket accepted on the plain AMQP listener until it closes.
@@ -446,8 +472,9 @@ pub(crate) async fn serve_plain(
 ) {
     let _ = socket.set_nodelay(true);
     let deadline = tokio::time::Instant::now() + Duration::from_millis(core.config.handshake_timeout_ms);
+    let local = socket.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let (reader, writer_half) = socket.into_split();
-    let transport = Transport { deadline, client_certificate: None };
+    let transport = Transport { deadline, client_certificate: None, local, tls: false };
     serve(core, reader, writer_half, peer, shutdown, handshake_slot, transport).await;
 }
 
@@ -475,6 +502,8 @@ pub(crate) async fn serve<R, W>(
     let mut connection = Connection {
         core: Arc::clone(&core),
         peer,
+        local: transport.local,
+        tls: transport.tls,
         client_certificate: transport.client_certificate,
         reader,
         buffer: BytesMut::with_capacity(READ_CHUNK_BYTES),
@@ -487,10 +516,10 @@ pub(crate) async fn serve<R, W>(
     let (ending, id) = match handshake {
         Err(_) => (Ending::SocketLost("handshake timed out".into()), None),
         Ok(Err(ending)) => (ending, None),
-        Ok(Ok(LoggedIn { id, user, vhost, channel_max, grant, lease, blocked_capable })) => {
+        Ok(Ok(LoggedIn { id, user, vhost, channel_max, grant, lease, blocked_capable, info })) => {
             tracing::info!(%peer, connection = id.0, %user, %vhost, "connection opened");
             let mut session = Session::new(Arc::clone(&core), id, grant, lease, vhost, channel_max, outbound.clone());
-            let ending = run_frames(&mut connection, &mut session, shutdown, blocked_capable).await;
+            let ending = run_frames(&mut connection, &mut session, shutdown, blocked_capable, &info).await;
             session.close_all();
             (ending, Some(id))
         }
@@ -518,8 +547,10 @@ async fn run_frames<R: AsyncRead + Unpin>(
     session: &mut Session,
     mut shutdown: watch::Receiver<bool>,
     blocked_capable: bool,
+    info: &ConnectionInfo,
 ) -> Ending {
     let mut fatal = connection.core.fatal.subscribe();
+    let mut close_requested = info.close_requested();
     // When the client last sent anything: heartbeat supervision counts from here, and only a
     // read moves it (other wake-ups of this loop, such as the writer's reports, must not).
     let mut last_read = tokio::time::Instant::now();
@@ -579,7 +610,10 @@ async fn run_frames<R: AsyncRead + Unpin>(
         };
         tokio::select! {
             read = tokio::time::timeout_at(last_read + silence_limit, fill(&mut connection.reader, &mut connection.buffer)) => match read {
-                Ok(Ok(())) => last_read = tokio::time::Instant::now(),
+                Ok(Ok(read_bytes)) => {
+                    last_read = tokio::time::Instant::now();
+                    info.count_received(read_bytes);
+                }
                 Ok(Err(reason)) => return Ending::SocketLost(reason),
                 Err(_) => return Ending::HeartbeatMissed,
             },
@@ -588,6 +622,11 @@ async fn run_frames<R: AsyncRead + Unpin>(
             }
             _ = fatal.changed() => {
                 return connection.close_connection(reply_code::INTERNAL_ERROR, "INTERNAL_ERROR - the broker's storage failed", MethodId::NONE).await;
+            }
+            _ = close_requested.changed() => {
+                let reason = close_requested.borrow().clone().unwrap_or_default();
+                let text = format!("CONNECTION_FORCED - {reason}");
+                return connection.close_connection(reply_code::CONNECTION_FORCED, &text, MethodId::NONE).await;
             }
             () = backlog.writer_failed.notified() => {
                 return connection.close_connection(reply_code::INTERNAL_ERROR, "INTERNAL_ERROR - a stored message could not be read back", MethodId::NONE).await;

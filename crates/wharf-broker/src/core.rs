@@ -56,6 +56,25 @@ pub(crate) struct Core {
     pub limits: Arc<Limits>,
     /// The memory and disk alarms.
     pub alarms: Alarms,
+    /// What was opened, declared and deleted since start (for metrics).
+    pub churn: Churn,
+}
+
+/// Counts of objects opened, declared and deleted since start; those closed are what was opened
+/// less what is open now. Relaxed atomics, touched once per object, never per message.
+#[derive(Debug, Default)]
+pub(crate) struct Churn {
+    pub connections_opened: std::sync::atomic::AtomicU64,
+    pub channels_opened: std::sync::atomic::AtomicU64,
+    pub queues_declared: std::sync::atomic::AtomicU64,
+    pub queues_created: std::sync::atomic::AtomicU64,
+    pub queues_deleted: std::sync::atomic::AtomicU64,
+}
+
+impl Churn {
+    pub fn count(counter: &std::sync::atomic::AtomicU64, by: u64) {
+        counter.fetch_add(by, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Runs work that may block (definition writes, store round trips) without stalling the other
@@ -122,6 +141,7 @@ impl Core {
             dedup_logs: Arc::new(parts.dedup_logs),
             pager: Arc::default(),
             login_throttle: LoginThrottle::default(),
+            churn: Churn::default(),
         }
     }
 
@@ -207,6 +227,9 @@ impl Core {
     /// model deleted.
     pub fn apply(&self, mut effects: Effects) {
         self.send(&mut effects);
+        if !effects.deleted_queues.is_empty() {
+            Churn::count(&self.churn.queues_deleted, effects.deleted_queues.len() as u64);
+        }
         for removed in &effects.removed {
             self.remove_stored(removed);
         }

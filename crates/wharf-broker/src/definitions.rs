@@ -149,6 +149,10 @@ impl Core {
                 }
                 if !request.passive {
                     model.touch_queue(request.vhost, &declared.name);
+                    crate::core::Churn::count(&self.churn.queues_declared, 1);
+                }
+                if declared.created {
+                    crate::core::Churn::count(&self.churn.queues_created, 1);
                 }
                 Ok(declared.name)
             }

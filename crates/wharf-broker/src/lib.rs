@@ -22,6 +22,7 @@ mod definitions_import;
 mod error;
 mod limits;
 mod login_throttle;
+mod manage;
 mod outbound;
 mod pager;
 mod password;
@@ -45,10 +46,15 @@ pub use definitions_import::{
     DEFINITIONS_BYTES_MAX, Definitions, DefinitionsError, ImportedBinding, ImportedExchange, ImportedQueue, Topology,
 };
 pub use error::BrokerError;
+pub use manage::{
+    AckMode, BindingSpec, BindingView, BrokerStats, ChannelView, ConnectionView, ConsumerView, ExchangeSpec,
+    ExchangeView, GotMessage, Management, ManagementError, Overview, PublishOutcome, QueueView, UserView, VhostView,
+};
 pub use password::{HashingAlgorithm, PasswordError, PasswordHash};
 pub use persist::json_to_amqp;
 pub use server::Broker;
 pub use wharf_model::{ApplyTo, Counters, Policy};
+pub use wharf_store::{HistogramSnapshot, StoreStats};
 
 /// A policy from JSON (a configuration file): `definition` is an object of RabbitMQ-style keys
 /// without `x-` (`{"delivery-limit": 5, "dead-letter-exchange": "dlx"}`). Refused with the reason

@@ -7,6 +7,7 @@
 //! writes. What it learns while writing (delivery bytes written, deliveries it could not send) it
 //! leaves in its connection's [`WriterReports`], and the connection's own task tells the model.
 
+use crate::manage::ConnectionInfo;
 use crate::pager::DeliveryBody;
 use crate::peer_address::address_block;
 use bytes::{Bytes, BytesMut};
@@ -178,7 +179,7 @@ impl Outbox {
 /// of sockets still in their handshake, capped apart from logged-in connections.
 #[derive(Debug)]
 pub(crate) struct Connections {
-    open: Mutex<HashMap<ConnectionId, Outbox>>,
+    open: Mutex<HashMap<ConnectionId, Registered>>,
     next_id: AtomicU64,
     /// Most logged-in connections at once (the configuration's `connections_max`).
     connections_max: usize,
@@ -189,6 +190,14 @@ pub(crate) struct Connections {
     /// Most of those from one address (`handshakes_per_address_max`), so one host cannot take
     /// every handshake slot.
     handshakes_per_address_max: usize,
+}
+
+/// A registered client connection: where its deliveries go, and what the management interface
+/// shows of it.
+#[derive(Debug)]
+struct Registered {
+    outbox: Outbox,
+    info: Arc<ConnectionInfo>,
 }
 
 /// Sockets in their handshake, in all and by source address (an IPv6 address by its /64).
@@ -244,32 +253,45 @@ impl Connections {
         Some(HandshakeSlot { handshaking: Arc::clone(&self.handshaking), address })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionId, Outbox>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionId, Registered>> {
         self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Registers a connection's outbox and gives it an id; `None` when `connections_max` are open.
-    pub fn register(&self, outbox: Outbox) -> Option<ConnectionId> {
+    /// Registers a client connection's outbox and what the management interface shows of it, and
+    /// gives it an id; `None` when `connections_max` are open.
+    pub fn register(&self, outbox: Outbox, info: Arc<ConnectionInfo>) -> Option<ConnectionId> {
         let mut open = self.lock();
         if open.len() >= self.connections_max {
             return None;
         }
         let id = ConnectionId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        open.insert(id, outbox);
+        info.id.store(id.0, Ordering::Relaxed);
+        open.insert(id, Registered { outbox, info });
         Some(id)
+    }
+
+    /// A connection id no client has: the management interface's own channels use it.
+    pub fn allocate_id(&self) -> ConnectionId {
+        ConnectionId(self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// What the management interface shows of every client connection.
+    pub fn infos(&self) -> Vec<Arc<ConnectionInfo>> {
+        self.lock().values().map(|registered| Arc::clone(&registered.info)).collect()
     }
 
     pub fn unregister(&self, id: ConnectionId) {
         self.lock().remove(&id);
     }
 
+    /// Client connections open.
     pub fn count(&self) -> usize {
         self.lock().len()
     }
 
     /// The outbox of an open connection.
     pub fn outbox(&self, id: ConnectionId) -> Option<Outbox> {
-        self.lock().get(&id).cloned()
+        self.lock().get(&id).map(|registered| registered.outbox.clone())
     }
 }
 

@@ -548,7 +548,9 @@ impl Core {
         if exchange_name.is_empty() && request.routing_key.starts_with(DIRECT_REPLY_TO_PREFIX) {
             // A direct reply: straight to its reply consumer, nothing stored (so nothing for a
             // confirm to wait on); unroutable if that consumer is gone.
-            let returned = match model.deliver_reply(vhost_name, request.routing_key, Arc::clone(&message)) {
+            let delivered = model.deliver_reply(vhost_name, request.routing_key, Arc::clone(&message));
+            model.count_publish(delivered.is_some(), request.mandatory);
+            let returned = match delivered {
                 Some(mut effects) => {
                     self.send(&mut effects);
                     None
@@ -586,6 +588,9 @@ impl Core {
             kind: exchange.kind,
         });
         let stored = |durable: bool| durable && message.persistent();
+        let held_delayed =
+            exchange.is_some_and(|logs| logs.kind == ExchangeKind::DelayedMessage) && message.delay_ms().is_some();
+        model.count_publish(!queues.is_empty() || held_delayed, request.mandatory);
         let exchange_key = match model.admit_to_exchange(vhost_name, exchange_name, &message) {
             Admission::Duplicate => {
                 placed.duplicate = true;

@@ -29,6 +29,8 @@ pub struct Broker {
     /// One accept loop per listener (plain AMQP, TLS).
     accepts: Vec<tokio::task::JoinHandle<JoinSet<()>>>,
     timers: tokio::task::JoinHandle<()>,
+    /// When it started (the clock's time), for the management interface's uptime.
+    started_at_ms: u64,
 }
 
 /// The longest the timer task sleeps: an operation that sets an earlier timer than the one it
@@ -98,7 +100,8 @@ impl Broker {
         let local_addr = local_addr
             .or(amqps_local_addr)
             .ok_or_else(|| BrokerError::Startup("no listener: plain AMQP is off and TLS is not configured".into()))?;
-        Ok(Broker { core, local_addr, amqps_local_addr, tls, shutdown, accepts, timers })
+        let started_at_ms = core.now_ms();
+        Ok(Broker { core, local_addr, amqps_local_addr, tls, shutdown, accepts, timers, started_at_ms })
     }
 
     /// Reads the TLS certificate, key and CA files again and uses them for every TLS handshake
@@ -117,6 +120,12 @@ impl Broker {
                 Err(error.into())
             }
         }
+    }
+
+    /// The management interface's handle on this broker (see `manage/`).
+    pub fn management(&self) -> crate::Management {
+        let amqp_listen = self.core.config.plain_amqp.then_some(self.local_addr);
+        crate::Management::new(Arc::clone(&self.core), self.started_at_ms, amqp_listen, self.amqps_local_addr)
     }
 
     /// What the broker counted (dead letters, expiries, duplicates dropped, leases expired, …).

@@ -175,11 +175,12 @@ pub(crate) async fn serve(
     };
     // rustls hands over a client certificate only once it verified it against the configured CA
     // (and asks for none without a CA), so a certificate here is a verified one.
-    let (_, session) = stream.get_ref();
+    let (socket, session) = stream.get_ref();
+    let local = socket.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let client_certificate =
         session.peer_certificates().and_then(|chain| chain.first()).map(|c| c.clone().into_owned());
     tracing::debug!(%peer, version = ?session.protocol_version(), client_certificate = client_certificate.is_some(), "TLS handshake done");
     let (reader, writer) = tokio::io::split(stream);
-    let transport = connection::Transport { deadline, client_certificate };
+    let transport = connection::Transport { deadline, client_certificate, local, tls: true };
     connection::serve(core, reader, writer, peer, shutdown, handshake_slot, transport).await;
 }

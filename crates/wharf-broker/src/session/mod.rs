@@ -335,6 +335,7 @@ impl Session {
         }
         self.lease.admit_channel(self.channels.len())?;
         self.core.lock_model().open_channel(self.key(channel), &self.vhost)?;
+        crate::core::Churn::count(&self.core.churn.channels_opened, 1);
         self.channels.insert(channel, ChannelState::default());
         self.send(channel, AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})));
         Ok(())
