@@ -70,7 +70,7 @@ start_wharf() {
   local port
   port=$(free_port)
   # shellcheck disable=SC2086 # WHARF_ARGS is a list of arguments
-  "$wharf" serve --amqp-listen "127.0.0.1:$port" --data-dir "$1" --log warn ${WHARF_ARGS:-} 2>>"$work/wharf.log" &
+  "$wharf" serve --http-listen 127.0.0.1:0 --amqp-listen "127.0.0.1:$port" --data-dir "$1" --log warn ${WHARF_ARGS:-} 2>>"$work/wharf.log" &
   wharf_pid=$!
   wharf_url="amqp://${WHARF_CREDENTIALS:-guest:guest}@127.0.0.1:$port/%2f"
   wharf_port=$port
@@ -169,7 +169,7 @@ run_backlog() { # TARGET ROUND
   if [ "$target" = wharf ]; then
     stop_wharf
     restart_ms=$(date +%s%3N)
-    "$wharf" serve --amqp-listen "127.0.0.1:$wharf_port" --data-dir "$dir" --log warn ${WHARF_ARGS:-} 2>>"$work/wharf.log" &
+    "$wharf" serve --http-listen 127.0.0.1:0 --amqp-listen "127.0.0.1:$wharf_port" --data-dir "$dir" --log warn ${WHARF_ARGS:-} 2>>"$work/wharf.log" &
     wharf_pid=$!
   else
     stop_rabbit

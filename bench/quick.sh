@@ -7,7 +7,7 @@ cargo build --release --locked -p wharf -p wharf-bench
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
 data_dir=$(mktemp -d "${TMPDIR:-/tmp}/wharf-bench.XXXXXX")
-"$target_dir/release/wharf" serve --amqp-listen "127.0.0.1:$port" --data-dir "$data_dir/data" --log warn 2>"$data_dir/log" &
+"$target_dir/release/wharf" serve --http-listen 127.0.0.1:0 --amqp-listen "127.0.0.1:$port" --data-dir "$data_dir/data" --log warn 2>"$data_dir/log" &
 wharf_pid=$!
 cleanup() { kill "$wharf_pid" 2>/dev/null || true; wait "$wharf_pid" 2>/dev/null || true; rm -rf "$data_dir"; }
 trap cleanup EXIT

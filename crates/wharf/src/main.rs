@@ -40,6 +40,10 @@ struct ServeArgs {
     /// Address for AMQP over TLS (RabbitMQ uses port 5671); needs --tls-cert and --tls-key.
     #[arg(long, env = "WHARF_AMQPS_LISTEN")]
     amqps_listen: Option<SocketAddr>,
+    /// Address for the management HTTP API (RabbitMQ's management API), or `none` to turn it off
+    /// [default: 0.0.0.0:15672].
+    #[arg(long, env = "WHARF_HTTP_LISTEN")]
+    http_listen: Option<Listen>,
     /// The server's certificate chain, PEM (its own certificate first). Reloaded on SIGHUP.
     #[arg(long, env = "WHARF_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -124,6 +128,7 @@ struct ServeArgs {
 struct FileConfig {
     amqp_listen: Option<Listen>,
     amqps_listen: Option<SocketAddr>,
+    http_listen: Option<Listen>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_ca_cert: Option<PathBuf>,
@@ -189,7 +194,7 @@ struct FileUserLimits {
     channels_max: Option<u32>,
 }
 
-/// Where plain AMQP listens: an address, or `none` (TLS only).
+/// Where a listener listens: an address, or `none` (plain AMQP off, TLS only; the HTTP API off).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
 enum Listen {
@@ -489,10 +494,37 @@ fn broker_config(args: &ServeArgs) -> Result<BrokerConfig> {
     Ok(config)
 }
 
+/// The management API's address from flags, variables and the file; `None` when it is off.
+fn http_listen(args: &ServeArgs) -> Result<Option<SocketAddr>> {
+    let file = match &args.config {
+        Some(path) => read_file_config(path)?,
+        None => FileConfig::default(),
+    };
+    Ok(match args.http_listen.or(file.http_listen) {
+        Some(Listen::At(address)) => Some(address),
+        Some(Listen::Off) => None,
+        None => Some(SocketAddr::from(([0, 0, 0, 0], HTTP_PORT_DEFAULT))),
+    })
+}
+
+/// RabbitMQ's management port.
+const HTTP_PORT_DEFAULT: u16 = 15672;
+
 async fn serve(args: ServeArgs) -> Result<()> {
     let config = broker_config(&args)?;
+    let http_listen = http_listen(&args)?;
     tracing::info!(data_dir = %config.data_dir.display(), "starting wharf");
     let broker = Broker::start(config).await.context("starting the broker")?;
+    let http = match http_listen {
+        Some(address) => match wharf_http::HttpServer::start(address, broker.management()).await {
+            Ok(http) => Some(http),
+            Err(error) => {
+                broker.shutdown().await;
+                return Err(error).context("starting the management API");
+            }
+        },
+        None => None,
+    };
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -512,6 +544,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
             reason = broker.fatal_error() => break Err(anyhow::anyhow!("storage failed: {reason}")),
         }
     };
+    if let Some(http) = http {
+        http.shutdown().await;
+    }
     broker.shutdown().await;
     outcome
 }

@@ -1,0 +1,249 @@
+//! The broker as a whole: `overview`, `nodes`, `whoami`, `cluster-name`, `extensions`,
+//! `aliveness-test` and the `health/checks/*` endpoints RabbitMQ has for probes (200 and
+//! `{"status":"ok"}` when healthy, 503 and `{"status":"failed","reason":…}` when not).
+
+use super::node;
+use crate::AppState;
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::listing::{ListQuery, respond_object};
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Router, body::Bytes};
+use serde_json::{Value, json};
+use wharf_broker::{AckMode, Overview};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/overview", get(overview))
+        .route("/api/nodes", get(nodes))
+        .route("/api/nodes/{node}", get(one_node))
+        .route("/api/whoami", get(whoami))
+        .route("/api/cluster-name", get(cluster_name))
+        .route("/api/extensions", get(extensions))
+        .route("/api/aliveness-test/{vhost}", get(aliveness_test))
+        .route("/api/health/checks/alarms", get(alarms))
+        .route("/api/health/checks/local-alarms", get(alarms))
+        .route("/api/health/checks/virtual-hosts", get(ok))
+        .route("/api/health/checks/node-is-quorum-critical", get(ok))
+        .route("/api/health/checks/node-is-mirror-sync-critical", get(ok))
+        .route("/api/health/checks/port-listener/{port}", get(port_listener))
+        .route("/api/health/checks/protocol-listener/{protocol}", get(protocol_listener))
+        .route("/api/health/checks/certificate-expiration/{within}/{unit}", get(ok))
+}
+
+/// The exchange types a vhost can declare, as `overview` lists them.
+const EXCHANGE_TYPES: [(&str, &str); 5] = [
+    ("direct", "AMQP direct exchange, as per the AMQP specification"),
+    ("fanout", "AMQP fanout exchange, as per the AMQP specification"),
+    ("headers", "AMQP headers exchange, as per the AMQP specification"),
+    ("topic", "AMQP topic exchange, as per the AMQP specification"),
+    ("x-delayed-message", "Delayed message exchange: holds a message for its x-delay"),
+];
+
+fn listeners(state: &AppState, overview: &Overview) -> Vec<Value> {
+    let node = node(state);
+    let mut listeners = Vec::new();
+    for (protocol, address) in [("amqp", overview.amqp_listen), ("amqp/ssl", overview.amqps_listen)] {
+        if let Some(address) = address {
+            listeners.push(json!({
+                "node": node, "protocol": protocol, "ip_address": address.ip().to_string(), "port": address.port(),
+            }));
+        }
+    }
+    listeners.push(json!({
+        "node": node, "protocol": "http", "ip_address": state.listen.ip().to_string(), "port": state.listen.port(),
+    }));
+    listeners
+}
+
+async fn overview(State(state): State<AppState>, caller: Caller, Query(query): Query<ListQuery>) -> Json<Value> {
+    let overview = state.management.overview();
+    let node = node(&state);
+    // A user who is not a monitor sees the totals of its own vhosts only (RabbitMQ's rule).
+    let (ready, unacked) = if caller.is_monitor() {
+        (overview.messages_ready, overview.messages_unacknowledged)
+    } else {
+        let mut totals = (0, 0);
+        for vhost in state.management.vhosts().iter().filter(|vhost| caller.sees_vhost(&state, &vhost.name)) {
+            totals.0 += vhost.messages_ready;
+            totals.1 += vhost.messages_unacknowledged;
+        }
+        totals
+    };
+    let exchange_types: Vec<Value> = EXCHANGE_TYPES
+        .iter()
+        .map(|(name, description)| json!({"name": name, "description": description, "enabled": true}))
+        .collect();
+    Json(respond_object(
+        json!({
+            "management_version": overview.version,
+            "rates_mode": "basic",
+            "exchange_types": exchange_types,
+            "product_version": overview.version,
+            "product_name": "Wharf",
+            "rabbitmq_version": overview.version,
+            "cluster_name": node,
+            "node": node,
+            "disable_stats": false,
+            "enable_queue_totals": true,
+            "object_totals": {
+                "connections": overview.connections,
+                "channels": overview.channels,
+                "consumers": overview.consumers,
+                "exchanges": overview.exchanges,
+                "queues": overview.queues,
+            },
+            "queue_totals": {
+                "messages": ready + unacked,
+                "messages_ready": ready,
+                "messages_unacknowledged": unacked,
+            },
+            "listeners": listeners(&state, &overview),
+            "contexts": [{"node": node, "description": "Wharf Management", "path": "/", "port": state.listen.port().to_string()}],
+        }),
+        &query,
+    ))
+}
+
+fn node_json(state: &AppState) -> Value {
+    let overview = state.management.overview();
+    let uptime_ms = state.management.now_ms().saturating_sub(state.management.started_at_ms());
+    json!({
+        "name": node(state),
+        "type": "disc",
+        "running": true,
+        "os_pid": std::process::id().to_string(),
+        "uptime": uptime_ms,
+        "processors": std::thread::available_parallelism().map_or(1, usize::from),
+        "mem_used": overview.held_memory_bytes,
+        "mem_limit": overview.memory_high_watermark_bytes,
+        "mem_alarm": overview.memory_alarm,
+        "disk_free_limit": overview.disk_free_limit_bytes,
+        "disk_free_alarm": overview.disk_alarm,
+        "partitions": [],
+        "being_drained": false,
+        "exchange_types": EXCHANGE_TYPES.iter().map(|(name, description)| json!({"name": name, "description": description, "enabled": true})).collect::<Vec<_>>(),
+    })
+}
+
+async fn nodes(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    caller.require_monitor()?;
+    Ok(Json(json!([node_json(&state)])))
+}
+
+async fn one_node(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_monitor()?;
+    if name != node(&state) {
+        return Err(ApiError::not_found());
+    }
+    Ok(Json(node_json(&state)))
+}
+
+async fn whoami(caller: Caller) -> Json<Value> {
+    Json(json!({"name": caller.name, "tags": caller.tags}))
+}
+
+async fn cluster_name(State(state): State<AppState>, _caller: Caller) -> Json<Value> {
+    Json(json!({"name": node(&state)}))
+}
+
+async fn extensions(_caller: Caller) -> Json<Value> {
+    Json(json!([]))
+}
+
+fn healthy() -> Response {
+    Json(json!({"status": "ok"})).into_response()
+}
+
+fn failed(reason: String, extra: Value) -> Response {
+    let mut body = json!({"status": "failed", "reason": reason});
+    if let (Value::Object(body), Value::Object(extra)) = (&mut body, extra) {
+        body.extend(extra);
+    }
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+}
+
+async fn ok(_caller: Caller) -> Response {
+    healthy()
+}
+
+async fn alarms(State(state): State<AppState>, _caller: Caller) -> Response {
+    let overview = state.management.overview();
+    let mut alarms = Vec::new();
+    if overview.memory_alarm {
+        alarms.push(json!({"node": node(&state), "resource": "memory"}));
+    }
+    if overview.disk_alarm {
+        alarms.push(json!({"node": node(&state), "resource": "disk"}));
+    }
+    if alarms.is_empty() {
+        healthy()
+    } else {
+        failed("resource alarm(s) in effect in the cluster".into(), json!({"alarms": alarms}))
+    }
+}
+
+async fn port_listener(State(state): State<AppState>, _caller: Caller, Path(port): Path<String>) -> Response {
+    let overview = state.management.overview();
+    let ports: Vec<u16> = listeners(&state, &overview)
+        .iter()
+        .filter_map(|listener| listener["port"].as_u64())
+        .map(|port| port as u16)
+        .collect();
+    match port.parse::<u16>() {
+        Ok(port) if ports.contains(&port) => Json(json!({"status": "ok", "port": port})).into_response(),
+        Ok(port) => failed(format!("No active listener on port {port}"), json!({"missing": port, "ports": ports})),
+        Err(_) => ApiError::bad_request(format!("'{port}' is not a port number")).into_response(),
+    }
+}
+
+async fn protocol_listener(State(state): State<AppState>, _caller: Caller, Path(protocol): Path<String>) -> Response {
+    let overview = state.management.overview();
+    let protocols: Vec<String> = listeners(&state, &overview)
+        .iter()
+        .filter_map(|listener| listener["protocol"].as_str().map(str::to_owned))
+        .collect();
+    let wanted = match protocol.as_str() {
+        "amqp091" | "amqp0.9.1" | "amqp0-9-1" => "amqp",
+        "amqps" => "amqp/ssl",
+        other => other,
+    };
+    if protocols.iter().any(|found| found == wanted) {
+        Json(json!({"status": "ok", "protocol": protocol})).into_response()
+    } else {
+        failed(
+            format!("No active listener for protocol {protocol}"),
+            json!({"missing": protocol, "protocols": protocols}),
+        )
+    }
+}
+
+/// RabbitMQ's aliveness test: declares the queue `aliveness-test` in the vhost, publishes a
+/// message to it and reads it back.
+async fn aliveness_test(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require_vhost(&state, &vhost)?;
+    let management = &state.management;
+    const QUEUE: &str = "aliveness-test";
+    management.declare_queue(&caller.name, &vhost, QUEUE, false, false, &Default::default())?;
+    let properties = wharf_wire::protocol::BasicProperties::default();
+    let payload = Bytes::from_static(b"test_message");
+    management.publish(&caller.name, &vhost, "", QUEUE, properties, payload.clone()).await?;
+    let got = management.get(&caller.name, &vhost, QUEUE, 1, AckMode::Ack).await?;
+    if got.first().is_some_and(|message| message.payload == payload) {
+        Ok(healthy())
+    } else {
+        Ok(failed("the aliveness test message did not come back".into(), json!({})))
+    }
+}
