@@ -47,8 +47,9 @@ pub use definitions_import::{
 };
 pub use error::BrokerError;
 pub use manage::{
-    AckMode, BindingSpec, BindingView, BrokerStats, ChannelView, ConnectionView, ConsumerView, ExchangeSpec,
-    ExchangeView, GotMessage, Management, ManagementError, Overview, PublishOutcome, QueueView, UserView, VhostView,
+    AckMode, BROWSE_PAGE_SIZE_MAX, BindingSpec, BindingView, BrokerStats, BrowsePage, BrowsedMessage, ChannelView,
+    ConnectionView, ConsumerView, ExchangeSpec, ExchangeView, GotMessage, Management, ManagementError, Overview,
+    PublishOutcome, QueueView, UserView, VhostView,
 };
 pub use password::{HashingAlgorithm, PasswordError, PasswordHash};
 pub use persist::json_to_amqp;

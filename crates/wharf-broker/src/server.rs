@@ -124,8 +124,12 @@ impl Broker {
 
     /// The management interface's handle on this broker (see `manage/`).
     pub fn management(&self) -> crate::Management {
-        let amqp_listen = self.core.config.plain_amqp.then_some(self.local_addr);
-        crate::Management::new(Arc::clone(&self.core), self.started_at_ms, amqp_listen, self.amqps_local_addr)
+        let listeners = crate::manage::Listeners {
+            amqp: self.core.config.plain_amqp.then_some(self.local_addr),
+            amqps: self.amqps_local_addr,
+            tls: self.tls.clone(),
+        };
+        crate::Management::new(Arc::clone(&self.core), self.started_at_ms, listeners)
     }
 
     /// What the broker counted (dead letters, expiries, duplicates dropped, leases expired, …).

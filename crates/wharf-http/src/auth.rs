@@ -12,11 +12,11 @@
 
 use crate::AppState;
 use crate::error::ApiError;
+use crate::tls::PeerAddr;
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use base64::Engine;
-use std::net::SocketAddr;
 
 /// The longest `Authorization` header read (credentials are short; a bound before decoding).
 const AUTHORIZATION_BYTES_MAX: usize = 4096;
@@ -99,8 +99,8 @@ impl FromRequestParts<AppState> for Caller {
         // wrong: count the caller as remote, the stricter case.
         let peer = parts
             .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |ConnectInfo(address)| address.ip());
+            .get::<ConnectInfo<PeerAddr>>()
+            .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |ConnectInfo(PeerAddr(address))| address.ip());
         let found = state.management.authenticate(&user, &password, peer).ok_or_else(ApiError::login_failed)?;
         let caller = Caller { name: found.name, tags: found.tags };
         if !caller.is_management() {

@@ -12,10 +12,11 @@ mod auth;
 mod error;
 mod listing;
 mod metrics;
+mod sampler;
+mod tls;
 
 pub use error::ApiError;
 
-use axum::Router;
 use std::net::SocketAddr;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -27,6 +28,8 @@ pub struct AppState {
     pub management: Management,
     /// Where this API listens (shown in `overview`'s contexts).
     pub listen: SocketAddr,
+    /// Samples of the broker's counters, for rates.
+    pub samples: std::sync::Arc<sampler::Samples>,
 }
 
 /// The largest request body read (definitions files are the largest; RabbitMQ's default limit
@@ -38,6 +41,20 @@ pub const REQUEST_BYTES_MAX: usize = 20 * 1024 * 1024;
 pub enum HttpError {
     #[error("cannot listen on {address} for the management API: {source}")]
     Listen { address: SocketAddr, source: std::io::Error },
+    #[error("the management API over TLS needs the broker's TLS settings (--amqps-listen, --tls-cert, --tls-key)")]
+    NoTls,
+}
+
+/// The handlers' shared state, and the task sampling counters for rates.
+fn state(management: Management, listen: SocketAddr) -> (AppState, tokio::task::JoinHandle<()>) {
+    let samples = std::sync::Arc::new(sampler::Samples::default());
+    let sampling = sampler::start(management.clone(), std::sync::Arc::clone(&samples));
+    (AppState { management, listen, samples }, sampling)
+}
+
+/// Resolves once `stop` is set.
+async fn stop_signal(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
 }
 
 /// The running API server.
@@ -46,6 +63,7 @@ pub struct HttpServer {
     local_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    sampling: tokio::task::JoinHandle<()>,
 }
 
 impl HttpServer {
@@ -54,22 +72,40 @@ impl HttpServer {
         let listener =
             TcpListener::bind(listen).await.map_err(|source| HttpError::Listen { address: listen, source })?;
         let local_addr = listener.local_addr().map_err(|source| HttpError::Listen { address: listen, source })?;
-        let state = AppState { management, listen: local_addr };
-        let app: Router = api::router(state);
-        let (shutdown, mut stopped) = watch::channel(false);
+        let (state, sampling) = state(management, local_addr);
+        let service = api::router(state).into_make_service_with_connect_info::<tls::PeerAddr>();
+        let (shutdown, stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
-            let service = app.into_make_service_with_connect_info::<SocketAddr>();
-            let served = axum::serve(listener, service)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.wait_for(|stop| *stop).await;
-                })
-                .await;
+            let served = axum::serve(listener, service).with_graceful_shutdown(stop_signal(stopped)).await;
             if let Err(error) = served {
                 tracing::error!(%error, "the management API stopped");
             }
         });
         tracing::info!(address = %local_addr, "management API listening");
-        Ok(HttpServer { local_addr, shutdown, task })
+        Ok(HttpServer { local_addr, shutdown, task, sampling })
+    }
+
+    /// Serves the API over TLS on `listen`, with the broker's TLS settings (refused without).
+    pub async fn start_tls(listen: SocketAddr, management: Management) -> Result<HttpServer, HttpError> {
+        if management.tls_acceptor().is_none() {
+            return Err(HttpError::NoTls);
+        }
+        let listener =
+            TcpListener::bind(listen).await.map_err(|source| HttpError::Listen { address: listen, source })?;
+        let local_addr = listener.local_addr().map_err(|source| HttpError::Listen { address: listen, source })?;
+        let listener = tls::TlsListener::new(listener, management.clone())
+            .map_err(|source| HttpError::Listen { address: listen, source })?;
+        let (state, sampling) = state(management, local_addr);
+        let service = api::router(state).into_make_service_with_connect_info::<tls::PeerAddr>();
+        let (shutdown, stopped) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let served = axum::serve(listener, service).with_graceful_shutdown(stop_signal(stopped)).await;
+            if let Err(error) = served {
+                tracing::error!(%error, "the management API over TLS stopped");
+            }
+        });
+        tracing::info!(address = %local_addr, "management API listening over TLS");
+        Ok(HttpServer { local_addr, shutdown, task, sampling })
     }
 
     /// Where it listens.
@@ -81,5 +117,6 @@ impl HttpServer {
     pub async fn shutdown(self) {
         self.shutdown.send_replace(true);
         let _ = self.task.await;
+        self.sampling.abort();
     }
 }

@@ -281,6 +281,13 @@ async fn overview_nodes_and_health_checks() {
         "the default and amq.* exchanges of two vhosts"
     );
     assert_eq!(overview["queue_totals"]["messages"], 0);
+    assert_eq!(overview["message_stats"]["publish"], 0);
+    assert!(overview["message_stats"]["publish_details"]["rate"].is_number());
+    let history = api.get("/api/overview?msg_rates_age=60&msg_rates_incr=5&lengths_age=60&lengths_incr=5").await.body;
+    assert!(!history["message_stats"]["ack_details"]["samples"].as_array().unwrap().is_empty());
+    assert!(!history["queue_totals"]["messages_details"]["samples"].as_array().unwrap().is_empty());
+    let bob = harness.api("bob", "secret").get("/api/overview").await.body;
+    assert_eq!(bob["message_stats"], serde_json::json!({}), "rates are the monitors'");
     let columns = api.get("/api/overview?columns=rabbitmq_version,object_totals.queues").await.body;
     assert_eq!(columns.as_object().unwrap().len(), 2, "{columns}");
     let node = overview["node"].as_str().unwrap().to_owned();

@@ -93,6 +93,24 @@ impl ReadyLevels {
         self.levels.iter().flat_map(ReadyList::delivery_counts)
     }
 
+    /// `take` entries from position `skip`, in delivery order.
+    pub(crate) fn entries_page(&self, mut skip: usize, take: usize) -> Vec<Entry> {
+        let mut page = Vec::new();
+        for level in &self.levels {
+            if page.len() >= take {
+                break;
+            }
+            let length = level.len();
+            if skip >= length {
+                skip -= length;
+                continue;
+            }
+            page.extend(level.entries_page(skip, take - page.len()));
+            skip = 0;
+        }
+        page
+    }
+
     /// Every entry, ascending by id.
     pub(crate) fn entries(&self) -> Vec<Entry> {
         self.levels.iter().flat_map(ReadyList::entries).collect()

@@ -23,7 +23,7 @@ use wharf_wire::types::FieldTable;
 mod consumers;
 mod inspect;
 
-pub use inspect::QueueConsumer;
+pub use inspect::{EntryState, QueueConsumer};
 mod invariants;
 
 pub(crate) use consumers::Unused;

@@ -240,6 +240,33 @@ impl ReadyList {
             .chain(self.live_packed().map(|packed| (packed.id, packed.delivery_count)))
     }
 
+    /// `take` entries from position `skip` (ascending by id), unpacking only those: a page of a
+    /// long backlog costs a walk to its start, not a copy of the backlog.
+    pub(crate) fn entries_page(&self, skip: usize, take: usize) -> Vec<Entry> {
+        let mut whole = self.whole.values().peekable();
+        let mut packed = self.live_packed().peekable();
+        let mut page = Vec::with_capacity(take.min(self.len()));
+        let mut position = 0;
+        while page.len() < take {
+            let whole_first = match (whole.peek(), packed.peek()) {
+                (Some(entry), Some(next)) => entry.id < next.id,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => break,
+            };
+            let wanted = position >= skip;
+            if whole_first {
+                if let Some(entry) = whole.next().filter(|_| wanted) {
+                    page.push(entry.clone());
+                }
+            } else if let Some(next) = packed.next().filter(|_| wanted) {
+                page.push(next.unpack());
+            }
+            position += 1;
+        }
+        page
+    }
+
     /// Every entry (packed ones unpacked), ascending by id.
     pub(crate) fn entries(&self) -> Vec<Entry> {
         let mut entries: Vec<Entry> =

@@ -5,6 +5,9 @@
 //! `guest`/`guest` from loopback). Every setting can come from a flag, a `WHARF_*` variable or the
 //! TOML file named by `--config`; flags win over variables, variables over the file, the file over
 //! the defaults. SIGTERM and SIGINT stop the broker cleanly; SIGHUP reloads its TLS certificates.
+//! `wharf admin …` administers a running broker through its management API (`admin.rs`).
+
+mod admin;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -26,7 +29,10 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the broker.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Administer a running broker through its management API (queues, exchanges,
+    /// connections, consumers, purge, delete, definitions, peeking into a queue).
+    Admin(admin::AdminArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -44,6 +50,10 @@ struct ServeArgs {
     /// [default: 0.0.0.0:15672].
     #[arg(long, env = "WHARF_HTTP_LISTEN")]
     http_listen: Option<Listen>,
+    /// Address for the management API over TLS (RabbitMQ uses port 15671), with the AMQPS
+    /// certificate settings (--amqps-listen, --tls-cert, --tls-key).
+    #[arg(long, env = "WHARF_HTTPS_LISTEN")]
+    https_listen: Option<SocketAddr>,
     /// The server's certificate chain, PEM (its own certificate first). Reloaded on SIGHUP.
     #[arg(long, env = "WHARF_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -129,6 +139,7 @@ struct FileConfig {
     amqp_listen: Option<Listen>,
     amqps_listen: Option<SocketAddr>,
     http_listen: Option<Listen>,
+    https_listen: Option<SocketAddr>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_ca_cert: Option<PathBuf>,
@@ -494,17 +505,19 @@ fn broker_config(args: &ServeArgs) -> Result<BrokerConfig> {
     Ok(config)
 }
 
-/// The management API's address from flags, variables and the file; `None` when it is off.
-fn http_listen(args: &ServeArgs) -> Result<Option<SocketAddr>> {
+/// The management API's addresses from flags, variables and the file: plain HTTP (`None` when
+/// it is off) and HTTPS (`None` unless asked for).
+fn http_listen(args: &ServeArgs) -> Result<(Option<SocketAddr>, Option<SocketAddr>)> {
     let file = match &args.config {
         Some(path) => read_file_config(path)?,
         None => FileConfig::default(),
     };
-    Ok(match args.http_listen.or(file.http_listen) {
+    let plain = match args.http_listen.or(file.http_listen) {
         Some(Listen::At(address)) => Some(address),
         Some(Listen::Off) => None,
         None => Some(SocketAddr::from(([0, 0, 0, 0], HTTP_PORT_DEFAULT))),
-    })
+    };
+    Ok((plain, args.https_listen.or(file.https_listen)))
 }
 
 /// RabbitMQ's management port.
@@ -512,19 +525,33 @@ const HTTP_PORT_DEFAULT: u16 = 15672;
 
 async fn serve(args: ServeArgs) -> Result<()> {
     let config = broker_config(&args)?;
-    let http_listen = http_listen(&args)?;
+    let (http_listen, https_listen) = http_listen(&args)?;
+    if https_listen.is_some() && config.tls.is_none() {
+        bail!(
+            "--https-listen (https_listen) needs the TLS settings of AMQPS: --amqps-listen, --tls-cert and --tls-key"
+        );
+    }
     tracing::info!(data_dir = %config.data_dir.display(), "starting wharf");
     let broker = Broker::start(config).await.context("starting the broker")?;
-    let http = match http_listen {
-        Some(address) => match wharf_http::HttpServer::start(address, broker.management()).await {
-            Ok(http) => Some(http),
+    let mut http = Vec::new();
+    for (address, tls) in [(http_listen, false), (https_listen, true)] {
+        let Some(address) = address else { continue };
+        let started = if tls {
+            wharf_http::HttpServer::start_tls(address, broker.management()).await
+        } else {
+            wharf_http::HttpServer::start(address, broker.management()).await
+        };
+        match started {
+            Ok(server) => http.push(server),
             Err(error) => {
+                for server in http {
+                    server.shutdown().await;
+                }
                 broker.shutdown().await;
                 return Err(error).context("starting the management API");
             }
-        },
-        None => None,
-    };
+        }
+    }
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -544,8 +571,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
             reason = broker.fatal_error() => break Err(anyhow::anyhow!("storage failed: {reason}")),
         }
     };
-    if let Some(http) = http {
-        http.shutdown().await;
+    for server in http {
+        server.shutdown().await;
     }
     broker.shutdown().await;
     outcome
@@ -553,7 +580,18 @@ async fn serve(args: ServeArgs) -> Result<()> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let Command::Serve(args) = cli.command;
+    let args = match cli.command {
+        Command::Serve(args) => *args,
+        Command::Admin(args) => {
+            return match admin::run(args) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("wharf admin: {error:#}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
+    };
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();

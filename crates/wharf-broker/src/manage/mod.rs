@@ -8,11 +8,13 @@
 //! Views are taken under the model lock and returned as plain values, so formatting, sorting
 //! and paging happen after the lock is released.
 
+mod browse;
 mod connections;
 mod operations;
 mod stats;
 mod views;
 
+pub use browse::{BROWSE_PAGE_SIZE_MAX, BrowsePage, BrowsedMessage};
 pub(crate) use connections::{ConnectionFacts, ConnectionInfo};
 pub use operations::{AckMode, BindingSpec, ExchangeSpec, GotMessage, ManagementError, PublishOutcome};
 pub use stats::BrokerStats;
@@ -32,15 +34,32 @@ pub struct Management {
     /// Where the broker accepts AMQP and AMQPS (the bound addresses).
     amqp_listen: Option<SocketAddr>,
     amqps_listen: Option<SocketAddr>,
+    /// The broker's TLS settings, if it has any (the API over TLS uses them too).
+    tls: Option<Arc<crate::tls::ServerTls>>,
+}
+
+/// Where the broker listens and how, for [`Management`].
+#[derive(Debug, Clone)]
+pub(crate) struct Listeners {
+    pub amqp: Option<SocketAddr>,
+    pub amqps: Option<SocketAddr>,
+    pub tls: Option<Arc<crate::tls::ServerTls>>,
 }
 
 impl Management {
-    pub(crate) fn new(
-        core: Arc<Core>,
-        started_at_ms: u64,
-        amqp_listen: Option<SocketAddr>,
-        amqps_listen: Option<SocketAddr>,
-    ) -> Management {
-        Management { core, started_at_ms, amqp_listen, amqps_listen }
+    pub(crate) fn new(core: Arc<Core>, started_at_ms: u64, listeners: Listeners) -> Management {
+        Management {
+            core,
+            started_at_ms,
+            amqp_listen: listeners.amqp,
+            amqps_listen: listeners.amqps,
+            tls: listeners.tls,
+        }
+    }
+
+    /// A TLS acceptor with the broker's TLS settings in force now (certificates reloaded on
+    /// SIGHUP included), if it has TLS settings.
+    pub fn tls_acceptor(&self) -> Option<tokio_rustls::TlsAcceptor> {
+        self.tls.as_ref().map(|tls| tls.acceptor())
     }
 }

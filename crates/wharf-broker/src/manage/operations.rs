@@ -114,7 +114,7 @@ pub const GET_COUNT_MAX: u32 = 10_000;
 
 impl Management {
     /// The user's permissions on the vhost: 404 for a vhost that does not exist, 403 without any.
-    fn grant(&self, user: &str, vhost: &str) -> Result<Arc<VhostGrant>, ManagementError> {
+    pub(super) fn grant(&self, user: &str, vhost: &str) -> Result<Arc<VhostGrant>, ManagementError> {
         if !self.vhost_exists(vhost) {
             return Err(ManagementError::NotFound(format!("no vhost '{vhost}'")));
         }

@@ -8,6 +8,7 @@ mod connections;
 mod definitions;
 mod objects;
 mod overview;
+mod workbench;
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -22,6 +23,7 @@ pub fn router(state: AppState) -> Router {
         .merge(objects::routes())
         .merge(access::routes())
         .merge(definitions::routes())
+        .merge(workbench::routes())
         .merge(crate::metrics::routes())
         .route("/api/{*rest}", get(not_found).put(not_found).post(not_found).delete(not_found))
         .layer(DefaultBodyLimit::max(crate::REQUEST_BYTES_MAX))

@@ -386,14 +386,7 @@ async fn get_messages(
     let shown: Vec<Value> = messages
         .iter()
         .map(|message| {
-            let payload = match truncate {
-                Some(bytes) if bytes < message.payload.len() => &message.payload[..bytes],
-                _ => &message.payload[..],
-            };
-            let (payload, payload_encoding) = match (encoding, std::str::from_utf8(payload)) {
-                ("auto", Ok(text)) => (text.to_owned(), "string"),
-                _ => (base64::engine::general_purpose::STANDARD.encode(payload), "base64"),
-            };
+            let (payload, payload_encoding) = super::workbench::payload_json(&message.payload, encoding, truncate);
             json!({
                 "payload_bytes": message.payload.len(),
                 "redelivered": message.redelivered,

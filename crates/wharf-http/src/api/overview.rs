@@ -60,7 +60,31 @@ fn listeners(state: &AppState, overview: &Overview) -> Vec<Value> {
     listeners
 }
 
-async fn overview(State(state): State<AppState>, caller: Caller, Query(query): Query<ListQuery>) -> Json<Value> {
+/// RabbitMQ's history parameters: how far back (`*_age`, seconds) and how far apart (`*_incr`).
+#[derive(Debug, Default, serde::Deserialize)]
+pub(crate) struct RatesQuery {
+    msg_rates_age: Option<u64>,
+    msg_rates_incr: Option<u64>,
+    lengths_age: Option<u64>,
+    lengths_incr: Option<u64>,
+}
+
+impl RatesQuery {
+    fn messages(&self) -> Option<(u64, u64)> {
+        self.msg_rates_age.map(|age| (age.min(3600), self.msg_rates_incr.unwrap_or(5)))
+    }
+
+    fn lengths(&self) -> Option<(u64, u64)> {
+        self.lengths_age.map(|age| (age.min(3600), self.lengths_incr.unwrap_or(5)))
+    }
+}
+
+async fn overview(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(query): Query<ListQuery>,
+    Query(rates): Query<RatesQuery>,
+) -> Json<Value> {
     let overview = state.management.overview();
     let node = node(&state);
     // A user who is not a monitor sees the totals of its own vhosts only (RabbitMQ's rule).
@@ -78,6 +102,14 @@ async fn overview(State(state): State<AppState>, caller: Caller, Query(query): Q
         .iter()
         .map(|(name, description)| json!({"name": name, "description": description, "enabled": true}))
         .collect();
+    // Rates are the broker's: a monitor sees them (and the totals' history); another user sees
+    // its vhosts' totals, without rates, which Wharf does not keep per vhost.
+    let (queue_totals, message_stats) = if caller.is_monitor() {
+        let now = crate::sampler::sample_now(&state.management);
+        (state.samples.queue_totals(&now, rates.lengths()), state.samples.message_stats(&now, rates.messages()))
+    } else {
+        (json!({"messages": ready + unacked, "messages_ready": ready, "messages_unacknowledged": unacked}), json!({}))
+    };
     Json(respond_object(
         json!({
             "management_version": overview.version,
@@ -97,11 +129,8 @@ async fn overview(State(state): State<AppState>, caller: Caller, Query(query): Q
                 "exchanges": overview.exchanges,
                 "queues": overview.queues,
             },
-            "queue_totals": {
-                "messages": ready + unacked,
-                "messages_ready": ready,
-                "messages_unacknowledged": unacked,
-            },
+            "queue_totals": queue_totals,
+            "message_stats": message_stats,
             "listeners": listeners(&state, &overview),
             "contexts": [{"node": node, "description": "Wharf Management", "path": "/", "port": state.listen.port().to_string()}],
         }),

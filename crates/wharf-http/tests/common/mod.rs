@@ -31,8 +31,14 @@ pub fn config(data_dir: &Path) -> BrokerConfig {
 
 impl Harness {
     pub async fn start() -> Harness {
+        Harness::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(configure: impl FnOnce(&mut BrokerConfig)) -> Harness {
         let temp = tempfile::tempdir().unwrap();
-        let broker = Broker::start(config(&temp.path().join("data"))).await.unwrap();
+        let mut config = config(&temp.path().join("data"));
+        configure(&mut config);
+        let broker = Broker::start(config).await.unwrap();
         let http = HttpServer::start("127.0.0.1:0".parse().unwrap(), broker.management()).await.unwrap();
         Harness { broker: Some(broker), http: Some(http), _temp: temp }
     }

@@ -1,0 +1,115 @@
+//! The DLQ workbench (a Wharf extension; RabbitMQ has no equivalent): browse any queue's
+//! messages without consuming them, a page at a time, each with its headers (`x-death`,
+//! `x-failure-reason` …), size, delivery count and body as text or base64.
+//!
+//! `GET /api/queues/{vhost}/{name}/messages?page=1&page_size=50&encoding=auto&truncate=N`
+//! answers a page object shaped like RabbitMQ's paginated lists.
+
+use crate::AppState;
+use crate::amqp_json::properties_to_json;
+use crate::auth::Caller;
+use crate::error::ApiError;
+use axum::extract::{Path, Query, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use wharf_broker::{BROWSE_PAGE_SIZE_MAX, BrowsedMessage};
+
+/// Messages on a page when `page_size` is not given.
+const PAGE_SIZE_DEFAULT: usize = 50;
+
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/api/queues/{vhost}/{name}/messages", get(browse))
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct BrowseQuery {
+    page: Option<String>,
+    page_size: Option<String>,
+    encoding: Option<String>,
+    truncate: Option<String>,
+}
+
+fn number(text: Option<&str>, what: &str, default: usize) -> Result<usize, ApiError> {
+    match text {
+        None => Ok(default),
+        Some(text) => text.parse().map_err(|_| ApiError::bad_request(format!("{what} must be a positive integer"))),
+    }
+}
+
+/// A body as the API shows it: text when it is UTF-8 (with `encoding=auto`), else base64.
+pub(crate) fn payload_json(payload: &[u8], encoding: &str, truncate: Option<usize>) -> (String, &'static str) {
+    let payload = match truncate {
+        Some(bytes) if bytes < payload.len() => &payload[..bytes],
+        _ => payload,
+    };
+    match (encoding, std::str::from_utf8(payload)) {
+        ("auto", Ok(text)) => (text.to_owned(), "string"),
+        _ => (base64::engine::general_purpose::STANDARD.encode(payload), "base64"),
+    }
+}
+
+fn message_json(message: &BrowsedMessage, encoding: &str, truncate: Option<usize>) -> Value {
+    let (payload, payload_encoding) = match &message.payload {
+        Some(payload) => {
+            let (text, encoding) = payload_json(payload, encoding, truncate);
+            (Value::String(text), Value::String(encoding.to_owned()))
+        }
+        None => (Value::Null, Value::Null),
+    };
+    let properties = properties_to_json(&message.properties);
+    json!({
+        "position": message.position,
+        "entry_id": message.entry_id,
+        "state": message.state.as_str(),
+        "message_id": message.properties.message_id().as_ref().map(|id| id.as_str()),
+        "exchange": message.exchange,
+        "routing_key": message.routing_key,
+        "redelivered": message.redelivered,
+        "delivery_count": message.delivery_count,
+        "enqueued_at": message.enqueued_at_ms,
+        "expires_at": message.expires_at_ms,
+        "payload_bytes": message.payload_bytes,
+        "payload": payload,
+        "payload_encoding": payload_encoding,
+        "properties": properties,
+    })
+}
+
+async fn browse(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    Query(query): Query<BrowseQuery>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_vhost(&state, &vhost)?;
+    let page = number(query.page.as_deref(), "page", 1)?;
+    let page_size = number(query.page_size.as_deref(), "page_size", PAGE_SIZE_DEFAULT)?;
+    if page == 0 || page_size == 0 || page_size > BROWSE_PAGE_SIZE_MAX {
+        return Err(ApiError::bad_request_named(
+            "invalid_pagination_parameters",
+            format!(
+                "Invalid pagination parameters: page number {page}, page size {page_size} (at most {BROWSE_PAGE_SIZE_MAX})"
+            ),
+        ));
+    }
+    let encoding = query.encoding.as_deref().unwrap_or("auto");
+    if encoding != "auto" && encoding != "base64" {
+        return Err(ApiError::bad_request("encoding must be auto or base64".into()));
+    }
+    let truncate = query.truncate.as_deref().map(|text| number(Some(text), "truncate", 0)).transpose()?;
+    let skip = (page - 1).saturating_mul(page_size);
+    let browsed = state.management.browse(&caller.name, &vhost, &name, skip, page_size)?;
+    let items: Vec<Value> = browsed.messages.iter().map(|message| message_json(message, encoding, truncate)).collect();
+    Ok(Json(json!({
+        "filtered_count": browsed.total,
+        "item_count": items.len(),
+        "items": items,
+        "page": page,
+        "page_count": browsed.total.div_ceil(page_size),
+        "page_size": page_size,
+        "total_count": browsed.total,
+    })))
+}
