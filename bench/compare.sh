@@ -16,7 +16,9 @@
 # TARGETS ("wharf classic quorum"; add "baseline" to compare with another Wharf build),
 # WHARF_BASELINE (the other build's `wharf` binary, for the "baseline" target: a before/after
 # pair measured in one run, e.g. TARGETS="wharf baseline" SCENARIOS="S1 S4"),
-# WHARF_ARGS (extra `wharf serve` arguments for the "wharf" target, e.g. "--config FILE"), and
+# WHARF_ARGS (extra `wharf serve` arguments for the "wharf" target, e.g. "--config FILE"),
+# WHARF_HTTP_LISTEN (where the "wharf" target serves its management API; a free port by
+# default), and
 # WHARF_CREDENTIALS (user:password the benchmark logs in to it with; default guest:guest).
 # bench/authorization.toml is a user with scoped permissions: measure S1 with authorization on by
 #   WHARF_ARGS="--config bench/authorization.toml" WHARF_CREDENTIALS=bench:bench
@@ -70,7 +72,7 @@ start_wharf() {
   local port
   port=$(free_port)
   # shellcheck disable=SC2086 # WHARF_ARGS is a list of arguments
-  "$wharf" serve --http-listen 127.0.0.1:0 --amqp-listen "127.0.0.1:$port" --data-dir "$1" --log warn ${WHARF_ARGS:-} 2>>"$work/wharf.log" &
+  "$wharf" serve --http-listen "${WHARF_HTTP_LISTEN:-127.0.0.1:0}" --amqp-listen "127.0.0.1:$port" --data-dir "$1" --log warn ${WHARF_ARGS:-} 2>>"$work/wharf.log" &
   wharf_pid=$!
   wharf_url="amqp://${WHARF_CREDENTIALS:-guest:guest}@127.0.0.1:$port/%2f"
   wharf_port=$port
@@ -169,7 +171,7 @@ run_backlog() { # TARGET ROUND
   if [ "$target" = wharf ]; then
     stop_wharf
     restart_ms=$(date +%s%3N)
-    "$wharf" serve --http-listen 127.0.0.1:0 --amqp-listen "127.0.0.1:$wharf_port" --data-dir "$dir" --log warn ${WHARF_ARGS:-} 2>>"$work/wharf.log" &
+    "$wharf" serve --http-listen "${WHARF_HTTP_LISTEN:-127.0.0.1:0}" --amqp-listen "127.0.0.1:$wharf_port" --data-dir "$dir" --log warn ${WHARF_ARGS:-} 2>>"$work/wharf.log" &
     wharf_pid=$!
   else
     stop_rabbit
