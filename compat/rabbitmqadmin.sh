@@ -117,6 +117,15 @@ expect "import" "Uploaded definitions" import "$work/definitions.json"
 expect "import restored the queue" "orders.email" list queues
 expect "import restored the binding" "order\.\*" list bindings
 
+expect "declare user" "user declared" declare user name=ops password=pw tags=monitoring
+expect "declare permission" "permission declared" declare permission vhost=/ user=ops configure='^ops\.' write='.*' read='.*'
+expect "list users" "monitoring" list users
+expect "list permissions" "ops" list permissions
+"$admin" -H 127.0.0.1 -P "$http_port" -u ops -p pw list queues >/dev/null \
+  || { echo "FAIL: the declared user cannot log in"; exit 1; }
+passed=$((passed + 1))
+expect "delete user" "user deleted" delete user name=ops
+
 refuse "inequivalent redeclare" "inequivalent arg 'durable' for queue 'orders.email'" declare queue name=orders.email durable=false
 refuse "unknown queue" "Not found" delete queue name=no-such-queue
 refuse "wrong password" "Access refused" -p wrong list queues

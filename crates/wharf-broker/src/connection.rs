@@ -366,7 +366,8 @@ impl<R: AsyncRead + Unpin> Connection<R> {
         let outcome = if throttle.is_throttled(address, &tried, self.core.now_ms()) {
             Err("ACCESS_REFUSED - too many failed logins from this address; try again later".to_owned())
         } else {
-            let outcome = claim.and_then(|claim| authorize(&self.core.config.users, mechanism, &claim, address));
+            let users = self.core.access.users();
+            let outcome = claim.and_then(|claim| authorize(&users, mechanism, &claim, address));
             match &outcome {
                 Ok(_) => throttle.record_success(address, &tried),
                 Err(_) => throttle.record_failure(address, &tried, self.core.now_ms()),

@@ -12,11 +12,11 @@
 //! may block (definition writes, waiting for a store log to be created) runs through
 //! [`blocking`], which hands the worker's other tasks to another worker first.
 
-use crate::access::Access;
 use crate::alarms::{AlarmState, Alarms};
 use crate::clock::Clock;
 use crate::config::BrokerConfig;
 use crate::dedup_logs::DedupLogs;
+use crate::identities::Identities;
 use crate::limits::Limits;
 use crate::login_throttle::LoginThrottle;
 use crate::outbound::{Connections, Outbound, OutboundDelivery};
@@ -50,8 +50,9 @@ pub(crate) struct Core {
     pub pager: Arc<Pager>,
     /// Failed logins by source address (refused for a while after too many).
     pub login_throttle: LoginThrottle,
-    /// Who may do what (the configuration's permissions, compiled).
-    pub access: Access,
+    /// Who may log in and do what: the configuration's users and permissions over those the
+    /// management API stored, compiled.
+    pub access: Identities,
     /// Vhost and user limits, and the counts against them.
     pub limits: Arc<Limits>,
     /// The memory and disk alarms.
@@ -102,6 +103,8 @@ pub(crate) struct CoreParts {
     pub store: Store,
     pub meta: MetaStore,
     pub dedup_logs: DedupLogs,
+    /// Users and permissions the management API stored.
+    pub identities: Vec<crate::identities::StoredIdentity>,
 }
 
 impl Core {
@@ -113,12 +116,12 @@ impl Core {
             parts.config.handshakes_max,
             parts.config.handshakes_per_address_max,
         );
-        // `Broker::start` validated the permissions; should they fail anyway, nobody gets access
-        // (closed, not open).
-        let access = Access::new(&parts.config.permissions, &parts.config.topic_permissions).unwrap_or_else(|error| {
-            tracing::error!(%error, "permissions cannot be compiled; no user has access");
-            Access::default()
-        });
+        let access = Identities::new(
+            parts.identities,
+            &parts.config.users,
+            &parts.config.permissions,
+            &parts.config.topic_permissions,
+        );
         let limits = Limits::new(&parts.config.vhost_limits, &parts.config.user_limits);
         let alarms = Alarms::new(
             parts.config.memory_high_watermark_bytes,

@@ -20,6 +20,7 @@ mod definition_format;
 mod definitions;
 mod definitions_import;
 mod error;
+mod identities;
 mod limits;
 mod login_throttle;
 mod manage;
@@ -48,8 +49,8 @@ pub use definitions_import::{
 pub use error::BrokerError;
 pub use manage::{
     AckMode, BROWSE_PAGE_SIZE_MAX, BindingSpec, BindingView, BrokerStats, BrowsePage, BrowsedMessage, ChannelView,
-    ConnectionView, ConsumerView, ExchangeSpec, ExchangeView, GotMessage, Management, ManagementError, Overview,
-    PublishOutcome, QueueView, UserView, VhostView,
+    ConnectionView, ConsumerView, ExchangeSpec, ExchangeView, GotMessage, Management, ManagementError, NewPassword,
+    Overview, PublishOutcome, QueueView, UserView, VhostView,
 };
 pub use password::{HashingAlgorithm, PasswordError, PasswordHash};
 pub use persist::json_to_amqp;

@@ -60,7 +60,9 @@ impl Core {
         tracing::info!(messages = tally.messages, paged_out = tally.paged, "broker state recovered");
         model.count_paged_out(tally.paged);
         let startup = model.after_recovery();
-        let core = Core::new(CoreParts { config, model, store: storage.store, meta: storage.meta, dedup_logs });
+        let identities = std::mem::take(&mut tally.identities);
+        let core =
+            Core::new(CoreParts { config, model, store: storage.store, meta: storage.meta, dedup_logs, identities });
         Ok((core, startup))
     }
 }
@@ -160,6 +162,8 @@ struct Tally {
     transient_logs: Vec<(Vec<u8>, u64)>,
     messages: usize,
     paged: u64,
+    /// Users and permissions the management API stored (`identities.rs`).
+    identities: Vec<crate::identities::StoredIdentity>,
 }
 
 impl Sources<'_> {
@@ -205,6 +209,17 @@ fn restore_definition(
     key: &[u8],
     value: &[u8],
 ) {
+    // Users and permissions the management API stored are not topology: they go to the
+    // identities (and define no vhost).
+    if let Some((kind, vhost, rest)) = definition_format::split_key(key)
+        && crate::identities::is_identity_kind(kind)
+    {
+        match crate::identities::decode(kind, vhost, rest, value) {
+            Some(identity) => tally.identities.push(identity),
+            None => tracing::error!(key = %String::from_utf8_lossy(key), "stored user or permission unreadable"),
+        }
+        return;
+    }
     // The vhost exists even if the definition in it turns out unreadable (a transient log's
     // record defines nothing in it).
     if let Some((kind, vhost, _)) = definition_format::split_key(key)

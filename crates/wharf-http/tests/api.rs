@@ -336,22 +336,103 @@ async fn definitions_export_and_import_round_trip() {
     assert_eq!(fresh_api.post("/api/definitions/other", vhost_only).await.status, 204);
     assert_eq!(fresh_api.get("/api/queues/other/orders.email").await.status, 200);
 
-    // A file that would change users is refused whole.
-    let mut changed = exported.clone();
-    changed["users"]
+    // A file's users and permissions are set, durably, with their hashes: guest's hash under
+    // another name logs in with guest's password.
+    let mut with_user = exported.clone();
+    let mut auditor =
+        with_user["users"].as_array().unwrap().iter().find(|user| user["name"] == "guest").unwrap().clone();
+    auditor["name"] = json!("auditor");
+    auditor["tags"] = json!(["monitoring"]);
+    with_user["users"].as_array_mut().unwrap().push(auditor);
+    with_user["permissions"]
         .as_array_mut()
         .unwrap()
-        .push(json!({"name": "mallory", "password_hash": "", "tags": ["administrator"]}));
+        .push(json!({"user": "auditor", "vhost": "/", "configure": "", "write": "", "read": ".*"}));
+    assert_eq!(fresh_api.post("/api/definitions", with_user).await.status, 204);
+    let whoami = fresh.api("auditor", "guest").get("/api/whoami").await;
+    assert_eq!(whoami.body, json!({"name": "auditor", "tags": ["monitoring"]}));
+    assert_eq!(fresh_api.get("/api/permissions/%2F/auditor").await.body["read"], ".*");
+
+    // A file naming a vhost that does not exist is refused whole.
+    let mut changed = exported.clone();
+    changed["vhosts"].as_array_mut().unwrap().push(json!({"name": "nowhere"}));
     changed["queues"]
         .as_array_mut()
         .unwrap()
         .push(json!({"name": "sneaky", "vhost": "/", "durable": true, "auto_delete": false, "arguments": {}}));
     let refused = fresh_api.post("/api/definitions", changed).await;
     assert_eq!(refused.status, 400);
-    assert!(refused.body["reason"].as_str().unwrap().contains("mallory"));
+    assert!(refused.body["reason"].as_str().unwrap().contains("nowhere"), "{}", refused.body);
     assert_eq!(fresh_api.get("/api/queues/%2F/sneaky").await.status, 404, "nothing of a refused file is declared");
     let not_json = fresh_api.call("POST", "/api/definitions", Some(json!([1, 2]))).await;
     assert_eq!(not_json.status, 400);
     fresh.stop().await;
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_and_permissions_are_changed_durably_and_removals_close_connections() {
+    let mut harness = Harness::start().await;
+    let api = harness.guest();
+    assert_eq!(api.put("/api/users/carol", json!({"password": "pw", "tags": "management"})).await.status, 201);
+    assert_eq!(
+        api.put("/api/users/carol", json!({"tags": ["monitoring"]})).await.status,
+        204,
+        "tags only: the password stays"
+    );
+    assert_eq!(api.get("/api/users/carol").await.body["tags"], json!(["monitoring"]));
+    assert_eq!(harness.api("carol", "pw").get("/api/whoami").await.status, 200);
+    let refused =
+        lapin::Connection::connect(&harness.amqp_url("carol", "pw"), lapin::ConnectionProperties::default()).await;
+    assert!(refused.is_err(), "no permissions on / yet");
+
+    let full = json!({"configure": ".*", "write": ".*", "read": ".*"});
+    assert_eq!(api.put("/api/permissions/%2F/carol", full.clone()).await.status, 201);
+    assert_eq!(api.put("/api/permissions/%2F/carol", full).await.status, 204);
+    let bad = api.put("/api/permissions/%2F/carol", json!({"configure": "(", "write": "", "read": ""})).await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.body["reason"].as_str().unwrap().contains("not a valid regular expression"), "{}", bad.body);
+    assert_eq!(
+        api.put("/api/permissions/nowhere/carol", json!({"configure": "", "write": "", "read": ""})).await.status,
+        404
+    );
+    assert_eq!(
+        api.put("/api/permissions/%2F/nobody", json!({"configure": "", "write": "", "read": ""})).await.status,
+        400
+    );
+    let topic = json!({"exchange": "amq.topic", "write": "^carol\\.", "read": ".*"});
+    assert_eq!(api.put("/api/topic-permissions/%2F/carol", topic).await.status, 201);
+    assert_eq!(api.get("/api/topic-permissions/%2F/carol").await.body[0]["write"], "^carol\\.");
+    assert_eq!(api.put("/api/users/dave", json!({"tags": ""})).await.status, 400, "a new user needs a password");
+    assert_eq!(harness.api("bob", "secret").put("/api/users/eve", json!({"password": "x"})).await.status, 401);
+
+    // Durable: after a restart carol logs in, over AMQP too, with her permissions.
+    harness.restart().await;
+    let api = harness.guest();
+    assert_eq!(api.get("/api/users/carol").await.body["tags"], json!(["monitoring"]));
+    assert_eq!(api.get("/api/topic-permissions/%2F/carol").await.status, 200);
+    let connection =
+        lapin::Connection::connect(&harness.amqp_url("carol", "pw"), lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+    let mut events = Box::pin(connection.events_listener());
+
+    // Removing her permissions on / closes her connection to it.
+    assert_eq!(api.delete("/api/permissions/%2F/carol").await.status, 204);
+    let error = loop {
+        match futures_lite::StreamExt::next(&mut events).await {
+            Some(lapin::Event::Error(error)) => break error,
+            Some(_) => continue,
+            None => panic!("the connection's events ended without an error"),
+        }
+    };
+    assert!(error.to_string().contains("CONNECTION_FORCED"), "{error}");
+    assert_eq!(api.get("/api/topic-permissions/%2F/carol").await.status, 404, "topic permissions went with them");
+    assert_eq!(api.delete("/api/permissions/%2F/carol").await.status, 404);
+
+    assert_eq!(api.delete("/api/users/carol").await.status, 204);
+    assert_eq!(harness.api("carol", "pw").get("/api/whoami").await.status, 401);
+    harness.restart().await;
+    assert_eq!(harness.guest().get("/api/users/carol").await.status, 404, "the deletion is durable");
     harness.stop().await;
 }

@@ -531,6 +531,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
             "--https-listen (https_listen) needs the TLS settings of AMQPS: --amqps-listen, --tls-cert and --tls-key"
         );
     }
+    // Signal handlers first: a SIGHUP or SIGTERM that arrives while the listeners start must not
+    // take the default action (ending the process).
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     tracing::info!(data_dir = %config.data_dir.display(), "starting wharf");
     let broker = Broker::start(config).await.context("starting the broker")?;
     let mut http = Vec::new();
@@ -552,9 +557,6 @@ async fn serve(args: ServeArgs) -> Result<()> {
             }
         }
     }
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let outcome = loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT received; shutting down"); break Ok(()) }

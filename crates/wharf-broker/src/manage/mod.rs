@@ -10,12 +10,14 @@
 
 mod browse;
 mod connections;
+mod identity_ops;
 mod operations;
 mod stats;
 mod views;
 
 pub use browse::{BROWSE_PAGE_SIZE_MAX, BrowsePage, BrowsedMessage};
 pub(crate) use connections::{ConnectionFacts, ConnectionInfo};
+pub use identity_ops::NewPassword;
 pub use operations::{AckMode, BindingSpec, ExchangeSpec, GotMessage, ManagementError, PublishOutcome};
 pub use stats::BrokerStats;
 pub use views::{

@@ -492,19 +492,19 @@ impl Management {
 
     /// Every user, by name.
     pub fn users(&self) -> Vec<UserView> {
-        let mut views: Vec<UserView> = self.core.config.users.iter().map(UserView::of).collect();
+        let mut views: Vec<UserView> = self.core.access.users().iter().map(UserView::of).collect();
         views.sort_by(|a, b| a.name.cmp(&b.name));
         views
     }
 
     /// Every permission.
     pub fn permissions(&self) -> Vec<crate::Permission> {
-        self.core.config.permissions.clone()
+        self.core.access.permissions()
     }
 
     /// Every topic permission.
     pub fn topic_permissions(&self) -> Vec<crate::TopicPermission> {
-        self.core.config.topic_permissions.clone()
+        self.core.access.topic_permissions()
     }
 
     /// Every policy, as (vhost, policy).
@@ -526,11 +526,11 @@ impl Management {
         if throttle.is_throttled(peer, name, now_ms) {
             return None;
         }
-        let user = self.core.config.users.iter().find(|user| user.name == name);
+        let user = self.core.access.user(name);
         match user {
             Some(user) if user.password.verify(password.as_bytes()) && (!user.loopback_only || peer.is_loopback()) => {
                 throttle.record_success(peer, name);
-                Some(UserView::of(user))
+                Some(UserView::of(&user))
             }
             _ => {
                 throttle.record_failure(peer, name, now_ms);

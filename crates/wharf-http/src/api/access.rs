@@ -1,9 +1,9 @@
 //! Users, permissions, topic permissions and policies. Users and permissions are the
 //! administrator's (RabbitMQ's rule); a policy is seen by anyone who sees its vhost.
 //!
-//! They are listed here; they are set by the broker's configuration (`wharf.toml`, `--policy`,
-//! `--definitions`), so a change through the API is refused with 405 and a reason naming where
-//! to make it.
+//! Users, permissions and topic permissions are changed here too (by an administrator), durably;
+//! policies are set by the broker's configuration (`wharf.toml`, `--policy`), so a change to
+//! them through the API is refused with 405 and a reason naming where to make it.
 
 use super::parse_body;
 use crate::AppState;
@@ -17,24 +17,21 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
-use wharf_broker::{Permission, Policy, TopicPermission, UserView};
+use wharf_broker::{NewPassword, Permission, Policy, TopicPermission, UserView};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/users", get(users))
-        .route("/api/users/{name}", get(user).put(configured_elsewhere).delete(configured_elsewhere))
+        .route("/api/users/{name}", get(user).put(put_user).delete(delete_user))
         .route("/api/users/{name}/permissions", get(user_permissions))
         .route("/api/users/{name}/topic-permissions", get(user_topic_permissions))
         .route("/api/permissions", get(permissions))
-        .route(
-            "/api/permissions/{vhost}/{user}",
-            get(permission).put(configured_elsewhere).delete(configured_elsewhere),
-        )
+        .route("/api/permissions/{vhost}/{user}", get(permission).put(put_permission).delete(delete_permission))
         .route("/api/vhosts/{vhost}/permissions", get(vhost_permissions))
         .route("/api/topic-permissions", get(topic_permissions))
         .route(
             "/api/topic-permissions/{vhost}/{user}",
-            get(user_vhost_topic_permissions).put(configured_elsewhere).delete(configured_elsewhere),
+            get(user_vhost_topic_permissions).put(put_topic_permission).delete(delete_topic_permissions),
         )
         .route("/api/vhosts/{vhost}/topic-permissions", get(vhost_topic_permissions))
         .route("/api/policies", get(policies))
@@ -42,14 +39,136 @@ pub fn routes() -> Router<AppState> {
         .route("/api/policies/{vhost}/{name}", get(policy).put(configured_elsewhere).delete(configured_elsewhere))
 }
 
-/// A change to what the configuration defines.
+/// A change to policies, which the configuration defines.
 async fn configured_elsewhere(_caller: Caller, body: Bytes) -> Result<StatusCode, ApiError> {
     parse_body(&body)?;
     Err(ApiError {
         status: StatusCode::METHOD_NOT_ALLOWED,
         error: "method_not_allowed",
-        reason: "users, permissions and policies are set in the broker's configuration (wharf.toml, --policy, --definitions)".into(),
+        reason: "policies are set in the broker's configuration (wharf.toml [[policies]], --policy)".into(),
     })
+}
+
+/// A string field of a body, required.
+fn required_text(body: &Value, name: &str) -> Result<String, ApiError> {
+    match body.get(name) {
+        Some(Value::String(text)) => Ok(text.clone()),
+        None | Some(Value::Null) => Err(ApiError::bad_request(format!("{name} is missing"))),
+        Some(other) => Err(ApiError::bad_request(format!("{name} must be a string, not {other}"))),
+    }
+}
+
+/// RabbitMQ's `tags`: a comma-separated string or a list of strings.
+fn tags(body: &Value) -> Result<Vec<String>, ApiError> {
+    match body.get("tags") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(text)) => {
+            Ok(text.split(',').map(str::trim).filter(|tag| !tag.is_empty()).map(str::to_owned).collect())
+        }
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| {
+                item.as_str().map(str::to_owned).ok_or_else(|| ApiError::bad_request("tags must be strings".into()))
+            })
+            .collect(),
+        Some(other) => Err(ApiError::bad_request(format!("tags must be a string or a list, not {other}"))),
+    }
+}
+
+async fn put_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    caller.require_administrator()?;
+    let body = parse_body(&body)?;
+    let password = match (body.get("password"), body.get("password_hash")) {
+        (Some(Value::String(password)), _) => NewPassword::Clear(password.clone()),
+        (_, Some(Value::String(hash))) => NewPassword::Hash {
+            password_hash: hash.clone(),
+            hashing_algorithm: body
+                .get("hashing_algorithm")
+                .and_then(Value::as_str)
+                .unwrap_or("rabbit_password_hashing_sha256")
+                .to_owned(),
+        },
+        (Some(_), _) | (_, Some(_)) => return Err(ApiError::bad_request("password must be a string".into())),
+        (None, None) => NewPassword::Keep,
+    };
+    let created = state.management.put_user(&name, password, tags(&body)?)?;
+    Ok(if created { StatusCode::CREATED } else { StatusCode::NO_CONTENT })
+}
+
+async fn delete_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_administrator()?;
+    state.management.delete_user(&name)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn put_permission(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((vhost, user)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    caller.require_administrator()?;
+    let body = parse_body(&body)?;
+    let permission = Permission {
+        user,
+        vhost,
+        configure: required_text(&body, "configure")?,
+        write: required_text(&body, "write")?,
+        read: required_text(&body, "read")?,
+    };
+    let created = state.management.put_permission(permission)?;
+    Ok(if created { StatusCode::CREATED } else { StatusCode::NO_CONTENT })
+}
+
+async fn delete_permission(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((vhost, user)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_administrator()?;
+    state.management.delete_permission(&user, &vhost)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn put_topic_permission(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((vhost, user)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    caller.require_administrator()?;
+    let body = parse_body(&body)?;
+    let permission = TopicPermission {
+        user,
+        vhost,
+        exchange: required_text(&body, "exchange")?,
+        write: required_text(&body, "write")?,
+        read: required_text(&body, "read")?,
+    };
+    let existed = state.management.topic_permissions().iter().any(|known| {
+        known.user == permission.user && known.vhost == permission.vhost && known.exchange == permission.exchange
+    });
+    state.management.put_topic_permission(permission)?;
+    Ok(if existed { StatusCode::NO_CONTENT } else { StatusCode::CREATED })
+}
+
+async fn delete_topic_permissions(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((vhost, user)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_administrator()?;
+    state.management.delete_topic_permissions(&user, &vhost)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 pub(crate) fn user_json(user: &UserView) -> Value {

@@ -2,11 +2,13 @@
 //! and durable topology in the format `rabbitmqctl export_definitions` writes (per vhost with
 //! `/api/definitions/{vhost}`: that vhost's policies and topology); `POST` imports such a file.
 //!
-//! An import declares its exchanges, queues and bindings as the caller, through the same paths
-//! as a client's declarations (an existing object with other properties is refused, 406 as
-//! over AMQP). Users, vhosts, permissions and policies are the configuration's: an import may
-//! repeat them as they are (so an export imports back unchanged), and a file that would change
-//! them is refused whole, before anything is declared, naming the first difference.
+//! An import sets its users (with their hashes and tags), permissions and topic permissions,
+//! durably, as the API's `PUT`s do, then declares its exchanges, queues and bindings as the
+//! caller, through the same paths as a client's declarations (an existing object with other
+//! properties is refused, 406 as over AMQP). Vhosts and policies are the configuration's: an
+//! import may repeat them as they are (so an export imports back unchanged), and a file that
+//! names a vhost that does not exist or a policy that differs is refused whole, before anything
+//! is changed, naming the first difference.
 
 use super::access::{permission_json, policy_json, topic_permission_json, user_json};
 use crate::AppState;
@@ -19,7 +21,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
-use wharf_broker::{BindingSpec, Definitions, ExchangeSpec, Management};
+use wharf_broker::{BindingSpec, Definitions, ExchangeSpec, Management, NewPassword};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -137,42 +139,18 @@ async fn export_vhost(
     })))
 }
 
-/// Refuses a file whose users, vhosts, permissions or policies differ from the configuration's.
+/// Refuses a file whose vhosts do not exist or whose policies differ from the configuration's,
+/// before anything is changed.
 fn check_configuration_unchanged(management: &Management, definitions: &Definitions) -> Result<(), ApiError> {
     let refuse = |what: String| {
         Err(ApiError::bad_request(format!(
-            "{what}: users, vhosts, permissions and policies are set in the broker's configuration \
-             (wharf.toml, --policy, --definitions), not by an import; nothing was imported"
+            "{what}: vhosts and policies are set in the broker's configuration (wharf.toml, --policy, \
+             --definitions), not by an import; nothing was imported"
         )))
     };
-    let users = management.users();
-    for user in &definitions.users {
-        let same = users.iter().any(|known| known.name == user.name && known.tags == user.tags);
-        if !same {
-            return refuse(format!("the file defines user '{}' differently or anew", user.name));
-        }
-    }
     for vhost in &definitions.vhosts {
         if !management.vhost_exists(vhost) {
             return refuse(format!("the file defines vhost '{vhost}', which does not exist"));
-        }
-    }
-    let permissions = management.permissions();
-    for permission in &definitions.permissions {
-        if !permissions.contains(permission) {
-            return refuse(format!(
-                "the file grants '{}' permissions on vhost '{}' that differ",
-                permission.user, permission.vhost
-            ));
-        }
-    }
-    let topic_permissions = management.topic_permissions();
-    for permission in &definitions.topic_permissions {
-        if !topic_permissions.contains(permission) {
-            return refuse(format!(
-                "the file grants '{}' topic permissions on vhost '{}' that differ",
-                permission.user, permission.vhost
-            ));
         }
     }
     let policies = management.policies();
@@ -189,12 +167,37 @@ fn check_configuration_unchanged(management: &Management, definitions: &Definiti
             return refuse(format!("the file defines policy '{}' in vhost '{vhost}' differently or anew", policy.name));
         }
     }
+    for permission in definitions
+        .permissions
+        .iter()
+        .map(|permission| &permission.vhost)
+        .chain(definitions.topic_permissions.iter().map(|permission| &permission.vhost))
+    {
+        if !management.vhost_exists(permission) {
+            return refuse(format!("the file grants permissions on vhost '{permission}', which does not exist"));
+        }
+    }
+    Ok(())
+}
+
+/// Sets the file's users, then their permissions, as the API's `PUT`s would.
+fn import_identities(management: &Management, definitions: &Definitions) -> Result<(), ApiError> {
+    for user in &definitions.users {
+        management.put_user(&user.name, NewPassword::Hashed(user.password.clone()), user.tags.clone())?;
+    }
+    for permission in &definitions.permissions {
+        management.put_permission(permission.clone())?;
+    }
+    for permission in &definitions.topic_permissions {
+        management.put_topic_permission(permission.clone())?;
+    }
     Ok(())
 }
 
 /// Declares the file's topology as the caller: exchanges, then queues, then bindings.
 fn import(state: &AppState, caller: &Caller, definitions: &Definitions) -> Result<(), ApiError> {
     check_configuration_unchanged(&state.management, definitions)?;
+    import_identities(&state.management, definitions)?;
     let management = &state.management;
     let topology = &definitions.topology;
     for vhost in topology

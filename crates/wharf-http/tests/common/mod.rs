@@ -12,6 +12,7 @@ use wharf_http::HttpServer;
 pub struct Harness {
     pub broker: Option<Broker>,
     pub http: Option<HttpServer>,
+    pub data_dir: std::path::PathBuf,
     _temp: tempfile::TempDir,
 }
 
@@ -36,11 +37,12 @@ impl Harness {
 
     pub async fn start_with(configure: impl FnOnce(&mut BrokerConfig)) -> Harness {
         let temp = tempfile::tempdir().unwrap();
-        let mut config = config(&temp.path().join("data"));
+        let data_dir = temp.path().join("data");
+        let mut config = config(&data_dir);
         configure(&mut config);
         let broker = Broker::start(config).await.unwrap();
         let http = HttpServer::start("127.0.0.1:0".parse().unwrap(), broker.management()).await.unwrap();
-        Harness { broker: Some(broker), http: Some(http), _temp: temp }
+        Harness { broker: Some(broker), http: Some(http), data_dir, _temp: temp }
     }
 
     pub fn api(&self, user: &str, password: &str) -> Api {
@@ -56,6 +58,20 @@ impl Harness {
         let url = format!("amqp://guest:guest@{}/%2f", self.broker.as_ref().unwrap().local_addr());
         let properties = ConnectionProperties::default().with_connection_name(name.into());
         Connection::connect(&url, properties).await.unwrap()
+    }
+
+    /// Stops the API and the broker cleanly and starts both again on the same data directory
+    /// (the API on a new port).
+    pub async fn restart(&mut self) {
+        self.http.take().unwrap().shutdown().await;
+        self.broker.take().unwrap().shutdown().await;
+        let broker = Broker::start(config(&self.data_dir)).await.unwrap();
+        self.http = Some(HttpServer::start("127.0.0.1:0".parse().unwrap(), broker.management()).await.unwrap());
+        self.broker = Some(broker);
+    }
+
+    pub fn amqp_url(&self, user: &str, password: &str) -> String {
+        format!("amqp://{user}:{password}@{}/%2f", self.broker.as_ref().unwrap().local_addr())
     }
 
     pub async fn stop(mut self) {
