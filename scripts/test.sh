@@ -26,6 +26,8 @@ target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 compat/run.sh "$target_dir/debug/wharf"
 # RabbitMQ's own management CLI against the management API (compat/rabbitmqadmin.sh).
 compat/rabbitmqadmin.sh "$target_dir/debug/wharf"
+# The web console in a real headless Chromium (Debian's), screenshots in target/console-screenshots.
+compat/console.sh "$target_dir/debug/wharf"
 # The client libraries' own integration suites (compat/README.md): all six, aiormq's and
 # aio-pika's in their fixed CI part (half their parametrized variants; the whole of both is
 # `compat/upstream/run.sh BINARY`, recorded in compat/README.md), about 10 minutes in all with a

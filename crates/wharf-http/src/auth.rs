@@ -94,14 +94,16 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let (user, password) = credentials(parts).ok_or_else(ApiError::login_failed)?;
+        let scripted = parts.headers.get("x-requested-with").is_some();
+        let failed = || ApiError { challenge: !scripted, ..ApiError::login_failed() };
+        let (user, password) = credentials(parts).ok_or_else(failed)?;
         // Without the peer (a server not started by `serve`), only loopback rules would be
         // wrong: count the caller as remote, the stricter case.
         let peer = parts
             .extensions
             .get::<ConnectInfo<PeerAddr>>()
             .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |ConnectInfo(PeerAddr(address))| address.ip());
-        let found = state.management.authenticate(&user, &password, peer).ok_or_else(ApiError::login_failed)?;
+        let found = state.management.authenticate(&user, &password, peer).ok_or_else(failed)?;
         let caller = Caller { name: found.name, tags: found.tags };
         if !caller.is_management() {
             return Err(ApiError::not_authorised("Not management user"));

@@ -16,31 +16,50 @@ pub struct ApiError {
     pub status: StatusCode,
     pub error: &'static str,
     pub reason: String,
+    /// Ask for credentials (`WWW-Authenticate`): only for a failed login from a client that is
+    /// not a script (a script's request saying `X-Requested-With` gets none, so the browser
+    /// running it shows no login prompt of its own).
+    pub challenge: bool,
 }
 
 impl ApiError {
     pub fn bad_request(reason: String) -> ApiError {
-        ApiError { status: StatusCode::BAD_REQUEST, error: "bad_request", reason }
+        ApiError { status: StatusCode::BAD_REQUEST, error: "bad_request", reason, challenge: false }
     }
 
     pub fn not_found() -> ApiError {
-        ApiError { status: StatusCode::NOT_FOUND, error: "Object Not Found", reason: "Not Found".into() }
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            error: "Object Not Found",
+            reason: "Not Found".into(),
+            challenge: false,
+        }
     }
 
     /// No credentials, or wrong ones.
     pub fn login_failed() -> ApiError {
-        ApiError { status: StatusCode::UNAUTHORIZED, error: "not_authorized", reason: "Login failed".into() }
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            error: "not_authorized",
+            reason: "Login failed".into(),
+            challenge: true,
+        }
     }
 
     /// Logged in, but the user's tags or permissions do not allow this: 401 too, spelled
     /// `not_authorised` and without a credentials challenge (RabbitMQ's answer).
     pub fn not_authorised(reason: &str) -> ApiError {
-        ApiError { status: StatusCode::UNAUTHORIZED, error: "not_authorised", reason: reason.to_owned() }
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            error: "not_authorised",
+            reason: reason.to_owned(),
+            challenge: false,
+        }
     }
 
     /// A 400 with an error name of its own (`page_out_of_range`, …).
     pub fn bad_request_named(error: &'static str, reason: String) -> ApiError {
-        ApiError { status: StatusCode::BAD_REQUEST, error, reason }
+        ApiError { status: StatusCode::BAD_REQUEST, error, reason, challenge: false }
     }
 
     pub fn method_not_allowed() -> ApiError {
@@ -48,6 +67,7 @@ impl ApiError {
             status: StatusCode::METHOD_NOT_ALLOWED,
             error: "method_not_allowed",
             reason: "Method Not Allowed".into(),
+            challenge: false,
         }
     }
 }
@@ -82,7 +102,7 @@ impl IntoResponse for ApiError {
         let body = axum::Json(json!({"error": self.error, "reason": self.reason}));
         let mut response = (self.status, body).into_response();
         // Only a failed login asks for credentials again (a browser then prompts).
-        if self.status == StatusCode::UNAUTHORIZED && self.error == "not_authorized" {
+        if self.challenge {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(REALM));
         }
         response

@@ -9,6 +9,7 @@
 mod amqp_json;
 mod api;
 mod auth;
+mod console;
 mod error;
 mod listing;
 mod metrics;

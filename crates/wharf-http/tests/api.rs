@@ -436,3 +436,20 @@ async fn users_and_permissions_are_changed_durably_and_removals_close_connection
     assert_eq!(harness.guest().get("/api/users/carol").await.status, 404, "the deletion is durable");
     harness.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_is_served_from_the_binary_without_credentials() {
+    let harness = Harness::start().await;
+    let api = harness.guest();
+    let (status, content_type, page) = api.get_text("/").await;
+    assert_eq!((status, content_type.as_str()), (200, "text/html; charset=utf-8"));
+    assert!(page.contains("<script src=\"/console/console.js\">"), "{page}");
+    assert!(!page.contains("http://") && !page.contains("https://"), "the page loads nothing from elsewhere");
+    let (status, content_type, script) = api.get_text("/console/console.js").await;
+    assert_eq!((status, content_type.as_str()), (200, "text/javascript; charset=utf-8"));
+    assert!(script.contains("/api/whoami"));
+    let (status, content_type, _) = api.get_text("/console/console.css").await;
+    assert_eq!((status, content_type.as_str()), (200, "text/css; charset=utf-8"));
+    assert_eq!(api.get_text("/console/missing.js").await.0, 404);
+    harness.stop().await;
+}

@@ -46,6 +46,7 @@ async fn configured_elsewhere(_caller: Caller, body: Bytes) -> Result<StatusCode
         status: StatusCode::METHOD_NOT_ALLOWED,
         error: "method_not_allowed",
         reason: "policies are set in the broker's configuration (wharf.toml [[policies]], --policy)".into(),
+        challenge: false,
     })
 }
 

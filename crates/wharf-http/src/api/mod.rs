@@ -25,6 +25,7 @@ pub fn router(state: AppState) -> Router {
         .merge(definitions::routes())
         .merge(workbench::routes())
         .merge(crate::metrics::routes())
+        .merge(crate::console::routes())
         .route("/api/{*rest}", get(not_found).put(not_found).post(not_found).delete(not_found))
         .layer(DefaultBodyLimit::max(crate::REQUEST_BYTES_MAX))
         .with_state(state)

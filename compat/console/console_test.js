@@ -1,0 +1,121 @@
+// Wharf's web console in a real headless Chromium (Debian's), driven by playwright-core:
+// log in, look at every page, declare a queue and a dead-letter queue, publish a poison message
+// from the console, see it reach the DLQ after a reject, and browse it there with its x-death
+// header and body. Screenshots of each page go to the artifacts directory.
+//
+// Usage: node console_test.js HTTP_PORT ARTIFACTS_DIR
+"use strict";
+
+const { chromium } = require("playwright-core");
+const assert = require("node:assert/strict");
+const path = require("node:path");
+
+const [port, artifacts] = process.argv.slice(2);
+const base = `http://127.0.0.1:${port}`;
+const auth = "Basic " + Buffer.from("guest:guest").toString("base64");
+
+async function api(method, apiPath, body) {
+  const response = await fetch(base + apiPath, {
+    method,
+    headers: { Authorization: auth, "Content-Type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await response.text();
+  if (!response.ok) throw new Error(`${method} ${apiPath}: ${response.status} ${text}`);
+  return text ? JSON.parse(text) : null;
+}
+
+let checks = 0;
+function check(condition, what) {
+  assert.ok(condition, what);
+  checks += 1;
+}
+
+(async () => {
+  const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+      "--disable-component-update", "--disable-sync"],
+  });
+  const page = await browser.newPage({ viewport: { width: 1366, height: 900 } });
+  const consoleErrors = [];
+  page.on("console", (message) => { if (message.type() === "error") consoleErrors.push(message.text()); });
+  page.on("pageerror", (error) => consoleErrors.push(String(error)));
+  const external = [];
+  page.on("request", (request) => { if (!request.url().startsWith(base) && !request.url().startsWith("blob:") && !request.url().startsWith("data:")) external.push(request.url()); });
+  const shot = (name) => page.screenshot({ path: path.join(artifacts, `${name}.png`), fullPage: true });
+
+  // Logging in: a wrong password is refused with a message, the right one opens the overview.
+  await page.goto(base + "/");
+  await page.waitForSelector("#login[open]");
+  await page.fill("input[name=user]", "guest");
+  await page.fill("input[name=password]", "wrong");
+  await page.click("#login-form button[type=submit]");
+  await page.waitForFunction(() => document.getElementById("login-error").textContent.includes("Wrong user or password"));
+  check(true, "a wrong password is refused");
+  // The browser reports that refused request (401) as a failed load: expected here, and only here.
+  consoleErrors.length = 0;
+  await page.fill("input[name=password]", "guest");
+  await page.click("#login-form button[type=submit]");
+  await page.waitForSelector("h1:has-text('Wharf')");
+  check((await page.textContent("#who")).includes("guest (administrator)"), "the user and tags are shown");
+  await page.waitForSelector(".tile .label:has-text('Queues')");
+  await shot("overview");
+
+  // A queue whose rejected messages go to a dead-letter queue, declared from the console's form.
+  await page.goto(base + "/#/queues");
+  await page.waitForSelector("h1:has-text('Queues')");
+  await page.fill("form.grid input[name=name]", "orders.dlq");
+  await page.click("form.grid button[type=submit]");
+  await page.waitForSelector("a:has-text('orders.dlq')");
+  await page.fill("form.grid input[name=name]", "orders");
+  await page.fill("form.grid textarea[name=arguments]", '{"x-dead-letter-exchange": "", "x-dead-letter-routing-key": "orders.dlq"}');
+  await page.click("form.grid button[type=submit]");
+  await page.waitForSelector("td a:text-is('orders')");
+  check(true, "queues are declared from the console");
+  await shot("queues");
+
+  // A poison message, published from the queue's page, rejected by its consumer (here a get
+  // with reject_requeue_false from the console's get form), reaches the DLQ.
+  await page.click("td a:text-is('orders')");
+  await page.waitForSelector("h1:has-text('Queue orders')");
+  await page.fill("form textarea[name=properties]", '{"delivery_mode": 2, "message_id": "poison-1", "headers": {"x-failure-reason": "unknown item 42"}}');
+  await page.fill("form textarea[name=payload]", '{"order": 42, "item": "unknown"}');
+  await page.click("button:has-text('Publish to the default exchange')");
+  await page.waitForSelector(".result.ok:has-text('routed')");
+  check(true, "a message is published from the console");
+  await page.selectOption("select[name=ackmode]", "reject_requeue_false");
+  await page.click("button:has-text('Get messages')");
+  await page.waitForSelector(".message strong:has-text('poison-1')");
+  await shot("queue-orders");
+  const dlq = await api("GET", "/api/queues/%2F/orders.dlq");
+  check(dlq.messages === 1, "the rejected message is in the dead-letter queue");
+
+  // The DLQ's page shows it without consuming it: its x-death, its failure reason, its body.
+  await page.goto(base + "/#/queues/%2F/orders.dlq");
+  await page.waitForSelector(".message strong:has-text('poison-1')");
+  const browsed = await page.textContent(".message");
+  check(browsed.includes("Failure: unknown item 42"), "the failure reason is shown");
+  check(browsed.includes("x-death: rejected from orders"), "the x-death header is shown");
+  check(browsed.includes('"item": "unknown"'), "the JSON body is shown, formatted");
+  check((await api("GET", "/api/queues/%2F/orders.dlq")).messages_ready === 1, "browsing consumed nothing");
+  await shot("queue-orders-dlq");
+
+  // Every other page renders.
+  for (const [route, heading] of [["connections", "Connections"], ["channels", "Channels"], ["exchanges", "Exchanges"],
+    ["admin", "Users, permissions and policies"], ["definitions", "Definitions"]]) {
+    await page.goto(`${base}/#/${route}`);
+    await page.waitForSelector(`h1:has-text('${heading}')`);
+    await shot(route);
+    checks += 1;
+  }
+  check((await page.textContent("main")).includes("Download definitions"), "the definitions page offers the export");
+
+  check(external.length === 0, `the console loaded nothing from elsewhere: ${external.join(", ")}`);
+  check(consoleErrors.length === 0, `no errors in the page: ${consoleErrors.join(" | ")}`);
+  await browser.close();
+  console.log(`console: ${checks} checks passed, screenshots in ${artifacts}`);
+})().catch((error) => {
+  console.error(error);
+  process.exit(1);
+});
