@@ -342,6 +342,13 @@ impl<R: AsyncRead + Unpin> Connection<R> {
             let text = format!("NOT_ALLOWED - connection limit ({limit}) is reached");
             return Err(self.close_connection(reply_code::NOT_ALLOWED, &text, MethodId::CONNECTION_OPEN).await);
         };
+        // Its user or permissions may have been removed since the grant was taken; the removal
+        // closed the connections registered then, not this one.
+        if self.core.access.grant(&user, &vhost).is_none() {
+            self.core.connections.unregister(id);
+            let text = format!("NOT_ALLOWED - access to vhost '{vhost}' refused for user '{user}'");
+            return Err(self.close_connection(reply_code::NOT_ALLOWED, &text, MethodId::CONNECTION_OPEN).await);
+        }
         crate::core::Churn::count(&self.core.churn.connections_opened, 1);
         self.send(0, &AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})));
         Ok(LoggedIn { id, user, vhost, channel_max, grant, lease, blocked_capable, info })

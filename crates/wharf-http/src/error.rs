@@ -78,6 +78,13 @@ impl From<ManagementError> for ApiError {
             ManagementError::NotFound(_) => ApiError::not_found(),
             ManagementError::AccessRefused(reason) => ApiError::not_authorised(&reason),
             ManagementError::BadRequest(reason) => ApiError::bad_request(reason),
+            // The store failed (541 INTERNAL_ERROR): the server's fault, not the request's.
+            ManagementError::Refused { code: 541, text } => ApiError {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                error: "internal_server_error",
+                reason: without_code_prefix(&text).to_owned(),
+                challenge: false,
+            },
             // RabbitMQ answers a refused AMQP method with 400 and the method's reply text
             // without its `PRECONDITION_FAILED - ` prefix.
             ManagementError::Refused { text, .. } => ApiError::bad_request(without_code_prefix(&text).to_owned()),

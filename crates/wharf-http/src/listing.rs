@@ -136,7 +136,7 @@ pub fn respond(mut items: Vec<Value>, query: &ListQuery) -> Result<Value, ApiErr
             format!("Page out of range, page: {page} page size: {page_size}, len: {filtered_count}"),
         ));
     }
-    let start = (page - 1) * page_size;
+    let start = (page - 1).saturating_mul(page_size);
     let page_items: Vec<Value> = items.into_iter().skip(start).take(page_size).collect();
     Ok(json!({
         "filtered_count": filtered_count,

@@ -404,6 +404,25 @@ async fn users_and_permissions_are_changed_durably_and_removals_close_connection
     assert_eq!(api.put("/api/topic-permissions/%2F/carol", topic).await.status, 201);
     assert_eq!(api.get("/api/topic-permissions/%2F/carol").await.body[0]["write"], "^carol\\.");
     assert_eq!(api.put("/api/users/dave", json!({"tags": ""})).await.status, 400, "a new user needs a password");
+    // Over the API as over AMQP: topic permissions and the validated user id hold.
+    let carol = harness.api("carol", "pw");
+    let publish = |key: &str, properties: serde_json::Value| json!({"routing_key": key, "payload": "x", "payload_encoding": "string", "properties": properties});
+    assert_eq!(
+        carol.post("/api/exchanges/%2F/amq.topic/publish", publish("carol.orders", json!({}))).await.status,
+        200
+    );
+    let refused = carol.post("/api/exchanges/%2F/amq.topic/publish", publish("bob.orders", json!({}))).await;
+    assert_eq!(refused.status, 401, "{}", refused.body);
+    let impersonating =
+        carol.post("/api/exchanges/%2F/amq.default/publish", publish("q", json!({"user_id": "guest"}))).await;
+    assert_eq!(impersonating.status, 400);
+    assert!(impersonating.body["reason"].as_str().unwrap().contains("user_id property set to 'guest'"));
+    // Users and permissions the configuration defines are changed there, not here.
+    let configured = api.put("/api/users/bob", json!({"password": "x"})).await;
+    assert_eq!(configured.status, 400);
+    assert!(configured.body["reason"].as_str().unwrap().contains("defined by the broker's configuration"));
+    assert_eq!(api.delete("/api/users/guest").await.status, 400);
+    assert_eq!(api.delete("/api/permissions/%2F/bob").await.status, 400);
     assert_eq!(harness.api("bob", "secret").put("/api/users/eve", json!({"password": "x"})).await.status, 401);
 
     // Durable: after a restart carol logs in, over AMQP too, with her permissions.

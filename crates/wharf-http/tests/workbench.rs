@@ -31,6 +31,8 @@ async fn browsing_pages_through_a_queue_without_touching_it() {
         assert_eq!(published.body, json!({"routed": true}));
     }
 
+    let queue = api.get("/api/queues/%2F/orders.dlq").await.body;
+    assert!(queue["message_bytes_paged_out"].as_u64().unwrap() > 0, "bodies are read back from disk: {queue}");
     let first = api.get("/api/queues/%2F/orders.dlq/messages?page=1&page_size=2").await;
     assert_eq!(first.status, 200);
     let body = &first.body;

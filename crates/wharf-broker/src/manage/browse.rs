@@ -62,6 +62,15 @@ impl Management {
             let found = model.vhost(vhost).and_then(|found| found.queue(queue));
             let found =
                 found.ok_or_else(|| ManagementError::NotFound(format!("no queue '{queue}' in vhost '{vhost}'")))?;
+            // Another connection's exclusive queue is its own, for browsing as for a get.
+            if found.exclusive_owner.is_some() {
+                return Err(ManagementError::Refused {
+                    code: 405,
+                    text: format!(
+                        "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '{queue}' in vhost '{vhost}'"
+                    ),
+                });
+            }
             found.browse(skip, take)
         };
         // Bodies are read after the lock is released; a message acknowledged meanwhile may have

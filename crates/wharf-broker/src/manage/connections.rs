@@ -36,17 +36,21 @@ pub(crate) struct ConnectionInfo {
     received_bytes: AtomicU64,
     /// Set to the reason when someone asks it to close.
     close: watch::Sender<Option<String>>,
+    /// A receiver made with the channel: its clones see a request made at any time after the
+    /// connection was created, also one made before its frame loop started watching.
+    close_seen: watch::Receiver<Option<String>>,
 }
 
 impl ConnectionInfo {
     pub fn new(facts: ConnectionFacts) -> ConnectionInfo {
-        let (close, _) = watch::channel(None);
+        let (close, close_seen) = watch::channel(None);
         ConnectionInfo {
             id: AtomicU64::new(0),
             name: format!("{} -> {}", facts.peer, facts.local),
             facts,
             received_bytes: AtomicU64::new(0),
             close,
+            close_seen,
         }
     }
 
@@ -61,7 +65,7 @@ impl ConnectionInfo {
 
     /// What the connection's frame loop watches: a reason appears when it must close.
     pub fn close_requested(&self) -> watch::Receiver<Option<String>> {
-        self.close.subscribe()
+        self.close_seen.clone()
     }
 
     /// Asks the connection to close with 320 CONNECTION_FORCED and `reason`.

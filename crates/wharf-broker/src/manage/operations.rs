@@ -123,8 +123,32 @@ impl Management {
         })
     }
 
-    /// Runs `operation` on a channel opened for it on `vhost` and closed after it; carries out
-    /// the effects of both.
+    /// The topic-permission check a session makes (`Session::allow_topic`): only for a topic
+    /// exchange the user has topic rules on.
+    fn allow_topic(
+        &self,
+        grant: &VhostGrant,
+        vhost: &str,
+        right: Right,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<(), ManagementError> {
+        if !grant.has_topic_rules(exchange) {
+            return Ok(());
+        }
+        let is_topic = {
+            let model = self.core.lock_model();
+            let found = model.vhost(vhost).and_then(|found| found.exchange(exchange));
+            found.is_some_and(|found| found.kind == wharf_model::ExchangeKind::Topic)
+        };
+        if is_topic {
+            grant.check_topic(right, exchange, routing_key)?;
+        }
+        Ok(())
+    }
+
+    /// Runs `operation` on a channel opened for it on `vhost` and closed after it (with its
+    /// connection id, so nothing of it stays in the model); carries out the effects of both.
     fn on_channel<T>(
         &self,
         vhost: &str,
@@ -134,7 +158,7 @@ impl Management {
         let result = self.core.act(|model| {
             model.open_channel(key, vhost)?;
             let outcome = operation(model, key);
-            let effects = model.close_channel(key);
+            let effects = model.close_connection(key.connection);
             match outcome {
                 Ok((value, mut own)) => {
                     own.merge(effects);
@@ -275,6 +299,7 @@ impl Management {
         };
         grant.check(Right::Write, kind, destination_name)?;
         grant.check(Right::Read, Resource::Exchange, source)?;
+        self.allow_topic(&grant, vhost, Right::Read, source, routing_key)?;
         self.require_exchange(vhost, source)?;
         match destination {
             Destination::Queue(name) => self.require_queue(vhost, name)?,
@@ -307,6 +332,16 @@ impl Management {
         grant.check(Right::Write, Resource::Exchange, exchange_name)?;
         if !exchange_name.is_empty() {
             self.require_exchange(vhost, exchange_name)?;
+        }
+        self.allow_topic(&grant, vhost, Right::Write, exchange_name, routing_key)?;
+        // RabbitMQ's validated user id, as over AMQP: only the publisher, unless impersonator.
+        if let Some(user_id) = properties.user_id()
+            && user_id.as_str() != user
+            && !self.core.access.user(user).is_some_and(|found| found.tags.iter().any(|tag| tag == "impersonator"))
+        {
+            return Err(ManagementError::from(ModelError::precondition_failed(format!(
+                "user_id property set to '{user_id}' but authenticated user was '{user}'"
+            ))));
         }
         if payload.len() as u64 > self.core.config.message_bytes_max {
             return Err(ManagementError::BadRequest(format!(
@@ -353,6 +388,22 @@ impl Management {
         count: u32,
         ack_mode: AckMode,
     ) -> Result<Vec<GotMessage>, ManagementError> {
+        // In a task of its own: if the HTTP request is dropped halfway, the messages taken are
+        // still settled and the channel closed, never left unacknowledged.
+        let this = self.clone();
+        let (user, vhost, queue) = (user.to_owned(), vhost.to_owned(), queue.to_owned());
+        let task = tokio::spawn(async move { this.get_now(&user, &vhost, &queue, count, ack_mode).await });
+        task.await.map_err(|error| ManagementError::Refused { code: 541, text: format!("the get failed: {error}") })?
+    }
+
+    async fn get_now(
+        &self,
+        user: &str,
+        vhost: &str,
+        queue: &str,
+        count: u32,
+        ack_mode: AckMode,
+    ) -> Result<Vec<GotMessage>, ManagementError> {
         let grant = self.grant(user, vhost)?;
         grant.check(Right::Read, Resource::Queue, queue)?;
         self.require_queue(vhost, queue)?;
@@ -375,7 +426,7 @@ impl Management {
                         break;
                     }
                     Err(error) => {
-                        effects.merge(model.close_channel(key));
+                        effects.merge(model.close_connection(key.connection));
                         return Ok((Err(error), effects));
                     }
                 }
@@ -424,7 +475,7 @@ impl Management {
                     effects.merge(more);
                 }
             }
-            effects.merge(model.close_channel(key));
+            effects.merge(model.close_connection(key.connection));
             Ok(((), effects))
         })?;
         match unreadable {

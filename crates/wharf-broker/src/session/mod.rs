@@ -99,11 +99,9 @@ impl Session {
         outbound: Outbox,
     ) -> Self {
         let memory = core.alarms.session_memory();
-        let impersonator = core
-            .config
-            .users
-            .iter()
-            .any(|user| user.name == grant.user() && user.tags.iter().any(|tag| tag == "impersonator"));
+        // The users as they are now (the management API may have changed them).
+        let impersonator =
+            core.access.user(grant.user()).is_some_and(|user| user.tags.iter().any(|tag| tag == "impersonator"));
         Session {
             impersonator,
             core,

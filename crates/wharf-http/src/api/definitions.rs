@@ -180,12 +180,16 @@ fn check_configuration_unchanged(management: &Management, definitions: &Definiti
     Ok(())
 }
 
-/// Sets the file's users, then their permissions, as the API's `PUT`s would.
+/// Sets the file's users, then their permissions, as the API's `PUT`s would; those the
+/// configuration defines stay as the configuration says (it is applied again at every start).
 fn import_identities(management: &Management, definitions: &Definitions) -> Result<(), ApiError> {
-    for user in &definitions.users {
+    for user in definitions.users.iter().filter(|user| !management.is_configured_user(&user.name)) {
         management.put_user(&user.name, NewPassword::Hashed(user.password.clone()), user.tags.clone())?;
     }
-    for permission in &definitions.permissions {
+    let settable = |permission: &&wharf_broker::Permission| {
+        !management.is_configured_permission(&permission.user, &permission.vhost)
+    };
+    for permission in definitions.permissions.iter().filter(settable) {
         management.put_permission(permission.clone())?;
     }
     for permission in &definitions.topic_permissions {

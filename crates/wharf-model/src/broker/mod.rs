@@ -317,7 +317,6 @@ impl BrokerModel {
         self.vhosts.values()
     }
 
-    /// What the model counted.
     /// Counts a client's publish: `routed` if it reached a queue (or a delayed hold), else as
     /// returned (`mandatory`) or dropped.
     pub fn count_publish(&mut self, routed: bool, mandatory: bool) {
@@ -329,6 +328,7 @@ impl BrokerModel {
         }
     }
 
+    /// What the model counted.
     pub fn counters(&self) -> Counters {
         self.counters
     }
