@@ -31,6 +31,7 @@ mod peer_address;
 mod persist;
 mod publish;
 mod recovery;
+mod relocate;
 mod server;
 mod session;
 mod tls;
@@ -49,8 +50,9 @@ pub use definitions_import::{
 pub use error::BrokerError;
 pub use manage::{
     AckMode, BROWSE_PAGE_SIZE_MAX, BindingSpec, BindingView, BrokerStats, BrowsePage, BrowsedMessage, ChannelView,
-    ConnectionView, ConsumerView, ExchangeSpec, ExchangeView, GotMessage, Management, ManagementError, NewPassword,
-    Overview, PublishOutcome, QueueView, UserView, VhostView,
+    ConnectionView, ConsumerView, ExchangeSpec, ExchangeView, GotMessage, MOVE_REQUEST_MESSAGES_MAX, Management,
+    ManagementError, MoveReport, NewPassword, Overview, PublishOutcome, QueueView, ReplayTarget, Selection, UserView,
+    VhostView,
 };
 pub use password::{HashingAlgorithm, PasswordError, PasswordHash};
 pub use persist::json_to_amqp;

@@ -8,27 +8,69 @@ use wharf_model::Message;
 use wharf_wire::frame::decode_properties;
 use wharf_wire::types::FieldTable;
 
-/// Version byte at the start of a message's meta.
+/// Version byte at the start of a message's meta: exchange, routing key, raw properties.
 const MESSAGE_META_VERSION: u8 = 1;
+/// Version byte of a message's meta with extensions between the routing key and the properties
+/// (`docs/storage-format.md`): tagged fields, each `[tag][length: u16 LE][value]`.
+const MESSAGE_META_VERSION_EXTENDED: u8 = 2;
+/// Extension tag: the copy was written by a workbench move ([`RelocationMarker`]).
+const EXTENSION_RELOCATION: u8 = 1;
+/// Bytes of a relocation marker's value: source log, source seq (u64 LE each), copies (u32 LE).
+const RELOCATION_MARKER_BYTES: usize = 20;
+
+/// Written into every stored copy a workbench replay or move makes: which record the copy was
+/// made from and how many stored copies the move wrote. Recovery finishes or undoes a move that
+/// a crash interrupted (`recovery.rs`, `settle_interrupted_moves`): with the source still live,
+/// all `copies` present means the move happened (the source is removed), fewer means it did not
+/// (the copies are removed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RelocationMarker {
+    pub source_log: u64,
+    pub source_seq: u64,
+    pub copies: u32,
+}
 
 /// Encodes what a stored message needs besides its body: exchange, routing key, raw properties.
 pub(crate) fn encode_message_meta(message: &Message) -> Vec<u8> {
+    encode_message_meta_marked(message, None)
+}
+
+/// [`encode_message_meta`], with a relocation marker when the copy is a workbench move's.
+pub(crate) fn encode_message_meta_marked(message: &Message, marker: Option<RelocationMarker>) -> Vec<u8> {
     let mut meta =
-        Vec::with_capacity(3 + message.exchange.len() + message.routing_key.len() + message.raw_properties.len());
-    meta.push(MESSAGE_META_VERSION);
+        Vec::with_capacity(3 + message.exchange.len() + message.routing_key.len() + message.raw_properties.len() + 32);
+    meta.push(if marker.is_some() { MESSAGE_META_VERSION_EXTENDED } else { MESSAGE_META_VERSION });
     // Exchange names and routing keys are AMQP short strings: at most 255 bytes.
     meta.push(message.exchange.len().min(255) as u8);
     meta.extend_from_slice(&message.exchange.as_bytes()[..message.exchange.len().min(255)]);
     meta.push(message.routing_key.len().min(255) as u8);
     meta.extend_from_slice(&message.routing_key.as_bytes()[..message.routing_key.len().min(255)]);
+    if let Some(marker) = marker {
+        let mut extensions = Vec::with_capacity(3 + RELOCATION_MARKER_BYTES);
+        extensions.push(EXTENSION_RELOCATION);
+        extensions.extend_from_slice(&(RELOCATION_MARKER_BYTES as u16).to_le_bytes());
+        extensions.extend_from_slice(&marker.source_log.to_le_bytes());
+        extensions.extend_from_slice(&marker.source_seq.to_le_bytes());
+        extensions.extend_from_slice(&marker.copies.to_le_bytes());
+        meta.extend_from_slice(&(extensions.len() as u32).to_le_bytes());
+        meta.extend_from_slice(&extensions);
+    }
     meta.extend_from_slice(&message.raw_properties);
     meta
 }
 
-/// Rebuilds a message from its stored meta and body; `None` if the meta is not ours.
-pub(crate) fn decode_message(meta: &[u8], body: Bytes) -> Option<Message> {
+/// A message's meta taken apart: exchange, routing key, extensions (empty in version 1), raw
+/// properties.
+struct MetaParts<'a> {
+    exchange: &'a [u8],
+    routing_key: &'a [u8],
+    extensions: &'a [u8],
+    raw_properties: &'a [u8],
+}
+
+fn split_meta(meta: &[u8]) -> Option<MetaParts<'_>> {
     let (&version, rest) = meta.split_first()?;
-    if version != MESSAGE_META_VERSION {
+    if version != MESSAGE_META_VERSION && version != MESSAGE_META_VERSION_EXTENDED {
         return None;
     }
     let (&exchange_len, rest) = rest.split_first()?;
@@ -36,12 +78,51 @@ pub(crate) fn decode_message(meta: &[u8], body: Bytes) -> Option<Message> {
     let rest = &rest[exchange_len as usize..];
     let (&key_len, rest) = rest.split_first()?;
     let routing_key = rest.get(..key_len as usize)?;
-    let raw_properties = &rest[key_len as usize..];
+    let mut rest = &rest[key_len as usize..];
+    let mut extensions: &[u8] = &[];
+    if version == MESSAGE_META_VERSION_EXTENDED {
+        let length = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        extensions = rest.get(4..4usize.checked_add(length)?)?;
+        rest = &rest[4 + length..];
+    }
+    Some(MetaParts { exchange, routing_key, extensions, raw_properties: rest })
+}
+
+/// The value of extension `tag`, if the meta has it (unknown tags are skipped).
+fn extension(extensions: &[u8], tag: u8) -> Option<&[u8]> {
+    let mut rest = extensions;
+    while let Some((&found, after)) = rest.split_first() {
+        let length = u16::from_le_bytes(after.get(..2)?.try_into().ok()?) as usize;
+        let value = after.get(2..2 + length)?;
+        if found == tag {
+            return Some(value);
+        }
+        rest = &after[2 + length..];
+    }
+    None
+}
+
+/// The relocation marker of a stored message's meta, if it has one.
+pub(crate) fn relocation_marker(meta: &[u8]) -> Option<RelocationMarker> {
+    let value = extension(split_meta(meta)?.extensions, EXTENSION_RELOCATION)?;
+    if value.len() != RELOCATION_MARKER_BYTES {
+        return None;
+    }
+    Some(RelocationMarker {
+        source_log: u64::from_le_bytes(value[0..8].try_into().ok()?),
+        source_seq: u64::from_le_bytes(value[8..16].try_into().ok()?),
+        copies: u32::from_le_bytes(value[16..20].try_into().ok()?),
+    })
+}
+
+/// Rebuilds a message from its stored meta and body; `None` if the meta is not ours.
+pub(crate) fn decode_message(meta: &[u8], body: Bytes) -> Option<Message> {
+    let parts = split_meta(meta)?;
     Some(Message::new(
-        String::from_utf8(exchange.to_vec()).ok()?,
-        String::from_utf8(routing_key.to_vec()).ok()?,
-        std::sync::Arc::new(decode_properties(raw_properties)?),
-        Bytes::copy_from_slice(raw_properties),
+        String::from_utf8(parts.exchange.to_vec()).ok()?,
+        String::from_utf8(parts.routing_key.to_vec()).ok()?,
+        std::sync::Arc::new(decode_properties(parts.raw_properties)?),
+        Bytes::copy_from_slice(parts.raw_properties),
         body,
     ))
 }
@@ -112,5 +193,15 @@ mod tests {
         assert_eq!(decode_message(&meta, Bytes::from_static(b"{}")).unwrap(), message);
         assert!(decode_message(&[9, 0, 0], Bytes::new()).is_none(), "unknown version");
         assert!(decode_message(&[1, 200], Bytes::new()).is_none(), "truncated");
+        assert_eq!(relocation_marker(&meta), None);
+
+        let marker = RelocationMarker { source_log: 7, source_seq: 41, copies: 3 };
+        let marked = encode_message_meta_marked(&message, Some(marker));
+        assert_eq!(marked[0], MESSAGE_META_VERSION_EXTENDED);
+        assert_eq!(decode_message(&marked, Bytes::from_static(b"{}")).unwrap(), message);
+        assert_eq!(relocation_marker(&marked), Some(marker));
+        for cut in 1..marked.len() - message.raw_properties.len() {
+            assert_eq!(relocation_marker(&marked[..cut]), None, "a meta cut at {cut} has no marker");
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! Recovery: rebuilding the broker from the data directory at start, in named steps.
 //!
 //! 1. [`open_storage`]: open the definitions log and the store (which recovers its own files),
-//!    and find out whether the last stop was clean.
+//!    and find out whether the last stop was clean; then [`settle_interrupted_moves`]: finish
+//!    or undo each workbench move a crash interrupted (`relocate.rs`).
 //! 2. [`new_model`]: a model with the configured vhosts and their policies.
 //! 3. [`restore_definition`] for each stored definition: exchanges (with their delayed messages
 //!    and de-duplication keys), queues (with their messages, paged beyond the memory budget, and
@@ -25,9 +26,9 @@ use crate::dedup_logs::DedupLogs;
 use crate::definition_format::{self, Definition, StoredBinding, StoredExchange, StoredQueue};
 use crate::error::BrokerError;
 use crate::persist;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
-use wharf_model::{BrokerModel, ConnectionId, Effects, Exchange, ExchangeKind, PagedBody, Queue};
+use wharf_model::{BrokerModel, ConnectionId, Effects, Exchange, ExchangeKind, PagedBody, Queue, StoredAt};
 use wharf_store::{LogId, MessageLocation, MetaStore, Recovered, RecoveredMessage, Store};
 use wharf_wire::types::FieldTable;
 
@@ -38,7 +39,8 @@ impl Core {
     /// Opens the store and the definitions log and rebuilds the broker from them. Blocking (file
     /// I/O): run it off the async runtime's workers.
     pub fn open(config: BrokerConfig) -> Result<(Core, Effects), BrokerError> {
-        let storage = open_storage(&config)?;
+        let mut storage = open_storage(&config)?;
+        settle_interrupted_moves(&storage.store, &mut storage.recovered)?;
         let mut model = new_model(&config);
         let dedup_logs = DedupLogs::default();
         let sources = Sources {
@@ -105,6 +107,56 @@ fn open_storage(config: &BrokerConfig) -> Result<Storage, BrokerError> {
         meta.entries().into_iter().collect()
     };
     Ok(Storage { meta, definitions, store, recovered, clean_stop })
+}
+
+/// Step 1b: finishes or undoes every workbench move a crash interrupted (`relocate.rs`). A copy
+/// carries a marker naming its source and how many stored copies its move wrote. If the source
+/// is still live, the move finishes when all of them are here (the source is removed) and is
+/// undone otherwise (the copies are removed); a source that is gone was removed durably after
+/// every copy was, so the copies stay. The removals are durable before anything is restored.
+fn settle_interrupted_moves(store: &Store, recovered: &mut Recovered) -> Result<(), BrokerError> {
+    // Source → the copies found.
+    let mut moves: BTreeMap<StoredAt, (u32, Vec<StoredAt>)> = BTreeMap::new();
+    for (log, messages) in &recovered.queues {
+        for message in messages {
+            let Some(marker) = recovered.meta(*log, message).and_then(persist::relocation_marker) else { continue };
+            let source = StoredAt { log: marker.source_log, seq: marker.source_seq };
+            let found = moves.entry(source).or_insert((marker.copies, Vec::new()));
+            found.1.push(StoredAt { log: log.0, seq: message.seq });
+        }
+    }
+    let is_live = |recovered: &Recovered, at: StoredAt| {
+        recovered
+            .queues
+            .get(&LogId(at.log))
+            .is_some_and(|messages| messages.binary_search_by_key(&at.seq, |message| message.seq).is_ok())
+    };
+    let mut removals: Vec<StoredAt> = Vec::new();
+    let (mut finished, mut undone) = (0u64, 0u64);
+    for (source, (copies, found)) in moves {
+        if !is_live(recovered, source) {
+            continue;
+        }
+        if found.len() as u64 >= u64::from(copies) {
+            removals.push(source);
+            finished += 1;
+        } else {
+            removals.extend(found);
+            undone += 1;
+        }
+    }
+    if removals.is_empty() {
+        return Ok(());
+    }
+    tracing::warn!(finished, undone, "settled workbench moves a crash interrupted");
+    for at in &removals {
+        store.remove_unawaited(LogId(at.log), at.seq)?;
+        if let Some(messages) = recovered.queues.get_mut(&LogId(at.log)) {
+            messages.retain(|message| message.seq != at.seq);
+        }
+    }
+    store.sync()?.wait()?;
+    Ok(())
 }
 
 /// Step 2: a model with `/`, the configured vhosts, and their policies.

@@ -122,6 +122,12 @@ impl Broker {
         }
     }
 
+    /// The broker's shared state, for the crate's own tests.
+    #[cfg(test)]
+    pub(crate) fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
     /// The management interface's handle on this broker (see `manage/`).
     pub fn management(&self) -> crate::Management {
         let listeners = crate::manage::Listeners {

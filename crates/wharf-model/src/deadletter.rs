@@ -170,6 +170,40 @@ pub fn dead_lettered(
     moved
 }
 
+/// Where a dead letter came from, for a replay: the exchange and first routing key of its newest
+/// `x-death` entry (the hop that brought it here), or `None` if it has no usable `x-death`.
+pub fn death_origin(message: &Message) -> Option<(String, String)> {
+    let Some(AMQPValue::FieldArray(deaths)) = message.headers().and_then(|headers| headers.inner().get("x-death"))
+    else {
+        return None;
+    };
+    let AMQPValue::FieldTable(newest) = deaths.as_slice().first()? else { return None };
+    let exchange = newest.inner().get("exchange").and_then(crate::settings::text)?;
+    let routing_key = match newest.inner().get("routing-keys")? {
+        AMQPValue::FieldArray(keys) => keys.as_slice().first().and_then(crate::settings::text)?,
+        _ => return None,
+    };
+    Some((exchange, routing_key))
+}
+
+/// The header a replay counts itself in (a Wharf extension).
+pub const REPLAYED_COUNT_HEADER: &str = "x-replayed-count";
+
+/// The message as a replay sends it: the same message id, properties and headers (`x-death`
+/// included), `x-replayed-count` one higher, routed with `exchange` and `routing_key`.
+pub fn replayed(message: &Message, exchange: &str, routing_key: &str) -> Message {
+    let previous = message
+        .headers()
+        .and_then(|headers| headers.inner().get(REPLAYED_COUNT_HEADER))
+        .and_then(crate::settings::integer)
+        .unwrap_or(0);
+    let count = i64::try_from(previous).unwrap_or(i64::MAX).max(0).saturating_add(1);
+    let mut copy = message.with_header(REPLAYED_COUNT_HEADER, AMQPValue::LongLongInt(count));
+    copy.exchange = exchange.to_owned();
+    copy.routing_key = routing_key.to_owned();
+    copy
+}
+
 fn properties_without_expiration(
     properties: wharf_wire::protocol::BasicProperties,
 ) -> wharf_wire::protocol::BasicProperties {

@@ -25,7 +25,7 @@ pub mod vhost;
 
 pub use broker::{
     Admission, BrokerModel, CancelledConsumer, ChannelSummary, ConsumerSummary, Counters, DeletedExchange,
-    DeletedQueue, Delivery, Effects, Removed, StoredAt,
+    DeletedQueue, Delivery, Effects, Removed, StoredAt, WithdrawRefusal,
 };
 pub use deadletter::{AutoDeadLetterQueue, DeathReason, Transfer, TransferTarget};
 pub use error::{ModelError, Result, Scope};

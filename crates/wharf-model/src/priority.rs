@@ -73,6 +73,10 @@ impl ReadyLevels {
         self.levels.iter().map(ReadyList::len).sum()
     }
 
+    pub(crate) fn get(&self, id: u64) -> Option<Entry> {
+        self.levels[self.level(id)].get(id)
+    }
+
     pub(crate) fn remove(&mut self, id: u64) -> Option<Entry> {
         let level = self.level(id);
         self.levels[level].remove(id)

@@ -22,6 +22,7 @@ use wharf_wire::types::FieldTable;
 
 mod consumers;
 mod inspect;
+mod workbench;
 
 pub use inspect::{EntryState, QueueConsumer};
 mod invariants;
@@ -632,7 +633,7 @@ impl Queue {
 
     /// Where the store keeps a record of this queue: `store_seq` in its transient log if
     /// `transient_record`, else in its message log.
-    pub(crate) fn stored_at(&self, store_seq: Option<u64>, transient_record: bool) -> Option<crate::StoredAt> {
+    pub fn stored_at(&self, store_seq: Option<u64>, transient_record: bool) -> Option<crate::StoredAt> {
         let log = if transient_record { self.transient_log } else { self.store_log };
         log.zip(store_seq).map(|(log, seq)| crate::StoredAt { log, seq })
     }

@@ -201,6 +201,14 @@ impl ReadyList {
         self.whole.len() + self.packed.len() - self.tombstones
     }
 
+    /// A copy of an entry (unpacked), left in place.
+    pub(crate) fn get(&self, id: u64) -> Option<Entry> {
+        if let Some(entry) = self.whole.get(&id) {
+            return Some(entry.clone());
+        }
+        self.packed_index(id).map(|index| self.packed[index].unpack())
+    }
+
     /// Takes an entry out (unpacked).
     pub(crate) fn remove(&mut self, id: u64) -> Option<Entry> {
         if let Some(entry) = self.whole.remove(&id) {

@@ -2,7 +2,8 @@
 //! lists what the broker holds as owned views (`views.rs`: connections, channels, consumers,
 //! vhosts, exchanges, queues, bindings, users, permissions, policies) and changes it through
 //! the same paths a client's methods take (`operations.rs`: declare, delete, bind, publish,
-//! get, purge, close a connection), with the same permission checks. It knows nothing of HTTP or
+//! get, purge, close a connection), with the same permission checks; `browse.rs` and
+//! `workbench.rs` are the DLQ workbench (browse; replay, move, delete). It knows nothing of HTTP or
 //! JSON: the API crate decides how all of this is shaped on the wire.
 //!
 //! Views are taken under the model lock and returned as plain values, so formatting, sorting
@@ -14,6 +15,7 @@ mod identity_ops;
 mod operations;
 mod stats;
 mod views;
+mod workbench;
 
 pub use browse::{BROWSE_PAGE_SIZE_MAX, BrowsePage, BrowsedMessage};
 pub(crate) use connections::{ConnectionFacts, ConnectionInfo};
@@ -23,6 +25,7 @@ pub use stats::BrokerStats;
 pub use views::{
     BindingView, ChannelView, ConnectionView, ConsumerView, ExchangeView, Overview, QueueView, UserView, VhostView,
 };
+pub use workbench::{MOVE_REQUEST_MESSAGES_MAX, MoveReport, ReplayTarget, Selection};
 
 use crate::core::Core;
 use std::net::SocketAddr;

@@ -30,10 +30,12 @@ mod invariants;
 mod queues;
 mod settle;
 mod timers;
+mod workbench;
 
 pub use admission::Admission;
 pub use direct_reply::{DIRECT_REPLY_TO, DIRECT_REPLY_TO_PREFIX};
 pub use inspect::{ChannelSummary, ConsumerSummary};
+pub use workbench::WithdrawRefusal;
 
 use crate::deadletter::{self, AutoDeadLetterQueue, DeathReason, Transfer, TransferTarget};
 use crate::error::ModelError;

@@ -1,0 +1,310 @@
+//! The DLQ workbench's actions (browsing is `browse.rs`): replay messages to the exchange and
+//! routing key they were dead-lettered from (their newest `x-death` entry) or to a chosen one,
+//! move them to another queue, delete one. Replay and move go through `relocate.rs`, which
+//! makes them crash-safe; a replayed message keeps its message id, properties and headers and
+//! gains `x-replayed-count`; a moved one is unchanged.
+//!
+//! Decisions (`docs/design/20261204_dlq-workbench.md`):
+//! - Only ready messages (and those waiting out a retry backoff) move; one delivered to a
+//!   consumer and not settled is skipped with the reason.
+//! - A replay is not a publish: it is not de-duplicated (it keeps the message id on purpose),
+//!   and it is not confirmed to anyone; a queue whose `x-overflow` would refuse a publish
+//!   refuses the copy (the message stays, with the reason).
+//! - Permissions: read on the source queue (as a get), write on the target exchange (the
+//!   default exchange for a move) and its topic permissions, as a publish.
+
+use super::Management;
+use super::operations::ManagementError;
+use crate::access::{Resource, Right, VhostGrant};
+use crate::relocate::Relocation;
+use std::sync::Arc;
+use wharf_model::{ExchangeKind, Message, WithdrawRefusal, deadletter};
+
+/// The most messages one request replays or moves; what is left is reported as `remaining`.
+pub const MOVE_REQUEST_MESSAGES_MAX: usize = 50_000;
+/// Messages moved per store sync.
+const MOVE_CHUNK_MESSAGES: usize = 500;
+
+/// Which messages of the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    /// These entry ids (as browsing shows them).
+    Ids(Vec<u64>),
+    /// Every ready or waiting message (up to [`MOVE_REQUEST_MESSAGES_MAX`]).
+    All,
+}
+
+/// Where a replay sends messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplayTarget {
+    /// The exchange and routing key of each message's newest `x-death` entry.
+    Original,
+    /// This exchange and routing key, for every message.
+    Exchange { exchange: String, routing_key: String },
+}
+
+/// What a replay or move did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MoveReport {
+    /// Entry ids moved.
+    pub moved: Vec<u64>,
+    /// Entry ids left where they are, and why.
+    pub skipped: Vec<(u64, String)>,
+    /// Ready messages of the selection not looked at (over [`MOVE_REQUEST_MESSAGES_MAX`]).
+    pub remaining: usize,
+}
+
+/// Where one message goes.
+enum Plan {
+    Replay(ReplayTarget),
+    Move(String),
+}
+
+impl Management {
+    /// Replays messages of `queue` (see the module documentation).
+    pub fn replay(
+        &self,
+        user: &str,
+        vhost: &str,
+        queue: &str,
+        selection: Selection,
+        target: ReplayTarget,
+    ) -> Result<MoveReport, ManagementError> {
+        self.relocate_messages(user, vhost, queue, selection, Plan::Replay(target))
+    }
+
+    /// Moves messages of `queue` to `to_queue`, unchanged.
+    pub fn move_messages(
+        &self,
+        user: &str,
+        vhost: &str,
+        queue: &str,
+        selection: Selection,
+        to_queue: &str,
+    ) -> Result<MoveReport, ManagementError> {
+        self.relocate_messages(user, vhost, queue, selection, Plan::Move(to_queue.to_owned()))
+    }
+
+    /// Deletes message `entry_id` from `queue` (needs read on the queue, as a purge). Returns
+    /// once its removal is durable.
+    pub fn delete_message(&self, user: &str, vhost: &str, queue: &str, entry_id: u64) -> Result<(), ManagementError> {
+        let grant = self.grant(user, vhost)?;
+        grant.check(Right::Read, Resource::Queue, queue)?;
+        let stored = {
+            let mut model = self.core.lock_model();
+            self.usable_source(&model, vhost, queue)?;
+            let entry = model.withdraw(vhost, queue, entry_id).map_err(|refusal| refused(queue, entry_id, refusal))?;
+            model
+                .vhost(vhost)
+                .and_then(|found| found.queue(queue))
+                .and_then(|found| found.stored_at(entry.store_seq, entry.transient_record))
+        };
+        if let Some(stored) = stored {
+            crate::core::blocking(|| {
+                self.core.remove_stored_record(stored);
+                self.core.store.sync().and_then(|ticket| ticket.wait())
+            })
+            .map_err(|error| {
+                self.core.store_failed(&error);
+                ManagementError::Refused { code: 541, text: format!("the removal could not be stored: {error}") }
+            })?;
+        }
+        Ok(())
+    }
+
+    fn usable_source(&self, model: &wharf_model::BrokerModel, vhost: &str, queue: &str) -> Result<(), ManagementError> {
+        let found = model.vhost(vhost).and_then(|found| found.queue(queue));
+        let found = found.ok_or_else(|| ManagementError::NotFound(format!("no queue '{queue}' in vhost '{vhost}'")))?;
+        if found.exclusive_owner.is_some() {
+            return Err(ManagementError::Refused {
+                code: 405,
+                text: format!(
+                    "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '{queue}' in vhost '{vhost}'"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn relocate_messages(
+        &self,
+        user: &str,
+        vhost: &str,
+        queue: &str,
+        selection: Selection,
+        plan: Plan,
+    ) -> Result<MoveReport, ManagementError> {
+        let grant = self.grant(user, vhost)?;
+        grant.check(Right::Read, Resource::Queue, queue)?;
+        match &plan {
+            Plan::Move(to_queue) => {
+                grant.check(Right::Write, Resource::Exchange, "")?;
+                let model = self.core.lock_model();
+                if model.vhost(vhost).and_then(|found| found.queue(to_queue)).is_none() {
+                    return Err(ManagementError::NotFound(format!("no queue '{to_queue}' in vhost '{vhost}'")));
+                }
+            }
+            Plan::Replay(ReplayTarget::Exchange { exchange, routing_key }) => {
+                grant.check(Right::Write, Resource::Exchange, exchange)?;
+                self.allow_replay_topic(&grant, vhost, exchange, routing_key)?;
+            }
+            Plan::Replay(ReplayTarget::Original) => {}
+        }
+        let mut ids = {
+            let model = self.core.lock_model();
+            self.usable_source(&model, vhost, queue)?;
+            match selection {
+                Selection::Ids(ids) => ids,
+                Selection::All => model
+                    .vhost(vhost)
+                    .and_then(|found| found.queue(queue))
+                    .map(|found| found.movable_ids())
+                    .unwrap_or_default(),
+            }
+        };
+        let mut report = MoveReport::default();
+        if ids.len() > MOVE_REQUEST_MESSAGES_MAX {
+            report.remaining = ids.len() - MOVE_REQUEST_MESSAGES_MAX;
+            ids.truncate(MOVE_REQUEST_MESSAGES_MAX);
+        }
+        for chunk in ids.chunks(MOVE_CHUNK_MESSAGES) {
+            let relocations = self.withdraw_planned(&grant, vhost, queue, chunk, &plan, &mut report);
+            if relocations.is_empty() {
+                continue;
+            }
+            for (id, outcome) in crate::core::blocking(|| self.core.relocate(relocations)) {
+                match outcome {
+                    Ok(()) => report.moved.push(id),
+                    Err(reason) => report.skipped.push((id, reason)),
+                }
+            }
+        }
+        report.moved.sort_unstable();
+        report.skipped.sort_unstable();
+        Ok(report)
+    }
+
+    /// Step 1 of a move for a chunk of ids: where each message goes, and taking it out of its
+    /// queue, under one model lock. Messages that cannot go are left where they are, in
+    /// `report.skipped` with the reason.
+    fn withdraw_planned(
+        &self,
+        grant: &VhostGrant,
+        vhost_name: &str,
+        queue_name: &str,
+        ids: &[u64],
+        plan: &Plan,
+        report: &mut MoveReport,
+    ) -> Vec<Relocation> {
+        let mut relocations = Vec::new();
+        let mut model = self.core.lock_model();
+        for &id in ids {
+            let Some(vhost) = model.vhost(vhost_name) else { break };
+            let Some(queue) = vhost.queue(queue_name) else { break };
+            let Some(entry) = queue.peek(id) else {
+                let refusal =
+                    if queue.is_unacked(id) { WithdrawRefusal::Unacknowledged } else { WithdrawRefusal::NotFound };
+                report.skipped.push((id, refused(queue_name, id, refusal).to_string()));
+                continue;
+            };
+            let source = queue.stored_at(entry.store_seq, entry.transient_record);
+            let planned: Result<(Message, Vec<String>), String> = (|| {
+                let (message, targets) = match plan {
+                    Plan::Move(to_queue) => ((*entry.message).clone(), vec![to_queue.clone()]),
+                    Plan::Replay(target) => {
+                        let (exchange, routing_key) = match target {
+                            ReplayTarget::Exchange { exchange, routing_key } => (exchange.clone(), routing_key.clone()),
+                            ReplayTarget::Original => {
+                                let origin = deadletter::death_origin(&entry.message).ok_or_else(|| {
+                                    "it has no x-death header to replay from: choose an exchange".to_owned()
+                                })?;
+                                grant
+                                    .check(Right::Write, Resource::Exchange, &origin.0)
+                                    .map_err(|error| error.text.clone())?;
+                                let is_topic =
+                                    vhost.exchange(&origin.0).is_some_and(|found| found.kind == ExchangeKind::Topic);
+                                if is_topic && grant.has_topic_rules(&origin.0) {
+                                    grant
+                                        .check_topic(Right::Write, &origin.0, &origin.1)
+                                        .map_err(|error| error.text.clone())?;
+                                }
+                                origin
+                            }
+                        };
+                        if vhost.exchange(&exchange).is_some_and(|found| found.kind == ExchangeKind::DelayedMessage) {
+                            return Err(format!(
+                                "'{exchange}' is a delayed-message exchange: replay to the exchange it routes to"
+                            ));
+                        }
+                        let targets = vhost
+                            .route(&exchange, &routing_key, entry.message.headers())
+                            .map_err(|error| error.text.clone())?;
+                        (deadletter::replayed(&entry.message, &exchange, &routing_key), targets)
+                    }
+                };
+                if targets.is_empty() {
+                    return Err(format!(
+                        "exchange '{}' routes routing key '{}' to no queue",
+                        message.exchange, message.routing_key
+                    ));
+                }
+                if let Some(full) = targets.iter().find(|target| model.would_refuse(vhost_name, target, &message)) {
+                    return Err(format!("queue '{full}' is full and refuses new messages (x-overflow)"));
+                }
+                Ok((message, targets))
+            })();
+            let (message, targets) = match planned {
+                Ok(planned) => planned,
+                Err(reason) => {
+                    report.skipped.push((id, reason));
+                    continue;
+                }
+            };
+            match model.withdraw(vhost_name, queue_name, id) {
+                Ok(entry) => relocations.push(Relocation {
+                    vhost: vhost_name.to_owned(),
+                    source_queue: queue_name.to_owned(),
+                    source,
+                    entry,
+                    message: Arc::new(message),
+                    targets,
+                }),
+                Err(refusal) => report.skipped.push((id, refused(queue_name, id, refusal).to_string())),
+            }
+        }
+        relocations
+    }
+
+    /// A replay's topic-permission check, as a publish's.
+    fn allow_replay_topic(
+        &self,
+        grant: &VhostGrant,
+        vhost: &str,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<(), ManagementError> {
+        if !grant.has_topic_rules(exchange) {
+            return Ok(());
+        }
+        let model = self.core.lock_model();
+        let is_topic = model
+            .vhost(vhost)
+            .and_then(|found| found.exchange(exchange))
+            .is_some_and(|found| found.kind == ExchangeKind::Topic);
+        drop(model);
+        if is_topic {
+            grant.check_topic(Right::Write, exchange, routing_key)?;
+        }
+        Ok(())
+    }
+}
+
+fn refused(queue: &str, id: u64, refusal: WithdrawRefusal) -> ManagementError {
+    match refusal {
+        WithdrawRefusal::NotFound => ManagementError::NotFound(format!("no message {id} in queue '{queue}'")),
+        WithdrawRefusal::Unacknowledged => ManagementError::Refused {
+            code: 409,
+            text: format!("message {id} in queue '{queue}' is delivered to a consumer and not yet settled"),
+        },
+    }
+}

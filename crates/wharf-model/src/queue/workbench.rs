@@ -1,0 +1,44 @@
+//! Taking chosen messages out of a queue and putting them back: what the DLQ workbench's replay,
+//! move and delete need. Only ready and waiting (retry backoff) messages can be taken; an
+//! unacknowledged one is with a consumer, which decides its fate.
+
+use super::{Entry, Queue};
+
+impl Queue {
+    /// Takes a ready or waiting entry out of the queue for good (its key, if any, passes to the
+    /// next entry). `None` if no such entry is ready or waiting (unknown, gone, or unacknowledged).
+    pub(crate) fn withdraw(&mut self, id: u64) -> Option<Entry> {
+        if let Some(entry) = self.remove_ready(id) {
+            return Some(entry);
+        }
+        // A waiting entry's backoff timer finds it gone and does nothing.
+        let entry = self.waiting.remove(&id)?;
+        self.unhold(&entry);
+        self.release_key(&entry);
+        Some(entry)
+    }
+
+    /// A copy of ready or waiting entry `id`, left where it is.
+    pub fn peek(&self, id: u64) -> Option<Entry> {
+        self.ready.get(id).or_else(|| self.waiting.get(&id).cloned())
+    }
+
+    /// True if `id` is delivered and not yet settled.
+    pub fn is_unacked(&self, id: u64) -> bool {
+        self.unacked.contains_key(&id)
+    }
+
+    /// The ids of the ready and waiting entries, in id order.
+    pub fn movable_ids(&self) -> Vec<u64> {
+        let mut ids = self.ready.ids();
+        ids.extend(self.waiting.keys().copied());
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Puts back an entry [`Queue::withdraw`] took, when what it was taken for could not be
+    /// done: ready again, in its place (behind its key's holder if another took the key).
+    pub(crate) fn reinstate(&mut self, entry: Entry) {
+        self.insert_new(entry);
+    }
+}
