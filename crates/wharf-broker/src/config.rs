@@ -174,6 +174,10 @@ pub struct BrokerConfig {
     /// further persistent messages are dropped from memory once written and read back from the
     /// store when they are delivered (a backlog costs disk, not memory).
     pub queue_body_memory_bytes_max: u64,
+    /// The most events each message's delivery trace keeps (its publish, deliveries that did
+    /// not end in an ack and their outcome, dead-letter hops, replays); 0 turns traces off. At
+    /// most [`wharf_model::trace::TRACE_EVENTS_LIMIT`].
+    pub message_trace_events_max: usize,
     /// Where time comes from: the system's clock, or a [`ManualClock`](crate::ManualClock) in
     /// tests (see `clock.rs`).
     pub clock: Arc<dyn Clock>,
@@ -181,6 +185,10 @@ pub struct BrokerConfig {
 
 /// Default for [`BrokerConfig::consumer_timeout_ms`]: RabbitMQ's 30 minutes.
 pub const CONSUMER_TIMEOUT_MS_DEFAULT: u64 = 30 * 60 * 1000;
+
+/// Default for [`BrokerConfig::message_trace_events_max`] (`docs/design/20261204_message-traces.md`
+/// says what it costs).
+pub const MESSAGE_TRACE_EVENTS_MAX_DEFAULT: usize = 16;
 
 /// Default for [`BrokerConfig::queue_body_memory_bytes_max`]: enough for a consumer that is a
 /// few seconds behind at full speed to be served from memory.
@@ -234,6 +242,7 @@ impl BrokerConfig {
             fs: RealFs::shared(),
             policies: Vec::new(),
             queue_body_memory_bytes_max: QUEUE_BODY_MEMORY_BYTES_MAX_DEFAULT,
+            message_trace_events_max: MESSAGE_TRACE_EVENTS_MAX_DEFAULT,
             clock: Arc::new(SystemClock),
         }
     }
@@ -278,6 +287,13 @@ impl BrokerConfig {
         }
         if self.handshakes_per_address_max == 0 {
             return refuse("handshakes_per_address_max must be at least 1".into());
+        }
+        if self.message_trace_events_max > wharf_model::trace::TRACE_EVENTS_LIMIT {
+            return refuse(format!(
+                "message_trace_events_max is {}; at most {} (0 turns traces off)",
+                self.message_trace_events_max,
+                wharf_model::trace::TRACE_EVENTS_LIMIT
+            ));
         }
         if self.consumer_timeout_ms == Some(0) {
             return refuse("consumer_timeout_ms must be at least 1 (or none, for no timeout)".into());

@@ -526,7 +526,9 @@ pub(crate) async fn serve<R, W>(
         Ok(Err(ending)) => (ending, None),
         Ok(Ok(LoggedIn { id, user, vhost, channel_max, grant, lease, blocked_capable, info })) => {
             tracing::info!(%peer, connection = id.0, %user, %vhost, "connection opened");
-            let mut session = Session::new(Arc::clone(&core), id, grant, lease, vhost, channel_max, outbound.clone());
+            let origin = core.trace_origin(id, &info);
+            let mut session =
+                Session::new(Arc::clone(&core), id, grant, lease, vhost, channel_max, outbound.clone(), origin);
             let ending = run_frames(&mut connection, &mut session, shutdown, blocked_capable, &info).await;
             session.close_all();
             (ending, Some(id))

@@ -23,7 +23,9 @@ use crate::outbound::{Connections, Outbound, OutboundDelivery};
 use crate::pager::{self, Pager};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::watch;
-use wharf_model::{BrokerModel, CancelledConsumer, ChannelKey, DeletedExchange, Delivery, Effects, Removed, StoredAt};
+use wharf_model::{
+    BrokerModel, CancelledConsumer, ChannelKey, ConnectionId, DeletedExchange, Delivery, Effects, Removed, StoredAt,
+};
 use wharf_store::{LogId, MetaStore, Store, StoreError, Ticket};
 
 /// The shared state.
@@ -334,5 +336,22 @@ impl Core {
     /// The clock's time, in milliseconds since the Unix epoch.
     pub fn now_ms(&self) -> u64 {
         self.clock.now_ms()
+    }
+
+    /// What a logged-in connection gives its messages for their delivery traces (its name, its
+    /// client-provided one if it set one, and its user), and tells the model its name; `None`
+    /// when traces are off.
+    pub(crate) fn trace_origin(
+        &self,
+        id: ConnectionId,
+        info: &crate::manage::ConnectionInfo,
+    ) -> Option<Arc<wharf_model::trace::Provenance>> {
+        if self.config.message_trace_events_max == 0 {
+            return None;
+        }
+        let connection = info.client_provided_name().unwrap_or_else(|| info.name.clone());
+        self.lock_model().name_connection(id, connection.clone());
+        let origin = wharf_model::trace::Origin { connection, user: info.facts.user.clone() };
+        Some(Arc::new(wharf_model::trace::Provenance::Published(origin)))
     }
 }

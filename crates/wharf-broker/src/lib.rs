@@ -35,6 +35,7 @@ mod relocate;
 mod server;
 mod session;
 mod tls;
+mod trace_format;
 mod writer;
 
 pub use access::{Permission, PermissionError, TopicPermission};
@@ -51,12 +52,14 @@ pub use error::BrokerError;
 pub use manage::{
     AckMode, BROWSE_PAGE_SIZE_MAX, BindingSpec, BindingView, BrokerStats, BrowsePage, BrowsedMessage, ChannelView,
     ConnectionView, ConsumerView, ExchangeSpec, ExchangeView, GotMessage, MOVE_REQUEST_MESSAGES_MAX, Management,
-    ManagementError, MoveReport, NewPassword, Overview, PublishOutcome, QueueView, ReplayTarget, Selection, UserView,
-    VhostView,
+    ManagementError, MoveReport, NewPassword, Overview, PublishOutcome, QueueView, ReplayTarget, Selection,
+    TRACE_SEARCH_MESSAGES_MAX, TraceSearch, TraceView, UserView, VhostView,
 };
 pub use password::{HashingAlgorithm, PasswordError, PasswordHash};
 pub use persist::json_to_amqp;
 pub use server::Broker;
+/// Per-message delivery traces, as the management interface shows them.
+pub use wharf_model::trace;
 pub use wharf_model::{ApplyTo, Counters, Policy};
 pub use wharf_store::{HistogramSnapshot, StoreStats};
 

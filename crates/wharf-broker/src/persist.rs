@@ -15,6 +15,8 @@ const MESSAGE_META_VERSION: u8 = 1;
 const MESSAGE_META_VERSION_EXTENDED: u8 = 2;
 /// Extension tag: the copy was written by a workbench move ([`RelocationMarker`]).
 const EXTENSION_RELOCATION: u8 = 1;
+/// Extension tag: the message's delivery-trace provenance (`wharf_model::trace`).
+const EXTENSION_TRACE: u8 = 2;
 /// Bytes of a relocation marker's value: source log, source seq (u64 LE each), copies (u32 LE).
 const RELOCATION_MARKER_BYTES: usize = 20;
 
@@ -39,19 +41,32 @@ pub(crate) fn encode_message_meta(message: &Message) -> Vec<u8> {
 pub(crate) fn encode_message_meta_marked(message: &Message, marker: Option<RelocationMarker>) -> Vec<u8> {
     let mut meta =
         Vec::with_capacity(3 + message.exchange.len() + message.routing_key.len() + message.raw_properties.len() + 32);
-    meta.push(if marker.is_some() { MESSAGE_META_VERSION_EXTENDED } else { MESSAGE_META_VERSION });
+    let extended = marker.is_some() || message.trace.is_some();
+    meta.push(if extended { MESSAGE_META_VERSION_EXTENDED } else { MESSAGE_META_VERSION });
     // Exchange names and routing keys are AMQP short strings: at most 255 bytes.
     meta.push(message.exchange.len().min(255) as u8);
     meta.extend_from_slice(&message.exchange.as_bytes()[..message.exchange.len().min(255)]);
     meta.push(message.routing_key.len().min(255) as u8);
     meta.extend_from_slice(&message.routing_key.as_bytes()[..message.routing_key.len().min(255)]);
-    if let Some(marker) = marker {
+    if extended {
         let mut extensions = Vec::with_capacity(3 + RELOCATION_MARKER_BYTES);
-        extensions.push(EXTENSION_RELOCATION);
-        extensions.extend_from_slice(&(RELOCATION_MARKER_BYTES as u16).to_le_bytes());
-        extensions.extend_from_slice(&marker.source_log.to_le_bytes());
-        extensions.extend_from_slice(&marker.source_seq.to_le_bytes());
-        extensions.extend_from_slice(&marker.copies.to_le_bytes());
+        if let Some(marker) = marker {
+            extensions.push(EXTENSION_RELOCATION);
+            extensions.extend_from_slice(&(RELOCATION_MARKER_BYTES as u16).to_le_bytes());
+            extensions.extend_from_slice(&marker.source_log.to_le_bytes());
+            extensions.extend_from_slice(&marker.source_seq.to_le_bytes());
+            extensions.extend_from_slice(&marker.copies.to_le_bytes());
+        }
+        if let Some(provenance) = &message.trace {
+            let mut value = Vec::new();
+            crate::trace_format::encode_provenance(provenance, &mut value);
+            // A history is bounded (`TRACE_EVENTS_LIMIT` events of bounded strings) to fit.
+            if let Ok(length) = u16::try_from(value.len()) {
+                extensions.push(EXTENSION_TRACE);
+                extensions.extend_from_slice(&length.to_le_bytes());
+                extensions.extend_from_slice(&value);
+            }
+        }
         meta.extend_from_slice(&(extensions.len() as u32).to_le_bytes());
         meta.extend_from_slice(&extensions);
     }
@@ -118,13 +133,18 @@ pub(crate) fn relocation_marker(meta: &[u8]) -> Option<RelocationMarker> {
 /// Rebuilds a message from its stored meta and body; `None` if the meta is not ours.
 pub(crate) fn decode_message(meta: &[u8], body: Bytes) -> Option<Message> {
     let parts = split_meta(meta)?;
-    Some(Message::new(
+    // A trace that cannot be read is left out rather than losing the message.
+    let trace = extension(parts.extensions, EXTENSION_TRACE)
+        .and_then(crate::trace_format::decode_provenance)
+        .map(std::sync::Arc::new);
+    let message = Message::new(
         String::from_utf8(parts.exchange.to_vec()).ok()?,
         String::from_utf8(parts.routing_key.to_vec()).ok()?,
         std::sync::Arc::new(decode_properties(parts.raw_properties)?),
         Bytes::copy_from_slice(parts.raw_properties),
         body,
-    ))
+    );
+    Some(message.with_trace(trace))
 }
 
 /// Version byte at the start of a de-duplication key record's meta (the body is the key; the

@@ -166,6 +166,7 @@ fn new_model(config: &BrokerConfig) -> BrokerModel {
     let seed = SystemClock.now_ms() ^ u64::from(std::process::id()).rotate_left(32);
     let mut model = BrokerModel::new(seed);
     model.set_now(config.clock.now_ms());
+    model.set_trace_events_max(config.message_trace_events_max);
     ensure_vhost(config, &mut model, "/");
     // `/` may exist before any policy was set on it.
     if let Some(vhost) = model.vhost_mut("/") {

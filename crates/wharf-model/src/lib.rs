@@ -21,6 +21,7 @@ pub mod queue;
 mod ready;
 pub mod settings;
 pub mod topic;
+pub mod trace;
 pub mod vhost;
 
 pub use broker::{

@@ -24,6 +24,8 @@ pub struct Message {
     pub raw_properties: Bytes,
     /// The body and the parsed properties in memory, or where the store keeps the body.
     pub body: Body,
+    /// Where it comes from, for its delivery trace (`trace.rs`); `None` when traces are off.
+    pub trace: Option<Arc<crate::trace::Provenance>>,
 }
 
 /// Where a message's body is.
@@ -71,7 +73,7 @@ impl Message {
         raw_properties: Bytes,
         bytes: Bytes,
     ) -> Message {
-        Message { exchange, routing_key, raw_properties, body: Body::Resident { properties, bytes } }
+        Message { exchange, routing_key, raw_properties, body: Body::Resident { properties, bytes }, trace: None }
     }
 
     /// The parsed properties of a resident message (see [`no_properties`] for a paged one).
@@ -149,13 +151,14 @@ impl Message {
         routing_key: String,
         raw_properties: Bytes,
         paged: PagedBody,
+        trace: Option<Arc<crate::trace::Provenance>>,
     ) -> Message {
-        Message { exchange, routing_key, raw_properties, body: Body::Paged(paged) }
+        Message { exchange, routing_key, raw_properties, body: Body::Paged(paged), trace }
     }
 
     /// Like [`Message::paged_out`], reusing this message's allocations.
     pub fn into_paged_out(self, paged: PagedBody) -> Message {
-        Message::paged_from_parts(self.exchange, self.routing_key, self.raw_properties, paged)
+        Message::paged_from_parts(self.exchange, self.routing_key, self.raw_properties, paged, self.trace)
     }
 
     /// The same message with its body (read back from the store) and its parsed properties in
@@ -166,6 +169,13 @@ impl Message {
             (_, properties) => Arc::new(properties.into_owned()),
         };
         Message::new(self.exchange.clone(), self.routing_key.clone(), properties, self.raw_properties.clone(), bytes)
+            .with_trace(self.trace.clone())
+    }
+
+    /// The same message with its provenance set.
+    pub fn with_trace(mut self, trace: Option<Arc<crate::trace::Provenance>>) -> Message {
+        self.trace = trace;
+        self
     }
 
     /// The parsed properties, parsed again from the raw ones for a paged-out message.
@@ -214,7 +224,13 @@ impl Message {
             Body::Resident { bytes, .. } => Body::Resident { properties: Arc::new(properties), bytes: bytes.clone() },
             Body::Paged(paged) => Body::Paged(*paged),
         };
-        Message { exchange: self.exchange.clone(), routing_key: self.routing_key.clone(), raw_properties, body }
+        Message {
+            exchange: self.exchange.clone(),
+            routing_key: self.routing_key.clone(),
+            raw_properties,
+            body,
+            trace: self.trace.clone(),
+        }
     }
 
     /// The same message with one header set.
@@ -232,9 +248,10 @@ impl Message {
 mod tests {
     use super::*;
 
-    /// Every queued message pays this; `docs/benchmarks.md` states it (168 bytes before `Body`).
+    /// Every queued message pays this; `docs/benchmarks.md` states it (168 bytes before `Body`,
+    /// 128 before the trace's provenance pointer).
     #[test]
-    fn a_message_takes_128_bytes() {
-        assert_eq!(std::mem::size_of::<Message>(), 128);
+    fn a_message_takes_136_bytes() {
+        assert_eq!(std::mem::size_of::<Message>(), 136);
     }
 }

@@ -65,6 +65,9 @@ pub struct Entry {
     pub expires_at_ms: Option<u64>,
     /// Its `x-ordered-by` key.
     pub order_key: Option<Arc<str>>,
+    /// What happened to it in this queue, for its delivery trace (`trace.rs`): deliveries that
+    /// did not end in an ack, and what became of them. `None` until the first.
+    pub trace: Option<Box<crate::trace::TraceLog>>,
 }
 
 /// Per-key ordering state (`x-ordered-by`).
@@ -247,6 +250,7 @@ impl Queue {
             enqueued_ms,
             expires_at_ms: ttl_ms.map(|ttl| enqueued_ms.saturating_add(ttl)),
             order_key,
+            trace: None,
         }
     }
 

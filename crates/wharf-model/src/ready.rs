@@ -26,6 +26,9 @@ use std::sync::Arc;
 /// ordinary entry.
 const PACKED_NAME_BYTES_MAX: usize = u8::MAX as usize;
 
+/// A packed entry's `expires_at_ms` when it does not expire.
+const NEVER: u64 = u64::MAX;
+
 /// A paged-out ready entry without an ordering key, packed flat.
 #[derive(Debug, Clone)]
 struct PackedEntry {
@@ -33,7 +36,9 @@ struct PackedEntry {
     store_seq: u64,
     paged: PagedBody,
     enqueued_ms: u64,
-    expires_at_ms: Option<u64>,
+    /// When it expires; [`NEVER`] if it does not (a sentinel rather than an `Option`, which
+    /// would take 8 bytes more of every packed entry).
+    expires_at_ms: u64,
     delivery_count: u32,
     redelivered: bool,
     /// `store_seq` is in the queue's transient log.
@@ -42,6 +47,9 @@ struct PackedEntry {
     removed: bool,
     /// `[exchange length][exchange][routing key length][routing key][raw properties]`.
     envelope: Box<[u8]>,
+    /// The message's provenance and the entry's own trace (`trace.rs`), if any.
+    provenance: Option<Arc<crate::trace::Provenance>>,
+    trace: Option<Box<crate::trace::TraceLog>>,
 }
 
 impl PackedEntry {
@@ -60,12 +68,15 @@ impl PackedEntry {
             store_seq: entry.store_seq?,
             paged,
             enqueued_ms: entry.enqueued_ms,
-            expires_at_ms: entry.expires_at_ms,
+            // An expiry at the sentinel itself (u64::MAX ms) is as good as never.
+            expires_at_ms: entry.expires_at_ms.unwrap_or(NEVER),
             delivery_count: entry.delivery_count,
             redelivered: entry.redelivered,
             transient_record: entry.transient_record,
             removed: false,
             envelope: envelope(message),
+            provenance: message.trace.clone(),
+            trace: entry.trace.clone(),
         })
     }
 
@@ -78,6 +89,7 @@ impl PackedEntry {
             String::from_utf8_lossy(&self.envelope[exchange_end + 1..routing_key_end]).into_owned(),
             bytes::Bytes::copy_from_slice(&self.envelope[routing_key_end..]),
             self.paged,
+            self.provenance.clone(),
         );
         Entry {
             id: self.id,
@@ -87,8 +99,9 @@ impl PackedEntry {
             redelivered: self.redelivered,
             delivery_count: self.delivery_count,
             enqueued_ms: self.enqueued_ms,
-            expires_at_ms: self.expires_at_ms,
+            expires_at_ms: (self.expires_at_ms != NEVER).then_some(self.expires_at_ms),
             order_key: None,
+            trace: self.trace.clone(),
         }
     }
 }
@@ -358,6 +371,14 @@ mod tests {
             enqueued_ms: 1_000 + id,
             expires_at_ms: id.is_multiple_of(5).then_some(9_000 + id),
             order_key: None,
+            trace: id.is_multiple_of(4).then(|| {
+                let event = crate::trace::TraceEvent {
+                    at_ms: id,
+                    queue: None,
+                    kind: crate::trace::TraceKind::Requeued(crate::trace::RequeueCause::Consumer),
+                };
+                Box::new(crate::trace::TraceLog { events: vec![event], dropped: 0 })
+            }),
         }
     }
 
@@ -371,6 +392,7 @@ mod tests {
             && left.enqueued_ms == right.enqueued_ms
             && left.expires_at_ms == right.expires_at_ms
             && left.order_key == right.order_key
+            && left.trace == right.trace
     }
 
     #[test]

@@ -100,6 +100,11 @@ struct ServeArgs {
     /// messages are read back from disk when delivered [default: 8388608 (8 MiB)].
     #[arg(long, env = "WHARF_QUEUE_BODY_MEMORY_BYTES_MAX")]
     queue_body_memory_bytes_max: Option<u64>,
+    /// The most events each message's delivery trace keeps (its publish, each delivery that did
+    /// not end in an ack and what became of it, dead-letter hops, replays), at most 48; 0 turns
+    /// traces off [default: 16].
+    #[arg(long, env = "WHARF_MESSAGE_TRACE_EVENTS_MAX")]
+    message_trace_events_max: Option<usize>,
     /// A RabbitMQ definitions file (JSON, as `rabbitmqctl export_definitions` writes it) to load at
     /// start: users, vhosts, permissions, limits, policies, exchanges, queues and bindings.
     /// Loading is idempotent; users of the configuration file keep working.
@@ -154,6 +159,7 @@ struct FileConfig {
     handshake_timeout_ms: Option<u64>,
     group_commit_delay_us: Option<u64>,
     queue_body_memory_bytes_max: Option<u64>,
+    message_trace_events_max: Option<usize>,
     users: Option<Vec<FileUser>>,
     vhosts: Option<Vec<String>>,
     policies: Option<Vec<FilePolicy>>,
@@ -416,6 +422,9 @@ fn broker_config(args: &ServeArgs) -> Result<BrokerConfig> {
     }
     if let Some(bytes) = args.queue_body_memory_bytes_max.or(file.queue_body_memory_bytes_max) {
         config.queue_body_memory_bytes_max = bytes;
+    }
+    if let Some(events) = args.message_trace_events_max.or(file.message_trace_events_max) {
+        config.message_trace_events_max = events;
     }
     let mut policies = file.policies.unwrap_or_default();
     for text in &args.policies {

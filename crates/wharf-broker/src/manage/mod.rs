@@ -3,7 +3,8 @@
 //! vhosts, exchanges, queues, bindings, users, permissions, policies) and changes it through
 //! the same paths a client's methods take (`operations.rs`: declare, delete, bind, publish,
 //! get, purge, close a connection), with the same permission checks; `browse.rs` and
-//! `workbench.rs` are the DLQ workbench (browse; replay, move, delete). It knows nothing of HTTP or
+//! `workbench.rs` are the DLQ workbench (browse; replay, move, delete); `traces.rs` shows
+//! per-message delivery traces. It knows nothing of HTTP or
 //! JSON: the API crate decides how all of this is shaped on the wire.
 //!
 //! Views are taken under the model lock and returned as plain values, so formatting, sorting
@@ -14,6 +15,7 @@ mod connections;
 mod identity_ops;
 mod operations;
 mod stats;
+mod traces;
 mod views;
 mod workbench;
 
@@ -22,6 +24,7 @@ pub(crate) use connections::{ConnectionFacts, ConnectionInfo};
 pub use identity_ops::NewPassword;
 pub use operations::{AckMode, BindingSpec, ExchangeSpec, GotMessage, ManagementError, PublishOutcome};
 pub use stats::BrokerStats;
+pub use traces::{TRACE_SEARCH_MESSAGES_MAX, TraceSearch, TraceView};
 pub use views::{
     BindingView, ChannelView, ConnectionView, ConsumerView, ExchangeView, Overview, QueueView, UserView, VhostView,
 };

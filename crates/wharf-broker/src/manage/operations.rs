@@ -351,13 +351,18 @@ impl Management {
             )));
         }
         let raw_properties = wharf_wire::frame::encode_properties(&properties);
+        let origin = self.traces_enabled().then(|| {
+            let origin = wharf_model::trace::Origin { connection: "management API".into(), user: user.to_owned() };
+            Arc::new(wharf_model::trace::Provenance::Published(origin))
+        });
         let message = Message::new(
             exchange_name.to_owned(),
             routing_key.to_owned(),
             Arc::new(properties),
             raw_properties,
             payload,
-        );
+        )
+        .with_trace(origin);
         // Mandatory, so an unroutable publish comes back as a return: that is how "routed" is
         // known. The return goes nowhere.
         let request = PublishRequest { vhost, channel: 0, exchange: exchange_name, routing_key, mandatory: true };
@@ -413,6 +418,8 @@ impl Management {
         // bodies of paged-out messages are read back; settled afterwards.
         let taken = self.core.act(|model| {
             model.open_channel(key, vhost)?;
+            // Named for the traces of what it takes and puts back.
+            model.name_connection(key.connection, format!("management API ({user})"));
             let mut deliveries = Vec::new();
             let mut effects = Effects::default();
             for _ in 0..count {

@@ -18,6 +18,7 @@ use super::operations::ManagementError;
 use crate::access::{Resource, Right, VhostGrant};
 use crate::relocate::Relocation;
 use std::sync::Arc;
+use wharf_model::trace::{TraceEvent, TraceKind};
 use wharf_model::{ExchangeKind, Message, WithdrawRefusal, deadletter};
 
 /// The most messages one request replays or moves; what is left is reported as `remaining`.
@@ -168,7 +169,7 @@ impl Management {
             ids.truncate(MOVE_REQUEST_MESSAGES_MAX);
         }
         for chunk in ids.chunks(MOVE_CHUNK_MESSAGES) {
-            let relocations = self.withdraw_planned(&grant, vhost, queue, chunk, &plan, &mut report);
+            let relocations = self.withdraw_planned(&grant, user, vhost, queue, chunk, &plan, &mut report);
             if relocations.is_empty() {
                 continue;
             }
@@ -187,9 +188,11 @@ impl Management {
     /// Step 1 of a move for a chunk of ids: where each message goes, and taking it out of its
     /// queue, under one model lock. Messages that cannot go are left where they are, in
     /// `report.skipped` with the reason.
+    #[allow(clippy::too_many_arguments)]
     fn withdraw_planned(
         &self,
         grant: &VhostGrant,
+        user: &str,
         vhost_name: &str,
         queue_name: &str,
         ids: &[u64],
@@ -197,7 +200,9 @@ impl Management {
         report: &mut MoveReport,
     ) -> Vec<Relocation> {
         let mut relocations = Vec::new();
+        let now_ms = self.core.now_ms();
         let mut model = self.core.lock_model();
+        let trace_events_max = model.trace_events_max();
         for &id in ids {
             let Some(vhost) = model.vhost(vhost_name) else { break };
             let Some(queue) = vhost.queue(queue_name) else { break };
@@ -253,13 +258,33 @@ impl Management {
                 }
                 Ok((message, targets))
             })();
-            let (message, targets) = match planned {
+            let (mut message, targets) = match planned {
                 Ok(planned) => planned,
                 Err(reason) => {
                     report.skipped.push((id, reason));
                     continue;
                 }
             };
+            if trace_events_max > 0 {
+                let kind = match plan {
+                    Plan::Move(to_queue) => TraceKind::Moved { to_queue: to_queue.clone(), user: user.to_owned() },
+                    Plan::Replay(_) => TraceKind::Replayed {
+                        exchange: message.exchange.clone(),
+                        routing_key: message.routing_key.clone(),
+                        user: user.to_owned(),
+                    },
+                };
+                let hop = TraceEvent { at_ms: now_ms, queue: None, kind };
+                let provenance = wharf_model::trace::carried(
+                    entry.message.trace.as_deref(),
+                    entry.enqueued_ms,
+                    entry.trace.as_deref(),
+                    queue_name,
+                    hop,
+                    trace_events_max,
+                );
+                message.trace = Some(Arc::new(provenance));
+            }
             match model.withdraw(vhost_name, queue_name, id) {
                 Ok(entry) => relocations.push(Relocation {
                     vhost: vhost_name.to_owned(),

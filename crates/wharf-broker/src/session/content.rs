@@ -59,7 +59,7 @@ impl Session {
             return Ok(());
         }
         if header.body_size == 0 {
-            let message = message_from(&publish, &header, Bytes::new());
+            let message = message_from(&publish, &header, Bytes::new()).with_trace(self.origin.clone());
             return self.complete(channel, publish, message);
         }
         state.content = Some(Content::Body { publish, header, chunks: Vec::new(), received: 0 });
@@ -107,7 +107,7 @@ impl Session {
             }
             joined.freeze()
         };
-        let message = message_from(&publish, &header, body);
+        let message = message_from(&publish, &header, body).with_trace(self.origin.clone());
         self.complete(channel, publish, message)
     }
 

@@ -75,6 +75,8 @@ pub(crate) struct Session {
     channel_max: u16,
     outbound: Outbox,
     channels: HashMap<u16, ChannelState>,
+    /// Given to every message it publishes, for delivery traces (`None` when they are off).
+    origin: Option<Arc<wharf_model::trace::Provenance>>,
 }
 
 pub(super) type MethodResult = Result<(), ModelError>;
@@ -89,6 +91,7 @@ fn blocking<T>(work: impl FnOnce() -> T) -> T {
 }
 
 impl Session {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         core: Arc<Core>,
         connection: ConnectionId,
@@ -97,6 +100,7 @@ impl Session {
         vhost: String,
         channel_max: u16,
         outbound: Outbox,
+        origin: Option<Arc<wharf_model::trace::Provenance>>,
     ) -> Self {
         let memory = core.alarms.session_memory();
         // The users as they are now (the management API may have changed them).
@@ -114,6 +118,7 @@ impl Session {
             channel_max,
             outbound,
             channels: HashMap::new(),
+            origin,
         }
     }
 

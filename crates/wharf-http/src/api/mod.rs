@@ -8,6 +8,7 @@ mod connections;
 mod definitions;
 mod objects;
 mod overview;
+mod traces;
 mod workbench;
 
 use crate::AppState;
@@ -24,6 +25,7 @@ pub fn router(state: AppState) -> Router {
         .merge(access::routes())
         .merge(definitions::routes())
         .merge(workbench::routes())
+        .merge(traces::routes())
         .merge(crate::metrics::routes())
         .merge(crate::console::routes())
         .route("/api/{*rest}", get(not_found).put(not_found).post(not_found).delete(not_found))

@@ -4,7 +4,7 @@
 //! enqueues after, so a refused or failed publish leaves nothing behind.
 
 use super::timers::Timer;
-use super::{BrokerModel, Effects, Removed, dead_letter};
+use super::{BrokerModel, Effects, Removed, TraceSource, dead_letter};
 use crate::deadletter::DeathReason;
 use crate::message::Message;
 use crate::queue::DedupLookup;
@@ -109,6 +109,7 @@ impl BrokerModel {
         transient_record: bool,
     ) -> Effects {
         let now_ms = self.now_ms;
+        let trace_events_max = self.trace_events_max;
         let mut effects = Effects::default();
         let Some(queue) = self.vhosts.get_mut(vhost).and_then(|vhost| vhost.queue_mut(queue_name)) else {
             return effects;
@@ -122,6 +123,7 @@ impl BrokerModel {
                 queue,
                 &entry.message,
                 entry.delivery_count,
+                TraceSource::of(&entry, trace_events_max),
                 Some(source),
                 DeathReason::MaxLen,
                 now_ms,
@@ -138,7 +140,19 @@ impl BrokerModel {
         let now_ms = self.now_ms;
         let mut effects = Effects::default();
         if let Some(queue) = self.vhosts.get(vhost).and_then(|vhost| vhost.queue(queue_name)) {
-            dead_letter(vhost, queue, message, 0, None, DeathReason::MaxLen, now_ms, &mut effects, &mut self.counters);
+            let trace = TraceSource { entered_ms: now_ms, own: None, max: self.trace_events_max };
+            dead_letter(
+                vhost,
+                queue,
+                message,
+                0,
+                trace,
+                None,
+                DeathReason::MaxLen,
+                now_ms,
+                &mut effects,
+                &mut self.counters,
+            );
         }
         effects
     }

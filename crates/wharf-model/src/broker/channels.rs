@@ -7,6 +7,7 @@ use super::timers::Timer;
 use super::{BrokerModel, CONNECTION_PENDING_BYTES_MAX, CONSUMERS_PER_CHANNEL_MAX, Effects, channel_not_open};
 use crate::error::{ModelError, Result};
 use crate::queue::{ChannelKey, ConnectionId};
+use crate::trace::{RequeueCause, TraceKind};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// A consumer, as its channel counts it.
@@ -36,6 +37,8 @@ pub(super) struct Outstanding {
     /// it is settled. A lease by the vhost's default timeout has none: one sweep timer serves them
     /// all (see `timers.rs`), which keeps the default off the per-message path.
     pub(super) own_lease_timer: bool,
+    /// When it was delivered (for the message's trace, if it comes back unsettled).
+    pub(super) delivered_at_ms: u64,
 }
 
 /// An open channel: its deliveries not yet settled, its consumers and their prefetch.
@@ -126,6 +129,8 @@ impl BrokerModel {
                 if outstanding.gone {
                     continue;
                 }
+                let requeued = TraceKind::Requeued(RequeueCause::ChannelClosed);
+                self.note_delivery(&channel.vhost, key, &outstanding, requeued);
                 self.return_delivery(&channel.vhost, &outstanding.queue, outstanding.entry_id, false, &mut effects);
                 touched.insert((channel.vhost.clone(), outstanding.queue));
             }
@@ -143,6 +148,8 @@ impl BrokerModel {
     /// Closes every channel of a connection and deletes the queues it owned exclusively.
     pub fn close_connection(&mut self, connection: ConnectionId) -> Effects {
         self.pending_bytes.remove(&connection);
+        // Its name (`connection_names`) stays until its deliveries are back in their queues:
+        // their traces name it.
         // Every channel of the connection leaves the model before anything is requeued, so a
         // message freed by one of them is never dispatched to another of the same dying connection.
         let keys: Vec<ChannelKey> = self.channels.keys().filter(|key| key.connection == connection).copied().collect();
@@ -160,6 +167,7 @@ impl BrokerModel {
                 effects.merge(self.remove_queue(&vhost, &name));
             }
         }
+        self.connection_names.remove(&connection);
         effects
     }
 

@@ -79,6 +79,7 @@ impl BrokerModel {
                         gone: false,
                         lease_due_ms,
                         own_lease_timer,
+                        delivered_at_ms: now_ms,
                     },
                 );
                 match lease_due_ms {
@@ -144,6 +145,7 @@ impl BrokerModel {
                 gone: false,
                 lease_due_ms,
                 own_lease_timer,
+                delivered_at_ms: now_ms,
             };
             channel.unacked.insert(delivery.delivery_tag, outstanding);
             match lease_due_ms {

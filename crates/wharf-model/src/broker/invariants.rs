@@ -134,6 +134,15 @@ impl BrokerModel {
         for (vhost_name, vhost) in &self.vhosts {
             for queue in vhost.queues() {
                 let name = queue.name.as_str();
+                for entry in queue.entries() {
+                    let events = entry.trace.as_ref().map_or(0, |trace| trace.events.len());
+                    let bound = if self.trace_events_max == 0 { 0 } else { self.trace_events_max.max(2) };
+                    assert!(
+                        events <= bound,
+                        "invariant broken: entry {} of queue '{name}' keeps {events} trace events, over {bound}",
+                        entry.id
+                    );
+                }
                 if let Some(id) =
                     queue.unacked_ids().find(|id| !holders.contains_key(&(vhost_name.as_str(), name, *id)))
                 {

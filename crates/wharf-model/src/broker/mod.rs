@@ -42,6 +42,7 @@ use crate::error::ModelError;
 use crate::exchange::Exchange;
 use crate::message::Message;
 use crate::queue::{ChannelKey, ConnectionId, Queue};
+use crate::trace::{TraceEvent, TraceKind, TraceLog};
 use crate::vhost::VirtualHost;
 use channels::Channel;
 use std::collections::{BTreeMap, BTreeSet};
@@ -259,6 +260,10 @@ pub struct BrokerModel {
     default_leases_armed_ms: Option<u64>,
     counters: Counters,
     channel_generations: u64,
+    /// The most events a message's delivery trace keeps (`trace.rs`); 0 turns traces off.
+    trace_events_max: usize,
+    /// Each logged-in connection's name, for delivery traces.
+    connection_names: foldhash::HashMap<ConnectionId, String>,
 }
 
 /// What a delivery weighs against `CONNECTION_PENDING_BYTES_MAX`.
@@ -283,6 +288,8 @@ impl BrokerModel {
             default_leases_armed_ms: None,
             counters: Counters::default(),
             channel_generations: 0,
+            trace_events_max: 0,
+            connection_names: foldhash::HashMap::default(),
         };
         model.add_vhost("/");
         model
@@ -334,6 +341,65 @@ impl BrokerModel {
     pub fn counters(&self) -> Counters {
         self.counters
     }
+
+    /// Keeps at most `max` events in each message's delivery trace; 0 turns traces off.
+    pub fn set_trace_events_max(&mut self, max: usize) {
+        self.trace_events_max = max.min(crate::trace::TRACE_EVENTS_LIMIT);
+    }
+
+    /// The bound on delivery traces (0: off).
+    pub fn trace_events_max(&self) -> usize {
+        self.trace_events_max
+    }
+
+    /// Names a logged-in connection for the delivery traces of messages delivered on it
+    /// (forgotten when it closes).
+    pub fn name_connection(&mut self, connection: ConnectionId, name: String) {
+        if self.trace_events_max > 0 {
+            self.connection_names.insert(connection, name);
+        }
+    }
+
+    /// Records in a delivered, unsettled message's trace its delivery and `outcome` (a delivery
+    /// that ends in an ack records nothing: the message leaves with its trace).
+    fn note_delivery(&mut self, vhost: &str, key: ChannelKey, outstanding: &channels::Outstanding, outcome: TraceKind) {
+        let max = self.trace_events_max;
+        if max == 0 {
+            return;
+        }
+        let connection = self.connection_names.get(&key.connection).cloned();
+        let now_ms = self.now_ms;
+        let Some(queue) = self.vhosts.get_mut(vhost).and_then(|found| found.queue_mut(&outstanding.queue)) else {
+            return;
+        };
+        let delivered = TraceEvent {
+            at_ms: outstanding.delivered_at_ms,
+            queue: None,
+            kind: TraceKind::Delivered {
+                connection,
+                consumer_tag: outstanding.consumer.as_ref().map(|(tag, _)| tag.clone()),
+            },
+        };
+        let settled = TraceEvent { at_ms: now_ms, queue: None, kind: outcome };
+        queue.note_unacked(outstanding.entry_id, [delivered, settled], max);
+    }
+}
+
+/// Where a message leaving its queue takes its trace from.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct TraceSource<'a> {
+    /// When it entered the queue (its publish time, for a fresh message).
+    pub entered_ms: u64,
+    /// Its events there.
+    pub own: Option<&'a TraceLog>,
+    /// The broker's bound (0: traces are off).
+    pub max: usize,
+}
+
+impl TraceSource<'_> {
+    pub(super) fn of(entry: &crate::queue::Entry, max: usize) -> TraceSource<'_> {
+        TraceSource { entered_ms: entry.enqueued_ms, own: entry.trace.as_deref(), max }
+    }
 }
 
 /// Sends a message that leaves `queue` for `reason` to the queue's dead-letter exchange, or, for
@@ -345,6 +411,7 @@ fn dead_letter(
     queue: &Queue,
     message: &Message,
     delivery_count: u32,
+    trace: TraceSource<'_>,
     source: Option<Removed>,
     reason: DeathReason,
     now_ms: u64,
@@ -377,8 +444,18 @@ fn dead_letter(
         DeathReason::MaxLen => counters.dead_lettered_maxlen += 1,
         DeathReason::Rejected => counters.dead_lettered_rejected += 1,
     }
-    let moved =
+    let mut moved =
         deadletter::dead_lettered(message, &queue.name, reason, now_ms, delivery_count, &exchange, &routing_key);
+    if trace.max > 0 {
+        let hop = TraceEvent {
+            at_ms: now_ms,
+            queue: None,
+            kind: TraceKind::DeadLettered { reason, exchange: exchange.clone(), routing_key: routing_key.clone() },
+        };
+        let provenance =
+            crate::trace::carried(message.trace.as_deref(), trace.entered_ms, trace.own, &queue.name, hop, trace.max);
+        moved.trace = Some(Arc::new(provenance));
+    }
     effects.transfers.push(Transfer {
         vhost: vhost.to_owned(),
         message: Arc::new(moved),

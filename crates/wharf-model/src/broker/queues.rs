@@ -4,7 +4,8 @@
 
 use super::timers::Timer;
 use super::{
-    BrokerModel, CancelledConsumer, DeletedExchange, DeletedQueue, Effects, Removed, channel_not_open, dead_letter,
+    BrokerModel, CancelledConsumer, DeletedExchange, DeletedQueue, Effects, Removed, TraceSource, channel_not_open,
+    dead_letter,
 };
 use crate::deadletter::DeathReason;
 use crate::error::{ModelError, Result};
@@ -118,6 +119,7 @@ impl BrokerModel {
                     queue,
                     &entry.message,
                     entry.delivery_count,
+                    TraceSource::of(&entry, self.trace_events_max),
                     Some(source),
                     DeathReason::DeliveryLimit,
                     now_ms,

@@ -5,10 +5,11 @@
 
 use super::channels::Outstanding;
 use super::timers::Timer;
-use super::{BrokerModel, Effects, Removed, channel_not_open, dead_letter};
+use super::{BrokerModel, Effects, Removed, TraceSource, channel_not_open, dead_letter};
 use crate::deadletter::DeathReason;
 use crate::error::{ModelError, Result};
 use crate::queue::{ChannelKey, Returned};
+use crate::trace::{RequeueCause, TraceKind};
 use std::collections::BTreeSet;
 
 impl BrokerModel {
@@ -59,10 +60,13 @@ impl BrokerModel {
         let mut touched = BTreeSet::new();
         for outstanding in taken.into_iter().filter(|outstanding| !outstanding.gone) {
             if requeue {
+                self.note_delivery(&vhost, key, &outstanding, TraceKind::Requeued(RequeueCause::Consumer));
                 self.return_delivery(&vhost, &outstanding.queue, outstanding.entry_id, true, &mut effects);
                 touched.insert(outstanding.queue);
                 continue;
             }
+            self.note_delivery(&vhost, key, &outstanding, TraceKind::Rejected);
+            let trace_events_max = self.trace_events_max;
             let Some(queue) = self.vhosts.get_mut(&vhost).and_then(|vhost| vhost.queue_mut(&outstanding.queue)) else {
                 continue;
             };
@@ -73,6 +77,7 @@ impl BrokerModel {
                     queue,
                     &entry.message,
                     entry.delivery_count,
+                    TraceSource::of(&entry, trace_events_max),
                     Some(source),
                     DeathReason::Rejected,
                     now_ms,
@@ -165,6 +170,7 @@ impl BrokerModel {
         effects: &mut Effects,
     ) {
         let now_ms = self.now_ms;
+        let trace_events_max = self.trace_events_max;
         let Some(queue) = self.vhosts.get_mut(vhost).and_then(|vhost| vhost.queue_mut(queue_name)) else { return };
         match queue.return_unacked(entry_id, explicit) {
             Some(Returned::OverLimit(entry)) => {
@@ -174,6 +180,7 @@ impl BrokerModel {
                     queue,
                     &entry.message,
                     entry.delivery_count,
+                    TraceSource::of(&entry, trace_events_max),
                     Some(source),
                     DeathReason::DeliveryLimit,
                     now_ms,

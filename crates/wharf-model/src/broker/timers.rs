@@ -2,9 +2,10 @@
 //! messages) and what each does when it fires. The model reads no clock: the runtime reports
 //! the time (`set_now`) and calls `tick` when `next_timer_ms` is due.
 
-use super::{BrokerModel, EXPIRED_TAGS_PER_CHANNEL_MAX, Effects, Removed, StoredAt, dead_letter};
+use super::{BrokerModel, EXPIRED_TAGS_PER_CHANNEL_MAX, Effects, Removed, StoredAt, TraceSource, dead_letter};
 use crate::deadletter::{DeathReason, Transfer, TransferTarget};
 use crate::queue::{ChannelKey, Queue, Unused};
+use crate::trace::{RequeueCause, TraceKind};
 use std::collections::BTreeSet;
 
 /// Something to look at when its time comes.
@@ -156,6 +157,7 @@ impl BrokerModel {
     /// consumer that can take it at once, and is dropped otherwise.
     pub(super) fn expire_due(&mut self, vhost: &str, queue_name: &str, inclusive: bool, effects: &mut Effects) {
         let now_ms = self.now_ms;
+        let trace_events_max = self.trace_events_max;
         let Some(queue) = self.vhosts.get_mut(vhost).and_then(|found| found.queue_mut(queue_name)) else { return };
         while let Some(entry) = queue.pop_expired(now_ms, inclusive) {
             self.counters.expired += 1;
@@ -165,6 +167,7 @@ impl BrokerModel {
                 queue,
                 &entry.message,
                 entry.delivery_count,
+                TraceSource::of(&entry, trace_events_max),
                 Some(source),
                 DeathReason::Expired,
                 now_ms,
@@ -196,6 +199,7 @@ impl BrokerModel {
         self.counters.leases_expired += 1;
         let mut touched = BTreeSet::new();
         for outstanding in taken.into_iter().filter(|outstanding| !outstanding.gone) {
+            self.note_delivery(&vhost, key, &outstanding, TraceKind::Requeued(RequeueCause::LeaseExpired));
             self.return_delivery(&vhost, &outstanding.queue, outstanding.entry_id, false, effects);
             touched.insert(outstanding.queue);
         }

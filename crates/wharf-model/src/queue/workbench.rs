@@ -1,6 +1,7 @@
 //! Taking chosen messages out of a queue and putting them back: what the DLQ workbench's replay,
 //! move and delete need. Only ready and waiting (retry backoff) messages can be taken; an
-//! unacknowledged one is with a consumer, which decides its fate.
+//! unacknowledged one is with a consumer, which decides its fate. Also the trace events noted on
+//! an unacknowledged entry (`trace.rs`).
 
 use super::{Entry, Queue};
 
@@ -23,6 +24,17 @@ impl Queue {
         self.ready.get(id).or_else(|| self.waiting.get(&id).cloned())
     }
 
+    /// A copy of entry `id` wherever it is in the queue, and where.
+    pub fn entry(&self, id: u64) -> Option<(Entry, super::EntryState)> {
+        if let Some(entry) = self.ready.get(id) {
+            return Some((entry, super::EntryState::Ready));
+        }
+        if let Some(entry) = self.waiting.get(&id) {
+            return Some((entry.clone(), super::EntryState::Waiting));
+        }
+        self.unacked.get(&id).map(|entry| (entry.clone(), super::EntryState::Unacknowledged))
+    }
+
     /// True if `id` is delivered and not yet settled.
     pub fn is_unacked(&self, id: u64) -> bool {
         self.unacked.contains_key(&id)
@@ -34,6 +46,20 @@ impl Queue {
         ids.extend(self.waiting.keys().copied());
         ids.sort_unstable();
         ids
+    }
+
+    /// Adds events to an unacknowledged entry's trace (bounded by `max`).
+    pub(crate) fn note_unacked(
+        &mut self,
+        id: u64,
+        events: impl IntoIterator<Item = crate::trace::TraceEvent>,
+        max: usize,
+    ) {
+        let Some(entry) = self.unacked.get_mut(&id) else { return };
+        let trace = entry.trace.get_or_insert_with(Box::default);
+        for event in events {
+            trace.push(event, max);
+        }
     }
 
     /// Puts back an entry [`Queue::withdraw`] took, when what it was taken for could not be
