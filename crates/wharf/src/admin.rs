@@ -64,6 +64,55 @@ enum AdminCommand {
         #[arg(long, default_value_t = 20)]
         page_size: usize,
     },
+    /// Send messages of a queue (a dead-letter queue's, say) back to where they died (the
+    /// exchange and routing key of their newest `x-death`), or to a chosen exchange; each keeps
+    /// its message id and headers and gains `x-replayed-count`. Crash-safe.
+    Replay {
+        queue: String,
+        #[command(flatten)]
+        selection: Chosen,
+        /// Replay to this exchange instead ("" is the default exchange).
+        #[arg(long)]
+        exchange: Option<String>,
+        /// The routing key for --exchange.
+        #[arg(long, requires = "exchange")]
+        routing_key: Option<String>,
+    },
+    /// Move messages of a queue to another queue, unchanged. Crash-safe.
+    Move {
+        queue: String,
+        /// The queue they go to.
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        selection: Chosen,
+    },
+    /// Show what happened to a message: its publish, each delivery that did not end in an ack
+    /// and what became of it, dead-letter hops, replays. Finds every message with MESSAGE_ID in
+    /// the vhost's queues, or one message by --queue and --entry.
+    Trace {
+        /// The message id (the AMQP `message-id` property).
+        #[arg(required_unless_present = "entry")]
+        message_id: Option<String>,
+        /// The queue holding the message (with --entry).
+        #[arg(long, requires = "entry")]
+        queue: Option<String>,
+        /// The message's entry id in --queue (as `peek` shows it).
+        #[arg(long, requires = "queue")]
+        entry: Option<u64>,
+    },
+}
+
+/// Which messages of a queue: `--ids` (entry ids, as `peek` shows them) or `--all`.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+struct Chosen {
+    /// Entry ids, comma-separated (as `peek` shows them).
+    #[arg(long, value_delimiter = ',')]
+    ids: Vec<u64>,
+    /// Every ready message of the queue.
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -82,6 +131,8 @@ enum DeleteWhat {
         #[arg(long)]
         if_unused: bool,
     },
+    /// One message of a queue, by its entry id (as `peek` shows it).
+    Message { queue: String, entry: u64 },
 }
 
 /// Percent-encodes a path segment (a vhost `/` becomes `%2F`).
@@ -129,6 +180,7 @@ impl Client {
         let response = match method {
             "GET" => self.agent.get(&url).header("authorization", &self.authorization).call(),
             "DELETE" => self.agent.delete(&url).header("authorization", &self.authorization).call(),
+            "POST" if body.is_none() => bail!("a POST needs a body"),
             "POST" => self
                 .agent
                 .post(&url)
@@ -384,8 +436,9 @@ pub fn run(args: AdminArgs) -> Result<()> {
             for item in browsed["items"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
                 writeln!(
                     out,
-                    "\n#{}  id {}  {}  {} bytes  delivered {} times  from '{}' with key '{}'",
+                    "\n#{}  entry {}  id {}  {}  {} bytes  delivered {} times  from '{}' with key '{}'",
                     cell(item, "position"),
+                    cell(item, "entry_id"),
                     match cell(item, "message_id") {
                         id if id.is_empty() => "(none)".to_owned(),
                         id => id,
@@ -414,7 +467,185 @@ pub fn run(args: AdminArgs) -> Result<()> {
             }
             Ok(())
         }
+        AdminCommand::Delete { what: DeleteWhat::Message { queue, entry } } => {
+            client.call("DELETE", &format!("/api/queues/{}/{}/messages/{entry}", segment(&vhost), segment(queue)), None)?;
+            println!("deleted message {entry} of queue '{queue}' in vhost '{vhost}'");
+            Ok(())
+        }
+        AdminCommand::Replay { queue, selection, exchange, routing_key } => {
+            let mut request = selection.body();
+            if let Some(exchange) = exchange {
+                request["exchange"] = Value::from(exchange.as_str());
+                request["routing_key"] = Value::from(routing_key.clone().unwrap_or_default());
+            }
+            let path = format!("/api/queues/{}/{}/messages/replay", segment(&vhost), segment(queue));
+            let report = moved(&client, &path, &request)?;
+            report_moves(&report, args.json, "replayed", queue)
+        }
+        AdminCommand::Move { queue, to, selection } => {
+            let mut request = selection.body();
+            request["queue"] = Value::from(to.as_str());
+            let path = format!("/api/queues/{}/{}/messages/move", segment(&vhost), segment(queue));
+            let report = moved(&client, &path, &request)?;
+            report_moves(&report, args.json, &format!("moved to '{to}'"), queue)
+        }
+        AdminCommand::Trace { message_id, queue, entry } => {
+            let traces = match (queue, entry) {
+                (Some(queue), Some(entry)) => {
+                    let path = format!("/api/queues/{}/{}/messages/{entry}/trace", segment(&vhost), segment(queue));
+                    let trace = client.call("GET", &path, None)?;
+                    serde_json::json!({"items": [trace], "complete": true, "traces_enabled": trace["traces_enabled"]})
+                }
+                _ => {
+                    let id = message_id.as_deref().unwrap_or_default();
+                    client.call("GET", &format!("/api/traces/{}?message_id={}", segment(&vhost), segment(id)), None)?
+                }
+            };
+            if args.json {
+                return print_json(&traces);
+            }
+            print_traces(&traces, message_id.as_deref())
+        }
     }
+}
+
+impl Chosen {
+    fn body(&self) -> Value {
+        if self.all { serde_json::json!({"all": true}) } else { serde_json::json!({"ids": self.ids}) }
+    }
+}
+
+/// Sends a replay or move, again while the broker says messages remain (it takes at most
+/// 50,000 per request); the reports added up.
+fn moved(client: &Client, path: &str, request: &Value) -> Result<Value> {
+    let mut total = serde_json::json!({"moved": [], "skipped": []});
+    loop {
+        let report = client.call("POST", path, Some(request.to_string().as_bytes()))?;
+        for key in ["moved", "skipped"] {
+            if let (Some(all), Some(more)) = (total[key].as_array_mut(), report[key].as_array()) {
+                all.extend(more.iter().cloned());
+            }
+        }
+        let moved_now = report["moved_count"].as_u64().unwrap_or(0);
+        // With nothing moved, what remains would only be skipped again.
+        if report["remaining"].as_u64().unwrap_or(0) == 0 || request.get("all").is_none() || moved_now == 0 {
+            break;
+        }
+    }
+    total["moved_count"] = Value::from(total["moved"].as_array().map_or(0, Vec::len));
+    Ok(total)
+}
+
+fn report_moves(report: &Value, json: bool, what: &str, queue: &str) -> Result<()> {
+    if json {
+        return print_json(report);
+    }
+    println!("{} messages of queue '{queue}' {what}", cell(report, "moved_count"));
+    let skipped = report["skipped"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    if !skipped.is_empty() {
+        println!("{} left where they are:", skipped.len());
+        for item in skipped {
+            println!("  entry {}: {}", cell(item, "id"), cell(item, "reason"));
+        }
+    }
+    Ok(())
+}
+
+fn print_traces(traces: &Value, message_id: Option<&str>) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    if traces["traces_enabled"] == Value::Bool(false) {
+        writeln!(out, "(the broker keeps no delivery traces: it runs with --message-trace-events-max 0)")?;
+    }
+    let items = traces["items"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    if items.is_empty() {
+        writeln!(out, "no message with id '{}' in the queues you may read", message_id.unwrap_or_default())?;
+    }
+    for item in items {
+        writeln!(
+            out,
+            "message {} in queue '{}' (entry {}, {}, delivered {} times)",
+            match cell(item, "message_id") {
+                id if id.is_empty() => "(no id)".to_owned(),
+                id => format!("'{id}'"),
+            },
+            cell(item, "queue"),
+            cell(item, "entry_id"),
+            cell(item, "state"),
+            cell(item, "delivery_count"),
+        )?;
+        if item["events_dropped"].as_u64().unwrap_or(0) > 0 {
+            writeln!(out, "  ({} older events were dropped to keep the trace bounded)", cell(item, "events_dropped"))?;
+        }
+        for event in item["events"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+            let at = event["at"].as_u64().map(utc).unwrap_or_default();
+            writeln!(out, "  {at}  {:<20} {}", cell(event, "queue"), describe_event(event))?;
+        }
+    }
+    if traces["complete"] == Value::Bool(false) {
+        writeln!(out, "(the search stopped at {} messages; more queues were not looked at)", cell(traces, "scanned"))?;
+    }
+    Ok(())
+}
+
+/// One trace event as a sentence.
+fn describe_event(event: &Value) -> String {
+    let field = |name: &str| cell(event, name);
+    match field("event").as_str() {
+        "published" => format!("published by connection '{}' as user '{}'", field("connection"), field("user")),
+        "delivered" => {
+            let to = match field("consumer_tag") {
+                tag if tag.is_empty() => "a basic.get".to_owned(),
+                tag => format!("consumer '{tag}'"),
+            };
+            match field("connection") {
+                connection if connection.is_empty() => format!("delivered to {to}"),
+                connection => format!("delivered to {to} on connection '{connection}'"),
+            }
+        }
+        "requeued" => match field("cause").as_str() {
+            "lease_expired" => "came back: its lease (consumer timeout) ran out".to_owned(),
+            "channel_closed" => "came back: the channel closed before it was settled".to_owned(),
+            _ => "came back: the consumer requeued it (nack, reject or recover)".to_owned(),
+        },
+        "rejected" => "rejected by the consumer (no requeue)".to_owned(),
+        "dead_lettered" => format!(
+            "dead-lettered ({}) to exchange '{}' with routing key '{}'",
+            field("reason"),
+            field("exchange"),
+            field("routing_key")
+        ),
+        "replayed" => format!(
+            "replayed by '{}' to exchange '{}' with routing key '{}'",
+            field("user"),
+            field("exchange"),
+            field("routing_key")
+        ),
+        "moved" => format!("moved by '{}' to queue '{}'", field("user"), field("to_queue")),
+        other => other.to_owned(),
+    }
+}
+
+/// Milliseconds since the epoch as `YYYY-MM-DD HH:MM:SS.mmm` UTC (days to a civil date by
+/// Howard Hinnant's algorithm, to spare a date crate).
+fn utc(ms: u64) -> String {
+    let days = (ms / 86_400_000) as i64;
+    let in_day = ms % 86_400_000;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z - era * 146_097;
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03}",
+        in_day / 3_600_000,
+        in_day / 60_000 % 60,
+        in_day / 1000 % 60,
+        in_day % 1000
+    )
 }
 
 #[cfg(test)]
@@ -426,5 +657,12 @@ mod tests {
         assert_eq!(describe("/api/queues/%2F/orders/contents"), "queue 'orders' in vhost '/'");
         assert_eq!(describe("/api/exchanges/v2/x?if-unused=false"), "exchange 'x' in vhost 'v2'");
         assert_eq!(segment("a b/c"), "a%20b%2Fc");
+    }
+
+    #[test]
+    fn times_are_shown_in_utc() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00.000");
+        assert_eq!(utc(951_782_400_123), "2000-02-29 00:00:00.123");
+        assert_eq!(utc(1_796_388_098_637), "2026-12-04 12:41:38.637");
     }
 }
