@@ -60,7 +60,7 @@ pub use persist::json_to_amqp;
 pub use server::Broker;
 /// Per-message delivery traces, as the management interface shows them.
 pub use wharf_model::trace;
-pub use wharf_model::{ApplyTo, Counters, Policy};
+pub use wharf_model::{ApplyTo, Counters, Policy, QueueStats};
 pub use wharf_store::{HistogramSnapshot, StoreStats};
 
 /// A policy from JSON (a configuration file): `definition` is an object of RabbitMQ-style keys

@@ -503,8 +503,50 @@ fn queue_metrics(out: &mut Exposition, queues: &[QueueView], per_object: bool) {
             queue.message_bytes_ready.saturating_sub(queue.message_bytes_ram)
         }),
     ];
-    for (name, help, field) in families {
-        out.family(name, "gauge", help);
+    let counters: [(&str, &str, Field); 8] = [
+        ("rabbitmq_queue_messages_published_total", "Total number of messages published to queues", |queue| {
+            queue.stats.publish
+        }),
+        (
+            "rabbitmq_queue_get_ack_total",
+            "Total number of messages fetched from a queue with basic.get in manual acknowledgement mode",
+            |queue| queue.stats.get,
+        ),
+        (
+            "rabbitmq_queue_get_total",
+            "Total number of messages fetched from a queue with basic.get in automatic acknowledgement mode",
+            |queue| queue.stats.get_no_ack,
+        ),
+        (
+            "rabbitmq_queue_messages_delivered_ack_total",
+            "Total number of messages delivered from a queue to consumers in manual acknowledgement mode",
+            |queue| queue.stats.deliver,
+        ),
+        (
+            "rabbitmq_queue_messages_delivered_total",
+            "Total number of messages delivered from a queue to consumers in automatic acknowledgement mode",
+            |queue| queue.stats.deliver_no_ack,
+        ),
+        (
+            "rabbitmq_queue_messages_redelivered_total",
+            "Total number of messages redelivered from a queue to consumers",
+            |queue| queue.stats.redeliver,
+        ),
+        (
+            "rabbitmq_queue_messages_acked_total",
+            "Total number of messages acknowledged by consumers on a queue",
+            |queue| queue.stats.ack,
+        ),
+        (
+            "rabbitmq_queue_get_empty_total",
+            "Total number of times basic.get operations fetched no message on a queue",
+            |queue| queue.stats.get_empty,
+        ),
+    ];
+    let gauges = families.into_iter().map(|(name, help, field)| (name, help, field, "gauge"));
+    let counters = counters.into_iter().map(|(name, help, field)| (name, help, field, "counter"));
+    for (name, help, field, kind) in gauges.chain(counters) {
+        out.family(name, kind, help);
         if per_object {
             for queue in queues {
                 out.sample(name, &[("vhost", &queue.vhost), ("queue", &queue.name)], field(queue));

@@ -6,10 +6,11 @@
 //! `lengths_age`, in seconds, with `*_incr` steps), as RabbitMQ's `samples` arrays.
 
 use serde_json::{Map, Value, json};
+use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use wharf_broker::Management;
+use wharf_broker::{Management, QueueStats};
 
 /// How often the counters are sampled.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
@@ -42,11 +43,37 @@ pub struct Sample {
     pub queue_totals: [u64; QUEUE_TOTALS.len()],
 }
 
-/// The kept samples, oldest first.
+/// The kept samples, oldest first; and each queue's counters at the last two samples, for its
+/// own rates (no history per queue: ten minutes of 10,000 queues' samples would cost more than
+/// the charts are worth).
 #[derive(Debug, Default)]
 pub struct Samples {
     ring: Mutex<VecDeque<Sample>>,
+    queues: Mutex<QueueSamples>,
 }
+
+/// Per-queue counters at two moments.
+#[derive(Debug, Default)]
+struct QueueSamples {
+    previous: (u64, HashMap<(String, String), QueueStats>),
+    latest: (u64, HashMap<(String, String), QueueStats>),
+}
+
+/// Reads one counter of a queue.
+type QueueCounter = fn(&QueueStats) -> u64;
+
+/// A queue's `message_stats` names and how to read each from its counters.
+const QUEUE_MESSAGE_STATS: [(&str, QueueCounter); 9] = [
+    ("publish", |stats| stats.publish),
+    ("deliver", |stats| stats.deliver),
+    ("deliver_no_ack", |stats| stats.deliver_no_ack),
+    ("get", |stats| stats.get),
+    ("get_no_ack", |stats| stats.get_no_ack),
+    ("deliver_get", |stats| stats.deliver + stats.deliver_no_ack + stats.get + stats.get_no_ack),
+    ("redeliver", |stats| stats.redeliver),
+    ("ack", |stats| stats.ack),
+    ("get_empty", |stats| stats.get_empty),
+];
 
 impl Samples {
     pub fn push(&self, sample: Sample) {
@@ -55,6 +82,39 @@ impl Samples {
             ring.pop_front();
         }
         ring.push_back(sample);
+    }
+
+    /// Records every queue's counters at `at_ms`.
+    pub fn push_queues(&self, at_ms: u64, stats: Vec<(String, String, QueueStats)>) {
+        let latest: HashMap<(String, String), QueueStats> =
+            stats.into_iter().map(|(vhost, name, stats)| ((vhost, name), stats)).collect();
+        let mut queues = self.queues.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        queues.previous = std::mem::replace(&mut queues.latest, (at_ms, latest));
+    }
+
+    /// A queue's `message_stats` (RabbitMQ's per-queue fields, each with `_details.rate` over
+    /// the last sampling interval), or `None` if nothing passed through it yet.
+    pub fn queue_message_stats(&self, vhost: &str, name: &str, now: &QueueStats) -> Option<Value> {
+        if *now == QueueStats::default() {
+            return None;
+        }
+        let queues = self.queues.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let key = (vhost.to_owned(), name.to_owned());
+        let pair = match (queues.previous.1.get(&key), queues.latest.1.get(&key)) {
+            (Some(previous), Some(latest)) if queues.latest.0 > queues.previous.0 => {
+                Some((previous, latest, (queues.latest.0 - queues.previous.0) as f64 / 1000.0))
+            }
+            _ => None,
+        };
+        let mut stats = Map::new();
+        for (field, read) in QUEUE_MESSAGE_STATS {
+            stats.insert(field.to_owned(), json!(read(now)));
+            let rate = pair.map_or(0.0, |(previous, latest, seconds)| {
+                read(latest).saturating_sub(read(previous)) as f64 / seconds
+            });
+            stats.insert(format!("{field}_details"), json!({"rate": (rate * 10.0).round() / 10.0}));
+        }
+        Some(Value::Object(stats))
     }
 
     fn snapshot(&self) -> Vec<Sample> {
@@ -151,7 +211,9 @@ pub fn start(management: Management, samples: Arc<Samples>) -> tokio::task::Join
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             interval.tick().await;
-            samples.push(sample_now(&management));
+            let sample = sample_now(&management);
+            samples.push_queues(sample.at_ms, management.queue_stats());
+            samples.push(sample);
         }
     })
 }
@@ -164,6 +226,22 @@ mod tests {
         let mut message_stats = [0; MESSAGE_STATS.len()];
         message_stats[0] = published;
         Sample { at_ms, message_stats, queue_totals: [ready, ready, 0] }
+    }
+
+    #[test]
+    fn a_queues_rates_are_per_second_over_the_last_interval() {
+        let samples = Samples::default();
+        let stats = |publish: u64, ack: u64| QueueStats { publish, ack, deliver: ack, ..QueueStats::default() };
+        let key = |stats: QueueStats| vec![("/".to_owned(), "orders".to_owned(), stats)];
+        samples.push_queues(0, key(stats(0, 0)));
+        assert_eq!(samples.queue_message_stats("/", "orders", &stats(10, 0)).unwrap()["publish_details"]["rate"], 0.0);
+        samples.push_queues(5_000, key(stats(50, 25)));
+        let now = samples.queue_message_stats("/", "orders", &stats(60, 30)).unwrap();
+        assert_eq!(now["publish"], 60, "counters are as of now");
+        assert_eq!(now["publish_details"]["rate"], 10.0);
+        assert_eq!(now["ack_details"]["rate"], 5.0);
+        assert_eq!(now["deliver_get"], 30);
+        assert_eq!(samples.queue_message_stats("/", "idle", &QueueStats::default()), None);
     }
 
     #[test]

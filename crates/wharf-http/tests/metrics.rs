@@ -122,6 +122,25 @@ async fn metrics_follow_what_the_broker_did_in_rabbitmqs_names() {
     let samples = parse(&text);
     assert_eq!(value(&samples, "rabbitmq_queue_messages_ready", &[("queue", "work"), ("vhost", "/")]), 1.0);
     assert_eq!(value(&samples, "rabbitmq_queue_messages_ready", &[("queue", "weird\"name"), ("vhost", "/")]), 0.0);
+    // Per-queue counters: three published into `work`, two taken with a get, one of them acked.
+    let work = [("queue", "work"), ("vhost", "/")];
+    assert_eq!(value(&samples, "rabbitmq_queue_messages_published_total", &work), 3.0);
+    assert_eq!(value(&samples, "rabbitmq_queue_get_ack_total", &work), 2.0);
+    assert_eq!(value(&samples, "rabbitmq_queue_messages_acked_total", &work), 1.0);
+    assert_eq!(value(&samples, "rabbitmq_queue_messages_delivered_ack_total", &work), 0.0);
+    assert_eq!(
+        value(&samples, "rabbitmq_queue_messages_published_total", &[("queue", "weird\"name"), ("vhost", "/")]),
+        0.0
+    );
+    // The queue's own message_stats in the API, counters now (rates come with the sampler).
+    let queue = api.get("/api/queues/%2F/work").await.body;
+    assert_eq!(queue["message_stats"]["publish"], 3, "{queue}");
+    assert_eq!(queue["message_stats"]["get"], 2);
+    assert_eq!(queue["message_stats"]["deliver_get"], 2);
+    assert_eq!(queue["message_stats"]["ack"], 1);
+    assert!(queue["message_stats"]["publish_details"]["rate"].is_number());
+    let idle = api.get("/api/queues/%2F/weird%22name").await.body;
+    assert!(idle.get("message_stats").is_none(), "nothing passed through it: {idle}");
     let (_, _, text) = api.get_text("/metrics/detailed?vhost=other").await;
     parse(&text);
     assert!(!text.contains("queue=\"work\""), "only the vhost asked for");

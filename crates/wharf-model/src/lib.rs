@@ -33,6 +33,6 @@ pub use error::{ModelError, Result, Scope};
 pub use exchange::{Binding, Destination, Exchange, ExchangeKind};
 pub use message::{Body, Message, PagedBody};
 pub use policy::{ApplyTo, Policy};
-pub use queue::{ChannelKey, ConnectionId, Entry, EntryState, Queue, QueueConsumer};
+pub use queue::{ChannelKey, ConnectionId, Entry, EntryState, Queue, QueueConsumer, QueueStats};
 pub use settings::{ExchangeSettings, Overflow, QueueSettings};
 pub use vhost::{Declared, ExchangeDeclare, QueueDeclare, VirtualHost};

@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use wharf_wire::types::FieldTable;
 
+mod admission;
 mod consumers;
 mod inspect;
 mod workbench;
@@ -27,6 +28,8 @@ mod workbench;
 pub use inspect::{EntryState, QueueConsumer};
 mod invariants;
 
+pub(crate) use admission::DedupLookup;
+pub use admission::QueueStats;
 pub(crate) use consumers::Unused;
 
 /// Identifies a connection within the broker.
@@ -142,6 +145,8 @@ pub struct Queue {
     had_consumer: bool,
     /// The consumer holding exclusive access, if any.
     exclusive_consumer: Option<(ChannelKey, String)>,
+    /// What passed through it (`admission.rs`).
+    stats: QueueStats,
 }
 
 impl Queue {
@@ -196,6 +201,7 @@ impl Queue {
             next_consumer: 0,
             had_consumer: false,
             exclusive_consumer: None,
+            stats: QueueStats::default(),
         }
     }
 
@@ -383,6 +389,7 @@ impl Queue {
     ) {
         let mut entry = self.new_entry(message, store_seq, now_ms, 0, false);
         entry.transient_record = transient_record && store_seq.is_some();
+        self.stats.publish += 1;
         self.insert_new(entry);
     }
 
@@ -714,36 +721,6 @@ impl Queue {
     }
 }
 
-/// The queue's identity among those of its name, and its side of admitting a publish.
-impl Queue {
-    /// Which queue this is among those of its name (timers name it, so a timer of an earlier
-    /// queue of the same name leaves this one alone).
-    pub(crate) fn incarnation(&self) -> u64 {
-        self.incarnation
-    }
-
-    /// Numbers the queue among those of its name; its vhost does it once, when it adds it.
-    pub(crate) fn set_incarnation(&mut self, incarnation: u64) {
-        self.incarnation = incarnation;
-    }
-
-    /// Looks a published message up in the queue's de-duplication window (forgetting the keys
-    /// that fell out of it first). Only looks: see [`Queue::remember_dedup_key`].
-    pub(crate) fn dedup_lookup(&mut self, message: &Message, now_ms: u64) -> DedupLookup {
-        let Some(index) = self.dedup.as_mut() else { return DedupLookup::Unkeyed };
-        let Some(key) = index.key_of(message) else { return DedupLookup::Unkeyed };
-        index.expire(now_ms);
-        if index.contains(&key) { DedupLookup::Seen } else { DedupLookup::New(key) }
-    }
-
-    /// Remembers the de-duplication key of a message the queue took, seen at `now_ms`.
-    pub(crate) fn remember_dedup_key(&mut self, key: &[u8], now_ms: u64) {
-        if let Some(index) = self.dedup.as_mut() {
-            index.check_and_insert(key, now_ms);
-        }
-    }
-}
-
 /// What a delivery took from its queue: the entry itself stayed behind as unacknowledged, or
 /// (no-ack) left the queue for good.
 #[derive(Debug)]
@@ -774,17 +751,6 @@ pub(crate) enum Returned {
     },
     /// Ready again, in its place.
     Ready,
-}
-
-/// A publish looked up in a queue's de-duplication window.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum DedupLookup {
-    /// The queue does not de-duplicate, or the message has no key.
-    Unkeyed,
-    /// Its key was seen within the window: a duplicate.
-    Seen,
-    /// A key not seen within the window (to remember once the message is in).
-    New(Vec<u8>),
 }
 
 /// An entry's body bytes held in memory (none once paged out).

@@ -468,7 +468,11 @@ pub fn run(args: AdminArgs) -> Result<()> {
             Ok(())
         }
         AdminCommand::Delete { what: DeleteWhat::Message { queue, entry } } => {
-            client.call("DELETE", &format!("/api/queues/{}/{}/messages/{entry}", segment(&vhost), segment(queue)), None)?;
+            client.call(
+                "DELETE",
+                &format!("/api/queues/{}/{}/messages/{entry}", segment(&vhost), segment(queue)),
+                None,
+            )?;
             println!("deleted message {entry} of queue '{queue}' in vhost '{vhost}'");
             Ok(())
         }

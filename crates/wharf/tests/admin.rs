@@ -205,7 +205,10 @@ async fn admin_traces_replays_moves_and_deletes_dead_letters() {
     assert!(!ok && stderr.contains("not found: queue 'nope' in vhost '/'"), "{stderr}");
     let (ok, stdout, _) = admin(&url, &["replay", "orders", "--ids", &second.to_string()]).await;
     assert!(ok, "a skipped message is reported, not an error");
-    assert!(stdout.contains("0 messages of queue 'orders' replayed") && stdout.contains("left where they are"), "{stdout}");
+    assert!(
+        stdout.contains("0 messages of queue 'orders' replayed") && stdout.contains("left where they are"),
+        "{stdout}"
+    );
 
     connection.close(200, "done".into()).await.unwrap();
     wharf.kill().await.unwrap();

@@ -142,6 +142,8 @@ pub struct QueueView {
     pub message_bytes_ram: u64,
     /// Body bytes of unacknowledged messages in memory.
     pub message_bytes_unacknowledged_ram: u64,
+    /// What passed through it (for its `message_stats`).
+    pub stats: wharf_model::QueueStats,
 }
 
 /// A binding: from an exchange to a queue or an exchange.
@@ -403,6 +405,16 @@ impl Management {
         views
     }
 
+    /// Every queue's counters (vhost, name, counters), for sampling rates: lighter than
+    /// [`Management::queues`].
+    pub fn queue_stats(&self) -> Vec<(String, String, wharf_model::QueueStats)> {
+        let model = self.core.lock_model();
+        model
+            .vhosts()
+            .flat_map(|found| found.queues().map(|queue| (found.name().to_owned(), queue.name.clone(), queue.stats())))
+            .collect()
+    }
+
     /// Every queue, of one vhost or of all, by vhost and name.
     pub fn queues(&self, vhost: Option<&str>) -> Vec<QueueView> {
         let owners = self.owners();
@@ -427,6 +439,7 @@ impl Management {
                     message_bytes_ready: queue.held_bytes(),
                     message_bytes_ram: queue.resident_bytes(),
                     message_bytes_unacknowledged_ram: queue.unacked_resident_bytes(),
+                    stats: queue.stats(),
                 });
             }
         }

@@ -225,7 +225,7 @@ async fn publish(
 }
 
 pub(crate) fn queue_json(state: &AppState, queue: &QueueView) -> Value {
-    json!({
+    let mut json = json!({
         "name": queue.name,
         "vhost": queue.vhost,
         "node": node(state),
@@ -250,7 +250,12 @@ pub(crate) fn queue_json(state: &AppState, queue: &QueueView) -> Value {
         "message_bytes_paged_out": queue.message_bytes_ready.saturating_sub(queue.message_bytes_ram),
         "exclusive_consumer_tag": null,
         "single_active_consumer_tag": null,
-    })
+    });
+    // RabbitMQ leaves `message_stats` out of a queue nothing has passed through yet.
+    if let Some(stats) = state.samples.queue_message_stats(&queue.vhost, &queue.name, &queue.stats) {
+        json["message_stats"] = stats;
+    }
+    json
 }
 
 fn visible_queues(state: &AppState, caller: &Caller, vhost: Option<&str>) -> Vec<Value> {

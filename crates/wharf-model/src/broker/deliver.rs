@@ -125,6 +125,7 @@ impl BrokerModel {
             take_for_delivery(queue, &mut channel.next_delivery_tag, &mut self.pending_bytes, key, None, !no_ack)
         else {
             self.counters.get_empty += 1;
+            queue.count_get_empty();
             return Ok((None, effects));
         };
         if no_ack {
@@ -199,6 +200,7 @@ fn take_for_delivery(
     acknowledged: bool,
 ) -> Option<(u64, Delivery)> {
     let delivered = queue.deliver_next(acknowledged)?;
+    queue.count_delivery(consumer_tag.is_some(), acknowledged, delivered.redelivered);
     let deliveries_before = delivered.delivery_count - 1;
     let message = if deliveries_before > 0 {
         Arc::new(

@@ -42,6 +42,7 @@ impl BrokerModel {
                 && let Some(entry) = queue.remove_unacked(outstanding.entry_id)
             {
                 effects.removed.push(Removed::of(&vhost, queue, &entry));
+                queue.count_ack();
                 self.counters.acknowledged += 1;
             }
         }
