@@ -1,7 +1,8 @@
 //! `/metrics`: the broker in the Prometheus text format (version 0.0.4, what RabbitMQ's
 //! Prometheus plugin serves), with the plugin's metric names and labels so the published
 //! RabbitMQ Grafana dashboards work unchanged, and Wharf's own `wharf_*` metrics (fsync latency,
-//! group-commit batch sizes, de-duplication, delivery limits, leases, backoff, alarms).
+//! group-commit batch sizes, store segments and bytes, de-duplication, delivery limits, leases,
+//! backoff, alarms).
 //!
 //! - `/metrics`: every metric aggregated over the broker (no per-object labels), as RabbitMQ's
 //!   default endpoint;
@@ -149,7 +150,7 @@ fn render(state: &AppState, scope: Scope) -> String {
     totals(&mut out, &overview, &stats);
     messages(&mut out, &stats);
     resources(&mut out, &overview, &stats);
-    wharf_own(&mut out, &overview, &stats);
+    wharf_own(&mut out, state, &overview, &stats);
     let vhost = match &scope {
         Scope::Aggregated => None,
         Scope::PerObject { vhost } => Some(vhost.as_deref()),
@@ -407,7 +408,7 @@ fn resources(out: &mut Exposition, overview: &Overview, stats: &BrokerStats) {
     out.single("rabbitmq_io_sync_ops_total", "counter", "Total number of I/O sync operations", stats.store.data_syncs);
 }
 
-fn wharf_own(out: &mut Exposition, overview: &Overview, stats: &BrokerStats) {
+fn wharf_own(out: &mut Exposition, state: &AppState, overview: &Overview, stats: &BrokerStats) {
     let counters = &stats.counters;
     out.histogram(
         "wharf_store_fsync_duration_seconds",
@@ -422,6 +423,14 @@ fn wharf_own(out: &mut Exposition, overview: &Overview, stats: &BrokerStats) {
         1.0,
     );
     out.single("wharf_store_appends_total", "counter", "Records appended to the store", stats.store.appends);
+    let usage = state.management.segment_usage();
+    out.single("wharf_store_segments", "gauge", "Message segment files in the store", usage.segments);
+    out.single(
+        "wharf_store_segment_bytes",
+        "gauge",
+        "Bytes of the store's message segment files (written length)",
+        usage.bytes,
+    );
     out.single("wharf_store_batches_total", "counter", "Batches the store's writer processed", stats.store.batches);
     out.single(
         "wharf_store_segments_deleted_total",

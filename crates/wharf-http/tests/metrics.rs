@@ -116,6 +116,9 @@ async fn metrics_follow_what_the_broker_did_in_rabbitmqs_names() {
     // Three persistent appends to a durable queue, each made durable by an fdatasync.
     assert!(value(&samples, "wharf_store_fsync_duration_seconds_count", &[]) >= 1.0);
     assert!(value(&samples, "wharf_store_group_commit_appends_sum", &[]) >= 3.0);
+    // The durable queue's log is a segment file holding its three records.
+    assert!(value(&samples, "wharf_store_segments", &[]) >= 1.0);
+    assert!(value(&samples, "wharf_store_segment_bytes", &[]) > 0.0);
     assert!(!samples.keys().any(|(name, labels)| name == "rabbitmq_queue_messages_ready" && !labels.is_empty()));
 
     let (_, _, text) = api.get_text("/metrics/per-object").await;

@@ -44,6 +44,6 @@ pub use meta::{
 pub use space::SpaceReservation;
 pub use store::{
     AppendReceipt, CLEAN_STOP_MARKER, LogId, MessageLocation, PendingAppend, RecordView, Recovered, RecoveredMessage,
-    RecoveryIssue, SEGMENT_FILE_BYTES_LIMIT, Store, StoreConfig, StoreStats, StoredMessage,
+    RecoveryIssue, SEGMENT_FILE_BYTES_LIMIT, SegmentUsage, Store, StoreConfig, StoreStats, StoredMessage,
 };
 pub use ticket::{Observer, Ticket, TicketFuture};

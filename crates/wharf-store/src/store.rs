@@ -244,6 +244,15 @@ impl Recovered {
     }
 }
 
+/// What the store's message segments take now ([`Store::segment_usage`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SegmentUsage {
+    /// Segment files (every log has at least one).
+    pub segments: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
 /// Counters for benchmarks and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreStats {
@@ -722,6 +731,18 @@ impl Store {
             segments_deleted: counters.segments_deleted.load(Ordering::Relaxed),
             ack_segments_deleted: counters.ack_segments_deleted.load(Ordering::Relaxed),
         }
+    }
+
+    /// The message segment files that exist now and their bytes (their written length, without
+    /// space allocated ahead): one `fstat` per segment, taken without holding the writer up.
+    pub fn segment_usage(&self) -> SegmentUsage {
+        let files: Vec<Arc<dyn crate::fs::FsFile>> = {
+            let files = self.inner.shared.segment_files.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+            files.values().map(|(file, _)| Arc::clone(file)).collect()
+        };
+        // A segment deleted meanwhile may fail its `fstat`; it counts as empty.
+        let bytes = files.iter().map(|file| file.size_bytes().unwrap_or(0)).sum();
+        SegmentUsage { segments: files.len() as u64, bytes }
     }
 
     /// The latency of each `fdatasync` of a data file, in microseconds.

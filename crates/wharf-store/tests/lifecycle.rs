@@ -407,3 +407,32 @@ fn only_a_close_leaves_a_clean_stop_and_the_next_open_consumes_it() {
     let (_store, recovered) = Store::open(sim.shared(), DIR, StoreConfig::default()).unwrap();
     assert!(!recovered.clean_stop, "dropped without close");
 }
+
+#[test]
+fn segment_usage_counts_the_segment_files_and_their_bytes_as_they_come_and_go() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("data");
+    let (store, _) = Store::open(RealFs::shared(), &dir, small_segments()).unwrap();
+    assert_eq!(store.segment_usage().segments, 0);
+    let queue = store.create_log().unwrap().wait().unwrap();
+    let empty = store.segment_usage();
+    assert_eq!(empty.segments, 1, "a log starts with one segment");
+    let mut seqs = Vec::new();
+    for index in 0..40u32 {
+        seqs.push(store.append(queue, 0, b"m", &[index as u8; 100]).unwrap().wait().unwrap().seq);
+    }
+    let full = store.segment_usage();
+    assert!(full.segments > 2, "1,000-byte segments roll: {full:?}");
+    assert!(full.bytes >= 40 * 100, "{full:?}");
+    for seq in seqs {
+        store.remove(queue, seq).unwrap().wait().unwrap();
+    }
+    store.sync().unwrap().wait().unwrap();
+    // Fully removed segments are deleted by the writer after the sync; one more sync is ordered
+    // after that deletion.
+    store.sync().unwrap().wait().unwrap();
+    let drained = store.segment_usage();
+    assert!(drained.segments < full.segments, "{drained:?} after {full:?}");
+    store.delete_log(queue).unwrap().wait().unwrap();
+    assert_eq!(store.segment_usage(), wharf_store::SegmentUsage { segments: 0, bytes: 0 });
+}

@@ -27,6 +27,11 @@ pub struct BrokerStats {
 }
 
 impl Management {
+    /// The store's message segments now: how many files and their bytes (one `fstat` each).
+    pub fn segment_usage(&self) -> wharf_store::SegmentUsage {
+        self.core.store.segment_usage()
+    }
+
     pub fn stats(&self) -> BrokerStats {
         let churn = &self.core.churn;
         BrokerStats {
