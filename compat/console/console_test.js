@@ -1,7 +1,8 @@
 // Wharf's web console in a real headless Chromium (Debian's), driven by playwright-core:
 // log in, look at every page, declare a queue and a dead-letter queue, publish a poison message
 // from the console, see it reach the DLQ after a reject, and browse it there with its x-death
-// header and body. Screenshots of each page go to the artifacts directory.
+// header and body; follow its trace, replay it to its queue, move it and delete it with the DLQ
+// workbench. Screenshots of each page go to the artifacts directory.
 //
 // Usage: node console_test.js HTTP_PORT ARTIFACTS_DIR
 "use strict";
@@ -43,7 +44,11 @@ function check(condition, what) {
   page.on("pageerror", (error) => consoleErrors.push(String(error)));
   const external = [];
   page.on("request", (request) => { if (!request.url().startsWith(base) && !request.url().startsWith("blob:") && !request.url().startsWith("data:")) external.push(request.url()); });
-  const shot = (name) => page.screenshot({ path: path.join(artifacts, `${name}.png`), fullPage: true });
+  // From the top: the header is sticky, and a full-page shot taken scrolled down shows it mid-page.
+  const shot = async (name) => {
+    await page.evaluate(() => window.scrollTo(0, 0));
+    await page.screenshot({ path: path.join(artifacts, `${name}.png`), fullPage: true });
+  };
 
   // Logging in: a wrong password is refused with a message, the right one opens the overview.
   await page.goto(base + "/");
@@ -100,6 +105,65 @@ function check(condition, what) {
   check(browsed.includes('"item": "unknown"'), "the JSON body is shown, formatted");
   check((await api("GET", "/api/queues/%2F/orders.dlq")).messages_ready === 1, "browsing consumed nothing");
   await shot("queue-orders-dlq");
+
+  // The DLQ workbench. The dead letter's trace tells its story as a timeline, oldest first:
+  // published from the console (the management API) as guest, dead-lettered to orders.dlq.
+  const row = (text) => page.locator("tr.msg-row", { has: page.locator(".message strong", { hasText: text }) });
+  await row("poison-1").locator("button.msg-trace").click();
+  const trace = page.locator("tr.trace-row .trace");
+  await trace.locator("li.event-dead_lettered").waitFor();
+  const kinds = await trace.locator("ol.timeline > li.event").evaluateAll((items) => items.map((item) => item.className));
+  check(kinds[0] === "event event-published" && kinds[kinds.length - 1] === "event event-dead_lettered",
+    `the timeline runs from the publish to the dead-letter hop: ${kinds.join(", ")}`);
+  const publishedText = await trace.locator("li.event-published").textContent();
+  check(publishedText.includes("Published by connection management API as user guest"), `the trace shows the publish: ${publishedText}`);
+  check(/\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{3}/.test(publishedText), `events show their local time to the ms: ${publishedText}`);
+  const deadText = await trace.locator("li.event-dead_lettered").textContent();
+  check(deadText.includes("Dead-lettered (rejected) to exchange '' (the default exchange) with routing key orders.dlq"),
+    `the trace shows the dead-letter hop: ${deadText}`);
+  await shot("queue-orders-dlq-trace");
+
+  // Replay sends it back where it was dead-lettered from: gone from the DLQ's browser and its
+  // statistics, in orders again with x-replayed-count 1.
+  await row("poison-1").locator("button.msg-replay").click();
+  await page.waitForSelector("#wb-result.ok:has-text('Replayed 1 message')");
+  await page.waitForSelector(".msg-count:has-text('0 messages')");
+  check(await row("poison-1").count() === 0, "the DLQ's browser no longer shows the replayed message");
+  await page.waitForFunction(() => [...document.querySelectorAll("#queue-stats tr")]
+    .some((tr) => tr.querySelector("th").textContent === "Total" && tr.querySelector("td").textContent === "0"));
+  check((await api("GET", "/api/queues/%2F/orders.dlq")).messages === 0, "the replayed message left the DLQ");
+  await shot("queue-orders-dlq-replayed");
+  check((await api("GET", "/api/queues/%2F/orders")).messages === 1, "the original queue has the message again");
+  await page.goto(base + "/#/queues/%2F/orders");
+  // Each page's heading first: the main area is replaced with it, rows of the page before gone.
+  await page.waitForSelector("h1:has-text('Queue orders in vhost')");
+  await row("poison-1").waitFor();
+  const replayedHeaders = await row("poison-1").locator("details pre").textContent();
+  check(replayedHeaders.includes('"x-replayed-count": 1'), `the replayed message carries x-replayed-count 1: ${replayedHeaders}`);
+  check((await row("poison-1").locator(".message header").textContent()).includes("replayed 1×"), "the browser says it was replayed once");
+  await row("poison-1").locator("button.msg-trace").click();
+  const replayedText = await page.locator("tr.trace-row li.event-replayed").textContent();
+  check(replayedText.includes("Replayed by guest to exchange '' (the default exchange) with routing key orders"),
+    `its trace shows the replay: ${replayedText}`);
+  await shot("queue-orders-replayed");
+
+  // Move selected: checked in the browser, moved to the DLQ by name; then deleted there.
+  await row("poison-1").locator("input.msg-select").check();
+  await page.waitForSelector("#wb-selected-count:text-is('1 selected')");
+  await page.fill("#wb-move-queue", "orders.dlq");
+  await page.click("#wb-move-selected");
+  await page.waitForSelector("#wb-result.ok:has-text(\"Moved 1 message to queue 'orders.dlq'\")");
+  check((await api("GET", "/api/queues/%2F/orders")).messages === 0 && (await api("GET", "/api/queues/%2F/orders.dlq")).messages === 1,
+    "a selected message is moved to the queue named");
+  await page.goto(base + "/#/queues/%2F/orders.dlq");
+  await page.waitForSelector("h1:has-text('Queue orders.dlq in vhost')");
+  await row("poison-1").waitFor();
+  let asked = "";
+  page.once("dialog", (dialog) => { asked = dialog.message(); dialog.accept(); });
+  await row("poison-1").locator("button.msg-delete").click();
+  await page.waitForSelector("#wb-result.ok:has-text('Deleted poison-1')");
+  check(asked.includes("Delete poison-1 from orders.dlq"), `a delete asks first: ${asked}`);
+  check((await api("GET", "/api/queues/%2F/orders.dlq")).messages === 0, "a deleted message is gone");
 
   // Every other page renders.
   for (const [route, heading] of [["connections", "Connections"], ["channels", "Channels"], ["exchanges", "Exchanges"],

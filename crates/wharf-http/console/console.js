@@ -249,6 +249,7 @@ function messageView(message) {
       message.state ? el("span", { class: `badge ${message.state}` }, message.state) : null,
       el("span", { class: "muted" }, `${bytes(message.payload_bytes)} · ` +
         (message.delivery_count !== undefined ? `delivered ${message.delivery_count} times` : message.redelivered ? "redelivered" : "first delivery") +
+        (headers["x-replayed-count"] ? ` · replayed ${headers["x-replayed-count"]}×` : "") +
         ` · from '${message.exchange}' with key '${message.routing_key}'`)),
     headers["x-failure-reason"] ? el("p", { class: "error" }, "Failure: " + headers["x-failure-reason"]) : null,
     deaths.length ? el("p", { class: "muted" }, "x-death: " + deaths.map((d) => `${d.reason} from ${d.queue} (${d.count}×)`).join("; ")) : null,
@@ -260,25 +261,20 @@ function messageView(message) {
 async function queueDetail(main, vhost, name) {
   const base = `/api/queues/${enc(vhost)}/${enc(name)}`;
   const [queue, bindings] = await Promise.all([api("GET", base), api("GET", `${base}/bindings`)]);
-  const browse = el("div");
-  const loadPage = async (page) => {
-    const data = await api("GET", `${base}/messages?page=${page}&page_size=20`);
-    browse.replaceChildren(
-      el("p", { class: "muted" }, `${data.total_count} message${data.total_count === 1 ? "" : "s"}; page ${data.page} of ${Math.max(1, data.page_count)}`),
-      ...data.items.map(messageView),
-      el("div", { class: "pager" },
-        el("button", { class: "secondary", onclick: () => loadPage(page - 1), disabled: page <= 1 ? "" : null }, "‹ Previous"),
-        el("button", { class: "secondary", onclick: () => loadPage(page + 1), disabled: page >= data.page_count ? "" : null }, "Next ›")));
-  };
   const stat = (label, value) => el("tr", {}, el("th", {}, label), el("td", {}, value));
+  const statsTable = (q) => el("table", { id: "queue-stats" }, stat("Ready", fmt(q.messages_ready)), stat("Unacked", fmt(q.messages_unacknowledged)),
+    stat("Total", fmt(q.messages)), stat("Bytes", bytes(q.message_bytes)), stat("Consumers", fmt(q.consumers)),
+    stat("Durable", String(q.durable)), stat("Policy", q.policy || "none"),
+    stat("Arguments", el("pre", {}, JSON.stringify(q.arguments, null, 2))),
+    stat("Effective policy", el("pre", {}, JSON.stringify(q.effective_policy_definition || {}, null, 2))));
+  const stats = el("div", { class: "panel" }, statsTable(queue));
+  // After a workbench action: the queue's numbers as they are now.
+  const refreshStats = async () => { stats.replaceChildren(statsTable(await api("GET", base))); };
+  const bench = workbench(base, name, refreshStats);
   main.replaceChildren(
     el("h1", {}, `Queue ${name} `, el("span", { class: "muted" }, `in vhost ${vhost}`)),
     el("div", { class: "columns" },
-      el("div", { class: "panel" }, el("table", {}, stat("Ready", fmt(queue.messages_ready)), stat("Unacked", fmt(queue.messages_unacknowledged)),
-        stat("Total", fmt(queue.messages)), stat("Bytes", bytes(queue.message_bytes)), stat("Consumers", fmt(queue.consumers)),
-        stat("Durable", String(queue.durable)), stat("Policy", queue.policy || "none"),
-        stat("Arguments", el("pre", {}, JSON.stringify(queue.arguments, null, 2))),
-        stat("Effective policy", el("pre", {}, JSON.stringify(queue.effective_policy_definition || {}, null, 2))))),
+      stats,
       el("div", {},
         el("h2", {}, "Consumers"),
         table(queue.consumer_details || [], [["Tag", (c) => c.consumer_tag], ["Channel", (c) => c.channel_details.name],
@@ -287,12 +283,285 @@ async function queueDetail(main, vhost, name) {
         table(bindings, [["From", (b) => b.source || "(default exchange)"], ["Routing key", (b) => b.routing_key],
           ["Arguments", (b) => JSON.stringify(b.arguments)]]))),
     el("div", { class: "columns" }, publishForm(vhost, name), getForm(base)),
-    el("div", { class: "panel" }, el("h2", {}, "Messages (browsed without consuming them)"), browse),
+    el("div", { class: "panel" }, el("h2", {}, "Messages (browsed without consuming them)"), bench.element),
     el("div", { class: "toolbar" },
       el("button", { class: "danger", onclick: async () => { if (confirm(`Purge ${name}?`)) { await api("DELETE", `${base}/contents`); route(); } } }, "Purge"),
       el("button", { class: "danger", onclick: async () => { if (confirm(`Delete ${name}?`)) { await api("DELETE", base); location.hash = "#/queues"; } } }, "Delete queue")),
   );
-  await loadPage(1);
+  await bench.load(1);
+}
+
+// ---- the DLQ workbench: the browser, with replay, move, delete and per-message traces -----
+
+const pad = (n, width = 2) => String(n).padStart(width, "0");
+const plural = (n, word) => `${fmt(n)} ${word}${n === 1 ? "" : "s"}`;
+
+// Local date and time, to the millisecond: traces are read event by event.
+function localTime(ms) {
+  const d = new Date(ms);
+  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ` +
+    `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}`;
+}
+
+function elapsed(ms) {
+  if (ms < 1000) return `+${ms} ms`;
+  if (ms < 60000) return `+${(ms / 1000).toFixed(1)} s`;
+  if (ms < 3600000) return `+${(ms / 60000).toFixed(1)} min`;
+  if (ms < 86400000) return `+${(ms / 3600000).toFixed(1)} h`;
+  return `+${(ms / 86400000).toFixed(1)} d`;
+}
+
+// A name in a sentence: set apart, and '' for an empty one (the default exchange, an empty key).
+const named = (text) => el("code", {}, text === "" || text === null || text === undefined ? "''" : text);
+const exchangeNamed = (exchange) => (exchange ? [named(exchange)] : [named(""), " (the default exchange)"]);
+
+const DEATH_REASONS = { rejected: "rejected", expired: "expired", maxlen: "queue length limit", delivery_limit: "delivery limit" };
+const REQUEUE_CAUSES = { requeued: "requeued by its consumer", lease_expired: "delivery lease expired", channel_closed: "channel closed" };
+
+// One trace event as a sentence (text and <code> names).
+function eventSentence(event) {
+  switch (event.event) {
+    case "published":
+      return ["Published by connection ", named(event.connection), " as user ", named(event.user)];
+    case "delivered": {
+      const on = event.connection ? [" on connection ", named(event.connection)] : [];
+      return event.consumer_tag === null || event.consumer_tag === undefined
+        ? ["Fetched by a basic.get", ...on] : ["Delivered to consumer ", named(event.consumer_tag), ...on];
+    }
+    case "requeued":
+      return [`Came back: ${REQUEUE_CAUSES[event.cause] || event.cause}`];
+    case "rejected":
+      return ["Rejected, not requeued"];
+    case "dead_lettered":
+      return [`Dead-lettered (${DEATH_REASONS[event.reason] || event.reason}) to exchange `, ...exchangeNamed(event.exchange),
+        " with routing key ", named(event.routing_key)];
+    case "replayed":
+      return ["Replayed by ", named(event.user), " to exchange ", ...exchangeNamed(event.exchange), " with routing key ", named(event.routing_key)];
+    case "moved":
+      return ["Moved to queue ", named(event.to_queue), " by ", named(event.user)];
+    default:
+      return [`${event.event}: `, named(JSON.stringify(event))];
+  }
+}
+
+// A message's trace as a vertical timeline, oldest first.
+async function traceView(base, entryId) {
+  const trace = await api("GET", `${base}/messages/${enc(entryId)}/trace`);
+  const events = trace.events || [];
+  const dropped = trace.events_dropped || 0;
+  const items = [];
+  events.forEach((event, index) => {
+    items.push(el("li", { class: `event event-${event.event}` },
+      el("div", { class: "when" },
+        el("time", { datetime: new Date(event.at).toISOString() }, localTime(event.at)),
+        index > 0 ? el("span", { class: "delta" }, elapsed(Math.max(0, event.at - events[index - 1].at))) : null),
+      el("div", { class: "what" },
+        el("span", { class: "sentence" }, eventSentence(event)),
+        event.queue ? el("span", { class: "badge queue", title: "queue" }, event.queue) : null)));
+    // The trace keeps its first event (the publish) and drops the oldest after it.
+    if (index === 0 && dropped > 0) {
+      items.push(el("li", { class: "event gap" }, el("div", { class: "when" }),
+        el("div", { class: "what muted" }, `… ${plural(dropped, "older event")} dropped here …`)));
+    }
+  });
+  return el("div", { class: "trace", "data-entry-id": entryId },
+    el("div", { class: "trace-head" },
+      el("strong", {}, `Trace of ${trace.message_id || `entry ${trace.entry_id}`}`),
+      el("span", { class: "muted" }, `entry ${trace.entry_id} in ${trace.queue} · ${trace.state} · delivered ${plural(trace.delivery_count, "time")}` +
+        (trace.redelivered ? " · redelivered" : ""))),
+    trace.traces_enabled === false ? el("p", { class: "note trace-off" },
+      "Message traces are off on this broker (--message-trace-events-max 0): no new events are recorded. Events recorded before they were turned off are still shown.") : null,
+    dropped > 0 ? el("p", { class: "note trace-dropped" },
+      `${plural(dropped, "event")} dropped to keep this trace bounded: it keeps the publish and the most recent events.`) : null,
+    events.length ? el("ol", { class: "timeline" }, items) : el("p", { class: "muted" }, "No events recorded for this message."));
+}
+
+// The queue's messages a page at a time (browsing consumes nothing), with checkboxes and the
+// workbench's actions. `onChange` runs after each action (the page's queue statistics).
+function workbench(base, queueName, onChange) {
+  let current = { page: 1, items: [], total: 0 };
+  const selected = new Set();
+  const browse = el("div", { class: "wb-browse" });
+  const result = el("div", { id: "wb-result", class: "wb-result", role: "status", "aria-live": "polite" });
+  const count = el("span", { id: "wb-selected-count", class: "muted" }, "0 selected");
+  const originTitle = "Leave both empty to send each message back to the exchange and routing key it was dead-lettered from (its newest x-death entry)";
+  const exchange = el("input", { id: "wb-exchange", placeholder: "exchange", size: "16", title: originTitle, "aria-label": "Replay to exchange" });
+  const routingKey = el("input", { id: "wb-routing-key", placeholder: "routing key", size: "16", title: originTitle, "aria-label": "Replay with routing key" });
+  const moveQueue = el("input", { id: "wb-move-queue", placeholder: "queue", size: "16", "aria-label": "Move to queue" });
+  const replaySelected = el("button", { id: "wb-replay-selected", onclick: () => replay([...selected]) }, "Replay selected");
+  const replayAll = el("button", { id: "wb-replay-all", class: "secondary", onclick: () => {
+    if (confirm(`Replay all ${plural(current.total, "message")} of ${queueName}${targetText() || " to where each was dead-lettered from"}?`)) replay(null);
+  } }, "Replay all");
+  const moveSelected = el("button", { id: "wb-move-selected", class: "secondary", onclick: () => move([...selected]) }, "Move selected to…");
+  moveQueue.onkeydown = (event) => { if (event.key === "Enter" && selected.size) move([...selected]); };
+  const selectAll = el("input", { id: "wb-select-all", type: "checkbox", title: "Select every message on this page" });
+  selectAll.onchange = () => {
+    for (const message of current.items) selectAll.checked ? selected.add(message.entry_id) : selected.delete(message.entry_id);
+    renderSelection();
+  };
+
+  const target = () => {
+    if (exchange.value === "" && routingKey.value === "") return null;
+    return { exchange: exchange.value, routing_key: routingKey.value };
+  };
+  const targetText = () => {
+    const chosen = target();
+    return chosen ? ` to exchange '${chosen.exchange}' with routing key '${chosen.routing_key}'` : null;
+  };
+
+  function renderSelection() {
+    count.textContent = `${fmt(selected.size)} selected`;
+    replaySelected.disabled = moveSelected.disabled = selected.size === 0;
+    replayAll.disabled = current.total === 0;
+    browse.querySelectorAll("tr.msg-row").forEach((row) => {
+      const on = selected.has(Number(row.dataset.entryId));
+      row.classList.toggle("selected", on);
+      row.querySelector("input.msg-select").checked = on;
+    });
+    const onPage = current.items.filter((message) => selected.has(message.entry_id)).length;
+    selectAll.checked = current.items.length > 0 && onPage === current.items.length;
+    selectAll.indeterminate = onPage > 0 && onPage < current.items.length;
+  }
+
+  function showResult(kind, ...content) {
+    result.className = `wb-result ${kind}`;
+    result.replaceChildren(...content.filter((part) => part !== null && part !== undefined));
+  }
+
+  function showReport(verb, answer, ids, whereText) {
+    const { moved, skipped, remaining, stalled } = answer;
+    const lines = [];
+    if (moved === 0 && skipped.length === 0) {
+      lines.push(el("strong", {}, ids === null ? `Nothing to ${verb.name.toLowerCase()}: the queue has no ready messages.` : `Nothing ${verb.done.toLowerCase()}.`));
+    } else if (moved === 0) {
+      lines.push(el("strong", {}, `Nothing ${verb.done.toLowerCase()}.`), ` Skipped ${plural(skipped.length, "message")}:`);
+    } else {
+      const where = typeof whereText === "function" ? whereText(moved) : whereText;
+      lines.push(el("strong", {}, `${verb.done} ${plural(moved, "message")}${moved ? where : ""}.`));
+      if (skipped.length) lines.push(` Skipped ${plural(skipped.length, "message")}:`);
+    }
+    if (remaining > 0) lines.push(` ${plural(remaining, "message")} not looked at${stalled ? " (the last request moved none)" : ""}.`);
+    const shown = skipped.slice(0, 20);
+    const list = shown.length ? el("ul", { class: "skipped" },
+      shown.map((skip) => el("li", { "data-entry-id": skip.id }, el("code", {}, `entry ${skip.id}`), `: ${skip.reason}`)),
+      skipped.length > shown.length ? el("li", { class: "muted" }, `… and ${fmt(skipped.length - shown.length)} more`) : null) : null;
+    showResult(skipped.length || remaining > 0 ? "warn" : "ok", el("p", {}, lines), list);
+  }
+
+  // Runs a replay or move of `ids` (null: every message, request after request while the
+  // broker reports some `remaining`), then shows what happened and refreshes the page.
+  async function relocate(verb, path, body, ids, whereText) {
+    const buttons = [replaySelected, replayAll, moveSelected];
+    buttons.forEach((button) => { button.disabled = true; });
+    showResult("busy", `${verb.doing}…`);
+    const total = { moved: 0, skipped: [], remaining: 0, stalled: false };
+    try {
+      for (;;) {
+        const answer = await api("POST", path, { ...body, ...(ids === null ? { all: true } : { ids }) });
+        total.moved += answer.moved_count;
+        // Moved messages leave the selection; skipped ones stay, to try again (another target).
+        for (const id of answer.moved) selected.delete(id);
+        total.skipped.push(...answer.skipped);
+        total.remaining = answer.remaining;
+        if (ids !== null || answer.remaining === 0) break;
+        // Messages skipped stay in the queue and come first again: stop when nothing moves.
+        if (answer.moved_count === 0) { total.stalled = true; break; }
+      }
+      showReport(verb, total, ids, whereText);
+    } catch (error) {
+      showResult("error", el("strong", {}, `${verb.name} failed: `), error.message,
+        total.moved ? ` (after ${plural(total.moved, "message")} moved)` : "");
+    }
+    await refresh();
+  }
+
+  function replay(ids) {
+    const chosen = target();
+    const where = targetText() || ((moved) => ` to where ${moved === 1 ? "it" : "each"} was dead-lettered from`);
+    return relocate({ name: "Replay", doing: "Replaying", done: "Replayed" }, `${base}/messages/replay`, chosen || {}, ids, where);
+  }
+
+  function move(ids) {
+    const to = moveQueue.value.trim();
+    if (!to) { showResult("error", "Name the queue to move the selected messages to."); moveQueue.focus(); return; }
+    return relocate({ name: "Move", doing: "Moving", done: "Moved" }, `${base}/messages/move`, { queue: to }, ids, ` to queue '${to}'`);
+  }
+
+  async function remove(message) {
+    const label = message.message_id || message.properties?.message_id || `entry ${message.entry_id}`;
+    if (!confirm(`Delete ${label} from ${queueName}? This cannot be undone.`)) return;
+    try {
+      await api("DELETE", `${base}/messages/${enc(message.entry_id)}`);
+      selected.delete(message.entry_id);
+      showResult("ok", el("strong", {}, `Deleted ${label}.`));
+    } catch (error) {
+      showResult("error", el("strong", {}, "Delete failed: "), error.message);
+    }
+    await refresh();
+  }
+
+  async function toggleTrace(message, row, button) {
+    const open = row.nextElementSibling && row.nextElementSibling.classList.contains("trace-row") ? row.nextElementSibling : null;
+    if (open) { open.remove(); button.textContent = "Trace"; button.setAttribute("aria-expanded", "false"); return; }
+    const cell = el("td", { colspan: 4 }, el("p", { class: "muted" }, "Loading the trace…"));
+    row.after(el("tr", { class: "trace-row", "data-entry-id": message.entry_id }, cell));
+    button.textContent = "Hide trace";
+    button.setAttribute("aria-expanded", "true");
+    try { cell.replaceChildren(await traceView(base, message.entry_id)); } catch (error) { showError(cell, error); }
+  }
+
+  function messageRow(message) {
+    const checkbox = el("input", { type: "checkbox", class: "msg-select", title: "Select this message" });
+    checkbox.onchange = () => { checkbox.checked ? selected.add(message.entry_id) : selected.delete(message.entry_id); renderSelection(); };
+    const row = el("tr", { class: "msg-row", "data-entry-id": message.entry_id });
+    const traceButton = el("button", { class: "secondary small msg-trace", "aria-expanded": "false" }, "Trace");
+    traceButton.onclick = () => toggleTrace(message, row, traceButton);
+    row.append(
+      el("td", { class: "select" }, checkbox),
+      el("td", { class: "num position" }, fmt(message.position)),
+      el("td", { class: "card" }, messageView(message)),
+      el("td", { class: "actions" },
+        traceButton,
+        el("button", { class: "small msg-replay", title: "Replay this message (to the target above, or to where it was dead-lettered from)",
+          onclick: () => replay([message.entry_id]) }, "Replay"),
+        el("button", { class: "danger small msg-delete", onclick: () => remove(message) }, "Delete")));
+    return row;
+  }
+
+  async function load(page) {
+    const data = await api("GET", `${base}/messages?page=${page}&page_size=20`);
+    // The page may have emptied (the last messages of the last page moved): show the new last.
+    if (page > 1 && data.items.length === 0 && data.page_count > 0) return load(data.page_count);
+    current = { page, items: data.items, total: data.total_count };
+    browse.replaceChildren(
+      el("p", { class: "muted msg-count" }, `${plural(data.total_count, "message")}; page ${data.page} of ${Math.max(1, data.page_count)}`),
+      data.items.length ? el("table", { class: "msg-table" },
+        el("thead", {}, el("tr", {},
+          el("th", { class: "select" }, selectAll), el("th", { class: "num" }, "#"), el("th", {}, "Message"), el("th", { class: "actions" }, ""))),
+        el("tbody", {}, data.items.map(messageRow))) : el("p", { class: "empty" }, "No messages in this queue."),
+      el("div", { class: "pager" },
+        el("button", { class: "secondary", onclick: () => load(page - 1), disabled: page <= 1 ? "" : null }, "‹ Previous"),
+        el("button", { class: "secondary", onclick: () => load(page + 1), disabled: page >= data.page_count ? "" : null }, "Next ›")));
+    renderSelection();
+  }
+
+  async function refresh() {
+    try { await Promise.all([load(current.page), onChange()]); } catch (error) { showError(browse, error); }
+    renderSelection();
+  }
+
+  const element = el("div", { class: "workbench" },
+    el("div", { class: "wb-toolbar" },
+      el("div", { class: "wb-group" }, count),
+      el("div", { class: "wb-group" },
+        replaySelected, replayAll,
+        el("span", { class: "wb-label" }, "to (optional)"), exchange, routingKey),
+      el("div", { class: "wb-group" }, moveSelected, moveQueue)),
+    el("p", { class: "muted wb-hint" }, "A replay sends each message back to the exchange and routing key it was dead-lettered from " +
+      "(its newest x-death entry), or to the exchange and routing key given (a routing key alone: the default exchange). " +
+      "It keeps the message id and headers and adds x-replayed-count. Messages a consumer holds unacknowledged are skipped."),
+    result, browse);
+  return { element, load };
 }
 
 function publishForm(vhost, queue) {
