@@ -126,6 +126,14 @@ expect "list permissions" "ops" list permissions
 passed=$((passed + 1))
 expect "delete user" "user deleted" delete user name=ops
 
+expect "declare policy" "policy declared" declare policy name=cap pattern='^orders\.' definition='{"max-length": 1000}' apply-to=queues
+expect "list policies" "cap" list policies
+expect "the policy applies to the queue" "cap" list queues name policy
+expect "delete policy" "policy deleted" delete policy name=cap
+expect "declare vhost" "vhost declared" declare vhost name=staging
+expect "list vhosts" "staging" list vhosts
+expect "delete vhost" "vhost deleted" delete vhost name=staging
+
 refuse "inequivalent redeclare" "inequivalent arg 'durable' for queue 'orders.email'" declare queue name=orders.email durable=false
 refuse "unknown queue" "Not found" delete queue name=no-such-queue
 refuse "wrong password" "Access refused" -p wrong list queues

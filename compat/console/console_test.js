@@ -167,13 +167,27 @@ function check(condition, what) {
 
   // Every other page renders.
   for (const [route, heading] of [["connections", "Connections"], ["channels", "Channels"], ["exchanges", "Exchanges"],
-    ["admin", "Users, permissions and policies"], ["definitions", "Definitions"]]) {
+    ["admin", "Users, permissions, policies and vhosts"], ["definitions", "Definitions"]]) {
     await page.goto(`${base}/#/${route}`);
     await page.waitForSelector(`h1:has-text('${heading}')`);
     await shot(route);
     checks += 1;
   }
   check((await page.textContent("main")).includes("Download definitions"), "the definitions page offers the export");
+
+  // A policy set from the admin page applies to the queue it matches; deleting it takes it away.
+  await page.goto(`${base}/#/admin`);
+  await page.waitForSelector("#policy-name");
+  await page.fill("#policy-name", "cap");
+  await page.fill("#policy-pattern", "^orders$");
+  await page.fill("#policy-definition", '{"max-length": 100}');
+  await page.click("button:has-text('Set policy')");
+  await page.waitForSelector("td:has-text('cap')");
+  check((await api("GET", "/api/queues/%2F/orders")).policy === "cap", "the policy applies to the existing queue");
+  page.once("dialog", (dialog) => dialog.accept());
+  await page.locator("tr:has(td:has-text('cap')) button.policy-delete").click();
+  await page.waitForFunction(() => !document.querySelector("main").textContent.includes('"max-length":100'));
+  check((await api("GET", "/api/queues/%2F/orders")).policy === null, "a deleted policy no longer applies");
 
   check(external.length === 0, `the console loaded nothing from elsewhere: ${external.join(", ")}`);
   check(consoleErrors.length === 0, `no errors in the page: ${consoleErrors.join(" | ")}`);

@@ -29,6 +29,7 @@ mod pager;
 mod password;
 mod peer_address;
 mod persist;
+mod policy_records;
 mod publish;
 mod recovery;
 mod relocate;
@@ -52,7 +53,7 @@ pub use error::BrokerError;
 pub use manage::{
     AckMode, BROWSE_PAGE_SIZE_MAX, BindingSpec, BindingView, BrokerStats, BrowsePage, BrowsedMessage, ChannelView,
     ConnectionView, ConsumerView, ExchangeSpec, ExchangeView, GotMessage, MOVE_REQUEST_MESSAGES_MAX, Management,
-    ManagementError, MoveReport, NewPassword, Overview, PublishOutcome, QueueView, ReplayTarget, Selection,
+    ManagementError, MoveReport, NewPassword, Overview, PolicySpec, PublishOutcome, QueueView, ReplayTarget, Selection,
     TRACE_SEARCH_MESSAGES_MAX, TraceSearch, TraceView, UserView, VhostView,
 };
 pub use password::{HashingAlgorithm, PasswordError, PasswordHash};

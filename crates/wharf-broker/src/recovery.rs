@@ -3,7 +3,8 @@
 //! 1. [`open_storage`]: open the definitions log and the store (which recovers its own files),
 //!    and find out whether the last stop was clean; then [`settle_interrupted_moves`]: finish
 //!    or undo each workbench move a crash interrupted (`relocate.rs`).
-//! 2. [`new_model`]: a model with the configured vhosts and their policies.
+//! 2. [`new_model`]: a model with the configured vhosts and their policies; then
+//!    [`restore_vhosts_and_policies`]: those the management API created.
 //! 3. [`restore_definition`] for each stored definition: exchanges (with their delayed messages
 //!    and de-duplication keys), queues (with their messages, paged beyond the memory budget, and
 //!    their keys); bindings are kept for step 4.
@@ -52,6 +53,7 @@ impl Core {
             queue_body_memory_bytes_max: config.queue_body_memory_bytes_max,
         };
         let mut tally = Tally::default();
+        restore_vhosts_and_policies(&config, &mut model, &storage.definitions);
         for (key, value) in &storage.definitions {
             restore_definition(&config, &sources, &mut model, &mut tally, key, value);
         }
@@ -179,12 +181,47 @@ fn new_model(config: &BrokerConfig) -> BrokerModel {
     model
 }
 
-fn policies_of(config: &BrokerConfig, vhost_name: &str) -> Vec<wharf_model::Policy> {
+pub(crate) fn policies_of(config: &BrokerConfig, vhost_name: &str) -> Vec<wharf_model::Policy> {
     config.policies.iter().filter(|(vhost, _)| vhost == vhost_name).map(|(_, policy)| policy.clone()).collect()
 }
 
+/// Step 2b: the vhosts and policies the management API created (`policy_records.rs`), before
+/// any queue or exchange, so their settings take the policies in force. A policy the
+/// configuration also defines (by name, in the same vhost) is the configuration's.
+fn restore_vhosts_and_policies(config: &BrokerConfig, model: &mut BrokerModel, definitions: &[(Vec<u8>, Vec<u8>)]) {
+    let mut stored: BTreeMap<String, Vec<wharf_model::Policy>> = BTreeMap::new();
+    for (key, value) in definitions {
+        let Some((kind, vhost, rest)) = definition_format::split_key(key) else { continue };
+        match kind {
+            "vhost" => {
+                if crate::policy_records::decode_vhost(value).is_none() {
+                    tracing::error!(vhost, "stored vhost record unreadable; the vhost is kept");
+                }
+                ensure_vhost(config, model, vhost);
+            }
+            "policy" => match crate::policy_records::decode_policy(rest, value) {
+                Some(policy) => stored.entry(vhost.to_owned()).or_default().push(policy),
+                None => tracing::error!(vhost, policy = rest, "stored policy unreadable or no longer valid; left out"),
+            },
+            _ => {}
+        }
+    }
+    for (vhost, policies) in stored {
+        ensure_vhost(config, model, &vhost);
+        let mut merged = policies_of(config, &vhost);
+        for policy in policies {
+            if !merged.iter().any(|configured| configured.name == policy.name) {
+                merged.push(policy);
+            }
+        }
+        if let Some(found) = model.vhost_mut(&vhost) {
+            found.set_policies(merged);
+        }
+    }
+}
+
 /// Adds a vhost (with its configured policies) unless it exists.
-fn ensure_vhost(config: &BrokerConfig, model: &mut BrokerModel, name: &str) {
+pub(crate) fn ensure_vhost(config: &BrokerConfig, model: &mut BrokerModel, name: &str) {
     if model.vhost(name).is_none() {
         model.add_vhost(name);
         if let Some(vhost) = model.vhost_mut(name) {
@@ -271,6 +308,12 @@ fn restore_definition(
             Some(identity) => tally.identities.push(identity),
             None => tracing::error!(key = %String::from_utf8_lossy(key), "stored user or permission unreadable"),
         }
+        return;
+    }
+    // Vhosts and policies the management API created were restored first.
+    if let Some((kind, _, _)) = definition_format::split_key(key)
+        && crate::policy_records::is_record_kind(kind)
+    {
         return;
     }
     // The vhost exists even if the definition in it turns out unreadable (a transient log's

@@ -605,9 +605,37 @@ function getForm(base) {
   return el("div", { class: "panel" }, el("h2", {}, "Get messages"), form, out);
 }
 
+// A small form that sends one request and shows its error, or reloads the page.
+function actionForm(fields, label, send) {
+  const form = el("form", { class: "grid" }, ...fields, el("span"), el("button", { type: "submit" }, label), el("span"), el("p", { class: "result" }));
+  form.onsubmit = async (event) => {
+    event.preventDefault();
+    const result = form.querySelector(".result");
+    try { await send(new FormData(form)); route(); } catch (error) { result.className = "result error"; result.textContent = error.message; }
+  };
+  return form;
+}
+
 async function admin(main) {
-  const [users, permissions, policies] = await Promise.all([
-    api("GET", "/api/users").catch((error) => error), api("GET", "/api/permissions").catch((error) => error), api("GET", "/api/policies")]);
+  const [users, permissions, policies, vhosts] = await Promise.all([
+    api("GET", "/api/users").catch((error) => error), api("GET", "/api/permissions").catch((error) => error), api("GET", "/api/policies"),
+    api("GET", "/api/vhosts")]);
+  const policyForm = actionForm([
+    el("label", {}, "Vhost"), el("input", { name: "vhost", value: "/", required: "" }),
+    el("label", {}, "Name"), el("input", { name: "name", required: "", id: "policy-name" }),
+    el("label", {}, "Pattern"), el("input", { name: "pattern", required: "", placeholder: "^orders\\.", id: "policy-pattern" }),
+    el("label", {}, "Apply to"), el("select", { name: "apply_to" }, el("option", { value: "queues" }, "queues"), el("option", { value: "exchanges" }, "exchanges"), el("option", { value: "all" }, "all")),
+    el("label", {}, "Priority"), el("input", { name: "priority", type: "number", value: "0" }),
+    el("label", {}, "Definition (JSON)"), el("textarea", { name: "definition", rows: "3", placeholder: '{"max-length": 10000, "dead-letter-exchange": "dlx"}', id: "policy-definition" }),
+  ], "Set policy", async (data) => {
+    let definition;
+    try { definition = JSON.parse(data.get("definition") || "{}"); } catch { throw new Error("The definition is not JSON."); }
+    await api("PUT", `/api/policies/${enc(data.get("vhost"))}/${enc(data.get("name"))}`,
+      { pattern: data.get("pattern"), "apply-to": data.get("apply_to"), priority: Number(data.get("priority") || 0), definition });
+  });
+  const vhostForm = actionForm([el("label", {}, "Name"), el("input", { name: "name", required: "" }),
+    el("label", {}, "Description"), el("input", { name: "description" })], "Add vhost",
+  (data) => api("PUT", `/api/vhosts/${enc(data.get("name"))}`, { description: data.get("description") }));
   const section = (title, data, columns) => [el("h2", {}, title),
     data instanceof Error ? el("p", { class: "muted" }, data.message) : table(data, columns)];
   const form = el("form", { class: "grid" },
@@ -625,13 +653,19 @@ async function admin(main) {
       route();
     } catch (error) { result.className = "result error"; result.textContent = error.message; }
   };
-  main.replaceChildren(el("h1", {}, "Users, permissions and policies"),
+  main.replaceChildren(el("h1", {}, "Users, permissions, policies and vhosts"),
     ...section("Users", users, [["Name", (u) => u.name], ["Tags", (u) => u.tags.join(", ")],
       ["", (u) => el("button", { class: "danger", onclick: async () => { if (confirm(`Delete user ${u.name}?`)) { await api("DELETE", `/api/users/${enc(u.name)}`); route(); } } }, "Delete")]]),
     ...section("Permissions", permissions, [["User", (p) => p.user], ["Vhost", (p) => p.vhost], ["Configure", (p) => p.configure],
       ["Write", (p) => p.write], ["Read", (p) => p.read]]),
     ...section("Policies", policies, [["Vhost", (p) => p.vhost], ["Name", (p) => p.name], ["Pattern", (p) => p.pattern],
-      ["Apply to", (p) => p["apply-to"]], ["Definition", (p) => JSON.stringify(p.definition)], ["Priority", (p) => p.priority, { num: true }]]),
+      ["Apply to", (p) => p["apply-to"]], ["Definition", (p) => JSON.stringify(p.definition)], ["Priority", (p) => p.priority, { num: true }],
+      ["", (p) => el("button", { class: "danger policy-delete", onclick: async () => { if (confirm(`Delete policy ${p.name}?`)) { try { await api("DELETE", `/api/policies/${enc(p.vhost)}/${enc(p.name)}`); route(); } catch (error) { alert(error.message); } } } }, "Delete")]]),
+    el("div", { class: "panel" }, el("h2", {}, "Set a policy"),
+      el("p", { class: "muted" }, "Applies at once to the queues and exchanges it matches; a lower max-length drops their oldest messages now."), policyForm),
+    ...section("Vhosts", vhosts, [["Name", (v) => v.name], ["Messages", (v) => v.messages, { num: true }],
+      ["", (v) => (v.name === "/" ? "" : el("button", { class: "danger", onclick: async () => { if (confirm(`Delete vhost ${v.name} and everything in it?`)) { try { await api("DELETE", `/api/vhosts/${enc(v.name)}`); route(); } catch (error) { alert(error.message); } } } }, "Delete"))]]),
+    users instanceof Error ? null : el("div", { class: "panel" }, el("h2", {}, "Add a vhost"), vhostForm),
     users instanceof Error ? null : el("div", { class: "panel" }, el("h2", {}, "Add a user"), form));
 }
 

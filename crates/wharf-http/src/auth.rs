@@ -46,6 +46,12 @@ impl Caller {
         self.is_monitor() || self.has("policymaker") || self.has("management")
     }
 
+    /// May change policies in a vhost it has access to (RabbitMQ's `policymaker`, or an
+    /// administrator).
+    pub fn is_policymaker(&self) -> bool {
+        self.is_administrator() || self.has("policymaker")
+    }
+
     pub fn require_administrator(&self) -> Result<(), ApiError> {
         if self.is_administrator() { Ok(()) } else { Err(ApiError::not_authorised("Not administrator user")) }
     }

@@ -353,9 +353,13 @@ async fn definitions_export_and_import_round_trip() {
     assert_eq!(whoami.body, json!({"name": "auditor", "tags": ["monitoring"]}));
     assert_eq!(fresh_api.get("/api/permissions/%2F/auditor").await.body["read"], ".*");
 
-    // A file naming a vhost that does not exist is refused whole.
+    // A file granting permissions on a vhost that neither exists nor is in the file is refused
+    // whole.
     let mut changed = exported.clone();
-    changed["vhosts"].as_array_mut().unwrap().push(json!({"name": "nowhere"}));
+    changed["permissions"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"user": "guest", "vhost": "nowhere", "configure": ".*", "write": ".*", "read": ".*"}));
     changed["queues"]
         .as_array_mut()
         .unwrap()
@@ -364,6 +368,11 @@ async fn definitions_export_and_import_round_trip() {
     assert_eq!(refused.status, 400);
     assert!(refused.body["reason"].as_str().unwrap().contains("nowhere"), "{}", refused.body);
     assert_eq!(fresh_api.get("/api/queues/%2F/sneaky").await.status, 404, "nothing of a refused file is declared");
+    // A vhost the file names is created.
+    let mut with_vhost = exported.clone();
+    with_vhost["vhosts"].as_array_mut().unwrap().push(json!({"name": "nowhere"}));
+    assert_eq!(fresh_api.post("/api/definitions", with_vhost).await.status, 204);
+    assert_eq!(fresh_api.get("/api/vhosts/nowhere").await.status, 200);
     let not_json = fresh_api.call("POST", "/api/definitions", Some(json!([1, 2]))).await;
     assert_eq!(not_json.status, 400);
     fresh.stop().await;

@@ -186,6 +186,10 @@ impl VirtualHost {
     }
 
     /// A queue by name, mutable.
+    pub(crate) fn exchange_mut(&mut self, name: &str) -> Option<&mut Exchange> {
+        self.exchanges.get_mut(name)
+    }
+
     pub fn queue_mut(&mut self, name: &str) -> Option<&mut Queue> {
         self.queues.get_mut(name)
     }

@@ -14,6 +14,7 @@ mod browse;
 mod connections;
 mod identity_ops;
 mod operations;
+mod policy_ops;
 mod stats;
 mod traces;
 mod views;
@@ -23,6 +24,7 @@ pub use browse::{BROWSE_PAGE_SIZE_MAX, BrowsePage, BrowsedMessage};
 pub(crate) use connections::{ConnectionFacts, ConnectionInfo};
 pub use identity_ops::NewPassword;
 pub use operations::{AckMode, BindingSpec, ExchangeSpec, GotMessage, ManagementError, PublishOutcome};
+pub use policy_ops::PolicySpec;
 pub use stats::BrokerStats;
 pub use traces::{TRACE_SEARCH_MESSAGES_MAX, TraceSearch, TraceView};
 pub use views::{

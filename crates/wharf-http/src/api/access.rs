@@ -1,9 +1,10 @@
 //! Users, permissions, topic permissions and policies. Users and permissions are the
 //! administrator's (RabbitMQ's rule); a policy is seen by anyone who sees its vhost.
 //!
-//! Users, permissions and topic permissions are changed here too (by an administrator), durably;
-//! policies are set by the broker's configuration (`wharf.toml`, `--policy`), so a change to
-//! them through the API is refused with 405 and a reason naming where to make it.
+//! Users, permissions and topic permissions are changed here too (by an administrator), durably,
+//! and policies (by a policymaker with access to the vhost, or an administrator), applied at once
+//! to the vhost's queues and exchanges. What the broker's configuration defines is refused with a
+//! reason naming where to change it.
 
 use super::parse_body;
 use crate::AppState;
@@ -17,7 +18,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
-use wharf_broker::{NewPassword, Permission, Policy, TopicPermission, UserView};
+use wharf_broker::{ApplyTo, NewPassword, Permission, Policy, PolicySpec, TopicPermission, UserView};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -36,18 +37,66 @@ pub fn routes() -> Router<AppState> {
         .route("/api/vhosts/{vhost}/topic-permissions", get(vhost_topic_permissions))
         .route("/api/policies", get(policies))
         .route("/api/policies/{vhost}", get(vhost_policies))
-        .route("/api/policies/{vhost}/{name}", get(policy).put(configured_elsewhere).delete(configured_elsewhere))
+        .route("/api/policies/{vhost}/{name}", get(policy).put(put_policy).delete(delete_policy))
 }
 
-/// A change to policies, which the configuration defines.
-async fn configured_elsewhere(_caller: Caller, body: Bytes) -> Result<StatusCode, ApiError> {
-    parse_body(&body)?;
-    Err(ApiError {
-        status: StatusCode::METHOD_NOT_ALLOWED,
-        error: "method_not_allowed",
-        reason: "policies are set in the broker's configuration (wharf.toml [[policies]], --policy)".into(),
-        challenge: false,
-    })
+/// May the caller change policies in `vhost`: a policymaker with access to it, or an
+/// administrator (RabbitMQ's rule).
+fn require_policymaker(state: &AppState, caller: &Caller, vhost: &str) -> Result<(), ApiError> {
+    caller.require_vhost(state, vhost)?;
+    if caller.is_policymaker() && (caller.is_administrator() || state.management.can_access_vhost(&caller.name, vhost))
+    {
+        Ok(())
+    } else {
+        Err(ApiError::not_authorised("Not policymaker user"))
+    }
+}
+
+async fn put_policy(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    require_policymaker(&state, &caller, &vhost)?;
+    let body = parse_body(&body)?;
+    let pattern = required_text(&body, "pattern")?;
+    let apply_to = match body.get("apply-to").or_else(|| body.get("apply_to")) {
+        None | Some(Value::Null) => ApplyTo::All,
+        Some(Value::String(text)) => ApplyTo::parse(text).map_err(|error| ApiError::bad_request(error.text))?,
+        Some(other) => return Err(ApiError::bad_request(format!("apply-to must be a string, not {other}"))),
+    };
+    let priority = match body.get("priority") {
+        None | Some(Value::Null) => 0,
+        Some(Value::Number(number)) => {
+            number.as_i64().ok_or_else(|| ApiError::bad_request("priority must be an integer".into()))?
+        }
+        Some(Value::String(text)) => text
+            .trim()
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("priority must be an integer, not {text}")))?,
+        Some(other) => return Err(ApiError::bad_request(format!("priority must be an integer, not {other}"))),
+    };
+    let definition = match body.get("definition") {
+        Some(definition @ Value::Object(_)) => {
+            crate::amqp_json::json_to_table(definition, "definition").map_err(ApiError::bad_request)?
+        }
+        None | Some(Value::Null) => return Err(ApiError::bad_request("definition is missing".into())),
+        Some(other) => return Err(ApiError::bad_request(format!("definition must be an object, not {other}"))),
+    };
+    let spec = PolicySpec { pattern, apply_to, priority, definition };
+    let created = state.management.put_policy(&vhost, &name, spec)?;
+    Ok(if created { StatusCode::CREATED } else { StatusCode::NO_CONTENT })
+}
+
+async fn delete_policy(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    require_policymaker(&state, &caller, &vhost)?;
+    state.management.delete_policy(&vhost, &name)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// A string field of a body, required.

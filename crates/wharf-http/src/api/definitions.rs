@@ -5,10 +5,10 @@
 //! An import sets its users (with their hashes and tags), permissions and topic permissions,
 //! durably, as the API's `PUT`s do, then declares its exchanges, queues and bindings as the
 //! caller, through the same paths as a client's declarations (an existing object with other
-//! properties is refused, 406 as over AMQP). Vhosts and policies are the configuration's: an
-//! import may repeat them as they are (so an export imports back unchanged), and a file that
-//! names a vhost that does not exist or a policy that differs is refused whole, before anything
-//! is changed, naming the first difference.
+//! properties is refused, 406 as over AMQP). Its vhosts are created and its policies set, as the
+//! API's `PUT`s do, before its topology; a policy the configuration defines may only be repeated
+//! as it is (so an export imports back unchanged): a file that changes one is refused whole,
+//! before anything is changed, naming it.
 
 use super::access::{permission_json, policy_json, topic_permission_json, user_json};
 use crate::AppState;
@@ -21,7 +21,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
-use wharf_broker::{BindingSpec, Definitions, ExchangeSpec, Management, NewPassword};
+use wharf_broker::{BindingSpec, Definitions, ExchangeSpec, Management, NewPassword, PolicySpec};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -139,22 +139,15 @@ async fn export_vhost(
     })))
 }
 
-/// Refuses a file whose vhosts do not exist or whose policies differ from the configuration's,
-/// before anything is changed.
+/// Refuses a file that changes a policy the configuration defines, or grants permissions on a
+/// vhost that neither exists nor is in the file, before anything is changed.
 fn check_configuration_unchanged(management: &Management, definitions: &Definitions) -> Result<(), ApiError> {
-    let refuse = |what: String| {
-        Err(ApiError::bad_request(format!(
-            "{what}: vhosts and policies are set in the broker's configuration (wharf.toml, --policy, \
-             --definitions), not by an import; nothing was imported"
-        )))
-    };
-    for vhost in &definitions.vhosts {
-        if !management.vhost_exists(vhost) {
-            return refuse(format!("the file defines vhost '{vhost}', which does not exist"));
-        }
-    }
+    let refuse = |what: String| Err(ApiError::bad_request(format!("{what}; nothing was imported")));
     let policies = management.policies();
     for (vhost, policy) in &definitions.policies {
+        if !management.is_configured_policy(vhost, &policy.name) {
+            continue;
+        }
         let same = policies.iter().any(|(known_vhost, known)| {
             known_vhost == vhost
                 && known.name == policy.name
@@ -164,7 +157,11 @@ fn check_configuration_unchanged(management: &Management, definitions: &Definiti
                 && known.definition == policy.definition
         });
         if !same {
-            return refuse(format!("the file defines policy '{}' in vhost '{vhost}' differently or anew", policy.name));
+            return refuse(format!(
+                "the file defines policy '{}' in vhost '{vhost}' differently from the broker's configuration \
+                 (wharf.toml [[policies]], --policy), which sets it",
+                policy.name
+            ));
         }
     }
     for permission in definitions
@@ -173,7 +170,7 @@ fn check_configuration_unchanged(management: &Management, definitions: &Definiti
         .map(|permission| &permission.vhost)
         .chain(definitions.topic_permissions.iter().map(|permission| &permission.vhost))
     {
-        if !management.vhost_exists(permission) {
+        if !management.vhost_exists(permission) && !definitions.vhosts.contains(permission) {
             return refuse(format!("the file grants permissions on vhost '{permission}', which does not exist"));
         }
     }
@@ -198,9 +195,36 @@ fn import_identities(management: &Management, definitions: &Definitions) -> Resu
     Ok(())
 }
 
+/// Creates the file's vhosts that do not exist, and sets its policies (but those the
+/// configuration defines, which the check found unchanged).
+fn import_vhosts_and_policies(management: &Management, definitions: &Definitions) -> Result<(), ApiError> {
+    for vhost in &definitions.vhosts {
+        if !management.vhost_exists(vhost) {
+            management.put_vhost(vhost, "", &[])?;
+        }
+    }
+    for (vhost, policy) in &definitions.policies {
+        if management.is_configured_policy(vhost, &policy.name) {
+            continue;
+        }
+        if !management.vhost_exists(vhost) {
+            management.put_vhost(vhost, "", &[])?;
+        }
+        let spec = PolicySpec {
+            pattern: policy.pattern.as_str().to_owned(),
+            apply_to: policy.apply_to,
+            priority: policy.priority,
+            definition: policy.definition.clone(),
+        };
+        management.put_policy(vhost, &policy.name, spec)?;
+    }
+    Ok(())
+}
+
 /// Declares the file's topology as the caller: exchanges, then queues, then bindings.
 fn import(state: &AppState, caller: &Caller, definitions: &Definitions) -> Result<(), ApiError> {
     check_configuration_unchanged(&state.management, definitions)?;
+    import_vhosts_and_policies(&state.management, definitions)?;
     import_identities(&state.management, definitions)?;
     let management = &state.management;
     let topology = &definitions.topology;

@@ -25,7 +25,7 @@ use wharf_model::Destination;
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/vhosts", get(vhosts))
-        .route("/api/vhosts/{vhost}", get(vhost))
+        .route("/api/vhosts/{vhost}", get(vhost).put(put_vhost).delete(delete_vhost))
         .route("/api/exchanges", get(exchanges))
         .route("/api/exchanges/{vhost}", get(vhost_exchanges))
         .route("/api/exchanges/{vhost}/{name}", get(exchange).put(declare_exchange).delete(delete_exchange))
@@ -87,6 +87,43 @@ async fn vhost(
     let found =
         state.management.vhosts().into_iter().find(|vhost| vhost.name == name).ok_or_else(ApiError::not_found)?;
     Ok(Json(vhost_json(&state, &found)))
+}
+
+/// Creates a vhost (an administrator's): `{"description": …, "tags": "a,b" or [..]}`, both optional.
+async fn put_vhost(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    caller.require_administrator()?;
+    let body = super::parse_body(&body)?;
+    let description = match body.get("description") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(text)) => text.clone(),
+        Some(other) => return Err(ApiError::bad_request(format!("description must be a string, not {other}"))),
+    };
+    let tags: Vec<String> = match body.get("tags") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(text)) => {
+            text.split(',').map(str::trim).filter(|tag| !tag.is_empty()).map(str::to_owned).collect()
+        }
+        Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
+        Some(other) => return Err(ApiError::bad_request(format!("tags must be a string or a list, not {other}"))),
+    };
+    let created = state.management.put_vhost(&name, &description, &tags)?;
+    Ok(if created { StatusCode::CREATED } else { StatusCode::NO_CONTENT })
+}
+
+/// Deletes a vhost and everything in it (an administrator's).
+async fn delete_vhost(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_administrator()?;
+    state.management.delete_vhost(&name)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 pub(crate) fn exchange_json(exchange: &ExchangeView) -> Value {

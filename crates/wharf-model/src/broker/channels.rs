@@ -117,7 +117,7 @@ impl BrokerModel {
     /// Gives back what closed channels held: unacknowledged messages to their queues (marked
     /// redelivered), consumers detached; then dispatches the freed messages. The channels are
     /// already out of the model, so nothing is dispatched back to them.
-    fn release_channels(&mut self, closed: Vec<(ChannelKey, Channel)>) -> Effects {
+    pub(super) fn release_channels(&mut self, closed: Vec<(ChannelKey, Channel)>) -> Effects {
         let mut effects = Effects::default();
         let mut touched = BTreeSet::new();
         for (key, channel) in closed {

@@ -27,6 +27,7 @@ mod deliver;
 mod direct_reply;
 mod inspect;
 mod invariants;
+mod policies;
 mod queues;
 mod settle;
 mod timers;

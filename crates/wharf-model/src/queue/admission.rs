@@ -68,6 +68,21 @@ pub struct QueueStats {
 }
 
 impl Queue {
+    /// Takes the settings a policy change derived, except what the queue's structure was built
+    /// for at declaration (`max-priority`, `ordered-by`, `deduplication`, single active
+    /// consumer), which stays as declared (see `broker/policies.rs`).
+    pub(crate) fn apply_policy_settings(&mut self, settings: crate::settings::QueueSettings) {
+        let kept = &self.settings;
+        let settings = crate::settings::QueueSettings {
+            max_priority: kept.max_priority,
+            ordered_by: kept.ordered_by.clone(),
+            deduplication: kept.deduplication.clone(),
+            single_active_consumer: kept.single_active_consumer,
+            ..settings
+        };
+        self.settings = settings;
+    }
+
     /// What passed through the queue since it was declared (or since the broker started).
     pub fn stats(&self) -> QueueStats {
         self.stats

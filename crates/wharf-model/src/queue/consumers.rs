@@ -123,6 +123,18 @@ impl Queue {
         Some(due_ms)
     }
 
+    /// After a policy change: when an `x-expires` timer must be armed for a queue that now has
+    /// the setting, has no consumer and has none armed (due `expires` after its last use).
+    pub(crate) fn arm_expires_if_unused(&mut self) -> Option<u64> {
+        let expires_ms = self.settings.expires_ms?;
+        if self.expires_timer_ms.is_some() || !self.consumers.is_empty() {
+            return None;
+        }
+        let due_ms = self.last_used_ms.saturating_add(expires_ms);
+        self.expires_timer_ms = Some(due_ms);
+        Some(due_ms)
+    }
+
     /// The `x-expires` timer fired at `now_ms`: the queue is to be deleted if it has had no
     /// consumer and no use for that long; if it was used meanwhile the timer is armed again for
     /// the new due time (a queue with consumers is armed again when the last one goes).
