@@ -79,6 +79,7 @@ function check(condition, what) {
   await page.waitForSelector("td a:text-is('orders')");
   check(true, "queues are declared from the console");
   await shot("queues");
+  check(await page.locator("th:text-is('In /s')").count() === 1, "the queues table shows each queue's rates");
 
   // A poison message, published from the queue's page, rejected by its consumer (here a get
   // with reject_requeue_false from the console's get form), reaches the DLQ.
@@ -138,6 +139,7 @@ function check(condition, what) {
   // Each page's heading first: the main area is replaced with it, rows of the page before gone.
   await page.waitForSelector("h1:has-text('Queue orders in vhost')");
   await row("poison-1").waitFor();
+  check(await page.locator("#queue-stats th:text-is('Rates /s')").count() === 1, "a queue's page shows its rates");
   const replayedHeaders = await row("poison-1").locator("details pre").textContent();
   check(replayedHeaders.includes('"x-replayed-count": 1'), `the replayed message carries x-replayed-count 1: ${replayedHeaders}`);
   check((await row("poison-1").locator(".message header").textContent()).includes("replayed 1×"), "the browser says it was replayed once");

@@ -116,6 +116,13 @@ function chart(title, series) {
 }
 
 // Rates from a RabbitMQ `*_details.samples` list (newest first): per second between samples.
+// A queue's rate of one of its message_stats (per second, over the broker's last sampling
+// interval); 0 for a queue nothing passed through yet.
+function rate(q, name) {
+  const details = q.message_stats && q.message_stats[`${name}_details`];
+  return details ? details.rate : 0;
+}
+
 function ratePoints(details) {
   const samples = (details && details.samples) || [];
   const points = [];
@@ -204,6 +211,8 @@ async function queues(main) {
     table(data.items, [
       ["Vhost", (q) => q.vhost], ["Name", (q) => queueLink(q.vhost, q.name)], ["Ready", (q) => q.messages_ready, { num: true }],
       ["Unacked", (q) => q.messages_unacknowledged, { num: true }], ["Total", (q) => q.messages, { num: true }],
+      ["In /s", (q) => rate(q, "publish"), { num: true }], ["Out /s", (q) => rate(q, "deliver_get"), { num: true }],
+      ["Ack /s", (q) => rate(q, "ack"), { num: true }],
       ["Consumers", (q) => q.consumers, { num: true }], ["Durable", (q) => (q.durable ? "yes" : "")], ["Policy", (q) => q.policy || ""],
     ]),
     el("div", { class: "pager" },
@@ -264,6 +273,7 @@ async function queueDetail(main, vhost, name) {
   const stat = (label, value) => el("tr", {}, el("th", {}, label), el("td", {}, value));
   const statsTable = (q) => el("table", { id: "queue-stats" }, stat("Ready", fmt(q.messages_ready)), stat("Unacked", fmt(q.messages_unacknowledged)),
     stat("Total", fmt(q.messages)), stat("Bytes", bytes(q.message_bytes)), stat("Consumers", fmt(q.consumers)),
+    stat("Rates /s", `in ${rate(q, "publish")} · out ${rate(q, "deliver_get")} · ack ${rate(q, "ack")} · redelivered ${rate(q, "redeliver")}`),
     stat("Durable", String(q.durable)), stat("Policy", q.policy || "none"),
     stat("Arguments", el("pre", {}, JSON.stringify(q.arguments, null, 2))),
     stat("Effective policy", el("pre", {}, JSON.stringify(q.effective_policy_definition || {}, null, 2))));
