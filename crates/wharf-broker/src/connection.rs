@@ -733,7 +733,8 @@ fn act_on_writer_reports(core: &Core, session: &Session, backlog: &Backlog) {
         let _ = core.act(|model| Ok(((), model.written(connection, written_bytes))));
     }
     for UnsentDelivery { channel, delivery_tag } in unsent {
-        let _ = blocking(|| core.act(|model| Ok(((), model.reject(channel, delivery_tag, false, true)?))));
+        let undelivered = wharf_model::trace::Refusal::Undelivered;
+        let _ = blocking(|| core.act(|model| Ok(((), model.refuse(channel, delivery_tag, false, true, undelivered)?))));
     }
 }
 

@@ -91,12 +91,17 @@ fn encode_event(event: &TraceEvent, out: &mut Vec<u8>) {
         TraceKind::Requeued(cause) => {
             out.push(EVENT_REQUEUED);
             out.push(match cause {
-                RequeueCause::Consumer => 0,
+                RequeueCause::Nack => 0,
                 RequeueCause::LeaseExpired => 1,
                 RequeueCause::ChannelClosed => 2,
+                RequeueCause::Reject => 3,
+                RequeueCause::Recover => 4,
             });
         }
-        TraceKind::Rejected => out.push(EVENT_REJECTED),
+        TraceKind::Rejected { by_nack } => {
+            out.push(EVENT_REJECTED);
+            out.push(u8::from(*by_nack));
+        }
         TraceKind::DeadLettered { reason, exchange, routing_key } => {
             out.push(EVENT_DEAD_LETTERED);
             out.push(match reason {
@@ -162,12 +167,20 @@ impl Reader<'_> {
             EVENT_PUBLISHED => TraceKind::Published(self.origin()?),
             EVENT_DELIVERED => TraceKind::Delivered { connection: self.optional()?, consumer_tag: self.optional()? },
             EVENT_REQUEUED => TraceKind::Requeued(match self.byte()? {
-                0 => RequeueCause::Consumer,
+                0 => RequeueCause::Nack,
                 1 => RequeueCause::LeaseExpired,
                 2 => RequeueCause::ChannelClosed,
+                3 => RequeueCause::Reject,
+                4 => RequeueCause::Recover,
                 _ => return None,
             }),
-            EVENT_REJECTED => TraceKind::Rejected,
+            EVENT_REJECTED => TraceKind::Rejected {
+                by_nack: match self.byte()? {
+                    0 => false,
+                    1 => true,
+                    _ => return None,
+                },
+            },
             EVENT_DEAD_LETTERED => TraceKind::DeadLettered {
                 reason: match self.byte()? {
                     0 => DeathReason::Rejected,
@@ -200,10 +213,13 @@ mod tests {
             TraceKind::Published(origin),
             TraceKind::Delivered { connection: Some("worker-1".into()), consumer_tag: Some("ctag-1".into()) },
             TraceKind::Delivered { connection: None, consumer_tag: None },
-            TraceKind::Requeued(RequeueCause::Consumer),
+            TraceKind::Requeued(RequeueCause::Nack),
+            TraceKind::Requeued(RequeueCause::Reject),
+            TraceKind::Requeued(RequeueCause::Recover),
             TraceKind::Requeued(RequeueCause::LeaseExpired),
             TraceKind::Requeued(RequeueCause::ChannelClosed),
-            TraceKind::Rejected,
+            TraceKind::Rejected { by_nack: true },
+            TraceKind::Rejected { by_nack: false },
             TraceKind::DeadLettered {
                 reason: DeathReason::DeliveryLimit,
                 exchange: "dlx".into(),

@@ -326,7 +326,8 @@ const named = (text) => el("code", {}, text === "" || text === null || text === 
 const exchangeNamed = (exchange) => (exchange ? [named(exchange)] : [named(""), " (the default exchange)"]);
 
 const DEATH_REASONS = { rejected: "rejected", expired: "expired", maxlen: "queue length limit", delivery_limit: "delivery limit" };
-const REQUEUE_CAUSES = { requeued: "requeued by its consumer", lease_expired: "delivery lease expired", channel_closed: "channel closed" };
+const REQUEUE_CAUSES = { nack: "the consumer sent basic.nack with requeue", reject: "the consumer sent basic.reject with requeue",
+  recover: "the consumer sent basic.recover", lease_expired: "delivery lease expired", channel_closed: "channel closed" };
 
 // One trace event as a sentence (text and <code> names).
 function eventSentence(event) {
@@ -341,7 +342,7 @@ function eventSentence(event) {
     case "requeued":
       return [`Came back: ${REQUEUE_CAUSES[event.cause] || event.cause}`];
     case "rejected":
-      return ["Rejected, not requeued"];
+      return [`Rejected, not requeued (${event.method || "basic.reject"})`];
     case "dead_lettered":
       return [`Dead-lettered (${DEATH_REASONS[event.reason] || event.reason}) to exchange `, ...exchangeNamed(event.exchange),
         " with routing key ", named(event.routing_key)];

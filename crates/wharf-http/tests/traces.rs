@@ -93,7 +93,8 @@ async fn a_dead_letter_shows_who_had_it_and_what_happened_across_a_restart_and_a
         (events[1]["connection"].as_str(), events[1]["consumer_tag"].as_str()),
         (Some("payment-worker"), Some("payments"))
     );
-    assert_eq!(events[2]["cause"], "requeued");
+    assert_eq!(events[2]["cause"], "nack");
+    assert_eq!(events[4]["method"], "basic.reject");
     assert_eq!(events[5]["reason"], "rejected");
     assert_eq!(events[5]["routing_key"], "orders.dlq");
     assert!(events.iter().all(|event| event["queue"] == "orders"), "every event happened in orders: {trace}");

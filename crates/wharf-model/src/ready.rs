@@ -375,7 +375,7 @@ mod tests {
                 let event = crate::trace::TraceEvent {
                     at_ms: id,
                     queue: None,
-                    kind: crate::trace::TraceKind::Requeued(crate::trace::RequeueCause::Consumer),
+                    kind: crate::trace::TraceKind::Requeued(crate::trace::RequeueCause::Reject),
                 };
                 Box::new(crate::trace::TraceLog { events: vec![event], dropped: 0 })
             }),

@@ -57,22 +57,42 @@ pub struct TraceEvent {
 /// Why a delivery came back to its queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequeueCause {
-    /// The consumer asked (`basic.nack`/`basic.reject` with requeue, `basic.recover`).
-    Consumer,
+    /// The consumer sent `basic.nack` with requeue.
+    Nack,
+    /// The consumer sent `basic.reject` with requeue.
+    Reject,
+    /// The consumer sent `basic.recover`.
+    Recover,
     /// Its lease ran out (`x-consumer-timeout` or the vhost's default).
     LeaseExpired,
-    /// Its channel or connection closed (or its consumer went with them) before it was settled.
+    /// Its channel or connection closed (or went before the delivery could be written to it)
+    /// before it was settled.
     ChannelClosed,
 }
 
 impl RequeueCause {
     pub fn as_str(self) -> &'static str {
         match self {
-            RequeueCause::Consumer => "requeued",
+            RequeueCause::Nack => "nack",
+            RequeueCause::Reject => "reject",
+            RequeueCause::Recover => "recover",
             RequeueCause::LeaseExpired => "lease_expired",
             RequeueCause::ChannelClosed => "channel_closed",
         }
     }
+}
+
+/// How a consumer settled a delivery without acknowledging it (for its trace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `basic.nack`.
+    Nack,
+    /// `basic.reject`.
+    Reject,
+    /// `basic.recover` (always with requeue).
+    Recover,
+    /// Not a consumer's doing: the delivery could not be written to its connection.
+    Undelivered,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,8 +104,9 @@ pub enum TraceKind {
     Delivered { connection: Option<String>, consumer_tag: Option<String> },
     /// The delivery came back, unsettled.
     Requeued(RequeueCause),
-    /// Rejected (nack or reject without requeue) by the consumer it was delivered to.
-    Rejected,
+    /// Refused without requeue by the consumer it was delivered to: `basic.nack` (`by_nack`) or
+    /// `basic.reject`.
+    Rejected { by_nack: bool },
     /// Left its queue for a dead-letter exchange (or the automatic dead-letter queue).
     DeadLettered { reason: DeathReason, exchange: String, routing_key: String },
     /// Replayed from the workbench by `user` to `exchange` with `routing_key`.
@@ -174,7 +195,7 @@ mod tests {
     use super::*;
 
     fn event(at_ms: u64) -> TraceEvent {
-        TraceEvent { at_ms, queue: None, kind: TraceKind::Requeued(RequeueCause::Consumer) }
+        TraceEvent { at_ms, queue: None, kind: TraceKind::Requeued(RequeueCause::Nack) }
     }
 
     #[test]

@@ -609,9 +609,10 @@ fn describe_event(event: &Value) -> String {
         "requeued" => match field("cause").as_str() {
             "lease_expired" => "came back: its lease (consumer timeout) ran out".to_owned(),
             "channel_closed" => "came back: the channel closed before it was settled".to_owned(),
-            _ => "came back: the consumer requeued it (nack, reject or recover)".to_owned(),
+            "recover" => "came back: the consumer sent basic.recover".to_owned(),
+            cause => format!("came back: the consumer sent basic.{cause} with requeue"),
         },
-        "rejected" => "rejected by the consumer (no requeue)".to_owned(),
+        "rejected" => format!("rejected by the consumer with {} (no requeue)", field("method")),
         "dead_lettered" => format!(
             "dead-lettered ({}) to exchange '{}' with routing key '{}'",
             field("reason"),

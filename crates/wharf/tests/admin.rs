@@ -172,7 +172,7 @@ async fn admin_traces_replays_moves_and_deletes_dead_letters() {
     assert!(stdout.contains("message 'order-9' in queue 'orders.dlq'"), "{stdout}");
     assert!(stdout.contains("published by connection 'checkout' as user 'guest'"), "{stdout}");
     assert!(stdout.contains("delivered to a basic.get on connection 'checkout'"), "{stdout}");
-    assert!(stdout.contains("rejected by the consumer"), "{stdout}");
+    assert!(stdout.contains("rejected by the consumer with basic.reject"), "{stdout}");
     assert!(stdout.contains("dead-lettered (rejected) to exchange '' with routing key 'orders.dlq'"), "{stdout}");
 
     let (_, stdout, _) = admin(&url, &["--json", "peek", "orders.dlq"]).await;

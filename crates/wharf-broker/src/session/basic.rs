@@ -11,6 +11,7 @@ use crate::outbound::method_frame;
 use std::sync::{Arc, Mutex};
 use wharf_model::ModelError;
 use wharf_model::broker::DIRECT_REPLY_TO;
+use wharf_model::trace::Refusal;
 use wharf_wire::protocol::{AMQPClass, basic, confirm};
 
 impl Session {
@@ -119,11 +120,21 @@ impl Session {
             }
             basic::AMQPMethod::Reject(reject) => self.settle(
                 channel,
-                TxOp::Reject { delivery_tag: reject.delivery_tag, multiple: false, requeue: reject.requeue },
+                TxOp::Reject {
+                    delivery_tag: reject.delivery_tag,
+                    multiple: false,
+                    requeue: reject.requeue,
+                    how: Refusal::Reject,
+                },
             ),
             basic::AMQPMethod::Nack(nack) => self.settle(
                 channel,
-                TxOp::Reject { delivery_tag: nack.delivery_tag, multiple: nack.multiple, requeue: nack.requeue },
+                TxOp::Reject {
+                    delivery_tag: nack.delivery_tag,
+                    multiple: nack.multiple,
+                    requeue: nack.requeue,
+                    how: Refusal::Nack,
+                },
             ),
             basic::AMQPMethod::Recover(recover) => {
                 // Refused before recover-ok is sent, as RabbitMQ (540 only).
@@ -162,8 +173,8 @@ impl Session {
             TxOp::Ack { delivery_tag, multiple } => {
                 self.core.act(|model| Ok(((), model.ack(key, delivery_tag, multiple)?)))
             }
-            TxOp::Reject { delivery_tag, multiple, requeue } => {
-                self.core.act(|model| Ok(((), model.reject(key, delivery_tag, multiple, requeue)?)))
+            TxOp::Reject { delivery_tag, multiple, requeue, how } => {
+                self.core.act(|model| Ok(((), model.refuse(key, delivery_tag, multiple, requeue, how)?)))
             }
             TxOp::Publish(_) => Ok(()),
         }

@@ -23,7 +23,7 @@ pub(super) const TX_OPS_MAX: usize = 65_536;
 pub(super) enum TxOp {
     Publish(Box<(basic::Publish, Message)>),
     Ack { delivery_tag: u64, multiple: bool },
-    Reject { delivery_tag: u64, multiple: bool, requeue: bool },
+    Reject { delivery_tag: u64, multiple: bool, requeue: bool, how: wharf_model::trace::Refusal },
 }
 
 impl Session {

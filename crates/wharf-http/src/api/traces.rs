@@ -35,7 +35,9 @@ pub(crate) fn event_json(event: &TraceEvent) -> Value {
             json!({"event": "delivered", "connection": connection, "consumer_tag": consumer_tag})
         }
         TraceKind::Requeued(cause) => json!({"event": "requeued", "cause": cause.as_str()}),
-        TraceKind::Rejected => json!({"event": "rejected"}),
+        TraceKind::Rejected { by_nack } => {
+            json!({"event": "rejected", "method": if *by_nack { "basic.nack" } else { "basic.reject" }})
+        }
         TraceKind::DeadLettered { reason, exchange, routing_key } => {
             json!({"event": "dead_lettered", "reason": reason.as_str(), "exchange": exchange, "routing_key": routing_key})
         }

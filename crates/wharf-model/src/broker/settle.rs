@@ -9,7 +9,7 @@ use super::{BrokerModel, Effects, Removed, TraceSource, channel_not_open, dead_l
 use crate::deadletter::DeathReason;
 use crate::error::{ModelError, Result};
 use crate::queue::{ChannelKey, Returned};
-use crate::trace::{RequeueCause, TraceKind};
+use crate::trace::{Refusal, RequeueCause, TraceKind};
 use std::collections::BTreeSet;
 
 impl BrokerModel {
@@ -54,6 +54,20 @@ impl BrokerModel {
     /// queue's retry backoff step, if it has one; dead-lettered once over the delivery limit),
     /// else the message leaves, dead-lettered if the queue has a dead-letter exchange.
     pub fn reject(&mut self, key: ChannelKey, delivery_tag: u64, multiple: bool, requeue: bool) -> Result<Effects> {
+        self.refuse(key, delivery_tag, multiple, requeue, Refusal::Reject)
+    }
+
+    /// [`BrokerModel::reject`], saying for the message's trace how it was refused
+    /// (`basic.nack`, `basic.reject`, `basic.recover`, or a delivery that never reached its
+    /// connection).
+    pub fn refuse(
+        &mut self,
+        key: ChannelKey,
+        delivery_tag: u64,
+        multiple: bool,
+        requeue: bool,
+        how: Refusal,
+    ) -> Result<Effects> {
         let vhost = self.channel_vhost(key)?;
         let taken = self.take_outstanding(key, delivery_tag, multiple)?;
         let now_ms = self.now_ms;
@@ -61,12 +75,18 @@ impl BrokerModel {
         let mut touched = BTreeSet::new();
         for outstanding in taken.into_iter().filter(|outstanding| !outstanding.gone) {
             if requeue {
-                self.note_delivery(&vhost, key, &outstanding, TraceKind::Requeued(RequeueCause::Consumer));
+                let cause = match how {
+                    Refusal::Nack => RequeueCause::Nack,
+                    Refusal::Reject => RequeueCause::Reject,
+                    Refusal::Recover => RequeueCause::Recover,
+                    Refusal::Undelivered => RequeueCause::ChannelClosed,
+                };
+                self.note_delivery(&vhost, key, &outstanding, TraceKind::Requeued(cause));
                 self.return_delivery(&vhost, &outstanding.queue, outstanding.entry_id, true, &mut effects);
                 touched.insert(outstanding.queue);
                 continue;
             }
-            self.note_delivery(&vhost, key, &outstanding, TraceKind::Rejected);
+            self.note_delivery(&vhost, key, &outstanding, TraceKind::Rejected { by_nack: how == Refusal::Nack });
             let trace_events_max = self.trace_events_max;
             let Some(queue) = self.vhosts.get_mut(&vhost).and_then(|vhost| vhost.queue_mut(&outstanding.queue)) else {
                 continue;
@@ -99,7 +119,7 @@ impl BrokerModel {
         if !requeue {
             return Err(ModelError::not_implemented("requeue=false"));
         }
-        self.reject(key, 0, true, true)
+        self.refuse(key, 0, true, true, Refusal::Recover)
     }
 
     /// Takes the outstanding deliveries `delivery_tag` names (all up to it with `multiple`; all
