@@ -120,6 +120,41 @@ impl CheckedBroker {
         self.checked(|model| model.recover(key, requeue))
     }
 
+    pub fn set_trace_events_max(&mut self, max: usize) {
+        self.model.set_trace_events_max(max);
+    }
+
+    pub fn add_vhost(&mut self, name: &str) {
+        self.model.add_vhost(name);
+        self.model.check_invariants();
+    }
+
+    pub fn set_policies(&mut self, vhost: &str, policies: Vec<wharf_model::Policy>) -> Effects {
+        self.checked(|model| model.set_policies(vhost, policies))
+    }
+
+    pub fn remove_vhost(&mut self, vhost: &str) -> Option<Effects> {
+        self.checked(|model| model.remove_vhost(vhost))
+    }
+
+    pub fn withdraw(
+        &mut self,
+        vhost: &str,
+        queue: &str,
+        id: u64,
+    ) -> std::result::Result<wharf_model::Entry, wharf_model::WithdrawRefusal> {
+        self.checked(|model| model.withdraw(vhost, queue, id))
+    }
+
+    pub fn reinstate(
+        &mut self,
+        vhost: &str,
+        queue: &str,
+        entry: wharf_model::Entry,
+    ) -> std::result::Result<Effects, wharf_model::Entry> {
+        self.checked(|model| model.reinstate(vhost, queue, entry))
+    }
+
     pub fn purge(&mut self, key: ChannelKey, queue: &str) -> Result<(u32, Effects)> {
         self.checked(|model| model.purge(key, queue))
     }
