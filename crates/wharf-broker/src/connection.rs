@@ -724,8 +724,7 @@ async fn handle_frame<R>(connection: &Connection<R>, session: &mut Session, fram
 }
 
 /// Tells the model what the connection's writer reported: delivery bytes written (so dispatching
-/// to a connection that had too much pending resumes) and consumer deliveries it could not send
-/// (their slots are freed).
+/// to a connection that had too much pending resumes) and deliveries it could not send (requeued).
 fn act_on_writer_reports(core: &Core, session: &Session, backlog: &Backlog) {
     let Reports { written_bytes, unsent } = backlog.reports.take();
     let connection = session.connection();

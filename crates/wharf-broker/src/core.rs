@@ -349,7 +349,15 @@ impl Core {
         if self.config.message_trace_events_max == 0 {
             return None;
         }
-        let connection = info.client_provided_name().unwrap_or_else(|| info.name.clone());
+        let mut connection = info.client_provided_name().unwrap_or_else(|| info.name.clone());
+        // Kept in every trace event that names it: cut as it is stored (255 bytes).
+        if connection.len() > 255 {
+            let mut end = 255;
+            while !connection.is_char_boundary(end) {
+                end -= 1;
+            }
+            connection.truncate(end);
+        }
         self.lock_model().name_connection(id, connection.clone());
         let origin = wharf_model::trace::Origin { connection, user: info.facts.user.clone() };
         Some(Arc::new(wharf_model::trace::Provenance::Published(origin)))

@@ -29,8 +29,10 @@ use wharf_store::{LogId, StoreError};
 #[derive(Debug)]
 pub(crate) struct Relocation {
     pub vhost: String,
-    /// The queue it was taken from (it is put back there if the move cannot start).
+    /// The queue it was taken from (it is put back there if the move cannot be made), and which
+    /// queue of that name it was.
     pub source_queue: String,
+    pub source_incarnation: u64,
     /// Where the source is stored, if it is.
     pub source: Option<StoredAt>,
     /// The entry as it was taken out.
@@ -46,6 +48,8 @@ struct Appended {
     queue: String,
     log: u64,
     seq: u64,
+    /// Where it was written, once durable (to page its body out in a queue over its bound).
+    location: Option<wharf_store::MessageLocation>,
 }
 
 /// A relocation whose copies are written (or need no store).
@@ -74,21 +78,54 @@ impl Core {
                 }
             }
         }
-        // Step 3: every copy durable, then every source's removal durable (one sync for all).
-        let mut failed: Option<String> = None;
-        for begun in &mut started {
-            for ticket in std::mem::take(&mut begun.tickets) {
-                if let Err(error) = ticket.wait() {
-                    self.store_failed(&error);
-                    failed.get_or_insert_with(|| format!("the store failed while writing the copies: {error}"));
+        // Step 3: every copy durable, then every source's removal durable (one sync for all). A
+        // relocation whose copies could not all be written (a target deleted meanwhile, say)
+        // does not happen: its copies are removed and it goes back, and recovery would undo it
+        // the same way (its marker counts a copy that is not there).
+        let mut fatal: Option<String> = None;
+        let mut failed: Vec<(Started, String)> = Vec::new();
+        let mut ready: Vec<Started> = Vec::with_capacity(started.len());
+        for mut begun in started {
+            let mut problem = None;
+            for (index, ticket) in std::mem::take(&mut begun.tickets).into_iter().enumerate() {
+                match ticket.wait() {
+                    Ok(receipt) => {
+                        if let Some(copy) = begun.appended.get_mut(index) {
+                            copy.location = Some(receipt.location);
+                        }
+                    }
+                    Err(error) => {
+                        self.store_failed(&error);
+                        if error.is_fatal() {
+                            fatal.get_or_insert_with(|| format!("the store failed while writing the copies: {error}"));
+                        }
+                        problem.get_or_insert_with(|| format!("a copy could not be written: {error}"));
+                    }
                 }
             }
+            match problem {
+                Some(reason) => failed.push((begun, reason)),
+                None => ready.push(begun),
+            }
         }
-        if let Some(reason) = failed {
+        if let Some(reason) = fatal {
             // The store is failing: the broker stops, and recovery settles each move.
-            outcomes.extend(started.iter().map(|begun| (begun.relocation.entry.id, Err(reason.clone()))));
+            let all = ready
+                .iter()
+                .map(|begun| begun.relocation.entry.id)
+                .chain(failed.iter().map(|(begun, _)| begun.relocation.entry.id));
+            outcomes.extend(all.map(|id| (id, Err(reason.clone()))));
             return outcomes;
         }
+        for (begun, reason) in failed {
+            for copy in &begun.appended {
+                self.remove_stored_record(StoredAt { log: copy.log, seq: copy.seq });
+            }
+            let id = begun.relocation.entry.id;
+            self.put_back(begun.relocation);
+            outcomes.push((id, Err(reason)));
+        }
+        let started = ready;
         for begun in &started {
             if let Some(source) = begun.relocation.source {
                 self.remove_stored_record(source);
@@ -110,10 +147,11 @@ impl Core {
             let vhost = &begun.relocation.vhost;
             let mut stored = begun.appended.iter();
             for queue_name in &begun.relocation.targets {
-                let store_seq = match stored.as_slice().first() {
-                    Some(copy) if copy.queue == *queue_name => stored.next().map(|copy| (copy.log, copy.seq)),
+                let copy = match stored.as_slice().first() {
+                    Some(copy) if copy.queue == *queue_name => stored.next(),
                     _ => None,
                 };
+                let store_seq = copy.map(|copy| (copy.log, copy.seq));
                 // A queue deleted (or deleted and declared again) since its copy was written lost
                 // the copy with its log, as it would have lost it had the copy arrived first.
                 let current_log =
@@ -121,6 +159,23 @@ impl Core {
                 if store_seq.is_some_and(|(log, _)| current_log != Some(log)) {
                     continue;
                 }
+                // A stored copy arriving in a queue over its memory bound leaves its body on disk,
+                // as a publish's would (the record is durable and its place known).
+                let page_out = copy.and_then(|copy| copy.location.map(|location| (copy, location))).and_then(
+                    |(copy, location)| {
+                        let queue = model.vhost(vhost).and_then(|found| found.queue(queue_name))?;
+                        (queue.resident_bytes() >= self.config.queue_body_memory_bytes_max).then(|| {
+                            let paged = wharf_model::PagedBody {
+                                store_log: copy.log,
+                                segment_id: location.segment_id,
+                                offset: location.offset,
+                                record_bytes: location.record_bytes,
+                                body_bytes: begun.message.body_bytes(),
+                            };
+                            (queue.next_entry_id(&begun.message), copy.seq, paged)
+                        })
+                    },
+                );
                 let mut effects = model.enqueue_stored(
                     vhost,
                     queue_name,
@@ -128,6 +183,11 @@ impl Core {
                     store_seq.map(|(_, seq)| seq),
                     false,
                 );
+                if let Some((entry_id, seq, paged)) = page_out
+                    && model.page_out(vhost, queue_name, entry_id, seq, paged)
+                {
+                    model.count_paged_out(1);
+                }
                 self.send(&mut effects);
                 later.push(effects);
             }
@@ -198,7 +258,7 @@ impl Core {
         for ((queue, log), reservation) in stored_targets.into_iter().zip(reservations) {
             match self.store.append_reserved(reservation, now_ms, &meta, &body, None) {
                 Ok(pending) => {
-                    appended.push(Appended { queue, log, seq: pending.seq });
+                    appended.push(Appended { queue, log, seq: pending.seq, location: None });
                     tickets.push(pending.ticket);
                 }
                 Err(error) => {
@@ -215,8 +275,10 @@ impl Core {
     /// Puts a message whose move could not start back in its source queue.
     fn put_back(&self, relocation: Relocation) {
         let mut model = self.lock_model();
-        // If the queue went meanwhile, its log went with it, and the message with both.
-        if let Ok(mut effects) = model.reinstate(&relocation.vhost, &relocation.source_queue, relocation.entry) {
+        // If the queue went meanwhile (or went and was declared again), its log went with it, and
+        // the message with both.
+        let (vhost, queue, incarnation) = (&relocation.vhost, &relocation.source_queue, relocation.source_incarnation);
+        if let Ok(mut effects) = model.reinstate(vhost, queue, incarnation, relocation.entry) {
             self.send(&mut effects);
             drop(model);
             self.apply(effects);

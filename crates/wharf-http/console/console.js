@@ -467,8 +467,13 @@ function workbench(base, queueName, onChange) {
     showResult("busy", `${verb.doing}…`);
     const total = { moved: 0, skipped: [], remaining: 0, stalled: false };
     try {
+      // An "all" repeated covers the ids of the first answer only (`max_id`): copies a replay put
+      // back into this queue get higher ids and are not taken again.
+      let maxId = null;
       for (;;) {
-        const answer = await api("POST", path, { ...body, ...(ids === null ? { all: true } : { ids }) });
+        const selection = ids === null ? { all: true, ...(maxId === null ? {} : { max_id: maxId }) } : { ids };
+        const answer = await api("POST", path, { ...body, ...selection });
+        if (maxId === null) maxId = answer.max_id;
         total.moved += answer.moved_count;
         // Moved messages leave the selection; skipped ones stay, to try again (another target).
         for (const id of answer.moved) selected.delete(id);

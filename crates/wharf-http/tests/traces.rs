@@ -20,6 +20,8 @@ async fn declare_orders(api: &Api) {
 
 async fn publish(connection: &Connection, message_id: &str) {
     let channel = connection.create_channel().await.unwrap();
+    // Confirmed, so the message is in its queue when this returns.
+    channel.confirm_select(Default::default()).await.unwrap();
     let properties = BasicProperties::default().with_delivery_mode(2).with_message_id(message_id.into());
     channel
         .basic_publish("".into(), "orders".into(), BasicPublishOptions::default(), b"{}", properties)

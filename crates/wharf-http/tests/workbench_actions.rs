@@ -63,7 +63,7 @@ async fn replay_sends_dead_letters_back_where_they_died_keeping_their_identity()
     let first = dead[0]["entry_id"].as_u64().unwrap();
     let answer = api.post("/api/queues/%2F/orders.dlq/messages/replay", json!({"ids": [first]})).await;
     assert_eq!(answer.status, 200, "{}", answer.body);
-    assert_eq!(answer.body, json!({"moved": [first], "moved_count": 1, "skipped": [], "remaining": 0}));
+    assert_eq!(answer.body, json!({"moved": [first], "moved_count": 1, "skipped": [], "remaining": 0, "max_id": null}));
 
     assert_eq!(message_ids(&browse(&api, "orders.dlq").await), ["order-2"]);
     let replayed = browse(&api, "orders").await;
@@ -187,5 +187,32 @@ async fn move_and_delete_and_a_user_without_rights_cannot() {
     let api = harness.guest();
     assert_eq!(message_ids(&browse(&api, "parked").await), ["b"]);
     assert!(browse(&api, "orders.dlq").await.is_empty());
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paged_out_dead_letters_replay_from_their_x_death_and_stay_paged() {
+    // Every body beyond the first byte is paged out: the DLQ's messages keep only their raw
+    // properties in memory, and so do the copies a replay puts in `orders`.
+    let mut harness = Harness::start_with(|config| config.queue_body_memory_bytes_max = 1).await;
+    let api = harness.guest();
+    declare_orders(&api).await;
+    for id in ["p-1", "p-2", "p-3"] {
+        publish(&api, "orders", id, json!({"x-replayed-count": 4})).await;
+    }
+    reject_all(&api, 3).await;
+    let dlq = api.get("/api/queues/%2F/orders.dlq").await.body;
+    assert!(dlq["message_bytes_paged_out"].as_u64().unwrap() > 0, "{dlq}");
+
+    let answer = api.post("/api/queues/%2F/orders.dlq/messages/replay", json!({"all": true})).await;
+    assert_eq!(answer.body["moved_count"], 3, "{}", answer.body);
+    let replayed = browse(&api, "orders").await;
+    assert_eq!(message_ids(&replayed), ["p-1", "p-2", "p-3"]);
+    assert_eq!(replayed[0]["properties"]["headers"]["x-replayed-count"], 5, "counted on from the stored header");
+    assert_eq!(replayed[2]["payload"], "body of p-3", "bodies read back from disk");
+    let orders = api.get("/api/queues/%2F/orders").await.body;
+    assert!(orders["message_bytes_paged_out"].as_u64().unwrap() > 0, "the copies are paged out too: {orders}");
+    harness.restart().await;
+    assert_eq!(message_ids(&browse(&harness.guest(), "orders").await), ["p-1", "p-2", "p-3"]);
     harness.stop().await;
 }

@@ -173,7 +173,10 @@ pub fn dead_lettered(
 /// Where a dead letter came from, for a replay: the exchange and first routing key of its newest
 /// `x-death` entry (the hop that brought it here), or `None` if it has no usable `x-death`.
 pub fn death_origin(message: &Message) -> Option<(String, String)> {
-    let Some(AMQPValue::FieldArray(deaths)) = message.headers().and_then(|headers| headers.inner().get("x-death"))
+    // A paged-out message keeps only its raw properties: parse them again.
+    let properties = message.full_properties();
+    let Some(AMQPValue::FieldArray(deaths)) =
+        properties.headers().as_ref().and_then(|headers| headers.inner().get("x-death"))
     else {
         return None;
     };
@@ -193,7 +196,9 @@ pub const REPLAYED_COUNT_HEADER: &str = "x-replayed-count";
 /// included), `x-replayed-count` one higher, routed with `exchange` and `routing_key`.
 pub fn replayed(message: &Message, exchange: &str, routing_key: &str) -> Message {
     let previous = message
+        .full_properties()
         .headers()
+        .as_ref()
         .and_then(|headers| headers.inner().get(REPLAYED_COUNT_HEADER))
         .and_then(crate::settings::integer)
         .unwrap_or(0);
@@ -255,7 +260,9 @@ fn properties_without_expiration(
 /// a dead-letter cycle that involves no rejection: RabbitMQ drops such a message rather than let
 /// it circle forever (for example two queues that expire into each other).
 pub fn closes_cycle(message: &Message, queue: &str) -> bool {
-    let Some(AMQPValue::FieldArray(deaths)) = message.headers().and_then(|headers| headers.inner().get("x-death"))
+    let properties = message.full_properties();
+    let Some(AMQPValue::FieldArray(deaths)) =
+        properties.headers().as_ref().and_then(|headers| headers.inner().get("x-death"))
     else {
         return false;
     };

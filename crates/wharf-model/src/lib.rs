@@ -26,7 +26,7 @@ pub mod vhost;
 
 pub use broker::{
     Admission, BrokerModel, CancelledConsumer, ChannelSummary, ConsumerSummary, Counters, DeletedExchange,
-    DeletedQueue, Delivery, Effects, Removed, StoredAt, WithdrawRefusal,
+    DeletedQueue, Delivery, Effects, Removed, StoredAt, WithdrawRefusal, Withdrawn,
 };
 pub use deadletter::{AutoDeadLetterQueue, DeathReason, Transfer, TransferTarget};
 pub use error::{ModelError, Result, Scope};

@@ -58,6 +58,8 @@ impl PackedEntry {
         let message = &entry.message;
         let paged = message.paged()?;
         if entry.order_key.is_some()
+            // An expiry at the sentinel itself stays whole, so it comes back exactly as it went.
+            || entry.expires_at_ms == Some(NEVER)
             || message.exchange.len() > PACKED_NAME_BYTES_MAX
             || message.routing_key.len() > PACKED_NAME_BYTES_MAX
         {
@@ -68,7 +70,6 @@ impl PackedEntry {
             store_seq: entry.store_seq?,
             paged,
             enqueued_ms: entry.enqueued_ms,
-            // An expiry at the sentinel itself (u64::MAX ms) is as good as never.
             expires_at_ms: entry.expires_at_ms.unwrap_or(NEVER),
             delivery_count: entry.delivery_count,
             redelivered: entry.redelivered,

@@ -62,7 +62,9 @@ fn a_withdrawn_message_leaves_its_queue_whole_and_a_reinstated_one_comes_back_in
         let taken = broker.withdraw("/", "dlq", held[0]).unwrap();
         assert_eq!(ids(&broker, "/", "dlq"), [held[1]]);
         assert_eq!(broker.withdraw("/", "dlq", held[0]).unwrap_err(), WithdrawRefusal::NotFound, "once only");
-        broker.reinstate("/", "dlq", taken).unwrap();
+        // Not into another queue of the same name.
+        let entry = broker.reinstate("/", "dlq", taken.incarnation + 1, taken.entry).unwrap_err();
+        broker.reinstate("/", "dlq", taken.incarnation, entry).unwrap();
         assert_eq!(ids(&broker, "/", "dlq"), held, "back in its place");
         broker.ack(key, delivered.delivery_tag, false).unwrap();
     }

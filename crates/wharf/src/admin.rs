@@ -523,8 +523,14 @@ impl Chosen {
 /// 50,000 per request); the reports added up.
 fn moved(client: &Client, path: &str, request: &Value) -> Result<Value> {
     let mut total = serde_json::json!({"moved": [], "skipped": []});
+    let mut request = request.clone();
     loop {
         let report = client.call("POST", path, Some(request.to_string().as_bytes()))?;
+        // Repeated, an "all" covers the ids of the first answer only: copies a replay put back
+        // into the same queue get higher ids and are not taken again.
+        if request.get("all").is_some() && request.get("max_id").is_none() {
+            request["max_id"] = report["max_id"].clone();
+        }
         for key in ["moved", "skipped"] {
             if let (Some(all), Some(more)) = (total[key].as_array_mut(), report[key].as_array()) {
                 all.extend(more.iter().cloned());

@@ -52,7 +52,7 @@ impl Management {
             return Err(ManagementError::BadRequest("a vhost name is 1 to 255 bytes, without NUL".into()));
         }
         crate::core::blocking(|| {
-            let _definitions = self.core.definitions();
+            let _definitions_lock = self.core.definitions();
             let exists = self.vhost_exists(name);
             if !self.is_configured_vhost(name) {
                 let record = policy_records::encode_vhost(description, tags);
@@ -82,7 +82,7 @@ impl Management {
             }
         }
         crate::core::blocking(|| {
-            let _definitions = self.core.definitions();
+            let definitions_lock = self.core.definitions();
             let keys: Vec<Vec<u8>> = self
                 .core
                 .meta
@@ -96,6 +96,14 @@ impl Management {
             let Some(mut effects) = model.remove_vhost(name) else { return Ok(()) };
             self.core.send(&mut effects);
             drop(model);
+            drop(definitions_lock);
+            // A connection that logged in to it while this ran is closed too; it can open no
+            // channel there any more (the vhost is gone from the model).
+            for info in self.core.connections.infos() {
+                if info.facts.vhost == name {
+                    info.request_close(&format!("vhost '{name}' is deleted"));
+                }
+            }
             let mut logs: Vec<u64> = Vec::new();
             for deleted in std::mem::take(&mut effects.deleted_queues) {
                 logs.extend(deleted.store_log.into_iter().chain(deleted.dedup_log).chain(deleted.transient_log));
@@ -138,7 +146,7 @@ impl Management {
         let record = policy_records::encode_policy(&policy)
             .ok_or_else(|| ManagementError::BadRequest(format!("policy '{name}': the definition cannot be stored")))?;
         crate::core::blocking(|| {
-            let _definitions = self.core.definitions();
+            let definitions_lock = self.core.definitions();
             if !self.vhost_exists(vhost) {
                 return Err(ManagementError::NotFound(format!("no vhost '{vhost}'")));
             }
@@ -151,6 +159,8 @@ impl Management {
             let mut effects = model.set_policies(vhost, policies);
             self.core.send(&mut effects);
             drop(model);
+            // Dead letters may declare an automatic dead-letter queue, which takes this lock.
+            drop(definitions_lock);
             self.core.apply(effects);
             Ok(created)
         })
@@ -165,7 +175,7 @@ impl Management {
             )));
         }
         crate::core::blocking(|| {
-            let _definitions = self.core.definitions();
+            let definitions_lock = self.core.definitions();
             let exists = self
                 .core
                 .lock_model()
@@ -181,6 +191,7 @@ impl Management {
             let mut effects = model.set_policies(vhost, policies);
             self.core.send(&mut effects);
             drop(model);
+            drop(definitions_lock);
             self.core.apply(effects);
             Ok(())
         })

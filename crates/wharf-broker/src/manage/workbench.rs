@@ -25,14 +25,20 @@ use wharf_model::{ExchangeKind, Message, WithdrawRefusal, deadletter};
 pub const MOVE_REQUEST_MESSAGES_MAX: usize = 50_000;
 /// Messages moved per store sync.
 const MOVE_CHUNK_MESSAGES: usize = 500;
+/// Body bytes read into memory per chunk, at most (beyond one message): a chunk of paged-out
+/// bodies is read back whole before its copies are written.
+const MOVE_CHUNK_BYTES_MAX: u64 = 64 * 1024 * 1024;
 
 /// Which messages of the queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selection {
     /// These entry ids (as browsing shows them).
     Ids(Vec<u64>),
-    /// Every ready or waiting message (up to [`MOVE_REQUEST_MESSAGES_MAX`]).
-    All,
+    /// Every ready or waiting message (up to [`MOVE_REQUEST_MESSAGES_MAX`]) whose id is at most
+    /// `max_id` if given: a client repeating an "all" request passes the `max_id` the first
+    /// answer reported, so copies a replay put back into the same queue (which get higher ids)
+    /// are not taken again.
+    All { max_id: Option<u64> },
 }
 
 /// Where a replay sends messages.
@@ -53,6 +59,8 @@ pub struct MoveReport {
     pub skipped: Vec<(u64, String)>,
     /// Ready messages of the selection not looked at (over [`MOVE_REQUEST_MESSAGES_MAX`]).
     pub remaining: usize,
+    /// For an "all" selection: the highest id it covered (what a repeated request passes).
+    pub max_id: Option<u64>,
 }
 
 /// Where one message goes.
@@ -94,11 +102,18 @@ impl Management {
         let stored = {
             let mut model = self.core.lock_model();
             self.usable_source(&model, vhost, queue)?;
-            let entry = model.withdraw(vhost, queue, entry_id).map_err(|refusal| refused(queue, entry_id, refusal))?;
-            model
+            let withdrawn =
+                model.withdraw(vhost, queue, entry_id).map_err(|refusal| refused(queue, entry_id, refusal))?;
+            let mut effects = withdrawn.effects;
+            self.core.send(&mut effects);
+            let entry = withdrawn.entry;
+            let stored = model
                 .vhost(vhost)
                 .and_then(|found| found.queue(queue))
-                .and_then(|found| found.stored_at(entry.store_seq, entry.transient_record))
+                .and_then(|found| found.stored_at(entry.store_seq, entry.transient_record));
+            drop(model);
+            self.core.apply(effects);
+            stored
         };
         if let Some(stored) = stored {
             crate::core::blocking(|| {
@@ -151,25 +166,32 @@ impl Management {
             }
             Plan::Replay(ReplayTarget::Original) => {}
         }
-        let mut ids = {
+        let ids = {
             let model = self.core.lock_model();
             self.usable_source(&model, vhost, queue)?;
             match selection {
-                Selection::Ids(ids) => ids,
-                Selection::All => model
-                    .vhost(vhost)
-                    .and_then(|found| found.queue(queue))
-                    .map(|found| found.movable_ids())
-                    .unwrap_or_default(),
+                Selection::Ids(ids) => (ids, None),
+                Selection::All { max_id } => {
+                    let found = model.vhost(vhost).and_then(|found| found.queue(queue));
+                    let mut ids = found.map(|found| found.movable_ids()).unwrap_or_default();
+                    if let Some(max_id) = max_id {
+                        ids.retain(|id| *id <= max_id);
+                    }
+                    let highest = ids.last().copied().or(max_id);
+                    (ids, highest)
+                }
             }
         };
-        let mut report = MoveReport::default();
+        let (mut ids, max_id) = ids;
+        let mut report = MoveReport { max_id, ..MoveReport::default() };
         if ids.len() > MOVE_REQUEST_MESSAGES_MAX {
             report.remaining = ids.len() - MOVE_REQUEST_MESSAGES_MAX;
             ids.truncate(MOVE_REQUEST_MESSAGES_MAX);
         }
-        for chunk in ids.chunks(MOVE_CHUNK_MESSAGES) {
-            let relocations = self.withdraw_planned(&grant, user, vhost, queue, chunk, &plan, &mut report);
+        let mut rest: &[u64] = &ids;
+        while !rest.is_empty() {
+            let (relocations, looked_at) = self.withdraw_planned(&grant, user, vhost, queue, rest, &plan, &mut report);
+            rest = &rest[looked_at.max(1).min(rest.len())..];
             if relocations.is_empty() {
                 continue;
             }
@@ -185,9 +207,10 @@ impl Management {
         Ok(report)
     }
 
-    /// Step 1 of a move for a chunk of ids: where each message goes, and taking it out of its
-    /// queue, under one model lock. Messages that cannot go are left where they are, in
-    /// `report.skipped` with the reason.
+    /// Step 1 of a move for the next chunk of `ids` (at most [`MOVE_CHUNK_MESSAGES`] messages and
+    /// about [`MOVE_CHUNK_BYTES_MAX`] of bodies): where each message goes, and taking it out of
+    /// its queue, under one model lock. Messages that cannot go are left where they are, in
+    /// `report.skipped` with the reason. Returns the relocations and how many ids it looked at.
     #[allow(clippy::too_many_arguments)]
     fn withdraw_planned(
         &self,
@@ -198,14 +221,27 @@ impl Management {
         ids: &[u64],
         plan: &Plan,
         report: &mut MoveReport,
-    ) -> Vec<Relocation> {
+    ) -> (Vec<Relocation>, usize) {
         let mut relocations = Vec::new();
         let now_ms = self.core.now_ms();
         let mut model = self.core.lock_model();
         let trace_events_max = model.trace_events_max();
+        let mut chunk_bytes = 0u64;
+        let mut later: Vec<wharf_model::Effects> = Vec::new();
+        // What this chunk already sends to each target, for their length limits.
+        let mut pending: std::collections::HashMap<String, (u64, u64)> = std::collections::HashMap::new();
+        let mut looked_at = 0;
         for &id in ids {
-            let Some(vhost) = model.vhost(vhost_name) else { break };
-            let Some(queue) = vhost.queue(queue_name) else { break };
+            if looked_at == MOVE_CHUNK_MESSAGES || chunk_bytes > MOVE_CHUNK_BYTES_MAX {
+                break;
+            }
+            looked_at += 1;
+            let Some((vhost, queue)) =
+                model.vhost(vhost_name).and_then(|vhost| vhost.queue(queue_name).map(|queue| (vhost, queue)))
+            else {
+                report.skipped.push((id, format!("queue '{queue_name}' was deleted")));
+                continue;
+            };
             let Some(entry) = queue.peek(id) else {
                 let refusal =
                     if queue.is_unacked(id) { WithdrawRefusal::Unacknowledged } else { WithdrawRefusal::NotFound };
@@ -241,8 +277,10 @@ impl Management {
                                 "'{exchange}' is a delayed-message exchange: replay to the exchange it routes to"
                             ));
                         }
+                        // A paged-out message keeps only its raw properties: parse them again.
+                        let properties = entry.message.full_properties();
                         let targets = vhost
-                            .route(&exchange, &routing_key, entry.message.headers())
+                            .route(&exchange, &routing_key, properties.headers().as_ref())
                             .map_err(|error| error.text.clone())?;
                         (deadletter::replayed(&entry.message, &exchange, &routing_key), targets)
                     }
@@ -253,7 +291,11 @@ impl Management {
                         message.exchange, message.routing_key
                     ));
                 }
-                if let Some(full) = targets.iter().find(|target| model.would_refuse(vhost_name, target, &message)) {
+                let full = targets.iter().find(|target| {
+                    let (messages, bytes) = pending.get(target.as_str()).copied().unwrap_or((0, 0));
+                    model.would_refuse(vhost_name, target, &message, messages, bytes)
+                });
+                if let Some(full) = full {
                     return Err(format!("queue '{full}' is full and refuses new messages (x-overflow)"));
                 }
                 Ok((message, targets))
@@ -286,18 +328,34 @@ impl Management {
                 message.trace = Some(Arc::new(provenance));
             }
             match model.withdraw(vhost_name, queue_name, id) {
-                Ok(entry) => relocations.push(Relocation {
-                    vhost: vhost_name.to_owned(),
-                    source_queue: queue_name.to_owned(),
-                    source,
-                    entry,
-                    message: Arc::new(message),
-                    targets,
-                }),
+                Ok(withdrawn) => {
+                    let mut effects = withdrawn.effects;
+                    self.core.send(&mut effects);
+                    later.push(effects);
+                    chunk_bytes += message.body_bytes();
+                    for target in &targets {
+                        let counted = pending.entry(target.clone()).or_insert((0, 0));
+                        counted.0 += 1;
+                        counted.1 += message.body_bytes();
+                    }
+                    relocations.push(Relocation {
+                        vhost: vhost_name.to_owned(),
+                        source_queue: queue_name.to_owned(),
+                        source_incarnation: withdrawn.incarnation,
+                        source,
+                        entry: withdrawn.entry,
+                        message: Arc::new(message),
+                        targets,
+                    });
+                }
                 Err(refusal) => report.skipped.push((id, refused(queue_name, id, refusal).to_string())),
             }
         }
-        relocations
+        drop(model);
+        for effects in later {
+            self.core.apply(effects);
+        }
+        (relocations, looked_at)
     }
 
     /// A replay's topic-permission check, as a publish's.

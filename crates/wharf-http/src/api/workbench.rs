@@ -12,7 +12,8 @@
 //! - `DELETE …/messages/{id}`: one message.
 //!
 //! Replay and move answer `{"moved": [ids], "moved_count", "skipped": [{"id", "reason"}],
-//! "remaining"}` once the move is durable; they are crash-safe (`relocate.rs` in the broker).
+//! "remaining", "max_id"}` once the move is durable (with `"all"`, a client repeats the request
+//! with `"max_id"` from the first answer while `remaining` is above 0); they are crash-safe (`relocate.rs` in the broker).
 
 use crate::AppState;
 use crate::amqp_json::properties_to_json;
@@ -134,7 +135,16 @@ fn selection(body: &Value) -> Result<Selection, ApiError> {
     let all = crate::api::body_flag(body, "all", false)?;
     match (body.get("ids"), all) {
         (Some(_), true) => Err(ApiError::bad_request("give ids or all, not both".into())),
-        (None, true) => Ok(Selection::All),
+        (None, true) => {
+            let max_id = match body.get("max_id") {
+                None | Some(Value::Null) => None,
+                Some(Value::Number(number)) => {
+                    Some(number.as_u64().ok_or_else(|| ApiError::bad_request("max_id must be an entry id".into()))?)
+                }
+                Some(other) => return Err(ApiError::bad_request(format!("max_id must be an entry id, not {other}"))),
+            };
+            Ok(Selection::All { max_id })
+        }
         (None, false) => Err(ApiError::bad_request("ids is missing (or give \"all\": true)".into())),
         (Some(Value::Array(items)), false) => {
             if items.len() > wharf_broker::MOVE_REQUEST_MESSAGES_MAX {
@@ -172,6 +182,7 @@ fn report_json(report: &MoveReport) -> Value {
         "moved_count": report.moved.len(),
         "skipped": report.skipped.iter().map(|(id, reason)| json!({"id": id, "reason": reason})).collect::<Vec<_>>(),
         "remaining": report.remaining,
+        "max_id": report.max_id,
     })
 }
 

@@ -42,6 +42,9 @@ impl BrokerModel {
         // Deliveries to the closed channels were requeued into queues now gone: nothing to send.
         effects.deliveries.clear();
         let vhost = self.vhosts.remove(name)?;
+        // Its timers go with it: a vhost of the same name created later numbers its queues'
+        // incarnations from the start again, and must not be reached by these.
+        self.timers.retain(|(_, timer)| timer.vhost() != Some(name));
         for exchange in vhost.exchanges() {
             effects.deleted_exchanges.push(DeletedExchange { vhost: name.to_owned(), exchange: exchange.clone() });
         }

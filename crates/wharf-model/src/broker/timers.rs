@@ -25,6 +25,19 @@ pub(super) enum Timer {
     /// delivery under the default costs no timer of its own (see `sweep_default_leases`).
     DefaultLeases,
 }
+impl Timer {
+    /// The vhost it belongs to (none for channel leases and the default-lease sweep).
+    pub(super) fn vhost(&self) -> Option<&str> {
+        match self {
+            Timer::Expiry { vhost, .. }
+            | Timer::QueueExpires { vhost, .. }
+            | Timer::Backoff { vhost, .. }
+            | Timer::Delayed { vhost, .. } => Some(vhost),
+            Timer::Lease { .. } | Timer::DefaultLeases => None,
+        }
+    }
+}
+
 // Queue timers name the queue's incarnation and lease timers the channel's generation: a queue
 // re-created under the same name numbers its entries from 1 again, and a reopened channel its
 // delivery tags, so a timer of the old one must not touch the new one.

@@ -62,6 +62,13 @@ impl Queue {
         }
     }
 
+    /// Whether `extra_messages` more messages and `extra_bytes` more body bytes would pass the
+    /// queue's length limits.
+    pub(crate) fn would_overflow_with(&self, extra_messages: u64, extra_bytes: u64) -> bool {
+        self.settings.max_length.is_some_and(|max| (self.ready_count() as u64).saturating_add(extra_messages) >= max)
+            || self.settings.max_length_bytes.is_some_and(|max| self.held_bytes.saturating_add(extra_bytes) > max)
+    }
+
     /// Puts back an entry [`Queue::withdraw`] took, when what it was taken for could not be
     /// done: ready again, in its place (behind its key's holder if another took the key).
     pub(crate) fn reinstate(&mut self, entry: Entry) {

@@ -142,7 +142,7 @@ impl CheckedBroker {
         vhost: &str,
         queue: &str,
         id: u64,
-    ) -> std::result::Result<wharf_model::Entry, wharf_model::WithdrawRefusal> {
+    ) -> std::result::Result<wharf_model::Withdrawn, wharf_model::WithdrawRefusal> {
         self.checked(|model| model.withdraw(vhost, queue, id))
     }
 
@@ -150,9 +150,10 @@ impl CheckedBroker {
         &mut self,
         vhost: &str,
         queue: &str,
+        incarnation: u64,
         entry: wharf_model::Entry,
     ) -> std::result::Result<Effects, wharf_model::Entry> {
-        self.checked(|model| model.reinstate(vhost, queue, entry))
+        self.checked(|model| model.reinstate(vhost, queue, incarnation, entry))
     }
 
     pub fn purge(&mut self, key: ChannelKey, queue: &str) -> Result<(u32, Effects)> {
