@@ -5,7 +5,9 @@
 //! the naive one-sync-per-message limit), `synced_seq_mb_per_s` (1 MiB writes each fdatasynced,
 //! the disk's synced bandwidth), `appends_per_s_{1,8,64}` (durable 1 KiB appends to one queue by
 //! that many concurrent appenders, each waiting for its confirm), `appends_per_s_64_queues` (64
-//! appenders on 64 queues), `large_batch_mb_per_s` (64 appenders of 64 KiB records) and
+//! appenders on 64 queues), `appends_per_s_1000_queues` (64 appenders going round 1,000 queues),
+//! `appends_per_s_64_queues_in_flight` (64 appends in flight from one thread over 64 queues),
+//! `large_batch_mb_per_s` (64 appenders of 64 KiB records) and
 //! `recovery_1m_s` (opening a store that holds 1,000,000 live 100-byte messages).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -84,7 +86,9 @@ fn fresh_store(dir: &Path, name: &str) -> (Store, PathBuf) {
 }
 
 /// `appenders` threads append `record_bytes` bodies, each waiting for its confirm before the next.
-/// Returns (appends per second, batches per second).
+/// With more queues than appenders, each thread goes round its share of them (thread `i` takes
+/// queues `i`, `i + appenders`, …), so every queue is written. Returns (appends per second,
+/// batches per second).
 fn append_rate(dir: &Path, appenders: usize, queues: usize, record_bytes: usize, phase: Duration) -> (f64, f64) {
     let (store, path) = fresh_store(dir, &format!("appends-{appenders}-{queues}-{record_bytes}"));
     let queue_ids: Vec<LogId> = (0..queues).map(|_| store.create_log().unwrap().wait().unwrap()).collect();
@@ -95,11 +99,14 @@ fn append_rate(dir: &Path, appenders: usize, queues: usize, record_bytes: usize,
     let threads: Vec<_> = (0..appenders)
         .map(|index| {
             let (store, stop, done) = (store.clone(), Arc::clone(&stop), Arc::clone(&done));
-            let queue = queue_ids[index % queue_ids.len()];
+            let own: Vec<LogId> = queue_ids.iter().skip(index % queue_ids.len()).step_by(appenders).copied().collect();
             std::thread::spawn(move || {
                 let body = vec![index as u8; record_bytes];
-                while !stop.load(Ordering::Relaxed) {
-                    store.append(queue, 0, b"", &body).unwrap().wait().unwrap();
+                for queue in own.iter().cycle() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    store.append(*queue, 0, b"", &body).unwrap().wait().unwrap();
                     done.fetch_add(1, Ordering::Relaxed);
                 }
             })
@@ -130,15 +137,18 @@ fn cpu_seconds() -> f64 {
 
 /// One submitting thread keeps `in_flight` appends outstanding, replacing each as it completes:
 /// the load 64 publishers multiplexed on an async runtime present, without 64 OS threads to wake.
-fn in_flight_rate(dir: &Path, in_flight: usize, phase: Duration) -> f64 {
-    let (store, path) = fresh_store(dir, &format!("in-flight-{in_flight}"));
-    let queue = store.create_log().unwrap().wait().unwrap();
+/// The appends go round `queues` queues.
+fn in_flight_rate(dir: &Path, in_flight: usize, queues: usize, phase: Duration) -> f64 {
+    let (store, path) = fresh_store(dir, &format!("in-flight-{in_flight}-{queues}"));
+    let queue_ids: Vec<LogId> = (0..queues).map(|_| store.create_log().unwrap().wait().unwrap()).collect();
+    let mut next_queue = queue_ids.iter().cycle();
     let body = vec![1u8; 1024];
     let mut window = std::collections::VecDeque::with_capacity(in_flight);
     let start = Instant::now();
     let mut done = 0u64;
     while start.elapsed() < phase {
         while window.len() < in_flight {
+            let queue = *next_queue.next().unwrap();
             window.push_back(store.append(queue, 0, b"", &body).unwrap());
         }
         if let Some(oldest) = window.pop_front() {
@@ -205,7 +215,7 @@ fn main() {
         appends.push(rate);
     }
     let cpu_before = cpu_seconds();
-    let in_flight = in_flight_rate(dir, 64, options.phase);
+    let in_flight = in_flight_rate(dir, 64, 1, options.phase);
     let cpu = (cpu_seconds() - cpu_before) / options.phase.as_secs_f64();
     println!(
         "64 in flight from one thread, 1 KiB:  {in_flight:>10.0} appends/s ({:.1}x the sync loop, {:.0}% CPU)",
@@ -213,7 +223,20 @@ fn main() {
         cpu * 100.0
     );
     let (spread, _) = append_rate(dir, 64, 64, 1024, options.phase);
-    println!("64 appenders, 64 queues, 1 KiB:      {spread:>10.0} appends/s");
+    println!(
+        "64 appenders, 64 queues, 1 KiB:      {spread:>10.0} appends/s ({:.1}x the sync loop)",
+        spread / fsync_loop
+    );
+    let (spread_1000, _) = append_rate(dir, 64, 1000, 1024, options.phase);
+    println!(
+        "64 appenders, 1,000 queues, 1 KiB:   {spread_1000:>10.0} appends/s ({:.1}x the sync loop)",
+        spread_1000 / fsync_loop
+    );
+    let in_flight_queues = in_flight_rate(dir, 64, 64, options.phase);
+    println!(
+        "64 in flight over 64 queues, 1 KiB:  {in_flight_queues:>10.0} appends/s ({:.1}x the sync loop)",
+        in_flight_queues / fsync_loop
+    );
     let (large, _) = append_rate(dir, 64, 1, 64 * 1024, options.phase);
     let large_mb = large * 64.0 * 1024.0 / 1e6;
     println!(
@@ -224,7 +247,7 @@ fn main() {
     println!("recovery of {} live messages:  {recovery:>10.3} s", options.recovery_messages);
 
     println!(
-        "{{\"fsync_loop_per_s\":{fsync_loop:.0},\"synced_seq_mb_per_s\":{seq:.1},\"appends_per_s_1\":{:.0},\"appends_per_s_8\":{:.0},\"appends_per_s_64\":{:.0},\"appends_per_s_64_in_flight\":{in_flight:.0},\"appends_per_s_64_queues\":{spread:.0},\"large_batch_mb_per_s\":{large_mb:.1},\"recovery_1m_s\":{recovery:.3},\"recovery_messages\":{}}}",
+        "{{\"fsync_loop_per_s\":{fsync_loop:.0},\"synced_seq_mb_per_s\":{seq:.1},\"appends_per_s_1\":{:.0},\"appends_per_s_8\":{:.0},\"appends_per_s_64\":{:.0},\"appends_per_s_64_in_flight\":{in_flight:.0},\"appends_per_s_64_queues\":{spread:.0},\"appends_per_s_1000_queues\":{spread_1000:.0},\"appends_per_s_64_queues_in_flight\":{in_flight_queues:.0},\"large_batch_mb_per_s\":{large_mb:.1},\"recovery_1m_s\":{recovery:.3},\"recovery_messages\":{}}}",
         appends[0], appends[1], appends[2], options.recovery_messages
     );
 }
