@@ -222,3 +222,31 @@ async fn paged_out_dead_letters_replay_from_their_x_death_and_stay_paged() {
     assert_eq!(message_ids(&browse(&harness.guest(), "orders").await), ["p-1", "p-2", "p-3"]);
     harness.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_connections_exclusive_queue_is_not_browsed_traced_or_replayed() {
+    let harness = Harness::start().await;
+    let api = harness.guest();
+    let connection = harness.amqp("owner").await;
+    let channel = connection.create_channel().await.unwrap();
+    let exclusive = lapin::options::QueueDeclareOptions { exclusive: true, ..Default::default() };
+    channel.queue_declare("mine".into(), exclusive, lapin::types::FieldTable::default()).await.unwrap();
+    assert_eq!(api.put("/api/queues/%2F/parked", json!({"durable": true})).await.status, 201);
+    for (method, path, body) in [
+        ("GET", "/api/queues/%2F/mine/messages", None),
+        ("GET", "/api/queues/%2F/mine/messages/1/trace", None),
+        ("POST", "/api/queues/%2F/mine/messages/replay", Some(json!({"all": true}))),
+        ("POST", "/api/queues/%2F/mine/messages/move", Some(json!({"all": true, "queue": "parked"}))),
+        ("DELETE", "/api/queues/%2F/mine/messages/1", None),
+    ] {
+        let answer = api.call(method, path, body).await;
+        assert_eq!(answer.status, 400, "{method} {path}: {}", answer.body);
+        assert!(
+            answer.body["reason"].as_str().unwrap().contains("exclusive access to locked queue 'mine'"),
+            "{}",
+            answer.body
+        );
+    }
+    connection.close(200, "done".into()).await.unwrap();
+    harness.stop().await;
+}

@@ -43,6 +43,21 @@ pub struct BrowsePage {
     pub messages: Vec<BrowsedMessage>,
 }
 
+/// A queue the management interface may read (browse, trace, take messages from): it exists,
+/// and it is not another connection's exclusive queue (the API's connection owns none), which is
+/// refused as a `basic.get` on it would be (405, the model's `check_exclusive`).
+pub(super) fn readable_queue<'m>(
+    model: &'m wharf_model::BrokerModel,
+    vhost: &str,
+    queue: &str,
+) -> Result<&'m wharf_model::Queue, ManagementError> {
+    let found = model.vhost(vhost).and_then(|found| found.queue(queue).map(|queue| (found, queue)));
+    let (found, queue_found) =
+        found.ok_or_else(|| ManagementError::NotFound(format!("no queue '{queue}' in vhost '{vhost}'")))?;
+    found.check_exclusive(queue_found, wharf_model::ConnectionId(u64::MAX))?;
+    Ok(queue_found)
+}
+
 impl Management {
     /// `take` messages of a queue from position `skip` (at most [`BROWSE_PAGE_SIZE_MAX`]),
     /// needing the read permission on it, as a get does.
@@ -59,19 +74,7 @@ impl Management {
         let take = take.min(BROWSE_PAGE_SIZE_MAX);
         let (total, entries) = {
             let model = self.core.lock_model();
-            let found = model.vhost(vhost).and_then(|found| found.queue(queue));
-            let found =
-                found.ok_or_else(|| ManagementError::NotFound(format!("no queue '{queue}' in vhost '{vhost}'")))?;
-            // Another connection's exclusive queue is its own, for browsing as for a get.
-            if found.exclusive_owner.is_some() {
-                return Err(ManagementError::Refused {
-                    code: 405,
-                    text: format!(
-                        "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '{queue}' in vhost '{vhost}'"
-                    ),
-                });
-            }
-            found.browse(skip, take)
+            readable_queue(&model, vhost, queue)?.browse(skip, take)
         };
         // Bodies are read after the lock is released; a message acknowledged meanwhile may have
         // lost its record, and is shown without its body rather than failing the page.

@@ -63,18 +63,7 @@ impl Management {
         let grant = self.grant(user, vhost)?;
         grant.check(Right::Read, Resource::Queue, queue)?;
         let model = self.core.lock_model();
-        let found = model.vhost(vhost).and_then(|found| found.queue(queue));
-        let found = found.ok_or_else(|| ManagementError::NotFound(format!("no queue '{queue}' in vhost '{vhost}'")))?;
-        // Another connection's exclusive queue is its own, for traces as for browsing.
-        if found.exclusive_owner.is_some() {
-            return Err(ManagementError::Refused {
-                code: 405,
-                text: format!(
-                    "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '{queue}' in vhost '{vhost}'"
-                ),
-            });
-        }
-        let (entry, state) = found
+        let (entry, state) = super::browse::readable_queue(&model, vhost, queue)?
             .entry(entry_id)
             .ok_or_else(|| ManagementError::NotFound(format!("no message {entry_id} in queue '{queue}'")))?;
         drop(model);

@@ -101,7 +101,7 @@ impl Management {
         grant.check(Right::Read, Resource::Queue, queue)?;
         let stored = {
             let mut model = self.core.lock_model();
-            self.usable_source(&model, vhost, queue)?;
+            super::browse::readable_queue(&model, vhost, queue)?;
             let withdrawn =
                 model.withdraw(vhost, queue, entry_id).map_err(|refusal| refused(queue, entry_id, refusal))?;
             let mut effects = withdrawn.effects;
@@ -124,20 +124,6 @@ impl Management {
                 self.core.store_failed(&error);
                 ManagementError::Refused { code: 541, text: format!("the removal could not be stored: {error}") }
             })?;
-        }
-        Ok(())
-    }
-
-    fn usable_source(&self, model: &wharf_model::BrokerModel, vhost: &str, queue: &str) -> Result<(), ManagementError> {
-        let found = model.vhost(vhost).and_then(|found| found.queue(queue));
-        let found = found.ok_or_else(|| ManagementError::NotFound(format!("no queue '{queue}' in vhost '{vhost}'")))?;
-        if found.exclusive_owner.is_some() {
-            return Err(ManagementError::Refused {
-                code: 405,
-                text: format!(
-                    "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '{queue}' in vhost '{vhost}'"
-                ),
-            });
         }
         Ok(())
     }
@@ -168,7 +154,7 @@ impl Management {
         }
         let ids = {
             let model = self.core.lock_model();
-            self.usable_source(&model, vhost, queue)?;
+            super::browse::readable_queue(&model, vhost, queue)?;
             match selection {
                 Selection::Ids(ids) => (ids, None),
                 Selection::All { max_id } => {

@@ -109,7 +109,8 @@ fn required_text(body: &Value, name: &str) -> Result<String, ApiError> {
 }
 
 /// RabbitMQ's `tags`: a comma-separated string or a list of strings.
-fn tags(body: &Value) -> Result<Vec<String>, ApiError> {
+/// `tags` of a user or a vhost: `"a,b"` or `["a", "b"]`.
+pub(crate) fn tags(body: &Value) -> Result<Vec<String>, ApiError> {
     match body.get("tags") {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::String(text)) => {

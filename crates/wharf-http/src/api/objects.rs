@@ -103,14 +103,7 @@ async fn put_vhost(
         Some(Value::String(text)) => text.clone(),
         Some(other) => return Err(ApiError::bad_request(format!("description must be a string, not {other}"))),
     };
-    let tags: Vec<String> = match body.get("tags") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::String(text)) => {
-            text.split(',').map(str::trim).filter(|tag| !tag.is_empty()).map(str::to_owned).collect()
-        }
-        Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
-        Some(other) => return Err(ApiError::bad_request(format!("tags must be a string or a list, not {other}"))),
-    };
+    let tags = super::access::tags(&body)?;
     let created = state.management.put_vhost(&name, &description, &tags)?;
     Ok(if created { StatusCode::CREATED } else { StatusCode::NO_CONTENT })
 }

@@ -109,12 +109,22 @@ impl BrokerModel {
         transient_record: bool,
     ) -> Effects {
         let now_ms = self.now_ms;
-        let trace_events_max = self.trace_events_max;
         let mut effects = Effects::default();
         let Some(queue) = self.vhosts.get_mut(vhost).and_then(|vhost| vhost.queue_mut(queue_name)) else {
             return effects;
         };
         queue.enqueue(message, store_seq, transient_record, now_ms);
+        self.drop_head_over_limits(vhost, queue_name, &mut effects);
+        effects.merge(self.dispatch(vhost, queue_name));
+        effects
+    }
+
+    /// With `x-overflow: drop-head`, drops (or dead-letters, reason `maxlen`) a queue's oldest
+    /// ready messages while it holds more than its length limits allow: after an enqueue, and
+    /// after a policy lowered its limits.
+    pub(super) fn drop_head_over_limits(&mut self, vhost: &str, queue_name: &str, effects: &mut Effects) {
+        let (now_ms, trace_events_max) = (self.now_ms, self.trace_events_max);
+        let Some(queue) = self.vhosts.get_mut(vhost).and_then(|vhost| vhost.queue_mut(queue_name)) else { return };
         while let Some(entry) = queue.drop_head_over_limits() {
             self.counters.dropped_by_length += 1;
             let source = Removed::of(vhost, queue, &entry);
@@ -127,12 +137,10 @@ impl BrokerModel {
                 Some(source),
                 DeathReason::MaxLen,
                 now_ms,
-                &mut effects,
+                effects,
                 &mut self.counters,
             );
         }
-        effects.merge(self.dispatch(vhost, queue_name));
-        effects
     }
 
     /// A publish `reject-publish-dlx` refused: dead-letter it (reason `maxlen`).

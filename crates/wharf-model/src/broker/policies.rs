@@ -15,8 +15,7 @@
 //!   the new policy cannot be merged (an invalid value for it) keeps its settings.
 
 use super::timers::Timer;
-use super::{BrokerModel, DeletedExchange, Effects, Removed, TraceSource, dead_letter};
-use crate::deadletter::DeathReason;
+use super::{BrokerModel, DeletedExchange, Effects};
 use crate::policy::Policy;
 
 impl BrokerModel {
@@ -55,8 +54,6 @@ impl BrokerModel {
     /// Returns what the runtime must carry out (drop-head dead letters, dispatches).
     pub fn set_policies(&mut self, vhost_name: &str, policies: Vec<Policy>) -> Effects {
         let mut effects = Effects::default();
-        let now_ms = self.now_ms;
-        let trace_events_max = self.trace_events_max;
         let Some(vhost) = self.vhosts.get_mut(vhost_name) else { return effects };
         vhost.set_policies(policies);
         let exchanges: Vec<(String, crate::exchange::ExchangeKind, wharf_wire::types::FieldTable)> = vhost
@@ -76,22 +73,10 @@ impl BrokerModel {
             let Ok(settings) = vhost.queue_settings(&name, &arguments) else { continue };
             let Some(queue) = vhost.queue_mut(&name) else { continue };
             queue.apply_policy_settings(settings);
-            while let Some(entry) = queue.drop_head_over_limits() {
-                self.counters.dropped_by_length += 1;
-                let source = Removed::of(vhost_name, queue, &entry);
-                dead_letter(
-                    vhost_name,
-                    queue,
-                    &entry.message,
-                    entry.delivery_count,
-                    TraceSource::of(&entry, trace_events_max),
-                    Some(source),
-                    DeathReason::MaxLen,
-                    now_ms,
-                    &mut effects,
-                    &mut self.counters,
-                );
-            }
+            self.drop_head_over_limits(vhost_name, &name, &mut effects);
+            let Some(queue) = self.vhosts.get_mut(vhost_name).and_then(|vhost| vhost.queue_mut(&name)) else {
+                continue;
+            };
             if let Some(due_ms) = queue.arm_expires_if_unused() {
                 let timer = Timer::QueueExpires {
                     vhost: vhost_name.to_owned(),
