@@ -54,6 +54,8 @@ pub const SEGMENT_SEQ_SPAN_MAX: u64 = 1 << 25;
 pub const SEGMENT_MAGIC: [u8; 8] = *b"WHARFSEG";
 /// Magic of an ack-log segment file.
 pub const ACK_MAGIC: [u8; 8] = *b"WHARFACK";
+/// Magic of the journal file (`journal.rs`).
+pub const JOURNAL_MAGIC: [u8; 8] = *b"WHARFJNL";
 /// Magic of the metadata log file.
 pub const META_MAGIC: [u8; 8] = *b"WHARFMTA";
 
@@ -69,6 +71,9 @@ pub enum RecordKind {
     DeliveryCount = 3,
     /// A batch of metadata changes: payload = encoded changes (see `meta.rs`).
     MetaBatch = 4,
+    /// A segment write carried by the journal: `a` = queue id, `b` = offset in the segment;
+    /// payload = generation (u64) ++ segment id (u64) ++ the segment's bytes (see `journal.rs`).
+    JournalWrite = 5,
 }
 
 impl RecordKind {
@@ -78,6 +83,7 @@ impl RecordKind {
             2 => Some(RecordKind::Removal),
             3 => Some(RecordKind::DeliveryCount),
             4 => Some(RecordKind::MetaBatch),
+            5 => Some(RecordKind::JournalWrite),
             _ => None,
         }
     }

@@ -26,6 +26,7 @@ mod error;
 pub mod format;
 mod fs;
 mod histogram;
+mod journal;
 mod layout;
 mod live_set;
 mod meta;
@@ -38,6 +39,7 @@ mod writer;
 pub use error::{Result, StoreError};
 pub use fs::{CrashMode, DirEntry, Fs, FsFile, OpenMode, RealFs, SimFs};
 pub use histogram::{BATCH_APPENDS_BOUNDS, Histogram, HistogramSnapshot, SYNC_LATENCY_BOUNDS_US};
+pub use journal::{JOURNAL_BYTES_LIMIT, JOURNAL_WRITE_BYTES_LIMIT};
 pub use meta::{
     Definitions, META_ENTRIES_MAX, META_KEY_BYTES_MAX, META_VALUE_BYTES_MAX, MetaChange, MetaRecovered, MetaStore,
 };

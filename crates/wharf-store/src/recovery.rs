@@ -2,6 +2,8 @@
 //! messages, after any crash.
 //!
 //! Order of work, and why:
+//! 0. Replay the shared journal (`journal.rs`) into the segments and sync them: a segment written
+//!    through the journal may have lost, after a power loss, writes the journal still holds.
 //! 1. Finish interrupted queue deletions (`*.deleted` directories) and drop torn queue creations.
 //! 2. Scan every segment: verify each record; report damaged stretches (never returned as
 //!    messages); cut the torn tail of each queue's last segment, which is where a crash leaves one.
@@ -10,6 +12,8 @@
 //!    the page cache; syncing it first means a later power loss cannot take back a message
 //!    recovery already reported, or a delivery count it already raised.
 //! 5. Delete segments with no live message, then ack-log segments no remaining segment needs.
+//! 6. Start the journal over (or create it: the migration of a data directory from before it),
+//!    now that every segment it spoke of is synced.
 //!
 //! Seqs and queue ids continue above the highest ever seen, in segments *or* in the ack log, so a
 //! surviving removal record can never match a new message.
@@ -317,6 +321,9 @@ pub(crate) fn recover(
     let mut max_queue_id = 0u64;
     let mut buffer = Vec::new();
 
+    // 0: the journal.
+    let replayed = crate::journal::replay(fs.as_ref(), dir, &mut issues)?;
+
     // 1 and 2: queues and their segments.
     let mut scans: HashMap<LogId, QueueScan> = HashMap::new();
     let entries = fs.read_dir(&queues_dir).map_err(io_error(format!("listing {}", queues_dir.display())))?;
@@ -567,6 +574,8 @@ pub(crate) fn recover(
     // Skip whatever the last reservation covered: some of those ids may have been handed out.
     let next_queue_id =
         max_queue_id.checked_add(1).ok_or_else(|| id_exhausted(&queues_dir))?.max(reservation.unwrap_or(0));
+    // 6: every segment is synced by now.
+    let journal = crate::journal::open_for_writing(fs.as_ref(), dir, config.journal_bytes, replayed.generation)?;
     let state = WriterState {
         fs,
         dir: dir.to_path_buf(),
@@ -577,6 +586,7 @@ pub(crate) fn recover(
         next_queue_id,
         queue_ids_reserved_until: next_queue_id,
         deletion_candidates: BTreeSet::new(),
+        journal,
     };
     Ok((state, recovered))
 }

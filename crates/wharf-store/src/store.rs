@@ -118,6 +118,14 @@ pub struct StoreConfig {
     /// the same whatever it covers, so fewer, larger batches move more messages per CPU second;
     /// a lone synchronous appender (batches of one) never waits. 0 disables the wait.
     pub group_commit_delay_us: u64,
+    /// Size of the shared journal (`journal.rs`): a batch that dirties several segments is made
+    /// durable by one sync of the journal, and the segments are synced at checkpoints, each time
+    /// the journal fills. 0 runs without a journal: every dirtied segment is synced in its batch.
+    pub journal_bytes: u64,
+    /// A batch's write to one segment larger than this skips the journal and is synced in its
+    /// segment (a large write fills a sync on its own; through the journal it would be written
+    /// twice).
+    pub journal_write_bytes_max: usize,
 }
 
 impl Default for StoreConfig {
@@ -131,6 +139,8 @@ impl Default for StoreConfig {
             ack_sync_interval_ms: 200,
             queue_count_max: 100_000,
             group_commit_delay_us: 1_000,
+            journal_bytes: 64 * 1024 * 1024,
+            journal_write_bytes_max: 256 * 1024,
         }
     }
 }
@@ -156,6 +166,21 @@ impl StoreConfig {
         let ack_ceiling = SEGMENT_FILE_BYTES_LIMIT - BATCH_BYTES_LIMIT as u64;
         if self.ack_segment_bytes_max < floor || self.ack_segment_bytes_max > ack_ceiling {
             return Err(StoreError::Config(format!("ack_segment_bytes_max must be between {floor} and {ack_ceiling}")));
+        }
+        let journal_floor = 1024;
+        if self.journal_bytes != 0
+            && (self.journal_bytes < journal_floor || self.journal_bytes > crate::journal::JOURNAL_BYTES_LIMIT)
+        {
+            return Err(StoreError::Config(format!(
+                "journal_bytes must be 0 (no journal) or between {journal_floor} and {}",
+                crate::journal::JOURNAL_BYTES_LIMIT
+            )));
+        }
+        if self.journal_write_bytes_max > crate::journal::JOURNAL_WRITE_BYTES_LIMIT {
+            return Err(StoreError::Config(format!(
+                "journal_write_bytes_max must be at most {}",
+                crate::journal::JOURNAL_WRITE_BYTES_LIMIT
+            )));
         }
         if self.pending_ops_max == 0 || self.batch_bytes_max == 0 || self.queue_count_max == 0 {
             return Err(StoreError::Config(
@@ -260,7 +285,7 @@ pub struct StoreStats {
     pub batches: u64,
     /// Records appended (messages).
     pub appends: u64,
-    /// `fdatasync` calls on data files (segments and ack log).
+    /// `fdatasync` calls on data files (segments, the journal and the ack log).
     pub data_syncs: u64,
     /// Completed syncs of the ack log: every removal or delivery count written before one of
     /// these is durable.
@@ -269,6 +294,9 @@ pub struct StoreStats {
     pub segments_deleted: u64,
     /// Ack-log segments deleted because no live segment needs them.
     pub ack_segments_deleted: u64,
+    /// Journal checkpoints: the segments written through the journal were synced and the journal
+    /// started over.
+    pub checkpoints: u64,
 }
 
 #[derive(Debug)]
@@ -283,6 +311,7 @@ pub(crate) struct Counters {
     pub ack_log_syncs: AtomicU64,
     pub segments_deleted: AtomicU64,
     pub ack_segments_deleted: AtomicU64,
+    pub checkpoints: AtomicU64,
 }
 
 impl Default for Counters {
@@ -296,6 +325,7 @@ impl Default for Counters {
             ack_log_syncs: AtomicU64::new(0),
             segments_deleted: AtomicU64::new(0),
             ack_segments_deleted: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
         }
     }
 }
@@ -730,6 +760,7 @@ impl Store {
             ack_log_syncs: counters.ack_log_syncs.load(Ordering::Relaxed),
             segments_deleted: counters.segments_deleted.load(Ordering::Relaxed),
             ack_segments_deleted: counters.ack_segments_deleted.load(Ordering::Relaxed),
+            checkpoints: counters.checkpoints.load(Ordering::Relaxed),
         }
     }
 

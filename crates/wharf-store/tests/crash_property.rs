@@ -13,6 +13,12 @@
 //! - each queue's messages come back in append order; deleted queues stay deleted and their ids
 //!   are never handed out again;
 //! - delivery counts never go backwards, never fall below a synced count, never exceed what was set.
+//!
+//! The store runs with a small shared journal (so checkpoints start it over often) or none, and
+//! may be reopened with the other setting after a crash: from none to one is the migration of a
+//! data directory written before the journal, crashed during recovery like any other. Crashes are
+//! also scheduled a few file-system operations ahead while the store keeps working, so they land
+//! inside batches, checkpoints and the deletion of fully removed segments (reclamation).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use proptest::prelude::*;
@@ -24,15 +30,41 @@ const DATA_DIR: &str = "/data";
 
 #[derive(Debug, Clone)]
 enum Action {
-    Append { queue: usize, body_bytes: usize, wait: bool },
-    Remove { queue: usize, pick: usize },
-    CountDelivery { queue: usize, pick: usize },
+    Append {
+        queue: usize,
+        body_bytes: usize,
+        wait: bool,
+    },
+    Remove {
+        queue: usize,
+        pick: usize,
+    },
+    CountDelivery {
+        queue: usize,
+        pick: usize,
+    },
     Sync,
     FailNextSync,
-    FillDisk { room_bytes: u64 },
+    FillDisk {
+        room_bytes: u64,
+    },
     FreeDisk,
-    RecreateQueue { queue: usize },
-    Crash { mode: CrashMode, during_recovery: Option<u64> },
+    RecreateQueue {
+        queue: usize,
+    },
+    Crash {
+        mode: CrashMode,
+        during_recovery: Option<u64>,
+    },
+    /// A crash after this many more file-system operations, wherever the store then is.
+    CrashSoon {
+        operations: u64,
+    },
+    /// Appends to several queues submitted while syncs are held, so they share a batch (which
+    /// goes through the journal when there is one), left in flight.
+    Burst {
+        appends: Vec<(usize, usize)>,
+    },
 }
 
 fn crash_mode() -> impl Strategy<Value = CrashMode> {
@@ -52,6 +84,8 @@ fn action() -> impl Strategy<Value = Action> {
         1 => (0..QUEUES).prop_map(|queue| Action::RecreateQueue { queue }),
         6 => (crash_mode(), proptest::option::weighted(0.3, 0u64..60))
             .prop_map(|(mode, during_recovery)| Action::Crash { mode, during_recovery }),
+        2 => (0u64..12).prop_map(|operations| Action::CrashSoon { operations }),
+        8 => proptest::collection::vec((0..QUEUES, 0usize..300), 2..6).prop_map(|appends| Action::Burst { appends }),
     ]
 }
 
@@ -113,6 +147,10 @@ struct Harness {
     queue_ids: Vec<LogId>,
     in_flight: Vec<(u64, PendingAppend)>,
     model: Model,
+    /// The journal size to switch to at each reopen (alternating with the current one).
+    journal_bytes_on_reopen: Option<u64>,
+    /// A crash was scheduled and may have happened, in an unknown mode.
+    crash_scheduled: bool,
 }
 
 impl Harness {
@@ -128,6 +166,8 @@ impl Harness {
             queue_ids,
             in_flight: Vec::new(),
             model: Model { live: vec![BTreeMap::new(); QUEUES], ..Model::default() },
+            journal_bytes_on_reopen: None,
+            crash_scheduled: false,
         }
     }
 
@@ -176,6 +216,13 @@ impl Harness {
 
     fn run(&mut self, action: Action) {
         match action {
+            Action::Burst { appends } => {
+                self.sim.hold_syncs();
+                for (queue, body_bytes) in appends {
+                    self.run(Action::Append { queue, body_bytes, wait: false });
+                }
+                self.sim.release_syncs();
+            }
             Action::Append { queue, body_bytes, wait } => {
                 let id = self.model.next_id;
                 self.model.next_id += 1;
@@ -235,6 +282,10 @@ impl Harness {
             Action::FreeDisk => self.sim.set_space_bytes_max(None),
             Action::RecreateQueue { queue } => self.recreate(queue),
             Action::Crash { mode, during_recovery } => self.crash_and_check(mode, during_recovery),
+            Action::CrashSoon { operations } => {
+                self.sim.crash_after_operations(operations, CrashMode::Random);
+                self.crash_scheduled = true;
+            }
         }
     }
 
@@ -302,6 +353,10 @@ impl Harness {
     }
 
     fn open_after_crash(&mut self, during_recovery: Option<u64>) -> (Store, wharf_store::Recovered) {
+        if let Some(other) = self.journal_bytes_on_reopen {
+            self.journal_bytes_on_reopen = Some(self.config.journal_bytes);
+            self.config.journal_bytes = other;
+        }
         if let Some(operations) = during_recovery {
             self.sim.crash_after_operations(operations, CrashMode::Random);
             let attempt = Store::open(self.sim.remount().shared(), DATA_DIR, self.config.clone());
@@ -326,8 +381,10 @@ impl Harness {
         drop(self.store.take());
         self.settle_in_flight();
         let (store, recovered) = self.open_after_crash(during_recovery);
-        // A crash during recovery is a second crash of unknown kind: only the weaker rules hold.
-        let mode = if during_recovery.is_some() { CrashMode::Random } else { mode };
+        // A crash during recovery, or one scheduled earlier (which may have come first), is a
+        // crash of unknown kind: only the weaker rules hold.
+        let mode = if during_recovery.is_some() || self.crash_scheduled { CrashMode::Random } else { mode };
+        self.crash_scheduled = false;
         self.check(mode, &store, &recovered);
         self.store = Some(store);
     }
@@ -439,6 +496,8 @@ proptest! {
         segment_bytes_max in 400u64..3_000,
         ack_segment_bytes_max in 200u64..1_000,
         lazy_ack_timer in any::<bool>(),
+        journal_bytes in prop_oneof![Just(0u64), 1_024u64..4_096],
+        switch_journal_on_reopen in proptest::option::of(prop_oneof![Just(0u64), 1_024u64..4_096]),
         actions in proptest::collection::vec(action(), 1..120),
     ) {
         let config = StoreConfig {
@@ -447,9 +506,11 @@ proptest! {
             // Either the lazy timer syncs removals in the background (1 ms), or only explicit
             // syncs and segment deletions do.
             ack_sync_interval_ms: if lazy_ack_timer { 1 } else { 3_600_000 },
+            journal_bytes,
             ..StoreConfig::default()
         };
         let mut harness = Harness::new(seed, config);
+        harness.journal_bytes_on_reopen = switch_journal_on_reopen;
         for action in actions {
             harness.run(action);
         }

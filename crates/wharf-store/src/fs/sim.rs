@@ -19,7 +19,7 @@ use super::{DirEntry, Fs, FsFile, OpenMode};
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Component, Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// What a simulated crash does to data that was written but not synced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +37,8 @@ pub enum CrashMode {
 pub struct SimFs {
     state: Arc<Mutex<SimState>>,
     generation: u64,
+    /// While true, file and directory syncs wait (see [`SimFs::hold_syncs`]).
+    sync_gate: Arc<(Mutex<bool>, Condvar)>,
 }
 
 #[derive(Debug)]
@@ -284,6 +286,29 @@ impl SimFs {
                 allocation_unsupported: false,
             })),
             generation: 0,
+            sync_gate: Arc::new((Mutex::new(false), Condvar::new())),
+        }
+    }
+
+    /// Makes every file and directory sync wait until [`SimFs::release_syncs`]: the store's
+    /// writer then stops inside a batch's sync, and whatever is submitted meanwhile is gathered
+    /// into its next batch, so a test can build a batch of its choosing (appends to several
+    /// queues at once, say) without relying on timing.
+    pub fn hold_syncs(&self) {
+        *self.sync_gate.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = true;
+    }
+
+    /// Lets held and later syncs go on.
+    pub fn release_syncs(&self) {
+        *self.sync_gate.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = false;
+        self.sync_gate.1.notify_all();
+    }
+
+    fn wait_for_sync_gate(&self) {
+        let (held, opened) = &*self.sync_gate;
+        let mut held = held.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        while *held {
+            held = opened.wait(held).unwrap_or_else(|poisoned| poisoned.into_inner());
         }
     }
 
@@ -336,7 +361,7 @@ impl SimFs {
     /// A mount of the file system as it is now (after a crash: the surviving state).
     pub fn remount(&self) -> SimFs {
         let generation = self.lock().generation;
-        SimFs { state: Arc::clone(&self.state), generation }
+        SimFs { state: Arc::clone(&self.state), generation, sync_gate: Arc::clone(&self.sync_gate) }
     }
 
     /// Makes the next `count` syncs (file or directory) fail with an I/O error.
@@ -519,6 +544,7 @@ impl Fs for SimFs {
     }
 
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        self.wait_for_sync_gate();
         let mut state = self.mutating()?;
         state.take_sync_failure()?;
         let number = state.lookup(path)?;
@@ -656,6 +682,7 @@ impl FsFile for SimFile {
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        self.fs.wait_for_sync_gate();
         self.with_data(true, |state, data, durable| {
             state.take_sync_failure()?;
             durable.clone_from(data);

@@ -4,7 +4,10 @@
 //! the writer blocks for the first operation, drains everything else already queued (up to
 //! `batch_bytes_max`), then
 //! 1. writes each dirtied segment's new records with one positional write,
-//! 2. `fdatasync`s every file and directory the batch dirtied, then completes the appends,
+//! 2. makes them durable, then completes the appends: with one `fdatasync` of the shared journal
+//!    when the batch wrote to several segments (`journal.rs`; the segments are synced at the next
+//!    checkpoint), otherwise with an `fdatasync` of each segment written; new files and
+//!    directories are synced in the batch either way,
 //! 3. writes removals and delivery counts to the ack log (only after the appends they refer to are
 //!    durable, so a durable ack can never point at a message that a crash could still take away
 //!    and whose seq could then be reused),
@@ -28,6 +31,7 @@ mod logs;
 use crate::error::{Result, StoreError};
 use crate::format::{self, ACK_MAGIC, FILE_HEADER_BYTES, RecordKind, SEGMENT_MAGIC, SEGMENT_SEQ_SPAN_MAX};
 use crate::fs::{Fs, FsFile};
+use crate::journal::Journal;
 use crate::layout::{ack_file_name, create_file, queue_dir_name, queues_dir, random_salt, segment_file_name};
 use crate::live_set::LiveSet;
 use crate::store::{AppendReceipt, LogId, MessageLocation, Shared, StoreConfig};
@@ -174,6 +178,8 @@ pub(crate) struct WriterState {
     pub queue_ids_reserved_until: u64,
     /// Sealed segments whose messages are all removed, waiting for their removals to be durable.
     pub deletion_candidates: BTreeSet<(LogId, u64)>,
+    /// The shared journal (`journal.rs`); `None` when configured off.
+    pub journal: Option<Journal>,
 }
 
 /// An append that has a place in this batch's writes.
@@ -338,7 +344,7 @@ pub(crate) fn run(mut state: WriterState, receiver: Receiver<Op>) {
     }
     // Every handle is gone without a close: make the last removals durable anyway.
     if state.shared.check_fatal().is_ok()
-        && let Err(error) = state.sync_acks()
+        && let Err(error) = state.checkpoint().and_then(|()| state.sync_acks())
     {
         tracing::error!(%error, "could not sync the ack log while shutting down");
     }
@@ -379,7 +385,9 @@ impl WriterState {
                 }
                 Op::Close(done) => {
                     self.run_io(&mut io_ops);
-                    done.complete(self.shared.check_fatal().and_then(|()| self.sync_acks()));
+                    // A checkpoint first, so the next open has no journal to replay.
+                    let closed_cleanly = self.shared.check_fatal().and_then(|()| self.checkpoint());
+                    done.complete(closed_cleanly.and_then(|()| self.sync_acks()));
                     closed = true;
                 }
             }
@@ -568,8 +576,10 @@ impl WriterState {
         }
     }
 
-    /// Performs the planned writes, then syncs every dirtied file and directory. A failed write
-    /// is truncated away and recorded on its `PlannedWrite`; a failed sync or undo is fatal.
+    /// Performs the planned writes and makes them durable: through one sync of the journal when
+    /// the batch wrote to several segments (each write small enough for it), otherwise by syncing
+    /// each written segment; then syncs new segment files and dirtied directories. A failed write
+    /// or sync is fatal.
     fn write_and_sync_appends(
         &mut self,
         writes: &mut [PlannedWrite],
@@ -578,14 +588,14 @@ impl WriterState {
     ) -> Result<()> {
         // A new segment's header is durable before its directory entry is.
         let mut to_sync: Vec<Arc<dyn FsFile>> = new_files.to_vec();
-        for write in writes.iter_mut() {
+        let through_journal = self.plan_journal(writes)?;
+        for (index, write) in writes.iter_mut().enumerate() {
             let Some(log) = self.queues.get_mut(&write.queue) else {
                 continue;
             };
             let Some(segment) = log.segments.get_mut(&write.segment_base) else {
                 continue;
             };
-            to_sync.push(Arc::clone(&segment.file));
             match segment.file.write_all_at(&write.bytes, write.start) {
                 Ok(()) => segment.len = write.start + write.bytes.len() as u64,
                 Err(error) => {
@@ -597,20 +607,95 @@ impl WriterState {
                     );
                 }
             }
+            match self.journal.as_mut().filter(|_| through_journal.get(index).copied().unwrap_or(false)) {
+                Some(journal) => {
+                    journal.add(write.queue, segment.id, write.start, &write.bytes);
+                    journal.dirty_segments.insert((write.queue, write.segment_base));
+                }
+                None => to_sync.push(Arc::clone(&segment.file)),
+            }
+        }
+        if let Some(journal) = self.journal.as_mut() {
+            let started = Instant::now();
+            let journal_synced = journal.write_and_sync();
+            if let Err(error) = journal_synced {
+                let path = journal.path().display().to_string();
+                return Err(self.fatal(format!("writing and syncing the journal {path} failed: {error}")));
+            }
+            if through_journal.contains(&true) {
+                self.count_sync(started);
+            }
         }
         for file in &to_sync {
-            let started = std::time::Instant::now();
+            let started = Instant::now();
             if let Err(error) = file.sync_data() {
                 return Err(self.fatal(format!("fdatasync of a queue segment failed: {error}")));
             }
-            self.shared.counters.sync_latency_us.observe(started.elapsed().as_micros() as u64);
-            self.shared.counters.data_syncs.fetch_add(1, Ordering::Relaxed);
+            self.count_sync(started);
         }
         for dir in dirty_dirs {
             if let Err(error) = self.fs.sync_dir(dir) {
                 return Err(self.fatal(format!("fsync of directory {} failed: {error}", dir.display())));
             }
         }
+        Ok(())
+    }
+
+    fn count_sync(&self, started: Instant) {
+        self.shared.counters.sync_latency_us.observe(started.elapsed().as_micros() as u64);
+        self.shared.counters.data_syncs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Which of this batch's writes go through the journal (see `journal.rs` for which skip it),
+    /// making room first with a checkpoint if they do not fit in what is left of it.
+    fn plan_journal(&mut self, writes: &[PlannedWrite]) -> Result<Vec<bool>> {
+        let Some(journal) = self.journal.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let write_bytes_max = self.config.journal_write_bytes_max;
+        let mut through: Vec<bool> = writes.iter().map(|write| write.bytes.len() <= write_bytes_max).collect();
+        if through.iter().filter(|through| **through).count() < 2 {
+            return Ok(Vec::new());
+        }
+        let lengths = writes.iter().zip(&through).filter(|(_, through)| **through).map(|(write, _)| write.bytes.len());
+        let needed = Journal::record_bytes(lengths);
+        if !journal.could_ever_fit(needed) {
+            through.clear();
+        } else if !journal.fits(needed) {
+            self.checkpoint()?;
+        }
+        Ok(through)
+    }
+
+    /// Syncs every segment written through the journal since the last checkpoint, then starts
+    /// the journal over. Any failure is fatal: the journal's promises rest on these syncs.
+    pub(crate) fn checkpoint(&mut self) -> Result<()> {
+        let Some(journal) = self.journal.as_mut() else {
+            return Ok(());
+        };
+        if journal.used_bytes() == 0 {
+            return Ok(());
+        }
+        let dirty = std::mem::take(&mut journal.dirty_segments);
+        for (queue, base) in dirty {
+            // A segment deleted since (all its records removed) or of a deleted queue needs nothing.
+            let Some(segment) = self.queues.get(&queue).and_then(|log| log.segments.get(&base)) else {
+                continue;
+            };
+            let started = Instant::now();
+            if let Err(error) = segment.file.sync_data() {
+                return Err(self.fatal(format!("fdatasync of a queue segment at a checkpoint failed: {error}")));
+            }
+            self.count_sync(started);
+        }
+        let Some(journal) = self.journal.as_mut() else {
+            return Ok(());
+        };
+        if let Err(error) = journal.start_over() {
+            let path = journal.path().display().to_string();
+            return Err(self.fatal(format!("starting the journal {path} over failed: {error}")));
+        }
+        self.shared.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 }
