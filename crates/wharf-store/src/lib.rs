@@ -22,6 +22,7 @@
 //! # Ok::<(), wharf_store::StoreError>(())
 //! ```
 
+mod config;
 mod error;
 pub mod format;
 mod fs;
