@@ -8,7 +8,10 @@
 //! appenders on 64 queues), `appends_per_s_1000_queues` (64 appenders going round 1,000 queues),
 //! `appends_per_s_64_queues_in_flight` (64 appends in flight from one thread over 64 queues),
 //! `large_batch_mb_per_s` (64 appenders of 64 KiB records) and
-//! `recovery_1m_s` (opening a store that holds 1,000,000 live 100-byte messages).
+//! `recovery_1m_s` (opening a store that holds 1,000,000 live 100-byte messages),
+//! `recovery_full_journal_s` (opening a store whose 64 MiB journal is full of records to replay)
+//! and `journal_bytes` (the store's journal size; `--journal-bytes 0` runs the layout without the
+//! shared journal, for a before-and-after in one run).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs::OpenOptions;
@@ -21,6 +24,8 @@ use wharf_store::{LogId, RealFs, Store, StoreConfig};
 
 struct Options {
     dir: PathBuf,
+    journal_bytes: u64,
+    group_commit_delay_us: u64,
     phase: Duration,
     recovery_messages: u64,
 }
@@ -28,19 +33,33 @@ struct Options {
 fn options() -> Options {
     let mut dir = PathBuf::from("wharf-bench-data");
     let mut quick = false;
+    let mut journal_bytes = StoreConfig::default().journal_bytes;
+    let mut group_commit_delay_us = StoreConfig::default().group_commit_delay_us;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--dir" => dir = PathBuf::from(args.next().expect("--dir needs a path")),
             "--quick" => quick = true,
+            "--group-commit-delay-us" => {
+                group_commit_delay_us =
+                    args.next().and_then(|us| us.parse().ok()).expect("--group-commit-delay-us needs a number")
+            }
+            "--journal-bytes" => {
+                journal_bytes =
+                    args.next().and_then(|bytes| bytes.parse().ok()).expect("--journal-bytes needs a number")
+            }
             other => {
-                eprintln!("unknown argument {other:?}; usage: bench [--dir DIR] [--quick]");
+                eprintln!(
+                    "unknown argument {other:?}; usage: bench [--dir DIR] [--quick] [--journal-bytes N] [--group-commit-delay-us N]"
+                );
                 std::process::exit(2);
             }
         }
     }
     Options {
         dir,
+        journal_bytes,
+        group_commit_delay_us,
         phase: if quick { Duration::from_millis(300) } else { Duration::from_secs(3) },
         recovery_messages: if quick { 20_000 } else { 1_000_000 },
     }
@@ -78,10 +97,17 @@ fn synced_seq_mb_per_s(dir: &Path, phase: Duration) -> f64 {
     rate * 1.048_576
 }
 
+/// The store configuration every phase uses (the defaults, with `--journal-bytes`).
+static CONFIG: std::sync::OnceLock<StoreConfig> = std::sync::OnceLock::new();
+
+fn config() -> StoreConfig {
+    CONFIG.get().cloned().unwrap_or_default()
+}
+
 fn fresh_store(dir: &Path, name: &str) -> (Store, PathBuf) {
     let path = dir.join(name);
     let _ = std::fs::remove_dir_all(&path);
-    let (store, _) = Store::open(RealFs::shared(), &path, StoreConfig::default()).unwrap();
+    let (store, _) = Store::open(RealFs::shared(), &path, config()).unwrap();
     (store, path)
 }
 
@@ -182,7 +208,7 @@ fn recovery_seconds(dir: &Path, messages: u64) -> f64 {
     }
     store.close().unwrap();
     let start = Instant::now();
-    let (store, recovered) = Store::open(RealFs::shared(), &path, StoreConfig::default()).unwrap();
+    let (store, recovered) = Store::open(RealFs::shared(), &path, config()).unwrap();
     let elapsed = start.elapsed().as_secs_f64();
     assert_eq!(recovered.queues[&queue].len() as u64, messages, "every message recovered");
     drop(store);
@@ -190,8 +216,53 @@ fn recovery_seconds(dir: &Path, messages: u64) -> f64 {
     elapsed
 }
 
+/// Fills the journal with batches over 64 queues, copies the data directory as it is (the
+/// segments' last writes are in the journal only), and times opening the copy, which replays it.
+/// `None` without a journal.
+fn recovery_full_journal_seconds(dir: &Path) -> Option<f64> {
+    let journal_bytes = config().journal_bytes;
+    if journal_bytes == 0 {
+        return None;
+    }
+    let (store, path) = fresh_store(dir, "recovery-journal");
+    let queues: Vec<LogId> = (0..64).map(|_| store.create_log().unwrap().wait().unwrap()).collect();
+    let body = [7u8; 1024];
+    let fill = (journal_bytes * 9 / 10) / (body.len() as u64 + 100);
+    let mut written = 0u64;
+    let checkpoints_before = store.stats().checkpoints;
+    while written < fill {
+        let pending: Vec<_> = queues.iter().map(|queue| store.append(*queue, 0, b"", &body).unwrap()).collect();
+        for append in pending {
+            append.wait().unwrap();
+        }
+        written += queues.len() as u64;
+    }
+    assert_eq!(store.stats().checkpoints, checkpoints_before, "the journal was filled, not started over");
+    let copy = dir.join("recovery-journal-copy");
+    let _ = std::fs::remove_dir_all(&copy);
+    let copied = std::process::Command::new("cp").arg("-a").arg(&path).arg(&copy).status().unwrap();
+    assert!(copied.success());
+    std::fs::remove_file(copy.join("LOCK")).ok();
+    drop(store);
+    std::fs::remove_dir_all(path).unwrap();
+    let start = Instant::now();
+    let (store, recovered) = Store::open(RealFs::shared(), &copy, config()).unwrap();
+    let elapsed = start.elapsed().as_secs_f64();
+    let recovered_messages: usize = recovered.queues.values().map(Vec::len).sum();
+    assert_eq!(recovered_messages as u64, written, "every message recovered");
+    drop(store);
+    std::fs::remove_dir_all(copy).unwrap();
+    Some(elapsed)
+}
+
 fn main() {
     let options = options();
+    let config = StoreConfig {
+        journal_bytes: options.journal_bytes,
+        group_commit_delay_us: options.group_commit_delay_us,
+        ..StoreConfig::default()
+    };
+    CONFIG.set(config).unwrap();
     std::fs::create_dir_all(&options.dir).unwrap();
     let dir = options.dir.as_path();
     println!("wharf-store bench in {} (phase {:?})", dir.display(), options.phase);
@@ -245,9 +316,14 @@ fn main() {
     );
     let recovery = recovery_seconds(dir, options.recovery_messages);
     println!("recovery of {} live messages:  {recovery:>10.3} s", options.recovery_messages);
+    let recovery_journal = recovery_full_journal_seconds(dir);
+    if let Some(seconds) = recovery_journal {
+        println!("recovery replaying a full journal:   {seconds:>10.3} s");
+    }
+    let recovery_journal = recovery_journal.map_or("null".to_owned(), |seconds| format!("{seconds:.3}"));
 
     println!(
-        "{{\"fsync_loop_per_s\":{fsync_loop:.0},\"synced_seq_mb_per_s\":{seq:.1},\"appends_per_s_1\":{:.0},\"appends_per_s_8\":{:.0},\"appends_per_s_64\":{:.0},\"appends_per_s_64_in_flight\":{in_flight:.0},\"appends_per_s_64_queues\":{spread:.0},\"appends_per_s_1000_queues\":{spread_1000:.0},\"appends_per_s_64_queues_in_flight\":{in_flight_queues:.0},\"large_batch_mb_per_s\":{large_mb:.1},\"recovery_1m_s\":{recovery:.3},\"recovery_messages\":{}}}",
-        appends[0], appends[1], appends[2], options.recovery_messages
+        "{{\"fsync_loop_per_s\":{fsync_loop:.0},\"synced_seq_mb_per_s\":{seq:.1},\"appends_per_s_1\":{:.0},\"appends_per_s_8\":{:.0},\"appends_per_s_64\":{:.0},\"appends_per_s_64_in_flight\":{in_flight:.0},\"appends_per_s_64_queues\":{spread:.0},\"appends_per_s_1000_queues\":{spread_1000:.0},\"appends_per_s_64_queues_in_flight\":{in_flight_queues:.0},\"large_batch_mb_per_s\":{large_mb:.1},\"recovery_1m_s\":{recovery:.3},\"recovery_messages\":{},\"recovery_full_journal_s\":{recovery_journal},\"journal_bytes\":{}}}",
+        appends[0], appends[1], appends[2], options.recovery_messages, options.journal_bytes
     );
 }
