@@ -10,9 +10,20 @@
 #   S4  a fixed 2,000 msgs/s: latency percentiles
 #   S5  backlog: publish S5_MESSAGES persistent messages with no consumer, RSS, restart the broker,
 #       time until the queue serves again, drain it
+#   S3x30  S3 with 30 queues
+#   S6  many queues: 1,000 durable queues, 100 producers (each publishing to the queues in turn)
+#       and 100 consumers (10 queues each, a channel per queue), persistent 1 KiB, confirms, acks
+#   S7  idle scale (Wharf and RabbitMQ classic; 10,000 quorum queues on one node are not a
+#       configuration anyone runs): S7_QUEUES durable queues declared, then S7_QUEUES
+#       connections, each with a channel and a consumer on its own queue; broker RSS per idle
+#       queue and per idle connection, the time to open them all, and the time until the broker
+#       serves the last queue again after a restart with one message in every queue
+#   S8  large messages: 1 producer, 1 consumer, persistent 1 MiB bodies, confirm window and
+#       prefetch 16; msgs/s and MB/s (compare with the store bench's synced_seq_mb_per_s)
 #
 # Settings (environment): ROUNDS (3), DURATION_S (10, per S1-S4 run), S5_MESSAGES (1000000),
-# SCENARIOS ("S1 S2 S3 S4 S5"), OUT (results file; default in a temporary directory),
+# S7_QUEUES (10000), SCENARIOS ("S1 S2 S3 S4 S5"; every scenario: "S1 S2 S3 S3x30 S4 S5 S6 S7
+# S8"), OUT (results file; default in a temporary directory),
 # TARGETS ("wharf classic quorum"; add "baseline" to compare with another Wharf build),
 # WHARF_BASELINE (the other build's `wharf` binary, for the "baseline" target: a before/after
 # pair measured in one run, e.g. TARGETS="wharf baseline" SCENARIOS="S1 S4"),
@@ -29,6 +40,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 DURATION_S=${DURATION_S:-10}
 S5_MESSAGES=${S5_MESSAGES:-1000000}
+S7_QUEUES=${S7_QUEUES:-10000}
 SCENARIOS=${SCENARIOS:-"S1 S2 S3 S4 S5"}
 TARGETS=${TARGETS:-"wharf classic quorum"}
 wants() { echo "$TARGETS" | grep -qw "$1"; }
@@ -37,8 +49,8 @@ if wants baseline && [ ! -x "${WHARF_BASELINE:-}" ]; then
   echo "TARGETS names baseline: set WHARF_BASELINE to the other build's wharf binary" >&2
   exit 2
 fi
-if wants baseline && echo "$SCENARIOS" | grep -qw S5; then
-  echo "the baseline target runs S1-S4 only" >&2
+if wants baseline && echo "$SCENARIOS" | grep -qwE 'S5|S7'; then
+  echo "the baseline target runs S1-S4, S3x30, S6 and S8 only" >&2
   exit 2
 fi
 
@@ -67,17 +79,18 @@ wait_port() {
 }
 sample() { python3 bench/proctree.py "$1"; }
 
-# start_wharf DIR -> sets wharf_pid, wharf_url
-start_wharf() {
-  local port
-  port=$(free_port)
+# spawn_wharf DIR PORT -> sets wharf_pid, wharf_url, wharf_port; does not wait for it to listen.
+spawn_wharf() {
+  # S7 opens S7_QUEUES connections besides its own: Wharf's default limit is 10,000.
   # shellcheck disable=SC2086 # WHARF_ARGS is a list of arguments
-  "$wharf" serve --http-listen "${WHARF_HTTP_LISTEN:-127.0.0.1:0}" --amqp-listen "127.0.0.1:$port" --data-dir "$1" --log warn ${WHARF_ARGS:-} 2>>"$work/wharf.log" &
+  "$wharf" serve --http-listen "${WHARF_HTTP_LISTEN:-127.0.0.1:0}" --amqp-listen "127.0.0.1:$2" --data-dir "$1" --log warn \
+    --connections-max $((S7_QUEUES + 1000)) ${WHARF_ARGS:-} 2>>"$work/wharf.log" &
   wharf_pid=$!
-  wharf_url="amqp://${WHARF_CREDENTIALS:-guest:guest}@127.0.0.1:$port/%2f"
-  wharf_port=$port
-  wait_port "$port"
+  wharf_url="amqp://${WHARF_CREDENTIALS:-guest:guest}@127.0.0.1:$2/%2f"
+  wharf_port=$2
 }
+# start_wharf DIR -> a fresh Wharf on a free port, listening when this returns
+start_wharf() { spawn_wharf "$1" "$(free_port)"; wait_port "$wharf_port"; }
 stop_wharf() { kill -TERM "$wharf_pid" 2>/dev/null || true; wait "$wharf_pid" 2>/dev/null || true; }
 
 # start_baseline DIR -> sets baseline_pid, baseline_url (the other Wharf build)
@@ -135,6 +148,7 @@ print(json.dumps({
     "confirm_p99_ms": run["confirm_us"]["p99"] / 1000,
     "cpu_us_per_msg": (after["cpu_s"] - before["cpu_s"]) * 1e6 / messages,
     "broker_cpu_s": after["cpu_s"] - before["cpu_s"], "rss_mib": after["rss_mib"],
+    "mb_per_s": run.get("mb_per_s"),
 }))
 PY
 }
@@ -145,6 +159,9 @@ scenario_args() {
     S2) echo "--producers 4 --consumers 4 --duration-s $DURATION_S" ;;
     S3) echo "--producers 1 --consumers 1 --fanout 3 --duration-s $DURATION_S" ;;
     S4) echo "--producers 1 --consumers 1 --rate 2000 --duration-s $DURATION_S" ;;
+    S3x30) echo "--producers 1 --consumers 1 --fanout 30 --duration-s $DURATION_S" ;;
+    S6) echo "--producers 100 --consumers 100 --queues 1000 --duration-s $DURATION_S" ;;
+    S8) echo "--producers 1 --consumers 1 --size 1048576 --confirm-window 16 --prefetch 16 --duration-s $DURATION_S" ;;
   esac
 }
 
@@ -171,8 +188,7 @@ run_backlog() { # TARGET ROUND
   if [ "$target" = wharf ]; then
     stop_wharf
     restart_ms=$(date +%s%3N)
-    "$wharf" serve --http-listen "${WHARF_HTTP_LISTEN:-127.0.0.1:0}" --amqp-listen "127.0.0.1:$wharf_port" --data-dir "$dir" --log warn ${WHARF_ARGS:-} 2>>"$work/wharf.log" &
-    wharf_pid=$!
+    spawn_wharf "$dir" "$wharf_port"
   else
     stop_rabbit
     restart_ms=$(date +%s%3N)
@@ -196,13 +212,56 @@ PY
   rm -rf "$dir"
 }
 
+run_idle_scale() { # TARGET ROUND
+  local target=$1 round=$2 dir="$work/s7-$1-$2" url pid rss0 declared rss1 idle_line rss2 restart_ms first
+  if [ "$target" = wharf ]; then start_wharf "$dir"; url=$wharf_url; pid=$wharf_pid; else start_rabbit "$dir"; url=$rabbit_url; pid=$rabbit_pid; fi
+  rss0=$(sample "$pid")
+  declared=$("$bench" --url "$url" --name s7 --phase declare --queues "$S7_QUEUES" 2>>"$work/bench.log" | tail -1)
+  rss1=$(sample "$pid")
+  # The idle connections stay open until the bench is killed; its first line says they are.
+  coproc IDLE { "$bench" --url "$url" --name s7 --phase idle --queues "$S7_QUEUES" 2>>"$work/bench.log"; }
+  local idle_pid=$IDLE_PID
+  read -r idle_line <&"${IDLE[0]}"
+  rss2=$(sample "$pid")
+  kill "$idle_pid" 2>/dev/null || true
+  wait "$idle_pid" 2>/dev/null || true
+  "$bench" --url "$url" --name s7 --phase declare --queues "$S7_QUEUES" --fill --size 100 >/dev/null 2>>"$work/bench.log"
+  if [ "$target" = wharf ]; then
+    stop_wharf
+    restart_ms=$(date +%s%3N)
+    spawn_wharf "$dir" "$wharf_port"
+  else
+    stop_rabbit
+    restart_ms=$(date +%s%3N)
+    launch_rabbit "$dir" "$rabbit_port"
+  fi
+  first=$("$bench" --url "$url" --name s7 --phase probe --queues "$S7_QUEUES" 2>>"$work/bench.log" | tail -1)
+  if [ "$target" = wharf ]; then stop_wharf; else stop_rabbit; fi
+  python3 - "$target" "$round" "$S7_QUEUES" "$rss0" "$declared" "$rss1" "$idle_line" "$rss2" "$restart_ms" "$first" >>"$results" <<'PY'
+import json, sys
+target, round_, queues = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rss0, declared, rss1, idle, rss2 = (json.loads(arg) for arg in sys.argv[4:9])
+restart_ms, first = int(sys.argv[9]), json.loads(sys.argv[10])
+print(json.dumps({
+    "scenario": "S7", "target": target, "round": round_, "queues": queues,
+    "rss_start_mib": rss0["rss_mib"], "rss_queues_mib": rss1["rss_mib"], "rss_connections_mib": rss2["rss_mib"],
+    "kib_per_idle_queue": (rss1["rss_mib"] - rss0["rss_mib"]) * 1024 / queues,
+    "kib_per_idle_connection": (rss2["rss_mib"] - rss1["rss_mib"]) * 1024 / queues,
+    "declare_s": declared["declare_s"], "open_connections_s": idle["open_s"],
+    "restart_serving_s": (first["first_message_epoch_ms"] - restart_ms) / 1000,
+}))
+PY
+  echo "round $round S7 $target: $(tail -1 "$results")" >&2
+  rm -rf "$dir"
+}
+
 echo "results: $results (logs in $work)" >&2
 for round in $(seq 1 "$ROUNDS"); do
-  if echo "$SCENARIOS" | grep -qE 'S[1-4]'; then
+  if echo "$SCENARIOS" | grep -qwE 'S[1-4]|S3x30|S6|S8'; then
     wants wharf && start_wharf "$work/wharf-$round"
     wants baseline && start_baseline "$work/baseline-$round"
     wants_rabbit && start_rabbit "$work/rabbit-$round"
-    for scenario in S1 S2 S3 S4; do
+    for scenario in S1 S2 S3 S3x30 S4 S6 S8; do
       echo "$SCENARIOS" | grep -qw "$scenario" || continue
       # The two Wharf builds take turns going first, so neither always meets a warmer machine.
       if [ $((round % 2)) -eq 0 ] && wants baseline; then
@@ -224,6 +283,12 @@ for round in $(seq 1 "$ROUNDS"); do
   if echo "$SCENARIOS" | grep -qw S5; then
     for target in wharf classic quorum; do
       wants "$target" && run_backlog "$target" "$round"
+    done
+    unset wharf_pid rabbit_pid
+  fi
+  if echo "$SCENARIOS" | grep -qw S7; then
+    for target in wharf classic; do
+      wants "$target" && run_idle_scale "$target" "$round"
     done
     unset wharf_pid rabbit_pid
   fi

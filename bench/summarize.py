@@ -25,6 +25,20 @@ FIGURES = [
     ("S5", "rss_mib", "S5 RSS with the backlog (MiB)", False),
     ("S5", "serving_after_s", "S5 serving again after restart (s)", False),
     ("S5", "drain_msgs_per_s", "S5 drain after restart (msgs/s)", True),
+    ("S3x30", "msgs_per_s", "S3 with 30 queues: confirmed (msgs/s)", True),
+    ("S3x30", "e2e_msgs_per_s", "S3 with 30 queues: consumed by all 30 (msgs/s)", True),
+    ("S3x30", "cpu_us_per_msg", "S3 with 30 queues: broker CPU per publish (µs)", False),
+    ("S6", "msgs_per_s", "S6 1,000 queues: confirmed (msgs/s)", True),
+    ("S6", "e2e_msgs_per_s", "S6 1,000 queues: consumed end to end (msgs/s)", True),
+    ("S6", "cpu_us_per_msg", "S6 broker CPU per message (µs)", False),
+    ("S7", "kib_per_idle_queue", "S7 RSS per idle durable queue (KiB)", False),
+    ("S7", "kib_per_idle_connection", "S7 RSS per idle connection with a channel and a consumer (KiB)", False),
+    ("S7", "open_connections_s", "S7 time to open the connections (s)", False),
+    ("S7", "declare_s", "S7 time to declare the queues (s)", False),
+    ("S7", "restart_serving_s", "S7 restart with a message in every queue, until the last serves (s)", False),
+    ("S8", "msgs_per_s", "S8 1 MiB messages: confirmed (msgs/s)", True),
+    ("S8", "mb_per_s", "S8 1 MiB messages: confirmed (MB/s)", True),
+    ("S8", "cpu_us_per_msg", "S8 broker CPU per message (µs)", False),
 ]
 TARGETS = ["wharf", "classic", "quorum"]
 

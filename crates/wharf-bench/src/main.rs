@@ -21,6 +21,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod phases;
+use phases::{declare, drain, idle, probe};
+
 /// Bytes at the start of every body: producer id, sequence number, send time (ns).
 const BODY_HEADER_BYTES: usize = 20;
 /// Acks written ahead of the consumer before it waits for the oldest to be written.
@@ -61,6 +64,14 @@ struct Options {
     /// Fan-out: a topic exchange routing each message to this many queues (0: one queue).
     #[arg(long, default_value_t = 0)]
     fanout: usize,
+    /// Spread: this many queues, each message published (default exchange) to one of them in
+    /// turn; consumer c takes queues c, c + consumers, … with a channel each. With `--phase
+    /// declare` or `idle`, how many queues (and idle connections) to open.
+    #[arg(long, default_value_t = 1)]
+    queues: usize,
+    /// For `--phase declare`: also publish one persistent message to each queue, with confirms.
+    #[arg(long)]
+    fill: bool,
     /// Messages per second for the whole run (0: as fast as possible).
     #[arg(long, default_value_t = 0)]
     rate: u64,
@@ -79,8 +90,11 @@ struct Options {
     /// `all`: publish and consume at once (the default). `publish`: only publish, building a
     /// backlog (no consumers, no check). `drain`: only consume an existing backlog of `--expect`
     /// messages (checks each was received once). `probe`: wait until the broker accepts a
-    /// connection and serves a message from the queue; prints when (for restart timing).
-    #[arg(long, default_value = "all", value_parser = ["all", "publish", "drain", "probe"])]
+    /// connection and serves a message from the queue (the last one of `--queues`); prints when
+    /// (for restart timing). `declare`: declare `--queues` durable queues from one connection
+    /// (and `--fill` them). `idle`: open `--queues` connections, each with a channel and a
+    /// consumer on its own queue, print how long that took, and hold them until killed.
+    #[arg(long, default_value = "all", value_parser = ["all", "publish", "drain", "probe", "declare", "idle"])]
     phase: String,
     /// For `--phase drain`: how many messages the backlog holds.
     #[arg(long, default_value_t = 0)]
@@ -118,20 +132,37 @@ async fn connect(url: &str) -> Result<Connection> {
 }
 
 fn queue_names(options: &Options) -> Vec<String> {
-    if options.fanout == 0 {
-        vec![format!("{}.q", options.name)]
-    } else {
+    if options.fanout > 0 {
         (0..options.fanout).map(|index| format!("{}.q{index}", options.name)).collect()
+    } else if options.queues > 1 {
+        (0..options.queues).map(|index| format!("{}.q{index}", options.name)).collect()
+    } else {
+        vec![format!("{}.q", options.name)]
     }
+}
+
+/// In spread mode, the queue (index) producer `producer`'s message `seq` goes to.
+fn spread_queue(options: &Options, producer: u32, seq: u64) -> usize {
+    ((u64::from(producer) + seq) % options.queues.max(1) as u64) as usize
+}
+
+/// How many copies of each message the consumers receive in total.
+fn copies(options: &Options) -> u64 {
+    options.fanout.max(1) as u64
+}
+
+fn queue_arguments(options: &Options) -> FieldTable {
+    let mut arguments = FieldTable::default();
+    if !options.queue_type.is_empty() {
+        arguments.insert("x-queue-type".into(), AMQPValue::LongString(options.queue_type.as_str().into()));
+    }
+    arguments
 }
 
 async fn setup(options: &Options) -> Result<()> {
     let connection = connect(&options.url).await?;
     let channel = connection.create_channel().await?;
-    let mut arguments = FieldTable::default();
-    if !options.queue_type.is_empty() {
-        arguments.insert("x-queue-type".into(), AMQPValue::LongString(options.queue_type.as_str().into()));
-    }
+    let arguments = queue_arguments(options);
     for queue in queue_names(options) {
         // Start from empty: a leftover queue from an earlier run would skew the counts.
         let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
@@ -225,6 +256,7 @@ async fn produce(options: Arc<Options>, producer: u32, stats: Arc<Stats>, deadli
     } else {
         (String::new(), format!("{}.q", options.name))
     };
+    let spread = (options.fanout == 0 && options.queues > 1).then(|| queue_names(&options));
     let properties = BasicProperties::default().with_delivery_mode(if options.transient { 1 } else { 2 });
     let per_producer_rate = options.rate as f64 / options.producers as f64;
     let started = Instant::now();
@@ -276,9 +308,13 @@ async fn produce(options: Arc<Options>, producer: u32, stats: Arc<Stats>, deadli
             message[4..12].copy_from_slice(&seq.to_le_bytes());
             message[12..20].copy_from_slice(&now_ns().to_le_bytes());
             let sent = Instant::now();
+            let routing_key = match &spread {
+                Some(names) => names[spread_queue(&options, producer, seq)].as_str(),
+                None => routing_key.as_str(),
+            };
             let publish = {
                 let (channel, exchange, routing_key, properties) =
-                    (channel.clone(), exchange.as_str().into(), routing_key.as_str().into(), properties.clone());
+                    (channel.clone(), exchange.as_str().into(), routing_key.into(), properties.clone());
                 async move {
                     let confirm = channel
                         .basic_publish(exchange, routing_key, BasicPublishOptions::default(), &message, properties)
@@ -363,9 +399,34 @@ impl Deliveries {
 /// there. At full speed the stream is used: lapin spawns a task per callback, which cost the
 /// client ~15% more CPU per message with three consumers (S3), and the client's CPU is what
 /// bounds throughput on a small machine.
-async fn consume(options: Arc<Options>, queue: String, stats: Arc<Stats>, stop: Arc<AtomicBool>) -> Result<()> {
+async fn consume(options: Arc<Options>, queues: Vec<String>, stats: Arc<Stats>, stop: Arc<AtomicBool>) -> Result<()> {
     let connection = connect(&options.url).await?;
-    let channel = connection.create_channel().await?;
+    let mut channels = Vec::new();
+    // Held until the connection closes: a dropped channel starts closing on its own, and the
+    // connection's close then finds it half closed and fails.
+    let mut held = Vec::new();
+    for queue in queues {
+        let channel = connection.create_channel().await?;
+        held.push(channel.clone());
+        let (options, stats, stop) = (Arc::clone(&options), Arc::clone(&stats), Arc::clone(&stop));
+        channels.push(tokio::spawn(consume_channel(options, channel, queue, stats, stop)));
+    }
+    for channel in channels {
+        channel.await??;
+    }
+    connection.close(200, "consumer done".into()).await?;
+    drop(held);
+    Ok(())
+}
+
+/// One channel's consumer on one queue (see [`consume`]).
+async fn consume_channel(
+    options: Arc<Options>,
+    channel: lapin::Channel,
+    queue: String,
+    stats: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
     channel.basic_qos(options.prefetch, BasicQosOptions::default()).await?;
     let consumer = channel
         .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
@@ -435,7 +496,6 @@ async fn consume(options: Arc<Options>, queue: String, stats: Arc<Stats>, stop: 
     for ack in acks {
         ack.finish().await?;
     }
-    connection.close(200, "consumer done".into()).await?;
     Ok(())
 }
 
@@ -455,105 +515,6 @@ fn epoch_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64)
 }
 
-/// Waits (up to two minutes) until the broker accepts a connection and `basic.get` returns a
-/// message from the queue, then prints the wall-clock time of that moment. The message is not
-/// acknowledged: it goes back when the probe disconnects.
-async fn probe(options: &Options) -> Result<()> {
-    let queue = queue_names(options).remove(0);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if Instant::now() > deadline {
-            bail!("the broker did not serve a message from {queue} within two minutes");
-        }
-        let Ok(connection) = Connection::connect(&options.url, ConnectionProperties::default()).await else {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            continue;
-        };
-        let Ok(channel) = connection.create_channel().await else { continue };
-        loop {
-            match channel.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false }).await {
-                Ok(Some(_)) => {
-                    println!("{{\"first_message_epoch_ms\":{}}}", epoch_ms());
-                    let _ = connection.close(200, "probe done".into()).await;
-                    return Ok(());
-                }
-                // Not declared yet (recovery still running) or empty: ask again.
-                Ok(None) => tokio::time::sleep(Duration::from_millis(5)).await,
-                Err(_) => break,
-            }
-            if Instant::now() > deadline {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-/// Consumes an existing backlog of `--expect` messages with `--consumers` consumers and reports
-/// the drain rate; fails unless every message (by producer and sequence) arrived.
-async fn drain(options: Arc<Options>) -> Result<()> {
-    if options.expect == 0 {
-        bail!("--phase drain needs --expect (the number of messages in the backlog)");
-    }
-    let stats = Arc::new(Stats {
-        published: AtomicU64::new(0),
-        confirmed: AtomicU64::new(0),
-        nacked: AtomicU64::new(0),
-        consumed: AtomicU64::new(0),
-        duplicates: AtomicU64::new(0),
-        seen: Mutex::new(HashMap::new()),
-        confirmed_seqs: Mutex::new(HashMap::new()),
-        end_to_end_us: Mutex::new(histogram()?),
-        confirm_us: Mutex::new(histogram()?),
-        producers_done: AtomicBool::new(true),
-        last_consumed_ns: AtomicU64::new(0),
-    });
-    let stop = Arc::new(AtomicBool::new(false));
-    let started = Instant::now();
-    let mut consumers = Vec::new();
-    for queue in queue_names(&options) {
-        for _ in 0..options.consumers.max(1) {
-            consumers.push(tokio::spawn(reported(
-                "consumer",
-                consume(Arc::clone(&options), queue.clone(), Arc::clone(&stats), Arc::clone(&stop)),
-            )));
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(3600);
-    while stats.consumed.load(Ordering::Relaxed) < options.expect && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let elapsed = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    for consumer in consumers {
-        consumer.await??;
-    }
-    let mut unique = 0u64;
-    {
-        let mut seen = stats.seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-        for received in seen.values_mut() {
-            received.sort_unstable();
-            let before = received.len();
-            received.dedup();
-            stats.duplicates.fetch_add((before - received.len()) as u64, Ordering::Relaxed);
-            unique += received.len() as u64;
-        }
-    }
-    let consumed = stats.consumed.load(Ordering::Relaxed);
-    let missing = options.expect.saturating_sub(unique);
-    println!(
-        "{{\"phase\":\"drain\",\"expected\":{},\"consumed\":{consumed},\"duplicates\":{},\"missing\":{missing},\"seconds\":{:.3},\"msgs_per_s\":{:.0}}}",
-        options.expect,
-        stats.duplicates.load(Ordering::Relaxed),
-        elapsed.as_secs_f64(),
-        consumed as f64 / elapsed.as_secs_f64(),
-    );
-    if missing > 0 {
-        bail!("{missing} messages of the backlog were never consumed");
-    }
-    Ok(())
-}
-
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
     let mut options = Options::parse();
@@ -567,7 +528,12 @@ async fn main() -> Result<()> {
         bail!("--producers, --ack-every and --confirm-window must be at least 1");
     }
     let options = Arc::new(options);
+    if options.fanout == 0 && options.queues > 1 && options.consumers > options.queues {
+        bail!("with --queues, --consumers must be at most the number of queues (each consumer takes some)");
+    }
     match options.phase.as_str() {
+        "declare" => return declare(&options).await,
+        "idle" => return idle(Arc::clone(&options)).await,
         "probe" => return probe(&options).await,
         "drain" => return drain(Arc::clone(&options)).await,
         _ => {}
@@ -590,13 +556,23 @@ async fn main() -> Result<()> {
     let queues = queue_names(&options);
     let publish_only = options.phase == "publish";
     let mut consumers = Vec::new();
-    for queue in &queues {
-        for _ in 0..if publish_only { 0 } else { options.consumers } {
-            consumers.push(tokio::spawn(reported(
-                "consumer",
-                consume(Arc::clone(&options), queue.clone(), Arc::clone(&stats), Arc::clone(&stop)),
-            )));
-        }
+    let spread = options.fanout == 0 && options.queues > 1;
+    // Spread: consumer c takes every consumers-th queue from c. Otherwise each queue has
+    // `--consumers` consumers of its own.
+    let assignments: Vec<Vec<String>> = if publish_only {
+        Vec::new()
+    } else if spread {
+        (0..options.consumers)
+            .map(|consumer| queues.iter().skip(consumer).step_by(options.consumers).cloned().collect())
+            .collect()
+    } else {
+        queues.iter().flat_map(|queue| (0..options.consumers).map(move |_| vec![queue.clone()])).collect()
+    };
+    for assigned in assignments {
+        consumers.push(tokio::spawn(reported(
+            "consumer",
+            consume(Arc::clone(&options), assigned, Arc::clone(&stats), Arc::clone(&stop)),
+        )));
     }
     let started = Instant::now();
     let started_ns = now_ns();
@@ -630,7 +606,7 @@ async fn main() -> Result<()> {
     let publish_elapsed = started.elapsed();
     stats.producers_done.store(true, Ordering::Relaxed);
     // Wait for the consumers to receive everything confirmed (each message once per queue).
-    let expected = if publish_only { 0 } else { stats.confirmed.load(Ordering::Relaxed) * queues.len() as u64 };
+    let expected = if publish_only { 0 } else { stats.confirmed.load(Ordering::Relaxed) * copies(&options) };
     let drain_deadline = Instant::now() + DRAIN_TIMEOUT;
     while stats.consumed.load(Ordering::Relaxed) < expected && Instant::now() < drain_deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -646,14 +622,26 @@ async fn main() -> Result<()> {
     if !publish_only {
         let confirmed = stats.confirmed_seqs.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
         let mut seen = stats.seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-        for queue in &queues {
-            for (producer, seqs) in confirmed.iter() {
-                let received = seen.entry((*producer, queue.clone())).or_default();
-                received.sort_unstable();
-                let before = received.len();
-                received.dedup();
-                stats.duplicates.fetch_add((before - received.len()) as u64, Ordering::Relaxed);
-                missing += seqs.iter().filter(|seq| received.binary_search(seq).is_err()).count() as u64;
+        for received in seen.values_mut() {
+            received.sort_unstable();
+            let before = received.len();
+            received.dedup();
+            stats.duplicates.fetch_add((before - received.len()) as u64, Ordering::Relaxed);
+        }
+        for (producer, seqs) in confirmed.iter() {
+            for seq in seqs {
+                // Every queue of a fan-out holds a copy; in spread mode, the one it was sent to.
+                let holders: Vec<&String> = if spread {
+                    vec![&queues[spread_queue(&options, *producer, *seq)]]
+                } else {
+                    queues.iter().collect()
+                };
+                for queue in holders {
+                    let received = seen.get(&(*producer, queue.clone()));
+                    if received.is_none_or(|received| received.binary_search(seq).is_err()) {
+                        missing += 1;
+                    }
+                }
             }
         }
     }
@@ -663,8 +651,7 @@ async fn main() -> Result<()> {
     // Delivered end to end: every copy consumed, over the time until the last one arrived (a
     // broker that lets publishers run ahead of consumers shows a lower figure here).
     let consumed_s = (stats.last_consumed_ns.load(Ordering::Relaxed).saturating_sub(started_ns)) as f64 / 1e9;
-    let end_to_end_rate =
-        if consumed_s > 0.0 { consumed as f64 / queues.len().max(1) as f64 / consumed_s } else { 0.0 };
+    let end_to_end_rate = if consumed_s > 0.0 { consumed as f64 / copies(&options) as f64 / consumed_s } else { 0.0 };
     let end_to_end = stats.end_to_end_us.lock().map(|histogram| percentiles(&histogram)).unwrap_or_default();
     let confirm = stats.confirm_us.lock().map(|histogram| percentiles(&histogram)).unwrap_or_default();
     println!(
