@@ -21,6 +21,7 @@ FIGURES = [
     ("S3", "cpu_us_per_msg", "S3 broker CPU per publish (µs)", False),
     ("S4", "e2e_p50_ms", "S4 end-to-end p50 at 2,000/s (ms)", False),
     ("S4", "e2e_p99_ms", "S4 end-to-end p99 at 2,000/s (ms)", False),
+    ("S4", "cpu_us_per_msg", "S4 broker CPU per message at 2,000/s (µs)", False),
     ("S5", "publish_msgs_per_s", "S5 backlog publish (msgs/s)", True),
     ("S5", "rss_mib", "S5 RSS with the backlog (MiB)", False),
     ("S5", "serving_after_s", "S5 serving again after restart (s)", False),

@@ -677,16 +677,14 @@ impl WriterState {
             return Ok(());
         }
         let dirty = std::mem::take(&mut journal.dirty_segments);
-        for (queue, base) in dirty {
-            // A segment deleted since (all its records removed) or of a deleted queue needs nothing.
-            let Some(segment) = self.queues.get(&queue).and_then(|log| log.segments.get(&base)) else {
-                continue;
-            };
-            let started = Instant::now();
-            if let Err(error) = segment.file.sync_data() {
-                return Err(self.fatal(format!("fdatasync of a queue segment at a checkpoint failed: {error}")));
-            }
-            self.count_sync(started);
+        // A segment deleted since (all its records removed) or of a deleted queue needs nothing.
+        let files: Vec<Arc<dyn FsFile>> = dirty
+            .iter()
+            .filter_map(|(queue, base)| self.queues.get(queue).and_then(|log| log.segments.get(base)))
+            .map(|segment| Arc::clone(&segment.file))
+            .collect();
+        if let Err(error) = sync_in_parallel(&files, &self.shared.counters) {
+            return Err(self.fatal(format!("fdatasync of a queue segment at a checkpoint failed: {error}")));
         }
         let Some(journal) = self.journal.as_mut() else {
             return Ok(());
@@ -697,6 +695,50 @@ impl WriterState {
         }
         self.shared.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// Threads a checkpoint syncs its segments from.
+const CHECKPOINT_SYNC_THREADS: usize = 8;
+
+/// Syncs `files` from up to `CHECKPOINT_SYNC_THREADS` threads at once. A checkpoint is the one
+/// place with many files to sync and no order among them, and the disk serves several syncs in
+/// flight faster than the same syncs one after another (64 files: 2.7x from 8 threads, measured
+/// by `bench/sync_layouts.py`), so the writer's pause at a checkpoint is shorter. Returns the first
+/// failure (every file is still tried; the caller treats any failure as fatal).
+fn sync_in_parallel(files: &[Arc<dyn FsFile>], counters: &crate::store::Counters) -> std::io::Result<()> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let first_error = std::sync::Mutex::new(None);
+    let sync_each = || {
+        while let Some(file) = files.get(next.fetch_add(1, Ordering::Relaxed)) {
+            let started = Instant::now();
+            match file.sync_data() {
+                Ok(()) => {
+                    counters.sync_latency_us.observe(started.elapsed().as_micros() as u64);
+                    counters.data_syncs.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    first_error.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get_or_insert(error);
+                }
+            }
+        }
+    };
+    let threads = CHECKPOINT_SYNC_THREADS.min(files.len());
+    if threads <= 1 {
+        sync_each();
+    } else {
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                // Without another thread (the system is out of them), this one does the work.
+                if std::thread::Builder::new().spawn_scoped(scope, sync_each).is_err() {
+                    sync_each();
+                }
+            }
+        });
+    }
+    match first_error.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()) {
+        Some(error) => Err(error),
+        None => Ok(()),
     }
 }
 
