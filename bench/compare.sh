@@ -22,7 +22,7 @@
 #       prefetch 16; msgs/s and MB/s (compare with the store bench's synced_seq_mb_per_s)
 #
 # Settings (environment): ROUNDS (3), DURATION_S (10, per S1-S4 run), S5_MESSAGES (1000000),
-# S7_QUEUES (10000), SCENARIOS ("S1 S2 S3 S4 S5"; every scenario: "S1 S2 S3 S3x30 S4 S5 S6 S7
+# S7_QUEUES (10000), S7_CONNECTIONS (as many as queues, each consuming from one), SCENARIOS ("S1 S2 S3 S4 S5"; every scenario: "S1 S2 S3 S3x30 S4 S5 S6 S7
 # S8"), OUT (results file; default in a temporary directory),
 # TARGETS ("wharf classic quorum"; add "baseline" to compare with another Wharf build),
 # WHARF_BASELINE (the other build's `wharf` binary, for the "baseline" target: a before/after
@@ -37,10 +37,15 @@
 # target is asked for; run as root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# S7 holds S7_CONNECTIONS connections and S7_QUEUES queues: a broker needs a descriptor for each
+# connection and, in Wharf, one for each queue's open segment. Raised as far as allowed, for both
+# brokers alike (a container may cap the hard limit: then S7_CONNECTIONS has to leave room).
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 ROUNDS=${ROUNDS:-3}
 DURATION_S=${DURATION_S:-10}
 S5_MESSAGES=${S5_MESSAGES:-1000000}
 S7_QUEUES=${S7_QUEUES:-10000}
+S7_CONNECTIONS=${S7_CONNECTIONS:-$S7_QUEUES}
 SCENARIOS=${SCENARIOS:-"S1 S2 S3 S4 S5"}
 TARGETS=${TARGETS:-"wharf classic quorum"}
 wants() { echo "$TARGETS" | grep -qw "$1"; }
@@ -49,8 +54,8 @@ if wants baseline && [ ! -x "${WHARF_BASELINE:-}" ]; then
   echo "TARGETS names baseline: set WHARF_BASELINE to the other build's wharf binary" >&2
   exit 2
 fi
-if wants baseline && echo "$SCENARIOS" | grep -qwE 'S5|S7'; then
-  echo "the baseline target runs S1-S4, S3x30, S6 and S8 only" >&2
+if wants baseline && echo "$SCENARIOS" | grep -qw S7; then
+  echo "the baseline target runs every scenario but S7" >&2
   exit 2
 fi
 
@@ -79,18 +84,19 @@ wait_port() {
 }
 sample() { python3 bench/proctree.py "$1"; }
 
-# spawn_wharf DIR PORT -> sets wharf_pid, wharf_url, wharf_port; does not wait for it to listen.
+# spawn_wharf DIR PORT [BINARY] -> sets wharf_pid, wharf_url, wharf_port; does not wait for it to
+# listen. BINARY is this build's wharf unless given (S5 runs the baseline build through it too).
 spawn_wharf() {
   # S7 opens S7_QUEUES connections besides its own: Wharf's default limit is 10,000.
   # shellcheck disable=SC2086 # WHARF_ARGS is a list of arguments
-  "$wharf" serve --http-listen "${WHARF_HTTP_LISTEN:-127.0.0.1:0}" --amqp-listen "127.0.0.1:$2" --data-dir "$1" --log warn \
+  "${3:-$wharf}" serve --http-listen "${WHARF_HTTP_LISTEN:-127.0.0.1:0}" --amqp-listen "127.0.0.1:$2" --data-dir "$1" --log warn \
     --connections-max $((S7_QUEUES + 1000)) ${WHARF_ARGS:-} 2>>"$work/wharf.log" &
   wharf_pid=$!
   wharf_url="amqp://${WHARF_CREDENTIALS:-guest:guest}@127.0.0.1:$2/%2f"
   wharf_port=$2
 }
 # start_wharf DIR -> a fresh Wharf on a free port, listening when this returns
-start_wharf() { spawn_wharf "$1" "$(free_port)"; wait_port "$wharf_port"; }
+start_wharf() { spawn_wharf "$1" "$(free_port)" "${2:-}"; wait_port "$wharf_port"; }
 stop_wharf() { kill -TERM "$wharf_pid" 2>/dev/null || true; wait "$wharf_pid" 2>/dev/null || true; }
 
 # start_baseline DIR -> sets baseline_pid, baseline_url (the other Wharf build)
@@ -177,18 +183,19 @@ run_one() { # SCENARIO TARGET ROUND URL PID
 }
 
 run_backlog() { # TARGET ROUND
-  local target=$1 round=$2 dir="$work/s5-$1-$2" type_args="" url pid restart_ms first after publish drain
-  [ "$target" != wharf ] && type_args="--queue-type $target"
-  if [ "$target" = wharf ]; then start_wharf "$dir"; url=$wharf_url; pid=$wharf_pid; else start_rabbit "$dir"; url=$rabbit_url; pid=$rabbit_pid; fi
+  local target=$1 round=$2 dir="$work/s5-$1-$2" type_args="" url pid restart_ms first after publish drain binary=""
+  local is_wharf=false
+  case $target in wharf) is_wharf=true ;; baseline) is_wharf=true binary=$WHARF_BASELINE ;; *) type_args="--queue-type $target" ;; esac
+  if $is_wharf; then start_wharf "$dir" "$binary"; url=$wharf_url; pid=$wharf_pid; else start_rabbit "$dir"; url=$rabbit_url; pid=$rabbit_pid; fi
   # shellcheck disable=SC2086
   publish=$("$bench" --url "$url" --name s5 --phase publish --producers 4 --messages $((S5_MESSAGES / 4)) \
     --duration-s 3600 $type_args 2>>"$work/bench.log" | tail -1)
   after=$(sample "$pid")
   # Restart over the same data and time how long until the queue serves a message again.
-  if [ "$target" = wharf ]; then
+  if $is_wharf; then
     stop_wharf
     restart_ms=$(date +%s%3N)
-    spawn_wharf "$dir" "$wharf_port"
+    spawn_wharf "$dir" "$wharf_port" "$binary"
   else
     stop_rabbit
     restart_ms=$(date +%s%3N)
@@ -196,7 +203,7 @@ run_backlog() { # TARGET ROUND
   fi
   first=$("$bench" --url "$url" --name s5 --phase probe 2>>"$work/bench.log" | tail -1)
   drain=$("$bench" --url "$url" --name s5 --phase drain --expect "$S5_MESSAGES" --consumers 1 2>>"$work/bench.log" | tail -1)
-  if [ "$target" = wharf ]; then stop_wharf; else stop_rabbit; fi
+  if $is_wharf; then stop_wharf; else stop_rabbit; fi
   python3 - "$target" "$round" "$publish" "$after" "$restart_ms" "$first" "$drain" >>"$results" <<'PY'
 import json, sys
 target, round_, publish, after, restart_ms, first, drain = sys.argv[1:8]
@@ -219,7 +226,8 @@ run_idle_scale() { # TARGET ROUND
   declared=$("$bench" --url "$url" --name s7 --phase declare --queues "$S7_QUEUES" 2>>"$work/bench.log" | tail -1)
   rss1=$(sample "$pid")
   # The idle connections stay open until the bench is killed; its first line says they are.
-  coproc IDLE { "$bench" --url "$url" --name s7 --phase idle --queues "$S7_QUEUES" 2>>"$work/bench.log"; }
+  # exec: the coprocess is the bench itself, so killing it closes the connections.
+  coproc IDLE { exec "$bench" --url "$url" --name s7 --phase idle --queues "$S7_CONNECTIONS" 2>>"$work/bench.log"; }
   local idle_pid=$IDLE_PID
   read -r idle_line <&"${IDLE[0]}"
   rss2=$(sample "$pid")
@@ -237,16 +245,16 @@ run_idle_scale() { # TARGET ROUND
   fi
   first=$("$bench" --url "$url" --name s7 --phase probe --queues "$S7_QUEUES" 2>>"$work/bench.log" | tail -1)
   if [ "$target" = wharf ]; then stop_wharf; else stop_rabbit; fi
-  python3 - "$target" "$round" "$S7_QUEUES" "$rss0" "$declared" "$rss1" "$idle_line" "$rss2" "$restart_ms" "$first" >>"$results" <<'PY'
+  python3 - "$target" "$round" "$S7_QUEUES" "$rss0" "$declared" "$rss1" "$idle_line" "$rss2" "$restart_ms" "$first" "$S7_CONNECTIONS" >>"$results" <<'PY'
 import json, sys
 target, round_, queues = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rss0, declared, rss1, idle, rss2 = (json.loads(arg) for arg in sys.argv[4:9])
-restart_ms, first = int(sys.argv[9]), json.loads(sys.argv[10])
+restart_ms, first, connections = int(sys.argv[9]), json.loads(sys.argv[10]), int(sys.argv[11])
 print(json.dumps({
-    "scenario": "S7", "target": target, "round": round_, "queues": queues,
+    "scenario": "S7", "target": target, "round": round_, "queues": queues, "connections": connections,
     "rss_start_mib": rss0["rss_mib"], "rss_queues_mib": rss1["rss_mib"], "rss_connections_mib": rss2["rss_mib"],
     "kib_per_idle_queue": (rss1["rss_mib"] - rss0["rss_mib"]) * 1024 / queues,
-    "kib_per_idle_connection": (rss2["rss_mib"] - rss1["rss_mib"]) * 1024 / queues,
+    "kib_per_idle_connection": (rss2["rss_mib"] - rss1["rss_mib"]) * 1024 / connections,
     "declare_s": declared["declare_s"], "open_connections_s": idle["open_s"],
     "restart_serving_s": (first["first_message_epoch_ms"] - restart_ms) / 1000,
 }))
@@ -281,7 +289,7 @@ for round in $(seq 1 "$ROUNDS"); do
     rm -rf "$work/wharf-$round" "$work/baseline-$round" "$work/rabbit-$round"
   fi
   if echo "$SCENARIOS" | grep -qw S5; then
-    for target in wharf classic quorum; do
+    for target in wharf baseline classic quorum; do
       wants "$target" && run_backlog "$target" "$round"
     done
     unset wharf_pid rabbit_pid

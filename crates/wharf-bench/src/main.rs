@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 mod phases;
+mod raw_idle;
 use phases::{declare, drain, idle, probe};
 
 /// Bytes at the start of every body: producer id, sequence number, send time (ns).

@@ -7,6 +7,14 @@ use super::*;
 /// message from the queue, then prints the wall-clock time of that moment. The message is not
 /// acknowledged: it goes back when the probe disconnects.
 pub(crate) async fn probe(options: &Options) -> Result<()> {
+    // Any single call may hang on a broker that is still starting: the whole probe has a deadline.
+    match tokio::time::timeout(Duration::from_secs(130), probe_until_served(options)).await {
+        Ok(outcome) => outcome,
+        Err(_) => bail!("the broker did not serve a message within two minutes"),
+    }
+}
+
+async fn probe_until_served(options: &Options) -> Result<()> {
     let Some(queue) = queue_names(options).pop() else { bail!("no queue to probe") };
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -87,24 +95,20 @@ pub(crate) async fn declare(options: &Options) -> Result<()> {
 }
 
 /// Opens `--queues` connections, each with one channel and one consumer on its own queue (the
-/// queues must exist), at most 64 opening at a time; prints how long opening them all took, then
-/// holds them open until the process is killed (the caller samples the broker meanwhile).
+/// queues must exist), at most 64 opening at a time, with the minimal client of `raw_idle.rs`;
+/// prints how long opening them all took, then holds them open until the process is killed (the
+/// caller samples the broker meanwhile).
 pub(crate) async fn idle(options: Arc<Options>) -> Result<()> {
+    let target = crate::raw_idle::Target::from_url(&options.url)?;
     let names = queue_names(&options);
     let opening = Arc::new(tokio::sync::Semaphore::new(64));
     let started = Instant::now();
     let mut opened = Vec::with_capacity(names.len());
     for queue in names {
-        let (options, opening) = (Arc::clone(&options), Arc::clone(&opening));
+        let (target, opening) = (target.clone(), Arc::clone(&opening));
         opened.push(tokio::spawn(async move {
             let _permit = opening.acquire_owned().await?;
-            let connection = connect(&options.url).await?;
-            let channel = connection.create_channel().await?;
-            channel.basic_qos(options.prefetch, BasicQosOptions::default()).await?;
-            let consumer = channel
-                .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
-                .await?;
-            anyhow::Ok((connection, consumer))
+            crate::raw_idle::open_consumer(&target, &queue).await
         }));
     }
     let mut held = Vec::with_capacity(opened.len());

@@ -160,7 +160,8 @@ pub(crate) async fn run<W: AsyncWrite + Unpin>(
     settings: Arc<WriterSettings>,
     backlog: Arc<Backlog>,
 ) {
-    let mut buffer = BytesMut::with_capacity(64 * 1024);
+    // Grown by the first writes that need it: an idle connection keeps only what its handshake took.
+    let mut buffer = BytesMut::new();
     let mut recorded = Vec::new();
     // A body could not be read back: only control frames go out any more.
     let mut failed = false;
