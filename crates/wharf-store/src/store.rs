@@ -395,7 +395,8 @@ impl Store {
             writer_stopped: std::sync::atomic::AtomicBool::new(false),
             counters: Counters::default(),
         });
-        let (state, mut recovered) = recovery::recover(Arc::clone(&fs), &dir, config.clone(), Arc::clone(&shared))?;
+        let (state, mut recovered) =
+            recovery::recover(Arc::clone(&fs), &dir, config.clone(), Arc::clone(&shared), clean_stop)?;
         recovered.clean_stop = clean_stop;
         let (sender, receiver) = std::sync::mpsc::sync_channel(config.pending_ops_max);
         let writer = std::thread::Builder::new()

@@ -247,3 +247,32 @@ fn a_data_directory_written_before_the_journal_opens_and_keeps_working() {
     assert_eq!(store.read(first, &last.location).unwrap().body, b"new-1");
     store.close().unwrap();
 }
+
+#[test]
+fn a_restart_after_a_clean_close_does_not_sync_again_what_the_close_made_durable() {
+    let sim = SimFs::new(21);
+    let (store, _) = Store::open(sim.shared(), DIR, StoreConfig::default()).unwrap();
+    let queues: Vec<LogId> = (0..40).map(|_| store.create_log().unwrap().wait().unwrap()).collect();
+    let appended = append_until_journaled(&sim, &store, &queues);
+    store.close().unwrap();
+    // The marker's directory entry is made durable so that the next open sees the clean stop.
+    sim.shared().sync_dir(Path::new(DIR)).unwrap();
+    let syncs_before = sim.sync_count();
+    let (store, recovered) = Store::open(sim.remount().shared(), DIR, StoreConfig::default()).unwrap();
+    assert!(recovered.clean_stop);
+    let syncs = sim.sync_count() - syncs_before;
+    assert!(syncs < 10, "{syncs} syncs to reopen 40 queues after a clean close (a crash costs one per file)");
+    assert_eq!(contents(&store, &recovered), appended);
+    drop(store);
+    // And all of it was durable: a power loss now takes nothing away.
+    sim.crash(CrashMode::LoseUnsynced);
+    let (store, recovered) = Store::open(sim.remount().shared(), DIR, StoreConfig::default()).unwrap();
+    assert!(!recovered.clean_stop);
+    assert_eq!(contents(&store, &recovered), appended);
+    drop(store);
+    // After a crash (no marker), recovery syncs every file it read again.
+    sim.crash(CrashMode::KeepUnsynced);
+    let syncs_before = sim.sync_count();
+    let (_store, _) = Store::open(sim.remount().shared(), DIR, StoreConfig::default()).unwrap();
+    assert!(sim.sync_count() - syncs_before > 40, "every queue's segment and directory synced after a crash");
+}
