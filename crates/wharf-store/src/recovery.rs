@@ -410,7 +410,23 @@ pub(crate) fn recover(
     let sync = |file: &Arc<dyn FsFile>, what: &str| {
         file.sync_data().map_err(io_error(format!("syncing {what} during recovery")))
     };
-    for scan in scans.values().filter(|_| !clean_stop) {
+    for scan in scans.values() {
+        if clean_stop {
+            // Except a newest segment holding no record beyond a queue's first: another handle
+            // may have rolled to it after the close (its writer never saw the roll), so neither
+            // it nor its directory entry was synced.
+            let unsynced_roll = scan
+                .log
+                .segments
+                .values()
+                .next_back()
+                .filter(|last| last.id > 1 && last.len == FILE_HEADER_BYTES as u64);
+            if let Some(last) = unsynced_roll {
+                sync(&last.file, "a queue segment")?;
+                fs.sync_dir(&scan.log.dir).map_err(io_error(format!("syncing {}", scan.log.dir.display())))?;
+            }
+            continue;
+        }
         for segment in scan.log.segments.values() {
             sync(&segment.file, "a queue segment")?;
         }

@@ -137,7 +137,9 @@ async fn misuse_gets_rabbitmq_s_406s() {
     let connection = broker.connect().await;
     let channel = connection.create_channel().await.unwrap();
     let no_ack = BasicConsumeOptions { no_ack: true, ..Default::default() };
-    channel.basic_consume(REPLY_TO.into(), "first".into(), no_ack, FieldTable::default()).await.unwrap();
+    // Held: lapin cancels a consumer whose handle is dropped, and a cancel that reached the broker
+    // first would make room for the second.
+    let _first = channel.basic_consume(REPLY_TO.into(), "first".into(), no_ack, FieldTable::default()).await.unwrap();
     let error =
         channel.basic_consume(REPLY_TO.into(), "second".into(), no_ack, FieldTable::default()).await.unwrap_err();
     assert_eq!(reply_code(&error), Some(406));
