@@ -19,6 +19,8 @@ fi
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'; }
 port=$(free_port)
 http_port=$(free_port)
+# Two free ports asked one after the other can be the same one (the first was released).
+while [ "$http_port" = "$port" ]; do http_port=$(free_port); done
 work=$(mktemp -d "${TMPDIR:-/tmp}/wharf-console.XXXXXX")
 "$wharf_bin" serve --amqp-listen "127.0.0.1:$port" --http-listen "127.0.0.1:$http_port" \
   --data-dir "$work/data" --log info 2>"$work/wharf.log" &

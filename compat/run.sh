@@ -14,6 +14,8 @@ python3 -m pip install --quiet --disable-pip-version-check pika==1.3.2 2>/dev/nu
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'; }
 port=$(free_port)
 tls_port=$(free_port)
+# Two free ports asked one after the other can be the same one (the first was released).
+while [ "$tls_port" = "$port" ]; do tls_port=$(free_port); done
 data_dir=$(mktemp -d "${TMPDIR:-/tmp}/wharf-compat.XXXXXX")
 log="$data_dir/wharf.log"
 
@@ -28,6 +30,7 @@ certs="$data_dir/certs"
 wharf_pid=$!
 # A second broker with a 1 MB memory watermark, for the alarm test.
 alarm_port=$(free_port)
+while [ "$alarm_port" = "$port" ] || [ "$alarm_port" = "$tls_port" ]; do alarm_port=$(free_port); done
 alarm_log="$data_dir/wharf-alarm.log"
 "$wharf_bin" serve --http-listen 127.0.0.1:0 --amqp-listen "127.0.0.1:$alarm_port" --data-dir "$data_dir/alarm-data" --log info \
   --memory-high-watermark-bytes 1000000 2>"$alarm_log" &

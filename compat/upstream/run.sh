@@ -52,6 +52,8 @@ start_broker() {
   mkdir -p "$dir"
   port=$(free_port)
   tls_port=$(free_port)
+  # Two free ports asked one after the other can be the same one (the first was released).
+  while [ "$tls_port" = "$port" ]; do tls_port=$(free_port); done
   broker_log="$dir/broker.log"
   if [ "$broker" = rabbitmq ]; then
     cat >"$dir/rabbitmq.conf" <<CONF
