@@ -124,6 +124,25 @@ struct Stats {
     last_consumed_ns: AtomicU64,
 }
 
+impl Stats {
+    /// Empty counters; `producers_done` from the start for a run without producers.
+    fn new(producers_done: bool) -> Result<Stats> {
+        Ok(Stats {
+            published: AtomicU64::new(0),
+            confirmed: AtomicU64::new(0),
+            nacked: AtomicU64::new(0),
+            consumed: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            seen: Mutex::new(HashMap::new()),
+            confirmed_seqs: Mutex::new(HashMap::new()),
+            end_to_end_us: Mutex::new(histogram()?),
+            confirm_us: Mutex::new(histogram()?),
+            producers_done: AtomicBool::new(producers_done),
+            last_consumed_ns: AtomicU64::new(0),
+        })
+    }
+}
+
 fn histogram() -> Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, 600_000_000, 3).context("creating a latency histogram")
 }
@@ -540,19 +559,7 @@ async fn main() -> Result<()> {
         _ => {}
     }
     setup(&options).await?;
-    let stats = Arc::new(Stats {
-        published: AtomicU64::new(0),
-        confirmed: AtomicU64::new(0),
-        nacked: AtomicU64::new(0),
-        consumed: AtomicU64::new(0),
-        duplicates: AtomicU64::new(0),
-        seen: Mutex::new(HashMap::new()),
-        confirmed_seqs: Mutex::new(HashMap::new()),
-        end_to_end_us: Mutex::new(histogram()?),
-        confirm_us: Mutex::new(histogram()?),
-        producers_done: AtomicBool::new(false),
-        last_consumed_ns: AtomicU64::new(0),
-    });
+    let stats = Arc::new(Stats::new(false)?);
     let stop = Arc::new(AtomicBool::new(false));
     let queues = queue_names(&options);
     let publish_only = options.phase == "publish";

@@ -126,19 +126,7 @@ pub(crate) async fn drain(options: Arc<Options>) -> Result<()> {
     if options.expect == 0 {
         bail!("--phase drain needs --expect (the number of messages in the backlog)");
     }
-    let stats = Arc::new(Stats {
-        published: AtomicU64::new(0),
-        confirmed: AtomicU64::new(0),
-        nacked: AtomicU64::new(0),
-        consumed: AtomicU64::new(0),
-        duplicates: AtomicU64::new(0),
-        seen: Mutex::new(HashMap::new()),
-        confirmed_seqs: Mutex::new(HashMap::new()),
-        end_to_end_us: Mutex::new(histogram()?),
-        confirm_us: Mutex::new(histogram()?),
-        producers_done: AtomicBool::new(true),
-        last_consumed_ns: AtomicU64::new(0),
-    });
+    let stats = Arc::new(Stats::new(true)?);
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let mut consumers = Vec::new();

@@ -61,7 +61,7 @@ fn id_exhausted(path: &Path) -> StoreError {
     }
 }
 
-fn io_error(context: String) -> impl FnOnce(std::io::Error) -> StoreError {
+pub(crate) fn io_error(context: String) -> impl FnOnce(std::io::Error) -> StoreError {
     move |error| StoreError::io(context, error)
 }
 
