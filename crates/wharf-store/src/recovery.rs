@@ -12,7 +12,10 @@
 //!    the page cache; syncing it first means a later power loss cannot take back a message
 //!    recovery already reported, or a delivery count it already raised. Skipped after a clean
 //!    stop, whose close synced all of it before leaving the marker.
-//! 5. Delete segments with no live message, then ack-log segments no remaining segment needs.
+//! 5. Delete segments with no live message, then ack-log segments no remaining segment needs. A
+//!    queue whose newest segment was unusable gets a replacement whose base seq lies above every
+//!    base on disk, so a crash before the deletions cannot leave two segments with one base (an
+//!    empty segment followed by one with its base, left by older builds, yields to the newer).
 //! 6. Start the journal over (or create it: the migration of a data directory from before it),
 //!    now that every segment it spoke of is synced.
 //!
@@ -203,6 +206,10 @@ struct QueueScan {
     /// The active segment must be created fresh (no usable segment was last).
     needs_new_segment: bool,
     max_seq: u64,
+    /// The highest base seq in any segment header of this queue, refused ones included.
+    highest_base_on_disk: u64,
+    /// Ids of empty segments a newer segment with the same base seq replaced.
+    superseded: Vec<u64>,
 }
 
 fn scan_queue(
@@ -227,14 +234,34 @@ fn scan_queue(
     let mut max_seq = 0u64;
     let mut last_usable_id = None;
     let mut salt = layout::random_salt();
+    let mut highest_base_on_disk = 0u64;
+    let mut superseded = Vec::new();
     for (id, path) in &files {
         let Some(scanned) = scan_file(fs, path, SEGMENT_MAGIC, RECORD_BYTES_MAX, *id == last_id, issues, buffer)?
         else {
             continue;
         };
         let header = scanned.header;
-        let previous_base = segments.keys().next_back().copied().unwrap_or(0);
-        if header.queue_id != queue.0
+        if header.queue_id == queue.0 && header.file_id == *id {
+            highest_base_on_disk = highest_base_on_disk.max(header.base_seq);
+        }
+        let previous = segments
+            .last_key_value()
+            .map(|(base, segment): (&u64, &Segment)| (*base, segment.id, segment.len == FILE_HEADER_BYTES as u64));
+        let previous_base = previous.map_or(0, |(base, _, _)| base);
+        // A recovery crashed between making a replacement segment and deleting the empty one it
+        // replaced leaves two segments with one base seq; the newer one is the queue's (the
+        // older holds no record), so it takes the place and the older is deleted in step 5.
+        if let Some((base, previous_id, previous_empty)) = previous
+            && previous_empty
+            && header.queue_id == queue.0
+            && header.file_id == *id
+            && header.base_seq == base
+        {
+            segments.remove(&base);
+            messages.remove(&base);
+            superseded.push(previous_id);
+        } else if header.queue_id != queue.0
             || header.file_id != *id
             || header.base_seq <= previous_base
             || header.base_seq <= last_seq
@@ -304,6 +331,8 @@ fn scan_queue(
         messages,
         metas,
         max_seq,
+        highest_base_on_disk,
+        superseded,
     }))
 }
 
@@ -451,11 +480,17 @@ pub(crate) fn recover(
             .filter(|(base, segment)| (**base != active_base || scan.needs_new_segment) && segment.live.count() == 0)
             .map(|(base, _)| *base)
             .collect();
-        let next_seq = scan.max_seq.max(max_acked_seq.get(&queue).copied().unwrap_or(0)) + 1;
+        let mut next_seq = scan.max_seq.max(max_acked_seq.get(&queue).copied().unwrap_or(0)) + 1;
         // The replacement active segment is made durable before anything is deleted: at every
         // moment the queue has a durable segment, so a crash in between can never leave an empty
         // directory that the next recovery would take for a torn creation.
         let needs_new_segment = scan.needs_new_segment || log.segments.len() == dead.len();
+        if needs_new_segment {
+            // Its base goes above every base on disk: a dead empty segment may share the next
+            // seq as its base, and if a crash comes before it is deleted, the next scan must
+            // still find the segments' bases rising with their ids. Seqs may skip; they only rise.
+            next_seq = next_seq.max(scan.highest_base_on_disk.saturating_add(1));
+        }
         // Out of the map before the replacement goes in: an empty dead segment may have the
         // replacement's base seq (a segment rolled to and never written), and must not take the
         // replacement with it when it is deleted.
@@ -494,7 +529,11 @@ pub(crate) fn recover(
             fs.remove_file(&path).map_err(io_error(format!("removing {}", path.display())))?;
             scan.messages.remove(base);
         }
-        if !dead.is_empty() {
+        for id in &scan.superseded {
+            let path = log.dir.join(layout::segment_file_name(*id));
+            fs.remove_file(&path).map_err(io_error(format!("removing {}", path.display())))?;
+        }
+        if !dead.is_empty() || !scan.superseded.is_empty() {
             fs.sync_dir(&log.dir).map_err(io_error(format!("syncing {}", log.dir.display())))?;
         }
         if let Some(active) = log.segments.get(&log.active_base) {

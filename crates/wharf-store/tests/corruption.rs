@@ -282,3 +282,74 @@ fn a_queue_id_reservation_at_the_end_of_the_ids_runs_out_cleanly() {
     store.append(queue, 1, b"", b"still works").unwrap().wait().unwrap();
     store.close().unwrap();
 }
+
+/// Builds before the fix could leave, after a crash inside recovery, two segments with one base
+/// seq: an empty one, and a newer one holding a confirmed message. The newer is the queue's; the
+/// empty one is deleted, and the message survives this recovery and the next.
+#[test]
+fn an_empty_segment_and_a_newer_one_with_its_base_keep_the_newer_ones_messages() {
+    use wharf_store::format::{self, FileHeader, RecordKind, SEGMENT_MAGIC};
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("data");
+    let (store, _) = Store::open(RealFs::shared(), &dir, StoreConfig::default()).unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
+    let first = store.append(queue, 1, b"m", b"first").unwrap().wait().unwrap();
+    store.close().unwrap();
+    let queue_dir = dir.join("queues").join(format!("q-{:016x}", queue.0));
+    let header = |file_id, salt| FileHeader {
+        magic: SEGMENT_MAGIC,
+        file_id,
+        queue_id: queue.0,
+        base_seq: first.seq + 1,
+        created_ms: 1,
+        salt,
+    };
+    std::fs::write(queue_dir.join(format!("{:020}.seg", 4)), header(4, 11).encode()).unwrap();
+    let mut newer = header(5, 12).encode().to_vec();
+    format::encode_record(&mut newer, 12, RecordKind::Message, 1, first.seq + 1, 2, &[b"m", b"second"]);
+    std::fs::write(queue_dir.join(format!("{:020}.seg", 5)), newer).unwrap();
+
+    for round in 0..2 {
+        let (store, recovered) = Store::open(RealFs::shared(), &dir, StoreConfig::default()).unwrap();
+        assert_eq!(recovered.issues, vec![], "round {round}");
+        assert_eq!(bodies(&store, queue, &recovered), vec![b"first".to_vec(), b"second".to_vec()], "round {round}");
+        assert!(!queue_dir.join(format!("{:020}.seg", 4)).exists(), "the empty segment is deleted (round {round})");
+        store.close().unwrap();
+    }
+}
+
+/// A replacement segment's base seq lies above every base on disk, so a crash between making it
+/// and deleting the dead empty segment it replaces cannot leave two segments with one base.
+#[test]
+fn a_replacement_segment_starts_above_a_dead_empty_segments_base() {
+    use wharf_store::format::{FILE_HEADER_BYTES, FileHeader, SEGMENT_MAGIC};
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("data");
+    let (store, _) = Store::open(RealFs::shared(), &dir, StoreConfig::default()).unwrap();
+    let queue = store.create_log().unwrap().wait().unwrap();
+    let first = store.append(queue, 1, b"m", b"first").unwrap().wait().unwrap();
+    store.close().unwrap();
+    let queue_dir = dir.join("queues").join(format!("q-{:016x}", queue.0));
+    let segment = |id: u64| queue_dir.join(format!("{id:020}.seg"));
+    let empty = FileHeader {
+        magic: SEGMENT_MAGIC,
+        file_id: 2,
+        queue_id: queue.0,
+        base_seq: first.seq + 1,
+        created_ms: 1,
+        salt: 7,
+    };
+    std::fs::write(segment(2), empty.encode()).unwrap();
+    // The newest segment's creation torn inside its header: recovery must make a replacement.
+    std::fs::write(segment(3), &empty.encode()[..10]).unwrap();
+
+    let (store, recovered) = Store::open(RealFs::shared(), &dir, StoreConfig::default()).unwrap();
+    assert_eq!(bodies(&store, queue, &recovered), vec![b"first".to_vec()]);
+    assert!(!segment(2).exists() && !segment(3).exists(), "the dead and the torn segment are gone");
+    let replacement = std::fs::read(segment(4)).unwrap();
+    let header = FileHeader::decode(&replacement[..FILE_HEADER_BYTES], SEGMENT_MAGIC, &segment(4)).unwrap();
+    assert!(header.base_seq > empty.base_seq, "replacement base {} above {}", header.base_seq, empty.base_seq);
+    let next = store.append(queue, 1, b"m", b"next").unwrap().wait().unwrap();
+    assert!(next.seq >= header.base_seq);
+    store.close().unwrap();
+}

@@ -552,3 +552,37 @@ fn regression_recreate_queue_on_a_full_disk() {
         ],
     );
 }
+
+/// A recovery crashed after it made a queue's replacement segment, then the next recovery made
+/// another with the same base seq: the confirmed message written to the second was refused by the
+/// recovery after, as out of place.
+#[test]
+fn regression_replacement_segment_after_a_crashed_recovery() {
+    let config = StoreConfig {
+        segment_bytes_max: 489,
+        ack_segment_bytes_max: 200,
+        ack_sync_interval_ms: 3_600_000,
+        journal_bytes: 0,
+        ..StoreConfig::default()
+    };
+    let append = |queue, body_bytes, wait| Action::Append { queue, body_bytes, wait };
+    for _ in 0..200 {
+        run_actions(
+            6_341_951_527_164_763_785,
+            config.clone(),
+            vec![
+                Action::RecreateQueue { queue: 0 },
+                append(2, 38, true),
+                Action::FailNextSync,
+                append(2, 276, false),
+                append(0, 0, false),
+                append(2, 89, true),
+                Action::Crash { mode: CrashMode::Random, during_recovery: Some(25) },
+                append(0, 0, false),
+                append(2, 0, false),
+                append(0, 0, true),
+                Action::Remove { queue: 0, pick: 144_536_684_009_788 },
+            ],
+        );
+    }
+}
