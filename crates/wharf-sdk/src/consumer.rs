@@ -1,15 +1,21 @@
-//! The consumer runtime: a typed [`Handler`] runs for each message, with bounded concurrency
-//! and prefetch. Its [`Outcome`] decides the acknowledgement: `Ack` on success, `Retry` nacks
-//! with requeue (the queue's `x-retry-backoff` and delivery limit apply), `Reject` rejects without
-//! requeue (the queue's dead-lettering applies). The runtime reconnects after a connection loss
-//! (the broker redelivers what was unacknowledged) and stops gracefully: it cancels the consumer,
-//! lets in-flight handlers finish and acknowledges them before it returns.
+//! The consumer runtime: a [`Handler`] runs for each message, with bounded concurrency and
+//! prefetch. Its [`Outcome`] decides the acknowledgement: `Ack` on success, `Retry` nacks with
+//! requeue (the queue's `x-retry-backoff` and delivery limit apply), `Reject(reason)` dead-letters
+//! it. With [`ConsumerConfig::dead_letter`] set, the runtime publishes a rejected message there
+//! itself (confirmed, every property kept, the reason in `x-reject-reason`) and then acknowledges
+//! it, since AMQP's reject cannot carry a reason; otherwise it rejects without requeue and the
+//! queue's own dead-lettering applies. The runtime reconnects after a connection loss (the broker
+//! redelivers what was unacknowledged) and stops gracefully: it cancels the consumer, lets
+//! in-flight handlers finish and settles them before it returns.
 
 use crate::{Result, SdkError};
 use futures_lite::StreamExt;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Connection, ConnectionProperties};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -18,7 +24,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 /// A delivered message, as the handler sees it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Incoming {
     /// The AMQP `message-id` (the event id for messages from the outbox).
     pub message_id: Option<String>,
@@ -34,17 +40,56 @@ pub struct Incoming {
     pub redelivered: bool,
     /// Deliveries before this one (the broker's `x-delivery-count`; 0 on a first delivery).
     pub delivery_count: u32,
+    /// The AMQP `type` (a typed message's name).
+    pub message_type: Option<String>,
+    /// The AMQP `correlation-id`.
+    pub correlation_id: Option<String>,
+    /// The AMQP `reply-to`.
+    pub reply_to: Option<String>,
+    /// The AMQP `content-type`.
+    pub content_type: Option<String>,
+    /// The AMQP `timestamp` (seconds since the Unix epoch), if the publisher set one.
+    pub timestamp_s: Option<u64>,
+    /// The queue it was consumed from.
+    pub queue: String,
+    /// Every AMQP property as it arrived, headers of every type (`x-death` included).
+    pub properties: BasicProperties,
+}
+
+/// The header that carries a rejection's reason on a dead-lettered copy.
+pub const REJECT_REASON_HEADER: &str = "x-reject-reason";
+/// The header that names the queue a dead-lettered copy was rejected from.
+pub const REJECTED_FROM_HEADER: &str = "x-rejected-from";
+
+impl Incoming {
+    /// The message id, or a permanent failure: a message without one cannot be handled exactly
+    /// once, and retrying it cannot give it one.
+    pub fn id(&self) -> std::result::Result<&str, crate::HandleError> {
+        match self.message_id.as_deref() {
+            Some(id) if !id.is_empty() => Ok(id),
+            _ => Err(crate::HandleError::Permanent("the message has no message-id".into())),
+        }
+    }
 }
 
 /// What to do with a message after its handler ran.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Done: acknowledge.
     Ack,
     /// Failed for now: requeue (after the queue's backoff, until its delivery limit).
     Retry,
-    /// Can never succeed: reject (to the dead-letter queue).
-    Reject,
+    /// Can never succeed: dead-letter it, with the reason.
+    Reject(String),
+}
+
+/// Where rejected messages go when the runtime dead-letters them itself (to carry the reason).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The exchange (`""`: the routing key names the queue).
+    pub exchange: String,
+    /// The routing key.
+    pub routing_key: String,
 }
 
 /// Handles messages. Called concurrently, up to the runtime's concurrency.
@@ -66,6 +111,9 @@ pub struct ConsumerConfig {
     pub concurrency: usize,
     /// The longest wait between reconnection attempts.
     pub reconnect_delay_ms_max: u64,
+    /// Where rejected messages are published, with their reason; `None` rejects them to the
+    /// queue's own dead-lettering (the reason is only logged).
+    pub dead_letter: Option<DeadLetter>,
 }
 
 impl ConsumerConfig {
@@ -77,7 +125,14 @@ impl ConsumerConfig {
             prefetch: 32,
             concurrency: 8,
             reconnect_delay_ms_max: 5000,
+            dead_letter: None,
         }
+    }
+
+    /// Rejected messages go to `routing_key` on `exchange`, carrying the reason.
+    pub fn dead_letter_to(mut self, exchange: impl Into<String>, routing_key: impl Into<String>) -> ConsumerConfig {
+        self.dead_letter = Some(DeadLetter { exchange: exchange.into(), routing_key: routing_key.into() });
+        self
     }
 }
 
@@ -102,7 +157,7 @@ fn integer(value: &AMQPValue) -> Option<i64> {
     })
 }
 
-fn incoming(delivery: &lapin::message::Delivery) -> Incoming {
+fn incoming(delivery: &lapin::message::Delivery, queue: &str) -> Incoming {
     let table = delivery.properties.headers().clone().unwrap_or_default();
     let headers = table.inner().iter().filter_map(|(name, value)| Some((name.to_string(), text(value)?))).collect();
     let delivery_count = table
@@ -110,8 +165,17 @@ fn incoming(delivery: &lapin::message::Delivery) -> Incoming {
         .get("x-delivery-count")
         .and_then(integer)
         .map_or(0, |count| count.clamp(0, i64::from(u32::MAX)) as u32);
+    let properties = &delivery.properties;
+    let short = |value: &Option<lapin::types::ShortString>| value.as_ref().map(|value| value.to_string());
     Incoming {
-        message_id: delivery.properties.message_id().as_ref().map(|id| id.to_string()),
+        message_id: short(properties.message_id()),
+        message_type: short(properties.kind()),
+        correlation_id: short(properties.correlation_id()),
+        reply_to: short(properties.reply_to()),
+        content_type: short(properties.content_type()),
+        timestamp_s: *properties.timestamp(),
+        queue: queue.to_owned(),
+        properties: properties.clone(),
         exchange: delivery.exchange.to_string(),
         routing_key: delivery.routing_key.to_string(),
         headers,
@@ -165,6 +229,14 @@ async fn consume_once<H: Handler>(
     let mut consumer = channel
         .basic_consume(config.queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await?;
+    let dead_letters = match &config.dead_letter {
+        Some(target) => {
+            let publishing = connection.create_channel().await?;
+            publishing.confirm_select(ConfirmSelectOptions::default()).await?;
+            Some(Arc::new((publishing, target.clone())))
+        }
+        None => None,
+    };
     let permits = Arc::new(Semaphore::new(config.concurrency));
     let mut running = JoinSet::new();
     let outcome = loop {
@@ -181,10 +253,12 @@ async fn consume_once<H: Handler>(
                 };
                 let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { break Ok(()) };
                 let handler = Arc::clone(handler);
+                let dead_letters = dead_letters.clone();
+                let queue = config.queue.clone();
                 running.spawn(async move {
                     // A handler that panics has its message requeued (not left unsettled,
                     // holding a prefetch slot and, on an ordered queue, its key).
-                    let handled = std::panic::AssertUnwindSafe(handler.handle(incoming(&delivery)));
+                    let handled = std::panic::AssertUnwindSafe(handler.handle(incoming(&delivery, &queue)));
                     let outcome = futures_lite::FutureExt::catch_unwind(handled).await.unwrap_or_else(|_| {
                         tracing::error!("a handler panicked; its message is requeued");
                         Outcome::Retry
@@ -192,7 +266,7 @@ async fn consume_once<H: Handler>(
                     let settled = match outcome {
                         Outcome::Ack => delivery.ack(BasicAckOptions::default()).await,
                         Outcome::Retry => delivery.nack(BasicNackOptions { multiple: false, requeue: true }).await,
-                        Outcome::Reject => delivery.nack(BasicNackOptions { multiple: false, requeue: false }).await,
+                        Outcome::Reject(reason) => reject(&delivery, &queue, &reason, dead_letters.as_deref()).await,
                     };
                     if let Err(error) = settled {
                         // The connection went: the broker redelivers it, and the inbox (or the
@@ -209,4 +283,45 @@ async fn consume_once<H: Handler>(
     while running.join_next().await.is_some() {}
     let _ = connection.close(200, "consumer stopping".into()).await;
     outcome
+}
+
+/// Dead-letters a delivery: published to `dead_letters` with the reason (and acknowledged once
+/// the broker confirmed the copy), or, without a target or when that publish fails, rejected
+/// without requeue so the queue's own dead-lettering takes it.
+async fn reject(
+    delivery: &lapin::message::Delivery,
+    queue: &str,
+    reason: &str,
+    dead_letters: Option<&(Channel, DeadLetter)>,
+) -> std::result::Result<bool, lapin::Error> {
+    let id = delivery.properties.message_id().as_ref().map(|id| id.to_string()).unwrap_or_default();
+    if let Some((channel, target)) = dead_letters {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers
+            .insert(REJECT_REASON_HEADER.into(), AMQPValue::LongString(LongString::from(reason.as_bytes().to_vec())));
+        headers.insert(REJECTED_FROM_HEADER.into(), AMQPValue::LongString(LongString::from(queue.as_bytes().to_vec())));
+        let properties = delivery.properties.clone().with_headers(headers);
+        let confirmed = async {
+            let confirm = channel
+                .basic_publish(
+                    target.exchange.as_str().into(),
+                    target.routing_key.as_str().into(),
+                    BasicPublishOptions { mandatory: true, ..Default::default() },
+                    &delivery.data,
+                    properties,
+                )
+                .await?;
+            confirm.await
+        };
+        match confirmed.await {
+            Ok(lapin::Confirmation::Ack(None)) => {
+                tracing::warn!(%id, queue, reason, "message rejected; dead-lettered with its reason");
+                return delivery.ack(BasicAckOptions::default()).await;
+            }
+            Ok(other) => tracing::error!(%id, ?other, "the dead-letter target refused the copy; rejecting instead"),
+            Err(error) => tracing::error!(%id, %error, "could not dead-letter the copy; rejecting instead"),
+        }
+    }
+    tracing::warn!(%id, queue, reason, "message rejected");
+    delivery.nack(BasicNackOptions { multiple: false, requeue: false }).await
 }

@@ -44,6 +44,27 @@ pub enum SdkError {
     /// A setting out of range.
     #[error("invalid setting: {0}")]
     Config(String),
+    /// An event with this id is already in the outbox: the business operation that wrote it
+    /// ran before (a retried request with the same idempotency key). The transaction is still
+    /// usable; the caller usually rolls it back and answers as the first time did.
+    #[error("an event with id {id} is already in the outbox")]
+    Duplicate {
+        /// The id.
+        id: String,
+    },
+    /// A migration of the SDK's tables failed; nothing of it was applied.
+    #[error("migration {version} ({description}) failed: {source}")]
+    Migration {
+        /// Its version.
+        version: i64,
+        /// Its description (the file name's rest).
+        description: String,
+        /// The database's error.
+        source: sqlx::Error,
+    },
+    /// A message body is not the type the handler expects, or cannot be serialised.
+    #[error("message body: {0}")]
+    Body(String),
     /// Stopped on request.
     #[error("stopped")]
     Stopped,

@@ -1,7 +1,8 @@
 //! [`Event`]: what an application publishes through the outbox (or straight through the
 //! [`ConfirmedPublisher`](crate::ConfirmedPublisher)): a unique id (the AMQP `message-id`, which
 //! broker de-duplication and consumers' inboxes key on), a destination exchange and routing key,
-//! an optional ordering key, headers and a body.
+//! an optional ordering key, headers, the AMQP `type`, correlation id and reply-to, and a body.
+//! Typed messages become events through [`Event::from_message`](crate::Message).
 
 use std::collections::BTreeMap;
 
@@ -25,9 +26,19 @@ pub struct Event {
     pub headers: BTreeMap<String, String>,
     /// The content type, if any (`application/json`, …).
     pub content_type: Option<String>,
+    /// The AMQP `type` property: a typed message's [`TYPE`](crate::Message::TYPE).
+    pub message_type: Option<String>,
+    /// The AMQP `correlation-id` (request/reply: the request's id on the reply).
+    pub correlation_id: Option<String>,
+    /// The AMQP `reply-to` (request/reply: where the reply goes).
+    pub reply_to: Option<String>,
     /// The body.
     pub body: Vec<u8>,
 }
+
+/// The namespace of ids made from idempotency keys (a fixed random UUID: ids made by another
+/// system from the same key never collide with Wharf's).
+const ID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x8c4f_2a61_93d7_4b1e_a5c2_7e09_d3f6_1b48);
 
 /// The header an event's ordering key travels in.
 pub const ORDERING_KEY_HEADER: &str = "x-ordering-key";
@@ -42,8 +53,43 @@ impl Event {
             ordering_key: None,
             headers: BTreeMap::new(),
             content_type: None,
+            message_type: None,
+            correlation_id: None,
+            reply_to: None,
             body: body.into(),
         }
+    }
+
+    /// Makes the id stable for one business operation: a UUIDv5 of the message type (or, without
+    /// one, the exchange and routing key) and `key`. A retried operation that passes the same key
+    /// (an HTTP request's idempotency key, a command id) writes an event with the same id, which
+    /// the outbox refuses the second time ([`SdkError::Duplicate`](crate::SdkError::Duplicate)),
+    /// and which the broker's de-duplication and consumers' inboxes drop if it got out twice.
+    pub fn with_idempotency_key(mut self, key: &str) -> Event {
+        let scope = match &self.message_type {
+            Some(message_type) => format!("type\n{message_type}"),
+            None => format!("route\n{}\n{}", self.exchange, self.routing_key),
+        };
+        self.id = uuid::Uuid::new_v5(&ID_NAMESPACE, format!("{scope}\n{key}").as_bytes()).to_string();
+        self
+    }
+
+    /// Sets the AMQP `type` property.
+    pub fn with_type(mut self, message_type: impl Into<String>) -> Event {
+        self.message_type = Some(message_type.into());
+        self
+    }
+
+    /// Sets the AMQP `correlation-id`.
+    pub fn with_correlation_id(mut self, correlation_id: impl Into<String>) -> Event {
+        self.correlation_id = Some(correlation_id.into());
+        self
+    }
+
+    /// Sets the AMQP `reply-to`.
+    pub fn with_reply_to(mut self, reply_to: impl Into<String>) -> Event {
+        self.reply_to = Some(reply_to.into());
+        self
     }
 
     /// Sets the id (for events whose id the application already has, such as a command id).
@@ -87,10 +133,18 @@ impl Event {
         {
             return Err(invalid(format!("the ordering key is longer than {NAME_BYTES_MAX} bytes")));
         }
-        if let Some(content_type) = &self.content_type
-            && content_type.len() > NAME_BYTES_MAX
-        {
-            return Err(invalid(format!("the content type is longer than {NAME_BYTES_MAX} bytes")));
+        let properties = [
+            ("content type", &self.content_type),
+            ("message type", &self.message_type),
+            ("correlation id", &self.correlation_id),
+            ("reply-to", &self.reply_to),
+        ];
+        for (what, value) in properties {
+            if let Some(value) = value
+                && value.len() > NAME_BYTES_MAX
+            {
+                return Err(invalid(format!("the {what} is longer than {NAME_BYTES_MAX} bytes")));
+            }
         }
         if let Some(name) = self.headers.keys().find(|name| name.is_empty() || name.len() > NAME_BYTES_MAX) {
             return Err(invalid(format!("header name '{name}' must be 1 to {NAME_BYTES_MAX} bytes")));

@@ -9,7 +9,10 @@
 //! (the default, 7 days, is far beyond a queue's redelivery of a message its consumer keeps
 //! failing on: the delivery limit sends it to the dead-letter queue long before).
 
-use crate::Result;
+use crate::names::TableName;
+use crate::{Result, migrate};
+use std::future::Future;
+use std::sync::Arc;
 
 /// Whether a message is new to this consumer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,8 +35,84 @@ fn check_id(message_id: &str) -> Result<()> {
     Ok(())
 }
 
-/// Deletes old entries every `interval` until `shutdown` turns true (run it next to the
-/// consumer).
+/// What an exactly-once consumer needs from its inbox, on any database.
+pub trait Inbox: Clone + Send + Sync + 'static {
+    /// The database.
+    type Db: sqlx::Database;
+
+    /// The pool transactions are begun on (the effect's and the record's).
+    fn pool(&self) -> &sqlx::Pool<Self::Db>;
+
+    /// Creates the table or brings it to the newest version; safe to call from every replica.
+    fn migrate(&self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Records `message_id` for this consumer inside the caller's transaction and says whether
+    /// it was new. A concurrent transaction recording the same id waits for the first one and
+    /// then sees `Again` (or `First`, if the first rolled back).
+    fn handle(
+        &self,
+        tx: &mut sqlx::Transaction<'_, Self::Db>,
+        message_id: &str,
+    ) -> impl Future<Output = Result<Seen>> + Send;
+
+    /// Deletes this consumer's entries older than `retention_ms`; returns how many.
+    fn purge(&self, retention_ms: i64) -> impl Future<Output = Result<u64>> + Send;
+}
+
+/// Where an inbox lives in its database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxConfig {
+    /// The table, `table` or `schema.table` (PostgreSQL). Default `wharf_inbox`.
+    pub table: String,
+}
+
+impl Default for InboxConfig {
+    fn default() -> InboxConfig {
+        InboxConfig { table: "wharf_inbox".into() }
+    }
+}
+
+/// Every statement, built once from the configured name.
+#[derive(Debug)]
+struct Statements {
+    record: String,
+    purge: String,
+}
+
+impl Statements {
+    fn new(table: &TableName, placeholder: fn(usize) -> String) -> Arc<Statements> {
+        let table = table.qualified();
+        let [first, second, third] = [1, 2, 3].map(placeholder);
+        Arc::new(Statements {
+            record: format!(
+                "INSERT INTO {table} (consumer, message_id, processed_at) VALUES ({first}, {second}, {third})
+                 ON CONFLICT (consumer, message_id) DO NOTHING"
+            ),
+            purge: format!("DELETE FROM {table} WHERE consumer = {first} AND processed_at < {second}"),
+        })
+    }
+}
+
+/// Deletes old entries of `inbox` every `interval` until `shutdown` turns true (run it next to
+/// the consumer), on any database.
+pub async fn purge_inbox_periodically<I: Inbox>(
+    inbox: I,
+    retention_ms: i64,
+    interval: std::time::Duration,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    purge_periodically(
+        || {
+            let inbox = inbox.clone();
+            async move { inbox.purge(retention_ms).await }
+        },
+        interval,
+        shutdown,
+    )
+    .await;
+}
+
+/// Runs `purge` every `interval` until `shutdown` turns true.
 pub async fn purge_periodically<F, Fut>(
     mut purge: F,
     interval: std::time::Duration,
@@ -75,52 +154,54 @@ mod postgres {
     pub struct PgInbox {
         pool: PgPool,
         consumer: String,
+        table: TableName,
+        sql: Arc<Statements>,
     }
 
     impl PgInbox {
         /// The inbox of `consumer` (a name that stays the same across restarts, such as
-        /// `payment-service`).
+        /// `payment-service`) in the table `wharf_inbox`.
         pub fn new(pool: PgPool, consumer: impl Into<String>) -> PgInbox {
-            PgInbox { pool, consumer: consumer.into() }
+            PgInbox::build(pool, consumer.into(), TableName::default_name("wharf_inbox"))
         }
 
-        /// Creates the inbox table if it is missing (idempotent).
-        pub async fn migrate(&self) -> Result<()> {
-            sqlx::query(
-                "CREATE TABLE IF NOT EXISTS wharf_inbox (
-                    consumer TEXT NOT NULL,
-                    message_id TEXT NOT NULL,
-                    processed_at BIGINT NOT NULL,
-                    PRIMARY KEY (consumer, message_id))",
-            )
-            .execute(&self.pool)
-            .await?;
-            sqlx::query("CREATE INDEX IF NOT EXISTS wharf_inbox_processed ON wharf_inbox (processed_at)")
-                .execute(&self.pool)
-                .await?;
-            Ok(())
+        /// The inbox of `consumer` in the table `config` names; refuses a name that is not a
+        /// plain SQL name.
+        pub fn with_config(pool: PgPool, consumer: impl Into<String>, config: &InboxConfig) -> Result<PgInbox> {
+            let table = TableName::parse("the inbox table", &config.table)?;
+            Ok(PgInbox::build(pool, consumer.into(), table))
         }
 
-        /// Records `message_id` for this consumer inside the caller's transaction and says
-        /// whether it was new. A concurrent transaction recording the same id waits for the first
-        /// one and then sees `Again` (or `First`, if the first rolled back).
-        pub async fn handle(&self, tx: &mut Transaction<'_, Postgres>, message_id: &str) -> Result<Seen> {
+        fn build(pool: PgPool, consumer: String, table: TableName) -> PgInbox {
+            let sql = Statements::new(&table, |index| format!("${index}"));
+            PgInbox { pool, consumer, table, sql }
+        }
+    }
+
+    impl Inbox for PgInbox {
+        type Db = Postgres;
+
+        fn pool(&self) -> &PgPool {
+            &self.pool
+        }
+
+        async fn migrate(&self) -> Result<()> {
+            migrate::postgres(&self.pool, migrate::Object::Inbox, &self.table).await
+        }
+
+        async fn handle(&self, tx: &mut Transaction<'_, Postgres>, message_id: &str) -> Result<Seen> {
             check_id(message_id)?;
-            let inserted = sqlx::query(
-                "INSERT INTO wharf_inbox (consumer, message_id, processed_at) VALUES ($1, $2, $3)
-                 ON CONFLICT (consumer, message_id) DO NOTHING",
-            )
-            .bind(&self.consumer)
-            .bind(message_id)
-            .bind(now_ms())
-            .execute(&mut **tx)
-            .await?;
+            let inserted = sqlx::query(&self.sql.record)
+                .bind(&self.consumer)
+                .bind(message_id)
+                .bind(now_ms())
+                .execute(&mut **tx)
+                .await?;
             Ok(if inserted.rows_affected() == 1 { Seen::First } else { Seen::Again })
         }
 
-        /// Deletes entries older than `retention_ms`; returns how many.
-        pub async fn purge(&self, retention_ms: i64) -> Result<u64> {
-            let done = sqlx::query("DELETE FROM wharf_inbox WHERE consumer = $1 AND processed_at < $2")
+        async fn purge(&self, retention_ms: i64) -> Result<u64> {
+            let done = sqlx::query(&self.sql.purge)
                 .bind(&self.consumer)
                 .bind(now_ms().saturating_sub(retention_ms))
                 .execute(&self.pool)
@@ -142,50 +223,58 @@ mod sqlite {
     pub struct SqliteInbox {
         pool: SqlitePool,
         consumer: String,
+        table: TableName,
+        sql: Arc<Statements>,
     }
 
     impl SqliteInbox {
-        /// The inbox of `consumer`.
+        /// The inbox of `consumer` in the table `wharf_inbox`.
         pub fn new(pool: SqlitePool, consumer: impl Into<String>) -> SqliteInbox {
-            SqliteInbox { pool, consumer: consumer.into() }
+            SqliteInbox::build(pool, consumer.into(), TableName::default_name("wharf_inbox"))
         }
 
-        /// Creates the inbox table if it is missing (idempotent).
-        pub async fn migrate(&self) -> Result<()> {
-            sqlx::query(
-                "CREATE TABLE IF NOT EXISTS wharf_inbox (
-                    consumer TEXT NOT NULL,
-                    message_id TEXT NOT NULL,
-                    processed_at INTEGER NOT NULL,
-                    PRIMARY KEY (consumer, message_id))",
-            )
-            .execute(&self.pool)
-            .await?;
-            sqlx::query("CREATE INDEX IF NOT EXISTS wharf_inbox_processed ON wharf_inbox (processed_at)")
-                .execute(&self.pool)
-                .await?;
-            Ok(())
+        /// The inbox of `consumer` in the table `config` names (no schema: SQLite has none).
+        pub fn with_config(pool: SqlitePool, consumer: impl Into<String>, config: &InboxConfig) -> Result<SqliteInbox> {
+            let table = TableName::parse("the inbox table", &config.table)?;
+            if table.schema().is_some() {
+                return Err(crate::SdkError::Config(format!(
+                    "'{}': SQLite has no schemas; name the table without one",
+                    config.table
+                )));
+            }
+            Ok(SqliteInbox::build(pool, consumer.into(), table))
         }
 
-        /// Records `message_id` for this consumer inside the caller's transaction and says
-        /// whether it was new.
-        pub async fn handle(&self, tx: &mut Transaction<'_, Sqlite>, message_id: &str) -> Result<Seen> {
+        fn build(pool: SqlitePool, consumer: String, table: TableName) -> SqliteInbox {
+            let sql = Statements::new(&table, |_| "?".to_owned());
+            SqliteInbox { pool, consumer, table, sql }
+        }
+    }
+
+    impl Inbox for SqliteInbox {
+        type Db = Sqlite;
+
+        fn pool(&self) -> &SqlitePool {
+            &self.pool
+        }
+
+        async fn migrate(&self) -> Result<()> {
+            migrate::sqlite(&self.pool, migrate::Object::Inbox, &self.table).await
+        }
+
+        async fn handle(&self, tx: &mut Transaction<'_, Sqlite>, message_id: &str) -> Result<Seen> {
             check_id(message_id)?;
-            let inserted = sqlx::query(
-                "INSERT INTO wharf_inbox (consumer, message_id, processed_at) VALUES (?, ?, ?)
-                 ON CONFLICT (consumer, message_id) DO NOTHING",
-            )
-            .bind(&self.consumer)
-            .bind(message_id)
-            .bind(now_ms())
-            .execute(&mut **tx)
-            .await?;
+            let inserted = sqlx::query(&self.sql.record)
+                .bind(&self.consumer)
+                .bind(message_id)
+                .bind(now_ms())
+                .execute(&mut **tx)
+                .await?;
             Ok(if inserted.rows_affected() == 1 { Seen::First } else { Seen::Again })
         }
 
-        /// Deletes entries older than `retention_ms`; returns how many.
-        pub async fn purge(&self, retention_ms: i64) -> Result<u64> {
-            let done = sqlx::query("DELETE FROM wharf_inbox WHERE consumer = ? AND processed_at < ?")
+        async fn purge(&self, retention_ms: i64) -> Result<u64> {
+            let done = sqlx::query(&self.sql.purge)
                 .bind(&self.consumer)
                 .bind(now_ms().saturating_sub(retention_ms))
                 .execute(&self.pool)

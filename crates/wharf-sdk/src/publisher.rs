@@ -74,9 +74,18 @@ pub(crate) fn properties(event: &Event) -> BasicProperties {
         .with_delivery_mode(2)
         .with_message_id(event.id.as_str().into())
         .with_headers(headers);
-    if let Some(content_type) = &event.content_type
-        && let Ok(content_type) = lapin::types::ShortString::try_new(content_type.as_str())
-    {
+    let short =
+        |value: &Option<String>| value.as_deref().and_then(|value| lapin::types::ShortString::try_new(value).ok());
+    if let Some(message_type) = short(&event.message_type) {
+        properties = properties.with_type(message_type);
+    }
+    if let Some(correlation_id) = short(&event.correlation_id) {
+        properties = properties.with_correlation_id(correlation_id);
+    }
+    if let Some(reply_to) = short(&event.reply_to) {
+        properties = properties.with_reply_to(reply_to);
+    }
+    if let Some(content_type) = short(&event.content_type) {
         properties = properties.with_content_type(content_type);
     }
     properties

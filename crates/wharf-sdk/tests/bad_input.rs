@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use std::time::Duration;
 use tokio::sync::watch;
-use wharf_sdk::{Event, PgOutbox, SqliteOutbox};
+use wharf_sdk::{Event, Outbox, PgOutbox, SqliteOutbox};
 
 async fn wait_failed(failed: impl AsyncFn() -> Vec<(String, String)>, count: usize) -> Vec<(String, String)> {
     let started = std::time::Instant::now();

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use wharf_sdk::{
-    ConfirmedPublisher, ConsumerConfig, Event, Handler, Incoming, Outcome, PublisherConfig, SqliteInbox, SqliteOutbox,
-    run_consumer,
+    ConfirmedPublisher, ConsumerConfig, Event, Handler, Inbox, Incoming, Outbox, Outcome, PublisherConfig, SqliteInbox,
+    SqliteOutbox, run_consumer,
 };
 
 /// Holds every message until released, then acks; counts starts and finishes.
@@ -83,7 +83,7 @@ struct RejectsAll;
 
 impl Handler for RejectsAll {
     async fn handle(&self, _message: Incoming) -> Outcome {
-        Outcome::Reject
+        Outcome::Reject("this handler rejects everything".into())
     }
 }
 

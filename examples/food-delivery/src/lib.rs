@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use std::path::Path;
 use std::time::Duration;
+use wharf_sdk::Inbox;
 
 /// Where `OrderReceived` is published (topic, de-duplicating: a relay's re-publish is dropped).
 pub const ORDERS_EXCHANGE: &str = "orders";

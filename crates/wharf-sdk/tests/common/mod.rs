@@ -16,7 +16,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 use wharf_broker::{Broker, BrokerConfig};
-use wharf_sdk::{Event, Incoming, PgInbox, PgOutbox, Relay, RelayConfig, Seen, SqliteInbox, SqliteOutbox};
+use wharf_sdk::{
+    Event, Inbox, Incoming, Outbox, PgInbox, PgOutbox, Relay, RelayConfig, Seen, SqliteInbox, SqliteOutbox,
+};
 
 /// The longest a test waits for something (far above what it takes).
 pub const PATIENCE: Duration = Duration::from_secs(60);

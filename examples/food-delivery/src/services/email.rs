@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::Parser;
 use sqlx::sqlite::SqlitePool;
 use std::path::PathBuf;
-use wharf_sdk::{Event, Handler, Incoming, Outcome, SqliteInbox, SqliteOutbox};
+use wharf_sdk::{Event, Handler, Inbox, Incoming, Outbox, Outcome, SqliteInbox, SqliteOutbox};
 
 #[derive(Debug, Parser)]
 pub struct Args {
@@ -56,7 +56,9 @@ impl Mailer {
 
 impl Handler for Mailer {
     async fn handle(&self, message: Incoming) -> Outcome {
-        let Ok(order) = serde_json::from_slice::<OrderReceived>(&message.body) else { return Outcome::Reject };
+        let Ok(order) = serde_json::from_slice::<OrderReceived>(&message.body) else {
+            return Outcome::Reject("the body is not an OrderReceived".into());
+        };
         match self.process(&message, &order).await {
             Ok(()) => Outcome::Ack,
             Err(error) => {

@@ -8,7 +8,7 @@ use anyhow::Result;
 use clap::Parser;
 use sqlx::sqlite::SqlitePool;
 use std::path::PathBuf;
-use wharf_sdk::{Event, Handler, Incoming, Outcome, SqliteInbox, SqliteOutbox};
+use wharf_sdk::{Event, Handler, Inbox, Incoming, Outbox, Outcome, SqliteInbox, SqliteOutbox};
 
 #[derive(Debug, Parser)]
 pub struct Args {
@@ -78,7 +78,9 @@ impl Inventory {
 
 impl Handler for Inventory {
     async fn handle(&self, message: Incoming) -> Outcome {
-        let Ok(order) = serde_json::from_slice::<OrderReceived>(&message.body) else { return Outcome::Reject };
+        let Ok(order) = serde_json::from_slice::<OrderReceived>(&message.body) else {
+            return Outcome::Reject("the body is not an OrderReceived".into());
+        };
         match self.process(&message, &order).await {
             Ok(()) => Outcome::Ack,
             Err(error) => {

@@ -21,8 +21,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use tokio::sync::watch;
 use wharf_sdk::{
-    ConsumerConfig, Event, Handler, Incoming, Outcome, PgInbox, PgOutbox, Relay, RelayConfig, Seen, SqliteInbox,
-    SqliteOutbox,
+    ConsumerConfig, Event, Handler, Inbox, Incoming, Outbox, Outcome, PgInbox, PgOutbox, Relay, RelayConfig, Seen,
+    SqliteInbox, SqliteOutbox,
 };
 
 #[derive(Debug, Parser)]
@@ -239,8 +239,12 @@ fn column(report: &StatusReport) -> Option<&'static str> {
 
 impl Handler for Reports {
     async fn handle(&self, message: Incoming) -> Outcome {
-        let Ok(report) = serde_json::from_slice::<StatusReport>(&message.body) else { return Outcome::Reject };
-        let (Some(column), Some(id)) = (column(&report), message.message_id.clone()) else { return Outcome::Reject };
+        let Ok(report) = serde_json::from_slice::<StatusReport>(&message.body) else {
+            return Outcome::Reject("the body is not a status report".into());
+        };
+        let (Some(column), Some(id)) = (column(&report), message.message_id.clone()) else {
+            return Outcome::Reject("a report of an unknown kind, or without a message id".into());
+        };
         let recorded: Result<()> = async {
             match &self.db {
                 Db::Sqlite(pool) => {

@@ -10,7 +10,7 @@ use clap::Parser;
 use sqlx::Row;
 use sqlx::sqlite::SqlitePool;
 use std::path::PathBuf;
-use wharf_sdk::{Event, Handler, Incoming, Outcome, SqliteInbox, SqliteOutbox};
+use wharf_sdk::{Event, Handler, Inbox, Incoming, Outbox, Outcome, SqliteInbox, SqliteOutbox};
 
 #[derive(Debug, Parser)]
 pub struct Args {
@@ -101,7 +101,7 @@ impl Handler for Payments {
     async fn handle(&self, message: Incoming) -> Outcome {
         let Ok(order) = serde_json::from_slice::<OrderReceived>(&message.body) else {
             tracing::error!("an OrderReceived that does not parse; rejecting");
-            return Outcome::Reject;
+            return Outcome::Reject("the body is not an OrderReceived".into());
         };
         match self.process(&message, &order).await {
             Ok(()) => Outcome::Ack,
