@@ -1,27 +1,27 @@
 //! The consumer runtime: a [`Handler`] runs for each message, with bounded concurrency and
-//! prefetch. Its [`Outcome`] decides the acknowledgement: `Ack` on success, `Retry` nacks with
-//! requeue (the queue's `x-retry-backoff` and delivery limit apply), `Reject(reason)` dead-letters
-//! it. With [`ConsumerConfig::dead_letter`] set, the runtime publishes a rejected message there
+//! prefetch. Its [`Outcome`] decides the acknowledgement (`settle.rs`): `Ack` on success, `Retry`
+//! tries it again (by the consumer's [`RetryPolicy`], or a nack with requeue, where the queue's
+//! `x-retry-backoff` and delivery limit apply), `Reject(reason)` dead-letters it. With [`ConsumerConfig::dead_letter`] set, the runtime publishes a rejected message there
 //! itself (confirmed, every property kept, the reason in `x-reject-reason`) and then acknowledges
 //! it, since AMQP's reject cannot carry a reason; otherwise it rejects without requeue and the
 //! queue's own dead-lettering applies. The runtime reconnects after a connection loss (the broker
 //! redelivers what was unacknowledged) and stops gracefully: it cancels the consumer, lets
 //! in-flight handlers finish and settles them before it returns.
 
+use crate::settle::{RetryPolicy, Settler};
+use crate::trace::{TRACEPARENT_HEADER, TraceContext};
 use crate::{Result, SdkError};
 use futures_lite::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 /// A delivered message, as the handler sees it.
 #[derive(Debug, Clone, Default)]
@@ -83,6 +83,35 @@ pub enum Outcome {
     Reject(String),
 }
 
+impl Outcome {
+    /// `ack`, `retry` or `reject`, for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Outcome::Ack => "ack",
+            Outcome::Retry => "retry",
+            Outcome::Reject(_) => "reject",
+        }
+    }
+}
+
+/// The trace context a handler runs in (a child of the publisher's, from the `traceparent`
+/// header, or the root of a new trace) and its span.
+fn handle_span(message: &Incoming) -> (TraceContext, tracing::Span) {
+    let parent = message.headers.get(TRACEPARENT_HEADER).and_then(|value| TraceContext::parse(value));
+    let context = parent.map_or_else(TraceContext::new_root, |parent| parent.child());
+    let span = tracing::info_span!(
+        "wharf.handle",
+        queue = %message.queue,
+        message_id = %message.message_id.as_deref().unwrap_or_default(),
+        redelivered = message.redelivered,
+        trace_id = %context.trace_id_hex(),
+        span_id = %context.span_id_hex(),
+        parent_id = %parent.map(|parent| parent.span_id_hex()).unwrap_or_default(),
+        outcome = tracing::field::Empty,
+    );
+    (context, span)
+}
+
 /// Where rejected messages go when the runtime dead-letters them itself (to carry the reason).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
@@ -114,6 +143,11 @@ pub struct ConsumerConfig {
     /// Where rejected messages are published, with their reason; `None` rejects them to the
     /// queue's own dead-lettering (the reason is only logged).
     pub dead_letter: Option<DeadLetter>,
+    /// How a message whose handler failed for now is tried again, on any broker; `None` nacks
+    /// it with requeue (on Wharf the queue's `x-retry-backoff` and delivery limit then apply).
+    pub retry: Option<RetryPolicy>,
+    /// Up while consuming, down with the error while the connection is lost.
+    pub health: crate::observe::Health,
 }
 
 impl ConsumerConfig {
@@ -126,7 +160,15 @@ impl ConsumerConfig {
             concurrency: 8,
             reconnect_delay_ms_max: 5000,
             dead_letter: None,
+            retry: None,
+            health: crate::observe::Health::new(),
         }
+    }
+
+    /// Failed messages are tried again as `policy` says, then dead-lettered with the reason.
+    pub fn retry(mut self, policy: RetryPolicy) -> ConsumerConfig {
+        self.retry = Some(policy);
+        self
     }
 
     /// Rejected messages go to `routing_key` on `exchange`, carrying the reason.
@@ -204,6 +246,7 @@ pub async fn run_consumer<H: Handler>(
         match consume_once(&config, &handler, shutdown).await {
             Ok(()) => return Ok(()),
             Err(error) => {
+                config.health.down(error.to_string());
                 failures += 1;
                 let delay_ms = (50u64 << failures.min(16)).min(config.reconnect_delay_ms_max);
                 tracing::warn!(%error, delay_ms, queue = %config.queue, "consumer lost its connection; reconnecting");
@@ -229,14 +272,8 @@ async fn consume_once<H: Handler>(
     let mut consumer = channel
         .basic_consume(config.queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await?;
-    let dead_letters = match &config.dead_letter {
-        Some(target) => {
-            let publishing = connection.create_channel().await?;
-            publishing.confirm_select(ConfirmSelectOptions::default()).await?;
-            Some(Arc::new((publishing, target.clone())))
-        }
-        None => None,
-    };
+    let settler = Arc::new(Settler::open(&connection, config).await?);
+    config.health.up();
     let permits = Arc::new(Semaphore::new(config.concurrency));
     let mut running = JoinSet::new();
     let outcome = loop {
@@ -253,21 +290,21 @@ async fn consume_once<H: Handler>(
                 };
                 let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { break Ok(()) };
                 let handler = Arc::clone(handler);
-                let dead_letters = dead_letters.clone();
-                let queue = config.queue.clone();
+                let settler = Arc::clone(&settler);
                 running.spawn(async move {
                     // A handler that panics has its message requeued (not left unsettled,
                     // holding a prefetch slot and, on an ordered queue, its key).
-                    let handled = std::panic::AssertUnwindSafe(handler.handle(incoming(&delivery, &queue)));
+                    let message = incoming(&delivery, settler.queue());
+                    let (context, span) = handle_span(&message);
+                    let handled = crate::trace::in_context(context, handler.handle(message));
+                    let handled = std::panic::AssertUnwindSafe(handled.instrument(span.clone()));
                     let outcome = futures_lite::FutureExt::catch_unwind(handled).await.unwrap_or_else(|_| {
-                        tracing::error!("a handler panicked; its message is requeued");
+                        tracing::error!(parent: &span, "a handler panicked; its message is requeued");
                         Outcome::Retry
                     });
-                    let settled = match outcome {
-                        Outcome::Ack => delivery.ack(BasicAckOptions::default()).await,
-                        Outcome::Retry => delivery.nack(BasicNackOptions { multiple: false, requeue: true }).await,
-                        Outcome::Reject(reason) => reject(&delivery, &queue, &reason, dead_letters.as_deref()).await,
-                    };
+                    span.record("outcome", outcome.name());
+                    crate::observe::handled(settler.queue(), &outcome);
+                    let settled = settler.settle(&delivery, outcome).await;
                     if let Err(error) = settled {
                         // The connection went: the broker redelivers it, and the inbox (or the
                         // handler's idempotence) makes the second time harmless.
@@ -283,45 +320,4 @@ async fn consume_once<H: Handler>(
     while running.join_next().await.is_some() {}
     let _ = connection.close(200, "consumer stopping".into()).await;
     outcome
-}
-
-/// Dead-letters a delivery: published to `dead_letters` with the reason (and acknowledged once
-/// the broker confirmed the copy), or, without a target or when that publish fails, rejected
-/// without requeue so the queue's own dead-lettering takes it.
-async fn reject(
-    delivery: &lapin::message::Delivery,
-    queue: &str,
-    reason: &str,
-    dead_letters: Option<&(Channel, DeadLetter)>,
-) -> std::result::Result<bool, lapin::Error> {
-    let id = delivery.properties.message_id().as_ref().map(|id| id.to_string()).unwrap_or_default();
-    if let Some((channel, target)) = dead_letters {
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        headers
-            .insert(REJECT_REASON_HEADER.into(), AMQPValue::LongString(LongString::from(reason.as_bytes().to_vec())));
-        headers.insert(REJECTED_FROM_HEADER.into(), AMQPValue::LongString(LongString::from(queue.as_bytes().to_vec())));
-        let properties = delivery.properties.clone().with_headers(headers);
-        let confirmed = async {
-            let confirm = channel
-                .basic_publish(
-                    target.exchange.as_str().into(),
-                    target.routing_key.as_str().into(),
-                    BasicPublishOptions { mandatory: true, ..Default::default() },
-                    &delivery.data,
-                    properties,
-                )
-                .await?;
-            confirm.await
-        };
-        match confirmed.await {
-            Ok(lapin::Confirmation::Ack(None)) => {
-                tracing::warn!(%id, queue, reason, "message rejected; dead-lettered with its reason");
-                return delivery.ack(BasicAckOptions::default()).await;
-            }
-            Ok(other) => tracing::error!(%id, ?other, "the dead-letter target refused the copy; rejecting instead"),
-            Err(error) => tracing::error!(%id, %error, "could not dead-letter the copy; rejecting instead"),
-        }
-    }
-    tracing::warn!(%id, queue, reason, "message rejected");
-    delivery.nack(BasicNackOptions { multiple: false, requeue: false }).await
 }

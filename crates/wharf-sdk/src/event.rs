@@ -32,6 +32,9 @@ pub struct Event {
     pub correlation_id: Option<String>,
     /// The AMQP `reply-to` (request/reply: where the reply goes).
     pub reply_to: Option<String>,
+    /// Not published before this time (ms since the Unix epoch): the relay leaves the row until
+    /// then, which works on any broker and keeps the wait in the database, durable.
+    pub available_at_ms: Option<i64>,
     /// The body.
     pub body: Vec<u8>,
 }
@@ -56,8 +59,18 @@ impl Event {
             message_type: None,
             correlation_id: None,
             reply_to: None,
+            available_at_ms: None,
             body: body.into(),
         }
+    }
+
+    /// Not published before `delay` from now. The relay looks for rows that came due at its poll
+    /// interval (1 s by default), so that is the precision. Later events with the same ordering
+    /// key wait behind it.
+    pub fn deliver_after(mut self, delay: std::time::Duration) -> Event {
+        let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+        self.available_at_ms = Some(crate::outbox::now_ms().saturating_add(delay_ms));
+        self
     }
 
     /// Makes the id stable for one business operation: a UUIDv5 of the message type (or, without
@@ -155,6 +168,20 @@ impl Event {
     /// The headers as stored in an outbox row (JSON object).
     pub(crate) fn headers_json(&self) -> String {
         serde_json::to_string(&self.headers).unwrap_or_else(|_| "{}".to_owned())
+    }
+
+    /// The headers as stored in an outbox row, with the trace context the event is written in
+    /// (`trace.rs`), unless the event carries its own: the event is a new span of the trace in
+    /// force (a handler's), or the root of a new trace. Returns the JSON and the context.
+    pub(crate) fn headers_json_traced(&self) -> (String, Option<crate::trace::TraceContext>) {
+        use crate::trace::{TRACEPARENT_HEADER, TraceContext};
+        if let Some(own) = self.headers.get(TRACEPARENT_HEADER) {
+            return (self.headers_json(), TraceContext::parse(own));
+        }
+        let context = crate::trace::current().map_or_else(TraceContext::new_root, |current| current.child());
+        let mut headers = self.headers.clone();
+        headers.insert(TRACEPARENT_HEADER.to_owned(), context.to_string());
+        (serde_json::to_string(&headers).unwrap_or_else(|_| "{}".to_owned()), Some(context))
     }
 
     /// The headers from an outbox row.

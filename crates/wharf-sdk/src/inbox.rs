@@ -197,7 +197,12 @@ mod postgres {
                 .bind(now_ms())
                 .execute(&mut **tx)
                 .await?;
-            Ok(if inserted.rows_affected() == 1 { Seen::First } else { Seen::Again })
+            Ok(if inserted.rows_affected() == 1 {
+                Seen::First
+            } else {
+                crate::observe::duplicate(&self.consumer);
+                Seen::Again
+            })
         }
 
         async fn purge(&self, retention_ms: i64) -> Result<u64> {
@@ -270,7 +275,12 @@ mod sqlite {
                 .bind(now_ms())
                 .execute(&mut **tx)
                 .await?;
-            Ok(if inserted.rows_affected() == 1 { Seen::First } else { Seen::Again })
+            Ok(if inserted.rows_affected() == 1 {
+                Seen::First
+            } else {
+                crate::observe::duplicate(&self.consumer);
+                Seen::Again
+            })
         }
 
         async fn purge(&self, retention_ms: i64) -> Result<u64> {

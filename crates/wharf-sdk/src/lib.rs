@@ -72,9 +72,12 @@ pub mod inbox;
 pub mod message;
 pub mod migrate;
 pub mod names;
+pub mod observe;
 pub mod outbox;
 pub mod publisher;
 pub mod relay;
+pub mod settle;
+pub mod trace;
 
 pub use consumer::{
     ConsumerConfig, DeadLetter, Handler, Incoming, Outcome, REJECT_REASON_HEADER, REJECTED_FROM_HEADER, run_consumer,
@@ -88,6 +91,7 @@ pub use inbox::PgInbox;
 pub use inbox::SqliteInbox;
 pub use inbox::{INBOX_RETENTION_MS_DEFAULT, Inbox, InboxConfig, Seen, purge_inbox_periodically, purge_periodically};
 pub use message::{JSON, Message};
+pub use observe::{Health, OutboxStats};
 #[cfg(feature = "postgres")]
 pub use outbox::PgOutbox;
 #[cfg(feature = "sqlite")]
@@ -95,3 +99,5 @@ pub use outbox::SqliteOutbox;
 pub use outbox::{Outbox, OutboxConfig, OutboxRow, OutboxStore};
 pub use publisher::{ConfirmedPublisher, PublisherConfig};
 pub use relay::{Relay, RelayConfig, RoundReport};
+pub use settle::{RETRY_ATTEMPT_HEADER, RetryPolicy};
+pub use trace::{TRACEPARENT_HEADER, TraceContext};

@@ -56,6 +56,7 @@ pub const POSTGRES: &[Migration] = &[
     migration!("postgres", 1, "0001", Outbox, "outbox_create"),
     migration!("postgres", 2, "0002", Inbox, "inbox_create"),
     migration!("postgres", 3, "0003", Outbox, "outbox_message_properties"),
+    migration!("postgres", 4, "0004", Outbox, "outbox_available_at"),
 ];
 
 /// SQLite's migrations.
@@ -63,6 +64,7 @@ pub const SQLITE: &[Migration] = &[
     migration!("sqlite", 1, "0001", Outbox, "outbox_create"),
     migration!("sqlite", 2, "0002", Inbox, "inbox_create"),
     migration!("sqlite", 3, "0003", Outbox, "outbox_message_properties"),
+    migration!("sqlite", 4, "0004", Outbox, "outbox_available_at"),
 ];
 
 /// The table that records applied versions.

@@ -39,6 +39,8 @@ pub struct RelayConfig {
     /// After the broker refused a row this many times (nacked it, or no queue took it), the row
     /// is marked failed.
     pub refusals_max: i32,
+    /// Up after each round that went through, down with the error after one that failed.
+    pub health: crate::observe::Health,
 }
 
 impl RelayConfig {
@@ -55,6 +57,7 @@ impl RelayConfig {
             housekeeping_interval_ms: 60_000,
             message_bytes_max: 128 * 1024 * 1024,
             refusals_max: 20,
+            health: crate::observe::Health::new(),
         }
     }
 }
@@ -97,11 +100,12 @@ impl<S: OutboxStore> Relay<S> {
 
     /// Runs until `shutdown` turns true (or its sender is dropped): rounds back to back while
     /// there is work, waiting for work otherwise, backing off on errors (database or broker
-    /// unreachable). A stop interrupts a round in progress: what it had claimed and not marked
-    /// is published again after its lease.
+    /// unreachable). A stop lets the round in progress finish: its rows end marked sent or
+    /// failed, or given back.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<()> {
         let mut failures = 0u32;
         let mut last_purge_ms = 0;
+        let mut last_stats_ms = 0;
         loop {
             if *shutdown.borrow() {
                 return Ok(());
@@ -115,10 +119,24 @@ impl<S: OutboxStore> Relay<S> {
                     Err(error) => tracing::warn!(%error, "purging sent outbox rows failed"),
                 }
             }
-            let round = tokio::select! {
-                round = self.round() => round,
-                _ = stopped(&mut shutdown) => return Ok(()),
-            };
+            // A round is not cut short by a stop: it ends with its rows marked sent, failed or
+            // given back, so nothing this relay claimed waits out its lease. A round is bounded
+            // (the publisher's timeouts and reconnection attempts).
+            let round = self.round().await;
+            match &round {
+                Ok(_) => self.config.health.up(),
+                Err(error) => self.config.health.down(error.to_string()),
+            }
+            // The gauges at most once a second: a query each round would cost throughput.
+            let now = now_ms();
+            if now - last_stats_ms >= 1_000 {
+                last_stats_ms = now;
+                match self.store.stats().await {
+                    Ok(Some(stats)) => crate::observe::outbox_stats(&self.store.table_name(), stats, now),
+                    Ok(None) => {}
+                    Err(error) => tracing::debug!(%error, "reading the outbox's gauges failed"),
+                }
+            }
             let wait = match round {
                 Ok(report) if report.sent + report.failed + report.released > 0 => {
                     failures = 0;
@@ -224,8 +242,12 @@ impl<S: OutboxStore> Relay<S> {
         }
         // Marked sent only now that the broker confirmed them. If this fails (or the process
         // dies first), the lease runs out and they are published again: at least once.
-        self.store.mark_sent(&sent, now_ms()).await?;
+        let marked_ms = now_ms();
+        self.store.mark_sent(&sent, marked_ms).await?;
         report.sent = sent.len();
+        let created: Vec<i64> =
+            publishable.iter().filter(|row| sent.contains(&row.seq)).map(|row| row.created_at_ms).collect();
+        crate::observe::relayed(&created, report.failed, marked_ms);
         self.store.release(&self.id, &given_back).await?;
         report.released += given_back.len();
         Ok(report)

@@ -2,7 +2,7 @@
 //! broker: every order placed leads to exactly one payment, whatever is killed or restarted on
 //! the way (the relay between publish and mark, the consumer between commit and ack, the broker
 //! while the relay publishes), with two relays racing on one table, and with per-key order kept
-//! on the consumer side.
+//! on the consumer side. A relay told to stop finishes its round.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -127,6 +127,89 @@ impl<S: OutboxStore> OutboxStore for DiesBeforeMark<S> {
     async fn wait_for_work(&self, timeout: Duration) {
         self.inner.wait_for_work(timeout).await
     }
+}
+
+/// An outbox store whose `mark_sent` waits until the test releases it: the relay is between
+/// publish and mark for as long as the test likes.
+struct HeldMark<S: OutboxStore> {
+    inner: S,
+    entered: Arc<tokio::sync::Notify>,
+    release: Arc<tokio::sync::Notify>,
+    /// Seqs claimed, and seqs marked sent.
+    claimed: Arc<std::sync::Mutex<Vec<i64>>>,
+    marked: Arc<std::sync::Mutex<Vec<i64>>>,
+}
+
+impl<S: OutboxStore> OutboxStore for HeldMark<S> {
+    async fn claim(&self, relay: &str, now_ms: i64, lease_ms: i64, limit: i64) -> wharf_sdk::Result<Vec<OutboxRow>> {
+        let rows = self.inner.claim(relay, now_ms, lease_ms, limit).await?;
+        self.claimed.lock().unwrap().extend(rows.iter().map(|row| row.seq));
+        Ok(rows)
+    }
+    async fn mark_sent(&self, seqs: &[i64], now_ms: i64) -> wharf_sdk::Result<()> {
+        self.entered.notify_one();
+        self.release.notified().await;
+        self.inner.mark_sent(seqs, now_ms).await?;
+        self.marked.lock().unwrap().extend_from_slice(seqs);
+        Ok(())
+    }
+    async fn mark_failed(&self, seq: i64, reason: &str) -> wharf_sdk::Result<()> {
+        self.inner.mark_failed(seq, reason).await
+    }
+    async fn release(&self, relay: &str, seqs: &[i64]) -> wharf_sdk::Result<()> {
+        self.inner.release(relay, seqs).await
+    }
+    async fn refuse(&self, seq: i64, reason: &str, limit: i32) -> wharf_sdk::Result<bool> {
+        self.inner.refuse(seq, reason, limit).await
+    }
+    async fn purge_sent(&self, sent_before_ms: i64) -> wharf_sdk::Result<u64> {
+        self.inner.purge_sent(sent_before_ms).await
+    }
+    async fn wait_for_work(&self, timeout: Duration) {
+        self.inner.wait_for_work(timeout).await
+    }
+}
+
+/// A relay told to stop while a round is between publish and mark finishes the round: its rows
+/// end marked sent, not claimed and waiting out their lease to go out again.
+async fn relay_stopped_mid_round<S: Shop>(shop: S) {
+    let broker = TestBroker::start().await;
+    broker.declare("payments", false).await;
+    shop.setup().await;
+    place(&shop, &orders("order", 10)).await;
+    let (entered, release) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
+    let (claimed, marked) = (Arc::default(), Arc::default());
+    let store = HeldMark {
+        inner: shop.store(),
+        entered: Arc::clone(&entered),
+        release: Arc::clone(&release),
+        claimed: Arc::clone(&claimed),
+        marked: Arc::clone(&marked),
+    };
+    let (stop, stopped) = watch::channel(false);
+    let relay = tokio::spawn(wharf_sdk::Relay::new(store, relay_config(&broker.url())).unwrap().run(stopped));
+    entered.notified().await;
+    stop.send(true).unwrap();
+    release.notify_one();
+    relay.await.unwrap().unwrap();
+    let (mut claimed, mut marked) = (claimed.lock().unwrap().clone(), marked.lock().unwrap().clone());
+    claimed.sort_unstable();
+    marked.sort_unstable();
+    assert!(!claimed.is_empty());
+    assert_eq!(marked, claimed, "the round in progress marked every row it claimed sent before the relay stopped");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_stopped_mid_round_finishes_it_on_postgres() {
+    let Some(pool) = postgres().await else { return };
+    relay_stopped_mid_round(PgShop { pool }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_stopped_mid_round_finishes_it_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    relay_stopped_mid_round(SqliteShop { pool: sqlite(dir.path()).await }).await;
 }
 
 async fn relay_killed_between_publish_and_mark<S: Shop>(shop: S) {

@@ -28,7 +28,7 @@ async fn versions_sqlite(pool: &sqlx::SqlitePool) -> Vec<(String, i64)> {
 }
 
 fn expected(outbox: &str, inbox: &str) -> Vec<(String, i64)> {
-    let mut rows = vec![(outbox.to_owned(), 1), (outbox.to_owned(), 3), (inbox.to_owned(), 2)];
+    let mut rows = vec![(outbox.to_owned(), 1), (outbox.to_owned(), 3), (outbox.to_owned(), 4), (inbox.to_owned(), 2)];
     rows.sort();
     rows
 }

@@ -181,3 +181,88 @@ async fn sent_rows_and_old_inbox_entries_are_deleted_after_their_retention() {
     assert_eq!(inbox.purge(1).await.unwrap(), 1, "entries past the retention go");
     broker.stop().await;
 }
+
+/// Fails every delivery of a message whose body starts with `doomed`, and the first two of any
+/// other; counts the deliveries of each.
+#[derive(Clone, Default)]
+struct FailsForAWhile(Arc<std::sync::Mutex<std::collections::BTreeMap<String, usize>>>);
+
+impl Handler for FailsForAWhile {
+    async fn handle(&self, message: Incoming) -> Outcome {
+        let body = String::from_utf8(message.body.clone()).unwrap();
+        let calls = {
+            let mut calls = self.0.lock().unwrap();
+            let count = calls.entry(body.clone()).or_insert(0);
+            *count += 1;
+            *count
+        };
+        if body.starts_with("doomed") || calls <= 2 { Outcome::Retry } else { Outcome::Ack }
+    }
+}
+
+/// A retry policy works on any broker: a failing message is tried again at once, then after each
+/// delay (through wait queues), then dead-lettered with the reason; one that recovers is
+/// acknowledged on the try that worked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_policy_tries_at_once_then_after_each_delay_then_dead_letters_with_the_reason() {
+    use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+    let broker = TestBroker::start().await;
+    let connection = lapin::Connection::connect(&broker.url(), lapin::ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    for queue in ["work", "work.dead"] {
+        let _ = channel.queue_delete(queue.into(), Default::default()).await;
+        channel
+            .queue_declare(queue.into(), QueueDeclareOptions::durable(), lapin::types::FieldTable::default())
+            .await
+            .unwrap();
+    }
+    let handler = FailsForAWhile::default();
+    let config = ConsumerConfig::new(broker.url(), "work")
+        .retry(wharf_sdk::RetryPolicy::new(1, [20, 40]))
+        .dead_letter_to("", "work.dead");
+    let (stop, stopped) = watch::channel(false);
+    let consuming = tokio::spawn(run_consumer(config, handler.clone(), stopped));
+    let mut publisher = ConfirmedPublisher::new(PublisherConfig::new(broker.url())).unwrap();
+    let events = [Event::new("", "work", "doomed-1").with_id("d-1"), Event::new("", "work", "flaky-1").with_id("f-1")];
+    // The consumer declares the wait queues when it starts: publish once it has.
+    eventually("the wait queues declared", || async { queue_exists(&broker, "work.retry.40").await }).await;
+    for outcome in publisher.publish_all(&events).await {
+        outcome.unwrap();
+    }
+    let started = std::time::Instant::now();
+    let dead = loop {
+        if let Some(message) = channel.basic_get("work.dead".into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+            break message;
+        }
+        assert!(started.elapsed() < PATIENCE, "nothing was dead-lettered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eventually("the flaky message acknowledged", || async { handler.0.lock().unwrap().get("flaky-1") == Some(&3) })
+        .await;
+    stop.send(true).unwrap();
+    consuming.await.unwrap().unwrap();
+    let calls = handler.0.lock().unwrap().clone();
+    assert_eq!(calls.get("doomed-1"), Some(&4), "1 + 1 at once + 2 delayed: {calls:?}");
+    assert_eq!(calls.get("flaky-1"), Some(&3), "it worked on its third try and was not tried again: {calls:?}");
+    assert_eq!(dead.properties.message_id().as_ref().map(|id| id.as_str()), Some("d-1"));
+    let headers = dead.properties.headers().clone().unwrap();
+    let text = |name: &str| match headers.inner().get(name) {
+        Some(lapin::types::AMQPValue::LongString(text)) => String::from_utf8_lossy(text.as_bytes()).into_owned(),
+        other => panic!("{name}: {other:?}"),
+    };
+    assert!(text(wharf_sdk::REJECT_REASON_HEADER).contains("failed 4 times"), "{headers:?}");
+    assert_eq!(headers.inner().get(wharf_sdk::RETRY_ATTEMPT_HEADER), Some(&lapin::types::AMQPValue::LongLongInt(3)));
+    assert_eq!(queue_depth(&broker, "work").await, 0);
+    connection.close(200, "done".into()).await.unwrap();
+    broker.stop().await;
+}
+
+async fn queue_exists(broker: &TestBroker, queue: &str) -> bool {
+    use lapin::options::QueueDeclareOptions;
+    let connection = lapin::Connection::connect(&broker.url(), lapin::ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let exists = channel.queue_declare(queue.into(), passive, lapin::types::FieldTable::default()).await.is_ok();
+    let _ = connection.close(200, "done".into()).await;
+    exists
+}

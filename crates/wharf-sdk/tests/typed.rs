@@ -388,3 +388,31 @@ async fn a_typed_handler_sees_every_property_and_header() {
     assert_eq!(raw.inner().get("attempt"), Some(&AMQPValue::LongLongInt(3)), "non-string headers stay available");
     broker.stop().await;
 }
+
+/// A delayed event stays in the outbox until it is due, and later events of its ordering key wait
+/// behind it; events of other keys go at once. (Claims are asked at chosen times: no waiting.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_event_is_claimed_only_once_it_is_due() {
+    use wharf_sdk::OutboxStore;
+    let dir = tempfile::tempdir().unwrap();
+    let pool = sqlite(dir.path()).await;
+    let outbox = SqliteOutbox::new(pool.clone());
+    outbox.migrate().await.unwrap();
+    let hour = std::time::Duration::from_secs(3600);
+    let mut tx = pool.begin().await.unwrap();
+    let delayed = Event::from_message(&order("o-1", 1)).unwrap().deliver_after(hour);
+    let behind = Event::from_message(&order("o-1", 2)).unwrap();
+    let other = Event::from_message(&order("o-2", 3)).unwrap();
+    for event in [&delayed, &behind, &other] {
+        outbox.enqueue(&mut tx, event).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let now = delayed.available_at_ms.unwrap() - 3_600_000;
+    // A lease longer than the test's hours: the row claimed now stays claimed.
+    let claimed = outbox.claim("relay", now + 1_000, 36_000_000, 10).await.unwrap();
+    assert_eq!(claimed.iter().map(|row| row.event.id.clone()).collect::<Vec<_>>(), vec![other.id.clone()]);
+    let due = delayed.available_at_ms.unwrap();
+    let claimed = outbox.claim("relay", due, 1, 10).await.unwrap();
+    assert_eq!(claimed.iter().map(|row| row.event.id.clone()).collect::<Vec<_>>(), vec![delayed.id.clone()]);
+    assert_eq!(claimed[0].event.available_at_ms, Some(due));
+}

@@ -46,6 +46,8 @@ pub struct OutboxRow {
     pub event: Event,
     /// How many times it has been claimed (including this one).
     pub attempts: i32,
+    /// When it was written (ms since the Unix epoch).
+    pub created_at_ms: i64,
 }
 
 /// What the relay needs from an outbox table.
@@ -73,6 +75,15 @@ pub trait OutboxStore: Send + Sync + 'static {
     fn purge_sent(&self, sent_before_ms: i64) -> impl Future<Output = Result<u64>> + Send;
     /// Waits until new rows may be there (a notification, or `timeout`).
     fn wait_for_work(&self, timeout: Duration) -> impl Future<Output = ()> + Send;
+    /// What the table holds, for the relay's gauges (`observe.rs`); `None` if the store cannot
+    /// tell.
+    fn stats(&self) -> impl Future<Output = Result<Option<crate::observe::OutboxStats>>> + Send {
+        async { Ok(None) }
+    }
+    /// The table's name, the label of its gauges.
+    fn table_name(&self) -> String {
+        String::new()
+    }
 }
 
 /// What application code does with an outbox, on any database: write events in its own
@@ -162,13 +173,15 @@ impl OutboxConfig {
 fn claimable(table: &str) -> String {
     format!(
         "o.status = 0 AND (o.claimed_until IS NULL OR o.claimed_until < {{now}}) \
+         AND (o.available_at IS NULL OR o.available_at <= {{now}}) \
          AND (o.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM {table} e \
          WHERE e.ordering_key = o.ordering_key AND e.seq < o.seq AND e.status <> 1))"
     )
 }
 
 /// The columns a claim returns, in `row_event`'s order.
-const CLAIMED_COLUMNS: &str = "seq, id, exchange, routing_key, ordering_key, headers, content_type, message_type, correlation_id, reply_to, body, attempts";
+const CLAIMED_COLUMNS: &str = "seq, id, exchange, routing_key, ordering_key, headers, content_type, message_type, \
+     correlation_id, reply_to, available_at, body, attempts, created_at";
 
 /// Builds an [`OutboxRow`] from a claimed row of any database.
 fn claimed_row<R>(row: &R) -> Result<OutboxRow>
@@ -177,6 +190,7 @@ where
     for<'r> &'r str: sqlx::ColumnIndex<R>,
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
@@ -185,6 +199,7 @@ where
     Ok(OutboxRow {
         seq: row.try_get("seq")?,
         attempts: row.try_get("attempts")?,
+        created_at_ms: row.try_get("created_at")?,
         event: Event {
             id: row.try_get("id")?,
             exchange: row.try_get("exchange")?,
@@ -195,6 +210,7 @@ where
             message_type: row.try_get("message_type")?,
             correlation_id: row.try_get("correlation_id")?,
             reply_to: row.try_get("reply_to")?,
+            available_at_ms: row.try_get("available_at")?,
             body: row.try_get("body")?,
         },
     })
@@ -204,6 +220,18 @@ where
 /// DO NOTHING` and touched no row).
 fn duplicate(event: &Event) -> SdkError {
     SdkError::Duplicate { id: event.id.clone() }
+}
+
+/// The span an enqueue runs in: the event and its place in its trace.
+fn enqueue_span(event: &Event, trace: Option<&crate::trace::TraceContext>) -> tracing::Span {
+    tracing::debug_span!(
+        "wharf.outbox.enqueue",
+        id = %event.id,
+        exchange = %event.exchange,
+        routing_key = %event.routing_key,
+        trace_id = %trace.map(|trace| trace.trace_id_hex()).unwrap_or_default(),
+        span_id = %trace.map(|trace| trace.span_id_hex()).unwrap_or_default(),
+    )
 }
 
 pub(crate) fn now_ms() -> i64 {

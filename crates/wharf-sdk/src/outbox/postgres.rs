@@ -1,5 +1,12 @@
 //! The outbox on PostgreSQL: claims take `FOR UPDATE SKIP LOCKED`, so relays never wait on each
 //! other or claim the same row; `enqueue` also `pg_notify`s, waking listening relays at commit.
+//!
+//! Per-key order needs `seq` order to be commit order. A `BIGSERIAL` is taken at insert, so two
+//! open transactions writing the same ordering key could commit in the other order, and the
+//! relay would see the later row first. `enqueue` therefore takes a transaction-scoped advisory
+//! lock on (table, ordering key) before inserting: writers of one key queue up from their insert
+//! to their commit, and their seqs follow their commits. Writers of different keys never wait
+//! (but for a hash collision, which only makes two writers take turns).
 
 use super::{CLAIMED_COLUMNS, FAILED, Outbox, OutboxConfig, OutboxRow, OutboxStore, PENDING, SENT, claimable};
 use crate::event::Event;
@@ -10,6 +17,7 @@ use sqlx::{Postgres, Row, Transaction};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex;
+use tracing::Instrument;
 
 /// Every statement, built once from the configured names.
 #[derive(Debug)]
@@ -24,6 +32,7 @@ struct Statements {
     retry_failed: String,
     failed: String,
     unsent: String,
+    stats: String,
 }
 
 impl Statements {
@@ -31,8 +40,8 @@ impl Statements {
         Statements {
             insert: format!(
                 "INSERT INTO {table} (id, exchange, routing_key, ordering_key, headers, content_type, message_type,
-                    correlation_id, reply_to, body, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (id) DO NOTHING"
+                    correlation_id, reply_to, available_at, body, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (id) DO NOTHING"
             ),
             claim: format!(
                 "WITH candidates AS (
@@ -67,6 +76,12 @@ impl Statements {
             ),
             failed: format!("SELECT id, COALESCE(failure, '') AS failure FROM {table} WHERE status = $1 ORDER BY seq"),
             unsent: format!("SELECT COUNT(*) AS n FROM {table} WHERE status <> $1"),
+            stats: format!(
+                "SELECT COALESCE(SUM(CASE WHEN status = 0 THEN 1 ELSE 0 END), 0) AS unsent,
+                    COALESCE(SUM(CASE WHEN status = 2 THEN 1 ELSE 0 END), 0) AS failed,
+                    MIN(CASE WHEN status = 0 THEN created_at END) AS oldest
+                 FROM {table} WHERE status <> 1"
+            ),
         }
     }
 }
@@ -115,25 +130,39 @@ impl Outbox for PgOutbox {
 
     async fn enqueue(&self, tx: &mut Transaction<'_, Postgres>, event: &Event) -> Result<()> {
         event.check()?;
-        let inserted = sqlx::query(&self.sql.insert)
-            .bind(&event.id)
-            .bind(&event.exchange)
-            .bind(&event.routing_key)
-            .bind(&event.ordering_key)
-            .bind(event.headers_json())
-            .bind(&event.content_type)
-            .bind(&event.message_type)
-            .bind(&event.correlation_id)
-            .bind(&event.reply_to)
-            .bind(&event.body)
-            .bind(super::now_ms())
-            .execute(&mut **tx)
-            .await?;
-        if inserted.rows_affected() == 0 {
-            return Err(super::duplicate(event));
+        let (headers, trace) = event.headers_json_traced();
+        let span = super::enqueue_span(event, trace.as_ref());
+        async {
+            if let Some(key) = &event.ordering_key {
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))")
+                    .bind(self.table.qualified())
+                    .bind(key)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            let inserted = sqlx::query(&self.sql.insert)
+                .bind(&event.id)
+                .bind(&event.exchange)
+                .bind(&event.routing_key)
+                .bind(&event.ordering_key)
+                .bind(headers)
+                .bind(&event.content_type)
+                .bind(&event.message_type)
+                .bind(&event.correlation_id)
+                .bind(&event.reply_to)
+                .bind(event.available_at_ms)
+                .bind(&event.body)
+                .bind(super::now_ms())
+                .execute(&mut **tx)
+                .await?;
+            if inserted.rows_affected() == 0 {
+                return Err(super::duplicate(event));
+            }
+            sqlx::query("SELECT pg_notify($1, '')").bind(&self.channel).execute(&mut **tx).await?;
+            Ok(())
         }
-        sqlx::query("SELECT pg_notify($1, '')").bind(&self.channel).execute(&mut **tx).await?;
-        Ok(())
+        .instrument(span)
+        .await
     }
 
     async fn retry_failed(&self, id: &str) -> Result<bool> {
@@ -203,6 +232,19 @@ impl OutboxStore for PgOutbox {
     async fn purge_sent(&self, sent_before_ms: i64) -> Result<u64> {
         let done = sqlx::query(&self.sql.purge_sent).bind(SENT).bind(sent_before_ms).execute(&self.pool).await?;
         Ok(done.rows_affected())
+    }
+
+    async fn stats(&self) -> Result<Option<crate::observe::OutboxStats>> {
+        let row = sqlx::query(&self.sql.stats).fetch_one(&self.pool).await?;
+        Ok(Some(crate::observe::OutboxStats {
+            unsent: row.try_get("unsent")?,
+            failed: row.try_get("failed")?,
+            oldest_unsent_created_at_ms: row.try_get("oldest")?,
+        }))
+    }
+
+    fn table_name(&self) -> String {
+        self.table.qualified()
     }
 
     async fn wait_for_work(&self, timeout: Duration) {

@@ -10,6 +10,7 @@ use sqlx::sqlite::SqlitePool;
 use sqlx::{Row, Sqlite, Transaction};
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 /// Most `?` placeholders in one statement (SQLite's default limit is far above; chunks keep
 /// statements short).
@@ -27,6 +28,7 @@ struct Statements {
     retry_failed: String,
     failed: String,
     unsent: String,
+    stats: String,
 }
 
 impl Statements {
@@ -35,8 +37,8 @@ impl Statements {
             table: table.to_owned(),
             insert: format!(
                 "INSERT INTO {table} (id, exchange, routing_key, ordering_key, headers, content_type, message_type,
-                    correlation_id, reply_to, body, created_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
+                    correlation_id, reply_to, available_at, body, created_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
             ),
             claim: format!(
                 "UPDATE {table} SET claimed_by = ?, claimed_until = ?, attempts = attempts + 1
@@ -60,6 +62,12 @@ impl Statements {
             ),
             failed: format!("SELECT id, COALESCE(failure, '') AS failure FROM {table} WHERE status = ? ORDER BY seq"),
             unsent: format!("SELECT COUNT(*) AS n FROM {table} WHERE status <> ?"),
+            stats: format!(
+                "SELECT COALESCE(SUM(CASE WHEN status = 0 THEN 1 ELSE 0 END), 0) AS unsent,
+                    COALESCE(SUM(CASE WHEN status = 2 THEN 1 ELSE 0 END), 0) AS failed,
+                    MIN(CASE WHEN status = 0 THEN created_at END) AS oldest
+                 FROM {table} WHERE status <> 1"
+            ),
         }
     }
 }
@@ -116,24 +124,31 @@ impl Outbox for SqliteOutbox {
 
     async fn enqueue(&self, tx: &mut Transaction<'_, Sqlite>, event: &Event) -> Result<()> {
         event.check()?;
-        let inserted = sqlx::query(&self.sql.insert)
-            .bind(&event.id)
-            .bind(&event.exchange)
-            .bind(&event.routing_key)
-            .bind(&event.ordering_key)
-            .bind(event.headers_json())
-            .bind(&event.content_type)
-            .bind(&event.message_type)
-            .bind(&event.correlation_id)
-            .bind(&event.reply_to)
-            .bind(&event.body)
-            .bind(super::now_ms())
-            .execute(&mut **tx)
-            .await?;
-        if inserted.rows_affected() == 0 {
-            return Err(super::duplicate(event));
+        let (headers, trace) = event.headers_json_traced();
+        let span = super::enqueue_span(event, trace.as_ref());
+        async {
+            let inserted = sqlx::query(&self.sql.insert)
+                .bind(&event.id)
+                .bind(&event.exchange)
+                .bind(&event.routing_key)
+                .bind(&event.ordering_key)
+                .bind(headers)
+                .bind(&event.content_type)
+                .bind(&event.message_type)
+                .bind(&event.correlation_id)
+                .bind(&event.reply_to)
+                .bind(event.available_at_ms)
+                .bind(&event.body)
+                .bind(super::now_ms())
+                .execute(&mut **tx)
+                .await?;
+            if inserted.rows_affected() == 0 {
+                return Err(super::duplicate(event));
+            }
+            Ok(())
         }
-        Ok(())
+        .instrument(span)
+        .await
     }
 
     async fn retry_failed(&self, id: &str) -> Result<bool> {
@@ -156,6 +171,8 @@ impl OutboxStore for SqliteOutbox {
         let rows = sqlx::query(&self.sql.claim)
             .bind(relay)
             .bind(now_ms.saturating_add(lease_ms))
+            // Twice: the lease's end and the time a delayed row comes due.
+            .bind(now_ms)
             .bind(now_ms)
             .bind(limit)
             .fetch_all(&self.pool)
@@ -220,6 +237,19 @@ impl OutboxStore for SqliteOutbox {
     async fn purge_sent(&self, sent_before_ms: i64) -> Result<u64> {
         let done = sqlx::query(&self.sql.purge_sent).bind(SENT).bind(sent_before_ms).execute(&self.pool).await?;
         Ok(done.rows_affected())
+    }
+
+    async fn stats(&self) -> Result<Option<crate::observe::OutboxStats>> {
+        let row = sqlx::query(&self.sql.stats).fetch_one(&self.pool).await?;
+        Ok(Some(crate::observe::OutboxStats {
+            unsent: row.try_get("unsent")?,
+            failed: row.try_get("failed")?,
+            oldest_unsent_created_at_ms: row.try_get("oldest")?,
+        }))
+    }
+
+    fn table_name(&self) -> String {
+        self.table.qualified()
     }
 
     async fn wait_for_work(&self, timeout: Duration) {
