@@ -28,6 +28,10 @@ compat/run.sh "$target_dir/debug/wharf"
 compat/rabbitmqadmin.sh "$target_dir/debug/wharf"
 # The web console in a real headless Chromium (Debian's), screenshots in target/console-screenshots.
 compat/console.sh "$target_dir/debug/wharf"
+# Exactly once from Python, Node and Go through `wharf relay` and the outbox/inbox contract
+# (examples/polyglot/README.md): each recipe with a crash between commit and ack and re-published
+# copies, checked for one payment per order.
+examples/polyglot/run.sh "$target_dir/debug/wharf"
 # The client libraries' own integration suites (compat/README.md): all six, aiormq's and
 # aio-pika's in their fixed CI part (half their parametrized variants; the whole of both is
 # `compat/upstream/run.sh BINARY`, recorded in compat/README.md), about 10 minutes in all with a

@@ -5,9 +5,11 @@
 //! `guest`/`guest` from loopback). Every setting can come from a flag, a `WHARF_*` variable or the
 //! TOML file named by `--config`; flags win over variables, variables over the file, the file over
 //! the defaults. SIGTERM and SIGINT stop the broker cleanly; SIGHUP reloads its TLS certificates.
-//! `wharf admin …` administers a running broker through its management API (`admin.rs`).
+//! `wharf admin …` administers a running broker through its management API (`admin.rs`);
+//! `wharf relay …` runs the outbox relay for services in any language (`relay.rs`).
 
 mod admin;
+mod relay;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -33,6 +35,9 @@ enum Command {
     /// Administer a running broker through its management API (queues, exchanges,
     /// connections, consumers, purge, delete, definitions, peeking into a queue).
     Admin(admin::AdminArgs),
+    /// Run the outbox relay for a PostgreSQL or SQLite outbox table (docs/outbox-contract.md):
+    /// rows written by services in any language are published with confirms.
+    Relay(Box<relay::RelayArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -602,9 +607,18 @@ fn main() -> std::process::ExitCode {
                 }
             };
         }
+        Command::Relay(args) => {
+            return run_logged(&args.log.clone(), relay::run(*args));
+        }
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    run_logged(&args.log.clone(), serve(args))
+}
+
+/// Installs logging at `log` and runs `work` on a multi-threaded runtime; errors are logged and
+/// printed, and make the exit status 1.
+fn run_logged(log: &str, work: impl std::future::Future<Output = Result<()>>) -> std::process::ExitCode {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -613,7 +627,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(args)) {
+    match runtime.block_on(work) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
