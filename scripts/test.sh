@@ -13,9 +13,13 @@ export WHARF_PROPTEST_CASES="${WHARF_PROPTEST_CASES:-1000}"
 pg_dir=$(mktemp -d "${TMPDIR:-/tmp}/wharf-postgres.XXXXXX")
 trap 'scripts/postgres.sh stop "$pg_dir"' EXIT
 eval "$(scripts/postgres.sh start "$pg_dir")"
-# Without a URL the PostgreSQL tests skip (so a bare `cargo test --workspace` works); here they
-# must run, so a missing URL fails them instead.
-export WHARF_TEST_POSTGRES_REQUIRED=1
+# And a throwaway MariaDB (MySQL's protocol and SQL) for the SDK's MySQL tests.
+mysql_dir=$(mktemp -d "${TMPDIR:-/tmp}/wharf-mariadb.XXXXXX")
+trap 'scripts/postgres.sh stop "$pg_dir"; scripts/mariadb.sh stop "$mysql_dir"' EXIT
+eval "$(scripts/mariadb.sh start "$mysql_dir")"
+# Without a URL the PostgreSQL and MySQL tests skip (so a bare `cargo test --workspace` works);
+# here they must run, so a missing URL fails them instead.
+export WHARF_TEST_POSTGRES_REQUIRED=1 WHARF_TEST_MYSQL_REQUIRED=1
 
 cargo test --workspace --all-targets --locked
 # Doc tests (not part of --all-targets).

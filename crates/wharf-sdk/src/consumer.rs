@@ -81,6 +81,20 @@ pub enum Outcome {
     Retry,
     /// Can never succeed: dead-letter it, with the reason.
     Reject(String),
+    /// Done, with a reply to the message's `reply-to` (request/reply): the reply is published,
+    /// then the request acknowledged.
+    Reply(Reply),
+}
+
+/// A reply to a request (see [`Outcome::Reply`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Reply {
+    /// The body.
+    pub body: Vec<u8>,
+    /// The AMQP `type` (a typed reply's name).
+    pub message_type: Option<String>,
+    /// The AMQP `content-type`.
+    pub content_type: Option<String>,
 }
 
 impl Outcome {
@@ -90,6 +104,7 @@ impl Outcome {
             Outcome::Ack => "ack",
             Outcome::Retry => "retry",
             Outcome::Reject(_) => "reject",
+            Outcome::Reply(_) => "reply",
         }
     }
 }

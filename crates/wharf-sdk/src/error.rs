@@ -65,6 +65,14 @@ pub enum SdkError {
     /// A message body is not the type the handler expects, or cannot be serialised.
     #[error("message body: {0}")]
     Body(String),
+    /// A request got no reply in time.
+    #[error("no reply to request {id} within {timeout_ms} ms")]
+    NoReply {
+        /// The request's id.
+        id: String,
+        /// How long it waited.
+        timeout_ms: u64,
+    },
     /// Stopped on request.
     #[error("stopped")]
     Stopped,

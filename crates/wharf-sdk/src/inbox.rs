@@ -137,6 +137,8 @@ pub async fn purge_periodically<F, Fut>(
 /// How long inbox entries are kept by default: 7 days.
 pub const INBOX_RETENTION_MS_DEFAULT: i64 = 7 * 24 * 60 * 60 * 1000;
 
+#[cfg(feature = "mysql")]
+pub use mysql::MySqlInbox;
 #[cfg(feature = "postgres")]
 pub use postgres::PgInbox;
 #[cfg(feature = "sqlite")]
@@ -269,6 +271,99 @@ mod sqlite {
 
         async fn handle(&self, tx: &mut Transaction<'_, Sqlite>, message_id: &str) -> Result<Seen> {
             check_id(message_id)?;
+            let inserted = sqlx::query(&self.sql.record)
+                .bind(&self.consumer)
+                .bind(message_id)
+                .bind(now_ms())
+                .execute(&mut **tx)
+                .await?;
+            Ok(if inserted.rows_affected() == 1 {
+                Seen::First
+            } else {
+                crate::observe::duplicate(&self.consumer);
+                Seen::Again
+            })
+        }
+
+        async fn purge(&self, retention_ms: i64) -> Result<u64> {
+            let done = sqlx::query(&self.sql.purge)
+                .bind(&self.consumer)
+                .bind(now_ms().saturating_sub(retention_ms))
+                .execute(&self.pool)
+                .await?;
+            Ok(done.rows_affected())
+        }
+    }
+}
+
+#[cfg(feature = "mysql")]
+mod mysql {
+    use super::*;
+    use crate::outbox::now_ms;
+    use sqlx::mysql::MySqlPool;
+    use sqlx::{MySql, Transaction};
+
+    /// The inbox of one consumer in a MySQL (or MariaDB) database.
+    #[derive(Debug, Clone)]
+    pub struct MySqlInbox {
+        pool: MySqlPool,
+        consumer: String,
+        table: TableName,
+        sql: Arc<Statements>,
+    }
+
+    impl MySqlInbox {
+        /// The inbox of `consumer` in the table `wharf_inbox`.
+        pub fn new(pool: MySqlPool, consumer: impl Into<String>) -> MySqlInbox {
+            MySqlInbox::build(pool, consumer.into(), TableName::default_name("wharf_inbox"))
+        }
+
+        /// The inbox of `consumer` in the table `config` names (no database prefix: the URL
+        /// chooses the database).
+        pub fn with_config(pool: MySqlPool, consumer: impl Into<String>, config: &InboxConfig) -> Result<MySqlInbox> {
+            let table = TableName::parse("the inbox table", &config.table)?;
+            if table.schema().is_some() {
+                return Err(crate::SdkError::Config(format!(
+                    "'{}': name the table without a database; the connection URL chooses the database",
+                    config.table
+                )));
+            }
+            Ok(MySqlInbox::build(pool, consumer.into(), table))
+        }
+
+        fn build(pool: MySqlPool, consumer: String, table: TableName) -> MySqlInbox {
+            let name = table.qualified();
+            // IGNORE: a duplicate key inserts nothing (0 rows) and waits, like PostgreSQL, for
+            // an open transaction that inserted the same id. Ids are checked to fit the column
+            // first, so IGNORE's other effect (truncating a too long value) cannot happen.
+            let sql = Arc::new(Statements {
+                record: format!("INSERT IGNORE INTO {name} (consumer, message_id, processed_at) VALUES (?, ?, ?)"),
+                purge: format!("DELETE FROM {name} WHERE consumer = ? AND processed_at < ?"),
+            });
+            MySqlInbox { pool, consumer, table, sql }
+        }
+    }
+
+    impl Inbox for MySqlInbox {
+        type Db = MySql;
+
+        fn pool(&self) -> &MySqlPool {
+            &self.pool
+        }
+
+        async fn migrate(&self) -> Result<()> {
+            migrate::mysql(&self.pool, migrate::Object::Inbox, &self.table).await
+        }
+
+        async fn handle(&self, tx: &mut Transaction<'_, MySql>, message_id: &str) -> Result<Seen> {
+            check_id(message_id)?;
+            if message_id.chars().count() > 255 || self.consumer.chars().count() > 191 {
+                return Err(crate::SdkError::Invalid {
+                    id: message_id.to_owned(),
+                    reason: "a message id over 255 characters, or a consumer name over 191, does not fit the inbox"
+                        .into(),
+                });
+            }
             let inserted = sqlx::query(&self.sql.record)
                 .bind(&self.consumer)
                 .bind(message_id)

@@ -64,6 +64,7 @@
 //! `migrate()` on each creates its table or brings it to the newest version
 //! (`migrations/` holds the same SQL as files, for teams that run their own migration tool).
 
+pub mod app;
 pub mod consumer;
 pub mod error;
 pub mod event;
@@ -76,15 +77,23 @@ pub mod observe;
 pub mod outbox;
 pub mod publisher;
 pub mod relay;
+pub mod request;
 pub mod settle;
+#[cfg(feature = "sqlite")]
+pub mod testing;
+pub mod topology;
 pub mod trace;
 
+pub use app::{Wharf, WharfBuilder};
 pub use consumer::{
-    ConsumerConfig, DeadLetter, Handler, Incoming, Outcome, REJECT_REASON_HEADER, REJECTED_FROM_HEADER, run_consumer,
+    ConsumerConfig, DeadLetter, Handler, Incoming, Outcome, REJECT_REASON_HEADER, REJECTED_FROM_HEADER, Reply,
+    run_consumer,
 };
 pub use error::{Result, SdkError};
 pub use event::{Event, ORDERING_KEY_HEADER};
 pub use handler::{EffectHandler, ExactlyOnce, HandleError, Typed, TypedHandler, exactly_once, typed};
+#[cfg(feature = "mysql")]
+pub use inbox::MySqlInbox;
 #[cfg(feature = "postgres")]
 pub use inbox::PgInbox;
 #[cfg(feature = "sqlite")]
@@ -92,6 +101,8 @@ pub use inbox::SqliteInbox;
 pub use inbox::{INBOX_RETENTION_MS_DEFAULT, Inbox, InboxConfig, Seen, purge_inbox_periodically, purge_periodically};
 pub use message::{JSON, Message};
 pub use observe::{Health, OutboxStats};
+#[cfg(feature = "mysql")]
+pub use outbox::MySqlOutbox;
 #[cfg(feature = "postgres")]
 pub use outbox::PgOutbox;
 #[cfg(feature = "sqlite")]
@@ -99,5 +110,6 @@ pub use outbox::SqliteOutbox;
 pub use outbox::{Outbox, OutboxConfig, OutboxRow, OutboxStore};
 pub use publisher::{ConfirmedPublisher, PublisherConfig};
 pub use relay::{Relay, RelayConfig, RoundReport};
+pub use request::{DIRECT_REPLY_TO, Requester, Responder, Responding, responding};
 pub use settle::{RETRY_ATTEMPT_HEADER, RetryPolicy};
 pub use trace::{TRACEPARENT_HEADER, TraceContext};

@@ -67,6 +67,15 @@ pub const SQLITE: &[Migration] = &[
     migration!("sqlite", 4, "0004", Outbox, "outbox_available_at"),
 ];
 
+/// MySQL's (and MariaDB's) migrations.
+pub const MYSQL: &[Migration] = &[
+    migration!("mysql", 1, "0001", Outbox, "outbox_create"),
+    migration!("mysql", 2, "0002", Inbox, "inbox_create"),
+    migration!("mysql", 3, "0003", Outbox, "outbox_message_properties"),
+    migration!("mysql", 4, "0004", Outbox, "outbox_available_at"),
+    migration!("mysql", 5, "0005", Outbox, "outbox_key_locks"),
+];
+
 /// The table that records applied versions.
 pub const VERSIONS_TABLE: &str = "wharf_schema_versions";
 
@@ -182,6 +191,61 @@ pub(crate) async fn sqlite(pool: &sqlx::SqlitePool, object: Object, table: &Tabl
     Ok(())
 }
 
+#[cfg(feature = "mysql")]
+pub(crate) async fn mysql(pool: &sqlx::MySqlPool, object: Object, table: &TableName) -> Result<()> {
+    use sqlx::Row;
+    if table.schema().is_some() {
+        return Err(SdkError::Config(format!(
+            "'{}': name the table without a database; the connection URL chooses the database",
+            table.qualified()
+        )));
+    }
+    // MySQL commits around every DDL statement, so a transaction cannot hold a migration and its
+    // record together, nor serialise migrating replicas: a named lock does (held by this
+    // connection until released).
+    let mut connection = pool.acquire().await?;
+    let locked: Option<i64> =
+        sqlx::query_scalar("SELECT GET_LOCK(?, 60)").bind(VERSIONS_TABLE).fetch_one(&mut *connection).await?;
+    if locked != Some(1) {
+        return Err(SdkError::Config("could not take the migration lock within 60 s".into()));
+    }
+    let migrated = async {
+        sqlx::query(&format!(
+            "CREATE TABLE IF NOT EXISTS {VERSIONS_TABLE} (object VARCHAR(255) NOT NULL, version BIGINT NOT NULL,
+                description VARCHAR(255) NOT NULL, applied_at BIGINT NOT NULL, PRIMARY KEY (object, version))
+                ENGINE=InnoDB"
+        ))
+        .execute(&mut *connection)
+        .await?;
+        let applied: Vec<i64> = sqlx::query(&format!("SELECT version FROM {VERSIONS_TABLE} WHERE object = ?"))
+            .bind(table.qualified())
+            .fetch_all(&mut *connection)
+            .await?
+            .iter()
+            .map(|row| row.try_get("version"))
+            .collect::<std::result::Result<_, _>>()?;
+        for migration in pending(MYSQL, object, &applied) {
+            for statement in statements(migration, table) {
+                sqlx::query(&statement).execute(&mut *connection).await.map_err(|error| failed(migration, error))?;
+            }
+            sqlx::query(&format!(
+                "INSERT INTO {VERSIONS_TABLE} (object, version, description, applied_at) VALUES (?, ?, ?, ?)"
+            ))
+            .bind(table.qualified())
+            .bind(migration.version)
+            .bind(migration.description)
+            .bind(crate::outbox::now_ms())
+            .execute(&mut *connection)
+            .await?;
+            tracing::info!(table = %table.qualified(), version = migration.version, "migrated");
+        }
+        Ok::<(), SdkError>(())
+    }
+    .await;
+    let _ = sqlx::query("SELECT RELEASE_LOCK(?)").bind(VERSIONS_TABLE).execute(&mut *connection).await;
+    migrated
+}
+
 fn failed(migration: &Migration, error: sqlx::Error) -> SdkError {
     SdkError::Migration { version: migration.version, description: migration.description.to_owned(), source: error }
 }
@@ -194,7 +258,7 @@ mod tests {
     /// directory but not to the list would never run.
     #[test]
     fn the_lists_match_the_files() {
-        for (database, list) in [("postgres", POSTGRES), ("sqlite", SQLITE)] {
+        for (database, list) in [("postgres", POSTGRES), ("sqlite", SQLITE), ("mysql", MYSQL)] {
             let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations").join(database);
             let mut files: Vec<String> = std::fs::read_dir(&dir)
                 .unwrap()

@@ -14,8 +14,11 @@
 //! [`DeadLetter`](crate::DeadLetter) target, the runtime publishes the copy there with
 //! `x-reject-reason` and `x-rejected-from`, then acknowledges; without one, or if that publish
 //! fails, it rejects without requeue and the queue's own dead-lettering applies.
+//!
+//! **Replies.** `Outcome::Reply` publishes the reply to the request's `reply-to` (direct reply-to
+//! or a queue), with the request's correlation id (or its message id), then acknowledges it.
 
-use crate::consumer::{ConsumerConfig, DeadLetter, Outcome, REJECT_REASON_HEADER, REJECTED_FROM_HEADER};
+use crate::consumer::{ConsumerConfig, DeadLetter, Outcome, REJECT_REASON_HEADER, REJECTED_FROM_HEADER, Reply};
 use crate::{Result, SdkError};
 use lapin::message::Delivery;
 use lapin::options::{
@@ -103,8 +106,8 @@ fn text(value: &str) -> AMQPValue {
 #[derive(Debug)]
 pub(crate) struct Settler {
     queue: String,
-    /// A confirming channel for copies, when a dead-letter target or a retry policy needs one.
-    publishing: Option<Channel>,
+    /// A confirming channel for copies (retries, dead letters) and replies.
+    publishing: Channel,
     dead_letter: Option<DeadLetter>,
     retry: Option<RetryPolicy>,
 }
@@ -112,25 +115,10 @@ pub(crate) struct Settler {
 impl Settler {
     /// Opens what `config` needs on `connection`; declares the retry policy's wait queues.
     pub(crate) async fn open(connection: &Connection, config: &ConsumerConfig) -> Result<Settler> {
-        let publishing = if config.dead_letter.is_some() || config.retry.is_some() {
-            let channel = connection.create_channel().await?;
-            channel.confirm_select(ConfirmSelectOptions::default()).await?;
-            Some(channel)
-        } else {
-            None
-        };
-        if let (Some(policy), Some(channel)) = (&config.retry, &publishing) {
-            for delay_ms in &policy.delays_ms {
-                let delay = i32::try_from(*delay_ms).map_err(|_| {
-                    SdkError::Config(format!("a retry delay of {delay_ms} ms is too long (at most 2^31 - 1)"))
-                })?;
-                let mut arguments = FieldTable::default();
-                arguments.insert("x-message-ttl".into(), AMQPValue::LongInt(delay));
-                arguments.insert("x-dead-letter-exchange".into(), text(""));
-                arguments.insert("x-dead-letter-routing-key".into(), text(&config.queue));
-                let name = RetryPolicy::wait_queue(&config.queue, *delay_ms);
-                channel.queue_declare(name.as_str().into(), QueueDeclareOptions::durable(), arguments).await?;
-            }
+        let publishing = connection.create_channel().await?;
+        publishing.confirm_select(ConfirmSelectOptions::default()).await?;
+        if let Some(policy) = &config.retry {
+            declare_wait_queues(&publishing, &config.queue, policy).await?;
         }
         Ok(Settler {
             queue: config.queue.clone(),
@@ -155,11 +143,51 @@ impl Settler {
             Outcome::Ack => delivery.ack(BasicAckOptions::default()).await,
             Outcome::Retry => self.retry(delivery).await,
             Outcome::Reject(reason) => self.reject(delivery, &reason).await,
+            Outcome::Reply(reply) => self.reply(delivery, reply).await,
         }
     }
 
+    async fn reply(&self, delivery: &Delivery, reply: Reply) -> std::result::Result<bool, lapin::Error> {
+        let request = &delivery.properties;
+        let Some(reply_to) = request.reply_to().as_ref().map(|to| to.to_string()) else {
+            tracing::warn!("a reply to a request without reply-to: dropped; the request is acknowledged");
+            return delivery.ack(BasicAckOptions::default()).await;
+        };
+        // The requester matches replies by correlation id: the request's own, or its message id.
+        let correlation = request.correlation_id().clone().or_else(|| request.message_id().clone());
+        let mut properties = BasicProperties::default();
+        if let Some(correlation) = correlation {
+            properties = properties.with_correlation_id(correlation);
+        }
+        let short = |value: Option<String>| value.and_then(|value| lapin::types::ShortString::try_new(value).ok());
+        if let Some(message_type) = short(reply.message_type) {
+            properties = properties.with_type(message_type);
+        }
+        if let Some(content_type) = short(reply.content_type) {
+            properties = properties.with_content_type(content_type);
+        }
+        let published = async {
+            let confirm = self
+                .publishing
+                .basic_publish(
+                    "".into(),
+                    reply_to.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &reply.body,
+                    properties,
+                )
+                .await?;
+            confirm.await
+        };
+        if let Err(error) = published.await {
+            // The requester may be gone; the request was handled either way.
+            tracing::warn!(%error, reply_to, "could not publish a reply");
+        }
+        delivery.ack(BasicAckOptions::default()).await
+    }
+
     async fn retry(&self, delivery: &Delivery) -> std::result::Result<bool, lapin::Error> {
-        let (Some(policy), Some(channel)) = (&self.retry, &self.publishing) else {
+        let (Some(policy), channel) = (&self.retry, &self.publishing) else {
             return delivery.nack(BasicNackOptions { multiple: false, requeue: true }).await;
         };
         let attempt = attempt_of(&delivery.properties);
@@ -187,7 +215,7 @@ impl Settler {
 
     async fn reject(&self, delivery: &Delivery, reason: &str) -> std::result::Result<bool, lapin::Error> {
         let id = delivery.properties.message_id().as_ref().map(|id| id.to_string()).unwrap_or_default();
-        if let (Some(target), Some(channel)) = (&self.dead_letter, &self.publishing) {
+        if let (Some(target), channel) = (&self.dead_letter, &self.publishing) {
             let mut headers = delivery.properties.headers().clone().unwrap_or_default();
             headers.insert(REJECT_REASON_HEADER.into(), text(reason));
             headers.insert(REJECTED_FROM_HEADER.into(), text(&self.queue));
@@ -202,6 +230,28 @@ impl Settler {
         tracing::warn!(%id, queue = %self.queue, reason, "message rejected");
         delivery.nack(BasicNackOptions { multiple: false, requeue: false }).await
     }
+}
+
+/// The arguments of `queue`'s wait queue for `delay_ms`: the delay as its TTL, dead-lettering
+/// back to `queue`.
+pub(crate) fn wait_queue_arguments(queue: &str, delay_ms: u64) -> Result<FieldTable> {
+    let delay = i32::try_from(delay_ms)
+        .map_err(|_| SdkError::Config(format!("a retry delay of {delay_ms} ms is too long (at most 2^31 - 1)")))?;
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-message-ttl".into(), AMQPValue::LongInt(delay));
+    arguments.insert("x-dead-letter-exchange".into(), text(""));
+    arguments.insert("x-dead-letter-routing-key".into(), text(queue));
+    Ok(arguments)
+}
+
+/// Declares `policy`'s wait queues in front of `queue`.
+pub(crate) async fn declare_wait_queues(channel: &Channel, queue: &str, policy: &RetryPolicy) -> Result<()> {
+    for delay_ms in &policy.delays_ms {
+        let name = RetryPolicy::wait_queue(queue, *delay_ms);
+        let arguments = wait_queue_arguments(queue, *delay_ms)?;
+        channel.queue_declare(name.as_str().into(), QueueDeclareOptions::durable(), arguments).await?;
+    }
+    Ok(())
 }
 
 /// Publishes a copy of `delivery` with `headers`, confirmed and routed (mandatory).

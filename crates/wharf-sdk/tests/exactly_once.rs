@@ -1,4 +1,4 @@
-//! The outbox, the relay and the inbox together, on PostgreSQL and on SQLite, against a real
+//! The outbox, the relay and the inbox together, on PostgreSQL, SQLite and MySQL, against a real
 //! broker: every order placed leads to exactly one payment, whatever is killed or restarted on
 //! the way (the relay between publish and mark, the consumer between commit and ack, the broker
 //! while the relay publishes), with two relays racing on one table, and with per-key order kept
@@ -446,4 +446,46 @@ async fn per_key_order_on_the_consumer_side_on_postgres() {
 async fn per_key_order_on_the_consumer_side_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     per_key_order(SqliteShop { pool: sqlite(dir.path()).await }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_relay_and_inbox_on_mysql() {
+    let Some(pool) = mysql().await else { return };
+    outbox_relay_inbox(MySqlShop { pool }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_stopped_mid_round_finishes_it_on_mysql() {
+    let Some(pool) = mysql().await else { return };
+    relay_stopped_mid_round(MySqlShop { pool }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_between_publish_and_mark_on_mysql() {
+    let Some(pool) = mysql().await else { return };
+    relay_killed_between_publish_and_mark(MySqlShop { pool }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_killed_after_commit_before_ack_on_mysql() {
+    let Some(pool) = mysql().await else { return };
+    consumer_killed_after_commit(MySqlShop { pool }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_racing_on_mysql() {
+    let Some(pool) = mysql().await else { return };
+    two_relays_race(MySqlShop { pool }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_restarted_while_the_relay_publishes_on_mysql() {
+    let Some(pool) = mysql().await else { return };
+    broker_restarted_while_relaying(MySqlShop { pool }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_order_on_the_consumer_side_on_mysql() {
+    let Some(pool) = mysql().await else { return };
+    per_key_order(MySqlShop { pool }).await;
 }

@@ -1,4 +1,4 @@
-//! Typed messages and the exactly-once handler, on PostgreSQL and on SQLite, against a real
+//! Typed messages and the exactly-once handler, on PostgreSQL, SQLite and MySQL, against a real
 //! broker: typed events go out through the outbox and come back decoded; each order is charged
 //! once though a copy of one is delivered again; a transient failure is retried; a permanent
 //! failure, a message without an id and a message of another type are dead-lettered with their
@@ -74,6 +74,23 @@ impl EffectHandler<OrderReceived, sqlx::Postgres> for Charge {
     ) -> Result<(), HandleError> {
         self.check(&order)?;
         sqlx::query("INSERT INTO payments (order_id, cents) VALUES ($1, $2)")
+            .bind(&order.order_id)
+            .bind(order.cents)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+}
+
+impl EffectHandler<OrderReceived, sqlx::MySql> for Charge {
+    async fn handle(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::MySql>,
+        order: OrderReceived,
+        _incoming: &Incoming,
+    ) -> Result<(), HandleError> {
+        self.check(&order)?;
+        sqlx::query("INSERT INTO payments (order_id, cents) VALUES (?, ?)")
             .bind(&order.order_id)
             .bind(order.cents)
             .execute(&mut **tx)
@@ -308,6 +325,30 @@ async fn typed_messages_handled_exactly_once_on_sqlite() {
         async move { sqlx::query_scalar("SELECT order_id FROM payments").fetch_all(&pool).await.unwrap() }
     };
     typed_and_exactly_once(outbox.clone(), SqliteInbox::new(pool.clone(), "payments"), place, payments).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_messages_handled_exactly_once_on_mysql() {
+    let Some(pool) = mysql().await else { return };
+    let outbox = wharf_sdk::MySqlOutbox::new(pool.clone());
+    sqlx::query("CREATE TABLE payments (order_id VARCHAR(255) NOT NULL, cents BIGINT NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let place = |order: OrderReceived| {
+        let (pool, outbox) = (pool.clone(), outbox.clone());
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            let id = outbox.publish(&mut tx, &order).await.unwrap();
+            tx.commit().await.unwrap();
+            id
+        }
+    };
+    let payments = || {
+        let pool = pool.clone();
+        async move { sqlx::query_scalar("SELECT order_id FROM payments").fetch_all(&pool).await.unwrap() }
+    };
+    typed_and_exactly_once(outbox.clone(), wharf_sdk::MySqlInbox::new(pool.clone(), "payments"), place, payments).await;
 }
 
 /// A keyed publish gives the same id for the same key; the second is refused as a duplicate, and

@@ -35,7 +35,7 @@ enum Command {
     /// Administer a running broker through its management API (queues, exchanges,
     /// connections, consumers, purge, delete, definitions, peeking into a queue).
     Admin(admin::AdminArgs),
-    /// Run the outbox relay for a PostgreSQL or SQLite outbox table (docs/outbox-contract.md):
+    /// Run the outbox relay for a PostgreSQL, MySQL or SQLite outbox table (docs/outbox-contract.md):
     /// rows written by services in any language are published with confirms.
     Relay(Box<relay::RelayArgs>),
 }

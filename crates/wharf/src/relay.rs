@@ -1,6 +1,6 @@
 //! `wharf relay`: the outbox relay as a process of its own, for services written in any language
 //! (`docs/outbox-contract.md` is the table contract they write to). It runs `wharf-sdk`'s relay
-//! over a PostgreSQL or SQLite outbox, migrating the table first unless told not to. Settings come
+//! over a PostgreSQL, MySQL or SQLite outbox, migrating the table first unless told not to. Settings come
 //! from flags, `WHARF_RELAY_*` variables and the TOML file named by `--config`, with the same
 //! precedence as `wharf serve` (flags, then variables, then the file, then the defaults).
 //! SIGTERM and SIGINT stop it after the round in progress, so nothing it claimed waits out a lease.
@@ -11,14 +11,14 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 use tokio::sync::watch;
-use wharf_sdk::{Outbox, OutboxConfig, OutboxStore, PgOutbox, Relay, RelayConfig, SqliteOutbox};
+use wharf_sdk::{MySqlOutbox, Outbox, OutboxConfig, OutboxStore, PgOutbox, Relay, RelayConfig, SqliteOutbox};
 
 #[derive(Debug, clap::Args)]
 pub struct RelayArgs {
     /// TOML configuration file (keys as the flags, in snake_case).
     #[arg(long, env = "WHARF_RELAY_CONFIG")]
     config: Option<PathBuf>,
-    /// The database holding the outbox: postgres://… or sqlite:PATH.
+    /// The database holding the outbox: postgres://…, mysql://… or sqlite:PATH.
     #[arg(long, env = "WHARF_RELAY_DATABASE_URL")]
     database_url: Option<String>,
     /// The broker: amqp://user:password@host:port/vhost (amqps:// for TLS).
@@ -84,7 +84,9 @@ fn settle(args: RelayArgs) -> Result<Settings> {
         None => FileConfig::default(),
     };
     let Some(database_url) = args.database_url.or(file.database_url) else {
-        bail!("--database-url (WHARF_RELAY_DATABASE_URL, database_url) is required: postgres://… or sqlite:PATH");
+        bail!(
+            "--database-url (WHARF_RELAY_DATABASE_URL, database_url) is required: postgres://…, mysql://… or sqlite:PATH"
+        );
     };
     let Some(broker_url) = args.broker_url.or(file.broker_url) else {
         bail!("--broker-url (WHARF_RELAY_BROKER_URL, broker_url) is required: amqp://user:password@host:port/vhost");
@@ -139,6 +141,15 @@ pub async fn run(args: RelayArgs) -> Result<()> {
             .context("--database-url is not a usable PostgreSQL URL")?;
         let outbox = PgOutbox::with_config(pool, &settings.outbox)?;
         relay(outbox, settings, stopped).await
+    } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+        let url = url.replacen("mariadb://", "mysql://", 1);
+        let pool = sqlx::mysql::MySqlPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_lazy(&url)
+            .context("--database-url is not a usable MySQL URL")?;
+        let outbox = MySqlOutbox::with_config(pool, &settings.outbox)?;
+        relay(outbox, settings, stopped).await
     } else if let Some(path) = url.strip_prefix("sqlite:") {
         let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)
             .with_context(|| format!("--database-url is not a usable SQLite URL: {url}"))?
@@ -149,7 +160,7 @@ pub async fn run(args: RelayArgs) -> Result<()> {
         let outbox = SqliteOutbox::with_config(pool, &settings.outbox)?;
         relay(outbox, settings, stopped).await
     } else {
-        bail!("--database-url must start with postgres://, postgresql:// or sqlite:, not '{url}'")
+        bail!("--database-url must start with postgres://, postgresql://, mysql:// or sqlite:, not '{url}'")
     }
 }
 

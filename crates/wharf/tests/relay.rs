@@ -222,7 +222,7 @@ async fn bad_settings_are_refused_with_a_message_naming_them() {
     let cases: [(&[&str], &str); 5] = [
         (&["--broker-url", "amqp://127.0.0.1"], "--database-url"),
         (&["--database-url", "sqlite:x.db"], "--broker-url"),
-        (&["--database-url", "mysql://x", "--broker-url", "amqp://127.0.0.1"], "postgres://"),
+        (&["--database-url", "oracle://x", "--broker-url", "amqp://127.0.0.1"], "postgres://"),
         (&["--database-url", "sqlite:x.db", "--broker-url", "http://127.0.0.1"], "amqp://"),
         (
             &["--database-url", "sqlite::memory:", "--broker-url", "amqp://127.0.0.1", "--outbox-table", "x;drop"],

@@ -23,10 +23,14 @@ use crate::{Result, SdkError};
 use std::future::Future;
 use std::time::Duration;
 
+#[cfg(feature = "mysql")]
+mod mysql;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
+#[cfg(feature = "mysql")]
+pub use mysql::MySqlOutbox;
 #[cfg(feature = "postgres")]
 pub use postgres::PgOutbox;
 #[cfg(feature = "sqlite")]

@@ -8,6 +8,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use sqlx::Row;
+use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use std::future::Future;
@@ -17,7 +18,8 @@ use std::str::FromStr;
 use std::time::Duration;
 use wharf_broker::{Broker, BrokerConfig};
 use wharf_sdk::{
-    Event, Inbox, Incoming, Outbox, PgInbox, PgOutbox, Relay, RelayConfig, Seen, SqliteInbox, SqliteOutbox,
+    Event, Inbox, Incoming, MySqlInbox, MySqlOutbox, Outbox, PgInbox, PgOutbox, Relay, RelayConfig, Seen, SqliteInbox,
+    SqliteOutbox,
 };
 
 /// The longest a test waits for something (far above what it takes).
@@ -168,7 +170,30 @@ pub async fn postgres() -> Option<PgPool> {
     Some(PgPoolOptions::new().max_connections(12).connect_with(options).await.unwrap())
 }
 
-fn uuid_like() -> String {
+/// A fresh MySQL (MariaDB) database for one test, from `WHARF_TEST_MYSQL_URL`, or `None` (the
+/// test skips, saying why) without it; `WHARF_TEST_MYSQL_REQUIRED` makes a missing URL a failure.
+pub async fn mysql() -> Option<MySqlPool> {
+    let url = match std::env::var("WHARF_TEST_MYSQL_URL") {
+        Ok(url) => url,
+        Err(_) if std::env::var_os("WHARF_TEST_MYSQL_REQUIRED").is_some() => {
+            panic!("WHARF_TEST_MYSQL_REQUIRED is set but WHARF_TEST_MYSQL_URL is not")
+        }
+        Err(_) => {
+            eprintln!(
+                "skipped: WHARF_TEST_MYSQL_URL is not set (scripts/test.sh starts a throwaway MariaDB and sets it)"
+            );
+            return None;
+        }
+    };
+    let database = format!("t{}", uuid_like());
+    let admin = MySqlPool::connect(&url).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {database}")).execute(&admin).await.unwrap();
+    admin.close().await;
+    let (server, _) = url.rsplit_once('/').unwrap();
+    Some(MySqlPoolOptions::new().max_connections(12).connect(&format!("{server}/{database}")).await.unwrap())
+}
+
+pub fn uuid_like() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     format!("{:x}{:x}", nanos, std::process::id())
 }
@@ -379,5 +404,81 @@ where
     while !done().await {
         assert!(started.elapsed() < PATIENCE, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[derive(Clone)]
+pub struct MySqlShop {
+    pub pool: MySqlPool,
+}
+
+impl Shop for MySqlShop {
+    type Store = MySqlOutbox;
+
+    async fn setup(&self) {
+        MySqlOutbox::new(self.pool.clone()).migrate().await.unwrap();
+        MySqlInbox::new(self.pool.clone(), "payments").migrate().await.unwrap();
+        sqlx::query("CREATE TABLE orders (id VARCHAR(255) PRIMARY KEY, customer VARCHAR(255) NOT NULL)")
+            .execute(&self.pool)
+            .await
+            .unwrap();
+        sqlx::query(
+            "CREATE TABLE payments (seq BIGINT AUTO_INCREMENT PRIMARY KEY, event_id VARCHAR(255) NOT NULL, order_id VARCHAR(255) NOT NULL)",
+        )
+        .execute(&self.pool)
+        .await
+        .unwrap();
+    }
+
+    async fn place_order(&self, order_id: &str, customer: &str) {
+        let outbox = MySqlOutbox::new(self.pool.clone());
+        let mut tx = self.pool.begin().await.unwrap();
+        sqlx::query("INSERT INTO orders (id, customer) VALUES (?, ?)")
+            .bind(order_id)
+            .bind(customer)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        outbox.enqueue(&mut tx, &order_event(order_id, customer)).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+
+    async fn charge(&self, message: &Incoming) -> wharf_sdk::Result<bool> {
+        let inbox = MySqlInbox::new(self.pool.clone(), "payments");
+        let id = message.message_id.clone().unwrap_or_default();
+        let order = message.headers.get("order-id").cloned().unwrap_or_default();
+        let mut tx = self.pool.begin().await?;
+        let first = inbox.handle(&mut tx, &id).await? == Seen::First;
+        if first {
+            sqlx::query("INSERT INTO payments (event_id, order_id) VALUES (?, ?)")
+                .bind(&id)
+                .bind(&order)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(first)
+    }
+
+    async fn payments(&self) -> Vec<(String, String)> {
+        sqlx::query("SELECT event_id, order_id FROM payments ORDER BY seq")
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (row.get("event_id"), row.get("order_id")))
+            .collect()
+    }
+
+    async fn unsent(&self) -> i64 {
+        MySqlOutbox::new(self.pool.clone()).unsent_count().await.unwrap()
+    }
+
+    fn relay(&self, config: RelayConfig) -> Relay<MySqlOutbox> {
+        Relay::new(MySqlOutbox::new(self.pool.clone()), config).unwrap()
+    }
+
+    fn store(&self) -> MySqlOutbox {
+        MySqlOutbox::new(self.pool.clone())
     }
 }
