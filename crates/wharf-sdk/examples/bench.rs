@@ -1,6 +1,6 @@
 //! The SDK's benchmark: the relay's throughput (events per second from commit to confirm) and
 //! the cost of the `exactly_once` wrapper against a bare handler, on SQLite and, with
-//! `WHARF_BENCH_POSTGRES_URL`, PostgreSQL, against an embedded Wharf broker (or the broker at
+//! `WHARF_BENCH_POSTGRES_URL` and `WHARF_BENCH_MYSQL_URL`, PostgreSQL and MySQL, against an embedded Wharf broker (or the broker at
 //! `--broker-url`, RabbitMQ say). Results go to stdout as one JSON object per measurement;
 //! `docs/benchmarks.md` records them.
 //!
@@ -15,8 +15,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use wharf_sdk::{
-    ConfirmedPublisher, ConsumerConfig, EffectHandler, Event, HandleError, Handler, Inbox, Incoming, Outbox, Outcome,
-    PgInbox, PgOutbox, PublisherConfig, Relay, RelayConfig, SqliteInbox, SqliteOutbox, exactly_once, run_consumer,
+    ConfirmedPublisher, ConsumerConfig, EffectHandler, Event, HandleError, Handler, Inbox, Incoming, MySqlInbox,
+    MySqlOutbox, Outbox, Outcome, PgInbox, PgOutbox, PublisherConfig, Relay, RelayConfig, SqliteInbox, SqliteOutbox,
+    exactly_once, run_consumer,
 };
 
 struct Args {
@@ -116,6 +117,18 @@ impl EffectHandler<Tick, Sqlite> for Counted {
     async fn handle(
         &self,
         _tx: &mut Transaction<'static, Sqlite>,
+        _tick: Tick,
+        _: &Incoming,
+    ) -> Result<(), HandleError> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl EffectHandler<Tick, sqlx::MySql> for Counted {
+    async fn handle(
+        &self,
+        _tx: &mut Transaction<'static, sqlx::MySql>,
         _tick: Tick,
         _: &Incoming,
     ) -> Result<(), HandleError> {
@@ -236,6 +249,15 @@ async fn main() -> Result<()> {
         let begin = async || pool.begin().await;
         relay_throughput(PgOutbox::new(pool.clone()), begin, &url, args.events, "postgres").await?;
         handler_overhead(PgInbox::new(pool.clone(), "bench"), &url, args.events, "postgres").await?;
+    }
+    if let Ok(mysql_url) = std::env::var("WHARF_BENCH_MYSQL_URL") {
+        let pool = sqlx::mysql::MySqlPoolOptions::new().max_connections(20).connect(&mysql_url).await?;
+        for table in ["wharf_outbox", "wharf_inbox"] {
+            sqlx::query(&format!("DELETE FROM {table}")).execute(&pool).await.ok();
+        }
+        let begin = async || pool.begin().await;
+        relay_throughput(MySqlOutbox::new(pool.clone()), begin, &url, args.events, "mysql").await?;
+        handler_overhead(MySqlInbox::new(pool.clone(), "bench"), &url, args.events, "mysql").await?;
     }
     if let Some(broker) = broker {
         broker.shutdown().await;
