@@ -39,6 +39,12 @@ pub struct Event {
     pub body: Vec<u8>,
 }
 
+/// A fresh, time-ordered unique id (UUIDv7): what an event gets by default, and a good id for the
+/// business object an event is about.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
 /// The namespace of ids made from idempotency keys (a fixed random UUID: ids made by another
 /// system from the same key never collide with Wharf's).
 const ID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x8c4f_2a61_93d7_4b1e_a5c2_7e09_d3f6_1b48);
@@ -50,7 +56,7 @@ impl Event {
     /// A new event with a fresh time-ordered id.
     pub fn new(exchange: impl Into<String>, routing_key: impl Into<String>, body: impl Into<Vec<u8>>) -> Event {
         Event {
-            id: uuid::Uuid::now_v7().to_string(),
+            id: new_id(),
             exchange: exchange.into(),
             routing_key: routing_key.into(),
             ordering_key: None,

@@ -108,6 +108,18 @@ pub trait EffectHandler<M: Message, Db: sqlx::Database>: Send + Sync + 'static {
         message: M,
         incoming: &Incoming,
     ) -> impl Future<Output = Result<(), HandleError>> + Send;
+
+    /// Called instead of `handle` for a message handled before (the inbox recognised its id),
+    /// in a transaction of its own that is committed after: for counting or auditing the
+    /// duplicates absorbed. Does nothing by default.
+    fn on_duplicate(
+        &self,
+        tx: &mut sqlx::Transaction<'static, Db>,
+        incoming: &Incoming,
+    ) -> impl Future<Output = Result<(), HandleError>> + Send {
+        let _ = (tx, incoming);
+        async { Ok(()) }
+    }
 }
 
 /// A [`Handler`] that applies `handler`'s effect exactly once per message id, however often the
@@ -156,6 +168,8 @@ where
         let mut tx = self.inbox.pool().begin().await?;
         if self.inbox.handle(&mut tx, id).await? == Seen::Again {
             tracing::debug!(%id, "already handled; acknowledged without a second effect");
+            self.handler.on_duplicate(&mut tx, incoming).await?;
+            tx.commit().await?;
             return Ok(());
         }
         self.handler.handle(&mut tx, message, incoming).await?;

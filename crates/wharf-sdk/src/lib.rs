@@ -90,7 +90,7 @@ pub use consumer::{
     run_consumer,
 };
 pub use error::{Result, SdkError};
-pub use event::{Event, ORDERING_KEY_HEADER};
+pub use event::{Event, ORDERING_KEY_HEADER, new_id};
 pub use handler::{EffectHandler, ExactlyOnce, HandleError, Typed, TypedHandler, exactly_once, typed};
 #[cfg(feature = "mysql")]
 pub use inbox::MySqlInbox;

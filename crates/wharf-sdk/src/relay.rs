@@ -16,6 +16,7 @@ use crate::{Result, SdkError};
 use std::collections::HashSet;
 use std::time::Duration;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 /// How a relay works.
 #[derive(Debug, Clone)]
@@ -122,7 +123,8 @@ impl<S: OutboxStore> Relay<S> {
             // A round is not cut short by a stop: it ends with its rows marked sent, failed or
             // given back, so nothing this relay claimed waits out its lease. A round is bounded
             // (the publisher's timeouts and reconnection attempts).
-            let round = self.round().await;
+            let span = tracing::debug_span!("wharf.relay.round", claimed = tracing::field::Empty);
+            let round = self.round().instrument(span).await;
             match &round {
                 Ok(_) => self.config.health.up(),
                 Err(error) => self.config.health.down(error.to_string()),
@@ -174,6 +176,7 @@ impl<S: OutboxStore> Relay<S> {
     /// One round: claim, check, publish, mark.
     pub async fn round(&mut self) -> Result<RoundReport> {
         let rows = self.store.claim(&self.id, now_ms(), self.config.lease_ms, self.config.batch_size).await?;
+        tracing::Span::current().record("claimed", rows.len());
         let mut report = RoundReport::default();
         if rows.is_empty() {
             return Ok(report);

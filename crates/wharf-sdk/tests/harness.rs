@@ -31,8 +31,8 @@ impl Message for PaymentTaken {
     const TYPE: &'static str = "PaymentTaken";
 }
 
-/// Charges and announces it, in the exactly-once transaction.
-struct Charge(SqliteOutbox);
+/// Charges and announces it, in the exactly-once transaction; counts the duplicates absorbed.
+struct Charge(SqliteOutbox, Arc<AtomicUsize>);
 
 impl EffectHandler<OrderReceived, sqlx::Sqlite> for Charge {
     async fn handle(
@@ -43,6 +43,16 @@ impl EffectHandler<OrderReceived, sqlx::Sqlite> for Charge {
     ) -> Result<(), HandleError> {
         sqlx::query("INSERT INTO payments (order_id) VALUES (?)").bind(&order.order_id).execute(&mut **tx).await?;
         self.0.publish(tx, &PaymentTaken { order_id: order.order_id }).await?;
+        Ok(())
+    }
+
+    async fn on_duplicate(
+        &self,
+        _tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+        incoming: &Incoming,
+    ) -> Result<(), HandleError> {
+        assert!(incoming.message_id.is_some());
+        self.1.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -76,7 +86,8 @@ async fn exactly_once_holds_under_each_fault_and_a_naive_handler_shows_the_fault
         let mut bus = TestBus::new().await.unwrap();
         sqlx::query("CREATE TABLE payments (order_id TEXT NOT NULL)").execute(bus.pool()).await.unwrap();
         let inbox = bus.inbox("payments").await.unwrap();
-        bus.route("orders", "order.*", exactly_once(inbox, Charge(bus.outbox().clone())));
+        let duplicates = Arc::new(AtomicUsize::new(0));
+        bus.route("orders", "order.*", exactly_once(inbox, Charge(bus.outbox().clone(), Arc::clone(&duplicates))));
         let naive = Naive::default();
         bus.route("orders", "order.#", naive.clone());
         place(&bus, 3).await;
@@ -84,6 +95,7 @@ async fn exactly_once_holds_under_each_fault_and_a_naive_handler_shows_the_fault
         let report = bus.run_with(fault).await.unwrap();
         assert_eq!(naive.0.load(Ordering::SeqCst), 6, "{fault:?}: every message delivered twice");
         assert_eq!(payments(&bus).await, 3, "{fault:?}: one payment per order");
+        assert_eq!(duplicates.load(Ordering::SeqCst), 3, "{fault:?}: each second delivery seen as a duplicate");
         let taken = assert_published::<PaymentTaken>(&bus);
         let mut ids: Vec<&str> = taken.iter().map(|payment| payment.order_id.as_str()).collect();
         ids.sort_unstable();

@@ -19,13 +19,12 @@ pub mod http;
 pub mod services;
 
 use anyhow::{Context, Result};
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
 use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use std::path::Path;
 use std::time::Duration;
-use wharf_sdk::Inbox;
+use wharf_sdk::topology::{Exchange, ExchangeKind, Queue, Topology};
+use wharf_sdk::{HandleError, Incoming, Message};
 
 /// Where `OrderReceived` is published (topic, de-duplicating: a relay's re-publish is dropped).
 pub const ORDERS_EXCHANGE: &str = "orders";
@@ -73,6 +72,19 @@ pub struct OrderReceived {
     pub total_cents: i64,
 }
 
+impl Message for OrderReceived {
+    const TYPE: &'static str = "OrderReceived";
+    const EXCHANGE: &'static str = ORDERS_EXCHANGE;
+
+    fn routing_key(&self) -> String {
+        ORDER_RECEIVED.into()
+    }
+
+    fn ordering_key(&self) -> Option<String> {
+        Some(self.order_id.clone())
+    }
+}
+
 /// A service's report on an order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusReport {
@@ -84,59 +96,48 @@ pub struct StatusReport {
     pub status: String,
 }
 
-/// Declares the exchanges and queues (idempotent; every service does it at start).
-pub async fn declare_topology(url: &str) -> Result<()> {
-    let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
-    let channel = connection.create_channel().await?;
-    let mut dedup = FieldTable::default();
-    dedup.insert("x-deduplication".into(), AMQPValue::Boolean(true));
-    for exchange in [ORDERS_EXCHANGE, STATUS_EXCHANGE] {
-        channel
-            .exchange_declare(
-                exchange.into(),
-                lapin::ExchangeKind::Topic,
-                ExchangeDeclareOptions { durable: true, ..Default::default() },
-                dedup.clone(),
-            )
-            .await?;
+impl Message for StatusReport {
+    const TYPE: &'static str = "StatusReport";
+    const EXCHANGE: &'static str = STATUS_EXCHANGE;
+
+    fn routing_key(&self) -> String {
+        format!("{}.{}", self.service, self.status)
     }
-    let mut ordered = FieldTable::default();
+
+    fn ordering_key(&self) -> Option<String> {
+        Some(self.order_id.clone())
+    }
+}
+
+impl StatusReport {
+    /// The key that makes the report's event id stable: one report per service and order, so a
+    /// handler that runs again after a crash writes the same id (refused by the outbox, dropped by
+    /// the broker's de-duplication, absorbed by the order service's inbox).
+    pub fn idempotency_key(&self) -> String {
+        format!("{}/{}", self.service, self.order_id)
+    }
+}
+
+/// The exchanges and queues.
+pub fn topology() -> Topology {
     // A message that keeps failing is retried with backoff, then parked in `<queue>.dlq`.
-    ordered.insert(
-        "x-retry-backoff".into(),
-        AMQPValue::FieldArray(vec![AMQPValue::LongInt(100), AMQPValue::LongInt(500), AMQPValue::LongInt(2000)].into()),
-    );
+    let backoff_ms = [100, 500, 2000];
+    let mut topology = Topology::new()
+        .with_exchange(Exchange::new(ORDERS_EXCHANGE, ExchangeKind::Topic).deduplicated())
+        .with_exchange(Exchange::new(STATUS_EXCHANGE, ExchangeKind::Topic).deduplicated());
     for queue in [PAYMENT_QUEUE, INVENTORY_QUEUE, EMAIL_QUEUE] {
-        channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), ordered.clone()).await?;
-        channel
-            .queue_bind(
-                queue.into(),
-                ORDERS_EXCHANGE.into(),
-                ORDER_RECEIVED.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        topology = topology.queue(Queue::new(queue).bind(ORDERS_EXCHANGE, ORDER_RECEIVED).retry_backoff_ms(backoff_ms));
     }
-    channel.queue_declare(STATUS_QUEUE.into(), QueueDeclareOptions::durable(), ordered).await?;
-    channel
-        .queue_bind(
-            STATUS_QUEUE.into(),
-            STATUS_EXCHANGE.into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
     // The dead-letter queue de-duplicates (a relay re-publishing after a crash must not park an
     // order twice) and has no delivery limit (inspecting it must not move its messages on).
-    let mut parked = dedup.clone();
-    parked.insert("x-delivery-limit".into(), AMQPValue::LongInt(-1));
-    channel.queue_declare(INVENTORY_DLQ.into(), QueueDeclareOptions::durable(), parked).await?;
-    connection.close(200, "topology declared".into()).await?;
-    Ok(())
+    topology
+        .queue(Queue::new(STATUS_QUEUE).bind(STATUS_EXCHANGE, "#").retry_backoff_ms(backoff_ms))
+        .queue(Queue::new(INVENTORY_DLQ).deduplicated().delivery_limit(-1))
+}
+
+/// Declares the exchanges and queues (idempotent; every service does it at start).
+pub async fn declare_topology(url: &str) -> Result<()> {
+    topology().declare(url).await.with_context(|| format!("declaring the topology on {url}"))
 }
 
 /// Declares the topology, retrying while the broker is not up yet (services start in any order).
@@ -193,7 +194,9 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as i64)
 }
 
-/// Installs logging (to stderr, `RUST_LOG`-style filter from `WHARF_LOG`, default `info`).
+/// Installs logging (to stderr, `RUST_LOG`-style filter from `WHARF_LOG`, default `info`). Each
+/// handled message's span is printed when it closes, with its W3C trace id: one order's trace id
+/// shows up in every service's log.
 pub fn init_logging(service: &str) {
     // lapin reports every connection a killed broker breaks as an error; the services handle
     // those (reconnect, redelivery), so only its warnings and worse from the SDK are shown.
@@ -201,6 +204,7 @@ pub fn init_logging(service: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
         .try_init();
     tracing::info!(service, "starting");
 }
@@ -217,63 +221,129 @@ pub async fn terminated() {
     }
 }
 
-/// Deletes inbox entries older than [`wharf_sdk::INBOX_RETENTION_MS_DEFAULT`] once an hour until
-/// `stopped`.
-pub fn spawn_inbox_purger(inbox: wharf_sdk::SqliteInbox, stopped: tokio::sync::watch::Receiver<bool>) {
-    tokio::spawn(wharf_sdk::purge_periodically(
-        move || {
-            let inbox = inbox.clone();
-            async move { inbox.purge(wharf_sdk::INBOX_RETENTION_MS_DEFAULT).await }
-        },
-        Duration::from_secs(3600),
-        stopped,
-    ));
-}
-
-/// Opens the transaction a service handles a message in, through its inbox: `None` if this
-/// consumer handled the message before (the duplicate is counted and committed, and the message
-/// should be acknowledged); otherwise the open transaction, with the effect counted in it.
-pub async fn begin_first(
-    pool: &sqlx::SqlitePool,
-    consumer: &str,
-    message: &wharf_sdk::Incoming,
-) -> Result<Option<sqlx::Transaction<'static, sqlx::Sqlite>>> {
-    let id = message.message_id.clone().unwrap_or_default();
-    let mut tx = pool.begin().await?;
+/// Counts, in a handler's transaction, that this is an effect (and a redelivery, if it is one):
+/// the chaos run checks one effect per order.
+pub async fn count_effect(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    message: &Incoming,
+) -> Result<(), HandleError> {
     if message.redelivered {
-        count(&mut tx, "redeliveries").await?;
+        count(tx, "redeliveries").await.map_err(|error| HandleError::Transient(error.to_string()))?;
     }
-    if wharf_sdk::SqliteInbox::new(pool.clone(), consumer).handle(&mut tx, &id).await? == wharf_sdk::Seen::Again {
-        count(&mut tx, "inbox_duplicates").await?;
-        tx.commit().await?;
-        return Ok(None);
-    }
-    count(&mut tx, "effects").await?;
-    Ok(Some(tx))
+    count(tx, "effects").await.map_err(|error| HandleError::Transient(error.to_string()))
 }
 
-/// Runs a consuming service until SIGTERM/SIGINT: the topology, its outbox's relay, its inbox's
-/// purger and its consumer; then stops them gracefully.
-pub async fn serve<H: wharf_sdk::Handler>(
+/// Counts, in the duplicate's own transaction, a redelivery the inbox absorbed.
+pub async fn count_duplicate(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    message: &Incoming,
+) -> Result<(), HandleError> {
+    if message.redelivered {
+        count(tx, "redeliveries").await.map_err(|error| HandleError::Transient(error.to_string()))?;
+    }
+    count(tx, "inbox_duplicates").await.map_err(|error| HandleError::Transient(error.to_string()))
+}
+
+/// The relay settings the services use: a short poll and lease, so the chaos run's kills heal
+/// fast.
+pub fn relay_config(broker_url: &str) -> wharf_sdk::RelayConfig {
+    let mut config = wharf_sdk::RelayConfig::new(broker_url);
+    config.poll_interval_ms = 100;
+    config.lease_ms = 5_000;
+    config
+}
+
+/// Runs a consuming service until SIGTERM/SIGINT: the topology, then (through one
+/// `Wharf::builder`) its outbox's relay, its inbox's migration and purger, and its exactly-once
+/// consumer; then one shutdown drains them.
+pub async fn serve<H: wharf_sdk::EffectHandler<OrderReceived, sqlx::Sqlite>>(
     consumer: &str,
     broker_url: &str,
     queue: &str,
     pool: SqlitePool,
     handler: H,
+    metrics_listen: Option<std::net::SocketAddr>,
 ) -> Result<()> {
     declare_topology_when_up(broker_url).await?;
+    let inbox = wharf_sdk::SqliteInbox::new(pool.clone(), consumer);
+    let wharf = wharf_sdk::Wharf::builder(broker_url)
+        .outbox_with(wharf_sdk::SqliteOutbox::new(pool), relay_config(broker_url))
+        .inbox(inbox.clone())
+        .consumer(wharf_sdk::ConsumerConfig::new(broker_url, queue), wharf_sdk::exactly_once(inbox, handler))
+        .start()
+        .await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut relay_config = wharf_sdk::RelayConfig::new(broker_url);
-    relay_config.poll_interval_ms = 100;
-    relay_config.lease_ms = 5_000;
-    let relay = wharf_sdk::Relay::new(wharf_sdk::SqliteOutbox::new(pool.clone()), relay_config)?;
-    let relay = tokio::spawn(relay.run(stopped.clone()));
-    spawn_inbox_purger(wharf_sdk::SqliteInbox::new(pool, consumer), stopped.clone());
-    let consuming =
-        tokio::spawn(wharf_sdk::run_consumer(wharf_sdk::ConsumerConfig::new(broker_url, queue), handler, stopped));
+    if let Some(address) = metrics_listen {
+        let mut stopped = stopped.clone();
+        serve_observability(address, wharf.health().to_vec(), async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        })
+        .await?;
+    }
     terminated().await;
     let _ = stop.send(true);
-    relay.await??;
-    consuming.await??;
+    wharf.shutdown().await?;
     Ok(())
+}
+
+/// Installs the Prometheus recorder the SDK's metrics go to (once per process; later calls reuse
+/// it) and returns its handle.
+pub fn metrics_recorder() -> Result<metrics_exporter_prometheus::PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> = std::sync::OnceLock::new();
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+/// The routes every service serves: `/metrics` (Prometheus text: the SDK's outbox, relay,
+/// handler and inbox metrics) and `/health` (each relay and consumer: up, last progress, last
+/// error; 503 while any is down).
+pub fn observability_routes(health: Vec<(String, wharf_sdk::Health)>) -> Result<axum::Router> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let handle = metrics_recorder()?;
+    let health = std::sync::Arc::new(health);
+    Ok(axum::Router::new().route("/metrics", get(move || std::future::ready(handle.render()))).route(
+        "/health",
+        get(move || {
+            let health = std::sync::Arc::clone(&health);
+            async move {
+                let parts: Vec<serde_json::Value> = health
+                    .iter()
+                    .map(|(name, health)| {
+                        serde_json::json!({
+                            "name": name, "up": health.is_up(),
+                            "last_progress_ms": health.last_progress_ms(), "last_error": health.last_error(),
+                        })
+                    })
+                    .collect();
+                let up = health.iter().all(|(_, health)| health.is_up());
+                let status = if up { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                (status, axum::Json(serde_json::json!({ "up": up, "parts": parts })))
+            }
+        }),
+    ))
+}
+
+/// Serves [`observability_routes`] on `address` until `stopped` resolves; returns the address
+/// bound (for port 0).
+pub async fn serve_observability(
+    address: std::net::SocketAddr,
+    health: Vec<(String, wharf_sdk::Health)>,
+    stopped: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<std::net::SocketAddr> {
+    let routes = observability_routes(health)?;
+    let listener = tokio::net::TcpListener::bind(address).await.with_context(|| format!("binding {address}"))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(address = %bound, "serving /metrics and /health");
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, routes).with_graceful_shutdown(stopped).await {
+            tracing::warn!(%error, "the metrics server stopped");
+        }
+    });
+    Ok(bound)
 }

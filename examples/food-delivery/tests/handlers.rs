@@ -1,7 +1,7 @@
 //! Each service's handler on its own database: an effect happens once however often the event
 //! is delivered, a declined payment is reported without a charge, an unknown item goes to the
 //! dead-letter queue with its reason; and the order service's HTTP API refuses bad orders with a
-//! clear 400 and takes a retried order once.
+//! clear 400, takes a retried order once, and serves `/health` and `/metrics`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use food_delivery::services::{email, inventory, order, payment};
@@ -41,7 +41,7 @@ async fn count(path: &std::path::Path, sql: &str) -> i64 {
 async fn a_payment_is_charged_once_however_often_it_is_delivered() {
     let dir = tempfile::tempdir().unwrap();
     let (database, provider) = (dir.path().join("payment.db"), dir.path().join("provider.db"));
-    let handler = payment::open(&database, &provider).await.unwrap();
+    let handler = payment::open(&database, &provider).await.unwrap().exactly_once();
     let paid = order("o-1", &["tiramisu"], 1250);
     assert_eq!(handler.handle(delivery(&paid, false)).await, Outcome::Ack);
     assert_eq!(handler.handle(delivery(&paid, true)).await, Outcome::Ack);
@@ -60,7 +60,7 @@ async fn a_payment_is_charged_once_however_often_it_is_delivered() {
 async fn stock_is_reserved_once_and_an_unknown_item_is_dead_lettered_with_its_reason() {
     let dir = tempfile::tempdir().unwrap();
     let database = dir.path().join("inventory.db");
-    let handler = inventory::open(&database).await.unwrap();
+    let handler = inventory::open(&database).await.unwrap().exactly_once();
     let good = order("o-1", &["tiramisu", "lemonade", "tiramisu"], 2000);
     for redelivered in [false, true, true] {
         assert_eq!(handler.handle(delivery(&good, redelivered)).await, Outcome::Ack);
@@ -89,7 +89,7 @@ async fn stock_is_reserved_once_and_an_unknown_item_is_dead_lettered_with_its_re
 async fn one_email_per_order() {
     let dir = tempfile::tempdir().unwrap();
     let database = dir.path().join("email.db");
-    let handler = email::open(&database).await.unwrap();
+    let handler = email::open(&database).await.unwrap().exactly_once();
     let placed = order("o-1", &["green-salad"], 900);
     for redelivered in [false, true] {
         assert_eq!(handler.handle(delivery(&placed, redelivered)).await, Outcome::Ack);
@@ -150,6 +150,23 @@ async fn the_order_api_refuses_bad_orders_and_takes_a_retried_one_once() {
     assert!(text.contains("\"customer\":\"ada\""), "{text}");
     assert_eq!(food_delivery::http::request(http_port, "GET", "/orders/nope", None).await.unwrap().0, 404);
     assert_eq!(count(&dir.path().join("orders.db"), "SELECT COUNT(*) FROM wharf_outbox").await, 1, "one event");
+    // `/health` turns up once the relay and the consumer work; `/metrics` counts the relayed event.
+    let get = |path: &'static str| food_delivery::http::request(http_port, "GET", path, None);
+    let started = std::time::Instant::now();
+    loop {
+        let (status, health) = get("/health").await.unwrap();
+        let (_, metrics) = get("/metrics").await.unwrap();
+        if status == 200 && metrics.contains("wharf_relay_published_total 1") {
+            assert!(
+                health.contains("\"relay:wharf_outbox\"") && health.contains("\"consumer:order-service.status\""),
+                "{health}"
+            );
+            assert!(metrics.contains("wharf_outbox_unsent_rows"), "{metrics}");
+            break;
+        }
+        assert!(started.elapsed().as_secs() < 60, "health {status} {health}; metrics {metrics}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     service.abort();
     broker.shutdown().await;
 }

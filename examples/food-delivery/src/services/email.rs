@@ -3,31 +3,42 @@
 //! redelivery never mails twice; reports `sent` through the outbox.
 
 use crate::*;
-use anyhow::Result;
 use clap::Parser;
 use sqlx::sqlite::SqlitePool;
+use sqlx::{Sqlite, Transaction};
 use std::path::PathBuf;
-use wharf_sdk::{Event, Handler, Inbox, Incoming, Outbox, Outcome, SqliteInbox, SqliteOutbox};
+use wharf_sdk::{EffectHandler, HandleError, Incoming, Outbox, SqliteOutbox};
+
+type Result<T, E = anyhow::Error> = std::result::Result<T, E>;
 
 #[derive(Debug, Parser)]
 pub struct Args {
     /// The broker.
     #[arg(long, env = "BROKER_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     broker_url: String,
+    /// Where to serve `/metrics` and `/health` (off unless given; port 0 picks one).
+    #[arg(long, env = "METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// The service's database (the mailbox is in it).
     #[arg(long, default_value = "email-service.db")]
     database: PathBuf,
 }
 
-/// The handler of `OrderReceived`.
+/// The handler of `OrderReceived`: its effect, in the transaction `exactly_once` opens after the
+/// inbox recognised the order as new.
 #[derive(Debug)]
 pub struct Mailer {
     pool: SqlitePool,
 }
 
-impl Mailer {
-    async fn process(&self, message: &Incoming, order: &OrderReceived) -> Result<()> {
-        let Some(mut tx) = begin_first(&self.pool, "email-service", message).await? else { return Ok(()) };
+impl EffectHandler<OrderReceived, Sqlite> for Mailer {
+    async fn handle(
+        &self,
+        tx: &mut Transaction<'static, Sqlite>,
+        order: OrderReceived,
+        message: &Incoming,
+    ) -> Result<(), HandleError> {
+        count_effect(tx, message).await?;
         let body = format!(
             "Hello {}, {} received your order {} ({} items, {:.2} EUR).",
             order.customer,
@@ -42,30 +53,24 @@ impl Mailer {
             .bind(&order.customer)
             .bind(body)
             .bind(now_ms())
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
-        let report = StatusReport { order_id: order.order_id.clone(), service: "email".into(), status: "sent".into() };
-        let event = Event::new(STATUS_EXCHANGE, "email.sent", serde_json::to_vec(&report)?)
-            .with_id(format!("email-{}", order.order_id))
-            .ordered_by(&order.order_id);
-        SqliteOutbox::new(self.pool.clone()).enqueue(&mut tx, &event).await?;
-        tx.commit().await?;
+        let report = StatusReport { order_id: order.order_id, service: "email".into(), status: "sent".into() };
+        SqliteOutbox::new(self.pool.clone()).publish_keyed(tx, &report, &report.idempotency_key()).await?;
         Ok(())
+    }
+
+    async fn on_duplicate(&self, tx: &mut Transaction<'static, Sqlite>, message: &Incoming) -> Result<(), HandleError> {
+        count_duplicate(tx, message).await
     }
 }
 
-impl Handler for Mailer {
-    async fn handle(&self, message: Incoming) -> Outcome {
-        let Ok(order) = serde_json::from_slice::<OrderReceived>(&message.body) else {
-            return Outcome::Reject("the body is not an OrderReceived".into());
-        };
-        match self.process(&message, &order).await {
-            Ok(()) => Outcome::Ack,
-            Err(error) => {
-                tracing::warn!(%error, order = %order.order_id, "mailing failed for now; will retry");
-                Outcome::Retry
-            }
-        }
+impl Mailer {
+    /// The handler the consumer runs: this effect, exactly once per message, through the
+    /// service's inbox.
+    pub fn exactly_once(self) -> wharf_sdk::ExactlyOnce<OrderReceived, wharf_sdk::SqliteInbox, Mailer> {
+        let inbox = wharf_sdk::SqliteInbox::new(self.pool.clone(), "email-service");
+        wharf_sdk::exactly_once(inbox, self)
     }
 }
 
@@ -80,7 +85,7 @@ pub async fn open(database: &std::path::Path) -> Result<Mailer> {
     .execute(&pool)
     .await?;
     SqliteOutbox::new(pool.clone()).migrate().await?;
-    SqliteInbox::new(pool.clone(), "email-service").migrate().await?;
+    wharf_sdk::Inbox::migrate(&wharf_sdk::SqliteInbox::new(pool.clone(), "email-service")).await?;
     Ok(Mailer { pool })
 }
 
@@ -89,5 +94,5 @@ pub async fn run(args: Args) -> Result<()> {
     init_logging("email-service");
     let handler = open(&args.database).await?;
     let pool = handler.pool.clone();
-    serve("email-service", &args.broker_url, EMAIL_QUEUE, pool, handler).await
+    serve("email-service", &args.broker_url, EMAIL_QUEUE, pool, handler, args.metrics_listen).await
 }

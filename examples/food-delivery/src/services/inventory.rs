@@ -4,42 +4,58 @@
 //! inbox entry, so exactly once), and is reported `rejected`; it never loops.
 
 use crate::*;
-use anyhow::Result;
 use clap::Parser;
 use sqlx::sqlite::SqlitePool;
+use sqlx::{Sqlite, Transaction};
 use std::path::PathBuf;
-use wharf_sdk::{Event, Handler, Inbox, Incoming, Outbox, Outcome, SqliteInbox, SqliteOutbox};
+use wharf_sdk::{EffectHandler, Event, HandleError, Incoming, Outbox, SqliteOutbox};
+
+type Result<T, E = anyhow::Error> = std::result::Result<T, E>;
 
 #[derive(Debug, Parser)]
 pub struct Args {
     /// The broker.
     #[arg(long, env = "BROKER_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     broker_url: String,
+    /// Where to serve `/metrics` and `/health` (off unless given; port 0 picks one).
+    #[arg(long, env = "METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// The service's database.
     #[arg(long, default_value = "inventory-service.db")]
     database: PathBuf,
 }
 
-/// The handler of `OrderReceived`.
+/// The handler of `OrderReceived`: its effect, in the transaction `exactly_once` opens after the
+/// inbox recognised the order as new.
 #[derive(Debug)]
 pub struct Inventory {
     pool: SqlitePool,
 }
 
-impl Inventory {
-    async fn process(&self, message: &Incoming, order: &OrderReceived) -> Result<()> {
-        let Some(mut tx) = begin_first(&self.pool, "inventory-service", message).await? else { return Ok(()) };
+impl EffectHandler<OrderReceived, Sqlite> for Inventory {
+    async fn handle(
+        &self,
+        tx: &mut Transaction<'static, Sqlite>,
+        order: OrderReceived,
+        message: &Incoming,
+    ) -> Result<(), HandleError> {
+        count_effect(tx, message).await?;
         let outbox = SqliteOutbox::new(self.pool.clone());
         let unknown = order.items.iter().find(|item| !CATALOG.contains(&item.sku.as_str()));
         let status = match unknown {
             Some(item) => {
+                // A business outcome, not a failed message: the order is rejected (and reported
+                // so), and parked for a person to look at, both with the inbox entry in one
+                // transaction. A `HandleError::Permanent` would dead-letter the message with its
+                // reason too, but it rolls back, so the rejection could not be reported.
                 let reason = format!("unknown item '{}'", item.sku);
-                let parked = Event::new("", INVENTORY_DLQ, message.body.clone())
+                let mut parked = Event::from_message(&order)?
                     .with_id(format!("inventory-dlq-{}", order.order_id))
                     .with_header(FAILURE_REASON_HEADER, &reason)
-                    .with_header("order-id", &order.order_id)
-                    .with_content_type("application/json");
-                outbox.enqueue(&mut tx, &parked).await?;
+                    .with_header("order-id", &order.order_id);
+                parked.exchange = String::new();
+                parked.routing_key = INVENTORY_DLQ.into();
+                outbox.enqueue(tx, &parked).await?;
                 tracing::warn!(order = %order.order_id, %reason, "order sent to the dead-letter queue");
                 "rejected"
             }
@@ -52,42 +68,35 @@ impl Inventory {
                     .bind(&order.order_id)
                     .bind(&item.sku)
                     .bind(i64::from(item.quantity))
-                    .execute(&mut *tx)
+                    .execute(&mut **tx)
                     .await?;
                     sqlx::query(
                         "INSERT INTO stock (sku, reserved) VALUES (?, ?) ON CONFLICT (sku) DO UPDATE SET reserved = reserved + excluded.reserved",
                     )
                     .bind(&item.sku)
                     .bind(i64::from(item.quantity))
-                    .execute(&mut *tx)
+                    .execute(&mut **tx)
                     .await?;
                 }
                 "reserved"
             }
         };
-        let report =
-            StatusReport { order_id: order.order_id.clone(), service: "inventory".into(), status: status.into() };
-        let event = Event::new(STATUS_EXCHANGE, format!("inventory.{status}"), serde_json::to_vec(&report)?)
-            .with_id(format!("inventory-{}", order.order_id))
-            .ordered_by(&order.order_id);
-        outbox.enqueue(&mut tx, &event).await?;
-        tx.commit().await?;
+        let report = StatusReport { order_id: order.order_id, service: "inventory".into(), status: status.into() };
+        outbox.publish_keyed(tx, &report, &report.idempotency_key()).await?;
         Ok(())
+    }
+
+    async fn on_duplicate(&self, tx: &mut Transaction<'static, Sqlite>, message: &Incoming) -> Result<(), HandleError> {
+        count_duplicate(tx, message).await
     }
 }
 
-impl Handler for Inventory {
-    async fn handle(&self, message: Incoming) -> Outcome {
-        let Ok(order) = serde_json::from_slice::<OrderReceived>(&message.body) else {
-            return Outcome::Reject("the body is not an OrderReceived".into());
-        };
-        match self.process(&message, &order).await {
-            Ok(()) => Outcome::Ack,
-            Err(error) => {
-                tracing::warn!(%error, order = %order.order_id, "reservation failed for now; will retry");
-                Outcome::Retry
-            }
-        }
+impl Inventory {
+    /// The handler the consumer runs: this effect, exactly once per message, through the
+    /// service's inbox.
+    pub fn exactly_once(self) -> wharf_sdk::ExactlyOnce<OrderReceived, wharf_sdk::SqliteInbox, Inventory> {
+        let inbox = wharf_sdk::SqliteInbox::new(self.pool.clone(), "inventory-service");
+        wharf_sdk::exactly_once(inbox, self)
     }
 }
 
@@ -105,7 +114,7 @@ pub async fn open(database: &std::path::Path) -> Result<Inventory> {
     .execute(&pool)
     .await?;
     SqliteOutbox::new(pool.clone()).migrate().await?;
-    SqliteInbox::new(pool.clone(), "inventory-service").migrate().await?;
+    wharf_sdk::Inbox::migrate(&wharf_sdk::SqliteInbox::new(pool.clone(), "inventory-service")).await?;
     Ok(Inventory { pool })
 }
 
@@ -114,5 +123,5 @@ pub async fn run(args: Args) -> Result<()> {
     init_logging("inventory-service");
     let handler = open(&args.database).await?;
     let pool = handler.pool.clone();
-    serve("inventory-service", &args.broker_url, INVENTORY_QUEUE, pool, handler).await
+    serve("inventory-service", &args.broker_url, INVENTORY_QUEUE, pool, handler, args.metrics_listen).await
 }

@@ -19,10 +19,9 @@ use sqlx::sqlite::SqlitePool;
 use sqlx::{Postgres, Row, Sqlite, Transaction};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use tokio::sync::watch;
 use wharf_sdk::{
-    ConsumerConfig, Event, Handler, Inbox, Incoming, Outbox, Outcome, PgInbox, PgOutbox, Relay, RelayConfig, Seen,
-    SqliteInbox, SqliteOutbox,
+    ConsumerConfig, EffectHandler, HandleError, Incoming, Outbox, PgInbox, PgOutbox, SqliteInbox, SqliteOutbox, Wharf,
+    exactly_once,
 };
 
 #[derive(Debug, Parser)]
@@ -111,7 +110,7 @@ async fn create_order(State(db): State<Db>, body: Result<Json<NewOrder>, JsonRej
     if let Err(message) = validate(&order) {
         return bad_request(message);
     }
-    let id = order.id.clone().unwrap_or_else(|| Event::new("", "", Vec::new()).id);
+    let id = order.id.clone().unwrap_or_else(wharf_sdk::new_id);
     let event = OrderReceived {
         order_id: id.clone(),
         customer: order.customer.clone(),
@@ -120,15 +119,9 @@ async fn create_order(State(db): State<Db>, body: Result<Json<NewOrder>, JsonRej
         total_cents: order.total_cents,
     };
     let items = serde_json::to_string(&order.items).unwrap_or_default();
-    let body = serde_json::to_vec(&event).unwrap_or_default();
-    // The event's id is the order's: a retried request can never publish a second event.
-    let outgoing = Event::new(ORDERS_EXCHANGE, ORDER_RECEIVED, body)
-        .with_id(format!("order-received-{id}"))
-        .ordered_by(&id)
-        .with_content_type("application/json");
     let created = match &db {
-        Db::Sqlite(pool) => create_sqlite(pool, &id, &order, &items, &outgoing).await,
-        Db::Postgres(pool) => create_postgres(pool, &id, &order, &items, &outgoing).await,
+        Db::Sqlite(pool) => create_sqlite(pool, &id, &order, &items, &event).await,
+        Db::Postgres(pool) => create_postgres(pool, &id, &order, &items, &event).await,
     };
     match created {
         Ok(true) => (StatusCode::CREATED, Json(json!({ "id": id }))).into_response(),
@@ -137,7 +130,13 @@ async fn create_order(State(db): State<Db>, body: Result<Json<NewOrder>, JsonRej
     }
 }
 
-async fn create_sqlite(pool: &SqlitePool, id: &str, order: &NewOrder, items: &str, event: &Event) -> Result<bool> {
+async fn create_sqlite(
+    pool: &SqlitePool,
+    id: &str,
+    order: &NewOrder,
+    items: &str,
+    event: &OrderReceived,
+) -> Result<bool> {
     let mut tx: Transaction<'_, Sqlite> = pool.begin().await?;
     let inserted = sqlx::query(
         "INSERT INTO orders (id, customer, restaurant, items, total_cents, created_at) VALUES (?, ?, ?, ?, ?, ?)
@@ -154,12 +153,19 @@ async fn create_sqlite(pool: &SqlitePool, id: &str, order: &NewOrder, items: &st
     if inserted.rows_affected() == 0 {
         return Ok(false);
     }
-    SqliteOutbox::new(pool.clone()).enqueue(&mut tx, event).await?;
+    // The event's id comes from the order's: a retried request can never publish a second event.
+    SqliteOutbox::new(pool.clone()).publish_keyed(&mut tx, event, id).await?;
     tx.commit().await?;
     Ok(true)
 }
 
-async fn create_postgres(pool: &PgPool, id: &str, order: &NewOrder, items: &str, event: &Event) -> Result<bool> {
+async fn create_postgres(
+    pool: &PgPool,
+    id: &str,
+    order: &NewOrder,
+    items: &str,
+    event: &OrderReceived,
+) -> Result<bool> {
     let mut tx: Transaction<'_, Postgres> = pool.begin().await?;
     let inserted = sqlx::query(
         "INSERT INTO orders (id, customer, restaurant, items, total_cents, created_at) VALUES ($1, $2, $3, $4, $5, $6)
@@ -176,7 +182,7 @@ async fn create_postgres(pool: &PgPool, id: &str, order: &NewOrder, items: &str,
     if inserted.rows_affected() == 0 {
         return Ok(false);
     }
-    PgOutbox::new(pool.clone()).enqueue(&mut tx, event).await?;
+    PgOutbox::new(pool.clone()).publish_keyed(&mut tx, event, id).await?;
     tx.commit().await?;
     Ok(true)
 }
@@ -223,70 +229,63 @@ async fn show_order(State(db): State<Db>, Path(id): Path<String>) -> Response {
     }
 }
 
-/// Records the services' reports on orders, once each.
-struct Reports {
-    db: Db,
-}
+/// Records the services' reports on orders, once each (an `exactly_once` effect).
+struct Reports;
 
-fn column(report: &StatusReport) -> Option<&'static str> {
+fn column(report: &StatusReport) -> Result<&'static str, HandleError> {
     match report.service.as_str() {
-        "payment" => Some("payment"),
-        "inventory" => Some("stock"),
-        "email" => Some("email"),
-        _ => None,
+        "payment" => Ok("payment"),
+        "inventory" => Ok("stock"),
+        "email" => Ok("email"),
+        other => Err(HandleError::Permanent(format!("a report from an unknown service '{other}'"))),
     }
 }
 
-impl Handler for Reports {
-    async fn handle(&self, message: Incoming) -> Outcome {
-        let Ok(report) = serde_json::from_slice::<StatusReport>(&message.body) else {
-            return Outcome::Reject("the body is not a status report".into());
-        };
-        let (Some(column), Some(id)) = (column(&report), message.message_id.clone()) else {
-            return Outcome::Reject("a report of an unknown kind, or without a message id".into());
-        };
-        let recorded: Result<()> = async {
-            match &self.db {
-                Db::Sqlite(pool) => {
-                    let mut tx = pool.begin().await?;
-                    if message.redelivered {
-                        count(&mut tx, "redeliveries").await?;
-                    }
-                    if SqliteInbox::new(pool.clone(), "order-status").handle(&mut tx, &id).await? == Seen::First {
-                        let updated = sqlx::query(&format!("UPDATE orders SET {column} = ? WHERE id = ?"))
-                            .bind(&report.status)
-                            .bind(&report.order_id)
-                            .execute(&mut *tx)
-                            .await?;
-                        anyhow::ensure!(updated.rows_affected() == 1, "no order '{}' to report on", report.order_id);
-                    } else {
-                        count(&mut tx, "inbox_duplicates").await?;
-                    }
-                    tx.commit().await?;
-                }
-                Db::Postgres(pool) => {
-                    let mut tx = pool.begin().await?;
-                    if PgInbox::new(pool.clone(), "order-status").handle(&mut tx, &id).await? == Seen::First {
-                        let updated = sqlx::query(&format!("UPDATE orders SET {column} = $1 WHERE id = $2"))
-                            .bind(&report.status)
-                            .bind(&report.order_id)
-                            .execute(&mut *tx)
-                            .await?;
-                        anyhow::ensure!(updated.rows_affected() == 1, "no order '{}' to report on", report.order_id);
-                    }
-                    tx.commit().await?;
-                }
-            }
-            Ok(())
+fn recorded(updated: u64, report: &StatusReport) -> Result<(), HandleError> {
+    if updated == 1 {
+        Ok(())
+    } else {
+        // The order's own transaction may not be visible yet on a replica; try again later.
+        Err(HandleError::Transient(format!("no order '{}' to report on", report.order_id)))
+    }
+}
+
+impl EffectHandler<StatusReport, Sqlite> for Reports {
+    async fn handle(
+        &self,
+        tx: &mut Transaction<'static, Sqlite>,
+        report: StatusReport,
+        message: &Incoming,
+    ) -> Result<(), HandleError> {
+        if message.redelivered {
+            count(tx, "redeliveries").await.map_err(|error| HandleError::Transient(error.to_string()))?;
         }
-        .await;
-        match recorded {
-            Ok(()) => Outcome::Ack,
-            Err(error) => {
-                tracing::warn!(%error, "recording a report failed; will retry");
-                Outcome::Retry
-            }
-        }
+        let updated = sqlx::query(&format!("UPDATE orders SET {} = ? WHERE id = ?", column(&report)?))
+            .bind(&report.status)
+            .bind(&report.order_id)
+            .execute(&mut **tx)
+            .await?;
+        recorded(updated.rows_affected(), &report)
+    }
+
+    async fn on_duplicate(&self, tx: &mut Transaction<'static, Sqlite>, message: &Incoming) -> Result<(), HandleError> {
+        count_duplicate(tx, message).await
+    }
+}
+
+impl EffectHandler<StatusReport, Postgres> for Reports {
+    async fn handle(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        report: StatusReport,
+        _message: &Incoming,
+    ) -> Result<(), HandleError> {
+        let updated = sqlx::query(&format!("UPDATE orders SET {} = $1 WHERE id = $2", column(&report)?))
+            .bind(&report.status)
+            .bind(&report.order_id)
+            .execute(&mut **tx)
+            .await?;
+        recorded(updated.rows_affected(), &report)
     }
 }
 
@@ -297,52 +296,48 @@ pub async fn run(args: Args) -> Result<()> {
         Some(url) => {
             let pool = PgPool::connect(url).await.with_context(|| format!("connecting to {url}"))?;
             sqlx::query(SCHEMA).execute(&pool).await?;
-            PgOutbox::new(pool.clone()).migrate().await?;
-            PgInbox::new(pool.clone(), "order-status").migrate().await?;
+            // The outbox and inbox are migrated by `Wharf::builder` below.
             Db::Postgres(pool)
         }
         None => {
             let pool = open_sqlite(&args.database).await?;
             sqlx::query(SCHEMA).execute(&pool).await?;
             create_counters(&pool).await?;
-            SqliteOutbox::new(pool.clone()).migrate().await?;
-            SqliteInbox::new(pool.clone(), "order-status").migrate().await?;
             Db::Sqlite(pool)
         }
     };
     declare_topology_when_up(&args.broker_url).await?;
-    let (stop, stopped) = watch::channel(false);
-    let mut relay_config = RelayConfig::new(&args.broker_url);
-    relay_config.poll_interval_ms = 100;
-    relay_config.lease_ms = 5_000;
-    let relay = match &db {
+    // One builder per database: the relay, the inbox's purger (on both databases: the service
+    // once purged only on SQLite, and its PostgreSQL inbox grew forever) and the consumer.
+    let reports = ConsumerConfig::new(&args.broker_url, STATUS_QUEUE);
+    let builder = Wharf::builder(&args.broker_url);
+    let wharf = match &db {
         Db::Sqlite(pool) => {
-            tokio::spawn(Relay::new(SqliteOutbox::new(pool.clone()), relay_config)?.run(stopped.clone()))
+            let inbox = SqliteInbox::new(pool.clone(), "order-status");
+            builder
+                .outbox_with(SqliteOutbox::new(pool.clone()), relay_config(&args.broker_url))
+                .inbox(inbox.clone())
+                .consumer(reports, exactly_once(inbox, Reports))
         }
-        Db::Postgres(pool) => tokio::spawn(Relay::new(PgOutbox::new(pool.clone()), relay_config)?.run(stopped.clone())),
-    };
-    if let Db::Sqlite(pool) = &db {
-        spawn_inbox_purger(SqliteInbox::new(pool.clone(), "order-status"), stopped.clone());
+        Db::Postgres(pool) => {
+            let inbox = PgInbox::new(pool.clone(), "order-status");
+            builder
+                .outbox_with(PgOutbox::new(pool.clone()), relay_config(&args.broker_url))
+                .inbox(inbox.clone())
+                .consumer(reports, exactly_once(inbox, Reports))
+        }
     }
-    let reports = tokio::spawn(wharf_sdk::run_consumer(
-        ConsumerConfig::new(&args.broker_url, STATUS_QUEUE),
-        Reports { db: db.clone() },
-        stopped.clone(),
-    ));
-    let app = Router::new().route("/orders", post(create_order)).route("/orders/{id}", get(show_order)).with_state(db);
+    .start()
+    .await?;
+    // `/metrics` and `/health` beside the API.
+    let app = Router::new()
+        .route("/orders", post(create_order))
+        .route("/orders/{id}", get(show_order))
+        .with_state(db)
+        .merge(observability_routes(wharf.health().to_vec())?);
     let listener = tokio::net::TcpListener::bind(args.http).await.with_context(|| format!("binding {}", args.http))?;
     tracing::info!(address = %args.http, "order-service listening");
-    let mut stopped_http = stopped.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            tokio::select! {
-                () = terminated() => {}
-                _ = stopped_http.changed() => {}
-            }
-        })
-        .await?;
-    let _ = stop.send(true);
-    relay.await??;
-    reports.await??;
+    axum::serve(listener, app).with_graceful_shutdown(terminated()).await?;
+    wharf.shutdown().await?;
     Ok(())
 }

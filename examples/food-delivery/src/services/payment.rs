@@ -1,22 +1,26 @@
 //! `payment-service`: charges each order once. The payment provider is simulated as real ones
 //! work: its own ledger (a database of its own) that accepts an idempotency key, so a charge
-//! retried after a crash returns the first charge instead of taking the money twice. The payment
-//! is recorded through the inbox, and `PaymentCaptured` (or `PaymentFailed`) reported through the
-//! outbox, in one transaction.
+//! retried after a crash returns the first charge instead of taking the money twice. The handler
+//! is an `exactly_once` effect: the payment and its `StatusReport` (captured or failed) commit with
+//! the inbox entry, in one transaction.
 
 use crate::*;
-use anyhow::Result;
 use clap::Parser;
-use sqlx::Row;
 use sqlx::sqlite::SqlitePool;
+use sqlx::{Row, Sqlite, Transaction};
 use std::path::PathBuf;
-use wharf_sdk::{Event, Handler, Inbox, Incoming, Outbox, Outcome, SqliteInbox, SqliteOutbox};
+use wharf_sdk::{EffectHandler, HandleError, Incoming, Outbox, SqliteOutbox};
+
+type Result<T, E = anyhow::Error> = std::result::Result<T, E>;
 
 #[derive(Debug, Parser)]
 pub struct Args {
     /// The broker.
     #[arg(long, env = "BROKER_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     broker_url: String,
+    /// Where to serve `/metrics` and `/health` (off unless given; port 0 picks one).
+    #[arg(long, env = "METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// The service's database.
     #[arg(long, default_value = "payment-service.db")]
     database: PathBuf,
@@ -54,25 +58,33 @@ impl Provider {
     }
 }
 
-/// The handler of `OrderReceived`.
+/// The handler of `OrderReceived`: its effect, in the transaction `exactly_once` opens after the
+/// inbox recognised the order as new.
 #[derive(Debug)]
 pub struct Payments {
     pool: SqlitePool,
     provider: Provider,
 }
 
-impl Payments {
-    async fn process(&self, message: &Incoming, order: &OrderReceived) -> Result<()> {
+impl EffectHandler<OrderReceived, Sqlite> for Payments {
+    async fn handle(
+        &self,
+        tx: &mut Transaction<'static, Sqlite>,
+        order: OrderReceived,
+        message: &Incoming,
+    ) -> Result<(), HandleError> {
+        count_effect(tx, message).await?;
         let declined = order.total_cents > DECLINED_ABOVE_CENTS;
-        // The provider is called before our transaction opens (a remote call must not hold the
-        // database's write lock); its idempotency key makes a second call after a crash, or for
-        // a redelivery, return the first charge.
+        // The provider is a remote call made inside our transaction (its ledger is a database of
+        // its own, so this holds our write lock, not its). Its idempotency key makes a second call
+        // after a crash, or for a redelivery whose first attempt rolled back, return the first
+        // charge instead of taking the money twice.
         let charge = if declined {
             None
         } else {
-            Some(self.provider.charge(&format!("order-{}", order.order_id), order.total_cents).await?)
+            let charged = self.provider.charge(&format!("order-{}", order.order_id), order.total_cents).await;
+            Some(charged.map_err(|error| HandleError::Transient(format!("the payment provider: {error}")))?)
         };
-        let Some(mut tx) = begin_first(&self.pool, "payment-service", message).await? else { return Ok(()) };
         let status = match charge {
             None => "failed",
             Some(charge) => {
@@ -81,35 +93,27 @@ impl Payments {
                     .bind(charge)
                     .bind(order.total_cents)
                     .bind(now_ms())
-                    .execute(&mut *tx)
+                    .execute(&mut **tx)
                     .await?;
                 "captured"
             }
         };
-        let report =
-            StatusReport { order_id: order.order_id.clone(), service: "payment".into(), status: status.into() };
-        let event = Event::new(STATUS_EXCHANGE, format!("payment.{status}"), serde_json::to_vec(&report)?)
-            .with_id(format!("payment-{}", order.order_id))
-            .ordered_by(&order.order_id);
-        SqliteOutbox::new(self.pool.clone()).enqueue(&mut tx, &event).await?;
-        tx.commit().await?;
+        let report = StatusReport { order_id: order.order_id, service: "payment".into(), status: status.into() };
+        SqliteOutbox::new(self.pool.clone()).publish_keyed(tx, &report, &report.idempotency_key()).await?;
         Ok(())
+    }
+
+    async fn on_duplicate(&self, tx: &mut Transaction<'static, Sqlite>, message: &Incoming) -> Result<(), HandleError> {
+        count_duplicate(tx, message).await
     }
 }
 
-impl Handler for Payments {
-    async fn handle(&self, message: Incoming) -> Outcome {
-        let Ok(order) = serde_json::from_slice::<OrderReceived>(&message.body) else {
-            tracing::error!("an OrderReceived that does not parse; rejecting");
-            return Outcome::Reject("the body is not an OrderReceived".into());
-        };
-        match self.process(&message, &order).await {
-            Ok(()) => Outcome::Ack,
-            Err(error) => {
-                tracing::warn!(%error, order = %order.order_id, "payment failed for now; will retry");
-                Outcome::Retry
-            }
-        }
+impl Payments {
+    /// The handler the consumer runs: this effect, exactly once per message, through the
+    /// service's inbox.
+    pub fn exactly_once(self) -> wharf_sdk::ExactlyOnce<OrderReceived, wharf_sdk::SqliteInbox, Payments> {
+        let inbox = wharf_sdk::SqliteInbox::new(self.pool.clone(), "payment-service");
+        wharf_sdk::exactly_once(inbox, self)
     }
 }
 
@@ -123,8 +127,10 @@ pub async fn open(database: &std::path::Path, provider: &std::path::Path) -> Res
     )
     .execute(&pool)
     .await?;
+    // The outbox and inbox are migrated by `serve` (`Wharf::builder`); the tests migrate them
+    // here too (idempotent).
     SqliteOutbox::new(pool.clone()).migrate().await?;
-    SqliteInbox::new(pool.clone(), "payment-service").migrate().await?;
+    wharf_sdk::Inbox::migrate(&wharf_sdk::SqliteInbox::new(pool.clone(), "payment-service")).await?;
     let ledger = open_sqlite(provider).await?;
     sqlx::query(
         "CREATE TABLE IF NOT EXISTS charges (id INTEGER PRIMARY KEY AUTOINCREMENT, idempotency_key TEXT NOT NULL UNIQUE,
@@ -140,5 +146,5 @@ pub async fn run(args: Args) -> Result<()> {
     init_logging("payment-service");
     let handler = open(&args.database, &args.provider).await?;
     let pool = handler.pool.clone();
-    serve("payment-service", &args.broker_url, PAYMENT_QUEUE, pool, handler).await
+    serve("payment-service", &args.broker_url, PAYMENT_QUEUE, pool, handler, args.metrics_listen).await
 }
