@@ -27,6 +27,9 @@ const PURGE_INTERVAL: Duration = Duration::from_secs(60 * 60);
 /// What a service runs, started together and stopped together.
 pub struct WharfBuilder {
     broker_url: String,
+    migrate: bool,
+    /// The first setting found wrong while building, reported by `start`.
+    refused: Option<SdkError>,
     migrations: Vec<Task>,
     starters: Vec<(String, Starter)>,
     health: Vec<(String, Health)>,
@@ -50,7 +53,14 @@ pub struct Wharf {
 impl Wharf {
     /// A builder for a service that talks to the broker at `broker_url`.
     pub fn builder(broker_url: impl Into<String>) -> WharfBuilder {
-        WharfBuilder { broker_url: broker_url.into(), migrations: Vec::new(), starters: Vec::new(), health: Vec::new() }
+        WharfBuilder {
+            broker_url: broker_url.into(),
+            migrate: true,
+            refused: None,
+            migrations: Vec::new(),
+            starters: Vec::new(),
+            health: Vec::new(),
+        }
     }
 
     /// Each relay's and consumer's health, by name (`relay:<table>`, `consumer:<queue>`).
@@ -90,16 +100,27 @@ impl WharfBuilder {
         self.outbox_with(outbox, config)
     }
 
-    /// An outbox with its relay's own settings.
+    /// Leaves the tables alone at start: for teams whose own migration tool applies the SDK's
+    /// files (running both would apply an `ALTER TABLE` twice).
+    pub fn without_migrations(mut self) -> WharfBuilder {
+        self.migrate = false;
+        self
+    }
+
+    /// An outbox with its relay's own settings (checked now; a bad one fails `start`).
     pub fn outbox_with<O: Outbox>(mut self, outbox: O, config: RelayConfig) -> WharfBuilder {
         let name = format!("relay:{}", outbox.table_name());
         self.health.push((name.clone(), config.health.clone()));
         let migrating = outbox.clone();
         self.migrations.push(Box::pin(async move { migrating.migrate().await }));
-        self.starters.push((
-            name,
-            Box::new(move |stopped| Box::pin(async move { Relay::new(outbox, config)?.run(stopped).await }) as Task),
-        ));
+        match Relay::new(outbox, config) {
+            Ok(relay) => self
+                .starters
+                .push((name, Box::new(move |stopped| Box::pin(async move { relay.run(stopped).await }) as Task))),
+            Err(error) => {
+                self.refused.get_or_insert(error);
+            }
+        }
         self
     }
 
@@ -120,8 +141,16 @@ impl WharfBuilder {
         self
     }
 
-    /// A consumer: `handler` on `config.queue`.
+    /// A consumer: `handler` on `config.queue` (its settings checked now; a bad one fails
+    /// `start`).
     pub fn consumer<H: Handler>(mut self, config: ConsumerConfig, handler: H) -> WharfBuilder {
+        if config.concurrency == 0 || config.prefetch == 0 {
+            self.refused.get_or_insert(SdkError::Config(format!(
+                "consumer of '{}': concurrency and prefetch must be at least 1",
+                config.queue
+            )));
+            return self;
+        }
         let name = format!("consumer:{}", config.queue);
         self.health.push((name.clone(), config.health.clone()));
         self.starters.push((
@@ -131,10 +160,15 @@ impl WharfBuilder {
         self
     }
 
-    /// Runs every migration, then starts every task.
+    /// Runs every migration, then starts every task; refuses to start on a bad setting.
     pub async fn start(self) -> Result<Wharf> {
-        for migration in self.migrations {
-            migration.await?;
+        if let Some(refused) = self.refused {
+            return Err(refused);
+        }
+        if self.migrate {
+            for migration in self.migrations {
+                migration.await?;
+            }
         }
         let (stop, stopped) = watch::channel(false);
         let mut tasks = JoinSet::new();

@@ -281,13 +281,13 @@ async fn consume_once<H: Handler>(
     handler: &Arc<H>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<()> {
-    let connection = Connection::connect(&config.url, ConnectionProperties::default()).await?;
+    let connection = Arc::new(Connection::connect(&config.url, ConnectionProperties::default()).await?);
     let channel = connection.create_channel().await?;
     channel.basic_qos(config.prefetch, BasicQosOptions::default()).await?;
     let mut consumer = channel
         .basic_consume(config.queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await?;
-    let settler = Arc::new(Settler::open(&connection, config).await?);
+    let settler = Arc::new(Settler::open(Arc::clone(&connection), config).await?);
     config.health.up();
     let permits = Arc::new(Semaphore::new(config.concurrency));
     let mut running = JoinSet::new();

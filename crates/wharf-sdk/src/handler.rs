@@ -46,7 +46,11 @@ impl From<sqlx::Error> for HandleError {
 impl From<SdkError> for HandleError {
     fn from(error: SdkError) -> HandleError {
         match error {
-            SdkError::Invalid { .. } | SdkError::Body(_) => HandleError::Permanent(error.to_string()),
+            // A duplicate id inside a handler is a conflict (another message already wrote that
+            // event), not something a retry can change.
+            SdkError::Invalid { .. } | SdkError::Body(_) | SdkError::Duplicate { .. } => {
+                HandleError::Permanent(error.to_string())
+            }
             other => HandleError::Transient(other.to_string()),
         }
     }

@@ -333,11 +333,12 @@ mod mysql {
 
         fn build(pool: MySqlPool, consumer: String, table: TableName) -> MySqlInbox {
             let name = table.qualified();
-            // IGNORE: a duplicate key inserts nothing (0 rows) and waits, like PostgreSQL, for
-            // an open transaction that inserted the same id. Ids are checked to fit the column
-            // first, so IGNORE's other effect (truncating a too long value) cannot happen.
+            // A plain INSERT: a duplicate key is refused (after waiting, like PostgreSQL, for an
+            // open transaction that inserted the same id), which MySQL rolls back alone, leaving
+            // the transaction usable. (IGNORE would also store a value that does not fit cut
+            // short.)
             let sql = Arc::new(Statements {
-                record: format!("INSERT IGNORE INTO {name} (consumer, message_id, processed_at) VALUES (?, ?, ?)"),
+                record: format!("INSERT INTO {name} (consumer, message_id, processed_at) VALUES (?, ?, ?)"),
                 purge: format!("DELETE FROM {name} WHERE consumer = ? AND processed_at < ?"),
             });
             MySqlInbox { pool, consumer, table, sql }
@@ -369,13 +370,15 @@ mod mysql {
                 .bind(message_id)
                 .bind(now_ms())
                 .execute(&mut **tx)
-                .await?;
-            Ok(if inserted.rows_affected() == 1 {
-                Seen::First
-            } else {
-                crate::observe::duplicate(&self.consumer);
-                Seen::Again
-            })
+                .await;
+            match inserted {
+                Ok(_) => Ok(Seen::First),
+                Err(sqlx::Error::Database(error)) if error.is_unique_violation() => {
+                    crate::observe::duplicate(&self.consumer);
+                    Ok(Seen::Again)
+                }
+                Err(error) => Err(error.into()),
+            }
         }
 
         async fn purge(&self, retention_ms: i64) -> Result<u64> {

@@ -59,6 +59,7 @@ impl Requester {
         let replies = tokio::spawn({
             let waiting = Arc::clone(&waiting);
             async move {
+                let waiting_on_stop = Arc::clone(&waiting);
                 while let Some(Ok(delivery)) = consumer.next().await {
                     let Some(correlation) = delivery.properties.correlation_id().as_ref().map(|id| id.to_string())
                     else {
@@ -73,6 +74,9 @@ impl Requester {
                         None => tracing::debug!(%correlation, "a reply nobody waits for (late, or a copy): dropped"),
                     }
                 }
+                // The connection is gone: every request still waiting fails now, not at its
+                // timeout (dropping a waiter's sender wakes it with an error).
+                waiting_on_stop.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clear();
             }
         });
         Ok(Requester { connection, channel, waiting, replies })
@@ -95,15 +99,26 @@ impl Requester {
     /// Sends `event` as a request and waits up to `timeout` for the raw reply.
     pub async fn request_event(&self, event: &Event, timeout: Duration) -> Result<lapin::message::Delivery> {
         event.check()?;
+        if self.replies.is_finished() {
+            return Err(SdkError::Unreachable("the reply listener stopped (connection lost)".into()));
+        }
+        // The responder replies with the request's correlation id, or its message id without one.
+        let correlation = event.correlation_id.clone().unwrap_or_else(|| event.id.clone());
         let (sender, receiver) = oneshot::channel();
         {
             let mut waiting = self.waiting.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             if waiting.len() >= REQUESTS_IN_FLIGHT_MAX {
                 return Err(SdkError::Config(format!("more than {REQUESTS_IN_FLIGHT_MAX} requests waiting at once")));
             }
-            waiting.insert(event.id.clone(), sender);
+            if waiting.contains_key(&correlation) {
+                return Err(SdkError::Invalid {
+                    id: event.id.clone(),
+                    reason: format!("a request with correlation id '{correlation}' is already waiting for its reply"),
+                });
+            }
+            waiting.insert(correlation.clone(), sender);
         }
-        let forget = || self.waiting.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&event.id);
+        let forget = || self.waiting.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&correlation);
         let properties = crate::publisher::properties(event).with_reply_to(DIRECT_REPLY_TO.into());
         let published = async {
             self.channel

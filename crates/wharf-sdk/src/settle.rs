@@ -26,11 +26,16 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection};
+use std::sync::Arc;
 
 /// The header that counts a message's attempts after its first.
 pub const RETRY_ATTEMPT_HEADER: &str = "x-retry-attempt";
 
 /// How a message whose handler failed for now is tried again.
+///
+/// The queue must not de-duplicate by message id or keep per-key order: a retry is a copy with
+/// the same id at the back of the queue, which a de-duplicating queue drops and which later
+/// messages of its key would overtake (the topology helper refuses the combination).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Tries straight away (the copy goes to the back of the queue).
@@ -106,23 +111,26 @@ fn text(value: &str) -> AMQPValue {
 #[derive(Debug)]
 pub(crate) struct Settler {
     queue: String,
-    /// A confirming channel for copies (retries, dead letters) and replies.
-    publishing: Channel,
+    /// The consumer's connection, to reopen the publishing channel on.
+    connection: Arc<Connection>,
+    /// A confirming channel for copies (retries, dead letters) and replies; reopened when the
+    /// broker closed it (a refused publish closes a channel).
+    publishing: tokio::sync::Mutex<Channel>,
     dead_letter: Option<DeadLetter>,
     retry: Option<RetryPolicy>,
 }
 
 impl Settler {
     /// Opens what `config` needs on `connection`; declares the retry policy's wait queues.
-    pub(crate) async fn open(connection: &Connection, config: &ConsumerConfig) -> Result<Settler> {
-        let publishing = connection.create_channel().await?;
-        publishing.confirm_select(ConfirmSelectOptions::default()).await?;
+    pub(crate) async fn open(connection: Arc<Connection>, config: &ConsumerConfig) -> Result<Settler> {
+        let publishing = confirming(&connection).await?;
         if let Some(policy) = &config.retry {
             declare_wait_queues(&publishing, &config.queue, policy).await?;
         }
         Ok(Settler {
             queue: config.queue.clone(),
-            publishing,
+            connection,
+            publishing: tokio::sync::Mutex::new(publishing),
             dead_letter: config.dead_letter.clone(),
             retry: config.retry.clone(),
         })
@@ -131,6 +139,16 @@ impl Settler {
     /// The queue consumed.
     pub(crate) fn queue(&self) -> &str {
         &self.queue
+    }
+
+    /// The publishing channel, reopened if the broker closed it.
+    async fn channel(&self) -> Result<Channel> {
+        let mut publishing = self.publishing.lock().await;
+        if !publishing.status().connected() {
+            tracing::info!(queue = %self.queue, "reopening the consumer's publishing channel");
+            *publishing = confirming(&self.connection).await?;
+        }
+        Ok(publishing.clone())
     }
 
     /// Applies `outcome` to `delivery`.
@@ -167,8 +185,8 @@ impl Settler {
             properties = properties.with_content_type(content_type);
         }
         let published = async {
-            let confirm = self
-                .publishing
+            let channel = self.channel().await?;
+            let confirm = channel
                 .basic_publish(
                     "".into(),
                     reply_to.as_str().into(),
@@ -177,7 +195,7 @@ impl Settler {
                     properties,
                 )
                 .await?;
-            confirm.await
+            Ok::<_, SdkError>(confirm.await?)
         };
         if let Err(error) = published.await {
             // The requester may be gone; the request was handled either way.
@@ -187,7 +205,7 @@ impl Settler {
     }
 
     async fn retry(&self, delivery: &Delivery) -> std::result::Result<bool, lapin::Error> {
-        let (Some(policy), channel) = (&self.retry, &self.publishing) else {
+        let Some(policy) = &self.retry else {
             return delivery.nack(BasicNackOptions { multiple: false, requeue: true }).await;
         };
         let attempt = attempt_of(&delivery.properties);
@@ -204,7 +222,11 @@ impl Settler {
             RETRY_ATTEMPT_HEADER.into(),
             AMQPValue::LongLongInt(i64::try_from(attempt + 1).unwrap_or(i64::MAX)),
         );
-        match publish(channel, "", &routing_key, delivery, headers).await {
+        let published = match self.channel().await {
+            Ok(channel) => publish(&channel, "", &routing_key, delivery, headers).await,
+            Err(error) => Err(error),
+        };
+        match published {
             Ok(()) => delivery.ack(BasicAckOptions::default()).await,
             Err(error) => {
                 tracing::warn!(%error, "could not publish the retry; requeueing instead");
@@ -215,11 +237,20 @@ impl Settler {
 
     async fn reject(&self, delivery: &Delivery, reason: &str) -> std::result::Result<bool, lapin::Error> {
         let id = delivery.properties.message_id().as_ref().map(|id| id.to_string()).unwrap_or_default();
-        if let (Some(target), channel) = (&self.dead_letter, &self.publishing) {
-            let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        if let Some(target) = &self.dead_letter {
+            // A message re-driven from the dead-letter queue starts its retries afresh.
+            let mut headers = FieldTable::default();
+            let original = delivery.properties.headers().clone().unwrap_or_default();
+            for (name, value) in original.inner().iter().filter(|(name, _)| name.as_str() != RETRY_ATTEMPT_HEADER) {
+                headers.insert(name.clone(), value.clone());
+            }
             headers.insert(REJECT_REASON_HEADER.into(), text(reason));
             headers.insert(REJECTED_FROM_HEADER.into(), text(&self.queue));
-            match publish(channel, &target.exchange, &target.routing_key, delivery, headers).await {
+            let published = match self.channel().await {
+                Ok(channel) => publish(&channel, &target.exchange, &target.routing_key, delivery, headers).await,
+                Err(error) => Err(error),
+            };
+            match published {
                 Ok(()) => {
                     tracing::warn!(%id, queue = %self.queue, reason, "message rejected; dead-lettered with its reason");
                     return delivery.ack(BasicAckOptions::default()).await;
@@ -230,6 +261,13 @@ impl Settler {
         tracing::warn!(%id, queue = %self.queue, reason, "message rejected");
         delivery.nack(BasicNackOptions { multiple: false, requeue: false }).await
     }
+}
+
+/// A new channel on `connection`, in confirm mode.
+async fn confirming(connection: &Connection) -> Result<Channel> {
+    let channel = connection.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(channel)
 }
 
 /// The arguments of `queue`'s wait queue for `delay_ms`: the delay as its TTL, dead-lettering

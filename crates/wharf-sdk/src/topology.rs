@@ -239,6 +239,18 @@ impl Topology {
     /// queues and their bindings. Idempotent; a queue that exists with other arguments is refused
     /// by the broker (406 PRECONDITION_FAILED), as a redeclaration always is.
     pub async fn declare_on(&self, channel: &Channel) -> Result<()> {
+        for queue in self.queues.iter().filter(|queue| queue.retry.is_some()) {
+            // A retry is a copy with the same message id, published to the back of the queue: a
+            // de-duplicating queue would drop it (and the original is acknowledged), and on an
+            // ordered queue later messages of its key would overtake it.
+            if queue.deduplicated || queue.ordered_by.is_some() {
+                return Err(SdkError::Config(format!(
+                    "queue '{}': the SDK's retry policy cannot go with de-duplication or per-key order on \
+                     the same queue; use the queue's own x-retry-backoff there",
+                    queue.name
+                )));
+            }
+        }
         let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
         for exchange in &self.exchanges {
             let kind = match exchange.kind {

@@ -229,6 +229,17 @@ async fn mysql_migrations_are_versioned_and_upgrade_an_unversioned_table() {
     let claimed = outbox.claim("relay-1", i64::MAX / 2, 1_000, 10).await.unwrap();
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].event.id, "old-1");
+    // Ids compare byte for byte, and a duplicate is refused with the transaction still usable.
+    let mut tx = pool.begin().await.unwrap();
+    for id in ["aB", "Ab"] {
+        outbox.enqueue(&mut tx, &wharf_sdk::Event::new("orders", "k", "x").with_id(id)).await.unwrap();
+        assert_eq!(inbox.handle(&mut tx, id).await.unwrap(), wharf_sdk::Seen::First, "{id}");
+    }
+    let again = outbox.enqueue(&mut tx, &wharf_sdk::Event::new("orders", "k", "x").with_id("aB")).await;
+    assert!(matches!(again, Err(SdkError::Duplicate { .. })), "{again:?}");
+    assert_eq!(inbox.handle(&mut tx, "Ab").await.unwrap(), wharf_sdk::Seen::Again);
+    tx.commit().await.unwrap();
+    assert_eq!(outbox.unsent_count().await.unwrap(), 3, "old-1, aB and Ab");
     let refused =
         MySqlOutbox::with_config(pool.clone(), &OutboxConfig { table: "shop.events".into(), ..Default::default() });
     assert!(matches!(refused, Err(SdkError::Config(reason)) if reason.contains("URL chooses the database")));

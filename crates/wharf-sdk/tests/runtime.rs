@@ -251,7 +251,7 @@ async fn a_retry_policy_tries_at_once_then_after_each_delay_then_dead_letters_wi
         other => panic!("{name}: {other:?}"),
     };
     assert!(text(wharf_sdk::REJECT_REASON_HEADER).contains("failed 4 times"), "{headers:?}");
-    assert_eq!(headers.inner().get(wharf_sdk::RETRY_ATTEMPT_HEADER), Some(&lapin::types::AMQPValue::LongLongInt(3)));
+    assert_eq!(headers.inner().get(wharf_sdk::RETRY_ATTEMPT_HEADER), None, "re-driven, it gets its retries again");
     assert_eq!(queue_depth(&broker, "work").await, 0);
     connection.close(200, "done".into()).await.unwrap();
     broker.stop().await;
@@ -265,4 +265,65 @@ async fn queue_exists(broker: &TestBroker, queue: &str) -> bool {
     let exists = channel.queue_declare(queue.into(), passive, lapin::types::FieldTable::default()).await.is_ok();
     let _ = connection.close(200, "done".into()).await;
     exists
+}
+
+/// Rejects `bad-*` bodies; asks once for a retry of anything else, then acknowledges it.
+#[derive(Clone, Default)]
+struct RejectsBadRetriesOnce(Arc<std::sync::Mutex<std::collections::BTreeMap<String, usize>>>);
+
+impl Handler for RejectsBadRetriesOnce {
+    async fn handle(&self, message: Incoming) -> Outcome {
+        let body = String::from_utf8(message.body.clone()).unwrap();
+        let calls = {
+            let mut calls = self.0.lock().unwrap();
+            let count = calls.entry(body.clone()).or_insert(0);
+            *count += 1;
+            *count
+        };
+        match (body.starts_with("bad"), calls) {
+            (true, _) => Outcome::Reject("bad".into()),
+            (false, 1) => Outcome::Retry,
+            (false, _) => Outcome::Ack,
+        }
+    }
+}
+
+/// A dead-letter target that does not exist makes the broker close the runtime's publishing
+/// channel; the runtime falls back to a plain reject for that message, and reopens the channel
+/// for the next copy (a retry here), instead of failing every later one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publishing_channel_the_broker_closed_is_reopened() {
+    use lapin::options::QueueDeclareOptions;
+    let broker = TestBroker::start().await;
+    let connection = lapin::Connection::connect(&broker.url(), lapin::ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let _ = channel.queue_delete("fragile".into(), Default::default()).await;
+    channel
+        .queue_declare("fragile".into(), QueueDeclareOptions::durable(), lapin::types::FieldTable::default())
+        .await
+        .unwrap();
+    connection.close(200, "declared".into()).await.unwrap();
+    let handler = RejectsBadRetriesOnce::default();
+    let config = ConsumerConfig::new(broker.url(), "fragile")
+        .dead_letter_to("no-such-exchange", "anything")
+        .retry(wharf_sdk::RetryPolicy::new(1, []));
+    let (stop, stopped) = watch::channel(false);
+    let consuming = tokio::spawn(run_consumer(config, handler.clone(), stopped));
+    let mut publisher = ConfirmedPublisher::new(PublisherConfig::new(broker.url())).unwrap();
+    for outcome in publisher.publish_all(&[Event::new("", "fragile", "bad-1")]).await {
+        outcome.unwrap();
+    }
+    eventually("the bad message rejected", || async { handler.0.lock().unwrap().get("bad-1") == Some(&1) }).await;
+    for outcome in publisher.publish_all(&[Event::new("", "fragile", "good-1")]).await {
+        outcome.unwrap();
+    }
+    eventually("the good message retried once, then acknowledged", || async {
+        handler.0.lock().unwrap().get("good-1") == Some(&2) && queue_depth(&broker, "fragile").await == 0
+    })
+    .await;
+    stop.send(true).unwrap();
+    consuming.await.unwrap().unwrap();
+    assert_eq!(handler.0.lock().unwrap().get("good-1"), Some(&2), "not requeued over and over");
+    assert_eq!(handler.0.lock().unwrap().get("bad-1"), Some(&1), "rejected once, not looping");
+    broker.stop().await;
 }

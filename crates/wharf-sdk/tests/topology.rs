@@ -42,16 +42,18 @@ async fn a_declared_topology_has_its_guarantees() {
         .dead_letter_queue("payments.dlq")
         .delivery_limit(3)
         .retry_backoff_ms([10, 20])
-        .ordered_by_key()
         .retry(RetryPolicy::new(0, [20]));
+    // Per-key order on a queue of its own (the SDK's retries cannot go with it).
+    let ordered = Queue::new("payments.ordered").bind("orders", "order.#").ordered_by_key();
     let topology = Topology::new()
         .with_exchange(Exchange::new("orders", ExchangeKind::Topic).deduplicated())
-        .queue(payments.clone());
+        .queue(payments.clone())
+        .queue(ordered);
     topology.declare(&broker.url()).await.unwrap();
     topology.declare(&broker.url()).await.unwrap();
 
     let connection = lapin::Connection::connect(&broker.url(), lapin::ConnectionProperties::default()).await.unwrap();
-    for queue in ["payments", "payments.dlq", "payments.retry.20"] {
+    for queue in ["payments", "payments.dlq", "payments.retry.20", "payments.ordered"] {
         let channel = connection.create_channel().await.unwrap();
         assert!(exists(&channel, queue).await, "{queue}");
     }
@@ -147,6 +149,10 @@ async fn a_typed_request_gets_its_typed_reply() {
     let unroutable = requester.request_event(&event, PATIENCE).await;
     assert!(matches!(unroutable, Err(SdkError::Unroutable { .. })), "{unroutable:?}");
 
+    // A request that carries its own correlation id is answered on it.
+    let own = Event::from_message(&PriceAsked { sku: "pizza".into() }).unwrap().with_correlation_id("c-9");
+    let reply = requester.request_event(&own, PATIENCE).await.unwrap();
+    assert_eq!(reply.properties.correlation_id().as_ref().map(|id| id.as_str()), Some("c-9"));
     requester.close().await.unwrap();
     stop.send(true).unwrap();
     serving.await.unwrap().unwrap();
@@ -213,5 +219,18 @@ async fn one_builder_starts_everything_and_one_shutdown_drains_it() {
     assert_eq!(names, vec!["relay:wharf_outbox", "consumer:placed"]);
     wharf.shutdown().await.unwrap();
     assert_eq!(outbox.unsent_count().await.unwrap(), 0);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_that_cannot_work_are_refused_before_anything_starts() {
+    let broker = TestBroker::start().await;
+    let both = Topology::new().queue(Queue::new("deduplicated").deduplicated().retry(RetryPolicy::new(1, [])));
+    let refused = both.declare(&broker.url()).await;
+    assert!(matches!(&refused, Err(SdkError::Config(reason)) if reason.contains("retry policy")), "{refused:?}");
+    let mut config = wharf_sdk::ConsumerConfig::new(broker.url(), "anything");
+    config.concurrency = 0;
+    let refused = wharf_sdk::Wharf::builder(broker.url()).consumer(config, RejectsAll).start().await;
+    assert!(matches!(&refused, Err(SdkError::Config(reason)) if reason.contains("concurrency")), "{:?}", refused.err());
     broker.stop().await;
 }

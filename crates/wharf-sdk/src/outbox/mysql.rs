@@ -28,6 +28,7 @@ struct Statements {
     refuse: String,
     refused_status: String,
     purge_sent: String,
+    purge_keys: String,
     retry_failed: String,
     failed: String,
     unsent: String,
@@ -40,11 +41,13 @@ impl Statements {
         let table = table.qualified();
         Statements {
             insert: format!(
-                "INSERT IGNORE INTO {table} (id, exchange, routing_key, ordering_key, headers, content_type, message_type,
+                "INSERT INTO {table} (id, exchange, routing_key, ordering_key, headers, content_type, message_type,
                     correlation_id, reply_to, available_at, body, created_at)
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             ),
-            lock_key: format!("INSERT INTO {keys} (ordering_key) VALUES (?) ON DUPLICATE KEY UPDATE ordering_key = ordering_key"),
+            lock_key: format!(
+                "INSERT INTO {keys} (ordering_key) VALUES (?) ON DUPLICATE KEY UPDATE ordering_key = ordering_key"
+            ),
             select_claimable: format!(
                 "SELECT o.seq FROM {table} o WHERE {} ORDER BY o.seq LIMIT ? FOR UPDATE SKIP LOCKED",
                 claimable(&table).replace("{now}", "?")
@@ -64,11 +67,17 @@ impl Statements {
             ),
             refused_status: format!("SELECT status FROM {table} WHERE seq = ?"),
             purge_sent: format!("DELETE FROM {table} WHERE status = ? AND sent_at < ?"),
+            purge_keys: format!(
+                "DELETE k FROM {keys} k WHERE NOT EXISTS \
+                 (SELECT 1 FROM {table} o WHERE o.ordering_key = k.ordering_key AND o.status <> 1)"
+            ),
             retry_failed: format!(
                 "UPDATE {table} SET status = 0, failure = NULL, claimed_by = NULL, claimed_until = NULL
                  WHERE id = ? AND status = 2"
             ),
-            failed: format!("SELECT id, COALESCE(failure, '') AS failure FROM {table} WHERE status = ? ORDER BY seq"),
+            failed: format!(
+                "SELECT CONVERT(id USING utf8mb4) AS id, COALESCE(failure, '') AS failure FROM {table} WHERE status = ? ORDER BY seq"
+            ),
             unsent: format!("SELECT COUNT(*) AS n FROM {table} WHERE status <> ?"),
             stats: format!(
                 "SELECT CAST(COALESCE(SUM(CASE WHEN status = 0 THEN 1 ELSE 0 END), 0) AS SIGNED) AS unsent,
@@ -79,6 +88,19 @@ impl Statements {
             table,
         }
     }
+}
+
+/// The claimed columns, with the byte-compared (`utf8mb4_bin`) ones read back as text: sqlx
+/// takes a binary collation for a binary type and will not decode it as a `String`.
+fn text_columns() -> String {
+    CLAIMED_COLUMNS
+        .split(", ")
+        .map(|column| match column.trim() {
+            name @ ("id" | "ordering_key") => format!("CONVERT({name} USING utf8mb4) AS {name}"),
+            other => other.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn placeholders(count: usize) -> String {
@@ -139,6 +161,9 @@ impl Outbox for MySqlOutbox {
             if let Some(key) = &event.ordering_key {
                 sqlx::query(&self.sql.lock_key).bind(key).execute(&mut **tx).await?;
             }
+            // A plain INSERT: IGNORE would also turn a value that does not fit into a warning and
+            // store it cut short. MySQL rolls back only the refused statement, so a duplicate id
+            // leaves the caller's transaction usable.
             let inserted = sqlx::query(&self.sql.insert)
                 .bind(&event.id)
                 .bind(&event.exchange)
@@ -153,11 +178,12 @@ impl Outbox for MySqlOutbox {
                 .bind(&event.body)
                 .bind(super::now_ms())
                 .execute(&mut **tx)
-                .await?;
-            if inserted.rows_affected() == 0 {
-                return Err(super::duplicate(event));
+                .await;
+            match inserted {
+                Ok(_) => Ok(()),
+                Err(sqlx::Error::Database(error)) if error.is_unique_violation() => Err(super::duplicate(event)),
+                Err(error) => Err(error.into()),
             }
-            Ok(())
         }
         .instrument(span)
         .await
@@ -180,14 +206,34 @@ impl Outbox for MySqlOutbox {
 
 impl OutboxStore for MySqlOutbox {
     async fn claim(&self, relay: &str, now_ms: i64, lease_ms: i64, limit: i64) -> Result<Vec<OutboxRow>> {
-        let mut tx = self.pool.begin().await?;
-        let seqs: Vec<i64> = sqlx::query_scalar(&self.sql.select_claimable)
+        // READ COMMITTED, and the per-key condition checked again once the rows are locked: a
+        // locking read sees the newest committed rows while its NOT EXISTS subquery may see an
+        // older snapshot, so a row of a key whose earlier row committed during the scan (and is
+        // locked by another relay) could otherwise be claimed beside it, out of order.
+        let mut connection = self.pool.acquire().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED").execute(&mut *connection).await?;
+        let mut tx = sqlx::Acquire::begin(&mut *connection).await?;
+        let mut seqs: Vec<i64> = sqlx::query_scalar(&self.sql.select_claimable)
             // Twice: the lease's end and the time a delayed row comes due.
             .bind(now_ms)
             .bind(now_ms)
             .bind(limit)
             .fetch_all(&mut *tx)
             .await?;
+        if !seqs.is_empty() {
+            let recheck = format!(
+                "SELECT o.seq FROM {table} o WHERE o.seq IN ({}) AND o.ordering_key IS NOT NULL AND EXISTS \
+                 (SELECT 1 FROM {table} e WHERE e.ordering_key = o.ordering_key AND e.seq < o.seq AND e.status <> 1)",
+                placeholders(seqs.len()),
+                table = self.sql.table
+            );
+            let mut query = sqlx::query_scalar::<_, i64>(&recheck);
+            for seq in &seqs {
+                query = query.bind(seq);
+            }
+            let behind: Vec<i64> = query.fetch_all(&mut *tx).await?;
+            seqs.retain(|seq| !behind.contains(seq));
+        }
         if seqs.is_empty() {
             tx.commit().await?;
             return Ok(Vec::new());
@@ -202,7 +248,7 @@ impl OutboxStore for MySqlOutbox {
             query = query.bind(seq);
         }
         query.execute(&mut *tx).await?;
-        let read = format!("SELECT {CLAIMED_COLUMNS} FROM {} WHERE seq IN ({list}) ORDER BY seq", self.sql.table);
+        let read = format!("SELECT {} FROM {} WHERE seq IN ({list}) ORDER BY seq", text_columns(), self.sql.table);
         let mut query = sqlx::query(&read);
         for seq in &seqs {
             query = query.bind(seq);
@@ -267,6 +313,8 @@ impl OutboxStore for MySqlOutbox {
 
     async fn purge_sent(&self, sent_before_ms: i64) -> Result<u64> {
         let done = sqlx::query(&self.sql.purge_sent).bind(SENT).bind(sent_before_ms).execute(&self.pool).await?;
+        // Key rows no unsent event needs (a writer upserting one meanwhile simply makes it again).
+        sqlx::query(&self.sql.purge_keys).execute(&self.pool).await?;
         Ok(done.rows_affected())
     }
 
