@@ -1,7 +1,8 @@
 //! The transactional outbox: a table the SDK creates and migrates (`migrate`), rows written by
 //! `enqueue` or `publish` inside the caller's own database transaction ([`Outbox`], the trait
 //! application code is written against), and the operations the [`Relay`](crate::Relay) runs on
-//! it ([`OutboxStore`]), for PostgreSQL ([`PgOutbox`]) and SQLite ([`SqliteOutbox`]).
+//! it ([`OutboxStore`]), for PostgreSQL ([`PgOutbox`]), SQLite ([`SqliteOutbox`]) and
+//! MySQL ([`MySqlOutbox`]).
 //!
 //! Claiming is what keeps order and lets several relays share a table: a row can be claimed only
 //! while it is pending, its claim lease (if any) has run out, and no earlier row with the same
