@@ -9,6 +9,10 @@
 
 use crate::common;
 
+/// Just after the fixture's data directory was written (2026-12-03 21:37:00 UTC, ms since the
+/// Unix epoch); everything in it is older.
+const FIXTURE_MADE_MS: u64 = 1_796_333_820_000;
+
 use common::*;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -173,7 +177,10 @@ async fn a_data_directory_with_json_definitions_opens_whole_and_keeps_working_af
     let temp = tempfile::tempdir().unwrap();
     let data_dir = temp.path().join("data");
     copy_tree(&fixture, &data_dir);
-    let clock = Arc::new(ManualClock::starting_now());
+    // The broker's clock stands just after the fixture was made (committed 2026-12-03 21:36:17
+    // UTC), not at the wall clock: the fixture's de-duplication key lives 24 hours, and a clock
+    // at "now" made this test fail for good from a day after the fixture was written.
+    let clock = Arc::new(ManualClock::new(FIXTURE_MADE_MS));
     let mut config = fixture_config(&data_dir);
     config.clock = Arc::clone(&clock) as Arc<dyn wharf_broker::Clock>;
     let broker = Broker::start(config.clone()).await.unwrap();
