@@ -89,7 +89,7 @@ sample() { python3 bench/proctree.py "$1"; }
 spawn_wharf() {
   # S7 opens S7_QUEUES connections besides its own: Wharf's default limit is 10,000.
   # shellcheck disable=SC2086 # WHARF_ARGS is a list of arguments
-  "${3:-$wharf}" serve --http-listen "${WHARF_HTTP_LISTEN:-127.0.0.1:0}" --amqp-listen "127.0.0.1:$2" --data-dir "$1" --log warn \
+  "${3:-$wharf}" serve --http-listen "${WHARF_HTTP_LISTEN:-127.0.0.1:0}" --mqtt-listen none --amqp-listen "127.0.0.1:$2" --data-dir "$1" --log warn \
     --connections-max $((S7_QUEUES + 1000)) ${WHARF_ARGS:-} 2>>"$work/wharf.log" &
   wharf_pid=$!
   wharf_url="amqp://${WHARF_CREDENTIALS:-guest:guest}@127.0.0.1:$2/%2f"

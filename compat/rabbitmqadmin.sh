@@ -30,7 +30,7 @@ http_port=$(free_port)
 # Two free ports asked one after the other can be the same one (the first was released).
 while [ "$http_port" = "$port" ]; do http_port=$(free_port); done
 work=$(mktemp -d "${TMPDIR:-/tmp}/wharf-rabbitmqadmin.XXXXXX")
-"$wharf_bin" serve --amqp-listen "127.0.0.1:$port" --http-listen "127.0.0.1:$http_port" \
+"$wharf_bin" serve --amqp-listen "127.0.0.1:$port" --mqtt-listen none --http-listen "127.0.0.1:$http_port" \
   --data-dir "$work/data" --log info 2>"$work/wharf.log" &
 wharf_pid=$!
 client_pid=

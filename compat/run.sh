@@ -24,7 +24,7 @@ log="$data_dir/wharf.log"
 certs="$data_dir/certs"
 ./make_certs.sh "$certs"
 
-"$wharf_bin" serve --http-listen 127.0.0.1:0 --amqp-listen "127.0.0.1:$port" --data-dir "$data_dir/data" --log info \
+"$wharf_bin" serve --http-listen 127.0.0.1:0 --mqtt-listen none --amqp-listen "127.0.0.1:$port" --data-dir "$data_dir/data" --log info \
   --amqps-listen "127.0.0.1:$tls_port" --tls-cert "$certs/server.pem" --tls-key "$certs/server.key" \
   --tls-ca-cert "$certs/ca.pem" --tls-verify-peer 2>"$log" &
 wharf_pid=$!
@@ -32,7 +32,7 @@ wharf_pid=$!
 alarm_port=$(free_port)
 while [ "$alarm_port" = "$port" ] || [ "$alarm_port" = "$tls_port" ]; do alarm_port=$(free_port); done
 alarm_log="$data_dir/wharf-alarm.log"
-"$wharf_bin" serve --http-listen 127.0.0.1:0 --amqp-listen "127.0.0.1:$alarm_port" --data-dir "$data_dir/alarm-data" --log info \
+"$wharf_bin" serve --http-listen 127.0.0.1:0 --mqtt-listen none --amqp-listen "127.0.0.1:$alarm_port" --data-dir "$data_dir/alarm-data" --log info \
   --memory-high-watermark-bytes 1000000 2>"$alarm_log" &
 alarm_pid=$!
 cleanup() {

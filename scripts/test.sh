@@ -28,6 +28,9 @@ cargo test --workspace --doc --locked
 cargo build -p wharf --locked
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 compat/run.sh "$target_dir/debug/wharf"
+# Third-party MQTT clients (paho-mqtt 3.1.1 and 5.0, mosquitto_pub/sub) and AMQP interoperation,
+# a persistent session across kill -9 among them (compat/mqtt.sh).
+compat/mqtt.sh "$target_dir/debug/wharf"
 # RabbitMQ's own management CLI against the management API (compat/rabbitmqadmin.sh).
 compat/rabbitmqadmin.sh "$target_dir/debug/wharf"
 # The web console in a real headless Chromium (Debian's), screenshots in target/console-screenshots.

@@ -73,7 +73,7 @@ CONF
       RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" RABBITMQ_PID_FILE="$dir/pid" \
       "$rabbit_server" >"$broker_log" 2>&1 &
   else
-    "$broker" serve --http-listen 127.0.0.1:0 --amqp-listen "127.0.0.1:$port" --data-dir "$dir/data" --log warn \
+    "$broker" serve --http-listen 127.0.0.1:0 --mqtt-listen none --amqp-listen "127.0.0.1:$port" --data-dir "$dir/data" --log warn \
       --amqps-listen "127.0.0.1:$tls_port" --tls-cert "$work/certs/server.pem" \
       --tls-key "$work/certs/server.key" --tls-ca-cert "$work/certs/ca.pem" >"$broker_log" 2>&1 &
   fi

@@ -86,7 +86,7 @@ eval "$("$root/scripts/postgres.sh" start "$pg_dir")"
 admin_url=$WHARF_TEST_POSTGRES_URL
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 port=$(free_port)
-"$wharf" serve --amqp-listen "127.0.0.1:$port" --http-listen none --data-dir "$work/data" 2>"$work/broker.log" &
+"$wharf" serve --amqp-listen "127.0.0.1:$port" --http-listen none --mqtt-listen none --data-dir "$work/data" 2>"$work/broker.log" &
 pids+=($!)
 wait_for "the broker" "grep -q 'accepting AMQP' '$work/broker.log'"
 export BROKER_URL="amqp://guest:guest@127.0.0.1:$port/%2f"

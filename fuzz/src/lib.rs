@@ -9,6 +9,7 @@
 
 pub mod definitions;
 pub mod frames;
+pub mod mqtt;
 pub mod seeds;
 pub mod store_image;
 pub mod tables;

@@ -4,7 +4,7 @@
 //! there after a fix, fails a plain `cargo test` in `fuzz/`.
 
 use std::path::{Path, PathBuf};
-use wharf_fuzz::{definitions, frames, seeds, store_image, tables};
+use wharf_fuzz::{definitions, frames, mqtt, seeds, store_image, tables};
 
 type Check = fn(&[u8]);
 
@@ -15,6 +15,7 @@ fn targets() -> Vec<(&'static str, Vec<seeds::Seed>, Check)> {
         ("sasl", seeds::sasl_seeds(), tables::check_sasl),
         ("store_recovery", seeds::store_seeds(), store_image::check_image),
         ("definitions", definitions::definitions_seeds(), definitions::check_definitions),
+        ("mqtt_packet", mqtt::mqtt_seeds(), mqtt::check_mqtt),
     ]
 }
 

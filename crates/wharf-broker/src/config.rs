@@ -181,6 +181,51 @@ pub struct BrokerConfig {
     /// Where time comes from: the system's clock, or a [`ManualClock`](crate::ManualClock) in
     /// tests (see `clock.rs`).
     pub clock: Arc<dyn Clock>,
+    /// The MQTT front end (off unless `mqtt.listen` is set; the binary turns it on at 1883).
+    pub mqtt: MqttConfig,
+}
+
+/// The MQTT front end's settings (`docs/design/20261204_mqtt.md`); names follow RabbitMQ's
+/// `mqtt.*` settings where it has one.
+#[derive(Debug, Clone)]
+pub struct MqttConfig {
+    /// Where to accept MQTT connections; `None` turns MQTT off.
+    pub listen: Option<SocketAddr>,
+    /// The topic exchange MQTT publishes go to and subscriptions bind to (RabbitMQ's
+    /// `mqtt.exchange`).
+    pub exchange: String,
+    /// The vhost of a client that names none (RabbitMQ's `mqtt.vhost`); a user name
+    /// `vhost:user` names one.
+    pub vhost: String,
+    /// The longest a session outlives its connection (RabbitMQ's
+    /// `max_session_expiry_interval_seconds`): a 3.1.1 session without clean session lives this
+    /// long, a 5.0 one its own expiry up to this.
+    pub session_expiry_max_s: u32,
+    /// Most messages sent to a client and not yet acknowledged (capped by the client's receive
+    /// maximum in 5.0).
+    pub prefetch: u16,
+    /// The largest packet taken from a client once it has logged in (its CONNECT may be at most
+    /// 64 KiB).
+    pub packet_bytes_max: u32,
+}
+
+/// Smallest [`MqttConfig::packet_bytes_max`] accepted.
+pub const MQTT_PACKET_BYTES_MIN: u32 = 1024;
+
+/// Default for [`MqttConfig::session_expiry_max_s`]: RabbitMQ's one day.
+pub const MQTT_SESSION_EXPIRY_MAX_S_DEFAULT: u32 = 86_400;
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            listen: None,
+            exchange: "amq.topic".into(),
+            vhost: "/".into(),
+            session_expiry_max_s: MQTT_SESSION_EXPIRY_MAX_S_DEFAULT,
+            prefetch: 1_000,
+            packet_bytes_max: wharf_mqtt::PACKET_BYTES_MAX_DEFAULT,
+        }
+    }
 }
 
 /// Default for [`BrokerConfig::consumer_timeout_ms`]: RabbitMQ's 30 minutes.
@@ -244,6 +289,7 @@ impl BrokerConfig {
             queue_body_memory_bytes_max: QUEUE_BODY_MEMORY_BYTES_MAX_DEFAULT,
             message_trace_events_max: MESSAGE_TRACE_EVENTS_MAX_DEFAULT,
             clock: Arc::new(SystemClock),
+            mqtt: MqttConfig::default(),
         }
     }
 }
@@ -287,6 +333,24 @@ impl BrokerConfig {
         }
         if self.handshakes_per_address_max == 0 {
             return refuse("handshakes_per_address_max must be at least 1".into());
+        }
+        if self.mqtt.listen.is_some() {
+            let limit = wharf_mqtt::PACKET_BYTES_MAX_LIMIT;
+            if !(MQTT_PACKET_BYTES_MIN..=limit).contains(&self.mqtt.packet_bytes_max) {
+                return refuse(format!(
+                    "mqtt packet_bytes_max must be between {MQTT_PACKET_BYTES_MIN} and {limit} bytes, got {}",
+                    self.mqtt.packet_bytes_max
+                ));
+            }
+            if self.mqtt.prefetch == 0 {
+                return refuse("mqtt prefetch must be at least 1".into());
+            }
+            if self.mqtt.exchange.is_empty() {
+                return refuse("mqtt exchange must name a topic exchange (RabbitMQ's is amq.topic)".into());
+            }
+            if !self.vhosts.contains(&self.mqtt.vhost) {
+                return refuse(format!("mqtt vhost '{}' is not one of the configured vhosts", self.mqtt.vhost));
+            }
         }
         if self.message_trace_events_max > wharf_model::trace::TRACE_EVENTS_LIMIT {
             return refuse(format!(

@@ -61,6 +61,8 @@ pub(crate) struct Core {
     pub alarms: Alarms,
     /// What was opened, declared and deleted since start (for metrics).
     pub churn: Churn,
+    /// MQTT client ids in use, for taking a session over.
+    pub mqtt_clients: crate::mqtt::Clients,
 }
 
 /// Counts of objects opened, declared and deleted since start; those closed are what was opened
@@ -147,6 +149,7 @@ impl Core {
             pager: Arc::default(),
             login_throttle: LoginThrottle::default(),
             churn: Churn::default(),
+            mqtt_clients: crate::mqtt::Clients::default(),
         }
     }
 

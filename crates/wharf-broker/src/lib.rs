@@ -24,6 +24,7 @@ mod identities;
 mod limits;
 mod login_throttle;
 mod manage;
+mod mqtt;
 mod outbound;
 mod pager;
 mod password;
@@ -44,7 +45,8 @@ pub use alarms::{AlarmState, DiskSpace, FixedDiskSpace, RealDiskSpace};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
     BrokerConfig, CONSUMER_TIMEOUT_MS_DEFAULT, ConfigError, FRAME_MAX_MIN, GROUP_COMMIT_DELAY_US_MAX,
-    QUEUE_BODY_MEMORY_BYTES_MAX_DEFAULT, TlsConfig, User, UserLimits, VhostLimits,
+    MQTT_SESSION_EXPIRY_MAX_S_DEFAULT, MqttConfig, QUEUE_BODY_MEMORY_BYTES_MAX_DEFAULT, TlsConfig, User, UserLimits,
+    VhostLimits,
 };
 pub use definitions_import::{
     DEFINITIONS_BYTES_MAX, Definitions, DefinitionsError, ImportedBinding, ImportedExchange, ImportedQueue, Topology,

@@ -24,6 +24,7 @@ pub struct Broker {
     core: Arc<Core>,
     local_addr: SocketAddr,
     amqps_local_addr: Option<SocketAddr>,
+    mqtt_local_addr: Option<SocketAddr>,
     tls: Option<Arc<ServerTls>>,
     shutdown: watch::Sender<bool>,
     /// One accept loop per listener (plain AMQP, TLS).
@@ -80,6 +81,10 @@ impl Broker {
             Some(tls) => Some(bind(tls.listen_address()).await?),
             None => None,
         };
+        let mqtt = match core.config.mqtt.listen {
+            Some(address) => Some(bind(address).await?),
+            None => None,
+        };
         let timers = tokio::spawn(run_timers(Arc::clone(&core)));
         let (shutdown, shutdown_receiver) = watch::channel(false);
         let mut accepts = Vec::new();
@@ -87,21 +92,47 @@ impl Broker {
         if let Some((listener, address)) = plain {
             tracing::info!(local_addr = %address, "accepting AMQP connections");
             local_addr = Some(address);
-            accepts.push(tokio::spawn(accept_loop(listener, Arc::clone(&core), shutdown_receiver.clone(), None)));
+            accepts.push(tokio::spawn(accept_loop(
+                listener,
+                Arc::clone(&core),
+                shutdown_receiver.clone(),
+                Speaks::Amqp,
+            )));
+        }
+        let mut mqtt_local_addr = None;
+        if let Some((listener, address)) = mqtt {
+            tracing::info!(local_addr = %address, "accepting MQTT connections");
+            mqtt_local_addr = Some(address);
+            accepts.push(tokio::spawn(accept_loop(
+                listener,
+                Arc::clone(&core),
+                shutdown_receiver.clone(),
+                Speaks::Mqtt,
+            )));
         }
         let mut amqps_local_addr = None;
         if let (Some((listener, address)), Some(tls)) = (secure, &tls) {
             tracing::info!(local_addr = %address, "accepting AMQP connections over TLS");
             amqps_local_addr = Some(address);
-            let tls = Some(Arc::clone(tls));
-            accepts.push(tokio::spawn(accept_loop(listener, Arc::clone(&core), shutdown_receiver, tls)));
+            let speaks = Speaks::AmqpOverTls(Arc::clone(tls));
+            accepts.push(tokio::spawn(accept_loop(listener, Arc::clone(&core), shutdown_receiver, speaks)));
         }
         // `validate` made sure at least one listener is configured.
         let local_addr = local_addr
             .or(amqps_local_addr)
             .ok_or_else(|| BrokerError::Startup("no listener: plain AMQP is off and TLS is not configured".into()))?;
         let started_at_ms = core.now_ms();
-        Ok(Broker { core, local_addr, amqps_local_addr, tls, shutdown, accepts, timers, started_at_ms })
+        Ok(Broker {
+            core,
+            local_addr,
+            amqps_local_addr,
+            mqtt_local_addr,
+            tls,
+            shutdown,
+            accepts,
+            timers,
+            started_at_ms,
+        })
     }
 
     /// Reads the TLS certificate, key and CA files again and uses them for every TLS handshake
@@ -176,6 +207,11 @@ impl Broker {
     /// plain AMQP off, where it accepts TLS ones: the one address every broker has.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where the broker accepts MQTT connections, if it does.
+    pub fn mqtt_local_addr(&self) -> Option<SocketAddr> {
+        self.mqtt_local_addr
     }
 
     /// Where the broker accepts AMQP over TLS, if it does.
@@ -282,12 +318,19 @@ async fn bind(address: SocketAddr) -> Result<(TcpListener, SocketAddr), BrokerEr
     Ok((listener, local_addr))
 }
 
-/// Accepts sockets on one listener until shutdown; `tls` makes it the TLS listener.
+/// What a listener's sockets speak.
+enum Speaks {
+    Amqp,
+    AmqpOverTls(Arc<ServerTls>),
+    Mqtt,
+}
+
+/// Accepts sockets on one listener until shutdown.
 async fn accept_loop(
     listener: TcpListener,
     core: Arc<Core>,
     mut shutdown: watch::Receiver<bool>,
-    tls: Option<Arc<ServerTls>>,
+    speaks: Speaks,
 ) -> JoinSet<()> {
     let mut connections = JoinSet::new();
     loop {
@@ -298,10 +341,11 @@ async fn accept_loop(
                 Ok((socket, peer)) => match core.connections.begin_handshake(peer.ip()) {
                     Some(slot) => {
                         let core = Arc::clone(&core);
-                        match &tls {
-                            None => connections.spawn(connection::serve_plain(core, socket, peer, shutdown.clone(), slot)),
+                        match &speaks {
+                            Speaks::Amqp => connections.spawn(connection::serve_plain(core, socket, peer, shutdown.clone(), slot)),
                             // The settings in force at accept: a reload applies from the next socket.
-                            Some(tls) => connections.spawn(crate::tls::serve(core, socket, peer, shutdown.clone(), slot, tls.acceptor())),
+                            Speaks::AmqpOverTls(tls) => connections.spawn(crate::tls::serve(core, socket, peer, shutdown.clone(), slot, tls.acceptor())),
+                            Speaks::Mqtt => connections.spawn(crate::mqtt::serve(core, socket, peer, shutdown.clone(), slot)),
                         };
                     }
                     None => {

@@ -51,6 +51,17 @@ struct ServeArgs {
     /// Address for AMQP over TLS (RabbitMQ uses port 5671); needs --tls-cert and --tls-key.
     #[arg(long, env = "WHARF_AMQPS_LISTEN")]
     amqps_listen: Option<SocketAddr>,
+    /// Address for MQTT 3.1.1 and 5.0 connections, or `none` to turn MQTT off
+    /// [default: 0.0.0.0:1883].
+    #[arg(long, env = "WHARF_MQTT_LISTEN")]
+    mqtt_listen: Option<Listen>,
+    /// The topic exchange MQTT publishes go to and subscriptions bind to [default: amq.topic].
+    #[arg(long, env = "WHARF_MQTT_EXCHANGE")]
+    mqtt_exchange: Option<String>,
+    /// The vhost of an MQTT client whose user name names none (`vhost:user` names one)
+    /// [default: /].
+    #[arg(long, env = "WHARF_MQTT_VHOST")]
+    mqtt_vhost: Option<String>,
     /// Address for the management HTTP API (RabbitMQ's management API), or `none` to turn it off
     /// [default: 0.0.0.0:15672].
     #[arg(long, env = "WHARF_HTTP_LISTEN")]
@@ -148,6 +159,9 @@ struct ServeArgs {
 struct FileConfig {
     amqp_listen: Option<Listen>,
     amqps_listen: Option<SocketAddr>,
+    mqtt_listen: Option<Listen>,
+    mqtt_exchange: Option<String>,
+    mqtt_vhost: Option<String>,
     http_listen: Option<Listen>,
     https_listen: Option<SocketAddr>,
     tls_cert: Option<PathBuf>,
@@ -398,6 +412,17 @@ fn broker_config(args: &ServeArgs) -> Result<BrokerConfig> {
         None => {}
     }
     config.tls = tls_config(args, &file)?;
+    config.mqtt.listen = match args.mqtt_listen.or(file.mqtt_listen) {
+        Some(Listen::At(address)) => Some(address),
+        Some(Listen::Off) => None,
+        None => Some(SocketAddr::from(([0, 0, 0, 0], 1883))),
+    };
+    if let Some(exchange) = args.mqtt_exchange.clone().or(file.mqtt_exchange.clone()) {
+        config.mqtt.exchange = exchange;
+    }
+    if let Some(vhost) = args.mqtt_vhost.clone().or(file.mqtt_vhost.clone()) {
+        config.mqtt.vhost = vhost;
+    }
     if let Some(heartbeat_s) = args.heartbeat_s.or(file.heartbeat_s) {
         config.heartbeat_s = heartbeat_s;
     }

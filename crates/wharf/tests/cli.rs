@@ -25,7 +25,7 @@ async fn start_with(
     extra: &[&std::ffi::OsStr],
 ) -> (Child, tokio::sync::mpsc::UnboundedReceiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .args(["serve", "--http-listen", "127.0.0.1:0", "--amqp-listen", &address.to_string()])
+        .args(["serve", "--http-listen", "127.0.0.1:0", "--mqtt-listen", "none", "--amqp-listen", &address.to_string()])
         .args(extra)
         .env("WHARF_DATA_DIR", data_dir)
         .env("NO_COLOR", "1")
@@ -111,7 +111,7 @@ async fn bad_settings_are_refused_with_a_message_naming_them() {
     let config = temp.path().join("wharf.toml");
     std::fs::write(&config, "frame_max = 100\n").unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .args(["serve", "--http-listen", "127.0.0.1:0", "--config"])
+        .args(["serve", "--http-listen", "127.0.0.1:0", "--mqtt-listen", "none", "--config"])
         .arg(&config)
         .env("WHARF_DATA_DIR", temp.path().join("data"))
         .output()
@@ -123,7 +123,7 @@ async fn bad_settings_are_refused_with_a_message_naming_them() {
 
     std::fs::write(&config, "no_such_setting = 1\n").unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .args(["serve", "--http-listen", "127.0.0.1:0", "--config"])
+        .args(["serve", "--http-listen", "127.0.0.1:0", "--mqtt-listen", "none", "--config"])
         .arg(&config)
         .output()
         .await
@@ -133,7 +133,7 @@ async fn bad_settings_are_refused_with_a_message_naming_them() {
     assert!(stderr.contains("no_such_setting"), "{stderr}");
 
     let output = Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .args(["serve", "--http-listen", "127.0.0.1:0", "--group-commit-delay-us", "5000000"])
+        .args(["serve", "--http-listen", "127.0.0.1:0", "--mqtt-listen", "none", "--group-commit-delay-us", "5000000"])
         .env("WHARF_DATA_DIR", temp.path().join("data"))
         .output()
         .await
@@ -142,7 +142,7 @@ async fn bad_settings_are_refused_with_a_message_naming_them() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("group_commit_delay_us must be at most"));
 
     let output = Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .args(["serve", "--http-listen", "127.0.0.1:0", "--amqp-listen", "not-an-address"])
+        .args(["serve", "--http-listen", "127.0.0.1:0", "--mqtt-listen", "none", "--amqp-listen", "not-an-address"])
         .output()
         .await
         .unwrap();
@@ -192,7 +192,7 @@ async fn policies_come_from_the_configuration_file_and_the_command_line() {
     std::fs::write(&config, "[[policies]]\nname = \"broken\"\npattern = \".*\"\ndefinition = { delivery-limt = 1 }\n")
         .unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .args(["serve", "--http-listen", "127.0.0.1:0", "--config"])
+        .args(["serve", "--http-listen", "127.0.0.1:0", "--mqtt-listen", "none", "--config"])
         .arg(&config)
         .env("WHARF_DATA_DIR", temp.path().join("data"))
         .output()
@@ -245,7 +245,7 @@ async fn users_from_the_file_log_in_with_rabbitmqs_password_hashes_or_a_password
     ] {
         std::fs::write(&config, text).unwrap();
         let output = Command::new(env!("CARGO_BIN_EXE_wharf"))
-            .args(["serve", "--http-listen", "127.0.0.1:0", "--config"])
+            .args(["serve", "--http-listen", "127.0.0.1:0", "--mqtt-listen", "none", "--config"])
             .arg(&config)
             .env("WHARF_DATA_DIR", temp.path().join("data"))
             .output()
@@ -358,7 +358,7 @@ async fn a_rabbitmq_definitions_file_loads_at_every_start_beside_the_files_users
     // A file that cannot be used as written stops the start, naming the item.
     std::fs::write(&definitions, r#"{"permissions": [{"user": "a", "vhost": "/", "configure": "("}]}"#).unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .args(["serve", "--http-listen", "127.0.0.1:0", "--definitions"])
+        .args(["serve", "--http-listen", "127.0.0.1:0", "--mqtt-listen", "none", "--definitions"])
         .arg(&definitions)
         .env("WHARF_DATA_DIR", &data_dir)
         .output()

@@ -32,7 +32,7 @@ fn free_port() -> SocketAddr {
 /// Starts the binary and waits for its "accepting AMQP connections" log line.
 async fn start_wharf(data_dir: &Path, address: SocketAddr) -> Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .args(["serve", "--http-listen", "127.0.0.1:0", "--data-dir"])
+        .args(["serve", "--http-listen", "127.0.0.1:0", "--mqtt-listen", "none", "--data-dir"])
         .arg(data_dir)
         .args(["--amqp-listen", &address.to_string(), "--log", "info"])
         .stdout(Stdio::null())

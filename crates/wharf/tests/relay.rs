@@ -19,7 +19,16 @@ use tokio::process::{Child, Command};
 async fn start_broker(data_dir: &Path) -> (Child, String) {
     let amqp = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .args(["serve", "--http-listen", "none", "--amqp-listen", &amqp.to_string(), "--data-dir"])
+        .args([
+            "serve",
+            "--http-listen",
+            "none",
+            "--mqtt-listen",
+            "none",
+            "--amqp-listen",
+            &amqp.to_string(),
+            "--data-dir",
+        ])
         .arg(data_dir)
         .env("NO_COLOR", "1")
         .stderr(Stdio::piped())

@@ -19,7 +19,16 @@ const ROUNDS: usize = 8;
 /// Starts `wharf serve` on the given AMQP port and a free HTTP port; returns it and the API's base.
 async fn start(data_dir: &std::path::Path, amqp: std::net::SocketAddr) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .args(["serve", "--http-listen", "127.0.0.1:0", "--amqp-listen", &amqp.to_string(), "--data-dir"])
+        .args([
+            "serve",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--mqtt-listen",
+            "none",
+            "--amqp-listen",
+            &amqp.to_string(),
+            "--data-dir",
+        ])
         .arg(data_dir)
         .env("NO_COLOR", "1")
         .stderr(Stdio::piped())

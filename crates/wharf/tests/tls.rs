@@ -101,7 +101,17 @@ async fn start_wharf(dir: &Path, amqps: SocketAddr) -> (Child, UnboundedReceiver
     let config = dir.join("wharf.toml");
     std::fs::write(&config, "tls_verify_peer = true\n").unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .args(["serve", "--http-listen", "127.0.0.1:0", "--amqp-listen", "none", "--amqps-listen", &amqps.to_string()])
+        .args([
+            "serve",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--mqtt-listen",
+            "none",
+            "--amqp-listen",
+            "none",
+            "--amqps-listen",
+            &amqps.to_string(),
+        ])
         .arg("--config")
         .arg(&config)
         .arg("--tls-cert")
@@ -191,7 +201,7 @@ async fn tls_settings_that_cannot_work_are_refused_naming_them() {
         let data_dir = temp.path().join("data");
         async move {
             let output = Command::new(env!("CARGO_BIN_EXE_wharf"))
-                .args(["serve", "--http-listen", "127.0.0.1:0"])
+                .args(["serve", "--http-listen", "127.0.0.1:0", "--mqtt-listen", "none"])
                 .args(args)
                 .env("WHARF_DATA_DIR", data_dir)
                 .output()

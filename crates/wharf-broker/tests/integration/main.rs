@@ -22,6 +22,8 @@ mod food_delivery;
 mod full_disk;
 mod leases;
 mod limits;
+mod mqtt;
+mod mqtt_clients;
 mod ordering;
 mod orphaned_logs;
 mod paging;

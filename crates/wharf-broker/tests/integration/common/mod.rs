@@ -60,6 +60,15 @@ impl TestBroker {
         self.broker = Some(Broker::start(config(&self.data_dir)).await.unwrap());
     }
 
+    /// Stops the broker cleanly and starts a new one on the same data directory, configured by
+    /// `configure` (as `start_with` was).
+    pub async fn restart_with(&mut self, configure: impl FnOnce(&mut BrokerConfig)) {
+        self.broker.take().unwrap().shutdown().await;
+        let mut config = config(&self.data_dir);
+        configure(&mut config);
+        self.broker = Some(Broker::start(config).await.unwrap());
+    }
+
     pub async fn stop(mut self) {
         if let Some(broker) = self.broker.take() {
             broker.shutdown().await;

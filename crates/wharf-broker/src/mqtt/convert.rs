@@ -1,0 +1,124 @@
+//! MQTT messages as AMQP messages and back, as RabbitMQ's MQTT plugin maps them
+//! (`mc_mqtt.erl`): QoS 1 and 2 are persistent (delivery mode 2) and QoS 0 is not; content type,
+//! correlation data and message expiry have AMQP properties of their own; the response topic
+//! travels as the `x-reply-to-topic` header (as a routing key); user properties are headers.
+//! Wharf adds one header RabbitMQ has no need for, `x-mqtt-publish-qos` on QoS 2 publishes, so a
+//! QoS 2 subscriber receives them at QoS 2.
+
+use bytes::Bytes;
+use std::sync::Arc;
+use wharf_model::Message;
+use wharf_mqtt::{Properties, Publish, QoS, topic};
+use wharf_wire::protocol::BasicProperties;
+use wharf_wire::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+/// The header carrying the QoS of a QoS 2 publish.
+pub(super) const PUBLISH_QOS_HEADER: &str = "x-mqtt-publish-qos";
+/// The header carrying a response topic, as an AMQP routing key (RabbitMQ's name).
+const REPLY_TO_TOPIC_HEADER: &str = "x-reply-to-topic";
+/// Correlation data that is not a short string (binary, or over 255 bytes), as RabbitMQ keeps it.
+const CORRELATION_ID_HEADER: &str = "x-correlation-id";
+
+/// The AMQP message for an MQTT publish (the topic already resolved from any alias).
+pub(super) fn message_from_publish(exchange: &str, routing_key: String, publish: &Publish) -> Message {
+    let mut properties =
+        BasicProperties::default().with_delivery_mode(if publish.qos == QoS::AtMostOnce { 1 } else { 2 });
+    let mut headers = FieldTable::default();
+    if publish.qos == QoS::ExactlyOnce {
+        headers.insert(PUBLISH_QOS_HEADER.into(), AMQPValue::ShortShortUInt(2));
+    }
+    let given = &publish.properties;
+    if let Some(content_type) = given.content_type.as_deref().filter(|text| text.len() <= 255 && text.is_ascii()) {
+        properties = properties.with_content_type(content_type.into());
+    }
+    if let Some(data) = &given.correlation_data {
+        match std::str::from_utf8(data) {
+            Ok(text) if text.len() <= 255 => properties = properties.with_correlation_id(text.into()),
+            _ => {
+                headers.insert(CORRELATION_ID_HEADER.into(), AMQPValue::LongString(LongString::from(data.to_vec())));
+            }
+        }
+    }
+    if let Some(response_topic) = &given.response_topic {
+        headers.insert(REPLY_TO_TOPIC_HEADER.into(), AMQPValue::LongString(topic::to_amqp(response_topic).into()));
+    }
+    if let Some(expiry_s) = given.message_expiry_interval_s {
+        properties = properties.with_expiration(ShortString::from((u64::from(expiry_s) * 1000).to_string()));
+    }
+    for (name, value) in &given.user_properties {
+        // An AMQP header name is a short string; a longer name cannot be carried.
+        if name.len() <= 255 {
+            headers.insert(name.as_str().into(), AMQPValue::LongString(value.as_str().into()));
+        }
+    }
+    if !headers.inner().is_empty() {
+        properties = properties.with_headers(headers);
+    }
+    let raw_properties = wharf_wire::frame::encode_properties(&properties);
+    Message::new(exchange.to_owned(), routing_key, Arc::new(properties), raw_properties, publish.payload.clone())
+}
+
+/// What a delivered message says about itself for MQTT: the QoS it was published with (an AMQP
+/// message: 1 if persistent, else 0) and its 5.0 properties.
+pub(super) struct Outward {
+    pub qos: QoS,
+    pub properties: Properties,
+}
+
+/// Reads an AMQP message's properties for delivery over MQTT.
+pub(super) fn outgoing(message: &Message, v5: bool) -> Outward {
+    let full = message.full_properties();
+    let headers = full.headers().as_ref();
+    let header = |name: &str| headers.and_then(|table| table.inner().get(name));
+    let qos = match header(PUBLISH_QOS_HEADER) {
+        Some(AMQPValue::ShortShortUInt(2)) => QoS::ExactlyOnce,
+        _ if full.delivery_mode() == &Some(2) => QoS::AtLeastOnce,
+        _ => QoS::AtMostOnce,
+    };
+    let mut properties = Properties::default();
+    if !v5 {
+        return Outward { qos, properties };
+    }
+    properties.content_type = full.content_type().as_ref().map(|text| text.as_str().to_owned());
+    properties.correlation_data = match (full.correlation_id(), header(CORRELATION_ID_HEADER)) {
+        (Some(id), _) => Some(Bytes::copy_from_slice(id.as_str().as_bytes())),
+        (None, Some(AMQPValue::LongString(data))) => Some(Bytes::copy_from_slice(data.as_bytes())),
+        _ => None,
+    };
+    if let Some(AMQPValue::LongString(key)) = header(REPLY_TO_TOPIC_HEADER) {
+        properties.response_topic = std::str::from_utf8(key.as_bytes()).ok().map(topic::to_mqtt);
+    }
+    properties.message_expiry_interval_s = full
+        .expiration()
+        .as_ref()
+        .and_then(|text| text.as_str().parse::<u64>().ok())
+        .map(|expiry_ms| u32::try_from(expiry_ms.div_ceil(1000)).unwrap_or(u32::MAX));
+    if let Some(table) = headers {
+        for (name, value) in table.inner() {
+            let name = name.as_str();
+            if [PUBLISH_QOS_HEADER, REPLY_TO_TOPIC_HEADER, CORRELATION_ID_HEADER].contains(&name) {
+                continue;
+            }
+            // Text, numbers and booleans become user properties; tables, arrays and binary do not
+            // (as RabbitMQ).
+            let text = match value {
+                AMQPValue::LongString(text) => std::str::from_utf8(text.as_bytes()).ok().map(str::to_owned),
+                AMQPValue::ShortString(text) => Some(text.as_str().to_owned()),
+                AMQPValue::Boolean(flag) => Some(flag.to_string()),
+                AMQPValue::ShortShortInt(number) => Some(number.to_string()),
+                AMQPValue::ShortShortUInt(number) => Some(number.to_string()),
+                AMQPValue::ShortInt(number) => Some(number.to_string()),
+                AMQPValue::ShortUInt(number) => Some(number.to_string()),
+                AMQPValue::LongInt(number) => Some(number.to_string()),
+                AMQPValue::LongUInt(number) => Some(number.to_string()),
+                AMQPValue::LongLongInt(number) => Some(number.to_string()),
+                AMQPValue::Timestamp(number) => Some(number.to_string()),
+                _ => None,
+            };
+            if let Some(text) = text.filter(|text| !text.contains('\0')) {
+                properties.user_properties.push((name.to_owned(), text));
+            }
+        }
+    }
+    Outward { qos, properties }
+}

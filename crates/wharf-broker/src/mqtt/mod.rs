@@ -1,0 +1,414 @@
+//! The MQTT 3.1.1 and 5.0 front end (`docs/design/20261204_mqtt.md`): MQTT clients on the same
+//! durable core as AMQP ones, mapped as RabbitMQ's MQTT plugin maps them. A publish goes to the
+//! MQTT exchange (`amq.topic`) with its topic as the routing key (`/` as `.`), through the one
+//! publish path (`publish.rs`), and a QoS 1 or 2 publish is acknowledged only once it is durable;
+//! a session's subscriptions are bindings of its own queue, consumed on a channel of the
+//! connection's own, so MQTT and AMQP clients meet on the exchange and every delivery guarantee
+//! applies to MQTT subscribers.
+//!
+//! `mod.rs` accepts the socket and handles CONNECT (authentication with the broker's users, the
+//! vhost from a `vhost:user` name, the client id, taking a session over, resuming one);
+//! `session.rs` runs the packet loop; `writer.rs` sends deliveries as PUBLISH packets;
+//! `acks.rs` acknowledges publishes in order once durable; `subscriptions.rs` keeps subscriptions
+//! as bindings; `convert.rs` maps message properties; `clients.rs` the client ids in use.
+
+mod acks;
+mod clients;
+mod convert;
+mod session;
+mod subscriptions;
+mod writer;
+
+pub(crate) use clients::Clients;
+
+use crate::core::{Core, blocking};
+use crate::manage::{ConnectionFacts, ConnectionInfo};
+use crate::outbound::{Backlog, HandshakeSlot, Outbox};
+use bytes::BytesMut;
+use session::Session;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use wharf_model::ChannelKey;
+use wharf_mqtt::{ConnAck, Connect, DecodeError, Decoder, Disconnect, Packet, Properties, Version, reason};
+use wharf_wire::types::{AMQPValue, FieldTable};
+
+/// The largest CONNECT taken before the client has logged in (RabbitMQ's
+/// `max_packet_size_unauthenticated`).
+const UNAUTHENTICATED_PACKET_BYTES_MAX: u32 = 65_536;
+
+/// Bytes read from the socket at a time.
+const READ_CHUNK_BYTES: usize = 16 * 1024;
+
+/// Longest client id: its queue's name (`mqtt-subscription-<id>qos1`) must fit AMQP's 255 bytes.
+const CLIENT_ID_BYTES_MAX: usize = 255 - "mqtt-subscription-qos1".len();
+
+/// How a connection ended.
+#[derive(Debug)]
+pub(super) enum Ending {
+    /// The client sent DISCONNECT.
+    ClientDisconnected,
+    /// The socket closed or failed.
+    Lost(String),
+    /// Nothing came within one and a half keep-alive intervals.
+    KeepAliveTimeout,
+    /// The client broke the protocol: 5.0 is told the reason code before the close.
+    Protocol(u8, String),
+    /// The server closed it (shutdown, takeover, a management close, a store failure).
+    Closed(String),
+}
+
+/// Reads more bytes into `buffer`; the text says why the socket is done.
+async fn fill<R: AsyncRead + Unpin>(reader: &mut R, buffer: &mut BytesMut) -> Result<usize, String> {
+    buffer.reserve(READ_CHUNK_BYTES);
+    match reader.read_buf(buffer).await {
+        Ok(0) => Err("the client closed the socket".into()),
+        Ok(read) => Ok(read),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+/// Serves one socket accepted on the MQTT listener until it closes.
+pub(crate) async fn serve(
+    core: Arc<Core>,
+    mut socket: TcpStream,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+    handshake_slot: HandshakeSlot,
+) {
+    let _ = socket.set_nodelay(true);
+    let local = socket.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(core.config.handshake_timeout_ms);
+    let mut buffer = BytesMut::with_capacity(1024);
+    let mut decoder = Decoder::new(UNAUTHENTICATED_PACKET_BYTES_MAX);
+    let first = tokio::time::timeout_at(deadline, async {
+        loop {
+            match decoder.decode(&mut buffer) {
+                Ok(Some(packet)) => return Ok(packet),
+                Ok(None) => fill(&mut socket, &mut buffer).await.map_err(|_| None)?,
+                Err(error) => return Err(Some(error)),
+            };
+        }
+    })
+    .await;
+    let connect = match first {
+        Ok(Ok(Packet::Connect(connect))) => connect,
+        Ok(Err(Some(DecodeError::UnsupportedVersion { name, level }))) => {
+            tracing::info!(%peer, %name, level, "MQTT connection refused: unsupported protocol version");
+            // 3.1.1 says: CONNACK with return code 1, then close (section 3.1.2.2).
+            let mut reply = BytesMut::new();
+            let refusal = ConnAck {
+                session_present: false,
+                reason: reason::UNSUPPORTED_PROTOCOL_VERSION,
+                properties: Properties::default(),
+            };
+            wharf_mqtt::encode(&Packet::ConnAck(refusal), Version::V311, &mut reply);
+            let _ = socket.write_all(&reply).await;
+            return;
+        }
+        Ok(Err(Some(error))) => {
+            tracing::info!(%peer, %error, "MQTT connection closed: bad CONNECT");
+            return;
+        }
+        Ok(Ok(_)) | Ok(Err(None)) => return,
+        Err(_) => {
+            tracing::info!(%peer, "MQTT connection closed: no CONNECT in time");
+            return;
+        }
+    };
+    let version = connect.version;
+    match authenticate(&core, &connect, peer) {
+        Ok(admitted) => {
+            run(core, *connect, admitted, peer, local, socket, buffer, decoder, shutdown, handshake_slot).await
+        }
+        Err(code) => refuse(&mut socket, version, code).await,
+    }
+}
+
+/// Answers a CONNECT with a refusal (then the socket is closed).
+async fn refuse(socket: &mut TcpStream, version: Version, code: u8) {
+    let mut reply = BytesMut::new();
+    let refusal = ConnAck { session_present: false, reason: code, properties: Properties::default() };
+    wharf_mqtt::encode(&Packet::ConnAck(refusal), version, &mut reply);
+    let _ = socket.write_all(&reply).await;
+}
+
+/// Who a CONNECT logged in as.
+#[derive(Debug)]
+struct Admitted {
+    user: String,
+    vhost: String,
+    grant: Arc<crate::access::VhostGrant>,
+    client_id: String,
+    /// The client id the server made up for a client that sent none (told in 5.0's CONNACK).
+    assigned: Option<String>,
+}
+
+/// Checks a CONNECT's credentials, vhost and client id. Err: the reason code to refuse it with.
+fn authenticate(core: &Core, connect: &Connect, peer: SocketAddr) -> Result<Admitted, u8> {
+    let settings = &core.config.mqtt;
+    let (Some(name), Some(password)) = (connect.username.as_deref(), connect.password.as_deref()) else {
+        tracing::warn!(%peer, "MQTT connection refused: no user name and password (anonymous logins are off)");
+        return Err(reason::BAD_USER_NAME_OR_PASSWORD);
+    };
+    // RabbitMQ's `vhost:user`, split at the last colon.
+    let (vhost, user) = match name.rsplit_once(':') {
+        Some((vhost, user)) => (vhost.to_owned(), user.to_owned()),
+        None => (settings.vhost.clone(), name.to_owned()),
+    };
+    let throttle = &core.login_throttle;
+    if throttle.is_throttled(peer.ip(), &user, core.now_ms()) {
+        tracing::warn!(%peer, %user, "MQTT connection refused: too many failed logins from this address");
+        return Err(reason::NOT_AUTHORIZED);
+    }
+    let found = core.access.user(&user);
+    let Some(found) = found.filter(|found| found.password.verify(password)) else {
+        throttle.record_failure(peer.ip(), &user, core.now_ms());
+        tracing::warn!(%peer, %user, "MQTT connection refused: bad user name or password");
+        return Err(reason::BAD_USER_NAME_OR_PASSWORD);
+    };
+    throttle.record_success(peer.ip(), &user);
+    if found.loopback_only && !peer.ip().is_loopback() {
+        tracing::warn!(%peer, %user, "MQTT connection refused: user can only connect via localhost");
+        return Err(reason::NOT_AUTHORIZED);
+    }
+    if core.lock_model().vhost(&vhost).is_none() {
+        tracing::warn!(%peer, %user, %vhost, "MQTT connection refused: no such vhost");
+        return Err(reason::BAD_USER_NAME_OR_PASSWORD);
+    }
+    let Some(grant) = core.access.grant(&user, &vhost) else {
+        tracing::warn!(%peer, %user, %vhost, "MQTT connection refused: no permissions on the vhost");
+        return Err(reason::NOT_AUTHORIZED);
+    };
+    let mut client_id = connect.client_id.clone();
+    let mut assigned = None;
+    if client_id.is_empty() {
+        // 3.1.1: a client without an id must start clean (section 3.1.3.1).
+        if !connect.clean_start && !connect.version.is_v5() {
+            return Err(reason::CLIENT_IDENTIFIER_NOT_VALID);
+        }
+        client_id = format!("wharf-{:016x}", random_u64(core.now_ms()));
+        assigned = Some(client_id.clone());
+    }
+    if client_id.len() > CLIENT_ID_BYTES_MAX {
+        tracing::warn!(%peer, "MQTT connection refused: client id over {CLIENT_ID_BYTES_MAX} bytes");
+        return Err(reason::CLIENT_IDENTIFIER_NOT_VALID);
+    }
+    Ok(Admitted { user, vhost, grant, client_id, assigned })
+}
+
+/// A server-assigned client id's random part (std's per-process random hasher keys).
+fn random_u64(seed: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(seed);
+    hasher.finish()
+}
+
+/// Registers the connection, takes the client id, opens or resumes the session, answers the
+/// CONNECT and runs the packet loop until the connection ends; then sends the will and lets
+/// go of the session.
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    core: Arc<Core>,
+    connect: Connect,
+    admitted: Admitted,
+    peer: SocketAddr,
+    local: SocketAddr,
+    mut socket: TcpStream,
+    buffer: BytesMut,
+    mut decoder: Decoder,
+    shutdown: watch::Receiver<bool>,
+    handshake_slot: HandshakeSlot,
+) {
+    let Admitted { user, vhost, grant, client_id, assigned } = admitted;
+    let version = connect.version;
+    let v5 = version.is_v5();
+    let settings = &core.config.mqtt;
+    let lease = match core.limits.admit_connection(&user, &vhost) {
+        Ok(lease) => lease,
+        Err(text) => {
+            tracing::warn!(%peer, %user, %vhost, reason = %text, "MQTT connection refused: limit reached");
+            return refuse(&mut socket, version, reason::QUOTA_EXCEEDED).await;
+        }
+    };
+    let mut client_properties = FieldTable::default();
+    client_properties.insert("product".into(), AMQPValue::LongString("MQTT".into()));
+    client_properties.insert("connection_name".into(), AMQPValue::LongString(client_id.as_str().into()));
+    let info = Arc::new(ConnectionInfo::new(ConnectionFacts {
+        peer,
+        local,
+        tls: false,
+        user: user.clone(),
+        vhost: vhost.clone(),
+        client_properties,
+        auth_mechanism: format!("MQTT {}", if v5 { "5.0" } else { "3.1.1" }),
+        frame_max: settings.packet_bytes_max,
+        channel_max: 1,
+        heartbeat_s: connect.keep_alive_s,
+        connected_at_ms: core.now_ms(),
+    }));
+    let (sender, outbound_receiver) = mpsc::unbounded_channel();
+    let backlog = Arc::new(Backlog::default());
+    let outbox = Outbox { sender, backlog: Arc::clone(&backlog) };
+    let Some(id) = core.connections.register(outbox.clone(), Arc::clone(&info)) else {
+        tracing::warn!(%peer, "MQTT connection refused: too many connections");
+        return refuse(&mut socket, version, reason::SERVER_BUSY).await;
+    };
+    drop(handshake_slot);
+    let Some(client_lease) = core.mqtt_clients.take(&vhost, &client_id, Arc::clone(&info)).await else {
+        core.connections.unregister(id);
+        tracing::warn!(%peer, %client_id, "MQTT connection refused: the connection holding its client id did not let go");
+        return refuse(&mut socket, version, reason::SERVER_BUSY).await;
+    };
+    let key = ChannelKey { connection: id, channel: 1 };
+    if let Err(error) =
+        core.act(|model| model.open_channel(key, &vhost).map(|()| ((), wharf_model::Effects::default())))
+    {
+        core.connections.unregister(id);
+        tracing::warn!(%peer, error = %error.text, "MQTT connection refused");
+        return refuse(&mut socket, version, reason::SERVER_UNAVAILABLE).await;
+    }
+    let max_s = settings.session_expiry_max_s;
+    let expiry_s = if v5 {
+        connect.properties.session_expiry_interval_s.unwrap_or(0).min(max_s)
+    } else if connect.clean_start {
+        0
+    } else {
+        max_s
+    };
+    let prefetch = settings.prefetch.min(connect.properties.receive_maximum.unwrap_or(u16::MAX));
+    let flight = Arc::new(writer::Flight::new(
+        version,
+        connect.properties.maximum_packet_size.unwrap_or(wharf_mqtt::PACKET_BYTES_MAX_LIMIT),
+    ));
+    let (acks_sender, acks_receiver) = mpsc::channel(acks::WAITING_ACKS_MAX);
+    let (failed_sender, failed) = watch::channel(None);
+    let mut session = Session {
+        core: Arc::clone(&core),
+        version,
+        client_id: client_id.clone(),
+        vhost: vhost.clone(),
+        exchange: settings.exchange.clone(),
+        key,
+        grant,
+        outbox: outbox.clone(),
+        flight: Arc::clone(&flight),
+        acks: acks_sender,
+        queue: subscriptions::queue_name(&client_id),
+        expiry_s,
+        subscriptions: Default::default(),
+        consuming: false,
+        prefetch,
+        incoming_qos_2: Default::default(),
+        topic_aliases: Default::default(),
+        will: connect.will.clone(),
+        origin: core.trace_origin(id, &info),
+        write_allowed: false,
+        published: false,
+    };
+    // A clean start ends the session before it; otherwise it goes on where it was: its queue
+    // and subscriptions, and its QoS 2 publishes awaiting PUBREL.
+    let incoming_qos_2 = core.mqtt_clients.take_incoming_qos_2(&vhost, &client_id);
+    let resumed = if connect.clean_start {
+        if let Err(error) = session.queue().discard() {
+            tracing::warn!(%client_id, error = %error.text, "the previous MQTT session could not be discarded");
+        }
+        false
+    } else {
+        session.incoming_qos_2 = incoming_qos_2;
+        session.queue().exists() || !session.incoming_qos_2.is_empty()
+    };
+    if resumed {
+        session.subscriptions = session
+            .queue()
+            .recorded()
+            .into_iter()
+            .map(|recorded| (recorded.granted.filter.clone(), recorded))
+            .collect();
+        session.publish_subscriptions();
+    }
+    decoder.set_packet_bytes_max(settings.packet_bytes_max);
+    let mut properties = Properties::default();
+    if v5 {
+        properties.assigned_client_identifier = assigned;
+        properties.topic_alias_maximum = Some(session::TOPIC_ALIAS_MAXIMUM);
+        properties.receive_maximum = Some(acks::WAITING_ACKS_MAX as u16);
+        properties.maximum_packet_size = Some(settings.packet_bytes_max);
+        properties.retain_available = Some(0);
+        properties.shared_subscription_available = Some(0);
+        if connect.properties.session_expiry_interval_s.is_some_and(|asked| asked > max_s) {
+            properties.session_expiry_interval_s = Some(max_s);
+        }
+    }
+    session.send(&Packet::ConnAck(ConnAck { session_present: resumed, reason: reason::SUCCESS, properties }));
+    // After the CONNACK, so no delivery overtakes it.
+    if resumed
+        && !session.subscriptions.is_empty()
+        && let Err(error) = session.consume()
+    {
+        tracing::warn!(%client_id, error = %error.text, "the MQTT session's queue could not be consumed");
+    }
+    tracing::info!(%peer, connection = id.0, %user, %vhost, %client_id, resumed, "MQTT connection opened");
+    crate::core::Churn::count(&core.churn.connections_opened, 1);
+    let (reader, writer_half) = socket.into_split();
+    let writer_task =
+        tokio::spawn(writer::run(writer_half, outbound_receiver, Arc::clone(&flight), Arc::clone(&backlog)));
+    let acks_task = tokio::spawn(acks::run(acks_receiver, outbox.clone(), version, failed_sender));
+    let reading = Reading { reader, buffer, decoder, keep_alive_s: connect.keep_alive_s };
+    let ending = session::run_packets(&mut session, reading, shutdown, failed, &info).await;
+    match &ending {
+        Ending::ClientDisconnected => tracing::info!(%peer, %client_id, "MQTT connection closed by client"),
+        Ending::Protocol(code, text) => {
+            tracing::info!(%peer, %client_id, code, %text, "MQTT connection closed: protocol error");
+            if v5 {
+                session.send(&Packet::Disconnect(Disconnect::new(*code)));
+            }
+        }
+        Ending::Closed(text) => {
+            tracing::info!(%peer, %client_id, %text, "MQTT connection closed by the server");
+            if v5 {
+                let code = if text == clients::TAKEN_OVER {
+                    reason::SESSION_TAKEN_OVER
+                } else {
+                    reason::ADMINISTRATIVE_ACTION
+                };
+                session.send(&Packet::Disconnect(Disconnect::new(code)));
+            }
+        }
+        Ending::KeepAliveTimeout => {
+            tracing::info!(%peer, %client_id, "MQTT connection closed: keep-alive timeout");
+            if v5 {
+                session.send(&Packet::Disconnect(Disconnect::new(reason::KEEP_ALIVE_TIMEOUT)));
+            }
+        }
+        Ending::Lost(text) => tracing::info!(%peer, %client_id, %text, "MQTT connection lost"),
+    }
+    session.send_will();
+    // Unacknowledged deliveries go back to the queue (marked redelivered); a clean session's
+    // exclusive queue goes with the connection.
+    let _ = blocking(|| core.act(|model| Ok(((), model.close_connection(id)))));
+    if session.expiry_s > 0 {
+        let pending = std::mem::take(&mut session.incoming_qos_2);
+        core.mqtt_clients.keep_incoming_qos_2(&vhost, &client_id, pending);
+    }
+    core.connections.unregister(id);
+    drop(client_lease);
+    drop(lease);
+    drop(session);
+    let _ = acks_task.await;
+    drop(outbox);
+    let _ = writer_task.await;
+}
+
+/// The reading side of a connection after CONNECT.
+#[derive(Debug)]
+pub(super) struct Reading {
+    pub reader: tokio::net::tcp::OwnedReadHalf,
+    pub buffer: BytesMut,
+    pub decoder: Decoder,
+    pub keep_alive_s: u16,
+}

@@ -1,0 +1,495 @@
+//! One MQTT connection after its CONNECT was accepted: the packet loop (publishes, their
+//! acknowledgements both ways, subscriptions, pings, the client's DISCONNECT), keep-alive, the
+//! will, and what the session leaves behind when the connection ends.
+
+use super::acks::PendingAck;
+use super::subscriptions::{Recorded, SessionQueue};
+use super::writer::{Flight, Granted};
+use super::{Ending, convert};
+use crate::access::{Resource, Right, VhostGrant};
+use crate::core::{Core, blocking};
+use crate::outbound::{Outbound, Outbox};
+use crate::publish::{PublishRequest, Published, ReservationPool};
+use bytes::BytesMut;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use wharf_model::{ChannelKey, ModelError};
+use wharf_mqtt::{Ack, Packet, Publish, QoS, SubAck, Subscribe, UnsubAck, Unsubscribe, Version, Will, reason, topic};
+
+/// Most topic aliases a client may set (announced in CONNACK; RabbitMQ's default).
+pub(super) const TOPIC_ALIAS_MAXIMUM: u16 = 16;
+
+/// The consumer tag of a session's consumer on its queue.
+const CONSUMER_TAG: &str = "mqtt";
+
+/// What the packet loop needs about its connection.
+#[derive(Debug)]
+pub(super) struct Session {
+    pub core: Arc<Core>,
+    pub version: Version,
+    pub client_id: String,
+    pub vhost: String,
+    pub exchange: String,
+    pub key: ChannelKey,
+    pub grant: Arc<VhostGrant>,
+    pub outbox: Outbox,
+    pub flight: Arc<Flight>,
+    pub acks: mpsc::Sender<PendingAck>,
+    pub queue: String,
+    pub expiry_s: u32,
+    /// The session's subscriptions, by filter.
+    pub subscriptions: HashMap<String, Recorded>,
+    /// The session's consumer is on its queue.
+    pub consuming: bool,
+    /// Most deliveries unacknowledged at once.
+    pub prefetch: u16,
+    /// QoS 2 publishes received (PUBREC sent or due) whose PUBREL has not come.
+    pub incoming_qos_2: HashSet<u16>,
+    pub topic_aliases: HashMap<u16, String>,
+    pub will: Option<Will>,
+    pub origin: Option<Arc<wharf_model::trace::Provenance>>,
+    /// The user may write to the MQTT exchange (checked once).
+    pub write_allowed: bool,
+    /// It published since the packet loop last looked (for the alarms).
+    pub published: bool,
+}
+
+impl Session {
+    pub fn queue(&self) -> SessionQueue<'_> {
+        SessionQueue {
+            core: &self.core,
+            vhost: &self.vhost,
+            exchange: &self.exchange,
+            queue: self.queue.clone(),
+            connection: self.key.connection,
+            key: self.key,
+            grant: &self.grant,
+            expiry_s: self.expiry_s,
+        }
+    }
+
+    /// Sends a packet that waits on nothing (SUBACK, UNSUBACK, PINGRESP, PUBREL, DISCONNECT).
+    pub fn send(&self, packet: &Packet) {
+        let mut buffer = BytesMut::new();
+        wharf_mqtt::encode(packet, self.version, &mut buffer);
+        let _ = self.outbox.send(Outbound::Frames(buffer.freeze()));
+    }
+
+    /// Queues an acknowledgement behind those of earlier publishes.
+    async fn acknowledge(&self, pending: PendingAck) -> Result<(), Ending> {
+        self.acks.send(pending).await.map_err(|_| Ending::Closed("the acknowledgement task stopped".into()))
+    }
+
+    /// Starts the session's consumer on its queue (once it has one).
+    pub fn consume(&mut self) -> Result<(), ModelError> {
+        if self.consuming {
+            return Ok(());
+        }
+        let (key, queue, prefetch) = (self.key, self.queue.clone(), self.prefetch);
+        let core = Arc::clone(&self.core);
+        blocking(|| {
+            core.act(|model| {
+                let mut effects = model.qos(key, prefetch, false)?;
+                let (_, more) = model.consume_with_priority(key, &queue, CONSUMER_TAG, false, false, 0)?;
+                effects.merge(more);
+                Ok(((), effects))
+            })
+        })?;
+        self.consuming = true;
+        Ok(())
+    }
+
+    /// Handles one packet from the client.
+    pub async fn handle(&mut self, packet: Packet) -> Result<(), Ending> {
+        match packet {
+            Packet::Publish(publish) => self.publish(publish).await,
+            Packet::PubAck(ack) => {
+                self.settle(ack.packet_id, QoS::AtLeastOnce);
+                Ok(())
+            }
+            Packet::PubRec(ack) => {
+                let found = self.settle(ack.packet_id, QoS::ExactlyOnce);
+                let code = if found { reason::SUCCESS } else { reason::PACKET_IDENTIFIER_NOT_FOUND };
+                if found {
+                    self.flight.lock().released.insert(ack.packet_id);
+                }
+                // A refused PUBREC (5.0 reason ≥ 0x80) ends the flow: nothing to release.
+                if ack.reason < 0x80 {
+                    self.send(&Packet::PubRel(Ack::new(ack.packet_id, code)));
+                } else {
+                    self.flight.lock().released.remove(&ack.packet_id);
+                }
+                Ok(())
+            }
+            Packet::PubComp(ack) => {
+                self.flight.lock().released.remove(&ack.packet_id);
+                Ok(())
+            }
+            Packet::PubRel(ack) => {
+                let code = if self.incoming_qos_2.remove(&ack.packet_id) {
+                    reason::SUCCESS
+                } else {
+                    reason::PACKET_IDENTIFIER_NOT_FOUND
+                };
+                let packet = Packet::PubComp(Ack::new(ack.packet_id, code));
+                self.acknowledge(PendingAck { packet, durable: Vec::new(), refused: false }).await
+            }
+            Packet::Subscribe(subscribe) => self.subscribe(subscribe),
+            Packet::Unsubscribe(unsubscribe) => self.unsubscribe(unsubscribe),
+            Packet::PingReq => {
+                self.send(&Packet::PingResp);
+                Ok(())
+            }
+            Packet::Disconnect(disconnect) => {
+                // A normal disconnect discards the will; 0x04 asks for it to be sent anyway.
+                if disconnect.reason != reason::DISCONNECT_WITH_WILL {
+                    self.will = None;
+                }
+                Err(Ending::ClientDisconnected)
+            }
+            Packet::Connect(_) => Err(Ending::Protocol(reason::PROTOCOL_ERROR, "a second CONNECT".into())),
+            Packet::Auth(_) => Err(Ending::Protocol(
+                reason::BAD_AUTHENTICATION_METHOD,
+                "extended authentication is not supported".into(),
+            )),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                Err(Ending::Protocol(reason::PROTOCOL_ERROR, "a packet only servers send".into()))
+            }
+        }
+    }
+
+    /// The client acknowledged the delivery with `packet_id` (PUBACK for QoS 1, PUBREC for QoS
+    /// 2): the message leaves its queue. Returns whether it was in flight.
+    fn settle(&self, packet_id: u16, expected: QoS) -> bool {
+        let in_flight = {
+            let mut state = self.flight.lock();
+            match state.in_flight.get(&packet_id) {
+                Some(flight) if flight.qos == expected => state.in_flight.remove(&packet_id),
+                _ => None,
+            }
+        };
+        let Some(in_flight) = in_flight else { return false };
+        let key = self.key;
+        let _ = self.core.act(|model| Ok(((), model.ack(key, in_flight.delivery_tag, false)?)));
+        true
+    }
+
+    /// Acknowledges the deliveries the writer sent at QoS 0.
+    pub fn settle_written_at_qos_0(&self) {
+        let tags = std::mem::take(&mut self.flight.lock().written_at_qos_0);
+        if tags.is_empty() {
+            return;
+        }
+        let key = self.key;
+        let _ = self.core.act(|model| {
+            let mut effects = wharf_model::Effects::default();
+            for tag in tags {
+                if let Ok(more) = model.ack(key, tag, false) {
+                    effects.merge(more);
+                }
+            }
+            Ok(((), effects))
+        });
+    }
+
+    async fn publish(&mut self, mut publish: Publish) -> Result<(), Ending> {
+        if let Some(alias) = publish.properties.topic_alias {
+            if alias > TOPIC_ALIAS_MAXIMUM {
+                return Err(Ending::Protocol(
+                    reason::TOPIC_ALIAS_INVALID,
+                    format!("topic alias {alias} is over the maximum"),
+                ));
+            }
+            if publish.topic.is_empty() {
+                match self.topic_aliases.get(&alias) {
+                    Some(topic_name) => publish.topic = topic_name.clone(),
+                    None => {
+                        return Err(Ending::Protocol(reason::PROTOCOL_ERROR, format!("unknown topic alias {alias}")));
+                    }
+                }
+            } else {
+                self.topic_aliases.insert(alias, publish.topic.clone());
+            }
+            publish.properties.topic_alias = None;
+        }
+        let packet_id = publish.packet_id;
+        if publish.qos == QoS::ExactlyOnce && self.incoming_qos_2.contains(&packet_id) {
+            // Sent again before our PUBREC reached it: it was taken once already.
+            let packet = Packet::PubRec(Ack::new(packet_id, reason::SUCCESS));
+            return self.acknowledge(PendingAck { packet, durable: Vec::new(), refused: false }).await;
+        }
+        let routing_key = topic::to_amqp(&publish.topic);
+        if let Err(error) = self.allow_publish(&routing_key) {
+            tracing::warn!(client_id = %self.client_id, topic = %publish.topic, %error, "MQTT publish refused");
+            // 5.0 can refuse a QoS 1 or 2 publish and go on; otherwise the connection ends (as
+            // RabbitMQ's `disconnect_on_unauthorized`).
+            if self.version.is_v5() && publish.qos != QoS::AtMostOnce {
+                let refusal = Ack::new(packet_id, reason::NOT_AUTHORIZED);
+                let packet =
+                    if publish.qos == QoS::AtLeastOnce { Packet::PubAck(refusal) } else { Packet::PubRec(refusal) };
+                return self.acknowledge(PendingAck { packet, durable: Vec::new(), refused: false }).await;
+            }
+            return Err(Ending::Protocol(reason::NOT_AUTHORIZED, error.text));
+        }
+        self.published = true;
+        let message = convert::message_from_publish(&self.exchange, routing_key.clone(), &publish)
+            .with_trace(self.origin.clone());
+        // Whether it reached a queue is asked for only where a 5.0 client can be told.
+        let mandatory = self.version.is_v5() && publish.qos != QoS::AtMostOnce;
+        let request = PublishRequest {
+            vhost: &self.vhost,
+            channel: 1,
+            exchange: &self.exchange,
+            routing_key: &routing_key,
+            mandatory,
+        };
+        let core = &self.core;
+        let published = if core.store.under_back_pressure() {
+            blocking(|| core.publish(&request, message, &mut ReservationPool::default()))
+        } else {
+            core.publish(&request, message, &mut ReservationPool::default())
+        };
+        let Published { durable, nack, failed, returned } =
+            published.map_err(|error| Ending::Protocol(reason::IMPLEMENTATION_SPECIFIC_ERROR, error.text))?;
+        let code = if failed {
+            reason::UNSPECIFIED_ERROR
+        } else if nack {
+            reason::QUOTA_EXCEEDED
+        } else if returned.is_some() {
+            reason::NO_MATCHING_SUBSCRIBERS
+        } else {
+            reason::SUCCESS
+        };
+        let packet = match publish.qos {
+            QoS::AtMostOnce => return Ok(()),
+            QoS::AtLeastOnce => Packet::PubAck(Ack::new(packet_id, code)),
+            QoS::ExactlyOnce => {
+                if !nack {
+                    self.incoming_qos_2.insert(packet_id);
+                }
+                Packet::PubRec(Ack::new(packet_id, code))
+            }
+        };
+        self.acknowledge(PendingAck { packet, durable, refused: nack }).await
+    }
+
+    fn allow_publish(&mut self, routing_key: &str) -> Result<(), ModelError> {
+        if !self.write_allowed {
+            self.grant.check(Right::Write, Resource::Exchange, &self.exchange)?;
+            self.write_allowed = true;
+        }
+        if self.grant.has_topic_rules(&self.exchange) {
+            self.grant.check_topic(Right::Write, &self.exchange, routing_key)?;
+        }
+        Ok(())
+    }
+
+    fn subscribe(&mut self, subscribe: Subscribe) -> Result<(), Ending> {
+        let identifier = subscribe.properties.subscription_identifiers.first().copied();
+        let mut reasons = Vec::with_capacity(subscribe.subscriptions.len());
+        for subscription in subscribe.subscriptions {
+            let code = match topic::parse_filter(&subscription.filter) {
+                Err(error) => {
+                    tracing::info!(client_id = %self.client_id, %error, "MQTT subscription refused");
+                    reason::TOPIC_FILTER_INVALID
+                }
+                Ok(parsed) if parsed.share_group.is_some() => reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED,
+                Ok(_) => {
+                    let granted =
+                        Granted { filter: subscription.filter.clone(), qos: subscription.options.qos, identifier };
+                    match self.add_subscription(granted, subscription.options) {
+                        Ok(()) => subscription.options.qos as u8,
+                        Err(error) => {
+                            tracing::warn!(client_id = %self.client_id, error = %error.text, "MQTT subscription refused");
+                            if error.code == wharf_wire::reply_code::ACCESS_REFUSED {
+                                reason::NOT_AUTHORIZED
+                            } else {
+                                reason::UNSPECIFIED_ERROR
+                            }
+                        }
+                    }
+                }
+            };
+            reasons.push(code);
+        }
+        let packet_id = subscribe.packet_id;
+        self.send(&Packet::SubAck(SubAck { packet_id, reasons, properties: Default::default() }));
+        Ok(())
+    }
+
+    fn add_subscription(
+        &mut self,
+        granted: Granted,
+        options: wharf_mqtt::SubscriptionOptions,
+    ) -> Result<(), ModelError> {
+        let queue = self.queue();
+        queue.allow(&granted.filter)?;
+        queue.declare()?;
+        let recorded = Recorded { granted: granted.clone(), options };
+        queue.bind(&granted, &options, self.subscriptions.get(&granted.filter))?;
+        self.subscriptions.insert(granted.filter.clone(), recorded);
+        self.publish_subscriptions();
+        self.consume()
+    }
+
+    /// Tells the writer the subscriptions as they are now.
+    pub fn publish_subscriptions(&self) {
+        let granted = self.subscriptions.values().map(|recorded| recorded.granted.clone()).collect();
+        self.flight.lock().subscriptions = granted;
+    }
+
+    fn unsubscribe(&mut self, unsubscribe: Unsubscribe) -> Result<(), Ending> {
+        let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
+        for filter in unsubscribe.filters {
+            let code = match self.subscriptions.get(&filter).cloned() {
+                None => reason::NO_SUBSCRIPTION_EXISTED,
+                Some(recorded) => match self.queue().unbind(&recorded) {
+                    Ok(()) => {
+                        self.subscriptions.remove(&filter);
+                        reason::SUCCESS
+                    }
+                    Err(error) => {
+                        tracing::warn!(client_id = %self.client_id, error = %error.text, "MQTT unsubscribe failed");
+                        reason::UNSPECIFIED_ERROR
+                    }
+                },
+            };
+            reasons.push(code);
+        }
+        self.publish_subscriptions();
+        let packet_id = unsubscribe.packet_id;
+        self.send(&Packet::UnsubAck(UnsubAck { packet_id, reasons, properties: Default::default() }));
+        Ok(())
+    }
+
+    /// Publishes the will (the connection ended without a normal DISCONNECT). Not waited on:
+    /// nobody is left to acknowledge it to.
+    pub fn send_will(&mut self) {
+        let Some(will) = self.will.take() else { return };
+        let routing_key = topic::to_amqp(&will.topic);
+        if let Err(error) = self.allow_publish(&routing_key) {
+            tracing::warn!(client_id = %self.client_id, topic = %will.topic, %error, "MQTT will not sent: not allowed");
+            return;
+        }
+        let publish = Publish {
+            dup: false,
+            qos: will.qos,
+            retain: will.retain,
+            topic: will.topic,
+            packet_id: 0,
+            properties: will.properties,
+            payload: will.payload,
+        };
+        let message = convert::message_from_publish(&self.exchange, routing_key.clone(), &publish)
+            .with_trace(self.origin.clone());
+        let request = PublishRequest {
+            vhost: &self.vhost,
+            channel: 1,
+            exchange: &self.exchange,
+            routing_key: &routing_key,
+            mandatory: false,
+        };
+        let core = &self.core;
+        if let Err(error) = blocking(|| core.publish(&request, message, &mut ReservationPool::default())) {
+            tracing::warn!(client_id = %self.client_id, error = %error.text, "MQTT will not sent");
+        }
+    }
+}
+
+/// The packet loop: reads and handles packets until the connection ends. Like the AMQP frame
+/// loop it stops reading while the writer is far behind, and while an alarm is raised for a
+/// connection that publishes.
+pub(super) async fn run_packets(
+    session: &mut Session,
+    mut reading: super::Reading,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    mut failed: tokio::sync::watch::Receiver<Option<String>>,
+    info: &crate::manage::ConnectionInfo,
+) -> Ending {
+    use std::sync::atomic::Ordering;
+    let mut close_requested = info.close_requested();
+    let mut fatal = session.core.fatal.subscribe();
+    let backlog = Arc::clone(&session.outbox.backlog);
+    // 1.5 times the keep-alive (section 3.1.2.10); none without one.
+    let silence_limit = match reading.keep_alive_s {
+        0 => std::time::Duration::from_secs(365 * 24 * 3600),
+        keep_alive_s => std::time::Duration::from_millis(u64::from(keep_alive_s) * 1500),
+    };
+    let mut last_read = tokio::time::Instant::now();
+    loop {
+        loop {
+            match reading.decoder.decode(&mut reading.buffer) {
+                Ok(Some(packet)) => {
+                    if let Err(ending) = session.handle(packet).await {
+                        return ending;
+                    }
+                }
+                Ok(None) => break,
+                Err(error) => return Ending::Protocol(error.reason_code(), error.to_string()),
+            }
+        }
+        if backlog.reports.has_unsent() {
+            act_on_writer_reports(session);
+        }
+        if std::mem::take(&mut session.published) && session.core.alarms.state().any() {
+            let mut alarms = session.core.alarms.subscribe();
+            while alarms.borrow_and_update().any() {
+                tokio::select! {
+                    changed = alarms.changed() => if changed.is_err() { break },
+                    _ = shutdown.changed() => return Ending::Closed("broker shutting down".into()),
+                }
+            }
+            last_read = tokio::time::Instant::now();
+        }
+        while backlog.bytes.load(Ordering::Relaxed) > crate::outbound::BACKLOG_BYTES_MAX {
+            let drained = backlog.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            if backlog.bytes.load(Ordering::Relaxed) <= crate::outbound::BACKLOG_BYTES_MAX {
+                break;
+            }
+            tokio::select! {
+                () = drained => {}
+                _ = shutdown.changed() => return Ending::Closed("broker shutting down".into()),
+            }
+        }
+        tokio::select! {
+            read = tokio::time::timeout_at(last_read + silence_limit, super::fill(&mut reading.reader, &mut reading.buffer)) => match read {
+                Ok(Ok(read_bytes)) => {
+                    last_read = tokio::time::Instant::now();
+                    info.count_received(read_bytes);
+                }
+                Ok(Err(reason)) => return Ending::Lost(reason),
+                Err(_) => return Ending::KeepAliveTimeout,
+            },
+            () = session.flight.qos_0_written.notified() => session.settle_written_at_qos_0(),
+            () = backlog.reports.ready.notified() => act_on_writer_reports(session),
+            _ = shutdown.changed() => return Ending::Closed("broker shutting down".into()),
+            _ = fatal.changed() => return Ending::Closed("the broker's storage failed".into()),
+            _ = close_requested.changed() => {
+                return Ending::Closed(close_requested.borrow().clone().unwrap_or_default());
+            }
+            _ = failed.changed() => {
+                return Ending::Closed(failed.borrow().clone().unwrap_or_default());
+            }
+            () = backlog.writer_failed.notified() => {
+                return Ending::Closed("a stored message could not be read back".into());
+            }
+        }
+    }
+}
+
+/// Tells the model what the writer reported (as the AMQP connection does).
+fn act_on_writer_reports(session: &Session) {
+    let crate::outbound::Reports { written_bytes, unsent } = session.outbox.backlog.reports.take();
+    let connection = session.key.connection;
+    let core = &session.core;
+    if written_bytes > 0 {
+        let _ = core.act(|model| Ok(((), model.written(connection, written_bytes))));
+    }
+    for crate::outbound::UnsentDelivery { channel, delivery_tag } in unsent {
+        let undelivered = wharf_model::trace::Refusal::Undelivered;
+        let _ = blocking(|| core.act(|model| Ok(((), model.refuse(channel, delivery_tag, false, true, undelivered)?))));
+    }
+}

@@ -1,0 +1,256 @@
+//! The MQTT connection's writer task: turns deliveries into PUBLISH packets and sends them with
+//! whatever else the connection queued (acknowledgements, SUBACKs, PINGRESPs, already encoded).
+//! Like the AMQP writer it takes no model lock: it gives each delivery a packet id and records it
+//! in the connection's [`Flight`], where the session task finds it when the client acknowledges;
+//! a delivery at QoS 0 has no acknowledgement, so the writer leaves its tag for the session task
+//! to acknowledge once it is written.
+
+use super::convert;
+use crate::outbound::{Backlog, Outbound, OutboundDelivery};
+use crate::pager::{DeliveryBody, PagedReadFailure};
+use bytes::BytesMut;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use wharf_mqtt::{Packet, Publish, QoS, Version, topic};
+
+/// A socket write is flushed once this much is buffered, even if more items are waiting.
+const WRITE_BATCH_BYTES_MAX: usize = 256 * 1024;
+
+/// A subscription as deliveries need it: its filter (MQTT form), granted QoS and identifier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Granted {
+    pub filter: String,
+    pub qos: QoS,
+    pub identifier: Option<u32>,
+}
+
+/// A delivery sent at QoS 1 or 2 and not yet acknowledged by the client.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct InFlight {
+    pub delivery_tag: u64,
+    pub qos: QoS,
+}
+
+/// What the writer and the session task share about deliveries.
+#[derive(Debug)]
+pub(super) struct FlightState {
+    pub version: Version,
+    /// The session's subscriptions (the QoS a delivery goes out at comes from those it matches).
+    pub subscriptions: Vec<Granted>,
+    /// The next packet id to try.
+    next_packet_id: u16,
+    /// QoS 1 awaiting PUBACK, QoS 2 awaiting PUBREC, by packet id.
+    pub in_flight: HashMap<u16, InFlight>,
+    /// QoS 2 deliveries the client received (PUBREC) whose PUBREL was sent: awaiting PUBCOMP.
+    pub released: std::collections::HashSet<u16>,
+    /// Delivery tags written at QoS 0, for the session task to acknowledge.
+    pub written_at_qos_0: Vec<u64>,
+    /// The largest packet the client takes (5.0's maximum packet size).
+    pub client_packet_bytes_max: u32,
+}
+
+impl FlightState {
+    /// A packet id in use by neither an unacknowledged delivery nor a released one.
+    fn allocate_packet_id(&mut self) -> Option<u16> {
+        for _ in 0..u16::MAX {
+            let id = self.next_packet_id;
+            self.next_packet_id = if id == u16::MAX { 1 } else { id + 1 };
+            if !self.in_flight.contains_key(&id) && !self.released.contains(&id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+}
+
+/// The shared state and the signal that QoS 0 tags wait to be acknowledged.
+#[derive(Debug)]
+pub(super) struct Flight {
+    pub state: Mutex<FlightState>,
+    pub qos_0_written: tokio::sync::Notify,
+}
+
+impl Flight {
+    pub(super) fn new(version: Version, client_packet_bytes_max: u32) -> Flight {
+        Flight {
+            state: Mutex::new(FlightState {
+                version,
+                subscriptions: Vec::new(),
+                next_packet_id: 1,
+                in_flight: HashMap::new(),
+                released: std::collections::HashSet::new(),
+                written_at_qos_0: Vec::new(),
+                client_packet_bytes_max,
+            }),
+            qos_0_written: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, FlightState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The QoS a delivery goes out at: the highest of the subscriptions its topic matches, at most
+/// the QoS it was published with; and the identifiers of those subscriptions (5.0).
+fn granted_for(subscriptions: &[Granted], topic_name: &str, published: QoS) -> (QoS, Vec<u32>) {
+    let mut granted = None;
+    let mut identifiers = Vec::new();
+    for subscription in subscriptions.iter().filter(|subscription| topic::matches(&subscription.filter, topic_name)) {
+        granted = granted.max(Some(subscription.qos));
+        identifiers.extend(subscription.identifier);
+    }
+    // Matched by no subscription any more (unsubscribed while it was queued): at most once.
+    (granted.unwrap_or(QoS::AtMostOnce).min(published), identifiers)
+}
+
+/// A body could not be read back: the connection closes, so its deliveries are requeued.
+#[derive(Debug)]
+struct Unreadable;
+
+/// Encodes one delivery as a PUBLISH; returns the delivery bytes it carried.
+fn encode_delivery(
+    buffer: &mut BytesMut,
+    outbound: OutboundDelivery,
+    flight: &Flight,
+    backlog: &Backlog,
+) -> Result<u64, Unreadable> {
+    let OutboundDelivery { delivery, count_recorded: _, body } = outbound;
+    let weight = wharf_model::broker::delivery_bytes(&delivery.message);
+    let payload = match body {
+        DeliveryBody::Resident(bytes) => bytes,
+        DeliveryBody::Paged(read) => {
+            let left_the_model = read.left_the_model();
+            match read.read() {
+                Ok(body) => body,
+                Err(PagedReadFailure::QueueGone) => {
+                    if !left_the_model {
+                        backlog.reports.unsent(delivery.channel, delivery.delivery_tag);
+                    }
+                    return Ok(weight);
+                }
+                Err(PagedReadFailure::Unreadable(error)) => {
+                    tracing::error!(queue = %delivery.queue, %error, "a paged-out message could not be read back; closing the MQTT connection");
+                    return Err(Unreadable);
+                }
+            }
+        }
+    };
+    let topic_name = topic::to_mqtt(&delivery.message.routing_key);
+    let mut state = flight.lock();
+    let version = state.version;
+    let outward = convert::outgoing(&delivery.message, version.is_v5());
+    let (qos, identifiers) = granted_for(&state.subscriptions, &topic_name, outward.qos);
+    let mut properties = outward.properties;
+    if version.is_v5() {
+        properties.subscription_identifiers = identifiers;
+    }
+    let packet_id = if qos == QoS::AtMostOnce {
+        0
+    } else {
+        match state.allocate_packet_id() {
+            Some(id) => id,
+            None => {
+                // Every id is taken (cannot happen with prefetch below 65,535): give it back.
+                backlog.reports.unsent(delivery.channel, delivery.delivery_tag);
+                return Ok(weight);
+            }
+        }
+    };
+    let publish = Publish {
+        dup: delivery.redelivered && qos != QoS::AtMostOnce,
+        qos,
+        retain: false,
+        topic: topic_name,
+        packet_id,
+        properties,
+        payload,
+    };
+    let start = buffer.len();
+    wharf_mqtt::encode(&Packet::Publish(publish), version, buffer);
+    if buffer.len() - start > state.client_packet_bytes_max as usize {
+        // Over the client's maximum packet size: discarded, as 5.0 says (section 3.1.2.11.4).
+        buffer.truncate(start);
+        state.written_at_qos_0.push(delivery.delivery_tag);
+        drop(state);
+        flight.qos_0_written.notify_one();
+        return Ok(weight);
+    }
+    if qos == QoS::AtMostOnce {
+        state.written_at_qos_0.push(delivery.delivery_tag);
+    } else {
+        state.in_flight.insert(packet_id, super::writer::InFlight { delivery_tag: delivery.delivery_tag, qos });
+    }
+    Ok(weight)
+}
+
+/// Runs until every sender is gone or the socket fails, like the AMQP writer (`crate::writer`).
+pub(super) async fn run<W: AsyncWrite + Unpin>(
+    mut socket: W,
+    mut outbound: mpsc::UnboundedReceiver<Outbound>,
+    flight: Arc<Flight>,
+    backlog: Arc<Backlog>,
+) {
+    let mut buffer = BytesMut::new();
+    let mut recorded = Vec::new();
+    let mut failed = false;
+    while let Some(first) = outbound.recv().await {
+        let mut item = Some(first);
+        let mut queued_bytes = 0;
+        let mut delivered_bytes = 0;
+        let mut wrote_qos_0 = false;
+        let mut unreadable = false;
+        while let Some(next) = item.take() {
+            queued_bytes += next.size_bytes();
+            match next {
+                Outbound::Frames(bytes) => buffer.extend_from_slice(&bytes),
+                Outbound::Deliver(delivery) if failed || unreadable => delivery.body.drop_unsent(),
+                Outbound::Deliver(mut delivery) => {
+                    recorded.extend(delivery.count_recorded.take());
+                    let before = flight.lock().written_at_qos_0.len();
+                    match encode_delivery(&mut buffer, delivery, &flight, &backlog) {
+                        Ok(weight) => delivered_bytes += weight,
+                        Err(Unreadable) => unreadable = true,
+                    }
+                    wrote_qos_0 |= flight.lock().written_at_qos_0.len() > before;
+                }
+                // MQTT has no way to tell a client its subscription's queue went away, and
+                // nothing unroutable comes back to an MQTT publisher.
+                Outbound::CancelConsumer { .. } | Outbound::Return { .. } => {}
+            }
+            if buffer.len() < WRITE_BATCH_BYTES_MAX {
+                item = outbound.try_recv().ok();
+            }
+        }
+        if unreadable && !failed {
+            failed = true;
+            backlog.writer_failed.notify_one();
+        }
+        for ticket in recorded.drain(..) {
+            let _ = ticket.await;
+        }
+        if socket.write_all(&buffer).await.is_err() || socket.flush().await.is_err() {
+            outbound.close();
+            while let Ok(item) = outbound.try_recv() {
+                if let Outbound::Deliver(delivery) = item {
+                    delivery.body.drop_unsent();
+                }
+            }
+            return;
+        }
+        buffer.clear();
+        backlog.bytes.fetch_sub(queued_bytes, Ordering::Relaxed);
+        backlog.drained.notify_waiters();
+        if delivered_bytes > 0 {
+            backlog.reports.written(delivered_bytes);
+        }
+        // Told only once written: a QoS 0 delivery is acknowledged when it has left.
+        if wrote_qos_0 {
+            flight.qos_0_written.notify_one();
+        }
+    }
+    let _ = socket.shutdown().await;
+}
