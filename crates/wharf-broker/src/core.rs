@@ -63,6 +63,8 @@ pub(crate) struct Core {
     pub churn: Churn,
     /// MQTT client ids in use, for taking a session over.
     pub mqtt_clients: crate::mqtt::Clients,
+    /// MQTT retained messages (kept in the definitions log).
+    pub mqtt_retained: crate::mqtt::Retained,
 }
 
 /// Counts of objects opened, declared and deleted since start; those closed are what was opened
@@ -133,6 +135,7 @@ impl Core {
             Arc::clone(&parts.config.disk_space),
             parts.config.data_dir.clone(),
         );
+        let mqtt_retained = crate::mqtt::Retained::load(&parts.meta.entries());
         Core {
             access,
             limits,
@@ -150,6 +153,7 @@ impl Core {
             login_throttle: LoginThrottle::default(),
             churn: Churn::default(),
             mqtt_clients: crate::mqtt::Clients::default(),
+            mqtt_retained,
         }
     }
 

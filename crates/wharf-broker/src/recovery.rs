@@ -310,9 +310,10 @@ fn restore_definition(
         }
         return;
     }
-    // Vhosts and policies the management API created were restored first.
+    // Vhosts and policies the management API created were restored first; retained MQTT
+    // messages are read by the MQTT front end (`mqtt/retained.rs`).
     if let Some((kind, _, _)) = definition_format::split_key(key)
-        && crate::policy_records::is_record_kind(kind)
+        && (crate::policy_records::is_record_kind(kind) || kind == crate::mqtt::retained::KIND)
     {
         return;
     }

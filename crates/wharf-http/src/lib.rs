@@ -118,6 +118,10 @@ impl HttpServer {
     pub async fn shutdown(self) {
         self.shutdown.send_replace(true);
         let _ = self.task.await;
+        // Awaited, not only aborted: the sampler holds the broker's management handle, and a
+        // broker restarted on the same data directory finds it locked until that is dropped
+        // (seen in CI: `Locked` on restart in policies_vhosts).
         self.sampling.abort();
+        let _ = self.sampling.await;
     }
 }

@@ -93,6 +93,7 @@ impl Management {
             let changes: Vec<MetaChange> = keys.into_iter().map(|key| MetaChange::Delete { key }).collect();
             self.write_definitions(&changes)?;
             let mut model = self.core.lock_model();
+            self.core.mqtt_retained.forget_vhost(name);
             let Some(mut effects) = model.remove_vhost(name) else { return Ok(()) };
             self.core.send(&mut effects);
             drop(model);

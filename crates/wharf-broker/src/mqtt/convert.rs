@@ -19,13 +19,17 @@ const REPLY_TO_TOPIC_HEADER: &str = "x-reply-to-topic";
 /// Correlation data that is not a short string (binary, or over 255 bytes), as RabbitMQ keeps it.
 const CORRELATION_ID_HEADER: &str = "x-correlation-id";
 
-/// The AMQP message for an MQTT publish (the topic already resolved from any alias).
-pub(super) fn message_from_publish(exchange: &str, routing_key: String, publish: &Publish) -> Message {
+/// The AMQP message for an MQTT publish (the topic already resolved from any alias); a
+/// `retained` one is a copy of a retained message for a new subscription.
+pub(super) fn message_from_publish(exchange: &str, routing_key: String, publish: &Publish, retained: bool) -> Message {
     let mut properties =
         BasicProperties::default().with_delivery_mode(if publish.qos == QoS::AtMostOnce { 1 } else { 2 });
     let mut headers = FieldTable::default();
     if publish.qos == QoS::ExactlyOnce {
         headers.insert(PUBLISH_QOS_HEADER.into(), AMQPValue::ShortShortUInt(2));
+    }
+    if retained {
+        headers.insert(super::retained::RETAINED_HEADER.into(), AMQPValue::Boolean(true));
     }
     let given = &publish.properties;
     if let Some(content_type) = given.content_type.as_deref().filter(|text| text.len() <= 255 && text.is_ascii()) {
@@ -62,6 +66,8 @@ pub(super) fn message_from_publish(exchange: &str, routing_key: String, publish:
 /// message: 1 if persistent, else 0) and its 5.0 properties.
 pub(super) struct Outward {
     pub qos: QoS,
+    /// A retained message's copy for a new subscription: sent with the retain flag.
+    pub retained: bool,
     pub properties: Properties,
 }
 
@@ -75,9 +81,10 @@ pub(super) fn outgoing(message: &Message, v5: bool) -> Outward {
         _ if full.delivery_mode() == &Some(2) => QoS::AtLeastOnce,
         _ => QoS::AtMostOnce,
     };
+    let retained = matches!(header(super::retained::RETAINED_HEADER), Some(AMQPValue::Boolean(true)));
     let mut properties = Properties::default();
     if !v5 {
-        return Outward { qos, properties };
+        return Outward { qos, retained, properties };
     }
     properties.content_type = full.content_type().as_ref().map(|text| text.as_str().to_owned());
     properties.correlation_data = match (full.correlation_id(), header(CORRELATION_ID_HEADER)) {
@@ -96,7 +103,9 @@ pub(super) fn outgoing(message: &Message, v5: bool) -> Outward {
     if let Some(table) = headers {
         for (name, value) in table.inner() {
             let name = name.as_str();
-            if [PUBLISH_QOS_HEADER, REPLY_TO_TOPIC_HEADER, CORRELATION_ID_HEADER].contains(&name) {
+            let own =
+                [PUBLISH_QOS_HEADER, REPLY_TO_TOPIC_HEADER, CORRELATION_ID_HEADER, super::retained::RETAINED_HEADER];
+            if own.contains(&name) {
                 continue;
             }
             // Text, numbers and booleans become user properties; tables, arrays and binary do not
@@ -120,5 +129,5 @@ pub(super) fn outgoing(message: &Message, v5: bool) -> Outward {
             }
         }
     }
-    Outward { qos, properties }
+    Outward { qos, retained, properties }
 }

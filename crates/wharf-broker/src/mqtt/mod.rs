@@ -10,17 +10,22 @@
 //! vhost from a `vhost:user` name, the client id, taking a session over, resuming one);
 //! `session.rs` runs the packet loop; `writer.rs` sends deliveries as PUBLISH packets;
 //! `acks.rs` acknowledges publishes in order once durable; `subscriptions.rs` keeps subscriptions
-//! as bindings; `convert.rs` maps message properties; `clients.rs` the client ids in use.
+//! as bindings; `retained.rs` keeps retained messages; `convert.rs` maps message properties;
+//! `clients.rs` the client ids in use.
 
 mod acks;
 mod clients;
 mod convert;
+pub(crate) mod retained;
 mod session;
+mod shared;
 mod subscriptions;
 mod writer;
 
 pub(crate) use clients::Clients;
+pub(crate) use retained::Retained;
 
+use crate::access::{Resource, Right};
 use crate::core::{Core, blocking};
 use crate::manage::{ConnectionFacts, ConnectionInfo};
 use crate::outbound::{Backlog, HandshakeSlot, Outbox};
@@ -265,9 +270,14 @@ async fn run(
         return refuse(&mut socket, version, reason::SERVER_BUSY).await;
     };
     let key = ChannelKey { connection: id, channel: 1 };
-    if let Err(error) =
-        core.act(|model| model.open_channel(key, &vhost).map(|()| ((), wharf_model::Effects::default())))
-    {
+    let prefetch = settings.prefetch.min(connect.properties.receive_maximum.unwrap_or(u16::MAX));
+    // The prefetch is the channel's (RabbitMQ's `global`): the session's queue and its shared
+    // subscriptions together stay within the client's receive maximum.
+    let opened = core.act(|model| {
+        model.open_channel(key, &vhost)?;
+        Ok(((), model.qos(key, prefetch, true)?))
+    });
+    if let Err(error) = opened {
         core.connections.unregister(id);
         tracing::warn!(%peer, error = %error.text, "MQTT connection refused");
         return refuse(&mut socket, version, reason::SERVER_UNAVAILABLE).await;
@@ -280,10 +290,15 @@ async fn run(
     } else {
         max_s
     };
-    let prefetch = settings.prefetch.min(connect.properties.receive_maximum.unwrap_or(u16::MAX));
+    // What the session kept between connections; a clean start ends it.
+    let mut kept = core.mqtt_clients.take_kept(&vhost, &client_id, std::time::Instant::now());
+    if connect.clean_start {
+        kept = clients::Kept::default();
+    }
     let flight = Arc::new(writer::Flight::new(
         version,
         connect.properties.maximum_packet_size.unwrap_or(wharf_mqtt::PACKET_BYTES_MAX_LIMIT),
+        &kept,
     ));
     let (acks_sender, acks_receiver) = mpsc::channel(acks::WAITING_ACKS_MAX);
     let (failed_sender, failed) = watch::channel(None);
@@ -302,7 +317,7 @@ async fn run(
         expiry_s,
         subscriptions: Default::default(),
         consuming: false,
-        prefetch,
+        shared: Default::default(),
         incoming_qos_2: Default::default(),
         topic_aliases: Default::default(),
         will: connect.will.clone(),
@@ -310,17 +325,28 @@ async fn run(
         write_allowed: false,
         published: false,
     };
+    // A session is another user's to resume or end only with the rights its queue needs
+    // (client ids are per vhost, as in RabbitMQ).
+    if session.queue().exists() {
+        let right = if connect.clean_start { Right::Configure } else { Right::Read };
+        if let Err(error) = session.grant.check(right, Resource::Queue, &session.queue) {
+            tracing::warn!(%peer, %user, %client_id, error = %error.text, "MQTT connection refused: the session's queue is not the user's");
+            let _ = blocking(|| core.act(|model| Ok(((), model.close_connection(id)))));
+            core.connections.unregister(id);
+            return refuse(&mut socket, version, reason::NOT_AUTHORIZED).await;
+        }
+    }
     // A clean start ends the session before it; otherwise it goes on where it was: its queue
-    // and subscriptions, and its QoS 2 publishes awaiting PUBREL.
-    let incoming_qos_2 = core.mqtt_clients.take_incoming_qos_2(&vhost, &client_id);
+    // and subscriptions, and its unfinished QoS 2 flows.
+    let released: Vec<u16> = kept.released.iter().copied().collect();
     let resumed = if connect.clean_start {
         if let Err(error) = session.queue().discard() {
             tracing::warn!(%client_id, error = %error.text, "the previous MQTT session could not be discarded");
         }
         false
     } else {
-        session.incoming_qos_2 = incoming_qos_2;
-        session.queue().exists() || !session.incoming_qos_2.is_empty()
+        session.incoming_qos_2 = std::mem::take(&mut kept.incoming_qos_2);
+        session.queue().exists() || !session.incoming_qos_2.is_empty() || !released.is_empty()
     };
     if resumed {
         session.subscriptions = session
@@ -338,13 +364,15 @@ async fn run(
         properties.topic_alias_maximum = Some(session::TOPIC_ALIAS_MAXIMUM);
         properties.receive_maximum = Some(acks::WAITING_ACKS_MAX as u16);
         properties.maximum_packet_size = Some(settings.packet_bytes_max);
-        properties.retain_available = Some(0);
-        properties.shared_subscription_available = Some(0);
         if connect.properties.session_expiry_interval_s.is_some_and(|asked| asked > max_s) {
             properties.session_expiry_interval_s = Some(max_s);
         }
     }
     session.send(&Packet::ConnAck(ConnAck { session_present: resumed, reason: reason::SUCCESS, properties }));
+    // QoS 2 deliveries the client received before it went: their PUBREL again (section 4.4).
+    for packet_id in released {
+        session.send(&Packet::PubRel(wharf_mqtt::Ack::new(packet_id, reason::SUCCESS)));
+    }
     // After the CONNACK, so no delivery overtakes it.
     if resumed
         && !session.subscriptions.is_empty()
@@ -360,46 +388,63 @@ async fn run(
     let acks_task = tokio::spawn(acks::run(acks_receiver, outbox.clone(), version, failed_sender));
     let reading = Reading { reader, buffer, decoder, keep_alive_s: connect.keep_alive_s };
     let ending = session::run_packets(&mut session, reading, shutdown, failed, &info).await;
-    match &ending {
-        Ending::ClientDisconnected => tracing::info!(%peer, %client_id, "MQTT connection closed by client"),
+    let disconnect = match &ending {
+        Ending::ClientDisconnected => {
+            tracing::info!(%peer, %client_id, "MQTT connection closed by client");
+            None
+        }
         Ending::Protocol(code, text) => {
             tracing::info!(%peer, %client_id, code, %text, "MQTT connection closed: protocol error");
-            if v5 {
-                session.send(&Packet::Disconnect(Disconnect::new(*code)));
-            }
+            Some(*code)
         }
         Ending::Closed(text) => {
             tracing::info!(%peer, %client_id, %text, "MQTT connection closed by the server");
-            if v5 {
-                let code = if text == clients::TAKEN_OVER {
-                    reason::SESSION_TAKEN_OVER
-                } else {
-                    reason::ADMINISTRATIVE_ACTION
-                };
-                session.send(&Packet::Disconnect(Disconnect::new(code)));
-            }
+            Some(if text == clients::TAKEN_OVER { reason::SESSION_TAKEN_OVER } else { reason::ADMINISTRATIVE_ACTION })
         }
         Ending::KeepAliveTimeout => {
             tracing::info!(%peer, %client_id, "MQTT connection closed: keep-alive timeout");
-            if v5 {
-                session.send(&Packet::Disconnect(Disconnect::new(reason::KEEP_ALIVE_TIMEOUT)));
-            }
+            Some(reason::KEEP_ALIVE_TIMEOUT)
         }
-        Ending::Lost(text) => tracing::info!(%peer, %client_id, %text, "MQTT connection lost"),
-    }
+        Ending::Lost(text) => {
+            tracing::info!(%peer, %client_id, %text, "MQTT connection lost");
+            None
+        }
+    };
     session.send_will();
     // Unacknowledged deliveries go back to the queue (marked redelivered); a clean session's
-    // exclusive queue goes with the connection.
+    // exclusive queue goes with the connection, and so does a resumed durable queue of a session
+    // that now ends with its connection (5.0 expiry 0).
     let _ = blocking(|| core.act(|model| Ok(((), model.close_connection(id)))));
-    if session.expiry_s > 0 {
-        let pending = std::mem::take(&mut session.incoming_qos_2);
-        core.mqtt_clients.keep_incoming_qos_2(&vhost, &client_id, pending);
+    if session.expiry_s == 0
+        && let Err(error) = session.queue().discard()
+    {
+        tracing::warn!(%client_id, error = %error.text, "the ended MQTT session's queue could not be deleted");
+    }
+    let expiry_s = session.expiry_s;
+    let mut kept =
+        clients::Kept { incoming_qos_2: std::mem::take(&mut session.incoming_qos_2), ..clients::Kept::default() };
+    {
+        let state = flight.lock();
+        kept.released = state.released.clone();
+        kept.next_packet_id = state.next_packet_id;
+    }
+    // Every acknowledgement already due goes out (each once its message is durable) before the
+    // session's state is handed on: a takeover must not acknowledge a repeated QoS 2 publish
+    // whose first copy is not durable yet. The server's DISCONNECT comes after them.
+    drop(session);
+    let _ = acks_task.await;
+    if let Some(code) = disconnect.filter(|_| v5) {
+        let mut buffer = BytesMut::new();
+        wharf_mqtt::encode(&Packet::Disconnect(Disconnect::new(code)), version, &mut buffer);
+        let _ = outbox.send(crate::outbound::Outbound::Frames(buffer.freeze()));
+    }
+    if expiry_s > 0 {
+        let expires_at = std::time::Instant::now() + Duration::from_secs(u64::from(expiry_s));
+        core.mqtt_clients.keep(&vhost, &client_id, kept, expires_at);
     }
     core.connections.unregister(id);
     drop(client_lease);
     drop(lease);
-    drop(session);
-    let _ = acks_task.await;
     drop(outbox);
     let _ = writer_task.await;
 }

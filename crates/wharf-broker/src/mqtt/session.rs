@@ -15,7 +15,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use wharf_model::{ChannelKey, ModelError};
-use wharf_mqtt::{Ack, Packet, Publish, QoS, SubAck, Subscribe, UnsubAck, Unsubscribe, Version, Will, reason, topic};
+use wharf_mqtt::{
+    Ack, Packet, Publish, QoS, RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe, Version, Will, reason, topic,
+};
 
 /// Most topic aliases a client may set (announced in CONNACK; RabbitMQ's default).
 pub(super) const TOPIC_ALIAS_MAXIMUM: u16 = 16;
@@ -42,8 +44,8 @@ pub(super) struct Session {
     pub subscriptions: HashMap<String, Recorded>,
     /// The session's consumer is on its queue.
     pub consuming: bool,
-    /// Most deliveries unacknowledged at once.
-    pub prefetch: u16,
+    /// The shared subscriptions it is a member of, by their `$share/…` text.
+    pub shared: HashMap<String, super::shared::Shared>,
     /// QoS 2 publishes received (PUBREC sent or due) whose PUBREL has not come.
     pub incoming_qos_2: HashSet<u16>,
     pub topic_aliases: HashMap<u16, String>,
@@ -86,13 +88,11 @@ impl Session {
         if self.consuming {
             return Ok(());
         }
-        let (key, queue, prefetch) = (self.key, self.queue.clone(), self.prefetch);
+        let (key, queue) = (self.key, self.queue.clone());
         let core = Arc::clone(&self.core);
         blocking(|| {
             core.act(|model| {
-                let mut effects = model.qos(key, prefetch, false)?;
-                let (_, more) = model.consume_with_priority(key, &queue, CONSUMER_TAG, false, false, 0)?;
-                effects.merge(more);
+                let (_, effects) = model.consume_with_priority(key, &queue, CONSUMER_TAG, false, false, 0)?;
                 Ok(((), effects))
             })
         })?;
@@ -145,6 +145,16 @@ impl Session {
                 // A normal disconnect discards the will; 0x04 asks for it to be sent anyway.
                 if disconnect.reason != reason::DISCONNECT_WITH_WILL {
                     self.will = None;
+                }
+                // 5.0 may change the session's expiry here, but not from 0 (section 3.14.2.2.2).
+                if let Some(expiry_s) = disconnect.properties.session_expiry_interval_s {
+                    if self.expiry_s == 0 && expiry_s > 0 {
+                        return Err(Ending::Protocol(
+                            reason::PROTOCOL_ERROR,
+                            "session expiry set at DISCONNECT after 0".into(),
+                        ));
+                    }
+                    self.expiry_s = expiry_s.min(self.core.config.mqtt.session_expiry_max_s);
                 }
                 Err(Ending::ClientDisconnected)
             }
@@ -233,7 +243,7 @@ impl Session {
             return Err(Ending::Protocol(reason::NOT_AUTHORIZED, error.text));
         }
         self.published = true;
-        let message = convert::message_from_publish(&self.exchange, routing_key.clone(), &publish)
+        let message = convert::message_from_publish(&self.exchange, routing_key.clone(), &publish, false)
             .with_trace(self.origin.clone());
         // Whether it reached a queue is asked for only where a 5.0 client can be told.
         let mandatory = self.version.is_v5() && publish.qos != QoS::AtMostOnce;
@@ -252,9 +262,23 @@ impl Session {
         };
         let Published { durable, nack, failed, returned } =
             published.map_err(|error| Ending::Protocol(reason::IMPLEMENTATION_SPECIFIC_ERROR, error.text))?;
+        let mut kept = true;
+        if publish.retain {
+            match self.core.mqtt_retained.keep(&self.core, &self.vhost, &publish) {
+                Ok(()) => {}
+                Err(super::retained::NotKept::Full) => {
+                    tracing::warn!(client_id = %self.client_id, topic = %publish.topic, "retained message not kept: the retained store is full");
+                    kept = false;
+                }
+                Err(super::retained::NotKept::Store(error)) => {
+                    self.core.store_failed(&error);
+                    return Err(Ending::Closed(format!("the retained message could not be stored: {error}")));
+                }
+            }
+        }
         let code = if failed {
             reason::UNSPECIFIED_ERROR
-        } else if nack {
+        } else if nack || !kept {
             reason::QUOTA_EXCEEDED
         } else if returned.is_some() {
             reason::NO_MATCHING_SUBSCRIBERS
@@ -288,18 +312,33 @@ impl Session {
     fn subscribe(&mut self, subscribe: Subscribe) -> Result<(), Ending> {
         let identifier = subscribe.properties.subscription_identifiers.first().copied();
         let mut reasons = Vec::with_capacity(subscribe.subscriptions.len());
+        let mut retained_for = Vec::new();
         for subscription in subscribe.subscriptions {
             let code = match topic::parse_filter(&subscription.filter) {
                 Err(error) => {
                     tracing::info!(client_id = %self.client_id, %error, "MQTT subscription refused");
                     reason::TOPIC_FILTER_INVALID
                 }
-                Ok(parsed) if parsed.share_group.is_some() => reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED,
+                Ok(topic::ParsedFilter { share_group: Some(group), filter }) => {
+                    let (group, filter) = (group.to_owned(), filter.to_owned());
+                    self.subscribe_shared(&subscription.filter, &group, &filter, subscription.options)
+                }
                 Ok(_) => {
                     let granted =
                         Granted { filter: subscription.filter.clone(), qos: subscription.options.qos, identifier };
+                    let existed = self.subscriptions.contains_key(&granted.filter);
                     match self.add_subscription(granted, subscription.options) {
-                        Ok(()) => subscription.options.qos as u8,
+                        Ok(()) => {
+                            let wanted = match subscription.options.retain_handling {
+                                RetainHandling::SendAtSubscribe => true,
+                                RetainHandling::SendAtNewSubscribe => !existed,
+                                RetainHandling::DoNotSend => false,
+                            };
+                            if wanted {
+                                retained_for.push(subscription.filter.clone());
+                            }
+                            subscription.options.qos as u8
+                        }
                         Err(error) => {
                             tracing::warn!(client_id = %self.client_id, error = %error.text, "MQTT subscription refused");
                             if error.code == wharf_wire::reply_code::ACCESS_REFUSED {
@@ -315,7 +354,29 @@ impl Session {
         }
         let packet_id = subscribe.packet_id;
         self.send(&Packet::SubAck(SubAck { packet_id, reasons, properties: Default::default() }));
+        for filter in retained_for {
+            self.send_retained(&filter);
+        }
         Ok(())
+    }
+
+    /// Puts copies of the retained messages `filter` matches into the session's queue (after the
+    /// SUBACK, as the specification orders), marked so they go out with the retain flag.
+    fn send_retained(&self, filter: &str) {
+        for publish in self.core.mqtt_retained.matching(&self.vhost, filter) {
+            let message = convert::message_from_publish(&self.exchange, topic::to_amqp(&publish.topic), &publish, true);
+            let request = PublishRequest {
+                vhost: &self.vhost,
+                channel: 1,
+                exchange: "",
+                routing_key: &self.queue,
+                mandatory: false,
+            };
+            let core = &self.core;
+            if let Err(error) = blocking(|| core.publish(&request, message, &mut ReservationPool::default())) {
+                tracing::warn!(client_id = %self.client_id, error = %error.text, "a retained message could not be sent");
+            }
+        }
     }
 
     fn add_subscription(
@@ -335,13 +396,24 @@ impl Session {
 
     /// Tells the writer the subscriptions as they are now.
     pub fn publish_subscriptions(&self) {
-        let granted = self.subscriptions.values().map(|recorded| recorded.granted.clone()).collect();
+        let own = self.subscriptions.values().map(|recorded| recorded.granted.clone());
+        let shared = self.shared.values().map(|member| member.granted.clone());
+        // Matched as deliveries' topics come back from routing keys: `.` in a filter is a level
+        // separator there too (RabbitMQ's mapping), so `v1.0/status` matches `v1/0/status`.
+        let granted = own
+            .chain(shared)
+            .map(|granted| Granted { filter: topic::to_mqtt(&topic::to_amqp(&granted.filter)), ..granted })
+            .collect();
         self.flight.lock().subscriptions = granted;
     }
 
     fn unsubscribe(&mut self, unsubscribe: Unsubscribe) -> Result<(), Ending> {
         let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
         for filter in unsubscribe.filters {
+            if let Some(code) = self.unsubscribe_shared(&filter) {
+                reasons.push(code);
+                continue;
+            }
             let code = match self.subscriptions.get(&filter).cloned() {
                 None => reason::NO_SUBSCRIPTION_EXISTED,
                 Some(recorded) => match self.queue().unbind(&recorded) {
@@ -381,7 +453,7 @@ impl Session {
             properties: will.properties,
             payload: will.payload,
         };
-        let message = convert::message_from_publish(&self.exchange, routing_key.clone(), &publish)
+        let message = convert::message_from_publish(&self.exchange, routing_key.clone(), &publish, false)
             .with_trace(self.origin.clone());
         let request = PublishRequest {
             vhost: &self.vhost,
@@ -393,6 +465,11 @@ impl Session {
         let core = &self.core;
         if let Err(error) = blocking(|| core.publish(&request, message, &mut ReservationPool::default())) {
             tracing::warn!(client_id = %self.client_id, error = %error.text, "MQTT will not sent");
+        }
+        if publish.retain
+            && let Err(super::retained::NotKept::Store(error)) = core.mqtt_retained.keep(core, &self.vhost, &publish)
+        {
+            core.store_failed(&error);
         }
     }
 }
@@ -438,6 +515,11 @@ pub(super) async fn run_packets(
                 tokio::select! {
                     changed = alarms.changed() => if changed.is_err() { break },
                     _ = shutdown.changed() => return Ending::Closed("broker shutting down".into()),
+                    _ = fatal.changed() => return Ending::Closed("the broker's storage failed".into()),
+                    _ = close_requested.changed() => {
+                        return Ending::Closed(close_requested.borrow().clone().unwrap_or_default());
+                    }
+                    () = session.flight.stop.notified() => return Ending::Closed(session.flight.stop_reason()),
                 }
             }
             last_read = tokio::time::Instant::now();
@@ -452,6 +534,10 @@ pub(super) async fn run_packets(
             tokio::select! {
                 () = drained => {}
                 _ = shutdown.changed() => return Ending::Closed("broker shutting down".into()),
+                _ = close_requested.changed() => {
+                    return Ending::Closed(close_requested.borrow().clone().unwrap_or_default());
+                }
+                () = session.flight.stop.notified() => return Ending::Closed(session.flight.stop_reason()),
             }
         }
         tokio::select! {
@@ -473,6 +559,7 @@ pub(super) async fn run_packets(
             _ = failed.changed() => {
                 return Ending::Closed(failed.borrow().clone().unwrap_or_default());
             }
+            () = session.flight.stop.notified() => return Ending::Closed(session.flight.stop_reason()),
             () = backlog.writer_failed.notified() => {
                 return Ending::Closed("a stored message could not be read back".into());
             }

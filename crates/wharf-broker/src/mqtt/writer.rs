@@ -41,7 +41,7 @@ pub(super) struct FlightState {
     /// The session's subscriptions (the QoS a delivery goes out at comes from those it matches).
     pub subscriptions: Vec<Granted>,
     /// The next packet id to try.
-    next_packet_id: u16,
+    pub next_packet_id: u16,
     /// QoS 1 awaiting PUBACK, QoS 2 awaiting PUBREC, by packet id.
     pub in_flight: HashMap<u16, InFlight>,
     /// QoS 2 deliveries the client received (PUBREC) whose PUBREL was sent: awaiting PUBCOMP.
@@ -71,26 +71,42 @@ impl FlightState {
 pub(super) struct Flight {
     pub state: Mutex<FlightState>,
     pub qos_0_written: tokio::sync::Notify,
+    /// The writer found the connection must end (its consumer was cancelled because its queue
+    /// went away, or every packet id is taken); the reason is in `stop_reason`.
+    pub stop: tokio::sync::Notify,
+    pub stop_reason: Mutex<Option<String>>,
 }
 
 impl Flight {
-    pub(super) fn new(version: Version, client_packet_bytes_max: u32) -> Flight {
+    pub(super) fn new(version: Version, client_packet_bytes_max: u32, kept: &super::clients::Kept) -> Flight {
         Flight {
             state: Mutex::new(FlightState {
                 version,
                 subscriptions: Vec::new(),
-                next_packet_id: 1,
+                next_packet_id: kept.next_packet_id.max(1),
                 in_flight: HashMap::new(),
-                released: std::collections::HashSet::new(),
+                released: kept.released.clone(),
                 written_at_qos_0: Vec::new(),
                 client_packet_bytes_max,
             }),
             qos_0_written: tokio::sync::Notify::new(),
+            stop: tokio::sync::Notify::new(),
+            stop_reason: Mutex::new(None),
         }
     }
 
     pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, FlightState> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Asks the session to end the connection.
+    fn stop(&self, reason: String) {
+        *self.stop_reason.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(reason);
+        self.stop.notify_one();
+    }
+
+    pub(super) fn stop_reason(&self) -> String {
+        self.stop_reason.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone().unwrap_or_default()
     }
 }
 
@@ -141,9 +157,18 @@ fn encode_delivery(
     };
     let topic_name = topic::to_mqtt(&delivery.message.routing_key);
     let mut state = flight.lock();
+    if topic::check_name(&topic_name).is_err() {
+        // An AMQP routing key with `*` or `#` has no MQTT topic name: acknowledged, not sent.
+        tracing::warn!(queue = %delivery.queue, routing_key = %delivery.message.routing_key, "a message whose routing key is no MQTT topic name was dropped");
+        state.written_at_qos_0.push(delivery.delivery_tag);
+        drop(state);
+        flight.qos_0_written.notify_one();
+        return Ok(weight);
+    }
     let version = state.version;
     let outward = convert::outgoing(&delivery.message, version.is_v5());
     let (qos, identifiers) = granted_for(&state.subscriptions, &topic_name, outward.qos);
+    let retained = outward.retained;
     let mut properties = outward.properties;
     if version.is_v5() {
         properties.subscription_identifiers = identifiers;
@@ -154,8 +179,10 @@ fn encode_delivery(
         match state.allocate_packet_id() {
             Some(id) => id,
             None => {
-                // Every id is taken (cannot happen with prefetch below 65,535): give it back.
-                backlog.reports.unsent(delivery.channel, delivery.delivery_tag);
+                // Every id is taken: the client keeps QoS 2 flows open without PUBCOMP. The
+                // delivery goes back to the queue when the connection ends.
+                drop(state);
+                flight.stop("every packet id is in use (QoS 2 flows the client never completes)".into());
                 return Ok(weight);
             }
         }
@@ -163,7 +190,7 @@ fn encode_delivery(
     let publish = Publish {
         dup: delivery.redelivered && qos != QoS::AtMostOnce,
         qos,
-        retain: false,
+        retain: retained,
         topic: topic_name,
         packet_id,
         properties,
@@ -182,7 +209,7 @@ fn encode_delivery(
     if qos == QoS::AtMostOnce {
         state.written_at_qos_0.push(delivery.delivery_tag);
     } else {
-        state.in_flight.insert(packet_id, super::writer::InFlight { delivery_tag: delivery.delivery_tag, qos });
+        state.in_flight.insert(packet_id, InFlight { delivery_tag: delivery.delivery_tag, qos });
     }
     Ok(weight)
 }
@@ -217,9 +244,11 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                     }
                     wrote_qos_0 |= flight.lock().written_at_qos_0.len() > before;
                 }
-                // MQTT has no way to tell a client its subscription's queue went away, and
-                // nothing unroutable comes back to an MQTT publisher.
-                Outbound::CancelConsumer { .. } | Outbound::Return { .. } => {}
+                // Nothing unroutable comes back to an MQTT publisher.
+                Outbound::Return { .. } => {}
+                // The session's queue went away (deleted by an administrator, or its vhost):
+                // the connection ends, as RabbitMQ ends it.
+                Outbound::CancelConsumer { .. } => flight.stop("the session's queue was deleted".into()),
             }
             if buffer.len() < WRITE_BATCH_BYTES_MAX {
                 item = outbound.try_recv().ok();

@@ -451,3 +451,180 @@ async fn a_will_is_published_when_a_client_vanishes_and_not_after_a_disconnect()
     );
     broker.stop().await;
 }
+
+fn retained_packet(topic: &str, packet_id: u16, payload: &'static [u8]) -> Packet {
+    let Packet::Publish(mut publish) = publish_packet(topic, QoS::AtLeastOnce, packet_id, payload) else {
+        unreachable!()
+    };
+    publish.retain = true;
+    Packet::Publish(publish)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_reach_new_subscribers_survive_a_restart_and_can_be_cleared() {
+    let mut broker = start().await;
+    let (mut device, _) = RawClient::connect(mqtt_addr(&broker), Version::V311, "device-1", true).await;
+    device.send(&retained_packet("devices/1/status", 1, b"online")).await;
+    assert_eq!(device.recv().await, Some(Packet::PubAck(Ack::new(1, 0))), "acknowledged once stored");
+    device.send(&retained_packet("devices/2/status", 2, b"offline")).await;
+    assert_eq!(device.recv().await, Some(Packet::PubAck(Ack::new(2, 0))));
+    drop(device);
+    broker.restart_with(|config| config.mqtt.listen = Some("127.0.0.1:0".parse().unwrap())).await;
+    let address = mqtt_addr(&broker);
+    // A wildcard subscription gets every retained message it matches, with the retain flag.
+    let (mut dashboard, _) = RawClient::connect(address, Version::V5, "dashboard", true).await;
+    assert_eq!(dashboard.subscribe(1, "devices/+/status", QoS::AtLeastOnce).await, vec![1]);
+    let mut retained = Vec::new();
+    for _ in 0..2 {
+        let Some(Packet::Publish(publish)) = dashboard.recv().await else { panic!("expected a retained PUBLISH") };
+        assert!(publish.retain, "sent because of the subscription: retain set");
+        dashboard.send(&Packet::PubAck(Ack::new(publish.packet_id, 0))).await;
+        retained.push((publish.topic, publish.payload));
+    }
+    retained.sort();
+    assert_eq!(
+        retained,
+        vec![
+            ("devices/1/status".to_owned(), Bytes::from_static(b"online")),
+            ("devices/2/status".to_owned(), Bytes::from_static(b"offline"))
+        ]
+    );
+    // A live publish of a retained message goes to existing subscribers without the flag.
+    let (mut device, _) = RawClient::connect(address, Version::V311, "device-1", true).await;
+    device.send(&retained_packet("devices/1/status", 3, b"")).await;
+    assert_eq!(device.recv().await, Some(Packet::PubAck(Ack::new(3, 0))), "an empty retained publish clears");
+    let Some(Packet::Publish(live)) = dashboard.recv().await else { panic!("expected the live PUBLISH") };
+    assert_eq!((live.retain, &live.payload[..]), (false, &b""[..]));
+    dashboard.send(&Packet::PubAck(Ack::new(live.packet_id, 0))).await;
+    // A new subscriber now gets only devices/2; then a live message proves nothing else came.
+    let (mut late, _) = RawClient::connect(address, Version::V311, "late", true).await;
+    assert_eq!(late.subscribe(1, "devices/#", QoS::AtLeastOnce).await, vec![1]);
+    let Some(Packet::Publish(only)) = late.recv().await else { panic!("expected a retained PUBLISH") };
+    assert_eq!((only.topic.as_str(), only.retain), ("devices/2/status", true));
+    late.send(&Packet::PubAck(Ack::new(only.packet_id, 0))).await;
+    device.send(&publish_packet("devices/3/status", QoS::AtLeastOnce, 4, b"booting")).await;
+    assert_eq!(device.recv().await, Some(Packet::PubAck(Ack::new(4, 0))));
+    let Some(Packet::Publish(next)) = late.recv().await else { panic!("expected the live PUBLISH") };
+    assert_eq!((next.topic.as_str(), next.retain), ("devices/3/status", false), "devices/1 was cleared");
+    // 5.0 retain handling 2: none at subscribe.
+    let (mut quiet, _) = RawClient::connect(address, Version::V5, "quiet", true).await;
+    quiet
+        .send(&Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            subscriptions: vec![Subscription {
+                filter: "devices/#".into(),
+                options: SubscriptionOptions {
+                    retain_handling: RetainHandling::DoNotSend,
+                    ..SubscriptionOptions::qos(QoS::AtLeastOnce)
+                },
+            }],
+            properties: Properties::default(),
+        }))
+        .await;
+    assert!(matches!(quiet.recv().await, Some(Packet::SubAck(_))));
+    device.send(&publish_packet("devices/4/status", QoS::AtLeastOnce, 5, b"up")).await;
+    assert_eq!(device.recv().await, Some(Packet::PubAck(Ack::new(5, 0))));
+    let Some(Packet::Publish(first)) = quiet.recv().await else { panic!("expected the live PUBLISH") };
+    assert_eq!(first.topic, "devices/4/status", "no retained message first");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_subscription_gives_each_message_to_one_member_and_a_leaving_members_to_the_others() {
+    let broker = start().await;
+    let address = mqtt_addr(&broker);
+    let (mut first, _) = RawClient::connect(address, Version::V5, "worker-a", true).await;
+    let (mut second, _) = RawClient::connect(address, Version::V5, "worker-b", true).await;
+    assert_eq!(first.subscribe(1, "$share/workers/jobs/#", QoS::AtLeastOnce).await, vec![1]);
+    assert_eq!(second.subscribe(1, "$share/workers/jobs/#", QoS::AtLeastOnce).await, vec![1]);
+    let (mut publisher, _) = RawClient::connect(address, Version::V5, "dispatcher", true).await;
+    for (id, body) in [(1u16, &b"job 1"[..]), (2, b"job 2"), (3, b"job 3"), (4, b"job 4")] {
+        publisher
+            .send(&Packet::Publish(Publish {
+                dup: false,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                topic: "jobs/resize".into(),
+                packet_id: id,
+                properties: Properties::default(),
+                payload: Bytes::copy_from_slice(body),
+            }))
+            .await;
+        assert_eq!(publisher.recv().await, Some(Packet::PubAck(Ack::new(id, 0))));
+    }
+    // Round robin: the first member holds one (at least), unacknowledged, and leaves.
+    let Some(Packet::Publish(held)) = first.recv().await else { panic!("expected a PUBLISH") };
+    assert_eq!(held.topic, "jobs/resize");
+    drop(first);
+    // The other member ends up with every job once at least, the held one redelivered.
+    let mut seen = std::collections::BTreeMap::new();
+    while seen.len() < 4 {
+        let Some(Packet::Publish(job)) = second.recv().await else { panic!("expected a PUBLISH") };
+        second.send(&Packet::PubAck(Ack::new(job.packet_id, 0))).await;
+        seen.entry(job.payload.clone()).or_insert(job.dup);
+    }
+    assert_eq!(seen.get(&held.payload), Some(&true), "the held job came back marked as a redelivery");
+    // A shared subscription's queue is a real queue, visible to AMQP.
+    let amqp = broker.connect().await;
+    let channel = amqp.create_channel().await.unwrap();
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    channel.queue_declare("mqtt-shared-workers-jobs/#".into(), passive, Default::default()).await.unwrap();
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos_2_delivery_interrupted_after_pubrec_gets_its_pubrel_again_on_resume() {
+    let broker = start().await;
+    let address = mqtt_addr(&broker);
+    let (mut subscriber, _) = RawClient::connect(address, Version::V311, "ledger", false).await;
+    assert_eq!(subscriber.subscribe(1, "ledger/#", QoS::ExactlyOnce).await, vec![2]);
+    let (mut publisher, _) = RawClient::connect(address, Version::V311, "bank", true).await;
+    publisher.send(&publish_packet("ledger/1", QoS::ExactlyOnce, 1, b"credit")).await;
+    assert_eq!(publisher.recv().await, Some(Packet::PubRec(Ack::new(1, 0))));
+    let Some(Packet::Publish(delivered)) = subscriber.recv().await else { panic!("expected a PUBLISH") };
+    subscriber.send(&Packet::PubRec(Ack::new(delivered.packet_id, 0))).await;
+    assert_eq!(subscriber.recv().await, Some(Packet::PubRel(Ack::new(delivered.packet_id, 0))));
+    // Gone before its PUBCOMP: the resumed session sends the PUBREL again, not the message.
+    drop(subscriber);
+    let (mut subscriber, ack) = RawClient::connect(address, Version::V311, "ledger", false).await;
+    assert!(ack.session_present);
+    assert_eq!(subscriber.recv().await, Some(Packet::PubRel(Ack::new(delivered.packet_id, 0))));
+    subscriber.send(&Packet::PubComp(Ack::new(delivered.packet_id, 0))).await;
+    // The next message is a new one, with a new packet id.
+    publisher.send(&publish_packet("ledger/2", QoS::ExactlyOnce, 2, b"debit")).await;
+    assert_eq!(publisher.recv().await, Some(Packet::PubRec(Ack::new(2, 0))));
+    let Some(Packet::Publish(next)) = subscriber.recv().await else { panic!("expected a PUBLISH") };
+    assert_eq!(&next.payload[..], b"debit");
+    assert_ne!(next.packet_id, delivered.packet_id);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dot_in_a_topic_is_a_level_separator_as_in_rabbitmq_and_keeps_the_subscriptions_qos() {
+    let broker = start().await;
+    let address = mqtt_addr(&broker);
+    let (mut subscriber, _) = RawClient::connect(address, Version::V311, "firmware-watch", true).await;
+    assert_eq!(subscriber.subscribe(1, "fw/v1.0/status", QoS::AtLeastOnce).await, vec![1]);
+    let (mut publisher, _) = RawClient::connect(address, Version::V311, "device", true).await;
+    publisher.send(&publish_packet("fw/v1.0/status", QoS::AtLeastOnce, 1, b"ok")).await;
+    assert_eq!(publisher.recv().await, Some(Packet::PubAck(Ack::new(1, 0))));
+    let Some(Packet::Publish(delivered)) = subscriber.recv().await else { panic!("expected a PUBLISH") };
+    assert_eq!((delivered.topic.as_str(), delivered.qos), ("fw/v1/0/status", QoS::AtLeastOnce));
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_sessions_queue_ends_its_connection() {
+    let broker = start().await;
+    // A persistent session's queue is durable and not exclusive: an administrator can delete it.
+    let (mut client, _) = RawClient::connect(mqtt_addr(&broker), Version::V311, "doomed-session", false).await;
+    assert_eq!(client.subscribe(1, "a/b", QoS::AtLeastOnce).await, vec![1]);
+    let amqp = broker.connect().await;
+    let channel = amqp.create_channel().await.unwrap();
+    channel
+        .queue_delete("mqtt-subscription-doomed-sessionqos1".into(), lapin::options::QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(client.recv().await, None, "closed");
+    broker.stop().await;
+}
