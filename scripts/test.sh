@@ -49,3 +49,11 @@ WHARF_UPSTREAM_SUBSET=ci compat/upstream/run.sh "$target_dir/debug/wharf"
 # killed with SIGKILL every 2 s; fails on any order lost, charged, stocked or mailed twice.
 cargo build -p food-delivery --bins --locked
 "$target_dir/debug/chaos" --orders 300 --rate 20 --kill-every-ms 2000 --seed "${WHARF_CHAOS_SEED:-$(date +%s)}"
+
+# The telemetry system under fire (examples/telemetry): devices publish readings over MQTT QoS 1
+# with persistent sessions while the broker, the ingestion and the alerting services are killed
+# with SIGKILL every 1.5 s; fails on any acknowledged reading not stored exactly once or any alert
+# not raised exactly once. CI's bounded run: 100 devices, 40 readings each; the full one is
+# `cargo run --release -p telemetry --bin telemetry-chaos` (1,000 devices), recorded in the README.
+cargo build -p telemetry --bins --locked
+"$target_dir/debug/telemetry-chaos" --devices 100 --readings 40 --interval-ms 200 --kill-every-ms 1500 --seed "${WHARF_CHAOS_SEED:-$(date +%s)}"

@@ -58,6 +58,10 @@ pub struct Incoming {
 
 /// The header that carries a rejection's reason on a dead-lettered copy.
 pub const REJECT_REASON_HEADER: &str = "x-reject-reason";
+
+/// The longest the consumer waits for the broker to answer while it starts, or to take a
+/// settlement, before it counts the connection as lost and starts again.
+const BROKER_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// The header that names the queue a dead-lettered copy was rejected from.
 pub const REJECTED_FROM_HEADER: &str = "x-rejected-from";
 
@@ -281,13 +285,26 @@ async fn consume_once<H: Handler>(
     handler: &Arc<H>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<()> {
-    let connection = Arc::new(Connection::connect(&config.url, ConnectionProperties::default()).await?);
-    let channel = connection.create_channel().await?;
-    channel.basic_qos(config.prefetch, BasicQosOptions::default()).await?;
-    let mut consumer = channel
-        .basic_consume(config.queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await?;
-    let settler = Arc::new(Settler::open(Arc::clone(&connection), config).await?);
+    // Bounded: a broker killed in the middle of the handshake must not leave the consumer
+    // waiting for an answer that never comes (seen in the telemetry chaos run).
+    let setup = async {
+        let connection = Arc::new(Connection::connect(&config.url, ConnectionProperties::default()).await?);
+        let channel = connection.create_channel().await?;
+        channel.basic_qos(config.prefetch, BasicQosOptions::default()).await?;
+        let consumer = channel
+            .basic_consume(
+                config.queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let settler = Arc::new(Settler::open(Arc::clone(&connection), config).await?);
+        Ok::<_, SdkError>((connection, channel, consumer, settler))
+    };
+    let (connection, channel, mut consumer, settler) = tokio::time::timeout(BROKER_ANSWER_TIMEOUT, setup)
+        .await
+        .map_err(|_| SdkError::Unreachable("the broker did not answer while the consumer started".into()))??;
     config.health.up();
     let permits = Arc::new(Semaphore::new(config.concurrency));
     let mut running = JoinSet::new();
@@ -319,11 +336,15 @@ async fn consume_once<H: Handler>(
                     });
                     span.record("outcome", outcome.name());
                     crate::observe::handled(settler.queue(), &outcome);
-                    let settled = settler.settle(&delivery, outcome).await;
-                    if let Err(error) = settled {
+                    // Bounded like the start: on a connection that died, an acknowledgement may
+                    // never be answered, and the consumer waits for its handlers before it
+                    // reconnects.
+                    match tokio::time::timeout(BROKER_ANSWER_TIMEOUT, settler.settle(&delivery, outcome)).await {
+                        Ok(Ok(_)) => {}
                         // The connection went: the broker redelivers it, and the inbox (or the
                         // handler's idempotence) makes the second time harmless.
-                        tracing::warn!(%error, "could not settle a delivery");
+                        Ok(Err(error)) => tracing::warn!(%error, "could not settle a delivery"),
+                        Err(_) => tracing::warn!("settling a delivery timed out; the broker redelivers it"),
                     }
                     drop(permit);
                 });
