@@ -77,7 +77,7 @@ start() { # target dir -> sets broker_pid, port
       broker_pid=$! ;;
     mosquitto)
       mosquitto_passwd -c -b "$dir/passwords" guest guest
-      printf 'listener %s 127.0.0.1\nallow_anonymous false\npassword_file %s/passwords\npersistence true\npersistence_location %s/\nautosave_interval 1\nmax_queued_messages 0\nmax_inflight_messages 0\n' \
+      printf 'user root\nlistener %s 127.0.0.1\nallow_anonymous false\npassword_file %s/passwords\npersistence true\npersistence_location %s/\nautosave_interval 1\nmax_queued_messages 0\nmax_inflight_messages 0\n' \
         "$port" "$dir" "$dir" >"$dir/mosquitto.conf"
       mosquitto -c "$dir/mosquitto.conf" >>"$dir/out.log" 2>&1 &
       broker_pid=$! ;;

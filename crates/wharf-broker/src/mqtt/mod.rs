@@ -76,6 +76,25 @@ async fn fill<R: AsyncRead + Unpin>(reader: &mut R, buffer: &mut BytesMut) -> Re
     }
 }
 
+/// Reads more bytes into `buffer` once the socket has some. An idle connection (the usual state
+/// of a device) holds no read buffer while it waits: a drained buffer's memory is let go, and a
+/// new one is taken only when bytes are there (10,000 idle devices would otherwise hold 160 MiB).
+async fn fill_when_readable(reader: &tokio::net::tcp::OwnedReadHalf, buffer: &mut BytesMut) -> Result<usize, String> {
+    if buffer.is_empty() && buffer.capacity() > 0 {
+        *buffer = BytesMut::new();
+    }
+    loop {
+        reader.readable().await.map_err(|error| error.to_string())?;
+        buffer.reserve(READ_CHUNK_BYTES);
+        match reader.try_read_buf(buffer) {
+            Ok(0) => return Err("the client closed the socket".into()),
+            Ok(read) => return Ok(read),
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(error) => return Err(error.to_string()),
+        }
+    }
+}
+
 /// Serves one socket accepted on the MQTT listener until it closes.
 pub(crate) async fn serve(
     core: Arc<Core>,

@@ -78,8 +78,15 @@ impl Session {
         let _ = self.outbox.send(Outbound::Frames(buffer.freeze()));
     }
 
-    /// Queues an acknowledgement behind those of earlier publishes.
-    async fn acknowledge(&self, pending: PendingAck) -> Result<(), Ending> {
+    /// Queues an acknowledgement (PUBACK, PUBREC or PUBCOMP) behind those of earlier publishes.
+    async fn acknowledge(
+        &self,
+        packet: Packet,
+        durable: Vec<crate::confirms::Durable>,
+        refused: bool,
+    ) -> Result<(), Ending> {
+        let pending = PendingAck::new(&packet, durable, refused)
+            .ok_or_else(|| Ending::Closed("not an acknowledgement".into()))?;
         self.acks.send(pending).await.map_err(|_| Ending::Closed("the acknowledgement task stopped".into()))
     }
 
@@ -133,7 +140,7 @@ impl Session {
                     reason::PACKET_IDENTIFIER_NOT_FOUND
                 };
                 let packet = Packet::PubComp(Ack::new(ack.packet_id, code));
-                self.acknowledge(PendingAck { packet, durable: Vec::new(), refused: false }).await
+                self.acknowledge(packet, Vec::new(), false).await
             }
             Packet::Subscribe(subscribe) => self.subscribe(subscribe),
             Packet::Unsubscribe(unsubscribe) => self.unsubscribe(unsubscribe),
@@ -227,7 +234,7 @@ impl Session {
         if publish.qos == QoS::ExactlyOnce && self.incoming_qos_2.contains(&packet_id) {
             // Sent again before our PUBREC reached it: it was taken once already.
             let packet = Packet::PubRec(Ack::new(packet_id, reason::SUCCESS));
-            return self.acknowledge(PendingAck { packet, durable: Vec::new(), refused: false }).await;
+            return self.acknowledge(packet, Vec::new(), false).await;
         }
         let routing_key = topic::to_amqp(&publish.topic);
         if let Err(error) = self.allow_publish(&routing_key) {
@@ -238,7 +245,7 @@ impl Session {
                 let refusal = Ack::new(packet_id, reason::NOT_AUTHORIZED);
                 let packet =
                     if publish.qos == QoS::AtLeastOnce { Packet::PubAck(refusal) } else { Packet::PubRec(refusal) };
-                return self.acknowledge(PendingAck { packet, durable: Vec::new(), refused: false }).await;
+                return self.acknowledge(packet, Vec::new(), false).await;
             }
             return Err(Ending::Protocol(reason::NOT_AUTHORIZED, error.text));
         }
@@ -295,7 +302,7 @@ impl Session {
                 Packet::PubRec(Ack::new(packet_id, code))
             }
         };
-        self.acknowledge(PendingAck { packet, durable, refused: nack }).await
+        self.acknowledge(packet, durable, nack).await
     }
 
     fn allow_publish(&mut self, routing_key: &str) -> Result<(), ModelError> {
@@ -541,7 +548,7 @@ pub(super) async fn run_packets(
             }
         }
         tokio::select! {
-            read = tokio::time::timeout_at(last_read + silence_limit, super::fill(&mut reading.reader, &mut reading.buffer)) => match read {
+            read = tokio::time::timeout_at(last_read + silence_limit, super::fill_when_readable(&reading.reader, &mut reading.buffer)) => match read {
                 Ok(Ok(read_bytes)) => {
                     last_read = tokio::time::Instant::now();
                     info.count_received(read_bytes);

@@ -270,7 +270,12 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
             }
             return;
         }
-        buffer.clear();
+        // A burst's buffer is not kept by a connection that goes quiet after it.
+        if buffer.capacity() > WRITE_BATCH_BYTES_MAX {
+            buffer = BytesMut::new();
+        } else {
+            buffer.clear();
+        }
         backlog.bytes.fetch_sub(queued_bytes, Ordering::Relaxed);
         backlog.drained.notify_waiters();
         if delivered_bytes > 0 {
