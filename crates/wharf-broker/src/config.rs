@@ -191,6 +191,8 @@ pub struct BrokerConfig {
 pub struct MqttConfig {
     /// Where to accept MQTT connections; `None` turns MQTT off.
     pub listen: Option<SocketAddr>,
+    /// Where to accept MQTT over TLS (RabbitMQ uses 8883), with the AMQPS certificate settings.
+    pub tls_listen: Option<SocketAddr>,
     /// The topic exchange MQTT publishes go to and subscriptions bind to (RabbitMQ's
     /// `mqtt.exchange`).
     pub exchange: String,
@@ -219,6 +221,7 @@ impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
             listen: None,
+            tls_listen: None,
             exchange: "amq.topic".into(),
             vhost: "/".into(),
             session_expiry_max_s: MQTT_SESSION_EXPIRY_MAX_S_DEFAULT,
@@ -334,7 +337,10 @@ impl BrokerConfig {
         if self.handshakes_per_address_max == 0 {
             return refuse("handshakes_per_address_max must be at least 1".into());
         }
-        if self.mqtt.listen.is_some() {
+        if self.mqtt.tls_listen.is_some() && self.tls.is_none() {
+            return refuse("mqtts_listen needs the TLS settings (amqps_listen, tls_cert, tls_key)".into());
+        }
+        if self.mqtt.listen.is_some() || self.mqtt.tls_listen.is_some() {
             let limit = wharf_mqtt::PACKET_BYTES_MAX_LIMIT;
             if !(MQTT_PACKET_BYTES_MIN..=limit).contains(&self.mqtt.packet_bytes_max) {
                 return refuse(format!(

@@ -25,6 +25,7 @@ pub struct Broker {
     local_addr: SocketAddr,
     amqps_local_addr: Option<SocketAddr>,
     mqtt_local_addr: Option<SocketAddr>,
+    mqtts_local_addr: Option<SocketAddr>,
     tls: Option<Arc<ServerTls>>,
     shutdown: watch::Sender<bool>,
     /// One accept loop per listener (plain AMQP, TLS).
@@ -85,6 +86,10 @@ impl Broker {
             Some(address) => Some(bind(address).await?),
             None => None,
         };
+        let mqtts = match (core.config.mqtt.tls_listen, &tls) {
+            (Some(address), Some(_)) => Some(bind(address).await?),
+            _ => None,
+        };
         let timers = tokio::spawn(run_timers(Arc::clone(&core)));
         let (shutdown, shutdown_receiver) = watch::channel(false);
         let mut accepts = Vec::new();
@@ -110,6 +115,13 @@ impl Broker {
                 Speaks::Mqtt,
             )));
         }
+        let mut mqtts_local_addr = None;
+        if let (Some((listener, address)), Some(tls)) = (mqtts, &tls) {
+            tracing::info!(local_addr = %address, "accepting MQTT connections over TLS");
+            mqtts_local_addr = Some(address);
+            let speaks = Speaks::MqttOverTls(Arc::clone(tls));
+            accepts.push(tokio::spawn(accept_loop(listener, Arc::clone(&core), shutdown_receiver.clone(), speaks)));
+        }
         let mut amqps_local_addr = None;
         if let (Some((listener, address)), Some(tls)) = (secure, &tls) {
             tracing::info!(local_addr = %address, "accepting AMQP connections over TLS");
@@ -127,6 +139,7 @@ impl Broker {
             local_addr,
             amqps_local_addr,
             mqtt_local_addr,
+            mqtts_local_addr,
             tls,
             shutdown,
             accepts,
@@ -212,6 +225,11 @@ impl Broker {
     /// Where the broker accepts MQTT connections, if it does.
     pub fn mqtt_local_addr(&self) -> Option<SocketAddr> {
         self.mqtt_local_addr
+    }
+
+    /// Where the broker accepts MQTT over TLS, if it does.
+    pub fn mqtts_local_addr(&self) -> Option<SocketAddr> {
+        self.mqtts_local_addr
     }
 
     /// Where the broker accepts AMQP over TLS, if it does.
@@ -323,6 +341,7 @@ enum Speaks {
     Amqp,
     AmqpOverTls(Arc<ServerTls>),
     Mqtt,
+    MqttOverTls(Arc<ServerTls>),
 }
 
 /// Accepts sockets on one listener until shutdown.
@@ -346,6 +365,7 @@ async fn accept_loop(
                             // The settings in force at accept: a reload applies from the next socket.
                             Speaks::AmqpOverTls(tls) => connections.spawn(crate::tls::serve(core, socket, peer, shutdown.clone(), slot, tls.acceptor())),
                             Speaks::Mqtt => connections.spawn(crate::mqtt::serve(core, socket, peer, shutdown.clone(), slot)),
+                            Speaks::MqttOverTls(tls) => connections.spawn(crate::mqtt::serve_tls(core, socket, peer, shutdown.clone(), slot, tls.acceptor())),
                         };
                     }
                     None => {

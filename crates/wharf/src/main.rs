@@ -55,6 +55,10 @@ struct ServeArgs {
     /// [default: 0.0.0.0:1883].
     #[arg(long, env = "WHARF_MQTT_LISTEN")]
     mqtt_listen: Option<Listen>,
+    /// Address for MQTT over TLS (RabbitMQ uses port 8883), with the AMQPS certificate settings
+    /// (--amqps-listen, --tls-cert, --tls-key).
+    #[arg(long, env = "WHARF_MQTTS_LISTEN")]
+    mqtts_listen: Option<SocketAddr>,
     /// The topic exchange MQTT publishes go to and subscriptions bind to [default: amq.topic].
     #[arg(long, env = "WHARF_MQTT_EXCHANGE")]
     mqtt_exchange: Option<String>,
@@ -160,6 +164,7 @@ struct FileConfig {
     amqp_listen: Option<Listen>,
     amqps_listen: Option<SocketAddr>,
     mqtt_listen: Option<Listen>,
+    mqtts_listen: Option<SocketAddr>,
     mqtt_exchange: Option<String>,
     mqtt_vhost: Option<String>,
     http_listen: Option<Listen>,
@@ -417,6 +422,7 @@ fn broker_config(args: &ServeArgs) -> Result<BrokerConfig> {
         Some(Listen::Off) => None,
         None => Some(SocketAddr::from(([0, 0, 0, 0], 1883))),
     };
+    config.mqtt.tls_listen = args.mqtts_listen.or(file.mqtts_listen);
     if let Some(exchange) = args.mqtt_exchange.clone().or(file.mqtt_exchange.clone()) {
         config.mqtt.exchange = exchange;
     }

@@ -20,6 +20,7 @@ pub(crate) mod retained;
 mod session;
 mod shared;
 mod subscriptions;
+mod transport;
 mod writer;
 
 pub(crate) use clients::Clients;
@@ -34,9 +35,10 @@ use session::Session;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
+use transport::Transport;
 use wharf_model::ChannelKey;
 use wharf_mqtt::{ConnAck, Connect, DecodeError, Decoder, Disconnect, Packet, Properties, Version, reason};
 use wharf_wire::types::{AMQPValue, FieldTable};
@@ -44,9 +46,6 @@ use wharf_wire::types::{AMQPValue, FieldTable};
 /// The largest CONNECT taken before the client has logged in (RabbitMQ's
 /// `max_packet_size_unauthenticated`).
 const UNAUTHENTICATED_PACKET_BYTES_MAX: u32 = 65_536;
-
-/// Bytes read from the socket at a time.
-const READ_CHUNK_BYTES: usize = 16 * 1024;
 
 /// Longest client id: its queue's name (`mqtt-subscription-<id>qos1`) must fit AMQP's 255 bytes.
 const CLIENT_ID_BYTES_MAX: usize = 255 - "mqtt-subscription-qos1".len();
@@ -66,39 +65,10 @@ pub(super) enum Ending {
     Closed(String),
 }
 
-/// Reads more bytes into `buffer`; the text says why the socket is done.
-async fn fill<R: AsyncRead + Unpin>(reader: &mut R, buffer: &mut BytesMut) -> Result<usize, String> {
-    buffer.reserve(READ_CHUNK_BYTES);
-    match reader.read_buf(buffer).await {
-        Ok(0) => Err("the client closed the socket".into()),
-        Ok(read) => Ok(read),
-        Err(error) => Err(error.to_string()),
-    }
-}
-
-/// Reads more bytes into `buffer` once the socket has some. An idle connection (the usual state
-/// of a device) holds no read buffer while it waits: a drained buffer's memory is let go, and a
-/// new one is taken only when bytes are there (10,000 idle devices would otherwise hold 160 MiB).
-async fn fill_when_readable(reader: &tokio::net::tcp::OwnedReadHalf, buffer: &mut BytesMut) -> Result<usize, String> {
-    if buffer.is_empty() && buffer.capacity() > 0 {
-        *buffer = BytesMut::new();
-    }
-    loop {
-        reader.readable().await.map_err(|error| error.to_string())?;
-        buffer.reserve(READ_CHUNK_BYTES);
-        match reader.try_read_buf(buffer) {
-            Ok(0) => return Err("the client closed the socket".into()),
-            Ok(read) => return Ok(read),
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(error) => return Err(error.to_string()),
-        }
-    }
-}
-
 /// Serves one socket accepted on the MQTT listener until it closes.
 pub(crate) async fn serve(
     core: Arc<Core>,
-    mut socket: TcpStream,
+    socket: TcpStream,
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
     handshake_slot: HandshakeSlot,
@@ -106,13 +76,65 @@ pub(crate) async fn serve(
     let _ = socket.set_nodelay(true);
     let local = socket.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let deadline = tokio::time::Instant::now() + Duration::from_millis(core.config.handshake_timeout_ms);
+    let accepted = Accepted { peer, local, tls: false, deadline };
+    serve_stream(core, socket, accepted, shutdown, handshake_slot).await;
+}
+
+/// Serves one socket accepted on the MQTT-over-TLS listener: the TLS handshake within the same
+/// handshake slot and deadline as the CONNECT that follows it (as AMQPS does, `tls.rs`).
+pub(crate) async fn serve_tls(
+    core: Arc<Core>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+    handshake_slot: HandshakeSlot,
+    acceptor: tokio_rustls::TlsAcceptor,
+) {
+    let _ = socket.set_nodelay(true);
+    let local = socket.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(core.config.handshake_timeout_ms);
+    let accept = tokio::time::timeout_at(deadline, acceptor.accept(socket));
+    tokio::pin!(accept);
+    let accepted = tokio::select! {
+        accepted = &mut accept => accepted,
+        _ = shutdown.changed() => return,
+    };
+    match accepted {
+        Ok(Ok(stream)) => {
+            let accepted = Accepted { peer, local, tls: true, deadline };
+            serve_stream(core, stream, accepted, shutdown, handshake_slot).await;
+        }
+        Ok(Err(error)) => tracing::info!(%peer, %error, "MQTT TLS handshake failed"),
+        Err(_) => tracing::info!(%peer, "MQTT TLS handshake timed out"),
+    }
+}
+
+/// Where an accepted connection came from and how.
+#[derive(Debug, Clone, Copy)]
+struct Accepted {
+    peer: SocketAddr,
+    local: SocketAddr,
+    tls: bool,
+    /// When the CONNECT must have come by.
+    deadline: tokio::time::Instant,
+}
+
+/// Serves one connection over `socket` until it closes.
+async fn serve_stream<S: Transport>(
+    core: Arc<Core>,
+    mut socket: S,
+    accepted: Accepted,
+    shutdown: watch::Receiver<bool>,
+    handshake_slot: HandshakeSlot,
+) {
+    let Accepted { peer, deadline, .. } = accepted;
     let mut buffer = BytesMut::with_capacity(1024);
     let mut decoder = Decoder::new(UNAUTHENTICATED_PACKET_BYTES_MAX);
     let first = tokio::time::timeout_at(deadline, async {
         loop {
             match decoder.decode(&mut buffer) {
                 Ok(Some(packet)) => return Ok(packet),
-                Ok(None) => fill(&mut socket, &mut buffer).await.map_err(|_| None)?,
+                Ok(None) => transport::read_more(&mut socket, &mut buffer).await.map_err(|_| None)?,
                 Err(error) => return Err(Some(error)),
             };
         }
@@ -131,6 +153,7 @@ pub(crate) async fn serve(
             };
             wharf_mqtt::encode(&Packet::ConnAck(refusal), Version::V311, &mut reply);
             let _ = socket.write_all(&reply).await;
+            let _ = socket.flush().await;
             return;
         }
         Ok(Err(Some(error))) => {
@@ -146,18 +169,20 @@ pub(crate) async fn serve(
     let version = connect.version;
     match authenticate(&core, &connect, peer) {
         Ok(admitted) => {
-            run(core, *connect, admitted, peer, local, socket, buffer, decoder, shutdown, handshake_slot).await
+            run(core, *connect, admitted, accepted, socket, buffer, decoder, shutdown, handshake_slot).await
         }
         Err(code) => refuse(&mut socket, version, code).await,
     }
 }
 
 /// Answers a CONNECT with a refusal (then the socket is closed).
-async fn refuse(socket: &mut TcpStream, version: Version, code: u8) {
+async fn refuse<S: AsyncWrite + Unpin>(socket: &mut S, version: Version, code: u8) {
     let mut reply = BytesMut::new();
     let refusal = ConnAck { session_present: false, reason: code, properties: Properties::default() };
     wharf_mqtt::encode(&Packet::ConnAck(refusal), version, &mut reply);
+    // Flushed: a TLS stream may hold the record until then.
     let _ = socket.write_all(&reply).await;
+    let _ = socket.flush().await;
 }
 
 /// Who a CONNECT logged in as.
@@ -236,19 +261,19 @@ fn random_u64(seed: u64) -> u64 {
 /// CONNECT and runs the packet loop until the connection ends; then sends the will and lets
 /// go of the session.
 #[allow(clippy::too_many_arguments)]
-async fn run(
+async fn run<S: Transport>(
     core: Arc<Core>,
     connect: Connect,
     admitted: Admitted,
-    peer: SocketAddr,
-    local: SocketAddr,
-    mut socket: TcpStream,
+    accepted: Accepted,
+    mut socket: S,
     buffer: BytesMut,
     mut decoder: Decoder,
     shutdown: watch::Receiver<bool>,
     handshake_slot: HandshakeSlot,
 ) {
     let Admitted { user, vhost, grant, client_id, assigned } = admitted;
+    let Accepted { peer, local, tls, .. } = accepted;
     let version = connect.version;
     let v5 = version.is_v5();
     let settings = &core.config.mqtt;
@@ -265,7 +290,7 @@ async fn run(
     let info = Arc::new(ConnectionInfo::new(ConnectionFacts {
         peer,
         local,
-        tls: false,
+        tls,
         user: user.clone(),
         vhost: vhost.clone(),
         client_properties,
@@ -401,7 +426,7 @@ async fn run(
     }
     tracing::info!(%peer, connection = id.0, %user, %vhost, %client_id, resumed, "MQTT connection opened");
     crate::core::Churn::count(&core.churn.connections_opened, 1);
-    let (reader, writer_half) = socket.into_split();
+    let (reader, writer_half) = socket.split_halves();
     let writer_task =
         tokio::spawn(writer::run(writer_half, outbound_receiver, Arc::clone(&flight), Arc::clone(&backlog)));
     let acks_task = tokio::spawn(acks::run(acks_receiver, outbox.clone(), version, failed_sender));
@@ -470,8 +495,8 @@ async fn run(
 
 /// The reading side of a connection after CONNECT.
 #[derive(Debug)]
-pub(super) struct Reading {
-    pub reader: tokio::net::tcp::OwnedReadHalf,
+pub(super) struct Reading<R> {
+    pub reader: R,
     pub buffer: BytesMut,
     pub decoder: Decoder,
     pub keep_alive_s: u16,

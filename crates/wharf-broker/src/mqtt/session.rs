@@ -484,9 +484,9 @@ impl Session {
 /// The packet loop: reads and handles packets until the connection ends. Like the AMQP frame
 /// loop it stops reading while the writer is far behind, and while an alarm is raised for a
 /// connection that publishes.
-pub(super) async fn run_packets(
+pub(super) async fn run_packets<R: super::transport::Fill>(
     session: &mut Session,
-    mut reading: super::Reading,
+    mut reading: super::Reading<R>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
     mut failed: tokio::sync::watch::Receiver<Option<String>>,
     info: &crate::manage::ConnectionInfo,
@@ -548,7 +548,7 @@ pub(super) async fn run_packets(
             }
         }
         tokio::select! {
-            read = tokio::time::timeout_at(last_read + silence_limit, super::fill_when_readable(&reading.reader, &mut reading.buffer)) => match read {
+            read = tokio::time::timeout_at(last_read + silence_limit, reading.reader.fill(&mut reading.buffer)) => match read {
                 Ok(Ok(read_bytes)) => {
                     last_read = tokio::time::Instant::now();
                     info.count_received(read_bytes);

@@ -508,3 +508,79 @@ fn unusable_tls_settings_are_refused_naming_the_setting_the_file_and_the_problem
     no_listener.plain_amqp = false;
     assert!(no_listener.validate().unwrap_err().0.contains("plain AMQP is off and TLS is not configured"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_over_tls_publishes_and_subscribes_with_the_amqps_certificate() {
+    use wharf_mqtt::{
+        Ack, Connect, Decoder, Packet, Properties, Publish, QoS, Subscribe, Subscription, SubscriptionOptions, Version,
+    };
+    let broker = TlsBroker::start(false, false, |config| {
+        config.mqtt.tls_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let address = broker.broker.broker().mqtts_local_addr().expect("an MQTTS listener");
+    let client = Client::trusting(&broker.authority);
+    let mut stream = client.connect(address).await.unwrap();
+    let mut decoder = Decoder::new(1 << 20);
+    decoder.set_version(Version::V311);
+    let mut buffer = BytesMut::new();
+    let mut exchange = async |packet: Packet, stream: &mut TlsStream<TcpStream>| -> Packet {
+        let mut bytes = BytesMut::new();
+        wharf_mqtt::encode(&packet, Version::V311, &mut bytes);
+        stream.write_all(&bytes).await.unwrap();
+        loop {
+            if let Some(packet) = decoder.decode(&mut buffer).unwrap() {
+                return packet;
+            }
+            let read = tokio::time::timeout(HANG_GUARD, stream.read_buf(&mut buffer)).await.unwrap().unwrap();
+            assert!(read > 0, "the broker closed the TLS connection");
+        }
+    };
+    let connect = Packet::Connect(Box::new(Connect {
+        version: Version::V311,
+        client_id: "tls-device".into(),
+        clean_start: true,
+        keep_alive_s: 30,
+        username: Some("guest".into()),
+        password: Some(bytes::Bytes::from_static(b"guest")),
+        will: None,
+        properties: Properties::default(),
+    }));
+    assert!(matches!(exchange(connect, &mut stream).await, Packet::ConnAck(ack) if ack.reason == 0));
+    let subscribe = Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        subscriptions: vec![Subscription {
+            filter: "secure/#".into(),
+            options: SubscriptionOptions::qos(QoS::AtLeastOnce),
+        }],
+        properties: Properties::default(),
+    });
+    assert!(matches!(exchange(subscribe, &mut stream).await, Packet::SubAck(ack) if ack.reasons == vec![1]));
+    let publish = Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        topic: "secure/reading".into(),
+        packet_id: 7,
+        properties: Properties::default(),
+        payload: bytes::Bytes::from_static(b"42"),
+    });
+    // The PUBACK and the delivery come in either order.
+    let first = exchange(publish, &mut stream).await;
+    let second = loop {
+        if let Some(packet) = decoder.decode(&mut buffer).unwrap() {
+            break packet;
+        }
+        let read = tokio::time::timeout(HANG_GUARD, stream.read_buf(&mut buffer)).await.unwrap().unwrap();
+        assert!(read > 0);
+    };
+    let (ack, delivery) = match (first, second) {
+        (Packet::PubAck(ack), Packet::Publish(delivery)) | (Packet::Publish(delivery), Packet::PubAck(ack)) => {
+            (ack, delivery)
+        }
+        other => panic!("expected a PUBACK and a PUBLISH, got {other:?}"),
+    };
+    assert_eq!(ack, Ack::new(7, 0));
+    assert_eq!((delivery.topic.as_str(), &delivery.payload[..]), ("secure/reading", &b"42"[..]));
+    broker.broker.stop().await;
+}
