@@ -99,6 +99,9 @@ function check(condition, what) {
 
   // The DLQ's page shows it without consuming it: its x-death, its failure reason, its body.
   await page.goto(base + "/#/queues/%2F/orders.dlq");
+  // The page changes in place: wait for the DLQ's own page, or the orders page's got message
+  // (the same id, without x-death) may still be the one found.
+  await page.waitForSelector("h1:has-text('Queue orders.dlq')");
   await page.waitForSelector(".message strong:has-text('poison-1')");
   const browsed = await page.textContent(".message");
   check(browsed.includes("Failure: unknown item 42"), "the failure reason is shown");
