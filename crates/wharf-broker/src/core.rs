@@ -65,6 +65,49 @@ pub(crate) struct Core {
     pub mqtt_clients: crate::mqtt::Clients,
     /// MQTT retained messages (kept in the definitions log).
     pub mqtt_retained: crate::mqtt::Retained,
+    /// Dead-letter transfers whose original still waits for its copies to be durable before it
+    /// is removed: shutdown waits for them, so a clean stop never leaves an original behind to
+    /// be dead-lettered a second time after the restart.
+    pub transfer_removals: Arc<PendingWork>,
+}
+
+/// A count of background work in flight that shutdown must wait for.
+#[derive(Debug, Default)]
+pub(crate) struct PendingWork {
+    count: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One piece of [`PendingWork`]; done when dropped (however its task ends).
+#[derive(Debug)]
+pub(crate) struct PendingGuard(Arc<PendingWork>);
+
+impl PendingWork {
+    pub fn start(self: &Arc<Self>) -> PendingGuard {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        PendingGuard(Arc::clone(self))
+    }
+
+    /// Returns once no work is in flight.
+    pub async fn settled(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.count.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// Counts of objects opened, declared and deleted since start; those closed are what was opened
@@ -154,6 +197,7 @@ impl Core {
             churn: Churn::default(),
             mqtt_clients: crate::mqtt::Clients::default(),
             mqtt_retained,
+            transfer_removals: Arc::default(),
         }
     }
 

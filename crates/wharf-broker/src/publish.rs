@@ -457,7 +457,9 @@ impl Core {
                     self.remove_stored(&source);
                 } else {
                     let store = self.store.clone();
+                    let pending = self.transfer_removals.start();
                     tokio::spawn(async move {
+                        let _pending = pending;
                         for copy in durable {
                             if copy.wait().await.is_err() {
                                 return;
