@@ -65,6 +65,8 @@ pub(crate) struct Core {
     pub mqtt_clients: crate::mqtt::Clients,
     /// MQTT retained messages (kept in the definitions log).
     pub mqtt_retained: crate::mqtt::Retained,
+    /// What persistent MQTT sessions keep besides their queues (in the definitions log).
+    pub mqtt_sessions: crate::mqtt::Sessions,
     /// Dead-letter transfers whose original still waits for its copies to be durable before it
     /// is removed: shutdown waits for them, so a clean stop never leaves an original behind to
     /// be dead-lettered a second time after the restart.
@@ -178,7 +180,9 @@ impl Core {
             Arc::clone(&parts.config.disk_space),
             parts.config.data_dir.clone(),
         );
-        let mqtt_retained = crate::mqtt::Retained::load(&parts.meta.entries());
+        let stored = parts.meta.entries();
+        let mqtt_retained = crate::mqtt::Retained::load(&stored);
+        let mqtt_sessions = crate::mqtt::Sessions::load(&parts.meta, &stored, parts.config.clock.now_ms());
         Core {
             access,
             limits,
@@ -197,6 +201,7 @@ impl Core {
             churn: Churn::default(),
             mqtt_clients: crate::mqtt::Clients::default(),
             mqtt_retained,
+            mqtt_sessions,
             transfer_removals: Arc::default(),
         }
     }

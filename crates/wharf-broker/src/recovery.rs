@@ -311,9 +311,12 @@ fn restore_definition(
         return;
     }
     // Vhosts and policies the management API created were restored first; retained MQTT
-    // messages are read by the MQTT front end (`mqtt/retained.rs`).
+    // messages and MQTT sessions' state are read by the MQTT front end (`mqtt/retained.rs`,
+    // `mqtt/state.rs`).
     if let Some((kind, _, _)) = definition_format::split_key(key)
-        && (crate::policy_records::is_record_kind(kind) || kind == crate::mqtt::retained::KIND)
+        && (crate::policy_records::is_record_kind(kind)
+            || kind == crate::mqtt::retained::KIND
+            || kind == crate::mqtt::state::KIND)
     {
         return;
     }

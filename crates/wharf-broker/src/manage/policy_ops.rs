@@ -94,6 +94,7 @@ impl Management {
             self.write_definitions(&changes)?;
             let mut model = self.core.lock_model();
             self.core.mqtt_retained.forget_vhost(name);
+            self.core.mqtt_sessions.forget_vhost(name);
             let Some(mut effects) = model.remove_vhost(name) else { return Ok(()) };
             self.core.send(&mut effects);
             drop(model);

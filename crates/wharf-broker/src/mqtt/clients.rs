@@ -3,7 +3,7 @@
 //! 0x8E), and the new one waits until it has let go of the session's queue before it goes on.
 
 use crate::manage::ConnectionInfo;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,9 +24,10 @@ struct Holder {
 #[derive(Debug, Default)]
 pub(crate) struct Clients {
     holders: Mutex<HashMap<(String, String), Holder>>,
-    /// The packet-id state of sessions between connections (see [`Kept`]), until they expire.
-    /// In memory: `docs/design/20261204_mqtt.md` says what a broker restart does to it.
-    kept: Mutex<HashMap<(String, String), (Kept, std::time::Instant)>>,
+    /// Some session subscribed with no-local since start: from then on MQTT publishes carry
+    /// their client id (`convert.rs`), so a session can leave out its own. Never cleared; a
+    /// broker that never sees no-local adds nothing to any message.
+    no_local_seen: std::sync::atomic::AtomicBool,
 }
 
 /// A client id held by a connection; gives it up when dropped.
@@ -74,55 +75,14 @@ impl Clients {
     }
 }
 
-/// Most sessions whose packet-id state is kept between connections; beyond it the state of a
-/// session that disconnects is not kept (its QoS 2 flows then behave as after a restart).
-const KEPT_SESSIONS_MAX: usize = 100_000;
-
-/// What a persistent session keeps between its connections besides its queue: the packet ids of
-/// unfinished QoS 2 flows both ways, and where packet ids go on.
-#[derive(Debug, Default, Clone)]
-pub(super) struct Kept {
-    /// QoS 2 publishes from the client whose PUBREL has not come.
-    pub incoming_qos_2: HashSet<u16>,
-    /// QoS 2 deliveries the client received (PUBREC) whose PUBCOMP has not come: their PUBREL
-    /// is sent again when the session resumes.
-    pub released: HashSet<u16>,
-    /// The next packet id for a delivery (so ids the client may still hold are not reused soon).
-    pub next_packet_id: u16,
-}
-
-impl Kept {
-    pub fn is_empty(&self) -> bool {
-        self.incoming_qos_2.is_empty() && self.released.is_empty()
-    }
-}
-
 impl Clients {
-    /// What a session kept between connections (nothing once it expired).
-    pub(super) fn take_kept(&self, vhost: &str, client_id: &str, now: std::time::Instant) -> Kept {
-        let mut kept = self.kept.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        match kept.remove(&(vhost.to_owned(), client_id.to_owned())) {
-            Some((state, expires_at)) if expires_at > now => state,
-            _ => Kept::default(),
-        }
+    /// A session subscribed with no-local.
+    pub(super) fn see_no_local(&self) {
+        self.no_local_seen.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Keeps a session's state until it resumes or `expires_at`.
-    pub(super) fn keep(&self, vhost: &str, client_id: &str, state: Kept, expires_at: std::time::Instant) {
-        let mut kept = self.kept.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let key = (vhost.to_owned(), client_id.to_owned());
-        if state.is_empty() {
-            kept.remove(&key);
-            return;
-        }
-        if kept.len() >= KEPT_SESSIONS_MAX && !kept.contains_key(&key) {
-            let now = std::time::Instant::now();
-            kept.retain(|_, (_, expires_at)| *expires_at > now);
-            if kept.len() >= KEPT_SESSIONS_MAX {
-                tracing::warn!(%vhost, %client_id, "MQTT session state not kept: {KEPT_SESSIONS_MAX} sessions hold some");
-                return;
-            }
-        }
-        kept.insert(key, (state, expires_at));
+    /// Whether publishes must carry their client id (for no-local subscriptions).
+    pub(super) fn no_local_seen(&self) -> bool {
+        self.no_local_seen.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

@@ -2,8 +2,10 @@
 //! (`mc_mqtt.erl`): QoS 1 and 2 are persistent (delivery mode 2) and QoS 0 is not; content type,
 //! correlation data and message expiry have AMQP properties of their own; the response topic
 //! travels as the `x-reply-to-topic` header (as a routing key); user properties are headers.
-//! Wharf adds one header RabbitMQ has no need for, `x-mqtt-publish-qos` on QoS 2 publishes, so a
-//! QoS 2 subscriber receives them at QoS 2.
+//! Wharf adds headers RabbitMQ has no need for: `x-mqtt-publish-qos` on QoS 2 publishes, so a
+//! QoS 2 subscriber receives them at QoS 2; `x-mqtt-retain` on publishes with the retain flag,
+//! for retain-as-published subscriptions; and `x-mqtt-publisher` (the client id) once some
+//! session subscribed with no-local.
 
 use bytes::Bytes;
 use std::sync::Arc;
@@ -18,10 +20,21 @@ pub(super) const PUBLISH_QOS_HEADER: &str = "x-mqtt-publish-qos";
 const REPLY_TO_TOPIC_HEADER: &str = "x-reply-to-topic";
 /// Correlation data that is not a short string (binary, or over 255 bytes), as RabbitMQ keeps it.
 const CORRELATION_ID_HEADER: &str = "x-correlation-id";
+/// The publishing client id, for no-local subscriptions (added only once one exists).
+const PUBLISHER_HEADER: &str = "x-mqtt-publisher";
+/// A publish sent with the retain flag, for retain-as-published subscriptions.
+const RETAIN_HEADER: &str = "x-mqtt-retain";
 
 /// The AMQP message for an MQTT publish (the topic already resolved from any alias); a
-/// `retained` one is a copy of a retained message for a new subscription.
-pub(super) fn message_from_publish(exchange: &str, routing_key: String, publish: &Publish, retained: bool) -> Message {
+/// `retained` one is a copy of a retained message for a new subscription. `publisher` is the
+/// client id, given when some session has a no-local subscription.
+pub(super) fn message_from_publish(
+    exchange: &str,
+    routing_key: String,
+    publish: &Publish,
+    retained: bool,
+    publisher: Option<&str>,
+) -> Message {
     let mut properties =
         BasicProperties::default().with_delivery_mode(if publish.qos == QoS::AtMostOnce { 1 } else { 2 });
     let mut headers = FieldTable::default();
@@ -30,6 +43,11 @@ pub(super) fn message_from_publish(exchange: &str, routing_key: String, publish:
     }
     if retained {
         headers.insert(super::retained::RETAINED_HEADER.into(), AMQPValue::Boolean(true));
+    } else if publish.retain {
+        headers.insert(RETAIN_HEADER.into(), AMQPValue::Boolean(true));
+    }
+    if let Some(client_id) = publisher {
+        headers.insert(PUBLISHER_HEADER.into(), AMQPValue::LongString(client_id.into()));
     }
     let given = &publish.properties;
     if let Some(content_type) = given.content_type.as_deref().filter(|text| text.len() <= 255 && text.is_ascii()) {
@@ -68,6 +86,10 @@ pub(super) struct Outward {
     pub qos: QoS,
     /// A retained message's copy for a new subscription: sent with the retain flag.
     pub retained: bool,
+    /// It was published with the retain flag (kept for retain-as-published subscriptions).
+    pub published_retained: bool,
+    /// The MQTT client that published it, if it was told.
+    pub publisher: Option<String>,
     pub properties: Properties,
 }
 
@@ -82,9 +104,14 @@ pub(super) fn outgoing(message: &Message, v5: bool) -> Outward {
         _ => QoS::AtMostOnce,
     };
     let retained = matches!(header(super::retained::RETAINED_HEADER), Some(AMQPValue::Boolean(true)));
+    let published_retained = matches!(header(RETAIN_HEADER), Some(AMQPValue::Boolean(true)));
+    let publisher = match header(PUBLISHER_HEADER) {
+        Some(AMQPValue::LongString(text)) => String::from_utf8(text.as_bytes().to_vec()).ok(),
+        _ => None,
+    };
     let mut properties = Properties::default();
     if !v5 {
-        return Outward { qos, retained, properties };
+        return Outward { qos, retained, published_retained, publisher, properties };
     }
     properties.content_type = full.content_type().as_ref().map(|text| text.as_str().to_owned());
     properties.correlation_data = match (full.correlation_id(), header(CORRELATION_ID_HEADER)) {
@@ -103,9 +130,16 @@ pub(super) fn outgoing(message: &Message, v5: bool) -> Outward {
     if let Some(table) = headers {
         for (name, value) in table.inner() {
             let name = name.as_str();
-            let own =
-                [PUBLISH_QOS_HEADER, REPLY_TO_TOPIC_HEADER, CORRELATION_ID_HEADER, super::retained::RETAINED_HEADER];
-            if own.contains(&name) {
+            let own = [
+                PUBLISH_QOS_HEADER,
+                REPLY_TO_TOPIC_HEADER,
+                CORRELATION_ID_HEADER,
+                super::retained::RETAINED_HEADER,
+                RETAIN_HEADER,
+                PUBLISHER_HEADER,
+            ];
+            // Nor are dead-lettering's summaries (a delayed will comes by dead-lettering).
+            if own.contains(&name) || name.starts_with("x-first-death-") || name.starts_with("x-last-death-") {
                 continue;
             }
             // Text, numbers and booleans become user properties; tables, arrays and binary do not
@@ -129,5 +163,5 @@ pub(super) fn outgoing(message: &Message, v5: bool) -> Outward {
             }
         }
     }
-    Outward { qos, retained, properties }
+    Outward { qos, retained, published_retained, publisher, properties }
 }

@@ -19,12 +19,15 @@ mod convert;
 pub(crate) mod retained;
 mod session;
 mod shared;
+pub(crate) mod state;
 mod subscriptions;
 mod transport;
+mod will;
 mod writer;
 
 pub(crate) use clients::Clients;
 pub(crate) use retained::Retained;
+pub(crate) use state::Sessions;
 
 use crate::access::{Resource, Right};
 use crate::core::{Core, blocking};
@@ -334,13 +337,15 @@ async fn run<S: Transport>(
     } else {
         max_s
     };
-    // What the session kept between connections; a clean start ends it.
-    let mut kept = core.mqtt_clients.take_kept(&vhost, &client_id, std::time::Instant::now());
-    if connect.clean_start {
-        kept = clients::Kept::default();
-    }
+    // What the session kept besides its queue (`state.rs`); a clean start ends it.
+    let kept = if connect.clean_start {
+        state::Kept::default()
+    } else {
+        core.mqtt_sessions.take(&vhost, &client_id, core.now_ms())
+    };
     let flight = Arc::new(writer::Flight::new(
         version,
+        client_id.clone(),
         connect.properties.maximum_packet_size.unwrap_or(wharf_mqtt::PACKET_BYTES_MAX_LIMIT),
         &kept,
     ));
@@ -362,7 +367,7 @@ async fn run<S: Transport>(
         subscriptions: Default::default(),
         consuming: false,
         shared: Default::default(),
-        incoming_qos_2: Default::default(),
+        incoming_qos_2: kept.incoming_qos_2.iter().copied().collect(),
         topic_aliases: Default::default(),
         will: connect.will.clone(),
         origin: core.trace_origin(id, &info),
@@ -380,17 +385,22 @@ async fn run<S: Transport>(
             return refuse(&mut socket, version, reason::NOT_AUTHORIZED).await;
         }
     }
+    // Connected again in time: a will waiting for its delay is not sent.
+    will::cancel(&core, &vhost, &client_id, key);
     // A clean start ends the session before it; otherwise it goes on where it was: its queue
-    // and subscriptions, and its unfinished QoS 2 flows.
-    let released: Vec<u16> = kept.released.iter().copied().collect();
+    // and subscriptions, its shared subscriptions, and its unfinished QoS 2 flows.
+    let released: Vec<u16> = kept.released.keys().copied().collect();
     let resumed = if connect.clean_start {
         if let Err(error) = session.queue().discard() {
             tracing::warn!(%client_id, error = %error.text, "the previous MQTT session could not be discarded");
         }
+        let core = &core;
+        if let Err(error) = blocking(|| core.mqtt_sessions.write(core, &vhost, &client_id, &state::Kept::default())) {
+            tracing::warn!(%client_id, %error, "the previous MQTT session's state could not be deleted");
+        }
         false
     } else {
-        session.incoming_qos_2 = std::mem::take(&mut kept.incoming_qos_2);
-        session.queue().exists() || !session.incoming_qos_2.is_empty() || !released.is_empty()
+        session.queue().exists() || !kept.is_empty()
     };
     if resumed {
         session.subscriptions = session
@@ -399,6 +409,9 @@ async fn run<S: Transport>(
             .into_iter()
             .map(|recorded| (recorded.granted.filter.clone(), recorded))
             .collect();
+        if session.subscriptions.values().any(|recorded| recorded.options.no_local) {
+            core.mqtt_clients.see_no_local();
+        }
         session.publish_subscriptions();
     }
     decoder.set_packet_bytes_max(settings.packet_bytes_max);
@@ -423,6 +436,13 @@ async fn run<S: Transport>(
         && let Err(error) = session.consume()
     {
         tracing::warn!(%client_id, error = %error.text, "the MQTT session's queue could not be consumed");
+    }
+    if resumed {
+        session.rejoin_shared(&kept.shared);
+    }
+    // Connected again: its expiry is not running.
+    if let Err(Ending::Closed(text)) = session.persist(true) {
+        tracing::warn!(%client_id, %text, "the MQTT session's state could not be stored");
     }
     tracing::info!(%peer, connection = id.0, %user, %vhost, %client_id, resumed, "MQTT connection opened");
     crate::core::Churn::count(&core.churn.connections_opened, 1);
@@ -464,13 +484,15 @@ async fn run<S: Transport>(
     {
         tracing::warn!(%client_id, error = %error.text, "the ended MQTT session's queue could not be deleted");
     }
-    let expiry_s = session.expiry_s;
-    let mut kept =
-        clients::Kept { incoming_qos_2: std::mem::take(&mut session.incoming_qos_2), ..clients::Kept::default() };
+    // What the session keeps besides its queue, durably, from now until it expires (or nothing,
+    // if it ends with its connection).
+    if session.expiry_s > 0 {
+        if let Err(Ending::Closed(text)) = session.persist(false) {
+            tracing::warn!(%client_id, %text, "the MQTT session's state could not be stored");
+        }
+    } else if let Err(error) = blocking(|| core.mqtt_sessions.write(&core, &vhost, &client_id, &state::Kept::default()))
     {
-        let state = flight.lock();
-        kept.released = state.released.clone();
-        kept.next_packet_id = state.next_packet_id;
+        tracing::warn!(%client_id, %error, "the ended MQTT session's state could not be deleted");
     }
     // Every acknowledgement already due goes out (each once its message is durable) before the
     // session's state is handed on: a takeover must not acknowledge a repeated QoS 2 publish
@@ -481,10 +503,6 @@ async fn run<S: Transport>(
         let mut buffer = BytesMut::new();
         wharf_mqtt::encode(&Packet::Disconnect(Disconnect::new(code)), version, &mut buffer);
         let _ = outbox.send(crate::outbound::Outbound::Frames(buffer.freeze()));
-    }
-    if expiry_s > 0 {
-        let expires_at = std::time::Instant::now() + Duration::from_secs(u64::from(expiry_s));
-        core.mqtt_clients.keep(&vhost, &client_id, kept, expires_at);
     }
     core.connections.unregister(id);
     drop(client_lease);

@@ -116,17 +116,28 @@ impl Session {
                 Ok(())
             }
             Packet::PubRec(ack) => {
-                let found = self.settle(ack.packet_id, QoS::ExactlyOnce);
-                let code = if found { reason::SUCCESS } else { reason::PACKET_IDENTIFIER_NOT_FOUND };
-                if found {
-                    self.flight.lock().released.insert(ack.packet_id);
+                // A refused PUBREC (5.0 reason ≥ 0x80) ends the flow: the message leaves its
+                // queue and nothing is released.
+                if ack.reason >= 0x80 {
+                    self.settle(ack.packet_id, QoS::ExactlyOnce);
+                    return Ok(());
                 }
-                // A refused PUBREC (5.0 reason ≥ 0x80) ends the flow: nothing to release.
-                if ack.reason < 0x80 {
-                    self.send(&Packet::PubRel(Ack::new(ack.packet_id, code)));
-                } else {
-                    self.flight.lock().released.remove(&ack.packet_id);
+                let expected = self
+                    .flight
+                    .lock()
+                    .in_flight
+                    .get(&ack.packet_id)
+                    .filter(|flight| flight.qos == QoS::ExactlyOnce)
+                    .map(|flight| flight.stored);
+                let code = if expected.is_some() { reason::SUCCESS } else { reason::PACKET_IDENTIFIER_NOT_FOUND };
+                if let Some(stored) = expected {
+                    // Recorded before the message leaves its queue: after a crash its PUBREL is
+                    // sent again, never the message.
+                    self.flight.lock().released.insert(ack.packet_id, stored);
+                    self.persist(true)?;
+                    self.settle(ack.packet_id, QoS::ExactlyOnce);
                 }
+                self.send(&Packet::PubRel(Ack::new(ack.packet_id, code)));
                 Ok(())
             }
             Packet::PubComp(ack) => {
@@ -231,8 +242,10 @@ impl Session {
             publish.properties.topic_alias = None;
         }
         let packet_id = publish.packet_id;
-        if publish.qos == QoS::ExactlyOnce && self.incoming_qos_2.contains(&packet_id) {
-            // Sent again before our PUBREC reached it: it was taken once already.
+        if publish.qos == QoS::ExactlyOnce && publish.dup && self.incoming_qos_2.contains(&packet_id) {
+            // Sent again before our PUBREC reached it: it was taken once already. (Without the
+            // DUP flag it is a new publish reusing the id: the flow before it was finished, its
+            // end perhaps not recorded before a crash, `state.rs`.)
             let packet = Packet::PubRec(Ack::new(packet_id, reason::SUCCESS));
             return self.acknowledge(packet, Vec::new(), false).await;
         }
@@ -250,8 +263,9 @@ impl Session {
             return Err(Ending::Protocol(reason::NOT_AUTHORIZED, error.text));
         }
         self.published = true;
-        let message = convert::message_from_publish(&self.exchange, routing_key.clone(), &publish, false)
-            .with_trace(self.origin.clone());
+        let message =
+            convert::message_from_publish(&self.exchange, routing_key.clone(), &publish, false, self.publisher())
+                .with_trace(self.origin.clone());
         // Whether it reached a queue is asked for only where a 5.0 client can be told.
         let mandatory = self.version.is_v5() && publish.qos != QoS::AtMostOnce;
         let request = PublishRequest {
@@ -296,8 +310,9 @@ impl Session {
             QoS::AtMostOnce => return Ok(()),
             QoS::AtLeastOnce => Packet::PubAck(Ack::new(packet_id, code)),
             QoS::ExactlyOnce => {
-                if !nack {
-                    self.incoming_qos_2.insert(packet_id);
+                if !nack && self.incoming_qos_2.insert(packet_id) {
+                    // Recorded before the PUBREC: a PUBLISH sent again after a crash is known.
+                    self.persist(true)?;
                 }
                 Packet::PubRec(Ack::new(packet_id, code))
             }
@@ -305,7 +320,38 @@ impl Session {
         self.acknowledge(packet, durable, nack).await
     }
 
-    fn allow_publish(&mut self, routing_key: &str) -> Result<(), ModelError> {
+    /// The client id to carry on a publish, once some session subscribed with no-local.
+    pub(super) fn publisher(&self) -> Option<&str> {
+        self.core.mqtt_clients.no_local_seen().then_some(self.client_id.as_str())
+    }
+
+    /// Writes the session's state (`state.rs`) if it outlives its connection: `connected`
+    /// false when the connection ends (its expiry starts to run then).
+    pub fn persist(&self, connected: bool) -> Result<(), Ending> {
+        if self.expiry_s == 0 {
+            return Ok(());
+        }
+        let kept = super::state::Kept {
+            expiry_s: self.expiry_s,
+            disconnected_at_ms: (!connected).then(|| self.core.now_ms()),
+            incoming_qos_2: self.incoming_qos_2.iter().copied().collect(),
+            released: self
+                .flight
+                .lock()
+                .released
+                .iter()
+                .map(|(id, stored)| (*id, stored.map(|at| (at.log, at.seq))))
+                .collect(),
+            shared: self.shared.iter().map(|(text, member)| (text.clone(), member.options())).collect(),
+        };
+        let core = &self.core;
+        blocking(|| core.mqtt_sessions.write(core, &self.vhost, &self.client_id, &kept)).map_err(|error| {
+            core.store_failed(&error);
+            Ending::Closed(format!("the session's state could not be stored: {error}"))
+        })
+    }
+
+    pub(super) fn allow_publish(&mut self, routing_key: &str) -> Result<(), ModelError> {
         if !self.write_allowed {
             self.grant.check(Right::Write, Resource::Exchange, &self.exchange)?;
             self.write_allowed = true;
@@ -320,6 +366,16 @@ impl Session {
         let identifier = subscribe.properties.subscription_identifiers.first().copied();
         let mut reasons = Vec::with_capacity(subscribe.subscriptions.len());
         let mut retained_for = Vec::new();
+        let shared_before = self.shared.len();
+        for subscription in &subscribe.subscriptions {
+            // Section 3.8.3.1: no-local on a shared subscription is a protocol error.
+            if subscription.options.no_local && subscription.filter.starts_with("$share/") {
+                return Err(Ending::Protocol(reason::PROTOCOL_ERROR, "no-local on a shared subscription".into()));
+            }
+            if subscription.options.no_local {
+                self.core.mqtt_clients.see_no_local();
+            }
+        }
         for subscription in subscribe.subscriptions {
             let code = match topic::parse_filter(&subscription.filter) {
                 Err(error) => {
@@ -328,11 +384,16 @@ impl Session {
                 }
                 Ok(topic::ParsedFilter { share_group: Some(group), filter }) => {
                     let (group, filter) = (group.to_owned(), filter.to_owned());
-                    self.subscribe_shared(&subscription.filter, &group, &filter, subscription.options)
+                    self.subscribe_shared(&subscription.filter, &group, &filter, subscription.options, identifier)
                 }
                 Ok(_) => {
-                    let granted =
-                        Granted { filter: subscription.filter.clone(), qos: subscription.options.qos, identifier };
+                    let granted = Granted {
+                        filter: subscription.filter.clone(),
+                        qos: subscription.options.qos,
+                        identifier,
+                        no_local: subscription.options.no_local,
+                        retain_as_published: subscription.options.retain_as_published,
+                    };
                     let existed = self.subscriptions.contains_key(&granted.filter);
                     match self.add_subscription(granted, subscription.options) {
                         Ok(()) => {
@@ -359,6 +420,10 @@ impl Session {
             };
             reasons.push(code);
         }
+        // A no-op when nothing changed (`state.rs` compares with what it stored).
+        if shared_before > 0 || !self.shared.is_empty() {
+            self.persist(true)?;
+        }
         let packet_id = subscribe.packet_id;
         self.send(&Packet::SubAck(SubAck { packet_id, reasons, properties: Default::default() }));
         for filter in retained_for {
@@ -370,8 +435,9 @@ impl Session {
     /// Puts copies of the retained messages `filter` matches into the session's queue (after the
     /// SUBACK, as the specification orders), marked so they go out with the retain flag.
     fn send_retained(&self, filter: &str) {
-        for publish in self.core.mqtt_retained.matching(&self.vhost, filter) {
-            let message = convert::message_from_publish(&self.exchange, topic::to_amqp(&publish.topic), &publish, true);
+        for publish in self.core.mqtt_retained.matching(&self.vhost, filter, self.core.now_ms()) {
+            let routing_key = topic::to_amqp(&publish.topic);
+            let message = convert::message_from_publish(&self.exchange, routing_key, &publish, true, None);
             let request = PublishRequest {
                 vhost: &self.vhost,
                 channel: 1,
@@ -416,6 +482,7 @@ impl Session {
 
     fn unsubscribe(&mut self, unsubscribe: Unsubscribe) -> Result<(), Ending> {
         let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
+        let shared_before = self.shared.len();
         for filter in unsubscribe.filters {
             if let Some(code) = self.unsubscribe_shared(&filter) {
                 reasons.push(code);
@@ -437,47 +504,12 @@ impl Session {
             reasons.push(code);
         }
         self.publish_subscriptions();
+        if self.shared.len() != shared_before {
+            self.persist(true)?;
+        }
         let packet_id = unsubscribe.packet_id;
         self.send(&Packet::UnsubAck(UnsubAck { packet_id, reasons, properties: Default::default() }));
         Ok(())
-    }
-
-    /// Publishes the will (the connection ended without a normal DISCONNECT). Not waited on:
-    /// nobody is left to acknowledge it to.
-    pub fn send_will(&mut self) {
-        let Some(will) = self.will.take() else { return };
-        let routing_key = topic::to_amqp(&will.topic);
-        if let Err(error) = self.allow_publish(&routing_key) {
-            tracing::warn!(client_id = %self.client_id, topic = %will.topic, %error, "MQTT will not sent: not allowed");
-            return;
-        }
-        let publish = Publish {
-            dup: false,
-            qos: will.qos,
-            retain: will.retain,
-            topic: will.topic,
-            packet_id: 0,
-            properties: will.properties,
-            payload: will.payload,
-        };
-        let message = convert::message_from_publish(&self.exchange, routing_key.clone(), &publish, false)
-            .with_trace(self.origin.clone());
-        let request = PublishRequest {
-            vhost: &self.vhost,
-            channel: 1,
-            exchange: &self.exchange,
-            routing_key: &routing_key,
-            mandatory: false,
-        };
-        let core = &self.core;
-        if let Err(error) = blocking(|| core.publish(&request, message, &mut ReservationPool::default())) {
-            tracing::warn!(client_id = %self.client_id, error = %error.text, "MQTT will not sent");
-        }
-        if publish.retain
-            && let Err(super::retained::NotKept::Store(error)) = core.mqtt_retained.keep(core, &self.vhost, &publish)
-        {
-            core.store_failed(&error);
-        }
     }
 }
 

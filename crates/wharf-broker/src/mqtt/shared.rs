@@ -3,9 +3,10 @@
 //! bound once to the MQTT exchange and consumed by every member session, so each message goes to
 //! one member and a member's unacknowledged messages go to the others when it leaves. The queue
 //! expires (`x-expires`, the longest session expiry) once no member has used it that long.
-//! A member's shared subscriptions last as long as its connection: a resumed session subscribes
-//! again (`docs/design/20261204_mqtt.md`). As the specification says, no retained messages are
-//! sent when a shared subscription is made.
+//! A member's shared subscriptions are part of its session: a persistent session records them
+//! (`state.rs`) and consumes from them again when it resumes, after a reconnect or a broker
+//! restart. As the specification says, no retained messages are sent when a shared
+//! subscription is made.
 
 use super::session::Session;
 use super::writer::Granted;
@@ -24,6 +25,17 @@ pub(super) struct Shared {
     pub granted: Granted,
 }
 
+impl Shared {
+    /// What a persistent session records of it.
+    pub(super) fn options(&self) -> super::state::SharedOptions {
+        super::state::SharedOptions {
+            qos: self.granted.qos as u8,
+            retain_as_published: self.granted.retain_as_published,
+            identifier: self.granted.identifier,
+        }
+    }
+}
+
 /// The queue of a shared subscription.
 fn queue_name(group: &str, filter: &str) -> String {
     format!("mqtt-shared-{group}-{filter}")
@@ -37,12 +49,13 @@ impl Session {
         group: &str,
         filter: &str,
         options: SubscriptionOptions,
+        identifier: Option<u32>,
     ) -> u8 {
         let queue = queue_name(group, filter);
         if queue.len() > 255 {
             return reason::TOPIC_FILTER_INVALID;
         }
-        match self.join(text, &queue, filter, options) {
+        match self.join(text, &queue, filter, options, identifier) {
             Ok(()) => options.qos as u8,
             Err(error) => {
                 tracing::warn!(client_id = %self.client_id, error = %error.text, "MQTT shared subscription refused");
@@ -55,7 +68,14 @@ impl Session {
         }
     }
 
-    fn join(&mut self, text: &str, queue: &str, filter: &str, options: SubscriptionOptions) -> Result<(), ModelError> {
+    fn join(
+        &mut self,
+        text: &str,
+        queue: &str,
+        filter: &str,
+        options: SubscriptionOptions,
+        identifier: Option<u32>,
+    ) -> Result<(), ModelError> {
         self.grant.check(Right::Configure, Resource::Queue, queue)?;
         self.grant.check(Right::Write, Resource::Queue, queue)?;
         self.grant.check(Right::Read, Resource::Queue, queue)?;
@@ -101,7 +121,13 @@ impl Session {
             arguments: &arguments,
         };
         blocking(|| core.change_binding(&change, true))?;
-        let granted = Granted { filter: filter.to_owned(), qos: options.qos, identifier: None };
+        let granted = Granted {
+            filter: filter.to_owned(),
+            qos: options.qos,
+            identifier,
+            no_local: false,
+            retain_as_published: options.retain_as_published,
+        };
         if let Some(member) = self.shared.get_mut(text) {
             // Subscribing again changes the QoS only.
             member.granted = granted;
@@ -115,6 +141,25 @@ impl Session {
         }
         self.publish_subscriptions();
         Ok(())
+    }
+
+    /// Joins again the shared subscriptions a resumed session recorded.
+    pub(super) fn rejoin_shared(&mut self, recorded: &std::collections::BTreeMap<String, super::state::SharedOptions>) {
+        for (text, stored) in recorded {
+            let Ok(topic::ParsedFilter { share_group: Some(group), filter }) = topic::parse_filter(text) else {
+                continue;
+            };
+            let qos = wharf_mqtt::QoS::from_bits(stored.qos).unwrap_or(wharf_mqtt::QoS::AtLeastOnce);
+            let options = SubscriptionOptions {
+                retain_as_published: stored.retain_as_published,
+                ..SubscriptionOptions::qos(qos)
+            };
+            let (group, filter) = (group.to_owned(), filter.to_owned());
+            let code = self.subscribe_shared(text, &group, &filter, options, stored.identifier);
+            if code >= 0x80 {
+                tracing::warn!(client_id = %self.client_id, subscription = %text, code, "a resumed MQTT session could not join its shared subscription again");
+            }
+        }
     }
 
     /// Leaves a shared subscription; `None` if the session is not a member.

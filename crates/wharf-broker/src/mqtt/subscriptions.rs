@@ -112,7 +112,13 @@ impl SessionQueue<'_> {
                     _ => RetainHandling::SendAtSubscribe,
                 };
                 Some(Recorded {
-                    granted: Granted { filter, qos, identifier },
+                    granted: Granted {
+                        filter,
+                        qos,
+                        identifier,
+                        no_local: flag("no-local"),
+                        retain_as_published: flag("retain-as-published"),
+                    },
                     options: SubscriptionOptions {
                         qos,
                         no_local: flag("no-local"),

@@ -19,12 +19,17 @@ use wharf_mqtt::{Packet, Publish, QoS, Version, topic};
 /// A socket write is flushed once this much is buffered, even if more items are waiting.
 const WRITE_BATCH_BYTES_MAX: usize = 256 * 1024;
 
-/// A subscription as deliveries need it: its filter (MQTT form), granted QoS and identifier.
+/// A subscription as deliveries need it: its filter (MQTT form), granted QoS, identifier, and
+/// the 5.0 options that decide whether and how a message goes out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Granted {
     pub filter: String,
     pub qos: QoS,
     pub identifier: Option<u32>,
+    /// Not the session's own publishes.
+    pub no_local: bool,
+    /// Forwarded with the retain flag the publish had.
+    pub retain_as_published: bool,
 }
 
 /// A delivery sent at QoS 1 or 2 and not yet acknowledged by the client.
@@ -32,12 +37,16 @@ pub(super) struct Granted {
 pub(super) struct InFlight {
     pub delivery_tag: u64,
     pub qos: QoS,
+    /// Where the store keeps the message.
+    pub stored: Option<wharf_model::StoredAt>,
 }
 
 /// What the writer and the session task share about deliveries.
 #[derive(Debug)]
 pub(super) struct FlightState {
     pub version: Version,
+    /// The session's client id (its own publishes carry it when no-local is in use).
+    pub client_id: String,
     /// The session's subscriptions (the QoS a delivery goes out at comes from those it matches).
     pub subscriptions: Vec<Granted>,
     /// The next packet id to try.
@@ -45,20 +54,37 @@ pub(super) struct FlightState {
     /// QoS 1 awaiting PUBACK, QoS 2 awaiting PUBREC, by packet id.
     pub in_flight: HashMap<u16, InFlight>,
     /// QoS 2 deliveries the client received (PUBREC) whose PUBREL was sent: awaiting PUBCOMP.
-    pub released: std::collections::HashSet<u16>,
+    /// With where the store keeps each message, if it does (see `state.rs`).
+    pub released: HashMap<u16, Option<wharf_model::StoredAt>>,
     /// Delivery tags written at QoS 0, for the session task to acknowledge.
     pub written_at_qos_0: Vec<u64>,
     /// The largest packet the client takes (5.0's maximum packet size).
     pub client_packet_bytes_max: u32,
 }
 
+/// The packet id a stored message is sent with, from where the store keeps it: the same on every
+/// delivery of the message, so one sent again after a reconnect or a broker restart has its
+/// original id (section 4.4), and a client that already holds that id for an unfinished QoS 2
+/// flow answers it with PUBREC rather than taking the message a second time.
+fn packet_id_of(stored: wharf_model::StoredAt) -> u16 {
+    let mixed = stored.seq.wrapping_add(stored.log.wrapping_mul(0x9E37_79B9));
+    (mixed % u64::from(u16::MAX)) as u16 + 1
+}
+
 impl FlightState {
-    /// A packet id in use by neither an unacknowledged delivery nor a released one.
-    fn allocate_packet_id(&mut self) -> Option<u16> {
+    /// A packet id in use by neither an unacknowledged delivery nor a released one: `preferred`
+    /// if it is free, else the next free one.
+    fn allocate_packet_id(&mut self, preferred: Option<u16>) -> Option<u16> {
+        if let Some(id) = preferred
+            && !self.in_flight.contains_key(&id)
+            && !self.released.contains_key(&id)
+        {
+            return Some(id);
+        }
         for _ in 0..u16::MAX {
             let id = self.next_packet_id;
             self.next_packet_id = if id == u16::MAX { 1 } else { id + 1 };
-            if !self.in_flight.contains_key(&id) && !self.released.contains(&id) {
+            if !self.in_flight.contains_key(&id) && !self.released.contains_key(&id) {
                 return Some(id);
             }
         }
@@ -78,14 +104,24 @@ pub(super) struct Flight {
 }
 
 impl Flight {
-    pub(super) fn new(version: Version, client_packet_bytes_max: u32, kept: &super::clients::Kept) -> Flight {
+    pub(super) fn new(
+        version: Version,
+        client_id: String,
+        client_packet_bytes_max: u32,
+        kept: &super::state::Kept,
+    ) -> Flight {
         Flight {
             state: Mutex::new(FlightState {
                 version,
+                client_id,
                 subscriptions: Vec::new(),
-                next_packet_id: kept.next_packet_id.max(1),
+                next_packet_id: 1,
                 in_flight: HashMap::new(),
-                released: kept.released.clone(),
+                released: kept
+                    .released
+                    .iter()
+                    .map(|(id, stored)| (*id, stored.map(|(log, seq)| wharf_model::StoredAt { log, seq })))
+                    .collect(),
                 written_at_qos_0: Vec::new(),
                 client_packet_bytes_max,
             }),
@@ -110,17 +146,39 @@ impl Flight {
     }
 }
 
-/// The QoS a delivery goes out at: the highest of the subscriptions its topic matches, at most
-/// the QoS it was published with; and the identifiers of those subscriptions (5.0).
-fn granted_for(subscriptions: &[Granted], topic_name: &str, published: QoS) -> (QoS, Vec<u32>) {
+/// How a delivery goes out, from the subscriptions its topic matches.
+#[derive(Debug, PartialEq, Eq)]
+struct Matched {
+    /// The highest QoS of those subscriptions, at most the QoS it was published with; `None`:
+    /// every subscription it matches is no-local and it is the session's own publish.
+    qos: Option<QoS>,
+    /// The identifiers of those subscriptions (5.0).
+    identifiers: Vec<u32>,
+    /// One of them keeps the publish's retain flag.
+    retain_as_published: bool,
+}
+
+fn granted_for(subscriptions: &[Granted], topic_name: &str, published: QoS, own: bool) -> Matched {
     let mut granted = None;
     let mut identifiers = Vec::new();
+    let mut retain_as_published = false;
+    let mut left_out = false;
     for subscription in subscriptions.iter().filter(|subscription| topic::matches(&subscription.filter, topic_name)) {
+        if own && subscription.no_local {
+            left_out = true;
+            continue;
+        }
         granted = granted.max(Some(subscription.qos));
         identifiers.extend(subscription.identifier);
+        retain_as_published |= subscription.retain_as_published;
     }
-    // Matched by no subscription any more (unsubscribed while it was queued): at most once.
-    (granted.unwrap_or(QoS::AtMostOnce).min(published), identifiers)
+    let qos = match granted {
+        Some(qos) => Some(qos.min(published)),
+        None if left_out => None,
+        // Matched by no subscription any more (unsubscribed while it was queued): at most once.
+        None => Some(QoS::AtMostOnce),
+    };
+    Matched { qos, identifiers, retain_as_published }
 }
 
 /// A body could not be read back: the connection closes, so its deliveries are requeued.
@@ -157,6 +215,14 @@ fn encode_delivery(
     };
     let topic_name = topic::to_mqtt(&delivery.message.routing_key);
     let mut state = flight.lock();
+    if delivery.store.is_some() && state.released.values().any(|released| *released == delivery.store) {
+        // The client has this QoS 2 message (its PUBREC came before a crash that lost the
+        // message's removal): it leaves the queue again and is not sent.
+        state.written_at_qos_0.push(delivery.delivery_tag);
+        drop(state);
+        flight.qos_0_written.notify_one();
+        return Ok(weight);
+    }
     if topic::check_name(&topic_name).is_err() {
         // An AMQP routing key with `*` or `#` has no MQTT topic name: acknowledged, not sent.
         tracing::warn!(queue = %delivery.queue, routing_key = %delivery.message.routing_key, "a message whose routing key is no MQTT topic name was dropped");
@@ -167,16 +233,26 @@ fn encode_delivery(
     }
     let version = state.version;
     let outward = convert::outgoing(&delivery.message, version.is_v5());
-    let (qos, identifiers) = granted_for(&state.subscriptions, &topic_name, outward.qos);
-    let retained = outward.retained;
+    let own = outward.publisher.as_deref() == Some(state.client_id.as_str());
+    let matched = granted_for(&state.subscriptions, &topic_name, outward.qos, own);
+    let Some(qos) = matched.qos else {
+        // Its own publish, and every subscription it matches is no-local: acknowledged, not sent.
+        state.written_at_qos_0.push(delivery.delivery_tag);
+        drop(state);
+        flight.qos_0_written.notify_one();
+        return Ok(weight);
+    };
+    // A copy for a new subscription always has the flag; a forwarded publish keeps its own only
+    // for a retain-as-published subscription (section 3.3.1.3).
+    let retained = outward.retained || (outward.published_retained && matched.retain_as_published);
     let mut properties = outward.properties;
     if version.is_v5() {
-        properties.subscription_identifiers = identifiers;
+        properties.subscription_identifiers = matched.identifiers;
     }
     let packet_id = if qos == QoS::AtMostOnce {
         0
     } else {
-        match state.allocate_packet_id() {
+        match state.allocate_packet_id(delivery.store.map(packet_id_of)) {
             Some(id) => id,
             None => {
                 // Every id is taken: the client keeps QoS 2 flows open without PUBCOMP. The
@@ -209,7 +285,9 @@ fn encode_delivery(
     if qos == QoS::AtMostOnce {
         state.written_at_qos_0.push(delivery.delivery_tag);
     } else {
-        state.in_flight.insert(packet_id, InFlight { delivery_tag: delivery.delivery_tag, qos });
+        state
+            .in_flight
+            .insert(packet_id, InFlight { delivery_tag: delivery.delivery_tag, qos, stored: delivery.store });
     }
     Ok(weight)
 }

@@ -24,6 +24,7 @@ mod leases;
 mod limits;
 mod mqtt;
 mod mqtt_clients;
+mod mqtt_sessions;
 mod ordering;
 mod orphaned_logs;
 mod paging;

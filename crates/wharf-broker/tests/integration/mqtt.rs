@@ -229,7 +229,9 @@ async fn a_qos_2_publish_sent_twice_before_pubrel_is_routed_once() {
     drop(client);
     let (mut client, ack) = RawClient::connect(mqtt_addr(&broker), Version::V311, "meter-1", false).await;
     assert_eq!(ack.reason, 0);
-    client.send(&publish_packet("meters/1", QoS::ExactlyOnce, 43, b"third")).await;
+    let Packet::Publish(mut again) = publish_packet("meters/1", QoS::ExactlyOnce, 43, b"third") else { unreachable!() };
+    again.dup = true;
+    client.send(&Packet::Publish(again)).await;
     assert_eq!(client.recv().await, Some(Packet::PubRec(Ack::new(43, 0))));
     client.send(&Packet::PubRel(Ack::new(43, 0))).await;
     assert_eq!(client.recv().await, Some(Packet::PubComp(Ack::new(43, 0))));

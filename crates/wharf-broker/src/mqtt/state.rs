@@ -1,0 +1,211 @@
+//! What a persistent MQTT session keeps besides its queue and its queue's bindings, durably:
+//! the packet ids of unfinished QoS 2 flows both ways and its shared subscriptions. Kept in the
+//! definitions log (kind `mqtt-session`, key `mqtt-session\0<vhost>\0<client id>`, the value JSON
+//! after the format's version byte and tag) and in memory, so a session resumed after a broker
+//! restart, not only after a reconnect, finishes its QoS 2 flows exactly once and is still a
+//! member of its shared subscriptions.
+//!
+//! When it is written (synced before the packet that depends on it goes out):
+//! - a QoS 2 publish from the client with a new packet id: before its PUBREC, so a PUBLISH the
+//!   client sends again after a broker crash is recognised and not routed twice;
+//! - a QoS 2 delivery the client received (its PUBREC): before the message leaves its queue and
+//!   the PUBREL goes out, so the PUBREL is sent again after a crash, the id is not reused while
+//!   the client still holds it, and the message, should its removal from the queue be lost in
+//!   the crash, is recognised by where the store keeps it and not sent again;
+//! - a shared subscription made or ended, and the connection's end (when the session's expiry
+//!   starts to run).
+//!
+//! Finishing a flow (PUBREL from the client, PUBCOMP) is not synced on its own: it is written
+//! with the next change. After a crash such a finished id may still be recorded, which is
+//! harmless: an incoming id is only taken as a repeat when the PUBLISH has the DUP flag (a new
+//! publish reusing the id has not), and a PUBREL sent again for a finished delivery is answered
+//! with a PUBCOMP by the client. Only sessions that outlive their connection are written.
+
+use crate::core::Core;
+use crate::definition_format::DEFINITIONS_FORMAT_VERSION;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+use wharf_store::{MetaChange, MetaStore, StoreError};
+
+/// The definitions-log kind of a session's state.
+pub(crate) const KIND: &str = "mqtt-session";
+/// The value's tag after the format version.
+const TAG: u8 = b'S';
+/// Most sessions whose state is kept: beyond it, the state of a further session is not kept (its
+/// QoS 2 flows then behave as if the broker had forgotten them) and a warning says so.
+const SESSIONS_MAX: usize = 100_000;
+
+/// A session's state as stored.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Kept {
+    /// How long the session outlives its connection.
+    pub expiry_s: u32,
+    /// When its last connection ended (ms since the epoch); `None` while it is connected.
+    pub disconnected_at_ms: Option<u64>,
+    /// QoS 2 publishes from the client whose PUBREL has not come.
+    pub incoming_qos_2: BTreeSet<u16>,
+    /// QoS 2 deliveries the client received (PUBREC) whose PUBCOMP has not come, by packet id,
+    /// with where the store kept the message (log, seq): its removal from the queue is not
+    /// synced, so after a crash the message may be back, and is then recognised and not sent.
+    pub released: BTreeMap<u16, Option<(u64, u64)>>,
+    /// Shared subscriptions, by their `$share/<group>/<filter>` text.
+    pub shared: BTreeMap<String, SharedOptions>,
+}
+
+/// A shared subscription's options (no retained messages are sent for one, and no-local is not
+/// allowed on one, so these are all it has).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct SharedOptions {
+    pub qos: u8,
+    pub retain_as_published: bool,
+    pub identifier: Option<u32>,
+}
+
+impl Kept {
+    /// Nothing worth a record.
+    pub fn is_empty(&self) -> bool {
+        self.incoming_qos_2.is_empty() && self.released.is_empty() && self.shared.is_empty()
+    }
+
+    fn expired(&self, now_ms: u64) -> bool {
+        self.disconnected_at_ms.is_some_and(|at_ms| now_ms >= at_ms.saturating_add(u64::from(self.expiry_s) * 1000))
+    }
+}
+
+/// The stored sessions' state, by vhost and client id (what the definitions log holds).
+#[derive(Debug, Default)]
+pub(crate) struct Sessions {
+    kept: Mutex<HashMap<(String, String), Kept>>,
+}
+
+fn key(vhost: &str, client_id: &str) -> Vec<u8> {
+    format!("{KIND}\0{vhost}\0{client_id}").into_bytes()
+}
+
+fn encode(kept: &Kept) -> Vec<u8> {
+    let mut value = vec![DEFINITIONS_FORMAT_VERSION, TAG];
+    // Serialising plain integers, booleans and strings cannot fail.
+    value.extend(serde_json::to_vec(kept).unwrap_or_default());
+    value
+}
+
+fn decode(value: &[u8]) -> Option<Kept> {
+    serde_json::from_slice(value.strip_prefix(&[DEFINITIONS_FORMAT_VERSION, TAG])?).ok()
+}
+
+impl Sessions {
+    /// The sessions' state stored in the definitions log (at start). A session that was
+    /// connected when the broker stopped has been disconnected since `now_ms`; records of
+    /// sessions that expired while the broker was down are deleted.
+    pub(crate) fn load(meta: &MetaStore, entries: &BTreeMap<Vec<u8>, Vec<u8>>, now_ms: u64) -> Sessions {
+        let mut kept = HashMap::new();
+        let mut expired = Vec::new();
+        for (key, value) in entries {
+            let Some((KIND, vhost, client_id)) = crate::definition_format::split_key(key) else { continue };
+            match decode(value) {
+                Some(mut state) => {
+                    state.disconnected_at_ms.get_or_insert(now_ms);
+                    if state.expired(now_ms) {
+                        expired.push(MetaChange::Delete { key: key.clone() });
+                    } else {
+                        kept.insert((vhost.to_owned(), client_id.to_owned()), state);
+                    }
+                }
+                None => tracing::error!(%vhost, %client_id, "a stored MQTT session state is unreadable; skipped"),
+            }
+        }
+        if !expired.is_empty()
+            && let Err(error) = meta.apply(&expired)
+        {
+            tracing::warn!(%error, "expired MQTT session states could not be deleted");
+        }
+        Sessions { kept: Mutex::new(kept) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Kept>> {
+        self.kept.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// What the session `client_id` kept (nothing if it expired).
+    pub(super) fn take(&self, vhost: &str, client_id: &str, now_ms: u64) -> Kept {
+        match self.lock().get(&(vhost.to_owned(), client_id.to_owned())) {
+            Some(state) if !state.expired(now_ms) => state.clone(),
+            _ => Kept::default(),
+        }
+    }
+
+    /// Stores the session's state (synced); an empty one deletes its record. Called with the
+    /// client id held (`clients.rs`), so one session's writes never race.
+    pub(super) fn write(&self, core: &Core, vhost: &str, client_id: &str, state: &Kept) -> Result<(), StoreError> {
+        let map_key = (vhost.to_owned(), client_id.to_owned());
+        let stored = self.lock().get(&map_key).cloned();
+        if state.is_empty() {
+            if stored.is_some() {
+                core.meta.delete(&key(vhost, client_id))?;
+                self.lock().remove(&map_key);
+            }
+            return Ok(());
+        }
+        if stored.as_ref() == Some(state) {
+            return Ok(());
+        }
+        if stored.is_none() && !self.room_for_one_more(core) {
+            tracing::warn!(%vhost, %client_id, "MQTT session state not kept: {SESSIONS_MAX} sessions hold some");
+            return Ok(());
+        }
+        core.meta.put(&key(vhost, client_id), &encode(state))?;
+        self.lock().insert(map_key, state.clone());
+        Ok(())
+    }
+
+    /// Whether another session's state may be kept, after dropping those that expired.
+    fn room_for_one_more(&self, core: &Core) -> bool {
+        let mut kept = self.lock();
+        if kept.len() < SESSIONS_MAX {
+            return true;
+        }
+        let now_ms = core.now_ms();
+        let expired: Vec<_> =
+            kept.iter().filter(|(_, state)| state.expired(now_ms)).map(|(key, _)| key.clone()).collect();
+        let changes: Vec<MetaChange> =
+            expired.iter().map(|(vhost, client_id)| MetaChange::Delete { key: key(vhost, client_id) }).collect();
+        for map_key in &expired {
+            kept.remove(map_key);
+        }
+        drop(kept);
+        if !changes.is_empty()
+            && let Err(error) = core.meta.apply(&changes)
+        {
+            tracing::warn!(%error, "expired MQTT session states could not be deleted");
+        }
+        self.lock().len() < SESSIONS_MAX
+    }
+
+    /// Forgets a deleted vhost's sessions (their records went with the vhost's).
+    pub(crate) fn forget_vhost(&self, vhost: &str) {
+        self.lock().retain(|(session_vhost, _), _| session_vhost != vhost);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_survives_its_encoding_and_expires_after_its_interval() {
+        let mut state = Kept { expiry_s: 10, disconnected_at_ms: Some(1_000), ..Kept::default() };
+        state.incoming_qos_2.insert(7);
+        state.released.insert(9, Some((3, 44)));
+        state.released.insert(10, None);
+        state
+            .shared
+            .insert("$share/g/a/+".into(), SharedOptions { qos: 2, retain_as_published: true, identifier: Some(4) });
+        assert_eq!(decode(&encode(&state)), Some(state.clone()));
+        assert!(!state.expired(10_999));
+        assert!(state.expired(11_000));
+        state.disconnected_at_ms = None;
+        assert!(!state.expired(u64::MAX), "a connected session does not expire");
+        assert_eq!(decode(b"\x01Snot json"), None);
+    }
+}
