@@ -20,10 +20,19 @@
 #       serves the last queue again after a restart with one message in every queue
 #   S8  large messages: 1 producer, 1 consumer, persistent 1 MiB bodies, confirm window and
 #       prefetch 16; msgs/s and MB/s (compare with the store bench's synced_seq_mb_per_s)
+#   M1-M3  MQTT, run by bench/mqtt.sh (see its header) after the other scenarios' rounds, in
+#       rounds of its own, against Wharf, RabbitMQ's MQTT plugin and Mosquitto (MQTT_TARGETS):
+#   M1  QoS 1 throughput with persistence (PUBLISHERS publishers, WINDOW unacknowledged each)
+#   M2  publish-to-deliver latency at a fixed RATE (QoS 1): p50, p99, p99.9
+#   M3  memory per idle device: IDLE_DEVICES persistent sessions, each subscribed
+#   Only run when SCENARIOS names them, e.g. SCENARIOS="M1 M2 M3" bench/compare.sh.
 #
 # Settings (environment): ROUNDS (3), DURATION_S (10, per S1-S4 run), S5_MESSAGES (1000000),
 # S7_QUEUES (10000), S7_CONNECTIONS (as many as queues, each consuming from one), SCENARIOS ("S1 S2 S3 S4 S5"; every scenario: "S1 S2 S3 S3x30 S4 S5 S6 S7
-# S8"), OUT (results file; default in a temporary directory),
+# S8 M1 M2 M3"), OUT (results file; default in a temporary directory; M1-M3 write theirs beside it,
+# "-mqtt" before ".jsonl"), MQTT_TARGETS (M1-M3's brokers, instead of TARGETS: "wharf rabbitmq
+# mosquitto"), PUBLISHERS (4), WINDOW (100), RATE (1000), IDLE_DEVICES (10000) (bench/mqtt.sh's,
+# for M1-M3; ROUNDS and DURATION_S apply to them too),
 # TARGETS ("wharf classic quorum"; add "baseline" to compare with another Wharf build),
 # WHARF_BASELINE (the other build's `wharf` binary, for the "baseline" target: a before/after
 # pair measured in one run, e.g. TARGETS="wharf baseline" SCENARIOS="S1 S4"),
@@ -34,7 +43,8 @@
 # bench/authorization.toml is a user with scoped permissions: measure S1 with authorization on by
 #   WHARF_ARGS="--config bench/authorization.toml" WHARF_CREDENTIALS=bench:bench
 # Usage: bench/compare.sh   (installs rabbitmq-server with apt-get if it is missing and a RabbitMQ
-# target is asked for; run as root)
+# target is asked for, and for M1-M3 bench/mqtt.sh installs mosquitto; run as root)
+#        SCENARIOS="M1 M2 M3" bench/compare.sh   (the MQTT comparison only; not run by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # S7 holds S7_CONNECTIONS connections and S7_QUEUES queues: a broker needs a descriptor for each
@@ -48,6 +58,7 @@ S7_QUEUES=${S7_QUEUES:-10000}
 S7_CONNECTIONS=${S7_CONNECTIONS:-$S7_QUEUES}
 SCENARIOS=${SCENARIOS:-"S1 S2 S3 S4 S5"}
 TARGETS=${TARGETS:-"wharf classic quorum"}
+MQTT_TARGETS=${MQTT_TARGETS:-"wharf rabbitmq mosquitto"}
 wants() { echo "$TARGETS" | grep -qw "$1"; }
 wants_rabbit() { wants classic || wants quorum; }
 if wants baseline && [ ! -x "${WHARF_BASELINE:-}" ]; then
@@ -302,9 +313,27 @@ for round in $(seq 1 "$ROUNDS"); do
   fi
 done
 
+# M1-M3: bench/mqtt.sh measures them, in rounds of its own, into a results file of its own (its
+# lines are not this script's); its progress goes to stderr with this script's.
+mqtt_results=
+if echo "$SCENARIOS" | grep -qwE 'M[1-3]'; then
+  mqtt_results="${results%.jsonl}-mqtt.jsonl"
+  ROUNDS="$ROUNDS" DURATION_S="$DURATION_S" SCENARIOS="$SCENARIOS" TARGETS="$MQTT_TARGETS" OUT="$mqtt_results" \
+    bench/mqtt.sh >&2
+fi
+
 echo >&2
+mosquitto_version=
+[ -n "$mqtt_results" ] && mosquitto_version=" Mosquitto $(dpkg-query -W -f '${Version}' mosquitto 2>/dev/null || echo '?');"
 echo "Machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); $(uname -r);" \
   "RabbitMQ $(dpkg-query -W -f '${Version}' rabbitmq-server 2>/dev/null || echo '?');" \
-  "Erlang $(dpkg-query -W -f '${Version}' erlang-base 2>/dev/null || echo '?'); Wharf $(git rev-parse --short HEAD)" \
+  "Erlang $(dpkg-query -W -f '${Version}' erlang-base 2>/dev/null || echo '?');$mosquitto_version Wharf $(git rev-parse --short HEAD)" \
   "${WHARF_BASELINE:+(baseline: $WHARF_BASELINE)}"
-python3 bench/summarize.py "$results"
+if [ -s "$results" ] || [ -z "$mqtt_results" ]; then
+  python3 bench/summarize.py "$results"
+fi
+if [ -n "$mqtt_results" ]; then
+  echo
+  echo "MQTT (M1-M3), one line per broker, scenario and round ($mqtt_results):"
+  cat "$mqtt_results"
+fi

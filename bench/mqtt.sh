@@ -16,8 +16,10 @@
 # per message. The table says so beside the numbers.
 #
 # Settings (environment): ROUNDS (3), DURATION_S (10), PUBLISHERS (4), WINDOW (100), RATE (1000),
-# IDLE_DEVICES (10000), TARGETS ("wharf rabbitmq mosquitto"), OUT (results file).
+# IDLE_DEVICES (10000), TARGETS ("wharf rabbitmq mosquitto"), SCENARIOS (which of M1 M2 M3 to run;
+# default all three; other names are ignored), OUT (results file).
 # Usage: bench/mqtt.sh   (installs rabbitmq-server and mosquitto with apt-get if missing; as root)
+# bench/compare.sh runs this script for its scenarios M1-M3 (SCENARIOS="M1 M2 M3" bench/compare.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
@@ -27,6 +29,8 @@ WINDOW=${WINDOW:-100}
 RATE=${RATE:-1000}
 IDLE_DEVICES=${IDLE_DEVICES:-10000}
 TARGETS=${TARGETS:-"wharf rabbitmq mosquitto"}
+SCENARIOS=${SCENARIOS:-"M1 M2 M3"}
+asked() { echo "$SCENARIOS" | grep -qw "$1"; }
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 install() { # command package
@@ -95,31 +99,37 @@ trap stop EXIT
 
 for round in $(seq 1 "$ROUNDS"); do
   for target in $TARGETS; do
-    start "$target" "$work/$target-$round-m1"
-    "$bench" --broker "127.0.0.1:$port" --mode throughput --publishers "$PUBLISHERS" --window "$WINDOW" \
-      --duration-s "$DURATION_S" --label "$target M1 round $round" | tee -a "$results"
-    stop
-    start "$target" "$work/$target-$round-m2"
-    "$bench" --broker "127.0.0.1:$port" --mode latency --rate "$RATE" --duration-s "$DURATION_S" \
-      --label "$target M2 round $round" | tee -a "$results"
-    stop
-    start "$target" "$work/$target-$round-m3"
-    before=$(rss_mib "$broker_pid")
-    "$bench" --broker "127.0.0.1:$port" --mode idle --connections "$IDLE_DEVICES" --duration-s 20 \
-      --label "$target M3 round $round" >"$work/idle.json" &
-    bench_pid=$!
-    # Read once every device is connected (the line is printed then), while they are held.
-    for _ in $(seq 1 1200); do [ -s "$work/idle.json" ] && break; sleep 0.1; done
-    sleep 2
-    after=$(rss_mib "$broker_pid")
-    wait "$bench_pid"
-    python3 -c "
+    if asked M1; then
+      start "$target" "$work/$target-$round-m1"
+      "$bench" --broker "127.0.0.1:$port" --mode throughput --publishers "$PUBLISHERS" --window "$WINDOW" \
+        --duration-s "$DURATION_S" --label "$target M1 round $round" | tee -a "$results"
+      stop
+    fi
+    if asked M2; then
+      start "$target" "$work/$target-$round-m2"
+      "$bench" --broker "127.0.0.1:$port" --mode latency --rate "$RATE" --duration-s "$DURATION_S" \
+        --label "$target M2 round $round" | tee -a "$results"
+      stop
+    fi
+    if asked M3; then
+      start "$target" "$work/$target-$round-m3"
+      before=$(rss_mib "$broker_pid")
+      "$bench" --broker "127.0.0.1:$port" --mode idle --connections "$IDLE_DEVICES" --duration-s 20 \
+        --label "$target M3 round $round" >"$work/idle.json" &
+      bench_pid=$!
+      # Read once every device is connected (the line is printed then), while they are held.
+      for _ in $(seq 1 1200); do [ -s "$work/idle.json" ] && break; sleep 0.1; done
+      sleep 2
+      after=$(rss_mib "$broker_pid")
+      wait "$bench_pid"
+      python3 -c "
 import json,sys
 line = json.load(open('$work/idle.json'))
 line['rss_before_mib'] = $before; line['rss_after_mib'] = $after
 line['kib_per_device'] = round(($after - $before) * 1024 / max(line['connections'], 1), 1)
 print(json.dumps(line))" | tee -a "$results"
-    stop
+      stop
+    fi
   done
 done
 echo "results: $results"
