@@ -53,7 +53,10 @@ cargo build -p food-delivery --bins --locked
 # The telemetry system under fire (examples/telemetry): devices publish readings over MQTT QoS 1
 # with persistent sessions while the broker, the ingestion and the alerting services are killed
 # with SIGKILL every 1.5 s; fails on any acknowledged reading not stored exactly once or any alert
-# not raised exactly once. CI's bounded run: 100 devices, 40 readings each; the full one is
+# not raised exactly once. CI's bounded runs: 100 devices, 40 readings each, on SQLite, then 50
+# devices with the services on the throwaway PostgreSQL; the full one is
 # `cargo run --release -p telemetry --bin telemetry-chaos` (1,000 devices), recorded in the README.
 cargo build -p telemetry --bins --locked
 "$target_dir/debug/telemetry-chaos" --devices 100 --readings 40 --interval-ms 200 --kill-every-ms 1500 --seed "${WHARF_CHAOS_SEED:-$(date +%s)}"
+"$target_dir/debug/telemetry-chaos" --devices 50 --readings 30 --interval-ms 200 --kill-every-ms 1500 --seed "${WHARF_CHAOS_SEED:-$(date +%s)}" \
+  --postgres-url "$WHARF_TEST_POSTGRES_URL"

@@ -4,7 +4,8 @@
 //!   persistent session; a reading is acknowledged (PUBACK) only once the broker has it on disk;
 //! - `ingestion` consumes the readings over AMQP (the MQTT publishes reach `amq.topic` with `/` as
 //!   `.`) and stores each one exactly once: its inbox key is the reading's own (device, sequence
-//!   number), recorded in the same SQLite transaction as the row;
+//!   number), recorded in the same database transaction as the row (SQLite by default,
+//!   PostgreSQL when given a `postgres://` URL: [`Database`]);
 //! - `alerting` consumes them too and, when a reading crosses the threshold, raises an [`Alert`]
 //!   through its outbox in the same transaction as its inbox entry, so each alert is raised once;
 //!   alerts go to a de-duplicating exchange and the `telemetry.alerts` queue;
@@ -17,8 +18,9 @@ pub mod services;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
+use sqlx::postgres::PgPool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use wharf_sdk::Message;
 use wharf_sdk::topology::{Exchange, ExchangeKind, Queue, Topology};
@@ -136,6 +138,85 @@ pub async fn open_sqlite(path: &Path) -> Result<SqlitePool> {
         .connect_with(options)
         .await
         .with_context(|| format!("opening {}", path.display()))
+}
+
+/// Where a service keeps its data: a SQLite file (the default), or a PostgreSQL database given
+/// by its `postgres://` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl std::str::FromStr for Database {
+    type Err = std::convert::Infallible;
+
+    /// A `postgres://` or `postgresql://` URL is PostgreSQL; anything else is a SQLite file.
+    fn from_str(text: &str) -> std::result::Result<Database, Self::Err> {
+        Ok(if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            Database::Postgres(text.to_owned())
+        } else {
+            Database::Sqlite(PathBuf::from(text.strip_prefix("sqlite:").unwrap_or(text)))
+        })
+    }
+}
+
+impl std::fmt::Display for Database {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite(path) => write!(formatter, "{}", path.display()),
+            Database::Postgres(url) => formatter.write_str(url),
+        }
+    }
+}
+
+/// An open connection pool on either database.
+#[derive(Debug, Clone)]
+pub enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+impl Database {
+    pub async fn open(&self) -> Result<Pool> {
+        Ok(match self {
+            Database::Sqlite(path) => Pool::Sqlite(open_sqlite(path).await?),
+            Database::Postgres(url) => Pool::Postgres(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(4)
+                    .connect(url)
+                    .await
+                    .with_context(|| format!("connecting to {url}"))?,
+            ),
+        })
+    }
+}
+
+impl Pool {
+    /// The first column of the one row `sql` returns, as an integer (a count, say).
+    pub async fn integer(&self, sql: &str) -> Result<i64> {
+        use sqlx::Row;
+        Ok(match self {
+            Pool::Sqlite(pool) => sqlx::query(sql).fetch_one(pool).await?.try_get(0)?,
+            Pool::Postgres(pool) => sqlx::query(sql).fetch_one(pool).await?.try_get(0)?,
+        })
+    }
+
+    /// The (text, integer) pairs `sql` returns (its first two columns).
+    pub async fn pairs(&self, sql: &str) -> Result<Vec<(String, i64)>> {
+        Ok(match self {
+            Pool::Sqlite(pool) => sqlx::query_as(sql).fetch_all(pool).await?,
+            Pool::Postgres(pool) => sqlx::query_as(sql).fetch_all(pool).await?,
+        })
+    }
+
+    /// The (text, bytes) pairs `sql` returns (its first two columns).
+    pub async fn blobs(&self, sql: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        Ok(match self {
+            Pool::Sqlite(pool) => sqlx::query_as(sql).fetch_all(pool).await?,
+            Pool::Postgres(pool) => sqlx::query_as(sql).fetch_all(pool).await?,
+        })
+    }
 }
 
 /// Installs logging to stderr (filter from `WHARF_LOG`, default `info`).

@@ -1,11 +1,11 @@
-//! The two services that consume readings, each a `wharf_sdk::Handler` over its own SQLite
-//! database. A reading from MQTT has no AMQP `message-id` (MQTT 3.1.1 has no such property), so
+//! The two services that consume readings, each a `wharf_sdk::Handler` over its own database,
+//! SQLite or PostgreSQL ([`Database`]): the same statements on both but for the placeholders and
+//! column types, written once per database by a macro over the pool and inbox types. A reading from MQTT has no AMQP `message-id` (MQTT 3.1.1 has no such property), so
 //! the inbox key is the reading's own identity, (device, sequence number), which a device sends
 //! again unchanged when it publishes the same reading after a reconnect.
 
 use crate::*;
-use sqlx::{Sqlite, Transaction};
-use wharf_sdk::{Inbox, Incoming, Outbox, Outcome, Seen, SqliteInbox, SqliteOutbox};
+use wharf_sdk::{Inbox, Incoming, Outbox, Outcome, PgInbox, PgOutbox, Seen, SqliteInbox, SqliteOutbox};
 
 /// What a handler's attempt came to.
 enum Failure {
@@ -38,44 +38,100 @@ fn reading_of(message: &Incoming) -> std::result::Result<Reading, Failure> {
     })
 }
 
+/// The readings table: no uniqueness on (device, seq), since a reading stored twice must show
+/// (the chaos run looks for exactly that).
+const READINGS_SQLITE: &str = "CREATE TABLE IF NOT EXISTS readings (id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device TEXT NOT NULL, seq INTEGER NOT NULL, value REAL NOT NULL, redelivered INTEGER NOT NULL)";
+const READINGS_POSTGRES: &str = "CREATE TABLE IF NOT EXISTS readings (id BIGSERIAL PRIMARY KEY,
+    device TEXT NOT NULL, seq BIGINT NOT NULL, value DOUBLE PRECISION NOT NULL, redelivered BOOLEAN NOT NULL)";
+const ALERTS_SQLITE: &str = "CREATE TABLE IF NOT EXISTS alerts (id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device TEXT NOT NULL, seq INTEGER NOT NULL, value REAL NOT NULL)";
+const ALERTS_POSTGRES: &str = "CREATE TABLE IF NOT EXISTS alerts (id BIGSERIAL PRIMARY KEY,
+    device TEXT NOT NULL, seq BIGINT NOT NULL, value DOUBLE PRECISION NOT NULL)";
+
+/// A service's pool with its inbox (and outbox), on one database or the other.
+#[derive(Debug, Clone)]
+enum Store<S, P> {
+    Sqlite(SqlitePool, SqliteInbox, S),
+    Postgres(sqlx::PgPool, PgInbox, P),
+}
+
+impl<S, P> Store<S, P> {
+    fn pool(&self) -> Pool {
+        match self {
+            Store::Sqlite(pool, ..) => Pool::Sqlite(pool.clone()),
+            Store::Postgres(pool, ..) => Pool::Postgres(pool.clone()),
+        }
+    }
+}
+
 /// Stores each reading once: the inbox entry and the row commit together.
 #[derive(Debug, Clone)]
 pub struct Ingestion {
-    pub pool: SqlitePool,
-    inbox: SqliteInbox,
+    store: Store<(), ()>,
 }
 
-impl Ingestion {
-    pub async fn open(database: &Path) -> Result<Ingestion> {
-        let pool = open_sqlite(database).await?;
-        // No uniqueness on (device, seq): a reading stored twice would show, and the chaos run
-        // looks for exactly that.
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS readings (id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL,
-             seq INTEGER NOT NULL, value REAL NOT NULL, redelivered INTEGER NOT NULL)",
-        )
-        .execute(&pool)
-        .await?;
-        let inbox = SqliteInbox::new(pool.clone(), "ingestion");
-        inbox.migrate().await?;
-        Ok(Ingestion { pool, inbox })
-    }
-
-    async fn store(&self, message: &Incoming) -> std::result::Result<(), Failure> {
-        let reading = reading_of(message)?;
-        let mut tx: Transaction<'static, Sqlite> = self.pool.begin().await?;
-        if self.inbox.handle(&mut tx, &reading.key()).await? == Seen::Again {
+/// One reading's transaction on `$pool` with `$inbox`, `$insert` the statement for its row.
+macro_rules! store_reading {
+    ($pool:expr, $inbox:expr, $insert:expr, $reading:expr, $redelivered:expr) => {{
+        let mut tx = $pool.begin().await?;
+        if $inbox.handle(&mut tx, &$reading.key()).await? == Seen::Again {
             return Ok(tx.commit().await?);
         }
-        sqlx::query("INSERT INTO readings (device, seq, value, redelivered) VALUES (?, ?, ?, ?)")
-            .bind(&reading.device)
-            .bind(reading.seq as i64)
-            .bind(reading.value)
-            .bind(message.redelivered)
+        sqlx::query($insert)
+            .bind(&$reading.device)
+            .bind($reading.seq as i64)
+            .bind($reading.value)
+            .bind($redelivered)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
         Ok(())
+    }};
+}
+
+impl Ingestion {
+    pub async fn open(database: &Database) -> Result<Ingestion> {
+        let store = match database.open().await? {
+            Pool::Sqlite(pool) => {
+                sqlx::query(READINGS_SQLITE).execute(&pool).await?;
+                let inbox = SqliteInbox::new(pool.clone(), "ingestion");
+                inbox.migrate().await?;
+                Store::Sqlite(pool, inbox, ())
+            }
+            Pool::Postgres(pool) => {
+                sqlx::query(READINGS_POSTGRES).execute(&pool).await?;
+                let inbox = PgInbox::new(pool.clone(), "ingestion");
+                inbox.migrate().await?;
+                Store::Postgres(pool, inbox, ())
+            }
+        };
+        Ok(Ingestion { store })
+    }
+
+    /// Its database.
+    pub fn pool(&self) -> Pool {
+        self.store.pool()
+    }
+
+    async fn store(&self, message: &Incoming) -> std::result::Result<(), Failure> {
+        let reading = reading_of(message)?;
+        match &self.store {
+            Store::Sqlite(pool, inbox, ()) => store_reading!(
+                pool,
+                inbox,
+                "INSERT INTO readings (device, seq, value, redelivered) VALUES (?, ?, ?, ?)",
+                reading,
+                message.redelivered
+            ),
+            Store::Postgres(pool, inbox, ()) => store_reading!(
+                pool,
+                inbox,
+                "INSERT INTO readings (device, seq, value, redelivered) VALUES ($1, $2, $3, $4)",
+                reading,
+                message.redelivered
+            ),
+        }
     }
 }
 
@@ -89,43 +145,66 @@ impl wharf_sdk::Handler for Ingestion {
 /// the outbox row commit together.
 #[derive(Debug, Clone)]
 pub struct Alerting {
-    pub pool: SqlitePool,
-    inbox: SqliteInbox,
-    outbox: SqliteOutbox,
+    store: Store<SqliteOutbox, PgOutbox>,
+}
+
+/// One reading's transaction on `$pool` with `$inbox` and `$outbox`.
+macro_rules! check_reading {
+    ($pool:expr, $inbox:expr, $outbox:expr, $insert:expr, $reading:expr) => {{
+        let mut tx = $pool.begin().await?;
+        if $inbox.handle(&mut tx, &$reading.key()).await? == Seen::Again || !$reading.crosses_threshold() {
+            return Ok(tx.commit().await?);
+        }
+        let alert = Alert { device: $reading.device, seq: $reading.seq, value: $reading.value };
+        sqlx::query($insert).bind(&alert.device).bind(alert.seq as i64).bind(alert.value).execute(&mut *tx).await?;
+        $outbox.publish_keyed(&mut tx, &alert, &alert.idempotency_key()).await?;
+        tx.commit().await?;
+        Ok(())
+    }};
 }
 
 impl Alerting {
-    pub async fn open(database: &Path) -> Result<Alerting> {
-        let pool = open_sqlite(database).await?;
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS alerts (id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL,
-             seq INTEGER NOT NULL, value REAL NOT NULL)",
-        )
-        .execute(&pool)
-        .await?;
-        let inbox = SqliteInbox::new(pool.clone(), "alerting");
-        inbox.migrate().await?;
-        let outbox = SqliteOutbox::new(pool.clone());
-        outbox.migrate().await?;
-        Ok(Alerting { pool, inbox, outbox })
+    pub async fn open(database: &Database) -> Result<Alerting> {
+        let store = match database.open().await? {
+            Pool::Sqlite(pool) => {
+                sqlx::query(ALERTS_SQLITE).execute(&pool).await?;
+                let inbox = SqliteInbox::new(pool.clone(), "alerting");
+                inbox.migrate().await?;
+                let outbox = SqliteOutbox::new(pool.clone());
+                outbox.migrate().await?;
+                Store::Sqlite(pool, inbox, outbox)
+            }
+            Pool::Postgres(pool) => {
+                sqlx::query(ALERTS_POSTGRES).execute(&pool).await?;
+                let inbox = PgInbox::new(pool.clone(), "alerting");
+                inbox.migrate().await?;
+                let outbox = PgOutbox::new(pool.clone());
+                outbox.migrate().await?;
+                Store::Postgres(pool, inbox, outbox)
+            }
+        };
+        Ok(Alerting { store })
+    }
+
+    /// Its database.
+    pub fn pool(&self) -> Pool {
+        self.store.pool()
     }
 
     async fn check(&self, message: &Incoming) -> std::result::Result<(), Failure> {
         let reading = reading_of(message)?;
-        let mut tx: Transaction<'static, Sqlite> = self.pool.begin().await?;
-        if self.inbox.handle(&mut tx, &reading.key()).await? == Seen::Again || !reading.crosses_threshold() {
-            return Ok(tx.commit().await?);
+        match &self.store {
+            Store::Sqlite(pool, inbox, outbox) => {
+                check_reading!(pool, inbox, outbox, "INSERT INTO alerts (device, seq, value) VALUES (?, ?, ?)", reading)
+            }
+            Store::Postgres(pool, inbox, outbox) => check_reading!(
+                pool,
+                inbox,
+                outbox,
+                "INSERT INTO alerts (device, seq, value) VALUES ($1, $2, $3)",
+                reading
+            ),
         }
-        let alert = Alert { device: reading.device, seq: reading.seq, value: reading.value };
-        sqlx::query("INSERT INTO alerts (device, seq, value) VALUES (?, ?, ?)")
-            .bind(&alert.device)
-            .bind(alert.seq as i64)
-            .bind(alert.value)
-            .execute(&mut *tx)
-            .await?;
-        self.outbox.publish_keyed(&mut tx, &alert, &alert.idempotency_key()).await?;
-        tx.commit().await?;
-        Ok(())
     }
 }
 
@@ -144,31 +223,48 @@ fn relay_config(broker_url: &str) -> wharf_sdk::RelayConfig {
 }
 
 /// Runs the ingestion service until SIGTERM/SIGINT.
-pub async fn run_ingestion(broker_url: &str, database: &Path) -> Result<()> {
+pub async fn run_ingestion(broker_url: &str, database: &Database) -> Result<()> {
     init_logging("ingestion");
     declare_topology_when_up(broker_url).await?;
     let handler = Ingestion::open(database).await?;
-    let wharf = wharf_sdk::Wharf::builder(broker_url)
-        .inbox(handler.inbox.clone())
-        .consumer(wharf_sdk::ConsumerConfig::new(broker_url, INGESTION_QUEUE), handler)
-        .start()
-        .await?;
+    let consumer = wharf_sdk::ConsumerConfig::new(broker_url, INGESTION_QUEUE);
+    let builder = wharf_sdk::Wharf::builder(broker_url);
+    let wharf = match &handler.store {
+        Store::Sqlite(_, inbox, ()) => builder.inbox(inbox.clone()).consumer(consumer, handler.clone()).start().await?,
+        Store::Postgres(_, inbox, ()) => {
+            builder.inbox(inbox.clone()).consumer(consumer, handler.clone()).start().await?
+        }
+    };
     terminated().await;
     wharf.shutdown().await?;
     Ok(())
 }
 
 /// Runs the alerting service until SIGTERM/SIGINT.
-pub async fn run_alerting(broker_url: &str, database: &Path) -> Result<()> {
+pub async fn run_alerting(broker_url: &str, database: &Database) -> Result<()> {
     init_logging("alerting");
     declare_topology_when_up(broker_url).await?;
     let handler = Alerting::open(database).await?;
-    let wharf = wharf_sdk::Wharf::builder(broker_url)
-        .outbox_with(handler.outbox.clone(), relay_config(broker_url))
-        .inbox(handler.inbox.clone())
-        .consumer(wharf_sdk::ConsumerConfig::new(broker_url, ALERTING_QUEUE), handler)
-        .start()
-        .await?;
+    let consumer = wharf_sdk::ConsumerConfig::new(broker_url, ALERTING_QUEUE);
+    let builder = wharf_sdk::Wharf::builder(broker_url);
+    let wharf = match &handler.store {
+        Store::Sqlite(_, inbox, outbox) => {
+            builder
+                .outbox_with(outbox.clone(), relay_config(broker_url))
+                .inbox(inbox.clone())
+                .consumer(consumer, handler.clone())
+                .start()
+                .await?
+        }
+        Store::Postgres(_, inbox, outbox) => {
+            builder
+                .outbox_with(outbox.clone(), relay_config(broker_url))
+                .inbox(inbox.clone())
+                .consumer(consumer, handler.clone())
+                .start()
+                .await?
+        }
+    };
     terminated().await;
     wharf.shutdown().await?;
     Ok(())

@@ -6,14 +6,16 @@
 //! no device sent), and every reading over the threshold raised exactly one alert row and exactly
 //! one alert message. Prints a report; exits non-zero on any violation.
 //!
+//! The services keep their data in SQLite files in the work directory, or, with
+//! `--postgres-url`, in a new PostgreSQL database made for the run on that server.
+//!
 //! `cargo run --release -p telemetry --bin telemetry-chaos -- --devices 1000 --readings 20`
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use sqlx::Row;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use telemetry::devices::{self, DeviceReport, Fleet};
@@ -52,6 +54,11 @@ struct RunArgs {
     /// How long to wait for the system to go quiet after the last reading, in seconds.
     #[arg(long, default_value_t = 180)]
     quiet_timeout_s: u64,
+    /// A PostgreSQL server (`postgres://user:password@host:port/database`, a database to connect
+    /// to for creating the run's own): the services keep their data in a new database there
+    /// instead of SQLite files.
+    #[arg(long, env = "TELEMETRY_CHAOS_POSTGRES_URL")]
+    postgres_url: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -70,14 +77,14 @@ enum Role {
         #[arg(long)]
         broker_url: String,
         #[arg(long)]
-        database: PathBuf,
+        database: Database,
     },
     #[command(hide = true)]
     Alerting {
         #[arg(long)]
         broker_url: String,
         #[arg(long)]
-        database: PathBuf,
+        database: Database,
     },
 }
 
@@ -221,6 +228,13 @@ async fn orchestrate(args: RunArgs) -> Result<bool> {
     let (amqp_port, mqtt_port) = (free_port()?, free_port()?);
     let url = format!("amqp://guest:guest@127.0.0.1:{amqp_port}/%2f");
     let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let (ingestion_db, alerting_db) = match &args.postgres_url {
+        None => (path("ingestion.db"), path("alerting.db")),
+        Some(admin_url) => {
+            let url = new_postgres_database(admin_url).await?;
+            (url.clone(), url)
+        }
+    };
     let managed = |name: &'static str, args: Vec<String>| Managed {
         name,
         args,
@@ -244,11 +258,11 @@ async fn orchestrate(args: RunArgs) -> Result<bool> {
         ),
         managed(
             "ingestion",
-            vec!["ingestion".into(), "--broker-url".into(), url.clone(), "--database".into(), path("ingestion.db")],
+            vec!["ingestion".into(), "--broker-url".into(), url.clone(), "--database".into(), ingestion_db.clone()],
         ),
         managed(
             "alerting",
-            vec!["alerting".into(), "--broker-url".into(), url.clone(), "--database".into(), path("alerting.db")],
+            vec!["alerting".into(), "--broker-url".into(), url.clone(), "--database".into(), alerting_db.clone()],
         ),
     ];
     processes[0].start()?;
@@ -288,7 +302,9 @@ async fn orchestrate(args: RunArgs) -> Result<bool> {
     let published_s = started.elapsed().as_secs_f64();
     // Quiet: both queues empty and every alert relayed, twice in a row.
     let deadline = Instant::now() + Duration::from_secs(args.quiet_timeout_s);
-    let alerting_db = open_sqlite(&dir.join("alerting.db")).await?;
+    let ingestion_db: Database = ingestion_db.parse()?;
+    let alerting_db: Database = alerting_db.parse()?;
+    let alerting_pool = alerting_db.open().await?;
     let mut quiet_rounds = 0;
     while quiet_rounds < 2 {
         if Instant::now() > deadline {
@@ -300,11 +316,7 @@ async fn orchestrate(args: RunArgs) -> Result<bool> {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let ingestion = queue_depth(&url, INGESTION_QUEUE).await;
         let alerting = queue_depth(&url, ALERTING_QUEUE).await;
-        let unsent: i64 = sqlx::query("SELECT COUNT(*) AS n FROM wharf_outbox WHERE status <> 1")
-            .fetch_one(&alerting_db)
-            .await
-            .map(|row| row.get("n"))
-            .unwrap_or(1);
+        let unsent = alerting_pool.integer("SELECT COUNT(*) FROM wharf_outbox WHERE status <> 1").await.unwrap_or(1);
         let quiet = matches!((ingestion, alerting), (Ok(0), Ok(0))) && unsent == 0;
         quiet_rounds = if quiet { quiet_rounds + 1 } else { 0 };
     }
@@ -312,7 +324,7 @@ async fn orchestrate(args: RunArgs) -> Result<bool> {
     for process in &mut processes {
         process.stop().await;
     }
-    let violations = check(&dir, &reports, &alert_messages).await?;
+    let violations = check(&ingestion_db, &alerting_db, &reports, &alert_messages).await?;
     let acknowledged: u64 = reports.iter().map(|report| report.acknowledged).sum();
     let reconnects: u64 = reports.iter().map(|report| report.reconnects).sum();
     println!(
@@ -338,6 +350,17 @@ async fn orchestrate(args: RunArgs) -> Result<bool> {
     Ok(all.is_empty())
 }
 
+/// Creates a database for this run on the PostgreSQL server `admin_url` reaches; its URL.
+async fn new_postgres_database(admin_url: &str) -> Result<String> {
+    let name = format!("telemetry_chaos_{}", std::process::id());
+    let admin = sqlx::PgPool::connect(admin_url).await.with_context(|| format!("connecting to {admin_url}"))?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name}")).execute(&admin).await?;
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await?;
+    admin.close().await;
+    let (server, _) = admin_url.rsplit_once('/').context("the PostgreSQL URL names no database")?;
+    Ok(format!("{server}/{name}"))
+}
+
 fn tempfile_dir() -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("wharf-telemetry-chaos-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -345,13 +368,17 @@ fn tempfile_dir() -> Result<PathBuf> {
 }
 
 /// The exactly-once checks, from the databases and the drained alerts.
-async fn check(dir: &Path, reports: &[DeviceReport], alert_messages: &HashMap<String, u32>) -> Result<Vec<String>> {
+async fn check(
+    ingestion_db: &Database,
+    alerting_db: &Database,
+    reports: &[DeviceReport],
+    alert_messages: &HashMap<String, u32>,
+) -> Result<Vec<String>> {
     let mut violations = Vec::new();
-    let ingestion = open_sqlite(&dir.join("ingestion.db")).await?;
+    let ingestion = ingestion_db.open().await?;
     let mut stored: BTreeMap<(String, u64), u32> = BTreeMap::new();
-    for row in sqlx::query("SELECT device, seq FROM readings").fetch_all(&ingestion).await? {
-        let seq: i64 = row.get("seq");
-        *stored.entry((row.get("device"), seq as u64)).or_insert(0) += 1;
+    for (device, seq) in ingestion.pairs("SELECT device, seq FROM readings").await? {
+        *stored.entry((device, seq as u64)).or_insert(0) += 1;
     }
     let sent: HashMap<&str, &DeviceReport> = reports.iter().map(|report| (report.device.as_str(), report)).collect();
     for ((device, seq), copies) in &stored {
@@ -369,19 +396,18 @@ async fn check(dir: &Path, reports: &[DeviceReport], alert_messages: &HashMap<St
             }
         }
     }
-    let alerting = open_sqlite(&dir.join("alerting.db")).await?;
+    let alerting = alerting_db.open().await?;
     let mut alert_rows: BTreeMap<(String, u64), u32> = BTreeMap::new();
-    for row in sqlx::query("SELECT device, seq FROM alerts").fetch_all(&alerting).await? {
-        let seq: i64 = row.get("seq");
-        *alert_rows.entry((row.get("device"), seq as u64)).or_insert(0) += 1;
+    for (device, seq) in alerting.pairs("SELECT device, seq FROM alerts").await? {
+        *alert_rows.entry((device, seq as u64)).or_insert(0) += 1;
     }
-    let ids: HashMap<String, String> = sqlx::query("SELECT id, routing_key, body FROM wharf_outbox")
-        .fetch_all(&alerting)
+    let ids: HashMap<String, String> = alerting
+        .blobs("SELECT id, body FROM wharf_outbox")
         .await?
         .into_iter()
-        .filter_map(|row| {
-            let alert: Alert = serde_json::from_slice(&row.get::<Vec<u8>, _>("body")).ok()?;
-            Some((alert.idempotency_key(), row.get::<String, _>("id")))
+        .filter_map(|(id, body)| {
+            let alert: Alert = serde_json::from_slice(&body).ok()?;
+            Some((alert.idempotency_key(), id))
         })
         .collect();
     for (device, seq) in stored.keys() {

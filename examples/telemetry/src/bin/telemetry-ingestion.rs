@@ -8,9 +8,9 @@ use clap::Parser;
 struct Args {
     #[arg(long, env = "BROKER_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     broker_url: String,
-    /// The service's SQLite database.
-    #[arg(long, default_value = "ingestion.db")]
-    database: std::path::PathBuf,
+    /// The service's database: a SQLite file, or a PostgreSQL database's `postgres://` URL.
+    #[arg(long, env = "DATABASE", default_value = "ingestion.db")]
+    database: telemetry::Database,
 }
 
 #[tokio::main]
