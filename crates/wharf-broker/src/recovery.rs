@@ -269,9 +269,16 @@ impl Sources<'_> {
         });
     }
 
-    /// Loads a de-duplication key log: live keys go to `remember` (key, first seen) and are
-    /// tracked for expiry; expired ones are removed from the store.
-    fn load_dedup_log(&self, log: u64, ttl_ms: u64, owner: &str, remember: &mut dyn FnMut(&[u8], u64)) {
+    /// Loads a de-duplication key log: live keys go to `remember` (key, first seen); expired ones
+    /// are removed from the store. Returns the live records (seen, seq), for the caller to track
+    /// for expiry (`DedupLogs::restore`) with any it adds.
+    fn load_dedup_log(
+        &self,
+        log: u64,
+        ttl_ms: u64,
+        owner: &str,
+        remember: &mut dyn FnMut(&[u8], u64),
+    ) -> VecDeque<(u64, u64)> {
         let mut live = VecDeque::new();
         self.read_log(LogId(log), owner, &mut |message, meta, key| {
             let (seq, seen_ms) = (message.seq, message.timestamp_ms);
@@ -286,7 +293,7 @@ impl Sources<'_> {
             remember(key, seen_ms);
             live.push_back((seen_ms, seq));
         });
-        self.dedup_logs.restore(log, ttl_ms, live);
+        live
     }
 }
 
@@ -408,9 +415,10 @@ fn restore_exchange(
     let dedup_ttl_ms = exchange.settings.deduplication.as_ref().map(|dedup| dedup.ttl_ms);
     vhost.restore_exchange(exchange);
     if let (Some(log), Some(ttl_ms)) = (stored.dedup_log, dedup_ttl_ms) {
-        sources.load_dedup_log(log, ttl_ms, name, &mut |key, seen_ms| {
+        let live = sources.load_dedup_log(log, ttl_ms, name, &mut |key, seen_ms| {
             vhost.restore_exchange_dedup_key(name, key, seen_ms)
         });
+        sources.dedup_logs.restore(log, ttl_ms, live);
     }
     if let Some(log) = stored.store_log {
         sources.read_log(LogId(log), name, &mut |stored_message, meta, body| {
@@ -445,21 +453,38 @@ fn restore_queue(
     let mut queue = Queue::new(name.to_owned(), true, None, stored.auto_delete, stored.arguments, settings)
         .with_store_logs(Some(stored.store_log), stored.dedup_log);
     tally.used_logs.insert(LogId(stored.store_log));
-    restore_queue_messages(sources, tally, &mut queue, stored.store_log);
+    // With de-duplication switched off (by a policy) the key log stays with the queue's
+    // definition, unread, in case it is switched on again.
+    let key_log = stored.dedup_log.zip(dedup_ttl_ms);
     if let Some(log) = stored.dedup_log {
-        // With de-duplication switched off (by a policy) the log stays with the queue's
-        // definition, unread, in case it is switched on again.
         tally.used_logs.insert(LogId(log));
-        if let Some(ttl_ms) = dedup_ttl_ms {
-            sources.load_dedup_log(log, ttl_ms, name, &mut |key, seen_ms| queue.restore_dedup_key(key, seen_ms));
+    }
+    let mut live = match key_log {
+        Some((log, ttl_ms)) => {
+            sources.load_dedup_log(log, ttl_ms, name, &mut |key, seen_ms| queue.restore_dedup_key(key, seen_ms))
         }
+        None => VecDeque::new(),
+    };
+    let key_log = key_log.map(|(log, _)| (log, &mut live));
+    restore_queue_messages(sources, tally, vhost, &mut queue, stored.store_log, key_log);
+    if let (Some(log), Some(ttl_ms)) = (stored.dedup_log, dedup_ttl_ms) {
+        sources.dedup_logs.restore(log, ttl_ms, live);
     }
     vhost.restore_queue(queue);
 }
 
 /// A queue's live messages, in order. The store's scan kept every record's meta: only the bodies
-/// that stay in memory are read again (beyond the queue's budget, none).
-fn restore_queue_messages(sources: &Sources<'_>, tally: &mut Tally, queue: &mut Queue, log: u64) {
+/// that stay in memory are read again (beyond the queue's budget, none). With `key_log` (the
+/// queue's de-duplication key log and its live records), a message whose key the log lacks has
+/// it written now (`Queue::recover_dedup_key_of` says why).
+fn restore_queue_messages(
+    sources: &Sources<'_>,
+    tally: &mut Tally,
+    vhost: &mut wharf_model::VirtualHost,
+    queue: &mut Queue,
+    log: u64,
+    mut key_log: Option<(u64, &mut VecDeque<(u64, u64)>)>,
+) {
     let log_id = LogId(log);
     let redelivered = !sources.clean_stop;
     for recovered_message in sources.recovered.queues.get(&log_id).into_iter().flatten() {
@@ -489,7 +514,29 @@ fn restore_queue_messages(sources: &Sources<'_>, tally: &mut Tally, queue: &mut 
         };
         let body = in_memory.map(bytes::Bytes::from).unwrap_or_default();
         let (stored_ms, delivery_count) = (recovered_message.timestamp_ms, recovered_message.delivery_count);
-        match persist::decode_message(&meta, body) {
+        let decoded = persist::decode_message(&meta, body);
+        if let (Some(decoded), Some((key_log, live))) = (&decoded, key_log.as_mut())
+            && let Some(key) = queue.recover_dedup_key_of(decoded, stored_ms)
+        {
+            match sources.store.append(LogId(*key_log), stored_ms, &persist::dedup_key_meta(), &key) {
+                Ok(append) => live.push_back((stored_ms, append.seq)),
+                Err(error) => {
+                    tracing::warn!(queue = %queue.name, %error, "a recovered de-duplication key could not be written")
+                }
+            }
+        }
+        // The same for the exchange it was published to (restored before any queue).
+        if let Some(decoded) = &decoded
+            && let Some((key, exchange_log)) = vhost.recover_exchange_dedup_key_of(decoded, stored_ms)
+        {
+            match sources.store.append(LogId(exchange_log), stored_ms, &persist::dedup_key_meta(), &key) {
+                Ok(append) => sources.dedup_logs.record(exchange_log, stored_ms, append.seq),
+                Err(error) => {
+                    tracing::warn!(exchange = %decoded.exchange, %error, "a recovered de-duplication key could not be written")
+                }
+            }
+        }
+        match decoded {
             Some(decoded) if page => {
                 queue.enqueue_recovered_paged(decoded, paged, seq, stored_ms, delivery_count, redelivered);
                 tally.paged += 1;

@@ -614,6 +614,21 @@ impl Queue {
         id
     }
 
+    /// Recovery, for a message found in the queue: its de-duplication key, if the index does not
+    /// hold it yet (remembered now, as seen at `seen_ms`), for the runtime to write to the key
+    /// log. A crash between a message becoming durable and its key record doing so keeps the
+    /// message without its key; its publisher, never confirmed, sends it again, and the key
+    /// must be known by then or the queue would take it twice.
+    pub fn recover_dedup_key_of(&mut self, message: &Message, seen_ms: u64) -> Option<Vec<u8>> {
+        let dedup = self.dedup.as_mut()?;
+        let key = dedup.key_of(message)?;
+        if dedup.contains(&key) {
+            return None;
+        }
+        dedup.restore(&key, seen_ms);
+        Some(key)
+    }
+
     /// Remembers a de-duplication key found by recovery (seen at `seen_ms`).
     pub fn restore_dedup_key(&mut self, key: &[u8], seen_ms: u64) {
         if let Some(dedup) = self.dedup.as_mut() {

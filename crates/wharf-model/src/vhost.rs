@@ -440,6 +440,21 @@ impl VirtualHost {
         ExchangeSettings::parse(kind, &effective_arguments(arguments, policy::select(&self.policies, name, false)))
     }
 
+    /// Recovery, for a message found in a queue: the de-duplication key of the exchange it was
+    /// published to, if that exchange de-duplicates and does not hold the key yet (remembered
+    /// now), with the exchange's key log, for the runtime to write it there
+    /// (`Queue::recover_dedup_key_of` says why).
+    pub fn recover_exchange_dedup_key_of(&mut self, message: &Message, seen_ms: u64) -> Option<(Vec<u8>, u64)> {
+        let log = self.exchanges.get(&message.exchange)?.dedup_log?;
+        let index = self.exchange_dedup.get_mut(&message.exchange)?;
+        let key = index.key_of(message)?;
+        if index.contains(&key) {
+            return None;
+        }
+        index.restore(&key, seen_ms);
+        Some((key, log))
+    }
+
     /// Remembers a de-duplication key of an exchange found by recovery.
     pub fn restore_exchange_dedup_key(&mut self, exchange: &str, key: &[u8], seen_ms: u64) {
         if let Some(index) = self.exchange_dedup.get_mut(exchange) {

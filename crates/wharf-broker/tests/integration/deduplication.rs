@@ -226,3 +226,63 @@ async fn a_dead_letter_coming_back_is_not_a_duplicate() {
     back.ack(BasicAckOptions::default()).await.unwrap();
     broker.stop().await;
 }
+
+/// A crash after a message became durable but before its key record did: the publisher was
+/// never confirmed and sends it again after the restart; the queue knows the key from the
+/// message it holds and takes it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_key_record_a_crash_lost_is_still_not_taken_twice() {
+    let mut broker = CrashableBroker::start(73, |_| {}).await;
+    let connection = broker.connect().await;
+    let channel = confirm_channel(&connection).await;
+    durable_queue(&channel, "alerts", dedup(&[])).await;
+    // The queue's and the key log's files exist: each later batch is one sync of one file.
+    assert!(publish_confirmed(&channel, "", "alerts", b"warm-up", with_id("alert-0")).await);
+    // The message's sync goes through, the key's fails (the store stops there, as in a crash).
+    broker.fs.fail_syncs_after(1, 1);
+    let confirmed = publish_confirmed(&channel, "", "alerts", b"hot", with_id("alert-1")).await;
+    assert!(!confirmed, "not confirmed: its key is not durable");
+    drop(connection);
+    broker.crash(CrashMode::LoseUnsynced).await;
+    let connection = broker.connect().await;
+    let channel = confirm_channel(&connection).await;
+    assert_eq!(count(&channel, "alerts").await, 2, "the message itself was durable");
+    assert!(publish_confirmed(&channel, "", "alerts", b"hot", with_id("alert-1")).await);
+    assert_eq!(count(&channel, "alerts").await, 2, "the publisher's second try is a duplicate");
+    // And the key is durable now: it survives another crash once the message is consumed.
+    while channel.basic_get("alerts".into(), BasicGetOptions { no_ack: true }).await.unwrap().is_some() {}
+    drop(connection);
+    broker.restart().await;
+    let connection = broker.connect().await;
+    let channel = confirm_channel(&connection).await;
+    assert!(publish_confirmed(&channel, "", "alerts", b"hot", with_id("alert-1")).await);
+    assert_eq!(count(&channel, "alerts").await, 0);
+    broker.stop().await;
+}
+
+/// The same for a de-duplicating exchange: its key is found again from the message in the
+/// (plain) queue it was routed to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchanges_key_record_lost_in_a_crash_is_found_again_from_the_routed_message() {
+    let mut broker = CrashableBroker::start(74, |_| {}).await;
+    let connection = broker.connect().await;
+    let channel = confirm_channel(&connection).await;
+    let options = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    channel.exchange_declare("alerts".into(), ExchangeKind::Fanout, options, dedup(&[])).await.unwrap();
+    durable_queue(&channel, "alert-log", FieldTable::default()).await;
+    channel
+        .queue_bind("alert-log".into(), "alerts".into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    assert!(publish_confirmed(&channel, "alerts", "", b"warm-up", with_id("alert-0")).await);
+    broker.fs.fail_syncs_after(1, 1);
+    assert!(!publish_confirmed(&channel, "alerts", "", b"hot", with_id("alert-1")).await);
+    drop(connection);
+    broker.crash(CrashMode::LoseUnsynced).await;
+    let connection = broker.connect().await;
+    let channel = confirm_channel(&connection).await;
+    assert_eq!(count(&channel, "alert-log").await, 2, "the message itself was durable");
+    assert!(publish_confirmed(&channel, "alerts", "", b"hot", with_id("alert-1")).await);
+    assert_eq!(count(&channel, "alert-log").await, 2, "the publisher's second try is a duplicate");
+    broker.stop().await;
+}
