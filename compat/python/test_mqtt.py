@@ -229,12 +229,66 @@ def check_will():
     print("will after SIGKILL of the client: ok")
 
 
+def check_no_local_and_retain_as_published():
+    from paho.mqtt.subscribeoptions import SubscribeOptions
+    member = client("paho-chat", mqtt.MQTTv5)
+    connect(member, protocol=mqtt.MQTTv5)
+    done = threading.Event()
+    member.on_subscribe = lambda *_args: done.set()
+    member.subscribe([("chat/#", SubscribeOptions(qos=1, noLocal=True)),
+                      ("news/kept/#", SubscribeOptions(qos=1, retainAsPublished=True)),
+                      ("news/plain/#", SubscribeOptions(qos=1))])
+    assert done.wait(WAIT_S), "no SUBACK"
+    member.publish("chat/room", b"mine", qos=1).wait_for_publish(WAIT_S)
+    mosquitto_pub("chat/room", "theirs", version="mqttv5")
+    message = next_message(member)
+    assert message.payload == b"theirs", f"its own publish came back: {message.payload}"
+    for topic in ("news/kept/1", "news/plain/1"):
+        subprocess.run(
+            ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(MQTT_PORT), "-u", USER, "-P", PASSWORD,
+             "-V", "mqttv5", "-q", "1", "-r", "-t", topic, "-m", "headline", "-i", f"news-{uuid.uuid4().hex[:8]}"],
+            check=True, timeout=WAIT_S)
+        message = next_message(member)
+        assert message.topic == topic, message.topic
+        assert message.retain == (topic == "news/kept/1"), (topic, message.retain)
+    member.loop_stop()
+    member.disconnect()
+    print("no-local and retain-as-published over MQTT 5.0: ok")
+
+
+def check_qos_2_exactly_once_across_kill9():
+    """QoS 2 both ways with persistent sessions while the broker is killed with SIGKILL in the
+    middle: the subscriber gets every entry exactly once."""
+    sub = client("paho-q2-ledger", mqtt.MQTTv5)
+    sub.reconnect_delay_set(min_delay=1, max_delay=2)
+    connect(sub, clean=False, protocol=mqtt.MQTTv5, expiry_s=3600)
+    assert subscribe(sub, "ledger2/#", 2)[0].value == 2
+    pub = client("paho-q2-bank", mqtt.MQTTv5)
+    pub.reconnect_delay_set(min_delay=1, max_delay=2)
+    connect(pub, clean=False, protocol=mqtt.MQTTv5, expiry_s=3600)
+    sent = [pub.publish(f"ledger2/{index}", f"entry {index}", qos=2) for index in range(25)]
+    restart_broker_with_kill9()
+    sent += [pub.publish(f"ledger2/{index}", f"entry {index}", qos=2) for index in range(25, 50)]
+    for info in sent:
+        info.wait_for_publish(WAIT_S)
+    got = [next_message(sub).payload.decode() for _ in range(50)]
+    assert sorted(got) == sorted(f"entry {i}" for i in range(50)), got
+    pub.publish("ledger2/end", "end", qos=2).wait_for_publish(WAIT_S)
+    assert next_message(sub).payload == b"end", "an entry came twice"
+    for c in (sub, pub):
+        c.loop_stop()
+        c.disconnect()
+    print("QoS 2 exactly once across kill -9 over MQTT 5.0: ok")
+
+
 check_mosquitto_pub_and_sub()
 check_amqp_to_mqtt_and_back()
+check_no_local_and_retain_as_published()
 check_qos_2_both_ways(mqtt.MQTTv311)
 check_qos_2_both_ways(mqtt.MQTTv5)
 check_persistent_session_across_kill9(mqtt.MQTTv311)
 check_persistent_session_across_kill9(mqtt.MQTTv5)
+check_qos_2_exactly_once_across_kill9()
 check_retained()
 check_will()
 print("mqtt: all checks passed")

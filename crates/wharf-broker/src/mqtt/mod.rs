@@ -10,8 +10,9 @@
 //! vhost from a `vhost:user` name, the client id, taking a session over, resuming one);
 //! `session.rs` runs the packet loop; `writer.rs` sends deliveries as PUBLISH packets;
 //! `acks.rs` acknowledges publishes in order once durable; `subscriptions.rs` keeps subscriptions
-//! as bindings; `retained.rs` keeps retained messages; `convert.rs` maps message properties;
-//! `clients.rs` the client ids in use.
+//! as bindings; `state.rs` keeps what else a persistent session needs after a crash;
+//! `shared.rs` shared subscriptions; `will.rs` wills; `retained.rs` keeps retained messages;
+//! `convert.rs` maps message properties; `clients.rs` the client ids in use.
 
 mod acks;
 mod clients;
