@@ -360,27 +360,30 @@ impl<R: AsyncRead + Unpin> Connection<R> {
     }
 
     async fn authenticate(&mut self, start_ok: &connection::StartOk) -> Result<String, Ending> {
-        let address = self.peer.ip();
-        let throttle = &self.core.login_throttle;
         let mechanism = start_ok.mechanism.as_str();
         let claim = claim(mechanism, start_ok.response.as_bytes(), self.client_certificate.as_ref());
-        // The name tried, for the throttle (a refused claim fails below anyway).
-        let tried = match &claim {
-            Ok(Claim::Password(credentials)) => credentials.username.clone(),
-            Ok(Claim::Certificate(name)) => name.clone(),
-            Err(_) => String::new(),
-        };
-        let outcome = if throttle.is_throttled(address, &tried, self.core.now_ms()) {
-            Err("ACCESS_REFUSED - too many failed logins from this address; try again later".to_owned())
-        } else {
-            let users = self.core.access.users();
-            let outcome = claim.and_then(|claim| authorize(&users, mechanism, &claim, address));
-            match &outcome {
-                Ok(_) => throttle.record_success(address, &tried),
-                Err(_) => throttle.record_failure(address, &tried, self.core.now_ms()),
-            }
-            outcome
-        };
+        let outcome = claim.and_then(|claim| {
+            let credentials = match &claim {
+                Claim::Password(credentials) => crate::login::Credentials::Password {
+                    user: &credentials.username,
+                    password: credentials.password.as_bytes(),
+                },
+                Claim::Certificate(name) => crate::login::Credentials::Certificate(name),
+            };
+            crate::login::log_in(&self.core, credentials, self.peer.ip()).map(|user| user.name).map_err(|refused| {
+                match refused {
+                    crate::login::Refused::Throttled => {
+                        "ACCESS_REFUSED - too many failed logins from this address; try again later".to_owned()
+                    }
+                    crate::login::Refused::BadCredentials => {
+                        format!("ACCESS_REFUSED - Login was refused using authentication mechanism {mechanism}")
+                    }
+                    crate::login::Refused::LoopbackOnly(user) => {
+                        format!("ACCESS_REFUSED - user '{user}' can only connect via localhost")
+                    }
+                }
+            })
+        });
         match outcome {
             Ok(user) => Ok(user),
             Err(text) => {
@@ -420,35 +423,6 @@ fn claim(mechanism: &str, response: &[u8], client_certificate: Option<&Certifica
         Ok(Some(credentials)) => Ok(Claim::Password(credentials)),
         Ok(None) => Err(format!("ACCESS_REFUSED - unsupported authentication mechanism {mechanism}")),
         Err(error) => Err(format!("ACCESS_REFUSED - {error}")),
-    }
-}
-
-/// Decides a login: the user name, or the 403 reply text RabbitMQ would give. A certificate's
-/// name must be a configured user; its password is not asked for (the CA vouched instead).
-fn authorize(
-    users: &[crate::config::User],
-    mechanism: &str,
-    claim: &Claim,
-    peer: std::net::IpAddr,
-) -> Result<String, String> {
-    let name = match claim {
-        Claim::Password(credentials) => &credentials.username,
-        Claim::Certificate(name) => name,
-    };
-    let user = users.iter().find(|user| &user.name == name);
-    let admitted = |user: &crate::config::User| match claim {
-        Claim::Password(credentials) => user.password.verify(credentials.password.as_bytes()),
-        Claim::Certificate(_) => true,
-    };
-    match user {
-        Some(user) if admitted(user) => {
-            if user.loopback_only && !peer.is_loopback() {
-                Err(format!("ACCESS_REFUSED - user '{}' can only connect via localhost", user.name))
-            } else {
-                Ok(user.name.clone())
-            }
-        }
-        _ => Err(format!("ACCESS_REFUSED - Login was refused using authentication mechanism {mechanism}")),
     }
 }
 

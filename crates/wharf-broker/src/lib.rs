@@ -22,6 +22,7 @@ mod definitions_import;
 mod error;
 mod identities;
 mod limits;
+mod login;
 mod login_throttle;
 mod manage;
 mod mqtt;

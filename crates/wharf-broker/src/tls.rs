@@ -140,6 +140,55 @@ impl ServerTls {
     }
 }
 
+/// A finished TLS handshake: the stream, the local address, and the client's certificate.
+/// rustls hands over a client certificate only once it verified it against the configured CA
+/// (and asks for none without a CA), so a certificate here is a verified one.
+pub(crate) struct Accepted {
+    pub stream: tokio_rustls::server::TlsStream<TcpStream>,
+    /// The handshake slot, still held for the protocol's handshake.
+    pub handshake_slot: HandshakeSlot,
+    pub local: SocketAddr,
+    pub client_certificate: Option<CertificateDer<'static>>,
+}
+
+/// The TLS handshake of a socket accepted on a TLS listener (AMQPS or MQTTS), within `deadline`
+/// (the protocol's handshake, which follows, gets only what time is left). `None` if it failed,
+/// timed out or the broker is shutting down (logged); the slot is then free before the socket
+/// closes, so a peer that sees the close can count on the slot being there for its next attempt.
+pub(crate) async fn handshake(
+    socket: TcpStream,
+    handshake_slot: HandshakeSlot,
+    peer: SocketAddr,
+    shutdown: &mut watch::Receiver<bool>,
+    acceptor: TlsAcceptor,
+    deadline: tokio::time::Instant,
+) -> Option<Accepted> {
+    let _ = socket.set_nodelay(true);
+    let accept = tokio::time::timeout_at(deadline, acceptor.accept(socket));
+    tokio::pin!(accept);
+    let accepted = tokio::select! {
+        accepted = &mut accept => accepted,
+        _ = shutdown.changed() => return None,
+    };
+    let stream = match accepted {
+        Ok(Ok(stream)) => stream,
+        failed => {
+            match failed {
+                Ok(Err(error)) => tracing::info!(%peer, %error, "TLS handshake failed"),
+                _ => tracing::info!(%peer, "TLS handshake timed out"),
+            }
+            drop(handshake_slot);
+            return None;
+        }
+    };
+    let (socket, session) = stream.get_ref();
+    let local = socket.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let client_certificate =
+        session.peer_certificates().and_then(|chain| chain.first()).map(|c| c.clone().into_owned());
+    tracing::debug!(%peer, version = ?session.protocol_version(), client_certificate = client_certificate.is_some(), "TLS handshake done");
+    Some(Accepted { stream, handshake_slot, local, client_certificate })
+}
+
 /// Serves one socket accepted on the TLS listener: the TLS handshake, then the AMQP connection
 /// over it. The TLS handshake counts against the handshake slot and `handshake_timeout_ms` like
 /// the AMQP handshake, which gets only what time is left, so a silent or slow socket cannot hold
@@ -152,34 +201,12 @@ pub(crate) async fn serve(
     handshake_slot: HandshakeSlot,
     acceptor: TlsAcceptor,
 ) {
-    let _ = socket.set_nodelay(true);
     let deadline = tokio::time::Instant::now() + Duration::from_millis(core.config.handshake_timeout_ms);
-    let accept = tokio::time::timeout_at(deadline, acceptor.accept(socket));
-    tokio::pin!(accept);
-    let accepted = tokio::select! {
-        accepted = &mut accept => accepted,
-        _ = shutdown.changed() => return,
+    let Some(Accepted { stream, handshake_slot, local, client_certificate }) =
+        handshake(socket, handshake_slot, peer, &mut shutdown, acceptor, deadline).await
+    else {
+        return;
     };
-    let stream = match accepted {
-        Ok(Ok(stream)) => stream,
-        failed => {
-            match failed {
-                Ok(Err(error)) => tracing::info!(%peer, %error, "TLS handshake failed"),
-                _ => tracing::info!(%peer, "TLS handshake timed out"),
-            }
-            // The slot is free before the socket closes (it is dropped with `accept`), so a peer
-            // that sees the close can count on the slot being there for its next attempt.
-            drop(handshake_slot);
-            return;
-        }
-    };
-    // rustls hands over a client certificate only once it verified it against the configured CA
-    // (and asks for none without a CA), so a certificate here is a verified one.
-    let (socket, session) = stream.get_ref();
-    let local = socket.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let client_certificate =
-        session.peer_certificates().and_then(|chain| chain.first()).map(|c| c.clone().into_owned());
-    tracing::debug!(%peer, version = ?session.protocol_version(), client_certificate = client_certificate.is_some(), "TLS handshake done");
     let (reader, writer) = tokio::io::split(stream);
     let transport = connection::Transport { deadline, client_certificate, local, tls: true };
     connection::serve(core, reader, writer, peer, shutdown, handshake_slot, transport).await;

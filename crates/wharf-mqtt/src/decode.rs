@@ -168,7 +168,15 @@ impl Decoder {
             return Err(DecodeError::protocol(format!("the first packet must be CONNECT, not type {type_code}")));
         }
         buffer.advance(header_bytes);
-        let body = buffer.split_to(remaining as usize).freeze();
+        let body = if type_code == 1 {
+            // A CONNECT is copied out: its fields (the password, a will's payload) live as long
+            // as the connection, and a slice would keep the whole read buffer with them.
+            let body = Bytes::copy_from_slice(&buffer[..remaining as usize]);
+            buffer.advance(remaining as usize);
+            body
+        } else {
+            buffer.split_to(remaining as usize).freeze()
+        };
         let version = self.version.unwrap_or(Version::V311);
         let packet = parse(type_code, flags, &body, version)?;
         if let Packet::Connect(connect) = &packet {

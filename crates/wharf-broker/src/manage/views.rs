@@ -534,22 +534,8 @@ impl Management {
     /// Checks a user's password for the management interface, with the AMQP login's rules
     /// (`guest` only from loopback) and its throttle on repeated failures. Returns the user.
     pub fn authenticate(&self, name: &str, password: &str, peer: std::net::IpAddr) -> Option<UserView> {
-        let throttle = &self.core.login_throttle;
-        let now_ms = self.core.now_ms();
-        if throttle.is_throttled(peer, name, now_ms) {
-            return None;
-        }
-        let user = self.core.access.user(name);
-        match user {
-            Some(user) if user.password.verify(password.as_bytes()) && (!user.loopback_only || peer.is_loopback()) => {
-                throttle.record_success(peer, name);
-                Some(UserView::of(&user))
-            }
-            _ => {
-                throttle.record_failure(peer, name, now_ms);
-                None
-            }
-        }
+        let credentials = crate::login::Credentials::Password { user: name, password: password.as_bytes() };
+        crate::login::log_in(&self.core, credentials, peer).ok().map(|user| UserView::of(&user))
     }
 
     /// Whether `user` has any permission on `vhost` (what RabbitMQ requires of a non-administrator

@@ -80,7 +80,7 @@ pub(crate) async fn serve(
     let _ = socket.set_nodelay(true);
     let local = socket.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let deadline = tokio::time::Instant::now() + Duration::from_millis(core.config.handshake_timeout_ms);
-    let accepted = Accepted { peer, local, tls: false, deadline };
+    let accepted = Accepted { peer, local, tls: false, deadline, client_certificate: None };
     serve_stream(core, socket, accepted, shutdown, handshake_slot).await;
 }
 
@@ -94,33 +94,26 @@ pub(crate) async fn serve_tls(
     handshake_slot: HandshakeSlot,
     acceptor: tokio_rustls::TlsAcceptor,
 ) {
-    let _ = socket.set_nodelay(true);
-    let local = socket.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let deadline = tokio::time::Instant::now() + Duration::from_millis(core.config.handshake_timeout_ms);
-    let accept = tokio::time::timeout_at(deadline, acceptor.accept(socket));
-    tokio::pin!(accept);
-    let accepted = tokio::select! {
-        accepted = &mut accept => accepted,
-        _ = shutdown.changed() => return,
+    let Some(crate::tls::Accepted { stream, handshake_slot, local, client_certificate }) =
+        crate::tls::handshake(socket, handshake_slot, peer, &mut shutdown, acceptor, deadline).await
+    else {
+        return;
     };
-    match accepted {
-        Ok(Ok(stream)) => {
-            let accepted = Accepted { peer, local, tls: true, deadline };
-            serve_stream(core, stream, accepted, shutdown, handshake_slot).await;
-        }
-        Ok(Err(error)) => tracing::info!(%peer, %error, "MQTT TLS handshake failed"),
-        Err(_) => tracing::info!(%peer, "MQTT TLS handshake timed out"),
-    }
+    let accepted = Accepted { peer, local, tls: true, deadline, client_certificate };
+    serve_stream(core, stream, accepted, shutdown, handshake_slot).await;
 }
 
 /// Where an accepted connection came from and how.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Accepted {
     peer: SocketAddr,
     local: SocketAddr,
     tls: bool,
     /// When the CONNECT must have come by.
     deadline: tokio::time::Instant,
+    /// A client certificate the TLS handshake verified (MQTTS with a CA configured).
+    client_certificate: Option<rustls_pki_types::CertificateDer<'static>>,
 }
 
 /// Serves one connection over `socket` until it closes.
@@ -131,7 +124,7 @@ async fn serve_stream<S: Transport>(
     shutdown: watch::Receiver<bool>,
     handshake_slot: HandshakeSlot,
 ) {
-    let Accepted { peer, deadline, .. } = accepted;
+    let (peer, deadline) = (accepted.peer, accepted.deadline);
     let mut buffer = BytesMut::with_capacity(1024);
     let mut decoder = Decoder::new(UNAUTHENTICATED_PACKET_BYTES_MAX);
     let first = tokio::time::timeout_at(deadline, async {
@@ -171,8 +164,11 @@ async fn serve_stream<S: Transport>(
         }
     };
     let version = connect.version;
-    match authenticate(&core, &connect, peer) {
+    match authenticate(&core, &connect, peer, accepted.client_certificate.as_ref()) {
         Ok(admitted) => {
+            // Not kept for the connection's life.
+            let mut connect = connect;
+            connect.password = None;
             run(core, *connect, admitted, accepted, socket, buffer, decoder, shutdown, handshake_slot).await
         }
         Err(code) => refuse(&mut socket, version, code).await,
@@ -201,32 +197,50 @@ struct Admitted {
 }
 
 /// Checks a CONNECT's credentials, vhost and client id. Err: the reason code to refuse it with.
-fn authenticate(core: &Core, connect: &Connect, peer: SocketAddr) -> Result<Admitted, u8> {
+/// A CONNECT without a user name and password over TLS with a verified client certificate logs
+/// in as the user the certificate's common name names (RabbitMQ's `ssl_cert_login`), in the
+/// default MQTT vhost.
+fn authenticate(
+    core: &Core,
+    connect: &Connect,
+    peer: SocketAddr,
+    client_certificate: Option<&rustls_pki_types::CertificateDer<'static>>,
+) -> Result<Admitted, u8> {
     let settings = &core.config.mqtt;
-    let (Some(name), Some(password)) = (connect.username.as_deref(), connect.password.as_deref()) else {
-        tracing::warn!(%peer, "MQTT connection refused: no user name and password (anonymous logins are off)");
-        return Err(reason::BAD_USER_NAME_OR_PASSWORD);
-    };
-    // RabbitMQ's `vhost:user`, split at the last colon.
-    let (vhost, user) = match name.rsplit_once(':') {
-        Some((vhost, user)) => (vhost.to_owned(), user.to_owned()),
-        None => (settings.vhost.clone(), name.to_owned()),
-    };
-    let throttle = &core.login_throttle;
-    if throttle.is_throttled(peer.ip(), &user, core.now_ms()) {
-        tracing::warn!(%peer, %user, "MQTT connection refused: too many failed logins from this address");
-        return Err(reason::NOT_AUTHORIZED);
+    let (vhost, user, credentials_user, password);
+    match (connect.username.as_deref(), connect.password.as_deref(), client_certificate) {
+        (Some(name), Some(given), _) => {
+            // RabbitMQ's `vhost:user`, split at the last colon.
+            (vhost, user) = match name.rsplit_once(':') {
+                Some((vhost, user)) => (vhost.to_owned(), user.to_owned()),
+                None => (settings.vhost.clone(), name.to_owned()),
+            };
+            (credentials_user, password) = (user.clone(), Some(given));
+        }
+        (None, None, Some(certificate)) => {
+            let common_name = crate::cert_name::common_name(certificate).map_err(|error| {
+                tracing::warn!(%peer, reason = %error.reason(), "MQTT connection refused: the client certificate names no user");
+                reason::BAD_USER_NAME_OR_PASSWORD
+            })?;
+            (vhost, user) = (settings.vhost.clone(), common_name);
+            (credentials_user, password) = (user.clone(), None);
+        }
+        _ => {
+            tracing::warn!(%peer, "MQTT connection refused: no user name and password (anonymous logins are off)");
+            return Err(reason::BAD_USER_NAME_OR_PASSWORD);
+        }
     }
-    let found = core.access.user(&user);
-    let Some(found) = found.filter(|found| found.password.verify(password)) else {
-        throttle.record_failure(peer.ip(), &user, core.now_ms());
-        tracing::warn!(%peer, %user, "MQTT connection refused: bad user name or password");
-        return Err(reason::BAD_USER_NAME_OR_PASSWORD);
+    let credentials = match password {
+        Some(password) => crate::login::Credentials::Password { user: &credentials_user, password },
+        None => crate::login::Credentials::Certificate(&credentials_user),
     };
-    throttle.record_success(peer.ip(), &user);
-    if found.loopback_only && !peer.ip().is_loopback() {
-        tracing::warn!(%peer, %user, "MQTT connection refused: user can only connect via localhost");
-        return Err(reason::NOT_AUTHORIZED);
+    if let Err(refused) = crate::login::log_in(core, credentials, peer.ip()) {
+        let code = match refused {
+            crate::login::Refused::BadCredentials => reason::BAD_USER_NAME_OR_PASSWORD,
+            crate::login::Refused::Throttled | crate::login::Refused::LoopbackOnly(_) => reason::NOT_AUTHORIZED,
+        };
+        tracing::warn!(%peer, %user, ?refused, "MQTT connection refused");
+        return Err(code);
     }
     if core.lock_model().vhost(&vhost).is_none() {
         tracing::warn!(%peer, %user, %vhost, "MQTT connection refused: no such vhost");

@@ -584,3 +584,50 @@ async fn mqtt_over_tls_publishes_and_subscribes_with_the_amqps_certificate() {
     assert_eq!((delivery.topic.as_str(), &delivery.payload[..]), ("secure/reading", &b"42"[..]));
     broker.broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt_client_with_a_verified_certificate_logs_in_as_its_common_name_without_a_password() {
+    use wharf_mqtt::{Connect, Decoder, Packet, Properties, Version};
+    let broker = TlsBroker::start(true, true, |config| {
+        config.users.push(User::with_password("meter-7", "a password the certificate replaces", false));
+        config.grant_full_access("meter-7");
+        config.mqtt.tls_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let address = broker.broker.broker().mqtts_local_addr().expect("an MQTTS listener");
+    let connack = async |common_name: &str, login: Option<(&str, &str)>| -> u8 {
+        let client = Client::trusting(&broker.authority).with_certificate(broker.authority.client(common_name));
+        let mut stream = client.connect(address).await.unwrap();
+        let connect = Packet::Connect(Box::new(Connect {
+            version: Version::V311,
+            client_id: format!("{common_name}-device"),
+            clean_start: true,
+            keep_alive_s: 30,
+            username: login.map(|(user, _)| user.to_owned()),
+            password: login.map(|(_, password)| bytes::Bytes::copy_from_slice(password.as_bytes())),
+            will: None,
+            properties: Properties::default(),
+        }));
+        let mut bytes = BytesMut::new();
+        wharf_mqtt::encode(&connect, Version::V311, &mut bytes);
+        stream.write_all(&bytes).await.unwrap();
+        let mut decoder = Decoder::new(1 << 20);
+        decoder.set_version(Version::V311);
+        let mut buffer = BytesMut::new();
+        loop {
+            if let Some(Packet::ConnAck(ack)) = decoder.decode(&mut buffer).unwrap() {
+                return ack.reason;
+            }
+            let read = tokio::time::timeout(HANG_GUARD, stream.read_buf(&mut buffer)).await.unwrap().unwrap();
+            assert!(read > 0, "closed without a CONNACK");
+        }
+    };
+    assert_eq!(connack("meter-7", None).await, 0, "the certificate's common name is the user");
+    // A certificate naming no user of the broker: refused as a bad user name (3.1.1 code 4,
+    // which the codec reads as 5.0's 0x86).
+    assert_eq!(connack("stranger", None).await, wharf_mqtt::reason::BAD_USER_NAME_OR_PASSWORD);
+    // A user name and password still decide when given, certificate or not.
+    assert_eq!(connack("stranger", Some(("guest", "guest"))).await, 0);
+    assert_eq!(connack("meter-7", Some(("meter-7", "wrong"))).await, wharf_mqtt::reason::BAD_USER_NAME_OR_PASSWORD);
+    broker.broker.stop().await;
+}
