@@ -363,26 +363,9 @@ impl<R: AsyncRead + Unpin> Connection<R> {
         let mechanism = start_ok.mechanism.as_str();
         let claim = claim(mechanism, start_ok.response.as_bytes(), self.client_certificate.as_ref());
         let outcome = claim.and_then(|claim| {
-            let credentials = match &claim {
-                Claim::Password(credentials) => crate::login::Credentials::Password {
-                    user: &credentials.username,
-                    password: credentials.password.as_bytes(),
-                },
-                Claim::Certificate(name) => crate::login::Credentials::Certificate(name),
-            };
-            crate::login::log_in(&self.core, credentials, self.peer.ip()).map(|user| user.name).map_err(|refused| {
-                match refused {
-                    crate::login::Refused::Throttled => {
-                        "ACCESS_REFUSED - too many failed logins from this address; try again later".to_owned()
-                    }
-                    crate::login::Refused::BadCredentials => {
-                        format!("ACCESS_REFUSED - Login was refused using authentication mechanism {mechanism}")
-                    }
-                    crate::login::Refused::LoopbackOnly(user) => {
-                        format!("ACCESS_REFUSED - user '{user}' can only connect via localhost")
-                    }
-                }
-            })
+            crate::login::log_in(&self.core, claim.credentials(), self.peer.ip())
+                .map(|user| user.name)
+                .map_err(|refused| refusal_text(&refused, mechanism))
         });
         match outcome {
             Ok(user) => Ok(user),
@@ -406,6 +389,33 @@ impl<R: AsyncRead + Unpin> Connection<R> {
 enum Claim {
     Password(sasl::Credentials),
     Certificate(String),
+}
+
+impl Claim {
+    fn credentials(&self) -> crate::login::Credentials<'_> {
+        match self {
+            Claim::Password(credentials) => crate::login::Credentials::Password {
+                user: &credentials.username,
+                password: credentials.password.as_bytes(),
+            },
+            Claim::Certificate(name) => crate::login::Credentials::Certificate(name),
+        }
+    }
+}
+
+/// The 403 reply text RabbitMQ gives for a refused login.
+fn refusal_text(refused: &crate::login::Refused, mechanism: &str) -> String {
+    match refused {
+        crate::login::Refused::Throttled => {
+            "ACCESS_REFUSED - too many failed logins from this address; try again later".to_owned()
+        }
+        crate::login::Refused::BadCredentials => {
+            format!("ACCESS_REFUSED - Login was refused using authentication mechanism {mechanism}")
+        }
+        crate::login::Refused::LoopbackOnly(user) => {
+            format!("ACCESS_REFUSED - user '{user}' can only connect via localhost")
+        }
+    }
 }
 
 /// Reads the client's claim, or the 403 reply text RabbitMQ would give. `EXTERNAL` exists only
@@ -724,7 +734,13 @@ mod tests {
         certificate: Option<&CertificateDer<'_>>,
         peer: std::net::IpAddr,
     ) -> Result<String, String> {
-        claim(mechanism, response, certificate).and_then(|claim| authorize(users, mechanism, &claim, peer))
+        claim(mechanism, response, certificate).and_then(|claim| {
+            let credentials = claim.credentials();
+            let found = users.iter().find(|user| user.name == credentials.user()).cloned();
+            crate::login::decide(found, credentials, peer)
+                .map(|user| user.name)
+                .map_err(|refused| refusal_text(&refused, mechanism))
+        })
     }
 
     #[test]

@@ -48,18 +48,27 @@ pub(crate) fn log_in(core: &Core, credentials: Credentials<'_>, peer: IpAddr) ->
     if throttle.is_throttled(peer, tried, core.now_ms()) {
         return Err(Refused::Throttled);
     }
-    let admitted = core.access.user(tried).filter(|user| match credentials {
+    match decide(core.access.user(tried), credentials, peer) {
+        Ok(user) => {
+            throttle.record_success(peer, tried);
+            Ok(user)
+        }
+        Err(refused) => {
+            throttle.record_failure(peer, tried, core.now_ms());
+            Err(refused)
+        }
+    }
+}
+
+/// The decision itself, for `found` (the user the credentials name, if there is one).
+pub(crate) fn decide(found: Option<User>, credentials: Credentials<'_>, peer: IpAddr) -> Result<User, Refused> {
+    let admitted = found.filter(|user| match credentials {
         Credentials::Password { password, .. } => user.password.verify(password),
         Credentials::Certificate(_) => true,
     });
-    let refused = match admitted {
-        None => Refused::BadCredentials,
-        Some(user) if user.loopback_only && !peer.is_loopback() => Refused::LoopbackOnly(user.name),
-        Some(user) => {
-            throttle.record_success(peer, tried);
-            return Ok(user);
-        }
-    };
-    throttle.record_failure(peer, tried, core.now_ms());
-    Err(refused)
+    match admitted {
+        None => Err(Refused::BadCredentials),
+        Some(user) if user.loopback_only && !peer.is_loopback() => Err(Refused::LoopbackOnly(user.name)),
+        Some(user) => Ok(user),
+    }
 }
