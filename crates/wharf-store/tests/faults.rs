@@ -75,3 +75,23 @@ fn failing_syncs_during_recovery_refuse_to_open() {
     // Once the disk behaves, the data is all there.
     assert_eq!(live_bodies(&sim), vec![b"x".to_vec()]);
 }
+
+#[test]
+fn a_log_whose_directory_cannot_be_opened_for_lack_of_descriptors_is_refused_not_fatal() {
+    let sim = SimFs::new(4);
+    let (store, _) = open(&sim);
+    let kept = store.create_log().unwrap().wait().unwrap();
+    store.append(kept, 1, b"", b"before").unwrap().wait().unwrap();
+    sim.fail_next_dir_opens(1);
+    let refused = store.create_log().and_then(|pending| pending.wait()).expect_err("no descriptor to sync with");
+    assert!(!refused.is_fatal(), "{refused}");
+    assert!(matches!(refused, StoreError::Io { .. }), "{refused}");
+    // The store goes on: appends, and the next log once descriptors are back.
+    store.append(kept, 1, b"", b"after").unwrap().wait().unwrap();
+    let next = store.create_log().unwrap().wait().unwrap();
+    store.append(next, 1, b"", b"new").unwrap().wait().unwrap();
+    drop(store);
+    let mut bodies = live_bodies(&sim);
+    bodies.sort();
+    assert_eq!(bodies, vec![b"after".to_vec(), b"before".to_vec(), b"new".to_vec()], "the refused log left nothing");
+}

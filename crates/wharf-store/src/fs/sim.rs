@@ -49,6 +49,8 @@ struct SimState {
     next_inode: u64,
     rng_state: u64,
     syncs_to_fail: u64,
+    /// Directory opens (for a directory sync) still to fail with EMFILE.
+    dir_opens_to_fail: u64,
     syncs_before_failing: u64,
     /// Mutating operations left before a scheduled crash, and its mode.
     crash_after: Option<(u64, CrashMode)>,
@@ -68,6 +70,8 @@ enum Inode {
 }
 
 const ROOT_INODE: u64 = 0;
+/// "Too many open files".
+const EMFILE: i32 = 24;
 
 fn crashed_error() -> io::Error {
     io::Error::other("simulated crash: this handle belongs to a file system generation that crashed")
@@ -278,6 +282,7 @@ impl SimFs {
                 next_inode: ROOT_INODE + 1,
                 rng_state: seed,
                 syncs_to_fail: 0,
+                dir_opens_to_fail: 0,
                 syncs_before_failing: 0,
                 crash_after: None,
                 space_bytes_max: None,
@@ -362,6 +367,12 @@ impl SimFs {
     pub fn remount(&self) -> SimFs {
         let generation = self.lock().generation;
         SimFs { state: Arc::clone(&self.state), generation, sync_gate: Arc::clone(&self.sync_gate) }
+    }
+
+    /// Makes the next `count` directory syncs fail before they start, as opening the directory
+    /// does when the process has no descriptor left (EMFILE).
+    pub fn fail_next_dir_opens(&self, count: u64) {
+        self.lock().dir_opens_to_fail = count;
     }
 
     /// Makes the next `count` syncs (file or directory) fail with an I/O error.
@@ -546,6 +557,11 @@ impl Fs for SimFs {
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         self.wait_for_sync_gate();
         let mut state = self.mutating()?;
+        if state.dir_opens_to_fail > 0 {
+            // The process is out of descriptors: the directory is never opened, nothing synced.
+            state.dir_opens_to_fail -= 1;
+            return Err(io::Error::from_raw_os_error(EMFILE));
+        }
         state.take_sync_failure()?;
         let number = state.lookup(path)?;
         match state.inodes.get_mut(&number) {

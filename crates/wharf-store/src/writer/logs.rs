@@ -89,6 +89,13 @@ impl WriterState {
         }
         for path in [&dir, &queues_dir] {
             if let Err(error) = self.fs.sync_dir(path) {
+                if is_out_of_descriptors(&error) {
+                    // The directory could not even be opened, so no sync failed and nothing was
+                    // promised: the new log is undone and its creation fails; the store goes on
+                    // (a queue declared with too many files open is refused, not fatal).
+                    let _ = self.fs.remove_dir_all(&dir);
+                    return Err(StoreError::io(format!("opening {} to sync it", path.display()), error));
+                }
                 return Err(self.fatal(format!("fsync of directory {} failed: {error}", path.display())));
             }
         }
@@ -154,4 +161,10 @@ impl WriterState {
         let released: Vec<u64> = log.segments.into_values().flat_map(|segment| segment.ack_refs).collect();
         self.release_ack_refs(released)
     }
+}
+
+/// The process or the system has no file descriptor left (EMFILE, ENFILE): an open failed, so
+/// nothing it would have done happened.
+fn is_out_of_descriptors(error: &std::io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(23 | 24))
 }
