@@ -182,7 +182,9 @@ impl Core {
         );
         let stored = parts.meta.entries();
         let mqtt_retained = crate::mqtt::Retained::load(&stored);
-        let mqtt_sessions = crate::mqtt::Sessions::load(&parts.meta, &stored, parts.config.clock.now_ms());
+        let mqtt_sessions = crate::mqtt::Sessions::load(&parts.meta, &stored, parts.config.clock.now_ms(), |vhost| {
+            parts.model.vhost(vhost).is_some()
+        });
         Core {
             access,
             limits,

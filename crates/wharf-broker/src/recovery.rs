@@ -514,9 +514,12 @@ fn restore_queue_messages(
         };
         let body = in_memory.map(bytes::Bytes::from).unwrap_or_default();
         let (stored_ms, delivery_count) = (recovered_message.timestamp_ms, recovered_message.delivery_count);
+        // A copy a move made (`relocate.rs`) was never admitted by de-duplication either.
+        let moved = persist::relocation_marker(&meta).is_some();
         let decoded = persist::decode_message(&meta, body);
-        if let (Some(decoded), Some((key_log, live))) = (&decoded, key_log.as_mut())
-            && let Some(key) = queue.recover_dedup_key_of(decoded, stored_ms)
+        let admitted = decoded.as_ref().filter(|_| !moved);
+        if let (Some(decoded), Some((key_log, live))) = (admitted, key_log.as_mut())
+            && let Some(key) = queue.recover_dedup_key_of(decoded, stored_ms, sources.now_ms)
         {
             match sources.store.append(LogId(*key_log), stored_ms, &persist::dedup_key_meta(), &key) {
                 Ok(append) => live.push_back((stored_ms, append.seq)),
@@ -526,8 +529,8 @@ fn restore_queue_messages(
             }
         }
         // The same for the exchange it was published to (restored before any queue).
-        if let Some(decoded) = &decoded
-            && let Some((key, exchange_log)) = vhost.recover_exchange_dedup_key_of(decoded, stored_ms)
+        if let Some(decoded) = admitted
+            && let Some((key, exchange_log)) = vhost.recover_exchange_dedup_key_of(decoded, stored_ms, sources.now_ms)
         {
             match sources.store.append(LogId(exchange_log), stored_ms, &persist::dedup_key_meta(), &key) {
                 Ok(append) => sources.dedup_logs.record(exchange_log, stored_ms, append.seq),

@@ -208,6 +208,11 @@ impl Message {
         (number > 0).then(|| number.min(i128::from(crate::settings::DURATION_MS_MAX)) as u64)
     }
 
+    /// It was dead-lettered at least once (it carries `x-death`).
+    pub fn is_dead_lettered(&self) -> bool {
+        self.headers().is_some_and(|headers| headers.inner().contains_key("x-death"))
+    }
+
     /// A header's value as text (strings as they are, integers in decimal), for ordering and
     /// de-duplication keys; `None` when absent, of another type, or longer than `KEY_BYTES_MAX`.
     pub fn header_text(&self, name: &str) -> Option<String> {

@@ -619,8 +619,13 @@ impl Queue {
     /// log. A crash between a message becoming durable and its key record doing so keeps the
     /// message without its key; its publisher, never confirmed, sends it again, and the key
     /// must be known by then or the queue would take it twice.
-    pub fn recover_dedup_key_of(&mut self, message: &Message, seen_ms: u64) -> Option<Vec<u8>> {
+    /// Not for a dead-lettered copy (its key was never admitted here), nor for a key whose
+    /// window ended by `now_ms`.
+    pub fn recover_dedup_key_of(&mut self, message: &Message, seen_ms: u64, now_ms: u64) -> Option<Vec<u8>> {
         let dedup = self.dedup.as_mut()?;
+        if message.is_dead_lettered() || seen_ms.saturating_add(dedup.ttl_ms()) <= now_ms {
+            return None;
+        }
         let key = dedup.key_of(message)?;
         if dedup.contains(&key) {
             return None;

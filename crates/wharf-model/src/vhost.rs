@@ -444,9 +444,21 @@ impl VirtualHost {
     /// published to, if that exchange de-duplicates and does not hold the key yet (remembered
     /// now), with the exchange's key log, for the runtime to write it there
     /// (`Queue::recover_dedup_key_of` says why).
-    pub fn recover_exchange_dedup_key_of(&mut self, message: &Message, seen_ms: u64) -> Option<(Vec<u8>, u64)> {
+    pub fn recover_exchange_dedup_key_of(
+        &mut self,
+        message: &Message,
+        seen_ms: u64,
+        now_ms: u64,
+    ) -> Option<(Vec<u8>, u64)> {
+        // A dead-lettered copy's exchange is the dead-letter exchange, which never admitted it.
+        if message.is_dead_lettered() {
+            return None;
+        }
         let log = self.exchanges.get(&message.exchange)?.dedup_log?;
         let index = self.exchange_dedup.get_mut(&message.exchange)?;
+        if seen_ms.saturating_add(index.ttl_ms()) <= now_ms {
+            return None;
+        }
         let key = index.key_of(message)?;
         if index.contains(&key) {
             return None;

@@ -77,7 +77,10 @@ pub(super) fn message_from_publish(
         properties = properties.with_headers(headers);
     }
     let raw_properties = wharf_wire::frame::encode_properties(&properties);
-    Message::new(exchange.to_owned(), routing_key, Arc::new(properties), raw_properties, publish.payload.clone())
+    // The payload is a slice of the connection's read buffer: copied, so a queued message does
+    // not keep the buffer's whole chunk (16 KiB) alive, as the AMQP path copies a body.
+    let body = Bytes::copy_from_slice(&publish.payload);
+    Message::new(exchange.to_owned(), routing_key, Arc::new(properties), raw_properties, body)
 }
 
 /// What a delivered message says about itself for MQTT: the QoS it was published with (an AMQP

@@ -400,8 +400,18 @@ async fn run<S: Transport>(
             return refuse(&mut socket, version, reason::NOT_AUTHORIZED).await;
         }
     }
-    // Connected again in time: a will waiting for its delay is not sent.
-    will::cancel(&core, &vhost, &client_id, key);
+    // Connected again in time: a will waiting for its delay is not sent (if the user may
+    // configure its queue, as for taking the session over).
+    if session.grant.check(Right::Configure, Resource::Queue, &will::queue_name(&client_id)).is_ok() {
+        will::cancel(&core, &vhost, &client_id, key);
+    }
+    // A session that now ends with its connection keeps no record (a crash ends it too).
+    if expiry_s == 0
+        && !connect.clean_start
+        && let Err(error) = blocking(|| core.mqtt_sessions.write(&core, &vhost, &client_id, &state::Kept::default()))
+    {
+        tracing::warn!(%client_id, %error, "the MQTT session's old state could not be deleted");
+    }
     // A clean start ends the session before it; otherwise it goes on where it was: its queue
     // and subscriptions, its shared subscriptions, and its unfinished QoS 2 flows.
     let released: Vec<u16> = kept.released.keys().copied().collect();

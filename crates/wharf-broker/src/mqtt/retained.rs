@@ -110,6 +110,11 @@ impl Retained {
     /// Keeps `publish` as its topic's retained message (an empty payload clears the topic),
     /// durably: it returns once the definitions log synced it.
     pub(super) fn keep(&self, core: &Core, vhost: &str, publish: &Publish) -> Result<(), NotKept> {
+        // Waiting for `writing` (another retained publish's sync) is blocking work too.
+        blocking(|| self.keep_now(core, vhost, publish))
+    }
+
+    fn keep_now(&self, core: &Core, vhost: &str, publish: &Publish) -> Result<(), NotKept> {
         let _writing = self.writing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let key = key(vhost, &publish.topic);
         if publish.payload.is_empty() {

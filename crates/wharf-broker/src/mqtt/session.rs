@@ -132,20 +132,35 @@ impl Session {
                 let code = if expected.is_some() { reason::SUCCESS } else { reason::PACKET_IDENTIFIER_NOT_FOUND };
                 if let Some(stored) = expected {
                     // Recorded before the message leaves its queue: after a crash its PUBREL is
-                    // sent again, never the message.
+                    // sent again, never the message. The PUBREL waits until the removal is
+                    // durable too, so from then on the message cannot come back.
                     self.flight.lock().released.insert(ack.packet_id, stored);
                     self.persist(true)?;
                     self.settle(ack.packet_id, QoS::ExactlyOnce);
+                    if stored.is_some() {
+                        self.sync_store().await?;
+                        if let Some(position) = self.flight.lock().released.get_mut(&ack.packet_id) {
+                            *position = None;
+                        }
+                    }
                 }
                 self.send(&Packet::PubRel(Ack::new(ack.packet_id, code)));
                 Ok(())
             }
             Packet::PubComp(ack) => {
-                self.flight.lock().released.remove(&ack.packet_id);
+                let mut flight = self.flight.lock();
+                // A delivery released before a crash may still come back (its removal was not
+                // durable then): it stays recognisable after the flow ends (`state.rs`).
+                if let Some(Some(position)) = flight.released.remove(&ack.packet_id) {
+                    flight.skip.insert(position);
+                }
                 Ok(())
             }
             Packet::PubRel(ack) => {
                 let code = if self.incoming_qos_2.remove(&ack.packet_id) {
+                    // The id's end is durable before PUBCOMP lets the client reuse it: a stale
+                    // id would take the client's next publish with it, sent again, as a repeat.
+                    self.persist(true)?;
                     reason::SUCCESS
                 } else {
                     reason::PACKET_IDENTIFIER_NOT_FOUND
@@ -309,15 +324,40 @@ impl Session {
         let packet = match publish.qos {
             QoS::AtMostOnce => return Ok(()),
             QoS::AtLeastOnce => Packet::PubAck(Ack::new(packet_id, code)),
+            QoS::ExactlyOnce if code < 0x80 && self.expiry_s > 0 => {
+                // The id is recorded once the message is durable and before the PUBREC: a
+                // PUBLISH sent again after a crash is then known, and one whose message a crash
+                // lost is not (it is routed again).
+                for ticket in durable {
+                    if let Err(error) = ticket.wait().await {
+                        self.core.store_failed(&error);
+                        return Err(Ending::Closed(format!("the message could not be stored: {error}")));
+                    }
+                }
+                self.incoming_qos_2.insert(packet_id);
+                self.persist(true)?;
+                return self.acknowledge(Packet::PubRec(Ack::new(packet_id, code)), Vec::new(), false).await;
+            }
             QoS::ExactlyOnce => {
-                if !nack && self.incoming_qos_2.insert(packet_id) {
-                    // Recorded before the PUBREC: a PUBLISH sent again after a crash is known.
-                    self.persist(true)?;
+                if code < 0x80 {
+                    self.incoming_qos_2.insert(packet_id);
                 }
                 Packet::PubRec(Ack::new(packet_id, code))
             }
         };
         self.acknowledge(packet, durable, nack).await
+    }
+
+    /// Waits until everything submitted to the store so far is durable.
+    async fn sync_store(&self) -> Result<(), Ending> {
+        let synced = match self.core.store.sync() {
+            Ok(ticket) => crate::confirms::Durable::sync(ticket).wait().await,
+            Err(error) => Err(error),
+        };
+        synced.map_err(|error| {
+            self.core.store_failed(&error);
+            Ending::Closed(format!("the store could not sync: {error}"))
+        })
     }
 
     /// The client id to carry on a publish, once some session subscribed with no-local.
@@ -331,18 +371,19 @@ impl Session {
         if self.expiry_s == 0 {
             return Ok(());
         }
+        let (released, skip) = {
+            let flight = self.flight.lock();
+            let released =
+                flight.released.iter().map(|(id, stored)| (*id, stored.map(|at| (at.log, at.seq)))).collect();
+            (released, flight.skip.iter().map(|at| (at.log, at.seq)).collect())
+        };
         let kept = super::state::Kept {
             expiry_s: self.expiry_s,
             disconnected_at_ms: (!connected).then(|| self.core.now_ms()),
             incoming_qos_2: self.incoming_qos_2.iter().copied().collect(),
-            released: self
-                .flight
-                .lock()
-                .released
-                .iter()
-                .map(|(id, stored)| (*id, stored.map(|at| (at.log, at.seq))))
-                .collect(),
+            released,
             shared: self.shared.iter().map(|(text, member)| (text.clone(), member.options())).collect(),
+            skip,
         };
         let core = &self.core;
         blocking(|| core.mqtt_sessions.write(core, &self.vhost, &self.client_id, &kept)).map_err(|error| {

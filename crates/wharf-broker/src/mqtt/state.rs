@@ -51,6 +51,11 @@ pub(super) struct Kept {
     pub released: BTreeMap<u16, Option<(u64, u64)>>,
     /// Shared subscriptions, by their `$share/<group>/<filter>` text.
     pub shared: BTreeMap<String, SharedOptions>,
+    /// Where the store kept QoS 2 deliveries released before a crash whose PUBCOMP has come
+    /// since, but whose copy (back in the queue: the removal was not durable at the crash) has
+    /// not been seen yet: it is taken off unsent when it comes.
+    #[serde(default)]
+    pub skip: BTreeSet<(u64, u64)>,
 }
 
 /// A shared subscription's options (no retained messages are sent for one, and no-local is not
@@ -65,7 +70,7 @@ pub(super) struct SharedOptions {
 impl Kept {
     /// Nothing worth a record.
     pub fn is_empty(&self) -> bool {
-        self.incoming_qos_2.is_empty() && self.released.is_empty() && self.shared.is_empty()
+        self.incoming_qos_2.is_empty() && self.released.is_empty() && self.shared.is_empty() && self.skip.is_empty()
     }
 
     fn expired(&self, now_ms: u64) -> bool {
@@ -98,7 +103,12 @@ impl Sessions {
     /// The sessions' state stored in the definitions log (at start). A session that was
     /// connected when the broker stopped has been disconnected since `now_ms`; records of
     /// sessions that expired while the broker was down are deleted.
-    pub(crate) fn load(meta: &MetaStore, entries: &BTreeMap<Vec<u8>, Vec<u8>>, now_ms: u64) -> Sessions {
+    pub(crate) fn load(
+        meta: &MetaStore,
+        entries: &BTreeMap<Vec<u8>, Vec<u8>>,
+        now_ms: u64,
+        vhost_exists: impl Fn(&str) -> bool,
+    ) -> Sessions {
         let mut kept = HashMap::new();
         let mut expired = Vec::new();
         for (key, value) in entries {
@@ -106,7 +116,7 @@ impl Sessions {
             match decode(value) {
                 Some(mut state) => {
                     state.disconnected_at_ms.get_or_insert(now_ms);
-                    if state.expired(now_ms) {
+                    if state.expired(now_ms) || !vhost_exists(vhost) {
                         expired.push(MetaChange::Delete { key: key.clone() });
                     } else {
                         kept.insert((vhost.to_owned(), client_id.to_owned()), state);
@@ -139,6 +149,10 @@ impl Sessions {
     /// client id held (`clients.rs`), so one session's writes never race.
     pub(super) fn write(&self, core: &Core, vhost: &str, client_id: &str, state: &Kept) -> Result<(), StoreError> {
         let map_key = (vhost.to_owned(), client_id.to_owned());
+        // A connection ending after its vhost was deleted leaves nothing behind.
+        if !state.is_empty() && core.lock_model().vhost(vhost).is_none() {
+            return Ok(());
+        }
         let stored = self.lock().get(&map_key).cloned();
         if state.is_empty() {
             if stored.is_some() {

@@ -23,7 +23,7 @@ use wharf_mqtt::{Publish, topic};
 use wharf_wire::types::{AMQPValue, FieldTable, LongString};
 
 /// The queue a delayed will waits in.
-fn queue_name(client_id: &str) -> String {
+pub(super) fn queue_name(client_id: &str) -> String {
     format!("mqtt-will-{client_id}")
 }
 

@@ -54,8 +54,11 @@ pub(super) struct FlightState {
     /// QoS 1 awaiting PUBACK, QoS 2 awaiting PUBREC, by packet id.
     pub in_flight: HashMap<u16, InFlight>,
     /// QoS 2 deliveries the client received (PUBREC) whose PUBREL was sent: awaiting PUBCOMP.
-    /// With where the store keeps each message, if it does (see `state.rs`).
+    /// With where the store keeps each message, while its removal may not be durable yet (see
+    /// `state.rs`).
     pub released: HashMap<u16, Option<wharf_model::StoredAt>>,
+    /// Released deliveries, finished, whose copy may still come back after a crash.
+    pub skip: std::collections::HashSet<wharf_model::StoredAt>,
     /// Delivery tags written at QoS 0, for the session task to acknowledge.
     pub written_at_qos_0: Vec<u64>,
     /// The largest packet the client takes (5.0's maximum packet size).
@@ -122,6 +125,7 @@ impl Flight {
                     .iter()
                     .map(|(id, stored)| (*id, stored.map(|(log, seq)| wharf_model::StoredAt { log, seq })))
                     .collect(),
+                skip: kept.skip.iter().map(|&(log, seq)| wharf_model::StoredAt { log, seq }).collect(),
                 written_at_qos_0: Vec::new(),
                 client_packet_bytes_max,
             }),
@@ -215,7 +219,9 @@ fn encode_delivery(
     };
     let topic_name = topic::to_mqtt(&delivery.message.routing_key);
     let mut state = flight.lock();
-    if delivery.store.is_some() && state.released.values().any(|released| *released == delivery.store) {
+    let seen_before = delivery.store.is_some_and(|at| state.skip.remove(&at));
+    if seen_before || (delivery.store.is_some() && state.released.values().any(|released| *released == delivery.store))
+    {
         // The client has this QoS 2 message (its PUBREC came before a crash that lost the
         // message's removal): it leaves the queue again and is not sent.
         state.written_at_qos_0.push(delivery.delivery_tag);

@@ -149,14 +149,25 @@ async fn a_persistent_sessions_shared_subscription_survives_a_restart() {
     assert_eq!(dispatcher.recv().await, Some(Packet::PubAck(Ack::new(1, 0))), "a member was there to take it");
     let Some(Packet::Publish(job)) = worker.recv().await else { panic!("expected a PUBLISH") };
     assert_eq!(&job.payload[..], b"job");
-    // A clean start ends the session and its membership.
-    drop(worker);
+    let amqp = broker.connect().await;
+    let consumers = async |amqp: &lapin::Connection| {
+        let channel = amqp.create_channel().await.unwrap();
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        channel
+            .queue_declare("mqtt-shared-resizers-jobs/#".into(), passive, Default::default())
+            .await
+            .unwrap()
+            .consumer_count()
+    };
+    assert_eq!(consumers(&amqp).await, 1, "the resumed session consumes from the group's queue");
+    // A clean start ends the session and its membership (the takeover waits for the old
+    // connection to let go, so its consumer is gone by the CONNACK).
     let Packet::Connect(mut clean) = connect_v5("resizer-1", 0, None) else { unreachable!() };
     clean.clean_start = true;
     let (_worker, ack) = open_v5(address, &Packet::Connect(clean)).await;
     assert!(!ack.session_present);
-    dispatcher.send(&publish_packet("jobs/resize", QoS::AtLeastOnce, 2, b"job 2")).await;
-    assert_eq!(dispatcher.recv().await, Some(Packet::PubAck(Ack::new(2, 0))));
+    assert_eq!(consumers(&amqp).await, 0, "the clean session is no member");
+    drop(worker);
     broker.stop().await;
 }
 
