@@ -268,11 +268,13 @@ def check_qos_2_exactly_once_across_kill9():
     connect(pub, clean=False, protocol=mqtt.MQTTv5, expiry_s=3600)
     sent = [pub.publish(f"ledger2/{index}", f"entry {index}", qos=2) for index in range(25)]
     restart_broker_with_kill9()
-    # Both reconnect on their own (paho's loop) and resume their sessions; the unfinished flows
-    # of the first half go on from where they were.
+    # Both reconnect on their own (paho's loop); the unfinished flows of the first half go on
+    # from where they were. The subscriber's session is present (its queue); the publisher's is
+    # only if a flow of it was unfinished at the kill (as RabbitMQ, Wharf keeps no empty session).
     for c in (sub, pub):
         flags, reason = c.connacks.get(timeout=WAIT_S)
-        assert not reason.is_failure and flags.session_present, (flags, reason)
+        assert not reason.is_failure, reason
+        assert flags.session_present or c is pub, flags
     sent += [pub.publish(f"ledger2/{index}", f"entry {index}", qos=2) for index in range(25, 50)]
     for info in sent:
         info.wait_for_publish(WAIT_S)
