@@ -35,29 +35,22 @@ async fn open_v5(address: std::net::SocketAddr, packet: &Packet) -> (RawClient, 
     }
 }
 
+/// Declares a durable AMQP queue bound to amq.topic with `binding_key`.
+async fn durable_binding(channel: &lapin::Channel, queue: &str, binding_key: &str) {
+    channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), Default::default()).await.unwrap();
+    let options = QueueBindOptions::default();
+    channel
+        .queue_bind(queue.into(), "amq.topic".into(), binding_key.into(), options, Default::default())
+        .await
+        .unwrap();
+}
+
 /// A durable AMQP queue bound to amq.topic with `binding_key`, consumed.
 async fn amqp_listener(connection: &lapin::Connection, queue: &str, binding_key: &str) -> lapin::Consumer {
     let channel = connection.create_channel().await.unwrap();
-    channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), Default::default()).await.unwrap();
-    channel
-        .queue_bind(
-            queue.into(),
-            "amq.topic".into(),
-            binding_key.into(),
-            QueueBindOptions::default(),
-            Default::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .basic_consume(
-            queue.into(),
-            "listener".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            Default::default(),
-        )
-        .await
-        .unwrap()
+    durable_binding(&channel, queue, binding_key).await;
+    let options = BasicConsumeOptions { no_ack: true, ..Default::default() };
+    channel.basic_consume(queue.into(), "listener".into(), options, Default::default()).await.unwrap()
 }
 
 fn dup(packet: Packet) -> Packet {
@@ -71,8 +64,9 @@ async fn qos_2_flows_both_ways_finish_exactly_once_across_a_broker_crash() {
     let mut broker = CrashableBroker::start(11, with_mqtt).await;
     let address = broker.broker().mqtt_local_addr().unwrap();
     let amqp = broker.connect().await;
-    drop(amqp_listener(&amqp, "readings", "meters.#").await);
-    drop(amqp);
+    // Declared, not consumed: the readings wait in the queue through the crash.
+    let declaring = amqp.create_channel().await.unwrap();
+    durable_binding(&declaring, "readings", "meters.#").await;
     // Inbound: a PUBREC went out (so the id was recorded), then the broker crashed.
     let (mut meter, _) = RawClient::connect(address, Version::V311, "meter-9", false).await;
     meter.send(&publish_packet("meters/9", QoS::ExactlyOnce, 9, b"reading")).await;
