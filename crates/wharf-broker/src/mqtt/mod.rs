@@ -207,7 +207,7 @@ fn authenticate(
     client_certificate: Option<&rustls_pki_types::CertificateDer<'static>>,
 ) -> Result<Admitted, u8> {
     let settings = &core.config.mqtt;
-    let (vhost, user, credentials_user, password);
+    let (vhost, user, password);
     match (connect.username.as_deref(), connect.password.as_deref(), client_certificate) {
         (Some(name), Some(given), _) => {
             // RabbitMQ's `vhost:user`, split at the last colon.
@@ -215,7 +215,7 @@ fn authenticate(
                 Some((vhost, user)) => (vhost.to_owned(), user.to_owned()),
                 None => (settings.vhost.clone(), name.to_owned()),
             };
-            (credentials_user, password) = (user.clone(), Some(given));
+            password = Some(given);
         }
         (None, None, Some(certificate)) => {
             let common_name = crate::cert_name::common_name(certificate).map_err(|error| {
@@ -223,7 +223,7 @@ fn authenticate(
                 reason::BAD_USER_NAME_OR_PASSWORD
             })?;
             (vhost, user) = (settings.vhost.clone(), common_name);
-            (credentials_user, password) = (user.clone(), None);
+            password = None;
         }
         _ => {
             tracing::warn!(%peer, "MQTT connection refused: no user name and password (anonymous logins are off)");
@@ -231,8 +231,8 @@ fn authenticate(
         }
     }
     let credentials = match password {
-        Some(password) => crate::login::Credentials::Password { user: &credentials_user, password },
-        None => crate::login::Credentials::Certificate(&credentials_user),
+        Some(password) => crate::login::Credentials::Password { user: &user, password },
+        None => crate::login::Credentials::Certificate(&user),
     };
     if let Err(refused) = crate::login::log_in(core, credentials, peer.ip()) {
         let code = match refused {

@@ -118,7 +118,7 @@ impl Retained {
         let _writing = self.writing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let key = key(vhost, &publish.topic);
         if publish.payload.is_empty() {
-            blocking(|| core.meta.delete(&key)).map_err(NotKept::Store)?;
+            core.meta.delete(&key).map_err(NotKept::Store)?;
             let mut state = self.lock();
             if let Some(removed) = state.by_vhost.get_mut(vhost).and_then(|topics| topics.remove(&publish.topic)) {
                 state.count -= 1;
@@ -146,7 +146,7 @@ impl Retained {
             }
             self.drop_expired(core).map_err(NotKept::Store)?;
         }
-        blocking(|| core.meta.put(&key, &encode(&stored))).map_err(NotKept::Store)?;
+        core.meta.put(&key, &encode(&stored)).map_err(NotKept::Store)?;
         let mut state = self.lock();
         let added = weight(&stored);
         match state.by_vhost.entry(vhost.to_owned()).or_default().insert(publish.topic.clone(), stored) {
@@ -191,7 +191,7 @@ impl Retained {
             .iter()
             .map(|(vhost, topic_name)| wharf_store::MetaChange::Delete { key: key(vhost, topic_name) })
             .collect();
-        blocking(|| core.meta.apply(&changes))?;
+        core.meta.apply(&changes)?;
         let mut state = self.lock();
         for (vhost, topic_name) in expired {
             if let Some(removed) = state.by_vhost.get_mut(&vhost).and_then(|topics| topics.remove(&topic_name)) {
