@@ -156,6 +156,8 @@ pub(crate) struct CoreParts {
     pub dedup_logs: DedupLogs,
     /// Users and permissions the management API stored.
     pub identities: Vec<crate::identities::StoredIdentity>,
+    /// MQTT QoS 2 markers found on queued messages (`mqtt/state.rs`).
+    pub mqtt_flow_markers: crate::mqtt::state::FlowMarkers,
 }
 
 impl Core {
@@ -182,9 +184,13 @@ impl Core {
         );
         let stored = parts.meta.entries();
         let mqtt_retained = crate::mqtt::Retained::load(&stored);
-        let mqtt_sessions = crate::mqtt::Sessions::load(&parts.meta, &stored, parts.config.clock.now_ms(), |vhost| {
-            parts.model.vhost(vhost).is_some()
-        });
+        let mqtt_sessions = crate::mqtt::Sessions::load(
+            &parts.meta,
+            &stored,
+            parts.config.clock.now_ms(),
+            |vhost| parts.model.vhost(vhost).is_some(),
+            &parts.mqtt_flow_markers,
+        );
         Core {
             access,
             limits,

@@ -65,8 +65,15 @@ impl Core {
         model.count_paged_out(tally.paged);
         let startup = model.after_recovery();
         let identities = std::mem::take(&mut tally.identities);
-        let core =
-            Core::new(CoreParts { config, model, store: storage.store, meta: storage.meta, dedup_logs, identities });
+        let core = Core::new(CoreParts {
+            config,
+            model,
+            store: storage.store,
+            meta: storage.meta,
+            dedup_logs,
+            identities,
+            mqtt_flow_markers: tally.mqtt_flow_markers,
+        });
         Ok((core, startup))
     }
 }
@@ -254,6 +261,8 @@ struct Tally {
     paged: u64,
     /// Users and permissions the management API stored (`identities.rs`).
     identities: Vec<crate::identities::StoredIdentity>,
+    /// MQTT QoS 2 publishes' markers on queued messages (`mqtt/state.rs`).
+    mqtt_flow_markers: crate::mqtt::state::FlowMarkers,
 }
 
 impl Sources<'_> {
@@ -538,6 +547,10 @@ fn restore_queue_messages(
                     tracing::warn!(exchange = %decoded.exchange, %error, "a recovered de-duplication key could not be written")
                 }
             }
+        }
+        // Any copy shows the publish reached the store (a crash may have kept it unrecorded).
+        if let Some(decoded) = &decoded {
+            tally.mqtt_flow_markers.note(vhost.name(), decoded);
         }
         match decoded {
             Some(decoded) if page => {

@@ -5,7 +5,8 @@
 //! Wharf adds headers RabbitMQ has no need for: `x-mqtt-publish-qos` on QoS 2 publishes, so a
 //! QoS 2 subscriber receives them at QoS 2; `x-mqtt-retain` on publishes with the retain flag,
 //! for retain-as-published subscriptions; and `x-mqtt-publisher` (the client id) once some
-//! session subscribed with no-local.
+//! session subscribed with no-local; `x-mqtt-qos2-flow` on a persistent session's QoS 2
+//! publishes, for recovery (`state.rs`). None of them becomes an MQTT 5.0 user property.
 
 use bytes::Bytes;
 use std::sync::Arc;
@@ -27,13 +28,15 @@ const RETAIN_HEADER: &str = "x-mqtt-retain";
 
 /// The AMQP message for an MQTT publish (the topic already resolved from any alias); a
 /// `retained` one is a copy of a retained message for a new subscription. `publisher` is the
-/// client id, given when some session has a no-local subscription.
+/// client id, given when some session has a no-local subscription; `flow_marker` that of a
+/// persistent session's QoS 2 publish.
 pub(super) fn message_from_publish(
     exchange: &str,
     routing_key: String,
     publish: &Publish,
     retained: bool,
     publisher: Option<&str>,
+    flow_marker: Option<&str>,
 ) -> Message {
     let mut properties =
         BasicProperties::default().with_delivery_mode(if publish.qos == QoS::AtMostOnce { 1 } else { 2 });
@@ -48,6 +51,9 @@ pub(super) fn message_from_publish(
     }
     if let Some(client_id) = publisher {
         headers.insert(PUBLISHER_HEADER.into(), AMQPValue::LongString(client_id.into()));
+    }
+    if let Some(marker) = flow_marker {
+        headers.insert(super::state::FLOW_HEADER.into(), AMQPValue::LongString(marker.into()));
     }
     let given = &publish.properties;
     if let Some(content_type) = given.content_type.as_deref().filter(|text| text.len() <= 255 && text.is_ascii()) {
@@ -140,6 +146,7 @@ pub(super) fn outgoing(message: &Message, v5: bool) -> Outward {
                 super::retained::RETAINED_HEADER,
                 RETAIN_HEADER,
                 PUBLISHER_HEADER,
+                super::state::FLOW_HEADER,
             ];
             // Nor are dead-lettering's summaries (a delayed will comes by dead-lettering).
             if own.contains(&name) || name.starts_with("x-first-death-") || name.starts_with("x-last-death-") {

@@ -383,6 +383,8 @@ async fn run<S: Transport>(
         consuming: false,
         shared: Default::default(),
         incoming_qos_2: kept.incoming_qos_2.iter().copied().collect(),
+        incarnation: kept.incarnation,
+        next_flow: kept.next_flow,
         topic_aliases: Default::default(),
         will: connect.will.clone(),
         origin: core.trace_origin(id, &info),

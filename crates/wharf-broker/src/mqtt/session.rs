@@ -48,6 +48,10 @@ pub(super) struct Session {
     pub shared: HashMap<String, super::shared::Shared>,
     /// QoS 2 publishes received (PUBREC sent or due) whose PUBREL has not come.
     pub incoming_qos_2: HashSet<u16>,
+    /// The session's incarnation and the next QoS 2 publish's flow number, for the markers
+    /// that let recovery record a publish a crash left unrecorded (`state.rs`).
+    pub incarnation: u64,
+    pub next_flow: u64,
     pub topic_aliases: HashMap<u16, String>,
     pub will: Option<Will>,
     pub origin: Option<Arc<wharf_model::trace::Provenance>>,
@@ -278,9 +282,21 @@ impl Session {
             return Err(Ending::Protocol(reason::NOT_AUTHORIZED, error.text));
         }
         self.published = true;
-        let message =
-            convert::message_from_publish(&self.exchange, routing_key.clone(), &publish, false, self.publisher())
-                .with_trace(self.origin.clone());
+        // Only a persistent session's QoS 2 publish is recorded, and so marked.
+        let marker = if publish.qos == QoS::ExactlyOnce && self.expiry_s > 0 {
+            Some(self.next_flow_marker(packet_id)?)
+        } else {
+            None
+        };
+        let message = convert::message_from_publish(
+            &self.exchange,
+            routing_key.clone(),
+            &publish,
+            false,
+            self.publisher(),
+            marker.as_deref(),
+        )
+        .with_trace(self.origin.clone());
         // Whether it reached a queue is asked for only where a 5.0 client can be told.
         let mandatory = self.version.is_v5() && publish.qos != QoS::AtMostOnce;
         let request = PublishRequest {
@@ -348,6 +364,21 @@ impl Session {
         self.acknowledge(packet, durable, nack).await
     }
 
+    /// The marker of the QoS 2 publish `packet_id` (`state.rs`): the session's incarnation is
+    /// made durable before its first marker, so recovery can tell this session's markers from
+    /// those of an earlier session with the same client id. Flow numbers are taken in the
+    /// order publishes arrive; each is recorded (its message durable first) before the next
+    /// publish is read, so the only unrecorded one a crash can leave is the last.
+    fn next_flow_marker(&mut self, packet_id: u16) -> Result<String, Ending> {
+        if self.incarnation == 0 {
+            self.incarnation = super::state::new_incarnation(self.core.now_ms());
+            self.persist(true)?;
+        }
+        let flow = self.next_flow;
+        self.next_flow = flow.saturating_add(1);
+        Ok(super::state::flow_marker(self.incarnation, flow, packet_id, &self.client_id))
+    }
+
     /// Waits until everything submitted to the store so far is durable.
     async fn sync_store(&self) -> Result<(), Ending> {
         let synced = match self.core.store.sync() {
@@ -384,6 +415,8 @@ impl Session {
             released,
             shared: self.shared.iter().map(|(text, member)| (text.clone(), member.options())).collect(),
             skip,
+            incarnation: self.incarnation,
+            next_flow: self.next_flow,
         };
         let core = &self.core;
         blocking(|| core.mqtt_sessions.write(core, &self.vhost, &self.client_id, &kept)).map_err(|error| {
@@ -478,7 +511,7 @@ impl Session {
     fn send_retained(&self, filter: &str) {
         for publish in self.core.mqtt_retained.matching(&self.vhost, filter, self.core.now_ms()) {
             let routing_key = topic::to_amqp(&publish.topic);
-            let message = convert::message_from_publish(&self.exchange, routing_key, &publish, true, None);
+            let message = convert::message_from_publish(&self.exchange, routing_key, &publish, true, None, None);
             let request = PublishRequest {
                 vhost: &self.vhost,
                 channel: 1,

@@ -6,8 +6,16 @@
 //! member of its shared subscriptions.
 //!
 //! When it is written (synced before the packet that depends on it goes out):
-//! - a QoS 2 publish from the client with a new packet id: before its PUBREC, so a PUBLISH the
-//!   client sends again after a broker crash is recognised and not routed twice;
+//! - a QoS 2 publish from the client with a new packet id: once its message is durable and
+//!   before its PUBREC, so a PUBLISH the client sends again after a broker crash is recognised
+//!   and not routed twice (and one whose message the crash lost is routed again). A crash
+//!   between the two leaves the message without its record: each such message carries a marker
+//!   (header `x-mqtt-qos2-flow`: the session's incarnation, the publish's flow number, its packet
+//!   id, the client id) from which recovery writes the record it lacks ([`Sessions::load`]). The
+//!   incarnation is recorded before the session's first QoS 2 publish, and flows are numbered in
+//!   order and one at a time, so a marker whose incarnation matches its session's record and
+//!   whose number the record has not reached is exactly one the crash left unrecorded; markers of
+//!   finished flows or of ended sessions are told apart by the same two numbers;
 //! - a QoS 2 delivery the client received (its PUBREC): before the message leaves its queue and
 //!   the PUBREL goes out, so the PUBREL is sent again after a crash, the id is not reused while
 //!   the client still holds it, and the message, should its removal from the queue be lost in
@@ -15,11 +23,18 @@
 //! - a shared subscription made or ended, and the connection's end (when the session's expiry
 //!   starts to run).
 //!
-//! Finishing a flow (PUBREL from the client, PUBCOMP) is not synced on its own: it is written
-//! with the next change. After a crash such a finished id may still be recorded, which is
-//! harmless: an incoming id is only taken as a repeat when the PUBLISH has the DUP flag (a new
-//! publish reusing the id has not), and a PUBREL sent again for a finished delivery is answered
-//! with a PUBCOMP by the client. Only sessions that outlive their connection are written.
+//! - a QoS 2 publish's PUBREL: before the PUBCOMP lets the client reuse the id.
+//!
+//! A delivery's PUBCOMP is not synced on its own: it is written with the next change. After a
+//! crash such a finished delivery may still be recorded, which is harmless: a PUBREL sent again
+//! for it is answered with a PUBCOMP by the client. An incoming id is only taken as a repeat when
+//! the PUBLISH has the DUP flag (a new publish reusing the id has not). Only sessions that
+//! outlive their connection are written.
+//!
+//! What is left: a message taken by a consumer and acknowledged, its removal durable, all in the
+//! moment between the message becoming durable and its record doing so, leaves no marker behind
+//! a crash there; the client's PUBLISH sent again is then routed a second time (as the
+//! de-duplication index's keys recovered from messages, `docs/durability.md`).
 
 use crate::core::Core;
 use crate::definition_format::DEFINITIONS_FORMAT_VERSION;
@@ -56,6 +71,38 @@ pub(super) struct Kept {
     /// not been seen yet: it is taken off unsent when it comes.
     #[serde(default)]
     pub skip: BTreeSet<(u64, u64)>,
+    /// This incarnation of the session (random, never 0; 0 until its first QoS 2 publish):
+    /// markers of an earlier one (the same client id's session that ended) are not this one's.
+    #[serde(default)]
+    pub incarnation: u64,
+    /// The flow number the client's next QoS 2 publish gets (one more than the last recorded).
+    #[serde(default)]
+    pub next_flow: u64,
+}
+
+/// The header marking a QoS 2 publish of a persistent session (see the module's doc).
+pub(super) const FLOW_HEADER: &str = "x-mqtt-qos2-flow";
+
+/// A QoS 2 publish's marker: `<incarnation, hex>:<flow>:<packet id>:<client id>`.
+pub(super) fn flow_marker(incarnation: u64, flow: u64, packet_id: u16, client_id: &str) -> String {
+    format!("{incarnation:016x}:{flow}:{packet_id}:{client_id}")
+}
+
+/// A marker's parts: (incarnation, flow, packet id, client id).
+fn parse_flow_marker(marker: &str) -> Option<(u64, u64, u16, &str)> {
+    let mut parts = marker.splitn(4, ':');
+    let incarnation = u64::from_str_radix(parts.next()?, 16).ok()?;
+    let flow = parts.next()?.parse().ok()?;
+    let packet_id = parts.next()?.parse().ok()?;
+    Some((incarnation, flow, packet_id, parts.next()?))
+}
+
+/// A new session incarnation: random (std's hasher keys are), mixed with the time, never 0.
+pub(super) fn new_incarnation(now_ms: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(now_ms);
+    hasher.finish().max(1)
 }
 
 /// A shared subscription's options (no retained messages are sent for one, and no-local is not
@@ -70,7 +117,11 @@ pub(super) struct SharedOptions {
 impl Kept {
     /// Nothing worth a record.
     pub fn is_empty(&self) -> bool {
-        self.incoming_qos_2.is_empty() && self.released.is_empty() && self.shared.is_empty() && self.skip.is_empty()
+        self.incoming_qos_2.is_empty()
+            && self.released.is_empty()
+            && self.shared.is_empty()
+            && self.skip.is_empty()
+            && self.incarnation == 0
     }
 
     fn expired(&self, now_ms: u64) -> bool {
@@ -102,12 +153,15 @@ fn decode(value: &[u8]) -> Option<Kept> {
 impl Sessions {
     /// The sessions' state stored in the definitions log (at start). A session that was
     /// connected when the broker stopped has been disconnected since `now_ms`; records of
-    /// sessions that expired while the broker was down are deleted.
+    /// sessions that expired while the broker was down are deleted. `flow_markers` are the
+    /// QoS 2 markers recovery found on queued messages: a record that lacks one (a crash came
+    /// between the message and its record) gets it now, durably.
     pub(crate) fn load(
         meta: &MetaStore,
         entries: &BTreeMap<Vec<u8>, Vec<u8>>,
         now_ms: u64,
         vhost_exists: impl Fn(&str) -> bool,
+        flow_markers: &FlowMarkers,
     ) -> Sessions {
         let mut kept = HashMap::new();
         let mut expired = Vec::new();
@@ -129,6 +183,20 @@ impl Sessions {
             && let Err(error) = meta.apply(&expired)
         {
             tracing::warn!(%error, "expired MQTT session states could not be deleted");
+        }
+        let completed = complete_from_markers(&mut kept, flow_markers);
+        let changes: Vec<MetaChange> = completed
+            .iter()
+            .filter_map(|map_key| {
+                let state = kept.get(map_key)?;
+                Some(MetaChange::Put { key: key(&map_key.0, &map_key.1), value: encode(state) })
+            })
+            .collect();
+        if !changes.is_empty() {
+            tracing::info!(sessions = changes.len(), "MQTT QoS 2 publishes recorded from their messages after a crash");
+            if let Err(error) = meta.apply(&changes) {
+                tracing::warn!(%error, "MQTT session states completed from their messages could not be stored");
+            }
         }
         Sessions { kept: Mutex::new(kept) }
     }
@@ -202,6 +270,53 @@ impl Sessions {
     }
 }
 
+/// The QoS 2 markers recovery found on queued messages: for each session incarnation (vhost,
+/// client id, incarnation), its highest flow and that publish's packet id. Only the highest can
+/// be unrecorded (flows are recorded one at a time, in order), so one per session is kept.
+#[derive(Debug, Default)]
+pub(crate) struct FlowMarkers {
+    highest: HashMap<(String, String, u64), (u64, u16)>,
+}
+
+impl FlowMarkers {
+    /// Notes the marker a recovered message in `vhost` carries, if it has one.
+    pub(crate) fn note(&mut self, vhost: &str, message: &wharf_model::Message) {
+        let properties = message.full_properties();
+        let Some(table) = properties.headers().as_ref() else { return };
+        let Some(wharf_wire::types::AMQPValue::LongString(text)) = table.inner().get(FLOW_HEADER) else { return };
+        let Some((incarnation, flow, packet_id, client_id)) =
+            std::str::from_utf8(text.as_bytes()).ok().and_then(parse_flow_marker)
+        else {
+            return;
+        };
+        let highest =
+            self.highest.entry((vhost.to_owned(), client_id.to_owned(), incarnation)).or_insert((flow, packet_id));
+        if flow > highest.0 {
+            *highest = (flow, packet_id);
+        }
+    }
+}
+
+/// Adds to each session's incoming QoS 2 ids the one a marker shows durable but its record does
+/// not have (see the module's doc); returns the sessions changed.
+fn complete_from_markers(
+    kept: &mut HashMap<(String, String), Kept>,
+    markers: &FlowMarkers,
+) -> BTreeSet<(String, String)> {
+    let mut changed = BTreeSet::new();
+    for ((vhost, client_id, incarnation), (flow, packet_id)) in &markers.highest {
+        let map_key = (vhost.clone(), client_id.clone());
+        let Some(state) = kept.get_mut(&map_key) else { continue };
+        if state.incarnation != *incarnation || *flow < state.next_flow {
+            continue;
+        }
+        state.incoming_qos_2.insert(*packet_id);
+        state.next_flow = flow.saturating_add(1);
+        changed.insert(map_key);
+    }
+    changed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,5 +336,42 @@ mod tests {
         state.disconnected_at_ms = None;
         assert!(!state.expired(u64::MAX), "a connected session does not expire");
         assert_eq!(decode(b"\x01Snot json"), None);
+    }
+
+    #[test]
+    fn a_marker_names_its_publish_even_with_colons_in_the_client_id() {
+        let marker = flow_marker(0xabc, 41, 7, "plant:3:meter");
+        assert_eq!(parse_flow_marker(&marker), Some((0xabc, 41, 7, "plant:3:meter")));
+        assert_eq!(parse_flow_marker("zz:1:2:c"), None);
+        assert_eq!(parse_flow_marker("1:2:70000:c"), None, "a packet id is 16 bits");
+        assert_ne!(new_incarnation(5), 0);
+    }
+
+    #[test]
+    fn only_a_marker_of_the_sessions_incarnation_past_its_record_is_taken() {
+        let session = |incarnation, next_flow| Kept { expiry_s: 60, incarnation, next_flow, ..Kept::default() };
+        let mut kept = HashMap::new();
+        for (client_id, state) in [("unrecorded", session(9, 4)), ("finished", session(9, 4)), ("newer", session(8, 0))]
+        {
+            kept.insert(("/".to_owned(), client_id.to_owned()), state);
+        }
+        let mut markers = FlowMarkers::default();
+        // The crash came between flow 4's message and its record.
+        markers.highest.insert(("/".into(), "unrecorded".into(), 9), (4, 12));
+        // Flow 3 was recorded (the record has reached 4) and finished since.
+        markers.highest.insert(("/".into(), "finished".into(), 9), (3, 12));
+        // A marker of an earlier session with the same client id.
+        markers.highest.insert(("/".into(), "newer".into(), 7), (0, 12));
+        // A session with no record.
+        markers.highest.insert(("/".into(), "gone".into(), 9), (4, 12));
+        let changed = complete_from_markers(&mut kept, &markers);
+        assert_eq!(changed.into_iter().map(|(_, client_id)| client_id).collect::<Vec<_>>(), vec!["unrecorded"]);
+        let unrecorded = &kept[&("/".to_owned(), "unrecorded".to_owned())];
+        assert_eq!(
+            (unrecorded.incoming_qos_2.iter().copied().collect::<Vec<_>>(), unrecorded.next_flow),
+            (vec![12], 5)
+        );
+        assert!(kept[&("/".to_owned(), "finished".to_owned())].incoming_qos_2.is_empty());
+        assert!(kept[&("/".to_owned(), "newer".to_owned())].incoming_qos_2.is_empty());
     }
 }

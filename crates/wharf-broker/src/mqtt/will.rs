@@ -68,7 +68,7 @@ impl Session {
             }
         }
         let message =
-            convert::message_from_publish(&self.exchange, routing_key.clone(), &publish, false, self.publisher())
+            convert::message_from_publish(&self.exchange, routing_key.clone(), &publish, false, self.publisher(), None)
                 .with_trace(self.origin.clone());
         let request = PublishRequest {
             vhost: &self.vhost,
@@ -117,9 +117,15 @@ impl Session {
         blocking(|| core.declare_queue(request))?;
         let mut parked = publish.clone();
         parked.properties.message_expiry_interval_s = None;
-        let message =
-            convert::message_from_publish(&self.exchange, routing_key.to_owned(), &parked, false, self.publisher())
-                .with_trace(self.origin.clone());
+        let message = convert::message_from_publish(
+            &self.exchange,
+            routing_key.to_owned(),
+            &parked,
+            false,
+            self.publisher(),
+            None,
+        )
+        .with_trace(self.origin.clone());
         let request =
             PublishRequest { vhost: &self.vhost, channel: 1, exchange: "", routing_key: &queue, mandatory: false };
         blocking(|| core.publish(&request, message, &mut ReservationPool::default()))?;

@@ -37,8 +37,16 @@ pub enum CrashMode {
 pub struct SimFs {
     state: Arc<Mutex<SimState>>,
     generation: u64,
-    /// While true, file and directory syncs wait (see [`SimFs::hold_syncs`]).
-    sync_gate: Arc<(Mutex<bool>, Condvar)>,
+    /// While held, file and directory syncs wait (see [`SimFs::hold_syncs`]).
+    sync_gate: Arc<(Mutex<SyncGate>, Condvar)>,
+}
+
+/// The gate syncs wait at while a test holds them.
+#[derive(Debug, Default)]
+struct SyncGate {
+    held: bool,
+    /// Syncs waiting at the gate now.
+    waiting: usize,
 }
 
 #[derive(Debug)]
@@ -291,7 +299,7 @@ impl SimFs {
                 allocation_unsupported: false,
             })),
             generation: 0,
-            sync_gate: Arc::new((Mutex::new(false), Condvar::new())),
+            sync_gate: Arc::new((Mutex::new(SyncGate::default()), Condvar::new())),
         }
     }
 
@@ -300,21 +308,35 @@ impl SimFs {
     /// into its next batch, so a test can build a batch of its choosing (appends to several
     /// queues at once, say) without relying on timing.
     pub fn hold_syncs(&self) {
-        *self.sync_gate.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = true;
+        self.sync_gate().held = true;
     }
 
     /// Lets held and later syncs go on.
     pub fn release_syncs(&self) {
-        *self.sync_gate.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = false;
+        self.sync_gate().held = false;
         self.sync_gate.1.notify_all();
     }
 
+    /// How many syncs wait at the gate now (see [`SimFs::hold_syncs`]): a test waits for one to
+    /// know that the store's writer has written its batch and stopped at the batch's sync.
+    pub fn syncs_held(&self) -> usize {
+        self.sync_gate().waiting
+    }
+
+    fn sync_gate(&self) -> MutexGuard<'_, SyncGate> {
+        self.sync_gate.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn wait_for_sync_gate(&self) {
-        let (held, opened) = &*self.sync_gate;
-        let mut held = held.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        while *held {
-            held = opened.wait(held).unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut gate = self.sync_gate();
+        if !gate.held {
+            return;
         }
+        gate.waiting += 1;
+        while gate.held {
+            gate = self.sync_gate.1.wait(gate).unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        gate.waiting -= 1;
     }
 
     fn lock(&self) -> MutexGuard<'_, SimState> {
