@@ -7,6 +7,7 @@
 //! Everything here is test code: a broken property is a panic, which libFuzzer reports as a crash
 //! with the input that caused it.
 
+pub mod cluster;
 pub mod definitions;
 pub mod frames;
 pub mod mqtt;

@@ -4,7 +4,7 @@
 //! there after a fix, fails a plain `cargo test` in `fuzz/`.
 
 use std::path::{Path, PathBuf};
-use wharf_fuzz::{definitions, frames, mqtt, seeds, store_image, tables};
+use wharf_fuzz::{cluster, definitions, frames, mqtt, seeds, store_image, tables};
 
 type Check = fn(&[u8]);
 
@@ -16,6 +16,7 @@ fn targets() -> Vec<(&'static str, Vec<seeds::Seed>, Check)> {
         ("store_recovery", seeds::store_seeds(), store_image::check_image),
         ("definitions", definitions::definitions_seeds(), definitions::check_definitions),
         ("mqtt_packet", mqtt::mqtt_seeds(), mqtt::check_mqtt),
+        ("cluster_link", cluster::cluster_seeds(), cluster::check_cluster_link),
     ]
 }
 

@@ -183,6 +183,10 @@ pub struct BrokerConfig {
     pub clock: Arc<dyn Clock>,
     /// The MQTT front end (off unless `mqtt.listen` is set; the binary turns it on at 1883).
     pub mqtt: MqttConfig,
+    /// This node's place in a cluster (`--node-id`, `--cluster-listen`, `--cluster-node`);
+    /// `None` for a broker on its own. Issue #19 is being built on it: today the node links to
+    /// the other members and reports them (`wharf-cluster`); replication comes next.
+    pub cluster: Option<wharf_cluster::ClusterConfig>,
 }
 
 /// The MQTT front end's settings (`docs/design/20261204_mqtt.md`); names follow RabbitMQ's
@@ -293,6 +297,7 @@ impl BrokerConfig {
             message_trace_events_max: MESSAGE_TRACE_EVENTS_MAX_DEFAULT,
             clock: Arc::new(SystemClock),
             mqtt: MqttConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -314,6 +319,11 @@ impl BrokerConfig {
     /// fails, with a message naming the setting and what is allowed.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let refuse = |text: String| Err(ConfigError(text));
+        if let Some(cluster) = &self.cluster
+            && let Err(error) = cluster.validate()
+        {
+            return refuse(error.to_string());
+        }
         let frame_max_limit = wharf_wire::frame::FRAME_MAX_LIMIT;
         if !(FRAME_MAX_MIN..=frame_max_limit).contains(&self.frame_max) {
             return refuse(format!(

@@ -24,4 +24,7 @@ pub enum BrokerError {
     /// A blocking startup task failed to run.
     #[error("startup task failed: {0}")]
     Startup(String),
+    /// The cluster's links could not start (their listener, most often).
+    #[error("cluster: {0}")]
+    Cluster(#[from] wharf_cluster::ClusterError),
 }

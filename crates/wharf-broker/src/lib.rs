@@ -62,6 +62,7 @@ pub use manage::{
 pub use password::{HashingAlgorithm, PasswordError, PasswordHash};
 pub use persist::json_to_amqp;
 pub use server::Broker;
+pub use wharf_cluster::{ClusterConfig, MemberStatus, NodeId, parse_cluster_node};
 /// Per-message delivery traces, as the management interface shows them.
 pub use wharf_model::trace;
 pub use wharf_model::{ApplyTo, Counters, Policy, QueueStats};

@@ -33,6 +33,8 @@ pub struct Broker {
     timers: tokio::task::JoinHandle<()>,
     /// When it started (the clock's time), for the management interface's uptime.
     started_at_ms: u64,
+    /// Its links to the other members, when it is a cluster's node.
+    cluster: Option<Arc<wharf_cluster::Transport>>,
 }
 
 /// The longest the timer task sleeps: an operation that sets an earlier timer than the one it
@@ -72,6 +74,13 @@ impl Broker {
             .await
             .map_err(|error| BrokerError::Startup(error.to_string()))?;
         }
+        let cluster = match &core.config.cluster {
+            Some(cluster_config) => {
+                let node_id = cluster_config.node_id;
+                Some(Arc::new(wharf_cluster::Transport::start(cluster_config, cluster_handler(node_id)).await?))
+            }
+            None => None,
+        };
         // Every listener is bound before any is announced, so a client that saw one announced can
         // reach them all.
         let plain = match plain_address {
@@ -145,6 +154,7 @@ impl Broker {
             accepts,
             timers,
             started_at_ms,
+            cluster,
         })
     }
 
@@ -178,6 +188,7 @@ impl Broker {
             amqp: self.core.config.plain_amqp.then_some(self.local_addr),
             amqps: self.amqps_local_addr,
             tls: self.tls.clone(),
+            cluster: self.cluster.clone(),
         };
         crate::Management::new(Arc::clone(&self.core), self.started_at_ms, listeners)
     }
@@ -222,6 +233,11 @@ impl Broker {
         self.local_addr
     }
 
+    /// Where the broker accepts links from the cluster's other nodes, if it is a cluster's node.
+    pub fn cluster_local_addr(&self) -> Option<SocketAddr> {
+        self.cluster.as_ref().map(|cluster| cluster.local_addr())
+    }
+
     /// Where the broker accepts MQTT connections, if it does.
     pub fn mqtt_local_addr(&self) -> Option<SocketAddr> {
         self.mqtt_local_addr
@@ -259,6 +275,9 @@ impl Broker {
     /// them to finish, and closes the store so pending removals are durable.
     pub async fn shutdown(self) {
         self.shutdown.send_replace(true);
+        if let Some(cluster) = &self.cluster {
+            cluster.shutdown().await;
+        }
         let mut open = Vec::new();
         for accept in self.accepts {
             if let Ok(connections) = accept.await {
@@ -290,6 +309,15 @@ impl Broker {
             Err(error) => tracing::error!(%error, "closing the store failed"),
         }
     }
+}
+
+/// What this node answers on the cluster's links. Only the links' own ping is served so far
+/// (the transport answers it); the services replication adds (Raft's messages, forwarded
+/// publishes and deliveries) are refused by number until they exist.
+fn cluster_handler(node_id: wharf_cluster::NodeId) -> wharf_cluster::Handler {
+    Arc::new(move |from, service, _payload| {
+        Box::pin(async move { Err(format!("node {node_id} has no cluster service {service} (called by node {from})")) })
+    })
 }
 
 /// Fires the model's timers (TTLs, leases, backoffs, delayed messages, `x-expires`) when they

@@ -34,6 +34,8 @@ pub struct AdminArgs {
 enum AdminCommand {
     /// The broker at a glance: version, node, object and message totals.
     Overview,
+    /// The cluster's members as this node sees them: address, link state, last answer.
+    Cluster,
     /// List queues, with their messages and consumers.
     Queues,
     /// List exchanges.
@@ -304,6 +306,19 @@ pub fn run(args: AdminArgs) -> Result<()> {
         Ok(())
     };
     match &args.command {
+        AdminCommand::Cluster => list(
+            "/api/cluster/members".to_owned(),
+            &[
+                ("node", "node"),
+                ("address", "address"),
+                ("this", "this_node"),
+                ("linked", "outbound_connected"),
+                ("inbound", "inbound_links"),
+                ("last answer ms", "last_answer_ms_ago"),
+                ("failures", "consecutive_failures"),
+                ("last error", "last_error"),
+            ],
+        ),
         AdminCommand::Overview => {
             let overview = client.call("GET", "/api/overview", None)?;
             if args.json {

@@ -152,6 +152,18 @@ struct ServeArgs {
     /// here replaces one of the same name and vhost from the configuration file.
     #[arg(long = "policy", value_name = "JSON")]
     policies: Vec<String>,
+    /// This node's id in a cluster: a number, not 0, unique among the members. With
+    /// --cluster-listen and --cluster-node; without any of the three the broker runs on its own.
+    #[arg(long, env = "WHARF_NODE_ID")]
+    node_id: Option<u64>,
+    /// Address for links from the cluster's other nodes (RabbitMQ's inter-node port is 25672)
+    /// [default: 0.0.0.0:25672 when --node-id is given].
+    #[arg(long, env = "WHARF_CLUSTER_LISTEN")]
+    cluster_listen: Option<SocketAddr>,
+    /// An initial member of the cluster as ID=HOST:PORT (its --cluster-listen address). Repeat
+    /// once per member; this node may be listed (its address there is the one the others use).
+    #[arg(long = "cluster-node", env = "WHARF_CLUSTER_NODES", value_delimiter = ',', value_name = "ID=HOST:PORT")]
+    cluster_nodes: Vec<String>,
     /// Log filter (tracing syntax) [default: info].
     #[arg(long, env = "WHARF_LOG", default_value = "info")]
     log: String,
@@ -194,6 +206,10 @@ struct FileConfig {
     user_limits: Option<Vec<FileUserLimits>>,
     memory_high_watermark_bytes: Option<u64>,
     disk_free_limit_bytes: Option<u64>,
+    node_id: Option<u64>,
+    cluster_listen: Option<SocketAddr>,
+    /// `ID=HOST:PORT` per initial member, as `--cluster-node`.
+    cluster_nodes: Option<Vec<String>>,
 }
 
 /// A user's permissions on one vhost (RabbitMQ's `set_permissions`): regular expressions over
@@ -396,6 +412,30 @@ fn tls_config(args: &ServeArgs, file: &FileConfig) -> Result<Option<TlsConfig>> 
     Ok(Some(TlsConfig { amqps_listen, cert_path: cert, key_path: key, ca_cert_path: ca_cert, verify_peer }))
 }
 
+/// RabbitMQ's inter-node port, the default for --cluster-listen.
+const CLUSTER_PORT_DEFAULT: u16 = 25672;
+
+/// The cluster settings from flags, variables and the file: `None` for a broker on its own;
+/// refused when some are given without --node-id, or do not describe a cluster.
+fn cluster_config(args: &ServeArgs, file: &FileConfig) -> Result<Option<wharf_broker::ClusterConfig>> {
+    let node_id = args.node_id.or(file.node_id);
+    let listen = args.cluster_listen.or(file.cluster_listen);
+    let nodes = if args.cluster_nodes.is_empty() {
+        file.cluster_nodes.clone().unwrap_or_default()
+    } else {
+        args.cluster_nodes.clone()
+    };
+    let Some(node_id) = node_id else {
+        if listen.is_some() || !nodes.is_empty() {
+            bail!("--cluster-listen and --cluster-node (cluster_listen, cluster_nodes) need --node-id (node_id)");
+        }
+        return Ok(None);
+    };
+    let listen = listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], CLUSTER_PORT_DEFAULT)));
+    let members = nodes.iter().map(|text| wharf_broker::parse_cluster_node(text)).collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(wharf_broker::ClusterConfig::new(node_id, listen, members)?))
+}
+
 fn read_file_config(path: &Path) -> Result<FileConfig> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading configuration file {}", path.display()))?;
@@ -417,6 +457,7 @@ fn broker_config(args: &ServeArgs) -> Result<BrokerConfig> {
         None => {}
     }
     config.tls = tls_config(args, &file)?;
+    config.cluster = cluster_config(args, &file)?;
     config.mqtt.listen = match args.mqtt_listen.or(file.mqtt_listen) {
         Some(Listen::At(address)) => Some(address),
         Some(Listen::Off) => None,

@@ -46,6 +46,8 @@ pub struct Management {
     amqps_listen: Option<SocketAddr>,
     /// The broker's TLS settings, if it has any (the API over TLS uses them too).
     tls: Option<Arc<crate::tls::ServerTls>>,
+    /// Its links to the cluster's other nodes, if it is a cluster's node.
+    cluster: Option<Arc<wharf_cluster::Transport>>,
 }
 
 /// Where the broker listens and how, for [`Management`].
@@ -54,6 +56,7 @@ pub(crate) struct Listeners {
     pub amqp: Option<SocketAddr>,
     pub amqps: Option<SocketAddr>,
     pub tls: Option<Arc<crate::tls::ServerTls>>,
+    pub cluster: Option<Arc<wharf_cluster::Transport>>,
 }
 
 impl Management {
@@ -64,7 +67,14 @@ impl Management {
             amqp_listen: listeners.amqp,
             amqps_listen: listeners.amqps,
             tls: listeners.tls,
+            cluster: listeners.cluster,
         }
+    }
+
+    /// The cluster's members as this node sees them (this node first), or `None` for a broker
+    /// on its own.
+    pub fn cluster_members(&self) -> Option<Vec<wharf_cluster::MemberStatus>> {
+        self.cluster.as_ref().map(|cluster| cluster.members())
     }
 
     /// A TLS acceptor with the broker's TLS settings in force now (certificates reloaded on

@@ -1,4 +1,5 @@
-//! The broker as a whole: `overview`, `nodes`, `whoami`, `cluster-name`, `extensions`,
+//! The broker as a whole: `overview`, `nodes`, `whoami`, `cluster-name`, Wharf's
+//! `cluster/members` (each member's link as this node sees it), `extensions`,
 //! `aliveness-test` and the `health/checks/*` endpoints RabbitMQ has for probes (200 and
 //! `{"status":"ok"}` when healthy, 503 and `{"status":"failed","reason":…}` when not).
 
@@ -23,6 +24,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/nodes/{node}", get(one_node))
         .route("/api/whoami", get(whoami))
         .route("/api/cluster-name", get(cluster_name))
+        .route("/api/cluster/members", get(cluster_members))
         .route("/api/extensions", get(extensions))
         .route("/api/aliveness-test/{vhost}", get(aliveness_test))
         .route("/api/health/checks/alarms", get(alarms))
@@ -182,6 +184,32 @@ async fn whoami(caller: Caller) -> Json<Value> {
 
 async fn cluster_name(State(state): State<AppState>, _caller: Caller) -> Json<Value> {
     Json(json!({"name": node(&state)}))
+}
+
+/// The cluster's members: this node first, then each other member with its link's state. A
+/// broker on its own is a cluster of one.
+async fn cluster_members(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    caller.require_monitor()?;
+    let Some(members) = state.management.cluster_members() else {
+        return Ok(Json(json!([{"node": null, "name": node(&state), "this_node": true, "clustered": false}])));
+    };
+    let members: Vec<Value> = members
+        .into_iter()
+        .map(|member| {
+            json!({
+                "node": member.node,
+                "address": member.address,
+                "this_node": member.this_node,
+                "clustered": true,
+                "outbound_connected": member.outbound_connected,
+                "inbound_links": member.inbound_links,
+                "last_answer_ms_ago": member.last_answer_ms_ago,
+                "consecutive_failures": member.consecutive_failures,
+                "last_error": member.last_error,
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(members)))
 }
 
 async fn extensions(_caller: Caller) -> Json<Value> {

@@ -1,0 +1,133 @@
+//! `wharf serve` as a cluster's node (issue #19, its first step): three processes on loopback
+//! started with `--node-id`, `--cluster-listen` and `--cluster-node`, linked to each other, each
+//! member's link visible through `wharf admin cluster` and `/api/cluster/members`; a member
+//! that is killed shows as unlinked, and again as linked once it is back; cluster settings that
+//! cannot work are refused with a message naming them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// Starts node `node_id` of a cluster whose members listen at `cluster` (by id); returns it with
+/// its management API's URL.
+async fn start_node(data_dir: &Path, node_id: u64, cluster: &[(u64, SocketAddr)]) -> (Child, String) {
+    let own = cluster.iter().find(|(id, _)| *id == node_id).unwrap().1;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wharf"));
+    command
+        .args(["serve", "--http-listen", "127.0.0.1:0", "--mqtt-listen", "none", "--amqp-listen"])
+        .arg(free_port().to_string())
+        .args(["--node-id", &node_id.to_string(), "--cluster-listen", &own.to_string()])
+        .arg("--data-dir")
+        .arg(data_dir);
+    for (id, address) in cluster {
+        command.arg("--cluster-node").arg(format!("{id}={address}"));
+    }
+    let mut child = command.env("NO_COLOR", "1").stderr(Stdio::piped()).kill_on_drop(true).spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let http = loop {
+        let line = lines.next_line().await.unwrap().expect("wharf exited before it was ready");
+        if line.contains("management API listening") {
+            let address = line.split("address=").nth(1).unwrap().split_whitespace().next().unwrap();
+            break address.to_owned();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, format!("http://{http}"))
+}
+
+/// `wharf admin --url URL cluster --json`: the members as node `url` sees them.
+async fn members(url: &str) -> Vec<Value> {
+    let output = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["admin", "--url", url, "--json", "cluster"])
+        .env_remove("WHARF_ADMIN_USER")
+        .env_remove("WHARF_ADMIN_PASSWORD")
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice::<Value>(&output.stdout).unwrap().as_array().unwrap().clone()
+}
+
+/// Asks node `url` until every member `wanted` names is as wanted: (node, its link is up, calls
+/// to it failed since its last answer). The nodes check their links once a second.
+async fn wait_until_linked(url: &str, wanted: &[(u64, bool)]) -> Vec<Value> {
+    let wanted: Vec<(u64, bool, bool)> = wanted.iter().map(|(node, linked)| (*node, *linked, !linked)).collect();
+    wait_until(url, &wanted).await
+}
+
+async fn wait_until(url: &str, wanted: &[(u64, bool, bool)]) -> Vec<Value> {
+    loop {
+        let members = members(url).await;
+        let matches = wanted.iter().all(|(node, linked, failing)| {
+            members.iter().any(|member| {
+                member["node"] == *node
+                    && member["outbound_connected"] == *linked
+                    && (member["consecutive_failures"].as_u64().unwrap() > 0) == *failing
+            })
+        });
+        if matches {
+            return members;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_link_up_and_show_a_killed_member_until_it_is_back() {
+    let temp = tempfile::tempdir().unwrap();
+    let cluster: Vec<(u64, SocketAddr)> = (1..=3).map(|id| (id, free_port())).collect();
+    let mut nodes = Vec::new();
+    for (id, _) in &cluster {
+        nodes.push(start_node(&temp.path().join(format!("node-{id}")), *id, &cluster).await);
+    }
+    let members = wait_until_linked(&nodes[0].1, &[(2, true), (3, true)]).await;
+    assert_eq!(members.len(), 3);
+    assert_eq!((&members[0]["node"], &members[0]["this_node"]), (&Value::from(1), &Value::Bool(true)));
+    assert_eq!(members[1]["address"], cluster[1].1.to_string());
+    // Node 3 sees the same cluster from its side.
+    wait_until_linked(&nodes[2].1, &[(1, true), (2, true)]).await;
+
+    let (mut node_two, _) = nodes.remove(1);
+    node_two.kill().await.unwrap();
+    // Down: unlinked, its calls failing, the last failure's text shown.
+    let members = wait_until_linked(&nodes[0].1, &[(2, false), (3, true)]).await;
+    let two = members.iter().find(|member| member["node"] == 2).unwrap();
+    assert!(two["last_error"].as_str().unwrap().contains("node 2"), "{two}");
+    let three = members.iter().find(|member| member["node"] == 3).unwrap();
+    assert!(three["last_error"].is_null(), "{three}");
+
+    let back = start_node(&temp.path().join("node-2"), 2, &cluster).await;
+    wait_until_linked(&nodes[0].1, &[(2, true), (3, true)]).await;
+    wait_until_linked(&back.1, &[(1, true), (3, true)]).await;
+}
+
+#[tokio::test]
+async fn cluster_settings_that_cannot_work_are_refused_with_a_message_naming_them() {
+    let temp = tempfile::tempdir().unwrap();
+    for (args, expected) in [
+        (vec!["--cluster-node", "2=127.0.0.1:25672"], "need --node-id"),
+        (vec!["--node-id", "1", "--cluster-node", "2"], "--cluster-node \"2\" is not ID=HOST:PORT"),
+        (vec!["--node-id", "1", "--cluster-node", "two=127.0.0.1:1"], "is not a node id"),
+        (vec!["--node-id", "1", "--cluster-node", "2=a:1", "--cluster-node", "2=b:1"], "node 2 is given twice"),
+        (vec!["--node-id", "0"], "--node-id must not be 0"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_wharf"))
+            .args(["serve", "--http-listen", "none", "--mqtt-listen", "none", "--amqp-listen", "127.0.0.1:0"])
+            .args(&args)
+            .env("WHARF_DATA_DIR", temp.path().join("data"))
+            .output()
+            .await
+            .unwrap();
+        assert!(!output.status.success(), "{args:?} was taken");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
