@@ -1,0 +1,283 @@
+//! A Raft group's log on `wharf-store`: one store log per group holds its entries, its vote and
+//! its purge point, as records in append order; openraft's [`RaftLogStorage`] on top.
+//!
+//! Why one store log for all three: openraft asks that every write of a group (vote and entries)
+//! take effect in the order it was made. Records of one store log become durable in append
+//! order (the store's group commit writes a log's records in order and a crash loses a suffix
+//! at most), so that order needs nothing more.
+//!
+//! Each record's meta is one byte saying what it is ([`RECORD_ENTRY`], [`RECORD_VOTE`],
+//! [`RECORD_PURGED`]) and its body is JSON. Recovery ([`GroupLog::open`]) reads them in seq order:
+//! - the last vote and the last purge point are the ones in force (older ones are removed);
+//! - an entry whose index is not past the last one read replaces that index and everything
+//!   after it: a truncation whose removals a crash lost, then the appends that replaced it;
+//! - entries up to the purge point are gone; so is everything after the first gap (a
+//!   truncation the crash cut short): the log has no hole.
+//!
+//! Every entry is also kept in memory (the group's reads are all from memory); purging after a
+//! snapshot is what bounds it.
+
+use crate::{GroupEntry, GroupLogId, GroupTypes};
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{AnyError, LogState, OptionalSend, RaftLogId, RaftLogReader, StorageError, StorageIOError, Vote};
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::ops::RangeBounds;
+use std::sync::{Arc, Mutex};
+use wharf_store::{LogId, Recovered, Store, StoreError};
+
+/// A record holding one log entry.
+pub const RECORD_ENTRY: u8 = b'E';
+/// A record holding the group's vote.
+pub const RECORD_VOTE: u8 = b'V';
+/// A record holding the last purged log id.
+pub const RECORD_PURGED: u8 = b'P';
+
+/// Why a group's log could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum RaftStoreError {
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// A record is not what this crate writes.
+    #[error("group log {log}: record {seq} is unreadable: {reason}")]
+    Unreadable {
+        /// The store log.
+        log: u64,
+        /// The record.
+        seq: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// What the log holds, shared by the log and its readers.
+#[derive(Debug, Default)]
+struct Held {
+    /// Entries by index, with their record's seq.
+    entries: BTreeMap<u64, (u64, GroupEntry)>,
+    /// The vote in force and its record's seq.
+    vote: Option<(u64, Vote<u64>)>,
+    /// The purge point in force and its record's seq.
+    purged: Option<(u64, GroupLogId)>,
+}
+
+fn lock(held: &Mutex<Held>) -> std::sync::MutexGuard<'_, Held> {
+    held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A group's log, vote and purge point (openraft's log storage).
+#[derive(Debug)]
+pub struct GroupLog {
+    store: Store,
+    log: LogId,
+    held: Arc<Mutex<Held>>,
+}
+
+/// Reads a group's entries (openraft's log reader): shares what the log holds.
+#[derive(Debug, Clone)]
+pub struct GroupLogReader {
+    held: Arc<Mutex<Held>>,
+}
+
+fn write_error(error: impl std::error::Error + 'static) -> StorageError<u64> {
+    StorageIOError::write_logs(AnyError::new(&error)).into()
+}
+
+fn vote_error(error: impl std::error::Error + 'static) -> StorageError<u64> {
+    StorageIOError::write_vote(AnyError::new(&error)).into()
+}
+
+impl GroupLog {
+    /// A new, empty group log in a store log of its own.
+    pub async fn create(store: &Store) -> Result<GroupLog, RaftStoreError> {
+        let log = store.create_log()?.await?;
+        Ok(GroupLog { store: store.clone(), log, held: Arc::default() })
+    }
+
+    /// The group log kept in store log `log`, as `recovered` found it (see the module's doc).
+    /// Records recovery no longer needs are removed from the store.
+    pub fn open(store: &Store, log: LogId, recovered: &Recovered) -> Result<GroupLog, RaftStoreError> {
+        let mut held = Held::default();
+        let mut stale = Vec::new();
+        let mut failure = None;
+        let records = recovered.queues.get(&log).map(Vec::as_slice).unwrap_or(&[]);
+        let locations: Vec<_> = records.iter().map(|record| record.location).collect();
+        store.read_each(log, &locations, &mut |index, read| {
+            let seq = records[index].seq;
+            let outcome = read.map_err(|error| error.to_string()).and_then(|record| {
+                let kind = *record.meta.first().ok_or("no kind")?;
+                match kind {
+                    RECORD_ENTRY => {
+                        let entry: GroupEntry = serde_json::from_slice(record.body).map_err(|e| e.to_string())?;
+                        let replaced = held.entries.split_off(&entry.get_log_id().index);
+                        stale.extend(replaced.into_values().map(|(seq, _)| seq));
+                        held.entries.insert(entry.get_log_id().index, (seq, entry));
+                    }
+                    RECORD_VOTE => {
+                        let vote: Vote<u64> = serde_json::from_slice(record.body).map_err(|e| e.to_string())?;
+                        stale.extend(held.vote.replace((seq, vote)).map(|(old, _)| old));
+                    }
+                    RECORD_PURGED => {
+                        let purged: GroupLogId = serde_json::from_slice(record.body).map_err(|e| e.to_string())?;
+                        stale.extend(held.purged.replace((seq, purged)).map(|(old, _)| old));
+                    }
+                    other => return Err(format!("unknown kind {other}")),
+                }
+                Ok(())
+            });
+            if let Err(reason) = outcome {
+                failure.get_or_insert(RaftStoreError::Unreadable { log: log.0, seq, reason });
+            }
+        });
+        if let Some(failure) = failure {
+            return Err(failure);
+        }
+        if let Some((_, purged)) = &held.purged {
+            let kept = held.entries.split_off(&(purged.index + 1));
+            stale.extend(std::mem::replace(&mut held.entries, kept).into_values().map(|(seq, _)| seq));
+        }
+        // A truncation cut short by the crash: nothing after the first gap.
+        let mut expected = held.entries.keys().next().copied();
+        let mut gap_at = None;
+        for index in held.entries.keys() {
+            if Some(*index) != expected {
+                gap_at = Some(*index);
+                break;
+            }
+            expected = Some(index + 1);
+        }
+        if let Some(gap_at) = gap_at {
+            stale.extend(held.entries.split_off(&gap_at).into_values().map(|(seq, _)| seq));
+        }
+        for seq in stale {
+            store.remove_unawaited(log, seq)?;
+        }
+        Ok(GroupLog { store: store.clone(), log, held: Arc::new(Mutex::new(held)) })
+    }
+
+    /// The store log the group's records are in.
+    pub fn store_log(&self) -> LogId {
+        self.log
+    }
+
+    /// Appends one record and waits until it is durable; returns its seq.
+    async fn append_durably(&self, kind: u8, body: &[u8]) -> Result<u64, StoreError> {
+        let pending = self.store.append(self.log, 0, &[kind], body)?;
+        let seq = pending.seq;
+        pending.ticket.await?;
+        Ok(seq)
+    }
+}
+
+impl RaftLogReader<GroupTypes> for GroupLogReader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<GroupEntry>, StorageError<u64>> {
+        Ok(lock(&self.held).entries.range(range).map(|(_, (_, entry))| entry.clone()).collect())
+    }
+}
+
+impl RaftLogReader<GroupTypes> for GroupLog {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<GroupEntry>, StorageError<u64>> {
+        Ok(lock(&self.held).entries.range(range).map(|(_, (_, entry))| entry.clone()).collect())
+    }
+}
+
+impl RaftLogStorage<GroupTypes> for GroupLog {
+    type LogReader = GroupLogReader;
+
+    async fn get_log_state(&mut self) -> Result<LogState<GroupTypes>, StorageError<u64>> {
+        let held = lock(&self.held);
+        let last_purged_log_id = held.purged.as_ref().map(|(_, purged)| *purged);
+        let last_log_id =
+            held.entries.values().next_back().map(|(_, entry)| *entry.get_log_id()).or(last_purged_log_id);
+        Ok(LogState { last_purged_log_id, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> GroupLogReader {
+        GroupLogReader { held: Arc::clone(&self.held) }
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError<u64>> {
+        let body = serde_json::to_vec(vote).map_err(vote_error)?;
+        let seq = self.append_durably(RECORD_VOTE, &body).await.map_err(vote_error)?;
+        let replaced = lock(&self.held).vote.replace((seq, *vote));
+        if let Some((old, _)) = replaced {
+            self.store.remove_unawaited(self.log, old).map_err(vote_error)?;
+        }
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError<u64>> {
+        Ok(lock(&self.held).vote.as_ref().map(|(_, vote)| *vote))
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<GroupTypes>) -> Result<(), StorageError<u64>>
+    where
+        I: IntoIterator<Item = GroupEntry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut tickets = Vec::new();
+        for entry in entries {
+            let body = serde_json::to_vec(&entry).map_err(write_error)?;
+            let pending = self.store.append(self.log, 0, &[RECORD_ENTRY], &body).map_err(write_error)?;
+            let index = entry.get_log_id().index;
+            let mut held = lock(&self.held);
+            // openraft truncates before it appends over; should it not, the later entry wins,
+            // as at recovery.
+            let replaced = held.entries.split_off(&index);
+            held.entries.insert(index, (pending.seq, entry));
+            drop(held);
+            for (seq, _) in replaced.into_values() {
+                self.store.remove_unawaited(self.log, seq).map_err(write_error)?;
+            }
+            tickets.push(pending.ticket);
+        }
+        // Durable in append order: the last ticket resolving means every earlier one did, but
+        // each is awaited so a failure of any is reported.
+        tokio::spawn(async move {
+            let mut outcome = Ok(());
+            for ticket in tickets {
+                if let Err(error) = ticket.await {
+                    outcome = Err(std::io::Error::other(error.to_string()));
+                    break;
+                }
+            }
+            callback.log_io_completed(outcome);
+        });
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: GroupLogId) -> Result<(), StorageError<u64>> {
+        let removed = lock(&self.held).entries.split_off(&log_id.index);
+        for (seq, _) in removed.into_values() {
+            self.store.remove_unawaited(self.log, seq).map_err(write_error)?;
+        }
+        // The removals are durable before anything is appended in their place (recovery would
+        // cope without, but a durable truncation keeps the log on disk what openraft was told).
+        self.store.sync().map_err(write_error)?.await.map_err(write_error)?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: GroupLogId) -> Result<(), StorageError<u64>> {
+        // The purge point is durable first: recovery ignores entries up to it, so removing them
+        // afterwards, durably or not, can leave no hole at the front.
+        let body = serde_json::to_vec(&log_id).map_err(write_error)?;
+        let seq = self.append_durably(RECORD_PURGED, &body).await.map_err(write_error)?;
+        let (old, removed) = {
+            let mut held = lock(&self.held);
+            let kept = held.entries.split_off(&(log_id.index + 1));
+            let removed = std::mem::replace(&mut held.entries, kept);
+            (held.purged.replace((seq, log_id)), removed)
+        };
+        for seq in old.map(|(seq, _)| seq).into_iter().chain(removed.into_values().map(|(seq, _)| seq)) {
+            self.store.remove_unawaited(self.log, seq).map_err(write_error)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,95 @@
+//! openraft's own test suite for log storage (`openraft::testing::Suite`) over [`GroupLog`] on a
+//! real store in a temporary directory, and crash recovery of a group log on the fault-injecting
+//! file system: truncations and purges cut short, votes replaced, entries that come back.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::{Entry, EntryPayload, LogId, RaftLogReader, StorageError};
+use wharf_raft::{GroupLog, GroupTypes};
+use wharf_store::{CrashMode, RealFs, SimFs, Store, StoreConfig};
+
+mod common;
+use common::Machine;
+
+/// Each test of the suite gets a new store in a new temporary directory.
+struct OnDisk;
+
+impl StoreBuilder<GroupTypes, GroupLog, Machine, tempfile::TempDir> for OnDisk {
+    async fn build(&self) -> Result<(tempfile::TempDir, GroupLog, Machine), StorageError<u64>> {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(RealFs::shared(), dir.path(), StoreConfig::default()).unwrap();
+        let log = GroupLog::create(&store).await.unwrap();
+        Ok((dir, log, Machine::default()))
+    }
+}
+
+#[test]
+fn openraft_s_storage_suite_passes_on_a_group_log() {
+    Suite::test_all(OnDisk).unwrap();
+}
+
+fn blank(term: u64, index: u64) -> Entry<GroupTypes> {
+    Entry { log_id: LogId::new(openraft::CommittedLeaderId::new(term, 1), index), payload: EntryPayload::Blank }
+}
+
+/// What a group log holds: (index, term) of each entry, the vote's term, the purge point's index.
+async fn contents(log: &mut GroupLog) -> (Vec<(u64, u64)>, Option<u64>, Option<u64>) {
+    let entries = log.try_get_log_entries(0..).await.unwrap();
+    let state = log.get_log_state().await.unwrap();
+    (
+        entries.iter().map(|entry| (entry.log_id.index, entry.log_id.leader_id.term)).collect(),
+        log.read_vote().await.unwrap().map(|vote| vote.leader_id().term),
+        state.last_purged_log_id.map(|purged| purged.index),
+    )
+}
+
+/// A store on the fault-injecting file system, crashed in `mode` and opened again: the group
+/// log as recovery rebuilds it.
+fn crash_and_reopen(fs: &SimFs, mode: CrashMode, log: wharf_store::LogId) -> (SimFs, GroupLog) {
+    fs.crash(mode);
+    let fs = fs.remount();
+    let (store, recovered) = Store::open(fs.shared(), "/data", StoreConfig::default()).unwrap();
+    let group = GroupLog::open(&store, log, &recovered).unwrap();
+    (fs, group)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_log_comes_back_after_a_crash_as_it_was_made_durable() {
+    let fs = SimFs::new(3);
+    let (store, _) = Store::open(fs.shared(), "/data", StoreConfig::default()).unwrap();
+    let mut log = GroupLog::create(&store).await.unwrap();
+    let id = log.store_log();
+    log.save_vote(&openraft::Vote::new(1, 1)).await.unwrap();
+    log.blocking_append((1..=6).map(|index| blank(1, index))).await.unwrap();
+    // A new leader's entries replace 5 and 6; its vote replaces the first.
+    log.save_vote(&openraft::Vote::new(2, 2)).await.unwrap();
+    log.truncate(LogId::new(openraft::CommittedLeaderId::new(1, 1), 5)).await.unwrap();
+    log.blocking_append([blank(2, 5), blank(2, 6), blank(2, 7)]).await.unwrap();
+    log.purge(LogId::new(openraft::CommittedLeaderId::new(1, 1), 2)).await.unwrap();
+    let expected = (vec![(3, 1), (4, 1), (5, 2), (6, 2), (7, 2)], Some(2), Some(2));
+    assert_eq!(contents(&mut log).await, expected);
+    // A power loss keeps what was made durable, and recovery rebuilds exactly that.
+    let (fs, mut again) = crash_and_reopen(&fs, CrashMode::LoseUnsynced, id);
+    assert_eq!(contents(&mut again).await, expected);
+    // And it is the same after a second crash, with what the first recovery removed.
+    let (_, mut third) = crash_and_reopen(&fs, CrashMode::KeepUnsynced, id);
+    assert_eq!(contents(&mut third).await, expected);
+}
+
+/// An entry appended over existing ones (openraft truncates first; this is the case where the
+/// truncation's removals did not reach the disk) replaces them and every later one, in memory
+/// and after a crash: recovery reads the records in append order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_written_over_others_replaces_them_and_what_follows_across_a_crash() {
+    let fs = SimFs::new(4);
+    let (store, _) = Store::open(fs.shared(), "/data", StoreConfig::default()).unwrap();
+    let mut log = GroupLog::create(&store).await.unwrap();
+    let id = log.store_log();
+    log.blocking_append((1..=5).map(|index| blank(1, index))).await.unwrap();
+    log.blocking_append([blank(2, 3)]).await.unwrap();
+    let expected = vec![(1, 1), (2, 1), (3, 2)];
+    assert_eq!(contents(&mut log).await.0, expected);
+    let (_, mut again) = crash_and_reopen(&fs, CrashMode::LoseUnsynced, id);
+    assert_eq!(contents(&mut again).await.0, expected, "4 and 5 went with the old 3");
+}
