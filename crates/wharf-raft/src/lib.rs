@@ -3,15 +3,18 @@
 //! Consensus is openraft's (0.9, its "storage v2" API); this crate owns what openraft leaves to
 //! the application that is not the broker's business: where a group's log lives and how it
 //! comes back after a crash ([`GroupLog`], on `wharf-store`), and how its messages travel between
-//! nodes ([`GroupNetwork`] out, [`Groups`] in, over `wharf-cluster`'s links). What a group replicates is opaque
+//! nodes ([`GroupNetwork`] out, [`Groups`] in, over `wharf-cluster`'s links), and what a group
+//! looks like to an operator ([`GroupStatus`]). What a group replicates is opaque
 //! here ([`Command`] bytes, [`Answer`] bytes): the metadata group's definitions and a quorum
 //! queue's operations are the broker's to encode and apply.
 
 mod log;
 mod network;
+mod status;
 
 pub use log::{GroupLog, GroupLogReader, RaftStoreError};
 pub use network::{GroupId, GroupNetwork, GroupPeer, Groups, SERVICE_RAFT};
+pub use status::GroupStatus;
 
 use serde::{Deserialize, Serialize};
 // The snapshots' type in `declare_raft_types!` (its default, named there unqualified).

@@ -2,14 +2,17 @@
 //! proxies the test controls: commands commit on a majority and every member applies them in
 //! order; a partitioned leader is replaced and the group goes on, and the old leader catches up
 //! once the partition heals; a node crashed (as a power loss) comes back from its store and
-//! catches up. Waits are on openraft's metrics (events), never on time.
+//! catches up; a fourth node joins as a learner, becomes a voter in place of another, and the
+//! group's status says so. Waits are on openraft's metrics (events), never on time.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use openraft::ServerState;
+use openraft::{BasicNode, ServerState};
+use std::collections::BTreeSet;
+use wharf_raft::GroupStatus;
 use wharf_store::CrashMode;
 
 mod common;
-use common::cluster::{applied_up_to, leader_of, node, texts, three_nodes, write};
+use common::cluster::{applied_up_to, leader_of, node, start_node, texts, three_nodes, write};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_commit_on_a_majority_and_every_member_applies_them_in_order() {
@@ -82,6 +85,43 @@ async fn a_crashed_leader_comes_back_from_its_store_and_catches_up() {
         applied_up_to(member, last).await;
         assert_eq!(texts(&member.machine), vec!["first", "second"], "node {}", member.id);
     }
+    for member in &nodes {
+        member.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_node_joins_as_a_learner_and_replaces_a_voter() {
+    let (mut nodes, _proxies) = three_nodes(3).await;
+    let leader = leader_of(&nodes, &[1, 2, 3]).await;
+    write(node(&nodes, leader), "before the join").await;
+    let fourth = start_node(4, 44).await;
+    for other in &nodes {
+        other.transport.add_member(4, fourth.transport.local_addr().to_string()).await.unwrap();
+        fourth.transport.add_member(other.id, other.transport.local_addr().to_string()).await.unwrap();
+    }
+    let address = fourth.transport.local_addr().to_string();
+    node(&nodes, leader).raft.add_learner(4, BasicNode::new(address), true).await.unwrap();
+    let status = GroupStatus::of(&node(&nodes, leader).raft);
+    assert_eq!((status.role, status.voters.clone(), status.learners.clone()), ("leader", vec![1, 2, 3], vec![4]));
+    assert_eq!(status.lag.keys().copied().collect::<Vec<_>>(), {
+        let mut others: Vec<u64> = vec![1, 2, 3, 4].into_iter().filter(|id| *id != leader).collect();
+        others.sort();
+        others
+    });
+    // A voter that is not the leader leaves; the learner takes its place.
+    let leaving = (1..=3).find(|id| *id != leader).unwrap();
+    let voters: BTreeSet<u64> = [1, 2, 3, 4].into_iter().filter(|id| *id != leaving).collect();
+    node(&nodes, leader).raft.change_membership(voters.clone(), false).await.unwrap();
+    write(node(&nodes, leader), "after the change").await;
+    nodes.push(fourth);
+    let last = node(&nodes, leader).raft.metrics().borrow().last_log_index.unwrap();
+    applied_up_to(node(&nodes, 4), last).await;
+    assert_eq!(texts(&node(&nodes, 4).machine), vec!["before the join", "after the change"]);
+    let status = GroupStatus::of(&node(&nodes, 4).raft);
+    assert_eq!((status.role, status.leader), ("follower", Some(leader)));
+    assert_eq!(status.voters, voters.into_iter().collect::<Vec<_>>());
+    assert!(status.learners.is_empty());
     for member in &nodes {
         member.stop().await;
     }
