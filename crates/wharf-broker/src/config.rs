@@ -187,6 +187,20 @@ pub struct BrokerConfig {
     /// `None` for a broker on its own. Issue #19 is being built on it: today the node links to
     /// the other members and reports them (`wharf-cluster`); replication comes next.
     pub cluster: Option<wharf_cluster::ClusterConfig>,
+    /// TLS on the cluster's links (`--cluster-tls-cert`, `--cluster-tls-key`,
+    /// `--cluster-tls-ca-cert`): read when the broker starts.
+    pub cluster_tls: Option<ClusterTlsFiles>,
+}
+
+/// The PEM files of the cluster links' mutual TLS.
+#[derive(Debug, Clone)]
+pub struct ClusterTlsFiles {
+    /// This node's certificate chain (its own first); used both to accept and to dial links.
+    pub cert_path: PathBuf,
+    /// Its private key.
+    pub key_path: PathBuf,
+    /// The CA certificates that sign every node's certificate.
+    pub ca_cert_path: PathBuf,
 }
 
 /// The MQTT front end's settings (`docs/design/20261204_mqtt.md`); names follow RabbitMQ's
@@ -298,6 +312,7 @@ impl BrokerConfig {
             clock: Arc::new(SystemClock),
             mqtt: MqttConfig::default(),
             cluster: None,
+            cluster_tls: None,
         }
     }
 }
@@ -323,6 +338,9 @@ impl BrokerConfig {
             && let Err(error) = cluster.validate()
         {
             return refuse(error.to_string());
+        }
+        if self.cluster_tls.is_some() && self.cluster.is_none() {
+            return refuse("cluster TLS settings are given but this node is in no cluster (no node_id)".into());
         }
         let frame_max_limit = wharf_wire::frame::FRAME_MAX_LIMIT;
         if !(FRAME_MAX_MIN..=frame_max_limit).contains(&self.frame_max) {

@@ -45,7 +45,7 @@ pub use access::{Permission, PermissionError, TopicPermission};
 pub use alarms::{AlarmState, DiskSpace, FixedDiskSpace, RealDiskSpace};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
-    BrokerConfig, CONSUMER_TIMEOUT_MS_DEFAULT, ConfigError, FRAME_MAX_MIN, GROUP_COMMIT_DELAY_US_MAX,
+    BrokerConfig, CONSUMER_TIMEOUT_MS_DEFAULT, ClusterTlsFiles, ConfigError, FRAME_MAX_MIN, GROUP_COMMIT_DELAY_US_MAX,
     MQTT_SESSION_EXPIRY_MAX_S_DEFAULT, MqttConfig, QUEUE_BODY_MEMORY_BYTES_MAX_DEFAULT, TlsConfig, User, UserLimits,
     VhostLimits,
 };

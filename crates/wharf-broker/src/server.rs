@@ -76,8 +76,12 @@ impl Broker {
         }
         let cluster = match &core.config.cluster {
             Some(cluster_config) => {
+                let mut cluster_config = cluster_config.clone();
+                if let Some(files) = &core.config.cluster_tls {
+                    cluster_config.tls = Some(cluster_link_tls(files)?);
+                }
                 let node_id = cluster_config.node_id;
-                Some(Arc::new(wharf_cluster::Transport::start(cluster_config, cluster_handler(node_id)).await?))
+                Some(Arc::new(wharf_cluster::Transport::start(&cluster_config, cluster_handler(node_id)).await?))
             }
             None => None,
         };
@@ -309,6 +313,28 @@ impl Broker {
             Err(error) => tracing::error!(%error, "closing the store failed"),
         }
     }
+}
+
+/// The cluster links' TLS from its PEM files, with an error naming the file that cannot be used.
+fn cluster_link_tls(files: &crate::config::ClusterTlsFiles) -> Result<wharf_cluster::LinkTls, BrokerError> {
+    let read = |setting: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|error| {
+            BrokerError::Config(crate::config::ConfigError(format!(
+                "{setting}: cannot read {}: {error}",
+                path.display()
+            )))
+        })
+    };
+    let chain = read("cluster_tls_cert", &files.cert_path)?;
+    let key = read("cluster_tls_key", &files.key_path)?;
+    let ca = read("cluster_tls_ca_cert", &files.ca_cert_path)?;
+    let what = format!(
+        "cluster TLS ({}, {}, {})",
+        files.cert_path.display(),
+        files.key_path.display(),
+        files.ca_cert_path.display()
+    );
+    Ok(wharf_cluster::LinkTls::from_pem(&chain, &key, &ca, &what)?)
 }
 
 /// What this node answers on the cluster's links. Only the links' own ping is served so far

@@ -4,6 +4,7 @@
 use crate::error::ClusterError;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 /// A node's id in the cluster (Raft's node id): any number but 0, unique in the cluster.
 pub type NodeId = u64;
@@ -19,7 +20,7 @@ const FRAME_BYTES_MAX_MIN: u32 = 4 * 1024;
 const MEMBERS_MAX: usize = 64;
 
 /// A node's place in its cluster.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ClusterConfig {
     /// This node's id.
     pub node_id: NodeId,
@@ -34,6 +35,76 @@ pub struct ClusterConfig {
     pub frame_bytes_max: u32,
     /// How often each link is checked with a ping when idle, in milliseconds (0: never).
     pub heartbeat_interval_ms: u64,
+    /// TLS on every link, both ways (`None`: plain TCP).
+    pub tls: Option<LinkTls>,
+}
+
+/// TLS on the links (mutual): a node presents its certificate when it accepts a link and when it
+/// dials one, and takes the other end's only if the cluster's CA signed it; a dialer also checks
+/// that the certificate names the host it dialed. Built by the broker from its
+/// `--cluster-tls-*` files.
+#[derive(Clone)]
+pub struct LinkTls {
+    /// For links other nodes open (requires and verifies their certificate).
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// For links this node opens (presents its certificate, verifies the other's).
+    pub connector: tokio_rustls::TlsConnector,
+}
+
+impl LinkTls {
+    /// Mutual TLS from PEM: this node's certificate chain (its own first) and private key, and
+    /// the CA certificates that sign every node's. TLS 1.2 and 1.3 only, on ring (as the
+    /// broker's other listeners). `what` names the files in errors.
+    pub fn from_pem(chain: &[u8], key: &[u8], ca: &[u8], what: &str) -> Result<LinkTls, ClusterError> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let refuse = |text: String| ClusterError::Config(format!("{what}: {text}"));
+        let chain = CertificateDer::pem_slice_iter(chain)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| refuse(format!("the certificate is not valid PEM: {error}")))?;
+        if chain.is_empty() {
+            return Err(refuse("the certificate file holds no certificate".into()));
+        }
+        let key =
+            PrivateKeyDer::from_pem_slice(key).map_err(|error| refuse(format!("the key is not usable: {error}")))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for certificate in CertificateDer::pem_slice_iter(ca) {
+            let certificate = certificate.map_err(|error| refuse(format!("the CA file is not valid PEM: {error}")))?;
+            roots.add(certificate).map_err(|error| refuse(format!("a CA certificate is unusable: {error}")))?;
+        }
+        if roots.is_empty() {
+            return Err(refuse("the CA file holds no certificate".into()));
+        }
+        let roots = Arc::new(roots);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let versions: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots), Arc::clone(&provider))
+                .build()
+                .map_err(|error| refuse(format!("the CA cannot verify nodes: {error}")))?;
+        let server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_protocol_versions(versions)
+            .map_err(|error| refuse(error.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(|error| refuse(format!("the certificate and key cannot be used: {error}")))?;
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .map_err(|error| refuse(error.to_string()))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|error| refuse(format!("the certificate and key cannot be used: {error}")))?;
+        Ok(LinkTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+        })
+    }
+}
+
+impl std::fmt::Debug for LinkTls {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("LinkTls")
+    }
 }
 
 impl ClusterConfig {
@@ -69,6 +140,7 @@ impl ClusterConfig {
             call_timeout_ms: CALL_TIMEOUT_MS_DEFAULT,
             frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
             heartbeat_interval_ms: 1_000,
+            tls: None,
         })
     }
 

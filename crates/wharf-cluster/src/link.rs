@@ -2,7 +2,7 @@
 //! breaks, with a growing pause between failed dials), the handshake, calls multiplexed by id,
 //! and what the link looks like now for [`crate::MemberStatus`].
 
-use crate::config::NodeId;
+use crate::config::{LinkTls, NodeId};
 use crate::error::ClusterError;
 use crate::frame::{Frame, HELLO_REPLY_HEAD_BYTES, Hello, HelloReply, Kind};
 use bytes::{Bytes, BytesMut};
@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
@@ -24,6 +24,22 @@ const REDIAL_PAUSE_MS_MAX: u64 = 1_000;
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Frame, ClusterError>>>>>;
+
+/// What a link runs over: a TCP socket, or TLS on one.
+pub trait LinkStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> LinkStream for S {}
+
+/// A link's stream, whichever it is.
+pub(crate) type Stream = Box<dyn LinkStream>;
+
+/// The name a dialer expects in the certificate of `address` (`host:port`): its host.
+fn server_name(address: &str) -> Result<rustls_pki_types::ServerName<'static>, ClusterError> {
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    rustls_pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|_| ClusterError::Config(format!("{host:?} is not a host name TLS can check")))
+}
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -46,6 +62,7 @@ pub(crate) struct Link {
     node: NodeId,
     address: Mutex<String>,
     frame_bytes_max: u32,
+    tls: Option<LinkTls>,
     connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
     seen: Mutex<LinkSeen>,
     next_call_id: AtomicU64,
@@ -69,12 +86,13 @@ impl Drop for Connection {
 }
 
 impl Link {
-    pub fn new(own: NodeId, node: NodeId, address: String, frame_bytes_max: u32) -> Link {
+    pub fn new(own: NodeId, node: NodeId, address: String, frame_bytes_max: u32, tls: Option<LinkTls>) -> Link {
         Link {
             own,
             node,
             address: Mutex::new(address),
             frame_bytes_max,
+            tls,
             connection: tokio::sync::Mutex::new(None),
             seen: Mutex::new(LinkSeen::default()),
             next_call_id: AtomicU64::new(1),
@@ -181,8 +199,12 @@ impl Link {
 
     async fn dial(&self) -> Result<Connection, ClusterError> {
         let address = self.address();
-        let mut socket = TcpStream::connect(address.as_str()).await?;
+        let socket = TcpStream::connect(address.as_str()).await?;
         socket.set_nodelay(true)?;
+        let mut socket: Stream = match &self.tls {
+            Some(tls) => Box::new(tls.connector.connect(server_name(&address)?, socket).await?),
+            None => Box::new(socket),
+        };
         socket.write_all(&Hello { from: self.own, to: self.node }.encode()).await?;
         let mut head = [0u8; HELLO_REPLY_HEAD_BYTES];
         socket.read_exact(&mut head).await?;
@@ -195,7 +217,7 @@ impl Link {
         if node != self.node {
             return Err(ClusterError::Protocol(format!("{address} is node {node}, not node {}", self.node)));
         }
-        let (reader, writer) = socket.into_split();
+        let (reader, writer) = tokio::io::split(socket);
         let (requests, queued) = mpsc::channel(REQUESTS_QUEUED_MAX);
         let pending: Pending = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
@@ -214,7 +236,7 @@ impl Link {
 
 /// Hands each answer to its caller until the link ends; then every waiting call fails.
 async fn read_answers(
-    mut reader: tokio::net::tcp::OwnedReadHalf,
+    mut reader: ReadHalf<Stream>,
     pending: Pending,
     closed: Arc<AtomicBool>,
     node: NodeId,
@@ -256,7 +278,7 @@ async fn read_answers(
 
 /// Writes queued requests, as many as are waiting in one write.
 async fn write_requests(
-    mut writer: tokio::net::tcp::OwnedWriteHalf,
+    mut writer: WriteHalf<Stream>,
     mut queued: mpsc::Receiver<Bytes>,
     pending: Pending,
     closed: Arc<AtomicBool>,

@@ -5,10 +5,10 @@
 //! Each call is bounded: by its deadline, by the frame limit, and per inbound link by the calls
 //! handled at once ([`INBOUND_CALLS_MAX`]; beyond it the link is not read until one finishes).
 
-use crate::config::{ClusterConfig, NodeId};
+use crate::config::{ClusterConfig, LinkTls, NodeId};
 use crate::error::ClusterError;
 use crate::frame::{Frame, HELLO_BYTES, Hello, HelloReply, Kind};
-use crate::link::Link;
+use crate::link::{Link, Stream};
 use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -68,6 +68,7 @@ struct Shared {
     local_addr: SocketAddr,
     call_timeout: Duration,
     frame_bytes_max: u32,
+    tls: Option<LinkTls>,
     links: RwLock<BTreeMap<NodeId, Arc<Link>>>,
     own_address: String,
     inbound: Mutex<HashMap<NodeId, usize>>,
@@ -94,7 +95,9 @@ impl Transport {
         let links = config
             .peers()
             .map(|(node, address)| {
-                (node, Arc::new(Link::new(config.node_id, node, address.to_owned(), config.frame_bytes_max)))
+                let link =
+                    Link::new(config.node_id, node, address.to_owned(), config.frame_bytes_max, config.tls.clone());
+                (node, Arc::new(link))
             })
             .collect();
         let (stopping, _) = watch::channel(false);
@@ -103,6 +106,7 @@ impl Transport {
             local_addr,
             call_timeout: Duration::from_millis(config.call_timeout_ms),
             frame_bytes_max: config.frame_bytes_max,
+            tls: config.tls.clone(),
             links: RwLock::new(links),
             own_address: config.nodes.get(&config.node_id).cloned().unwrap_or_else(|| local_addr.to_string()),
             inbound: Mutex::default(),
@@ -155,7 +159,8 @@ impl Transport {
                 self.shared.node_id
             )));
         }
-        let link = Arc::new(Link::new(self.shared.node_id, node, address, self.shared.frame_bytes_max));
+        let link = Link::new(self.shared.node_id, node, address, self.shared.frame_bytes_max, self.shared.tls.clone());
+        let link = Arc::new(link);
         let replaced = self.shared.links.write().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(node, link);
         if let Some(old) = replaced {
             old.disconnect().await;
@@ -263,14 +268,22 @@ async fn accept_links(shared: Arc<Shared>, listener: TcpListener) {
 }
 
 /// One inbound link: the handshake, then the peer's calls until it closes or this node stops.
-async fn serve_link(shared: &Arc<Shared>, mut socket: TcpStream) -> Result<(), ClusterError> {
+async fn serve_link(shared: &Arc<Shared>, socket: TcpStream) -> Result<(), ClusterError> {
     socket.set_nodelay(true)?;
     let mut hello = [0u8; HELLO_BYTES];
-    let handshake = tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), socket.read_exact(&mut hello));
-    match handshake.await {
-        Ok(read) => read.map(|_| ())?,
+    // The TLS handshake and the link's own share one deadline.
+    let handshake = tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), async {
+        let mut socket: Stream = match &shared.tls {
+            Some(tls) => Box::new(tls.acceptor.accept(socket).await?),
+            None => Box::new(socket),
+        };
+        socket.read_exact(&mut hello).await?;
+        Ok::<Stream, std::io::Error>(socket)
+    });
+    let mut socket = match handshake.await {
+        Ok(socket) => socket?,
         Err(_) => return Err(ClusterError::Protocol("no handshake within its deadline".into())),
-    }
+    };
     let hello = Hello::decode(&hello)?;
     let refusal = if hello.to != shared.node_id {
         Some(format!("this is node {}, not node {}", shared.node_id, hello.to))
@@ -296,8 +309,8 @@ async fn serve_link(shared: &Arc<Shared>, mut socket: TcpStream) -> Result<(), C
     outcome
 }
 
-async fn answer_calls(shared: &Arc<Shared>, socket: TcpStream, from: NodeId) -> Result<(), ClusterError> {
-    let (mut reader, writer) = socket.into_split();
+async fn answer_calls(shared: &Arc<Shared>, socket: Stream, from: NodeId) -> Result<(), ClusterError> {
+    let (mut reader, writer) = tokio::io::split(socket);
     let (answers, to_write) = mpsc::channel::<Frame>(INBOUND_CALLS_MAX);
     let writing = tokio::spawn(write_answers(writer, to_write, shared.frame_bytes_max));
     let in_hand = Arc::new(Semaphore::new(INBOUND_CALLS_MAX));
@@ -346,7 +359,7 @@ async fn answer_calls(shared: &Arc<Shared>, socket: TcpStream, from: NodeId) -> 
 
 /// Writes answers as they are ready; one over the frame limit goes as a failure saying so.
 async fn write_answers(
-    mut writer: tokio::net::tcp::OwnedWriteHalf,
+    mut writer: tokio::io::WriteHalf<Stream>,
     mut to_write: mpsc::Receiver<Frame>,
     frame_bytes_max: u32,
 ) {

@@ -164,6 +164,17 @@ struct ServeArgs {
     /// once per member; this node may be listed (its address there is the one the others use).
     #[arg(long = "cluster-node", env = "WHARF_CLUSTER_NODES", value_delimiter = ',', value_name = "ID=HOST:PORT")]
     cluster_nodes: Vec<String>,
+    /// TLS on the cluster's links: this node's certificate (PEM, its own first), used both to
+    /// accept and to dial links; with --cluster-tls-key and --cluster-tls-ca-cert. Every node's
+    /// certificate must be signed by that CA and name the host the others dial.
+    #[arg(long, env = "WHARF_CLUSTER_TLS_CERT")]
+    cluster_tls_cert: Option<PathBuf>,
+    /// The private key of --cluster-tls-cert (PEM).
+    #[arg(long, env = "WHARF_CLUSTER_TLS_KEY")]
+    cluster_tls_key: Option<PathBuf>,
+    /// The CA certificates (PEM) that sign the cluster's nodes.
+    #[arg(long, env = "WHARF_CLUSTER_TLS_CA_CERT")]
+    cluster_tls_ca_cert: Option<PathBuf>,
     /// Log filter (tracing syntax) [default: info].
     #[arg(long, env = "WHARF_LOG", default_value = "info")]
     log: String,
@@ -210,6 +221,9 @@ struct FileConfig {
     cluster_listen: Option<SocketAddr>,
     /// `ID=HOST:PORT` per initial member, as `--cluster-node`.
     cluster_nodes: Option<Vec<String>>,
+    cluster_tls_cert: Option<PathBuf>,
+    cluster_tls_key: Option<PathBuf>,
+    cluster_tls_ca_cert: Option<PathBuf>,
 }
 
 /// A user's permissions on one vhost (RabbitMQ's `set_permissions`): regular expressions over
@@ -436,6 +450,22 @@ fn cluster_config(args: &ServeArgs, file: &FileConfig) -> Result<Option<wharf_br
     Ok(Some(wharf_broker::ClusterConfig::new(node_id, listen, members)?))
 }
 
+/// The cluster links' TLS files: all three or none.
+fn cluster_tls(args: &ServeArgs, file: &FileConfig) -> Result<Option<wharf_broker::ClusterTlsFiles>> {
+    let cert = args.cluster_tls_cert.clone().or_else(|| file.cluster_tls_cert.clone());
+    let key = args.cluster_tls_key.clone().or_else(|| file.cluster_tls_key.clone());
+    let ca_cert = args.cluster_tls_ca_cert.clone().or_else(|| file.cluster_tls_ca_cert.clone());
+    match (cert, key, ca_cert) {
+        (None, None, None) => Ok(None),
+        (Some(cert_path), Some(key_path), Some(ca_cert_path)) => {
+            Ok(Some(wharf_broker::ClusterTlsFiles { cert_path, key_path, ca_cert_path }))
+        }
+        _ => bail!(
+            "cluster TLS needs all of --cluster-tls-cert, --cluster-tls-key and --cluster-tls-ca-cert (cluster_tls_cert, cluster_tls_key, cluster_tls_ca_cert)"
+        ),
+    }
+}
+
 fn read_file_config(path: &Path) -> Result<FileConfig> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading configuration file {}", path.display()))?;
@@ -458,6 +488,7 @@ fn broker_config(args: &ServeArgs) -> Result<BrokerConfig> {
     }
     config.tls = tls_config(args, &file)?;
     config.cluster = cluster_config(args, &file)?;
+    config.cluster_tls = cluster_tls(args, &file)?;
     config.mqtt.listen = match args.mqtt_listen.or(file.mqtt_listen) {
         Some(Listen::At(address)) => Some(address),
         Some(Listen::Off) => None,

@@ -1,8 +1,9 @@
 //! `wharf serve` as a cluster's node (issue #19, its first step): three processes on loopback
 //! started with `--node-id`, `--cluster-listen` and `--cluster-node`, linked to each other, each
 //! member's link visible through `wharf admin cluster` and `/api/cluster/members`; a member
-//! that is killed shows as unlinked, and again as linked once it is back; cluster settings that
-//! cannot work are refused with a message naming them.
+//! that is killed shows as unlinked, and again as linked once it is back; nodes link over TLS
+//! with `--cluster-tls-*`; cluster settings that cannot work are refused with a message naming
+//! them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::Value;
@@ -19,6 +20,15 @@ fn free_port() -> SocketAddr {
 /// Starts node `node_id` of a cluster whose members listen at `cluster` (by id); returns it with
 /// its management API's URL.
 async fn start_node(data_dir: &Path, node_id: u64, cluster: &[(u64, SocketAddr)]) -> (Child, String) {
+    start_node_with(data_dir, node_id, cluster, &[]).await
+}
+
+async fn start_node_with(
+    data_dir: &Path,
+    node_id: u64,
+    cluster: &[(u64, SocketAddr)],
+    extra: &[std::ffi::OsString],
+) -> (Child, String) {
     let own = cluster.iter().find(|(id, _)| *id == node_id).unwrap().1;
     let mut command = Command::new(env!("CARGO_BIN_EXE_wharf"));
     command
@@ -30,6 +40,7 @@ async fn start_node(data_dir: &Path, node_id: u64, cluster: &[(u64, SocketAddr)]
     for (id, address) in cluster {
         command.arg("--cluster-node").arg(format!("{id}={address}"));
     }
+    command.args(extra);
     let mut child = command.env("NO_COLOR", "1").stderr(Stdio::piped()).kill_on_drop(true).spawn().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let http = loop {
@@ -109,6 +120,43 @@ async fn three_nodes_link_up_and_show_a_killed_member_until_it_is_back() {
     wait_until_linked(&back.1, &[(1, true), (3, true)]).await;
 }
 
+/// A CA and, per node, a certificate for 127.0.0.1 it signed, as PEM files in `dir`: the
+/// `--cluster-tls-*` arguments of node `node_id`.
+fn tls_files(dir: &Path, issuer: &rcgen::Issuer<'static, rcgen::KeyPair>, node_id: u64) -> Vec<std::ffi::OsString> {
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair};
+    let mut params = CertificateParams::new(vec!["127.0.0.1".into()]).unwrap();
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate().unwrap();
+    let certificate = params.signed_by(&key, issuer).unwrap();
+    let (cert_path, key_path) = (dir.join(format!("node-{node_id}.pem")), dir.join(format!("node-{node_id}.key")));
+    std::fs::write(&cert_path, certificate.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let mut args: Vec<std::ffi::OsString> = vec!["--cluster-tls-cert".into(), cert_path.into()];
+    args.extend(["--cluster-tls-key".into(), key_path.into_os_string()]);
+    args.extend(["--cluster-tls-ca-cert".into(), dir.join("ca.pem").into_os_string()]);
+    args
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_link_over_tls_with_certificates_of_the_clusters_ca() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let temp = tempfile::tempdir().unwrap();
+    let mut params = CertificateParams::new(Vec::new()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, "wharf cluster CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let key = KeyPair::generate().unwrap();
+    std::fs::write(temp.path().join("ca.pem"), params.self_signed(&key).unwrap().pem()).unwrap();
+    let issuer = Issuer::new(params, key);
+    let cluster: Vec<(u64, SocketAddr)> = (1..=2).map(|id| (id, free_port())).collect();
+    let mut nodes = Vec::new();
+    for (id, _) in &cluster {
+        let extra = tls_files(temp.path(), &issuer, *id);
+        nodes.push(start_node_with(&temp.path().join(format!("node-{id}")), *id, &cluster, &extra).await);
+    }
+    wait_until_linked(&nodes[0].1, &[(2, true)]).await;
+    wait_until_linked(&nodes[1].1, &[(1, true)]).await;
+}
+
 #[tokio::test]
 async fn cluster_settings_that_cannot_work_are_refused_with_a_message_naming_them() {
     let temp = tempfile::tempdir().unwrap();
@@ -118,6 +166,24 @@ async fn cluster_settings_that_cannot_work_are_refused_with_a_message_naming_the
         (vec!["--node-id", "1", "--cluster-node", "two=127.0.0.1:1"], "is not a node id"),
         (vec!["--node-id", "1", "--cluster-node", "2=a:1", "--cluster-node", "2=b:1"], "node 2 is given twice"),
         (vec!["--node-id", "0"], "--node-id must not be 0"),
+        (vec!["--node-id", "1", "--cluster-tls-cert", "node.pem"], "cluster TLS needs all of"),
+        (
+            vec!["--cluster-tls-cert", "a.pem", "--cluster-tls-key", "a.key", "--cluster-tls-ca-cert", "ca.pem"],
+            "this node is in no cluster",
+        ),
+        (
+            vec![
+                "--node-id",
+                "1",
+                "--cluster-tls-cert",
+                "a.pem",
+                "--cluster-tls-key",
+                "a.key",
+                "--cluster-tls-ca-cert",
+                "ca.pem",
+            ],
+            "cluster_tls_cert: cannot read a.pem",
+        ),
     ] {
         let output = Command::new(env!("CARGO_BIN_EXE_wharf"))
             .args(["serve", "--http-listen", "none", "--mqtt-listen", "none", "--amqp-listen", "127.0.0.1:0"])
