@@ -1,8 +1,8 @@
 //! `wharf-raft`: the Raft groups of a Wharf cluster (issue #19, `docs/design/20261205_replication.md`).
 //!
 //! Consensus is openraft's (0.9, its "storage v2" API); this crate owns what openraft leaves to
-//! the application that is not the broker's business: where a group's log lives and how it
-//! comes back after a crash ([`GroupLog`], on `wharf-store`), and how its messages travel between
+//! the application that is not the broker's business: where a group's log and snapshots live
+//! and how they come back after a crash ([`GroupLog`], [`GroupSnapshots`], on `wharf-store`), and how its messages travel between
 //! nodes ([`GroupNetwork`] out, [`Groups`] in, over `wharf-cluster`'s links), and what a group
 //! looks like to an operator ([`GroupStatus`]). What a group replicates is opaque
 //! here ([`Command`] bytes, [`Answer`] bytes): the metadata group's definitions and a quorum
@@ -12,7 +12,7 @@ mod log;
 mod network;
 mod status;
 
-pub use log::{GroupLog, GroupLogReader, RaftStoreError};
+pub use log::{GroupLog, GroupLogReader, GroupSnapshotMeta, GroupSnapshots, RaftStoreError};
 pub use network::{GroupId, GroupNetwork, GroupPeer, Groups, SERVICE_RAFT};
 pub use status::GroupStatus;
 

@@ -1,14 +1,16 @@
-//! A Raft group's log on `wharf-store`: one store log per group holds its entries, its vote and
-//! its purge point, as records in append order; openraft's [`RaftLogStorage`] on top.
+//! A Raft group's log on `wharf-store`: one store log per group holds its entries, its vote, its
+//! purge point and its latest snapshot, as records in append order; openraft's
+//! [`RaftLogStorage`] on top, and [`GroupSnapshots`] for the group's state machine.
 //!
-//! Why one store log for all three: openraft asks that every write of a group (vote and entries)
+//! Why one store log for all of them: openraft asks that every write of a group (vote and entries)
 //! take effect in the order it was made. Records of one store log become durable in append
 //! order (the store's group commit writes a log's records in order and a crash loses a suffix
 //! at most), so that order needs nothing more.
 //!
 //! Each record's meta is one byte saying what it is ([`RECORD_ENTRY`], [`RECORD_VOTE`],
-//! [`RECORD_PURGED`]) and its body is JSON. Recovery ([`GroupLog::open`]) reads them in seq order:
-//! - the last vote and the last purge point are the ones in force (older ones are removed);
+//! [`RECORD_PURGED`], [`RECORD_SNAPSHOT`]) and its body is JSON (a snapshot's: its meta as JSON
+//! then the machine's bytes). Recovery ([`GroupLog::open`]) reads them in seq order:
+//! - the last vote, purge point and snapshot are the ones in force (older ones are removed);
 //! - an entry whose index is not past the last one read replaces that index and everything
 //!   after it: a truncation whose removals a crash lost, then the appends that replaced it;
 //! - entries up to the purge point are gone; so is everything after the first gap (a
@@ -32,6 +34,12 @@ pub const RECORD_ENTRY: u8 = b'E';
 pub const RECORD_VOTE: u8 = b'V';
 /// A record holding the last purged log id.
 pub const RECORD_PURGED: u8 = b'P';
+/// A record holding the group's latest snapshot: a 4-byte length, the snapshot's meta as JSON,
+/// then the state machine's bytes.
+pub const RECORD_SNAPSHOT: u8 = b'S';
+
+/// A snapshot's description, as openraft gives it.
+pub type GroupSnapshotMeta = openraft::SnapshotMeta<u64, openraft::BasicNode>;
 
 /// Why a group's log could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +68,25 @@ struct Held {
     vote: Option<(u64, Vote<u64>)>,
     /// The purge point in force and its record's seq.
     purged: Option<(u64, GroupLogId)>,
+    /// The latest snapshot (meta, bytes) and its record's seq.
+    snapshot: Option<(u64, GroupSnapshotMeta, Arc<Vec<u8>>)>,
+}
+
+fn encode_snapshot(meta: &GroupSnapshotMeta, data: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
+    let meta = serde_json::to_vec(meta)?;
+    let mut body = Vec::with_capacity(4 + meta.len() + data.len());
+    body.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+    body.extend_from_slice(&meta);
+    body.extend_from_slice(data);
+    Ok(body)
+}
+
+fn decode_snapshot(body: &[u8]) -> Result<(GroupSnapshotMeta, Vec<u8>), String> {
+    let length = body.get(..4).ok_or("a snapshot record without its length")?;
+    let length = u32::from_be_bytes([length[0], length[1], length[2], length[3]]) as usize;
+    let meta = body.get(4..4 + length).ok_or("a snapshot record shorter than its meta")?;
+    let meta = serde_json::from_slice(meta).map_err(|error| error.to_string())?;
+    Ok((meta, body[4 + length..].to_vec()))
 }
 
 fn lock(held: &Mutex<Held>) -> std::sync::MutexGuard<'_, Held> {
@@ -122,6 +149,10 @@ impl GroupLog {
                         let purged: GroupLogId = serde_json::from_slice(record.body).map_err(|e| e.to_string())?;
                         stale.extend(held.purged.replace((seq, purged)).map(|(old, _)| old));
                     }
+                    RECORD_SNAPSHOT => {
+                        let (meta, data) = decode_snapshot(record.body)?;
+                        stale.extend(held.snapshot.replace((seq, meta, Arc::new(data))).map(|(old, ..)| old));
+                    }
                     other => return Err(format!("unknown kind {other}")),
                 }
                 Ok(())
@@ -161,12 +192,50 @@ impl GroupLog {
         self.log
     }
 
+    /// Where the group's state machine keeps its snapshots (in the same store log).
+    pub fn snapshots(&self) -> GroupSnapshots {
+        GroupSnapshots { store: self.store.clone(), log: self.log, held: Arc::clone(&self.held) }
+    }
+
     /// Appends one record and waits until it is durable; returns its seq.
     async fn append_durably(&self, kind: u8, body: &[u8]) -> Result<u64, StoreError> {
         let pending = self.store.append(self.log, 0, &[kind], body)?;
         let seq = pending.seq;
         pending.ticket.await?;
         Ok(seq)
+    }
+}
+
+/// A group's latest snapshot, durable in the group's store log: what its state machine saves
+/// when it builds or installs one, and starts from after a restart.
+#[derive(Debug, Clone)]
+pub struct GroupSnapshots {
+    store: Store,
+    log: LogId,
+    held: Arc<Mutex<Held>>,
+}
+
+impl GroupSnapshots {
+    /// Saves a snapshot in place of the previous one; durable when this returns.
+    pub async fn save(&self, meta: &GroupSnapshotMeta, data: Vec<u8>) -> Result<(), StorageError<u64>> {
+        let snapshot_error = |error: &dyn std::fmt::Display| {
+            StorageError::from(StorageIOError::write_snapshot(None, AnyError::error(error.to_string())))
+        };
+        let body = encode_snapshot(meta, &data).map_err(|error| snapshot_error(&error))?;
+        let pending =
+            self.store.append(self.log, 0, &[RECORD_SNAPSHOT], &body).map_err(|error| snapshot_error(&error))?;
+        let seq = pending.seq;
+        pending.ticket.await.map_err(|error| snapshot_error(&error))?;
+        let replaced = lock(&self.held).snapshot.replace((seq, meta.clone(), Arc::new(data)));
+        if let Some((old, ..)) = replaced {
+            self.store.remove_unawaited(self.log, old).map_err(|error| snapshot_error(&error))?;
+        }
+        Ok(())
+    }
+
+    /// The latest snapshot saved, if any.
+    pub fn current(&self) -> Option<(GroupSnapshotMeta, Arc<Vec<u8>>)> {
+        lock(&self.held).snapshot.as_ref().map(|(_, meta, data)| (meta.clone(), Arc::clone(data)))
     }
 }
 

@@ -2,7 +2,8 @@
 //! proxies the test controls: commands commit on a majority and every member applies them in
 //! order; a partitioned leader is replaced and the group goes on, and the old leader catches up
 //! once the partition heals; a node crashed (as a power loss) comes back from its store and
-//! catches up; a fourth node joins as a learner, becomes a voter in place of another, and the
+//! catches up; a node cut off while the leader snapshots and purges its log catches up from a
+//! snapshot sent over its link; a fourth node joins as a learner, becomes a voter in place of another, and the
 //! group's status says so. Waits are on openraft's metrics (events), never on time.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -122,6 +123,42 @@ async fn a_new_node_joins_as_a_learner_and_replaces_a_voter() {
     assert_eq!((status.role, status.leader), ("follower", Some(leader)));
     assert_eq!(status.voters, voters.into_iter().collect::<Vec<_>>());
     assert!(status.learners.is_empty());
+    for member in &nodes {
+        member.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_behind_the_purged_log_catches_up_from_a_snapshot() {
+    let (nodes, proxies) = three_nodes(5).await;
+    let leader = leader_of(&nodes, &[1, 2, 3]).await;
+    let behind = (1..=3).find(|id| *id != leader).unwrap();
+    for ((from, to), proxy) in &proxies {
+        if *from == behind || *to == behind {
+            proxy.partition();
+        }
+    }
+    let behind_last = node(&nodes, behind).raft.metrics().borrow().last_log_index.unwrap_or(0);
+    let expected: Vec<String> = (0..300).map(|index| format!("entry {index}")).collect();
+    for text in &expected {
+        write(node(&nodes, leader), text).await;
+    }
+    // The leader snapshots every 200 entries and keeps 20 behind: the entries the cut-off node
+    // needs next are gone from its log.
+    node(&nodes, leader)
+        .raft
+        .wait(None)
+        .metrics(|metrics| metrics.purged.is_some_and(|purged| purged.index > behind_last + 1), "purged")
+        .await
+        .unwrap();
+    for proxy in proxies.values() {
+        proxy.heal();
+    }
+    let last = node(&nodes, leader).raft.metrics().borrow().last_log_index.unwrap();
+    applied_up_to(node(&nodes, behind), last).await;
+    assert_eq!(texts(&node(&nodes, behind).machine), expected);
+    let snapshot = node(&nodes, behind).raft.metrics().borrow().snapshot;
+    assert!(snapshot.is_some(), "the node installed a snapshot");
     for member in &nodes {
         member.stop().await;
     }

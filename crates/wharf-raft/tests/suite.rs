@@ -1,6 +1,7 @@
 //! openraft's own test suite for log storage (`openraft::testing::Suite`) over [`GroupLog`] on a
 //! real store in a temporary directory, and crash recovery of a group log on the fault-injecting
-//! file system: truncations and purges cut short, votes replaced, entries that come back.
+//! file system: truncations and purges cut short, votes and snapshots replaced, entries that come
+//! back.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
@@ -20,7 +21,8 @@ impl StoreBuilder<GroupTypes, GroupLog, Machine, tempfile::TempDir> for OnDisk {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(RealFs::shared(), dir.path(), StoreConfig::default()).unwrap();
         let log = GroupLog::create(&store).await.unwrap();
-        Ok((dir, log, Machine::default()))
+        let machine = Machine::new(log.snapshots());
+        Ok((dir, log, machine))
     }
 }
 
@@ -69,12 +71,25 @@ async fn a_group_log_comes_back_after_a_crash_as_it_was_made_durable() {
     log.purge(LogId::new(openraft::CommittedLeaderId::new(1, 1), 2)).await.unwrap();
     let expected = (vec![(3, 1), (4, 1), (5, 2), (6, 2), (7, 2)], Some(2), Some(2));
     assert_eq!(contents(&mut log).await, expected);
+    // Two snapshots: the second replaces the first.
+    let meta = |index| openraft::SnapshotMeta {
+        last_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), index)),
+        last_membership: Default::default(),
+        snapshot_id: format!("at {index}"),
+    };
+    log.snapshots().save(&meta(1), b"state at 1".to_vec()).await.unwrap();
+    log.snapshots().save(&meta(2), b"state at 2".to_vec()).await.unwrap();
+    let snapshot = |log: &GroupLog| log.snapshots().current().map(|(meta, data)| (meta.snapshot_id, data.to_vec()));
+    let expected_snapshot = Some(("at 2".to_owned(), b"state at 2".to_vec()));
+    assert_eq!(snapshot(&log), expected_snapshot);
     // A power loss keeps what was made durable, and recovery rebuilds exactly that.
     let (fs, mut again) = crash_and_reopen(&fs, CrashMode::LoseUnsynced, id);
     assert_eq!(contents(&mut again).await, expected);
+    assert_eq!(snapshot(&again), expected_snapshot);
     // And it is the same after a second crash, with what the first recovery removed.
     let (_, mut third) = crash_and_reopen(&fs, CrashMode::KeepUnsynced, id);
     assert_eq!(contents(&mut third).await, expected);
+    assert_eq!(snapshot(&third), expected_snapshot);
 }
 
 /// An entry appended over existing ones (openraft truncates first; this is the case where the

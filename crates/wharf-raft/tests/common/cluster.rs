@@ -31,9 +31,11 @@ fn raft_config() -> Arc<Config> {
         heartbeat_interval: 100,
         election_timeout_min: 400,
         election_timeout_max: 800,
-        // Snapshots are not durable yet (the test machine is in memory): nothing is purged, so a
-        // restarted node rebuilds its machine from the whole log.
-        snapshot_policy: SnapshotPolicy::Never,
+        // Snapshots often, and few entries kept behind them: restarts start from snapshots, and
+        // a node that fell behind past the purge point gets one over its link.
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(200),
+        max_in_snapshot_log_to_keep: 20,
+        purge_batch_size: 1,
         ..Default::default()
     };
     Arc::new(config.validate().unwrap())
@@ -45,7 +47,7 @@ async fn start_raft(
     groups: &Groups,
     log: GroupLog,
 ) -> (Raft<GroupTypes>, Machine) {
-    let machine = Machine::default();
+    let machine = Machine::new(log.snapshots());
     let network = GroupNetwork::new(Arc::clone(transport), GROUP);
     let raft = Raft::new(id, raft_config(), network, log, machine.clone()).await.unwrap();
     groups.insert(GROUP, raft.clone());

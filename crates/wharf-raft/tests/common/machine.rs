@@ -1,5 +1,6 @@
-//! The smallest state machine openraft accepts (it records what it
-//! applied, keeps the membership, and snapshots itself as JSON).
+//! The smallest state machine openraft accepts: it records what it applied and keeps the
+//! membership, and its snapshots (itself as JSON) are durable in the group's store log
+//! ([`GroupSnapshots`]), so a restarted node starts from its latest one.
 
 use openraft::storage::RaftStateMachine;
 use openraft::{
@@ -7,12 +8,12 @@ use openraft::{
 };
 use std::io::Cursor;
 use std::sync::{Arc, Mutex};
-use wharf_raft::{Answer, GroupTypes};
+use wharf_raft::{Answer, GroupSnapshots, GroupTypes};
 
-/// The smallest state machine the suite accepts: what was applied, the membership, a snapshot.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct Machine {
     pub state: Arc<Mutex<MachineState>>,
+    snapshots: GroupSnapshots,
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
@@ -20,20 +21,36 @@ pub struct MachineState {
     pub last_applied: Option<LogId<u64>>,
     pub membership: StoredMembership<u64, openraft::BasicNode>,
     pub applied: Vec<Vec<u8>>,
-    #[serde(skip)]
-    snapshot: Option<(SnapshotMeta<u64, openraft::BasicNode>, Vec<u8>)>,
+}
+
+impl Machine {
+    /// A machine starting from the latest snapshot `snapshots` holds (empty without one).
+    pub fn new(snapshots: GroupSnapshots) -> Machine {
+        let state = match snapshots.current() {
+            Some((_, data)) => serde_json::from_slice(&data).unwrap(),
+            None => MachineState::default(),
+        };
+        Machine { state: Arc::new(Mutex::new(state)), snapshots }
+    }
+
+    /// The commands applied so far, in order.
+    pub fn applied(&self) -> Vec<Vec<u8>> {
+        self.state.lock().unwrap().applied.clone()
+    }
 }
 
 impl RaftSnapshotBuilder<GroupTypes> for Machine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<GroupTypes>, StorageError<u64>> {
-        let mut state = self.state.lock().unwrap();
-        let data = serde_json::to_vec(&*state).unwrap();
-        let meta = SnapshotMeta {
-            last_log_id: state.last_applied,
-            last_membership: state.membership.clone(),
-            snapshot_id: format!("{:?}", state.last_applied),
+        let (meta, data) = {
+            let state = self.state.lock().unwrap();
+            let meta = SnapshotMeta {
+                last_log_id: state.last_applied,
+                last_membership: state.membership.clone(),
+                snapshot_id: format!("{:?}", state.last_applied),
+            };
+            (meta, serde_json::to_vec(&*state).unwrap())
         };
-        state.snapshot = Some((meta.clone(), data.clone()));
+        self.snapshots.save(&meta, data.clone()).await?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
@@ -83,21 +100,16 @@ impl RaftStateMachine<GroupTypes> for Machine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<u64>> {
         let data = snapshot.into_inner();
-        let mut installed: MachineState = serde_json::from_slice(&data).unwrap();
-        installed.snapshot = Some((meta.clone(), data));
+        let installed: MachineState = serde_json::from_slice(&data).unwrap();
+        self.snapshots.save(meta, data).await?;
         *self.state.lock().unwrap() = installed;
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<GroupTypes>>, StorageError<u64>> {
-        let state = self.state.lock().unwrap();
-        Ok(state.snapshot.clone().map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
-    }
-}
-
-impl Machine {
-    /// The commands applied so far, in order.
-    pub fn applied(&self) -> Vec<Vec<u8>> {
-        self.state.lock().unwrap().applied.clone()
+        Ok(self
+            .snapshots
+            .current()
+            .map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data.to_vec())) }))
     }
 }
