@@ -33,7 +33,9 @@
 # "-mqtt" before ".jsonl"), MQTT_TARGETS (M1-M3's brokers, instead of TARGETS: "wharf rabbitmq
 # mosquitto"), PUBLISHERS (4), WINDOW (100), RATE (1000), IDLE_DEVICES (10000) (bench/mqtt.sh's,
 # for M1-M3; ROUNDS and DURATION_S apply to them too),
-# TARGETS ("wharf classic quorum"; add "baseline" to compare with another Wharf build),
+# TARGETS ("wharf classic quorum"; add "baseline" to compare with another Wharf build, and
+# "quorum3" for quorum queues on a three-node RabbitMQ cluster on loopback, replicated to all
+# three: the replicated baseline of issue #19; its CPU per message is the three nodes' sum),
 # WHARF_BASELINE (the other build's `wharf` binary, for the "baseline" target: a before/after
 # pair measured in one run, e.g. TARGETS="wharf baseline" SCENARIOS="S1 S4"),
 # WHARF_ARGS (extra `wharf serve` arguments for the "wharf" target, e.g. "--config FILE"),
@@ -71,7 +73,8 @@ if wants baseline && echo "$SCENARIOS" | grep -qw S7; then
 fi
 
 rabbit_server=/usr/lib/rabbitmq/bin/rabbitmq-server
-if wants_rabbit && [ ! -x "$rabbit_server" ]; then
+rabbitmqctl=/usr/lib/rabbitmq/bin/rabbitmqctl
+if { wants_rabbit || wants quorum3; } && [ ! -x "$rabbit_server" ]; then
   echo "installing rabbitmq-server from Debian" >&2
   DEBIAN_FRONTEND=noninteractive apt-get install -y rabbitmq-server >/dev/null \
     || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y rabbitmq-server >/dev/null; }
@@ -93,7 +96,9 @@ wait_port() {
   echo "nothing listens on port $1" >&2
   return 1
 }
-sample() { python3 bench/proctree.py "$1"; }
+# sample "PID..." -> the CPU time and RSS of those processes and their descendants, summed
+# shellcheck disable=SC2086 # a list of pids
+sample() { python3 bench/proctree.py $1; }
 
 # spawn_wharf DIR PORT [BINARY] -> sets wharf_pid, wharf_url, wharf_port; does not wait for it to
 # listen. BINARY is this build's wharf unless given (S5 runs the baseline build through it too).
@@ -121,15 +126,20 @@ start_baseline() {
 }
 stop_baseline() { kill -TERM "$baseline_pid" 2>/dev/null || true; wait "$baseline_pid" 2>/dev/null || true; }
 
-# launch_rabbit DIR PORT -> sets rabbit_pid, rabbit_url (a fresh node unless DIR holds one); does
-# not wait for it to listen.
+# launch_rabbit DIR PORT [NODENAME COOKIE] -> sets rabbit_pid, rabbit_url (a fresh node unless
+# DIR holds one); does not wait for it to listen. Nodes of one cluster share COOKIE.
 launch_rabbit() {
-  local dir=$1 port=$2 dist
+  local dir=$1 port=$2 nodename=${3:-wharfcompare@localhost} cookie=${4:-} dist
   dist=$(free_port)
   mkdir -p "$dir"
   printf 'listeners.tcp.default = 127.0.0.1:%s\nloopback_users = none\n' "$port" >"$dir/rabbitmq.conf"
   echo "[]." >"$dir/enabled_plugins"
-  HOME="$dir" RABBITMQ_NODENAME="wharfcompare@localhost" RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
+  if [ -n "$cookie" ]; then
+    rm -f "$dir/.erlang.cookie"
+    printf '%s' "$cookie" >"$dir/.erlang.cookie"
+    chmod 400 "$dir/.erlang.cookie"
+  fi
+  HOME="$dir" RABBITMQ_NODENAME="$nodename" RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
     RABBITMQ_NODE_PORT="$port" RABBITMQ_DIST_PORT="$dist" RABBITMQ_MNESIA_BASE="$dir/mnesia" \
     RABBITMQ_LOG_BASE="$dir/log" RABBITMQ_CONFIG_FILE="$dir/rabbitmq" \
     RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" RABBITMQ_PID_FILE="$dir/pid" \
@@ -143,7 +153,46 @@ stop_rabbit() {
   pkill -TERM -P "$rabbit_pid" beam.smp 2>/dev/null || true
   wait "$rabbit_pid" 2>/dev/null || true
 }
+# start_rabbit_cluster DIR -> three RabbitMQ nodes on loopback joined in one cluster; sets
+# rabbit3_pids (all three), rabbit3_url (node 1, where the benchmark declares its queues: their
+# leaders are there, with replicas on the other two).
+start_rabbit_cluster() {
+  local dir=$1 cookie node port single_pid=${rabbit_pid:-} single_url=${rabbit_url:-} single_port=${rabbit_port:-}
+  cookie=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
+  rabbit3_pids=""
+  for node in 1 2 3; do
+    port=$(free_port)
+    launch_rabbit "$dir/node-$node" "$port" "wharfq3-$node@localhost" "$cookie"
+    rabbit3_pids="$rabbit3_pids $rabbit_pid"
+    [ "$node" = 1 ] && rabbit3_url=$rabbit_url
+    wait_port "$port"
+  done
+  for node in 2 3; do
+    for step in stop_app "join_cluster wharfq3-1@localhost" start_app; do
+      # shellcheck disable=SC2086 # the step is a command and its argument
+      HOME="$dir/node-$node" "$rabbitmqctl" -n "wharfq3-$node@localhost" $step >>"$dir/cluster.log" 2>&1
+    done
+  done
+  # All three must be running members, or the figures would not be a cluster's.
+  local running
+  running=$(HOME="$dir/node-1" "$rabbitmqctl" -n wharfq3-1@localhost eval 'length(rabbit_nodes:all_running()).' 2>>"$dir/cluster.log")
+  if [ "$running" != 3 ]; then
+    echo "the RabbitMQ cluster did not form ($running of 3 nodes running; $dir/cluster.log)" >&2
+    exit 1
+  fi
+  # The single node of the classic and quorum targets, if it runs, is still the one they use.
+  rabbit_pid=$single_pid rabbit_url=$single_url rabbit_port=$single_port
+  [ -n "$rabbit_pid" ] || unset rabbit_pid
+}
+stop_rabbit_cluster() {
+  local pid
+  for pid in $rabbit3_pids; do
+    pkill -TERM -P "$pid" beam.smp 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+}
 cleanup() {
+  [ -n "${rabbit3_pids:-}" ] && stop_rabbit_cluster
   [ -n "${wharf_pid:-}" ] && stop_wharf
   [ -n "${baseline_pid:-}" ] && stop_baseline
   [ -n "${rabbit_pid:-}" ] && stop_rabbit
@@ -184,7 +233,7 @@ scenario_args() {
 
 run_one() { # SCENARIO TARGET ROUND URL PID
   local scenario=$1 target=$2 round=$3 url=$4 pid=$5 type_args="" before after run
-  case $target in classic | quorum) type_args="--queue-type $target" ;; esac
+  case $target in classic | quorum) type_args="--queue-type $target" ;; quorum3) type_args="--queue-type quorum" ;; esac
   before=$(sample "$pid")
   # shellcheck disable=SC2046
   run=$("$bench" --url "$url" --name "$scenario-$target-$round" $type_args $(scenario_args "$scenario") 2>>"$work/bench.log" | tail -1)
@@ -280,6 +329,7 @@ for round in $(seq 1 "$ROUNDS"); do
     wants wharf && start_wharf "$work/wharf-$round"
     wants baseline && start_baseline "$work/baseline-$round"
     wants_rabbit && start_rabbit "$work/rabbit-$round"
+    wants quorum3 && start_rabbit_cluster "$work/rabbit3-$round"
     for scenario in S1 S2 S3 S3x30 S4 S6 S8; do
       echo "$SCENARIOS" | grep -qw "$scenario" || continue
       # The two Wharf builds take turns going first, so neither always meets a warmer machine.
@@ -292,12 +342,14 @@ for round in $(seq 1 "$ROUNDS"); do
       fi
       wants classic && run_one "$scenario" classic "$round" "$rabbit_url" "$rabbit_pid"
       wants quorum && run_one "$scenario" quorum "$round" "$rabbit_url" "$rabbit_pid"
+      wants quorum3 && run_one "$scenario" quorum3 "$round" "$rabbit3_url" "$rabbit3_pids"
     done
     wants wharf && stop_wharf
     wants baseline && stop_baseline
     wants_rabbit && stop_rabbit
-    unset wharf_pid rabbit_pid baseline_pid
-    rm -rf "$work/wharf-$round" "$work/baseline-$round" "$work/rabbit-$round"
+    wants quorum3 && stop_rabbit_cluster
+    unset wharf_pid rabbit_pid baseline_pid rabbit3_pids
+    rm -rf "$work/wharf-$round" "$work/baseline-$round" "$work/rabbit-$round" "$work/rabbit3-$round"
   fi
   if echo "$SCENARIOS" | grep -qw S5; then
     for target in wharf baseline classic quorum; do

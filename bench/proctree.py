@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Prints the CPU seconds (user + system) and resident memory of a process and all its
-descendants, as one JSON object: {"cpu_s": ..., "rss_mib": ...}. Used by bench/compare.sh to
+descendants (of several, summed: a cluster's nodes), as one JSON object: {"cpu_s": ..., "rss_mib": ...}. Used by bench/compare.sh to
 sample each broker (Wharf is one process; RabbitMQ is beam.smp under a shell script, plus helpers).
 """
 import json
@@ -49,4 +49,5 @@ def sample(pid):
 
 
 if __name__ == "__main__":
-    print(json.dumps(sample(int(sys.argv[1]))))
+    samples = [sample(int(pid)) for pid in sys.argv[1:]]
+    print(json.dumps({key: sum(each[key] for each in samples) for key in ("cpu_s", "rss_mib")}))

@@ -41,7 +41,7 @@ FIGURES = [
     ("S8", "mb_per_s", "S8 1 MiB messages: confirmed (MB/s)", True),
     ("S8", "cpu_us_per_msg", "S8 broker CPU per message (µs)", False),
 ]
-TARGETS = ["wharf", "classic", "quorum"]
+TARGETS = ["wharf", "classic", "quorum", "quorum3"]
 
 
 def main(path):
@@ -55,8 +55,10 @@ def main(path):
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key not in ("round",):
                     values[(row["scenario"], key, row["target"])].append(value)
-    print("| figure | Wharf | RabbitMQ classic | RabbitMQ quorum | Wharf ÷ classic | Wharf ÷ quorum |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    three = any(target == "quorum3" for (_, _, target) in values)
+    extra = " RabbitMQ quorum, 3 nodes |" if three else ""
+    print(f"| figure | Wharf | RabbitMQ classic | RabbitMQ quorum |{extra} Wharf ÷ classic | Wharf ÷ quorum |")
+    print("| --- | ---: | ---: | ---: |" + (" ---: |" if three else "") + " ---: | ---: |")
     for scenario, metric, label, _higher in FIGURES:
         medians = {}
         for target in TARGETS:
@@ -75,7 +77,8 @@ def main(path):
                 return "–"
             return f"{medians['wharf'] / medians[base]:.2f}×"
 
-        print(f"| {label} | {show(medians['wharf'])} | {show(medians['classic'])} | {show(medians['quorum'])} | {ratio('classic')} | {ratio('quorum')} |")
+        cluster = f" {show(medians['quorum3'])} |" if three else ""
+        print(f"| {label} | {show(medians['wharf'])} | {show(medians['classic'])} | {show(medians['quorum'])} |{cluster} {ratio('classic')} | {ratio('quorum')} |")
     if any(target == "baseline" for (_, _, target) in values):
         print("\n| figure | Wharf | Wharf baseline | Wharf ÷ baseline |")
         print("| --- | ---: | ---: | ---: |")
