@@ -20,6 +20,9 @@
 #       serves the last queue again after a restart with one message in every queue
 #   S8  large messages: 1 producer, 1 consumer, persistent 1 MiB bodies, confirm window and
 #       prefetch 16; msgs/s and MB/s (compare with the store bench's synced_seq_mb_per_s)
+#   F1  failover (target quorum3): a publisher on node 2 publishes to a quorum queue whose leader
+#       is on node 1, each message confirmed before the next; node 1 is killed with SIGKILL after
+#       3 s; the figure is the time from the kill to the first confirm after it
 #   M1-M3  MQTT, run by bench/mqtt.sh (see its header) after the other scenarios' rounds, in
 #       rounds of its own, against Wharf, RabbitMQ's MQTT plugin and Mosquitto (MQTT_TARGETS):
 #   M1  QoS 1 throughput with persistence (PUBLISHERS publishers, WINDOW unacknowledged each)
@@ -27,7 +30,8 @@
 #   M3  memory per idle device: IDLE_DEVICES persistent sessions, each subscribed
 #   Only run when SCENARIOS names them, e.g. SCENARIOS="M1 M2 M3" bench/compare.sh.
 #
-# Settings (environment): ROUNDS (3), DURATION_S (10, per S1-S4 run), S5_MESSAGES (1000000),
+# Settings (environment): ROUNDS (3), DURATION_S (10, per S1-S4 run), F1_DURATION_S (20: the
+# failover publisher's run; the kill comes 3 s in), S5_MESSAGES (1000000),
 # S7_QUEUES (10000), S7_CONNECTIONS (as many as queues, each consuming from one), SCENARIOS ("S1 S2 S3 S4 S5"; every scenario: "S1 S2 S3 S3x30 S4 S5 S6 S7
 # S8 M1 M2 M3"), OUT (results file; default in a temporary directory; M1-M3 write theirs beside it,
 # "-mqtt" before ".jsonl"), MQTT_TARGETS (M1-M3's brokers, instead of TARGETS: "wharf rabbitmq
@@ -58,6 +62,8 @@ DURATION_S=${DURATION_S:-10}
 S5_MESSAGES=${S5_MESSAGES:-1000000}
 S7_QUEUES=${S7_QUEUES:-10000}
 S7_CONNECTIONS=${S7_CONNECTIONS:-$S7_QUEUES}
+F1_DURATION_S=${F1_DURATION_S:-20}
+declare -a rabbit3_urls
 SCENARIOS=${SCENARIOS:-"S1 S2 S3 S4 S5"}
 TARGETS=${TARGETS:-"wharf classic quorum"}
 MQTT_TARGETS=${MQTT_TARGETS:-"wharf rabbitmq mosquitto"}
@@ -164,6 +170,7 @@ start_rabbit_cluster() {
     port=$(free_port)
     launch_rabbit "$dir/node-$node" "$port" "wharfq3-$node@localhost" "$cookie"
     rabbit3_pids="$rabbit3_pids $rabbit_pid"
+    rabbit3_urls[node]=$rabbit_url
     [ "$node" = 1 ] && rabbit3_url=$rabbit_url
     wait_port "$port"
   done
@@ -323,6 +330,39 @@ PY
   rm -rf "$dir"
 }
 
+# run_failover ROUND: F1 on a fresh three-node RabbitMQ cluster.
+run_failover() {
+  local round=$1 name="F1-quorum3-$1" out="$work/f1-$1.json" kill_ms leader_pid
+  start_rabbit_cluster "$work/f1-cluster-$round"
+  "$bench" --url "${rabbit3_urls[1]}" --phase declare --queues 1 --queue-type quorum --name "$name" >/dev/null 2>>"$work/bench.log"
+  "$bench" --url "${rabbit3_urls[2]}" --phase failover --queues 1 --name "$name" --duration-s "$F1_DURATION_S" >"$out" 2>>"$work/bench.log" &
+  local bench_pid=$!
+  sleep 3
+  leader_pid=$(echo "$rabbit3_pids" | awk '{print $1}')
+  kill_ms=$(date +%s%3N)
+  pkill -KILL -P "$leader_pid" beam.smp
+  wait "$bench_pid"
+  python3 - "$round" "$kill_ms" "$out" >>"$results" <<'PY'
+import json, sys
+round_, kill_ms = int(sys.argv[1]), int(sys.argv[2])
+with open(sys.argv[3]) as output:
+    run = json.loads(output.read().strip().splitlines()[-1])
+# The first confirm after the kill (the publish in flight then waited for the new leader).
+after = [time for time in run["confirm_epoch_ms"] if time > kill_ms]
+before = [time for time in run["confirm_epoch_ms"] if time <= kill_ms]
+print(json.dumps({
+    "scenario": "F1", "target": "quorum3", "round": round_, "confirms": run["confirms"],
+    "max_gap_ms": run["max_gap_ms"],
+    "failover_s": (after[0] - kill_ms) / 1000 if after else None,
+    "last_confirm_before_kill_ms_ago": kill_ms - before[-1] if before else None,
+}))
+PY
+  echo "round $round F1 quorum3: $(tail -1 "$results")" >&2
+  stop_rabbit_cluster
+  unset rabbit3_pids
+  rm -rf "$work/f1-cluster-$round"
+}
+
 echo "results: $results (logs in $work)" >&2
 for round in $(seq 1 "$ROUNDS"); do
   if echo "$SCENARIOS" | grep -qwE 'S[1-4]|S3x30|S6|S8'; then
@@ -356,6 +396,9 @@ for round in $(seq 1 "$ROUNDS"); do
       wants "$target" && run_backlog "$target" "$round"
     done
     unset wharf_pid rabbit_pid
+  fi
+  if echo "$SCENARIOS" | grep -qw F1 && wants quorum3; then
+    run_failover "$round"
   fi
   if echo "$SCENARIOS" | grep -qw S7; then
     for target in wharf classic; do

@@ -40,6 +40,7 @@ FIGURES = [
     ("S8", "msgs_per_s", "S8 1 MiB messages: confirmed (msgs/s)", True),
     ("S8", "mb_per_s", "S8 1 MiB messages: confirmed (MB/s)", True),
     ("S8", "cpu_us_per_msg", "S8 broker CPU per message (µs)", False),
+    ("F1", "failover_s", "F1 failover: leader's node killed to the next confirm (s)", False),
 ]
 TARGETS = ["wharf", "classic", "quorum", "quorum3"]
 

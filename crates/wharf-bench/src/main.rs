@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 mod phases;
 mod raw_idle;
-use phases::{declare, drain, idle, probe};
+use phases::{declare, drain, failover, idle, probe};
 
 /// Bytes at the start of every body: producer id, sequence number, send time (ns).
 const BODY_HEADER_BYTES: usize = 20;
@@ -95,7 +95,11 @@ struct Options {
     /// (for restart timing). `declare`: declare `--queues` durable queues from one connection
     /// (and `--fill` them). `idle`: open `--queues` connections, each with a channel and a
     /// consumer on its own queue, print how long that took, and hold them until killed.
-    #[arg(long, default_value = "all", value_parser = ["all", "publish", "drain", "probe", "declare", "idle"])]
+    /// `failover`: publish one persistent message at a time to the queue (declared beforehand,
+    /// e.g. by `declare` on another node), each confirmed before the next, for `--duration-s`,
+    /// connecting again whenever the connection breaks; print the longest time without a confirm
+    /// and when it began and ended (kill a node meanwhile: that gap is the failover).
+    #[arg(long, default_value = "all", value_parser = ["all", "publish", "drain", "probe", "declare", "idle", "failover"])]
     phase: String,
     /// For `--phase drain`: how many messages the backlog holds.
     #[arg(long, default_value_t = 0)]
@@ -556,6 +560,7 @@ async fn main() -> Result<()> {
         "idle" => return idle(Arc::clone(&options)).await,
         "probe" => return probe(&options).await,
         "drain" => return drain(Arc::clone(&options)).await,
+        "failover" => return failover(&options).await,
         _ => {}
     }
     setup(&options).await?;

@@ -1,5 +1,6 @@
 //! The phases besides a full run: `probe` (restart timing), `declare` and `idle` (the idle-scale
-//! scenario: many queues, many connections held open), and `drain` (consume a backlog).
+//! scenario: many queues, many connections held open), `drain` (consume a backlog), and
+//! `failover` (the longest time without a confirm while a node is killed).
 
 use super::*;
 
@@ -170,5 +171,65 @@ pub(crate) async fn drain(options: Arc<Options>) -> Result<()> {
     if missing > 0 {
         bail!("{missing} messages of the backlog were never consumed");
     }
+    Ok(())
+}
+
+/// Publishes one persistent message at a time to the queue, each confirmed before the next,
+/// until `--duration-s` has passed, connecting again (to `--url`) whenever the connection or
+/// channel breaks; prints the longest time between two confirms (or between the start and the
+/// first), with when it began and ended (ms since the epoch), when each confirm came, and the
+/// confirms counted.
+pub(crate) async fn failover(options: &Options) -> Result<()> {
+    let Some(queue) = queue_names(options).pop() else { bail!("no queue to publish to") };
+    let body = vec![b'f'; options.size];
+    let properties = BasicProperties::default().with_delivery_mode(2);
+    let until = Instant::now() + Duration::from_secs(options.duration_s);
+    let (mut confirms, mut last_ms) = (0u64, epoch_ms());
+    let (mut gap_ms, mut gap_start_ms, mut gap_end_ms) = (0u64, last_ms, last_ms);
+    // When each confirm came, so the caller can find the first after its kill (a run of 20 s
+    // holds some tens of thousands).
+    const CONFIRM_TIMES_MAX: usize = 1_000_000;
+    let mut confirm_times_ms: Vec<u64> = Vec::new();
+    while Instant::now() < until {
+        let Ok(connection) = Connection::connect(&options.url, ConnectionProperties::default()).await else {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        };
+        let Ok(channel) = connection.create_channel().await else { continue };
+        if channel.confirm_select(ConfirmSelectOptions::default()).await.is_err() {
+            continue;
+        }
+        while Instant::now() < until {
+            let published = channel
+                .basic_publish("".into(), queue.as_str().into(), BasicPublishOptions::default(), &body, properties.clone())
+                .await;
+            let Ok(confirm) = published else { break };
+            // A confirm that never comes (its node gone with the connection open) is waited for
+            // only as long as the run lasts.
+            let remaining = until.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(remaining, confirm).await {
+                Ok(Ok(confirmation)) if confirmation.is_ack() => {
+                    let now_ms = epoch_ms();
+                    confirms += 1;
+                    if now_ms - last_ms > gap_ms {
+                        (gap_ms, gap_start_ms, gap_end_ms) = (now_ms - last_ms, last_ms, now_ms);
+                    }
+                    if confirm_times_ms.len() < CONFIRM_TIMES_MAX {
+                        confirm_times_ms.push(now_ms);
+                    }
+                    last_ms = now_ms;
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => break,
+                Err(_) => break,
+            }
+        }
+        let _ = connection.close(200, "failover done".into()).await;
+    }
+    let times: Vec<String> = confirm_times_ms.iter().map(u64::to_string).collect();
+    println!(
+        "{{\"confirms\":{confirms},\"max_gap_ms\":{gap_ms},\"gap_start_epoch_ms\":{gap_start_ms},\"gap_end_epoch_ms\":{gap_end_ms},\"confirm_epoch_ms\":[{}]}}",
+        times.join(",")
+    );
     Ok(())
 }
