@@ -201,7 +201,13 @@ pub(crate) async fn failover(options: &Options) -> Result<()> {
         }
         while Instant::now() < until {
             let published = channel
-                .basic_publish("".into(), queue.as_str().into(), BasicPublishOptions::default(), &body, properties.clone())
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    properties.clone(),
+                )
                 .await;
             let Ok(confirm) = published else { break };
             // A confirm that never comes (its node gone with the connection open) is waited for

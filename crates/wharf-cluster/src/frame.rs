@@ -173,7 +173,10 @@ impl Frame {
             return Err(ClusterError::Protocol(format!("a frame of {body_bytes} bytes is shorter than its header")));
         }
         if buffer.len() < 4 + body_bytes as usize {
-            buffer.reserve(4 + body_bytes as usize - buffer.len());
+            // Room for what is still to come, a bounded step at a time: a length alone does not
+            // make the buffer grow (memory follows the bytes that actually arrive).
+            const RESERVE_STEP_BYTES: usize = 1024 * 1024;
+            buffer.reserve((4 + body_bytes as usize - buffer.len()).min(RESERVE_STEP_BYTES));
             return Ok(None);
         }
         let mut frame = buffer.split_to(4 + body_bytes as usize);

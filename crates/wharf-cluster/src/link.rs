@@ -23,7 +23,36 @@ const REDIAL_PAUSE_MS_MAX: u64 = 1_000;
 /// A link's read buffer to start with.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Frame, ClusterError>>>>>;
+/// The calls of one connection awaiting their answers; `closed` once the connection ended (no
+/// call is registered after that, so none can wait for an answer that cannot come).
+#[derive(Debug, Default)]
+struct PendingCalls {
+    closed: bool,
+    calls: HashMap<u64, oneshot::Sender<Result<Frame, ClusterError>>>,
+}
+
+type Pending = Arc<Mutex<PendingCalls>>;
+
+/// Marks a connection's calls as failed: none waits any more, none is registered from now on.
+fn close_pending(pending: &Pending, closed: &AtomicBool) {
+    let mut calls = lock(pending);
+    calls.closed = true;
+    closed.store(true, Ordering::Release);
+    calls.calls.clear();
+}
+
+/// Forgets a call's entry however the call ends, a caller's own cancellation included (openraft
+/// drops a call's future when its own deadline passes).
+struct Registered {
+    pending: Pending,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        lock(&self.pending).calls.remove(&self.id);
+    }
+}
 
 /// What a link runs over: a TCP socket, or TLS on one.
 pub trait LinkStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -64,6 +93,8 @@ pub(crate) struct Link {
     frame_bytes_max: u32,
     tls: Option<LinkTls>,
     connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    /// The current connection's closed flag, for [`Link::connected`] without waiting.
+    current: Mutex<Option<Arc<AtomicBool>>>,
     seen: Mutex<LinkSeen>,
     next_call_id: AtomicU64,
 }
@@ -94,6 +125,7 @@ impl Link {
             frame_bytes_max,
             tls,
             connection: tokio::sync::Mutex::new(None),
+            current: Mutex::new(None),
             seen: Mutex::new(LinkSeen::default()),
             next_call_id: AtomicU64::new(1),
         }
@@ -109,16 +141,13 @@ impl Link {
 
     /// Whether a connection is up now.
     pub fn connected(&self) -> bool {
-        match self.connection.try_lock() {
-            Ok(connection) => connection.as_ref().is_some_and(|live| !live.closed.load(Ordering::Acquire)),
-            // Someone is dialing or checking it: not up as far as anyone can say.
-            Err(_) => false,
-        }
+        lock(&self.current).as_ref().is_some_and(|closed| !closed.load(Ordering::Acquire))
     }
 
     /// Closes the connection, if any (the next call dials again).
     pub async fn disconnect(&self) {
         self.connection.lock().await.take();
+        lock(&self.current).take();
     }
 
     /// Calls `service` on the node with `payload`, waiting at most `timeout`.
@@ -126,20 +155,22 @@ impl Link {
         let id = self.next_call_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = BytesMut::new();
         Frame { kind: Kind::Request, id, service, payload }.encode(&mut frame, self.frame_bytes_max)?;
-        let mut registered: Option<Pending> = None;
         let outcome = tokio::time::timeout(timeout, async {
             let connection = self.connect().await?;
             let (answer_sender, answer) = oneshot::channel();
-            lock(&connection.pending).insert(id, answer_sender);
-            registered = Some(Arc::clone(&connection.pending));
+            {
+                let mut calls = lock(&connection.pending);
+                if calls.closed {
+                    return Err(ClusterError::Disconnected(self.node));
+                }
+                calls.calls.insert(id, answer_sender);
+            }
+            let _registered = Registered { pending: Arc::clone(&connection.pending), id };
             connection.requests.send(frame.freeze()).await.map_err(|_| ClusterError::Disconnected(self.node))?;
             drop(connection);
             answer.await.map_err(|_| ClusterError::Disconnected(self.node))?
         })
         .await;
-        if let Some(pending) = registered {
-            lock(&pending).remove(&id);
-        }
         let result = match outcome {
             Ok(Ok(frame)) => Ok(frame.payload),
             Ok(Err(error)) => Err(error),
@@ -184,6 +215,7 @@ impl Link {
             Ok(connection) => {
                 lock(&self.seen).redial_at = None;
                 let connection = Arc::new(connection);
+                *lock(&self.current) = Some(Arc::clone(&connection.closed));
                 *slot = Some(Arc::clone(&connection));
                 Ok(connection)
             }
@@ -263,7 +295,7 @@ async fn read_answers(
                         Kind::Request => break 'link "a request came the wrong way".to_owned(),
                     };
                     // A call that timed out is gone; its late answer is dropped.
-                    if let Some(caller) = lock(&pending).remove(&id) {
+                    if let Some(caller) = lock(&pending).calls.remove(&id) {
                         let _ = caller.send(result);
                     }
                 }
@@ -271,8 +303,7 @@ async fn read_answers(
             }
         }
     };
-    closed.store(true, Ordering::Release);
-    lock(&pending).clear();
+    close_pending(&pending, &closed);
     tracing::debug!(node, %ending, "cluster link closed");
 }
 
@@ -299,7 +330,6 @@ async fn write_requests(
         }
         batch.clear();
     }
-    closed.store(true, Ordering::Release);
     // Calls whose requests may not have gone out fail now rather than at their deadline.
-    lock(&pending).clear();
+    close_pending(&pending, &closed);
 }

@@ -86,6 +86,14 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+impl Drop for Transport {
+    /// A transport dropped without [`Transport::shutdown`] (a broker whose start failed after
+    /// it) still stops accepting and pinging: its tasks end.
+    fn drop(&mut self) {
+        self.shared.stopping.send_replace(true);
+    }
+}
+
 impl Transport {
     /// Listens on the configured address and starts answering calls with `handler`.
     pub async fn start(config: &ClusterConfig, handler: Handler) -> Result<Transport, ClusterError> {

@@ -10,7 +10,8 @@
 //! Each record's meta is one byte saying what it is ([`RECORD_ENTRY`], [`RECORD_VOTE`],
 //! [`RECORD_PURGED`], [`RECORD_SNAPSHOT`]) and its body is JSON (a snapshot's: its meta as JSON
 //! then the machine's bytes). Recovery ([`GroupLog::open`]) reads them in seq order:
-//! - the last vote, purge point and snapshot are the ones in force (older ones are removed);
+//! - the last vote and purge point, and the newest snapshot (by the log id it covers), are the
+//!   ones in force (the others are removed);
 //! - an entry whose index is not past the last one read replaces that index and everything
 //!   after it: a truncation whose removals a crash lost, then the appends that replaced it;
 //! - entries up to the purge point are gone; so is everything after the first gap (a
@@ -151,7 +152,15 @@ impl GroupLog {
                     }
                     RECORD_SNAPSHOT => {
                         let (meta, data) = decode_snapshot(record.body)?;
-                        stale.extend(held.snapshot.replace((seq, meta, Arc::new(data))).map(|(old, ..)| old));
+                        let newer = held
+                            .snapshot
+                            .as_ref()
+                            .is_none_or(|(_, current, _)| meta.last_log_id >= current.last_log_id);
+                        if newer {
+                            stale.extend(held.snapshot.replace((seq, meta, Arc::new(data))).map(|(old, ..)| old));
+                        } else {
+                            stale.push(seq);
+                        }
                     }
                     other => return Err(format!("unknown kind {other}")),
                 }
@@ -226,9 +235,19 @@ impl GroupSnapshots {
             self.store.append(self.log, 0, &[RECORD_SNAPSHOT], &body).map_err(|error| snapshot_error(&error))?;
         let seq = pending.seq;
         pending.ticket.await.map_err(|error| snapshot_error(&error))?;
-        let replaced = lock(&self.held).snapshot.replace((seq, meta.clone(), Arc::new(data)));
-        if let Some((old, ..)) = replaced {
-            self.store.remove_unawaited(self.log, old).map_err(|error| snapshot_error(&error))?;
+        // openraft may build a snapshot while it installs another: the newer one stays, whichever
+        // is saved last (recovery keeps the newest too).
+        let stale = {
+            let mut held = lock(&self.held);
+            let newer = held.snapshot.as_ref().is_none_or(|(_, current, _)| meta.last_log_id >= current.last_log_id);
+            if newer {
+                held.snapshot.replace((seq, meta.clone(), Arc::new(data))).map(|(old, ..)| old)
+            } else {
+                Some(seq)
+            }
+        };
+        if let Some(stale) = stale {
+            self.store.remove_unawaited(self.log, stale).map_err(|error| snapshot_error(&error))?;
         }
         Ok(())
     }

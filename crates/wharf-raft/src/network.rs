@@ -7,7 +7,9 @@
 //! is the group's `Result` as JSON. A node's links are shared by all its groups.
 
 use crate::GroupTypes;
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
@@ -83,12 +85,18 @@ impl GroupPeer {
     {
         let payload =
             encode(self.group, kind, request).map_err(|error| RPCError::Network(NetworkError::new(&error)))?;
-        let timeout = option.hard_ttl();
+        // Within openraft's own deadline (hard_ttl), so this call ends first and its link
+        // records the failure.
+        let timeout = option.soft_ttl();
         let called = self.transport.call_within(self.target, SERVICE_RAFT, payload.into(), timeout).await;
         let answer = match called {
             Ok(answer) => answer,
             Err(error @ (ClusterError::Unreachable { .. } | ClusterError::UnknownNode(_) | ClusterError::Stopped)) => {
                 return Err(RPCError::Unreachable(Unreachable::new(&error)));
+            }
+            // Resending the same batch cannot help: openraft is told to send fewer entries.
+            Err(ClusterError::FrameTooLarge { .. }) => {
+                return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(1)));
             }
             Err(error) => return Err(RPCError::Network(NetworkError::new(&error))),
         };

@@ -52,9 +52,6 @@ pub(super) fn message_from_publish(
     if let Some(client_id) = publisher {
         headers.insert(PUBLISHER_HEADER.into(), AMQPValue::LongString(client_id.into()));
     }
-    if let Some(marker) = flow_marker {
-        headers.insert(super::state::FLOW_HEADER.into(), AMQPValue::LongString(marker.into()));
-    }
     let given = &publish.properties;
     if let Some(content_type) = given.content_type.as_deref().filter(|text| text.len() <= 255 && text.is_ascii()) {
         properties = properties.with_content_type(content_type.into());
@@ -74,10 +71,14 @@ pub(super) fn message_from_publish(
         properties = properties.with_expiration(ShortString::from((u64::from(expiry_s) * 1000).to_string()));
     }
     for (name, value) in &given.user_properties {
-        // An AMQP header name is a short string; a longer name cannot be carried.
-        if name.len() <= 255 {
+        // An AMQP header name is a short string; a longer name cannot be carried. The flow
+        // marker's name is the broker's own: a user property cannot set or remove it.
+        if name.len() <= 255 && name != super::state::FLOW_HEADER {
             headers.insert(name.as_str().into(), AMQPValue::LongString(value.as_str().into()));
         }
+    }
+    if let Some(marker) = flow_marker {
+        headers.insert(super::state::FLOW_HEADER.into(), AMQPValue::LongString(marker.into()));
     }
     if !headers.inner().is_empty() {
         properties = properties.with_headers(headers);

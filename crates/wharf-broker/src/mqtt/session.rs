@@ -357,6 +357,11 @@ impl Session {
             QoS::ExactlyOnce => {
                 if code < 0x80 {
                     self.incoming_qos_2.insert(packet_id);
+                } else if marker.is_some() {
+                    // Refused, but copies may be in queues with their marker: the flow's end is
+                    // recorded (its number passed, its id not kept) before the client hears of
+                    // it, or recovery would take the id for one a crash left unrecorded.
+                    self.persist(true)?;
                 }
                 Packet::PubRec(Ack::new(packet_id, code))
             }

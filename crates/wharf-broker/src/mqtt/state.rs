@@ -13,9 +13,11 @@
 //!   (header `x-mqtt-qos2-flow`: the session's incarnation, the publish's flow number, its packet
 //!   id, the client id) from which recovery writes the record it lacks ([`Sessions::load`]). The
 //!   incarnation is recorded before the session's first QoS 2 publish, and flows are numbered in
-//!   order and one at a time, so a marker whose incarnation matches its session's record and
-//!   whose number the record has not reached is exactly one the crash left unrecorded; markers of
-//!   finished flows or of ended sessions are told apart by the same two numbers;
+//!   order and recorded one at a time (a refused one's end too, before its PUBREC), so a marker
+//!   whose incarnation matches its session's record and whose number is the record's next is
+//!   exactly one the crash left unrecorded; markers of finished flows or of ended sessions are
+//!   told apart by the same two numbers. The marker is the broker's: a publish's user property
+//!   of that name is dropped;
 //! - a QoS 2 delivery the client received (its PUBREC): before the message leaves its queue and
 //!   the PUBREL goes out, so the PUBREL is sent again after a crash, the id is not reused while
 //!   the client still holds it, and the message, should its removal from the queue be lost in
@@ -307,7 +309,10 @@ fn complete_from_markers(
     for ((vhost, client_id, incarnation), (flow, packet_id)) in &markers.highest {
         let map_key = (vhost.clone(), client_id.clone());
         let Some(state) = kept.get_mut(&map_key) else { continue };
-        if state.incarnation != *incarnation || *flow < state.next_flow {
+        // Flows are recorded one at a time and in order (a refused one's end too), so the only
+        // one a crash can leave unrecorded is the record's next; any other is finished, or not
+        // this session's doing.
+        if state.incarnation != *incarnation || *flow != state.next_flow {
             continue;
         }
         state.incoming_qos_2.insert(*packet_id);
@@ -360,6 +365,9 @@ mod tests {
         markers.highest.insert(("/".into(), "unrecorded".into(), 9), (4, 12));
         // Flow 3 was recorded (the record has reached 4) and finished since.
         markers.highest.insert(("/".into(), "finished".into(), 9), (3, 12));
+        // Past the next flow: no crash leaves that (a marker not the broker's own, say).
+        kept.insert(("/".to_owned(), "ahead".to_owned()), session(9, 4));
+        markers.highest.insert(("/".into(), "ahead".into(), 9), (u64::MAX, 12));
         // A marker of an earlier session with the same client id.
         markers.highest.insert(("/".into(), "newer".into(), 7), (0, 12));
         // A session with no record.
@@ -373,5 +381,6 @@ mod tests {
         );
         assert!(kept[&("/".to_owned(), "finished".to_owned())].incoming_qos_2.is_empty());
         assert!(kept[&("/".to_owned(), "newer".to_owned())].incoming_qos_2.is_empty());
+        assert_eq!(kept[&("/".to_owned(), "ahead".to_owned())].next_flow, 4);
     }
 }
