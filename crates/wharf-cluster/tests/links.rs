@@ -144,7 +144,10 @@ async fn a_one_way_partition_loses_the_answers_but_not_the_requests() {
     proxy.partition_one_way(Direction::FromTarget);
     let unanswered = nodes[0].call_within(2, SERVICE_ECHO, Bytes::from_static(b"lost"), Duration::from_millis(200));
     assert!(matches!(unanswered.await, Err(ClusterError::Timeout { .. })));
-    assert!(proxy.forwarded_bytes() > before, "the request went through");
+    // The request went through (the proxy forwards it whenever it gets to it).
+    while proxy.forwarded_bytes() == before {
+        tokio::task::yield_now().await;
+    }
     proxy.heal();
     assert_eq!(call_until_answered(&nodes[0], 2).await, "2 got again");
     proxy.partition_one_way(Direction::ToTarget);

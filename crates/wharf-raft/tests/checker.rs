@@ -180,10 +180,15 @@ async fn confirmed_writes_survive_partitions_and_crashes_exactly_once() {
     }
     let nodes = nodes.read().await;
     // A last write through the leader commits everything before it; then every node applies up
-    // to it.
-    let leader = leader_of(&nodes, &[1, 2, 3]).await;
-    let barrier = nodes.iter().find(|node| node.id == leader).unwrap();
-    let last = barrier.raft.client_write(Command(b"barrier".to_vec())).await.unwrap().log_id.index;
+    // to it. (A node back from a partition with a higher term can still depose the leader just
+    // then: the write is tried again with whoever leads.)
+    let last = loop {
+        let leader = leader_of(&nodes, &[1, 2, 3]).await;
+        let barrier = nodes.iter().find(|node| node.id == leader).unwrap();
+        if let Ok(written) = barrier.raft.client_write(Command(b"barrier".to_vec())).await {
+            break written.log_id.index;
+        }
+    };
     let confirmed = confirmed.lock().unwrap().clone();
     let attempted = attempted.lock().unwrap().clone();
     let mut sequences = BTreeMap::new();
