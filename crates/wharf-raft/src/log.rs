@@ -258,12 +258,17 @@ impl GroupSnapshots {
     }
 }
 
+/// The entries in `range`, for both readers openraft asks for (the log and its reader).
+fn entries_in(held: &Mutex<Held>, range: impl RangeBounds<u64>) -> Vec<GroupEntry> {
+    lock(held).entries.range(range).map(|(_, (_, entry))| entry.clone()).collect()
+}
+
 impl RaftLogReader<GroupTypes> for GroupLogReader {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
     ) -> Result<Vec<GroupEntry>, StorageError<u64>> {
-        Ok(lock(&self.held).entries.range(range).map(|(_, (_, entry))| entry.clone()).collect())
+        Ok(entries_in(&self.held, range))
     }
 }
 
@@ -272,7 +277,7 @@ impl RaftLogReader<GroupTypes> for GroupLog {
         &mut self,
         range: RB,
     ) -> Result<Vec<GroupEntry>, StorageError<u64>> {
-        Ok(lock(&self.held).entries.range(range).map(|(_, (_, entry))| entry.clone()).collect())
+        Ok(entries_in(&self.held, range))
     }
 }
 

@@ -156,9 +156,10 @@ async fn a_node_behind_the_purged_log_catches_up_from_a_snapshot() {
     }
     let last = node(&nodes, leader).raft.metrics().borrow().last_log_index.unwrap();
     applied_up_to(node(&nodes, behind), last).await;
+    // The leader no longer had the entries the node needed next (the wait above), so this
+    // state came in a snapshot. (The node's own snapshot metric would prove nothing: it builds
+    // one itself after 200 entries either way.)
     assert_eq!(texts(&node(&nodes, behind).machine), expected);
-    let snapshot = node(&nodes, behind).raft.metrics().borrow().snapshot;
-    assert!(snapshot.is_some(), "the node installed a snapshot");
     for member in &nodes {
         member.stop().await;
     }
