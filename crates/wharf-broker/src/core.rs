@@ -71,6 +71,11 @@ pub(crate) struct Core {
     /// is removed: shutdown waits for them, so a clean stop never leaves an original behind to
     /// be dead-lettered a second time after the restart.
     pub transfer_removals: Arc<PendingWork>,
+    /// A cluster's node: the metadata group's Raft log until the group starts with it.
+    pub metadata_log: Mutex<Option<wharf_raft::GroupLog>>,
+    /// A cluster's node: the metadata group, once it runs (`cluster/`); definition changes go
+    /// through it from then on.
+    pub metadata: Arc<std::sync::OnceLock<Arc<crate::cluster::MetaGroup>>>,
 }
 
 /// A count of background work in flight that shutdown must wait for.
@@ -158,6 +163,8 @@ pub(crate) struct CoreParts {
     pub identities: Vec<crate::identities::StoredIdentity>,
     /// MQTT QoS 2 markers found on queued messages (`mqtt/state.rs`).
     pub mqtt_flow_markers: crate::mqtt::state::FlowMarkers,
+    /// A cluster's node: the metadata group's Raft log, as recovery found it.
+    pub metadata_log: Option<wharf_raft::GroupLog>,
 }
 
 impl Core {
@@ -211,7 +218,14 @@ impl Core {
             mqtt_retained,
             mqtt_sessions,
             transfer_removals: Arc::default(),
+            metadata_log: Mutex::new(parts.metadata_log),
+            metadata: Arc::default(),
         }
+    }
+
+    /// The metadata group, when this broker is a cluster's node and the group runs.
+    pub fn metadata_group(&self) -> Option<&Arc<crate::cluster::MetaGroup>> {
+        self.metadata.get()
     }
 
     /// Raises or clears the memory and disk alarms for what the broker holds now.

@@ -229,7 +229,7 @@ impl Core {
     /// `queue.bind`/`exchange.bind` (`add`) and their unbinds: the model change and the
     /// definition write happen together under the definitions lock; a failed write undoes the
     /// model change. Exchanges that auto-delete as a result are forgotten too.
-    pub fn change_binding(&self, change: &BindingChange<'_>, add: bool) -> Result<(), ModelError> {
+    pub fn change_binding_here(&self, change: &BindingChange<'_>, add: bool) -> Result<(), ModelError> {
         let BindingChange { vhost: vhost_name, connection, source, destination, routing_key, arguments } = *change;
         let _definitions = self.definitions();
         let binding = wharf_model::Binding {
@@ -286,7 +286,7 @@ impl Core {
     /// gets its store logs before it becomes visible, and its definition is written before the
     /// declare-ok; bad arguments are refused before anything is created; a failed write undoes
     /// the declaration.
-    pub fn declare_exchange(&self, vhost_name: &str, declare: &exchange::Declare) -> Result<(), ModelError> {
+    pub fn declare_exchange_here(&self, vhost_name: &str, declare: &exchange::Declare) -> Result<(), ModelError> {
         let _definitions = self.definitions();
         let name = declare.exchange.as_str();
         // A new durable exchange that holds delayed messages or de-duplicates gets its
@@ -374,7 +374,7 @@ impl Core {
 
     /// `exchange.delete`: the exchange and every exchange that auto-deletes as a result leave the
     /// model, then their definitions, bindings and logs are forgotten.
-    pub fn delete_exchange(&self, vhost_name: &str, name: &str, if_unused: bool) -> Result<(), ModelError> {
+    pub fn delete_exchange_here(&self, vhost_name: &str, name: &str, if_unused: bool) -> Result<(), ModelError> {
         let _definitions = self.definitions();
         let (removed, auto_deleted) = {
             let mut model = self.lock_model();

@@ -11,6 +11,7 @@ mod access;
 mod alarms;
 mod cert_name;
 mod clock;
+mod cluster;
 mod config;
 mod confirms;
 mod connection;

@@ -59,6 +59,14 @@ impl Core {
         }
         restore_bindings(&mut model, std::mem::take(&mut tally.bindings));
         delete_transient_logs(&sources, &storage.meta, std::mem::take(&mut tally.transient_logs))?;
+        // The metadata group's Raft log is the cluster's, never an orphan (also on a node started
+        // on its own again).
+        tally.used_logs.extend(crate::cluster::recorded_log(&storage.meta));
+        let metadata_log = match &config.cluster {
+            Some(_) => Some(crate::cluster::open_log(&storage.store, &storage.meta, &storage.recovered)?),
+            None => None,
+        };
+        tally.used_logs.extend(metadata_log.as_ref().map(wharf_raft::GroupLog::store_log));
         let kept = keep_or_delete_orphaned_logs(&config, &sources, &storage.meta, &mut model, &mut tally)?;
         model.count_orphaned_logs_kept(kept);
         tracing::info!(messages = tally.messages, paged_out = tally.paged, "broker state recovered");
@@ -73,6 +81,7 @@ impl Core {
             dedup_logs,
             identities,
             mqtt_flow_markers: tally.mqtt_flow_markers,
+            metadata_log,
         });
         Ok((core, startup))
     }
@@ -332,7 +341,8 @@ fn restore_definition(
     if let Some((kind, _, _)) = definition_format::split_key(key)
         && (crate::policy_records::is_record_kind(kind)
             || kind == crate::mqtt::retained::KIND
-            || kind == crate::mqtt::state::KIND)
+            || kind == crate::mqtt::state::KIND
+            || kind == crate::cluster::KIND)
     {
         return;
     }

@@ -81,7 +81,18 @@ impl Broker {
                     cluster_config.tls = Some(cluster_link_tls(files)?);
                 }
                 let node_id = cluster_config.node_id;
-                Some(Arc::new(wharf_cluster::Transport::start(&cluster_config, cluster_handler(node_id)).await?))
+                let groups = wharf_raft::Groups::default();
+                let handler = crate::cluster::handler(node_id, groups.clone(), Arc::clone(&core.metadata));
+                let transport = Arc::new(wharf_cluster::Transport::start(&cluster_config, handler).await?);
+                let log = core.metadata_log.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+                let log = log.ok_or_else(|| BrokerError::Startup("the metadata group's log was not opened".into()))?;
+                let mut members = cluster_config.nodes.clone();
+                members.entry(node_id).or_insert_with(|| transport.local_addr().to_string());
+                let group =
+                    crate::cluster::MetaGroup::start(&core, Arc::clone(&transport), &groups, log, members).await?;
+                // Set once, here: `metadata` is new with this core.
+                let _ = core.metadata.set(Arc::new(group));
+                Some(transport)
             }
             None => None,
         };
@@ -279,6 +290,9 @@ impl Broker {
     /// them to finish, and closes the store so pending removals are durable.
     pub async fn shutdown(self) {
         self.shutdown.send_replace(true);
+        if let Some(group) = self.core.metadata_group() {
+            group.shutdown().await;
+        }
         if let Some(cluster) = &self.cluster {
             cluster.shutdown().await;
         }
@@ -335,15 +349,6 @@ fn cluster_link_tls(files: &crate::config::ClusterTlsFiles) -> Result<wharf_clus
         files.ca_cert_path.display()
     );
     Ok(wharf_cluster::LinkTls::from_pem(&chain, &key, &ca, &what)?)
-}
-
-/// What this node answers on the cluster's links. Only the links' own ping is served so far
-/// (the transport answers it); the services replication adds (Raft's messages, forwarded
-/// publishes and deliveries) are refused by number until they exist.
-fn cluster_handler(node_id: wharf_cluster::NodeId) -> wharf_cluster::Handler {
-    Arc::new(move |from, service, _payload| {
-        Box::pin(async move { Err(format!("node {node_id} has no cluster service {service} (called by node {from})")) })
-    })
 }
 
 /// Fires the model's timers (TTLs, leases, backoffs, delayed messages, `x-expires`) when they

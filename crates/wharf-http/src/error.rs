@@ -78,6 +78,12 @@ impl From<ManagementError> for ApiError {
             ManagementError::NotFound(_) => ApiError::not_found(),
             ManagementError::AccessRefused(reason) => ApiError::not_authorised(&reason),
             ManagementError::BadRequest(reason) => ApiError::bad_request(reason),
+            ManagementError::Unavailable(reason) => ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                error: "service_unavailable",
+                reason,
+                challenge: false,
+            },
             // The store failed (541 INTERNAL_ERROR): the server's fault, not the request's.
             ManagementError::Refused { code: 541, text } => ApiError {
                 status: StatusCode::INTERNAL_SERVER_ERROR,

@@ -317,6 +317,8 @@ pub fn run(args: AdminArgs) -> Result<()> {
                 ("last answer ms", "last_answer_ms_ago"),
                 ("failures", "consecutive_failures"),
                 ("last error", "last_error"),
+                ("metadata leader", "metadata_leader"),
+                ("metadata lag", "metadata_lag"),
             ],
         ),
         AdminCommand::Overview => {

@@ -6,16 +6,13 @@
 //! them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::free_port;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
 
 /// Starts node `node_id` of a cluster whose members listen at `cluster` (by id); returns it with
 /// its management API's URL.
@@ -29,29 +26,8 @@ async fn start_node_with(
     cluster: &[(u64, SocketAddr)],
     extra: &[std::ffi::OsString],
 ) -> (Child, String) {
-    let own = cluster.iter().find(|(id, _)| *id == node_id).unwrap().1;
-    let mut command = Command::new(env!("CARGO_BIN_EXE_wharf"));
-    command
-        .args(["serve", "--http-listen", "127.0.0.1:0", "--mqtt-listen", "none", "--amqp-listen"])
-        .arg(free_port().to_string())
-        .args(["--node-id", &node_id.to_string(), "--cluster-listen", &own.to_string()])
-        .arg("--data-dir")
-        .arg(data_dir);
-    for (id, address) in cluster {
-        command.arg("--cluster-node").arg(format!("{id}={address}"));
-    }
-    command.args(extra);
-    let mut child = command.env("NO_COLOR", "1").stderr(Stdio::piped()).kill_on_drop(true).spawn().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let http = loop {
-        let line = lines.next_line().await.unwrap().expect("wharf exited before it was ready");
-        if line.contains("management API listening") {
-            let address = line.split("address=").nth(1).unwrap().split_whitespace().next().unwrap();
-            break address.to_owned();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, format!("http://{http}"))
+    let node = common::start_node(data_dir, node_id, cluster, extra).await;
+    (node.child, node.http)
 }
 
 /// `wharf admin --url URL cluster --json`: the members as node `url` sees them.

@@ -84,7 +84,12 @@ impl Management {
     }
 
     /// Creates or changes a user (`PUT /api/users/{name}`); returns whether it is new.
-    pub fn put_user(&self, name: &str, password: NewPassword, tags: Vec<String>) -> Result<bool, ManagementError> {
+    pub(crate) fn put_user_here(
+        &self,
+        name: &str,
+        password: NewPassword,
+        tags: Vec<String>,
+    ) -> Result<bool, ManagementError> {
         // Off the async workers: the definitions lock may be held by another change's fsync.
         crate::core::blocking(|| {
             if name.is_empty() || name.len() > 255 || name.contains('\0') {
@@ -123,7 +128,7 @@ impl Management {
     }
 
     /// Deletes a user and its permissions, and closes its connections; 404 if there is none.
-    pub fn delete_user(&self, name: &str) -> Result<(), ManagementError> {
+    pub(crate) fn delete_user_here(&self, name: &str) -> Result<(), ManagementError> {
         // Off the async workers: the definitions lock may be held by another change's fsync.
         crate::core::blocking(|| {
             self.refuse_configured_user(name)?;
@@ -154,7 +159,7 @@ impl Management {
 
     /// Sets a user's permissions on a vhost (`PUT /api/permissions/{vhost}/{user}`); returns
     /// whether they are new. A pattern that is not a valid regular expression is refused.
-    pub fn put_permission(&self, permission: Permission) -> Result<bool, ManagementError> {
+    pub(crate) fn put_permission_here(&self, permission: Permission) -> Result<bool, ManagementError> {
         // Off the async workers: the definitions lock may be held by another change's fsync.
         crate::core::blocking(|| {
             if !self.vhost_exists(&permission.vhost) {
@@ -180,7 +185,7 @@ impl Management {
 
     /// Removes a user's permissions on a vhost (and its topic permissions there), and closes its
     /// connections to that vhost; 404 if it had none.
-    pub fn delete_permission(&self, user: &str, vhost: &str) -> Result<(), ManagementError> {
+    pub(crate) fn delete_permission_here(&self, user: &str, vhost: &str) -> Result<(), ManagementError> {
         // Off the async workers: the definitions lock may be held by another change's fsync.
         crate::core::blocking(|| {
             self.refuse_configured_permission(user, vhost)?;
@@ -209,7 +214,7 @@ impl Management {
     }
 
     /// Sets a user's topic permission on one exchange of a vhost.
-    pub fn put_topic_permission(&self, permission: TopicPermission) -> Result<(), ManagementError> {
+    pub(crate) fn put_topic_permission_here(&self, permission: TopicPermission) -> Result<(), ManagementError> {
         // Off the async workers: the definitions lock may be held by another change's fsync.
         crate::core::blocking(|| {
             if permission.exchange.contains('\0') {
@@ -235,7 +240,7 @@ impl Management {
     }
 
     /// Removes a user's topic permissions on a vhost; 404 if it had none.
-    pub fn delete_topic_permissions(&self, user: &str, vhost: &str) -> Result<(), ManagementError> {
+    pub(crate) fn delete_topic_permissions_here(&self, user: &str, vhost: &str) -> Result<(), ManagementError> {
         // Off the async workers: the definitions lock may be held by another change's fsync.
         crate::core::blocking(|| {
             let _definitions = self.core.definitions();

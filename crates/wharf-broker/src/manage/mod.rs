@@ -15,6 +15,7 @@ mod connections;
 mod identity_ops;
 mod operations;
 mod policy_ops;
+mod replicated;
 mod stats;
 mod traces;
 mod views;
@@ -51,7 +52,7 @@ pub struct Management {
 }
 
 /// Where the broker listens and how, for [`Management`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Listeners {
     pub amqp: Option<SocketAddr>,
     pub amqps: Option<SocketAddr>,
@@ -75,6 +76,11 @@ impl Management {
     /// on its own.
     pub fn cluster_members(&self) -> Option<Vec<wharf_cluster::MemberStatus>> {
         self.cluster.as_ref().map(|cluster| cluster.members())
+    }
+
+    /// The cluster's metadata group as this node sees it, or `None` for a broker on its own.
+    pub fn metadata_group(&self) -> Option<wharf_raft::GroupStatus> {
+        self.core.metadata_group().map(|group| group.status())
     }
 
     /// A TLS acceptor with the broker's TLS settings in force now (certificates reloaded on

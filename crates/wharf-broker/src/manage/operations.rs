@@ -33,6 +33,10 @@ pub enum ManagementError {
     /// The request itself is malformed.
     #[error("{0}")]
     BadRequest(String),
+    /// A cluster's node could not make the change now: no leader of the metadata group is
+    /// reachable from it (a majority of the nodes is down or cut off).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl From<ModelError> for ManagementError {

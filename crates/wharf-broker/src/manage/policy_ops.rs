@@ -47,7 +47,12 @@ impl Management {
 
     /// Creates a vhost (`PUT /api/vhosts/{name}`); returns whether it is new. An existing one is
     /// left as it is (its description and tags are recorded).
-    pub fn put_vhost(&self, name: &str, description: &str, tags: &[String]) -> Result<bool, ManagementError> {
+    pub(crate) fn put_vhost_here(
+        &self,
+        name: &str,
+        description: &str,
+        tags: &[String],
+    ) -> Result<bool, ManagementError> {
         if name.is_empty() || name.len() > 255 || name.contains('\0') {
             return Err(ManagementError::BadRequest("a vhost name is 1 to 255 bytes, without NUL".into()));
         }
@@ -66,7 +71,7 @@ impl Management {
     }
 
     /// Deletes a vhost and everything in it (see the module documentation).
-    pub fn delete_vhost(&self, name: &str) -> Result<(), ManagementError> {
+    pub(crate) fn delete_vhost_here(&self, name: &str) -> Result<(), ManagementError> {
         if self.is_configured_vhost(name) {
             return Err(ManagementError::BadRequest(format!(
                 "vhost '{name}' is defined by the broker's configuration (`/` always, or wharf.toml vhosts); \
@@ -133,7 +138,7 @@ impl Management {
 
     /// Creates or replaces a policy (`PUT /api/policies/{vhost}/{name}`) and applies it to the
     /// vhost's queues and exchanges; returns whether it is new.
-    pub fn put_policy(&self, vhost: &str, name: &str, spec: PolicySpec) -> Result<bool, ManagementError> {
+    pub(crate) fn put_policy_here(&self, vhost: &str, name: &str, spec: PolicySpec) -> Result<bool, ManagementError> {
         if self.is_configured_policy(vhost, name) {
             return Err(ManagementError::BadRequest(format!(
                 "policy '{name}' in vhost '{vhost}' is defined by the broker's configuration (wharf.toml \
@@ -169,7 +174,7 @@ impl Management {
     }
 
     /// Deletes a policy; what it set no longer applies to the vhost's queues and exchanges.
-    pub fn delete_policy(&self, vhost: &str, name: &str) -> Result<(), ManagementError> {
+    pub(crate) fn delete_policy_here(&self, vhost: &str, name: &str) -> Result<(), ManagementError> {
         if self.is_configured_policy(vhost, name) {
             return Err(ManagementError::BadRequest(format!(
                 "policy '{name}' in vhost '{vhost}' is defined by the broker's configuration (wharf.toml \

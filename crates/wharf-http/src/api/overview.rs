@@ -1,5 +1,6 @@
 //! The broker as a whole: `overview`, `nodes`, `whoami`, `cluster-name`, Wharf's
-//! `cluster/members` (each member's link as this node sees it), `extensions`,
+//! `cluster/members` (each member's link as this node sees it), `cluster/metadata` (the
+//! metadata group), `extensions`,
 //! `aliveness-test` and the `health/checks/*` endpoints RabbitMQ has for probes (200 and
 //! `{"status":"ok"}` when healthy, 503 and `{"status":"failed","reason":…}` when not).
 
@@ -25,6 +26,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/whoami", get(whoami))
         .route("/api/cluster-name", get(cluster_name))
         .route("/api/cluster/members", get(cluster_members))
+        .route("/api/cluster/metadata", get(cluster_metadata))
         .route("/api/extensions", get(extensions))
         .route("/api/aliveness-test/{vhost}", get(aliveness_test))
         .route("/api/health/checks/alarms", get(alarms))
@@ -193,10 +195,15 @@ async fn cluster_members(State(state): State<AppState>, caller: Caller) -> Resul
     let Some(members) = state.management.cluster_members() else {
         return Ok(Json(json!([{"node": null, "name": node(&state), "this_node": true, "clustered": false}])));
     };
+    let metadata = state.management.metadata_group();
     let members: Vec<Value> = members
         .into_iter()
         .map(|member| {
+            let leader = metadata.as_ref().and_then(|group| group.leader);
+            let lag = metadata.as_ref().and_then(|group| group.lag.get(&member.node).copied().flatten());
             json!({
+                "metadata_leader": leader == Some(member.node),
+                "metadata_lag": lag,
                 "node": member.node,
                 "address": member.address,
                 "this_node": member.this_node,
@@ -210,6 +217,26 @@ async fn cluster_members(State(state): State<AppState>, caller: Caller) -> Resul
         })
         .collect();
     Ok(Json(Value::Array(members)))
+}
+
+/// The metadata group (definitions replicated to every node) as this node sees it: its role,
+/// the leader, the term, how far its log and state machine are, the voters, and on the leader
+/// how many entries each other member is behind. 404 on a broker on its own.
+async fn cluster_metadata(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    caller.require_monitor()?;
+    let Some(group) = state.management.metadata_group() else { return Err(ApiError::not_found()) };
+    let lag: serde_json::Map<String, Value> =
+        group.lag.iter().map(|(node, behind)| (node.to_string(), json!(behind))).collect();
+    Ok(Json(json!({
+        "role": group.role,
+        "leader": group.leader,
+        "term": group.term,
+        "last_log_index": group.last_log_index,
+        "applied_index": group.applied_index,
+        "voters": group.voters,
+        "learners": group.learners,
+        "lag": lag,
+    })))
 }
 
 async fn extensions(_caller: Caller) -> Json<Value> {

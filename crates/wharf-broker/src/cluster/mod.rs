@@ -1,0 +1,304 @@
+//! The broker as a cluster's node (issue #19, `docs/design/20261205_replication.md`): the
+//! metadata group, a Raft group of every member (openraft through `wharf-raft`) that replicates
+//! definition changes as commands (`command.rs`) and carries each committed one out on every
+//! node (`machine.rs`).
+//!
+//! What goes through it: vhosts, users, permissions, topic permissions, policies, durable
+//! exchanges and the bindings between two exchanges. Queues, and bindings to them, stay on the
+//! node that declared them until queues are homed on a node or replicated (the plan's next
+//! steps); transient exchanges stay on their node as well.
+//!
+//! A change asked for on any node is proposed to the group: on the leader directly, on a
+//! follower by forwarding it to the leader over the cluster's links ([`SERVICE_META`]); the
+//! caller is answered once the command is committed (on a majority's disks) *and* applied on
+//! the node it asked, so what it does next on that node sees the change (read-your-writes). A
+//! node that cannot reach a leader within [`PROPOSE_TIMEOUT`] refuses the change (541 on AMQP,
+//! an error on the management API): a minority never changes definitions.
+
+mod command;
+mod exchanges;
+mod machine;
+
+pub(crate) use command::{MetaAnswer, MetaCommand, StoredHash, table_bytes};
+
+use crate::core::Core;
+use crate::error::BrokerError;
+use bytes::Bytes;
+use machine::{AppliedState, MetaMachine};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wharf_cluster::{ClusterError, NodeId, Transport};
+use wharf_raft::{Command, GroupLog, GroupNetwork, GroupStatus, GroupTypes, Groups};
+use wharf_store::{LogId, MetaStore, Recovered, Store};
+
+/// The cluster service that takes metadata commands forwarded from followers.
+pub(crate) const SERVICE_META: u16 = 2;
+
+/// The metadata group's id on every node.
+pub(crate) const METADATA_GROUP: u64 = 0;
+
+/// How long a definition change may wait for a leader and its commit before it is refused.
+pub(crate) const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The definitions-log key naming the store log of the metadata group's Raft log.
+const LOG_KEY: &[u8] = b"cluster\0\0metadata-log";
+
+/// The definitions-log record kind of the cluster's own records (never topology).
+pub(crate) const KIND: &str = "cluster";
+
+/// The store log of the metadata group's Raft log, if this data directory has one.
+pub(crate) fn recorded_log(meta: &MetaStore) -> Option<LogId> {
+    let value = meta.get(LOG_KEY)?;
+    let (&version, id) = value.split_first()?;
+    (version == crate::definition_format::DEFINITIONS_FORMAT_VERSION)
+        .then(|| id.try_into().ok().map(|id| LogId(u64::from_be_bytes(id))))
+        .flatten()
+}
+
+/// Opens the metadata group's Raft log as recovery found it, or makes one (and records where it
+/// is before anything is written to it). Blocking.
+pub(crate) fn open_log(store: &Store, meta: &MetaStore, recovered: &Recovered) -> Result<GroupLog, BrokerError> {
+    let log = match recorded_log(meta) {
+        Some(log) => log,
+        None => {
+            let log = store.create_log()?.wait()?;
+            let mut value = vec![crate::definition_format::DEFINITIONS_FORMAT_VERSION];
+            value.extend_from_slice(&log.0.to_be_bytes());
+            meta.put(LOG_KEY, &value)?;
+            log
+        }
+    };
+    GroupLog::open(store, log, recovered)
+        .map_err(|error| BrokerError::Startup(format!("the metadata group's log cannot be read: {error}")))
+}
+
+/// A metadata command forwarded to the leader, or a question to it.
+#[derive(Debug, Serialize, Deserialize)]
+enum Forwarded {
+    Propose(MetaCommand),
+}
+
+/// The leader's reply to a forwarded command.
+#[derive(Debug, Serialize, Deserialize)]
+enum ForwardReply {
+    /// Committed at `index` and applied on the leader with this answer.
+    Proposed { index: u64, answer: MetaAnswer },
+    /// Not the leader (any more); the leader it knows of.
+    NotLeader { leader: Option<NodeId> },
+    /// The group could not take it.
+    Failed(String),
+}
+
+/// Why a definition change was not made.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReplicationError {
+    #[error("no leader of the cluster's metadata group is reachable from node {node} (is a majority of the nodes up?)")]
+    NoLeader { node: NodeId },
+    #[error("the change was sent to node {leader}, which did not answer in time; it may or may not have been made")]
+    Unanswered { leader: NodeId },
+    #[error("the cluster's metadata group failed: {0}")]
+    Failed(String),
+}
+
+/// The metadata group on this node.
+pub(crate) struct MetaGroup {
+    raft: Raft<GroupTypes>,
+    transport: Arc<Transport>,
+    node_id: NodeId,
+}
+
+impl std::fmt::Debug for MetaGroup {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("MetaGroup").field("node_id", &self.node_id).finish_non_exhaustive()
+    }
+}
+
+fn raft_config() -> Result<Arc<Config>, BrokerError> {
+    let config = Config {
+        cluster_name: "wharf-metadata".into(),
+        heartbeat_interval: 150,
+        election_timeout_min: 750,
+        election_timeout_max: 1_500,
+        snapshot_policy: SnapshotPolicy::Never,
+        ..Default::default()
+    };
+    config.validate().map(Arc::new).map_err(|error| BrokerError::Startup(format!("Raft configuration: {error}")))
+}
+
+impl MetaGroup {
+    /// Starts this node's member of the metadata group on `log`, with `members` (every node of
+    /// the configuration, this one included) as its first membership; messages for it arrive
+    /// through `groups`.
+    pub async fn start(
+        core: &Arc<Core>,
+        transport: Arc<Transport>,
+        groups: &Groups,
+        log: GroupLog,
+        members: BTreeMap<NodeId, String>,
+    ) -> Result<MetaGroup, BrokerError> {
+        let state = AppliedState::read(&core.meta).map_err(BrokerError::Startup)?;
+        let machine = MetaMachine::new(core, state);
+        let network = GroupNetwork::new(Arc::clone(&transport), METADATA_GROUP);
+        let node_id = transport.node_id();
+        let raft = Raft::new(node_id, raft_config()?, network, log, machine)
+            .await
+            .map_err(|error| BrokerError::Startup(format!("the metadata group did not start: {error}")))?;
+        groups.insert(METADATA_GROUP, raft.clone());
+        // Every node initialises the group with the same members, which openraft allows; a node
+        // that already holds the group's log is refused, which is what should happen.
+        let members: BTreeMap<NodeId, BasicNode> =
+            members.into_iter().map(|(node, address)| (node, BasicNode::new(address))).collect();
+        match raft.initialize(members).await {
+            Ok(()) => tracing::info!(node = node_id, "metadata group initialised"),
+            Err(RaftError::APIError(error)) => tracing::debug!(%error, "metadata group already initialised"),
+            Err(error) => return Err(BrokerError::Startup(format!("the metadata group did not start: {error}"))),
+        }
+        Ok(MetaGroup { raft, transport, node_id })
+    }
+
+    /// The group as this node sees it.
+    pub fn status(&self) -> GroupStatus {
+        GroupStatus::of(&self.raft)
+    }
+
+    /// Stops this node's member of the group.
+    pub async fn shutdown(&self) {
+        if let Err(error) = self.raft.shutdown().await {
+            tracing::warn!(%error, "the metadata group did not stop cleanly");
+        }
+    }
+
+    /// Proposes `command` and returns its answer once it is committed and applied on this node.
+    pub async fn propose(&self, command: MetaCommand) -> Result<MetaAnswer, ReplicationError> {
+        let deadline = Instant::now() + PROPOSE_TIMEOUT;
+        let bytes = serde_json::to_vec(&command).map_err(|error| ReplicationError::Failed(error.to_string()))?;
+        let forwarded = serde_json::to_vec(&Forwarded::Propose(command))
+            .map_err(|error| ReplicationError::Failed(error.to_string()))?;
+        loop {
+            let leader = match self.raft.client_write(Command(bytes.clone())).await {
+                Ok(written) => return decode_answer(&written.data.0),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => forward.leader_id,
+                Err(error) => return Err(ReplicationError::Failed(error.to_string())),
+            };
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(ReplicationError::NoLeader { node: self.node_id });
+            }
+            let Some(leader) = leader.filter(|leader| *leader != self.node_id) else {
+                self.await_leader(remaining).await;
+                continue;
+            };
+            let reply =
+                self.transport.call_within(leader, SERVICE_META, Bytes::from(forwarded.clone()), remaining).await;
+            match reply {
+                Ok(reply) => {
+                    match serde_json::from_slice::<ForwardReply>(&reply)
+                        .map_err(|error| ReplicationError::Failed(format!("an unreadable reply: {error}")))?
+                    {
+                        ForwardReply::Proposed { index, answer } => {
+                            self.await_applied(index, deadline).await?;
+                            return Ok(answer);
+                        }
+                        ForwardReply::NotLeader { .. } => self.await_leader_change(leader, deadline).await,
+                        ForwardReply::Failed(text) => return Err(ReplicationError::Failed(text)),
+                    }
+                }
+                // Not sent at all: try again once a leader is known again.
+                Err(ClusterError::Unreachable { .. } | ClusterError::UnknownNode(_)) => {
+                    self.await_leader_change(leader, deadline).await
+                }
+                Err(ClusterError::Timeout { .. } | ClusterError::Disconnected(_)) => {
+                    return Err(ReplicationError::Unanswered { leader });
+                }
+                Err(error) => return Err(ReplicationError::Failed(error.to_string())),
+            }
+        }
+    }
+
+    /// [`propose`](Self::propose) from blocking code (definition changes are called from
+    /// synchronous paths); must run on the broker's multi-threaded runtime.
+    pub fn propose_blocking(&self, command: MetaCommand) -> Result<MetaAnswer, ReplicationError> {
+        let handle = tokio::runtime::Handle::current();
+        crate::core::blocking(|| handle.block_on(self.propose(command)))
+    }
+
+    /// Waits (at most `within`) until this node knows of a leader.
+    async fn await_leader(&self, within: Duration) {
+        let _ = self.raft.wait(Some(within)).metrics(|metrics| metrics.current_leader.is_some(), "a leader").await;
+    }
+
+    /// Waits (until `deadline`) until this node's leader is another than `old`, or a short
+    /// while: a leader that cannot be reached is usually about to be replaced.
+    async fn await_leader_change(&self, old: NodeId, deadline: Instant) {
+        let within = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(250));
+        let _ = self
+            .raft
+            .wait(Some(within))
+            .metrics(|metrics| metrics.current_leader.is_some_and(|leader| leader != old), "another leader")
+            .await;
+    }
+
+    async fn await_applied(&self, index: u64, deadline: Instant) -> Result<(), ReplicationError> {
+        let within = deadline.saturating_duration_since(Instant::now());
+        self.raft
+            .wait(Some(within))
+            .applied_index_at_least(Some(index), "the change applied here")
+            .await
+            .map(|_| ())
+            .map_err(|_| ReplicationError::NoLeader { node: self.node_id })
+    }
+
+    /// Answers a [`SERVICE_META`] call (on the leader, a follower's forwarded command).
+    pub async fn handle(&self, from: NodeId, payload: &[u8]) -> Result<Bytes, String> {
+        let request: Forwarded =
+            serde_json::from_slice(payload).map_err(|error| format!("an unreadable metadata request: {error}"))?;
+        let reply = match request {
+            Forwarded::Propose(command) => {
+                tracing::debug!(from, ?command, "metadata command forwarded");
+                let bytes = serde_json::to_vec(&command).map_err(|error| error.to_string())?;
+                match self.raft.client_write(Command(bytes)).await {
+                    Ok(written) => match serde_json::from_slice::<MetaAnswer>(&written.data.0) {
+                        Ok(answer) => ForwardReply::Proposed { index: written.log_id.index, answer },
+                        Err(error) => ForwardReply::Failed(format!("an unreadable answer: {error}")),
+                    },
+                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                        ForwardReply::NotLeader { leader: forward.leader_id }
+                    }
+                    Err(error) => ForwardReply::Failed(error.to_string()),
+                }
+            }
+        };
+        serde_json::to_vec(&reply).map(Bytes::from).map_err(|error| error.to_string())
+    }
+}
+
+fn decode_answer(bytes: &[u8]) -> Result<MetaAnswer, ReplicationError> {
+    serde_json::from_slice(bytes).map_err(|error| ReplicationError::Failed(format!("an unreadable answer: {error}")))
+}
+
+/// What a cluster's node answers on its links: Raft messages to their groups, forwarded metadata
+/// commands to the metadata group once it runs.
+pub(crate) fn handler(
+    node_id: NodeId,
+    groups: Groups,
+    metadata: Arc<std::sync::OnceLock<Arc<MetaGroup>>>,
+) -> wharf_cluster::Handler {
+    Arc::new(move |from, service, payload: Bytes| {
+        let groups = groups.clone();
+        let metadata = Arc::clone(&metadata);
+        Box::pin(async move {
+            match service {
+                wharf_raft::SERVICE_RAFT => groups.handle(&payload).await.map(Bytes::from),
+                SERVICE_META => match metadata.get() {
+                    Some(group) => group.handle(from, &payload).await,
+                    None => Err(format!("node {node_id}'s metadata group is not running yet")),
+                },
+                other => Err(format!("node {node_id} has no cluster service {other} (called by node {from})")),
+            }
+        })
+    })
+}

@@ -1,0 +1,92 @@
+//! `wharf serve` processes of a cluster on loopback for the cluster suites: started with
+//! `--node-id`, `--cluster-listen` and `--cluster-node`, each on ports of its own, with its
+//! management API's URL read from its log; and the management API called as guest.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// A running node: its process, its management API's URL, its AMQP address.
+pub struct Node {
+    pub child: Child,
+    pub http: String,
+    pub amqp: SocketAddr,
+}
+
+/// Starts node `node_id` of a cluster whose members listen at `cluster` (by id), with `extra`
+/// arguments.
+pub async fn start_node(
+    data_dir: &Path,
+    node_id: u64,
+    cluster: &[(u64, SocketAddr)],
+    extra: &[std::ffi::OsString],
+) -> Node {
+    let own = cluster.iter().find(|(id, _)| *id == node_id).unwrap().1;
+    let amqp = free_port();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wharf"));
+    command
+        .args(["serve", "--http-listen", "127.0.0.1:0", "--mqtt-listen", "none", "--amqp-listen"])
+        .arg(amqp.to_string())
+        .args(["--node-id", &node_id.to_string(), "--cluster-listen", &own.to_string()])
+        .arg("--data-dir")
+        .arg(data_dir);
+    for (id, address) in cluster {
+        command.arg("--cluster-node").arg(format!("{id}={address}"));
+    }
+    command.args(extra);
+    let mut child = command.env("NO_COLOR", "1").stderr(Stdio::piped()).kill_on_drop(true).spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let http = loop {
+        let line = lines.next_line().await.unwrap().expect("wharf exited before it was ready");
+        if line.contains("management API listening") {
+            let address = line.split("address=").nth(1).unwrap().split_whitespace().next().unwrap();
+            break address.to_owned();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Node { child, http: format!("http://{http}"), amqp }
+}
+
+/// One management API call as guest: (HTTP status, body as JSON or `Null`).
+pub async fn call(base: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let (url, method) = (format!("{base}{path}"), method.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let authorization = "Basic Z3Vlc3Q6Z3Vlc3Q="; // guest:guest
+        let body = body.unwrap_or(Value::Null);
+        let response = match method.as_str() {
+            "GET" => agent.get(&url).header("authorization", authorization).call(),
+            "DELETE" => agent.delete(&url).header("authorization", authorization).call(),
+            "PUT" => agent.put(&url).header("authorization", authorization).send_json(body),
+            _ => agent.post(&url).header("authorization", authorization).send_json(body),
+        };
+        let mut response = response.unwrap();
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap();
+        (status, if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap() })
+    })
+    .await
+    .unwrap()
+}
+
+/// Asks again until `check` holds: what another process does is seen only by asking. Panics
+/// after two minutes, so a cluster that never gets there fails the test rather than hanging it.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !check().await {
+        assert!(std::time::Instant::now() < give_up, "never happened: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
