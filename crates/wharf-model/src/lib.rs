@@ -18,6 +18,7 @@ pub mod message;
 pub mod policy;
 mod priority;
 pub mod queue;
+pub mod quorum;
 mod ready;
 pub mod settings;
 pub mod topic;
@@ -34,5 +35,9 @@ pub use exchange::{Binding, Destination, Exchange, ExchangeKind};
 pub use message::{Body, Message, PagedBody};
 pub use policy::{ApplyTo, Policy};
 pub use queue::{ChannelKey, ConnectionId, Entry, EntryState, Queue, QueueConsumer, QueueStats};
+pub use quorum::{
+    QuorumAnswer, QuorumCommand, QuorumConsumer, QuorumDeathReason, QuorumEffect, QuorumMessageId, QuorumQueue,
+    QuorumSettings,
+};
 pub use settings::{ExchangeSettings, Overflow, QueueSettings};
 pub use vhost::{Declared, ExchangeDeclare, QueueDeclare, VirtualHost};

@@ -1,0 +1,359 @@
+//! [`QuorumQueue`]: the state machine of a replicated (quorum) queue. Every replica applies the
+//! same committed [`QuorumCommand`]s in the same order and so holds the same messages, the same
+//! consumers and the same decision of which consumer each message went to: a node carries out
+//! only the [`QuorumEffect`]s that are its own (deliveries to its consumers), so a consumer on
+//! any node is served from that node's replica and nothing but the commands crosses the network
+//! (`docs/design/20261205_replication.md`, the quorum queue section).
+//!
+//! Determinism is the whole contract: no clock (time comes in commands, stamped by whoever
+//! proposed them), no hash-ordered collections, no randomness. Message ids are given in the
+//! order enqueues are applied, so they are the same on every replica.
+//!
+//! Semantics follow RabbitMQ's quorum queues (`rabbit_fifo`): a message is checked out to one
+//! consumer at a time, within that consumer's prefetch; a settle removes it; a return (a nack or
+//! reject with requeue, a cancelled consumer, a consumer's node gone) puts it back at the head
+//! in id order with its delivery count raised, and it is redelivered with the flag set; past the
+//! delivery limit, or rejected without requeue, or expired, or pushed out by a length limit, it
+//! is dead-lettered (an effect; the dead-letter target is the caller's business).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+/// A message's id in its quorum queue: the same on every replica.
+pub type QuorumMessageId = u64;
+
+/// A consumer of a quorum queue, named the same on every node: the node it is attached to, its
+/// connection and channel there, and its tag.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct QuorumConsumer {
+    pub node: u64,
+    pub connection: u64,
+    pub channel: u16,
+    pub tag: String,
+}
+
+/// What a quorum queue's settings say (from its arguments and policies, fixed at declare).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QuorumSettings {
+    /// Deliveries a message may have; one more returns it as dead (RabbitMQ's `delivery-limit`).
+    pub delivery_limit: Option<u32>,
+    /// Ready messages at most (`x-max-length`).
+    pub max_length: Option<u64>,
+    /// Ready message bytes at most (`x-max-length-bytes`).
+    pub max_length_bytes: Option<u64>,
+    /// Past a length limit, refuse the new message instead of dropping the oldest.
+    pub reject_publish: bool,
+}
+
+/// A command, as committed to the queue's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QuorumCommand {
+    /// A message: its bytes (opaque here), and when it expires, if it does (stamped by the node
+    /// that proposed it, from the message's and the queue's TTL).
+    Enqueue { payload: Arc<[u8]>, expires_at_ms: Option<u64> },
+    /// A consumer starts, with a prefetch (0: no limit).
+    Checkout { consumer: QuorumConsumer, prefetch: u32 },
+    /// A consumer stops; what it holds is returned.
+    Cancel { consumer: QuorumConsumer },
+    /// Acknowledged: removed.
+    Settle { consumer: QuorumConsumer, ids: Vec<QuorumMessageId> },
+    /// Rejected or nacked with requeue: back to the head, delivery count raised.
+    Return { consumer: QuorumConsumer, ids: Vec<QuorumMessageId> },
+    /// Rejected or nacked without requeue: dead-lettered.
+    Discard { consumer: QuorumConsumer, ids: Vec<QuorumMessageId> },
+    /// Every consumer of `node` is gone (the node left, or restarted): their messages are
+    /// returned.
+    NodeDown { node: u64 },
+    /// The time is `now_ms`: ready messages expired by then are dead-lettered.
+    Tick { now_ms: u64 },
+    /// Every ready message is removed.
+    Purge,
+}
+
+/// Why a message was dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuorumDeathReason {
+    Rejected,
+    DeliveryLimit,
+    Expired,
+    MaxLength,
+}
+
+/// What applying a command asks of the nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QuorumEffect {
+    /// Deliver message `id` to `consumer` (its node does); `redelivered` if it was delivered
+    /// before.
+    Deliver {
+        consumer: QuorumConsumer,
+        id: QuorumMessageId,
+        payload: Arc<[u8]>,
+        delivery_count: u32,
+        redelivered: bool,
+    },
+    /// The message left the queue dead.
+    DeadLetter { id: QuorumMessageId, payload: Arc<[u8]>, reason: QuorumDeathReason, delivery_count: u32 },
+}
+
+/// What a command came to for whoever proposed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QuorumAnswer {
+    /// Taken (an enqueue: with its id).
+    Done { id: Option<QuorumMessageId> },
+    /// An enqueue refused by a length limit with `reject-publish` (the publisher is nacked).
+    Rejected,
+    /// Messages removed (a purge: how many).
+    Removed { count: u64 },
+}
+
+#[derive(Debug, Clone)]
+struct Held {
+    payload: Arc<[u8]>,
+    expires_at_ms: Option<u64>,
+    delivery_count: u32,
+    checked_out_to: Option<QuorumConsumer>,
+}
+
+#[derive(Debug, Clone)]
+struct ConsumerState {
+    prefetch: u32,
+    holds: BTreeSet<QuorumMessageId>,
+}
+
+impl ConsumerState {
+    fn has_credit(&self) -> bool {
+        self.prefetch == 0 || (self.holds.len() as u64) < u64::from(self.prefetch)
+    }
+}
+
+/// A quorum queue's replicated state.
+#[derive(Debug, Clone, Default)]
+pub struct QuorumQueue {
+    settings: QuorumSettings,
+    next_id: QuorumMessageId,
+    messages: BTreeMap<QuorumMessageId, Held>,
+    /// Ready messages, oldest (lowest id) first; returned ones go back in id order.
+    ready: BTreeSet<QuorumMessageId>,
+    ready_bytes: u64,
+    consumers: BTreeMap<QuorumConsumer, ConsumerState>,
+    /// The order consumers are served in (round robin).
+    service_order: VecDeque<QuorumConsumer>,
+}
+
+impl QuorumQueue {
+    pub fn new(settings: QuorumSettings) -> QuorumQueue {
+        QuorumQueue { settings, next_id: 1, ..Default::default() }
+    }
+
+    /// Ready messages.
+    pub fn ready_count(&self) -> u64 {
+        self.ready.len() as u64
+    }
+
+    /// Messages checked out to consumers.
+    pub fn checked_out_count(&self) -> u64 {
+        (self.messages.len() - self.ready.len()) as u64
+    }
+
+    /// Consumers.
+    pub fn consumer_count(&self) -> usize {
+        self.consumers.len()
+    }
+
+    /// Applies one committed command; returns its answer and what the nodes must do.
+    pub fn apply(&mut self, command: QuorumCommand) -> (QuorumAnswer, Vec<QuorumEffect>) {
+        let mut effects = Vec::new();
+        let answer = match command {
+            QuorumCommand::Enqueue { payload, expires_at_ms } => self.enqueue(payload, expires_at_ms, &mut effects),
+            QuorumCommand::Checkout { consumer, prefetch } => {
+                if !self.consumers.contains_key(&consumer) {
+                    self.service_order.push_back(consumer.clone());
+                }
+                let state =
+                    self.consumers.entry(consumer).or_insert(ConsumerState { prefetch, holds: BTreeSet::new() });
+                state.prefetch = prefetch;
+                QuorumAnswer::Done { id: None }
+            }
+            QuorumCommand::Cancel { consumer } => {
+                self.remove_consumer(&consumer, &mut effects);
+                QuorumAnswer::Done { id: None }
+            }
+            QuorumCommand::Settle { consumer, ids } => {
+                for id in ids {
+                    if self.held_by(&consumer, id) {
+                        self.release(&consumer, id);
+                        self.messages.remove(&id);
+                    }
+                }
+                QuorumAnswer::Done { id: None }
+            }
+            QuorumCommand::Return { consumer, ids } => {
+                for id in ids {
+                    if self.held_by(&consumer, id) {
+                        self.release(&consumer, id);
+                        self.requeue(id, &mut effects);
+                    }
+                }
+                QuorumAnswer::Done { id: None }
+            }
+            QuorumCommand::Discard { consumer, ids } => {
+                for id in ids {
+                    if self.held_by(&consumer, id) {
+                        self.release(&consumer, id);
+                        self.dead_letter(id, QuorumDeathReason::Rejected, &mut effects);
+                    }
+                }
+                QuorumAnswer::Done { id: None }
+            }
+            QuorumCommand::NodeDown { node } => {
+                let gone: Vec<QuorumConsumer> =
+                    self.consumers.keys().filter(|consumer| consumer.node == node).cloned().collect();
+                for consumer in gone {
+                    self.remove_consumer(&consumer, &mut effects);
+                }
+                QuorumAnswer::Done { id: None }
+            }
+            QuorumCommand::Tick { now_ms } => {
+                let expired: Vec<QuorumMessageId> = self
+                    .ready
+                    .iter()
+                    .copied()
+                    .filter(|id| {
+                        self.messages.get(id).and_then(|held| held.expires_at_ms).is_some_and(|at| at <= now_ms)
+                    })
+                    .collect();
+                for id in expired {
+                    self.take_ready(id);
+                    self.dead_letter(id, QuorumDeathReason::Expired, &mut effects);
+                }
+                QuorumAnswer::Done { id: None }
+            }
+            QuorumCommand::Purge => {
+                let ready: Vec<QuorumMessageId> = self.ready.iter().copied().collect();
+                for id in &ready {
+                    self.take_ready(*id);
+                    self.messages.remove(id);
+                }
+                QuorumAnswer::Removed { count: ready.len() as u64 }
+            }
+        };
+        self.dispatch(&mut effects);
+        (answer, effects)
+    }
+
+    fn enqueue(
+        &mut self,
+        payload: Arc<[u8]>,
+        expires_at_ms: Option<u64>,
+        effects: &mut Vec<QuorumEffect>,
+    ) -> QuorumAnswer {
+        let bytes = payload.len() as u64;
+        let over = |queue: &QuorumQueue, extra_messages: u64, extra_bytes: u64| {
+            queue.settings.max_length.is_some_and(|max| queue.ready_count() + extra_messages > max)
+                || queue.settings.max_length_bytes.is_some_and(|max| queue.ready_bytes + extra_bytes > max)
+        };
+        if self.settings.reject_publish && over(self, 1, bytes) {
+            return QuorumAnswer::Rejected;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.messages.insert(id, Held { payload, expires_at_ms, delivery_count: 0, checked_out_to: None });
+        self.ready.insert(id);
+        self.ready_bytes += bytes;
+        // Drop-head: the oldest ready messages leave until the queue is within its limits.
+        while over(self, 0, 0) {
+            let Some(oldest) = self.ready.first().copied() else { break };
+            self.take_ready(oldest);
+            self.dead_letter(oldest, QuorumDeathReason::MaxLength, effects);
+        }
+        QuorumAnswer::Done { id: Some(id) }
+    }
+
+    fn held_by(&self, consumer: &QuorumConsumer, id: QuorumMessageId) -> bool {
+        self.consumers.get(consumer).is_some_and(|state| state.holds.contains(&id))
+    }
+
+    /// The consumer no longer holds `id` (the message stays where it is).
+    fn release(&mut self, consumer: &QuorumConsumer, id: QuorumMessageId) {
+        if let Some(state) = self.consumers.get_mut(consumer) {
+            state.holds.remove(&id);
+        }
+        if let Some(held) = self.messages.get_mut(&id) {
+            held.checked_out_to = None;
+        }
+    }
+
+    fn take_ready(&mut self, id: QuorumMessageId) {
+        if self.ready.remove(&id) {
+            let bytes = self.messages.get(&id).map_or(0, |held| held.payload.len() as u64);
+            self.ready_bytes = self.ready_bytes.saturating_sub(bytes);
+        }
+    }
+
+    /// A returned message: dead past the delivery limit, ready again otherwise.
+    fn requeue(&mut self, id: QuorumMessageId, effects: &mut Vec<QuorumEffect>) {
+        let Some(held) = self.messages.get(&id) else { return };
+        if self.settings.delivery_limit.is_some_and(|limit| held.delivery_count > limit) {
+            self.dead_letter(id, QuorumDeathReason::DeliveryLimit, effects);
+            return;
+        }
+        self.ready_bytes += held.payload.len() as u64;
+        self.ready.insert(id);
+    }
+
+    fn dead_letter(&mut self, id: QuorumMessageId, reason: QuorumDeathReason, effects: &mut Vec<QuorumEffect>) {
+        if let Some(held) = self.messages.remove(&id) {
+            effects.push(QuorumEffect::DeadLetter {
+                id,
+                payload: held.payload,
+                reason,
+                delivery_count: held.delivery_count,
+            });
+        }
+    }
+
+    fn remove_consumer(&mut self, consumer: &QuorumConsumer, effects: &mut Vec<QuorumEffect>) {
+        let Some(state) = self.consumers.remove(consumer) else { return };
+        self.service_order.retain(|found| found != consumer);
+        for id in state.holds {
+            if let Some(held) = self.messages.get_mut(&id) {
+                held.checked_out_to = None;
+            }
+            self.requeue(id, effects);
+        }
+    }
+
+    /// Hands ready messages, oldest first, to consumers with credit, in turn.
+    fn dispatch(&mut self, effects: &mut Vec<QuorumEffect>) {
+        let mut idle_in_a_row = 0;
+        while !self.ready.is_empty() && idle_in_a_row < self.service_order.len() {
+            let Some(consumer) = self.service_order.pop_front() else { break };
+            self.service_order.push_back(consumer.clone());
+            let has_credit = self.consumers.get(&consumer).is_some_and(ConsumerState::has_credit);
+            if !has_credit {
+                idle_in_a_row += 1;
+                continue;
+            }
+            idle_in_a_row = 0;
+            let Some(id) = self.ready.first().copied() else { break };
+            self.take_ready(id);
+            let Some(held) = self.messages.get_mut(&id) else { continue };
+            let redelivered = held.delivery_count > 0;
+            held.delivery_count += 1;
+            held.checked_out_to = Some(consumer.clone());
+            effects.push(QuorumEffect::Deliver {
+                consumer: consumer.clone(),
+                id,
+                payload: Arc::clone(&held.payload),
+                delivery_count: held.delivery_count,
+                redelivered,
+            });
+            if let Some(state) = self.consumers.get_mut(&consumer) {
+                state.holds.insert(id);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,234 @@
+//! The quorum queue's state machine: deliveries within prefetch in turn, returns and the
+//! delivery limit, consumers and nodes going away, expiry, length limits; and, over random
+//! command sequences, that no message is ever held by two consumers, none is lost or comes back
+//! after it left, and two replicas fed the same commands decide the same.
+
+use super::*;
+use proptest::prelude::*;
+
+fn consumer(node: u64, tag: &str) -> QuorumConsumer {
+    QuorumConsumer { node, connection: 1, channel: 1, tag: tag.to_owned() }
+}
+
+fn enqueue(text: &str) -> QuorumCommand {
+    QuorumCommand::Enqueue { payload: Arc::from(text.as_bytes()), expires_at_ms: None }
+}
+
+/// (consumer tag, message id, redelivered) of each delivery.
+fn deliveries(effects: &[QuorumEffect]) -> Vec<(String, QuorumMessageId, bool)> {
+    effects
+        .iter()
+        .filter_map(|effect| match effect {
+            QuorumEffect::Deliver { consumer, id, redelivered, .. } => Some((consumer.tag.clone(), *id, *redelivered)),
+            QuorumEffect::DeadLetter { .. } => None,
+        })
+        .collect()
+}
+
+fn dead(effects: &[QuorumEffect]) -> Vec<(QuorumMessageId, QuorumDeathReason)> {
+    effects
+        .iter()
+        .filter_map(|effect| match effect {
+            QuorumEffect::DeadLetter { id, reason, .. } => Some((*id, *reason)),
+            QuorumEffect::Deliver { .. } => None,
+        })
+        .collect()
+}
+
+#[test]
+fn messages_go_to_consumers_in_turn_within_their_prefetch() {
+    let mut queue = QuorumQueue::new(QuorumSettings::default());
+    for text in ["a", "b", "c", "d", "e"] {
+        assert!(matches!(queue.apply(enqueue(text)).0, QuorumAnswer::Done { id: Some(_) }));
+    }
+    let (_, effects) = queue.apply(QuorumCommand::Checkout { consumer: consumer(1, "x"), prefetch: 2 });
+    assert_eq!(deliveries(&effects), vec![("x".into(), 1, false), ("x".into(), 2, false)]);
+    let (_, effects) = queue.apply(QuorumCommand::Checkout { consumer: consumer(2, "y"), prefetch: 2 });
+    assert_eq!(deliveries(&effects), vec![("y".into(), 3, false), ("y".into(), 4, false)]);
+    assert_eq!((queue.ready_count(), queue.checked_out_count()), (1, 4));
+    // A settle frees credit: the next message goes to the one that settled.
+    let (_, effects) = queue.apply(QuorumCommand::Settle { consumer: consumer(1, "x"), ids: vec![1] });
+    assert_eq!(deliveries(&effects), vec![("x".into(), 5, false)]);
+    // A settle by a consumer that does not hold the message changes nothing.
+    queue.apply(QuorumCommand::Settle { consumer: consumer(2, "y"), ids: vec![2] });
+    assert_eq!(queue.checked_out_count(), 4);
+}
+
+#[test]
+fn a_returned_message_comes_back_first_marked_redelivered_until_its_delivery_limit() {
+    let settings = QuorumSettings { delivery_limit: Some(2), ..Default::default() };
+    let mut queue = QuorumQueue::new(settings);
+    queue.apply(enqueue("a"));
+    queue.apply(enqueue("b"));
+    let x = consumer(1, "x");
+    let (_, effects) = queue.apply(QuorumCommand::Checkout { consumer: x.clone(), prefetch: 1 });
+    assert_eq!(deliveries(&effects), vec![("x".into(), 1, false)]);
+    // Returned twice: delivered again ahead of "b", flagged.
+    for _ in 0..2 {
+        let (_, effects) = queue.apply(QuorumCommand::Return { consumer: x.clone(), ids: vec![1] });
+        assert_eq!(deliveries(&effects), vec![("x".into(), 1, true)]);
+    }
+    // The third return is past the limit of two: dead, and "b" is next.
+    let (_, effects) = queue.apply(QuorumCommand::Return { consumer: x.clone(), ids: vec![1] });
+    assert_eq!(dead(&effects), vec![(1, QuorumDeathReason::DeliveryLimit)]);
+    assert_eq!(deliveries(&effects), vec![("x".into(), 2, false)]);
+    // Rejected without requeue: dead at once.
+    let (_, effects) = queue.apply(QuorumCommand::Discard { consumer: x, ids: vec![2] });
+    assert_eq!(dead(&effects), vec![(2, QuorumDeathReason::Rejected)]);
+    assert_eq!((queue.ready_count(), queue.checked_out_count()), (0, 0));
+}
+
+#[test]
+fn what_a_gone_consumer_or_node_held_goes_to_the_others_redelivered() {
+    let mut queue = QuorumQueue::new(QuorumSettings::default());
+    for text in ["a", "b", "c"] {
+        queue.apply(enqueue(text));
+    }
+    queue.apply(QuorumCommand::Checkout { consumer: consumer(1, "x"), prefetch: 1 });
+    queue.apply(QuorumCommand::Checkout { consumer: consumer(1, "z"), prefetch: 1 });
+    queue.apply(QuorumCommand::Checkout { consumer: consumer(2, "y"), prefetch: 0 });
+    assert_eq!(queue.checked_out_count(), 3);
+    // Node 1 is gone: both its consumers' messages go to y, flagged, oldest first.
+    let (_, effects) = queue.apply(QuorumCommand::NodeDown { node: 1 });
+    assert_eq!(deliveries(&effects), vec![("y".into(), 1, true), ("y".into(), 2, true)]);
+    assert_eq!(queue.consumer_count(), 1);
+    let (_, effects) = queue.apply(QuorumCommand::Cancel { consumer: consumer(2, "y") });
+    assert!(deliveries(&effects).is_empty());
+    assert_eq!((queue.ready_count(), queue.consumer_count()), (3, 0));
+}
+
+#[test]
+fn expired_ready_messages_are_dead_lettered_when_the_time_comes() {
+    let mut queue = QuorumQueue::new(QuorumSettings::default());
+    queue.apply(QuorumCommand::Enqueue { payload: Arc::from(&b"soon"[..]), expires_at_ms: Some(100) });
+    queue.apply(QuorumCommand::Enqueue { payload: Arc::from(&b"later"[..]), expires_at_ms: Some(200) });
+    queue.apply(enqueue("never"));
+    assert!(dead(&queue.apply(QuorumCommand::Tick { now_ms: 99 }).1).is_empty());
+    assert_eq!(dead(&queue.apply(QuorumCommand::Tick { now_ms: 150 }).1), vec![(1, QuorumDeathReason::Expired)]);
+    // A message a consumer holds does not expire under it.
+    queue.apply(QuorumCommand::Checkout { consumer: consumer(1, "x"), prefetch: 1 });
+    assert!(dead(&queue.apply(QuorumCommand::Tick { now_ms: 1_000 }).1).is_empty());
+    assert_eq!(queue.apply(QuorumCommand::Purge).0, QuorumAnswer::Removed { count: 1 });
+}
+
+#[test]
+fn a_length_limit_drops_the_oldest_or_refuses_the_newest() {
+    let mut queue = QuorumQueue::new(QuorumSettings { max_length: Some(2), ..Default::default() });
+    for text in ["a", "b", "c"] {
+        queue.apply(enqueue(text));
+    }
+    let mut refusing =
+        QuorumQueue::new(QuorumSettings { max_length_bytes: Some(2), reject_publish: true, ..Default::default() });
+    assert!(matches!(refusing.apply(enqueue("a")).0, QuorumAnswer::Done { .. }));
+    assert!(matches!(refusing.apply(enqueue("b")).0, QuorumAnswer::Done { .. }));
+    assert_eq!(refusing.apply(enqueue("c")).0, QuorumAnswer::Rejected);
+    assert_eq!(queue.ready_count(), 2);
+    let (_, effects) = queue.apply(enqueue("d"));
+    assert_eq!(dead(&effects), vec![(2, QuorumDeathReason::MaxLength)]);
+}
+
+fn command_strategy() -> impl Strategy<Value = QuorumCommand> {
+    let who = (1u64..=3, 0usize..2).prop_map(|(node, tag)| consumer(node, ["p", "q"][tag]));
+    let ids = proptest::collection::vec(1u64..40, 1..4);
+    prop_oneof![
+        4 => (0u8..3, proptest::option::of(0u64..50)).prop_map(|(size, expires_at_ms)| QuorumCommand::Enqueue {
+            payload: Arc::from(vec![7u8; usize::from(size)].as_slice()),
+            expires_at_ms,
+        }),
+        2 => (who.clone(), 0u32..3).prop_map(|(consumer, prefetch)| QuorumCommand::Checkout { consumer, prefetch }),
+        1 => who.clone().prop_map(|consumer| QuorumCommand::Cancel { consumer }),
+        3 => (who.clone(), ids.clone()).prop_map(|(consumer, ids)| QuorumCommand::Settle { consumer, ids }),
+        2 => (who.clone(), ids.clone()).prop_map(|(consumer, ids)| QuorumCommand::Return { consumer, ids }),
+        1 => (who, ids).prop_map(|(consumer, ids)| QuorumCommand::Discard { consumer, ids }),
+        1 => (1u64..=3).prop_map(|node| QuorumCommand::NodeDown { node }),
+        1 => (0u64..60).prop_map(|now_ms| QuorumCommand::Tick { now_ms }),
+        1 => Just(QuorumCommand::Purge),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn no_message_is_held_twice_lost_or_back_after_it_left(
+        commands in proptest::collection::vec(command_strategy(), 1..120),
+        delivery_limit in proptest::option::of(0u32..3),
+        max_length in proptest::option::of(1u64..6),
+    ) {
+        let settings = QuorumSettings { delivery_limit, max_length, ..Default::default() };
+        let (mut queue, mut replica) = (QuorumQueue::new(settings), QuorumQueue::new(settings));
+        // Where each message is by the effects alone: holder, or gone.
+        let mut holder: BTreeMap<QuorumMessageId, QuorumConsumer> = BTreeMap::new();
+        let mut live: BTreeSet<QuorumMessageId> = BTreeSet::new();
+        let mut gone: BTreeSet<QuorumMessageId> = BTreeSet::new();
+        for command in commands {
+            // What leaves the queue by the command itself (not by an effect).
+            let settled: Vec<QuorumMessageId> = match &command {
+                QuorumCommand::Settle { consumer, ids } => {
+                    ids.iter().copied().filter(|id| holder.get(id) == Some(consumer)).collect()
+                }
+                _ => Vec::new(),
+            };
+            let ready_before: BTreeSet<QuorumMessageId> = queue.ready.clone();
+            let (answer, effects) = queue.apply(command.clone());
+            prop_assert_eq!(replica.apply(command.clone()), (answer.clone(), effects.clone()));
+            if let QuorumAnswer::Done { id: Some(id) } = answer {
+                prop_assert!(live.insert(id) && !gone.contains(&id));
+            }
+            if let QuorumAnswer::Removed { .. } = answer {
+                for id in ready_before {
+                    live.remove(&id);
+                    gone.insert(id);
+                }
+            }
+            for id in settled {
+                holder.remove(&id);
+                live.remove(&id);
+                gone.insert(id);
+            }
+            // Returns, cancels and node-downs release what they name before anything new goes out.
+            match &command {
+                QuorumCommand::Return { consumer, ids } | QuorumCommand::Discard { consumer, ids } => {
+                    for id in ids {
+                        if holder.get(id) == Some(consumer) {
+                            holder.remove(id);
+                        }
+                    }
+                }
+                QuorumCommand::Cancel { consumer } => holder.retain(|_, held_by| held_by != consumer),
+                QuorumCommand::NodeDown { node } => holder.retain(|_, held_by| held_by.node != *node),
+                _ => {}
+            }
+            for effect in &effects {
+                match effect {
+                    QuorumEffect::DeadLetter { id, .. } => {
+                        prop_assert!(live.remove(id), "dead-lettered twice or never enqueued: {}", id);
+                        prop_assert!(!holder.contains_key(id), "dead-lettered while held: {}", id);
+                        gone.insert(*id);
+                    }
+                    QuorumEffect::Deliver { consumer, id, .. } => {
+                        prop_assert!(live.contains(id), "delivered after it left: {}", id);
+                        prop_assert!(holder.insert(*id, consumer.clone()).is_none(), "held twice: {}", id);
+                    }
+                }
+            }
+            // A consumer given a message is within its prefetch (a lowered prefetch may leave
+            // one above it, holding what it had).
+            let served: BTreeSet<&QuorumConsumer> = effects
+                .iter()
+                .filter_map(|effect| match effect {
+                    QuorumEffect::Deliver { consumer, .. } => Some(consumer),
+                    QuorumEffect::DeadLetter { .. } => None,
+                })
+                .collect();
+            for (consumer, state) in &queue.consumers {
+                if served.contains(consumer) {
+                    prop_assert!(state.prefetch == 0 || state.holds.len() as u64 <= u64::from(state.prefetch));
+                }
+                for id in &state.holds {
+                    prop_assert_eq!(holder.get(id), Some(consumer));
+                }
+            }
+            prop_assert_eq!(queue.messages.len() as u64, live.len() as u64);
+            prop_assert_eq!(queue.checked_out_count(), holder.len() as u64);
+        }
+    }
+}
