@@ -11,7 +11,7 @@
 //!
 //! Semantics follow RabbitMQ's quorum queues (`rabbit_fifo`): a message is checked out to one
 //! consumer at a time, within that consumer's prefetch; a settle removes it; a return (a nack or
-//! reject with requeue, a cancelled consumer, a consumer's node gone) puts it back at the head
+//! reject with requeue, a consumer's channel closed, its node gone) puts it back at the head
 //! in id order with its delivery count raised, and it is redelivered with the flag set; past the
 //! delivery limit, or rejected without requeue, or expired, or pushed out by a length limit, it
 //! is dead-lettered (an effect; the dead-letter target is the caller's business).
@@ -53,8 +53,11 @@ pub enum QuorumCommand {
     Enqueue { payload: Arc<[u8]>, expires_at_ms: Option<u64> },
     /// A consumer starts, with a prefetch (0: no limit).
     Checkout { consumer: QuorumConsumer, prefetch: u32 },
-    /// A consumer stops; what it holds is returned.
+    /// A consumer stops taking messages (`basic.cancel`); what it holds stays with it until it
+    /// settles it or goes down, as AMQP has it.
     Cancel { consumer: QuorumConsumer },
+    /// A consumer is gone (its channel or connection closed): what it holds is returned.
+    Down { consumer: QuorumConsumer },
     /// Acknowledged: removed.
     Settle { consumer: QuorumConsumer, ids: Vec<QuorumMessageId> },
     /// Rejected or nacked with requeue: back to the head, delivery count raised.
@@ -118,11 +121,13 @@ struct Held {
 struct ConsumerState {
     prefetch: u32,
     holds: BTreeSet<QuorumMessageId>,
+    /// Cancelled: takes nothing more; forgotten once it holds nothing.
+    cancelled: bool,
 }
 
 impl ConsumerState {
     fn has_credit(&self) -> bool {
-        self.prefetch == 0 || (self.holds.len() as u64) < u64::from(self.prefetch)
+        !self.cancelled && (self.prefetch == 0 || (self.holds.len() as u64) < u64::from(self.prefetch))
     }
 }
 
@@ -166,15 +171,27 @@ impl QuorumQueue {
         let answer = match command {
             QuorumCommand::Enqueue { payload, expires_at_ms } => self.enqueue(payload, expires_at_ms, &mut effects),
             QuorumCommand::Checkout { consumer, prefetch } => {
-                if !self.consumers.contains_key(&consumer) {
+                if !self.service_order.contains(&consumer) {
                     self.service_order.push_back(consumer.clone());
                 }
-                let state =
-                    self.consumers.entry(consumer).or_insert(ConsumerState { prefetch, holds: BTreeSet::new() });
+                let state = self.consumers.entry(consumer).or_insert(ConsumerState {
+                    prefetch,
+                    holds: BTreeSet::new(),
+                    cancelled: false,
+                });
                 state.prefetch = prefetch;
+                state.cancelled = false;
                 QuorumAnswer::Done { id: None }
             }
             QuorumCommand::Cancel { consumer } => {
+                if let Some(state) = self.consumers.get_mut(&consumer) {
+                    state.cancelled = true;
+                }
+                self.service_order.retain(|found| *found != consumer);
+                self.forget_if_done(&consumer);
+                QuorumAnswer::Done { id: None }
+            }
+            QuorumCommand::Down { consumer } => {
                 self.remove_consumer(&consumer, &mut effects);
                 QuorumAnswer::Done { id: None }
             }
@@ -185,6 +202,7 @@ impl QuorumQueue {
                         self.messages.remove(&id);
                     }
                 }
+                self.forget_if_done(&consumer);
                 QuorumAnswer::Done { id: None }
             }
             QuorumCommand::Return { consumer, ids } => {
@@ -194,6 +212,7 @@ impl QuorumQueue {
                         self.requeue(id, &mut effects);
                     }
                 }
+                self.forget_if_done(&consumer);
                 QuorumAnswer::Done { id: None }
             }
             QuorumCommand::Discard { consumer, ids } => {
@@ -203,6 +222,7 @@ impl QuorumQueue {
                         self.dead_letter(id, QuorumDeathReason::Rejected, &mut effects);
                     }
                 }
+                self.forget_if_done(&consumer);
                 QuorumAnswer::Done { id: None }
             }
             QuorumCommand::NodeDown { node } => {
@@ -309,6 +329,13 @@ impl QuorumQueue {
                 reason,
                 delivery_count: held.delivery_count,
             });
+        }
+    }
+
+    /// A cancelled consumer that holds nothing more is forgotten.
+    fn forget_if_done(&mut self, consumer: &QuorumConsumer) {
+        if self.consumers.get(consumer).is_some_and(|state| state.cancelled && state.holds.is_empty()) {
+            self.consumers.remove(consumer);
         }
     }
 

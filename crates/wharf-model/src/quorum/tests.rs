@@ -92,9 +92,15 @@ fn what_a_gone_consumer_or_node_held_goes_to_the_others_redelivered() {
     let (_, effects) = queue.apply(QuorumCommand::NodeDown { node: 1 });
     assert_eq!(deliveries(&effects), vec![("y".into(), 1, true), ("y".into(), 2, true)]);
     assert_eq!(queue.consumer_count(), 1);
+    // Cancelled, y keeps what it holds until it settles it or goes down, and gets nothing new.
     let (_, effects) = queue.apply(QuorumCommand::Cancel { consumer: consumer(2, "y") });
     assert!(deliveries(&effects).is_empty());
-    assert_eq!((queue.ready_count(), queue.consumer_count()), (3, 0));
+    queue.apply(QuorumCommand::Settle { consumer: consumer(2, "y"), ids: vec![3] });
+    queue.apply(QuorumCommand::Checkout { consumer: consumer(3, "w"), prefetch: 0 });
+    assert_eq!((queue.ready_count(), queue.checked_out_count()), (0, 2));
+    let (_, effects) = queue.apply(QuorumCommand::Down { consumer: consumer(2, "y") });
+    assert_eq!(deliveries(&effects), vec![("w".into(), 1, true), ("w".into(), 2, true)]);
+    assert_eq!(queue.consumer_count(), 1);
 }
 
 #[test]
@@ -137,6 +143,7 @@ fn command_strategy() -> impl Strategy<Value = QuorumCommand> {
         }),
         2 => (who.clone(), 0u32..3).prop_map(|(consumer, prefetch)| QuorumCommand::Checkout { consumer, prefetch }),
         1 => who.clone().prop_map(|consumer| QuorumCommand::Cancel { consumer }),
+        1 => who.clone().prop_map(|consumer| QuorumCommand::Down { consumer }),
         3 => (who.clone(), ids.clone()).prop_map(|(consumer, ids)| QuorumCommand::Settle { consumer, ids }),
         2 => (who.clone(), ids.clone()).prop_map(|(consumer, ids)| QuorumCommand::Return { consumer, ids }),
         1 => (who, ids).prop_map(|(consumer, ids)| QuorumCommand::Discard { consumer, ids }),
@@ -193,7 +200,7 @@ proptest! {
                         }
                     }
                 }
-                QuorumCommand::Cancel { consumer } => holder.retain(|_, held_by| held_by != consumer),
+                QuorumCommand::Down { consumer } => holder.retain(|_, held_by| held_by != consumer),
                 QuorumCommand::NodeDown { node } => holder.retain(|_, held_by| held_by.node != *node),
                 _ => {}
             }
