@@ -27,7 +27,8 @@ pub mod vhost;
 
 pub use broker::{
     Admission, BrokerModel, CancelledConsumer, ChannelSummary, ConsumerSummary, Counters, DeletedExchange,
-    DeletedQueue, Delivery, Effects, Removed, StoredAt, WithdrawRefusal, Withdrawn,
+    DeletedQueue, Delivery, Effects, Removed, ReplicatedDelivery, ReplicatedOp, ReplicatedOutcome, StoredAt,
+    WithdrawRefusal, Withdrawn,
 };
 pub use deadletter::{AutoDeadLetterQueue, DeathReason, Transfer, TransferTarget};
 pub use error::{ModelError, Result, Scope};

@@ -98,6 +98,10 @@ pub struct Queue {
     pub exclusive_owner: Option<ConnectionId>,
     /// Deleted when its last consumer goes (once it has had one).
     pub auto_delete: bool,
+    /// A quorum queue on a cluster: its messages are held by its replicated state machine
+    /// (`crate::quorum`), not here; its consumers are attached here only to be counted, and its
+    /// deliveries, settlements and consumers become [`crate::broker::ReplicatedOp`]s.
+    pub replicated: bool,
     /// Declared arguments.
     pub arguments: FieldTable,
     /// Effective settings (arguments merged with the policy).
@@ -175,6 +179,7 @@ impl Queue {
             durable,
             exclusive_owner,
             auto_delete,
+            replicated: false,
             arguments,
             settings,
             store_log: None,

@@ -4,7 +4,9 @@
 //! back to their queues and those consumers leave them.
 
 use super::timers::Timer;
-use super::{BrokerModel, CONNECTION_PENDING_BYTES_MAX, CONSUMERS_PER_CHANNEL_MAX, Effects, channel_not_open};
+use super::{
+    BrokerModel, CONNECTION_PENDING_BYTES_MAX, CONSUMERS_PER_CHANNEL_MAX, Effects, ReplicatedOp, channel_not_open,
+};
 use crate::error::{ModelError, Result};
 use crate::queue::{ChannelKey, ConnectionId};
 use crate::trace::{RequeueCause, TraceKind};
@@ -39,6 +41,9 @@ pub(super) struct Outstanding {
     pub(super) own_lease_timer: bool,
     /// When it was delivered (for the message's trace, if it comes back unsettled).
     pub(super) delivered_at_ms: u64,
+    /// From a quorum queue (`entry_id` is the message's id there): settling it is a command
+    /// for the queue's group, not a change of the model's queue.
+    pub(super) replicated: bool,
 }
 
 /// An open channel: its deliveries not yet settled, its consumers and their prefetch.
@@ -121,6 +126,9 @@ impl BrokerModel {
         let mut effects = Effects::default();
         let mut touched = BTreeSet::new();
         for (key, channel) in closed {
+            // Quorum queues' consumers of this channel, cancelled ones that still hold deliveries
+            // included: each is down, and its group returns what it held.
+            let mut replicated_down = BTreeSet::new();
             for (delivery_tag, outstanding) in channel.unacked {
                 if let Some(due_ms) = outstanding.lease_due_ms.filter(|_| outstanding.own_lease_timer) {
                     self.timers
@@ -129,14 +137,26 @@ impl BrokerModel {
                 if outstanding.gone {
                     continue;
                 }
+                if outstanding.replicated {
+                    if let Some((tag, _)) = outstanding.consumer {
+                        replicated_down.insert((outstanding.queue, tag));
+                    }
+                    continue;
+                }
                 let requeued = TraceKind::Requeued(RequeueCause::ChannelClosed);
                 self.note_delivery(&channel.vhost, key, &outstanding, requeued);
                 self.return_delivery(&channel.vhost, &outstanding.queue, outstanding.entry_id, false, &mut effects);
                 touched.insert((channel.vhost.clone(), outstanding.queue));
             }
             for (tag, consumer) in channel.consumers {
+                if self.is_replicated(&channel.vhost, &consumer.queue) {
+                    replicated_down.insert((consumer.queue.clone(), tag.clone()));
+                }
                 self.detach_consumer(&channel.vhost, &consumer.queue, key, &tag, &mut effects);
                 touched.insert((channel.vhost.clone(), consumer.queue));
+            }
+            for (queue, tag) in replicated_down {
+                effects.replicated.push(ReplicatedOp::Down { vhost: channel.vhost.clone(), queue, channel: key, tag });
             }
         }
         for (vhost, queue) in touched {
@@ -271,10 +291,20 @@ impl BrokerModel {
                 unacked: 0,
             },
         );
+        let prefetch = channel.prefetch_consumer;
         if let Some(queue) = self.vhosts.get_mut(&vhost_name).and_then(|vhost| vhost.queue_mut(queue_name)) {
             queue.attach_consumer(key, &tag, exclusive, priority, self.now_ms);
         }
-        let effects = self.dispatch(&vhost_name, queue_name);
+        let mut effects = self.dispatch(&vhost_name, queue_name);
+        if self.is_replicated(&vhost_name, queue_name) {
+            effects.replicated.push(ReplicatedOp::Checkout {
+                vhost: vhost_name,
+                queue: queue_name.to_owned(),
+                channel: key,
+                tag: tag.clone(),
+                prefetch,
+            });
+        }
         Ok((tag, effects))
     }
 
@@ -289,6 +319,14 @@ impl BrokerModel {
         let vhost = channel.vhost.clone();
         let mut effects = Effects::default();
         self.detach_consumer(&vhost, &consumer.queue, key, tag, &mut effects);
+        if self.is_replicated(&vhost, &consumer.queue) {
+            effects.replicated.push(ReplicatedOp::Cancel {
+                vhost,
+                queue: consumer.queue,
+                channel: key,
+                tag: tag.to_owned(),
+            });
+        }
         Ok(effects)
     }
 

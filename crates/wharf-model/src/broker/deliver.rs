@@ -80,6 +80,7 @@ impl BrokerModel {
                         lease_due_ms,
                         own_lease_timer,
                         delivered_at_ms: now_ms,
+                        replicated: false,
                     },
                 );
                 match lease_due_ms {
@@ -147,6 +148,7 @@ impl BrokerModel {
                 lease_due_ms,
                 own_lease_timer,
                 delivered_at_ms: now_ms,
+                replicated: false,
             };
             channel.unacked.insert(delivery.delivery_tag, outstanding);
             match lease_due_ms {

@@ -105,7 +105,8 @@ impl BrokerModel {
                         "invariant broken: delivery tag {delivery_tag} on channel {key:?} has a default lease due at {due_ms} but no sweep timer by then"
                     );
                 }
-                if outstanding.gone {
+                // A quorum queue's delivery is held by its replicated state machine, not here.
+                if outstanding.gone || outstanding.replicated {
                     continue;
                 }
                 let held = vhost

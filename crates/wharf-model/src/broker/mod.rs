@@ -29,6 +29,7 @@ mod inspect;
 mod invariants;
 mod policies;
 mod queues;
+mod replicated;
 mod settle;
 mod timers;
 mod workbench;
@@ -36,6 +37,7 @@ mod workbench;
 pub use admission::Admission;
 pub use direct_reply::{DIRECT_REPLY_TO, DIRECT_REPLY_TO_PREFIX};
 pub use inspect::{ChannelSummary, ConsumerSummary};
+pub use replicated::{ReplicatedDelivery, ReplicatedOp, ReplicatedOutcome};
 pub use workbench::{WithdrawRefusal, Withdrawn};
 
 use crate::deadletter::{self, AutoDeadLetterQueue, DeathReason, Transfer, TransferTarget};
@@ -233,6 +235,8 @@ pub struct Effects {
     pub deleted_exchanges: Vec<DeletedExchange>,
     /// Messages to move into other queues (dead letters, due delayed messages).
     pub transfers: Vec<Transfer>,
+    /// What changed for quorum queues' consumers and deliveries: commands for their groups.
+    pub replicated: Vec<ReplicatedOp>,
 }
 
 impl Effects {
@@ -243,6 +247,7 @@ impl Effects {
         self.deleted_queues.extend(other.deleted_queues);
         self.deleted_exchanges.extend(other.deleted_exchanges);
         self.transfers.extend(other.transfers);
+        self.replicated.extend(other.replicated);
     }
 }
 

@@ -5,7 +5,9 @@
 
 use super::channels::Outstanding;
 use super::timers::Timer;
-use super::{BrokerModel, Effects, Removed, TraceSource, channel_not_open, dead_letter};
+use super::{
+    BrokerModel, Effects, Removed, ReplicatedOp, ReplicatedOutcome, TraceSource, channel_not_open, dead_letter,
+};
 use crate::deadletter::DeathReason;
 use crate::error::{ModelError, Result};
 use crate::queue::{ChannelKey, Returned};
@@ -38,6 +40,10 @@ impl BrokerModel {
         let taken = self.take_outstanding(key, delivery_tag, multiple)?;
         let mut effects = Effects::default();
         for outstanding in taken.into_iter().filter(|outstanding| !outstanding.gone) {
+            if outstanding.replicated {
+                effects.replicated.push(ReplicatedOp::settle(&vhost, key, outstanding, ReplicatedOutcome::Settled));
+                continue;
+            }
             if let Some(queue) = self.vhosts.get_mut(&vhost).and_then(|vhost| vhost.queue_mut(&outstanding.queue))
                 && let Some(entry) = queue.remove_unacked(outstanding.entry_id)
             {
@@ -74,6 +80,11 @@ impl BrokerModel {
         let mut effects = Effects::default();
         let mut touched = BTreeSet::new();
         for outstanding in taken.into_iter().filter(|outstanding| !outstanding.gone) {
+            if outstanding.replicated {
+                let outcome = if requeue { ReplicatedOutcome::Returned } else { ReplicatedOutcome::Discarded };
+                effects.replicated.push(ReplicatedOp::settle(&vhost, key, outstanding, outcome));
+                continue;
+            }
             if requeue {
                 let cause = match how {
                     Refusal::Nack => RequeueCause::Nack,

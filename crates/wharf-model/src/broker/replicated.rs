@@ -1,0 +1,149 @@
+//! Quorum queues' consumers on this node's channels. The messages are the queue's replicated
+//! state machine's (`crate::quorum`): a consumer of a quorum queue is attached to the model's
+//! (empty) queue only to be counted, and what its channel does with it comes out as
+//! [`ReplicatedOp`]s (checkout, cancel, down, settle) that the runtime turns into commands for
+//! the queue's group. A delivery the group assigned to a consumer here comes in through
+//! [`BrokerModel::deliver_replicated`], which gives it the channel's next delivery tag, so a
+//! channel's tags, `multiple` acks and unacknowledged limit cover both kinds of queue alike.
+
+use super::channels::Outstanding;
+use super::{BrokerModel, Delivery, Effects, UNACKED_PER_CHANNEL_MAX, delivery_bytes};
+use crate::message::Message;
+use crate::queue::ChannelKey;
+use std::sync::Arc;
+
+/// How a delivery from a quorum queue was settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicatedOutcome {
+    /// Acknowledged (or delivered with no-ack).
+    Settled,
+    /// Rejected or nacked with requeue.
+    Returned,
+    /// Rejected or nacked without requeue.
+    Discarded,
+}
+
+/// What a channel did with a quorum queue's consumer or delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicatedOp {
+    /// `basic.consume`, with the consumer's prefetch (0: none).
+    Checkout { vhost: String, queue: String, channel: ChannelKey, tag: String, prefetch: u16 },
+    /// `basic.cancel`: no more deliveries; what it holds stays with it.
+    Cancel { vhost: String, queue: String, channel: ChannelKey, tag: String },
+    /// Its channel closed: what it held goes back.
+    Down { vhost: String, queue: String, channel: ChannelKey, tag: String },
+    /// A delivery settled.
+    Settle { vhost: String, queue: String, channel: ChannelKey, tag: String, id: u64, outcome: ReplicatedOutcome },
+}
+
+impl ReplicatedOp {
+    pub(super) fn settle(
+        vhost: &str,
+        channel: ChannelKey,
+        outstanding: Outstanding,
+        outcome: ReplicatedOutcome,
+    ) -> Self {
+        ReplicatedOp::Settle {
+            vhost: vhost.to_owned(),
+            queue: outstanding.queue,
+            channel,
+            tag: outstanding.consumer.map(|(tag, _)| tag).unwrap_or_default(),
+            id: outstanding.entry_id,
+            outcome,
+        }
+    }
+}
+
+/// A quorum queue's message assigned to a consumer here, as the group decided it.
+#[derive(Debug, Clone)]
+pub struct ReplicatedDelivery {
+    pub channel: ChannelKey,
+    pub tag: String,
+    pub queue: String,
+    /// The message's id in its queue.
+    pub id: u64,
+    pub message: Arc<Message>,
+    /// Deliveries so far, this one included.
+    pub delivery_count: u32,
+    pub redelivered: bool,
+}
+
+impl BrokerModel {
+    /// Whether `queue` of `vhost` is a quorum queue.
+    pub(super) fn is_replicated(&self, vhost: &str, queue: &str) -> bool {
+        self.vhosts.get(vhost).and_then(|found| found.queue(queue)).is_some_and(|found| found.replicated)
+    }
+
+    /// Hands a quorum queue's delivery to its consumer's channel: the delivery to send, with the
+    /// channel's next tag. A no-ack consumer's delivery is settled at once (the op is in the
+    /// effects). `None` with the delivery given back as returned when the consumer or its
+    /// channel is gone (the group's `Down` for it is on its way) or the channel is at its bound.
+    pub fn deliver_replicated(&mut self, delivery: ReplicatedDelivery) -> (Option<Delivery>, Effects) {
+        let mut effects = Effects::default();
+        let now_ms = self.now_ms;
+        let vhost = self.channels.get(&delivery.channel).map(|channel| channel.vhost.clone());
+        let Some(channel) = self.channels.get_mut(&delivery.channel) else { return (None, effects) };
+        let Some(consumer) =
+            channel.consumers.get_mut(&delivery.tag).filter(|consumer| consumer.queue == delivery.queue)
+        else {
+            return (None, effects);
+        };
+        let vhost = vhost.unwrap_or_default();
+        let settle = |outcome| ReplicatedOp::Settle {
+            vhost: vhost.clone(),
+            queue: delivery.queue.clone(),
+            channel: delivery.channel,
+            tag: delivery.tag.clone(),
+            id: delivery.id,
+            outcome,
+        };
+        if !consumer.no_ack && channel.unacked.len() >= UNACKED_PER_CHANNEL_MAX {
+            effects.replicated.push(settle(ReplicatedOutcome::Returned));
+            return (None, effects);
+        }
+        let delivery_tag = channel.next_delivery_tag;
+        channel.next_delivery_tag += 1;
+        // Counted against the connection's pending bytes like any delivery; the group, not this
+        // node, decides when to deliver, so the consumer's prefetch is what bounds them.
+        *self.pending_bytes.entry(delivery.channel.connection).or_default() += delivery_bytes(&delivery.message);
+        if consumer.no_ack {
+            self.counters.delivered_consume_auto_ack += 1;
+            effects.replicated.push(settle(ReplicatedOutcome::Settled));
+        } else {
+            self.counters.delivered_consume_manual_ack += 1;
+            consumer.unacked += 1;
+            channel.consumer_unacked += 1;
+            channel.unacked.insert(
+                delivery_tag,
+                Outstanding {
+                    queue: delivery.queue.clone(),
+                    entry_id: delivery.id,
+                    consumer: Some((delivery.tag.clone(), consumer.instance)),
+                    gone: false,
+                    lease_due_ms: None,
+                    own_lease_timer: false,
+                    delivered_at_ms: now_ms,
+                    replicated: true,
+                },
+            );
+        }
+        self.counters.redelivered += u64::from(delivery.redelivered);
+        let sent = Delivery {
+            channel: delivery.channel,
+            consumer_tag: Some(delivery.tag),
+            delivery_tag,
+            redelivered: delivery.redelivered,
+            queue: delivery.queue,
+            message: delivery.message,
+            message_count: 0,
+            delivery_count: delivery.delivery_count,
+            store: None,
+            remove_record_after_read: false,
+            store_transient: false,
+        };
+        (Some(sent), effects)
+    }
+}
+
+#[cfg(test)]
+mod tests;
