@@ -22,11 +22,13 @@ use std::sync::Arc;
 /// A message's id in its quorum queue: the same on every replica.
 pub type QuorumMessageId = u64;
 
-/// A consumer of a quorum queue, named the same on every node: the node it is attached to, its
-/// connection and channel there, and its tag.
+/// A consumer of a quorum queue, named the same on every node: the node it is attached to and
+/// that node's incarnation (a restarted node's connection ids start again), its connection and
+/// channel there, and its tag.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct QuorumConsumer {
     pub node: u64,
+    pub incarnation: u32,
     pub connection: u64,
     pub channel: u16,
     pub tag: String,
@@ -67,6 +69,8 @@ pub enum QuorumCommand {
     /// Every consumer of `node` is gone (the node left, or restarted): their messages are
     /// returned.
     NodeDown { node: u64 },
+    /// `node` started again as `incarnation`: its consumers of earlier incarnations are gone.
+    NodeRestarted { node: u64, incarnation: u32 },
     /// The time is `now_ms`: ready messages expired by then are dead-lettered.
     Tick { now_ms: u64 },
     /// Every ready message is removed.
@@ -228,6 +232,18 @@ impl QuorumQueue {
             QuorumCommand::NodeDown { node } => {
                 let gone: Vec<QuorumConsumer> =
                     self.consumers.keys().filter(|consumer| consumer.node == node).cloned().collect();
+                for consumer in gone {
+                    self.remove_consumer(&consumer, &mut effects);
+                }
+                QuorumAnswer::Done { id: None }
+            }
+            QuorumCommand::NodeRestarted { node, incarnation } => {
+                let gone: Vec<QuorumConsumer> = self
+                    .consumers
+                    .keys()
+                    .filter(|consumer| consumer.node == node && consumer.incarnation != incarnation)
+                    .cloned()
+                    .collect();
                 for consumer in gone {
                     self.remove_consumer(&consumer, &mut effects);
                 }

@@ -7,7 +7,7 @@ use super::*;
 use proptest::prelude::*;
 
 fn consumer(node: u64, tag: &str) -> QuorumConsumer {
-    QuorumConsumer { node, connection: 1, channel: 1, tag: tag.to_owned() }
+    QuorumConsumer { node, incarnation: 1, connection: 1, channel: 1, tag: tag.to_owned() }
 }
 
 fn enqueue(text: &str) -> QuorumCommand {
@@ -101,6 +101,12 @@ fn what_a_gone_consumer_or_node_held_goes_to_the_others_redelivered() {
     let (_, effects) = queue.apply(QuorumCommand::Down { consumer: consumer(2, "y") });
     assert_eq!(deliveries(&effects), vec![("w".into(), 1, true), ("w".into(), 2, true)]);
     assert_eq!(queue.consumer_count(), 1);
+    // Node 3 restarted: w (of its first incarnation) is gone, a consumer of the new one stays.
+    let new_w = QuorumConsumer { incarnation: 2, ..consumer(3, "w") };
+    queue.apply(QuorumCommand::Checkout { consumer: new_w, prefetch: 0 });
+    let (_, effects) = queue.apply(QuorumCommand::NodeRestarted { node: 3, incarnation: 2 });
+    assert_eq!(deliveries(&effects), vec![("w".into(), 1, true), ("w".into(), 2, true)]);
+    assert_eq!(queue.consumer_count(), 1);
 }
 
 #[test]
@@ -148,6 +154,7 @@ fn command_strategy() -> impl Strategy<Value = QuorumCommand> {
         2 => (who.clone(), ids.clone()).prop_map(|(consumer, ids)| QuorumCommand::Return { consumer, ids }),
         1 => (who, ids).prop_map(|(consumer, ids)| QuorumCommand::Discard { consumer, ids }),
         1 => (1u64..=3).prop_map(|node| QuorumCommand::NodeDown { node }),
+        1 => (1u64..=3, 1u32..=2).prop_map(|(node, incarnation)| QuorumCommand::NodeRestarted { node, incarnation }),
         1 => (0u64..60).prop_map(|now_ms| QuorumCommand::Tick { now_ms }),
         1 => Just(QuorumCommand::Purge),
     ]
@@ -202,6 +209,9 @@ proptest! {
                 }
                 QuorumCommand::Down { consumer } => holder.retain(|_, held_by| held_by != consumer),
                 QuorumCommand::NodeDown { node } => holder.retain(|_, held_by| held_by.node != *node),
+                QuorumCommand::NodeRestarted { node, incarnation } => {
+                    holder.retain(|_, held_by| held_by.node != *node || held_by.incarnation == *incarnation)
+                }
                 _ => {}
             }
             for effect in &effects {
