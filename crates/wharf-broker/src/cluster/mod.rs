@@ -18,6 +18,7 @@
 mod command;
 mod exchanges;
 mod machine;
+mod propose;
 
 pub(crate) use command::{MetaAnswer, MetaCommand, StoredHash, table_bytes};
 
@@ -25,14 +26,13 @@ use crate::core::Core;
 use crate::error::BrokerError;
 use bytes::Bytes;
 use machine::{AppliedState, MetaMachine};
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::RaftError;
 use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use wharf_cluster::{ClusterError, NodeId, Transport};
-use wharf_raft::{Command, GroupLog, GroupNetwork, GroupStatus, GroupTypes, Groups};
+use wharf_cluster::{NodeId, Transport};
+use wharf_raft::{GroupLog, GroupNetwork, GroupStatus, GroupTypes, Groups};
 use wharf_store::{LogId, MetaStore, Recovered, Store};
 
 /// The cluster service that takes metadata commands forwarded from followers.
@@ -74,23 +74,6 @@ pub(crate) fn open_log(store: &Store, meta: &MetaStore, recovered: &Recovered) -
     };
     GroupLog::open(store, log, recovered)
         .map_err(|error| BrokerError::Startup(format!("the metadata group's log cannot be read: {error}")))
-}
-
-/// A metadata command forwarded to the leader, or a question to it.
-#[derive(Debug, Serialize, Deserialize)]
-enum Forwarded {
-    Propose(MetaCommand),
-}
-
-/// The leader's reply to a forwarded command.
-#[derive(Debug, Serialize, Deserialize)]
-enum ForwardReply {
-    /// Committed at `index` and applied on the leader with this answer.
-    Proposed { index: u64, answer: MetaAnswer },
-    /// Not the leader (any more); the leader it knows of.
-    NotLeader { leader: Option<NodeId> },
-    /// The group could not take it.
-    Failed(String),
 }
 
 /// Why a definition change was not made.
@@ -176,47 +159,15 @@ impl MetaGroup {
     pub async fn propose(&self, command: MetaCommand) -> Result<MetaAnswer, ReplicationError> {
         let deadline = Instant::now() + PROPOSE_TIMEOUT;
         let bytes = serde_json::to_vec(&command).map_err(|error| ReplicationError::Failed(error.to_string()))?;
-        let forwarded = serde_json::to_vec(&Forwarded::Propose(command))
-            .map_err(|error| ReplicationError::Failed(error.to_string()))?;
-        loop {
-            let leader = match self.raft.client_write(Command(bytes.clone())).await {
-                Ok(written) => return decode_answer(&written.data.0),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => forward.leader_id,
-                Err(error) => return Err(ReplicationError::Failed(error.to_string())),
-            };
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(ReplicationError::NoLeader { node: self.node_id });
-            }
-            let Some(leader) = leader.filter(|leader| *leader != self.node_id) else {
-                self.await_leader(remaining).await;
-                continue;
-            };
-            let reply =
-                self.transport.call_within(leader, SERVICE_META, Bytes::from(forwarded.clone()), remaining).await;
-            match reply {
-                Ok(reply) => {
-                    match serde_json::from_slice::<ForwardReply>(&reply)
-                        .map_err(|error| ReplicationError::Failed(format!("an unreadable reply: {error}")))?
-                    {
-                        ForwardReply::Proposed { index, answer } => {
-                            self.await_applied(index, deadline).await?;
-                            return Ok(answer);
-                        }
-                        ForwardReply::NotLeader { .. } => self.await_leader_change(leader, deadline).await,
-                        ForwardReply::Failed(text) => return Err(ReplicationError::Failed(text)),
-                    }
-                }
-                // Not sent at all: try again once a leader is known again.
-                Err(ClusterError::Unreachable { .. } | ClusterError::UnknownNode(_)) => {
-                    self.await_leader_change(leader, deadline).await
-                }
-                Err(ClusterError::Timeout { .. } | ClusterError::Disconnected(_)) => {
-                    return Err(ReplicationError::Unanswered { leader });
-                }
-                Err(error) => return Err(ReplicationError::Failed(error.to_string())),
-            }
-        }
+        let proposed =
+            propose::propose(&self.raft, &self.transport, SERVICE_META, METADATA_GROUP, bytes, deadline).await?;
+        let within = deadline.saturating_duration_since(Instant::now());
+        self.raft
+            .wait(Some(within))
+            .applied_index_at_least(Some(proposed.index), "the change applied here")
+            .await
+            .map_err(|_| ReplicationError::NoLeader { node: self.node_id })?;
+        decode_answer(&proposed.answer)
     }
 
     /// [`propose`](Self::propose) from blocking code (definition changes are called from
@@ -226,53 +177,10 @@ impl MetaGroup {
         crate::core::blocking(|| handle.block_on(self.propose(command)))
     }
 
-    /// Waits (at most `within`) until this node knows of a leader.
-    async fn await_leader(&self, within: Duration) {
-        let _ = self.raft.wait(Some(within)).metrics(|metrics| metrics.current_leader.is_some(), "a leader").await;
-    }
-
-    /// Waits (until `deadline`) until this node's leader is another than `old`, or a short
-    /// while: a leader that cannot be reached is usually about to be replaced.
-    async fn await_leader_change(&self, old: NodeId, deadline: Instant) {
-        let within = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(250));
-        let _ = self
-            .raft
-            .wait(Some(within))
-            .metrics(|metrics| metrics.current_leader.is_some_and(|leader| leader != old), "another leader")
-            .await;
-    }
-
-    async fn await_applied(&self, index: u64, deadline: Instant) -> Result<(), ReplicationError> {
-        let within = deadline.saturating_duration_since(Instant::now());
-        self.raft
-            .wait(Some(within))
-            .applied_index_at_least(Some(index), "the change applied here")
-            .await
-            .map(|_| ())
-            .map_err(|_| ReplicationError::NoLeader { node: self.node_id })
-    }
-
     /// Answers a [`SERVICE_META`] call (on the leader, a follower's forwarded command).
-    pub async fn handle(&self, from: NodeId, payload: &[u8]) -> Result<Bytes, String> {
-        let request: Forwarded =
-            serde_json::from_slice(payload).map_err(|error| format!("an unreadable metadata request: {error}"))?;
-        let reply = match request {
-            Forwarded::Propose(command) => {
-                tracing::debug!(from, ?command, "metadata command forwarded");
-                let bytes = serde_json::to_vec(&command).map_err(|error| error.to_string())?;
-                match self.raft.client_write(Command(bytes)).await {
-                    Ok(written) => match serde_json::from_slice::<MetaAnswer>(&written.data.0) {
-                        Ok(answer) => ForwardReply::Proposed { index: written.log_id.index, answer },
-                        Err(error) => ForwardReply::Failed(format!("an unreadable answer: {error}")),
-                    },
-                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-                        ForwardReply::NotLeader { leader: forward.leader_id }
-                    }
-                    Err(error) => ForwardReply::Failed(error.to_string()),
-                }
-            }
-        };
-        serde_json::to_vec(&reply).map(Bytes::from).map_err(|error| error.to_string())
+    pub async fn handle(&self, payload: &[u8]) -> Result<Bytes, String> {
+        let (_, command) = propose::split_forwarded(payload)?;
+        propose::write_forwarded(&self.raft, command).await
     }
 }
 
@@ -294,7 +202,7 @@ pub(crate) fn handler(
             match service {
                 wharf_raft::SERVICE_RAFT => groups.handle(&payload).await.map(Bytes::from),
                 SERVICE_META => match metadata.get() {
-                    Some(group) => group.handle(from, &payload).await,
+                    Some(group) => group.handle(&payload).await,
                     None => Err(format!("node {node_id}'s metadata group is not running yet")),
                 },
                 other => Err(format!("node {node_id} has no cluster service {other} (called by node {from})")),
