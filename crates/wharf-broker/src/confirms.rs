@@ -20,6 +20,8 @@ pub(crate) enum Durable {
     Append(TicketFuture<AppendReceipt>),
     Chain(tokio::sync::oneshot::Receiver<Result<(), StoreError>>),
     Sync(TicketFuture<()>),
+    /// A copy in a quorum queue: its group's answer once the enqueue is committed.
+    Replicated(ReplicatedEnqueue),
     /// Resolved: the outcome is kept, so polling again hands it out again.
     Done(Result<(), StoreError>),
 }
@@ -42,6 +44,12 @@ impl Durable {
                 std::task::ready!(Pin::new(receiver).poll(context)).unwrap_or(Err(StoreError::Closed))
             }
             Durable::Sync(ticket) => std::task::ready!(Pin::new(ticket).poll(context)),
+            Durable::Replicated(receiver) => match std::task::ready!(Pin::new(receiver).poll(context)) {
+                Ok(Ok(wharf_model::QuorumAnswer::Rejected)) => Err(not_replicated("the quorum queue is full")),
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(text)) => Err(not_replicated(&text)),
+                Err(_) => Err(not_replicated("the quorum queue's group stopped")),
+            },
             Durable::Done(outcome) => return Poll::Ready(outcome.clone()),
         };
         *self = Durable::Done(outcome.clone());
@@ -52,6 +60,16 @@ impl Durable {
         std::future::poll_fn(|context| self.poll_durable(context)).await
     }
 }
+/// What a publish into a quorum queue waits on: the group's answer to its enqueue.
+pub(crate) type ReplicatedEnqueue = tokio::sync::oneshot::Receiver<Result<wharf_model::QuorumAnswer, String>>;
+
+/// A copy a quorum queue's group did not take: the publisher is nacked; the store is fine, so
+/// the error is not one that stops the broker.
+fn not_replicated(text: &str) -> StoreError {
+    let error = std::io::Error::other(format!("not replicated: {text}"));
+    StoreError::Io { context: "a quorum queue".into(), source: Arc::new(error) }
+}
+
 /// A confirm waiting for the store.
 pub(crate) struct PendingConfirm {
     pub tag: u64,

@@ -76,6 +76,15 @@ pub(crate) struct Core {
     /// A cluster's node: the metadata group, once it runs (`cluster/`); definition changes go
     /// through it from then on.
     pub metadata: Arc<std::sync::OnceLock<Arc<crate::cluster::MetaGroup>>>,
+    /// A cluster's node: its links and the Raft groups they carry, once they are up.
+    pub cluster_links: std::sync::OnceLock<(Arc<wharf_cluster::Transport>, wharf_raft::Groups)>,
+    /// A cluster's node: its quorum queues' groups.
+    pub quorum: crate::cluster::QuorumQueues,
+    /// Quorum queues recovery found, whose groups start once the links are up.
+    pub recovered_quorum: Mutex<Vec<crate::cluster::RecoveredQuorumQueue>>,
+    /// This run of the broker among its restarts (a quorum queue's consumers carry it: connection
+    /// ids start again at a restart).
+    pub incarnation: u32,
 }
 
 /// A count of background work in flight that shutdown must wait for.
@@ -151,6 +160,14 @@ pub(crate) fn store_failed(fatal: &watch::Sender<Option<String>>, error: &StoreE
     }
 }
 
+/// A number for this run of the broker, different from the runs before it: the time it started
+/// (seconds, wrapping) mixed with its process id.
+fn incarnation() -> u32 {
+    let seconds =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_millis());
+    (seconds as u32) ^ std::process::id().rotate_left(16)
+}
+
 /// The state `Core::open` rebuilt, assembled into a `Core`.
 #[derive(Debug)]
 pub(crate) struct CoreParts {
@@ -165,6 +182,8 @@ pub(crate) struct CoreParts {
     pub mqtt_flow_markers: crate::mqtt::state::FlowMarkers,
     /// A cluster's node: the metadata group's Raft log, as recovery found it.
     pub metadata_log: Option<wharf_raft::GroupLog>,
+    /// Quorum queues recovery found.
+    pub recovered_quorum: Vec<crate::cluster::RecoveredQuorumQueue>,
 }
 
 impl Core {
@@ -220,6 +239,10 @@ impl Core {
             transfer_removals: Arc::default(),
             metadata_log: Mutex::new(parts.metadata_log),
             metadata: Arc::default(),
+            cluster_links: std::sync::OnceLock::new(),
+            quorum: crate::cluster::QuorumQueues::default(),
+            recovered_quorum: Mutex::new(parts.recovered_quorum),
+            incarnation: incarnation(),
         }
     }
 
@@ -276,6 +299,9 @@ impl Core {
     /// is decided here, before the writer gets it: its delivery count's ticket, and for a paged
     /// body the read (and for a no-ack one the removal after the read) the writer carries out.
     pub fn send(&self, effects: &mut Effects) {
+        if !effects.replicated.is_empty() {
+            self.propose_replicated(std::mem::take(&mut effects.replicated));
+        }
         for delivery in effects.deliveries.drain(..) {
             let count_recorded = self.record_delivery(&delivery);
             let body = pager::delivery_body(&self.store, &self.fatal, &delivery);

@@ -52,7 +52,7 @@ impl Core {
     /// *before* it appears in the model, all under the definitions lock: nothing can be published
     /// into it, and no declare-ok can be sent for it, before it is fully durable. Bad arguments
     /// are refused (406) before anything is created. Returns the queue's name.
-    pub fn declare_queue(&self, request: QueueRequest<'_>) -> Result<String, ModelError> {
+    pub fn declare_queue_here(&self, request: QueueRequest<'_>) -> Result<String, ModelError> {
         let _definitions = self.definitions();
         let mut name = request.name.clone();
         let server_named = request.server_named;

@@ -57,8 +57,8 @@ pub use error::BrokerError;
 pub use manage::{
     AckMode, BROWSE_PAGE_SIZE_MAX, BindingSpec, BindingView, BrokerStats, BrowsePage, BrowsedMessage, ChannelView,
     ConnectionView, ConsumerView, ExchangeSpec, ExchangeView, GotMessage, MOVE_REQUEST_MESSAGES_MAX, Management,
-    ManagementError, MoveReport, NewPassword, Overview, PolicySpec, PublishOutcome, QueueView, ReplayTarget, Selection,
-    TRACE_SEARCH_MESSAGES_MAX, TraceSearch, TraceView, UserView, VhostView,
+    ManagementError, MoveReport, NewPassword, Overview, PolicySpec, PublishOutcome, QueueView, QuorumQueueView,
+    ReplayTarget, Selection, TRACE_SEARCH_MESSAGES_MAX, TraceSearch, TraceView, UserView, VhostView,
 };
 pub use password::{HashingAlgorithm, PasswordError, PasswordHash};
 pub use persist::json_to_amqp;

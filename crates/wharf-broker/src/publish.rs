@@ -93,6 +93,8 @@ pub(crate) struct Published {
 pub(crate) struct Placed {
     /// Store appends of the copies.
     pub tickets: Vec<Ticket<AppendReceipt>>,
+    /// Copies enqueued into quorum queues: each done once its group committed it.
+    pub replicated: Vec<crate::confirms::ReplicatedEnqueue>,
     /// De-duplication keys to record (log, key) once the copies are durable.
     pub dedup_records: Vec<DedupRecord>,
     /// A queue refused it (`x-overflow` reject-publish): the publisher gets a nack.
@@ -137,7 +139,15 @@ impl Core {
             return;
         };
         let mut copies = Vec::with_capacity(queues.len());
+        let mut replicated_meta = None;
         for queue_name in queues {
+            // A quorum queue's copy goes to its group, which decides admission (length limits)
+            // and holds the message; the model's queue holds none (`cluster/quorum.rs`).
+            if model.vhost(vhost).and_then(|found| found.queue(queue_name)).is_some_and(|queue| queue.replicated) {
+                let meta = replicated_meta.get_or_insert_with(|| persist::encode_message_meta(message));
+                placed.replicated.push(self.enqueue_replicated(vhost, queue_name, meta, body, None));
+                continue;
+            }
             let dedup_key = match model.admit(vhost, queue_name, message, from_publisher) {
                 Admission::Duplicate => {
                     placed.duplicate = true;
@@ -338,7 +348,7 @@ impl Core {
     pub fn durable(&self, placed: &mut Placed) -> Vec<Durable> {
         let tickets = std::mem::take(&mut placed.tickets);
         let records = std::mem::take(&mut placed.dedup_records);
-        let mut barrier = Vec::new();
+        let mut barrier: Vec<Durable> = placed.replicated.drain(..).map(Durable::Replicated).collect();
         if std::mem::take(&mut placed.duplicate) {
             // Everything submitted before this sync (the original's appends included) is durable
             // when it resolves.

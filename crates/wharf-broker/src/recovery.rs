@@ -82,6 +82,7 @@ impl Core {
             identities,
             mqtt_flow_markers: tally.mqtt_flow_markers,
             metadata_log,
+            recovered_quorum: tally.quorum_queues,
         });
         Ok((core, startup))
     }
@@ -272,6 +273,8 @@ struct Tally {
     identities: Vec<crate::identities::StoredIdentity>,
     /// MQTT QoS 2 publishes' markers on queued messages (`mqtt/state.rs`).
     mqtt_flow_markers: crate::mqtt::state::FlowMarkers,
+    /// Quorum queues (`cluster/`), their groups to start once the links are up.
+    quorum_queues: Vec<crate::cluster::RecoveredQuorumQueue>,
 }
 
 impl Sources<'_> {
@@ -333,6 +336,17 @@ fn restore_definition(
             Some(identity) => tally.identities.push(identity),
             None => tracing::error!(key = %String::from_utf8_lossy(key), "stored user or permission unreadable"),
         }
+        return;
+    }
+    // A quorum queue of a cluster: its queue, and on a member its group's log (`cluster/`).
+    if let Some((kind, vhost, name)) = definition_format::split_key(key)
+        && crate::cluster::is_quorum_record(kind)
+    {
+        ensure_vhost(config, model, vhost);
+        let store = sources.store;
+        let found =
+            crate::cluster::restore_quorum(store, sources.recovered, model, vhost, name, value, &mut tally.used_logs);
+        tally.quorum_queues.extend(found);
         return;
     }
     // Vhosts and policies the management API created were restored first; retained MQTT

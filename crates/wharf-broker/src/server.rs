@@ -82,8 +82,10 @@ impl Broker {
                 }
                 let node_id = cluster_config.node_id;
                 let groups = wharf_raft::Groups::default();
-                let handler = crate::cluster::handler(node_id, groups.clone(), Arc::clone(&core.metadata));
+                let handler = crate::cluster::handler(node_id, groups.clone(), Arc::downgrade(&core));
                 let transport = Arc::new(wharf_cluster::Transport::start(&cluster_config, handler).await?);
+                let _ = core.cluster_links.set((Arc::clone(&transport), groups.clone()));
+                tokio::spawn(crate::cluster::watch_members(Arc::downgrade(&core), Arc::clone(&transport)));
                 let log = core.metadata_log.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
                 let log = log.ok_or_else(|| BrokerError::Startup("the metadata group's log was not opened".into()))?;
                 let mut members = cluster_config.nodes.clone();
@@ -92,6 +94,24 @@ impl Broker {
                     crate::cluster::MetaGroup::start(&core, Arc::clone(&transport), &groups, log, members).await?;
                 // Set once, here: `metadata` is new with this core.
                 let _ = core.metadata.set(Arc::new(group));
+                let recovered = std::mem::take(&mut *core.recovered_quorum.lock().unwrap_or_else(|p| p.into_inner()));
+                for queue in recovered {
+                    let Some(log) = queue.log else { continue };
+                    let start = crate::cluster::GroupStart {
+                        core: &core,
+                        transport: &transport,
+                        groups: &groups,
+                        group: queue.definition.group,
+                        vhost: &queue.vhost,
+                        name: &queue.name,
+                        members: &queue.definition.members,
+                        settings: queue.settings,
+                        log,
+                    };
+                    if let Err(error) = crate::cluster::start_group(start).await {
+                        tracing::error!(queue = %queue.name, %error, "a quorum queue's group did not start");
+                    }
+                }
                 Some(transport)
             }
             None => None,
@@ -290,6 +310,9 @@ impl Broker {
     /// them to finish, and closes the store so pending removals are durable.
     pub async fn shutdown(self) {
         self.shutdown.send_replace(true);
+        for group in self.core.quorum.all() {
+            group.shutdown().await;
+        }
         if let Some(group) = self.core.metadata_group() {
             group.shutdown().await;
         }

@@ -92,6 +92,27 @@ pub(crate) enum MetaCommand {
         name: String,
         if_unused: bool,
     },
+    /// A quorum queue on `members` (`quorum_declare.rs`); its group's id is this entry's index.
+    DeclareQuorumQueue {
+        vhost: String,
+        name: String,
+        arguments: Vec<u8>,
+        members: Vec<u64>,
+    },
+    /// A quorum queue deleted on every node.
+    DeleteQuorumQueue {
+        vhost: String,
+        name: String,
+    },
+    /// A binding from an exchange to a quorum queue (`add`), or its removal.
+    QueueBinding {
+        vhost: String,
+        source: String,
+        queue: String,
+        routing_key: String,
+        arguments: Vec<u8>,
+        add: bool,
+    },
     /// A binding between two exchanges (`add`), or its removal.
     ExchangeBinding {
         vhost: String,
@@ -205,7 +226,7 @@ fn table(bytes: &[u8], what: &str) -> Result<FieldTable, String> {
 impl MetaCommand {
     /// Carries the command out on this node, as a broker alone would (blocking: definitions-log
     /// writes; run off the async workers).
-    pub fn apply(self, core: &Arc<Core>) -> MetaAnswer {
+    pub fn apply(self, core: &Arc<Core>, index: u64) -> MetaAnswer {
         let management = Management::new(Arc::clone(core), 0, Listeners::default());
         match self {
             MetaCommand::PutVhost { name, description, tags } => {
@@ -274,6 +295,28 @@ impl MetaCommand {
             }
             MetaCommand::DeleteExchange { vhost, name, if_unused } => {
                 MetaAnswer::of_model(core.delete_exchange_here(&vhost, &name, if_unused))
+            }
+            MetaCommand::DeclareQuorumQueue { vhost, name, arguments, members } => {
+                MetaAnswer::of_model(core.declare_quorum_queue_here(&vhost, &name, &arguments, &members, index))
+            }
+            MetaCommand::DeleteQuorumQueue { vhost, name } => {
+                MetaAnswer::of_model(core.delete_quorum_queue_here(&vhost, &name))
+            }
+            MetaCommand::QueueBinding { vhost, source, queue, routing_key, arguments, add } => {
+                let arguments = match table(&arguments, "binding arguments") {
+                    Ok(arguments) => arguments,
+                    Err(error) => return MetaAnswer::Failed(error),
+                };
+                let destination = Destination::Queue(queue);
+                let change = BindingChange {
+                    vhost: &vhost,
+                    connection: ConnectionId(0),
+                    source: &source,
+                    destination: &destination,
+                    routing_key: &routing_key,
+                    arguments: &arguments,
+                };
+                MetaAnswer::of_model(core.change_binding_here(&change, add))
             }
             MetaCommand::ExchangeBinding { vhost, source, destination, routing_key, arguments, add } => {
                 let arguments = match table(&arguments, "binding arguments") {

@@ -59,8 +59,31 @@ impl Core {
         self.delete_exchange_here(vhost, name, if_unused)
     }
 
+    /// Whether `name` is a quorum queue of `vhost` on this node.
+    fn is_replicated_queue(&self, vhost: &str, name: &str) -> bool {
+        let model = self.lock_model();
+        model.vhost(vhost).and_then(|vhost| vhost.queue(name)).is_some_and(|queue| queue.replicated)
+    }
+
     /// A binding change (see `change_binding_here`).
     pub fn change_binding(&self, change: &BindingChange<'_>, add: bool) -> Result<(), ModelError> {
+        if let Destination::Queue(queue) = change.destination
+            && self.metadata_group().is_some()
+            && self.is_durable_exchange(change.vhost, change.source)
+            && self.is_replicated_queue(change.vhost, queue)
+        {
+            let command = MetaCommand::QueueBinding {
+                vhost: change.vhost.to_owned(),
+                source: change.source.to_owned(),
+                queue: queue.clone(),
+                routing_key: change.routing_key.to_owned(),
+                arguments: table_bytes(change.arguments)?,
+                add,
+            };
+            if let Some(result) = self.replicate(command) {
+                return result;
+            }
+        }
         if let Destination::Exchange(destination) = change.destination
             && self.metadata_group().is_some()
             && self.is_durable_exchange(change.vhost, change.source)

@@ -118,7 +118,8 @@ impl RaftStateMachine<GroupTypes> for MetaMachine {
                             return Err(storage_error("the broker is stopping"));
                         };
                         let described = format!("{command:?}");
-                        let answer = blocking(|| command.apply(&core));
+                        let index = entry.log_id.index;
+                        let answer = blocking(|| command.apply(&core, index));
                         tracing::debug!(index = entry.log_id.index, command = %described, ?answer, "metadata command applied");
                         answer
                     }

@@ -19,8 +19,13 @@ mod command;
 mod exchanges;
 mod machine;
 mod propose;
+mod quorum;
+mod quorum_codec;
+mod quorum_declare;
 
 pub(crate) use command::{MetaAnswer, MetaCommand, StoredHash, table_bytes};
+pub(crate) use quorum::{GroupStart, QuorumQueues, SERVICE_QUEUE, start_group, watch_members};
+pub(crate) use quorum_declare::{RecoveredQuorumQueue, is_record_kind as is_quorum_record, restore as restore_quorum};
 
 use crate::core::Core;
 use crate::error::BrokerError;
@@ -190,21 +195,19 @@ fn decode_answer(bytes: &[u8]) -> Result<MetaAnswer, ReplicationError> {
 
 /// What a cluster's node answers on its links: Raft messages to their groups, forwarded metadata
 /// commands to the metadata group once it runs.
-pub(crate) fn handler(
-    node_id: NodeId,
-    groups: Groups,
-    metadata: Arc<std::sync::OnceLock<Arc<MetaGroup>>>,
-) -> wharf_cluster::Handler {
+pub(crate) fn handler(node_id: NodeId, groups: Groups, core: std::sync::Weak<Core>) -> wharf_cluster::Handler {
     Arc::new(move |from, service, payload: Bytes| {
         let groups = groups.clone();
-        let metadata = Arc::clone(&metadata);
+        let core = core.upgrade();
         Box::pin(async move {
+            let Some(core) = core else { return Err(format!("node {node_id} is stopping")) };
             match service {
                 wharf_raft::SERVICE_RAFT => groups.handle(&payload).await.map(Bytes::from),
-                SERVICE_META => match metadata.get() {
+                SERVICE_META => match core.metadata_group() {
                     Some(group) => group.handle(&payload).await,
                     None => Err(format!("node {node_id}'s metadata group is not running yet")),
                 },
+                SERVICE_QUEUE => core.quorum.handle(&payload).await,
                 other => Err(format!("node {node_id} has no cluster service {other} (called by node {from})")),
             }
         })

@@ -34,8 +34,25 @@ pub use views::{
 pub use workbench::{MOVE_REQUEST_MESSAGES_MAX, MoveReport, ReplayTarget, Selection};
 
 use crate::core::Core;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
+
+/// A quorum queue's group on this node, for the management API.
+#[derive(Debug, Clone)]
+pub struct QuorumQueueView {
+    pub vhost: String,
+    pub name: String,
+    /// The group's id (the index of the metadata entry that declared it).
+    pub group: u64,
+    /// The nodes holding a replica.
+    pub members: Vec<u64>,
+    pub status: wharf_raft::GroupStatus,
+    /// Messages ready, and delivered and not yet settled, in this node's replica.
+    pub ready: u64,
+    pub checked_out: u64,
+    pub consumers: usize,
+}
 
 /// The management interface's handle on a running broker (`Broker::management`); cheap to clone.
 #[derive(Debug, Clone)]
@@ -81,6 +98,32 @@ impl Management {
     /// The cluster's metadata group as this node sees it, or `None` for a broker on its own.
     pub fn metadata_group(&self) -> Option<wharf_raft::GroupStatus> {
         self.core.metadata_group().map(|group| group.status())
+    }
+
+    /// This node's quorum queue groups, by vhost and name: each one's group as this node sees it
+    /// and what its replica holds.
+    pub fn quorum_queues(&self) -> Vec<QuorumQueueView> {
+        let mut views: Vec<QuorumQueueView> = self
+            .core
+            .quorum
+            .all()
+            .into_iter()
+            .map(|group| {
+                let (ready, checked_out, consumers) = group.counts();
+                QuorumQueueView {
+                    vhost: group.vhost.clone(),
+                    name: group.name.clone(),
+                    group: group.group,
+                    members: group.members.clone(),
+                    status: group.status(),
+                    ready,
+                    checked_out,
+                    consumers,
+                }
+            })
+            .collect();
+        views.sort_by(|a, b| (&a.vhost, &a.name).cmp(&(&b.vhost, &b.name)));
+        views
     }
 
     /// A TLS acceptor with the broker's TLS settings in force now (certificates reloaded on

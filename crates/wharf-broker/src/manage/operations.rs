@@ -218,6 +218,10 @@ impl Management {
         let grant = self.grant(user, vhost)?;
         grant.check(Right::Configure, Resource::Queue, name)?;
         self.require_queue(vhost, name)?;
+        if let Some(deleted) = crate::core::blocking(|| self.core.delete_quorum_queue(vhost, name, if_unused, if_empty))
+        {
+            return Ok(deleted?);
+        }
         crate::core::blocking(|| {
             self.on_channel(vhost, |model, key| model.delete_queue(key, name, if_unused, if_empty))
         })
@@ -228,6 +232,9 @@ impl Management {
         let grant = self.grant(user, vhost)?;
         grant.check(Right::Read, Resource::Queue, name)?;
         self.require_queue(vhost, name)?;
+        if let Some(purged) = self.core.purge_quorum_queue(vhost, name) {
+            return Ok(purged?);
+        }
         self.on_channel(vhost, |model, key| model.purge(key, name))
     }
 

@@ -170,7 +170,10 @@ impl Session {
                 let name = self.queue_name(channel, purge.queue.as_str());
                 self.allow(Right::Read, Resource::Queue, &name)?;
                 let key = self.key(channel);
-                let count = self.core.act(|model| model.purge(key, &name))?;
+                let count = match self.core.purge_quorum_queue(&self.vhost, &name) {
+                    Some(purged) => purged?,
+                    None => self.core.act(|model| model.purge(key, &name))?,
+                };
                 if !purge.nowait {
                     self.send(
                         channel,
@@ -183,6 +186,16 @@ impl Session {
                 let name = self.queue_name(channel, delete.queue.as_str());
                 self.allow(Right::Configure, Resource::Queue, &name)?;
                 let key = self.key(channel);
+                if let Some(deleted) =
+                    self.core.delete_quorum_queue(&self.vhost, &name, delete.if_unused, delete.if_empty)
+                {
+                    let count = deleted?;
+                    if !delete.nowait {
+                        let delete_ok = queue::DeleteOk { message_count: count };
+                        self.send(channel, AMQPClass::Queue(queue::AMQPMethod::DeleteOk(delete_ok)));
+                    }
+                    return Ok(());
+                }
                 // delete-ok goes out once the queue is gone (its store logs too), and before the
                 // cancels of its consumers: RabbitMQ's order (py-amqp raises out of
                 // queue_delete() if the cancel of its own consumer comes first).

@@ -27,6 +27,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/cluster-name", get(cluster_name))
         .route("/api/cluster/members", get(cluster_members))
         .route("/api/cluster/metadata", get(cluster_metadata))
+        .route("/api/cluster/queues", get(cluster_queues))
         .route("/api/extensions", get(extensions))
         .route("/api/aliveness-test/{vhost}", get(aliveness_test))
         .route("/api/health/checks/alarms", get(alarms))
@@ -237,6 +238,33 @@ async fn cluster_metadata(State(state): State<AppState>, caller: Caller) -> Resu
         "learners": group.learners,
         "lag": lag,
     })))
+}
+
+/// This node's quorum queues' groups: each queue's members, its group's leader and term as this
+/// node sees them, and what this node's replica holds (ready, delivered and unsettled, consumers).
+async fn cluster_queues(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    caller.require_monitor()?;
+    let queues: Vec<Value> = state
+        .management
+        .quorum_queues()
+        .into_iter()
+        .map(|queue| {
+            json!({
+                "vhost": queue.vhost,
+                "name": queue.name,
+                "group": queue.group,
+                "members": queue.members,
+                "role": queue.status.role,
+                "leader": queue.status.leader,
+                "term": queue.status.term,
+                "applied_index": queue.status.applied_index,
+                "ready": queue.ready,
+                "unacked": queue.checked_out,
+                "consumers": queue.consumers,
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(queues)))
 }
 
 async fn extensions(_caller: Caller) -> Json<Value> {

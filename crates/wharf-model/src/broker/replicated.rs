@@ -74,6 +74,32 @@ impl BrokerModel {
         self.vhosts.get(vhost).and_then(|found| found.queue(queue)).is_some_and(|found| found.replicated)
     }
 
+    /// The consumers of quorum queue `queue` on this node's channels: (channel, tag, prefetch).
+    pub fn replicated_consumers(&self, vhost: &str, queue: &str) -> Vec<(ChannelKey, String, u16)> {
+        let mut found = Vec::new();
+        for (key, channel) in &self.channels {
+            if channel.vhost != vhost {
+                continue;
+            }
+            for (tag, consumer) in &channel.consumers {
+                if consumer.queue == queue {
+                    found.push((*key, tag.clone(), consumer.prefetch));
+                }
+            }
+        }
+        found.sort();
+        found
+    }
+
+    /// Removes a quorum queue from the model (its group deleted it): its consumers are cancelled
+    /// by the server and its unsettled deliveries point at no queue any more, as for any queue.
+    pub fn remove_replicated_queue(&mut self, vhost: &str, queue: &str) -> Effects {
+        if !self.is_replicated(vhost, queue) {
+            return Effects::default();
+        }
+        self.remove_queue(vhost, queue)
+    }
+
     /// Hands a quorum queue's delivery to its consumer's channel: the delivery to send, with the
     /// channel's next tag. A no-ack consumer's delivery is settled at once (the op is in the
     /// effects). `None` with the delivery given back as returned when the consumer or its

@@ -1,0 +1,555 @@
+//! Quorum queues on a cluster (`x-queue-type: quorum`): one Raft group per queue, on its member
+//! nodes, whose state machine is `wharf-model`'s [`QuorumQueue`]. Every member applies the same
+//! commands, so every member knows which consumer each message went to; a node delivers only to
+//! the consumers on its own channels, from its own replica. So a client on any member publishes
+//! and consumes there, and nothing but commands crosses the links: a publish is an `Enqueue`
+//! proposed to the group (forwarded to the leader by a follower) and confirmed once committed,
+//! which is once a majority of the members has it on disk; what channels do with consumers and
+//! deliveries ([`ReplicatedOp`]s from the model) becomes commands the same way.
+//!
+//! Each node proposes through one task per group ([`QueueGroup`]'s proposer), which takes what
+//! is waiting and proposes it as one entry, in the order the model produced it: a consumer's
+//! checkout always precedes its settles and its cancel.
+//!
+//! A restarted node starts each group's state machine empty and rebuilds it from the group's log
+//! (no snapshots yet: the log is not purged), then proposes `NodeRestarted` so that what its
+//! consumers of before the restart held goes back to the queue.
+
+use super::quorum_codec;
+use super::{ReplicationError, propose};
+use crate::core::{Core, blocking};
+use openraft::storage::RaftStateMachine;
+use openraft::{
+    BasicNode, Config, Entry, EntryPayload, LogId, Raft, RaftSnapshotBuilder, Snapshot, SnapshotMeta, SnapshotPolicy,
+    StorageError, StorageIOError, StoredMembership,
+};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Cursor;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use wharf_cluster::{NodeId, Transport};
+use wharf_model::{
+    ChannelKey, ConnectionId, QuorumAnswer, QuorumCommand, QuorumConsumer, QuorumEffect, QuorumQueue, QuorumSettings,
+    ReplicatedDelivery, ReplicatedOp, ReplicatedOutcome,
+};
+use wharf_raft::{Answer, GroupLog, GroupNetwork, GroupTypes, Groups};
+
+/// The cluster service that takes queue commands forwarded from followers.
+pub(crate) const SERVICE_QUEUE: u16 = 3;
+
+/// Commands one entry carries at most.
+const COMMANDS_PER_ENTRY_MAX: usize = 1_024;
+
+/// How long a queue command may wait for a leader and its commit.
+const QUEUE_PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A command waiting to be proposed, and who waits for its answer.
+struct Pending {
+    command: QuorumCommand,
+    answer: Option<oneshot::Sender<Result<QuorumAnswer, String>>>,
+}
+
+/// One quorum queue's group on this node.
+pub(crate) struct QueueGroup {
+    pub group: u64,
+    pub vhost: String,
+    pub name: String,
+    pub members: Vec<NodeId>,
+    raft: Raft<GroupTypes>,
+    proposals: mpsc::UnboundedSender<Pending>,
+    state: Arc<Mutex<QuorumQueue>>,
+}
+
+impl std::fmt::Debug for QueueGroup {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("QueueGroup").field("group", &self.group).field("name", &self.name).finish()
+    }
+}
+
+impl QueueGroup {
+    /// Proposes `command` behind everything this node proposed to the group before.
+    fn submit(&self, command: QuorumCommand, answer: Option<oneshot::Sender<Result<QuorumAnswer, String>>>) {
+        if self.proposals.send(Pending { command, answer }).is_err() {
+            tracing::warn!(queue = %self.name, "a quorum queue's proposer stopped; a command was dropped");
+        }
+    }
+
+    /// Proposes `command` and hands back a receiver of its answer.
+    pub fn propose_and_wait(&self, command: QuorumCommand) -> oneshot::Receiver<Result<QuorumAnswer, String>> {
+        let (sender, receiver) = oneshot::channel();
+        self.submit(command, Some(sender));
+        receiver
+    }
+
+    /// The group as this node sees it.
+    pub fn status(&self) -> wharf_raft::GroupStatus {
+        wharf_raft::GroupStatus::of(&self.raft)
+    }
+
+    /// Ready and checked-out messages, and consumers, as this node's replica holds them.
+    pub fn counts(&self) -> (u64, u64, usize) {
+        let state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        (state.ready_count(), state.checked_out_count(), state.consumer_count())
+    }
+
+    pub async fn shutdown(&self) {
+        let _ = self.raft.shutdown().await;
+    }
+}
+
+/// This node's quorum queue groups.
+#[derive(Debug, Default)]
+pub(crate) struct QuorumQueues {
+    by_name: RwLock<HashMap<(String, String), Arc<QueueGroup>>>,
+    by_group: RwLock<HashMap<u64, Arc<QueueGroup>>>,
+}
+
+impl QuorumQueues {
+    pub fn get(&self, vhost: &str, name: &str) -> Option<Arc<QueueGroup>> {
+        let groups = self.by_name.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        groups.get(&(vhost.to_owned(), name.to_owned())).cloned()
+    }
+
+    fn by_group(&self, group: u64) -> Option<Arc<QueueGroup>> {
+        self.by_group.read().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&group).cloned()
+    }
+
+    fn insert(&self, group: Arc<QueueGroup>) {
+        let key = (group.vhost.clone(), group.name.clone());
+        self.by_group.write().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(group.group, Arc::clone(&group));
+        self.by_name.write().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(key, group);
+    }
+
+    pub fn remove(&self, vhost: &str, name: &str) -> Option<Arc<QueueGroup>> {
+        let key = (vhost.to_owned(), name.to_owned());
+        let removed = self.by_name.write().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&key)?;
+        self.by_group.write().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&removed.group);
+        Some(removed)
+    }
+
+    pub fn all(&self) -> Vec<Arc<QueueGroup>> {
+        self.by_group.read().unwrap_or_else(|poisoned| poisoned.into_inner()).values().cloned().collect()
+    }
+
+    /// Answers a [`SERVICE_QUEUE`] call: a follower's forwarded commands for one of the groups.
+    pub async fn handle(&self, payload: &[u8]) -> Result<bytes::Bytes, String> {
+        let (group, command) = propose::split_forwarded(payload)?;
+        let Some(found) = self.by_group(group) else { return Err(format!("this node is not in queue group {group}")) };
+        propose::write_forwarded(&found.raft, command).await
+    }
+}
+
+/// The consumer a channel's op names, as the group knows it.
+fn consumer_of(node: NodeId, incarnation: u32, channel: ChannelKey, tag: String) -> QuorumConsumer {
+    QuorumConsumer { node, incarnation, connection: channel.connection.0, channel: channel.channel, tag }
+}
+
+impl Core {
+    /// Turns what channels did with quorum queues' consumers and deliveries into commands for
+    /// their groups (in order, through each group's proposer). Non-blocking: called where
+    /// deliveries are sent, under the model lock, so the order is the model's.
+    pub(crate) fn propose_replicated(&self, ops: Vec<ReplicatedOp>) {
+        let Some(node) = self.config.cluster.as_ref().map(|cluster| cluster.node_id) else { return };
+        let incarnation = self.incarnation;
+        for op in ops {
+            let (vhost, queue, command) = match op {
+                ReplicatedOp::Checkout { vhost, queue, channel, tag, prefetch } => {
+                    let consumer = consumer_of(node, incarnation, channel, tag);
+                    (vhost, queue, QuorumCommand::Checkout { consumer, prefetch: u32::from(prefetch) })
+                }
+                ReplicatedOp::Cancel { vhost, queue, channel, tag } => {
+                    (vhost, queue, QuorumCommand::Cancel { consumer: consumer_of(node, incarnation, channel, tag) })
+                }
+                ReplicatedOp::Down { vhost, queue, channel, tag } => {
+                    (vhost, queue, QuorumCommand::Down { consumer: consumer_of(node, incarnation, channel, tag) })
+                }
+                ReplicatedOp::Settle { vhost, queue, channel, tag, id, outcome } => {
+                    let consumer = consumer_of(node, incarnation, channel, tag);
+                    let ids = vec![id];
+                    let command = match outcome {
+                        ReplicatedOutcome::Settled => QuorumCommand::Settle { consumer, ids },
+                        ReplicatedOutcome::Returned => QuorumCommand::Return { consumer, ids },
+                        ReplicatedOutcome::Discarded => QuorumCommand::Discard { consumer, ids },
+                    };
+                    (vhost, queue, command)
+                }
+            };
+            match self.quorum.get(&vhost, &queue) {
+                Some(group) => group.submit(command, None),
+                None => tracing::warn!(%vhost, %queue, "a quorum queue this node has no group of; a command dropped"),
+            }
+        }
+    }
+
+    /// Enqueues a message (its stored meta and body) into a quorum queue: resolves `Ok` once the
+    /// enqueue is committed (on a majority's disks), with an error if the group refused it (a
+    /// length limit with `reject-publish`) or could not take it.
+    pub(crate) fn enqueue_replicated(
+        &self,
+        vhost: &str,
+        queue: &str,
+        meta: &[u8],
+        body: &[u8],
+        expires_at_ms: Option<u64>,
+    ) -> oneshot::Receiver<Result<QuorumAnswer, String>> {
+        let (sender, receiver) = oneshot::channel();
+        match self.quorum.get(vhost, queue) {
+            Some(group) => {
+                let payload = quorum_codec::encode_payload(meta, body);
+                group.submit(QuorumCommand::Enqueue { payload, expires_at_ms }, Some(sender));
+            }
+            None => {
+                let _ = sender.send(Err(format!("this node has no group of quorum queue '{queue}'")));
+            }
+        }
+        receiver
+    }
+}
+
+/// How long a member's link must be down before the leaders of its queues' groups count its
+/// consumers as gone (and what they held goes to other consumers, redelivered).
+pub(crate) const NODE_DOWN_AFTER: Duration = Duration::from_secs(5);
+
+/// On each group this node leads, proposes `NodeDown` for a member whose link has been down for
+/// [`NODE_DOWN_AFTER`], once per outage (RabbitMQ's quorum queues likewise return what a lost
+/// node's consumers held). A node that was only cut off finds its consumers gone when it applies
+/// that command, and checks them out again (`QueueMachine::apply`).
+pub(crate) async fn watch_members(core: Weak<Core>, transport: Arc<Transport>) {
+    let mut down_since: HashMap<NodeId, Instant> = HashMap::new();
+    let mut reported: std::collections::HashSet<(u64, NodeId)> = std::collections::HashSet::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let Some(core) = core.upgrade() else { return };
+        let now = Instant::now();
+        for member in transport.members().into_iter().filter(|member| !member.this_node) {
+            if member.outbound_connected {
+                down_since.remove(&member.node);
+                reported.retain(|(_, node)| *node != member.node);
+            } else {
+                down_since.entry(member.node).or_insert(now);
+            }
+        }
+        let gone: Vec<NodeId> = down_since
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= NODE_DOWN_AFTER)
+            .map(|(node, _)| *node)
+            .collect();
+        for group in core.quorum.all() {
+            if group.raft.metrics().borrow().state != openraft::ServerState::Leader {
+                continue;
+            }
+            for node in gone.iter().filter(|node| group.members.contains(node)) {
+                if reported.insert((group.group, *node)) {
+                    tracing::info!(queue = %group.name, node, "a member's link is down; its consumers' messages go back");
+                    group.submit(QuorumCommand::NodeDown { node: *node }, None);
+                }
+            }
+        }
+    }
+}
+
+/// Proposes what waits, one entry at a time, in order.
+///
+/// A batch the group did not take (no leader in time, or a leader lost before it answered) is
+/// handled by kind: an enqueue is failed (its publisher is nacked and publishes again; proposing
+/// it again here could put it in twice, since an unanswered one may have been committed), while
+/// what consumers did (checkouts, settles, cancels, downs) is proposed again until the group
+/// takes it: those commands mean the same however often they are applied, and dropping one would
+/// leave a message held by a consumer that settled it.
+async fn run_proposer(
+    raft: Raft<GroupTypes>,
+    transport: Arc<Transport>,
+    group: u64,
+    mut proposals: mpsc::UnboundedReceiver<Pending>,
+) {
+    let mut carried: Vec<Pending> = Vec::new();
+    loop {
+        let mut batch = std::mem::take(&mut carried);
+        if batch.is_empty() {
+            match proposals.recv().await {
+                Some(first) => batch.push(first),
+                None => return,
+            }
+        }
+        while batch.len() < COMMANDS_PER_ENTRY_MAX {
+            match proposals.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
+            }
+        }
+        let commands: Vec<QuorumCommand> = batch.iter().map(|pending| pending.command.clone()).collect();
+        let bytes = quorum_codec::encode_commands(&commands);
+        let deadline = Instant::now() + QUEUE_PROPOSE_TIMEOUT;
+        let outcome = propose::propose(&raft, &transport, SERVICE_QUEUE, group, bytes, deadline)
+            .await
+            .map_err(|error: ReplicationError| error.to_string())
+            .and_then(|proposed| quorum_codec::decode_answers(&proposed.answer));
+        match outcome {
+            Ok(answers) if answers.len() == batch.len() => {
+                for (pending, answer) in batch.into_iter().zip(answers) {
+                    if let Some(waiter) = pending.answer {
+                        let _ = waiter.send(Ok(answer));
+                    }
+                }
+            }
+            Ok(answers) => {
+                let text = format!("{} answers to {} commands", answers.len(), batch.len());
+                tracing::error!(group, error = %text, "a quorum queue's answers do not match its commands");
+                carried = fail_enqueues(batch, &text);
+            }
+            Err(text) => {
+                tracing::warn!(group, error = %text, "quorum queue commands not taken; consumers' are proposed again");
+                carried = fail_enqueues(batch, &text);
+                if raft.metrics().borrow().state == openraft::ServerState::Shutdown {
+                    return;
+                }
+                // A pause before trying again: the group is electing a leader, or unreachable.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Fails the enqueues of a batch the group did not take; returns the rest, to propose again.
+fn fail_enqueues(batch: Vec<Pending>, text: &str) -> Vec<Pending> {
+    let mut again = Vec::new();
+    for pending in batch {
+        if matches!(pending.command, QuorumCommand::Enqueue { .. }) {
+            if let Some(waiter) = pending.answer {
+                let _ = waiter.send(Err(text.to_owned()));
+            }
+        } else {
+            again.push(pending);
+        }
+    }
+    again
+}
+
+fn raft_config() -> Result<Arc<Config>, String> {
+    let config = Config {
+        cluster_name: "wharf-quorum-queue".into(),
+        heartbeat_interval: 150,
+        election_timeout_min: 750,
+        election_timeout_max: 1_500,
+        snapshot_policy: SnapshotPolicy::Never,
+        ..Default::default()
+    };
+    config.validate().map(Arc::new).map_err(|error| format!("Raft configuration: {error}"))
+}
+
+/// What a node needs to start a queue's group.
+pub(crate) struct GroupStart<'a> {
+    pub core: &'a Arc<Core>,
+    pub transport: &'a Arc<Transport>,
+    pub groups: &'a Groups,
+    pub group: u64,
+    pub vhost: &'a str,
+    pub name: &'a str,
+    pub members: &'a [NodeId],
+    pub settings: QuorumSettings,
+    pub log: GroupLog,
+}
+
+/// Starts this node's member of a queue's group and registers it; proposes `NodeRestarted` first.
+pub(crate) async fn start_group(start: GroupStart<'_>) -> Result<Arc<QueueGroup>, String> {
+    let node = start.transport.node_id();
+    let state = Arc::new(Mutex::new(QuorumQueue::new(start.settings)));
+    let machine = QueueMachine {
+        core: Arc::downgrade(start.core),
+        node,
+        incarnation: start.core.incarnation,
+        vhost: start.vhost.to_owned(),
+        name: start.name.to_owned(),
+        state: Arc::clone(&state),
+        last_applied: None,
+        membership: StoredMembership::default(),
+    };
+    let network = GroupNetwork::new(Arc::clone(start.transport), start.group);
+    let raft = Raft::new(node, raft_config()?, network, start.log, machine)
+        .await
+        .map_err(|error| format!("the group of quorum queue '{}' did not start: {error}", start.name))?;
+    start.groups.insert(start.group, raft.clone());
+    let addresses: BTreeMap<NodeId, BasicNode> =
+        start.members.iter().map(|member| (*member, BasicNode::new(member.to_string()))).collect();
+    if let Err(error) = raft.initialize(addresses).await {
+        tracing::debug!(queue = start.name, %error, "queue group already initialised");
+    }
+    let (proposals, waiting) = mpsc::unbounded_channel();
+    tokio::spawn(run_proposer(raft.clone(), Arc::clone(start.transport), start.group, waiting));
+    let group = Arc::new(QueueGroup {
+        group: start.group,
+        vhost: start.vhost.to_owned(),
+        name: start.name.to_owned(),
+        members: start.members.to_vec(),
+        raft,
+        proposals,
+        state,
+    });
+    group.submit(QuorumCommand::NodeRestarted { node, incarnation: start.core.incarnation }, None);
+    start.core.quorum.insert(Arc::clone(&group));
+    tracing::info!(queue = start.name, group = start.group, members = ?start.members, "quorum queue group started");
+    Ok(group)
+}
+
+/// A queue group's state machine on this node.
+struct QueueMachine {
+    core: Weak<Core>,
+    node: NodeId,
+    incarnation: u32,
+    vhost: String,
+    name: String,
+    state: Arc<Mutex<QuorumQueue>>,
+    last_applied: Option<LogId<u64>>,
+    membership: StoredMembership<u64, BasicNode>,
+}
+
+fn storage_error(text: impl std::fmt::Display) -> StorageError<u64> {
+    let error = std::io::Error::other(text.to_string());
+    StorageError::IO { source: StorageIOError::write_state_machine(&error) }
+}
+
+impl QueueMachine {
+    fn snapshot_builder(&self) -> QueueSnapshots {
+        QueueSnapshots
+    }
+
+    /// The group counted this node as gone (it was cut off) and forgot its consumers: those still
+    /// here are checked out again (what they held went to others, and a settle of it now is
+    /// ignored, so nothing is lost and what they get again is marked redelivered).
+    fn check_out_again(&self) {
+        let Some(core) = self.core.upgrade() else { return };
+        let Some(group) = core.quorum.get(&self.vhost, &self.name) else { return };
+        let consumers = core.lock_model().replicated_consumers(&self.vhost, &self.name);
+        for (channel, tag, prefetch) in consumers {
+            let consumer = consumer_of(self.node, self.incarnation, channel, tag);
+            group.submit(QuorumCommand::Checkout { consumer, prefetch: u32::from(prefetch) }, None);
+        }
+    }
+
+    /// Hands the deliveries the group assigned to this node's consumers to their channels.
+    fn deliver_here(&self, deliveries: Vec<QuorumEffect>) {
+        if deliveries.is_empty() {
+            return;
+        }
+        let Some(core) = self.core.upgrade() else { return };
+        let mut model = core.lock_model();
+        for effect in deliveries {
+            let QuorumEffect::Deliver { consumer, id, payload, delivery_count, redelivered } = effect else { continue };
+            let message = quorum_codec::split_payload(&payload)
+                .and_then(|(meta, body)| crate::persist::decode_message(meta, bytes::Bytes::copy_from_slice(body)));
+            let Some(message) = message else {
+                tracing::error!(queue = %self.name, id, "a quorum queue message is unreadable; not delivered");
+                continue;
+            };
+            let delivery = ReplicatedDelivery {
+                channel: ChannelKey { connection: ConnectionId(consumer.connection), channel: consumer.channel },
+                tag: consumer.tag,
+                queue: self.name.clone(),
+                id,
+                message: Arc::new(message),
+                delivery_count,
+                redelivered,
+            };
+            let (sent, mut effects) = model.deliver_replicated(delivery);
+            effects.deliveries.extend(sent);
+            core.send(&mut effects);
+        }
+    }
+}
+
+/// Snapshots of queue groups: none yet (policy `Never`; see the module doc).
+struct QueueSnapshots;
+
+impl RaftSnapshotBuilder<GroupTypes> for QueueSnapshots {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<GroupTypes>, StorageError<u64>> {
+        Err(storage_error("quorum queue groups take no snapshots (their snapshot policy is Never)"))
+    }
+}
+
+impl RaftStateMachine<GroupTypes> for QueueMachine {
+    type SnapshotBuilder = QueueSnapshots;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>), StorageError<u64>> {
+        Ok((self.last_applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Answer>, StorageError<u64>>
+    where
+        I: IntoIterator<Item = Entry<GroupTypes>> + openraft::OptionalSend,
+        I::IntoIter: openraft::OptionalSend,
+    {
+        let mut answers = Vec::new();
+        let mut local = Vec::new();
+        let mut counted_down = false;
+        for entry in entries {
+            self.last_applied = Some(entry.log_id);
+            let commands = match entry.payload {
+                EntryPayload::Blank => Vec::new(),
+                EntryPayload::Membership(membership) => {
+                    self.membership = StoredMembership::new(Some(entry.log_id), membership);
+                    Vec::new()
+                }
+                EntryPayload::Normal(command) => match quorum_codec::decode_commands(&command.0) {
+                    Ok(commands) => commands,
+                    Err(error) => {
+                        // Every replica refuses the same bytes alike, so they stay in step.
+                        tracing::error!(queue = %self.name, index = entry.log_id.index, %error, "an entry is unreadable; skipped");
+                        Vec::new()
+                    }
+                },
+            };
+            let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut entry_answers = Vec::with_capacity(commands.len());
+            for command in commands {
+                counted_down |= matches!(command, QuorumCommand::NodeDown { node } if node == self.node);
+                let (answer, effects) = state.apply(command);
+                entry_answers.push(answer);
+                for effect in effects {
+                    match effect {
+                        QuorumEffect::Deliver { ref consumer, .. }
+                            if consumer.node == self.node && consumer.incarnation == self.incarnation =>
+                        {
+                            local.push(effect);
+                        }
+                        QuorumEffect::Deliver { .. } => {}
+                        QuorumEffect::DeadLetter { id, reason, .. } => {
+                            tracing::warn!(queue = %self.name, id, ?reason, "a quorum queue message left dead (dead-letter routing for quorum queues is not built yet)");
+                        }
+                    }
+                }
+            }
+            drop(state);
+            answers.push(Answer(quorum_codec::encode_answers(&entry_answers)));
+        }
+        let machine = &*self;
+        blocking(|| machine.deliver_here(local));
+        if counted_down {
+            self.check_out_again();
+        }
+        Ok(answers)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> QueueSnapshots {
+        self.snapshot_builder()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<u64>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        _meta: &SnapshotMeta<u64, BasicNode>,
+        _snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<u64>> {
+        Err(storage_error("quorum queue groups take no snapshots"))
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<GroupTypes>>, StorageError<u64>> {
+        Ok(None)
+    }
+}

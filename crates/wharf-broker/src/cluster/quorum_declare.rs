@@ -1,0 +1,402 @@
+//! Declaring quorum queues on a cluster: `queue.declare` with `x-queue-type: quorum` (RabbitMQ's
+//! name) becomes a command of the metadata group naming the queue's members (every node, or
+//! `x-quorum-initial-group-size` of them, the declaring node first); each node carries it out:
+//! the queue in its model (marked replicated, so its consumers and deliveries go through the
+//! group), its definition in its definitions log (kind `quorum-queue`: the group id, the
+//! members, the arguments, and on a member the store log of its group's Raft log), and on a
+//! member the group itself. The group's id is the index of the metadata entry that declared it:
+//! the same on every node, never reused.
+//!
+//! RabbitMQ's rules: a quorum queue is durable, neither exclusive nor auto-delete, and has a
+//! name the client chose (406 otherwise). On a broker alone, `x-queue-type: quorum` declares a
+//! classic queue, as durable as a single node allows (`settings.rs`).
+
+use super::MetaCommand;
+use super::command::{internal, table_bytes};
+use super::quorum::{GroupStart, start_group};
+use crate::core::Core;
+use crate::definitions::QueueRequest;
+use crate::persist::text_argument;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use wharf_cluster::NodeId;
+use wharf_model::{ModelError, Overflow, QueueDeclare, QuorumSettings};
+use wharf_store::{LogId, Recovered, Store};
+use wharf_wire::types::{AMQPValue, FieldTable};
+
+/// The definitions-log kind of a quorum queue's record.
+pub(crate) const KIND: &str = "quorum-queue";
+
+/// A quorum queue's record in a node's definitions log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct QuorumDefinition {
+    pub group: u64,
+    pub members: Vec<NodeId>,
+    /// The queue's arguments, an AMQP field table in its wire form.
+    pub arguments: Vec<u8>,
+    /// On a member: the store log of the group's Raft log.
+    pub log: Option<u64>,
+}
+
+pub(crate) fn key(vhost: &str, name: &str) -> Vec<u8> {
+    format!("{KIND}\0{vhost}\0{name}").into_bytes()
+}
+
+fn encode(definition: &QuorumDefinition) -> Result<Vec<u8>, String> {
+    let mut value = vec![crate::definition_format::DEFINITIONS_FORMAT_VERSION];
+    serde_json::to_writer(&mut value, definition).map_err(|error| error.to_string())?;
+    Ok(value)
+}
+
+pub(crate) fn decode(value: &[u8]) -> Option<QuorumDefinition> {
+    match value.split_first() {
+        Some((&crate::definition_format::DEFINITIONS_FORMAT_VERSION, json)) => serde_json::from_slice(json).ok(),
+        _ => None,
+    }
+}
+
+/// Whether a declare asks for a quorum queue.
+pub(crate) fn is_quorum(arguments: &FieldTable) -> bool {
+    text_argument(arguments, "x-queue-type").as_deref() == Some("quorum")
+}
+
+/// What the group's state machine enforces, from the queue's settings.
+pub(crate) fn quorum_settings(settings: &wharf_model::QueueSettings) -> QuorumSettings {
+    QuorumSettings {
+        delivery_limit: settings.delivery_limit,
+        max_length: settings.max_length,
+        max_length_bytes: settings.max_length_bytes,
+        reject_publish: settings.overflow != Overflow::DropHead,
+    }
+}
+
+fn initial_group_size(arguments: &FieldTable) -> Result<Option<usize>, ModelError> {
+    let Some(value) = arguments.inner().get("x-quorum-initial-group-size") else { return Ok(None) };
+    let size = match value {
+        AMQPValue::ShortShortInt(size) => i64::from(*size),
+        AMQPValue::ShortInt(size) => i64::from(*size),
+        AMQPValue::LongInt(size) => i64::from(*size),
+        AMQPValue::LongLongInt(size) => *size,
+        AMQPValue::ShortShortUInt(size) => i64::from(*size),
+        AMQPValue::ShortUInt(size) => i64::from(*size),
+        AMQPValue::LongUInt(size) => i64::from(*size),
+        _ => -1,
+    };
+    if size < 1 {
+        return Err(ModelError::precondition_failed(
+            "invalid arg 'x-quorum-initial-group-size': must be a positive integer",
+        ));
+    }
+    Ok(Some(size as usize))
+}
+
+impl Core {
+    /// `queue.declare` (see `declare_queue_here`; on a cluster, a quorum queue is declared
+    /// through the metadata group).
+    pub fn declare_queue(&self, request: QueueRequest<'_>) -> Result<String, ModelError> {
+        match self.metadata_group() {
+            Some(group) if !request.passive && is_quorum(request.arguments) => {
+                let name = request.name.clone();
+                if let Some(grant) = request.grant {
+                    grant.check(crate::access::Right::Configure, crate::access::Resource::Queue, &name)?;
+                }
+                if request.server_named || name.is_empty() {
+                    return Err(ModelError::precondition_failed("a quorum queue needs a name the client chose"));
+                }
+                for (refused, property) in [
+                    (!request.durable, "non-durable"),
+                    (request.exclusive, "exclusive"),
+                    (request.auto_delete, "auto-delete"),
+                ] {
+                    if refused {
+                        return Err(ModelError::precondition_failed(format!(
+                            "invalid property '{property}' for queue '{name}' in vhost '{}'",
+                            request.vhost
+                        )));
+                    }
+                }
+                let mut members = group.status().voters;
+                let node = self.config.cluster.as_ref().map_or(0, |cluster| cluster.node_id);
+                members.sort_by_key(|member| (*member != node, *member));
+                if let Some(size) = initial_group_size(request.arguments)? {
+                    members.truncate(size);
+                }
+                let command = MetaCommand::DeclareQuorumQueue {
+                    vhost: request.vhost.to_owned(),
+                    name: name.clone(),
+                    arguments: table_bytes(request.arguments)?,
+                    members,
+                };
+                match group.propose_blocking(command) {
+                    Ok(answer) => answer.into_model().map(|()| name),
+                    Err(error) => Err(internal(error)),
+                }
+            }
+            _ => self.declare_queue_here(request),
+        }
+    }
+
+    /// Carries out a quorum queue's declaration on this node (the metadata group's state machine
+    /// calls it; blocking). Declaring one that exists as a quorum queue is a no-op.
+    pub(crate) fn declare_quorum_queue_here(
+        self: &Arc<Core>,
+        vhost_name: &str,
+        name: &str,
+        arguments: &[u8],
+        members: &[NodeId],
+        group: u64,
+    ) -> Result<(), ModelError> {
+        let table = wharf_wire::frame::decode_field_table(arguments)
+            .ok_or_else(|| internal("a quorum queue's arguments are unreadable"))?;
+        let definitions = self.definitions();
+        let settings = {
+            let mut model = self.lock_model();
+            let vhost =
+                model.vhost_mut(vhost_name).ok_or_else(|| ModelError::not_found(format!("no vhost '{vhost_name}'")))?;
+            if let Some(existing) = vhost.queue(name) {
+                if existing.replicated {
+                    return Ok(());
+                }
+                return Err(ModelError::precondition_failed(format!(
+                    "inequivalent arg 'x-queue-type' for queue '{name}' in vhost '{vhost_name}': received 'quorum' but current is 'classic'"
+                )));
+            }
+            let settings = vhost.queue_settings(name, &table)?;
+            let declare = QueueDeclare {
+                name,
+                passive: false,
+                durable: true,
+                exclusive: false,
+                auto_delete: false,
+                arguments: &table,
+                connection: wharf_model::ConnectionId(0),
+                server_named: false,
+                store_log: None,
+                dedup_log: None,
+            };
+            vhost.declare_queue(&declare)?;
+            if let Some(queue) = vhost.queue_mut(name) {
+                queue.replicated = true;
+            }
+            settings
+        };
+        let node = self.config.cluster.as_ref().map_or(0, |cluster| cluster.node_id);
+        let member = members.contains(&node);
+        let log = if member {
+            let created = self.store.create_log().and_then(|ticket| ticket.wait());
+            match created {
+                Ok(log) => Some(log),
+                Err(error) => {
+                    self.store_failed(&error);
+                    return Err(crate::definitions::internal_error(&error));
+                }
+            }
+        } else {
+            None
+        };
+        let definition = QuorumDefinition {
+            group,
+            members: members.to_vec(),
+            arguments: arguments.to_vec(),
+            log: log.map(|log| log.0),
+        };
+        let value = encode(&definition).map_err(internal)?;
+        if let Err(error) = self.meta.put(&key(vhost_name, name), &value) {
+            self.store_failed(&error);
+            return Err(crate::definitions::internal_error(&error));
+        }
+        drop(definitions);
+        if let Some(log) = log {
+            let group_log = wharf_raft::GroupLog::open(&self.store, log, &Recovered::default())
+                .map_err(|error| internal(format!("the queue's log cannot be opened: {error}")))?;
+            self.start_quorum_group(vhost_name, name, &definition, quorum_settings(&settings), group_log)?;
+        }
+        Ok(())
+    }
+
+    /// Starts this node's member of a quorum queue's group (blocking).
+    pub(crate) fn start_quorum_group(
+        self: &Arc<Core>,
+        vhost: &str,
+        name: &str,
+        definition: &QuorumDefinition,
+        settings: QuorumSettings,
+        log: wharf_raft::GroupLog,
+    ) -> Result<(), ModelError> {
+        let Some((transport, groups)) = self.cluster_links.get() else {
+            return Err(internal("the cluster's links are not up"));
+        };
+        let handle = tokio::runtime::Handle::current();
+        let start = GroupStart {
+            core: self,
+            transport,
+            groups,
+            group: definition.group,
+            vhost,
+            name,
+            members: &definition.members,
+            settings,
+            log,
+        };
+        crate::core::blocking(|| handle.block_on(start_group(start))).map(|_| ()).map_err(internal)
+    }
+}
+
+/// A quorum queue found at recovery: its model queue is restored; on a member, its Raft log is
+/// opened for the group to start once the links are up.
+#[derive(Debug)]
+pub(crate) struct RecoveredQuorumQueue {
+    pub vhost: String,
+    pub name: String,
+    pub definition: QuorumDefinition,
+    pub settings: QuorumSettings,
+    pub log: Option<wharf_raft::GroupLog>,
+}
+
+/// Restores a quorum queue's record (recovery, step 3). Its store log is used, never an orphan.
+pub(crate) fn restore(
+    store: &Store,
+    recovered: &Recovered,
+    model: &mut wharf_model::BrokerModel,
+    vhost_name: &str,
+    name: &str,
+    value: &[u8],
+    used_logs: &mut std::collections::HashSet<LogId>,
+) -> Option<RecoveredQuorumQueue> {
+    let Some(definition) = decode(value) else {
+        tracing::error!(queue = name, "a quorum queue's record is unreadable");
+        return None;
+    };
+    used_logs.extend(definition.log.map(LogId));
+    let table = wharf_wire::frame::decode_field_table(&definition.arguments).unwrap_or_default();
+    let vhost = model.vhost_mut(vhost_name)?;
+    let settings = vhost.queue_settings(name, &table).unwrap_or_default();
+    let declare = QueueDeclare {
+        name,
+        passive: false,
+        durable: true,
+        exclusive: false,
+        auto_delete: false,
+        arguments: &table,
+        connection: wharf_model::ConnectionId(0),
+        server_named: false,
+        store_log: None,
+        dedup_log: None,
+    };
+    if let Err(error) = vhost.declare_queue(&declare) {
+        tracing::error!(queue = name, %error, "a quorum queue could not be restored");
+        return None;
+    }
+    if let Some(queue) = vhost.queue_mut(name) {
+        queue.replicated = true;
+    }
+    let log = match definition.log {
+        Some(log) => match wharf_raft::GroupLog::open(store, LogId(log), recovered) {
+            Ok(log) => Some(log),
+            Err(error) => {
+                tracing::error!(queue = name, %error, "a quorum queue's Raft log cannot be read; its group is not started");
+                None
+            }
+        },
+        None => None,
+    };
+    Some(RecoveredQuorumQueue {
+        vhost: vhost_name.to_owned(),
+        name: name.to_owned(),
+        settings: quorum_settings(&settings),
+        definition,
+        log,
+    })
+}
+
+/// Whether the definitions log has a quorum queue record (never read as a classic queue).
+pub(crate) fn is_record_kind(kind: &str) -> bool {
+    kind == KIND
+}
+
+impl Core {
+    /// `queue.delete` of a quorum queue on a cluster: refused as RabbitMQ refuses it when in use
+    /// or not empty (by this node's replica), otherwise deleted on every node through the
+    /// metadata group. Returns the ready messages it held; `None` if it is not a quorum queue
+    /// here.
+    pub(crate) fn delete_quorum_queue(
+        &self,
+        vhost: &str,
+        name: &str,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> Option<Result<u32, ModelError>> {
+        let metadata = self.metadata_group()?;
+        let group = self.quorum.get(vhost, name);
+        let replicated =
+            self.lock_model().vhost(vhost).and_then(|found| found.queue(name)).is_some_and(|queue| queue.replicated);
+        if !replicated {
+            return None;
+        }
+        let (ready, _, consumers) = group.map_or((0, 0, 0), |group| group.counts());
+        if if_unused && consumers > 0 {
+            return Some(Err(ModelError::precondition_failed(format!("queue '{name}' in vhost '{vhost}' in use"))));
+        }
+        if if_empty && ready > 0 {
+            return Some(Err(ModelError::precondition_failed(format!("queue '{name}' in vhost '{vhost}' not empty"))));
+        }
+        let command = MetaCommand::DeleteQuorumQueue { vhost: vhost.to_owned(), name: name.to_owned() };
+        Some(match metadata.propose_blocking(command) {
+            Ok(answer) => answer.into_model().map(|()| u32::try_from(ready).unwrap_or(u32::MAX)),
+            Err(error) => Err(internal(error)),
+        })
+    }
+
+    /// Carries out a quorum queue's deletion on this node (the metadata group's state machine
+    /// calls it; blocking): out of the model (its consumers cancelled), its definition and
+    /// bindings forgotten, its group stopped and its log deleted. Deleting one that is gone is a
+    /// no-op.
+    pub(crate) fn delete_quorum_queue_here(self: &Arc<Core>, vhost: &str, name: &str) -> Result<(), ModelError> {
+        let definition = {
+            let _definitions = self.definitions();
+            let definition = self.meta.get(&key(vhost, name)).and_then(|value| decode(&value));
+            if let Err(error) = self.meta.delete(&key(vhost, name)) {
+                self.store_failed(&error);
+                return Err(crate::definitions::internal_error(&error));
+            }
+            definition
+        };
+        let effects = {
+            let mut model = self.lock_model();
+            let mut effects = model.remove_replicated_queue(vhost, name);
+            self.send(&mut effects);
+            effects
+        };
+        // Its bindings' records go with it (`forget_queue`, through the deleted queue: durable).
+        self.apply(effects);
+        if let Some(group) = self.quorum.remove(vhost, name) {
+            let handle = tokio::runtime::Handle::current();
+            crate::core::blocking(|| handle.block_on(group.shutdown()));
+            if let Some((_, groups)) = self.cluster_links.get() {
+                groups.remove(group.group);
+            }
+        }
+        if let Some(log) = definition.and_then(|definition| definition.log) {
+            match self.store.delete_log(LogId(log)) {
+                Ok(_) | Err(wharf_store::StoreError::UnknownLog(_)) => {}
+                Err(error) => self.store_failed(&error),
+            }
+        }
+        Ok(())
+    }
+
+    /// `queue.purge` of a quorum queue: its ready messages removed on every replica; how many.
+    /// `None` if it is not a quorum queue here.
+    pub(crate) fn purge_quorum_queue(&self, vhost: &str, name: &str) -> Option<Result<u32, ModelError>> {
+        let group = self.quorum.get(vhost, name)?;
+        let receiver = group.propose_and_wait(wharf_model::QuorumCommand::Purge);
+        let handle = tokio::runtime::Handle::current();
+        let answer = crate::core::blocking(|| handle.block_on(receiver));
+        Some(match answer {
+            Ok(Ok(wharf_model::QuorumAnswer::Removed { count })) => Ok(u32::try_from(count).unwrap_or(u32::MAX)),
+            Ok(Ok(_)) => Ok(0),
+            Ok(Err(text)) => Err(internal(text)),
+            Err(_) => Err(internal("the quorum queue's group stopped")),
+        })
+    }
+}

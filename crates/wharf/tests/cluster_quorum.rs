@@ -1,0 +1,271 @@
+//! Quorum queues across three `wharf` processes (issue #19): a queue declared with
+//! `x-queue-type: quorum` on one node is replicated to all three; a publisher with confirms on
+//! one node and consumers on the others see every message once, in order; when the queue's
+//! leader is killed, the others elect a new one, publishes are confirmed again, the consumers go
+//! on, and what the killed node's consumer held comes back redelivered once it restarts.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{Node, call, eventually, free_port, start_node};
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use std::net::SocketAddr;
+
+async fn connect(node: &Node) -> Connection {
+    Connection::connect(&format!("amqp://guest:guest@{}/%2f", node.amqp), ConnectionProperties::default())
+        .await
+        .unwrap()
+}
+
+async fn declare_quorum(channel: &Channel, name: &str) {
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    let options = QueueDeclareOptions { durable: true, ..Default::default() };
+    channel.queue_declare(name.into(), options, arguments).await.unwrap();
+}
+
+/// Publishes `bodies` to `queue` through the default exchange and waits for each confirm.
+async fn publish_confirmed(channel: &Channel, queue: &str, bodies: impl IntoIterator<Item = String>) {
+    for body in bodies {
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack(), "{body} was not confirmed");
+    }
+}
+
+/// The next delivery; a consumer that gets none for two minutes fails the test rather than
+/// hanging it.
+async fn next(consumer: &mut lapin::Consumer) -> lapin::message::Delivery {
+    match tokio::time::timeout(std::time::Duration::from_secs(120), consumer.next()).await {
+        Ok(Some(Ok(delivery))) => delivery,
+        other => panic!("no delivery: {other:?}"),
+    }
+}
+
+/// The queue's group as node `url` sees it.
+async fn queue_group(url: &str, name: &str) -> Option<serde_json::Value> {
+    let (status, body) = call(url, "GET", "/api/cluster/queues", None).await;
+    assert_eq!(status, 200, "{body}");
+    body.as_array().unwrap().iter().find(|queue| queue["name"] == name).cloned()
+}
+
+/// Waits until every node of `urls` has the queue's group and names the same leader.
+async fn agreed_queue_leader(urls: &[String], name: &str) -> u64 {
+    let mut leader = 0;
+    for _ in 0..2 {
+        for url in urls {
+            eventually(&format!("{url} knows the leader of {name}"), || async move {
+                queue_group(url, name).await.is_some_and(|group| group["leader"].as_u64().is_some())
+            })
+            .await;
+        }
+        let first = queue_group(&urls[0], name).await.unwrap()["leader"].as_u64().unwrap();
+        let mut all = true;
+        for url in urls {
+            all &= queue_group(url, name).await.unwrap()["leader"].as_u64() == Some(first);
+        }
+        if all {
+            leader = first;
+            break;
+        }
+    }
+    assert_ne!(leader, 0, "the nodes did not agree on the queue's leader");
+    leader
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_queue_serves_every_node_and_survives_its_leader() {
+    let temp = tempfile::tempdir().unwrap();
+    let cluster: Vec<(u64, SocketAddr)> = (1..=3).map(|id| (id, free_port())).collect();
+    let mut nodes = Vec::new();
+    for (id, _) in &cluster {
+        nodes.push(start_node(&temp.path().join(format!("node-{id}")), *id, &cluster, &[]).await);
+    }
+    let urls: Vec<String> = nodes.iter().map(|node| node.http.clone()).collect();
+
+    let declaring = connect(&nodes[0]).await;
+    let channel = declaring.create_channel().await.unwrap();
+    declare_quorum(&channel, "orders").await;
+    // Declared again on another node: the same queue.
+    let again = connect(&nodes[1]).await;
+    declare_quorum(&again.create_channel().await.unwrap(), "orders").await;
+    let leader = agreed_queue_leader(&urls, "orders").await;
+    let others: Vec<usize> = (0..3).filter(|index| cluster[*index].0 != leader).collect();
+    let leader_index = (0..3).find(|index| cluster[*index].0 == leader).unwrap();
+
+    // A publisher on one follower, a consumer on the other: every message once, in order.
+    let publisher_connection = connect(&nodes[others[0]]).await;
+    let publisher = publisher_connection.create_channel().await.unwrap();
+    publisher.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    publish_confirmed(&publisher, "orders", (0..50).map(|n| format!("first-{n}"))).await;
+    let consumer_connection = connect(&nodes[others[1]]).await;
+    let consumer_channel = consumer_connection.create_channel().await.unwrap();
+    consumer_channel.basic_qos(20, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = consumer_channel
+        .basic_consume("orders".into(), "c1".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    for n in 0..50 {
+        let delivery = next(&mut consumer).await;
+        assert_eq!(String::from_utf8_lossy(&delivery.data), format!("first-{n}"));
+        assert!(!delivery.redelivered);
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+
+    // A consumer on the leader's node takes some and holds them unacknowledged.
+    let doomed_connection = connect(&nodes[leader_index]).await;
+    let doomed_channel = doomed_connection.create_channel().await.unwrap();
+    doomed_channel.basic_qos(5, BasicQosOptions::default()).await.unwrap();
+    let mut doomed = doomed_channel
+        .basic_consume("orders".into(), "held".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    publish_confirmed(&publisher, "orders", (0..10).map(|n| format!("second-{n}"))).await;
+    let mut held = Vec::new();
+    let mut seen = std::collections::BTreeMap::<String, u32>::new();
+    // The 10 go round robin between c1 and the doomed consumer (prefetch 5): take what each gets.
+    while held.len() + seen.len() < 10 {
+        tokio::select! {
+            Some(Ok(delivery)) = doomed.next() => held.push(String::from_utf8_lossy(&delivery.data).into_owned()),
+            Some(Ok(delivery)) = consumer.next() => {
+                *seen.entry(String::from_utf8_lossy(&delivery.data).into_owned()).or_default() += 1;
+                delivery.ack(BasicAckOptions::default()).await.unwrap();
+            }
+        }
+    }
+    assert!(!held.is_empty(), "the consumer on the leader's node got nothing");
+
+    // The leader dies; the others elect a new one and confirm publishes again.
+    nodes[leader_index].child.kill().await.unwrap();
+    publish_confirmed(&publisher, "orders", (0..10).map(|n| format!("third-{n}"))).await;
+    let mut third = Vec::new();
+    let mut redelivered = Vec::new();
+    // What the killed node's consumer held comes back, redelivered, once the new leader counts
+    // the node as gone (its link down for five seconds); the third batch arrives meanwhile.
+    while third.len() < 10 || redelivered.len() < held.len() {
+        let delivery = next(&mut consumer).await;
+        let body = String::from_utf8_lossy(&delivery.data).into_owned();
+        if body.starts_with("third-") {
+            assert!(!delivery.redelivered);
+            third.push(body);
+        } else {
+            assert!(held.contains(&body), "{body} was not held by the killed node's consumer");
+            assert!(delivery.redelivered, "{body} came back without the redelivered flag");
+            *seen.entry(body.clone()).or_default() += 1;
+            redelivered.push(body);
+        }
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    assert_eq!(third, (0..10).map(|n| format!("third-{n}")).collect::<Vec<_>>());
+    let survivors: Vec<String> = others.iter().map(|index| urls[*index].clone()).collect();
+    let new_leader = agreed_queue_leader(&survivors, "orders").await;
+    assert_ne!(new_leader, leader);
+
+    // Back, the killed node rebuilds its replica from the log and catches up.
+    let data_dir = temp.path().join(format!("node-{leader}"));
+    nodes[leader_index] = start_node(&data_dir, leader, &cluster, &[]).await;
+    // Every one of the second batch reached c1 exactly once in the end.
+    assert_eq!(seen.len(), 10, "{seen:?}");
+    assert!(seen.values().all(|count| *count == 1), "{seen:?}");
+    for node in &nodes {
+        let url = &node.http;
+        eventually(&format!("the queue is empty on {url}"), || async move {
+            let group = queue_group(url, "orders").await;
+            group.is_some_and(|group| group["ready"] == 0 && group["unacked"] == 0)
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_queue_is_bound_purged_and_deleted_on_every_node() {
+    let temp = tempfile::tempdir().unwrap();
+    let cluster: Vec<(u64, SocketAddr)> = (1..=3).map(|id| (id, free_port())).collect();
+    let mut nodes = Vec::new();
+    for (id, _) in &cluster {
+        nodes.push(start_node(&temp.path().join(format!("node-{id}")), *id, &cluster, &[]).await);
+    }
+    let urls: Vec<String> = nodes.iter().map(|node| node.http.clone()).collect();
+    let first = connect(&nodes[0]).await;
+    let channel = first.create_channel().await.unwrap();
+    declare_quorum(&channel, "jobs").await;
+    channel
+        .queue_bind("jobs".into(), "amq.direct".into(), "job".into(), Default::default(), FieldTable::default())
+        .await
+        .unwrap();
+    agreed_queue_leader(&urls, "jobs").await;
+    // Published to the exchange on another node: routed by the replicated binding.
+    let second = connect(&nodes[1]).await;
+    let publisher = second.create_channel().await.unwrap();
+    publisher.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    for n in 0..5 {
+        let confirm = publisher
+            .basic_publish(
+                "amq.direct".into(),
+                "job".into(),
+                BasicPublishOptions { mandatory: true, ..Default::default() },
+                format!("job-{n}").as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack() && confirm.take_message().is_none(), "job-{n} was not routed and confirmed");
+    }
+    for url in &urls {
+        eventually(&format!("five ready on {url}"), || async move {
+            queue_group(url, "jobs").await.is_some_and(|group| group["ready"] == 5)
+        })
+        .await;
+    }
+    // Purged on the third node: all five, on every replica.
+    let third = connect(&nodes[2]).await;
+    let purger = third.create_channel().await.unwrap();
+    assert_eq!(purger.queue_purge("jobs".into(), Default::default()).await.unwrap(), 5);
+    for url in &urls {
+        eventually(&format!("none ready on {url}"), || async move {
+            queue_group(url, "jobs").await.is_some_and(|group| group["ready"] == 0)
+        })
+        .await;
+    }
+    // Deleted if empty: gone from every node, its group stopped.
+    publish_confirmed(&publisher, "jobs", ["last".to_owned()]).await;
+    for url in &urls {
+        eventually(&format!("one ready on {url}"), || async move {
+            queue_group(url, "jobs").await.is_some_and(|group| group["ready"] == 1)
+        })
+        .await;
+    }
+    let refused = purger
+        .queue_delete("jobs".into(), lapin::options::QueueDeleteOptions { if_empty: true, ..Default::default() })
+        .await;
+    assert!(format!("{:?}", refused.unwrap_err()).contains("PRECONDITION_FAILED"));
+    let deleter = third.create_channel().await.unwrap();
+    assert_eq!(deleter.queue_delete("jobs".into(), Default::default()).await.unwrap(), 1);
+    for url in &urls {
+        eventually(&format!("jobs gone from {url}"), || async move {
+            queue_group(url, "jobs").await.is_none() && call(url, "GET", "/api/queues/%2F/jobs", None).await.0 == 404
+        })
+        .await;
+    }
+    // A classic queue of the same name can be declared again.
+    let options = QueueDeclareOptions { durable: true, ..Default::default() };
+    deleter.queue_declare("jobs".into(), options, FieldTable::default()).await.unwrap();
+}
