@@ -86,14 +86,7 @@ impl Broker {
                 let transport = Arc::new(wharf_cluster::Transport::start(&cluster_config, handler).await?);
                 let _ = core.cluster_links.set((Arc::clone(&transport), groups.clone()));
                 tokio::spawn(crate::cluster::watch_members(Arc::downgrade(&core), Arc::clone(&transport)));
-                let log = core.metadata_log.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
-                let log = log.ok_or_else(|| BrokerError::Startup("the metadata group's log was not opened".into()))?;
-                let mut members = cluster_config.nodes.clone();
-                members.entry(node_id).or_insert_with(|| transport.local_addr().to_string());
-                let group =
-                    crate::cluster::MetaGroup::start(&core, Arc::clone(&transport), &groups, log, members).await?;
-                // Set once, here: `metadata` is new with this core.
-                let _ = core.metadata.set(Arc::new(group));
+                // Quorum queues' groups first: the metadata group, catching up, may delete one.
                 let recovered = std::mem::take(&mut *core.recovered_quorum.lock().unwrap_or_else(|p| p.into_inner()));
                 for queue in recovered {
                     let Some(log) = queue.log else { continue };
@@ -112,6 +105,14 @@ impl Broker {
                         tracing::error!(queue = %queue.name, %error, "a quorum queue's group did not start");
                     }
                 }
+                let log = core.metadata_log.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+                let log = log.ok_or_else(|| BrokerError::Startup("the metadata group's log was not opened".into()))?;
+                let mut members = cluster_config.nodes.clone();
+                members.entry(node_id).or_insert_with(|| transport.local_addr().to_string());
+                let group =
+                    crate::cluster::MetaGroup::start(&core, Arc::clone(&transport), &groups, log, members).await?;
+                // Set once, here: `metadata` is new with this core.
+                let _ = core.metadata.set(Arc::new(group));
                 Some(transport)
             }
             None => None,

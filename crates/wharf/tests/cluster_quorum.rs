@@ -265,6 +265,35 @@ async fn a_quorum_queue_is_bound_purged_and_deleted_on_every_node() {
         })
         .await;
     }
+    // A rejected message goes to the dead-letter exchange, here into another quorum queue, with
+    // RabbitMQ's `x-death` header.
+    declare_quorum(&deleter, "dead").await;
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+    arguments.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString("dead".into()));
+    let options = QueueDeclareOptions { durable: true, ..Default::default() };
+    deleter.queue_declare("risky".into(), options, arguments).await.unwrap();
+    publish_confirmed(&publisher, "risky", ["poison".to_owned()]).await;
+    let reader = connect(&nodes[2]).await;
+    let rejecting = reader.create_channel().await.unwrap();
+    let mut risky = rejecting
+        .basic_consume("risky".into(), "r".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let poison = next(&mut risky).await;
+    poison.reject(lapin::options::BasicRejectOptions { requeue: false }).await.unwrap();
+    let mut dead = rejecting
+        .basic_consume("dead".into(), "d".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let dead_letter = next(&mut dead).await;
+    assert_eq!(&dead_letter.data[..], b"poison");
+    let headers = dead_letter.properties.headers().clone().unwrap();
+    let reason = headers.inner().get("x-first-death-reason").cloned();
+    assert_eq!(reason, Some(AMQPValue::LongString("rejected".into())), "{headers:?}");
+    dead_letter.ack(BasicAckOptions::default()).await.unwrap();
+
     // A classic queue of the same name can be declared again.
     let options = QueueDeclareOptions { durable: true, ..Default::default() };
     deleter.queue_declare("jobs".into(), options, FieldTable::default()).await.unwrap();

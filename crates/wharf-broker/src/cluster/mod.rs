@@ -25,7 +25,9 @@ mod quorum_declare;
 
 pub(crate) use command::{MetaAnswer, MetaCommand, StoredHash, table_bytes};
 pub(crate) use quorum::{GroupStart, QuorumQueues, SERVICE_QUEUE, start_group, watch_members};
-pub(crate) use quorum_declare::{RecoveredQuorumQueue, is_record_kind as is_quorum_record, restore as restore_quorum};
+pub(crate) use quorum_declare::{
+    RecoveredQuorumQueue, is_record_kind as is_quorum_record, quorum_log, restore as restore_quorum,
+};
 
 use crate::core::Core;
 use crate::error::BrokerError;

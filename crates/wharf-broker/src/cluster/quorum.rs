@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use wharf_cluster::{NodeId, Transport};
 use wharf_model::{
-    ChannelKey, ConnectionId, QuorumAnswer, QuorumCommand, QuorumConsumer, QuorumEffect, QuorumQueue, QuorumSettings,
-    ReplicatedDelivery, ReplicatedOp, ReplicatedOutcome,
+    ChannelKey, ConnectionId, DeathReason, QuorumAnswer, QuorumCommand, QuorumConsumer, QuorumDeathReason,
+    QuorumEffect, QuorumQueue, QuorumSettings, ReplicatedDelivery, ReplicatedOp, ReplicatedOutcome,
 };
 use wharf_raft::{Answer, GroupLog, GroupNetwork, GroupTypes, Groups};
 
@@ -115,8 +115,14 @@ impl QuorumQueues {
         self.by_group.read().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&group).cloned()
     }
 
+    /// Registers a started group; a group already registered under the name keeps its place
+    /// unless this one is newer (a queue deleted and declared again gets a higher group id).
     fn insert(&self, group: Arc<QueueGroup>) {
         let key = (group.vhost.clone(), group.name.clone());
+        if self.get(&group.vhost, &group.name).is_some_and(|found| found.group > group.group) {
+            tracing::warn!(queue = %group.name, group = group.group, "an older group of a queue not registered");
+            return;
+        }
         self.by_group.write().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(group.group, Arc::clone(&group));
         self.by_name.write().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(key, group);
     }
@@ -146,6 +152,25 @@ fn consumer_of(node: NodeId, incarnation: u32, channel: ChannelKey, tag: String)
 }
 
 impl Core {
+    /// Refuses to consume from a quorum queue this node holds no replica of (it was declared
+    /// with an `x-quorum-initial-group-size` that left this node out): 540, naming the members.
+    pub(crate) fn require_replica(&self, vhost: &str, queue: &str) -> Result<(), wharf_model::ModelError> {
+        let replicated =
+            self.lock_model().vhost(vhost).and_then(|found| found.queue(queue)).is_some_and(|found| found.replicated);
+        if !replicated || self.quorum.get(vhost, queue).is_some() {
+            return Ok(());
+        }
+        let members = self
+            .meta
+            .get(&super::quorum_declare::key(vhost, queue))
+            .and_then(|value| super::quorum_declare::decode(&value))
+            .map(|definition| format!("{:?}", definition.members))
+            .unwrap_or_else(|| "unknown".into());
+        Err(wharf_model::ModelError::not_implemented(format!(
+            "queue '{queue}' in vhost '{vhost}' has no replica on this node; consume through one of its nodes {members}"
+        )))
+    }
+
     /// Turns what channels did with quorum queues' consumers and deliveries into commands for
     /// their groups (in order, through each group's proposer). Non-blocking: called where
     /// deliveries are sent, under the model lock, so the order is the model's.
@@ -295,9 +320,15 @@ async fn run_proposer(
                 }
             }
             Ok(answers) => {
+                // Committed, but the answers cannot be matched to the commands: nothing is
+                // proposed again (it was all applied); whoever waits is told it failed.
                 let text = format!("{} answers to {} commands", answers.len(), batch.len());
                 tracing::error!(group, error = %text, "a quorum queue's answers do not match its commands");
-                carried = fail_enqueues(batch, &text);
+                for pending in batch {
+                    if let Some(waiter) = pending.answer {
+                        let _ = waiter.send(Err(text.clone()));
+                    }
+                }
             }
             Err(text) => {
                 tracing::warn!(group, error = %text, "quorum queue commands not taken; consumers' are proposed again");
@@ -316,7 +347,9 @@ async fn run_proposer(
 fn fail_enqueues(batch: Vec<Pending>, text: &str) -> Vec<Pending> {
     let mut again = Vec::new();
     for pending in batch {
-        if matches!(pending.command, QuorumCommand::Enqueue { .. }) {
+        // A purge is not proposed again either: applied twice, it would remove what was
+        // published (and confirmed) in between.
+        if matches!(pending.command, QuorumCommand::Enqueue { .. } | QuorumCommand::Purge) {
             if let Some(waiter) = pending.answer {
                 let _ = waiter.send(Err(text.to_owned()));
             }
@@ -356,6 +389,7 @@ pub(crate) struct GroupStart<'a> {
 pub(crate) async fn start_group(start: GroupStart<'_>) -> Result<Arc<QueueGroup>, String> {
     let node = start.transport.node_id();
     let state = Arc::new(Mutex::new(QuorumQueue::new(start.settings)));
+    let raft_handle = Arc::new(std::sync::OnceLock::new());
     let machine = QueueMachine {
         core: Arc::downgrade(start.core),
         node,
@@ -365,11 +399,13 @@ pub(crate) async fn start_group(start: GroupStart<'_>) -> Result<Arc<QueueGroup>
         state: Arc::clone(&state),
         last_applied: None,
         membership: StoredMembership::default(),
+        raft: Arc::clone(&raft_handle),
     };
     let network = GroupNetwork::new(Arc::clone(start.transport), start.group);
     let raft = Raft::new(node, raft_config()?, network, start.log, machine)
         .await
         .map_err(|error| format!("the group of quorum queue '{}' did not start: {error}", start.name))?;
+    let _ = raft_handle.set(raft.clone());
     start.groups.insert(start.group, raft.clone());
     let addresses: BTreeMap<NodeId, BasicNode> =
         start.members.iter().map(|member| (*member, BasicNode::new(member.to_string()))).collect();
@@ -403,6 +439,8 @@ struct QueueMachine {
     state: Arc<Mutex<QuorumQueue>>,
     last_applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, BasicNode>,
+    /// The group's Raft, once started (the leader alone dead-letters).
+    raft: Arc<std::sync::OnceLock<Raft<GroupTypes>>>,
 }
 
 fn storage_error(text: impl std::fmt::Display) -> StorageError<u64> {
@@ -425,6 +463,29 @@ impl QueueMachine {
         for (channel, tag, prefetch) in consumers {
             let consumer = consumer_of(self.node, self.incarnation, channel, tag);
             group.submit(QuorumCommand::Checkout { consumer, prefetch: u32::from(prefetch) }, None);
+        }
+    }
+
+    /// Moves dead messages to the queue's dead-letter target, as a classic queue's.
+    fn dead_letter(&self, dead: Vec<QuorumEffect>) {
+        let Some(core) = self.core.upgrade() else { return };
+        for effect in dead {
+            let QuorumEffect::DeadLetter { id, payload, reason, delivery_count } = effect else { continue };
+            let message = quorum_codec::split_payload(&payload)
+                .and_then(|(meta, body)| crate::persist::decode_message(meta, bytes::Bytes::copy_from_slice(body)));
+            let Some(message) = message else {
+                tracing::error!(queue = %self.name, id, "a dead quorum queue message is unreadable");
+                continue;
+            };
+            let reason = match reason {
+                QuorumDeathReason::Rejected => DeathReason::Rejected,
+                QuorumDeathReason::DeliveryLimit => DeathReason::DeliveryLimit,
+                QuorumDeathReason::Expired => DeathReason::Expired,
+                QuorumDeathReason::MaxLength => DeathReason::MaxLen,
+            };
+            let effects =
+                core.lock_model().dead_letter_replicated(&self.vhost, &self.name, &message, delivery_count, reason);
+            core.apply(effects);
         }
     }
 
@@ -485,6 +546,7 @@ impl RaftStateMachine<GroupTypes> for QueueMachine {
         let mut answers = Vec::new();
         let mut local = Vec::new();
         let mut counted_down = false;
+        let mut dead = Vec::new();
         for entry in entries {
             self.last_applied = Some(entry.log_id);
             let commands = match entry.payload {
@@ -516,9 +578,7 @@ impl RaftStateMachine<GroupTypes> for QueueMachine {
                             local.push(effect);
                         }
                         QuorumEffect::Deliver { .. } => {}
-                        QuorumEffect::DeadLetter { id, reason, .. } => {
-                            tracing::warn!(queue = %self.name, id, ?reason, "a quorum queue message left dead (dead-letter routing for quorum queues is not built yet)");
-                        }
+                        QuorumEffect::DeadLetter { .. } => dead.push(effect),
                     }
                 }
             }
@@ -529,6 +589,13 @@ impl RaftStateMachine<GroupTypes> for QueueMachine {
         blocking(|| machine.deliver_here(local));
         if counted_down {
             self.check_out_again();
+        }
+        // The leader dead-letters, once (RabbitMQ's quorum queues' default, at most once: a
+        // leader lost right after applying the entry loses the dead letter with it).
+        let leading =
+            self.raft.get().is_some_and(|raft| raft.metrics().borrow().state == openraft::ServerState::Leader);
+        if leading && !dead.is_empty() {
+            blocking(|| machine.dead_letter(dead));
         }
         Ok(answers)
     }

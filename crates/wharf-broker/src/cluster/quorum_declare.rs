@@ -36,6 +36,41 @@ pub(crate) struct QuorumDefinition {
     pub arguments: Vec<u8>,
     /// On a member: the store log of the group's Raft log.
     pub log: Option<u64>,
+    /// What the group enforces, fixed when the queue was declared (arguments and policies
+    /// then): every replica, restarted or not, decides with the same settings.
+    #[serde(default)]
+    pub settings: StoredSettings,
+}
+
+/// [`QuorumSettings`] as a record keeps them.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub(crate) struct StoredSettings {
+    pub delivery_limit: Option<u32>,
+    pub max_length: Option<u64>,
+    pub max_length_bytes: Option<u64>,
+    pub reject_publish: bool,
+}
+
+impl From<QuorumSettings> for StoredSettings {
+    fn from(settings: QuorumSettings) -> Self {
+        StoredSettings {
+            delivery_limit: settings.delivery_limit,
+            max_length: settings.max_length,
+            max_length_bytes: settings.max_length_bytes,
+            reject_publish: settings.reject_publish,
+        }
+    }
+}
+
+impl From<StoredSettings> for QuorumSettings {
+    fn from(settings: StoredSettings) -> Self {
+        QuorumSettings {
+            delivery_limit: settings.delivery_limit,
+            max_length: settings.max_length,
+            max_length_bytes: settings.max_length_bytes,
+            reject_publish: settings.reject_publish,
+        }
+    }
 }
 
 pub(crate) fn key(vhost: &str, name: &str) -> Vec<u8> {
@@ -53,6 +88,11 @@ pub(crate) fn decode(value: &[u8]) -> Option<QuorumDefinition> {
         Some((&crate::definition_format::DEFINITIONS_FORMAT_VERSION, json)) => serde_json::from_slice(json).ok(),
         _ => None,
     }
+}
+
+/// The store log of a member's group, from a quorum queue's record.
+pub(crate) fn quorum_log(value: &[u8]) -> Option<u64> {
+    decode(value).and_then(|definition| definition.log)
 }
 
 /// Whether a declare asks for a quorum queue.
@@ -194,11 +234,13 @@ impl Core {
         } else {
             None
         };
+        let settings = quorum_settings(&settings);
         let definition = QuorumDefinition {
             group,
             members: members.to_vec(),
             arguments: arguments.to_vec(),
             log: log.map(|log| log.0),
+            settings: settings.into(),
         };
         let value = encode(&definition).map_err(internal)?;
         if let Err(error) = self.meta.put(&key(vhost_name, name), &value) {
@@ -209,7 +251,7 @@ impl Core {
         if let Some(log) = log {
             let group_log = wharf_raft::GroupLog::open(&self.store, log, &Recovered::default())
                 .map_err(|error| internal(format!("the queue's log cannot be opened: {error}")))?;
-            self.start_quorum_group(vhost_name, name, &definition, quorum_settings(&settings), group_log)?;
+            self.start_quorum_group(vhost_name, name, &definition, settings, group_log)?;
         }
         Ok(())
     }
@@ -270,7 +312,6 @@ pub(crate) fn restore(
     used_logs.extend(definition.log.map(LogId));
     let table = wharf_wire::frame::decode_field_table(&definition.arguments).unwrap_or_default();
     let vhost = model.vhost_mut(vhost_name)?;
-    let settings = vhost.queue_settings(name, &table).unwrap_or_default();
     let declare = QueueDeclare {
         name,
         passive: false,
@@ -303,7 +344,7 @@ pub(crate) fn restore(
     Some(RecoveredQuorumQueue {
         vhost: vhost_name.to_owned(),
         name: name.to_owned(),
-        settings: quorum_settings(&settings),
+        settings: definition.settings.into(),
         definition,
         log,
     })
@@ -369,6 +410,12 @@ impl Core {
         };
         // Its bindings' records go with it (`forget_queue`, through the deleted queue: durable).
         self.apply(effects);
+        self.stop_quorum_group(vhost, name, definition.and_then(|definition| definition.log));
+        Ok(())
+    }
+
+    /// Stops this node's member of a deleted quorum queue's group and deletes its log (blocking).
+    pub(crate) fn stop_quorum_group(&self, vhost: &str, name: &str, log: Option<u64>) {
         if let Some(group) = self.quorum.remove(vhost, name) {
             let handle = tokio::runtime::Handle::current();
             crate::core::blocking(|| handle.block_on(group.shutdown()));
@@ -376,13 +423,12 @@ impl Core {
                 groups.remove(group.group);
             }
         }
-        if let Some(log) = definition.and_then(|definition| definition.log) {
+        if let Some(log) = log {
             match self.store.delete_log(LogId(log)) {
                 Ok(_) | Err(wharf_store::StoreError::UnknownLog(_)) => {}
                 Err(error) => self.store_failed(&error),
             }
         }
-        Ok(())
     }
 
     /// `queue.purge` of a quorum queue: its ready messages removed on every replica; how many.
@@ -391,12 +437,15 @@ impl Core {
         let group = self.quorum.get(vhost, name)?;
         let receiver = group.propose_and_wait(wharf_model::QuorumCommand::Purge);
         let handle = tokio::runtime::Handle::current();
-        let answer = crate::core::blocking(|| handle.block_on(receiver));
+        // Bounded: the proposer gives up on a batch after its own timeout, so this is a backstop.
+        let within = super::PROPOSE_TIMEOUT * 2;
+        let answer = crate::core::blocking(|| handle.block_on(tokio::time::timeout(within, receiver)));
         Some(match answer {
-            Ok(Ok(wharf_model::QuorumAnswer::Removed { count })) => Ok(u32::try_from(count).unwrap_or(u32::MAX)),
-            Ok(Ok(_)) => Ok(0),
-            Ok(Err(text)) => Err(internal(text)),
-            Err(_) => Err(internal("the quorum queue's group stopped")),
+            Ok(Ok(Ok(wharf_model::QuorumAnswer::Removed { count }))) => Ok(u32::try_from(count).unwrap_or(u32::MAX)),
+            Ok(Ok(Ok(_))) => Ok(0),
+            Ok(Ok(Err(text))) => Err(internal(text)),
+            Ok(Err(_)) => Err(internal("the quorum queue's group stopped")),
+            Err(_) => Err(internal("the quorum queue's group did not answer in time")),
         })
     }
 }

@@ -95,8 +95,23 @@ impl Management {
                 .into_keys()
                 .filter(|key| crate::definition_format::split_key(key).is_some_and(|(_, vhost, _)| vhost == name))
                 .collect();
+            // Its quorum queues' groups stop and their logs go, once their records are gone.
+            let quorum: Vec<(String, Option<u64>)> = keys
+                .iter()
+                .filter_map(|key| {
+                    let (kind, _, queue) = crate::definition_format::split_key(key)?;
+                    if !crate::cluster::is_quorum_record(kind) {
+                        return None;
+                    }
+                    let log = self.core.meta.get(key).and_then(|value| crate::cluster::quorum_log(&value));
+                    Some((queue.to_owned(), log))
+                })
+                .collect();
             let changes: Vec<MetaChange> = keys.into_iter().map(|key| MetaChange::Delete { key }).collect();
             self.write_definitions(&changes)?;
+            for (queue, log) in quorum {
+                self.core.stop_quorum_group(name, &queue, log);
+            }
             let mut model = self.core.lock_model();
             self.core.mqtt_retained.forget_vhost(name);
             self.core.mqtt_sessions.forget_vhost(name);

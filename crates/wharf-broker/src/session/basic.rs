@@ -36,6 +36,7 @@ impl Session {
                 let queue_name = self.queue_name(channel, consume.queue.as_str());
                 self.allow(Right::Read, Resource::Queue, &queue_name)?;
                 let priority = wharf_model::settings::consumer_priority(&consume.arguments)?;
+                self.core.require_replica(&self.vhost, &queue_name)?;
                 let mut model = self.core.lock_model();
                 let (tag, mut effects) = model.consume_with_priority(
                     key,

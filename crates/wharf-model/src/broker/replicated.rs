@@ -91,6 +91,39 @@ impl BrokerModel {
         found
     }
 
+    /// A quorum queue's message left it dead (its group said so; the leader carries it out): the
+    /// transfer to the queue's dead-letter exchange, or for an exhausted delivery limit to
+    /// `<queue>.dlq`, as for any queue (`x-death` and all). Nothing without a target.
+    pub fn dead_letter_replicated(
+        &mut self,
+        vhost: &str,
+        queue: &str,
+        message: &Message,
+        delivery_count: u32,
+        reason: crate::deadletter::DeathReason,
+    ) -> Effects {
+        let mut effects = Effects::default();
+        let now_ms = self.now_ms;
+        let Some(found) = self.vhosts.get(vhost).and_then(|found| found.queue(queue)) else { return effects };
+        if !found.replicated {
+            return effects;
+        }
+        let trace = super::TraceSource { entered_ms: now_ms, own: None, max: 0 };
+        super::dead_letter(
+            vhost,
+            found,
+            message,
+            delivery_count,
+            trace,
+            None,
+            reason,
+            now_ms,
+            &mut effects,
+            &mut self.counters,
+        );
+        effects
+    }
+
     /// Removes a quorum queue from the model (its group deleted it): its consumers are cancelled
     /// by the server and its unsettled deliveries point at no queue any more, as for any queue.
     pub fn remove_replicated_queue(&mut self, vhost: &str, queue: &str) -> Effects {
@@ -102,19 +135,31 @@ impl BrokerModel {
 
     /// Hands a quorum queue's delivery to its consumer's channel: the delivery to send, with the
     /// channel's next tag. A no-ack consumer's delivery is settled at once (the op is in the
-    /// effects). `None` with the delivery given back as returned when the consumer or its
-    /// channel is gone (the group's `Down` for it is on its way) or the channel is at its bound.
+    /// effects). `None` when the channel is gone (its `Down` returns what it held), or with the
+    /// delivery given back as returned when the consumer was cancelled or the channel is at its
+    /// bound.
     pub fn deliver_replicated(&mut self, delivery: ReplicatedDelivery) -> (Option<Delivery>, Effects) {
         let mut effects = Effects::default();
         let now_ms = self.now_ms;
-        let vhost = self.channels.get(&delivery.channel).map(|channel| channel.vhost.clone());
+        let Some(vhost) = self.channels.get(&delivery.channel).map(|channel| channel.vhost.clone()) else {
+            // The channel closed: its `Down` is on its way and returns what it held.
+            return (None, effects);
+        };
         let Some(channel) = self.channels.get_mut(&delivery.channel) else { return (None, effects) };
         let Some(consumer) =
             channel.consumers.get_mut(&delivery.tag).filter(|consumer| consumer.queue == delivery.queue)
         else {
+            // Cancelled before the group saw the cancel: nobody will settle it here, so it goes back.
+            effects.replicated.push(ReplicatedOp::Settle {
+                vhost,
+                queue: delivery.queue,
+                channel: delivery.channel,
+                tag: delivery.tag,
+                id: delivery.id,
+                outcome: ReplicatedOutcome::Returned,
+            });
             return (None, effects);
         };
-        let vhost = vhost.unwrap_or_default();
         let settle = |outcome| ReplicatedOp::Settle {
             vhost: vhost.clone(),
             queue: delivery.queue.clone(),

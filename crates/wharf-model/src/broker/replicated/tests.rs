@@ -121,8 +121,11 @@ fn a_cancelled_consumer_settles_what_it_holds_and_a_closed_channel_is_down() {
     let effects = broker.cancel(CHANNEL, "qc").unwrap();
     let cancel = ReplicatedOp::Cancel { vhost: "/".into(), queue: "quorum".into(), channel: CHANNEL, tag: "qc".into() };
     assert_eq!(effects.replicated, vec![cancel]);
-    // A delivery the group made before it saw the cancel finds no consumer: nothing is sent.
-    assert!(broker.deliver_replicated(from_group("qc", 3, false)).0.is_none());
+    // A delivery the group made before it saw the cancel finds no consumer: nothing is sent, and
+    // the message goes back.
+    let (sent, effects) = broker.deliver_replicated(from_group("qc", 3, false));
+    assert!(sent.is_none());
+    assert_eq!(effects.replicated, vec![settle("qc", 3, ReplicatedOutcome::Returned)]);
     assert_eq!(broker.ack(CHANNEL, 1, false).unwrap().replicated, vec![settle("qc", 1, ReplicatedOutcome::Settled)]);
     broker.consume(CHANNEL, "quorum", "other", false, false).unwrap();
     let effects = broker.close_channel(CHANNEL);
