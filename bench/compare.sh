@@ -40,6 +40,7 @@
 # TARGETS ("wharf classic quorum"; add "baseline" to compare with another Wharf build, and
 # "quorum3" for quorum queues on a three-node RabbitMQ cluster on loopback, replicated to all
 # three: the replicated baseline of issue #19; its CPU per message is the three nodes' sum),
+# "wharf3" for quorum queues on a three-node Wharf cluster on loopback (the same, for Wharf),
 # WHARF_BASELINE (the other build's `wharf` binary, for the "baseline" target: a before/after
 # pair measured in one run, e.g. TARGETS="wharf baseline" SCENARIOS="S1 S4"),
 # WHARF_ARGS (extra `wharf serve` arguments for the "wharf" target, e.g. "--config FILE"),
@@ -162,6 +163,47 @@ stop_rabbit() {
 # start_rabbit_cluster DIR -> three RabbitMQ nodes on loopback joined in one cluster; sets
 # rabbit3_pids (all three), rabbit3_url (node 1, where the benchmark declares its queues: their
 # leaders are there, with replicas on the other two).
+# start_wharf_cluster DIR -> three Wharf nodes on loopback, linked as a cluster; sets
+# wharf3_pids, wharf3_url (node 1), listening and with the metadata group's leader known.
+start_wharf_cluster() {
+  local dir=$1 node members="" amqp http
+  local -a cluster_ports amqp_ports http_ports
+  for node in 1 2 3; do
+    cluster_ports[node]=$(free_port)
+    amqp_ports[node]=$(free_port)
+    http_ports[node]=$(free_port)
+    members="$members --cluster-node $node=127.0.0.1:${cluster_ports[node]}"
+  done
+  wharf3_pids=""
+  for node in 1 2 3; do
+    # shellcheck disable=SC2086 # members is a list of arguments
+    "$wharf" serve --http-listen "127.0.0.1:${http_ports[node]}" --mqtt-listen none \
+      --amqp-listen "127.0.0.1:${amqp_ports[node]}" --data-dir "$dir/node-$node" --log warn \
+      --node-id "$node" --cluster-listen "127.0.0.1:${cluster_ports[node]}" $members 2>>"$work/wharf3.log" &
+    wharf3_pids="$wharf3_pids $!"
+  done
+  for node in 1 2 3; do wait_port "${amqp_ports[node]}"; done
+  wharf3_url="amqp://guest:guest@127.0.0.1:${amqp_ports[1]}/%2f"
+  http="http://127.0.0.1:${http_ports[1]}"
+  python3 - "$http" <<'PY'
+import base64, json, sys, time, urllib.request
+request = urllib.request.Request(sys.argv[1] + "/api/cluster/metadata")
+request.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
+while True:
+    try:
+        if json.load(urllib.request.urlopen(request, timeout=5)).get("leader"):
+            break
+    except OSError:
+        pass
+    time.sleep(0.2)
+PY
+}
+stop_wharf_cluster() {
+  local pid
+  for pid in $wharf3_pids; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in $wharf3_pids; do wait "$pid" 2>/dev/null || true; done
+}
+
 start_rabbit_cluster() {
   local dir=$1 cookie node port single_pid=${rabbit_pid:-} single_url=${rabbit_url:-} single_port=${rabbit_port:-}
   cookie=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
@@ -240,7 +282,7 @@ scenario_args() {
 
 run_one() { # SCENARIO TARGET ROUND URL PID
   local scenario=$1 target=$2 round=$3 url=$4 pid=$5 type_args="" before after run
-  case $target in classic | quorum) type_args="--queue-type $target" ;; quorum3) type_args="--queue-type quorum" ;; esac
+  case $target in classic | quorum) type_args="--queue-type $target" ;; quorum3 | wharf3) type_args="--queue-type quorum" ;; esac
   before=$(sample "$pid")
   # shellcheck disable=SC2046
   run=$("$bench" --url "$url" --name "$scenario-$target-$round" $type_args $(scenario_args "$scenario") 2>>"$work/bench.log" | tail -1)
@@ -370,6 +412,7 @@ for round in $(seq 1 "$ROUNDS"); do
     wants baseline && start_baseline "$work/baseline-$round"
     wants_rabbit && start_rabbit "$work/rabbit-$round"
     wants quorum3 && start_rabbit_cluster "$work/rabbit3-$round"
+    wants wharf3 && start_wharf_cluster "$work/wharf3-$round"
     for scenario in S1 S2 S3 S3x30 S4 S6 S8; do
       echo "$SCENARIOS" | grep -qw "$scenario" || continue
       # The two Wharf builds take turns going first, so neither always meets a warmer machine.
@@ -383,13 +426,15 @@ for round in $(seq 1 "$ROUNDS"); do
       wants classic && run_one "$scenario" classic "$round" "$rabbit_url" "$rabbit_pid"
       wants quorum && run_one "$scenario" quorum "$round" "$rabbit_url" "$rabbit_pid"
       wants quorum3 && run_one "$scenario" quorum3 "$round" "$rabbit3_url" "$rabbit3_pids"
+      wants wharf3 && run_one "$scenario" wharf3 "$round" "$wharf3_url" "$wharf3_pids"
     done
     wants wharf && stop_wharf
     wants baseline && stop_baseline
     wants_rabbit && stop_rabbit
     wants quorum3 && stop_rabbit_cluster
-    unset wharf_pid rabbit_pid baseline_pid rabbit3_pids
-    rm -rf "$work/wharf-$round" "$work/baseline-$round" "$work/rabbit-$round" "$work/rabbit3-$round"
+    wants wharf3 && stop_wharf_cluster
+    unset wharf_pid rabbit_pid baseline_pid rabbit3_pids wharf3_pids
+    rm -rf "$work/wharf-$round" "$work/baseline-$round" "$work/rabbit-$round" "$work/rabbit3-$round" "$work/wharf3-$round"
   fi
   if echo "$SCENARIOS" | grep -qw S5; then
     for target in wharf baseline classic quorum; do
