@@ -41,6 +41,15 @@ pub(crate) const SERVICE_QUEUE: u16 = 3;
 /// Commands one entry carries at most.
 const COMMANDS_PER_ENTRY_MAX: usize = 1_024;
 
+/// Message bytes one entry carries at most (a batch stops growing past it): an entry is sent
+/// whole in one Raft message, and a follower that waits on one message too long starts an
+/// election.
+const ENTRY_PAYLOAD_BYTES_MAX: usize = 1024 * 1024;
+
+/// Entries one Raft message carries at most (openraft's default is 300, which with full entries
+/// is hundreds of MiB in one message).
+const ENTRIES_PER_MESSAGE_MAX: u64 = 8;
+
 /// How long a queue command may wait for a leader and its commit.
 const QUEUE_PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -298,9 +307,13 @@ async fn run_proposer(
                 None => return,
             }
         }
-        while batch.len() < COMMANDS_PER_ENTRY_MAX {
+        let mut payload_bytes: usize = batch.iter().map(|pending| payload_len(&pending.command)).sum();
+        while batch.len() < COMMANDS_PER_ENTRY_MAX && payload_bytes < ENTRY_PAYLOAD_BYTES_MAX {
             match proposals.try_recv() {
-                Ok(more) => batch.push(more),
+                Ok(more) => {
+                    payload_bytes += payload_len(&more.command);
+                    batch.push(more);
+                }
                 Err(_) => break,
             }
         }
@@ -343,6 +356,14 @@ async fn run_proposer(
     }
 }
 
+/// The message bytes a command carries.
+fn payload_len(command: &QuorumCommand) -> usize {
+    match command {
+        QuorumCommand::Enqueue { payload, .. } => payload.len(),
+        _ => 0,
+    }
+}
+
 /// Fails the enqueues of a batch the group did not take; returns the rest, to propose again.
 fn fail_enqueues(batch: Vec<Pending>, text: &str) -> Vec<Pending> {
     let mut again = Vec::new();
@@ -363,6 +384,7 @@ fn fail_enqueues(batch: Vec<Pending>, text: &str) -> Vec<Pending> {
 fn raft_config() -> Result<Arc<Config>, String> {
     let config = Config {
         cluster_name: "wharf-quorum-queue".into(),
+        max_payload_entries: ENTRIES_PER_MESSAGE_MAX,
         heartbeat_interval: 150,
         election_timeout_min: 750,
         election_timeout_max: 1_500,
