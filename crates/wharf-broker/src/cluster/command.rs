@@ -224,6 +224,28 @@ fn table(bytes: &[u8], what: &str) -> Result<FieldTable, String> {
 }
 
 impl MetaCommand {
+    /// The command's name, for logs (its fields can hold a password hash).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MetaCommand::PutVhost { .. } => "put vhost",
+            MetaCommand::DeleteVhost { .. } => "delete vhost",
+            MetaCommand::PutUser { .. } => "put user",
+            MetaCommand::DeleteUser { .. } => "delete user",
+            MetaCommand::PutPermission { .. } => "put permission",
+            MetaCommand::DeletePermission { .. } => "delete permission",
+            MetaCommand::PutTopicPermission { .. } => "put topic permission",
+            MetaCommand::DeleteTopicPermissions { .. } => "delete topic permissions",
+            MetaCommand::PutPolicy { .. } => "put policy",
+            MetaCommand::DeletePolicy { .. } => "delete policy",
+            MetaCommand::DeclareExchange { .. } => "declare exchange",
+            MetaCommand::DeleteExchange { .. } => "delete exchange",
+            MetaCommand::DeclareQuorumQueue { .. } => "declare quorum queue",
+            MetaCommand::DeleteQuorumQueue { .. } => "delete quorum queue",
+            MetaCommand::QueueBinding { .. } => "queue binding",
+            MetaCommand::ExchangeBinding { .. } => "exchange binding",
+        }
+    }
+
     /// Carries the command out on this node, as a broker alone would (blocking: definitions-log
     /// writes; run off the async workers).
     pub fn apply(self, core: &Arc<Core>, index: u64) -> MetaAnswer {
@@ -303,39 +325,32 @@ impl MetaCommand {
                 MetaAnswer::of_model(core.delete_quorum_queue_here(&vhost, &name))
             }
             MetaCommand::QueueBinding { vhost, source, queue, routing_key, arguments, add } => {
-                let arguments = match table(&arguments, "binding arguments") {
-                    Ok(arguments) => arguments,
-                    Err(error) => return MetaAnswer::Failed(error),
-                };
-                let destination = Destination::Queue(queue);
-                let change = BindingChange {
-                    vhost: &vhost,
-                    connection: ConnectionId(0),
-                    source: &source,
-                    destination: &destination,
-                    routing_key: &routing_key,
-                    arguments: &arguments,
-                };
-                MetaAnswer::of_model(core.change_binding_here(&change, add))
+                bind(core, &vhost, &source, &Destination::Queue(queue), &routing_key, &arguments, add)
             }
             MetaCommand::ExchangeBinding { vhost, source, destination, routing_key, arguments, add } => {
-                let arguments = match table(&arguments, "binding arguments") {
-                    Ok(arguments) => arguments,
-                    Err(error) => return MetaAnswer::Failed(error),
-                };
-                let destination = Destination::Exchange(destination);
-                let change = BindingChange {
-                    vhost: &vhost,
-                    connection: ConnectionId(0),
-                    source: &source,
-                    destination: &destination,
-                    routing_key: &routing_key,
-                    arguments: &arguments,
-                };
-                MetaAnswer::of_model(core.change_binding_here(&change, add))
+                bind(core, &vhost, &source, &Destination::Exchange(destination), &routing_key, &arguments, add)
             }
         }
     }
+}
+
+/// Adds or removes a binding to either kind of destination, its arguments in wire form.
+fn bind(
+    core: &Core,
+    vhost: &str,
+    source: &str,
+    destination: &Destination,
+    routing_key: &str,
+    arguments: &[u8],
+    add: bool,
+) -> MetaAnswer {
+    let arguments = match table(arguments, "binding arguments") {
+        Ok(arguments) => arguments,
+        Err(error) => return MetaAnswer::Failed(error),
+    };
+    let change =
+        BindingChange { vhost, connection: ConnectionId(0), source, destination, routing_key, arguments: &arguments };
+    MetaAnswer::of_model(core.change_binding_here(&change, add))
 }
 
 /// A field table in its wire form, for a command.

@@ -60,42 +60,42 @@ impl Core {
     }
 
     /// Whether `name` is a quorum queue of `vhost` on this node.
-    fn is_replicated_queue(&self, vhost: &str, name: &str) -> bool {
-        let model = self.lock_model();
-        model.vhost(vhost).and_then(|vhost| vhost.queue(name)).is_some_and(|queue| queue.replicated)
-    }
-
-    /// A binding change (see `change_binding_here`).
+    /// A binding change (see `change_binding_here`). On a cluster, a binding from a durable
+    /// exchange to a quorum queue or to another durable exchange is a definition every node
+    /// holds, so it goes through the metadata group; the rest stays on this node.
     pub fn change_binding(&self, change: &BindingChange<'_>, add: bool) -> Result<(), ModelError> {
-        if let Destination::Queue(queue) = change.destination
-            && self.metadata_group().is_some()
-            && self.is_durable_exchange(change.vhost, change.source)
-            && self.is_replicated_queue(change.vhost, queue)
-        {
-            let command = MetaCommand::QueueBinding {
-                vhost: change.vhost.to_owned(),
-                source: change.source.to_owned(),
-                queue: queue.clone(),
-                routing_key: change.routing_key.to_owned(),
-                arguments: table_bytes(change.arguments)?,
-                add,
-            };
-            if let Some(result) = self.replicate(command) {
-                return result;
-            }
+        if self.metadata_group().is_none() {
+            return self.change_binding_here(change, add);
         }
-        if let Destination::Exchange(destination) = change.destination
-            && self.metadata_group().is_some()
-            && self.is_durable_exchange(change.vhost, change.source)
-            && self.is_durable_exchange(change.vhost, destination)
-        {
-            let command = MetaCommand::ExchangeBinding {
-                vhost: change.vhost.to_owned(),
-                source: change.source.to_owned(),
-                destination: destination.clone(),
-                routing_key: change.routing_key.to_owned(),
-                arguments: table_bytes(change.arguments)?,
-                add,
+        let replicated = {
+            let model = self.lock_model();
+            let vhost = model.vhost(change.vhost);
+            let durable_exchange =
+                |name: &str| vhost.and_then(|vhost| vhost.exchange(name)).is_some_and(|exchange| exchange.durable);
+            durable_exchange(change.source)
+                && match change.destination {
+                    Destination::Queue(queue) => {
+                        vhost.and_then(|vhost| vhost.queue(queue)).is_some_and(|queue| queue.replicated)
+                    }
+                    Destination::Exchange(destination) => durable_exchange(destination),
+                }
+        };
+        if replicated {
+            let (vhost, source, routing_key) =
+                (change.vhost.to_owned(), change.source.to_owned(), change.routing_key.to_owned());
+            let arguments = table_bytes(change.arguments)?;
+            let command = match change.destination {
+                Destination::Queue(queue) => {
+                    MetaCommand::QueueBinding { vhost, source, queue: queue.clone(), routing_key, arguments, add }
+                }
+                Destination::Exchange(destination) => MetaCommand::ExchangeBinding {
+                    vhost,
+                    source,
+                    destination: destination.clone(),
+                    routing_key,
+                    arguments,
+                    add,
+                },
             };
             if let Some(result) = self.replicate(command) {
                 return result;

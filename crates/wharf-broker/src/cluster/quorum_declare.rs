@@ -202,22 +202,7 @@ impl Core {
                 )));
             }
             let settings = vhost.queue_settings(name, &table)?;
-            let declare = QueueDeclare {
-                name,
-                passive: false,
-                durable: true,
-                exclusive: false,
-                auto_delete: false,
-                arguments: &table,
-                connection: wharf_model::ConnectionId(0),
-                server_named: false,
-                store_log: None,
-                dedup_log: None,
-            };
-            vhost.declare_queue(&declare)?;
-            if let Some(queue) = vhost.queue_mut(name) {
-                queue.replicated = true;
-            }
+            declare_replicated(vhost, name, &table)?;
             settings
         };
         let node = self.config.cluster.as_ref().map_or(0, |cluster| cluster.node_id);
@@ -312,24 +297,9 @@ pub(crate) fn restore(
     used_logs.extend(definition.log.map(LogId));
     let table = wharf_wire::frame::decode_field_table(&definition.arguments).unwrap_or_default();
     let vhost = model.vhost_mut(vhost_name)?;
-    let declare = QueueDeclare {
-        name,
-        passive: false,
-        durable: true,
-        exclusive: false,
-        auto_delete: false,
-        arguments: &table,
-        connection: wharf_model::ConnectionId(0),
-        server_named: false,
-        store_log: None,
-        dedup_log: None,
-    };
-    if let Err(error) = vhost.declare_queue(&declare) {
+    if let Err(error) = declare_replicated(vhost, name, &table) {
         tracing::error!(queue = name, %error, "a quorum queue could not be restored");
         return None;
-    }
-    if let Some(queue) = vhost.queue_mut(name) {
-        queue.replicated = true;
     }
     let log = match definition.log {
         Some(log) => match wharf_raft::GroupLog::open(store, LogId(log), recovered) {
@@ -448,4 +418,30 @@ impl Core {
             Err(_) => Err(internal("the quorum queue's group did not answer in time")),
         })
     }
+}
+
+/// Puts a quorum queue into a vhost's model: durable, owned by no connection, its messages in
+/// its group rather than in a store log of its own.
+fn declare_replicated(
+    vhost: &mut wharf_model::VirtualHost,
+    name: &str,
+    arguments: &FieldTable,
+) -> Result<(), ModelError> {
+    let declare = QueueDeclare {
+        name,
+        passive: false,
+        durable: true,
+        exclusive: false,
+        auto_delete: false,
+        arguments,
+        connection: wharf_model::ConnectionId(0),
+        server_named: false,
+        store_log: None,
+        dedup_log: None,
+    };
+    vhost.declare_queue(&declare)?;
+    if let Some(queue) = vhost.queue_mut(name) {
+        queue.replicated = true;
+    }
+    Ok(())
 }
