@@ -20,9 +20,9 @@
 #       serves the last queue again after a restart with one message in every queue
 #   S8  large messages: 1 producer, 1 consumer, persistent 1 MiB bodies, confirm window and
 #       prefetch 16; msgs/s and MB/s (compare with the store bench's synced_seq_mb_per_s)
-#   F1  failover (target quorum3): a publisher on node 2 publishes to a quorum queue whose leader
-#       is on node 1, each message confirmed before the next; node 1 is killed with SIGKILL after
-#       3 s; the figure is the time from the kill to the first confirm after it
+#   F1  failover (targets quorum3, wharf3): a publisher on a node that is not the leader publishes
+#       to a quorum queue, each message confirmed before the next; the leader's node is killed
+#       with SIGKILL after 3 s; the figure is the time from the kill to the first confirm after it
 #   M1-M3  MQTT, run by bench/mqtt.sh (see its header) after the other scenarios' rounds, in
 #       rounds of its own, against Wharf, RabbitMQ's MQTT plugin and Mosquitto (MQTT_TARGETS):
 #   M1  QoS 1 throughput with persistence (PUBLISHERS publishers, WINDOW unacknowledged each)
@@ -65,6 +65,7 @@ S7_QUEUES=${S7_QUEUES:-10000}
 S7_CONNECTIONS=${S7_CONNECTIONS:-$S7_QUEUES}
 F1_DURATION_S=${F1_DURATION_S:-20}
 declare -a rabbit3_urls
+declare -a wharf3_urls wharf3_http wharf3_node_pids
 SCENARIOS=${SCENARIOS:-"S1 S2 S3 S4 S5"}
 TARGETS=${TARGETS:-"wharf classic quorum"}
 MQTT_TARGETS=${MQTT_TARGETS:-"wharf rabbitmq mosquitto"}
@@ -175,12 +176,16 @@ start_wharf_cluster() {
     members="$members --cluster-node $node=127.0.0.1:${cluster_ports[node]}"
   done
   wharf3_pids=""
+  wharf3_node_pids=()
   for node in 1 2 3; do
     # shellcheck disable=SC2086 # members is a list of arguments
     "$wharf" serve --http-listen "127.0.0.1:${http_ports[node]}" --mqtt-listen none \
       --amqp-listen "127.0.0.1:${amqp_ports[node]}" --data-dir "$dir/node-$node" --log warn \
       --node-id "$node" --cluster-listen "127.0.0.1:${cluster_ports[node]}" $members 2>>"$work/wharf3.log" &
     wharf3_pids="$wharf3_pids $!"
+    wharf3_node_pids[node]=$!
+    wharf3_urls[node]="amqp://guest:guest@127.0.0.1:${amqp_ports[node]}/%2f"
+    wharf3_http[node]="http://127.0.0.1:${http_ports[node]}"
   done
   for node in 1 2 3; do wait_port "${amqp_ports[node]}"; done
   wharf3_url="amqp://guest:guest@127.0.0.1:${amqp_ports[1]}/%2f"
@@ -372,6 +377,26 @@ PY
   rm -rf "$dir"
 }
 
+# failover_result TARGET ROUND KILL_MS OUT: F1's line from the publisher's output.
+failover_result() {
+  python3 - "$1" "$2" "$3" "$4" >>"$results" <<'PY'
+import json, sys
+target, round_, kill_ms = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with open(sys.argv[4]) as output:
+    run = json.loads(output.read().strip().splitlines()[-1])
+# The first confirm after the kill (the publish in flight then waited for the new leader).
+after = [time for time in run["confirm_epoch_ms"] if time > kill_ms]
+before = [time for time in run["confirm_epoch_ms"] if time <= kill_ms]
+print(json.dumps({
+    "scenario": "F1", "target": target, "round": round_, "confirms": run["confirms"],
+    "max_gap_ms": run["max_gap_ms"],
+    "failover_s": (after[0] - kill_ms) / 1000 if after else None,
+    "last_confirm_before_kill_ms_ago": kill_ms - before[-1] if before else None,
+}))
+PY
+  echo "round $2 F1 $1: $(tail -1 "$results")" >&2
+}
+
 # run_failover ROUND: F1 on a fresh three-node RabbitMQ cluster.
 run_failover() {
   local round=$1 name="F1-quorum3-$1" out="$work/f1-$1.json" kill_ms leader_pid
@@ -384,25 +409,44 @@ run_failover() {
   kill_ms=$(date +%s%3N)
   pkill -KILL -P "$leader_pid" beam.smp
   wait "$bench_pid"
-  python3 - "$round" "$kill_ms" "$out" >>"$results" <<'PY'
-import json, sys
-round_, kill_ms = int(sys.argv[1]), int(sys.argv[2])
-with open(sys.argv[3]) as output:
-    run = json.loads(output.read().strip().splitlines()[-1])
-# The first confirm after the kill (the publish in flight then waited for the new leader).
-after = [time for time in run["confirm_epoch_ms"] if time > kill_ms]
-before = [time for time in run["confirm_epoch_ms"] if time <= kill_ms]
-print(json.dumps({
-    "scenario": "F1", "target": "quorum3", "round": round_, "confirms": run["confirms"],
-    "max_gap_ms": run["max_gap_ms"],
-    "failover_s": (after[0] - kill_ms) / 1000 if after else None,
-    "last_confirm_before_kill_ms_ago": kill_ms - before[-1] if before else None,
-}))
-PY
-  echo "round $round F1 quorum3: $(tail -1 "$results")" >&2
+  failover_result quorum3 "$round" "$kill_ms" "$out"
   stop_rabbit_cluster
   unset rabbit3_pids
   rm -rf "$work/f1-cluster-$round"
+}
+
+# run_failover_wharf ROUND: F1 on a fresh three-node Wharf cluster: the publisher on a node that
+# is not the queue's leader, the leader's process SIGKILLed 3 s in.
+run_failover_wharf() {
+  local round=$1 name="F1-wharf3-$1" out="$work/f1-wharf3-$1.json" kill_ms leader publisher_node
+  start_wharf_cluster "$work/f1-wharf3-$round"
+  "$bench" --url "$wharf3_url" --phase declare --queues 1 --queue-type quorum --name "$name" >/dev/null 2>>"$work/bench.log"
+  leader=$(python3 - "${wharf3_http[1]}" "$name.q" <<'PY'
+import base64, json, sys, time, urllib.request
+request = urllib.request.Request(sys.argv[1] + "/api/cluster/queues")
+request.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
+while True:
+    try:
+        for queue in json.load(urllib.request.urlopen(request, timeout=5)):
+            if queue["name"] == sys.argv[2] and queue.get("leader"):
+                print(queue["leader"])
+                sys.exit(0)
+    except OSError:
+        pass
+    time.sleep(0.2)
+PY
+)
+  publisher_node=$(( leader % 3 + 1 ))
+  "$bench" --url "${wharf3_urls[publisher_node]}" --phase failover --queues 1 --name "$name" --duration-s "$F1_DURATION_S" >"$out" 2>>"$work/bench.log" &
+  local bench_pid=$!
+  sleep 3
+  kill_ms=$(date +%s%3N)
+  kill -KILL "${wharf3_node_pids[leader]}"
+  wait "$bench_pid"
+  failover_result wharf3 "$round" "$kill_ms" "$out"
+  stop_wharf_cluster
+  unset wharf3_pids
+  rm -rf "$work/f1-wharf3-$round"
 }
 
 echo "results: $results (logs in $work)" >&2
@@ -442,8 +486,9 @@ for round in $(seq 1 "$ROUNDS"); do
     done
     unset wharf_pid rabbit_pid
   fi
-  if echo "$SCENARIOS" | grep -qw F1 && wants quorum3; then
-    run_failover "$round"
+  if echo "$SCENARIOS" | grep -qw F1; then
+    wants quorum3 && run_failover "$round"
+    wants wharf3 && run_failover_wharf "$round"
   fi
   if echo "$SCENARIOS" | grep -qw S7; then
     for target in wharf classic; do

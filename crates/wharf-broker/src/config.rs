@@ -184,9 +184,11 @@ pub struct BrokerConfig {
     /// The MQTT front end (off unless `mqtt.listen` is set; the binary turns it on at 1883).
     pub mqtt: MqttConfig,
     /// This node's place in a cluster (`--node-id`, `--cluster-listen`, `--cluster-node`);
-    /// `None` for a broker on its own. Issue #19 is being built on it: today the node links to
-    /// the other members and reports them (`wharf-cluster`); replication comes next.
+    /// `None` for a broker on its own.
     pub cluster: Option<wharf_cluster::ClusterConfig>,
+    /// Entries of a quorum queue's Raft log between two snapshots of its replica
+    /// (`--quorum-snapshot-entries`).
+    pub quorum_snapshot_entries: u64,
     /// TLS on the cluster's links (`--cluster-tls-cert`, `--cluster-tls-key`,
     /// `--cluster-tls-ca-cert`): read when the broker starts.
     pub cluster_tls: Option<ClusterTlsFiles>,
@@ -313,6 +315,7 @@ impl BrokerConfig {
             mqtt: MqttConfig::default(),
             cluster: None,
             cluster_tls: None,
+            quorum_snapshot_entries: 4_096,
         }
     }
 }
@@ -341,6 +344,9 @@ impl BrokerConfig {
         }
         if self.cluster_tls.is_some() && self.cluster.is_none() {
             return refuse("cluster TLS settings are given but this node is in no cluster (no node_id)".into());
+        }
+        if self.quorum_snapshot_entries == 0 {
+            return refuse("quorum_snapshot_entries must be at least 1".into());
         }
         let frame_max_limit = wharf_wire::frame::FRAME_MAX_LIMIT;
         if !(FRAME_MAX_MIN..=frame_max_limit).contains(&self.frame_max) {

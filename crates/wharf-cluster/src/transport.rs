@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, broadcast, mpsc, watch};
 
 /// The service every node answers itself, with an empty payload: the links' heartbeat.
 pub const SERVICE_PING: u16 = 0;
@@ -30,6 +30,9 @@ const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 const INBOUND_LINKS_MAX: usize = 1024;
 /// A pause after a failed accept (out of descriptors), so the loop does not spin.
 const ACCEPT_PAUSE_MS: u64 = 50;
+/// Link losses kept for a slow listener; one that falls further behind misses the oldest (and
+/// learns of the outage from its next check instead).
+const LINK_LOSSES_KEPT: usize = 64;
 
 /// What a node's handler returns: the answer's payload, or a message saying why not.
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send>>;
@@ -74,6 +77,8 @@ struct Shared {
     inbound: Mutex<HashMap<NodeId, usize>>,
     handler: Handler,
     stopping: watch::Sender<bool>,
+    /// A member's last inbound link ended (see [`Transport::link_losses`]).
+    link_losses: broadcast::Sender<NodeId>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -120,6 +125,7 @@ impl Transport {
             inbound: Mutex::default(),
             handler,
             stopping,
+            link_losses: broadcast::channel(LINK_LOSSES_KEPT).0,
         });
         tokio::spawn(accept_links(Arc::clone(&shared), listener));
         if config.heartbeat_interval_ms > 0 {
@@ -127,6 +133,14 @@ impl Transport {
         }
         tracing::info!(node = config.node_id, %local_addr, members = config.nodes.len(), "accepting cluster links");
         Ok(Transport { shared })
+    }
+
+    /// Tells of each member whose last link to this node ended: the first sign that its process
+    /// is gone (its sockets close when it dies), well before a call to it times out. Only a
+    /// sign: a link also ends when the network between two live nodes drops it, so a listener
+    /// checks (a call to the node) before it acts.
+    pub fn link_losses(&self) -> broadcast::Receiver<NodeId> {
+        self.shared.link_losses.subscribe()
     }
 
     /// This node's id.
@@ -312,6 +326,8 @@ async fn serve_link(shared: &Arc<Shared>, socket: TcpStream) -> Result<(), Clust
         *count -= 1;
         if *count == 0 {
             inbound.remove(&from);
+            // Nobody listening is fine: the send only fails then.
+            let _ = shared.link_losses.send(from);
         }
     }
     outcome

@@ -113,7 +113,7 @@ pub enum QuorumAnswer {
     Removed { count: u64 },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Held {
     payload: Arc<[u8]>,
     expires_at_ms: Option<u64>,
@@ -121,7 +121,7 @@ struct Held {
     checked_out_to: Option<QuorumConsumer>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct ConsumerState {
     prefetch: u32,
     holds: BTreeSet<QuorumMessageId>,
@@ -136,7 +136,7 @@ impl ConsumerState {
 }
 
 /// A quorum queue's replicated state.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QuorumQueue {
     settings: QuorumSettings,
     next_id: QuorumMessageId,
@@ -397,6 +397,8 @@ impl QuorumQueue {
         }
     }
 }
+
+mod snapshot;
 
 #[cfg(test)]
 mod tests;

@@ -19,6 +19,10 @@ pub struct GroupStatus {
     pub last_log_index: Option<u64>,
     /// The index of the last entry its state machine applied.
     pub applied_index: Option<u64>,
+    /// The index of the last entry this node's latest snapshot covers (`None`: none taken).
+    pub snapshot_index: Option<u64>,
+    /// The index of the last entry purged from this node's log (after a snapshot).
+    pub purged_index: Option<u64>,
     /// The voting members.
     pub voters: Vec<u64>,
     /// The members that receive the log but do not vote.
@@ -55,6 +59,8 @@ impl GroupStatus {
             term: metrics.current_term,
             last_log_index: metrics.last_log_index,
             applied_index: metrics.last_applied.map(|applied| applied.index),
+            snapshot_index: metrics.snapshot.map(|snapshot| snapshot.index),
+            purged_index: metrics.purged.map(|purged| purged.index),
             voters,
             learners,
             lag,

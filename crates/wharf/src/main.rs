@@ -175,6 +175,10 @@ struct ServeArgs {
     /// The CA certificates (PEM) that sign the cluster's nodes.
     #[arg(long, env = "WHARF_CLUSTER_TLS_CA_CERT")]
     cluster_tls_ca_cert: Option<PathBuf>,
+    /// Entries of a quorum queue's Raft log between two snapshots of its replica; the log
+    /// before a snapshot is then purged [default: 4096].
+    #[arg(long, env = "WHARF_QUORUM_SNAPSHOT_ENTRIES")]
+    quorum_snapshot_entries: Option<u64>,
     /// Log filter (tracing syntax) [default: info].
     #[arg(long, env = "WHARF_LOG", default_value = "info")]
     log: String,
@@ -224,6 +228,7 @@ struct FileConfig {
     cluster_tls_cert: Option<PathBuf>,
     cluster_tls_key: Option<PathBuf>,
     cluster_tls_ca_cert: Option<PathBuf>,
+    quorum_snapshot_entries: Option<u64>,
 }
 
 /// A user's permissions on one vhost (RabbitMQ's `set_permissions`): regular expressions over
@@ -557,6 +562,9 @@ fn broker_config(args: &ServeArgs) -> Result<BrokerConfig> {
     }
     if let Some(bytes) = args.disk_free_limit_bytes.or(file.disk_free_limit_bytes) {
         config.disk_free_limit_bytes = Some(bytes);
+    }
+    if let Some(entries) = args.quorum_snapshot_entries.or(file.quorum_snapshot_entries) {
+        config.quorum_snapshot_entries = entries;
     }
     if let Some(channel_max) = args.channel_max.or(file.channel_max) {
         config.channel_max = channel_max;

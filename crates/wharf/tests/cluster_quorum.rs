@@ -176,6 +176,13 @@ async fn a_quorum_queue_serves_every_node_and_survives_its_leader() {
     let survivors: Vec<String> = others.iter().map(|index| urls[*index].clone()).collect();
     let new_leader = agreed_queue_leader(&survivors, "orders").await;
     assert_ne!(new_leader, leader);
+    // The killed leader's links closed and it did not answer: a survivor elected at once rather
+    // than after an election timeout (cluster/failover.rs).
+    let mut early = 0;
+    for url in &survivors {
+        early += queue_group(url, "orders").await.unwrap()["early_elections"].as_u64().unwrap();
+    }
+    assert!(early >= 1, "no survivor started an election when the leader's links closed");
 
     // Back, the killed node rebuilds its replica from the log and catches up.
     let data_dir = temp.path().join(format!("node-{leader}"));

@@ -17,6 +17,7 @@
 
 mod command;
 mod exchanges;
+mod failover;
 mod machine;
 mod propose;
 mod quorum;
@@ -24,6 +25,7 @@ mod quorum_codec;
 mod quorum_declare;
 
 pub(crate) use command::{MetaAnswer, MetaCommand, StoredHash, table_bytes};
+pub(crate) use failover::elect_on_link_loss;
 pub(crate) use quorum::{GroupStart, QuorumQueues, SERVICE_QUEUE, start_group, watch_members};
 pub(crate) use quorum_declare::{
     RecoveredQuorumQueue, is_record_kind as is_quorum_record, quorum_log, restore as restore_quorum,
@@ -99,6 +101,13 @@ pub(crate) struct MetaGroup {
     raft: Raft<GroupTypes>,
     transport: Arc<Transport>,
     node_id: NodeId,
+}
+
+impl MetaGroup {
+    /// The group's Raft handle.
+    pub(crate) fn raft(&self) -> &Raft<GroupTypes> {
+        &self.raft
+    }
 }
 
 impl std::fmt::Debug for MetaGroup {

@@ -11,9 +11,15 @@
 //! is waiting and proposes it as one entry, in the order the model produced it: a consumer's
 //! checkout always precedes its settles and its cancel.
 //!
-//! A restarted node starts each group's state machine empty and rebuilds it from the group's log
-//! (no snapshots yet: the log is not purged), then proposes `NodeRestarted` so that what its
-//! consumers of before the restart held goes back to the queue.
+//! Each member snapshots its replica every `--quorum-snapshot-entries` entries (4,096 by
+//! default: a snapshot costs the queue's size, every message it holds, so a deep queue is not
+//! snapshotted often; under S1's load an entry carries tens of commands, so that is a snapshot
+//! every few seconds of a busy queue) (the state
+//! machine's bytes, `QuorumQueue::encode_snapshot`, saved in the group's store log), after which
+//! openraft purges the log before it, so neither the log on disk nor its copy in memory grows
+//! without bound. A restarted node starts each group's state machine from its latest snapshot
+//! and the log after it, then proposes `NodeRestarted` so that what its consumers of before the
+//! restart held goes back to the queue. A member too far behind is sent the leader's snapshot.
 
 use super::quorum_codec;
 use super::{ReplicationError, propose};
@@ -33,7 +39,7 @@ use wharf_model::{
     ChannelKey, ConnectionId, DeathReason, QuorumAnswer, QuorumCommand, QuorumConsumer, QuorumDeathReason,
     QuorumEffect, QuorumQueue, QuorumSettings, ReplicatedDelivery, ReplicatedOp, ReplicatedOutcome,
 };
-use wharf_raft::{Answer, GroupLog, GroupNetwork, GroupTypes, Groups};
+use wharf_raft::{Answer, GroupLog, GroupNetwork, GroupSnapshotMeta, GroupSnapshots, GroupTypes, Groups};
 
 /// The cluster service that takes queue commands forwarded from followers.
 pub(crate) const SERVICE_QUEUE: u16 = 3;
@@ -49,6 +55,11 @@ const ENTRY_PAYLOAD_BYTES_MAX: usize = 1024 * 1024;
 /// Entries one Raft message carries at most (openraft's default is 300, which with full entries
 /// is hundreds of MiB in one message).
 const ENTRIES_PER_MESSAGE_MAX: u64 = 8;
+
+/// Entries kept in the log after a snapshot (at most; no more than the entries between two
+/// snapshots), so a follower a little behind catches up from the log rather than by a whole
+/// snapshot.
+const LOG_KEPT_AFTER_SNAPSHOT: u64 = 1_024;
 
 /// How long a queue command may wait for a leader and its commit.
 const QUEUE_PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -68,6 +79,25 @@ pub(crate) struct QueueGroup {
     raft: Raft<GroupTypes>,
     proposals: mpsc::UnboundedSender<Pending>,
     state: Arc<Mutex<QuorumQueue>>,
+    /// Elections this node started as soon as the group's leader was gone.
+    early_elections: std::sync::atomic::AtomicU64,
+}
+
+impl QueueGroup {
+    /// The group's Raft handle.
+    pub(crate) fn raft(&self) -> &Raft<GroupTypes> {
+        &self.raft
+    }
+
+    /// Counts an election this node started as soon as the leader was gone.
+    pub(crate) fn count_early_election(&self) {
+        self.early_elections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Elections this node started as soon as the leader was gone.
+    pub fn early_elections(&self) -> u64 {
+        self.early_elections.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl std::fmt::Debug for QueueGroup {
@@ -164,6 +194,9 @@ impl Core {
     /// Refuses to consume from a quorum queue this node holds no replica of (it was declared
     /// with an `x-quorum-initial-group-size` that left this node out): 540, naming the members.
     pub(crate) fn require_replica(&self, vhost: &str, queue: &str) -> Result<(), wharf_model::ModelError> {
+        if self.config.cluster.is_none() {
+            return Ok(());
+        }
         let replicated =
             self.lock_model().vhost(vhost).and_then(|found| found.queue(queue)).is_some_and(|found| found.replicated);
         if !replicated || self.quorum.get(vhost, queue).is_some() {
@@ -381,14 +414,18 @@ fn fail_enqueues(batch: Vec<Pending>, text: &str) -> Vec<Pending> {
     again
 }
 
-fn raft_config() -> Result<Arc<Config>, String> {
+fn raft_config(snapshot_entries: u64) -> Result<Arc<Config>, String> {
     let config = Config {
         cluster_name: "wharf-quorum-queue".into(),
         max_payload_entries: ENTRIES_PER_MESSAGE_MAX,
         heartbeat_interval: 150,
         election_timeout_min: 750,
         election_timeout_max: 1_500,
-        snapshot_policy: SnapshotPolicy::Never,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_entries),
+        max_in_snapshot_log_to_keep: LOG_KEPT_AFTER_SNAPSHOT.min(snapshot_entries),
+        // openraft purges in batches (256 entries by default); never wait for more than the
+        // entries between two snapshots.
+        purge_batch_size: snapshot_entries.clamp(1, 256),
         ..Default::default()
     };
     config.validate().map(Arc::new).map_err(|error| format!("Raft configuration: {error}"))
@@ -410,7 +447,16 @@ pub(crate) struct GroupStart<'a> {
 /// Starts this node's member of a queue's group and registers it; proposes `NodeRestarted` first.
 pub(crate) async fn start_group(start: GroupStart<'_>) -> Result<Arc<QueueGroup>, String> {
     let node = start.transport.node_id();
-    let state = Arc::new(Mutex::new(QuorumQueue::new(start.settings)));
+    // A restarted member starts from its latest snapshot; the log holds only what came after.
+    let snapshots = start.log.snapshots();
+    let (replica, last_applied, membership) = match snapshots.current() {
+        Some((meta, data)) => match QuorumQueue::decode_snapshot(&data) {
+            Some(replica) => (replica, meta.last_log_id, meta.last_membership),
+            None => return Err(format!("the snapshot of quorum queue '{}' is unreadable", start.name)),
+        },
+        None => (QuorumQueue::new(start.settings), None, StoredMembership::default()),
+    };
+    let state = Arc::new(Mutex::new(replica));
     let raft_handle = Arc::new(std::sync::OnceLock::new());
     let machine = QueueMachine {
         core: Arc::downgrade(start.core),
@@ -419,12 +465,13 @@ pub(crate) async fn start_group(start: GroupStart<'_>) -> Result<Arc<QueueGroup>
         vhost: start.vhost.to_owned(),
         name: start.name.to_owned(),
         state: Arc::clone(&state),
-        last_applied: None,
-        membership: StoredMembership::default(),
+        last_applied,
+        membership,
         raft: Arc::clone(&raft_handle),
+        snapshots,
     };
     let network = GroupNetwork::new(Arc::clone(start.transport), start.group);
-    let raft = Raft::new(node, raft_config()?, network, start.log, machine)
+    let raft = Raft::new(node, raft_config(start.core.config.quorum_snapshot_entries)?, network, start.log, machine)
         .await
         .map_err(|error| format!("the group of quorum queue '{}' did not start: {error}", start.name))?;
     let _ = raft_handle.set(raft.clone());
@@ -444,6 +491,7 @@ pub(crate) async fn start_group(start: GroupStart<'_>) -> Result<Arc<QueueGroup>
         raft,
         proposals,
         state,
+        early_elections: Default::default(),
     });
     group.submit(QuorumCommand::NodeRestarted { node, incarnation: start.core.incarnation }, None);
     start.core.quorum.insert(Arc::clone(&group));
@@ -463,6 +511,8 @@ struct QueueMachine {
     membership: StoredMembership<u64, BasicNode>,
     /// The group's Raft, once started (the leader alone dead-letters).
     raft: Arc<std::sync::OnceLock<Raft<GroupTypes>>>,
+    /// Where its snapshots are kept (the group's store log).
+    snapshots: GroupSnapshots,
 }
 
 fn storage_error(text: impl std::fmt::Display) -> StorageError<u64> {
@@ -471,8 +521,16 @@ fn storage_error(text: impl std::fmt::Display) -> StorageError<u64> {
 }
 
 impl QueueMachine {
+    /// The replica as it stands, to be saved as a snapshot: taken now, between two applies, so
+    /// the state and the log id it covers agree.
     fn snapshot_builder(&self) -> QueueSnapshots {
-        QueueSnapshots
+        let data = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).encode_snapshot();
+        let meta = GroupSnapshotMeta {
+            last_log_id: self.last_applied,
+            last_membership: self.membership.clone(),
+            snapshot_id: format!("{}-{}", self.last_applied.map_or(0, |log_id| log_id.index), data.len()),
+        };
+        QueueSnapshots { meta, data, snapshots: self.snapshots.clone() }
     }
 
     /// The group counted this node as gone (it was cut off) and forgot its consumers: those still
@@ -542,12 +600,20 @@ impl QueueMachine {
     }
 }
 
-/// Snapshots of queue groups: none yet (policy `Never`; see the module doc).
-struct QueueSnapshots;
+/// A snapshot of a queue's replica, taken by [`QueueMachine::snapshot_builder`] and saved in
+/// the group's store log when openraft asks for it to be built; the log before it can then be
+/// purged (openraft keeps [`LOG_KEPT_AFTER_SNAPSHOT`] entries for followers a little behind).
+struct QueueSnapshots {
+    meta: GroupSnapshotMeta,
+    data: Vec<u8>,
+    snapshots: GroupSnapshots,
+}
 
 impl RaftSnapshotBuilder<GroupTypes> for QueueSnapshots {
     async fn build_snapshot(&mut self) -> Result<Snapshot<GroupTypes>, StorageError<u64>> {
-        Err(storage_error("quorum queue groups take no snapshots (their snapshot policy is Never)"))
+        let data = std::mem::take(&mut self.data);
+        self.snapshots.save(&self.meta, data.clone()).await?;
+        Ok(Snapshot { meta: self.meta.clone(), snapshot: Box::new(Cursor::new(data)) })
     }
 }
 
@@ -630,15 +696,35 @@ impl RaftStateMachine<GroupTypes> for QueueMachine {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
+    /// A follower too far behind for the leader's log gets the leader's snapshot instead: the
+    /// replica becomes it. What it says this node's consumers hold may include deliveries this
+    /// node never carried out (they were decided in the entries the snapshot skips), so this
+    /// node counts itself down in the group: its consumers' messages go back and the consumers
+    /// are checked out again when that applies (`check_out_again`), redelivered, never lost.
     async fn install_snapshot(
         &mut self,
-        _meta: &SnapshotMeta<u64, BasicNode>,
-        _snapshot: Box<Cursor<Vec<u8>>>,
+        meta: &SnapshotMeta<u64, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<u64>> {
-        Err(storage_error("quorum queue groups take no snapshots"))
+        let data = snapshot.into_inner();
+        let Some(replica) = QuorumQueue::decode_snapshot(&data) else {
+            return Err(storage_error(format!("the snapshot of quorum queue '{}' is unreadable", self.name)));
+        };
+        self.snapshots.save(meta, data).await?;
+        *self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = replica;
+        self.last_applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        tracing::info!(queue = %self.name, index = ?meta.last_log_id.map(|log_id| log_id.index), "replica installed from the leader's snapshot");
+        if let Some(group) = self.core.upgrade().and_then(|core| core.quorum.get(&self.vhost, &self.name)) {
+            group.submit(QuorumCommand::NodeDown { node: self.node }, None);
+        }
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<GroupTypes>>, StorageError<u64>> {
-        Ok(None)
+        Ok(self
+            .snapshots
+            .current()
+            .map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data.to_vec())) }))
     }
 }

@@ -52,6 +52,9 @@ pub struct QuorumQueueView {
     pub ready: u64,
     pub checked_out: u64,
     pub consumers: usize,
+    /// Elections this node started in the group as soon as the leader's links closed (without
+    /// waiting for an election timeout; `cluster/failover.rs`).
+    pub early_elections: u64,
 }
 
 /// The management interface's handle on a running broker (`Broker::management`); cheap to clone.
@@ -119,6 +122,7 @@ impl Management {
                     ready,
                     checked_out,
                     consumers,
+                    early_elections: group.early_elections(),
                 }
             })
             .collect();

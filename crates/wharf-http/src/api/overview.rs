@@ -234,6 +234,8 @@ async fn cluster_metadata(State(state): State<AppState>, caller: Caller) -> Resu
         "term": group.term,
         "last_log_index": group.last_log_index,
         "applied_index": group.applied_index,
+        "snapshot_index": group.snapshot_index,
+        "purged_index": group.purged_index,
         "voters": group.voters,
         "learners": group.learners,
         "lag": lag,
@@ -257,10 +259,14 @@ async fn cluster_queues(State(state): State<AppState>, caller: Caller) -> Result
                 "role": queue.status.role,
                 "leader": queue.status.leader,
                 "term": queue.status.term,
+                "last_log_index": queue.status.last_log_index,
                 "applied_index": queue.status.applied_index,
+                "snapshot_index": queue.status.snapshot_index,
+                "purged_index": queue.status.purged_index,
                 "ready": queue.ready,
                 "unacked": queue.checked_out,
                 "consumers": queue.consumers,
+                "early_elections": queue.early_elections,
             })
         })
         .collect();

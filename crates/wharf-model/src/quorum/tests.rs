@@ -160,15 +160,36 @@ fn command_strategy() -> impl Strategy<Value = QuorumCommand> {
     ]
 }
 
+#[test]
+fn a_snapshot_cut_short_or_damaged_is_refused() {
+    let mut queue = QuorumQueue::new(QuorumSettings { delivery_limit: Some(2), ..Default::default() });
+    queue.apply(QuorumCommand::Checkout { consumer: consumer(1, "a"), prefetch: 1 });
+    queue.apply(enqueue("one"));
+    queue.apply(enqueue("two"));
+    let bytes = queue.encode_snapshot();
+    assert_eq!(QuorumQueue::decode_snapshot(&bytes), Some(queue.clone()));
+    for length in 0..bytes.len() {
+        assert_eq!(QuorumQueue::decode_snapshot(&bytes[..length]), None, "cut at {length}");
+    }
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert_eq!(QuorumQueue::decode_snapshot(&longer), None);
+    let mut other_version = bytes;
+    other_version[0] = 9;
+    assert_eq!(QuorumQueue::decode_snapshot(&other_version), None);
+}
+
 proptest! {
     #[test]
     fn no_message_is_held_twice_lost_or_back_after_it_left(
         commands in proptest::collection::vec(command_strategy(), 1..120),
         delivery_limit in proptest::option::of(0u32..3),
         max_length in proptest::option::of(1u64..6),
+        snapshot_every in 1usize..12,
     ) {
         let settings = QuorumSettings { delivery_limit, max_length, ..Default::default() };
         let (mut queue, mut replica) = (QuorumQueue::new(settings), QuorumQueue::new(settings));
+        let mut applied = 0usize;
         // Where each message is by the effects alone: holder, or gone.
         let mut holder: BTreeMap<QuorumMessageId, QuorumConsumer> = BTreeMap::new();
         let mut live: BTreeSet<QuorumMessageId> = BTreeSet::new();
@@ -184,6 +205,13 @@ proptest! {
             let ready_before: BTreeSet<QuorumMessageId> = queue.ready.clone();
             let (answer, effects) = queue.apply(command.clone());
             prop_assert_eq!(replica.apply(command.clone()), (answer.clone(), effects.clone()));
+            // The replica now and then restarts from a snapshot of itself: it must go on
+            // deciding exactly as the queue that never did.
+            applied += 1;
+            if applied.is_multiple_of(snapshot_every) {
+                replica = QuorumQueue::decode_snapshot(&replica.encode_snapshot()).expect("its own snapshot reads back");
+                prop_assert_eq!(&replica, &queue);
+            }
             if let QuorumAnswer::Done { id: Some(id) } = answer {
                 prop_assert!(live.insert(id) && !gone.contains(&id));
             }
