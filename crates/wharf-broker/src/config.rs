@@ -186,6 +186,10 @@ pub struct BrokerConfig {
     /// This node's place in a cluster (`--node-id`, `--cluster-listen`, `--cluster-node`);
     /// `None` for a broker on its own.
     pub cluster: Option<wharf_cluster::ClusterConfig>,
+    /// Join a running cluster (`--cluster-join`): wait to be added as a member (`PUT
+    /// /api/cluster/members/{node}` on any member) instead of forming the metadata group with
+    /// the `--cluster-node` members.
+    pub cluster_join: bool,
     /// Entries of a quorum queue's Raft log between two snapshots of its replica
     /// (`--quorum-snapshot-entries`).
     pub quorum_snapshot_entries: u64,
@@ -315,6 +319,7 @@ impl BrokerConfig {
             mqtt: MqttConfig::default(),
             cluster: None,
             cluster_tls: None,
+            cluster_join: false,
             quorum_snapshot_entries: 4_096,
         }
     }
@@ -341,6 +346,9 @@ impl BrokerConfig {
             && let Err(error) = cluster.validate()
         {
             return refuse(error.to_string());
+        }
+        if self.cluster_join && self.cluster.is_none() {
+            return refuse("cluster_join is set but this node is in no cluster (no node_id)".into());
         }
         if self.cluster_tls.is_some() && self.cluster.is_none() {
             return refuse("cluster TLS settings are given but this node is in no cluster (no node_id)".into());

@@ -143,9 +143,13 @@ impl Core {
         for queue_name in queues {
             // A quorum queue's copy goes to its group, which decides admission (length limits)
             // and holds the message; the model's queue holds none (`cluster/quorum.rs`).
-            if model.vhost(vhost).and_then(|found| found.queue(queue_name)).is_some_and(|queue| queue.replicated) {
+            if let Some(queue) =
+                model.vhost(vhost).and_then(|found| found.queue(queue_name)).filter(|queue| queue.replicated)
+            {
+                // Its expiry is stamped here, by this node's clock: every replica then agrees.
+                let expires_at_ms = queue.ttl_ms_for(message).map(|ttl_ms| self.clock.now_ms().saturating_add(ttl_ms));
                 let meta = replicated_meta.get_or_insert_with(|| persist::encode_message_meta(message));
-                placed.replicated.push(self.enqueue_replicated(vhost, queue_name, meta, body, None));
+                placed.replicated.push(self.enqueue_replicated(vhost, queue_name, meta, body, expires_at_ms));
                 continue;
             }
             let dedup_key = match model.admit(vhost, queue_name, message, from_publisher) {

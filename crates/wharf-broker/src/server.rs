@@ -110,8 +110,15 @@ impl Broker {
                 let log = log.ok_or_else(|| BrokerError::Startup("the metadata group's log was not opened".into()))?;
                 let mut members = cluster_config.nodes.clone();
                 members.entry(node_id).or_insert_with(|| transport.local_addr().to_string());
-                let group =
-                    crate::cluster::MetaGroup::start(&core, Arc::clone(&transport), &groups, log, members).await?;
+                let group = crate::cluster::MetaGroup::start(
+                    &core,
+                    Arc::clone(&transport),
+                    &groups,
+                    log,
+                    members,
+                    core.config.cluster_join,
+                )
+                .await?;
                 // Set once, here: `metadata` is new with this core.
                 let _ = core.metadata.set(Arc::new(group));
                 Some(transport)

@@ -227,6 +227,11 @@ impl Queue {
         self.entry_with(message, ttl_ms, order_key, store_seq, enqueued_ms, delivery_count, redelivered)
     }
 
+    /// A message's TTL here: the queue's or its own, whichever is shorter.
+    pub fn ttl_ms_for(&self, message: &Message) -> Option<u64> {
+        self.ttl_and_key(message).0
+    }
+
     /// A message's TTL here (the queue's or its own, whichever is shorter) and its ordering key.
     fn ttl_and_key(&self, message: &Message) -> (Option<u64>, Option<Arc<str>>) {
         let ttl_ms = match (self.settings.message_ttl_ms, message.expiration_ms()) {

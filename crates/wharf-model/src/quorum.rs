@@ -164,6 +164,12 @@ impl QuorumQueue {
         (self.messages.len() - self.ready.len()) as u64
     }
 
+    /// When the first ready message expires, if any does (a scan of the ready messages: called
+    /// by the leader's expiry timer, not per command).
+    pub fn earliest_ready_expiry_ms(&self) -> Option<u64> {
+        self.ready.iter().filter_map(|id| self.messages.get(id).and_then(|held| held.expires_at_ms)).min()
+    }
+
     /// Consumers.
     pub fn consumer_count(&self) -> usize {
         self.consumers.len()

@@ -30,12 +30,26 @@ pub struct AdminArgs {
     command: AdminCommand,
 }
 
+/// A change to the cluster's members.
+#[derive(Debug, Subcommand)]
+enum ClusterChange {
+    /// Add a node, started with `wharf serve --cluster-join`: ID=HOST:PORT, its id and its
+    /// --cluster-listen address as the others reach it. Returns once it has caught up and votes.
+    Add { member: String },
+    /// Remove a node (refused while it holds a replica of a quorum queue).
+    Remove { node: u64 },
+}
+
 #[derive(Debug, Subcommand)]
 enum AdminCommand {
     /// The broker at a glance: version, node, object and message totals.
     Overview,
-    /// The cluster's members as this node sees them: address, link state, last answer.
-    Cluster,
+    /// The cluster's members as this node sees them: address, link state, last answer; or add
+    /// or remove a member.
+    Cluster {
+        #[command(subcommand)]
+        change: Option<ClusterChange>,
+    },
     /// List queues, with their messages and consumers.
     Queues,
     /// List exchanges.
@@ -182,6 +196,12 @@ impl Client {
         let response = match method {
             "GET" => self.agent.get(&url).header("authorization", &self.authorization).call(),
             "DELETE" => self.agent.delete(&url).header("authorization", &self.authorization).call(),
+            "PUT" => self
+                .agent
+                .put(&url)
+                .header("authorization", &self.authorization)
+                .header("content-type", "application/json")
+                .send(body.unwrap_or(b"{}")),
             "POST" if body.is_none() => bail!("a POST needs a body"),
             "POST" => self
                 .agent
@@ -306,7 +326,22 @@ pub fn run(args: AdminArgs) -> Result<()> {
         Ok(())
     };
     match &args.command {
-        AdminCommand::Cluster => list(
+        AdminCommand::Cluster { change: Some(ClusterChange::Add { member }) } => {
+            let Some((node, address)) = member.split_once('=') else {
+                bail!("'{member}' is not ID=HOST:PORT");
+            };
+            let node: u64 = node.trim().parse().map_err(|_| anyhow!("'{node}' in '{member}' is not a node id"))?;
+            let body = serde_json::to_vec(&serde_json::json!({ "address": address.trim() }))?;
+            client.call("PUT", &format!("/api/cluster/members/{node}"), Some(&body))?;
+            println!("node {node} added at {}", address.trim());
+            Ok(())
+        }
+        AdminCommand::Cluster { change: Some(ClusterChange::Remove { node }) } => {
+            client.call("DELETE", &format!("/api/cluster/members/{node}"), None)?;
+            println!("node {node} removed");
+            Ok(())
+        }
+        AdminCommand::Cluster { change: None } => list(
             "/api/cluster/members".to_owned(),
             &[
                 ("node", "node"),

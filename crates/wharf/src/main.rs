@@ -175,6 +175,11 @@ struct ServeArgs {
     /// The CA certificates (PEM) that sign the cluster's nodes.
     #[arg(long, env = "WHARF_CLUSTER_TLS_CA_CERT")]
     cluster_tls_ca_cert: Option<PathBuf>,
+    /// Join a running cluster: wait to be added (`wharf admin cluster add ID=HOST:PORT` on any
+    /// member) instead of forming a new cluster with the --cluster-node members; list the
+    /// members and this node with --cluster-node.
+    #[arg(long, env = "WHARF_CLUSTER_JOIN")]
+    cluster_join: bool,
     /// Entries of a quorum queue's Raft log between two snapshots of its replica; the log
     /// before a snapshot is then purged [default: 4096].
     #[arg(long, env = "WHARF_QUORUM_SNAPSHOT_ENTRIES")]
@@ -229,6 +234,7 @@ struct FileConfig {
     cluster_tls_key: Option<PathBuf>,
     cluster_tls_ca_cert: Option<PathBuf>,
     quorum_snapshot_entries: Option<u64>,
+    cluster_join: Option<bool>,
 }
 
 /// A user's permissions on one vhost (RabbitMQ's `set_permissions`): regular expressions over
@@ -563,6 +569,7 @@ fn broker_config(args: &ServeArgs) -> Result<BrokerConfig> {
     if let Some(bytes) = args.disk_free_limit_bytes.or(file.disk_free_limit_bytes) {
         config.disk_free_limit_bytes = Some(bytes);
     }
+    config.cluster_join = args.cluster_join || file.cluster_join.unwrap_or(false);
     if let Some(entries) = args.quorum_snapshot_entries.or(file.quorum_snapshot_entries) {
         config.quorum_snapshot_entries = entries;
     }

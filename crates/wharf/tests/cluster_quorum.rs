@@ -305,3 +305,102 @@ async fn a_quorum_queue_is_bound_purged_and_deleted_on_every_node() {
     let options = QueueDeclareOptions { durable: true, ..Default::default() };
     deleter.queue_declare("jobs".into(), options, FieldTable::default()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_queue_expires_messages_and_dead_letters_past_the_delivery_limit() {
+    let temp = tempfile::tempdir().unwrap();
+    let cluster: Vec<(u64, SocketAddr)> = (1..=3).map(|id| (id, free_port())).collect();
+    let mut nodes = Vec::new();
+    for (id, _) in &cluster {
+        nodes.push(start_node(&temp.path().join(format!("node-{id}")), *id, &cluster, &[]).await);
+    }
+    let urls: Vec<String> = nodes.iter().map(|node| node.http.clone()).collect();
+    let first = connect(&nodes[0]).await;
+    let channel = first.create_channel().await.unwrap();
+    declare_quorum(&channel, "expired").await;
+    let quorum_with = |pairs: &[(&str, AMQPValue)]| {
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        for (key, value) in pairs {
+            arguments.insert((*key).into(), value.clone());
+        }
+        arguments
+    };
+    let options = QueueDeclareOptions { durable: true, ..Default::default() };
+    // A queue TTL, dead-lettered into "expired".
+    let arguments = quorum_with(&[
+        ("x-message-ttl", AMQPValue::LongUInt(50)),
+        ("x-dead-letter-exchange", AMQPValue::LongString("".into())),
+        ("x-dead-letter-routing-key", AMQPValue::LongString("expired".into())),
+    ]);
+    channel.queue_declare("short".into(), options, arguments).await.unwrap();
+    // No TTL of its own, but a message's `expiration`; and a delivery limit of 1.
+    let arguments = quorum_with(&[
+        ("x-delivery-limit", AMQPValue::LongUInt(1)),
+        ("x-dead-letter-exchange", AMQPValue::LongString("".into())),
+        ("x-dead-letter-routing-key", AMQPValue::LongString("expired".into())),
+    ]);
+    channel.queue_declare("limited".into(), options, arguments).await.unwrap();
+    for queue in ["expired", "short", "limited"] {
+        agreed_queue_leader(&urls, queue).await;
+    }
+
+    // Published on another node, with nobody consuming: expired, dead-lettered.
+    let second = connect(&nodes[1]).await;
+    let publisher = second.create_channel().await.unwrap();
+    publisher.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    publish_confirmed(&publisher, "short", ["by the queue's ttl".to_owned()]).await;
+    let by_expiration = BasicProperties::default().with_delivery_mode(2).with_expiration("30".into());
+    let confirm = publisher
+        .basic_publish("".into(), "limited".into(), BasicPublishOptions::default(), b"by its expiration", by_expiration)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+    let third = connect(&nodes[2]).await;
+    let reader = third.create_channel().await.unwrap();
+    let mut dead = reader
+        .basic_consume("expired".into(), "dead".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let mut reasons = std::collections::BTreeMap::new();
+    for _ in 0..2 {
+        let delivery = next(&mut dead).await;
+        let headers = delivery.properties.headers().clone().unwrap();
+        let reason = headers.inner().get("x-first-death-reason").cloned();
+        reasons.insert(String::from_utf8_lossy(&delivery.data).into_owned(), reason);
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let expired = Some(AMQPValue::LongString("expired".into()));
+    assert_eq!(reasons.get("by the queue's ttl"), Some(&expired), "{reasons:?}");
+    assert_eq!(reasons.get("by its expiration"), Some(&expired), "{reasons:?}");
+    for url in &urls {
+        eventually(&format!("nothing left in short and limited on {url}"), || async move {
+            let short = queue_group(url, "short").await.unwrap();
+            let limited = queue_group(url, "limited").await.unwrap();
+            short["ready"] == 0 && limited["ready"] == 0
+        })
+        .await;
+    }
+
+    // Past the delivery limit (1: a second return is one too many), dead-lettered with its reason.
+    publish_confirmed(&publisher, "limited", ["poison".to_owned()]).await;
+    let rejecting = third.create_channel().await.unwrap();
+    let mut limited = rejecting
+        .basic_consume("limited".into(), "r".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    for attempt in 0..2 {
+        let delivery = next(&mut limited).await;
+        assert_eq!(&delivery.data[..], b"poison");
+        assert_eq!(delivery.redelivered, attempt > 0);
+        delivery.nack(lapin::options::BasicNackOptions { requeue: true, ..Default::default() }).await.unwrap();
+    }
+    let delivery = next(&mut dead).await;
+    assert_eq!(&delivery.data[..], b"poison");
+    let headers = delivery.properties.headers().clone().unwrap();
+    let reason = headers.inner().get("x-first-death-reason").cloned();
+    assert_eq!(reason, Some(AMQPValue::LongString("delivery_limit".into())), "{headers:?}");
+    delivery.ack(BasicAckOptions::default()).await.unwrap();
+}

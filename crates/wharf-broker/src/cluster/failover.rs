@@ -63,5 +63,6 @@ pub(crate) async fn elect_on_link_loss(core: Weak<Core>, transport: Arc<Transpor
 fn led_by(raft: &Raft<GroupTypes>, node: NodeId) -> bool {
     let metrics = raft.metrics().borrow().clone();
     let voter = metrics.membership_config.membership().voter_ids().any(|voter| voter == metrics.id);
-    voter && metrics.current_leader == Some(node) && metrics.state != ServerState::Leader
+    let following = !matches!(metrics.state, ServerState::Leader | ServerState::Shutdown);
+    voter && following && metrics.current_leader == Some(node)
 }

@@ -63,6 +63,11 @@ pub(crate) struct MetaMachine {
     state: AppliedState,
 }
 
+/// A membership's nodes and their addresses.
+pub(crate) fn nodes_of(membership: &openraft::Membership<u64, BasicNode>) -> Vec<(u64, String)> {
+    membership.nodes().map(|(node, found)| (*node, found.addr.clone())).collect()
+}
+
 fn storage_error(error: impl std::fmt::Display) -> StorageError<u64> {
     let error = std::io::Error::other(error.to_string());
     StorageError::IO { source: StorageIOError::write_state_machine(&error) }

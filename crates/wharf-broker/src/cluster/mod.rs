@@ -19,13 +19,16 @@ mod command;
 mod exchanges;
 mod failover;
 mod machine;
+mod membership;
 mod propose;
 mod quorum;
 mod quorum_codec;
 mod quorum_declare;
+mod quorum_expiry;
 
 pub(crate) use command::{MetaAnswer, MetaCommand, StoredHash, table_bytes};
 pub(crate) use failover::elect_on_link_loss;
+pub(crate) use membership::{MemberChangeError, SERVICE_MEMBERS};
 pub(crate) use quorum::{GroupStart, QuorumQueues, SERVICE_QUEUE, start_group, watch_members};
 pub(crate) use quorum_declare::{
     RecoveredQuorumQueue, is_record_kind as is_quorum_record, quorum_log, restore as restore_quorum,
@@ -108,6 +111,11 @@ impl MetaGroup {
     pub(crate) fn raft(&self) -> &Raft<GroupTypes> {
         &self.raft
     }
+
+    /// This node's links.
+    pub(crate) fn transport(&self) -> &Arc<Transport> {
+        &self.transport
+    }
 }
 
 impl std::fmt::Debug for MetaGroup {
@@ -138,6 +146,7 @@ impl MetaGroup {
         groups: &Groups,
         log: GroupLog,
         members: BTreeMap<NodeId, String>,
+        join: bool,
     ) -> Result<MetaGroup, BrokerError> {
         let state = AppliedState::read(&core.meta).map_err(BrokerError::Startup)?;
         let machine = MetaMachine::new(core, state);
@@ -147,14 +156,22 @@ impl MetaGroup {
             .await
             .map_err(|error| BrokerError::Startup(format!("the metadata group did not start: {error}")))?;
         groups.insert(METADATA_GROUP, raft.clone());
+        // Links follow the group's membership from now on: members added at run time are in it
+        // (recovered after a restart), not in the flags.
+        tokio::spawn(membership::follow_membership(raft.metrics(), Arc::clone(&transport)));
         // Every node initialises the group with the same members, which openraft allows; a node
-        // that already holds the group's log is refused, which is what should happen.
-        let members: BTreeMap<NodeId, BasicNode> =
-            members.into_iter().map(|(node, address)| (node, BasicNode::new(address))).collect();
-        match raft.initialize(members).await {
-            Ok(()) => tracing::info!(node = node_id, "metadata group initialised"),
-            Err(RaftError::APIError(error)) => tracing::debug!(%error, "metadata group already initialised"),
-            Err(error) => return Err(BrokerError::Startup(format!("the metadata group did not start: {error}"))),
+        // that already holds the group's log is refused, which is what should happen. A node
+        // joining a running cluster waits to be added instead (`membership.rs`).
+        if join {
+            tracing::info!(node = node_id, "waiting to be added to the cluster (--cluster-join)");
+        } else {
+            let members: BTreeMap<NodeId, BasicNode> =
+                members.into_iter().map(|(node, address)| (node, BasicNode::new(address))).collect();
+            match raft.initialize(members).await {
+                Ok(()) => tracing::info!(node = node_id, "metadata group initialised"),
+                Err(RaftError::APIError(error)) => tracing::debug!(%error, "metadata group already initialised"),
+                Err(error) => return Err(BrokerError::Startup(format!("the metadata group did not start: {error}"))),
+            }
         }
         Ok(MetaGroup { raft, transport, node_id })
     }
@@ -219,6 +236,10 @@ pub(crate) fn handler(node_id: NodeId, groups: Groups, core: std::sync::Weak<Cor
                     None => Err(format!("node {node_id}'s metadata group is not running yet")),
                 },
                 SERVICE_QUEUE => core.quorum.handle(&payload).await,
+                SERVICE_MEMBERS => match core.metadata_group() {
+                    Some(group) => group.handle_member_change(&core, &payload).await,
+                    None => Err(format!("node {node_id}'s metadata group is not running yet")),
+                },
                 other => Err(format!("node {node_id} has no cluster service {other} (called by node {from})")),
             }
         })

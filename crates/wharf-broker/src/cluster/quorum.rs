@@ -61,6 +61,9 @@ const ENTRIES_PER_MESSAGE_MAX: u64 = 8;
 /// snapshot.
 const LOG_KEPT_AFTER_SNAPSHOT: u64 = 1_024;
 
+/// The longest pause before proposing again what a group did not take.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
 /// How long a queue command may wait for a leader and its commit.
 const QUEUE_PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -130,6 +133,11 @@ impl QueueGroup {
     pub fn counts(&self) -> (u64, u64, usize) {
         let state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         (state.ready_count(), state.checked_out_count(), state.consumer_count())
+    }
+
+    /// When the first ready message of this node's replica expires, if any does.
+    pub(crate) fn earliest_ready_expiry_ms(&self) -> Option<u64> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).earliest_ready_expiry_ms()
     }
 
     pub async fn shutdown(&self) {
@@ -353,6 +361,7 @@ async fn run_proposer(
         let commands: Vec<QuorumCommand> = batch.iter().map(|pending| pending.command.clone()).collect();
         let bytes = quorum_codec::encode_commands(&commands);
         let deadline = Instant::now() + QUEUE_PROPOSE_TIMEOUT;
+        let leader_before = raft.metrics().borrow().current_leader;
         let outcome = propose::propose(&raft, &transport, SERVICE_QUEUE, group, bytes, deadline)
             .await
             .map_err(|error: ReplicationError| error.to_string())
@@ -382,8 +391,15 @@ async fn run_proposer(
                 if raft.metrics().borrow().state == openraft::ServerState::Shutdown {
                     return;
                 }
-                // A pause before trying again: the group is electing a leader, or unreachable.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Before trying again: a new leader (at once, when the old one died and the group
+                // elected), or else a pause (the group is unreachable, or slow).
+                let _ = raft
+                    .wait(Some(RETRY_PAUSE))
+                    .metrics(
+                        |metrics| metrics.current_leader.is_some() && metrics.current_leader != leader_before,
+                        "a new leader",
+                    )
+                    .await;
             }
         }
     }
@@ -495,6 +511,7 @@ pub(crate) async fn start_group(start: GroupStart<'_>) -> Result<Arc<QueueGroup>
     });
     group.submit(QuorumCommand::NodeRestarted { node, incarnation: start.core.incarnation }, None);
     start.core.quorum.insert(Arc::clone(&group));
+    tokio::spawn(super::quorum_expiry::expire_messages(Arc::downgrade(&group), Arc::clone(&start.core.clock)));
     tracing::info!(queue = start.name, group = start.group, members = ?start.members, "quorum queue group started");
     Ok(group)
 }

@@ -445,3 +445,14 @@ fn declare_replicated(
     }
     Ok(())
 }
+
+/// The quorum queues (`vhost/name`) with a replica on `node`, by this node's definitions.
+pub(crate) fn queues_on(meta: &wharf_store::MetaStore, node: NodeId) -> Vec<String> {
+    let prefix = format!("{KIND}\0").into_bytes();
+    meta.entries()
+        .into_iter()
+        .filter(|(key, _)| key.starts_with(&prefix))
+        .filter(|(_, value)| decode(value).is_some_and(|definition| definition.members.contains(&node)))
+        .map(|(key, _)| String::from_utf8_lossy(&key[prefix.len()..]).replacen('\0', "/", 1))
+        .collect()
+}

@@ -98,6 +98,18 @@ impl Management {
         self.cluster.as_ref().map(|cluster| cluster.members())
     }
 
+    /// Adds `node`, reachable at `address`, to the running cluster, or removes it (`None`);
+    /// see `cluster/membership.rs`. Refused on a broker on its own.
+    pub async fn change_cluster_member(&self, node: u64, address: Option<String>) -> Result<(), ManagementError> {
+        let Some(group) = self.core.metadata_group() else {
+            return Err(ManagementError::BadRequest("this broker is not a cluster's node".into()));
+        };
+        group.change_member(&self.core, node, address).await.map_err(|error| match error {
+            crate::cluster::MemberChangeError::Refused(text) => ManagementError::BadRequest(text),
+            crate::cluster::MemberChangeError::Unavailable(text) => ManagementError::Unavailable(text),
+        })
+    }
+
     /// The cluster's metadata group as this node sees it, or `None` for a broker on its own.
     pub fn metadata_group(&self) -> Option<wharf_raft::GroupStatus> {
         self.core.metadata_group().map(|group| group.status())

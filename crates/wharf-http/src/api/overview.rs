@@ -26,6 +26,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/whoami", get(whoami))
         .route("/api/cluster-name", get(cluster_name))
         .route("/api/cluster/members", get(cluster_members))
+        .route("/api/cluster/members/{node}", axum::routing::put(add_cluster_member).delete(remove_cluster_member))
         .route("/api/cluster/metadata", get(cluster_metadata))
         .route("/api/cluster/queues", get(cluster_queues))
         .route("/api/extensions", get(extensions))
@@ -218,6 +219,44 @@ async fn cluster_members(State(state): State<AppState>, caller: Caller) -> Resul
         })
         .collect();
     Ok(Json(Value::Array(members)))
+}
+
+/// Adds a node to the running cluster: `{"address": "HOST:PORT"}` (its `--cluster-listen`
+/// address as the others reach it). The node must be running with `--cluster-join`; the answer
+/// comes once it has caught up and votes (201).
+async fn add_cluster_member(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(node): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    caller.require_administrator()?;
+    let node = member_id(&node)?;
+    let body = super::parse_body(&body)?;
+    let Some(address) = body.get("address").and_then(Value::as_str) else {
+        return Err(ApiError::bad_request("the body needs \"address\": the node's HOST:PORT for cluster links".into()));
+    };
+    state.management.change_cluster_member(node, Some(address.to_owned())).await?;
+    Ok(StatusCode::CREATED)
+}
+
+/// Removes a node from the running cluster (refused while it holds a quorum queue's replica).
+async fn remove_cluster_member(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(node): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_administrator()?;
+    let node = member_id(&node)?;
+    state.management.change_cluster_member(node, None).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn member_id(text: &str) -> Result<u64, ApiError> {
+    text.parse()
+        .ok()
+        .filter(|node| *node > 0)
+        .ok_or_else(|| ApiError::bad_request(format!("'{text}' is not a node id (a number from 1)")))
 }
 
 /// The metadata group (definitions replicated to every node) as this node sees it: its role,

@@ -1,0 +1,43 @@
+//! Message TTL on quorum queues (`x-message-ttl`, a policy's `message-ttl`, a message's own
+//! `expiration`): the node a publish arrives on stamps the message's expiry time in its
+//! `Enqueue` (by its clock, so every replica agrees on it), and the group's leader proposes a
+//! `Tick` with its clock's time once the first ready message is due; every replica then
+//! dead-letters the expired ready messages alike (reason `expired`; the leader carries the dead
+//! letters out, as for the other reasons).
+//!
+//! A message is checked for expiry while it is ready, as RabbitMQ's quorum queues do: one already
+//! delivered is the consumer's until settled or returned. Between its expiry and the `Tick`'s
+//! commit (a round trip to a majority) a ready message may still be delivered.
+
+use super::quorum::QueueGroup;
+use crate::clock::Clock;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use wharf_model::QuorumCommand;
+
+/// The longest sleep between two looks at the replica: how late a leader that just took over
+/// (or a message enqueued meanwhile) can notice its first expiry.
+const LOOK_INTERVAL_MS: u64 = 1_000;
+
+/// How long a `Tick` may wait for its commit before the next look.
+const TICK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs until the group is gone (its queue deleted, or the broker stopped).
+pub(crate) async fn expire_messages(group: Weak<QueueGroup>, clock: Arc<dyn Clock>) {
+    loop {
+        let Some(found) = group.upgrade() else { return };
+        let now_ms = clock.now_ms();
+        let due = found.earliest_ready_expiry_ms();
+        let leading = found.raft().metrics().borrow().state == openraft::ServerState::Leader;
+        if leading && due.is_some_and(|due| due <= now_ms) {
+            let answer = found.propose_and_wait(QuorumCommand::Tick { now_ms });
+            drop(found);
+            // One tick at a time: the next look sees what this one removed.
+            let _ = tokio::time::timeout(TICK_TIMEOUT, answer).await;
+            continue;
+        }
+        drop(found);
+        let sleep_ms = due.map_or(LOOK_INTERVAL_MS, |due| due.saturating_sub(now_ms).clamp(1, LOOK_INTERVAL_MS));
+        tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
+    }
+}
