@@ -344,6 +344,16 @@ async fn a_quorum_queue_expires_messages_and_dead_letters_past_the_delivery_limi
     for queue in ["expired", "short", "limited"] {
         agreed_queue_leader(&urls, queue).await;
     }
+    // An argument a quorum queue does not carry out is refused, as RabbitMQ refuses it, rather
+    // than taken and ignored.
+    let refused = channel
+        .queue_declare("priority".into(), options, quorum_with(&[("x-max-priority", AMQPValue::LongUInt(5))]))
+        .await
+        .unwrap_err();
+    let text = format!("{refused:?}");
+    assert!(text.contains("PRECONDITION_FAILED") && text.contains("x-max-priority"), "{text}");
+    let channel = first.create_channel().await.unwrap();
+    assert!(channel.queue_declare("priority".into(), options, quorum_with(&[])).await.is_ok());
 
     // Published on another node, with nobody consuming: expired, dead-lettered.
     let second = connect(&nodes[1]).await;

@@ -110,6 +110,36 @@ pub(crate) fn quorum_settings(settings: &wharf_model::QueueSettings) -> QuorumSe
     }
 }
 
+/// The arguments a quorum queue carries out. RabbitMQ refuses any other `x-` argument on a
+/// quorum queue (`invalid arg ... of queue type rabbit_quorum_queue`), and so does Wharf: an
+/// argument taken and then ignored would be a guarantee silently missing. Wharf's own
+/// (de-duplication, leases, retry backoff, per-key ordering) and single active consumer are not
+/// built on quorum queues yet, so they are refused too, saying so.
+const QUORUM_ARGUMENTS: [&str; 9] = [
+    "x-queue-type",
+    "x-quorum-initial-group-size",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-delivery-limit",
+    "x-message-ttl",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-overflow",
+];
+
+fn refuse_unsupported_arguments(arguments: &FieldTable, name: &str, vhost: &str) -> Result<(), ModelError> {
+    for key in arguments.inner().keys() {
+        let key = key.as_str();
+        if key.starts_with("x-") && !QUORUM_ARGUMENTS.contains(&key) {
+            return Err(ModelError::precondition_failed(format!(
+                "invalid arg '{key}' for queue '{name}' in vhost '{vhost}' of queue type rabbit_quorum_queue (Wharf's quorum queues take {})",
+                QUORUM_ARGUMENTS.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn initial_group_size(arguments: &FieldTable) -> Result<Option<usize>, ModelError> {
     let Some(value) = arguments.inner().get("x-quorum-initial-group-size") else { return Ok(None) };
     let size = match value {
@@ -155,6 +185,7 @@ impl Core {
                         )));
                     }
                 }
+                refuse_unsupported_arguments(request.arguments, &name, request.vhost)?;
                 let mut members = group.status().voters;
                 let node = self.config.cluster.as_ref().map_or(0, |cluster| cluster.node_id);
                 members.sort_by_key(|member| (*member != node, *member));
