@@ -146,10 +146,14 @@ impl Core {
             if let Some(queue) =
                 model.vhost(vhost).and_then(|found| found.queue(queue_name)).filter(|queue| queue.replicated)
             {
-                // Its expiry is stamped here, by this node's clock: every replica then agrees.
-                let expires_at_ms = queue.ttl_ms_for(message).map(|ttl_ms| self.clock.now_ms().saturating_add(ttl_ms));
+                // Its expiry and de-duplication time are stamped here, by this node's clock: every
+                // replica then agrees. A dead letter is not de-duplicated (as a classic queue's).
+                let now_ms = self.clock.now_ms();
+                let expires_at_ms = queue.ttl_ms_for(message).map(|ttl_ms| now_ms.saturating_add(ttl_ms));
+                let dedup_key = if from_publisher { queue.dedup_key_of(message) } else { None };
                 let meta = replicated_meta.get_or_insert_with(|| persist::encode_message_meta(message));
-                placed.replicated.push(self.enqueue_replicated(vhost, queue_name, meta, body, expires_at_ms));
+                let enqueue = crate::cluster::ReplicatedEnqueue { meta, body, expires_at_ms, dedup_key, now_ms };
+                placed.replicated.push(self.enqueue_replicated(vhost, queue_name, enqueue));
                 continue;
             }
             let dedup_key = match model.admit(vhost, queue_name, message, from_publisher) {

@@ -227,6 +227,12 @@ impl Queue {
         self.entry_with(message, ttl_ms, order_key, store_seq, enqueued_ms, delivery_count, redelivered)
     }
 
+    /// The key this queue de-duplicates `message` by, if it de-duplicates and the message has
+    /// one.
+    pub fn dedup_key_of(&self, message: &Message) -> Option<Vec<u8>> {
+        self.dedup.as_ref()?.key_of(message)
+    }
+
     /// A message's TTL here: the queue's or its own, whichever is shorter.
     pub fn ttl_ms_for(&self, message: &Message) -> Option<u64> {
         self.ttl_and_key(message).0

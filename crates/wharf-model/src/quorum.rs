@@ -45,6 +45,9 @@ pub struct QuorumSettings {
     pub max_length_bytes: Option<u64>,
     /// Past a length limit, refuse the new message instead of dropping the oldest.
     pub reject_publish: bool,
+    /// De-duplication (`x-deduplication`): how long a key counts after the enqueue that
+    /// brought it; `None` when the queue does not de-duplicate.
+    pub dedup_ttl_ms: Option<u64>,
 }
 
 /// A command, as committed to the queue's log.
@@ -53,6 +56,9 @@ pub enum QuorumCommand {
     /// A message: its bytes (opaque here), and when it expires, if it does (stamped by the node
     /// that proposed it, from the message's and the queue's TTL).
     Enqueue { payload: Arc<[u8]>, expires_at_ms: Option<u64> },
+    /// A message with a de-duplication key, stamped with the proposing node's time: taken
+    /// unless the key came within the queue's window, then answered [`QuorumAnswer::Duplicate`].
+    EnqueueKeyed { payload: Arc<[u8]>, expires_at_ms: Option<u64>, key: Arc<[u8]>, now_ms: u64 },
     /// A consumer starts, with a prefetch (0: no limit).
     Checkout { consumer: QuorumConsumer, prefetch: u32 },
     /// A consumer stops taking messages (`basic.cancel`); what it holds stays with it until it
@@ -109,6 +115,9 @@ pub enum QuorumAnswer {
     Done { id: Option<QuorumMessageId> },
     /// An enqueue refused by a length limit with `reject-publish` (the publisher is nacked).
     Rejected,
+    /// A keyed enqueue whose key came within the window: not taken again (the publisher is
+    /// acked, as for a classic queue's duplicate).
+    Duplicate,
     /// Messages removed (a purge: how many).
     Removed { count: u64 },
 }
@@ -147,6 +156,10 @@ pub struct QuorumQueue {
     consumers: BTreeMap<QuorumConsumer, ConsumerState>,
     /// The order consumers are served in (round robin).
     service_order: VecDeque<QuorumConsumer>,
+    /// De-duplication keys within their window, with when each stops counting; and the same
+    /// by that time, to forget them in order. At most [`crate::dedup::DEDUP_KEYS_MAX`].
+    dedup_keys: BTreeMap<Arc<[u8]>, u64>,
+    dedup_order: BTreeSet<(u64, Arc<[u8]>)>,
 }
 
 impl QuorumQueue {
@@ -180,6 +193,9 @@ impl QuorumQueue {
         let mut effects = Vec::new();
         let answer = match command {
             QuorumCommand::Enqueue { payload, expires_at_ms } => self.enqueue(payload, expires_at_ms, &mut effects),
+            QuorumCommand::EnqueueKeyed { payload, expires_at_ms, key, now_ms } => {
+                self.enqueue_keyed(payload, expires_at_ms, key, now_ms, &mut effects)
+            }
             QuorumCommand::Checkout { consumer, prefetch } => {
                 if !self.service_order.contains(&consumer) {
                     self.service_order.push_back(consumer.clone());
@@ -309,6 +325,39 @@ impl QuorumQueue {
             self.dead_letter(oldest, QuorumDeathReason::MaxLength, effects);
         }
         QuorumAnswer::Done { id: Some(id) }
+    }
+
+    fn enqueue_keyed(
+        &mut self,
+        payload: Arc<[u8]>,
+        expires_at_ms: Option<u64>,
+        key: Arc<[u8]>,
+        now_ms: u64,
+        effects: &mut Vec<QuorumEffect>,
+    ) -> QuorumAnswer {
+        let Some(ttl_ms) = self.settings.dedup_ttl_ms else { return self.enqueue(payload, expires_at_ms, effects) };
+        while let Some((until, _)) = self.dedup_order.first()
+            && *until <= now_ms
+        {
+            if let Some((_, old)) = self.dedup_order.pop_first() {
+                self.dedup_keys.remove(&old);
+            }
+        }
+        if self.dedup_keys.contains_key(&key) {
+            return QuorumAnswer::Duplicate;
+        }
+        let answer = self.enqueue(payload, expires_at_ms, effects);
+        if matches!(answer, QuorumAnswer::Done { .. }) {
+            if self.dedup_keys.len() >= crate::dedup::DEDUP_KEYS_MAX
+                && let Some((_, oldest)) = self.dedup_order.pop_first()
+            {
+                self.dedup_keys.remove(&oldest);
+            }
+            let until = now_ms.saturating_add(ttl_ms);
+            self.dedup_keys.insert(Arc::clone(&key), until);
+            self.dedup_order.insert((until, key));
+        }
+        answer
     }
 
     fn held_by(&self, consumer: &QuorumConsumer, id: QuorumMessageId) -> bool {

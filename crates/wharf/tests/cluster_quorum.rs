@@ -414,3 +414,57 @@ async fn a_quorum_queue_expires_messages_and_dead_letters_past_the_delivery_limi
     assert_eq!(reason, Some(AMQPValue::LongString("delivery_limit".into())), "{headers:?}");
     delivery.ack(BasicAckOptions::default()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_queue_drops_a_duplicate_published_on_any_node() {
+    let temp = tempfile::tempdir().unwrap();
+    let cluster: Vec<(u64, SocketAddr)> = (1..=3).map(|id| (id, free_port())).collect();
+    let mut nodes = Vec::new();
+    for (id, _) in &cluster {
+        nodes.push(start_node(&temp.path().join(format!("node-{id}")), *id, &cluster, &[]).await);
+    }
+    let urls: Vec<String> = nodes.iter().map(|node| node.http.clone()).collect();
+    let first = connect(&nodes[0]).await;
+    let channel = first.create_channel().await.unwrap();
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    arguments.insert("x-deduplication".into(), AMQPValue::Boolean(true));
+    let options = QueueDeclareOptions { durable: true, ..Default::default() };
+    channel.queue_declare("payments".into(), options, arguments).await.unwrap();
+    agreed_queue_leader(&urls, "payments").await;
+
+    // The same message id published through every node (a publisher retrying after a failover,
+    // say): each publish is confirmed, one copy is kept; another id is another message.
+    for (index, (node, id)) in [(0, "order-1"), (1, "order-1"), (2, "order-1"), (1, "order-2")].into_iter().enumerate()
+    {
+        let connection = connect(&nodes[node]).await;
+        let publisher = connection.create_channel().await.unwrap();
+        publisher.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        let properties = BasicProperties::default().with_delivery_mode(2).with_message_id(id.into());
+        let body = format!("{id} try {index}");
+        let confirm = publisher
+            .basic_publish("".into(), "payments".into(), BasicPublishOptions::default(), body.as_bytes(), properties)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack(), "{body} was not confirmed");
+    }
+    for url in &urls {
+        eventually(&format!("two ready on {url}"), || async move {
+            queue_group(url, "payments").await.is_some_and(|group| group["ready"] == 2)
+        })
+        .await;
+    }
+    let reader = connect(&nodes[2]).await;
+    let consuming = reader.create_channel().await.unwrap();
+    let mut consumer = consuming
+        .basic_consume("payments".into(), "c".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    for expected in ["order-1 try 0", "order-2 try 3"] {
+        let delivery = next(&mut consumer).await;
+        assert_eq!(String::from_utf8_lossy(&delivery.data), expected);
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+}

@@ -29,7 +29,7 @@ mod quorum_expiry;
 pub(crate) use command::{MetaAnswer, MetaCommand, StoredHash, table_bytes};
 pub(crate) use failover::elect_on_link_loss;
 pub(crate) use membership::{MemberChangeError, SERVICE_MEMBERS};
-pub(crate) use quorum::{GroupStart, QuorumQueues, SERVICE_QUEUE, start_group, watch_members};
+pub(crate) use quorum::{GroupStart, QuorumQueues, ReplicatedEnqueue, SERVICE_QUEUE, start_group, watch_members};
 pub(crate) use quorum_declare::{
     RecoveredQuorumQueue, is_record_kind as is_quorum_record, quorum_log, restore as restore_quorum,
 };

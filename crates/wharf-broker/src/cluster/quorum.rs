@@ -260,19 +260,22 @@ impl Core {
     /// Enqueues a message (its stored meta and body) into a quorum queue: resolves `Ok` once the
     /// enqueue is committed (on a majority's disks), with an error if the group refused it (a
     /// length limit with `reject-publish`) or could not take it.
-    pub(crate) fn enqueue_replicated(
-        &self,
-        vhost: &str,
-        queue: &str,
-        meta: &[u8],
-        body: &[u8],
-        expires_at_ms: Option<u64>,
-    ) -> oneshot::Receiver<Result<QuorumAnswer, String>> {
+    pub(crate) fn enqueue_replicated(&self, vhost: &str, queue: &str, enqueue: ReplicatedEnqueue<'_>) -> EnqueueAnswer {
         let (sender, receiver) = oneshot::channel();
         match self.quorum.get(vhost, queue) {
             Some(group) => {
-                let payload = quorum_codec::encode_payload(meta, body);
-                group.submit(QuorumCommand::Enqueue { payload, expires_at_ms }, Some(sender));
+                let payload = quorum_codec::encode_payload(enqueue.meta, enqueue.body);
+                let expires_at_ms = enqueue.expires_at_ms;
+                let command = match enqueue.dedup_key {
+                    Some(key) => QuorumCommand::EnqueueKeyed {
+                        payload,
+                        expires_at_ms,
+                        key: Arc::from(key),
+                        now_ms: enqueue.now_ms,
+                    },
+                    None => QuorumCommand::Enqueue { payload, expires_at_ms },
+                };
+                group.submit(command, Some(sender));
             }
             None => {
                 let _ = sender.send(Err(format!("this node has no group of quorum queue '{queue}'")));
@@ -281,6 +284,22 @@ impl Core {
         receiver
     }
 }
+
+/// A publish to a quorum queue, as the node it arrived on stamps it.
+pub(crate) struct ReplicatedEnqueue<'a> {
+    /// The message's stored meta and its body.
+    pub meta: &'a [u8],
+    pub body: &'a [u8],
+    /// When it expires (its TTL from now), if it does.
+    pub expires_at_ms: Option<u64>,
+    /// Its de-duplication key, if the queue de-duplicates and the message has one.
+    pub dedup_key: Option<Vec<u8>>,
+    /// This node's time.
+    pub now_ms: u64,
+}
+
+/// The group's answer to an enqueue, when it comes.
+pub(crate) type EnqueueAnswer = oneshot::Receiver<Result<QuorumAnswer, String>>;
 
 /// How long a member's link must be down before the leaders of its queues' groups count its
 /// consumers as gone (and what they held goes to other consumers, redelivered).
@@ -408,7 +427,7 @@ async fn run_proposer(
 /// The message bytes a command carries.
 fn payload_len(command: &QuorumCommand) -> usize {
     match command {
-        QuorumCommand::Enqueue { payload, .. } => payload.len(),
+        QuorumCommand::Enqueue { payload, .. } | QuorumCommand::EnqueueKeyed { payload, .. } => payload.len(),
         _ => 0,
     }
 }
@@ -419,7 +438,10 @@ fn fail_enqueues(batch: Vec<Pending>, text: &str) -> Vec<Pending> {
     for pending in batch {
         // A purge is not proposed again either: applied twice, it would remove what was
         // published (and confirmed) in between.
-        if matches!(pending.command, QuorumCommand::Enqueue { .. } | QuorumCommand::Purge) {
+        if matches!(
+            pending.command,
+            QuorumCommand::Enqueue { .. } | QuorumCommand::EnqueueKeyed { .. } | QuorumCommand::Purge
+        ) {
             if let Some(waiter) = pending.answer {
                 let _ = waiter.send(Err(text.to_owned()));
             }

@@ -19,11 +19,13 @@ const NODE_DOWN: u8 = 8;
 const NODE_RESTARTED: u8 = 9;
 const TICK: u8 = 10;
 const PURGE: u8 = 11;
+const ENQUEUE_KEYED: u8 = 12;
 
 const ANSWER_DONE: u8 = 1;
 const ANSWER_DONE_WITH_ID: u8 = 2;
 const ANSWER_REJECTED: u8 = 3;
 const ANSWER_REMOVED: u8 = 4;
+const ANSWER_DUPLICATE: u8 = 5;
 
 /// Ids one settle command may name (a batch of acks is split into commands of this many).
 pub(crate) const IDS_PER_COMMAND_MAX: usize = 65_536;
@@ -116,6 +118,13 @@ pub(crate) fn encode_commands(commands: &[QuorumCommand]) -> Vec<u8> {
                 writer.u64(expires_at_ms.map_or(0, |at| at.saturating_add(1)));
                 writer.bytes(payload);
             }
+            QuorumCommand::EnqueueKeyed { payload, expires_at_ms, key, now_ms } => {
+                writer.u8(ENQUEUE_KEYED);
+                writer.u64(expires_at_ms.map_or(0, |at| at.saturating_add(1)));
+                writer.u64(*now_ms);
+                writer.bytes(key);
+                writer.bytes(payload);
+            }
             QuorumCommand::Checkout { consumer, prefetch } => {
                 writer.u8(CHECKOUT);
                 writer.consumer(consumer);
@@ -175,6 +184,13 @@ pub(crate) fn decode_commands(bytes: &[u8]) -> Result<Vec<QuorumCommand>, String
                 let payload = reader.bytes("payload")?;
                 QuorumCommand::Enqueue { payload: Arc::from(payload), expires_at_ms: expires.checked_sub(1) }
             }
+            ENQUEUE_KEYED => {
+                let expires = reader.u64("expiry")?;
+                let now_ms = reader.u64("time")?;
+                let key = Arc::from(reader.bytes("key")?);
+                let payload = Arc::from(reader.bytes("payload")?);
+                QuorumCommand::EnqueueKeyed { payload, expires_at_ms: expires.checked_sub(1), key, now_ms }
+            }
             CHECKOUT => QuorumCommand::Checkout { consumer: reader.consumer()?, prefetch: reader.u32("prefetch")? },
             CANCEL => QuorumCommand::Cancel { consumer: reader.consumer()? },
             DOWN => QuorumCommand::Down { consumer: reader.consumer()? },
@@ -208,6 +224,7 @@ pub(crate) fn encode_answers(answers: &[QuorumAnswer]) -> Vec<u8> {
                 writer.u64(*id);
             }
             QuorumAnswer::Rejected => writer.u8(ANSWER_REJECTED),
+            QuorumAnswer::Duplicate => writer.u8(ANSWER_DUPLICATE),
             QuorumAnswer::Removed { count } => {
                 writer.u8(ANSWER_REMOVED);
                 writer.u64(*count);
@@ -228,6 +245,7 @@ pub(crate) fn decode_answers(bytes: &[u8]) -> Result<Vec<QuorumAnswer>, String> 
             ANSWER_DONE => Ok(QuorumAnswer::Done { id: None }),
             ANSWER_DONE_WITH_ID => Ok(QuorumAnswer::Done { id: Some(reader.u64("id")?) }),
             ANSWER_REJECTED => Ok(QuorumAnswer::Rejected),
+            ANSWER_DUPLICATE => Ok(QuorumAnswer::Duplicate),
             ANSWER_REMOVED => Ok(QuorumAnswer::Removed { count: reader.u64("count")? }),
             other => Err(format!("unknown answer {other}")),
         })
@@ -262,6 +280,12 @@ mod tests {
         let commands = vec![
             QuorumCommand::Enqueue { payload: encode_payload(b"meta", b"body"), expires_at_ms: Some(0) },
             QuorumCommand::Enqueue { payload: Arc::from(&b""[..]), expires_at_ms: None },
+            QuorumCommand::EnqueueKeyed {
+                payload: encode_payload(b"meta", b"body"),
+                expires_at_ms: Some(5),
+                key: Arc::from(&b"order-1"[..]),
+                now_ms: 42,
+            },
             QuorumCommand::Checkout { consumer: consumer.clone(), prefetch: 10 },
             QuorumCommand::Cancel { consumer: consumer.clone() },
             QuorumCommand::Down { consumer: consumer.clone() },
@@ -282,6 +306,7 @@ mod tests {
             QuorumAnswer::Done { id: None },
             QuorumAnswer::Done { id: Some(4) },
             QuorumAnswer::Rejected,
+            QuorumAnswer::Duplicate,
             QuorumAnswer::Removed { count: 2 },
         ];
         assert_eq!(decode_answers(&encode_answers(&answers)).unwrap(), answers);

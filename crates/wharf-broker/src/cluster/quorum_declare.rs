@@ -49,6 +49,9 @@ pub(crate) struct StoredSettings {
     pub max_length: Option<u64>,
     pub max_length_bytes: Option<u64>,
     pub reject_publish: bool,
+    /// Absent in records written before quorum queues de-duplicated: none.
+    #[serde(default)]
+    pub dedup_ttl_ms: Option<u64>,
 }
 
 impl From<QuorumSettings> for StoredSettings {
@@ -58,6 +61,7 @@ impl From<QuorumSettings> for StoredSettings {
             max_length: settings.max_length,
             max_length_bytes: settings.max_length_bytes,
             reject_publish: settings.reject_publish,
+            dedup_ttl_ms: settings.dedup_ttl_ms,
         }
     }
 }
@@ -69,6 +73,7 @@ impl From<StoredSettings> for QuorumSettings {
             max_length: settings.max_length,
             max_length_bytes: settings.max_length_bytes,
             reject_publish: settings.reject_publish,
+            dedup_ttl_ms: settings.dedup_ttl_ms,
         }
     }
 }
@@ -107,15 +112,16 @@ pub(crate) fn quorum_settings(settings: &wharf_model::QueueSettings) -> QuorumSe
         max_length: settings.max_length,
         max_length_bytes: settings.max_length_bytes,
         reject_publish: settings.overflow != Overflow::DropHead,
+        dedup_ttl_ms: settings.deduplication.as_ref().map(|deduplication| deduplication.ttl_ms),
     }
 }
 
 /// The arguments a quorum queue carries out. RabbitMQ refuses any other `x-` argument on a
 /// quorum queue (`invalid arg ... of queue type rabbit_quorum_queue`), and so does Wharf: an
-/// argument taken and then ignored would be a guarantee silently missing. Wharf's own
-/// (de-duplication, leases, retry backoff, per-key ordering) and single active consumer are not
-/// built on quorum queues yet, so they are refused too, saying so.
-const QUORUM_ARGUMENTS: [&str; 9] = [
+/// argument taken and then ignored would be a guarantee silently missing. Of Wharf's own,
+/// de-duplication is built on quorum queues (the window's keys are the group's state); leases,
+/// retry backoff, per-key ordering and single active consumer are not yet, so they are refused.
+const QUORUM_ARGUMENTS: [&str; 12] = [
     "x-queue-type",
     "x-quorum-initial-group-size",
     "x-dead-letter-exchange",
@@ -125,6 +131,9 @@ const QUORUM_ARGUMENTS: [&str; 9] = [
     "x-max-length",
     "x-max-length-bytes",
     "x-overflow",
+    "x-deduplication",
+    "x-deduplication-ttl",
+    "x-deduplication-header",
 ];
 
 fn refuse_unsupported_arguments(arguments: &FieldTable, name: &str, vhost: &str) -> Result<(), ModelError> {

@@ -1,7 +1,7 @@
 //! A quorum queue's state as bytes, for its group's snapshots: everything that decides what
 //! the queue does next (settings, the next id, every message with its delivery count and
 //! holder, the ready order, the consumers with their prefetch and holdings, the round-robin
-//! order), so a replica restored from a snapshot and fed the commands after it decides exactly
+//! order, the de-duplication keys within their window), so a replica restored from a snapshot and fed the commands after it decides exactly
 //! as one that applied every command (the property test in `tests.rs` checks it).
 //!
 //! The format is this crate's own, little-endian and versioned by its first byte; decoding
@@ -56,6 +56,13 @@ impl QuorumQueue {
         for consumer in &self.service_order {
             put_consumer(&mut out, consumer);
         }
+        put_option_u64(&mut out, self.settings.dedup_ttl_ms);
+        out.extend_from_slice(&(self.dedup_keys.len() as u64).to_le_bytes());
+        for (key, until) in &self.dedup_keys {
+            out.extend_from_slice(&(key.len() as u64).to_le_bytes());
+            out.extend_from_slice(key);
+            out.extend_from_slice(&until.to_le_bytes());
+        }
         out
     }
 
@@ -65,11 +72,12 @@ impl QuorumQueue {
         if reader.u8()? != FORMAT_VERSION {
             return None;
         }
-        let settings = QuorumSettings {
+        let mut settings = QuorumSettings {
             delivery_limit: reader.option_u64()?.map(u32::try_from).transpose().ok()?,
             max_length: reader.option_u64()?,
             max_length_bytes: reader.option_u64()?,
             reject_publish: reader.flag()?,
+            dedup_ttl_ms: None,
         };
         let next_id = reader.u64()?;
         let mut messages = BTreeMap::new();
@@ -104,10 +112,30 @@ impl QuorumQueue {
         for _ in 0..reader.u64()? {
             service_order.push_back(reader.consumer()?);
         }
+        settings.dedup_ttl_ms = reader.option_u64()?;
+        let mut dedup_keys = BTreeMap::new();
+        let mut dedup_order = BTreeSet::new();
+        for _ in 0..reader.u64()? {
+            let length = usize::try_from(reader.u64()?).ok()?;
+            let key: Arc<[u8]> = Arc::from(reader.take(length)?);
+            let until = reader.u64()?;
+            dedup_order.insert((until, Arc::clone(&key)));
+            dedup_keys.insert(key, until);
+        }
         if !reader.bytes.is_empty() {
             return None;
         }
-        Some(QuorumQueue { settings, next_id, messages, ready, ready_bytes, consumers, service_order })
+        Some(QuorumQueue {
+            settings,
+            next_id,
+            messages,
+            ready,
+            ready_bytes,
+            consumers,
+            service_order,
+            dedup_keys,
+            dedup_order,
+        })
     }
 }
 

@@ -147,6 +147,14 @@ fn command_strategy() -> impl Strategy<Value = QuorumCommand> {
             payload: Arc::from(vec![7u8; usize::from(size)].as_slice()),
             expires_at_ms,
         }),
+        2 => (0u8..3, proptest::option::of(0u64..50), 0u8..4, 0u64..60).prop_map(|(size, expires_at_ms, key, now_ms)| {
+            QuorumCommand::EnqueueKeyed {
+                payload: Arc::from(vec![7u8; usize::from(size)].as_slice()),
+                expires_at_ms,
+                key: Arc::from(vec![key].as_slice()),
+                now_ms,
+            }
+        }),
         2 => (who.clone(), 0u32..3).prop_map(|(consumer, prefetch)| QuorumCommand::Checkout { consumer, prefetch }),
         1 => who.clone().prop_map(|consumer| QuorumCommand::Cancel { consumer }),
         1 => who.clone().prop_map(|consumer| QuorumCommand::Down { consumer }),
@@ -158,6 +166,31 @@ fn command_strategy() -> impl Strategy<Value = QuorumCommand> {
         1 => (0u64..60).prop_map(|now_ms| QuorumCommand::Tick { now_ms }),
         1 => Just(QuorumCommand::Purge),
     ]
+}
+
+#[test]
+fn a_key_seen_within_the_window_is_a_duplicate_and_counts_again_after_it() {
+    let settings =
+        QuorumSettings { dedup_ttl_ms: Some(100), max_length: Some(1), reject_publish: true, ..Default::default() };
+    let mut queue = QuorumQueue::new(settings);
+    let keyed = |body: &str, key: &str, now_ms: u64| QuorumCommand::EnqueueKeyed {
+        payload: Arc::from(body.as_bytes()),
+        expires_at_ms: None,
+        key: Arc::from(key.as_bytes()),
+        now_ms,
+    };
+    assert_eq!(queue.apply(keyed("a", "k1", 0)).0, QuorumAnswer::Done { id: Some(1) });
+    assert_eq!(queue.apply(keyed("a again", "k1", 99)).0, QuorumAnswer::Duplicate);
+    // Refused by the length limit: the key is not remembered, so the publisher's retry counts.
+    assert_eq!(queue.apply(keyed("b", "k2", 10)).0, QuorumAnswer::Rejected);
+    queue.apply(QuorumCommand::Purge);
+    assert_eq!(queue.apply(keyed("b", "k2", 20)).0, QuorumAnswer::Done { id: Some(2) });
+    queue.apply(QuorumCommand::Purge);
+    // Past its window the first key counts again.
+    assert_eq!(queue.apply(keyed("a later", "k1", 100)).0, QuorumAnswer::Done { id: Some(3) });
+    let restored = QuorumQueue::decode_snapshot(&queue.encode_snapshot()).unwrap();
+    assert_eq!(restored, queue);
+    assert_eq!(queue.apply(keyed("again", "k2", 110)).0, QuorumAnswer::Duplicate);
 }
 
 #[test]
@@ -186,8 +219,9 @@ proptest! {
         delivery_limit in proptest::option::of(0u32..3),
         max_length in proptest::option::of(1u64..6),
         snapshot_every in 1usize..12,
+        dedup_ttl_ms in proptest::option::of(1u64..30),
     ) {
-        let settings = QuorumSettings { delivery_limit, max_length, ..Default::default() };
+        let settings = QuorumSettings { delivery_limit, max_length, dedup_ttl_ms, ..Default::default() };
         let (mut queue, mut replica) = (QuorumQueue::new(settings), QuorumQueue::new(settings));
         let mut applied = 0usize;
         // Where each message is by the effects alone: holder, or gone.
