@@ -28,6 +28,8 @@ cargo test --workspace --doc --locked
 cargo build -p wharf --locked
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 compat/run.sh "$target_dir/debug/wharf"
+# pika against a three-node cluster, the quorum queue's leader killed while it is connected.
+compat/cluster.sh "$target_dir/debug/wharf"
 # Third-party MQTT clients (paho-mqtt 3.1.1 and 5.0, mosquitto_pub/sub) and AMQP interoperation,
 # a persistent session across kill -9 among them (compat/mqtt.sh).
 compat/mqtt.sh "$target_dir/debug/wharf"
