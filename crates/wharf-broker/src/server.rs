@@ -101,6 +101,7 @@ impl Broker {
                         members: &queue.definition.members,
                         settings: queue.settings,
                         log,
+                        initialize: !queue.definition.joined,
                     };
                     if let Err(error) = crate::cluster::start_group(start).await {
                         tracing::error!(queue = %queue.name, %error, "a quorum queue's group did not start");

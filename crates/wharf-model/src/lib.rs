@@ -27,8 +27,8 @@ pub mod vhost;
 
 pub use broker::{
     Admission, BrokerModel, CancelledConsumer, ChannelSummary, ConsumerSummary, Counters, DeletedExchange,
-    DeletedQueue, Delivery, Effects, Removed, ReplicatedDelivery, ReplicatedOp, ReplicatedOutcome, StoredAt,
-    WithdrawRefusal, Withdrawn,
+    DeletedQueue, Delivery, Effects, Removed, ReplicatedDelivery, ReplicatedGet, ReplicatedOp, ReplicatedOutcome,
+    StoredAt, WithdrawRefusal, Withdrawn,
 };
 pub use deadletter::{AutoDeadLetterQueue, DeathReason, Transfer, TransferTarget};
 pub use error::{ModelError, Result, Scope};

@@ -59,6 +59,10 @@ pub enum QuorumCommand {
     /// A message with a de-duplication key, stamped with the proposing node's time: taken
     /// unless the key came within the queue's window, then answered [`QuorumAnswer::Duplicate`].
     EnqueueKeyed { payload: Arc<[u8]>, expires_at_ms: Option<u64>, key: Arc<[u8]>, now_ms: u64 },
+    /// `basic.get`: the oldest ready message, checked out to `consumer` (a channel's get
+    /// consumer, tag `""`) until settled, or removed at once with `settle` (no-ack); answered
+    /// [`QuorumAnswer::Dequeued`] or [`QuorumAnswer::Empty`].
+    Dequeue { consumer: QuorumConsumer, settle: bool },
     /// A consumer starts, with a prefetch (0: no limit).
     Checkout { consumer: QuorumConsumer, prefetch: u32 },
     /// A consumer stops taking messages (`basic.cancel`); what it holds stays with it until it
@@ -120,6 +124,10 @@ pub enum QuorumAnswer {
     Duplicate,
     /// Messages removed (a purge: how many).
     Removed { count: u64 },
+    /// A dequeued message, and how many stay ready.
+    Dequeued { id: QuorumMessageId, payload: Arc<[u8]>, delivery_count: u32, redelivered: bool, remaining: u64 },
+    /// Nothing was ready to dequeue.
+    Empty,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,6 +191,11 @@ impl QuorumQueue {
         self.ready.iter().filter_map(|id| self.messages.get(id).and_then(|held| held.expires_at_ms)).min()
     }
 
+    /// Consumers attached to `node`.
+    pub fn consumers_on(&self, node: u64) -> usize {
+        self.consumers.keys().filter(|consumer| consumer.node == node).count()
+    }
+
     /// Consumers.
     pub fn consumer_count(&self) -> usize {
         self.consumers.len()
@@ -196,6 +209,7 @@ impl QuorumQueue {
             QuorumCommand::EnqueueKeyed { payload, expires_at_ms, key, now_ms } => {
                 self.enqueue_keyed(payload, expires_at_ms, key, now_ms, &mut effects)
             }
+            QuorumCommand::Dequeue { consumer, settle } => self.dequeue(consumer, settle),
             QuorumCommand::Checkout { consumer, prefetch } => {
                 if !self.service_order.contains(&consumer) {
                     self.service_order.push_back(consumer.clone());
@@ -358,6 +372,30 @@ impl QuorumQueue {
             self.dedup_order.insert((until, key));
         }
         answer
+    }
+
+    /// The oldest ready message for `basic.get` (see [`QuorumCommand::Dequeue`]). The get
+    /// consumer is kept as a cancelled one: never dispatched to, forgotten once it holds
+    /// nothing, and its holdings returned when its channel goes (`Down`).
+    fn dequeue(&mut self, consumer: QuorumConsumer, settle: bool) -> QuorumAnswer {
+        let Some(id) = self.ready.first().copied() else { return QuorumAnswer::Empty };
+        self.take_ready(id);
+        let Some(held) = self.messages.get_mut(&id) else { return QuorumAnswer::Empty };
+        let redelivered = held.delivery_count > 0;
+        held.delivery_count += 1;
+        let (payload, delivery_count) = (Arc::clone(&held.payload), held.delivery_count);
+        if settle {
+            self.messages.remove(&id);
+        } else {
+            held.checked_out_to = Some(consumer.clone());
+            let state = self.consumers.entry(consumer).or_insert(ConsumerState {
+                prefetch: 0,
+                holds: BTreeSet::new(),
+                cancelled: true,
+            });
+            state.holds.insert(id);
+        }
+        QuorumAnswer::Dequeued { id, payload, delivery_count, redelivered, remaining: self.ready_count() }
     }
 
     fn held_by(&self, consumer: &QuorumConsumer, id: QuorumMessageId) -> bool {

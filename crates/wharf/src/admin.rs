@@ -30,6 +30,17 @@ pub struct AdminArgs {
     command: AdminCommand,
 }
 
+/// A change to a quorum queue's replicas.
+#[derive(Debug, Subcommand)]
+enum ReplicaChange {
+    /// Add a replica of QUEUE on node NODE (a member of the cluster); returns once it has
+    /// caught up and votes.
+    Add { queue: String, node: u64 },
+    /// Remove QUEUE's replica on node NODE (refused for its last replica, or while consumers
+    /// are attached through that node).
+    Remove { queue: String, node: u64 },
+}
+
 /// A change to the cluster's members.
 #[derive(Debug, Subcommand)]
 enum ClusterChange {
@@ -52,6 +63,11 @@ enum AdminCommand {
     },
     /// List queues, with their messages and consumers.
     Queues,
+    /// Add or remove a replica of a quorum queue (in --vhost, default `/`).
+    Replica {
+        #[command(subcommand)]
+        change: ReplicaChange,
+    },
     /// List exchanges.
     Exchanges,
     /// List client connections.
@@ -339,6 +355,17 @@ pub fn run(args: AdminArgs) -> Result<()> {
         AdminCommand::Cluster { change: Some(ClusterChange::Remove { node }) } => {
             client.call("DELETE", &format!("/api/cluster/members/{node}"), None)?;
             println!("node {node} removed");
+            Ok(())
+        }
+        AdminCommand::Replica { change } => {
+            let (queue, node, action) = match change {
+                ReplicaChange::Add { queue, node } => (queue, node, "add"),
+                ReplicaChange::Remove { queue, node } => (queue, node, "delete"),
+            };
+            let path = format!("/api/queues/quorum/{}/{}/replicas/{action}", segment(&vhost), segment(queue));
+            let body = serde_json::to_vec(&serde_json::json!({ "node": node }))?;
+            client.call("POST", &path, Some(&body))?;
+            println!("queue '{queue}': replica on node {node} {}", if action == "add" { "added" } else { "removed" });
             Ok(())
         }
         AdminCommand::Cluster { change: None } => list(

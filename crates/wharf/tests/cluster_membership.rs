@@ -22,8 +22,15 @@ async fn connect(amqp: SocketAddr) -> Connection {
 
 /// `wharf admin --url URL cluster ARGS…`: (succeeded, stdout, stderr).
 async fn admin_cluster(url: &str, arguments: &[&str]) -> (bool, String, String) {
+    let mut all = vec!["cluster"];
+    all.extend_from_slice(arguments);
+    admin_cluster_args(url, &all).await
+}
+
+/// `wharf admin --url URL ARGS…`: (succeeded, stdout, stderr).
+async fn admin_cluster_args(url: &str, arguments: &[&str]) -> (bool, String, String) {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .args(["admin", "--url", url, "cluster"])
+        .args(["admin", "--url", url])
         .args(arguments)
         .env_remove("WHARF_ADMIN_USER")
         .env_remove("WHARF_ADMIN_PASSWORD")
@@ -43,6 +50,23 @@ async fn voters(url: &str) -> Vec<u64> {
 async fn linked_to(url: &str, node: u64) -> bool {
     let (_, members) = call(url, "GET", "/api/cluster/members", None).await;
     members.as_array().unwrap().iter().any(|member| member["node"] == node && member["outbound_connected"] == true)
+}
+
+/// Quorum queue `name` as node `url` sees it, if it holds a replica.
+async fn quorum_queue(url: &str, name: &str) -> Option<Value> {
+    let (_, queues) = call(url, "GET", "/api/cluster/queues", None).await;
+    queues.as_array().unwrap().iter().find(|queue| queue["name"] == name).cloned()
+}
+
+/// Waits until every replica on `urls` counts no consumer of `name` (a closed channel's consumers
+/// leave through the group).
+async fn no_consumers(urls: &[String], name: &str) {
+    for url in urls {
+        eventually(&format!("no consumer of {name} on {url}"), || async move {
+            quorum_queue(url, name).await.is_none_or(|queue| queue["consumers"] == 0)
+        })
+        .await;
+    }
 }
 
 async fn knows(url: &str, node: u64) -> bool {
@@ -149,6 +173,97 @@ async fn a_node_joins_a_running_cluster_takes_part_and_leaves() {
         .unwrap();
     let delivery = tokio::time::timeout(std::time::Duration::from_secs(120), consumer.next()).await.unwrap();
     assert_eq!(&delivery.unwrap().unwrap().data[..], b"hello");
+
+    // A queue on three of the four grows a replica on node 4, which catches up with what the
+    // queue holds; then a replica is removed: refused while a consumer is attached through its
+    // node, done once none is.
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    arguments.insert("x-quorum-initial-group-size".into(), AMQPValue::LongUInt(3));
+    let first_channel = reading.create_channel().await.unwrap();
+    first_channel.queue_declare("grow".into(), options, arguments).await.unwrap();
+    first_channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    eventually("the three replicas have a leader", || {
+        let first_url = first_url.clone();
+        async move { quorum_queue(&first_url, "grow").await.is_some_and(|queue| queue["leader"].is_u64()) }
+    })
+    .await;
+    assert_eq!(quorum_queue(&urls[0], "grow").await.unwrap()["members"], json!([1, 2, 3]));
+    for n in 0..20 {
+        let body = format!("grow-{n}");
+        let confirm = first_channel
+            .basic_publish(
+                "".into(),
+                "grow".into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
+    }
+    let (refused, _, stderr) = admin_cluster_args(&urls[1], &["replica", "add", "grow", "9"]).await;
+    assert!(!refused && stderr.contains("not a member"), "{stderr}");
+    let (added, stdout, stderr) = admin_cluster_args(&urls[1], &["replica", "add", "grow", "4"]).await;
+    assert!(added, "{stdout}{stderr}");
+    let fourth_url = fourth.http.clone();
+    eventually("node 4's new replica holds the 20", || {
+        let fourth_url = fourth_url.clone();
+        async move { quorum_queue(&fourth_url, "grow").await.is_some_and(|queue| queue["ready"] == 20) }
+    })
+    .await;
+    assert_eq!(quorum_queue(&urls[2], "grow").await.unwrap()["members"], json!([1, 2, 3, 4]));
+    let holding = reading.create_channel().await.unwrap();
+    // Kept: lapin cancels a consumer whose stream is dropped.
+    let _holder = holding
+        .basic_consume("grow".into(), "holder".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    // The consumer reaches the group (and so its leader) through a command: wait for it there.
+    for url in urls.iter().chain([&fourth.http]) {
+        eventually(&format!("{url} counts the consumer"), || async move {
+            quorum_queue(url, "grow").await.is_some_and(|queue| queue["consumers"] == 1)
+        })
+        .await;
+    }
+    let (status, body) =
+        call(&urls[2], "POST", "/api/queues/quorum/%2F/grow/replicas/delete", Some(json!({"node": 1}))).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["reason"].as_str().unwrap().contains("consumers"), "{body}");
+    holding.close(200, "done".into()).await.unwrap();
+    no_consumers(&urls, "grow").await;
+    let (removed, stdout, stderr) = admin_cluster_args(&urls[2], &["replica", "remove", "grow", "1"]).await;
+    assert!(removed, "{stdout}{stderr}");
+    eventually("node 1 holds no replica of grow", || {
+        let first_url = first_url.clone();
+        async move { quorum_queue(&first_url, "grow").await.is_none() }
+    })
+    .await;
+    assert_eq!(quorum_queue(&urls[1], "grow").await.unwrap()["members"], json!([2, 3, 4]));
+    // Consumed through node 4: all 20, those the first consumer held among them.
+    let fourth_connection = connect(fourth.amqp).await;
+    let fourth_reader = fourth_connection.create_channel().await.unwrap();
+    let mut grown = fourth_reader
+        .basic_consume(
+            "grow".into(),
+            "late".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 20 {
+        let delivery = tokio::time::timeout(std::time::Duration::from_secs(120), grown.next()).await.unwrap();
+        seen.insert(String::from_utf8_lossy(&delivery.unwrap().unwrap().data).into_owned());
+    }
+    fourth_reader.close(200, "done".into()).await.unwrap();
+    no_consumers(&urls[1..], "grow").await;
+    let (removed, stdout, stderr) = admin_cluster_args(&urls[2], &["replica", "remove", "grow", "4"]).await;
+    assert!(removed, "{stdout}{stderr}");
 
     // While it holds a replica it cannot be removed; once it holds none it can.
     let (status, body) = call(&urls[2], "DELETE", "/api/cluster/members/4", None).await;

@@ -468,3 +468,46 @@ async fn a_quorum_queue_drops_a_duplicate_published_on_any_node() {
         delivery.ack(BasicAckOptions::default()).await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_get_takes_from_a_quorum_queue_on_any_node() {
+    let temp = tempfile::tempdir().unwrap();
+    let cluster: Vec<(u64, SocketAddr)> = (1..=3).map(|id| (id, free_port())).collect();
+    let mut nodes = Vec::new();
+    for (id, _) in &cluster {
+        nodes.push(start_node(&temp.path().join(format!("node-{id}")), *id, &cluster, &[]).await);
+    }
+    let urls: Vec<String> = nodes.iter().map(|node| node.http.clone()).collect();
+    let first = connect(&nodes[0]).await;
+    let channel = first.create_channel().await.unwrap();
+    declare_quorum(&channel, "polled").await;
+    agreed_queue_leader(&urls, "polled").await;
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    publish_confirmed(&channel, "polled", ["one".to_owned(), "two".to_owned()]).await;
+
+    let third = connect(&nodes[2]).await;
+    let getter = third.create_channel().await.unwrap();
+    let got = getter.basic_get("polled".into(), Default::default()).await.unwrap().expect("a message");
+    assert_eq!((&got.delivery.data[..], got.delivery.redelivered, got.message_count), (&b"one"[..], false, 1));
+    // Nacked with requeue: back first, redelivered.
+    got.delivery.nack(lapin::options::BasicNackOptions { requeue: true, ..Default::default() }).await.unwrap();
+    let again = getter.basic_get("polled".into(), Default::default()).await.unwrap().expect("the message again");
+    assert_eq!((&again.delivery.data[..], again.delivery.redelivered), (&b"one"[..], true));
+    again.delivery.ack(BasicAckOptions::default()).await.unwrap();
+    // Held by a get whose channel closes: back to the queue.
+    let held = getter.basic_get("polled".into(), Default::default()).await.unwrap().expect("the second");
+    assert_eq!(&held.delivery.data[..], b"two");
+    getter.close(200, "done".into()).await.unwrap();
+    let second = connect(&nodes[1]).await;
+    let other = second.create_channel().await.unwrap();
+    let options = lapin::options::BasicGetOptions { no_ack: true };
+    let back = other.basic_get("polled".into(), options).await.unwrap().expect("the second, back");
+    assert_eq!((&back.delivery.data[..], back.delivery.redelivered, back.message_count), (&b"two"[..], true, 0));
+    assert!(other.basic_get("polled".into(), options).await.unwrap().is_none(), "get-empty");
+    for url in &urls {
+        eventually(&format!("nothing left on {url}"), || async move {
+            queue_group(url, "polled").await.is_some_and(|group| group["ready"] == 0 && group["unacked"] == 0)
+        })
+        .await;
+    }
+}

@@ -104,6 +104,12 @@ pub(crate) enum MetaCommand {
         vhost: String,
         name: String,
     },
+    /// A quorum queue's replicas are now on `members` (`replicas.rs`).
+    QuorumMembers {
+        vhost: String,
+        name: String,
+        members: Vec<u64>,
+    },
     /// A binding from an exchange to a quorum queue (`add`), or its removal.
     QueueBinding {
         vhost: String,
@@ -241,6 +247,7 @@ impl MetaCommand {
             MetaCommand::DeleteExchange { .. } => "delete exchange",
             MetaCommand::DeclareQuorumQueue { .. } => "declare quorum queue",
             MetaCommand::DeleteQuorumQueue { .. } => "delete quorum queue",
+            MetaCommand::QuorumMembers { .. } => "quorum queue members",
             MetaCommand::QueueBinding { .. } => "queue binding",
             MetaCommand::ExchangeBinding { .. } => "exchange binding",
         }
@@ -320,6 +327,9 @@ impl MetaCommand {
             }
             MetaCommand::DeclareQuorumQueue { vhost, name, arguments, members } => {
                 MetaAnswer::of_model(core.declare_quorum_queue_here(&vhost, &name, &arguments, &members, index))
+            }
+            MetaCommand::QuorumMembers { vhost, name, members } => {
+                core.set_quorum_members_here(&vhost, &name, &members)
             }
             MetaCommand::DeleteQuorumQueue { vhost, name } => {
                 MetaAnswer::of_model(core.delete_quorum_queue_here(&vhost, &name))

@@ -211,7 +211,10 @@ pub(crate) async fn follow_membership(
     loop {
         let now = super::machine::nodes_of(metrics.borrow_and_update().membership_config.membership());
         if now != known {
-            for (node, address) in now.iter().filter(|(node, _)| *node != own) {
+            // Only a node this one has no link to at all: a member it knows keeps the address
+            // its own flags give (which may differ from the leader's view behind a proxy or NAT).
+            let linked: Vec<NodeId> = transport.members().into_iter().map(|member| member.node).collect();
+            for (node, address) in now.iter().filter(|(node, _)| *node != own && !linked.contains(node)) {
                 link_to(&transport, *node, address).await;
             }
             for (node, _) in known.iter().filter(|(node, _)| *node != own && !now.iter().any(|(kept, _)| kept == node))

@@ -25,6 +25,8 @@ mod quorum;
 mod quorum_codec;
 mod quorum_declare;
 mod quorum_expiry;
+mod quorum_get;
+mod replicas;
 
 pub(crate) use command::{MetaAnswer, MetaCommand, StoredHash, table_bytes};
 pub(crate) use failover::elect_on_link_loss;
@@ -33,6 +35,7 @@ pub(crate) use quorum::{GroupStart, QuorumQueues, ReplicatedEnqueue, SERVICE_QUE
 pub(crate) use quorum_declare::{
     RecoveredQuorumQueue, is_record_kind as is_quorum_record, quorum_log, restore as restore_quorum,
 };
+pub(crate) use quorum_get::QuorumGet;
 
 use crate::core::Core;
 use crate::error::BrokerError;
@@ -236,6 +239,7 @@ pub(crate) fn handler(node_id: NodeId, groups: Groups, core: std::sync::Weak<Cor
                     None => Err(format!("node {node_id}'s metadata group is not running yet")),
                 },
                 SERVICE_QUEUE => core.quorum.handle(&payload).await,
+                replicas::SERVICE_REPLICAS => core.handle_replica_change(&payload).await,
                 SERVICE_MEMBERS => match core.metadata_group() {
                     Some(group) => group.handle_member_change(&core, &payload).await,
                     None => Err(format!("node {node_id}'s metadata group is not running yet")),

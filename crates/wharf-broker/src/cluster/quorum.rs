@@ -78,7 +78,8 @@ pub(crate) struct QueueGroup {
     pub group: u64,
     pub vhost: String,
     pub name: String,
-    pub members: Vec<NodeId>,
+    /// The nodes holding a replica (changed by `replicas.rs`).
+    members: RwLock<Vec<NodeId>>,
     raft: Raft<GroupTypes>,
     proposals: mpsc::UnboundedSender<Pending>,
     state: Arc<Mutex<QuorumQueue>>,
@@ -90,6 +91,16 @@ impl QueueGroup {
     /// The group's Raft handle.
     pub(crate) fn raft(&self) -> &Raft<GroupTypes> {
         &self.raft
+    }
+
+    /// The nodes holding a replica.
+    pub fn members(&self) -> Vec<NodeId> {
+        self.members.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// The nodes holding a replica are now `members`.
+    pub(crate) fn set_members(&self, members: &[NodeId]) {
+        *self.members.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = members.to_vec();
     }
 
     /// Counts an election this node started as soon as the leader was gone.
@@ -111,7 +122,7 @@ impl std::fmt::Debug for QueueGroup {
 
 impl QueueGroup {
     /// Proposes `command` behind everything this node proposed to the group before.
-    fn submit(&self, command: QuorumCommand, answer: Option<oneshot::Sender<Result<QuorumAnswer, String>>>) {
+    pub(crate) fn submit(&self, command: QuorumCommand, answer: Option<oneshot::Sender<Result<QuorumAnswer, String>>>) {
         if self.proposals.send(Pending { command, answer }).is_err() {
             tracing::warn!(queue = %self.name, "a quorum queue's proposer stopped; a command was dropped");
         }
@@ -133,6 +144,11 @@ impl QueueGroup {
     pub fn counts(&self) -> (u64, u64, usize) {
         let state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         (state.ready_count(), state.checked_out_count(), state.consumer_count())
+    }
+
+    /// Consumers attached to `node`, by this node's replica.
+    pub(crate) fn consumers_on(&self, node: NodeId) -> usize {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).consumers_on(node)
     }
 
     /// When the first ready message of this node's replica expires, if any does.
@@ -158,7 +174,7 @@ impl QuorumQueues {
         groups.get(&(vhost.to_owned(), name.to_owned())).cloned()
     }
 
-    fn by_group(&self, group: u64) -> Option<Arc<QueueGroup>> {
+    pub(crate) fn by_group(&self, group: u64) -> Option<Arc<QueueGroup>> {
         self.by_group.read().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&group).cloned()
     }
 
@@ -334,7 +350,8 @@ pub(crate) async fn watch_members(core: Weak<Core>, transport: Arc<Transport>) {
             if group.raft.metrics().borrow().state != openraft::ServerState::Leader {
                 continue;
             }
-            for node in gone.iter().filter(|node| group.members.contains(node)) {
+            let members = group.members();
+            for node in gone.iter().filter(|node| members.contains(node)) {
                 if reported.insert((group.group, *node)) {
                     tracing::info!(queue = %group.name, node, "a member's link is down; its consumers' messages go back");
                     group.submit(QuorumCommand::NodeDown { node: *node }, None);
@@ -437,10 +454,13 @@ fn fail_enqueues(batch: Vec<Pending>, text: &str) -> Vec<Pending> {
     let mut again = Vec::new();
     for pending in batch {
         // A purge is not proposed again either: applied twice, it would remove what was
-        // published (and confirmed) in between.
+        // published (and confirmed) in between; nor a get (twice, it would take two messages).
         if matches!(
             pending.command,
-            QuorumCommand::Enqueue { .. } | QuorumCommand::EnqueueKeyed { .. } | QuorumCommand::Purge
+            QuorumCommand::Enqueue { .. }
+                | QuorumCommand::EnqueueKeyed { .. }
+                | QuorumCommand::Purge
+                | QuorumCommand::Dequeue { .. }
         ) {
             if let Some(waiter) = pending.answer {
                 let _ = waiter.send(Err(text.to_owned()));
@@ -480,6 +500,9 @@ pub(crate) struct GroupStart<'a> {
     pub members: &'a [NodeId],
     pub settings: QuorumSettings,
     pub log: GroupLog,
+    /// Initialise the group with `members` (a replica made when the queue was declared); a
+    /// replica added later only joins (see `QuorumDefinition::joined`).
+    pub initialize: bool,
 }
 
 /// Starts this node's member of a queue's group and registers it; proposes `NodeRestarted` first.
@@ -514,10 +537,12 @@ pub(crate) async fn start_group(start: GroupStart<'_>) -> Result<Arc<QueueGroup>
         .map_err(|error| format!("the group of quorum queue '{}' did not start: {error}", start.name))?;
     let _ = raft_handle.set(raft.clone());
     start.groups.insert(start.group, raft.clone());
-    let addresses: BTreeMap<NodeId, BasicNode> =
-        start.members.iter().map(|member| (*member, BasicNode::new(member.to_string()))).collect();
-    if let Err(error) = raft.initialize(addresses).await {
-        tracing::debug!(queue = start.name, %error, "queue group already initialised");
+    if start.initialize {
+        let addresses: BTreeMap<NodeId, BasicNode> =
+            start.members.iter().map(|member| (*member, BasicNode::new(member.to_string()))).collect();
+        if let Err(error) = raft.initialize(addresses).await {
+            tracing::debug!(queue = start.name, %error, "queue group already initialised");
+        }
     }
     let (proposals, waiting) = mpsc::unbounded_channel();
     tokio::spawn(run_proposer(raft.clone(), Arc::clone(start.transport), start.group, waiting));
@@ -525,7 +550,7 @@ pub(crate) async fn start_group(start: GroupStart<'_>) -> Result<Arc<QueueGroup>
         group: start.group,
         vhost: start.vhost.to_owned(),
         name: start.name.to_owned(),
-        members: start.members.to_vec(),
+        members: RwLock::new(start.members.to_vec()),
         raft,
         proposals,
         state,

@@ -20,12 +20,15 @@ const NODE_RESTARTED: u8 = 9;
 const TICK: u8 = 10;
 const PURGE: u8 = 11;
 const ENQUEUE_KEYED: u8 = 12;
+const DEQUEUE: u8 = 13;
 
 const ANSWER_DONE: u8 = 1;
 const ANSWER_DONE_WITH_ID: u8 = 2;
 const ANSWER_REJECTED: u8 = 3;
 const ANSWER_REMOVED: u8 = 4;
 const ANSWER_DUPLICATE: u8 = 5;
+const ANSWER_DEQUEUED: u8 = 6;
+const ANSWER_EMPTY: u8 = 7;
 
 /// Ids one settle command may name (a batch of acks is split into commands of this many).
 pub(crate) const IDS_PER_COMMAND_MAX: usize = 65_536;
@@ -130,6 +133,11 @@ pub(crate) fn encode_commands(commands: &[QuorumCommand]) -> Vec<u8> {
                 writer.consumer(consumer);
                 writer.u32(*prefetch);
             }
+            QuorumCommand::Dequeue { consumer, settle } => {
+                writer.u8(DEQUEUE);
+                writer.consumer(consumer);
+                writer.u8(u8::from(*settle));
+            }
             QuorumCommand::Cancel { consumer } => {
                 writer.u8(CANCEL);
                 writer.consumer(consumer);
@@ -192,6 +200,7 @@ pub(crate) fn decode_commands(bytes: &[u8]) -> Result<Vec<QuorumCommand>, String
                 QuorumCommand::EnqueueKeyed { payload, expires_at_ms: expires.checked_sub(1), key, now_ms }
             }
             CHECKOUT => QuorumCommand::Checkout { consumer: reader.consumer()?, prefetch: reader.u32("prefetch")? },
+            DEQUEUE => QuorumCommand::Dequeue { consumer: reader.consumer()?, settle: reader.u8("settle")? != 0 },
             CANCEL => QuorumCommand::Cancel { consumer: reader.consumer()? },
             DOWN => QuorumCommand::Down { consumer: reader.consumer()? },
             SETTLE => QuorumCommand::Settle { consumer: reader.consumer()?, ids: reader.ids()? },
@@ -225,6 +234,15 @@ pub(crate) fn encode_answers(answers: &[QuorumAnswer]) -> Vec<u8> {
             }
             QuorumAnswer::Rejected => writer.u8(ANSWER_REJECTED),
             QuorumAnswer::Duplicate => writer.u8(ANSWER_DUPLICATE),
+            QuorumAnswer::Empty => writer.u8(ANSWER_EMPTY),
+            QuorumAnswer::Dequeued { id, payload, delivery_count, redelivered, remaining } => {
+                writer.u8(ANSWER_DEQUEUED);
+                writer.u64(*id);
+                writer.u32(*delivery_count);
+                writer.u8(u8::from(*redelivered));
+                writer.u64(*remaining);
+                writer.bytes(payload);
+            }
             QuorumAnswer::Removed { count } => {
                 writer.u8(ANSWER_REMOVED);
                 writer.u64(*count);
@@ -246,6 +264,14 @@ pub(crate) fn decode_answers(bytes: &[u8]) -> Result<Vec<QuorumAnswer>, String> 
             ANSWER_DONE_WITH_ID => Ok(QuorumAnswer::Done { id: Some(reader.u64("id")?) }),
             ANSWER_REJECTED => Ok(QuorumAnswer::Rejected),
             ANSWER_DUPLICATE => Ok(QuorumAnswer::Duplicate),
+            ANSWER_EMPTY => Ok(QuorumAnswer::Empty),
+            ANSWER_DEQUEUED => Ok(QuorumAnswer::Dequeued {
+                id: reader.u64("id")?,
+                delivery_count: reader.u32("delivery count")?,
+                redelivered: reader.u8("redelivered")? != 0,
+                remaining: reader.u64("remaining")?,
+                payload: Arc::from(reader.bytes("payload")?),
+            }),
             ANSWER_REMOVED => Ok(QuorumAnswer::Removed { count: reader.u64("count")? }),
             other => Err(format!("unknown answer {other}")),
         })
@@ -287,6 +313,7 @@ mod tests {
                 now_ms: 42,
             },
             QuorumCommand::Checkout { consumer: consumer.clone(), prefetch: 10 },
+            QuorumCommand::Dequeue { consumer: consumer.clone(), settle: true },
             QuorumCommand::Cancel { consumer: consumer.clone() },
             QuorumCommand::Down { consumer: consumer.clone() },
             QuorumCommand::Settle { consumer: consumer.clone(), ids: vec![1, 2] },
@@ -307,6 +334,14 @@ mod tests {
             QuorumAnswer::Done { id: Some(4) },
             QuorumAnswer::Rejected,
             QuorumAnswer::Duplicate,
+            QuorumAnswer::Empty,
+            QuorumAnswer::Dequeued {
+                id: 9,
+                payload: encode_payload(b"m", b"b"),
+                delivery_count: 2,
+                redelivered: true,
+                remaining: 3,
+            },
             QuorumAnswer::Removed { count: 2 },
         ];
         assert_eq!(decode_answers(&encode_answers(&answers)).unwrap(), answers);

@@ -40,6 +40,11 @@ pub(crate) struct QuorumDefinition {
     /// then): every replica, restarted or not, decides with the same settings.
     #[serde(default)]
     pub settings: StoredSettings,
+    /// This node's replica was added after the queue was declared (`replicas.rs`): its group
+    /// must never be initialised here, only joined (an initialisation with another membership
+    /// at the same log position would fork the group's log).
+    #[serde(default)]
+    pub joined: bool,
 }
 
 /// [`QuorumSettings`] as a record keeps them.
@@ -82,7 +87,7 @@ pub(crate) fn key(vhost: &str, name: &str) -> Vec<u8> {
     format!("{KIND}\0{vhost}\0{name}").into_bytes()
 }
 
-fn encode(definition: &QuorumDefinition) -> Result<Vec<u8>, String> {
+pub(crate) fn encode(definition: &QuorumDefinition) -> Result<Vec<u8>, String> {
     let mut value = vec![crate::definition_format::DEFINITIONS_FORMAT_VERSION];
     serde_json::to_writer(&mut value, definition).map_err(|error| error.to_string())?;
     Ok(value)
@@ -266,6 +271,7 @@ impl Core {
             arguments: arguments.to_vec(),
             log: log.map(|log| log.0),
             settings: settings.into(),
+            joined: false,
         };
         let value = encode(&definition).map_err(internal)?;
         if let Err(error) = self.meta.put(&key(vhost_name, name), &value) {
@@ -304,6 +310,7 @@ impl Core {
             members: &definition.members,
             settings,
             log,
+            initialize: !definition.joined,
         };
         crate::core::blocking(|| handle.block_on(start_group(start))).map(|_| ()).map_err(internal)
     }

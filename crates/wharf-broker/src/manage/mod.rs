@@ -110,6 +110,17 @@ impl Management {
         })
     }
 
+    /// Adds a replica of quorum queue `name` on `node`, or removes it (`cluster/replicas.rs`).
+    pub async fn change_quorum_replica(
+        &self,
+        vhost: &str,
+        name: &str,
+        node: u64,
+        add: bool,
+    ) -> Result<(), ManagementError> {
+        self.core.change_quorum_replica(vhost, name, node, add).await
+    }
+
     /// The cluster's metadata group as this node sees it, or `None` for a broker on its own.
     pub fn metadata_group(&self) -> Option<wharf_raft::GroupStatus> {
         self.core.metadata_group().map(|group| group.status())
@@ -129,7 +140,7 @@ impl Management {
                     vhost: group.vhost.clone(),
                     name: group.name.clone(),
                     group: group.group,
-                    members: group.members.clone(),
+                    members: group.members(),
                     status: group.status(),
                     ready,
                     checked_out,

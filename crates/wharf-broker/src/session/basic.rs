@@ -100,6 +100,21 @@ impl Session {
             basic::AMQPMethod::Get(get) => {
                 let queue_name = self.queue_name(channel, get.queue.as_str());
                 self.allow(Right::Read, Resource::Queue, &queue_name)?;
+                if self.core.is_quorum_queue(&self.vhost, &queue_name) {
+                    let got = self.core.get_from_quorum(key, &self.vhost, &queue_name, get.no_ack)?;
+                    let outbound = self.outbound.clone();
+                    return self.core.act(|_| {
+                        let mut effects = wharf_model::Effects::default();
+                        match got {
+                            crate::cluster::QuorumGet::Message(delivery) => effects.deliveries.push(delivery),
+                            crate::cluster::QuorumGet::Empty => {
+                                let method = AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {}));
+                                let _ = outbound.send(Outbound::Frames(method_frame(channel, &method)));
+                            }
+                        }
+                        Ok(((), effects))
+                    });
+                }
                 // Answered under the model lock, like every delivery, so the get-ok keeps its
                 // tag's place among deliveries to this channel.
                 let outbound = self.outbound.clone();

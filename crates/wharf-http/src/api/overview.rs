@@ -29,6 +29,11 @@ pub fn routes() -> Router<AppState> {
         .route("/api/cluster/members/{node}", axum::routing::put(add_cluster_member).delete(remove_cluster_member))
         .route("/api/cluster/metadata", get(cluster_metadata))
         .route("/api/cluster/queues", get(cluster_queues))
+        .route("/api/queues/quorum/{vhost}/{name}/replicas/add", axum::routing::post(add_replica))
+        .route(
+            "/api/queues/quorum/{vhost}/{name}/replicas/delete",
+            axum::routing::post(delete_replica).delete(delete_replica),
+        )
         .route("/api/extensions", get(extensions))
         .route("/api/aliveness-test/{vhost}", get(aliveness_test))
         .route("/api/health/checks/alarms", get(alarms))
@@ -250,6 +255,41 @@ async fn remove_cluster_member(
     let node = member_id(&node)?;
     state.management.change_cluster_member(node, None).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Adds a replica of a quorum queue on `{"node": N}` (RabbitMQ's `rabbitmq-queues add_member`);
+/// answered once the new replica has caught up and votes (201).
+async fn add_replica(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    caller.require_administrator()?;
+    let node = replica_node(&body)?;
+    state.management.change_quorum_replica(&vhost, &name, node, true).await?;
+    Ok(StatusCode::CREATED)
+}
+
+/// Removes a quorum queue's replica on `{"node": N}` (`rabbitmq-queues delete_member`).
+async fn delete_replica(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    caller.require_administrator()?;
+    let node = replica_node(&body)?;
+    state.management.change_quorum_replica(&vhost, &name, node, false).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn replica_node(body: &[u8]) -> Result<u64, ApiError> {
+    let body = super::parse_body(body)?;
+    body.get("node")
+        .and_then(Value::as_u64)
+        .filter(|node| *node > 0)
+        .ok_or_else(|| ApiError::bad_request("the body needs \"node\": the id of the node (a number from 1)".into()))
 }
 
 fn member_id(text: &str) -> Result<u64, ApiError> {

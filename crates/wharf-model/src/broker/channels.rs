@@ -138,9 +138,9 @@ impl BrokerModel {
                     continue;
                 }
                 if outstanding.replicated {
-                    if let Some((tag, _)) = outstanding.consumer {
-                        replicated_down.insert((outstanding.queue, tag));
-                    }
+                    // A get's message is held by the channel's get consumer, tag "".
+                    let tag = outstanding.consumer.map(|(tag, _)| tag).unwrap_or_default();
+                    replicated_down.insert((outstanding.queue, tag));
                     continue;
                 }
                 let requeued = TraceKind::Requeued(RequeueCause::ChannelClosed);

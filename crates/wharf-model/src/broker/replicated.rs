@@ -216,5 +216,66 @@ impl BrokerModel {
     }
 }
 
+/// A quorum queue's message its group dequeued for a channel's `basic.get`.
+#[derive(Debug, Clone)]
+pub struct ReplicatedGet {
+    pub channel: ChannelKey,
+    pub queue: String,
+    pub id: u64,
+    pub message: Arc<Message>,
+    pub delivery_count: u32,
+    pub redelivered: bool,
+    /// Settled in the group already (no-ack).
+    pub no_ack: bool,
+    /// Ready messages left (the get-ok's message count).
+    pub remaining: u32,
+}
+
+impl BrokerModel {
+    /// The get-ok of a quorum queue's `basic.get`, with the channel's next tag; unless no-ack,
+    /// the message stays outstanding on the channel, held in the group by the channel's get
+    /// consumer (tag `""`), and its ack or nack goes to the group like a consumer's. `None` when
+    /// the channel is gone: the caller gives the message back.
+    pub fn deliver_replicated_get(&mut self, get: ReplicatedGet) -> Option<Delivery> {
+        let now_ms = self.now_ms;
+        let channel = self.channels.get_mut(&get.channel)?;
+        let delivery_tag = channel.next_delivery_tag;
+        channel.next_delivery_tag += 1;
+        if get.no_ack {
+            self.counters.delivered_get_auto_ack += 1;
+        } else {
+            self.counters.delivered_get_manual_ack += 1;
+            channel.unacked.insert(
+                delivery_tag,
+                Outstanding {
+                    queue: get.queue.clone(),
+                    entry_id: get.id,
+                    consumer: None,
+                    gone: false,
+                    lease_due_ms: None,
+                    own_lease_timer: false,
+                    delivered_at_ms: now_ms,
+                    replicated: true,
+                },
+            );
+        }
+        *self.pending_bytes.entry(get.channel.connection).or_default() += delivery_bytes(&get.message);
+        self.counters.redelivered += u64::from(get.redelivered);
+        Some(Delivery {
+            channel: get.channel,
+            consumer_tag: None,
+            delivery_tag,
+            redelivered: get.redelivered,
+            queue: get.queue,
+            message: get.message,
+            message_count: get.remaining,
+            delivery_count: get.delivery_count,
+            store: None,
+            remove_record_after_read: false,
+            store_transient: false,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests;

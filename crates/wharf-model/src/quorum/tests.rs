@@ -165,6 +165,10 @@ fn command_strategy() -> impl Strategy<Value = QuorumCommand> {
         1 => (1u64..=3, 1u32..=2).prop_map(|(node, incarnation)| QuorumCommand::NodeRestarted { node, incarnation }),
         1 => (0u64..60).prop_map(|now_ms| QuorumCommand::Tick { now_ms }),
         1 => Just(QuorumCommand::Purge),
+        1 => ((1u64..=3), any::<bool>()).prop_map(|(node, settle)| QuorumCommand::Dequeue {
+            consumer: QuorumConsumer { node, incarnation: 1, connection: 1, channel: 1, tag: String::new() },
+            settle,
+        }),
     ]
 }
 
@@ -191,6 +195,35 @@ fn a_key_seen_within_the_window_is_a_duplicate_and_counts_again_after_it() {
     let restored = QuorumQueue::decode_snapshot(&queue.encode_snapshot()).unwrap();
     assert_eq!(restored, queue);
     assert_eq!(queue.apply(keyed("again", "k2", 110)).0, QuorumAnswer::Duplicate);
+}
+
+#[test]
+fn a_get_takes_the_oldest_ready_message_until_settled_or_its_channel_goes() {
+    let mut queue = QuorumQueue::new(QuorumSettings::default());
+    let getter = QuorumConsumer { node: 1, incarnation: 1, connection: 7, channel: 1, tag: String::new() };
+    assert_eq!(queue.apply(QuorumCommand::Dequeue { consumer: getter.clone(), settle: false }).0, QuorumAnswer::Empty);
+    queue.apply(enqueue("one"));
+    queue.apply(enqueue("two"));
+    let (answer, _) = queue.apply(QuorumCommand::Dequeue { consumer: getter.clone(), settle: false });
+    assert!(
+        matches!(answer, QuorumAnswer::Dequeued { id: 1, delivery_count: 1, redelivered: false, remaining: 1, .. }),
+        "{answer:?}"
+    );
+    // A consumer that comes now gets the other one, not the one the get holds.
+    queue.apply(QuorumCommand::Checkout { consumer: consumer(2, "c"), prefetch: 0 });
+    assert_eq!(queue.checked_out_count(), 2);
+    // The get's channel goes: its message comes back, to the consumer, redelivered.
+    let (_, effects) = queue.apply(QuorumCommand::Down { consumer: getter.clone() });
+    assert_eq!(deliveries(&effects), vec![("c".to_owned(), 1, true)]);
+    // No-ack: removed at once.
+    queue.apply(QuorumCommand::Cancel { consumer: consumer(2, "c") });
+    queue.apply(QuorumCommand::Down { consumer: consumer(2, "c") });
+    let (answer, _) = queue.apply(QuorumCommand::Dequeue { consumer: getter.clone(), settle: true });
+    assert!(matches!(answer, QuorumAnswer::Dequeued { id: 1, redelivered: true, .. }), "{answer:?}");
+    let (answer, _) = queue.apply(QuorumCommand::Dequeue { consumer: getter.clone(), settle: false });
+    assert!(matches!(answer, QuorumAnswer::Dequeued { id: 2, .. }), "{answer:?}");
+    queue.apply(QuorumCommand::Settle { consumer: getter, ids: vec![2] });
+    assert_eq!((queue.ready_count(), queue.checked_out_count(), queue.consumer_count()), (0, 0, 0));
 }
 
 #[test]
@@ -259,6 +292,17 @@ proptest! {
                 holder.remove(&id);
                 live.remove(&id);
                 gone.insert(id);
+            }
+            // A get takes a ready message: to its consumer, or out of the queue (no-ack).
+            if let (QuorumAnswer::Dequeued { id, .. }, QuorumCommand::Dequeue { consumer, settle }) = (&answer, &command) {
+                prop_assert!(live.contains(id), "dequeued after it left: {}", id);
+                prop_assert!(!holder.contains_key(id), "dequeued while held: {}", id);
+                if *settle {
+                    live.remove(id);
+                    gone.insert(*id);
+                } else {
+                    holder.insert(*id, consumer.clone());
+                }
             }
             // Returns, cancels and node-downs release what they name before anything new goes out.
             match &command {

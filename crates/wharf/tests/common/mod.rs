@@ -1,6 +1,7 @@
 //! `wharf serve` processes of a cluster on loopback for the cluster suites: started with
 //! `--node-id`, `--cluster-listen` and `--cluster-node`, each on ports of its own, with its
-//! management API's URL read from its log; and the management API called as guest.
+//! management API's URL read from its log; and the management API called as guest. With
+//! `WHARF_TEST_NODE_LOGS` set, each node's log is copied to the test's output, `[node N]` first.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::Value;
@@ -51,7 +52,13 @@ pub async fn start_node(
             break address.to_owned();
         }
     };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if std::env::var("WHARF_TEST_NODE_LOGS").is_ok() {
+                eprintln!("[node {node_id}] {line}");
+            }
+        }
+    });
     Node { child, http: format!("http://{http}"), amqp }
 }
 
