@@ -71,6 +71,44 @@ struct Held {
     purged: Option<(u64, GroupLogId)>,
     /// The latest snapshot (meta, bytes) and its record's seq.
     snapshot: Option<(u64, GroupSnapshotMeta, Arc<Vec<u8>>)>,
+    /// Records to remove once the purge point in force is durable (it is not yet when its seq
+    /// is [`NOT_DURABLE`]): the entries it purged, and the purge records before it.
+    purge_pending: Vec<u64>,
+}
+
+/// The "seq" of a purge point held in memory only, until a snapshot covering it is saved.
+const NOT_DURABLE: u64 = u64::MAX;
+
+/// Whether `held`'s newest snapshot covers index `index`.
+fn snapshot_covers(held: &Held, index: u64) -> bool {
+    held.snapshot.as_ref().is_some_and(|(_, meta, _)| meta.last_log_id.is_some_and(|last| last.index >= index))
+}
+
+/// Makes purge point `log_id` durable (its record first), then removes what it made stale.
+async fn make_purge_durable(store: &Store, log: LogId, held: &Mutex<Held>, log_id: GroupLogId) -> Result<(), String> {
+    let body = serde_json::to_vec(&log_id).map_err(|error| error.to_string())?;
+    let pending = store.append(log, 0, &[RECORD_PURGED], &body).map_err(|error| error.to_string())?;
+    let seq = pending.seq;
+    pending.ticket.await.map_err(|error| error.to_string())?;
+    let stale = {
+        let mut held = lock(held);
+        match held.purged {
+            Some((NOT_DURABLE, current)) if current == log_id => {
+                held.purged = Some((seq, log_id));
+                std::mem::take(&mut held.purge_pending)
+            }
+            // A newer purge point came meanwhile and waits for its own snapshot: this record
+            // goes once that one is durable.
+            _ => {
+                held.purge_pending.push(seq);
+                Vec::new()
+            }
+        }
+    };
+    for seq in stale {
+        store.remove_unawaited(log, seq).map_err(|error| error.to_string())?;
+    }
+    Ok(())
 }
 
 fn encode_snapshot(meta: &GroupSnapshotMeta, data: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
@@ -249,6 +287,16 @@ impl GroupSnapshots {
         if let Some(stale) = stale {
             self.store.remove_unawaited(self.log, stale).map_err(|error| snapshot_error(&error))?;
         }
+        // A purge point waiting for a snapshot that covers it (see `GroupLog::purge`).
+        let waiting = {
+            let held = lock(&self.held);
+            held.purged.filter(|(seq, purged)| *seq == NOT_DURABLE && snapshot_covers(&held, purged.index))
+        };
+        if let Some((_, purged)) = waiting {
+            make_purge_durable(&self.store, self.log, &self.held, purged)
+                .await
+                .map_err(|text| snapshot_error(&text))?;
+        }
         Ok(())
     }
 
@@ -358,18 +406,27 @@ impl RaftLogStorage<GroupTypes> for GroupLog {
     }
 
     async fn purge(&mut self, log_id: GroupLogId) -> Result<(), StorageError<u64>> {
-        // The purge point is durable first: recovery ignores entries up to it, so removing them
-        // afterwards, durably or not, can leave no hole at the front.
-        let body = serde_json::to_vec(&log_id).map_err(write_error)?;
-        let seq = self.append_durably(RECORD_PURGED, &body).await.map_err(write_error)?;
-        let (old, removed) = {
+        // In memory at once. On disk the purge point is made durable only once a saved snapshot
+        // covers it: openraft purges as soon as it has asked the state machine to install a
+        // leader's snapshot, while the machine may still be saving it, and a durable purge
+        // point ahead of every durable snapshot would leave, after a crash, a log starting past
+        // all the machine can restore. The purged entries' records stay until then, so a crash
+        // before it finds the log as it was (recovery keeps the entries up to the first gap).
+        let covered = {
             let mut held = lock(&self.held);
             let kept = held.entries.split_off(&(log_id.index + 1));
             let removed = std::mem::replace(&mut held.entries, kept);
-            (held.purged.replace((seq, log_id)), removed)
+            let mut stale: Vec<u64> = removed.into_values().map(|(seq, _)| seq).collect();
+            if let Some((seq, _)) = held.purged.replace((NOT_DURABLE, log_id)).filter(|(seq, _)| *seq != NOT_DURABLE) {
+                stale.push(seq);
+            }
+            held.purge_pending.extend(stale);
+            snapshot_covers(&held, log_id.index)
         };
-        for seq in old.map(|(seq, _)| seq).into_iter().chain(removed.into_values().map(|(seq, _)| seq)) {
-            self.store.remove_unawaited(self.log, seq).map_err(write_error)?;
+        if covered {
+            make_purge_durable(&self.store, self.log, &self.held, log_id)
+                .await
+                .map_err(|text| write_error(std::io::Error::other(text)))?;
         }
         Ok(())
     }

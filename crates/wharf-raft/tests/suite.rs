@@ -108,3 +108,29 @@ async fn an_entry_written_over_others_replaces_them_and_what_follows_across_a_cr
     let (_, mut again) = crash_and_reopen(&fs, CrashMode::LoseUnsynced, id);
     assert_eq!(contents(&mut again).await.0, expected, "4 and 5 went with the old 3");
 }
+
+/// A purge ahead of every saved snapshot (openraft purges while the state machine is still
+/// saving a leader's snapshot it installs) is made durable only once a snapshot covering it is:
+/// a crash before that finds the log as it was, one after finds it purged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_is_durable_only_once_a_snapshot_covers_it() {
+    let fs = SimFs::new(5);
+    let (store, _) = Store::open(fs.shared(), "/data", StoreConfig::default()).unwrap();
+    let mut log = GroupLog::create(&store).await.unwrap();
+    let id = log.store_log();
+    log.blocking_append((1..=6).map(|index| blank(1, index))).await.unwrap();
+    log.purge(LogId::new(openraft::CommittedLeaderId::new(1, 1), 4)).await.unwrap();
+    assert_eq!(contents(&mut log).await, (vec![(5, 1), (6, 1)], None, Some(4)), "purged in memory at once");
+    let (fs, mut again) = crash_and_reopen(&fs, CrashMode::KeepUnsynced, id);
+    let whole = (1..=6).map(|index| (index, 1)).collect::<Vec<_>>();
+    assert_eq!(contents(&mut again).await, (whole, None, None), "no snapshot covered it: the log as it was");
+    again.purge(LogId::new(openraft::CommittedLeaderId::new(1, 1), 4)).await.unwrap();
+    let meta = openraft::SnapshotMeta {
+        last_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), 5)),
+        last_membership: Default::default(),
+        snapshot_id: "at 5".to_owned(),
+    };
+    again.snapshots().save(&meta, b"state at 5".to_vec()).await.unwrap();
+    let (_, mut third) = crash_and_reopen(&fs, CrashMode::LoseUnsynced, id);
+    assert_eq!(contents(&mut third).await, (vec![(5, 1), (6, 1)], None, Some(4)), "durable with its snapshot");
+}

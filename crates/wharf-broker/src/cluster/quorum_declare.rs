@@ -126,8 +126,11 @@ pub(crate) fn quorum_settings(settings: &wharf_model::QueueSettings) -> QuorumSe
 /// argument taken and then ignored would be a guarantee silently missing. Of Wharf's own,
 /// de-duplication is built on quorum queues (the window's keys are the group's state); leases,
 /// retry backoff, per-key ordering and single active consumer are not yet, so they are refused.
-const QUORUM_ARGUMENTS: [&str; 12] = [
+const QUORUM_ARGUMENTS: [&str; 13] = [
     "x-queue-type",
+    // Where the leader starts: a placement hint, which Wharf's placement (the declaring node
+    // first) may ignore without changing what the queue guarantees.
+    "x-queue-leader-locator",
     "x-quorum-initial-group-size",
     "x-dead-letter-exchange",
     "x-dead-letter-routing-key",
@@ -199,7 +202,16 @@ impl Core {
                         )));
                     }
                 }
-                refuse_unsupported_arguments(request.arguments, &name, request.vhost)?;
+                // Checked for a new queue only: one that exists is declared again as it is (the
+                // declaration is a no-op then), whatever an older version let it carry.
+                let exists = self
+                    .lock_model()
+                    .vhost(request.vhost)
+                    .and_then(|vhost| vhost.queue(&name))
+                    .is_some_and(|queue| queue.replicated);
+                if !exists {
+                    refuse_unsupported_arguments(request.arguments, &name, request.vhost)?;
+                }
                 let mut members = group.status().voters;
                 let node = self.config.cluster.as_ref().map_or(0, |cluster| cluster.node_id);
                 members.sort_by_key(|member| (*member != node, *member));

@@ -19,6 +19,10 @@ use wharf_model::QuorumCommand;
 /// (or a message enqueued meanwhile) can notice its first expiry.
 const LOOK_INTERVAL_MS: u64 = 1_000;
 
+/// The least time between two looks of a leader with an expiry due (a message just expired by
+/// a skewed clock, or one made ready at once again, must not turn this into a busy loop).
+const TICK_SPACING_MS: u64 = 10;
+
 /// How long a `Tick` may wait for its commit before the next look.
 const TICK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -34,10 +38,16 @@ pub(crate) async fn expire_messages(group: Weak<QueueGroup>, clock: Arc<dyn Cloc
             drop(found);
             // One tick at a time: the next look sees what this one removed.
             let _ = tokio::time::timeout(TICK_TIMEOUT, answer).await;
+            tokio::time::sleep(Duration::from_millis(TICK_SPACING_MS)).await;
             continue;
         }
         drop(found);
-        let sleep_ms = due.map_or(LOOK_INTERVAL_MS, |due| due.saturating_sub(now_ms).clamp(1, LOOK_INTERVAL_MS));
+        // A follower only looks again later (it may be the leader by then); the leader sleeps
+        // until the first expiry, at least `TICK_SPACING_MS` after its last tick.
+        let sleep_ms = match due {
+            Some(due) if leading => due.saturating_sub(now_ms).clamp(TICK_SPACING_MS, LOOK_INTERVAL_MS),
+            _ => LOOK_INTERVAL_MS,
+        };
         tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
     }
 }

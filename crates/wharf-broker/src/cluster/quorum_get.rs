@@ -11,8 +11,9 @@ use wharf_model::{ChannelKey, ModelError, QuorumAnswer, QuorumCommand, QuorumCon
 
 /// What a quorum queue's get came to.
 pub(crate) enum QuorumGet {
-    /// The get-ok to send (under the model lock, with the rest of the channel's deliveries).
-    Message(wharf_model::Delivery),
+    /// A message to hand to the channel (`Core::hand_over_get`, under the model lock that sends
+    /// the get-ok, so its tag keeps its place among the channel's deliveries).
+    Message(ReplicatedGet),
     /// get-empty.
     Empty,
 }
@@ -36,20 +37,18 @@ impl Core {
         let Some(group) = self.quorum.get(vhost, queue) else {
             return Err(ModelError::not_found(format!("no queue '{queue}' in vhost '{vhost}'")));
         };
-        let node = self.config.cluster.as_ref().map_or(0, |cluster| cluster.node_id);
-        let consumer = QuorumConsumer {
-            node,
-            incarnation: self.incarnation,
-            connection: key.connection.0,
-            channel: key.channel,
-            tag: String::new(),
-        };
+        let consumer = self.get_consumer(key);
         let receiver = group.propose_and_wait(QuorumCommand::Dequeue { consumer: consumer.clone(), settle: no_ack });
         let handle = tokio::runtime::Handle::current();
         // Bounded: the proposer gives up on a batch after its own timeout; this is a backstop.
         let within = super::PROPOSE_TIMEOUT * 2;
         let answer = crate::core::blocking(|| handle.block_on(tokio::time::timeout(within, receiver)));
         let refused = |text: &str| {
+            // The dequeue may have been committed with its answer lost: what it took goes back
+            // (a `Down` proposed behind it, so it applies after the dequeue if that ever does).
+            if !no_ack {
+                group.submit(QuorumCommand::Down { consumer: consumer.clone() }, None);
+            }
             super::command::internal(format!("basic.get on quorum queue '{queue}' was not answered: {text}"))
         };
         let (id, payload, delivery_count, redelivered, remaining) = match answer {
@@ -63,16 +62,11 @@ impl Core {
         };
         let message = quorum_codec::split_payload(&payload)
             .and_then(|(meta, body)| crate::persist::decode_message(meta, bytes::Bytes::copy_from_slice(body)));
-        let give_back = || {
-            if !no_ack {
-                group.submit(QuorumCommand::Return { consumer: consumer.clone(), ids: vec![id] }, None);
-            }
-        };
         let Some(message) = message else {
-            give_back();
+            self.give_back_get(key, vhost, queue, id, no_ack);
             return Err(super::command::internal(format!("a message of quorum queue '{queue}' is unreadable")));
         };
-        let get = ReplicatedGet {
+        Ok(QuorumGet::Message(ReplicatedGet {
             channel: key,
             queue: queue.to_owned(),
             id,
@@ -81,14 +75,26 @@ impl Core {
             redelivered,
             no_ack,
             remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
-        };
-        match self.lock_model().deliver_replicated_get(get) {
-            Some(delivery) => Ok(QuorumGet::Message(delivery)),
-            None => {
-                // The channel closed meanwhile; its consumers' `Down` went before this hold.
-                give_back();
-                Ok(QuorumGet::Empty)
-            }
+        }))
+    }
+
+    /// A get's message that did not reach its channel (it closed meanwhile; its consumers'
+    /// `Down` went before this hold): back to the queue.
+    pub(crate) fn give_back_get(&self, key: ChannelKey, vhost: &str, queue: &str, id: u64, no_ack: bool) {
+        if let Some(group) = self.quorum.get(vhost, queue).filter(|_| !no_ack) {
+            group.submit(QuorumCommand::Return { consumer: self.get_consumer(key), ids: vec![id] }, None);
+        }
+    }
+
+    /// The group's name for channel `key`'s get consumer.
+    fn get_consumer(&self, key: ChannelKey) -> QuorumConsumer {
+        let node = self.config.cluster.as_ref().map_or(0, |cluster| cluster.node_id);
+        QuorumConsumer {
+            node,
+            incarnation: self.incarnation,
+            connection: key.connection.0,
+            channel: key.channel,
+            tag: String::new(),
         }
     }
 }

@@ -103,17 +103,30 @@ impl Session {
                 if self.core.is_quorum_queue(&self.vhost, &queue_name) {
                     let got = self.core.get_from_quorum(key, &self.vhost, &queue_name, get.no_ack)?;
                     let outbound = self.outbound.clone();
-                    return self.core.act(|_| {
+                    let mut lost = None;
+                    self.core.act(|model| {
                         let mut effects = wharf_model::Effects::default();
-                        match got {
-                            crate::cluster::QuorumGet::Message(delivery) => effects.deliveries.push(delivery),
-                            crate::cluster::QuorumGet::Empty => {
-                                let method = AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {}));
-                                let _ = outbound.send(Outbound::Frames(method_frame(channel, &method)));
+                        let empty = match got {
+                            crate::cluster::QuorumGet::Message(got) => {
+                                let (id, no_ack) = (got.id, got.no_ack);
+                                match model.deliver_replicated_get(got) {
+                                    Some(delivery) => effects.deliveries.push(delivery),
+                                    None => lost = Some((id, no_ack)),
+                                }
+                                lost.is_some()
                             }
+                            crate::cluster::QuorumGet::Empty => true,
+                        };
+                        if empty {
+                            let method = AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {}));
+                            let _ = outbound.send(Outbound::Frames(method_frame(channel, &method)));
                         }
                         Ok(((), effects))
-                    });
+                    })?;
+                    if let Some((id, no_ack)) = lost {
+                        self.core.give_back_get(key, &self.vhost, &queue_name, id, no_ack);
+                    }
+                    return Ok(());
                 }
                 // Answered under the model lock, like every delivery, so the get-ok keeps its
                 // tag's place among deliveries to this channel.
