@@ -603,11 +603,16 @@ impl QueueMachine {
     fn check_out_again(&self) {
         let Some(core) = self.core.upgrade() else { return };
         let Some(group) = core.quorum.get(&self.vhost, &self.name) else { return };
-        let consumers = core.lock_model().replicated_consumers(&self.vhost, &self.name);
-        for (channel, tag, prefetch) in consumers {
+        // Read and proposed under the model lock: a channel closing meanwhile proposes its
+        // consumers' `Down` under the same lock, so it comes after these checkouts, never
+        // before (a checkout after its consumer's `Down` would give messages to a consumer
+        // nobody serves, held for ever).
+        let model = core.lock_model();
+        for (channel, tag, prefetch) in model.replicated_consumers(&self.vhost, &self.name) {
             let consumer = consumer_of(self.node, self.incarnation, channel, tag);
             group.submit(QuorumCommand::Checkout { consumer, prefetch: u32::from(prefetch) }, None);
         }
+        drop(model);
     }
 
     /// Moves dead messages to the queue's dead-letter target, as a classic queue's.
