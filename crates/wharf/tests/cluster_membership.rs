@@ -8,17 +8,12 @@
 
 mod common;
 
-use common::{call, eventually, free_port, start_node};
+use common::{call, connect, eventually, free_port, start_node};
 use futures_lite::StreamExt;
+use lapin::BasicProperties;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::{Value, json};
-use std::net::SocketAddr;
-
-async fn connect(amqp: SocketAddr) -> Connection {
-    Connection::connect(&format!("amqp://guest:guest@{amqp}/%2f"), ConnectionProperties::default()).await.unwrap()
-}
 
 /// `wharf admin --url URL cluster ARGS…`: (succeeded, stdout, stderr).
 async fn admin_cluster(url: &str, arguments: &[&str]) -> (bool, String, String) {
@@ -77,11 +72,7 @@ async fn knows(url: &str, node: u64) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_joins_a_running_cluster_takes_part_and_leaves() {
     let temp = tempfile::tempdir().unwrap();
-    let cluster: Vec<(u64, SocketAddr)> = (1..=3).map(|id| (id, free_port())).collect();
-    let mut nodes = Vec::new();
-    for (id, _) in &cluster {
-        nodes.push(start_node(&temp.path().join(format!("node-{id}")), *id, &cluster, &[]).await);
-    }
+    let (cluster, mut nodes) = common::three_nodes(temp.path(), &[]).await;
     let mut urls: Vec<String> = nodes.iter().map(|node| node.http.clone()).collect();
     for url in &urls {
         eventually(&format!("{url} has the metadata group"), || async move { voters(url).await == [1, 2, 3] }).await;
@@ -205,6 +196,15 @@ async fn a_node_joins_a_running_cluster_takes_part_and_leaves() {
             .unwrap();
         assert!(confirm.is_ack());
     }
+    // A queue's only replica is not removed.
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    arguments.insert("x-quorum-initial-group-size".into(), AMQPValue::LongUInt(1));
+    first_channel.queue_declare("single".into(), options, arguments).await.unwrap();
+    let (status, body) =
+        call(&urls[0], "POST", "/api/queues/quorum/%2F/single/replicas/delete", Some(json!({"node": 1}))).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["reason"].as_str().unwrap().contains("only replica"), "{body}");
     let (refused, _, stderr) = admin_cluster_args(&urls[1], &["replica", "add", "grow", "9"]).await;
     assert!(!refused && stderr.contains("not a member"), "{stderr}");
     let (added, stdout, stderr) = admin_cluster_args(&urls[1], &["replica", "add", "grow", "4"]).await;

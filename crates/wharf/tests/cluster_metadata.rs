@@ -7,21 +7,11 @@
 
 mod common;
 
-use common::{Node, call, eventually, free_port, start_node};
+use common::{Node, call, eventually, start_node};
 use lapin::options::{ExchangeBindOptions, ExchangeDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use serde_json::json;
-use std::net::SocketAddr;
-
-async fn three_nodes(dir: &std::path::Path) -> (Vec<(u64, SocketAddr)>, Vec<Node>) {
-    let cluster: Vec<(u64, SocketAddr)> = (1..=3).map(|id| (id, free_port())).collect();
-    let mut nodes = Vec::new();
-    for (id, _) in &cluster {
-        nodes.push(start_node(&dir.join(format!("node-{id}")), *id, &cluster, &[]).await);
-    }
-    (cluster, nodes)
-}
 
 /// Waits until every node of `urls` names the same leader of the metadata group; returns it.
 async fn agreed_leader(urls: &[&str]) -> u64 {
@@ -55,7 +45,7 @@ async fn amqp_login(node: &Node, user: &str, password: &str, vhost: &str) -> Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn definitions_made_on_any_node_reach_every_node_and_one_that_was_down() {
     let temp = tempfile::tempdir().unwrap();
-    let (cluster, mut nodes) = three_nodes(temp.path()).await;
+    let (cluster, mut nodes) = common::three_nodes(temp.path(), &[]).await;
     let urls: Vec<String> = nodes.iter().map(|node| node.http.clone()).collect();
     let url_refs: Vec<&str> = urls.iter().map(String::as_str).collect();
     let leader = agreed_leader(&url_refs).await;
@@ -157,7 +147,7 @@ async fn definitions_made_on_any_node_reach_every_node_and_one_that_was_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_the_majority_refuses_changes() {
     let temp = tempfile::tempdir().unwrap();
-    let (_cluster, mut nodes) = three_nodes(temp.path()).await;
+    let (_cluster, mut nodes) = common::three_nodes(temp.path(), &[]).await;
     let urls: Vec<String> = nodes.iter().map(|node| node.http.clone()).collect();
     let url_refs: Vec<&str> = urls.iter().map(String::as_str).collect();
     agreed_leader(&url_refs).await;

@@ -7,21 +7,14 @@
 
 mod common;
 
-use common::{Node, call, eventually, free_port, start_node};
+use common::{call, connect, eventually, next, start_node};
 use futures_lite::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use std::net::SocketAddr;
-
-async fn connect(node: &Node) -> Connection {
-    Connection::connect(&format!("amqp://guest:guest@{}/%2f", node.amqp), ConnectionProperties::default())
-        .await
-        .unwrap()
-}
+use lapin::{BasicProperties, Channel};
 
 async fn declare_quorum(channel: &Channel, name: &str) {
     let mut arguments = FieldTable::default();
@@ -46,15 +39,6 @@ async fn publish_confirmed(channel: &Channel, queue: &str, bodies: impl IntoIter
             .await
             .unwrap();
         assert!(confirm.is_ack(), "{body} was not confirmed");
-    }
-}
-
-/// The next delivery; a consumer that gets none for two minutes fails the test rather than
-/// hanging it.
-async fn next(consumer: &mut lapin::Consumer) -> lapin::message::Delivery {
-    match tokio::time::timeout(std::time::Duration::from_secs(120), consumer.next()).await {
-        Ok(Some(Ok(delivery))) => delivery,
-        other => panic!("no delivery: {other:?}"),
     }
 }
 
@@ -92,29 +76,25 @@ async fn agreed_queue_leader(urls: &[String], name: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quorum_queue_serves_every_node_and_survives_its_leader() {
     let temp = tempfile::tempdir().unwrap();
-    let cluster: Vec<(u64, SocketAddr)> = (1..=3).map(|id| (id, free_port())).collect();
-    let mut nodes = Vec::new();
-    for (id, _) in &cluster {
-        nodes.push(start_node(&temp.path().join(format!("node-{id}")), *id, &cluster, &[]).await);
-    }
+    let (cluster, mut nodes) = common::three_nodes(temp.path(), &[]).await;
     let urls: Vec<String> = nodes.iter().map(|node| node.http.clone()).collect();
 
-    let declaring = connect(&nodes[0]).await;
+    let declaring = connect(nodes[0].amqp).await;
     let channel = declaring.create_channel().await.unwrap();
     declare_quorum(&channel, "orders").await;
     // Declared again on another node: the same queue.
-    let again = connect(&nodes[1]).await;
+    let again = connect(nodes[1].amqp).await;
     declare_quorum(&again.create_channel().await.unwrap(), "orders").await;
     let leader = agreed_queue_leader(&urls, "orders").await;
     let others: Vec<usize> = (0..3).filter(|index| cluster[*index].0 != leader).collect();
     let leader_index = (0..3).find(|index| cluster[*index].0 == leader).unwrap();
 
     // A publisher on one follower, a consumer on the other: every message once, in order.
-    let publisher_connection = connect(&nodes[others[0]]).await;
+    let publisher_connection = connect(nodes[others[0]].amqp).await;
     let publisher = publisher_connection.create_channel().await.unwrap();
     publisher.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     publish_confirmed(&publisher, "orders", (0..50).map(|n| format!("first-{n}"))).await;
-    let consumer_connection = connect(&nodes[others[1]]).await;
+    let consumer_connection = connect(nodes[others[1]].amqp).await;
     let consumer_channel = consumer_connection.create_channel().await.unwrap();
     consumer_channel.basic_qos(20, BasicQosOptions::default()).await.unwrap();
     let mut consumer = consumer_channel
@@ -129,7 +109,7 @@ async fn a_quorum_queue_serves_every_node_and_survives_its_leader() {
     }
 
     // A consumer on the leader's node takes some and holds them unacknowledged.
-    let doomed_connection = connect(&nodes[leader_index]).await;
+    let doomed_connection = connect(nodes[leader_index].amqp).await;
     let doomed_channel = doomed_connection.create_channel().await.unwrap();
     doomed_channel.basic_qos(5, BasicQosOptions::default()).await.unwrap();
     let mut doomed = doomed_channel
@@ -203,13 +183,9 @@ async fn a_quorum_queue_serves_every_node_and_survives_its_leader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quorum_queue_is_bound_purged_and_deleted_on_every_node() {
     let temp = tempfile::tempdir().unwrap();
-    let cluster: Vec<(u64, SocketAddr)> = (1..=3).map(|id| (id, free_port())).collect();
-    let mut nodes = Vec::new();
-    for (id, _) in &cluster {
-        nodes.push(start_node(&temp.path().join(format!("node-{id}")), *id, &cluster, &[]).await);
-    }
+    let (_, nodes) = common::three_nodes(temp.path(), &[]).await;
     let urls: Vec<String> = nodes.iter().map(|node| node.http.clone()).collect();
-    let first = connect(&nodes[0]).await;
+    let first = connect(nodes[0].amqp).await;
     let channel = first.create_channel().await.unwrap();
     declare_quorum(&channel, "jobs").await;
     channel
@@ -218,7 +194,7 @@ async fn a_quorum_queue_is_bound_purged_and_deleted_on_every_node() {
         .unwrap();
     agreed_queue_leader(&urls, "jobs").await;
     // Published to the exchange on another node: routed by the replicated binding.
-    let second = connect(&nodes[1]).await;
+    let second = connect(nodes[1].amqp).await;
     let publisher = second.create_channel().await.unwrap();
     publisher.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     for n in 0..5 {
@@ -243,7 +219,7 @@ async fn a_quorum_queue_is_bound_purged_and_deleted_on_every_node() {
         .await;
     }
     // Purged on the third node: all five, on every replica.
-    let third = connect(&nodes[2]).await;
+    let third = connect(nodes[2].amqp).await;
     let purger = third.create_channel().await.unwrap();
     assert_eq!(purger.queue_purge("jobs".into(), Default::default()).await.unwrap(), 5);
     for url in &urls {
@@ -282,7 +258,7 @@ async fn a_quorum_queue_is_bound_purged_and_deleted_on_every_node() {
     let options = QueueDeclareOptions { durable: true, ..Default::default() };
     deleter.queue_declare("risky".into(), options, arguments).await.unwrap();
     publish_confirmed(&publisher, "risky", ["poison".to_owned()]).await;
-    let reader = connect(&nodes[2]).await;
+    let reader = connect(nodes[2].amqp).await;
     let rejecting = reader.create_channel().await.unwrap();
     let mut risky = rejecting
         .basic_consume("risky".into(), "r".into(), BasicConsumeOptions::default(), FieldTable::default())
@@ -309,13 +285,9 @@ async fn a_quorum_queue_is_bound_purged_and_deleted_on_every_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quorum_queue_expires_messages_and_dead_letters_past_the_delivery_limit() {
     let temp = tempfile::tempdir().unwrap();
-    let cluster: Vec<(u64, SocketAddr)> = (1..=3).map(|id| (id, free_port())).collect();
-    let mut nodes = Vec::new();
-    for (id, _) in &cluster {
-        nodes.push(start_node(&temp.path().join(format!("node-{id}")), *id, &cluster, &[]).await);
-    }
+    let (_, nodes) = common::three_nodes(temp.path(), &[]).await;
     let urls: Vec<String> = nodes.iter().map(|node| node.http.clone()).collect();
-    let first = connect(&nodes[0]).await;
+    let first = connect(nodes[0].amqp).await;
     let channel = first.create_channel().await.unwrap();
     declare_quorum(&channel, "expired").await;
     let quorum_with = |pairs: &[(&str, AMQPValue)]| {
@@ -356,7 +328,7 @@ async fn a_quorum_queue_expires_messages_and_dead_letters_past_the_delivery_limi
     assert!(channel.queue_declare("priority".into(), options, quorum_with(&[])).await.is_ok());
 
     // Published on another node, with nobody consuming: expired, dead-lettered.
-    let second = connect(&nodes[1]).await;
+    let second = connect(nodes[1].amqp).await;
     let publisher = second.create_channel().await.unwrap();
     publisher.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     publish_confirmed(&publisher, "short", ["by the queue's ttl".to_owned()]).await;
@@ -368,7 +340,7 @@ async fn a_quorum_queue_expires_messages_and_dead_letters_past_the_delivery_limi
         .await
         .unwrap();
     assert!(confirm.is_ack());
-    let third = connect(&nodes[2]).await;
+    let third = connect(nodes[2].amqp).await;
     let reader = third.create_channel().await.unwrap();
     let mut dead = reader
         .basic_consume("expired".into(), "dead".into(), BasicConsumeOptions::default(), FieldTable::default())
@@ -418,13 +390,9 @@ async fn a_quorum_queue_expires_messages_and_dead_letters_past_the_delivery_limi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quorum_queue_drops_a_duplicate_published_on_any_node() {
     let temp = tempfile::tempdir().unwrap();
-    let cluster: Vec<(u64, SocketAddr)> = (1..=3).map(|id| (id, free_port())).collect();
-    let mut nodes = Vec::new();
-    for (id, _) in &cluster {
-        nodes.push(start_node(&temp.path().join(format!("node-{id}")), *id, &cluster, &[]).await);
-    }
+    let (_, nodes) = common::three_nodes(temp.path(), &[]).await;
     let urls: Vec<String> = nodes.iter().map(|node| node.http.clone()).collect();
-    let first = connect(&nodes[0]).await;
+    let first = connect(nodes[0].amqp).await;
     let channel = first.create_channel().await.unwrap();
     let mut arguments = FieldTable::default();
     arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
@@ -437,7 +405,7 @@ async fn a_quorum_queue_drops_a_duplicate_published_on_any_node() {
     // say): each publish is confirmed, one copy is kept; another id is another message.
     for (index, (node, id)) in [(0, "order-1"), (1, "order-1"), (2, "order-1"), (1, "order-2")].into_iter().enumerate()
     {
-        let connection = connect(&nodes[node]).await;
+        let connection = connect(nodes[node].amqp).await;
         let publisher = connection.create_channel().await.unwrap();
         publisher.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
         let properties = BasicProperties::default().with_delivery_mode(2).with_message_id(id.into());
@@ -456,7 +424,7 @@ async fn a_quorum_queue_drops_a_duplicate_published_on_any_node() {
         })
         .await;
     }
-    let reader = connect(&nodes[2]).await;
+    let reader = connect(nodes[2].amqp).await;
     let consuming = reader.create_channel().await.unwrap();
     let mut consumer = consuming
         .basic_consume("payments".into(), "c".into(), BasicConsumeOptions::default(), FieldTable::default())
@@ -472,20 +440,16 @@ async fn a_quorum_queue_drops_a_duplicate_published_on_any_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn basic_get_takes_from_a_quorum_queue_on_any_node() {
     let temp = tempfile::tempdir().unwrap();
-    let cluster: Vec<(u64, SocketAddr)> = (1..=3).map(|id| (id, free_port())).collect();
-    let mut nodes = Vec::new();
-    for (id, _) in &cluster {
-        nodes.push(start_node(&temp.path().join(format!("node-{id}")), *id, &cluster, &[]).await);
-    }
+    let (_, nodes) = common::three_nodes(temp.path(), &[]).await;
     let urls: Vec<String> = nodes.iter().map(|node| node.http.clone()).collect();
-    let first = connect(&nodes[0]).await;
+    let first = connect(nodes[0].amqp).await;
     let channel = first.create_channel().await.unwrap();
     declare_quorum(&channel, "polled").await;
     agreed_queue_leader(&urls, "polled").await;
     channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     publish_confirmed(&channel, "polled", ["one".to_owned(), "two".to_owned()]).await;
 
-    let third = connect(&nodes[2]).await;
+    let third = connect(nodes[2].amqp).await;
     let getter = third.create_channel().await.unwrap();
     let got = getter.basic_get("polled".into(), Default::default()).await.unwrap().expect("a message");
     assert_eq!((&got.delivery.data[..], got.delivery.redelivered, got.message_count), (&b"one"[..], false, 1));
@@ -498,7 +462,7 @@ async fn basic_get_takes_from_a_quorum_queue_on_any_node() {
     let held = getter.basic_get("polled".into(), Default::default()).await.unwrap().expect("the second");
     assert_eq!(&held.delivery.data[..], b"two");
     getter.close(200, "done".into()).await.unwrap();
-    let second = connect(&nodes[1]).await;
+    let second = connect(nodes[1].amqp).await;
     let other = second.create_channel().await.unwrap();
     let options = lapin::options::BasicGetOptions { no_ack: true };
     let back = other.basic_get("polled".into(), options).await.unwrap().expect("the second, back");

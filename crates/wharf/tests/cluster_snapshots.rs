@@ -7,22 +7,14 @@
 
 mod common;
 
-use common::{Node, call, eventually, free_port, start_node};
-use futures_lite::StreamExt;
+use common::{Node, call, connect, eventually, next, start_node};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel};
 use serde_json::Value;
-use std::net::SocketAddr;
-
-async fn connect(node: &Node) -> Connection {
-    Connection::connect(&format!("amqp://guest:guest@{}/%2f", node.amqp), ConnectionProperties::default())
-        .await
-        .unwrap()
-}
 
 /// Publishes `bodies` one at a time (each its own Raft entry), each confirmed before the next.
 async fn publish_confirmed(channel: &Channel, bodies: impl IntoIterator<Item = String>) {
@@ -35,14 +27,6 @@ async fn publish_confirmed(channel: &Channel, bodies: impl IntoIterator<Item = S
             .await
             .unwrap();
         assert!(confirm.is_ack(), "{body} was not confirmed");
-    }
-}
-
-/// The next delivery; none for two minutes fails the test rather than hanging it.
-async fn next(consumer: &mut lapin::Consumer) -> lapin::message::Delivery {
-    match tokio::time::timeout(std::time::Duration::from_secs(120), consumer.next()).await {
-        Ok(Some(Ok(delivery))) => delivery,
-        other => panic!("no delivery: {other:?}"),
     }
 }
 
@@ -67,16 +51,13 @@ async fn replica_at(url: &str, ready: u64, index: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_behind_catch_up_from_snapshots_and_restarts_start_from_them() {
     let temp = tempfile::tempdir().unwrap();
-    let cluster: Vec<(u64, SocketAddr)> = (1..=3).map(|id| (id, free_port())).collect();
     let extra: Vec<std::ffi::OsString> = vec!["--quorum-snapshot-entries".into(), "8".into()];
     let data_dir = |id: u64| temp.path().join(format!("node-{id}"));
-    let mut nodes = Vec::new();
-    for (id, _) in &cluster {
-        nodes.push(Some(start_node(&data_dir(*id), *id, &cluster, &extra).await));
-    }
+    let (cluster, started) = common::three_nodes(temp.path(), &extra).await;
+    let mut nodes: Vec<Option<Node>> = started.into_iter().map(Some).collect();
     let url = |nodes: &[Option<Node>], index: usize| nodes[index].as_ref().unwrap().http.clone();
 
-    let declaring = connect(nodes[0].as_ref().unwrap()).await;
+    let declaring = connect(nodes[0].as_ref().unwrap().amqp).await;
     let channel = declaring.create_channel().await.unwrap();
     let mut arguments = FieldTable::default();
     arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
@@ -94,12 +75,12 @@ async fn members_behind_catch_up_from_snapshots_and_restarts_start_from_them() {
 
     // A follower goes down; the others go on for far more entries than it has.
     nodes[behind].take().unwrap().child.kill().await.unwrap();
-    let publisher_connection = connect(nodes[publishing].as_ref().unwrap()).await;
+    let publisher_connection = connect(nodes[publishing].as_ref().unwrap().amqp).await;
     let publisher = publisher_connection.create_channel().await.unwrap();
     publisher.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     publish_confirmed(&publisher, (0..200).map(|n| format!("m-{n}"))).await;
     // Some are consumed meanwhile, so the snapshot holds settled and ready messages alike.
-    let reader_connection = connect(nodes[publishing].as_ref().unwrap()).await;
+    let reader_connection = connect(nodes[publishing].as_ref().unwrap().amqp).await;
     let reader = reader_connection.create_channel().await.unwrap();
     reader.basic_qos(10, BasicQosOptions::default()).await.unwrap();
     let mut consumer = reader
@@ -141,7 +122,7 @@ async fn members_behind_catch_up_from_snapshots_and_restarts_start_from_them() {
     replica_at(&restarted_url, 150, last_index).await;
 
     // A consumer on the node that was behind gets the other 150, once each, in order.
-    let last_connection = connect(nodes[behind].as_ref().unwrap()).await;
+    let last_connection = connect(nodes[behind].as_ref().unwrap().amqp).await;
     let last = last_connection.create_channel().await.unwrap();
     last.basic_qos(20, BasicQosOptions::default()).await.unwrap();
     let mut consumer = last

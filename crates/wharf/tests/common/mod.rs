@@ -62,6 +62,33 @@ pub async fn start_node(
     Node { child, http: format!("http://{http}"), amqp }
 }
 
+/// Nodes 1 to 3 of a cluster, each in `dir/node-N`, started with `extra` arguments: the members'
+/// addresses by id, and the running nodes in id order.
+pub async fn three_nodes(dir: &Path, extra: &[std::ffi::OsString]) -> (Vec<(u64, SocketAddr)>, Vec<Node>) {
+    let cluster: Vec<(u64, SocketAddr)> = (1..=3).map(|id| (id, free_port())).collect();
+    let mut nodes = Vec::new();
+    for (id, _) in &cluster {
+        nodes.push(start_node(&dir.join(format!("node-{id}")), *id, &cluster, extra).await);
+    }
+    (cluster, nodes)
+}
+
+/// An AMQP connection to `amqp` as guest.
+pub async fn connect(amqp: SocketAddr) -> lapin::Connection {
+    let url = format!("amqp://guest:guest@{amqp}/%2f");
+    lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await.unwrap()
+}
+
+/// The next delivery; a consumer that gets none for two minutes fails the test rather than
+/// hanging it.
+pub async fn next(consumer: &mut lapin::Consumer) -> lapin::message::Delivery {
+    use futures_lite::StreamExt;
+    match tokio::time::timeout(std::time::Duration::from_secs(120), consumer.next()).await {
+        Ok(Some(Ok(delivery))) => delivery,
+        other => panic!("no delivery: {other:?}"),
+    }
+}
+
 /// One management API call as guest: (HTTP status, body as JSON or `Null`).
 pub async fn call(base: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
     let (url, method) = (format!("{base}{path}"), method.to_owned());
