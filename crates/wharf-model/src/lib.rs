@@ -28,7 +28,7 @@ pub mod vhost;
 pub use broker::{
     Admission, BrokerModel, CancelledConsumer, ChannelSummary, ConsumerSummary, Counters, DeletedExchange,
     DeletedQueue, Delivery, Effects, Removed, ReplicatedDelivery, ReplicatedGet, ReplicatedOp, ReplicatedOutcome,
-    StoredAt, WithdrawRefusal, Withdrawn,
+    ReplicatedStanding, StoredAt, WithdrawRefusal, Withdrawn,
 };
 pub use deadletter::{AutoDeadLetterQueue, DeathReason, Transfer, TransferTarget};
 pub use error::{ModelError, Result, Scope};

@@ -196,6 +196,16 @@ impl QuorumQueue {
         self.consumers.keys().filter(|consumer| consumer.node == node).count()
     }
 
+    /// The consumers attached to `node`, each with whether it was cancelled (it takes nothing
+    /// more and only holds what it has).
+    pub fn consumers_at(&self, node: u64) -> Vec<(QuorumConsumer, bool)> {
+        self.consumers
+            .iter()
+            .filter(|(consumer, _)| consumer.node == node)
+            .map(|(consumer, state)| (consumer.clone(), state.cancelled))
+            .collect()
+    }
+
     /// Consumers.
     pub fn consumer_count(&self) -> usize {
         self.consumers.len()

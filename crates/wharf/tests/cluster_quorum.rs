@@ -475,3 +475,60 @@ async fn basic_get_takes_from_a_quorum_queue_on_any_node() {
         .await;
     }
 }
+
+/// A consumer cancelled and its channel closed before its checkout reached its node: the group
+/// had given it messages its channel never saw, and the close proposed no `Down` (the channel no
+/// longer had the consumer, nor any of its deliveries). Those messages must come back to the
+/// queue, not stay held by a consumer nobody serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_cancelled_and_closed_at_once_holds_nothing() {
+    let temp = tempfile::tempdir().unwrap();
+    let (_, nodes) = common::three_nodes(temp.path(), &[]).await;
+    let urls: Vec<String> = nodes.iter().map(|node| node.http.clone()).collect();
+    let first = connect(nodes[0].amqp).await;
+    let channel = first.create_channel().await.unwrap();
+    declare_quorum(&channel, "abandoned").await;
+    agreed_queue_leader(&urls, "abandoned").await;
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let total = 200;
+    publish_confirmed(&channel, "abandoned", (0..total).map(|number| format!("m{number}"))).await;
+
+    let third = connect(nodes[2].amqp).await;
+    for round in 0..10 {
+        let fleeting = third.create_channel().await.unwrap();
+        fleeting.basic_qos(20, BasicQosOptions::default()).await.unwrap();
+        let tag = format!("fleeting-{round}");
+        let _holder = fleeting
+            .basic_consume(
+                "abandoned".into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        fleeting.basic_cancel(tag.as_str().into(), Default::default()).await.unwrap();
+        fleeting.close(200, "gone".into()).await.unwrap();
+    }
+
+    let second = connect(nodes[1].amqp).await;
+    let drain = second.create_channel().await.unwrap();
+    let mut consumer = drain
+        .basic_consume("abandoned".into(), "drain".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < total {
+        let delivery = next(&mut consumer).await;
+        seen.insert(String::from_utf8(delivery.data.clone()).unwrap());
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    for url in &urls {
+        eventually(&format!("nothing held on {url}"), || async move {
+            queue_group(url, "abandoned")
+                .await
+                .is_some_and(|group| group["ready"] == 0 && group["unacked"] == 0 && group["consumers"] == 1)
+        })
+        .await;
+    }
+}

@@ -26,16 +26,18 @@ mod quorum_codec;
 mod quorum_declare;
 mod quorum_expiry;
 mod quorum_get;
+mod quorum_liveness;
 mod replicas;
 
 pub(crate) use command::{MetaAnswer, MetaCommand, StoredHash, table_bytes};
 pub(crate) use failover::elect_on_link_loss;
 pub(crate) use membership::{MemberChangeError, SERVICE_MEMBERS};
-pub(crate) use quorum::{GroupStart, QuorumQueues, ReplicatedEnqueue, SERVICE_QUEUE, start_group, watch_members};
+pub(crate) use quorum::{GroupStart, QuorumQueues, ReplicatedEnqueue, SERVICE_QUEUE, start_group};
 pub(crate) use quorum_declare::{
     RecoveredQuorumQueue, is_record_kind as is_quorum_record, quorum_log, restore as restore_quorum,
 };
 pub(crate) use quorum_get::QuorumGet;
+pub(crate) use quorum_liveness::watch_members;
 
 use crate::core::Core;
 use crate::error::BrokerError;

@@ -151,6 +151,11 @@ impl QueueGroup {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).consumers_on(node)
     }
 
+    /// Consumers attached to `node` by this node's replica, each with whether it was cancelled.
+    pub(crate) fn consumers_at(&self, node: NodeId) -> Vec<(QuorumConsumer, bool)> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).consumers_at(node)
+    }
+
     /// When the first ready message of this node's replica expires, if any does.
     pub(crate) fn earliest_ready_expiry_ms(&self) -> Option<u64> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).earliest_ready_expiry_ms()
@@ -210,7 +215,7 @@ impl QuorumQueues {
 }
 
 /// The consumer a channel's op names, as the group knows it.
-fn consumer_of(node: NodeId, incarnation: u32, channel: ChannelKey, tag: String) -> QuorumConsumer {
+pub(super) fn consumer_of(node: NodeId, incarnation: u32, channel: ChannelKey, tag: String) -> QuorumConsumer {
     QuorumConsumer { node, incarnation, connection: channel.connection.0, channel: channel.channel, tag }
 }
 
@@ -316,50 +321,6 @@ pub(crate) struct ReplicatedEnqueue<'a> {
 
 /// The group's answer to an enqueue, when it comes.
 pub(crate) type EnqueueAnswer = oneshot::Receiver<Result<QuorumAnswer, String>>;
-
-/// How long a member's link must be down before the leaders of its queues' groups count its
-/// consumers as gone (and what they held goes to other consumers, redelivered).
-pub(crate) const NODE_DOWN_AFTER: Duration = Duration::from_secs(5);
-
-/// On each group this node leads, proposes `NodeDown` for a member whose link has been down for
-/// [`NODE_DOWN_AFTER`], once per outage (RabbitMQ's quorum queues likewise return what a lost
-/// node's consumers held). A node that was only cut off finds its consumers gone when it applies
-/// that command, and checks them out again (`QueueMachine::apply`).
-pub(crate) async fn watch_members(core: Weak<Core>, transport: Arc<Transport>) {
-    let mut down_since: HashMap<NodeId, Instant> = HashMap::new();
-    let mut reported: std::collections::HashSet<(u64, NodeId)> = std::collections::HashSet::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    loop {
-        tick.tick().await;
-        let Some(core) = core.upgrade() else { return };
-        let now = Instant::now();
-        for member in transport.members().into_iter().filter(|member| !member.this_node) {
-            if member.outbound_connected {
-                down_since.remove(&member.node);
-                reported.retain(|(_, node)| *node != member.node);
-            } else {
-                down_since.entry(member.node).or_insert(now);
-            }
-        }
-        let gone: Vec<NodeId> = down_since
-            .iter()
-            .filter(|(_, since)| now.duration_since(**since) >= NODE_DOWN_AFTER)
-            .map(|(node, _)| *node)
-            .collect();
-        for group in core.quorum.all() {
-            if group.raft.metrics().borrow().state != openraft::ServerState::Leader {
-                continue;
-            }
-            let members = group.members();
-            for node in gone.iter().filter(|node| members.contains(node)) {
-                if reported.insert((group.group, *node)) {
-                    tracing::info!(queue = %group.name, node, "a member's link is down; its consumers' messages go back");
-                    group.submit(QuorumCommand::NodeDown { node: *node }, None);
-                }
-            }
-        }
-    }
-}
 
 /// Proposes what waits, one entry at a time, in order.
 ///
@@ -559,6 +520,7 @@ pub(crate) async fn start_group(start: GroupStart<'_>) -> Result<Arc<QueueGroup>
     group.submit(QuorumCommand::NodeRestarted { node, incarnation: start.core.incarnation }, None);
     start.core.quorum.insert(Arc::clone(&group));
     tokio::spawn(super::quorum_expiry::expire_messages(Arc::downgrade(&group), Arc::clone(&start.core.clock)));
+    tokio::spawn(super::quorum_liveness::reconcile_consumers(Arc::downgrade(&group), Arc::downgrade(start.core)));
     tracing::info!(queue = start.name, group = start.group, members = ?start.members, "quorum queue group started");
     Ok(group)
 }
@@ -654,6 +616,7 @@ impl QueueMachine {
                 continue;
             };
             let delivery = ReplicatedDelivery {
+                vhost: self.vhost.clone(),
                 channel: ChannelKey { connection: ConnectionId(consumer.connection), channel: consumer.channel },
                 tag: consumer.tag,
                 queue: self.name.clone(),

@@ -37,7 +37,7 @@ mod workbench;
 pub use admission::Admission;
 pub use direct_reply::{DIRECT_REPLY_TO, DIRECT_REPLY_TO_PREFIX};
 pub use inspect::{ChannelSummary, ConsumerSummary};
-pub use replicated::{ReplicatedDelivery, ReplicatedGet, ReplicatedOp, ReplicatedOutcome};
+pub use replicated::{ReplicatedDelivery, ReplicatedGet, ReplicatedOp, ReplicatedOutcome, ReplicatedStanding};
 pub use workbench::{WithdrawRefusal, Withdrawn};
 
 use crate::deadletter::{self, AutoDeadLetterQueue, DeathReason, Transfer, TransferTarget};

@@ -54,9 +54,23 @@ impl ReplicatedOp {
     }
 }
 
+/// Where a consumer a quorum queue's group names stands on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicatedStanding {
+    /// Its channel is closed (what it holds goes back with a `Down`).
+    ChannelGone,
+    /// Its channel is open but has no such consumer of the queue (cancelled: it takes nothing
+    /// more, and what it holds may still be settled on the channel).
+    NotConsuming,
+    /// A consumer of the queue on its channel.
+    Consuming,
+}
+
 /// A quorum queue's message assigned to a consumer here, as the group decided it.
 #[derive(Debug, Clone)]
 pub struct ReplicatedDelivery {
+    /// The queue's vhost.
+    pub vhost: String,
     pub channel: ChannelKey,
     pub tag: String,
     pub queue: String,
@@ -89,6 +103,17 @@ impl BrokerModel {
         }
         found.sort();
         found
+    }
+
+    /// Where a quorum queue's consumer named by its group stands on this node's channels (to
+    /// set the group's record right when it names one that is gone, see
+    /// [`ReplicatedStanding`]).
+    pub fn replicated_standing(&self, channel: ChannelKey, tag: &str, queue: &str) -> ReplicatedStanding {
+        let Some(found) = self.channels.get(&channel) else { return ReplicatedStanding::ChannelGone };
+        match found.consumers.get(tag) {
+            Some(consumer) if consumer.queue == queue => ReplicatedStanding::Consuming,
+            _ => ReplicatedStanding::NotConsuming,
+        }
     }
 
     /// A quorum queue's message left it dead (its group said so; the leader carries it out): the
@@ -135,14 +160,23 @@ impl BrokerModel {
 
     /// Hands a quorum queue's delivery to its consumer's channel: the delivery to send, with the
     /// channel's next tag. A no-ack consumer's delivery is settled at once (the op is in the
-    /// effects). `None` when the channel is gone (its `Down` returns what it held), or with the
+    /// effects). `None` when the channel is gone (with the consumer's `Down`, to return what it held), or with the
     /// delivery given back as returned when the consumer was cancelled or the channel is at its
     /// bound.
     pub fn deliver_replicated(&mut self, delivery: ReplicatedDelivery) -> (Option<Delivery>, Effects) {
         let mut effects = Effects::default();
         let now_ms = self.now_ms;
         let Some(vhost) = self.channels.get(&delivery.channel).map(|channel| channel.vhost.clone()) else {
-            // The channel closed: its `Down` is on its way and returns what it held.
+            // The channel closed. Its `Down` returns what the consumer held, but only if the
+            // group applies it after this delivery's checkout: a consumer cancelled before its
+            // channel closed, or a checkout committed late, would hold this message for ever
+            // without one more `Down` (applied twice, it changes nothing).
+            effects.replicated.push(ReplicatedOp::Down {
+                vhost: delivery.vhost,
+                queue: delivery.queue,
+                channel: delivery.channel,
+                tag: delivery.tag,
+            });
             return (None, effects);
         };
         let Some(channel) = self.channels.get_mut(&delivery.channel) else { return (None, effects) };

@@ -49,6 +49,7 @@ fn broker() -> BrokerModel {
 
 fn from_group(tag: &str, id: u64, redelivered: bool) -> ReplicatedDelivery {
     ReplicatedDelivery {
+        vhost: "/".into(),
         channel: CHANNEL,
         tag: tag.to_owned(),
         queue: "quorum".into(),
@@ -132,6 +133,11 @@ fn a_cancelled_consumer_settles_what_it_holds_and_a_closed_channel_is_down() {
     let down =
         |tag: &str| ReplicatedOp::Down { vhost: "/".into(), queue: "quorum".into(), channel: CHANNEL, tag: tag.into() };
     assert_eq!(effects.replicated, vec![down("other"), down("qc")]);
+    // A delivery the group made before it applied the down, or to a consumer it still counts by
+    // a late checkout, finds no channel: the consumer is down again, so nothing stays held.
+    let (sent, effects) = broker.deliver_replicated(from_group("qc", 5, false));
+    assert!(sent.is_none());
+    assert_eq!(effects.replicated, vec![down("qc")]);
     broker.check_invariants();
 }
 
