@@ -39,6 +39,9 @@ enum ReplicaChange {
     /// Remove QUEUE's replica on node NODE (refused for its last replica, or while consumers
     /// are attached through that node).
     Remove { queue: String, node: u64 },
+    /// Make QUEUE's replica on node NODE its leader; returns once it leads (publishes wait
+    /// about two seconds meanwhile).
+    Leader { queue: String, node: u64 },
 }
 
 /// A change to the cluster's members.
@@ -63,7 +66,7 @@ enum AdminCommand {
     },
     /// List queues, with their messages and consumers.
     Queues,
-    /// Add or remove a replica of a quorum queue (in --vhost, default `/`).
+    /// Add or remove a replica of a quorum queue, or move its leader (in --vhost, default `/`).
     Replica {
         #[command(subcommand)]
         change: ReplicaChange,
@@ -358,14 +361,15 @@ pub fn run(args: AdminArgs) -> Result<()> {
             Ok(())
         }
         AdminCommand::Replica { change } => {
-            let (queue, node, action) = match change {
-                ReplicaChange::Add { queue, node } => (queue, node, "add"),
-                ReplicaChange::Remove { queue, node } => (queue, node, "delete"),
+            let (queue, node, action, done) = match change {
+                ReplicaChange::Add { queue, node } => (queue, node, "replicas/add", "replica added"),
+                ReplicaChange::Remove { queue, node } => (queue, node, "replicas/delete", "replica removed"),
+                ReplicaChange::Leader { queue, node } => (queue, node, "leader", "now the leader"),
             };
-            let path = format!("/api/queues/quorum/{}/{}/replicas/{action}", segment(&vhost), segment(queue));
+            let path = format!("/api/queues/quorum/{}/{}/{action}", segment(&vhost), segment(queue));
             let body = serde_json::to_vec(&serde_json::json!({ "node": node }))?;
             client.call("POST", &path, Some(&body))?;
-            println!("queue '{queue}': replica on node {node} {}", if action == "add" { "added" } else { "removed" });
+            println!("queue '{queue}': node {node}: {done}");
             Ok(())
         }
         AdminCommand::Cluster { change: None } => list(

@@ -532,3 +532,73 @@ async fn a_consumer_cancelled_and_closed_at_once_holds_nothing() {
         .await;
     }
 }
+
+/// An admin moves a quorum queue's leader to another replica, through the API and the CLI,
+/// while a publisher with confirms and a consumer go on: every node then names the new leader,
+/// and the consumer gets every message once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_moves_a_quorum_queues_leader_while_it_serves() {
+    let temp = tempfile::tempdir().unwrap();
+    let (_, nodes) = common::three_nodes(temp.path(), &[]).await;
+    let urls: Vec<String> = nodes.iter().map(|node| node.http.clone()).collect();
+    let first = connect(nodes[0].amqp).await;
+    let channel = first.create_channel().await.unwrap();
+    declare_quorum(&channel, "moving").await;
+    let leader = agreed_queue_leader(&urls, "moving").await;
+
+    let second = connect(nodes[1].amqp).await;
+    let consuming = second.create_channel().await.unwrap();
+    let mut consumer = consuming
+        .basic_consume("moving".into(), "stays".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let third = connect(nodes[2].amqp).await;
+    let publishing = third.create_channel().await.unwrap();
+    publishing.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let total = 300;
+    let publisher =
+        tokio::spawn(
+            async move { publish_confirmed(&publishing, "moving", (0..total).map(|n| format!("m{n}"))).await },
+        );
+
+    // Through the API, to the next node round; and through the CLI, on to the one after.
+    let target = leader % 3 + 1;
+    let (status, body) =
+        call(&urls[0], "POST", "/api/queues/quorum/%2F/moving/leader", Some(serde_json::json!({"node": target}))).await;
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(agreed_queue_leader(&urls, "moving").await, target);
+    let last = target % 3 + 1;
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["admin", "--url", &urls[1], "replica", "leader", "moving", &last.to_string()])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("now the leader"), "{stdout}");
+    assert_eq!(agreed_queue_leader(&urls, "moving").await, last);
+    // Asked of the leader it names already: done, nothing moves.
+    let (status, body) =
+        call(&urls[2], "POST", "/api/queues/quorum/%2F/moving/leader", Some(serde_json::json!({"node": last}))).await;
+    assert_eq!(status, 204, "{body}");
+
+    publisher.await.unwrap();
+    for number in 0..total {
+        let delivery = next(&mut consumer).await;
+        assert_eq!(String::from_utf8_lossy(&delivery.data), format!("m{number}"));
+        assert!(!delivery.redelivered, "m{number} was redelivered");
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+
+    // Bad requests are named.
+    let (status, body) =
+        call(&urls[0], "POST", "/api/queues/quorum/%2F/moving/leader", Some(serde_json::json!({"node": 9}))).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["reason"].as_str().unwrap().contains("holds no replica"), "{body}");
+    let (status, body) =
+        call(&urls[0], "POST", "/api/queues/quorum/%2F/nowhere/leader", Some(serde_json::json!({"node": 1}))).await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) =
+        call(&urls[0], "POST", "/api/queues/quorum/%2F/moving/leader", Some(serde_json::json!({}))).await;
+    assert_eq!(status, 400, "{body}");
+}

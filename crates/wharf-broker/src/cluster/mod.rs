@@ -18,6 +18,7 @@
 mod command;
 mod exchanges;
 mod failover;
+mod leader_move;
 mod machine;
 mod membership;
 mod propose;

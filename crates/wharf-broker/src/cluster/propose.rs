@@ -105,6 +105,12 @@ pub(crate) fn split_forwarded(payload: &[u8]) -> Result<(u64, &[u8]), String> {
     Ok((group, command))
 }
 
+/// The reply to a forwarded command this node will not write (it is handing its group over):
+/// the sender waits for another leader and sends it there.
+pub(crate) fn not_leader_reply() -> Result<Bytes, String> {
+    serde_json::to_vec(&ForwardReply::NotLeader).map(Bytes::from).map_err(|error| error.to_string())
+}
+
 /// Writes a forwarded command on this node (the leader, if the sender was right) and answers.
 pub(crate) async fn write_forwarded(raft: &Raft<GroupTypes>, command: &[u8]) -> Result<Bytes, String> {
     let reply = match raft.client_write(Command(command.to_vec())).await {

@@ -64,6 +64,10 @@ const LOG_KEPT_AFTER_SNAPSHOT: u64 = 1_024;
 /// The longest pause before proposing again what a group did not take.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
+/// A queue group's longest election timeout, which is also how long a voter that heard from its
+/// leader refuses to vote for another (openraft's leader lease).
+pub(super) const ELECTION_TIMEOUT_MAX_MS: u64 = 1_500;
+
 /// How long a queue command may wait for a leader and its commit.
 const QUEUE_PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -85,6 +89,9 @@ pub(crate) struct QueueGroup {
     state: Arc<Mutex<QuorumQueue>>,
     /// Elections this node started as soon as the group's leader was gone.
     early_elections: std::sync::atomic::AtomicU64,
+    /// Set while this node, leading, hands the group over (`leader_move.rs`): nothing is
+    /// written meanwhile, its own proposals wait and forwarded ones are told to look elsewhere.
+    paused: tokio::sync::watch::Sender<bool>,
 }
 
 impl QueueGroup {
@@ -111,6 +118,16 @@ impl QueueGroup {
     /// Elections this node started as soon as the leader was gone.
     pub fn early_elections(&self) -> u64 {
         self.early_elections.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops this node's writes to the group (see `paused`); false if they were stopped already.
+    pub(crate) fn pause_writes(&self) -> bool {
+        !self.paused.send_replace(true)
+    }
+
+    /// Resumes this node's writes to the group.
+    pub(crate) fn resume_writes(&self) {
+        self.paused.send_replace(false);
     }
 }
 
@@ -210,6 +227,9 @@ impl QuorumQueues {
     pub async fn handle(&self, payload: &[u8]) -> Result<bytes::Bytes, String> {
         let (group, command) = propose::split_forwarded(payload)?;
         let Some(found) = self.by_group(group) else { return Err(format!("this node is not in queue group {group}")) };
+        if *found.paused.borrow() {
+            return propose::not_leader_reply();
+        }
         propose::write_forwarded(&found.raft, command).await
     }
 }
@@ -335,9 +355,14 @@ async fn run_proposer(
     transport: Arc<Transport>,
     group: u64,
     mut proposals: mpsc::UnboundedReceiver<Pending>,
+    mut paused: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut carried: Vec<Pending> = Vec::new();
     loop {
+        // Handing the group over: what waits is proposed to the next leader.
+        if paused.wait_for(|paused| !*paused).await.is_err() {
+            return;
+        }
         let mut batch = std::mem::take(&mut carried);
         if batch.is_empty() {
             match proposals.recv().await {
@@ -439,7 +464,7 @@ fn raft_config(snapshot_entries: u64) -> Result<Arc<Config>, String> {
         max_payload_entries: ENTRIES_PER_MESSAGE_MAX,
         heartbeat_interval: 150,
         election_timeout_min: 750,
-        election_timeout_max: 1_500,
+        election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_entries),
         max_in_snapshot_log_to_keep: LOG_KEPT_AFTER_SNAPSHOT.min(snapshot_entries),
         // openraft purges in batches (256 entries by default); never wait for more than the
@@ -506,7 +531,8 @@ pub(crate) async fn start_group(start: GroupStart<'_>) -> Result<Arc<QueueGroup>
         }
     }
     let (proposals, waiting) = mpsc::unbounded_channel();
-    tokio::spawn(run_proposer(raft.clone(), Arc::clone(start.transport), start.group, waiting));
+    let (paused, paused_watch) = tokio::sync::watch::channel(false);
+    tokio::spawn(run_proposer(raft.clone(), Arc::clone(start.transport), start.group, waiting, paused_watch));
     let group = Arc::new(QueueGroup {
         group: start.group,
         vhost: start.vhost.to_owned(),
@@ -516,6 +542,7 @@ pub(crate) async fn start_group(start: GroupStart<'_>) -> Result<Arc<QueueGroup>
         proposals,
         state,
         early_elections: Default::default(),
+        paused,
     });
     group.submit(QuorumCommand::NodeRestarted { node, incarnation: start.core.incarnation }, None);
     start.core.quorum.insert(Arc::clone(&group));

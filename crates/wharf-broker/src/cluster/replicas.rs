@@ -32,15 +32,28 @@ pub(crate) const SERVICE_REPLICAS: u16 = 5;
 /// 60 s per request).
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(45);
 
+/// What is asked of a queue group's member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) enum ChangeKind {
+    /// (To the leader) add `node`'s replica.
+    Add,
+    /// (To the leader) remove `node`'s replica.
+    Remove,
+    /// (To the leader) hand the group over to `node` (`leader_move.rs`).
+    Lead,
+    /// (To `node`, from the leader handing over) stand for election.
+    Elect,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct ReplicaChange {
-    group: u64,
-    node: NodeId,
-    add: bool,
+pub(super) struct ReplicaChange {
+    pub group: u64,
+    pub node: NodeId,
+    pub kind: ChangeKind,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-enum ChangeReply {
+pub(super) enum ChangeReply {
     Done,
     NotLeader(Option<NodeId>),
     Refused(String),
@@ -83,7 +96,8 @@ impl Core {
                 members.push(node);
                 set_members(members.clone()).await?;
             }
-            self.change_group(definition.group, &members, ReplicaChange { group: definition.group, node, add }).await
+            let change = ReplicaChange { group: definition.group, node, kind: ChangeKind::Add };
+            self.change_group(definition.group, &members, change).await
         } else {
             if !members.contains(&node) {
                 return Err(ManagementError::BadRequest(format!(
@@ -95,14 +109,15 @@ impl Core {
                     "node {node} holds the only replica of queue '{name}' in vhost '{vhost}'"
                 )));
             }
-            self.change_group(definition.group, &members, ReplicaChange { group: definition.group, node, add }).await?;
+            let change = ReplicaChange { group: definition.group, node, kind: ChangeKind::Remove };
+            self.change_group(definition.group, &members, change).await?;
             members.retain(|member| *member != node);
             set_members(members).await
         }
     }
 
     /// Has the group's leader make `change`, asking the members in turn until one leads.
-    async fn change_group(
+    pub(super) async fn change_group(
         self: &Arc<Core>,
         group: u64,
         members: &[NodeId],
@@ -113,7 +128,7 @@ impl Core {
         };
         let own = transport.node_id();
         let candidates: Vec<NodeId> =
-            members.iter().copied().filter(|member| *member != change.node || !change.add).collect();
+            members.iter().copied().filter(|member| *member != change.node || change.kind != ChangeKind::Add).collect();
         let deadline = Instant::now() + CHANGE_TIMEOUT;
         let mut next: Option<NodeId> = None;
         let mut turn = 0usize;
@@ -161,19 +176,25 @@ impl Core {
         serde_json::to_vec(&reply).map(Bytes::from).map_err(|error| error.to_string())
     }
 
-    /// Makes the change if this node leads the group.
-    async fn change_group_here(&self, change: &ReplicaChange) -> ChangeReply {
+    /// Makes the change if this node leads the group (or stands for election, asked to).
+    async fn change_group_here(self: &Arc<Core>, change: &ReplicaChange) -> ChangeReply {
         let Some(group) = self.quorum.by_group(change.group) else {
             return ChangeReply::Failed(format!("this node holds no replica of group {}", change.group));
         };
+        if change.kind == ChangeKind::Elect {
+            return super::leader_move::stand_for_election(&group).await;
+        }
         let raft = group.raft();
         let metrics = raft.metrics().borrow().clone();
         if metrics.state != openraft::ServerState::Leader {
             return ChangeReply::NotLeader(metrics.current_leader);
         }
+        if change.kind == ChangeKind::Lead {
+            return super::leader_move::hand_over(self, &group, change.node).await;
+        }
         let membership = metrics.membership_config.membership().clone();
         let node = change.node;
-        let outcome = if change.add {
+        let outcome = if change.kind == ChangeKind::Add {
             if membership.voter_ids().any(|voter| voter == node) {
                 return ChangeReply::Done;
             }

@@ -121,6 +121,11 @@ impl Management {
         self.core.change_quorum_replica(vhost, name, node, add).await
     }
 
+    /// Makes `node` the leader of quorum queue `name`'s group (`cluster/leader_move.rs`).
+    pub async fn move_quorum_leader(&self, vhost: &str, name: &str, node: u64) -> Result<(), ManagementError> {
+        self.core.move_quorum_leader(vhost, name, node).await
+    }
+
     /// The cluster's metadata group as this node sees it, or `None` for a broker on its own.
     pub fn metadata_group(&self) -> Option<wharf_raft::GroupStatus> {
         self.core.metadata_group().map(|group| group.status())

@@ -34,6 +34,7 @@ pub fn routes() -> Router<AppState> {
             "/api/queues/quorum/{vhost}/{name}/replicas/delete",
             axum::routing::post(delete_replica).delete(delete_replica),
         )
+        .route("/api/queues/quorum/{vhost}/{name}/leader", axum::routing::post(move_leader))
         .route("/api/extensions", get(extensions))
         .route("/api/aliveness-test/{vhost}", get(aliveness_test))
         .route("/api/health/checks/alarms", get(alarms))
@@ -281,6 +282,20 @@ async fn delete_replica(
     caller.require_administrator()?;
     let node = replica_node(&body)?;
     state.management.change_quorum_replica(&vhost, &name, node, false).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Makes the replica on `{"node": N}` the quorum queue's leader (RabbitMQ's
+/// `rabbitmq-queues transfer_leadership`); answered once it leads (204).
+async fn move_leader(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    caller.require_administrator()?;
+    let node = replica_node(&body)?;
+    state.management.move_quorum_leader(&vhost, &name, node).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
