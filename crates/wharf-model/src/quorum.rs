@@ -35,7 +35,7 @@ pub struct QuorumConsumer {
 }
 
 /// What a quorum queue's settings say (from its arguments and policies, fixed at declare).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct QuorumSettings {
     /// Deliveries a message may have; one more returns it as dead (RabbitMQ's `delivery-limit`).
     pub delivery_limit: Option<u32>,
@@ -48,6 +48,14 @@ pub struct QuorumSettings {
     /// De-duplication (`x-deduplication`): how long a key counts after the enqueue that
     /// brought it; `None` when the queue does not de-duplicate.
     pub dedup_ttl_ms: Option<u64>,
+    /// `x-retry-backoff`: how long a returned message waits before it is ready again, by
+    /// attempt (the last step repeating); empty: not at all.
+    pub retry_backoff_ms: Vec<u64>,
+    /// `x-consumer-timeout`: how long a delivery may stay unsettled before it goes back (a
+    /// lease).
+    pub lease_ms: Option<u64>,
+    /// `x-single-active-consumer`: only the longest-attached consumer gets messages.
+    pub single_active_consumer: bool,
 }
 
 /// A command, as committed to the queue's log.
@@ -136,6 +144,9 @@ struct Held {
     expires_at_ms: Option<u64>,
     delivery_count: u32,
     checked_out_to: Option<QuorumConsumer>,
+    /// When its timer runs out, once the first `Tick` after it started stamped it: a waiting
+    /// message's backoff, a leased delivery's lease (see `timers.rs`).
+    due_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,6 +179,10 @@ pub struct QuorumQueue {
     /// by that time, to forget them in order. At most [`crate::dedup::DEDUP_KEYS_MAX`].
     dedup_keys: BTreeMap<Arc<[u8]>, u64>,
     dedup_order: BTreeSet<(u64, Arc<[u8]>)>,
+    /// Returned messages waiting out their backoff step before they are ready again.
+    waiting: BTreeSet<QuorumMessageId>,
+    /// Checked-out messages under a lease.
+    leased: BTreeSet<QuorumMessageId>,
 }
 
 impl QuorumQueue {
@@ -182,7 +197,12 @@ impl QuorumQueue {
 
     /// Messages checked out to consumers.
     pub fn checked_out_count(&self) -> u64 {
-        (self.messages.len() - self.ready.len()) as u64
+        (self.messages.len() - self.ready.len() - self.waiting.len()) as u64
+    }
+
+    /// Returned messages waiting out their backoff.
+    pub fn waiting_count(&self) -> u64 {
+        self.waiting.len() as u64
     }
 
     /// When the first ready message expires, if any does (a scan of the ready messages: called
@@ -296,24 +316,15 @@ impl QuorumQueue {
                 QuorumAnswer::Done { id: None }
             }
             QuorumCommand::Tick { now_ms } => {
-                let expired: Vec<QuorumMessageId> = self
-                    .ready
-                    .iter()
-                    .copied()
-                    .filter(|id| {
-                        self.messages.get(id).and_then(|held| held.expires_at_ms).is_some_and(|at| at <= now_ms)
-                    })
-                    .collect();
-                for id in expired {
-                    self.take_ready(id);
-                    self.dead_letter(id, QuorumDeathReason::Expired, &mut effects);
-                }
+                self.tick(now_ms, &mut effects);
                 QuorumAnswer::Done { id: None }
             }
             QuorumCommand::Purge => {
-                let ready: Vec<QuorumMessageId> = self.ready.iter().copied().collect();
+                // What no consumer holds goes: the ready messages and those waiting out a backoff.
+                let ready: Vec<QuorumMessageId> = self.ready.iter().chain(&self.waiting).copied().collect();
                 for id in &ready {
                     self.take_ready(*id);
+                    self.waiting.remove(id);
                     self.messages.remove(id);
                 }
                 QuorumAnswer::Removed { count: ready.len() as u64 }
@@ -339,7 +350,8 @@ impl QuorumQueue {
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.messages.insert(id, Held { payload, expires_at_ms, delivery_count: 0, checked_out_to: None });
+        self.messages
+            .insert(id, Held { payload, expires_at_ms, delivery_count: 0, checked_out_to: None, due_ms: None });
         self.ready.insert(id);
         self.ready_bytes += bytes;
         // Drop-head: the oldest ready messages leave until the queue is within its limits.
@@ -398,6 +410,10 @@ impl QuorumQueue {
             self.messages.remove(&id);
         } else {
             held.checked_out_to = Some(consumer.clone());
+            held.due_ms = None;
+            if self.settings.lease_ms.is_some() {
+                self.leased.insert(id);
+            }
             let state = self.consumers.entry(consumer).or_insert(ConsumerState {
                 prefetch: 0,
                 holds: BTreeSet::new(),
@@ -419,7 +435,9 @@ impl QuorumQueue {
         }
         if let Some(held) = self.messages.get_mut(&id) {
             held.checked_out_to = None;
+            held.due_ms = None;
         }
+        self.leased.remove(&id);
     }
 
     fn take_ready(&mut self, id: QuorumMessageId) {
@@ -429,11 +447,20 @@ impl QuorumQueue {
         }
     }
 
-    /// A returned message: dead past the delivery limit, ready again otherwise.
+    /// A returned message: dead past the delivery limit; else waiting out its backoff step on
+    /// a queue with `x-retry-backoff` (stamped by the next `Tick`), ready again otherwise.
     fn requeue(&mut self, id: QuorumMessageId, effects: &mut Vec<QuorumEffect>) {
         let Some(held) = self.messages.get(&id) else { return };
         if self.settings.delivery_limit.is_some_and(|limit| held.delivery_count > limit) {
             self.dead_letter(id, QuorumDeathReason::DeliveryLimit, effects);
+            return;
+        }
+        self.leased.remove(&id);
+        if !self.settings.retry_backoff_ms.is_empty() {
+            if let Some(held) = self.messages.get_mut(&id) {
+                held.due_ms = None;
+            }
+            self.waiting.insert(id);
             return;
         }
         self.ready_bytes += held.payload.len() as u64;
@@ -441,6 +468,8 @@ impl QuorumQueue {
     }
 
     fn dead_letter(&mut self, id: QuorumMessageId, reason: QuorumDeathReason, effects: &mut Vec<QuorumEffect>) {
+        self.leased.remove(&id);
+        self.waiting.remove(&id);
         if let Some(held) = self.messages.remove(&id) {
             effects.push(QuorumEffect::DeadLetter {
                 id,
@@ -464,13 +493,28 @@ impl QuorumQueue {
         for id in state.holds {
             if let Some(held) = self.messages.get_mut(&id) {
                 held.checked_out_to = None;
+                held.due_ms = None;
             }
             self.requeue(id, effects);
         }
     }
 
-    /// Hands ready messages, oldest first, to consumers with credit, in turn.
+    /// Hands ready messages, oldest first, to consumers with credit, in turn; with single
+    /// active consumer, to the longest-attached consumer that takes messages alone (the
+    /// service order is then never turned, so it stays the order of attaching).
     fn dispatch(&mut self, effects: &mut Vec<QuorumEffect>) {
+        if self.settings.single_active_consumer {
+            let active = self
+                .service_order
+                .iter()
+                .find(|consumer| self.consumers.get(*consumer).is_some_and(|state| !state.cancelled))
+                .cloned();
+            let Some(active) = active else { return };
+            while !self.ready.is_empty() && self.consumers.get(&active).is_some_and(ConsumerState::has_credit) {
+                self.deliver_first_ready(&active, effects);
+            }
+            return;
+        }
         let mut idle_in_a_row = 0;
         while !self.ready.is_empty() && idle_in_a_row < self.service_order.len() {
             let Some(consumer) = self.service_order.pop_front() else { break };
@@ -481,27 +525,37 @@ impl QuorumQueue {
                 continue;
             }
             idle_in_a_row = 0;
-            let Some(id) = self.ready.first().copied() else { break };
-            self.take_ready(id);
-            let Some(held) = self.messages.get_mut(&id) else { continue };
-            let redelivered = held.delivery_count > 0;
-            held.delivery_count += 1;
-            held.checked_out_to = Some(consumer.clone());
-            effects.push(QuorumEffect::Deliver {
-                consumer: consumer.clone(),
-                id,
-                payload: Arc::clone(&held.payload),
-                delivery_count: held.delivery_count,
-                redelivered,
-            });
-            if let Some(state) = self.consumers.get_mut(&consumer) {
-                state.holds.insert(id);
-            }
+            self.deliver_first_ready(&consumer, effects);
+        }
+    }
+
+    /// Checks the oldest ready message out to `consumer` (under a lease, if the queue has one).
+    fn deliver_first_ready(&mut self, consumer: &QuorumConsumer, effects: &mut Vec<QuorumEffect>) {
+        let Some(id) = self.ready.first().copied() else { return };
+        self.take_ready(id);
+        let Some(held) = self.messages.get_mut(&id) else { return };
+        let redelivered = held.delivery_count > 0;
+        held.delivery_count += 1;
+        held.checked_out_to = Some(consumer.clone());
+        held.due_ms = None;
+        effects.push(QuorumEffect::Deliver {
+            consumer: consumer.clone(),
+            id,
+            payload: Arc::clone(&held.payload),
+            delivery_count: held.delivery_count,
+            redelivered,
+        });
+        if self.settings.lease_ms.is_some() {
+            self.leased.insert(id);
+        }
+        if let Some(state) = self.consumers.get_mut(consumer) {
+            state.holds.insert(id);
         }
     }
 }
 
 mod snapshot;
+mod timers;
 
 #[cfg(test)]
 mod tests;

@@ -602,3 +602,98 @@ async fn an_admin_moves_a_quorum_queues_leader_while_it_serves() {
         call(&urls[0], "POST", "/api/queues/quorum/%2F/moving/leader", Some(serde_json::json!({}))).await;
     assert_eq!(status, 400, "{body}");
 }
+
+async fn declare_quorum_with(channel: &Channel, name: &str, extra: &[(&str, AMQPValue)]) {
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    for (key, value) in extra {
+        arguments.insert((*key).into(), value.clone());
+    }
+    let options = QueueDeclareOptions { durable: true, ..Default::default() };
+    channel.queue_declare(name.into(), options, arguments).await.unwrap();
+}
+
+/// Leases, retry backoff and single active consumer on a quorum queue, carried out by its
+/// group whichever node the consumer is on: a delivery left unsettled past its lease comes back
+/// (after the backoff) marked redelivered, as does one nacked with requeue; with single active
+/// consumer the first consumer attached gets everything until it goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_queue_takes_back_leased_deliveries_backs_off_and_serves_one_active_consumer() {
+    let temp = tempfile::tempdir().unwrap();
+    let (_, nodes) = common::three_nodes(temp.path(), &[]).await;
+    let urls: Vec<String> = nodes.iter().map(|node| node.http.clone()).collect();
+    let first = connect(nodes[0].amqp).await;
+    let channel = first.create_channel().await.unwrap();
+    let backoff = AMQPValue::FieldArray(vec![AMQPValue::LongLongInt(100), AMQPValue::LongLongInt(200)].into());
+    declare_quorum_with(
+        &channel,
+        "timed",
+        &[("x-consumer-timeout", AMQPValue::LongLongInt(300)), ("x-retry-backoff", backoff)],
+    )
+    .await;
+    agreed_queue_leader(&urls, "timed").await;
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    publish_confirmed(&channel, "timed", ["leased".to_owned()]).await;
+
+    let second = connect(nodes[1].amqp).await;
+    let consuming = second.create_channel().await.unwrap();
+    let mut consumer = consuming
+        .basic_consume("timed".into(), "slow".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let held = next(&mut consumer).await;
+    assert_eq!((&held.data[..], held.redelivered), (&b"leased"[..], false));
+    // Not settled: the lease runs out, the backoff passes, and it comes again, flagged.
+    let again = next(&mut consumer).await;
+    assert_eq!((&again.data[..], again.redelivered), (&b"leased"[..], true));
+    // Nacked with requeue: back after the backoff's second step.
+    again.nack(lapin::options::BasicNackOptions { requeue: true, ..Default::default() }).await.unwrap();
+    let third_time = next(&mut consumer).await;
+    assert_eq!((&third_time.data[..], third_time.redelivered), (&b"leased"[..], true));
+    third_time.ack(BasicAckOptions::default()).await.unwrap();
+    // The first delivery's late ack is taken and changes nothing.
+    held.ack(BasicAckOptions::default()).await.unwrap();
+    for url in &urls {
+        eventually(&format!("timed settled on {url}"), || async move {
+            queue_group(url, "timed").await.is_some_and(|group| group["ready"] == 0 && group["unacked"] == 0)
+        })
+        .await;
+    }
+
+    declare_quorum_with(&channel, "solo", &[("x-single-active-consumer", AMQPValue::Boolean(true))]).await;
+    agreed_queue_leader(&urls, "solo").await;
+    let active_channel = second.create_channel().await.unwrap();
+    let mut active = active_channel
+        .basic_consume("solo".into(), "active".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    for url in &urls {
+        eventually(&format!("the first consumer attached on {url}"), || async move {
+            queue_group(url, "solo").await.is_some_and(|group| group["consumers"] == 1)
+        })
+        .await;
+    }
+    let third = connect(nodes[2].amqp).await;
+    let standby_channel = third.create_channel().await.unwrap();
+    let mut standby = standby_channel
+        .basic_consume("solo".into(), "standby".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    for url in &urls {
+        eventually(&format!("both consumers attached on {url}"), || async move {
+            queue_group(url, "solo").await.is_some_and(|group| group["consumers"] == 2)
+        })
+        .await;
+    }
+    publish_confirmed(&channel, "solo", (0..10).map(|n| format!("s{n}"))).await;
+    for number in 0..10 {
+        let delivery = next(&mut active).await;
+        assert_eq!(String::from_utf8_lossy(&delivery.data), format!("s{number}"));
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    // The active consumer goes: the standby takes over, and had been given nothing before.
+    active_channel.close(200, "done".into()).await.unwrap();
+    publish_confirmed(&channel, "solo", ["after".to_owned()]).await;
+    let delivery = next(&mut standby).await;
+    assert_eq!(&delivery.data[..], b"after");
+}

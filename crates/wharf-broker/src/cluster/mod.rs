@@ -25,9 +25,9 @@ mod propose;
 mod quorum;
 mod quorum_codec;
 mod quorum_declare;
-mod quorum_expiry;
 mod quorum_get;
 mod quorum_liveness;
+mod quorum_timers;
 mod replicas;
 
 pub(crate) use command::{MetaAnswer, MetaCommand, StoredHash, table_bytes};

@@ -92,6 +92,8 @@ pub(crate) struct QueueGroup {
     /// Set while this node, leading, hands the group over (`leader_move.rs`): nothing is
     /// written meanwhile, its own proposals wait and forwarded ones are told to look elsewhere.
     paused: tokio::sync::watch::Sender<bool>,
+    /// See [`QueueGroup::timers_changed`].
+    timers_changed: Arc<tokio::sync::Notify>,
 }
 
 impl QueueGroup {
@@ -173,9 +175,14 @@ impl QueueGroup {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).consumers_at(node)
     }
 
-    /// When the first ready message of this node's replica expires, if any does.
-    pub(crate) fn earliest_ready_expiry_ms(&self) -> Option<u64> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).earliest_ready_expiry_ms()
+    /// When this node's replica's next timer (expiry, lease, backoff) is due, if any is.
+    pub(crate) fn next_timer_ms(&self) -> Option<u64> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).next_timer_ms()
+    }
+
+    /// Woken when the replica starts a timer that waits for a `Tick` to stamp it.
+    pub(crate) fn timers_changed(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.timers_changed)
     }
 
     pub async fn shutdown(&self) {
@@ -505,6 +512,7 @@ pub(crate) async fn start_group(start: GroupStart<'_>) -> Result<Arc<QueueGroup>
     };
     let state = Arc::new(Mutex::new(replica));
     let raft_handle = Arc::new(std::sync::OnceLock::new());
+    let timers_changed = Arc::new(tokio::sync::Notify::new());
     let machine = QueueMachine {
         core: Arc::downgrade(start.core),
         node,
@@ -516,6 +524,7 @@ pub(crate) async fn start_group(start: GroupStart<'_>) -> Result<Arc<QueueGroup>
         membership,
         raft: Arc::clone(&raft_handle),
         snapshots,
+        timers_changed: Arc::clone(&timers_changed),
     };
     let network = GroupNetwork::new(Arc::clone(start.transport), start.group);
     let raft = Raft::new(node, raft_config(start.core.config.quorum_snapshot_entries)?, network, start.log, machine)
@@ -543,10 +552,11 @@ pub(crate) async fn start_group(start: GroupStart<'_>) -> Result<Arc<QueueGroup>
         state,
         early_elections: Default::default(),
         paused,
+        timers_changed,
     });
     group.submit(QuorumCommand::NodeRestarted { node, incarnation: start.core.incarnation }, None);
     start.core.quorum.insert(Arc::clone(&group));
-    tokio::spawn(super::quorum_expiry::expire_messages(Arc::downgrade(&group), Arc::clone(&start.core.clock)));
+    tokio::spawn(super::quorum_timers::run_timers(Arc::downgrade(&group), Arc::clone(&start.core.clock)));
     tokio::spawn(super::quorum_liveness::reconcile_consumers(Arc::downgrade(&group), Arc::downgrade(start.core)));
     tracing::info!(queue = start.name, group = start.group, members = ?start.members, "quorum queue group started");
     Ok(group)
@@ -566,6 +576,8 @@ struct QueueMachine {
     raft: Arc<std::sync::OnceLock<Raft<GroupTypes>>>,
     /// Where its snapshots are kept (the group's store log).
     snapshots: GroupSnapshots,
+    /// Notified when an applied entry starts a timer that waits for its stamp.
+    timers_changed: Arc<tokio::sync::Notify>,
 }
 
 fn storage_error(text: impl std::fmt::Display) -> StorageError<u64> {
@@ -728,6 +740,9 @@ impl RaftStateMachine<GroupTypes> for QueueMachine {
                         QuorumEffect::DeadLetter { .. } => dead.push(effect),
                     }
                 }
+            }
+            if state.has_unstamped_timers() {
+                self.timers_changed.notify_one();
             }
             drop(state);
             answers.push(Answer(quorum_codec::encode_answers(&entry_answers)));

@@ -48,7 +48,7 @@ pub(crate) struct QuorumDefinition {
 }
 
 /// [`QuorumSettings`] as a record keeps them.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct StoredSettings {
     pub delivery_limit: Option<u32>,
     pub max_length: Option<u64>,
@@ -57,6 +57,13 @@ pub(crate) struct StoredSettings {
     /// Absent in records written before quorum queues de-duplicated: none.
     #[serde(default)]
     pub dedup_ttl_ms: Option<u64>,
+    /// Absent in records written before quorum queues had them: none.
+    #[serde(default)]
+    pub retry_backoff_ms: Vec<u64>,
+    #[serde(default)]
+    pub lease_ms: Option<u64>,
+    #[serde(default)]
+    pub single_active_consumer: bool,
 }
 
 impl From<QuorumSettings> for StoredSettings {
@@ -67,6 +74,9 @@ impl From<QuorumSettings> for StoredSettings {
             max_length_bytes: settings.max_length_bytes,
             reject_publish: settings.reject_publish,
             dedup_ttl_ms: settings.dedup_ttl_ms,
+            retry_backoff_ms: settings.retry_backoff_ms,
+            lease_ms: settings.lease_ms,
+            single_active_consumer: settings.single_active_consumer,
         }
     }
 }
@@ -79,6 +89,9 @@ impl From<StoredSettings> for QuorumSettings {
             max_length_bytes: settings.max_length_bytes,
             reject_publish: settings.reject_publish,
             dedup_ttl_ms: settings.dedup_ttl_ms,
+            retry_backoff_ms: settings.retry_backoff_ms,
+            lease_ms: settings.lease_ms,
+            single_active_consumer: settings.single_active_consumer,
         }
     }
 }
@@ -118,15 +131,19 @@ pub(crate) fn quorum_settings(settings: &wharf_model::QueueSettings) -> QuorumSe
         max_length_bytes: settings.max_length_bytes,
         reject_publish: settings.overflow != Overflow::DropHead,
         dedup_ttl_ms: settings.deduplication.as_ref().map(|deduplication| deduplication.ttl_ms),
+        retry_backoff_ms: settings.retry_backoff_ms.clone(),
+        lease_ms: settings.consumer_timeout_ms,
+        single_active_consumer: settings.single_active_consumer,
     }
 }
 
 /// The arguments a quorum queue carries out. RabbitMQ refuses any other `x-` argument on a
 /// quorum queue (`invalid arg ... of queue type rabbit_quorum_queue`), and so does Wharf: an
 /// argument taken and then ignored would be a guarantee silently missing. Of Wharf's own,
-/// de-duplication is built on quorum queues (the window's keys are the group's state); leases,
-/// retry backoff, per-key ordering and single active consumer are not yet, so they are refused.
-const QUORUM_ARGUMENTS: [&str; 13] = [
+/// de-duplication, leases and retry backoff are built on quorum queues (the window's keys and
+/// the timers are the group's state, `wharf-model`'s `quorum/timers.rs`), as is single active
+/// consumer; per-key ordering (`x-ordered-by`) is not yet, so it is refused.
+const QUORUM_ARGUMENTS: [&str; 16] = [
     "x-queue-type",
     // Where the leader starts: a placement hint, which Wharf's placement (the declaring node
     // first) may ignore without changing what the queue guarantees.
@@ -142,6 +159,9 @@ const QUORUM_ARGUMENTS: [&str; 13] = [
     "x-deduplication",
     "x-deduplication-ttl",
     "x-deduplication-header",
+    "x-consumer-timeout",
+    "x-retry-backoff",
+    "x-single-active-consumer",
 ];
 
 fn refuse_unsupported_arguments(arguments: &FieldTable, name: &str, vhost: &str) -> Result<(), ModelError> {
@@ -282,7 +302,7 @@ impl Core {
             members: members.to_vec(),
             arguments: arguments.to_vec(),
             log: log.map(|log| log.0),
-            settings: settings.into(),
+            settings: settings.clone().into(),
             joined: false,
         };
         let value = encode(&definition).map_err(internal)?;
@@ -373,7 +393,7 @@ pub(crate) fn restore(
     Some(RecoveredQuorumQueue {
         vhost: vhost_name.to_owned(),
         name: name.to_owned(),
-        settings: definition.settings.into(),
+        settings: definition.settings.clone().into(),
         definition,
         log,
     })

@@ -291,7 +291,7 @@ impl Core {
             let opened = wharf_raft::GroupLog::open(&self.store, log, &wharf_store::Recovered::default());
             let started = match opened {
                 Ok(group_log) => {
-                    let settings = definition.settings.into();
+                    let settings = definition.settings.clone().into();
                     self.start_quorum_group(vhost, name, &definition, settings, group_log).map_err(|error| error.text)
                 }
                 Err(error) => Err(error.to_string()),

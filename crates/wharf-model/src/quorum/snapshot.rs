@@ -1,7 +1,7 @@
 //! A quorum queue's state as bytes, for its group's snapshots: everything that decides what
 //! the queue does next (settings, the next id, every message with its delivery count and
 //! holder, the ready order, the consumers with their prefetch and holdings, the round-robin
-//! order, the de-duplication keys within their window), so a replica restored from a snapshot and fed the commands after it decides exactly
+//! order, the de-duplication keys within their window, the leases and backoffs), so a replica restored from a snapshot and fed the commands after it decides exactly
 //! as one that applied every command (the property test in `tests.rs` checks it).
 //!
 //! The format is this crate's own, little-endian and versioned by its first byte; decoding
@@ -11,8 +11,10 @@ use super::{ConsumerState, Held, QuorumConsumer, QuorumQueue, QuorumSettings};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
-/// The format's version, its first byte.
-const FORMAT_VERSION: u8 = 1;
+/// The format's version, its first byte. Version 2 added, at the end, the settings and the
+/// state of leases, retry backoff and single active consumer; version 1 is still read (none
+/// of those).
+const FORMAT_VERSION: u8 = 2;
 
 impl QuorumQueue {
     /// The state as bytes (see the module doc).
@@ -63,13 +65,27 @@ impl QuorumQueue {
             out.extend_from_slice(key);
             out.extend_from_slice(&until.to_le_bytes());
         }
+        out.extend_from_slice(&(self.settings.retry_backoff_ms.len() as u64).to_le_bytes());
+        for step in &self.settings.retry_backoff_ms {
+            out.extend_from_slice(&step.to_le_bytes());
+        }
+        put_option_u64(&mut out, self.settings.lease_ms);
+        out.push(u8::from(self.settings.single_active_consumer));
+        for timed in [&self.waiting, &self.leased] {
+            out.extend_from_slice(&(timed.len() as u64).to_le_bytes());
+            for id in timed {
+                out.extend_from_slice(&id.to_le_bytes());
+                put_option_u64(&mut out, self.messages.get(id).and_then(|held| held.due_ms));
+            }
+        }
         out
     }
 
     /// The state `bytes` hold, or `None` if they are not a snapshot this version wrote whole.
     pub fn decode_snapshot(bytes: &[u8]) -> Option<QuorumQueue> {
         let mut reader = Reader { bytes };
-        if reader.u8()? != FORMAT_VERSION {
+        let version = reader.u8()?;
+        if version != 1 && version != FORMAT_VERSION {
             return None;
         }
         let mut settings = QuorumSettings {
@@ -77,7 +93,7 @@ impl QuorumQueue {
             max_length: reader.option_u64()?,
             max_length_bytes: reader.option_u64()?,
             reject_publish: reader.flag()?,
-            dedup_ttl_ms: None,
+            ..Default::default()
         };
         let next_id = reader.u64()?;
         let mut messages = BTreeMap::new();
@@ -88,7 +104,7 @@ impl QuorumQueue {
             let expires_at_ms = reader.option_u64()?;
             let delivery_count = reader.u32()?;
             let checked_out_to = if reader.flag()? { Some(reader.consumer()?) } else { None };
-            messages.insert(id, Held { payload, expires_at_ms, delivery_count, checked_out_to });
+            messages.insert(id, Held { payload, expires_at_ms, delivery_count, checked_out_to, due_ms: None });
         }
         let mut ready = BTreeSet::new();
         let mut ready_bytes = 0u64;
@@ -122,6 +138,21 @@ impl QuorumQueue {
             dedup_order.insert((until, Arc::clone(&key)));
             dedup_keys.insert(key, until);
         }
+        let (mut waiting, mut leased) = (BTreeSet::new(), BTreeSet::new());
+        if version >= 2 {
+            for _ in 0..reader.u64()? {
+                settings.retry_backoff_ms.push(reader.u64()?);
+            }
+            settings.lease_ms = reader.option_u64()?;
+            settings.single_active_consumer = reader.flag()?;
+            for timed in [&mut waiting, &mut leased] {
+                for _ in 0..reader.u64()? {
+                    let id = reader.u64()?;
+                    messages.get_mut(&id)?.due_ms = reader.option_u64()?;
+                    timed.insert(id);
+                }
+            }
+        }
         if !reader.bytes.is_empty() {
             return None;
         }
@@ -135,6 +166,8 @@ impl QuorumQueue {
             service_order,
             dedup_keys,
             dedup_order,
+            waiting,
+            leased,
         })
     }
 }

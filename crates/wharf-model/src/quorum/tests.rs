@@ -240,9 +240,97 @@ fn a_snapshot_cut_short_or_damaged_is_refused() {
     let mut longer = bytes.clone();
     longer.push(0);
     assert_eq!(QuorumQueue::decode_snapshot(&longer), None);
+    // A snapshot of the first format (before leases, backoff and single active consumer:
+    // the last 26 bytes) still reads.
+    let mut first_format = bytes[..bytes.len() - 26].to_vec();
+    first_format[0] = 1;
+    assert_eq!(QuorumQueue::decode_snapshot(&first_format), Some(queue.clone()));
     let mut other_version = bytes;
     other_version[0] = 9;
     assert_eq!(QuorumQueue::decode_snapshot(&other_version), None);
+}
+
+#[test]
+fn a_returned_message_waits_its_backoff_step_stamped_by_the_next_tick() {
+    let settings = QuorumSettings { retry_backoff_ms: vec![100, 1_000], ..Default::default() };
+    let mut queue = QuorumQueue::new(settings);
+    let x = consumer(1, "x");
+    queue.apply(QuorumCommand::Checkout { consumer: x.clone(), prefetch: 1 });
+    assert_eq!(deliveries(&queue.apply(enqueue("a")).1), vec![("x".into(), 1, false)]);
+    queue.apply(enqueue("b"));
+    // Returned: not ready (the next message goes out instead), waiting for its stamp.
+    let (_, effects) = queue.apply(QuorumCommand::Return { consumer: x.clone(), ids: vec![1] });
+    assert_eq!(deliveries(&effects), vec![("x".into(), 2, false)]);
+    assert_eq!((queue.ready_count(), queue.waiting_count(), queue.checked_out_count()), (0, 1, 1));
+    assert_eq!(queue.next_timer_ms(), Some(0));
+    assert!(queue.has_unstamped_timers());
+    queue.apply(QuorumCommand::Settle { consumer: x.clone(), ids: vec![2] });
+    // Stamped at 50: due at 150 (the first step).
+    assert!(deliveries(&queue.apply(QuorumCommand::Tick { now_ms: 50 }).1).is_empty());
+    assert_eq!(queue.next_timer_ms(), Some(150));
+    assert!(deliveries(&queue.apply(QuorumCommand::Tick { now_ms: 149 }).1).is_empty());
+    let (_, effects) = queue.apply(QuorumCommand::Tick { now_ms: 150 });
+    assert_eq!(deliveries(&effects), vec![("x".into(), 1, true)]);
+    // Its second return waits the second step.
+    queue.apply(QuorumCommand::Return { consumer: x.clone(), ids: vec![1] });
+    queue.apply(QuorumCommand::Tick { now_ms: 200 });
+    assert!(deliveries(&queue.apply(QuorumCommand::Tick { now_ms: 1_199 }).1).is_empty());
+    assert_eq!(deliveries(&queue.apply(QuorumCommand::Tick { now_ms: 1_200 }).1), vec![("x".into(), 1, true)]);
+    // A purge removes a waiting message too.
+    queue.apply(QuorumCommand::Return { consumer: x, ids: vec![1] });
+    assert_eq!(queue.apply(QuorumCommand::Purge).0, QuorumAnswer::Removed { count: 1 });
+    assert_eq!(queue.next_timer_ms(), None);
+}
+
+#[test]
+fn a_delivery_unsettled_past_its_lease_goes_back_and_its_late_settle_is_ignored() {
+    let settings = QuorumSettings { lease_ms: Some(100), delivery_limit: Some(1), ..Default::default() };
+    let mut queue = QuorumQueue::new(settings);
+    let (x, y) = (consumer(1, "x"), consumer(2, "y"));
+    queue.apply(QuorumCommand::Checkout { consumer: x.clone(), prefetch: 1 });
+    queue.apply(enqueue("a"));
+    // x takes nothing more (it would be next in turn), but holds "a" until it settles it.
+    queue.apply(QuorumCommand::Cancel { consumer: x.clone() });
+    queue.apply(QuorumCommand::Checkout { consumer: y.clone(), prefetch: 1 });
+    assert_eq!(queue.next_timer_ms(), Some(0), "the lease waits for its stamp");
+    queue.apply(QuorumCommand::Tick { now_ms: 10 });
+    assert_eq!(queue.next_timer_ms(), Some(110));
+    assert!(deliveries(&queue.apply(QuorumCommand::Tick { now_ms: 109 }).1).is_empty());
+    // Run out: back, and out again to the consumer with credit, redelivered.
+    let (_, effects) = queue.apply(QuorumCommand::Tick { now_ms: 110 });
+    assert_eq!(deliveries(&effects), vec![("y".into(), 1, true)]);
+    assert!(!queue.consumers.contains_key(&x), "a cancelled consumer holding nothing more is forgotten");
+    queue.apply(QuorumCommand::Settle { consumer: x, ids: vec![1] });
+    assert_eq!(queue.checked_out_count(), 1, "the first holder's late settle changes nothing");
+    // The second lease runs out past the delivery limit: dead.
+    queue.apply(QuorumCommand::Tick { now_ms: 120 });
+    let (_, effects) = queue.apply(QuorumCommand::Tick { now_ms: 220 });
+    assert_eq!(dead(&effects), vec![(1, QuorumDeathReason::DeliveryLimit)]);
+    queue.apply(QuorumCommand::Settle { consumer: y, ids: vec![1] });
+    assert_eq!((queue.ready_count(), queue.checked_out_count(), queue.next_timer_ms()), (0, 0, None));
+}
+
+#[test]
+fn a_single_active_consumer_takes_everything_until_it_goes() {
+    let settings = QuorumSettings { single_active_consumer: true, ..Default::default() };
+    let mut queue = QuorumQueue::new(settings);
+    let (x, y) = (consumer(1, "x"), consumer(2, "y"));
+    queue.apply(QuorumCommand::Checkout { consumer: x.clone(), prefetch: 2 });
+    queue.apply(QuorumCommand::Checkout { consumer: y.clone(), prefetch: 2 });
+    for text in ["a", "b", "c"] {
+        queue.apply(enqueue(text));
+    }
+    assert_eq!((queue.ready_count(), queue.consumers[&x].holds.len()), (1, 2), "y waits while x has no credit");
+    let (_, effects) = queue.apply(QuorumCommand::Settle { consumer: x.clone(), ids: vec![1] });
+    assert_eq!(deliveries(&effects), vec![("x".into(), 3, false)]);
+    // x goes: what it held goes to y, the next attached.
+    let (_, effects) = queue.apply(QuorumCommand::Down { consumer: x });
+    assert_eq!(deliveries(&effects), vec![("y".into(), 2, true), ("y".into(), 3, true)]);
+    // A cancelled active consumer gives way too.
+    let z = consumer(3, "z");
+    queue.apply(QuorumCommand::Checkout { consumer: z, prefetch: 0 });
+    queue.apply(QuorumCommand::Cancel { consumer: y });
+    assert_eq!(deliveries(&queue.apply(enqueue("d")).1), vec![("z".into(), 4, false)]);
 }
 
 proptest! {
@@ -253,9 +341,20 @@ proptest! {
         max_length in proptest::option::of(1u64..6),
         snapshot_every in 1usize..12,
         dedup_ttl_ms in proptest::option::of(1u64..30),
+        lease_ms in proptest::option::of(1u64..30),
+        retry_backoff_ms in proptest::collection::vec(0u64..20, 0..3),
+        single_active_consumer in proptest::bool::ANY,
     ) {
-        let settings = QuorumSettings { delivery_limit, max_length, dedup_ttl_ms, ..Default::default() };
-        let (mut queue, mut replica) = (QuorumQueue::new(settings), QuorumQueue::new(settings));
+        let settings = QuorumSettings {
+            delivery_limit,
+            max_length,
+            dedup_ttl_ms,
+            lease_ms,
+            retry_backoff_ms,
+            single_active_consumer,
+            ..Default::default()
+        };
+        let (mut queue, mut replica) = (QuorumQueue::new(settings.clone()), QuorumQueue::new(settings));
         let mut applied = 0usize;
         // Where each message is by the effects alone: holder, or gone.
         let mut holder: BTreeMap<QuorumMessageId, QuorumConsumer> = BTreeMap::new();
@@ -269,7 +368,7 @@ proptest! {
                 }
                 _ => Vec::new(),
             };
-            let ready_before: BTreeSet<QuorumMessageId> = queue.ready.clone();
+            let ready_before: BTreeSet<QuorumMessageId> = queue.ready.union(&queue.waiting).copied().collect();
             let (answer, effects) = queue.apply(command.clone());
             prop_assert_eq!(replica.apply(command.clone()), (answer.clone(), effects.clone()));
             // The replica now and then restarts from a snapshot of itself: it must go on
@@ -317,6 +416,20 @@ proptest! {
                 QuorumCommand::NodeDown { node } => holder.retain(|_, held_by| held_by.node != *node),
                 QuorumCommand::NodeRestarted { node, incarnation } => {
                     holder.retain(|_, held_by| held_by.node != *node || held_by.incarnation == *incarnation)
+                }
+                // A lease run out takes the message back (it may go out again in the same tick).
+                QuorumCommand::Tick { .. } => {
+                    let again: BTreeSet<QuorumMessageId> = effects
+                        .iter()
+                        .filter_map(|effect| match effect {
+                            QuorumEffect::Deliver { id, .. } => Some(*id),
+                            QuorumEffect::DeadLetter { .. } => None,
+                        })
+                        .collect();
+                    holder.retain(|id, held_by| {
+                        !again.contains(id)
+                            && queue.messages.get(id).and_then(|held| held.checked_out_to.as_ref()) == Some(held_by)
+                    });
                 }
                 _ => {}
             }
