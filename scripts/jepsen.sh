@@ -11,13 +11,19 @@ cd "$(dirname "$0")/.."
 first=${1:-1}
 runs=${2:-10}
 steps=${3:-20}
-cargo test --locked -p wharf --test cluster_jepsen --no-run
-log=$(mktemp "${TMPDIR:-/tmp}/wharf-jepsen.XXXXXX")
-trap 'rm -f "$log"' EXIT
+# Built once and copied, with the broker it starts, so a long run tests one build however the
+# tree changes meanwhile.
+checker=$(cargo test --locked -p wharf --test cluster_jepsen --no-run --message-format=json \
+  | grep -o '"executable":"[^"]*cluster_jepsen[^"]*"' | tail -1 | cut -d'"' -f4)
+work=$(mktemp -d "${TMPDIR:-/tmp}/wharf-jepsen.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+cp "$checker" "$work/cluster_jepsen"
+cp "$(dirname "$checker")/../wharf" "$work/wharf"
+log="$work/log"
 for seed in $(seq "$first" $(( first + runs - 1 ))); do
   started=$(date +%s)
-  if ! WHARF_JEPSEN_SEED=$seed WHARF_JEPSEN_STEPS=$steps \
-      cargo test --locked -q -p wharf --test cluster_jepsen -- --nocapture >"$log" 2>&1; then
+  if ! WHARF_JEPSEN_SEED=$seed WHARF_JEPSEN_STEPS=$steps WHARF_TEST_BINARY="$work/wharf" \
+      "$work/cluster_jepsen" --nocapture >"$log" 2>&1; then
     cat "$log"
     echo "seed $seed FAILED (WHARF_JEPSEN_SEED=$seed WHARF_JEPSEN_STEPS=$steps runs it again)"
     exit 1

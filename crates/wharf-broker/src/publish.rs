@@ -152,7 +152,9 @@ impl Core {
                 let expires_at_ms = queue.ttl_ms_for(message).map(|ttl_ms| now_ms.saturating_add(ttl_ms));
                 let dedup_key = if from_publisher { queue.dedup_key_of(message) } else { None };
                 let meta = replicated_meta.get_or_insert_with(|| persist::encode_message_meta(message));
-                let enqueue = crate::cluster::ReplicatedEnqueue { meta, body, expires_at_ms, dedup_key, now_ms };
+                let order_key = queue.order_key_of(message);
+                let enqueue =
+                    crate::cluster::ReplicatedEnqueue { meta, body, expires_at_ms, dedup_key, now_ms, order_key };
                 placed.replicated.push(self.enqueue_replicated(vhost, queue_name, enqueue));
                 continue;
             }

@@ -244,9 +244,13 @@ impl Queue {
             (Some(queue), Some(message)) => Some(queue.min(message)),
             (queue, message) => queue.or(message),
         };
-        let order_key =
-            self.settings.ordered_by.as_deref().and_then(|header| message.header_text(header)).map(Arc::from);
-        (ttl_ms, order_key)
+        (ttl_ms, self.order_key_of(message))
+    }
+
+    /// A message's `x-ordered-by` key here: its ordering header's value, if the queue orders by
+    /// key and the message has that header.
+    pub fn order_key_of(&self, message: &Message) -> Option<Arc<str>> {
+        self.settings.ordered_by.as_deref().and_then(|header| message.header_text(header)).map(Arc::from)
     }
 
     #[allow(clippy::too_many_arguments)]

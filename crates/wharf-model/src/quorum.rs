@@ -61,12 +61,19 @@ pub struct QuorumSettings {
 /// A command, as committed to the queue's log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QuorumCommand {
-    /// A message: its bytes (opaque here), and when it expires, if it does (stamped by the node
-    /// that proposed it, from the message's and the queue's TTL).
-    Enqueue { payload: Arc<[u8]>, expires_at_ms: Option<u64> },
+    /// A message: its bytes (opaque here), when it expires, if it does (stamped by the node
+    /// that proposed it, from the message's and the queue's TTL), and its ordering key, if the
+    /// queue orders by key (`quorum/ordering.rs`).
+    Enqueue { payload: Arc<[u8]>, expires_at_ms: Option<u64>, order_key: Option<Arc<[u8]>> },
     /// A message with a de-duplication key, stamped with the proposing node's time: taken
     /// unless the key came within the queue's window, then answered [`QuorumAnswer::Duplicate`].
-    EnqueueKeyed { payload: Arc<[u8]>, expires_at_ms: Option<u64>, key: Arc<[u8]>, now_ms: u64 },
+    EnqueueKeyed {
+        payload: Arc<[u8]>,
+        expires_at_ms: Option<u64>,
+        key: Arc<[u8]>,
+        now_ms: u64,
+        order_key: Option<Arc<[u8]>>,
+    },
     /// `basic.get`: the oldest ready message, checked out to `consumer` (a channel's get
     /// consumer, tag `""`) until settled, or removed at once with `settle` (no-ack); answered
     /// [`QuorumAnswer::Dequeued`] or [`QuorumAnswer::Empty`].
@@ -147,6 +154,8 @@ struct Held {
     /// When its timer runs out, once the first `Tick` after it started stamped it: a waiting
     /// message's backoff, a leased delivery's lease (see `timers.rs`).
     due_ms: Option<u64>,
+    /// Its `x-ordered-by` key.
+    order_key: Option<Arc<[u8]>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,6 +192,11 @@ pub struct QuorumQueue {
     waiting: BTreeSet<QuorumMessageId>,
     /// Checked-out messages under a lease.
     leased: BTreeSet<QuorumMessageId>,
+    /// The ready messages that may go out now (see `ordering.rs`); all ready ones when no
+    /// message has an ordering key.
+    deliverable: BTreeSet<QuorumMessageId>,
+    /// The messages of each ordering key in the queue, oldest (the key's holder) first.
+    by_key: BTreeMap<Arc<[u8]>, BTreeSet<QuorumMessageId>>,
 }
 
 impl QuorumQueue {
@@ -235,9 +249,11 @@ impl QuorumQueue {
     pub fn apply(&mut self, command: QuorumCommand) -> (QuorumAnswer, Vec<QuorumEffect>) {
         let mut effects = Vec::new();
         let answer = match command {
-            QuorumCommand::Enqueue { payload, expires_at_ms } => self.enqueue(payload, expires_at_ms, &mut effects),
-            QuorumCommand::EnqueueKeyed { payload, expires_at_ms, key, now_ms } => {
-                self.enqueue_keyed(payload, expires_at_ms, key, now_ms, &mut effects)
+            QuorumCommand::Enqueue { payload, expires_at_ms, order_key } => {
+                self.enqueue(payload, expires_at_ms, order_key, &mut effects)
+            }
+            QuorumCommand::EnqueueKeyed { payload, expires_at_ms, key, now_ms, order_key } => {
+                self.enqueue_keyed(payload, expires_at_ms, key, now_ms, order_key, &mut effects)
             }
             QuorumCommand::Dequeue { consumer, settle } => self.dequeue(consumer, settle),
             QuorumCommand::Checkout { consumer, prefetch } => {
@@ -269,7 +285,7 @@ impl QuorumQueue {
                 for id in ids {
                     if self.held_by(&consumer, id) {
                         self.release(&consumer, id);
-                        self.messages.remove(&id);
+                        self.remove_message(id);
                     }
                 }
                 self.forget_if_done(&consumer);
@@ -325,7 +341,7 @@ impl QuorumQueue {
                 for id in &ready {
                     self.take_ready(*id);
                     self.waiting.remove(id);
-                    self.messages.remove(id);
+                    self.remove_message(*id);
                 }
                 QuorumAnswer::Removed { count: ready.len() as u64 }
             }
@@ -338,6 +354,7 @@ impl QuorumQueue {
         &mut self,
         payload: Arc<[u8]>,
         expires_at_ms: Option<u64>,
+        order_key: Option<Arc<[u8]>>,
         effects: &mut Vec<QuorumEffect>,
     ) -> QuorumAnswer {
         let bytes = payload.len() as u64;
@@ -350,10 +367,9 @@ impl QuorumQueue {
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.messages
-            .insert(id, Held { payload, expires_at_ms, delivery_count: 0, checked_out_to: None, due_ms: None });
-        self.ready.insert(id);
-        self.ready_bytes += bytes;
+        let held = Held { payload, expires_at_ms, delivery_count: 0, checked_out_to: None, due_ms: None, order_key };
+        self.insert_message(id, held);
+        self.make_ready(id);
         // Drop-head: the oldest ready messages leave until the queue is within its limits.
         while over(self, 0, 0) {
             let Some(oldest) = self.ready.first().copied() else { break };
@@ -369,9 +385,12 @@ impl QuorumQueue {
         expires_at_ms: Option<u64>,
         key: Arc<[u8]>,
         now_ms: u64,
+        order_key: Option<Arc<[u8]>>,
         effects: &mut Vec<QuorumEffect>,
     ) -> QuorumAnswer {
-        let Some(ttl_ms) = self.settings.dedup_ttl_ms else { return self.enqueue(payload, expires_at_ms, effects) };
+        let Some(ttl_ms) = self.settings.dedup_ttl_ms else {
+            return self.enqueue(payload, expires_at_ms, order_key, effects);
+        };
         while let Some((until, _)) = self.dedup_order.first()
             && *until <= now_ms
         {
@@ -382,7 +401,7 @@ impl QuorumQueue {
         if self.dedup_keys.contains_key(&key) {
             return QuorumAnswer::Duplicate;
         }
-        let answer = self.enqueue(payload, expires_at_ms, effects);
+        let answer = self.enqueue(payload, expires_at_ms, order_key, effects);
         if matches!(answer, QuorumAnswer::Done { .. }) {
             if self.dedup_keys.len() >= crate::dedup::DEDUP_KEYS_MAX
                 && let Some((_, oldest)) = self.dedup_order.pop_first()
@@ -400,14 +419,14 @@ impl QuorumQueue {
     /// consumer is kept as a cancelled one: never dispatched to, forgotten once it holds
     /// nothing, and its holdings returned when its channel goes (`Down`).
     fn dequeue(&mut self, consumer: QuorumConsumer, settle: bool) -> QuorumAnswer {
-        let Some(id) = self.ready.first().copied() else { return QuorumAnswer::Empty };
+        let Some(id) = self.deliverable.first().copied() else { return QuorumAnswer::Empty };
         self.take_ready(id);
         let Some(held) = self.messages.get_mut(&id) else { return QuorumAnswer::Empty };
         let redelivered = held.delivery_count > 0;
         held.delivery_count += 1;
         let (payload, delivery_count) = (Arc::clone(&held.payload), held.delivery_count);
         if settle {
-            self.messages.remove(&id);
+            self.remove_message(id);
         } else {
             held.checked_out_to = Some(consumer.clone());
             held.due_ms = None;
@@ -440,13 +459,6 @@ impl QuorumQueue {
         self.leased.remove(&id);
     }
 
-    fn take_ready(&mut self, id: QuorumMessageId) {
-        if self.ready.remove(&id) {
-            let bytes = self.messages.get(&id).map_or(0, |held| held.payload.len() as u64);
-            self.ready_bytes = self.ready_bytes.saturating_sub(bytes);
-        }
-    }
-
     /// A returned message: dead past the delivery limit; else waiting out its backoff step on
     /// a queue with `x-retry-backoff` (stamped by the next `Tick`), ready again otherwise.
     fn requeue(&mut self, id: QuorumMessageId, effects: &mut Vec<QuorumEffect>) {
@@ -463,14 +475,13 @@ impl QuorumQueue {
             self.waiting.insert(id);
             return;
         }
-        self.ready_bytes += held.payload.len() as u64;
-        self.ready.insert(id);
+        self.make_ready(id);
     }
 
     fn dead_letter(&mut self, id: QuorumMessageId, reason: QuorumDeathReason, effects: &mut Vec<QuorumEffect>) {
         self.leased.remove(&id);
         self.waiting.remove(&id);
-        if let Some(held) = self.messages.remove(&id) {
+        if let Some(held) = self.remove_message(id) {
             effects.push(QuorumEffect::DeadLetter {
                 id,
                 payload: held.payload,
@@ -510,13 +521,13 @@ impl QuorumQueue {
                 .find(|consumer| self.consumers.get(*consumer).is_some_and(|state| !state.cancelled))
                 .cloned();
             let Some(active) = active else { return };
-            while !self.ready.is_empty() && self.consumers.get(&active).is_some_and(ConsumerState::has_credit) {
+            while !self.deliverable.is_empty() && self.consumers.get(&active).is_some_and(ConsumerState::has_credit) {
                 self.deliver_first_ready(&active, effects);
             }
             return;
         }
         let mut idle_in_a_row = 0;
-        while !self.ready.is_empty() && idle_in_a_row < self.service_order.len() {
+        while !self.deliverable.is_empty() && idle_in_a_row < self.service_order.len() {
             let Some(consumer) = self.service_order.pop_front() else { break };
             self.service_order.push_back(consumer.clone());
             let has_credit = self.consumers.get(&consumer).is_some_and(ConsumerState::has_credit);
@@ -529,9 +540,10 @@ impl QuorumQueue {
         }
     }
 
-    /// Checks the oldest ready message out to `consumer` (under a lease, if the queue has one).
+    /// Checks the oldest deliverable message out to `consumer` (under a lease, if the queue has
+    /// one).
     fn deliver_first_ready(&mut self, consumer: &QuorumConsumer, effects: &mut Vec<QuorumEffect>) {
-        let Some(id) = self.ready.first().copied() else { return };
+        let Some(id) = self.deliverable.first().copied() else { return };
         self.take_ready(id);
         let Some(held) = self.messages.get_mut(&id) else { return };
         let redelivered = held.delivery_count > 0;
@@ -554,6 +566,7 @@ impl QuorumQueue {
     }
 }
 
+mod ordering;
 mod snapshot;
 mod timers;
 

@@ -613,12 +613,13 @@ async fn declare_quorum_with(channel: &Channel, name: &str, extra: &[(&str, AMQP
     channel.queue_declare(name.into(), options, arguments).await.unwrap();
 }
 
-/// Leases, retry backoff and single active consumer on a quorum queue, carried out by its
-/// group whichever node the consumer is on: a delivery left unsettled past its lease comes back
-/// (after the backoff) marked redelivered, as does one nacked with requeue; with single active
-/// consumer the first consumer attached gets everything until it goes.
+/// Leases, retry backoff, single active consumer and per-key ordering on a quorum queue,
+/// carried out by its group whichever node the consumer is on: a delivery left unsettled past
+/// its lease comes back (after the backoff) marked redelivered, as does one nacked with requeue;
+/// with single active consumer the first consumer attached gets everything until it goes; with
+/// `x-ordered-by` one message of a key is out at a time, in publish order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_quorum_queue_takes_back_leased_deliveries_backs_off_and_serves_one_active_consumer() {
+async fn a_quorum_queue_leases_backs_off_orders_by_key_and_serves_one_active_consumer() {
     let temp = tempfile::tempdir().unwrap();
     let (_, nodes) = common::three_nodes(temp.path(), &[]).await;
     let urls: Vec<String> = nodes.iter().map(|node| node.http.clone()).collect();
@@ -696,4 +697,38 @@ async fn a_quorum_queue_takes_back_leased_deliveries_backs_off_and_serves_one_ac
     publish_confirmed(&channel, "solo", ["after".to_owned()]).await;
     let delivery = next(&mut standby).await;
     assert_eq!(&delivery.data[..], b"after");
+
+    // Per-key ordering: of each customer's messages one is out at a time, in publish order.
+    declare_quorum_with(&channel, "ordered", &[("x-ordered-by", AMQPValue::LongString("customer".into()))]).await;
+    agreed_queue_leader(&urls, "ordered").await;
+    for (body, customer) in [("c1-a", "c1"), ("c1-b", "c1"), ("c2-a", "c2")] {
+        let mut headers = FieldTable::default();
+        headers.insert("customer".into(), AMQPValue::LongString(customer.into()));
+        let properties = BasicProperties::default().with_delivery_mode(2).with_headers(headers);
+        let confirm = channel
+            .basic_publish("".into(), "ordered".into(), BasicPublishOptions::default(), body.as_bytes(), properties)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
+    }
+    let ordered_channel = third.create_channel().await.unwrap();
+    ordered_channel.basic_qos(10, BasicQosOptions::default()).await.unwrap();
+    let mut ordered = ordered_channel
+        .basic_consume("ordered".into(), "ordered".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    // c1-b waits behind c1-a, so c2-a comes second.
+    let first_c1 = next(&mut ordered).await;
+    assert_eq!(&first_c1.data[..], b"c1-a");
+    let c2 = next(&mut ordered).await;
+    assert_eq!(&c2.data[..], b"c2-a");
+    // Returned, c1-a is still its key's first: it comes again before c1-b.
+    first_c1.nack(lapin::options::BasicNackOptions { requeue: true, ..Default::default() }).await.unwrap();
+    let again = next(&mut ordered).await;
+    assert_eq!((&again.data[..], again.redelivered), (&b"c1-a"[..], true));
+    again.ack(BasicAckOptions::default()).await.unwrap();
+    let last = next(&mut ordered).await;
+    assert_eq!(&last.data[..], b"c1-b");
 }

@@ -314,14 +314,16 @@ impl Core {
             Some(group) => {
                 let payload = quorum_codec::encode_payload(enqueue.meta, enqueue.body);
                 let expires_at_ms = enqueue.expires_at_ms;
+                let order_key = enqueue.order_key.map(|key| Arc::from(key.as_bytes()));
                 let command = match enqueue.dedup_key {
                     Some(key) => QuorumCommand::EnqueueKeyed {
                         payload,
                         expires_at_ms,
                         key: Arc::from(key),
                         now_ms: enqueue.now_ms,
+                        order_key,
                     },
-                    None => QuorumCommand::Enqueue { payload, expires_at_ms },
+                    None => QuorumCommand::Enqueue { payload, expires_at_ms, order_key },
                 };
                 group.submit(command, Some(sender));
             }
@@ -342,6 +344,8 @@ pub(crate) struct ReplicatedEnqueue<'a> {
     pub expires_at_ms: Option<u64>,
     /// Its de-duplication key, if the queue de-duplicates and the message has one.
     pub dedup_key: Option<Vec<u8>>,
+    /// Its ordering key (`x-ordered-by`), if the queue orders by key and the message has one.
+    pub order_key: Option<Arc<str>>,
     /// This node's time.
     pub now_ms: u64,
 }

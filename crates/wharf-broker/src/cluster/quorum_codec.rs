@@ -21,6 +21,9 @@ const TICK: u8 = 10;
 const PURGE: u8 = 11;
 const ENQUEUE_KEYED: u8 = 12;
 const DEQUEUE: u8 = 13;
+/// `ENQUEUE` and `ENQUEUE_KEYED` with an ordering key after their fields (`x-ordered-by`).
+const ENQUEUE_ORDERED: u8 = 14;
+const ENQUEUE_KEYED_ORDERED: u8 = 15;
 
 const ANSWER_DONE: u8 = 1;
 const ANSWER_DONE_WITH_ID: u8 = 2;
@@ -116,17 +119,23 @@ pub(crate) fn encode_commands(commands: &[QuorumCommand]) -> Vec<u8> {
     writer.u32(commands.len() as u32);
     for command in commands {
         match command {
-            QuorumCommand::Enqueue { payload, expires_at_ms } => {
-                writer.u8(ENQUEUE);
+            QuorumCommand::Enqueue { payload, expires_at_ms, order_key } => {
+                writer.u8(if order_key.is_some() { ENQUEUE_ORDERED } else { ENQUEUE });
                 writer.u64(expires_at_ms.map_or(0, |at| at.saturating_add(1)));
                 writer.bytes(payload);
+                if let Some(order_key) = order_key {
+                    writer.bytes(order_key);
+                }
             }
-            QuorumCommand::EnqueueKeyed { payload, expires_at_ms, key, now_ms } => {
-                writer.u8(ENQUEUE_KEYED);
+            QuorumCommand::EnqueueKeyed { payload, expires_at_ms, key, now_ms, order_key } => {
+                writer.u8(if order_key.is_some() { ENQUEUE_KEYED_ORDERED } else { ENQUEUE_KEYED });
                 writer.u64(expires_at_ms.map_or(0, |at| at.saturating_add(1)));
                 writer.u64(*now_ms);
                 writer.bytes(key);
                 writer.bytes(payload);
+                if let Some(order_key) = order_key {
+                    writer.bytes(order_key);
+                }
             }
             QuorumCommand::Checkout { consumer, prefetch } => {
                 writer.u8(CHECKOUT);
@@ -187,17 +196,21 @@ pub(crate) fn decode_commands(bytes: &[u8]) -> Result<Vec<QuorumCommand>, String
     let mut commands = Vec::with_capacity(count);
     for _ in 0..count {
         let command = match reader.u8("command tag")? {
-            ENQUEUE => {
+            tag @ (ENQUEUE | ENQUEUE_ORDERED) => {
                 let expires = reader.u64("expiry")?;
-                let payload = reader.bytes("payload")?;
-                QuorumCommand::Enqueue { payload: Arc::from(payload), expires_at_ms: expires.checked_sub(1) }
+                let payload = Arc::from(reader.bytes("payload")?);
+                let order_key =
+                    if tag == ENQUEUE_ORDERED { Some(Arc::from(reader.bytes("ordering key")?)) } else { None };
+                QuorumCommand::Enqueue { payload, expires_at_ms: expires.checked_sub(1), order_key }
             }
-            ENQUEUE_KEYED => {
+            tag @ (ENQUEUE_KEYED | ENQUEUE_KEYED_ORDERED) => {
                 let expires = reader.u64("expiry")?;
                 let now_ms = reader.u64("time")?;
                 let key = Arc::from(reader.bytes("key")?);
                 let payload = Arc::from(reader.bytes("payload")?);
-                QuorumCommand::EnqueueKeyed { payload, expires_at_ms: expires.checked_sub(1), key, now_ms }
+                let order_key =
+                    if tag == ENQUEUE_KEYED_ORDERED { Some(Arc::from(reader.bytes("ordering key")?)) } else { None };
+                QuorumCommand::EnqueueKeyed { payload, expires_at_ms: expires.checked_sub(1), key, now_ms, order_key }
             }
             CHECKOUT => QuorumCommand::Checkout { consumer: reader.consumer()?, prefetch: reader.u32("prefetch")? },
             DEQUEUE => QuorumCommand::Dequeue { consumer: reader.consumer()?, settle: reader.u8("settle")? != 0 },
@@ -304,13 +317,30 @@ mod tests {
     fn every_command_and_answer_reads_back_as_written_and_damage_is_refused() {
         let consumer = QuorumConsumer { node: 2, incarnation: 9, connection: 77, channel: 3, tag: "ctag".into() };
         let commands = vec![
-            QuorumCommand::Enqueue { payload: encode_payload(b"meta", b"body"), expires_at_ms: Some(0) },
-            QuorumCommand::Enqueue { payload: Arc::from(&b""[..]), expires_at_ms: None },
+            QuorumCommand::Enqueue {
+                payload: encode_payload(b"meta", b"body"),
+                expires_at_ms: Some(0),
+                order_key: None,
+            },
+            QuorumCommand::Enqueue { payload: Arc::from(&b""[..]), expires_at_ms: None, order_key: None },
+            QuorumCommand::Enqueue {
+                payload: Arc::from(&b"x"[..]),
+                expires_at_ms: None,
+                order_key: Some(Arc::from(&b"customer-7"[..])),
+            },
             QuorumCommand::EnqueueKeyed {
                 payload: encode_payload(b"meta", b"body"),
                 expires_at_ms: Some(5),
                 key: Arc::from(&b"order-1"[..]),
                 now_ms: 42,
+                order_key: None,
+            },
+            QuorumCommand::EnqueueKeyed {
+                payload: Arc::from(&b"y"[..]),
+                expires_at_ms: None,
+                key: Arc::from(&b"order-2"[..]),
+                now_ms: 43,
+                order_key: Some(Arc::from(&b""[..])),
             },
             QuorumCommand::Checkout { consumer: consumer.clone(), prefetch: 10 },
             QuorumCommand::Dequeue { consumer: consumer.clone(), settle: true },

@@ -140,10 +140,10 @@ pub(crate) fn quorum_settings(settings: &wharf_model::QueueSettings) -> QuorumSe
 /// The arguments a quorum queue carries out. RabbitMQ refuses any other `x-` argument on a
 /// quorum queue (`invalid arg ... of queue type rabbit_quorum_queue`), and so does Wharf: an
 /// argument taken and then ignored would be a guarantee silently missing. Of Wharf's own,
-/// de-duplication, leases and retry backoff are built on quorum queues (the window's keys and
-/// the timers are the group's state, `wharf-model`'s `quorum/timers.rs`), as is single active
-/// consumer; per-key ordering (`x-ordered-by`) is not yet, so it is refused.
-const QUORUM_ARGUMENTS: [&str; 16] = [
+/// de-duplication, leases, retry backoff and per-key ordering are built on quorum queues (the
+/// window's keys, the timers and the ordering keys are the group's state, `wharf-model`'s
+/// `quorum/`), as is single active consumer.
+const QUORUM_ARGUMENTS: [&str; 17] = [
     "x-queue-type",
     // Where the leader starts: a placement hint, which Wharf's placement (the declaring node
     // first) may ignore without changing what the queue guarantees.
@@ -162,6 +162,7 @@ const QUORUM_ARGUMENTS: [&str; 16] = [
     "x-consumer-timeout",
     "x-retry-backoff",
     "x-single-active-consumer",
+    "x-ordered-by",
 ];
 
 fn refuse_unsupported_arguments(arguments: &FieldTable, name: &str, vhost: &str) -> Result<(), ModelError> {

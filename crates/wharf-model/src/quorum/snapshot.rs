@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 /// The format's version, its first byte. Version 2 added, at the end, the settings and the
-/// state of leases, retry backoff and single active consumer; version 1 is still read (none
-/// of those).
+/// state of leases, retry backoff and single active consumer, and the messages' ordering keys;
+/// version 1 is still read (none of those).
 const FORMAT_VERSION: u8 = 2;
 
 impl QuorumQueue {
@@ -78,6 +78,14 @@ impl QuorumQueue {
                 put_option_u64(&mut out, self.messages.get(id).and_then(|held| held.due_ms));
             }
         }
+        let keyed: Vec<(&u64, &Arc<[u8]>)> =
+            self.messages.iter().filter_map(|(id, held)| held.order_key.as_ref().map(|key| (id, key))).collect();
+        out.extend_from_slice(&(keyed.len() as u64).to_le_bytes());
+        for (id, key) in keyed {
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&(key.len() as u64).to_le_bytes());
+            out.extend_from_slice(key);
+        }
         out
     }
 
@@ -104,7 +112,8 @@ impl QuorumQueue {
             let expires_at_ms = reader.option_u64()?;
             let delivery_count = reader.u32()?;
             let checked_out_to = if reader.flag()? { Some(reader.consumer()?) } else { None };
-            messages.insert(id, Held { payload, expires_at_ms, delivery_count, checked_out_to, due_ms: None });
+            let held = Held { payload, expires_at_ms, delivery_count, checked_out_to, due_ms: None, order_key: None };
+            messages.insert(id, held);
         }
         let mut ready = BTreeSet::new();
         let mut ready_bytes = 0u64;
@@ -152,11 +161,16 @@ impl QuorumQueue {
                     timed.insert(id);
                 }
             }
+            for _ in 0..reader.u64()? {
+                let id = reader.u64()?;
+                let length = usize::try_from(reader.u64()?).ok()?;
+                messages.get_mut(&id)?.order_key = Some(Arc::from(reader.take(length)?));
+            }
         }
         if !reader.bytes.is_empty() {
             return None;
         }
-        Some(QuorumQueue {
+        let mut queue = QuorumQueue {
             settings,
             next_id,
             messages,
@@ -168,7 +182,10 @@ impl QuorumQueue {
             dedup_order,
             waiting,
             leased,
-        })
+            ..Default::default()
+        };
+        queue.rebuild_ordering();
+        Some(queue)
     }
 }
 

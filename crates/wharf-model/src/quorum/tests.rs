@@ -11,7 +11,7 @@ fn consumer(node: u64, tag: &str) -> QuorumConsumer {
 }
 
 fn enqueue(text: &str) -> QuorumCommand {
-    QuorumCommand::Enqueue { payload: Arc::from(text.as_bytes()), expires_at_ms: None }
+    QuorumCommand::Enqueue { payload: Arc::from(text.as_bytes()), expires_at_ms: None, order_key: None }
 }
 
 /// (consumer tag, message id, redelivered) of each delivery.
@@ -112,8 +112,12 @@ fn what_a_gone_consumer_or_node_held_goes_to_the_others_redelivered() {
 #[test]
 fn expired_ready_messages_are_dead_lettered_when_the_time_comes() {
     let mut queue = QuorumQueue::new(QuorumSettings::default());
-    queue.apply(QuorumCommand::Enqueue { payload: Arc::from(&b"soon"[..]), expires_at_ms: Some(100) });
-    queue.apply(QuorumCommand::Enqueue { payload: Arc::from(&b"later"[..]), expires_at_ms: Some(200) });
+    queue.apply(QuorumCommand::Enqueue { payload: Arc::from(&b"soon"[..]), expires_at_ms: Some(100), order_key: None });
+    queue.apply(QuorumCommand::Enqueue {
+        payload: Arc::from(&b"later"[..]),
+        expires_at_ms: Some(200),
+        order_key: None,
+    });
     queue.apply(enqueue("never"));
     assert!(dead(&queue.apply(QuorumCommand::Tick { now_ms: 99 }).1).is_empty());
     assert_eq!(dead(&queue.apply(QuorumCommand::Tick { now_ms: 150 }).1), vec![(1, QuorumDeathReason::Expired)]);
@@ -142,19 +146,20 @@ fn a_length_limit_drops_the_oldest_or_refuses_the_newest() {
 fn command_strategy() -> impl Strategy<Value = QuorumCommand> {
     let who = (1u64..=3, 0usize..2).prop_map(|(node, tag)| consumer(node, ["p", "q"][tag]));
     let ids = proptest::collection::vec(1u64..40, 1..4);
+    let order_key = proptest::option::of((0u8..3).prop_map(|key| Arc::from(vec![key].as_slice())));
     prop_oneof![
-        4 => (0u8..3, proptest::option::of(0u64..50)).prop_map(|(size, expires_at_ms)| QuorumCommand::Enqueue {
-            payload: Arc::from(vec![7u8; usize::from(size)].as_slice()),
-            expires_at_ms,
+        4 => (0u8..3, proptest::option::of(0u64..50), order_key.clone()).prop_map(|(size, expires_at_ms, order_key)| {
+            QuorumCommand::Enqueue { payload: Arc::from(vec![7u8; usize::from(size)].as_slice()), expires_at_ms, order_key }
         }),
-        2 => (0u8..3, proptest::option::of(0u64..50), 0u8..4, 0u64..60).prop_map(|(size, expires_at_ms, key, now_ms)| {
-            QuorumCommand::EnqueueKeyed {
+        2 => (0u8..3, proptest::option::of(0u64..50), 0u8..4, 0u64..60, order_key).prop_map(
+            |(size, expires_at_ms, key, now_ms, order_key)| QuorumCommand::EnqueueKeyed {
                 payload: Arc::from(vec![7u8; usize::from(size)].as_slice()),
                 expires_at_ms,
                 key: Arc::from(vec![key].as_slice()),
                 now_ms,
+                order_key,
             }
-        }),
+        ),
         2 => (who.clone(), 0u32..3).prop_map(|(consumer, prefetch)| QuorumCommand::Checkout { consumer, prefetch }),
         1 => who.clone().prop_map(|consumer| QuorumCommand::Cancel { consumer }),
         1 => who.clone().prop_map(|consumer| QuorumCommand::Down { consumer }),
@@ -182,6 +187,7 @@ fn a_key_seen_within_the_window_is_a_duplicate_and_counts_again_after_it() {
         expires_at_ms: None,
         key: Arc::from(key.as_bytes()),
         now_ms,
+        order_key: None,
     };
     assert_eq!(queue.apply(keyed("a", "k1", 0)).0, QuorumAnswer::Done { id: Some(1) });
     assert_eq!(queue.apply(keyed("a again", "k1", 99)).0, QuorumAnswer::Duplicate);
@@ -240,9 +246,9 @@ fn a_snapshot_cut_short_or_damaged_is_refused() {
     let mut longer = bytes.clone();
     longer.push(0);
     assert_eq!(QuorumQueue::decode_snapshot(&longer), None);
-    // A snapshot of the first format (before leases, backoff and single active consumer:
-    // the last 26 bytes) still reads.
-    let mut first_format = bytes[..bytes.len() - 26].to_vec();
+    // A snapshot of the first format (before leases, backoff, single active consumer and
+    // ordering keys: the last 34 bytes) still reads.
+    let mut first_format = bytes[..bytes.len() - 34].to_vec();
     first_format[0] = 1;
     assert_eq!(QuorumQueue::decode_snapshot(&first_format), Some(queue.clone()));
     let mut other_version = bytes;
@@ -308,6 +314,39 @@ fn a_delivery_unsettled_past_its_lease_goes_back_and_its_late_settle_is_ignored(
     assert_eq!(dead(&effects), vec![(1, QuorumDeathReason::DeliveryLimit)]);
     queue.apply(QuorumCommand::Settle { consumer: y, ids: vec![1] });
     assert_eq!((queue.ready_count(), queue.checked_out_count(), queue.next_timer_ms()), (0, 0, None));
+}
+
+#[test]
+fn messages_of_one_key_go_out_one_at_a_time_in_order() {
+    let mut queue = QuorumQueue::new(QuorumSettings::default());
+    let keyed = |text: &str, key: &str| QuorumCommand::Enqueue {
+        payload: Arc::from(text.as_bytes()),
+        expires_at_ms: None,
+        order_key: Some(Arc::from(key.as_bytes())),
+    };
+    for (text, key) in [("a1", "a"), ("a2", "a"), ("b1", "b")] {
+        queue.apply(keyed(text, key));
+    }
+    queue.apply(enqueue("free"));
+    let x = consumer(1, "x");
+    let (_, effects) = queue.apply(QuorumCommand::Checkout { consumer: x.clone(), prefetch: 10 });
+    // a2 waits behind a1; b1 and the unkeyed message go out.
+    assert_eq!(deliveries(&effects), vec![("x".into(), 1, false), ("x".into(), 3, false), ("x".into(), 4, false)]);
+    // Returned, a1 is still the holder: out again before a2.
+    let (_, effects) = queue.apply(QuorumCommand::Return { consumer: x.clone(), ids: vec![1] });
+    assert_eq!(deliveries(&effects), vec![("x".into(), 1, true)]);
+    // Settled, a1 leaves: a2 is next.
+    let (_, effects) = queue.apply(QuorumCommand::Settle { consumer: x.clone(), ids: vec![1] });
+    assert_eq!(deliveries(&effects), vec![("x".into(), 2, false)]);
+    // basic.get skips a key's waiting messages too.
+    queue.apply(keyed("b2", "b"));
+    let getter = QuorumConsumer { node: 1, incarnation: 1, connection: 1, channel: 2, tag: String::new() };
+    assert_eq!(queue.apply(QuorumCommand::Dequeue { consumer: getter, settle: true }).0, QuorumAnswer::Empty);
+    // The snapshot keeps the keys: b2 still waits for b1 after a restore.
+    let mut restored = QuorumQueue::decode_snapshot(&queue.encode_snapshot()).unwrap();
+    assert_eq!(restored, queue);
+    let (_, effects) = restored.apply(QuorumCommand::Settle { consumer: x, ids: vec![3] });
+    assert_eq!(deliveries(&effects), vec![("x".into(), 5, false)]);
 }
 
 #[test]
@@ -463,6 +502,14 @@ proptest! {
                     prop_assert_eq!(holder.get(id), Some(consumer));
                 }
             }
+            // Of each ordering key only the oldest message in the queue may be out; the others
+            // are ready and not deliverable. Deliverable messages are ready ones.
+            for ids in queue.by_key.values() {
+                for id in ids.iter().skip(1) {
+                    prop_assert!(queue.ready.contains(id) && !queue.deliverable.contains(id), "{} out of turn", id);
+                }
+            }
+            prop_assert!(queue.deliverable.is_subset(&queue.ready));
             prop_assert_eq!(queue.messages.len() as u64, live.len() as u64);
             prop_assert_eq!(queue.checked_out_count(), holder.len() as u64);
         }

@@ -56,9 +56,8 @@ impl QuorumQueue {
             self.waiting.remove(&id);
             if let Some(held) = self.messages.get_mut(&id) {
                 held.due_ms = None;
-                self.ready_bytes += held.payload.len() as u64;
-                self.ready.insert(id);
             }
+            self.make_ready(id);
         }
         let expired: Vec<QuorumMessageId> = self
             .ready

@@ -32,7 +32,10 @@ pub async fn start_node(
 ) -> Node {
     let own = cluster.iter().find(|(id, _)| *id == node_id).unwrap().1;
     let amqp = free_port();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_wharf"));
+    // `WHARF_TEST_BINARY` runs another build (scripts/jepsen.sh runs a copy, so that long runs
+    // go on while the tree is rebuilt).
+    let binary = std::env::var_os("WHARF_TEST_BINARY").unwrap_or_else(|| env!("CARGO_BIN_EXE_wharf").into());
+    let mut command = Command::new(binary);
     command
         .args(["serve", "--http-listen", "127.0.0.1:0", "--mqtt-listen", "none", "--amqp-listen"])
         .arg(amqp.to_string())
