@@ -12,7 +12,10 @@ mod log;
 mod network;
 mod status;
 
-pub use log::{GroupLog, GroupLogReader, GroupSnapshotMeta, GroupSnapshots, RaftStoreError};
+pub use log::{
+    GroupLog, GroupLogReader, GroupSnapshotMeta, GroupSnapshots, RECORD_SNAPSHOT_PART, RaftStoreError,
+    SNAPSHOT_PART_BYTES,
+};
 pub use network::{GroupId, GroupNetwork, GroupPeer, Groups, SERVICE_RAFT};
 pub use status::GroupStatus;
 

@@ -8,10 +8,11 @@
 //! at most), so that order needs nothing more.
 //!
 //! Each record's meta is one byte saying what it is ([`RECORD_ENTRY`], [`RECORD_VOTE`],
-//! [`RECORD_PURGED`], [`RECORD_SNAPSHOT`]) and its body is JSON (a snapshot's: its meta as JSON
-//! then the machine's bytes). Recovery ([`GroupLog::open`]) reads them in seq order:
-//! - the last vote and purge point, and the newest snapshot (by the log id it covers), are the
-//!   ones in force (the others are removed);
+//! [`RECORD_PURGED`], [`RECORD_SNAPSHOT_PART`]) and its body is JSON (a snapshot's: its meta as
+//! JSON then the machine's bytes, cut into parts of [`SNAPSHOT_PART_BYTES`]). Recovery
+//! ([`GroupLog::open`]) reads them in seq order:
+//! - the last vote and purge point, and the newest snapshot whose parts are all there (by the
+//!   log id it covers), are the ones in force (the others are removed);
 //! - an entry whose index is not past the last one read replaces that index and everything
 //!   after it: a truncation whose removals a crash lost, then the appends that replaced it;
 //! - entries up to the purge point are gone; so is everything after the first gap (a
@@ -35,9 +36,18 @@ pub const RECORD_ENTRY: u8 = b'E';
 pub const RECORD_VOTE: u8 = b'V';
 /// A record holding the last purged log id.
 pub const RECORD_PURGED: u8 = b'P';
-/// A record holding the group's latest snapshot: a 4-byte length, the snapshot's meta as JSON,
-/// then the state machine's bytes.
+/// A record holding a whole snapshot: a 4-byte length, the snapshot's meta as JSON, then the
+/// state machine's bytes (written before snapshots came in parts; still read).
 pub const RECORD_SNAPSHOT: u8 = b'S';
+/// A record holding one part of a snapshot: the snapshot's generation (8 bytes: 0 in its first
+/// part, whose own seq it then is; that seq in the others), the part's number and the number of
+/// parts (4 bytes each), then the part's share of what a [`RECORD_SNAPSHOT`] body holds. A
+/// snapshot of a deep queue is larger than one store record may be (`BODY_BYTES_MAX`), so it
+/// is written in parts, and recovery takes only a snapshot whose parts are all there.
+pub const RECORD_SNAPSHOT_PART: u8 = b'T';
+
+/// The bytes of a snapshot one part record carries at most.
+pub const SNAPSHOT_PART_BYTES: usize = 8 * 1024 * 1024;
 
 /// A snapshot's description, as openraft gives it.
 pub type GroupSnapshotMeta = openraft::SnapshotMeta<u64, openraft::BasicNode>;
@@ -69,8 +79,8 @@ struct Held {
     vote: Option<(u64, Vote<u64>)>,
     /// The purge point in force and its record's seq.
     purged: Option<(u64, GroupLogId)>,
-    /// The latest snapshot (meta, bytes) and its record's seq.
-    snapshot: Option<(u64, GroupSnapshotMeta, Arc<Vec<u8>>)>,
+    /// The latest snapshot (meta, bytes) and its records' seqs.
+    snapshot: Option<(Vec<u64>, GroupSnapshotMeta, Arc<Vec<u8>>)>,
     /// Records to remove once the purge point in force is durable (it is not yet when its seq
     /// is [`NOT_DURABLE`]): the entries it purged, and the purge records before it.
     purge_pending: Vec<u64>,
@@ -120,6 +130,26 @@ fn encode_snapshot(meta: &GroupSnapshotMeta, data: &[u8]) -> Result<Vec<u8>, ser
     Ok(body)
 }
 
+/// What a [`RECORD_SNAPSHOT_PART`] record says: generation (0 in a first part), part, parts,
+/// and its share of the snapshot's bytes.
+fn decode_part(body: &[u8]) -> Result<(u64, u32, u32, &[u8]), String> {
+    if body.len() < 16 {
+        return Err("a snapshot part shorter than its header".into());
+    }
+    let (header, share) = body.split_at(16);
+    let number =
+        |range: std::ops::Range<usize>| header[range].iter().fold(0u64, |sum, byte| sum << 8 | u64::from(*byte));
+    let (generation, part, parts) = (number(0..8), number(8..12) as u32, number(12..16) as u32);
+    if parts == 0 || part >= parts {
+        return Err(format!("snapshot part {part} of {parts}"));
+    }
+    Ok((generation, part, parts, share))
+}
+
+/// The parts of snapshots found at recovery, by generation: how many each should have, and
+/// those read (by number: seq and bytes).
+type PartsFound = BTreeMap<u64, (u32, BTreeMap<u32, (u64, Vec<u8>)>)>;
+
 fn decode_snapshot(body: &[u8]) -> Result<(GroupSnapshotMeta, Vec<u8>), String> {
     let length = body.get(..4).ok_or("a snapshot record without its length")?;
     let length = u32::from_be_bytes([length[0], length[1], length[2], length[3]]) as usize;
@@ -167,6 +197,8 @@ impl GroupLog {
         let mut held = Held::default();
         let mut stale = Vec::new();
         let mut failure = None;
+        let mut whole: Vec<(Vec<u64>, Vec<u8>)> = Vec::new();
+        let mut parts_found = PartsFound::new();
         let records = recovered.queues.get(&log).map(Vec::as_slice).unwrap_or(&[]);
         let locations: Vec<_> = records.iter().map(|record| record.location).collect();
         store.read_each(log, &locations, &mut |index, read| {
@@ -188,17 +220,15 @@ impl GroupLog {
                         let purged: GroupLogId = serde_json::from_slice(record.body).map_err(|e| e.to_string())?;
                         stale.extend(held.purged.replace((seq, purged)).map(|(old, _)| old));
                     }
-                    RECORD_SNAPSHOT => {
-                        let (meta, data) = decode_snapshot(record.body)?;
-                        let newer = held
-                            .snapshot
-                            .as_ref()
-                            .is_none_or(|(_, current, _)| meta.last_log_id >= current.last_log_id);
-                        if newer {
-                            stale.extend(held.snapshot.replace((seq, meta, Arc::new(data))).map(|(old, ..)| old));
-                        } else {
-                            stale.push(seq);
+                    RECORD_SNAPSHOT => whole.push((vec![seq], record.body.to_vec())),
+                    RECORD_SNAPSHOT_PART => {
+                        let (generation, part, parts, share) = decode_part(record.body)?;
+                        let generation = if generation == 0 { seq } else { generation };
+                        let found = parts_found.entry(generation).or_insert_with(|| (parts, BTreeMap::new()));
+                        if found.0 != parts {
+                            return Err(format!("a snapshot part says {parts} parts, its first {}", found.0));
                         }
+                        found.1.insert(part, (seq, share.to_vec()));
                     }
                     other => return Err(format!("unknown kind {other}")),
                 }
@@ -210,6 +240,31 @@ impl GroupLog {
         });
         if let Some(failure) = failure {
             return Err(failure);
+        }
+        // Snapshots whose parts are all there (a crash may cut the newest short); the newest of
+        // them is in force, every other record of a snapshot goes.
+        for (_, (parts, found)) in parts_found {
+            let seqs: Vec<u64> = found.values().map(|(seq, _)| *seq).collect();
+            if found.len() == parts as usize {
+                whole.push((seqs, found.into_values().flat_map(|(_, share)| share).collect()));
+            } else {
+                stale.extend(seqs);
+            }
+        }
+        for (seqs, body) in whole {
+            let (meta, data) = decode_snapshot(&body).map_err(|reason| RaftStoreError::Unreadable {
+                log: log.0,
+                seq: seqs[0],
+                reason,
+            })?;
+            let newer = held.snapshot.as_ref().is_none_or(|(current_seqs, current, _)| {
+                (meta.last_log_id, seqs[0]) >= (current.last_log_id, current_seqs[0])
+            });
+            if newer {
+                stale.extend(held.snapshot.replace((seqs, meta, Arc::new(data))).into_iter().flat_map(|(old, ..)| old));
+            } else {
+                stale.extend(seqs);
+            }
         }
         if let Some((_, purged)) = &held.purged {
             let kept = held.entries.split_off(&(purged.index + 1));
@@ -269,23 +324,41 @@ impl GroupSnapshots {
             StorageError::from(StorageIOError::write_snapshot(None, AnyError::error(error.to_string())))
         };
         let body = encode_snapshot(meta, &data).map_err(|error| snapshot_error(&error))?;
-        let pending =
-            self.store.append(self.log, 0, &[RECORD_SNAPSHOT], &body).map_err(|error| snapshot_error(&error))?;
-        let seq = pending.seq;
-        pending.ticket.await.map_err(|error| snapshot_error(&error))?;
+        // In parts, each a record; durable in append order, so once the last is, all are.
+        let chunks: Vec<&[u8]> = body.chunks(SNAPSHOT_PART_BYTES).collect();
+        let parts = u32::try_from(chunks.len().max(1)).map_err(|error| snapshot_error(&error))?;
+        let mut seqs = Vec::with_capacity(chunks.len());
+        let mut last_ticket = None;
+        for (number, chunk) in chunks.iter().enumerate() {
+            let generation = seqs.first().copied().unwrap_or(0u64);
+            let mut record = Vec::with_capacity(16 + chunk.len());
+            record.extend_from_slice(&generation.to_be_bytes());
+            record.extend_from_slice(&(number as u32).to_be_bytes());
+            record.extend_from_slice(&parts.to_be_bytes());
+            record.extend_from_slice(chunk);
+            let pending = self
+                .store
+                .append(self.log, 0, &[RECORD_SNAPSHOT_PART], &record)
+                .map_err(|error| snapshot_error(&error))?;
+            seqs.push(pending.seq);
+            last_ticket = Some(pending.ticket);
+        }
+        if let Some(ticket) = last_ticket {
+            ticket.await.map_err(|error| snapshot_error(&error))?;
+        }
         // openraft may build a snapshot while it installs another: the newer one stays, whichever
         // is saved last (recovery keeps the newest too).
         let stale = {
             let mut held = lock(&self.held);
             let newer = held.snapshot.as_ref().is_none_or(|(_, current, _)| meta.last_log_id >= current.last_log_id);
             if newer {
-                held.snapshot.replace((seq, meta.clone(), Arc::new(data))).map(|(old, ..)| old)
+                held.snapshot.replace((seqs, meta.clone(), Arc::new(data))).map(|(old, ..)| old).unwrap_or_default()
             } else {
-                Some(seq)
+                seqs
             }
         };
-        if let Some(stale) = stale {
-            self.store.remove_unawaited(self.log, stale).map_err(|error| snapshot_error(&error))?;
+        for seq in stale {
+            self.store.remove_unawaited(self.log, seq).map_err(|error| snapshot_error(&error))?;
         }
         // A purge point waiting for a snapshot that covers it (see `GroupLog::purge`).
         let waiting = {

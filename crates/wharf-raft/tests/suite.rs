@@ -134,3 +134,41 @@ async fn a_purge_is_durable_only_once_a_snapshot_covers_it() {
     let (_, mut third) = crash_and_reopen(&fs, CrashMode::LoseUnsynced, id);
     assert_eq!(contents(&mut third).await, (vec![(5, 1), (6, 1)], None, Some(4)), "durable with its snapshot");
 }
+
+fn snapshot_meta(index: u64) -> openraft::SnapshotMeta<u64, openraft::BasicNode> {
+    openraft::SnapshotMeta {
+        last_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), index)),
+        last_membership: Default::default(),
+        snapshot_id: format!("at {index}"),
+    }
+}
+
+/// A snapshot is saved in parts of `SNAPSHOT_PART_BYTES` (so one larger than a store record may
+/// be, a deep queue's, can be saved; here two and a half parts) and comes back whole; a newer
+/// one whose parts a crash cut short is not taken, the older one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_is_saved_in_parts_and_only_a_whole_one_is_taken() {
+    let fs = SimFs::new(6);
+    let (store, _) = Store::open(fs.shared(), "/data", StoreConfig::default()).unwrap();
+    let log = GroupLog::create(&store).await.unwrap();
+    let id = log.store_log();
+    let large: Vec<u8> = (0..wharf_raft::SNAPSHOT_PART_BYTES * 5 / 2).map(|at| (at % 251) as u8).collect();
+    log.snapshots().save(&snapshot_meta(7), large.clone()).await.unwrap();
+    let (fs, again) = crash_and_reopen(&fs, CrashMode::LoseUnsynced, id);
+    let (meta, data) = again.snapshots().current().expect("the snapshot");
+    assert_eq!((meta.snapshot_id.as_str(), data.len()), ("at 7", large.len()));
+    assert!(*data == large, "the parts come back in order");
+
+    // The first of three parts of a newer snapshot, and then the crash.
+    let (store, _) = Store::open(fs.shared(), "/data", StoreConfig::default()).unwrap();
+    let mut part = Vec::new();
+    part.extend_from_slice(&0u64.to_be_bytes());
+    part.extend_from_slice(&0u32.to_be_bytes());
+    part.extend_from_slice(&3u32.to_be_bytes());
+    part.extend_from_slice(b"\0\0\0\x02{}");
+    store.append(id, 0, &[wharf_raft::RECORD_SNAPSHOT_PART], &part).unwrap().ticket.await.unwrap();
+    drop(store);
+    let (_, third) = crash_and_reopen(&fs, CrashMode::LoseUnsynced, id);
+    let (meta, data) = third.snapshots().current().expect("the whole snapshot");
+    assert_eq!((meta.snapshot_id.as_str(), data.len()), ("at 7", large.len()));
+}
