@@ -150,12 +150,13 @@ fn decode_part(body: &[u8]) -> Result<(u64, u32, u32, &[u8]), String> {
 /// those read (by number: seq and bytes).
 type PartsFound = BTreeMap<u64, (u32, BTreeMap<u32, (u64, Vec<u8>)>)>;
 
-fn decode_snapshot(body: &[u8]) -> Result<(GroupSnapshotMeta, Vec<u8>), String> {
+/// A snapshot's meta, and where the machine's bytes start in its body.
+fn decode_snapshot_meta(body: &[u8]) -> Result<(GroupSnapshotMeta, usize), String> {
     let length = body.get(..4).ok_or("a snapshot record without its length")?;
     let length = u32::from_be_bytes([length[0], length[1], length[2], length[3]]) as usize;
     let meta = body.get(4..4 + length).ok_or("a snapshot record shorter than its meta")?;
     let meta = serde_json::from_slice(meta).map_err(|error| error.to_string())?;
-    Ok((meta, body[4 + length..].to_vec()))
+    Ok((meta, 4 + length))
 }
 
 fn lock(held: &Mutex<Held>) -> std::sync::MutexGuard<'_, Held> {
@@ -246,25 +247,30 @@ impl GroupLog {
         for (_, (parts, found)) in parts_found {
             let seqs: Vec<u64> = found.values().map(|(seq, _)| *seq).collect();
             if found.len() == parts as usize {
-                whole.push((seqs, found.into_values().flat_map(|(_, share)| share).collect()));
+                let shares: Vec<Vec<u8>> = found.into_values().map(|(_, share)| share).collect();
+                whole.push((seqs, shares.concat()));
             } else {
                 stale.extend(seqs);
             }
         }
+        // Only the newest is kept; the others' metas are read to choose it.
+        let unreadable = |seq: u64| move |reason| RaftStoreError::Unreadable { log: log.0, seq, reason };
+        let mut newest: Option<(Vec<u64>, GroupSnapshotMeta, Vec<u8>)> = None;
         for (seqs, body) in whole {
-            let (meta, data) = decode_snapshot(&body).map_err(|reason| RaftStoreError::Unreadable {
-                log: log.0,
-                seq: seqs[0],
-                reason,
-            })?;
-            let newer = held.snapshot.as_ref().is_none_or(|(current_seqs, current, _)| {
+            let (meta, _) = decode_snapshot_meta(&body).map_err(unreadable(seqs[0]))?;
+            let newer = newest.as_ref().is_none_or(|(current_seqs, current, _)| {
                 (meta.last_log_id, seqs[0]) >= (current.last_log_id, current_seqs[0])
             });
             if newer {
-                stale.extend(held.snapshot.replace((seqs, meta, Arc::new(data))).into_iter().flat_map(|(old, ..)| old));
+                stale.extend(newest.replace((seqs, meta, body)).into_iter().flat_map(|(old, ..)| old));
             } else {
                 stale.extend(seqs);
             }
+        }
+        if let Some((seqs, meta, mut body)) = newest {
+            let (_, data_at) = decode_snapshot_meta(&body).map_err(unreadable(seqs[0]))?;
+            body.drain(..data_at);
+            held.snapshot = Some((seqs, meta, Arc::new(body)));
         }
         if let Some((_, purged)) = &held.purged {
             let kept = held.entries.split_off(&(purged.index + 1));

@@ -6,8 +6,9 @@
 //!
 //! openraft 0.9 has no leadership transfer, so the leader hands over the way Raft's own rules
 //! allow: (1) it stops writing to the group (its proposer waits, forwarded commands are told to
-//! look for the next leader) and stops its heartbeats; (2) it waits until the new leader's
-//! replica has every entry, so that one can win the election; (3) it asks that node to stand:
+//! look for the next leader, the writes under way finish); (2) it waits until the new leader's
+//! replica has every entry, so that one can win the election, and stops its heartbeats; (3) it
+//! asks that node to stand:
 //! the node waits out the leader lease (a voter that heard from its leader within
 //! [`ELECTION_TIMEOUT_MAX_MS`] refuses to vote for another) and starts an election, which it wins
 //! before any other member's own election timer runs out (that timer is the lease plus a random
@@ -64,7 +65,71 @@ impl Core {
     }
 }
 
-/// Stops this node's writes and heartbeats to a group for as long as it lives.
+/// Whether this node writes to a group (its proposer and the forwarded commands it takes), and
+/// how many of those writes are under way: handing the group over closes it and waits for the
+/// writes under way, so that none reaches the log (and renews the voters' lease) afterwards.
+#[derive(Debug, Default)]
+pub(crate) struct WriteGate {
+    /// Closed, and writes under way.
+    state: std::sync::Mutex<(bool, usize)>,
+    opened: tokio::sync::Notify,
+}
+
+/// A write under way; counted until dropped.
+pub(crate) struct Writing<'a> {
+    gate: &'a WriteGate,
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.gate.lock().1 -= 1;
+    }
+}
+
+impl WriteGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (bool, usize)> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A write, once the gate is open.
+    pub(crate) async fn enter(&self) -> Writing<'_> {
+        loop {
+            // Registered before the look, so an opening in between is not missed.
+            let opened = self.opened.notified();
+            if let Some(writing) = self.try_enter() {
+                return writing;
+            }
+            opened.await;
+        }
+    }
+
+    /// A write, if the gate is open.
+    pub(crate) fn try_enter(&self) -> Option<Writing<'_>> {
+        let mut state = self.lock();
+        if state.0 {
+            return None;
+        }
+        state.1 += 1;
+        Some(Writing { gate: self })
+    }
+
+    /// Closes the gate; false if it was closed already.
+    fn close(&self) -> bool {
+        let mut state = self.lock();
+        !std::mem::replace(&mut state.0, true)
+    }
+
+    fn open(&self) {
+        self.lock().0 = false;
+        self.opened.notify_waiters();
+    }
+
+    fn under_way(&self) -> usize {
+        self.lock().1
+    }
+}
+
+/// Keeps a group's writes stopped (and, once set, its heartbeats) for as long as it lives.
 struct Handing<'a> {
     group: &'a QueueGroup,
 }
@@ -72,7 +137,7 @@ struct Handing<'a> {
 impl Drop for Handing<'_> {
     fn drop(&mut self) {
         self.group.raft().runtime_config().heartbeat(true);
-        self.group.resume_writes();
+        self.group.writes().open();
     }
 }
 
@@ -89,11 +154,20 @@ pub(super) async fn hand_over(core: &Arc<Core>, group: &Arc<QueueGroup>, target:
     let Some((transport, _)) = core.cluster_links.get() else {
         return ChangeReply::Failed("the cluster's links are not up".into());
     };
-    if !group.pause_writes() {
+    if !group.writes().close() {
         return ChangeReply::Failed(format!("queue '{}' is being handed over already", group.name));
     }
-    raft.runtime_config().heartbeat(false);
     let handing = Handing { group };
+    // The writes under way finish (each takes a commit at most) before the catch-up is judged.
+    let writes_done = tokio::time::timeout(CATCH_UP_TIMEOUT, async {
+        while group.writes().under_way() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    if writes_done.is_err() {
+        return ChangeReply::Failed(format!("writes to queue '{}' did not finish", group.name));
+    }
     let caught_up = raft
         .wait(Some(CATCH_UP_TIMEOUT))
         .metrics(
@@ -107,6 +181,9 @@ pub(super) async fn hand_over(core: &Arc<Core>, group: &Arc<QueueGroup>, target:
     if caught_up.is_err() {
         return ChangeReply::Failed(format!("node {target}'s replica of queue '{}' did not catch up", group.name));
     }
+    // Heartbeats stop only now, so the voters' lease and the target's wait start together:
+    // the target stands well before any other member's own election timer runs out.
+    raft.runtime_config().heartbeat(false);
     let request = ReplicaChange { group: group.group, node: target, kind: ChangeKind::Elect };
     let asked = match serde_json::to_vec(&request) {
         Ok(payload) => {

@@ -27,6 +27,7 @@ mod quorum_codec;
 mod quorum_declare;
 mod quorum_get;
 mod quorum_liveness;
+mod quorum_proposer;
 mod quorum_timers;
 mod replicas;
 

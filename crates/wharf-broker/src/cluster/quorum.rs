@@ -21,8 +21,10 @@
 //! and the log after it, then proposes `NodeRestarted` so that what its consumers of before the
 //! restart held goes back to the queue. A member too far behind is sent the leader's snapshot.
 
+use super::leader_move::WriteGate;
+use super::propose;
 use super::quorum_codec;
-use super::{ReplicationError, propose};
+use super::quorum_proposer::{Pending, Proposer};
 use crate::core::{Core, blocking};
 use openraft::storage::RaftStateMachine;
 use openraft::{
@@ -32,7 +34,6 @@ use openraft::{
 use std::collections::{BTreeMap, HashMap};
 use std::io::Cursor;
 use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use wharf_cluster::{NodeId, Transport};
 use wharf_model::{
@@ -44,14 +45,6 @@ use wharf_raft::{Answer, GroupLog, GroupNetwork, GroupSnapshotMeta, GroupSnapsho
 /// The cluster service that takes queue commands forwarded from followers.
 pub(crate) const SERVICE_QUEUE: u16 = 3;
 
-/// Commands one entry carries at most.
-const COMMANDS_PER_ENTRY_MAX: usize = 1_024;
-
-/// Message bytes one entry carries at most (a batch stops growing past it): an entry is sent
-/// whole in one Raft message, and a follower that waits on one message too long starts an
-/// election.
-const ENTRY_PAYLOAD_BYTES_MAX: usize = 1024 * 1024;
-
 /// Entries one Raft message carries at most (openraft's default is 300, which with full entries
 /// is hundreds of MiB in one message).
 const ENTRIES_PER_MESSAGE_MAX: u64 = 8;
@@ -61,21 +54,9 @@ const ENTRIES_PER_MESSAGE_MAX: u64 = 8;
 /// snapshot.
 const LOG_KEPT_AFTER_SNAPSHOT: u64 = 1_024;
 
-/// The longest pause before proposing again what a group did not take.
-const RETRY_PAUSE: Duration = Duration::from_millis(100);
-
 /// A queue group's longest election timeout, which is also how long a voter that heard from its
 /// leader refuses to vote for another (openraft's leader lease).
 pub(super) const ELECTION_TIMEOUT_MAX_MS: u64 = 1_500;
-
-/// How long a queue command may wait for a leader and its commit.
-const QUEUE_PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A command waiting to be proposed, and who waits for its answer.
-struct Pending {
-    command: QuorumCommand,
-    answer: Option<oneshot::Sender<Result<QuorumAnswer, String>>>,
-}
 
 /// One quorum queue's group on this node.
 pub(crate) struct QueueGroup {
@@ -89,9 +70,9 @@ pub(crate) struct QueueGroup {
     state: Arc<Mutex<QuorumQueue>>,
     /// Elections this node started as soon as the group's leader was gone.
     early_elections: std::sync::atomic::AtomicU64,
-    /// Set while this node, leading, hands the group over (`leader_move.rs`): nothing is
+    /// Closed while this node, leading, hands the group over (`leader_move.rs`): nothing is
     /// written meanwhile, its own proposals wait and forwarded ones are told to look elsewhere.
-    paused: tokio::sync::watch::Sender<bool>,
+    writes: Arc<WriteGate>,
     /// See [`QueueGroup::timers_changed`].
     timers_changed: Arc<tokio::sync::Notify>,
 }
@@ -122,14 +103,9 @@ impl QueueGroup {
         self.early_elections.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Stops this node's writes to the group (see `paused`); false if they were stopped already.
-    pub(crate) fn pause_writes(&self) -> bool {
-        !self.paused.send_replace(true)
-    }
-
-    /// Resumes this node's writes to the group.
-    pub(crate) fn resume_writes(&self) {
-        self.paused.send_replace(false);
+    /// Whether this node writes to the group, and its writes under way.
+    pub(crate) fn writes(&self) -> &WriteGate {
+        &self.writes
     }
 }
 
@@ -234,9 +210,7 @@ impl QuorumQueues {
     pub async fn handle(&self, payload: &[u8]) -> Result<bytes::Bytes, String> {
         let (group, command) = propose::split_forwarded(payload)?;
         let Some(found) = self.by_group(group) else { return Err(format!("this node is not in queue group {group}")) };
-        if *found.paused.borrow() {
-            return propose::not_leader_reply();
-        }
+        let Some(_writing) = found.writes.try_enter() else { return propose::not_leader_reply() };
         propose::write_forwarded(&found.raft, command).await
     }
 }
@@ -353,122 +327,6 @@ pub(crate) struct ReplicatedEnqueue<'a> {
 /// The group's answer to an enqueue, when it comes.
 pub(crate) type EnqueueAnswer = oneshot::Receiver<Result<QuorumAnswer, String>>;
 
-/// Proposes what waits, one entry at a time, in order.
-///
-/// A batch the group did not take (no leader in time, or a leader lost before it answered) is
-/// handled by kind: an enqueue is failed (its publisher is nacked and publishes again; proposing
-/// it again here could put it in twice, since an unanswered one may have been committed), while
-/// what consumers did (checkouts, settles, cancels, downs) is proposed again until the group
-/// takes it: those commands mean the same however often they are applied, and dropping one would
-/// leave a message held by a consumer that settled it.
-async fn run_proposer(
-    raft: Raft<GroupTypes>,
-    transport: Arc<Transport>,
-    group: u64,
-    mut proposals: mpsc::UnboundedReceiver<Pending>,
-    mut paused: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut carried: Vec<Pending> = Vec::new();
-    loop {
-        // Handing the group over: what waits is proposed to the next leader.
-        if paused.wait_for(|paused| !*paused).await.is_err() {
-            return;
-        }
-        let mut batch = std::mem::take(&mut carried);
-        if batch.is_empty() {
-            match proposals.recv().await {
-                Some(first) => batch.push(first),
-                None => return,
-            }
-        }
-        let mut payload_bytes: usize = batch.iter().map(|pending| payload_len(&pending.command)).sum();
-        while batch.len() < COMMANDS_PER_ENTRY_MAX && payload_bytes < ENTRY_PAYLOAD_BYTES_MAX {
-            match proposals.try_recv() {
-                Ok(more) => {
-                    payload_bytes += payload_len(&more.command);
-                    batch.push(more);
-                }
-                Err(_) => break,
-            }
-        }
-        let commands: Vec<QuorumCommand> = batch.iter().map(|pending| pending.command.clone()).collect();
-        let bytes = quorum_codec::encode_commands(&commands);
-        let deadline = Instant::now() + QUEUE_PROPOSE_TIMEOUT;
-        let leader_before = raft.metrics().borrow().current_leader;
-        let outcome = propose::propose(&raft, &transport, SERVICE_QUEUE, group, bytes, deadline)
-            .await
-            .map_err(|error: ReplicationError| error.to_string())
-            .and_then(|proposed| quorum_codec::decode_answers(&proposed.answer));
-        match outcome {
-            Ok(answers) if answers.len() == batch.len() => {
-                for (pending, answer) in batch.into_iter().zip(answers) {
-                    if let Some(waiter) = pending.answer {
-                        let _ = waiter.send(Ok(answer));
-                    }
-                }
-            }
-            Ok(answers) => {
-                // Committed, but the answers cannot be matched to the commands: nothing is
-                // proposed again (it was all applied); whoever waits is told it failed.
-                let text = format!("{} answers to {} commands", answers.len(), batch.len());
-                tracing::error!(group, error = %text, "a quorum queue's answers do not match its commands");
-                for pending in batch {
-                    if let Some(waiter) = pending.answer {
-                        let _ = waiter.send(Err(text.clone()));
-                    }
-                }
-            }
-            Err(text) => {
-                tracing::warn!(group, error = %text, "quorum queue commands not taken; consumers' are proposed again");
-                carried = fail_enqueues(batch, &text);
-                if raft.metrics().borrow().state == openraft::ServerState::Shutdown {
-                    return;
-                }
-                // Before trying again: a new leader (at once, when the old one died and the group
-                // elected), or else a pause (the group is unreachable, or slow).
-                let _ = raft
-                    .wait(Some(RETRY_PAUSE))
-                    .metrics(
-                        |metrics| metrics.current_leader.is_some() && metrics.current_leader != leader_before,
-                        "a new leader",
-                    )
-                    .await;
-            }
-        }
-    }
-}
-
-/// The message bytes a command carries.
-fn payload_len(command: &QuorumCommand) -> usize {
-    match command {
-        QuorumCommand::Enqueue { payload, .. } | QuorumCommand::EnqueueKeyed { payload, .. } => payload.len(),
-        _ => 0,
-    }
-}
-
-/// Fails the enqueues of a batch the group did not take; returns the rest, to propose again.
-fn fail_enqueues(batch: Vec<Pending>, text: &str) -> Vec<Pending> {
-    let mut again = Vec::new();
-    for pending in batch {
-        // A purge is not proposed again either: applied twice, it would remove what was
-        // published (and confirmed) in between; nor a get (twice, it would take two messages).
-        if matches!(
-            pending.command,
-            QuorumCommand::Enqueue { .. }
-                | QuorumCommand::EnqueueKeyed { .. }
-                | QuorumCommand::Purge
-                | QuorumCommand::Dequeue { .. }
-        ) {
-            if let Some(waiter) = pending.answer {
-                let _ = waiter.send(Err(text.to_owned()));
-            }
-        } else {
-            again.push(pending);
-        }
-    }
-    again
-}
-
 fn raft_config(snapshot_entries: u64) -> Result<Arc<Config>, String> {
     let config = Config {
         cluster_name: "wharf-quorum-queue".into(),
@@ -544,8 +402,9 @@ pub(crate) async fn start_group(start: GroupStart<'_>) -> Result<Arc<QueueGroup>
         }
     }
     let (proposals, waiting) = mpsc::unbounded_channel();
-    let (paused, paused_watch) = tokio::sync::watch::channel(false);
-    tokio::spawn(run_proposer(raft.clone(), Arc::clone(start.transport), start.group, waiting, paused_watch));
+    let writes = Arc::new(WriteGate::default());
+    let proposer = Proposer { raft: raft.clone(), transport: Arc::clone(start.transport), group: start.group };
+    tokio::spawn(super::quorum_proposer::run_proposer(proposer, waiting, Arc::clone(&writes)));
     let group = Arc::new(QueueGroup {
         group: start.group,
         vhost: start.vhost.to_owned(),
@@ -555,7 +414,7 @@ pub(crate) async fn start_group(start: GroupStart<'_>) -> Result<Arc<QueueGroup>
         proposals,
         state,
         early_elections: Default::default(),
-        paused,
+        writes,
         timers_changed,
     });
     group.submit(QuorumCommand::NodeRestarted { node, incarnation: start.core.incarnation }, None);
@@ -745,9 +604,6 @@ impl RaftStateMachine<GroupTypes> for QueueMachine {
                     }
                 }
             }
-            if state.has_unstamped_timers() {
-                self.timers_changed.notify_one();
-            }
             drop(state);
             answers.push(Answer(quorum_codec::encode_answers(&entry_answers)));
         }
@@ -760,6 +616,10 @@ impl RaftStateMachine<GroupTypes> for QueueMachine {
         // leader lost right after applying the entry loses the dead letter with it).
         let leading =
             self.raft.get().is_some_and(|raft| raft.metrics().borrow().state == openraft::ServerState::Leader);
+        // The leader's timer loop stamps a new lease or backoff at once (followers only look).
+        if leading && self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).has_unstamped_timers() {
+            self.timers_changed.notify_one();
+        }
         if leading && !dead.is_empty() {
             blocking(|| machine.dead_letter(dead));
         }

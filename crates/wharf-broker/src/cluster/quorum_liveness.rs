@@ -87,7 +87,7 @@ enum Finding {
     Down(QuorumConsumer),
     /// The record names a consumer taking messages that its open channel no longer has.
     Cancel(QuorumConsumer),
-    /// A consumer of the channels the record lacks, with its prefetch.
+    /// A consumer of the channels the record lacks or records as cancelled, with its prefetch.
     Checkout(QuorumConsumer, u32),
 }
 
@@ -138,10 +138,13 @@ fn findings(
             ReplicatedStanding::NotConsuming | ReplicatedStanding::Consuming => {}
         }
     }
-    let recorded: BTreeSet<&QuorumConsumer> = record.iter().map(|(consumer, _)| consumer).collect();
+    // A consumer of the channels the record lacks, or records as cancelled (a cancel committed
+    // after a later checkout of the same name), takes messages again with a checkout.
+    let recorded: BTreeMap<&QuorumConsumer, bool> =
+        record.iter().map(|(consumer, cancelled)| (consumer, *cancelled)).collect();
     for (channel, tag, prefetch) in here.consumers {
         let consumer = consumer_of(here.node, here.incarnation, *channel, tag.clone());
-        if !recorded.contains(&consumer) {
+        if recorded.get(&consumer).is_none_or(|cancelled| *cancelled) {
             found.insert(Finding::Checkout(consumer, u32::from(*prefetch)));
         }
     }
@@ -255,12 +258,18 @@ mod tests {
     }
 
     #[test]
-    fn a_consumer_of_the_channels_the_record_lacks_is_checked_out() {
+    fn a_consumer_of_the_channels_the_record_lacks_or_counts_cancelled_is_checked_out() {
         let consumers = vec![(channel(1), "a".to_owned(), 10), (channel(1), "b".to_owned(), 0)];
         let here = Here { node: 1, incarnation: 7, consumers: &consumers };
         let record = vec![(consumer(7, 1, "a"), false)];
         let found: Vec<Finding> = findings(&record, &here, standing).into_iter().collect();
         assert_eq!(found, vec![Finding::Checkout(consumer(7, 1, "b"), 0)]);
+        // Recorded as cancelled (a cancel committed after a later checkout of the same name).
+        let only_a = vec![(channel(1), "a".to_owned(), 10)];
+        let here = Here { node: 1, incarnation: 7, consumers: &only_a };
+        let record = vec![(consumer(7, 1, "a"), true)];
+        let found: Vec<Finding> = findings(&record, &here, standing).into_iter().collect();
+        assert_eq!(found, vec![Finding::Checkout(consumer(7, 1, "a"), 10)]);
     }
 
     #[test]

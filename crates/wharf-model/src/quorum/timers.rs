@@ -87,8 +87,12 @@ impl QuorumQueue {
         next
     }
 
-    /// Whether a lease or a backoff waits for a `Tick` to stamp it.
+    /// Whether a lease or a backoff waits for a `Tick` to stamp it (a scan of the leased and
+    /// waiting messages, on a queue that has leases or backoff).
     pub fn has_unstamped_timers(&self) -> bool {
+        if self.settings.lease_ms.is_none() && self.settings.retry_backoff_ms.is_empty() {
+            return false;
+        }
         self.leased
             .iter()
             .chain(&self.waiting)
