@@ -44,6 +44,8 @@
 # WHARF_BASELINE (the other build's `wharf` binary, for the "baseline" target: a before/after
 # pair measured in one run, e.g. TARGETS="wharf baseline" SCENARIOS="S1 S4"),
 # WHARF_ARGS (extra `wharf serve` arguments for the "wharf" target, e.g. "--config FILE"),
+# WHARF3_ARGS (the same for each node of the "wharf3" target, e.g.
+# "--quorum-snapshot-entries 100000"),
 # WHARF_HTTP_LISTEN (where the "wharf" target serves its management API; a free port by
 # default), and
 # WHARF_CREDENTIALS (user:password the benchmark logs in to it with; default guest:guest).
@@ -181,7 +183,8 @@ start_wharf_cluster() {
     # shellcheck disable=SC2086 # members is a list of arguments
     "$wharf" serve --http-listen "127.0.0.1:${http_ports[node]}" --mqtt-listen none \
       --amqp-listen "127.0.0.1:${amqp_ports[node]}" --data-dir "$dir/node-$node" --log warn \
-      --node-id "$node" --cluster-listen "127.0.0.1:${cluster_ports[node]}" $members 2>>"$work/wharf3.log" &
+      --node-id "$node" --cluster-listen "127.0.0.1:${cluster_ports[node]}" $members ${WHARF3_ARGS:-} \
+      2>>"$work/wharf3.log" &
     wharf3_pids="$wharf3_pids $!"
     wharf3_node_pids[node]=$!
     wharf3_urls[node]="amqp://guest:guest@127.0.0.1:${amqp_ports[node]}/%2f"
