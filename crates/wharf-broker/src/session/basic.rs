@@ -217,11 +217,12 @@ impl Session {
         if state.confirms.is_none() {
             let queue = Arc::new(ConfirmQueue::default());
             let closed = Arc::new(Mutex::new(false));
+            let core = Arc::clone(&self.core);
             tokio::spawn(confirm_loop(
                 Arc::clone(&queue),
                 self.outbound.clone(),
                 channel,
-                Arc::clone(&self.core),
+                move |error| core.store_failed(error),
                 Arc::clone(&closed),
             ));
             state.confirms = Some(Confirms { last_tag: 0, queue, closed });
