@@ -17,10 +17,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 
 async fn declare_quorum(channel: &Channel, name: &str) {
-    let mut arguments = FieldTable::default();
-    arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-    let options = QueueDeclareOptions { durable: true, ..Default::default() };
-    channel.queue_declare(name.into(), options, arguments).await.unwrap();
+    declare_quorum_with(channel, name, &[]).await;
 }
 
 /// Publishes `bodies` to `queue` through the default exchange and waits for each confirm.

@@ -49,11 +49,7 @@ impl Core {
         if self.metadata_group().is_none() {
             return Err(ManagementError::BadRequest("this broker is not a cluster's node".into()));
         }
-        let definition = self
-            .meta
-            .get(&super::quorum_declare::key(vhost, name))
-            .and_then(|value| super::quorum_declare::decode(&value))
-            .ok_or_else(|| ManagementError::NotFound(format!("no quorum queue '{name}' in vhost '{vhost}'")))?;
+        let definition = super::quorum_declare::managed_record(&self.meta, vhost, name)?;
         if !definition.members.contains(&node) {
             return Err(ManagementError::BadRequest(format!(
                 "node {node} holds no replica of queue '{name}' in vhost '{vhost}' (its replicas: {:?})",

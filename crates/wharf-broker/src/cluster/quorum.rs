@@ -232,10 +232,7 @@ impl Core {
         if !replicated || self.quorum.get(vhost, queue).is_some() {
             return Ok(());
         }
-        let members = self
-            .meta
-            .get(&super::quorum_declare::key(vhost, queue))
-            .and_then(|value| super::quorum_declare::decode(&value))
+        let members = super::quorum_declare::record_of(&self.meta, vhost, queue)
             .map(|definition| format!("{:?}", definition.members))
             .unwrap_or_else(|| "unknown".into());
         Err(wharf_model::ModelError::not_implemented(format!(

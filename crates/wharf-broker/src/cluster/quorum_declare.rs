@@ -113,6 +113,21 @@ pub(crate) fn decode(value: &[u8]) -> Option<QuorumDefinition> {
     }
 }
 
+/// The record of quorum queue `name` in `vhost`, as this node has it.
+pub(crate) fn record_of(meta: &wharf_store::MetaStore, vhost: &str, name: &str) -> Option<QuorumDefinition> {
+    meta.get(&key(vhost, name)).and_then(|value| decode(&value))
+}
+
+/// The same, for a management request about the queue: 404 without one.
+pub(crate) fn managed_record(
+    meta: &wharf_store::MetaStore,
+    vhost: &str,
+    name: &str,
+) -> Result<QuorumDefinition, crate::manage::ManagementError> {
+    record_of(meta, vhost, name)
+        .ok_or_else(|| crate::manage::ManagementError::NotFound(format!("no quorum queue '{name}' in vhost '{vhost}'")))
+}
+
 /// The store log of a member's group, from a quorum queue's record.
 pub(crate) fn quorum_log(value: &[u8]) -> Option<u64> {
     decode(value).and_then(|definition| definition.log)

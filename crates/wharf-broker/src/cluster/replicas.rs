@@ -72,11 +72,7 @@ impl Core {
         let Some(metadata) = self.metadata_group().cloned() else {
             return Err(ManagementError::BadRequest("this broker is not a cluster's node".into()));
         };
-        let definition = self
-            .meta
-            .get(&super::quorum_declare::key(vhost, name))
-            .and_then(|value| super::quorum_declare::decode(&value))
-            .ok_or_else(|| ManagementError::NotFound(format!("no quorum queue '{name}' in vhost '{vhost}'")))?;
+        let definition = super::quorum_declare::managed_record(&self.meta, vhost, name)?;
         let mut members = definition.members.clone();
         let set_members = |members: Vec<NodeId>| {
             let command = MetaCommand::QuorumMembers { vhost: vhost.to_owned(), name: name.to_owned(), members };
