@@ -50,6 +50,12 @@ pub const META_RECORD_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// bits for a segment.
 pub const SEGMENT_SEQ_SPAN_MAX: u64 = 1 << 25;
 
+/// Highest seq a queue ever assigns. Seqs count up from 1, one per message, so a real queue stays
+/// far below it (2^62 messages at a million a second take 146,000 years); a segment base or an
+/// ack record naming a seq above it is damage that kept its checksum, and recovery skips it as
+/// such. The headroom above it is what keeps every later `seq + 1` from overflowing.
+pub const SEQ_MAX: u64 = 1 << 62;
+
 /// Magic of a queue's message segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"WHARFSEG";
 /// Magic of an ack-log segment file.

@@ -25,7 +25,7 @@
 use crate::error::{Result, StoreError};
 use crate::format::{
     self, ACK_MAGIC, FILE_HEADER_BYTES, FileHeader, RECORD_BYTES_MAX, RECORD_HEADER_BYTES, RecordKind, SEGMENT_MAGIC,
-    SEGMENT_SEQ_SPAN_MAX,
+    SEGMENT_SEQ_SPAN_MAX, SEQ_MAX,
 };
 use crate::fs::{Fs, FsFile, OpenMode};
 use crate::layout;
@@ -242,7 +242,7 @@ fn scan_queue(
             continue;
         };
         let header = scanned.header;
-        if header.queue_id == queue.0 && header.file_id == *id {
+        if header.queue_id == queue.0 && header.file_id == *id && header.base_seq <= SEQ_MAX {
             highest_base_on_disk = highest_base_on_disk.max(header.base_seq);
         }
         let previous = segments
@@ -265,6 +265,7 @@ fn scan_queue(
             || header.file_id != *id
             || header.base_seq <= previous_base
             || header.base_seq <= last_seq
+            || header.base_seq > SEQ_MAX
         {
             issues.push(RecoveryIssue::UnreadableFile {
                 path: path.clone(),
@@ -396,7 +397,7 @@ pub(crate) fn recover(
         for record in &scanned.records {
             let header = record.header;
             let (queue, seq) = (LogId(header.a), header.b);
-            if !matches!(header.kind, RecordKind::Removal | RecordKind::DeliveryCount) {
+            if !matches!(header.kind, RecordKind::Removal | RecordKind::DeliveryCount) || seq > SEQ_MAX {
                 issues.push(RecoveryIssue::Corruption {
                     path: path.clone(),
                     offset: record.offset,

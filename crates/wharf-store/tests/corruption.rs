@@ -260,6 +260,80 @@ fn a_record_whose_seq_is_far_beyond_its_segment_is_damage_not_an_allocation() {
     }
 }
 
+/// Found by the `store_recovery` fuzz target: an ack record naming seq `u64::MAX` (intact checksum)
+/// made recovery's next seq overflow. A seq above `SEQ_MAX` is damage: the record is reported and
+/// skipped, and the queue goes on taking messages.
+#[test]
+fn an_ack_record_naming_a_seq_at_the_end_of_the_seqs_is_damage() {
+    use wharf_store::format::{self, ACK_MAGIC, FILE_HEADER_BYTES, FileHeader, RecordKind, SEQ_MAX};
+    for seq in [SEQ_MAX + 1, u64::MAX - 1, u64::MAX] {
+        let sim = SimFs::new(13);
+        let (store, _) = open(&sim);
+        let queue = store.create_log().unwrap().wait().unwrap();
+        let first = store.append(queue, 1, b"", b"first").unwrap().wait().unwrap();
+        store.remove(queue, first.seq).unwrap().wait().unwrap();
+        store.sync().unwrap().wait().unwrap();
+        store.close().unwrap();
+        let ack_path = sim.list_files(&Path::new(DIR).join("acks")).unwrap()[0].clone();
+        let file = sim.read_file(&ack_path).unwrap();
+        let header = FileHeader::decode(&file[..FILE_HEADER_BYTES], ACK_MAGIC, &ack_path).unwrap();
+        let mut forged = Vec::new();
+        format::encode_record(&mut forged, header.salt, RecordKind::Removal, 0, queue.0, seq, &[]);
+        sim.append_durable(&ack_path, &forged).unwrap();
+
+        let (store, recovered) = open(&sim);
+        assert!(
+            recovered.issues.contains(&RecoveryIssue::Corruption {
+                path: ack_path,
+                offset: file.len() as u64,
+                bytes: forged.len() as u64
+            }),
+            "seq {seq}: {:?}",
+            recovered.issues
+        );
+        let next = store.append(queue, 1, b"", b"next").unwrap().wait().unwrap();
+        assert!(next.seq > first.seq && next.seq <= SEQ_MAX, "seq {seq}: next seq {}", next.seq);
+        store.close().unwrap();
+        let (store, recovered) = open(&sim);
+        assert_eq!(bodies(&store, queue, &recovered), vec![b"next".to_vec()], "seq {seq}");
+    }
+}
+
+/// A segment whose header names a base seq above `SEQ_MAX` (intact checksum) is unreadable, and
+/// the queue's next seq does not climb to it.
+#[test]
+fn a_segment_based_at_the_end_of_the_seqs_is_unreadable() {
+    use wharf_store::format::{FILE_HEADER_BYTES, FileHeader, SEGMENT_MAGIC, SEQ_MAX};
+    let sim = SimFs::new(14);
+    let (store, _) = open(&sim);
+    let queue = store.create_log().unwrap().wait().unwrap();
+    let receipt = store.append(queue, 1, b"meta", b"first").unwrap().wait().unwrap();
+    store.close().unwrap();
+    let path = segment_path(queue, receipt.location.segment_id);
+    let file = sim.read_file(&path).unwrap();
+    let header = FileHeader::decode(&file[..FILE_HEADER_BYTES], SEGMENT_MAGIC, &path).unwrap();
+    let forged_path = segment_path(queue, receipt.location.segment_id + 1);
+    let forged = FileHeader { file_id: receipt.location.segment_id + 1, base_seq: u64::MAX, ..header };
+    let fs = sim.shared();
+    let forged_file = fs.open(&forged_path, wharf_store::OpenMode::CreateNew).unwrap();
+    forged_file.write_all_at(&forged.encode(), 0).unwrap();
+    forged_file.sync_data().unwrap();
+    fs.sync_dir(forged_path.parent().unwrap()).unwrap();
+
+    let (store, recovered) = open(&sim);
+    assert!(
+        recovered
+            .issues
+            .iter()
+            .any(|issue| matches!(issue, RecoveryIssue::UnreadableFile { path, .. } if *path == forged_path)),
+        "{:?}",
+        recovered.issues
+    );
+    let next = store.append(queue, 1, b"", b"next").unwrap().wait().unwrap();
+    assert!(next.seq > receipt.seq && next.seq <= SEQ_MAX, "next seq {}", next.seq);
+    assert_eq!(bodies(&store, queue, &recovered), vec![b"first".to_vec()]);
+}
+
 /// Found by the `store_recovery` fuzz target: a queue-id reservation just below `u64::MAX` (intact
 /// checksum) overflowed the next reservation on the writer thread, which then died with every
 /// later operation. Now the ids run out with an error and the store carries on.
