@@ -402,15 +402,19 @@ PY
 
 # run_failover ROUND: F1 on a fresh three-node RabbitMQ cluster.
 run_failover() {
-  local round=$1 name="F1-quorum3-$1" out="$work/f1-$1.json" kill_ms leader_pid
+  local round=$1 name="F1-quorum3-$1" out="$work/f1-$1.json" kill_ms leader_pid beam_pid
   start_rabbit_cluster "$work/f1-cluster-$round"
   "$bench" --url "${rabbit3_urls[1]}" --phase declare --queues 1 --queue-type quorum --name "$name" >/dev/null 2>>"$work/bench.log"
   "$bench" --url "${rabbit3_urls[2]}" --phase failover --queues 1 --name "$name" --duration-s "$F1_DURATION_S" >"$out" 2>>"$work/bench.log" &
   local bench_pid=$!
   sleep 3
   leader_pid=$(echo "$rabbit3_pids" | awk '{print $1}')
-  kill_ms=$(date +%s%3N)
-  pkill -KILL -P "$leader_pid" beam.smp
+  # The Erlang VM's pid is found before the clock is read, and the kill is bash's builtin right
+  # after it, as for Wharf: with `pkill` after the clock, its own start and /proc scan came
+  # between the two, and confirms of that time counted as "after the kill".
+  beam_pid=$(pgrep -P "$leader_pid" beam.smp)
+  kill_ms=$(( ${EPOCHREALTIME/./} / 1000 ))
+  kill -KILL "$beam_pid"
   wait "$bench_pid"
   failover_result quorum3 "$round" "$kill_ms" "$out"
   stop_rabbit_cluster
@@ -443,7 +447,7 @@ PY
   "$bench" --url "${wharf3_urls[publisher_node]}" --phase failover --queues 1 --name "$name" --duration-s "$F1_DURATION_S" >"$out" 2>>"$work/bench.log" &
   local bench_pid=$!
   sleep 3
-  kill_ms=$(date +%s%3N)
+  kill_ms=$(( ${EPOCHREALTIME/./} / 1000 ))
   kill -KILL "${wharf3_node_pids[leader]}"
   wait "$bench_pid"
   failover_result wharf3 "$round" "$kill_ms" "$out"

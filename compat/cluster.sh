@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs pika against a three-node Wharf cluster on loopback (compat/python/test_pika_cluster.py):
+# Runs pika against a three-node Wharf cluster on loopback (compat/python/test_pika_cluster.py): a
+# classic queue used through the nodes it does not live on; then
 # a quorum queue, publishers with confirms connected to the leader and to a follower, the leader
 # SIGKILLed while they are connected. Installs pika itself.
 set -euo pipefail
@@ -9,12 +10,7 @@ python3 -m pip install --quiet --disable-pip-version-check pika==1.3.2 2>/dev/nu
   || python3 -m pip install --quiet --disable-pip-version-check pika
 
 # Nine distinct free ports: AMQP, HTTP and cluster link for each node.
-ports=$(python3 -c '
-import socket
-sockets = [socket.socket() for _ in range(9)]
-for s in sockets: s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in sockets))
-for s in sockets: s.close()')
+ports=$(python3 ../scripts/free_ports.py 9)
 read -r -a port <<<"$ports"
 data_dir=$(mktemp -d "${TMPDIR:-/tmp}/wharf-cluster-compat.XXXXXX")
 members=""

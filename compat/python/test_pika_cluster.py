@@ -6,6 +6,9 @@ publishing (a nack, when the group lost a publish with its leader, is published 
 a consumer on a third node gets every confirmed message, each redelivery marked. Exits non-zero
 on the first failure.
 
+Before that, a classic queue reached through the cluster: declared on node 1 (its home), published
+to with confirms through node 2, consumed with acks on node 3, every message once and in order.
+
 Usage: python3 test_pika_cluster.py AMQP_PORT,HTTP_PORT,PID AMQP_PORT,HTTP_PORT,PID AMQP_PORT,HTTP_PORT,PID
 (node 1, 2, 3 in order)
 """
@@ -91,7 +94,48 @@ class Publisher:
             return False
 
 
+def classic_through_other_nodes(nodes: list[tuple[int, int, int]]) -> None:
+    """A durable classic queue lives on node 1 and is used through nodes 2 and 3."""
+    name = "pika.classic"
+    connect(nodes[0][0]).channel().queue_declare(name, durable=True)
+
+    def known_on(port: int) -> bool:
+        try:
+            connect(port).channel().queue_declare(name, durable=True, passive=True)
+            return True
+        except pika.exceptions.ChannelClosedByBroker:
+            return False
+
+    # The declaration reaches the other nodes through the metadata group, a moment later.
+    for node in nodes[1:]:
+        wait_for(f"the classic queue on the node of port {node[0]}", lambda: known_on(node[0]))
+    publisher = connect(nodes[1][0]).channel()
+    publisher.confirm_delivery()
+    bodies = [f"classic-{n}" for n in range(100)]
+    for body in bodies:
+        publisher.basic_publish("", name, body.encode(), pika.BasicProperties(delivery_mode=2))
+    counted = connect(nodes[2][0]).channel().queue_declare(name, durable=True, passive=True)
+    assert counted.method.message_count == 100, counted.method.message_count
+    consumer = connect(nodes[2][0]).channel()
+    consumer.basic_qos(prefetch_count=20)
+    received: list[str] = []
+
+    def on_message(channel, method, properties, body):
+        assert not method.redelivered, body
+        received.append(body.decode())
+        channel.basic_ack(method.delivery_tag)
+        if len(received) == len(bodies):
+            channel.stop_consuming()
+
+    consumer.basic_consume(name, on_message)
+    consumer.connection.call_later(120, consumer.stop_consuming)
+    consumer.start_consuming()
+    assert received == bodies, f"through node 3: {received[:5]}... ({len(received)} of {len(bodies)})"
+    print(f"pika cluster: a classic queue on node 1, {len(bodies)} published through node 2, consumed on node 3 in order")
+
+
 def main(nodes: list[tuple[int, int, int]]) -> None:
+    classic_through_other_nodes(nodes)
     setup = connect(nodes[0][0]).channel()
     setup.queue_declare(QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
     leader = wait_for("the queue's leader", lambda: queue_leader(nodes[0][1]))

@@ -80,6 +80,10 @@ pub(crate) struct Core {
     pub cluster_links: std::sync::OnceLock<(Arc<wharf_cluster::Transport>, wharf_raft::Groups)>,
     /// A cluster's node: its quorum queues' groups.
     pub quorum: crate::cluster::QuorumQueues,
+    /// A cluster's node: the durable classic queues and their home nodes (`cluster/homed.rs`).
+    pub homed: crate::cluster::HomedQueues,
+    /// A cluster's node: the traffic of homed queues with other nodes (`cluster/homed_link.rs`).
+    pub homed_links: crate::cluster::HomedLinks,
     /// Quorum queues recovery found, whose groups start once the links are up.
     pub recovered_quorum: Mutex<Vec<crate::cluster::RecoveredQuorumQueue>>,
     /// This run of the broker among its restarts (a quorum queue's consumers carry it: connection
@@ -217,6 +221,7 @@ impl Core {
             |vhost| parts.model.vhost(vhost).is_some(),
             &parts.mqtt_flow_markers,
         );
+        let homed = crate::cluster::HomedQueues::from_meta(&parts.meta);
         Core {
             access,
             limits,
@@ -241,6 +246,8 @@ impl Core {
             metadata: Arc::default(),
             cluster_links: std::sync::OnceLock::new(),
             quorum: crate::cluster::QuorumQueues::default(),
+            homed,
+            homed_links: crate::cluster::HomedLinks::default(),
             recovered_quorum: Mutex::new(parts.recovered_quorum),
             incarnation: incarnation(),
         }
@@ -253,7 +260,7 @@ impl Core {
 
     /// Raises or clears the memory and disk alarms for what the broker holds now.
     pub fn check_alarms(&self) -> AlarmState {
-        let held_bytes = self.lock_model().held_memory_bytes();
+        let held_bytes = self.lock_model().held_memory_bytes() + self.homed_links.queued_bytes();
         self.alarms.check(held_bytes)
     }
 
@@ -292,6 +299,30 @@ impl Core {
         drop(model);
         self.apply(effects);
         Ok(value)
+    }
+
+    /// Runs `operation` on a channel opened for it on `vhost` and closed after it, on a connection
+    /// id of its own so that nothing of it stays in the model; carries out the effects of both,
+    /// the close's also when the operation is refused. For work done for nobody's channel: the
+    /// management API's deletes and purges, and a homed queue's on its home.
+    pub fn on_scratch_channel<T>(
+        &self,
+        vhost: &str,
+        operation: impl FnOnce(&mut BrokerModel, ChannelKey) -> wharf_model::Result<(T, Effects)>,
+    ) -> wharf_model::Result<T> {
+        let key = ChannelKey { connection: self.connections.allocate_id(), channel: 1 };
+        self.act(|model| {
+            model.open_channel(key, vhost)?;
+            let outcome = operation(model, key);
+            let closed = model.close_connection(key.connection);
+            match outcome {
+                Ok((value, mut effects)) => {
+                    effects.merge(closed);
+                    Ok((Ok(value), effects))
+                }
+                Err(error) => Ok((Err(error), closed)),
+            }
+        })?
     }
 
     /// Queues deliveries and server-side cancels to their connections (non-blocking). Call it
@@ -352,6 +383,9 @@ impl Core {
             blocking(|| self.forget_transient_logs(&transient_logs));
         }
         let durable_queues: Vec<_> = effects.deleted_queues.into_iter().filter(|deleted| deleted.durable).collect();
+        for deleted in &durable_queues {
+            self.homed_queue_gone_here(&deleted.vhost, &deleted.name);
+        }
         let durable_exchanges: Vec<_> =
             effects.deleted_exchanges.into_iter().filter(|deleted| deleted.exchange.durable).collect();
         if !durable_queues.is_empty() || !durable_exchanges.is_empty() {

@@ -267,6 +267,22 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A cluster record (a quorum or homed queue's) as the definitions log keeps it: the format
+/// version, then JSON.
+pub(crate) fn encode_record<T: serde::Serialize>(record: &T) -> Result<Vec<u8>, String> {
+    let mut value = vec![DEFINITIONS_FORMAT_VERSION];
+    serde_json::to_writer(&mut value, record).map_err(|error| error.to_string())?;
+    Ok(value)
+}
+
+/// A record [`encode_record`] wrote; `None` if unreadable or of another format version.
+pub(crate) fn decode_record<T: serde::de::DeserializeOwned>(value: &[u8]) -> Option<T> {
+    match value.split_first() {
+        Some((&DEFINITIONS_FORMAT_VERSION, json)) => serde_json::from_slice(json).ok(),
+        _ => None,
+    }
+}
+
 pub(crate) fn encode_exchange(stored: &StoredExchange) -> Vec<u8> {
     let mut writer = Writer::new(EXCHANGE_TAG);
     writer.short_string(&stored.kind);

@@ -180,6 +180,8 @@ impl Outbox {
 #[derive(Debug)]
 pub(crate) struct Connections {
     open: Mutex<HashMap<ConnectionId, Registered>>,
+    /// Cluster proxies' outboxes (see [`Connections::register_proxy`]).
+    proxies: Mutex<HashMap<ConnectionId, Outbox>>,
     next_id: AtomicU64,
     /// Most logged-in connections at once (the configuration's `connections_max`).
     connections_max: usize,
@@ -231,6 +233,7 @@ impl Connections {
     pub fn new(connections_max: usize, handshakes_max: usize, handshakes_per_address_max: usize) -> Self {
         Connections {
             open: Mutex::new(HashMap::new()),
+            proxies: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             connections_max,
             handshaking: Arc::default(),
@@ -270,6 +273,15 @@ impl Connections {
         Some(id)
     }
 
+    /// Registers the outbox of a cluster's proxy connection (a consumer's connection on another
+    /// node, `cluster/homed_link.rs`): reachable for deliveries, not a client connection (not
+    /// counted against `connections_max`, not listed; its node's connection is).
+    pub fn register_proxy(&self, outbox: Outbox) -> ConnectionId {
+        let id = self.allocate_id();
+        self.proxies.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(id, outbox);
+        id
+    }
+
     /// A connection id no client has: the management interface's own channels use it.
     pub fn allocate_id(&self) -> ConnectionId {
         ConnectionId(self.next_id.fetch_add(1, Ordering::Relaxed))
@@ -281,7 +293,9 @@ impl Connections {
     }
 
     pub fn unregister(&self, id: ConnectionId) {
-        self.lock().remove(&id);
+        if self.lock().remove(&id).is_none() {
+            self.proxies.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&id);
+        }
     }
 
     /// Client connections open.
@@ -291,7 +305,10 @@ impl Connections {
 
     /// The outbox of an open connection.
     pub fn outbox(&self, id: ConnectionId) -> Option<Outbox> {
-        self.lock().get(&id).map(|registered| registered.outbox.clone())
+        if let Some(registered) = self.lock().get(&id) {
+            return Some(registered.outbox.clone());
+        }
+        self.proxies.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&id).cloned()
     }
 }
 

@@ -146,6 +146,13 @@ impl Core {
             if let Some(queue) =
                 model.vhost(vhost).and_then(|found| found.queue(queue_name)).filter(|queue| queue.replicated)
             {
+                // A classic queue homed on another node: the home admits and stores it, and
+                // answers once it is durable there (`cluster/homed_link.rs`).
+                if let Some(home) = self.remote_home(vhost, queue_name) {
+                    let meta = replicated_meta.get_or_insert_with(|| persist::encode_message_meta(message));
+                    placed.replicated.push(self.publish_to_home(home, vhost, queue_name, from_publisher, meta, body));
+                    continue;
+                }
                 // Its expiry and de-duplication time are stamped here, by this node's clock: every
                 // replica then agrees. A dead letter is not de-duplicated (as a classic queue's).
                 let now_ms = self.clock.now_ms();

@@ -349,6 +349,16 @@ fn restore_definition(
         tally.quorum_queues.extend(found);
         return;
     }
+    // A classic queue homed on another node of the cluster: its placeholder (on its home, the
+    // queue's own record restores it).
+    if let Some((kind, vhost, name)) = definition_format::split_key(key)
+        && crate::cluster::is_homed_record(kind)
+    {
+        ensure_vhost(config, model, vhost);
+        let own = config.cluster.as_ref().map(|cluster| cluster.node_id);
+        crate::cluster::restore_homed(model, own, vhost, name, value);
+        return;
+    }
     // Vhosts and policies the management API created were restored first; retained MQTT
     // messages and MQTT sessions' state are read by the MQTT front end (`mqtt/retained.rs`,
     // `mqtt/state.rs`).

@@ -87,6 +87,8 @@ impl Broker {
                 let _ = core.cluster_links.set((Arc::clone(&transport), groups.clone()));
                 tokio::spawn(crate::cluster::watch_members(Arc::downgrade(&core), Arc::clone(&transport)));
                 tokio::spawn(crate::cluster::elect_on_link_loss(Arc::downgrade(&core), Arc::clone(&transport)));
+                core.homed_links.attach(Arc::downgrade(&core), Arc::clone(&transport));
+                tokio::spawn(crate::cluster::reconcile_consumers(Arc::downgrade(&core)));
                 // Quorum queues' groups first: the metadata group, catching up, may delete one.
                 let recovered = std::mem::take(&mut *core.recovered_quorum.lock().unwrap_or_else(|p| p.into_inner()));
                 for queue in recovered {

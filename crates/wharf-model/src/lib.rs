@@ -28,7 +28,7 @@ pub mod vhost;
 pub use broker::{
     Admission, BrokerModel, CancelledConsumer, ChannelSummary, ConsumerSummary, Counters, DeletedExchange,
     DeletedQueue, Delivery, Effects, Removed, ReplicatedDelivery, ReplicatedGet, ReplicatedOp, ReplicatedOutcome,
-    ReplicatedStanding, StoredAt, WithdrawRefusal, Withdrawn,
+    ReplicatedStanding, StoredAt, UnackedByQueue, WithdrawRefusal, Withdrawn,
 };
 pub use deadletter::{AutoDeadLetterQueue, DeathReason, Transfer, TransferTarget};
 pub use error::{ModelError, Result, Scope};
@@ -37,8 +37,8 @@ pub use message::{Body, Message, PagedBody};
 pub use policy::{ApplyTo, Policy};
 pub use queue::{ChannelKey, ConnectionId, Entry, EntryState, Queue, QueueConsumer, QueueStats};
 pub use quorum::{
-    QuorumAnswer, QuorumCommand, QuorumConsumer, QuorumDeathReason, QuorumEffect, QuorumMessageId, QuorumQueue,
-    QuorumSettings,
+    ConsumerRecord, QuorumAnswer, QuorumCommand, QuorumConsumer, QuorumDeathReason, QuorumEffect, QuorumMessageId,
+    QuorumQueue, QuorumSettings,
 };
 pub use settings::{ExchangeSettings, Overflow, QueueSettings};
 pub use vhost::{Declared, ExchangeDeclare, QueueDeclare, VirtualHost};

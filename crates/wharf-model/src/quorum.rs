@@ -172,6 +172,16 @@ impl ConsumerState {
     }
 }
 
+/// A consumer as a replica records it (see [`QuorumQueue::consumers_at`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerRecord {
+    pub consumer: QuorumConsumer,
+    /// Cancelled: it takes nothing more and only holds what it has.
+    pub cancelled: bool,
+    /// The messages checked out to it, lowest id first.
+    pub holds: Vec<QuorumMessageId>,
+}
+
 /// A quorum queue's replicated state.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QuorumQueue {
@@ -197,7 +207,24 @@ pub struct QuorumQueue {
     deliverable: BTreeSet<QuorumMessageId>,
     /// The messages of each ordering key in the queue, oldest (the key's holder) first.
     by_key: BTreeMap<Arc<[u8]>, BTreeSet<QuorumMessageId>>,
+    /// A lease or a backoff may have started since the last `Tick` (see `timers.rs`).
+    unstamped: UnstampedHint,
 }
+
+/// Whether a lease or backoff may wait for its stamp: set when one starts, cleared by the `Tick`
+/// that stamps them all, so the leader asks in O(1) after every entry instead of scanning. A
+/// hint about the state, not part of it (it may say yes when the message has gone since, which
+/// costs one `Tick`): replicas equal in state are equal whatever their hints say.
+#[derive(Debug, Clone, Copy, Default)]
+struct UnstampedHint(bool);
+
+impl PartialEq for UnstampedHint {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for UnstampedHint {}
 
 impl QuorumQueue {
     pub fn new(settings: QuorumSettings) -> QuorumQueue {
@@ -230,13 +257,17 @@ impl QuorumQueue {
         self.consumers.keys().filter(|consumer| consumer.node == node).count()
     }
 
-    /// The consumers attached to `node`, each with whether it was cancelled (it takes nothing
-    /// more and only holds what it has).
-    pub fn consumers_at(&self, node: u64) -> Vec<(QuorumConsumer, bool)> {
+    /// The consumers attached to `node`: whether each was cancelled (it takes nothing more and
+    /// only holds what it has), and what each holds.
+    pub fn consumers_at(&self, node: u64) -> Vec<ConsumerRecord> {
         self.consumers
             .iter()
             .filter(|(consumer, _)| consumer.node == node)
-            .map(|(consumer, state)| (consumer.clone(), state.cancelled))
+            .map(|(consumer, state)| ConsumerRecord {
+                consumer: consumer.clone(),
+                cancelled: state.cancelled,
+                holds: state.holds.iter().copied().collect(),
+            })
             .collect()
     }
 
@@ -432,6 +463,7 @@ impl QuorumQueue {
             held.due_ms = None;
             if self.settings.lease_ms.is_some() {
                 self.leased.insert(id);
+                self.unstamped = UnstampedHint(true);
             }
             let state = self.consumers.entry(consumer).or_insert(ConsumerState {
                 prefetch: 0,
@@ -473,6 +505,7 @@ impl QuorumQueue {
                 held.due_ms = None;
             }
             self.waiting.insert(id);
+            self.unstamped = UnstampedHint(true);
             return;
         }
         self.make_ready(id);
@@ -559,6 +592,7 @@ impl QuorumQueue {
         });
         if self.settings.lease_ms.is_some() {
             self.leased.insert(id);
+            self.unstamped = UnstampedHint(true);
         }
         if let Some(state) = self.consumers.get_mut(consumer) {
             state.holds.insert(id);

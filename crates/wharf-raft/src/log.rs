@@ -7,9 +7,10 @@
 //! order (the store's group commit writes a log's records in order and a crash loses a suffix
 //! at most), so that order needs nothing more.
 //!
-//! Each record's meta is one byte saying what it is ([`RECORD_ENTRY`], [`RECORD_VOTE`],
-//! [`RECORD_PURGED`], [`RECORD_SNAPSHOT_PART`]) and its body is JSON (a snapshot's: its meta as
-//! JSON then the machine's bytes, cut into parts of [`SNAPSHOT_PART_BYTES`]). Recovery
+//! Each record's meta is one byte saying what it is ([`RECORD_ENTRY_BINARY`], [`RECORD_VOTE`],
+//! [`RECORD_PURGED`], [`RECORD_SNAPSHOT_PART`]); an entry's body is `codec.rs`'s encoding, the
+//! others' are JSON (a snapshot's: its meta as JSON then the machine's bytes, cut into parts of
+//! [`SNAPSHOT_PART_BYTES`]). Recovery
 //! ([`GroupLog::open`]) reads them in seq order:
 //! - the last vote and purge point, and the newest snapshot whose parts are all there (by the
 //!   log id it covers), are the ones in force (the others are removed);
@@ -30,8 +31,10 @@ use std::ops::RangeBounds;
 use std::sync::{Arc, Mutex};
 use wharf_store::{LogId, Recovered, Store, StoreError};
 
-/// A record holding one log entry.
+/// A record holding one log entry as JSON (written by earlier versions; still read).
 pub const RECORD_ENTRY: u8 = b'E';
+/// A record holding one log entry in the binary encoding of `codec.rs`.
+pub const RECORD_ENTRY_BINARY: u8 = b'B';
 /// A record holding the group's vote.
 pub const RECORD_VOTE: u8 = b'V';
 /// A record holding the last purged log id.
@@ -207,8 +210,12 @@ impl GroupLog {
             let outcome = read.map_err(|error| error.to_string()).and_then(|record| {
                 let kind = *record.meta.first().ok_or("no kind")?;
                 match kind {
-                    RECORD_ENTRY => {
-                        let entry: GroupEntry = serde_json::from_slice(record.body).map_err(|e| e.to_string())?;
+                    RECORD_ENTRY | RECORD_ENTRY_BINARY => {
+                        let entry: GroupEntry = if kind == RECORD_ENTRY {
+                            serde_json::from_slice(record.body).map_err(|e| e.to_string())?
+                        } else {
+                            crate::codec::decode_entry(record.body)?
+                        };
                         let replaced = held.entries.split_off(&entry.get_log_id().index);
                         stale.extend(replaced.into_values().map(|(seq, _)| seq));
                         held.entries.insert(entry.get_log_id().index, (seq, entry));
@@ -444,8 +451,8 @@ impl RaftLogStorage<GroupTypes> for GroupLog {
     {
         let mut tickets = Vec::new();
         for entry in entries {
-            let body = serde_json::to_vec(&entry).map_err(write_error)?;
-            let pending = self.store.append(self.log, 0, &[RECORD_ENTRY], &body).map_err(write_error)?;
+            let body = crate::codec::entry_bytes(&entry).map_err(write_error)?;
+            let pending = self.store.append(self.log, 0, &[RECORD_ENTRY_BINARY], &body).map_err(write_error)?;
             let index = entry.get_log_id().index;
             let mut held = lock(&self.held);
             // openraft truncates before it appends over; should it not, the later entry wins,

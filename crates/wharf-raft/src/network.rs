@@ -3,8 +3,9 @@
 //! each message to its group's [`openraft::Raft`]).
 //!
 //! Every Raft message of every group is one call on [`SERVICE_RAFT`]: its payload is the group's
-//! id (8 bytes, big-endian), the message's kind (one byte), then the message as JSON; the answer
-//! is the group's `Result` as JSON. A node's links are shared by all its groups.
+//! id (8 bytes, big-endian), the message's kind (one byte), then the message: AppendEntries in
+//! `codec.rs`'s binary encoding (it carries the message bodies), votes and snapshots as JSON;
+//! the answer is the group's `Result` as JSON. A node's links are shared by all its groups.
 
 use crate::GroupTypes;
 use openraft::error::{
@@ -25,19 +26,32 @@ use wharf_cluster::{ClusterError, Transport};
 /// The cluster service number of Raft's messages.
 pub const SERVICE_RAFT: u16 = 1;
 
+/// AppendEntries as JSON (sent by earlier versions; still read).
 const KIND_APPEND: u8 = 1;
 const KIND_VOTE: u8 = 2;
 const KIND_SNAPSHOT: u8 = 3;
+/// AppendEntries in `codec.rs`'s encoding.
+const KIND_APPEND_BINARY: u8 = 4;
 
 /// A group's id: the same on every node (the metadata group is 0).
 pub type GroupId = u64;
 
-fn encode(group: GroupId, kind: u8, message: &impl Serialize) -> Result<Vec<u8>, serde_json::Error> {
+/// A message's payload: the group, the kind, then `body` writes the message.
+fn encode(
+    group: GroupId,
+    kind: u8,
+    body: impl FnOnce(&mut Vec<u8>) -> Result<(), serde_json::Error>,
+) -> Result<Vec<u8>, serde_json::Error> {
     let mut payload = Vec::with_capacity(64);
     payload.extend_from_slice(&group.to_be_bytes());
     payload.push(kind);
-    serde_json::to_writer(&mut payload, message)?;
+    body(&mut payload)?;
     Ok(payload)
+}
+
+/// A message's payload with the message as JSON.
+fn encode_json(group: GroupId, kind: u8, message: &impl Serialize) -> Result<Vec<u8>, serde_json::Error> {
+    encode(group, kind, |payload| serde_json::to_writer(payload, message))
 }
 
 /// Sends one group's messages to the other nodes.
@@ -71,20 +85,18 @@ impl RaftNetworkFactory<GroupTypes> for GroupNetwork {
 }
 
 impl GroupPeer {
-    /// One call: the message out, the group's `Result` back.
-    async fn call<Request, Answer, Failure>(
+    /// One call: the message's `payload` out (or why it could not be encoded), the group's
+    /// `Result` back.
+    async fn call<Answer, Failure>(
         &self,
-        kind: u8,
-        request: &Request,
+        payload: Result<Vec<u8>, serde_json::Error>,
         option: &RPCOption,
     ) -> Result<Answer, RPCError<u64, BasicNode, RaftError<u64, Failure>>>
     where
-        Request: Serialize,
         Answer: DeserializeOwned,
         Failure: std::error::Error + DeserializeOwned,
     {
-        let payload =
-            encode(self.group, kind, request).map_err(|error| RPCError::Network(NetworkError::new(&error)))?;
+        let payload = payload.map_err(|error| RPCError::Network(NetworkError::new(&error)))?;
         // Within openraft's own deadline (hard_ttl), so this call ends first and its link
         // records the failure.
         let timeout = option.soft_ttl();
@@ -112,7 +124,8 @@ impl RaftNetwork<GroupTypes> for GroupPeer {
         request: AppendEntriesRequest<GroupTypes>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        self.call(KIND_APPEND, &request, &option).await
+        let payload = encode(self.group, KIND_APPEND_BINARY, |payload| crate::codec::encode_append(&request, payload));
+        self.call(payload, &option).await
     }
 
     async fn install_snapshot(
@@ -120,7 +133,7 @@ impl RaftNetwork<GroupTypes> for GroupPeer {
         request: InstallSnapshotRequest<GroupTypes>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>> {
-        self.call(KIND_SNAPSHOT, &request, &option).await
+        self.call(encode_json(self.group, KIND_SNAPSHOT, &request), &option).await
     }
 
     async fn vote(
@@ -128,7 +141,7 @@ impl RaftNetwork<GroupTypes> for GroupPeer {
         request: VoteRequest<u64>,
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        self.call(KIND_VOTE, &request, &option).await
+        self.call(encode_json(self.group, KIND_VOTE, &request), &option).await
     }
 }
 
@@ -170,6 +183,11 @@ impl Groups {
         let Some(raft) = self.get(group) else { return Err(format!("this node is not in group {group}")) };
         let parse_error = |error: serde_json::Error| format!("a Raft message for group {group} is unreadable: {error}");
         let answer = match kind {
+            KIND_APPEND_BINARY => {
+                let request = crate::codec::decode_append(message)
+                    .map_err(|error| format!("a Raft message for group {group} is unreadable: {error}"))?;
+                serde_json::to_vec(&raft.append_entries(request).await)
+            }
             KIND_APPEND => {
                 serde_json::to_vec(&raft.append_entries(serde_json::from_slice(message).map_err(parse_error)?).await)
             }

@@ -172,3 +172,25 @@ async fn a_snapshot_is_saved_in_parts_and_only_a_whole_one_is_taken() {
     let (meta, data) = third.snapshots().current().expect("the whole snapshot");
     assert_eq!((meta.snapshot_id.as_str(), data.len()), ("at 7", large.len()));
 }
+
+/// Entries are logged in the binary encoding; an entry an earlier version logged as JSON is
+/// still read: both come back, payload and all, after a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_logged_as_json_by_earlier_versions_still_read_beside_binary_ones() {
+    let fs = SimFs::new(6);
+    let (store, _) = Store::open(fs.shared(), "/data", StoreConfig::default()).unwrap();
+    let mut log = GroupLog::create(&store).await.unwrap();
+    let id = log.store_log();
+    let normal = |index: u64, bytes: &[u8]| Entry::<GroupTypes> {
+        log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(wharf_raft::Command(bytes.to_vec())),
+    };
+    let earlier = normal(1, b"an earlier version's \x00\xff");
+    // The record an earlier version wrote: kind 'E', the entry as JSON.
+    let pending = store.append(id, 0, b"E", &serde_json::to_vec(&earlier).unwrap()).unwrap();
+    pending.ticket.await.unwrap();
+    let later = normal(2, b"{\"not\": \"json to this log\"}\x00");
+    log.blocking_append([later.clone()]).await.unwrap();
+    let (_, mut again) = crash_and_reopen(&fs, CrashMode::LoseUnsynced, id);
+    assert_eq!(again.try_get_log_entries(0..).await.unwrap(), vec![earlier, later]);
+}

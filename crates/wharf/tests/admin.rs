@@ -3,16 +3,19 @@
 //! that cannot be reached).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "common/ports.rs"]
+mod ports;
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use ports::free_port;
 use std::process::Stdio;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 /// Starts `wharf serve` on free ports; returns it with its AMQP and HTTP addresses.
 async fn start(data_dir: &std::path::Path) -> (Child, String, String) {
-    let amqp = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let amqp = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
         .args([
             "serve",

@@ -2,18 +2,17 @@
 //! cleanly, keeping confirmed messages; bad settings are refused with a message naming them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "common/ports.rs"]
+mod ports;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use ports::free_port;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
 
 async fn start(data_dir: &Path, address: SocketAddr) -> (Child, tokio::sync::mpsc::UnboundedReceiver<String>) {
     start_with(data_dir, address, &[]).await

@@ -8,10 +8,13 @@
 //! are new messages, so "delivered twice" is judged per publish index.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "common/ports.rs"]
+mod ports;
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use ports::free_port;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -23,11 +26,6 @@ use tokio::process::{Child, Command};
 const QUEUE: &str = "orders";
 const MESSAGES: u64 = 20_000;
 const ROUNDS: usize = 5;
-
-fn free_port() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
-}
 
 /// Starts the binary and waits for its "accepting AMQP connections" log line.
 async fn start_wharf(data_dir: &Path, address: SocketAddr) -> Child {

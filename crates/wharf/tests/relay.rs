@@ -5,10 +5,13 @@
 //! message naming them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "common/ports.rs"]
+mod ports;
 use futures_lite::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
+use ports::free_port;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -17,7 +20,7 @@ use tokio::process::{Child, Command};
 
 /// Starts `wharf serve` on a free AMQP port; returns it with its AMQP URL.
 async fn start_broker(data_dir: &Path) -> (Child, String) {
-    let amqp = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let amqp = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
         .args([
             "serve",

@@ -5,8 +5,11 @@
 //! never in both, never in neither.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "common/ports.rs"]
+mod ports;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use ports::free_port;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -98,7 +101,7 @@ async fn a_move_killed_at_any_moment_leaves_every_message_in_exactly_one_queue()
     let mut schedule = Schedule(seed | 1);
     let temp = tempfile::tempdir().unwrap();
     let data_dir = temp.path().join("data");
-    let amqp = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let amqp = free_port();
     let (mut wharf, mut base) = start(&data_dir, amqp).await;
     for queue in ["left", "right"] {
         let base = base.clone();

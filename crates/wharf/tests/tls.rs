@@ -4,6 +4,9 @@
 //! cannot work are refused with a message naming them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "common/ports.rs"]
+mod ports;
+use ports::free_port;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::net::SocketAddr;
@@ -18,10 +21,6 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 /// A safety net so a broken binary fails the test instead of hanging it; never a timing claim.
 const HANG_GUARD: Duration = Duration::from_secs(30);
-
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
 
 struct Authority {
     issuer: Issuer<'static, KeyPair>,

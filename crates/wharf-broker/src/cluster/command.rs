@@ -110,7 +110,19 @@ pub(crate) enum MetaCommand {
         name: String,
         members: Vec<u64>,
     },
-    /// A binding from an exchange to a quorum queue (`add`), or its removal.
+    /// A durable classic queue on its home node, reached from every other node (`homed.rs`).
+    DeclareHomedQueue {
+        vhost: String,
+        name: String,
+        home: u64,
+        arguments: Vec<u8>,
+    },
+    /// A homed classic queue deleted on every node.
+    DeleteHomedQueue {
+        vhost: String,
+        name: String,
+    },
+    /// A binding from an exchange to a quorum or homed queue (`add`), or its removal.
     QueueBinding {
         vhost: String,
         source: String,
@@ -248,6 +260,8 @@ impl MetaCommand {
             MetaCommand::DeclareQuorumQueue { .. } => "declare quorum queue",
             MetaCommand::DeleteQuorumQueue { .. } => "delete quorum queue",
             MetaCommand::QuorumMembers { .. } => "quorum queue members",
+            MetaCommand::DeclareHomedQueue { .. } => "declare homed queue",
+            MetaCommand::DeleteHomedQueue { .. } => "delete homed queue",
             MetaCommand::QueueBinding { .. } => "queue binding",
             MetaCommand::ExchangeBinding { .. } => "exchange binding",
         }
@@ -333,6 +347,12 @@ impl MetaCommand {
             }
             MetaCommand::DeleteQuorumQueue { vhost, name } => {
                 MetaAnswer::of_model(core.delete_quorum_queue_here(&vhost, &name))
+            }
+            MetaCommand::DeclareHomedQueue { vhost, name, home, arguments } => {
+                MetaAnswer::of_model(core.declare_homed_queue_here(&vhost, &name, home, &arguments))
+            }
+            MetaCommand::DeleteHomedQueue { vhost, name } => {
+                MetaAnswer::of_model(core.delete_homed_queue_here(&vhost, &name))
             }
             MetaCommand::QueueBinding { vhost, source, queue, routing_key, arguments, add } => {
                 bind(core, &vhost, &source, &Destination::Queue(queue), &routing_key, &arguments, add)

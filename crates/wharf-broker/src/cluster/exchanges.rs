@@ -3,9 +3,10 @@
 //! this node alone (`definitions.rs`, the `_here` functions) and the metadata group.
 //!
 //! Replicated: declares of durable exchanges, deletes of exchanges that are durable here, and
-//! bindings between two durable exchanges. Everything else stays on this node: transient
-//! exchanges (as a broker alone forgets them at a restart, a node would hold them alone), and
-//! bindings to queues (queues are not replicated yet). A passive declare reads this node.
+//! bindings from a durable exchange to another durable exchange, a quorum queue or a homed
+//! classic queue (`homed.rs`). Everything else stays on this node: transient exchanges (as a
+//! broker alone forgets them at a restart, a node would hold them alone), and bindings to
+//! queues of this node alone (exclusive, transient). A passive declare reads this node.
 
 use super::MetaCommand;
 use super::command::{internal, table_bytes};
@@ -59,7 +60,6 @@ impl Core {
         self.delete_exchange_here(vhost, name, if_unused)
     }
 
-    /// Whether `name` is a quorum queue of `vhost` on this node.
     /// A binding change (see `change_binding_here`). On a cluster, a binding from a durable
     /// exchange to a quorum queue or to another durable exchange is a definition every node
     /// holds, so it goes through the metadata group; the rest stays on this node.
@@ -76,6 +76,7 @@ impl Core {
                 && match change.destination {
                     Destination::Queue(queue) => {
                         vhost.and_then(|vhost| vhost.queue(queue)).is_some_and(|queue| queue.replicated)
+                            || self.homed.home_of(change.vhost, queue).is_some()
                     }
                     Destination::Exchange(destination) => durable_exchange(destination),
                 }

@@ -4,9 +4,9 @@
 //! node (`machine.rs`).
 //!
 //! What goes through it: vhosts, users, permissions, topic permissions, policies, durable
-//! exchanges and the bindings between two exchanges. Queues, and bindings to them, stay on the
-//! node that declared them until queues are homed on a node or replicated (the plan's next
-//! steps); transient exchanges stay on their node as well.
+//! exchanges, the bindings between two exchanges, quorum queues (each then a Raft group of its
+//! own, `quorum.rs`), classic queues homed on one node and reached from the others
+//! (`homed.rs`), and the bindings to both kinds. Transient exchanges stay on their node.
 //!
 //! A change asked for on any node is proposed to the group: on the leader directly, on a
 //! follower by forwarding it to the leader over the cluster's links ([`SERVICE_META`]); the
@@ -18,6 +18,10 @@
 mod command;
 mod exchanges;
 mod failover;
+mod homed;
+mod homed_calls;
+mod homed_link;
+mod homed_proxy;
 mod leader_move;
 mod machine;
 mod membership;
@@ -33,13 +37,15 @@ mod replicas;
 
 pub(crate) use command::{MetaAnswer, MetaCommand, StoredHash, table_bytes};
 pub(crate) use failover::elect_on_link_loss;
+pub(crate) use homed::{HomedQueues, is_record_kind as is_homed_record, restore as restore_homed};
+pub(crate) use homed_link::{HomedLinks, SERVICE_HOMED};
 pub(crate) use membership::{MemberChangeError, SERVICE_MEMBERS};
 pub(crate) use quorum::{GroupStart, QuorumQueues, ReplicatedEnqueue, SERVICE_QUEUE, start_group};
 pub(crate) use quorum_declare::{
     RecoveredQuorumQueue, is_record_kind as is_quorum_record, quorum_log, restore as restore_quorum,
 };
 pub(crate) use quorum_get::QuorumGet;
-pub(crate) use quorum_liveness::watch_members;
+pub(crate) use quorum_liveness::{reconcile_consumers, watch_members};
 
 use crate::core::Core;
 use crate::error::BrokerError;
@@ -243,6 +249,7 @@ pub(crate) fn handler(node_id: NodeId, groups: Groups, core: std::sync::Weak<Cor
                     None => Err(format!("node {node_id}'s metadata group is not running yet")),
                 },
                 SERVICE_QUEUE => core.quorum.handle(&payload).await,
+                SERVICE_HOMED => core.handle_homed(from, &payload).await,
                 replicas::SERVICE_REPLICAS => core.handle_replica_change(&payload).await,
                 SERVICE_MEMBERS => match core.metadata_group() {
                     Some(group) => group.handle_member_change(&core, &payload).await,

@@ -6,7 +6,12 @@
 //!
 //! A command is sent again only when it certainly was not taken (the node asked was not the
 //! leader, or the link to it was not up): one whose call timed out may have been committed, and
-//! the caller is told so rather than risk it twice.
+//! the caller is told so rather than risk it twice. A write on this node is bounded by the
+//! caller's deadline too: openraft answers a waiting write when its entry is applied or
+//! truncated here, and an entry this node appended as leader, that another leader then
+//! committed and that a snapshot installed here covered, is neither, so the write would wait
+//! for ever, and every command its proposer holds behind it (a `NodeDown` that returns a
+//! consumer's messages among them) with it.
 
 use super::ReplicationError;
 use bytes::Bytes;
@@ -45,7 +50,11 @@ pub(crate) async fn propose(
     let node = transport.node_id();
     let mut forwarded: Option<Bytes> = None;
     loop {
-        let leader = match raft.client_write(Command(command.clone())).await {
+        let within = deadline.saturating_duration_since(Instant::now());
+        let Ok(written) = tokio::time::timeout(within, raft.client_write(Command(command.clone()))).await else {
+            return Err(ReplicationError::Unanswered { leader: node });
+        };
+        let leader = match written {
             Ok(written) => return Ok(Proposed { index: written.log_id.index, answer: written.data.0 }),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => forward.leader_id,
             Err(error) => return Err(ReplicationError::Failed(error.to_string())),
@@ -111,12 +120,22 @@ pub(crate) fn not_leader_reply() -> Result<Bytes, String> {
     serde_json::to_vec(&ForwardReply::NotLeader).map(Bytes::from).map_err(|error| error.to_string())
 }
 
+/// How long a forwarded command's write may wait here. The sender stops waiting for the answer
+/// at its own deadline (at most this); the bound only keeps a write that would never be
+/// answered (see the module's doc) from holding its task for ever.
+const FORWARDED_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Writes a forwarded command on this node (the leader, if the sender was right) and answers.
 pub(crate) async fn write_forwarded(raft: &Raft<GroupTypes>, command: &[u8]) -> Result<Bytes, String> {
-    let reply = match raft.client_write(Command(command.to_vec())).await {
-        Ok(written) => ForwardReply::Proposed { index: written.log_id.index, answer: written.data.0 },
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => ForwardReply::NotLeader,
-        Err(error) => ForwardReply::Failed(error.to_string()),
+    let written = tokio::time::timeout(FORWARDED_WRITE_TIMEOUT, raft.client_write(Command(command.to_vec()))).await;
+    let reply = match written {
+        Ok(Ok(written)) => ForwardReply::Proposed { index: written.log_id.index, answer: written.data.0 },
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => ForwardReply::NotLeader,
+        Ok(Err(error)) => ForwardReply::Failed(error.to_string()),
+        Err(_) => ForwardReply::Failed(format!(
+            "not answered within {} s; it may or may not have been made",
+            FORWARDED_WRITE_TIMEOUT.as_secs()
+        )),
     };
     serde_json::to_vec(&reply).map(Bytes::from).map_err(|error| error.to_string())
 }

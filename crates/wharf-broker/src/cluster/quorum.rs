@@ -24,7 +24,7 @@
 use super::leader_move::WriteGate;
 use super::propose;
 use super::quorum_codec;
-use super::quorum_proposer::{Pending, Proposer};
+use super::quorum_proposer::{Lanes, Proposer};
 use crate::core::{Core, blocking};
 use openraft::storage::RaftStateMachine;
 use openraft::{
@@ -34,7 +34,7 @@ use openraft::{
 use std::collections::{BTreeMap, HashMap};
 use std::io::Cursor;
 use std::sync::{Arc, Mutex, RwLock, Weak};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use wharf_cluster::{NodeId, Transport};
 use wharf_model::{
     ChannelKey, ConnectionId, DeathReason, QuorumAnswer, QuorumCommand, QuorumConsumer, QuorumDeathReason,
@@ -66,7 +66,8 @@ pub(crate) struct QueueGroup {
     /// The nodes holding a replica (changed by `replicas.rs`).
     members: RwLock<Vec<NodeId>>,
     raft: Raft<GroupTypes>,
-    proposals: mpsc::UnboundedSender<Pending>,
+    /// Its proposers on this node (`quorum_proposer.rs`).
+    proposals: Lanes,
     state: Arc<Mutex<QuorumQueue>>,
     /// Elections this node started as soon as the group's leader was gone.
     early_elections: std::sync::atomic::AtomicU64,
@@ -118,9 +119,25 @@ impl std::fmt::Debug for QueueGroup {
 impl QueueGroup {
     /// Proposes `command` behind everything this node proposed to the group before.
     pub(crate) fn submit(&self, command: QuorumCommand, answer: Option<oneshot::Sender<Result<QuorumAnswer, String>>>) {
-        if self.proposals.send(Pending { command, answer }).is_err() {
+        if !self.proposals.send(command, answer) {
             tracing::warn!(queue = %self.name, "a quorum queue's proposer stopped; a command was dropped");
         }
+    }
+
+    /// How many consumer commands this node proposed to the group so far (a mark).
+    pub(crate) fn consumer_commands_submitted(&self) -> u64 {
+        self.proposals.consumer_commands_submitted()
+    }
+
+    /// If the first `mark` consumer commands this node proposed were all answered: a log index
+    /// by which they were applied.
+    pub(crate) fn consumer_commands_applied_by(&self, mark: u64) -> Option<u64> {
+        self.proposals.consumer_commands_applied_by(mark)
+    }
+
+    /// The index of the last entry this node's replica applied.
+    pub(crate) fn applied_index(&self) -> u64 {
+        self.raft.metrics().borrow().last_applied.map_or(0, |log_id| log_id.index)
     }
 
     /// Proposes `command` and hands back a receiver of its answer.
@@ -146,8 +163,9 @@ impl QueueGroup {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).consumers_on(node)
     }
 
-    /// Consumers attached to `node` by this node's replica, each with whether it was cancelled.
-    pub(crate) fn consumers_at(&self, node: NodeId) -> Vec<(QuorumConsumer, bool)> {
+    /// Consumers attached to `node` by this node's replica: whether each was cancelled, and what
+    /// each holds.
+    pub(crate) fn consumers_at(&self, node: NodeId) -> Vec<wharf_model::ConsumerRecord> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).consumers_at(node)
     }
 
@@ -232,6 +250,11 @@ impl Core {
         if !replicated || self.quorum.get(vhost, queue).is_some() {
             return Ok(());
         }
+        if let Some(home) = self.remote_home(vhost, queue) {
+            // Asked, not inferred from the link's state: a home killed a moment ago may still
+            // look connected, and a consume it never hears of would wait for ever.
+            return self.counts_at_home(home, vhost, queue).map(|_| ());
+        }
         let members = super::quorum_declare::record_of(&self.meta, vhost, queue)
             .map(|definition| format!("{:?}", definition.members))
             .unwrap_or_else(|| "unknown".into());
@@ -247,6 +270,14 @@ impl Core {
         let Some(node) = self.config.cluster.as_ref().map(|cluster| cluster.node_id) else { return };
         let incarnation = self.incarnation;
         for op in ops {
+            let (ReplicatedOp::Checkout { vhost, queue, .. }
+            | ReplicatedOp::Cancel { vhost, queue, .. }
+            | ReplicatedOp::Down { vhost, queue, .. }
+            | ReplicatedOp::Settle { vhost, queue, .. }) = &op;
+            if let Some(home) = self.remote_home(vhost, queue) {
+                self.op_to_home(home, op);
+                continue;
+            }
             let (vhost, queue, command) = match op {
                 ReplicatedOp::Checkout { vhost, queue, channel, tag, prefetch } => {
                     let consumer = consumer_of(node, incarnation, channel, tag);
@@ -398,10 +429,9 @@ pub(crate) async fn start_group(start: GroupStart<'_>) -> Result<Arc<QueueGroup>
             tracing::debug!(queue = start.name, %error, "queue group already initialised");
         }
     }
-    let (proposals, waiting) = mpsc::unbounded_channel();
     let writes = Arc::new(WriteGate::default());
     let proposer = Proposer { raft: raft.clone(), transport: Arc::clone(start.transport), group: start.group };
-    tokio::spawn(super::quorum_proposer::run_proposer(proposer, waiting, Arc::clone(&writes)));
+    let proposals = Lanes::start(proposer, Arc::clone(&writes));
     let group = Arc::new(QueueGroup {
         group: start.group,
         vhost: start.vhost.to_owned(),
@@ -417,7 +447,6 @@ pub(crate) async fn start_group(start: GroupStart<'_>) -> Result<Arc<QueueGroup>
     group.submit(QuorumCommand::NodeRestarted { node, incarnation: start.core.incarnation }, None);
     start.core.quorum.insert(Arc::clone(&group));
     tokio::spawn(super::quorum_timers::run_timers(Arc::downgrade(&group), Arc::clone(&start.core.clock)));
-    tokio::spawn(super::quorum_liveness::reconcile_consumers(Arc::downgrade(&group), Arc::downgrade(start.core)));
     tracing::info!(queue = start.name, group = start.group, members = ?start.members, "quorum queue group started");
     Ok(group)
 }
@@ -511,7 +540,10 @@ impl QueueMachine {
             let message = quorum_codec::split_payload(&payload)
                 .and_then(|(meta, body)| crate::persist::decode_message(meta, bytes::Bytes::copy_from_slice(body)));
             let Some(message) = message else {
-                tracing::error!(queue = %self.name, id, "a quorum queue message is unreadable; not delivered");
+                // Not discarded: another node (a newer version, say) may read it. Held by a
+                // consumer whose channel never got it, it is returned by the consumer sweep
+                // (`quorum_liveness.rs`) and goes to another consumer.
+                tracing::error!(queue = %self.name, id, "a quorum queue message is unreadable here; not delivered");
                 continue;
             };
             let delivery = ReplicatedDelivery {

@@ -36,19 +36,20 @@ const ANSWER_EMPTY: u8 = 7;
 /// Ids one settle command may name (a batch of acks is split into commands of this many).
 pub(crate) const IDS_PER_COMMAND_MAX: usize = 65_536;
 
-struct Writer(Vec<u8>);
+/// Big-endian fields into bytes (also the encoding of `homed_link.rs`'s calls).
+pub(super) struct Writer(pub(super) Vec<u8>);
 
 impl Writer {
-    fn u8(&mut self, value: u8) {
+    pub(super) fn u8(&mut self, value: u8) {
         self.0.push(value);
     }
-    fn u32(&mut self, value: u32) {
+    pub(super) fn u32(&mut self, value: u32) {
         self.0.extend_from_slice(&value.to_be_bytes());
     }
-    fn u64(&mut self, value: u64) {
+    pub(super) fn u64(&mut self, value: u64) {
         self.0.extend_from_slice(&value.to_be_bytes());
     }
-    fn bytes(&mut self, value: &[u8]) {
+    pub(super) fn bytes(&mut self, value: &[u8]) {
         self.u32(value.len() as u32);
         self.0.extend_from_slice(value);
     }
@@ -67,31 +68,32 @@ impl Writer {
     }
 }
 
-struct Reader<'a>(&'a [u8]);
+/// Fields out of bytes, each length checked against what is left.
+pub(super) struct Reader<'a>(pub(super) &'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, count: usize, what: &str) -> Result<&'a [u8], String> {
+    pub(super) fn take(&mut self, count: usize, what: &str) -> Result<&'a [u8], String> {
         if self.0.len() < count {
-            return Err(format!("a quorum queue entry ends inside its {what}"));
+            return Err(format!("a cluster message ends inside its {what}"));
         }
         let (taken, rest) = self.0.split_at(count);
         self.0 = rest;
         Ok(taken)
     }
-    fn u8(&mut self, what: &str) -> Result<u8, String> {
+    pub(super) fn u8(&mut self, what: &str) -> Result<u8, String> {
         Ok(self.take(1, what)?[0])
     }
-    fn u32(&mut self, what: &str) -> Result<u32, String> {
+    pub(super) fn u32(&mut self, what: &str) -> Result<u32, String> {
         let bytes = self.take(4, what)?;
         Ok(u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
     }
-    fn u64(&mut self, what: &str) -> Result<u64, String> {
+    pub(super) fn u64(&mut self, what: &str) -> Result<u64, String> {
         let bytes = self.take(8, what)?;
         let mut array = [0; 8];
         array.copy_from_slice(bytes);
         Ok(u64::from_be_bytes(array))
     }
-    fn bytes(&mut self, what: &str) -> Result<&'a [u8], String> {
+    pub(super) fn bytes(&mut self, what: &str) -> Result<&'a [u8], String> {
         let length = self.u32(what)? as usize;
         self.take(length, what)
     }
@@ -113,9 +115,24 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// A batch of commands as one entry.
-pub(crate) fn encode_commands(commands: &[QuorumCommand]) -> Vec<u8> {
-    let mut writer = Writer(Vec::with_capacity(64));
+/// The message bytes a command carries.
+pub(super) fn payload_len(command: &QuorumCommand) -> usize {
+    match command {
+        QuorumCommand::Enqueue { payload, .. } | QuorumCommand::EnqueueKeyed { payload, .. } => payload.len(),
+        _ => 0,
+    }
+}
+
+/// A batch of commands as one entry, written into a buffer sized for their payloads at once
+/// (an entry of a busy queue is up to a MiB; growing into it copied it several times).
+pub(crate) fn encode_commands<'a, I>(commands: I) -> Vec<u8>
+where
+    I: IntoIterator<Item = &'a QuorumCommand>,
+    I::IntoIter: ExactSizeIterator + Clone,
+{
+    let commands = commands.into_iter();
+    let payload_bytes: usize = commands.clone().map(payload_len).sum();
+    let mut writer = Writer(Vec::with_capacity(4 + payload_bytes + 64 * commands.len()));
     writer.u32(commands.len() as u32);
     for command in commands {
         match command {

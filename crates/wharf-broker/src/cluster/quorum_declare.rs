@@ -101,16 +101,11 @@ pub(crate) fn key(vhost: &str, name: &str) -> Vec<u8> {
 }
 
 pub(crate) fn encode(definition: &QuorumDefinition) -> Result<Vec<u8>, String> {
-    let mut value = vec![crate::definition_format::DEFINITIONS_FORMAT_VERSION];
-    serde_json::to_writer(&mut value, definition).map_err(|error| error.to_string())?;
-    Ok(value)
+    crate::definition_format::encode_record(definition)
 }
 
 pub(crate) fn decode(value: &[u8]) -> Option<QuorumDefinition> {
-    match value.split_first() {
-        Some((&crate::definition_format::DEFINITIONS_FORMAT_VERSION, json)) => serde_json::from_slice(json).ok(),
-        _ => None,
-    }
+    crate::definition_format::decode_record(value)
 }
 
 /// The record of quorum queue `name` in `vhost`, as this node has it.
@@ -265,7 +260,11 @@ impl Core {
                     Err(error) => Err(internal(error)),
                 }
             }
-            _ => self.declare_queue_here(request),
+            Some(_) => match self.declare_homed_queue(&request) {
+                Some(declared) => declared,
+                None => self.declare_queue_here(request),
+            },
+            None => self.declare_queue_here(request),
         }
     }
 
@@ -433,6 +432,9 @@ impl Core {
         if_empty: bool,
     ) -> Option<Result<u32, ModelError>> {
         let metadata = self.metadata_group()?;
+        if self.homed.home_of(vhost, name).is_some() {
+            return self.delete_homed_queue(vhost, name, if_unused, if_empty);
+        }
         let group = self.quorum.get(vhost, name);
         let replicated =
             self.lock_model().vhost(vhost).and_then(|found| found.queue(name)).is_some_and(|queue| queue.replicated);
@@ -467,14 +469,8 @@ impl Core {
             }
             definition
         };
-        let effects = {
-            let mut model = self.lock_model();
-            let mut effects = model.remove_replicated_queue(vhost, name);
-            self.send(&mut effects);
-            effects
-        };
         // Its bindings' records go with it (`forget_queue`, through the deleted queue: durable).
-        self.apply(effects);
+        self.act(|model| Ok(((), model.remove_replicated_queue(vhost, name))))?;
         self.stop_quorum_group(vhost, name, definition.and_then(|definition| definition.log));
         Ok(())
     }
@@ -499,10 +495,15 @@ impl Core {
     /// `queue.purge` of a quorum queue: its ready messages removed on every replica; how many.
     /// `None` if it is not a quorum queue here.
     pub(crate) fn purge_quorum_queue(&self, vhost: &str, name: &str) -> Option<Result<u32, ModelError>> {
+        if let Some(home) = self.remote_home(vhost, name) {
+            return Some(self.purge_at_home(home, vhost, name));
+        }
         let group = self.quorum.get(vhost, name)?;
         let receiver = group.propose_and_wait(wharf_model::QuorumCommand::Purge);
         let handle = tokio::runtime::Handle::current();
-        // Bounded: the proposer gives up on a batch after its own timeout, so this is a backstop.
+        // A backstop: each entry ahead of this one in its lane, and the enqueues it waits for,
+        // is answered within the proposer's own timeout, but together they may take longer;
+        // given up on here, the purge may still be applied, as one whose answer was lost.
         let within = super::PROPOSE_TIMEOUT * 2;
         let answer = crate::core::blocking(|| handle.block_on(tokio::time::timeout(within, receiver)));
         Some(match answer {
@@ -517,7 +518,7 @@ impl Core {
 
 /// Puts a quorum queue into a vhost's model: durable, owned by no connection, its messages in
 /// its group rather than in a store log of its own.
-fn declare_replicated(
+pub(super) fn declare_replicated(
     vhost: &mut wharf_model::VirtualHost,
     name: &str,
     arguments: &FieldTable,

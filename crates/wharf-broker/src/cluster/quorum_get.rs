@@ -34,13 +34,18 @@ impl Core {
         no_ack: bool,
     ) -> Result<QuorumGet, ModelError> {
         self.require_replica(vhost, queue)?;
+        if let Some(home) = self.remote_home(vhost, queue) {
+            return self.get_from_home(home, key, vhost, queue, no_ack);
+        }
         let Some(group) = self.quorum.get(vhost, queue) else {
             return Err(ModelError::not_found(format!("no queue '{queue}' in vhost '{vhost}'")));
         };
         let consumer = self.get_consumer(key);
         let receiver = group.propose_and_wait(QuorumCommand::Dequeue { consumer: consumer.clone(), settle: no_ack });
         let handle = tokio::runtime::Handle::current();
-        // Bounded: the proposer gives up on a batch after its own timeout; this is a backstop.
+        // A backstop: each entry ahead of this one in its lane, and the enqueues it waits for,
+        // is answered within the proposer's own timeout, but together they may take longer;
+        // given up on here, what the dequeue took goes back, as for one whose answer was lost.
         let within = super::PROPOSE_TIMEOUT * 2;
         let answer = crate::core::blocking(|| handle.block_on(tokio::time::timeout(within, receiver)));
         let refused = |text: &str| {
@@ -81,6 +86,19 @@ impl Core {
     /// A get's message that did not reach its channel (it closed meanwhile; its consumers'
     /// `Down` went before this hold): back to the queue.
     pub(crate) fn give_back_get(&self, key: ChannelKey, vhost: &str, queue: &str, id: u64, no_ack: bool) {
+        if let Some(home) = self.remote_home(vhost, queue).filter(|_| !no_ack) {
+            let outcome = wharf_model::ReplicatedOutcome::Returned;
+            let settle = wharf_model::ReplicatedOp::Settle {
+                vhost: vhost.to_owned(),
+                queue: queue.to_owned(),
+                channel: key,
+                tag: String::new(),
+                id,
+                outcome,
+            };
+            self.op_to_home(home, settle);
+            return;
+        }
         if let Some(group) = self.quorum.get(vhost, queue).filter(|_| !no_ack) {
             group.submit(QuorumCommand::Return { consumer: self.get_consumer(key), ids: vec![id] }, None);
         }

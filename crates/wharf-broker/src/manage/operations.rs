@@ -13,7 +13,7 @@ use crate::persist::text_argument;
 use crate::publish::{PublishRequest, ReservationPool};
 use bytes::Bytes;
 use std::sync::Arc;
-use wharf_model::{BrokerModel, ChannelKey, Destination, Effects, Message, ModelError};
+use wharf_model::{ChannelKey, Destination, Effects, Message, ModelError};
 use wharf_wire::protocol::{BasicProperties, exchange};
 use wharf_wire::types::FieldTable;
 
@@ -151,29 +151,6 @@ impl Management {
         Ok(())
     }
 
-    /// Runs `operation` on a channel opened for it on `vhost` and closed after it (with its
-    /// connection id, so nothing of it stays in the model); carries out the effects of both.
-    fn on_channel<T>(
-        &self,
-        vhost: &str,
-        operation: impl FnOnce(&mut BrokerModel, ChannelKey) -> wharf_model::Result<(T, Effects)>,
-    ) -> Result<T, ManagementError> {
-        let key = ChannelKey { connection: self.core.connections.allocate_id(), channel: 1 };
-        let result = self.core.act(|model| {
-            model.open_channel(key, vhost)?;
-            let outcome = operation(model, key);
-            let effects = model.close_connection(key.connection);
-            match outcome {
-                Ok((value, mut own)) => {
-                    own.merge(effects);
-                    Ok((Ok(value), own))
-                }
-                Err(error) => Ok((Err(error), effects)),
-            }
-        })?;
-        Ok(result?)
-    }
-
     /// Declares a queue (RabbitMQ's `PUT /api/queues/{vhost}/{name}`): refused as `queue.declare`
     /// would be, 406 for a redeclaration with other properties.
     pub fn declare_queue(
@@ -223,7 +200,7 @@ impl Management {
             return Ok(deleted?);
         }
         crate::core::blocking(|| {
-            self.on_channel(vhost, |model, key| model.delete_queue(key, name, if_unused, if_empty))
+            Ok(self.core.on_scratch_channel(vhost, |model, key| model.delete_queue(key, name, if_unused, if_empty))?)
         })
     }
 
@@ -235,7 +212,7 @@ impl Management {
         if let Some(purged) = self.core.purge_quorum_queue(vhost, name) {
             return Ok(purged?);
         }
-        self.on_channel(vhost, |model, key| model.purge(key, name))
+        Ok(self.core.on_scratch_channel(vhost, |model, key| model.purge(key, name))?)
     }
 
     fn require_queue(&self, vhost: &str, name: &str) -> Result<(), ManagementError> {

@@ -112,6 +112,7 @@ impl Management {
             for (queue, log) in quorum {
                 self.core.stop_quorum_group(name, &queue, log);
             }
+            self.core.homed.forget_vhost(name);
             let mut model = self.core.lock_model();
             self.core.mqtt_retained.forget_vhost(name);
             self.core.mqtt_sessions.forget_vhost(name);

@@ -111,10 +111,14 @@ impl Session {
             }
             queue::AMQPMethod::Declare(declare) => {
                 let declared = self.declare_queue(&declare)?;
-                let (message_count, consumer_count) = {
-                    let model = self.core.lock_model();
-                    let queue = model.vhost(&self.vhost).and_then(|vhost| vhost.queue(&declared));
-                    queue.map_or((0, 0), |queue| (queue.ready_count() as u32, queue.consumer_count() as u32))
+                // A queue homed on another node: its counts are the home's (404 while it is down).
+                let (message_count, consumer_count) = match self.core.remote_home(&self.vhost, &declared) {
+                    Some(home) => self.core.counts_at_home(home, &self.vhost, &declared)?,
+                    None => {
+                        let model = self.core.lock_model();
+                        let queue = model.vhost(&self.vhost).and_then(|vhost| vhost.queue(&declared));
+                        queue.map_or((0, 0), |queue| (queue.ready_count() as u32, queue.consumer_count() as u32))
+                    }
                 };
                 if let Some(state) = self.channels.get_mut(&channel) {
                     state.last_queue = declared.clone();

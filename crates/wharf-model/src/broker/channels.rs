@@ -64,6 +64,10 @@ pub(super) struct Channel {
     pub(super) generation: u64,
     /// Its direct reply-to consumer (`direct_reply.rs`).
     pub(super) reply_consumer: Option<super::direct_reply::ReplyConsumer>,
+    /// The queues held elsewhere (quorum or homed) it consumed from or got from: when it closes,
+    /// each hears so (a `Down`), even if the channel holds nothing of theirs by then, so what the
+    /// other side keeps for the channel (a cluster proxy, a get consumer) goes too.
+    pub(super) replicated_queues: BTreeSet<String>,
 }
 
 impl BrokerModel {
@@ -74,6 +78,13 @@ impl BrokerModel {
 
     /// Opens a channel on a connection bound to `vhost`.
     pub fn open_channel(&mut self, key: ChannelKey, vhost: &str) -> Result<()> {
+        self.open_channel_from(key, vhost, 1)
+    }
+
+    /// Opens a channel whose first delivery tag is `first_delivery_tag`: a cluster's proxy
+    /// channel opened again for the same remote channel continues above the tags it gave before,
+    /// so a late settle of an earlier delivery can never name a later one.
+    pub fn open_channel_from(&mut self, key: ChannelKey, vhost: &str, first_delivery_tag: u64) -> Result<()> {
         if !self.vhosts.contains_key(vhost) {
             return Err(ModelError::not_allowed(format!("vhost '{vhost}' not found")));
         }
@@ -92,7 +103,7 @@ impl BrokerModel {
                 vhost: vhost.to_owned(),
                 prefetch_channel: 0,
                 prefetch_consumer: 0,
-                next_delivery_tag: 1,
+                next_delivery_tag: first_delivery_tag.max(1),
                 unacked: BTreeMap::new(),
                 consumers: HashMap::new(),
                 consumer_unacked: 0,
@@ -101,9 +112,29 @@ impl BrokerModel {
                 expired_tags: BTreeSet::new(),
                 generation,
                 reply_consumer: None,
+                replicated_queues: BTreeSet::new(),
             },
         );
         Ok(())
+    }
+
+    /// Notes that an open channel is about to get from a queue held elsewhere (see
+    /// `Channel::replicated_queues`): before the call, so that a get whose answer is lost is
+    /// still followed by the channel's `Down` when it closes.
+    pub fn touch_replicated(&mut self, key: ChannelKey, queue: &str) {
+        if let Some(channel) = self.channels.get_mut(&key) {
+            channel.replicated_queues.insert(queue.to_owned());
+        }
+    }
+
+    /// The tag an open channel's next delivery will have.
+    pub fn next_delivery_tag(&self, key: ChannelKey) -> Option<u64> {
+        self.channels.get(&key).map(|channel| channel.next_delivery_tag)
+    }
+
+    /// Whether a consumer with `tag` is on an open channel.
+    pub fn has_consumer(&self, key: ChannelKey, tag: &str) -> bool {
+        self.channels.get(&key).is_some_and(|channel| channel.consumers.contains_key(tag))
     }
 
     /// True if the channel is open.
@@ -154,6 +185,11 @@ impl BrokerModel {
                 }
                 self.detach_consumer(&channel.vhost, &consumer.queue, key, &tag, &mut effects);
                 touched.insert((channel.vhost.clone(), consumer.queue));
+            }
+            for queue in channel.replicated_queues {
+                if !replicated_down.iter().any(|(downed, _)| *downed == queue) {
+                    replicated_down.insert((queue, String::new()));
+                }
             }
             for (queue, tag) in replicated_down {
                 effects.replicated.push(ReplicatedOp::Down { vhost: channel.vhost.clone(), queue, channel: key, tag });
@@ -297,6 +333,9 @@ impl BrokerModel {
         }
         let mut effects = self.dispatch(&vhost_name, queue_name);
         if self.is_replicated(&vhost_name, queue_name) {
+            if let Some(channel) = self.channels.get_mut(&key) {
+                channel.replicated_queues.insert(queue_name.to_owned());
+            }
             effects.replicated.push(ReplicatedOp::Checkout {
                 vhost: vhost_name,
                 queue: queue_name.to_owned(),

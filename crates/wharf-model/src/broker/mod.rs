@@ -37,7 +37,9 @@ mod workbench;
 pub use admission::Admission;
 pub use direct_reply::{DIRECT_REPLY_TO, DIRECT_REPLY_TO_PREFIX};
 pub use inspect::{ChannelSummary, ConsumerSummary};
-pub use replicated::{ReplicatedDelivery, ReplicatedGet, ReplicatedOp, ReplicatedOutcome, ReplicatedStanding};
+pub use replicated::{
+    ReplicatedDelivery, ReplicatedGet, ReplicatedOp, ReplicatedOutcome, ReplicatedStanding, UnackedByQueue,
+};
 pub use workbench::{WithdrawRefusal, Withdrawn};
 
 use crate::deadletter::{self, AutoDeadLetterQueue, DeathReason, Transfer, TransferTarget};

@@ -54,6 +54,14 @@ impl ReplicatedOp {
     }
 }
 
+/// Quorum queues' consumers on this node's channels by (vhost, queue): (channel, tag, prefetch).
+pub type ConsumersByQueue = std::collections::HashMap<(String, String), Vec<(ChannelKey, String, u16)>>;
+
+/// Quorum queues' deliveries unacknowledged on this node's channels by (vhost, queue): (channel,
+/// consumer tag (`""` for a `basic.get`), message id).
+pub type UnackedByQueue =
+    std::collections::HashMap<(String, String), std::collections::HashSet<(ChannelKey, String, u64)>>;
+
 /// Where a consumer a quorum queue's group names stands on this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplicatedStanding {
@@ -102,6 +110,49 @@ impl BrokerModel {
             }
         }
         found.sort();
+        found
+    }
+
+    /// The consumers of every quorum queue on this node's channels, by (vhost, queue): one walk
+    /// of the channels for a sweep over all of them.
+    pub fn replicated_consumers_by_queue(&self) -> ConsumersByQueue {
+        let mut found = ConsumersByQueue::new();
+        for (key, channel) in &self.channels {
+            for (tag, consumer) in &channel.consumers {
+                if self.is_replicated(&channel.vhost, &consumer.queue) {
+                    found.entry((channel.vhost.clone(), consumer.queue.clone())).or_default().push((
+                        *key,
+                        tag.clone(),
+                        consumer.prefetch,
+                    ));
+                }
+            }
+        }
+        for consumers in found.values_mut() {
+            consumers.sort();
+        }
+        found
+    }
+
+    /// Every quorum queue delivery unacknowledged on this node's channels, by queue: what the
+    /// channels can still settle, to hold against what the groups say their consumers here hold
+    /// (a message held by a consumer whose channel never had it would be held for ever).
+    pub fn replicated_unacked_by_queue(&self) -> UnackedByQueue {
+        let mut found = UnackedByQueue::new();
+        for (key, channel) in &self.channels {
+            // Not those of a deleted queue (`gone`): a queue declared again under the name
+            // numbers its messages from 1 again.
+            for outstanding in
+                channel.unacked.values().filter(|outstanding| outstanding.replicated && !outstanding.gone)
+            {
+                let tag = outstanding.consumer.as_ref().map(|(tag, _)| tag.clone()).unwrap_or_default();
+                found.entry((channel.vhost.clone(), outstanding.queue.clone())).or_default().insert((
+                    *key,
+                    tag,
+                    outstanding.entry_id,
+                ));
+            }
+        }
         found
     }
 

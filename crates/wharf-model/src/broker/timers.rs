@@ -89,6 +89,12 @@ impl BrokerModel {
                 Timer::QueueExpires { vhost, queue, incarnation } => {
                     let now_ms = self.now_ms;
                     let Some(found) = self.live_queue(&vhost, &queue, incarnation) else { continue };
+                    // A queue held elsewhere (a quorum queue's or a homed queue's stand-in on
+                    // this node) is never deleted here by its own timer: only where it is held,
+                    // through the cluster, so that every node deletes it alike.
+                    if found.replicated {
+                        continue;
+                    }
                     match found.expires_timer_fired(now_ms) {
                         Unused::Keep => {}
                         Unused::Delete => effects.merge(self.remove_queue(&vhost, &queue)),

@@ -185,6 +185,7 @@ impl QuorumQueue {
             ..Default::default()
         };
         queue.rebuild_ordering();
+        queue.note_unstamped_timers();
         Some(queue)
     }
 }

@@ -69,6 +69,9 @@ impl QuorumQueue {
             self.take_ready(id);
             self.dead_letter(id, QuorumDeathReason::Expired, effects);
         }
+        // Every lease and backoff is stamped now (those of queues without leases or backoff
+        // never start).
+        self.unstamped = super::UnstampedHint(false);
     }
 
     /// When the leader should next propose a `Tick`: `Some(0)` (now) when a lease or a backoff
@@ -87,16 +90,21 @@ impl QuorumQueue {
         next
     }
 
-    /// Whether a lease or a backoff waits for a `Tick` to stamp it (a scan of the leased and
-    /// waiting messages, on a queue that has leases or backoff).
+    /// Whether a lease or a backoff may wait for a `Tick` to stamp it: O(1), asked by the leader
+    /// after every entry (a hint set when one starts and cleared by the `Tick` that stamps them,
+    /// so it may say yes once too often, never no too soon).
     pub fn has_unstamped_timers(&self) -> bool {
-        if self.settings.lease_ms.is_none() && self.settings.retry_backoff_ms.is_empty() {
-            return false;
-        }
-        self.leased
+        self.unstamped.0
+    }
+
+    /// Sets the hint from the state (after a snapshot is read): a scan, once.
+    pub(super) fn note_unstamped_timers(&mut self) {
+        let unstamped = self
+            .leased
             .iter()
             .chain(&self.waiting)
-            .any(|id| self.messages.get(id).is_some_and(|held| held.due_ms.is_none()))
+            .any(|id| self.messages.get(id).is_some_and(|held| held.due_ms.is_none()));
+        self.unstamped = super::UnstampedHint(unstamped);
     }
 }
 

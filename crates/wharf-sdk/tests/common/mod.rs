@@ -7,6 +7,9 @@
 //! suite at another broker (RabbitMQ) instead of an embedded Wharf.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../../../wharf/tests/common/ports.rs"]
+mod ports;
+use ports::free_port;
 use sqlx::Row;
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -32,10 +35,6 @@ pub struct TestBroker {
     pub data_dir: PathBuf,
     pub external: Option<String>,
     _temp: tempfile::TempDir,
-}
-
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
 impl TestBroker {

@@ -1,6 +1,6 @@
 //! `wharf serve` processes of a cluster on loopback for the cluster suites: started with
 //! `--node-id`, `--cluster-listen` and `--cluster-node`, each on ports of its own, with its
-//! management API's URL read from its log; and the management API called as guest. With
+//! AMQP address and management API's URL read from its log; and the management API called as guest. With
 //! `WHARF_TEST_NODE_LOGS` set, each node's log is copied to the test's output, `[node N]` first.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -11,9 +11,8 @@ use std::process::Stdio;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-pub fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
+mod ports;
+pub use ports::free_port;
 
 /// A running node: its process, its management API's URL, its AMQP address.
 pub struct Node {
@@ -31,14 +30,12 @@ pub async fn start_node(
     extra: &[std::ffi::OsString],
 ) -> Node {
     let own = cluster.iter().find(|(id, _)| *id == node_id).unwrap().1;
-    let amqp = free_port();
     // `WHARF_TEST_BINARY` runs another build (scripts/jepsen.sh runs a copy, so that long runs
     // go on while the tree is rebuilt).
     let binary = std::env::var_os("WHARF_TEST_BINARY").unwrap_or_else(|| env!("CARGO_BIN_EXE_wharf").into());
     let mut command = Command::new(binary);
     command
-        .args(["serve", "--http-listen", "127.0.0.1:0", "--mqtt-listen", "none", "--amqp-listen"])
-        .arg(amqp.to_string())
+        .args(["serve", "--http-listen", "127.0.0.1:0", "--mqtt-listen", "none", "--amqp-listen", "127.0.0.1:0"])
         .args(["--node-id", &node_id.to_string(), "--cluster-listen", &own.to_string()])
         .arg("--data-dir")
         .arg(data_dir);
@@ -48,13 +45,22 @@ pub async fn start_node(
     command.args(extra);
     let mut child = command.env("NO_COLOR", "1").stderr(Stdio::piped()).kill_on_drop(true).spawn().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let http = loop {
-        let line = lines.next_line().await.unwrap().expect("wharf exited before it was ready");
-        if line.contains("management API listening") {
-            let address = line.split("address=").nth(1).unwrap().split_whitespace().next().unwrap();
-            break address.to_owned();
+    // Both listeners bind port 0 and name their address in the log; what the node printed before
+    // it was ready goes into the failure, so a node that could not start says why.
+    let (mut amqp, mut http) = (None, None);
+    let mut printed = Vec::new();
+    while amqp.is_none() || http.is_none() {
+        let Some(line) = lines.next_line().await.unwrap() else {
+            panic!("wharf node {node_id} exited before it was ready; it printed:\n{}", printed.join("\n"));
+        };
+        if line.contains("accepting AMQP connections") {
+            amqp = Some(logged_address(&line, "local_addr=").parse::<SocketAddr>().unwrap());
+        } else if line.contains("management API listening") {
+            http = Some(logged_address(&line, "address="));
         }
-    };
+        printed.push(line);
+    }
+    let (amqp, http) = (amqp.unwrap(), http.unwrap());
     tokio::spawn(async move {
         while let Ok(Some(line)) = lines.next_line().await {
             if std::env::var("WHARF_TEST_NODE_LOGS").is_ok() {
@@ -63,6 +69,11 @@ pub async fn start_node(
         }
     });
     Node { child, http: format!("http://{http}"), amqp }
+}
+
+/// The address after `key` in a log line.
+fn logged_address(line: &str, key: &str) -> String {
+    line.split(key).nth(1).unwrap().split_whitespace().next().unwrap().to_owned()
 }
 
 /// Nodes 1 to 3 of a cluster, each in `dir/node-N`, started with `extra` arguments: the members'

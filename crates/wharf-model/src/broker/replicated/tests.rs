@@ -25,8 +25,12 @@ fn message(body: &str) -> Arc<Message> {
 
 /// A broker with a classic queue `classic` and a quorum queue `quorum`, and channel 1 open.
 fn broker() -> BrokerModel {
+    broker_with(&FieldTable::default())
+}
+
+/// The same, both queues declared with `arguments`.
+fn broker_with(arguments: &FieldTable) -> BrokerModel {
     let mut broker = BrokerModel::new(1);
-    let arguments = FieldTable::default();
     for name in ["classic", "quorum"] {
         let declare = QueueDeclare {
             name,
@@ -34,7 +38,7 @@ fn broker() -> BrokerModel {
             durable: true,
             exclusive: false,
             auto_delete: false,
-            arguments: &arguments,
+            arguments,
             connection: ConnectionId(1),
             server_named: false,
             store_log: None,
@@ -150,4 +154,27 @@ fn a_no_ack_consumers_delivery_is_settled_as_it_goes_out() {
     assert_eq!(effects.replicated, vec![settle("qc", 4, ReplicatedOutcome::Settled)]);
     assert!(broker.ack(CHANNEL, 1, false).is_err());
     broker.check_invariants();
+}
+
+#[test]
+fn a_stand_in_is_never_expired_here_and_a_closed_channel_tells_the_queues_it_got_from() {
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-expires".into(), wharf_wire::types::AMQPValue::LongInt(1_000));
+    let mut broker = broker_with(&arguments);
+    broker.set_now(0);
+    for name in ["classic", "quorum"] {
+        broker.touch_queue("/", name);
+    }
+    // A get from the queue held elsewhere, answered or not: the channel's close says so.
+    broker.touch_replicated(CHANNEL, "quorum");
+    broker.set_now(10_000);
+    broker.tick();
+    let vhost = broker.vhost("/").unwrap();
+    assert!(vhost.queue("classic").is_none(), "the unused classic queue expires");
+    assert!(vhost.queue("quorum").is_some(), "a stand-in is deleted only where its queue is held");
+    let effects = broker.close_channel(CHANNEL);
+    assert_eq!(
+        effects.replicated,
+        vec![ReplicatedOp::Down { vhost: "/".into(), queue: "quorum".into(), channel: CHANNEL, tag: String::new() }]
+    );
 }
