@@ -120,6 +120,11 @@ struct Model {
     /// read once their ticket resolved: any later ack-log sync made them durable.
     unsynced_removals: Vec<(u64, u64)>,
     unsynced_counts: Vec<(u64, u32, u64)>,
+    /// Removals written, with the file system's sync count read before they were submitted:
+    /// a removal before which any sync ran may have been synced by it, whatever the store's
+    /// own count says (the store counts an ack-log sync after its `fdatasync`, and a crash
+    /// between the two, or between the files of one sync, makes a removal durable uncounted).
+    removals_before_syncs: Vec<(u64, u64)>,
     /// Queue slots whose deletion failed midway: the queue may or may not exist.
     uncertain_slots: HashSet<usize>,
     /// Every queue id ever deleted, never to be seen or handed out again.
@@ -248,8 +253,10 @@ impl Harness {
             Action::Remove { queue, pick } => {
                 let Some((id, seq)) = self.pick(queue, pick) else { return };
                 let syncs_before = self.store().stats().ack_log_syncs;
+                let file_syncs_before = self.sim.sync_count();
                 let ticket = self.store().remove(self.queue_ids[queue], seq);
                 let Some(written) = self.finish_ack(syncs_before, ticket) else { return };
+                self.model.removals_before_syncs.push((id, file_syncs_before));
                 self.model.removal_requested.insert(id);
                 self.model.live[queue].remove(&id);
                 if written.maybe_synced {
@@ -372,7 +379,15 @@ impl Harness {
 
     fn crash_and_check(&mut self, mode: CrashMode, during_recovery: Option<u64>) {
         self.sim.crash(mode);
-        // Read after the crash: no sync can succeed any more, so the count is final.
+        // Read after the crash: no sync can succeed any more, so the counts are final (the file
+        // system's may count a failed sync after the crash too, which only makes a removal
+        // "maybe synced" that was not).
+        let file_syncs_at_crash = self.sim.sync_count();
+        for (id, file_syncs_before) in std::mem::take(&mut self.model.removals_before_syncs) {
+            if file_syncs_at_crash > file_syncs_before {
+                self.model.removal_maybe_synced.insert(id);
+            }
+        }
         let syncs_at_crash = self.store().stats().ack_log_syncs;
         self.mark_synced_acks(syncs_at_crash);
         self.sim.fail_next_syncs(0);
