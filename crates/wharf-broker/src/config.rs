@@ -193,6 +193,9 @@ pub struct BrokerConfig {
     /// Entries of a quorum queue's Raft log between two snapshots of its replica
     /// (`--quorum-snapshot-entries`).
     pub quorum_snapshot_entries: u64,
+    /// Entries of the metadata group's Raft log between two snapshots of the replicated
+    /// definitions (`--metadata-snapshot-entries`; `cluster/meta_snapshot.rs`).
+    pub metadata_snapshot_entries: u64,
     /// TLS on the cluster's links (`--cluster-tls-cert`, `--cluster-tls-key`,
     /// `--cluster-tls-ca-cert`): read when the broker starts.
     pub cluster_tls: Option<ClusterTlsFiles>,
@@ -321,6 +324,7 @@ impl BrokerConfig {
             cluster_tls: None,
             cluster_join: false,
             quorum_snapshot_entries: 4_096,
+            metadata_snapshot_entries: 4_096,
         }
     }
 }
@@ -355,6 +359,9 @@ impl BrokerConfig {
         }
         if self.quorum_snapshot_entries == 0 {
             return refuse("quorum_snapshot_entries must be at least 1".into());
+        }
+        if self.metadata_snapshot_entries == 0 {
+            return refuse("metadata_snapshot_entries must be at least 1".into());
         }
         let frame_max_limit = wharf_wire::frame::FRAME_MAX_LIMIT;
         if !(FRAME_MAX_MIN..=frame_max_limit).contains(&self.frame_max) {

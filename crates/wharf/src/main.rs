@@ -184,6 +184,10 @@ struct ServeArgs {
     /// before a snapshot is then purged [default: 4096].
     #[arg(long, env = "WHARF_QUORUM_SNAPSHOT_ENTRIES")]
     quorum_snapshot_entries: Option<u64>,
+    /// Entries of the metadata group's Raft log (definition changes) between two snapshots of
+    /// the replicated definitions; the log before a snapshot is then purged [default: 4096].
+    #[arg(long, env = "WHARF_METADATA_SNAPSHOT_ENTRIES")]
+    metadata_snapshot_entries: Option<u64>,
     /// Log filter (tracing syntax) [default: info].
     #[arg(long, env = "WHARF_LOG", default_value = "info")]
     log: String,
@@ -234,6 +238,7 @@ struct FileConfig {
     cluster_tls_key: Option<PathBuf>,
     cluster_tls_ca_cert: Option<PathBuf>,
     quorum_snapshot_entries: Option<u64>,
+    metadata_snapshot_entries: Option<u64>,
     cluster_join: Option<bool>,
 }
 
@@ -572,6 +577,9 @@ fn broker_config(args: &ServeArgs) -> Result<BrokerConfig> {
     config.cluster_join = args.cluster_join || file.cluster_join.unwrap_or(false);
     if let Some(entries) = args.quorum_snapshot_entries.or(file.quorum_snapshot_entries) {
         config.quorum_snapshot_entries = entries;
+    }
+    if let Some(entries) = args.metadata_snapshot_entries.or(file.metadata_snapshot_entries) {
+        config.metadata_snapshot_entries = entries;
     }
     if let Some(channel_max) = args.channel_max.or(file.channel_max) {
         config.channel_max = channel_max;

@@ -183,7 +183,7 @@ impl MetaAnswer {
         }
     }
 
-    fn of_model(result: Result<(), ModelError>) -> MetaAnswer {
+    pub(crate) fn of_model(result: Result<(), ModelError>) -> MetaAnswer {
         match result {
             Ok(()) => MetaAnswer::Done { created: false },
             Err(error) => MetaAnswer::Model {

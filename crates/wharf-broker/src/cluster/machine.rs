@@ -7,12 +7,19 @@
 //! at the restart, which commands are made to survive (see `command.rs`). No command is ever
 //! skipped: the record never names an entry that was not applied.
 //!
-//! Snapshots: the metadata group takes none yet (its policy is `Never`, so no leader ever
-//! purges the log and no follower is ever sent one); a node that joins or falls behind replays
-//! the log. Building one from the replicated definitions is the next step of the plan
-//! (`docs/design/20261205_replication.md`).
+//! Snapshots (`meta_snapshot.rs`): every `--metadata-snapshot-entries` entries the node's
+//! replicated definitions are saved as a snapshot in the group's store log (`GroupSnapshots`),
+//! and openraft purges the log before it; a node that fell behind the purge (or joins) is sent
+//! the leader's snapshot and installs it as a difference with what it holds. The snapshot's data
+//! is read in `get_snapshot_builder`, which openraft calls between two applies, so it is the
+//! state after exactly the entry it names; `build_snapshot` (in a task of its own) only saves it.
+//! An install saves the snapshot first, then changes the definitions, then records the applied
+//! state: after a crash in between, [`repair_interrupted_install`] installs it again at the
+//! restart, because openraft would otherwise apply the entries after the older applied state,
+//! which the purge took away.
 
 use super::command::{MetaAnswer, MetaCommand};
+use super::meta_snapshot;
 use crate::core::{Core, blocking};
 use openraft::storage::RaftStateMachine;
 use openraft::{
@@ -22,7 +29,7 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 use std::io::Cursor;
 use std::sync::{Arc, Weak};
-use wharf_raft::{Answer, GroupTypes};
+use wharf_raft::{Answer, GroupSnapshots, GroupTypes};
 use wharf_store::MetaStore;
 
 /// The definitions-log key of the metadata group's applied state.
@@ -53,6 +60,35 @@ impl AppliedState {
         serde_json::to_writer(&mut value, self)?;
         Ok(value)
     }
+
+    /// Writes the state to the definitions log (synced; blocking).
+    fn record(&self, core: &Core) -> Result<(), String> {
+        let value = self.encode().map_err(|error| error.to_string())?;
+        core.meta.put(APPLIED_KEY, &value).map_err(|error| {
+            core.store_failed(&error);
+            error.to_string()
+        })
+    }
+}
+
+/// At start, before the group does: an install of a snapshot that a crash interrupted (the
+/// snapshot saved, its applied state not yet recorded) is made again, and the state recorded.
+/// Returns the applied state the group starts from.
+pub(crate) fn repair_interrupted_install(
+    core: &Arc<Core>,
+    snapshots: &GroupSnapshots,
+    state: AppliedState,
+) -> Result<AppliedState, String> {
+    let Some((meta, data)) = snapshots.current() else { return Ok(state) };
+    if meta.last_log_id <= state.last_applied {
+        return Ok(state);
+    }
+    tracing::warn!(snapshot = ?meta.last_log_id, applied = ?state.last_applied, "installing the metadata snapshot an earlier run was installing");
+    let items = meta_snapshot::decode(&data)?;
+    blocking(|| meta_snapshot::install(core, &items))?;
+    let state = AppliedState { last_applied: meta.last_log_id, membership: meta.last_membership };
+    blocking(|| state.record(core))?;
+    Ok(state)
 }
 
 /// The metadata group's state machine on this node.
@@ -61,6 +97,17 @@ pub(crate) struct MetaMachine {
     /// Weak: the core holds the group, whose tasks hold this machine.
     core: Weak<Core>,
     state: AppliedState,
+    /// Its snapshots, in the group's store log.
+    snapshots: GroupSnapshots,
+}
+
+/// A snapshot read between two applies, saved by openraft's snapshot task.
+#[derive(Debug)]
+pub(crate) struct MetaSnapshotBuilder {
+    snapshots: GroupSnapshots,
+    meta: SnapshotMeta<u64, BasicNode>,
+    /// The encoded items, or why they could not be read.
+    data: Result<Vec<u8>, String>,
 }
 
 /// A membership's nodes and their addresses.
@@ -74,29 +121,29 @@ fn storage_error(error: impl std::fmt::Display) -> StorageError<u64> {
 }
 
 impl MetaMachine {
-    pub fn new(core: &Arc<Core>, state: AppliedState) -> MetaMachine {
-        MetaMachine { core: Arc::downgrade(core), state }
+    pub fn new(core: &Arc<Core>, state: AppliedState, snapshots: GroupSnapshots) -> MetaMachine {
+        MetaMachine { core: Arc::downgrade(core), state, snapshots }
     }
 
     /// Writes the applied state to the definitions log (synced).
     fn record(&self) -> Result<(), String> {
         let Some(core) = self.core.upgrade() else { return Err("the broker is stopping".into()) };
-        let value = self.state.encode().map_err(|error| error.to_string())?;
-        blocking(|| core.meta.put(APPLIED_KEY, &value)).map_err(|error| {
-            core.store_failed(&error);
-            error.to_string()
-        })
+        blocking(|| self.state.record(&core))
     }
 }
 
-impl RaftSnapshotBuilder<GroupTypes> for MetaMachine {
+impl RaftSnapshotBuilder<GroupTypes> for MetaSnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<GroupTypes>, StorageError<u64>> {
-        Err(storage_error("the metadata group takes no snapshots (its snapshot policy is Never)"))
+        let data = self.data.clone().map_err(|error| StorageError::IO {
+            source: StorageIOError::write_snapshot(None, openraft::AnyError::error(error)),
+        })?;
+        self.snapshots.save(&self.meta, data.clone()).await?;
+        Ok(Snapshot { meta: self.meta.clone(), snapshot: Box::new(Cursor::new(data)) })
     }
 }
 
 impl RaftStateMachine<GroupTypes> for MetaMachine {
-    type SnapshotBuilder = MetaMachine;
+    type SnapshotBuilder = MetaSnapshotBuilder;
 
     async fn applied_state(
         &mut self,
@@ -144,8 +191,21 @@ impl RaftStateMachine<GroupTypes> for MetaMachine {
         Ok(answers)
     }
 
-    async fn get_snapshot_builder(&mut self) -> MetaMachine {
-        self.clone()
+    async fn get_snapshot_builder(&mut self) -> MetaSnapshotBuilder {
+        let data = match self.core.upgrade() {
+            Some(core) => blocking(|| meta_snapshot::encode(meta_snapshot::items_of(&core))),
+            None => Err("the broker is stopping".into()),
+        };
+        let snapshot_id = match self.state.last_applied {
+            Some(log_id) => format!("metadata-{log_id}"),
+            None => "metadata-empty".into(),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: self.state.last_applied,
+            last_membership: self.state.membership.clone(),
+            snapshot_id,
+        };
+        MetaSnapshotBuilder { snapshots: self.snapshots.clone(), meta, data }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<u64>> {
@@ -154,14 +214,26 @@ impl RaftStateMachine<GroupTypes> for MetaMachine {
 
     async fn install_snapshot(
         &mut self,
-        _meta: &SnapshotMeta<u64, BasicNode>,
-        _snapshot: Box<Cursor<Vec<u8>>>,
+        meta: &SnapshotMeta<u64, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<u64>> {
-        // Unreachable while no node builds one (policy Never, so no log is purged).
-        Err(storage_error("the metadata group takes no snapshots"))
+        let data = snapshot.into_inner();
+        let items = meta_snapshot::decode(&data).map_err(storage_error)?;
+        let Some(core) = self.core.upgrade() else {
+            return Err(storage_error("the broker is stopping"));
+        };
+        // Saved before anything changes: a crash from here on installs it again at the restart
+        // (`repair_interrupted_install`).
+        self.snapshots.save(meta, data).await?;
+        blocking(|| meta_snapshot::install(&core, &items)).map_err(storage_error)?;
+        self.state = AppliedState { last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
+        self.record().map_err(storage_error)
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<GroupTypes>>, StorageError<u64>> {
-        Ok(None)
+        Ok(self
+            .snapshots
+            .current()
+            .map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data.to_vec())) }))
     }
 }

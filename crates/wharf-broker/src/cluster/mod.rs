@@ -25,6 +25,7 @@ mod homed_proxy;
 mod leader_move;
 mod machine;
 mod membership;
+mod meta_snapshot;
 mod propose;
 mod quorum;
 mod quorum_codec;
@@ -137,13 +138,26 @@ impl std::fmt::Debug for MetaGroup {
     }
 }
 
-fn raft_config() -> Result<Arc<Config>, BrokerError> {
+/// Entries the metadata group's log keeps after a snapshot, for followers a little behind (they
+/// catch up from the log rather than by installing the whole snapshot).
+const METADATA_LOG_KEPT_AFTER_SNAPSHOT: u64 = 1_024;
+/// How long a leader waits for a follower to install a metadata snapshot: the follower answers
+/// once it changed its definitions (each change synced, quorum groups started), far longer than
+/// openraft's 200 ms default allows for.
+const METADATA_INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 60_000;
+
+fn raft_config(snapshot_entries: u64) -> Result<Arc<Config>, BrokerError> {
     let config = Config {
         cluster_name: "wharf-metadata".into(),
         heartbeat_interval: 150,
         election_timeout_min: 750,
         election_timeout_max: 1_500,
-        snapshot_policy: SnapshotPolicy::Never,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_entries),
+        max_in_snapshot_log_to_keep: METADATA_LOG_KEPT_AFTER_SNAPSHOT.min(snapshot_entries),
+        // openraft purges in batches (256 entries by default); never wait for more than the
+        // entries between two snapshots.
+        purge_batch_size: snapshot_entries.clamp(1, 256),
+        install_snapshot_timeout: METADATA_INSTALL_SNAPSHOT_TIMEOUT_MS,
         ..Default::default()
     };
     config.validate().map(Arc::new).map_err(|error| BrokerError::Startup(format!("Raft configuration: {error}")))
@@ -162,10 +176,14 @@ impl MetaGroup {
         join: bool,
     ) -> Result<MetaGroup, BrokerError> {
         let state = AppliedState::read(&core.meta).map_err(BrokerError::Startup)?;
-        let machine = MetaMachine::new(core, state);
+        let snapshots = log.snapshots();
+        let state = machine::repair_interrupted_install(core, &snapshots, state).map_err(|error| {
+            BrokerError::Startup(format!("the metadata snapshot being installed when the node stopped: {error}"))
+        })?;
+        let machine = MetaMachine::new(core, state, snapshots);
         let network = GroupNetwork::new(Arc::clone(&transport), METADATA_GROUP);
         let node_id = transport.node_id();
-        let raft = Raft::new(node_id, raft_config()?, network, log, machine)
+        let raft = Raft::new(node_id, raft_config(core.config.metadata_snapshot_entries)?, network, log, machine)
             .await
             .map_err(|error| BrokerError::Startup(format!("the metadata group did not start: {error}")))?;
         groups.insert(METADATA_GROUP, raft.clone());

@@ -45,10 +45,15 @@ pub(crate) struct QuorumDefinition {
     /// at the same log position would fork the group's log).
     #[serde(default)]
     pub joined: bool,
+    /// The members it was declared with (`members` changes with `QuorumMembers`): what a
+    /// replica started from a metadata snapshot initialises its group with, as the declaration
+    /// would have (`meta_snapshot.rs`). Empty in records written before snapshots existed.
+    #[serde(default)]
+    pub declared_members: Vec<NodeId>,
 }
 
 /// [`QuorumSettings`] as a record keeps them.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct StoredSettings {
     pub delivery_limit: Option<u32>,
     pub max_length: Option<u64>,
@@ -278,6 +283,22 @@ impl Core {
         members: &[NodeId],
         group: u64,
     ) -> Result<(), ModelError> {
+        let declaration = QuorumDeclaration { arguments, members, declared_members: members, group, settings: None };
+        self.declare_quorum_queue_as(vhost_name, name, declaration)
+    }
+
+    /// [`declare_quorum_queue_here`](Self::declare_quorum_queue_here), also for a quorum queue
+    /// a metadata snapshot brings: with the settings its record fixed when it was declared, and
+    /// members that may have changed since. This node's replica initialises its group only as
+    /// the declaration would have (a declared member, members unchanged); otherwise it joins,
+    /// so the group's log cannot fork.
+    pub(crate) fn declare_quorum_queue_as(
+        self: &Arc<Core>,
+        vhost_name: &str,
+        name: &str,
+        declaration: QuorumDeclaration<'_>,
+    ) -> Result<(), ModelError> {
+        let QuorumDeclaration { arguments, members, declared_members, group, settings: recorded } = declaration;
         let table = wharf_wire::frame::decode_field_table(arguments)
             .ok_or_else(|| internal("a quorum queue's arguments are unreadable"))?;
         let definitions = self.definitions();
@@ -311,14 +332,15 @@ impl Core {
         } else {
             None
         };
-        let settings = quorum_settings(&settings);
+        let settings = recorded.unwrap_or_else(|| quorum_settings(&settings));
         let definition = QuorumDefinition {
             group,
             members: members.to_vec(),
             arguments: arguments.to_vec(),
             log: log.map(|log| log.0),
             settings: settings.clone().into(),
-            joined: false,
+            joined: !(declared_members.contains(&node) && declared_members == members),
+            declared_members: declared_members.to_vec(),
         };
         let value = encode(&definition).map_err(internal)?;
         if let Err(error) = self.meta.put(&key(vhost_name, name), &value) {
@@ -361,6 +383,19 @@ impl Core {
         };
         crate::core::blocking(|| handle.block_on(start_group(start))).map(|_| ()).map_err(internal)
     }
+}
+
+/// What a quorum queue is declared with on this node.
+#[derive(Debug, Clone)]
+pub(crate) struct QuorumDeclaration<'a> {
+    /// Its arguments, an AMQP field table in its wire form.
+    pub arguments: &'a [u8],
+    pub members: &'a [NodeId],
+    pub declared_members: &'a [NodeId],
+    /// Its group's id: the metadata entry that declared it.
+    pub group: u64,
+    /// The settings its record fixed; `None`: from its arguments and the policies now.
+    pub settings: Option<QuorumSettings>,
 }
 
 /// A quorum queue found at recovery: its model queue is restored; on a member, its Raft log is
