@@ -4,12 +4,13 @@
 //! its log installs the leader's snapshot when it is back: it then has every definition made
 //! meanwhile (vhosts, users, permissions, topic permissions, policies, exchanges, quorum queues,
 //! bindings), none of those deleted meanwhile, and the changed ones as they are now; its quorum
-//! queue replicas work; restarted, it starts from the snapshot it saved.
+//! queue replicas work; restarted, it starts from the snapshot it saved. A node that joins the
+//! cluster afterwards gets the definitions from a snapshot too.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use common::{Node, call, eventually, next, start_node};
+use common::{Node, call, eventually, free_port, next, start_node};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeBindOptions,
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -192,10 +193,47 @@ async fn a_node_behind_the_purge_installs_the_definitions_and_starts_from_them()
     })
     .await;
     check_definitions(&nodes, down, &urls[up]).await;
+
+    // A fourth node joins: the log it would need is gone, so it starts from a snapshot.
+    let fourth_address = free_port();
+    let mut with_fourth = cluster.clone();
+    with_fourth.push((4, fourth_address));
+    let mut joining = extra.clone();
+    joining.push("--cluster-join".into());
+    nodes.push(start_node(&temp.path().join("node-4"), 4, &with_fourth, &joining).await);
+    change(&urls[up], "PUT", "/api/cluster/members/4", Some(json!({"address": fourth_address.to_string()}))).await;
+    let fourth_url = nodes[3].http.clone();
+    eventually("the fourth node catches up", || {
+        let fourth_url = fourth_url.clone();
+        async move { metadata(&fourth_url).await["applied_index"].as_u64().is_some_and(|applied| applied >= last) }
+    })
+    .await;
+    assert!(metadata(&fourth_url).await["snapshot_index"].as_u64().is_some());
+    // The quorum queue it installed a placeholder of grows a replica on it (a node with no replica
+    // of a quorum queue cannot publish to it or consume from it), once it links to every member.
+    for node in 1..=3u64 {
+        let fourth_url = fourth_url.clone();
+        eventually(&format!("the fourth node links to node {node}"), || {
+            let fourth_url = fourth_url.clone();
+            async move {
+                let (_, members) = call(&fourth_url, "GET", "/api/cluster/members", None).await;
+                members
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|member| member["node"] == node && member["outbound_connected"] == true)
+            }
+        })
+        .await;
+    }
+    let add = json!({"node": 4});
+    let (status, body) = call(&urls[up], "POST", "/api/queues/quorum/orders/orders.q/replicas/add", Some(add)).await;
+    assert!(status < 300, "{status} {body}");
+    check_definitions(&nodes, 3, &urls[up]).await;
 }
 
 /// Node `down` has what the snapshot holds and nothing deleted meanwhile; a message published
-/// through it reaches the quorum queue through the bindings it installed.
+/// through it reaches the quorum queue through the bindings it installed, whose replica on it runs.
 async fn check_definitions(nodes: &[Node], down: usize, up_url: &str) {
     let url = nodes[down].http.as_str();
     for path in [
@@ -221,7 +259,7 @@ async fn check_definitions(nodes: &[Node], down: usize, up_url: &str) {
     assert_eq!(bindings(url, "/api/bindings/orders/e/events/q/orders.q").await, 1);
     assert_eq!(bindings(url, "/api/bindings/orders/e/events/e/audit").await, 1);
     assert!(quorum_queue(url, "/", "old.q").await.is_none());
-    eventually("the node that was down has the new quorum queue's group", || async move {
+    eventually("the node has a replica of the new quorum queue", || async move {
         quorum_queue(url, "orders", "orders.q").await.is_some_and(|group| group["leader"].as_u64().is_some())
     })
     .await;
