@@ -365,10 +365,15 @@ impl Harness {
             self.config.journal_bytes = other;
         }
         if let Some(operations) = during_recovery {
+            let crashes_before = self.sim.crash_count();
             self.sim.crash_after_operations(operations, CrashMode::Random);
             let attempt = Store::open(self.sim.remount().shared(), DATA_DIR, self.config.clone());
             self.sim.cancel_scheduled_crash();
-            if let Ok(opened) = attempt {
+            // The crash may have come just after the open returned, in the new store's first
+            // operations (its writer's): that store is on a crashed mount, so recover again.
+            if let Ok(opened) = attempt
+                && self.sim.crash_count() == crashes_before
+            {
                 return opened;
             }
             // The crash hit recovery; the next recovery must cope with what it left.

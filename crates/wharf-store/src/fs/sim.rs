@@ -385,6 +385,12 @@ impl SimFs {
         self.lock().crash_after = None;
     }
 
+    /// How many crashes the file system went through, scheduled ones included (a scheduled
+    /// crash can fire in another thread's operation, after the work it was meant for).
+    pub fn crash_count(&self) -> u64 {
+        self.lock().generation
+    }
+
     /// A mount of the file system as it is now (after a crash: the surviving state).
     pub fn remount(&self) -> SimFs {
         let generation = self.lock().generation;
