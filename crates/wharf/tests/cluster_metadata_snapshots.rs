@@ -26,6 +26,14 @@ async fn metadata(url: &str) -> Value {
     body
 }
 
+/// Waits until node `url` applied the metadata group's log up to `index`.
+async fn applied_up_to(url: &str, index: u64, what: &str) {
+    eventually(what, || async move {
+        metadata(url).await["applied_index"].as_u64().is_some_and(|applied| applied >= index)
+    })
+    .await;
+}
+
 async fn status_of(url: &str, path: &str) -> u16 {
     call(url, "GET", path, None).await.0
 }
@@ -175,11 +183,7 @@ async fn a_node_behind_the_purge_installs_the_definitions_and_starts_from_them()
     let data_dir = temp.path().join(format!("node-{}", cluster[down].0));
     nodes[down] = start_node(&data_dir, cluster[down].0, &cluster, &extra).await;
     let down_url = nodes[down].http.clone();
-    eventually("the node that was down catches up", || {
-        let down_url = down_url.clone();
-        async move { metadata(&down_url).await["applied_index"].as_u64().is_some_and(|applied| applied >= last) }
-    })
-    .await;
+    applied_up_to(&down_url, last, "the node that was down catches up").await;
     assert!(metadata(&down_url).await["snapshot_index"].as_u64().is_some_and(|index| index > down_last));
     check_definitions(&nodes, down, &urls[up]).await;
 
@@ -187,11 +191,7 @@ async fn a_node_behind_the_purge_installs_the_definitions_and_starts_from_them()
     nodes[down].child.kill().await.unwrap();
     nodes[down] = start_node(&data_dir, cluster[down].0, &cluster, &extra).await;
     let down_url = nodes[down].http.clone();
-    eventually("the restarted node applied the log again", || {
-        let down_url = down_url.clone();
-        async move { metadata(&down_url).await["applied_index"].as_u64().is_some_and(|applied| applied >= last) }
-    })
-    .await;
+    applied_up_to(&down_url, last, "the restarted node applied the log again").await;
     check_definitions(&nodes, down, &urls[up]).await;
 
     // A fourth node joins: the log it would need is gone, so it starts from a snapshot.
@@ -203,11 +203,7 @@ async fn a_node_behind_the_purge_installs_the_definitions_and_starts_from_them()
     nodes.push(start_node(&temp.path().join("node-4"), 4, &with_fourth, &joining).await);
     change(&urls[up], "PUT", "/api/cluster/members/4", Some(json!({"address": fourth_address.to_string()}))).await;
     let fourth_url = nodes[3].http.clone();
-    eventually("the fourth node catches up", || {
-        let fourth_url = fourth_url.clone();
-        async move { metadata(&fourth_url).await["applied_index"].as_u64().is_some_and(|applied| applied >= last) }
-    })
-    .await;
+    applied_up_to(&fourth_url, last, "the fourth node catches up").await;
     assert!(metadata(&fourth_url).await["snapshot_index"].as_u64().is_some());
     // The quorum queue it installed a placeholder of grows a replica on it (a node with no replica
     // of a quorum queue cannot publish to it or consume from it), once it links to every member.
